@@ -1,0 +1,87 @@
+"""MViTv2 pooling-attention core with decomposed relative positions (DESIGN §3.5).
+
+One public entry point, :func:`relpos_attention`, with a ``backend=`` choice:
+
+- ``reference``: materialised logits, the official computation (``reference.py``);
+- ``sdpa``: the exact augmented-operand factorisation through
+  ``F.scaled_dot_product_attention`` (``sdpa.py``); ``xformers``: the same through
+  ``xformers.ops.memory_efficient_attention`` where xformers really loads;
+- ``triton``: the fused Triton kernel (``triton_attn.py``);
+- ``auto``: the fastest exact backend for the device (see :func:`pick_backend`).
+
+Residual pooling stays in the model.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .reference import check_inputs, rel_pos_index, rel_table_len, rel_terms, relpos_attention_reference
+
+BACKENDS = ("auto", "reference", "sdpa", "xformers", "triton")
+
+__all__ = [
+    "BACKENDS",
+    "relpos_attention",
+    "relpos_attention_reference",
+    "rel_pos_index",
+    "rel_table_len",
+    "rel_terms",
+    "check_inputs",
+    "pick_backend",
+]
+
+
+def pick_backend(q: torch.Tensor) -> str:
+    """Backend used by ``auto``: on CUDA the fastest exact backend as measured by
+    ``bench/attention.py`` (see ``bench/results``); on CPU the SDPA factorisation."""
+    if q.is_cuda:
+        try:
+            from . import triton_attn  # noqa: F401
+
+            return "triton"
+        except ImportError:
+            return "sdpa"
+    return "sdpa"
+
+
+def relpos_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_thw: Sequence[int],
+    k_thw: Sequence[int],
+    rel_pos_t: Optional[torch.Tensor],
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    *,
+    has_cls: bool = True,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``softmax(scale·q·kᵀ + decomposed rel-pos bias) @ v``.
+
+    q (B, nh, Nq, hd), k and v (B, nh, Nk, hd), cls at index 0 when ``has_cls``; ``q_thw`` and
+    ``k_thw`` the (T, H, W) grids of the non-cls tokens; tables ``(2·max(Q,K)−1, hd)`` per axis
+    (``rel_pos_t`` may be None when both T are 1). ``scale`` defaults to hd^-0.5.
+    Returns (B, nh, Nq, hd).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        backend = pick_backend(q)
+    args = (q, k, v, tuple(q_thw), tuple(k_thw), rel_pos_t, rel_pos_h, rel_pos_w)
+    if backend == "reference":
+        return relpos_attention_reference(*args, has_cls=has_cls, scale=scale)
+    if backend == "sdpa":
+        from .sdpa import relpos_attention_sdpa
+
+        return relpos_attention_sdpa(*args, has_cls=has_cls, scale=scale)
+    if backend == "xformers":
+        from .sdpa import relpos_attention_xformers
+
+        return relpos_attention_xformers(*args, has_cls=has_cls, scale=scale)
+    from .triton_attn import relpos_attention_triton
+
+    return relpos_attention_triton(*args, has_cls=has_cls, scale=scale)

@@ -1,0 +1,159 @@
+"""Reference MViTv2 pooling attention with decomposed relative positions (DESIGN §3.5).
+
+Semantics follow the official SlowFast ``MultiScaleAttention`` (``cal_rel_pos_spatial`` and
+``cal_rel_pos_temporal``): logits are ``scale·q·kᵀ`` plus, for every non-cls query/key pair, the
+dot products of the *unscaled* query with the three relative-position tables gathered at
+
+    dist[i, j] = floor(i·q_ratio − j·k_ratio + (K−1)·k_ratio),
+    q_ratio = max(K/Q, 1), k_ratio = max(Q/K, 1), table length 2·max(Q, K) − 1,
+
+for each axis (t, h, w) with query length Q and key length K. The cls row and column get no bias.
+
+This module is the oracle every other backend is checked against: it materialises the full
+(B, nh, Nq, Nk) logits exactly like the official code. It also holds the small helpers that the
+fast backends share (distance indices, the factored ``rel_t/rel_h/rel_w`` terms, input checks).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+Grid = Sequence[int]  # (T, H, W) of the non-cls tokens
+
+
+def rel_pos_index(q_len: int, k_len: int, device=None) -> torch.Tensor:
+    """(Q, K) int64 table index ``dist`` of DESIGN §3.5 for one axis (official float then floor)."""
+    q_ratio = max(k_len / q_len, 1.0)
+    k_ratio = max(q_len / k_len, 1.0)
+    dist = (
+        torch.arange(q_len, device=device, dtype=torch.float64)[:, None] * q_ratio
+        - torch.arange(k_len, device=device, dtype=torch.float64)[None, :] * k_ratio
+    )
+    dist = dist + (k_len - 1) * k_ratio
+    return dist.floor().long()
+
+
+def rel_table_len(q_len: int, k_len: int) -> int:
+    """Length a relative-position table must have for this axis: 2·max(Q, K) − 1."""
+    return 2 * max(q_len, k_len) - 1
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_thw: Grid,
+    k_thw: Grid,
+    rel_pos_t: Optional[torch.Tensor],
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    has_cls: bool,
+) -> None:
+    """Raise a ValueError naming the first inconsistency between tensors, grids and tables."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, nh, N, hd); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if len(q_thw) != 3 or len(k_thw) != 3:
+        raise ValueError(f"q_thw and k_thw must be (T, H, W); got {tuple(q_thw)} and {tuple(k_thw)}")
+    B, nh, Nq, hd = q.shape
+    if k.shape[:2] != (B, nh) or v.shape[:2] != (B, nh) or k.shape[-1] != hd or k.shape[2] != v.shape[2]:
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    extra = 1 if has_cls else 0
+    if Nq != math.prod(q_thw) + extra:
+        raise ValueError(f"q has {Nq} tokens but q_thw={tuple(q_thw)} (+{extra} cls) gives {math.prod(q_thw) + extra}")
+    if k.shape[2] != math.prod(k_thw) + extra:
+        raise ValueError(f"k has {k.shape[2]} tokens but k_thw={tuple(k_thw)} (+{extra} cls) gives {math.prod(k_thw) + extra}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, table, axis in (("rel_pos_t", rel_pos_t, 0), ("rel_pos_h", rel_pos_h, 1), ("rel_pos_w", rel_pos_w, 2)):
+        if table is None:
+            if axis == 0 and q_thw[0] == 1 and k_thw[0] == 1:
+                continue
+            raise ValueError(f"{name} is required for q_thw={tuple(q_thw)}, k_thw={tuple(k_thw)}")
+        want = rel_table_len(q_thw[axis], k_thw[axis])
+        if table.dim() != 2 or table.shape != (want, hd):
+            raise ValueError(
+                f"{name} must be ({want}, {hd}) for Q={q_thw[axis]}, K={k_thw[axis]}; got {tuple(table.shape)} "
+                "(interpolate tables to the grid first: models.mvit.resize_rel_pos)"
+            )
+
+
+def rel_terms(
+    q: torch.Tensor,
+    q_thw: Grid,
+    k_thw: Grid,
+    rel_pos_t: Optional[torch.Tensor],
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    has_cls: bool,
+) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The factored bias terms of DESIGN §3.5 for the non-cls queries.
+
+    Returns ``rel_t`` (B, nh, Nq', Tk) (None without a temporal table), ``rel_h`` (B, nh, Nq', Hk)
+    and ``rel_w`` (B, nh, Nq', Wk) with Nq' = Tq·Hq·Wq, so that
+    ``bias[i, j] = rel_t[i, t(j)] + rel_h[i, h(j)] + rel_w[i, w(j)]``.
+    """
+    B, nh, _, hd = q.shape
+    Tq, Hq, Wq = q_thw
+    Tk, Hk, Wk = k_thw
+    r_q = q[:, :, 1:] if has_cls else q
+    r_q = r_q.reshape(B, nh, Tq, Hq, Wq, hd)  # (B, nh, Tq, Hq, Wq, hd)
+    Rh = rel_pos_h[rel_pos_index(Hq, Hk, q.device)]  # (Hq, Hk, hd)
+    Rw = rel_pos_w[rel_pos_index(Wq, Wk, q.device)]  # (Wq, Wk, hd)
+    rel_h = torch.einsum("bnthwc,hkc->bnthwk", r_q, Rh).reshape(B, nh, -1, Hk)
+    rel_w = torch.einsum("bnthwc,wkc->bnthwk", r_q, Rw).reshape(B, nh, -1, Wk)
+    rel_t = None
+    if rel_pos_t is not None:
+        Rt = rel_pos_t[rel_pos_index(Tq, Tk, q.device)]  # (Tq, Tk, hd)
+        rel_t = torch.einsum("bnthwc,tkc->bnthwk", r_q, Rt).reshape(B, nh, -1, Tk)
+    return rel_t, rel_h, rel_w
+
+
+def relpos_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_thw: Grid,
+    k_thw: Grid,
+    rel_pos_t: Optional[torch.Tensor],
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    *,
+    has_cls: bool = True,
+    scale: Optional[float] = None,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Materialised ``softmax(scale·q·kᵀ + bias) @ v`` exactly as the official code computes it.
+
+    q (B, nh, Nq, hd), k/v (B, nh, Nk, hd); returns (B, nh, Nq, hd) in q's dtype. ``upcast``
+    computes in float64 (the oracle) and casts back. Differentiable in q, k, v and the tables.
+    """
+    check_inputs(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
+    out_dtype = q.dtype
+    if upcast:
+        q, k, v = q.double(), k.double(), v.double()
+        rel_pos_h, rel_pos_w = rel_pos_h.double(), rel_pos_w.double()
+        rel_pos_t = rel_pos_t.double() if rel_pos_t is not None else None
+    else:
+        # tables may be fp32 master weights while q is bf16 (mixed precision): compute in q's dtype
+        rel_pos_h, rel_pos_w = rel_pos_h.to(q.dtype), rel_pos_w.to(q.dtype)
+        rel_pos_t = rel_pos_t.to(q.dtype) if rel_pos_t is not None else None
+    B, nh, Nq, hd = q.shape
+    scale = hd**-0.5 if scale is None else scale
+    Tk, Hk, Wk = k_thw
+    s = 1 if has_cls else 0
+
+    attn = (q * scale) @ k.transpose(-2, -1)  # (B, nh, Nq, Nk)
+    rel_t, rel_h, rel_w = rel_terms(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
+    bias = rel_h[..., None, :, None] + rel_w[..., None, None, :]  # (B, nh, Nq', 1, Hk, Wk)
+    if rel_t is not None:
+        bias = bias + rel_t[..., :, None, None]  # (B, nh, Nq', Tk, Hk, Wk)
+    bias = bias.expand(B, nh, Nq - s, Tk, Hk, Wk).reshape(B, nh, Nq - s, Tk * Hk * Wk)
+    attn_sp = attn[:, :, s:, s:] + bias
+    if has_cls:
+        attn = torch.cat([attn[:, :, :1], torch.cat([attn[:, :, 1:, :1], attn_sp], dim=-1)], dim=2)
+    else:
+        attn = attn_sp
+    attn = attn.softmax(dim=-1)
+    return (attn @ v).to(out_dtype)
