@@ -1,0 +1,237 @@
+"""Checkpoints: atomic DeepSpeed saves, ``--resume auto``, and export of a consolidated backbone.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    latest                      # text: the tag of the newest *complete* checkpoint
+    step00000120/               # a DeepSpeed tag (model/optimizer shards of every rank)
+        config.yaml             # the resolved config of the run
+        engine_state_r00000.pt  # per rank: step, epoch, loader state, RNG states, counters
+        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...
+    best/                       # fine-tuning: the checkpoint with the best validation top-1
+
+A save goes to a hidden temporary tag (``.tmp-step…``); only when every rank has written its
+shards is it renamed to its final name and ``latest`` replaced (``os.replace``), so an
+interrupted save never becomes ``latest`` and ``--resume auto`` never sees half a checkpoint.
+With a non-shared filesystem (each node writes its own shards) the rename happens on the first
+local rank of every node.
+
+Export (``maskfeat export``): the fp32 weights are consolidated with DeepSpeed's
+``zero_to_fp32`` utilities (ZeRO-1/2/3; for stage 0 the full module state is read directly),
+the ``backbone.`` sub-tree is kept (the pre-training head and mask token are dropped only when
+asked), and the result is written as safetensors with the config in the metadata.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+from typing import Any, Optional
+
+import torch
+
+from engine.distributed import barrier
+
+__all__ = [
+    "checkpoint_dir",
+    "save_checkpoint",
+    "find_latest",
+    "load_checkpoint",
+    "consolidated_state_dict",
+    "export_backbone",
+    "load_pretrained",
+]
+
+_STEP_RE = re.compile(r"^step(\d{8,})$")
+
+
+def checkpoint_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def _dist() -> tuple[int, int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    return 0, 1, 0
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _promote(ckpt_dir: str, tmp_tag: str, tag: str, rank: int, local_rank: int) -> None:
+    """Rename ``tmp_tag`` to ``tag`` (replacing an older ``tag``) on every node's first rank."""
+    src, dst = os.path.join(ckpt_dir, tmp_tag), os.path.join(ckpt_dir, tag)
+
+    def move() -> None:
+        if not os.path.isdir(src):
+            return  # shared filesystem: already moved by global rank 0
+        if os.path.isdir(dst):
+            old = dst + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dst, old)
+            os.replace(src, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(src, dst)
+
+    if rank == 0:
+        move()
+    barrier()
+    if rank != 0 and local_rank == 0:
+        move()
+    barrier()
+
+
+def save_checkpoint(
+    engine: Any,
+    output_dir: str,
+    tag: str,
+    *,
+    rank_state: dict,
+    config_yaml: str,
+    update_latest: bool = True,
+    keep: int = 0,
+) -> str:
+    """Save ``engine`` (a DeepSpeed engine) under ``tag`` atomically; returns the final path.
+
+    ``rank_state`` is this rank's own state (step, loader, RNG…); every rank must call this.
+    ``keep`` > 0 deletes all but the newest ``keep`` ``step*`` tags afterwards.
+    """
+    rank, _, local_rank = _dist()
+    ckpt_dir = checkpoint_dir(output_dir)
+    tmp_tag = f".tmp-{tag}"
+    if local_rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        shutil.rmtree(os.path.join(ckpt_dir, tmp_tag), ignore_errors=True)  # a dead earlier try
+    barrier()
+    engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state={"tag": tag}, save_latest=False)
+    tmp_path = os.path.join(ckpt_dir, tmp_tag)
+    os.makedirs(tmp_path, exist_ok=True)
+    torch.save(rank_state, os.path.join(tmp_path, f"engine_state_r{rank:05d}.pt"))
+    if local_rank == 0:
+        _write_text_atomic(os.path.join(tmp_path, "config.yaml"), config_yaml)
+    barrier()
+    _promote(ckpt_dir, tmp_tag, tag, rank, local_rank)
+    if update_latest and local_rank == 0:
+        _write_text_atomic(os.path.join(ckpt_dir, "latest"), tag)
+    if keep > 0 and local_rank == 0:
+        steps = sorted(t for t in os.listdir(ckpt_dir) if _STEP_RE.match(t))
+        for old in steps[:-keep]:
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    barrier()
+    return os.path.join(ckpt_dir, tag)
+
+
+def find_latest(output_dir: str) -> Optional[str]:
+    """Tag of the newest complete checkpoint under ``output_dir`` (``None`` when there is none).
+
+    Reads ``latest``; when it is missing or points at a deleted tag, the newest ``step*``
+    directory is used (temporary ``.tmp-*`` directories are never considered)."""
+    ckpt_dir = checkpoint_dir(output_dir)
+    latest = os.path.join(ckpt_dir, "latest")
+    if os.path.isfile(latest):
+        tag = open(latest).read().strip()
+        if tag and os.path.isdir(os.path.join(ckpt_dir, tag)):
+            return tag
+    if not os.path.isdir(ckpt_dir):
+        return None
+    steps = sorted(t for t in os.listdir(ckpt_dir) if _STEP_RE.match(t))
+    return steps[-1] if steps else None
+
+
+def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: bool = True) -> dict:
+    """Restore ``engine`` from ``tag`` and return this rank's saved state dict.
+
+    When the world size changed, rank ``r`` reads the state of saved rank ``r mod saved_world``
+    (its RNG streams then repeat another rank's; the model and optimiser are exact).
+    """
+    rank, _, _ = _dist()
+    ckpt_dir = checkpoint_dir(output_dir)
+    path = os.path.join(ckpt_dir, tag)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint {tag!r} under {ckpt_dir}")
+    load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=load_optimizer,
+                                          load_lr_scheduler_states=False, load_module_strict=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+    files = sorted(glob.glob(os.path.join(path, "engine_state_r*.pt")))
+    if not files:
+        raise FileNotFoundError(f"{path} has no engine_state_r*.pt: not a checkpoint of this engine")
+    mine = os.path.join(path, f"engine_state_r{rank:05d}.pt")
+    if not os.path.isfile(mine):
+        mine = files[rank % len(files)]
+    return torch.load(mine, map_location="cpu", weights_only=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Consolidation and export
+# ----------------------------------------------------------------------------------------------
+def consolidated_state_dict(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 module state dict of a DeepSpeed checkpoint (any ZeRO stage), on CPU."""
+    path = os.path.join(ckpt_dir, tag)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint {tag!r} under {ckpt_dir}")
+    if glob.glob(os.path.join(path, "*optim_states.pt")) and glob.glob(os.path.join(path, "zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    else:  # ZeRO stage 0: the module state is whole in the model file
+        files = sorted(glob.glob(os.path.join(path, "mp_rank_*_model_states.pt")))
+        if not files:
+            raise FileNotFoundError(f"{path} has no mp_rank_*_model_states.pt")
+        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
+
+
+def export_backbone(output_dir_or_ckpt: str, out_path: str, tag: Optional[str] = None) -> dict:
+    """Write the fp32 ``backbone.*`` weights of a pre-training checkpoint as safetensors.
+
+    ``output_dir_or_ckpt`` is a run's output directory (its ``checkpoints/`` is used) or a
+    ``checkpoints`` directory itself; ``tag`` defaults to the latest complete one. Returns a
+    summary (tag, number of tensors, parameters, path)."""
+    from safetensors.torch import save_file
+
+    root = output_dir_or_ckpt
+    ckpt_dir = checkpoint_dir(root) if os.path.isdir(checkpoint_dir(root)) else root
+    if tag is None:
+        tag = find_latest(os.path.dirname(ckpt_dir) if ckpt_dir.endswith("checkpoints") else root)
+        if tag is None:
+            raise FileNotFoundError(f"no complete checkpoint under {ckpt_dir}")
+    sd = consolidated_state_dict(ckpt_dir, tag)
+    backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    if not backbone:  # a bare backbone module was trained
+        backbone = sd
+    cfg_path = os.path.join(ckpt_dir, tag, "config.yaml")
+    meta = {"format": "maskfeat-backbone", "source": os.path.join(ckpt_dir, tag)}
+    if os.path.isfile(cfg_path):
+        meta["config"] = open(cfg_path).read()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    save_file(backbone, out_path, metadata=meta)
+    n = sum(v.numel() for v in backbone.values())
+    return {"tag": tag, "tensors": len(backbone), "parameters": n, "path": out_path}
+
+
+def load_pretrained(path: str) -> dict[str, torch.Tensor]:
+    """Backbone weights from a ``.safetensors`` export or an official SlowFast ``.pyth``/``.pt``
+    (``torch.load(...)["model_state"]``, or a plain state dict)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pre-trained weights not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, dict) and "model_state" in obj:
+        return obj["model_state"]
+    if isinstance(obj, dict) and "module" in obj:
+        return obj["module"]
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise ValueError(f"{path}: expected safetensors, a SlowFast checkpoint with 'model_state', or a state dict")
+

@@ -1,0 +1,575 @@
+"""Typed configuration of a MaskFeat run: nested dataclasses, strict YAML, dotted overrides.
+
+One :class:`Config` holds every setting of pre-training, fine-tuning and evaluation, in sections
+``model``, ``data`` (:class:`engine.data.config.DataConfig`), ``mask``, ``optim``, ``schedule``,
+``train``, ``finetune``, ``deepspeed`` and ``log``. Each field carries a docstring (the string
+literal under it); :func:`describe` prints them, so ``maskfeat pretrain --help-config`` is the
+reference of every knob.
+
+Loading is strict (STYLE habit 5): an unknown key in a YAML file or an override is an error that
+names the closest valid key (``difflib``), and every value is checked against the field's type
+(``int``, ``float``, ``bool``, ``str``, ``Optional``, ``Literal``, tuples, lists, dicts, nested
+sections). Overrides are ``section.field=value`` with the value parsed as YAML and then typed by
+the field (``optim.lr=8e-4``, ``data.root=/k400``, ``data.train_scale=[0.5,1.0]``).
+
+Derived quantities are computed in one place (:func:`derive`) and printed at start (STYLE habit
+6): world size, global batch, the absolute LR from the per-256-clip LR of the recipes
+(``lr = optim.lr × global_batch / optim.lr_reference_batch``; the official code multiplies by the
+number of nodes in a hidden place, we print it instead), steps per epoch, warm-up and total steps.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from engine.data.config import DataConfig
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "MaskConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "FinetuneConfig",
+    "DeepSpeedConfig",
+    "LogConfig",
+    "Config",
+    "Derived",
+    "load_config",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "config_to_yaml",
+    "derive",
+    "describe",
+    "field_docs",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """Which network to build (``models.create_model``) and how the engine wraps it."""
+
+    name: str = "mvitv2_tiny"
+    """Architecture variant name from ``models/variants.py`` (e.g. ``mvitv2_s``, ``mvitv2_l``,
+    ``vit_b``, ``mvitv2_tiny`` for CPU demos)."""
+    drop_path: Optional[float] = None
+    """Stochastic depth rate; null = the variant's recipe value (fine-tuning 0.1 for MViTv2-S,
+    0.2 for L; pre-training 0)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Extra ``models.create_model`` overrides of the variant's fields (e.g. the pre-training
+    target ``{target: pixel}``, ``{attn_backend: reference}``). The input geometry
+    (``num_frames``, ``img_size``) is taken from ``data`` unless given here."""
+    activation_checkpointing: bool = False
+    """Recompute every transformer block in backward (``torch.utils.checkpoint``, applied by the
+    engine around each block from outside the model)."""
+
+
+@dataclass
+class MaskConfig:
+    """Masking of the input (DESIGN §3.2)."""
+
+    kind: Literal["cube", "tube", "frame", "image_block"] = "cube"
+    """Masking strategy: ``cube`` (video default), ``tube``, ``frame``, ``image_block`` (images)."""
+    ratio: float = 0.4
+    """Fraction of masked units (paper ablation 0.2–0.8; 0.4 in all recipes)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its parameter groups (DESIGN §3.6)."""
+
+    lr: float = 8e-4
+    """Base LR per ``lr_reference_batch`` clips; the absolute LR is scaled by the global batch."""
+    lr_reference_batch: int = 256
+    """Global batch size at which ``lr`` is given (256 in our recipes)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.05
+    """Weight decay of matrices and other ≥2-D parameters (cls/mask tokens and rel-pos tables
+    included, as in the official code); biases, norms and other 1-D parameters get none."""
+    layer_decay: float = 1.0
+    """Layer-wise LR decay: parameter LR × ``layer_decay^(depth+1−layer_id)``; 1.0 = off
+    (fine-tuning: 0.75 for MViTv2-S, 0.875 for L)."""
+
+
+@dataclass
+class ScheduleConfig:
+    """Per-iteration LR schedule: linear warm-up, then half-cosine (SlowFast ``lr_policy``)."""
+
+    epochs: int = 300
+    """Training length in epochs (the schedule's end)."""
+    warmup_epochs: float = 10.0
+    """Linear warm-up length in epochs (fractional allowed)."""
+    warmup_start_lr: float = 1e-6
+    """LR at step 0 of the warm-up (absolute; not scaled by the batch)."""
+    end_lr: float = 1e-6
+    """LR at the end of the cosine (absolute; not scaled by the batch)."""
+    cosine_after_warmup: bool = True
+    """The cosine starts at the end of warm-up (official ``COSINE_AFTER_WARMUP``); False = the
+    cosine spans the whole run and warm-up blends into it."""
+    max_steps: int = 0
+    """Stop after this many optimiser steps in total (0 = run all epochs). The LR schedule
+    still follows ``epochs``; useful for smoke tests and benchmarks."""
+
+
+@dataclass
+class TrainConfig:
+    """Loop control, checkpoints and robustness."""
+
+    output_dir: str = "runs/maskfeat"
+    """Directory for checkpoints, the metrics file, TensorBoard events and the saved config."""
+    seed: int = 0
+    """Seed of model init, masks (one numpy Generator per rank, seeded by seed and rank) and
+    drop path."""
+    checkpoint_every_steps: int = 0
+    """Save a checkpoint every this many optimiser steps (0 = only at epoch ends and the end)."""
+    checkpoint_every_epochs: int = 1
+    """Save a checkpoint every this many epochs (0 = never at epoch ends; the final one is always saved)."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (the newest; ``best`` is kept apart); 0 = keep all."""
+    max_nonfinite: int = 5
+    """Stop with a diagnostic after this many non-finite losses in a row (each one is skipped:
+    no backward, no optimiser step, and counted in the metrics)."""
+    stop_after_steps: int = 0
+    """Exit (code 3, no final checkpoint) right after this global step, as if killed; used to
+    test ``--resume auto``. 0 = off."""
+    eval_every_epochs: int = 1
+    """Fine-tuning: evaluate on the validation split every this many epochs (0 = only at the end)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto`` = CUDA when available (NCCL), otherwise CPU (gloo)."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning and evaluation specifics (DESIGN §3.6)."""
+
+    pretrained: str = ""
+    """Pre-trained backbone to start from: a ``.safetensors`` file from ``maskfeat export`` or
+    an official SlowFast ``.pyth`` (its ``model_state``); "" = from scratch."""
+    num_classes: int = 0
+    """Classifier width; 0 = take it from the dataset (``loader.num_classes``)."""
+    mixup_alpha: float = 0.8
+    """Mixup Beta(α, α) parameter; 0 = off."""
+    cutmix_alpha: float = 1.0
+    """CutMix Beta(α, α) parameter; 0 = off."""
+    mixup_prob: float = 1.0
+    """Probability that a batch gets mixup or cutmix at all."""
+    switch_prob: float = 0.5
+    """When both are on, probability of cutmix instead of mixup for a batch."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the soft targets (soft-target cross-entropy)."""
+    eval_split: str = "val"
+    """Split used for evaluation during and after fine-tuning."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """What the engine writes into the DeepSpeed config (DESIGN §4)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage: 0 (plain data parallel), 1 (optimiser states), 2 (+ gradients), 3 (+ parameters)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision (the official recipes run fp32; bf16 recommended on A100/H100)."""
+    gradient_clipping: float = 0.02
+    """Global L2 gradient clip (0.02 in pre-training, 5.0 in fine-tuning); 0 = off."""
+    torch_optimizer: Literal["auto", "always"] = "auto"
+    """``auto`` = ``torch.optim.AdamW`` on CPU (DeepSpeed's CPU Adam compiles an op first) and
+    DeepSpeed's fused AdamW on CUDA; ``always`` = torch AdamW everywhere."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Raw entries merged last into the generated DeepSpeed config (expert use, e.g.
+    ``{zero_optimization: {overlap_comm: true}}``)."""
+
+
+@dataclass
+class LogConfig:
+    """Progress bar, TensorBoard and JSON-lines metrics."""
+
+    every_steps: int = 10
+    """Write scalars (loss, LR, grad norm, clips/s, memory) every this many steps."""
+    progress_bar: bool = True
+    """tqdm progress bar on rank 0 with clips/s and ETA."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under ``<output_dir>/tb``."""
+    jsonl: bool = True
+    """Write one JSON object per logged step to ``<output_dir>/metrics.jsonl``."""
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Network."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data pipeline (``engine/data/config.py``)."""
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    """Masking (pre-training)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """LR schedule and length."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop control."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Fine-tuning and evaluation."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Logging."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Strict typed construction
+# ----------------------------------------------------------------------------------------------
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    return match[0] if match else ""
+
+
+def _unknown_key(path: str, key: str, valid: list[str]) -> ConfigError:
+    where = f"{path}.{key}" if path else key
+    near = _closest(key, valid)
+    near_full = f"{path}.{near}" if path else near
+    return ConfigError(
+        f"unknown config key {where!r}; did you mean {near_full!r}? "
+        f"(valid keys{' of ' + path if path else ''}: {', '.join(valid)})"
+    )
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert where YAML is lossy (lists for
+    tuples, ints for floats, ``'1e-4'`` strings for floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping (section {tp.__name__}), got {value!r}")
+        return _build(tp, value, path)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}: {value!r} does not match {_type_name(tp)} ({'; '.join(errors)})")
+    if origin is Literal:
+        if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
+            return value
+        choices = ", ".join(repr(a) for a in args)
+        hint = _closest(str(value), [str(a) for a in args])
+        raise ConfigError(f"{path}: {value!r} is not one of {choices}; did you mean {hint!r}?")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. data.root=123
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)} ({value!r})")
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(v, args[0] if args else Any, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{path}: unsupported field type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict, path: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(path, str(key), names)
+        kwargs[key] = _coerce(value, hints[key], f"{path}.{key}" if path else key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # a section's own __post_init__ validation
+        raise ConfigError(f"{path or cls.__name__}: {e}") from e
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build a :class:`Config` from a nested mapping (missing keys take their defaults)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Nested plain dict (tuples as lists) that :func:`config_from_dict` reads back."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (printed at start and saved in every checkpoint)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def _parse_override(item: str) -> tuple[list[str], str]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.field=value")
+    key, raw = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    return key.split("."), raw
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` overrides to a nested mapping (checked later by the typed build).
+
+    Values are parsed as YAML (``true``, ``3``, ``[0.5, 1.0]``, ``{target: pixel}``); a field of
+    type ``str`` keeps the raw text, so ``data.root=007`` stays ``"007"``.
+    """
+    data = _plain(dict(data or {}))
+    for item in overrides:
+        keys, raw = _parse_override(item)
+        cls: Any = Config
+        node = data
+        for depth, k in enumerate(keys):
+            path = ".".join(keys[:depth])
+            is_last = depth == len(keys) - 1
+            if cls is not None and dataclasses.is_dataclass(cls):
+                hints = typing.get_type_hints(cls)
+                names = [f.name for f in dataclasses.fields(cls)]
+                if k not in names:
+                    raise _unknown_key(path, k, names)
+                tp = hints[k]
+            else:  # inside a free-form dict field (e.g. model.overrides.target=pixel)
+                tp = Any
+            if is_last:
+                if tp is str or (typing.get_origin(tp) in (Union, types.UnionType)
+                                 and str in typing.get_args(tp) and raw.lower() not in ("null", "none", "~")):
+                    node[k] = raw
+                else:
+                    try:
+                        node[k] = yaml.safe_load(raw) if raw != "" else ""
+                    except yaml.YAMLError as e:
+                        raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
+            else:
+                child = node.get(k)
+                if child is None:
+                    child = {}
+                if not isinstance(child, dict):
+                    raise ConfigError(f"override {item!r}: {'.'.join(keys[:depth + 1])} is not a section")
+                node[k] = child
+                node = child
+                cls = tp if dataclasses.is_dataclass(tp) else None
+    return data
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML recipe (optional), apply dotted overrides, build and check the :class:`Config`."""
+    data: dict = {}
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Derived values
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Derived:
+    """Quantities computed from the config and the launch (printed at start, logged)."""
+
+    world_size: int
+    """Number of data-parallel ranks."""
+    batch_per_rank: int
+    """Clips per rank per step (``data.batch_size``, times ``repeated_aug`` in fine-tuning)."""
+    global_batch: int
+    """Clips per optimiser step over all ranks."""
+    lr: float
+    """Absolute peak LR = ``optim.lr × global_batch / optim.lr_reference_batch``."""
+    steps_per_epoch: int
+    """Optimiser steps per epoch (loader length)."""
+    total_steps: int
+    """Steps of the whole schedule (``epochs × steps_per_epoch``)."""
+    run_steps: int
+    """Steps this run will take in total (``schedule.max_steps`` if set, else ``total_steps``)."""
+    warmup_steps: int
+    """Warm-up steps (``warmup_epochs × steps_per_epoch``, rounded)."""
+
+    def describe(self, cfg: Config) -> str:
+        return "\n".join([
+            f"world size          {self.world_size}",
+            f"batch per rank      {self.batch_per_rank}",
+            f"global batch        {self.global_batch}",
+            f"LR scaling          {cfg.optim.lr:g} per {cfg.optim.lr_reference_batch} clips x "
+            f"{self.global_batch}/{cfg.optim.lr_reference_batch} = {self.lr:.6g} (absolute peak LR)",
+            f"steps per epoch     {self.steps_per_epoch}",
+            f"warm-up steps       {self.warmup_steps}",
+            f"schedule steps      {self.total_steps} ({cfg.schedule.epochs} epochs)",
+            f"steps in this run   {self.run_steps}",
+        ])
+
+
+def derive(cfg: Config, world_size: int, steps_per_epoch: int, clips_per_rank: Optional[int] = None) -> Derived:
+    """Compute the derived quantities; ``clips_per_rank`` defaults to ``data.batch_size``."""
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"the loader yields {steps_per_epoch} batches per epoch on each of {world_size} ranks; "
+            f"lower data.batch_size ({cfg.data.batch_size}) or add data (data.clips_per_epoch)"
+        )
+    b = int(clips_per_rank if clips_per_rank is not None else cfg.data.batch_size)
+    gb = b * world_size
+    total = cfg.schedule.epochs * steps_per_epoch
+    run = min(total, cfg.schedule.max_steps) if cfg.schedule.max_steps > 0 else total
+    return Derived(
+        world_size=world_size,
+        batch_per_rank=b,
+        global_batch=gb,
+        lr=cfg.optim.lr * gb / cfg.optim.lr_reference_batch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        run_steps=run,
+        warmup_steps=int(round(cfg.schedule.warmup_epochs * steps_per_epoch)),
+    )
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks the typed build cannot express."""
+    s, o = cfg.schedule, cfg.optim
+    if s.epochs < 1:
+        raise ConfigError(f"schedule.epochs must be >= 1, got {s.epochs}")
+    if not 0 <= s.warmup_epochs <= s.epochs:
+        raise ConfigError(f"schedule.warmup_epochs must be in [0, epochs={s.epochs}], got {s.warmup_epochs}")
+    if o.lr <= 0 or o.lr_reference_batch < 1:
+        raise ConfigError(f"optim.lr must be > 0 and optim.lr_reference_batch >= 1, got {o.lr}, {o.lr_reference_batch}")
+    if not 0 < o.layer_decay <= 1:
+        raise ConfigError(f"optim.layer_decay must be in (0, 1], got {o.layer_decay}")
+    if not 0 < cfg.mask.ratio < 1:
+        raise ConfigError(f"mask.ratio must be in (0, 1), got {cfg.mask.ratio}")
+    if cfg.train.max_nonfinite < 1:
+        raise ConfigError(f"train.max_nonfinite must be >= 1, got {cfg.train.max_nonfinite}")
+    ft = cfg.finetune
+    for name in ("mixup_alpha", "cutmix_alpha"):
+        if getattr(ft, name) < 0:
+            raise ConfigError(f"finetune.{name} must be >= 0, got {getattr(ft, name)}")
+    for name in ("mixup_prob", "switch_prob", "label_smoothing"):
+        if not 0 <= getattr(ft, name) <= 1:
+            raise ConfigError(f"finetune.{name} must be in [0, 1], got {getattr(ft, name)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Field documentation
+# ----------------------------------------------------------------------------------------------
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (attribute docstrings, read with ``ast``)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # pragma: no cover - source not available
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for prev, node in zip(body, body[1:]):
+        if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name)
+                and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def describe(cfg: Optional[Config] = None) -> str:
+    """Every field with its current value and docstring, section by section."""
+    cfg = cfg or Config()
+    lines = []
+    for sec in dataclasses.fields(Config):
+        obj = getattr(cfg, sec.name)
+        lines.append(f"[{sec.name}]")
+        docs = field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            lines.append(f"  {sec.name}.{f.name} = {_plain(getattr(obj, f.name))!r}")
+            if docs.get(f.name):
+                lines.append(textwrap.fill(docs[f.name], 100, initial_indent="      ",
+                                           subsequent_indent="      "))
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""Typed configuration of the video/image data pipeline (issue 5, DESIGN §3.6 for the defaults).
+
+Defaults are the MaskFeat K400 pre-training recipe: 16 frames at stride 4, RandomResizedCrop
+scale [0.5, 1] ratio [3/4, 4/3] to 224, horizontal flip, mean 0.45 / std 0.225. Fine-tuning and
+test fields follow the official MViTv2-S fine-tuning recipe (RandAugment m7 mstd0.5, random
+erasing 0.25, repeated augmentation x2, RandomResizedCrop [0.08, 1], 10 clips x 1 crop at test).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DATASETS = ("demo", "kinetics", "folder", "image_folder")
+READERS = ("auto", "gpu", "cpu", "pyav")
+BAD_FILE_POLICIES = ("error", "skip")
+
+
+@dataclass
+class DataConfig:
+    """Data pipeline settings; every field has a typed default (see module docstring)."""
+
+    root: str = ""
+    """Dataset root. With ``dataset="demo"`` and an empty root the packaged clips are used."""
+    dataset: str = "demo"
+    """``demo`` | ``kinetics`` (SlowFast lists ``train.csv``/``val.csv``/``test.csv`` with
+    ``path label`` per line, paths relative to root) | ``folder`` (one sub-folder per class; a
+    ``train``/``val``/``test`` sub-folder is used for the split when present) | ``image_folder``
+    (ImageNet layout ``root/{train,val}/<class>/<image>``)."""
+    num_frames: int = 16
+    """T: frames per clip."""
+    sampling_rate: int = 4
+    """Temporal stride between sampled frames; a clip spans ``(T-1)*stride+1`` source frames."""
+    crop_size: int = 224
+    """Output spatial size (H = W)."""
+    short_side: int = 320
+    """Decode short side: PyAV frames larger than this are scaled down while decoding; the
+    crop window is relative, so the result equals scale-then-crop (one resize instead of two)."""
+    train_scale: tuple[float, float] = (0.5, 1.0)
+    """RandomResizedCrop area fraction range in pre-training."""
+    train_ratio: tuple[float, float] = (0.75, 1.3333)
+    """RandomResizedCrop aspect ratio (w/h) range, sampled log-uniformly."""
+    flip: bool = True
+    """Random horizontal flip (p = 0.5) at training time."""
+    mean: tuple[float, float, float] = (0.45, 0.45, 0.45)
+    """Per-channel mean of [0, 1] pixels."""
+    std: tuple[float, float, float] = (0.225, 0.225, 0.225)
+    """Per-channel std of [0, 1] pixels."""
+    batch_size: int = 8
+    """Videos per batch per rank (with repeated augmentation a batch holds ``batch_size*repeated_aug`` clips)."""
+    num_threads: int = 2
+    """DALI CPU threads and PyAV decode threads per rank."""
+    reader: str = "auto"
+    """``auto`` (GPU decode when CUDA is present, else DALI CPU decoder when every file is
+    VP9/VP8/MJPEG, else PyAV) | ``gpu`` | ``cpu`` (DALI CPU decoder, VP9/VP8/MJPEG only) | ``pyav``."""
+    on_bad_file: str = "error"
+    """What the validation pass does with a bad file: ``error`` (raise, listing all) | ``skip``
+    (drop it, and report it by name and reason)."""
+    validation_workers: int = 0
+    """Threads for the validation pass; 0 means ``num_threads``."""
+    cache_dir: str = ""
+    """Where the probe cache (and the demo clips) live; "" = ``~/.cache/maskfeat``."""
+    prefetch: int = 2
+    """Batches decoded ahead of the consumer (PyAV path) and DALI prefetch queue depth."""
+    drop_last: bool = False
+    """Drop the last incomplete batch per rank instead of padding it with repeats."""
+    clips_per_epoch: int = 0
+    """Samples (videos) per epoch; 0 = dataset size. Larger values draw further seeded
+    permutations (the demo uses this to sample many random clips from a few videos)."""
+    # fine-tuning augmentation
+    finetune_scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop area range in fine-tuning."""
+    rand_augment: bool = True
+    """RandAugment (DALI ``auto_aug.rand_augment``, one op draw per clip, same for all frames)."""
+    rand_augment_n: int = 2
+    """RandAugment: operations per sample."""
+    rand_augment_m: int = 7
+    """RandAugment magnitude on timm's 0..10 scale (mapped to DALI's 31 bins: 7 -> bin 21)."""
+    random_erasing: float = 0.25
+    """Random erasing probability (timm "pixel" mode, one box shared by all frames)."""
+    repeated_aug: int = 2
+    """Repeated augmentation: clips drawn per video per batch in fine-tuning (SlowFast semantics)."""
+    # test
+    num_clips: int = 10
+    """Test: temporal views per video (uniformly spaced windows)."""
+    num_crops: int = 1
+    """Test: spatial views per temporal view (1 = centre, 3 = both ends and centre of the long side)."""
+    seed: int = 0
+    """Seed of shuffling, clip windows and augmentation parameters."""
+    extensions: tuple[str, ...] = field(default=(".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v"))
+    """File extensions recognised as videos in folder datasets."""
+
+    def __post_init__(self) -> None:
+        for name in ("train_scale", "train_ratio", "finetune_scale", "mean", "std", "extensions"):
+            setattr(self, name, tuple(getattr(self, name)))  # YAML gives lists
+        if self.dataset not in DATASETS:
+            raise ValueError(f"data.dataset={self.dataset!r}: expected one of {DATASETS}")
+        if self.reader not in READERS:
+            raise ValueError(f"data.reader={self.reader!r}: expected one of {READERS}")
+        if self.on_bad_file not in BAD_FILE_POLICIES:
+            raise ValueError(f"data.on_bad_file={self.on_bad_file!r}: expected one of {BAD_FILE_POLICIES}")
+        for name in ("num_frames", "sampling_rate", "crop_size", "batch_size", "num_threads",
+                     "repeated_aug", "num_clips", "prefetch", "short_side"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_crops not in (1, 3):
+            raise ValueError(f"data.num_crops must be 1 or 3, got {self.num_crops}")
+        for name in ("train_scale", "finetune_scale", "train_ratio"):
+            lo, hi = getattr(self, name)
+            if not (0 < lo <= hi):
+                raise ValueError(f"data.{name}={getattr(self, name)}: need 0 < lo <= hi")
+        if not 0.0 <= self.random_erasing <= 1.0:
+            raise ValueError(f"data.random_erasing must be in [0, 1], got {self.random_erasing}")
+        if not 0 <= self.rand_augment_m <= 10:
+            raise ValueError(f"data.rand_augment_m must be in [0, 10], got {self.rand_augment_m}")
+
+    @property
+    def clip_span(self) -> int:
+        """Source frames one clip covers: ``(T-1)*stride + 1``."""
+        return (self.num_frames - 1) * self.sampling_rate + 1

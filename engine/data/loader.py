@@ -1,0 +1,285 @@
+"""``build_loader``: dataset listing -> validation -> epoch plan -> DALI pipeline -> torch batches.
+
+Batch contract (issue 5): ``{"video": float32 (B, C, T, H, W) normalised on the target device,
+"label": int64 (B,), "index": int64 (B,) dataset index, "valid": bool (B,) (False for padding
+repeats, see ``sampler.py``)}``; test mode adds ``"video_id"`` (= dataset index, for aggregating
+views) and ``"view"`` (``clip * num_crops + crop``). Image datasets yield ``"image"`` (B, C, H, W)
+instead of ``"video"`` (see ``images.py``).
+
+Modes: ``pretrain`` (split train: random window, RandomResizedCrop ``train_scale``, flip),
+``finetune`` (split train: RandomResizedCrop ``finetune_scale``, flip, RandAugment, random
+erasing, ``repeated_aug`` clips per video in the same batch, so a batch holds
+``batch_size * repeated_aug`` clips), ``test`` (``num_clips x num_crops`` deterministic views per
+video). Any mode on split val/test without ``test`` gives one centre clip, centre crop per video.
+
+Epochs: ``set_epoch(e)`` picks the seeded order; iterating a loader to its end advances the epoch
+by one. ``state_dict()`` is ``{"epoch", "batches_consumed", ...}``; after ``load_state_dict``
+the next iteration yields exactly the remaining batches of that epoch (``set_epoch`` with the same
+epoch keeps the position; another epoch restarts at batch 0).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+from .datasets import Dataset, load_dataset
+from .probe import DALI_CPU_CODECS, BadDatasetError, ValidationReport, VideoInfo, validate_files
+from .sampler import ClipSpec, PlanSettings, epoch_order, make_clip, shard_positions
+
+log = logging.getLogger(__name__)
+MODES = ("pretrain", "finetune", "test")
+
+
+def default_cache_dir(cfg: DataConfig) -> str:
+    """``cfg.cache_dir`` or ``$MASKFEAT_CACHE`` or ``~/.cache/maskfeat``."""
+    return cfg.cache_dir or os.environ.get("MASKFEAT_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "maskfeat")
+
+
+def probe_cache_path(cfg: DataConfig, root: str) -> str:
+    """The probe cache: ``<root>/.maskfeat_probe.json`` when the root is writable, else in the cache dir."""
+    if os.access(root, os.W_OK):
+        return os.path.join(root, ".maskfeat_probe.json")
+    tag = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:12]
+    return os.path.join(default_cache_dir(cfg), f"probe_{tag}.json")
+
+
+def choose_reader(requested: str, infos: list[VideoInfo], device: torch.device) -> str:
+    """The concrete decode path: ``gpu`` | ``cpu`` | ``pyav`` (see ``pipeline.py``)."""
+    from .pipeline import cuda_dali_usable
+
+    if requested != "auto":
+        if requested == "gpu" and not (device.type == "cuda" and cuda_dali_usable()):
+            raise RuntimeError("data.reader=gpu needs a CUDA device and DALI with CUDA; use auto, cpu or pyav")
+        return requested
+    if device.type == "cuda" and cuda_dali_usable():
+        return "gpu"
+    if infos and all(i.codec in DALI_CPU_CODECS for i in infos):
+        return "cpu"
+    return "pyav"
+
+
+def resolve_root(cfg: DataConfig) -> str:
+    """The dataset root; the demo dataset is prepared on first use when the root is empty."""
+    if cfg.dataset == "demo" and not cfg.root:
+        from .demo import demo_dataset
+
+        return demo_dataset(os.path.join(default_cache_dir(cfg), "demo"))
+    if not cfg.root:
+        raise ValueError(f"data.root is empty for dataset={cfg.dataset!r}")
+    return cfg.root
+
+
+@dataclass
+class DatasetCheck:
+    """A validated listing: the good subset, its probe infos, the report and the reader."""
+
+    dataset: Dataset
+    infos: list[VideoInfo]
+    report: ValidationReport
+    reader: str
+
+
+def validate_dataset(cfg: DataConfig, split: str = "train", *, device: torch.device | str = "cpu",
+                     progress: bool = False) -> DatasetCheck:
+    """The validation pass: list the split, probe every file with PyAV (parallel, cached by
+    size+mtime), choose the reader, and check each file against it (codec, length, frame rate).
+
+    Bad files are logged by name and reason; with ``on_bad_file='error'`` a BadDatasetError lists
+    them all, with ``'skip'`` they are left out of the returned dataset.
+    """
+    device = torch.device(device)
+    root = resolve_root(cfg)
+    ds = load_dataset(cfg.dataset, root, split, cfg.extensions)
+    workers = cfg.validation_workers or cfg.num_threads
+    cache = probe_cache_path(cfg, root)
+    # first pass with the codec-agnostic reader to learn codecs, then check for the chosen reader
+    base = validate_files(ds.paths, reader="pyav", min_frames=cfg.clip_span, workers=workers,
+                          cache_path=cache, progress=progress)
+    reader = choose_reader(cfg.reader, list(base.good.values()), device)
+    report = base if reader == "pyav" else validate_files(
+        ds.paths, reader=reader, min_frames=cfg.clip_span, workers=workers, cache_path=cache)
+    report.probed, report.cached = base.probed, base.cached
+    for b in report.bad:
+        log.warning("bad file %s", b)
+    if report.bad and cfg.on_bad_file == "error":
+        raise BadDatasetError(report)
+    keep = [i for i, p in enumerate(ds.paths) if p in report.good]
+    if not keep:
+        raise BadDatasetError(report)
+    good = ds.subset(keep)
+    return DatasetCheck(good, [report.good[p] for p in good.paths], report, reader)
+
+
+class VideoLoader:
+    """Iterable of batches for one rank (module docstring gives the contract)."""
+
+    def __init__(self, cfg: DataConfig, check: DatasetCheck, *, split: str, mode: str, rank: int,
+                 world_size: int, device: torch.device):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.cfg = cfg
+        self.dataset = check.dataset
+        self.infos = check.infos
+        self.report = check.report
+        self.reader = check.reader
+        self.split, self.mode = split, mode
+        self.rank, self.world_size = rank, world_size
+        self.device = device
+        self.class_names: list[str] = list(check.dataset.class_names)
+        self.num_classes: int = len(self.class_names)
+        train = split == "train" and mode != "test"
+        self.test_views = mode == "test"
+        finetune = train and mode == "finetune"
+        self.repeats = cfg.repeated_aug if finetune else 1
+        self.views = cfg.num_clips * cfg.num_crops if self.test_views else 1
+        self.settings = PlanSettings(
+            num_frames=cfg.num_frames, sampling_rate=cfg.sampling_rate, crop_size=cfg.crop_size,
+            train=train, scale=cfg.finetune_scale if finetune else cfg.train_scale,
+            ratio=cfg.train_ratio, flip=cfg.flip, erase_prob=cfg.random_erasing if finetune else 0.0,
+            num_clips=cfg.num_clips if self.test_views else 1,
+            num_crops=cfg.num_crops if self.test_views else 1)
+        self.rand_augment = (cfg.rand_augment_n, cfg.rand_augment_m) if finetune and cfg.rand_augment else None
+        self.shuffle = train
+        self.epoch = 0
+        self.batches_consumed = 0
+        self._length = len(self._positions())
+
+    # ---- plan -------------------------------------------------------------------------------
+    def _epoch_length(self) -> int:
+        n = len(self.dataset) * self.views
+        return self.cfg.clips_per_epoch if (self.shuffle and self.cfg.clips_per_epoch) else n
+
+    def _positions(self) -> list[list[tuple[int, bool]]]:
+        return shard_positions(self._epoch_length(), self.rank, self.world_size, self.cfg.batch_size,
+                               self.cfg.drop_last)
+
+    def plan(self, epoch: int) -> list[list[ClipSpec]]:
+        """All batches of ``epoch`` for this rank, as ClipSpecs (deterministic)."""
+        n = len(self.dataset)
+        if self.test_views:
+            order = np.arange(n * self.views, dtype=np.int64)
+        else:
+            order = epoch_order(n, epoch, self.cfg.seed, length=self._epoch_length(), shuffle=self.shuffle)
+        batches = []
+        for chunk in self._positions():
+            specs = []
+            for pos, valid in chunk:
+                item = int(order[pos])
+                index, view = divmod(item, self.views)
+                for r in range(self.repeats):
+                    specs.append(make_clip(self.settings, index, self.dataset.labels[index], self.infos[index],
+                                           seed=self.cfg.seed, epoch=epoch, position=pos, repeat=r,
+                                           view=view, valid=valid))
+            batches.append(specs)
+        return batches
+
+    # ---- public API ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._length
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the seeded order of ``epoch``; keeps a resumed position if the epoch is unchanged."""
+        if epoch != self.epoch:
+            self.epoch = int(epoch)
+            self.batches_consumed = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "seed": self.cfg.seed,
+                "rank": self.rank, "world_size": self.world_size, "num_batches": len(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("world_size", self.world_size) != self.world_size or state.get("seed", self.cfg.seed) != self.cfg.seed:
+            raise ValueError(f"loader state from world_size={state.get('world_size')} seed={state.get('seed')} "
+                             f"cannot resume with world_size={self.world_size} seed={self.cfg.seed}")
+        consumed = int(state["batches_consumed"])
+        if not 0 <= consumed <= len(self):
+            raise ValueError(f"batches_consumed={consumed} outside [0, {len(self)}]")
+        self.epoch = int(state["epoch"])
+        self.batches_consumed = consumed
+
+    def __iter__(self) -> Iterator[dict]:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        from .pipeline import OUTPUTS, Feeder, build_pipeline
+
+        if self.batches_consumed >= len(self):  # a finished epoch: move on
+            self.epoch += 1
+            self.batches_consumed = 0
+        batches = self.plan(self.epoch)[self.batches_consumed:]
+        if not batches:
+            return
+        decode = self.reader
+        feeder = Feeder(batches, self.dataset.paths, decode, self.cfg.short_side,
+                        workers=self.cfg.num_threads, depth=self.cfg.prefetch)
+        on_gpu = self.device.type == "cuda" and decode == "gpu"
+        pipe = build_pipeline(
+            feeder, decode=decode, batch_size=len(batches[0]), num_threads=self.cfg.num_threads,
+            device_id=(self.device.index or 0) if on_gpu else None, crop_size=self.cfg.crop_size,
+            mean=self.cfg.mean, std=self.cfg.std, rand_augment=self.rand_augment,
+            seed=self.cfg.seed * 1000003 + self.epoch * 1009 + self.batches_consumed + self.rank * 7919,
+            prefetch=self.cfg.prefetch)
+        it = DALIGenericIterator(pipe, list(OUTPUTS), last_batch_policy=LastBatchPolicy.PARTIAL,
+                                 auto_reset=False, prepare_first_batch=False)
+        try:
+            for k, out in enumerate(it):
+                batch = self._to_batch(out[0], batches[k])
+                self.batches_consumed += 1  # counted when handed out: a checkpoint after this step resumes after it
+                yield batch
+        finally:
+            feeder.close()
+            del it, pipe
+        if self.batches_consumed >= len(self):
+            self.epoch += 1
+            self.batches_consumed = 0
+
+    def _to_batch(self, out: dict, specs: list[ClipSpec]) -> dict:
+        video = out["video"].to(self.device, non_blocking=True)  # (B, C, T, H, W)
+        if self.settings.erase_prob > 0:
+            self._erase(video, specs)
+        batch = {"video": video,
+                 "label": out["label"].reshape(-1).to(self.device, dtype=torch.int64),
+                 "index": out["index"].reshape(-1).to(self.device, dtype=torch.int64),
+                 "valid": out["valid"].reshape(-1).to(self.device).bool()}
+        if self.test_views:
+            batch["video_id"] = batch["index"].clone()
+            batch["view"] = out["view"].reshape(-1).to(self.device, dtype=torch.int64)
+        return batch
+
+    def _erase(self, video: torch.Tensor, specs: list[ClipSpec]) -> None:
+        """timm RandomErasing, pixel mode: N(0, 1) noise in the box, same box on every frame."""
+        gen = torch.Generator(device=video.device)
+        gen.manual_seed(self.cfg.seed * 7 + self.epoch * 100003 + self.batches_consumed)
+        for b, s in enumerate(specs):
+            if s.erase is None:
+                continue
+            top, left, h, w = s.erase
+            C, T = video.shape[1], video.shape[2]
+            video[b, :, :, top:top + h, left:left + w] = torch.randn(
+                (C, T, h, w), generator=gen, device=video.device, dtype=video.dtype)
+
+
+def build_loader(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu", mode: str = "pretrain"):
+    """Validate the split's files and return the loader for this rank (module docstring)."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    device = torch.device(device)
+    if cfg.dataset == "image_folder":
+        from .images import ImageLoader
+
+        return ImageLoader(cfg, split, rank=rank, world_size=world_size, device=device, mode=mode)
+    check = validate_dataset(cfg, split, device=device)
+    if rank == 0:
+        log.info("data %s/%s: %d videos, %d classes, reader=%s; %s", cfg.dataset, split, len(check.dataset),
+                 check.dataset.num_classes, check.reader, check.report.summary().splitlines()[0])
+    return VideoLoader(cfg, check, split=split, mode=mode, rank=rank, world_size=world_size, device=device)

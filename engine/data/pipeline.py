@@ -1,0 +1,225 @@
+"""DALI graphs of the video pipeline: a Python feeder -> decoder -> one augmentation graph.
+
+Three decode paths, chosen per dataset by :func:`engine.data.loader.choose_reader`:
+- ``pyav``: PyAV (FFmpeg, any codec) decodes the clip's frames in a thread pool; the uint8 frames
+  (T, H, W, 3) enter DALI through ``fn.external_source``.
+- ``cpu``: the encoded file bytes and the frame indices enter through ``fn.external_source`` and
+  ``fn.decoders.video`` (DALI's FFmpeg-based CPU decoder: VP9/VP8/MJPEG only) decodes them.
+- ``gpu``: as ``cpu`` but ``fn.decoders.video(device="mixed")`` decodes on NVDEC (H.264, HEVC,
+  VP9, AV1, ...), and the augmentation runs on the GPU.
+
+Why a feeder rather than ``fn.readers.video`` / ``fn.experimental.readers.video``: those readers
+enumerate fixed sequences with their own shuffling buffer, so they can neither draw one random
+window per video per epoch (SlowFast semantics) nor resume mid-epoch exactly; the decoders take
+per-sample frame indices from the feeder (``sampler.py``), which keeps both exact. Measured here
+(DALI 2.4 CPU): ``fn.decoders.video`` with ``frames=`` per-sample argument input works on CPU for
+VP9/MJPEG; ``fn.resize`` with per-sample relative ROI, ``fn.flip``, ``rand_augment`` and
+``fn.crop_mirror_normalize`` to ``CFHW`` accept (F, H, W, C) sequences and apply the same
+parameters to every frame of a sample. Known limit: the ``gpu`` path is untested on this CPU
+machine (the GPU validation machine has no DALI).
+
+Augmentation graph (same after every decoder): ``fn.resize`` of the relative ROI to
+``crop_size``^2 (antialiased linear; this is short-side scaling + RandomResizedCrop in one
+resampling), ``fn.flip(horizontal=...)``, optional RandAugment, ``fn.crop_mirror_normalize`` to
+float32 ``(C, T, H, W)`` with mean/std x 255. Random erasing runs afterwards in torch (loader).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+import av
+import numpy as np
+
+from .sampler import ClipSpec
+
+DALI_RAND_AUGMENT_BINS = 31
+
+
+def _decode_pass(path: str, wanted: set[int], first_wanted: int, short_side: int,
+                 seek: bool) -> dict[int, np.ndarray] | None:
+    """One decoding pass; returns None when a seek landed after ``first_wanted``."""
+    got: dict[int, np.ndarray] = {}
+    container = av.open(path)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate
+        tb = stream.time_base
+        t0 = stream.start_time or 0
+        h0, w0 = stream.codec_context.height, stream.codec_context.width
+        scale = short_side / min(h0, w0)
+        w, h = (w0, h0) if scale >= 1 else (max(2, round(w0 * scale)), max(2, round(h0 * scale)))
+        by_pts = bool(seek and rate and tb)
+        if by_pts:
+            container.seek(t0 + int(first_wanted / rate / tb), stream=stream, backward=True, any_frame=False)
+        idx = -1
+        for frame in container.decode(stream):
+            if by_pts:
+                if frame.pts is None:
+                    return None
+                idx = int(round(float((frame.pts - t0) * tb * rate)))
+                if not got and idx > first_wanted:
+                    return None
+            else:
+                idx += 1
+            if idx in wanted and idx not in got:
+                got[idx] = frame.to_ndarray(format="rgb24", width=w, height=h)  # (H, W, 3)
+                if len(got) == len(wanted):
+                    break
+        return got
+    finally:
+        container.close()
+
+
+def decode_clip_pyav(path: str, frames: np.ndarray, short_side: int) -> np.ndarray:
+    """Decode the frames ``frames`` (any order, repeats allowed) of ``path`` with PyAV.
+
+    Seeks to the key frame before the first wanted frame when it is past the start (frame numbers
+    from presentation times), else decodes from the start counting frames; frames whose short side
+    exceeds ``short_side`` are scaled down to it. Returns uint8 (T, H, W, 3).
+    """
+    wanted = set(int(f) for f in frames)
+    first = min(wanted)
+    got = _decode_pass(path, wanted, first, short_side, seek=True) if first > 0 else None
+    if got is None or len(got) < len(wanted):
+        got = _decode_pass(path, wanted, first, short_side, seek=False)
+    if not got:
+        raise RuntimeError(f"{path}: no frame decoded")
+    last = max(got)
+    for m in wanted - set(got):  # packet count exceeded decodable frames: repeat the last one
+        got[m] = got[last]
+    return np.stack([got[int(f)] for f in frames])  # (T, H, W, 3)
+
+
+def read_bytes(path: str) -> np.ndarray:
+    """The encoded file as a uint8 array (input of ``fn.decoders.video``)."""
+    return np.fromfile(path, dtype=np.uint8)
+
+
+class Feeder:
+    """Batch callback of ``fn.external_source``: turns planned batches of ClipSpecs into arrays.
+
+    Clips are loaded in a thread pool, ``depth`` batches ahead of DALI's request. Raises
+    StopIteration after the last planned batch (the end of the epoch for DALI).
+    """
+
+    def __init__(self, batches: list[list[ClipSpec]], paths: list[str], decode: str,
+                 short_side: int, workers: int, depth: int):
+        self.batches = batches
+        self.paths = paths
+        self.decode = decode
+        self.short_side = short_side
+        self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="maskfeat-data")
+        self.depth = max(1, depth)
+        self.queue: deque[tuple[list[ClipSpec], list[Future]]] = deque()
+        self.next_batch = 0
+
+    def _load(self, spec: ClipSpec) -> np.ndarray:
+        path = self.paths[spec.index]
+        try:
+            if self.decode == "pyav":
+                return decode_clip_pyav(path, spec.frames, self.short_side)
+            return read_bytes(path)
+        except Exception as e:
+            raise RuntimeError(f"loading {path} failed after validation: {type(e).__name__}: {e}") from e
+
+    def _fill(self) -> None:
+        while len(self.queue) < self.depth and self.next_batch < len(self.batches):
+            specs = self.batches[self.next_batch]
+            self.queue.append((specs, [self.pool.submit(self._load, s) for s in specs]))
+            self.next_batch += 1
+
+    def __call__(self):
+        self._fill()
+        if not self.queue:
+            raise StopIteration
+        specs, futures = self.queue.popleft()
+        data = [f.result() for f in futures]
+        self._fill()
+        return (
+            data,
+            [s.frames for s in specs],
+            [np.array(s.roi[:2], np.float32) for s in specs],
+            [np.array(s.roi[2:], np.float32) for s in specs],
+            [np.array(s.flip, np.int32) for s in specs],
+            [np.array(s.label, np.int64) for s in specs],
+            [np.array(s.index, np.int64) for s in specs],
+            [np.array(s.view, np.int64) for s in specs],
+            [np.array(s.valid, np.uint8) for s in specs],
+        )
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+OUTPUTS = ("video", "label", "index", "view", "valid")
+
+
+def build_pipeline(feeder: Callable, *, decode: str, batch_size: int, num_threads: int,
+                   device_id: int | None, crop_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                   rand_augment: tuple[int, int] | None, seed: int, prefetch: int):
+    """The DALI pipeline (outputs: :data:`OUTPUTS`); ``rand_augment`` = (n, m on timm's 0..10 scale) or None."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    on_gpu = device_id is not None
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                  prefetch_queue_depth=prefetch, enable_conditionals=rand_augment is not None)
+    def graph():
+        data, frames, roi_start, roi_end, flip, label, index, view, valid = fn.external_source(
+            source=feeder, num_outputs=9, batch=True,
+            layout=["FHWC" if decode == "pyav" else "", "", "", "", "", "", "", "", ""])
+        if decode == "pyav":
+            video = data.gpu() if on_gpu else data
+        else:
+            video = fn.decoders.video(data, frames=frames, device="mixed" if decode == "gpu" else "cpu")
+            if decode == "cpu" and on_gpu:
+                video = video.gpu()
+        video = fn.resize(video, size=[crop_size, crop_size], roi_start=roi_start, roi_end=roi_end,
+                          roi_relative=True, antialias=True, interp_type=types.INTERP_LINEAR)
+        video = fn.flip(video, horizontal=flip)
+        if rand_augment is not None:
+            from nvidia.dali.auto_aug import rand_augment as ra
+
+            n, m = rand_augment
+            # timm magnitude m on 0..10 -> DALI bin on 0..30 (same relative strength)
+            video = ra.rand_augment(video, n=n, m=int(round(m / 10 * (DALI_RAND_AUGMENT_BINS - 1))),
+                                    num_magnitude_bins=DALI_RAND_AUGMENT_BINS, shape=(crop_size, crop_size),
+                                    max_translate_rel=100 / 224)  # relative shifts (timm: 0.45 of the size)
+        video = fn.crop_mirror_normalize(video, dtype=types.FLOAT, output_layout="CFHW",
+                                         mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
+        return video, label, index, view, valid
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # DALI's auto_aug uses deprecated aliases
+        warnings.filterwarnings("ignore", message=".*is not used.*")  # frame indices unused by pyav
+        pipe = graph()
+        pipe.build()
+    return pipe
+
+
+def dali_available() -> bool:
+    """True when ``nvidia.dali`` imports."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def cuda_dali_usable() -> bool:
+    """True when a CUDA device is present and DALI can use it (the ``gpu`` path)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+    except Exception:
+        return False
+    return dali_available() and os.environ.get("MASKFEAT_DALI_NO_GPU", "") != "1"

@@ -1,0 +1,276 @@
+"""PyAV probe of video files and the validation pass that runs before training (issue 5).
+
+Why: DALI's CPU video decoder handles only VP9/VP8/MJPEG and *silently* drops other codecs from a
+file list (one stderr line, measured with DALI 2.4, DESIGN §4). So every file is probed here with
+PyAV (FFmpeg) first, and each bad file is reported by name and reason; ``on_bad_file`` decides
+whether that is an error or the file is skipped. Nothing is dropped silently.
+
+The probe demuxes every packet of the video stream (no decoding, cheap) to count frames and test
+for a constant frame rate, and decodes the first frame to catch corrupt streams. Results are cached
+in a JSON file keyed by absolute path + size + mtime, so a second pass over an unchanged dataset
+only stats the files. Reasons (``BadFile.reason``): ``missing``, ``unreadable``, ``empty``,
+``not_video``, ``decode_error``, ``codec`` (the chosen reader cannot decode it), ``too_short``
+(fewer frames than one clip spans), ``vfr`` (variable frame rate where the reader needs constant).
+
+Known limits: frame counts come from packets (one packet = one frame for the codecs we meet;
+B-frame reordering does not change the count); the VFR test allows 1% jitter of frame durations.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from typing import Sequence
+
+import av
+import numpy as np
+
+DALI_CPU_CODECS = frozenset({"vp9", "vp8", "mjpeg"})
+"""Codecs DALI's CPU decoder/reader decodes (measured, DESIGN §4)."""
+NVDEC_CODECS = frozenset({"h264", "hevc", "vp9", "vp8", "mjpeg", "av1", "mpeg4"})
+"""Codecs DALI's GPU (mixed, NVDEC) decoder lists as supported (DALI 2.x docs)."""
+CACHE_VERSION = 1
+
+
+@dataclass
+class VideoInfo:
+    """What the probe learnt about one readable video file."""
+
+    codec: str
+    """FFmpeg decoder name of the first video stream (``h264``, ``vp9``, ...)."""
+    width: int
+    height: int
+    num_frames: int
+    """Frames counted from demuxed packets."""
+    fps: float
+    """Average frame rate of the stream."""
+    cfr: bool
+    """True when every frame duration is within 1% of the median (constant frame rate)."""
+
+
+@dataclass
+class ProbeResult:
+    """Probe outcome of one path: ``info`` when readable, else ``reason`` + ``detail``."""
+
+    path: str
+    info: VideoInfo | None = None
+    reason: str = ""
+    detail: str = ""
+
+
+@dataclass
+class BadFile:
+    """A file rejected by the validation pass."""
+
+    path: str
+    reason: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason} ({self.detail})"
+
+
+@dataclass
+class ValidationReport:
+    """Result of :func:`validate_files`: good infos (by path), bad files, cache statistics."""
+
+    good: dict[str, VideoInfo] = field(default_factory=dict)
+    bad: list[BadFile] = field(default_factory=list)
+    cached: int = 0
+    probed: int = 0
+
+    def summary(self) -> str:
+        lines = [f"validated {len(self.good) + len(self.bad)} files: {len(self.good)} good, "
+                 f"{len(self.bad)} bad ({self.probed} probed, {self.cached} from cache)"]
+        lines += [f"  bad: {b}" for b in self.bad]
+        return "\n".join(lines)
+
+
+class BadDatasetError(RuntimeError):
+    """Raised when ``on_bad_file='error'`` and the validation pass found bad files."""
+
+    def __init__(self, report: ValidationReport):
+        self.report = report
+        super().__init__(report.summary() + "\n(set data.on_bad_file=skip to train without them)")
+
+
+def _frame_durations_cfr(pts: np.ndarray) -> bool:
+    """True when sorted presentation timestamps advance by a constant step (1% tolerance)."""
+    if len(pts) < 3:
+        return True
+    d = np.diff(np.sort(pts))
+    d = d[d > 0]
+    if len(d) == 0:
+        return False
+    med = float(np.median(d))
+    return bool(np.all(np.abs(d - med) <= max(0.01 * med, 1.0)))
+
+
+def probe_video(path: str) -> ProbeResult:
+    """Probe one file with PyAV: open, demux all packets of the first video stream, decode one frame."""
+    if not os.path.lexists(path) or not os.path.exists(path):
+        return ProbeResult(path, reason="missing", detail="no such file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1)
+    except OSError as e:
+        return ProbeResult(path, reason="unreadable", detail=f"{type(e).__name__}: {e}")
+    if not head:
+        return ProbeResult(path, reason="empty", detail="zero-length file")
+    try:
+        container = av.open(path)
+    except Exception as e:  # FFmpeg raises many error types for non-media input
+        return ProbeResult(path, reason="not_video", detail=f"FFmpeg cannot open it: {e}")
+    try:
+        if not container.streams.video:
+            return ProbeResult(path, reason="not_video", detail="no video stream")
+        stream = container.streams.video[0]
+        codec = stream.codec_context.name
+        width, height = stream.codec_context.width, stream.codec_context.height
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else 0.0
+        pts: list[int] = []
+        try:
+            for packet in container.demux(stream):
+                if packet.size and packet.pts is not None:
+                    pts.append(int(packet.pts))
+        except Exception as e:
+            return ProbeResult(path, reason="decode_error", detail=f"demux failed after {len(pts)} packets: {e}")
+        try:
+            container.seek(0, stream=stream, backward=True, any_frame=False)
+            first = next(iter(container.decode(stream)), None)
+        except Exception as e:
+            return ProbeResult(path, reason="decode_error", detail=f"first frame does not decode: {e}")
+        if first is None or width <= 0 or height <= 0 or not pts:
+            return ProbeResult(path, reason="decode_error", detail="no decodable frame")
+        if fps <= 0 and len(pts) > 1 and stream.time_base:
+            span = (max(pts) - min(pts)) * stream.time_base
+            fps = float((len(pts) - 1) / span) if span else 0.0
+        info = VideoInfo(codec=codec, width=int(width), height=int(height), num_frames=len(pts),
+                         fps=fps, cfr=_frame_durations_cfr(np.asarray(pts, dtype=np.int64)))
+        return ProbeResult(path, info=info)
+    finally:
+        container.close()
+
+
+def reader_problem(info: VideoInfo, reader: str, min_frames: int) -> tuple[str, str] | None:
+    """Why ``reader`` cannot produce a clip of ``min_frames`` source frames from this file, or None.
+
+    ``reader`` is a concrete path: ``cpu`` (DALI CPU decoder), ``gpu`` (NVDEC, needs constant frame
+    rate like ``fn.readers.video``) or ``pyav`` (any FFmpeg codec).
+    """
+    if reader == "cpu" and info.codec not in DALI_CPU_CODECS:
+        return "codec", (f"{info.codec} cannot be decoded by DALI's CPU decoder (only "
+                         f"{sorted(DALI_CPU_CODECS)}); use reader=pyav or `maskfeat data prepare --codec vp9`")
+    if reader == "gpu" and info.codec not in NVDEC_CODECS:
+        return "codec", f"{info.codec} is not decodable by NVDEC ({sorted(NVDEC_CODECS)})"
+    if info.num_frames < min_frames:
+        return "too_short", f"{info.num_frames} frames, one clip needs {min_frames}"
+    if reader == "gpu" and not info.cfr:
+        return "vfr", "variable frame rate; the GPU reader needs constant (re-encode with `maskfeat data prepare`)"
+    return None
+
+
+class ProbeCache:
+    """JSON cache of probe results keyed by absolute path, valid while size and mtime match."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self._lock = threading.Lock()
+        self._entries: dict[str, dict] = {}
+        if path and os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    data = json.load(f)
+                if data.get("version") == CACHE_VERSION:
+                    self._entries = data.get("entries", {})
+            except (OSError, ValueError):
+                self._entries = {}  # a corrupt cache is rebuilt, never trusted
+
+    @staticmethod
+    def _key(path: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def get(self, path: str) -> ProbeResult | None:
+        ap = os.path.abspath(path)
+        key = self._key(ap)
+        e = self._entries.get(ap)
+        if key is None or e is None or (e["size"], e["mtime_ns"]) != key:
+            return None
+        info = VideoInfo(**e["info"]) if e.get("info") else None
+        return ProbeResult(path, info=info, reason=e.get("reason", ""), detail=e.get("detail", ""))
+
+    def put(self, res: ProbeResult) -> None:
+        ap = os.path.abspath(res.path)
+        key = self._key(ap)
+        if key is None or res.reason in ("missing", "unreadable"):
+            return  # transient conditions are re-checked every time
+        with self._lock:
+            self._entries[ap] = {"size": key[0], "mtime_ns": key[1],
+                                 "info": asdict(res.info) if res.info else None,
+                                 "reason": res.reason, "detail": res.detail}
+
+    def save(self) -> None:
+        if not self.path:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)) or ".", exist_ok=True)
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        with self._lock, open(tmp, "w") as f:
+            json.dump({"version": CACHE_VERSION, "entries": self._entries}, f)
+        os.replace(tmp, self.path)
+
+
+def validate_files(paths: Sequence[str], *, reader: str = "pyav", min_frames: int = 1,
+                   workers: int = 2, cache_path: str | None = None,
+                   progress: bool = False) -> ValidationReport:
+    """Probe ``paths`` in parallel (threads; PyAV releases the GIL while demuxing/decoding) and
+    sort them into good and bad for the concrete ``reader`` (see :func:`reader_problem`)."""
+    cache = ProbeCache(cache_path)
+    report = ValidationReport()
+    results: dict[str, ProbeResult] = {}
+    todo: list[str] = []
+    for p in dict.fromkeys(paths):  # unique, order kept
+        hit = cache.get(p)
+        if hit is not None:
+            results[p] = hit
+            report.cached += 1
+        else:
+            todo.append(p)
+    if todo:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(todo), desc="probe", unit="file")
+        with ThreadPoolExecutor(max(1, workers)) as ex:
+            for res in ex.map(probe_video, todo):
+                results[res.path] = res
+                cache.put(res)
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        report.probed = len(todo)
+        cache.save()
+    for p in dict.fromkeys(paths):
+        res = results[p]
+        if res.info is None:
+            report.bad.append(BadFile(p, res.reason, res.detail))
+            continue
+        problem = reader_problem(res.info, reader, min_frames)
+        if problem is not None:
+            report.bad.append(BadFile(p, *problem))
+        else:
+            report.good[p] = res.info
+    return report
+
+
+def fps_fraction(fps: float) -> Fraction:
+    """A small rational close to ``fps`` (for encoders that need a Fraction rate)."""
+    return Fraction(fps).limit_denominator(1001)

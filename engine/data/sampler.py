@@ -1,0 +1,188 @@
+"""Epoch plans: sharding, seeded shuffling, clip windows and augmentation parameters (issue 5).
+
+Everything random about a sample is drawn here, in Python, from a generator keyed by
+``(seed, epoch, position, repeat)``: the temporal window, the RandomResizedCrop box, the flip and the
+random-erasing box. DALI then applies them through argument inputs (``fn.resize`` ROI,
+``fn.flip(horizontal=...)``). So an epoch is reproducible from the seed alone, a resumed loader
+produces exactly the batches an uninterrupted one would have, and the crop statistics are testable.
+(RandAugment is the exception: it runs on DALI's own seeded generator.)
+
+Sharding policy: the epoch order (a seeded permutation, or several concatenated when
+``clips_per_epoch`` exceeds the dataset) is padded at the end with its own first entries to a
+multiple of ``world_size``, then rank r takes positions ``r, r+W, r+2W, ...`` (disjoint shards;
+every sample at least once per epoch, at most ``W-1`` repeats overall). Each rank's last batch is
+padded with repeats of its first items. Padded entries carry ``valid=False``. With ``drop_last`` the
+order is cut to a multiple of ``W`` and incomplete batches are dropped instead (samples missed).
+
+Semantics: pre-/fine-tuning clips start at a uniformly random frame with
+``start + span <= num_frames``; RandomResizedCrop follows torchvision's rule (10 attempts of area
+``U(scale)`` and log-uniform ratio, then a centre crop with the ratio clamped); random erasing
+follows timm's ``RandomErasing`` (area [0.02, 1/3], log ratio [0.3, 1/0.3], one box per clip,
+same box on all frames, per-pixel N(0,1) fill). Test views use SlowFast's rules: clip ``i`` of
+``K`` starts at ``round(i * (num_frames - span) / (K - 1))``; spatial crop ``j`` of 3 takes the
+short-side square at the start / centre / end of the long side (1 crop: centre).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .probe import VideoInfo
+
+
+@dataclass
+class ClipSpec:
+    """One clip to produce: which file, which frames, which crop, which augmentation."""
+
+    index: int
+    """Dataset index of the video."""
+    label: int
+    frames: np.ndarray
+    """Source frame indices, shape (T,), int32."""
+    roi: tuple[float, float, float, float]
+    """Crop box relative to the frame: (y0, x0, y1, x1) in [0, 1]."""
+    flip: bool
+    erase: tuple[int, int, int, int] | None
+    """Random-erasing box in output pixels (top, left, h, w), or None."""
+    view: int
+    """Test view number ``clip * num_crops + crop`` (0 outside test mode)."""
+    valid: bool
+    """False for padding repeats (see module docstring)."""
+
+
+def epoch_order(n: int, epoch: int, seed: int, *, length: int = 0, shuffle: bool = True) -> np.ndarray:
+    """Indices visited in ``epoch``: seeded permutations concatenated to ``length`` (0 = ``n``)."""
+    if n <= 0:
+        raise ValueError("empty dataset: nothing to sample")
+    length = length or n
+    if not shuffle:
+        return np.arange(length, dtype=np.int64) % n
+    rng = np.random.default_rng([seed, epoch, 0x5EED])
+    reps = math.ceil(length / n)
+    return np.concatenate([rng.permutation(n) for _ in range(reps)])[:length].astype(np.int64)
+
+
+def shard_positions(total: int, rank: int, world_size: int, batch_size: int,
+                    drop_last: bool) -> list[list[tuple[int, bool]]]:
+    """Batches of (position in the epoch order, valid) for ``rank`` (policy: module docstring)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    if drop_last:
+        per_rank = total // world_size
+        mine = [(rank + i * world_size, True) for i in range(per_rank)]
+        n_batches = per_rank // batch_size
+        return [mine[b * batch_size:(b + 1) * batch_size] for b in range(n_batches)]
+    per_rank = math.ceil(total / world_size)
+    mine = []
+    for i in range(per_rank):
+        pos = rank + i * world_size
+        mine.append((pos % total, pos < total))
+    n_batches = math.ceil(per_rank / batch_size)
+    batches = []
+    for b in range(n_batches):
+        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        k = 0
+        while len(chunk) < batch_size:  # pad the last batch with this rank's first items
+            chunk.append((mine[k % len(mine)][0], False))
+            k += 1
+        batches.append(chunk)
+    return batches
+
+
+def random_resized_crop(rng: np.random.Generator, height: int, width: int,
+                        scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[float, float, float, float]:
+    """torchvision's RandomResizedCrop box as relative (y0, x0, y1, x1)."""
+    area = height * width
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        ar = math.exp(rng.uniform(*log_r))
+        w = int(round(math.sqrt(target * ar)))
+        h = int(round(math.sqrt(target / ar)))
+        if 0 < w <= width and 0 < h <= height:
+            y = int(rng.integers(0, height - h + 1))
+            x = int(rng.integers(0, width - w + 1))
+            return y / height, x / width, (y + h) / height, (x + w) / width
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    y, x = (height - h) // 2, (width - w) // 2
+    return y / height, x / width, (y + h) / height, (x + w) / width
+
+
+def random_erasing_box(rng: np.random.Generator, size: int, prob: float) -> tuple[int, int, int, int] | None:
+    """timm RandomErasing box (top, left, h, w) on a ``size`` x ``size`` output, or None."""
+    if prob <= 0 or rng.random() >= prob:
+        return None
+    area = size * size
+    log_r = (math.log(0.3), math.log(1 / 0.3))
+    for _ in range(10):
+        target = area * rng.uniform(0.02, 1 / 3)
+        ar = math.exp(rng.uniform(*log_r))
+        h = int(round(math.sqrt(target * ar)))
+        w = int(round(math.sqrt(target / ar)))
+        if w < size and h < size:
+            top = int(rng.integers(0, size - h + 1))
+            left = int(rng.integers(0, size - w + 1))
+            return top, left, h, w
+    return None
+
+
+def square_crop(height: int, width: int, crop: int, num_crops: int) -> tuple[float, float, float, float]:
+    """SlowFast test crop: the short-side square at start/centre/end of the long side."""
+    side = min(height, width)
+    frac = 0.5 if num_crops == 1 else (0.0, 0.5, 1.0)[crop]
+    if width >= height:
+        x = int(round((width - side) * frac))
+        return 0.0, x / width, 1.0, (x + side) / width
+    y = int(round((height - side) * frac))
+    return y / height, 0.0, (y + side) / height, 1.0
+
+
+@dataclass
+class PlanSettings:
+    """What :func:`make_clip` needs to know about the mode."""
+
+    num_frames: int
+    sampling_rate: int
+    crop_size: int
+    train: bool
+    """Random windows and augmentation (else deterministic views)."""
+    scale: tuple[float, float] = (0.5, 1.0)
+    ratio: tuple[float, float] = (0.75, 1.3333)
+    flip: bool = True
+    erase_prob: float = 0.0
+    num_clips: int = 1
+    num_crops: int = 1
+
+
+def clip_frames(num_frames_file: int, start: int, s: PlanSettings) -> np.ndarray:
+    """Frame indices ``start + i*stride`` (T,), clamped to the last frame (a too-short file repeats it)."""
+    idx = start + s.sampling_rate * np.arange(s.num_frames)
+    return np.minimum(idx, max(num_frames_file - 1, 0)).astype(np.int32)
+
+
+def make_clip(s: PlanSettings, index: int, label: int, info: VideoInfo, *, seed: int, epoch: int,
+              position: int, repeat: int, view: int, valid: bool) -> ClipSpec:
+    """The ClipSpec of one sample (random parts keyed by seed, epoch, position, repeat)."""
+    span = (s.num_frames - 1) * s.sampling_rate + 1
+    slack = max(info.num_frames - span, 0)
+    if s.train:
+        rng = np.random.default_rng([seed, epoch, position, repeat, 0xC11B])
+        start = int(rng.integers(0, slack + 1))
+        roi = random_resized_crop(rng, info.height, info.width, s.scale, s.ratio)
+        flip = bool(s.flip and rng.random() < 0.5)
+        erase = random_erasing_box(rng, s.crop_size, s.erase_prob)
+    else:
+        clip, crop = divmod(view, s.num_crops)
+        start = int(round(clip * slack / (s.num_clips - 1))) if s.num_clips > 1 else slack // 2
+        roi = square_crop(info.height, info.width, crop, s.num_crops)
+        flip, erase = False, None
+    return ClipSpec(index=index, label=label, frames=clip_frames(info.num_frames, start, s), roi=roi,
+                    flip=flip, erase=erase, view=view, valid=valid)

@@ -1,0 +1,93 @@
+"""MaskFeat pre-training: clips → masks → model → masked MSE → DeepSpeed step (DESIGN §2, §3).
+
+One step: the loader gives normalised clips (B, C, T, H, W) on the device; masks are drawn on
+the model's output grid (``model.mask_grid(T, H, W)``, e.g. 8×14×14) by
+``models.masking.make_masks`` from a numpy Generator seeded per rank (saved in checkpoints);
+the model computes HOG targets itself and returns the MSE over the masked tokens; the loop in
+``engine/runner.py`` does the rest (LR, non-finite skip, DeepSpeed backward/step, logs,
+checkpoints). Image datasets (``"image"`` (B, C, H, W)) use the image grid and
+``mask.kind=image_block``.
+
+In bf16/fp16 the clips are cast to the engine's dtype before the forward (DeepSpeed keeps the
+module in that dtype); the HOG target is computed by the model from the same input.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from engine.config import Config
+from engine.distributed import DistInfo
+from engine.runner import Run, report_paths, setup_run, train_loop
+
+__all__ = ["create_model", "model_overrides", "build_pretrain_model", "pretrain_step", "run_pretrain"]
+
+
+def create_model(name: str, task: str, num_classes: Optional[int] = None, **overrides) -> nn.Module:
+    """``models.create_model`` (imported late so the engine imports without the models package)."""
+    try:
+        from models import create_model as _create
+    except ImportError:  # models/__init__.py not filled yet
+        from models.variants import create_model as _create
+    return _create(name, task=task, num_classes=num_classes, **overrides)
+
+
+def model_overrides(cfg: Config, task: str) -> dict:
+    """``create_model`` overrides: ``model.overrides``, drop path, and the input geometry of
+    ``data`` (clip length and crop size), so the relative-position tables fit the clips."""
+    from models.variants import get_variant
+
+    v = get_variant(cfg.model.name)
+    kw = dict(cfg.model.overrides)
+    if cfg.model.drop_path is not None:
+        kw.setdefault("pretrain_drop_path_rate" if task == "pretrain" else "drop_path_rate", cfg.model.drop_path)
+    if cfg.data.crop_size != v.img_size:
+        kw.setdefault("img_size", cfg.data.crop_size)
+    if not v.image and cfg.data.num_frames != v.num_frames:
+        kw.setdefault("num_frames", cfg.data.num_frames)
+    return kw
+
+
+def build_pretrain_model(cfg: Config) -> nn.Module:
+    """The MaskFeat pre-training module of ``cfg.model``."""
+    return create_model(cfg.model.name, task="pretrain", **model_overrides(cfg, "pretrain"))
+
+
+def _input(batch: dict) -> torch.Tensor:
+    if "video" in batch:
+        return batch["video"]  # (B, C, T, H, W)
+    if "image" in batch:
+        return batch["image"]  # (B, C, H, W)
+    raise KeyError(f"a batch needs 'video' or 'image'; got keys {sorted(batch)}")
+
+
+def pretrain_step(run: Run, batch: dict) -> torch.Tensor:
+    """Loss of one batch: masks from the rank's Generator, forward through the DeepSpeed engine."""
+    from models.masking import make_masks
+
+    x = _input(batch).to(run.dtype)
+    B = x.shape[0]
+    grid = run.model.mask_grid(*x.shape[2:])  # (T', H', W') or (H', W')
+    mask = make_masks(run.cfg.mask.kind, B, tuple(grid), run.cfg.mask.ratio, run.rng).to(x.device)
+    out = run.engine(x, mask)
+    return out.loss
+
+
+def run_pretrain(cfg: Config, resume: Optional[str] = None) -> dict:
+    """Pre-train according to ``cfg``; returns the loop summary (see ``train_loop``)."""
+    from engine.data import build_loader
+
+    if cfg.mask.kind == "image_block" and cfg.data.dataset != "image_folder":
+        raise ValueError("mask.kind=image_block is for image datasets (data.dataset=image_folder)")
+
+    def loader(dist: DistInfo):
+        return build_loader(cfg.data, "train", rank=dist.rank, world_size=dist.world_size,
+                            device=dist.device, mode="pretrain")
+
+    run = setup_run(cfg, build_model=lambda: build_pretrain_model(cfg), build_loader=loader,
+                    clips_per_rank=lambda _: cfg.data.batch_size, resume=resume, desc="pretrain")
+    summary = train_loop(run, lambda batch: pretrain_step(run, batch))
+    report_paths(run, summary)
+    return summary

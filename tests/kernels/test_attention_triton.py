@@ -1,0 +1,270 @@
+"""Fused Triton relative-position attention (kernels/attention/triton_attn.py) against the reference.
+
+Every case compares three things (STYLE habit 2): the kernel, the same-dtype reference and the
+float64 oracle (``relpos_attention_reference(..., upcast=True)``); the kernel's max error vs the
+oracle must be at most 2× the same-dtype reference's error plus a small tolerance, for the output
+and all six gradients (q, k, v and the three tables). On CPU the kernels run in the Triton
+interpreter (tests/conftest.py) on small grids; the ``gpu`` tests run the MViTv2-L stage shapes
+in bf16 (``bench/gpu_check``: ``pytest -m gpu tests/kernels/test_attention_triton.py``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import pytest
+import torch
+
+from kernels.attention import relpos_attention
+from kernels.attention import triton_attn
+from kernels.attention.reference import rel_table_len, relpos_attention_reference
+from kernels.attention.triton_attn import RelPosAttnConfig, relpos_attention_triton
+
+# small interpreter tiles: 16 forces several (and partial) tiles even at tiny N
+SMALL = RelPosAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1)
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def make_inputs(
+    B: int,
+    nh: int,
+    q_thw: Sequence[int],
+    k_thw: Sequence[int],
+    hd: int,
+    has_cls: bool,
+    dtype: torch.dtype,
+    device="cpu",
+    table_dtype: Optional[torch.dtype] = None,
+    seed: int = 0,
+):
+    """Fresh random leaf tensors (q, k, v, rel_pos_t|None, rel_pos_h, rel_pos_w)."""
+    g = torch.Generator().manual_seed(seed)
+    s = int(has_cls)
+    Nq, Nk = math.prod(q_thw) + s, math.prod(k_thw) + s
+    table_dtype = table_dtype or dtype
+
+    def leaf(*shape, dt=dtype, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dt).requires_grad_()
+
+    q, k, v = leaf(B, nh, Nq, hd), leaf(B, nh, Nk, hd), leaf(B, nh, Nk, hd)
+    tables = [leaf(rel_table_len(q_thw[a], k_thw[a]), hd, dt=table_dtype, std=0.3) for a in range(3)]
+    if q_thw[0] == 1 and k_thw[0] == 1:
+        tables[0] = None
+    return (q, k, v, *tables)
+
+
+def _leaves(inputs):
+    return [x for x in inputs if x is not None]
+
+
+def _run(fn, inputs, grad_out):
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, _leaves(inputs), grad_out)
+    return [out.detach()] + list(grads)
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def check_against_oracle(inputs, q_thw, k_thw, has_cls, config=None, atol_mult=1.0):
+    """Assert kernel error ≤ 2·(same-dtype reference error) + atol for output and all grads."""
+    q = inputs[0]
+    dtype = q.dtype
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(q.shape, generator=g).to(device=q.device, dtype=dtype)
+
+    def kern(*x):
+        return relpos_attention_triton(*x[:3], q_thw, k_thw, *x[3:], has_cls=has_cls, config=config)
+
+    def ref(*x):
+        return relpos_attention_reference(*x[:3], q_thw, k_thw, *x[3:], has_cls=has_cls)
+
+    def oracle(*x):
+        return relpos_attention_reference(*x[:3], q_thw, k_thw, *x[3:], has_cls=has_cls, upcast=True)
+
+    got, same, exact = _run(kern, inputs, grad_out), _run(ref, inputs, grad_out), None
+    # the oracle needs float64 gradients: run it on float64 copies of the leaves
+    inputs64 = [None if x is None else x.detach().double().requires_grad_() for x in inputs]
+    exact = _run(oracle, inputs64, grad_out.double())
+    names = ["out", "dq", "dk", "dv"] + [n for n, x in zip(["drel_t", "drel_h", "drel_w"], inputs[3:]) if x is not None]
+    for name, a, r, o in zip(names, got, same, exact):
+        assert a.dtype == r.dtype and a.shape == r.shape, name
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        err, ref_err = _err(a, o), _err(r, o)
+        tol = 2 * ref_err + atol_mult * ATOL[dtype] * max(1.0, o.abs().max().item())
+        assert err <= tol, f"{name}: kernel error {err:.3g} > 2×reference error {ref_err:.3g} + atol (tol {tol:.3g})"
+
+
+# stride geometries of MViTv2-S/L scaled down: (q_thw, k_thw); the last ones are images (T = 1)
+GEOMETRIES = [
+    ((2, 8, 8), (2, 1, 1)),  # KV stride 8 at the first stage
+    ((2, 8, 8), (2, 2, 2)),  # KV stride 4
+    ((2, 4, 4), (2, 2, 2)),  # stage 2 after a Q pool
+    ((2, 4, 4), (2, 4, 4)),  # KV stride 1 (Nk = 33: two key tiles, one partial)
+    ((2, 2, 2), (2, 2, 2)),  # last stage
+    ((3, 5, 4), (3, 3, 2)),  # non-square, odd
+    ((2, 2, 3), (2, 4, 5)),  # keys finer than queries
+    ((1, 7, 5), (1, 4, 3)),  # image, no temporal table
+    ((1, 6, 6), (1, 6, 6)),  # image self-attention
+]
+
+
+@pytest.mark.parametrize("has_cls", [True, False])
+@pytest.mark.parametrize("q_thw,k_thw", GEOMETRIES)
+def test_fp32_matches_oracle(q_thw, k_thw, has_cls):
+    inputs = make_inputs(2, 2, q_thw, k_thw, 24, has_cls, torch.float32)
+    check_against_oracle(inputs, q_thw, k_thw, has_cls, config=SMALL)
+
+
+@pytest.mark.parametrize("q_thw,k_thw,has_cls", [
+    ((2, 8, 8), (2, 2, 2), True),
+    ((2, 4, 4), (2, 4, 4), False),
+    ((3, 5, 4), (3, 3, 2), True),
+    ((1, 7, 5), (1, 4, 3), True),
+])
+def test_fp16_matches_oracle(q_thw, k_thw, has_cls):
+    inputs = make_inputs(1, 2, q_thw, k_thw, 32, has_cls, torch.float16)
+    check_against_oracle(inputs, q_thw, k_thw, has_cls, config=SMALL)
+
+
+@pytest.mark.parametrize("hd,dtype", [(64, torch.float32), (72, torch.float32), (72, torch.float16),
+                                      (96, torch.float32), (128, torch.float16)])
+def test_head_dims(hd, dtype):
+    """MViTv2 head dims: 72 (L) and 96 (S) pad into a 128-wide row; 128 needs a 256-wide row."""
+    q_thw, k_thw = (2, 4, 3), (2, 2, 3)
+    inputs = make_inputs(1, 1, q_thw, k_thw, hd, True, dtype)
+    check_against_oracle(inputs, q_thw, k_thw, True)
+
+
+def test_default_config_and_query_chunks():
+    """Interpreter default tiles and the split of the dk/dv query loop into 3 chunks (partial sums
+    reduced by torch) give the same gradients as the oracle."""
+    q_thw, k_thw = (2, 6, 6), (2, 3, 3)
+    inputs = make_inputs(1, 2, q_thw, k_thw, 16, True, torch.float32)
+    check_against_oracle(inputs, q_thw, k_thw, True)
+    check_against_oracle(inputs, q_thw, k_thw, True, config=RelPosAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 3))
+
+
+def test_mixed_precision_tables():
+    """fp16 activations with fp32 master tables (as in a bf16/fp16 model): table grads stay fp32."""
+    q_thw, k_thw = (2, 4, 4), (2, 2, 2)
+    inputs = make_inputs(1, 2, q_thw, k_thw, 16, True, torch.float16, table_dtype=torch.float32)
+    out = relpos_attention_triton(*inputs[:3], q_thw, k_thw, *inputs[3:], config=SMALL)
+    out.float().square().sum().backward()
+    assert out.dtype == torch.float16
+    assert all(t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all() for t in inputs[3:])
+    ref = relpos_attention_reference(*[x.detach().double() for x in inputs[:3]], q_thw, k_thw,
+                                     *[x.detach().double() for x in inputs[3:]])
+    assert _err(out, ref) < 5e-3
+
+
+def test_poisoned_buffers(monkeypatch):
+    """Every buffer the kernels write is allocated NaN-filled: no NaN may survive."""
+
+    def nan_empty(*shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(triton_attn, "_empty", nan_empty)
+    q_thw, k_thw = (2, 3, 5), (2, 3, 3)
+    cfg = RelPosAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 2)
+    for has_cls in (True, False):
+        inputs = make_inputs(2, 1, q_thw, k_thw, 20, has_cls, torch.float32)
+        check_against_oracle(inputs, q_thw, k_thw, has_cls, config=cfg)
+
+
+def test_non_contiguous_and_no_grad():
+    q_thw, k_thw = (2, 4, 4), (2, 2, 2)
+    q, k, v, rt, rh, rw = make_inputs(2, 3, q_thw, k_thw, 16, True, torch.float32)
+    # (B, N, nh, hd) storage seen as (B, nh, N, hd), as after a qkv reshape/permute
+    qn, kn, vn = (x.detach().transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    assert not qn.is_contiguous()
+    with torch.no_grad():
+        out = relpos_attention_triton(qn, kn, vn, q_thw, k_thw, rt, rh, rw, config=SMALL)
+        ref = relpos_attention_reference(qn.double(), kn.double(), vn.double(), q_thw, k_thw,
+                                         rt.double(), rh.double(), rw.double())
+    assert _err(out, ref) < 1e-5
+
+
+def test_public_backend_and_scale():
+    q_thw, k_thw = (2, 2, 3), (2, 2, 3)
+    inputs = make_inputs(1, 2, q_thw, k_thw, 16, False, torch.float32)
+    with torch.no_grad():
+        out = relpos_attention(*inputs[:3], q_thw, k_thw, *inputs[3:], has_cls=False, scale=0.3, backend="triton")
+        ref = relpos_attention_reference(*inputs[:3], q_thw, k_thw, *inputs[3:], has_cls=False, scale=0.3, upcast=True)
+    assert _err(out, ref) < 1e-5
+
+
+def test_backward_deterministic():
+    q_thw, k_thw = (2, 6, 6), (2, 3, 3)
+    inputs = make_inputs(1, 2, q_thw, k_thw, 16, True, torch.float32)
+    grad_out = torch.randn(inputs[0].shape)
+    cfg = RelPosAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 3)
+
+    def fn(*x):
+        return relpos_attention_triton(*x[:3], q_thw, k_thw, *x[3:], config=cfg)
+
+    first, second = _run(fn, inputs, grad_out), _run(fn, inputs, grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_bad_inputs():
+    q_thw, k_thw = (2, 2, 2), (2, 2, 2)
+    q, k, v, rt, rh, rw = make_inputs(1, 1, q_thw, k_thw, 16, True, torch.float64)
+    with pytest.raises(ValueError, match="float16, bfloat16 and float32"):
+        relpos_attention_triton(q, k, v, q_thw, k_thw, rt, rh, rw)
+    q, k, v, rt, rh, rw = make_inputs(1, 1, q_thw, k_thw, 16, True, torch.float32)
+    with pytest.raises(ValueError, match="rel_pos_h must be"):
+        relpos_attention_triton(q, k, v, q_thw, k_thw, rt, rh[:-1], rw)
+    with pytest.raises(ValueError, match="q has"):
+        relpos_attention_triton(q, k, v, (2, 2, 3), k_thw, rt, rh, rw)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: MViTv2-L 16×4 stage shapes (DESIGN §6), bf16 operands, fp64 oracle
+# ---------------------------------------------------------------------------------------------
+MVIT_L_STAGES = [  # (q_thw, nh); k_thw (8, 7, 7), hd 72
+    ((8, 56, 56), 2),
+    ((8, 28, 28), 4),
+    ((8, 14, 14), 8),
+    ((8, 7, 7), 16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_thw,nh", MVIT_L_STAGES)
+def test_gpu_mvit_l_bf16(q_thw, nh):
+    inputs = make_inputs(1, nh, q_thw, (8, 7, 7), 72, True, torch.bfloat16, device="cuda", table_dtype=torch.float32)
+    check_against_oracle(inputs, q_thw, (8, 7, 7), True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gpu_other_dtypes(dtype):
+    q_thw, k_thw = (8, 14, 14), (8, 7, 7)
+    inputs = make_inputs(2, 4, q_thw, k_thw, 72, True, dtype, device="cuda")
+    check_against_oracle(inputs, q_thw, k_thw, True, atol_mult=5.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hd,q_thw,k_thw,has_cls", [
+    (96, (8, 28, 28), (8, 7, 7), True),  # MViTv2-S stage 2
+    (64, (1, 56, 56), (1, 7, 7), True),  # image, no temporal table
+    (128, (4, 13, 11), (4, 5, 6), False),  # odd sizes, 256-wide rows
+])
+def test_gpu_head_dims(hd, q_thw, k_thw, has_cls):
+    inputs = make_inputs(2, 2, q_thw, k_thw, hd, has_cls, torch.bfloat16, device="cuda")
+    check_against_oracle(inputs, q_thw, k_thw, has_cls)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_deterministic():
+    q_thw, k_thw = (8, 56, 56), (8, 7, 7)
+    inputs = make_inputs(2, 2, q_thw, k_thw, 72, True, torch.bfloat16, device="cuda")
+    grad_out = torch.randn_like(inputs[0])
+
+    def fn(*x):
+        return relpos_attention_triton(*x[:3], q_thw, k_thw, *x[3:])
+
+    first, second = _run(fn, inputs, grad_out), _run(fn, inputs, grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -1,0 +1,402 @@
+"""End-to-end model tests: exact official parameter counts, MaskFeat pre-training, the classifier,
+official key names and checkpoint loading, backends, reproducibility (DESIGN §3.2–§3.5)."""
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from models.checkpoint import load_backbone_into_classifier, load_state_dict_official
+from models.maskfeat import MaskFeatOutput, pixel_targets
+from models.mvit import resize_rel_pos
+from models.variants import TASKS, VARIANTS, count_parameters, create_model
+
+# Counted from the official SlowFast code (issue 3): K400 400 classes, IN-1K 1000 classes.
+OFFICIAL_COUNTS = {
+    ("mvitv2_s_16x4", "pretrain"): 36_253_356,
+    ("mvitv2_l_16x4", "pretrain"): 217_247_580,
+    ("mvitv2_s_16x4", "classify"): 36_475_120,
+    ("mvitv2_l_16x4", "classify"): 217_578_064,
+    ("vit_b_16", "pretrain"): 85_882_476,
+    ("vit_b_16", "classify"): 86_567_656,
+}
+TINY = ("mvitv2_tiny", "mvitv2_tiny_image", "vit_tiny")
+
+
+def _input(model, batch=2, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    if model.patch_2d:
+        return torch.randn(batch, 3, model.input_size[1], model.input_size[2], generator=g, dtype=dtype)
+    return torch.randn(batch, 3, *model.input_size, generator=g, dtype=dtype)
+
+
+def _mask(model, x, ratio=0.4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    grid = model.mask_grid(*x.shape[2:])
+    m = torch.rand(x.shape[0], *grid, generator=g) < ratio
+    m.view(x.shape[0], -1)[:, 0] = True  # at least one masked token per sample
+    return m
+
+
+def _has_video_hog() -> bool:
+    try:
+        import kernels.hog as hog
+
+        hog.video_hog_targets(torch.zeros(1, 3, 2, 16, 16))
+        return True
+    except Exception:
+        return False
+
+
+# ----------------------------------------------------------------------------- counts
+
+
+def test_parameter_counts_match_official_and_print_all():
+    counts = {}
+    for name in VARIANTS:
+        for task in TASKS:
+            with torch.device("meta"):
+                m = create_model(name, task)
+            counts[(name, task)] = count_parameters(m)
+            print(f"{name:20s} {task:9s} {counts[(name, task)]:>13,d}")
+    for key, want in OFFICIAL_COUNTS.items():
+        assert counts[key] == want, f"{key}: {counts[key]:,} != official {want:,}"
+
+
+def test_big_variants_output_grids_and_meta_forward():
+    """Big variants: geometry on the meta device (no memory, no compute)."""
+    grids = {
+        ("mvitv2_s_16x4", "pretrain"): (8, 14, 14),
+        ("mvitv2_s_16x4", "classify"): (8, 7, 7),
+        ("mvitv2_l_16x4", "pretrain"): (8, 14, 14),
+        ("mvitv2_b_32x3", "classify"): (16, 7, 7),
+        ("mvitv2_l_40x3", "pretrain"): (20, 22, 22),
+        ("mvitv2_l_40x3", "classify"): (20, 11, 11),
+        ("vit_l_16", "pretrain"): (1, 14, 14),
+    }
+    for (name, task), grid in grids.items():
+        with torch.device("meta"):
+            m = create_model(name, task)
+        assert m.token_grid(VARIANTS[name].input_size) == grid
+    with torch.device("meta"):
+        pt = create_model("mvitv2_s_16x4", "pretrain", attn_backend="reference")
+        x = torch.empty(1, 3, 16, 224, 224)
+        tokens, thw = pt.forward_features(x)
+        assert thw == (8, 14, 14) and tokens.shape == (1, 1 + 8 * 14 * 14, 768)
+        assert pt.pred_head(tokens).shape == (1, 8 * 14 * 14, 108)
+        assert pt.mask_grid(16, 224, 224) == (8, 14, 14)
+        vit = create_model("vit_b_16", "pretrain")
+        assert vit.mask_grid(224, 224) == (14, 14)
+
+
+# ----------------------------------------------------------------------------- tiny forward/backward
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_classify_forward_backward(name):
+    torch.manual_seed(0)
+    m = create_model(name, "classify", attn_backend="reference", drop_path_rate=0.1)
+    x = _input(m)
+    logits = m(x)
+    assert logits.shape == (2, VARIANTS[name].num_classes)
+    F.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    for n, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+        assert p.grad.abs().sum() > 0, n
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("target", ["pixel", "hog"])
+def test_tiny_pretrain_forward_backward_and_mask_token_grad(name, target):
+    if target == "hog" and not VARIANTS[name].image and not _has_video_hog():
+        pytest.fail("kernels.hog.video_hog_targets does not run (needed for the video HOG target)")
+    torch.manual_seed(0)
+    m = create_model(name, "pretrain", attn_backend="reference", target=target)
+    x = _input(m)
+    mask = _mask(m, x)
+    out = m(x, mask)
+    assert isinstance(out, MaskFeatOutput)
+    N = math.prod(m.mask_grid(*x.shape[2:]))
+    D = 108 if target == "hog" else 768
+    assert out.pred.shape == out.target.shape == (2, N, D)
+    assert out.mask.shape == (2, N) and out.mask.dtype == torch.bool
+    assert not out.target.requires_grad
+    # loss = mean over all elements of the masked tokens
+    want = (out.pred[out.mask] - out.target[out.mask]).pow(2).mean()
+    torch.testing.assert_close(out.loss, want)
+    out.loss.backward()
+    assert m.mask_token.grad is not None and m.mask_token.grad.abs().sum() > 0
+    for n, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+
+
+def test_bad_mask_and_input_shapes_raise():
+    m = create_model("mvitv2_tiny", "pretrain", attn_backend="reference", target="pixel")
+    x = _input(m)
+    with pytest.raises(ValueError, match="output grid"):
+        m(x, torch.zeros(2, 8, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="output grid"):
+        m(x, torch.zeros(2, 8, 4, 4))  # not bool
+    with pytest.raises(ValueError):
+        m(x[:, :, 0], torch.zeros(2, 4, 4, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------- masking semantics
+
+
+def test_vit_masked_pixels_do_not_reach_predictions():
+    torch.manual_seed(0)
+    m = create_model("vit_tiny", "pretrain", attn_backend="reference", target="pixel").eval()
+    x = _input(m, batch=1)
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    mask[0, 1, 2] = mask[0, 3, 0] = True
+    y = x.clone()
+    y[..., 16:32, 32:48] = torch.randn(1, 3, 16, 16)  # patch (1, 2): masked
+    y[..., 48:64, 0:16] += 5.0  # patch (3, 0): masked
+    with torch.no_grad():
+        a, b = m(x, mask).pred, m(y, mask).pred
+    assert torch.equal(a, b)
+    z = x.clone()
+    z[..., 0:16, 0:16] += 1.0  # visible patch (0, 0): changes predictions
+    with torch.no_grad():
+        assert not torch.allclose(a, m(z, mask).pred)
+
+
+def test_mvit_masked_pixels_beyond_patch_kernel_reach_do_not_reach_predictions():
+    """Patch conv (3,7,7)/(2,4,4)/(1,3,3): embed token (t,h,w) sees frames 2t−1..2t+1 and rows
+    4h−3..4h+3. Masking output tokens t'∈{1,2}, h',w'∈{1,2} masks embed tokens t∈{1,2},
+    h,w∈4..11; pixels only those tokens see are frames 2..4, rows/cols 16..44."""
+    torch.manual_seed(0)
+    m = create_model("mvitv2_tiny", "pretrain", attn_backend="reference", target="pixel").eval()
+    x = _input(m, batch=1)
+    mask = torch.zeros(1, 8, 4, 4, dtype=torch.bool)
+    mask[0, 1:3, 1:3, 1:3] = True
+    y = x.clone()
+    y[:, :, 2:5, 16:45, 16:45] = torch.randn(1, 3, 3, 29, 29)
+    with torch.no_grad():
+        a, b = m(x, mask).pred, m(y, mask).pred
+    assert torch.equal(a, b)
+    # one step outside the region reaches a visible token: predictions change
+    for sl in ((slice(5, 6), slice(16, 45), slice(16, 45)), (slice(2, 5), slice(45, 46), slice(16, 45)),
+               (slice(1, 2), slice(16, 45), slice(16, 45))):
+        z = x.clone()
+        z[:, :, sl[0], sl[1], sl[2]] += 3.0
+        with torch.no_grad():
+            assert not torch.allclose(a, m(z, mask).pred)
+
+
+def test_pixel_target_layout_matches_official():
+    torch.manual_seed(0)
+    video = torch.randn(2, 3, 4, 32, 48)
+    t = pixel_targets(video, 16, temporal_stride=2)  # tokens (t, h, w) = (2, 2, 3)
+    assert t.shape == (2, 12, 768)
+    tok = 1 * 6 + 1 * 3 + 2  # t=1, h=1, w=2
+    patch = video[1, :, 2, 16:32, 32:48].permute(1, 2, 0).reshape(-1)  # (py, px, c)
+    want = (patch - patch.mean()) / (patch.var() + 1e-6) ** 0.5
+    torch.testing.assert_close(t[1, tok], want)
+    img = torch.randn(2, 3, 32, 32)
+    ti = pixel_targets(img, 16)
+    patch = img[0, :, 16:32, 0:16].reshape(-1)  # (c, py, px)
+    torch.testing.assert_close(ti[0, 2], (patch - patch.mean()) / (patch.var() + 1e-6) ** 0.5)
+
+
+def test_hog_target_uses_strided_frames_and_raw_frames_path():
+    if not _has_video_hog():
+        pytest.fail("kernels.hog.video_hog_targets does not run (needed for the video HOG target)")
+    import kernels.hog as hog
+
+    torch.manual_seed(0)
+    m = create_model("mvitv2_tiny", "pretrain", attn_backend="reference")
+    frames = torch.randint(0, 256, (2, 3, 16, 64, 64), dtype=torch.uint8)
+    mean = torch.tensor([0.45, 0.45, 0.45]).view(1, 3, 1, 1, 1) * 255
+    video = (frames.float() - mean) / (0.225 * 255)
+    mask = _mask(m, video)
+    out = m(video, mask, frames=frames)
+    per_frame = hog.hog_targets(frames[:, :, ::2].transpose(1, 2).reshape(16, 3, 64, 64), token_stride=16)
+    torch.testing.assert_close(out.target, per_frame.reshape(2, 8 * 16, 108))
+    # HOG of the normalised video equals HOG of raw frames up to eps/rounding
+    out_norm = m(video, mask)
+    assert (out_norm.target - out.target).abs().mean() < 1e-3
+
+
+# ----------------------------------------------------------------------------- backends, reproducibility
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_reference_and_sdpa_backends_agree(task):
+    pytest.importorskip("kernels.attention.sdpa")
+    torch.manual_seed(0)
+    m = create_model("mvitv2_tiny", task, attn_backend="reference", target="pixel").double()
+    x = _input(m, dtype=torch.float64)
+    mask = _mask(m, x) if task == "pretrain" else None
+
+    def run():
+        m.zero_grad()
+        out = m(x, mask).loss if task == "pretrain" else m(x).square().sum()
+        out.backward()
+        return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    ref, gref = run()
+    m.set_attn_backend("sdpa")
+    got, ggot = run()
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    for n in gref:
+        torch.testing.assert_close(ggot[n], gref[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_seeded_construction_and_forward_are_reproducible():
+    def build():
+        torch.manual_seed(123)
+        return create_model("mvitv2_tiny", "pretrain", attn_backend="reference", target="pixel")
+
+    a, b = build(), build()
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    x = _input(a)
+    mask = _mask(a, x)
+    oa, ob = a(x, mask), b(x, mask)
+    assert torch.equal(oa.pred, ob.pred) and torch.equal(oa.loss, ob.loss)
+    torch.manual_seed(124)
+    c = create_model("mvitv2_tiny", "pretrain", attn_backend="reference", target="pixel")
+    assert not torch.equal(c.state_dict()["blocks.0.attn.qkv.weight"], sa["blocks.0.attn.qkv.weight"])
+
+
+def test_blocks_can_be_checkpointed_from_outside():
+    """The engine wraps ``blocks[i]``; ``block(x, thw) -> (x, thw)`` is a pure function."""
+
+    class Ckpt(nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x, thw):
+            return torch.utils.checkpoint.checkpoint(self.module, x, thw, use_reentrant=False)
+
+    torch.manual_seed(0)
+    m = create_model("mvitv2_tiny", "classify", attn_backend="reference")
+    x = _input(m)
+    ref = m(x)
+    ref.square().sum().backward()
+    gref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    for i in range(len(m.backbone.blocks)):
+        m.backbone.blocks[i] = Ckpt(m.backbone.blocks[i])
+    out = m(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, gref[n.replace(".module.", ".")], msg=n)
+    m.set_attn_backend("reference")  # reaches through the wrappers
+    assert m.token_grid(m.input_size) == (8, 2, 2)
+
+
+# ----------------------------------------------------------------------------- official keys, loading
+
+
+def _official_tiny_keys(task: str) -> set:
+    """Official MaskMViT/MViT key names for mvitv2_tiny (4 blocks, width x2 at blocks 1, 2, 3,
+    DIM_MUL_IN_ATT False so blocks 0, 1, 2 carry the shortcut ``proj``; every block pools Q/K/V)."""
+    keys = {"patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token"}
+    for i in range(4):
+        b = f"blocks.{i}."
+        keys |= {b + f"{n}.{p}" for n in ("norm1", "norm2", "mlp.fc1", "mlp.fc2", "attn.qkv", "attn.proj") for p in ("weight", "bias")}
+        keys |= {b + f"attn.pool_{n}.weight" for n in "qkv"}
+        keys |= {b + f"attn.norm_{n}.{p}" for n in "qkv" for p in ("weight", "bias")}
+        keys |= {b + f"attn.rel_pos_{n}" for n in "thw"}
+        if i < 3:
+            keys |= {b + "proj.weight", b + "proj.bias"}
+    if task == "pretrain":
+        keys |= {"mask_token", "pred_head.transforms.0.0.weight", "pred_head.transforms.0.0.bias",
+                 "pred_head.projections.0.weight", "pred_head.projections.0.bias"}
+    else:
+        keys |= {"norm.weight", "norm.bias", "head.projection.weight", "head.projection.bias"}
+    return keys
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_state_dict_keys_are_official_and_load_strictly(task):
+    torch.manual_seed(0)
+    m = create_model("mvitv2_tiny", task, attn_backend="reference")
+    assert set(m.state_dict()) == _official_tiny_keys(task)
+    torch.manual_seed(1)
+    src = create_model("mvitv2_tiny", task, attn_backend="reference")
+    ckpt = {"epoch": 1, "model_state": {"module." + k: v for k, v in src.state_dict().items()}, "cfg": ""}
+    rep = load_state_dict_official(m, ckpt, strict=True)
+    assert rep.missing == [] and rep.unexpected == [] and rep.resized == []
+    for k, v in src.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
+    bad = dict(src.state_dict())
+    bad["blocks.0.attn.extra"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="Unexpected"):
+        load_state_dict_official(m, bad, strict=True)
+
+
+def test_official_shapes_of_s16x4_pretrain_keys():
+    with torch.device("meta"):
+        m = create_model("mvitv2_s_16x4", "pretrain")
+    sd = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert sd["patch_embed.proj.weight"] == (96, 3, 3, 7, 7)
+    assert sd["cls_token"] == (1, 1, 96) and sd["mask_token"] == (1, 1, 96)
+    assert sd["blocks.1.attn.pool_q.weight"] == (96, 1, 3, 3, 3)
+    assert sd["blocks.14.attn.pool_q.weight"] == (96, 1, 3, 3, 3)  # stride 1 in PT, kept
+    assert sd["blocks.0.attn.rel_pos_h"] == (111, 96) and sd["blocks.0.attn.rel_pos_t"] == (15, 96)
+    assert sd["pred_head.transforms.0.0.weight"] == (768,)
+    assert sd["pred_head.projections.0.weight"] == (108, 768)
+    assert "norm.weight" not in sd and "head.projection.weight" not in sd
+    assert len(m.blocks) == 16  # PRETRAIN_DEPTH 15 keeps blocks 0..15
+
+
+def test_pretrain_depth_truncates_blocks():
+    m = create_model("mvitv2_tiny", "pretrain", attn_backend="reference", pretrain_depth=2, target="pixel")
+    assert len(m.blocks) == 3
+    x = _input(m)
+    assert m(x, _mask(m, x)).pred.shape == (2, 8 * 4 * 4, 768)
+
+
+def test_classifier_loads_pretrain_backbone_with_resized_tables():
+    """depth 5: block 4 follows the last stage, so its tables differ between PT (q 4x4, kv 2x2:
+    7 rows) and FT (q 2x2, kv 2x2: 3 rows) and are linearly interpolated."""
+    torch.manual_seed(0)
+    pt = create_model("mvitv2_tiny", "pretrain", attn_backend="reference", depth=5)
+    ft = create_model("mvitv2_tiny", "classify", attn_backend="reference", depth=5)
+    head_before = ft.head.projection.weight.clone()
+    rep = load_backbone_into_classifier(ft, {"model_state": pt.state_dict()})
+    assert sorted(rep.missing) == ["head.projection.bias", "head.projection.weight", "norm.bias", "norm.weight"]
+    assert rep.unexpected == []
+    assert sorted(rep.resized) == ["blocks.4.attn.rel_pos_h", "blocks.4.attn.rel_pos_w"]
+    assert pt.blocks[4].attn.rel_pos_h.shape[0] == 7 and ft.blocks[4].attn.rel_pos_h.shape[0] == 3
+    torch.testing.assert_close(ft.blocks[4].attn.rel_pos_h, resize_rel_pos(pt.blocks[4].attn.rel_pos_h, 3))
+    psd, fsd = pt.state_dict(), ft.state_dict()
+    for k in fsd:
+        if k in psd and k not in rep.resized:
+            assert torch.equal(fsd[k], psd[k]), k
+    assert torch.equal(ft.head.projection.weight, head_before)
+    assert ft(_input(ft)).shape == (2, 10)
+
+
+def test_vit_classifier_loads_pos_embed_at_new_resolution():
+    torch.manual_seed(0)
+    pt = create_model("vit_tiny", "pretrain", attn_backend="reference")
+    ft = create_model("vit_tiny", "classify", attn_backend="reference", img_size=96)
+    rep = load_backbone_into_classifier(ft, pt.state_dict())
+    assert rep.resized == ["pos_embed"] and ft.pos_embed.shape == (1, 1 + 36, 64)
+    torch.testing.assert_close(ft.pos_embed[:, 0], pt.pos_embed[:, 0])
+    assert ft(torch.randn(1, 3, 96, 96)).shape == (1, 10)
+
+
+def test_create_model_errors_name_closest_choices():
+    with pytest.raises(ValueError, match="mvitv2_s_16x4"):
+        create_model("mvitv2_s16x4")
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        create_model("mvitv2_tiny", "classify", drop_path=0.1)
+    with pytest.raises(ValueError, match="task"):
+        create_model("mvitv2_tiny", "finetune")
+    with pytest.raises(ValueError, match="target"):
+        create_model("mvitv2_tiny", "pretrain", target="depth")
+    with pytest.raises(ValueError, match="num_classes"):
+        create_model("mvitv2_tiny", "pretrain", num_classes=10)
+    m = create_model("mvitv2_tiny", "classify", num_classes=7, attn_backend="reference")
+    assert m.head.projection.out_features == 7

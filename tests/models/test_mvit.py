@@ -1,0 +1,164 @@
+"""MViTv2 building blocks against the official SlowFast semantics (DESIGN §3.4).
+
+Expected values are derived by hand from the official configs and code (pooling schedule, table
+sizes, widths), not read back from our implementation.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.mvit import (
+    MultiScaleBlock,
+    attention_pool,
+    pooling_schedule,
+    resize_rel_pos,
+    round_width,
+)
+from models.variants import create_model
+
+
+def test_round_width_official_examples():
+    assert round_width(96, 2.0) == 192
+    assert round_width(1, 2.0) == 2
+    assert round_width(144, 2.0, divisor=4) == 288
+    assert round_width(96, 1.0, divisor=2) == 96
+    assert round_width(10, 1.5, divisor=4) == 16  # 15 -> int(17)//4*4 = 16
+
+
+def test_pooling_schedule_s16x4_kv_adaptive():
+    """KV stride starts at [1,8,8] and is divided by each Q stride (FT: stages at 1, 3, 14)."""
+    q = [[i, 1, 1, 1] for i in range(16)]
+    for b in (1, 3, 14):
+        q[b] = [b, 1, 2, 2]
+    kq, sq, kkv, skv = pooling_schedule(16, q, (3, 3, 3), (1, 8, 8))
+    want_kv = [[1, 8, 8]] + [[1, 4, 4]] * 2 + [[1, 2, 2]] * 11 + [[1, 1, 1]] * 2
+    assert skv == want_kv
+    assert all(k == [3, 3, 3] for k in kq + kkv)
+    assert sq[1] == [1, 2, 2] and sq[0] == [1, 1, 1]
+
+
+def test_pooling_schedule_default_kernel_and_missing_entries():
+    kq, sq, kkv, skv = pooling_schedule(3, [[1, 1, 2, 2]], None, None, [[0, 1, 4, 4], [1, 1, 2, 2]])
+    assert kq == [[], [1, 3, 3], []] and sq == [[], [1, 2, 2], []]
+    assert kkv == [[1, 5, 5], [1, 3, 3], []] and skv == [[1, 4, 4], [1, 2, 2], []]
+    with pytest.raises(ValueError, match="block 5"):
+        pooling_schedule(3, [[5, 1, 2, 2]], None, None)
+
+
+def _table_lengths(model):
+    return [(b.attn.rel_pos_t.shape[0], b.attn.rel_pos_h.shape[0], b.attn.rel_pos_w.shape[0]) for b in model.blocks]
+
+
+def test_rel_pos_table_sizes_s16x4_finetune_and_pretrain():
+    """Official sizing 2·max(size//stride_q, size//stride_kv) − 1 from each block's nominal input."""
+    with torch.device("meta"):
+        ft = create_model("mvitv2_s_16x4", "classify")
+        pt = create_model("mvitv2_s_16x4", "pretrain")
+    # input sizes: 56 (block 0,1), 28 (2,3), 14 (4..14), 7 (15, FT only)
+    want_ft = [111, 55, 55] + [27] * 12 + [13]
+    want_pt = [111, 55, 55] + [27] * 13
+    assert [h for _, h, _ in _table_lengths(ft)] == want_ft
+    assert [w for _, _, w in _table_lengths(ft)] == want_ft
+    assert [h for _, h, _ in _table_lengths(pt)] == want_pt
+    assert all(t == 15 for t, _, _ in _table_lengths(ft) + _table_lengths(pt))
+    # head dim 96 in every block (heads double with the width)
+    assert {b.attn.rel_pos_h.shape[1] for b in ft.blocks} == {96}
+
+
+def test_widths_dim_mul_in_att_false_vs_true():
+    """MaskFeat (False): block before a stage outputs the new width through its MLP and shortcut
+    projection; supervised (True): the stage's first block's attention projects to it."""
+    with torch.device("meta"):
+        s = create_model("mvitv2_s_16x4", "classify")
+        b = create_model("mvitv2_b_32x3", "classify")
+    sd = {k: v.shape for k, v in s.state_dict().items()}
+    assert sd["blocks.0.attn.qkv.weight"] == (288, 96)
+    assert sd["blocks.0.mlp.fc1.weight"] == (384, 96)
+    assert sd["blocks.0.mlp.fc2.weight"] == (192, 384)
+    assert sd["blocks.0.proj.weight"] == (192, 96)
+    assert sd["blocks.1.attn.qkv.weight"] == (576, 192)
+    assert "blocks.1.proj.weight" not in sd
+    assert sd["blocks.15.mlp.fc2.weight"] == (768, 3072)
+    bd = {k: v.shape for k, v in b.state_dict().items()}
+    assert bd["blocks.2.attn.qkv.weight"] == (576, 96)  # att_dim = dim_out = 192
+    assert bd["blocks.2.proj.weight"] == (192, 96)
+    assert bd["blocks.2.mlp.fc1.weight"] == (768, 192)
+    assert "blocks.1.proj.weight" not in bd
+
+
+def test_resize_rel_pos_matches_linear_interpolation():
+    table = torch.tensor([[0.0, 10.0], [1.0, 20.0], [2.0, 40.0]])
+    out = resize_rel_pos(table, 5)
+    # align_corners=False: src = (i + 0.5)·3/5 − 0.5, clamped to [0, 2]
+    src = torch.tensor([0.0, 0.4, 1.0, 1.6, 2.0])
+    lo = src.floor().long().clamp(max=1)
+    frac = src - lo
+    want = table[lo] * (1 - frac[:, None]) + table[lo + 1] * frac[:, None]
+    torch.testing.assert_close(out, want)
+    assert resize_rel_pos(table, 3) is table
+    down = resize_rel_pos(torch.randn(27, 8), 13)
+    assert down.shape == (13, 8)
+    with pytest.raises(ValueError):
+        resize_rel_pos(torch.randn(3), 5)
+
+
+def test_attention_pool_norm_sees_cls_token():
+    torch.manual_seed(0)
+    B, nh, T, H, W, C = 2, 3, 2, 4, 4, 8
+    x = torch.randn(B, nh, 1 + T * H * W, C)
+    pool = nn.Conv3d(C, C, 3, stride=(1, 2, 2), padding=1, groups=C, bias=False)
+    norm = nn.LayerNorm(C, eps=1e-6)
+    with torch.no_grad():
+        norm.bias.normal_()
+    out, thw = attention_pool(x, pool, (T, H, W), True, norm)
+    assert thw == (2, 2, 2)
+    grid = x[:, :, 1:].reshape(B * nh, T, H, W, C).permute(0, 4, 1, 2, 3)
+    pooled = pool(grid).reshape(B, nh, C, -1).transpose(2, 3)
+    want = norm(torch.cat([x[:, :, :1], pooled], dim=2))
+    torch.testing.assert_close(out, want)
+    # cls row went through the norm too
+    torch.testing.assert_close(out[:, :, 0], norm(x[:, :, 0]))
+
+
+def test_block_residual_pooling_and_skip_pool():
+    """Residual pooling adds pooled q to non-cls outputs only; skip path is max-pooled (3,3)/2."""
+    torch.manual_seed(0)
+    kw = dict(dim=16, dim_out=16, num_heads=2, input_size=(2, 8, 8), kernel_q=(3, 3, 3), kernel_kv=(3, 3, 3),
+              stride_q=(1, 2, 2), stride_kv=(1, 2, 2), attn_backend="reference")
+    blk = MultiScaleBlock(**kw)
+    assert isinstance(blk.pool_skip, nn.MaxPool3d) and blk.pool_skip.kernel_size == [1, 3, 3]
+    x = torch.randn(2, 1 + 2 * 64, 16)
+    y, thw = blk(x, (2, 8, 8))
+    assert thw == (2, 4, 4) and y.shape == (2, 1 + 32, 16)
+    # residual pooling on/off differ by proj(pooled q) on non-cls tokens only
+    blk_nr = MultiScaleBlock(**kw, residual_pooling=False)
+    blk_nr.load_state_dict(blk.state_dict())
+    a, _ = blk.attn(blk.norm1(x), (2, 8, 8))
+    b, _ = blk_nr.attn(blk.norm1(x), (2, 8, 8))
+    torch.testing.assert_close(a[:, 0], b[:, 0])
+    assert not torch.allclose(a[:, 1:], b[:, 1:])
+
+
+def test_official_init_values():
+    torch.manual_seed(0)
+    m = create_model("mvitv2_tiny", "classify", attn_backend="reference")
+    blk = m.blocks[0]
+    assert torch.all(blk.attn.qkv.bias == 0.02) and torch.all(blk.mlp.fc1.bias == 0.02)
+    assert torch.all(blk.norm1.bias == 0.02) and torch.all(blk.norm1.weight == 1.0)
+    assert torch.all(blk.attn.norm_q.bias == 0.02)
+    assert blk.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.15)
+    # nn.init.trunc_normal_(std=0.02) truncates at ±2 in absolute units (official call): i.e. a
+    # plain normal at this std, values beyond 2σ do occur
+    assert blk.attn.qkv.weight.abs().max().item() > 0.04
+    assert torch.allclose(m.head.projection.bias, torch.full_like(m.head.projection.bias, 0.02 * 0.001))
+    assert m.head.projection.weight.std().item() == pytest.approx(0.02 * 0.001, rel=0.3)
+    assert torch.all(m.norm.bias == 0.02)
+    # drop path increases linearly to the recipe value (tiny: 0 -> 0.0 here); S FT: 0 .. 0.1
+    with torch.device("meta"):
+        s = create_model("mvitv2_s_16x4", "classify")
+    probs = [getattr(b.drop_path, "drop_prob", 0.0) for b in s.blocks]
+    assert probs[0] == 0.0 and probs[-1] == pytest.approx(0.1)
+    assert probs == pytest.approx([0.1 * i / 15 for i in range(16)])
