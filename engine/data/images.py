@@ -91,9 +91,9 @@ class ImageLoader:
                 "rank": self.rank, "world_size": self.world_size, "num_batches": len(self)}
 
     def load_state_dict(self, state: dict) -> None:
-        if int(state.get("world_size", self.world_size)) != self.world_size:
-            raise ValueError("loader state was saved with another world size")
         self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
+        if int(state.get("world_size", self.world_size)) != self.world_size or state.get("seed", self.cfg.seed) != self.cfg.seed:
+            self.batches_consumed = 0  # positions do not map across world sizes/seeds: restart the epoch
 
     def _pipeline(self, feeder, batch_size: int):
         import nvidia.dali.fn as fn

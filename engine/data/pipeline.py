@@ -15,7 +15,9 @@ per-sample frame indices from the feeder (``sampler.py``), which keeps both exac
 (DALI 2.4 CPU): ``fn.decoders.video`` with ``frames=`` per-sample argument input works on CPU for
 VP9/MJPEG; ``fn.resize`` with per-sample relative ROI, ``fn.flip``, ``rand_augment`` and
 ``fn.crop_mirror_normalize`` to ``CFHW`` accept (F, H, W, C) sequences and apply the same
-parameters to every frame of a sample. Known limit: the ``gpu`` path is untested on this CPU
+parameters to every frame of a sample. Also measured: DALI's CPU decoder is 2-3x slower than PyAV
+on the same VP9 clips (bench/results/data_cpu_*.md; ``fn.experimental.readers.video`` is as slow),
+so ``reader=auto`` uses PyAV on CPU. Known limit: the ``gpu`` path is untested on this CPU
 machine (the GPU validation machine has no DALI).
 
 Augmentation graph (same after every decoder): ``fn.resize`` of the relative ROI to

@@ -118,6 +118,8 @@ def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int =
     for ds in splits.values():
         for p in ds.paths:
             rel = os.path.relpath(p, src)
+            if rel.startswith(".."):  # listed outside SRC: keep it inside DST
+                rel = os.path.join("external", rel.replace("..", "up").lstrip(os.sep))
             mapping[p] = os.path.splitext(rel)[0] + ext
     todo = [(p, os.path.join(dst, rel), codec, short_side, fps, gop) for p, rel in mapping.items()
             if not os.path.isfile(os.path.join(dst, rel))]

@@ -22,7 +22,6 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from typing import Sequence
 
 import av
@@ -269,8 +268,3 @@ def validate_files(paths: Sequence[str], *, reader: str = "pyav", min_frames: in
         else:
             report.good[p] = res.info
     return report
-
-
-def fps_fraction(fps: float) -> Fraction:
-    """A small rational close to ``fps`` (for encoders that need a Fraction rate)."""
-    return Fraction(fps).limit_denominator(1001)

@@ -126,9 +126,8 @@ def test_probe_cache_keyed_by_size_and_mtime(clips, tmp_path):
 def test_list_dataset_bad_files_error_or_skip(clips, tmp_path):
     root = clips["dir"]
     lines = ["clip.webm 0", "clip.avi 1", "empty.mp4 0", "missing.mp4 1", "text.mp4 1"]
-    (tmp_path / "train.csv").write_text("\n".join(os.path.join(root, l) if False else
-                                                  f"{os.path.join(root, l.split()[0])} {l.split()[1]}"
-                                                  for l in lines) + "\n")
+    (tmp_path / "train.csv").write_text("".join(f"{os.path.join(root, name)} {label}\n"
+                                                for name, label in (l.split() for l in lines)))
     cfg = cfg_for(str(tmp_path), dataset="kinetics")
     with pytest.raises(BadDatasetError) as e:
         validate_dataset(cfg, "train")
@@ -138,7 +137,7 @@ def test_list_dataset_bad_files_error_or_skip(clips, tmp_path):
     check = validate_dataset(cfg_for(str(tmp_path), dataset="kinetics", on_bad_file="skip"), "train")
     assert [os.path.basename(p) for p in check.dataset.paths] == ["clip.webm", "clip.avi"]
     assert check.dataset.labels == [0, 1] and len(check.report.bad) == 3
-    assert check.reader == "cpu"  # VP9 + MJPEG on CPU -> DALI CPU decoder
+    assert check.reader == "pyav"  # auto on CPU
 
 
 # ---- loader: pre-training ----------------------------------------------------------------------
@@ -264,6 +263,9 @@ def test_resume_mid_epoch_gives_the_remaining_batches(clips):
     assert len(rest) == 3
     for x, y in zip(rest, ref[2:]):
         assert torch.equal(x["index"], y["index"]) and torch.allclose(x["video"], y["video"])
+    other = build_loader(cfg, "train")
+    other.load_state_dict({**state, "world_size": 2})  # positions do not map: the epoch restarts
+    assert other.state_dict()["batches_consumed"] == 0 and other.state_dict()["epoch"] == 3
 
 
 # ---- fine-tuning and test modes ----------------------------------------------------------------
@@ -310,7 +312,7 @@ def test_prepare_tool_on_a_folder_and_check(clips, tmp_path, capsys):
     mtime = os.stat(dst / "cat" / "v0.webm").st_mtime_ns
     assert prepare_main([clips["folder_h264"], str(dst)]) == 0  # resumable: done outputs skipped
     assert os.stat(dst / "cat" / "v0.webm").st_mtime_ns == mtime
-    loader = build_loader(cfg_for(str(dst), dataset="kinetics", crop_size=16), "train")
+    loader = build_loader(cfg_for(str(dst), dataset="kinetics", crop_size=16, reader="cpu"), "train")
     assert loader.reader == "cpu" and loader.class_names == ["apple", "bird", "cat"]
     assert next(iter(loader))["video"].shape == (4, 3, 4, 16, 16)
     vfr_out = tmp_path / "vfr.webm"
@@ -330,7 +332,7 @@ def test_demo_dataset_idempotent_and_loadable(tmp_path):
     names = sorted(os.listdir(os.path.join(root, "clips")))
     assert names == ["bigbuckbunny.webm", "bikes.webm", "carphone_pristine.webm"]
     cfg = DataConfig(root=root, dataset="demo", num_frames=8, sampling_rate=4, crop_size=64, batch_size=4,
-                     clips_per_epoch=8, cache_dir=str(tmp_path))
+                     clips_per_epoch=8, cache_dir=str(tmp_path), reader="cpu")
     loader = build_loader(cfg, "train")
     assert loader.reader == "cpu" and len(loader) == 2 and loader.num_classes == 3
     for b in loader:
