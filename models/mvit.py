@@ -303,8 +303,6 @@ class MultiScaleAttention(nn.Module):
             kernel_q = ()
         if math.prod(kernel_kv) == 1 and math.prod(stride_kv) == 1:
             kernel_kv = ()
-        self.stride_q = tuple(stride_q) if len(kernel_q) else (1, 1, 1)
-        self.stride_kv = tuple(stride_kv) if len(kernel_kv) else (1, 1, 1)
 
         def pool(kernel: Sequence[int], stride: Sequence[int]) -> Optional[nn.Conv3d]:
             if len(kernel) == 0:

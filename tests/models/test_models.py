@@ -1,6 +1,5 @@
 """End-to-end model tests: exact official parameter counts, MaskFeat pre-training, the classifier,
 official key names and checkpoint loading, backends, reproducibility (DESIGN §3.2–§3.5)."""
-import importlib
 import math
 
 import pytest
@@ -400,3 +399,20 @@ def test_create_model_errors_name_closest_choices():
         create_model("mvitv2_tiny", "pretrain", num_classes=10)
     m = create_model("mvitv2_tiny", "classify", num_classes=7, attn_backend="reference")
     assert m.head.projection.out_features == 7
+
+
+@pytest.mark.parametrize("overrides", [{"dim_mul_in_att": True}, {"img_size": 112}], ids=["dim_mul_in_att", "112px"])
+def test_tiny_mvit_other_modes_forward_backward(overrides):
+    """Supervised-style width change in attention; a resolution whose pooled grids differ from the
+    nominal table sizes (tables interpolated at run time like the official ``get_rel_pos``)."""
+    torch.manual_seed(0)
+    m = create_model("mvitv2_tiny", "classify", attn_backend="reference", **overrides)
+    x = _input(m, batch=1)
+    logits = m(x)
+    assert logits.shape == (1, 10) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+    if overrides.get("dim_mul_in_att"):
+        assert m.blocks[1].attn.qkv.weight.shape == (3 * 64, 32) and m.blocks[1].proj.weight.shape == (64, 32)
+    else:
+        assert m.token_grid(m.input_size) == (8, 4, 4)

@@ -3,12 +3,10 @@
 Expected values are derived by hand from the official configs and code (pooling schedule, table
 sizes, widths), not read back from our implementation.
 """
-import math
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from models.mvit import (
     MultiScaleBlock,
