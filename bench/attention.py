@@ -90,15 +90,16 @@ class Shape:
         return f"MViTv2-{self.model} s{self.stage} B{self.B} nh{self.nh} Nq{self.Nq} Nk{self.Nk} hd{self.hd}"
 
 
-def stage_shapes(models: list[str], device: torch.device) -> list[Shape]:
-    """The MViTv2 16×4 stage shapes; on CPU only the two smallest stages with B=1."""
+def stage_shapes(models: list[str], device: torch.device, batch: Optional[int] = None) -> list[Shape]:
+    """The MViTv2 16×4 stage shapes; on CPU only the two smallest stages with B=1 (``batch``
+    overrides B)."""
     shapes = []
     for model in models:
         cfg = MODELS[model]
         for stage, (q_thw, nh) in enumerate(zip(Q_GRIDS, cfg["heads"]), start=1):
             if device.type == "cpu" and stage < 3:
                 continue
-            B = 4 if device.type == "cuda" else 1
+            B = batch or (4 if device.type == "cuda" else 1)
             shapes.append(Shape(model, stage, B, nh, cfg["hd"], q_thw, K_GRID))
     return shapes
 
@@ -278,7 +279,8 @@ def time_ms(call: Callable, leaves: list, device: torch.device, quick: bool) -> 
     times: list[float] = []
     budget = 0.3 if quick else 1.0
     t_start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - t_start < budget and len(times) < 50):
+    min_reps = 3 if quick else 5
+    while len(times) < min_reps or (time.perf_counter() - t_start < budget and len(times) < 50):
         for x in leaves:
             x.grad = None
         t0 = time.perf_counter()
@@ -376,7 +378,7 @@ def write_report(out_dir: Path, stem: str, meta: dict, results: list[dict], skip
         f"{_fmt(dev.get('load_average_1min'), '.1f')} (a loaded CPU makes times noisy)",
         f"- dtype {meta['dtype']} (tables fp32), cls token on, k grid {K_GRID}; timing: {meta['timing']}",
         f"- FLOPs: {meta['flop_formula']}",
-        "- ms: median; TFLOP/s from that count; peak: extra allocated memory of one call (MiB); "
+        "- ms: median (p20: 20 % quantile, less sensitive to a busy host); TFLOP/s from that count; peak: extra allocated memory of one call (MiB); "
         "×ref / ×best: speed-up vs reference / vs the fastest other non-reference provider; "
         "err: max|Δ|/max|oracle| of the output (and of the worst gradient for fwd+bwd).",
         "",
@@ -389,25 +391,23 @@ def write_report(out_dir: Path, stem: str, meta: dict, results: list[dict], skip
         if not rows:
             continue
         lines += [f"## {'forward' if pass_ == 'fwd' else 'forward + backward'}", ""]
-        lines += ["| shape | provider | ms | TFLOP/s | % peak | peak MiB | ×ref | ×best | err out | err grad | ok |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| shape | provider | ms | p20 ms | TFLOP/s | % peak | peak MiB | ×ref | ×best | err out | err grad | ok |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(
-                f"| {r['shape']} | {r['provider']} | {r['ms']:.3f} | {r['tflops']:.3g} | {_fmt(r['pct_peak'], '.1f')} "
+                f"| {r['shape']} | {r['provider']} | {r['ms']:.3f} | {r['ms_p20']:.3f} | {r['tflops']:.3g} | {_fmt(r['pct_peak'], '.1f')} "
                 f"| {_fmt(r['peak_mib'], '.0f')} | {_fmt(r['x_vs_reference'], '.2f')} | {_fmt(r['x_vs_best_other'], '.2f')} "
                 f"| {r['err_out']:.1e} | {_fmt(r['err_grad'], '.1e')} | {'yes' if r['ok'] else 'NO'} |"
             )
         lines.append("")
     if skipped:
         lines += ["## Skipped", ""]
-        seen = set()
+        grouped: dict[tuple, list] = {}
         for sk in skipped:
-            key = (sk["provider"], sk["pass"], sk["reason"])
-            if key in seen:
-                continue
-            seen.add(key)
-            where = sk["shape"] or "all shapes"
-            lines.append(f"- {sk['provider']} ({sk['pass']}, {where}): {sk['reason']}")
+            grouped.setdefault((sk["provider"], sk["pass"], sk["reason"]), []).append(sk["shape"])
+        for (prov, pass_, reason), where in grouped.items():
+            shapes_txt = "all shapes" if None in where else (where[0] if len(where) == 1 else f"{len(where)} shapes")
+            lines.append(f"- {prov} ({pass_}, {shapes_txt}): {reason}")
         lines.append("")
     mpath.write_text("\n".join(lines))
     return jpath, mpath
@@ -474,6 +474,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--quick", action="store_true", help="shorter timing; flex only for MViTv2-L (compile time)")
     ap.add_argument("--model", choices=["L", "S", "all"], default="all")
     ap.add_argument("--pass", dest="pass_", choices=["fwd", "fwdbwd", "all"], default="all")
+    ap.add_argument("--batch", type=int, default=None, help="batch B (default 4 on CUDA, 1 on CPU)")
     ap.add_argument("--providers", default="", help="comma list (reference always runs), e.g. sdpa-flash,triton")
     ap.add_argument("--flex-budget-s", type=float, default=None,
                     help="skip flex for shapes started after this many seconds (compile time); "
@@ -499,14 +500,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         date=today, command="python -m bench.attention " + " ".join(sys.argv[1:] if argv is None else argv),
         device_info=info, dtype=str(dtype).replace("torch.", ""), quick=args.quick,
         timing=("triton.testing.do_bench median (rep 30 ms quick / 50 ms)" if device.type == "cuda"
-                else "median of perf_counter repeats (≥3, ~0.3 s quick / 1 s)"),
+                else "median of perf_counter repeats (≥3 and ~0.3 s with --quick, else ≥5 and ~1 s)"),
         flop_formula="fwd = 4·B·nh·Nq·Nk·hd + 2·B·nh·(Nq−1)·(Tk+Hk+Wk)·hd; fwd+bwd = 3.5·fwd",
     )
     providers, missing = make_providers(device, wanted)
     skipped = [dict(provider=n, shape=None, reason=r, **{"pass": "all"}) for n, r in missing.items()]
     for n, r in missing.items():
         print(f"provider {n} skipped: {r}", flush=True)
-    shapes = stage_shapes(models, device)
+    shapes = stage_shapes(models, device, args.batch)
     results: list[dict] = []
     t_start = time.perf_counter()
     non_flex = [n for n in providers if n != "flex"]

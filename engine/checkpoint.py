@@ -36,6 +36,7 @@ __all__ = [
     "checkpoint_dir",
     "save_checkpoint",
     "find_latest",
+    "latest_tag",
     "load_checkpoint",
     "consolidated_state_dict",
     "export_backbone",
@@ -133,7 +134,11 @@ def find_latest(output_dir: str) -> Optional[str]:
 
     Reads ``latest``; when it is missing or points at a deleted tag, the newest ``step*``
     directory is used (temporary ``.tmp-*`` directories are never considered)."""
-    ckpt_dir = checkpoint_dir(output_dir)
+    return latest_tag(checkpoint_dir(output_dir))
+
+
+def latest_tag(ckpt_dir: str) -> Optional[str]:
+    """:func:`find_latest` for a ``checkpoints`` directory itself."""
     latest = os.path.join(ckpt_dir, "latest")
     if os.path.isfile(latest):
         tag = open(latest).read().strip()
@@ -189,24 +194,33 @@ def consolidated_state_dict(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
 
 
-def export_backbone(output_dir_or_ckpt: str, out_path: str, tag: Optional[str] = None) -> dict:
-    """Write the fp32 ``backbone.*`` weights of a pre-training checkpoint as safetensors.
+PRETRAIN_HEAD_PREFIXES = ("mask_token", "pred_head.")
+
+
+def export_backbone(output_dir_or_ckpt: str, out_path: str, tag: Optional[str] = None,
+                    keep_pretrain_head: bool = False) -> dict:
+    """Write the consolidated fp32 backbone of a checkpoint as safetensors.
 
     ``output_dir_or_ckpt`` is a run's output directory (its ``checkpoints/`` is used) or a
-    ``checkpoints`` directory itself; ``tag`` defaults to the latest complete one. Returns a
-    summary (tag, number of tensors, parameters, path)."""
+    ``checkpoints`` directory itself; ``tag`` defaults to the latest complete one. The MaskFeat
+    model *is* its backbone (official key names), so everything but the pre-training-only
+    ``mask_token`` and ``pred_head.*`` is kept (all of it with ``keep_pretrain_head``); a
+    wrapped ``backbone.*`` sub-tree is unwrapped. A fine-tuned classifier exports whole.
+    Returns a summary (tag, number of tensors, parameters, path)."""
     from safetensors.torch import save_file
 
     root = output_dir_or_ckpt
     ckpt_dir = checkpoint_dir(root) if os.path.isdir(checkpoint_dir(root)) else root
     if tag is None:
-        tag = find_latest(os.path.dirname(ckpt_dir) if ckpt_dir.endswith("checkpoints") else root)
+        tag = latest_tag(ckpt_dir)
         if tag is None:
             raise FileNotFoundError(f"no complete checkpoint under {ckpt_dir}")
     sd = consolidated_state_dict(ckpt_dir, tag)
     backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-    if not backbone:  # a bare backbone module was trained
+    if not backbone:  # the module is the backbone (models.MaskFeat / Classifier)
         backbone = sd
+    if not keep_pretrain_head:
+        backbone = {k: v for k, v in backbone.items() if not k.startswith(PRETRAIN_HEAD_PREFIXES)}
     cfg_path = os.path.join(ckpt_dir, tag, "config.yaml")
     meta = {"format": "maskfeat-backbone", "source": os.path.join(ckpt_dir, tag)}
     if os.path.isfile(cfg_path):

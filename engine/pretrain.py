@@ -86,7 +86,7 @@ def run_pretrain(cfg: Config, resume: Optional[str] = None) -> dict:
         return build_loader(cfg.data, "train", rank=dist.rank, world_size=dist.world_size,
                             device=dist.device, mode="pretrain")
 
-    run = setup_run(cfg, build_model=lambda: build_pretrain_model(cfg), build_loader=loader,
+    run = setup_run(cfg, build_model=lambda _: build_pretrain_model(cfg), build_loader=loader,
                     clips_per_rank=lambda _: cfg.data.batch_size, resume=resume, desc="pretrain")
     summary = train_loop(run, lambda batch: pretrain_step(run, batch))
     report_paths(run, summary)

@@ -35,6 +35,7 @@ from engine.distributed import (
     DistInfo,
     all_reduce_sum,
     apply_activation_checkpointing,
+    dataclass_outputs_as_tuples,
     deepspeed_config,
     init_distributed,
 )
@@ -141,25 +142,26 @@ def _seed_all(seed: int) -> None:
 def setup_run(
     cfg: Config,
     *,
-    build_model: Callable[[], nn.Module],
+    build_model: Callable[[Any], nn.Module],
     build_loader: Callable[[DistInfo], Any],
     clips_per_rank: Callable[[Any], int],
     resume: Optional[str],
     desc: str,
 ) -> Run:
-    """Ordered set-up of a run (module docstring). ``resume`` is ``None``, ``"auto"`` or a tag."""
+    """Ordered set-up of a run (module docstring). ``resume`` is ``None``, ``"auto"`` or a tag;
+    ``build_model(loader)`` may read the dataset (e.g. its number of classes)."""
     import deepspeed
 
     dist = init_distributed(cfg.train.device)
     if dist.rank == 0:
         print("config:\n" + config_to_yaml(cfg), flush=True)
+    loader = build_loader(dist)
     _seed_all(cfg.train.seed)  # identical initial weights on every rank
-    model = build_model()
+    model = build_model(loader)
     if cfg.model.activation_checkpointing:
         n = apply_activation_checkpointing(model)
         print0(f"activation checkpointing: {n} blocks")
     model.to(dist.device)
-    loader = build_loader(dist)
     derived = derive(cfg, dist.world_size, len(loader), clips_per_rank(loader))
     print0("derived:\n" + derived.describe(cfg))
 
@@ -183,6 +185,7 @@ def setup_run(
     ds_cfg = deepspeed_config(micro_batch=derived.batch_per_rank, world_size=dist.world_size,
                               zero_stage=cfg.deepspeed.zero_stage, precision=cfg.deepspeed.precision,
                               gradient_clipping=cfg.deepspeed.gradient_clipping, extra=cfg.deepspeed.extra)
+    dataclass_outputs_as_tuples(model)  # ZeRO-3 must see the output tensors (see distributed.py)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
     rng = np.random.default_rng([cfg.train.seed, dist.rank])
     torch.manual_seed(cfg.train.seed * 1000 + dist.rank + 1)  # drop path etc. differ per rank

@@ -12,6 +12,7 @@ from .checkpoint import (
     load_state_dict_official,
 )
 from .classifier import Classifier
+from .masking import MASK_KINDS, cube_mask, frame_mask, image_block_mask, make_masks, tube_mask, upsample_mask
 from .maskfeat import MaskFeat, MaskFeatOutput, pixel_targets
 from .mvit import MViT, MultiScaleAttention, MultiScaleBlock, resize_rel_pos
 from .variants import TASKS, VARIANTS, Variant, count_parameters, create_model, get_variant
@@ -34,6 +35,13 @@ __all__ = [
     "MaskFeatOutput",
     "pixel_targets",
     "Classifier",
+    "MASK_KINDS",
+    "make_masks",
+    "cube_mask",
+    "tube_mask",
+    "frame_mask",
+    "image_block_mask",
+    "upsample_mask",
     "LoadReport",
     "extract_model_state",
     "adapt_state_dict",

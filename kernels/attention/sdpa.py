@@ -19,18 +19,23 @@ efficient and flash kernels want it a multiple of 8 (flash: ≤ 256). So q', k' 
 zero-padded to one common width D' = round_up(hd + Tk + Hk + Wk, 8), and the output is sliced
 back to hd. Padding v costs a little extra bandwidth (D'/hd) but lets every SDPA backend (math,
 flash, efficient, cuDNN) and xformers accept the same operands. When D' > 256 the CUDA flash
-kernel refuses and SDPA falls back to another backend on its own.
+kernel refuses and SDPA falls back to another backend on its own. Measured: on CPU (torch 2.13)
+math and flash accept the padded operands (flash refuses a v narrower than q/k); on an H100
+(torch 2.11) math, flash, efficient and cuDNN all accept them at hd 72 (D' 96) and hd 96 (D' 120).
 
-Gradients: the rel terms are einsums of q with gathered tables (``reference.rel_terms``), so
+Gradients: the rel terms are einsums of q with gathered tables (as ``reference.rel_terms``), so
 autograd carries gradients to q (through both the scaled and the rel-term paths), k, v and the
-three tables; the one-hot part of k' is a constant.
+three tables; the one-hot part of k' is a constant. The distance indices and the one-hot key
+suffix are cached per geometry/device (fewer small launches per call: at the MViTv2 sizes on an
+H100 the call is launch-bound, see bench/results).
 
 Precision: tables may be fp32 master weights while q is bf16/fp16; they are cast to q's dtype and
 the rel terms are computed in q's dtype, as the reference does. The reference then rounds
 ``scale·q·kᵀ`` and the bias to q's dtype *before* adding them; here the sum happens inside the
 kernel's fp32 accumulator (only ``scale·q`` and the rel terms are rounded). Low-precision results
 therefore differ from the low-precision reference by rounding, and are usually closer to the
-float64 oracle. In fp32/fp64 the two agree to rounding.
+float64 oracle (H100, bf16, MViTv2-L/S stage shapes: output max error 4–6e-3 of max|out| against
+the fp32 reference, where the bf16 reference has 1–2e-2). In fp32/fp64 the two agree to rounding.
 
 Known limits: the (B, nh, Nq, D') and (B, nh, Nk, D') augmented copies are materialised (small
 next to the (Nq, Nk) logits the reference builds). xformers does not run on CPU here and its
@@ -39,12 +44,13 @@ reason wherever it does not really run.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .reference import Grid, check_inputs, rel_terms
+from .reference import Grid, check_inputs, rel_pos_index
 
 __all__ = [
     "augment_operands",
@@ -64,21 +70,46 @@ def augmented_width(hd: int, k_thw: Grid, has_t: bool) -> int:
     return -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
-def _key_onehots(k_thw: Grid, has_t: bool, has_cls: bool, dtype: torch.dtype, device) -> torch.Tensor:
-    """(Nk, E) constant: per key the one-hot of its t, h and w coordinate (cls row all zeros).
+@functools.lru_cache(maxsize=256)
+def _rel_index(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """Cached (Q, K) table index of ``reference.rel_pos_index`` (built outside inference mode so
+    autograd may save it)."""
+    with torch.inference_mode(False):
+        return rel_pos_index(q_len, k_len, device)
 
-    E = (Tk if has_t) + Hk + Wk; keys are ordered t-major, then h, then w (as the tokens are)."""
+
+@functools.lru_cache(maxsize=256)
+def _key_suffix(k_thw: Grid, has_t: bool, has_cls: bool, pad: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Cached (Nk, E + pad) constant appended to k: per key the one-hot of its t, h and w
+    coordinate (E = (Tk if has_t) + Hk + Wk), then ``pad`` zeros; the cls row is all zeros.
+    Keys are ordered t-major, then h, then w, as the tokens are."""
     Tk, Hk, Wk = k_thw
-    t, h, w = torch.meshgrid(
-        torch.arange(Tk, device=device), torch.arange(Hk, device=device), torch.arange(Wk, device=device), indexing="ij"
-    )
-    parts = [F.one_hot(h.reshape(-1), Hk), F.one_hot(w.reshape(-1), Wk)]  # (Nk', Hk), (Nk', Wk)
-    if has_t:
-        parts.insert(0, F.one_hot(t.reshape(-1), Tk))  # (Nk', Tk)
-    onehot = torch.cat(parts, dim=-1).to(dtype)  # (Nk', E)
-    if has_cls:
-        onehot = F.pad(onehot, (0, 0, 1, 0))  # (Nk, E): cls key gets no bias
-    return onehot
+    with torch.inference_mode(False):
+        t, h, w = torch.meshgrid(*(torch.arange(n) for n in k_thw), indexing="ij")
+        parts = [F.one_hot(h.reshape(-1), Hk), F.one_hot(w.reshape(-1), Wk)]  # (Nk', Hk), (Nk', Wk)
+        if has_t:
+            parts.insert(0, F.one_hot(t.reshape(-1), Tk))  # (Nk', Tk)
+        onehot = torch.cat(parts, dim=-1).to(dtype)  # (Nk', E)
+        onehot = F.pad(onehot, (0, pad, 1 if has_cls else 0, 0))  # (Nk, E + pad): cls key gets no bias
+        return onehot.to(device)
+
+
+def _rel_terms(
+    q: torch.Tensor, q_thw: Grid, k_thw: Grid, tables: Sequence[Optional[torch.Tensor]], has_cls: bool
+) -> list[torch.Tensor]:
+    """[rel_t,] rel_h, rel_w of DESIGN §3.5 for the non-cls queries, each (B, nh, Nq', K_axis):
+    the same einsums as ``reference.rel_terms`` with cached distance indices."""
+    B, nh, _, hd = q.shape
+    r_q = (q[:, :, 1:] if has_cls else q).reshape(B, nh, *q_thw, hd)  # (B, nh, Tq, Hq, Wq, hd)
+    out = []
+    for table, spec, q_len, k_len in zip(
+        tables, ("bnthwc,tkc->bnthwk", "bnthwc,hkc->bnthwk", "bnthwc,wkc->bnthwk"), q_thw, k_thw
+    ):
+        if table is None:
+            continue
+        R = table[_rel_index(q_len, k_len, q.device)]  # (Q, K, hd)
+        out.append(torch.einsum(spec, r_q, R).reshape(B, nh, -1, k_len))  # (B, nh, Nq', K)
+    return out
 
 
 def augment_operands(
@@ -98,27 +129,23 @@ def augment_operands(
 
     Inputs are checked (ValueError on inconsistency). Differentiable in q, k, v and the tables.
     """
+    q_thw, k_thw = tuple(q_thw), tuple(k_thw)
     check_inputs(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
     B, nh, Nq, hd = q.shape
     Nk = k.shape[2]
     scale = hd**-0.5 if scale is None else scale
     has_t = rel_pos_t is not None
     D = augmented_width(hd, k_thw, has_t)
+    E = (k_thw[0] if has_t else 0) + k_thw[1] + k_thw[2]
+    pad = D - hd - E
 
     # tables may be fp32 master weights while q is bf16/fp16: rel terms in q's dtype
-    rel_pos_h, rel_pos_w = rel_pos_h.to(q.dtype), rel_pos_w.to(q.dtype)
-    rel_pos_t = rel_pos_t.to(q.dtype) if has_t else None
-    rel_t, rel_h, rel_w = rel_terms(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
-    rel = torch.cat(([rel_t] if has_t else []) + [rel_h, rel_w], dim=-1)  # (B, nh, Nq', E)
-    E = rel.shape[-1]
-    if has_cls:
-        rel = F.pad(rel, (0, 0, 1, 0))  # (B, nh, Nq, E): cls query gets no bias
-    pad = D - hd - E
-    q_aug = F.pad(torch.cat([q * scale, rel], dim=-1), (0, pad))  # (B, nh, Nq, D')
-
-    onehot = _key_onehots(k_thw, has_t, has_cls, q.dtype, q.device)  # (Nk, E)
-    onehot = F.pad(onehot, (0, pad)).expand(B, nh, Nk, E + pad)  # (B, nh, Nk, D' - hd)
-    k_aug = torch.cat([k, onehot], dim=-1)  # (B, nh, Nk, D')
+    tables = [t.to(q.dtype) if t is not None else None for t in (rel_pos_t, rel_pos_h, rel_pos_w)]
+    rel = torch.cat(_rel_terms(q, q_thw, k_thw, tables, has_cls), dim=-1)  # (B, nh, Nq', E)
+    rel = F.pad(rel, (0, pad, 1 if has_cls else 0, 0))  # (B, nh, Nq, E + pad): cls query gets no bias
+    q_aug = torch.cat([q * scale, rel], dim=-1)  # (B, nh, Nq, D')
+    suffix = _key_suffix(k_thw, has_t, has_cls, pad, q.dtype, q.device)  # (Nk, E + pad)
+    k_aug = torch.cat([k, suffix.expand(B, nh, Nk, E + pad)], dim=-1)  # (B, nh, Nk, D')
     v_aug = F.pad(v, (0, D - hd))  # (B, nh, Nk, D')
     return q_aug, k_aug, v_aug
 

@@ -9,7 +9,7 @@ for non-cls query i and key j (cls row and column: no bias), ``out = softmax(log
 Design (layered: kernels → launchers → ``autograd.Function`` → public function)
 ---------------------------------------------------------------------------------
 * The three small factored terms ``rel_t/rel_h/rel_w`` (B, nh, Nq', Tk/Hk/Wk) are computed by
-  torch (``reference.rel_terms`` semantics, in fp32, cached indices) and concatenated into ``R`` (B, nh, Nq', KR) with
+  torch (``reference.rel_terms`` semantics in q's dtype, cached indices) and concatenated into ``R`` (B, nh, Nq', KR) with
   KR = Tk + Hk + Wk (Tk dropped when there is no temporal table). Autograd through that tiny
   einsum gives the table gradients and the rel-path part of dq from ``dR``.
 * The kernels work on *augmented rows of width BA = next_pow2(hd + KR)*:
@@ -131,7 +131,7 @@ def _fwd_kernel(
         offs_n = it * BLOCK_N + offs_n0
         n_ok = offs_n < Nk
         kaT = tl.load(ka_ptr + offs_n[None, :] * BA + offs_a[:, None], mask=n_ok[None, :], other=0.0)  # (BA, BN)
-        s = _mm(qa, kaT.to(tl.float32).to(dt), IEEE)  # (BM, BN), log2 domain, bias included
+        s = _mm(qa, kaT, IEEE)  # (BM, BN), log2 domain, bias included
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -140,8 +140,8 @@ def _fwd_kernel(
         v = tl.load(
             v_ptr + offs_n[:, None] * HD + offs_d[None, :],
             mask=n_ok[:, None] & (offs_d[None, :] < HD), other=0.0,
-        ).to(tl.float32)  # (BN, BD)
-        acc = acc * alpha[:, None] + _mm(p.to(dt), v.to(dt), IEEE)
+        )  # (BN, BD)
+        acc = acc * alpha[:, None] + _mm(p.to(dt), v, IEEE)
         m_i = m_new
     acc = acc / l_i[:, None]
     m_ok = offs_m < Nq
@@ -191,7 +191,7 @@ def _dq_kernel(
     m_ok = offs_m < Nq
     qa = _load_q_aug(q_ptr, r_ptr, offs_m, offs_a, Nq, c_q, HD, KR, HAS_CLS).to(dt)  # (BM, BA)
     do = tl.load(do_ptr + offs_m[:, None] * HD + offs_d[None, :],
-                 mask=m_ok[:, None] & (offs_d[None, :] < HD), other=0.0).to(tl.float32).to(dt)  # (BM, BD)
+                 mask=m_ok[:, None] & (offs_d[None, :] < HD), other=0.0)  # (BM, BD)
     lse = tl.load(lse_ptr + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(delta_ptr + offs_m, mask=m_ok, other=0.0)
 
@@ -200,12 +200,12 @@ def _dq_kernel(
         offs_n = it * BLOCK_N + offs_n0
         n_ok = offs_n < Nk
         ka = tl.load(ka_ptr + offs_n[:, None] * BA + offs_a[None, :], mask=n_ok[:, None], other=0.0)
-        ka = ka.to(tl.float32).to(dt)  # (BN, BA)
+        # (BN, BA)
         s = _mm(qa, tl.trans(ka), IEEE)  # (BM, BN)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(n_ok[None, :], p, 0.0)
         vT = tl.load(v_ptr + offs_n[None, :] * HD + offs_d[:, None],
-                     mask=n_ok[None, :] & (offs_d[:, None] < HD), other=0.0).to(tl.float32).to(dt)  # (BD, BN)
+                     mask=n_ok[None, :] & (offs_d[:, None] < HD), other=0.0)  # (BD, BN)
         dp = _mm(do, vT, IEEE)  # (BM, BN)
         ds = p * (dp - delta[:, None])
         acc += _mm(ds.to(dt), ka, IEEE)
@@ -226,8 +226,10 @@ def _dkdv_kernel(
     HD: tl.constexpr, KR: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr,
     HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES_PER_CHUNK: tl.constexpr,
+    DO_DK: tl.constexpr, DO_DV: tl.constexpr,
 ):
-    # partial dk, dv (chunk, BH, Nk, HD) fp32 for key tile pid_n over the query tiles of one chunk
+    # partial dk, dv (chunk, BH, Nk, HD) fp32 for key tile pid_n over the query tiles of one chunk;
+    # DO_DK / DO_DV select the outputs (two launches halve the accumulator registers)
     pid_n = tl.program_id(0)
     chunk = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -250,33 +252,39 @@ def _dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     n_ok = offs_n < Nk
     ka = tl.load(ka_ptr + offs_n[:, None] * BA + offs_a[None, :], mask=n_ok[:, None], other=0.0)
-    ka = ka.to(tl.float32).to(dt)  # (BN, BA)
+    # ka (BN, BA)
     v = tl.load(v_ptr + offs_n[:, None] * HD + offs_d[None, :],
-                mask=n_ok[:, None] & (offs_d[None, :] < HD), other=0.0).to(tl.float32).to(dt)  # (BN, BD)
+                mask=n_ok[:, None] & (offs_d[None, :] < HD), other=0.0)  # (BN, BD)
 
-    dk = tl.zeros([BLOCK_N, BA], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BD], dtype=tl.float32)
+    if DO_DK:
+        dk = tl.zeros([BLOCK_N, BA], dtype=tl.float32)
+    if DO_DV:
+        dv = tl.zeros([BLOCK_N, BD], dtype=tl.float32)
     m_begin = chunk * (TILES_PER_CHUNK * BLOCK_M)
     for it in range(TILES_PER_CHUNK):  # tiles past Nq are fully masked (p = 0)
         offs_m = m_begin + it * BLOCK_M + offs_m0
         m_ok = offs_m < Nq
         qa = _load_q_aug(q_ptr, r_ptr, offs_m, offs_a, Nq, c_q, HD, KR, HAS_CLS).to(dt)  # (BM, BA)
         do = tl.load(do_ptr + offs_m[:, None] * HD + offs_d[None, :],
-                     mask=m_ok[:, None] & (offs_d[None, :] < HD), other=0.0).to(tl.float32).to(dt)  # (BM, BD)
+                     mask=m_ok[:, None] & (offs_d[None, :] < HD), other=0.0)  # (BM, BD)
         lse = tl.load(lse_ptr + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(delta_ptr + offs_m, mask=m_ok, other=0.0)
         sT = _mm(ka, tl.trans(qa), IEEE)  # (BN, BM)
         pT = tl.exp2(sT - lse[None, :])
         pT = tl.where(m_ok[None, :], pT, 0.0)
-        dv += _mm(pT.to(dt), do, IEEE)
-        dpT = _mm(v, tl.trans(do), IEEE)  # (BN, BM)
-        dsT = pT * (dpT - delta[None, :])
-        dk += _mm(dsT.to(dt), qa, IEEE)
-    # q'' carries c_q = scale·log2e, so dk = (dSᵀ q'')[:, :HD] / log2e
-    tl.store(dk_ptr + offs_n[:, None] * HD + offs_a[None, :], dk * inv_log2e,
-             mask=n_ok[:, None] & (offs_a[None, :] < HD))
-    tl.store(dv_ptr + offs_n[:, None] * HD + offs_d[None, :], dv,
-             mask=n_ok[:, None] & (offs_d[None, :] < HD))
+        if DO_DV:
+            dv += _mm(pT.to(dt), do, IEEE)
+        if DO_DK:
+            dpT = _mm(v, tl.trans(do), IEEE)  # (BN, BM)
+            dsT = pT * (dpT - delta[None, :])
+            dk += _mm(dsT.to(dt), qa, IEEE)
+    if DO_DK:
+        # q'' carries c_q = scale·log2e, so dk = (dSᵀ q'')[:, :HD] / log2e
+        tl.store(dk_ptr + offs_n[:, None] * HD + offs_a[None, :], dk * inv_log2e,
+                 mask=n_ok[:, None] & (offs_a[None, :] < HD))
+    if DO_DV:
+        tl.store(dv_ptr + offs_n[:, None] * HD + offs_d[None, :], dv,
+                 mask=n_ok[:, None] & (offs_d[None, :] < HD))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,6 +316,7 @@ class RelPosAttnConfig:
     dkdv_warps: int = 4
     dkdv_stages: int = 2
     dkdv_chunks: Optional[int] = None  # query chunks of the dk/dv kernel; None: fill the GPU
+    dkdv_split: bool = False  # dk and dv in two launches (fewer registers, 5 instead of 4 dots)
 
 
 def _configs(ba: int, dtype: torch.dtype, device: torch.device) -> RelPosAttnConfig:
@@ -358,16 +367,17 @@ def _rel_matrix(
     rel_pos_w: torch.Tensor,
     has_cls: bool,
 ) -> torch.Tensor:
-    """R = [rel_t, rel_h, rel_w] (B, nh, Nq', KR) in fp32: ``reference.rel_terms`` computed in
-    fp32 with cached indices (rel_t left out without a temporal table)."""
+    """R = [rel_t, rel_h, rel_w] (B, nh, Nq', KR) in q's dtype, as the reference computes it
+    (tables cast to q's dtype; cached indices; rel_t left out without a temporal table)."""
     B, nh, _, hd = q.shape
-    r_q = (q[:, :, 1:] if has_cls else q).float().reshape(B, nh, *q_thw, hd)  # (B, nh, Tq, Hq, Wq, hd)
+    dt = q.dtype
+    r_q = (q[:, :, 1:] if has_cls else q).reshape(B, nh, *q_thw, hd)  # (B, nh, Tq, Hq, Wq, hd)
     parts = []
     if rel_pos_t is not None:
-        Rt = rel_pos_t.float()[_rel_index(q_thw[0], k_thw[0], q.device)]  # (Tq, Tk, hd)
+        Rt = rel_pos_t.to(dt)[_rel_index(q_thw[0], k_thw[0], q.device)]  # (Tq, Tk, hd)
         parts.append(torch.einsum("bnthwc,tkc->bnthwk", r_q, Rt))
-    Rh = rel_pos_h.float()[_rel_index(q_thw[1], k_thw[1], q.device)]  # (Hq, Hk, hd)
-    Rw = rel_pos_w.float()[_rel_index(q_thw[2], k_thw[2], q.device)]  # (Wq, Wk, hd)
+    Rh = rel_pos_h.to(dt)[_rel_index(q_thw[1], k_thw[1], q.device)]  # (Hq, Hk, hd)
+    Rw = rel_pos_w.to(dt)[_rel_index(q_thw[2], k_thw[2], q.device)]  # (Wq, Wk, hd)
     parts.append(torch.einsum("bnthwc,hkc->bnthwk", r_q, Rh))
     parts.append(torch.einsum("bnthwc,wkc->bnthwk", r_q, Rw))
     return torch.cat(parts, dim=-1).reshape(B, nh, math.prod(q_thw), -1)
@@ -413,13 +423,13 @@ def _dkdv_chunks(cfg: RelPosAttnConfig, q: torch.Tensor, n_q_tiles: int, n_kv_pr
 
 
 def _bwd(do, q, r, ka, v, o, lse, hd, kr, has_cls, scale, cfg):
-    """Gradients dq (B, nh, Nq, hd), dk, dv (B, nh, Nk, hd) in the input dtype and dR fp32."""
+    """Gradients dq (B, nh, Nq, hd), dk, dv (B, nh, Nk, hd) and dR (B, nh, Nq', KR) in the input dtypes."""
     B, nh, Nq, _ = q.shape
     Nk, ba = ka.shape[2], ka.shape[3]
     bd = _next_pow2(hd)
     ieee = q.dtype == torch.float32
     hc = int(has_cls)
-    do = do.contiguous()
+    do = do.to(q.dtype).contiguous()
     delta = _empty(B, nh, Nq, dtype=torch.float32, device=q.device)
     _delta_kernel[(triton.cdiv(B * nh * Nq, 64),)](o, do, delta, B * nh * Nq, HD=hd, BD=bd, BLOCK_M=64)
 
@@ -440,11 +450,13 @@ def _bwd(do, q, r, ka, v, o, lse, hd, kr, has_cls, scale, cfg):
     dk_part = _empty(chunks, B, nh, Nk, hd, dtype=torch.float32, device=q.device)
     dv_part = _empty(chunks, B, nh, Nk, hd, dtype=torch.float32, device=q.device)
     grid = (n_k_tiles, chunks, B * nh)
-    _dkdv_kernel[grid](
-        q, r, ka, v, do, lse, delta, dk_part, dv_part, Nq, Nk, scale * LOG2E, 1.0 / LOG2E, B * nh,
-        HD=hd, KR=kr, BA=ba, BD=bd, HAS_CLS=hc, IEEE=ieee,
-        BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n, TILES_PER_CHUNK=tiles_per_chunk, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
-    )
+    for do_dk, do_dv in ((True, False), (False, True)) if cfg.dkdv_split else ((True, True),):
+        _dkdv_kernel[grid](
+            q, r, ka, v, do, lse, delta, dk_part, dv_part, Nq, Nk, scale * LOG2E, 1.0 / LOG2E, B * nh,
+            HD=hd, KR=kr, BA=ba, BD=bd, HAS_CLS=hc, IEEE=ieee,
+            BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n, TILES_PER_CHUNK=tiles_per_chunk,
+            DO_DK=do_dk, DO_DV=do_dv, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
+        )
     # fixed-order reduction over query chunks: deterministic
     dk = (dk_part[0] if chunks == 1 else dk_part.sum(0)).to(q.dtype)
     dv = (dv_part[0] if chunks == 1 else dv_part.sum(0)).to(q.dtype)
@@ -455,7 +467,7 @@ def _bwd(do, q, r, ka, v, o, lse, hd, kr, has_cls, scale, cfg):
 # autograd
 # ----------------------------------------------------------------------------------------------
 class _RelPosAttnFn(torch.autograd.Function):
-    """out = attention(q, k, v, R) where R = [rel_t, rel_h, rel_w] (B, nh, Nq', KR) fp32."""
+    """out = attention(q, k, v, R) where R = [rel_t, rel_h, rel_w] (B, nh, Nq', KR)."""
 
     @staticmethod
     def forward(ctx, q, k, v, r, k_thw, kt, has_cls, scale, cfg):
@@ -511,7 +523,7 @@ def relpos_attention_triton(
         raise ValueError(f"head dim {hd} > 256 is not supported by the Triton kernel")
     q_thw, k_thw = tuple(int(x) for x in q_thw), tuple(int(x) for x in k_thw)
     scale = hd**-0.5 if scale is None else float(scale)
-    # factored bias terms in fp32 (tiny): R = [rel_t, rel_h, rel_w] (B, nh, Nq', KR)
+    # factored bias terms (tiny): R = [rel_t, rel_h, rel_w] (B, nh, Nq', KR)
     r = _rel_matrix(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
     kt = 0 if rel_pos_t is None else k_thw[0]
     if hd + r.shape[-1] > 512:

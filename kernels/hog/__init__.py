@@ -103,7 +103,9 @@ def video_hog_targets(
     tp = frames.shape[1]
     opts = {"cell": 8, "nbins": 9, "gaussian_window": 0, "signed": False, "norm": "cell_l2"}
     opts.update({k: v for k, v in kwargs.items() if k != "backend"})
-    check_hog_args((bsz * tp, c, h, w), token_stride, **opts)
+    check_hog_args(
+        (bsz * tp, c, h, w), token_stride, opts["cell"], opts["nbins"], opts["gaussian_window"], opts["norm"]
+    )
     if _resolve_backend(kwargs.get("backend", "auto"), clip) == "reference":
         out = hog_targets_reference(frames.reshape(bsz * tp, c, h, w), token_stride, **opts)
     else:

@@ -81,7 +81,7 @@ def _hog_tokens_kernel(
     NORM_L2: tl.constexpr,
     WIN: tl.constexpr,
 ):
-    D: tl.constexpr = 3 * NBINS * S * S
+    D = 3 * NBINS * S * S
     pid = tl.program_id(0)
     tw = pid % tiles_w
     rest = pid // tiles_w
@@ -169,10 +169,11 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def choose_tile(hc: int, wc: int, cell: int, block_px: int = 1024) -> tuple[int, int]:
+def choose_tile(hc: int, wc: int, cell: int, block_px: int = 1024, overhead_px: int = 512) -> tuple[int, int]:
     """Pick (CH, CW), powers of two, with CH*CW*cell^2 <= max(block_px, cell^2) pixels per channel.
 
-    Minimises the padded (wasted) cells, then prefers bigger tiles, then wider ones.
+    Minimises a cost model ``tiles * (pixels per tile + overhead_px)``: padded (wasted) cells cost
+    their pixels, each program a fixed overhead. Ties go to the wider tile.
     """
     max_cells = max(1, block_px // (cell * cell))
     best = None
@@ -182,8 +183,8 @@ def choose_tile(hc: int, wc: int, cell: int, block_px: int = 1024) -> tuple[int,
         for ch in (1, 2, 4, 8, 16, 32):
             if ch > _next_pow2(hc) or ch * cw > max_cells:
                 break
-            waste = math.ceil(hc / ch) * ch * math.ceil(wc / cw) * cw - hc * wc
-            key = (waste, -ch * cw, -cw)
+            tiles = math.ceil(hc / ch) * math.ceil(wc / cw)
+            key = (tiles * (ch * cw * cell * cell + overhead_px), -cw)
             if best is None or key < best[0]:
                 best = (key, ch, cw)
     return best[1], best[2]
@@ -216,14 +217,15 @@ def hog_targets_triton(
     signed: bool = False,
     norm: str = "cell_l2",
     out: torch.Tensor | None = None,
-    block_px: int = 1024,
+    block_px: int | None = None,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Launch the fused kernel. frames (B, T, 3, H, W) any strides -> (B*T, L, D) fp32.
 
     Arguments are checked by the caller (:func:`kernels.hog.hog_targets`) except the ones specific
     to this path. ``out`` (B*T, L, D) fp32 contiguous may be passed (tests poison it); it is
-    returned. ``block_px`` and ``num_warps`` set the tile size and warps per program.
+    returned. ``block_px`` (pixels per channel per program; default 1024, 4096 when interpreted) and
+    ``num_warps`` set the tile size and warps per program.
     """
     bsz, t, c, h, w = frames.shape
     if frames.dtype not in SUPPORTED_DTYPES:
@@ -249,6 +251,8 @@ def hog_targets_triton(
         return out
     dirs = boundary_directions(nbins, signed).to(frames.device)
     win = gaussian_window_1d(gaussian_window, torch.float32).to(frames.device) if gaussian_window else dirs
+    if block_px is None:  # the interpreter pays per op, not per element: fewer, bigger programs
+        block_px = 4096 if INTERPRETED else 1024
     ch, cw = choose_tile(hc, wc, cell, block_px)
     tiles_h, tiles_w = triton.cdiv(hc, ch), triton.cdiv(wc, cw)
     grid = (n * tiles_h * tiles_w,)

@@ -201,6 +201,18 @@ def test_public_entry_point_dispatches_to_sdpa():
     assert torch.equal(relpos_attention(q, k, v, q_thw, k_thw, t, h, w, backend="auto"), want)  # CPU: sdpa
 
 
+def test_cached_constants_survive_inference_mode():
+    """Regression: the cached distance indices / one-hot key suffix were first built under
+    torch.inference_mode and then could not be saved for backward in a later training step."""
+    q_thw, k_thw = (2, 3, 5), (2, 3, 3)  # a geometry no other test uses, so the cache is cold
+    q, k, v, t, h, w, dout = make_inputs(q_thw, k_thw, dtype=torch.float32, seed=7)
+    with torch.inference_mode():
+        first = relpos_attention_sdpa(q, k, v, q_thw, k_thw, t, h, w)
+    got = run_with_grads(relpos_attention_sdpa, q, k, v, t, h, w, dout, q_thw, k_thw)
+    assert torch.equal(got[0], first)
+    assert all(g is not None and g.abs().sum() > 0 for g in got[1:])
+
+
 # ---------------------------------------------------------------- the augmented operands
 
 
@@ -275,6 +287,28 @@ def test_xformers_raises_clearly_where_it_cannot_run():
         relpos_attention_xformers(q, k, v, q_thw, k_thw, t, h, w)
     with pytest.raises(RuntimeError, match="xformers"):
         relpos_attention(q, k, v, q_thw, k_thw, t, h, w, backend="xformers")
+
+
+# ---------------------------------------------------------------- the benchmark's flex provider
+
+
+@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
+@pytest.mark.parametrize("q_thw,k_thw", [((2, 4, 4), (2, 2, 2)), ((2, 2, 2), (2, 4, 3)), ((1, 5, 3), (1, 3, 2))])
+def test_bench_flex_provider_matches_reference(q_thw, k_thw, has_cls):
+    """bench/attention.py's FlexAttention score_mod (key coordinates from the key index, zero
+    row/column for cls) gives the reference output; eager flex, forward only (no CPU backward)."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from bench.attention import relpos_attention_flex
+
+    q, k, v, t, h, w, _ = make_inputs(q_thw, k_thw, hd=16, has_cls=has_cls, dtype=torch.float32, seed=8)
+    want = relpos_attention_reference(q, k, v, q_thw, k_thw, t, h, w, has_cls=has_cls)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
+        got = relpos_attention_flex(q, k, v, q_thw, k_thw, t, h, w, has_cls=has_cls, flex_fn=flex_attention)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- GPU: real MViTv2-L shapes
