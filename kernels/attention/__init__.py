@@ -34,15 +34,14 @@ __all__ = [
 
 
 def pick_backend(q: torch.Tensor) -> str:
-    """Backend used by ``auto``: on CUDA the fastest exact backend as measured by
-    ``bench/attention.py`` (see ``bench/results``); on CPU the SDPA factorisation."""
-    if q.is_cuda:
-        try:
-            from . import triton_attn  # noqa: F401
+    """Backend used by ``auto``: the fastest exact backend measured for the device.
 
-            return "triton"
-        except ImportError:
-            return "sdpa"
+    On an H100 (bf16, forward+backward, MViTv2-L stage shapes, B = 32) the augmented-operand SDPA
+    path (cuDNN/flash) beat the fused Triton kernel at every stage (see
+    ``bench/results/attention_nvidia-h100-80gb-hbm3_20261127.md``), so ``auto`` picks ``sdpa`` on
+    CUDA until ``bench/attention.py`` shows otherwise; on CPU ``sdpa`` avoids materialising the
+    (Nq, Nk) bias.
+    """
     return "sdpa"
 
 

@@ -9,17 +9,18 @@ for non-cls query i and key j (cls row and column: no bias), ``out = softmax(log
 Design (layered: kernels → launchers → ``autograd.Function`` → public function)
 ---------------------------------------------------------------------------------
 * The three small factored terms ``rel_t/rel_h/rel_w`` (B, nh, Nq', Tk/Hk/Wk) are computed by
-  torch (``reference.rel_terms`` semantics in q's dtype, cached indices) and concatenated into ``R`` (B, nh, Nq', KR) with
-  KR = Tk + Hk + Wk (Tk dropped when there is no temporal table). Autograd through that tiny
-  einsum gives the table gradients and the rel-path part of dq from ``dR``.
+  torch in q's dtype, as the reference does (``reference.rel_terms`` semantics, cached distance
+  indices), and concatenated into ``R`` (B, nh, Nq', KR), KR = Tk + Hk + Wk (Tk dropped without
+  a temporal table). Autograd through these small einsums gives the table gradients and the
+  rel-path part of dq from ``dR``.
 * The kernels work on *augmented rows of width BA = next_pow2(hd + KR)*:
   ``q''_i = [c·q_i, log2(e)·R_i]`` (c = scale·log2 e; zeros on the cls row) is assembled in
   registers from two masked loads, and ``k'_j = [k_j, onehot_t(j), onehot_h(j), onehot_w(j)]``
-  (zeros for cls) is built once per call by torch (Nk is small: 393 in MViTv2). Then one dot
-  ``q''·k'ᵀ`` gives the log2-domain logits *with the bias included*. For MViTv2's hd = 72 and
-  KR = 8 + 7 + 7 = 22 (hd 96 for S: 118) the extra columns live in the padding that a
-  power-of-two block needs anyway (72 → 128), so the bias costs no tensor-core work and no
-  (Nq, Nk) tensor ever exists.
+  (zeros for cls; the one-hot block is cached per geometry) is built by torch (Nk is small: 393
+  in MViTv2). One dot ``q''·k'ᵀ`` gives the log2-domain logits *with the bias included*. For
+  MViTv2's hd = 72 and KR = 8 + 7 + 7 = 22 (hd 96 for S: 118) the extra columns live in the
+  padding that a power-of-two block needs anyway (72 → 128), so the bias costs no extra
+  tensor-core work, and no (Nq, Nk) tensor ever exists.
 * Forward (``_fwd_kernel``): one program per (query tile, batch·head), online softmax over all
   key tiles (FlashAttention-2 style, exp2, fp32 statistics and accumulator). Saves ``out`` and
   the log2-domain log-sum-exp ``lse2`` (B, nh, Nq) only.
@@ -28,21 +29,33 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
   and the next KR columns are exactly ``dR[i, c] = Σ_j dS[i, j]·onehot_c(j)`` — the rel
   gradients fall out of the same matmul, without atomics. ``_dkdv_kernel`` per (key tile,
   query chunk, batch·head) accumulates dk, dv over the query tiles of its chunk and writes fp32
-  partials; torch sums the partials over chunks in a fixed order. Splitting the query axis into
-  chunks keeps the GPU busy when Nk is small and Nq large (MViTv2: Nk 393, Nq up to 25089).
-  Every reduction has a fixed order: backward is bitwise deterministic.
-* Loads are cast to fp32 right after loading (bf16 is wrong in the interpreter otherwise) and
-  cast to the input dtype only as dot operands; fp32 inputs use ``input_precision="ieee"``.
-  Plain pointer arithmetic (no block pointers), no autotune, no libdevice: runs under
-  ``TRITON_INTERPRET=1`` and on triton 3.6 – 3.9.
+  partials; torch sums them over chunks in a fixed order. Chunking the query axis keeps the GPU
+  busy when Nk is small and Nq large (MViTv2: Nk 393, Nq up to 25089). Its q'' rows are packed
+  once by ``_pack_q_kernel`` into a transient (B, nh, Nq, BA) buffer so that the loop's loads
+  feed the dots directly (software-pipelined) when ``dkdv_packed_q=True``; the default builds
+  them in registers per tile (no buffer), the variant validated on an H100. Every reduction has a fixed order: backward is bitwise
+  deterministic.
+* Dot operands are loaded in the input dtype and fed to ``tl.dot`` unchanged (an fp32 round
+  trip after the load defeated the pipelining: 2× slower backward on an H100); everything
+  elementwise is fp32. bf16 is therefore *not* checkable in the interpreter (DESIGN §4): bf16 is
+  tested on the GPU only. fp32 inputs use ``input_precision="ieee"``. Plain pointer arithmetic
+  (no block pointers), no autotune, no libdevice; loop trip counts are constexpr (``N_KT``,
+  ``TILES_PER_CHUNK``) because the triton 3.6 interpreter cannot loop to a runtime bound with
+  numpy ≥ 2.4. Runs under ``TRITON_INTERPRET=1`` and on triton 3.6 – 3.9.
 
-Configs (fixed table, :func:`_configs`): forward BLOCK_M 128 / BLOCK_N 64 / 8 warps / 2 stages
-for BA ≤ 128 (BLOCK_M 64 for BA = 256); backward BLOCK 64×64, 4 warps (dq: BLOCK_M 64,
-BLOCK_N 64; dk/dv: BLOCK_N 64, BLOCK_M 64). In the interpreter 32×32 tiles keep tests fast.
+Configs (fixed table, :class:`RelPosAttnConfig`, :func:`_configs`): bf16/fp16 with BA ≤ 128:
+forward 128×64 tiles / 8 warps / 2 stages; dq 64×64 / 4 warps; dk/dv 64×64 / 4 warps, query
+chunks sized for ``dkdv_programs_per_sm`` programs per SM. fp32 or BA = 256: smaller tiles.
+The interpreter uses 32×32 tiles.
 
-Known limits: head dim ≤ 256 and hd + KR ≤ 512 (raises otherwise); the padding of hd 72 to 128
-costs 1.8× tensor-core work on the P·V product (hd 64 + 16 split not done); fp32 inputs run
-ieee fp32 dots (exact but slow on tensor-core GPUs).
+Measured (one H100, torch 2.11, triton 3.6, bf16, B = 32, hd 72, Nk 393, fwd+bwd, before the
+packed-q'' change; see the task report): stage 1 (Nq 25089, nh 2) 18.6 ms vs reference 45.4 ms,
+SDPA-cuDNN 12.0 ms, SDPA-flash 14.2 ms — the dk/dv kernel took ~half of it; forward alone
+3.6 ms vs SDPA 4.6 ms. bench/attention.py holds the maintained numbers.
+
+Known limits: head dim ≤ 256 and hd + KR ≤ 512 (raises otherwise); hd 72 pads to 128 on the
+P·V product (an hd 64 + 16 split is not done); fp32 inputs run ieee fp32 dots (exact, slow);
+one compiled variant per (Nk, query-chunk length) — a handful for MViTv2's fixed stage shapes.
 """
 from __future__ import annotations
 
@@ -162,6 +175,22 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, n_rows, HD: tl.constexpr, BD: tl.con
 
 
 @triton.jit
+def _pack_q_kernel(
+    q_ptr, r_ptr, qa_ptr, Nq, c_q,
+    HD: tl.constexpr, KR: tl.constexpr, BA: tl.constexpr, HAS_CLS: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # q'' (BH, Nq, BA) = [c_q·q, log2e·R, 0…] in q's dtype, for the dk/dv kernel's pipelined loads
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_a = tl.arange(0, BA)
+    qa = _load_q_aug(q_ptr + bh * Nq * HD, r_ptr + bh * (Nq - HAS_CLS) * KR, offs_m, offs_a, Nq, c_q,
+                     HD, KR, HAS_CLS)
+    tl.store(qa_ptr + bh * Nq * BA + offs_m[:, None] * BA + offs_a[None, :], qa.to(qa_ptr.dtype.element_ty),
+             mask=(offs_m < Nq)[:, None])
+
+
+@triton.jit
 def _dq_kernel(
     q_ptr, r_ptr, ka_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dr_ptr,
     Nq, Nk, c_q, scale,
@@ -226,15 +255,19 @@ def _dkdv_kernel(
     HD: tl.constexpr, KR: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr,
     HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES_PER_CHUNK: tl.constexpr,
-    DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+    DO_DK: tl.constexpr, DO_DV: tl.constexpr, PACKED: tl.constexpr,
 ):
     # partial dk, dv (chunk, BH, Nk, HD) fp32 for key tile pid_n over the query tiles of one chunk;
-    # DO_DK / DO_DV select the outputs (two launches halve the accumulator registers)
+    # DO_DK / DO_DV select the outputs (two launches halve the accumulator registers); PACKED: q_ptr
+    # is the packed q'' (BH, Nq, BA) of _pack_q_kernel, loaded straight into the dots (pipelined)
     pid_n = tl.program_id(0)
     chunk = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
     Nq_r = Nq - HAS_CLS
-    q_ptr += bh * Nq * HD
+    if PACKED:
+        q_ptr += bh * Nq * BA
+    else:
+        q_ptr += bh * Nq * HD
     r_ptr += bh * Nq_r * KR
     ka_ptr += bh * Nk * BA
     v_ptr += bh * Nk * HD
@@ -264,12 +297,15 @@ def _dkdv_kernel(
     for it in range(TILES_PER_CHUNK):  # tiles past Nq are fully masked (p = 0)
         offs_m = m_begin + it * BLOCK_M + offs_m0
         m_ok = offs_m < Nq
-        qa = _load_q_aug(q_ptr, r_ptr, offs_m, offs_a, Nq, c_q, HD, KR, HAS_CLS).to(dt)  # (BM, BA)
+        if PACKED:
+            qaT = tl.load(q_ptr + offs_m[None, :] * BA + offs_a[:, None], mask=m_ok[None, :], other=0.0)  # (BA, BM)
+        else:
+            qaT = tl.trans(_load_q_aug(q_ptr, r_ptr, offs_m, offs_a, Nq, c_q, HD, KR, HAS_CLS).to(dt))
         do = tl.load(do_ptr + offs_m[:, None] * HD + offs_d[None, :],
                      mask=m_ok[:, None] & (offs_d[None, :] < HD), other=0.0)  # (BM, BD)
         lse = tl.load(lse_ptr + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(delta_ptr + offs_m, mask=m_ok, other=0.0)
-        sT = _mm(ka, tl.trans(qa), IEEE)  # (BN, BM)
+        sT = _mm(ka, qaT, IEEE)  # (BN, BM)
         pT = tl.exp2(sT - lse[None, :])
         pT = tl.where(m_ok[None, :], pT, 0.0)
         if DO_DV:
@@ -277,7 +313,7 @@ def _dkdv_kernel(
         if DO_DK:
             dpT = _mm(v, tl.trans(do), IEEE)  # (BN, BM)
             dsT = pT * (dpT - delta[None, :])
-            dk += _mm(dsT.to(dt), qa, IEEE)
+            dk += _mm(dsT.to(dt), tl.trans(qaT), IEEE)
     if DO_DK:
         # q'' carries c_q = scale·log2e, so dk = (dSᵀ q'')[:, :HD] / log2e
         tl.store(dk_ptr + offs_n[:, None] * HD + offs_a[None, :], dk * inv_log2e,
@@ -317,6 +353,10 @@ class RelPosAttnConfig:
     dkdv_stages: int = 2
     dkdv_chunks: Optional[int] = None  # query chunks of the dk/dv kernel; None: fill the GPU
     dkdv_split: bool = False  # dk and dv in two launches (fewer registers, 5 instead of 4 dots)
+    # pack q'' once (transient (B, nh, Nq, BA) buffer) for pipelined loads. Off by default: the
+    # packed path passes the interpreter tests but has not yet run on a GPU (the unpacked one has).
+    dkdv_packed_q: bool = False
+    dkdv_programs_per_sm: int = 32  # query chunks: aim for this many dk/dv programs per SM
 
 
 def _configs(ba: int, dtype: torch.dtype, device: torch.device) -> RelPosAttnConfig:
@@ -418,7 +458,7 @@ def _dkdv_chunks(cfg: RelPosAttnConfig, q: torch.Tensor, n_q_tiles: int, n_kv_pr
         return max(1, min(cfg.dkdv_chunks, n_q_tiles))
     if q.device.type != "cuda":
         return 1
-    target = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
+    target = cfg.dkdv_programs_per_sm * torch.cuda.get_device_properties(q.device).multi_processor_count
     return max(1, min(n_q_tiles, triton.cdiv(target, n_kv_programs)))
 
 
@@ -445,17 +485,24 @@ def _bwd(do, q, r, ka, v, o, lse, hd, kr, has_cls, scale, cfg):
     n_q_tiles = triton.cdiv(Nq, cfg.dkdv_block_m)
     n_k_tiles = triton.cdiv(Nk, cfg.dkdv_block_n)
     chunks = _dkdv_chunks(cfg, q, n_q_tiles, n_k_tiles * B * nh)
-    tiles_per_chunk = triton.next_power_of_2(triton.cdiv(n_q_tiles, chunks))  # few compiled variants
+    tiles_per_chunk = triton.cdiv(n_q_tiles, chunks)
+    if tiles_per_chunk > 4:  # round to a multiple of 4: fewer compiled variants, ≤ 3 masked tiles
+        tiles_per_chunk = 4 * triton.cdiv(tiles_per_chunk, 4)
     chunks = triton.cdiv(n_q_tiles, tiles_per_chunk)
     dk_part = _empty(chunks, B, nh, Nk, hd, dtype=torch.float32, device=q.device)
     dv_part = _empty(chunks, B, nh, Nk, hd, dtype=torch.float32, device=q.device)
     grid = (n_k_tiles, chunks, B * nh)
+    q_in = q
+    if cfg.dkdv_packed_q:
+        q_in = _empty(B, nh, Nq, ba, dtype=q.dtype, device=q.device)
+        _pack_q_kernel[(triton.cdiv(Nq, 64), B * nh)](q, r, q_in, Nq, scale * LOG2E, HD=hd, KR=kr, BA=ba,
+                                                      HAS_CLS=hc, BLOCK_M=64)
     for do_dk, do_dv in ((True, False), (False, True)) if cfg.dkdv_split else ((True, True),):
         _dkdv_kernel[grid](
-            q, r, ka, v, do, lse, delta, dk_part, dv_part, Nq, Nk, scale * LOG2E, 1.0 / LOG2E, B * nh,
+            q_in, r, ka, v, do, lse, delta, dk_part, dv_part, Nq, Nk, scale * LOG2E, 1.0 / LOG2E, B * nh,
             HD=hd, KR=kr, BA=ba, BD=bd, HAS_CLS=hc, IEEE=ieee,
             BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n, TILES_PER_CHUNK=tiles_per_chunk,
-            DO_DK=do_dk, DO_DV=do_dv, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
+            DO_DK=do_dk, DO_DV=do_dv, PACKED=cfg.dkdv_packed_q, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
         )
     # fixed-order reduction over query chunks: deterministic
     dk = (dk_part[0] if chunks == 1 else dk_part.sum(0)).to(q.dtype)

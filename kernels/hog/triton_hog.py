@@ -152,10 +152,11 @@ def _hog_tokens_kernel(
                     ge = lower | ge
                 else:
                     ge = lower & ge
-            part = tl.sum(tl.sum(tl.where(ge, 0.0, above), axis=3), axis=1)  # (CH, CW) bin k-1
+            # rows of a cell first (held by one thread when CH == 1), then its columns (lanes)
+            part = tl.sum(tl.sum(tl.where(ge, 0.0, above), axis=1), axis=2)  # (CH, CW) bin k-1
             hist += tl.where(bins == k - 1, part[None, :, :], 0.0)
             above = tl.where(ge, mag, 0.0)
-        part = tl.sum(tl.sum(above, axis=3), axis=1)
+        part = tl.sum(tl.sum(above, axis=1), axis=2)
         hist += tl.where(bins == NBINS - 1, part[None, :, :], 0.0)
 
         if NORM_L2:
@@ -169,19 +170,21 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def choose_tile(hc: int, wc: int, cell: int, block_px: int = 1024, overhead_px: int = 512) -> tuple[int, int]:
-    """Pick (CH, CW), powers of two, with CH*CW*cell^2 <= max(block_px, cell^2) pixels per channel.
+def choose_tile(
+    hc: int, wc: int, cell: int, block_px: int = 2048, max_ch: int = 32, overhead_px: int = 512
+) -> tuple[int, int]:
+    """Pick (CH, CW), powers of two, CH <= max_ch, with CH*CW*cell^2 <= max(block_px, cell^2) pixels per channel.
 
     Minimises a cost model ``tiles * (pixels per tile + overhead_px)``: padded (wasted) cells cost
     their pixels, each program a fixed overhead. Ties go to the wider tile.
     """
     max_cells = max(1, block_px // (cell * cell))
     best = None
-    for cw in (1, 2, 4, 8, 16, 32):
+    for cw in (1, 2, 4, 8, 16, 32, 64):
         if cw > _next_pow2(wc):
             break
         for ch in (1, 2, 4, 8, 16, 32):
-            if ch > _next_pow2(hc) or ch * cw > max_cells:
+            if ch > min(_next_pow2(hc), max_ch) or ch * cw > max_cells:
                 break
             tiles = math.ceil(hc / ch) * math.ceil(wc / cw)
             key = (tiles * (ch * cw * cell * cell + overhead_px), -cw)
@@ -218,14 +221,15 @@ def hog_targets_triton(
     norm: str = "cell_l2",
     out: torch.Tensor | None = None,
     block_px: int | None = None,
+    max_ch: int | None = None,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Launch the fused kernel. frames (B, T, 3, H, W) any strides -> (B*T, L, D) fp32.
 
     Arguments are checked by the caller (:func:`kernels.hog.hog_targets`) except the ones specific
     to this path. ``out`` (B*T, L, D) fp32 contiguous may be passed (tests poison it); it is
-    returned. ``block_px`` (pixels per channel per program; default 1024, 4096 when interpreted) and
-    ``num_warps`` set the tile size and warps per program.
+    returned. ``block_px`` (pixels per channel per program; default 2048, 4096 when interpreted),
+    ``max_ch`` (cell rows per tile; default 1, 32 when interpreted) and ``num_warps`` set the tile.
     """
     bsz, t, c, h, w = frames.shape
     if frames.dtype not in SUPPORTED_DTYPES:
@@ -252,8 +256,10 @@ def hog_targets_triton(
     dirs = boundary_directions(nbins, signed).to(frames.device)
     win = gaussian_window_1d(gaussian_window, torch.float32).to(frames.device) if gaussian_window else dirs
     if block_px is None:  # the interpreter pays per op, not per element: fewer, bigger programs
-        block_px = 4096 if INTERPRETED else 1024
-    ch, cw = choose_tile(hc, wc, cell, block_px)
+        block_px = 4096 if INTERPRETED else 2048
+    if max_ch is None:  # on GPU one cell row per tile keeps a cell's rows in one thread's registers
+        max_ch = 32 if INTERPRETED else 1
+    ch, cw = choose_tile(hc, wc, cell, block_px, max_ch)
     tiles_h, tiles_w = triton.cdiv(hc, ch), triton.cdiv(wc, cw)
     grid = (n * tiles_h * tiles_w,)
     _hog_tokens_kernel[grid](

@@ -9,6 +9,7 @@ in bf16 (``bench/gpu_check``: ``pytest -m gpu tests/kernels/test_attention_trito
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Sequence
 
@@ -138,12 +139,18 @@ def test_head_dims(hd, dtype):
 
 
 def test_default_config_and_query_chunks():
-    """Interpreter default tiles and the split of the dk/dv query loop into 3 chunks (partial sums
-    reduced by torch) give the same gradients as the oracle."""
+    """Interpreter default tiles, the split of the dk/dv query loop into 3 chunks (partial sums
+    reduced by torch), the packed-q'' dk/dv path and the split dk/dv variant give the oracle's
+    gradients."""
     q_thw, k_thw = (2, 6, 6), (2, 3, 3)
     inputs = make_inputs(1, 2, q_thw, k_thw, 16, True, torch.float32)
     check_against_oracle(inputs, q_thw, k_thw, True)
-    check_against_oracle(inputs, q_thw, k_thw, True, config=RelPosAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 3))
+    chunked = RelPosAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 3)
+    check_against_oracle(inputs, q_thw, k_thw, True, config=chunked)
+    # q'' packed once into a buffer (pipelined loads) instead of built in registers per tile
+    check_against_oracle(inputs, q_thw, k_thw, True, config=dataclasses.replace(chunked, dkdv_packed_q=True))
+    # dk and dv in separate launches
+    check_against_oracle(inputs, q_thw, k_thw, True, config=dataclasses.replace(chunked, dkdv_split=True))
 
 
 def test_mixed_precision_tables():
