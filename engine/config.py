@@ -192,9 +192,6 @@ class DeepSpeedConfig:
     """Training precision (the official recipes run fp32; bf16 recommended on A100/H100)."""
     gradient_clipping: float = 0.02
     """Global L2 gradient clip (0.02 in pre-training, 5.0 in fine-tuning); 0 = off."""
-    torch_optimizer: Literal["auto", "always"] = "auto"
-    """``auto`` = ``torch.optim.AdamW`` on CPU (DeepSpeed's CPU Adam compiles an op first) and
-    DeepSpeed's fused AdamW on CUDA; ``always`` = torch AdamW everywhere."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Raw entries merged last into the generated DeepSpeed config (expert use, e.g.
     ``{zero_optimization: {overlap_comm: true}}``)."""
@@ -424,6 +421,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                     except yaml.YAMLError as e:
                         raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
             else:
+                if not (dataclasses.is_dataclass(tp) or tp is Any or typing.get_origin(tp) is dict):
+                    raise ConfigError(f"override {item!r}: {'.'.join(keys[:depth + 1])} is a value, not a section")
                 child = node.get(k)
                 if child is None:
                     child = {}

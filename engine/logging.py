@@ -13,7 +13,6 @@ import os
 import resource
 import sys
 import time
-from typing import Optional
 
 import torch
 

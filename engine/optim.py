@@ -91,12 +91,14 @@ def param_groups(
     return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], -k[1]))]
 
 
-def build_optimizer(groups: list[dict], lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
-    """``torch.optim.AdamW`` over the groups (names dropped; ``lr_scale`` kept on each group)."""
+def build_optimizer(groups: list[dict], lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW`` over the groups (names dropped; ``lr_scale`` kept on each group);
+    ``fused`` selects torch's fused CUDA kernel."""
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     for g in clean:
         g["lr"] = lr * g["lr_scale"]
-    return torch.optim.AdamW(clean, lr=lr, betas=tuple(betas), eps=eps)
+    return torch.optim.AdamW(clean, lr=lr, betas=tuple(betas), eps=eps, fused=True if fused else None)
 
 
 def lr_at_step(

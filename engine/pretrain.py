@@ -70,7 +70,12 @@ def pretrain_step(run: Run, batch: dict) -> torch.Tensor:
     x = _input(batch).to(run.dtype)
     B = x.shape[0]
     grid = run.model.mask_grid(*x.shape[2:])  # (T', H', W') or (H', W')
-    mask = make_masks(run.cfg.mask.kind, B, tuple(grid), run.cfg.mask.ratio, run.rng).to(x.device)
+    mask = make_masks(run.cfg.mask.kind, B, tuple(grid), run.cfg.mask.ratio, run.rng)
+    if not run.state.extra.get("empty_mask_warned") and not bool(mask.any()):
+        run.state.extra["empty_mask_warned"] = True
+        run.logger.write(f"warning: {run.cfg.mask.kind} masking at ratio {run.cfg.mask.ratio} masked nothing on the "
+                         f"{tuple(grid)} token grid (the loss is 0); use a larger input or another mask.kind")
+    mask = mask.to(x.device)
     out = run.engine(x, mask)
     return out.loss
 

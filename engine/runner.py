@@ -1,7 +1,7 @@
 """The training loop shared by pre-training and fine-tuning: set-up, step, checkpoints, resume.
 
-One ordered set-up (torchtitan style): rendezvous → seeds → model (plain, from ``models``) →
-activation checkpointing (from outside) → loader → derived values printed → AdamW groups →
+One ordered set-up (torchtitan style): rendezvous → loader → seeds → model (plain, from
+``models``) → activation checkpointing (from outside) → derived values printed → AdamW groups →
 ``deepspeed.initialize`` → resume. The loop is generic over a *step function* that turns a batch
 into a scalar loss; everything else (LR per iteration, non-finite handling, DeepSpeed
 backward/step, grad norm, logging, checkpoints) lives here once.
@@ -173,15 +173,9 @@ def setup_run(
     lr0 = lr_at_step(0, derived.steps_per_epoch, peak_lr=derived.lr, epochs=cfg.schedule.epochs,
                      warmup_epochs=cfg.schedule.warmup_epochs, warmup_start_lr=cfg.schedule.warmup_start_lr,
                      end_lr=cfg.schedule.end_lr, cosine_after_warmup=cfg.schedule.cosine_after_warmup)
-    use_torch_adamw = dist.device.type != "cuda" or cfg.deepspeed.torch_optimizer == "always"
-    if use_torch_adamw:
-        optimizer = build_optimizer(groups, lr0, cfg.optim.betas, cfg.optim.eps)
-    else:
-        from deepspeed.ops.adam import FusedAdam
-
-        clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
-        optimizer = FusedAdam(clean, lr=lr0, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, adam_w_mode=True)
-        set_lr(optimizer.param_groups, lr0)
+    # torch's AdamW (fused on CUDA) for every ZeRO stage: DeepSpeed's own Adam ops compile C++/CUDA
+    # on first use (~30 s on CPU, DESIGN §4) and bring nothing the fused torch kernel lacks here.
+    optimizer = build_optimizer(groups, lr0, cfg.optim.betas, cfg.optim.eps, fused=dist.device.type == "cuda")
     ds_cfg = deepspeed_config(micro_batch=derived.batch_per_rank, world_size=dist.world_size,
                               zero_stage=cfg.deepspeed.zero_stage, precision=cfg.deepspeed.precision,
                               gradient_clipping=cfg.deepspeed.gradient_clipping, extra=cfg.deepspeed.extra)
@@ -213,11 +207,9 @@ def setup_run(
 
 
 def _grad_norm_fallback(model: nn.Module) -> float:
-    sq = 0.0
-    for p in model.parameters():
-        if p.grad is not None:
-            sq += float(p.grad.detach().float().pow(2).sum())
-    return math.sqrt(sq)
+    """Global L2 norm of the (already all-reduced) gradients; one host sync."""
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else float("nan")
 
 
 def train_loop(
@@ -249,7 +241,8 @@ def train_loop(
             if bad.item() == 0:
                 engine.backward(loss)
                 fallback = None
-                if cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32":
+                will_log = (st.step + 1) % cfg.log.every_steps == 0 or st.step + 1 == d.run_steps
+                if will_log and cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32":
                     fallback = _grad_norm_fallback(engine.module)  # stage-0 fp32 does not record it
                 engine.step()
                 gn = engine.get_global_grad_norm()
@@ -260,11 +253,11 @@ def train_loop(
                 st.nonfinite_total += 1
                 st.nonfinite_streak += 1
                 last_loss = float("nan")
-                run.logger.write(f"step {st.step}: non-finite loss on {int(bad.item())} rank(s); skipped "
+                run.logger.write(f"step {st.step + 1}: non-finite loss on {int(bad.item())} rank(s); skipped "
                                  f"({st.nonfinite_streak} in a row, {st.nonfinite_total} in total)")
                 if st.nonfinite_streak >= cfg.train.max_nonfinite:
                     raise NonFiniteLossError(
-                        f"{st.nonfinite_streak} non-finite losses in a row at step {st.step} (lr {lr:.3g}, "
+                        f"{st.nonfinite_streak} non-finite losses in a row at step {st.step + 1} (lr {lr:.3g}, "
                         f"precision {cfg.deepspeed.precision}); the last finite grad norm was {grad_norm:.4g}. "
                         "Lower optim.lr, raise deepspeed.gradient_clipping strictness, or use bf16/fp32; "
                         f"the last complete checkpoint is {find_latest(cfg.train.output_dir)}")

@@ -7,11 +7,16 @@ one program; no (N, 3, nbins, H, W) tensor and no gradient image ever exists in 
 Kernel design
 -------------
 - Grid: 1-d, one program per (frame, tile of CH x CW cells); tiles in raster order inside a frame.
-  CH and CW are powers of two chosen by :func:`choose_tile` (about ``block_px`` pixels per channel;
-  for 224x224, cell 8: CH = CW = 4, i.e. 32x32 px, 49 programs per frame, no padding waste).
+  CH and CW are powers of two chosen by :func:`choose_tile` (about ``block_px`` pixels per channel).
+  GPU default: one cell row per tile (CH = 1), block_px = 2048, about 8 pixels per thread; for
+  224x224, cell 8: CW = 32 (8 x 256 px, 28 of 32 cells valid), num_warps = 8, 28 programs per
+  frame, 1792 programs for 64 frames.
 - Each program loops over the 3 channels. The tile is a 4-d register block (CH, cell, CW, cell)
   (cell row, row in cell, cell column, column in cell), so the cell sums are two ``tl.sum`` calls
-  and never need a reshape. The 8 Sobel neighbours are 8 gathers with reflect-mirrored row and
+  and never need a reshape. With Triton's default blocked layout for (1, 8, CW, 8) the lanes of a
+  warp should cover (4 cells x 8 columns) and warps split CW, so each thread holds the 8 rows of
+  one column: the row sum (done first) stays in registers and the column sum is a 3-step warp
+  shuffle (expected from the layout rules; not inspected in the compiled code). The 8 Sobel neighbours are 8 gathers with reflect-mirrored row and
   column indices (the halo comes from L1/L2; input strides are arbitrary, no copy is made).
 - Orientation without atan2: the gradient (gy, gx) is folded into the half plane of angles
   [0, pi) (flip when gx < 0, or gx == 0 and gy < 0, which is where atan2 wraps), then
@@ -26,10 +31,21 @@ Kernel design
 - Per (channel, cell) the nbins sums are gathered into a (NBP, CH, CW) block (NBP = nbins rounded
   up to a power of two), L2-normalised (``x / max(‖x‖, 1e-12)``) and stored straight into the
   (N, L, D) layout with index ((c*nbins + bin)*s + cy)*s + cx.
+- Variant ``"rows"`` (opt-in, ``hog_targets_triton(..., variant="rows")``): one program per
+  (frame, cell row, CW cells), walking the cell's rows + 2 halo rows; each pixel row is 3 gathers
+  (left, centre, right) instead of 8, the vertical Sobel taps are rolling per-row sums and
+  differences, and the nbins per-column accumulators (a Triton tuple) are reduced over the cell's
+  columns once at the end. Same results; it uses tuples of tensors (triton >= 3.2).
 - ``norm="block_l2hys"`` needs neighbouring cells across tiles: the kernel writes raw sums and a
   second, small PyTorch step normalises the (N, 3, nbins, Hc, Wc) cell histogram (a 1/(cell^2)
   sized tensor) with :func:`kernels.hog.reference.block_l2hys`. ``none`` and ``cell_l2`` are fully
   fused.
+
+Measured (bench/results/hog_nvidia-h100-80gb-hbm3_20261127.md, H100, triton 3.6, an earlier
+revision of this file: 4x4-cell tiles and rows summed after columns): 0.20 ms for 64x3x224x224 uint8
+-> 8.3x the eager reference, 74 GB/s = 2.5% of the measured copy bandwidth; best swept tile
+0.14 ms. The current defaults (one cell row per tile, rows summed first) and the "rows" variant
+were written after that run and are not yet timed on a GPU (``python -m bench.hog --sweep``).
 
 Known limits: cell must be a power of two (4, 8, 16, ...); inputs uint8/fp16/bf16/fp32; output is
 fp32; no autograd (targets are constants). On CPU the kernel runs only in the Triton interpreter
@@ -44,10 +60,17 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.hog.reference import block_l2hys, cells_to_tokens, gaussian_window_1d, tokens_to_cells
+from kernels.hog.reference import block_l2hys, cells_to_tokens, check_hog_args, gaussian_window_1d, tokens_to_cells
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # decided when @triton.jit runs below
+VARIANTS = ("tile", "rows")  # kernel variants of hog_targets_triton; "tile" is the default
 SUPPORTED_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
+# Launch configurations (variant, block_px, max_ch, num_warps) worth timing on a GPU (None = the
+# launcher's default); bench/hog.py --sweep times them, tests/kernels/test_hog.py checks each on GPU.
+SWEEP_CONFIGS = [
+    ("tile", 2048, 1, None), ("tile", 1024, 1, 4), ("tile", 2048, 1, 4), ("tile", 512, 32, 2), ("tile", 256, 1, 2),
+    ("rows", 2048, 1, None), ("rows", 2048, 1, 1), ("rows", 2048, 1, 4),
+]  # fmt: skip
 _EXACT_DIRS = [(1.0, 0.0), (1.0, 1.0), (0.0, 1.0), (-1.0, 1.0)]  # multiples of 45 degrees in [0, pi)
 
 
@@ -166,6 +189,128 @@ def _hog_tokens_kernel(
         tl.store(out_base + dst, hist, mask=st_mask)
 
 
+@triton.jit
+def _hog_rows_kernel(
+    x_ptr,  # frames (B, T, 3, H, W), any strides
+    out_ptr,  # targets (B*T, L, D) fp32, contiguous
+    win_ptr,  # (WIN,) fp32 normalised 1-d Gaussian (unused when WIN == 0)
+    dir_ptr,  # (NBINS, 2) fp32 boundary directions (cos, sin); row 0 unused
+    T,
+    H,
+    W,
+    Hc,
+    Wc,
+    tiles_w,
+    Wt,
+    L,
+    sxb,
+    sxt,
+    sxc,
+    sxh,
+    sxw,
+    CELL: tl.constexpr,
+    NBINS: tl.constexpr,
+    S: tl.constexpr,
+    CW: tl.constexpr,
+    BW: tl.constexpr,  # CW * CELL pixel columns
+    SIGNED: tl.constexpr,
+    NORM_L2: tl.constexpr,
+    WIN: tl.constexpr,
+):
+    """Row-streaming variant: one program per (frame, cell row, CW cells); walks the cell's rows.
+
+    Each pixel row is loaded once per channel as 3 column-shifted vectors (left, centre, right);
+    the vertical Sobel taps are the rolling horizontal sums/differences of the previous rows. The
+    nbins per-column accumulators (a tuple of (CW*CELL,) vectors) are reduced over the cell's
+    columns once at the end, so the per-pixel work has no cross-thread communication.
+    """
+    D = 3 * NBINS * S * S
+    pid = tl.program_id(0)
+    tw = pid % tiles_w
+    rest = pid // tiles_w
+    cy = rest % Hc  # cell row
+    n = rest // Hc
+    b = n // T
+    t = n - b * T
+    x_base = x_ptr + b.to(tl.int64) * sxb + t.to(tl.int64) * sxt
+
+    xs = tw * BW + tl.arange(0, BW)  # (BW,) pixel columns
+    xs = tl.where(xs < W, xs, 0)
+    xm = tl.abs(xs - 1)
+    xp = tl.where(xs + 1 >= W, 2 * W - 3 - xs, xs + 1)
+    cm = xm * sxw
+    c0 = xs * sxw
+    cp = xp * sxw
+    if WIN > 0:
+        wx = tl.load(win_ptr + xs % WIN)  # (BW,)
+    cx = tw * CW + tl.arange(0, CW)  # (CW,) cell columns
+    tok = (cy // S) * Wt + cx // S
+    sub = (cy % S) * S + cx % S
+    out_base = out_ptr + n.to(tl.int64) * L * D + tok * D + sub  # (CW,)
+    st_mask = cx < Wc
+
+    for c in range(3):  # a runtime loop: keeps the unrolled body (rows x bins) compiled once
+        cb = x_base + c * sxc
+        acc = ()
+        for k in tl.static_range(NBINS):
+            acc = acc + (tl.zeros((BW,), dtype=tl.float32),)
+        for rr in tl.static_range(CELL + 2):
+            yy = cy * CELL - 1 + rr  # reflect padding by 1
+            yy = tl.abs(yy)
+            yy = tl.where(yy >= H, 2 * H - 2 - yy, yy)
+            row = cb + yy * sxh
+            left = tl.load(row + cm).to(tl.float32)
+            mid = tl.load(row + c0).to(tl.float32)
+            right = tl.load(row + cp).to(tl.float32)
+            d_new = left - right  # horizontal difference
+            s_new = left + 2.0 * mid + right  # horizontal smoothing
+            if rr == 0:
+                d0 = d_new
+                s0 = s_new
+            elif rr == 1:
+                d1 = d_new
+                s1 = s_new
+            else:
+                gx = d0 + 2.0 * d1 + d_new  # left - right
+                gy = s0 - s_new  # top - bottom
+                mag = tl.sqrt(gx * gx + gy * gy)
+                if WIN > 0:
+                    mag = mag * (tl.load(win_ptr + (cy * CELL + rr - 2) % WIN) * wx)  # pixel row cy*CELL + rr - 2
+                lower = (gx < 0) | ((gx == 0) & (gy < 0))
+                fx = tl.where(lower, -gx, gx)
+                fy = tl.where(lower, -gy, gy)
+                above = mag
+                new_acc = ()
+                for k in tl.static_range(1, NBINS):
+                    cos_k = tl.load(dir_ptr + 2 * k)
+                    sin_k = tl.load(dir_ptr + 2 * k + 1)
+                    ge = (fx * cos_k - fy * sin_k) >= 0
+                    if SIGNED:
+                        if 2 * k < NBINS:
+                            ge = lower | ge
+                        else:
+                            ge = lower & ge
+                    new_acc = new_acc + (acc[k - 1] + tl.where(ge, 0.0, above),)
+                    above = tl.where(ge, mag, 0.0)
+                acc = new_acc + (acc[NBINS - 1] + above,)
+                d0 = d1
+                d1 = d_new
+                s0 = s1
+                s1 = s_new
+        parts = ()
+        ss = tl.zeros((CW,), dtype=tl.float32)
+        for k in tl.static_range(NBINS):
+            part = tl.sum(tl.reshape(acc[k], (CW, CELL)), axis=1)  # (CW,) cell sums of bin k
+            parts = parts + (part,)
+            ss += part * part
+        den = tl.maximum(tl.sqrt(ss), 1e-12)
+        for k in tl.static_range(NBINS):
+            val = parts[k]
+            if NORM_L2:
+                val = val / den
+            tl.store(out_base + (c * NBINS + k) * (S * S), val, mask=st_mask)
+
+
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
@@ -222,16 +367,20 @@ def hog_targets_triton(
     out: torch.Tensor | None = None,
     block_px: int | None = None,
     max_ch: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
+    variant: str = "tile",
 ) -> torch.Tensor:
     """Launch the fused kernel. frames (B, T, 3, H, W) any strides -> (B*T, L, D) fp32.
 
-    Arguments are checked by the caller (:func:`kernels.hog.hog_targets`) except the ones specific
-    to this path. ``out`` (B*T, L, D) fp32 contiguous may be passed (tests poison it); it is
+    Options as :func:`kernels.hog.hog_targets`. ``out`` (B*T, L, D) fp32 contiguous may be passed (tests poison it); it is
     returned. ``block_px`` (pixels per channel per program; default 2048, 4096 when interpreted),
-    ``max_ch`` (cell rows per tile; default 1, 32 when interpreted) and ``num_warps`` set the tile.
+    ``max_ch`` (cell rows per tile; default 1, 32 when interpreted) and ``num_warps`` (default: about
+    8 pixels per thread) set the tile and the program size.
     """
+    if frames.dim() != 5:
+        raise ValueError(f"hog_targets_triton expects frames (B, T, 3, H, W), got shape {tuple(frames.shape)}")
     bsz, t, c, h, w = frames.shape
+    check_hog_args((bsz * t, c, h, w), token_stride, cell, nbins, gaussian_window, norm)
     if frames.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"triton HOG supports {SUPPORTED_DTYPES}, got {frames.dtype}")
     if cell & (cell - 1):
@@ -259,7 +408,36 @@ def hog_targets_triton(
         block_px = 4096 if INTERPRETED else 2048
     if max_ch is None:  # on GPU one cell row per tile keeps a cell's rows in one thread's registers
         max_ch = 32 if INTERPRETED else 1
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    common = dict(SIGNED=bool(signed), NORM_L2=(norm == "cell_l2"), WIN=gaussian_window)
+    if variant == "rows":
+        _, cw = choose_tile(hc, wc, cell, block_px, 1)
+        tiles_w = triton.cdiv(wc, cw)
+        _hog_rows_kernel[(n * hc * tiles_w,)](
+            frames, out, win, dirs,
+            t, h, w, hc, wc, tiles_w, wt, l,
+            *frames.stride(),
+            CELL=cell, NBINS=nbins, S=s, CW=cw, BW=cw * cell, **common,
+            num_warps=num_warps or min(8, max(1, cw * cell // 128)),  # about 2 columns per thread
+        )  # fmt: skip
+    else:
+        ch, cw = choose_tile(hc, wc, cell, block_px, max_ch)
+        tiles_h, tiles_w = triton.cdiv(hc, ch), triton.cdiv(wc, cw)
+        _hog_tokens_kernel[(n * tiles_h * tiles_w,)](
+            frames, out, win, dirs,
+            t, h, w, hc, wc, tiles_w, tiles_h, wt, l,
+            *frames.stride(),
+            CELL=cell, NBINS=nbins, NBP=_next_pow2(nbins), S=s, CH=ch, CW=cw, **common,
+            num_warps=num_warps or min(8, max(1, ch * cw * cell * cell // 256)),  # about 8 px per thread
+        )  # fmt: skip
+    if norm == "block_l2hys":  # the one unfused step: needs neighbouring cells (see module docstring)
+        cells = tokens_to_cells(out, (ht, wt), nbins, s)  # (N, 3, nbins, Hc, Wc)
+        out.copy_(cells_to_tokens(block_l2hys(cells), token_stride, cell))
+    return out
     ch, cw = choose_tile(hc, wc, cell, block_px, max_ch)
+    if num_warps is None:  # about 8 pixels per thread per channel (8 gathers each stay in registers)
+        num_warps = min(8, max(1, ch * cw * cell * cell // 256))
     tiles_h, tiles_w = triton.cdiv(hc, ch), triton.cdiv(wc, cw)
     grid = (n * tiles_h * tiles_w,)
     _hog_tokens_kernel[grid](

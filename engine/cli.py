@@ -1,0 +1,163 @@
+"""The ``maskfeat`` command: ``pretrain | finetune | eval | export | data prepare``.
+
+Every training command takes ``--config FILE.yaml`` and any number of dotted overrides
+(``data.root=/k400 optim.lr=8e-4``; also accepted as ``--data.root=/k400``). Examples::
+
+    maskfeat pretrain --config configs/demo_pretrain.yaml
+    maskfeat pretrain --config configs/pretrain_mvitv2_l_16x4_k400.yaml data.root=/k400 --resume auto
+    maskfeat export runs/demo_pretrain --out runs/demo_pretrain/backbone.safetensors
+    maskfeat finetune --config configs/demo_finetune.yaml finetune.pretrained=runs/demo_pretrain/backbone.safetensors
+    maskfeat eval --config configs/demo_finetune.yaml --checkpoint runs/demo_finetune
+    maskfeat pretrain --help-config        # every config field with its documentation
+
+Launch the same command under ``torchrun``, the ``deepspeed`` launcher (``--module engine``; the
+``--local_rank`` it appends is accepted and ignored, ``LOCAL_RANK`` is read from the environment)
+or ``srun`` for more processes (``python -m engine`` is the module form). Exit codes: 0 done, 2 bad config/usage,
+3 stopped on purpose by ``train.stop_after_steps``, 4 too many non-finite losses.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _split_overrides(extra: list[str]) -> tuple[list[str], list[str]]:
+    overrides, unknown = [], []
+    for item in extra:
+        if "=" in item and not item.startswith("-"):
+            overrides.append(item)
+        elif item.startswith("--") and "=" in item and "." in item.split("=", 1)[0]:
+            overrides.append(item[2:])
+        else:
+            unknown.append(item)
+    return overrides, unknown
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="maskfeat", description="MaskFeat pre-training and fine-tuning engine",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("::")[1].split("Launch")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("pretrain", "MaskFeat pre-training"), ("finetune", "fine-tune a classifier"),
+                        ("eval", "multi-view evaluation of a fine-tuned model")):
+        s = sub.add_parser(name, help=help_, description=f"{help_}; trailing section.field=value items override the config")
+        s.add_argument("--config", "-c", default=None, help="YAML recipe (configs/*.yaml)")
+        s.add_argument("--help-config", action="store_true", help="print every config field with its doc and exit")
+        if name != "eval":
+            s.add_argument("--resume", default=None,
+                           help="'auto' (newest complete checkpoint in train.output_dir) or a checkpoint tag")
+        else:
+            s.add_argument("--checkpoint", required=False, default=None,
+                           help="run directory (uses best, else latest), checkpoints/<tag> directory, or weights file")
+    e = sub.add_parser("export", help="consolidated fp32 backbone (safetensors) from a DeepSpeed checkpoint")
+    e.add_argument("run_dir", help="run output directory (or its checkpoints/ directory)")
+    e.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
+    e.add_argument("--out", default=None, help="output file (default: <run_dir>/backbone.safetensors)")
+    e.add_argument("--keep-head", action="store_true", help="keep mask_token and pred_head.* (pre-training only)")
+    d = sub.add_parser("data", help="data tools (maskfeat data prepare --help)")
+    d.add_argument("data_args", nargs=argparse.REMAINDER)
+    return p
+
+
+def _drop_local_rank(argv: list[str]) -> list[str]:
+    """Remove the ``--local_rank=N`` that the deepspeed launcher inserts (LOCAL_RANK is in the env)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--local_rank", "--local-rank"):
+            skip = True
+            continue
+        if a.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        out.append(a)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = _drop_local_rank(list(sys.argv[1:] if argv is None else argv))
+    if argv[:1] == ["data"]:
+        rest = argv[1:]
+        if rest[:1] != ["prepare"]:
+            print("usage: maskfeat data prepare [...]  (see maskfeat data prepare --help)", file=sys.stderr)
+            return 2
+        from engine.data import prepare_main
+
+        return int(prepare_main(rest[1:]) or 0)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides, unknown = _split_overrides(extra)
+    if unknown:
+        parser.error(f"unrecognised arguments: {' '.join(unknown)} (overrides look like section.field=value)")
+
+    if args.command == "export":
+        from engine.checkpoint import export_backbone
+
+        out = args.out or os.path.join(args.run_dir, "backbone.safetensors")
+        try:
+            res = export_backbone(args.run_dir, out, tag=args.tag, keep_pretrain_head=args.keep_head)
+        except FileNotFoundError as e:
+            print(f"maskfeat export: {e}", file=sys.stderr)
+            return 2
+        print(f"exported {res['tensors']} tensors ({res['parameters'] / 1e6:.2f} M parameters) "
+              f"from {res['tag']} to {os.path.abspath(res['path'])}")
+        return 0
+
+    from engine.config import ConfigError, describe, load_config
+
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"maskfeat {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    if args.help_config:
+        print(describe(cfg))
+        return 0
+
+    from engine.runner import NonFiniteLossError, StopRequested
+
+    try:
+        if args.command == "pretrain":
+            from engine.pretrain import run_pretrain
+
+            run_pretrain(cfg, resume=args.resume)
+        elif args.command == "finetune":
+            from engine.finetune import run_finetune
+
+            run_finetune(cfg, resume=args.resume)
+        else:
+            from engine.finetune import run_eval
+
+            if not args.checkpoint:
+                parser.error("maskfeat eval needs --checkpoint")
+            run_eval(cfg, args.checkpoint)
+    except ConfigError as e:
+        print(f"maskfeat {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except StopRequested as e:
+        print(f"maskfeat {args.command}: {e}", file=sys.stderr)
+        return 3
+    except NonFiniteLossError as e:
+        print(f"maskfeat {args.command}: {e}", file=sys.stderr)
+        return 4
+    finally:
+        _shutdown()
+    return 0
+
+
+def _shutdown() -> None:
+    try:
+        import torch
+
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    except Exception:  # pragma: no cover - best effort at exit
+        pass
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Fine-tuning and evaluation of a MaskFeat backbone as a video classifier (DESIGN §3.6).
+
+- Start: ``models.create_model(name, task="classify")``; a pre-trained backbone
+  (``finetune.pretrained``: our ``.safetensors`` export or an official ``.pyth``) is loaded by
+  ``models.checkpoint.load_backbone_into_classifier`` (relative-position tables interpolated,
+  the last stage's query pooling restored; missing/unexpected keys printed).
+- Mixup / CutMix (timm ``Mixup`` batch mode): with probability ``mixup_prob`` a batch is mixed;
+  when both are on, CutMix is chosen with ``switch_prob``; λ ~ Beta(α, α); the CutMix box is
+  the same on every frame and λ is corrected to the box's true area; the partner of clip i is
+  clip B−1−i (the batch flipped). Targets are label-smoothed one-hots (off = ε/K,
+  on = 1 − ε + ε/K) mixed with the same λ; the loss is soft-target cross-entropy
+  ``mean_b Σ_k −t_bk log softmax(z_b)_k``. Randomness comes from the rank's numpy Generator
+  (saved in checkpoints). Recipe: mixup 0.8, cutmix 1.0, switch 0.5, smoothing 0.1.
+- Drop path and layer decay come from the config (``model.drop_path``, ``optim.layer_decay``).
+- Evaluation: every view's softmax is summed per ``video_id`` over all ranks (views marked
+  ``valid=False`` are padding repeats and are skipped), divided by the number of views, and
+  top-1/top-5 are computed over videos (top-k with k capped at the number of classes). During
+  fine-tuning the best top-1 is kept as the ``best`` checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import Config
+from engine.distributed import DistInfo, init_distributed
+from engine.pretrain import create_model, model_overrides
+from engine.runner import Run, print0, report_paths, setup_run, train_loop
+
+__all__ = [
+    "one_hot_smoothed",
+    "mix_batch",
+    "soft_target_cross_entropy",
+    "evaluate",
+    "build_classifier",
+    "run_finetune",
+    "run_eval",
+]
+
+
+def one_hot_smoothed(label: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """(B,) int labels -> (B, K) soft targets: ``1 − ε + ε/K`` on the label, ``ε/K`` elsewhere."""
+    off = smoothing / num_classes
+    t = torch.full((label.shape[0], num_classes), off, device=label.device, dtype=torch.float32)
+    return t.scatter_(1, label.long().view(-1, 1), 1.0 - smoothing + off)
+
+
+def _cutmix_box(H: int, W: int, lam: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    cut = np.sqrt(1.0 - lam)
+    ch, cw = int(H * cut), int(W * cut)
+    cy, cx = int(rng.integers(0, H)), int(rng.integers(0, W))
+    y0, y1 = int(np.clip(cy - ch // 2, 0, H)), int(np.clip(cy + ch // 2, 0, H))
+    x0, x1 = int(np.clip(cx - cw // 2, 0, W)), int(np.clip(cx + cw // 2, 0, W))
+    return y0, y1, x0, x1
+
+
+def mix_batch(
+    x: torch.Tensor,
+    label: torch.Tensor,
+    num_classes: int,
+    rng: np.random.Generator,
+    *,
+    mixup_alpha: float = 0.8,
+    cutmix_alpha: float = 1.0,
+    mixup_prob: float = 1.0,
+    switch_prob: float = 0.5,
+    smoothing: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Mixup/CutMix a batch (module docstring). x (B, C, T, H, W) or (B, C, H, W); returns the
+    mixed input (new tensor), soft targets (B, K) and ``{"lam", "cutmix"}``."""
+    lam, cutmix = 1.0, False
+    if (mixup_alpha > 0 or cutmix_alpha > 0) and rng.random() < mixup_prob:
+        if mixup_alpha > 0 and cutmix_alpha > 0:
+            cutmix = bool(rng.random() < switch_prob)
+            lam = float(rng.beta(cutmix_alpha, cutmix_alpha) if cutmix else rng.beta(mixup_alpha, mixup_alpha))
+        elif mixup_alpha > 0:
+            lam = float(rng.beta(mixup_alpha, mixup_alpha))
+        else:
+            cutmix, lam = True, float(rng.beta(cutmix_alpha, cutmix_alpha))
+    x = x.clone()
+    if lam < 1.0:
+        partner = x.flip(0)
+        if cutmix:
+            H, W = x.shape[-2:]
+            y0, y1, x0, x1 = _cutmix_box(H, W, lam, rng)
+            x[..., y0:y1, x0:x1] = partner[..., y0:y1, x0:x1]
+            lam = 1.0 - (y1 - y0) * (x1 - x0) / float(H * W)
+        else:
+            x = x * lam + partner * (1.0 - lam)
+    t = one_hot_smoothed(label, num_classes, smoothing)
+    target = t * lam + t.flip(0) * (1.0 - lam)
+    return x, target, {"lam": lam, "cutmix": cutmix}
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``mean_b Σ_k −target_bk · log_softmax(logits)_bk`` (in fp32)."""
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+@torch.no_grad()
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader, dtype: torch.dtype = torch.float32) -> dict:
+    """Multi-view accuracy: average softmax over the views of each video, top-1/top-5 (%)."""
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+    labels: dict[int, int] = {}
+    for batch in loader:
+        x = batch["video"] if "video" in batch else batch["image"]
+        probs = F.softmax(forward(x.to(dtype)).float(), dim=-1).cpu()  # (B, K)
+        vids = batch.get("video_id", batch["index"]).cpu().tolist()
+        valid = batch.get("valid")
+        valid = valid.cpu().tolist() if valid is not None else [True] * len(vids)
+        for i, (v, ok) in enumerate(zip(vids, valid)):
+            if not ok:
+                continue
+            sums[v] = sums[v] + probs[i] if v in sums else probs[i].clone()
+            counts[v] = counts.get(v, 0) + 1
+            labels[v] = int(batch["label"][i])
+    local = (sums, counts, labels)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        parts: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, local)
+    else:
+        parts = [local]
+    S: dict[int, torch.Tensor] = {}
+    N: dict[int, int] = {}
+    Y: dict[int, int] = {}
+    for s, c, y in parts:
+        for v in s:
+            S[v] = S[v] + s[v] if v in S else s[v]
+            N[v] = N.get(v, 0) + c[v]
+            Y[v] = y[v]
+    if not S:
+        raise RuntimeError("evaluation saw no valid views")
+    ids = sorted(S)
+    avg = torch.stack([S[v] / N[v] for v in ids])  # (V, K)
+    y = torch.tensor([Y[v] for v in ids])
+    k5 = min(5, avg.shape[1])
+    top = avg.topk(k5, dim=1).indices  # (V, k5)
+    top1 = (top[:, 0] == y).float().mean().item() * 100
+    top5 = (top == y[:, None]).any(dim=1).float().mean().item() * 100
+    return {"top1": top1, "top5": top5, "videos": len(ids), "views": int(sum(N.values()))}
+
+
+def build_classifier(cfg: Config, num_classes: int) -> nn.Module:
+    """Classifier of ``cfg.model``, initialised from ``finetune.pretrained`` when given."""
+    model = create_model(cfg.model.name, task="classify", num_classes=num_classes, **model_overrides(cfg, "classify"))
+    if cfg.finetune.pretrained:
+        from engine.checkpoint import load_pretrained
+        from models.checkpoint import load_backbone_into_classifier
+
+        report = load_backbone_into_classifier(model, load_pretrained(cfg.finetune.pretrained))
+        print0(f"pre-trained backbone {cfg.finetune.pretrained}: {report}")
+    return model
+
+
+def _num_classes(cfg: Config, loader) -> int:
+    k = cfg.finetune.num_classes or int(getattr(loader, "num_classes", 0))
+    if k < 1:
+        raise ValueError("the number of classes is unknown: set finetune.num_classes")
+    return k
+
+
+def _eval_loader(cfg: Config, dist: DistInfo):
+    from engine.data import build_loader
+
+    return build_loader(cfg.data, cfg.finetune.eval_split, rank=dist.rank, world_size=dist.world_size,
+                        device=dist.device, mode="test")
+
+
+def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
+    """Fine-tune according to ``cfg``; evaluates every ``train.eval_every_epochs`` and at the end."""
+    from engine.data import build_loader
+
+    def loader(dist: DistInfo):
+        return build_loader(cfg.data, "train", rank=dist.rank, world_size=dist.world_size,
+                            device=dist.device, mode="finetune")
+
+    state: dict = {}
+
+    def build(train_loader) -> nn.Module:
+        state["K"] = _num_classes(cfg, train_loader)
+        return build_classifier(cfg, state["K"])
+
+    run = setup_run(cfg, build_model=build, build_loader=loader,
+                    clips_per_rank=lambda l: cfg.data.batch_size * cfg.data.repeated_aug,
+                    resume=resume, desc="finetune")
+    K = state["K"]
+    eval_loader = _eval_loader(cfg, run.dist)
+    ft = cfg.finetune
+
+    def step(batch: dict) -> torch.Tensor:
+        x = batch["video"] if "video" in batch else batch["image"]
+        x, target, _ = mix_batch(x, batch["label"], K, run.rng, mixup_alpha=ft.mixup_alpha,
+                                 cutmix_alpha=ft.cutmix_alpha, mixup_prob=ft.mixup_prob,
+                                 switch_prob=ft.switch_prob, smoothing=ft.label_smoothing)
+        logits = run.engine(x.to(run.dtype))  # (B, K)
+        return soft_target_cross_entropy(logits, target)
+
+    def do_eval(r: Run) -> dict:
+        r.engine.eval()
+        res = evaluate(lambda x: r.engine(x), eval_loader, r.dtype)
+        r.engine.train()
+        state["eval_step"] = r.state.step
+        r.logger.scalars(r.state.step, res, prefix="val")
+        r.logger.write(f"epoch {r.state.epoch} step {r.state.step}: val top-1 {res['top1']:.2f} "
+                       f"top-5 {res['top5']:.2f} ({res['videos']} videos, {res['views']} views)")
+        if res["top1"] > r.state.best_metric:
+            r.state.best_metric = res["top1"]
+            r.save("best", update_latest=False, keep=0)
+        return res
+
+    def on_epoch_end(r: Run) -> None:
+        every = cfg.train.eval_every_epochs
+        last = r.state.step >= r.derived.run_steps
+        if (every > 0 and r.state.epoch % every == 0) or last:
+            state["last_eval"] = do_eval(r)
+
+    summary = train_loop(run, step, on_epoch_end=on_epoch_end)
+    if state.get("eval_step") != run.state.step:
+        # the run ended mid-epoch (schedule.max_steps): evaluate the final weights too
+        run.logger = _reopen(run)
+        state["last_eval"] = do_eval(run)
+        run.logger.close()
+    summary["eval"] = state.get("last_eval")
+    summary["best_top1"] = run.state.best_metric
+    report_paths(run, summary)
+    if run.main and summary["eval"] is not None:
+        print(f"final val top-1 {summary['eval']['top1']:.2f}  top-5 {summary['eval']['top5']:.2f}; "
+              f"best top-1 {run.state.best_metric:.2f} (checkpoint "
+              f"{os.path.join(os.path.abspath(cfg.train.output_dir), 'checkpoints', 'best')})", flush=True)
+    return summary
+
+
+def _reopen(run: Run):
+    from engine.logging import RunLogger
+
+    c = run.cfg
+    return RunLogger(c.train.output_dir, enabled=run.main, total_steps=0, progress_bar=False,
+                     tensorboard=c.log.tensorboard, jsonl=c.log.jsonl)
+
+
+def run_eval(cfg: Config, checkpoint: str) -> dict:
+    """Evaluate a fine-tuned model: ``checkpoint`` is a run directory (its ``best``, else its
+    latest checkpoint), a ``checkpoints/<tag>`` directory, or a weights file (.safetensors/.pt)."""
+    from engine.checkpoint import checkpoint_dir, consolidated_state_dict, find_latest, load_pretrained
+
+    dist = init_distributed(cfg.train.device)
+    loader = _eval_loader(cfg, dist)
+    K = _num_classes(cfg, loader)
+    model = create_model(cfg.model.name, task="classify", num_classes=K, **model_overrides(cfg, "classify"))
+    if os.path.isfile(checkpoint):
+        sd = load_pretrained(checkpoint)
+        where = checkpoint
+    else:
+        if os.path.isdir(checkpoint_dir(checkpoint)):
+            ck = checkpoint_dir(checkpoint)
+            tag = "best" if os.path.isdir(os.path.join(ck, "best")) else find_latest(checkpoint)
+            if tag is None:
+                raise FileNotFoundError(f"no complete checkpoint under {ck}")
+        else:
+            ck, tag = os.path.dirname(os.path.abspath(checkpoint)), os.path.basename(os.path.abspath(checkpoint))
+        sd = consolidated_state_dict(ck, tag)
+        where = os.path.join(ck, tag)
+    model.load_state_dict(sd, strict=True)
+    model.to(dist.device).eval()
+    print0(f"evaluating {where} on {cfg.data.dataset}/{cfg.finetune.eval_split} "
+           f"({cfg.data.num_clips} clips x {cfg.data.num_crops} crops per video)")
+    res = evaluate(model, loader)
+    res["checkpoint"] = where
+    if dist.rank == 0:
+        print(json.dumps(res), flush=True)
+        os.makedirs(cfg.train.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.train.output_dir, "eval.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    return res

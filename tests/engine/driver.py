@@ -1,0 +1,84 @@
+"""Subprocess driver for the distributed engine tests (run under ``torchrun`` or alone).
+
+``python tests/engine/driver.py MODE OUT_DIR [overrides...]``
+
+- ``zero``: pre-train a few steps, export the consolidated backbone on rank 0 (all ZeRO stages
+  through ``engine.checkpoint.export_backbone``), fine-tune from it a few steps with evaluation;
+  writes ``OUT_DIR/result_r<rank>.json`` with the pre-training losses and the eval result.
+- ``nonfinite``: pre-training whose loss is replaced by NaN on the steps listed in
+  ``NAN_STEPS`` (comma-separated) to exercise the skip/stop logic; writes the outcome.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+from engine.config import load_config  # noqa: E402
+
+
+def _losses(path: str) -> dict[int, float]:
+    out = {}
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("split") == "train" and isinstance(rec.get("loss"), float):
+                out[rec["step"]] = rec["loss"]
+    return out
+
+
+def zero(out_dir: str, overrides: list[str]) -> None:
+    from engine.checkpoint import export_backbone
+    from engine.distributed import barrier
+    from engine.finetune import run_finetune
+    from engine.pretrain import run_pretrain
+
+    pre = load_config("tests/engine/tiny.yaml", [f"train.output_dir={out_dir}/pre"] + overrides)
+    run_pretrain(pre)
+    rank = torch.distributed.get_rank()
+    export = os.path.join(out_dir, "backbone.safetensors")
+    if rank == 0:
+        export_backbone(os.path.join(out_dir, "pre"), export)
+    barrier()
+    ft = load_config("tests/engine/tiny.yaml", [f"train.output_dir={out_dir}/ft", f"finetune.pretrained={export}",
+                                                 "data.num_clips=2", "optim.layer_decay=0.75",
+                                                 "deepspeed.gradient_clipping=5.0"] + overrides)
+    summary = run_finetune(ft)
+    res = {"pre_losses": _losses(os.path.join(out_dir, "pre", "metrics.jsonl")) if rank == 0 else None,
+           "eval": summary["eval"], "world": torch.distributed.get_world_size()}
+    with open(os.path.join(out_dir, f"result_r{rank}.json"), "w") as f:
+        json.dump(res, f)
+
+
+def nonfinite(out_dir: str, overrides: list[str]) -> None:
+    from engine import pretrain as P
+    from engine.runner import NonFiniteLossError
+
+    nan_steps = {int(s) for s in os.environ.get("NAN_STEPS", "").split(",") if s}
+    cfg = load_config("tests/engine/tiny.yaml", [f"train.output_dir={out_dir}"] + overrides)
+    orig = P.pretrain_step
+    calls = {"n": 0}
+
+    def poisoned(run, batch):
+        loss = orig(run, batch)
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] in nan_steps else loss
+
+    P.pretrain_step = poisoned
+    try:
+        summary = P.run_pretrain(cfg)
+        res = {"ok": True, "nonfinite_total": summary["nonfinite_total"], "steps": summary["steps"]}
+    except NonFiniteLossError as e:
+        res = {"ok": False, "error": str(e)}
+    if torch.distributed.get_rank() == 0:
+        with open(os.path.join(out_dir, "result.json"), "w") as f:
+            json.dump(res, f)
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], sys.argv[2]
+    {"zero": zero, "nonfinite": nonfinite}[mode](out, sys.argv[3:])

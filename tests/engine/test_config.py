@@ -1,0 +1,163 @@
+"""Config loading (strict, typed, dotted overrides), derived values, launcher environment."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+
+import pytest
+import yaml
+
+from engine.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_to_yaml,
+    derive,
+    describe,
+    field_docs,
+    load_config,
+)
+from engine.distributed import _first_slurm_host, deepspeed_config, launch_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_overrides_are_typed_by_the_field():
+    cfg = load_config(None, [
+        "data.root=/k400", "optim.lr=8e-4", "data.batch_size=3", "deepspeed.zero_stage=2",
+        "data.train_scale=[0.3, 1]", "model.overrides.target=pixel", "log.tensorboard=false",
+        "model.drop_path=0.2", "data.root=007",
+    ])
+    assert cfg.data.root == "007"  # str fields keep the raw text
+    assert cfg.optim.lr == pytest.approx(8e-4) and isinstance(cfg.optim.lr, float)  # YAML reads '8e-4' as str
+    assert cfg.data.batch_size == 3
+    assert cfg.deepspeed.zero_stage == 2
+    assert cfg.data.train_scale == (0.3, 1.0)
+    assert cfg.model.overrides == {"target": "pixel"}
+    assert cfg.log.tensorboard is False
+    assert cfg.model.drop_path == pytest.approx(0.2)
+    assert load_config(None, ["model.drop_path=null"]).model.drop_path is None
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lrr=1", "did you mean 'optim.lr'"),
+    ("datta.root=/x", "did you mean 'data'"),
+    ("data.batchsize=2", "did you mean 'data.batch_size'"),
+    ("schedule.warmup=3", "did you mean 'schedule.warmup_epochs'"),
+])
+def test_unknown_key_names_the_closest_valid_key(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lr=fast", "optim.lr: expected a number"),
+    ("data.batch_size=2.5", "data.batch_size: expected an integer"),
+    ("log.tensorboard=maybe", "log.tensorboard: expected true/false"),
+    ("deepspeed.zero_stage=4", "not one of 0, 1, 2, 3"),
+    ("deepspeed.precision=bf61", "did you mean 'bf16'"),
+    ("data.train_scale=[0.5]", "expected 2 values"),
+    ("data.batch_size=0", "batch_size must be >= 1"),
+    ("mask.ratio=1.5", "mask.ratio must be in"),
+    ("optim.layer_decay=1.5", "layer_decay must be in"),
+    ("optim.lr", "must look like section.field=value"),
+    ("optim.lr.x=1", "not a section"),
+])
+def test_bad_values_are_clear(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])
+
+
+def test_yaml_file_is_strict(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("optim:\n  lr: 1.0e-3\n  weight_decy: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'optim.weight_decy'; did you mean 'optim.weight_decay'"):
+        load_config(str(p))
+    p.write_text("optim: [1, 2]\n")
+    with pytest.raises(ConfigError, match="optim: expected a mapping"):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_yaml_round_trip_and_overrides_win(tmp_path):
+    cfg = load_config(None, ["optim.lr=3e-4", "data.mean=[0.5, 0.5, 0.5]", "mask.kind=tube"])
+    p = tmp_path / "c.yaml"
+    p.write_text(config_to_yaml(cfg))
+    again = load_config(str(p))
+    assert again == cfg
+    assert load_config(str(p), ["mask.kind=frame"]).mask.kind == "frame"
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)))
+def test_every_shipped_recipe_loads(path):
+    cfg = load_config(path)
+    assert cfg.model.name
+    from models.variants import get_variant
+
+    get_variant(cfg.model.name)  # the variant exists
+
+
+def test_every_engine_field_has_a_docstring():
+    for sec in dataclasses.fields(Config):
+        cls = type(getattr(Config(), sec.name))
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{sec.name}: fields without a docstring: {missing}"
+    text = describe()
+    assert "optim.lr = 0.0008" in text and "absolute LR is scaled by the global batch" in text
+
+
+def test_derived_values_scale_the_lr_by_the_global_batch():
+    cfg = load_config(None, ["optim.lr=8e-4", "optim.lr_reference_batch=256", "data.batch_size=4",
+                             "schedule.epochs=300", "schedule.warmup_epochs=10"])
+    d = derive(cfg, world_size=64, steps_per_epoch=937)
+    assert d.global_batch == 256 and d.lr == pytest.approx(8e-4)
+    d = derive(cfg, world_size=8, steps_per_epoch=100)
+    assert d.global_batch == 32 and d.lr == pytest.approx(1e-4)  # the official 8-GPU recipe
+    assert d.total_steps == 30000 and d.warmup_steps == 1000 and d.run_steps == 30000
+    text = d.describe(cfg)
+    assert "0.0008 per 256 clips x 32/256 = 0.0001" in text
+    with pytest.raises(ConfigError, match="0 batches per epoch"):
+        derive(cfg, world_size=8, steps_per_epoch=0)
+    assert derive(load_config(None, ["schedule.max_steps=7"]), 1, 10).run_steps == 7
+
+
+def test_config_from_dict_rejects_non_mappings():
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        config_from_dict([1, 2])  # type: ignore[arg-type]
+    assert apply_overrides({}, ["model.overrides.img_size=32"]) == {"model": {"overrides": {"img_size": 32}}}
+
+
+def test_launch_env_single_process_defaults():
+    env: dict = {}
+    set_ = launch_env(env)
+    assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and env["LOCAL_RANK"] == "0"
+    assert env["MASTER_ADDR"] == "127.0.0.1" and int(env["MASTER_PORT"]) > 0
+    assert set(set_) == {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+
+
+def test_launch_env_keeps_launcher_values_and_reads_slurm():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234",
+           "SLURM_PROCID": "7"}
+    assert launch_env(env) == {} and env["RANK"] == "3"
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+           "SLURM_JOB_NODELIST": "gpu[012-015,020],login1"}
+    launch_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("5", "16", "1")
+    assert env["MASTER_ADDR"] == "gpu012" and env["MASTER_PORT"] == "29500"
+    assert _first_slurm_host("node7") == "node7"
+
+
+def test_deepspeed_config():
+    c = deepspeed_config(micro_batch=4, world_size=8, zero_stage=3, precision="bf16", gradient_clipping=0.02,
+                         extra={"zero_optimization": {"overlap_comm": True}})
+    assert c["train_batch_size"] == 32 and c["gradient_clipping"] == 0.02 and c["bf16"] == {"enabled": True}
+    assert c["zero_optimization"]["stage"] == 3 and c["zero_optimization"]["overlap_comm"] is True
+    assert "fp16" not in deepspeed_config(micro_batch=1, world_size=1, zero_stage=0, precision="fp32",
+                                          gradient_clipping=0.0)
+    with pytest.raises(ValueError, match="precision"):
+        deepspeed_config(micro_batch=1, world_size=1, zero_stage=0, precision="fp8", gradient_clipping=0.0)
+    assert yaml.safe_load(config_to_yaml(Config()))["deepspeed"]["zero_stage"] == 0

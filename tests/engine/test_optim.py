@@ -1,0 +1,190 @@
+"""AdamW groups (weight decay, layer decay), the LR schedule, mixup/cutmix, soft-target CE,
+multi-view evaluation and engine-side activation checkpointing."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.distributed import apply_activation_checkpointing
+from engine.finetune import evaluate, mix_batch, one_hot_smoothed, soft_target_cross_entropy
+from engine.optim import build_optimizer, layer_id, lr_at_step, param_groups, set_lr
+from models.variants import create_model
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    torch.manual_seed(0)
+    return create_model("mvitv2_tiny", task="classify", num_classes=5, num_frames=4, img_size=32)
+
+
+@pytest.fixture(scope="module")
+def pretrainer():
+    torch.manual_seed(0)
+    return create_model("mvitv2_tiny", task="pretrain", num_frames=4, img_size=32)
+
+
+def _where(groups, name):
+    for g in groups:
+        if name in g["names"]:
+            return g
+    raise KeyError(name)
+
+
+def test_weight_decay_rules_follow_the_official_code(pretrainer):
+    groups = param_groups(pretrainer, 0.05)
+    assert len(groups) == 2  # merged by (lr scale, weight decay)
+    names = dict(pretrainer.named_parameters())
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
+    for n, p in names.items():
+        if n.endswith(".bias") or p.ndim == 1:
+            assert n not in decayed, n  # biases, norms and other 1-D parameters
+        else:
+            assert n in decayed, n
+    # the tokens and relative-position tables ARE decayed (ZERO_DECAY_POS_CLS is off in MaskFeat)
+    assert {"cls_token", "mask_token"} <= decayed
+    assert any(n.endswith("attn.rel_pos_h") for n in decayed) and any(n.endswith("attn.rel_pos_t") for n in decayed)
+    assert not any("norm" in n and n.endswith("weight") for n in decayed)
+    assert sum(len(g["params"]) for g in groups) == len(names)
+
+
+def test_layer_ids():
+    assert layer_id("cls_token", 16) == 0
+    assert layer_id("mask_token", 16) == 0
+    assert layer_id("patch_embed.proj.weight", 16) == 0
+    assert layer_id("pos_embed_spatial", 16) == 0
+    assert layer_id("blocks.0.attn.qkv.weight", 16) == 1
+    assert layer_id("module.backbone.blocks.15.mlp.fc2.bias", 16) == 16
+    assert layer_id("norm.weight", 16) == 17 and layer_id("head.projection.weight", 16) == 17
+    with pytest.raises(ValueError, match="depth"):
+        layer_id("blocks.16.norm1.weight", 16)
+
+
+def test_layer_decay_scales_and_merging(classifier):
+    ld, depth = 0.75, len(classifier.blocks)
+    groups = param_groups(classifier, 0.05, layer_decay=ld)
+    assert len(groups) <= 2 * (depth + 2)
+    assert _where(groups, "cls_token")["lr_scale"] == pytest.approx(ld ** (depth + 1))
+    assert _where(groups, "patch_embed.proj.weight")["lr_scale"] == pytest.approx(ld ** (depth + 1))
+    for i in range(depth):
+        g = _where(groups, f"blocks.{i}.mlp.fc1.weight")
+        assert g["lr_scale"] == pytest.approx(ld ** (depth - i)) and g["weight_decay"] == 0.05
+        assert _where(groups, f"blocks.{i}.mlp.fc1.bias")["weight_decay"] == 0.0
+    assert _where(groups, "head.projection.weight")["lr_scale"] == 1.0
+    opt = build_optimizer(groups, lr=1e-3)
+    set_lr(opt.param_groups, 2e-3)
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(2e-3 * g["lr_scale"])
+    assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
+
+
+def _official(e, base, end, start, warm, epochs, after=True):
+    """SlowFast lr_policy written independently: cosine + linear warm-up on fractional epochs."""
+    def cos(x):
+        off = warm if after else 0.0
+        return end + (base - end) * (math.cos(math.pi * (x - off) / (epochs - off)) + 1.0) * 0.5
+    if e < warm:
+        return start + (cos(warm) - start) / warm * e
+    return cos(e)
+
+
+@pytest.mark.parametrize("after", [True, False])
+def test_lr_schedule_matches_the_official_policy(after):
+    spe, base, kw = 10, 1e-3, dict(epochs=30, warmup_epochs=3, warmup_start_lr=1e-6, end_lr=1e-5)
+    lrs = [lr_at_step(s, spe, peak_lr=base, cosine_after_warmup=after, **kw) for s in range(300)]
+    for s in (0, 1, 15, 29, 30, 31, 150, 299):
+        assert lrs[s] == pytest.approx(_official(s / spe, base, 1e-5, 1e-6, 3, 30, after), rel=1e-12)
+    assert lrs[0] == pytest.approx(1e-6)
+    assert max(lrs) == pytest.approx(lrs[30])  # the peak is reached at the end of warm-up
+    if after:
+        assert lrs[30] == pytest.approx(base)
+    assert all(a < b for a, b in zip(lrs[:30], lrs[1:31]))  # linear rise, per iteration
+    assert all(a >= b for a, b in zip(lrs[30:], lrs[31:]))  # cosine decay
+    assert lr_at_step(300, spe, peak_lr=base, cosine_after_warmup=after, **kw) == pytest.approx(1e-5)
+
+
+def test_label_smoothing_and_soft_target_ce():
+    y = torch.tensor([0, 3, 1])
+    t = one_hot_smoothed(y, 4, 0.1)
+    assert torch.allclose(t.sum(1), torch.ones(3))
+    assert t[1, 3].item() == pytest.approx(0.9 + 0.025) and t[1, 0].item() == pytest.approx(0.025)
+    logits = torch.randn(3, 4)
+    ref = F.cross_entropy(logits, y, label_smoothing=0.1)
+    assert soft_target_cross_entropy(logits, t).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_mixup_and_cutmix():
+    rng = np.random.default_rng(0)
+    x = torch.randn(4, 3, 2, 16, 16)
+    y = torch.tensor([0, 1, 2, 3])
+    seen = set()
+    for _ in range(20):
+        xm, t, info = mix_batch(x, y, 5, rng, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, smoothing=0.1)
+        lam = info["lam"]
+        seen.add(info["cutmix"])
+        assert torch.allclose(t.sum(1), torch.ones(4), atol=1e-6)
+        exp = one_hot_smoothed(y, 5, 0.1) * lam + one_hot_smoothed(y.flip(0), 5, 0.1) * (1 - lam)
+        assert torch.allclose(t, exp, atol=1e-6)
+        if info["cutmix"]:
+            from_partner = (xm == x.flip(0)) & (xm != x)
+            frac = from_partner[0, 0, 0].float().mean().item()  # the box is the same on every frame
+            assert frac == pytest.approx(1 - lam, abs=1e-6)
+            assert torch.equal(from_partner[:, :, 0], from_partner[:, :, 1])
+        else:
+            assert torch.allclose(xm, x * lam + x.flip(0) * (1 - lam), atol=1e-6)
+    assert seen == {True, False}
+    xm, t, info = mix_batch(x, y, 5, rng, mixup_alpha=0.0, cutmix_alpha=0.0, smoothing=0.0)
+    assert info["lam"] == 1.0 and torch.equal(xm, x) and torch.equal(t, F.one_hot(y, 5).float())
+
+
+def test_multi_view_evaluation_averages_softmax_per_video():
+    # 3 videos x 2 views; logits chosen so that a single view alone would be wrong for video 1
+    K = 6
+    logits = {  # (video_id, view) -> logits
+        (0, 0): [5, 0, 0, 0, 0, 0], (0, 1): [4, 0, 0, 0, 0, 0],
+        (1, 0): [0, 3, 0, 0, 0, 0], (1, 1): [0, 0, 2, 0, 0, 0],  # averaged: class 1 wins
+        (2, 0): [0, 0, 0, 1, 2, 3], (2, 1): [0, 0, 0, 1, 2, 3],  # label 3: top-1 wrong, top-5 right
+    }
+    labels = {0: 0, 1: 1, 2: 3}
+    order = [(1, 1), (0, 0), (2, 0), (1, 0), (0, 1), (2, 1), (2, 1)]  # last one is a padding repeat
+    batches = []
+    for i in range(0, len(order), 2):
+        chunk = order[i:i + 2]
+        batches.append({
+            "video": torch.tensor([logits[c] for c in chunk], dtype=torch.float32),
+            "label": torch.tensor([labels[c[0]] for c in chunk]),
+            "video_id": torch.tensor([c[0] for c in chunk]),
+            "index": torch.tensor([c[0] for c in chunk]),
+            "valid": torch.tensor([i + j < 6 for j in range(len(chunk))]),
+        })
+    res = evaluate(lambda v: v, batches)
+    assert res["videos"] == 3 and res["views"] == 6
+    assert res["top1"] == pytest.approx(200 / 3) and res["top5"] == pytest.approx(100.0)
+    assert K == 6
+
+
+def test_activation_checkpointing_keeps_values_gradients_and_names(pretrainer):
+    import copy
+
+    torch.manual_seed(1)
+    a = copy.deepcopy(pretrainer)
+    b = copy.deepcopy(pretrainer)
+    assert apply_activation_checkpointing(b) == len(b.blocks)
+    assert list(a.state_dict()) == list(b.state_dict())
+    from models.masking import make_masks
+
+    x = torch.randn(2, 3, 4, 32, 32)
+    mask = make_masks("frame", 2, a.mask_grid(4, 32, 32), 0.5, np.random.default_rng(0))  # 2x2 grid: frame masks
+    calls = {"a": 0, "b": 0}
+    a.blocks[0].mlp.register_forward_hook(lambda *_: calls.__setitem__("a", calls["a"] + 1))
+    b.blocks[0].mlp.register_forward_hook(lambda *_: calls.__setitem__("b", calls["b"] + 1))
+    la, lb = a(x, mask).loss, b(x, mask).loss
+    assert torch.equal(la, lb)
+    la.backward()
+    lb.backward()
+    assert calls == {"a": 1, "b": 2}  # the checkpointed block ran again in backward
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-7, rtol=1e-5), n

@@ -1,0 +1,464 @@
+"""Tests of kernels.hog: reference semantics, Triton kernel parity with the float64 oracle.
+
+On CPU the Triton kernel runs in the interpreter (tests/conftest.py), so interpreted shapes stay
+small; the real training shapes and bf16 are GPU-marked (run by bench/gpu_check).
+
+Oracle: ``hog_targets_reference(..., dtype=torch.float64)``. On integer-valued inputs gradients are
+exact, so bins must match exactly; a single flipped bin moves a normalised value by ~0.1, far above
+the tolerances used here (fp32 rounding of the sums only).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kernels.hog import (
+    cells_to_tokens,
+    hog_reference,
+    hog_targets,
+    hog_targets_reference,
+    hog_targets_triton,
+    tokens_to_cells,
+    video_hog_targets,
+)
+from kernels.hog.reference import block_l2hys
+from kernels.hog.triton_hog import SWEEP_CONFIGS, VARIANTS, boundary_directions, choose_tile
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def rand_frames(n: int, h: int, w: int, dtype=torch.uint8, seed: int = 0, high: int = 256) -> torch.Tensor:
+    """Integer-valued frames (N, 3, H, W) in [0, high) of the given dtype."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, high, (n, 3, h, w), generator=g).to(dtype)
+
+
+def assert_targets_close(got: torch.Tensor, want: torch.Tensor, norm: str = "cell_l2") -> None:
+    """fp32 kernel vs float64 oracle: only summation rounding is allowed (no bin flips)."""
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.isfinite(got).all()
+    scale = want.abs().max().item() if norm == "none" else 1.0
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-6 * max(scale, 1e-30))
+
+
+def run_triton(frames: torch.Tensor, token_stride: int, variant: str = "tile", **opts) -> torch.Tensor:
+    """The default kernel through the public API; the other variants through the launcher."""
+    if variant == "tile":
+        return hog_targets(frames, token_stride, backend="triton", **opts)
+    return hog_targets_triton(frames.unsqueeze(1), token_stride, variant=variant, **opts)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference semantics (independent of the kernel)
+# --------------------------------------------------------------------------------------------
+
+
+def test_reference_edges_follow_official_orientation():
+    """gx = left - right, gy = top - bottom, angle atan2(gx, gy): vertical edge -> bin 4, horizontal -> bin 0."""
+    x = torch.zeros(1, 3, 16, 16)
+    x[..., :, 8:] = 10.0  # vertical edge between columns 7 and 8: gx = -40 there, gy = 0
+    hist = hog_reference(x, cell=8, norm="none", dtype=torch.float64)  # (1, 3, 9, 2, 2)
+    # columns 7 and 8: gx = -40; atan2(-40, 0) = -pi/2 -> -4.5 -> floor -5 -> mod 9 = 4;
+    # one column of 8 pixels of magnitude 40 per cell (reflect padding adds no edge at the borders)
+    assert torch.equal(hist[0, :, 4], torch.full((3, 2, 2), 8 * 40.0, dtype=torch.float64))
+    assert hist.sum().item() == 3 * 4 * 8 * 40
+    y = x.transpose(2, 3).contiguous()  # horizontal edge: gx = 0, gy = -40 -> atan2(0, -40) = pi -> bin 0
+    hist = hog_reference(y, cell=8, norm="none", dtype=torch.float64)
+    assert hist[:, :, 0].sum().item() == hist.sum().item() == 3 * 4 * 8 * 40
+
+
+def test_reference_signed_and_layout():
+    x = torch.zeros(1, 3, 16, 16)
+    x[..., :, 8:] = 10.0
+    hist = hog_reference(x, cell=8, nbins=18, signed=True, norm="none", dtype=torch.float64)
+    # signed: atan2(-40, 0) = -pi/2 -> -4.5 -> floor -5 -> mod 18 = 13
+    assert hist[:, :, 13].sum().item() == hist.sum().item()
+    # token layout: index ((c*nbins + bin)*s + cy)*s + cx, tokens in raster order
+    g = torch.Generator().manual_seed(1)
+    hist = torch.rand(2, 3, 5, 6, 4, generator=g, dtype=torch.float64)  # (N, 3, nbins, Hc, Wc)
+    tok = cells_to_tokens(hist, token_stride=16, cell=8)  # s = 2: (2, 3*2, 3*5*4)
+    assert tok.shape == (2, 6, 60)
+    for n, c, b, yc, xc in [(0, 0, 0, 0, 0), (1, 2, 4, 5, 3), (0, 1, 3, 2, 1), (1, 0, 2, 3, 2)]:
+        t, cy, cx = (yc // 2) * 2 + xc // 2, yc % 2, xc % 2
+        assert tok[n, t, ((c * 5 + b) * 2 + cy) * 2 + cx] == hist[n, c, b, yc, xc]
+    assert torch.equal(tokens_to_cells(tok, (3, 2), 5, 2), hist)
+
+
+def test_reference_cell_l2_is_f_normalize_and_gaussian_window_sums_to_one():
+    x = rand_frames(1, 32, 32, torch.float64)
+    raw = hog_reference(x, norm="none", dtype=torch.float64)
+    l2 = hog_reference(x, norm="cell_l2", dtype=torch.float64)
+    torch.testing.assert_close(l2, raw / raw.norm(dim=2, keepdim=True).clamp_min(1e-12))
+    win = hog_reference(x, gaussian_window=16, norm="none", dtype=torch.float64)
+    assert win.sum() < raw.sum() / 100  # magnitudes multiplied by a window that sums to 1 per 16x16
+    from kernels.hog.reference import gaussian_window_1d, gaussian_window_2d
+
+    w1 = gaussian_window_1d(16)
+    torch.testing.assert_close(torch.outer(w1, w1), gaussian_window_2d(16, torch.float64))
+    assert abs(gaussian_window_2d(16, torch.float64).sum().item() - 1.0) < 1e-12
+
+
+def test_block_l2hys_matches_naive_definition():
+    g = torch.Generator().manual_seed(2)
+    hist = torch.rand(1, 3, 4, 3, 4, generator=g, dtype=torch.float64) ** 4  # peaky, so clipping acts
+    got = block_l2hys(hist)
+    n, c, nb, hc, wc = hist.shape
+    want = torch.zeros_like(hist)
+    for ch in range(c):
+        for i in range(hc):
+            for j in range(wc):
+                parts = []
+                for bi in (i - 1, i):
+                    for bj in (j - 1, j):
+                        if 0 <= bi < hc - 1 and 0 <= bj < wc - 1:
+                            blk = hist[0, ch, :, bi : bi + 2, bj : bj + 2]  # (nb, 2, 2)
+                            v = blk / max(blk.norm().item(), 1e-12)
+                            v = v.clamp(max=0.2)
+                            v = v / max(v.norm().item(), 1e-12)
+                            parts.append(v[:, i - bi, j - bj])
+                want[0, ch, :, i, j] = torch.stack(parts).mean(0)
+    assert (want == 0.2).sum() == 0 and (hist / hist.norm() > 0.2).any()
+    torch.testing.assert_close(got, want)
+
+
+# --------------------------------------------------------------------------------------------
+# Orientation binning without atan2: exhaustive over the uint8 gradient range
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nbins,signed", [(9, False), (8, False), (12, False), (9, True), (8, True)])
+def test_binning_without_atan2_is_exact_on_integer_gradients(nbins, signed):
+    """Emulates the kernel's fold + cross-product tests (fp32, with and without FMA) for every
+    integer pair |gx|, |gy| <= 1020 and compares with float64 floor(atan2 * nbins / period) mod nbins."""
+    r = torch.arange(-1020, 1021, dtype=torch.float64)
+    gx, gy = torch.meshgrid(r, r, indexing="ij")
+    gx, gy = gx.flatten(), gy.flatten()
+    keep = (gx != 0) | (gy != 0)  # zero gradients have zero magnitude: their bin does not matter
+    gx, gy = gx[keep], gy[keep]
+    period = 2 * math.pi if signed else math.pi
+    want = torch.remainder(torch.floor(torch.atan2(gx, gy) / period * nbins), nbins).long()
+
+    tab = boundary_directions(nbins, signed)
+    fx32, fy32 = gx.float(), gy.float()
+    lower = (fx32 < 0) | ((fx32 == 0) & (fy32 < 0))
+    fx, fy = torch.where(lower, -fx32, fx32), torch.where(lower, -fy32, fy32)
+    for fma in (False, True):
+        got = torch.zeros_like(want)
+        for k in range(1, nbins):
+            cos_k, sin_k = tab[k, 0], tab[k, 1]
+            if fma:  # fma(fx, cos, -(fy*sin)): exact product, one rounding (float64 holds it exactly)
+                cross = (fx.double() * cos_k.double() - (fy * sin_k).double()).float()
+            else:
+                cross = fx * cos_k - fy * sin_k
+            ge = cross >= 0
+            if signed:
+                ge = (lower | ge) if 2 * k < nbins else (lower & ge)
+            got += ge.long()
+        mism = (got != want).nonzero()
+        assert mism.numel() == 0, f"fma={fma}: first mismatches (gx, gy) {[(gx[i].item(), gy[i].item()) for i in mism[:5, 0]]}"
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel (interpreted on CPU) vs float64 oracle
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n,h,w,ts,variant",
+    [
+        (1, 8, 8, 8, "tile"), (3, 16, 24, 8, "tile"), (2, 96, 160, 16, "tile"), (1, 224, 224, 16, "tile"),
+        (1, 232, 232, 8, "tile"), (1, 8, 8, 8, "rows"), (3, 16, 24, 8, "rows"), (1, 32, 232, 8, "rows"),
+    ],
+    ids=["8x8", "N3-16x24", "N2-96x160", "224", "232-ts8", "rows-8x8", "rows-N3-16x24", "rows-32x232-ts8"],
+)  # fmt: skip
+def test_triton_matches_oracle_sizes(n, h, w, ts, variant):
+    x = rand_frames(n, h, w, seed=h + w)
+    assert_targets_close(run_triton(x, ts, variant), hog_targets_reference(x, ts, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.float32])
+def test_triton_matches_oracle_dtypes(dtype, variant):
+    x = rand_frames(2, 16, 48, dtype, seed=3)
+    assert_targets_close(run_triton(x, 16, variant), hog_targets_reference(x, 16, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("high", [2, 3])
+@pytest.mark.parametrize("nbins,signed", [(9, False), (8, False), (4, True), (8, True)])
+def test_triton_bin_edges_on_boundary_heavy_inputs(high, nbins, signed, variant):
+    """Pixels in {0, 1(, 2)}: many gradients lie exactly on 0, 45, 90, 135 degrees (the atan2 wrap)."""
+    x = rand_frames(1, 16, 32, seed=high * 100 + nbins, high=high)
+    opts = dict(nbins=nbins, signed=signed, norm="none")
+    want = hog_targets_reference(x, 16, dtype=torch.float64, **opts)
+    assert_targets_close(run_triton(x, 16, variant, **opts), want, "none")
+
+
+OPTIONS = [
+    dict(nbins=4),
+    dict(nbins=12, norm="none"),
+    dict(nbins=18, signed=True),
+    dict(nbins=7, signed=True, norm="none"),
+    dict(cell=4),
+    dict(cell=16, nbins=6),
+    dict(gaussian_window=16),
+    dict(gaussian_window=8, norm="none"),
+    dict(gaussian_window=32, cell=4, norm="block_l2hys"),
+    dict(norm="none"),
+    dict(norm="block_l2hys"),
+    dict(norm="block_l2hys", signed=True, nbins=8),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_triton_matches_oracle_options(opts, variant):
+    ts = 32 if opts.get("cell") == 16 else 16
+    x = rand_frames(1, 64, 32, seed=len(str(opts)))
+    want = hog_targets_reference(x, ts, dtype=torch.float64, **opts)
+    assert_targets_close(run_triton(x, ts, variant, **opts), want, opts.get("norm", "cell_l2"))
+
+
+@pytest.mark.parametrize("block_px,max_ch,num_warps", [(2048, 1, None), (256, 1, 2), (512, 32, 2)])
+def test_triton_tile_configs(block_px, max_ch, num_warps):
+    """GPU-default tiling (one cell row per program) and others, in the interpreter."""
+    x = rand_frames(2, 16, 96, seed=block_px)
+    got = hog_targets_triton(x.unsqueeze(1), 8, block_px=block_px, max_ch=max_ch, num_warps=num_warps)
+    assert_targets_close(got, hog_targets_reference(x, 8, dtype=torch.float64))
+
+
+def test_triton_token_stride_not_power_of_two_cells():
+    """s = token_stride / cell = 3 (tokens of 24 px over 8-px cells)."""
+    x = rand_frames(2, 48, 72, seed=5)
+    assert_targets_close(run_triton(x, 24), hog_targets_reference(x, 24, dtype=torch.float64))
+
+
+def test_triton_strided_inputs_without_copy():
+    g = torch.Generator().manual_seed(6)
+    clip = torch.randint(0, 256, (2, 3, 5, 32, 48), generator=g).to(torch.uint8)  # (B, C, T, H, W)
+    frames = clip[:, :, ::2].transpose(1, 2).reshape(-1, 3, 32, 48)  # (B*3, 3, H, W) copy, for the oracle
+    want = hog_targets_reference(frames, 16, dtype=torch.float64).reshape(2, 3 * 6, 108)
+    assert_targets_close(video_hog_targets(clip, 2, 16, backend="triton"), want)
+    assert_targets_close(video_hog_targets(clip, 2, 16, backend="reference"), want)
+
+    x = rand_frames(2, 32, 48, torch.float16, seed=7)
+    cl = x.to(memory_format=torch.channels_last)
+    assert not cl.is_contiguous()
+    big = rand_frames(2, 64, 80, torch.float32, seed=8)
+    crop = big[:, :, 8:40, 16:64]  # storage offset and row stride 80
+    for variant in VARIANTS:
+        assert_targets_close(run_triton(cl, 16, variant), hog_targets_reference(x, 16, dtype=torch.float64))
+        want = hog_targets_reference(crop.contiguous(), 16, dtype=torch.float64)
+        assert_targets_close(run_triton(crop, 16, variant), want)
+
+
+def test_triton_poisoned_output_is_fully_written():
+    """NaN-filled out: every element must be overwritten (29x29 cells also pad the last tiles)."""
+    x = rand_frames(2, 232, 232, seed=9)[:, :, :40, :232]  # (2, 3, 40, 232): 5 x 29 cells
+    assert choose_tile(5, 29, 8, 4096)[1] > 1  # tiles padded in W
+    out = torch.full((2, 5 * 29, 27), float("nan"))
+    got = hog_targets_triton(x.unsqueeze(1), 8, out=out)
+    assert got is out
+    assert_targets_close(out, hog_targets_reference(x, 8, dtype=torch.float64))
+    out2 = torch.full((1, 4, 108), float("nan"))
+    hog_targets_triton(rand_frames(1, 32, 32, seed=10).unsqueeze(1), 16, norm="block_l2hys", out=out2)
+    assert torch.isfinite(out2).all()
+    out3 = torch.full((2, 2 * 29, 27), float("nan"))  # rows variant: 29 cells in 32-cell tiles
+    hog_targets_triton(x[:, :, :16].unsqueeze(1), 8, out=out3, variant="rows")
+    assert_targets_close(out3, hog_targets_reference(x[:, :, :16], 8, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------------------
+# Natural images and the mean/std invariance
+# --------------------------------------------------------------------------------------------
+
+
+def natural_frames(h: int = 96, w: int = 128) -> torch.Tensor:
+    """Crops of skimage's astronaut, chelsea and coffee: (3, 3, H, W) uint8."""
+    data = pytest.importorskip("skimage.data")
+    imgs = [data.astronaut()[100 : 100 + h, 150 : 150 + w], data.chelsea()[50 : 50 + h, 150 : 150 + w], data.coffee()[100 : 100 + h, 200 : 200 + w]]
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+
+
+def normalise(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    return ((x.double() - mean) / std).to(dtype)
+
+
+def test_natural_images_statistically():
+    """Normalised fp32 natural images: gradients are no longer exact, so pixels near a bin edge (most
+    often axis-aligned ones at the atan2 wrap, frequent in flat regions) may change bin. The kernel's
+    distance to the float64 oracle must stay within about twice that of the official fp32 reference."""
+    x = normalise(natural_frames())
+    want = hog_targets_reference(x, 16, dtype=torch.float64)
+    err = (run_triton(x, 16).double() - want).abs()
+    ref_err = (hog_targets_reference(x, 16).double() - want).abs()  # the fp32 reference's own error
+    assert torch.isfinite(err).all()
+    assert err.mean() < 2 * ref_err.mean() + 1e-5, (err.mean(), ref_err.mean())
+    assert (err > 1e-3).float().mean() < 2 * (ref_err > 1e-3).float().mean() + 1e-3
+    assert err.max() < 0.5
+
+
+def test_mean_std_normalisation_does_not_change_targets():
+    x = rand_frames(2, 32, 48, torch.float64, seed=11)
+    base = hog_targets_reference(x, 16, dtype=torch.float64)
+    # exact affine map (integer mean, power-of-two std): all float64 gradients exact -> identical bins
+    exact = (x - torch.tensor([3.0, 100.0, 250.0]).view(1, 3, 1, 1)) / torch.tensor([4.0, 64.0, 0.5]).view(1, 3, 1, 1)
+    torch.testing.assert_close(hog_targets_reference(exact, 16, dtype=torch.float64), base, rtol=1e-12, atol=1e-12)
+    # ImageNet mean/std on natural images: 8-bit images have many exactly horizontal gradients
+    # (gx == 0); after normalisation gx is a rounding residue of either sign and those pixels wrap
+    # between bin 0 and bin nbins-1 (DESIGN §3.1 pitfall). Measured here: mean |diff| ~1e-3, ~0.5%
+    # of values move by > 0.05, every token keeps cosine similarity > 0.99.
+    nat = natural_frames()
+    pairs = {
+        "float64 reference": (
+            hog_targets_reference(nat, 16, dtype=torch.float64),
+            hog_targets_reference(normalise(nat, torch.float64), 16, dtype=torch.float64),
+        ),
+        "triton uint8 vs normalised fp32": (run_triton(nat, 16).double(), run_triton(normalise(nat), 16).double()),
+    }
+    for name, (a, b) in pairs.items():
+        err = (a - b).abs()
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        assert err.mean() < 3e-3, name
+        assert (err > 0.05).float().mean() < 0.02, name
+        assert cos.min() > 0.99, name
+
+
+# --------------------------------------------------------------------------------------------
+# API and errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_auto_backend_on_cpu_is_reference_and_shapes():
+    x = rand_frames(2, 32, 48, seed=12)
+    got = hog_targets(x)
+    assert got.shape == (2, 6, 108) and got.dtype == torch.float32
+    torch.testing.assert_close(got, hog_targets_reference(x, 16))
+    clip = torch.randint(0, 256, (2, 3, 4, 16, 16), dtype=torch.uint8)
+    assert video_hog_targets(clip).shape == (2, 2 * 1, 108)
+    assert video_hog_targets(clip, temporal_stride=1, token_stride=8, nbins=6).shape == (2, 4 * 4, 3 * 6)
+
+
+@pytest.mark.parametrize(
+    "shape,kwargs,match",
+    [
+        ((1, 3, 30, 32), {}, "multiples of cell"),
+        ((1, 3, 24, 32), {}, "multiples of token_stride"),
+        ((1, 4, 32, 32), {}, "3 \\(RGB\\) channels"),
+        ((3, 32, 32), {}, "shape \\(N, 3, H, W\\)"),
+        ((1, 3, 32, 32), {"norm": "l2"}, "norm must be one of"),
+        ((1, 3, 32, 32), {"token_stride": 12}, "multiple of cell"),
+        ((1, 3, 32, 32), {"backend": "cuda"}, "backend must be one of"),
+        ((1, 3, 32, 48), {"gaussian_window": 32}, "multiples of gaussian_window"),
+        ((1, 3, 32, 32), {"gaussian_window": 1}, "gaussian_window must be"),
+        ((1, 3, 32, 32), {"nbins": 1}, "nbins must be"),
+        ((1, 3, 8, 8), {"token_stride": 8, "norm": "block_l2hys"}, "at least 2x2 cells"),
+    ],
+)
+def test_errors(shape, kwargs, match):
+    x = torch.zeros(shape, dtype=torch.uint8)
+    for backend in ("reference", "triton"):
+        with pytest.raises(ValueError, match=match):
+            hog_targets(x, **{"backend": backend, **kwargs})
+
+
+def test_triton_specific_errors():
+    x = torch.zeros(1, 3, 24, 24, dtype=torch.uint8)
+    hog_targets(x, 12, cell=6, backend="reference")  # any cell works in the reference
+    with pytest.raises(ValueError, match="power-of-two cell"):
+        hog_targets(x, 12, cell=6, backend="triton")
+    with pytest.raises(ValueError, match="triton HOG supports"):
+        hog_targets(x.to(torch.int32), 8, backend="triton")
+    with pytest.raises(ValueError, match="variant must be"):
+        hog_targets_triton(x.unsqueeze(1), 8, variant="fast")
+    with pytest.raises(ValueError, match="out must be"):
+        hog_targets_triton(x.unsqueeze(1), 8, out=torch.empty(1, 9, 26))
+    with pytest.raises(ValueError, match="clip \\(B, C, T, H, W\\)"):
+        video_hog_targets(x)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        video_hog_targets(x.unsqueeze(2), bins=9)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    import kernels.hog.triton_hog as th
+
+    monkeypatch.setattr(th, "INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        hog_targets(torch.zeros(1, 3, 16, 16, dtype=torch.uint8), backend="triton")
+
+
+# --------------------------------------------------------------------------------------------
+# GPU (bench/gpu_check): bf16 and the real training shapes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_real_size_matches_oracle(dtype):
+    """64 x 3 x 224 x 224 (8 clips x 8 centre frames), integer-valued, every input dtype, every variant."""
+    x = rand_frames(64, 224, 224, seed=13).cuda().to(dtype)  # integers <= 255 are exact in bf16
+    want = hog_targets_reference(x, 16, dtype=torch.float64)
+    assert_targets_close(hog_targets(x), want)  # auto -> triton, default variant
+    if dtype in (torch.uint8, torch.bfloat16):  # the training dtypes (each variant compiles per dtype)
+        assert_targets_close(hog_targets_triton(x.unsqueeze(1), 16, variant="rows"), want)
+
+
+GPU_ROWS_OPTIONS = [dict(nbins=18, signed=True), dict(cell=4), dict(gaussian_window=8, norm="none")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_gpu_options_and_odd_sizes(opts):
+    ts = 32 if opts.get("cell") == 16 else 16
+    for n, h, w in [(3, 96, 160), (2, 224, 224), (1, 256, 96)]:
+        x = rand_frames(n, h, w, torch.bfloat16, seed=h).cuda()
+        want = hog_targets_reference(x, ts, dtype=torch.float64, **opts)
+        assert_targets_close(hog_targets(x, ts, **opts), want, opts.get("norm", "cell_l2"))
+        if opts in GPU_ROWS_OPTIONS:  # a few option sets for the opt-in variant (compile time)
+            got = hog_targets_triton(x.unsqueeze(1), ts, variant="rows", **opts)
+            assert_targets_close(got, want, opts.get("norm", "cell_l2"))
+    x = rand_frames(2, 232, 232, seed=14).cuda()
+    assert_targets_close(hog_targets(x, 8), hog_targets_reference(x, 8, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+def test_gpu_video_clip_strided_and_poisoned():
+    g = torch.Generator().manual_seed(15)
+    clip = torch.randint(0, 256, (8, 3, 16, 224, 224), generator=g).to(torch.uint8).cuda()
+    clip = clip.to(torch.bfloat16).to(memory_format=torch.channels_last_3d)  # (B, C, T, H, W), C innermost
+    frames = clip[:, :, ::2].transpose(1, 2).reshape(-1, 3, 224, 224)
+    want = hog_targets_reference(frames, 16, dtype=torch.float64).reshape(8, 8 * 196, 108)
+    assert_targets_close(video_hog_targets(clip), want)
+    out = torch.full((64, 196, 108), float("nan"), device="cuda")
+    hog_targets_triton(clip[:, :, ::2].transpose(1, 2), 16, out=out)
+    assert_targets_close(out.view(8, 8 * 196, 108), want)
+
+
+@pytest.mark.gpu
+def test_gpu_natural_images_statistically():
+    """As test_natural_images_statistically, at 224x224 and in fp32 and bf16."""
+    x = normalise(natural_frames(224, 224)).cuda()
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        want = hog_targets_reference(xd, 16, dtype=torch.float64)
+        err = (hog_targets(xd).double() - want).abs()
+        ref_err = (hog_targets_reference(xd, 16).double() - want).abs()
+        assert err.mean() < 2 * ref_err.mean() + 1e-5, (dtype, err.mean(), ref_err.mean())
+        assert (err > 1e-3).float().mean() < 2 * (ref_err > 1e-3).float().mean() + 1e-3
+        assert err.max() < 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant,block_px,max_ch,num_warps", SWEEP_CONFIGS)
+def test_gpu_tile_configs(variant, block_px, max_ch, num_warps):
+    """Every configuration that bench/hog.py --sweep times gives oracle-exact targets."""
+    cfg = dict(variant=variant, block_px=block_px, max_ch=max_ch, num_warps=num_warps)
+    x = rand_frames(8, 224, 224, seed=16).cuda()
+    want = hog_targets_reference(x, 16, dtype=torch.float64)
+    assert_targets_close(hog_targets_triton(x.unsqueeze(1), 16, **cfg), want)
