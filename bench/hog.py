@@ -141,6 +141,8 @@ def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict], notes: 
         f"- date: {meta['date']}; command: `{meta['command']}`",
         f"- torch {meta['device_info']['torch']}, triton {meta['device_info']['triton']}, cuda {meta['device_info']['cuda']}",
         f"- measured copy bandwidth: {meta['copy_gbs']:.1f} GB/s (read + write of a 256 MiB tensor)",
+        f"- 1-min load average at start: {meta['device_info']['load_average_1min']} "
+        f"({meta['device_info']['cpu_threads']} torch threads; CPU timings on a shared machine are noisy)",
         "- bytes that must move = N*3*H*W*sizeof(input) + N*L*D*4 (input read once, fp32 targets written once)",
         "",
         "| shape | input | provider | median ms | GB/s | % copy | × reference | peak MiB | max abs diff vs reference |",

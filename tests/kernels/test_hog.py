@@ -401,7 +401,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_real_size_matches_oracle(dtype):
-    """64 x 3 x 224 x 224 (8 clips x 8 centre frames), integer-valued, every input dtype, every variant."""
+    """64 x 3 x 224 x 224 (8 clips x 8 centre frames), integer-valued, every input dtype (rows variant: uint8, bf16)."""
     x = rand_frames(64, 224, 224, seed=13).cuda().to(dtype)  # integers <= 255 are exact in bf16
     want = hog_targets_reference(x, 16, dtype=torch.float64)
     assert_targets_close(hog_targets(x), want)  # auto -> triton, default variant
