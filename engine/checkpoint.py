@@ -98,11 +98,15 @@ def save_checkpoint(
     config_yaml: str,
     update_latest: bool = True,
     keep: int = 0,
+    param_group_names: Optional[list[list[str]]] = None,
 ) -> str:
     """Save ``engine`` (a DeepSpeed engine) under ``tag`` atomically; returns the final path.
 
     ``rank_state`` is this rank's own state (step, loader, RNG…); every rank must call this.
     ``keep`` > 0 deletes all but the newest ``keep`` ``step*`` tags afterwards.
+    ``param_group_names`` (the parameter names of each optimiser group, in order) is stored with
+    the DeepSpeed client state so that export can read the fp32 master weights of a ZeRO-0
+    bf16/fp16 run, which DeepSpeed saves by group position only.
     """
     rank, _, local_rank = _dist()
     ckpt_dir = checkpoint_dir(output_dir)
@@ -111,7 +115,7 @@ def save_checkpoint(
         os.makedirs(ckpt_dir, exist_ok=True)
         shutil.rmtree(os.path.join(ckpt_dir, tmp_tag), ignore_errors=True)  # a dead earlier try
     barrier()
-    engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state={"tag": tag}, save_latest=False)
+    engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state={"tag": tag, "param_group_names": param_group_names}, save_latest=False)
     tmp_path = os.path.join(ckpt_dir, tmp_tag)
     os.makedirs(tmp_path, exist_ok=True)
     torch.save(rank_state, os.path.join(tmp_path, f"engine_state_r{rank:05d}.pt"))
@@ -190,7 +194,24 @@ def consolidated_state_dict(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
         files = sorted(glob.glob(os.path.join(path, "mp_rank_*_model_states.pt")))
         if not files:
             raise FileNotFoundError(f"{path} has no mp_rank_*_model_states.pt")
-        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        ck = torch.load(files[0], map_location="cpu", weights_only=False)
+        sd = dict(ck["module"])
+        opt = ck.get("optimizer")
+        names = ck.get("param_group_names")
+        if isinstance(opt, dict) and "fp32_groups" in opt:
+            # bf16/fp16 without ZeRO: the module holds rounded weights; the fp32 masters are
+            # stored per optimiser group, in the order of the group's parameters
+            if names is None:
+                raise ValueError(f"{path}: a bf16/fp16 ZeRO-0 checkpoint without parameter names; "
+                                 "cannot map its fp32 master weights")
+            for group_names, group in zip(names, opt["fp32_groups"]):
+                if len(group_names) != len(group):
+                    raise ValueError(f"{path}: optimiser group sizes do not match the saved names")
+                for n, t in zip(group_names, group):
+                    if tuple(t.shape) != tuple(sd[n].shape):
+                        raise ValueError(f"{path}: fp32 master of {n} has shape {tuple(t.shape)}, "
+                                         f"the module {tuple(sd[n].shape)}")
+                    sd[n] = t
     return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "config_to_dict",
     "config_to_yaml",
     "derive",
+    "validate",
     "describe",
     "field_docs",
 ]

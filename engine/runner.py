@@ -88,6 +88,7 @@ class Run:
     dtype: torch.dtype
     rng: np.random.Generator
     state: TrainState
+    param_group_names: list = field(default_factory=list)
     resumed_from: Optional[str] = None
 
     @property
@@ -128,7 +129,8 @@ class Run:
         t0 = time.time()
         path = save_checkpoint(self.engine, self.cfg.train.output_dir, tag, rank_state=self.rank_state(),
                                config_yaml=config_to_yaml(self.cfg), update_latest=update_latest,
-                               keep=self.cfg.train.keep_checkpoints if keep is None else keep)
+                               keep=self.cfg.train.keep_checkpoints if keep is None else keep,
+                               param_group_names=self.param_group_names)
         self.logger.write(f"saved checkpoint {path} ({time.time() - t0:.1f} s)")
         return path
 
@@ -185,7 +187,7 @@ def setup_run(
     torch.manual_seed(cfg.train.seed * 1000 + dist.rank + 1)  # drop path etc. differ per rank
     run = Run(cfg=cfg, dist=dist, model=engine.module, engine=engine, loader=loader, derived=derived,
               logger=RunLogger(cfg.train.output_dir, enabled=False, total_steps=0), dtype=DTYPES[cfg.deepspeed.precision],
-              rng=rng, state=TrainState())
+              rng=rng, state=TrainState(), param_group_names=[g["names"] for g in groups])
     if resume:
         tag = find_latest(cfg.train.output_dir) if resume == "auto" else resume
         if tag is None:

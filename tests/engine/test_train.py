@@ -147,6 +147,21 @@ def test_multi_node_launch_simulated_on_loopback(env, tmp_path):
     assert {"engine_state_r00000.pt", "engine_state_r00001.pt"} <= set(files)
 
 
+def test_export_of_a_bf16_run_without_zero_uses_the_fp32_masters(env, tmp_path):
+    """Regression: ZeRO-0 bf16 keeps bf16 weights in the module and the fp32 masters in the
+    optimiser (by group position); export must write the masters, not the rounded weights."""
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "bf16")
+    _run([sys.executable, "-m", "engine", "pretrain", "-c", TINY, f"train.output_dir={out}",
+          "deepspeed.precision=bf16", "deepspeed.zero_stage=0", "schedule.max_steps=2"], env)
+    _run([sys.executable, "-m", "engine", "export", out, "--out", f"{out}/b.safetensors"], env)
+    sd = load_file(f"{out}/b.safetensors")
+    w = sd["blocks.0.mlp.fc1.weight"]
+    assert w.dtype == torch.float32
+    assert not torch.equal(w.bfloat16().float(), w)  # real fp32 values, not bf16 ones widened
+
+
 def test_deepspeed_launcher_runs_the_module(env, tmp_path):
     """``deepspeed --module engine ...`` (it inserts ``--local_rank=N`` before our arguments)."""
     out = str(tmp_path / "dsl")
