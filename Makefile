@@ -36,6 +36,9 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+demo: install
+	$(PY) -m engine pretrain --config configs/demo_pretrain.yaml
+
 bench-hog: install
 	$(PY) -m bench.hog
 
