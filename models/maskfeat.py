@@ -121,6 +121,8 @@ class MaskFeat(MViT):
         pretrain_depth: index of the last block kept (official ``MASK.PRETRAIN_DEPTH[-1]``).
         target: "hog" (108-d HOG of 16-px tokens) or "pixel" (768-d normalised pixels).
         hog_cell, hog_nbins: HOG cell size (8) and orientation bins (9).
+        hog_norm: HOG normalisation, "cell_l2" (official), "none" (the paper's ablation) or
+            "block_l2hys"; hog_signed / hog_gaussian_window: the HOG variants of ``kernels.hog``.
         **backbone_kwargs: the :class:`models.mvit.MViT` arguments.
     """
 
@@ -131,6 +133,9 @@ class MaskFeat(MViT):
         target: str = "hog",
         hog_cell: int = 8,
         hog_nbins: int = 9,
+        hog_norm: str = "cell_l2",
+        hog_signed: bool = False,
+        hog_gaussian_window: int = 0,
         **backbone_kwargs,
     ):
         super().__init__(**backbone_kwargs)
@@ -145,6 +150,8 @@ class MaskFeat(MViT):
         self.target = target
         self.hog_cell = hog_cell
         self.hog_nbins = hog_nbins
+        self.hog_options = dict(cell=hog_cell, nbins=hog_nbins, norm=hog_norm, signed=hog_signed,
+                                gaussian_window=hog_gaussian_window)
 
         full_stride = ((1,) + tuple(self.patch_embed.proj.stride)) if self.patch_2d else tuple(self.patch_embed.proj.stride)
         st = list(full_stride)
@@ -205,10 +212,8 @@ class MaskFeat(MViT):
             import kernels.hog as hog  # lazy: only the HOG target needs it
 
             if self.patch_2d:
-                return hog.hog_targets(src, token_stride=p, cell=self.hog_cell, nbins=self.hog_nbins)
-            return hog.video_hog_targets(
-                src, temporal_stride=self.temporal_stride, token_stride=p, cell=self.hog_cell, nbins=self.hog_nbins
-            )
+                return hog.hog_targets(src, token_stride=p, **self.hog_options)
+            return hog.video_hog_targets(src, temporal_stride=self.temporal_stride, token_stride=p, **self.hog_options)
 
     def forward_loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """MSE over all elements of the masked tokens: pred/target (B, N, D), mask (B, N) bool."""

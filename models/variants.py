@@ -32,6 +32,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from kernels.hog.reference import NORMS as HOG_NORMS
+
 from .classifier import Classifier
 from .maskfeat import TARGETS, MaskFeat
 from .vit import vit_kwargs
@@ -67,6 +69,9 @@ class Variant:
     use_mean_pooling: bool = True  # classifier: mean of patch tokens (else cls token)
     mlp_ratio: float = 4.0  # MLP hidden / width
     target: str = "hog"  # MaskFeat target: "hog" or "pixel"
+    hog_norm: str = "cell_l2"  # HOG normalisation: "cell_l2" (official), "none" (ablation), "block_l2hys"
+    hog_signed: bool = False  # signed orientations (0-360 deg) instead of the official unsigned
+    hog_gaussian_window: int = 0  # Gaussian window on magnitudes (0 = off, official)
     attn_backend: str = "auto"  # kernels.attention backend
     notes: str = field(default="", compare=False)  # provenance
 
@@ -95,6 +100,10 @@ class Variant:
                 raise ValueError(f"{self.name}: {f} must be in [0, 1), got {getattr(self, f)}")
         if self.target not in TARGETS:
             raise ValueError(f"{self.name}: target must be one of {TARGETS}, got {self.target!r}")
+        if self.hog_norm not in HOG_NORMS:
+            raise ValueError(f"{self.name}: hog_norm must be one of {HOG_NORMS}, got {self.hog_norm!r}")
+        if self.hog_gaussian_window < 0:
+            raise ValueError(f"{self.name}: hog_gaussian_window must be >= 0, got {self.hog_gaussian_window}")
         if self.attn_backend not in _BACKENDS:
             raise ValueError(f"{self.name}: attn_backend must be one of {_BACKENDS}, got {self.attn_backend!r}")
 
@@ -199,7 +208,8 @@ def create_model(name: str, task: str = "pretrain", num_classes: Optional[int] =
     if task == "pretrain":
         if num_classes is not None:
             raise ValueError("num_classes is only meaningful for task='classify'")
-        return MaskFeat(pretrain_depth=v.last_kept_block, target=v.target, **kw)
+        return MaskFeat(pretrain_depth=v.last_kept_block, target=v.target, hog_norm=v.hog_norm,
+                        hog_signed=v.hog_signed, hog_gaussian_window=v.hog_gaussian_window, **kw)
     return Classifier(
         num_classes=v.num_classes if num_classes is None else num_classes,
         head_dropout=v.head_dropout, head_init_scale=v.head_init_scale, use_mean_pooling=v.use_mean_pooling, **kw,

@@ -221,6 +221,24 @@ def test_hog_target_uses_strided_frames_and_raw_frames_path():
     assert (out_norm.target - out.target).abs().mean() < 1e-3
 
 
+@pytest.mark.parametrize("opts", [dict(hog_norm="none"), dict(hog_signed=True, hog_gaussian_window=16)])
+def test_hog_ablation_options_reach_the_targets(opts):
+    """The HOG ablations (normalisation off, signed, Gaussian window) are model options whose
+    targets equal kernels.hog with the same options, and differ from the official default."""
+    import kernels.hog as hog
+
+    m = create_model("mvitv2_tiny", "pretrain", attn_backend="reference", **opts)
+    frames = torch.randint(0, 256, (1, 3, 16, 64, 64), dtype=torch.uint8)
+    mask = _mask(m, frames.float())
+    target = m(frames.float(), mask, frames=frames).target
+    kw = dict(norm=opts.get("hog_norm", "cell_l2"), signed=opts.get("hog_signed", False),
+              gaussian_window=opts.get("hog_gaussian_window", 0))
+    torch.testing.assert_close(target, hog.video_hog_targets(frames, token_stride=16, **kw))
+    assert not torch.allclose(target, hog.video_hog_targets(frames, token_stride=16))
+    with pytest.raises(ValueError, match="hog_norm"):
+        create_model("mvitv2_tiny", "pretrain", hog_norm="l1")
+
+
 # ----------------------------------------------------------------------------- backends, reproducibility
 
 
