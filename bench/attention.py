@@ -35,6 +35,7 @@ every shape, so a run cut short by a time limit still leaves its results.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -99,7 +100,9 @@ def stage_shapes(models: list[str], device: torch.device, batch: Optional[int] =
         for stage, (q_thw, nh) in enumerate(zip(Q_GRIDS, cfg["heads"]), start=1):
             if device.type == "cpu" and stage < 3:
                 continue
-            B = batch or (4 if device.type == "cuda" else 1)
+            # B = 32 on CUDA: at B = 4 every provider is bound by launch overhead (measured on an
+            # H100, bench/results/README.md), which hides the attention itself
+            B = batch or (32 if device.type == "cuda" else 1)
             shapes.append(Shape(model, stage, B, nh, cfg["hd"], q_thw, K_GRID))
     return shapes
 
@@ -153,7 +156,7 @@ def relpos_attention_flex(
 
 
 _SDPA_BACKENDS = ("math", "flash", "efficient", "cudnn")
-PROVIDER_ORDER = ("reference", *(f"sdpa-{b}" for b in _SDPA_BACKENDS), "flex", "xformers", "triton")
+PROVIDER_ORDER = ("reference", *(f"sdpa-{b}" for b in _SDPA_BACKENDS), "flex", "xformers", "triton", "triton-packed")
 
 
 def _sdpa_provider(name: str) -> Callable:
@@ -200,9 +203,12 @@ def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[d
         missing["triton"] = "CUDA only (on CPU Triton runs through the interpreter, not a benchmark)"
     else:
         try:
-            from kernels.attention.triton_attn import relpos_attention_triton
+            from kernels.attention.triton_attn import RelPosAttnConfig, relpos_attention_triton
 
             providers["triton"] = relpos_attention_triton
+            # the packed-q'' dk/dv variant (opt-in until it is measured faster on a GPU)
+            packed = dataclasses.replace(RelPosAttnConfig(), dkdv_packed_q=True)
+            providers["triton-packed"] = lambda *a, **kw: relpos_attention_triton(*a, config=packed, **kw)
         except Exception as exc:
             missing["triton"] = f"kernels.attention.triton_attn not importable: {type(exc).__name__}: {exc}"
     if wanted:

@@ -97,7 +97,8 @@ def test_every_shipped_recipe_loads(path):
     assert cfg.model.name
     from models.variants import get_variant
 
-    get_variant(cfg.model.name)  # the variant exists
+    # the variant exists and the recipe's model overrides are valid fields with valid values
+    dataclasses.replace(get_variant(cfg.model.name), **cfg.model.overrides)
 
 
 def test_every_engine_field_has_a_docstring():
