@@ -346,11 +346,19 @@ class MultiScaleAttention(nn.Module):
         return tuple(conv_out_size(n, k[d], s[d], p[d]) for d, n in enumerate(thw))  # type: ignore[return-value]
 
     def _tables(self, q_thw: Thw, k_thw: Thw, like: torch.Tensor):
-        """The three tables at the lengths the grids need (interpolated like ``get_rel_pos``)."""
-        if not self.rel_pos_spatial:
+        """The three tables at the lengths the grids need (interpolated like ``get_rel_pos``).
+
+        None when the block has no relative positions at all. An absent table (temporal-only or
+        spatial-only configurations, which the official code also allows) is a zero table: it
+        adds no bias, exactly like the official code skipping that term."""
+        if not self.rel_pos_spatial and not self.rel_pos_temporal:
             return None
-        rh = resize_rel_pos(self.rel_pos_h, 2 * max(q_thw[1], k_thw[1]) - 1)
-        rw = resize_rel_pos(self.rel_pos_w, 2 * max(q_thw[2], k_thw[2]) - 1)
+        lh, lw = 2 * max(q_thw[1], k_thw[1]) - 1, 2 * max(q_thw[2], k_thw[2]) - 1
+        if self.rel_pos_spatial:
+            rh = resize_rel_pos(self.rel_pos_h, lh)
+            rw = resize_rel_pos(self.rel_pos_w, lw)
+        else:
+            rh, rw = like.new_zeros(lh, like.shape[-1]), like.new_zeros(lw, like.shape[-1])
         lt = 2 * max(q_thw[0], k_thw[0]) - 1
         if self.rel_pos_temporal:
             rt = resize_rel_pos(self.rel_pos_t, lt)
@@ -539,8 +547,11 @@ class MViT(nn.Module):
         kernel_q, stride_q, kernel_kv, stride_kv = pooling_schedule(
             depth, pool_q_stride, pool_kvq_kernel, pool_kv_stride_adaptive, pool_kv_stride
         )
-        # official: torch.linspace(0, rate, depth) (computed in float64 here; same values to fp32)
-        dpr = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+        # Official: [x.item() for x in torch.linspace(0, rate, depth)], i.e. default-dtype (float32) values (the
+        # last block gets float32(0.1) = 0.10000000149..., not 0.1); the same floats make training-mode
+        # outputs bit-identical under the same RNG stream. Explicit CPU device: works under a meta
+        # device context too.
+        dpr = torch.linspace(0.0, float(drop_path_rate), depth, device="cpu").tolist()
 
         self.blocks = nn.ModuleList()
         size = list(self.patch_dims)

@@ -18,7 +18,9 @@ Exact parameter counts (``python -m models.variants``; the issue's numbers, from
 code): MaskFeat PT MViTv2-S 16x4 36,253,356, L 16x4 217,247,580; FT (K400) S 36,475,120,
 L 217,578,064; ViT-B/16 PT 85,882,476, FT (IN-1K) 86,567,656.
 
-Notes: ``mvitv2_b_32x3`` follows the supervised MViTv2-B config (``DIM_MUL_IN_ATT: True``);
+Notes: ``mvitv2_b_32x3`` follows the supervised MViTv2-B config (``DIM_MUL_IN_ATT: True``, and its
+classifier head: norm then cls token, not mean pooling; dropout 0.5; head init scale 1), so the
+official supervised checkpoint gives the official outputs;
 ``mvitv2_l_40x3`` is the MaskFeat L architecture (``dim_mul_in_att=False``, so the 16x4 MaskFeat
 checkpoint loads) at 40 frames and 352 px (the supervised test config uses 312 px).
 """
@@ -132,7 +134,9 @@ VARIANTS: dict[str, Variant] = {
         _mvit("mvitv2_s_16x4", 96, 16, 1, (1, 3, 14), pretrain_depth=15, drop_path_rate=0.1,
               notes="k400_MVITv2_S_16x4_{MaskFeat_PT,FT}.yaml"),
         _mvit("mvitv2_b_32x3", 96, 24, 1, (2, 5, 21), num_frames=32, dim_mul_in_att=True, drop_path_rate=0.3,
-              notes="Kinetics/MVITv2_B_32x3.yaml (supervised: DIM_MUL_IN_ATT True)"),
+              use_mean_pooling=False, head_dropout=0.5, head_init_scale=1.0,
+              notes="Kinetics/MVITv2_B_32x3.yaml (supervised: DIM_MUL_IN_ATT True, cls-token head, "
+                    "DROPOUT_RATE 0.5, HEAD_INIT_SCALE 1.0)"),
         _mvit("mvitv2_l_16x4", 144, 48, 2, (2, 8, 44), pretrain_depth=47, drop_path_rate=0.2,
               notes="k400_MVITv2_L_16x4_{MaskFeat_PT,FT}.yaml"),
         _mvit("mvitv2_l_40x3", 144, 48, 2, (2, 8, 44), num_frames=40, img_size=352, pretrain_depth=47,

@@ -434,3 +434,68 @@ def test_tiny_mvit_other_modes_forward_backward(overrides):
         assert m.blocks[1].attn.qkv.weight.shape == (3 * 64, 32) and m.blocks[1].proj.weight.shape == (64, 32)
     else:
         assert m.token_grid(m.input_size) == (8, 4, 4)
+
+
+# ----------------------------------------------------------------------------- found by the
+# comparison against the official SlowFast code (outputs agree to ~1e-14 in float64 otherwise)
+
+
+def test_drop_path_rates_are_the_official_float32_linspace():
+    """Bug: the rates were computed in float64 (``rate·i/(depth−1)``) while the official code takes
+    ``[x.item() for x in torch.linspace(0, rate, depth)]`` (float32 values). The last S block got 0.1
+    instead of float32(0.1) = 0.10000000149011612, and training-mode outputs under the same RNG
+    stream differed from the official ones by ~1e-8 (float64)."""
+    with torch.device("meta"):  # the rates must also be computed under a meta device context
+        m = create_model("mvitv2_s_16x4", "classify")
+    assert isinstance(m.blocks[0].drop_path, nn.Identity)  # rate 0 -> no DropPath, like the official
+    rates = [b.drop_path.drop_prob for b in m.blocks[1:]]
+    assert rates[-1] == 0.10000000149011612
+    for i, r in enumerate(rates, start=1):
+        assert r == float(torch.tensor(r, dtype=torch.float32))  # a float32 value
+        assert abs(r - 0.1 * i / 15) < 1e-8
+
+
+def test_mvitv2_b_classifier_head_is_the_supervised_official_one():
+    """Bug: ``mvitv2_b_32x3`` (the supervised ``Kinetics/MVITv2_B_32x3.yaml``) used the MaskFeat
+    fine-tuning head (mean pooling, init scale 0.001, no dropout); the official config has
+    ``USE_MEAN_POOLING`` False (norm, then the cls token), ``HEAD_INIT_SCALE`` 1.0 and
+    ``DROPOUT_RATE`` 0.5, so the official checkpoint gave different outputs."""
+    torch.manual_seed(0)
+    m = create_model("mvitv2_b_32x3", "classify", num_frames=4, img_size=32, attn_backend="reference").eval()
+    assert not m.use_mean_pooling and m.head.dropout.p == 0.5
+    assert torch.all(m.head.projection.bias == 0.02)  # official Linear bias init 0.02, times scale 1.0
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        feats, _ = m.forward_features(x)
+        logits = m(x)
+        torch.testing.assert_close(logits, m.head.projection(m.norm(feats)[:, 0]), rtol=0, atol=0)
+        feats2 = feats.clone()
+        feats2[:, 1:] = torch.randn_like(feats2[:, 1:])  # patch tokens do not reach the logits
+        torch.testing.assert_close(m.head.projection(m.norm(feats2)[:, 0]), logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_temporal_only_relative_positions_are_applied(backend):
+    """Bug: with ``rel_pos_spatial=False, rel_pos_temporal=True`` (allowed by the official code, no
+    recipe uses it) the temporal table was created but ignored (no bias, no gradient); the official
+    ``MultiScaleAttention`` adds ``cal_rel_pos_temporal`` on its own. Expected: the same outputs as
+    a model with all three tables whose spatial tables are zero."""
+    from models.classifier import Classifier
+    from models.variants import backbone_kwargs, get_variant
+
+    kw = backbone_kwargs(get_variant("mvitv2_tiny"), "classify")
+    kw.update(attn_backend=backend, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    t_only = Classifier(num_classes=10, **dict(kw, rel_pos_spatial=False, rel_pos_temporal=True))
+    both = Classifier(num_classes=10, **kw)
+    state = dict(t_only.state_dict())
+    for k, v in both.state_dict().items():
+        if k.endswith(("rel_pos_h", "rel_pos_w")):
+            state[k] = torch.zeros_like(v)
+    both.load_state_dict(state, strict=True)
+    x = _input(t_only, batch=1)
+    out, _ = t_only.forward_features(x)  # (B, 1 + N, D) final tokens
+    torch.testing.assert_close(out, both.forward_features(x)[0], rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    grad = t_only.blocks[0].attn.rel_pos_t.grad
+    assert grad is not None and grad.abs().sum() > 0
