@@ -13,7 +13,8 @@ Every training command takes ``--config FILE.yaml`` and any number of dotted ove
 Launch the same command under ``torchrun``, the ``deepspeed`` launcher (``--module engine``; the
 ``--local_rank`` it appends is accepted and ignored, ``LOCAL_RANK`` is read from the environment)
 or ``srun`` for more processes (``python -m engine`` is the module form). Exit codes: 0 done, 2 bad config/usage,
-3 stopped on purpose by ``train.stop_after_steps``, 4 too many non-finite losses.
+3 stopped on purpose by ``train.stop_after_steps``, 4 too many non-finite losses, 5 data error
+(dataset list or root missing, bad files under ``data.on_bad_file=error``).
 """
 from __future__ import annotations
 
@@ -118,6 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(describe(cfg))
         return 0
 
+    from engine.data.probe import BadDatasetError
     from engine.runner import NonFiniteLossError, StopRequested
 
     try:
@@ -138,6 +140,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"maskfeat {args.command}: config error: {e}", file=sys.stderr)
         return 2
+    except (BadDatasetError, FileNotFoundError) as e:
+        # a dataset that is missing or holds bad files: a user error, reported without a traceback
+        print(f"maskfeat {args.command}: data error: {e}", file=sys.stderr)
+        return 5
     except StopRequested as e:
         print(f"maskfeat {args.command}: {e}", file=sys.stderr)
         return 3

@@ -221,3 +221,15 @@ def test_cli_config_errors_exit_2(env):
     assert "not one of 0, 1, 2, 3" in p.stderr
     p = _run([sys.executable, "-m", "engine", "pretrain", "--help-config"], env)
     assert "deepspeed.gradient_clipping = 0.02" in p.stdout
+
+
+def test_cli_data_errors_exit_5_without_traceback(env, tmp_path):
+    """A missing dataset or a bad file is a user error: one clear line, exit code 5."""
+    p = _run([sys.executable, "-m", "engine", "pretrain", "-c", TINY, "data.dataset=kinetics",
+              f"data.root={tmp_path / 'missing'}"], env, ok=(5,))
+    assert "data error" in p.stderr and "train.csv" in p.stderr and "Traceback" not in p.stderr
+    (tmp_path / "vids" / "cls").mkdir(parents=True)
+    (tmp_path / "vids" / "cls" / "broken.mp4").write_bytes(b"not a video")
+    p = _run([sys.executable, "-m", "engine", "pretrain", "-c", TINY, "data.dataset=folder",
+              f"data.root={tmp_path / 'vids'}"], env, ok=(5,))
+    assert "broken.mp4" in p.stderr and "not_video" in p.stderr and "Traceback" not in p.stderr
