@@ -17,8 +17,6 @@ the original, so parameter names and checkpoints are unchanged.
 """
 from __future__ import annotations
 
-import collections
-import dataclasses
 import functools
 import os
 import re
@@ -35,7 +33,6 @@ __all__ = [
     "init_distributed",
     "deepspeed_config",
     "apply_activation_checkpointing",
-    "dataclass_outputs_as_tuples",
     "barrier",
     "all_reduce_sum",
     "is_main",
@@ -189,32 +186,6 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
         block.forward = functools.partial(_checkpointed_forward, block, block.forward)
         block._maskfeat_checkpointed = True
     return len(blocks)
-
-
-def _as_namedtuple(module: nn.Module, inputs, output):
-    if dataclasses.is_dataclass(output) and not isinstance(output, type):
-        cls = _TUPLE_TYPES.get(type(output))
-        if cls is None:
-            names = [f.name for f in dataclasses.fields(output)]
-            cls = collections.namedtuple(type(output).__name__, names)
-            _TUPLE_TYPES[type(output)] = cls
-        return cls(*(getattr(output, n) for n in cls._fields))
-    return output
-
-
-_TUPLE_TYPES: dict[type, type] = {}
-
-
-def dataclass_outputs_as_tuples(model: nn.Module) -> None:
-    """Make the root module return a namedtuple instead of a dataclass (same attribute names).
-
-    ZeRO-3 finds the tensors of a module's output to hook its backward (re-gathering the
-    module's partitioned parameters); it understands tuples, lists and dicts but not dataclasses
-    such as ``MaskFeatOutput``, and then the root's own parameters (cls and mask tokens) are
-    already released when their gradients arrive. The hook is prepended so that it runs before
-    DeepSpeed's own forward hooks. Call it before ``deepspeed.initialize``; harmless otherwise.
-    """
-    model.register_forward_hook(_as_namedtuple, prepend=True)
 
 
 def is_main() -> bool:

@@ -35,7 +35,6 @@ from engine.distributed import (
     DistInfo,
     all_reduce_sum,
     apply_activation_checkpointing,
-    dataclass_outputs_as_tuples,
     deepspeed_config,
     init_distributed,
 )
@@ -181,7 +180,6 @@ def setup_run(
     ds_cfg = deepspeed_config(micro_batch=derived.batch_per_rank, world_size=dist.world_size,
                               zero_stage=cfg.deepspeed.zero_stage, precision=cfg.deepspeed.precision,
                               gradient_clipping=cfg.deepspeed.gradient_clipping, extra=cfg.deepspeed.extra)
-    dataclass_outputs_as_tuples(model)  # ZeRO-3 must see the output tensors (see distributed.py)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
     rng = np.random.default_rng([cfg.train.seed, dist.rank])
     torch.manual_seed(cfg.train.seed * 1000 + dist.rank + 1)  # drop path etc. differ per rank

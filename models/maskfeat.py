@@ -31,8 +31,7 @@ Known limits: one prediction depth (the official multi-depth list is not support
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -45,9 +44,9 @@ __all__ = ["MaskFeat", "MaskFeatOutput", "PredHead", "pixel_targets", "TARGETS"]
 TARGETS = ("hog", "pixel")
 
 
-@dataclass
-class MaskFeatOutput:
-    """What one MaskFeat step returns.
+class MaskFeatOutput(NamedTuple):
+    """What one MaskFeat step returns (a NamedTuple, so DeepSpeed ZeRO-3 sees the tensors of the
+    output and hooks their backward; a dataclass would hide them).
 
     loss: scalar MSE over the masked tokens' targets.
     pred: (B, N, D) predictions for every output token (cls excluded), D = target width.
