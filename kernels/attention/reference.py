@@ -15,24 +15,51 @@ fast backends share (distance indices, the factored ``rel_t/rel_h/rel_w`` terms,
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 Grid = Sequence[int]  # (T, H, W) of the non-cls tokens
 
 
+@functools.lru_cache(maxsize=256)
 def rel_pos_index(q_len: int, k_len: int, device=None) -> torch.Tensor:
-    """(Q, K) int64 table index ``dist`` of DESIGN §3.5 for one axis (official float then floor)."""
+    """(Q, K) int64 table index ``dist`` of DESIGN §3.5 for one axis (official float then floor).
+
+    Cached per (Q, K, device) — read-only — and built outside inference mode so that autograd
+    may save it when a table is gathered with it."""
     q_ratio = max(k_len / q_len, 1.0)
     k_ratio = max(q_len / k_len, 1.0)
-    dist = (
-        torch.arange(q_len, device=device, dtype=torch.float64)[:, None] * q_ratio
-        - torch.arange(k_len, device=device, dtype=torch.float64)[None, :] * k_ratio
-    )
-    dist = dist + (k_len - 1) * k_ratio
-    return dist.floor().long()
+    with torch.inference_mode(False):
+        dist = (
+            torch.arange(q_len, device=device, dtype=torch.float64)[:, None] * q_ratio
+            - torch.arange(k_len, device=device, dtype=torch.float64)[None, :] * k_ratio
+        )
+        dist = dist + (k_len - 1) * k_ratio
+        return dist.floor().long()
+
+
+@functools.lru_cache(maxsize=256)
+def key_onehot(k_thw: tuple, has_t: bool, has_cls: bool, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(Nk, width) key side of the augmented operands of DESIGN §3.5, cached per geometry.
+
+    Per key, the one-hot of its t (only when ``has_t``), h and w coordinate, then zeros up to
+    ``width``; the cls key row is all zeros (no bias). Keys are ordered t-major, then h, then w,
+    as the tokens are. Read-only; built outside inference mode."""
+    Tk, Hk, Wk = k_thw
+    with torch.inference_mode(False):
+        t, h, w = torch.meshgrid(*(torch.arange(n) for n in k_thw), indexing="ij")
+        parts = [F.one_hot(h.reshape(-1), Hk), F.one_hot(w.reshape(-1), Wk)]  # (Nk', Hk), (Nk', Wk)
+        if has_t:
+            parts.insert(0, F.one_hot(t.reshape(-1), Tk))  # (Nk', Tk)
+        onehot = torch.cat(parts, dim=-1).to(dtype)  # (Nk', E)
+        if width < onehot.shape[1]:
+            raise ValueError(f"key one-hot width {width} < {onehot.shape[1]} coordinates")
+        onehot = F.pad(onehot, (0, width - onehot.shape[1], 1 if has_cls else 0, 0))  # (Nk, width)
+        return onehot.to(device)
 
 
 def rel_table_len(q_len: int, k_len: int) -> int:
@@ -108,6 +135,23 @@ def rel_terms(
         Rt = rel_pos_t[rel_pos_index(Tq, Tk, q.device)]  # (Tq, Tk, hd)
         rel_t = torch.einsum("bnthwc,tkc->bnthwk", r_q, Rt).reshape(B, nh, -1, Tk)
     return rel_t, rel_h, rel_w
+
+
+def rel_matrix(
+    q: torch.Tensor,
+    q_thw: Grid,
+    k_thw: Grid,
+    rel_pos_t: Optional[torch.Tensor],
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    has_cls: bool,
+) -> torch.Tensor:
+    """Query side of the augmented operands: R = [rel_t, rel_h, rel_w] (B, nh, Nq', E), E =
+    (Tk with a temporal table) + Hk + Wk, with the tables cast to q's dtype first (fp32 master
+    tables under bf16/fp16 activations), as the reference computes in mixed precision."""
+    tables = [t.to(q.dtype) if t is not None else None for t in (rel_pos_t, rel_pos_h, rel_pos_w)]
+    terms = rel_terms(q, q_thw, k_thw, *tables, has_cls)
+    return torch.cat([t for t in terms if t is not None], dim=-1)
 
 
 def relpos_attention_reference(

@@ -44,13 +44,12 @@ reason wherever it does not really run.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .reference import Grid, check_inputs, rel_pos_index
+from .reference import Grid, check_inputs, key_onehot, rel_matrix
 
 __all__ = [
     "augment_operands",
@@ -68,48 +67,6 @@ def augmented_width(hd: int, k_thw: Grid, has_t: bool) -> int:
     Tk, Hk, Wk = k_thw
     width = hd + (Tk if has_t else 0) + Hk + Wk
     return -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
-
-
-@functools.lru_cache(maxsize=256)
-def _rel_index(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-    """Cached (Q, K) table index of ``reference.rel_pos_index`` (built outside inference mode so
-    autograd may save it)."""
-    with torch.inference_mode(False):
-        return rel_pos_index(q_len, k_len, device)
-
-
-@functools.lru_cache(maxsize=256)
-def _key_suffix(k_thw: Grid, has_t: bool, has_cls: bool, pad: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Cached (Nk, E + pad) constant appended to k: per key the one-hot of its t, h and w
-    coordinate (E = (Tk if has_t) + Hk + Wk), then ``pad`` zeros; the cls row is all zeros.
-    Keys are ordered t-major, then h, then w, as the tokens are."""
-    Tk, Hk, Wk = k_thw
-    with torch.inference_mode(False):
-        t, h, w = torch.meshgrid(*(torch.arange(n) for n in k_thw), indexing="ij")
-        parts = [F.one_hot(h.reshape(-1), Hk), F.one_hot(w.reshape(-1), Wk)]  # (Nk', Hk), (Nk', Wk)
-        if has_t:
-            parts.insert(0, F.one_hot(t.reshape(-1), Tk))  # (Nk', Tk)
-        onehot = torch.cat(parts, dim=-1).to(dtype)  # (Nk', E)
-        onehot = F.pad(onehot, (0, pad, 1 if has_cls else 0, 0))  # (Nk, E + pad): cls key gets no bias
-        return onehot.to(device)
-
-
-def _rel_terms(
-    q: torch.Tensor, q_thw: Grid, k_thw: Grid, tables: Sequence[Optional[torch.Tensor]], has_cls: bool
-) -> list[torch.Tensor]:
-    """[rel_t,] rel_h, rel_w of DESIGN §3.5 for the non-cls queries, each (B, nh, Nq', K_axis):
-    the same einsums as ``reference.rel_terms`` with cached distance indices."""
-    B, nh, _, hd = q.shape
-    r_q = (q[:, :, 1:] if has_cls else q).reshape(B, nh, *q_thw, hd)  # (B, nh, Tq, Hq, Wq, hd)
-    out = []
-    for table, spec, q_len, k_len in zip(
-        tables, ("bnthwc,tkc->bnthwk", "bnthwc,hkc->bnthwk", "bnthwc,wkc->bnthwk"), q_thw, k_thw
-    ):
-        if table is None:
-            continue
-        R = table[_rel_index(q_len, k_len, q.device)]  # (Q, K, hd)
-        out.append(torch.einsum(spec, r_q, R).reshape(B, nh, -1, k_len))  # (B, nh, Nq', K)
-    return out
 
 
 def augment_operands(
@@ -139,12 +96,10 @@ def augment_operands(
     E = (k_thw[0] if has_t else 0) + k_thw[1] + k_thw[2]
     pad = D - hd - E
 
-    # tables may be fp32 master weights while q is bf16/fp16: rel terms in q's dtype
-    tables = [t.to(q.dtype) if t is not None else None for t in (rel_pos_t, rel_pos_h, rel_pos_w)]
-    rel = torch.cat(_rel_terms(q, q_thw, k_thw, tables, has_cls), dim=-1)  # (B, nh, Nq', E)
+    rel = rel_matrix(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)  # (B, nh, Nq', E), q's dtype
     rel = F.pad(rel, (0, pad, 1 if has_cls else 0, 0))  # (B, nh, Nq, E + pad): cls query gets no bias
     q_aug = torch.cat([q * scale, rel], dim=-1)  # (B, nh, Nq, D')
-    suffix = _key_suffix(k_thw, has_t, has_cls, pad, q.dtype, q.device)  # (Nk, E + pad)
+    suffix = key_onehot(k_thw, has_t, has_cls, E + pad, q.dtype, q.device)  # (Nk, E + pad)
     k_aug = torch.cat([k, suffix.expand(B, nh, Nk, E + pad)], dim=-1)  # (B, nh, Nk, D')
     v_aug = F.pad(v, (0, D - hd))  # (B, nh, Nk, D')
     return q_aug, k_aug, v_aug

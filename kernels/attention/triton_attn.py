@@ -9,7 +9,7 @@ for non-cls query i and key j (cls row and column: no bias), ``out = softmax(log
 Design (layered: kernels → launchers → ``autograd.Function`` → public function)
 ---------------------------------------------------------------------------------
 * The three small factored terms ``rel_t/rel_h/rel_w`` (B, nh, Nq', Tk/Hk/Wk) are computed by
-  torch in q's dtype, as the reference does (``reference.rel_terms`` semantics, cached distance
+  torch in q's dtype by ``reference.rel_matrix`` (the reference's own einsums, cached distance
   indices), and concatenated into ``R`` (B, nh, Nq', KR), KR = Tk + Hk + Wk (Tk dropped without
   a temporal table). Autograd through these small einsums gives the table gradients and the
   rel-path part of dq from ``dR``.
@@ -59,8 +59,6 @@ one compiled variant per (Nk, query-chunk length) — a handful for MViTv2's fix
 """
 from __future__ import annotations
 
-import functools
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -69,7 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_inputs, rel_pos_index
+from .reference import check_inputs, key_onehot, rel_matrix
 
 __all__ = ["relpos_attention_triton", "RelPosAttnConfig"]
 
@@ -369,58 +367,11 @@ def _configs(ba: int, dtype: torch.dtype, device: torch.device) -> RelPosAttnCon
     return RelPosAttnConfig()
 
 
-@functools.lru_cache(maxsize=64)
-def _key_onehot(k_thw: tuple, kt: int, width: int, has_cls: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(Nk, width) one-hot key coordinates [onehot_t | onehot_h | onehot_w | 0…]; zero cls row.
-    ``kt`` is Tk, or 0 when there is no temporal table. Cached: built once per geometry."""
-    Tk, Hk, Wk = k_thw
-    s = 1 if has_cls else 0
-    j = torch.arange(Tk * Hk * Wk, device=device)
-    t, h, w = j // (Hk * Wk), (j // Wk) % Hk, j % Wk
-    onehot = torch.zeros(Tk * Hk * Wk + s, width, dtype=dtype, device=device)
-    if kt:
-        onehot[s + j, t] = 1
-    onehot[s + j, kt + h] = 1
-    onehot[s + j, kt + Hk + w] = 1
-    return onehot
-
-
 def _k_aug(k: torch.Tensor, k_thw: tuple, kt: int, ba: int, has_cls: bool) -> torch.Tensor:
     """k' = [k, onehot_t(j), onehot_h(j), onehot_w(j), 0…] (B, nh, Nk, BA) in k's dtype."""
     B, nh, Nk, hd = k.shape
-    onehot = _key_onehot(k_thw, kt, ba - hd, has_cls, k.dtype, k.device)  # (Nk, BA − hd)
+    onehot = key_onehot(tuple(k_thw), kt > 0, has_cls, ba - hd, k.dtype, k.device)  # (Nk, BA − hd)
     return torch.cat([k, onehot.expand(B, nh, Nk, ba - hd)], dim=-1)
-
-
-@functools.lru_cache(maxsize=64)
-def _rel_index(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-    """Cached ``reference.rel_pos_index`` (Q, K) (saves a dozen small launches per call)."""
-    return rel_pos_index(q_len, k_len, device)
-
-
-def _rel_matrix(
-    q: torch.Tensor,
-    q_thw: tuple,
-    k_thw: tuple,
-    rel_pos_t: Optional[torch.Tensor],
-    rel_pos_h: torch.Tensor,
-    rel_pos_w: torch.Tensor,
-    has_cls: bool,
-) -> torch.Tensor:
-    """R = [rel_t, rel_h, rel_w] (B, nh, Nq', KR) in q's dtype, as the reference computes it
-    (tables cast to q's dtype; cached indices; rel_t left out without a temporal table)."""
-    B, nh, _, hd = q.shape
-    dt = q.dtype
-    r_q = (q[:, :, 1:] if has_cls else q).reshape(B, nh, *q_thw, hd)  # (B, nh, Tq, Hq, Wq, hd)
-    parts = []
-    if rel_pos_t is not None:
-        Rt = rel_pos_t.to(dt)[_rel_index(q_thw[0], k_thw[0], q.device)]  # (Tq, Tk, hd)
-        parts.append(torch.einsum("bnthwc,tkc->bnthwk", r_q, Rt))
-    Rh = rel_pos_h.to(dt)[_rel_index(q_thw[1], k_thw[1], q.device)]  # (Hq, Hk, hd)
-    Rw = rel_pos_w.to(dt)[_rel_index(q_thw[2], k_thw[2], q.device)]  # (Wq, Wk, hd)
-    parts.append(torch.einsum("bnthwc,hkc->bnthwk", r_q, Rh))
-    parts.append(torch.einsum("bnthwc,wkc->bnthwk", r_q, Rw))
-    return torch.cat(parts, dim=-1).reshape(B, nh, math.prod(q_thw), -1)
 
 
 def _next_pow2(x: int) -> int:
@@ -571,7 +522,7 @@ def relpos_attention_triton(
     q_thw, k_thw = tuple(int(x) for x in q_thw), tuple(int(x) for x in k_thw)
     scale = hd**-0.5 if scale is None else float(scale)
     # factored bias terms (tiny): R = [rel_t, rel_h, rel_w] (B, nh, Nq', KR)
-    r = _rel_matrix(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
+    r = rel_matrix(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
     kt = 0 if rel_pos_t is None else k_thw[0]
     if hd + r.shape[-1] > 512:
         raise ValueError(f"head dim {hd} + rel width {r.shape[-1]} > 512 is not supported by the Triton kernel")

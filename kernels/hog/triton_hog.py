@@ -75,6 +75,28 @@ _EXACT_DIRS = [(1.0, 0.0), (1.0, 1.0), (0.0, 1.0), (-1.0, 1.0)]  # multiples of 
 
 
 @triton.jit
+def _fold_half_plane(gx, gy):
+    """Fold (gx, gy) into angles [0, pi): atan2(gx, gy) is in [0, pi) iff gx > 0 or (gx == 0 and
+    gy >= 0). Returns (lower, fx, fy), ``lower`` marking the flipped (signed: [pi, 2pi)) half."""
+    lower = (gx < 0) | ((gx == 0) & (gy < 0))
+    return lower, tl.where(lower, -gx, gx), tl.where(lower, -gy, gy)
+
+
+@triton.jit
+def _past_boundary(fx, fy, lower, dir_ptr, k: tl.constexpr, NBINS: tl.constexpr, SIGNED: tl.constexpr):
+    """True where the orientation is at or past bin boundary k (exact comparison, no atan2)."""
+    cos_k = tl.load(dir_ptr + 2 * k)
+    sin_k = tl.load(dir_ptr + 2 * k + 1)
+    ge = (fx * cos_k - fy * sin_k) >= 0
+    if SIGNED:
+        if 2 * k < NBINS:
+            ge = lower | ge
+        else:
+            ge = lower & ge
+    return ge
+
+
+@triton.jit
 def _hog_tokens_kernel(
     x_ptr,  # frames (B, T, 3, H, W), any strides
     out_ptr,  # targets (B*T, L, D) fp32, contiguous
@@ -159,22 +181,12 @@ def _hog_tokens_kernel(
         mag = tl.sqrt(gx * gx + gy * gy)
         if WIN > 0:
             mag = mag * wgt
-        # fold into angles [0, pi): atan2(gx, gy) is in [0, pi) iff gx > 0 or (gx == 0 and gy >= 0)
-        lower = (gx < 0) | ((gx == 0) & (gy < 0))
-        fx = tl.where(lower, -gx, gx)
-        fy = tl.where(lower, -gy, gy)
+        lower, fx, fy = _fold_half_plane(gx, gy)
 
         hist = tl.zeros((NBP, CH, CW), dtype=tl.float32)
         above = mag  # magnitudes of the pixels with theta >= boundary_{k-1} (all for k = 1)
         for k in tl.static_range(1, NBINS):
-            cos_k = tl.load(dir_ptr + 2 * k)
-            sin_k = tl.load(dir_ptr + 2 * k + 1)
-            ge = (fx * cos_k - fy * sin_k) >= 0
-            if SIGNED:
-                if 2 * k < NBINS:
-                    ge = lower | ge
-                else:
-                    ge = lower & ge
+            ge = _past_boundary(fx, fy, lower, dir_ptr, k, NBINS, SIGNED)
             # rows of a cell first (held by one thread when CH == 1), then its columns (lanes)
             part = tl.sum(tl.sum(tl.where(ge, 0.0, above), axis=1), axis=2)  # (CH, CW) bin k-1
             hist += tl.where(bins == k - 1, part[None, :, :], 0.0)
@@ -276,20 +288,11 @@ def _hog_rows_kernel(
                 mag = tl.sqrt(gx * gx + gy * gy)
                 if WIN > 0:
                     mag = mag * (tl.load(win_ptr + (cy * CELL + rr - 2) % WIN) * wx)  # pixel row cy*CELL + rr - 2
-                lower = (gx < 0) | ((gx == 0) & (gy < 0))
-                fx = tl.where(lower, -gx, gx)
-                fy = tl.where(lower, -gy, gy)
+                lower, fx, fy = _fold_half_plane(gx, gy)
                 above = mag
                 new_acc = ()
                 for k in tl.static_range(1, NBINS):
-                    cos_k = tl.load(dir_ptr + 2 * k)
-                    sin_k = tl.load(dir_ptr + 2 * k + 1)
-                    ge = (fx * cos_k - fy * sin_k) >= 0
-                    if SIGNED:
-                        if 2 * k < NBINS:
-                            ge = lower | ge
-                        else:
-                            ge = lower & ge
+                    ge = _past_boundary(fx, fy, lower, dir_ptr, k, NBINS, SIGNED)
                     new_acc = new_acc + (acc[k - 1] + tl.where(ge, 0.0, above),)
                     above = tl.where(ge, mag, 0.0)
                 acc = new_acc + (acc[NBINS - 1] + above,)
