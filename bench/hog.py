@@ -6,7 +6,7 @@ Providers, side by side in one process on one device:
 - ``reference+compile``: the same function through ``torch.compile`` (skipped, with the reason,
   where compilation fails);
 - ``triton``: the fused kernel (``kernels.hog.hog_targets(..., backend="triton")``, default
-  variant), and ``triton (rows variant)`` (``hog_targets_triton(..., variant="rows")``), CUDA only; on
+  variant ``"cells"``), and ``triton (tile variant)`` (``hog_targets_triton(..., variant="tile")``), CUDA only; on
   CPU it runs in the Triton interpreter, which is not a benchmark, so it is timed only on a tiny
   shape (2 x 3 x 64 x 64) labelled as such, next to the reference on the same tiny shape;
 - ``skimage-hog (different function)``: on CPU only, for context: ``skimage.feature.hog`` per frame
@@ -249,10 +249,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     def triton_fused(x: torch.Tensor) -> torch.Tensor:
         return hog_targets(x, TOKEN_STRIDE, backend="triton")
 
-    def triton_rows(x: torch.Tensor) -> torch.Tensor:
+    def triton_tile(x: torch.Tensor) -> torch.Tensor:
         from kernels.hog import hog_targets_triton
 
-        return hog_targets_triton(x.unsqueeze(1), TOKEN_STRIDE, variant="rows")
+        return hog_targets_triton(x.unsqueeze(1), TOKEN_STRIDE, variant="tile")
 
     dtypes = [torch.uint8, torch.bfloat16] if device.type == "cuda" else [torch.uint8, torch.float32]
     for dtype in dtypes:
@@ -264,8 +264,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         else:
             notes.append(f"{label} reference+compile: skipped to stay within the time budget")
         if device.type == "cuda":
-            providers["triton"] = triton_fused  # default variant ("tile")
-            providers["triton (rows variant)"] = triton_rows
+            providers["triton"] = triton_fused  # default variant ("cells")
+            providers["triton (tile variant)"] = triton_tile
         else:
             frames_np = frames.permute(0, 2, 3, 1).numpy()
             providers["skimage-hog (different function)"] = lambda x, f=frames_np: skimage_hog_frames(f)

@@ -6,18 +6,27 @@ one program; no (N, 3, nbins, H, W) tensor and no gradient image ever exists in 
 
 Kernel design
 -------------
-- Grid: 1-d, one program per (frame, tile of CH x CW cells); tiles in raster order inside a frame.
-  CH and CW are powers of two chosen by :func:`choose_tile` (about ``block_px`` pixels per channel).
-  GPU default: one cell row per tile (CH = 1), block_px = 2048, about 8 pixels per thread; for
-  224x224, cell 8: CW = 32 (8 x 256 px, 28 of 32 cells valid), num_warps = 8, 28 programs per
-  frame, 1792 programs for 64 frames.
-- Each program loops over the 3 channels. The tile is a 4-d register block (CH, cell, CW, cell)
-  (cell row, row in cell, cell column, column in cell), so the cell sums are two ``tl.sum`` calls
-  and never need a reshape. With Triton's default blocked layout for (1, 8, CW, 8) the lanes of a
-  warp should cover (4 cells x 8 columns) and warps split CW, so each thread holds the 8 rows of
-  one column: the row sum (done first) stays in registers and the column sum is a 3-step warp
-  shuffle (expected from the layout rules; not inspected in the compiled code). The 8 Sobel neighbours are 8 gathers with reflect-mirrored row and
-  column indices (the halo comes from L1/L2; input strides are arbitrary, no copy is made).
+Two variants of the same computation; ``"cells"`` is the default.
+
+``"cells"`` (``_hog_cells_kernel``): one thread per cell.
+- Grid: 1-d over the flattened (frame, cell row, cell column) raster, CW = 32 * num_warps cells
+  per program (GPU default: one warp), so no lane idles whatever H and W are (64x224x224, cell 8:
+  50176 cells, 1568 programs).
+- Each thread walks its cell's CELL + 2 pixel rows (the halo rows are re-read by the cells above
+  and below: 1.25x the input bytes, from L1/L2), loading per row and channel three (CW, CELL)
+  blocks, left / centre / right, with plain offsets from one base (the centre load vectorises;
+  reflect padding is folded into the offsets of a cell's first and last column only). The
+  vertical Sobel taps are rolling sums and differences of the previous rows.
+- Per pixel and bin boundary: one sign test against a compile-time direction and one
+  select-and-add into the pixel column's accumulator of that bin; the CELL columns are summed
+  once per channel at the end, inside the thread. No cross-lane traffic, no shared memory.
+
+``"tile"`` (``_hog_tokens_kernel``, opt-in): one program per (frame, tile of CH x CW cells).
+- The tile is a 4-d register block (CH, cell, CW, cell); the 8 Sobel neighbours are 8 gathers
+  with reflect-mirrored indices; per channel and bin the cell sums are two ``tl.sum`` calls, which
+  compile to warp shuffles and shared-memory layout conversions (bench/sass.py counts them).
+
+Both:
 - Orientation without atan2: the gradient (gy, gx) is folded into the half plane of angles
   [0, pi) (flip when gx < 0, or gx == 0 and gy < 0, which is where atan2 wraps), then
   ``theta >= boundary_k`` is the sign test ``gx*cos_k - gy*sin_k >= 0``; bin b collects the pixels
@@ -28,24 +37,21 @@ Kernel design
   |gx|, |gy| <= 1020 (the uint8 range), with and without FMA contraction, for nbins 2..18 and 36,
   signed and unsigned (exhaustive check, see tests/kernels/test_hog.py).
 - Gaussian window: a tiny table of the normalised 1-d window; the weight is w[y % g] * w[x % g].
-- Per (channel, cell) the nbins sums are gathered into a (NBP, CH, CW) block (NBP = nbins rounded
-  up to a power of two), L2-normalised (``x / max(‖x‖, 1e-12)``) and stored straight into the
-  (N, L, D) layout with index ((c*nbins + bin)*s + cy)*s + cx.
-- Variant ``"rows"`` (opt-in, ``hog_targets_triton(..., variant="rows")``): one program per
-  (frame, cell row, CW cells), walking the cell's rows + 2 halo rows; each pixel row is 3 gathers
-  (left, centre, right) instead of 8, the vertical Sobel taps are rolling per-row sums and
-  differences, and the nbins per-column accumulators (a Triton tuple) are reduced over the cell's
-  columns once at the end. Same results; it uses tuples of tensors (triton >= 3.2).
+- Per (channel, cell) the nbins sums are L2-normalised (``x / max(‖x‖, 1e-12)``) and stored
+  straight into the (N, L, D) layout with index ((c*nbins + bin)*s + cy)*s + cx.
 - ``norm="block_l2hys"`` needs neighbouring cells across tiles: the kernel writes raw sums and a
   second, small PyTorch step normalises the (N, 3, nbins, Hc, Wc) cell histogram (a 1/(cell^2)
   sized tensor) with :func:`kernels.hog.reference.block_l2hys`. ``none`` and ``cell_l2`` are fully
   fused.
 
-Measured (bench/results/hog_nvidia-h100-80gb-hbm3_20261127.md, H100, triton 3.6, an earlier
-revision of this file: 4x4-cell tiles and rows summed after columns): 0.20 ms for 64x3x224x224 uint8
--> 8.3x the eager reference, 74 GB/s = 2.5% of the measured copy bandwidth; best swept tile
-0.14 ms. The current defaults (one cell row per tile, rows summed first) and the "rows" variant
-were written after that run and are not yet timed on a GPU (``python -m bench.hog --sweep``).
+Measured (bench/results/hog_nvidia-h100-80gb-hbm3_20261127.md, H100, triton 3.6, the first
+"tile" revision: 4x4-cell tiles): 0.20 ms for 64x3x224x224 uint8 -> 8.3x the eager reference,
+74 GB/s = 2.5% of the measured copy bandwidth; best swept tile 0.14 ms. The "cells" variant has
+not run on a GPU yet. Compiled offline for sm_90 (``python -m bench.sass``,
+bench/results/hog_sass_sm90_20261127.md) it issues 78 warp instructions per channel-pixel with
+no shuffles or barriers, against 208 (and 663 shuffles per thread) for the default "tile"
+configuration: an issue-bound floor of 25 us against 68 us on an H100. Static counts, not
+timings: ``python -m bench.hog --sweep`` on a GPU decides.
 
 Known limits: cell must be a power of two (4, 8, 16, ...); inputs uint8/fp16/bf16/fp32; output is
 fp32; no autograd (targets are constants). On CPU the kernel runs only in the Triton interpreter
@@ -53,23 +59,26 @@ fp32; no autograd (targets are constants). On CPU the kernel runs only in the Tr
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels import compiling_offline
 from kernels.hog.reference import block_l2hys, cells_to_tokens, check_hog_args, gaussian_window_1d, tokens_to_cells
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # decided when @triton.jit runs below
-VARIANTS = ("tile", "rows")  # kernel variants of hog_targets_triton; "tile" is the default
+VARIANTS = ("cells", "tile")  # kernel variants of hog_targets_triton; "cells" is the default
 SUPPORTED_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 # Launch configurations (variant, block_px, max_ch, num_warps) worth timing on a GPU (None = the
 # launcher's default); bench/hog.py --sweep times them, tests/kernels/test_hog.py checks each on GPU.
 SWEEP_CONFIGS = [
-    ("tile", 2048, 1, None), ("tile", 1024, 1, 4), ("tile", 2048, 1, 4), ("tile", 512, 32, 2), ("tile", 256, 1, 2),
-    ("rows", 2048, 1, None), ("rows", 2048, 1, 1), ("rows", 2048, 1, 4),
+    ("cells", None, None, None), ("cells", None, None, 2), ("cells", None, None, 4),
+    ("tile", 2048, 1, None), ("tile", 512, 32, 2), ("tile", 256, 1, 2),
 ]  # fmt: skip
 _EXACT_DIRS = [(1.0, 0.0), (1.0, 1.0), (0.0, 1.0), (-1.0, 1.0)]  # multiples of 45 degrees in [0, pi)
 
@@ -202,17 +211,15 @@ def _hog_tokens_kernel(
 
 
 @triton.jit
-def _hog_rows_kernel(
+def _hog_cells_kernel(
     x_ptr,  # frames (B, T, 3, H, W), any strides
     out_ptr,  # targets (B*T, L, D) fp32, contiguous
     win_ptr,  # (WIN,) fp32 normalised 1-d Gaussian (unused when WIN == 0)
-    dir_ptr,  # (NBINS, 2) fp32 boundary directions (cos, sin); row 0 unused
+    n_cells,  # B*T*Hc*Wc
     T,
     H,
-    W,
     Hc,
     Wc,
-    tiles_w,
     Wt,
     L,
     sxb,
@@ -223,59 +230,65 @@ def _hog_rows_kernel(
     CELL: tl.constexpr,
     NBINS: tl.constexpr,
     S: tl.constexpr,
-    CW: tl.constexpr,
-    BW: tl.constexpr,  # CW * CELL pixel columns
+    CW: tl.constexpr,  # cells per program (one per thread)
+    COS: tl.constexpr,  # (NBINS,) boundary directions (cos, sin) folded into [0, pi); entry 0 unused
+    SIN: tl.constexpr,
     SIGNED: tl.constexpr,
     NORM_L2: tl.constexpr,
     WIN: tl.constexpr,
 ):
-    """Row-streaming variant: one program per (frame, cell row, CW cells); walks the cell's rows.
+    """One thread per cell: CW consecutive cells of the flattened (frame, cell row, cell column)
+    raster per program, so no lane idles whatever H and W are. Each thread walks its cell's
+    CELL + 2 pixel rows, CELL columns wide.
 
-    Each pixel row is loaded once per channel as 3 column-shifted vectors (left, centre, right);
-    the vertical Sobel taps are the rolling horizontal sums/differences of the previous rows. The
-    nbins per-column accumulators (a tuple of (CW*CELL,) vectors) are reduced over the cell's
-    columns once at the end, so the per-pixel work has no cross-thread communication.
+    Per pixel row and channel: 3 loads (left, centre, right; (CW, CELL) blocks with plain offsets),
+    the vertical Sobel taps as rolling sums/differences of the previous rows, then per bin
+    boundary one sign test (compile-time direction) and one select-and-add into the column's
+    accumulator of that bin. A cell's columns are summed once per channel at the end, inside the
+    thread: no cross-lane traffic, no shared memory.
     """
     D = 3 * NBINS * S * S
-    pid = tl.program_id(0)
-    tw = pid % tiles_w
-    rest = pid // tiles_w
-    cy = rest % Hc  # cell row
-    n = rest // Hc
+    g = tl.program_id(0) * CW + tl.arange(0, CW)  # (CW,) flat cell index
+    g_ok = g < n_cells
+    g = tl.minimum(g, n_cells - 1)  # the tail recomputes the last cell (never stored): no load masks
+    cx = g % Wc
+    rest = g // Wc
+    cy = rest % Hc
+    n = rest // Hc  # frame index in [0, B*T)
     b = n // T
     t = n - b * T
-    x_base = x_ptr + b.to(tl.int64) * sxb + t.to(tl.int64) * sxt
+    x_base = x_ptr + b.to(tl.int64) * sxb + t.to(tl.int64) * sxt  # (CW,)
 
-    xs = tw * BW + tl.arange(0, BW)  # (BW,) pixel columns
-    xs = tl.where(xs < W, xs, 0)
-    xm = tl.abs(xs - 1)
-    xp = tl.where(xs + 1 >= W, 2 * W - 3 - xs, xs + 1)
-    cm = xm * sxw
+    r = tl.arange(0, CELL)[None, :]  # (1, CELL) column in the cell: a per-register constant
+    xs = cx[:, None] * CELL + r  # (CW, CELL) pixel columns, contiguous (W is a multiple of CELL)
+    # reflect padding by 1 (-1 -> 1, W -> W - 2), written per (cell, column in cell) so that the
+    # compiler folds it away for all but a cell's first and last column and the loads keep plain
+    # offsets from one base
+    first = (cx == 0)[:, None] & (r == 0)  # (CW, CELL) x == 0
+    last = (cx == Wc - 1)[:, None] & (r == CELL - 1)  # x == W - 1
     c0 = xs * sxw
-    cp = xp * sxw
+    cm = c0 + tl.where(first, sxw, -sxw)
+    cp = c0 + tl.where(last, -sxw, sxw)
     if WIN > 0:
-        wx = tl.load(win_ptr + xs % WIN)  # (BW,)
-    cx = tw * CW + tl.arange(0, CW)  # (CW,) cell columns
+        wx = tl.load(win_ptr + xs % WIN)  # (CW, CELL)
     tok = (cy // S) * Wt + cx // S
     sub = (cy % S) * S + cx % S
     out_base = out_ptr + n.to(tl.int64) * L * D + tok * D + sub  # (CW,)
-    st_mask = cx < Wc
 
-    for c in range(3):  # a runtime loop: keeps the unrolled body (rows x bins) compiled once
+    for c in tl.static_range(3):
         cb = x_base + c * sxc
         acc = ()
         for k in tl.static_range(NBINS):
-            acc = acc + (tl.zeros((BW,), dtype=tl.float32),)
+            acc = acc + (tl.zeros((CW, CELL), dtype=tl.float32),)
         for rr in tl.static_range(CELL + 2):
-            yy = cy * CELL - 1 + rr  # reflect padding by 1
-            yy = tl.abs(yy)
+            yy = tl.abs(cy * CELL - 1 + rr)  # (CW,) pixel row, reflect padding by 1
             yy = tl.where(yy >= H, 2 * H - 2 - yy, yy)
-            row = cb + yy * sxh
-            left = tl.load(row + cm).to(tl.float32)
+            row = (cb + yy * sxh)[:, None]  # (CW, 1)
+            left = tl.load(row + cm).to(tl.float32)  # (CW, CELL)
             mid = tl.load(row + c0).to(tl.float32)
             right = tl.load(row + cp).to(tl.float32)
             d_new = left - right  # horizontal difference
-            s_new = left + 2.0 * mid + right  # horizontal smoothing
+            s_new = left + 2 * mid + right  # horizontal smoothing
             if rr == 0:
                 d0 = d_new
                 s0 = s_new
@@ -283,19 +296,28 @@ def _hog_rows_kernel(
                 d1 = d_new
                 s1 = s_new
             else:
-                gx = d0 + 2.0 * d1 + d_new  # left - right
+                gx = d0 + 2 * d1 + d_new  # left - right
                 gy = s0 - s_new  # top - bottom
-                mag = tl.sqrt(gx * gx + gy * gy)
-                if WIN > 0:
-                    mag = mag * (tl.load(win_ptr + (cy * CELL + rr - 2) % WIN) * wx)  # pixel row cy*CELL + rr - 2
                 lower, fx, fy = _fold_half_plane(gx, gy)
-                above = mag
+                mag = tl.sqrt(fx * fx + fy * fy)
+                if WIN > 0:
+                    mag = mag * (tl.load(win_ptr + (cy * CELL + rr - 2) % WIN)[:, None] * wx)  # row cy*CELL + rr - 2
+                # bin k - 1 collects the pixels past boundary k - 1 (every pixel for k = 1) and not past k
                 new_acc = ()
                 for k in tl.static_range(1, NBINS):
-                    ge = _past_boundary(fx, fy, lower, dir_ptr, k, NBINS, SIGNED)
-                    new_acc = new_acc + (acc[k - 1] + tl.where(ge, 0.0, above),)
-                    above = tl.where(ge, mag, 0.0)
-                acc = new_acc + (acc[NBINS - 1] + above,)
+                    ge = (fx * COS[k] - fy * SIN[k]) >= 0
+                    if SIGNED:
+                        if 2 * k < NBINS:
+                            ge = lower | ge
+                        else:
+                            ge = lower & ge
+                    if k == 1:
+                        in_bin = ~ge
+                    else:
+                        in_bin = prev & ~ge
+                    new_acc = new_acc + (tl.where(in_bin, acc[k - 1] + mag, acc[k - 1]),)
+                    prev = ge
+                acc = new_acc + (tl.where(prev, acc[NBINS - 1] + mag, acc[NBINS - 1]),)
                 d0 = d1
                 d1 = d_new
                 s0 = s1
@@ -303,7 +325,7 @@ def _hog_rows_kernel(
         parts = ()
         ss = tl.zeros((CW,), dtype=tl.float32)
         for k in tl.static_range(NBINS):
-            part = tl.sum(tl.reshape(acc[k], (CW, CELL)), axis=1)  # (CW,) cell sums of bin k
+            part = tl.sum(acc[k], axis=1)  # (CW,) cell sums of bin k (inside one thread)
             parts = parts + (part,)
             ss += part * part
         den = tl.maximum(tl.sqrt(ss), 1e-12)
@@ -311,7 +333,7 @@ def _hog_rows_kernel(
             val = parts[k]
             if NORM_L2:
                 val = val / den
-            tl.store(out_base + (c * NBINS + k) * (S * S), val, mask=st_mask)
+            tl.store(out_base + (c * NBINS + k) * (S * S), val, mask=g_ok)
 
 
 def _next_pow2(v: int) -> int:
@@ -358,6 +380,24 @@ def boundary_directions(nbins: int, signed: bool) -> torch.Tensor:
     return tab.to(torch.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def _boundary_constants(nbins: int, signed: bool) -> tuple[tuple, tuple]:
+    """The boundary directions as two tuples of Python floats (cos, sin): constexprs of the cells kernel."""
+    cos, sin = boundary_directions(nbins, signed).T.tolist()
+    return tuple(cos), tuple(sin)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_tables(
+    nbins: int, signed: bool, gaussian_window: int, device: torch.device
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(boundary directions (nbins, 2), Gaussian window (g,) or None) on the device, made once per
+    device and options: no host-to-device copy per call."""
+    dirs = boundary_directions(nbins, signed).to(device)
+    win = gaussian_window_1d(gaussian_window, torch.float32).to(device) if gaussian_window else None
+    return dirs, win
+
+
 def hog_targets_triton(
     frames: torch.Tensor,
     token_stride: int = 16,
@@ -371,14 +411,15 @@ def hog_targets_triton(
     block_px: int | None = None,
     max_ch: int | None = None,
     num_warps: int | None = None,
-    variant: str = "tile",
+    variant: str = "cells",
 ) -> torch.Tensor:
     """Launch the fused kernel. frames (B, T, 3, H, W) any strides -> (B*T, L, D) fp32.
 
     Options as :func:`kernels.hog.hog_targets`. ``out`` (B*T, L, D) fp32 contiguous may be passed (tests poison it); it is
-    returned. ``block_px`` (pixels per channel per program; default 2048, 4096 when interpreted),
-    ``max_ch`` (cell rows per tile; default 1, 32 when interpreted) and ``num_warps`` (default: about
-    8 pixels per thread) set the tile and the program size.
+    returned. ``variant``: ``"cells"`` (default) or ``"tile"`` (module docstring). ``num_warps``: program
+    size (cells: 32 cells per warp; default 1 warp, 8 when interpreted). Tile only: ``block_px``
+    (pixels per channel per program; default 2048, 4096 when interpreted) and ``max_ch`` (cell rows
+    per tile; default 1, 32 when interpreted).
     """
     if frames.dim() != 5:
         raise ValueError(f"hog_targets_triton expects frames (B, T, 3, H, W), got shape {tuple(frames.shape)}")
@@ -390,7 +431,7 @@ def hog_targets_triton(
         raise ValueError(f"triton HOG needs a power-of-two cell, got {cell}")
     if h < 2 or w < 2:
         raise ValueError(f"reflect padding needs H, W >= 2, got {h}x{w}")
-    if not frames.is_cuda and not INTERPRETED:
+    if not frames.is_cuda and not INTERPRETED and not compiling_offline():
         raise RuntimeError(
             "backend='triton' on a CPU tensor needs the Triton interpreter: set TRITON_INTERPRET=1 "
             "before importing kernels.hog (or use backend='reference')"
@@ -405,8 +446,8 @@ def hog_targets_triton(
         raise ValueError(f"out must be a contiguous fp32 tensor of shape {(n, l, d)} on {frames.device}")
     if n == 0:
         return out
-    dirs = boundary_directions(nbins, signed).to(frames.device)
-    win = gaussian_window_1d(gaussian_window, torch.float32).to(frames.device) if gaussian_window else dirs
+    dirs, win = _device_tables(nbins, bool(signed), gaussian_window, frames.device)
+    win = dirs if win is None else win  # any valid pointer when there is no window
     if block_px is None:  # the interpreter pays per op, not per element: fewer, bigger programs
         block_px = 4096 if INTERPRETED else 2048
     if max_ch is None:  # on GPU one cell row per tile keeps a cell's rows in one thread's registers
@@ -414,15 +455,15 @@ def hog_targets_triton(
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     common = dict(SIGNED=bool(signed), NORM_L2=(norm == "cell_l2"), WIN=gaussian_window)
-    if variant == "rows":
-        _, cw = choose_tile(hc, wc, cell, block_px, 1)
-        tiles_w = triton.cdiv(wc, cw)
-        _hog_rows_kernel[(n * hc * tiles_w,)](
-            frames, out, win, dirs,
-            t, h, w, hc, wc, tiles_w, wt, l,
+    if variant == "cells":
+        num_warps = num_warps or (8 if INTERPRETED else 1)  # the interpreter pays per op: wide programs
+        cw = 32 * num_warps  # one cell per thread
+        cos, sin = _boundary_constants(nbins, bool(signed))
+        _hog_cells_kernel[(triton.cdiv(n * hc * wc, cw),)](
+            frames, out, win,
+            n * hc * wc, t, h, hc, wc, wt, l,
             *frames.stride(),
-            CELL=cell, NBINS=nbins, S=s, CW=cw, BW=cw * cell, **common,
-            num_warps=num_warps or min(8, max(1, cw * cell // 128)),  # about 2 columns per thread
+            CELL=cell, NBINS=nbins, S=s, CW=cw, COS=cos, SIN=sin, **common, num_warps=num_warps,
         )  # fmt: skip
     else:
         ch, cw = choose_tile(hc, wc, cell, block_px, max_ch)
@@ -435,23 +476,6 @@ def hog_targets_triton(
             num_warps=num_warps or min(8, max(1, ch * cw * cell * cell // 256)),  # about 8 px per thread
         )  # fmt: skip
     if norm == "block_l2hys":  # the one unfused step: needs neighbouring cells (see module docstring)
-        cells = tokens_to_cells(out, (ht, wt), nbins, s)  # (N, 3, nbins, Hc, Wc)
-        out.copy_(cells_to_tokens(block_l2hys(cells), token_stride, cell))
-    return out
-    ch, cw = choose_tile(hc, wc, cell, block_px, max_ch)
-    if num_warps is None:  # about 8 pixels per thread per channel (8 gathers each stay in registers)
-        num_warps = min(8, max(1, ch * cw * cell * cell // 256))
-    tiles_h, tiles_w = triton.cdiv(hc, ch), triton.cdiv(wc, cw)
-    grid = (n * tiles_h * tiles_w,)
-    _hog_tokens_kernel[grid](
-        frames, out, win, dirs,
-        t, h, w, hc, wc, tiles_w, tiles_h, wt, l,
-        *frames.stride(),
-        CELL=cell, NBINS=nbins, NBP=_next_pow2(nbins), S=s, CH=ch, CW=cw,
-        SIGNED=bool(signed), NORM_L2=(norm == "cell_l2"), WIN=gaussian_window,
-        num_warps=num_warps,
-    )  # fmt: skip
-    if norm == "block_l2hys":
         cells = tokens_to_cells(out, (ht, wt), nbins, s)  # (N, 3, nbins, Hc, Wc)
         out.copy_(cells_to_tokens(block_l2hys(cells), token_stride, cell))
     return out

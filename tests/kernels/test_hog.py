@@ -45,9 +45,9 @@ def assert_targets_close(got: torch.Tensor, want: torch.Tensor, norm: str = "cel
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-6 * max(scale, 1e-30))
 
 
-def run_triton(frames: torch.Tensor, token_stride: int, variant: str = "tile", **opts) -> torch.Tensor:
+def run_triton(frames: torch.Tensor, token_stride: int, variant: str = "cells", **opts) -> torch.Tensor:
     """The default kernel through the public API; the other variants through the launcher."""
-    if variant == "tile":
+    if variant == "cells":
         return hog_targets(frames, token_stride, backend="triton", **opts)
     return hog_targets_triton(frames.unsqueeze(1), token_stride, variant=variant, **opts)
 
@@ -170,10 +170,10 @@ def test_binning_without_atan2_is_exact_on_integer_gradients(nbins, signed):
 @pytest.mark.parametrize(
     "n,h,w,ts,variant",
     [
-        (1, 8, 8, 8, "tile"), (3, 16, 24, 8, "tile"), (2, 96, 160, 16, "tile"), (1, 224, 224, 16, "tile"),
-        (1, 232, 232, 8, "tile"), (1, 8, 8, 8, "rows"), (3, 16, 24, 8, "rows"), (1, 32, 232, 8, "rows"),
+        (1, 8, 8, 8, "cells"), (3, 16, 24, 8, "cells"), (2, 96, 160, 16, "cells"), (1, 224, 224, 16, "cells"),
+        (1, 232, 232, 8, "cells"), (1, 8, 8, 8, "tile"), (3, 16, 24, 8, "tile"), (1, 32, 232, 8, "tile"),
     ],
-    ids=["8x8", "N3-16x24", "N2-96x160", "224", "232-ts8", "rows-8x8", "rows-N3-16x24", "rows-32x232-ts8"],
+    ids=["8x8", "N3-16x24", "N2-96x160", "224", "232-ts8", "tile-8x8", "tile-N3-16x24", "tile-32x232-ts8"],
 )  # fmt: skip
 def test_triton_matches_oracle_sizes(n, h, w, ts, variant):
     x = rand_frames(n, h, w, seed=h + w)
@@ -227,7 +227,7 @@ def test_triton_matches_oracle_options(opts, variant):
 def test_triton_tile_configs(block_px, max_ch, num_warps):
     """GPU-default tiling (one cell row per program) and others, in the interpreter."""
     x = rand_frames(2, 16, 96, seed=block_px)
-    got = hog_targets_triton(x.unsqueeze(1), 8, block_px=block_px, max_ch=max_ch, num_warps=num_warps)
+    got = hog_targets_triton(x.unsqueeze(1), 8, variant="tile", block_px=block_px, max_ch=max_ch, num_warps=num_warps)
     assert_targets_close(got, hog_targets_reference(x, 8, dtype=torch.float64))
 
 
@@ -257,19 +257,23 @@ def test_triton_strided_inputs_without_copy():
 
 
 def test_triton_poisoned_output_is_fully_written():
-    """NaN-filled out: every element must be overwritten (29x29 cells also pad the last tiles)."""
+    """NaN-filled out: every element must be overwritten, and nothing past the valid cells (29x29
+    cells pad the last tiles; 2 x 5 x 29 = 290 cells end inside a 32-cell program)."""
     x = rand_frames(2, 232, 232, seed=9)[:, :, :40, :232]  # (2, 3, 40, 232): 5 x 29 cells
+    want = hog_targets_reference(x, 8, dtype=torch.float64)
     assert choose_tile(5, 29, 8, 4096)[1] > 1  # tiles padded in W
     out = torch.full((2, 5 * 29, 27), float("nan"))
-    got = hog_targets_triton(x.unsqueeze(1), 8, out=out)
-    assert got is out
-    assert_targets_close(out, hog_targets_reference(x, 8, dtype=torch.float64))
+    assert hog_targets_triton(x.unsqueeze(1), 8, out=out, variant="tile") is out
+    assert_targets_close(out, want)
+    for num_warps in (1, 2):  # one cell per thread: 32 or 64 cells per program, the last one partial
+        big = torch.full((2 * 5 * 29 * 27 + 64,), float("nan"))  # a guard zone after out
+        out = big[: 2 * 5 * 29 * 27].view(2, 5 * 29, 27)
+        assert hog_targets_triton(x.unsqueeze(1), 8, out=out, variant="cells", num_warps=num_warps) is out
+        assert_targets_close(out, want)
+        assert big[out.numel() :].isnan().all()
     out2 = torch.full((1, 4, 108), float("nan"))
     hog_targets_triton(rand_frames(1, 32, 32, seed=10).unsqueeze(1), 16, norm="block_l2hys", out=out2)
     assert torch.isfinite(out2).all()
-    out3 = torch.full((2, 2 * 29, 27), float("nan"))  # rows variant: 29 cells in 32-cell tiles
-    hog_targets_triton(x[:, :, :16].unsqueeze(1), 8, out=out3, variant="rows")
-    assert_targets_close(out3, hog_targets_reference(x[:, :, :16], 8, dtype=torch.float64))
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,15 +405,15 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_real_size_matches_oracle(dtype):
-    """64 x 3 x 224 x 224 (8 clips x 8 centre frames), integer-valued, every input dtype (rows variant: uint8, bf16)."""
+    """64 x 3 x 224 x 224 (8 clips x 8 centre frames), integer-valued, every input dtype (tile variant: uint8, bf16)."""
     x = rand_frames(64, 224, 224, seed=13).cuda().to(dtype)  # integers <= 255 are exact in bf16
     want = hog_targets_reference(x, 16, dtype=torch.float64)
     assert_targets_close(hog_targets(x), want)  # auto -> triton, default variant
     if dtype in (torch.uint8, torch.bfloat16):  # the training dtypes (each variant compiles per dtype)
-        assert_targets_close(hog_targets_triton(x.unsqueeze(1), 16, variant="rows"), want)
+        assert_targets_close(hog_targets_triton(x.unsqueeze(1), 16, variant="tile"), want)
 
 
-GPU_ROWS_OPTIONS = [dict(nbins=18, signed=True), dict(cell=4), dict(gaussian_window=8, norm="none")]
+GPU_TILE_OPTIONS = [dict(nbins=18, signed=True), dict(cell=4), dict(gaussian_window=8, norm="none")]
 
 
 @pytest.mark.gpu
@@ -420,8 +424,8 @@ def test_gpu_options_and_odd_sizes(opts):
         x = rand_frames(n, h, w, torch.bfloat16, seed=h).cuda()
         want = hog_targets_reference(x, ts, dtype=torch.float64, **opts)
         assert_targets_close(hog_targets(x, ts, **opts), want, opts.get("norm", "cell_l2"))
-        if opts in GPU_ROWS_OPTIONS:  # a few option sets for the opt-in variant (compile time)
-            got = hog_targets_triton(x.unsqueeze(1), ts, variant="rows", **opts)
+        if opts in GPU_TILE_OPTIONS:  # a few option sets for the opt-in variant (compile time)
+            got = hog_targets_triton(x.unsqueeze(1), ts, variant="tile", **opts)
             assert_targets_close(got, want, opts.get("norm", "cell_l2"))
     x = rand_frames(2, 232, 232, seed=14).cuda()
     assert_targets_close(hog_targets(x, 8), hog_targets_reference(x, 8, dtype=torch.float64))

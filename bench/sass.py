@@ -1,0 +1,330 @@
+"""Offline compilation of our Triton kernels for a GPU this machine does not have.
+
+Most sessions have no GPU (DESIGN §4). Triton can still lower a kernel for any NVIDIA target
+(``GPUTarget("cuda", 90, 32)`` = H100) with the ``ptxas``/``cuobjdump`` it ships, so what the
+interpreter cannot tell can be read from the real machine code:
+
+- does the kernel lower at all for sm_90 / sm_80 (shared memory over the limit, an op with no
+  lowering, a ``tl.dot`` shape the target refuses)?
+- registers per thread, local-memory (spill) bytes, static shared memory;
+- the SASS instruction mix: how many instructions of each kind one program issues, and for
+  loop-free kernels (everything unrolled by ``tl.static_range``) how many per unit of work.
+
+How a launch is captured: :func:`capture_launches` makes Triton's JIT believe an sm_XX device is
+active (a stand-in driver that only answers target/device/stream) and installs a
+``jit_cache_hook`` that records the exact specialisation a real launch would compile (signature,
+divisibility attributes, constexprs, num_warps/num_stages) and then skips compiling and
+launching. So the launchers run unchanged on CPU tensors (nothing is computed; outputs stay
+uninitialised) and :func:`compile_launch` compiles each recorded specialisation for the target.
+
+These are *static* facts about code, not timings: an instruction count is a work measure, and
+``issue_floor_us`` (every warp instruction needs one issue slot of one of the 4 schedulers of an
+SM) is a lower bound on time, never a prediction of it. Timings come from ``bench/gpu_check``.
+
+    python -m bench.sass [--arch 90] [--out DIR]     # HOG report (kernels.hog.triton_hog)
+
+Known limits: needs the kernels imported *without* ``TRITON_INTERPRET`` (set in the environment
+of this process, it turns the kernels into interpreter functions and nothing can be compiled);
+the SASS text format is cuobjdump's, parsed by regular expressions.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.driver import driver as _triton_driver
+from triton.runtime.jit import JITFunction
+
+_NV_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+# Instruction classes worth separating (sm_80 / sm_90 SASS opcodes, without modifiers).
+SLOW_CLASSES = {
+    "mufu": ("MUFU",),  # sqrt, rsqrt, exp2, rcp: quarter-rate special-function unit
+    "convert": ("I2F", "F2I", "F2F", "I2FP", "F2FP", "I2I"),  # int <-> float conversions (16/clk/SM on sm_90)
+    "shuffle": ("SHFL",),  # cross-lane exchange (reductions over lanes)
+    "barrier": ("BAR",),  # block-wide barrier (layout conversions through shared memory)
+    "shared": ("LDS", "STS", "LDSM", "ATOMS"),
+    "global": ("LDG", "STG", "RED", "ATOMG", "LDGSTS", "UTMALDG"),
+    "local": ("LDL", "STL"),  # register spills
+    "tensor": ("HMMA", "HGMMA", "IMMA", "QGMMA"),
+}
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch as Triton would compile it: the exact specialisation plus its grid."""
+
+    name: str
+    fn: JITFunction
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    num_warps: int
+    num_stages: int
+    grid: tuple = ()
+
+    @property
+    def programs(self) -> int:
+        n = 1
+        for g in self.grid:
+            n *= int(g)
+        return n
+
+    def constexpr(self, name: str) -> Any:
+        """The value of a constexpr argument by name."""
+        idx = self.fn.arg_names.index(name)
+        return self.constexprs[(idx,)]
+
+
+@dataclasses.dataclass
+class SassStats:
+    """Static facts of one compiled kernel (per program = per CTA)."""
+
+    name: str
+    arch: int
+    num_warps: int
+    registers: int  # per thread
+    local_bytes: int  # per thread; > 0 means spills
+    shared_bytes: int  # static shared memory per program
+    instructions: int  # SASS instructions of one thread (= warp instructions of one warp)
+    mix: dict  # opcode -> count
+    has_loops: bool  # a backward branch: counts are per loop body, not per program
+
+    def count(self, cls: str) -> int:
+        return sum(self.mix.get(op, 0) for op in SLOW_CLASSES[cls])
+
+    def warp_instructions(self) -> int:
+        """Warp instructions one program issues (exact for loop-free kernels)."""
+        return self.instructions * self.num_warps
+
+    def summary(self) -> dict:
+        out = {k: getattr(self, k) for k in ("name", "arch", "num_warps", "registers", "local_bytes", "shared_bytes",
+                                              "instructions", "has_loops")}  # fmt: skip
+        out.update({cls: self.count(cls) for cls in SLOW_CLASSES})
+        out["top"] = dict(collections.Counter(self.mix).most_common(12))
+        return out
+
+
+class _OfflineDriver:
+    """Answers the three questions Triton's JIT asks before compiling; nothing can be launched."""
+
+    offline = True  # read by kernels.compiling_offline(): launchers accept CPU tensors
+
+    def __init__(self, arch: int) -> None:
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: Optional[int] = None) -> int:
+        return 0
+
+    def is_active(self) -> bool:
+        return True
+
+
+@contextlib.contextmanager
+def capture_launches(arch: int = 90) -> Iterator[list]:
+    """Within the block, Triton launches are recorded as :class:`Launch` (in call order), not run.
+
+    JIT caches made inside the block are dropped on exit, so a later real launch recompiles for the
+    real device.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("capture_launches needs compiled kernels: unset TRITON_INTERPRET before importing them")
+    launches: list[Launch] = []
+    touched: list[JITFunction] = []
+    grids: dict[int, tuple] = {}
+    orig_run = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):  # noqa: ANN001 - Triton's signature
+        grids[id(self)] = tuple(grid) if not callable(grid) else ()
+        touched.append(self)
+        return orig_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):  # noqa: A002, ANN001
+        jit = fn.jit_function
+        launches.append(
+            Launch(
+                name=fn.name,
+                fn=jit,
+                signature=dict(compile["signature"]),
+                constexprs=dict(compile["constants"]),
+                attrs=dict(compile["configs"][0]),
+                num_warps=compile["num_warps"],
+                num_stages=compile["num_stages"],
+                grid=grids.get(id(jit), ()),
+            )
+        )
+        return True  # skip compile and launch
+
+    old_hook = triton.knobs.runtime.jit_cache_hook
+    old_driver = _triton_driver._active  # None on a machine without GPU: DriverConfig has no public getter for it
+    _triton_driver.set_active(_OfflineDriver(arch))
+    triton.knobs.runtime.jit_cache_hook = hook
+    JITFunction.run = run
+    try:
+        yield launches
+    finally:
+        JITFunction.run = orig_run
+        triton.knobs.runtime.jit_cache_hook = old_hook
+        _triton_driver._active = old_driver
+        for jit in touched:  # binders/caches built for the stand-in target
+            jit.device_caches.clear()
+
+
+def _tool(name: str, *args: str) -> str:
+    exe = _NV_BIN / name
+    if not exe.exists():
+        raise FileNotFoundError(f"{exe} not found: this triton wheel ships no {name}")
+    return subprocess.run([str(exe), *args], check=True, capture_output=True, text=True).stdout
+
+
+_OP_RE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)", re.M)
+_BRA_RE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?BRA\s+(?:\w+\s+)?0x([0-9a-f]+)", re.M)
+
+
+def parse_sass(sass: str) -> tuple[dict, bool]:
+    """(opcode -> count without NOPs, has a loop) of the ``cuobjdump -sass`` text of one kernel.
+
+    A loop is a branch to an earlier address; the ``BRA`` to itself that pads every kernel's end
+    is not one.
+    """
+    mix = collections.Counter(m.group(2) for m in _OP_RE.finditer(sass))
+    mix.pop("NOP", None)
+    has_loops = any(int(m.group(2), 16) < int(m.group(1), 16) for m in _BRA_RE.finditer(sass))
+    return dict(mix), has_loops
+
+
+def compile_launch(launch: Launch, arch: int = 90) -> SassStats:
+    """Compile one captured launch for ``sm_<arch>`` and read its resources and SASS."""
+    src = ASTSource(launch.fn, launch.signature, launch.constexprs, launch.attrs)
+    ck = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(ck.asm["cubin"])
+        res = _tool("cuobjdump", "-res-usage", path)
+        sass = _tool("cuobjdump", "-sass", path)
+    usage = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", res)
+    if usage is None:
+        raise RuntimeError(f"could not read the resource usage of {launch.name}:\n{res}")
+    mix, has_loops = parse_sass(sass)
+    shared = max(int(usage.group(3)), int(ck.metadata.shared))
+    return SassStats(
+        name=launch.name,
+        arch=arch,
+        num_warps=launch.num_warps,
+        registers=int(usage.group(1)),
+        local_bytes=int(usage.group(4)) + int(usage.group(2)),
+        shared_bytes=shared,
+        instructions=sum(mix.values()),
+        mix=mix,
+        has_loops=has_loops,
+    )
+
+
+# H100 SXM: 132 SMs, 4 schedulers each issuing at most one warp instruction per clock.
+H100_SMS, H100_CLOCK_GHZ, SCHEDULERS_PER_SM = 132, 1.755, 4
+
+
+def issue_floor_us(warp_instructions: float, sms: int = H100_SMS, clock_ghz: float = H100_CLOCK_GHZ) -> float:
+    """Time below which the instructions cannot all be issued (one per scheduler per clock)."""
+    return warp_instructions / (sms * SCHEDULERS_PER_SM * clock_ghz * 1e3)
+
+
+# ---------------------------------------------------------------------------------------------
+# HOG report
+# ---------------------------------------------------------------------------------------------
+def hog_report(arch: int = 90, n: int = 64, h: int = 224, w: int = 224) -> list[dict]:
+    """Compile every HOG launch configuration of SWEEP_CONFIGS at the DESIGN §6 shape (uint8 and bf16)."""
+    import torch
+
+    from kernels.hog import triton_hog
+
+    rows = []
+    for dtype in (torch.uint8, torch.bfloat16):
+        frames = torch.zeros((n, 1, 3, h, w), dtype=dtype)
+        for variant, block_px, max_ch, num_warps in triton_hog.SWEEP_CONFIGS:
+            with capture_launches(arch) as launches:
+                triton_hog.hog_targets_triton(
+                    frames, 16, variant=variant, block_px=block_px, max_ch=max_ch, num_warps=num_warps
+                )
+            (launch,) = launches
+            st = compile_launch(launch, arch)
+            warp_instr = st.warp_instructions() * launch.programs
+            px = n * 3 * h * w  # channel-pixels
+            row = dict(
+                dtype=str(dtype).replace("torch.", ""),
+                config=dict(variant=variant, block_px=block_px, max_ch=max_ch, num_warps=num_warps),
+                programs=launch.programs,
+                **st.summary(),
+                warp_instr_per_channel_pixel=(warp_instr * 32 / px) if not st.has_loops else None,
+                issue_floor_us=issue_floor_us(warp_instr) if not st.has_loops else None,
+            )
+            rows.append(row)
+    return rows
+
+
+def _markdown(rows: list[dict], arch: int) -> str:
+    lines = [
+        f"# HOG kernels compiled offline for sm_{arch} (static SASS facts, not timings)",
+        "",
+        f"Command: `python -m bench.sass --arch {arch}`; triton {triton.__version__}; shape 64x3x224x224 -> (64, 196, 108).",
+        "Instructions are per thread of one program (= per warp); 'per ch-px' = warp instructions x 32 lanes / (N*3*H*W);",
+        f"'issue floor' = all warp instructions / ({H100_SMS} SMs x {SCHEDULERS_PER_SM} schedulers x {H100_CLOCK_GHZ} GHz):",
+        "a lower bound for an issue-bound kernel on an H100, not a prediction.",
+        "",
+        "| dtype | variant | block_px | max_ch | warps | programs | regs | spill B | instr | per ch-px | issue floor µs | MUFU | convert | SHFL | BAR | LDS+STS | LDG |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        c = r["config"]
+        per = "loops" if r["warp_instr_per_channel_pixel"] is None else f"{r['warp_instr_per_channel_pixel']:.1f}"
+        fl = "-" if r["issue_floor_us"] is None else f"{r['issue_floor_us']:.1f}"
+        lines.append(
+            f"| {r['dtype']} | {c['variant']} | {c['block_px']} | {c['max_ch']} | {r['num_warps']} | {r['programs']} | "
+            f"{r['registers']} | {r['local_bytes']} | {r['instructions']} | {per} | {fl} | {r['mufu']} | {r['convert']} | "
+            f"{r['shuffle']} | {r['barrier']} | {r['shared']} | {r['global']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100, 80 = A100)")
+    ap.add_argument("--out", default=None, help="write hog_sass_sm<arch>_<date>.{json,md} here")
+    args = ap.parse_args(argv)
+    rows = hog_report(args.arch)
+    md = _markdown(rows, args.arch)
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"hog_sass_sm{args.arch}_{datetime.date.today():%Y%m%d}"
+        meta = dict(command=" ".join(["python -m bench.sass", *sys.argv[1:]]), triton=triton.__version__, arch=args.arch)
+        (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        (out / f"{stem}.md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
