@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import math
 import os
 import re
 import subprocess
@@ -284,6 +285,111 @@ def hog_report(arch: int = 90, n: int = 64, h: int = 224, w: int = 224) -> list[
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# Attention report
+# ---------------------------------------------------------------------------------------------
+# static shared memory a program may use (opt-in maximum per block), bytes
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def attention_launches(
+    arch: int = 90, model: str = "L", packed: bool = False, batch: int = 32, **overrides: Any
+) -> list[Launch]:
+    """Capture every launch of one bf16 forward + backward of kernels.attention's Triton backend at the
+    first MViTv2 stage shape of ``model`` (bench/attention.py), with the H100 tile table and the
+    query chunking an H100 would get at ``batch`` clips (the capture itself runs B = 1). ``overrides``:
+    RelPosAttnConfig fields to change."""
+    import torch
+
+    from bench.attention import K_GRID, MODELS, Q_GRIDS
+    from kernels.attention.reference import rel_table_len
+    from kernels.attention.triton_attn import RelPosAttnConfig, _configs, _next_pow2, relpos_attention_triton
+
+    hd, nh = MODELS[model]["hd"], MODELS[model]["heads"][0]
+    q_thw, k_thw = Q_GRIDS[0], K_GRID
+    nq, nk = math.prod(q_thw) + 1, math.prod(k_thw) + 1
+    q = torch.zeros(1, nh, nq, hd, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.zeros(1, nh, nk, hd, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.zeros(1, nh, nk, hd, dtype=torch.bfloat16, requires_grad=True)
+    tables = [torch.zeros(rel_table_len(a, b), hd, requires_grad=True) for a, b in zip(q_thw, k_thw)]
+    ba = _next_pow2(hd + sum(k_thw))
+    cfg: RelPosAttnConfig = _configs(ba, torch.bfloat16, torch.device("cuda"))
+    n_q_tiles = -(-nq // cfg.dkdv_block_m)
+    n_kv_programs = -(-nk // cfg.dkdv_block_n) * batch * nh
+    chunks = max(1, min(n_q_tiles, -(-cfg.dkdv_programs_per_sm * H100_SMS // n_kv_programs)))
+    cfg = dataclasses.replace(cfg, dkdv_chunks=chunks, dkdv_packed_q=packed, **overrides)
+    with capture_launches(arch) as launches:
+        out = relpos_attention_triton(q, k, v, q_thw, k_thw, *tables, config=cfg)
+        out.float().sum().backward()
+    return launches
+
+
+def attention_report(arch: int = 90) -> list[dict]:
+    """Compile the forward and backward kernels (unpacked and packed q'' dk/dv) for both models."""
+    rows, seen = [], set()
+    for model in ("L", "S"):
+        for packed in (False, True):
+            for launch in attention_launches(arch, model, packed):
+                key = (launch.name, tuple(sorted(launch.constexprs.items())), launch.num_warps, launch.num_stages)
+                if key in seen:
+                    continue
+                seen.add(key)
+                st = compile_launch(launch, arch)
+                row = dict(model=model, packed=packed, **st.summary(), num_stages=launch.num_stages)
+                row["shared_limit"] = SHARED_LIMIT.get(arch)
+                rows.append(row)
+    return rows
+
+
+def _attention_markdown(rows: list[dict], arch: int) -> str:
+    lines = [
+        f"# Attention kernels compiled offline for sm_{arch} (static SASS facts, not timings)",
+        "",
+        f"Command: `python -m bench.sass --arch {arch}`; triton {triton.__version__}; bf16, H100 tile table, first",
+        "MViTv2 stage (L: hd 72, 2 heads; S: hd 96, 1 head; Nq 25089, Nk 393), forward + backward.",
+        "Instructions are static per thread (loop bodies counted once); spill = local memory bytes per thread.",
+        f"Shared memory limit per program on sm_{arch}: {SHARED_LIMIT.get(arch)} bytes.",
+        "",
+        "| model | dk/dv path | kernel | warps | stages | regs | spill B | shared B | instr | MMA | SHFL | BAR |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {'packed q' if r['packed'] else 'default'} | {r['name']} | {r['num_warps']} | {r['num_stages']} | "
+            f"{r['registers']} | {r['local_bytes']} | {r['shared_bytes']} | {r['instructions']} | {r['tensor']} | "
+            f"{r['shuffle']} | {r['barrier']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def check(arch: int = 90) -> list[str]:
+    """Problems that would stop our default kernels on sm_<arch>: a failed lowering, shared memory
+    over the limit, spills or cross-lane traffic in the HOG cells kernel. Empty when all is well."""
+    import torch
+
+    from kernels.hog import triton_hog
+
+    problems = []
+    limit = SHARED_LIMIT.get(arch, 0)
+    for dtype in (torch.uint8, torch.bfloat16):
+        with capture_launches(arch) as launches:
+            triton_hog.hog_targets_triton(torch.zeros((2, 1, 3, 224, 224), dtype=dtype), 16)
+        st = compile_launch(launches[0], arch)
+        print(f"hog {dtype}: {st.summary()}", flush=True)
+        for what, value in (("spill bytes", st.local_bytes), ("shuffles", st.count("shuffle")),
+                            ("barriers", st.count("barrier"))):  # fmt: skip
+            if value:
+                problems.append(f"HOG cells kernel ({dtype}) has {value} {what} on sm_{arch}")
+    for packed in (False, True):
+        for launch in attention_launches(arch, "L", packed):
+            st = compile_launch(launch, arch)
+            print(f"attention packed={packed} {launch.name}: regs {st.registers} spill {st.local_bytes} "
+                  f"shared {st.shared_bytes}", flush=True)  # fmt: skip
+            if limit and st.shared_bytes > limit:
+                problems.append(f"{launch.name} (packed={packed}) needs {st.shared_bytes} B shared > {limit} on sm_{arch}")
+    return problems
+
+
 def _markdown(rows: list[dict], arch: int) -> str:
     lines = [
         f"# HOG kernels compiled offline for sm_{arch} (static SASS facts, not timings)",
@@ -311,18 +417,25 @@ def _markdown(rows: list[dict], arch: int) -> str:
 def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100, 80 = A100)")
-    ap.add_argument("--out", default=None, help="write hog_sass_sm<arch>_<date>.{json,md} here")
+    ap.add_argument("--out", default=None, help="write {hog,attention}_sass_sm<arch>_<date>.{json,md} here")
+    ap.add_argument("--check", action="store_true", help="only check that the default kernels lower cleanly (exit 1 if not)")
     args = ap.parse_args(argv)
-    rows = hog_report(args.arch)
-    md = _markdown(rows, args.arch)
-    print(md)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = f"hog_sass_sm{args.arch}_{datetime.date.today():%Y%m%d}"
-        meta = dict(command=" ".join(["python -m bench.sass", *sys.argv[1:]]), triton=triton.__version__, arch=args.arch)
-        (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-        (out / f"{stem}.md").write_text(md)
+    if args.check:
+        problems = check(args.arch)
+        for p in problems:
+            print("PROBLEM:", p)
+        return 1 if problems else 0
+    meta = dict(command=" ".join(["python -m bench.sass", *sys.argv[1:]]), triton=triton.__version__, arch=args.arch)
+    for what, report, render in (("hog", hog_report, _markdown), ("attention", attention_report, _attention_markdown)):
+        rows = report(args.arch)
+        md = render(rows, args.arch)
+        print(md, flush=True)
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            stem = f"{what}_sass_sm{args.arch}_{datetime.date.today():%Y%m%d}"
+            (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+            (out / f"{stem}.md").write_text(md)
     return 0
 
 
