@@ -164,7 +164,8 @@ def setup_run(
         print0(f"activation checkpointing: {n} blocks")
     model.to(dist.device)
     derived = derive(cfg, dist.world_size, len(loader), clips_per_rank(loader))
-    print0("derived:\n" + derived.describe(cfg))
+    print0("derived:\n" + derived.describe(cfg) + f"\ndevice              {dist.device} ({dist.backend}), "
+           f"data reader {loader.reader}")
 
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
     n_params = sum(p.numel() for p in model.parameters())

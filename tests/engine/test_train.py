@@ -233,3 +233,20 @@ def test_cli_data_errors_exit_5_without_traceback(env, tmp_path):
     p = _run([sys.executable, "-m", "engine", "pretrain", "-c", TINY, "data.dataset=folder",
               f"data.root={tmp_path / 'vids'}"], env, ok=(5,))
     assert "broken.mp4" in p.stderr and "not_video" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_pretrain_bf16_zero2_then_resume(env, tmp_path):
+    """The engine on one GPU as users run it: NCCL, bf16, ZeRO-2, the fused HOG kernel and the auto
+    data path (DALI's NVDEC where DALI is installed, else PyAV); a checkpoint, then --resume auto."""
+    common = [sys.executable, "-m", "engine", "pretrain", "-c", TINY, "train.device=cuda",
+              "deepspeed.precision=bf16", "deepspeed.zero_stage=2", "train.checkpoint_every_steps=3",
+              f"train.output_dir={tmp_path / 'gpu'}"]
+    p = _run(common + ["schedule.max_steps=6"], env)
+    assert "(nccl), data reader" in p.stdout
+    losses = _losses(str(tmp_path / "gpu"))
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(l) for _, l in losses)
+    p = _run(common + ["schedule.max_steps=8", "--resume", "auto"], env)
+    assert "resumed from" in p.stdout and "step00000006 at step 6" in p.stdout
+    assert [s for s, _ in _losses(str(tmp_path / "gpu"))][-2:] == [7, 8]
