@@ -156,7 +156,7 @@ def relpos_attention_flex(
 
 
 _SDPA_BACKENDS = ("math", "flash", "efficient", "cudnn")
-PROVIDER_ORDER = ("reference", *(f"sdpa-{b}" for b in _SDPA_BACKENDS), "flex", "xformers", "triton", "triton-packed", "triton-w8")
+PROVIDER_ORDER = ("reference", *(f"sdpa-{b}" for b in _SDPA_BACKENDS), "flex", "xformers", "triton", "triton-packed", "triton-w4")
 
 
 def _sdpa_provider(name: str) -> Callable:
@@ -209,10 +209,10 @@ def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[d
             # the packed-q'' dk/dv variant (opt-in until it is measured faster on a GPU)
             packed = dataclasses.replace(RelPosAttnConfig(), dkdv_packed_q=True)
             providers["triton-packed"] = lambda *a, **kw: relpos_attention_triton(*a, config=packed, **kw)
-            # dk/dv with 8 warps: compiled offline for sm_90 the default 4-warp dk/dv kernel spills
-            # 72 bytes per thread at 255 registers, this one none (bench/results/attention_sass_sm90_*)
-            w8 = dataclasses.replace(RelPosAttnConfig(), dkdv_warps=8)
-            providers["triton-w8"] = lambda *a, **kw: relpos_attention_triton(*a, config=w8, **kw)
+            # the earlier dk/dv default, 4 warps: it spills (72 B per thread on sm_90, bench.sass);
+            # kept to measure the 8-warp default against it
+            w4 = dataclasses.replace(RelPosAttnConfig(), dkdv_warps=4)
+            providers["triton-w4"] = lambda *a, **kw: relpos_attention_triton(*a, config=w4, **kw)
         except Exception as exc:
             missing["triton"] = f"kernels.attention.triton_attn not importable: {type(exc).__name__}: {exc}"
     if wanted:

@@ -293,9 +293,9 @@ SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 def attention_launches(
-    arch: int = 90, model: str = "L", packed: bool = False, batch: int = 32, **overrides: Any
+    arch: int = 90, model: str = "L", packed: bool = False, batch: int = 32, dtype: Any = None, **overrides: Any
 ) -> list[Launch]:
-    """Capture every launch of one bf16 forward + backward of kernels.attention's Triton backend at the
+    """Capture every launch of one (bf16 unless ``dtype``) forward + backward of kernels.attention's Triton backend at the
     first MViTv2 stage shape of ``model`` (bench/attention.py), with the H100 tile table and the
     query chunking an H100 would get at ``batch`` clips (the capture itself runs B = 1). ``overrides``:
     RelPosAttnConfig fields to change."""
@@ -305,15 +305,16 @@ def attention_launches(
     from kernels.attention.reference import rel_table_len
     from kernels.attention.triton_attn import RelPosAttnConfig, _configs, _next_pow2, relpos_attention_triton
 
+    dtype = dtype or torch.bfloat16
     hd, nh = MODELS[model]["hd"], MODELS[model]["heads"][0]
     q_thw, k_thw = Q_GRIDS[0], K_GRID
     nq, nk = math.prod(q_thw) + 1, math.prod(k_thw) + 1
-    q = torch.zeros(1, nh, nq, hd, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.zeros(1, nh, nk, hd, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.zeros(1, nh, nk, hd, dtype=torch.bfloat16, requires_grad=True)
+    q = torch.zeros(1, nh, nq, hd, dtype=dtype, requires_grad=True)
+    k = torch.zeros(1, nh, nk, hd, dtype=dtype, requires_grad=True)
+    v = torch.zeros(1, nh, nk, hd, dtype=dtype, requires_grad=True)
     tables = [torch.zeros(rel_table_len(a, b), hd, requires_grad=True) for a, b in zip(q_thw, k_thw)]
     ba = _next_pow2(hd + sum(k_thw))
-    cfg: RelPosAttnConfig = _configs(ba, torch.bfloat16, torch.device("cuda"))
+    cfg: RelPosAttnConfig = _configs(ba, dtype, torch.device("cuda"))
     n_q_tiles = -(-nq // cfg.dkdv_block_m)
     n_kv_programs = -(-nk // cfg.dkdv_block_n) * batch * nh
     chunks = max(1, min(n_q_tiles, -(-cfg.dkdv_programs_per_sm * H100_SMS // n_kv_programs)))
@@ -324,18 +325,25 @@ def attention_launches(
     return launches
 
 
+ATTENTION_PATHS = {  # dk/dv path label -> (packed q'', RelPosAttnConfig overrides)
+    "default": (False, {}),
+    "packed q": (True, {}),
+    "4-warp dk/dv (old default)": (False, dict(dkdv_warps=4)),
+}
+
+
 def attention_report(arch: int = 90) -> list[dict]:
-    """Compile the forward and backward kernels (unpacked and packed q'' dk/dv) for both models."""
+    """Compile the forward and backward kernels of every path in ATTENTION_PATHS for both models."""
     rows, seen = [], set()
     for model in ("L", "S"):
-        for packed in (False, True):
-            for launch in attention_launches(arch, model, packed):
+        for path, (packed, overrides) in ATTENTION_PATHS.items():
+            for launch in attention_launches(arch, model, packed, **overrides):
                 key = (launch.name, tuple(sorted(launch.constexprs.items())), launch.num_warps, launch.num_stages)
                 if key in seen:
                     continue
                 seen.add(key)
                 st = compile_launch(launch, arch)
-                row = dict(model=model, packed=packed, **st.summary(), num_stages=launch.num_stages)
+                row = dict(model=model, path=path, **st.summary(), num_stages=launch.num_stages)
                 row["shared_limit"] = SHARED_LIMIT.get(arch)
                 rows.append(row)
     return rows
@@ -355,7 +363,7 @@ def _attention_markdown(rows: list[dict], arch: int) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {'packed q' if r['packed'] else 'default'} | {r['name']} | {r['num_warps']} | {r['num_stages']} | "
+            f"| {r['model']} | {r['path']} | {r['name']} | {r['num_warps']} | {r['num_stages']} | "
             f"{r['registers']} | {r['local_bytes']} | {r['shared_bytes']} | {r['instructions']} | {r['tensor']} | "
             f"{r['shuffle']} | {r['barrier']} |"
         )
@@ -363,8 +371,9 @@ def _attention_markdown(rows: list[dict], arch: int) -> str:
 
 
 def check(arch: int = 90) -> list[str]:
-    """Problems that would stop our default kernels on sm_<arch>: a failed lowering, shared memory
-    over the limit, spills or cross-lane traffic in the HOG cells kernel. Empty when all is well."""
+    """Problems of our default kernels on sm_<arch>: a failed lowering, shared memory over the limit,
+    register spills (HOG cells kernel; bf16 attention forward and backward) or cross-lane traffic
+    in the HOG cells kernel. Empty when all is well."""
     import torch
 
     from kernels.hog import triton_hog
@@ -387,6 +396,8 @@ def check(arch: int = 90) -> list[str]:
                   f"shared {st.shared_bytes}", flush=True)  # fmt: skip
             if limit and st.shared_bytes > limit:
                 problems.append(f"{launch.name} (packed={packed}) needs {st.shared_bytes} B shared > {limit} on sm_{arch}")
+            if st.local_bytes:
+                problems.append(f"{launch.name} (packed={packed}, bf16) spills {st.local_bytes} B per thread on sm_{arch}")
     return problems
 
 

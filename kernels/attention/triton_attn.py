@@ -44,9 +44,12 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
   numpy ≥ 2.4. Runs under ``TRITON_INTERPRET=1`` and on triton 3.6 – 3.9.
 
 Configs (fixed table, :class:`RelPosAttnConfig`, :func:`_configs`): bf16/fp16 with BA ≤ 128:
-forward 128×64 tiles / 8 warps / 2 stages; dq 64×64 / 4 warps; dk/dv 64×64 / 4 warps, query
+forward 128×64 tiles / 8 warps / 2 stages; dq 64×64 / 4 warps; dk/dv 64×64 / 8 warps, query
 chunks sized for ``dkdv_programs_per_sm`` programs per SM. fp32 or BA = 256: smaller tiles.
-The interpreter uses 32×32 tiles.
+The interpreter uses 32×32 tiles. dk/dv runs 8 warps because its two (64, 128) fp32
+accumulators do not fit 4 warps' registers: compiled offline (``python -m bench.sass``), the 4-warp
+kernel spills 72 bytes per thread on sm_90 and 384 on sm_80 inside the query loop, the 8-warp one
+none; the earlier GPU measurement below was of the 4-warp kernel (bench provider ``triton-w4``).
 
 Measured (one H100, torch 2.11, triton 3.6, bf16, B = 32, hd 72, Nk 393, fwd+bwd, before the
 packed-q'' change; see the task report): stage 1 (Nq 25089, nh 2) 18.6 ms vs reference 45.4 ms,
@@ -349,7 +352,7 @@ class RelPosAttnConfig:
     dq_stages: int = 2
     dkdv_block_m: int = 64
     dkdv_block_n: int = 64
-    dkdv_warps: int = 4
+    dkdv_warps: int = 8  # 4 spills (module docstring)
     dkdv_stages: int = 2
     dkdv_chunks: Optional[int] = None  # query chunks of the dk/dv kernel; None: fill the GPU
     dkdv_split: bool = False  # dk and dv in two launches (fewer registers, 5 instead of 4 dots)

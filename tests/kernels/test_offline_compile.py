@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_default_kernels_lower_for_sm90():
-    """HOG cells kernel (uint8, bf16): no spills, shuffles or barriers; attention forward and
-    backward (both dk/dv paths): shared memory within the sm_90 limit. In a subprocess, because
-    this session's kernels were imported for the interpreter."""
+    """HOG cells kernel (uint8, bf16): no spills, shuffles or barriers; bf16 attention forward and
+    backward (both dk/dv paths): no spills, shared memory within the sm_90 limit. In a subprocess,
+    because this session's kernels were imported for the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
