@@ -21,7 +21,8 @@ These are *static* facts about code, not timings: an instruction count is a work
 ``issue_floor_us`` (every warp instruction needs one issue slot of one of the 4 schedulers of an
 SM) is a lower bound on time, never a prediction of it. Timings come from ``bench/gpu_check``.
 
-    python -m bench.sass [--arch 90] [--out DIR]     # HOG report (kernels.hog.triton_hog)
+    python -m bench.sass [--arch 90] [--out DIR]   # HOG and attention reports (.md/.json with --out)
+    python -m bench.sass --check [--arch 90]       # exit 1 if a default kernel lowers badly
 
 Known limits: needs the kernels imported *without* ``TRITON_INTERPRET`` (set in the environment
 of this process, it turns the kernels into interpreter functions and nothing can be compiled);
@@ -83,11 +84,6 @@ class Launch:
         for g in self.grid:
             n *= int(g)
         return n
-
-    def constexpr(self, name: str) -> Any:
-        """The value of a constexpr argument by name."""
-        idx = self.fn.arg_names.index(name)
-        return self.constexprs[(idx,)]
 
 
 @dataclasses.dataclass
@@ -252,6 +248,13 @@ def issue_floor_us(warp_instructions: float, sms: int = H100_SMS, clock_ghz: flo
     return warp_instructions / (sms * SCHEDULERS_PER_SM * clock_ghz * 1e3)
 
 
+def _md_table(head: list[str], columns: list[str], cells: list[list]) -> str:
+    """A markdown report: the header lines, then one table."""
+    lines = [*head, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in cells]
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # HOG report
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +286,30 @@ def hog_report(arch: int = 90, n: int = 64, h: int = 224, w: int = 224) -> list[
             )
             rows.append(row)
     return rows
+
+
+def _hog_markdown(rows: list[dict], arch: int) -> str:
+    def per(r: dict) -> str:
+        return "loops" if r["warp_instr_per_channel_pixel"] is None else f"{r['warp_instr_per_channel_pixel']:.1f}"
+
+    def floor(r: dict) -> str:
+        return "-" if r["issue_floor_us"] is None else f"{r['issue_floor_us']:.1f}"
+
+    return _md_table(
+        [
+            f"# HOG kernels compiled offline for sm_{arch} (static SASS facts, not timings)",
+            "",
+            f"Command: `python -m bench.sass --arch {arch}`; triton {triton.__version__}; shape 64x3x224x224 -> (64, 196, 108).",
+            "Instructions are per thread of one program (= per warp); 'per ch-px' = warp instructions x 32 lanes / (N*3*H*W);",
+            f"'issue floor' = all warp instructions / ({H100_SMS} SMs x {SCHEDULERS_PER_SM} schedulers x {H100_CLOCK_GHZ} GHz):",
+            "a lower bound for an issue-bound kernel on an H100, not a prediction.",
+        ],
+        ["dtype", "variant", "block_px", "max_ch", "warps", "programs", "regs", "spill B", "instr", "per ch-px",
+         "issue floor µs", "MUFU", "convert", "SHFL", "BAR", "LDS+STS", "LDG"],
+        [[r["dtype"], r["config"]["variant"], r["config"]["block_px"], r["config"]["max_ch"], r["num_warps"],
+          r["programs"], r["registers"], r["local_bytes"], r["instructions"], per(r), floor(r), r["mufu"],
+          r["convert"], r["shuffle"], r["barrier"], r["shared"], r["global"]] for r in rows],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,24 +377,19 @@ def attention_report(arch: int = 90) -> list[dict]:
 
 
 def _attention_markdown(rows: list[dict], arch: int) -> str:
-    lines = [
-        f"# Attention kernels compiled offline for sm_{arch} (static SASS facts, not timings)",
-        "",
-        f"Command: `python -m bench.sass --arch {arch}`; triton {triton.__version__}; bf16, H100 tile table, first",
-        "MViTv2 stage (L: hd 72, 2 heads; S: hd 96, 1 head; Nq 25089, Nk 393), forward + backward.",
-        "Instructions are static per thread (loop bodies counted once); spill = local memory bytes per thread.",
-        f"Shared memory limit per program on sm_{arch}: {SHARED_LIMIT.get(arch)} bytes.",
-        "",
-        "| model | dk/dv path | kernel | warps | stages | regs | spill B | shared B | instr | MMA | SHFL | BAR |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['path']} | {r['name']} | {r['num_warps']} | {r['num_stages']} | "
-            f"{r['registers']} | {r['local_bytes']} | {r['shared_bytes']} | {r['instructions']} | {r['tensor']} | "
-            f"{r['shuffle']} | {r['barrier']} |"
-        )
-    return "\n".join(lines) + "\n"
+    return _md_table(
+        [
+            f"# Attention kernels compiled offline for sm_{arch} (static SASS facts, not timings)",
+            "",
+            f"Command: `python -m bench.sass --arch {arch}`; triton {triton.__version__}; bf16, H100 tile table, first",
+            "MViTv2 stage (L: hd 72, 2 heads; S: hd 96, 1 head; Nq 25089, Nk 393), forward + backward.",
+            "Instructions are static per thread (loop bodies counted once); spill = local memory bytes per thread.",
+            f"Shared memory limit per program on sm_{arch}: {SHARED_LIMIT.get(arch)} bytes.",
+        ],
+        ["model", "dk/dv path", "kernel", "warps", "stages", "regs", "spill B", "shared B", "instr", "MMA", "SHFL", "BAR"],
+        [[r["model"], r["path"], r["name"], r["num_warps"], r["num_stages"], r["registers"], r["local_bytes"],
+          r["shared_bytes"], r["instructions"], r["tensor"], r["shuffle"], r["barrier"]] for r in rows],
+    )
 
 
 def check(arch: int = 90) -> list[str]:
@@ -401,30 +423,6 @@ def check(arch: int = 90) -> list[str]:
     return problems
 
 
-def _markdown(rows: list[dict], arch: int) -> str:
-    lines = [
-        f"# HOG kernels compiled offline for sm_{arch} (static SASS facts, not timings)",
-        "",
-        f"Command: `python -m bench.sass --arch {arch}`; triton {triton.__version__}; shape 64x3x224x224 -> (64, 196, 108).",
-        "Instructions are per thread of one program (= per warp); 'per ch-px' = warp instructions x 32 lanes / (N*3*H*W);",
-        f"'issue floor' = all warp instructions / ({H100_SMS} SMs x {SCHEDULERS_PER_SM} schedulers x {H100_CLOCK_GHZ} GHz):",
-        "a lower bound for an issue-bound kernel on an H100, not a prediction.",
-        "",
-        "| dtype | variant | block_px | max_ch | warps | programs | regs | spill B | instr | per ch-px | issue floor µs | MUFU | convert | SHFL | BAR | LDS+STS | LDG |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        c = r["config"]
-        per = "loops" if r["warp_instr_per_channel_pixel"] is None else f"{r['warp_instr_per_channel_pixel']:.1f}"
-        fl = "-" if r["issue_floor_us"] is None else f"{r['issue_floor_us']:.1f}"
-        lines.append(
-            f"| {r['dtype']} | {c['variant']} | {c['block_px']} | {c['max_ch']} | {r['num_warps']} | {r['programs']} | "
-            f"{r['registers']} | {r['local_bytes']} | {r['instructions']} | {per} | {fl} | {r['mufu']} | {r['convert']} | "
-            f"{r['shuffle']} | {r['barrier']} | {r['shared']} | {r['global']} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100, 80 = A100)")
@@ -437,7 +435,7 @@ def main(argv: Optional[list] = None) -> int:
             print("PROBLEM:", p)
         return 1 if problems else 0
     meta = dict(command=" ".join(["python -m bench.sass", *sys.argv[1:]]), triton=triton.__version__, arch=args.arch)
-    for what, report, render in (("hog", hog_report, _markdown), ("attention", attention_report, _attention_markdown)):
+    for what, report, render in (("hog", hog_report, _hog_markdown), ("attention", attention_report, _attention_markdown)):
         rows = report(args.arch)
         md = render(rows, args.arch)
         print(md, flush=True)
