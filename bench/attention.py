@@ -156,10 +156,11 @@ def relpos_attention_flex(
 
 
 _SDPA_BACKENDS = ("math", "flash", "efficient", "cudnn")
-PROVIDER_ORDER = ("reference", *(f"sdpa-{b}" for b in _SDPA_BACKENDS), "flex", "xformers", "triton", "triton-packed", "triton-w4")
+PROVIDER_ORDER = ("reference", *(f"sdpa-{b}" for b in _SDPA_BACKENDS), "flex", "xformers", "triton", "triton-packed", "triton-w4",
+                  "sdpa-cudnn+rel-triton", "sdpa-flash+rel-triton", "triton+rel-triton")
 
 
-def _sdpa_provider(name: str) -> Callable:
+def _sdpa_provider(name: str, rel_impl: str = "reference") -> Callable:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = {
@@ -171,7 +172,7 @@ def _sdpa_provider(name: str) -> Callable:
 
     def fn(*args, **kw):
         with sdpa_kernel(backend):
-            return relpos_attention_sdpa(*args, **kw)
+            return relpos_attention_sdpa(*args, rel_impl=rel_impl, **kw)
 
     return fn
 
@@ -183,6 +184,11 @@ def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[d
     missing: dict[str, str] = {}
     for b in _SDPA_BACKENDS:
         providers[f"sdpa-{b}"] = _sdpa_provider(b)
+    if device.type == "cuda":  # the fused rel terms (kernels/attention/rel_triton.py), opt-in until measured
+        for b in ("cudnn", "flash"):
+            providers[f"sdpa-{b}+rel-triton"] = _sdpa_provider(b, rel_impl="triton")
+    else:
+        missing["sdpa-cudnn+rel-triton"] = "CUDA only (the rel-terms kernel runs on CPU only in the Triton interpreter)"
     try:
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -213,6 +219,7 @@ def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[d
             # kept to measure the 8-warp default against it
             w4 = dataclasses.replace(RelPosAttnConfig(), dkdv_warps=4)
             providers["triton-w4"] = lambda *a, **kw: relpos_attention_triton(*a, config=w4, **kw)
+            providers["triton+rel-triton"] = lambda *a, **kw: relpos_attention_triton(*a, rel_impl="triton", **kw)
         except Exception as exc:
             missing["triton"] = f"kernels.attention.triton_attn not importable: {type(exc).__name__}: {exc}"
     if wanted:

@@ -157,9 +157,10 @@ def capture_launches(arch: int = 90) -> Iterator[list]:
 
     def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):  # noqa: A002, ANN001
         jit = fn.jit_function
+        module = str(getattr(fn.module, "__name__", fn.module))  # e.g. kernels.attention.rel_triton
         launches.append(
             Launch(
-                name=fn.name,
+                name=f"{module.rsplit('.', 1)[-1]}.{fn.name}",  # rel_triton._dq_kernel
                 fn=jit,
                 signature=dict(compile["signature"]),
                 constexprs=dict(compile["constants"]),
@@ -320,12 +321,13 @@ SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 def attention_launches(
-    arch: int = 90, model: str = "L", packed: bool = False, batch: int = 32, dtype: Any = None, **overrides: Any
+    arch: int = 90, model: str = "L", packed: bool = False, batch: int = 32, dtype: Any = None,
+    rel_impl: str = "reference", **overrides: Any,
 ) -> list[Launch]:
     """Capture every launch of one (bf16 unless ``dtype``) forward + backward of kernels.attention's Triton backend at the
     first MViTv2 stage shape of ``model`` (bench/attention.py), with the H100 tile table and the
     query chunking an H100 would get at ``batch`` clips (the capture itself runs B = 1). ``overrides``:
-    RelPosAttnConfig fields to change."""
+    RelPosAttnConfig fields to change; ``rel_impl="triton"`` adds the fused rel-terms kernels."""
     import torch
 
     from bench.attention import K_GRID, MODELS, Q_GRIDS
@@ -347,15 +349,16 @@ def attention_launches(
     chunks = max(1, min(n_q_tiles, -(-cfg.dkdv_programs_per_sm * H100_SMS // n_kv_programs)))
     cfg = dataclasses.replace(cfg, dkdv_chunks=chunks, dkdv_packed_q=packed, **overrides)
     with capture_launches(arch) as launches:
-        out = relpos_attention_triton(q, k, v, q_thw, k_thw, *tables, config=cfg)
+        out = relpos_attention_triton(q, k, v, q_thw, k_thw, *tables, config=cfg, rel_impl=rel_impl)
         out.float().sum().backward()
     return launches
 
 
-ATTENTION_PATHS = {  # dk/dv path label -> (packed q'', RelPosAttnConfig overrides)
+ATTENTION_PATHS = {  # path label -> (packed q'', attention_launches keyword arguments)
     "default": (False, {}),
     "packed q": (True, {}),
     "4-warp dk/dv (old default)": (False, dict(dkdv_warps=4)),
+    "fused rel terms": (False, dict(rel_impl="triton")),
 }
 
 
@@ -386,7 +389,7 @@ def _attention_markdown(rows: list[dict], arch: int) -> str:
             "Instructions are static per thread (loop bodies counted once); spill = local memory bytes per thread.",
             f"Shared memory limit per program on sm_{arch}: {SHARED_LIMIT.get(arch)} bytes.",
         ],
-        ["model", "dk/dv path", "kernel", "warps", "stages", "regs", "spill B", "shared B", "instr", "MMA", "SHFL", "BAR"],
+        ["model", "path", "kernel", "warps", "stages", "regs", "spill B", "shared B", "instr", "MMA", "SHFL", "BAR"],
         [[r["model"], r["path"], r["name"], r["num_warps"], r["num_stages"], r["registers"], r["local_bytes"],
           r["shared_bytes"], r["instructions"], r["tensor"], r["shuffle"], r["barrier"]] for r in rows],
     )
@@ -394,7 +397,8 @@ def _attention_markdown(rows: list[dict], arch: int) -> str:
 
 def check(arch: int = 90) -> list[str]:
     """Problems of our default kernels on sm_<arch>: a failed lowering, shared memory over the limit,
-    register spills (HOG cells kernel; bf16 attention forward and backward) or cross-lane traffic
+    register spills (HOG cells kernel; bf16 attention forward and backward, with the fused rel
+    terms too) or cross-lane traffic
     in the HOG cells kernel. Empty when all is well."""
     import torch
 
@@ -411,15 +415,16 @@ def check(arch: int = 90) -> list[str]:
                             ("barriers", st.count("barrier"))):  # fmt: skip
             if value:
                 problems.append(f"HOG cells kernel ({dtype}) has {value} {what} on sm_{arch}")
-    for packed in (False, True):
-        for launch in attention_launches(arch, "L", packed):
+    for path in ("default", "packed q", "fused rel terms"):
+        packed, kwargs = ATTENTION_PATHS[path]
+        for launch in attention_launches(arch, "L", packed, **kwargs):
             st = compile_launch(launch, arch)
-            print(f"attention packed={packed} {launch.name}: regs {st.registers} spill {st.local_bytes} "
+            print(f"attention ({path}) {launch.name}: regs {st.registers} spill {st.local_bytes} "
                   f"shared {st.shared_bytes}", flush=True)  # fmt: skip
             if limit and st.shared_bytes > limit:
-                problems.append(f"{launch.name} (packed={packed}) needs {st.shared_bytes} B shared > {limit} on sm_{arch}")
+                problems.append(f"{launch.name} ({path}) needs {st.shared_bytes} B shared > {limit} on sm_{arch}")
             if st.local_bytes:
-                problems.append(f"{launch.name} (packed={packed}, bf16) spills {st.local_bytes} B per thread on sm_{arch}")
+                problems.append(f"{launch.name} ({path}, bf16) spills {st.local_bytes} B per thread on sm_{arch}")
     return problems
 
 

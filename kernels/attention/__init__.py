@@ -17,12 +17,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from .reference import check_inputs, rel_pos_index, rel_table_len, rel_terms, relpos_attention_reference
+from .reference import REL_IMPLS, check_inputs, rel_pos_index, rel_table_len, rel_terms, relpos_attention_reference
 
 BACKENDS = ("auto", "reference", "sdpa", "xformers", "triton")
 
 __all__ = [
     "BACKENDS",
+    "REL_IMPLS",
     "relpos_attention",
     "relpos_attention_reference",
     "rel_pos_index",
@@ -58,16 +59,21 @@ def relpos_attention(
     has_cls: bool = True,
     scale: Optional[float] = None,
     backend: str = "auto",
+    rel_impl: str = "reference",
 ) -> torch.Tensor:
     """``softmax(scale·q·kᵀ + decomposed rel-pos bias) @ v``.
 
     q (B, nh, Nq, hd), k and v (B, nh, Nk, hd), cls at index 0 when ``has_cls``; ``q_thw`` and
     ``k_thw`` the (T, H, W) grids of the non-cls tokens; tables ``(2·max(Q,K)−1, hd)`` per axis
     (``rel_pos_t`` may be None when both T are 1). ``scale`` defaults to hd^-0.5.
+    ``rel_impl`` (``sdpa`` and ``triton`` backends): ``"reference"`` (PyTorch einsums) or
+    ``"triton"`` (the fused kernel of :mod:`kernels.attention.rel_triton`, opt-in until measured).
     Returns (B, nh, Nq, hd).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if rel_impl not in REL_IMPLS:
+        raise ValueError(f"unknown rel_impl {rel_impl!r}; choose one of {REL_IMPLS}")
     if backend == "auto":
         backend = pick_backend(q)
     args = (q, k, v, tuple(q_thw), tuple(k_thw), rel_pos_t, rel_pos_h, rel_pos_w)
@@ -76,11 +82,11 @@ def relpos_attention(
     if backend == "sdpa":
         from .sdpa import relpos_attention_sdpa
 
-        return relpos_attention_sdpa(*args, has_cls=has_cls, scale=scale)
+        return relpos_attention_sdpa(*args, has_cls=has_cls, scale=scale, rel_impl=rel_impl)
     if backend == "xformers":
         from .sdpa import relpos_attention_xformers
 
         return relpos_attention_xformers(*args, has_cls=has_cls, scale=scale)
     from .triton_attn import relpos_attention_triton
 
-    return relpos_attention_triton(*args, has_cls=has_cls, scale=scale)
+    return relpos_attention_triton(*args, has_cls=has_cls, scale=scale, rel_impl=rel_impl)

@@ -154,6 +154,22 @@ def rel_matrix(
     return torch.cat([t for t in terms if t is not None], dim=-1)
 
 
+REL_IMPLS = ("reference", "triton")  # implementations of rel_matrix (the fast backends' rel_impl=)
+
+
+def rel_matrix_impl(impl: str):
+    """``rel_matrix`` (``"reference"``, PyTorch einsums) or its fused Triton version
+    (``"triton"``, :mod:`kernels.attention.rel_triton`; same signature and semantics, opt-in until
+    it is measured on a GPU)."""
+    if impl == "reference":
+        return rel_matrix
+    if impl == "triton":
+        from .rel_triton import rel_matrix_triton
+
+        return rel_matrix_triton
+    raise ValueError(f"rel_impl must be one of {REL_IMPLS}, got {impl!r}")
+
+
 def relpos_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,

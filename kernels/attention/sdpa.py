@@ -49,7 +49,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .reference import Grid, check_inputs, key_onehot, rel_matrix
+from .reference import Grid, check_inputs, key_onehot, rel_matrix_impl
 
 __all__ = [
     "augment_operands",
@@ -81,10 +81,12 @@ def augment_operands(
     *,
     has_cls: bool = True,
     scale: Optional[float] = None,
+    rel_impl: str = "reference",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Build (q', k', v') of DESIGN §3.5, all (B, nh, N, D') in q's dtype; softmax scale is 1.
 
     Inputs are checked (ValueError on inconsistency). Differentiable in q, k, v and the tables.
+    ``rel_impl``: how the rel terms are computed (``reference.rel_matrix_impl``).
     """
     q_thw, k_thw = tuple(q_thw), tuple(k_thw)
     check_inputs(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
@@ -96,7 +98,7 @@ def augment_operands(
     E = (k_thw[0] if has_t else 0) + k_thw[1] + k_thw[2]
     pad = D - hd - E
 
-    rel = rel_matrix(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)  # (B, nh, Nq', E), q's dtype
+    rel = rel_matrix_impl(rel_impl)(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)  # (B, nh, Nq', E)
     rel = F.pad(rel, (0, pad, 1 if has_cls else 0, 0))  # (B, nh, Nq, E + pad): cls query gets no bias
     q_aug = torch.cat([q * scale, rel], dim=-1)  # (B, nh, Nq, D')
     suffix = key_onehot(k_thw, has_t, has_cls, E + pad, q.dtype, q.device)  # (Nk, E + pad)
@@ -117,15 +119,17 @@ def relpos_attention_sdpa(
     *,
     has_cls: bool = True,
     scale: Optional[float] = None,
+    rel_impl: str = "reference",
 ) -> torch.Tensor:
     """``softmax(scale·q·kᵀ + bias) @ v`` through ``F.scaled_dot_product_attention`` on the
     augmented operands. q (B, nh, Nq, hd), k/v (B, nh, Nk, hd) → (B, nh, Nq, hd) in q's dtype.
 
     SDPA picks its backend itself; restrict it from outside with
-    ``torch.nn.attention.sdpa_kernel`` (the benchmark does, per backend)."""
+    ``torch.nn.attention.sdpa_kernel`` (the benchmark does, per backend). ``rel_impl``: see
+    :func:`augment_operands`."""
     hd = q.shape[-1]
     q_aug, k_aug, v_aug = augment_operands(
-        q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls=has_cls, scale=scale
+        q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls=has_cls, scale=scale, rel_impl=rel_impl
     )
     out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=1.0)  # (B, nh, Nq, D')
     return out[..., :hd]

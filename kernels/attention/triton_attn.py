@@ -72,7 +72,7 @@ import triton.language as tl
 
 from kernels import compiling_offline
 
-from .reference import check_inputs, key_onehot, rel_matrix
+from .reference import check_inputs, key_onehot, rel_matrix_impl
 
 __all__ = ["relpos_attention_triton", "RelPosAttnConfig"]
 
@@ -508,6 +508,7 @@ def relpos_attention_triton(
     has_cls: bool = True,
     scale: Optional[float] = None,
     config: Optional[RelPosAttnConfig] = None,
+    rel_impl: str = "reference",
 ) -> torch.Tensor:
     """Fused ``softmax(scale·q·kᵀ + decomposed rel-pos bias) @ v`` (DESIGN §3.5).
 
@@ -515,7 +516,8 @@ def relpos_attention_triton(
     ``has_cls``; grids (T, H, W) of the non-cls tokens; tables ``(2·max(Q, K) − 1, hd)``
     (``rel_pos_t`` None when both T are 1). Returns (B, nh, Nq, hd) in q's dtype. Differentiable
     in q, k, v and the three tables; backward is deterministic. ``config`` overrides the tile
-    table (tests use it to force query chunking).
+    table (tests use it to force query chunking). ``rel_impl``: how the factored bias terms R are
+    computed (``reference.rel_matrix_impl``: PyTorch einsums or the fused Triton kernel).
     """
     check_inputs(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
     _check_device(q)
@@ -527,7 +529,7 @@ def relpos_attention_triton(
     q_thw, k_thw = tuple(int(x) for x in q_thw), tuple(int(x) for x in k_thw)
     scale = hd**-0.5 if scale is None else float(scale)
     # factored bias terms (tiny): R = [rel_t, rel_h, rel_w] (B, nh, Nq', KR)
-    r = rel_matrix(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
+    r = rel_matrix_impl(rel_impl)(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
     kt = 0 if rel_pos_t is None else k_thw[0]
     if hd + r.shape[-1] > 512:
         raise ValueError(f"head dim {hd} + rel width {r.shape[-1]} > 512 is not supported by the Triton kernel")

@@ -201,6 +201,22 @@ def test_public_entry_point_dispatches_to_sdpa():
     assert torch.equal(relpos_attention(q, k, v, q_thw, k_thw, t, h, w, backend="auto"), want)  # CPU: sdpa
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+@pytest.mark.parametrize("q_thw,k_thw", [((2, 4, 4), (2, 2, 2)), ((1, 5, 3), (1, 3, 2))], ids=["video", "image"])
+def test_rel_impl_triton_through_the_public_entry_point(backend, q_thw, k_thw):
+    """The fused rel terms (opt-in ``rel_impl="triton"``, kernels/attention/rel_triton.py, in the
+    interpreter here) inside the sdpa and triton backends: the output and all six gradients stay
+    within 2x the fp32 reference's own error of the float64 oracle."""
+    inputs64 = make_inputs(q_thw, k_thw, hd=16, seed=11)
+    oracle = oracle_of(inputs64, q_thw, k_thw, True)
+    inputs32 = [x.float() if x is not None else None for x in inputs64]
+    ref = run_with_grads(relpos_attention_reference, *inputs32, q_thw, k_thw)
+    got = run_with_grads(relpos_attention, *inputs32, q_thw, k_thw, backend=backend, rel_impl="triton")
+    assert_close_to_oracle(got, ref, oracle)
+    with pytest.raises(ValueError, match="rel_impl"):
+        relpos_attention(*inputs32[:3], q_thw, k_thw, *inputs32[3:6], rel_impl="cuda")
+
+
 def test_cached_constants_survive_inference_mode():
     """Regression: the cached distance indices / one-hot key suffix were first built under
     torch.inference_mode and then could not be saved for backward in a later training step."""

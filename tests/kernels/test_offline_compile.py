@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_default_kernels_lower_for_sm90():
     """HOG cells kernel (uint8, bf16): no spills, shuffles or barriers; bf16 attention forward and
-    backward (both dk/dv paths): no spills, shared memory within the sm_90 limit. In a subprocess,
-    because this session's kernels were imported for the interpreter."""
+    backward (both dk/dv paths, and with the fused rel terms): no spills, shared memory within the
+    sm_90 limit. In a subprocess, because this session's kernels were imported for the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
@@ -27,7 +27,8 @@ def test_default_kernels_lower_for_sm90():
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "_dkdv_kernel" in proc.stdout and "hog torch.uint8" in proc.stdout
+    assert "triton_attn._dkdv_kernel" in proc.stdout and "rel_triton._dtab_kernel" in proc.stdout
+    assert "hog torch.uint8" in proc.stdout
 
 
 def test_parse_sass_counts_and_loops():

@@ -1,0 +1,601 @@
+"""Fused Triton version of the decomposed relative-position terms ``R`` (forward and backward).
+
+What: :func:`rel_matrix_triton` computes the query side of the augmented operands of DESIGN §3.5,
+``R = [rel_t, rel_h, rel_w]`` (B, nh, Nq', E), Nq' = T·H·W non-cls queries, E = (Tk with a
+temporal table) + Hk + Wk, where for a non-cls query i at (t, h, w) and a key coordinate j
+
+    rel_t[i, j] = q_i · Rt[dist_t(t, j)],  rel_h[i, j] = q_i · Rh[dist_h(h, j)],  rel_w likewise,
+
+with the *unscaled* query and the tables cast to q's dtype first. Semantics source and oracle:
+``reference.rel_matrix`` (same signature, same result up to rounding: this module accumulates in
+fp32 and rounds once); the distances are ``reference.rel_pos_index`` (passed to the kernels as
+small int32 (Q, K) tables, never recomputed in-kernel).
+
+Design (kernels → launchers → ``autograd.Function`` → public function)
+------------------------------------------------------------------------
+* ``_fwd_kernel``: one program per (block of BLOCK_M non-cls rows, batch·head). The q block
+  (BM, BD), BD = next_pow2(hd), is loaded once in q's dtype. Per axis, the block's rows use a
+  contiguous *window* of table rows starting at ``start = min_i dist[pos_i, K−1]`` (dist rises
+  with pos and falls with j), at most LP rows long (LP computed on the host for the geometry:
+  :func:`_windows`; 128 for w, 64 for h, 16 for t at MViTv2-L stage 1). One tensor-core dot
+  ``S = q @ Tab[start : start+LP]ᵀ`` (BM, LP) fp32, then ``R[i, j] = S[i, dist[pos_i, j] − start]``
+  with ``tl.gather`` (warp shuffles), stored in q's dtype. Products are exact and sums fp32,
+  as in the reference's own matmul.
+* ``_dq_kernel``: ``dq[i] = Σ_axis Σ_j dR[i, col(axis, j)]·Tab_axis[dist[pos(i), j]]`` as
+  per-row table-row gathers and FMAs on CUDA cores (a one-hot-matrix-times-window tensor-core
+  form was tried: building the (BM, LP) one-hot cost more than it saved), fp32 accumulator, one
+  program per (block of all Nq rows, batch·head); the cls row is written as zeros (autograd adds
+  this to the attention's own dq). Tables are read as fp32 copies of the q-dtype-rounded tables
+  (same values, no conversions), and hd is split into two exact power-of-two pieces (72 = 64 + 8,
+  96 = 64 + 32) so that no work lands on padding; gathers need no mask (a masked row gathers
+  table row 0 times dR = 0).
+* Table gradients, deterministic and without atomics, in two stages.
+  ``_dtab_kernel`` (stage 1): for each axis and coordinate p, the rows whose coordinate on that
+  axis is p (t: H·W contiguous rows; h: T runs of W rows; w: T·H rows of stride W) are split into
+  chunks of ROWS rows; one program per (axis, p, chunk, batch·head) accumulates
+  ``P[j, :] = Σ_rows dR[row, col(j)]·q[row, :]`` as a (KP, BD) fp32 ``tl.dot`` over BLOCK_R-row
+  tiles and writes it to an fp32 partial buffer (B·nh, Q, chunks, K, hd). All three axes run in
+  one launch with the items of one batch·head adjacent, so that q and dR, read three times, come
+  from HBM about once (L2 hits). Stage 2 (torch, fixed order): sum over batch·head and chunks,
+  then scatter to table rows with a dense float64 one-hot (L, Q·K) @ (Q·K, hd) matmul
+  (``index_add_`` is not deterministic on CUDA), cast to the table's dtype.
+* q may have any strides; the host tells the compiler the power of two dividing them
+  (``tl.multiple_of``), without which the q rows (144 B apart at hd 72) load element by element
+  (3× the table-gradient instructions, measured offline).
+* Every kernel writes disjoint outputs; reductions have a fixed order: forward and backward are
+  bitwise deterministic. Plain pointer arithmetic, no block pointers, no autotune, no libdevice;
+  every loop trip count is constexpr (DESIGN §4). Runs under ``TRITON_INTERPRET=1`` and on
+  triton 3.6 – 3.9 (``tl.gather``: triton ≥ 3.2). fp32 inputs: the forward dot runs
+  ``input_precision="tf32x3"`` (an exact "ieee" dot lowers to CUDA-core FMAs with ~23 KB of
+  stack per thread at these shapes), the table-gradient dot "ieee".
+
+Bytes at MViTv2-L stage 1 (B 32, nh 2, q_thw (8, 56, 56), k_thw (8, 7, 7), hd 72, bf16, E 22):
+q = 32·2·25089·72·2 B = 231 MB, R = dR = 32·2·25088·22·2 B = 70.6 MB, dq 231 MB, partials
+32·2·(8·7·8 + 56·7 + 56·7)·72·4 B = 22.7 MB. Forward q + R = 0.30 GB; dq dR + dq = 0.30 GB;
+table stage 1 q + dR + partials = 0.32 GB from HBM (0.93 GB through L2); stage 2 reads 22.7 MB.
+At ~3 TB/s that is ~0.1 ms per kernel.
+
+Measured offline (``bench.sass`` compile for sm_90, triton 3.6, bf16 q, fp32 tables, B = 1
+captured; the issue floor scales to B = 32: warp instructions / (132 SMs · 4 schedulers ·
+1.755 GHz), a lower bound, not a timing): forward 64 rows / 4 warps: 135 regs, no spill, 48 KB
+shared, 2013 instructions per thread, floor 218 µs; dq 32 rows / 4 warps: 150 regs, no spill,
+1319 instructions, floor 286 µs; table stage 1 (64-row tiles, 4 warps, 3 stages): 72 regs, no
+spill, 64 KB shared, ~85 µs (from the loop-body size). So forward and dq are bound by
+instruction issue at ~2–3× their byte time; no GPU timing yet.
+
+Known limits: hd ≤ 256; one compiled variant per grid geometry (constexpr shapes), a handful for
+MViTv2's fixed stages; the forward's table window (LP) grows with the table for the axis along
+which a block's rows vary (w: the whole table, 2·max(W, Wk) − 1 rows) — fine for MViTv2 (≤ 111
+rows) but a (BM, LP) fp32 tile per program for very large grids. bf16 is not checkable in the
+interpreter (DESIGN §4), nor are tf32x3 and the alignment hints: they run on the GPU tests only.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import compiling_offline
+
+from .reference import check_inputs, rel_pos_index
+
+__all__ = ["rel_matrix_triton", "RelTritonConfig"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    """fp32-accumulated a @ b. PREC (fp32 operands only): 1 exact ("ieee", CUDA-core FMAs),
+    2 "tf32x3" (tensor cores, three tf32 products: ~fp32 accuracy); 0 for fp16/bf16 operands."""
+    if PREC == 1:
+        return tl.dot(a, b, input_precision="ieee")
+    elif PREC == 2:
+        return tl.dot(a, b, input_precision="tf32x3")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _q_rows(bh, rows, n_heads, sq_b, sq_h, sq_n, VEC: tl.constexpr):
+    """(R,) int64 element offsets of q rows ``rows`` of batch·head ``bh``. VEC: a power of two
+    dividing every stride (host-checked), told to the compiler so that row loads vectorise."""
+    off = (bh // n_heads) * sq_b + (bh % n_heads) * sq_h + rows.to(tl.int64) * sq_n
+    if VEC > 1:
+        off = tl.multiple_of(off, VEC)
+    return off
+
+
+@triton.jit
+def _window_start(pos, m_ok, dist_ptr, K: tl.constexpr, L: tl.constexpr):
+    """Smallest table row the block's valid rows use: min_i dist[pos_i, K−1] (dist falls with j)."""
+    last = tl.load(dist_ptr + pos * K + (K - 1), mask=m_ok, other=0)  # (BM,)
+    return tl.min(tl.where(m_ok, last, L), 0)
+
+
+@triton.jit
+def _fwd_axis(
+    q, pos, m_ok, offs_d, d_ok, r_row, dist_ptr, tab_ptr,
+    HD: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
+    COL0: tl.constexpr, PREC: tl.constexpr,
+):
+    """Columns COL0 … COL0+K−1 of R for one axis: R[i, COL0+j] = q_i · Tab[dist[pos_i, j]].
+
+    S = q @ Tab[start : start+LP]ᵀ (BM, LP) on tensor cores over the block's table window, then
+    R[i, j] = S[i, dist[pos_i, j] − start] (``tl.gather``)."""
+    offs_j = tl.arange(0, KP)
+    offs_l = tl.arange(0, LP)
+    valid = m_ok[:, None] & (offs_j < K)[None, :]
+    idx = tl.load(dist_ptr + pos[:, None] * K + offs_j[None, :], mask=valid, other=0)  # (BM, KP)
+    start = _window_start(pos, m_ok, dist_ptr, K, L)
+    lrow = start + offs_l  # (LP,) table rows of the window
+    tab_t = tl.load(tab_ptr + lrow[None, :] * HD + offs_d[:, None],
+                    mask=d_ok[:, None] & (lrow < L)[None, :], other=0.0)  # (BD, LP)
+    s = _mm(q, tab_t, PREC)  # (BM, LP) fp32
+    val = tl.gather(s, tl.where(valid, idx - start, 0), 1)  # (BM, KP)
+    tl.store(r_row[:, None] + (COL0 + offs_j)[None, :], val.to(r_row.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _fwd_kernel(
+    q_ptr, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr, r_ptr,
+    sq_b, sq_h, sq_n, sq_d, n_heads,
+    HD: tl.constexpr, BD: tl.constexpr, HQ: tl.constexpr, WQ: tl.constexpr, NQR: tl.constexpr,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, E: tl.constexpr, VEC: tl.constexpr,
+    KPT: tl.constexpr, KPH: tl.constexpr, KPW: tl.constexpr,
+    LT: tl.constexpr, LH: tl.constexpr, LW: tl.constexpr, LPT: tl.constexpr, LPH: tl.constexpr, LPW: tl.constexpr,
+    HAS_T: tl.constexpr, HAS_CLS: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # q (B, nh, Nq, hd) strided, tables (L, hd) in q's dtype, dist (Q, K) int32, R (B·nh, Nq', E)
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    r_ptr += bh * NQR * E
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # non-cls row index
+    offs_d = tl.arange(0, BD)
+    m_ok = offs_m < NQR
+    d_ok = offs_d < HD
+    q_off = _q_rows(bh, offs_m + HAS_CLS, n_heads, sq_b, sq_h, sq_n, VEC)  # (BM,)
+    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :] * sq_d,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, BD), q's dtype
+    t = offs_m // (HQ * WQ)
+    h = (offs_m // WQ) % HQ
+    w = offs_m % WQ
+    r_row = r_ptr + offs_m * E  # (BM,) row pointers
+    if HAS_T:
+        _fwd_axis(q, t, m_ok, offs_d, d_ok, r_row, dt_ptr, tt_ptr, HD, KT, KPT, LT, LPT, 0, PREC)
+    _fwd_axis(q, h, m_ok, offs_d, d_ok, r_row, dh_ptr, th_ptr, HD, KH, KPH, LH, LPH, KT, PREC)
+    _fwd_axis(q, w, m_ok, offs_d, d_ok, r_row, dw_ptr, tw_ptr, HD, KW, KPW, LW, LPW, KT + KH, PREC)
+
+
+@triton.jit
+def _dq_axis(
+    acc1, acc2, pos, m_ok, offs_d1, offs_d2, dr_row, dist_ptr, tab_ptr,
+    HD: tl.constexpr, D1: tl.constexpr, REM: tl.constexpr, D2: tl.constexpr,
+    K: tl.constexpr, COL0: tl.constexpr,
+):
+    """acc (BM, hd) += Σ_j dR[i, COL0+j] · Tab[dist[pos_i, j]] for one axis (fp32 tables), with the
+    head dim in two exact pieces: acc1 columns [0, D1), acc2 columns [D1, D1+REM) (REM ≤ D2)."""
+    for j in tl.static_range(K):
+        idx = tl.load(dist_ptr + pos * K + j, mask=m_ok, other=0)  # (BM,) valid table row even if masked
+        g = tl.load(dr_row + (COL0 + j), mask=m_ok, other=0.0).to(tl.float32)  # (BM,), 0 when masked
+        row = tab_ptr + idx * HD  # (BM,) table row pointers
+        acc1 += g[:, None] * tl.load(row[:, None] + offs_d1[None, :])  # (BM, D1)
+        if REM == D2:
+            acc2 += g[:, None] * tl.load(row[:, None] + D1 + offs_d2[None, :])  # (BM, D2)
+        elif REM > 0:
+            acc2 += g[:, None] * tl.load(row[:, None] + D1 + offs_d2[None, :],
+                                         mask=(offs_d2 < REM)[None, :], other=0.0)
+    return acc1, acc2
+
+
+@triton.jit
+def _dq_kernel(
+    dr_ptr, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr, dq_ptr,
+    HD: tl.constexpr, D1: tl.constexpr, REM: tl.constexpr, D2: tl.constexpr,
+    HQ: tl.constexpr, WQ: tl.constexpr, NQR: tl.constexpr,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, E: tl.constexpr,
+    HAS_T: tl.constexpr, HAS_CLS: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # dR (B·nh, Nq', E), fp32 tables (L, hd) → dq (B·nh, Nq, hd) with Nq = Nq' + cls; the cls row gets zeros.
+    # hd = D1 + REM: D1 the largest power of two ≤ hd, REM ≤ D2 = next_pow2(REM) (no work on padding)
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    NQ: tl.constexpr = NQR + HAS_CLS
+    dr_ptr += bh * NQR * E
+    dq_ptr += bh * NQ * HD
+
+    offs_n = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row of q (cls included)
+    offs_d1 = tl.arange(0, D1)
+    offs_d2 = tl.arange(0, D2)
+    n_ok = offs_n < NQ
+    rp = offs_n - HAS_CLS  # non-cls row index (−1 on the cls row)
+    m_ok = n_ok & (rp >= 0)
+    rp = tl.maximum(rp, 0)
+    t = rp // (HQ * WQ)
+    h = (rp // WQ) % HQ
+    w = rp % WQ
+    dr_row = dr_ptr + rp * E
+    acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
+    if HAS_T:
+        acc1, acc2 = _dq_axis(acc1, acc2, t, m_ok, offs_d1, offs_d2, dr_row, dt_ptr, tt_ptr, HD, D1, REM, D2, KT, 0)
+    acc1, acc2 = _dq_axis(acc1, acc2, h, m_ok, offs_d1, offs_d2, dr_row, dh_ptr, th_ptr, HD, D1, REM, D2, KH, KT)
+    acc1, acc2 = _dq_axis(acc1, acc2, w, m_ok, offs_d1, offs_d2, dr_row, dw_ptr, tw_ptr, HD, D1, REM, D2, KW,
+                          KT + KH)
+    out = dq_ptr + offs_n[:, None] * HD  # (BM, 1) row pointers
+    tl.store(out + offs_d1[None, :], acc1.to(dq_ptr.dtype.element_ty), mask=n_ok[:, None])
+    if REM > 0:
+        tl.store(out + D1 + offs_d2[None, :], acc2.to(dq_ptr.dtype.element_ty),
+                 mask=n_ok[:, None] & (offs_d2 < REM)[None, :])
+
+
+@triton.jit
+def _dtab_axis(
+    q_ptr, dr_ptr, p_ptr, item, bh, n_heads, sq_b, sq_h, sq_n, sq_d,
+    Q: tl.constexpr, K: tl.constexpr, INNER: tl.constexpr, CNT: tl.constexpr, CHUNKS: tl.constexpr,
+    COL0: tl.constexpr, E: tl.constexpr, HD: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_R: tl.constexpr, HAS_CLS: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr,
+):
+    """P[bh, p, c, j, :] = Σ_{rows k of chunk c with coordinate p} dR[row, COL0+j]·q[row, :] (fp32).
+
+    The rows with coordinate p on this axis, in order, are k ↦ (k // INNER)·Q·INNER + p·INNER +
+    k % INNER for k < CNT (INNER = product of the grid sizes after this axis)."""
+    p = item // CHUNKS
+    c = item % CHUNKS
+    offs_j = tl.arange(0, KP)
+    offs_d = tl.arange(0, BD)
+    offs_r = tl.arange(0, BLOCK_R)
+    j_ok = offs_j < K
+    d_ok = offs_d < HD
+    acc = tl.zeros([KP, BD], dtype=tl.float32)
+    for it in range(ROWS // BLOCK_R):
+        k = c * ROWS + it * BLOCK_R + offs_r
+        k_ok = k < CNT
+        row = (k // INNER) * (Q * INNER) + p * INNER + k % INNER  # (BR,) non-cls row
+        drT = tl.load(dr_ptr + row[None, :] * E + (COL0 + offs_j)[:, None],
+                      mask=j_ok[:, None] & k_ok[None, :], other=0.0)  # (KP, BR)
+        q_off = _q_rows(bh, row + HAS_CLS, n_heads, sq_b, sq_h, sq_n, VEC)  # (BR,)
+        qt = tl.load(q_ptr + q_off[:, None] + offs_d[None, :] * sq_d,
+                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # (BR, BD)
+        acc += _mm(drT, qt, PREC)
+    out = p_ptr + ((bh * Q + p) * CHUNKS + c) * (K * HD)
+    tl.store(out + offs_j[:, None] * HD + offs_d[None, :], acc, mask=j_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _dtab_kernel(
+    q_ptr, dr_ptr, pt_ptr, ph_ptr, pw_ptr,
+    sq_b, sq_h, sq_n, sq_d, n_heads,
+    HD: tl.constexpr, BD: tl.constexpr, TQ: tl.constexpr, HQ: tl.constexpr, WQ: tl.constexpr,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, E: tl.constexpr,
+    CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, N_T: tl.constexpr, N_H: tl.constexpr,
+    KPT: tl.constexpr, KPH: tl.constexpr, KPW: tl.constexpr,
+    HAS_T: tl.constexpr, HAS_CLS: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
+    PREC: tl.constexpr, VEC: tl.constexpr,
+):
+    # items of one batch·head: [t: N_T = TQ·CT | h: N_H = HQ·CH | w: WQ·CW] (HAS_T False: N_T = 0);
+    # partials P_t (B·nh, TQ, CT, KT, hd), P_h (B·nh, HQ, CH, KH, hd), P_w (B·nh, WQ, CW, KW, hd) fp32
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    NQR: tl.constexpr = TQ * HQ * WQ
+    dr_ptr += bh * NQR * E
+    strides = (n_heads, sq_b, sq_h, sq_n, sq_d)
+    if pid < N_T:
+        _dtab_axis(q_ptr, dr_ptr, pt_ptr, pid, bh, *strides,
+                   TQ, KT, HQ * WQ, HQ * WQ, CT, 0, E, HD, BD, KPT, ROWS, BLOCK_R, HAS_CLS, PREC, VEC)
+    elif pid < N_T + N_H:
+        _dtab_axis(q_ptr, dr_ptr, ph_ptr, pid - N_T, bh, *strides,
+                   HQ, KH, WQ, TQ * WQ, CH, KT, E, HD, BD, KPH, ROWS, BLOCK_R, HAS_CLS, PREC, VEC)
+    else:
+        _dtab_axis(q_ptr, dr_ptr, pw_ptr, pid - N_T - N_H, bh, *strides,
+                   WQ, KW, 1, TQ * HQ, CW, KT + KH, E, HD, BD, KPW, ROWS, BLOCK_R, HAS_CLS, PREC, VEC)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RelTritonConfig:
+    """Launch parameters (fixed table, no autotune; see :func:`_config`)."""
+
+    fwd_block_m: int = 64  # non-cls rows per forward program
+    fwd_warps: int = 4
+    dq_block_m: int = 32  # rows per dq program
+    dq_warps: int = 4
+    dtab_block_r: int = 64  # rows per tl.dot tile of the table-gradient kernel
+    dtab_rows: int = 512  # upper bound of rows per table-gradient program (rounded to the grid)
+    dtab_warps: int = 4
+    dtab_stages: int = 3  # software pipelining of the row-tile loop
+
+
+def _config(device: torch.device, dtype: torch.dtype) -> RelTritonConfig:
+    """Small tiles in the interpreter (several partial tiles at test sizes); the GPU table otherwise
+    (fp32: the exact table-gradient dot runs on CUDA cores, smaller tiles keep its shared memory low)."""
+    if device.type != "cuda" and not compiling_offline():
+        return RelTritonConfig(16, 4, 16, 4, 16, 64, 4, 1)
+    if dtype == torch.float32:
+        return RelTritonConfig(dtab_block_r=32, dtab_stages=2)
+    return RelTritonConfig()
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocation of every kernel-written buffer (uninitialised; tests poison it with NaN)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_device(q: torch.Tensor) -> None:
+    if q.device.type == "cuda":
+        return
+    if q.device.type == "cpu" and (_interpreting() or compiling_offline()):
+        return
+    raise ValueError(
+        f"rel_matrix_triton needs a CUDA tensor (got {q.device}); on CPU set TRITON_INTERPRET=1 "
+        "before importing the kernels (tests do) or use reference.rel_matrix"
+    )
+
+
+def _pow2(x: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(x))
+
+
+@functools.lru_cache(maxsize=256)
+def _dist_i32(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """(Q, K) int32 ``rel_pos_index`` for the kernels (cached, read-only)."""
+    with torch.inference_mode(False):
+        return rel_pos_index(q_len, k_len, device).to(torch.int32).contiguous()
+
+
+@functools.lru_cache(maxsize=256)
+def _scatter_onehot(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """(L, Q·K) float64 one-hot: row l has ones where ``dist[q, k] == l`` (stage-2 scatter matrix)."""
+    with torch.inference_mode(False):
+        dist = rel_pos_index(q_len, k_len, device).reshape(-1)  # (Q·K,)
+        L = 2 * max(q_len, k_len) - 1
+        return (torch.arange(L, device=device)[:, None] == dist[None, :]).to(torch.float64)
+
+
+@dataclass(frozen=True)
+class _Geom:
+    """Static geometry of one call (hashable: it selects the compiled variant)."""
+
+    q_thw: tuple  # (Tq, Hq, Wq)
+    k_thw: tuple  # (Tk, Hk, Wk)
+    has_t: bool  # a temporal table is present
+    has_cls: bool
+
+    @property
+    def kt(self) -> int:
+        return self.k_thw[0] if self.has_t else 0
+
+    @property
+    def e(self) -> int:
+        return self.kt + self.k_thw[1] + self.k_thw[2]
+
+    @property
+    def nqr(self) -> int:
+        return math.prod(self.q_thw)
+
+
+def _dists(g: _Geom, device: torch.device) -> list:
+    """int32 distance tables (t, h, w); t is a stand-in (the h table) without a temporal table."""
+    d_h = _dist_i32(g.q_thw[1], g.k_thw[1], device)
+    d_w = _dist_i32(g.q_thw[2], g.k_thw[2], device)
+    d_t = _dist_i32(g.q_thw[0], g.k_thw[0], device) if g.has_t else d_h
+    return [d_t, d_h, d_w]
+
+
+def _tables(tables: Sequence[Optional[torch.Tensor]], dtype: torch.dtype) -> list:
+    """Tables cast to q's dtype (the reference's rounding), contiguous; t stand-in when absent."""
+    out = [None if t is None else t.to(dtype).contiguous() for t in tables]
+    if out[0] is None:
+        out[0] = out[1]
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _windows(g: _Geom, block: int) -> tuple:
+    """(LP_t, LP_h, LP_w): per axis, the most table rows one forward block of ``block`` non-cls
+    rows can use (dist[pos_max, 0] − dist[pos_min, K−1] + 1 over the block), as a power of two ≥ 16."""
+    Tq, Hq, Wq = g.q_thw
+    rp = torch.arange(g.nqr)
+    blk = rp // block
+    nb = int(blk[-1]) + 1
+    coords = (rp // (Hq * Wq), (rp // Wq) % Hq, rp % Wq)  # (Nq',) t, h, w of each row
+    out = []
+    for a in range(3):
+        Q, K = g.q_thw[a], g.k_thw[a]
+        dist = rel_pos_index(Q, K)  # (Q, K) on the CPU
+        lo = torch.full((nb,), Q, dtype=torch.long).scatter_reduce(0, blk, coords[a], "amin")
+        hi = torch.zeros(nb, dtype=torch.long).scatter_reduce(0, blk, coords[a], "amax")
+        out.append(_pow2(int((dist[hi, 0] - dist[lo, K - 1]).max()) + 1))
+    return tuple(out)
+
+
+def _q_vec(q: torch.Tensor) -> int:
+    """Largest power of two (≤ 16) dividing q's batch, head and token strides (1 if hd is strided)."""
+    if q.stride(3) != 1:
+        return 1
+    g = math.gcd(math.gcd(q.stride(0), q.stride(1)), q.stride(2))
+    return math.gcd(g, 16) if g else 16
+
+
+def _fwd(q: torch.Tensor, tabs: list, g: _Geom, cfg: RelTritonConfig) -> torch.Tensor:
+    """q (B, nh, Nq, hd), tables in q's dtype → R (B, nh, Nq', E) in q's dtype."""
+    B, nh, _, hd = q.shape
+    r = _empty(B, nh, g.nqr, g.e, dtype=q.dtype, device=q.device)
+    lp = _windows(g, cfg.fwd_block_m)
+    grid = (triton.cdiv(g.nqr, cfg.fwd_block_m), B * nh)
+    _fwd_kernel[grid](
+        q, *tabs, *_dists(g, q.device), r, *q.stride(), nh,
+        HD=hd, BD=_pow2(hd), HQ=g.q_thw[1], WQ=g.q_thw[2], NQR=g.nqr,
+        KT=g.kt, KH=g.k_thw[1], KW=g.k_thw[2], E=g.e, VEC=_q_vec(q),
+        KPT=_pow2(g.kt, 2), KPH=_pow2(g.k_thw[1], 2), KPW=_pow2(g.k_thw[2], 2),
+        LT=tabs[0].shape[0], LH=tabs[1].shape[0], LW=tabs[2].shape[0], LPT=lp[0], LPH=lp[1], LPW=lp[2],
+        HAS_T=g.has_t, HAS_CLS=int(g.has_cls), PREC=2 if q.dtype == torch.float32 else 0,
+        BLOCK_M=cfg.fwd_block_m, num_warps=cfg.fwd_warps,
+    )
+    return r
+
+
+def _bwd_q(dr: torch.Tensor, q: torch.Tensor, tabs: list, g: _Geom, cfg: RelTritonConfig) -> torch.Tensor:
+    """dR (B, nh, Nq', E) contiguous, tables in q's dtype → dq (B, nh, Nq, hd) in q's dtype, zero cls row.
+
+    The kernel reads fp32 copies of the (q-dtype-rounded) tables: same values, no conversions."""
+    B, nh, Nq, hd = q.shape
+    dq = _empty(B, nh, Nq, hd, dtype=q.dtype, device=q.device)
+    d1 = 1 << (hd.bit_length() - 1)  # largest power of two ≤ hd
+    grid = (triton.cdiv(Nq, cfg.dq_block_m), B * nh)
+    _dq_kernel[grid](
+        dr, *[t.float() for t in tabs], *_dists(g, q.device), dq,
+        HD=hd, D1=d1, REM=hd - d1, D2=_pow2(hd - d1, 1) if hd > d1 else 2,
+        HQ=g.q_thw[1], WQ=g.q_thw[2], NQR=g.nqr,
+        KT=g.kt, KH=g.k_thw[1], KW=g.k_thw[2], E=g.e, HAS_T=g.has_t, HAS_CLS=int(g.has_cls),
+        BLOCK_M=cfg.dq_block_m, num_warps=cfg.dq_warps,
+    )
+    return dq
+
+
+def _dtab_rows(g: _Geom, cfg: RelTritonConfig) -> int:
+    """Rows per table-gradient program: the smallest per-coordinate row count, rounded up to
+    BLOCK_R and capped (so that h and w coordinates take one program each at MViTv2 shapes)."""
+    counts = [g.nqr // n for a, n in enumerate(g.q_thw) if a > 0 or g.has_t]
+    rows = min(min(counts), cfg.dtab_rows)
+    return cfg.dtab_block_r * triton.cdiv(rows, cfg.dtab_block_r)
+
+
+def _bwd_tables(
+    dr: torch.Tensor, q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _Geom, cfg: RelTritonConfig
+) -> list:
+    """dR (B, nh, Nq', E) contiguous, q → gradients of the three tables in their own dtypes."""
+    B, nh, _, hd = q.shape
+    Tq, Hq, Wq = g.q_thw
+    rows = _dtab_rows(g, cfg)
+    ks = [g.kt, g.k_thw[1], g.k_thw[2]]
+    counts = [g.nqr // n for n in g.q_thw]
+    chunks = [triton.cdiv(c, rows) for c in counts]
+    parts = [
+        _empty(B * nh, g.q_thw[a], chunks[a], ks[a], hd, dtype=torch.float32, device=q.device)
+        if (a > 0 or g.has_t) else None
+        for a in range(3)
+    ]  # (B·nh, Q, chunks, K, hd) per axis
+    n_items = (Tq * chunks[0] if g.has_t else 0) + Hq * chunks[1] + Wq * chunks[2]
+    _dtab_kernel[(n_items, B * nh)](
+        q, dr, parts[0] if g.has_t else parts[1], parts[1], parts[2], *q.stride(), nh,
+        HD=hd, BD=_pow2(hd), TQ=Tq, HQ=Hq, WQ=Wq, KT=g.kt, KH=ks[1], KW=ks[2], E=g.e,
+        CT=chunks[0], CH=chunks[1], CW=chunks[2], N_T=Tq * chunks[0] if g.has_t else 0, N_H=Hq * chunks[1],
+        KPT=_pow2(max(g.kt, 1)), KPH=_pow2(ks[1]), KPW=_pow2(ks[2]),
+        HAS_T=g.has_t, HAS_CLS=int(g.has_cls), ROWS=rows, BLOCK_R=cfg.dtab_block_r,
+        PREC=1 if q.dtype == torch.float32 else 0, VEC=_q_vec(q), num_warps=cfg.dtab_warps, num_stages=cfg.dtab_stages,
+    )
+    grads = []
+    for a, table in enumerate(tables):
+        if table is None:
+            grads.append(None)
+            continue
+        Q, K = g.q_thw[a], g.k_thw[a]
+        s = parts[a].sum(dim=(0, 2))  # (Q, K, hd) fp32, fixed-order reduction over B·nh and chunks
+        onehot = _scatter_onehot(Q, K, q.device)  # (L, Q·K) float64
+        grads.append((onehot @ s.reshape(Q * K, hd).double()).to(table.dtype))  # (L, hd)
+    return grads
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+class _RelMatrixFn(torch.autograd.Function):
+    """R = rel_matrix(q, tables) with fused kernels; gradients for q and the three tables."""
+
+    @staticmethod
+    def forward(ctx, q, rel_pos_t, rel_pos_h, rel_pos_w, g, cfg):
+        tables = (rel_pos_t, rel_pos_h, rel_pos_w)
+        tabs = _tables(tables, q.dtype)
+        r = _fwd(q, tabs, g, cfg)
+        ctx.save_for_backward(q, rel_pos_t, rel_pos_h, rel_pos_w)
+        ctx.meta = (g, cfg)
+        return r
+
+    @staticmethod
+    def backward(ctx, dr):
+        q, rel_pos_t, rel_pos_h, rel_pos_w = ctx.saved_tensors
+        g, cfg = ctx.meta
+        tables = (rel_pos_t, rel_pos_h, rel_pos_w)
+        dr = dr.to(q.dtype).contiguous()  # (B, nh, Nq', E)
+        dq = None
+        if ctx.needs_input_grad[0]:
+            dq = _bwd_q(dr, q, _tables(tables, q.dtype), g, cfg)
+        d_tabs = [None, None, None]
+        if any(ctx.needs_input_grad[1:4]):
+            d_tabs = _bwd_tables(dr, q, tables, g, cfg)
+            d_tabs = [d if ctx.needs_input_grad[1 + a] else None for a, d in enumerate(d_tabs)]
+        return dq, *d_tabs, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+def _check(
+    q: torch.Tensor,
+    q_thw: Sequence[int],
+    k_thw: Sequence[int],
+    tables: Sequence[Optional[torch.Tensor]],
+    has_cls: bool,
+) -> None:
+    """Raise a ValueError for bad shapes, dtypes or devices (reference.check_inputs with k/v stand-ins)."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"q must be a (B, nh, N, hd) tensor; got {getattr(q, 'shape', type(q))}")
+    if len(q_thw) != 3 or len(k_thw) != 3:
+        raise ValueError(f"q_thw and k_thw must be (T, H, W); got {tuple(q_thw)} and {tuple(k_thw)}")
+    if min(q_thw) < 1 or min(k_thw) < 1:
+        raise ValueError(f"grid sizes must be positive; got q_thw={tuple(q_thw)}, k_thw={tuple(k_thw)}")
+    B, nh, _, hd = q.shape
+    kv = q.new_empty(()).expand(B, nh, math.prod(k_thw) + int(has_cls), hd)  # no memory
+    check_inputs(q, kv, kv, q_thw, k_thw, *tables, has_cls)
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"rel_matrix_triton supports float16, bfloat16 and float32; got {q.dtype}")
+    if hd > 256:
+        raise ValueError(f"head dim {hd} > 256 is not supported by rel_matrix_triton")
+    for name, table in zip(("rel_pos_t", "rel_pos_h", "rel_pos_w"), tables):
+        if table is None:
+            continue
+        if not table.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor; got {table.dtype}")
+        if table.device != q.device:
+            raise ValueError(f"{name} is on {table.device} but q is on {q.device}")
+    _check_device(q)
+
+
+def rel_matrix_triton(
+    q: torch.Tensor,
+    q_thw: Sequence[int],
+    k_thw: Sequence[int],
+    rel_pos_t: Optional[torch.Tensor],
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    has_cls: bool,
+) -> torch.Tensor:
+    """Fused ``reference.rel_matrix``: R = [rel_t, rel_h, rel_w] (B, nh, Nq', E) in q's dtype.
+
+    q (B, nh, Nq, hd) fp16/bf16/fp32 (any strides), cls at index 0 when ``has_cls``; ``q_thw``,
+    ``k_thw`` the (T, H, W) grids of the non-cls tokens; tables ``(2·max(Q, K) − 1, hd)`` per axis
+    in any float dtype, cast to q's dtype before use (``rel_pos_t`` None when both T are 1: then
+    E = Hk + Wk, else Tk + Hk + Wk). Differentiable in q (gradient (B, nh, Nq, hd), zero cls row)
+    and the tables (gradients in the tables' dtypes); backward is deterministic.
+    """
+    tables = (rel_pos_t, rel_pos_h, rel_pos_w)
+    _check(q, q_thw, k_thw, tables, has_cls)
+    g = _Geom(tuple(int(x) for x in q_thw), tuple(int(x) for x in k_thw), rel_pos_t is not None, bool(has_cls))
+    return _RelMatrixFn.apply(q, rel_pos_t, rel_pos_h, rel_pos_w, g, _config(q.device, q.dtype))
