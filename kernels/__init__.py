@@ -10,3 +10,18 @@ def compiling_offline() -> bool:
 
     # the private slot: ``driver.active`` would try to create a CUDA driver and raise on a CPU machine
     return getattr(driver._active, "offline", False) is True
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the interpreter (``TRITON_INTERPRET`` set before import)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def launchable_on(device) -> bool:
+    """Whether a Triton kernel can take tensors on ``device``: CUDA, or CPU under the interpreter
+    or while compiling offline (``bench.sass``)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and (interpreting() or compiling_offline())

@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -81,7 +80,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import compiling_offline
+from kernels import compiling_offline, launchable_on
 
 from .reference import check_inputs, rel_pos_index
 
@@ -333,14 +332,8 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _check_device(q: torch.Tensor) -> None:
-    if q.device.type == "cuda":
-        return
-    if q.device.type == "cpu" and (_interpreting() or compiling_offline()):
+    if launchable_on(q.device):
         return
     raise ValueError(
         f"rel_matrix_triton needs a CUDA tensor (got {q.device}); on CPU set TRITON_INTERPRET=1 "

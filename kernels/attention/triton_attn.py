@@ -62,7 +62,6 @@ one compiled variant per (Nk, query-chunk length) — a handful for MViTv2's fix
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -70,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import compiling_offline
+from kernels import launchable_on
 
 from .reference import check_inputs, key_onehot, rel_matrix_impl
 
@@ -334,10 +333,6 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @dataclass(frozen=True)
 class RelPosAttnConfig:
     """Tile sizes and launch parameters of the three kernels (fixed table, no autotune)."""
@@ -384,9 +379,7 @@ def _next_pow2(x: int) -> int:
 
 
 def _check_device(q: torch.Tensor) -> None:
-    if q.device.type == "cuda":
-        return
-    if q.device.type == "cpu" and (_interpreting() or compiling_offline()):
+    if launchable_on(q.device):
         return
     raise RuntimeError(
         f"relpos_attention_triton needs a CUDA tensor (got {q.device}); on CPU set TRITON_INTERPRET=1 "
