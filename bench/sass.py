@@ -98,18 +98,27 @@ class SassStats:
     shared_bytes: int  # static shared memory per program
     instructions: int  # SASS instructions of one thread (= warp instructions of one warp)
     mix: dict  # opcode -> count
-    has_loops: bool  # a backward branch: counts are per loop body, not per program
+    loops: list  # backward branches (first address, branch address, instructions in the body)
 
     def count(self, cls: str) -> int:
         return sum(self.mix.get(op, 0) for op in SLOW_CLASSES[cls])
 
-    def warp_instructions(self) -> int:
-        """Warp instructions one program issues (exact for loop-free kernels)."""
-        return self.instructions * self.num_warps
+    @property
+    def has_loops(self) -> bool:
+        return bool(self.loops)
+
+    def warp_instructions(self, trips: int = 1) -> int:
+        """Warp instructions one program issues: exact for loop-free kernels, and for kernels with
+        one loop when its trip count ``trips`` is given (the body counted ``trips`` times)."""
+        if len(self.loops) > 1 or (self.loops and trips < 1):
+            raise ValueError(f"{self.name}: {len(self.loops)} loops; a dynamic count needs exactly one and its trip count")
+        extra = (trips - 1) * self.loops[0][2] if self.loops else 0
+        return (self.instructions + extra) * self.num_warps
 
     def summary(self) -> dict:
         out = {k: getattr(self, k) for k in ("name", "arch", "num_warps", "registers", "local_bytes", "shared_bytes",
                                               "instructions", "has_loops")}  # fmt: skip
+        out["loop_bodies"] = [n for _, _, n in self.loops]
         out.update({cls: self.count(cls) for cls in SLOW_CLASSES})
         out["top"] = dict(collections.Counter(self.mix).most_common(12))
         return out
@@ -198,16 +207,21 @@ _OP_RE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z
 _BRA_RE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?BRA\s+(?:\w+\s+)?0x([0-9a-f]+)", re.M)
 
 
-def parse_sass(sass: str) -> tuple[dict, bool]:
-    """(opcode -> count without NOPs, has a loop) of the ``cuobjdump -sass`` text of one kernel.
+def parse_sass(sass: str) -> tuple[dict, list]:
+    """(opcode -> count without NOPs, loops) of the ``cuobjdump -sass`` text of one kernel.
 
-    A loop is a branch to an earlier address; the ``BRA`` to itself that pads every kernel's end
-    is not one.
+    A loop is a branch to an earlier address, given as (first address, branch address, number of
+    instructions in between, both included, without NOPs); the ``BRA`` to itself that pads every
+    kernel's end is not one.
     """
-    mix = collections.Counter(m.group(2) for m in _OP_RE.finditer(sass))
-    mix.pop("NOP", None)
-    has_loops = any(int(m.group(2), 16) < int(m.group(1), 16) for m in _BRA_RE.finditer(sass))
-    return dict(mix), has_loops
+    ops = [(int(m.group(1), 16), m.group(2)) for m in _OP_RE.finditer(sass)]
+    mix = collections.Counter(op for _, op in ops if op != "NOP")
+    loops = []
+    for m in _BRA_RE.finditer(sass):
+        here, dest = int(m.group(1), 16), int(m.group(2), 16)
+        if dest < here:
+            loops.append((dest, here, sum(1 for a, op in ops if dest <= a <= here and op != "NOP")))
+    return dict(mix), loops
 
 
 def compile_launch(launch: Launch, arch: int = 90) -> SassStats:
@@ -225,7 +239,7 @@ def compile_launch(launch: Launch, arch: int = 90) -> SassStats:
     usage = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", res)
     if usage is None:
         raise RuntimeError(f"could not read the resource usage of {launch.name}:\n{res}")
-    mix, has_loops = parse_sass(sass)
+    mix, loops = parse_sass(sass)
     shared = max(int(usage.group(3)), int(ck.metadata.shared))
     return SassStats(
         name=launch.name,
@@ -236,7 +250,7 @@ def compile_launch(launch: Launch, arch: int = 90) -> SassStats:
         shared_bytes=shared,
         instructions=sum(mix.values()),
         mix=mix,
-        has_loops=has_loops,
+        loops=loops,
     )
 
 
@@ -275,15 +289,16 @@ def hog_report(arch: int = 90, n: int = 64, h: int = 224, w: int = 224) -> list[
                 )
             (launch,) = launches
             st = compile_launch(launch, arch)
-            warp_instr = st.warp_instructions() * launch.programs
+            # the one loop a HOG kernel may have is the one over the 3 channels
+            warp_instr = st.warp_instructions(trips=3) * launch.programs
             px = n * 3 * h * w  # channel-pixels
             row = dict(
                 dtype=str(dtype).replace("torch.", ""),
                 config=dict(variant=variant, block_px=block_px, max_ch=max_ch, num_warps=num_warps),
                 programs=launch.programs,
                 **st.summary(),
-                warp_instr_per_channel_pixel=(warp_instr * 32 / px) if not st.has_loops else None,
-                issue_floor_us=issue_floor_us(warp_instr) if not st.has_loops else None,
+                warp_instr_per_channel_pixel=warp_instr * 32 / px,
+                issue_floor_us=issue_floor_us(warp_instr),
             )
             rows.append(row)
     return rows
@@ -291,24 +306,26 @@ def hog_report(arch: int = 90, n: int = 64, h: int = 224, w: int = 224) -> list[
 
 def _hog_markdown(rows: list[dict], arch: int) -> str:
     def per(r: dict) -> str:
-        return "loops" if r["warp_instr_per_channel_pixel"] is None else f"{r['warp_instr_per_channel_pixel']:.1f}"
+        return f"{r['warp_instr_per_channel_pixel']:.1f}"
 
     def floor(r: dict) -> str:
-        return "-" if r["issue_floor_us"] is None else f"{r['issue_floor_us']:.1f}"
+        return f"{r['issue_floor_us']:.1f}"
 
     return _md_table(
         [
             f"# HOG kernels compiled offline for sm_{arch} (static SASS facts, not timings)",
             "",
             f"Command: `python -m bench.sass --arch {arch}`; triton {triton.__version__}; shape 64x3x224x224 -> (64, 196, 108).",
-            "Instructions are per thread of one program (= per warp); 'per ch-px' = warp instructions x 32 lanes / (N*3*H*W);",
+            "Instructions are static, per thread of one program (= per warp); 'per ch-px' = warp instructions issued (a",
+            "channel loop counted 3 times) x 32 lanes / (N*3*H*W);",
             f"'issue floor' = all warp instructions / ({H100_SMS} SMs x {SCHEDULERS_PER_SM} schedulers x {H100_CLOCK_GHZ} GHz):",
             "a lower bound for an issue-bound kernel on an H100, not a prediction.",
         ],
-        ["dtype", "variant", "block_px", "max_ch", "warps", "programs", "regs", "spill B", "instr", "per ch-px",
+        ["dtype", "variant", "block_px", "max_ch", "warps", "programs", "regs", "spill B", "instr", "code KiB", "per ch-px",
          "issue floor µs", "MUFU", "convert", "SHFL", "BAR", "LDS+STS", "LDG"],
         [[r["dtype"], r["config"]["variant"], r["config"]["block_px"], r["config"]["max_ch"], r["num_warps"],
-          r["programs"], r["registers"], r["local_bytes"], r["instructions"], per(r), floor(r), r["mufu"],
+          r["programs"], r["registers"], r["local_bytes"], r["instructions"], r["instructions"] * 16 // 1024, per(r),
+          floor(r), r["mufu"],
           r["convert"], r["shuffle"], r["barrier"], r["shared"], r["global"]] for r in rows],
     )
 

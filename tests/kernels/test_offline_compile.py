@@ -43,6 +43,6 @@ def test_parse_sass_counts_and_loops():
     """
     mix, loops = parse_sass(sass)
     assert mix == {"MOV": 1, "LDG": 1, "FADD": 1, "BRA": 2, "EXIT": 1}
-    assert loops
+    assert loops == [(0x10, 0x30, 3)]  # LDG, FADD, BRA
     _, loops = parse_sass(sass.replace("@P1 BRA 0x10", "@P1 BRA 0x50"))
-    assert not loops  # forward branch and the self-loop padding
+    assert loops == []  # a forward branch and the self-loop padding
