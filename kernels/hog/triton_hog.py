@@ -21,7 +21,8 @@ Two variants of the same computation; ``"cells"`` is the default.
   select-and-add into the pixel column's accumulator of that bin; the CELL columns are summed
   once per channel at the end, inside the thread. No cross-lane traffic, no shared memory.
 - The 3 channels are a runtime loop: its body (rows x boundaries unrolled) is ~5k instructions,
-  80 KiB of code; unrolled 3 times it would be 240 KiB, more than the SM's instruction caches.
+  80 KiB of code; unrolled 3 times it would be 240 KiB (same dynamic count, 3x the code for the
+  instruction caches).
 
 ``"tile"`` (``_hog_tokens_kernel``, opt-in): one program per (frame, tile of CH x CW cells).
 - The tile is a 4-d register block (CH, cell, CW, cell); the 8 Sobel neighbours are 8 gathers
