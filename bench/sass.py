@@ -414,24 +414,24 @@ def _attention_markdown(rows: list[dict], arch: int) -> str:
 
 def check(arch: int = 90) -> list[str]:
     """Problems of our default kernels on sm_<arch>: a failed lowering, shared memory over the limit,
-    register spills (HOG cells kernel; bf16 attention forward and backward, with the fused rel
-    terms too) or cross-lane traffic
-    in the HOG cells kernel. Empty when all is well."""
+    register spills (HOG cells and cells-ptx kernels; bf16 attention forward and backward, with
+    the fused rel terms too) or cross-lane traffic in the HOG kernels. Empty when all is well."""
     import torch
 
     from kernels.hog import triton_hog
 
     problems = []
     limit = SHARED_LIMIT.get(arch, 0)
-    for dtype in (torch.uint8, torch.bfloat16):
-        with capture_launches(arch) as launches:
-            triton_hog.hog_targets_triton(torch.zeros((2, 1, 3, 224, 224), dtype=dtype), 16)
-        st = compile_launch(launches[0], arch)
-        print(f"hog {dtype}: {st.summary()}", flush=True)
-        for what, value in (("spill bytes", st.local_bytes), ("shuffles", st.count("shuffle")),
-                            ("barriers", st.count("barrier"))):  # fmt: skip
-            if value:
-                problems.append(f"HOG cells kernel ({dtype}) has {value} {what} on sm_{arch}")
+    for variant in ("cells", "cells-ptx"):
+        for dtype in (torch.uint8, torch.bfloat16):
+            with capture_launches(arch) as launches:
+                triton_hog.hog_targets_triton(torch.zeros((2, 1, 3, 224, 224), dtype=dtype), 16, variant=variant)
+            st = compile_launch(launches[0], arch)
+            print(f"hog {variant} {dtype}: {st.summary()}", flush=True)
+            for what, value in (("spill bytes", st.local_bytes), ("shuffles", st.count("shuffle")),
+                                ("barriers", st.count("barrier"))):  # fmt: skip
+                if value:
+                    problems.append(f"HOG {variant} kernel ({dtype}) has {value} {what} on sm_{arch}")
     for path in ("default", "packed q", "fused rel terms"):
         packed, kwargs = ATTENTION_PATHS[path]
         for launch in attention_launches(arch, "L", packed, **kwargs):

@@ -24,6 +24,15 @@ Two variants of the same computation; ``"cells"`` is the default.
   80 KiB of code; unrolled 3 times it would be 240 KiB (same dynamic count, 3x the code for the
   instruction caches).
 
+``"cells-ptx"`` (opt-in, CUDA only, unsigned orientation): ``"cells"`` with the binning of each
+pixel written as inline PTX (:func:`_bin_ptx`): per boundary a mul, an fma, one dual-output
+``setp`` ("past boundary k" / "in bin k - 1", chained on "past k - 1") and a predicated add.
+In Triton ops the same rule leaves LLVM's vectoriser packing a thread's comparison booleans into
+bit fields; offline for sm_90 this variant issues 61 instead of 78 warp instructions per
+channel-pixel and needs 166 instead of 223 registers. The interpreter cannot run PTX: the
+generated PTX is checked on CPU by a small PTX interpreter in tests/kernels/test_hog.py (every
+integer gradient pair), and on GPU against the oracle by the ``SWEEP_CONFIGS`` test.
+
 ``"tile"`` (``_hog_tokens_kernel``, opt-in): one program per (frame, tile of CH x CW cells).
 - The tile is a 4-d register block (CH, cell, CW, cell); the 8 Sobel neighbours are 8 gathers
   with reflect-mirrored indices; per channel and bin the cell sums are two ``tl.sum`` calls, which
@@ -65,6 +74,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import struct
 from typing import Optional
 
 import torch
@@ -76,11 +86,14 @@ from kernels.hog.reference import block_l2hys, cells_to_tokens, check_hog_args, 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # decided when @triton.jit runs below
 VARIANTS = ("cells", "tile")  # kernel variants of hog_targets_triton; "cells" is the default
+# "cells" with its binning in inline PTX: CUDA only (the interpreter cannot run PTX), unsigned
+# orientation only; checked against the oracle by the GPU tests (SWEEP_CONFIGS)
+GPU_ONLY_VARIANTS = ("cells-ptx",)
 SUPPORTED_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 # Launch configurations (variant, block_px, max_ch, num_warps) worth timing on a GPU (None = the
 # launcher's default); bench/hog.py --sweep times them, tests/kernels/test_hog.py checks each on GPU.
 SWEEP_CONFIGS = [
-    ("cells", None, None, None), ("cells", None, None, 2), ("cells", None, None, 4),
+    ("cells", None, None, None), ("cells", None, None, 2), ("cells", None, None, 4), ("cells-ptx", None, None, None),
     ("tile", 2048, 1, None), ("tile", 512, 32, 2), ("tile", 256, 1, 2),
 ]  # fmt: skip
 _EXACT_DIRS = [(1.0, 0.0), (1.0, 1.0), (0.0, 1.0), (-1.0, 1.0)]  # multiples of 45 degrees in [0, pi)
@@ -239,6 +252,9 @@ def _hog_cells_kernel(
     SIGNED: tl.constexpr,
     NORM_L2: tl.constexpr,
     WIN: tl.constexpr,
+    BIN_PTX: tl.constexpr = False,  # variant "cells-ptx": the binning as inline PTX (_bin_ptx)
+    BIN_ASM: tl.constexpr = "",
+    BIN_CONSTRAINTS: tl.constexpr = "",
 ):
     """One thread per cell: CW consecutive cells of the flattened (frame, cell row, cell column)
     raster per program, so no lane idles whatever H and W are. Each thread walks its cell's
@@ -305,22 +321,27 @@ def _hog_cells_kernel(
                 mag = tl.sqrt(fx * fx + fy * fy)
                 if WIN > 0:
                     mag = mag * (tl.load(win_ptr + (cy * CELL + rr - 2) % WIN)[:, None] * wx)  # row cy*CELL + rr - 2
-                # bin k - 1 collects the pixels past boundary k - 1 (every pixel for k = 1) and not past k
-                new_acc = ()
-                for k in tl.static_range(1, NBINS):
-                    ge = (fx * COS[k] - fy * SIN[k]) >= 0
-                    if SIGNED:
-                        if 2 * k < NBINS:
-                            ge = lower | ge
+                if BIN_PTX:  # the same rule in PTX: no booleans for LLVM to pack (variant "cells-ptx")
+                    acc = tl.inline_asm_elementwise(
+                        BIN_ASM, BIN_CONSTRAINTS, (fx, fy, mag) + acc, dtype=(tl.float32,) * NBINS, is_pure=True, pack=1
+                    )
+                else:
+                    # bin k - 1 collects the pixels past boundary k - 1 (every pixel for k = 1) and not past k
+                    new_acc = ()
+                    for k in tl.static_range(1, NBINS):
+                        ge = (fx * COS[k] - fy * SIN[k]) >= 0
+                        if SIGNED:
+                            if 2 * k < NBINS:
+                                ge = lower | ge
+                            else:
+                                ge = lower & ge
+                        if k == 1:
+                            in_bin = ~ge
                         else:
-                            ge = lower & ge
-                    if k == 1:
-                        in_bin = ~ge
-                    else:
-                        in_bin = prev & ~ge
-                    new_acc = new_acc + (tl.where(in_bin, acc[k - 1] + mag, acc[k - 1]),)
-                    prev = ge
-                acc = new_acc + (tl.where(prev, acc[NBINS - 1] + mag, acc[NBINS - 1]),)
+                            in_bin = prev & ~ge
+                        new_acc = new_acc + (tl.where(in_bin, acc[k - 1] + mag, acc[k - 1]),)
+                        prev = ge
+                    acc = new_acc + (tl.where(prev, acc[NBINS - 1] + mag, acc[NBINS - 1]),)
                 d0 = d1
                 d1 = d_new
                 s0 = s1
@@ -383,6 +404,36 @@ def boundary_directions(nbins: int, signed: bool) -> torch.Tensor:
     return tab.to(torch.float32)
 
 
+def _f32_hex(x: float) -> str:
+    """A PTX fp32 immediate: 0f + the IEEE bits."""
+    return "0f%08X" % struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _bin_ptx(nbins: int) -> tuple[str, str]:
+    """(PTX, constraints) of the unsigned binning of one pixel for ``tl.inline_asm_elementwise``.
+
+    Operands: $0..$(n-1) the bin accumulators (outputs, tied to the inputs $(n+3)..), $n = fx,
+    $(n+1) = fy, $(n+2) = mag. Per boundary k: v = fma(fx, cos_k, fy * -sin_k) (the FMA form of the
+    sign test, exact on integer gradients: tests/kernels/test_hog.py), then one dual-output setp,
+    ``p_k|q_k = (v >= 0) and p_(k-1)``: p_k marks "past boundary k", q_k "in bin k - 1", and a
+    predicated add of the magnitude. Four instructions per boundary."""
+    cos, sin = _boundary_constants(nbins, False)
+    n = nbins
+    fx, fy, mag = f"${n}", f"${n + 1}", f"${n + 2}"
+    lines = ["{", f".reg .pred p<{n}>, q<{n}>;", ".reg .f32 t, v;"]
+    for k in range(1, n):
+        lines += [
+            f"mul.rn.f32 t, {fy}, {_f32_hex(-sin[k])};",
+            f"fma.rn.f32 v, {fx}, {_f32_hex(cos[k])}, t;",
+            f"setp.ge.f32 p{k}|q{k}, v, 0f00000000;" if k == 1 else f"setp.ge.and.f32 p{k}|q{k}, v, 0f00000000, p{k - 1};",
+            f"@q{k} add.f32 ${k - 1}, ${k - 1}, {mag};",
+        ]
+    lines += [f"@p{n - 1} add.f32 ${n - 1}, ${n - 1}, {mag};", "}"]
+    constraints = ",".join(["=f"] * n + ["f"] * 3 + [str(i) for i in range(n)])
+    return "\n".join(lines), constraints
+
+
 @functools.lru_cache(maxsize=None)
 def _boundary_constants(nbins: int, signed: bool) -> tuple[tuple, tuple]:
     """The boundary directions as two tuples of Python floats (cos, sin): constexprs of the cells kernel."""
@@ -419,7 +470,7 @@ def hog_targets_triton(
     """Launch the fused kernel. frames (B, T, 3, H, W) any strides -> (B*T, L, D) fp32.
 
     Options as :func:`kernels.hog.hog_targets`. ``out`` (B*T, L, D) fp32 contiguous may be passed (tests poison it); it is
-    returned. ``variant``: ``"cells"`` (default) or ``"tile"`` (module docstring). ``num_warps``: program
+    returned. ``variant``: ``"cells"`` (default), ``"cells-ptx"`` (CUDA, unsigned) or ``"tile"`` (module docstring). ``num_warps``: program
     size (cells: 32 cells per warp; default 1 warp, 8 when interpreted). Tile only: ``block_px``
     (pixels per channel per program; default 2048, 4096 when interpreted) and ``max_ch`` (cell rows
     per tile; default 1, 32 when interpreted).
@@ -455,10 +506,15 @@ def hog_targets_triton(
         block_px = 4096 if INTERPRETED else 2048
     if max_ch is None:  # on GPU one cell row per tile keeps a cell's rows in one thread's registers
         max_ch = 32 if INTERPRETED else 1
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant not in VARIANTS + GPU_ONLY_VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS + GPU_ONLY_VARIANTS}, got {variant!r}")
+    if variant == "cells-ptx" and (INTERPRETED or signed):
+        raise ValueError("variant 'cells-ptx' (inline PTX) needs a CUDA device, not the interpreter, and signed=False")
     common = dict(SIGNED=bool(signed), NORM_L2=(norm == "cell_l2"), WIN=gaussian_window)
-    if variant == "cells":
+    if variant in ("cells", "cells-ptx"):
+        if variant == "cells-ptx":
+            common["BIN_ASM"], common["BIN_CONSTRAINTS"] = _bin_ptx(nbins)
+            common["BIN_PTX"] = True
         num_warps = num_warps or (8 if INTERPRETED else 1)  # the interpreter pays per op: wide programs
         cw = 32 * num_warps  # one cell per thread
         cos, sin = _boundary_constants(nbins, bool(signed))

@@ -25,7 +25,7 @@ from kernels.hog import (
     video_hog_targets,
 )
 from kernels.hog.reference import block_l2hys
-from kernels.hog.triton_hog import SWEEP_CONFIGS, VARIANTS, boundary_directions, choose_tile
+from kernels.hog.triton_hog import SWEEP_CONFIGS, VARIANTS, _bin_ptx, boundary_directions, choose_tile
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -160,6 +160,66 @@ def test_binning_without_atan2_is_exact_on_integer_gradients(nbins, signed):
             got += ge.long()
         mism = (got != want).nonzero()
         assert mism.numel() == 0, f"fma={fma}: first mismatches (gx, gy) {[(gx[i].item(), gy[i].item()) for i in mism[:5, 0]]}"
+
+
+def _run_bin_ptx(ptx: str, n: int, fx: np.ndarray, fy: np.ndarray, mag: np.ndarray) -> np.ndarray:
+    """A tiny interpreter for the PTX instructions ``_bin_ptx`` emits (fp32; fma through float64,
+    exact for these operands): returns the (n, P) bin accumulators after one pixel each."""
+    regs = {f"${i}": np.zeros_like(fx) for i in range(n)}
+    regs.update({f"${n}": fx, f"${n + 1}": fy, f"${n + 2}": mag})
+    preds: dict = {}
+
+    def val(tok: str) -> np.ndarray:
+        if tok.startswith("0f"):
+            return np.frombuffer(bytes.fromhex(tok[2:])[::-1], dtype=np.float32)[0]
+        return regs[tok]
+
+    for line in ptx.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        guard = None
+        if line.startswith("@"):
+            guard, line = line[1:].split(" ", 1)
+        op, rest = line.split(" ", 1)
+        args = [a.strip() for a in rest.split(",")]
+        if op == "mul.rn.f32":
+            regs[args[0]] = (val(args[1]) * val(args[2])).astype(np.float32)
+        elif op == "fma.rn.f32":
+            exact = val(args[1]).astype(np.float64) * np.float64(val(args[2])) + val(args[3]).astype(np.float64)
+            regs[args[0]] = exact.astype(np.float32)
+        elif op in ("setp.ge.f32", "setp.ge.and.f32"):
+            p, q = args[0].split("|")
+            ge = val(args[1]) >= val(args[2])
+            c = preds[args[3]] if op == "setp.ge.and.f32" else True
+            preds[p], preds[q] = ge & c, ~ge & c
+        elif op == "add.f32":
+            assert guard is not None and args[0] == args[1]
+            regs[args[0]] = np.where(preds[guard], regs[args[1]] + val(args[2]), regs[args[1]]).astype(np.float32)
+        else:
+            raise AssertionError(f"unexpected PTX instruction {op!r}")
+    return np.stack([regs[f"${i}"] for i in range(n)])
+
+
+@pytest.mark.parametrize("nbins", [9, 8, 4, 12])
+def test_cells_ptx_binning_is_the_same_rule(nbins):
+    """The inline PTX of variant "cells-ptx" (GPU only), run through a small interpreter on every
+    integer gradient pair |gx|, |gy| <= 300 after the kernel's fold: each pixel lands in exactly
+    the float64 ``floor(atan2 * nbins / pi)`` bin, with its magnitude."""
+    ptx, constraints = _bin_ptx(nbins)
+    assert constraints.count("=f") == nbins and constraints.endswith(str(nbins - 1))
+    r = np.arange(-300, 301, dtype=np.float64)
+    gx, gy = (a.ravel() for a in np.meshgrid(r, r, indexing="ij"))
+    keep = (gx != 0) | (gy != 0)
+    gx, gy = gx[keep], gy[keep]
+    want = np.mod(np.floor(np.arctan2(gx, gy) / math.pi * nbins), nbins).astype(int)
+    lower = (gx < 0) | ((gx == 0) & (gy < 0))
+    fx, fy = np.where(lower, -gx, gx).astype(np.float32), np.where(lower, -gy, gy).astype(np.float32)
+    mag = np.arange(1, fx.size + 1, dtype=np.float32)  # distinct, exact: shows which bin got which pixel
+    acc = _run_bin_ptx(ptx, nbins, fx, fy, mag)  # (nbins, P)
+    assert np.array_equal((acc != 0).sum(0), np.ones(fx.size, dtype=int))  # exactly one bin per pixel
+    assert np.array_equal(acc.argmax(0), want)
+    assert np.array_equal(acc.max(0), mag)
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,6 +430,12 @@ def test_errors(shape, kwargs, match):
     for backend in ("reference", "triton"):
         with pytest.raises(ValueError, match=match):
             hog_targets(x, **{"backend": backend, **kwargs})
+
+
+def test_cells_ptx_variant_refuses_the_interpreter():
+    x = rand_frames(1, 16, 16)
+    with pytest.raises(ValueError, match="cells-ptx"):
+        hog_targets_triton(x.unsqueeze(1), 16, variant="cells-ptx")
 
 
 def test_triton_specific_errors():
