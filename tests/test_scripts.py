@@ -1,0 +1,65 @@
+"""The shell scripts for the lent GPU machine parse, and refuse bad arguments clearly.
+
+They only run for real on that machine (bench/NOTES.md has the plan), so CI checks what it can
+here: bash syntax, the usage errors, and gpu_wheels' reassembly of split DALI parts.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["bench/gpu_check", "bench/gpu_wheels"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bash_syntax(script):
+    proc = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("script,arg", [("bench/gpu_check", "everything"), ("bench/gpu_wheels", "upload")])
+def test_usage_errors(script, arg):
+    proc = subprocess.run([str(ROOT / script), arg], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_gpu_wheels_install_reassembles_and_verifies_parts(tmp_path):
+    """A copy of the repo's script in a scratch tree: split 'wheels' are joined, checked against
+    the manifest and handed to pip (a stand-in that records its arguments); a missing part is
+    reported and nothing is installed from it."""
+    (tmp_path / "bench").mkdir()
+    script = tmp_path / "bench" / "gpu_wheels"
+    script.write_text((ROOT / "bench" / "gpu_wheels").read_text())
+    script.chmod(0o755)
+    stage = tmp_path / "stage" / "wheels"
+    stage.mkdir(parents=True)
+    (stage / "a-1.0-py3-none-any.whl").write_bytes(os.urandom(3000))
+    subprocess.run(["tar", "-C", str(tmp_path / "stage"), "-cf", str(tmp_path / "dali.tar"), "wheels"], check=True)
+    parts = tmp_path / ".whl-dali"
+    parts.mkdir()
+    subprocess.run(["split", "-b", "1500", "-d", "-a", "2", str(tmp_path / "dali.tar"), str(parts / "part_")], check=True)
+    names = sorted(p.name for p in parts.iterdir())
+    manifest = "".join(f"{hashlib.sha256((parts / n).read_bytes()).hexdigest()}  {n}\n" for n in names)
+    (parts / "MANIFEST").write_text(manifest)
+    (parts / "TAR_SHA256").write_text(hashlib.sha256((tmp_path / "dali.tar").read_bytes()).hexdigest() + "\n")
+    log = tmp_path / "pip.log"
+    fake = tmp_path / "fakepy"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, PY_THERE=str(fake))
+
+    proc = subprocess.run([str(script), "install"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("export PYTHONPATH=") and f"installed DALI from {len(names)} parts" in proc.stderr
+    assert "a-1.0-py3-none-any.whl" in log.read_text()
+
+    log.unlink()
+    (parts / names[-1]).unlink()
+    proc = subprocess.run([str(script), "install"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 0 and "missing or damaged" in proc.stderr
+    assert not log.exists()
