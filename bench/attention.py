@@ -41,7 +41,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -52,6 +51,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from bench.common import peak_mib, results_slug
 from kernels.attention.reference import check_inputs, rel_table_len, rel_terms, relpos_attention_reference
 from kernels.attention.sdpa import relpos_attention_sdpa, relpos_attention_xformers, xformers_available
 
@@ -307,22 +307,15 @@ def time_ms(call: Callable, leaves: list, device: torch.device, quick: bool) -> 
     return statistics.median(times), qs[1], qs[7]
 
 
-def peak_mib(call: Callable, leaves: list, device: torch.device) -> Optional[float]:
-    """Peak extra CUDA memory of one call (MiB) beyond what was allocated before it."""
-    if device.type != "cuda":
-        return None
+def call_peak_mib(call: Callable, leaves: list, device: torch.device) -> Optional[float]:
+    """``bench.common.peak_mib`` of one call, with the leaves' gradients cleared before and after
+    (so neither the previous nor this call's gradients count)."""
     for x in leaves:
         x.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    call()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    peak = peak_mib(call, device)
     for x in leaves:
         x.grad = None
-    return peak / 2**20
+    return peak
 
 
 # ---------------------------------------------------------------- report
@@ -463,7 +456,7 @@ def bench_shape(
             del got
             call, leaves = make_bench_fn(fn, s, inputs, dout, pass_)
             ms, ms20, ms80 = time_ms(call, leaves, device, quick)
-            mem = peak_mib(call, leaves, device)
+            mem = call_peak_mib(call, leaves, device)
             tfl = flops(s, pass_) / (ms * 1e-3) / 1e12
             results.append(dict(
                 shape=s.label, shape_detail=asdict(s) | {"Nq": s.Nq, "Nk": s.Nk}, provider=name,
@@ -510,7 +503,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         flex_budget = 100.0
 
     info = device_info_cache(device)
-    slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", info["name"].lower()).strip("-")
+    slug = results_slug(device, info["name"])
     today = datetime.date.today().strftime("%Y%m%d")
     stem = f"attention_{slug}_{today}"
     meta = dict(

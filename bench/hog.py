@@ -42,7 +42,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -50,6 +49,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from bench.common import peak_mib, results_slug
 
 N_FRAMES, H, W, TOKEN_STRIDE = 64, 224, 224, 16
 # --sweep times kernels.hog.triton_hog.SWEEP_CONFIGS (each is checked against the oracle by the GPU
@@ -72,19 +73,6 @@ def time_ms(call: Callable[[], object], device: torch.device, quick: bool) -> fl
         call()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def peak_mib(call: Callable[[], object], device: torch.device) -> Optional[float]:
-    """Peak extra CUDA memory of one call (MiB) beyond what was allocated before it."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    call()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def copy_bandwidth_gbs(device: torch.device, quick: bool) -> float:
@@ -222,7 +210,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     t_start = time.perf_counter()
     info = device_info(device)
-    slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", info["name"].lower()).strip("-")
+    slug = results_slug(device, info["name"])
     today = datetime.date.today().strftime("%Y%m%d")
     copy_gbs = copy_bandwidth_gbs(device, args.quick)
     meta = {

@@ -80,10 +80,7 @@ class Launch:
 
     @property
     def programs(self) -> int:
-        n = 1
-        for g in self.grid:
-            n *= int(g)
-        return n
+        return math.prod(int(g) for g in self.grid)
 
 
 @dataclasses.dataclass

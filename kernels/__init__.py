@@ -1,6 +1,8 @@
 """Triton kernels of the MaskFeat engine (HOG targets, relative-position attention) and their references."""
 from __future__ import annotations
 
+import os
+
 
 def compiling_offline() -> bool:
     """True while ``bench.sass.capture_launches`` is active: Triton's JIT sees a stand-in driver for
@@ -14,8 +16,6 @@ def compiling_offline() -> bool:
 
 def interpreting() -> bool:
     """True when Triton kernels run in the interpreter (``TRITON_INTERPRET`` set before import)."""
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import struct
 from typing import Optional
 
@@ -81,10 +80,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import compiling_offline
+from kernels import compiling_offline, interpreting
 from kernels.hog.reference import block_l2hys, cells_to_tokens, check_hog_args, gaussian_window_1d, tokens_to_cells
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # decided when @triton.jit runs below
+INTERPRETED = interpreting()  # decided when @triton.jit runs below
 VARIANTS = ("cells", "tile")  # kernel variants of hog_targets_triton; "cells" is the default
 # "cells" with its binning in inline PTX: CUDA only (the interpreter cannot run PTX), unsigned
 # orientation only; checked against the oracle by the GPU tests (SWEEP_CONFIGS)
