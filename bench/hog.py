@@ -267,25 +267,26 @@ def main(argv: Optional[list[str]] = None) -> None:
         from kernels.hog.triton_hog import SWEEP_CONFIGS
 
         frames = make_frames(N_FRAMES, H, W, torch.uint8, device).unsqueeze(1)  # (N, 1, 3, H, W)
+        ref_out = reference(frames[:, 0])
         sweep: list[dict] = []
         for variant, block_px, max_ch, num_warps in SWEEP_CONFIGS:
             cfg = dict(variant=variant, block_px=block_px, max_ch=max_ch, num_warps=num_warps)
             try:
-                hog_targets_triton(frames, TOKEN_STRIDE, **cfg)
+                diff = (hog_targets_triton(frames, TOKEN_STRIDE, **cfg).float() - ref_out).abs().max().item()
                 ms = time_ms(lambda c=cfg: hog_targets_triton(frames, TOKEN_STRIDE, **c), device, True)
             except Exception as exc:  # a variant that fails to compile here is reported, not fatal
                 print(f"  sweep {cfg}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                 sweep.append({**cfg, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
                 continue
             gbs = moved_bytes(frames, (N_FRAMES, (H // 16) * (W // 16), 108)) / (ms * 1e-3) / 1e9
-            sweep.append({**cfg, "ms": ms, "gbs": gbs})
-            print(f"  sweep {cfg}: {ms:.4f} ms {gbs:.1f} GB/s", flush=True)
+            sweep.append({**cfg, "ms": ms, "gbs": gbs, "max_abs_diff": diff})
+            print(f"  sweep {cfg}: {ms:.4f} ms {gbs:.1f} GB/s max abs diff {diff:.2e}", flush=True)
             meta["triton_sweep_uint8"] = sweep
             write_report(out_dir, stem, meta, rows, notes)
         meta["triton_sweep_uint8"] = sweep
         notes.append("triton sweep (uint8, 64 frames): " + ", ".join(
             f"{r['variant']} {r['block_px']}px/ch<={r['max_ch']}/{r['num_warps']}w "
-            + (f"{r['ms']:.4f} ms" if "ms" in r else "failed")
+            + (f"{r['ms']:.4f} ms (max abs diff {r['max_abs_diff']:.1e})" if "ms" in r else "failed")
             for r in sweep
         ))
 
