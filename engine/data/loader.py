@@ -30,7 +30,7 @@ import torch
 
 from .config import DataConfig
 from .datasets import Dataset, load_dataset
-from .probe import BadDatasetError, ValidationReport, VideoInfo, validate_files
+from .probe import BadDatasetError, ValidationReport, VideoInfo, reader_problem, validate_files
 from .sampler import ClipSpec, PlanSettings, epoch_order, make_clip, shard_positions
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ def probe_cache_path(cfg: DataConfig, root: str) -> str:
 
 
 def choose_reader(requested: str, infos: list[VideoInfo], device: torch.device) -> str:
-    """The concrete decode path: ``gpu`` | ``cpu`` | ``pyav`` (see ``pipeline.py``)."""
+    """The concrete decode path: ``gpu`` | ``cpu`` | ``pyav`` (see ``pipeline.py``). ``auto`` takes NVDEC on
+    CUDA only when every file suits it (codec, frame size, constant frame rate), else PyAV."""
     from .pipeline import cuda_dali_usable
 
     if requested != "auto":
@@ -60,7 +61,11 @@ def choose_reader(requested: str, infos: list[VideoInfo], device: torch.device) 
             raise RuntimeError("data.reader=gpu needs a CUDA device and DALI with CUDA; use auto, cpu or pyav")
         return requested
     if device.type == "cuda" and cuda_dali_usable():
-        return "gpu"
+        unfit = [r for i in infos if (r := reader_problem(i, "gpu", 0)) is not None]
+        if not unfit:
+            return "gpu"
+        log.info("data.reader=auto: PyAV rather than NVDEC: %d of %d files do not suit the GPU reader (first: %s: %s)",
+                 len(unfit), len(infos), *unfit[0])
     # On CPU PyAV is the faster decoder for every codec (bench/results/data_cpu_*.md: VP9 clips
     # decode 2-3x faster through PyAV's frame-threaded FFmpeg than through DALI's CPU decoder), so
     # DALI's CPU decoder is used only when asked for (reader=cpu, VP9/VP8/MJPEG).

@@ -10,7 +10,8 @@ for a constant frame rate, and decodes the first frame to catch corrupt streams.
 in a JSON file keyed by absolute path + size + mtime, so a second pass over an unchanged dataset
 only stats the files. Reasons (``BadFile.reason``): ``missing``, ``unreadable``, ``empty``,
 ``not_video``, ``decode_error``, ``codec`` (the chosen reader cannot decode it), ``too_short``
-(fewer frames than one clip spans), ``vfr`` (variable frame rate where the reader needs constant).
+(fewer frames than one clip spans), ``vfr`` (variable frame rate where the reader needs constant),
+``too_small`` (below NVDEC's minimum frame size, GPU reader only).
 
 Known limits: frame counts come from packets (one packet = one frame for the codecs we meet;
 B-frame reordering does not change the count); the VFR test allows 1% jitter of frame durations.
@@ -31,6 +32,11 @@ DALI_CPU_CODECS = frozenset({"vp9", "vp8", "mjpeg"})
 """Codecs DALI's CPU decoder/reader decodes (measured, DESIGN §4)."""
 NVDEC_CODECS = frozenset({"h264", "hevc", "vp9", "vp8", "mjpeg", "av1", "mpeg4"})
 """Codecs DALI's GPU (mixed, NVDEC) decoder lists as supported (DALI 2.x docs)."""
+NVDEC_MIN_SIZE = {"vp9": (128, 128), "av1": (128, 128), "hevc": (144, 144)}
+"""Smallest (width, height) NVDEC decodes per codec; others (48, 16). VP9: seen on an H100 (DALI 2.4 refuses
+64x48 with "supported: 128x128", bench/results/gpu_check_*_2_engine_dali.log; H.264 at 64x48 decoded there).
+AV1 and HEVC: NVIDIA's decoder caps for Turing and later, not measured here."""
+NVDEC_MIN_DEFAULT = (48, 16)
 CACHE_VERSION = 1
 
 
@@ -166,6 +172,11 @@ def reader_problem(info: VideoInfo, reader: str, min_frames: int) -> tuple[str, 
                          f"{sorted(DALI_CPU_CODECS)}); use reader=pyav or `maskfeat data prepare --codec vp9`")
     if reader == "gpu" and info.codec not in NVDEC_CODECS:
         return "codec", f"{info.codec} is not decodable by NVDEC ({sorted(NVDEC_CODECS)})"
+    if reader == "gpu":
+        min_w, min_h = NVDEC_MIN_SIZE.get(info.codec, NVDEC_MIN_DEFAULT)
+        if info.width < min_w or info.height < min_h:
+            return "too_small", (f"{info.width}x{info.height} is below NVDEC's minimum {min_w}x{min_h} for "
+                                 f"{info.codec}; use reader=pyav (auto does)")
     if info.num_frames < min_frames:
         return "too_short", f"{info.num_frames} frames, one clip needs {min_frames}"
     if reader == "gpu" and not info.cfr:

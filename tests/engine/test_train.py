@@ -38,7 +38,8 @@ def env(tmp_path_factory):
 
     demo_dataset(os.path.join(cache, "demo"))
     e = dict(os.environ)
-    e.update(MASKFEAT_CACHE=cache, PYTHONPATH=REPO, OMP_NUM_THREADS="1",
+    extra = os.environ.get("PYTHONPATH")  # keeps packages carried to a GPU machine (bench/gpu_wheels) importable
+    e.update(MASKFEAT_CACHE=cache, PYTHONPATH=REPO + (os.pathsep + extra if extra else ""), OMP_NUM_THREADS="1",
              TORCH_EXTENSIONS_DIR=str(tmp_path_factory.mktemp("torch_ext")))
     if not torch.cuda.is_available():
         e["TRITON_INTERPRET"] = "1"
