@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import peak_mib, results_slug
+from kernels.attention import relpos_attention
 from kernels.attention.reference import check_inputs, rel_table_len, rel_terms, relpos_attention_reference
 from kernels.attention.sdpa import relpos_attention_sdpa, relpos_attention_xformers, xformers_available
 
@@ -156,8 +157,8 @@ def relpos_attention_flex(
 
 
 _SDPA_BACKENDS = ("math", "flash", "efficient", "cudnn")
-PROVIDER_ORDER = ("reference", *(f"sdpa-{b}" for b in _SDPA_BACKENDS), "flex", "xformers", "triton", "triton-packed", "triton-w4",
-                  "sdpa-cudnn+rel-triton", "sdpa-flash+rel-triton", "triton+rel-triton")
+PROVIDER_ORDER = ("reference", *(f"sdpa-{b}" for b in _SDPA_BACKENDS), "flex", "xformers", "triton", "triton-unpacked", "triton-w4",
+                  "sdpa-cudnn+rel-triton", "sdpa-flash+rel-triton", "triton+rel-triton", "auto")
 
 
 def _sdpa_provider(name: str, rel_impl: str = "reference") -> Callable:
@@ -184,9 +185,11 @@ def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[d
     missing: dict[str, str] = {}
     for b in _SDPA_BACKENDS:
         providers[f"sdpa-{b}"] = _sdpa_provider(b)
-    if device.type == "cuda":  # the fused rel terms (kernels/attention/rel_triton.py), opt-in until measured
+    if device.type == "cuda":  # the fused rel terms (kernels/attention/rel_triton.py)
         for b in ("cudnn", "flash"):
             providers[f"sdpa-{b}+rel-triton"] = _sdpa_provider(b, rel_impl="triton")
+        # what models run: relpos_attention(backend="auto") (SDPA, cuDNN first, fused rel terms on CUDA)
+        providers["auto"] = lambda *a, **kw: relpos_attention(*a, backend="auto", **kw)
     else:
         missing["sdpa-cudnn+rel-triton"] = "CUDA only (the rel-terms kernel runs on CPU only in the Triton interpreter)"
     try:
@@ -211,14 +214,15 @@ def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[d
         try:
             from kernels.attention.triton_attn import RelPosAttnConfig, relpos_attention_triton
 
-            providers["triton"] = relpos_attention_triton
-            # the packed-q'' dk/dv variant (opt-in until it is measured faster on a GPU)
-            packed = dataclasses.replace(RelPosAttnConfig(), dkdv_packed_q=True)
-            providers["triton-packed"] = lambda *a, **kw: relpos_attention_triton(*a, config=packed, **kw)
-            # the earlier dk/dv default, 4 warps: it spills (72 B per thread on sm_90, bench.sass);
-            # kept to measure the 8-warp default against it
+            # the kernel's own config table (packed q'' dk/dv on CUDA), rel terms by PyTorch einsums
+            providers["triton"] = lambda *a, **kw: relpos_attention_triton(*a, rel_impl="reference", **kw)
+            # the unpacked dk/dv kernel, 8 warps (the default before packed q'' was measured faster)
+            unpacked = RelPosAttnConfig()
+            providers["triton-unpacked"] = lambda *a, **kw: relpos_attention_triton(
+                *a, config=unpacked, rel_impl="reference", **kw)
+            # the unpacked dk/dv kernel on 4 warps: it spills (72 B per thread on sm_90, bench.sass)
             w4 = dataclasses.replace(RelPosAttnConfig(), dkdv_warps=4)
-            providers["triton-w4"] = lambda *a, **kw: relpos_attention_triton(*a, config=w4, **kw)
+            providers["triton-w4"] = lambda *a, **kw: relpos_attention_triton(*a, config=w4, rel_impl="reference", **kw)
             providers["triton+rel-triton"] = lambda *a, **kw: relpos_attention_triton(*a, rel_impl="triton", **kw)
         except Exception as exc:
             missing["triton"] = f"kernels.attention.triton_attn not importable: {type(exc).__name__}: {exc}"

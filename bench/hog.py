@@ -6,7 +6,8 @@ Providers, side by side in one process on one device:
 - ``reference+compile``: the same function through ``torch.compile`` (skipped, with the reason,
   where compilation fails);
 - ``triton``: the fused kernel (``kernels.hog.hog_targets(..., backend="triton")``, default
-  variant ``"cells"``), and ``triton (tile variant)`` (``hog_targets_triton(..., variant="tile")``), CUDA only; on
+  variant: ``"cells-ptx"`` on CUDA), and ``triton (cells variant)`` (``hog_targets_triton(..., variant="cells")``,
+  the portable kernel), CUDA only; on
   CPU it runs in the Triton interpreter, which is not a benchmark, so it is timed only on a tiny
   shape (2 x 3 x 64 x 64) labelled as such, next to the reference on the same tiny shape;
 - ``skimage-hog (different function)``: on CPU only, for context: ``skimage.feature.hog`` per frame
@@ -199,7 +200,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--sweep", action="store_true", help="CUDA: also time triton tile sizes x num_warps (uint8)")
+    ap.add_argument("--sweep", action="store_true", help="CUDA: also time every launch configuration of SWEEP_CONFIGS (uint8), each checked against the reference")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -237,10 +238,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     def triton_fused(x: torch.Tensor) -> torch.Tensor:
         return hog_targets(x, TOKEN_STRIDE, backend="triton")
 
-    def triton_tile(x: torch.Tensor) -> torch.Tensor:
+    def triton_cells(x: torch.Tensor) -> torch.Tensor:
         from kernels.hog import hog_targets_triton
 
-        return hog_targets_triton(x.unsqueeze(1), TOKEN_STRIDE, variant="tile")
+        return hog_targets_triton(x.unsqueeze(1), TOKEN_STRIDE, variant="cells")
 
     dtypes = [torch.uint8, torch.bfloat16] if device.type == "cuda" else [torch.uint8, torch.float32]
     for dtype in dtypes:
@@ -252,8 +253,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         else:
             notes.append(f"{label} reference+compile: skipped to stay within the time budget")
         if device.type == "cuda":
-            providers["triton"] = triton_fused  # default variant ("cells")
-            providers["triton (tile variant)"] = triton_tile
+            providers["triton"] = triton_fused  # default variant ("cells-ptx" on CUDA)
+            providers["triton (cells variant)"] = triton_cells
         else:
             frames_np = frames.permute(0, 2, 3, 1).numpy()
             providers["skimage-hog (different function)"] = lambda x, f=frames_np: skimage_hog_frames(f)

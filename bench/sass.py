@@ -369,10 +369,10 @@ def attention_launches(
 
 
 ATTENTION_PATHS = {  # path label -> (packed q'', attention_launches keyword arguments)
-    "default": (False, {}),
-    "packed q": (True, {}),
-    "4-warp dk/dv (old default)": (False, dict(dkdv_warps=4)),
-    "fused rel terms": (False, dict(rel_impl="triton")),
+    "default (packed q)": (True, {}),
+    "unpacked q": (False, {}),
+    "4-warp unpacked dk/dv": (False, dict(dkdv_warps=4)),
+    "fused rel terms": (True, dict(rel_impl="triton")),
 }
 
 
@@ -429,7 +429,7 @@ def check(arch: int = 90) -> list[str]:
                                 ("barriers", st.count("barrier"))):  # fmt: skip
                 if value:
                     problems.append(f"HOG {variant} kernel ({dtype}) has {value} {what} on sm_{arch}")
-    for path in ("default", "packed q", "fused rel terms"):
+    for path in ("default (packed q)", "unpacked q", "fused rel terms"):
         packed, kwargs = ATTENTION_PATHS[path]
         for launch in attention_launches(arch, "L", packed, **kwargs):
             st = compile_launch(launch, arch)

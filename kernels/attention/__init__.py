@@ -37,13 +37,24 @@ __all__ = [
 def pick_backend(q: torch.Tensor) -> str:
     """Backend used by ``auto``: the fastest exact backend measured for the device.
 
-    On an H100 (bf16, forward+backward, MViTv2-L stage shapes, B = 32) the augmented-operand SDPA
-    path (cuDNN/flash) beat the fused Triton kernel at every stage (see
-    ``bench/results/attention_nvidia-h100-80gb-hbm3_20261127.md``), so ``auto`` picks ``sdpa`` on
-    CUDA until ``bench/attention.py`` shows otherwise; on CPU ``sdpa`` avoids materialising the
-    (Nq, Nk) bias.
+    On an H100 (bf16, forward+backward, MViTv2-L stages 1-4, B = 32,
+    ``bench/results/attention_nvidia-h100-80gb-hbm3_20261127.md``) the augmented-operand SDPA path
+    through cuDNN with the fused Triton rel terms was the fastest at every stage: 6.8 / 3.5 / 2.0 /
+    2.3 ms against the fused Triton kernel's 15.0 / 7.7 / 5.3 / 2.9 ms (also with fused rel terms)
+    and the reference's 45.3 / 23.4 / 12.6 / 7.4 ms. So ``auto`` runs ``sdpa`` with
+    ``rel_impl="auto"`` (Triton rel terms on CUDA) and, on CUDA, SDPA's cuDNN kernel first
+    (:func:`_cuda_sdpa_priority`); on CPU ``sdpa`` avoids materialising the (Nq, Nk) bias.
     """
     return "sdpa"
+
+
+def _cuda_sdpa_priority():
+    """Context in which SDPA tries cuDNN, then flash, efficient and math (each only where it
+    accepts the inputs). cuDNN beat flash by 1.1-1.3x in fwd+bwd at every MViTv2-L stage on the H100."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
 
 
 def relpos_attention(
@@ -59,24 +70,30 @@ def relpos_attention(
     has_cls: bool = True,
     scale: Optional[float] = None,
     backend: str = "auto",
-    rel_impl: str = "reference",
+    rel_impl: str = "auto",
 ) -> torch.Tensor:
     """``softmax(scale·q·kᵀ + decomposed rel-pos bias) @ v``.
 
     q (B, nh, Nq, hd), k and v (B, nh, Nk, hd), cls at index 0 when ``has_cls``; ``q_thw`` and
     ``k_thw`` the (T, H, W) grids of the non-cls tokens; tables ``(2·max(Q,K)−1, hd)`` per axis
     (``rel_pos_t`` may be None when both T are 1). ``scale`` defaults to hd^-0.5.
-    ``rel_impl`` (``sdpa`` and ``triton`` backends): ``"reference"`` (PyTorch einsums) or
-    ``"triton"`` (the fused kernel of :mod:`kernels.attention.rel_triton`, opt-in until measured).
+    ``rel_impl`` (``sdpa`` and ``triton`` backends): ``"auto"`` (the Triton kernel on CUDA, else the
+    einsums), ``"reference"`` (PyTorch einsums) or ``"triton"`` (the fused kernel of
+    :mod:`kernels.attention.rel_triton`).
     Returns (B, nh, Nq, hd).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if rel_impl not in REL_IMPLS:
         raise ValueError(f"unknown rel_impl {rel_impl!r}; choose one of {REL_IMPLS}")
+    args = (q, k, v, tuple(q_thw), tuple(k_thw), rel_pos_t, rel_pos_h, rel_pos_w)
     if backend == "auto":
         backend = pick_backend(q)
-    args = (q, k, v, tuple(q_thw), tuple(k_thw), rel_pos_t, rel_pos_h, rel_pos_w)
+        if backend == "sdpa" and q.is_cuda:
+            from .sdpa import relpos_attention_sdpa
+
+            with _cuda_sdpa_priority():
+                return relpos_attention_sdpa(*args, has_cls=has_cls, scale=scale, rel_impl=rel_impl)
     if backend == "reference":
         return relpos_attention_reference(*args, has_cls=has_cls, scale=scale)
     if backend == "sdpa":

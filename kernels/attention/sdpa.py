@@ -81,7 +81,7 @@ def augment_operands(
     *,
     has_cls: bool = True,
     scale: Optional[float] = None,
-    rel_impl: str = "reference",
+    rel_impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Build (q', k', v') of DESIGN §3.5, all (B, nh, N, D') in q's dtype; softmax scale is 1.
 
@@ -98,7 +98,7 @@ def augment_operands(
     E = (k_thw[0] if has_t else 0) + k_thw[1] + k_thw[2]
     pad = D - hd - E
 
-    rel = rel_matrix_impl(rel_impl)(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)  # (B, nh, Nq', E)
+    rel = rel_matrix_impl(rel_impl, q.device)(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)  # (B, nh, Nq', E)
     rel = F.pad(rel, (0, pad, 1 if has_cls else 0, 0))  # (B, nh, Nq, E + pad): cls query gets no bias
     q_aug = torch.cat([q * scale, rel], dim=-1)  # (B, nh, Nq, D')
     suffix = key_onehot(k_thw, has_t, has_cls, E + pad, q.dtype, q.device)  # (Nk, E + pad)
@@ -119,7 +119,7 @@ def relpos_attention_sdpa(
     *,
     has_cls: bool = True,
     scale: Optional[float] = None,
-    rel_impl: str = "reference",
+    rel_impl: str = "auto",
 ) -> torch.Tensor:
     """``softmax(scale·q·kᵀ + bias) @ v`` through ``F.scaled_dot_product_attention`` on the
     augmented operands. q (B, nh, Nq, hd), k/v (B, nh, Nk, hd) → (B, nh, Nq, hd) in q's dtype.

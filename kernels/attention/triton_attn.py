@@ -51,10 +51,13 @@ accumulators do not fit 4 warps' registers: compiled offline (``python -m bench.
 kernel spills 72 bytes per thread on sm_90 and 384 on sm_80 inside the query loop, the 8-warp one
 none; the earlier GPU measurement below was of the 4-warp kernel (bench provider ``triton-w4``).
 
-Measured (one H100, torch 2.11, triton 3.6, bf16, B = 32, hd 72, Nk 393, fwd+bwd, before the
-packed-q'' change; see the task report): stage 1 (Nq 25089, nh 2) 18.6 ms vs reference 45.4 ms,
-SDPA-cuDNN 12.0 ms, SDPA-flash 14.2 ms — the dk/dv kernel took ~half of it; forward alone
-3.6 ms vs SDPA 4.6 ms. bench/attention.py holds the maintained numbers.
+Measured (bench/results/attention_nvidia-h100-80gb-hbm3_20261127.md: one H100, torch 2.11,
+triton 3.6, bf16, B = 32, hd 72, Nk 393, MViTv2-L stages 1-4, rel terms by PyTorch einsums):
+forward + backward, unpacked dk/dv (8 warps) 20.3 / 11.1 / 7.6 / 4.8 ms, packed q'' 14.2 / 8.0 /
+5.4 / 3.8 ms (now the CUDA default), the 4-warp unpacked kernel 18.3 / 10.0 / 7.0 / 4.5 ms (it
+spills, yet beats the 8-warp one); reference 45.3 / 23.4 / 12.6 / 7.4, SDPA-cuDNN 11.9 / 6.7 / 4.3 /
+3.2 ms. Forward alone this kernel is the fastest there: 3.39 ms at stage 1 (SDPA-cuDNN 3.70),
+1.93 ms with the fused rel terms (rel_impl="triton"). The backward is where it loses to cuDNN.
 
 Known limits: head dim ≤ 256 and hd + KR ≤ 512 (raises otherwise); hd 72 pads to 128 on the
 P·V product (an hd 64 + 16 split is not done); fp32 inputs run ieee fp32 dots (exact, slow);
@@ -351,8 +354,8 @@ class RelPosAttnConfig:
     dkdv_stages: int = 2
     dkdv_chunks: Optional[int] = None  # query chunks of the dk/dv kernel; None: fill the GPU
     dkdv_split: bool = False  # dk and dv in two launches (fewer registers, 5 instead of 4 dots)
-    # pack q'' once (transient (B, nh, Nq, BA) buffer) for pipelined loads. Off by default: the
-    # packed path passes the interpreter tests but has not yet run on a GPU (the unpacked one has).
+    # pack q'' once (transient (B, nh, Nq, BA) buffer) for pipelined loads: on in the CUDA bf16/fp16
+    # table (_configs, measured faster); off here, so the interpreter tests cover both paths
     dkdv_packed_q: bool = False
     dkdv_programs_per_sm: int = 32  # query chunks: aim for this many dk/dv programs per SM
 
@@ -364,7 +367,7 @@ def _configs(ba: int, dtype: torch.dtype, device: torch.device) -> RelPosAttnCon
     if dtype == torch.float32 or ba > 128:
         # fp32 operands or 256-wide rows: halve the tiles to stay within registers / shared memory
         return RelPosAttnConfig(64, 32, 4, 2, 32, 32, 4, 2, 32, 32, 4, 2)
-    return RelPosAttnConfig()
+    return RelPosAttnConfig(dkdv_packed_q=True)  # 1.3-1.4x the unpacked fwd+bwd on an H100 (module docstring)
 
 
 def _k_aug(k: torch.Tensor, k_thw: tuple, kt: int, ba: int, has_cls: bool) -> torch.Tensor:
@@ -501,7 +504,7 @@ def relpos_attention_triton(
     has_cls: bool = True,
     scale: Optional[float] = None,
     config: Optional[RelPosAttnConfig] = None,
-    rel_impl: str = "reference",
+    rel_impl: str = "auto",
 ) -> torch.Tensor:
     """Fused ``softmax(scale·q·kᵀ + decomposed rel-pos bias) @ v`` (DESIGN §3.5).
 
@@ -522,7 +525,7 @@ def relpos_attention_triton(
     q_thw, k_thw = tuple(int(x) for x in q_thw), tuple(int(x) for x in k_thw)
     scale = hd**-0.5 if scale is None else float(scale)
     # factored bias terms (tiny): R = [rel_t, rel_h, rel_w] (B, nh, Nq', KR)
-    r = rel_matrix_impl(rel_impl)(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
+    r = rel_matrix_impl(rel_impl, q.device)(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
     kt = 0 if rel_pos_t is None else k_thw[0]
     if hd + r.shape[-1] > 512:
         raise ValueError(f"head dim {hd} + rel width {r.shape[-1]} > 512 is not supported by the Triton kernel")

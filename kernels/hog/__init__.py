@@ -5,8 +5,8 @@
   0, s, 2s, ... (the temporal centres of 2-frame tokens for s = 2), read in place without a copy.
 
 Semantics: DESIGN §3.1 and :mod:`kernels.hog.reference` (official ``HOGLayerC``). The Triton path
-is :mod:`kernels.hog.triton_hog` (its default "cells" kernel; ``hog_targets_triton`` also offers
-the opt-in "tile" variant, an ``out=`` tensor and launch parameters). ``backend="auto"`` uses Triton for CUDA tensors and the
+is :mod:`kernels.hog.triton_hog` (its default: "cells-ptx" on CUDA for unsigned orientation, else
+"cells"; ``hog_targets_triton`` also offers the other variants, an ``out=`` tensor and launch parameters). ``backend="auto"`` uses Triton for CUDA tensors and the
 reference otherwise; ``"triton"`` on CPU works only under ``TRITON_INTERPRET=1`` (tests).
 Targets carry no gradient.
 """

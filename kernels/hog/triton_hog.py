@@ -6,7 +6,8 @@ one program; no (N, 3, nbins, H, W) tensor and no gradient image ever exists in 
 
 Kernel design
 -------------
-Two variants of the same computation; ``"cells"`` is the default.
+Three variants of the same computation. Default (``variant="auto"``): ``"cells-ptx"`` for unsigned
+orientation on a CUDA device, else ``"cells"`` (the interpreter, signed HOG).
 
 ``"cells"`` (``_hog_cells_kernel``): one thread per cell.
 - Grid: 1-d over the flattened (frame, cell row, cell column) raster, CW = 32 * num_warps cells
@@ -24,7 +25,7 @@ Two variants of the same computation; ``"cells"`` is the default.
   80 KiB of code; unrolled 3 times it would be 240 KiB (same dynamic count, 3x the code for the
   instruction caches).
 
-``"cells-ptx"`` (opt-in, CUDA only, unsigned orientation): ``"cells"`` with the binning of each
+``"cells-ptx"`` (the CUDA default for unsigned orientation): ``"cells"`` with the binning of each
 pixel written as inline PTX (:func:`_bin_ptx`): per boundary a mul, an fma, one dual-output
 ``setp`` ("past boundary k" / "in bin k - 1", chained on "past k - 1") and a predicated add.
 In Triton ops the same rule leaves LLVM's vectoriser packing a thread's comparison booleans into
@@ -56,14 +57,14 @@ Both:
   sized tensor) with :func:`kernels.hog.reference.block_l2hys`. ``none`` and ``cell_l2`` are fully
   fused.
 
-Measured (bench/results/hog_nvidia-h100-80gb-hbm3_20261127.md, H100, triton 3.6, the first
-"tile" revision: 4x4-cell tiles): 0.20 ms for 64x3x224x224 uint8 -> 8.3x the eager reference,
-74 GB/s = 2.5% of the measured copy bandwidth; best swept tile 0.14 ms. The "cells" variant has
-not run on a GPU yet. Compiled offline for sm_90 (``python -m bench.sass``,
-bench/results/hog_sass_sm90_20261127.md) it issues 78 warp instructions per channel-pixel with
-no shuffles or barriers, against 208 (and 663 shuffles per thread) for the default "tile"
-configuration: an issue-bound floor of 25 us against 68 us on an H100. Static counts, not
-timings: ``python -m bench.hog --sweep`` on a GPU decides.
+Measured (bench/results/hog_nvidia-h100-80gb-hbm3_20261127.md, one H100, triton 3.6,
+``python -m bench.hog --device cuda --sweep``; 64x3x224x224 -> 64x196x108, eager reference 1.693 ms):
+"cells-ptx" 0.036 ms uint8 (47x the eager reference, 416 GB/s = 14% of the measured 2954 GB/s copy
+bandwidth), "cells" 0.057 ms (29.5x; 2 warps the same, 4 warps 0.073 ms), "tile" 0.123 ms (13.7x);
+every configuration oracle-exact there (max abs diff 1.8e-7 vs the fp32 reference). Offline sm_90
+counts (``python -m bench.sass``, bench/results/hog_sass_sm90_20261127.md): 61 / 78 / 208 warp
+instructions per channel-pixel, issue floors 20 / 25 / 68 us; the measured times are 1.8x, 2.3x
+and 1.8x those floors. The kernel is issue-bound, not bandwidth-bound (bench/NOTES.md).
 
 Known limits: cell must be a power of two (4, 8, 16, ...); inputs uint8/fp16/bf16/fp32; output is
 fp32; no autograd (targets are constants). On CPU the kernel runs only in the Triton interpreter
@@ -84,7 +85,7 @@ from kernels import compiling_offline, interpreting
 from kernels.hog.reference import block_l2hys, cells_to_tokens, check_hog_args, gaussian_window_1d, tokens_to_cells
 
 INTERPRETED = interpreting()  # decided when @triton.jit runs below
-VARIANTS = ("cells", "tile")  # kernel variants of hog_targets_triton; "cells" is the default
+VARIANTS = ("cells", "tile")  # kernel variants of hog_targets_triton; "auto" picks "cells" here and "cells-ptx" on CUDA
 # "cells" with its binning in inline PTX: CUDA only (the interpreter cannot run PTX), unsigned
 # orientation only; checked against the oracle by the GPU tests (SWEEP_CONFIGS)
 GPU_ONLY_VARIANTS = ("cells-ptx",)
@@ -464,12 +465,13 @@ def hog_targets_triton(
     block_px: int | None = None,
     max_ch: int | None = None,
     num_warps: int | None = None,
-    variant: str = "cells",
+    variant: str = "auto",
 ) -> torch.Tensor:
     """Launch the fused kernel. frames (B, T, 3, H, W) any strides -> (B*T, L, D) fp32.
 
     Options as :func:`kernels.hog.hog_targets`. ``out`` (B*T, L, D) fp32 contiguous may be passed (tests poison it); it is
-    returned. ``variant``: ``"cells"`` (default), ``"cells-ptx"`` (CUDA, unsigned) or ``"tile"`` (module docstring). ``num_warps``: program
+    returned. ``variant``: ``"auto"`` (``"cells-ptx"`` for unsigned orientation on a CUDA device, the
+    fastest measured; else ``"cells"``), ``"cells"``, ``"cells-ptx"`` (CUDA, unsigned) or ``"tile"`` (module docstring). ``num_warps``: program
     size (cells: 32 cells per warp; default 1 warp, 8 when interpreted). Tile only: ``block_px``
     (pixels per channel per program; default 2048, 4096 when interpreted) and ``max_ch`` (cell rows
     per tile; default 1, 32 when interpreted).
@@ -505,8 +507,10 @@ def hog_targets_triton(
         block_px = 4096 if INTERPRETED else 2048
     if max_ch is None:  # on GPU one cell row per tile keeps a cell's rows in one thread's registers
         max_ch = 32 if INTERPRETED else 1
+    if variant == "auto":
+        variant = "cells-ptx" if frames.is_cuda and not INTERPRETED and not signed else "cells"
     if variant not in VARIANTS + GPU_ONLY_VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS + GPU_ONLY_VARIANTS}, got {variant!r}")
+        raise ValueError(f"variant must be 'auto' or one of {VARIANTS + GPU_ONLY_VARIANTS}, got {variant!r}")
     if variant == "cells-ptx" and (INTERPRETED or signed):
         raise ValueError("variant 'cells-ptx' (inline PTX) needs a CUDA device, not the interpreter, and signed=False")
     common = dict(SIGNED=bool(signed), NORM_L2=(norm == "cell_l2"), WIN=gaussian_window)
