@@ -157,7 +157,7 @@ def relpos_attention_flex(
 
 
 _SDPA_BACKENDS = ("math", "flash", "efficient", "cudnn")
-PROVIDER_ORDER = ("reference", *(f"sdpa-{b}" for b in _SDPA_BACKENDS), "flex", "xformers", "triton", "triton-unpacked", "triton-w4",
+PROVIDER_ORDER = ("reference", *(f"sdpa-{b}" for b in _SDPA_BACKENDS), "flex", "xformers", "triton", "triton-unpacked", "triton-w4", "triton-packed-w4",
                   "sdpa-cudnn+rel-triton", "sdpa-flash+rel-triton", "triton+rel-triton", "auto")
 
 
@@ -223,6 +223,11 @@ def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[d
             # the unpacked dk/dv kernel on 4 warps: it spills (72 B per thread on sm_90, bench.sass)
             w4 = dataclasses.replace(RelPosAttnConfig(), dkdv_warps=4)
             providers["triton-w4"] = lambda *a, **kw: relpos_attention_triton(*a, config=w4, rel_impl="reference", **kw)
+            # the packed dk/dv kernel on 4 warps (offline: spills 8 B per thread; the spilling unpacked
+            # 4-warp kernel still beat 8 warps on the H100, bench/NOTES.md)
+            pw4 = dataclasses.replace(RelPosAttnConfig(), dkdv_warps=4, dkdv_packed_q=True)
+            providers["triton-packed-w4"] = lambda *a, **kw: relpos_attention_triton(
+                *a, config=pw4, rel_impl="reference", **kw)
             providers["triton+rel-triton"] = lambda *a, **kw: relpos_attention_triton(*a, rel_impl="triton", **kw)
         except Exception as exc:
             missing["triton"] = f"kernels.attention.triton_attn not importable: {type(exc).__name__}: {exc}"
