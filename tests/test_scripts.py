@@ -1,4 +1,4 @@
-"""The shell scripts for the lent GPU machine parse, and refuse bad arguments clearly.
+"""The shell scripts of bench/ parse, and the GPU-machine ones refuse bad arguments clearly.
 
 They only run for real on that machine (bench/NOTES.md has the plan), so CI checks what it can
 here: bash syntax, the usage errors, and gpu_wheels' reassembly of split DALI parts.
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["bench/gpu_check", "bench/gpu_wheels"]
+SCRIPTS = ["bench/gpu_check", "bench/gpu_wheels", "bench/triton_versions"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
