@@ -18,7 +18,7 @@ from engine.data.pipeline import decode_clip_pyav
 from engine.data.sampler import PlanSettings, epoch_order, make_clip, shard_positions
 from engine.data.probe import VideoInfo
 
-W, H, N = 160, 128, 40  # NVDEC decodes nothing smaller than 128x128 (H100, seen by the GPU test)
+W, H, N = 160, 128, 40  # NVDEC refuses VP9 under 128x128 (seen on an H100); the GPU tests decode these clips
 CODECS = {"h264": ("libx264", ".mp4", "yuv420p"), "vp9": ("libvpx-vp9", ".webm", "yuv420p"),
           "mjpeg": ("mjpeg", ".avi", "yuvj420p")}
 
