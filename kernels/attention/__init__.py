@@ -13,6 +13,7 @@ Residual pooling stays in the model.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -86,20 +87,17 @@ def relpos_attention(
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if rel_impl not in REL_IMPLS:
         raise ValueError(f"unknown rel_impl {rel_impl!r}; choose one of {REL_IMPLS}")
-    args = (q, k, v, tuple(q_thw), tuple(k_thw), rel_pos_t, rel_pos_h, rel_pos_w)
-    if backend == "auto":
+    auto = backend == "auto"
+    if auto:
         backend = pick_backend(q)
-        if backend == "sdpa" and q.is_cuda:
-            from .sdpa import relpos_attention_sdpa
-
-            with _cuda_sdpa_priority():
-                return relpos_attention_sdpa(*args, has_cls=has_cls, scale=scale, rel_impl=rel_impl)
+    args = (q, k, v, tuple(q_thw), tuple(k_thw), rel_pos_t, rel_pos_h, rel_pos_w)
     if backend == "reference":
         return relpos_attention_reference(*args, has_cls=has_cls, scale=scale)
     if backend == "sdpa":
         from .sdpa import relpos_attention_sdpa
 
-        return relpos_attention_sdpa(*args, has_cls=has_cls, scale=scale, rel_impl=rel_impl)
+        with _cuda_sdpa_priority() if auto and q.is_cuda else contextlib.nullcontext():
+            return relpos_attention_sdpa(*args, has_cls=has_cls, scale=scale, rel_impl=rel_impl)
     if backend == "xformers":
         from .sdpa import relpos_attention_xformers
 
