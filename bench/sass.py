@@ -166,7 +166,7 @@ def capture_launches(arch: int = 90) -> Iterator[list]:
         module = str(getattr(fn.module, "__name__", fn.module))  # e.g. kernels.attention.rel_triton
         launches.append(
             Launch(
-                name=f"{module.rsplit('.', 1)[-1]}.{fn.name}",  # rel_triton._dq_kernel
+                name=f"{module.rsplit('.', 1)[-1]}.{fn.name}",  # rel_triton._rel_dq_kernel
                 fn=jit,
                 signature=dict(compile["signature"]),
                 constexprs=dict(compile["constants"]),

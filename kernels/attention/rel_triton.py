@@ -13,7 +13,7 @@ small int32 (Q, K) tables, never recomputed in-kernel).
 
 Design (kernels → launchers → ``autograd.Function`` → public function)
 ------------------------------------------------------------------------
-* ``_fwd_kernel``: one program per (block of BLOCK_M non-cls rows, batch·head). The q block
+* ``_rel_fwd_kernel``: one program per (block of BLOCK_M non-cls rows, batch·head). The q block
   (BM, BD), BD = next_pow2(hd), is loaded once in q's dtype. Per axis, the block's rows use a
   contiguous *window* of table rows starting at ``start = min_i dist[pos_i, K−1]`` (dist rises
   with pos and falls with j), at most LP rows long (LP computed on the host for the geometry:
@@ -21,7 +21,7 @@ Design (kernels → launchers → ``autograd.Function`` → public function)
   ``S = q @ Tab[start : start+LP]ᵀ`` (BM, LP) fp32, then ``R[i, j] = S[i, dist[pos_i, j] − start]``
   with ``tl.gather`` (warp shuffles), stored in q's dtype. Products are exact and sums fp32,
   as in the reference's own matmul.
-* ``_dq_kernel``: ``dq[i] = Σ_axis Σ_j dR[i, col(axis, j)]·Tab_axis[dist[pos(i), j]]`` as
+* ``_rel_dq_kernel``: ``dq[i] = Σ_axis Σ_j dR[i, col(axis, j)]·Tab_axis[dist[pos(i), j]]`` as
   per-row table-row gathers and FMAs on CUDA cores (a one-hot-matrix-times-window tensor-core
   form was tried: building the (BM, LP) one-hot cost more than it saved), fp32 accumulator, one
   program per (block of all Nq rows, batch·head); the cls row is written as zeros (autograd adds
@@ -30,7 +30,7 @@ Design (kernels → launchers → ``autograd.Function`` → public function)
   96 = 64 + 32) so that no work lands on padding; gathers need no mask (a masked row gathers
   table row 0 times dR = 0).
 * Table gradients, deterministic and without atomics, in two stages.
-  ``_dtab_kernel`` (stage 1): for each axis and coordinate p, the rows whose coordinate on that
+  ``_rel_dtab_kernel`` (stage 1): for each axis and coordinate p, the rows whose coordinate on that
   axis is p (t: H·W contiguous rows; h: T runs of W rows; w: T·H rows of stride W) are split into
   chunks of ROWS rows; one program per (axis, p, chunk, batch·head) accumulates
   ``P[j, :] = Σ_rows dR[row, col(j)]·q[row, :]`` as a (KP, BD) fp32 ``tl.dot`` over BLOCK_R-row
@@ -145,7 +145,7 @@ def _fwd_axis(
 
 
 @triton.jit
-def _fwd_kernel(
+def _rel_fwd_kernel(
     q_ptr, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr, r_ptr,
     sq_b, sq_h, sq_n, sq_d, n_heads,
     HD: tl.constexpr, BD: tl.constexpr, HQ: tl.constexpr, WQ: tl.constexpr, NQR: tl.constexpr,
@@ -198,7 +198,7 @@ def _dq_axis(
 
 
 @triton.jit
-def _dq_kernel(
+def _rel_dq_kernel(
     dr_ptr, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr, dq_ptr,
     HD: tl.constexpr, D1: tl.constexpr, REM: tl.constexpr, D2: tl.constexpr,
     HQ: tl.constexpr, WQ: tl.constexpr, NQR: tl.constexpr,
@@ -272,7 +272,7 @@ def _dtab_axis(
 
 
 @triton.jit
-def _dtab_kernel(
+def _rel_dtab_kernel(
     q_ptr, dr_ptr, pt_ptr, ph_ptr, pw_ptr,
     sq_b, sq_h, sq_n, sq_d, n_heads,
     HD: tl.constexpr, BD: tl.constexpr, TQ: tl.constexpr, HQ: tl.constexpr, WQ: tl.constexpr,
@@ -432,7 +432,7 @@ def _fwd(q: torch.Tensor, tabs: list, g: _Geom, cfg: RelTritonConfig) -> torch.T
     r = _empty(B, nh, g.nqr, g.e, dtype=q.dtype, device=q.device)
     lp = _windows(g, cfg.fwd_block_m)
     grid = (triton.cdiv(g.nqr, cfg.fwd_block_m), B * nh)
-    _fwd_kernel[grid](
+    _rel_fwd_kernel[grid](
         q, *tabs, *_dists(g, q.device), r, *q.stride(), nh,
         HD=hd, BD=_pow2(hd), HQ=g.q_thw[1], WQ=g.q_thw[2], NQR=g.nqr,
         KT=g.kt, KH=g.k_thw[1], KW=g.k_thw[2], E=g.e, VEC=_q_vec(q),
@@ -452,7 +452,7 @@ def _bwd_q(dr: torch.Tensor, q: torch.Tensor, tabs: list, g: _Geom, cfg: RelTrit
     dq = _empty(B, nh, Nq, hd, dtype=q.dtype, device=q.device)
     d1 = 1 << (hd.bit_length() - 1)  # largest power of two ≤ hd
     grid = (triton.cdiv(Nq, cfg.dq_block_m), B * nh)
-    _dq_kernel[grid](
+    _rel_dq_kernel[grid](
         dr, *[t.float() for t in tabs], *_dists(g, q.device), dq,
         HD=hd, D1=d1, REM=hd - d1, D2=_pow2(hd - d1, 1) if hd > d1 else 2,
         HQ=g.q_thw[1], WQ=g.q_thw[2], NQR=g.nqr,
@@ -486,7 +486,7 @@ def _bwd_tables(
         for a in range(3)
     ]  # (B·nh, Q, chunks, K, hd) per axis
     n_items = (Tq * chunks[0] if g.has_t else 0) + Hq * chunks[1] + Wq * chunks[2]
-    _dtab_kernel[(n_items, B * nh)](
+    _rel_dtab_kernel[(n_items, B * nh)](
         q, dr, parts[0] if g.has_t else parts[1], parts[1], parts[2], *q.stride(), nh,
         HD=hd, BD=_pow2(hd), TQ=Tq, HQ=Hq, WQ=Wq, KT=g.kt, KH=ks[1], KW=ks[2], E=g.e,
         CT=chunks[0], CH=chunks[1], CW=chunks[2], N_T=Tq * chunks[0] if g.has_t else 0, N_H=Hq * chunks[1],

@@ -414,26 +414,34 @@ def _dkdv_chunks(cfg: RelPosAttnConfig, q: torch.Tensor, n_q_tiles: int, n_kv_pr
     return max(1, min(n_q_tiles, triton.cdiv(target, n_kv_programs)))
 
 
-def _bwd(do, q, r, ka, v, o, lse, hd, kr, has_cls, scale, cfg):
-    """Gradients dq (B, nh, Nq, hd), dk, dv (B, nh, Nk, hd) and dR (B, nh, Nq', KR) in the input dtypes."""
+def _bwd_delta(o: torch.Tensor, do: torch.Tensor, hd: int) -> torch.Tensor:
+    """delta = rowsum(dO·O) (B, nh, Nq) fp32."""
+    B, nh, Nq, _ = o.shape
+    delta = _empty(B, nh, Nq, dtype=torch.float32, device=o.device)
+    _delta_kernel[(triton.cdiv(B * nh * Nq, 64),)](o, do, delta, B * nh * Nq, HD=hd, BD=_next_pow2(hd), BLOCK_M=64)
+    return delta
+
+
+def _bwd_dq(q, r, ka, v, do, lse, delta, hd, kr, has_cls, scale, cfg):
+    """dq (B, nh, Nq, hd) and dR (B, nh, Nq', KR) in the input dtypes."""
     B, nh, Nq, _ = q.shape
     Nk, ba = ka.shape[2], ka.shape[3]
-    bd = _next_pow2(hd)
-    ieee = q.dtype == torch.float32
-    hc = int(has_cls)
-    do = do.to(q.dtype).contiguous()
-    delta = _empty(B, nh, Nq, dtype=torch.float32, device=q.device)
-    _delta_kernel[(triton.cdiv(B * nh * Nq, 64),)](o, do, delta, B * nh * Nq, HD=hd, BD=bd, BLOCK_M=64)
-
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
     dr = _empty(*r.shape, dtype=r.dtype, device=r.device)
     grid = (triton.cdiv(Nq, cfg.dq_block_m), B * nh)
     _dq_kernel[grid](
         q, r, ka, v, do, lse, delta, dq, dr, Nq, Nk, scale * LOG2E, scale,
-        HD=hd, KR=kr, BA=ba, BD=bd, HAS_CLS=hc, IEEE=ieee,
+        HD=hd, KR=kr, BA=ba, BD=_next_pow2(hd), HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
         BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, N_KT=triton.cdiv(Nk, cfg.dq_block_n), num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
     )
+    return dq, dr
 
+
+def _bwd_dkdv(q, r, ka, v, do, lse, delta, hd, kr, has_cls, scale, cfg):
+    """dk, dv (B, nh, Nk, hd) in the input dtype: fp32 partials per query chunk, summed in a fixed order."""
+    B, nh, Nq, _ = q.shape
+    Nk, ba = ka.shape[2], ka.shape[3]
+    hc = int(has_cls)
     n_q_tiles = triton.cdiv(Nq, cfg.dkdv_block_m)
     n_k_tiles = triton.cdiv(Nk, cfg.dkdv_block_n)
     chunks = _dkdv_chunks(cfg, q, n_q_tiles, n_k_tiles * B * nh)
@@ -452,13 +460,22 @@ def _bwd(do, q, r, ka, v, o, lse, hd, kr, has_cls, scale, cfg):
     for do_dk, do_dv in ((True, False), (False, True)) if cfg.dkdv_split else ((True, True),):
         _dkdv_kernel[grid](
             q_in, r, ka, v, do, lse, delta, dk_part, dv_part, Nq, Nk, scale * LOG2E, 1.0 / LOG2E, B * nh,
-            HD=hd, KR=kr, BA=ba, BD=bd, HAS_CLS=hc, IEEE=ieee,
+            HD=hd, KR=kr, BA=ba, BD=_next_pow2(hd), HAS_CLS=hc, IEEE=q.dtype == torch.float32,
             BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n, TILES_PER_CHUNK=tiles_per_chunk,
             DO_DK=do_dk, DO_DV=do_dv, PACKED=cfg.dkdv_packed_q, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
         )
     # fixed-order reduction over query chunks: deterministic
     dk = (dk_part[0] if chunks == 1 else dk_part.sum(0)).to(q.dtype)
     dv = (dv_part[0] if chunks == 1 else dv_part.sum(0)).to(q.dtype)
+    return dk, dv
+
+
+def _bwd(do, q, r, ka, v, o, lse, hd, kr, has_cls, scale, cfg):
+    """Gradients dq (B, nh, Nq, hd), dk, dv (B, nh, Nk, hd) and dR (B, nh, Nq', KR) in the input dtypes."""
+    do = do.to(q.dtype).contiguous()
+    delta = _bwd_delta(o, do, hd)
+    dq, dr = _bwd_dq(q, r, ka, v, do, lse, delta, hd, kr, has_cls, scale, cfg)
+    dk, dv = _bwd_dkdv(q, r, ka, v, do, lse, delta, hd, kr, has_cls, scale, cfg)
     return dq, dk, dv, dr
 
 

@@ -27,7 +27,7 @@ def test_default_kernels_lower_for_sm90():
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "triton_attn._dkdv_kernel" in proc.stdout and "rel_triton._dtab_kernel" in proc.stdout
+    assert "triton_attn._dkdv_kernel" in proc.stdout and "rel_triton._rel_dtab_kernel" in proc.stdout
     assert "hog cells torch.uint8" in proc.stdout and "hog cells-ptx torch.bfloat16" in proc.stdout
 
 
