@@ -35,7 +35,6 @@ every shape, so a run cut short by a time limit still leaves its results.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import math
@@ -157,7 +156,7 @@ def relpos_attention_flex(
 
 
 _SDPA_BACKENDS = ("math", "flash", "efficient", "cudnn")
-PROVIDER_ORDER = ("reference", *(f"sdpa-{b}" for b in _SDPA_BACKENDS), "flex", "xformers", "triton", "triton-unpacked", "triton-w4", "triton-packed-w4",
+PROVIDER_ORDER = ("reference", *(f"sdpa-{b}" for b in _SDPA_BACKENDS), "flex", "xformers", "triton",
                   "sdpa-cudnn+rel-triton", "sdpa-flash+rel-triton", "triton+rel-triton", "auto")
 
 
@@ -212,22 +211,10 @@ def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[d
         missing["triton"] = "CUDA only (on CPU Triton runs through the interpreter, not a benchmark)"
     else:
         try:
-            from kernels.attention.triton_attn import RelPosAttnConfig, relpos_attention_triton
+            from kernels.attention.triton_attn import relpos_attention_triton
 
-            # the kernel's own config table (packed q'' dk/dv on CUDA), rel terms by PyTorch einsums
+            # the kernel's own config table, rel terms by PyTorch einsums (autograd-tracked)
             providers["triton"] = lambda *a, **kw: relpos_attention_triton(*a, rel_impl="reference", **kw)
-            # the unpacked dk/dv kernel, 8 warps (the default before packed q'' was measured faster)
-            unpacked = RelPosAttnConfig()
-            providers["triton-unpacked"] = lambda *a, **kw: relpos_attention_triton(
-                *a, config=unpacked, rel_impl="reference", **kw)
-            # the unpacked dk/dv kernel on 4 warps: it spills (72 B per thread on sm_90, bench.sass)
-            w4 = dataclasses.replace(RelPosAttnConfig(), dkdv_warps=4)
-            providers["triton-w4"] = lambda *a, **kw: relpos_attention_triton(*a, config=w4, rel_impl="reference", **kw)
-            # the packed dk/dv kernel on 4 warps (offline: spills 8 B per thread; the spilling unpacked
-            # 4-warp kernel still beat 8 warps on the H100, bench/NOTES.md)
-            pw4 = dataclasses.replace(RelPosAttnConfig(), dkdv_warps=4, dkdv_packed_q=True)
-            providers["triton-packed-w4"] = lambda *a, **kw: relpos_attention_triton(
-                *a, config=pw4, rel_impl="reference", **kw)
             providers["triton+rel-triton"] = lambda *a, **kw: relpos_attention_triton(*a, rel_impl="triton", **kw)
         except Exception as exc:
             missing["triton"] = f"kernels.attention.triton_attn not importable: {type(exc).__name__}: {exc}"

@@ -5,12 +5,14 @@ Two parts, both at the MViTv2-L stage shapes of ``bench.attention`` (bf16, B = 3
 1. ``profile``: the CUDA kernels of one forward+backward, from ``torch.profiler``, for the fused
    Triton kernel with fused rel terms (its default table) and for the SDPA-cuDNN path with fused
    rel terms (what ``auto`` runs): µs per call for every kernel, so the gap is located, not guessed.
-2. ``sweep``: each of the three attention kernels (forward, dq, dk/dv) timed alone
-   (``triton.testing.do_bench`` on prepared inputs) under every configuration in ``FWD``, ``DQ``
-   and ``DKDV`` (changes to the default :class:`RelPosAttnConfig`). Every variant's outputs are
-   compared with the default's (max|Δ| / max|default| ≤ 2e-2, bf16) before its time counts. The
-   fastest valid variant of each kernel is combined and the whole forward+backward timed against
-   the default and against SDPA-cuDNN with fused rel terms, in the same process.
+2. ``sweep``: each kernel timed alone (``triton.testing.do_bench`` on prepared inputs) under every
+   configuration in its table: the three attention kernels (``FWD``, ``DQ``, ``DKDV``: changes to
+   the default :class:`RelPosAttnConfig`, the row layout ``split`` included) and the three rel-term
+   kernels (``REL_FWD``, ``REL_DQ``, ``REL_DTAB``: changes to ``RelTritonConfig``). Every variant's
+   outputs are compared with the default's (max|Δ| / max|default| ≤ 2e-2, bf16) before its time
+   counts. The fastest valid variant of each kernel is combined and the whole forward+backward
+   timed against the defaults and against SDPA-cuDNN with fused rel terms (with the default and
+   with the best rel-term table: those kernels serve both paths), in the same process.
 
     python -m bench.attention_tune [--stages 1,4] [--batch 32] [--out DIR] [--part profile,sweep]
 
@@ -33,40 +35,66 @@ import torch
 
 from bench.attention import Shape, device_info_cache, make_inputs, stage_shapes
 from bench.common import results_slug
-from kernels.attention.reference import rel_matrix_impl
 
-# changes to the default RelPosAttnConfig, per kernel (the default itself is "default")
+# changes to the default RelPosAttnConfig (attention kernels) and RelTritonConfig (rel-term
+# kernels), per kernel; "default" is the table the code uses on CUDA
 FWD: dict[str, dict] = {
     "default": {},
-    "m128n64w8s3": dict(fwd_stages=3),
-    "m128n128w8s2": dict(fwd_block_n=128),
-    "m64n64w4s2": dict(fwd_block_m=64, fwd_warps=4),
-    "m128n64w4s2": dict(fwd_warps=4),
-    "m64n128w4s2": dict(fwd_block_m=64, fwd_block_n=128, fwd_warps=4),
+    "nosplit": dict(split=False),
+    "m128w4": dict(fwd_block_m=128),
+    "m128w8": dict(fwd_block_m=128, fwd_warps=8),
+    "n128": dict(fwd_block_n=128),
+    "n32": dict(fwd_block_n=32),
+    "s3": dict(fwd_stages=3),
 }
 DQ: dict[str, dict] = {
     "default": {},
-    "m64n64w4s3": dict(dq_stages=3),
-    "m128n64w8s2": dict(dq_block_m=128, dq_warps=8),
-    "m128n32w8s2": dict(dq_block_m=128, dq_block_n=32, dq_warps=8),
-    "m64n32w4s2": dict(dq_block_n=32),
-    "m128n64w4s2": dict(dq_block_m=128),
-    "m64n128w8s2": dict(dq_block_n=128, dq_warps=8),
+    "nosplit": dict(split=False),
+    "n64": dict(dq_block_n=64),
+    "n16": dict(dq_block_n=16),
+    "m32": dict(dq_block_m=32),
+    "m128w8": dict(dq_block_m=128, dq_warps=8),
+    "w8": dict(dq_warps=8),
+    "s3": dict(dq_stages=3),
 }
 DKDV: dict[str, dict] = {
     "default": {},
-    "w4": dict(dkdv_warps=4),
-    "n128m64w8": dict(dkdv_block_n=128),
-    "n128m32w8": dict(dkdv_block_n=128, dkdv_block_m=32),
-    "n128m32w4": dict(dkdv_block_n=128, dkdv_block_m=32, dkdv_warps=4),
-    "n64m32w4": dict(dkdv_block_m=32, dkdv_warps=4),
+    "nosplit": dict(split=False),
+    "w8": dict(dkdv_warps=8),
+    "m32": dict(dkdv_block_m=32),
+    "n32": dict(dkdv_block_n=32),
+    "m128w8": dict(dkdv_block_m=128, dkdv_warps=8),
+    "n128w8": dict(dkdv_block_n=128, dkdv_warps=8),
     "s3": dict(dkdv_stages=3),
-    "n64m128w8": dict(dkdv_block_m=128),
-    "pps8": dict(dkdv_programs_per_sm=8),
+    "s1": dict(dkdv_stages=1),
     "pps16": dict(dkdv_programs_per_sm=16),
     "pps64": dict(dkdv_programs_per_sm=64),
-    "unpacked": dict(dkdv_packed_q=False),
-    "split-w4": dict(dkdv_split=True, dkdv_warps=4),
+}
+REL_FWD: dict[str, dict] = {
+    "default": {},
+    "m32": dict(fwd_block_m=32),
+    "m128": dict(fwd_block_m=128),
+    "w8": dict(fwd_warps=8),
+    "m128w8": dict(fwd_block_m=128, fwd_warps=8),
+    "w2": dict(fwd_warps=2),
+}
+REL_DQ: dict[str, dict] = {
+    "default": {},
+    "m16": dict(dq_block_m=16),
+    "m64": dict(dq_block_m=64),
+    "w2": dict(dq_warps=2),
+    "m64w8": dict(dq_block_m=64, dq_warps=8),
+    "m128w8": dict(dq_block_m=128, dq_warps=8),
+    "m16w2": dict(dq_block_m=16, dq_warps=2),
+}
+REL_DTAB: dict[str, dict] = {
+    "default": {},
+    "r32": dict(dtab_block_r=32),
+    "r128": dict(dtab_block_r=128),
+    "w8": dict(dtab_warps=8),
+    "s2": dict(dtab_stages=2),
+    "rows256": dict(dtab_rows=256),
+    "rows1024": dict(dtab_rows=1024),
 }
 TOL = 2e-2
 
@@ -142,85 +170,116 @@ def profile(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) ->
     return rows
 
 
+def _variants(part: str, table: dict[str, dict], make: Callable, device: torch.device) -> list[dict]:
+    """Time every variant of one kernel. ``make(change)`` runs it once and returns (outputs, call);
+    outputs are compared with the "default" variant's, call is what is timed."""
+    rows, ref = [], None
+    for name, change in table.items():
+        try:
+            got, call = make(change)
+            ref = ref if ref is not None else got
+            err = max(_rel_err(a, b) for a, b in zip(got, ref) if a is not None)
+            rows.append(dict(variant=name, ms=_time(call, device), err=err, ok=err <= TOL))
+        except Exception as exc:  # a variant that cannot compile (shared memory, registers) is reported
+            rows.append(dict(variant=name, ms=None, err=None, ok=False, error=f"{type(exc).__name__}: {str(exc)[:160]}"))
+        print(f"  {part:8s} {name:10s} {rows[-1]}", flush=True)
+    return rows
+
+
+def _best(rows: list[dict], table: dict[str, dict], keep: Callable[[dict], bool] = lambda change: True) -> str:
+    ok = [row for row in rows if row["ok"] and keep(table[row["variant"]])]
+    return min(ok, key=lambda row: row["ms"])["variant"] if ok else "default"
+
+
 def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> dict:
-    """Per-kernel times of every FWD / DQ / DKDV variant, then the best combination end to end."""
+    """Per-kernel times of every variant, then the best combination end to end."""
+    from kernels.attention import rel_triton as rt
     from kernels.attention import triton_attn as ta
 
     q, k, v, t, h, w = inputs
-    hd = s.hd
-    scale = hd**-0.5
-    r = rel_matrix_impl("auto", device)(q, s.q_thw, s.k_thw, t, h, w, True).contiguous()
+    tables = (t, h, w)
+    hd, scale = s.hd, s.hd**-0.5
+    g, rbase = rt.rel_setup(q, s.q_thw, s.k_thw, tables, True)
+    tabs = rt._tables(tables, q.dtype)
+    r = rt.rel_forward(q, tables, g, rbase)
     kr = r.shape[-1]
-    ba = ta._next_pow2(hd + kr)
-    ka = ta._k_aug(k, s.k_thw, s.k_thw[0], ba, True)
-    base = ta._configs(ba, q.dtype, device)
+    base = ta._configs(ta._Dims.of(hd, kr, True).wa, q.dtype, device)
     do = dout.contiguous()
+    o, lse = ta._fwd(q, r, ta._k_aug(k, s.k_thw, s.k_thw[0], ta._Dims.of(hd, kr, True).wa, True),
+                     v, ta._Dims.of(hd, kr, True), True, scale, base)
+    per_split = {}  # split -> (dims, k', packed q'', delta): what a variant of that layout reads
+    for split in (True, False):
+        dims = ta._Dims.of(hd, kr, split)
+        ka = ta._k_aug(k, s.k_thw, s.k_thw[0], dims.wa, True)
+        _, dr, delta, qa = ta._bwd_dq(q, r, ka, v, o, do, lse, dims, True, scale, dataclasses.replace(base, split=split))
+        per_split[split] = (dims, ka, qa, delta)
 
-    def variants(table: dict[str, dict]):
-        for name, change in table.items():
-            yield name, dataclasses.replace(base, **change)
+    def fwd(change):
+        cfg = dataclasses.replace(base, **change)
+        dims, ka, _, _ = per_split[cfg.split]
+        return ta._fwd(q, r, ka, v, dims, True, scale, cfg), lambda: ta._fwd(q, r, ka, v, dims, True, scale, cfg)
 
-    out: dict = dict(fwd=[], dq=[], dkdv=[])
-    ref_o = ref_lse = None
-    for name, cfg in variants(FWD):
-        try:
-            o, lse = ta._fwd(q, r, ka, v, hd, kr, True, scale, cfg)
-            if ref_o is None:
-                ref_o, ref_lse = o, lse
-            err = _rel_err(o, ref_o)
-            ms = _time(lambda: ta._fwd(q, r, ka, v, hd, kr, True, scale, cfg), device)
-            out["fwd"].append(dict(variant=name, ms=ms, err=err, ok=err <= TOL))
-        except Exception as exc:  # a variant that cannot compile (shared memory, registers) is reported
-            out["fwd"].append(dict(variant=name, ms=None, err=None, ok=False, error=f"{type(exc).__name__}: {str(exc)[:160]}"))
-        print(f"  fwd  {name:14s} {out['fwd'][-1]}", flush=True)
-    o, lse = ref_o, ref_lse
-    delta = ta._bwd_delta(o, do, hd)
-    ref = None
-    for name, cfg in variants(DQ):
-        try:
-            got = ta._bwd_dq(q, r, ka, v, do, lse, delta, hd, kr, True, scale, cfg)
-            ref = ref or got
-            err = max(_rel_err(a, b) for a, b in zip(got, ref))
-            ms = _time(lambda: ta._bwd_dq(q, r, ka, v, do, lse, delta, hd, kr, True, scale, cfg), device)
-            out["dq"].append(dict(variant=name, ms=ms, err=err, ok=err <= TOL))
-        except Exception as exc:
-            out["dq"].append(dict(variant=name, ms=None, err=None, ok=False, error=f"{type(exc).__name__}: {str(exc)[:160]}"))
-        print(f"  dq   {name:14s} {out['dq'][-1]}", flush=True)
-    ref = None
-    for name, cfg in variants(DKDV):
-        try:
-            got = ta._bwd_dkdv(q, r, ka, v, do, lse, delta, hd, kr, True, scale, cfg)
-            ref = ref or got
-            err = max(_rel_err(a, b) for a, b in zip(got, ref))
-            ms = _time(lambda: ta._bwd_dkdv(q, r, ka, v, do, lse, delta, hd, kr, True, scale, cfg), device)
-            out["dkdv"].append(dict(variant=name, ms=ms, err=err, ok=err <= TOL))
-        except Exception as exc:
-            out["dkdv"].append(dict(variant=name, ms=None, err=None, ok=False, error=f"{type(exc).__name__}: {str(exc)[:160]}"))
-        print(f"  dkdv {name:14s} {out['dkdv'][-1]}", flush=True)
+    def dq(change):
+        cfg = dataclasses.replace(base, **change)
+        dims, ka, _, _ = per_split[cfg.split]
 
-    best = {}
-    change: dict = {}
-    for part, table in (("fwd", FWD), ("dq", DQ), ("dkdv", DKDV)):
-        ok = [row for row in out[part] if row["ok"]]
-        if ok:
-            best[part] = min(ok, key=lambda row: row["ms"])["variant"]
-            change.update(table[best[part]])
-    best_cfg = dataclasses.replace(base, **change)
-    from kernels.attention.triton_attn import relpos_attention_triton
+        def call():
+            return ta._bwd_dq(q, r, ka, v, o, do, lse, dims, True, scale, cfg)
+        return call()[:3], call  # dq, dR, delta (the packed rows differ in width between layouts)
 
-    ends = {
-        "triton+rel-triton (default)": lambda *a, **kw: relpos_attention_triton(*a, rel_impl="triton", **kw),
-        "triton+rel-triton (best)": lambda *a, **kw: relpos_attention_triton(*a, rel_impl="triton", config=best_cfg, **kw),
-        "sdpa-cudnn+rel-triton": _providers()["sdpa-cudnn+rel-triton"] if device.type == "cuda" else None,
-    }
-    out["best"] = dict(best, config=dataclasses.asdict(best_cfg))
+    def dkdv(change):
+        cfg = dataclasses.replace(base, **change)
+        dims, ka, qa, delta = per_split[cfg.split]
+        return ta._bwd_dkdv(qa, ka, v, do, lse, delta, dims, cfg), lambda: ta._bwd_dkdv(qa, ka, v, do, lse, delta, dims, cfg)
+
+    def rel_fwd(change):
+        cfg = dataclasses.replace(rbase, **change)
+        return (rt._fwd(q, tabs, g, cfg),), lambda: rt._fwd(q, tabs, g, cfg)
+
+    def rel_dq(change):
+        cfg = dataclasses.replace(rbase, **change)
+        return (rt._bwd_q(dr, q, tabs, g, cfg),), lambda: rt._bwd_q(dr, q, tabs, g, cfg)
+
+    def rel_dtab(change):
+        cfg = dataclasses.replace(rbase, **change)
+        return rt._bwd_tables(dr, q, tables, g, cfg), lambda: rt._bwd_tables(dr, q, tables, g, cfg)
+
+    parts = dict(fwd=(FWD, fwd), dq=(DQ, dq), dkdv=(DKDV, dkdv),
+                 rel_fwd=(REL_FWD, rel_fwd), rel_dq=(REL_DQ, rel_dq), rel_dtab=(REL_DTAB, rel_dtab))
+    out: dict = {part: _variants(part, table, make, device) for part, (table, make) in parts.items()}
+
+    # best of each kernel; the attention kernels share one row layout (split): the best dk/dv's
+    best = {"dkdv": _best(out["dkdv"], DKDV)}
+    split = DKDV[best["dkdv"]].get("split", base.split)
+    change: dict = dict(DKDV[best["dkdv"]])
+    for part, table in (("fwd", FWD), ("dq", DQ)):
+        best[part] = _best(out[part], table, lambda c: c.get("split", base.split) == split)
+        change.update(table[best[part]])
+    rel_change: dict = {}
+    for part, table in (("rel_fwd", REL_FWD), ("rel_dq", REL_DQ), ("rel_dtab", REL_DTAB)):
+        best[part] = _best(out[part], table)
+        rel_change.update(table[best[part]])
+    best_cfg, best_rel = dataclasses.replace(base, **change), dataclasses.replace(rbase, **rel_change)
+    out["best"] = dict(best, config=dataclasses.asdict(best_cfg), rel_config=dataclasses.asdict(best_rel))
+
+    def fused(cfg):
+        return lambda *a, **kw: ta.relpos_attention_triton(*a, rel_impl="triton", config=cfg, **kw)
+
+    ends = [("triton+rel-triton (default)", fused(None), rbase),
+            ("triton+rel-triton (best)", fused(best_cfg), best_rel)]
+    if device.type == "cuda":
+        ends += [("sdpa-cudnn+rel-triton", _providers()["sdpa-cudnn+rel-triton"], rbase),
+                 ("sdpa-cudnn+rel-triton (best rel)", _providers()["sdpa-cudnn+rel-triton"], best_rel)]
     out["fwdbwd"] = []
-    for name, fn in ends.items():
-        if fn is None:
-            continue
-        call, _ = _fwdbwd_call(fn, s, inputs, dout)
-        out["fwdbwd"].append(dict(provider=name, ms=_time(call, device)))
-        print(f"  fwd+bwd {name}: {out['fwdbwd'][-1]['ms']:.3f} ms", flush=True)
+    config_of = rt._config
+    try:
+        for name, fn, rel_cfg in ends:
+            rt._config = lambda device, dtype, _c=rel_cfg: _c  # the rel-term table under test
+            call, _ = _fwdbwd_call(fn, s, inputs, dout)
+            out["fwdbwd"].append(dict(provider=name, ms=_time(call, device)))
+            print(f"  fwd+bwd {name}: {out['fwdbwd'][-1]['ms']:.3f} ms", flush=True)
+    finally:
+        rt._config = config_of
     return out
 
 
@@ -240,14 +299,14 @@ def write(out_dir: Path, stem: str, meta: dict, stages: list[dict]) -> None:
             lines.append("")
         sw = st.get("sweep")
         if sw:
-            for part in ("fwd", "dq", "dkdv"):
+            for part in ("fwd", "dq", "dkdv", "rel_fwd", "rel_dq", "rel_dtab"):
                 lines += [f"### {part}", "", "| variant | ms | err | ok |", "|---|---|---|---|"]
                 for row in sw[part]:
                     ms = f"{row['ms']:.3f}" if row["ms"] is not None else row.get("error", "")
                     err = f"{row['err']:.1e}" if row["err"] is not None else ""
                     lines.append(f"| {row['variant']} | {ms} | {err} | {'yes' if row['ok'] else 'no'} |")
                 lines.append("")
-            lines += [f"best: {', '.join(f'{k} {v}' for k, v in sw['best'].items() if k != 'config')}", "",
+            lines += [f"best: {', '.join(f'{k} {v}' for k, v in sw['best'].items() if 'config' not in k)}", "",
                       "| fwd+bwd | ms |", "|---|---|"]
             lines += [f"| {row['provider']} | {row['ms']:.3f} |" for row in sw["fwdbwd"]]
             lines.append("")

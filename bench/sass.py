@@ -335,7 +335,7 @@ SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 def attention_launches(
-    arch: int = 90, model: str = "L", packed: bool = False, batch: int = 32, dtype: Any = None,
+    arch: int = 90, model: str = "L", batch: int = 32, dtype: Any = None,
     rel_impl: str = "reference", **overrides: Any,
 ) -> list[Launch]:
     """Capture every launch of one (bf16 unless ``dtype``) forward + backward of kernels.attention's Triton backend at the
@@ -346,7 +346,7 @@ def attention_launches(
 
     from bench.attention import K_GRID, MODELS, Q_GRIDS
     from kernels.attention.reference import rel_table_len
-    from kernels.attention.triton_attn import RelPosAttnConfig, _configs, _next_pow2, relpos_attention_triton
+    from kernels.attention.triton_attn import RelPosAttnConfig, _configs, _Dims, relpos_attention_triton
 
     dtype = dtype or torch.bfloat16
     hd, nh = MODELS[model]["hd"], MODELS[model]["heads"][0]
@@ -356,23 +356,21 @@ def attention_launches(
     k = torch.zeros(1, nh, nk, hd, dtype=dtype, requires_grad=True)
     v = torch.zeros(1, nh, nk, hd, dtype=dtype, requires_grad=True)
     tables = [torch.zeros(rel_table_len(a, b), hd, requires_grad=True) for a, b in zip(q_thw, k_thw)]
-    ba = _next_pow2(hd + sum(k_thw))
-    cfg: RelPosAttnConfig = _configs(ba, dtype, torch.device("cuda"))
+    cfg: RelPosAttnConfig = _configs(_Dims.of(hd, sum(k_thw), True).wa, dtype, torch.device("cuda"))
     n_q_tiles = -(-nq // cfg.dkdv_block_m)
     n_kv_programs = -(-nk // cfg.dkdv_block_n) * batch * nh
     chunks = max(1, min(n_q_tiles, -(-cfg.dkdv_programs_per_sm * H100_SMS // n_kv_programs)))
-    cfg = dataclasses.replace(cfg, dkdv_chunks=chunks, dkdv_packed_q=packed, **overrides)
+    cfg = dataclasses.replace(cfg, dkdv_chunks=chunks, **overrides)
     with capture_launches(arch) as launches:
         out = relpos_attention_triton(q, k, v, q_thw, k_thw, *tables, config=cfg, rel_impl=rel_impl)
         out.float().sum().backward()
     return launches
 
 
-ATTENTION_PATHS = {  # path label -> (packed q'', attention_launches keyword arguments)
-    "default (packed q)": (True, {}),
-    "unpacked q": (False, {}),
-    "4-warp unpacked dk/dv": (False, dict(dkdv_warps=4)),
-    "fused rel terms": (True, dict(rel_impl="triton")),
+ATTENTION_PATHS = {  # path label -> attention_launches keyword arguments
+    "default (split rows)": {},
+    "rows padded to one power of two": dict(split=False),
+    "fused rel terms": dict(rel_impl="triton"),
 }
 
 
@@ -380,8 +378,8 @@ def attention_report(arch: int = 90) -> list[dict]:
     """Compile the forward and backward kernels of every path in ATTENTION_PATHS for both models."""
     rows, seen = [], set()
     for model in ("L", "S"):
-        for path, (packed, overrides) in ATTENTION_PATHS.items():
-            for launch in attention_launches(arch, model, packed, **overrides):
+        for path, overrides in ATTENTION_PATHS.items():
+            for launch in attention_launches(arch, model, **overrides):
                 key = (launch.name, tuple(sorted(launch.constexprs.items())), launch.num_warps, launch.num_stages)
                 if key in seen:
                     continue
@@ -429,9 +427,8 @@ def check(arch: int = 90) -> list[str]:
                                 ("barriers", st.count("barrier"))):  # fmt: skip
                 if value:
                     problems.append(f"HOG {variant} kernel ({dtype}) has {value} {what} on sm_{arch}")
-    for path in ("default (packed q)", "unpacked q", "fused rel terms"):
-        packed, kwargs = ATTENTION_PATHS[path]
-        for launch in attention_launches(arch, "L", packed, **kwargs):
+    for path in ("default (split rows)", "fused rel terms"):
+        for launch in attention_launches(arch, "L", **ATTENTION_PATHS[path]):
             st = compile_launch(launch, arch)
             print(f"attention ({path}) {launch.name}: regs {st.registers} spill {st.local_bytes} "
                   f"shared {st.shared_bytes}", flush=True)  # fmt: skip

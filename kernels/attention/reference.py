@@ -163,15 +163,20 @@ def rel_matrix_impl(impl: str, device: torch.device):
     the Triton version on CUDA (measured faster on an H100: bf16 fwd+bwd at the MViTv2-L stages,
     SDPA-cuDNN 11.9 -> 6.8 ms at stage 1, bench/results/attention_nvidia-h100-80gb-hbm3_20261127.md),
     the einsums elsewhere (on CPU Triton runs only in the interpreter)."""
-    if impl == "auto":
-        impl = "triton" if device.type == "cuda" else "reference"
-    if impl == "reference":
+    if resolve_rel_impl(impl, device) == "reference":
         return rel_matrix
-    if impl == "triton":
-        from .rel_triton import rel_matrix_triton
+    from .rel_triton import rel_matrix_triton
 
-        return rel_matrix_triton
-    raise ValueError(f"rel_impl must be one of {REL_IMPLS}, got {impl!r}")
+    return rel_matrix_triton
+
+
+def resolve_rel_impl(impl: str, device: torch.device) -> str:
+    """The implementation ``rel_impl=impl`` runs on ``device``: ``"reference"`` or ``"triton"``."""
+    if impl not in REL_IMPLS:
+        raise ValueError(f"rel_impl must be one of {REL_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    return impl
 
 
 def relpos_attention_reference(

@@ -203,9 +203,10 @@ def _rel_dq_kernel(
     HD: tl.constexpr, D1: tl.constexpr, REM: tl.constexpr, D2: tl.constexpr,
     HQ: tl.constexpr, WQ: tl.constexpr, NQR: tl.constexpr,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, E: tl.constexpr,
-    HAS_T: tl.constexpr, HAS_CLS: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_T: tl.constexpr, HAS_CLS: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr,
 ):
     # dR (B·nh, Nq', E), fp32 tables (L, hd) → dq (B·nh, Nq, hd) with Nq = Nq' + cls; the cls row gets zeros.
+    # ACC: add to what dq holds (the attention kernel's own dq) instead of overwriting it.
     # hd = D1 + REM: D1 the largest power of two ≤ hd, REM ≤ D2 = next_pow2(REM) (no work on padding)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -232,8 +233,13 @@ def _rel_dq_kernel(
     acc1, acc2 = _dq_axis(acc1, acc2, w, m_ok, offs_d1, offs_d2, dr_row, dw_ptr, tw_ptr, HD, D1, REM, D2, KW,
                           KT + KH)
     out = dq_ptr + offs_n[:, None] * HD  # (BM, 1) row pointers
+    if ACC:
+        acc1 += tl.load(out + offs_d1[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
     tl.store(out + offs_d1[None, :], acc1.to(dq_ptr.dtype.element_ty), mask=n_ok[:, None])
     if REM > 0:
+        if ACC:
+            acc2 += tl.load(out + D1 + offs_d2[None, :], mask=n_ok[:, None] & (offs_d2 < REM)[None, :],
+                            other=0.0).to(tl.float32)
         tl.store(out + D1 + offs_d2[None, :], acc2.to(dq_ptr.dtype.element_ty),
                  mask=n_ok[:, None] & (offs_d2 < REM)[None, :])
 
@@ -444,12 +450,17 @@ def _fwd(q: torch.Tensor, tabs: list, g: _Geom, cfg: RelTritonConfig) -> torch.T
     return r
 
 
-def _bwd_q(dr: torch.Tensor, q: torch.Tensor, tabs: list, g: _Geom, cfg: RelTritonConfig) -> torch.Tensor:
-    """dR (B, nh, Nq', E) contiguous, tables in q's dtype → dq (B, nh, Nq, hd) in q's dtype, zero cls row.
+def _bwd_q(
+    dr: torch.Tensor, q: torch.Tensor, tabs: list, g: _Geom, cfg: RelTritonConfig, dq: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """dR (B, nh, Nq', E) contiguous, tables in q's dtype → dq (B, nh, Nq, hd) in q's dtype, zero cls row;
+    added in place to ``dq`` (contiguous, q's shape and dtype) when it is given.
 
     The kernel reads fp32 copies of the (q-dtype-rounded) tables: same values, no conversions."""
     B, nh, Nq, hd = q.shape
-    dq = _empty(B, nh, Nq, hd, dtype=q.dtype, device=q.device)
+    acc = dq is not None
+    if not acc:
+        dq = _empty(B, nh, Nq, hd, dtype=q.dtype, device=q.device)
     d1 = 1 << (hd.bit_length() - 1)  # largest power of two ≤ hd
     grid = (triton.cdiv(Nq, cfg.dq_block_m), B * nh)
     _rel_dq_kernel[grid](
@@ -457,7 +468,7 @@ def _bwd_q(dr: torch.Tensor, q: torch.Tensor, tabs: list, g: _Geom, cfg: RelTrit
         HD=hd, D1=d1, REM=hd - d1, D2=_pow2(hd - d1, 1) if hd > d1 else 2,
         HQ=g.q_thw[1], WQ=g.q_thw[2], NQR=g.nqr,
         KT=g.kt, KH=g.k_thw[1], KW=g.k_thw[2], E=g.e, HAS_T=g.has_t, HAS_CLS=int(g.has_cls),
-        BLOCK_M=cfg.dq_block_m, num_warps=cfg.dq_warps,
+        BLOCK_M=cfg.dq_block_m, ACC=acc, num_warps=cfg.dq_warps,
     )
     return dq
 
@@ -509,14 +520,32 @@ def _bwd_tables(
 # ----------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------
+def rel_forward(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _Geom, cfg: RelTritonConfig) -> torch.Tensor:
+    """R (B, nh, Nq', E) in q's dtype, outside autograd (inputs checked by the caller)."""
+    return _fwd(q, _tables(tables, q.dtype), g, cfg)
+
+
+def rel_backward(
+    dr: torch.Tensor, q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _Geom, cfg: RelTritonConfig,
+    needs: Sequence[bool], dq: Optional[torch.Tensor] = None,
+) -> tuple:
+    """(dq, d_rel_pos_t, d_rel_pos_h, d_rel_pos_w) from dR; ``needs``: which of the four to compute.
+    With ``dq`` given (contiguous, q's shape and dtype), q's gradient is added to it in place."""
+    dr = dr.to(q.dtype).contiguous()  # (B, nh, Nq', E)
+    dq_out = _bwd_q(dr, q, _tables(tables, q.dtype), g, cfg, dq) if needs[0] else dq
+    d_tabs = [None, None, None]
+    if any(needs[1:4]):
+        d_tabs = _bwd_tables(dr, q, tables, g, cfg)
+        d_tabs = [d if needs[1 + a] else None for a, d in enumerate(d_tabs)]
+    return dq_out, *d_tabs
+
+
 class _RelMatrixFn(torch.autograd.Function):
     """R = rel_matrix(q, tables) with fused kernels; gradients for q and the three tables."""
 
     @staticmethod
     def forward(ctx, q, rel_pos_t, rel_pos_h, rel_pos_w, g, cfg):
-        tables = (rel_pos_t, rel_pos_h, rel_pos_w)
-        tabs = _tables(tables, q.dtype)
-        r = _fwd(q, tabs, g, cfg)
+        r = rel_forward(q, (rel_pos_t, rel_pos_h, rel_pos_w), g, cfg)
         ctx.save_for_backward(q, rel_pos_t, rel_pos_h, rel_pos_w)
         ctx.meta = (g, cfg)
         return r
@@ -525,16 +554,8 @@ class _RelMatrixFn(torch.autograd.Function):
     def backward(ctx, dr):
         q, rel_pos_t, rel_pos_h, rel_pos_w = ctx.saved_tensors
         g, cfg = ctx.meta
-        tables = (rel_pos_t, rel_pos_h, rel_pos_w)
-        dr = dr.to(q.dtype).contiguous()  # (B, nh, Nq', E)
-        dq = None
-        if ctx.needs_input_grad[0]:
-            dq = _bwd_q(dr, q, _tables(tables, q.dtype), g, cfg)
-        d_tabs = [None, None, None]
-        if any(ctx.needs_input_grad[1:4]):
-            d_tabs = _bwd_tables(dr, q, tables, g, cfg)
-            d_tabs = [d if ctx.needs_input_grad[1 + a] else None for a, d in enumerate(d_tabs)]
-        return dq, *d_tabs, None, None
+        grads = rel_backward(dr, q, (rel_pos_t, rel_pos_h, rel_pos_w), g, cfg, ctx.needs_input_grad[:4])
+        return *grads, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -588,7 +609,15 @@ def rel_matrix_triton(
     E = Hk + Wk, else Tk + Hk + Wk). Differentiable in q (gradient (B, nh, Nq, hd), zero cls row)
     and the tables (gradients in the tables' dtypes); backward is deterministic.
     """
-    tables = (rel_pos_t, rel_pos_h, rel_pos_w)
+    g, cfg = rel_setup(q, q_thw, k_thw, (rel_pos_t, rel_pos_h, rel_pos_w), has_cls)
+    return _RelMatrixFn.apply(q, rel_pos_t, rel_pos_h, rel_pos_w, g, cfg)
+
+
+def rel_setup(
+    q: torch.Tensor, q_thw: Sequence[int], k_thw: Sequence[int], tables: Sequence[Optional[torch.Tensor]], has_cls: bool
+) -> tuple:
+    """Check the inputs (ValueError) and return the call's geometry and launch table, for
+    :func:`rel_forward` / :func:`rel_backward` (used by the fused attention kernel's autograd)."""
     _check(q, q_thw, k_thw, tables, has_cls)
-    g = _Geom(tuple(int(x) for x in q_thw), tuple(int(x) for x in k_thw), rel_pos_t is not None, bool(has_cls))
-    return _RelMatrixFn.apply(q, rel_pos_t, rel_pos_h, rel_pos_w, g, _config(q.device, q.dtype))
+    g = _Geom(tuple(int(x) for x in q_thw), tuple(int(x) for x in k_thw), tables[0] is not None, bool(has_cls))
+    return g, _config(q.device, q.dtype)

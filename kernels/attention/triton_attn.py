@@ -74,7 +74,8 @@ import triton.language as tl
 
 from kernels import launchable_on
 
-from .reference import check_inputs, key_onehot, rel_matrix_impl
+from .reference import check_inputs, key_onehot, rel_matrix, resolve_rel_impl
+from .rel_triton import rel_backward, rel_forward, rel_setup
 
 __all__ = ["relpos_attention_triton", "RelPosAttnConfig"]
 
@@ -87,20 +88,21 @@ _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.flo
 # kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _mm(a, b, IEEE: tl.constexpr):
-    """fp32-accumulated a @ b; exact fp32 products when the operands are fp32."""
+def _mm(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b, fp32-accumulated; exact fp32 products when the operands are fp32."""
     if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="ieee")
     else:
-        return tl.dot(a, b)
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
-def _load_q_aug(
-    q_ptr, r_ptr, offs_m, offs_a, Nq, c_q,
+def _q_aug(
+    q_ptr, r_ptr, offs_m, C0: tl.constexpr, NC: tl.constexpr, Nq, c_q,
     HD: tl.constexpr, KR: tl.constexpr, HAS_CLS: tl.constexpr,
 ):
-    """(BM, BA) fp32 tile of q''_i = [c_q·q_i, log2e·R_{i−cls}] (zeros outside)."""
+    """(BM, NC) fp32 columns C0 … C0+NC of q''_i = [c_q·q_i, log2e·R_{i−cls}, 0…] (zeros outside)."""
+    offs_a = C0 + tl.arange(0, NC)
     row_ok = offs_m < Nq
     q = tl.load(
         q_ptr + offs_m[:, None] * HD + offs_a[None, :],
@@ -117,164 +119,179 @@ def _load_q_aug(
 
 
 @triton.jit
+def _rows(ptr, offs_r, r_ok, C0: tl.constexpr, NC: tl.constexpr, WIDTH: tl.constexpr, VALID: tl.constexpr):
+    """(R, NC) tile of a row-major (·, WIDTH) matrix: columns C0 … C0+NC, zeros past VALID or a bad row."""
+    offs_c = C0 + tl.arange(0, NC)
+    return tl.load(ptr + offs_r[:, None] * WIDTH + offs_c[None, :],
+                   mask=r_ok[:, None] & (offs_c[None, :] < VALID), other=0.0)
+
+
+@triton.jit
+def _rows_t(ptr, offs_r, r_ok, C0: tl.constexpr, NC: tl.constexpr, WIDTH: tl.constexpr, VALID: tl.constexpr):
+    """The transposed (NC, R) tile of :func:`_rows`, loaded in that layout."""
+    offs_c = C0 + tl.arange(0, NC)
+    return tl.load(ptr + offs_r[None, :] * WIDTH + offs_c[:, None],
+                   mask=r_ok[None, :] & (offs_c[:, None] < VALID), other=0.0)
+
+
+@triton.jit
+def _store_cols(ptr, x, offs_r, r_ok, C0: tl.constexpr, NC: tl.constexpr, WIDTH: tl.constexpr, VALID: tl.constexpr):
+    """Store the (R, NC) tile x as columns C0 … C0+NC (those < VALID) of a row-major (·, WIDTH) matrix."""
+    offs_c = C0 + tl.arange(0, NC)
+    tl.store(ptr + offs_r[:, None] * WIDTH + offs_c[None, :], x.to(ptr.dtype.element_ty),
+             mask=r_ok[:, None] & (offs_c[None, :] < VALID))
+
+
+@triton.jit
 def _fwd_kernel(
     q_ptr, r_ptr, ka_ptr, v_ptr, o_ptr, lse_ptr,
     Nq, Nk, c_q,
-    HD: tl.constexpr, KR: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr,
+    HD: tl.constexpr, KR: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_KT: tl.constexpr,
 ):
-    # q (BH, Nq, HD), R (BH, Nq', KR), k' (BH, Nk, BA), v (BH, Nk, HD), o (BH, Nq, HD), lse (BH, Nq)
+    # q (BH, Nq, HD), R (BH, Nq', KR), k' (BH, Nk, A1+A2), v (BH, Nk, HD), o (BH, Nq, HD), lse (BH, Nq)
+    WA: tl.constexpr = A1 + A2
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    Nq_r = Nq - HAS_CLS
     q_ptr += bh * Nq * HD
-    r_ptr += bh * Nq_r * KR
-    ka_ptr += bh * Nk * BA
+    r_ptr += bh * (Nq - HAS_CLS) * KR
+    ka_ptr += bh * Nk * WA
     v_ptr += bh * Nk * HD
     o_ptr += bh * Nq * HD
     lse_ptr += bh * Nq
     dt = ka_ptr.dtype.element_ty
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_a = tl.arange(0, BA)
-    offs_d = tl.arange(0, BD)
+    m_ok = offs_m < Nq
     offs_n0 = tl.arange(0, BLOCK_N)
-    qa = _load_q_aug(q_ptr, r_ptr, offs_m, offs_a, Nq, c_q, HD, KR, HAS_CLS).to(dt)  # (BM, BA)
+    qa1 = _q_aug(q_ptr, r_ptr, offs_m, 0, A1, Nq, c_q, HD, KR, HAS_CLS).to(dt)  # (BM, A1)
+    if A2 > 0:
+        qa2 = _q_aug(q_ptr, r_ptr, offs_m, A1, A2, Nq, c_q, HD, KR, HAS_CLS).to(dt)  # (BM, A2)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BD], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    if D2 > 0:
+        acc2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
     for it in range(N_KT):
         offs_n = it * BLOCK_N + offs_n0
         n_ok = offs_n < Nk
-        kaT = tl.load(ka_ptr + offs_n[None, :] * BA + offs_a[:, None], mask=n_ok[None, :], other=0.0)  # (BA, BN)
-        s = _mm(qa, kaT, IEEE)  # (BM, BN), log2 domain, bias included
+        s = _mm(qa1, _rows_t(ka_ptr, offs_n, n_ok, 0, A1, WA, WA), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+        if A2 > 0:
+            s = _mm(qa2, _rows_t(ka_ptr, offs_n, n_ok, A1, A2, WA, WA), s, IEEE)
+        # s: (BM, BN) log2-domain logits, bias included
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_ptr + offs_n[:, None] * HD + offs_d[None, :],
-            mask=n_ok[:, None] & (offs_d[None, :] < HD), other=0.0,
-        )  # (BN, BD)
-        acc = acc * alpha[:, None] + _mm(p.to(dt), v, IEEE)
+        pd = p.to(dt)
+        acc1 = _mm(pd, _rows(v_ptr, offs_n, n_ok, 0, D1, HD, HD), acc1 * alpha[:, None], IEEE)
+        if D2 > 0:
+            acc2 = _mm(pd, _rows(v_ptr, offs_n, n_ok, D1, D2, HD, HD), acc2 * alpha[:, None], IEEE)
         m_i = m_new
-    acc = acc / l_i[:, None]
-    m_ok = offs_m < Nq
-    tl.store(o_ptr + offs_m[:, None] * HD + offs_d[None, :], acc.to(o_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & (offs_d[None, :] < HD))
+    _store_cols(o_ptr, acc1 / l_i[:, None], offs_m, m_ok, 0, D1, HD, HD)
+    if D2 > 0:
+        _store_cols(o_ptr, acc2 / l_i[:, None], offs_m, m_ok, D1, D2, HD, HD)
     tl.store(lse_ptr + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
 
 @triton.jit
-def _delta_kernel(o_ptr, do_ptr, delta_ptr, n_rows, HD: tl.constexpr, BD: tl.constexpr, BLOCK_M: tl.constexpr):
-    # delta[r] = Σ_d o[r, d]·do[r, d] over all (BH·Nq) rows
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BD)
-    mask = (offs_m[:, None] < n_rows) & (offs_d[None, :] < HD)
-    o = tl.load(o_ptr + offs_m[:, None] * HD + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + offs_m[:, None] * HD + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + offs_m, tl.sum(o * do, 1), mask=offs_m < n_rows)
-
-
-@triton.jit
-def _pack_q_kernel(
-    q_ptr, r_ptr, qa_ptr, Nq, c_q,
-    HD: tl.constexpr, KR: tl.constexpr, BA: tl.constexpr, HAS_CLS: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    # q'' (BH, Nq, BA) = [c_q·q, log2e·R, 0…] in q's dtype, for the dk/dv kernel's pipelined loads
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_a = tl.arange(0, BA)
-    qa = _load_q_aug(q_ptr + bh * Nq * HD, r_ptr + bh * (Nq - HAS_CLS) * KR, offs_m, offs_a, Nq, c_q,
-                     HD, KR, HAS_CLS)
-    tl.store(qa_ptr + bh * Nq * BA + offs_m[:, None] * BA + offs_a[None, :], qa.to(qa_ptr.dtype.element_ty),
-             mask=(offs_m < Nq)[:, None])
+def _store_dq_dr(acc, C0: tl.constexpr, NC: tl.constexpr, offs_m, m_ok, dq_ptr, dr_ptr, scale,
+                 HD: tl.constexpr, KR: tl.constexpr, HAS_CLS: tl.constexpr):
+    """Columns C0 … C0+NC of A = dS @ k': those < HD are dq/scale, the next KR are dR (non-cls rows)."""
+    _store_cols(dq_ptr, acc * scale, offs_m, m_ok, C0, NC, HD, HD)
+    offs_c = C0 + tl.arange(0, NC)
+    rp = offs_m - HAS_CLS
+    ra = offs_c - HD
+    tl.store(dr_ptr + tl.maximum(rp, 0)[:, None] * KR + tl.maximum(ra, 0)[None, :], acc.to(dr_ptr.dtype.element_ty),
+             mask=(m_ok & (rp >= 0))[:, None] & (ra[None, :] >= 0) & (ra[None, :] < KR))
 
 
 @triton.jit
 def _dq_kernel(
-    q_ptr, r_ptr, ka_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dr_ptr,
+    q_ptr, r_ptr, ka_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dr_ptr, qa_ptr,
     Nq, Nk, c_q, scale,
-    HD: tl.constexpr, KR: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr,
+    HD: tl.constexpr, KR: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_KT: tl.constexpr,
 ):
-    # A = dS @ k' (BM, BA): dq = scale·A[:, :HD], dR = A[:, HD:HD+KR]
+    # A = dS @ k' (BM, A1+A2): dq = scale·A[:, :HD], dR = A[:, HD:HD+KR]. Also writes, for the dk/dv
+    # kernel, delta = rowsum(dO·O) (BH, Nq) and the packed q'' rows (BH, Nq, A1+A2) it builds anyway.
+    WA: tl.constexpr = A1 + A2
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     Nq_r = Nq - HAS_CLS
     q_ptr += bh * Nq * HD
     r_ptr += bh * Nq_r * KR
-    ka_ptr += bh * Nk * BA
+    ka_ptr += bh * Nk * WA
     v_ptr += bh * Nk * HD
+    o_ptr += bh * Nq * HD
     do_ptr += bh * Nq * HD
     lse_ptr += bh * Nq
     delta_ptr += bh * Nq
     dq_ptr += bh * Nq * HD
     dr_ptr += bh * Nq_r * KR
+    qa_ptr += bh * Nq * WA
     dt = ka_ptr.dtype.element_ty
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_a = tl.arange(0, BA)
-    offs_d = tl.arange(0, BD)
-    offs_n0 = tl.arange(0, BLOCK_N)
     m_ok = offs_m < Nq
-    qa = _load_q_aug(q_ptr, r_ptr, offs_m, offs_a, Nq, c_q, HD, KR, HAS_CLS).to(dt)  # (BM, BA)
-    do = tl.load(do_ptr + offs_m[:, None] * HD + offs_d[None, :],
-                 mask=m_ok[:, None] & (offs_d[None, :] < HD), other=0.0)  # (BM, BD)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    qa1 = _q_aug(q_ptr, r_ptr, offs_m, 0, A1, Nq, c_q, HD, KR, HAS_CLS).to(dt)  # (BM, A1)
+    _store_cols(qa_ptr, qa1, offs_m, m_ok, 0, A1, WA, WA)
+    if A2 > 0:
+        qa2 = _q_aug(q_ptr, r_ptr, offs_m, A1, A2, Nq, c_q, HD, KR, HAS_CLS).to(dt)  # (BM, A2)
+        _store_cols(qa_ptr, qa2, offs_m, m_ok, A1, A2, WA, WA)
+    do1 = _rows(do_ptr, offs_m, m_ok, 0, D1, HD, HD)  # (BM, D1)
+    delta = tl.sum(do1.to(tl.float32) * _rows(o_ptr, offs_m, m_ok, 0, D1, HD, HD).to(tl.float32), 1)
+    if D2 > 0:
+        do2 = _rows(do_ptr, offs_m, m_ok, D1, D2, HD, HD)  # (BM, D2)
+        delta += tl.sum(do2.to(tl.float32) * _rows(o_ptr, offs_m, m_ok, D1, D2, HD, HD).to(tl.float32), 1)
+    tl.store(delta_ptr + offs_m, delta, mask=m_ok)
     lse = tl.load(lse_ptr + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(delta_ptr + offs_m, mask=m_ok, other=0.0)
 
-    acc = tl.zeros([BLOCK_M, BA], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, A1], dtype=tl.float32)
+    if A2 > 0:
+        acc2 = tl.zeros([BLOCK_M, A2], dtype=tl.float32)
     for it in range(N_KT):
         offs_n = it * BLOCK_N + offs_n0
         n_ok = offs_n < Nk
-        ka = tl.load(ka_ptr + offs_n[:, None] * BA + offs_a[None, :], mask=n_ok[:, None], other=0.0)
-        # (BN, BA)
-        s = _mm(qa, tl.trans(ka), IEEE)  # (BM, BN)
+        ka1 = _rows(ka_ptr, offs_n, n_ok, 0, A1, WA, WA)  # (BN, A1)
+        s = _mm(qa1, tl.trans(ka1), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+        if A2 > 0:
+            ka2 = _rows(ka_ptr, offs_n, n_ok, A1, A2, WA, WA)  # (BN, A2)
+            s = _mm(qa2, tl.trans(ka2), s, IEEE)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(n_ok[None, :], p, 0.0)
-        vT = tl.load(v_ptr + offs_n[None, :] * HD + offs_d[:, None],
-                     mask=n_ok[None, :] & (offs_d[:, None] < HD), other=0.0)  # (BD, BN)
-        dp = _mm(do, vT, IEEE)  # (BM, BN)
-        ds = p * (dp - delta[:, None])
-        acc += _mm(ds.to(dt), ka, IEEE)
-    # dq (first HD columns, times scale)
-    tl.store(dq_ptr + offs_m[:, None] * HD + offs_a[None, :], (acc * scale).to(dq_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & (offs_a[None, :] < HD))
-    # dR (next KR columns), non-cls rows only
-    rp = offs_m - HAS_CLS
-    ra = offs_a - HD
-    tl.store(dr_ptr + tl.maximum(rp, 0)[:, None] * KR + tl.maximum(ra, 0)[None, :], acc,
-             mask=(m_ok & (rp >= 0))[:, None] & (ra[None, :] >= 0) & (ra[None, :] < KR))
+        dp = _mm(do1, _rows_t(v_ptr, offs_n, n_ok, 0, D1, HD, HD), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+        if D2 > 0:
+            dp = _mm(do2, _rows_t(v_ptr, offs_n, n_ok, D1, D2, HD, HD), dp, IEEE)
+        ds = (p * (dp - delta[:, None])).to(dt)
+        acc1 = _mm(ds, ka1, acc1, IEEE)
+        if A2 > 0:
+            acc2 = _mm(ds, ka2, acc2, IEEE)
+    _store_dq_dr(acc1, 0, A1, offs_m, m_ok, dq_ptr, dr_ptr, scale, HD, KR, HAS_CLS)
+    if A2 > 0:
+        _store_dq_dr(acc2, A1, A2, offs_m, m_ok, dq_ptr, dr_ptr, scale, HD, KR, HAS_CLS)
 
 
 @triton.jit
 def _dkdv_kernel(
-    q_ptr, r_ptr, ka_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    Nq, Nk, c_q, inv_log2e, n_bh,
-    HD: tl.constexpr, KR: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr,
-    HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
+    qa_ptr, ka_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    Nq, Nk, inv_log2e, n_bh,
+    HD: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES_PER_CHUNK: tl.constexpr,
-    DO_DK: tl.constexpr, DO_DV: tl.constexpr, PACKED: tl.constexpr,
 ):
     # partial dk, dv (chunk, BH, Nk, HD) fp32 for key tile pid_n over the query tiles of one chunk;
-    # DO_DK / DO_DV select the outputs (two launches halve the accumulator registers); PACKED: q_ptr
-    # is the packed q'' (BH, Nq, BA) of _pack_q_kernel, loaded straight into the dots (pipelined)
+    # qa_ptr: the packed q'' rows (BH, Nq, A1+A2) written by _dq_kernel, loaded straight into the dots
+    WA: tl.constexpr = A1 + A2
     pid_n = tl.program_id(0)
     chunk = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
-    Nq_r = Nq - HAS_CLS
-    if PACKED:
-        q_ptr += bh * Nq * BA
-    else:
-        q_ptr += bh * Nq * HD
-    r_ptr += bh * Nq_r * KR
-    ka_ptr += bh * Nk * BA
+    qa_ptr += bh * Nq * WA
+    ka_ptr += bh * Nk * WA
     v_ptr += bh * Nk * HD
     do_ptr += bh * Nq * HD
     lse_ptr += bh * Nq
@@ -285,47 +302,52 @@ def _dkdv_kernel(
     dt = ka_ptr.dtype.element_ty
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_a = tl.arange(0, BA)
-    offs_d = tl.arange(0, BD)
-    offs_m0 = tl.arange(0, BLOCK_M)
     n_ok = offs_n < Nk
-    ka = tl.load(ka_ptr + offs_n[:, None] * BA + offs_a[None, :], mask=n_ok[:, None], other=0.0)
-    # ka (BN, BA)
-    v = tl.load(v_ptr + offs_n[:, None] * HD + offs_d[None, :],
-                mask=n_ok[:, None] & (offs_d[None, :] < HD), other=0.0)  # (BN, BD)
-
-    if DO_DK:
-        dk = tl.zeros([BLOCK_N, BA], dtype=tl.float32)
-    if DO_DV:
-        dv = tl.zeros([BLOCK_N, BD], dtype=tl.float32)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    ka1 = _rows(ka_ptr, offs_n, n_ok, 0, A1, WA, WA)  # (BN, A1)
+    v1 = _rows(v_ptr, offs_n, n_ok, 0, D1, HD, HD)  # (BN, D1)
+    dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    if A2 > 0:
+        ka2 = _rows(ka_ptr, offs_n, n_ok, A1, A2, WA, WA)  # (BN, A2)
+    if D2 > 0:
+        v2 = _rows(v_ptr, offs_n, n_ok, D1, D2, HD, HD)  # (BN, D2)
+        dk2 = tl.zeros([BLOCK_N, D2], dtype=tl.float32)
+        dv2 = tl.zeros([BLOCK_N, D2], dtype=tl.float32)
     m_begin = chunk * (TILES_PER_CHUNK * BLOCK_M)
     for it in range(TILES_PER_CHUNK):  # tiles past Nq are fully masked (p = 0)
         offs_m = m_begin + it * BLOCK_M + offs_m0
         m_ok = offs_m < Nq
-        if PACKED:
-            qaT = tl.load(q_ptr + offs_m[None, :] * BA + offs_a[:, None], mask=m_ok[None, :], other=0.0)  # (BA, BM)
-        else:
-            qaT = tl.trans(_load_q_aug(q_ptr, r_ptr, offs_m, offs_a, Nq, c_q, HD, KR, HAS_CLS).to(dt))
-        do = tl.load(do_ptr + offs_m[:, None] * HD + offs_d[None, :],
-                     mask=m_ok[:, None] & (offs_d[None, :] < HD), other=0.0)  # (BM, BD)
+        qa1T = _rows_t(qa_ptr, offs_m, m_ok, 0, A1, WA, WA)  # (A1, BM)
+        sT = _mm(ka1, qa1T, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
+        if A2 > 0:
+            sT = _mm(ka2, _rows_t(qa_ptr, offs_m, m_ok, A1, A2, WA, WA), sT, IEEE)
         lse = tl.load(lse_ptr + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(delta_ptr + offs_m, mask=m_ok, other=0.0)
-        sT = _mm(ka, qaT, IEEE)  # (BN, BM)
         pT = tl.exp2(sT - lse[None, :])
         pT = tl.where(m_ok[None, :], pT, 0.0)
-        if DO_DV:
-            dv += _mm(pT.to(dt), do, IEEE)
-        if DO_DK:
-            dpT = _mm(v, tl.trans(do), IEEE)  # (BN, BM)
-            dsT = pT * (dpT - delta[None, :])
-            dk += _mm(dsT.to(dt), tl.trans(qaT), IEEE)
-    if DO_DK:
-        # q'' carries c_q = scale·log2e, so dk = (dSᵀ q'')[:, :HD] / log2e
-        tl.store(dk_ptr + offs_n[:, None] * HD + offs_a[None, :], dk * inv_log2e,
-                 mask=n_ok[:, None] & (offs_a[None, :] < HD))
-    if DO_DV:
-        tl.store(dv_ptr + offs_n[:, None] * HD + offs_d[None, :], dv,
-                 mask=n_ok[:, None] & (offs_d[None, :] < HD))
+        pTd = pT.to(dt)
+        do1 = _rows(do_ptr, offs_m, m_ok, 0, D1, HD, HD)  # (BM, D1)
+        dv1 = _mm(pTd, do1, dv1, IEEE)
+        dpT = _mm(v1, tl.trans(do1), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
+        if D2 > 0:
+            do2 = _rows(do_ptr, offs_m, m_ok, D1, D2, HD, HD)  # (BM, D2)
+            dv2 = _mm(pTd, do2, dv2, IEEE)
+            dpT = _mm(v2, tl.trans(do2), dpT, IEEE)
+        dsT = (pT * (dpT - delta[None, :])).to(dt)
+        # dk = dSᵀ q (first HD columns of q''); the same registers as qa1T when the splits agree
+        if D1 == A1:
+            dk1 = _mm(dsT, tl.trans(qa1T), dk1, IEEE)
+        else:
+            dk1 = _mm(dsT, _rows(qa_ptr, offs_m, m_ok, 0, D1, WA, HD), dk1, IEEE)
+        if D2 > 0:
+            dk2 = _mm(dsT, _rows(qa_ptr, offs_m, m_ok, D1, D2, WA, HD), dk2, IEEE)
+    # q'' carries c_q = scale·log2e, so dk = (dSᵀ q'')[:, :HD] / log2e
+    _store_cols(dk_ptr, dk1 * inv_log2e, offs_n, n_ok, 0, D1, HD, HD)
+    _store_cols(dv_ptr, dv1, offs_n, n_ok, 0, D1, HD, HD)
+    if D2 > 0:
+        _store_cols(dk_ptr, dk2 * inv_log2e, offs_n, n_ok, D1, D2, HD, HD)
+        _store_cols(dv_ptr, dv2, offs_n, n_ok, D1, D2, HD, HD)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,47 +360,81 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 @dataclass(frozen=True)
 class RelPosAttnConfig:
-    """Tile sizes and launch parameters of the three kernels (fixed table, no autotune)."""
+    """Tile sizes and launch parameters of the three kernels (fixed table, no autotune). The
+    defaults are the CUDA bf16/fp16 table (``bench.attention_tune`` on an H100, module docstring)."""
 
-    fwd_block_m: int = 128
+    fwd_block_m: int = 64
     fwd_block_n: int = 64
-    fwd_warps: int = 8
+    fwd_warps: int = 4
     fwd_stages: int = 2
     dq_block_m: int = 64
-    dq_block_n: int = 64
+    dq_block_n: int = 32
     dq_warps: int = 4
     dq_stages: int = 2
     dkdv_block_m: int = 64
     dkdv_block_n: int = 64
-    dkdv_warps: int = 8  # 4 spills (module docstring)
+    dkdv_warps: int = 4
     dkdv_stages: int = 2
     dkdv_chunks: Optional[int] = None  # query chunks of the dk/dv kernel; None: fill the GPU
-    dkdv_split: bool = False  # dk and dv in two launches (fewer registers, 5 instead of 4 dots)
-    # pack q'' once (transient (B, nh, Nq, BA) buffer) for pipelined loads: on in the CUDA bf16/fp16
-    # table (_configs, measured faster); off here, so the interpreter tests cover both paths
-    dkdv_packed_q: bool = False
     dkdv_programs_per_sm: int = 32  # query chunks: aim for this many dk/dv programs per SM
+    # split row widths into two powers of two (q''/k' 94 → 64 + 32, v/dO 72 → 64 + 16) instead of
+    # padding each to one (128): less tensor-core work on padding, two dots where there was one
+    split: bool = True
 
 
-def _configs(ba: int, dtype: torch.dtype, device: torch.device) -> RelPosAttnConfig:
-    """Fixed config table by augmented width BA and dtype; small tiles in the interpreter."""
+def _configs(wa: int, dtype: torch.dtype, device: torch.device) -> RelPosAttnConfig:
+    """Fixed config table by augmented row width and dtype; small tiles in the interpreter."""
     if device.type != "cuda":
         return RelPosAttnConfig(32, 32, 4, 1, 32, 32, 4, 1, 32, 32, 4, 1)
-    if dtype == torch.float32 or ba > 128:
-        # fp32 operands or 256-wide rows: halve the tiles to stay within registers / shared memory
+    if dtype == torch.float32 or wa > 128:
+        # fp32 operands or rows wider than 128: halve the tiles to stay within registers / shared memory
         return RelPosAttnConfig(64, 32, 4, 2, 32, 32, 4, 2, 32, 32, 4, 2)
-    return RelPosAttnConfig(dkdv_packed_q=True)  # 1.3-1.4x the unpacked fwd+bwd on an H100 (module docstring)
-
-
-def _k_aug(k: torch.Tensor, k_thw: tuple, kt: int, ba: int, has_cls: bool) -> torch.Tensor:
-    """k' = [k, onehot_t(j), onehot_h(j), onehot_w(j), 0…] (B, nh, Nk, BA) in k's dtype."""
-    B, nh, Nk, hd = k.shape
-    onehot = key_onehot(tuple(k_thw), kt > 0, has_cls, ba - hd, k.dtype, k.device)  # (Nk, BA − hd)
-    return torch.cat([k, onehot.expand(B, nh, Nk, ba - hd)], dim=-1)
+    return RelPosAttnConfig()
 
 
 def _next_pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
+
+
+def _widths(width: int, split: bool) -> tuple[int, int]:
+    """(W1, W2): a row of ``width`` columns as a power-of-two block W1 and, when that saves columns
+    over padding to one power of two, a second one W2 ≥ 16 (else W2 = 0 and W1 = next_pow2)."""
+    full = _next_pow2(width)
+    w1 = 1 << (width.bit_length() - 1)  # largest power of two ≤ width
+    if not split or w1 < 16 or w1 == width:
+        return full, 0
+    w2 = _next_pow2(width - w1)
+    return (w1, w2) if w1 + w2 < full else (full, 0)
+
+
+@dataclass(frozen=True)
+class _Dims:
+    """Column blocks of one call: q''/k' rows as A1 + A2 columns (≥ hd + KR), v/dO/o rows as D1 + D2 (≥ hd)."""
+
+    hd: int
+    kr: int
+    a1: int
+    a2: int
+    d1: int
+    d2: int
+
+    @classmethod
+    def of(cls, hd: int, kr: int, split: bool) -> "_Dims":
+        return cls(hd, kr, *_widths(hd + kr, split), *_widths(hd, split))
+
+    @property
+    def wa(self) -> int:
+        return self.a1 + self.a2
+
+    def constexprs(self) -> dict:
+        return dict(HD=self.hd, A1=self.a1, A2=self.a2, D1=self.d1, D2=self.d2)
+
+
+def _k_aug(k: torch.Tensor, k_thw: tuple, kt: int, wa: int, has_cls: bool) -> torch.Tensor:
+    """k' = [k, onehot_t(j), onehot_h(j), onehot_w(j), 0…] (B, nh, Nk, wa) in k's dtype."""
+    B, nh, Nk, hd = k.shape
+    onehot = key_onehot(tuple(k_thw), kt > 0, has_cls, wa - hd, k.dtype, k.device)  # (Nk, wa − hd)
+    return torch.cat([k, onehot.expand(B, nh, Nk, wa - hd)], dim=-1)
 
 
 def _check_device(q: torch.Tensor) -> None:
@@ -390,19 +446,39 @@ def _check_device(q: torch.Tensor) -> None:
     )
 
 
-def _fwd(q, r, ka, v, hd, kr, has_cls, scale, cfg):
-    """q (B, nh, Nq, hd), R (B, nh, Nq', KR), k' (B, nh, Nk, BA), v → out (B, nh, Nq, hd), lse2 (B, nh, Nq)."""
+def _fwd(q, r, ka, v, dims: _Dims, has_cls, scale, cfg):
+    """q (B, nh, Nq, hd), R (B, nh, Nq', KR), k' (B, nh, Nk, A1+A2), v → out (B, nh, Nq, hd), lse2 (B, nh, Nq)."""
     B, nh, Nq, _ = q.shape
-    Nk, ba = ka.shape[2], ka.shape[3]
+    Nk = ka.shape[2]
     o = _empty(*q.shape, dtype=q.dtype, device=q.device)
     lse = _empty(B, nh, Nq, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(Nq, cfg.fwd_block_m), B * nh)
     _fwd_kernel[grid](
         q, r, ka, v, o, lse, Nq, Nk, scale * LOG2E,
-        HD=hd, KR=kr, BA=ba, BD=_next_pow2(hd), HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
-        BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, N_KT=triton.cdiv(Nk, cfg.fwd_block_n), num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        KR=dims.kr, **dims.constexprs(), HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
+        BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, N_KT=triton.cdiv(Nk, cfg.fwd_block_n),
+        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )
     return o, lse
+
+
+def _bwd_dq(q, r, ka, v, o, do, lse, dims: _Dims, has_cls, scale, cfg):
+    """dq (B, nh, Nq, hd), dR (B, nh, Nq', KR) in the input dtypes, and what the dk/dv kernel
+    reads: delta (B, nh, Nq) fp32 and the packed q'' rows (B, nh, Nq, A1+A2)."""
+    B, nh, Nq, _ = q.shape
+    Nk = ka.shape[2]
+    dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
+    dr = _empty(*r.shape, dtype=r.dtype, device=r.device)
+    delta = _empty(B, nh, Nq, dtype=torch.float32, device=q.device)
+    qa = _empty(B, nh, Nq, dims.wa, dtype=q.dtype, device=q.device)
+    grid = (triton.cdiv(Nq, cfg.dq_block_m), B * nh)
+    _dq_kernel[grid](
+        q, r, ka, v, o, do, lse, delta, dq, dr, qa, Nq, Nk, scale * LOG2E, scale,
+        KR=dims.kr, **dims.constexprs(), HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
+        BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, N_KT=triton.cdiv(Nk, cfg.dq_block_n),
+        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+    )
+    return dq, dr, delta, qa
 
 
 def _dkdv_chunks(cfg: RelPosAttnConfig, q: torch.Tensor, n_q_tiles: int, n_kv_programs: int) -> int:
@@ -414,95 +490,87 @@ def _dkdv_chunks(cfg: RelPosAttnConfig, q: torch.Tensor, n_q_tiles: int, n_kv_pr
     return max(1, min(n_q_tiles, triton.cdiv(target, n_kv_programs)))
 
 
-def _bwd_delta(o: torch.Tensor, do: torch.Tensor, hd: int) -> torch.Tensor:
-    """delta = rowsum(dO·O) (B, nh, Nq) fp32."""
-    B, nh, Nq, _ = o.shape
-    delta = _empty(B, nh, Nq, dtype=torch.float32, device=o.device)
-    _delta_kernel[(triton.cdiv(B * nh * Nq, 64),)](o, do, delta, B * nh * Nq, HD=hd, BD=_next_pow2(hd), BLOCK_M=64)
-    return delta
-
-
-def _bwd_dq(q, r, ka, v, do, lse, delta, hd, kr, has_cls, scale, cfg):
-    """dq (B, nh, Nq, hd) and dR (B, nh, Nq', KR) in the input dtypes."""
-    B, nh, Nq, _ = q.shape
-    Nk, ba = ka.shape[2], ka.shape[3]
-    dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
-    dr = _empty(*r.shape, dtype=r.dtype, device=r.device)
-    grid = (triton.cdiv(Nq, cfg.dq_block_m), B * nh)
-    _dq_kernel[grid](
-        q, r, ka, v, do, lse, delta, dq, dr, Nq, Nk, scale * LOG2E, scale,
-        HD=hd, KR=kr, BA=ba, BD=_next_pow2(hd), HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
-        BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, N_KT=triton.cdiv(Nk, cfg.dq_block_n), num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
-    )
-    return dq, dr
-
-
-def _bwd_dkdv(q, r, ka, v, do, lse, delta, hd, kr, has_cls, scale, cfg):
+def _bwd_dkdv(qa, ka, v, do, lse, delta, dims: _Dims, cfg):
     """dk, dv (B, nh, Nk, hd) in the input dtype: fp32 partials per query chunk, summed in a fixed order."""
-    B, nh, Nq, _ = q.shape
-    Nk, ba = ka.shape[2], ka.shape[3]
-    hc = int(has_cls)
+    B, nh, Nq, _ = qa.shape
+    Nk = ka.shape[2]
     n_q_tiles = triton.cdiv(Nq, cfg.dkdv_block_m)
     n_k_tiles = triton.cdiv(Nk, cfg.dkdv_block_n)
-    chunks = _dkdv_chunks(cfg, q, n_q_tiles, n_k_tiles * B * nh)
+    chunks = _dkdv_chunks(cfg, qa, n_q_tiles, n_k_tiles * B * nh)
     tiles_per_chunk = triton.cdiv(n_q_tiles, chunks)
     if tiles_per_chunk > 4:  # round to a multiple of 4: fewer compiled variants, ≤ 3 masked tiles
         tiles_per_chunk = 4 * triton.cdiv(tiles_per_chunk, 4)
     chunks = triton.cdiv(n_q_tiles, tiles_per_chunk)
-    dk_part = _empty(chunks, B, nh, Nk, hd, dtype=torch.float32, device=q.device)
-    dv_part = _empty(chunks, B, nh, Nk, hd, dtype=torch.float32, device=q.device)
-    grid = (n_k_tiles, chunks, B * nh)
-    q_in = q
-    if cfg.dkdv_packed_q:
-        q_in = _empty(B, nh, Nq, ba, dtype=q.dtype, device=q.device)
-        _pack_q_kernel[(triton.cdiv(Nq, 64), B * nh)](q, r, q_in, Nq, scale * LOG2E, HD=hd, KR=kr, BA=ba,
-                                                      HAS_CLS=hc, BLOCK_M=64)
-    for do_dk, do_dv in ((True, False), (False, True)) if cfg.dkdv_split else ((True, True),):
-        _dkdv_kernel[grid](
-            q_in, r, ka, v, do, lse, delta, dk_part, dv_part, Nq, Nk, scale * LOG2E, 1.0 / LOG2E, B * nh,
-            HD=hd, KR=kr, BA=ba, BD=_next_pow2(hd), HAS_CLS=hc, IEEE=q.dtype == torch.float32,
-            BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n, TILES_PER_CHUNK=tiles_per_chunk,
-            DO_DK=do_dk, DO_DV=do_dv, PACKED=cfg.dkdv_packed_q, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
-        )
+    dk_part = _empty(chunks, B, nh, Nk, dims.hd, dtype=torch.float32, device=qa.device)
+    dv_part = _empty(chunks, B, nh, Nk, dims.hd, dtype=torch.float32, device=qa.device)
+    _dkdv_kernel[(n_k_tiles, chunks, B * nh)](
+        qa, ka, v, do, lse, delta, dk_part, dv_part, Nq, Nk, 1.0 / LOG2E, B * nh,
+        **dims.constexprs(), IEEE=qa.dtype == torch.float32,
+        BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n, TILES_PER_CHUNK=tiles_per_chunk,
+        num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
+    )
     # fixed-order reduction over query chunks: deterministic
-    dk = (dk_part[0] if chunks == 1 else dk_part.sum(0)).to(q.dtype)
-    dv = (dv_part[0] if chunks == 1 else dv_part.sum(0)).to(q.dtype)
+    dk = (dk_part[0] if chunks == 1 else dk_part.sum(0)).to(qa.dtype)
+    dv = (dv_part[0] if chunks == 1 else dv_part.sum(0)).to(qa.dtype)
     return dk, dv
 
 
-def _bwd(do, q, r, ka, v, o, lse, hd, kr, has_cls, scale, cfg):
+def _bwd(do, q, r, ka, v, o, lse, dims: _Dims, has_cls, scale, cfg):
     """Gradients dq (B, nh, Nq, hd), dk, dv (B, nh, Nk, hd) and dR (B, nh, Nq', KR) in the input dtypes."""
     do = do.to(q.dtype).contiguous()
-    delta = _bwd_delta(o, do, hd)
-    dq, dr = _bwd_dq(q, r, ka, v, do, lse, delta, hd, kr, has_cls, scale, cfg)
-    dk, dv = _bwd_dkdv(q, r, ka, v, do, lse, delta, hd, kr, has_cls, scale, cfg)
+    dq, dr, delta, qa = _bwd_dq(q, r, ka, v, o, do, lse, dims, has_cls, scale, cfg)
+    dk, dv = _bwd_dkdv(qa, ka, v, do, lse, delta, dims, cfg)
     return dq, dk, dv, dr
 
 
 # ----------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------
+def _attn_forward(q, k, v, r, k_thw, kt, has_cls, scale, cfg) -> tuple:
+    """(o, what backward needs) for contiguous q, v, r."""
+    dims = _Dims.of(q.shape[-1], r.shape[-1], cfg.split)
+    ka = _k_aug(k, k_thw, kt, dims.wa, has_cls)  # (B, nh, Nk, A1+A2)
+    o, lse = _fwd(q, r, ka, v, dims, has_cls, scale, cfg)
+    return o, (q, r, ka, v, o, lse), (dims, has_cls, scale, cfg)
+
+
 class _RelPosAttnFn(torch.autograd.Function):
-    """out = attention(q, k, v, R) where R = [rel_t, rel_h, rel_w] (B, nh, Nq', KR)."""
+    """out = attention(q, k, v, R) where R = [rel_t, rel_h, rel_w] (B, nh, Nq', KR) comes from
+    autograd-tracked PyTorch (``rel_impl="reference"``)."""
 
     @staticmethod
     def forward(ctx, q, k, v, r, k_thw, kt, has_cls, scale, cfg):
-        B, nh, Nq, hd = q.shape
-        kr = r.shape[-1]
-        ba = _next_pow2(hd + kr)
-        q, v, r = q.contiguous(), v.contiguous(), r.contiguous()
-        ka = _k_aug(k, k_thw, kt, ba, has_cls)  # (B, nh, Nk, BA)
-        o, lse = _fwd(q, r, ka, v, hd, kr, has_cls, scale, cfg)
-        ctx.save_for_backward(q, r, ka, v, o, lse)
-        ctx.meta = (hd, kr, has_cls, scale, cfg)
+        o, saved, ctx.meta = _attn_forward(q.contiguous(), k, v.contiguous(), r.contiguous(), k_thw, kt, has_cls, scale, cfg)
+        ctx.save_for_backward(*saved)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, r, ka, v, o, lse = ctx.saved_tensors
-        hd, kr, has_cls, scale, cfg = ctx.meta
-        dq, dk, dv, dr = _bwd(do, q, r, ka, v, o, lse, hd, kr, has_cls, scale, cfg)
+        dq, dk, dv, dr = _bwd(do, *ctx.saved_tensors, *ctx.meta)
         return dq, dk, dv, dr, None, None, None, None, None
+
+
+class _RelPosAttnFusedFn(torch.autograd.Function):
+    """out = attention(q, k, v, tables) with R computed by the fused rel-term kernels
+    (``rel_triton``) inside: q's rel-path gradient is added in place to the attention's own dq
+    (no second (B, nh, Nq, hd) tensor and no separate add), the tables' gradients come from dR."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, g, rel_cfg, k_thw, kt, has_cls, scale, cfg):
+        q, tables = q.contiguous(), (rel_pos_t, rel_pos_h, rel_pos_w)
+        r = rel_forward(q, tables, g, rel_cfg)
+        o, saved, meta = _attn_forward(q, k, v.contiguous(), r, k_thw, kt, has_cls, scale, cfg)
+        ctx.save_for_backward(*saved, *tables)
+        ctx.meta, ctx.rel = meta, (g, rel_cfg)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        *saved, rel_pos_t, rel_pos_h, rel_pos_w = ctx.saved_tensors
+        dq, dk, dv, dr = _bwd(do, *saved, *ctx.meta)
+        q = saved[0]
+        grads = rel_backward(dr, q, (rel_pos_t, rel_pos_h, rel_pos_w), *ctx.rel, (True, *ctx.needs_input_grad[3:6]), dq=dq)
+        return grads[0], dk, dv, *grads[1:], None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -541,10 +609,13 @@ def relpos_attention_triton(
         raise ValueError(f"head dim {hd} > 256 is not supported by the Triton kernel")
     q_thw, k_thw = tuple(int(x) for x in q_thw), tuple(int(x) for x in k_thw)
     scale = hd**-0.5 if scale is None else float(scale)
-    # factored bias terms (tiny): R = [rel_t, rel_h, rel_w] (B, nh, Nq', KR)
-    r = rel_matrix_impl(rel_impl, q.device)(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
     kt = 0 if rel_pos_t is None else k_thw[0]
-    if hd + r.shape[-1] > 512:
-        raise ValueError(f"head dim {hd} + rel width {r.shape[-1]} > 512 is not supported by the Triton kernel")
-    cfg = config if config is not None else _configs(_next_pow2(hd + r.shape[-1]), q.dtype, q.device)
+    kr = kt + k_thw[1] + k_thw[2]  # width of the factored bias terms R = [rel_t, rel_h, rel_w]
+    if hd + kr > 512:
+        raise ValueError(f"head dim {hd} + rel width {kr} > 512 is not supported by the Triton kernel")
+    cfg = config if config is not None else _configs(_Dims.of(hd, kr, True).wa, q.dtype, q.device)
+    if resolve_rel_impl(rel_impl, q.device) == "triton":
+        g, rel_cfg = rel_setup(q, q_thw, k_thw, (rel_pos_t, rel_pos_h, rel_pos_w), has_cls)
+        return _RelPosAttnFusedFn.apply(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, g, rel_cfg, k_thw, kt, has_cls, scale, cfg)
+    r = rel_matrix(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)  # (B, nh, Nq', KR), autograd-tracked
     return _RelPosAttnFn.apply(q, k, v, r, k_thw, kt, has_cls, scale, cfg)

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from kernels.attention import relpos_attention
-from kernels.attention import triton_attn
+from kernels.attention import rel_triton, triton_attn
 from kernels.attention.reference import rel_table_len, relpos_attention_reference
-from kernels.attention.triton_attn import RelPosAttnConfig, relpos_attention_triton
+from kernels.attention.triton_attn import RelPosAttnConfig, _widths, relpos_attention_triton
 
 # small interpreter tiles: 16 forces several (and partial) tiles even at tiny N
 SMALL = RelPosAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1)
@@ -68,7 +68,7 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def check_against_oracle(inputs, q_thw, k_thw, has_cls, config=None, atol_mult=1.0):
+def check_against_oracle(inputs, q_thw, k_thw, has_cls, config=None, atol_mult=1.0, rel_impl="auto"):
     """Assert kernel error ≤ 2·(same-dtype reference error) + atol for output and all grads."""
     q = inputs[0]
     dtype = q.dtype
@@ -76,7 +76,7 @@ def check_against_oracle(inputs, q_thw, k_thw, has_cls, config=None, atol_mult=1
     grad_out = torch.randn(q.shape, generator=g).to(device=q.device, dtype=dtype)
 
     def kern(*x):
-        return relpos_attention_triton(*x[:3], q_thw, k_thw, *x[3:], has_cls=has_cls, config=config)
+        return relpos_attention_triton(*x[:3], q_thw, k_thw, *x[3:], has_cls=has_cls, config=config, rel_impl=rel_impl)
 
     def ref(*x):
         return relpos_attention_reference(*x[:3], q_thw, k_thw, *x[3:], has_cls=has_cls)
@@ -132,7 +132,7 @@ def test_fp16_matches_oracle(q_thw, k_thw, has_cls):
 @pytest.mark.parametrize("hd,dtype", [(64, torch.float32), (72, torch.float32), (72, torch.float16),
                                       (96, torch.float32), (128, torch.float16)])
 def test_head_dims(hd, dtype):
-    """MViTv2 head dims: 72 (L) and 96 (S) pad into a 128-wide row; 128 needs a 256-wide row."""
+    """MViTv2 head dims 72 (L: v rows 64 + 16, q'' rows 64 + 16) and 96 (S: v rows 64 + 32, q'' one 128-wide block), 64 and 128 (q'' 128 + 16)."""
     q_thw, k_thw = (2, 4, 3), (2, 2, 3)
     inputs = make_inputs(1, 1, q_thw, k_thw, hd, True, dtype)
     check_against_oracle(inputs, q_thw, k_thw, True)
@@ -140,17 +140,40 @@ def test_head_dims(hd, dtype):
 
 def test_default_config_and_query_chunks():
     """Interpreter default tiles, the split of the dk/dv query loop into 3 chunks (partial sums
-    reduced by torch), the packed-q'' dk/dv path and the split dk/dv variant give the oracle's
-    gradients."""
+    reduced by torch), and rows padded to one power of two instead of split into two (hd 40:
+    v/dO rows 32 + 16 instead of 64, q''/k' rows 40 + 8 = 48 as 32 + 16) give the oracle's gradients."""
     q_thw, k_thw = (2, 6, 6), (2, 3, 3)
-    inputs = make_inputs(1, 2, q_thw, k_thw, 16, True, torch.float32)
+    inputs = make_inputs(1, 2, q_thw, k_thw, 40, True, torch.float32)
     check_against_oracle(inputs, q_thw, k_thw, True)
     chunked = RelPosAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 3)
     check_against_oracle(inputs, q_thw, k_thw, True, config=chunked)
-    # q'' packed once into a buffer (pipelined loads) instead of built in registers per tile
-    check_against_oracle(inputs, q_thw, k_thw, True, config=dataclasses.replace(chunked, dkdv_packed_q=True))
-    # dk and dv in separate launches
-    check_against_oracle(inputs, q_thw, k_thw, True, config=dataclasses.replace(chunked, dkdv_split=True))
+    check_against_oracle(inputs, q_thw, k_thw, True, config=dataclasses.replace(chunked, split=False))
+
+
+@pytest.mark.parametrize("q_thw,k_thw,has_cls,dtype", [
+    ((2, 8, 8), (2, 2, 2), True, torch.float32),
+    ((3, 5, 4), (3, 3, 2), False, torch.float32),
+    ((1, 7, 5), (1, 4, 3), True, torch.float32),  # image: no temporal table
+    ((2, 4, 4), (2, 4, 4), True, torch.float16),
+])
+def test_fused_rel_terms(q_thw, k_thw, has_cls, dtype):
+    """rel_impl="triton": R from the fused rel-term kernels inside the attention's autograd, q's
+    rel-path gradient added in place to the attention's dq; all six gradients match the oracle,
+    also with 3 query chunks and padded rows."""
+    inputs = make_inputs(1, 2, q_thw, k_thw, 40, has_cls, dtype)
+    cfg = RelPosAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 3)
+    check_against_oracle(inputs, q_thw, k_thw, has_cls, config=cfg, rel_impl="triton")
+    check_against_oracle(inputs, q_thw, k_thw, has_cls, config=dataclasses.replace(cfg, split=False), rel_impl="triton")
+
+
+@pytest.mark.parametrize("width,split,want", [
+    (72, True, (64, 16)), (94, True, (64, 32)), (118, True, (128, 0)), (96, True, (64, 32)),
+    (64, True, (64, 0)), (150, True, (128, 32)), (24, True, (32, 0)), (9, True, (16, 0)),
+    (72, False, (128, 0)), (94, False, (128, 0)),
+])
+def test_row_width_split(width, split, want):
+    """Two power-of-two column blocks only where they beat padding to one power of two."""
+    assert _widths(width, split) == want
 
 
 def test_mixed_precision_tables():
@@ -175,9 +198,11 @@ def test_poisoned_buffers(monkeypatch):
     monkeypatch.setattr(triton_attn, "_empty", nan_empty)
     q_thw, k_thw = (2, 3, 5), (2, 3, 3)
     cfg = RelPosAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 2)
+    monkeypatch.setattr(rel_triton, "_empty", nan_empty)
     for has_cls in (True, False):
         inputs = make_inputs(2, 1, q_thw, k_thw, 20, has_cls, torch.float32)
         check_against_oracle(inputs, q_thw, k_thw, has_cls, config=cfg)
+        check_against_oracle(inputs, q_thw, k_thw, has_cls, config=cfg, rel_impl="triton")
 
 
 def test_non_contiguous_and_no_grad():
@@ -208,11 +233,12 @@ def test_backward_deterministic():
     grad_out = torch.randn(inputs[0].shape)
     cfg = RelPosAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 3)
 
-    def fn(*x):
-        return relpos_attention_triton(*x[:3], q_thw, k_thw, *x[3:], config=cfg)
+    for rel_impl in ("reference", "triton"):
+        def fn(*x):
+            return relpos_attention_triton(*x[:3], q_thw, k_thw, *x[3:], config=cfg, rel_impl=rel_impl)
 
-    first, second = _run(fn, inputs, grad_out), _run(fn, inputs, grad_out)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+        first, second = _run(fn, inputs, grad_out), _run(fn, inputs, grad_out)
+        assert all(torch.equal(a, b) for a, b in zip(first, second)), rel_impl
 
 
 def test_bad_inputs():
