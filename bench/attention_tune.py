@@ -66,7 +66,6 @@ DKDV: dict[str, dict] = {
     "m128w8": dict(dkdv_block_m=128, dkdv_warps=8),
     "n128w8": dict(dkdv_block_n=128, dkdv_warps=8),
     "s3": dict(dkdv_stages=3),
-    "s1": dict(dkdv_stages=1),
     "pps16": dict(dkdv_programs_per_sm=16),
     "pps64": dict(dkdv_programs_per_sm=64),
 }

@@ -437,6 +437,24 @@ def _k_aug(k: torch.Tensor, k_thw: tuple, kt: int, wa: int, has_cls: bool) -> to
     return torch.cat([k, onehot.expand(B, nh, Nk, wa - hd)], dim=-1)
 
 
+def _trips(n: int, block: int, device: torch.device) -> int:
+    """Trip count of a kernel's tile loop over n items: cdiv(n, block), at least 2 on a GPU.
+
+    Triton 3.6 miscompiles these kernels' unpipelined tile loop (a loop of one trip, or
+    num_stages = 1) at 4 warps on sm_90: the dk/dv kernel hit an illegal memory access or wrote
+    NaN on an H100 (bench/NOTES.md; cf. triton-lang/triton#10573). A second, fully masked tile
+    keeps the loop pipelined and contributes nothing (p = 0)."""
+    return max(2 if device.type == "cuda" else 1, triton.cdiv(n, block))
+
+
+def _check_config(cfg: RelPosAttnConfig, device: torch.device) -> None:
+    if device.type == "cuda" and min(cfg.fwd_stages, cfg.dq_stages, cfg.dkdv_stages) < 2:
+        raise ValueError(
+            "relpos_attention_triton needs num_stages ≥ 2 for every kernel on CUDA: the unpipelined tile loop is "
+            f"miscompiled by Triton on sm_90 (see _trips); got {cfg}"
+        )
+
+
 def _check_device(q: torch.Tensor) -> None:
     if launchable_on(q.device):
         return
@@ -456,7 +474,7 @@ def _fwd(q, r, ka, v, dims: _Dims, has_cls, scale, cfg):
     _fwd_kernel[grid](
         q, r, ka, v, o, lse, Nq, Nk, scale * LOG2E,
         KR=dims.kr, **dims.constexprs(), HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
-        BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, N_KT=triton.cdiv(Nk, cfg.fwd_block_n),
+        BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, N_KT=_trips(Nk, cfg.fwd_block_n, q.device),
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )
     return o, lse
@@ -475,7 +493,7 @@ def _bwd_dq(q, r, ka, v, o, do, lse, dims: _Dims, has_cls, scale, cfg):
     _dq_kernel[grid](
         q, r, ka, v, o, do, lse, delta, dq, dr, qa, Nq, Nk, scale * LOG2E, scale,
         KR=dims.kr, **dims.constexprs(), HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
-        BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, N_KT=triton.cdiv(Nk, cfg.dq_block_n),
+        BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, N_KT=_trips(Nk, cfg.dq_block_n, q.device),
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
     )
     return dq, dr, delta, qa
@@ -497,7 +515,7 @@ def _bwd_dkdv(qa, ka, v, do, lse, delta, dims: _Dims, cfg):
     n_q_tiles = triton.cdiv(Nq, cfg.dkdv_block_m)
     n_k_tiles = triton.cdiv(Nk, cfg.dkdv_block_n)
     chunks = _dkdv_chunks(cfg, qa, n_q_tiles, n_k_tiles * B * nh)
-    tiles_per_chunk = triton.cdiv(n_q_tiles, chunks)
+    tiles_per_chunk = _trips(n_q_tiles, chunks, qa.device)
     if tiles_per_chunk > 4:  # round to a multiple of 4: fewer compiled variants, ≤ 3 masked tiles
         tiles_per_chunk = 4 * triton.cdiv(tiles_per_chunk, 4)
     chunks = triton.cdiv(n_q_tiles, tiles_per_chunk)
@@ -614,6 +632,7 @@ def relpos_attention_triton(
     if hd + kr > 512:
         raise ValueError(f"head dim {hd} + rel width {kr} > 512 is not supported by the Triton kernel")
     cfg = config if config is not None else _configs(_Dims.of(hd, kr, True).wa, q.dtype, q.device)
+    _check_config(cfg, q.device)
     if resolve_rel_impl(rel_impl, q.device) == "triton":
         g, rel_cfg = rel_setup(q, q_thw, k_thw, (rel_pos_t, rel_pos_h, rel_pos_w), has_cls)
         return _RelPosAttnFusedFn.apply(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, g, rel_cfg, k_thw, kt, has_cls, scale, cfg)

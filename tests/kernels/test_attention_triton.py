@@ -166,6 +166,18 @@ def test_fused_rel_terms(q_thw, k_thw, has_cls, dtype):
     check_against_oracle(inputs, q_thw, k_thw, has_cls, config=dataclasses.replace(cfg, split=False), rel_impl="triton")
 
 
+def test_cuda_loops_stay_pipelined():
+    """On CUDA every tile loop runs ≥ 2 trips and num_stages < 2 is refused (Triton 3.6 miscompiles
+    the unpipelined loop at 4 warps on sm_90); the interpreter keeps exact trip counts."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert triton_attn._trips(50, 64, cuda) == 2 and triton_attn._trips(50, 64, cpu) == 1
+    assert triton_attn._trips(393, 64, cuda) == 7
+    triton_attn._check_config(RelPosAttnConfig(), cuda)
+    triton_attn._check_config(dataclasses.replace(RelPosAttnConfig(), dkdv_stages=1), cpu)
+    with pytest.raises(ValueError, match="num_stages"):
+        triton_attn._check_config(dataclasses.replace(RelPosAttnConfig(), dkdv_stages=1), cuda)
+
+
 @pytest.mark.parametrize("width,split,want", [
     (72, True, (64, 16)), (94, True, (64, 32)), (118, True, (128, 0)), (96, True, (64, 32)),
     (64, True, (64, 0)), (150, True, (128, 32)), (24, True, (32, 0)), (9, True, (16, 0)),
@@ -288,6 +300,18 @@ def test_gpu_other_dtypes(dtype):
 def test_gpu_head_dims(hd, q_thw, k_thw, has_cls):
     inputs = make_inputs(2, 2, q_thw, k_thw, hd, has_cls, torch.bfloat16, device="cuda")
     check_against_oracle(inputs, q_thw, k_thw, has_cls)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_thw,k_thw,chunks", [
+    ((8, 7, 7), (8, 7, 7), None),  # 7 query tiles, one per dk/dv chunk before the ≥ 2 trips rule
+    ((8, 7, 7), (8, 7, 7), 7),
+    ((1, 8, 8), (1, 7, 7), None),  # Nk 50: one key tile in the forward and dq kernels before it
+])
+def test_gpu_short_loops(q_thw, k_thw, chunks):
+    """Shapes whose tile loops would run one trip (unpipelined: miscompiled at 4 warps on sm_90)."""
+    inputs = make_inputs(1, 2, q_thw, k_thw, 72, True, torch.bfloat16, device="cuda", table_dtype=torch.float32)
+    check_against_oracle(inputs, q_thw, k_thw, True, config=dataclasses.replace(RelPosAttnConfig(), dkdv_chunks=chunks))
 
 
 @pytest.mark.gpu
