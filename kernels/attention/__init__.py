@@ -35,17 +35,22 @@ __all__ = [
 ]
 
 
-def pick_backend(q: torch.Tensor) -> str:
+def pick_backend(q: torch.Tensor, rel_width: int = 0) -> str:
     """Backend used by ``auto``: the fastest exact backend measured for the device.
 
-    On an H100 (bf16, forward+backward, MViTv2-L stages 1-4, B = 32,
-    ``bench/results/attention_nvidia-h100-80gb-hbm3_20261127.md``) the augmented-operand SDPA path
-    through cuDNN with the fused Triton rel terms was the fastest at every stage: 6.8 / 3.5 / 2.0 /
-    2.3 ms against the fused Triton kernel's 15.0 / 7.7 / 5.3 / 2.9 ms (also with fused rel terms)
-    and the reference's 45.3 / 23.4 / 12.6 / 7.4 ms. So ``auto`` runs ``sdpa`` with
-    ``rel_impl="auto"`` (Triton rel terms on CUDA) and, on CUDA, SDPA's cuDNN kernel first
-    (:func:`_cuda_sdpa_priority`); on CPU ``sdpa`` avoids materialising the (Nq, Nk) bias.
+    CUDA, fp16/bf16: the fused Triton kernel (with its fused rel terms). On an H100 (bf16,
+    forward+backward, MViTv2-L stages 1-4, B = 32,
+    ``bench/results/attention_nvidia-h100-80gb-hbm3_20261127.md``) it took 5.65 / 3.09 / 1.93 /
+    2.11 ms against 6.83 / 3.53 / 1.97 / 2.44 ms for SDPA-cuDNN with the same fused rel terms (the
+    previous ``auto``), 11.9 / 6.7 / 4.2 / 3.3 ms for SDPA-cuDNN alone and 45.1 / 23.4 / 12.6 /
+    7.3 ms for the reference, with the least memory at stages 1-3. Elsewhere (CPU; fp32, whose
+    Triton dots run in exact fp32; head dims over 256 or ``hd + rel_width`` over 512, which the
+    kernel refuses) ``sdpa``: on CUDA with cuDNN first (:func:`_cuda_sdpa_priority`), on CPU it
+    avoids materialising the (Nq, Nk) bias.
     """
+    hd = q.shape[-1]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and hd <= 256 and hd + rel_width <= 512:
+        return "triton"
     return "sdpa"
 
 
@@ -89,7 +94,7 @@ def relpos_attention(
         raise ValueError(f"unknown rel_impl {rel_impl!r}; choose one of {REL_IMPLS}")
     auto = backend == "auto"
     if auto:
-        backend = pick_backend(q)
+        backend = pick_backend(q, rel_width=sum(k_thw) if rel_pos_t is not None else sum(k_thw[1:]))
     args = (q, k, v, tuple(q_thw), tuple(k_thw), rel_pos_t, rel_pos_h, rel_pos_w)
     if backend == "reference":
         return relpos_attention_reference(*args, has_cls=has_cls, scale=scale)

@@ -370,13 +370,13 @@ class RelPosAttnConfig:
     dq_block_m: int = 64
     dq_block_n: int = 32
     dq_warps: int = 4
-    dq_stages: int = 2
+    dq_stages: int = 3
     dkdv_block_m: int = 64
     dkdv_block_n: int = 64
     dkdv_warps: int = 4
-    dkdv_stages: int = 2
+    dkdv_stages: int = 3
     dkdv_chunks: Optional[int] = None  # query chunks of the dk/dv kernel; None: fill the GPU
-    dkdv_programs_per_sm: int = 32  # query chunks: aim for this many dk/dv programs per SM
+    dkdv_programs_per_sm: int = 16  # query chunks: aim for this many dk/dv programs per SM
     # split row widths into two powers of two (q''/k' 94 → 64 + 32, v/dO 72 → 64 + 16) instead of
     # padding each to one (128): less tensor-core work on padding, two dots where there was one
     split: bool = True

@@ -217,6 +217,22 @@ def test_rel_impl_triton_through_the_public_entry_point(backend, q_thw, k_thw):
         relpos_attention(*inputs32[:3], q_thw, k_thw, *inputs32[3:6], rel_impl="cuda")
 
 
+def test_auto_backend_choice():
+    """auto: the fused Triton kernel for fp16/bf16 on CUDA within its limits, SDPA otherwise."""
+    from kernels.attention import pick_backend
+
+    def fake(device, dtype, hd=72):
+        x = torch.empty(1, 1, 1, hd, dtype=dtype)
+        return type("Q", (), {"is_cuda": device == "cuda", "dtype": x.dtype, "shape": x.shape})()
+
+    assert pick_backend(fake("cuda", torch.bfloat16), 22) == "triton"
+    assert pick_backend(fake("cuda", torch.float16), 22) == "triton"
+    assert pick_backend(fake("cuda", torch.float32), 22) == "sdpa"
+    assert pick_backend(fake("cpu", torch.bfloat16), 22) == "sdpa"
+    assert pick_backend(fake("cuda", torch.bfloat16, hd=320), 22) == "sdpa"
+    assert pick_backend(fake("cuda", torch.bfloat16, hd=256), 300) == "sdpa"
+
+
 def test_rel_impl_auto_is_triton_on_cuda_only():
     from kernels.attention import _cuda_sdpa_priority
     from kernels.attention.reference import rel_matrix, rel_matrix_impl
@@ -357,7 +373,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_real_mvitv2_l_shapes_bf16(q_thw, nh, backend):
     """bf16 at the MViTv2-L 16×4 stage shapes (hd 72, Nk 393) against the fp32 reference, output
     and all six gradients: relative error no worse than 2× the bf16 reference's plus 1e-3. ``auto``
-    is what models run on CUDA: SDPA with cuDNN first and the fused Triton rel terms."""
+    is what models run on CUDA: the fused Triton kernel with its fused rel terms."""
     if backend == "xformers" and not xformers_available("cuda"):
         pytest.skip("xformers does not run on this machine")
     fn = {"sdpa": relpos_attention_sdpa, "xformers": relpos_attention_xformers,
