@@ -187,7 +187,7 @@ def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[d
     if device.type == "cuda":  # the fused rel terms (kernels/attention/rel_triton.py)
         for b in ("cudnn", "flash"):
             providers[f"sdpa-{b}+rel-triton"] = _sdpa_provider(b, rel_impl="triton")
-        # what models run: relpos_attention(backend="auto") (SDPA, cuDNN first, fused rel terms on CUDA)
+        # what models run: relpos_attention(backend="auto") (on CUDA, fp16/bf16: the fused Triton kernel)
         providers["auto"] = lambda *a, **kw: relpos_attention(*a, backend="auto", **kw)
     else:
         missing["sdpa-cudnn+rel-triton"] = "CUDA only (the rel-terms kernel runs on CPU only in the Triton interpreter)"

@@ -40,13 +40,13 @@ def pick_backend(q: torch.Tensor, rel_width: int = 0) -> str:
 
     CUDA, fp16/bf16: the fused Triton kernel (with its fused rel terms). On an H100 (bf16,
     forward+backward, MViTv2-L stages 1-4, B = 32,
-    ``bench/results/attention_nvidia-h100-80gb-hbm3_20261127.md``) it took 5.65 / 3.09 / 1.93 /
-    2.11 ms against 6.83 / 3.53 / 1.97 / 2.44 ms for SDPA-cuDNN with the same fused rel terms (the
-    previous ``auto``), 11.9 / 6.7 / 4.2 / 3.3 ms for SDPA-cuDNN alone and 45.1 / 23.4 / 12.6 /
-    7.3 ms for the reference, with the least memory at stages 1-3. Elsewhere (CPU; fp32, whose
-    Triton dots run in exact fp32; head dims over 256 or ``hd + rel_width`` over 512, which the
-    kernel refuses) ``sdpa``: on CUDA with cuDNN first (:func:`_cuda_sdpa_priority`), on CPU it
-    avoids materialising the (Nq, Nk) bias.
+    ``bench/results/attention_nvidia-h100-80gb-hbm3_20261127_final.md`` and ``…_split.md``) it
+    took 5.35 / 2.85 / 2.02 / 1.68 ms against 6.87 / 3.49 / 2.14 / 2.10 ms for SDPA-cuDNN with the
+    same fused rel terms (the previous ``auto``), 11.9 / 6.7 / 4.2 / 3.3 ms for SDPA-cuDNN alone
+    and 45.3 / 23.5 / 12.6 / 8.0 ms for the reference, with the least memory of the three at every
+    stage. Elsewhere (CPU; fp32, whose Triton dots run in exact fp32; head dims over 256 or
+    ``hd + rel_width`` over 512, which the kernel refuses) ``sdpa``: on CUDA with cuDNN first
+    (:func:`_cuda_sdpa_priority`), on CPU it avoids materialising the (Nq, Nk) bias.
     """
     hd = q.shape[-1]
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and hd <= 256 and hd + rel_width <= 512:

@@ -25,8 +25,9 @@ Design (kernels → launchers → ``autograd.Function`` → public function)
   per-row table-row gathers and FMAs on CUDA cores (a one-hot-matrix-times-window tensor-core
   form was tried: building the (BM, LP) one-hot cost more than it saved), fp32 accumulator, one
   program per (block of all Nq rows, batch·head); the cls row is written as zeros (autograd adds
-  this to the attention's own dq). Tables are read as fp32 copies of the q-dtype-rounded tables
-  (same values, no conversions), and hd is split into two exact power-of-two pieces (72 = 64 + 8,
+  this to the attention's own dq), or, with ``ACC`` (the fused attention kernel's autograd,
+  :func:`rel_backward` with ``dq``), the sum is added in place to the attention's dq. Tables are
+  read as fp32 copies of the q-dtype-rounded tables (same values, no conversions), and hd is split into two exact power-of-two pieces (72 = 64 + 8,
   96 = 64 + 32) so that no work lands on padding; gathers need no mask (a masked row gathers
   table row 0 times dR = 0).
 * Table gradients, deterministic and without atomics, in two stages.
@@ -61,7 +62,10 @@ captured; the issue floor scales to B = 32: warp instructions / (132 SMs · 4 sc
 shared, 2013 instructions per thread, floor 218 µs; dq 32 rows / 4 warps: 150 regs, no spill,
 1319 instructions, floor 286 µs; table stage 1 (64-row tiles, 4 warps, 3 stages): 72 regs, no
 spill, 64 KB shared, ~85 µs (from the loop-body size). So forward and dq are bound by
-instruction issue at ~2–3× their byte time; no GPU timing yet.
+instruction issue at ~2–3× their byte time. On an H100 at that shape (B = 32,
+``bench/results/attention_tune_nvidia-h100-80gb-hbm3_20261127_2.md``): forward 0.64 ms, dq
+0.72 ms (3× and 2.5× the floors above), table gradients ~0.25 ms (profile); none of the tile or
+warp variants swept there was faster at both stage 1 and stage 4, so the table stays.
 
 Known limits: hd ≤ 256; one compiled variant per grid geometry (constexpr shapes), a handful for
 MViTv2's fixed stages; the forward's table window (LP) grows with the table for the axis along

@@ -8,33 +8,37 @@ for non-cls query i and key j (cls row and column: no bias), ``out = softmax(log
 
 Design (layered: kernels → launchers → ``autograd.Function`` → public function)
 ---------------------------------------------------------------------------------
-* The three small factored terms ``rel_t/rel_h/rel_w`` (B, nh, Nq', Tk/Hk/Wk) are computed by
-  torch in q's dtype by ``reference.rel_matrix`` (the reference's own einsums, cached distance
-  indices), and concatenated into ``R`` (B, nh, Nq', KR), KR = Tk + Hk + Wk (Tk dropped without
-  a temporal table). Autograd through these small einsums gives the table gradients and the
-  rel-path part of dq from ``dR``.
-* The kernels work on *augmented rows of width BA = next_pow2(hd + KR)*:
-  ``q''_i = [c·q_i, log2(e)·R_i]`` (c = scale·log2 e; zeros on the cls row) is assembled in
-  registers from two masked loads, and ``k'_j = [k_j, onehot_t(j), onehot_h(j), onehot_w(j)]``
-  (zeros for cls; the one-hot block is cached per geometry) is built by torch (Nk is small: 393
-  in MViTv2). One dot ``q''·k'ᵀ`` gives the log2-domain logits *with the bias included*. For
-  MViTv2's hd = 72 and KR = 8 + 7 + 7 = 22 (hd 96 for S: 118) the extra columns live in the
-  padding that a power-of-two block needs anyway (72 → 128), so the bias costs no extra
-  tensor-core work, and no (Nq, Nk) tensor ever exists.
+* The three small factored terms ``rel_t/rel_h/rel_w`` (B, nh, Nq', Tk/Hk/Wk), concatenated
+  into ``R`` (B, nh, Nq', KR), KR = Tk + Hk + Wk (Tk dropped without a temporal table), come
+  from the fused rel-term kernels of ``rel_triton`` (``rel_impl="triton"``, the CUDA default)
+  inside this module's autograd function (:class:`_RelPosAttnFusedFn`): backward hands them the
+  ``dR`` of the dq kernel, and their dq kernel *adds* q's rel-path gradient in place to the
+  attention's dq (no second (B, nh, Nq, hd) tensor, no separate add). ``rel_impl="reference"``
+  uses the reference's einsums instead (autograd-tracked, :class:`_RelPosAttnFn`).
+* The kernels work on *augmented rows*: ``q''_i = [c·q_i, log2(e)·R_i]`` (c = scale·log2 e;
+  zeros on the cls row), assembled in registers from two masked loads, and
+  ``k'_j = [k_j, onehot_t(j), onehot_h(j), onehot_w(j)]`` (zeros for cls; the one-hot block is
+  cached per geometry), built by torch (Nk is small: 393 in MViTv2). One dot ``q''·k'ᵀ`` gives
+  the log2-domain logits *with the bias included*; no (Nq, Nk) tensor ever exists.
+* Rows are *split into two power-of-two column blocks* where that beats padding to one
+  (:func:`_widths`, ``split=True``): q''/k' rows of hd + KR = 72 + 22 = 94 columns are 64 + 32
+  (not 128), v/dO/o rows of hd 72 are 64 + 16. Each product runs as two dots (the second K or N
+  only 16–32 wide), so the tensor cores do 25–38 % less work on padding; on an H100 this cut
+  the forward 1.22 → 0.94 ms, dq 1.82 → 1.39 and dk/dv 1.84 → 1.68 ms at stage 1
+  (``bench/results/attention_tune_nvidia-h100-80gb-hbm3_20261127_2.md``, "nosplit" rows).
 * Forward (``_fwd_kernel``): one program per (query tile, batch·head), online softmax over all
   key tiles (FlashAttention-2 style, exp2, fp32 statistics and accumulator). Saves ``out`` and
   the log2-domain log-sum-exp ``lse2`` (B, nh, Nq) only.
-* Backward: ``delta = rowsum(dO·O)`` (``_delta_kernel``); ``_dq_kernel`` per query tile loops
-  over key tiles and accumulates ``A = dS @ k'`` (BM, BA): its first hd columns are ``dq/scale``
-  and the next KR columns are exactly ``dR[i, c] = Σ_j dS[i, j]·onehot_c(j)`` — the rel
-  gradients fall out of the same matmul, without atomics. ``_dkdv_kernel`` per (key tile,
-  query chunk, batch·head) accumulates dk, dv over the query tiles of its chunk and writes fp32
-  partials; torch sums them over chunks in a fixed order. Chunking the query axis keeps the GPU
-  busy when Nk is small and Nq large (MViTv2: Nk 393, Nq up to 25089). Its q'' rows are packed
-  once by ``_pack_q_kernel`` into a transient (B, nh, Nq, BA) buffer so that the loop's loads
-  feed the dots directly (software-pipelined) when ``dkdv_packed_q=True``; the default builds
-  them in registers per tile (no buffer), the variant validated on an H100. Every reduction has a fixed order: backward is bitwise
-  deterministic.
+* Backward: ``_dq_kernel`` per query tile loops over key tiles and accumulates ``A = dS @ k'``:
+  its first hd columns are ``dq/scale`` and the next KR columns are exactly
+  ``dR[i, c] = Σ_j dS[i, j]·onehot_c(j)`` — the rel gradients fall out of the same matmul,
+  without atomics. It also computes ``delta = rowsum(dO·O)`` and writes it with the q'' rows it
+  builds anyway into a transient packed (B, nh, Nq, A1+A2) buffer (no separate delta or packing
+  kernel: −0.4 ms at stage 1). ``_dkdv_kernel`` per (key tile, query chunk, batch·head) loads
+  those packed rows straight into its dots (software-pipelined) and accumulates dk, dv over the
+  query tiles of its chunk as fp32 partials; torch sums them over chunks in a fixed order.
+  Chunking the query axis keeps the GPU busy when Nk is small and Nq large (MViTv2: Nk 393, Nq
+  up to 25089). Every reduction has a fixed order: backward is bitwise deterministic.
 * Dot operands are loaded in the input dtype and fed to ``tl.dot`` unchanged (an fp32 round
   trip after the load defeated the pipelining: 2× slower backward on an H100); everything
   elementwise is fp32. bf16 is therefore *not* checkable in the interpreter (DESIGN §4): bf16 is
@@ -42,26 +46,33 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
   (no block pointers), no autotune, no libdevice; loop trip counts are constexpr (``N_KT``,
   ``TILES_PER_CHUNK``) because the triton 3.6 interpreter cannot loop to a runtime bound with
   numpy ≥ 2.4. Runs under ``TRITON_INTERPRET=1`` and on triton 3.6 – 3.9.
+* On CUDA every tile loop runs at least two trips and at least two pipeline stages
+  (:func:`_trips`, :func:`_check_config`): Triton 3.6 miscompiles the *unpipelined* 4-warp dk/dv
+  loop on sm_90 (a one-trip loop, or ``num_stages=1``: plain loads staged through shared memory
+  instead of ``cp.async``), which gave an illegal memory access or NaN gradients on an H100
+  (``bench/results/attention_tune_nvidia-h100-80gb-hbm3_20261127_ima.log``,
+  ``gpu_tests_…_ima.log``); the pipelined loop of the same kernel is exact there. A second, fully
+  masked tile contributes nothing.
 
-Configs (fixed table, :class:`RelPosAttnConfig`, :func:`_configs`): bf16/fp16 with BA ≤ 128:
-forward 128×64 tiles / 8 warps / 2 stages; dq 64×64 / 4 warps; dk/dv 64×64 / 8 warps, query
-chunks sized for ``dkdv_programs_per_sm`` programs per SM. fp32 or BA = 256: smaller tiles.
-The interpreter uses 32×32 tiles. dk/dv runs 8 warps because its two (64, 128) fp32
-accumulators do not fit 4 warps' registers: compiled offline (``python -m bench.sass``), the 4-warp
-kernel spills 72 bytes per thread on sm_90 and 384 on sm_80 inside the query loop, the 8-warp one
-none; the earlier GPU measurement below was of the 4-warp kernel (bench provider ``triton-w4``).
+Configs (fixed table, :class:`RelPosAttnConfig`, :func:`_configs`; ``python -m bench.attention_tune``
+timed every variant on an H100): bf16/fp16 with rows ≤ 128 wide: forward 64×64 tiles / 4 warps /
+2 stages; dq 64 queries × 32 keys / 4 warps / 3 stages; dk/dv 64×64 / 4 warps / 3 stages, query
+chunks sized for 16 programs per SM. 8 warps were 1.5–2.2× slower for dq and dk/dv. fp32 or rows
+wider than 128: smaller tiles. The interpreter uses 32×32 tiles.
 
-Measured (bench/results/attention_nvidia-h100-80gb-hbm3_20261127.md: one H100, torch 2.11,
-triton 3.6, bf16, B = 32, hd 72, Nk 393, MViTv2-L stages 1-4, rel terms by PyTorch einsums):
-forward + backward, unpacked dk/dv (8 warps) 20.3 / 11.1 / 7.6 / 4.8 ms, packed q'' 14.2 / 8.0 /
-5.4 / 3.8 ms (now the CUDA default), the 4-warp unpacked kernel 18.3 / 10.0 / 7.0 / 4.5 ms (it
-spills, yet beats the 8-warp one); reference 45.3 / 23.4 / 12.6 / 7.4, SDPA-cuDNN 11.9 / 6.7 / 4.3 /
-3.2 ms. Forward alone this kernel is the fastest there: 3.39 ms at stage 1 (SDPA-cuDNN 3.70),
-1.93 ms with the fused rel terms (rel_impl="triton"). The backward is where it loses to cuDNN.
+Measured (one H100, torch 2.11, triton 3.6, bf16, B = 32, hd 72, Nk 393, MViTv2-L stages 1–4,
+forward + backward, ``bench/results/attention_nvidia-h100-80gb-hbm3_20261127_final.md``): this
+kernel with its fused rel terms 5.35 / 2.85 / 2.02 / 1.68 ms, peak 970 / 564 / 405 / 314 MiB;
+SDPA-cuDNN with the same fused rel terms 6.87 / 3.49 / 2.14 / 2.10 ms; the reference 45.3 / 23.5 /
+12.6 / 8.0 ms, 6962 / 3481 / 1743 / 871 MiB. The same day, all providers
+(``…_split.md``, dq/dk-dv then at 2 stages): SDPA-cuDNN alone 11.9 / 6.7 / 4.2 / 3.3 ms, flex
+53.8 / 27.1 / 14.1 ms. Kernel times at stage 1 (``attention_tune_…_2.md``): forward 0.94, dq 1.31,
+dk/dv 1.44 ms, rel terms 0.64 + 0.72 + ~0.25 ms.
 
-Known limits: head dim ≤ 256 and hd + KR ≤ 512 (raises otherwise); hd 72 pads to 128 on the
-P·V product (an hd 64 + 16 split is not done); fp32 inputs run ieee fp32 dots (exact, slow);
-one compiled variant per (Nk, query-chunk length) — a handful for MViTv2's fixed stage shapes.
+Known limits: head dim ≤ 256 and hd + KR ≤ 512 (raises otherwise); fp32 inputs run ieee fp32
+dots (exact, slow); one compiled variant per (Nk, query-chunk length) — a handful for MViTv2's
+fixed stage shapes; the fp32 dk/dv partials (chunks × B·nh·Nk·hd × 8 bytes) and the packed q''
+rows dominate this kernel's memory at the small late stages.
 """
 from __future__ import annotations
 
