@@ -10,6 +10,7 @@ in bf16 (``bench/gpu_check``: ``pytest -m gpu tests/kernels/test_attention_trito
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Optional, Sequence
 
@@ -325,3 +326,19 @@ def test_gpu_backward_deterministic():
 
     first, second = _run(fn, inputs, grad_out), _run(fn, inputs, grad_out)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_tune_script_runs_in_the_interpreter(tmp_path):
+    """``bench.attention_tune`` (the GPU sweep; one device call each, so it must not break there)
+    runs end to end on a tiny shape: every variant of every kernel agrees with its default."""
+    from bench import attention_tune
+
+    attention_tune.main(["--out", str(tmp_path)])
+    report = json.loads(next(tmp_path.glob("attention_tune_cpu_*.json")).read_text())
+    sweep = report["stages"][0]["sweep"]
+    for part, table in (("fwd", attention_tune.FWD), ("dq", attention_tune.DQ), ("dkdv", attention_tune.DKDV),
+                        ("rel_fwd", attention_tune.REL_FWD), ("rel_dq", attention_tune.REL_DQ),
+                        ("rel_dtab", attention_tune.REL_DTAB)):
+        assert [row["variant"] for row in sweep[part]] == list(table)
+        assert all(row["ok"] for row in sweep[part]), (part, [row for row in sweep[part] if not row["ok"]])
+    assert {row["provider"] for row in sweep["fwdbwd"]} == {"triton+rel-triton (default)", "triton+rel-triton (best)"}
