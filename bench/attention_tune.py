@@ -180,6 +180,9 @@ def _variants(part: str, table: dict[str, dict], make: Callable, device: torch.d
             rows.append(dict(variant=name, ms=_time(call, device), err=err, ok=err <= TOL))
         except Exception as exc:  # a variant that cannot compile (shared memory, registers) is reported
             rows.append(dict(variant=name, ms=None, err=None, ok=False, error=f"{type(exc).__name__}: {str(exc)[:160]}"))
+            if "illegal memory access" in str(exc):  # the CUDA context is lost: every later result would be too
+                print(f"  {part:8s} {name:10s} {rows[-1]}", flush=True)
+                raise
         print(f"  {part:8s} {name:10s} {rows[-1]}", flush=True)
     return rows
 
