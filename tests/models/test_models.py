@@ -499,3 +499,51 @@ def test_temporal_only_relative_positions_are_applied(backend):
     out.sum().backward()
     grad = t_only.blocks[0].attn.rel_pos_t.grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+
+def _loss_and_grads(m, x, mask, task):
+    m.zero_grad()
+    out = m(x, mask).loss if task == "pretrain" else m(x).square().mean()
+    out.backward()
+    return out.detach().double(), {n: p.grad.double().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def _check_triton_backend_in_the_model(task, device):
+    """The fused attention kernel inside MViTv2 (pooled, non-contiguous q/k/v, cls token, every
+    block's geometry): the loss and every parameter gradient are no further from a
+    higher-precision oracle than 2x the reference attention's own error in the same dtype (plus
+    1e-6 of the largest gradient: some gradients, e.g. norm_k's bias, cancel to ~0). fp32 in the
+    interpreter (float64 oracle); bf16 with ``auto``, which picks the kernel on CUDA (fp32 oracle).
+    A 0.1 % error in the kernel's softmax temperature fails it (checked by hand)."""
+    import copy
+
+    torch.manual_seed(0)
+    base = create_model("mvitv2_tiny", task, attn_backend="reference", target="pixel", drop_path_rate=0.0).to(device)
+    low, high = (torch.bfloat16, torch.float32) if device.type == "cuda" else (torch.float32, torch.float64)
+    m = copy.deepcopy(base).to(low)
+    oracle_model = copy.deepcopy(m).to(high)  # the same (rounded) weights
+    x = _input(m).to(device, low)
+    mask = _mask(m, x.cpu()).to(device) if task == "pretrain" else None
+    oracle, g_oracle = _loss_and_grads(oracle_model, x.to(high), mask, task)
+    ref, g_ref = _loss_and_grads(m, x, mask, task)
+    m.set_attn_backend("auto" if device.type == "cuda" else "triton")
+    got, g_got = _loss_and_grads(m, x, mask, task)
+    assert (got - oracle).abs() <= 2 * (ref - oracle).abs() + 1e-6 * oracle.abs(), (got, ref, oracle)
+    scale = max(g.abs().max() for g in g_oracle.values())
+    for n, g in g_oracle.items():
+        err, ref_err = (g_got[n] - g).abs().max(), (g_ref[n] - g).abs().max()
+        assert err <= 2 * ref_err + 1e-6 * scale, f"{n}: error {err:.3g} vs the reference's {ref_err:.3g}"
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_triton_backend_agrees_with_reference_in_the_model(task, device):
+    if device.type == "cuda":
+        pytest.skip("on a CUDA machine the kernels are compiled, not interpreted: see the GPU test below")
+    _check_triton_backend_in_the_model(task, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("task", TASKS)
+def test_gpu_auto_backend_agrees_with_reference_in_the_model_bf16(task):
+    _check_triton_backend_in_the_model(task, torch.device("cuda"))
