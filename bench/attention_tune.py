@@ -114,14 +114,15 @@ def _time(call: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _fwdbwd_call(fn: Callable, s: Shape, inputs: list, dout: torch.Tensor) -> tuple[Callable, list]:
+def _fwdbwd_call(fn: Callable, s: Shape, inputs: list, dout: torch.Tensor) -> Callable[[], None]:
+    """One forward+backward of ``fn`` on fresh leaves (their gradients cleared each call)."""
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
 
     def call():
         for x in leaves:
             x.grad = None
         fn(*leaves[:3], s.q_thw, s.k_thw, *leaves[3:]).backward(dout)
-    return call, leaves
+    return call
 
 
 def _providers() -> dict[str, Callable]:
@@ -141,7 +142,7 @@ def profile(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) ->
 
     rows = []
     for name, fn in _providers().items():
-        call, _ = _fwdbwd_call(fn, s, inputs, dout)
+        call = _fwdbwd_call(fn, s, inputs, dout)
         for _ in range(3):
             call()
         torch.cuda.synchronize()
@@ -204,16 +205,16 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
     tabs = rt._tables(tables, q.dtype)
     r = rt.rel_forward(q, tables, g, rbase)
     kr = r.shape[-1]
-    base = ta._configs(ta._Dims.of(hd, kr, True).wa, q.dtype, device)
+    layouts = {split: ta._Dims.of(hd, kr, split) for split in (True, False)}
+    base = ta._configs(layouts[True].wa, q.dtype, device)
+    k_aug = {split: ta._k_aug(k, s.k_thw, s.k_thw[0], dims.wa, True) for split, dims in layouts.items()}
     do = dout.contiguous()
-    o, lse = ta._fwd(q, r, ta._k_aug(k, s.k_thw, s.k_thw[0], ta._Dims.of(hd, kr, True).wa, True),
-                     v, ta._Dims.of(hd, kr, True), True, scale, base)
+    o, lse = ta._fwd(q, r, k_aug[True], v, layouts[True], True, scale, base)
     per_split = {}  # split -> (dims, k', packed q'', delta): what a variant of that layout reads
-    for split in (True, False):
-        dims = ta._Dims.of(hd, kr, split)
-        ka = ta._k_aug(k, s.k_thw, s.k_thw[0], dims.wa, True)
-        _, dr, delta, qa = ta._bwd_dq(q, r, ka, v, o, do, lse, dims, True, scale, dataclasses.replace(base, split=split))
-        per_split[split] = (dims, ka, qa, delta)
+    for split, dims in layouts.items():
+        _, dr, delta, qa = ta._bwd_dq(q, r, k_aug[split], v, o, do, lse, dims, True, scale,
+                                      dataclasses.replace(base, split=split))
+        per_split[split] = (dims, k_aug[split], qa, delta)
 
     def fwd(change):
         cfg = dataclasses.replace(base, **change)
@@ -276,7 +277,7 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
     try:
         for name, fn, rel_cfg in ends:
             rt._config = lambda device, dtype, _c=rel_cfg: _c  # the rel-term table under test
-            call, _ = _fwdbwd_call(fn, s, inputs, dout)
+            call = _fwdbwd_call(fn, s, inputs, dout)
             out["fwdbwd"].append(dict(provider=name, ms=_time(call, device)))
             print(f"  fwd+bwd {name}: {out['fwdbwd'][-1]['ms']:.3f} ms", flush=True)
     finally:
