@@ -55,7 +55,8 @@ DQ: dict[str, dict] = {
     "m32": dict(dq_block_m=32),
     "m128w8": dict(dq_block_m=128, dq_warps=8),
     "w8": dict(dq_warps=8),
-    "s3": dict(dq_stages=3),
+    "s2": dict(dq_stages=2),
+    "s4": dict(dq_stages=4),
 }
 DKDV: dict[str, dict] = {
     "default": {},
@@ -65,9 +66,10 @@ DKDV: dict[str, dict] = {
     "n32": dict(dkdv_block_n=32),
     "m128w8": dict(dkdv_block_m=128, dkdv_warps=8),
     "n128w8": dict(dkdv_block_n=128, dkdv_warps=8),
-    "s3": dict(dkdv_stages=3),
+    "s2": dict(dkdv_stages=2),
+    "s4": dict(dkdv_stages=4),
+    "pps4": dict(dkdv_programs_per_sm=4),
     "pps16": dict(dkdv_programs_per_sm=16),
-    "pps64": dict(dkdv_programs_per_sm=64),
 }
 REL_FWD: dict[str, dict] = {
     "default": {},
@@ -207,32 +209,32 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
     kr = r.shape[-1]
     layouts = {split: ta._Dims.of(hd, kr, split) for split in (True, False)}
     base = ta._configs(layouts[True].wa, q.dtype, device)
-    k_aug = {split: ta._k_aug(k, s.k_thw, s.k_thw[0], dims.wa, True) for split, dims in layouts.items()}
+    key_tables = {split: ta._key_table(k, s.k_thw, s.k_thw[0], dims, True) for split, dims in layouts.items()}
     do = dout.contiguous()
-    o, lse = ta._fwd(q, r, k_aug[True], v, layouts[True], True, scale, base)
-    per_split = {}  # split -> (dims, k', packed q'', delta): what a variant of that layout reads
+    o, lse = ta._fwd(q, r, k, key_tables[True], v, layouts[True], True, scale, base)
+    per_split = {}  # split -> (dims, key one-hot table, packed q'', delta): what a variant of that layout reads
     for split, dims in layouts.items():
-        _, dr, delta, qa = ta._bwd_dq(q, r, k_aug[split], v, o, do, lse, dims, True, scale,
+        _, dr, delta, qa = ta._bwd_dq(q, r, k, key_tables[split], v, o, do, lse, dims, True, scale,
                                       dataclasses.replace(base, split=split))
-        per_split[split] = (dims, k_aug[split], qa, delta)
+        per_split[split] = (dims, key_tables[split], qa, delta)
 
     def fwd(change):
         cfg = dataclasses.replace(base, **change)
-        dims, ka, _, _ = per_split[cfg.split]
-        return ta._fwd(q, r, ka, v, dims, True, scale, cfg), lambda: ta._fwd(q, r, ka, v, dims, True, scale, cfg)
+        dims, e, _, _ = per_split[cfg.split]
+        return ta._fwd(q, r, k, e, v, dims, True, scale, cfg), lambda: ta._fwd(q, r, k, e, v, dims, True, scale, cfg)
 
     def dq(change):
         cfg = dataclasses.replace(base, **change)
-        dims, ka, _, _ = per_split[cfg.split]
+        dims, e, _, _ = per_split[cfg.split]
 
         def call():
-            return ta._bwd_dq(q, r, ka, v, o, do, lse, dims, True, scale, cfg)
+            return ta._bwd_dq(q, r, k, e, v, o, do, lse, dims, True, scale, cfg)
         return call()[:3], call  # dq, dR, delta (the packed rows differ in width between layouts)
 
     def dkdv(change):
         cfg = dataclasses.replace(base, **change)
-        dims, ka, qa, delta = per_split[cfg.split]
-        return ta._bwd_dkdv(qa, ka, v, do, lse, delta, dims, cfg), lambda: ta._bwd_dkdv(qa, ka, v, do, lse, delta, dims, cfg)
+        dims, e, qa, delta = per_split[cfg.split]
+        return ta._bwd_dkdv(qa, k, e, v, do, lse, delta, dims, cfg), lambda: ta._bwd_dkdv(qa, k, e, v, do, lse, delta, dims, cfg)
 
     def rel_fwd(change):
         cfg = dataclasses.replace(rbase, **change)

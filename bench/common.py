@@ -1,4 +1,4 @@
-"""Small pieces the benchmarks share: result-file naming and peak CUDA memory of one call."""
+"""Small pieces the benchmarks share: result-file naming and the peak memory of one call."""
 from __future__ import annotations
 
 import re
@@ -23,3 +23,23 @@ def peak_mib(call: Callable[[], object], device: torch.device) -> Optional[float
     call()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def cpu_peak_mib(call: Callable[[], object]) -> float:
+    """Peak extra CPU memory of one call (MiB): the running sum, in time order, of every
+    allocation and free of the CPU allocator that ``torch.profiler`` records (its raw
+    ``[memory]`` events, one per allocation or free, with its own timestamp). Memory not allocated
+    through torch (numpy inside the Triton interpreter) is not counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak / 2**20

@@ -17,9 +17,10 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
   uses the reference's einsums instead (autograd-tracked, :class:`_RelPosAttnFn`).
 * The kernels work on *augmented rows*: ``q''_i = [c·q_i, log2(e)·R_i]`` (c = scale·log2 e;
   zeros on the cls row), assembled in registers from two masked loads, and
-  ``k'_j = [k_j, onehot_t(j), onehot_h(j), onehot_w(j)]`` (zeros for cls; the one-hot block is
-  cached per geometry), built by torch (Nk is small: 393 in MViTv2). One dot ``q''·k'ᵀ`` gives
-  the log2-domain logits *with the bias included*; no (Nq, Nk) tensor ever exists.
+  ``k'_j = [k_j, onehot_t(j), onehot_h(j), onehot_w(j)]`` (zeros for cls), likewise assembled
+  from k and one small (Nk, ·) one-hot table shared by every batch·head (cached per geometry,
+  :func:`_key_table`): k' never exists in memory. One dot ``q''·k'ᵀ`` gives the log2-domain
+  logits *with the bias included*; no (Nq, Nk) tensor ever exists.
 * Rows are *split into two power-of-two column blocks* where that beats padding to one
   (:func:`_widths`, ``split=True``): q''/k' rows of hd + KR = 72 + 22 = 94 columns are 64 + 32
   (not 128), v/dO/o rows of hd 72 are 64 + 16. Each product runs as two dots (the second K or N
@@ -36,9 +37,13 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
   builds anyway into a transient packed (B, nh, Nq, A1+A2) buffer (no separate delta or packing
   kernel: −0.4 ms at stage 1). ``_dkdv_kernel`` per (key tile, query chunk, batch·head) loads
   those packed rows straight into its dots (software-pipelined) and accumulates dk, dv over the
-  query tiles of its chunk as fp32 partials; torch sums them over chunks in a fixed order.
-  Chunking the query axis keeps the GPU busy when Nk is small and Nq large (MViTv2: Nk 393, Nq
-  up to 25089). Every reduction has a fixed order: backward is bitwise deterministic.
+  query tiles of its chunk. With one chunk it writes the final dk, dv in the input dtype; with
+  several it writes fp32 partials that ``_sum_chunks_kernel`` adds in chunk order straight into
+  the input dtype (no fp32 sum tensor). Chunking the query axis keeps the GPU busy when Nk is
+  small and Nq large (MViTv2: Nk 393, Nq up to 25089); it is used only where the key tiles alone
+  give fewer than 8 programs per SM (:func:`dkdv_split`), because the partials cost memory
+  (chunks × B·nh·Nk·hd × 8 bytes) and masked tiles. Every reduction has a fixed order: backward is
+  bitwise deterministic.
 * Dot operands are loaded in the input dtype and fed to ``tl.dot`` unchanged (an fp32 round
   trip after the load defeated the pipelining: 2× slower backward on an H100); everything
   elementwise is fp32. bf16 is therefore *not* checkable in the interpreter (DESIGN §4): bf16 is
@@ -57,11 +62,14 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
 Configs (fixed table, :class:`RelPosAttnConfig`, :func:`_configs`; ``python -m bench.attention_tune``
 timed every variant on an H100): bf16/fp16 with rows ≤ 128 wide: forward 64×64 tiles / 4 warps /
 2 stages; dq 64 queries × 32 keys / 4 warps / 3 stages; dk/dv 64×64 / 4 warps / 3 stages, query
-chunks sized for 16 programs per SM. 8 warps were 1.5–2.2× slower for dq and dk/dv. fp32 or rows
-wider than 128: smaller tiles. The interpreter uses 32×32 tiles.
+chunks sized for 8 programs per SM (16 on the H100 run below; 8 makes MViTv2-L stage 3 one
+chunk, like stage 4, where one chunk was 1.5× faster than two: ``attention_tune_…_2.md``; not
+yet timed on a GPU). 8 warps were 1.5–2.2× slower for dq and dk/dv. fp32 or rows wider than 128:
+smaller tiles. The interpreter uses 32×32 tiles.
 
 Measured (one H100, torch 2.11, triton 3.6, bf16, B = 32, hd 72, Nk 393, MViTv2-L stages 1–4,
-forward + backward, ``bench/results/attention_nvidia-h100-80gb-hbm3_20261127_final.md``): this
+forward + backward, ``bench/results/attention_nvidia-h100-80gb-hbm3_20261127_final.md``; that
+version still built k' in memory, summed fp32 dk/dv with torch and chunked for 16 programs per SM): this
 kernel with its fused rel terms 5.35 / 2.85 / 2.02 / 1.68 ms, peak 970 / 564 / 405 / 314 MiB;
 SDPA-cuDNN with the same fused rel terms 6.87 / 3.49 / 2.14 / 2.10 ms; the reference 45.3 / 23.5 /
 12.6 / 8.0 ms, 6962 / 3481 / 1743 / 871 MiB. The same day, all providers
@@ -69,10 +77,13 @@ SDPA-cuDNN with the same fused rel terms 6.87 / 3.49 / 2.14 / 2.10 ms; the refer
 53.8 / 27.1 / 14.1 ms. Kernel times at stage 1 (``attention_tune_…_2.md``): forward 0.94, dq 1.31,
 dk/dv 1.44 ms, rel terms 0.64 + 0.72 + ~0.25 ms.
 
+Memory beyond the output and the gradients: R and dR (B·nh·Nq·KR each), the packed q'' rows
+(B·nh·Nq·(A1+A2), backward only), lse and delta (fp32, B·nh·Nq), and with several query chunks
+the fp32 dk/dv partials. ``python -m bench.attention_memory`` measures it per stage on the CPU.
+
 Known limits: head dim ≤ 256 and hd + KR ≤ 512 (raises otherwise); fp32 inputs run ieee fp32
 dots (exact, slow); one compiled variant per (Nk, query-chunk length) — a handful for MViTv2's
-fixed stage shapes; the fp32 dk/dv partials (chunks × B·nh·Nk·hd × 8 bytes) and the packed q''
-rows dominate this kernel's memory at the small late stages.
+fixed stage shapes.
 """
 from __future__ import annotations
 
@@ -146,6 +157,28 @@ def _rows_t(ptr, offs_r, r_ok, C0: tl.constexpr, NC: tl.constexpr, WIDTH: tl.con
 
 
 @triton.jit
+def _k_aug(k_ptr, e_ptr, offs_n, n_ok, C0: tl.constexpr, NC: tl.constexpr, HD: tl.constexpr, E: tl.constexpr,
+           TRANS: tl.constexpr):
+    """Columns C0 … C0+NC of the key rows k'_j = [k_j, e_j] as a (BN, NC) tile, (NC, BN) when TRANS:
+    k (·, HD) per batch·head, e (Nk, E) the keys' one-hot rows shared by all of them (no k' in memory)."""
+    if C0 + NC <= HD:
+        if TRANS:
+            x = _rows_t(k_ptr, offs_n, n_ok, C0, NC, HD, HD)
+        else:
+            x = _rows(k_ptr, offs_n, n_ok, C0, NC, HD, HD)
+    else:
+        offs_c = C0 + tl.arange(0, NC)
+        if TRANS:
+            rows, cols, ok = offs_n[None, :], offs_c[:, None], n_ok[None, :]
+        else:
+            rows, cols, ok = offs_n[:, None], offs_c[None, :], n_ok[:, None]
+        x = tl.load(e_ptr + rows * E + tl.maximum(cols - HD, 0), mask=ok & (cols >= HD), other=0.0)
+        if C0 < HD:  # the block straddles k and e: each column is one of the two, the other adds 0
+            x += tl.load(k_ptr + rows * HD + cols, mask=ok & (cols < HD), other=0.0)
+    return x
+
+
+@triton.jit
 def _store_cols(ptr, x, offs_r, r_ok, C0: tl.constexpr, NC: tl.constexpr, WIDTH: tl.constexpr, VALID: tl.constexpr):
     """Store the (R, NC) tile x as columns C0 … C0+NC (those < VALID) of a row-major (·, WIDTH) matrix."""
     offs_c = C0 + tl.arange(0, NC)
@@ -155,23 +188,23 @@ def _store_cols(ptr, x, offs_r, r_ok, C0: tl.constexpr, NC: tl.constexpr, WIDTH:
 
 @triton.jit
 def _fwd_kernel(
-    q_ptr, r_ptr, ka_ptr, v_ptr, o_ptr, lse_ptr,
+    q_ptr, r_ptr, k_ptr, e_ptr, v_ptr, o_ptr, lse_ptr,
     Nq, Nk, c_q,
     HD: tl.constexpr, KR: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_KT: tl.constexpr,
 ):
-    # q (BH, Nq, HD), R (BH, Nq', KR), k' (BH, Nk, A1+A2), v (BH, Nk, HD), o (BH, Nq, HD), lse (BH, Nq)
-    WA: tl.constexpr = A1 + A2
+    # q (BH, Nq, HD), R (BH, Nq', KR), k (BH, Nk, HD), e (Nk, E), v (BH, Nk, HD), o (BH, Nq, HD), lse (BH, Nq)
+    E: tl.constexpr = A1 + A2 - HD
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     q_ptr += bh * Nq * HD
     r_ptr += bh * (Nq - HAS_CLS) * KR
-    ka_ptr += bh * Nk * WA
+    k_ptr += bh * Nk * HD
     v_ptr += bh * Nk * HD
     o_ptr += bh * Nq * HD
     lse_ptr += bh * Nq
-    dt = ka_ptr.dtype.element_ty
+    dt = k_ptr.dtype.element_ty
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Nq
@@ -188,9 +221,9 @@ def _fwd_kernel(
     for it in range(N_KT):
         offs_n = it * BLOCK_N + offs_n0
         n_ok = offs_n < Nk
-        s = _mm(qa1, _rows_t(ka_ptr, offs_n, n_ok, 0, A1, WA, WA), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+        s = _mm(qa1, _k_aug(k_ptr, e_ptr, offs_n, n_ok, 0, A1, HD, E, True), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
         if A2 > 0:
-            s = _mm(qa2, _rows_t(ka_ptr, offs_n, n_ok, A1, A2, WA, WA), s, IEEE)
+            s = _mm(qa2, _k_aug(k_ptr, e_ptr, offs_n, n_ok, A1, A2, HD, E, True), s, IEEE)
         # s: (BM, BN) log2-domain logits, bias included
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -222,7 +255,7 @@ def _store_dq_dr(acc, C0: tl.constexpr, NC: tl.constexpr, offs_m, m_ok, dq_ptr, 
 
 @triton.jit
 def _dq_kernel(
-    q_ptr, r_ptr, ka_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dr_ptr, qa_ptr,
+    q_ptr, r_ptr, k_ptr, e_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dr_ptr, qa_ptr,
     Nq, Nk, c_q, scale,
     HD: tl.constexpr, KR: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
@@ -231,12 +264,13 @@ def _dq_kernel(
     # A = dS @ k' (BM, A1+A2): dq = scale·A[:, :HD], dR = A[:, HD:HD+KR]. Also writes, for the dk/dv
     # kernel, delta = rowsum(dO·O) (BH, Nq) and the packed q'' rows (BH, Nq, A1+A2) it builds anyway.
     WA: tl.constexpr = A1 + A2
+    E: tl.constexpr = WA - HD
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     Nq_r = Nq - HAS_CLS
     q_ptr += bh * Nq * HD
     r_ptr += bh * Nq_r * KR
-    ka_ptr += bh * Nk * WA
+    k_ptr += bh * Nk * HD
     v_ptr += bh * Nk * HD
     o_ptr += bh * Nq * HD
     do_ptr += bh * Nq * HD
@@ -245,7 +279,7 @@ def _dq_kernel(
     dq_ptr += bh * Nq * HD
     dr_ptr += bh * Nq_r * KR
     qa_ptr += bh * Nq * WA
-    dt = ka_ptr.dtype.element_ty
+    dt = k_ptr.dtype.element_ty
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Nq
@@ -269,10 +303,10 @@ def _dq_kernel(
     for it in range(N_KT):
         offs_n = it * BLOCK_N + offs_n0
         n_ok = offs_n < Nk
-        ka1 = _rows(ka_ptr, offs_n, n_ok, 0, A1, WA, WA)  # (BN, A1)
+        ka1 = _k_aug(k_ptr, e_ptr, offs_n, n_ok, 0, A1, HD, E, False)  # (BN, A1)
         s = _mm(qa1, tl.trans(ka1), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
         if A2 > 0:
-            ka2 = _rows(ka_ptr, offs_n, n_ok, A1, A2, WA, WA)  # (BN, A2)
+            ka2 = _k_aug(k_ptr, e_ptr, offs_n, n_ok, A1, A2, HD, E, False)  # (BN, A2)
             s = _mm(qa2, tl.trans(ka2), s, IEEE)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(n_ok[None, :], p, 0.0)
@@ -290,19 +324,22 @@ def _dq_kernel(
 
 @triton.jit
 def _dkdv_kernel(
-    qa_ptr, ka_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    qa_ptr, k_ptr, e_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     Nq, Nk, inv_log2e, n_bh,
     HD: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES_PER_CHUNK: tl.constexpr,
 ):
-    # partial dk, dv (chunk, BH, Nk, HD) fp32 for key tile pid_n over the query tiles of one chunk;
-    # qa_ptr: the packed q'' rows (BH, Nq, A1+A2) written by _dq_kernel, loaded straight into the dots
+    # dk, dv (chunk, BH, Nk, HD) for key tile pid_n over the query tiles of one chunk: the final
+    # gradients in the input dtype when there is one chunk, else fp32 partials (summed by
+    # _sum_chunks_kernel); qa_ptr: the packed q'' rows (BH, Nq, A1+A2) written by _dq_kernel,
+    # loaded straight into the dots
     WA: tl.constexpr = A1 + A2
+    E: tl.constexpr = WA - HD
     pid_n = tl.program_id(0)
     chunk = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
     qa_ptr += bh * Nq * WA
-    ka_ptr += bh * Nk * WA
+    k_ptr += bh * Nk * HD
     v_ptr += bh * Nk * HD
     do_ptr += bh * Nq * HD
     lse_ptr += bh * Nq
@@ -310,17 +347,17 @@ def _dkdv_kernel(
     out_off = (chunk.to(tl.int64) * n_bh + bh) * Nk * HD
     dk_ptr += out_off
     dv_ptr += out_off
-    dt = ka_ptr.dtype.element_ty
+    dt = k_ptr.dtype.element_ty
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Nk
     offs_m0 = tl.arange(0, BLOCK_M)
-    ka1 = _rows(ka_ptr, offs_n, n_ok, 0, A1, WA, WA)  # (BN, A1)
+    ka1 = _k_aug(k_ptr, e_ptr, offs_n, n_ok, 0, A1, HD, E, False)  # (BN, A1)
     v1 = _rows(v_ptr, offs_n, n_ok, 0, D1, HD, HD)  # (BN, D1)
     dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
     dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
     if A2 > 0:
-        ka2 = _rows(ka_ptr, offs_n, n_ok, A1, A2, WA, WA)  # (BN, A2)
+        ka2 = _k_aug(k_ptr, e_ptr, offs_n, n_ok, A1, A2, HD, E, False)  # (BN, A2)
     if D2 > 0:
         v2 = _rows(v_ptr, offs_n, n_ok, D1, D2, HD, HD)  # (BN, D2)
         dk2 = tl.zeros([BLOCK_N, D2], dtype=tl.float32)
@@ -361,6 +398,21 @@ def _dkdv_kernel(
         _store_cols(dv_ptr, dv2, offs_n, n_ok, D1, D2, HD, HD)
 
 
+@triton.jit
+def _sum_chunks_kernel(part_ptr, out_ptr, n, CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
+    # out[g, i] = Σ_c part[g, c, i] in chunk order (deterministic), fp32, stored in out's dtype;
+    # part (2, CHUNKS, n): the dk and dv partials of _dkdv_kernel
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    g = tl.program_id(1).to(tl.int64)
+    part_ptr += g * CHUNKS * n
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for _ in range(CHUNKS):
+        acc += tl.load(part_ptr + offs, mask=ok, other=0.0)
+        part_ptr += n  # 64-bit pointer arithmetic: no int32 overflow of c·n
+    tl.store(out_ptr + g * n + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
@@ -387,7 +439,7 @@ class RelPosAttnConfig:
     dkdv_warps: int = 4
     dkdv_stages: int = 3
     dkdv_chunks: Optional[int] = None  # query chunks of the dk/dv kernel; None: fill the GPU
-    dkdv_programs_per_sm: int = 16  # query chunks: aim for this many dk/dv programs per SM
+    dkdv_programs_per_sm: int = 8  # query chunks: aim for this many dk/dv programs per SM
     # split row widths into two powers of two (q''/k' 94 → 64 + 32, v/dO 72 → 64 + 16) instead of
     # padding each to one (128): less tensor-core work on padding, two dots where there was one
     split: bool = True
@@ -441,11 +493,11 @@ class _Dims:
         return dict(HD=self.hd, A1=self.a1, A2=self.a2, D1=self.d1, D2=self.d2)
 
 
-def _k_aug(k: torch.Tensor, k_thw: tuple, kt: int, wa: int, has_cls: bool) -> torch.Tensor:
-    """k' = [k, onehot_t(j), onehot_h(j), onehot_w(j), 0…] (B, nh, Nk, wa) in k's dtype."""
-    B, nh, Nk, hd = k.shape
-    onehot = key_onehot(tuple(k_thw), kt > 0, has_cls, wa - hd, k.dtype, k.device)  # (Nk, wa − hd)
-    return torch.cat([k, onehot.expand(B, nh, Nk, wa - hd)], dim=-1)
+def _key_table(k: torch.Tensor, k_thw: tuple, kt: int, dims: _Dims, has_cls: bool) -> torch.Tensor:
+    """e (Nk, A1+A2 − hd) in k's dtype: per key its one-hot t (when kt > 0), h and w coordinate,
+    then zeros; the cls row all zeros. The kernels read k'_j = [k_j, e_j] from k and this
+    (cached per geometry, shared by every batch·head): no (B, nh, Nk, A1+A2) k' in memory."""
+    return key_onehot(tuple(k_thw), kt > 0, has_cls, dims.wa - dims.hd, k.dtype, k.device)
 
 
 def _trips(n: int, block: int, device: torch.device) -> int:
@@ -475,15 +527,16 @@ def _check_device(q: torch.Tensor) -> None:
     )
 
 
-def _fwd(q, r, ka, v, dims: _Dims, has_cls, scale, cfg):
-    """q (B, nh, Nq, hd), R (B, nh, Nq', KR), k' (B, nh, Nk, A1+A2), v → out (B, nh, Nq, hd), lse2 (B, nh, Nq)."""
+def _fwd(q, r, k, e, v, dims: _Dims, has_cls, scale, cfg):
+    """q (B, nh, Nq, hd), R (B, nh, Nq', KR), k (B, nh, Nk, hd) and its one-hot table e (Nk, ·), v
+    → out (B, nh, Nq, hd), lse2 (B, nh, Nq)."""
     B, nh, Nq, _ = q.shape
-    Nk = ka.shape[2]
+    Nk = k.shape[2]
     o = _empty(*q.shape, dtype=q.dtype, device=q.device)
     lse = _empty(B, nh, Nq, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(Nq, cfg.fwd_block_m), B * nh)
     _fwd_kernel[grid](
-        q, r, ka, v, o, lse, Nq, Nk, scale * LOG2E,
+        q, r, k, e, v, o, lse, Nq, Nk, scale * LOG2E,
         KR=dims.kr, **dims.constexprs(), HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
         BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, N_KT=_trips(Nk, cfg.fwd_block_n, q.device),
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
@@ -491,18 +544,18 @@ def _fwd(q, r, ka, v, dims: _Dims, has_cls, scale, cfg):
     return o, lse
 
 
-def _bwd_dq(q, r, ka, v, o, do, lse, dims: _Dims, has_cls, scale, cfg):
+def _bwd_dq(q, r, k, e, v, o, do, lse, dims: _Dims, has_cls, scale, cfg):
     """dq (B, nh, Nq, hd), dR (B, nh, Nq', KR) in the input dtypes, and what the dk/dv kernel
     reads: delta (B, nh, Nq) fp32 and the packed q'' rows (B, nh, Nq, A1+A2)."""
     B, nh, Nq, _ = q.shape
-    Nk = ka.shape[2]
+    Nk = k.shape[2]
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
     dr = _empty(*r.shape, dtype=r.dtype, device=r.device)
     delta = _empty(B, nh, Nq, dtype=torch.float32, device=q.device)
     qa = _empty(B, nh, Nq, dims.wa, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(Nq, cfg.dq_block_m), B * nh)
     _dq_kernel[grid](
-        q, r, ka, v, o, do, lse, delta, dq, dr, qa, Nq, Nk, scale * LOG2E, scale,
+        q, r, k, e, v, o, do, lse, delta, dq, dr, qa, Nq, Nk, scale * LOG2E, scale,
         KR=dims.kr, **dims.constexprs(), HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
         BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, N_KT=_trips(Nk, cfg.dq_block_n, q.device),
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
@@ -510,45 +563,58 @@ def _bwd_dq(q, r, ka, v, o, do, lse, dims: _Dims, has_cls, scale, cfg):
     return dq, dr, delta, qa
 
 
-def _dkdv_chunks(cfg: RelPosAttnConfig, q: torch.Tensor, n_q_tiles: int, n_kv_programs: int) -> int:
+def dkdv_split(cfg: RelPosAttnConfig, nq: int, nk: int, n_bh: int, n_sms: Optional[int]) -> tuple[int, int]:
+    """(query chunks, query tiles per chunk) of the dk/dv kernel for Nq, Nk and B·nh on a GPU with
+    ``n_sms`` SMs (None: the interpreter, one chunk unless ``cfg.dkdv_chunks`` says otherwise).
+    Chunks aim for ``cfg.dkdv_programs_per_sm`` programs per SM; the tiles per chunk are rounded up
+    to a multiple of 4 past 4 (fewer compiled variants, ≤ 3 masked tiles) and are ≥ 2 on a GPU
+    (:func:`_trips`). Pure: ``bench.attention_memory`` asks it what an H100 would run."""
+    n_q_tiles = triton.cdiv(nq, cfg.dkdv_block_m)
+    n_kv_programs = triton.cdiv(nk, cfg.dkdv_block_n) * n_bh
     if cfg.dkdv_chunks is not None:
-        return max(1, min(cfg.dkdv_chunks, n_q_tiles))
-    if q.device.type != "cuda":
-        return 1
-    target = cfg.dkdv_programs_per_sm * torch.cuda.get_device_properties(q.device).multi_processor_count
-    return max(1, min(n_q_tiles, triton.cdiv(target, n_kv_programs)))
-
-
-def _bwd_dkdv(qa, ka, v, do, lse, delta, dims: _Dims, cfg):
-    """dk, dv (B, nh, Nk, hd) in the input dtype: fp32 partials per query chunk, summed in a fixed order."""
-    B, nh, Nq, _ = qa.shape
-    Nk = ka.shape[2]
-    n_q_tiles = triton.cdiv(Nq, cfg.dkdv_block_m)
-    n_k_tiles = triton.cdiv(Nk, cfg.dkdv_block_n)
-    chunks = _dkdv_chunks(cfg, qa, n_q_tiles, n_k_tiles * B * nh)
-    tiles_per_chunk = _trips(n_q_tiles, chunks, qa.device)
-    if tiles_per_chunk > 4:  # round to a multiple of 4: fewer compiled variants, ≤ 3 masked tiles
+        chunks = max(1, min(cfg.dkdv_chunks, n_q_tiles))
+    elif n_sms is None:
+        chunks = 1
+    else:
+        chunks = max(1, min(n_q_tiles, triton.cdiv(cfg.dkdv_programs_per_sm * n_sms, n_kv_programs)))
+    tiles_per_chunk = max(2 if n_sms is not None else 1, triton.cdiv(n_q_tiles, chunks))
+    if tiles_per_chunk > 4:
         tiles_per_chunk = 4 * triton.cdiv(tiles_per_chunk, 4)
-    chunks = triton.cdiv(n_q_tiles, tiles_per_chunk)
-    dk_part = _empty(chunks, B, nh, Nk, dims.hd, dtype=torch.float32, device=qa.device)
-    dv_part = _empty(chunks, B, nh, Nk, dims.hd, dtype=torch.float32, device=qa.device)
+    return triton.cdiv(n_q_tiles, tiles_per_chunk), tiles_per_chunk
+
+
+def _n_sms(device: torch.device) -> Optional[int]:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+def _bwd_dkdv(qa, k, e, v, do, lse, delta, dims: _Dims, cfg):
+    """dk, dv (B, nh, Nk, hd) in the input dtype: written by the kernel when there is one query
+    chunk, else fp32 partials per chunk summed in a fixed order (deterministic)."""
+    B, nh, Nq, _ = qa.shape
+    Nk = k.shape[2]
+    n_k_tiles = triton.cdiv(Nk, cfg.dkdv_block_n)
+    chunks, tiles_per_chunk = dkdv_split(cfg, Nq, Nk, B * nh, _n_sms(qa.device))
+    n = B * nh * Nk * dims.hd
+    out = _empty(2, B, nh, Nk, dims.hd, dtype=qa.dtype, device=qa.device)  # dk, dv
+    part = out if chunks == 1 else _empty(2, chunks, n, dtype=torch.float32, device=qa.device)
     _dkdv_kernel[(n_k_tiles, chunks, B * nh)](
-        qa, ka, v, do, lse, delta, dk_part, dv_part, Nq, Nk, 1.0 / LOG2E, B * nh,
+        qa, k, e, v, do, lse, delta, part[0], part[1], Nq, Nk, 1.0 / LOG2E, B * nh,
         **dims.constexprs(), IEEE=qa.dtype == torch.float32,
         BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n, TILES_PER_CHUNK=tiles_per_chunk,
         num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
     )
-    # fixed-order reduction over query chunks: deterministic
-    dk = (dk_part[0] if chunks == 1 else dk_part.sum(0)).to(qa.dtype)
-    dv = (dv_part[0] if chunks == 1 else dv_part.sum(0)).to(qa.dtype)
-    return dk, dv
+    if chunks > 1:
+        block = 1024
+        _sum_chunks_kernel[(triton.cdiv(n, block), 2)](part, out, n, CHUNKS=chunks, BLOCK=block, num_warps=4)
+    return out[0], out[1]
 
 
-def _bwd(do, q, r, ka, v, o, lse, dims: _Dims, has_cls, scale, cfg):
+def _bwd(do, q, r, k, v, o, lse, dims: _Dims, k_thw, kt, has_cls, scale, cfg):
     """Gradients dq (B, nh, Nq, hd), dk, dv (B, nh, Nk, hd) and dR (B, nh, Nq', KR) in the input dtypes."""
     do = do.to(q.dtype).contiguous()
-    dq, dr, delta, qa = _bwd_dq(q, r, ka, v, o, do, lse, dims, has_cls, scale, cfg)
-    dk, dv = _bwd_dkdv(qa, ka, v, do, lse, delta, dims, cfg)
+    e = _key_table(k, k_thw, kt, dims, has_cls)
+    dq, dr, delta, qa = _bwd_dq(q, r, k, e, v, o, do, lse, dims, has_cls, scale, cfg)
+    dk, dv = _bwd_dkdv(qa, k, e, v, do, lse, delta, dims, cfg)
     return dq, dk, dv, dr
 
 
@@ -556,11 +622,10 @@ def _bwd(do, q, r, ka, v, o, lse, dims: _Dims, has_cls, scale, cfg):
 # autograd
 # ----------------------------------------------------------------------------------------------
 def _attn_forward(q, k, v, r, k_thw, kt, has_cls, scale, cfg) -> tuple:
-    """(o, what backward needs) for contiguous q, v, r."""
+    """(o, what backward needs) for contiguous q, k, v, r."""
     dims = _Dims.of(q.shape[-1], r.shape[-1], cfg.split)
-    ka = _k_aug(k, k_thw, kt, dims.wa, has_cls)  # (B, nh, Nk, A1+A2)
-    o, lse = _fwd(q, r, ka, v, dims, has_cls, scale, cfg)
-    return o, (q, r, ka, v, o, lse), (dims, has_cls, scale, cfg)
+    o, lse = _fwd(q, r, k, _key_table(k, k_thw, kt, dims, has_cls), v, dims, has_cls, scale, cfg)
+    return o, (q, r, k, v, o, lse), (dims, k_thw, kt, has_cls, scale, cfg)
 
 
 class _RelPosAttnFn(torch.autograd.Function):
@@ -569,7 +634,7 @@ class _RelPosAttnFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, r, k_thw, kt, has_cls, scale, cfg):
-        o, saved, ctx.meta = _attn_forward(q.contiguous(), k, v.contiguous(), r.contiguous(), k_thw, kt, has_cls, scale, cfg)
+        o, saved, ctx.meta = _attn_forward(q.contiguous(), k.contiguous(), v.contiguous(), r.contiguous(), k_thw, kt, has_cls, scale, cfg)
         ctx.save_for_backward(*saved)
         return o
 
@@ -588,7 +653,7 @@ class _RelPosAttnFusedFn(torch.autograd.Function):
     def forward(ctx, q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, g, rel_cfg, k_thw, kt, has_cls, scale, cfg):
         q, tables = q.contiguous(), (rel_pos_t, rel_pos_h, rel_pos_w)
         r = rel_forward(q, tables, g, rel_cfg)
-        o, saved, meta = _attn_forward(q, k, v.contiguous(), r, k_thw, kt, has_cls, scale, cfg)
+        o, saved, meta = _attn_forward(q, k.contiguous(), v.contiguous(), r, k_thw, kt, has_cls, scale, cfg)
         ctx.save_for_backward(*saved, *tables)
         ctx.meta, ctx.rel = meta, (g, rel_cfg)
         return o

@@ -140,8 +140,8 @@ def test_head_dims(hd, dtype):
 
 
 def test_default_config_and_query_chunks():
-    """Interpreter default tiles, the split of the dk/dv query loop into 3 chunks (partial sums
-    reduced by torch), and rows padded to one power of two instead of split into two (hd 40:
+    """Interpreter default tiles, the split of the dk/dv query loop into 3 chunks (fp32 partials
+    summed by ``_sum_chunks_kernel``), and rows padded to one power of two instead of split into two (hd 40:
     v/dO rows 32 + 16 instead of 64, q''/k' rows 40 + 8 = 48 as 32 + 16) give the oracle's gradients."""
     q_thw, k_thw = (2, 6, 6), (2, 3, 3)
     inputs = make_inputs(1, 2, q_thw, k_thw, 40, True, torch.float32)
@@ -165,6 +165,54 @@ def test_fused_rel_terms(q_thw, k_thw, has_cls, dtype):
     cfg = RelPosAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 3)
     check_against_oracle(inputs, q_thw, k_thw, has_cls, config=cfg, rel_impl="triton")
     check_against_oracle(inputs, q_thw, k_thw, has_cls, config=dataclasses.replace(cfg, split=False), rel_impl="triton")
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_memory_is_the_outputs_and_named_transients(chunks):
+    """Peak memory of one forward+backward (every CPU allocation and free, in order:
+    ``bench.common.cpu_peak_mib``) is at most the output and the gradients, R and dR, the packed
+    q'' rows, lse and delta, plus — only with several query chunks — the fp32 dk/dv partials, and
+    table-sized copies: no (B, nh, Nk, A1+A2) k', no fp32 dk/dv with one chunk, no fp32 sum tensor
+    with several. (Nq 513: the table-gradient partials, allocated after the q'' rows are freed,
+    stay below them, as at the MViTv2 shapes.)"""
+    from bench.common import cpu_peak_mib
+
+    B, nh, hd, q_thw, k_thw = 1, 2, 72, (2, 16, 16), (2, 4, 4)
+    q, k, v, *tables = make_inputs(B, nh, q_thw, k_thw, hd, True, torch.float16, table_dtype=torch.float32)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).half()
+    cfg = RelPosAttnConfig(32, 32, 4, 1, 32, 32, 4, 1, 32, 32, 4, 1, chunks)
+
+    def call():
+        relpos_attention_triton(q, k, v, q_thw, k_thw, *tables, config=cfg, rel_impl="triton").backward(dout)
+
+    call()  # the one-hot and geometry caches
+    for x in (q, k, v, *tables):
+        x.grad = None
+    peak = cpu_peak_mib(call) * 2**20
+    Nq, Nk, kr = q.shape[2], k.shape[2], sum(k_thw)
+    wa = triton_attn._Dims.of(hd, kr, True).wa
+    assert triton_attn.dkdv_split(cfg, Nq, Nk, B * nh, None)[0] == chunks
+    per_bh = 2 * (2 * Nq * hd + 2 * Nk * hd  # out, dq, dk, dv (fp16)
+                  + 2 * (Nq - 1) * kr  # R, dR
+                  + Nq * wa)  # packed q''
+    per_bh += 4 * 2 * Nq  # lse, delta (fp32)
+    if chunks > 1:
+        per_bh += 4 * 2 * chunks * Nk * hd  # fp32 dk/dv partials
+    budget = B * nh * per_bh
+    slack = 2 * sum(4 * t.numel() for t in tables)  # the tables cast to q's dtype and back
+    assert 0.9 * budget <= peak <= budget + slack, (peak, budget, slack)
+
+
+def test_dkdv_split():
+    """Query chunks of the dk/dv kernel: for 8 programs per SM on an H100 (132 SMs), MViTv2-L at
+    B = 32 chunks only its two largest stages; tiles per chunk ≥ 2 on a GPU, a multiple of 4 past
+    4; the interpreter runs one chunk unless told otherwise."""
+    cfg = RelPosAttnConfig()
+    stages = ((25089, 2), (6273, 4), (1569, 8), (393, 16))
+    assert [triton_attn.dkdv_split(cfg, nq, 393, 32 * nh, 132) for nq, nh in stages] == [(3, 132), (2, 52), (1, 28), (1, 8)]
+    assert triton_attn.dkdv_split(cfg, 50, 393, 4096, 132) == (1, 2)  # one tile, ≥ 2 trips
+    assert triton_attn.dkdv_split(cfg, 25089, 393, 64, None) == (1, 396)
+    assert triton_attn.dkdv_split(dataclasses.replace(cfg, dkdv_chunks=5), 25089, 393, 64, None) == (5, 80)
 
 
 def test_cuda_loops_stay_pipelined():
