@@ -46,6 +46,7 @@ FWD: dict[str, dict] = {
     "n128": dict(fwd_block_n=128),
     "n32": dict(fwd_block_n=32),
     "s3": dict(fwd_stages=3),
+    "packk": dict(pack_k=True),
 }
 DQ: dict[str, dict] = {
     "default": {},
@@ -57,6 +58,7 @@ DQ: dict[str, dict] = {
     "w8": dict(dq_warps=8),
     "s2": dict(dq_stages=2),
     "s4": dict(dq_stages=4),
+    "packk": dict(pack_k=True),
 }
 DKDV: dict[str, dict] = {
     "default": {},
@@ -209,32 +211,35 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
     kr = r.shape[-1]
     layouts = {split: ta._Dims.of(hd, kr, split) for split in (True, False)}
     base = ta._configs(layouts[True].wa, q.dtype, device)
-    key_tables = {split: ta._key_table(k, s.k_thw, s.k_thw[0], dims, True) for split, dims in layouts.items()}
     do = dout.contiguous()
-    o, lse = ta._fwd(q, r, k, key_tables[True], v, layouts[True], True, scale, base)
-    per_split = {}  # split -> (dims, key one-hot table, packed q'', delta): what a variant of that layout reads
+    per_split = {}  # split -> (dims, key one-hot table, {pack_k: key rows}): what a variant of that layout reads
     for split, dims in layouts.items():
-        _, dr, delta, qa = ta._bwd_dq(q, r, k, key_tables[split], v, o, do, lse, dims, True, scale,
-                                      dataclasses.replace(base, split=split))
-        per_split[split] = (dims, key_tables[split], qa, delta)
+        e = ta._key_table(k, s.k_thw, s.k_thw[0], dims, True)
+        per_split[split] = (dims, e, {False: k, True: torch.cat([k, e.expand(*k.shape[:3], e.shape[-1])], -1)})
+    o, lse = ta._fwd(q, r, k, per_split[True][1], v, layouts[True], True, scale, base)
+    for split, (dims, e, _) in per_split.items():  # + the packed q'' rows and delta of each layout
+        _, dr, delta, qa = ta._bwd_dq(q, r, k, e, v, o, do, lse, dims, True, scale, dataclasses.replace(base, split=split))
+        per_split[split] += (qa, delta)
 
     def fwd(change):
         cfg = dataclasses.replace(base, **change)
-        dims, e, _, _ = per_split[cfg.split]
-        return ta._fwd(q, r, k, e, v, dims, True, scale, cfg), lambda: ta._fwd(q, r, k, e, v, dims, True, scale, cfg)
+        dims, e, keys, _, _ = per_split[cfg.split]
+        kk = keys[cfg.pack_k]
+        return ta._fwd(q, r, kk, e, v, dims, True, scale, cfg), lambda: ta._fwd(q, r, kk, e, v, dims, True, scale, cfg)
 
     def dq(change):
         cfg = dataclasses.replace(base, **change)
-        dims, e, _, _ = per_split[cfg.split]
+        dims, e, keys, _, _ = per_split[cfg.split]
 
         def call():
-            return ta._bwd_dq(q, r, k, e, v, o, do, lse, dims, True, scale, cfg)
+            return ta._bwd_dq(q, r, keys[cfg.pack_k], e, v, o, do, lse, dims, True, scale, cfg)
         return call()[:3], call  # dq, dR, delta (the packed rows differ in width between layouts)
 
     def dkdv(change):
         cfg = dataclasses.replace(base, **change)
-        dims, e, qa, delta = per_split[cfg.split]
-        return ta._bwd_dkdv(qa, k, e, v, do, lse, delta, dims, cfg), lambda: ta._bwd_dkdv(qa, k, e, v, do, lse, delta, dims, cfg)
+        dims, e, keys, qa, delta = per_split[cfg.split]
+        kk = keys[cfg.pack_k]
+        return ta._bwd_dkdv(qa, kk, e, v, do, lse, delta, dims, cfg), lambda: ta._bwd_dkdv(qa, kk, e, v, do, lse, delta, dims, cfg)
 
     def rel_fwd(change):
         cfg = dataclasses.replace(rbase, **change)

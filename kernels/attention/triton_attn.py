@@ -157,24 +157,25 @@ def _rows_t(ptr, offs_r, r_ok, C0: tl.constexpr, NC: tl.constexpr, WIDTH: tl.con
 
 
 @triton.jit
-def _k_aug(k_ptr, e_ptr, offs_n, n_ok, C0: tl.constexpr, NC: tl.constexpr, HD: tl.constexpr, E: tl.constexpr,
+def _k_aug(k_ptr, e_ptr, offs_n, n_ok, C0: tl.constexpr, NC: tl.constexpr, KW: tl.constexpr, E: tl.constexpr,
            TRANS: tl.constexpr):
     """Columns C0 … C0+NC of the key rows k'_j = [k_j, e_j] as a (BN, NC) tile, (NC, BN) when TRANS:
-    k (·, HD) per batch·head, e (Nk, E) the keys' one-hot rows shared by all of them (no k' in memory)."""
-    if C0 + NC <= HD:
+    k (·, KW) per batch·head, e (Nk, E) the keys' one-hot rows shared by all of them. KW = hd: k'
+    is assembled here (no k' in memory); KW = A1+A2: k holds the packed k' rows (pure loads)."""
+    if C0 + NC <= KW:
         if TRANS:
-            x = _rows_t(k_ptr, offs_n, n_ok, C0, NC, HD, HD)
+            x = _rows_t(k_ptr, offs_n, n_ok, C0, NC, KW, KW)
         else:
-            x = _rows(k_ptr, offs_n, n_ok, C0, NC, HD, HD)
+            x = _rows(k_ptr, offs_n, n_ok, C0, NC, KW, KW)
     else:
         offs_c = C0 + tl.arange(0, NC)
         if TRANS:
             rows, cols, ok = offs_n[None, :], offs_c[:, None], n_ok[None, :]
         else:
             rows, cols, ok = offs_n[:, None], offs_c[None, :], n_ok[:, None]
-        x = tl.load(e_ptr + rows * E + tl.maximum(cols - HD, 0), mask=ok & (cols >= HD), other=0.0)
-        if C0 < HD:  # the block straddles k and e: each column is one of the two, the other adds 0
-            x += tl.load(k_ptr + rows * HD + cols, mask=ok & (cols < HD), other=0.0)
+        x = tl.load(e_ptr + rows * E + tl.maximum(cols - KW, 0), mask=ok & (cols >= KW), other=0.0)
+        if C0 < KW:  # the block straddles k and e: each column is one of the two, the other adds 0
+            x += tl.load(k_ptr + rows * KW + cols, mask=ok & (cols < KW), other=0.0)
     return x
 
 
@@ -191,16 +192,16 @@ def _fwd_kernel(
     q_ptr, r_ptr, k_ptr, e_ptr, v_ptr, o_ptr, lse_ptr,
     Nq, Nk, c_q,
     HD: tl.constexpr, KR: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-    HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
+    KW: tl.constexpr, HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_KT: tl.constexpr,
 ):
-    # q (BH, Nq, HD), R (BH, Nq', KR), k (BH, Nk, HD), e (Nk, E), v (BH, Nk, HD), o (BH, Nq, HD), lse (BH, Nq)
+    # q (BH, Nq, HD), R (BH, Nq', KR), k (BH, Nk, KW), e (Nk, E), v (BH, Nk, HD), o (BH, Nq, HD), lse (BH, Nq)
     E: tl.constexpr = A1 + A2 - HD
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     q_ptr += bh * Nq * HD
     r_ptr += bh * (Nq - HAS_CLS) * KR
-    k_ptr += bh * Nk * HD
+    k_ptr += bh * Nk * KW
     v_ptr += bh * Nk * HD
     o_ptr += bh * Nq * HD
     lse_ptr += bh * Nq
@@ -221,9 +222,9 @@ def _fwd_kernel(
     for it in range(N_KT):
         offs_n = it * BLOCK_N + offs_n0
         n_ok = offs_n < Nk
-        s = _mm(qa1, _k_aug(k_ptr, e_ptr, offs_n, n_ok, 0, A1, HD, E, True), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+        s = _mm(qa1, _k_aug(k_ptr, e_ptr, offs_n, n_ok, 0, A1, KW, E, True), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
         if A2 > 0:
-            s = _mm(qa2, _k_aug(k_ptr, e_ptr, offs_n, n_ok, A1, A2, HD, E, True), s, IEEE)
+            s = _mm(qa2, _k_aug(k_ptr, e_ptr, offs_n, n_ok, A1, A2, KW, E, True), s, IEEE)
         # s: (BM, BN) log2-domain logits, bias included
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -258,7 +259,7 @@ def _dq_kernel(
     q_ptr, r_ptr, k_ptr, e_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dr_ptr, qa_ptr,
     Nq, Nk, c_q, scale,
     HD: tl.constexpr, KR: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-    HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
+    KW: tl.constexpr, HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_KT: tl.constexpr,
 ):
     # A = dS @ k' (BM, A1+A2): dq = scale·A[:, :HD], dR = A[:, HD:HD+KR]. Also writes, for the dk/dv
@@ -270,7 +271,7 @@ def _dq_kernel(
     Nq_r = Nq - HAS_CLS
     q_ptr += bh * Nq * HD
     r_ptr += bh * Nq_r * KR
-    k_ptr += bh * Nk * HD
+    k_ptr += bh * Nk * KW
     v_ptr += bh * Nk * HD
     o_ptr += bh * Nq * HD
     do_ptr += bh * Nq * HD
@@ -303,10 +304,10 @@ def _dq_kernel(
     for it in range(N_KT):
         offs_n = it * BLOCK_N + offs_n0
         n_ok = offs_n < Nk
-        ka1 = _k_aug(k_ptr, e_ptr, offs_n, n_ok, 0, A1, HD, E, False)  # (BN, A1)
+        ka1 = _k_aug(k_ptr, e_ptr, offs_n, n_ok, 0, A1, KW, E, False)  # (BN, A1)
         s = _mm(qa1, tl.trans(ka1), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
         if A2 > 0:
-            ka2 = _k_aug(k_ptr, e_ptr, offs_n, n_ok, A1, A2, HD, E, False)  # (BN, A2)
+            ka2 = _k_aug(k_ptr, e_ptr, offs_n, n_ok, A1, A2, KW, E, False)  # (BN, A2)
             s = _mm(qa2, tl.trans(ka2), s, IEEE)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(n_ok[None, :], p, 0.0)
@@ -326,7 +327,8 @@ def _dq_kernel(
 def _dkdv_kernel(
     qa_ptr, k_ptr, e_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     Nq, Nk, inv_log2e, n_bh,
-    HD: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, IEEE: tl.constexpr,
+    HD: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, KW: tl.constexpr,
+    IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES_PER_CHUNK: tl.constexpr,
 ):
     # dk, dv (chunk, BH, Nk, HD) for key tile pid_n over the query tiles of one chunk: the final
@@ -339,7 +341,7 @@ def _dkdv_kernel(
     chunk = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
     qa_ptr += bh * Nq * WA
-    k_ptr += bh * Nk * HD
+    k_ptr += bh * Nk * KW
     v_ptr += bh * Nk * HD
     do_ptr += bh * Nq * HD
     lse_ptr += bh * Nq
@@ -352,12 +354,12 @@ def _dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Nk
     offs_m0 = tl.arange(0, BLOCK_M)
-    ka1 = _k_aug(k_ptr, e_ptr, offs_n, n_ok, 0, A1, HD, E, False)  # (BN, A1)
+    ka1 = _k_aug(k_ptr, e_ptr, offs_n, n_ok, 0, A1, KW, E, False)  # (BN, A1)
     v1 = _rows(v_ptr, offs_n, n_ok, 0, D1, HD, HD)  # (BN, D1)
     dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
     dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
     if A2 > 0:
-        ka2 = _k_aug(k_ptr, e_ptr, offs_n, n_ok, A1, A2, HD, E, False)  # (BN, A2)
+        ka2 = _k_aug(k_ptr, e_ptr, offs_n, n_ok, A1, A2, KW, E, False)  # (BN, A2)
     if D2 > 0:
         v2 = _rows(v_ptr, offs_n, n_ok, D1, D2, HD, HD)  # (BN, D2)
         dk2 = tl.zeros([BLOCK_N, D2], dtype=tl.float32)
@@ -443,6 +445,11 @@ class RelPosAttnConfig:
     # split row widths into two powers of two (q''/k' 94 → 64 + 32, v/dO 72 → 64 + 16) instead of
     # padding each to one (128): less tensor-core work on padding, two dots where there was one
     split: bool = True
+    # k' rows packed in memory, (B, nh, Nk, A1+A2), built by torch in the forward and kept for the
+    # backward, instead of assembled in the kernels from k and the shared one-hot table: pure
+    # loads in the forward and dq key loops (the assembly puts an add between the load and the dot,
+    # +27 / +20 registers in those kernels offline on sm_90) for B·nh·Nk·(A1+A2) more memory
+    pack_k: bool = False
 
 
 def _configs(wa: int, dtype: torch.dtype, device: torch.device) -> RelPosAttnConfig:
@@ -528,8 +535,9 @@ def _check_device(q: torch.Tensor) -> None:
 
 
 def _fwd(q, r, k, e, v, dims: _Dims, has_cls, scale, cfg):
-    """q (B, nh, Nq, hd), R (B, nh, Nq', KR), k (B, nh, Nk, hd) and its one-hot table e (Nk, ·), v
-    → out (B, nh, Nq, hd), lse2 (B, nh, Nq)."""
+    """q (B, nh, Nq, hd), R (B, nh, Nq', KR), k (B, nh, Nk, hd) or the packed k' rows
+    (B, nh, Nk, A1+A2), the keys' one-hot table e (Nk, A1+A2 − hd), v → out (B, nh, Nq, hd),
+    lse2 (B, nh, Nq)."""
     B, nh, Nq, _ = q.shape
     Nk = k.shape[2]
     o = _empty(*q.shape, dtype=q.dtype, device=q.device)
@@ -537,7 +545,7 @@ def _fwd(q, r, k, e, v, dims: _Dims, has_cls, scale, cfg):
     grid = (triton.cdiv(Nq, cfg.fwd_block_m), B * nh)
     _fwd_kernel[grid](
         q, r, k, e, v, o, lse, Nq, Nk, scale * LOG2E,
-        KR=dims.kr, **dims.constexprs(), HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
+        KR=dims.kr, **dims.constexprs(), KW=k.shape[-1], HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
         BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, N_KT=_trips(Nk, cfg.fwd_block_n, q.device),
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )
@@ -556,7 +564,7 @@ def _bwd_dq(q, r, k, e, v, o, do, lse, dims: _Dims, has_cls, scale, cfg):
     grid = (triton.cdiv(Nq, cfg.dq_block_m), B * nh)
     _dq_kernel[grid](
         q, r, k, e, v, o, do, lse, delta, dq, dr, qa, Nq, Nk, scale * LOG2E, scale,
-        KR=dims.kr, **dims.constexprs(), HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
+        KR=dims.kr, **dims.constexprs(), KW=k.shape[-1], HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
         BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, N_KT=_trips(Nk, cfg.dq_block_n, q.device),
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
     )
@@ -599,7 +607,7 @@ def _bwd_dkdv(qa, k, e, v, do, lse, delta, dims: _Dims, cfg):
     part = out if chunks == 1 else _empty(2, chunks, n, dtype=torch.float32, device=qa.device)
     _dkdv_kernel[(n_k_tiles, chunks, B * nh)](
         qa, k, e, v, do, lse, delta, part[0], part[1], Nq, Nk, 1.0 / LOG2E, B * nh,
-        **dims.constexprs(), IEEE=qa.dtype == torch.float32,
+        **dims.constexprs(), KW=k.shape[-1], IEEE=qa.dtype == torch.float32,
         BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n, TILES_PER_CHUNK=tiles_per_chunk,
         num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
     )
@@ -622,9 +630,14 @@ def _bwd(do, q, r, k, v, o, lse, dims: _Dims, k_thw, kt, has_cls, scale, cfg):
 # autograd
 # ----------------------------------------------------------------------------------------------
 def _attn_forward(q, k, v, r, k_thw, kt, has_cls, scale, cfg) -> tuple:
-    """(o, what backward needs) for contiguous q, k, v, r."""
+    """(o, what backward needs) for contiguous q, k, v, r; k becomes the packed k' rows with
+    ``cfg.pack_k``."""
     dims = _Dims.of(q.shape[-1], r.shape[-1], cfg.split)
-    o, lse = _fwd(q, r, k, _key_table(k, k_thw, kt, dims, has_cls), v, dims, has_cls, scale, cfg)
+    e = _key_table(k, k_thw, kt, dims, has_cls)
+    if cfg.pack_k:
+        B, nh, Nk, _ = k.shape
+        k = torch.cat([k, e.expand(B, nh, Nk, e.shape[-1])], dim=-1)  # (B, nh, Nk, A1+A2)
+    o, lse = _fwd(q, r, k, e, v, dims, has_cls, scale, cfg)
     return o, (q, r, k, v, o, lse), (dims, k_thw, kt, has_cls, scale, cfg)
 
 

@@ -141,14 +141,16 @@ def test_head_dims(hd, dtype):
 
 def test_default_config_and_query_chunks():
     """Interpreter default tiles, the split of the dk/dv query loop into 3 chunks (fp32 partials
-    summed by ``_sum_chunks_kernel``), and rows padded to one power of two instead of split into two (hd 40:
-    v/dO rows 32 + 16 instead of 64, q''/k' rows 40 + 8 = 48 as 32 + 16) give the oracle's gradients."""
+    summed by ``_sum_chunks_kernel``), rows padded to one power of two instead of split into two
+    (hd 40: v/dO rows 32 + 16 instead of 64, q''/k' rows 40 + 8 = 48 as 32 + 16), and k' rows packed
+    in memory instead of assembled in the kernels give the oracle's gradients."""
     q_thw, k_thw = (2, 6, 6), (2, 3, 3)
     inputs = make_inputs(1, 2, q_thw, k_thw, 40, True, torch.float32)
     check_against_oracle(inputs, q_thw, k_thw, True)
     chunked = RelPosAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 3)
     check_against_oracle(inputs, q_thw, k_thw, True, config=chunked)
     check_against_oracle(inputs, q_thw, k_thw, True, config=dataclasses.replace(chunked, split=False))
+    check_against_oracle(inputs, q_thw, k_thw, True, config=dataclasses.replace(chunked, pack_k=True))
 
 
 @pytest.mark.parametrize("q_thw,k_thw,has_cls,dtype", [
