@@ -47,6 +47,7 @@ FWD: dict[str, dict] = {
     "n32": dict(fwd_block_n=32),
     "s3": dict(fwd_stages=3),
     "packk": dict(pack_k=True),
+    "asmk": dict(pack_k=False),
 }
 DQ: dict[str, dict] = {
     "default": {},
@@ -59,6 +60,7 @@ DQ: dict[str, dict] = {
     "s2": dict(dq_stages=2),
     "s4": dict(dq_stages=4),
     "packk": dict(pack_k=True),
+    "asmk": dict(pack_k=False),
 }
 DKDV: dict[str, dict] = {
     "default": {},
@@ -224,7 +226,7 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
     def fwd(change):
         cfg = dataclasses.replace(base, **change)
         dims, e, keys, _, _ = per_split[cfg.split]
-        kk = keys[cfg.pack_k]
+        kk = keys[ta._pack_k(cfg, s.Nq, s.Nk)]
         return ta._fwd(q, r, kk, e, v, dims, True, scale, cfg), lambda: ta._fwd(q, r, kk, e, v, dims, True, scale, cfg)
 
     def dq(change):
@@ -232,13 +234,13 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
         dims, e, keys, _, _ = per_split[cfg.split]
 
         def call():
-            return ta._bwd_dq(q, r, keys[cfg.pack_k], e, v, o, do, lse, dims, True, scale, cfg)
+            return ta._bwd_dq(q, r, keys[ta._pack_k(cfg, s.Nq, s.Nk)], e, v, o, do, lse, dims, True, scale, cfg)
         return call()[:3], call  # dq, dR, delta (the packed rows differ in width between layouts)
 
     def dkdv(change):
         cfg = dataclasses.replace(base, **change)
         dims, e, keys, qa, delta = per_split[cfg.split]
-        kk = keys[cfg.pack_k]
+        kk = keys[ta._pack_k(cfg, s.Nq, s.Nk)]
         return ta._bwd_dkdv(qa, kk, e, v, do, lse, delta, dims, cfg), lambda: ta._bwd_dkdv(qa, kk, e, v, do, lse, delta, dims, cfg)
 
     def rel_fwd(change):

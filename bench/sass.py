@@ -368,6 +368,7 @@ def attention_launches(
 ATTENTION_PATHS = {  # path label -> attention_launches keyword arguments
     "default (split rows)": {},
     "rows padded to one power of two": dict(split=False),
+    "k' rows packed in memory": dict(pack_k=True),
     "fused rel terms": dict(rel_impl="triton"),
 }
 

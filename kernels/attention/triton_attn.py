@@ -447,9 +447,10 @@ class RelPosAttnConfig:
     split: bool = True
     # k' rows packed in memory, (B, nh, Nk, A1+A2), built by torch in the forward and kept for the
     # backward, instead of assembled in the kernels from k and the shared one-hot table: pure
-    # loads in the forward and dq key loops (the assembly puts an add between the load and the dot,
-    # +27 / +20 registers in those kernels offline on sm_90) for B·nh·Nk·(A1+A2) more memory
-    pack_k: bool = False
+    # loads in the forward and dq key loops (the assembly puts an add between the load and the dot:
+    # +27 / +20 registers in those kernels offline on sm_90, 3 → 2 programs per SM) for
+    # B·nh·Nk·(A1+A2) more memory. None: packed when Nq ≥ 2·Nk (:func:`_pack_k`)
+    pack_k: Optional[bool] = None
 
 
 def _configs(wa: int, dtype: torch.dtype, device: torch.device) -> RelPosAttnConfig:
@@ -498,6 +499,14 @@ class _Dims:
 
     def constexprs(self) -> dict:
         return dict(HD=self.hd, A1=self.a1, A2=self.a2, D1=self.d1, D2=self.d2)
+
+
+def _pack_k(cfg: RelPosAttnConfig, nq: int, nk: int) -> bool:
+    """Whether k' is packed in memory (``cfg.pack_k``; None: when Nq ≥ 2·Nk). With many more
+    queries than keys (MViTv2-L stages 1–3) the packed rows cost little next to q (2–33 % of its
+    bytes) and keep the measured, faster kernels; at Nq ≈ Nk (stage 4) they would cost as much as
+    q, and memory decides (bench/NOTES.md)."""
+    return cfg.pack_k if cfg.pack_k is not None else nq >= 2 * nk
 
 
 def _key_table(k: torch.Tensor, k_thw: tuple, kt: int, dims: _Dims, has_cls: bool) -> torch.Tensor:
@@ -634,7 +643,7 @@ def _attn_forward(q, k, v, r, k_thw, kt, has_cls, scale, cfg) -> tuple:
     ``cfg.pack_k``."""
     dims = _Dims.of(q.shape[-1], r.shape[-1], cfg.split)
     e = _key_table(k, k_thw, kt, dims, has_cls)
-    if cfg.pack_k:
+    if _pack_k(cfg, q.shape[2], k.shape[2]):
         B, nh, Nk, _ = k.shape
         k = torch.cat([k, e.expand(B, nh, Nk, e.shape[-1])], dim=-1)  # (B, nh, Nk, A1+A2)
     o, lse = _fwd(q, r, k, e, v, dims, has_cls, scale, cfg)

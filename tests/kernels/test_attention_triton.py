@@ -151,6 +151,7 @@ def test_default_config_and_query_chunks():
     check_against_oracle(inputs, q_thw, k_thw, True, config=chunked)
     check_against_oracle(inputs, q_thw, k_thw, True, config=dataclasses.replace(chunked, split=False))
     check_against_oracle(inputs, q_thw, k_thw, True, config=dataclasses.replace(chunked, pack_k=True))
+    check_against_oracle(inputs, q_thw, k_thw, True, config=dataclasses.replace(chunked, pack_k=False))
 
 
 @pytest.mark.parametrize("q_thw,k_thw,has_cls,dtype", [
@@ -169,20 +170,20 @@ def test_fused_rel_terms(q_thw, k_thw, has_cls, dtype):
     check_against_oracle(inputs, q_thw, k_thw, has_cls, config=dataclasses.replace(cfg, split=False), rel_impl="triton")
 
 
-@pytest.mark.parametrize("chunks", [1, 3])
-def test_memory_is_the_outputs_and_named_transients(chunks):
+@pytest.mark.parametrize("chunks,pack_k", [(1, False), (3, True)])
+def test_memory_is_the_outputs_and_named_transients(chunks, pack_k):
     """Peak memory of one forward+backward (every CPU allocation and free, in order:
     ``bench.common.cpu_peak_mib``) is at most the output and the gradients, R and dR, the packed
-    q'' rows, lse and delta, plus — only with several query chunks — the fp32 dk/dv partials, and
-    table-sized copies: no (B, nh, Nk, A1+A2) k', no fp32 dk/dv with one chunk, no fp32 sum tensor
-    with several. (Nq 513: the table-gradient partials, allocated after the q'' rows are freed,
+    q'' rows, lse and delta, plus — only with several query chunks — the fp32 dk/dv partials, only
+    with ``pack_k`` the packed k' rows, and table-sized copies: no fp32 dk/dv with one chunk, no
+    fp32 sum tensor with several. (Nq 513: the table-gradient partials, allocated after the q'' rows are freed,
     stay below them, as at the MViTv2 shapes.)"""
     from bench.common import cpu_peak_mib
 
     B, nh, hd, q_thw, k_thw = 1, 2, 72, (2, 16, 16), (2, 4, 4)
     q, k, v, *tables = make_inputs(B, nh, q_thw, k_thw, hd, True, torch.float16, table_dtype=torch.float32)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).half()
-    cfg = RelPosAttnConfig(32, 32, 4, 1, 32, 32, 4, 1, 32, 32, 4, 1, chunks)
+    cfg = RelPosAttnConfig(32, 32, 4, 1, 32, 32, 4, 1, 32, 32, 4, 1, chunks, pack_k=pack_k)
 
     def call():
         relpos_attention_triton(q, k, v, q_thw, k_thw, *tables, config=cfg, rel_impl="triton").backward(dout)
@@ -200,18 +201,23 @@ def test_memory_is_the_outputs_and_named_transients(chunks):
     per_bh += 4 * 2 * Nq  # lse, delta (fp32)
     if chunks > 1:
         per_bh += 4 * 2 * chunks * Nk * hd  # fp32 dk/dv partials
+    if pack_k:
+        per_bh += 2 * Nk * wa  # k' rows
     budget = B * nh * per_bh
     slack = 2 * sum(4 * t.numel() for t in tables)  # the tables cast to q's dtype and back
     assert 0.9 * budget <= peak <= budget + slack, (peak, budget, slack)
 
 
-def test_dkdv_split():
+def test_launch_choices_at_the_mvitv2_stages():
     """Query chunks of the dk/dv kernel: for 8 programs per SM on an H100 (132 SMs), MViTv2-L at
     B = 32 chunks only its two largest stages; tiles per chunk ≥ 2 on a GPU, a multiple of 4 past
-    4; the interpreter runs one chunk unless told otherwise."""
+    4; the interpreter runs one chunk unless told otherwise. k' is packed in memory at stages 1–3
+    (Nq ≥ 2·Nk), assembled in the kernels at stage 4."""
     cfg = RelPosAttnConfig()
     stages = ((25089, 2), (6273, 4), (1569, 8), (393, 16))
     assert [triton_attn.dkdv_split(cfg, nq, 393, 32 * nh, 132) for nq, nh in stages] == [(3, 132), (2, 52), (1, 28), (1, 8)]
+    assert [triton_attn._pack_k(cfg, nq, 393) for nq, _ in stages] == [True, True, True, False]
+    assert not triton_attn._pack_k(dataclasses.replace(cfg, pack_k=False), 25089, 393)
     assert triton_attn.dkdv_split(cfg, 50, 393, 4096, 132) == (1, 2)  # one tile, ≥ 2 trips
     assert triton_attn.dkdv_split(cfg, 25089, 393, 64, None) == (1, 396)
     assert triton_attn.dkdv_split(dataclasses.replace(cfg, dkdv_chunks=5), 25089, 393, 64, None) == (5, 80)
