@@ -17,10 +17,13 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
   uses the reference's einsums instead (autograd-tracked, :class:`_RelPosAttnFn`).
 * The kernels work on *augmented rows*: ``q''_i = [c·q_i, log2(e)·R_i]`` (c = scale·log2 e;
   zeros on the cls row), assembled in registers from two masked loads, and
-  ``k'_j = [k_j, onehot_t(j), onehot_h(j), onehot_w(j)]`` (zeros for cls), likewise assembled
-  from k and one small (Nk, ·) one-hot table shared by every batch·head (cached per geometry,
-  :func:`_key_table`): k' never exists in memory. One dot ``q''·k'ᵀ`` gives the log2-domain
-  logits *with the bias included*; no (Nq, Nk) tensor ever exists.
+  ``k'_j = [k_j, onehot_t(j), onehot_h(j), onehot_w(j)]`` (zeros for cls), from k and one small
+  (Nk, ·) one-hot table shared by every batch·head (cached per geometry, :func:`_key_table`):
+  packed into a (B, nh, Nk, ·) tensor by torch where Nq ≥ 2·Nk (pure loads in the key loops;
+  little memory next to q), assembled in the kernels' registers otherwise (no k' in memory; at
+  MViTv2-L stage 4, Nq = Nk, the packed rows would cost as much as q): :func:`_pack_k`. One dot
+  ``q''·k'ᵀ`` gives the log2-domain logits *with the bias included*; no (Nq, Nk) tensor ever
+  exists.
 * Rows are *split into two power-of-two column blocks* where that beats padding to one
   (:func:`_widths`, ``split=True``): q''/k' rows of hd + KR = 72 + 22 = 94 columns are 64 + 32
   (not 128), v/dO/o rows of hd 72 are 64 + 16. Each product runs as two dots (the second K or N
@@ -511,8 +514,8 @@ def _pack_k(cfg: RelPosAttnConfig, nq: int, nk: int) -> bool:
 
 def _key_table(k: torch.Tensor, k_thw: tuple, kt: int, dims: _Dims, has_cls: bool) -> torch.Tensor:
     """e (Nk, A1+A2 − hd) in k's dtype: per key its one-hot t (when kt > 0), h and w coordinate,
-    then zeros; the cls row all zeros. The kernels read k'_j = [k_j, e_j] from k and this
-    (cached per geometry, shared by every batch·head): no (B, nh, Nk, A1+A2) k' in memory."""
+    then zeros; the cls row all zeros; cached per geometry and shared by every batch·head. The
+    kernels read k'_j = [k_j, e_j] from k and this, or from the packed rows (:func:`_pack_k`)."""
     return key_onehot(tuple(k_thw), kt > 0, has_cls, dims.wa - dims.hd, k.dtype, k.device)
 
 
@@ -639,8 +642,8 @@ def _bwd(do, q, r, k, v, o, lse, dims: _Dims, k_thw, kt, has_cls, scale, cfg):
 # autograd
 # ----------------------------------------------------------------------------------------------
 def _attn_forward(q, k, v, r, k_thw, kt, has_cls, scale, cfg) -> tuple:
-    """(o, what backward needs) for contiguous q, k, v, r; k becomes the packed k' rows with
-    ``cfg.pack_k``."""
+    """(o, what backward needs) for contiguous q, k, v, r; the saved k is the packed k' rows
+    where :func:`_pack_k` packs them."""
     dims = _Dims.of(q.shape[-1], r.shape[-1], cfg.split)
     e = _key_table(k, k_thw, kt, dims, has_cls)
     if _pack_k(cfg, q.shape[2], k.shape[2]):
