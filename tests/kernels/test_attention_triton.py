@@ -433,3 +433,15 @@ def test_tune_script_runs_in_the_interpreter(tmp_path):
         assert [row["variant"] for row in sweep[part]] == list(table)
         assert all(row["ok"] for row in sweep[part]), (part, [row for row in sweep[part] if not row["ok"]])
     assert {row["provider"] for row in sweep["fwdbwd"]} == {"triton+rel-triton (default)", "triton+rel-triton (best)"}
+
+
+def test_memory_bench_runs_in_the_interpreter(tmp_path):
+    """``bench.attention_memory`` (the CPU measurement of the attention's peak memory) runs end to
+    end at MViTv2-L stage 4 on one-head slices and finds the fused kernel's peak between the
+    floor (output and gradients) and the reference's."""
+    from bench import attention_memory
+
+    attention_memory.main(["--stages", "4", "--slice", "0", "--out", str(tmp_path)])
+    rows = {r["provider"]: r for r in json.loads(next(tmp_path.glob("attention_memory_cpu_*.json")).read_text())["results"]}
+    assert rows["triton"]["chunks"] == 1 and rows["reference"]["heads_measured"] == 1
+    assert rows["triton"]["floor_mib"] < rows["triton"]["peak_mib"] < rows["reference"]["peak_mib"]
