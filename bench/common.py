@@ -27,19 +27,50 @@ def peak_mib(call: Callable[[], object], device: torch.device) -> Optional[float
 
 def cpu_peak_mib(call: Callable[[], object]) -> float:
     """Peak extra CPU memory of one call (MiB): the running sum, in time order, of every
-    allocation and free of the CPU allocator that ``torch.profiler`` records (its raw
-    ``[memory]`` events, one per allocation or free, with its own timestamp). Memory not allocated
-    through torch (numpy inside the Triton interpreter) is not counted."""
-    from torch.profiler import ProfilerActivity, profile
+    allocation and free of the CPU allocator that ``torch.profiler`` records on this thread (its
+    raw ``[memory]`` events, one per allocation or free, with its own timestamp; CPU autograd runs
+    the backward on the calling thread, other threads' frees must not count against the call).
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        call()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    )
+    The Triton interpreter leaves a launch's tensor arguments in reference cycles until the
+    garbage collector runs (a GPU launch keeps no reference), which would free buffers at
+    arbitrary later points. So the collector is off during the call and runs after every
+    interpreted launch: buffers are freed when their last reference goes, as on a GPU. Memory not
+    allocated through torch (numpy inside the interpreter) is not counted."""
+    import gc
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    try:
+        from triton.runtime.interpreter import GridExecutor
+    except ImportError:  # no triton: nothing interpreted
+        GridExecutor = None
+    launch = GridExecutor.__call__ if GridExecutor is not None else None
+
+    def launch_then_collect(self, *args, **kwargs):
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            gc.collect()
+
+    gc.collect()
+    gc.disable()
+    if GridExecutor is not None:
+        GridExecutor.__call__ = launch_then_collect
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with record_function("cpu_peak_mib"):
+                call()
+    finally:
+        if GridExecutor is not None:
+            GridExecutor.__call__ = launch
+        gc.enable()
+    events = prof.profiler.kineto_results.events()
+    thread = next(e.start_thread_id() for e in events if e.name() == "cpu_peak_mib")
     current = peak = 0
-    for _, nbytes in events:
+    for _, nbytes in sorted(
+        (e.start_ns(), e.nbytes()) for e in events
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU and e.start_thread_id() == thread
+    ):
         current += nbytes
         peak = max(peak, current)
     return peak / 2**20

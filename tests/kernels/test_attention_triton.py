@@ -194,7 +194,7 @@ def test_memory_is_the_outputs_and_named_transients(chunks, pack_k):
     peak = cpu_peak_mib(call) * 2**20
     assert triton_attn.dkdv_split(cfg, q.shape[2], k.shape[2], B * nh, None)[0] == chunks
     budget, slack = _memory_budget(q, k, k_thw, tables, cfg, None)
-    assert 0.9 * budget <= peak <= budget + slack, (peak, budget, slack)
+    assert 0.97 * budget <= peak <= budget + slack, (peak, budget, slack)
 
 
 def _memory_budget(q, k, k_thw, tables, cfg, n_sms) -> tuple[int, int]:
