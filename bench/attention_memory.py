@@ -12,7 +12,7 @@ interpreter cannot run, DESIGN §4), fp32 tables as in training. Checked against
 code of the fourth session, ``bench/results/attention_memory_cpu_20261127_before.md`` vs
 ``attention_nvidia-h100-80gb-hbm3_20261127_final.md``, MViTv2-L stages 1–4 at B = 32, one
 clip's heads each): reference 6966 / 3483 / 1742 / 872 MiB here, 6962 / 3481 / 1743 / 871 on the
-GPU; fused kernel 970 / 554 / 405 / 314 here, 970 / 564 / 405 / 314 on the GPU. ``bench.attention`` measures the GPU itself
+GPU; fused kernel 970 / 554 / 405 / 313 here, 970 / 564 / 405 / 314 on the GPU. ``bench.attention`` measures the GPU itself
 (``torch.cuda.max_memory_allocated``).
 
 Peak: ``bench.common.cpu_peak_mib``, the running sum in time order of every allocation and free

@@ -173,11 +173,11 @@ def test_fused_rel_terms(q_thw, k_thw, has_cls, dtype):
 @pytest.mark.parametrize("chunks,pack_k", [(1, False), (3, True)])
 def test_memory_is_the_outputs_and_named_transients(chunks, pack_k):
     """Peak memory of one forward+backward (every CPU allocation and free, in order:
-    ``bench.common.cpu_peak_mib``) is at most the output and the gradients, R and dR, the packed
-    q'' rows, lse and delta, plus — only with several query chunks — the fp32 dk/dv partials, only
-    with ``pack_k`` the packed k' rows, and table-sized copies: no fp32 dk/dv with one chunk, no
-    fp32 sum tensor with several. (Nq 513: the table-gradient partials, allocated after the q'' rows are freed,
-    stay below them, as at the MViTv2 shapes.)"""
+    ``bench.common.cpu_peak_mib``) is the output and the gradients, R and dR, the packed q'' rows,
+    lse and delta, plus — only with several query chunks — the fp32 dk/dv partials, only with
+    ``pack_k`` the packed k' rows, and at most table-sized copies: no fp32 dk/dv with one chunk,
+    no fp32 sum tensor with several. (Nq 513: the table-gradient partials, allocated after the q''
+    rows are freed, stay below them, as at the MViTv2 shapes.)"""
     from bench.common import cpu_peak_mib
 
     B, nh, hd, q_thw, k_thw = 1, 2, 72, (2, 16, 16), (2, 4, 4)
