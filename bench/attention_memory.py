@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from bench.attention import K_GRID, MODELS, Q_GRIDS, Shape, make_inputs  # noqa: E402
 from bench.common import cpu_peak_mib  # noqa: E402
 from kernels.attention.reference import relpos_attention_reference  # noqa: E402
-from kernels.attention.triton_attn import _configs, _Dims, dkdv_split, relpos_attention_triton  # noqa: E402
+from kernels.attention.triton_attn import default_config, dkdv_split, relpos_attention_triton  # noqa: E402
 
 H100_SMS = 132
 # all heads of one clip are measured where nh·Nq ≤ SLICE (MViTv2-L stages 3–4), one head elsewhere
@@ -59,7 +59,7 @@ DTYPE = torch.float16  # the bytes of bf16 (which the interpreter cannot run), t
 def gpu_chunks(s: Shape, batch: int, n_sms: int = H100_SMS) -> int:
     """dk/dv query chunks the fused kernel runs on a GPU with ``n_sms`` SMs at batch ``batch``
     (bf16 table)."""
-    cfg = _configs(_Dims.of(s.hd, sum(s.k_thw), True).wa, torch.bfloat16, torch.device("cuda"))
+    cfg = default_config(s.hd, sum(s.k_thw), torch.bfloat16, torch.device("cuda"))
     return dkdv_split(cfg, s.Nq, s.Nk, batch * s.nh, n_sms)[0]
 
 
@@ -69,7 +69,7 @@ def measure(s: Shape, provider: str, chunks: int, slice_limit: int = SLICE) -> d
     heads = s.nh if s.nh * s.Nq <= slice_limit else 1
     fn, kwargs = relpos_attention_reference, {}
     if provider == "triton":  # the CUDA path: fused rel terms, the H100's query chunking
-        cpu_cfg = _configs(_Dims.of(s.hd, sum(s.k_thw), True).wa, DTYPE, torch.device("cpu"))
+        cpu_cfg = default_config(s.hd, sum(s.k_thw), DTYPE, torch.device("cpu"))
         fn, kwargs = relpos_attention_triton, dict(config=dataclasses.replace(cpu_cfg, dkdv_chunks=chunks), rel_impl="triton")
 
     def run(slice_: Shape, measured: bool) -> tuple[float, list]:

@@ -346,7 +346,7 @@ def attention_launches(
 
     from bench.attention import K_GRID, MODELS, Q_GRIDS
     from kernels.attention.reference import rel_table_len
-    from kernels.attention.triton_attn import RelPosAttnConfig, _configs, _Dims, dkdv_split, relpos_attention_triton
+    from kernels.attention.triton_attn import RelPosAttnConfig, default_config, dkdv_split, relpos_attention_triton
 
     dtype = dtype or torch.bfloat16
     hd, nh = MODELS[model]["hd"], MODELS[model]["heads"][0]
@@ -356,7 +356,7 @@ def attention_launches(
     k = torch.zeros(1, nh, nk, hd, dtype=dtype, requires_grad=True)
     v = torch.zeros(1, nh, nk, hd, dtype=dtype, requires_grad=True)
     tables = [torch.zeros(rel_table_len(a, b), hd, requires_grad=True) for a, b in zip(q_thw, k_thw)]
-    cfg: RelPosAttnConfig = _configs(_Dims.of(hd, sum(k_thw), True).wa, dtype, torch.device("cuda"))
+    cfg: RelPosAttnConfig = default_config(hd, sum(k_thw), dtype, torch.device("cuda"))
     chunks, _ = dkdv_split(cfg, nq, nk, batch * nh, H100_SMS)
     cfg = dataclasses.replace(cfg, dkdv_chunks=chunks, **overrides)
     with capture_launches(arch) as launches:

@@ -466,6 +466,11 @@ def _configs(wa: int, dtype: torch.dtype, device: torch.device) -> RelPosAttnCon
     return RelPosAttnConfig()
 
 
+def default_config(hd: int, kr: int, dtype: torch.dtype, device: torch.device) -> RelPosAttnConfig:
+    """The table a call with head dim ``hd`` and rel width ``kr`` runs without ``config``."""
+    return _configs(_Dims.of(hd, kr, True).wa, dtype, device)
+
+
 def _next_pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
@@ -732,7 +737,7 @@ def relpos_attention_triton(
     kr = kt + k_thw[1] + k_thw[2]  # width of the factored bias terms R = [rel_t, rel_h, rel_w]
     if hd + kr > 512:
         raise ValueError(f"head dim {hd} + rel width {kr} > 512 is not supported by the Triton kernel")
-    cfg = config if config is not None else _configs(_Dims.of(hd, kr, True).wa, q.dtype, q.device)
+    cfg = config if config is not None else default_config(hd, kr, q.dtype, q.device)
     _check_config(cfg, q.device)
     if resolve_rel_impl(rel_impl, q.device) == "triton":
         g, rel_cfg = rel_setup(q, q_thw, k_thw, (rel_pos_t, rel_pos_h, rel_pos_w), has_cls)

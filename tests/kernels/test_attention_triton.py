@@ -401,7 +401,7 @@ def test_gpu_memory_budget(q_thw, nh):
     call()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    cfg = triton_attn._configs(triton_attn._Dims.of(72, sum(k_thw), True).wa, q.dtype, q.device)
+    cfg = triton_attn.default_config(72, sum(k_thw), q.dtype, q.device)
     budget, slack = _memory_budget(q, k, k_thw, tables, cfg, torch.cuda.get_device_properties(0).multi_processor_count)
     assert peak <= budget + slack + 64 * 1024, (peak / 2**20, budget / 2**20)
 
