@@ -208,7 +208,6 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
     tables = (t, h, w)
     hd, scale = s.hd, s.hd**-0.5
     g, rbase = rt.rel_setup(q, s.q_thw, s.k_thw, tables, True)
-    tabs = rt._tables(tables, q.dtype)
     r = rt.rel_forward(q, tables, g, rbase)
     kr = r.shape[-1]
     layouts = {split: ta._Dims.of(hd, kr, split) for split in (True, False)}
@@ -245,11 +244,11 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
 
     def rel_fwd(change):
         cfg = dataclasses.replace(rbase, **change)
-        return (rt._fwd(q, tabs, g, cfg),), lambda: rt._fwd(q, tabs, g, cfg)
+        return (rt._fwd(q, tables, g, cfg),), lambda: rt._fwd(q, tables, g, cfg)
 
     def rel_dq(change):
         cfg = dataclasses.replace(rbase, **change)
-        return (rt._bwd_q(dr, q, tabs, g, cfg),), lambda: rt._bwd_q(dr, q, tabs, g, cfg)
+        return (rt._bwd_q(dr, q, tables, g, cfg),), lambda: rt._bwd_q(dr, q, tables, g, cfg)
 
     def rel_dtab(change):
         cfg = dataclasses.replace(rbase, **change)

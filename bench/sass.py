@@ -77,6 +77,7 @@ class Launch:
     num_warps: int
     num_stages: int
     grid: tuple = ()
+    maxnreg: Optional[int] = None  # register cap per thread asked by the launch (ptx .maxnreg)
 
     @property
     def programs(self) -> int:
@@ -96,6 +97,7 @@ class SassStats:
     instructions: int  # SASS instructions of one thread (= warp instructions of one warp)
     mix: dict  # opcode -> count
     loops: list  # backward branches (first address, branch address, instructions in the body)
+    loop_local: int = 0  # spill loads/stores (LDL/STL) inside a loop body: the ones that cost per trip
 
     def count(self, cls: str) -> int:
         return sum(self.mix.get(op, 0) for op in SLOW_CLASSES[cls])
@@ -116,6 +118,7 @@ class SassStats:
         out = {k: getattr(self, k) for k in ("name", "arch", "num_warps", "registers", "local_bytes", "shared_bytes",
                                               "instructions", "has_loops")}  # fmt: skip
         out["loop_bodies"] = [n for _, _, n in self.loops]
+        out["loop_local"] = self.loop_local
         out.update({cls: self.count(cls) for cls in SLOW_CLASSES})
         out["top"] = dict(collections.Counter(self.mix).most_common(12))
         return out
@@ -174,6 +177,7 @@ def capture_launches(arch: int = 90) -> Iterator[list]:
                 num_warps=compile["num_warps"],
                 num_stages=compile["num_stages"],
                 grid=grids.get(id(jit), ()),
+                maxnreg=json.loads(compile["specialization_data"])["options"].get("maxnreg"),
             )
         )
         return True  # skip compile and launch
@@ -224,9 +228,10 @@ def parse_sass(sass: str) -> tuple[dict, list]:
 def compile_launch(launch: Launch, arch: int = 90) -> SassStats:
     """Compile one captured launch for ``sm_<arch>`` and read its resources and SASS."""
     src = ASTSource(launch.fn, launch.signature, launch.constexprs, launch.attrs)
-    ck = triton.compile(
-        src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
-    )
+    options = dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
+    if launch.maxnreg is not None:
+        options["maxnreg"] = launch.maxnreg
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
@@ -248,7 +253,14 @@ def compile_launch(launch: Launch, arch: int = 90) -> SassStats:
         instructions=sum(mix.values()),
         mix=mix,
         loops=loops,
+        loop_local=_in_loops(sass, loops, SLOW_CLASSES["local"]),
     )
+
+
+def _in_loops(sass: str, loops: list, opcodes: tuple) -> int:
+    """How many instructions with one of ``opcodes`` lie inside a loop body of ``parse_sass``."""
+    return sum(1 for m in _OP_RE.finditer(sass) if m.group(2) in opcodes
+               and any(lo <= int(m.group(1), 16) <= hi for lo, hi, _ in loops))
 
 
 # H100 SXM: 132 SMs, 4 schedulers each issuing at most one warp instruction per clock.
@@ -341,13 +353,17 @@ def attention_launches(
     """Capture every launch of one (bf16 unless ``dtype``) forward + backward of kernels.attention's Triton backend at the
     first MViTv2 stage shape of ``model`` (bench/attention.py), with the H100 tile table and the
     query chunking an H100 would get at ``batch`` clips (the capture itself runs B = 1). ``overrides``:
-    RelPosAttnConfig fields to change; ``rel_impl="triton"`` adds the fused rel-terms kernels."""
+    RelPosAttnConfig fields to change; ``rel_impl="triton"`` adds the fused rel-terms kernels, and
+    ``fused=True`` (with it) moves them into the attention kernels (``fused_rel_config``)."""
     import torch
 
     from bench.attention import K_GRID, MODELS, Q_GRIDS
     from kernels.attention.reference import rel_table_len
-    from kernels.attention.triton_attn import RelPosAttnConfig, default_config, dkdv_split, relpos_attention_triton
+    from kernels.attention.triton_attn import (
+        RelPosAttnConfig, default_config, dkdv_split, fused_rel_config, relpos_attention_triton,
+    )
 
+    fused = overrides.pop("fused", False)  # the rel terms inside the attention kernels (fused_rel_config)
     dtype = dtype or torch.bfloat16
     hd, nh = MODELS[model]["hd"], MODELS[model]["heads"][0]
     q_thw, k_thw = Q_GRIDS[0], K_GRID
@@ -358,7 +374,7 @@ def attention_launches(
     tables = [torch.zeros(rel_table_len(a, b), hd, requires_grad=True) for a, b in zip(q_thw, k_thw)]
     cfg: RelPosAttnConfig = default_config(hd, sum(k_thw), dtype, torch.device("cuda"))
     chunks, _ = dkdv_split(cfg, nq, nk, batch * nh, H100_SMS)
-    cfg = dataclasses.replace(cfg, dkdv_chunks=chunks, **overrides)
+    cfg = dataclasses.replace(fused_rel_config(cfg) if fused else cfg, dkdv_chunks=chunks, **overrides)
     with capture_launches(arch) as launches:
         out = relpos_attention_triton(q, k, v, q_thw, k_thw, *tables, config=cfg, rel_impl=rel_impl)
         out.float().sum().backward()
@@ -370,6 +386,7 @@ ATTENTION_PATHS = {  # path label -> attention_launches keyword arguments
     "rows padded to one power of two": dict(split=False),
     "k' assembled in the kernels": dict(pack_k=False),  # the default where Nq < 2·Nk (stage 4)
     "fused rel terms": dict(rel_impl="triton"),
+    "rel terms inside the attention kernels": dict(rel_impl="triton", fused=True),
 }
 
 
@@ -400,16 +417,18 @@ def _attention_markdown(rows: list[dict], arch: int) -> str:
             "Instructions are static per thread (loop bodies counted once); spill = local memory bytes per thread.",
             f"Shared memory limit per program on sm_{arch}: {SHARED_LIMIT.get(arch)} bytes.",
         ],
-        ["model", "path", "kernel", "warps", "stages", "regs", "spill B", "shared B", "instr", "MMA", "SHFL", "BAR"],
+        ["model", "path", "kernel", "warps", "stages", "regs", "spill B", "spill ops in loops", "shared B", "instr",
+         "MMA", "SHFL", "BAR"],
         [[r["model"], r["path"], r["name"], r["num_warps"], r["num_stages"], r["registers"], r["local_bytes"],
-          r["shared_bytes"], r["instructions"], r["tensor"], r["shuffle"], r["barrier"]] for r in rows],
+          r["loop_local"], r["shared_bytes"], r["instructions"], r["tensor"], r["shuffle"], r["barrier"]] for r in rows],
     )
 
 
 def check(arch: int = 90) -> list[str]:
     """Problems of our default kernels on sm_<arch>: a failed lowering, shared memory over the limit,
     register spills (HOG cells and cells-ptx kernels; bf16 attention forward and backward, with
-    the fused rel terms too) or cross-lane traffic in the HOG kernels. Empty when all is well."""
+    the fused rel terms too; kernels launched with a register cap may spill outside their loops
+    only) or cross-lane traffic in the HOG kernels. Empty when all is well."""
     import torch
 
     from kernels.hog import triton_hog
@@ -426,15 +445,20 @@ def check(arch: int = 90) -> list[str]:
                                 ("barriers", st.count("barrier"))):  # fmt: skip
                 if value:
                     problems.append(f"HOG {variant} kernel ({dtype}) has {value} {what} on sm_{arch}")
-    for path in ("default (split rows)", "k' assembled in the kernels", "fused rel terms"):
+    for path in ("default (split rows)", "k' assembled in the kernels", "fused rel terms",
+                 "rel terms inside the attention kernels"):
         for launch in attention_launches(arch, "L", **ATTENTION_PATHS[path]):
             st = compile_launch(launch, arch)
             print(f"attention ({path}) {launch.name}: regs {st.registers} spill {st.local_bytes} "
-                  f"shared {st.shared_bytes}", flush=True)  # fmt: skip
+                  f"(in loops: {st.loop_local} ops) shared {st.shared_bytes}", flush=True)  # fmt: skip
             if limit and st.shared_bytes > limit:
                 problems.append(f"{launch.name} ({path}) needs {st.shared_bytes} B shared > {limit} on sm_{arch}")
-            if st.local_bytes:
-                problems.append(f"{launch.name} ({path}, bf16) spills {st.local_bytes} B per thread on sm_{arch}")
+            if launch.maxnreg is not None and st.registers > launch.maxnreg:
+                problems.append(f"{launch.name} ({path}) uses {st.registers} registers over its cap {launch.maxnreg}")
+            # a capped kernel may spill outside its loops (once per program); anything else is a problem
+            if st.loop_local if launch.maxnreg is not None else st.local_bytes:
+                problems.append(f"{launch.name} ({path}, bf16) spills {st.local_bytes} B per thread "
+                                f"({st.loop_local} spill ops in loops) on sm_{arch}")
     return problems
 
 

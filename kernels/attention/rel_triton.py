@@ -149,6 +149,36 @@ def _fwd_axis(
 
 
 @triton.jit
+def _rel_fwd_rows(
+    q_ptr, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr, r_ptr, bh, offs_m,
+    sq_b, sq_h, sq_n, sq_d, n_heads,
+    HD: tl.constexpr, BD: tl.constexpr, HQ: tl.constexpr, WQ: tl.constexpr, NQR: tl.constexpr,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, E: tl.constexpr, VEC: tl.constexpr,
+    KPT: tl.constexpr, KPH: tl.constexpr, KPW: tl.constexpr,
+    LT: tl.constexpr, LH: tl.constexpr, LW: tl.constexpr, LPT: tl.constexpr, LPH: tl.constexpr, LPW: tl.constexpr,
+    HAS_T: tl.constexpr, HAS_CLS: tl.constexpr, PREC: tl.constexpr,
+):
+    """Rows ``offs_m`` (non-cls indices; those outside [0, NQR) are skipped) of R for batch·head
+    ``bh``; r_ptr points at bh's (Nq', E) block. The window of table rows each axis's dot covers
+    (LP*) must have been sized for how ``offs_m`` is blocked (:func:`_windows`)."""
+    offs_d = tl.arange(0, BD)
+    m_ok = (offs_m >= 0) & (offs_m < NQR)
+    d_ok = offs_d < HD
+    rows = tl.maximum(offs_m, 0)
+    q_off = _q_rows(bh, rows + HAS_CLS, n_heads, sq_b, sq_h, sq_n, VEC)  # (BM,)
+    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :] * sq_d,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, BD), q's dtype
+    t = rows // (HQ * WQ)
+    h = (rows // WQ) % HQ
+    w = rows % WQ
+    r_row = r_ptr + rows * E  # (BM,) row pointers
+    if HAS_T:
+        _fwd_axis(q, t, m_ok, offs_d, d_ok, r_row, dt_ptr, tt_ptr, HD, KT, KPT, LT, LPT, 0, PREC)
+    _fwd_axis(q, h, m_ok, offs_d, d_ok, r_row, dh_ptr, th_ptr, HD, KH, KPH, LH, LPH, KT, PREC)
+    _fwd_axis(q, w, m_ok, offs_d, d_ok, r_row, dw_ptr, tw_ptr, HD, KW, KPW, LW, LPW, KT + KH, PREC)
+
+
+@triton.jit
 def _rel_fwd_kernel(
     q_ptr, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr, r_ptr,
     sq_b, sq_h, sq_n, sq_d, n_heads,
@@ -159,25 +189,12 @@ def _rel_fwd_kernel(
     HAS_T: tl.constexpr, HAS_CLS: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # q (B, nh, Nq, hd) strided, tables (L, hd) in q's dtype, dist (Q, K) int32, R (B·nh, Nq', E)
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    r_ptr += bh * NQR * E
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # non-cls row index
-    offs_d = tl.arange(0, BD)
-    m_ok = offs_m < NQR
-    d_ok = offs_d < HD
-    q_off = _q_rows(bh, offs_m + HAS_CLS, n_heads, sq_b, sq_h, sq_n, VEC)  # (BM,)
-    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :] * sq_d,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, BD), q's dtype
-    t = offs_m // (HQ * WQ)
-    h = (offs_m // WQ) % HQ
-    w = offs_m % WQ
-    r_row = r_ptr + offs_m * E  # (BM,) row pointers
-    if HAS_T:
-        _fwd_axis(q, t, m_ok, offs_d, d_ok, r_row, dt_ptr, tt_ptr, HD, KT, KPT, LT, LPT, 0, PREC)
-    _fwd_axis(q, h, m_ok, offs_d, d_ok, r_row, dh_ptr, th_ptr, HD, KH, KPH, LH, LPH, KT, PREC)
-    _fwd_axis(q, w, m_ok, offs_d, d_ok, r_row, dw_ptr, tw_ptr, HD, KW, KPW, LW, LPW, KT + KH, PREC)
+    _rel_fwd_rows(
+        q_ptr, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr, r_ptr + bh * NQR * E, bh,
+        tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), sq_b, sq_h, sq_n, sq_d, n_heads,
+        HD, BD, HQ, WQ, NQR, KT, KH, KW, E, VEC, KPT, KPH, KPW, LT, LH, LW, LPT, LPH, LPW, HAS_T, HAS_CLS, PREC,
+    )
 
 
 @triton.jit
@@ -202,23 +219,16 @@ def _dq_axis(
 
 
 @triton.jit
-def _rel_dq_kernel(
-    dr_ptr, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr, dq_ptr,
+def _rel_dq_rows(
+    dr_ptr, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr, dq_ptr, offs_n,
     HD: tl.constexpr, D1: tl.constexpr, REM: tl.constexpr, D2: tl.constexpr,
     HQ: tl.constexpr, WQ: tl.constexpr, NQR: tl.constexpr,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, E: tl.constexpr,
     HAS_T: tl.constexpr, HAS_CLS: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr,
 ):
-    # dR (B·nh, Nq', E), fp32 tables (L, hd) → dq (B·nh, Nq, hd) with Nq = Nq' + cls; the cls row gets zeros.
-    # ACC: add to what dq holds (the attention kernel's own dq) instead of overwriting it.
-    # hd = D1 + REM: D1 the largest power of two ≤ hd, REM ≤ D2 = next_pow2(REM) (no work on padding)
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    """q's rel-path gradient of the BLOCK_M rows ``offs_n`` (rows of q, cls included) of one batch·head:
+    dR (Nq', E) at dr_ptr, dq (Nq, hd) at dq_ptr; the cls row gets zeros (ACC: adds to dq)."""
     NQ: tl.constexpr = NQR + HAS_CLS
-    dr_ptr += bh * NQR * E
-    dq_ptr += bh * NQ * HD
-
-    offs_n = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row of q (cls included)
     offs_d1 = tl.arange(0, D1)
     offs_d2 = tl.arange(0, D2)
     n_ok = offs_n < NQ
@@ -246,6 +256,25 @@ def _rel_dq_kernel(
                             other=0.0).to(tl.float32)
         tl.store(out + D1 + offs_d2[None, :], acc2.to(dq_ptr.dtype.element_ty),
                  mask=n_ok[:, None] & (offs_d2 < REM)[None, :])
+
+
+@triton.jit
+def _rel_dq_kernel(
+    dr_ptr, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr, dq_ptr,
+    HD: tl.constexpr, D1: tl.constexpr, REM: tl.constexpr, D2: tl.constexpr,
+    HQ: tl.constexpr, WQ: tl.constexpr, NQR: tl.constexpr,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, E: tl.constexpr,
+    HAS_T: tl.constexpr, HAS_CLS: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr,
+):
+    # dR (B·nh, Nq', E), fp32 tables (L, hd) → dq (B·nh, Nq, hd) with Nq = Nq' + cls; the cls row gets zeros.
+    # ACC: add to what dq holds (the attention kernel's own dq) instead of overwriting it.
+    # hd = D1 + REM: D1 the largest power of two ≤ hd, REM ≤ D2 = next_pow2(REM) (no work on padding)
+    bh = tl.program_id(1).to(tl.int64)
+    _rel_dq_rows(
+        dr_ptr + bh * NQR * E, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr, dq_ptr + bh * (NQR + HAS_CLS) * HD,
+        tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M),
+        HD, D1, REM, D2, HQ, WQ, NQR, KT, KH, KW, E, HAS_T, HAS_CLS, BLOCK_M, ACC,
+    )
 
 
 @triton.jit
@@ -410,12 +439,14 @@ def _tables(tables: Sequence[Optional[torch.Tensor]], dtype: torch.dtype) -> lis
 
 
 @functools.lru_cache(maxsize=64)
-def _windows(g: _Geom, block: int) -> tuple:
-    """(LP_t, LP_h, LP_w): per axis, the most table rows one forward block of ``block`` non-cls
-    rows can use (dist[pos_max, 0] − dist[pos_min, K−1] + 1 over the block), as a power of two ≥ 16."""
+def _windows(g: _Geom, block: int, shift: int = 0) -> tuple:
+    """(LP_t, LP_h, LP_w): per axis, the most table rows one forward block can use
+    (dist[pos_max, 0] − dist[pos_min, K−1] + 1 over the block), as a power of two ≥ 16. Blocks are
+    ``block`` consecutive non-cls rows starting at multiples of ``block`` − ``shift`` (the fused
+    attention forward's query tiles hold the cls row: shift 1)."""
     Tq, Hq, Wq = g.q_thw
     rp = torch.arange(g.nqr)
-    blk = rp // block
+    blk = (rp + shift) // block
     nb = int(blk[-1]) + 1
     coords = (rp // (Hq * Wq), (rp // Wq) % Hq, rp % Wq)  # (Nq',) t, h, w of each row
     out = []
@@ -436,44 +467,62 @@ def _q_vec(q: torch.Tensor) -> int:
     return math.gcd(g, 16) if g else 16
 
 
-def _fwd(q: torch.Tensor, tabs: list, g: _Geom, cfg: RelTritonConfig) -> torch.Tensor:
-    """q (B, nh, Nq, hd), tables in q's dtype → R (B, nh, Nq', E) in q's dtype."""
-    B, nh, _, hd = q.shape
-    r = _empty(B, nh, g.nqr, g.e, dtype=q.dtype, device=q.device)
-    lp = _windows(g, cfg.fwd_block_m)
-    grid = (triton.cdiv(g.nqr, cfg.fwd_block_m), B * nh)
-    _rel_fwd_kernel[grid](
-        q, *tabs, *_dists(g, q.device), r, *q.stride(), nh,
+def fwd_rows_args(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _Geom, block: int, shift: int = 0) -> tuple:
+    """(tensors, constexprs) that :func:`_rel_fwd_rows` takes after q_ptr for blocks of ``block``
+    non-cls rows shifted by ``shift`` (:func:`_windows`): the tables in q's dtype, the distance
+    tables, and the geometry; also what the fused attention forward passes (``triton_attn``)."""
+    tabs = _tables(tables, q.dtype)
+    lp = _windows(g, block, shift)
+    hd = q.shape[-1]
+    consts = dict(
         HD=hd, BD=_pow2(hd), HQ=g.q_thw[1], WQ=g.q_thw[2], NQR=g.nqr,
         KT=g.kt, KH=g.k_thw[1], KW=g.k_thw[2], E=g.e, VEC=_q_vec(q),
         KPT=_pow2(g.kt, 2), KPH=_pow2(g.k_thw[1], 2), KPW=_pow2(g.k_thw[2], 2),
         LT=tabs[0].shape[0], LH=tabs[1].shape[0], LW=tabs[2].shape[0], LPT=lp[0], LPH=lp[1], LPW=lp[2],
         HAS_T=g.has_t, HAS_CLS=int(g.has_cls), PREC=2 if q.dtype == torch.float32 else 0,
-        BLOCK_M=cfg.fwd_block_m, num_warps=cfg.fwd_warps,
+    )
+    return (*tabs, *_dists(g, q.device)), consts
+
+
+def dq_rows_args(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _Geom) -> tuple:
+    """(tensors, constexprs) that :func:`_rel_dq_rows` takes after dr_ptr: fp32 copies of the
+    q-dtype-rounded tables (same values, no conversions in the kernel), the distance tables, and
+    the geometry, with hd split into two exact power-of-two pieces D1 + REM (REM ≤ D2)."""
+    hd = q.shape[-1]
+    d1 = 1 << (hd.bit_length() - 1)  # largest power of two ≤ hd
+    consts = dict(
+        HD=hd, D1=d1, REM=hd - d1, D2=_pow2(hd - d1, 1) if hd > d1 else 2,
+        HQ=g.q_thw[1], WQ=g.q_thw[2], NQR=g.nqr,
+        KT=g.kt, KH=g.k_thw[1], KW=g.k_thw[2], E=g.e, HAS_T=g.has_t, HAS_CLS=int(g.has_cls),
+    )
+    return (*[t.float() for t in _tables(tables, q.dtype)], *_dists(g, q.device)), consts
+
+
+def _fwd(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _Geom, cfg: RelTritonConfig) -> torch.Tensor:
+    """q (B, nh, Nq, hd), the tables → R (B, nh, Nq', E) in q's dtype."""
+    B, nh, _, hd = q.shape
+    r = _empty(B, nh, g.nqr, g.e, dtype=q.dtype, device=q.device)
+    tensors, consts = fwd_rows_args(q, tables, g, cfg.fwd_block_m)
+    grid = (triton.cdiv(g.nqr, cfg.fwd_block_m), B * nh)
+    _rel_fwd_kernel[grid](
+        q, *tensors, r, *q.stride(), nh, **consts, BLOCK_M=cfg.fwd_block_m, num_warps=cfg.fwd_warps,
     )
     return r
 
 
 def _bwd_q(
-    dr: torch.Tensor, q: torch.Tensor, tabs: list, g: _Geom, cfg: RelTritonConfig, dq: Optional[torch.Tensor] = None
+    dr: torch.Tensor, q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _Geom, cfg: RelTritonConfig,
+    dq: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """dR (B, nh, Nq', E) contiguous, tables in q's dtype → dq (B, nh, Nq, hd) in q's dtype, zero cls row;
-    added in place to ``dq`` (contiguous, q's shape and dtype) when it is given.
-
-    The kernel reads fp32 copies of the (q-dtype-rounded) tables: same values, no conversions."""
+    """dR (B, nh, Nq', E) contiguous, tables → dq (B, nh, Nq, hd) in q's dtype, zero cls row;
+    added in place to ``dq`` (contiguous, q's shape and dtype) when it is given."""
     B, nh, Nq, hd = q.shape
     acc = dq is not None
     if not acc:
         dq = _empty(B, nh, Nq, hd, dtype=q.dtype, device=q.device)
-    d1 = 1 << (hd.bit_length() - 1)  # largest power of two ≤ hd
+    tensors, consts = dq_rows_args(q, tables, g)
     grid = (triton.cdiv(Nq, cfg.dq_block_m), B * nh)
-    _rel_dq_kernel[grid](
-        dr, *[t.float() for t in tabs], *_dists(g, q.device), dq,
-        HD=hd, D1=d1, REM=hd - d1, D2=_pow2(hd - d1, 1) if hd > d1 else 2,
-        HQ=g.q_thw[1], WQ=g.q_thw[2], NQR=g.nqr,
-        KT=g.kt, KH=g.k_thw[1], KW=g.k_thw[2], E=g.e, HAS_T=g.has_t, HAS_CLS=int(g.has_cls),
-        BLOCK_M=cfg.dq_block_m, ACC=acc, num_warps=cfg.dq_warps,
-    )
+    _rel_dq_kernel[grid](dr, *tensors, dq, **consts, BLOCK_M=cfg.dq_block_m, ACC=acc, num_warps=cfg.dq_warps)
     return dq
 
 
@@ -526,7 +575,7 @@ def _bwd_tables(
 # ----------------------------------------------------------------------------------------------
 def rel_forward(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _Geom, cfg: RelTritonConfig) -> torch.Tensor:
     """R (B, nh, Nq', E) in q's dtype, outside autograd (inputs checked by the caller)."""
-    return _fwd(q, _tables(tables, q.dtype), g, cfg)
+    return _fwd(q, tables, g, cfg)
 
 
 def rel_backward(
@@ -536,7 +585,7 @@ def rel_backward(
     """(dq, d_rel_pos_t, d_rel_pos_h, d_rel_pos_w) from dR; ``needs``: which of the four to compute.
     With ``dq`` given (contiguous, q's shape and dtype), q's gradient is added to it in place."""
     dr = dr.to(q.dtype).contiguous()  # (B, nh, Nq', E)
-    dq_out = _bwd_q(dr, q, _tables(tables, q.dtype), g, cfg, dq) if needs[0] else dq
+    dq_out = _bwd_q(dr, q, tables, g, cfg, dq) if needs[0] else dq
     d_tabs = [None, None, None]
     if any(needs[1:4]):
         d_tabs = _bwd_tables(dr, q, tables, g, cfg)

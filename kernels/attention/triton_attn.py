@@ -90,6 +90,7 @@ fixed stage shapes.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -100,7 +101,7 @@ import triton.language as tl
 from kernels import launchable_on
 
 from .reference import check_inputs, key_onehot, rel_matrix, resolve_rel_impl
-from .rel_triton import rel_backward, rel_forward, rel_setup
+from .rel_triton import _rel_dq_rows, _rel_fwd_rows, dq_rows_args, fwd_rows_args, rel_backward, rel_forward, rel_setup
 
 __all__ = ["relpos_attention_triton", "RelPosAttnConfig"]
 
@@ -192,16 +193,33 @@ def _store_cols(ptr, x, offs_r, r_ok, C0: tl.constexpr, NC: tl.constexpr, WIDTH:
 
 @triton.jit
 def _fwd_kernel(
-    q_ptr, r_ptr, k_ptr, e_ptr, v_ptr, o_ptr, lse_ptr,
+    q_ptr, r_ptr, k_ptr, e_ptr, v_ptr, o_ptr, lse_ptr, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr,
     Nq, Nk, c_q,
     HD: tl.constexpr, KR: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     KW: tl.constexpr, HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_KT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_KT: tl.constexpr, FUSE_REL: tl.constexpr = False,
+    R_HD: tl.constexpr = 1, R_BD: tl.constexpr = 1, R_HQ: tl.constexpr = 1, R_WQ: tl.constexpr = 1,
+    R_NQR: tl.constexpr = 1, R_KT: tl.constexpr = 1, R_KH: tl.constexpr = 1, R_KW: tl.constexpr = 1,
+    R_E: tl.constexpr = 1, R_VEC: tl.constexpr = 1, R_KPT: tl.constexpr = 1, R_KPH: tl.constexpr = 1,
+    R_KPW: tl.constexpr = 1, R_LT: tl.constexpr = 1, R_LH: tl.constexpr = 1, R_LW: tl.constexpr = 1,
+    R_LPT: tl.constexpr = 1, R_LPH: tl.constexpr = 1, R_LPW: tl.constexpr = 1, R_HAS_T: tl.constexpr = 1,
+    R_HAS_CLS: tl.constexpr = 1, R_PREC: tl.constexpr = 0,
 ):
     # q (BH, Nq, HD), R (BH, Nq', KR), k (BH, Nk, KW), e (Nk, E), v (BH, Nk, HD), o (BH, Nq, HD), lse (BH, Nq)
+    # FUSE_REL: this program first writes R's rows of its query tile (rel_triton._rel_fwd_rows, the
+    # tables tt/th/tw in q's dtype, the distance tables dt/dh/dw; R_*: fwd_rows_args), then reads them back
     E: tl.constexpr = A1 + A2 - HD
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if FUSE_REL:
+        _rel_fwd_rows(
+            q_ptr, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr, r_ptr + bh * (Nq - HAS_CLS) * KR, bh,
+            offs_m - HAS_CLS, Nq * HD, 0, HD, 1, 1,
+            R_HD, R_BD, R_HQ, R_WQ, R_NQR, R_KT, R_KH, R_KW, R_E, R_VEC, R_KPT, R_KPH, R_KPW,
+            R_LT, R_LH, R_LW, R_LPT, R_LPH, R_LPW, R_HAS_T, R_HAS_CLS, R_PREC,
+        )
+        tl.debug_barrier()  # the rows this program stored are read below by all of its threads
     q_ptr += bh * Nq * HD
     r_ptr += bh * (Nq - HAS_CLS) * KR
     k_ptr += bh * Nk * KW
@@ -210,7 +228,6 @@ def _fwd_kernel(
     lse_ptr += bh * Nq
     dt = k_ptr.dtype.element_ty
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Nq
     offs_n0 = tl.arange(0, BLOCK_N)
     qa1 = _q_aug(q_ptr, r_ptr, offs_m, 0, A1, Nq, c_q, HD, KR, HAS_CLS).to(dt)  # (BM, A1)
@@ -260,13 +277,20 @@ def _store_dq_dr(acc, C0: tl.constexpr, NC: tl.constexpr, offs_m, m_ok, dq_ptr, 
 @triton.jit
 def _dq_kernel(
     q_ptr, r_ptr, k_ptr, e_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dr_ptr, qa_ptr,
+    tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr,
     Nq, Nk, c_q, scale,
     HD: tl.constexpr, KR: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     KW: tl.constexpr, HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_KT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_KT: tl.constexpr, FUSE_REL: tl.constexpr = False,
+    R_HD: tl.constexpr = 1, R_D1: tl.constexpr = 1, R_REM: tl.constexpr = 0, R_D2: tl.constexpr = 1,
+    R_HQ: tl.constexpr = 1, R_WQ: tl.constexpr = 1, R_NQR: tl.constexpr = 1, R_KT: tl.constexpr = 1,
+    R_KH: tl.constexpr = 1, R_KW: tl.constexpr = 1, R_E: tl.constexpr = 1, R_HAS_T: tl.constexpr = 1,
+    R_HAS_CLS: tl.constexpr = 1,
 ):
     # A = dS @ k' (BM, A1+A2): dq = scale·A[:, :HD], dR = A[:, HD:HD+KR]. Also writes, for the dk/dv
     # kernel, delta = rowsum(dO·O) (BH, Nq) and the packed q'' rows (BH, Nq, A1+A2) it builds anyway.
+    # FUSE_REL: then adds q's rel-path gradient to the dq rows it stored (rel_triton._rel_dq_rows
+    # from the dR rows it stored; fp32 tables tt/th/tw, distance tables dt/dh/dw; R_*: dq_rows_args)
     WA: tl.constexpr = A1 + A2
     E: tl.constexpr = WA - HD
     pid_m = tl.program_id(0)
@@ -324,6 +348,11 @@ def _dq_kernel(
     _store_dq_dr(acc1, 0, A1, offs_m, m_ok, dq_ptr, dr_ptr, scale, HD, KR, HAS_CLS)
     if A2 > 0:
         _store_dq_dr(acc2, A1, A2, offs_m, m_ok, dq_ptr, dr_ptr, scale, HD, KR, HAS_CLS)
+    if FUSE_REL:
+        tl.debug_barrier()  # the dq and dR rows stored above are read back by all of this program's threads
+        _rel_dq_rows(dr_ptr, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr, dq_ptr, offs_m,
+                     R_HD, R_D1, R_REM, R_D2, R_HQ, R_WQ, R_NQR, R_KT, R_KH, R_KW, R_E, R_HAS_T, R_HAS_CLS,
+                     BLOCK_M, True)
 
 
 @triton.jit
@@ -454,6 +483,13 @@ class RelPosAttnConfig:
     # +27 / +20 registers in those kernels offline on sm_90, 3 → 2 programs per SM) for
     # B·nh·Nk·(A1+A2) more memory. None: packed when Nq ≥ 2·Nk (:func:`_pack_k`)
     pack_k: Optional[bool] = None
+    # with rel_impl "triton": compute R inside the forward kernel (each query tile writes its rows,
+    # kept for the backward) and add q's rel-path gradient inside the dq kernel, instead of two
+    # separate rel-term kernels (rel_triton's forward and dq: a third of the kernel time at
+    # MViTv2-L stage 1 on an H100). Same values bit for bit; not yet timed on a GPU
+    fuse_rel: bool = False
+    fwd_maxnreg: Optional[int] = None  # register cap per thread of the forward kernel (None: ptxas decides)
+    dq_maxnreg: Optional[int] = None  # the same for the dq kernel
 
 
 def _configs(wa: int, dtype: torch.dtype, device: torch.device) -> RelPosAttnConfig:
@@ -469,6 +505,21 @@ def _configs(wa: int, dtype: torch.dtype, device: torch.device) -> RelPosAttnCon
 def default_config(hd: int, kr: int, dtype: torch.dtype, device: torch.device) -> RelPosAttnConfig:
     """The table a call with head dim ``hd`` and rel width ``kr`` runs without ``config``."""
     return _configs(_Dims.of(hd, kr, True).wa, dtype, device)
+
+
+def regs_for(programs_per_sm: int, warps: int) -> int:
+    """The most registers per thread that still let ``programs_per_sm`` programs of ``warps`` warps
+    share one SM's 64 K registers (allocated in steps of 8 per thread, at most 255): 168 for 3 of 4 warps."""
+    return min(255, (65536 // (programs_per_sm * warps * 32)) // 8 * 8)
+
+
+def fused_rel_config(cfg: RelPosAttnConfig) -> RelPosAttnConfig:
+    """``cfg`` with the rel terms inside the forward and dq kernels (``fuse_rel``), capped at the
+    registers of 3 programs per SM: uncapped, the fused kernels take 174 / 186 registers at
+    MViTv2-L stage 1 (2 programs per SM); capped at 168 the forward spills nothing and the dq
+    kernel 64 bytes, outside its loop (sm_90 offline, ``bench.sass``)."""
+    return dataclasses.replace(cfg, fuse_rel=True, fwd_maxnreg=regs_for(3, cfg.fwd_warps),
+                               dq_maxnreg=regs_for(3, cfg.dq_warps))
 
 
 def _next_pow2(x: int) -> int:
@@ -551,39 +602,59 @@ def _check_device(q: torch.Tensor) -> None:
     )
 
 
-def _fwd(q, r, k, e, v, dims: _Dims, has_cls, scale, cfg):
+def _launch(warps: int, stages: int, maxnreg: Optional[int]) -> dict:
+    """Launch options: warps, pipeline stages and, when given, a register cap per thread (ptxas
+    spills above it; Triton ignores it in the interpreter)."""
+    return dict(num_warps=warps, num_stages=stages, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
+
+
+def _rel_args(q, rel, rows_args, **kw) -> tuple:
+    """(the six rel-table pointers, R_* constexprs) of a fused kernel: ``rel`` = (tables, geometry)
+    runs the rel terms inside it (``rows_args``: rel_triton's argument builder, given ``kw``);
+    None passes q as an unused stand-in and no constexprs (the kernel's defaults: FUSE_REL off)."""
+    if rel is None:
+        return (q,) * 6, {}
+    tensors, consts = rows_args(q, *rel, **kw)
+    return tensors, dict(FUSE_REL=True, **{f"R_{name}": value for name, value in consts.items()})
+
+
+def _fwd(q, r, k, e, v, dims: _Dims, has_cls, scale, cfg, rel=None):
     """q (B, nh, Nq, hd), R (B, nh, Nq', KR), k (B, nh, Nk, hd) or the packed k' rows
     (B, nh, Nk, A1+A2), the keys' one-hot table e (Nk, A1+A2 − hd), v → out (B, nh, Nq, hd),
-    lse2 (B, nh, Nq)."""
+    lse2 (B, nh, Nq). With ``rel`` = (tables, rel geometry) the kernel writes R itself (r: an
+    uninitialised buffer of R's shape)."""
     B, nh, Nq, _ = q.shape
     Nk = k.shape[2]
     o = _empty(*q.shape, dtype=q.dtype, device=q.device)
     lse = _empty(B, nh, Nq, dtype=torch.float32, device=q.device)
+    tabs, rel_consts = _rel_args(q, rel, fwd_rows_args, block=cfg.fwd_block_m, shift=int(has_cls))
     grid = (triton.cdiv(Nq, cfg.fwd_block_m), B * nh)
     _fwd_kernel[grid](
-        q, r, k, e, v, o, lse, Nq, Nk, scale * LOG2E,
+        q, r, k, e, v, o, lse, *tabs, Nq, Nk, scale * LOG2E,
         KR=dims.kr, **dims.constexprs(), KW=k.shape[-1], HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
         BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, N_KT=_trips(Nk, cfg.fwd_block_n, q.device),
-        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        **rel_consts, **_launch(cfg.fwd_warps, cfg.fwd_stages, cfg.fwd_maxnreg),
     )
     return o, lse
 
 
-def _bwd_dq(q, r, k, e, v, o, do, lse, dims: _Dims, has_cls, scale, cfg):
+def _bwd_dq(q, r, k, e, v, o, do, lse, dims: _Dims, has_cls, scale, cfg, rel=None):
     """dq (B, nh, Nq, hd), dR (B, nh, Nq', KR) in the input dtypes, and what the dk/dv kernel
-    reads: delta (B, nh, Nq) fp32 and the packed q'' rows (B, nh, Nq, A1+A2)."""
+    reads: delta (B, nh, Nq) fp32 and the packed q'' rows (B, nh, Nq, A1+A2). With ``rel`` =
+    (tables, rel geometry) dq includes q's rel-path gradient."""
     B, nh, Nq, _ = q.shape
     Nk = k.shape[2]
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
     dr = _empty(*r.shape, dtype=r.dtype, device=r.device)
     delta = _empty(B, nh, Nq, dtype=torch.float32, device=q.device)
     qa = _empty(B, nh, Nq, dims.wa, dtype=q.dtype, device=q.device)
+    tabs, rel_consts = _rel_args(q, rel, dq_rows_args)
     grid = (triton.cdiv(Nq, cfg.dq_block_m), B * nh)
     _dq_kernel[grid](
-        q, r, k, e, v, o, do, lse, delta, dq, dr, qa, Nq, Nk, scale * LOG2E, scale,
+        q, r, k, e, v, o, do, lse, delta, dq, dr, qa, *tabs, Nq, Nk, scale * LOG2E, scale,
         KR=dims.kr, **dims.constexprs(), KW=k.shape[-1], HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
         BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, N_KT=_trips(Nk, cfg.dq_block_n, q.device),
-        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+        **rel_consts, **_launch(cfg.dq_warps, cfg.dq_stages, cfg.dq_maxnreg),
     )
     return dq, dr, delta, qa
 
@@ -634,11 +705,12 @@ def _bwd_dkdv(qa, k, e, v, do, lse, delta, dims: _Dims, cfg):
     return out[0], out[1]
 
 
-def _bwd(do, q, r, k, v, o, lse, dims: _Dims, k_thw, kt, has_cls, scale, cfg):
-    """Gradients dq (B, nh, Nq, hd), dk, dv (B, nh, Nk, hd) and dR (B, nh, Nq', KR) in the input dtypes."""
+def _bwd(do, q, r, k, v, o, lse, dims: _Dims, k_thw, kt, has_cls, scale, cfg, rel=None):
+    """Gradients dq (B, nh, Nq, hd), dk, dv (B, nh, Nk, hd) and dR (B, nh, Nq', KR) in the input
+    dtypes; with ``rel`` = (tables, rel geometry), dq includes q's rel-path gradient."""
     do = do.to(q.dtype).contiguous()
     e = _key_table(k, k_thw, kt, dims, has_cls)
-    dq, dr, delta, qa = _bwd_dq(q, r, k, e, v, o, do, lse, dims, has_cls, scale, cfg)
+    dq, dr, delta, qa = _bwd_dq(q, r, k, e, v, o, do, lse, dims, has_cls, scale, cfg, rel)
     dk, dv = _bwd_dkdv(qa, k, e, v, do, lse, delta, dims, cfg)
     return dq, dk, dv, dr
 
@@ -646,15 +718,15 @@ def _bwd(do, q, r, k, v, o, lse, dims: _Dims, k_thw, kt, has_cls, scale, cfg):
 # ----------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------
-def _attn_forward(q, k, v, r, k_thw, kt, has_cls, scale, cfg) -> tuple:
+def _attn_forward(q, k, v, r, k_thw, kt, has_cls, scale, cfg, rel=None) -> tuple:
     """(o, what backward needs) for contiguous q, k, v, r; the saved k is the packed k' rows
-    where :func:`_pack_k` packs them."""
+    where :func:`_pack_k` packs them. ``rel``: see :func:`_fwd`."""
     dims = _Dims.of(q.shape[-1], r.shape[-1], cfg.split)
     e = _key_table(k, k_thw, kt, dims, has_cls)
     if _pack_k(cfg, q.shape[2], k.shape[2]):
         B, nh, Nk, _ = k.shape
         k = torch.cat([k, e.expand(B, nh, Nk, e.shape[-1])], dim=-1)  # (B, nh, Nk, A1+A2)
-    o, lse = _fwd(q, r, k, e, v, dims, has_cls, scale, cfg)
+    o, lse = _fwd(q, r, k, e, v, dims, has_cls, scale, cfg, rel)
     return o, (q, r, k, v, o, lse), (dims, k_thw, kt, has_cls, scale, cfg)
 
 
@@ -677,13 +749,19 @@ class _RelPosAttnFn(torch.autograd.Function):
 class _RelPosAttnFusedFn(torch.autograd.Function):
     """out = attention(q, k, v, tables) with R computed by the fused rel-term kernels
     (``rel_triton``) inside: q's rel-path gradient is added in place to the attention's own dq
-    (no second (B, nh, Nq, hd) tensor and no separate add), the tables' gradients come from dR."""
+    (no second (B, nh, Nq, hd) tensor and no separate add), the tables' gradients come from dR.
+    With ``cfg.fuse_rel`` the rel-term forward and q-gradient run inside the attention's forward
+    and dq kernels; only the tables' gradients stay a separate kernel."""
 
     @staticmethod
     def forward(ctx, q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, g, rel_cfg, k_thw, kt, has_cls, scale, cfg):
         q, tables = q.contiguous(), (rel_pos_t, rel_pos_h, rel_pos_w)
-        r = rel_forward(q, tables, g, rel_cfg)
-        o, saved, meta = _attn_forward(q, k.contiguous(), v.contiguous(), r, k_thw, kt, has_cls, scale, cfg)
+        if cfg.fuse_rel:
+            rel = (tables, g)
+            r = _empty(*q.shape[:2], g.nqr, g.e, dtype=q.dtype, device=q.device)  # written by the forward kernel
+        else:
+            rel, r = None, rel_forward(q, tables, g, rel_cfg)
+        o, saved, meta = _attn_forward(q, k.contiguous(), v.contiguous(), r, k_thw, kt, has_cls, scale, cfg, rel)
         ctx.save_for_backward(*saved, *tables)
         ctx.meta, ctx.rel = meta, (g, rel_cfg)
         return o
@@ -691,9 +769,10 @@ class _RelPosAttnFusedFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         *saved, rel_pos_t, rel_pos_h, rel_pos_w = ctx.saved_tensors
-        dq, dk, dv, dr = _bwd(do, *saved, *ctx.meta)
+        tables, (g, rel_cfg), fused = (rel_pos_t, rel_pos_h, rel_pos_w), ctx.rel, ctx.meta[-1].fuse_rel
+        dq, dk, dv, dr = _bwd(do, *saved, *ctx.meta, rel=(tables, g) if fused else None)
         q = saved[0]
-        grads = rel_backward(dr, q, (rel_pos_t, rel_pos_h, rel_pos_w), *ctx.rel, (True, *ctx.needs_input_grad[3:6]), dq=dq)
+        grads = rel_backward(dr, q, tables, g, rel_cfg, (not fused, *ctx.needs_input_grad[3:6]), dq=dq)
         return grads[0], dk, dv, *grads[1:], None, None, None, None, None, None, None
 
 

@@ -170,6 +170,44 @@ def test_fused_rel_terms(q_thw, k_thw, has_cls, dtype):
     check_against_oracle(inputs, q_thw, k_thw, has_cls, config=dataclasses.replace(cfg, split=False), rel_impl="triton")
 
 
+def _same_as_separate_rel_kernels(inputs, q_thw, k_thw, has_cls, cfg):
+    """The rel terms inside the attention kernels (``fused_rel_config``) give the output and all six
+    gradients bit for bit as the separate rel-term kernels do."""
+    grad_out = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(2)).to(inputs[0])
+    got = []
+    for config in (cfg, triton_attn.fused_rel_config(cfg)):
+        def fn(*x, config=config):
+            return relpos_attention_triton(*x[:3], q_thw, k_thw, *x[3:], has_cls=has_cls, config=config, rel_impl="triton")
+
+        got.append(_run(fn, inputs, grad_out))
+    for name, a, b in zip(["out", "dq", "dk", "dv", "d_rel"], *got):
+        assert torch.equal(a, b), f"{name}: max |Δ| {_err(a, b):.3g}"
+
+
+@pytest.mark.parametrize("q_thw,k_thw,has_cls,dtype", [
+    ((2, 8, 8), (2, 2, 2), True, torch.float32),
+    ((3, 5, 4), (3, 3, 2), False, torch.float32),
+    ((1, 15, 8), (1, 15, 8), True, torch.float32),  # query tiles hold the cls row: wider h window (16 → 32 rows)
+    ((2, 4, 4), (2, 4, 4), True, torch.float16),
+])
+def test_rel_terms_inside_the_attention_kernels(q_thw, k_thw, has_cls, dtype):
+    """``fuse_rel``: the forward kernel writes R's rows of its query tile and reads them back, the
+    dq kernel adds q's rel-path gradient to the rows it stored; bit for bit the separate kernels,
+    and within the oracle's bounds. The cls row shifts the forward's row blocks by one: their table
+    windows are sized for that (the third geometry fails with unshifted windows)."""
+    inputs = make_inputs(1, 2, q_thw, k_thw, 40, has_cls, dtype)
+    cfg = RelPosAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 3)
+    _same_as_separate_rel_kernels(inputs, q_thw, k_thw, has_cls, cfg)
+    check_against_oracle(inputs, q_thw, k_thw, has_cls, config=triton_attn.fused_rel_config(cfg), rel_impl="triton")
+
+
+def test_register_caps():
+    assert triton_attn.regs_for(3, 4) == 168 and triton_attn.regs_for(2, 4) == 255 and triton_attn.regs_for(2, 8) == 128
+    cfg = triton_attn.fused_rel_config(RelPosAttnConfig())
+    assert cfg.fuse_rel and (cfg.fwd_maxnreg, cfg.dq_maxnreg) == (168, 168)
+    assert not RelPosAttnConfig().fuse_rel  # not the default until timed on a GPU (bench/NOTES.md)
+
+
 @pytest.mark.parametrize("chunks,pack_k", [(1, False), (3, True)])
 def test_memory_is_the_outputs_and_named_transients(chunks, pack_k):
     """Peak memory of one forward+backward (every CPU allocation and free, in order:
@@ -404,6 +442,16 @@ def test_gpu_memory_budget(q_thw, nh):
     cfg = triton_attn.default_config(72, sum(k_thw), q.dtype, q.device)
     budget, slack = _memory_budget(q, k, k_thw, tables, cfg, torch.cuda.get_device_properties(0).multi_processor_count)
     assert peak <= budget + slack + 64 * 1024, (peak / 2**20, budget / 2**20)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_thw,nh", MVIT_L_STAGES)
+def test_gpu_rel_terms_inside_the_attention_kernels(q_thw, nh):
+    """bf16 at the MViTv2-L stage shapes (B 2), H100 tile table: with ``fused_rel_config`` (register
+    caps, a barrier between the rows a program stores and reads back) the output and all six
+    gradients are the separate kernels' bit for bit."""
+    inputs = make_inputs(2, nh, q_thw, (8, 7, 7), 72, True, torch.bfloat16, device="cuda", table_dtype=torch.float32)
+    _same_as_separate_rel_kernels(inputs, q_thw, (8, 7, 7), True, triton_attn.default_config(72, 22, torch.bfloat16, inputs[0].device))
 
 
 @pytest.mark.gpu
