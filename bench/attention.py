@@ -157,7 +157,7 @@ def relpos_attention_flex(
 
 _SDPA_BACKENDS = ("math", "flash", "efficient", "cudnn")
 PROVIDER_ORDER = ("reference", *(f"sdpa-{b}" for b in _SDPA_BACKENDS), "flex", "xformers", "triton",
-                  "sdpa-cudnn+rel-triton", "sdpa-flash+rel-triton", "triton+rel-triton", "auto")
+                  "sdpa-cudnn+rel-triton", "sdpa-flash+rel-triton", "triton+rel-triton", "triton+rel-inside", "auto")
 
 
 def _sdpa_provider(name: str, rel_impl: str = "reference") -> Callable:
@@ -175,6 +175,17 @@ def _sdpa_provider(name: str, rel_impl: str = "reference") -> Callable:
             return relpos_attention_sdpa(*args, rel_impl=rel_impl, **kw)
 
     return fn
+
+
+def rel_inside(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, **kw):
+    """The fused Triton kernel with the rel terms inside its forward and dq kernels
+    (``triton_attn.fused_rel_config`` of the default table): a candidate default, not yet timed."""
+    from kernels.attention.triton_attn import default_config, fused_rel_config, relpos_attention_triton
+
+    kr = (k_thw[0] if rel_pos_t is not None else 0) + k_thw[1] + k_thw[2]
+    cfg = fused_rel_config(default_config(q.shape[-1], kr, q.dtype, q.device))
+    return relpos_attention_triton(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, rel_impl="triton",
+                                   config=cfg, **kw)
 
 
 def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[dict[str, Callable], dict[str, str]]:
@@ -216,6 +227,7 @@ def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[d
             # the kernel's own config table, rel terms by PyTorch einsums (autograd-tracked)
             providers["triton"] = lambda *a, **kw: relpos_attention_triton(*a, rel_impl="reference", **kw)
             providers["triton+rel-triton"] = lambda *a, **kw: relpos_attention_triton(*a, rel_impl="triton", **kw)
+            providers["triton+rel-inside"] = rel_inside
         except Exception as exc:
             missing["triton"] = f"kernels.attention.triton_attn not importable: {type(exc).__name__}: {exc}"
     if wanted:

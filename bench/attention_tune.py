@@ -3,12 +3,15 @@
 Two parts, both at the MViTv2-L stage shapes of ``bench.attention`` (bf16, B = 32 on CUDA):
 
 1. ``profile``: the CUDA kernels of one forward+backward, from ``torch.profiler``, for the fused
-   Triton kernel with fused rel terms (its default table) and for the SDPA-cuDNN path with fused
-   rel terms (what ``auto`` runs): µs per call for every kernel, so the gap is located, not guessed.
+   Triton kernel with fused rel terms (its default table, what ``auto`` runs), the same with the
+   rel terms inside its forward and dq kernels (``triton+rel-inside``), and the SDPA-cuDNN path
+   with fused rel terms: µs per call for every kernel, so the gap is located, not guessed.
 2. ``sweep``: each kernel timed alone (``triton.testing.do_bench`` on prepared inputs) under every
    configuration in its table: the three attention kernels (``FWD``, ``DQ``, ``DKDV``: changes to
    the default :class:`RelPosAttnConfig`, the row layout ``split`` included) and the three rel-term
-   kernels (``REL_FWD``, ``REL_DQ``, ``REL_DTAB``: changes to ``RelTritonConfig``). Every variant's
+   kernels (``REL_FWD``, ``REL_DQ``, ``REL_DTAB``: changes to ``RelTritonConfig``), and the rel
+   terms separate or inside the attention kernels (``REL_INSIDE``: ``fwd_rel`` = rel forward +
+   attention forward, ``dq_rel`` = dq + rel dq, against the same work in one kernel). Every variant's
    outputs are compared with the default's (max|Δ| / max|default| ≤ 2e-2, bf16) before its time
    counts. The fastest valid variant of each kernel is combined and the whole forward+backward
    timed against the defaults and against SDPA-cuDNN with fused rel terms (with the default and
@@ -48,6 +51,7 @@ FWD: dict[str, dict] = {
     "s3": dict(fwd_stages=3),
     "packk": dict(pack_k=True),
     "asmk": dict(pack_k=False),
+    "r168": dict(fwd_maxnreg=168),  # 3 programs per SM where the kernel takes more (k' assembled: 185)
 }
 DQ: dict[str, dict] = {
     "default": {},
@@ -61,6 +65,7 @@ DQ: dict[str, dict] = {
     "s4": dict(dq_stages=4),
     "packk": dict(pack_k=True),
     "asmk": dict(pack_k=False),
+    "r168": dict(dq_maxnreg=168),  # the same (k' assembled: 172)
 }
 DKDV: dict[str, dict] = {
     "default": {},
@@ -101,6 +106,15 @@ REL_DTAB: dict[str, dict] = {
     "rows256": dict(dtab_rows=256),
     "rows1024": dict(dtab_rows=1024),
 }
+# the rel-term forward and q-gradient as separate kernels ("default") or inside the attention's
+# forward and dq kernels (RelPosAttnConfig.fuse_rel; "inside r168": with the register caps of
+# triton_attn.fused_rel_config, 3 programs per SM at 4 warps), timed as fwd_rel = rel forward +
+# attention forward and dq_rel = dq + rel dq
+REL_INSIDE: dict[str, dict] = {
+    "default": {},
+    "inside": dict(fuse_rel=True),
+    "inside r168": dict(fuse_rel=True, fwd_maxnreg=168, dq_maxnreg=168),
+}
 TOL = 2e-2
 
 
@@ -132,11 +146,12 @@ def _fwdbwd_call(fn: Callable, s: Shape, inputs: list, dout: torch.Tensor) -> Ca
 
 
 def _providers() -> dict[str, Callable]:
-    from bench.attention import _sdpa_provider
+    from bench.attention import _sdpa_provider, rel_inside
     from kernels.attention.triton_attn import relpos_attention_triton
 
     return {
         "triton+rel-triton": lambda *a, **kw: relpos_attention_triton(*a, rel_impl="triton", **kw),
+        "triton+rel-inside": rel_inside,
         "sdpa-cudnn+rel-triton": _sdpa_provider("cudnn", rel_impl="triton"),
     }
 
@@ -242,6 +257,31 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
         kk = keys[ta._pack_k(cfg, s.Nq, s.Nk)]
         return ta._bwd_dkdv(qa, kk, e, v, do, lse, delta, dims, cfg), lambda: ta._bwd_dkdv(qa, kk, e, v, do, lse, delta, dims, cfg)
 
+    def fwd_rel(change):
+        cfg = dataclasses.replace(base, **change)
+        dims, e, keys, _, _ = per_split[cfg.split]
+        kk = keys[ta._pack_k(cfg, s.Nq, s.Nk)]
+
+        def call():
+            if cfg.fuse_rel:  # the forward kernel writes R
+                rr = torch.empty_like(r)
+                return (*ta._fwd(q, rr, kk, e, v, dims, True, scale, cfg, (tables, g)), rr)
+            rr = rt._fwd(q, tables, g, rbase)
+            return (*ta._fwd(q, rr, kk, e, v, dims, True, scale, cfg), rr)
+        return call(), call
+
+    def dq_rel(change):
+        cfg = dataclasses.replace(base, **change)
+        dims, e, keys, _, _ = per_split[cfg.split]
+        kk = keys[ta._pack_k(cfg, s.Nq, s.Nk)]
+
+        def call():
+            if cfg.fuse_rel:  # the dq kernel adds q's rel-path gradient
+                return ta._bwd_dq(q, r, kk, e, v, o, do, lse, dims, True, scale, cfg, (tables, g))[:2]
+            dq_, dr_, _, _ = ta._bwd_dq(q, r, kk, e, v, o, do, lse, dims, True, scale, cfg)
+            return rt._bwd_q(dr_, q, tables, g, rbase, dq_), dr_
+        return call(), call
+
     def rel_fwd(change):
         cfg = dataclasses.replace(rbase, **change)
         return (rt._fwd(q, tables, g, cfg),), lambda: rt._fwd(q, tables, g, cfg)
@@ -255,7 +295,8 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
         return rt._bwd_tables(dr, q, tables, g, cfg), lambda: rt._bwd_tables(dr, q, tables, g, cfg)
 
     parts = dict(fwd=(FWD, fwd), dq=(DQ, dq), dkdv=(DKDV, dkdv),
-                 rel_fwd=(REL_FWD, rel_fwd), rel_dq=(REL_DQ, rel_dq), rel_dtab=(REL_DTAB, rel_dtab))
+                 rel_fwd=(REL_FWD, rel_fwd), rel_dq=(REL_DQ, rel_dq), rel_dtab=(REL_DTAB, rel_dtab),
+                 fwd_rel=(REL_INSIDE, fwd_rel), dq_rel=(REL_INSIDE, dq_rel))
     out: dict = {part: _variants(part, table, make, device) for part, (table, make) in parts.items()}
 
     # best of each kernel; the attention kernels share one row layout (split): the best dk/dv's
@@ -276,7 +317,9 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
         return lambda *a, **kw: ta.relpos_attention_triton(*a, rel_impl="triton", config=cfg, **kw)
 
     ends = [("triton+rel-triton (default)", fused(None), rbase),
-            ("triton+rel-triton (best)", fused(best_cfg), best_rel)]
+            ("triton+rel-triton (best)", fused(best_cfg), best_rel),
+            ("triton+rel-triton (rel inside, r168)", fused(ta.fused_rel_config(base)), rbase),
+            ("triton+rel-triton (best, rel inside, r168)", fused(ta.fused_rel_config(best_cfg)), best_rel)]
     if device.type == "cuda":
         ends += [("sdpa-cudnn+rel-triton", _providers()["sdpa-cudnn+rel-triton"], rbase),
                  ("sdpa-cudnn+rel-triton (best rel)", _providers()["sdpa-cudnn+rel-triton"], best_rel)]
@@ -309,7 +352,7 @@ def write(out_dir: Path, stem: str, meta: dict, stages: list[dict]) -> None:
             lines.append("")
         sw = st.get("sweep")
         if sw:
-            for part in ("fwd", "dq", "dkdv", "rel_fwd", "rel_dq", "rel_dtab"):
+            for part in ("fwd", "dq", "dkdv", "rel_fwd", "rel_dq", "rel_dtab", "fwd_rel", "dq_rel"):
                 lines += [f"### {part}", "", "| variant | ms | err | ok |", "|---|---|---|---|"]
                 for row in sw[part]:
                     ms = f"{row['ms']:.3f}" if row["ms"] is not None else row.get("error", "")

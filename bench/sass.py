@@ -83,6 +83,10 @@ class Launch:
     def programs(self) -> int:
         return math.prod(int(g) for g in self.grid)
 
+    def constexpr(self, name: str) -> Any:
+        """The value of the kernel's constexpr parameter ``name`` in this specialisation."""
+        return self.constexprs[(list(self.signature).index(name),)]
+
 
 @dataclasses.dataclass
 class SassStats:
@@ -348,10 +352,10 @@ SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 def attention_launches(
     arch: int = 90, model: str = "L", batch: int = 32, dtype: Any = None,
-    rel_impl: str = "reference", **overrides: Any,
+    rel_impl: str = "reference", stage: int = 1, **overrides: Any,
 ) -> list[Launch]:
-    """Capture every launch of one (bf16 unless ``dtype``) forward + backward of kernels.attention's Triton backend at the
-    first MViTv2 stage shape of ``model`` (bench/attention.py), with the H100 tile table and the
+    """Capture every launch of one (bf16 unless ``dtype``) forward + backward of kernels.attention's Triton backend at
+    MViTv2 stage ``stage`` of ``model`` (bench/attention.py), with the H100 tile table and the
     query chunking an H100 would get at ``batch`` clips (the capture itself runs B = 1). ``overrides``:
     RelPosAttnConfig fields to change; ``rel_impl="triton"`` adds the fused rel-terms kernels, and
     ``fused=True`` (with it) moves them into the attention kernels (``fused_rel_config``)."""
@@ -365,8 +369,8 @@ def attention_launches(
 
     fused = overrides.pop("fused", False)  # the rel terms inside the attention kernels (fused_rel_config)
     dtype = dtype or torch.bfloat16
-    hd, nh = MODELS[model]["hd"], MODELS[model]["heads"][0]
-    q_thw, k_thw = Q_GRIDS[0], K_GRID
+    hd, nh = MODELS[model]["hd"], MODELS[model]["heads"][stage - 1]
+    q_thw, k_thw = Q_GRIDS[stage - 1], K_GRID
     nq, nk = math.prod(q_thw) + 1, math.prod(k_thw) + 1
     q = torch.zeros(1, nh, nq, hd, dtype=dtype, requires_grad=True)
     k = torch.zeros(1, nh, nk, hd, dtype=dtype, requires_grad=True)
@@ -385,6 +389,7 @@ ATTENTION_PATHS = {  # path label -> attention_launches keyword arguments
     "default (split rows)": {},
     "rows padded to one power of two": dict(split=False),
     "k' assembled in the kernels": dict(pack_k=False),  # the default where Nq < 2·Nk (stage 4)
+    "k' assembled, forward and dq capped at 168 registers": dict(pack_k=False, fwd_maxnreg=168, dq_maxnreg=168),
     "fused rel terms": dict(rel_impl="triton"),
     "rel terms inside the attention kernels": dict(rel_impl="triton", fused=True),
 }
@@ -396,7 +401,8 @@ def attention_report(arch: int = 90) -> list[dict]:
     for model in ("L", "S"):
         for path, overrides in ATTENTION_PATHS.items():
             for launch in attention_launches(arch, model, **overrides):
-                key = (launch.name, tuple(sorted(launch.constexprs.items())), launch.num_warps, launch.num_stages)
+                key = (launch.name, tuple(sorted(launch.constexprs.items())), launch.num_warps, launch.num_stages,
+                       launch.maxnreg)
                 if key in seen:
                     continue
                 seen.add(key)
@@ -405,6 +411,55 @@ def attention_report(arch: int = 90) -> list[dict]:
                 row["shared_limit"] = SHARED_LIMIT.get(arch)
                 rows.append(row)
     return rows
+
+
+REL_PATHS = {"separate": "fused rel terms", "inside": "rel terms inside the attention kernels"}
+
+
+def rel_inside_report(arch: int = 90, batch: int = 32) -> list[dict]:
+    """Issue floors of the rel terms separate from or inside the attention's forward and dq kernels,
+    MViTv2-L stages 1–4 at ``batch`` clips: per kernel, warp instructions of one program (its loop
+    body counted N_KT times) × programs, and the time below which an H100 cannot issue them. A lower
+    bound to compare the two layouts by, not a timing (the fourth session measured the separate
+    kernels at 1.5–3× their floors)."""
+    rows = []
+    for stage in (1, 2, 3, 4):
+        for layout, path in REL_PATHS.items():
+            for launch in attention_launches(arch, "L", batch=batch, stage=stage, **ATTENTION_PATHS[path]):
+                if not launch.name.endswith(("._fwd_kernel", "._dq_kernel", "_rel_fwd_kernel", "_rel_dq_kernel")):
+                    continue
+                st = compile_launch(launch, arch)
+                trips = launch.constexpr("N_KT") if st.loops else 1  # the key loop of the attention kernels
+                programs = launch.programs * batch  # captured at one clip: grid axis 1 is B·nh
+                warp_instr = st.warp_instructions(trips) * programs
+                rows.append(dict(stage=stage, layout=layout, kernel=launch.name, registers=st.registers,
+                                 programs=programs, trips=trips, warp_instructions=warp_instr,
+                                 floor_us=issue_floor_us(warp_instr)))
+    return rows
+
+
+def _rel_inside_markdown(rows: list[dict], arch: int) -> str:
+    sums = collections.defaultdict(float)
+    for r in rows:
+        sums[(r["stage"], r["layout"], "bwd" if "dq" in r["kernel"] else "fwd")] += r["floor_us"]
+    table = _md_table(
+        [
+            f"# Rel terms separate or inside the attention kernels: issue floors on sm_{arch} (not timings)",
+            "",
+            f"Command: `python -m bench.sass --arch {arch}`; triton {triton.__version__}; bf16, H100 tile table,",
+            "MViTv2-L stages 1–4 at B 32 (Nk 393). separate = the rel-term forward and dq kernels beside the",
+            "attention's forward and dq kernels (the default); inside = `fused_rel_config` (RelPosAttnConfig.fuse_rel",
+            "with 168-register caps). Floor = warp instructions / (132 SMs · 4 schedulers · 1.755 GHz).",
+        ],
+        ["stage", "layout", "kernel", "regs", "programs", "loop trips", "warp instr (M)", "floor µs"],
+        [[r["stage"], r["layout"], r["kernel"], r["registers"], r["programs"], r["trips"],
+          f"{r['warp_instructions'] / 1e6:.0f}", f"{r['floor_us']:.0f}"] for r in rows],
+    )
+    lines = ["", "| stage | forward: separate → inside (µs) | dq side: separate → inside (µs) |", "|---|---|---|"]
+    for stage in sorted({r["stage"] for r in rows}):
+        cells = [f"{sums[(stage, 'separate', d)]:.0f} → {sums[(stage, 'inside', d)]:.0f}" for d in ("fwd", "bwd")]
+        lines.append(f"| {stage} | {cells[0]} | {cells[1]} |")
+    return table + "\n".join(lines) + "\n"
 
 
 def _attention_markdown(rows: list[dict], arch: int) -> str:
@@ -474,7 +529,8 @@ def main(argv: Optional[list] = None) -> int:
             print("PROBLEM:", p)
         return 1 if problems else 0
     meta = dict(command=" ".join(["python -m bench.sass", *sys.argv[1:]]), triton=triton.__version__, arch=args.arch)
-    for what, report, render in (("hog", hog_report, _hog_markdown), ("attention", attention_report, _attention_markdown)):
+    for what, report, render in (("hog", hog_report, _hog_markdown), ("attention", attention_report, _attention_markdown),
+                                 ("attention_rel_inside", rel_inside_report, _rel_inside_markdown)):
         rows = report(args.arch)
         md = render(rows, args.arch)
         print(md, flush=True)

@@ -43,6 +43,10 @@ Design (kernels → launchers → ``autograd.Function`` → public function)
 * q may have any strides; the host tells the compiler the power of two dividing them
   (``tl.multiple_of``), without which the q rows (144 B apart at hd 72) load element by element
   (3× the table-gradient instructions, measured offline).
+* The per-row work of the forward and dq kernels is in ``_rel_fwd_rows`` / ``_rel_dq_rows``, with
+  their launch arguments from :func:`fwd_rows_args` / :func:`dq_rows_args`: the fused attention
+  kernels call the same code on their own query tiles (``triton_attn``, ``fuse_rel``), whose row
+  blocks start one row earlier when there is a cls token (``_windows``' ``shift``).
 * Every kernel writes disjoint outputs; reductions have a fixed order: forward and backward are
   bitwise deterministic. Plain pointer arithmetic, no block pointers, no autotune, no libdevice;
   every loop trip count is constexpr (DESIGN §4). Runs under ``TRITON_INTERPRET=1`` and on
@@ -150,7 +154,7 @@ def _fwd_axis(
 
 @triton.jit
 def _rel_fwd_rows(
-    q_ptr, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr, r_ptr, bh, offs_m,
+    q_ptr, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr, r_ptr, bh, offs_m, m_ok,
     sq_b, sq_h, sq_n, sq_d, n_heads,
     HD: tl.constexpr, BD: tl.constexpr, HQ: tl.constexpr, WQ: tl.constexpr, NQR: tl.constexpr,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, E: tl.constexpr, VEC: tl.constexpr,
@@ -158,20 +162,18 @@ def _rel_fwd_rows(
     LT: tl.constexpr, LH: tl.constexpr, LW: tl.constexpr, LPT: tl.constexpr, LPH: tl.constexpr, LPW: tl.constexpr,
     HAS_T: tl.constexpr, HAS_CLS: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Rows ``offs_m`` (non-cls indices; those outside [0, NQR) are skipped) of R for batch·head
-    ``bh``; r_ptr points at bh's (Nq', E) block. The window of table rows each axis's dot covers
-    (LP*) must have been sized for how ``offs_m`` is blocked (:func:`_windows`)."""
+    """Rows ``offs_m`` (non-cls indices in [0, NQR); those where ``m_ok`` is false are skipped) of R
+    for batch·head ``bh``; r_ptr points at bh's (Nq', E) block. The window of table rows each
+    axis's dot covers (LP*) must have been sized for how ``offs_m`` is blocked (:func:`_windows`)."""
     offs_d = tl.arange(0, BD)
-    m_ok = (offs_m >= 0) & (offs_m < NQR)
     d_ok = offs_d < HD
-    rows = tl.maximum(offs_m, 0)
-    q_off = _q_rows(bh, rows + HAS_CLS, n_heads, sq_b, sq_h, sq_n, VEC)  # (BM,)
+    q_off = _q_rows(bh, offs_m + HAS_CLS, n_heads, sq_b, sq_h, sq_n, VEC)  # (BM,)
     q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :] * sq_d,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, BD), q's dtype
-    t = rows // (HQ * WQ)
-    h = (rows // WQ) % HQ
-    w = rows % WQ
-    r_row = r_ptr + rows * E  # (BM,) row pointers
+    t = offs_m // (HQ * WQ)
+    h = (offs_m // WQ) % HQ
+    w = offs_m % WQ
+    r_row = r_ptr + offs_m * E  # (BM,) row pointers
     if HAS_T:
         _fwd_axis(q, t, m_ok, offs_d, d_ok, r_row, dt_ptr, tt_ptr, HD, KT, KPT, LT, LPT, 0, PREC)
     _fwd_axis(q, h, m_ok, offs_d, d_ok, r_row, dh_ptr, th_ptr, HD, KH, KPH, LH, LPH, KT, PREC)
@@ -190,9 +192,10 @@ def _rel_fwd_kernel(
 ):
     # q (B, nh, Nq, hd) strided, tables (L, hd) in q's dtype, dist (Q, K) int32, R (B·nh, Nq', E)
     bh = tl.program_id(1).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # non-cls row index
     _rel_fwd_rows(
         q_ptr, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr, r_ptr + bh * NQR * E, bh,
-        tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), sq_b, sq_h, sq_n, sq_d, n_heads,
+        offs_m, offs_m < NQR, sq_b, sq_h, sq_n, sq_d, n_heads,
         HD, BD, HQ, WQ, NQR, KT, KH, KW, E, VEC, KPT, KPH, KPW, LT, LH, LW, LPT, LPH, LPW, HAS_T, HAS_CLS, PREC,
     )
 

@@ -24,6 +24,17 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
   MViTv2-L stage 4, Nq = Nk, the packed rows would cost as much as q): :func:`_pack_k`. One dot
   ``q''·k'ᵀ`` gives the log2-domain logits *with the bias included*; no (Nq, Nk) tensor ever
   exists.
+* ``fuse_rel`` (off by default; :func:`fused_rel_config`): the rel-term forward and q-gradient run
+  *inside* the attention kernels instead of as two separate kernels (``rel_triton``'s row code,
+  :func:`rel_triton._rel_fwd_rows` / :func:`rel_triton._rel_dq_rows`). The forward kernel first
+  writes R's rows of its query tile (kept for the backward), then, after a barrier, reads them
+  back into q''; the dq kernel, after storing its dq and dR rows and a barrier, adds q's rel-path
+  gradient to them. The values are the separate kernels' bit for bit; what goes is one launch
+  and one HBM round trip of q (forward) and of dq and dR (backward) per call. Uncapped, the two
+  kernels take 174 / 186 registers at MViTv2-L stage 1 (2 programs per SM instead of 3), so
+  ``fused_rel_config`` caps them at 168 (:func:`regs_for`): no spills in any loop on sm_90
+  offline (the dq kernel spills 64 bytes outside its loop). Not yet timed on a GPU: the tune's
+  ``fwd_rel``/``dq_rel`` rows and the ``triton+rel-inside`` provider decide the default.
 * Rows are *split into two power-of-two column blocks* where that beats padding to one
   (:func:`_widths`, ``split=True``): q''/k' rows of hd + KR = 72 + 22 = 94 columns are 64 + 32
   (not 128), v/dO/o rows of hd 72 are 64 + 16. Each product runs as two dots (the second K or N
@@ -213,9 +224,10 @@ def _fwd_kernel(
     bh = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if FUSE_REL:
+        rp = offs_m - HAS_CLS  # R's rows of this tile (the cls row has none)
         _rel_fwd_rows(
             q_ptr, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr, r_ptr + bh * (Nq - HAS_CLS) * KR, bh,
-            offs_m - HAS_CLS, Nq * HD, 0, HD, 1, 1,
+            tl.maximum(rp, 0), (rp >= 0) & (rp < Nq - HAS_CLS), Nq * HD, 0, HD, 1, 1,
             R_HD, R_BD, R_HQ, R_WQ, R_NQR, R_KT, R_KH, R_KW, R_E, R_VEC, R_KPT, R_KPH, R_KPW,
             R_LT, R_LH, R_LW, R_LPT, R_LPH, R_LPW, R_HAS_T, R_HAS_CLS, R_PREC,
         )

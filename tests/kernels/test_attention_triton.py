@@ -477,10 +477,15 @@ def test_tune_script_runs_in_the_interpreter(tmp_path):
     sweep = report["stages"][0]["sweep"]
     for part, table in (("fwd", attention_tune.FWD), ("dq", attention_tune.DQ), ("dkdv", attention_tune.DKDV),
                         ("rel_fwd", attention_tune.REL_FWD), ("rel_dq", attention_tune.REL_DQ),
-                        ("rel_dtab", attention_tune.REL_DTAB)):
+                        ("rel_dtab", attention_tune.REL_DTAB), ("fwd_rel", attention_tune.REL_INSIDE),
+                        ("dq_rel", attention_tune.REL_INSIDE)):
         assert [row["variant"] for row in sweep[part]] == list(table)
         assert all(row["ok"] for row in sweep[part]), (part, [row for row in sweep[part] if not row["ok"]])
-    assert {row["provider"] for row in sweep["fwdbwd"]} == {"triton+rel-triton (default)", "triton+rel-triton (best)"}
+    for part in ("fwd_rel", "dq_rel"):  # the rel terms inside the attention kernels: the same values, bit for bit
+        assert all(row["err"] == 0 for row in sweep[part]), sweep[part]
+    assert {row["provider"] for row in sweep["fwdbwd"]} == {
+        "triton+rel-triton (default)", "triton+rel-triton (best)",
+        "triton+rel-triton (rel inside, r168)", "triton+rel-triton (best, rel inside, r168)"}
 
 
 def test_memory_bench_runs_in_the_interpreter(tmp_path):
