@@ -319,6 +319,7 @@ def test_poisoned_buffers(monkeypatch):
         inputs = make_inputs(2, 1, q_thw, k_thw, 20, has_cls, torch.float32)
         check_against_oracle(inputs, q_thw, k_thw, has_cls, config=cfg)
         check_against_oracle(inputs, q_thw, k_thw, has_cls, config=cfg, rel_impl="triton")
+        check_against_oracle(inputs, q_thw, k_thw, has_cls, config=triton_attn.fused_rel_config(cfg), rel_impl="triton")
 
 
 def test_non_contiguous_and_no_grad():
