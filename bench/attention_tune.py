@@ -10,7 +10,7 @@ Two parts, both at the MViTv2-L stage shapes of ``bench.attention`` (bf16, B = 3
    configuration in its table: the three attention kernels (``FWD``, ``DQ``, ``DKDV``: changes to
    the default :class:`RelPosAttnConfig`, the row layout ``split`` included) and the three rel-term
    kernels (``REL_FWD``, ``REL_DQ``, ``REL_DTAB``: changes to ``RelTritonConfig``), and the rel
-   terms separate or inside the attention kernels (``REL_INSIDE``: ``fwd_rel`` = rel forward +
+   terms separate or inside the attention kernels (``REL_INSIDE_FWD``/``_DQ``: ``fwd_rel`` = rel forward +
    attention forward, ``dq_rel`` = dq + rel dq, against the same work in one kernel). Every variant's
    outputs are compared with the default's (max|Δ| / max|default| ≤ 2e-2, bf16) before its time
    counts. The fastest valid variant of each kernel is combined and the whole forward+backward
@@ -107,13 +107,18 @@ REL_DTAB: dict[str, dict] = {
     "rows1024": dict(dtab_rows=1024),
 }
 # the rel-term forward and q-gradient as separate kernels ("default") or inside the attention's
-# forward and dq kernels (RelPosAttnConfig.fuse_rel; "inside r168": with the register caps of
-# triton_attn.fused_rel_config, 3 programs per SM at 4 warps), timed as fwd_rel = rel forward +
-# attention forward and dq_rel = dq + rel dq
-REL_INSIDE: dict[str, dict] = {
+# forward / dq kernel (RelPosAttnConfig.fuse_rel_fwd / fuse_rel_dq; "inside r168": with the register
+# caps of triton_attn.fused_rel_config, 3 programs per SM at 4 warps), timed as fwd_rel = rel
+# forward + attention forward and dq_rel = dq + rel dq
+REL_INSIDE_FWD: dict[str, dict] = {
     "default": {},
-    "inside": dict(fuse_rel=True),
-    "inside r168": dict(fuse_rel=True, fwd_maxnreg=168, dq_maxnreg=168),
+    "inside": dict(fuse_rel_fwd=True),
+    "inside r168": dict(fuse_rel_fwd=True, fwd_maxnreg=168),
+}
+REL_INSIDE_DQ: dict[str, dict] = {
+    "default": {},
+    "inside": dict(fuse_rel_dq=True),
+    "inside r168": dict(fuse_rel_dq=True, dq_maxnreg=168),
 }
 TOL = 2e-2
 
@@ -263,7 +268,7 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
         kk = keys[ta._pack_k(cfg, s.Nq, s.Nk)]
 
         def call():
-            if cfg.fuse_rel:  # the forward kernel writes R
+            if cfg.fuse_rel_fwd:  # the forward kernel writes R
                 rr = torch.empty_like(r)
                 return (*ta._fwd(q, rr, kk, e, v, dims, True, scale, cfg, (tables, g)), rr)
             rr = rt._fwd(q, tables, g, rbase)
@@ -276,7 +281,7 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
         kk = keys[ta._pack_k(cfg, s.Nq, s.Nk)]
 
         def call():
-            if cfg.fuse_rel:  # the dq kernel adds q's rel-path gradient
+            if cfg.fuse_rel_dq:  # the dq kernel adds q's rel-path gradient
                 return ta._bwd_dq(q, r, kk, e, v, o, do, lse, dims, True, scale, cfg, (tables, g))[:2]
             dq_, dr_, _, _ = ta._bwd_dq(q, r, kk, e, v, o, do, lse, dims, True, scale, cfg)
             return rt._bwd_q(dr_, q, tables, g, rbase, dq_), dr_
@@ -296,7 +301,7 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
 
     parts = dict(fwd=(FWD, fwd), dq=(DQ, dq), dkdv=(DKDV, dkdv),
                  rel_fwd=(REL_FWD, rel_fwd), rel_dq=(REL_DQ, rel_dq), rel_dtab=(REL_DTAB, rel_dtab),
-                 fwd_rel=(REL_INSIDE, fwd_rel), dq_rel=(REL_INSIDE, dq_rel))
+                 fwd_rel=(REL_INSIDE_FWD, fwd_rel), dq_rel=(REL_INSIDE_DQ, dq_rel))
     out: dict = {part: _variants(part, table, make, device) for part, (table, make) in parts.items()}
 
     # best of each kernel; the attention kernels share one row layout (split): the best dk/dv's
@@ -305,6 +310,9 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
     change: dict = dict(DKDV[best["dkdv"]])
     for part, table in (("fwd", FWD), ("dq", DQ)):
         best[part] = _best(out[part], table, lambda c: c.get("split", base.split) == split)
+        change.update(table[best[part]])
+    for part, table in (("fwd_rel", REL_INSIDE_FWD), ("dq_rel", REL_INSIDE_DQ)):  # rel terms inside or not
+        best[part] = _best(out[part], table)
         change.update(table[best[part]])
     rel_change: dict = {}
     for part, table in (("rel_fwd", REL_FWD), ("rel_dq", REL_DQ), ("rel_dtab", REL_DTAB)):

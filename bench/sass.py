@@ -448,7 +448,7 @@ def _rel_inside_markdown(rows: list[dict], arch: int) -> str:
             "",
             f"Command: `python -m bench.sass --arch {arch}`; triton {triton.__version__}; bf16, H100 tile table,",
             "MViTv2-L stages 1–4 at B 32 (Nk 393). separate = the rel-term forward and dq kernels beside the",
-            "attention's forward and dq kernels (the default); inside = `fused_rel_config` (RelPosAttnConfig.fuse_rel",
+            "attention's forward and dq kernels (the default); inside = `fused_rel_config` (RelPosAttnConfig.fuse_rel_fwd/_dq",
             "with 168-register caps). Floor = warp instructions / (132 SMs · 4 schedulers · 1.755 GHz).",
         ],
         ["stage", "layout", "kernel", "regs", "programs", "loop trips", "warp instr (M)", "floor µs"],

@@ -45,7 +45,7 @@ Design (kernels → launchers → ``autograd.Function`` → public function)
   (3× the table-gradient instructions, measured offline).
 * The per-row work of the forward and dq kernels is in ``_rel_fwd_rows`` / ``_rel_dq_rows``, with
   their launch arguments from :func:`fwd_rows_args` / :func:`dq_rows_args`: the fused attention
-  kernels call the same code on their own query tiles (``triton_attn``, ``fuse_rel``), whose row
+  kernels call the same code on their own query tiles (``triton_attn``, ``fuse_rel_*``), whose row
   blocks start one row earlier when there is a cls token (``_windows``' ``shift``).
 * Every kernel writes disjoint outputs; reductions have a fixed order: forward and backward are
   bitwise deterministic. Plain pointer arithmetic, no block pointers, no autotune, no libdevice;

@@ -24,8 +24,8 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
   MViTv2-L stage 4, Nq = Nk, the packed rows would cost as much as q): :func:`_pack_k`. One dot
   ``q''·k'ᵀ`` gives the log2-domain logits *with the bias included*; no (Nq, Nk) tensor ever
   exists.
-* ``fuse_rel`` (off by default; :func:`fused_rel_config`): the rel-term forward and q-gradient run
-  *inside* the attention kernels instead of as two separate kernels (``rel_triton``'s row code,
+* ``fuse_rel_fwd``, ``fuse_rel_dq`` (off by default; :func:`fused_rel_config` sets both): the
+  rel-term forward and q-gradient run *inside* the attention kernels instead of as two separate kernels (``rel_triton``'s row code,
   :func:`rel_triton._rel_fwd_rows` / :func:`rel_triton._rel_dq_rows`). The forward kernel first
   writes R's rows of its query tile (kept for the backward), then, after a barrier, reads them
   back into q''; the dq kernel, after storing its dq and dR rows and a barrier, adds q's rel-path
@@ -496,10 +496,11 @@ class RelPosAttnConfig:
     # B·nh·Nk·(A1+A2) more memory. None: packed when Nq ≥ 2·Nk (:func:`_pack_k`)
     pack_k: Optional[bool] = None
     # with rel_impl "triton": compute R inside the forward kernel (each query tile writes its rows,
-    # kept for the backward) and add q's rel-path gradient inside the dq kernel, instead of two
+    # kept for the backward) / add q's rel-path gradient inside the dq kernel, instead of in the
     # separate rel-term kernels (rel_triton's forward and dq: a third of the kernel time at
     # MViTv2-L stage 1 on an H100). Same values bit for bit; not yet timed on a GPU
-    fuse_rel: bool = False
+    fuse_rel_fwd: bool = False
+    fuse_rel_dq: bool = False
     fwd_maxnreg: Optional[int] = None  # register cap per thread of the forward kernel (None: ptxas decides)
     dq_maxnreg: Optional[int] = None  # the same for the dq kernel
 
@@ -526,11 +527,12 @@ def regs_for(programs_per_sm: int, warps: int) -> int:
 
 
 def fused_rel_config(cfg: RelPosAttnConfig) -> RelPosAttnConfig:
-    """``cfg`` with the rel terms inside the forward and dq kernels (``fuse_rel``), capped at the
+    """``cfg`` with the rel terms inside the forward and dq kernels (``fuse_rel_fwd``,
+    ``fuse_rel_dq``), capped at the
     registers of 3 programs per SM: uncapped, the fused kernels take 174 / 186 registers at
     MViTv2-L stage 1 (2 programs per SM); capped at 168 the forward spills nothing and the dq
     kernel 64 bytes, outside its loop (sm_90 offline, ``bench.sass``)."""
-    return dataclasses.replace(cfg, fuse_rel=True, fwd_maxnreg=regs_for(3, cfg.fwd_warps),
+    return dataclasses.replace(cfg, fuse_rel_fwd=True, fuse_rel_dq=True, fwd_maxnreg=regs_for(3, cfg.fwd_warps),
                                dq_maxnreg=regs_for(3, cfg.dq_warps))
 
 
@@ -762,13 +764,13 @@ class _RelPosAttnFusedFn(torch.autograd.Function):
     """out = attention(q, k, v, tables) with R computed by the fused rel-term kernels
     (``rel_triton``) inside: q's rel-path gradient is added in place to the attention's own dq
     (no second (B, nh, Nq, hd) tensor and no separate add), the tables' gradients come from dR.
-    With ``cfg.fuse_rel`` the rel-term forward and q-gradient run inside the attention's forward
-    and dq kernels; only the tables' gradients stay a separate kernel."""
+    With ``cfg.fuse_rel_fwd`` / ``cfg.fuse_rel_dq`` the rel-term forward / q-gradient run inside
+    the attention's forward / dq kernel; the tables' gradients stay a separate kernel."""
 
     @staticmethod
     def forward(ctx, q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, g, rel_cfg, k_thw, kt, has_cls, scale, cfg):
         q, tables = q.contiguous(), (rel_pos_t, rel_pos_h, rel_pos_w)
-        if cfg.fuse_rel:
+        if cfg.fuse_rel_fwd:
             rel = (tables, g)
             r = _empty(*q.shape[:2], g.nqr, g.e, dtype=q.dtype, device=q.device)  # written by the forward kernel
         else:
@@ -781,7 +783,7 @@ class _RelPosAttnFusedFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         *saved, rel_pos_t, rel_pos_h, rel_pos_w = ctx.saved_tensors
-        tables, (g, rel_cfg), fused = (rel_pos_t, rel_pos_h, rel_pos_w), ctx.rel, ctx.meta[-1].fuse_rel
+        tables, (g, rel_cfg), fused = (rel_pos_t, rel_pos_h, rel_pos_w), ctx.rel, ctx.meta[-1].fuse_rel_dq
         dq, dk, dv, dr = _bwd(do, *saved, *ctx.meta, rel=(tables, g) if fused else None)
         q = saved[0]
         grads = rel_backward(dr, q, tables, g, rel_cfg, (not fused, *ctx.needs_input_grad[3:6]), dq=dq)

@@ -170,18 +170,26 @@ def test_fused_rel_terms(q_thw, k_thw, has_cls, dtype):
     check_against_oracle(inputs, q_thw, k_thw, has_cls, config=dataclasses.replace(cfg, split=False), rel_impl="triton")
 
 
-def _same_as_separate_rel_kernels(inputs, q_thw, k_thw, has_cls, cfg):
-    """The rel terms inside the attention kernels (``fused_rel_config``) give the output and all six
-    gradients bit for bit as the separate rel-term kernels do."""
+def _same_as_separate_rel_kernels(inputs, q_thw, k_thw, has_cls, cfg, variants):
+    """Each of ``variants`` (changes to ``cfg`` that move rel terms inside the attention kernels)
+    gives the output and all six gradients bit for bit as the separate rel-term kernels do."""
     grad_out = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(2)).to(inputs[0])
-    got = []
-    for config in (cfg, triton_attn.fused_rel_config(cfg)):
-        def fn(*x, config=config):
-            return relpos_attention_triton(*x[:3], q_thw, k_thw, *x[3:], has_cls=has_cls, config=config, rel_impl="triton")
 
-        got.append(_run(fn, inputs, grad_out))
-    for name, a, b in zip(["out", "dq", "dk", "dv", "d_rel"], *got):
-        assert torch.equal(a, b), f"{name}: max |Δ| {_err(a, b):.3g}"
+    def run(config):
+        def fn(*x):
+            return relpos_attention_triton(*x[:3], q_thw, k_thw, *x[3:], has_cls=has_cls, config=config, rel_impl="triton")
+        return _run(fn, inputs, grad_out)
+
+    want = run(cfg)
+    for variant in variants:
+        for name, a, b in zip(["out", "dq", "dk", "dv", "d_rel"], run(dataclasses.replace(cfg, **variant)), want):
+            assert torch.equal(a, b), f"{variant} {name}: max |Δ| {_err(a, b):.3g}"
+
+
+def _fused_rel_changes(cfg: RelPosAttnConfig) -> dict:
+    """What :func:`triton_attn.fused_rel_config` changes in ``cfg``."""
+    fused = triton_attn.fused_rel_config(cfg)
+    return {f.name: getattr(fused, f.name) for f in dataclasses.fields(cfg) if getattr(fused, f.name) != getattr(cfg, f.name)}
 
 
 @pytest.mark.parametrize("q_thw,k_thw,has_cls,dtype", [
@@ -191,21 +199,24 @@ def _same_as_separate_rel_kernels(inputs, q_thw, k_thw, has_cls, cfg):
     ((2, 4, 4), (2, 4, 4), True, torch.float16),
 ])
 def test_rel_terms_inside_the_attention_kernels(q_thw, k_thw, has_cls, dtype):
-    """``fuse_rel``: the forward kernel writes R's rows of its query tile and reads them back, the
-    dq kernel adds q's rel-path gradient to the rows it stored; bit for bit the separate kernels,
-    and within the oracle's bounds. The cls row shifts the forward's row blocks by one: their table
-    windows are sized for that (the third geometry fails with unshifted windows)."""
+    """``fuse_rel_fwd``: the forward kernel writes R's rows of its query tile and reads them back;
+    ``fuse_rel_dq``: the dq kernel adds q's rel-path gradient to the rows it stored. Each alone and
+    both: bit for bit the separate kernels, and within the oracle's bounds. The cls row shifts the
+    forward's row blocks by one: their table windows are sized for that (the third geometry fails
+    with unshifted windows)."""
     inputs = make_inputs(1, 2, q_thw, k_thw, 40, has_cls, dtype)
     cfg = RelPosAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 3)
-    _same_as_separate_rel_kernels(inputs, q_thw, k_thw, has_cls, cfg)
+    variants = [dict(fuse_rel_fwd=True), dict(fuse_rel_dq=True), _fused_rel_changes(cfg)]
+    _same_as_separate_rel_kernels(inputs, q_thw, k_thw, has_cls, cfg, variants)
     check_against_oracle(inputs, q_thw, k_thw, has_cls, config=triton_attn.fused_rel_config(cfg), rel_impl="triton")
 
 
 def test_register_caps():
     assert triton_attn.regs_for(3, 4) == 168 and triton_attn.regs_for(2, 4) == 255 and triton_attn.regs_for(2, 8) == 128
     cfg = triton_attn.fused_rel_config(RelPosAttnConfig())
-    assert cfg.fuse_rel and (cfg.fwd_maxnreg, cfg.dq_maxnreg) == (168, 168)
-    assert not RelPosAttnConfig().fuse_rel  # not the default until timed on a GPU (bench/NOTES.md)
+    assert cfg.fuse_rel_fwd and cfg.fuse_rel_dq and (cfg.fwd_maxnreg, cfg.dq_maxnreg) == (168, 168)
+    default = RelPosAttnConfig()
+    assert not (default.fuse_rel_fwd or default.fuse_rel_dq)  # not the default until timed on a GPU (bench/NOTES.md)
 
 
 @pytest.mark.parametrize("chunks,pack_k", [(1, False), (3, True)])
@@ -452,7 +463,8 @@ def test_gpu_rel_terms_inside_the_attention_kernels(q_thw, nh):
     caps, a barrier between the rows a program stores and reads back) the output and all six
     gradients are the separate kernels' bit for bit."""
     inputs = make_inputs(2, nh, q_thw, (8, 7, 7), 72, True, torch.bfloat16, device="cuda", table_dtype=torch.float32)
-    _same_as_separate_rel_kernels(inputs, q_thw, (8, 7, 7), True, triton_attn.default_config(72, 22, torch.bfloat16, inputs[0].device))
+    cfg = triton_attn.default_config(72, 22, torch.bfloat16, inputs[0].device)
+    _same_as_separate_rel_kernels(inputs, q_thw, (8, 7, 7), True, cfg, [_fused_rel_changes(cfg)])
 
 
 @pytest.mark.gpu
@@ -478,8 +490,8 @@ def test_tune_script_runs_in_the_interpreter(tmp_path):
     sweep = report["stages"][0]["sweep"]
     for part, table in (("fwd", attention_tune.FWD), ("dq", attention_tune.DQ), ("dkdv", attention_tune.DKDV),
                         ("rel_fwd", attention_tune.REL_FWD), ("rel_dq", attention_tune.REL_DQ),
-                        ("rel_dtab", attention_tune.REL_DTAB), ("fwd_rel", attention_tune.REL_INSIDE),
-                        ("dq_rel", attention_tune.REL_INSIDE)):
+                        ("rel_dtab", attention_tune.REL_DTAB), ("fwd_rel", attention_tune.REL_INSIDE_FWD),
+                        ("dq_rel", attention_tune.REL_INSIDE_DQ)):
         assert [row["variant"] for row in sweep[part]] == list(table)
         assert all(row["ok"] for row in sweep[part]), (part, [row for row in sweep[part] if not row["ok"]])
     for part in ("fwd_rel", "dq_rel"):  # the rel terms inside the attention kernels: the same values, bit for bit
