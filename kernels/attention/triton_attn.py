@@ -832,6 +832,9 @@ def relpos_attention_triton(
         raise ValueError(f"head dim {hd} + rel width {kr} > 512 is not supported by the Triton kernel")
     cfg = config if config is not None else default_config(hd, kr, q.dtype, q.device)
     _check_config(cfg, q.device)
+    if (cfg.fuse_rel_fwd or cfg.fuse_rel_dq) and resolve_rel_impl(rel_impl, q.device) != "triton":
+        raise ValueError("fuse_rel_fwd / fuse_rel_dq run the Triton rel-term code inside the attention kernels: "
+                         f"they need rel_impl='triton' (got {rel_impl!r} on {q.device})")
     if resolve_rel_impl(rel_impl, q.device) == "triton":
         g, rel_cfg = rel_setup(q, q_thw, k_thw, (rel_pos_t, rel_pos_h, rel_pos_w), has_cls)
         return _RelPosAttnFusedFn.apply(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, g, rel_cfg, k_thw, kt, has_cls, scale, cfg)

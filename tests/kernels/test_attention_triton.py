@@ -375,6 +375,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="float16, bfloat16 and float32"):
         relpos_attention_triton(q, k, v, q_thw, k_thw, rt, rh, rw)
     q, k, v, rt, rh, rw = make_inputs(1, 1, q_thw, k_thw, 16, True, torch.float32)
+    with pytest.raises(ValueError, match="need rel_impl='triton'"):
+        relpos_attention_triton(q, k, v, q_thw, k_thw, rt, rh, rw, rel_impl="reference",
+                                config=dataclasses.replace(SMALL, fuse_rel_dq=True))
     with pytest.raises(ValueError, match="rel_pos_h must be"):
         relpos_attention_triton(q, k, v, q_thw, k_thw, rt, rh[:-1], rw)
     with pytest.raises(ValueError, match="q has"):
