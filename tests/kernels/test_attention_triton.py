@@ -192,19 +192,21 @@ def _fused_rel_changes(cfg: RelPosAttnConfig) -> dict:
     return {f.name: getattr(fused, f.name) for f in dataclasses.fields(cfg) if getattr(fused, f.name) != getattr(cfg, f.name)}
 
 
-@pytest.mark.parametrize("q_thw,k_thw,has_cls,dtype", [
-    ((2, 8, 8), (2, 2, 2), True, torch.float32),
-    ((3, 5, 4), (3, 3, 2), False, torch.float32),
-    ((1, 15, 8), (1, 15, 8), True, torch.float32),  # query tiles hold the cls row: wider h window (16 → 32 rows)
-    ((2, 4, 4), (2, 4, 4), True, torch.float16),
+@pytest.mark.parametrize("q_thw,k_thw,has_cls,dtype,hd", [
+    ((2, 8, 8), (2, 2, 2), True, torch.float32, 40),
+    ((3, 5, 4), (3, 3, 2), False, torch.float32, 40),
+    ((1, 15, 8), (1, 15, 8), True, torch.float32, 40),  # query tiles hold the cls row: wider h window (16 → 32 rows)
+    ((2, 4, 4), (2, 4, 4), True, torch.float16, 40),
+    ((2, 4, 4), (2, 2, 2), True, torch.float32, 96),  # hd = 64 + 32 in the rel dq code
+    ((2, 3, 4), (2, 2, 2), False, torch.float32, 64),  # hd a power of two: no second piece
 ])
-def test_rel_terms_inside_the_attention_kernels(q_thw, k_thw, has_cls, dtype):
+def test_rel_terms_inside_the_attention_kernels(q_thw, k_thw, has_cls, dtype, hd):
     """``fuse_rel_fwd``: the forward kernel writes R's rows of its query tile and reads them back;
     ``fuse_rel_dq``: the dq kernel adds q's rel-path gradient to the rows it stored. Each alone and
     both: bit for bit the separate kernels, and within the oracle's bounds. The cls row shifts the
     forward's row blocks by one: their table windows are sized for that (the third geometry fails
     with unshifted windows)."""
-    inputs = make_inputs(1, 2, q_thw, k_thw, 40, has_cls, dtype)
+    inputs = make_inputs(1, 2, q_thw, k_thw, hd, has_cls, dtype)
     cfg = RelPosAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 3)
     variants = [dict(fuse_rel_fwd=True), dict(fuse_rel_dq=True), _fused_rel_changes(cfg)]
     _same_as_separate_rel_kernels(inputs, q_thw, k_thw, has_cls, cfg, variants)
@@ -460,13 +462,13 @@ def test_gpu_memory_budget(q_thw, nh):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("q_thw,nh", MVIT_L_STAGES)
-def test_gpu_rel_terms_inside_the_attention_kernels(q_thw, nh):
-    """bf16 at the MViTv2-L stage shapes (B 2), H100 tile table: with ``fused_rel_config`` (register
-    caps, a barrier between the rows a program stores and reads back) the output and all six
-    gradients are the separate kernels' bit for bit."""
-    inputs = make_inputs(2, nh, q_thw, (8, 7, 7), 72, True, torch.bfloat16, device="cuda", table_dtype=torch.float32)
-    cfg = triton_attn.default_config(72, 22, torch.bfloat16, inputs[0].device)
+@pytest.mark.parametrize("q_thw,nh,hd", [(q_thw, nh, 72) for q_thw, nh in MVIT_L_STAGES] + [((8, 56, 56), 1, 96)])
+def test_gpu_rel_terms_inside_the_attention_kernels(q_thw, nh, hd):
+    """bf16 at the MViTv2-L stage shapes and MViTv2-S's first (B 2), H100 tile table: with
+    ``fused_rel_config`` (register caps, a barrier between the rows a program stores and reads
+    back) the output and all six gradients are the separate kernels' bit for bit."""
+    inputs = make_inputs(2, nh, q_thw, (8, 7, 7), hd, True, torch.bfloat16, device="cuda", table_dtype=torch.float32)
+    cfg = triton_attn.default_config(hd, 22, torch.bfloat16, inputs[0].device)
     _same_as_separate_rel_kernels(inputs, q_thw, (8, 7, 7), True, cfg, [_fused_rel_changes(cfg)])
 
 
