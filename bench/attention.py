@@ -180,10 +180,10 @@ def _sdpa_provider(name: str, rel_impl: str = "reference") -> Callable:
 def rel_inside(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, **kw):
     """The fused Triton kernel with the rel terms inside its forward and dq kernels
     (``triton_attn.fused_rel_config`` of the default table): a candidate default, not yet timed."""
+    from kernels.attention.reference import rel_width
     from kernels.attention.triton_attn import default_config, fused_rel_config, relpos_attention_triton
 
-    kr = (k_thw[0] if rel_pos_t is not None else 0) + k_thw[1] + k_thw[2]
-    cfg = fused_rel_config(default_config(q.shape[-1], kr, q.dtype, q.device))
+    cfg = fused_rel_config(default_config(q.shape[-1], rel_width(k_thw, rel_pos_t is not None), q.dtype, q.device))
     return relpos_attention_triton(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, rel_impl="triton",
                                    config=cfg, **kw)
 

@@ -242,30 +242,30 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
         _, dr, delta, qa = ta._bwd_dq(q, r, k, e, v, o, do, lse, dims, True, scale, dataclasses.replace(base, split=split))
         per_split[split] += (qa, delta)
 
-    def fwd(change):
+    def layout(change):
+        """A variant's config and what its kernels read: row layout, key one-hot table, the key rows
+        (packed or not, as :func:`triton_attn._pack_k` says), and the packed q'' rows and delta."""
         cfg = dataclasses.replace(base, **change)
-        dims, e, keys, _, _ = per_split[cfg.split]
-        kk = keys[ta._pack_k(cfg, s.Nq, s.Nk)]
+        dims, e, keys, qa, delta = per_split[cfg.split]
+        return cfg, dims, e, keys[ta._pack_k(cfg, s.Nq, s.Nk)], qa, delta
+
+    def fwd(change):
+        cfg, dims, e, kk, _, _ = layout(change)
         return ta._fwd(q, r, kk, e, v, dims, True, scale, cfg), lambda: ta._fwd(q, r, kk, e, v, dims, True, scale, cfg)
 
     def dq(change):
-        cfg = dataclasses.replace(base, **change)
-        dims, e, keys, _, _ = per_split[cfg.split]
+        cfg, dims, e, kk, _, _ = layout(change)
 
         def call():
-            return ta._bwd_dq(q, r, keys[ta._pack_k(cfg, s.Nq, s.Nk)], e, v, o, do, lse, dims, True, scale, cfg)
+            return ta._bwd_dq(q, r, kk, e, v, o, do, lse, dims, True, scale, cfg)
         return call()[:3], call  # dq, dR, delta (the packed rows differ in width between layouts)
 
     def dkdv(change):
-        cfg = dataclasses.replace(base, **change)
-        dims, e, keys, qa, delta = per_split[cfg.split]
-        kk = keys[ta._pack_k(cfg, s.Nq, s.Nk)]
+        cfg, dims, e, kk, qa, delta = layout(change)
         return ta._bwd_dkdv(qa, kk, e, v, do, lse, delta, dims, cfg), lambda: ta._bwd_dkdv(qa, kk, e, v, do, lse, delta, dims, cfg)
 
     def fwd_rel(change):
-        cfg = dataclasses.replace(base, **change)
-        dims, e, keys, _, _ = per_split[cfg.split]
-        kk = keys[ta._pack_k(cfg, s.Nq, s.Nk)]
+        cfg, dims, e, kk, _, _ = layout(change)
 
         def call():
             if cfg.fuse_rel_fwd:  # the forward kernel writes R
@@ -276,9 +276,7 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
         return call(), call
 
     def dq_rel(change):
-        cfg = dataclasses.replace(base, **change)
-        dims, e, keys, _, _ = per_split[cfg.split]
-        kk = keys[ta._pack_k(cfg, s.Nq, s.Nk)]
+        cfg, dims, e, kk, _, _ = layout(change)
 
         def call():
             if cfg.fuse_rel_dq:  # the dq kernel adds q's rel-path gradient

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .reference import REL_IMPLS, check_inputs, rel_pos_index, rel_table_len, rel_terms, relpos_attention_reference
+from .reference import REL_IMPLS, check_inputs, rel_pos_index, rel_table_len, rel_terms, rel_width, relpos_attention_reference
 
 BACKENDS = ("auto", "reference", "sdpa", "xformers", "triton")
 
@@ -94,7 +94,7 @@ def relpos_attention(
         raise ValueError(f"unknown rel_impl {rel_impl!r}; choose one of {REL_IMPLS}")
     auto = backend == "auto"
     if auto:
-        backend = pick_backend(q, rel_width=sum(k_thw) if rel_pos_t is not None else sum(k_thw[1:]))
+        backend = pick_backend(q, rel_width=rel_width(k_thw, rel_pos_t is not None))
     args = (q, k, v, tuple(q_thw), tuple(k_thw), rel_pos_t, rel_pos_h, rel_pos_w)
     if backend == "reference":
         return relpos_attention_reference(*args, has_cls=has_cls, scale=scale)

@@ -67,6 +67,11 @@ def rel_table_len(q_len: int, k_len: int) -> int:
     return 2 * max(q_len, k_len) - 1
 
 
+def rel_width(k_thw: Sequence[int], has_t: bool) -> int:
+    """Width E of the factored bias terms R = [rel_t, rel_h, rel_w]: (Tk with a temporal table) + Hk + Wk."""
+    return (k_thw[0] if has_t else 0) + k_thw[1] + k_thw[2]
+
+
 def check_inputs(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -49,7 +49,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .reference import Grid, check_inputs, key_onehot, rel_matrix_impl
+from .reference import Grid, check_inputs, key_onehot, rel_matrix_impl, rel_width
 
 __all__ = [
     "augment_operands",
@@ -64,8 +64,7 @@ PAD_MULTIPLE = 8  # CUDA flash/efficient kernels want a head dim that is a multi
 
 def augmented_width(hd: int, k_thw: Grid, has_t: bool) -> int:
     """Common head dim D' of q', k', v': hd + (Tk if has_t) + Hk + Wk rounded up to 8."""
-    Tk, Hk, Wk = k_thw
-    width = hd + (Tk if has_t else 0) + Hk + Wk
+    width = hd + rel_width(k_thw, has_t)
     return -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
@@ -95,7 +94,7 @@ def augment_operands(
     scale = hd**-0.5 if scale is None else scale
     has_t = rel_pos_t is not None
     D = augmented_width(hd, k_thw, has_t)
-    E = (k_thw[0] if has_t else 0) + k_thw[1] + k_thw[2]
+    E = rel_width(k_thw, has_t)
     pad = D - hd - E
 
     rel = rel_matrix_impl(rel_impl, q.device)(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)  # (B, nh, Nq', E)

@@ -111,7 +111,7 @@ import triton.language as tl
 
 from kernels import launchable_on
 
-from .reference import check_inputs, key_onehot, rel_matrix, resolve_rel_impl
+from .reference import check_inputs, key_onehot, rel_matrix, rel_width, resolve_rel_impl
 from .rel_triton import _rel_dq_rows, _rel_fwd_rows, dq_rows_args, fwd_rows_args, rel_backward, rel_forward, rel_setup
 
 __all__ = ["relpos_attention_triton", "RelPosAttnConfig"]
@@ -827,7 +827,7 @@ def relpos_attention_triton(
     q_thw, k_thw = tuple(int(x) for x in q_thw), tuple(int(x) for x in k_thw)
     scale = hd**-0.5 if scale is None else float(scale)
     kt = 0 if rel_pos_t is None else k_thw[0]
-    kr = kt + k_thw[1] + k_thw[2]  # width of the factored bias terms R = [rel_t, rel_h, rel_w]
+    kr = rel_width(k_thw, rel_pos_t is not None)  # width of the factored bias terms R = [rel_t, rel_h, rel_w]
     if hd + kr > 512:
         raise ValueError(f"head dim {hd} + rel width {kr} > 512 is not supported by the Triton kernel")
     cfg = config if config is not None else default_config(hd, kr, q.dtype, q.device)
