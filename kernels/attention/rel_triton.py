@@ -45,8 +45,8 @@ Design (kernels → launchers → ``autograd.Function`` → public function)
   (3× the table-gradient instructions, measured offline).
 * The per-row work of the forward and dq kernels is in ``_rel_fwd_rows`` / ``_rel_dq_rows``, with
   their launch arguments from :func:`fwd_rows_args` / :func:`dq_rows_args`: the fused attention
-  kernels call the same code on their own query tiles (``triton_attn``, ``fuse_rel_*``), whose row
-  blocks start one row earlier when there is a cls token (``_windows``' ``shift``).
+  kernels call the same code on their own query tiles (``triton_attn``, ``fuse_rel_*``); the
+  forward's tiles are this kernel's row blocks, with the cls row put last (same table windows).
 * Every kernel writes disjoint outputs; reductions have a fixed order: forward and backward are
   bitwise deterministic. Plain pointer arithmetic, no block pointers, no autotune, no libdevice;
   every loop trip count is constexpr (DESIGN §4). Runs under ``TRITON_INTERPRET=1`` and on
@@ -442,14 +442,14 @@ def _tables(tables: Sequence[Optional[torch.Tensor]], dtype: torch.dtype) -> lis
 
 
 @functools.lru_cache(maxsize=64)
-def _windows(g: _Geom, block: int, shift: int = 0) -> tuple:
+def _windows(g: _Geom, block: int) -> tuple:
     """(LP_t, LP_h, LP_w): per axis, the most table rows one forward block can use
     (dist[pos_max, 0] − dist[pos_min, K−1] + 1 over the block), as a power of two ≥ 16. Blocks are
-    ``block`` consecutive non-cls rows starting at multiples of ``block`` − ``shift`` (the fused
-    attention forward's query tiles hold the cls row: shift 1)."""
+    ``block`` consecutive non-cls rows starting at multiples of ``block`` (also the fused
+    attention forward's query tiles, which put the cls row last)."""
     Tq, Hq, Wq = g.q_thw
     rp = torch.arange(g.nqr)
-    blk = (rp + shift) // block
+    blk = rp // block
     nb = int(blk[-1]) + 1
     coords = (rp // (Hq * Wq), (rp // Wq) % Hq, rp % Wq)  # (Nq',) t, h, w of each row
     out = []
@@ -470,12 +470,12 @@ def _q_vec(q: torch.Tensor) -> int:
     return math.gcd(g, 16) if g else 16
 
 
-def fwd_rows_args(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _Geom, block: int, shift: int = 0) -> tuple:
+def fwd_rows_args(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _Geom, block: int) -> tuple:
     """(tensors, constexprs) that :func:`_rel_fwd_rows` takes after q_ptr for blocks of ``block``
-    non-cls rows shifted by ``shift`` (:func:`_windows`): the tables in q's dtype, the distance
+    non-cls rows (:func:`_windows`): the tables in q's dtype, the distance
     tables, and the geometry; also what the fused attention forward passes (``triton_attn``)."""
     tabs = _tables(tables, q.dtype)
-    lp = _windows(g, block, shift)
+    lp = _windows(g, block)
     hd = q.shape[-1]
     consts = dict(
         HD=hd, BD=_pow2(hd), HQ=g.q_thw[1], WQ=g.q_thw[2], NQR=g.nqr,

@@ -28,10 +28,12 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
   rel-term forward and q-gradient run *inside* the attention kernels instead of as two separate kernels (``rel_triton``'s row code,
   :func:`rel_triton._rel_fwd_rows` / :func:`rel_triton._rel_dq_rows`). The forward kernel first
   writes R's rows of its query tile (kept for the backward), then, after a barrier, reads them
-  back into q''; the dq kernel, after storing its dq and dR rows and a barrier, adds q's rel-path
+  back into q'' (its tiles are then the rel forward's blocks of non-cls rows, the cls row moved
+  to the end, so the table windows are the separate kernel's); the dq kernel, after storing its dq and dR rows and a barrier, adds q's rel-path
   gradient to them. The values are the separate kernels' bit for bit; what goes is one launch
-  and one HBM round trip of q (forward) and of dq and dR (backward) per call. Uncapped, the two
-  kernels take 174 / 186 registers at MViTv2-L stage 1 (2 programs per SM instead of 3), so
+  and one HBM round trip of q (forward) and of dq and dR (backward) per call. Uncapped, the dq
+  kernel takes 186 registers at MViTv2-L stage 1 (2 programs per SM instead of 3), the forward
+  162 there but 186 at stage 4, so
   ``fused_rel_config`` caps them at 168 (:func:`regs_for`): no spills in any loop on sm_90
   offline (the dq kernel spills 64 bytes outside its loop). Not yet timed on a GPU: the tune's
   ``fwd_rel``/``dq_rel`` rows and the ``triton+rel-inside`` provider decide the default.
@@ -224,14 +226,18 @@ def _fwd_kernel(
     bh = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if FUSE_REL:
-        rp = offs_m - HAS_CLS  # R's rows of this tile (the cls row has none)
+        # tiles of BLOCK_M non-cls rows, as in rel_triton's forward (the same table windows), the
+        # cls row last: tile position p holds query row p + 1, and the last position, Nq − 1, row 0
         _rel_fwd_rows(
             q_ptr, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr, r_ptr + bh * (Nq - HAS_CLS) * KR, bh,
-            tl.maximum(rp, 0), (rp >= 0) & (rp < Nq - HAS_CLS), Nq * HD, 0, HD, 1, 1,
+            offs_m, offs_m < Nq - HAS_CLS, Nq * HD, 0, HD, 1, 1,
             R_HD, R_BD, R_HQ, R_WQ, R_NQR, R_KT, R_KH, R_KW, R_E, R_VEC, R_KPT, R_KPH, R_KPW,
             R_LT, R_LH, R_LW, R_LPT, R_LPH, R_LPW, R_HAS_T, R_HAS_CLS, R_PREC,
         )
         tl.debug_barrier()  # the rows this program stored are read below by all of its threads
+        if HAS_CLS:
+            offs_m += 1
+            offs_m = tl.where(offs_m == Nq, 0, offs_m)
     q_ptr += bh * Nq * HD
     r_ptr += bh * (Nq - HAS_CLS) * KR
     k_ptr += bh * Nk * KW
@@ -529,9 +535,9 @@ def regs_for(programs_per_sm: int, warps: int) -> int:
 def fused_rel_config(cfg: RelPosAttnConfig) -> RelPosAttnConfig:
     """``cfg`` with the rel terms inside the forward and dq kernels (``fuse_rel_fwd``,
     ``fuse_rel_dq``), capped at the
-    registers of 3 programs per SM: uncapped, the fused kernels take 174 / 186 registers at
-    MViTv2-L stage 1 (2 programs per SM); capped at 168 the forward spills nothing and the dq
-    kernel 64 bytes, outside its loop (sm_90 offline, ``bench.sass``)."""
+    registers of 3 programs per SM: uncapped, the fused dq kernel takes 186 registers at MViTv2-L
+    stage 1 and the forward 186 at stage 4 (2 programs per SM); capped at 168 the forward spills
+    nothing and the dq kernel 64 bytes, outside its loop (sm_90 offline, ``bench.sass``)."""
     return dataclasses.replace(cfg, fuse_rel_fwd=True, fuse_rel_dq=True, fwd_maxnreg=regs_for(3, cfg.fwd_warps),
                                dq_maxnreg=regs_for(3, cfg.dq_warps))
 
@@ -641,7 +647,7 @@ def _fwd(q, r, k, e, v, dims: _Dims, has_cls, scale, cfg, rel=None):
     Nk = k.shape[2]
     o = _empty(*q.shape, dtype=q.dtype, device=q.device)
     lse = _empty(B, nh, Nq, dtype=torch.float32, device=q.device)
-    tabs, rel_consts = _rel_args(q, rel, fwd_rows_args, block=cfg.fwd_block_m, shift=int(has_cls))
+    tabs, rel_consts = _rel_args(q, rel, fwd_rows_args, block=cfg.fwd_block_m)
     grid = (triton.cdiv(Nq, cfg.fwd_block_m), B * nh)
     _fwd_kernel[grid](
         q, r, k, e, v, o, lse, *tabs, Nq, Nk, scale * LOG2E,

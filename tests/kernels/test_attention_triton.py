@@ -195,7 +195,7 @@ def _fused_rel_changes(cfg: RelPosAttnConfig) -> dict:
 @pytest.mark.parametrize("q_thw,k_thw,has_cls,dtype,hd", [
     ((2, 8, 8), (2, 2, 2), True, torch.float32, 40),
     ((3, 5, 4), (3, 3, 2), False, torch.float32, 40),
-    ((1, 15, 8), (1, 15, 8), True, torch.float32, 40),  # query tiles hold the cls row: wider h window (16 → 32 rows)
+    ((1, 15, 8), (1, 15, 8), True, torch.float32, 40),  # tiles not aligned to non-cls rows would need a wider h window
     ((2, 4, 4), (2, 4, 4), True, torch.float16, 40),
     ((2, 4, 4), (2, 2, 2), True, torch.float32, 96),  # hd = 64 + 32 in the rel dq code
     ((2, 3, 4), (2, 2, 2), False, torch.float32, 64),  # hd a power of two: no second piece
@@ -203,9 +203,11 @@ def _fused_rel_changes(cfg: RelPosAttnConfig) -> dict:
 def test_rel_terms_inside_the_attention_kernels(q_thw, k_thw, has_cls, dtype, hd):
     """``fuse_rel_fwd``: the forward kernel writes R's rows of its query tile and reads them back;
     ``fuse_rel_dq``: the dq kernel adds q's rel-path gradient to the rows it stored. Each alone and
-    both: bit for bit the separate kernels, and within the oracle's bounds. The cls row shifts the
-    forward's row blocks by one: their table windows are sized for that (the third geometry fails
-    with unshifted windows)."""
+    both: bit for bit the separate kernels, and within the oracle's bounds. With a cls token the
+    fused forward moves the cls row to the end so that its tiles are the rel forward's blocks of
+    non-cls rows, with the same table windows (the third geometry fails with tiles that start at
+    the cls row: a block spans three h rows there); the cls row shares the last tile (third and
+    fourth geometries) or has one of its own (first)."""
     inputs = make_inputs(1, 2, q_thw, k_thw, hd, has_cls, dtype)
     cfg = RelPosAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 3)
     variants = [dict(fuse_rel_fwd=True), dict(fuse_rel_dq=True), _fused_rel_changes(cfg)]
