@@ -102,6 +102,7 @@ class SassStats:
     mix: dict  # opcode -> count
     loops: list  # backward branches (first address, branch address, instructions in the body)
     loop_local: int = 0  # spill loads/stores (LDL/STL) inside a loop body: the ones that cost per trip
+    nc_loads: int = 0  # global loads through the non-coherent read-only path (LDG…CONSTANT, PTX ld.global.nc)
 
     def count(self, cls: str) -> int:
         return sum(self.mix.get(op, 0) for op in SLOW_CLASSES[cls])
@@ -209,6 +210,7 @@ def _tool(name: str, *args: str) -> str:
 
 
 _OP_RE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)", re.M)
+_NC_RE = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?LDG(?:\.\w+)*\.CONSTANT\b", re.M)
 _BRA_RE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?BRA\s+(?:\w+\s+)?0x([0-9a-f]+)", re.M)
 
 
@@ -227,6 +229,12 @@ def parse_sass(sass: str) -> tuple[dict, list]:
         if dest < here:
             loops.append((dest, here, sum(1 for a, op in ops if dest <= a <= here and op != "NOP")))
     return dict(mix), loops
+
+
+def count_nc_loads(sass: str) -> int:
+    """Global loads of the ``cuobjdump -sass`` text that go through the non-coherent read-only
+    cache (``LDG.E….CONSTANT``): a program must not read back through it what it stored itself."""
+    return len(_NC_RE.findall(sass))
 
 
 def compile_launch(launch: Launch, arch: int = 90) -> SassStats:
@@ -258,6 +266,7 @@ def compile_launch(launch: Launch, arch: int = 90) -> SassStats:
         mix=mix,
         loops=loops,
         loop_local=_in_loops(sass, loops, SLOW_CLASSES["local"]),
+        nc_loads=count_nc_loads(sass),
     )
 
 
@@ -483,7 +492,8 @@ def check(arch: int = 90) -> list[str]:
     """Problems of our default kernels on sm_<arch>: a failed lowering, shared memory over the limit,
     register spills (HOG cells and cells-ptx kernels; bf16 attention forward and backward, with
     the fused rel terms too; kernels launched with a register cap may spill outside their loops
-    only) or cross-lane traffic in the HOG kernels. Empty when all is well."""
+    only), cross-lane traffic in the HOG kernels, or a non-coherent global load in the kernels with
+    the rel terms inside (they read back rows they stored). Empty when all is well."""
     import torch
 
     from kernels.hog import triton_hog
@@ -505,11 +515,15 @@ def check(arch: int = 90) -> list[str]:
         for launch in attention_launches(arch, "L", **ATTENTION_PATHS[path]):
             st = compile_launch(launch, arch)
             print(f"attention ({path}) {launch.name}: regs {st.registers} spill {st.local_bytes} "
-                  f"(in loops: {st.loop_local} ops) shared {st.shared_bytes}", flush=True)  # fmt: skip
+                  f"(in loops: {st.loop_local} ops) shared {st.shared_bytes} nc loads {st.nc_loads}", flush=True)  # fmt: skip
             if limit and st.shared_bytes > limit:
                 problems.append(f"{launch.name} ({path}) needs {st.shared_bytes} B shared > {limit} on sm_{arch}")
             if launch.maxnreg is not None and st.registers > launch.maxnreg:
                 problems.append(f"{launch.name} ({path}) uses {st.registers} registers over its cap {launch.maxnreg}")
+            if path == "rel terms inside the attention kernels" and st.nc_loads:
+                # these kernels store rows (R; dq and dR), then a barrier, then read them back: the
+                # read-only cache is not coherent with the program's own stores
+                problems.append(f"{launch.name} ({path}) has {st.nc_loads} non-coherent global loads on sm_{arch}")
             # a capped kernel may spill outside its loops (once per program); anything else is a problem
             if st.loop_local if launch.maxnreg is not None else st.local_bytes:
                 problems.append(f"{launch.name} ({path}, bf16) spills {st.local_bytes} B per thread "

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.sass import parse_sass
+from bench.sass import count_nc_loads, parse_sass
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,3 +46,14 @@ def test_parse_sass_counts_and_loops():
     assert loops == [(0x10, 0x30, 3)]  # LDG, FADD, BRA
     _, loops = parse_sass(sass.replace("@P1 BRA 0x10", "@P1 BRA 0x50"))
     assert loops == []  # a forward branch and the self-loop padding
+
+
+def test_non_coherent_loads_are_counted():
+    """The check that keeps the fused kernels' store → barrier → load pattern off the read-only cache."""
+    sass = """
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;        /* 0x0000000402047981 */
+        /*0010*/              @!P0 LDG.E.128.CONSTANT R8, desc[UR4][R2.64] ; /* 0x0000000402087981 */
+        /*0020*/                   LDG.E.U16.CONSTANT R9, desc[UR4][R6.64] ; /* 0x0000000406097981 */
+        /*0030*/                   LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64] ; /* 0x0000000002017fae */
+    """
+    assert count_nc_loads(sass) == 2
