@@ -105,6 +105,9 @@ REL_DTAB: dict[str, dict] = {
     "s2": dict(dtab_stages=2),
     "rows256": dict(dtab_rows=256),
     "rows1024": dict(dtab_rows=1024),
+    "bh1": dict(dtab_bh=1),  # one batch·head per program (before the seventh session): 8× the partials
+    "bh4": dict(dtab_bh=4),
+    "bh16": dict(dtab_bh=16, dtab_min_programs=512),
 }
 # the rel-term forward and q-gradient as separate kernels ("default") or inside the attention's
 # forward / dq kernel (RelPosAttnConfig.fuse_rel_fwd / fuse_rel_dq; "inside r168": with the register

@@ -365,9 +365,11 @@ def attention_launches(
 ) -> list[Launch]:
     """Capture every launch of one (bf16 unless ``dtype``) forward + backward of kernels.attention's Triton backend at
     MViTv2 stage ``stage`` of ``model`` (bench/attention.py), with the H100 tile table and the
-    query chunking an H100 would get at ``batch`` clips (the capture itself runs B = 1). ``overrides``:
-    RelPosAttnConfig fields to change; ``rel_impl="triton"`` adds the fused rel-terms kernels, and
-    ``fused=True`` (with it) moves them into the attention kernels (``fused_rel_config``)."""
+    query chunking and table-gradient grouping an H100 would get at ``batch`` clips (the capture
+    itself runs B = 1). ``overrides``:
+    RelPosAttnConfig fields to change; ``rel_impl="triton"`` adds the fused rel-terms kernels,
+    ``fused=True`` (with it) moves them into the attention kernels (``fused_rel_config``), and
+    ``dtab_bh`` forces the batch·heads per table-gradient program."""
     import torch
 
     from bench.attention import K_GRID, MODELS, Q_GRIDS
@@ -377,6 +379,7 @@ def attention_launches(
     )
 
     fused = overrides.pop("fused", False)  # the rel terms inside the attention kernels (fused_rel_config)
+    forced_bh = overrides.pop("dtab_bh", None)  # batch·heads per table-gradient program (None: what B = batch gets)
     dtype = dtype or torch.bfloat16
     hd, nh = MODELS[model]["hd"], MODELS[model]["heads"][stage - 1]
     q_thw, k_thw = Q_GRIDS[stage - 1], K_GRID
@@ -388,9 +391,16 @@ def attention_launches(
     cfg: RelPosAttnConfig = default_config(hd, sum(k_thw), dtype, torch.device("cuda"))
     chunks, _ = dkdv_split(cfg, nq, nk, batch * nh, H100_SMS)
     cfg = dataclasses.replace(fused_rel_config(cfg) if fused else cfg, dkdv_chunks=chunks, **overrides)
-    with capture_launches(arch) as launches:
-        out = relpos_attention_triton(q, k, v, q_thw, k_thw, *tables, config=cfg, rel_impl=rel_impl)
-        out.float().sum().backward()
+    from kernels.attention import rel_triton
+
+    dtab_bh = rel_triton._dtab_bh
+    rel_triton._dtab_bh = lambda rcfg, n_items, n_bh: forced_bh or dtab_bh(rcfg, n_items, n_bh * batch)
+    try:
+        with capture_launches(arch) as launches:
+            out = relpos_attention_triton(q, k, v, q_thw, k_thw, *tables, config=cfg, rel_impl=rel_impl)
+            out.float().sum().backward()
+    finally:
+        rel_triton._dtab_bh = dtab_bh
     return launches
 
 
@@ -445,6 +455,55 @@ def rel_inside_report(arch: int = 90, batch: int = 32) -> list[dict]:
                                  programs=programs, trips=trips, warp_instructions=warp_instr,
                                  floor_us=issue_floor_us(warp_instr)))
     return rows
+
+
+def dtab_report(arch: int = 90, batch: int = 32) -> list[dict]:
+    """The table-gradient kernel (stage 1 of the rel tables' backward) with one batch·head per
+    program, as before the seventh session, or with the default grouping (``rel_triton._dtab_bh``),
+    MViTv2-L stages 1–4 at ``batch`` clips: issue floor (loop body counted per trip) and the bytes
+    of fp32 partials that torch then reduces."""
+    from bench.attention import MODELS
+
+    rows = []
+    for stage in (1, 2, 3, 4):
+        n_bh = batch * MODELS["L"]["heads"][stage - 1]
+        for layout, forced in (("one batch·head per program", 1), ("grouped (default)", None)):
+            for launch in attention_launches(arch, "L", batch=batch, stage=stage, rel_impl="triton", dtab_bh=forced):
+                if not launch.name.endswith("_rel_dtab_kernel"):
+                    continue
+                st = compile_launch(launch, arch)
+                c = {n: launch.constexpr(n) for n in ("BH_PER", "ROWS", "BLOCK_R", "TQ", "HQ", "WQ", "KT", "KH", "KW",
+                                                     "CT", "CH", "CW", "HD")}  # fmt: skip
+                trips = c["BH_PER"] * (c["ROWS"] // c["BLOCK_R"])
+                groups = math.ceil(n_bh / c["BH_PER"])
+                programs = int(launch.grid[0]) * groups
+                # a program runs one of the three axis branches (each with its own copy of the row loop):
+                # about a third of the static code, plus its loop body for every further trip
+                body = sum(n for _, _, n in st.loops) / len(st.loops) if st.loops else 0
+                warp_instr = (st.instructions / 3 + (trips - 1) * body) * st.num_warps * programs
+                per_group = c["TQ"] * c["CT"] * c["KT"] + c["HQ"] * c["CH"] * c["KH"] + c["WQ"] * c["CW"] * c["KW"]
+                rows.append(dict(stage=stage, layout=layout, bh_per_program=c["BH_PER"], registers=st.registers,
+                                 programs=programs, trips=trips, warp_instructions=warp_instr,
+                                 floor_us=issue_floor_us(warp_instr), partial_mb=groups * per_group * c["HD"] * 4 / 1e6))
+    return rows
+
+
+def _dtab_markdown(rows: list[dict], arch: int) -> str:
+    return _md_table(
+        [
+            f"# Rel-table gradients, stage 1 kernel: issue floors on sm_{arch} (not timings)",
+            "",
+            f"Command: `python -m bench.sass --arch {arch}`; triton {triton.__version__}; bf16, MViTv2-L stages 1–4 at B 32.",
+            "Each program sums its batch·heads in order; the fp32 partials are then reduced by torch (on an H100",
+            "that reduction took ~0.16 ms at stage 4 with one batch·head per program: `attention_tune_…_2.md`).",
+            "Floor = warp instructions / (132 SMs · 4 schedulers · 1.755 GHz); a program runs one of the kernel's three",
+            "axis branches, counted as a third of the static code plus its loop body (mean of the three) per further trip.",
+        ],
+        ["stage", "layout", "batch·heads per program", "regs", "programs", "loop trips", "warp instr (M)", "floor µs",
+         "partials MB"],
+        [[r["stage"], r["layout"], r["bh_per_program"], r["registers"], r["programs"], r["trips"],
+          f"{r['warp_instructions'] / 1e6:.0f}", f"{r['floor_us']:.0f}", f"{r['partial_mb']:.1f}"] for r in rows],
+    )
 
 
 def _rel_inside_markdown(rows: list[dict], arch: int) -> str:
@@ -544,7 +603,8 @@ def main(argv: Optional[list] = None) -> int:
         return 1 if problems else 0
     meta = dict(command=" ".join(["python -m bench.sass", *sys.argv[1:]]), triton=triton.__version__, arch=args.arch)
     for what, report, render in (("hog", hog_report, _hog_markdown), ("attention", attention_report, _attention_markdown),
-                                 ("attention_rel_inside", rel_inside_report, _rel_inside_markdown)):
+                                 ("attention_rel_inside", rel_inside_report, _rel_inside_markdown),
+                                 ("attention_rel_dtab", dtab_report, _dtab_markdown)):
         rows = report(args.arch)
         md = render(rows, args.arch)
         print(md, flush=True)

@@ -33,11 +33,12 @@ Design (kernels → launchers → ``autograd.Function`` → public function)
 * Table gradients, deterministic and without atomics, in two stages.
   ``_rel_dtab_kernel`` (stage 1): for each axis and coordinate p, the rows whose coordinate on that
   axis is p (t: H·W contiguous rows; h: T runs of W rows; w: T·H rows of stride W) are split into
-  chunks of ROWS rows; one program per (axis, p, chunk, batch·head) accumulates
-  ``P[j, :] = Σ_rows dR[row, col(j)]·q[row, :]`` as a (KP, BD) fp32 ``tl.dot`` over BLOCK_R-row
-  tiles and writes it to an fp32 partial buffer (B·nh, Q, chunks, K, hd). All three axes run in
-  one launch with the items of one batch·head adjacent, so that q and dR, read three times, come
-  from HBM about once (L2 hits). Stage 2 (torch, fixed order): sum over batch·head and chunks,
+  chunks of ROWS rows; one program per (axis, p, chunk, group of up to 8 batch·heads, :func:`_dtab_bh`)
+  accumulates ``P[j, :] = Σ_bh Σ_rows dR[row, col(j)]·q[row, :]`` as a (KP, BD) fp32 ``tl.dot``
+  over BLOCK_R-row tiles, batch·heads in order, and writes it to an fp32 partial buffer
+  (groups, Q, chunks, K, hd). All three axes run in one launch with the items of one group
+  adjacent, so that q and dR, read three times, come from HBM about once (L2 hits). Stage 2
+  (torch, fixed order): sum over the groups and chunks,
   then scatter to table rows with a dense float64 one-hot (L, Q·K) @ (Q·K, hd) matmul
   (``index_add_`` is not deterministic on CUDA), cast to the table's dtype.
 * q may have any strides; the host tells the compiler the power of two dividing them
@@ -56,8 +57,9 @@ Design (kernels → launchers → ``autograd.Function`` → public function)
 
 Bytes at MViTv2-L stage 1 (B 32, nh 2, q_thw (8, 56, 56), k_thw (8, 7, 7), hd 72, bf16, E 22):
 q = 32·2·25089·72·2 B = 231 MB, R = dR = 32·2·25088·22·2 B = 70.6 MB, dq 231 MB, partials
-32·2·(8·7·8 + 56·7 + 56·7)·72·4 B = 22.7 MB. Forward q + R = 0.30 GB; dq dR + dq = 0.30 GB;
-table stage 1 q + dR + partials = 0.32 GB from HBM (0.93 GB through L2); stage 2 reads 22.7 MB.
+(32·2 / 8 groups)·(8·7·8 + 56·7 + 56·7)·72·4 B = 2.8 MB (22.7 MB with one batch·head per program).
+Forward q + R = 0.30 GB; dq dR + dq = 0.30 GB; table stage 1 q + dR + partials = 0.30 GB from HBM
+(0.9 GB through L2); stage 2 reads 2.8 MB.
 At ~3 TB/s that is ~0.1 ms per kernel.
 
 Measured offline (``bench.sass`` compile for sm_90, triton 3.6, bf16 q, fp32 tables, B = 1
@@ -65,7 +67,8 @@ captured; the issue floor scales to B = 32: warp instructions / (132 SMs · 4 sc
 1.755 GHz), a lower bound, not a timing): forward 64 rows / 4 warps: 135 regs, no spill, 48 KB
 shared, 2013 instructions per thread, floor 218 µs; dq 32 rows / 4 warps: 150 regs, no spill,
 1319 instructions, floor 286 µs; table stage 1 (64-row tiles, 4 warps, 3 stages): 72 regs, no
-spill, 64 KB shared, ~85 µs (from the loop-body size). So forward and dq are bound by
+spill, 64 KB shared, ~85 µs (from the loop-body size; one batch·head per program then, 8 now:
+``bench/results/attention_rel_dtab_sass_sm90_20261128.md``). So forward and dq are bound by
 instruction issue at ~2–3× their byte time. On an H100 at that shape (B = 32,
 ``bench/results/attention_tune_nvidia-h100-80gb-hbm3_20261127_2.md``): forward 0.64 ms, dq
 0.72 ms (3× and 2.5× the floors above), table gradients ~0.25 ms (profile); none of the tile or
@@ -115,8 +118,12 @@ def _mm(a, b, PREC: tl.constexpr):
 @triton.jit
 def _q_rows(bh, rows, n_heads, sq_b, sq_h, sq_n, VEC: tl.constexpr):
     """(R,) int64 element offsets of q rows ``rows`` of batch·head ``bh``. VEC: a power of two
-    dividing every stride (host-checked), told to the compiler so that row loads vectorise."""
-    off = (bh // n_heads) * sq_b + (bh % n_heads) * sq_h + rows.to(tl.int64) * sq_n
+    dividing every stride (host-checked), told to the compiler so that row loads vectorise. The
+    division by the runtime head count is done in 32 bits (B·nh < 2³¹; in 64 bits it made the
+    table-gradient loop body, where it runs once per trip, 24–31 instructions longer on sm_90)."""
+    b = bh.to(tl.int32) // n_heads
+    h = bh.to(tl.int32) - b * n_heads
+    off = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + rows.to(tl.int64) * sq_n
     if VEC > 1:
         off = tl.multiple_of(off, VEC)
     return off
@@ -282,12 +289,14 @@ def _rel_dq_kernel(
 
 @triton.jit
 def _dtab_axis(
-    q_ptr, dr_ptr, p_ptr, item, bh, n_heads, sq_b, sq_h, sq_n, sq_d,
+    q_ptr, dr_ptr, p_ptr, item, grp, n_bh, n_heads, sq_b, sq_h, sq_n, sq_d,
     Q: tl.constexpr, K: tl.constexpr, INNER: tl.constexpr, CNT: tl.constexpr, CHUNKS: tl.constexpr,
     COL0: tl.constexpr, E: tl.constexpr, HD: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_R: tl.constexpr, HAS_CLS: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr,
+    NQR: tl.constexpr, BH_PER: tl.constexpr,
 ):
-    """P[bh, p, c, j, :] = Σ_{rows k of chunk c with coordinate p} dR[row, COL0+j]·q[row, :] (fp32).
+    """P[grp, p, c, j, :] = Σ_{bh of group grp} Σ_{rows k of chunk c with coordinate p} dR[bh, row, COL0+j]·q[bh, row, :]
+    (fp32), the group's BH_PER batch·heads (those < n_bh) in order, each over its row tiles in order.
 
     The rows with coordinate p on this axis, in order, are k ↦ (k // INNER)·Q·INNER + p·INNER +
     k % INNER for k < CNT (INNER = product of the grid sizes after this axis)."""
@@ -298,48 +307,50 @@ def _dtab_axis(
     offs_r = tl.arange(0, BLOCK_R)
     j_ok = offs_j < K
     d_ok = offs_d < HD
+    NT: tl.constexpr = ROWS // BLOCK_R  # row tiles per batch·head
     acc = tl.zeros([KP, BD], dtype=tl.float32)
-    for it in range(ROWS // BLOCK_R):
-        k = c * ROWS + it * BLOCK_R + offs_r
-        k_ok = k < CNT
+    for it in range(BH_PER * NT):  # one loop (pipelined across batch·heads)
+        bh = grp * BH_PER + it // NT
+        k = c * ROWS + (it % NT) * BLOCK_R + offs_r
+        k_ok = (k < CNT) & (bh < n_bh)
         row = (k // INNER) * (Q * INNER) + p * INNER + k % INNER  # (BR,) non-cls row
-        drT = tl.load(dr_ptr + row[None, :] * E + (COL0 + offs_j)[:, None],
+        drT = tl.load(dr_ptr + bh * (NQR * E) + row[None, :] * E + (COL0 + offs_j)[:, None],
                       mask=j_ok[:, None] & k_ok[None, :], other=0.0)  # (KP, BR)
         q_off = _q_rows(bh, row + HAS_CLS, n_heads, sq_b, sq_h, sq_n, VEC)  # (BR,)
         qt = tl.load(q_ptr + q_off[:, None] + offs_d[None, :] * sq_d,
                      mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # (BR, BD)
         acc += _mm(drT, qt, PREC)
-    out = p_ptr + ((bh * Q + p) * CHUNKS + c) * (K * HD)
+    out = p_ptr + ((grp * Q + p) * CHUNKS + c) * (K * HD)
     tl.store(out + offs_j[:, None] * HD + offs_d[None, :], acc, mask=j_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _rel_dtab_kernel(
     q_ptr, dr_ptr, pt_ptr, ph_ptr, pw_ptr,
-    sq_b, sq_h, sq_n, sq_d, n_heads,
+    sq_b, sq_h, sq_n, sq_d, n_heads, n_bh,
     HD: tl.constexpr, BD: tl.constexpr, TQ: tl.constexpr, HQ: tl.constexpr, WQ: tl.constexpr,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, E: tl.constexpr,
     CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, N_T: tl.constexpr, N_H: tl.constexpr,
     KPT: tl.constexpr, KPH: tl.constexpr, KPW: tl.constexpr,
     HAS_T: tl.constexpr, HAS_CLS: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
-    PREC: tl.constexpr, VEC: tl.constexpr,
+    PREC: tl.constexpr, VEC: tl.constexpr, BH_PER: tl.constexpr,
 ):
-    # items of one batch·head: [t: N_T = TQ·CT | h: N_H = HQ·CH | w: WQ·CW] (HAS_T False: N_T = 0);
-    # partials P_t (B·nh, TQ, CT, KT, hd), P_h (B·nh, HQ, CH, KH, hd), P_w (B·nh, WQ, CW, KW, hd) fp32
+    # items of one group of BH_PER batch·heads: [t: N_T = TQ·CT | h: N_H = HQ·CH | w: WQ·CW] (HAS_T
+    # False: N_T = 0); partials P_t (G, TQ, CT, KT, hd), P_h (G, HQ, CH, KH, hd), P_w (G, WQ, CW, KW, hd)
+    # fp32, G = cdiv(B·nh, BH_PER) groups
     pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    grp = tl.program_id(1).to(tl.int64)
     NQR: tl.constexpr = TQ * HQ * WQ
-    dr_ptr += bh * NQR * E
-    strides = (n_heads, sq_b, sq_h, sq_n, sq_d)
+    args = (grp, n_bh, n_heads, sq_b, sq_h, sq_n, sq_d)
     if pid < N_T:
-        _dtab_axis(q_ptr, dr_ptr, pt_ptr, pid, bh, *strides,
-                   TQ, KT, HQ * WQ, HQ * WQ, CT, 0, E, HD, BD, KPT, ROWS, BLOCK_R, HAS_CLS, PREC, VEC)
+        _dtab_axis(q_ptr, dr_ptr, pt_ptr, pid, *args,
+                   TQ, KT, HQ * WQ, HQ * WQ, CT, 0, E, HD, BD, KPT, ROWS, BLOCK_R, HAS_CLS, PREC, VEC, NQR, BH_PER)
     elif pid < N_T + N_H:
-        _dtab_axis(q_ptr, dr_ptr, ph_ptr, pid - N_T, bh, *strides,
-                   HQ, KH, WQ, TQ * WQ, CH, KT, E, HD, BD, KPH, ROWS, BLOCK_R, HAS_CLS, PREC, VEC)
+        _dtab_axis(q_ptr, dr_ptr, ph_ptr, pid - N_T, *args,
+                   HQ, KH, WQ, TQ * WQ, CH, KT, E, HD, BD, KPH, ROWS, BLOCK_R, HAS_CLS, PREC, VEC, NQR, BH_PER)
     else:
-        _dtab_axis(q_ptr, dr_ptr, pw_ptr, pid - N_T - N_H, bh, *strides,
-                   WQ, KW, 1, TQ * HQ, CW, KT + KH, E, HD, BD, KPW, ROWS, BLOCK_R, HAS_CLS, PREC, VEC)
+        _dtab_axis(q_ptr, dr_ptr, pw_ptr, pid - N_T - N_H, *args,
+                   WQ, KW, 1, TQ * HQ, CW, KT + KH, E, HD, BD, KPW, ROWS, BLOCK_R, HAS_CLS, PREC, VEC, NQR, BH_PER)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,6 +368,8 @@ class RelTritonConfig:
     dtab_rows: int = 512  # upper bound of rows per table-gradient program (rounded to the grid)
     dtab_warps: int = 4
     dtab_stages: int = 3  # software pipelining of the row-tile loop
+    dtab_bh: int = 8  # at most this many batch·heads summed (in order) by one table-gradient program …
+    dtab_min_programs: int = 1024  # … while that leaves the launch at least this many programs (_dtab_bh)
 
 
 def _config(device: torch.device, dtype: torch.dtype) -> RelTritonConfig:
@@ -537,6 +550,19 @@ def _dtab_rows(g: _Geom, cfg: RelTritonConfig) -> int:
     return cfg.dtab_block_r * triton.cdiv(rows, cfg.dtab_block_r)
 
 
+def _dtab_bh(cfg: RelTritonConfig, n_items: int, n_bh: int) -> int:
+    """Batch·heads per table-gradient program: the largest power of two ≤ ``cfg.dtab_bh`` that
+    leaves ≥ ``cfg.dtab_min_programs`` programs (``n_items`` per group). Summing several batch·heads
+    in the kernel shrinks the fp32 partials — and torch's reduction of them, which took ~0.16 ms at
+    MViTv2-L stage 4 on an H100 (B·nh = 512 partials per table row, ``attention_tune_…_2.md``
+    profile: 3 of its 5 ``reduce_kernel`` launches) — by that factor. Depends on the shape only, not
+    the GPU, so the summation order (and every bit of the result) is the same on every device."""
+    per = 1
+    while per * 2 <= min(cfg.dtab_bh, n_bh) and n_items * triton.cdiv(n_bh, per * 2) >= cfg.dtab_min_programs:
+        per *= 2
+    return per
+
+
 def _bwd_tables(
     dr: torch.Tensor, q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _Geom, cfg: RelTritonConfig
 ) -> list:
@@ -547,19 +573,22 @@ def _bwd_tables(
     ks = [g.kt, g.k_thw[1], g.k_thw[2]]
     counts = [g.nqr // n for n in g.q_thw]
     chunks = [triton.cdiv(c, rows) for c in counts]
+    n_items = (Tq * chunks[0] if g.has_t else 0) + Hq * chunks[1] + Wq * chunks[2]
+    bh_per = _dtab_bh(cfg, n_items, B * nh)
+    groups = triton.cdiv(B * nh, bh_per)
     parts = [
-        _empty(B * nh, g.q_thw[a], chunks[a], ks[a], hd, dtype=torch.float32, device=q.device)
+        _empty(groups, g.q_thw[a], chunks[a], ks[a], hd, dtype=torch.float32, device=q.device)
         if (a > 0 or g.has_t) else None
         for a in range(3)
-    ]  # (B·nh, Q, chunks, K, hd) per axis
-    n_items = (Tq * chunks[0] if g.has_t else 0) + Hq * chunks[1] + Wq * chunks[2]
-    _rel_dtab_kernel[(n_items, B * nh)](
-        q, dr, parts[0] if g.has_t else parts[1], parts[1], parts[2], *q.stride(), nh,
+    ]  # (groups, Q, chunks, K, hd) per axis
+    _rel_dtab_kernel[(n_items, groups)](
+        q, dr, parts[0] if g.has_t else parts[1], parts[1], parts[2], *q.stride(), nh, B * nh,
         HD=hd, BD=_pow2(hd), TQ=Tq, HQ=Hq, WQ=Wq, KT=g.kt, KH=ks[1], KW=ks[2], E=g.e,
         CT=chunks[0], CH=chunks[1], CW=chunks[2], N_T=Tq * chunks[0] if g.has_t else 0, N_H=Hq * chunks[1],
         KPT=_pow2(max(g.kt, 1)), KPH=_pow2(ks[1]), KPW=_pow2(ks[2]),
         HAS_T=g.has_t, HAS_CLS=int(g.has_cls), ROWS=rows, BLOCK_R=cfg.dtab_block_r,
-        PREC=1 if q.dtype == torch.float32 else 0, VEC=_q_vec(q), num_warps=cfg.dtab_warps, num_stages=cfg.dtab_stages,
+        PREC=1 if q.dtype == torch.float32 else 0, VEC=_q_vec(q), BH_PER=bh_per,
+        num_warps=cfg.dtab_warps, num_stages=cfg.dtab_stages,
     )
     grads = []
     for a, table in enumerate(tables):
@@ -567,7 +596,7 @@ def _bwd_tables(
             grads.append(None)
             continue
         Q, K = g.q_thw[a], g.k_thw[a]
-        s = parts[a].sum(dim=(0, 2))  # (Q, K, hd) fp32, fixed-order reduction over B·nh and chunks
+        s = parts[a].sum(dim=(0, 2))  # (Q, K, hd) fp32, fixed-order reduction over the groups and chunks
         onehot = _scatter_onehot(Q, K, q.device)  # (L, Q·K) float64
         grads.append((onehot @ s.reshape(Q * K, hd).double()).to(table.dtype))  # (L, hd)
     return grads

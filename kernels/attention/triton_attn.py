@@ -682,9 +682,11 @@ def _bwd_dq(q, r, k, e, v, o, do, lse, dims: _Dims, has_cls, scale, cfg, rel=Non
 def dkdv_split(cfg: RelPosAttnConfig, nq: int, nk: int, n_bh: int, n_sms: Optional[int]) -> tuple[int, int]:
     """(query chunks, query tiles per chunk) of the dk/dv kernel for Nq, Nk and B·nh on a GPU with
     ``n_sms`` SMs (None: the interpreter, one chunk unless ``cfg.dkdv_chunks`` says otherwise).
-    Chunks aim for ``cfg.dkdv_programs_per_sm`` programs per SM; the tiles per chunk are rounded up
-    to a multiple of 4 past 4 (fewer compiled variants, ≤ 3 masked tiles) and are ≥ 2 on a GPU
-    (:func:`_trips`). Pure: ``bench.attention_memory`` asks it what an H100 would run."""
+    Chunks aim for ``cfg.dkdv_programs_per_sm`` programs per SM; the query tiles are shared out as
+    evenly as the chunk count allows (fewer than ``chunks`` fully masked tiles in all: a masked
+    tile still runs its four dots), ≥ 2 per chunk on a GPU (:func:`_trips`). One compiled variant
+    per tiles-per-chunk value, i.e. per MViTv2 stage. Pure: ``bench.attention_memory`` asks it what
+    an H100 would run."""
     n_q_tiles = triton.cdiv(nq, cfg.dkdv_block_m)
     n_kv_programs = triton.cdiv(nk, cfg.dkdv_block_n) * n_bh
     if cfg.dkdv_chunks is not None:
@@ -694,8 +696,6 @@ def dkdv_split(cfg: RelPosAttnConfig, nq: int, nk: int, n_bh: int, n_sms: Option
     else:
         chunks = max(1, min(n_q_tiles, triton.cdiv(cfg.dkdv_programs_per_sm * n_sms, n_kv_programs)))
     tiles_per_chunk = max(2 if n_sms is not None else 1, triton.cdiv(n_q_tiles, chunks))
-    if tiles_per_chunk > 4:
-        tiles_per_chunk = 4 * triton.cdiv(tiles_per_chunk, 4)
     return triton.cdiv(n_q_tiles, tiles_per_chunk), tiles_per_chunk
 
 

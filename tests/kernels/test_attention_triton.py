@@ -272,17 +272,18 @@ def _memory_budget(q, k, k_thw, tables, cfg, n_sms) -> tuple[int, int]:
 
 def test_launch_choices_at_the_mvitv2_stages():
     """Query chunks of the dk/dv kernel: for 8 programs per SM on an H100 (132 SMs), MViTv2-L at
-    B = 32 chunks only its two largest stages; tiles per chunk ≥ 2 on a GPU, a multiple of 4 past
-    4; the interpreter runs one chunk unless told otherwise. k' is packed in memory at stages 1–3
+    B = 32 chunks only its two largest stages; the query tiles shared out evenly (fewer masked tiles
+    than chunks: none at stages 1, 3 and 4, one at stage 2), ≥ 2 per chunk on a GPU; the
+    interpreter runs one chunk unless told otherwise. k' is packed in memory at stages 1–3
     (Nq ≥ 2·Nk), assembled in the kernels at stage 4."""
     cfg = RelPosAttnConfig()
     stages = ((25089, 2), (6273, 4), (1569, 8), (393, 16))
-    assert [triton_attn.dkdv_split(cfg, nq, 393, 32 * nh, 132) for nq, nh in stages] == [(3, 132), (2, 52), (1, 28), (1, 8)]
+    assert [triton_attn.dkdv_split(cfg, nq, 393, 32 * nh, 132) for nq, nh in stages] == [(3, 131), (2, 50), (1, 25), (1, 7)]
     assert [triton_attn._pack_k(cfg, nq, 393) for nq, _ in stages] == [True, True, True, False]
     assert not triton_attn._pack_k(dataclasses.replace(cfg, pack_k=False), 25089, 393)
     assert triton_attn.dkdv_split(cfg, 50, 393, 4096, 132) == (1, 2)  # one tile, ≥ 2 trips
-    assert triton_attn.dkdv_split(cfg, 25089, 393, 64, None) == (1, 396)
-    assert triton_attn.dkdv_split(dataclasses.replace(cfg, dkdv_chunks=5), 25089, 393, 64, None) == (5, 80)
+    assert triton_attn.dkdv_split(cfg, 25089, 393, 64, None) == (1, 393)
+    assert triton_attn.dkdv_split(dataclasses.replace(cfg, dkdv_chunks=5), 25089, 393, 64, None) == (5, 79)
 
 
 def test_cuda_loops_stay_pipelined():

@@ -188,6 +188,30 @@ def test_several_chunks_per_coordinate(monkeypatch):
     check_against_oracle(inputs, q_thw, k_thw, True)
 
 
+def test_table_gradient_programs_sum_several_batch_heads(monkeypatch):
+    """Each table-gradient program sums up to ``dtab_bh`` batch·heads in order (fewer partials for
+    torch to reduce): 4 per program over B·nh = 6, so the second group is half masked; the result
+    must match the oracle, with several row chunks per coordinate too (ROWS = 16 < H·W = 48)."""
+    cfg = RelTritonConfig(16, 4, 16, 4, 16, 16, 4, dtab_bh=4, dtab_min_programs=1)
+    monkeypatch.setattr(rel_triton, "_config", lambda device, dtype: cfg)
+    q_thw, k_thw = (3, 6, 8), (3, 2, 2)
+    n_items = 3 * 3 + 6 + 8  # t: 3 coordinates × 3 chunks of 16 rows; h, w: one chunk each
+    assert rel_triton._dtab_bh(cfg, n_items, 6) == 4
+    inputs = make_inputs(3, 2, q_thw, k_thw, 24, True, torch.float32)
+    check_against_oracle(inputs, q_thw, k_thw, True)
+
+
+def test_batch_heads_per_table_gradient_program():
+    """8 batch·heads per program at every MViTv2-L stage at B = 32 (the partials torch reduces: 8×
+    smaller), fewer where the launch would drop under 1024 programs; a function of the shape only."""
+    cfg = RelTritonConfig()
+    # (items per group of batch·heads, B·nh): MViTv2-L stages 1–4 at B 32 (rows per program 448 / 256 / 128 / 64)
+    assert [rel_triton._dtab_bh(cfg, items, n_bh) for items, n_bh in ((168, 64), (88, 128), (44, 256), (22, 512))] == [8] * 4
+    assert rel_triton._dtab_bh(cfg, 168, 32) == 4  # MViTv2-S stage 1 at B 32 (one head)
+    assert rel_triton._dtab_bh(cfg, 22, 2) == 1  # too few programs to share out
+    assert rel_triton._dtab_bh(RelTritonConfig(dtab_bh=1), 22, 512) == 1
+
+
 def test_strided_q():
     """q as a non-contiguous view (heads split from a packed qkv projection, as in the model)."""
     q_thw, k_thw = (2, 4, 3), (2, 2, 2)
