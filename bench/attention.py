@@ -201,7 +201,9 @@ def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[d
         # what models run: relpos_attention(backend="auto") (on CUDA, fp16/bf16: the fused Triton kernel)
         providers["auto"] = lambda *a, **kw: relpos_attention(*a, backend="auto", **kw)
     else:
-        missing["sdpa-cudnn+rel-triton"] = "CUDA only (the rel-terms kernel runs on CPU only in the Triton interpreter)"
+        for name in ("sdpa-cudnn+rel-triton", "sdpa-flash+rel-triton"):
+            missing[name] = "CUDA only (the rel-terms kernel runs on CPU only in the Triton interpreter)"
+        missing["auto"] = "CUDA only here (on CPU auto is the sdpa backend)"
     try:
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -219,7 +221,8 @@ def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[d
 
         missing["xformers"] = _xformers_probe(device) or "unavailable"
     if device.type != "cuda":
-        missing["triton"] = "CUDA only (on CPU Triton runs through the interpreter, not a benchmark)"
+        for name in ("triton", "triton+rel-triton", "triton+rel-inside"):
+            missing[name] = "CUDA only (on CPU Triton runs through the interpreter, not a benchmark)"
     else:
         try:
             from kernels.attention.triton_attn import relpos_attention_triton
@@ -492,7 +495,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--quick", action="store_true", help="shorter timing; flex only for MViTv2-L (compile time)")
     ap.add_argument("--model", choices=["L", "S", "all"], default="all")
     ap.add_argument("--pass", dest="pass_", choices=["fwd", "fwdbwd", "all"], default="all")
-    ap.add_argument("--batch", type=int, default=None, help="batch B (default 4 on CUDA, 1 on CPU)")
+    ap.add_argument("--batch", type=int, default=None, help="batch B (default 32 on CUDA, 1 on CPU)")
     ap.add_argument("--providers", default="", help="comma list (reference always runs), e.g. sdpa-flash,triton")
     ap.add_argument("--flex-budget-s", type=float, default=None,
                     help="skip flex for shapes started after this many seconds (compile time); "
