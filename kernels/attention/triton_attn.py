@@ -45,7 +45,9 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
   (``bench/results/attention_tune_nvidia-h100-80gb-hbm3_20261127_2.md``, "nosplit" rows).
 * Forward (``_fwd_kernel``): one program per (query tile, batch·head), online softmax over all
   key tiles (FlashAttention-2 style, exp2, fp32 statistics and accumulator). Saves ``out`` and
-  the log2-domain log-sum-exp ``lse2`` (B, nh, Nq) only.
+  the log2-domain log-sum-exp ``lse2`` (B, nh, Nq) only. The forward and dq key loops end with
+  one narrower tile where the last keys fit one (:func:`_key_tiles`: MViTv2's Nk 393 is six
+  64-key tiles and 16 keys, not a seventh 64-key tile holding 9), ``fwd_tail`` / ``dq_tail``.
 * Backward: ``_dq_kernel`` per query tile loops over key tiles and accumulates ``A = dS @ k'``:
   its first hd columns are ``dq/scale`` and the next KR columns are exactly
   ``dR[i, c] = Σ_j dS[i, j]·onehot_c(j)`` — the rel gradients fall out of the same matmul,
@@ -205,12 +207,38 @@ def _store_cols(ptr, x, offs_r, r_ok, C0: tl.constexpr, NC: tl.constexpr, WIDTH:
 
 
 @triton.jit
+def _fwd_keys(
+    n0, qa1, qa2, k_ptr, e_ptr, v_ptr, Nk, m_i, l_i, acc1, acc2,
+    HD: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, KW: tl.constexpr,
+    E: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One online-softmax step of the forward over keys n0 … n0+BLOCK_N (those < Nk)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Nk
+    s = _mm(qa1, _k_aug(k_ptr, e_ptr, offs_n, n_ok, 0, A1, KW, E, True), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+    if A2 > 0:
+        s = _mm(qa2, _k_aug(k_ptr, e_ptr, offs_n, n_ok, A1, A2, KW, E, True), s, IEEE)
+    # s: (BM, BN) log2-domain logits, bias included
+    s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    pd = p.to(k_ptr.dtype.element_ty)
+    acc1 = _mm(pd, _rows(v_ptr, offs_n, n_ok, 0, D1, HD, HD), acc1 * alpha[:, None], IEEE)
+    if D2 > 0:
+        acc2 = _mm(pd, _rows(v_ptr, offs_n, n_ok, D1, D2, HD, HD), acc2 * alpha[:, None], IEEE)
+    return m_new, l_i, acc1, acc2
+
+
+@triton.jit
 def _fwd_kernel(
     q_ptr, r_ptr, k_ptr, e_ptr, v_ptr, o_ptr, lse_ptr, tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr,
     Nq, Nk, c_q,
     HD: tl.constexpr, KR: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     KW: tl.constexpr, HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_KT: tl.constexpr, FUSE_REL: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_KT: tl.constexpr, TAIL_N: tl.constexpr = 0,
+    FUSE_REL: tl.constexpr = False,
     R_HD: tl.constexpr = 1, R_BD: tl.constexpr = 1, R_HQ: tl.constexpr = 1, R_WQ: tl.constexpr = 1,
     R_NQR: tl.constexpr = 1, R_KT: tl.constexpr = 1, R_KH: tl.constexpr = 1, R_KW: tl.constexpr = 1,
     R_E: tl.constexpr = 1, R_VEC: tl.constexpr = 1, R_KPT: tl.constexpr = 1, R_KPH: tl.constexpr = 1,
@@ -247,33 +275,23 @@ def _fwd_kernel(
     dt = k_ptr.dtype.element_ty
 
     m_ok = offs_m < Nq
-    offs_n0 = tl.arange(0, BLOCK_N)
     qa1 = _q_aug(q_ptr, r_ptr, offs_m, 0, A1, Nq, c_q, HD, KR, HAS_CLS).to(dt)  # (BM, A1)
+    qa2 = qa1  # stand-in when there is no second column block (A2 = 0: never read)
     if A2 > 0:
         qa2 = _q_aug(q_ptr, r_ptr, offs_m, A1, A2, Nq, c_q, HD, KR, HAS_CLS).to(dt)  # (BM, A2)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, 16], dtype=tl.float32)  # stand-in (D2 = 0: carried unchanged, folded away)
     if D2 > 0:
         acc2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
     for it in range(N_KT):
-        offs_n = it * BLOCK_N + offs_n0
-        n_ok = offs_n < Nk
-        s = _mm(qa1, _k_aug(k_ptr, e_ptr, offs_n, n_ok, 0, A1, KW, E, True), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
-        if A2 > 0:
-            s = _mm(qa2, _k_aug(k_ptr, e_ptr, offs_n, n_ok, A1, A2, KW, E, True), s, IEEE)
-        # s: (BM, BN) log2-domain logits, bias included
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        pd = p.to(dt)
-        acc1 = _mm(pd, _rows(v_ptr, offs_n, n_ok, 0, D1, HD, HD), acc1 * alpha[:, None], IEEE)
-        if D2 > 0:
-            acc2 = _mm(pd, _rows(v_ptr, offs_n, n_ok, D1, D2, HD, HD), acc2 * alpha[:, None], IEEE)
-        m_i = m_new
+        m_i, l_i, acc1, acc2 = _fwd_keys(it * BLOCK_N, qa1, qa2, k_ptr, e_ptr, v_ptr, Nk, m_i, l_i, acc1, acc2,
+                                         HD, A1, A2, D1, D2, KW, E, IEEE, BLOCK_M, BLOCK_N)
+    if TAIL_N > 0:  # the last keys in a narrower tile (_key_tiles)
+        m_i, l_i, acc1, acc2 = _fwd_keys(N_KT * BLOCK_N, qa1, qa2, k_ptr, e_ptr, v_ptr, Nk, m_i, l_i, acc1, acc2,
+                                         HD, A1, A2, D1, D2, KW, E, IEEE, BLOCK_M, TAIL_N)
     _store_cols(o_ptr, acc1 / l_i[:, None], offs_m, m_ok, 0, D1, HD, HD)
     if D2 > 0:
         _store_cols(o_ptr, acc2 / l_i[:, None], offs_m, m_ok, D1, D2, HD, HD)
@@ -293,13 +311,40 @@ def _store_dq_dr(acc, C0: tl.constexpr, NC: tl.constexpr, offs_m, m_ok, dq_ptr, 
 
 
 @triton.jit
+def _dq_keys(
+    n0, qa1, qa2, do1, do2, lse, delta, k_ptr, e_ptr, v_ptr, Nk, acc1, acc2,
+    HD: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, KW: tl.constexpr,
+    E: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One step of the dq kernel over keys n0 … n0+BLOCK_N (those < Nk): acc += dS @ k'."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Nk
+    ka1 = _k_aug(k_ptr, e_ptr, offs_n, n_ok, 0, A1, KW, E, False)  # (BN, A1)
+    s = _mm(qa1, tl.trans(ka1), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+    if A2 > 0:
+        ka2 = _k_aug(k_ptr, e_ptr, offs_n, n_ok, A1, A2, KW, E, False)  # (BN, A2)
+        s = _mm(qa2, tl.trans(ka2), s, IEEE)
+    p = tl.exp2(s - lse[:, None])
+    p = tl.where(n_ok[None, :], p, 0.0)
+    dp = _mm(do1, _rows_t(v_ptr, offs_n, n_ok, 0, D1, HD, HD), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+    if D2 > 0:
+        dp = _mm(do2, _rows_t(v_ptr, offs_n, n_ok, D1, D2, HD, HD), dp, IEEE)
+    ds = (p * (dp - delta[:, None])).to(k_ptr.dtype.element_ty)
+    acc1 = _mm(ds, ka1, acc1, IEEE)
+    if A2 > 0:
+        acc2 = _mm(ds, ka2, acc2, IEEE)
+    return acc1, acc2
+
+
+@triton.jit
 def _dq_kernel(
     q_ptr, r_ptr, k_ptr, e_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dr_ptr, qa_ptr,
     tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr,
     Nq, Nk, c_q, scale,
     HD: tl.constexpr, KR: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     KW: tl.constexpr, HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_KT: tl.constexpr, FUSE_REL: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_KT: tl.constexpr, TAIL_N: tl.constexpr = 0,
+    FUSE_REL: tl.constexpr = False,
     R_HD: tl.constexpr = 1, R_D1: tl.constexpr = 1, R_REM: tl.constexpr = 0, R_D2: tl.constexpr = 1,
     R_HQ: tl.constexpr = 1, R_WQ: tl.constexpr = 1, R_NQR: tl.constexpr = 1, R_KT: tl.constexpr = 1,
     R_KH: tl.constexpr = 1, R_KW: tl.constexpr = 1, R_E: tl.constexpr = 1, R_HAS_T: tl.constexpr = 1,
@@ -329,13 +374,16 @@ def _dq_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Nq
-    offs_n0 = tl.arange(0, BLOCK_N)
     qa1 = _q_aug(q_ptr, r_ptr, offs_m, 0, A1, Nq, c_q, HD, KR, HAS_CLS).to(dt)  # (BM, A1)
     _store_cols(qa_ptr, qa1, offs_m, m_ok, 0, A1, WA, WA)
+    qa2 = qa1  # stand-ins when there is no second column block (never read)
+    acc2 = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
     if A2 > 0:
         qa2 = _q_aug(q_ptr, r_ptr, offs_m, A1, A2, Nq, c_q, HD, KR, HAS_CLS).to(dt)  # (BM, A2)
         _store_cols(qa_ptr, qa2, offs_m, m_ok, A1, A2, WA, WA)
+        acc2 = tl.zeros([BLOCK_M, A2], dtype=tl.float32)
     do1 = _rows(do_ptr, offs_m, m_ok, 0, D1, HD, HD)  # (BM, D1)
+    do2 = do1
     delta = tl.sum(do1.to(tl.float32) * _rows(o_ptr, offs_m, m_ok, 0, D1, HD, HD).to(tl.float32), 1)
     if D2 > 0:
         do2 = _rows(do_ptr, offs_m, m_ok, D1, D2, HD, HD)  # (BM, D2)
@@ -344,25 +392,12 @@ def _dq_kernel(
     lse = tl.load(lse_ptr + offs_m, mask=m_ok, other=0.0)
 
     acc1 = tl.zeros([BLOCK_M, A1], dtype=tl.float32)
-    if A2 > 0:
-        acc2 = tl.zeros([BLOCK_M, A2], dtype=tl.float32)
     for it in range(N_KT):
-        offs_n = it * BLOCK_N + offs_n0
-        n_ok = offs_n < Nk
-        ka1 = _k_aug(k_ptr, e_ptr, offs_n, n_ok, 0, A1, KW, E, False)  # (BN, A1)
-        s = _mm(qa1, tl.trans(ka1), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
-        if A2 > 0:
-            ka2 = _k_aug(k_ptr, e_ptr, offs_n, n_ok, A1, A2, KW, E, False)  # (BN, A2)
-            s = _mm(qa2, tl.trans(ka2), s, IEEE)
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(n_ok[None, :], p, 0.0)
-        dp = _mm(do1, _rows_t(v_ptr, offs_n, n_ok, 0, D1, HD, HD), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
-        if D2 > 0:
-            dp = _mm(do2, _rows_t(v_ptr, offs_n, n_ok, D1, D2, HD, HD), dp, IEEE)
-        ds = (p * (dp - delta[:, None])).to(dt)
-        acc1 = _mm(ds, ka1, acc1, IEEE)
-        if A2 > 0:
-            acc2 = _mm(ds, ka2, acc2, IEEE)
+        acc1, acc2 = _dq_keys(it * BLOCK_N, qa1, qa2, do1, do2, lse, delta, k_ptr, e_ptr, v_ptr, Nk, acc1, acc2,
+                              HD, A1, A2, D1, D2, KW, E, IEEE, BLOCK_M, BLOCK_N)
+    if TAIL_N > 0:  # the last keys in a narrower tile (_key_tiles)
+        acc1, acc2 = _dq_keys(N_KT * BLOCK_N, qa1, qa2, do1, do2, lse, delta, k_ptr, e_ptr, v_ptr, Nk, acc1, acc2,
+                              HD, A1, A2, D1, D2, KW, E, IEEE, BLOCK_M, TAIL_N)
     _store_dq_dr(acc1, 0, A1, offs_m, m_ok, dq_ptr, dr_ptr, scale, HD, KR, HAS_CLS)
     if A2 > 0:
         _store_dq_dr(acc2, A1, A2, offs_m, m_ok, dq_ptr, dr_ptr, scale, HD, KR, HAS_CLS)
@@ -509,6 +544,10 @@ class RelPosAttnConfig:
     fuse_rel_dq: bool = False
     fwd_maxnreg: Optional[int] = None  # register cap per thread of the forward kernel (None: ptxas decides)
     dq_maxnreg: Optional[int] = None  # the same for the dq kernel
+    # the forward's last keys in one narrower tile (16 of 64 at Nk 393, where a full last tile
+    # holds 9 valid keys: 448 → 400 key columns, −11 % of the key loop's work; _key_tiles)
+    fwd_tail: bool = True
+    dq_tail: bool = True  # the same for the dq kernel's 32-key tiles (416 → 400 key columns)
 
 
 def _configs(wa: int, dtype: torch.dtype, device: torch.device) -> RelPosAttnConfig:
@@ -605,6 +644,18 @@ def _trips(n: int, block: int, device: torch.device) -> int:
     return max(2 if device.type == "cuda" else 1, triton.cdiv(n, block))
 
 
+def _key_tiles(nk: int, block_n: int, tail: bool, device: torch.device) -> tuple[int, int]:
+    """(N_KT, TAIL_N) of the forward's key loop: N_KT tiles of ``block_n`` keys, then, when
+    ``tail`` and the remainder fits a narrower power of two (≥ 16), one tile of TAIL_N keys after
+    the loop (0: none; the last full tile is masked as before). The loop keeps ≥ 2 trips on a GPU
+    (:func:`_trips`)."""
+    full, rem = divmod(nk, block_n)
+    width = _next_pow2(rem) if rem else 0
+    if not tail or width == 0 or width >= block_n or full < (2 if device.type == "cuda" else 1):
+        return _trips(nk, block_n, device), 0
+    return full, width
+
+
 def _check_config(cfg: RelPosAttnConfig, device: torch.device) -> None:
     if device.type == "cuda" and min(cfg.fwd_stages, cfg.dq_stages, cfg.dkdv_stages) < 2:
         raise ValueError(
@@ -649,11 +700,11 @@ def _fwd(q, r, k, e, v, dims: _Dims, has_cls, scale, cfg, rel=None):
     lse = _empty(B, nh, Nq, dtype=torch.float32, device=q.device)
     tabs, rel_consts = _rel_args(q, rel, fwd_rows_args, block=cfg.fwd_block_m)
     grid = (triton.cdiv(Nq, cfg.fwd_block_m), B * nh)
+    n_kt, tail = _key_tiles(Nk, cfg.fwd_block_n, cfg.fwd_tail, q.device)
     _fwd_kernel[grid](
         q, r, k, e, v, o, lse, *tabs, Nq, Nk, scale * LOG2E,
         KR=dims.kr, **dims.constexprs(), KW=k.shape[-1], HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
-        BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, N_KT=_trips(Nk, cfg.fwd_block_n, q.device),
-        **rel_consts, **_launch(cfg.fwd_warps, cfg.fwd_stages, cfg.fwd_maxnreg),
+        BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, N_KT=n_kt, TAIL_N=tail, **rel_consts, **_launch(cfg.fwd_warps, cfg.fwd_stages, cfg.fwd_maxnreg),
     )
     return o, lse
 
@@ -670,11 +721,11 @@ def _bwd_dq(q, r, k, e, v, o, do, lse, dims: _Dims, has_cls, scale, cfg, rel=Non
     qa = _empty(B, nh, Nq, dims.wa, dtype=q.dtype, device=q.device)
     tabs, rel_consts = _rel_args(q, rel, dq_rows_args)
     grid = (triton.cdiv(Nq, cfg.dq_block_m), B * nh)
+    n_kt, tail = _key_tiles(Nk, cfg.dq_block_n, cfg.dq_tail, q.device)
     _dq_kernel[grid](
         q, r, k, e, v, o, do, lse, delta, dq, dr, qa, *tabs, Nq, Nk, scale * LOG2E, scale,
         KR=dims.kr, **dims.constexprs(), KW=k.shape[-1], HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
-        BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, N_KT=_trips(Nk, cfg.dq_block_n, q.device),
-        **rel_consts, **_launch(cfg.dq_warps, cfg.dq_stages, cfg.dq_maxnreg),
+        BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, N_KT=n_kt, TAIL_N=tail, **rel_consts, **_launch(cfg.dq_warps, cfg.dq_stages, cfg.dq_maxnreg),
     )
     return dq, dr, delta, qa
 

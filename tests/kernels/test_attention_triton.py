@@ -286,6 +286,34 @@ def test_launch_choices_at_the_mvitv2_stages():
     assert triton_attn.dkdv_split(dataclasses.replace(cfg, dkdv_chunks=5), 25089, 393, 64, None) == (5, 79)
 
 
+def test_forward_key_tiles():
+    """The forward's key loop: full tiles, then the remainder in one narrower power-of-two tile
+    (MViTv2 Nk 393 = 6·64 + 9: a 16-key tail instead of a 64-key tile holding 9); none where the
+    remainder needs a full tile, where it is switched off, or where the loop would drop under 2
+    trips on a GPU."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert triton_attn._key_tiles(393, 64, True, cuda) == (6, 16)
+    assert triton_attn._key_tiles(393, 64, False, cuda) == (7, 0)
+    assert triton_attn._key_tiles(393, 32, True, cpu) == (12, 16)
+    assert triton_attn._key_tiles(384, 64, True, cuda) == (6, 0)  # no remainder
+    assert triton_attn._key_tiles(420, 64, True, cuda) == (7, 0)  # remainder 36: a full tile
+    assert triton_attn._key_tiles(73, 64, True, cuda) == (2, 0)  # one full tile: keep 2 trips, no tail
+    assert triton_attn._key_tiles(73, 64, True, cpu) == (1, 16)
+    assert triton_attn._key_tiles(9, 32, True, cpu) == (1, 0)
+
+
+@pytest.mark.parametrize("fwd_tail", [True, False])
+def test_forward_tail_tile(fwd_tail):
+    """Nk = 41 with 32-key tiles: one full tile and a 16-key tail (or, switched off, a second
+    32-key tile with 9 valid keys): outputs and gradients within the oracle's bounds."""
+    q_thw, k_thw = (2, 4, 5), (1, 5, 8)  # Nk = 1 + 40
+    inputs = make_inputs(1, 2, q_thw, k_thw, 40, True, torch.float32)
+    cfg = dataclasses.replace(triton_attn.default_config(40, sum(k_thw), torch.float32, torch.device("cpu")),
+                              fwd_tail=fwd_tail)
+    assert triton_attn._key_tiles(41, cfg.fwd_block_n, fwd_tail, torch.device("cpu")) == ((1, 16) if fwd_tail else (2, 0))
+    check_against_oracle(inputs, q_thw, k_thw, True, config=cfg)
+
+
 def test_cuda_loops_stay_pipelined():
     """On CUDA every tile loop runs ≥ 2 trips and num_stages < 2 is refused (Triton 3.6 miscompiles
     the unpipelined loop at 4 warps on sm_90); the interpreter keeps exact trip counts."""
