@@ -52,7 +52,7 @@ FWD: dict[str, dict] = {
     "packk": dict(pack_k=True),
     "asmk": dict(pack_k=False),
     "r168": dict(fwd_maxnreg=168),  # 3 programs per SM where the kernel takes more (k' assembled: 185)
-    "notail": dict(fwd_tail=False),  # the last keys in a full 64-key tile (before the seventh session)
+    "tail": dict(fwd_tail=True),  # the last keys in a 16-key tile after the loop (Nk 393: 6·64 + 16)
 }
 DQ: dict[str, dict] = {
     "default": {},
@@ -67,7 +67,7 @@ DQ: dict[str, dict] = {
     "packk": dict(pack_k=True),
     "asmk": dict(pack_k=False),
     "r168": dict(dq_maxnreg=168),  # the same (k' assembled: 172)
-    "notail": dict(dq_tail=False),
+    "tail": dict(dq_tail=True),
 }
 DKDV: dict[str, dict] = {
     "default": {},

@@ -411,6 +411,9 @@ ATTENTION_PATHS = {  # path label -> attention_launches keyword arguments
     "k' assembled, forward and dq capped at 168 registers": dict(pack_k=False, fwd_maxnreg=168, dq_maxnreg=168),
     "fused rel terms": dict(rel_impl="triton"),
     "rel terms inside the attention kernels": dict(rel_impl="triton", fused=True),
+    # opt-in: the forward's and dq's last keys in one narrower tile after the loop (_key_tiles)
+    "narrower last key tile": dict(rel_impl="triton", fwd_tail=True, dq_tail=True),
+    "rel terms inside, narrower last key tile": dict(rel_impl="triton", fused=True, fwd_tail=True, dq_tail=True),
 }
 
 
@@ -432,7 +435,8 @@ def attention_report(arch: int = 90) -> list[dict]:
     return rows
 
 
-REL_PATHS = {"separate": "fused rel terms", "inside": "rel terms inside the attention kernels"}
+REL_PATHS = {"separate": "fused rel terms", "inside": "rel terms inside the attention kernels",
+             "separate, key tail": "narrower last key tile", "inside, key tail": "rel terms inside, narrower last key tile"}
 
 
 def rel_inside_report(arch: int = 90, batch: int = 32) -> list[dict]:
@@ -517,16 +521,19 @@ def _rel_inside_markdown(rows: list[dict], arch: int) -> str:
             f"Command: `python -m bench.sass --arch {arch}`; triton {triton.__version__}; bf16, H100 tile table,",
             "MViTv2-L stages 1–4 at B 32 (Nk 393). separate = the rel-term forward and dq kernels beside the",
             "attention's forward and dq kernels (the default); inside = `fused_rel_config` (RelPosAttnConfig.fuse_rel_fwd/_dq",
-            "with 168-register caps). Floor = warp instructions / (132 SMs · 4 schedulers · 1.755 GHz).",
+            "with 168-register caps); key tail = `fwd_tail`/`dq_tail` (the last keys in one 16-key tile after the loop).",
+            "Floor = warp instructions / (132 SMs · 4 schedulers · 1.755 GHz).",
         ],
         ["stage", "layout", "kernel", "regs", "programs", "loop trips", "warp instr (M)", "floor µs"],
         [[r["stage"], r["layout"], r["kernel"], r["registers"], r["programs"], r["trips"],
           f"{r['warp_instructions'] / 1e6:.0f}", f"{r['floor_us']:.0f}"] for r in rows],
     )
-    lines = ["", "| stage | forward: separate → inside (µs) | dq side: separate → inside (µs) |", "|---|---|---|"]
+    layouts = list(dict.fromkeys(r["layout"] for r in rows))
+    lines = ["", "Forward side / dq side (attention kernel plus the rel-term kernel where separate), µs:", "",
+             "| stage | " + " | ".join(layouts) + " |", "|---" * (len(layouts) + 1) + "|"]
     for stage in sorted({r["stage"] for r in rows}):
-        cells = [f"{sums[(stage, 'separate', d)]:.0f} → {sums[(stage, 'inside', d)]:.0f}" for d in ("fwd", "bwd")]
-        lines.append(f"| {stage} | {cells[0]} | {cells[1]} |")
+        cells = [f"{sums[(stage, lay, 'fwd')]:.0f} / {sums[(stage, lay, 'bwd')]:.0f}" for lay in layouts]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     return table + "\n".join(lines) + "\n"
 
 
@@ -570,7 +577,7 @@ def check(arch: int = 90) -> list[str]:
                 if value:
                     problems.append(f"HOG {variant} kernel ({dtype}) has {value} {what} on sm_{arch}")
     for path in ("default (split rows)", "k' assembled in the kernels", "fused rel terms",
-                 "rel terms inside the attention kernels"):
+                 "rel terms inside the attention kernels", "narrower last key tile"):
         for launch in attention_launches(arch, "L", **ATTENTION_PATHS[path]):
             st = compile_launch(launch, arch)
             print(f"attention ({path}) {launch.name}: regs {st.registers} spill {st.local_bytes} "

@@ -504,6 +504,20 @@ def test_gpu_rel_terms_inside_the_attention_kernels(q_thw, nh, hd):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("q_thw,nh", MVIT_L_STAGES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_key_tail(q_thw, nh, fused):
+    """``fwd_tail`` / ``dq_tail`` (opt-in until this runs): the forward's and dq's last keys in a
+    16-key tile after the pipelined loop, at the MViTv2-L stage shapes in bf16 (B 2), alone and
+    with the rel terms inside: within the oracle's bounds (no illegal access, no NaN)."""
+    inputs = make_inputs(2, nh, q_thw, (8, 7, 7), 72, True, torch.bfloat16, device="cuda", table_dtype=torch.float32)
+    cfg = triton_attn.default_config(72, 22, torch.bfloat16, inputs[0].device)
+    cfg = dataclasses.replace(triton_attn.fused_rel_config(cfg) if fused else cfg, fwd_tail=True, dq_tail=True)
+    assert triton_attn._key_tiles(393, cfg.fwd_block_n, True, inputs[0].device) == (6, 16)
+    check_against_oracle(inputs, q_thw, (8, 7, 7), True, config=cfg, rel_impl="triton")
+
+
+@pytest.mark.gpu
 def test_gpu_backward_deterministic():
     q_thw, k_thw = (8, 56, 56), (8, 7, 7)
     inputs = make_inputs(2, 2, q_thw, k_thw, 72, True, torch.bfloat16, device="cuda")
