@@ -25,18 +25,19 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
   ``q''·k'ᵀ`` gives the log2-domain logits *with the bias included*; no (Nq, Nk) tensor ever
   exists.
 * ``fuse_rel_fwd``, ``fuse_rel_dq`` (off by default; :func:`fused_rel_config` sets both): the
-  rel-term forward and q-gradient run *inside* the attention kernels instead of as two separate kernels (``rel_triton``'s row code,
-  :func:`rel_triton._rel_fwd_rows` / :func:`rel_triton._rel_dq_rows`). The forward kernel first
-  writes R's rows of its query tile (kept for the backward), then, after a barrier, reads them
-  back into q'' (its tiles are then the rel forward's blocks of non-cls rows, the cls row moved
-  to the end, so the table windows are the separate kernel's); the dq kernel, after storing its dq and dR rows and a barrier, adds q's rel-path
-  gradient to them. The values are the separate kernels' bit for bit; what goes is one launch
-  and one HBM round trip of q (forward) and of dq and dR (backward) per call. Uncapped, the dq
-  kernel takes 186 registers at MViTv2-L stage 1 (2 programs per SM instead of 3), the forward
-  162 there but 186 at stage 4, so
-  ``fused_rel_config`` caps them at 168 (:func:`regs_for`): no spills in any loop on sm_90
-  offline (the dq kernel spills 64 bytes outside its loop). Not yet timed on a GPU: the tune's
-  ``fwd_rel``/``dq_rel`` rows and the ``triton+rel-inside`` provider decide the default.
+  rel-term forward and q-gradient run *inside* the attention kernels instead of as two separate
+  kernels (``rel_triton``'s row code, :func:`rel_triton._rel_fwd_rows` /
+  :func:`rel_triton._rel_dq_rows`). The forward kernel first writes R's rows of its query tile
+  (kept for the backward), then, after a barrier, reads them back into q'' (its tiles are then
+  the rel forward's blocks of non-cls rows, the cls row moved to the end, so the table windows
+  are the separate kernel's); the dq kernel, after storing its dq and dR rows and a barrier, adds
+  q's rel-path gradient to them. The values are the separate kernels' bit for bit; what goes is
+  one launch and one HBM round trip of q (forward) and of dq and dR (backward) per call.
+  Uncapped, the dq kernel takes 186 registers at MViTv2-L stage 1 (2 programs per SM instead of
+  3), the forward 162 there but 186 at stage 4, so ``fused_rel_config`` caps them at 168
+  (:func:`regs_for`): no spills in any loop on sm_90 offline (the dq kernel spills 64 bytes
+  outside its loop). Not yet timed on a GPU: the tune's ``fwd_rel``/``dq_rel`` rows and the
+  ``triton+rel-inside`` provider decide the default.
 * Rows are *split into two power-of-two column blocks* where that beats padding to one
   (:func:`_widths`, ``split=True``): q''/k' rows of hd + KR = 72 + 22 = 94 columns are 64 + 32
   (not 128), v/dO/o rows of hd 72 are 64 + 16. Each product runs as two dots (the second K or N
@@ -648,7 +649,7 @@ def _trips(n: int, block: int, device: torch.device) -> int:
 
 
 def _key_tiles(nk: int, block_n: int, tail: bool, device: torch.device) -> tuple[int, int]:
-    """(N_KT, TAIL_N) of the forward's key loop: N_KT tiles of ``block_n`` keys, then, when
+    """(N_KT, TAIL_N) of a key loop (forward, dq): N_KT tiles of ``block_n`` keys, then, when
     ``tail`` and the remainder fits a narrower power of two (≥ 16), one tile of TAIL_N keys after
     the loop (0: none; the last full tile is masked as before). The loop keeps ≥ 2 trips on a GPU
     (:func:`_trips`)."""
@@ -707,7 +708,8 @@ def _fwd(q, r, k, e, v, dims: _Dims, has_cls, scale, cfg, rel=None):
     _fwd_kernel[grid](
         q, r, k, e, v, o, lse, *tabs, Nq, Nk, scale * LOG2E,
         KR=dims.kr, **dims.constexprs(), KW=k.shape[-1], HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
-        BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, N_KT=n_kt, TAIL_N=tail, **rel_consts, **_launch(cfg.fwd_warps, cfg.fwd_stages, cfg.fwd_maxnreg),
+        BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, N_KT=n_kt, TAIL_N=tail,
+        **rel_consts, **_launch(cfg.fwd_warps, cfg.fwd_stages, cfg.fwd_maxnreg),
     )
     return o, lse
 
@@ -728,7 +730,8 @@ def _bwd_dq(q, r, k, e, v, o, do, lse, dims: _Dims, has_cls, scale, cfg, rel=Non
     _dq_kernel[grid](
         q, r, k, e, v, o, do, lse, delta, dq, dr, qa, *tabs, Nq, Nk, scale * LOG2E, scale,
         KR=dims.kr, **dims.constexprs(), KW=k.shape[-1], HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
-        BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, N_KT=n_kt, TAIL_N=tail, **rel_consts, **_launch(cfg.dq_warps, cfg.dq_stages, cfg.dq_maxnreg),
+        BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, N_KT=n_kt, TAIL_N=tail,
+        **rel_consts, **_launch(cfg.dq_warps, cfg.dq_stages, cfg.dq_maxnreg),
     )
     return dq, dr, delta, qa
 
