@@ -312,7 +312,8 @@ def _dtab_axis(
     for it in range(BH_PER * NT):  # one loop (pipelined across batch·heads)
         bh = grp * BH_PER + it // NT
         k = c * ROWS + (it % NT) * BLOCK_R + offs_r
-        k_ok = (k < CNT) & (bh < n_bh)
+        k_ok = k < tl.where(bh < n_bh, CNT, 0)  # no rows for a group's batch·heads past n_bh
+        # (not `& (bh < n_bh)`: a scalar mask term is "unsupported dtype" in triton 3.9's interpreter)
         row = (k // INNER) * (Q * INNER) + p * INNER + k % INNER  # (BR,) non-cls row
         drT = tl.load(dr_ptr + bh * (NQR * E) + row[None, :] * E + (COL0 + offs_j)[:, None],
                       mask=j_ok[:, None] & k_ok[None, :], other=0.0)  # (KP, BR)
