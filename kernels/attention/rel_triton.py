@@ -438,6 +438,11 @@ class _Geom:
     def nqr(self) -> int:
         return math.prod(self.q_thw)
 
+    def constexprs(self) -> dict:
+        """The grid constexprs that the forward and dq row code both take."""
+        return dict(HQ=self.q_thw[1], WQ=self.q_thw[2], NQR=self.nqr, KT=self.kt, KH=self.k_thw[1],
+                    KW=self.k_thw[2], E=self.e, HAS_T=self.has_t, HAS_CLS=int(self.has_cls))
+
 
 def _dists(g: _Geom, device: torch.device) -> list:
     """int32 distance tables (t, h, w); t is a stand-in (the h table) without a temporal table."""
@@ -492,11 +497,10 @@ def fwd_rows_args(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: 
     lp = _windows(g, block)
     hd = q.shape[-1]
     consts = dict(
-        HD=hd, BD=_pow2(hd), HQ=g.q_thw[1], WQ=g.q_thw[2], NQR=g.nqr,
-        KT=g.kt, KH=g.k_thw[1], KW=g.k_thw[2], E=g.e, VEC=_q_vec(q),
+        HD=hd, BD=_pow2(hd), **g.constexprs(), VEC=_q_vec(q),
         KPT=_pow2(g.kt, 2), KPH=_pow2(g.k_thw[1], 2), KPW=_pow2(g.k_thw[2], 2),
         LT=tabs[0].shape[0], LH=tabs[1].shape[0], LW=tabs[2].shape[0], LPT=lp[0], LPH=lp[1], LPW=lp[2],
-        HAS_T=g.has_t, HAS_CLS=int(g.has_cls), PREC=2 if q.dtype == torch.float32 else 0,
+        PREC=2 if q.dtype == torch.float32 else 0,
     )
     return (*tabs, *_dists(g, q.device)), consts
 
@@ -507,11 +511,7 @@ def dq_rows_args(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _
     the geometry, with hd split into two exact power-of-two pieces D1 + REM (REM ≤ D2)."""
     hd = q.shape[-1]
     d1 = 1 << (hd.bit_length() - 1)  # largest power of two ≤ hd
-    consts = dict(
-        HD=hd, D1=d1, REM=hd - d1, D2=_pow2(hd - d1, 1) if hd > d1 else 2,
-        HQ=g.q_thw[1], WQ=g.q_thw[2], NQR=g.nqr,
-        KT=g.kt, KH=g.k_thw[1], KW=g.k_thw[2], E=g.e, HAS_T=g.has_t, HAS_CLS=int(g.has_cls),
-    )
+    consts = dict(HD=hd, D1=d1, REM=hd - d1, D2=_pow2(hd - d1, 1) if hd > d1 else 2, **g.constexprs())
     return (*[t.float() for t in _tables(tables, q.dtype)], *_dists(g, q.device)), consts
 
 

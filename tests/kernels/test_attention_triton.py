@@ -287,7 +287,7 @@ def test_launch_choices_at_the_mvitv2_stages():
 
 
 def test_forward_key_tiles():
-    """The forward's key loop: full tiles, then the remainder in one narrower power-of-two tile
+    """A key loop's tiles (forward, dq): full tiles, then the remainder in one narrower power-of-two tile
     (MViTv2 Nk 393 = 6·64 + 9: a 16-key tail instead of a 64-key tile holding 9); none where the
     remainder needs a full tile, where it is switched off, or where the loop would drop under 2
     trips on a GPU."""
