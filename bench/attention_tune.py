@@ -233,7 +233,8 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
     tables = (t, h, w)
     hd, scale = s.hd, s.hd**-0.5
     g, rbase = rt.rel_setup(q, s.q_thw, s.k_thw, tables, True)
-    r = rt.rel_forward(q, tables, g, rbase)
+    tabs = rt.prepare_tables(q, tables, g)  # what the rel-term code reads
+    r = rt.rel_forward(q, tabs, g, rbase)
     kr = r.shape[-1]
     layouts = {split: ta._Dims.of(hd, kr, split) for split in (True, False)}
     base = ta._configs(layouts[True].wa, q.dtype, device)
@@ -275,8 +276,8 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
         def call():
             if cfg.fuse_rel_fwd:  # the forward kernel writes R
                 rr = torch.empty_like(r)
-                return (*ta._fwd(q, rr, kk, e, v, dims, True, scale, cfg, (tables, g)), rr)
-            rr = rt._fwd(q, tables, g, rbase)
+                return (*ta._fwd(q, rr, kk, e, v, dims, True, scale, cfg, (tabs, g)), rr)
+            rr = rt._fwd(q, tabs, g, rbase)
             return (*ta._fwd(q, rr, kk, e, v, dims, True, scale, cfg), rr)
         return call(), call
 
@@ -285,18 +286,18 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
 
         def call():
             if cfg.fuse_rel_dq:  # the dq kernel adds q's rel-path gradient
-                return ta._bwd_dq(q, r, kk, e, v, o, do, lse, dims, True, scale, cfg, (tables, g))[:2]
+                return ta._bwd_dq(q, r, kk, e, v, o, do, lse, dims, True, scale, cfg, (tabs, g))[:2]
             dq_, dr_, _, _ = ta._bwd_dq(q, r, kk, e, v, o, do, lse, dims, True, scale, cfg)
-            return rt._bwd_q(dr_, q, tables, g, rbase, dq_), dr_
+            return rt._bwd_q(dr_, q, tabs, g, rbase, dq_), dr_
         return call(), call
 
     def rel_fwd(change):
         cfg = dataclasses.replace(rbase, **change)
-        return (rt._fwd(q, tables, g, cfg),), lambda: rt._fwd(q, tables, g, cfg)
+        return (rt._fwd(q, tabs, g, cfg),), lambda: rt._fwd(q, tabs, g, cfg)
 
     def rel_dq(change):
         cfg = dataclasses.replace(rbase, **change)
-        return (rt._bwd_q(dr, q, tables, g, cfg),), lambda: rt._bwd_q(dr, q, tables, g, cfg)
+        return (rt._bwd_q(dr, q, tabs, g, cfg),), lambda: rt._bwd_q(dr, q, tabs, g, cfg)
 
     def rel_dtab(change):
         cfg = dataclasses.replace(rbase, **change)

@@ -4,6 +4,17 @@ from __future__ import annotations
 import os
 
 
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for host code. ``triton.cdiv`` / ``triton.next_power_of_2`` are constexpr functions
+    whose call wrapper costs microseconds each; launch arithmetic runs on every call."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two ≥ n (1 for n ≤ 1), for host code (see :func:`cdiv`)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def compiling_offline() -> bool:
     """True while ``bench.sass.capture_launches`` is active: Triton's JIT sees a stand-in driver for
     a GPU this machine lacks, launches are recorded and compiled for it, never run. Launchers then

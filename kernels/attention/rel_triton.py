@@ -37,10 +37,16 @@ Design (kernels → launchers → ``autograd.Function`` → public function)
   accumulates ``P[j, :] = Σ_bh Σ_rows dR[row, col(j)]·q[row, :]`` as a (KP, BD) fp32 ``tl.dot``
   over BLOCK_R-row tiles, batch·heads in order, and writes it to an fp32 partial buffer
   (groups, Q, chunks, K, hd). All three axes run in one launch with the items of one group
-  adjacent, so that q and dR, read three times, come from HBM about once (L2 hits). Stage 2
-  (torch, fixed order): sum over the groups and chunks,
-  then scatter to table rows with a dense float64 one-hot (L, Q·K) @ (Q·K, hd) matmul
-  (``index_add_`` is not deterministic on CUDA), cast to the table's dtype.
+  adjacent, so that q and dR, read three times, come from HBM about once (L2 hits). Stage 2,
+  ``_rel_dtab_finish_kernel``: one program per table row (all three tables in one launch) sums,
+  in a fixed order, the partials of the (q, k) pairs whose distance is that row (a cached
+  (Σ L, P_MAX) pair table, :func:`_table_pairs`), over the groups and chunks, in fp32, and
+  stores the row in the table's dtype (``index_add_`` is not deterministic on CUDA; this was
+  twelve torch ops - sums, casts and a float64 one-hot matmul - until the host cost of so many
+  small launches was measured, ``bench/attention_host.py``).
+* The tables are read rounded to q's dtype (the forward) and as fp32 copies of those values (the
+  dq code); :func:`prepare_tables` writes both from one launch in the forward, and the backward
+  keeps the fp32 copy.
 * q may have any strides; the host tells the compiler the power of two dividing them
   (``tl.multiple_of``), without which the q rows (144 B apart at hd 72) load element by element
   (3× the table-gradient instructions, measured offline).
@@ -85,13 +91,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels import compiling_offline, launchable_on
+from kernels import cdiv, compiling_offline, launchable_on, next_pow2
 
 from .reference import check_inputs, rel_pos_index
 
@@ -354,6 +360,74 @@ def _rel_dtab_kernel(
                    WQ, KW, 1, TQ * HQ, CW, KT + KH, E, HD, BD, KPW, ROWS, BLOCK_R, HAS_CLS, PREC, VEC, NQR, BH_PER)
 
 
+@triton.jit
+def _prepare_tables_kernel(
+    tt_ptr, th_ptr, tw_ptr, low_ptr, f32_ptr, LT: tl.constexpr, LH: tl.constexpr, HD: tl.constexpr, BD: tl.constexpr,
+):
+    # one table row per program, rows [t (LT; 0 without a temporal table) | h (LH) | w]: the row
+    # rounded to q's dtype (low_ptr's element type) as the forward reads it, and the same values
+    # in fp32 as the dq code reads them; both (Ltot, hd)
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BD)
+    ok = offs < HD
+    if pid < LT:
+        x = tl.load(tt_ptr + pid * HD + offs, mask=ok, other=0.0).to(tl.float32)
+    elif pid < LT + LH:
+        x = tl.load(th_ptr + (pid - LT) * HD + offs, mask=ok, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(tw_ptr + (pid - LT - LH) * HD + offs, mask=ok, other=0.0).to(tl.float32)
+    low = x.to(low_ptr.dtype.element_ty)
+    tl.store(low_ptr + pid * HD + offs, low, mask=ok)
+    tl.store(f32_ptr + pid * HD + offs, low.to(tl.float32), mask=ok)
+
+
+@triton.jit
+def _dtab_finish_axis(
+    p_ptr, out_ptr, pair_ptr, pid, row,
+    G: tl.constexpr, Q: tl.constexpr, C: tl.constexpr, K: tl.constexpr, HD: tl.constexpr, BD: tl.constexpr,
+    P_MAX: tl.constexpr, BLOCK_GC: tl.constexpr,
+):
+    """Gradient row ``row`` of one table: Σ over the (q, k) pairs with dist[q, k] = row (P_MAX
+    slots of ``pair_ptr`` row ``pid``, q·K + k, −1 = empty), in order, of Σ over the groups and
+    chunks of the partials P (G, Q, C, K, hd), in order; fp32, stored in the table's dtype."""
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < HD
+    offs_gc = tl.arange(0, BLOCK_GC)
+    GC: tl.constexpr = G * C
+    acc = tl.zeros([BD], dtype=tl.float32)
+    for j in range(P_MAX):
+        pr = tl.load(pair_ptr + pid * P_MAX + j)  # scalar
+        base = ((tl.maximum(pr, 0) // K) * (C * K) + tl.maximum(pr, 0) % K) * HD
+        n_gc = tl.where(pr >= 0, GC, 0)  # (a bound, not `& (pr >= 0)`: triton 3.9's interpreter rejects a scalar mask term)
+        for gc0 in range(0, GC, BLOCK_GC):
+            gc = gc0 + offs_gc
+            off = (gc // C) * (Q * C * K * HD) + (gc % C) * (K * HD) + base  # (BLOCK_GC,)
+            x = tl.load(p_ptr + off[:, None] + offs_d[None, :], mask=(gc < n_gc)[:, None] & d_ok[None, :], other=0.0)
+            acc += tl.sum(x, 0)
+    tl.store(out_ptr + row * HD + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _rel_dtab_finish_kernel(
+    pt_ptr, ph_ptr, pw_ptr, gt_ptr, gh_ptr, gw_ptr, pair_ptr,
+    G: tl.constexpr, TQ: tl.constexpr, HQ: tl.constexpr, WQ: tl.constexpr,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr,
+    LT: tl.constexpr, LH: tl.constexpr, HAS_T: tl.constexpr, HD: tl.constexpr, BD: tl.constexpr,
+    P_MAX: tl.constexpr, BLOCK_GT: tl.constexpr, BLOCK_GH: tl.constexpr, BLOCK_GW: tl.constexpr,
+):
+    # stage 2 of the table gradients: one program per table row, [t (LT; 0 without a temporal
+    # table) | h (LH) | w], from _rel_dtab_kernel's partials (G, Q, C, K, hd) per axis
+    pid = tl.program_id(0)
+    if HAS_T:
+        if pid < LT:
+            _dtab_finish_axis(pt_ptr, gt_ptr, pair_ptr, pid, pid, G, TQ, CT, KT, HD, BD, P_MAX, BLOCK_GT)
+    if pid >= LT:
+        if pid < LT + LH:
+            _dtab_finish_axis(ph_ptr, gh_ptr, pair_ptr, pid, pid - LT, G, HQ, CH, KH, HD, BD, P_MAX, BLOCK_GH)
+        else:
+            _dtab_finish_axis(pw_ptr, gw_ptr, pair_ptr, pid, pid - LT - LH, G, WQ, CW, KW, HD, BD, P_MAX, BLOCK_GW)
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
@@ -398,7 +472,7 @@ def _check_device(q: torch.Tensor) -> None:
 
 
 def _pow2(x: int, least: int = 16) -> int:
-    return max(least, triton.next_power_of_2(x))
+    return max(least, next_pow2(x))
 
 
 @functools.lru_cache(maxsize=256)
@@ -408,13 +482,21 @@ def _dist_i32(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
         return rel_pos_index(q_len, k_len, device).to(torch.int32).contiguous()
 
 
-@functools.lru_cache(maxsize=256)
-def _scatter_onehot(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-    """(L, Q·K) float64 one-hot: row l has ones where ``dist[q, k] == l`` (stage-2 scatter matrix)."""
+@functools.lru_cache(maxsize=64)
+def _table_pairs(axes: tuple, device: torch.device) -> tuple:
+    """(pairs, P_MAX) for the table-gradient finish: ``axes`` the (Q, K) of each table present, in
+    order; pairs (Σ L, P_MAX) int32, row l of each table in turn, holds the q·K + k with
+    dist[q, k] = l in row-major order, then −1 (cached, read-only)."""
+    rows: list[list[int]] = []
+    for q_len, k_len in axes:
+        dist = rel_pos_index(q_len, k_len).reshape(-1).tolist()  # (Q·K,) on the CPU
+        per = [[] for _ in range(2 * max(q_len, k_len) - 1)]
+        for pair, l in enumerate(dist):
+            per[l].append(pair)
+        rows += per
+    p_max = max(1, max(len(r) for r in rows))
     with torch.inference_mode(False):
-        dist = rel_pos_index(q_len, k_len, device).reshape(-1)  # (Q·K,)
-        L = 2 * max(q_len, k_len) - 1
-        return (torch.arange(L, device=device)[:, None] == dist[None, :]).to(torch.float64)
+        return torch.tensor([r + [-1] * (p_max - len(r)) for r in rows], dtype=torch.int32, device=device), p_max
 
 
 @dataclass(frozen=True)
@@ -452,12 +534,31 @@ def _dists(g: _Geom, device: torch.device) -> list:
     return [d_t, d_h, d_w]
 
 
-def _tables(tables: Sequence[Optional[torch.Tensor]], dtype: torch.dtype) -> list:
-    """Tables cast to q's dtype (the reference's rounding), contiguous; t stand-in when absent."""
-    out = [None if t is None else t.to(dtype).contiguous() for t in tables]
-    if out[0] is None:
-        out[0] = out[1]
-    return out
+class RelTables(NamedTuple):
+    """The tables of one call as the kernels read them (:func:`prepare_tables`)."""
+
+    orig: tuple  # (t | None, h, w) as given: the gradients take their shapes and dtypes
+    low: Optional[list]  # [t, h, w] rounded to q's dtype (the reference's rounding): forward code
+    f32: list  # the same values in fp32: the dq code reads them without conversions
+
+
+def prepare_tables(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: "_Geom") -> RelTables:
+    """The tables rounded to q's dtype, and in fp32, from one launch (a torch cast per table and
+    dtype was six launches, each costing the host more than the work: bench/attention_host.py).
+    The h table stands in for an absent t table (never read then)."""
+    tabs = [t.contiguous() for t in tables if t is not None]
+    hd = q.shape[-1]
+    lt = tabs[0].shape[0] if g.has_t else 0
+    lh = tabs[-2].shape[0]
+    n = sum(t.shape[0] for t in tabs)
+    low = _empty(n, hd, dtype=q.dtype, device=q.device)
+    f32 = _empty(n, hd, dtype=torch.float32, device=q.device)
+    _prepare_tables_kernel[(n,)](tabs[0], tabs[-2], tabs[-1], low, f32, LT=lt, LH=lh, HD=hd, BD=_pow2(hd), num_warps=1)
+
+    def split(buf):
+        t, h, w = buf[:lt], buf[lt:lt + lh], buf[lt + lh:]
+        return [t if g.has_t else h, h, w]
+    return RelTables(tuple(tables), split(low), split(f32))
 
 
 @functools.lru_cache(maxsize=64)
@@ -489,38 +590,38 @@ def _q_vec(q: torch.Tensor) -> int:
     return math.gcd(g, 16) if g else 16
 
 
-def fwd_rows_args(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _Geom, block: int) -> tuple:
+def fwd_rows_args(q: torch.Tensor, tabs: RelTables, g: _Geom, block: int) -> tuple:
     """(tensors, constexprs) that :func:`_rel_fwd_rows` takes after q_ptr for blocks of ``block``
-    non-cls rows (:func:`_windows`): the tables in q's dtype, the distance
-    tables, and the geometry; also what the fused attention forward passes (``triton_attn``)."""
-    tabs = _tables(tables, q.dtype)
+    non-cls rows (:func:`_windows`): the tables in q's dtype, the distance tables, and the
+    geometry; also what the fused attention forward passes (``triton_attn``)."""
+    low = tabs.low
     lp = _windows(g, block)
     hd = q.shape[-1]
     consts = dict(
         HD=hd, BD=_pow2(hd), **g.constexprs(), VEC=_q_vec(q),
         KPT=_pow2(g.kt, 2), KPH=_pow2(g.k_thw[1], 2), KPW=_pow2(g.k_thw[2], 2),
-        LT=tabs[0].shape[0], LH=tabs[1].shape[0], LW=tabs[2].shape[0], LPT=lp[0], LPH=lp[1], LPW=lp[2],
+        LT=low[0].shape[0], LH=low[1].shape[0], LW=low[2].shape[0], LPT=lp[0], LPH=lp[1], LPW=lp[2],
         PREC=2 if q.dtype == torch.float32 else 0,
     )
-    return (*tabs, *_dists(g, q.device)), consts
+    return (*low, *_dists(g, q.device)), consts
 
 
-def dq_rows_args(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _Geom) -> tuple:
+def dq_rows_args(q: torch.Tensor, tabs: RelTables, g: _Geom) -> tuple:
     """(tensors, constexprs) that :func:`_rel_dq_rows` takes after dr_ptr: fp32 copies of the
     q-dtype-rounded tables (same values, no conversions in the kernel), the distance tables, and
     the geometry, with hd split into two exact power-of-two pieces D1 + REM (REM ≤ D2)."""
     hd = q.shape[-1]
     d1 = 1 << (hd.bit_length() - 1)  # largest power of two ≤ hd
     consts = dict(HD=hd, D1=d1, REM=hd - d1, D2=_pow2(hd - d1, 1) if hd > d1 else 2, **g.constexprs())
-    return (*[t.float() for t in _tables(tables, q.dtype)], *_dists(g, q.device)), consts
+    return (*tabs.f32, *_dists(g, q.device)), consts
 
 
-def _fwd(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _Geom, cfg: RelTritonConfig) -> torch.Tensor:
-    """q (B, nh, Nq, hd), the tables → R (B, nh, Nq', E) in q's dtype."""
+def _fwd(q: torch.Tensor, tabs: RelTables, g: _Geom, cfg: RelTritonConfig) -> torch.Tensor:
+    """q (B, nh, Nq, hd), the prepared tables → R (B, nh, Nq', E) in q's dtype."""
     B, nh, _, hd = q.shape
     r = _empty(B, nh, g.nqr, g.e, dtype=q.dtype, device=q.device)
-    tensors, consts = fwd_rows_args(q, tables, g, cfg.fwd_block_m)
-    grid = (triton.cdiv(g.nqr, cfg.fwd_block_m), B * nh)
+    tensors, consts = fwd_rows_args(q, tabs, g, cfg.fwd_block_m)
+    grid = (cdiv(g.nqr, cfg.fwd_block_m), B * nh)
     _rel_fwd_kernel[grid](
         q, *tensors, r, *q.stride(), nh, **consts, BLOCK_M=cfg.fwd_block_m, num_warps=cfg.fwd_warps,
     )
@@ -528,17 +629,17 @@ def _fwd(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _Geom, cf
 
 
 def _bwd_q(
-    dr: torch.Tensor, q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _Geom, cfg: RelTritonConfig,
+    dr: torch.Tensor, q: torch.Tensor, tabs: RelTables, g: _Geom, cfg: RelTritonConfig,
     dq: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """dR (B, nh, Nq', E) contiguous, tables → dq (B, nh, Nq, hd) in q's dtype, zero cls row;
+    """dR (B, nh, Nq', E) contiguous, the prepared tables → dq (B, nh, Nq, hd) in q's dtype, zero cls row;
     added in place to ``dq`` (contiguous, q's shape and dtype) when it is given."""
     B, nh, Nq, hd = q.shape
     acc = dq is not None
     if not acc:
         dq = _empty(B, nh, Nq, hd, dtype=q.dtype, device=q.device)
-    tensors, consts = dq_rows_args(q, tables, g)
-    grid = (triton.cdiv(Nq, cfg.dq_block_m), B * nh)
+    tensors, consts = dq_rows_args(q, tabs, g)
+    grid = (cdiv(Nq, cfg.dq_block_m), B * nh)
     _rel_dq_kernel[grid](dr, *tensors, dq, **consts, BLOCK_M=cfg.dq_block_m, ACC=acc, num_warps=cfg.dq_warps)
     return dq
 
@@ -548,7 +649,7 @@ def _dtab_rows(g: _Geom, cfg: RelTritonConfig) -> int:
     BLOCK_R and capped (so that h and w coordinates take one program each at MViTv2 shapes)."""
     counts = [g.nqr // n for a, n in enumerate(g.q_thw) if a > 0 or g.has_t]
     rows = min(min(counts), cfg.dtab_rows)
-    return cfg.dtab_block_r * triton.cdiv(rows, cfg.dtab_block_r)
+    return cfg.dtab_block_r * cdiv(rows, cfg.dtab_block_r)
 
 
 def _dtab_bh(cfg: RelTritonConfig, n_items: int, n_bh: int) -> int:
@@ -559,7 +660,7 @@ def _dtab_bh(cfg: RelTritonConfig, n_items: int, n_bh: int) -> int:
     profile: 3 of its 5 ``reduce_kernel`` launches) — by that factor. Depends on the shape only, not
     the GPU, so the summation order (and every bit of the result) is the same on every device."""
     per = 1
-    while per * 2 <= min(cfg.dtab_bh, n_bh) and n_items * triton.cdiv(n_bh, per * 2) >= cfg.dtab_min_programs:
+    while per * 2 <= min(cfg.dtab_bh, n_bh) and n_items * cdiv(n_bh, per * 2) >= cfg.dtab_min_programs:
         per *= 2
     return per
 
@@ -573,10 +674,10 @@ def _bwd_tables(
     rows = _dtab_rows(g, cfg)
     ks = [g.kt, g.k_thw[1], g.k_thw[2]]
     counts = [g.nqr // n for n in g.q_thw]
-    chunks = [triton.cdiv(c, rows) for c in counts]
+    chunks = [cdiv(c, rows) for c in counts]
     n_items = (Tq * chunks[0] if g.has_t else 0) + Hq * chunks[1] + Wq * chunks[2]
     bh_per = _dtab_bh(cfg, n_items, B * nh)
-    groups = triton.cdiv(B * nh, bh_per)
+    groups = cdiv(B * nh, bh_per)
     parts = [
         _empty(groups, g.q_thw[a], chunks[a], ks[a], hd, dtype=torch.float32, device=q.device)
         if (a > 0 or g.has_t) else None
@@ -591,37 +692,43 @@ def _bwd_tables(
         PREC=1 if q.dtype == torch.float32 else 0, VEC=_q_vec(q), BH_PER=bh_per,
         num_warps=cfg.dtab_warps, num_stages=cfg.dtab_stages,
     )
-    grads = []
-    for a, table in enumerate(tables):
-        if table is None:
-            grads.append(None)
-            continue
-        Q, K = g.q_thw[a], g.k_thw[a]
-        s = parts[a].sum(dim=(0, 2))  # (Q, K, hd) fp32, fixed-order reduction over the groups and chunks
-        onehot = _scatter_onehot(Q, K, q.device)  # (L, Q·K) float64
-        grads.append((onehot @ s.reshape(Q * K, hd).double()).to(table.dtype))  # (L, hd)
+    present = [a for a in range(3) if a > 0 or g.has_t]
+    pairs, p_max = _table_pairs(tuple((g.q_thw[a], g.k_thw[a]) for a in present), q.device)
+    grads = [None if tables[a] is None else _empty(*tables[a].shape, dtype=tables[a].dtype, device=q.device)
+             for a in range(3)]
+    lt = tables[0].shape[0] if g.has_t else 0
+    lh, lw = tables[1].shape[0], tables[2].shape[0]
+    block_gc = [min(32, _pow2(groups * c, 1)) for c in chunks]
+    _rel_dtab_finish_kernel[(lt + lh + lw,)](
+        parts[0] if g.has_t else parts[1], parts[1], parts[2], grads[0] if g.has_t else grads[1], grads[1], grads[2],
+        pairs, G=groups, TQ=Tq, HQ=Hq, WQ=Wq, KT=g.kt, KH=ks[1], KW=ks[2], CT=chunks[0], CH=chunks[1], CW=chunks[2],
+        LT=lt, LH=lh, HAS_T=g.has_t, HD=hd, BD=_pow2(hd), P_MAX=p_max,
+        BLOCK_GT=block_gc[0], BLOCK_GH=block_gc[1], BLOCK_GW=block_gc[2], num_warps=4,
+    )
     return grads
 
 
 # ----------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------
-def rel_forward(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _Geom, cfg: RelTritonConfig) -> torch.Tensor:
-    """R (B, nh, Nq', E) in q's dtype, outside autograd (inputs checked by the caller)."""
-    return _fwd(q, tables, g, cfg)
+def rel_forward(q: torch.Tensor, tabs: RelTables, g: _Geom, cfg: RelTritonConfig) -> torch.Tensor:
+    """R (B, nh, Nq', E) in q's dtype from the prepared tables, outside autograd (inputs checked by
+    the caller)."""
+    return _fwd(q, tabs, g, cfg)
 
 
 def rel_backward(
-    dr: torch.Tensor, q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _Geom, cfg: RelTritonConfig,
+    dr: torch.Tensor, q: torch.Tensor, tabs: RelTables, g: _Geom, cfg: RelTritonConfig,
     needs: Sequence[bool], dq: Optional[torch.Tensor] = None,
 ) -> tuple:
-    """(dq, d_rel_pos_t, d_rel_pos_h, d_rel_pos_w) from dR; ``needs``: which of the four to compute.
+    """(dq, d_rel_pos_t, d_rel_pos_h, d_rel_pos_w) from dR; ``needs``: which of the four to compute
+    (``tabs.low`` is not read: backward may keep only ``orig`` and ``f32``).
     With ``dq`` given (contiguous, q's shape and dtype), q's gradient is added to it in place."""
     dr = dr.to(q.dtype).contiguous()  # (B, nh, Nq', E)
-    dq_out = _bwd_q(dr, q, tables, g, cfg, dq) if needs[0] else dq
+    dq_out = _bwd_q(dr, q, tabs, g, cfg, dq) if needs[0] else dq
     d_tabs = [None, None, None]
     if any(needs[1:4]):
-        d_tabs = _bwd_tables(dr, q, tables, g, cfg)
+        d_tabs = _bwd_tables(dr, q, tabs.orig, g, cfg)
         d_tabs = [d if needs[1 + a] else None for a, d in enumerate(d_tabs)]
     return dq_out, *d_tabs
 
@@ -631,16 +738,18 @@ class _RelMatrixFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, rel_pos_t, rel_pos_h, rel_pos_w, g, cfg):
-        r = rel_forward(q, (rel_pos_t, rel_pos_h, rel_pos_w), g, cfg)
-        ctx.save_for_backward(q, rel_pos_t, rel_pos_h, rel_pos_w)
-        ctx.meta = (g, cfg)
+        tables = (rel_pos_t, rel_pos_h, rel_pos_w)
+        tabs = prepare_tables(q, tables, g)
+        r = rel_forward(q, tabs, g, cfg)
+        ctx.save_for_backward(q, *tables)
+        ctx.meta, ctx.f32 = (g, cfg), tabs.f32
         return r
 
     @staticmethod
     def backward(ctx, dr):
-        q, rel_pos_t, rel_pos_h, rel_pos_w = ctx.saved_tensors
+        q, *tables = ctx.saved_tensors
         g, cfg = ctx.meta
-        grads = rel_backward(dr, q, (rel_pos_t, rel_pos_h, rel_pos_w), g, cfg, ctx.needs_input_grad[:4])
+        grads = rel_backward(dr, q, RelTables(tuple(tables), None, ctx.f32), g, cfg, ctx.needs_input_grad[:4])
         return *grads, None, None
 
 

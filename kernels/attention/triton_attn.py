@@ -115,10 +115,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import launchable_on
+from kernels import cdiv, launchable_on, next_pow2
 
 from .reference import check_inputs, key_onehot, rel_matrix, rel_width, resolve_rel_impl
-from .rel_triton import _rel_dq_rows, _rel_fwd_rows, dq_rows_args, fwd_rows_args, rel_backward, rel_forward, rel_setup
+from .rel_triton import (
+    RelTables, _rel_dq_rows, _rel_fwd_rows, dq_rows_args, fwd_rows_args, prepare_tables, rel_backward, rel_forward, rel_setup,
+)
 
 __all__ = ["relpos_attention_triton", "RelPosAttnConfig"]
 
@@ -586,7 +588,7 @@ def fused_rel_config(cfg: RelPosAttnConfig) -> RelPosAttnConfig:
 
 
 def _next_pow2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
+    return max(16, next_pow2(x))
 
 
 def _widths(width: int, split: bool) -> tuple[int, int]:
@@ -645,7 +647,7 @@ def _trips(n: int, block: int, device: torch.device) -> int:
     num_stages = 1) at 4 warps on sm_90: the dk/dv kernel hit an illegal memory access or wrote
     NaN on an H100 (bench/NOTES.md; cf. triton-lang/triton#10573). A second, fully masked tile
     keeps the loop pipelined and contributes nothing (p = 0)."""
-    return max(2 if device.type == "cuda" else 1, triton.cdiv(n, block))
+    return max(2 if device.type == "cuda" else 1, cdiv(n, block))
 
 
 def _key_tiles(nk: int, block_n: int, tail: bool, device: torch.device) -> tuple[int, int]:
@@ -696,14 +698,14 @@ def _rel_args(q, rel, rows_args, **kw) -> tuple:
 def _fwd(q, r, k, e, v, dims: _Dims, has_cls, scale, cfg, rel=None):
     """q (B, nh, Nq, hd), R (B, nh, Nq', KR), k (B, nh, Nk, hd) or the packed k' rows
     (B, nh, Nk, A1+A2), the keys' one-hot table e (Nk, A1+A2 − hd), v → out (B, nh, Nq, hd),
-    lse2 (B, nh, Nq). With ``rel`` = (tables, rel geometry) the kernel writes R itself (r: an
+    lse2 (B, nh, Nq). With ``rel`` = (``rel_triton.RelTables``, rel geometry) the kernel writes R itself (r: an
     uninitialised buffer of R's shape)."""
     B, nh, Nq, _ = q.shape
     Nk = k.shape[2]
     o = _empty(*q.shape, dtype=q.dtype, device=q.device)
     lse = _empty(B, nh, Nq, dtype=torch.float32, device=q.device)
     tabs, rel_consts = _rel_args(q, rel, fwd_rows_args, block=cfg.fwd_block_m)
-    grid = (triton.cdiv(Nq, cfg.fwd_block_m), B * nh)
+    grid = (cdiv(Nq, cfg.fwd_block_m), B * nh)
     n_kt, tail = _key_tiles(Nk, cfg.fwd_block_n, cfg.fwd_tail, q.device)
     _fwd_kernel[grid](
         q, r, k, e, v, o, lse, *tabs, Nq, Nk, scale * LOG2E,
@@ -717,7 +719,7 @@ def _fwd(q, r, k, e, v, dims: _Dims, has_cls, scale, cfg, rel=None):
 def _bwd_dq(q, r, k, e, v, o, do, lse, dims: _Dims, has_cls, scale, cfg, rel=None):
     """dq (B, nh, Nq, hd), dR (B, nh, Nq', KR) in the input dtypes, and what the dk/dv kernel
     reads: delta (B, nh, Nq) fp32 and the packed q'' rows (B, nh, Nq, A1+A2). With ``rel`` =
-    (tables, rel geometry) dq includes q's rel-path gradient."""
+    (``RelTables``, rel geometry) dq includes q's rel-path gradient."""
     B, nh, Nq, _ = q.shape
     Nk = k.shape[2]
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
@@ -725,7 +727,7 @@ def _bwd_dq(q, r, k, e, v, o, do, lse, dims: _Dims, has_cls, scale, cfg, rel=Non
     delta = _empty(B, nh, Nq, dtype=torch.float32, device=q.device)
     qa = _empty(B, nh, Nq, dims.wa, dtype=q.dtype, device=q.device)
     tabs, rel_consts = _rel_args(q, rel, dq_rows_args)
-    grid = (triton.cdiv(Nq, cfg.dq_block_m), B * nh)
+    grid = (cdiv(Nq, cfg.dq_block_m), B * nh)
     n_kt, tail = _key_tiles(Nk, cfg.dq_block_n, cfg.dq_tail, q.device)
     _dq_kernel[grid](
         q, r, k, e, v, o, do, lse, delta, dq, dr, qa, *tabs, Nq, Nk, scale * LOG2E, scale,
@@ -744,16 +746,16 @@ def dkdv_split(cfg: RelPosAttnConfig, nq: int, nk: int, n_bh: int, n_sms: Option
     tile still runs its four dots), ≥ 2 per chunk on a GPU (:func:`_trips`). One compiled variant
     per tiles-per-chunk value, i.e. per MViTv2 stage. Pure: ``bench.attention_memory`` asks it what
     an H100 would run."""
-    n_q_tiles = triton.cdiv(nq, cfg.dkdv_block_m)
-    n_kv_programs = triton.cdiv(nk, cfg.dkdv_block_n) * n_bh
+    n_q_tiles = cdiv(nq, cfg.dkdv_block_m)
+    n_kv_programs = cdiv(nk, cfg.dkdv_block_n) * n_bh
     if cfg.dkdv_chunks is not None:
         chunks = max(1, min(cfg.dkdv_chunks, n_q_tiles))
     elif n_sms is None:
         chunks = 1
     else:
-        chunks = max(1, min(n_q_tiles, triton.cdiv(cfg.dkdv_programs_per_sm * n_sms, n_kv_programs)))
-    tiles_per_chunk = max(2 if n_sms is not None else 1, triton.cdiv(n_q_tiles, chunks))
-    return triton.cdiv(n_q_tiles, tiles_per_chunk), tiles_per_chunk
+        chunks = max(1, min(n_q_tiles, cdiv(cfg.dkdv_programs_per_sm * n_sms, n_kv_programs)))
+    tiles_per_chunk = max(2 if n_sms is not None else 1, cdiv(n_q_tiles, chunks))
+    return cdiv(n_q_tiles, tiles_per_chunk), tiles_per_chunk
 
 
 def _n_sms(device: torch.device) -> Optional[int]:
@@ -765,7 +767,7 @@ def _bwd_dkdv(qa, k, e, v, do, lse, delta, dims: _Dims, cfg):
     chunk, else fp32 partials per chunk summed in a fixed order (deterministic)."""
     B, nh, Nq, _ = qa.shape
     Nk = k.shape[2]
-    n_k_tiles = triton.cdiv(Nk, cfg.dkdv_block_n)
+    n_k_tiles = cdiv(Nk, cfg.dkdv_block_n)
     chunks, tiles_per_chunk = dkdv_split(cfg, Nq, Nk, B * nh, _n_sms(qa.device))
     n = B * nh * Nk * dims.hd
     out = _empty(2, B, nh, Nk, dims.hd, dtype=qa.dtype, device=qa.device)  # dk, dv
@@ -778,13 +780,13 @@ def _bwd_dkdv(qa, k, e, v, do, lse, delta, dims: _Dims, cfg):
     )
     if chunks > 1:
         block = 1024
-        _sum_chunks_kernel[(triton.cdiv(n, block), 2)](part, out, n, CHUNKS=chunks, BLOCK=block, num_warps=4)
+        _sum_chunks_kernel[(cdiv(n, block), 2)](part, out, n, CHUNKS=chunks, BLOCK=block, num_warps=4)
     return out[0], out[1]
 
 
 def _bwd(do, q, r, k, v, o, lse, dims: _Dims, k_thw, kt, has_cls, scale, cfg, rel=None):
     """Gradients dq (B, nh, Nq, hd), dk, dv (B, nh, Nk, hd) and dR (B, nh, Nq', KR) in the input
-    dtypes; with ``rel`` = (tables, rel geometry), dq includes q's rel-path gradient."""
+    dtypes; with ``rel`` = (``RelTables``, rel geometry), dq includes q's rel-path gradient."""
     do = do.to(q.dtype).contiguous()
     e = _key_table(k, k_thw, kt, dims, has_cls)
     dq, dr, delta, qa = _bwd_dq(q, r, k, e, v, o, do, lse, dims, has_cls, scale, cfg, rel)
@@ -833,23 +835,25 @@ class _RelPosAttnFusedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, g, rel_cfg, k_thw, kt, has_cls, scale, cfg):
         q, tables = q.contiguous(), (rel_pos_t, rel_pos_h, rel_pos_w)
+        tabs = prepare_tables(q, tables, g)
         if cfg.fuse_rel_fwd:
-            rel = (tables, g)
+            rel = (tabs, g)
             r = _empty(*q.shape[:2], g.nqr, g.e, dtype=q.dtype, device=q.device)  # written by the forward kernel
         else:
-            rel, r = None, rel_forward(q, tables, g, rel_cfg)
+            rel, r = None, rel_forward(q, tabs, g, rel_cfg)
         o, saved, meta = _attn_forward(q, k.contiguous(), v.contiguous(), r, k_thw, kt, has_cls, scale, cfg, rel)
         ctx.save_for_backward(*saved, *tables)
-        ctx.meta, ctx.rel = meta, (g, rel_cfg)
+        ctx.meta, ctx.rel = meta, (g, rel_cfg, tabs.f32)
         return o
 
     @staticmethod
     def backward(ctx, do):
         *saved, rel_pos_t, rel_pos_h, rel_pos_w = ctx.saved_tensors
-        tables, (g, rel_cfg), fused = (rel_pos_t, rel_pos_h, rel_pos_w), ctx.rel, ctx.meta[-1].fuse_rel_dq
-        dq, dk, dv, dr = _bwd(do, *saved, *ctx.meta, rel=(tables, g) if fused else None)
+        (g, rel_cfg, f32), fused = ctx.rel, ctx.meta[-1].fuse_rel_dq
+        tabs = RelTables((rel_pos_t, rel_pos_h, rel_pos_w), None, f32)
+        dq, dk, dv, dr = _bwd(do, *saved, *ctx.meta, rel=(tabs, g) if fused else None)
         q = saved[0]
-        grads = rel_backward(dr, q, tables, g, rel_cfg, (not fused, *ctx.needs_input_grad[3:6]), dq=dq)
+        grads = rel_backward(dr, q, tabs, g, rel_cfg, (not fused, *ctx.needs_input_grad[3:6]), dq=dq)
         return grads[0], dk, dv, *grads[1:], None, None, None, None, None, None, None
 
 

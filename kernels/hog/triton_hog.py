@@ -81,7 +81,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import compiling_offline, interpreting
+from kernels import cdiv, compiling_offline, interpreting
 from kernels.hog.reference import block_l2hys, cells_to_tokens, check_hog_args, gaussian_window_1d, tokens_to_cells
 
 INTERPRETED = interpreting()  # decided when @triton.jit runs below
@@ -521,7 +521,7 @@ def hog_targets_triton(
         num_warps = num_warps or (8 if INTERPRETED else 1)  # the interpreter pays per op: wide programs
         cw = 32 * num_warps  # one cell per thread
         cos, sin = _boundary_constants(nbins, bool(signed))
-        _hog_cells_kernel[(triton.cdiv(n * hc * wc, cw),)](
+        _hog_cells_kernel[(cdiv(n * hc * wc, cw),)](
             frames, out, win,
             n * hc * wc, t, h, hc, wc, wt, l,
             *frames.stride(),
@@ -529,7 +529,7 @@ def hog_targets_triton(
         )  # fmt: skip
     else:
         ch, cw = choose_tile(hc, wc, cell, block_px, max_ch)
-        tiles_h, tiles_w = triton.cdiv(hc, ch), triton.cdiv(wc, cw)
+        tiles_h, tiles_w = cdiv(hc, ch), cdiv(wc, cw)
         _hog_tokens_kernel[(n * tiles_h * tiles_w,)](
             frames, out, win, dirs,
             t, h, w, hc, wc, tiles_w, tiles_h, wt, l,

@@ -561,3 +561,51 @@ def test_memory_bench_runs_in_the_interpreter(tmp_path):
     rows = {r["provider"]: r for r in json.loads(next(tmp_path.glob("attention_memory_cpu_*.json")).read_text())["results"]}
     assert rows["triton"]["chunks"] == 1 and rows["reference"]["heads_measured"] == 1
     assert rows["triton"]["floor_mib"] < rows["triton"]["peak_mib"] < rows["reference"]["peak_mib"]
+
+
+# the launches of one forward+backward with rel_impl="triton" (forward, then backward)
+_ISSUED_SEPARATE = ["_prepare_tables_kernel", "_rel_fwd_kernel", "_fwd_kernel", "_dq_kernel", "_dkdv_kernel",
+                    "_sum_chunks_kernel", "_rel_dq_kernel", "_rel_dtab_kernel", "_rel_dtab_finish_kernel"]
+_ISSUED_INSIDE = [n for n in _ISSUED_SEPARATE if n not in ("_rel_fwd_kernel", "_rel_dq_kernel")]
+
+
+@pytest.mark.parametrize("fused,expected", [(False, _ISSUED_SEPARATE), (True, _ISSUED_INSIDE)])
+def test_work_issued_per_call(fused, expected):
+    """What one forward+backward issues: exactly these Triton launches, and no torch op with
+    device work but the packed k' rows (``cat``, as Nq ≥ 2·Nk here). At MViTv2-L stages 3-4 every
+    small launch costs the host more than its GPU work (``bench/attention_host.py``); casts, sums
+    and a one-hot matmul around the kernels were 21 of them. New ones must not creep back in."""
+    from bench.attention_host import count_issued
+
+    q_thw, k_thw = (2, 4, 4), (2, 2, 2)
+    cfg = dataclasses.replace(SMALL, dkdv_chunks=2)
+    cfg = triton_attn.fused_rel_config(cfg) if fused else cfg
+    inputs = make_inputs(1, 2, q_thw, k_thw, 16, True, torch.float32)
+    grad_out = torch.randn(inputs[0].shape)
+
+    def call():
+        for x in _leaves(inputs):
+            x.grad = None
+        relpos_attention_triton(*inputs[:3], q_thw, k_thw, *inputs[3:], rel_impl="triton", config=cfg).backward(grad_out)
+
+    call()  # first call per geometry: cached tables (distances, key one-hots, pairs) are built
+    launched, ops, _ = count_issued(call, stub=False, reps=1)
+    assert launched == expected
+    assert ops == ["cat"]
+    assert all(x.grad is not None for x in _leaves(inputs))  # the counted call really ran backward
+
+
+def test_host_bench_runs_in_the_interpreter(tmp_path):
+    """``bench.attention_host`` (host cost per call) runs end to end at MViTv2-L stage 4 with the
+    Triton launches stubbed, and reports what each path issues: no torch op with device work at
+    Nq < 2·Nk, one launch more for the separate rel terms in each direction."""
+    from bench import attention_host
+
+    attention_host.main(["--stages", "4", "--reps", "2", "--calls", "1", "--out", str(tmp_path)])
+    rows = {(r["provider"], r["pass"]): r for r in
+            json.loads(next(tmp_path.glob("attention_host_cpu_*.json")).read_text())["results"]}
+    assert set(rows) == {(p, s) for p in ("triton+rel-triton", "triton+rel-inside") for s in ("fwd", "fwdbwd")}
+    assert all(r["torch_ops"] == 0 and r["host_us"] > 0 for r in rows.values())
+    assert rows[("triton+rel-triton", "fwdbwd")]["triton_launches"] == 8
+    assert rows[("triton+rel-inside", "fwdbwd")]["triton_launches"] == 6
+    assert rows[("triton+rel-triton", "fwd")]["triton_kernels"] == ["_prepare_tables_kernel", "_rel_fwd_kernel", "_fwd_kernel"]

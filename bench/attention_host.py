@@ -1,0 +1,352 @@
+"""Host cost of one attention call: the CPU time a provider spends issuing its work, and what it issues.
+
+At MViTv2-L stages 3 and 4 the GPU work of one call is small (≈ 0.1-0.3 ms of kernels at the
+recipe's 4 clips per GPU, ≈ 1.3 ms at B 32 on an H100). The Python side of a call - argument
+checks, launch arithmetic, torch ops, Triton's launcher - can then take longer than the kernels,
+and the GPU waits for the CPU. The fourth session's H100 profile showed it at stage 4, B 32: 1.30 ms
+of kernels in a 1.95 ms fwd+bwd (``attention_tune_…_2.md``), and the SDPA-cuDNN hybrid at 2.10 ms
+at both stage 3 and stage 4 (``attention_…_final.md``). This benchmark measures that side alone.
+
+- CUDA: the stream is first blocked by a long ``torch.cuda._sleep`` kernel, so every call below it
+  only queues work; ``perf_counter`` around a batch of calls is then the host cost. A measurement
+  counts only when the GPU is still busy after the batch (an event queried after it has not
+  completed); otherwise the sleep is lengthened and the batch repeated (a call that synchronises
+  would fail every time and is reported as such).
+- CPU (no GPU here): the Triton launches are replaced by no-ops, so the time is the Python side and
+  the torch ops *without* Triton's own launcher (≈ 5-20 µs per launch on a GPU machine, more with
+  more arguments; see the launch counts). Two CPU artefacts are kept small: B defaults to 1 (the
+  torch ops then compute little; their time is reported apart), and glibc is told to keep freed
+  memory (``mallopt``), so that an uninitialised buffer of a few MB costs no ``mmap``/``munmap``
+  per call - as with the CUDA caching allocator.
+
+Per provider and stage it also counts what one call issues: Triton launches, and torch ops that
+launch device work (a ``TorchDispatchMode`` count that leaves out views and allocations).
+
+Providers: ``triton+rel-triton`` (the default fused path: what ``auto`` runs on CUDA),
+``triton+rel-inside`` (its opt-in variant), and on CUDA ``auto`` (``relpos_attention``'s dispatch on
+top) and ``sdpa-cudnn+rel-triton`` (the hybrid the 1.2× target is measured against).
+
+    python -m bench.attention_host [--device cpu|cuda] [--batch 4] [--stages 1,2,3,4] [--out DIR]
+                                   [--calls 10] [--reps 15] [--tag TAG]
+
+writes ``attention_host_<device-slug>_<yyyymmdd>[_TAG].{json,md}`` to --out (default bench/results).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench.attention import K_GRID, MODELS, Q_GRIDS, Shape, device_info, make_inputs, rel_inside
+from bench.common import results_slug
+
+# aten ops that launch no device work: views, metadata and allocations
+_NO_WORK = {
+    "view", "_unsafe_view", "expand", "select", "slice", "as_strided", "t", "transpose", "permute", "unsqueeze",
+    "squeeze", "reshape", "alias", "detach", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+    "set_", "split", "unbind", "lift_fresh", "_reshape_alias", "resize_",
+}
+
+
+_IN_LAUNCH = [0]  # > 0 while a Triton launch runs (see triton_launches)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops that launch device work (by name: see ``_NO_WORK``) and the time spent
+    executing them (on CPU that is real compute, which a GPU would run asynchronously)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.seconds = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in _NO_WORK or _IN_LAUNCH[0]:  # (inside a launch: the interpreter's own tensor work)
+            return func(*args, **(kwargs or {}))
+        self.ops.append(name)
+        t0 = time.perf_counter()
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def _kernel_classes() -> list:
+    """The classes whose ``run`` is a Triton launch here (the JIT, and the interpreter when on)."""
+    classes = []
+    try:
+        from triton.runtime.jit import JITFunction
+
+        classes.append(JITFunction)
+    except ImportError:
+        pass
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        classes.append(InterpretedFunction)
+    except ImportError:
+        pass
+    return classes
+
+
+@contextlib.contextmanager
+def triton_launches(stub: bool) -> Iterator[list]:
+    """Within: every Triton launch appends its kernel's name to the yielded list; ``stub`` turns
+    the launches into no-ops (the CPU measurement: the interpreter is not a launcher)."""
+    names: list[str] = []
+    saved = [(cls, cls.__dict__["run"]) for cls in _kernel_classes() if "run" in cls.__dict__]
+
+    def wrap(run):
+        def counted(self, *args, **kwargs):
+            names.append(getattr(getattr(self, "fn", None), "__name__", "?"))
+            if stub:
+                return None
+            _IN_LAUNCH[0] += 1
+            try:
+                return run(self, *args, **kwargs)
+            finally:
+                _IN_LAUNCH[0] -= 1
+        return counted
+
+    for cls, run in saved:
+        cls.run = wrap(run)
+    try:
+        yield names
+    finally:
+        for cls, run in saved:
+            cls.run = run
+
+
+def providers(device: torch.device) -> dict[str, Callable]:
+    from kernels.attention import relpos_attention
+    from kernels.attention.triton_attn import relpos_attention_triton
+
+    out: dict[str, Callable] = {
+        "triton+rel-triton": lambda *a, **kw: relpos_attention_triton(*a, rel_impl="triton", **kw),
+        "triton+rel-inside": rel_inside,
+    }
+    if device.type == "cuda":
+        from bench.attention import _sdpa_provider
+
+        out["auto"] = lambda *a, **kw: relpos_attention(*a, backend="auto", **kw)
+        out["sdpa-cudnn+rel-triton"] = _sdpa_provider("cudnn", rel_impl="triton")
+    return out
+
+
+def make_call(fn: Callable, s: Shape, inputs: list, dout: torch.Tensor, pass_: str) -> Callable[[], None]:
+    """One call as the training step makes it: forward under no_grad, or forward and backward with
+    the leaves' gradients reset first (as ``triton.testing.do_bench(grad_to_none=...)`` does)."""
+    if pass_ == "fwd":
+        def call():
+            with torch.no_grad():
+                fn(*inputs[:3], s.q_thw, s.k_thw, *inputs[3:])
+        return call
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+
+    def call():
+        for x in leaves:
+            x.grad = None
+        fn(*leaves[:3], s.q_thw, s.k_thw, *leaves[3:]).backward(dout)
+    return call
+
+
+def count_issued(call: Callable[[], None], stub: bool, reps: int = 5) -> tuple[list[str], list[str], float]:
+    """(Triton kernels launched, torch ops with device work, median µs spent executing those ops)
+    of one call."""
+    spent = []
+    for _ in range(reps):
+        with triton_launches(stub) as names, _OpCounter() as counter:
+            call()
+        spent.append(counter.seconds * 1e6)
+    return names, counter.ops, statistics.median(spent)
+
+
+def _sleep_cycles_per_ms() -> float:
+    """``torch.cuda._sleep`` cycles per millisecond on this GPU (measured with events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    return 10_000_000 / start.elapsed_time(end)
+
+
+def host_us_cuda(call: Callable[[], None], calls: int, reps: int, cycles_per_ms: float) -> tuple[list[float], int]:
+    """Per-call host µs of ``reps`` batches of ``calls`` calls queued behind a sleep kernel, and how
+    many batches were thrown away because the GPU had caught up (the host then waited on it)."""
+    times: list[float] = []
+    sleep_ms, retries = 20.0, 0
+    while len(times) < reps:
+        if retries > 3 * reps:
+            raise RuntimeError("the GPU keeps catching up with the host: the call synchronises (e.g. .item())")
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(sleep_ms * cycles_per_ms))
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            call()
+        dt = time.perf_counter() - t0
+        ev = torch.cuda.Event()
+        ev.record()
+        if ev.query():  # the sleep ended before the batch was queued: the GPU was idle for a while
+            retries += 1
+            sleep_ms *= 2
+            continue
+        times.append(dt / calls * 1e6)
+    torch.cuda.synchronize()
+    return times, retries
+
+
+def host_us_cpu(call: Callable[[], None], calls: int, reps: int) -> list[float]:
+    """Per-call µs of ``reps`` batches of ``calls`` calls, Triton launches stubbed."""
+    times: list[float] = []
+    with triton_launches(stub=True):
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                call()
+            times.append((time.perf_counter() - t0) / calls * 1e6)
+    return times
+
+
+def _keep_freed_memory() -> bool:
+    """Ask glibc to serve allocations up to 32 MB from its heap and never return freed memory to the
+    OS (``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD``); False where that is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, 32 << 20)) and bool(libc.mallopt(-1, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
+def shapes(batch: int, stages: list[int]) -> list[Shape]:
+    cfg = MODELS["L"]
+    return [Shape("L", st, batch, cfg["heads"][st - 1], cfg["hd"], Q_GRIDS[st - 1], K_GRID) for st in stages]
+
+
+def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    jpath.write_text(json.dumps({**meta, "results": rows}, indent=1))
+    dev = meta["device_info"]
+    cpu = dev["device"] == "cpu"
+    lines = [
+        f"# Attention host cost per call — {dev['name']}{' (CPU, Triton launches stubbed)' if cpu else ''}",
+        "",
+        f"- date {meta['date']}; command `{meta['command']}`",
+        f"- torch {dev['torch']}, triton {dev['triton']}, python {dev['python']}; 1-min load average at start "
+        f"{dev.get('load_average_1min', 0):.1f}; dtype {meta['dtype']} (tables fp32)",
+        f"- host µs: median over {meta['reps']} batches of {meta['calls']} calls (p20–p80 beside it); "
+        + (f"CPU: Triton launches are no-ops, so Triton's own launcher is **not** included (count them below); "
+           f"glibc keeps freed memory: {meta['keep_freed_memory']}."
+           if cpu else "CUDA: calls queued behind a sleep kernel; retries = batches discarded because the GPU caught up."),
+        "- issued per call: Triton launches / torch ops with device work (views and allocations left out); "
+        "in torch ops µs: time inside those ops (median of 5 counted calls: on CPU their real compute, which a GPU runs "
+        "asynchronously); rest µs = host µs − that: the Python side, allocations and views, plus per op its dispatch "
+        "(on a GPU machine add ≈ 5-10 µs per torch op and Triton's launcher per launch).",
+        "",
+        "| shape | pass | provider | host µs | p20–p80 | in torch ops µs | rest µs | Triton launches | torch ops | torch ops by name |"
+        + ("" if cpu else " retries |"),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("" if cpu else "---|"),
+    ]
+    for r in rows:
+        ops = ", ".join(f"{n}×{c}" if c > 1 else n for n, c in r["torch_ops_by_name"].items())
+        lines.append(
+            f"| {r['shape']} | {r['pass']} | {r['provider']} | {r['host_us']:.0f} | {r['host_us_p20']:.0f}–{r['host_us_p80']:.0f} "
+            f"| {r['torch_ops_us']:.0f} | {r['host_us'] - r['torch_ops_us']:.0f} "
+            f"| {r['triton_launches']} | {r['torch_ops']} | {ops} |" + ("" if cpu else f" {r['retries']} |")
+        )
+    mpath.write_text("\n".join(lines) + "\n")
+    return jpath, mpath
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=None, help="clips B (default 4 on CUDA, the recipe's clips per GPU; 1 on CPU)")
+    ap.add_argument("--stages", default="1,2,3,4", help="MViTv2-L stages, e.g. 3,4")
+    ap.add_argument("--pass", dest="pass_", choices=["fwd", "fwdbwd", "all"], default="all")
+    ap.add_argument("--providers", default="", help="comma list (default: all that exist on the device)")
+    ap.add_argument("--calls", type=int, default=10, help="calls per timed batch")
+    ap.add_argument("--reps", type=int, default=15, help="timed batches")
+    ap.add_argument("--out", default="bench/results", help="output folder")
+    ap.add_argument("--tag", default="", help="suffix of the result files (e.g. before)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    batch = args.batch or (4 if device.type == "cuda" else 1)
+    if args.calls < 1 or args.reps < 1 or batch < 1:
+        raise SystemExit("--calls, --reps and --batch must be ≥ 1")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device is visible")
+    if device.type == "cpu":
+        from kernels import interpreting
+
+        if not interpreting():
+            raise SystemExit("on CPU set TRITON_INTERPRET=1 (the Triton kernels take CPU tensors only in the interpreter)")
+    try:
+        stages = sorted({int(x) for x in args.stages.split(",") if x})
+    except ValueError:
+        raise SystemExit(f"--stages: comma list of 1-4, got {args.stages!r}") from None
+    if not stages or not set(stages) <= {1, 2, 3, 4}:
+        raise SystemExit(f"--stages: comma list of 1-4, got {args.stages!r}")
+    provs = providers(device)
+    wanted = [p for p in args.providers.split(",") if p]
+    unknown = [p for p in wanted if p not in provs]
+    if unknown:
+        raise SystemExit(f"unknown providers {unknown} on {device.type}; known: {sorted(provs)}")
+    if wanted:
+        provs = {n: f for n, f in provs.items() if n in wanted}
+    passes = ["fwd", "fwdbwd"] if args.pass_ == "all" else [args.pass_]
+
+    info = device_info(device)
+    today = datetime.date.today().strftime("%Y%m%d")
+    stem = f"attention_host_{results_slug(device, info['name'])}_{today}" + (f"_{args.tag}" if args.tag else "")
+    meta = dict(date=today, command="python -m bench.attention_host " + " ".join(sys.argv[1:] if argv is None else argv),
+                device_info=info, dtype="bfloat16", calls=args.calls, reps=args.reps)
+    cycles = _sleep_cycles_per_ms() if device.type == "cuda" else None
+    meta["keep_freed_memory"] = _keep_freed_memory() if device.type == "cpu" else None
+    rows: list[dict] = []
+    for s in shapes(batch, stages):
+        inputs, dout = make_inputs(s, torch.bfloat16, device)
+        for pass_ in passes:
+            for name, fn in provs.items():
+                call = make_call(fn, s, inputs, dout, pass_)
+                stub = device.type == "cpu"
+                with triton_launches(stub):
+                    for _ in range(3):  # warm-up: compile, caches
+                        call()
+                launched, ops, ops_us = count_issued(call, stub)
+                if device.type == "cuda":
+                    times, retries = host_us_cuda(call, args.calls, args.reps, cycles)
+                else:
+                    times, retries = host_us_cpu(call, args.calls, args.reps), 0
+                qs = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
+                by_name: dict[str, int] = {}
+                for op in ops:
+                    by_name[op] = by_name.get(op, 0) + 1
+                rows.append(dict(shape=s.label, provider=name, host_us=statistics.median(times),
+                                 host_us_p20=qs[1], host_us_p80=qs[7], torch_ops_us=ops_us, triton_launches=len(launched),
+                                 triton_kernels=launched, torch_ops=len(ops), torch_ops_by_name=by_name,
+                                 retries=retries, **{"pass": pass_}))
+                print(f"{s.label} {pass_:6s} {name:22s} host {rows[-1]['host_us']:7.0f} µs  "
+                      f"triton {len(launched):2d}  torch ops {len(ops):2d}", flush=True)
+        write_report(Path(args.out), stem, meta, rows)
+    jpath, mpath = write_report(Path(args.out), stem, meta, rows)
+    print(f"\nwrote {jpath} and {mpath}")
+
+
+if __name__ == "__main__":
+    main()
