@@ -450,9 +450,15 @@ class RelTritonConfig:
 def _config(device: torch.device, dtype: torch.dtype) -> RelTritonConfig:
     """Small tiles in the interpreter (several partial tiles at test sizes); the GPU table otherwise
     (fp32: the exact table-gradient dot runs on CUDA cores, smaller tiles keep its shared memory low)."""
-    if device.type != "cuda" and not compiling_offline():
+    return _config_table(device.type == "cuda" or compiling_offline(), dtype == torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _config_table(gpu: bool, fp32: bool) -> RelTritonConfig:
+    """The table :func:`_config` picks (one frozen object per entry: building one costs µs per call)."""
+    if not gpu:
         return RelTritonConfig(16, 4, 16, 4, 16, 64, 4, 1)
-    if dtype == torch.float32:
+    if fp32:
         return RelTritonConfig(dtab_block_r=32, dtab_stages=2)
     return RelTritonConfig()
 
@@ -768,7 +774,7 @@ def _check(
         raise ValueError(f"q must be a (B, nh, N, hd) tensor; got {getattr(q, 'shape', type(q))}")
     if len(q_thw) != 3 or len(k_thw) != 3:
         raise ValueError(f"q_thw and k_thw must be (T, H, W); got {tuple(q_thw)} and {tuple(k_thw)}")
-    if min(q_thw) < 1 or min(k_thw) < 1:
+    if min(q_thw) < 1 or min(k_thw) < 1:  # (before check_inputs, whose token counts a zero grid would fail first)
         raise ValueError(f"grid sizes must be positive; got q_thw={tuple(q_thw)}, k_thw={tuple(k_thw)}")
     B, nh, _, hd = q.shape
     kv = q.new_empty(()).expand(B, nh, math.prod(k_thw) + int(has_cls), hd)  # no memory
@@ -777,6 +783,14 @@ def _check(
         raise ValueError(f"rel_matrix_triton supports float16, bfloat16 and float32; got {q.dtype}")
     if hd > 256:
         raise ValueError(f"head dim {hd} > 256 is not supported by rel_matrix_triton")
+    _check_grids_tables(q, q_thw, k_thw, tables)
+    _check_device(q)
+
+
+def _check_grids_tables(q: torch.Tensor, q_thw: Sequence[int], k_thw: Sequence[int], tables: Sequence[Optional[torch.Tensor]]) -> None:
+    """What ``reference.check_inputs`` leaves out: positive grids, float tables on q's device."""
+    if min(q_thw) < 1 or min(k_thw) < 1:
+        raise ValueError(f"grid sizes must be positive; got q_thw={tuple(q_thw)}, k_thw={tuple(k_thw)}")
     for name, table in zip(("rel_pos_t", "rel_pos_h", "rel_pos_w"), tables):
         if table is None:
             continue
@@ -784,7 +798,6 @@ def _check(
             raise ValueError(f"{name} must be a floating-point tensor; got {table.dtype}")
         if table.device != q.device:
             raise ValueError(f"{name} is on {table.device} but q is on {q.device}")
-    _check_device(q)
 
 
 def rel_matrix_triton(
@@ -809,10 +822,17 @@ def rel_matrix_triton(
 
 
 def rel_setup(
-    q: torch.Tensor, q_thw: Sequence[int], k_thw: Sequence[int], tables: Sequence[Optional[torch.Tensor]], has_cls: bool
+    q: torch.Tensor, q_thw: Sequence[int], k_thw: Sequence[int], tables: Sequence[Optional[torch.Tensor]], has_cls: bool,
+    checked: bool = False,
 ) -> tuple:
-    """Check the inputs (ValueError) and return the call's geometry and launch table, for
-    :func:`rel_forward` / :func:`rel_backward` (used by the fused attention kernel's autograd)."""
-    _check(q, q_thw, k_thw, tables, has_cls)
+    """Check the inputs (ValueError; ``checked``: the caller has already run ``check_inputs`` on
+    them, with its k and v, and the dtype, head-dim and device checks of the Triton attention, so
+    only :func:`_check_grids_tables` is left) and return the
+    call's geometry and launch table, for :func:`rel_forward` / :func:`rel_backward` (used by the
+    fused attention kernel's autograd)."""
+    if checked:
+        _check_grids_tables(q, q_thw, k_thw, tables)
+    else:
+        _check(q, q_thw, k_thw, tables, has_cls)
     g = _Geom(tuple(int(x) for x in q_thw), tuple(int(x) for x in k_thw), tables[0] is not None, bool(has_cls))
     return g, _config(q.device, q.dtype)

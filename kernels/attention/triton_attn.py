@@ -108,6 +108,7 @@ fixed stage shapes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -568,7 +569,13 @@ def _configs(wa: int, dtype: torch.dtype, device: torch.device) -> RelPosAttnCon
 
 def default_config(hd: int, kr: int, dtype: torch.dtype, device: torch.device) -> RelPosAttnConfig:
     """The table a call with head dim ``hd`` and rel width ``kr`` runs without ``config``."""
-    return _configs(_Dims.of(hd, kr, True).wa, dtype, device)
+    return _default_config(hd, kr, dtype, device.type == "cuda")
+
+
+@functools.lru_cache(maxsize=None)
+def _default_config(hd: int, kr: int, dtype: torch.dtype, cuda: bool) -> RelPosAttnConfig:
+    """:func:`default_config`, one frozen object per entry (building one costs µs on every call)."""
+    return _configs(_Dims.of(hd, kr, True).wa, dtype, torch.device("cuda" if cuda else "cpu"))
 
 
 def regs_for(programs_per_sm: int, warps: int) -> int:
@@ -615,7 +622,7 @@ class _Dims:
 
     @classmethod
     def of(cls, hd: int, kr: int, split: bool) -> "_Dims":
-        return cls(hd, kr, *_widths(hd + kr, split), *_widths(hd, split))
+        return _dims_of(cls, hd, kr, split)
 
     @property
     def wa(self) -> int:
@@ -623,6 +630,11 @@ class _Dims:
 
     def constexprs(self) -> dict:
         return dict(HD=self.hd, A1=self.a1, A2=self.a2, D1=self.d1, D2=self.d2)
+
+
+@functools.lru_cache(maxsize=None)
+def _dims_of(cls, hd: int, kr: int, split: bool) -> _Dims:
+    return cls(hd, kr, *_widths(hd + kr, split), *_widths(hd, split))
 
 
 def _pack_k(cfg: RelPosAttnConfig, nq: int, nk: int) -> bool:
@@ -903,7 +915,7 @@ def relpos_attention_triton(
         raise ValueError("fuse_rel_fwd / fuse_rel_dq run the Triton rel-term code inside the attention kernels: "
                          f"they need rel_impl='triton' (got {rel_impl!r} on {q.device})")
     if resolve_rel_impl(rel_impl, q.device) == "triton":
-        g, rel_cfg = rel_setup(q, q_thw, k_thw, (rel_pos_t, rel_pos_h, rel_pos_w), has_cls)
+        g, rel_cfg = rel_setup(q, q_thw, k_thw, (rel_pos_t, rel_pos_h, rel_pos_w), has_cls, checked=True)
         return _RelPosAttnFusedFn.apply(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, g, rel_cfg, k_thw, kt, has_cls, scale, cfg)
     r = rel_matrix(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)  # (B, nh, Nq', KR), autograd-tracked
     return _RelPosAttnFn.apply(q, k, v, r, k_thw, kt, has_cls, scale, cfg)

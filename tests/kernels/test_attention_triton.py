@@ -415,6 +415,11 @@ def test_bad_inputs():
         relpos_attention_triton(q, k, v, q_thw, k_thw, rt, rh[:-1], rw)
     with pytest.raises(ValueError, match="q has"):
         relpos_attention_triton(q, k, v, (2, 2, 3), k_thw, rt, rh, rw)
+    # the rel terms' own checks still run (check_inputs leaves them out) with rel_impl="triton"
+    with pytest.raises(ValueError, match="rel_pos_w must be a floating-point tensor"):
+        relpos_attention_triton(q, k, v, q_thw, k_thw, rt, rh, rw.to(torch.int32), rel_impl="triton")
+    with pytest.raises(ValueError, match="rel_pos_t is on meta"):
+        relpos_attention_triton(q, k, v, q_thw, k_thw, rt.to("meta"), rh, rw, rel_impl="triton")
 
 
 # ---------------------------------------------------------------------------------------------
