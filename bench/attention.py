@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -181,11 +182,20 @@ def rel_inside(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, **kw):
     """The fused Triton kernel with the rel terms inside its forward and dq kernels
     (``triton_attn.fused_rel_config`` of the default table): a candidate default, not yet timed."""
     from kernels.attention.reference import rel_width
-    from kernels.attention.triton_attn import default_config, fused_rel_config, relpos_attention_triton
+    from kernels.attention.triton_attn import relpos_attention_triton
 
-    cfg = fused_rel_config(default_config(q.shape[-1], rel_width(k_thw, rel_pos_t is not None), q.dtype, q.device))
+    cfg = _inside_config(q.shape[-1], rel_width(k_thw, rel_pos_t is not None), q.dtype, q.device.type)
     return relpos_attention_triton(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, rel_impl="triton",
                                    config=cfg, **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _inside_config(hd: int, kr: int, dtype: torch.dtype, device_type: str):
+    """``fused_rel_config`` of the default table, built once (not on every timed call: its cost
+    would count against the provider in ``bench.attention_host``)."""
+    from kernels.attention.triton_attn import default_config, fused_rel_config
+
+    return fused_rel_config(default_config(hd, kr, dtype, torch.device(device_type)))
 
 
 def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[dict[str, Callable], dict[str, str]]:
