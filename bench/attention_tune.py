@@ -37,6 +37,7 @@ from typing import Callable, Optional
 import torch
 
 from bench.attention import Shape, device_info_cache, make_inputs, stage_shapes
+from bench.attention_host import make_call
 from bench.common import results_slug
 
 # changes to the default RelPosAttnConfig (attention kernels) and RelTritonConfig (rel-term
@@ -144,17 +145,6 @@ def _time(call: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _fwdbwd_call(fn: Callable, s: Shape, inputs: list, dout: torch.Tensor) -> Callable[[], None]:
-    """One forward+backward of ``fn`` on fresh leaves (their gradients cleared each call)."""
-    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
-
-    def call():
-        for x in leaves:
-            x.grad = None
-        fn(*leaves[:3], s.q_thw, s.k_thw, *leaves[3:]).backward(dout)
-    return call
-
-
 def _providers() -> dict[str, Callable]:
     from bench.attention import _sdpa_provider, rel_inside
     from kernels.attention.triton_attn import relpos_attention_triton
@@ -173,7 +163,7 @@ def profile(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) ->
 
     rows = []
     for name, fn in _providers().items():
-        call = _fwdbwd_call(fn, s, inputs, dout)
+        call = make_call(fn, s, inputs, dout, "fwdbwd")
         for _ in range(3):
             call()
         torch.cuda.synchronize()
@@ -340,7 +330,7 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
     try:
         for name, fn, rel_cfg in ends:
             rt._config = lambda device, dtype, _c=rel_cfg: _c  # the rel-term table under test
-            call = _fwdbwd_call(fn, s, inputs, dout)
+            call = make_call(fn, s, inputs, dout, "fwdbwd")
             out["fwdbwd"].append(dict(provider=name, ms=_time(call, device)))
             print(f"  fwd+bwd {name}: {out['fwdbwd'][-1]['ms']:.3f} ms", flush=True)
     finally:
