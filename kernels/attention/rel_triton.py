@@ -548,10 +548,10 @@ class RelTables(NamedTuple):
     f32: list  # the same values in fp32: the dq code reads them without conversions
 
 
-def prepare_tables(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: "_Geom") -> RelTables:
-    """The tables rounded to q's dtype, and in fp32, from one launch (a torch cast per table and
-    dtype was six launches, each costing the host more than the work: bench/attention_host.py).
-    The h table stands in for an absent t table (never read then)."""
+def prepare_tables(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g: _Geom) -> RelTables:
+    """The tables rounded to q's dtype, and in fp32, from one launch (torch casts per table were
+    nine launches per forward+backward, each costing the host more than its work:
+    bench/attention_host.py). The h table stands in for an absent t table (never read then)."""
     tabs = [t.contiguous() for t in tables if t is not None]
     hd = q.shape[-1]
     lt = tabs[0].shape[0] if g.has_t else 0
