@@ -254,9 +254,11 @@ def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> tupl
            f"glibc keeps freed memory: {meta['keep_freed_memory']}."
            if cpu else "CUDA: calls queued behind a sleep kernel; retries = batches discarded because the GPU caught up."),
         "- issued per call: Triton launches / torch ops with device work (views and allocations left out); "
-        "in torch ops µs: time inside those ops (median of 5 counted calls: on CPU their real compute, which a GPU runs "
-        "asynchronously); rest µs = host µs − that: the Python side, allocations and views, plus per op its dispatch "
-        "(on a GPU machine add ≈ 5-10 µs per torch op and Triton's launcher per launch).",
+        "in torch ops µs: time inside those ops (median of 5 counted calls); rest µs = host µs − that: the Python side, "
+        "allocations and views" + (
+            ", Triton launches excluded. The torch ops' time here is their real compute on the CPU, which a GPU runs "
+            "asynchronously; on a GPU machine each costs ≈ 5-10 µs of host, and each Triton launch its launcher's time."
+            if cpu else ", and Triton's launcher for each launch; the torch ops' time is their dispatch and launch."),
         "",
         "| shape | pass | provider | host µs | p20–p80 | in torch ops µs | rest µs | Triton launches | torch ops | torch ops by name |"
         + ("" if cpu else " retries |"),
