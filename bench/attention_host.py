@@ -46,7 +46,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.attention import K_GRID, MODELS, Q_GRIDS, Shape, device_info, make_inputs, rel_inside
+from bench.attention import K_GRID, MODELS, Q_GRIDS, Shape, device_info, make_bench_fn, make_inputs, rel_inside
 from bench.common import results_slug
 
 # aten ops that launch no device work: views, metadata and allocations
@@ -144,20 +144,18 @@ def providers(device: torch.device) -> dict[str, Callable]:
 
 
 def make_call(fn: Callable, s: Shape, inputs: list, dout: torch.Tensor, pass_: str) -> Callable[[], None]:
-    """One call as the training step makes it: forward under no_grad, or forward and backward with
-    the leaves' gradients reset first (as ``triton.testing.do_bench(grad_to_none=...)`` does)."""
-    if pass_ == "fwd":
-        def call():
-            with torch.no_grad():
-                fn(*inputs[:3], s.q_thw, s.k_thw, *inputs[3:])
+    """One call as the training step makes it (``bench.attention.make_bench_fn``): forward under
+    no_grad, or forward and backward with the leaves' gradients reset first, inside the call (as
+    ``triton.testing.do_bench(grad_to_none=...)`` does around it)."""
+    call, leaves = make_bench_fn(fn, s, inputs, dout, pass_)
+    if not leaves:
         return call
-    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
 
-    def call():
+    def reset_then_call():
         for x in leaves:
             x.grad = None
-        fn(*leaves[:3], s.q_thw, s.k_thw, *leaves[3:]).backward(dout)
-    return call
+        call()
+    return reset_then_call
 
 
 def count_issued(call: Callable[[], None], stub: bool, reps: int = 5) -> tuple[list[str], list[str], float]:

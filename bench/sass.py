@@ -285,6 +285,10 @@ def issue_floor_us(warp_instructions: float, sms: int = H100_SMS, clock_ghz: flo
     return warp_instructions / (sms * SCHEDULERS_PER_SM * clock_ghz * 1e3)
 
 
+# the issue-floor formula as the reports state it (issue_floor_us's defaults)
+_FLOOR = f"Floor = warp instructions / ({H100_SMS} SMs · {SCHEDULERS_PER_SM} schedulers · {H100_CLOCK_GHZ} GHz)"
+
+
 def _md_table(head: list[str], columns: list[str], cells: list[list]) -> str:
     """A markdown report: the header lines, then one table."""
     lines = [*head, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -498,9 +502,10 @@ def _dtab_markdown(rows: list[dict], arch: int) -> str:
             f"# Rel-table gradients, stage 1 kernel: issue floors on sm_{arch} (not timings)",
             "",
             f"Command: `python -m bench.sass --arch {arch}`; triton {triton.__version__}; bf16, MViTv2-L stages 1–4 at B 32.",
-            "Each program sums its batch·heads in order; the fp32 partials are then reduced by torch (on an H100",
-            "that reduction took ~0.16 ms at stage 4 with one batch·head per program: `attention_tune_…_2.md`).",
-            "Floor = warp instructions / (132 SMs · 4 schedulers · 1.755 GHz); a program runs one of the kernel's three",
+            "Each program sums its batch·heads in order; the fp32 partials are then reduced per table row by",
+            "`_rel_dtab_finish_kernel` (by torch until the eighth session: on an H100 that took ~0.16 ms at stage 4",
+            "with one batch·head per program, `attention_tune_…_2.md`).",
+            f"{_FLOOR}; a program runs one of the kernel's three",
             "axis branches, counted as a third of the static code plus its loop body (mean of the three) per further trip.",
         ],
         ["stage", "layout", "batch·heads per program", "regs", "programs", "loop trips", "warp instr (M)", "floor µs",
@@ -522,7 +527,7 @@ def _rel_inside_markdown(rows: list[dict], arch: int) -> str:
             "MViTv2-L stages 1–4 at B 32 (Nk 393). separate = the rel-term forward and dq kernels beside the",
             "attention's forward and dq kernels (the default); inside = `fused_rel_config` (RelPosAttnConfig.fuse_rel_fwd/_dq",
             "with 168-register caps); key tail = `fwd_tail`/`dq_tail` (the last keys in one 16-key tile after the loop).",
-            "Floor = warp instructions / (132 SMs · 4 schedulers · 1.755 GHz).",
+            f"{_FLOOR}.",
         ],
         ["stage", "layout", "kernel", "regs", "programs", "loop trips", "warp instr (M)", "floor µs"],
         [[r["stage"], r["layout"], r["kernel"], r["registers"], r["programs"], r["trips"],

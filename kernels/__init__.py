@@ -10,9 +10,10 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def next_pow2(n: int) -> int:
-    """Smallest power of two ≥ n (1 for n ≤ 1), for host code (see :func:`cdiv`)."""
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+def next_pow2(n: int, least: int = 1) -> int:
+    """Smallest power of two ≥ n, and at least ``least`` (a block width floor), for host code
+    (see :func:`cdiv`)."""
+    return max(least, 1 if n <= 1 else 1 << (n - 1).bit_length())
 
 
 def compiling_offline() -> bool:

@@ -99,7 +99,7 @@ import triton.language as tl
 
 from kernels import cdiv, compiling_offline, launchable_on, next_pow2
 
-from .reference import check_inputs, rel_pos_index
+from .reference import check_inputs, rel_pos_index, rel_table_len
 
 __all__ = ["rel_matrix_triton", "RelTritonConfig"]
 
@@ -477,10 +477,6 @@ def _check_device(q: torch.Tensor) -> None:
     )
 
 
-def _pow2(x: int, least: int = 16) -> int:
-    return max(least, next_pow2(x))
-
-
 @functools.lru_cache(maxsize=256)
 def _dist_i32(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     """(Q, K) int32 ``rel_pos_index`` for the kernels (cached, read-only)."""
@@ -489,12 +485,12 @@ def _dist_i32(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _table_pairs(axes: tuple, device: torch.device) -> tuple:
-    """(pairs, P_MAX) for the table-gradient finish: ``axes`` the (Q, K) of each table present, in
-    order; pairs (Σ L, P_MAX) int32, row l of each table in turn, holds the q·K + k with
+def _table_pairs(g: "_Geom", device: torch.device) -> tuple:
+    """(pairs, P_MAX) for the table-gradient finish: pairs (Σ L, P_MAX) int32, row l of each table
+    present (t only with a temporal table, then h, w) in turn, holds the q·K + k with
     dist[q, k] = l in row-major order, then −1 (cached, read-only)."""
     rows: list[list[int]] = []
-    for q_len, k_len in axes:
+    for q_len, k_len in list(zip(g.q_thw, g.k_thw))[0 if g.has_t else 1:]:
         dist = rel_pos_index(q_len, k_len).reshape(-1).tolist()  # (Q·K,) on the CPU
         per = [[] for _ in range(2 * max(q_len, k_len) - 1)]
         for pair, l in enumerate(dist):
@@ -526,6 +522,12 @@ class _Geom:
     def nqr(self) -> int:
         return math.prod(self.q_thw)
 
+    @property
+    def lens(self) -> tuple:
+        """(L_t, L_h, L_w): the table lengths (``reference.rel_table_len``), L_t = 0 without a temporal table."""
+        lt, lh, lw = (rel_table_len(q, k) for q, k in zip(self.q_thw, self.k_thw))
+        return (lt if self.has_t else 0), lh, lw
+
     def constexprs(self) -> dict:
         """The grid constexprs that the forward and dq row code both take."""
         return dict(HQ=self.q_thw[1], WQ=self.q_thw[2], NQR=self.nqr, KT=self.kt, KH=self.k_thw[1],
@@ -554,12 +556,11 @@ def prepare_tables(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g:
     bench/attention_host.py). The h table stands in for an absent t table (never read then)."""
     tabs = [t.contiguous() for t in tables if t is not None]
     hd = q.shape[-1]
-    lt = tabs[0].shape[0] if g.has_t else 0
-    lh = tabs[-2].shape[0]
-    n = sum(t.shape[0] for t in tabs)
+    lt, lh, lw = g.lens
+    n = lt + lh + lw
     low = _empty(n, hd, dtype=q.dtype, device=q.device)
     f32 = _empty(n, hd, dtype=torch.float32, device=q.device)
-    _prepare_tables_kernel[(n,)](tabs[0], tabs[-2], tabs[-1], low, f32, LT=lt, LH=lh, HD=hd, BD=_pow2(hd), num_warps=1)
+    _prepare_tables_kernel[(n,)](tabs[0], tabs[-2], tabs[-1], low, f32, LT=lt, LH=lh, HD=hd, BD=next_pow2(hd, 16), num_warps=1)
 
     def split(buf):
         t, h, w = buf[:lt], buf[lt:lt + lh], buf[lt + lh:]
@@ -584,7 +585,7 @@ def _windows(g: _Geom, block: int) -> tuple:
         dist = rel_pos_index(Q, K)  # (Q, K) on the CPU
         lo = torch.full((nb,), Q, dtype=torch.long).scatter_reduce(0, blk, coords[a], "amin")
         hi = torch.zeros(nb, dtype=torch.long).scatter_reduce(0, blk, coords[a], "amax")
-        out.append(_pow2(int((dist[hi, 0] - dist[lo, K - 1]).max()) + 1))
+        out.append(next_pow2(int((dist[hi, 0] - dist[lo, K - 1]).max()) + 1, 16))
     return tuple(out)
 
 
@@ -604,8 +605,8 @@ def fwd_rows_args(q: torch.Tensor, tabs: RelTables, g: _Geom, block: int) -> tup
     lp = _windows(g, block)
     hd = q.shape[-1]
     consts = dict(
-        HD=hd, BD=_pow2(hd), **g.constexprs(), VEC=_q_vec(q),
-        KPT=_pow2(g.kt, 2), KPH=_pow2(g.k_thw[1], 2), KPW=_pow2(g.k_thw[2], 2),
+        HD=hd, BD=next_pow2(hd, 16), **g.constexprs(), VEC=_q_vec(q),
+        KPT=next_pow2(g.kt, 2), KPH=next_pow2(g.k_thw[1], 2), KPW=next_pow2(g.k_thw[2], 2),
         LT=low[0].shape[0], LH=low[1].shape[0], LW=low[2].shape[0], LPT=lp[0], LPH=lp[1], LPW=lp[2],
         PREC=2 if q.dtype == torch.float32 else 0,
     )
@@ -618,7 +619,7 @@ def dq_rows_args(q: torch.Tensor, tabs: RelTables, g: _Geom) -> tuple:
     the geometry, with hd split into two exact power-of-two pieces D1 + REM (REM ≤ D2)."""
     hd = q.shape[-1]
     d1 = 1 << (hd.bit_length() - 1)  # largest power of two ≤ hd
-    consts = dict(HD=hd, D1=d1, REM=hd - d1, D2=_pow2(hd - d1, 1) if hd > d1 else 2, **g.constexprs())
+    consts = dict(HD=hd, D1=d1, REM=hd - d1, D2=next_pow2(hd - d1) if hd > d1 else 2, **g.constexprs())
     return (*tabs.f32, *_dists(g, q.device)), consts
 
 
@@ -691,24 +692,22 @@ def _bwd_tables(
     ]  # (groups, Q, chunks, K, hd) per axis
     _rel_dtab_kernel[(n_items, groups)](
         q, dr, parts[0] if g.has_t else parts[1], parts[1], parts[2], *q.stride(), nh, B * nh,
-        HD=hd, BD=_pow2(hd), TQ=Tq, HQ=Hq, WQ=Wq, KT=g.kt, KH=ks[1], KW=ks[2], E=g.e,
+        HD=hd, BD=next_pow2(hd, 16), TQ=Tq, HQ=Hq, WQ=Wq, KT=g.kt, KH=ks[1], KW=ks[2], E=g.e,
         CT=chunks[0], CH=chunks[1], CW=chunks[2], N_T=Tq * chunks[0] if g.has_t else 0, N_H=Hq * chunks[1],
-        KPT=_pow2(max(g.kt, 1)), KPH=_pow2(ks[1]), KPW=_pow2(ks[2]),
+        KPT=next_pow2(g.kt, 16), KPH=next_pow2(ks[1], 16), KPW=next_pow2(ks[2], 16),
         HAS_T=g.has_t, HAS_CLS=int(g.has_cls), ROWS=rows, BLOCK_R=cfg.dtab_block_r,
         PREC=1 if q.dtype == torch.float32 else 0, VEC=_q_vec(q), BH_PER=bh_per,
         num_warps=cfg.dtab_warps, num_stages=cfg.dtab_stages,
     )
-    present = [a for a in range(3) if a > 0 or g.has_t]
-    pairs, p_max = _table_pairs(tuple((g.q_thw[a], g.k_thw[a]) for a in present), q.device)
+    pairs, p_max = _table_pairs(g, q.device)
     grads = [None if tables[a] is None else _empty(*tables[a].shape, dtype=tables[a].dtype, device=q.device)
              for a in range(3)]
-    lt = tables[0].shape[0] if g.has_t else 0
-    lh, lw = tables[1].shape[0], tables[2].shape[0]
-    block_gc = [min(32, _pow2(groups * c, 1)) for c in chunks]
+    lt, lh, lw = g.lens
+    block_gc = [min(32, next_pow2(groups * c)) for c in chunks]
     _rel_dtab_finish_kernel[(lt + lh + lw,)](
         parts[0] if g.has_t else parts[1], parts[1], parts[2], grads[0] if g.has_t else grads[1], grads[1], grads[2],
         pairs, G=groups, TQ=Tq, HQ=Hq, WQ=Wq, KT=g.kt, KH=ks[1], KW=ks[2], CT=chunks[0], CH=chunks[1], CW=chunks[2],
-        LT=lt, LH=lh, HAS_T=g.has_t, HD=hd, BD=_pow2(hd), P_MAX=p_max,
+        LT=lt, LH=lh, HAS_T=g.has_t, HD=hd, BD=next_pow2(hd, 16), P_MAX=p_max,
         BLOCK_GT=block_gc[0], BLOCK_GH=block_gc[1], BLOCK_GW=block_gc[2], num_warps=4,
     )
     return grads

@@ -594,18 +594,14 @@ def fused_rel_config(cfg: RelPosAttnConfig) -> RelPosAttnConfig:
                                dq_maxnreg=regs_for(3, cfg.dq_warps))
 
 
-def _next_pow2(x: int) -> int:
-    return max(16, next_pow2(x))
-
-
 def _widths(width: int, split: bool) -> tuple[int, int]:
     """(W1, W2): a row of ``width`` columns as a power-of-two block W1 and, when that saves columns
     over padding to one power of two, a second one W2 ≥ 16 (else W2 = 0 and W1 = next_pow2)."""
-    full = _next_pow2(width)
+    full = next_pow2(width, 16)
     w1 = 1 << (width.bit_length() - 1)  # largest power of two ≤ width
     if not split or w1 < 16 or w1 == width:
         return full, 0
-    w2 = _next_pow2(width - w1)
+    w2 = next_pow2(width - w1, 16)
     return (w1, w2) if w1 + w2 < full else (full, 0)
 
 
@@ -621,8 +617,9 @@ class _Dims:
     d2: int
 
     @classmethod
+    @functools.lru_cache(maxsize=None)
     def of(cls, hd: int, kr: int, split: bool) -> "_Dims":
-        return _dims_of(cls, hd, kr, split)
+        return cls(hd, kr, *_widths(hd + kr, split), *_widths(hd, split))
 
     @property
     def wa(self) -> int:
@@ -630,11 +627,6 @@ class _Dims:
 
     def constexprs(self) -> dict:
         return dict(HD=self.hd, A1=self.a1, A2=self.a2, D1=self.d1, D2=self.d2)
-
-
-@functools.lru_cache(maxsize=None)
-def _dims_of(cls, hd: int, kr: int, split: bool) -> _Dims:
-    return cls(hd, kr, *_widths(hd + kr, split), *_widths(hd, split))
 
 
 def _pack_k(cfg: RelPosAttnConfig, nq: int, nk: int) -> bool:
@@ -668,7 +660,7 @@ def _key_tiles(nk: int, block_n: int, tail: bool, device: torch.device) -> tuple
     the loop (0: none; the last full tile is masked as before). The loop keeps ≥ 2 trips on a GPU
     (:func:`_trips`)."""
     full, rem = divmod(nk, block_n)
-    width = _next_pow2(rem) if rem else 0
+    width = next_pow2(rem, 16) if rem else 0
     if not tail or width == 0 or width >= block_n or full < (2 if device.type == "cuda" else 1):
         return _trips(nk, block_n, device), 0
     return full, width

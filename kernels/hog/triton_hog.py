@@ -81,7 +81,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import cdiv, compiling_offline, interpreting
+from kernels import cdiv, compiling_offline, interpreting, next_pow2
 from kernels.hog.reference import block_l2hys, cells_to_tokens, check_hog_args, gaussian_window_1d, tokens_to_cells
 
 INTERPRETED = interpreting()  # decided when @triton.jit runs below
@@ -360,10 +360,6 @@ def _hog_cells_kernel(
             tl.store(out_base + (c * NBINS + k) * (S * S), val, mask=g_ok)
 
 
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (v - 1).bit_length())
-
-
 def choose_tile(
     hc: int, wc: int, cell: int, block_px: int = 2048, max_ch: int = 32, overhead_px: int = 512
 ) -> tuple[int, int]:
@@ -375,10 +371,10 @@ def choose_tile(
     max_cells = max(1, block_px // (cell * cell))
     best = None
     for cw in (1, 2, 4, 8, 16, 32, 64):
-        if cw > _next_pow2(wc):
+        if cw > next_pow2(wc):
             break
         for ch in (1, 2, 4, 8, 16, 32):
-            if ch > min(_next_pow2(hc), max_ch) or ch * cw > max_cells:
+            if ch > min(next_pow2(hc), max_ch) or ch * cw > max_cells:
                 break
             tiles = math.ceil(hc / ch) * math.ceil(wc / cw)
             key = (tiles * (ch * cw * cell * cell + overhead_px), -cw)
@@ -534,7 +530,7 @@ def hog_targets_triton(
             frames, out, win, dirs,
             t, h, w, hc, wc, tiles_w, tiles_h, wt, l,
             *frames.stride(),
-            CELL=cell, NBINS=nbins, NBP=_next_pow2(nbins), S=s, CH=ch, CW=cw, **common,
+            CELL=cell, NBINS=nbins, NBP=next_pow2(nbins), S=s, CH=ch, CW=cw, **common,
             num_warps=num_warps or min(8, max(1, ch * cw * cell * cell // 256)),  # about 8 px per thread
         )  # fmt: skip
     if norm == "block_l2hys":  # the one unfused step: needs neighbouring cells (see module docstring)
