@@ -12,12 +12,17 @@ at both stage 3 and stage 4 (``attention_…_final.md``). This benchmark measure
   counts only when the GPU is still busy after the batch (an event queried after it has not
   completed); otherwise the sleep is lengthened and the batch repeated (a call that synchronises
   would fail every time and is reported as such).
-- CPU (no GPU here): the Triton launches are replaced by no-ops, so the time is the Python side and
-  the torch ops *without* Triton's own launcher (≈ 5-20 µs per launch on a GPU machine, more with
-  more arguments; see the launch counts). Two CPU artefacts are kept small: B defaults to 1 (the
-  torch ops then compute little; their time is reported apart), and glibc is told to keep freed
-  memory (``mallopt``), so that an uninitialised buffer of a few MB costs no ``mmap``/``munmap``
-  per call - as with the CUDA caching allocator.
+- CPU (no GPU here), two ways:
+  - ``--launcher stub`` (default, ``TRITON_INTERPRET=1``): the Triton launches are no-ops, so the
+    time is the Python side and the torch ops *without* Triton's own launcher;
+  - ``--launcher offline`` (``TRITON_INTERPRET`` unset): a stand-in sm_90 driver (``bench.sass``)
+    lets Triton compile every kernel for real, and only the C launcher is a no-op, so Triton's
+    Python side of each launch is in the time: the JIT's binding, specialisation and cache lookup
+    (``--launch jit``), or ``kernels.launch``'s cached path (``--launch fast``, the default).
+  Two CPU artefacts are kept small: B defaults to 1 (the torch ops then compute little; their time
+  is reported apart), and glibc is told to keep freed memory (``mallopt``), so that an
+  uninitialised buffer of a few MB costs no ``mmap``/``munmap`` per call - as with the CUDA
+  caching allocator.
 
 Per provider and stage it also counts what one call issues: Triton launches, and torch ops that
 launch device work (a ``TorchDispatchMode`` count that leaves out views and allocations).
@@ -28,6 +33,10 @@ top) and ``sdpa-cudnn+rel-triton`` (the hybrid the 1.2× target is measured agai
 
     python -m bench.attention_host [--device cpu|cuda] [--batch 4] [--stages 1,2,3,4] [--out DIR]
                                    [--calls 10] [--reps 15] [--tag TAG]
+                                   [--launcher stub|offline] [--launch both|fast|jit]
+
+On CUDA and with ``--launcher offline`` each provider is measured on both launch paths unless
+``--launch`` says one.
 
 writes ``attention_host_<device-slug>_<yyyymmdd>[_TAG].{json,md}`` to --out (default bench/results).
 """
@@ -81,50 +90,54 @@ class _OpCounter(TorchDispatchMode):
             self.seconds += time.perf_counter() - t0
 
 
-def _kernel_classes() -> list:
-    """The classes whose ``run`` is a Triton launch here (the JIT, and the interpreter when on)."""
-    classes = []
-    try:
-        from triton.runtime.jit import JITFunction
+@contextlib.contextmanager
+def triton_launches(stub: bool) -> Iterator[list]:
+    """Within: every Triton launch appends its kernel's name to the yielded list, however it was
+    made (the JIT, ``kernels.launch``'s cached path, the interpreter); ``stub`` turns the launch
+    itself into a no-op: the interpreter's run, or a compiled kernel's C launcher (compiled for a
+    stand-in driver, there is no GPU to launch on; Triton's Python side still runs)."""
+    from triton.compiler.compiler import CompiledKernel
 
-        classes.append(JITFunction)
-    except ImportError:
-        pass
+    names: list[str] = []
+    saved = {name: CompiledKernel.__dict__[name] for name in ("run", "_init_handles")}
+
+    def compiled_run(self):  # the property every launch reads the C launcher from
+        names.append(self.name)
+        return _no_launch if stub else saved["run"].fget(self)
+
+    CompiledKernel.run = property(compiled_run)
+    if stub:
+        CompiledKernel._init_handles = lambda self: None  # loads the binary on a GPU
+    interp = None
     try:
         from triton.runtime.interpreter import InterpretedFunction
 
-        classes.append(InterpretedFunction)
+        interp = InterpretedFunction.__dict__.get("run")
     except ImportError:
         pass
-    return classes
-
-
-@contextlib.contextmanager
-def triton_launches(stub: bool) -> Iterator[list]:
-    """Within: every Triton launch appends its kernel's name to the yielded list; ``stub`` turns
-    the launches into no-ops (the CPU measurement: the interpreter is not a launcher)."""
-    names: list[str] = []
-    saved = [(cls, cls.__dict__["run"]) for cls in _kernel_classes() if "run" in cls.__dict__]
-
-    def wrap(run):
-        def counted(self, *args, **kwargs):
+    if interp is not None:
+        def interpreted_run(self, *args, **kwargs):
             names.append(getattr(getattr(self, "fn", None), "__name__", "?"))
             if stub:
                 return None
             _IN_LAUNCH[0] += 1
             try:
-                return run(self, *args, **kwargs)
+                return interp(self, *args, **kwargs)
             finally:
                 _IN_LAUNCH[0] -= 1
-        return counted
 
-    for cls, run in saved:
-        cls.run = wrap(run)
+        InterpretedFunction.run = interpreted_run
     try:
         yield names
     finally:
-        for cls, run in saved:
-            cls.run = run
+        for name, attr in saved.items():
+            setattr(CompiledKernel, name, attr)
+        if interp is not None:
+            InterpretedFunction.run = interp
+
+
+def _no_launch(*args) -> None:
+    return None
 
 
 def providers(device: torch.device) -> dict[str, Callable]:
@@ -241,32 +254,45 @@ def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> tupl
     jpath.write_text(json.dumps({**meta, "results": rows}, indent=1))
     dev = meta["device_info"]
     cpu = dev["device"] == "cpu"
+    mode = meta.get("launcher", "stub" if cpu else "cuda")
+    title = {"stub": " (CPU, Triton launches stubbed)", "offline": " (CPU, kernels compiled for sm_90, C launches stubbed)",
+             "cuda": ""}[mode]
+    how = {
+        "stub": f"CPU, interpreter: Triton launches are no-ops, so Triton's own launcher is **not** included (count them "
+                f"below); glibc keeps freed memory: {meta['keep_freed_memory']}.",
+        "offline": f"CPU, offline: the kernels are compiled for sm_90 by a stand-in driver and Triton's Python launcher runs "
+                   f"(JIT path: binding, specialisation, cache key; fast path: kernels.launch's cached one); only the C "
+                   f"launcher (≈ 1-3 µs plus the driver call on a GPU) is a no-op; glibc keeps freed memory: "
+                   f"{meta['keep_freed_memory']}.",
+        "cuda": "CUDA: calls queued behind a sleep kernel; retries = batches discarded because the GPU caught up.",
+    }[mode]
     lines = [
-        f"# Attention host cost per call — {dev['name']}{' (CPU, Triton launches stubbed)' if cpu else ''}",
+        f"# Attention host cost per call — {dev['name']}{title}",
         "",
         f"- date {meta['date']}; command `{meta['command']}`",
         f"- torch {dev['torch']}, triton {dev['triton']}, python {dev['python']}; 1-min load average at start "
         f"{dev.get('load_average_1min', 0):.1f}; dtype {meta['dtype']} (tables fp32)",
-        f"- host µs: median over {meta['reps']} batches of {meta['calls']} calls (p20–p80 beside it); "
-        + (f"CPU: Triton launches are no-ops, so Triton's own launcher is **not** included (count them below); "
-           f"glibc keeps freed memory: {meta['keep_freed_memory']}."
-           if cpu else "CUDA: calls queued behind a sleep kernel; retries = batches discarded because the GPU caught up."),
+        f"- host µs: median over {meta['reps']} batches of {meta['calls']} calls (p20–p80 beside it); " + how,
+        "- launch: how compiled kernels were launched (fast: kernels.launch's cached path, the default; jit: every launch "
+        "through Triton's JIT; interpreter: neither applies).",
         "- issued per call: Triton launches / torch ops with device work (views and allocations left out); "
         "in torch ops µs: time inside those ops (median of 5 counted calls); rest µs = host µs − that: the Python side, "
         "allocations and views" + (
             ", Triton launches excluded. The torch ops' time here is their real compute on the CPU, which a GPU runs "
             "asynchronously; on a GPU machine each costs ≈ 5-10 µs of host, and each Triton launch its launcher's time."
-            if cpu else ", and Triton's launcher for each launch; the torch ops' time is their dispatch and launch."),
+            if mode == "stub" else ", and Triton's launcher for each launch" + (
+                "; the torch ops' time is their dispatch and launch." if mode == "cuda" else
+                " (without the C launch); the torch ops' time is their real compute on the CPU.")),
         "",
-        "| shape | pass | provider | host µs | p20–p80 | in torch ops µs | rest µs | Triton launches | torch ops | torch ops by name |"
-        + ("" if cpu else " retries |"),
-        "|---|---|---|---|---|---|---|---|---|---|" + ("" if cpu else "---|"),
+        "| shape | pass | provider | launch | host µs | p20–p80 | in torch ops µs | rest µs | Triton launches | torch ops "
+        "| torch ops by name |" + ("" if cpu else " retries |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("" if cpu else "---|"),
     ]
     for r in rows:
         ops = ", ".join(f"{n}×{c}" if c > 1 else n for n, c in r["torch_ops_by_name"].items())
         lines.append(
-            f"| {r['shape']} | {r['pass']} | {r['provider']} | {r['host_us']:.0f} | {r['host_us_p20']:.0f}–{r['host_us_p80']:.0f} "
-            f"| {r['torch_ops_us']:.0f} | {r['host_us'] - r['torch_ops_us']:.0f} "
+            f"| {r['shape']} | {r['pass']} | {r['provider']} | {r.get('launch', 'interpreter')} | {r['host_us']:.0f} "
+            f"| {r['host_us_p20']:.0f}–{r['host_us_p80']:.0f} | {r['torch_ops_us']:.0f} | {r['host_us'] - r['torch_ops_us']:.0f} "
             f"| {r['triton_launches']} | {r['torch_ops']} | {ops} |" + ("" if cpu else f" {r['retries']} |")
         )
     mpath.write_text("\n".join(lines) + "\n")
@@ -284,6 +310,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--reps", type=int, default=15, help="timed batches")
     ap.add_argument("--out", default="bench/results", help="output folder")
     ap.add_argument("--tag", default="", help="suffix of the result files (e.g. before)")
+    ap.add_argument("--launcher", choices=["stub", "offline"], default="stub",
+                    help="CPU only. stub: Triton launches are no-ops in the interpreter (TRITON_INTERPRET=1). offline: "
+                         "the kernels are compiled for sm_90 by a stand-in driver and Triton's Python launcher runs; only "
+                         "the C launch is a no-op (TRITON_INTERPRET unset)")
+    ap.add_argument("--launch", choices=["both", "fast", "jit"], default="both",
+                    help="compiled kernels: kernels.launch's cached path (fast), every launch through the JIT (jit), or both")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     batch = args.batch or (4 if device.type == "cuda" else 1)
@@ -294,8 +326,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     if device.type == "cpu":
         from kernels import interpreting
 
-        if not interpreting():
-            raise SystemExit("on CPU set TRITON_INTERPRET=1 (the Triton kernels take CPU tensors only in the interpreter)")
+        if args.launcher == "stub" and not interpreting():
+            raise SystemExit("--launcher stub: set TRITON_INTERPRET=1 (the Triton kernels take CPU tensors only in the interpreter)")
+        if args.launcher == "offline" and interpreting():
+            raise SystemExit("--launcher offline compiles the kernels: unset TRITON_INTERPRET")
+    elif args.launcher != "stub":
+        raise SystemExit("--launcher is a CPU option; on CUDA the real launcher runs")
     try:
         stages = sorted({int(x) for x in args.stages.split(",") if x})
     except ValueError:
@@ -318,34 +354,85 @@ def main(argv: Optional[list[str]] = None) -> None:
                 device_info=info, dtype="bfloat16", calls=args.calls, reps=args.reps)
     cycles = _sleep_cycles_per_ms() if device.type == "cuda" else None
     meta["keep_freed_memory"] = _keep_freed_memory() if device.type == "cpu" else None
+    meta["launcher"] = args.launcher if device.type == "cpu" else "cuda"
+    interpreted = meta["launcher"] == "stub"
+    launch_paths = ["interpreter"] if interpreted else (["fast", "jit"] if args.launch == "both" else [args.launch])
     rows: list[dict] = []
-    for s in shapes(batch, stages):
-        inputs, dout = make_inputs(s, torch.bfloat16, device)
-        for pass_ in passes:
-            for name, fn in provs.items():
-                call = make_call(fn, s, inputs, dout, pass_)
-                stub = device.type == "cpu"
-                with triton_launches(stub):
-                    for _ in range(3):  # warm-up: compile, caches
-                        call()
-                launched, ops, ops_us = count_issued(call, stub)
-                if device.type == "cuda":
-                    times, retries = host_us_cuda(call, args.calls, args.reps, cycles)
-                else:
-                    times, retries = host_us_cpu(call, args.calls, args.reps), 0
-                qs = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
-                by_name: dict[str, int] = {}
-                for op in ops:
-                    by_name[op] = by_name.get(op, 0) + 1
-                rows.append(dict(shape=s.label, provider=name, host_us=statistics.median(times),
-                                 host_us_p20=qs[1], host_us_p80=qs[7], torch_ops_us=ops_us, triton_launches=len(launched),
-                                 triton_kernels=launched, torch_ops=len(ops), torch_ops_by_name=by_name,
-                                 retries=retries, **{"pass": pass_}))
-                print(f"{s.label} {pass_:6s} {name:22s} host {rows[-1]['host_us']:7.0f} µs  "
-                      f"triton {len(launched):2d}  torch ops {len(ops):2d}", flush=True)
-        write_report(Path(args.out), stem, meta, rows)
+    with _stand_in_driver() if meta["launcher"] == "offline" else contextlib.nullcontext():
+        for s in shapes(batch, stages):
+            inputs, dout = make_inputs(s, torch.bfloat16, device)
+            for pass_ in passes:
+                for name, fn in provs.items():
+                    for row in _measure(fn, s, inputs, dout, pass_, launch_paths, device, args, cycles):
+                        rows.append(dict(row, provider=name))
+                        print(f"{s.label} {pass_:6s} {name:22s} {row['launch']:11s} host {row['host_us']:7.0f} µs  "
+                              f"triton {row['triton_launches']:2d}  torch ops {row['torch_ops']:2d}", flush=True)
+            write_report(Path(args.out), stem, meta, rows)
     jpath, mpath = write_report(Path(args.out), stem, meta, rows)
     print(f"\nwrote {jpath} and {mpath}")
+
+
+def _measure(fn: Callable, s: Shape, inputs: list, dout: torch.Tensor, pass_: str, paths: list[str],
+             device: torch.device, args: argparse.Namespace, cycles: Optional[float]) -> list[dict]:
+    """One row per launch path: host µs of ``fn``'s call and what the call issues. The paths' timed
+    batches alternate, so that a drift of the machine (another process, the heap) hits them alike."""
+    from kernels import launch
+
+    call = make_call(fn, s, inputs, dout, pass_)
+    stub = device.type == "cpu"
+    issued, times, retries = {}, {p: [] for p in paths}, {p: 0 for p in paths}
+    try:
+        for path in paths:
+            launch.enabled = path != "jit"
+            with triton_launches(stub):
+                for _ in range(3):  # warm-up: compile, caches
+                    call()
+            issued[path] = count_issued(call, stub)
+        for _ in range(args.reps):
+            for path in paths:
+                launch.enabled = path != "jit"
+                if device.type == "cuda":
+                    t, r = host_us_cuda(call, args.calls, 1, cycles)
+                    retries[path] += r
+                else:
+                    t = host_us_cpu(call, args.calls, 1)
+                times[path] += t
+    finally:
+        launch.enabled = True
+    rows = []
+    for path in paths:
+        launched, ops, ops_us = issued[path]
+        ts = times[path]
+        qs = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else [ts[0]] * 9
+        by_name: dict[str, int] = {}
+        for op in ops:
+            by_name[op] = by_name.get(op, 0) + 1
+        rows.append(dict(shape=s.label, launch=path, host_us=statistics.median(ts), host_us_p20=qs[1],
+                         host_us_p80=qs[7], torch_ops_us=ops_us, triton_launches=len(launched), triton_kernels=launched,
+                         torch_ops=len(ops), torch_ops_by_name=by_name, retries=retries[path], **{"pass": pass_}))
+    return rows
+
+
+@contextlib.contextmanager
+def _stand_in_driver() -> Iterator[None]:
+    """``--launcher offline``: Triton's JIT compiles for an sm_90 stand-in (``bench.sass``'s driver),
+    and ``kernels.launch`` keeps its cached path on, as on a GPU machine. The JIT's own caches keep
+    what was compiled for the stand-in: for a process of its own (the CLI; tests use a subprocess)."""
+    from triton.runtime.driver import driver
+
+    from bench.sass import _OfflineDriver
+    from kernels import launch
+
+    class _TimingDriver(_OfflineDriver):
+        fast_launch = True
+
+    old = driver._active
+    driver.set_active(_TimingDriver(90))
+    try:
+        yield
+    finally:
+        driver._active = old
+        launch.clear()  # compiled for the stand-in target
 
 
 if __name__ == "__main__":

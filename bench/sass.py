@@ -133,6 +133,7 @@ class _OfflineDriver:
     """Answers the three questions Triton's JIT asks before compiling; nothing can be launched."""
 
     offline = True  # read by kernels.compiling_offline(): launchers accept CPU tensors
+    fast_launch = False  # read by kernels.launch: every launch must reach the JIT (and the hook below)
 
     def __init__(self, arch: int) -> None:
         self.target = GPUTarget("cuda", arch, 32)

@@ -98,6 +98,7 @@ import triton
 import triton.language as tl
 
 from kernels import cdiv, compiling_offline, launchable_on, next_pow2
+from kernels.launch import launch
 
 from .reference import check_inputs, rel_pos_index, rel_table_len
 
@@ -560,7 +561,8 @@ def prepare_tables(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]], g:
     n = lt + lh + lw
     low = _empty(n, hd, dtype=q.dtype, device=q.device)
     f32 = _empty(n, hd, dtype=torch.float32, device=q.device)
-    _prepare_tables_kernel[(n,)](tabs[0], tabs[-2], tabs[-1], low, f32, LT=lt, LH=lh, HD=hd, BD=next_pow2(hd, 16), num_warps=1)
+    launch(_prepare_tables_kernel, (n,), tabs[0], tabs[-2], tabs[-1], low, f32, LT=lt, LH=lh, HD=hd,
+           BD=next_pow2(hd, 16), num_warps=1)
 
     def split(buf):
         t, h, w = buf[:lt], buf[lt:lt + lh], buf[lt + lh:]
@@ -629,7 +631,8 @@ def _fwd(q: torch.Tensor, tabs: RelTables, g: _Geom, cfg: RelTritonConfig) -> to
     r = _empty(B, nh, g.nqr, g.e, dtype=q.dtype, device=q.device)
     tensors, consts = fwd_rows_args(q, tabs, g, cfg.fwd_block_m)
     grid = (cdiv(g.nqr, cfg.fwd_block_m), B * nh)
-    _rel_fwd_kernel[grid](
+    launch(
+        _rel_fwd_kernel, grid,
         q, *tensors, r, *q.stride(), nh, **consts, BLOCK_M=cfg.fwd_block_m, num_warps=cfg.fwd_warps,
     )
     return r
@@ -647,7 +650,7 @@ def _bwd_q(
         dq = _empty(B, nh, Nq, hd, dtype=q.dtype, device=q.device)
     tensors, consts = dq_rows_args(q, tabs, g)
     grid = (cdiv(Nq, cfg.dq_block_m), B * nh)
-    _rel_dq_kernel[grid](dr, *tensors, dq, **consts, BLOCK_M=cfg.dq_block_m, ACC=acc, num_warps=cfg.dq_warps)
+    launch(_rel_dq_kernel, grid, dr, *tensors, dq, **consts, BLOCK_M=cfg.dq_block_m, ACC=acc, num_warps=cfg.dq_warps)
     return dq
 
 
@@ -690,7 +693,8 @@ def _bwd_tables(
         if (a > 0 or g.has_t) else None
         for a in range(3)
     ]  # (groups, Q, chunks, K, hd) per axis
-    _rel_dtab_kernel[(n_items, groups)](
+    launch(
+        _rel_dtab_kernel, (n_items, groups),
         q, dr, parts[0] if g.has_t else parts[1], parts[1], parts[2], *q.stride(), nh, B * nh,
         HD=hd, BD=next_pow2(hd, 16), TQ=Tq, HQ=Hq, WQ=Wq, KT=g.kt, KH=ks[1], KW=ks[2], E=g.e,
         CT=chunks[0], CH=chunks[1], CW=chunks[2], N_T=Tq * chunks[0] if g.has_t else 0, N_H=Hq * chunks[1],
@@ -704,7 +708,8 @@ def _bwd_tables(
              for a in range(3)]
     lt, lh, lw = g.lens
     block_gc = [min(32, next_pow2(groups * c)) for c in chunks]
-    _rel_dtab_finish_kernel[(lt + lh + lw,)](
+    launch(
+        _rel_dtab_finish_kernel, (lt + lh + lw,),
         parts[0] if g.has_t else parts[1], parts[1], parts[2], grads[0] if g.has_t else grads[1], grads[1], grads[2],
         pairs, G=groups, TQ=Tq, HQ=Hq, WQ=Wq, KT=g.kt, KH=ks[1], KW=ks[2], CT=chunks[0], CH=chunks[1], CW=chunks[2],
         LT=lt, LH=lh, HAS_T=g.has_t, HD=hd, BD=next_pow2(hd, 16), P_MAX=p_max,

@@ -117,6 +117,7 @@ import triton
 import triton.language as tl
 
 from kernels import cdiv, launchable_on, next_pow2
+from kernels.launch import launch
 
 from .reference import check_inputs, key_onehot, rel_matrix, rel_width, resolve_rel_impl
 from .rel_triton import (
@@ -711,7 +712,8 @@ def _fwd(q, r, k, e, v, dims: _Dims, has_cls, scale, cfg, rel=None):
     tabs, rel_consts = _rel_args(q, rel, fwd_rows_args, block=cfg.fwd_block_m)
     grid = (cdiv(Nq, cfg.fwd_block_m), B * nh)
     n_kt, tail = _key_tiles(Nk, cfg.fwd_block_n, cfg.fwd_tail, q.device)
-    _fwd_kernel[grid](
+    launch(
+        _fwd_kernel, grid,
         q, r, k, e, v, o, lse, *tabs, Nq, Nk, scale * LOG2E,
         KR=dims.kr, **dims.constexprs(), KW=k.shape[-1], HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
         BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, N_KT=n_kt, TAIL_N=tail,
@@ -733,7 +735,8 @@ def _bwd_dq(q, r, k, e, v, o, do, lse, dims: _Dims, has_cls, scale, cfg, rel=Non
     tabs, rel_consts = _rel_args(q, rel, dq_rows_args)
     grid = (cdiv(Nq, cfg.dq_block_m), B * nh)
     n_kt, tail = _key_tiles(Nk, cfg.dq_block_n, cfg.dq_tail, q.device)
-    _dq_kernel[grid](
+    launch(
+        _dq_kernel, grid,
         q, r, k, e, v, o, do, lse, delta, dq, dr, qa, *tabs, Nq, Nk, scale * LOG2E, scale,
         KR=dims.kr, **dims.constexprs(), KW=k.shape[-1], HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
         BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, N_KT=n_kt, TAIL_N=tail,
@@ -776,7 +779,8 @@ def _bwd_dkdv(qa, k, e, v, do, lse, delta, dims: _Dims, cfg):
     n = B * nh * Nk * dims.hd
     out = _empty(2, B, nh, Nk, dims.hd, dtype=qa.dtype, device=qa.device)  # dk, dv
     part = out if chunks == 1 else _empty(2, chunks, n, dtype=torch.float32, device=qa.device)
-    _dkdv_kernel[(n_k_tiles, chunks, B * nh)](
+    launch(
+        _dkdv_kernel, (n_k_tiles, chunks, B * nh),
         qa, k, e, v, do, lse, delta, part[0], part[1], Nq, Nk, 1.0 / LOG2E, B * nh,
         **dims.constexprs(), KW=k.shape[-1], IEEE=qa.dtype == torch.float32,
         BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n, TILES_PER_CHUNK=tiles_per_chunk,
@@ -784,7 +788,7 @@ def _bwd_dkdv(qa, k, e, v, do, lse, delta, dims: _Dims, cfg):
     )
     if chunks > 1:
         block = 1024
-        _sum_chunks_kernel[(cdiv(n, block), 2)](part, out, n, CHUNKS=chunks, BLOCK=block, num_warps=4)
+        launch(_sum_chunks_kernel, (cdiv(n, block), 2), part, out, n, CHUNKS=chunks, BLOCK=block, num_warps=4)
     return out[0], out[1]
 
 
