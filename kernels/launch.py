@@ -3,15 +3,16 @@
 Every ``kernel[grid](*args, **kw)`` goes through ``JITFunction.run``: it binds the arguments to
 the signature, specialises each one (dtype and 16-byte alignment of a tensor, an integer's
 divisibility by 16), builds the cache key, looks the compiled kernel up and only then calls the
-C launcher. For our attention kernels (23–52 parameters) that Python side costs ~10–35 µs per
-launch on a CPU of this class, the C launcher ~1 µs (``bench.attention_host --launcher
-offline``). One fwd+bwd makes 8–9 launches, and at the recipe's 4 clips per GPU the host, not the
-GPU, sets the time of MViTv2-L's stages 2–4 (bench/NOTES.md).
+C launcher. For our attention kernels (23–52 parameters) that Python side cost 7–22 µs per
+launch on this project's CPU machine, the C launcher's call ~1 µs (``bench.attention_host
+--launcher offline``, bench/NOTES.md). One fwd+bwd makes 8–9 launches, and where the kernels are
+short (MViTv2-L's stages 3–4, the recipe's 4 clips per GPU) the host sets the time.
 
-:func:`launch` keeps, per kernel, the compiled kernel of each *call key* it has seen and launches
-it directly through ``CompiledKernel[grid](*args)``, the compiled kernel's own launcher, with the
-argument list ``JITFunction.run`` itself passes (every parameter in signature order, constexprs
-and defaults included; triton 3.6 through 3.9). The call key is finer than Triton's
+:func:`launch` keeps, per kernel, the compiled kernel of each *call key* it has seen, and on a
+repeated key does what ``JITFunction.run`` does once it has found the kernel: calls
+``CompiledKernel.run`` with the grid, the current stream, the launch metadata and hooks, and the
+argument list the JIT passes (every parameter in signature order, constexprs and defaults
+included; the same code in triton 3.6 through 3.9). The call key is finer than Triton's
 specialisation, so a hit can only reuse the kernel the JIT would have picked:
 
 - a tensor argument: its dtype and its address modulo 16 (Triton reads the dtype and whether the
@@ -22,10 +23,13 @@ specialisation, so a hit can only reuse the kernel the JIT would have picked:
 - the current CUDA device (compiled kernels are loaded per device).
 
 Runtime arguments must come positionally; a kernel called with a non-constexpr keyword argument
-is launched through the JIT every time. A first call, a miss, the interpreter, a stand-in driver
-(``bench.sass``) and a launch hook that wants the JIT's own path all go through ``kernel[grid]``
-unchanged. ``tests/kernels/test_launch.py`` checks, for every launch of a fwd+bwd, compiled
-offline for sm_90, that the fast path hands the C launcher exactly the arguments the JIT does.
+is launched through the JIT every time. A first call, a new key, an unhashable argument, the
+interpreter and bench.sass's capture driver go through ``kernel[grid]`` unchanged. What the JIT
+re-reads on every call is fixed at a key's first launch: the ``TRITON_DEBUG`` /
+instrumentation knobs, and its check that the globals a kernel reads have not changed (ours read
+module constants only). ``tests/kernels/test_launch.py`` checks, for every launch of a fwd+bwd
+compiled offline for sm_90, that the fast path hands the C launcher exactly the arguments the JIT
+does, and that the key separates whatever Triton's specialisation separates.
 """
 from __future__ import annotations
 
