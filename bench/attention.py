@@ -11,7 +11,10 @@ it is timed (output and, for forward+backward, the six gradients):
   gathered by the key's (t, h, w); on CPU forward only (FlexAttention has no CPU backward);
 - ``xformers``: the augmented operands through ``memory_efficient_attention``, where it runs;
 - ``triton``: the fused kernel (``kernels.attention.triton_attn``) when present, CUDA only
-  (on CPU it would run through the interpreter, which is not a benchmark).
+  (on CPU it would run through the interpreter, which is not a benchmark); ``triton+rel-triton``
+  with the fused rel terms (what ``auto`` runs), ``triton+rel-inside`` with them inside the
+  attention kernels, and, only when named in ``--providers``, ``triton+rel-triton@jit``: the
+  default path with every launch through Triton's JIT instead of ``kernels.launch``'s cached path.
 
 Shapes: MViTv2-L 16×4 and MViTv2-S 16×4 stages at 16×224² input: q grids (8,56,56), (8,28,28),
 (8,14,14), (8,7,7) (Nq 25089, 6273, 1569, 393 with cls), key grid (8,7,7) (Nk 393), hd 72 (L, heads
@@ -158,7 +161,8 @@ def relpos_attention_flex(
 
 _SDPA_BACKENDS = ("math", "flash", "efficient", "cudnn")
 PROVIDER_ORDER = ("reference", *(f"sdpa-{b}" for b in _SDPA_BACKENDS), "flex", "xformers", "triton",
-                  "sdpa-cudnn+rel-triton", "sdpa-flash+rel-triton", "triton+rel-triton", "triton+rel-inside", "auto")
+                  "sdpa-cudnn+rel-triton", "sdpa-flash+rel-triton", "triton+rel-triton", "triton+rel-triton@jit",
+                  "triton+rel-inside", "auto")
 
 
 def _sdpa_provider(name: str, rel_impl: str = "reference") -> Callable:
@@ -187,6 +191,23 @@ def rel_inside(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, **kw):
     cfg = _inside_config(q.shape[-1], rel_width(k_thw, rel_pos_t is not None), q.dtype, q.device.type)
     return relpos_attention_triton(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, rel_impl="triton",
                                    config=cfg, **kw)
+
+
+OPT_IN = "triton+rel-triton@jit"  # not in the default provider set
+
+
+class JitLaunch:
+    """``triton+rel-triton@jit``: the default path with every Triton launch through Triton's JIT
+    (``kernels.launch.enabled`` off for the whole timed call, backward included; see
+    :func:`make_bench_fn`), against which ``triton+rel-triton`` shows what the cached launch path
+    saves where the host sets the time (B 4)."""
+
+    jit_launch = True
+
+    def __call__(self, *a, **kw):
+        from kernels.attention.triton_attn import relpos_attention_triton
+
+        return relpos_attention_triton(*a, rel_impl="triton", **kw)
 
 
 @functools.lru_cache(maxsize=None)
@@ -231,7 +252,7 @@ def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[d
 
         missing["xformers"] = _xformers_probe(device) or "unavailable"
     if device.type != "cuda":
-        for name in ("triton", "triton+rel-triton", "triton+rel-inside"):
+        for name in ("triton", "triton+rel-triton", "triton+rel-triton@jit", "triton+rel-inside"):
             missing[name] = "CUDA only (on CPU Triton runs through the interpreter, not a benchmark)"
     else:
         try:
@@ -240,6 +261,7 @@ def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[d
             # the kernel's own config table, rel terms by PyTorch einsums (autograd-tracked)
             providers["triton"] = lambda *a, **kw: relpos_attention_triton(*a, rel_impl="reference", **kw)
             providers["triton+rel-triton"] = lambda *a, **kw: relpos_attention_triton(*a, rel_impl="triton", **kw)
+            providers["triton+rel-triton@jit"] = JitLaunch()
             providers["triton+rel-inside"] = rel_inside
         except Exception as exc:
             missing["triton"] = f"kernels.attention.triton_attn not importable: {type(exc).__name__}: {exc}"
@@ -249,6 +271,9 @@ def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[d
             raise SystemExit(f"unknown providers {unknown}; known: {sorted(set(providers) | set(missing))}")
         providers = {n: f for n, f in providers.items() if n in wanted or n == "reference"}
         missing = {n: r for n, r in missing.items() if n in wanted}
+    else:  # a launch-path comparison, only when asked for (bench/gpu_check's B 4 table)
+        providers.pop(OPT_IN, None)
+        missing.pop(OPT_IN, None)
     return providers, missing
 
 
@@ -290,17 +315,27 @@ def max_rel_err(got: list[Optional[torch.Tensor]], want: list[Optional[torch.Ten
 
 
 def make_bench_fn(fn: Callable, s: Shape, inputs: Inputs, dout: torch.Tensor, pass_: str) -> tuple[Callable, list]:
-    """A zero-argument callable for one timed call, and the leaves whose grads to reset."""
+    """A zero-argument callable for one timed call, and the leaves whose grads to reset. A provider
+    with ``jit_launch`` (:class:`JitLaunch`) runs with ``kernels.launch`` off throughout."""
+    leaves = [] if pass_ == "fwd" else [x.detach().clone().requires_grad_(True) for x in inputs]
     if pass_ == "fwd":
         def call():
             with torch.no_grad():
                 fn(*inputs[:3], s.q_thw, s.k_thw, *inputs[3:])
-        return call, []
-    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    else:
+        def call():
+            fn(*leaves[:3], s.q_thw, s.k_thw, *leaves[3:]).backward(dout)
+    if not getattr(fn, "jit_launch", False):
+        return call, leaves
+    from kernels import launch
 
-    def call():
-        fn(*leaves[:3], s.q_thw, s.k_thw, *leaves[3:]).backward(dout)
-    return call, leaves
+    def jit_call():
+        launch.enabled = False
+        try:
+            call()
+        finally:
+            launch.enabled = True
+    return jit_call, leaves
 
 
 def time_ms(call: Callable, leaves: list, device: torch.device, quick: bool) -> tuple[float, float, float]:

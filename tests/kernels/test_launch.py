@@ -173,6 +173,45 @@ def test_host_bench_offline_mode(offline):
     assert all(r["host_us"] > 0 for r in rows)
 
 
+@pytest.mark.parametrize("pass_", ["fwd", "fwdbwd"])
+def test_bench_jit_provider_turns_the_cached_path_off(pass_):
+    """``bench.attention``'s ``triton+rel-triton@jit`` times the whole call (backward included)
+    with ``kernels.launch`` off, and leaves it on afterwards; the other providers leave it alone."""
+    import torch
+
+    from bench.attention import JitLaunch, Shape, make_bench_fn
+    from kernels import launch
+
+    seen = []
+
+    class Probe(JitLaunch):
+        def __call__(self, q, *rest):
+            seen.append(launch.enabled)
+            return _Record.apply(q)
+
+    class _Record(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(launch.enabled)
+            return g
+
+    s = Shape("L", 4, 1, 1, 8, (1, 1, 1), (1, 1, 1))
+    inputs = [torch.randn(1, 1, 2, 8) for _ in range(3)] + [torch.randn(1, 8) for _ in range(3)]
+    def plain(q, *rest):
+        seen.append(launch.enabled)
+        return _Record.apply(q)
+
+    for fn, want in ((Probe(), False), (plain, True)):
+        seen.clear()
+        call, _ = make_bench_fn(fn, s, inputs, torch.ones(1, 1, 2, 8), pass_)
+        call()
+        assert seen == [want] * (1 if pass_ == "fwd" else 2) and launch.enabled
+
+
 def _bench_offline() -> list:
     import tempfile
 
