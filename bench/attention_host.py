@@ -193,11 +193,13 @@ def _sleep_cycles_per_ms() -> float:
     return 10_000_000 / start.elapsed_time(end)
 
 
-def host_us_cuda(call: Callable[[], None], calls: int, reps: int, cycles_per_ms: float) -> tuple[list[float], int]:
-    """Per-call host µs of ``reps`` batches of ``calls`` calls queued behind a sleep kernel, and how
-    many batches were thrown away because the GPU had caught up (the host then waited on it)."""
+def host_us_cuda(call: Callable[[], None], calls: int, reps: int, cycles_per_ms: float,
+                 sleep_ms: float = 20.0) -> tuple[list[float], int]:
+    """Per-call host µs of ``reps`` batches of ``calls`` calls queued behind a sleep kernel (of
+    ``sleep_ms`` at first, doubled whenever the GPU caught up), and how many batches were thrown
+    away because the GPU had caught up (the host then waited on it)."""
     times: list[float] = []
-    sleep_ms, retries = 20.0, 0
+    retries = 0
     while len(times) < reps:
         if retries > 3 * reps:
             raise RuntimeError("the GPU keeps catching up with the host: the call synchronises (e.g. .item())")

@@ -1,0 +1,211 @@
+"""One MaskFeat pre-training step of a whole model, per attention backend: its time, the CPU time
+to issue it, and which of the two sets the pace.
+
+``bench/attention.py`` times the attention alone. A training step also issues every linear layer,
+norm, pooling and the HOG targets, and each costs host time. At the MaskFeat recipe's 4 clips per
+GPU (MViTv2-L 16×4), whether a faster kernel reaches the step depends on one question: does the GPU
+wait for the CPU?
+
+Per attention backend (``auto`` = the fused Triton kernels on CUDA; ``sdpa``; others on request)
+the step is the model's forward with HOG targets and loss, then backward, as ``engine/pretrain.py``
+computes it. DeepSpeed and the optimiser are left out. Parameters and input are bf16, as under
+DeepSpeed's bf16 mode, and cube masks are at ratio 0.4.
+
+- step ms: wall time of one step, synchronised, median over ``--steps``.
+- host ms: the CPU time to issue one step while a sleep kernel queued ahead keeps the GPU busy
+  (``bench.attention_host``'s method). A step that synchronises (``.item()``, a data-dependent
+  shape) cannot be measured this way, and is reported as such: on a host-bound step such a sync is
+  a bug worth knowing about.
+- host / step: near 1 (or above), the CPU sets the pace, and faster kernels cannot show.
+- ``auto`` on CUDA runs twice: with ``kernels.launch`` (the default) and with every Triton launch
+  through Triton's JIT (``auto@jit``).
+- peak MiB: ``torch.cuda.max_memory_allocated`` over the steps, parameters and input included.
+
+On CPU a tiny variant runs (``mvitv2_tiny``), and host = step: there is no asynchronous device.
+That run checks the code path, not the numbers.
+
+    python -m bench.model_step [--device cuda|cpu] [--model mvitv2_l_16x4] [--batch 4]
+                               [--backends auto,sdpa] [--steps 10] [--out DIR]
+
+writes ``model_step_<device-slug>_<yyyymmdd>.{json,md}`` to --out (default bench/results).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from bench.attention import device_info
+from bench.attention_host import _sleep_cycles_per_ms, host_us_cuda
+from bench.common import results_slug
+
+
+def build(model_name: str, backend: str, batch: int, device: torch.device, dtype: torch.dtype) -> tuple:
+    """(model, video, mask) for one step of ``model_name`` with attention ``backend``."""
+    from models import create_model
+    from models.masking import make_masks
+
+    model = create_model(model_name, task="pretrain", attn_backend=backend).to(device=device, dtype=dtype).train()
+    T, H, W = _input_size(model_name)
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(batch, 3, T, H, W, generator=g).to(device=device, dtype=dtype)
+    grid = model.mask_grid(T, H, W)
+    mask = make_masks("cube", batch, tuple(grid), 0.4, np.random.default_rng(0)).to(device)
+    return model, video, mask
+
+
+def _input_size(model_name: str) -> tuple[int, int, int]:
+    from models.variants import get_variant
+
+    return get_variant(model_name).input_size
+
+
+def make_step(model: torch.nn.Module, video: torch.Tensor, mask: torch.Tensor) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        model(video, mask).loss.backward()
+    return step
+
+
+def step_ms(step: Callable[[], None], device: torch.device, reps: int) -> list[float]:
+    """Wall ms of ``reps`` synchronised steps."""
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def measure(name: str, step: Callable[[], None], device: torch.device, reps: int,
+            cycles: Optional[float]) -> dict:
+    """One row: step ms, host ms (CUDA: queued behind a sleep kernel) and their ratio."""
+    step()  # warm-up: Triton compiles, cuDNN plans, the caching allocator fills
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    walls = step_ms(step, device, reps)
+    row = dict(backend=name, step_ms=statistics.median(walls), step_ms_min=min(walls), host_ms=None, host_note="")
+    if device.type == "cuda":
+        first = walls[0]
+        try:  # the sleep must outlast the step's host side: start at 3× a whole step
+            host, retries = host_us_cuda(step, 1, max(3, reps // 2), cycles, sleep_ms=3 * first)
+            row["host_ms"] = statistics.median(host) / 1e3
+            row["host_retries"] = retries
+        except RuntimeError as exc:  # the step synchronises: the host waited for the sleep
+            row["host_note"] = f"not measurable: {exc}"
+        row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        row["host_ms"] = row["step_ms"]
+        row["peak_mib"] = None
+    if row["host_ms"] is not None:
+        row["host_over_step"] = row["host_ms"] / row["step_ms"]
+    return row
+
+
+def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    jpath.write_text(json.dumps({**meta, "results": rows}, indent=1))
+    dev = meta["device_info"]
+    lines = [
+        f"# One MaskFeat pre-training step (forward + backward) — {dev['name']}",
+        "",
+        f"- date {meta['date']}; command `{meta['command']}`",
+        f"- torch {dev['torch']}, triton {dev['triton']}, python {dev['python']}; 1-min load average at start "
+        f"{dev.get('load_average_1min', 0):.1f}",
+        f"- model {meta['model']} (pre-training), B {meta['batch']}, input {meta['input']}, bf16 parameters and input, "
+        "cube masks at 0.4, HOG targets; no DeepSpeed, no optimiser step",
+        f"- step ms: median of {meta['steps']} synchronised steps (min beside it); host ms: CPU time to issue one "
+        "step queued behind a sleep kernel (CUDA; on CPU = step); host/step near 1 or above: the CPU sets the pace",
+        "",
+        "| backend | step ms | min | host ms | host / step | peak MiB | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        host = "" if r["host_ms"] is None else f"{r['host_ms']:.1f}"
+        ratio = "" if r.get("host_over_step") is None else f"{r['host_over_step']:.2f}"
+        peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        lines.append(f"| {r['backend']} | {r['step_ms']:.1f} | {r['step_ms_min']:.1f} | {host} | {ratio} | {peak} "
+                     f"| {r['host_note']} |")
+    mpath.write_text("\n".join(lines) + "\n")
+    return jpath, mpath
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default=None, help="variant (default mvitv2_l_16x4 on CUDA, mvitv2_tiny on CPU)")
+    ap.add_argument("--batch", type=int, default=None, help="clips (default 4 on CUDA, the recipe's clips per GPU; 2 on CPU)")
+    ap.add_argument("--backends", default="auto,sdpa", help="comma list of attention backends (models: auto, "
+                    "reference, sdpa, xformers, triton)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per backend")
+    ap.add_argument("--out", default="bench/results", help="output folder")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device is visible")
+    model_name = args.model or ("mvitv2_l_16x4" if device.type == "cuda" else "mvitv2_tiny")
+    batch = args.batch or (4 if device.type == "cuda" else 2)
+    backends = [b for b in args.backends.split(",") if b]
+    from kernels.attention import BACKENDS
+
+    bad = [b for b in backends if b not in BACKENDS]
+    if bad or not backends:
+        raise SystemExit(f"--backends: comma list of {BACKENDS}, got {args.backends!r}")
+    if args.steps < 1 or batch < 1:
+        raise SystemExit("--steps and --batch must be ≥ 1")
+    from kernels import launch
+
+    info = device_info(device)
+    today = datetime.date.today().strftime("%Y%m%d")
+    stem = f"model_step_{results_slug(device, info['name'])}_{today}"
+    meta = dict(date=today, command="python -m bench.model_step " + " ".join(sys.argv[1:] if argv is None else argv),
+                device_info=info, model=model_name, batch=batch, steps=args.steps,
+                input="x".join(map(str, _input_size(model_name))))
+    cycles = _sleep_cycles_per_ms() if device.type == "cuda" else None
+    rows: list[dict] = []
+    for backend in backends:
+        variants = [(backend, True)] + ([(f"{backend}@jit", False)] if backend == "auto" and device.type == "cuda" else [])
+        try:
+            model, video, mask = build(model_name, backend, batch, device, torch.bfloat16)
+            step = make_step(model, video, mask)
+            for name, fast in variants:
+                launch.enabled = fast
+                try:
+                    rows.append(measure(name, step, device, args.steps, cycles))
+                finally:
+                    launch.enabled = True
+                r = rows[-1]
+                host = "-" if r["host_ms"] is None else f"{r['host_ms']:.1f}"
+                print(f"{name:12s} step {r['step_ms']:8.1f} ms  host {host} ms  {r['host_note']}", flush=True)
+                write_report(Path(args.out), stem, meta, rows)
+        except torch.cuda.OutOfMemoryError as exc:  # one backend too big at this batch: report it, go on
+            rows.append(dict(backend=backend, step_ms=float("nan"), step_ms_min=float("nan"), host_ms=None,
+                             peak_mib=None, host_note=f"out of memory: {str(exc).splitlines()[0][:120]}"))
+            print(f"{backend:12s} {rows[-1]['host_note']}", flush=True)
+        model = video = mask = step = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    jpath, mpath = write_report(Path(args.out), stem, meta, rows)
+    print(f"\nwrote {jpath} and {mpath}")
+
+
+if __name__ == "__main__":
+    main()
