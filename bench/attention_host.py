@@ -197,11 +197,16 @@ def host_us_cuda(call: Callable[[], None], calls: int, reps: int, cycles_per_ms:
                  sleep_ms: float = 20.0) -> tuple[list[float], int]:
     """Per-call host µs of ``reps`` batches of ``calls`` calls queued behind a sleep kernel (of
     ``sleep_ms`` at first, doubled whenever the GPU caught up), and how many batches were thrown
-    away because the GPU had caught up (the host then waited on it)."""
+    away because the GPU had caught up (the host then waited on it).
+
+    A call that synchronises waits for the whole sleep, so its batch takes as long as the sleep
+    however long that is. When a thrown-away batch took about its sleep's length and twice as long
+    as the one before (the sleep doubled, and so did the batch), or after 3·reps + 2 throw-aways in
+    all, this raises RuntimeError instead of doubling the sleep again."""
     times: list[float] = []
-    retries = 0
+    retries, last_waited = 0, None  # last_waited: s of the previous throw-away, if it lasted its sleep
     while len(times) < reps:
-        if retries > 3 * reps:
+        if retries > 3 * reps + 1:
             raise RuntimeError("the GPU keeps catching up with the host: the call synchronises (e.g. .item())")
         torch.cuda.synchronize()
         torch.cuda._sleep(int(sleep_ms * cycles_per_ms))
@@ -213,8 +218,13 @@ def host_us_cuda(call: Callable[[], None], calls: int, reps: int, cycles_per_ms:
         ev.record()
         if ev.query():  # the sleep ended before the batch was queued: the GPU was idle for a while
             retries += 1
+            lasted_sleep = dt * 1e3 >= 0.8 * sleep_ms
+            if lasted_sleep and last_waited is not None and dt >= 1.6 * last_waited:
+                raise RuntimeError("the call synchronises (e.g. .item()): its batch grows with the sleep queued ahead")
+            last_waited = dt if lasted_sleep else None
             sleep_ms *= 2
             continue
+        last_waited = None
         times.append(dt / calls * 1e6)
     torch.cuda.synchronize()
     return times, retries

@@ -670,6 +670,63 @@ def test_work_issued_per_call(fused, expected):
     assert all(x.grad is not None for x in _leaves(inputs))  # the counted call really ran backward
 
 
+class _FakeGpu:
+    """torch.cuda's sleep / event / synchronize and the bench's clock on a virtual timeline: the
+    "GPU" is busy until the end of the last sleep; host work advances the clock (for
+    bench.attention_host.host_us_cuda without a GPU, deterministically)."""
+
+    def __init__(self):
+        self.now = self.busy_until = 0.0
+        self.sleeps = 0
+
+    def perf_counter(self):
+        return self.now
+
+    def work(self, seconds):
+        self.now += seconds
+
+    def sleep(self, cycles):  # 1 cycle = 1 µs here (cycles_per_ms = 1000)
+        self.sleeps += 1
+        self.busy_until = max(self.busy_until, self.now) + cycles * 1e-6
+
+    def synchronize(self):
+        self.now = max(self.now, self.busy_until)
+
+    def event(self):
+        gpu = self
+
+        class Event:
+            def record(self):
+                self.at = max(gpu.busy_until, gpu.now)
+
+            def query(self):
+                return gpu.now >= self.at
+        return Event()
+
+
+def test_host_timing_behind_a_sleep_kernel(monkeypatch):
+    """``host_us_cuda``: a call that only queues work is timed once the sleep outlasts it (the
+    sleep doubles from a too-short start); a call that synchronises is reported after two batches
+    that waited for the whole sleep, not retried with ever longer sleeps."""
+    import types
+
+    from bench import attention_host
+
+    gpu = _FakeGpu()
+    monkeypatch.setattr(torch.cuda, "synchronize", gpu.synchronize)
+    monkeypatch.setattr(torch.cuda, "_sleep", gpu.sleep)
+    monkeypatch.setattr(torch.cuda, "Event", gpu.event)
+    monkeypatch.setattr(attention_host, "time", types.SimpleNamespace(perf_counter=gpu.perf_counter))
+
+    times, retries = attention_host.host_us_cuda(lambda: gpu.work(0.003), 2, 3, 1000.0, sleep_ms=1.0)
+    assert times == pytest.approx([3000.0] * 3) and retries == 3  # 1, 2, 4 ms too short for 6 ms; 8 ms
+
+    gpu.sleeps = 0
+    with pytest.raises(RuntimeError, match="synchronises"):
+        attention_host.host_us_cuda(gpu.synchronize, 1, 3, 1000.0, sleep_ms=5.0)
+    assert gpu.sleeps == 2  # 5 ms, then 10 ms: the batch doubled with the sleep
+
+
 def test_host_bench_runs_in_the_interpreter(tmp_path):
     """``bench.attention_host`` (host cost per call) runs end to end at MViTv2-L stage 4 with the
     Triton launches stubbed, and reports what each path issues: no torch op with device work at
