@@ -57,7 +57,7 @@ class _Entry:
 
 
 _NO_FAST = object()  # marks a kernel that takes a runtime argument by keyword: always the JIT's path
-_caches: dict[int, Any] = {}  # id(JITFunction) -> {call key: _Entry} or _NO_FAST
+_caches: dict[int, Any] = {}  # id(JITFunction) -> {call key: _Entry} or _NO_FAST (module-level kernels: never freed)
 enabled = True  # False: every launch goes through the JIT (a switch for comparing the two)
 
 
