@@ -38,7 +38,7 @@ import torch
 
 from bench.attention import Shape, device_info_cache, make_inputs, stage_shapes
 from bench.attention_host import make_call
-from bench.common import results_slug
+from bench.common import cuda_kernels, results_slug
 
 # changes to the default RelPosAttnConfig (attention kernels) and RelTritonConfig (rel-term
 # kernels), per kernel; "default" is the table the code uses on CUDA
@@ -158,30 +158,12 @@ def _providers() -> dict[str, Callable]:
 
 def profile(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> list[dict]:
     """Per-kernel CUDA µs of one forward+backward, for each provider of :func:`_providers`."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     rows = []
     for name, fn in _providers().items():
         call = make_call(fn, s, inputs, dout, "fwdbwd")
         for _ in range(3):
             call()
-        torch.cuda.synchronize()
-        reps = 5
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(reps):
-                call()
-            torch.cuda.synchronize()
-        kernels = []
-        for e in prof.key_averages():
-            us = getattr(e, "device_time_total", None)
-            if us is None:
-                us = getattr(e, "cuda_time_total", 0.0)
-            if us <= 0:
-                continue
-            kernels.append(dict(kernel=e.key[:90], us_per_call=us / reps, launches_per_call=e.count / reps))
-        kernels = [k for k in kernels if not k["kernel"].startswith(("aten::", "autograd::", "cudaDeviceSynchronize"))]
-        kernels.sort(key=lambda k: -k["us_per_call"])
+        kernels = cuda_kernels(call)
         total = sum(k["us_per_call"] for k in kernels)
         rows.append(dict(provider=name, kernel_us_total=total, kernels=kernels))
         print(f"  profile {name}: {total / 1e3:.3f} ms of kernels per fwd+bwd", flush=True)

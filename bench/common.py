@@ -1,4 +1,5 @@
-"""Small pieces the benchmarks share: result-file naming and the peak memory of one call."""
+"""Small pieces the benchmarks share: result-file naming, the peak memory of one call, and the CUDA
+kernels of one call."""
 from __future__ import annotations
 
 import re
@@ -74,3 +75,24 @@ def cpu_peak_mib(call: Callable[[], object]) -> float:
         current += nbytes
         peak = max(peak, current)
     return peak / 2**20
+
+
+def cuda_kernels(call: Callable[[], object], reps: int = 5) -> list[dict]:
+    """The CUDA kernels of one ``call`` (warmed up by the caller), from ``torch.profiler`` over
+    ``reps`` calls: name (90 characters), µs per call and launches per call, longest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            call()
+        torch.cuda.synchronize()
+    kernels = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        if us is None:
+            us = getattr(e, "cuda_time_total", 0.0)
+        if us <= 0 or e.key.startswith(("aten::", "autograd::", "cudaDeviceSynchronize")):
+            continue
+        kernels.append(dict(kernel=e.key[:90], us_per_call=us / reps, launches_per_call=e.count / reps))
+    return sorted(kernels, key=lambda k: -k["us_per_call"])

@@ -17,6 +17,8 @@ DeepSpeed's bf16 mode, and cube masks are at ratio 0.4.
   shape) cannot be measured this way, and is reported as such: on a host-bound step such a sync is
   a bug worth knowing about.
 - host / step: near 1 (or above), the CPU sets the pace, and faster kernels cannot show.
+- GPU kernels ms: the CUDA kernels of one step (``torch.profiler``, 2 steps); kernels / step well
+  under 1 means the GPU idles for part of the step. The longest kernels are listed.
 - ``auto`` on CUDA runs twice: with ``kernels.launch`` (the default) and with every Triton launch
   through Triton's JIT (``auto@jit``).
 - peak MiB: ``torch.cuda.max_memory_allocated`` over the steps, parameters and input included.
@@ -45,7 +47,7 @@ import torch
 
 from bench.attention import device_info
 from bench.attention_host import _sleep_cycles_per_ms, host_us_cuda
-from bench.common import results_slug
+from bench.common import cuda_kernels, results_slug
 
 
 def build(model_name: str, backend: str, batch: int, device: torch.device, dtype: torch.dtype) -> tuple:
@@ -101,8 +103,10 @@ def measure(name: str, step: Callable[[], None], device: torch.device, reps: int
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     walls = step_ms(step, device, reps)
-    row = dict(backend=name, step_ms=statistics.median(walls), step_ms_min=min(walls), host_ms=None, host_note="")
+    row = dict(backend=name, step_ms=statistics.median(walls), step_ms_min=min(walls), host_ms=None, host_note="",
+               kernels_ms=None, top_kernels=[])
     if device.type == "cuda":
+        row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         first = walls[0]
         try:  # the sleep must outlast the step's host side: start at 3× a whole step
             host, retries = host_us_cuda(step, 1, max(3, reps // 2), cycles, sleep_ms=3 * first)
@@ -110,7 +114,9 @@ def measure(name: str, step: Callable[[], None], device: torch.device, reps: int
             row["host_retries"] = retries
         except RuntimeError as exc:  # the step synchronises: the host waited for the sleep
             row["host_note"] = f"not measurable: {exc}"
-        row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        kernels = cuda_kernels(step, reps=2)  # last: the profiler's hooks touch nothing timed above
+        row["kernels_ms"] = sum(k["us_per_call"] for k in kernels) / 1e3
+        row["top_kernels"] = kernels[:8]
     else:
         row["host_ms"] = row["step_ms"]
         row["peak_mib"] = None
@@ -135,15 +141,21 @@ def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> tupl
         f"- step ms: median of {meta['steps']} synchronised steps (min beside it); host ms: CPU time to issue one "
         "step queued behind a sleep kernel (CUDA; on CPU = step); host/step near 1 or above: the CPU sets the pace",
         "",
-        "| backend | step ms | min | host ms | host / step | peak MiB | note |",
-        "|---|---|---|---|---|---|---|",
+        "| backend | step ms | min | host ms | host / step | GPU kernels ms | kernels / step | peak MiB | note |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         host = "" if r["host_ms"] is None else f"{r['host_ms']:.1f}"
         ratio = "" if r.get("host_over_step") is None else f"{r['host_over_step']:.2f}"
+        kern = "n/a" if r.get("kernels_ms") is None else f"{r['kernels_ms']:.1f}"
+        busy = "" if r.get("kernels_ms") is None else f"{r['kernels_ms'] / r['step_ms']:.2f}"
         peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        lines.append(f"| {r['backend']} | {r['step_ms']:.1f} | {r['step_ms_min']:.1f} | {host} | {ratio} | {peak} "
-                     f"| {r['host_note']} |")
+        lines.append(f"| {r['backend']} | {r['step_ms']:.1f} | {r['step_ms_min']:.1f} | {host} | {ratio} | {kern} | {busy} "
+                     f"| {peak} | {r['host_note']} |")
+    for r in rows:
+        if r.get("top_kernels"):
+            lines += ["", f"{r['backend']}: longest kernels per step (µs, launches)", ""]
+            lines += [f"- {k['us_per_call']:.0f} µs ×{k['launches_per_call']:.0f} `{k['kernel']}`" for k in r["top_kernels"]]
     mpath.write_text("\n".join(lines) + "\n")
     return jpath, mpath
 
