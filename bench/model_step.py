@@ -23,11 +23,15 @@ DeepSpeed's bf16 mode, and cube masks are at ratio 0.4.
   through Triton's JIT (``auto@jit``).
 - peak MiB: ``torch.cuda.max_memory_allocated`` over the steps, parameters and input included.
 
-On CPU a tiny variant runs (``mvitv2_tiny``), and host = step: there is no asynchronous device.
-That run checks the code path, not the numbers.
+- torch ops / Triton launches: what one step issues (counted in one extra step); with a few µs of
+  host per op on a GPU machine, the op count alone says how much host time a step needs.
+
+On CPU a tiny variant runs by default (``mvitv2_tiny``), and host = step: there is no asynchronous
+device; its times check the code path. The op and launch counts do not depend on the input size,
+so ``--model mvitv2_l_16x4 --img-size 64`` on a CPU gives MViTv2-L's.
 
     python -m bench.model_step [--device cuda|cpu] [--model mvitv2_l_16x4] [--batch 4]
-                               [--backends auto,sdpa] [--steps 10] [--out DIR]
+                               [--backends auto,sdpa] [--steps 10] [--img-size PX] [--out DIR]
 
 writes ``model_step_<device-slug>_<yyyymmdd>.{json,md}`` to --out (default bench/results).
 """
@@ -50,13 +54,16 @@ from bench.attention_host import _sleep_cycles_per_ms, host_us_cuda
 from bench.common import cuda_kernels, results_slug
 
 
-def build(model_name: str, backend: str, batch: int, device: torch.device, dtype: torch.dtype) -> tuple:
-    """(model, video, mask) for one step of ``model_name`` with attention ``backend``."""
+def build(model_name: str, backend: str, batch: int, device: torch.device, dtype: torch.dtype,
+          img_size: Optional[int] = None) -> tuple:
+    """(model, video, mask) for one step of ``model_name`` with attention ``backend`` (at
+    ``img_size`` px instead of the variant's, when given)."""
     from models import create_model
     from models.masking import make_masks
 
-    model = create_model(model_name, task="pretrain", attn_backend=backend).to(device=device, dtype=dtype).train()
-    T, H, W = _input_size(model_name)
+    extra = {} if img_size is None else dict(img_size=img_size)
+    model = create_model(model_name, task="pretrain", attn_backend=backend, **extra).to(device=device, dtype=dtype).train()
+    T, H, W = _input_size(model_name, img_size)
     g = torch.Generator().manual_seed(0)
     video = torch.randn(batch, 3, T, H, W, generator=g).to(device=device, dtype=dtype)
     grid = model.mask_grid(T, H, W)
@@ -64,10 +71,41 @@ def build(model_name: str, backend: str, batch: int, device: torch.device, dtype
     return model, video, mask
 
 
-def _input_size(model_name: str) -> tuple[int, int, int]:
+def _input_size(model_name: str, img_size: Optional[int] = None) -> tuple[int, int, int]:
     from models.variants import get_variant
 
-    return get_variant(model_name).input_size
+    T, H, W = get_variant(model_name).input_size
+    return (T, H, W) if img_size is None else (T, img_size, img_size)
+
+
+def step_tflop(model_name: str, batch: int, img_size: Optional[int]) -> float:
+    """TFLOP of one forward+backward step (``torch.utils.flop_counter`` on the meta device, with the
+    sdpa backend: the same products as every backend, plus the few of its augmented head dims)."""
+    import numpy as np
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models import create_model
+    from models.masking import make_masks
+
+    extra = {} if img_size is None else dict(img_size=img_size)
+    T, H, W = _input_size(model_name, img_size)
+    with torch.device("meta"):
+        model = create_model(model_name, task="pretrain", attn_backend="sdpa", **extra).to(torch.bfloat16).train()
+        video = torch.empty(batch, 3, T, H, W, dtype=torch.bfloat16)
+    mask = make_masks("cube", batch, tuple(model.mask_grid(T, H, W)), 0.4, np.random.default_rng(0)).to("meta")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(video, mask).loss.backward()
+    return counter.get_total_flops() / 1e12
+
+
+def count_work(step: Callable[[], None]) -> tuple[int, int]:
+    """(torch ops with device work, Triton launches) of one step: what the host issues."""
+    from bench.attention_host import _OpCounter, triton_launches
+
+    with triton_launches(stub=False) as names, _OpCounter() as counter:
+        step()
+    return len(counter.ops), len(names)
 
 
 def make_step(model: torch.nn.Module, video: torch.Tensor, mask: torch.Tensor) -> Callable[[], None]:
@@ -103,8 +141,9 @@ def measure(name: str, step: Callable[[], None], device: torch.device, reps: int
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     walls = step_ms(step, device, reps)
+    torch_ops, launches = count_work(step)
     row = dict(backend=name, step_ms=statistics.median(walls), step_ms_min=min(walls), host_ms=None, host_note="",
-               kernels_ms=None, top_kernels=[])
+               kernels_ms=None, top_kernels=[], torch_ops=torch_ops, triton_launches=launches)
     if device.type == "cuda":
         row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         first = walls[0]
@@ -138,11 +177,16 @@ def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> tupl
         f"{dev.get('load_average_1min', 0):.1f}",
         f"- model {meta['model']} (pre-training), B {meta['batch']}, input {meta['input']}, bf16 parameters and input, "
         "cube masks at 0.4, HOG targets; no DeepSpeed, no optimiser step",
+        f"- {meta['tflop_per_step']:.3g} TFLOP per forward+backward step (torch.utils.flop_counter on the meta device); "
+        "TFLOP/s = that / step ms",
         f"- step ms: median of {meta['steps']} synchronised steps (min beside it); host ms: CPU time to issue one "
         "step queued behind a sleep kernel (CUDA; on CPU = step); host/step near 1 or above: the CPU sets the pace",
+        "- torch ops: aten ops with device work in one step (views and allocations left out); Triton launches: the "
+        "same for our kernels (HOG, attention). Each costs the host a few µs on a GPU machine.",
         "",
-        "| backend | step ms | min | host ms | host / step | GPU kernels ms | kernels / step | peak MiB | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| backend | step ms | min | TFLOP/s | host ms | host / step | GPU kernels ms | kernels / step | torch ops "
+        "| Triton launches | peak MiB | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         host = "" if r["host_ms"] is None else f"{r['host_ms']:.1f}"
@@ -150,8 +194,9 @@ def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> tupl
         kern = "n/a" if r.get("kernels_ms") is None else f"{r['kernels_ms']:.1f}"
         busy = "" if r.get("kernels_ms") is None else f"{r['kernels_ms'] / r['step_ms']:.2f}"
         peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        lines.append(f"| {r['backend']} | {r['step_ms']:.1f} | {r['step_ms_min']:.1f} | {host} | {ratio} | {kern} | {busy} "
-                     f"| {peak} | {r['host_note']} |")
+        rate = meta["tflop_per_step"] / r["step_ms"] * 1e3
+        lines.append(f"| {r['backend']} | {r['step_ms']:.1f} | {r['step_ms_min']:.1f} | {rate:.3g} | {host} | {ratio} | {kern} | {busy} "
+                     f"| {r.get('torch_ops', '')} | {r.get('triton_launches', '')} | {peak} | {r['host_note']} |")
     for r in rows:
         if r.get("top_kernels"):
             lines += ["", f"{r['backend']}: longest kernels per step (µs, launches)", ""]
@@ -168,6 +213,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--backends", default="auto,sdpa", help="comma list of attention backends (models: auto, "
                     "reference, sdpa, xformers, triton)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per backend")
+    ap.add_argument("--img-size", type=int, default=None, help="input side in px instead of the variant's (e.g. 64: "
+                    "MViTv2-L's op and launch counts on a CPU, which do not depend on the size)")
     ap.add_argument("--out", default="bench/results", help="output folder")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -181,8 +228,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     bad = [b for b in backends if b not in BACKENDS]
     if bad or not backends:
         raise SystemExit(f"--backends: comma list of {BACKENDS}, got {args.backends!r}")
-    if args.steps < 1 or batch < 1:
-        raise SystemExit("--steps and --batch must be ≥ 1")
+    if args.steps < 1 or batch < 1 or (args.img_size is not None and args.img_size < 1):
+        raise SystemExit("--steps, --batch and --img-size must be ≥ 1")
     from kernels import launch
 
     info = device_info(device)
@@ -190,13 +237,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     stem = f"model_step_{results_slug(device, info['name'])}_{today}"
     meta = dict(date=today, command="python -m bench.model_step " + " ".join(sys.argv[1:] if argv is None else argv),
                 device_info=info, model=model_name, batch=batch, steps=args.steps,
-                input="x".join(map(str, _input_size(model_name))))
+                input="x".join(map(str, _input_size(model_name, args.img_size))))
+    meta["tflop_per_step"] = step_tflop(model_name, batch, args.img_size)
     cycles = _sleep_cycles_per_ms() if device.type == "cuda" else None
     rows: list[dict] = []
     for backend in backends:
         variants = [(backend, True)] + ([(f"{backend}@jit", False)] if backend == "auto" and device.type == "cuda" else [])
         try:
-            model, video, mask = build(model_name, backend, batch, device, torch.bfloat16)
+            model, video, mask = build(model_name, backend, batch, device, torch.bfloat16, args.img_size)
             step = make_step(model, video, mask)
             for name, fast in variants:
                 launch.enabled = fast

@@ -17,6 +17,7 @@ def test_model_step_bench_runs_on_cpu(tmp_path):
     assert [r["backend"] for r in rows] == ["auto", "sdpa"]  # auto@jit: CUDA only
     for r in rows:
         assert r["step_ms"] > 0 and r["host_ms"] == r["step_ms"] and r["host_over_step"] == 1.0
+        assert r["torch_ops"] > 100 and r["triton_launches"] == 0  # CPU: HOG and attention run in torch
     assert "| auto |" in next(tmp_path.glob("model_step_cpu_*.md")).read_text()
 
 
