@@ -230,6 +230,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(f"--backends: comma list of {BACKENDS}, got {args.backends!r}")
     if args.steps < 1 or batch < 1 or (args.img_size is not None and args.img_size < 1):
         raise SystemExit("--steps, --batch and --img-size must be ≥ 1")
+    try:
+        input_size = _input_size(model_name, args.img_size)
+    except ValueError as exc:  # an unknown variant: the message names the close ones
+        raise SystemExit(f"--model: {exc}") from None
     from kernels import launch
 
     info = device_info(device)
@@ -237,7 +241,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     stem = f"model_step_{results_slug(device, info['name'])}_{today}"
     meta = dict(date=today, command="python -m bench.model_step " + " ".join(sys.argv[1:] if argv is None else argv),
                 device_info=info, model=model_name, batch=batch, steps=args.steps,
-                input="x".join(map(str, _input_size(model_name, args.img_size))))
+                input="x".join(map(str, input_size)))
     meta["tflop_per_step"] = step_tflop(model_name, batch, args.img_size)
     cycles = _sleep_cycles_per_ms() if device.type == "cuda" else None
     rows: list[dict] = []

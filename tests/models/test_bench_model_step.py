@@ -26,3 +26,5 @@ def test_model_step_bench_refuses_bad_arguments(tmp_path):
         model_step.main(["--device", "cpu", "--backends", "flash", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--steps"):
         model_step.main(["--device", "cpu", "--steps", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="mvitv2_l_16x4"):  # the close valid names
+        model_step.main(["--device", "cpu", "--model", "mvitv2_l_16", "--out", str(tmp_path)])
