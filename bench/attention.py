@@ -160,9 +160,10 @@ def relpos_attention_flex(
 
 
 _SDPA_BACKENDS = ("math", "flash", "efficient", "cudnn")
+OPT_IN = "triton+rel-triton@jit"  # the default path with every launch through the JIT (JitLaunch): named only
 PROVIDER_ORDER = ("reference", *(f"sdpa-{b}" for b in _SDPA_BACKENDS), "flex", "xformers", "triton",
-                  "sdpa-cudnn+rel-triton", "sdpa-flash+rel-triton", "triton+rel-triton", "triton+rel-triton@jit",
-                  "triton+rel-inside", "auto")
+                  "sdpa-cudnn+rel-triton", "sdpa-flash+rel-triton", "triton+rel-triton", OPT_IN, "triton+rel-inside",
+                  "auto")
 
 
 def _sdpa_provider(name: str, rel_impl: str = "reference") -> Callable:
@@ -191,9 +192,6 @@ def rel_inside(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, **kw):
     cfg = _inside_config(q.shape[-1], rel_width(k_thw, rel_pos_t is not None), q.dtype, q.device.type)
     return relpos_attention_triton(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, rel_impl="triton",
                                    config=cfg, **kw)
-
-
-OPT_IN = "triton+rel-triton@jit"  # not in the default provider set
 
 
 class JitLaunch:
@@ -252,7 +250,7 @@ def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[d
 
         missing["xformers"] = _xformers_probe(device) or "unavailable"
     if device.type != "cuda":
-        for name in ("triton", "triton+rel-triton", "triton+rel-triton@jit", "triton+rel-inside"):
+        for name in ("triton", "triton+rel-triton", OPT_IN, "triton+rel-inside"):
             missing[name] = "CUDA only (on CPU Triton runs through the interpreter, not a benchmark)"
     else:
         try:
@@ -261,7 +259,7 @@ def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[d
             # the kernel's own config table, rel terms by PyTorch einsums (autograd-tracked)
             providers["triton"] = lambda *a, **kw: relpos_attention_triton(*a, rel_impl="reference", **kw)
             providers["triton+rel-triton"] = lambda *a, **kw: relpos_attention_triton(*a, rel_impl="triton", **kw)
-            providers["triton+rel-triton@jit"] = JitLaunch()
+            providers[OPT_IN] = JitLaunch()
             providers["triton+rel-inside"] = rel_inside
         except Exception as exc:
             missing["triton"] = f"kernels.attention.triton_attn not importable: {type(exc).__name__}: {exc}"
@@ -317,12 +315,15 @@ def max_rel_err(got: list[Optional[torch.Tensor]], want: list[Optional[torch.Ten
 def make_bench_fn(fn: Callable, s: Shape, inputs: Inputs, dout: torch.Tensor, pass_: str) -> tuple[Callable, list]:
     """A zero-argument callable for one timed call, and the leaves whose grads to reset. A provider
     with ``jit_launch`` (:class:`JitLaunch`) runs with ``kernels.launch`` off throughout."""
-    leaves = [] if pass_ == "fwd" else [x.detach().clone().requires_grad_(True) for x in inputs]
     if pass_ == "fwd":
+        leaves = []
+
         def call():
             with torch.no_grad():
                 fn(*inputs[:3], s.q_thw, s.k_thw, *inputs[3:])
     else:
+        leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+
         def call():
             fn(*leaves[:3], s.q_thw, s.k_thw, *leaves[3:]).backward(dout)
     if not getattr(fn, "jit_launch", False):

@@ -38,6 +38,7 @@ writes ``model_step_<device-slug>_<yyyymmdd>.{json,md}`` to --out (default bench
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import statistics
@@ -57,17 +58,21 @@ from bench.common import cuda_kernels, results_slug
 def build(model_name: str, backend: str, batch: int, device: torch.device, dtype: torch.dtype,
           img_size: Optional[int] = None) -> tuple:
     """(model, video, mask) for one step of ``model_name`` with attention ``backend`` (at
-    ``img_size`` px instead of the variant's, when given)."""
+    ``img_size`` px instead of the variant's, when given). On the meta device nothing is
+    allocated or initialised (:func:`step_tflop`)."""
     from models import create_model
     from models.masking import make_masks
 
     extra = {} if img_size is None else dict(img_size=img_size)
-    model = create_model(model_name, task="pretrain", attn_backend=backend, **extra).to(device=device, dtype=dtype).train()
     T, H, W = _input_size(model_name, img_size)
-    g = torch.Generator().manual_seed(0)
-    video = torch.randn(batch, 3, T, H, W, generator=g).to(device=device, dtype=dtype)
-    grid = model.mask_grid(T, H, W)
-    mask = make_masks("cube", batch, tuple(grid), 0.4, np.random.default_rng(0)).to(device)
+    meta = device.type == "meta"
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = create_model(model_name, task="pretrain", attn_backend=backend, **extra)
+        shape = (batch, 3, T, H, W)
+        video = torch.empty(shape) if meta else torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    model = model.to(device=device, dtype=dtype).train()
+    video = video.to(device=device, dtype=dtype)
+    mask = make_masks("cube", batch, tuple(model.mask_grid(T, H, W)), 0.4, np.random.default_rng(0)).to(device)
     return model, video, mask
 
 
@@ -81,18 +86,9 @@ def _input_size(model_name: str, img_size: Optional[int] = None) -> tuple[int, i
 def step_tflop(model_name: str, batch: int, img_size: Optional[int]) -> float:
     """TFLOP of one forward+backward step (``torch.utils.flop_counter`` on the meta device, with the
     sdpa backend: the same products as every backend, plus the few of its augmented head dims)."""
-    import numpy as np
     from torch.utils.flop_counter import FlopCounterMode
 
-    from models import create_model
-    from models.masking import make_masks
-
-    extra = {} if img_size is None else dict(img_size=img_size)
-    T, H, W = _input_size(model_name, img_size)
-    with torch.device("meta"):
-        model = create_model(model_name, task="pretrain", attn_backend="sdpa", **extra).to(torch.bfloat16).train()
-        video = torch.empty(batch, 3, T, H, W, dtype=torch.bfloat16)
-    mask = make_masks("cube", batch, tuple(model.mask_grid(T, H, W)), 0.4, np.random.default_rng(0)).to("meta")
+    model, video, mask = build(model_name, "sdpa", batch, torch.device("meta"), torch.bfloat16, img_size)
     counter = FlopCounterMode(display=False)
     with counter:
         model(video, mask).loss.backward()
