@@ -62,7 +62,7 @@ from bench.common import results_slug
 _NO_WORK = {
     "view", "_unsafe_view", "expand", "select", "slice", "as_strided", "t", "transpose", "permute", "unsqueeze",
     "squeeze", "reshape", "alias", "detach", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
-    "set_", "split", "unbind", "lift_fresh", "_reshape_alias", "resize_",
+    "set_", "split", "split_with_sizes", "unbind", "narrow", "chunk", "lift_fresh", "_reshape_alias", "resize_",
 }
 
 

@@ -38,6 +38,7 @@ writes ``model_step_<device-slug>_<yyyymmdd>.{json,md}`` to --out (default bench
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime
 import json
@@ -45,7 +46,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -95,13 +96,46 @@ def step_tflop(model_name: str, batch: int, img_size: Optional[int]) -> float:
     return counter.get_total_flops() / 1e12
 
 
-def count_work(step: Callable[[], None]) -> tuple[int, int]:
-    """(torch ops with device work, Triton launches) of one step: what the host issues."""
+def count_work(step: Callable[[], None], stub: bool = False) -> tuple[list[str], list[str]]:
+    """(torch ops with device work, Triton kernels launched) of one step, by name, in order: what the
+    host issues. ``stub``: the Triton launches do nothing (see ``bench.attention_host.triton_launches``)."""
     from bench.attention_host import _OpCounter, triton_launches
 
-    with triton_launches(stub=False) as names, _OpCounter() as counter:
+    with triton_launches(stub=stub) as names, _OpCounter() as counter:
         step()
-    return len(counter.ops), len(names)
+    return counter.ops, names
+
+
+@contextlib.contextmanager
+def _cuda_issue_path() -> Iterator[None]:
+    """Within, on a CPU: the attention's relative-position terms and the HOG targets take the Triton
+    kernels, as they do on CUDA (their ``"auto"`` resolves to ``"triton"``). With the model's backend
+    ``triton`` and the launches stubbed, one step then issues what ``auto`` issues on CUDA, though it
+    computes nothing meaningful: for counting only."""
+    import kernels.hog as hog
+    from kernels.attention import triton_attn
+
+    rel, hog_backend = triton_attn.resolve_rel_impl, hog._resolve_backend
+    triton_attn.resolve_rel_impl = lambda impl, device: "triton" if impl == "auto" else rel(impl, device)
+    hog._resolve_backend = lambda backend, x: "triton" if backend == "auto" else hog_backend(backend, x)
+    try:
+        yield
+    finally:
+        triton_attn.resolve_rel_impl, hog._resolve_backend = rel, hog_backend
+
+
+def count_row(model_name: str, backend: str, batch: int, device: torch.device, img_size: Optional[int]) -> dict:
+    """What one step issues, without timing it (``--count-only``). On a CPU, ``auto`` is counted on
+    CUDA's path: the Triton backend with its Triton rel terms, the launches stubbed."""
+    emulate = device.type == "cpu" and backend == "auto"
+    model, video, mask = build(model_name, "triton" if emulate else backend, batch, device, torch.bfloat16, img_size)
+    step = make_step(model, video, mask)
+    with _cuda_issue_path() if emulate else contextlib.nullcontext():
+        count_work(step, stub=emulate)  # first step: cached index tables, compiles
+        ops, names = count_work(step, stub=emulate)
+    top = collections.Counter(ops).most_common(12)
+    return dict(backend=backend, path="as on CUDA, launches stubbed" if emulate else device.type,
+                torch_ops=len(ops), triton_launches=len(names), top_ops=top)
 
 
 def make_step(model: torch.nn.Module, video: torch.Tensor, mask: torch.Tensor) -> Callable[[], None]:
@@ -137,9 +171,9 @@ def measure(name: str, step: Callable[[], None], device: torch.device, reps: int
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     walls = step_ms(step, device, reps)
-    torch_ops, launches = count_work(step)
+    ops, launched = count_work(step)
     row = dict(backend=name, step_ms=statistics.median(walls), step_ms_min=min(walls), host_ms=None, host_note="",
-               kernels_ms=None, top_kernels=[], torch_ops=torch_ops, triton_launches=launches)
+               kernels_ms=None, top_kernels=[], torch_ops=len(ops), triton_launches=len(launched))
     if device.type == "cuda":
         row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         first = walls[0]
@@ -173,6 +207,12 @@ def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> tupl
         f"{dev.get('load_average_1min', 0):.1f}",
         f"- model {meta['model']} (pre-training), B {meta['batch']}, input {meta['input']}, bf16 parameters and input, "
         "cube masks at 0.4, HOG targets; no DeepSpeed, no optimiser step",
+    ]
+    if meta.get("count_only"):
+        lines += _count_lines(rows)
+        mpath.write_text("\n".join(lines) + "\n")
+        return jpath, mpath
+    lines += [
         f"- {meta['tflop_per_step']:.3g} TFLOP per forward+backward step (torch.utils.flop_counter on the meta device); "
         "TFLOP/s = that / step ms",
         f"- step ms: median of {meta['steps']} synchronised steps (min beside it); host ms: CPU time to issue one "
@@ -201,6 +241,21 @@ def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> tupl
     return jpath, mpath
 
 
+def _count_lines(rows: list[dict]) -> list[str]:
+    lines = [
+        "- counts only (`--count-only`), nothing timed: torch ops are aten ops with device work in one step (views and "
+        "allocations left out), Triton launches our kernels' (HOG, attention); each costs the host a few µs on a GPU "
+        "machine. Neither depends on the input size.",
+        "",
+        "| backend | issued as | torch ops | Triton launches | most issued |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        top = ", ".join(f"{name} {n}" for name, n in r["top_ops"])
+        lines.append(f"| {r['backend']} | {r['path']} | {r['torch_ops']} | {r['triton_launches']} | {top} |")
+    return lines
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -211,6 +266,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per backend")
     ap.add_argument("--img-size", type=int, default=None, help="input side in px instead of the variant's (e.g. 64: "
                     "MViTv2-L's op and launch counts on a CPU, which do not depend on the size)")
+    ap.add_argument("--count-only", action="store_true", help="only count what one step issues (no timing); on a "
+                    "CPU, auto is counted as on CUDA: Triton backend and rel terms, the launches stubbed")
     ap.add_argument("--out", default="bench/results", help="output folder")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -239,6 +296,14 @@ def main(argv: Optional[list[str]] = None) -> None:
                 device_info=info, model=model_name, batch=batch, steps=args.steps,
                 input="x".join(map(str, input_size)))
     meta["tflop_per_step"] = step_tflop(model_name, batch, args.img_size)
+    if args.count_only:
+        meta["count_only"] = True
+        rows = [count_row(model_name, b, batch, device, args.img_size) for b in backends]
+        for r in rows:
+            print(f"{r['backend']:12s} {r['torch_ops']} torch ops, {r['triton_launches']} Triton launches ({r['path']})")
+        jpath, mpath = write_report(Path(args.out), stem + "_counts", meta, rows)
+        print(f"\nwrote {jpath} and {mpath}")
+        return
     cycles = _sleep_cycles_per_ms() if device.type == "cuda" else None
     rows: list[dict] = []
     for backend in backends:

@@ -37,6 +37,7 @@ pooling modes, layer scale and reversible MViT are not implemented (no MaskFeat 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -159,7 +160,9 @@ def attention_pool(
     elif x.dim() != 4:
         raise ValueError(f"attention_pool expects a 3-D or 4-D tensor, got {tuple(x.shape)}")
     if has_cls:
-        cls_tok, x = x[:, :, :1], x[:, :, 1:]
+        # split, not two slices: its backward is one cat, where two slices' are two zero-filled
+        # full-size tensors and an add (fewer ops for the host to issue, same values)
+        cls_tok, x = x.split((1, x.shape[2] - 1), dim=2)
     B, nh, L, C = x.shape
     T, H, W = thw
     if L != T * H * W:
@@ -175,6 +178,15 @@ def attention_pool(
     if squeeze:
         x = x.squeeze(1)
     return x, new_thw
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_after_first(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(n, 1) ones with a zero first row: the residual-pooling mask of the non-cls rows (cached;
+    never handed out to be written to)."""
+    mask = torch.ones(n, 1, device=device, dtype=dtype)
+    mask[0] = 0
+    return mask
 
 
 def init_weights(m: nn.Module) -> None:
@@ -370,8 +382,10 @@ class MultiScaleAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, thw: Thw) -> tuple[torch.Tensor, Thw]:
         B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, nh, N, hd)
+        # unbind on the (B, N, 3, nh, hd) layout: its backward is one stack straight into the qkv
+        # gradient's layout, where three selects cost three zero-filled copies, two adds and a clone
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).reshape(B, N, 3, self.num_heads, -1).unbind(2))
+        # q, k, v: (B, nh, N, hd)
         q, q_thw = attention_pool(q, self.pool_q, thw, self.has_cls, self.norm_q)
         k, k_thw = attention_pool(k, self.pool_k, thw, self.has_cls, self.norm_k)
         v, _ = attention_pool(v, self.pool_v, thw, self.has_cls, self.norm_v)
@@ -389,8 +403,10 @@ class MultiScaleAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
         if self.residual_pooling:
-            if self.has_cls:
-                out = torch.cat((out[:, :, :1], out[:, :, 1:] + q[:, :, 1:]), dim=2)
+            if self.has_cls:  # no residual on the cls row: one addcmul (one mul in backward),
+                # where slicing out and re-concatenating cost an add, a cat and three zero-filled
+                # tensors; out + q·1 and out + q·0 round exactly like the add and the copy
+                out = torch.addcmul(out, q, _rows_after_first(q.shape[2], q.device, q.dtype))
             else:
                 out = out + q
         out = out.transpose(1, 2).reshape(B, -1, self.dim_out)  # (B, Nq, C)
