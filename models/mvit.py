@@ -180,13 +180,25 @@ def attention_pool(
     return x, new_thw
 
 
-@functools.lru_cache(maxsize=64)
-def _rows_after_first(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(n, 1) ones with a zero first row: the residual-pooling mask of the non-cls rows (cached;
-    never handed out to be written to)."""
-    mask = torch.ones(n, 1, device=device, dtype=dtype)
-    mask[0] = 0
+def _rows_after_first(like: torch.Tensor) -> torch.Tensor:
+    """(Nq, 1) ones with a zero first row, ``like``'s device and dtype: the residual-pooling mask of
+    the non-cls rows of ``like`` (B, nh, Nq, hd). Cached for plain tensors (and never handed out to
+    be written to); made afresh for tensor subclasses (fake tensors of a tracer) and during CUDA graph
+    capture, where a cached tensor would outlive what it belongs to."""
+    n, device, dtype = like.shape[2], like.device, like.dtype
+    if type(like) is not torch.Tensor or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return _make_rows_after_first(n, device, dtype)
+    return _cached_rows_after_first(n, device, dtype)
+
+
+def _make_rows_after_first(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode(False):  # a normal tensor even if the first call is under inference mode
+        mask = torch.ones(n, 1, device=device, dtype=dtype)
+        mask[0] = 0
     return mask
+
+
+_cached_rows_after_first = functools.lru_cache(maxsize=64)(_make_rows_after_first)
 
 
 def init_weights(m: nn.Module) -> None:
@@ -406,7 +418,7 @@ class MultiScaleAttention(nn.Module):
             if self.has_cls:  # no residual on the cls row: one addcmul (one mul in backward),
                 # where slicing out and re-concatenating cost an add, a cat and three zero-filled
                 # tensors; out + q·1 and out + q·0 round exactly like the add and the copy
-                out = torch.addcmul(out, q, _rows_after_first(q.shape[2], q.device, q.dtype))
+                out = torch.addcmul(out, q, _rows_after_first(q))
             else:
                 out = out + q
         out = out.transpose(1, 2).reshape(B, -1, self.dim_out)  # (B, Nq, C)

@@ -218,6 +218,23 @@ def test_block_issues_no_zero_filled_gradients(monkeypatch):
     assert fwd.ops.count("addcmul") == 1 and "ones" not in fwd.ops, fwd.ops
 
 
+def test_residual_mask_cached_under_inference_mode_still_trains():
+    """The cached residual-pooling mask may first be made under ``torch.inference_mode`` (evaluation
+    before training): it must still be a normal tensor that backward can save."""
+    from models.mvit import _cached_rows_after_first
+
+    _cached_rows_after_first.cache_clear()
+    blk = MultiScaleBlock(16, 16, 2, (2, 8, 8), kernel_q=(3, 3, 3), kernel_kv=(3, 3, 3), stride_q=(1, 2, 2),
+                          stride_kv=(1, 2, 2), attn_backend="sdpa")
+    x = torch.randn(2, 1 + 2 * 64, 16)
+    with torch.inference_mode():
+        blk(x, (2, 8, 8))
+    assert _cached_rows_after_first.cache_info().currsize == 1
+    y, _ = blk(x.requires_grad_(), (2, 8, 8))
+    y.sum().backward()
+    assert x.grad is not None and _cached_rows_after_first.cache_info().hits >= 1
+
+
 def test_official_init_values():
     torch.manual_seed(0)
     m = create_model("mvitv2_tiny", "classify", attn_backend="reference")
