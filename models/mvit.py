@@ -415,9 +415,10 @@ class MultiScaleAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
         if self.residual_pooling:
-            if self.has_cls:  # no residual on the cls row: one addcmul (one mul in backward),
-                # where slicing out and re-concatenating cost an add, a cat and three zero-filled
-                # tensors; out + q·1 and out + q·0 round exactly like the add and the copy
+            if self.has_cls:  # no residual on the cls row: one addcmul (backward: two muls, one
+                # of them on the (Nq, 1) mask), where slicing out and re-concatenating cost an add, a
+                # cat and three zero-filled tensors; out + q·1 and out + q·0 round exactly like the
+                # add and the copy
                 out = torch.addcmul(out, q, _rows_after_first(q))
             else:
                 out = out + q
