@@ -237,7 +237,8 @@ def train_loop(
                             end_lr=sched.end_lr, cosine_after_warmup=sched.cosine_after_warmup)
             set_lr(engine.optimizer.param_groups, lr)
             loss = step_fn(batch)
-            bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach())) else 1.0], device=device)
+            # computed where the loss is: one host sync (the .item()) instead of two, no host-to-device copy
+            bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
             all_reduce_sum(bad)  # every rank skips together
             if bad.item() == 0:
                 engine.backward(loss)
