@@ -400,12 +400,14 @@ def attention_launches(
 
     dtab_bh = rel_triton._dtab_bh
     rel_triton._dtab_bh = lambda rcfg, n_items, n_bh: forced_bh or dtab_bh(rcfg, n_items, n_bh * batch)
+    rel_triton._dtab_plan.cache_clear()  # launch plans are cached per shape: made again with the grouping above
     try:
         with capture_launches(arch) as launches:
             out = relpos_attention_triton(q, k, v, q_thw, k_thw, *tables, config=cfg, rel_impl=rel_impl)
             out.float().sum().backward()
     finally:
         rel_triton._dtab_bh = dtab_bh
+        rel_triton._dtab_plan.cache_clear()
     return launches
 
 

@@ -603,26 +603,35 @@ def fwd_rows_args(q: torch.Tensor, tabs: RelTables, g: _Geom, block: int) -> tup
     """(tensors, constexprs) that :func:`_rel_fwd_rows` takes after q_ptr for blocks of ``block``
     non-cls rows (:func:`_windows`): the tables in q's dtype, the distance tables, and the
     geometry; also what the fused attention forward passes (``triton_attn``)."""
-    low = tabs.low
+    consts = _fwd_rows_consts(g, block, q.shape[-1], q.dtype == torch.float32, _q_vec(q))
+    return (*tabs.low, *_dists(g, q.device)), consts
+
+
+@functools.lru_cache(maxsize=256)
+def _fwd_rows_consts(g: _Geom, block: int, hd: int, fp32: bool, vec: int) -> dict:
+    """:func:`fwd_rows_args`' constexprs, computed once per geometry (read-only: callers unpack it)."""
     lp = _windows(g, block)
-    hd = q.shape[-1]
-    consts = dict(
-        HD=hd, BD=next_pow2(hd, 16), **g.constexprs(), VEC=_q_vec(q),
+    lt, lh, lw = g.lens
+    return dict(
+        HD=hd, BD=next_pow2(hd, 16), **g.constexprs(), VEC=vec,
         KPT=next_pow2(g.kt, 2), KPH=next_pow2(g.k_thw[1], 2), KPW=next_pow2(g.k_thw[2], 2),
-        LT=low[0].shape[0], LH=low[1].shape[0], LW=low[2].shape[0], LPT=lp[0], LPH=lp[1], LPW=lp[2],
-        PREC=2 if q.dtype == torch.float32 else 0,
+        LT=lt if g.has_t else lh, LH=lh, LW=lw, LPT=lp[0], LPH=lp[1], LPW=lp[2],  # (h stands in for an absent t)
+        PREC=2 if fp32 else 0,
     )
-    return (*low, *_dists(g, q.device)), consts
 
 
 def dq_rows_args(q: torch.Tensor, tabs: RelTables, g: _Geom) -> tuple:
     """(tensors, constexprs) that :func:`_rel_dq_rows` takes after dr_ptr: fp32 copies of the
     q-dtype-rounded tables (same values, no conversions in the kernel), the distance tables, and
     the geometry, with hd split into two exact power-of-two pieces D1 + REM (REM ≤ D2)."""
-    hd = q.shape[-1]
+    return (*tabs.f32, *_dists(g, q.device)), _dq_rows_consts(g, q.shape[-1])
+
+
+@functools.lru_cache(maxsize=256)
+def _dq_rows_consts(g: _Geom, hd: int) -> dict:
+    """:func:`dq_rows_args`' constexprs, computed once per geometry (read-only: callers unpack it)."""
     d1 = 1 << (hd.bit_length() - 1)  # largest power of two ≤ hd
-    consts = dict(HD=hd, D1=d1, REM=hd - d1, D2=next_pow2(hd - d1) if hd > d1 else 2, **g.constexprs())
-    return (*tabs.f32, *_dists(g, q.device)), consts
+    return dict(HD=hd, D1=d1, REM=hd - d1, D2=next_pow2(hd - d1) if hd > d1 else 2, **g.constexprs())
 
 
 def _fwd(q: torch.Tensor, tabs: RelTables, g: _Geom, cfg: RelTritonConfig) -> torch.Tensor:
@@ -680,6 +689,37 @@ def _bwd_tables(
 ) -> list:
     """dR (B, nh, Nq', E) contiguous, q → gradients of the three tables in their own dtypes."""
     B, nh, _, hd = q.shape
+    plan = _dtab_plan(g, cfg, B, nh, hd, q.dtype == torch.float32, _q_vec(q))
+    parts = [None if shape is None else _empty(*shape, dtype=torch.float32, device=q.device)
+             for shape in plan.part_shapes]  # (groups, Q, chunks, K, hd) per axis
+    launch(
+        _rel_dtab_kernel, plan.grid,
+        q, dr, parts[0] if g.has_t else parts[1], parts[1], parts[2], *q.stride(), nh, B * nh, **plan.consts,
+    )
+    pairs, p_max = _table_pairs(g, q.device)
+    grads = [None if tables[a] is None else _empty(*tables[a].shape, dtype=tables[a].dtype, device=q.device)
+             for a in range(3)]
+    launch(
+        _rel_dtab_finish_kernel, plan.finish_grid,
+        parts[0] if g.has_t else parts[1], parts[1], parts[2], grads[0] if g.has_t else grads[1], grads[1], grads[2],
+        pairs, P_MAX=p_max, **plan.finish_consts,
+    )
+    return grads
+
+
+class _DtabPlan(NamedTuple):
+    """What :func:`_bwd_tables` launches, minus the tensors (read-only: the dicts are unpacked)."""
+
+    part_shapes: tuple  # per axis (groups, Q, chunks, K, hd), None for an absent temporal table
+    grid: tuple
+    consts: dict  # the table-gradient kernel's constexprs and launch options
+    finish_grid: tuple
+    finish_consts: dict  # the finish kernel's, but P_MAX
+
+
+@functools.lru_cache(maxsize=256)
+def _dtab_plan(g: _Geom, cfg: RelTritonConfig, B: int, nh: int, hd: int, fp32: bool, vec: int) -> _DtabPlan:
+    """:func:`_bwd_tables`' launch geometry, computed once per shape (pure integer arithmetic)."""
     Tq, Hq, Wq = g.q_thw
     rows = _dtab_rows(g, cfg)
     ks = [g.kt, g.k_thw[1], g.k_thw[2]]
@@ -688,34 +728,23 @@ def _bwd_tables(
     n_items = (Tq * chunks[0] if g.has_t else 0) + Hq * chunks[1] + Wq * chunks[2]
     bh_per = _dtab_bh(cfg, n_items, B * nh)
     groups = cdiv(B * nh, bh_per)
-    parts = [
-        _empty(groups, g.q_thw[a], chunks[a], ks[a], hd, dtype=torch.float32, device=q.device)
-        if (a > 0 or g.has_t) else None
-        for a in range(3)
-    ]  # (groups, Q, chunks, K, hd) per axis
-    launch(
-        _rel_dtab_kernel, (n_items, groups),
-        q, dr, parts[0] if g.has_t else parts[1], parts[1], parts[2], *q.stride(), nh, B * nh,
+    shapes = tuple((groups, g.q_thw[a], chunks[a], ks[a], hd) if (a > 0 or g.has_t) else None for a in range(3))
+    consts = dict(
         HD=hd, BD=next_pow2(hd, 16), TQ=Tq, HQ=Hq, WQ=Wq, KT=g.kt, KH=ks[1], KW=ks[2], E=g.e,
         CT=chunks[0], CH=chunks[1], CW=chunks[2], N_T=Tq * chunks[0] if g.has_t else 0, N_H=Hq * chunks[1],
         KPT=next_pow2(g.kt, 16), KPH=next_pow2(ks[1], 16), KPW=next_pow2(ks[2], 16),
         HAS_T=g.has_t, HAS_CLS=int(g.has_cls), ROWS=rows, BLOCK_R=cfg.dtab_block_r,
-        PREC=1 if q.dtype == torch.float32 else 0, VEC=_q_vec(q), BH_PER=bh_per,
+        PREC=1 if fp32 else 0, VEC=vec, BH_PER=bh_per,
         num_warps=cfg.dtab_warps, num_stages=cfg.dtab_stages,
     )
-    pairs, p_max = _table_pairs(g, q.device)
-    grads = [None if tables[a] is None else _empty(*tables[a].shape, dtype=tables[a].dtype, device=q.device)
-             for a in range(3)]
     lt, lh, lw = g.lens
     block_gc = [min(32, next_pow2(groups * c)) for c in chunks]
-    launch(
-        _rel_dtab_finish_kernel, (lt + lh + lw,),
-        parts[0] if g.has_t else parts[1], parts[1], parts[2], grads[0] if g.has_t else grads[1], grads[1], grads[2],
-        pairs, G=groups, TQ=Tq, HQ=Hq, WQ=Wq, KT=g.kt, KH=ks[1], KW=ks[2], CT=chunks[0], CH=chunks[1], CW=chunks[2],
-        LT=lt, LH=lh, HAS_T=g.has_t, HD=hd, BD=next_pow2(hd, 16), P_MAX=p_max,
+    finish = dict(
+        G=groups, TQ=Tq, HQ=Hq, WQ=Wq, KT=g.kt, KH=ks[1], KW=ks[2], CT=chunks[0], CH=chunks[1], CW=chunks[2],
+        LT=lt, LH=lh, HAS_T=g.has_t, HD=hd, BD=next_pow2(hd, 16),
         BLOCK_GT=block_gc[0], BLOCK_GH=block_gc[1], BLOCK_GW=block_gc[2], num_warps=4,
     )
-    return grads
+    return _DtabPlan(shapes, (n_items, groups), consts, (lt + lh + lw,), finish)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -710,16 +710,27 @@ def _fwd(q, r, k, e, v, dims: _Dims, has_cls, scale, cfg, rel=None):
     o = _empty(*q.shape, dtype=q.dtype, device=q.device)
     lse = _empty(B, nh, Nq, dtype=torch.float32, device=q.device)
     tabs, rel_consts = _rel_args(q, rel, fwd_rows_args, block=cfg.fwd_block_m)
-    grid = (cdiv(Nq, cfg.fwd_block_m), B * nh)
-    n_kt, tail = _key_tiles(Nk, cfg.fwd_block_n, cfg.fwd_tail, q.device)
     launch(
-        _fwd_kernel, grid,
+        _fwd_kernel, (cdiv(Nq, cfg.fwd_block_m), B * nh),
         q, r, k, e, v, o, lse, *tabs, Nq, Nk, scale * LOG2E,
-        KR=dims.kr, **dims.constexprs(), KW=k.shape[-1], HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
-        BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, N_KT=n_kt, TAIL_N=tail,
-        **rel_consts, **_launch(cfg.fwd_warps, cfg.fwd_stages, cfg.fwd_maxnreg),
+        **_kernel_kw("fwd", dims, cfg, k.shape[-1], has_cls, q.dtype == torch.float32, Nk, q.device.type), **rel_consts,
     )
     return o, lse
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel_kw(kernel: str, dims: _Dims, cfg: RelPosAttnConfig, kw: int, has_cls: bool, ieee: bool, nk: int,
+               device_type: str) -> dict:
+    """The constexprs and launch options of the forward (``kernel="fwd"``) or dq kernel, computed
+    once per shape and config (each call rebuilt these dicts: µs of host per launch). Read-only:
+    callers unpack it."""
+    block_m, block_n, tail, warps, stages, maxnreg = (
+        (cfg.fwd_block_m, cfg.fwd_block_n, cfg.fwd_tail, cfg.fwd_warps, cfg.fwd_stages, cfg.fwd_maxnreg)
+        if kernel == "fwd" else
+        (cfg.dq_block_m, cfg.dq_block_n, cfg.dq_tail, cfg.dq_warps, cfg.dq_stages, cfg.dq_maxnreg))
+    n_kt, tail_n = _key_tiles(nk, block_n, tail, torch.device(device_type))
+    return dict(KR=dims.kr, **dims.constexprs(), KW=kw, HAS_CLS=int(has_cls), IEEE=ieee, BLOCK_M=block_m,
+                BLOCK_N=block_n, N_KT=n_kt, TAIL_N=tail_n, **_launch(warps, stages, maxnreg))
 
 
 def _bwd_dq(q, r, k, e, v, o, do, lse, dims: _Dims, has_cls, scale, cfg, rel=None):
@@ -733,14 +744,10 @@ def _bwd_dq(q, r, k, e, v, o, do, lse, dims: _Dims, has_cls, scale, cfg, rel=Non
     delta = _empty(B, nh, Nq, dtype=torch.float32, device=q.device)
     qa = _empty(B, nh, Nq, dims.wa, dtype=q.dtype, device=q.device)
     tabs, rel_consts = _rel_args(q, rel, dq_rows_args)
-    grid = (cdiv(Nq, cfg.dq_block_m), B * nh)
-    n_kt, tail = _key_tiles(Nk, cfg.dq_block_n, cfg.dq_tail, q.device)
     launch(
-        _dq_kernel, grid,
+        _dq_kernel, (cdiv(Nq, cfg.dq_block_m), B * nh),
         q, r, k, e, v, o, do, lse, delta, dq, dr, qa, *tabs, Nq, Nk, scale * LOG2E, scale,
-        KR=dims.kr, **dims.constexprs(), KW=k.shape[-1], HAS_CLS=int(has_cls), IEEE=q.dtype == torch.float32,
-        BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, N_KT=n_kt, TAIL_N=tail,
-        **rel_consts, **_launch(cfg.dq_warps, cfg.dq_stages, cfg.dq_maxnreg),
+        **_kernel_kw("dq", dims, cfg, k.shape[-1], has_cls, q.dtype == torch.float32, Nk, q.device.type), **rel_consts,
     )
     return dq, dr, delta, qa
 
@@ -774,22 +781,28 @@ def _bwd_dkdv(qa, k, e, v, do, lse, delta, dims: _Dims, cfg):
     chunk, else fp32 partials per chunk summed in a fixed order (deterministic)."""
     B, nh, Nq, _ = qa.shape
     Nk = k.shape[2]
-    n_k_tiles = cdiv(Nk, cfg.dkdv_block_n)
-    chunks, tiles_per_chunk = dkdv_split(cfg, Nq, Nk, B * nh, _n_sms(qa.device))
+    chunks, kw = _dkdv_kw(dims, cfg, k.shape[-1], qa.dtype == torch.float32, Nq, Nk, B * nh, _n_sms(qa.device))
     n = B * nh * Nk * dims.hd
     out = _empty(2, B, nh, Nk, dims.hd, dtype=qa.dtype, device=qa.device)  # dk, dv
     part = out if chunks == 1 else _empty(2, chunks, n, dtype=torch.float32, device=qa.device)
     launch(
-        _dkdv_kernel, (n_k_tiles, chunks, B * nh),
-        qa, k, e, v, do, lse, delta, part[0], part[1], Nq, Nk, 1.0 / LOG2E, B * nh,
-        **dims.constexprs(), KW=k.shape[-1], IEEE=qa.dtype == torch.float32,
-        BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n, TILES_PER_CHUNK=tiles_per_chunk,
-        num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
+        _dkdv_kernel, (cdiv(Nk, cfg.dkdv_block_n), chunks, B * nh),
+        qa, k, e, v, do, lse, delta, part[0], part[1], Nq, Nk, 1.0 / LOG2E, B * nh, **kw,
     )
     if chunks > 1:
         block = 1024
         launch(_sum_chunks_kernel, (cdiv(n, block), 2), part, out, n, CHUNKS=chunks, BLOCK=block, num_warps=4)
     return out[0], out[1]
+
+
+@functools.lru_cache(maxsize=256)
+def _dkdv_kw(dims: _Dims, cfg: RelPosAttnConfig, kw: int, ieee: bool, nq: int, nk: int, n_bh: int,
+             n_sms: Optional[int]) -> tuple[int, dict]:
+    """(query chunks, constexprs and launch options) of the dk/dv kernel, computed once per shape
+    and config (:func:`dkdv_split`). The dict is read-only: callers unpack it."""
+    chunks, tiles_per_chunk = dkdv_split(cfg, nq, nk, n_bh, n_sms)
+    return chunks, dict(**dims.constexprs(), KW=kw, IEEE=ieee, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
+                        TILES_PER_CHUNK=tiles_per_chunk, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages)
 
 
 def _bwd(do, q, r, k, v, o, lse, dims: _Dims, k_thw, kt, has_cls, scale, cfg, rel=None):
