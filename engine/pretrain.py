@@ -65,6 +65,7 @@ def _input(batch: dict) -> torch.Tensor:
 
 def pretrain_step(run: Run, batch: dict) -> torch.Tensor:
     """Loss of one batch: masks from the rank's Generator, forward through the DeepSpeed engine."""
+    from engine.data.transfer import to_device
     from models.masking import make_masks
 
     x = _input(batch).to(run.dtype)
@@ -75,7 +76,7 @@ def pretrain_step(run: Run, batch: dict) -> torch.Tensor:
         run.state.extra["empty_mask_warned"] = True
         run.logger.write(f"warning: {run.cfg.mask.kind} masking at ratio {run.cfg.mask.ratio} masked nothing on the "
                          f"{tuple(grid)} token grid (the loss is 0); use a larger input or another mask.kind")
-    mask = mask.to(x.device)
+    mask = to_device(mask, x.device)  # (no host wait for the GPU)
     out = run.engine(x, mask)
     return out.loss
 

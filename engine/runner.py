@@ -213,6 +213,37 @@ def _grad_norm_fallback(model: nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else float("nan")
 
 
+class _ReadBack:
+    """Step scalars (loss, grad norm) copied to the host without waiting for the GPU: the copy is
+    queued on the stream after the step that made them. ``ready()`` says whether it has landed;
+    ``value()`` waits for the copy alone, not for work queued after it. A plain ``float(t)`` would
+    wait for the whole stream instead, so the CPU could not queue the next step while the GPU
+    finishes this one."""
+
+    def __init__(self, values: torch.Tensor) -> None:  # (n,) float32
+        if values.is_cuda:
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._event: Optional[torch.cuda.Event] = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = values, None
+
+    def ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def value(self) -> list[float]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
+
+def _landed(pending: _ReadBack, grad_norm: float) -> tuple[float, float]:
+    """(loss, grad norm) of a step: both from the device, or the grad norm given as a float."""
+    vals = pending.value()
+    return vals[0], (vals[1] if len(vals) > 1 else grad_norm)
+
+
 def train_loop(
     run: Run,
     step_fn: Callable[[dict], torch.Tensor],
@@ -227,6 +258,8 @@ def train_loop(
     t_log, steps_since_log, clips_since_log = time.time(), 0, 0
     t_start = time.time()
     grad_norm = float("nan")
+    pending: Optional[_ReadBack] = None  # the last step's loss (and grad norm), on their way to the host
+    pending_gn = float("nan")  # the last step's grad norm when it came as a float (or not at all)
     pending_save = False
     engine.train()
     while st.step < d.run_steps:
@@ -240,22 +273,30 @@ def train_loop(
             # computed where the loss is: one host sync (the .item()) instead of two, no host-to-device copy
             bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
             all_reduce_sum(bad)  # every rank skips together
-            if bad.item() == 0:
+            n_bad = int(bad.item())  # waits for this step's forward, so for the previous step too
+            will_log = (st.step + 1) % cfg.log.every_steps == 0 or st.step + 1 == d.run_steps
+            if pending is not None:  # the previous step's scalars have landed: no wait
+                last_loss, grad_norm = _landed(pending, pending_gn)
+                pending = None
+            if n_bad == 0:
                 engine.backward(loss)
                 fallback = None
-                will_log = (st.step + 1) % cfg.log.every_steps == 0 or st.step + 1 == d.run_steps
                 if will_log and cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32":
                     fallback = _grad_norm_fallback(engine.module)  # stage-0 fp32 does not record it
                 engine.step()
                 gn = engine.get_global_grad_norm()
-                grad_norm = float(gn) if gn is not None else (fallback if fallback is not None else float("nan"))
-                last_loss = float(loss.detach())
+                scalars = [loss.detach().float().reshape(())]
+                if isinstance(gn, torch.Tensor) and gn.device == loss.device:
+                    scalars.append(gn.detach().float().reshape(()))
+                else:  # a float, None, or a tensor elsewhere (a CPU-offloaded optimiser's)
+                    pending_gn = float(gn) if gn is not None else (fallback if fallback is not None else float("nan"))
+                pending = _ReadBack(torch.stack(scalars))
                 st.nonfinite_streak = 0
             else:
                 st.nonfinite_total += 1
                 st.nonfinite_streak += 1
                 last_loss = float("nan")
-                run.logger.write(f"step {st.step + 1}: non-finite loss on {int(bad.item())} rank(s); skipped "
+                run.logger.write(f"step {st.step + 1}: non-finite loss on {n_bad} rank(s); skipped "
                                  f"({st.nonfinite_streak} in a row, {st.nonfinite_total} in total)")
                 if st.nonfinite_streak >= cfg.train.max_nonfinite:
                     raise NonFiniteLossError(
@@ -265,12 +306,17 @@ def train_loop(
                         f"the last complete checkpoint is {find_latest(cfg.train.output_dir)}")
             st.step += 1
             st.batch_in_epoch += 1
+            if pending is not None and (will_log or pending.ready()):
+                # the bar shows the newest loss that has landed (a step behind while the GPU is busy);
+                # the logged scalars and the summary wait for this step's
+                last_loss, grad_norm = _landed(pending, pending_gn)
+                pending = None
             steps_since_log += 1
             clips_since_log += d.global_batch
             now = time.time()
             clips_s = clips_since_log / max(now - t_log, 1e-9)
             run.logger.step(1, loss=last_loss, lr=lr, clips_s=round(clips_s, 2))
-            if st.step % cfg.log.every_steps == 0 or st.step == d.run_steps:
+            if will_log:
                 run.logger.scalars(st.step, {
                     "loss": last_loss, "lr": lr, "grad_norm": grad_norm, "clips_per_s": clips_s,
                     "memory_gb": peak_memory_gb(device), "epoch": st.step / d.steps_per_epoch,

@@ -23,6 +23,7 @@ from .config import DataConfig
 from .datasets import load_dataset
 from .probe import BadDatasetError, BadFile, ValidationReport, VideoInfo
 from .sampler import ClipSpec, epoch_order, shard_positions
+from .transfer import to_device
 
 
 class ImageLoader:
@@ -149,9 +150,9 @@ class ImageLoader:
             for out in it:
                 o = out[0]
                 batch = {"image": o["image"].to(self.device, non_blocking=True),  # (B, C, H, W)
-                         "label": o["label"].reshape(-1).to(self.device, dtype=torch.int64),
-                         "index": o["index"].reshape(-1).to(self.device, dtype=torch.int64),
-                         "valid": o["valid"].reshape(-1).to(self.device).bool()}
+                         "label": to_device(o["label"].reshape(-1), self.device, torch.int64),
+                         "index": to_device(o["index"].reshape(-1), self.device, torch.int64),
+                         "valid": to_device(o["valid"].reshape(-1), self.device, torch.bool)}
                 self.batches_consumed += 1
                 yield batch
         finally:

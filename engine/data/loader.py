@@ -32,6 +32,7 @@ from .config import DataConfig
 from .datasets import Dataset, load_dataset
 from .probe import BadDatasetError, ValidationReport, VideoInfo, reader_problem, validate_files
 from .sampler import ClipSpec, PlanSettings, epoch_order, make_clip, shard_positions
+from .transfer import to_device
 
 log = logging.getLogger(__name__)
 MODES = ("pretrain", "finetune", "test")
@@ -256,12 +257,12 @@ class VideoLoader:
         if self.settings.erase_prob > 0:
             self._erase(video, specs)
         batch = {"video": video,
-                 "label": out["label"].reshape(-1).to(self.device, dtype=torch.int64),
-                 "index": out["index"].reshape(-1).to(self.device, dtype=torch.int64),
-                 "valid": out["valid"].reshape(-1).to(self.device).bool()}
+                 "label": to_device(out["label"].reshape(-1), self.device, torch.int64),
+                 "index": to_device(out["index"].reshape(-1), self.device, torch.int64),
+                 "valid": to_device(out["valid"].reshape(-1), self.device, torch.bool)}
         if self.test_views:
             batch["video_id"] = batch["index"].clone()
-            batch["view"] = out["view"].reshape(-1).to(self.device, dtype=torch.int64)
+            batch["view"] = to_device(out["view"].reshape(-1), self.device, torch.int64)
         return batch
 
     def _erase(self, video: torch.Tensor, specs: list[ClipSpec]) -> None:
