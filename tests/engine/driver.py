@@ -7,6 +7,9 @@
   writes ``OUT_DIR/result_r<rank>.json`` with the pre-training losses and the eval result.
 - ``nonfinite``: pre-training whose loss is replaced by NaN on the steps listed in
   ``NAN_STEPS`` (comma-separated) to exercise the skip/stop logic; writes the outcome.
+- ``syncs`` (CUDA): bf16 ZeRO-2 pre-training with torch's sync debug mode on from the third step
+  to the last; writes every call that made the CPU wait for the GPU, with the innermost frame of
+  ours (engine/, models/, kernels/) or else the innermost frame, and the step it came in.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if sys.argv[1:2] != ["syncs"]:  # (that mode runs the real kernels on a GPU)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
@@ -79,6 +83,50 @@ def nonfinite(out_dir: str, overrides: list[str]) -> None:
             json.dump(res, f)
 
 
+def syncs(out_dir: str, overrides: list[str]) -> None:
+    import traceback
+    import warnings
+
+    from engine import pretrain as P
+
+    steps = 8
+    cfg = load_config("tests/engine/tiny.yaml", [f"train.output_dir={out_dir}", "train.device=cuda",
+                                                 "deepspeed.precision=bf16", "deepspeed.zero_stage=2",
+                                                 f"schedule.max_steps={steps}", "log.every_steps=1000"] + overrides)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ours = tuple(os.path.join(repo, d) + os.sep for d in ("engine", "models", "kernels"))
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    orig, calls, found = P.pretrain_step, {"n": 0}, []
+
+    def counted(run, batch):
+        calls["n"] += 1  # steps 3 … steps−1 are watched whole: from one step's start to the next's
+        torch.cuda.set_sync_debug_mode("warn" if 3 <= calls["n"] < steps else "default")
+        return orig(run, batch)
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        # the call site: the innermost frame outside torch's own Python, the warnings machinery
+        # and this hook
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if not f.filename.startswith(torch_dir) and f.filename != warnings.__file__]
+        site = frames[-1] if frames else None
+        mine = site is not None and site.filename.startswith(ours)
+        name = "?" if site is None else (site.filename[len(repo) + 1:] if mine else site.filename)
+        found.append({"step": calls["n"], "ours": mine, "where": f"{name}:{getattr(site, 'lineno', 0)} "
+                      f"{getattr(site, 'line', '')}", "message": str(message)[:200]})
+
+    P.pretrain_step = counted
+    warnings.showwarning = record
+    warnings.simplefilter("always")
+    try:
+        P.run_pretrain(cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with open(os.path.join(out_dir, "syncs.json"), "w") as f:
+        json.dump({"watched_steps": list(range(3, steps)), "syncs": found}, f, indent=1)
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
-    {"zero": zero, "nonfinite": nonfinite}[mode](out, sys.argv[3:])
+    {"zero": zero, "nonfinite": nonfinite, "syncs": syncs}[mode](out, sys.argv[3:])
