@@ -233,7 +233,7 @@ class _ReadBack:
         return self._event is None or self._event.query()
 
     def value(self) -> list[float]:
-        if self._event is not None:
+        if not self.ready():  # (a landed copy needs no wait at all)
             self._event.synchronize()
         return self._host.tolist()
 

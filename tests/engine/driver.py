@@ -92,7 +92,9 @@ def syncs(out_dir: str, overrides: list[str]) -> None:
     steps = 8
     cfg = load_config("tests/engine/tiny.yaml", [f"train.output_dir={out_dir}", "train.device=cuda",
                                                  "deepspeed.precision=bf16", "deepspeed.zero_stage=2",
-                                                 f"schedule.max_steps={steps}", "log.every_steps=1000"] + overrides)
+                                                 f"schedule.max_steps={steps}", "log.every_steps=1000",
+                                                 # one epoch holds every step: no loader restart inside the window
+                                                 f"data.clips_per_epoch={2 * steps}"] + overrides)
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     ours = tuple(os.path.join(repo, d) + os.sep for d in ("engine", "models", "kernels"))
     torch_dir = os.path.dirname(torch.__file__) + os.sep
