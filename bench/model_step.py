@@ -30,10 +30,14 @@ On CPU a tiny variant runs by default (``mvitv2_tiny``), and host = step: there 
 device; its times check the code path. The op and launch counts do not depend on the input size,
 so ``--model mvitv2_l_16x4 --img-size 64`` on a CPU gives MViTv2-L's.
 
-    python -m bench.model_step [--device cuda|cpu] [--model mvitv2_l_16x4] [--batch 4]
-                               [--backends auto,sdpa] [--steps 10] [--img-size PX] [--out DIR]
+``--count-only`` counts what one step issues and times nothing; on a CPU it counts ``auto`` on
+CUDA's path (the Triton backend with Triton rel terms and HOG, the launches stubbed).
 
-writes ``model_step_<device-slug>_<yyyymmdd>.{json,md}`` to --out (default bench/results).
+    python -m bench.model_step [--device cuda|cpu] [--model mvitv2_l_16x4] [--batch 4]
+                               [--backends auto,sdpa] [--steps 10] [--img-size PX] [--count-only]
+                               [--out DIR]
+
+writes ``model_step_<device-slug>_<yyyymmdd>[_counts].{json,md}`` to --out (default bench/results).
 """
 from __future__ import annotations
 
@@ -295,7 +299,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     meta = dict(date=today, command="python -m bench.model_step " + " ".join(sys.argv[1:] if argv is None else argv),
                 device_info=info, model=model_name, batch=batch, steps=args.steps,
                 input="x".join(map(str, input_size)))
-    meta["tflop_per_step"] = step_tflop(model_name, batch, args.img_size)
     if args.count_only:
         meta["count_only"] = True
         rows = [count_row(model_name, b, batch, device, args.img_size) for b in backends]
@@ -304,6 +307,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         jpath, mpath = write_report(Path(args.out), stem + "_counts", meta, rows)
         print(f"\nwrote {jpath} and {mpath}")
         return
+    meta["tflop_per_step"] = step_tflop(model_name, batch, args.img_size)
     cycles = _sleep_cycles_per_ms() if device.type == "cuda" else None
     rows: list[dict] = []
     for backend in backends:

@@ -23,7 +23,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -214,13 +214,18 @@ def _grad_norm_fallback(model: nn.Module) -> float:
 
 
 class _ReadBack:
-    """Step scalars (loss, grad norm) copied to the host without waiting for the GPU: the copy is
+    """A step's loss and grad norm copied to the host without waiting for the GPU: the copy is
     queued on the stream after the step that made them. ``ready()`` says whether it has landed;
     ``value()`` waits for the copy alone, not for work queued after it. A plain ``float(t)`` would
     wait for the whole stream instead, so the CPU could not queue the next step while the GPU
-    finishes this one."""
+    finishes this one. The grad norm comes either as a device tensor (copied with the loss) or as
+    a float already on the host (``grad_norm``)."""
 
-    def __init__(self, values: torch.Tensor) -> None:  # (n,) float32
+    def __init__(self, loss: torch.Tensor, grad_norm: Union[torch.Tensor, float]) -> None:
+        on_device = isinstance(grad_norm, torch.Tensor) and grad_norm.device == loss.device
+        values = torch.stack([loss.detach().float().reshape(())]
+                             + ([grad_norm.detach().float().reshape(())] if on_device else []))
+        self._grad_norm = None if on_device else float(grad_norm)
         if values.is_cuda:
             self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self._host.copy_(values, non_blocking=True)
@@ -232,16 +237,12 @@ class _ReadBack:
     def ready(self) -> bool:
         return self._event is None or self._event.query()
 
-    def value(self) -> list[float]:
+    def value(self) -> tuple[float, float]:
+        """(loss, grad norm)."""
         if not self.ready():  # (a landed copy needs no wait at all)
             self._event.synchronize()
-        return self._host.tolist()
-
-
-def _landed(pending: _ReadBack, grad_norm: float) -> tuple[float, float]:
-    """(loss, grad norm) of a step: both from the device, or the grad norm given as a float."""
-    vals = pending.value()
-    return vals[0], (vals[1] if len(vals) > 1 else grad_norm)
+        vals = self._host.tolist()
+        return vals[0], (vals[1] if self._grad_norm is None else self._grad_norm)
 
 
 def train_loop(
@@ -258,8 +259,7 @@ def train_loop(
     t_log, steps_since_log, clips_since_log = time.time(), 0, 0
     t_start = time.time()
     grad_norm = float("nan")
-    pending: Optional[_ReadBack] = None  # the last step's loss (and grad norm), on their way to the host
-    pending_gn = float("nan")  # the last step's grad norm when it came as a float (or not at all)
+    pending: Optional[_ReadBack] = None  # the last step's loss and grad norm, on their way to the host
     pending_save = False
     engine.train()
     while st.step < d.run_steps:
@@ -276,7 +276,7 @@ def train_loop(
             n_bad = int(bad.item())  # waits for this step's forward, so for the previous step too
             will_log = (st.step + 1) % cfg.log.every_steps == 0 or st.step + 1 == d.run_steps
             if pending is not None:  # the previous step's scalars have landed: no wait
-                last_loss, grad_norm = _landed(pending, pending_gn)
+                last_loss, grad_norm = pending.value()
                 pending = None
             if n_bad == 0:
                 engine.backward(loss)
@@ -284,13 +284,8 @@ def train_loop(
                 if will_log and cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32":
                     fallback = _grad_norm_fallback(engine.module)  # stage-0 fp32 does not record it
                 engine.step()
-                gn = engine.get_global_grad_norm()
-                scalars = [loss.detach().float().reshape(())]
-                if isinstance(gn, torch.Tensor) and gn.device == loss.device:
-                    scalars.append(gn.detach().float().reshape(()))
-                else:  # a float, None, or a tensor elsewhere (a CPU-offloaded optimiser's)
-                    pending_gn = float(gn) if gn is not None else (fallback if fallback is not None else float("nan"))
-                pending = _ReadBack(torch.stack(scalars))
+                gn = engine.get_global_grad_norm()  # a tensor, a float, or None (stage-0 fp32: the fallback)
+                pending = _ReadBack(loss, gn if gn is not None else (fallback if fallback is not None else float("nan")))
                 st.nonfinite_streak = 0
             else:
                 st.nonfinite_total += 1
@@ -309,7 +304,7 @@ def train_loop(
             if pending is not None and (will_log or pending.ready()):
                 # the bar shows the newest loss that has landed (a step behind while the GPU is busy);
                 # the logged scalars and the summary wait for this step's
-                last_loss, grad_norm = _landed(pending, pending_gn)
+                last_loss, grad_norm = pending.value()
                 pending = None
             steps_since_log += 1
             clips_since_log += d.global_batch

@@ -20,10 +20,11 @@ def test_to_device_on_cpu_converts_and_keeps_values():
 
 
 def test_read_back_on_cpu():
-    rb = _ReadBack(torch.tensor([1.5, float("nan")]))
+    rb = _ReadBack(torch.tensor(1.5), torch.tensor(float("nan")))
     assert rb.ready()
     loss, gn = rb.value()
     assert loss == 1.5 and gn != gn
+    assert _ReadBack(torch.tensor(2.5), 0.25).value() == (2.5, 0.25)  # a grad norm already on the host
 
 
 @pytest.mark.gpu
@@ -43,6 +44,7 @@ def test_to_device_cuda_values_and_owned_source():
 def test_read_back_cuda_waits_for_its_copy_only():
     x = torch.full((4096, 4096), 2.0, device="cuda")
     loss = (x @ x).mean()  # queued
-    rb = _ReadBack(torch.stack([loss, loss * 0 + 3]))
-    assert rb.value() == [2.0 * 2.0 * 4096, 3.0]
+    rb = _ReadBack(loss, loss * 0 + 3)
+    assert rb.value() == (2.0 * 2.0 * 4096, 3.0)
     assert rb.ready()
+    assert _ReadBack(loss, torch.tensor(0.5)).value() == (2.0 * 2.0 * 4096, 0.5)  # a CPU grad norm (offload)
