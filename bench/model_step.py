@@ -37,7 +37,7 @@ CUDA's path (the Triton backend with Triton rel terms and HOG, the launches stub
                                [--backends auto,sdpa] [--steps 10] [--img-size PX] [--count-only]
                                [--out DIR]
 
-writes ``model_step_<device-slug>_<yyyymmdd>[_counts].{json,md}`` to --out (default bench/results).
+writes ``model_step_<device-slug>_<yyyymmdd>[_counts][_TAG].{json,md}`` to --out (default bench/results).
 """
 from __future__ import annotations
 
@@ -273,6 +273,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--count-only", action="store_true", help="only count what one step issues (no timing); on a "
                     "CPU, auto is counted as on CUDA: Triton backend and rel terms, the launches stubbed")
     ap.add_argument("--out", default="bench/results", help="output folder")
+    ap.add_argument("--tag", default="", help="suffix of the result files (e.g. before)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -296,6 +297,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     info = device_info(device)
     today = datetime.date.today().strftime("%Y%m%d")
     stem = f"model_step_{results_slug(device, info['name'])}_{today}"
+    tag = f"_{args.tag}" if args.tag else ""
     meta = dict(date=today, command="python -m bench.model_step " + " ".join(sys.argv[1:] if argv is None else argv),
                 device_info=info, model=model_name, batch=batch, steps=args.steps,
                 input="x".join(map(str, input_size)))
@@ -304,7 +306,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         rows = [count_row(model_name, b, batch, device, args.img_size) for b in backends]
         for r in rows:
             print(f"{r['backend']:12s} {r['torch_ops']} torch ops, {r['triton_launches']} Triton launches ({r['path']})")
-        jpath, mpath = write_report(Path(args.out), stem + "_counts", meta, rows)
+        jpath, mpath = write_report(Path(args.out), stem + "_counts" + tag, meta, rows)
         print(f"\nwrote {jpath} and {mpath}")
         return
     meta["tflop_per_step"] = step_tflop(model_name, batch, args.img_size)
@@ -324,7 +326,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 r = rows[-1]
                 host = "-" if r["host_ms"] is None else f"{r['host_ms']:.1f}"
                 print(f"{name:12s} step {r['step_ms']:8.1f} ms  host {host} ms  {r['host_note']}", flush=True)
-                write_report(Path(args.out), stem, meta, rows)
+                write_report(Path(args.out), stem + tag, meta, rows)
         except torch.cuda.OutOfMemoryError as exc:  # one backend too big at this batch: report it, go on
             rows.append(dict(backend=backend, step_ms=float("nan"), step_ms_min=float("nan"), host_ms=None,
                              peak_mib=None, host_note=f"out of memory: {str(exc).splitlines()[0][:120]}"))
@@ -332,7 +334,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         model = video = mask = step = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    jpath, mpath = write_report(Path(args.out), stem, meta, rows)
+    jpath, mpath = write_report(Path(args.out), stem + tag, meta, rows)
     print(f"\nwrote {jpath} and {mpath}")
 
 

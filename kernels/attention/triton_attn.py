@@ -213,6 +213,14 @@ def _store_cols(ptr, x, offs_r, r_ok, C0: tl.constexpr, NC: tl.constexpr, WIDTH:
 
 
 @triton.jit
+def _heads_base(bh, Nq, HD: tl.constexpr, NH: tl.constexpr):
+    """Offset of batch·head ``bh``'s first row in a (B, nh, Nq, HD) tensor whose memory is (B, Nq, NH, HD)
+    (rows NH·HD apart): NH = nh is the token-major layout the model's ``transpose(1, 2)`` makes a view
+    of, NH = 1 the contiguous (B, nh, Nq, HD) one."""
+    return (bh // NH) * Nq * (NH * HD) + (bh % NH) * HD
+
+
+@triton.jit
 def _fwd_keys(
     n0, qa1, qa2, k_ptr, e_ptr, v_ptr, Nk, m_i, l_i, acc1, acc2,
     HD: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, KW: tl.constexpr,
@@ -243,7 +251,7 @@ def _fwd_kernel(
     Nq, Nk, c_q,
     HD: tl.constexpr, KR: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     KW: tl.constexpr, HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_KT: tl.constexpr, TAIL_N: tl.constexpr = 0,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_KT: tl.constexpr, TAIL_N: tl.constexpr = 0, O_NH: tl.constexpr = 1,
     FUSE_REL: tl.constexpr = False,
     R_HD: tl.constexpr = 1, R_BD: tl.constexpr = 1, R_HQ: tl.constexpr = 1, R_WQ: tl.constexpr = 1,
     R_NQR: tl.constexpr = 1, R_KT: tl.constexpr = 1, R_KH: tl.constexpr = 1, R_KW: tl.constexpr = 1,
@@ -252,7 +260,8 @@ def _fwd_kernel(
     R_LPT: tl.constexpr = 1, R_LPH: tl.constexpr = 1, R_LPW: tl.constexpr = 1, R_HAS_T: tl.constexpr = 1,
     R_HAS_CLS: tl.constexpr = 1, R_PREC: tl.constexpr = 0,
 ):
-    # q (BH, Nq, HD), R (BH, Nq', KR), k (BH, Nk, KW), e (Nk, E), v (BH, Nk, HD), o (BH, Nq, HD), lse (BH, Nq)
+    # q (BH, Nq, HD), R (BH, Nq', KR), k (BH, Nk, KW), e (Nk, E), v (BH, Nk, HD), lse (BH, Nq), o (B, nh, Nq, HD)
+    # in memory (B, Nq, O_NH, HD) (_heads_base)
     # FUSE_REL: this program first writes R's rows of its query tile (rel_triton._rel_fwd_rows, the
     # tables tt/th/tw in q's dtype, the distance tables dt/dh/dw; R_*: fwd_rows_args), then reads them back
     E: tl.constexpr = A1 + A2 - HD
@@ -276,7 +285,7 @@ def _fwd_kernel(
     r_ptr += bh * (Nq - HAS_CLS) * KR
     k_ptr += bh * Nk * KW
     v_ptr += bh * Nk * HD
-    o_ptr += bh * Nq * HD
+    o_ptr += _heads_base(bh, Nq, HD, O_NH)
     lse_ptr += bh * Nq
     dt = k_ptr.dtype.element_ty
 
@@ -298,9 +307,9 @@ def _fwd_kernel(
     if TAIL_N > 0:  # the last keys in a narrower tile (_key_tiles)
         m_i, l_i, acc1, acc2 = _fwd_keys(N_KT * BLOCK_N, qa1, qa2, k_ptr, e_ptr, v_ptr, Nk, m_i, l_i, acc1, acc2,
                                          HD, A1, A2, D1, D2, KW, E, IEEE, BLOCK_M, TAIL_N)
-    _store_cols(o_ptr, acc1 / l_i[:, None], offs_m, m_ok, 0, D1, HD, HD)
+    _store_cols(o_ptr, acc1 / l_i[:, None], offs_m, m_ok, 0, D1, O_NH * HD, HD)
     if D2 > 0:
-        _store_cols(o_ptr, acc2 / l_i[:, None], offs_m, m_ok, D1, D2, HD, HD)
+        _store_cols(o_ptr, acc2 / l_i[:, None], offs_m, m_ok, D1, D2, O_NH * HD, HD)
     tl.store(lse_ptr + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
 
@@ -349,8 +358,8 @@ def _dq_kernel(
     Nq, Nk, c_q, scale,
     HD: tl.constexpr, KR: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     KW: tl.constexpr, HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_KT: tl.constexpr, TAIL_N: tl.constexpr = 0,
-    FUSE_REL: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_KT: tl.constexpr, TAIL_N: tl.constexpr = 0, O_NH: tl.constexpr = 1,
+    DO_NH: tl.constexpr = 1, FUSE_REL: tl.constexpr = False,
     R_HD: tl.constexpr = 1, R_D1: tl.constexpr = 1, R_REM: tl.constexpr = 0, R_D2: tl.constexpr = 1,
     R_HQ: tl.constexpr = 1, R_WQ: tl.constexpr = 1, R_NQR: tl.constexpr = 1, R_KT: tl.constexpr = 1,
     R_KH: tl.constexpr = 1, R_KW: tl.constexpr = 1, R_E: tl.constexpr = 1, R_HAS_T: tl.constexpr = 1,
@@ -358,6 +367,7 @@ def _dq_kernel(
 ):
     # A = dS @ k' (BM, A1+A2): dq = scale·A[:, :HD], dR = A[:, HD:HD+KR]. Also writes, for the dk/dv
     # kernel, delta = rowsum(dO·O) (BH, Nq) and the packed q'' rows (BH, Nq, A1+A2) it builds anyway.
+    # o and dO: (B, nh, Nq, HD) in the layouts O_NH and DO_NH name (_heads_base).
     # FUSE_REL: then adds q's rel-path gradient to the dq rows it stored (rel_triton._rel_dq_rows
     # from the dR rows it stored; fp32 tables tt/th/tw, distance tables dt/dh/dw; R_*: dq_rows_args)
     WA: tl.constexpr = A1 + A2
@@ -369,8 +379,8 @@ def _dq_kernel(
     r_ptr += bh * Nq_r * KR
     k_ptr += bh * Nk * KW
     v_ptr += bh * Nk * HD
-    o_ptr += bh * Nq * HD
-    do_ptr += bh * Nq * HD
+    o_ptr += _heads_base(bh, Nq, HD, O_NH)
+    do_ptr += _heads_base(bh, Nq, HD, DO_NH)
     lse_ptr += bh * Nq
     delta_ptr += bh * Nq
     dq_ptr += bh * Nq * HD
@@ -388,12 +398,12 @@ def _dq_kernel(
         qa2 = _q_aug(q_ptr, r_ptr, offs_m, A1, A2, Nq, c_q, HD, KR, HAS_CLS).to(dt)  # (BM, A2)
         _store_cols(qa_ptr, qa2, offs_m, m_ok, A1, A2, WA, WA)
         acc2 = tl.zeros([BLOCK_M, A2], dtype=tl.float32)
-    do1 = _rows(do_ptr, offs_m, m_ok, 0, D1, HD, HD)  # (BM, D1)
+    do1 = _rows(do_ptr, offs_m, m_ok, 0, D1, DO_NH * HD, HD)  # (BM, D1)
     do2 = do1
-    delta = tl.sum(do1.to(tl.float32) * _rows(o_ptr, offs_m, m_ok, 0, D1, HD, HD).to(tl.float32), 1)
+    delta = tl.sum(do1.to(tl.float32) * _rows(o_ptr, offs_m, m_ok, 0, D1, O_NH * HD, HD).to(tl.float32), 1)
     if D2 > 0:
-        do2 = _rows(do_ptr, offs_m, m_ok, D1, D2, HD, HD)  # (BM, D2)
-        delta += tl.sum(do2.to(tl.float32) * _rows(o_ptr, offs_m, m_ok, D1, D2, HD, HD).to(tl.float32), 1)
+        do2 = _rows(do_ptr, offs_m, m_ok, D1, D2, DO_NH * HD, HD)  # (BM, D2)
+        delta += tl.sum(do2.to(tl.float32) * _rows(o_ptr, offs_m, m_ok, D1, D2, O_NH * HD, HD).to(tl.float32), 1)
     tl.store(delta_ptr + offs_m, delta, mask=m_ok)
     lse = tl.load(lse_ptr + offs_m, mask=m_ok, other=0.0)
 
@@ -420,12 +430,12 @@ def _dkdv_kernel(
     Nq, Nk, inv_log2e, n_bh,
     HD: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, KW: tl.constexpr,
     IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES_PER_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES_PER_CHUNK: tl.constexpr, DO_NH: tl.constexpr = 1,
 ):
     # dk, dv (chunk, BH, Nk, HD) for key tile pid_n over the query tiles of one chunk: the final
     # gradients in the input dtype when there is one chunk, else fp32 partials (summed by
     # _sum_chunks_kernel); qa_ptr: the packed q'' rows (BH, Nq, A1+A2) written by _dq_kernel,
-    # loaded straight into the dots
+    # loaded straight into the dots; dO (B, nh, Nq, HD) in the layout DO_NH names (_heads_base)
     WA: tl.constexpr = A1 + A2
     E: tl.constexpr = WA - HD
     pid_n = tl.program_id(0)
@@ -434,7 +444,7 @@ def _dkdv_kernel(
     qa_ptr += bh * Nq * WA
     k_ptr += bh * Nk * KW
     v_ptr += bh * Nk * HD
-    do_ptr += bh * Nq * HD
+    do_ptr += _heads_base(bh, Nq, HD, DO_NH)
     lse_ptr += bh * Nq
     delta_ptr += bh * Nq
     out_off = (chunk.to(tl.int64) * n_bh + bh) * Nk * HD
@@ -468,11 +478,11 @@ def _dkdv_kernel(
         pT = tl.exp2(sT - lse[None, :])
         pT = tl.where(m_ok[None, :], pT, 0.0)
         pTd = pT.to(dt)
-        do1 = _rows(do_ptr, offs_m, m_ok, 0, D1, HD, HD)  # (BM, D1)
+        do1 = _rows(do_ptr, offs_m, m_ok, 0, D1, DO_NH * HD, HD)  # (BM, D1)
         dv1 = _mm(pTd, do1, dv1, IEEE)
         dpT = _mm(v1, tl.trans(do1), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
         if D2 > 0:
-            do2 = _rows(do_ptr, offs_m, m_ok, D1, D2, HD, HD)  # (BM, D2)
+            do2 = _rows(do_ptr, offs_m, m_ok, D1, D2, DO_NH * HD, HD)  # (BM, D2)
             dv2 = _mm(pTd, do2, dv2, IEEE)
             dpT = _mm(v2, tl.trans(do2), dpT, IEEE)
         dsT = (pT * (dpT - delta[None, :])).to(dt)
@@ -704,38 +714,44 @@ def _fwd(q, r, k, e, v, dims: _Dims, has_cls, scale, cfg, rel=None):
     """q (B, nh, Nq, hd), R (B, nh, Nq', KR), k (B, nh, Nk, hd) or the packed k' rows
     (B, nh, Nk, A1+A2), the keys' one-hot table e (Nk, A1+A2 − hd), v → out (B, nh, Nq, hd),
     lse2 (B, nh, Nq). With ``rel`` = (``rel_triton.RelTables``, rel geometry) the kernel writes R itself (r: an
-    uninitialised buffer of R's shape)."""
-    B, nh, Nq, _ = q.shape
+    uninitialised buffer of R's shape). o's memory is token-major, (B, Nq, nh, hd), as SDPA's flash
+    and cuDNN outputs are: the model's ``o.transpose(1, 2).reshape(B, Nq, C)`` is then a view, and
+    the gradient that comes back through it has the same layout, which backward reads as it is."""
+    B, nh, Nq, hd = q.shape
     Nk = k.shape[2]
-    o = _empty(*q.shape, dtype=q.dtype, device=q.device)
+    o = _empty(B, Nq, nh, hd, dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = _empty(B, nh, Nq, dtype=torch.float32, device=q.device)
     tabs, rel_consts = _rel_args(q, rel, fwd_rows_args, block=cfg.fwd_block_m)
     launch(
         _fwd_kernel, (cdiv(Nq, cfg.fwd_block_m), B * nh),
         q, r, k, e, v, o, lse, *tabs, Nq, Nk, scale * LOG2E,
-        **_kernel_kw("fwd", dims, cfg, k.shape[-1], has_cls, q.dtype == torch.float32, Nk, q.device.type), **rel_consts,
+        **_kernel_kw("fwd", dims, cfg, k.shape[-1], has_cls, q.dtype == torch.float32, Nk, q.device.type, nh),
+        **rel_consts,
     )
     return o, lse
 
 
 @functools.lru_cache(maxsize=256)
 def _kernel_kw(kernel: str, dims: _Dims, cfg: RelPosAttnConfig, kw: int, has_cls: bool, ieee: bool, nk: int,
-               device_type: str) -> dict:
+               device_type: str, o_nh: int, do_nh: int = 1) -> dict:
     """The constexprs and launch options of the forward (``kernel="fwd"``) or dq kernel, computed
-    once per shape and config (each call rebuilt these dicts: µs of host per launch). Read-only:
-    callers unpack it."""
+    once per shape and config (each call rebuilt these dicts: µs of host per launch). ``o_nh``,
+    ``do_nh``: the layouts of o and dO (:func:`_heads_layout`; dO: dq only). Read-only: callers
+    unpack it."""
     block_m, block_n, tail, warps, stages, maxnreg = (
         (cfg.fwd_block_m, cfg.fwd_block_n, cfg.fwd_tail, cfg.fwd_warps, cfg.fwd_stages, cfg.fwd_maxnreg)
         if kernel == "fwd" else
         (cfg.dq_block_m, cfg.dq_block_n, cfg.dq_tail, cfg.dq_warps, cfg.dq_stages, cfg.dq_maxnreg))
     n_kt, tail_n = _key_tiles(nk, block_n, tail, torch.device(device_type))
     return dict(KR=dims.kr, **dims.constexprs(), KW=kw, HAS_CLS=int(has_cls), IEEE=ieee, BLOCK_M=block_m,
-                BLOCK_N=block_n, N_KT=n_kt, TAIL_N=tail_n, **_launch(warps, stages, maxnreg))
+                BLOCK_N=block_n, N_KT=n_kt, TAIL_N=tail_n, O_NH=o_nh, **({} if kernel == "fwd" else dict(DO_NH=do_nh)),
+                **_launch(warps, stages, maxnreg))
 
 
-def _bwd_dq(q, r, k, e, v, o, do, lse, dims: _Dims, has_cls, scale, cfg, rel=None):
+def _bwd_dq(q, r, k, e, v, o, do, do_nh, lse, dims: _Dims, has_cls, scale, cfg, rel=None):
     """dq (B, nh, Nq, hd), dR (B, nh, Nq', KR) in the input dtypes, and what the dk/dv kernel
-    reads: delta (B, nh, Nq) fp32 and the packed q'' rows (B, nh, Nq, A1+A2). With ``rel`` =
+    reads: delta (B, nh, Nq) fp32 and the packed q'' rows (B, nh, Nq, A1+A2). o is :func:`_fwd`'s
+    (token-major), dO in the layout ``do_nh`` (:func:`_heads_layout`). With ``rel`` =
     (``RelTables``, rel geometry) dq includes q's rel-path gradient."""
     B, nh, Nq, _ = q.shape
     Nk = k.shape[2]
@@ -747,7 +763,8 @@ def _bwd_dq(q, r, k, e, v, o, do, lse, dims: _Dims, has_cls, scale, cfg, rel=Non
     launch(
         _dq_kernel, (cdiv(Nq, cfg.dq_block_m), B * nh),
         q, r, k, e, v, o, do, lse, delta, dq, dr, qa, *tabs, Nq, Nk, scale * LOG2E, scale,
-        **_kernel_kw("dq", dims, cfg, k.shape[-1], has_cls, q.dtype == torch.float32, Nk, q.device.type), **rel_consts,
+        **_kernel_kw("dq", dims, cfg, k.shape[-1], has_cls, q.dtype == torch.float32, Nk, q.device.type, nh, do_nh),
+        **rel_consts,
     )
     return dq, dr, delta, qa
 
@@ -776,12 +793,13 @@ def _n_sms(device: torch.device) -> Optional[int]:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
-def _bwd_dkdv(qa, k, e, v, do, lse, delta, dims: _Dims, cfg):
+def _bwd_dkdv(qa, k, e, v, do, do_nh, lse, delta, dims: _Dims, cfg):
     """dk, dv (B, nh, Nk, hd) in the input dtype: written by the kernel when there is one query
-    chunk, else fp32 partials per chunk summed in a fixed order (deterministic)."""
+    chunk, else fp32 partials per chunk summed in a fixed order (deterministic). dO in the layout
+    ``do_nh`` (:func:`_heads_layout`)."""
     B, nh, Nq, _ = qa.shape
     Nk = k.shape[2]
-    chunks, kw = _dkdv_kw(dims, cfg, k.shape[-1], qa.dtype == torch.float32, Nq, Nk, B * nh, _n_sms(qa.device))
+    chunks, kw = _dkdv_kw(dims, cfg, k.shape[-1], qa.dtype == torch.float32, Nq, Nk, B * nh, _n_sms(qa.device), do_nh)
     n = B * nh * Nk * dims.hd
     out = _empty(2, B, nh, Nk, dims.hd, dtype=qa.dtype, device=qa.device)  # dk, dv
     part = out if chunks == 1 else _empty(2, chunks, n, dtype=torch.float32, device=qa.device)
@@ -797,22 +815,35 @@ def _bwd_dkdv(qa, k, e, v, do, lse, delta, dims: _Dims, cfg):
 
 @functools.lru_cache(maxsize=256)
 def _dkdv_kw(dims: _Dims, cfg: RelPosAttnConfig, kw: int, ieee: bool, nq: int, nk: int, n_bh: int,
-             n_sms: Optional[int]) -> tuple[int, dict]:
+             n_sms: Optional[int], do_nh: int) -> tuple[int, dict]:
     """(query chunks, constexprs and launch options) of the dk/dv kernel, computed once per shape
     and config (:func:`dkdv_split`). The dict is read-only: callers unpack it."""
     chunks, tiles_per_chunk = dkdv_split(cfg, nq, nk, n_bh, n_sms)
     return chunks, dict(**dims.constexprs(), KW=kw, IEEE=ieee, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
-                        TILES_PER_CHUNK=tiles_per_chunk, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages)
+                        TILES_PER_CHUNK=tiles_per_chunk, DO_NH=do_nh, num_warps=cfg.dkdv_warps,
+                        num_stages=cfg.dkdv_stages)
 
 
 def _bwd(do, q, r, k, v, o, lse, dims: _Dims, k_thw, kt, has_cls, scale, cfg, rel=None):
     """Gradients dq (B, nh, Nq, hd), dk, dv (B, nh, Nk, hd) and dR (B, nh, Nq', KR) in the input
     dtypes; with ``rel`` = (``RelTables``, rel geometry), dq includes q's rel-path gradient."""
-    do = do.to(q.dtype).contiguous()
+    do = do.to(q.dtype)
+    do_nh = _heads_layout(do)
+    if do_nh == 0:  # neither layout the kernels read
+        do, do_nh = do.contiguous(), 1
     e = _key_table(k, k_thw, kt, dims, has_cls)
-    dq, dr, delta, qa = _bwd_dq(q, r, k, e, v, o, do, lse, dims, has_cls, scale, cfg, rel)
-    dk, dv = _bwd_dkdv(qa, k, e, v, do, lse, delta, dims, cfg)
+    dq, dr, delta, qa = _bwd_dq(q, r, k, e, v, o, do, do_nh, lse, dims, has_cls, scale, cfg, rel)
+    dk, dv = _bwd_dkdv(qa, k, e, v, do, do_nh, lse, delta, dims, cfg)
     return dq, dk, dv, dr
+
+
+def _heads_layout(x: torch.Tensor) -> int:
+    """How the kernels read x (B, nh, Nq, hd) (their ``_heads_base``): 1 when contiguous, nh when its
+    memory is token-major (B, Nq, nh, hd) (the forward's output and, through the model's transpose
+    back to (B, Nq, C), its gradient), 0 when neither."""
+    if x.is_contiguous():
+        return 1
+    return x.shape[1] if x.transpose(1, 2).is_contiguous() else 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -379,6 +379,33 @@ def test_non_contiguous_and_no_grad():
     assert _err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_output_and_gradient_layouts(fused):
+    """The output's memory is token-major (B, Nq, nh, hd), so the model's transpose back to
+    (B, Nq, C) is a view; backward reads dO contiguous, token-major (that view's gradient) or copies
+    any other layout first, with the same gradients bit for bit."""
+    q_thw, k_thw = (2, 4, 4), (2, 2, 2)
+    inputs = make_inputs(2, 3, q_thw, k_thw, 16, True, torch.float32)
+    cfg = triton_attn.fused_rel_config(SMALL) if fused else SMALL
+    out = relpos_attention_triton(*inputs[:3], q_thw, k_thw, *inputs[3:], config=cfg, rel_impl="triton")
+    B, nh, Nq, hd = out.shape
+    assert out.transpose(1, 2).is_contiguous() and not out.is_contiguous()
+    assert out.transpose(1, 2).reshape(B, Nq, nh * hd)._base is not None  # a view, no copy
+    assert triton_attn._heads_layout(out) == nh
+
+    g = torch.randn(B, nh, Nq, hd, generator=torch.Generator().manual_seed(3))
+    layouts = {
+        "contiguous": g.contiguous(),
+        "token-major": g.transpose(1, 2).contiguous().transpose(1, 2),
+        "other": torch.cat([g, g], dim=-1)[..., :hd],  # rows 2·hd apart: neither layout
+    }
+    assert [triton_attn._heads_layout(x) for x in layouts.values()] == [1, nh, 0]
+    grads = {name: torch.autograd.grad(out, _leaves(inputs), d, retain_graph=True) for name, d in layouts.items()}
+    for name in ("token-major", "other"):
+        assert all(torch.equal(a, b) for a, b in zip(grads["contiguous"], grads[name])), name
+    check_against_oracle(inputs, q_thw, k_thw, True, config=cfg, rel_impl="triton")
+
+
 def test_public_backend_and_scale():
     q_thw, k_thw = (2, 2, 3), (2, 2, 3)
     inputs = make_inputs(1, 2, q_thw, k_thw, 16, False, torch.float32)
