@@ -1,5 +1,5 @@
 """Small pieces the benchmarks share: result-file naming, the peak memory of one call, and the CUDA
-kernels of one call."""
+kernels of one call, by name and by what they do."""
 from __future__ import annotations
 
 import re
@@ -94,5 +94,69 @@ def cuda_kernels(call: Callable[[], object], reps: int = 5) -> list[dict]:
             us = getattr(e, "cuda_time_total", 0.0)
         if us <= 0 or e.key.startswith(("aten::", "autograd::", "cudaDeviceSynchronize")):
             continue
-        kernels.append(dict(kernel=e.key[:90], us_per_call=us / reps, launches_per_call=e.count / reps))
+        kernels.append(dict(kernel=e.key[:90], category=kernel_category(e.key), us_per_call=us / reps,
+                            launches_per_call=e.count / reps))
     return sorted(kernels, key=lambda k: -k["us_per_call"])
+
+
+# (category, name fragments), first match wins: SDPA's attention kernels before cuDNN's convolutions
+# (cuDNN names both), convolutions before GEMMs (cuDNN's implicit-GEMM convolutions say "gemm"),
+# copies before the elementwise kernels that implement them (a direct copy is an elementwise kernel)
+_CATEGORIES = (
+    ("attention (SDPA)", ("sdpa", "fmha", "flash", "attention")),
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "cudnn")),
+    ("GEMM", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitkreduce")),
+    ("layer norm", ("layer_norm", "layernorm", "gammabeta")),
+    ("softmax", ("softmax",)),
+    ("copy / cat", ("copy", "catarray", "memcpy")),
+    ("fill", ("fill", "memset")),
+    ("reduction", ("reduce",)),
+    ("elementwise", ("elementwise", "gelu")),
+)
+
+
+def kernel_category(name: str) -> str:
+    """What part of a training step a CUDA kernel named ``name`` (the profiler's key) does:
+    our Triton kernels by their function names (``attention (ours)``, ``HOG (ours)``), library
+    kernels by fragments of theirs (:data:`_CATEGORIES`), else ``other``. A step's GPU time per
+    category says which part a kernel of our own would have to replace (``bench.model_step``)."""
+    ours = _our_kernels().get(name)
+    if ours is not None:
+        return ours
+    low = name.lower()
+    for category, fragments in _CATEGORIES:
+        if any(f in low for f in fragments):
+            return category
+    return "other"
+
+
+def _our_kernels() -> dict[str, str]:
+    """{Triton kernel function name: category} of every kernel in ``kernels``."""
+    global _OURS
+    if _OURS is None:
+        from triton.runtime.jit import KernelInterface  # a JITFunction, or an InterpretedFunction
+
+        from kernels.attention import rel_triton, triton_attn
+        from kernels.hog import triton_hog
+
+        _OURS = {
+            name: category
+            for category, modules in (("attention (ours)", (triton_attn, rel_triton)), ("HOG (ours)", (triton_hog,)))
+            for module in modules
+            for name, obj in vars(module).items()
+            if isinstance(obj, KernelInterface) and name.endswith("_kernel")
+        }
+    return _OURS
+
+
+_OURS: Optional[dict[str, str]] = None
+
+
+def by_category(kernels: list[dict]) -> list[dict]:
+    """``cuda_kernels``' rows summed per category: category, µs per call, launches per call, longest first."""
+    out: dict[str, dict] = {}
+    for k in kernels:
+        row = out.setdefault(k["category"], dict(category=k["category"], us_per_call=0.0, launches_per_call=0.0))
+        row["us_per_call"] += k["us_per_call"]
+        row["launches_per_call"] += k["launches_per_call"]
+    return sorted(out.values(), key=lambda r: -r["us_per_call"])

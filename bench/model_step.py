@@ -18,7 +18,9 @@ DeepSpeed's bf16 mode, and cube masks are at ratio 0.4.
   a bug worth knowing about.
 - host / step: near 1 (or above), the CPU sets the pace, and faster kernels cannot show.
 - GPU kernels ms: the CUDA kernels of one step (``torch.profiler``, 2 steps); kernels / step well
-  under 1 means the GPU idles for part of the step. The longest kernels are listed.
+  under 1 means the GPU idles for part of the step. The longest kernels are listed, and the GPU time
+  per category of kernel (our attention and HOG kernels, GEMMs, convolutions, layer norms, copies
+  and cats, ...): what a kernel of our own would have to replace to pay off.
 - ``auto`` on CUDA runs twice: with ``kernels.launch`` (the default) and with every Triton launch
   through Triton's JIT (``auto@jit``).
 - peak MiB: ``torch.cuda.max_memory_allocated`` over the steps, parameters and input included.
@@ -57,7 +59,7 @@ import torch
 
 from bench.attention import device_info
 from bench.attention_host import _sleep_cycles_per_ms, host_us_cuda
-from bench.common import cuda_kernels, results_slug
+from bench.common import by_category, cuda_kernels, results_slug
 
 
 def build(model_name: str, backend: str, batch: int, device: torch.device, dtype: torch.dtype,
@@ -190,6 +192,7 @@ def measure(name: str, step: Callable[[], None], device: torch.device, reps: int
         kernels = cuda_kernels(step, reps=2)  # last: the profiler's hooks touch nothing timed above
         row["kernels_ms"] = sum(k["us_per_call"] for k in kernels) / 1e3
         row["top_kernels"] = kernels[:8]
+        row["by_category"] = by_category(kernels)
     else:
         row["host_ms"] = row["step_ms"]
         row["peak_mib"] = None
@@ -238,6 +241,11 @@ def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> tupl
         lines.append(f"| {r['backend']} | {r['step_ms']:.1f} | {r['step_ms_min']:.1f} | {rate:.3g} | {host} | {ratio} | {kern} | {busy} "
                      f"| {r.get('torch_ops', '')} | {r.get('triton_launches', '')} | {peak} | {r['host_note']} |")
     for r in rows:
+        if r.get("by_category"):
+            lines += ["", f"{r['backend']}: GPU time per step by what the kernels do (`bench.common.kernel_category`)", "",
+                      "| category | ms | share | launches |", "|---|---|---|---|"]
+            lines += [f"| {c['category']} | {c['us_per_call'] / 1e3:.2f} | {c['us_per_call'] / 1e3 / r['kernels_ms']:.0%} "
+                      f"| {c['launches_per_call']:.0f} |" for c in r["by_category"]]
         if r.get("top_kernels"):
             lines += ["", f"{r['backend']}: longest kernels per step (µs, launches)", ""]
             lines += [f"- {k['us_per_call']:.0f} µs ×{k['launches_per_call']:.0f} `{k['kernel']}`" for k in r["top_kernels"]]

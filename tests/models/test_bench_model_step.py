@@ -46,3 +46,46 @@ def test_model_step_bench_refuses_bad_arguments(tmp_path):
         model_step.main(["--device", "cpu", "--steps", "0", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="mvitv2_l_16x4"):  # the close valid names
         model_step.main(["--device", "cpu", "--model", "mvitv2_l_16", "--out", str(tmp_path)])
+
+
+def test_kernel_categories_and_the_report_table(tmp_path):
+    """Profiler kernel names fall in the categories a step's GPU time is split by: ours by function
+    name, library kernels by fragments (SDPA's cuDNN kernels are attention, not convolution; a
+    direct copy is a copy, not elementwise); the report shows the table per backend."""
+    from bench.common import by_category, kernel_category
+
+    names = {
+        "_dkdv_kernel": "attention (ours)",
+        "_rel_dtab_finish_kernel": "attention (ours)",
+        "_hog_cells_kernel": "HOG (ours)",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128": "attention (SDPA)",
+        "sm90_xmma_wgrad_implicit_gemm_indexed_bf16bf16_bf16f32_f32_ndhwc_kernel": "convolution",
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT": "GEMM",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>": "layer norm",
+        "void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<at::native::direct_copy_kernel_cuda": "copy / cat",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl": "elementwise",
+        "Memset (Device)": "fill",
+        "some_new_kernel": "other",
+    }
+    assert {n: kernel_category(n) for n in names} == names
+    kernels = [dict(kernel=n[:90], category=c, us_per_call=100.0 * (i + 1), launches_per_call=2.0)
+               for i, (n, c) in enumerate(names.items())]
+    cats = by_category(kernels)
+    assert cats[0] == dict(category="other", us_per_call=1100.0, launches_per_call=2.0)
+    assert {c["category"]: c["us_per_call"] for c in cats}["attention (ours)"] == 300.0
+    assert sum(c["us_per_call"] for c in cats) == sum(k["us_per_call"] for k in kernels)
+
+    total_ms = sum(k["us_per_call"] for k in kernels) / 1e3
+    row = dict(backend="auto", step_ms=10.0, step_ms_min=9.0, host_ms=4.0, host_over_step=0.4, host_note="",
+               kernels_ms=total_ms, top_kernels=kernels[:2], by_category=cats, torch_ops=1, triton_launches=1,
+               peak_mib=1.0)
+    meta = dict(date="20261128", command="x", model="mvitv2_l_16x4", batch=4, input="16x224x224", steps=2,
+                tflop_per_step=1.0, device_info=dict(name="GPU", torch="t", triton="t", python="p"))
+    _, md = model_step.write_report(tmp_path, "model_step_x", meta, rows=[row])
+    text = md.read_text()
+    assert "| attention (ours) | 0.30 | 5% | 4 |" in text and "| other | 1.10 | 17% | 2 |" in text
+
+
+def test_model_step_tag_names_the_files(tmp_path):
+    model_step.main(["--device", "cpu", "--count-only", "--backends", "sdpa", "--tag", "before", "--out", str(tmp_path)])
+    assert [p.name.endswith("_counts_before.json") for p in tmp_path.glob("*.json")] == [True]
