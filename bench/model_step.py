@@ -23,6 +23,10 @@ DeepSpeed's bf16 mode, and cube masks are at ratio 0.4.
   and cats, ...): what a kernel of our own would have to replace to pay off.
 - ``auto`` on CUDA runs twice: with ``kernels.launch`` (the default) and with every Triton launch
   through Triton's JIT (``auto@jit``).
+- ``BACKEND+ckpt`` (on CUDA by default ``auto+ckpt``): the same step with every block recomputed in
+  backward (``engine.distributed.apply_activation_checkpointing``, the MViTv2-L recipe's setting).
+  Against the plain row it says what the recompute costs in time and saves in peak memory, i.e.
+  whether the recipe's batch needs it on this GPU.
 - peak MiB: ``torch.cuda.max_memory_allocated`` over the steps, parameters and input included.
 
 - torch ops / Triton launches: what one step issues (counted in one extra step); with a few µs of
@@ -36,7 +40,7 @@ so ``--model mvitv2_l_16x4 --img-size 64`` on a CPU gives MViTv2-L's.
 CUDA's path (the Triton backend with Triton rel terms and HOG, the launches stubbed).
 
     python -m bench.model_step [--device cuda|cpu] [--model mvitv2_l_16x4] [--batch 4]
-                               [--backends auto,sdpa] [--steps 10] [--img-size PX] [--count-only]
+                               [--backends auto,auto+ckpt,sdpa] [--steps 10] [--img-size PX] [--count-only]
                                [--out DIR]
 
 writes ``model_step_<device-slug>_<yyyymmdd>[_counts][_TAG].{json,md}`` to --out (default bench/results).
@@ -63,10 +67,10 @@ from bench.common import by_category, cuda_kernels, results_slug
 
 
 def build(model_name: str, backend: str, batch: int, device: torch.device, dtype: torch.dtype,
-          img_size: Optional[int] = None) -> tuple:
+          img_size: Optional[int] = None, checkpointing: bool = False) -> tuple:
     """(model, video, mask) for one step of ``model_name`` with attention ``backend`` (at
-    ``img_size`` px instead of the variant's, when given). On the meta device nothing is
-    allocated or initialised (:func:`step_tflop`)."""
+    ``img_size`` px instead of the variant's, when given), its blocks recomputed in backward when
+    ``checkpointing``. On the meta device nothing is allocated or initialised (:func:`step_tflop`)."""
     from models import create_model
     from models.masking import make_masks
 
@@ -78,9 +82,16 @@ def build(model_name: str, backend: str, batch: int, device: torch.device, dtype
         shape = (batch, 3, T, H, W)
         video = torch.empty(shape) if meta else torch.randn(shape, generator=torch.Generator().manual_seed(0))
     model = model.to(device=device, dtype=dtype).train()
+    if checkpointing:
+        from engine.distributed import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
     video = video.to(device=device, dtype=dtype)
     mask = make_masks("cube", batch, tuple(model.mask_grid(T, H, W)), 0.4, np.random.default_rng(0)).to(device)
     return model, video, mask
+
+
+CKPT = "+ckpt"  # a --backends suffix: the model's blocks recomputed in backward
 
 
 def _input_size(model_name: str, img_size: Optional[int] = None) -> tuple[int, int, int]:
@@ -133,8 +144,10 @@ def _cuda_issue_path() -> Iterator[None]:
 def count_row(model_name: str, backend: str, batch: int, device: torch.device, img_size: Optional[int]) -> dict:
     """What one step issues, without timing it (``--count-only``). On a CPU, ``auto`` is counted on
     CUDA's path: the Triton backend with its Triton rel terms, the launches stubbed."""
-    emulate = device.type == "cpu" and backend == "auto"
-    model, video, mask = build(model_name, "triton" if emulate else backend, batch, device, torch.bfloat16, img_size)
+    attn = backend.removesuffix(CKPT)
+    emulate = device.type == "cpu" and attn == "auto"
+    model, video, mask = build(model_name, "triton" if emulate else attn, batch, device, torch.bfloat16, img_size,
+                               checkpointing=backend.endswith(CKPT))
     step = make_step(model, video, mask)
     with _cuda_issue_path() if emulate else contextlib.nullcontext():
         count_work(step, stub=emulate)  # first step: cached index tables, compiles
@@ -273,8 +286,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", default=None, help="variant (default mvitv2_l_16x4 on CUDA, mvitv2_tiny on CPU)")
     ap.add_argument("--batch", type=int, default=None, help="clips (default 4 on CUDA, the recipe's clips per GPU; 2 on CPU)")
-    ap.add_argument("--backends", default="auto,sdpa", help="comma list of attention backends (models: auto, "
-                    "reference, sdpa, xformers, triton)")
+    ap.add_argument("--backends", default=None, help="comma list of attention backends (models: auto, reference, "
+                    "sdpa, xformers, triton), each with +ckpt for activation checkpointing (default: auto,auto+ckpt,"
+                    "sdpa on CUDA, auto,sdpa on CPU)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per backend")
     ap.add_argument("--img-size", type=int, default=None, help="input side in px instead of the variant's (e.g. 64: "
                     "MViTv2-L's op and launch counts on a CPU, which do not depend on the size)")
@@ -288,12 +302,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit("--device cuda but no CUDA device is visible")
     model_name = args.model or ("mvitv2_l_16x4" if device.type == "cuda" else "mvitv2_tiny")
     batch = args.batch or (4 if device.type == "cuda" else 2)
-    backends = [b for b in args.backends.split(",") if b]
+    spec = args.backends or ("auto,auto+ckpt,sdpa" if device.type == "cuda" else "auto,sdpa")
+    backends = [b for b in spec.split(",") if b]
     from kernels.attention import BACKENDS
 
-    bad = [b for b in backends if b not in BACKENDS]
+    bad = [b for b in backends if b.removesuffix(CKPT) not in BACKENDS]
     if bad or not backends:
-        raise SystemExit(f"--backends: comma list of {BACKENDS}, got {args.backends!r}")
+        raise SystemExit(f"--backends: comma list of {BACKENDS}, each optionally with {CKPT}, got {spec!r}")
     if args.steps < 1 or batch < 1 or (args.img_size is not None and args.img_size < 1):
         raise SystemExit("--steps, --batch and --img-size must be ≥ 1")
     try:
@@ -323,7 +338,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     for backend in backends:
         variants = [(backend, True)] + ([(f"{backend}@jit", False)] if backend == "auto" and device.type == "cuda" else [])
         try:
-            model, video, mask = build(model_name, backend, batch, device, torch.bfloat16, args.img_size)
+            model, video, mask = build(model_name, backend.removesuffix(CKPT), batch, device, torch.bfloat16,
+                                       args.img_size, checkpointing=backend.endswith(CKPT))
             step = make_step(model, video, mask)
             for name, fast in variants:
                 launch.enabled = fast

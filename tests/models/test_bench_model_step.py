@@ -10,11 +10,13 @@ from bench import model_step
 
 
 def test_model_step_bench_runs_on_cpu(tmp_path):
-    model_step.main(["--device", "cpu", "--steps", "2", "--backends", "auto,sdpa", "--out", str(tmp_path)])
+    model_step.main(["--device", "cpu", "--steps", "2", "--backends", "auto,sdpa,sdpa+ckpt", "--out", str(tmp_path)])
     report = json.loads(next(tmp_path.glob("model_step_cpu_*.json")).read_text())
     assert report["model"] == "mvitv2_tiny" and report["batch"] == 2
     rows = report["results"]
-    assert [r["backend"] for r in rows] == ["auto", "sdpa"]  # auto@jit: CUDA only
+    assert [r["backend"] for r in rows] == ["auto", "sdpa", "sdpa+ckpt"]  # auto@jit: CUDA only
+    # recomputed blocks: the forward's ops again in backward
+    assert rows[2]["torch_ops"] > rows[1]["torch_ops"] + 50
     for r in rows:
         assert r["step_ms"] > 0 and r["host_ms"] == r["step_ms"] and r["host_over_step"] == 1.0
         assert r["torch_ops"] > 100 and r["triton_launches"] == 0  # CPU: HOG and attention run in torch
@@ -27,21 +29,26 @@ def test_model_step_counts_auto_as_issued_on_cuda(tmp_path):
     from models import create_model
     from models.mvit import MultiScaleBlock
 
-    model_step.main(["--device", "cpu", "--count-only", "--backends", "auto,sdpa", "--out", str(tmp_path)])
+    model_step.main(["--device", "cpu", "--count-only", "--backends", "auto,sdpa,auto+ckpt", "--out", str(tmp_path)])
     report = json.loads(next(tmp_path.glob("model_step_cpu_*_counts.json")).read_text())
-    auto, sdpa = report["results"]
+    auto, sdpa, ckpt = report["results"]
     blocks = sum(isinstance(m, MultiScaleBlock) for m in create_model("mvitv2_tiny", task="pretrain").modules())
     assert auto["triton_launches"] == 8 * blocks + 1 and sdpa["triton_launches"] == 0
     assert auto["path"].startswith("as on CUDA") and sdpa["path"] == "cpu"
     top = dict(map(tuple, auto["top_ops"]))
     assert not {"select_backward", "slice_backward"} & set(top) and top["mm"] > 0
     assert 0 < auto["torch_ops"] < sdpa["torch_ops"]  # the augmented operands cost ops of their own
+    # recomputed blocks: each block's attention forward (tables, rel terms, attention: 3 launches)
+    # runs again in backward, the HOG targets do not
+    assert ckpt["triton_launches"] == auto["triton_launches"] + 3 * blocks and ckpt["torch_ops"] > auto["torch_ops"]
     assert "| auto | as on CUDA" in next(tmp_path.glob("model_step_cpu_*_counts.md")).read_text()
 
 
 def test_model_step_bench_refuses_bad_arguments(tmp_path):
     with pytest.raises(SystemExit, match="--backends"):
         model_step.main(["--device", "cpu", "--backends", "flash", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--backends"):
+        model_step.main(["--device", "cpu", "--backends", "sdpa+ckp", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--steps"):
         model_step.main(["--device", "cpu", "--steps", "0", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="mvitv2_l_16x4"):  # the close valid names
