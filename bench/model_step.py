@@ -37,7 +37,9 @@ device; its times check the code path. The op and launch counts do not depend on
 so ``--model mvitv2_l_16x4 --img-size 64`` on a CPU gives MViTv2-L's.
 
 ``--count-only`` counts what one step issues and times nothing; on a CPU it counts ``auto`` on
-CUDA's path (the Triton backend with Triton rel terms and HOG, the launches stubbed).
+CUDA's path (the Triton backend with Triton rel terms and HOG, the launches stubbed). It also counts
+the activations one forward saves for backward at the variant's full input size (meta device):
+what activation checkpointing (``+ckpt``) would save.
 
     python -m bench.model_step [--device cuda|cpu] [--model mvitv2_l_16x4] [--batch 4]
                                [--backends auto,auto+ckpt,sdpa] [--steps 10] [--img-size PX] [--count-only]
@@ -141,9 +143,48 @@ def _cuda_issue_path() -> Iterator[None]:
         triton_attn.resolve_rel_impl, hog._resolve_backend = rel, hog_backend
 
 
+def saved_gib(model_name: str, backend: str, batch: int) -> float:
+    """GiB of activations one forward keeps for its backward, at the variant's full input size: every
+    tensor autograd saves, once per storage (a view counts as its base), parameters left out. On the
+    meta device, so nothing is allocated or computed; ``auto`` takes CUDA's path (the Triton
+    attention saves what its kernels' backward reads, not an (Nq, Nk) matrix), the launches stubbed
+    (needs ``TRITON_INTERPRET=1``, as ``--count-only`` does). With ``+ckpt`` the blocks keep only
+    their inputs until backward recomputes them. This is the memory that activation checkpointing
+    trades for a second forward; a GPU's peak adds the parameters, the optimiser state and
+    backward's transients (``bench.model_step`` on CUDA: peak MiB)."""
+    from bench.attention_host import triton_launches
+    from kernels.attention import rel_triton, triton_attn
+
+    attn = backend.removesuffix(CKPT)
+    emulate = attn == "auto"
+    model, video, mask = build(model_name, "triton" if emulate else attn, batch, torch.device("meta"),
+                               torch.bfloat16, checkpointing=backend.endswith(CKPT))
+    params = {id(p) for p in model.parameters()}
+    kept: dict[int, torch.Tensor] = {}  # id -> base, held so that no id is reused while counting
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t if t._base is None else t._base
+        if id(base) not in params:
+            kept.setdefault(id(base), base)
+        return t
+
+    checks = [(m, m.launchable_on) for m in (triton_attn, rel_triton)]
+    for m, _ in checks:  # the stubbed launches take meta tensors
+        m.launchable_on = lambda device: True
+    try:
+        with _cuda_issue_path() if emulate else contextlib.nullcontext(), triton_launches(stub=True):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(video, mask)
+    finally:
+        for m, check in checks:
+            m.launchable_on = check
+    return sum(t.numel() * t.element_size() for t in kept.values()) / 2**30
+
+
 def count_row(model_name: str, backend: str, batch: int, device: torch.device, img_size: Optional[int]) -> dict:
     """What one step issues, without timing it (``--count-only``). On a CPU, ``auto`` is counted on
-    CUDA's path: the Triton backend with its Triton rel terms, the launches stubbed."""
+    CUDA's path: the Triton backend with its Triton rel terms, the launches stubbed. Also the
+    activations it saves at the variant's full input size (:func:`saved_gib`)."""
     attn = backend.removesuffix(CKPT)
     emulate = device.type == "cpu" and attn == "auto"
     model, video, mask = build(model_name, "triton" if emulate else attn, batch, device, torch.bfloat16, img_size,
@@ -154,7 +195,8 @@ def count_row(model_name: str, backend: str, batch: int, device: torch.device, i
         ops, names = count_work(step, stub=emulate)
     top = collections.Counter(ops).most_common(12)
     return dict(backend=backend, path="as on CUDA, launches stubbed" if emulate else device.type,
-                torch_ops=len(ops), triton_launches=len(names), top_ops=top)
+                torch_ops=len(ops), triton_launches=len(names), top_ops=top,
+                saved_gib=saved_gib(model_name, backend, batch))
 
 
 def make_step(model: torch.nn.Module, video: torch.Tensor, mask: torch.Tensor) -> Callable[[], None]:
@@ -271,13 +313,17 @@ def _count_lines(rows: list[dict]) -> list[str]:
         "- counts only (`--count-only`), nothing timed: torch ops are aten ops with device work in one step (views and "
         "allocations left out), Triton launches our kernels' (HOG, attention); each costs the host a few µs on a GPU "
         "machine. Neither depends on the input size.",
+        "- saved GiB: the activations one forward keeps for backward at the variant's full input size and this batch "
+        "(`saved_gib`: every tensor autograd saves, once per storage, parameters left out; meta device, nothing "
+        "computed; `+ckpt`: blocks recomputed in backward keep only their inputs)",
         "",
-        "| backend | issued as | torch ops | Triton launches | most issued |",
-        "|---|---|---|---|---|",
+        "| backend | issued as | torch ops | Triton launches | saved GiB | most issued |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         top = ", ".join(f"{name} {n}" for name, n in r["top_ops"])
-        lines.append(f"| {r['backend']} | {r['path']} | {r['torch_ops']} | {r['triton_launches']} | {top} |")
+        lines.append(f"| {r['backend']} | {r['path']} | {r['torch_ops']} | {r['triton_launches']} | "
+                     f"{r['saved_gib']:.2f} | {top} |")
     return lines
 
 
@@ -328,7 +374,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         meta["count_only"] = True
         rows = [count_row(model_name, b, batch, device, args.img_size) for b in backends]
         for r in rows:
-            print(f"{r['backend']:12s} {r['torch_ops']} torch ops, {r['triton_launches']} Triton launches ({r['path']})")
+            print(f"{r['backend']:12s} {r['torch_ops']} torch ops, {r['triton_launches']} Triton launches ({r['path']}), "
+                  f"{r['saved_gib']:.2f} GiB of saved activations at {'x'.join(map(str, _input_size(model_name)))}")
         jpath, mpath = write_report(Path(args.out), stem + "_counts" + tag, meta, rows)
         print(f"\nwrote {jpath} and {mpath}")
         return

@@ -14,7 +14,8 @@ Launch the same command under ``torchrun``, the ``deepspeed`` launcher (``--modu
 ``--local_rank`` it appends is accepted and ignored, ``LOCAL_RANK`` is read from the environment)
 or ``srun`` for more processes (``python -m engine`` is the module form). Exit codes: 0 done, 2 bad config/usage,
 3 stopped on purpose by ``train.stop_after_steps``, 4 too many non-finite losses, 5 data error
-(dataset list or root missing, bad files under ``data.on_bad_file=error``).
+(dataset list or root missing, bad files under ``data.on_bad_file=error``), 6 out of GPU memory
+(with what to change).
 """
 from __future__ import annotations
 
@@ -150,9 +151,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NonFiniteLossError as e:
         print(f"maskfeat {args.command}: {e}", file=sys.stderr)
         return 4
+    except Exception as e:
+        if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+            raise
+        print(f"maskfeat {args.command}: {out_of_memory_hint(cfg, args.command, e)}", file=sys.stderr)
+        return 6
     finally:
         _shutdown()
     return 0
+
+
+def out_of_memory_hint(cfg, command: str, error: BaseException) -> str:
+    """One paragraph for a run that ran out of GPU memory: torch's first line, what to change in the
+    config, and where the last complete checkpoint is."""
+    from engine.checkpoint import find_latest
+
+    first = str(error).strip().splitlines()[0] if str(error).strip() else "CUDA out of memory"
+    batch = cfg.data.batch_size
+    if command == "eval":
+        fix = f"lower data.batch_size (now {batch})"
+    else:
+        fix = (f"lower data.batch_size (now {batch} per GPU; the LR follows the global batch)"
+               + ("" if cfg.model.activation_checkpointing else
+                  ", or set model.activation_checkpointing=true: each block is then recomputed in backward, "
+                  "keeping only its input (a second forward per step; `python -m bench.model_step --count-only` "
+                  "shows the activations either way)"))
+    latest = find_latest(cfg.train.output_dir) if command != "eval" else None
+    return (f"out of GPU memory: {first}. To fit, {fix}."
+            + (f" The last complete checkpoint is {latest} (--resume auto continues from it)." if latest else ""))
 
 
 def _shutdown() -> None:

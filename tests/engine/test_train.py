@@ -267,3 +267,28 @@ def test_gpu_training_step_waits_for_the_gpu_once(env, tmp_path):
     print(json.dumps(report["syncs"], indent=1))
     per_step = {k: [s["where"] for s in ours if s["step"] == k] for k in watched}
     assert all(len(w) == 1 and "engine/runner.py" in w[0] for w in per_step.values()), per_step
+
+
+def test_cli_out_of_memory_exits_6_with_what_to_change(monkeypatch, capsys, tmp_path):
+    """A run out of GPU memory ends with one paragraph: torch's message, the config changes that fit
+    it (activation checkpointing while it is off, a smaller batch), and no traceback."""
+    import torch
+
+    import engine.pretrain
+    from engine import cli
+
+    def oom(cfg, resume=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+
+    monkeypatch.setattr(engine.pretrain, "run_pretrain", oom)
+    out = f"train.output_dir={tmp_path}"
+    assert cli.main(["pretrain", "-c", TINY, out]) == 6
+    err = capsys.readouterr().err
+    assert "Tried to allocate 2.00 GiB" in err and "model.activation_checkpointing=true" in err
+    assert "data.batch_size (now" in err and "Traceback" not in err
+    assert cli.main(["pretrain", "-c", TINY, out, "model.activation_checkpointing=true"]) == 6
+    assert "activation_checkpointing" not in capsys.readouterr().err  # already on: only the batch is left
+
+    monkeypatch.setattr(engine.pretrain, "run_pretrain", lambda cfg, resume=None: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # anything else still raises
+        cli.main(["pretrain", "-c", TINY, out])

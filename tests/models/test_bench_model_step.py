@@ -41,6 +41,8 @@ def test_model_step_counts_auto_as_issued_on_cuda(tmp_path):
     # recomputed blocks: each block's attention forward (tables, rel terms, attention: 3 launches)
     # runs again in backward, the HOG targets do not
     assert ckpt["triton_launches"] == auto["triton_launches"] + 3 * blocks and ckpt["torch_ops"] > auto["torch_ops"]
+    # what backward needs: the fused attention saves no (Nq, Nk) matrix; recomputed blocks keep their inputs only
+    assert 0 < ckpt["saved_gib"] < auto["saved_gib"] < sdpa["saved_gib"]
     assert "| auto | as on CUDA" in next(tmp_path.glob("model_step_cpu_*_counts.md")).read_text()
 
 
