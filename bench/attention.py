@@ -279,7 +279,10 @@ def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[d
 
 
 def make_inputs(s: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> tuple[Inputs, torch.Tensor]:
-    """q, k, v in ``dtype``; fp32 tables (mixed precision, as in training); an output grad."""
+    """q, k, v in ``dtype``; fp32 tables (mixed precision, as in training); an output grad in the
+    layout training hands back: the gradient of the model's ``out.transpose(1, 2).reshape(B, Nq, C)``
+    is token-major ((B, Nq, nh, hd) memory) whatever layout a provider's output had, so each
+    provider's backward is timed on the dO it gets in training."""
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def rnd(*shape, std=1.0, dt=dtype):
@@ -289,7 +292,7 @@ def make_inputs(s: Shape, dtype: torch.dtype, device: torch.device, seed: int = 
     k = rnd(s.B, s.nh, s.Nk, s.hd)
     v = rnd(s.B, s.nh, s.Nk, s.hd)
     tables = [rnd(rel_table_len(a, b), s.hd, std=0.1, dt=torch.float32) for a, b in zip(s.q_thw, s.k_thw)]
-    dout = rnd(s.B, s.nh, s.Nq, s.hd)
+    dout = rnd(s.B, s.Nq, s.nh, s.hd).transpose(1, 2)
     return [q, k, v, *tables], dout
 
 

@@ -210,14 +210,14 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
     kr = r.shape[-1]
     layouts = {split: ta._Dims.of(hd, kr, split) for split in (True, False)}
     base = ta._configs(layouts[True].wa, q.dtype, device)
-    do = dout.contiguous()  # the layout 1 of triton_attn._heads_layout
+    do, do_nh = dout, ta._heads_layout(dout)  # token-major, as training hands it back (bench.attention.make_inputs)
     per_split = {}  # split -> (dims, key one-hot table, {pack_k: key rows}): what a variant of that layout reads
     for split, dims in layouts.items():
         e = ta._key_table(k, s.k_thw, s.k_thw[0], dims, True)
         per_split[split] = (dims, e, {False: k, True: torch.cat([k, e.expand(*k.shape[:3], e.shape[-1])], -1)})
     o, lse = ta._fwd(q, r, k, per_split[True][1], v, layouts[True], True, scale, base)
     for split, (dims, e, _) in per_split.items():  # + the packed q'' rows and delta of each layout
-        _, dr, delta, qa = ta._bwd_dq(q, r, k, e, v, o, do, 1, lse, dims, True, scale, dataclasses.replace(base, split=split))
+        _, dr, delta, qa = ta._bwd_dq(q, r, k, e, v, o, do, do_nh, lse, dims, True, scale, dataclasses.replace(base, split=split))
         per_split[split] += (qa, delta)
 
     def layout(change):
@@ -235,14 +235,14 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
         cfg, dims, e, kk, _, _ = layout(change)
 
         def call():
-            return ta._bwd_dq(q, r, kk, e, v, o, do, 1, lse, dims, True, scale, cfg)
+            return ta._bwd_dq(q, r, kk, e, v, o, do, do_nh, lse, dims, True, scale, cfg)
         return call()[:3], call  # dq, dR, delta (the packed rows differ in width between layouts)
 
     def dkdv(change):
         cfg, dims, e, kk, qa, delta = layout(change)
 
         def call():
-            return ta._bwd_dkdv(qa, kk, e, v, do, 1, lse, delta, dims, cfg)
+            return ta._bwd_dkdv(qa, kk, e, v, do, do_nh, lse, delta, dims, cfg)
         return call(), call
 
     def fwd_rel(change):
@@ -261,8 +261,8 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
 
         def call():
             if cfg.fuse_rel_dq:  # the dq kernel adds q's rel-path gradient
-                return ta._bwd_dq(q, r, kk, e, v, o, do, 1, lse, dims, True, scale, cfg, (tabs, g))[:2]
-            dq_, dr_, _, _ = ta._bwd_dq(q, r, kk, e, v, o, do, 1, lse, dims, True, scale, cfg)
+                return ta._bwd_dq(q, r, kk, e, v, o, do, do_nh, lse, dims, True, scale, cfg, (tabs, g))[:2]
+            dq_, dr_, _, _ = ta._bwd_dq(q, r, kk, e, v, o, do, do_nh, lse, dims, True, scale, cfg)
             return rt._bwd_q(dr_, q, tabs, g, rbase, dq_), dr_
         return call(), call
 

@@ -714,9 +714,9 @@ def _fwd(q, r, k, e, v, dims: _Dims, has_cls, scale, cfg, rel=None):
     """q (B, nh, Nq, hd), R (B, nh, Nq', KR), k (B, nh, Nk, hd) or the packed k' rows
     (B, nh, Nk, A1+A2), the keys' one-hot table e (Nk, A1+A2 − hd), v → out (B, nh, Nq, hd),
     lse2 (B, nh, Nq). With ``rel`` = (``rel_triton.RelTables``, rel geometry) the kernel writes R itself (r: an
-    uninitialised buffer of R's shape). o's memory is token-major, (B, Nq, nh, hd), as SDPA's flash
-    and cuDNN outputs are: the model's ``o.transpose(1, 2).reshape(B, Nq, C)`` is then a view, and
-    the gradient that comes back through it has the same layout, which backward reads as it is."""
+    uninitialised buffer of R's shape). o's memory is token-major, (B, Nq, nh, hd), the layout the
+    model reads it in: its ``o.transpose(1, 2).reshape(B, Nq, C)`` is then a view, and the gradient
+    that comes back through it has the same layout, which backward reads as it is."""
     B, nh, Nq, hd = q.shape
     Nk = k.shape[2]
     o = _empty(B, Nq, nh, hd, dtype=q.dtype, device=q.device).transpose(1, 2)
