@@ -24,9 +24,9 @@ DeepSpeed's bf16 mode, and cube masks are at ratio 0.4.
 - ``auto`` on CUDA runs twice: with ``kernels.launch`` (the default) and with every Triton launch
   through Triton's JIT (``auto@jit``).
 - ``BACKEND+ckpt`` (on CUDA by default ``auto+ckpt``): the same step with every block recomputed in
-  backward (``engine.distributed.apply_activation_checkpointing``, the MViTv2-L recipe's setting).
-  Against the plain row it says what the recompute costs in time and saves in peak memory, i.e.
-  whether the recipe's batch needs it on this GPU.
+  backward (``engine.distributed.apply_activation_checkpointing``; ``+ckptN``: the first N blocks,
+  ``model.activation_checkpointing=N``). Against the plain row it says what the recompute costs in
+  time and saves in peak memory, i.e. whether a batch needs it on this GPU.
 - peak MiB: ``torch.cuda.max_memory_allocated`` over the steps, parameters and input included.
 
 - torch ops / Triton launches: what one step issues (counted in one extra step); with a few µs of
@@ -39,7 +39,7 @@ so ``--model mvitv2_l_16x4 --img-size 64`` on a CPU gives MViTv2-L's.
 ``--count-only`` counts what one step issues and times nothing; on a CPU it counts ``auto`` on
 CUDA's path (the Triton backend with Triton rel terms and HOG, the launches stubbed). It also counts
 the activations one forward saves for backward at the variant's full input size (meta device):
-what activation checkpointing (``+ckpt``) would save.
+what activation checkpointing (``+ckpt``, ``+ckptN``) would save.
 
     python -m bench.model_step [--device cuda|cpu] [--model mvitv2_l_16x4] [--batch 4]
                                [--backends auto,auto+ckpt,sdpa] [--steps 10] [--img-size PX] [--count-only]
@@ -58,7 +58,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -69,10 +69,11 @@ from bench.common import by_category, cuda_kernels, results_slug
 
 
 def build(model_name: str, backend: str, batch: int, device: torch.device, dtype: torch.dtype,
-          img_size: Optional[int] = None, checkpointing: bool = False) -> tuple:
+          img_size: Optional[int] = None, checkpointing: Union[bool, int] = False) -> tuple:
     """(model, video, mask) for one step of ``model_name`` with attention ``backend`` (at
     ``img_size`` px instead of the variant's, when given), its blocks recomputed in backward when
-    ``checkpointing``. On the meta device nothing is allocated or initialised (:func:`step_tflop`)."""
+    ``checkpointing`` (true: all of them; N: the first N). On the meta device nothing is allocated
+    or initialised (:func:`step_tflop`)."""
     from models import create_model
     from models.masking import make_masks
 
@@ -87,13 +88,23 @@ def build(model_name: str, backend: str, batch: int, device: torch.device, dtype
     if checkpointing:
         from engine.distributed import apply_activation_checkpointing
 
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, None if checkpointing is True else int(checkpointing))
     video = video.to(device=device, dtype=dtype)
     mask = make_masks("cube", batch, tuple(model.mask_grid(T, H, W)), 0.4, np.random.default_rng(0)).to(device)
     return model, video, mask
 
 
-CKPT = "+ckpt"  # a --backends suffix: the model's blocks recomputed in backward
+CKPT = "+ckpt"  # a --backends suffix: the model's blocks (+ckptN: the first N) recomputed in backward
+
+
+def split_backend(spec: str) -> tuple[str, Union[bool, int]]:
+    """``auto`` -> (``auto``, False); ``auto+ckpt`` -> (``auto``, True); ``auto+ckpt8`` -> (``auto``, 8)."""
+    attn, sep, n = spec.partition(CKPT)
+    if not sep:
+        return spec, False
+    if n and not n.isdigit():
+        raise ValueError(f"{spec!r}: {CKPT} takes a block count, e.g. {attn}{CKPT}8")
+    return attn, int(n) if n else True
 
 
 def _input_size(model_name: str, img_size: Optional[int] = None) -> tuple[int, int, int]:
@@ -155,10 +166,10 @@ def saved_gib(model_name: str, backend: str, batch: int) -> float:
     from bench.attention_host import triton_launches
     from kernels.attention import rel_triton, triton_attn
 
-    attn = backend.removesuffix(CKPT)
+    attn, ckpt = split_backend(backend)
     emulate = attn == "auto"
     model, video, mask = build(model_name, "triton" if emulate else attn, batch, torch.device("meta"),
-                               torch.bfloat16, checkpointing=backend.endswith(CKPT))
+                               torch.bfloat16, checkpointing=ckpt)
     params = {id(p) for p in model.parameters()}
     kept: dict[int, torch.Tensor] = {}  # id -> base, held so that no id is reused while counting
 
@@ -185,10 +196,10 @@ def count_row(model_name: str, backend: str, batch: int, device: torch.device, i
     """What one step issues, without timing it (``--count-only``). On a CPU, ``auto`` is counted on
     CUDA's path: the Triton backend with its Triton rel terms, the launches stubbed. Also the
     activations it saves at the variant's full input size (:func:`saved_gib`)."""
-    attn = backend.removesuffix(CKPT)
+    attn, ckpt = split_backend(backend)
     emulate = device.type == "cpu" and attn == "auto"
     model, video, mask = build(model_name, "triton" if emulate else attn, batch, device, torch.bfloat16, img_size,
-                               checkpointing=backend.endswith(CKPT))
+                               checkpointing=ckpt)
     step = make_step(model, video, mask)
     with _cuda_issue_path() if emulate else contextlib.nullcontext():
         count_work(step, stub=emulate)  # first step: cached index tables, compiles
@@ -333,7 +344,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--model", default=None, help="variant (default mvitv2_l_16x4 on CUDA, mvitv2_tiny on CPU)")
     ap.add_argument("--batch", type=int, default=None, help="clips (default 4 on CUDA, the recipe's clips per GPU; 2 on CPU)")
     ap.add_argument("--backends", default=None, help="comma list of attention backends (models: auto, reference, "
-                    "sdpa, xformers, triton), each with +ckpt for activation checkpointing (default: auto,auto+ckpt,"
+                    "sdpa, xformers, triton), each with +ckpt (+ckptN) for activation checkpointing of every block (of "
+                    "the first N) (default: auto,auto+ckpt,"
                     "sdpa on CUDA, auto,sdpa on CPU)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per backend")
     ap.add_argument("--img-size", type=int, default=None, help="input side in px instead of the variant's (e.g. 64: "
@@ -352,9 +364,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     backends = [b for b in spec.split(",") if b]
     from kernels.attention import BACKENDS
 
-    bad = [b for b in backends if b.removesuffix(CKPT) not in BACKENDS]
+    try:
+        bad = [b for b in backends if split_backend(b)[0] not in BACKENDS]
+    except ValueError as exc:
+        raise SystemExit(f"--backends: {exc}") from None
     if bad or not backends:
-        raise SystemExit(f"--backends: comma list of {BACKENDS}, each optionally with {CKPT}, got {spec!r}")
+        raise SystemExit(f"--backends: comma list of {BACKENDS}, each optionally with {CKPT} or {CKPT}N, got {spec!r}")
     if args.steps < 1 or batch < 1 or (args.img_size is not None and args.img_size < 1):
         raise SystemExit("--steps, --batch and --img-size must be ≥ 1")
     try:
@@ -385,8 +400,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     for backend in backends:
         variants = [(backend, True)] + ([(f"{backend}@jit", False)] if backend == "auto" and device.type == "cuda" else [])
         try:
-            model, video, mask = build(model_name, backend.removesuffix(CKPT), batch, device, torch.bfloat16,
-                                       args.img_size, checkpointing=backend.endswith(CKPT))
+            attn, ckpt = split_backend(backend)
+            model, video, mask = build(model_name, attn, batch, device, torch.bfloat16, args.img_size,
+                                       checkpointing=ckpt)
             step = make_step(model, video, mask)
             for name, fast in variants:
                 launch.enabled = fast

@@ -171,11 +171,13 @@ def out_of_memory_hint(cfg, command: str, error: BaseException) -> str:
     if command == "eval":
         fix = f"lower data.batch_size (now {batch})"
     else:
+        ac = cfg.model.activation_checkpointing
         fix = (f"lower data.batch_size (now {batch} per GPU; the LR follows the global batch)"
-               + ("" if cfg.model.activation_checkpointing else
-                  ", or set model.activation_checkpointing=true: each block is then recomputed in backward, "
-                  "keeping only its input (a second forward per step; `python -m bench.model_step --count-only` "
-                  "shows the activations either way)"))
+               + ("" if ac is True else
+                  f", or recompute {'more ' if ac else ''}blocks in backward instead of keeping their activations: "
+                  f"model.activation_checkpointing=N for the first N blocks (now {int(ac)}), =true for all "
+                  "(`python -m bench.model_step --count-only --backends auto,auto+ckpt8,auto+ckpt` counts what each "
+                  "keeps)"))
     latest = find_latest(cfg.train.output_dir) if command != "eval" else None
     return (f"out of GPU memory: {first}. To fit, {fix}."
             + (f" The last complete checkpoint is {latest} (--resume auto continues from it)." if latest else ""))

@@ -78,9 +78,13 @@ class ModelConfig:
     """Extra ``models.create_model`` overrides of the variant's fields (e.g. the pre-training
     target ``{target: pixel}``, ``{attn_backend: reference}``). The input geometry
     (``num_frames``, ``img_size``) is taken from ``data`` unless given here."""
-    activation_checkpointing: bool = False
-    """Recompute every transformer block in backward (``torch.utils.checkpoint``, applied by the
-    engine around each block from outside the model)."""
+    activation_checkpointing: Union[bool, int] = False
+    """Recompute transformer blocks in backward instead of keeping their activations
+    (``torch.utils.checkpoint``, applied by the engine around each block from outside the model):
+    ``true`` every block, an integer N the first N blocks, ``false`` or 0 none. Each recomputed
+    block costs about the same (one more forward of it); the first ones save the most memory
+    (MViTv2's first stage has the most tokens). ``python -m bench.model_step --count-only
+    --backends auto,auto+ckpt8,auto+ckpt`` counts what each choice keeps."""
 
 
 @dataclass
@@ -529,6 +533,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.layer_decay must be in (0, 1], got {o.layer_decay}")
     if not 0 < cfg.mask.ratio < 1:
         raise ConfigError(f"mask.ratio must be in (0, 1), got {cfg.mask.ratio}")
+    ac = cfg.model.activation_checkpointing
+    if not isinstance(ac, bool) and ac < 0:
+        raise ConfigError(f"model.activation_checkpointing must be true, false or a number of blocks >= 0, got {ac}")
     if cfg.train.max_nonfinite < 1:
         raise ConfigError(f"train.max_nonfinite must be >= 1, got {cfg.train.max_nonfinite}")
     ft = cfg.finetune

@@ -171,15 +171,21 @@ def _checkpointed_forward(block: nn.Module, original, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(original, *args, use_reentrant=False, **kwargs)
 
 
-def apply_activation_checkpointing(model: nn.Module) -> int:
-    """Recompute each transformer block in backward; returns the number of blocks wrapped.
+def apply_activation_checkpointing(model: nn.Module, first: Optional[int] = None) -> int:
+    """Recompute transformer blocks in backward: the first ``first`` of them (None: all); returns
+    the number of blocks wrapped.
 
-    Looks for ``model.backbone.blocks`` or ``model.blocks`` (an ``nn.ModuleList``).
+    Looks for ``model.backbone.blocks`` or ``model.blocks`` (an ``nn.ModuleList``). A ``first``
+    beyond the model's depth is an error, not a silent "all".
     """
     holder = getattr(model, "backbone", model)
     blocks = getattr(holder, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
         raise ValueError("activation checkpointing needs model.backbone.blocks or model.blocks (nn.ModuleList)")
+    if first is not None:
+        if not 0 <= first <= len(blocks):
+            raise ValueError(f"activation checkpointing of the first {first} blocks: the model has {len(blocks)}")
+        blocks = blocks[:first]
     for block in blocks:
         if getattr(block, "_maskfeat_checkpointed", False):
             continue

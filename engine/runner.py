@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from engine.checkpoint import checkpoint_dir, find_latest, load_checkpoint, save_checkpoint
-from engine.config import Config, Derived, config_to_yaml, derive
+from engine.config import Config, ConfigError, Derived, config_to_yaml, derive
 from engine.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -159,8 +159,12 @@ def setup_run(
     loader = build_loader(dist)
     _seed_all(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(loader)
-    if cfg.model.activation_checkpointing:
-        n = apply_activation_checkpointing(model)
+    ac = cfg.model.activation_checkpointing
+    if ac:  # true: every block; N: the first N
+        try:
+            n = apply_activation_checkpointing(model, None if ac is True else int(ac))
+        except ValueError as e:
+            raise ConfigError(f"model.activation_checkpointing={ac}: {e}") from None
         print0(f"activation checkpointing: {n} blocks")
     model.to(dist.device)
     derived = derive(cfg, dist.world_size, len(loader), clips_per_rank(loader))

@@ -39,6 +39,10 @@ def test_overrides_are_typed_by_the_field():
     assert cfg.log.tensorboard is False
     assert cfg.model.drop_path == pytest.approx(0.2)
     assert load_config(None, ["model.drop_path=null"]).model.drop_path is None
+    # true/false, or how many of the first blocks are recomputed
+    for text, value in (("true", True), ("false", False), ("8", 8), ("0", 0)):
+        got = load_config(None, [f"model.activation_checkpointing={text}"]).model.activation_checkpointing
+        assert got == value and type(got) is type(value)
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -62,6 +66,8 @@ def test_unknown_key_names_the_closest_valid_key(override, expected):
     ("data.batch_size=0", "batch_size must be >= 1"),
     ("mask.ratio=1.5", "mask.ratio must be in"),
     ("optim.layer_decay=1.5", "layer_decay must be in"),
+    ("model.activation_checkpointing=-2", "a number of blocks >= 0"),
+    ("model.activation_checkpointing=some", "does not match"),
     ("optim.lr", "must look like section.field=value"),
     ("optim.lr.x=1", "not a section"),
 ])

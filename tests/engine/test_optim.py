@@ -188,3 +188,23 @@ def test_activation_checkpointing_keeps_values_gradients_and_names(pretrainer):
     assert calls == {"a": 1, "b": 2}  # the checkpointed block ran again in backward
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-7, rtol=1e-5), n
+
+
+def test_activation_checkpointing_of_the_first_blocks_only(pretrainer):
+    import copy
+
+    b = copy.deepcopy(pretrainer)
+    assert apply_activation_checkpointing(b, 1) == 1
+    assert [getattr(blk, "_maskfeat_checkpointed", False) for blk in b.blocks] == [True] + [False] * (len(b.blocks) - 1)
+    assert apply_activation_checkpointing(b, 0) == 0
+    with pytest.raises(ValueError, match=f"the model has {len(b.blocks)}"):
+        apply_activation_checkpointing(b, len(b.blocks) + 1)
+    from models.masking import make_masks
+
+    calls = []
+    for i, blk in enumerate(b.blocks):
+        blk.mlp.register_forward_hook(lambda *_, i=i: calls.append(i))
+    x = torch.randn(2, 3, 4, 32, 32)
+    mask = make_masks("frame", 2, b.mask_grid(4, 32, 32), 0.5, np.random.default_rng(0))
+    b(x, mask).loss.backward()
+    assert sorted(calls) == sorted(list(range(len(b.blocks))) + [0])  # only block 0 ran again in backward

@@ -284,11 +284,19 @@ def test_cli_out_of_memory_exits_6_with_what_to_change(monkeypatch, capsys, tmp_
     out = f"train.output_dir={tmp_path}"
     assert cli.main(["pretrain", "-c", TINY, out]) == 6
     err = capsys.readouterr().err
-    assert "Tried to allocate 2.00 GiB" in err and "model.activation_checkpointing=true" in err
+    assert "Tried to allocate 2.00 GiB" in err and "model.activation_checkpointing=N for the first N blocks (now 0)" in err
     assert "data.batch_size (now" in err and "Traceback" not in err
+    assert cli.main(["pretrain", "-c", TINY, out, "model.activation_checkpointing=1"]) == 6
+    assert "recompute more blocks" in capsys.readouterr().err
     assert cli.main(["pretrain", "-c", TINY, out, "model.activation_checkpointing=true"]) == 6
     assert "activation_checkpointing" not in capsys.readouterr().err  # already on: only the batch is left
 
     monkeypatch.setattr(engine.pretrain, "run_pretrain", lambda cfg, resume=None: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # anything else still raises
         cli.main(["pretrain", "-c", TINY, out])
+
+
+def test_cli_checkpointing_more_blocks_than_the_model_has_exits_2(env, tmp_path):
+    p = _run([sys.executable, "-m", "engine", "pretrain", "-c", TINY, "model.activation_checkpointing=99",
+              f"train.output_dir={tmp_path}"], env, ok=(2,))
+    assert "model.activation_checkpointing=99" in p.stderr and "the model has" in p.stderr

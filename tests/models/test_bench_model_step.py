@@ -29,9 +29,10 @@ def test_model_step_counts_auto_as_issued_on_cuda(tmp_path):
     from models import create_model
     from models.mvit import MultiScaleBlock
 
-    model_step.main(["--device", "cpu", "--count-only", "--backends", "auto,sdpa,auto+ckpt", "--out", str(tmp_path)])
+    model_step.main(["--device", "cpu", "--count-only", "--backends", "auto,sdpa,auto+ckpt,auto+ckpt1", "--out",
+                     str(tmp_path)])
     report = json.loads(next(tmp_path.glob("model_step_cpu_*_counts.json")).read_text())
-    auto, sdpa, ckpt = report["results"]
+    auto, sdpa, ckpt, ckpt1 = report["results"]
     blocks = sum(isinstance(m, MultiScaleBlock) for m in create_model("mvitv2_tiny", task="pretrain").modules())
     assert auto["triton_launches"] == 8 * blocks + 1 and sdpa["triton_launches"] == 0
     assert auto["path"].startswith("as on CUDA") and sdpa["path"] == "cpu"
@@ -43,6 +44,9 @@ def test_model_step_counts_auto_as_issued_on_cuda(tmp_path):
     assert ckpt["triton_launches"] == auto["triton_launches"] + 3 * blocks and ckpt["torch_ops"] > auto["torch_ops"]
     # what backward needs: the fused attention saves no (Nq, Nk) matrix; recomputed blocks keep their inputs only
     assert 0 < ckpt["saved_gib"] < auto["saved_gib"] < sdpa["saved_gib"]
+    # only the first block recomputed: its 3 forward launches again, and its activations no longer kept
+    assert ckpt1["triton_launches"] == auto["triton_launches"] + 3
+    assert ckpt["saved_gib"] < ckpt1["saved_gib"] < auto["saved_gib"]
     assert "| auto | as on CUDA" in next(tmp_path.glob("model_step_cpu_*_counts.md")).read_text()
 
 
@@ -51,6 +55,8 @@ def test_model_step_bench_refuses_bad_arguments(tmp_path):
         model_step.main(["--device", "cpu", "--backends", "flash", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--backends"):
         model_step.main(["--device", "cpu", "--backends", "sdpa+ckp", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="takes a block count"):
+        model_step.main(["--device", "cpu", "--backends", "sdpa+ckptx", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--steps"):
         model_step.main(["--device", "cpu", "--steps", "0", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="mvitv2_l_16x4"):  # the close valid names
