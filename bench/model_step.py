@@ -154,7 +154,7 @@ def _cuda_issue_path() -> Iterator[None]:
         triton_attn.resolve_rel_impl, hog._resolve_backend = rel, hog_backend
 
 
-def saved_gib(model_name: str, backend: str, batch: int) -> float:
+def saved_gib(model_name: str, backend: str, batch: int) -> Optional[float]:
     """GiB of activations one forward keeps for its backward, at the variant's full input size: every
     tensor autograd saves, once per storage (a view counts as its base), parameters left out. On the
     meta device, so nothing is allocated or computed; ``auto`` takes CUDA's path (the Triton
@@ -162,12 +162,16 @@ def saved_gib(model_name: str, backend: str, batch: int) -> float:
     (needs ``TRITON_INTERPRET=1``, as ``--count-only`` does). With ``+ckpt`` the blocks keep only
     their inputs until backward recomputes them. This is the memory that activation checkpointing
     trades for a second forward; a GPU's peak adds the parameters, the optimiser state and
-    backward's transients (``bench.model_step`` on CUDA: peak MiB)."""
+    backward's transients (``bench.model_step`` on CUDA: peak MiB). None for a Triton path outside
+    the interpreter, whose launches cannot be stubbed for meta tensors."""
     from bench.attention_host import triton_launches
+    from kernels import interpreting
     from kernels.attention import rel_triton, triton_attn
 
     attn, ckpt = split_backend(backend)
     emulate = attn == "auto"
+    if attn in ("auto", "triton") and not interpreting():
+        return None
     model, video, mask = build(model_name, "triton" if emulate else attn, batch, torch.device("meta"),
                                torch.bfloat16, checkpointing=ckpt)
     params = {id(p) for p in model.parameters()}
@@ -333,8 +337,8 @@ def _count_lines(rows: list[dict]) -> list[str]:
     ]
     for r in rows:
         top = ", ".join(f"{name} {n}" for name, n in r["top_ops"])
-        lines.append(f"| {r['backend']} | {r['path']} | {r['torch_ops']} | {r['triton_launches']} | "
-                     f"{r['saved_gib']:.2f} | {top} |")
+        saved = "n/a" if r["saved_gib"] is None else f"{r['saved_gib']:.2f}"
+        lines.append(f"| {r['backend']} | {r['path']} | {r['torch_ops']} | {r['triton_launches']} | {saved} | {top} |")
     return lines
 
 
@@ -344,9 +348,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--model", default=None, help="variant (default mvitv2_l_16x4 on CUDA, mvitv2_tiny on CPU)")
     ap.add_argument("--batch", type=int, default=None, help="clips (default 4 on CUDA, the recipe's clips per GPU; 2 on CPU)")
     ap.add_argument("--backends", default=None, help="comma list of attention backends (models: auto, reference, "
-                    "sdpa, xformers, triton), each with +ckpt (+ckptN) for activation checkpointing of every block (of "
-                    "the first N) (default: auto,auto+ckpt,"
-                    "sdpa on CUDA, auto,sdpa on CPU)")
+                    "sdpa, xformers, triton), each optionally with +ckpt (every block recomputed in backward) or "
+                    "+ckptN (the first N); default auto,auto+ckpt,sdpa on CUDA, auto,sdpa on CPU")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per backend")
     ap.add_argument("--img-size", type=int, default=None, help="input side in px instead of the variant's (e.g. 64: "
                     "MViTv2-L's op and launch counts on a CPU, which do not depend on the size)")
@@ -389,8 +392,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         meta["count_only"] = True
         rows = [count_row(model_name, b, batch, device, args.img_size) for b in backends]
         for r in rows:
+            saved = "n/a" if r["saved_gib"] is None else f"{r['saved_gib']:.2f}"
             print(f"{r['backend']:12s} {r['torch_ops']} torch ops, {r['triton_launches']} Triton launches ({r['path']}), "
-                  f"{r['saved_gib']:.2f} GiB of saved activations at {'x'.join(map(str, _input_size(model_name)))}")
+                  f"{saved} GiB of saved activations at {'x'.join(map(str, _input_size(model_name)))}")
         jpath, mpath = write_report(Path(args.out), stem + "_counts" + tag, meta, rows)
         print(f"\nwrote {jpath} and {mpath}")
         return
