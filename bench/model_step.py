@@ -88,7 +88,7 @@ def build(model_name: str, backend: str, batch: int, device: torch.device, dtype
     if checkpointing:
         from engine.distributed import apply_activation_checkpointing
 
-        apply_activation_checkpointing(model, None if checkpointing is True else int(checkpointing))
+        apply_activation_checkpointing(model, checkpointing)
     video = video.to(device=device, dtype=dtype)
     mask = make_masks("cube", batch, tuple(model.mask_grid(T, H, W)), 0.4, np.random.default_rng(0)).to(device)
     return model, video, mask

@@ -22,7 +22,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -171,21 +171,21 @@ def _checkpointed_forward(block: nn.Module, original, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(original, *args, use_reentrant=False, **kwargs)
 
 
-def apply_activation_checkpointing(model: nn.Module, first: Optional[int] = None) -> int:
-    """Recompute transformer blocks in backward: the first ``first`` of them (None: all); returns
-    the number of blocks wrapped.
+def apply_activation_checkpointing(model: nn.Module, which: Union[bool, int] = True) -> int:
+    """Recompute transformer blocks in backward, as ``model.activation_checkpointing`` says: true
+    every block, an integer N the first N, false or 0 none; returns the number of blocks wrapped.
 
-    Looks for ``model.backbone.blocks`` or ``model.blocks`` (an ``nn.ModuleList``). A ``first``
-    beyond the model's depth is an error, not a silent "all".
+    Looks for ``model.backbone.blocks`` or ``model.blocks`` (an ``nn.ModuleList``). An N beyond the
+    model's depth is an error, not a silent "all".
     """
     holder = getattr(model, "backbone", model)
     blocks = getattr(holder, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
         raise ValueError("activation checkpointing needs model.backbone.blocks or model.blocks (nn.ModuleList)")
-    if first is not None:
-        if not 0 <= first <= len(blocks):
-            raise ValueError(f"activation checkpointing of the first {first} blocks: the model has {len(blocks)}")
-        blocks = blocks[:first]
+    if which is not True:
+        if not 0 <= which <= len(blocks):
+            raise ValueError(f"activation checkpointing of the first {which} blocks: the model has {len(blocks)}")
+        blocks = blocks[:int(which)]
     for block in blocks:
         if getattr(block, "_maskfeat_checkpointed", False):
             continue

@@ -162,7 +162,7 @@ def setup_run(
     ac = cfg.model.activation_checkpointing
     if ac:  # true: every block; N: the first N
         try:
-            n = apply_activation_checkpointing(model, None if ac is True else int(ac))
+            n = apply_activation_checkpointing(model, ac)
         except ValueError as e:
             raise ConfigError(f"model.activation_checkpointing={ac}: {e}") from None
         print0(f"activation checkpointing: {n} blocks")
