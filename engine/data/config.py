@@ -28,7 +28,11 @@ class DataConfig:
     num_frames: int = 16
     """T: frames per clip."""
     sampling_rate: int = 4
-    """Temporal stride between sampled frames; a clip spans ``(T-1)*stride+1`` source frames."""
+    """Temporal stride between sampled frames, in frames at ``target_fps``."""
+    target_fps: float = 30.0
+    """Frame rate ``sampling_rate`` counts at (SlowFast's TARGET_FPS): a file at ``fps`` is sampled
+    every ``sampling_rate*fps/target_fps`` source frames, so a clip lasts the same time whatever
+    the file's rate (16x4 at 30: 2 s). 0 = count the file's own frames."""
     crop_size: int = 224
     """Output spatial size (H = W)."""
     short_side: int = 320
@@ -83,6 +87,9 @@ class DataConfig:
     """Test: temporal views per video (uniformly spaced windows)."""
     num_crops: int = 1
     """Test: spatial views per temporal view (1 = centre, 3 = both ends and centre of the long side)."""
+    test_crop_fraction: float = 0.875
+    """Test with 1 crop: the centre square's side as a fraction of the short side (SlowFast scales
+    the short side to 256 and crops 224: 0.875). 3 crops always take the whole short side."""
     seed: int = 0
     """Seed of shuffling, clip windows and augmentation parameters."""
     extensions: tuple[str, ...] = field(default=(".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v"))
@@ -109,10 +116,15 @@ class DataConfig:
                 raise ValueError(f"data.{name}={getattr(self, name)}: need 0 < lo <= hi")
         if not 0.0 <= self.random_erasing <= 1.0:
             raise ValueError(f"data.random_erasing must be in [0, 1], got {self.random_erasing}")
+        if not 0.0 < self.test_crop_fraction <= 1.0:
+            raise ValueError(f"data.test_crop_fraction must be in (0, 1], got {self.test_crop_fraction}")
+        if self.target_fps < 0:
+            raise ValueError(f"data.target_fps must be >= 0 (0: the file's own frames), got {self.target_fps}")
         if not 0 <= self.rand_augment_m <= 10:
             raise ValueError(f"data.rand_augment_m must be in [0, 10], got {self.rand_augment_m}")
 
-    @property
-    def clip_span(self) -> int:
-        """Source frames one clip covers: ``(T-1)*stride + 1``."""
-        return (self.num_frames - 1) * self.sampling_rate + 1
+    def clip_extent(self, fps: float) -> int:
+        """Source frames one clip covers in a file at ``fps``: ``floor((T-1)*step) + 1``."""
+        from .sampler import clip_extent
+
+        return clip_extent(self.num_frames, self.sampling_rate, fps, self.target_fps)

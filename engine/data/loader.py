@@ -108,11 +108,11 @@ def validate_dataset(cfg: DataConfig, split: str = "train", *, device: torch.dev
     workers = cfg.validation_workers or cfg.num_threads
     cache = probe_cache_path(cfg, root)
     # first pass with the codec-agnostic reader to learn codecs, then check for the chosen reader
-    base = validate_files(ds.paths, reader="pyav", min_frames=cfg.clip_span, workers=workers,
+    base = validate_files(ds.paths, reader="pyav", min_frames=lambda info: cfg.clip_extent(info.fps), workers=workers,
                           cache_path=cache, progress=progress)
     reader = choose_reader(cfg.reader, list(base.good.values()), device)
     report = base if reader == "pyav" else validate_files(
-        ds.paths, reader=reader, min_frames=cfg.clip_span, workers=workers, cache_path=cache)
+        ds.paths, reader=reader, min_frames=lambda info: cfg.clip_extent(info.fps), workers=workers, cache_path=cache)
     report.probed, report.cached = base.probed, base.cached
     for b in report.bad:
         log.warning("bad file %s", b)
@@ -152,7 +152,8 @@ class VideoLoader:
             train=train, scale=cfg.finetune_scale if finetune else cfg.train_scale,
             ratio=cfg.train_ratio, flip=cfg.flip, erase_prob=cfg.random_erasing if finetune else 0.0,
             num_clips=cfg.num_clips if self.test_views else 1,
-            num_crops=cfg.num_crops if self.test_views else 1)
+            num_crops=cfg.num_crops if self.test_views else 1, target_fps=cfg.target_fps,
+            test_crop_fraction=cfg.test_crop_fraction)
         self.rand_augment = (cfg.rand_augment_n, cfg.rand_augment_m) if finetune and cfg.rand_augment else None
         self.shuffle = train
         self.epoch = 0

@@ -23,7 +23,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import av
 import numpy as np
@@ -237,11 +237,13 @@ class ProbeCache:
         os.replace(tmp, self.path)
 
 
-def validate_files(paths: Sequence[str], *, reader: str = "pyav", min_frames: int = 1,
+def validate_files(paths: Sequence[str], *, reader: str = "pyav",
+                   min_frames: int | Callable[[VideoInfo], int] = 1,
                    workers: int = 2, cache_path: str | None = None,
                    progress: bool = False) -> ValidationReport:
     """Probe ``paths`` in parallel (threads; PyAV releases the GIL while demuxing/decoding) and
-    sort them into good and bad for the concrete ``reader`` (see :func:`reader_problem`)."""
+    sort them into good and bad for the concrete ``reader`` (see :func:`reader_problem`);
+    ``min_frames`` may depend on the file (a clip covers more frames of a faster file)."""
     cache = ProbeCache(cache_path)
     report = ValidationReport()
     results: dict[str, ProbeResult] = {}
@@ -273,7 +275,8 @@ def validate_files(paths: Sequence[str], *, reader: str = "pyav", min_frames: in
         if res.info is None:
             report.bad.append(BadFile(p, res.reason, res.detail))
             continue
-        problem = reader_problem(res.info, reader, min_frames)
+        need = min_frames(res.info) if callable(min_frames) else min_frames
+        problem = reader_problem(res.info, reader, need)
         if problem is not None:
             report.bad.append(BadFile(p, *problem))
         else:

@@ -1,7 +1,7 @@
 """Epoch plans: sharding, seeded shuffling, clip windows and augmentation parameters (issue 5).
 
-Everything random about a sample is drawn here, in Python, from a generator keyed by
-``(seed, epoch, position, repeat)``: the temporal window, the RandomResizedCrop box, the flip and the
+Everything random about a sample is drawn here, in Python, from generators keyed by
+``(seed, epoch, position)`` and ``(seed, epoch, position, repeat)``: the temporal window, the RandomResizedCrop box, the flip and the
 random-erasing box. DALI then applies them through argument inputs (``fn.resize`` ROI,
 ``fn.flip(horizontal=...)``). So an epoch is reproducible from the seed alone, a resumed loader
 produces exactly the batches an uninterrupted one would have, and the crop statistics are testable.
@@ -14,13 +14,26 @@ every sample at least once per epoch, at most ``W-1`` repeats overall). Each ran
 padded with repeats of its first items. Padded entries carry ``valid=False``. With ``drop_last`` the
 order is cut to a multiple of ``W`` and incomplete batches are dropped instead (samples missed).
 
-Semantics: pre-/fine-tuning clips start at a uniformly random frame with
-``start + span <= num_frames``; RandomResizedCrop follows torchvision's rule (10 attempts of area
-``U(scale)`` and log-uniform ratio, then a centre crop with the ratio clamped); random erasing
-follows timm's ``RandomErasing`` (area [0.02, 1/3], log ratio [0.3, 1/0.3], one box per clip,
-same box on all frames, per-pixel N(0,1) fill). Test views use SlowFast's rules: clip ``i`` of
-``K`` starts at ``round(i * (num_frames - span) / (K - 1))``; spatial crop ``j`` of 3 takes the
-short-side square at the start / centre / end of the long side (1 crop: centre).
+Semantics (SlowFast's Kinetics dataset and decoder): ``sampling_rate`` counts frames at
+``target_fps`` (TARGET_FPS = 30), so a file at ``fps`` is sampled every ``step = sampling_rate *
+fps / target_fps`` source frames (4 at 30 fps, 8 at 60, 3.33 at 25), frame ``i`` of a clip being
+``floor(start + i * step)``; the clip covers ``extent = floor((T-1) * step) + 1`` frames and
+``delta = max(num_frames - extent, 0)``. Training clips start at ``U(0, delta)`` (a float, as
+SlowFast's ``random.uniform``), drawn once per video: the repeats of repeated augmentation share
+the window (SlowFast decodes once and copies) and differ in crop, flip and erasing only.
+RandomResizedCrop follows torchvision's rule (10 attempts of area ``U(scale)`` and log-uniform
+ratio, then a centre crop with the ratio clamped); random erasing follows timm's
+``RandomErasing`` (area [0.02, 1/3], log ratio [0.3, 1/0.3], one box per clip, same box on all
+frames, per-pixel N(0,1) fill). Test views use SlowFast's ``USE_OFFSET_SAMPLING`` rule: clip ``i``
+of ``K`` starts at ``i * floor(delta / (K - 1))`` (one clip: ``floor(delta / 2)``). Spatially,
+3 crops take the short-side square at the start / centre / end of the long side (SlowFast scales
+the short side to the crop size); 1 crop takes the centre square of ``test_crop_fraction`` of the
+short side (SlowFast scales the short side to TRAIN_JITTER_SCALES[0] = 256 and crops 224 at the
+centre: 0.875).
+
+Not reproduced: SlowFast's decoder spans ``linspace(start, start + ceil(rate·(T-1)·fps/30) - 1,
+T)``, i.e. 59/15 = 3.93 frames apart at 30 fps; here the step is exactly ``sampling_rate`` at
+``target_fps``, as the paper states.
 """
 from __future__ import annotations
 
@@ -134,10 +147,16 @@ def random_erasing_box(rng: np.random.Generator, size: int, prob: float) -> tupl
     return None
 
 
-def square_crop(height: int, width: int, crop: int, num_crops: int) -> tuple[float, float, float, float]:
-    """SlowFast test crop: the short-side square at start/centre/end of the long side."""
+def square_crop(height: int, width: int, crop: int, num_crops: int,
+                fraction: float = 1.0) -> tuple[float, float, float, float]:
+    """SlowFast test crop as relative (y0, x0, y1, x1): 3 crops, the short-side square at the
+    start/centre/end of the long side; 1 crop, the centre square of ``fraction`` of the short side."""
+    if num_crops == 1:
+        side = min(height, width) * fraction
+        y, x = (height - side) / 2, (width - side) / 2
+        return y / height, x / width, (y + side) / height, (x + side) / width
     side = min(height, width)
-    frac = 0.5 if num_crops == 1 else (0.0, 0.5, 1.0)[crop]
+    frac = (0.0, 0.5, 1.0)[crop]
     if width >= height:
         x = int(round((width - side) * frac))
         return 0.0, x / width, 1.0, (x + side) / width
@@ -160,29 +179,50 @@ class PlanSettings:
     erase_prob: float = 0.0
     num_clips: int = 1
     num_crops: int = 1
+    target_fps: float = 30.0
+    """Frame rate ``sampling_rate`` counts at; 0 = the file's own frames (module docstring)."""
+    test_crop_fraction: float = 0.875
+    """1-crop test views: the centre square's side over the short side."""
 
 
-def clip_frames(num_frames_file: int, start: int, s: PlanSettings) -> np.ndarray:
-    """Frame indices ``start + i*stride`` (T,), clamped to the last frame (a too-short file repeats it)."""
-    idx = start + s.sampling_rate * np.arange(s.num_frames)
+_EPS = 1e-9  # keeps floor() of exact products (15 * 3.333... = 50) from falling one frame short
+
+
+def frame_step(sampling_rate: int, fps: float, target_fps: float) -> float:
+    """Source frames between two sampled frames: ``sampling_rate * fps / target_fps``
+    (``sampling_rate`` itself when either rate is 0 or unknown)."""
+    if target_fps > 0 and fps > 0:
+        return sampling_rate * fps / target_fps
+    return float(sampling_rate)
+
+
+def clip_extent(num_frames: int, sampling_rate: int, fps: float, target_fps: float) -> int:
+    """Source frames one clip covers: ``floor((T-1) * step) + 1``."""
+    return int(math.floor((num_frames - 1) * frame_step(sampling_rate, fps, target_fps) + _EPS)) + 1
+
+
+def clip_frames(num_frames_file: int, start: float, step: float, num_frames: int) -> np.ndarray:
+    """Frame indices ``floor(start + i*step)`` (T,), clamped to the last frame (a too-short file repeats it)."""
+    idx = np.floor(start + step * np.arange(num_frames) + _EPS).astype(np.int64)
     return np.minimum(idx, max(num_frames_file - 1, 0)).astype(np.int32)
 
 
 def make_clip(s: PlanSettings, index: int, label: int, info: VideoInfo, *, seed: int, epoch: int,
               position: int, repeat: int, view: int, valid: bool) -> ClipSpec:
-    """The ClipSpec of one sample (random parts keyed by seed, epoch, position, repeat)."""
-    span = (s.num_frames - 1) * s.sampling_rate + 1
-    slack = max(info.num_frames - span, 0)
+    """The ClipSpec of one sample: the window keyed by (seed, epoch, position), shared by the
+    repeats; crop, flip and erasing keyed by (seed, epoch, position, repeat)."""
+    step = frame_step(s.sampling_rate, info.fps, s.target_fps)
+    delta = max(info.num_frames - clip_extent(s.num_frames, s.sampling_rate, info.fps, s.target_fps), 0)
     if s.train:
+        start = float(np.random.default_rng([seed, epoch, position, 0x7135]).uniform(0, delta))
         rng = np.random.default_rng([seed, epoch, position, repeat, 0xC11B])
-        start = int(rng.integers(0, slack + 1))
         roi = random_resized_crop(rng, info.height, info.width, s.scale, s.ratio)
         flip = bool(s.flip and rng.random() < 0.5)
         erase = random_erasing_box(rng, s.crop_size, s.erase_prob)
     else:
         clip, crop = divmod(view, s.num_crops)
-        start = int(round(clip * slack / (s.num_clips - 1))) if s.num_clips > 1 else slack // 2
-        roi = square_crop(info.height, info.width, crop, s.num_crops)
+        start = float(clip * (delta // (s.num_clips - 1)) if s.num_clips > 1 else delta // 2)
+        roi = square_crop(info.height, info.width, crop, s.num_crops, s.test_crop_fraction)
         flip, erase = False, None
-    return ClipSpec(index=index, label=label, frames=clip_frames(info.num_frames, start, s), roi=roi,
-                    flip=flip, erase=erase, view=view, valid=valid)
+    return ClipSpec(index=index, label=label, frames=clip_frames(info.num_frames, start, step, s.num_frames),
+                    roi=roi, flip=flip, erase=erase, view=view, valid=valid)

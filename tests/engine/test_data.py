@@ -15,7 +15,7 @@ import torch
 from engine.data import (BadDatasetError, DataConfig, build_loader, demo_dataset, prepare_main, probe_video,
                          validate_dataset, validate_files, write_class_index)
 from engine.data.pipeline import decode_clip_pyav
-from engine.data.sampler import PlanSettings, epoch_order, make_clip, shard_positions
+from engine.data.sampler import PlanSettings, clip_extent, epoch_order, make_clip, shard_positions, square_crop
 from engine.data.probe import VideoInfo
 
 W, H, N = 160, 128, 40  # NVDEC refuses VP9 under 128x128 (seen on an H100); the GPU tests decode these clips
@@ -219,8 +219,36 @@ def test_crop_scale_ratio_and_flip_statistics():
     assert ratios.min() >= 0.75 - 0.02 and ratios.max() <= 4 / 3 + 0.02
     flips = np.mean([c.flip for c in specs])
     assert 0.45 < flips < 0.55
-    starts = np.array([c.frames[0] for c in specs])
-    assert starts.min() == 0 and starts.max() == 100 - 61 and np.all(np.diff(specs[0].frames) == 4)
+    starts = np.array([c.frames[0] for c in specs])  # 25 fps: step 4 * 25/30, extent 51, U(0, 49) floored
+    assert starts.min() == 0 and starts.max() == 100 - 51 - 1
+    assert all(c.frames[-1] - c.frames[0] in (49, 50) and set(np.diff(c.frames)) <= {3, 4} for c in specs)
+
+
+def test_clip_windows_follow_slowfast():
+    """Steps at target_fps, shared windows across repeats, offset test views, the 1-crop fraction."""
+    s = PlanSettings(num_frames=16, sampling_rate=4, crop_size=224, train=True)
+    for fps, diffs, extent in ((30.0, {4}, 61), (60.0, {8}, 121), (25.0, {3, 4}, 51), (0.0, {4}, 61)):
+        info = VideoInfo("vp9", 320, 240, 300, fps, True)
+        c = make_clip(s, 0, 0, info, seed=0, epoch=0, position=5, repeat=0, view=0, valid=True)
+        assert set(np.diff(c.frames)) == diffs, fps
+        assert clip_extent(16, 4, fps, 30.0) == extent
+    assert set(np.diff(make_clip(PlanSettings(16, 4, 224, True, target_fps=0.0), 0, 0,
+                                 VideoInfo("vp9", 320, 240, 300, 60.0, True), seed=0, epoch=0, position=5,
+                                 repeat=0, view=0, valid=True).frames)) == {4}  # target_fps 0: raw frames
+    info = VideoInfo("vp9", 320, 240, 300, 30.0, True)
+    reps = [make_clip(s, 0, 0, info, seed=0, epoch=2, position=p, repeat=r, view=0, valid=True)
+            for p in range(20) for r in range(2)]
+    assert all(np.array_equal(a.frames, b.frames) for a, b in zip(reps[0::2], reps[1::2]))  # one decode per video
+    assert any(a.roi != b.roi for a, b in zip(reps[0::2], reps[1::2]))  # crops differ per repeat
+    t = PlanSettings(16, 4, 224, False, num_clips=10, num_crops=1)
+    starts = [make_clip(t, 0, 0, info, seed=0, epoch=0, position=0, repeat=0, view=v, valid=True).frames[0]
+              for v in range(10)]
+    assert starts == [i * ((300 - 61) // 9) for i in range(10)]  # USE_OFFSET_SAMPLING
+    y0, x0, y1, x1 = make_clip(t, 0, 0, info, seed=0, epoch=0, position=0, repeat=0, view=0, valid=True).roi
+    assert np.allclose([(y1 - y0) * 240, (x1 - x0) * 320], 240 * 0.875)  # short side 256 -> crop 224
+    assert np.allclose([y0 + y1, x0 + x1], 1.0)  # centred
+    y0, x0, y1, x1 = square_crop(240, 320, 2, 3)
+    assert (y0, y1) == (0.0, 1.0) and x1 == 1.0 and np.isclose((x1 - x0) * 320, 240)
 
 
 def test_flip_is_applied_to_pixels(clips):
