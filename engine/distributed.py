@@ -3,7 +3,8 @@
 Launchers (issue 6): ``torchrun`` and the ``deepspeed`` launcher set ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` themselves; under SLURM (``srun``) they are
 derived from ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID`` and the first host of
-``SLURM_JOB_NODELIST`` (port ``MASTER_PORT`` or 29500); a plain single process gets
+``SLURM_JOB_NODELIST`` (port ``MASTER_PORT``, else ``29500 + SLURM_JOB_ID % 10000`` so that two
+jobs sharing a node do not collide, and a free port for a one-task job); a plain single process gets
 ``127.0.0.1``, a free port and rank 0 of 1 (DESIGN §4: DeepSpeed needs these variables even
 alone). The backend is NCCL on CUDA and gloo on CPU.
 
@@ -57,16 +58,17 @@ def _free_port() -> int:
 
 
 def _first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list: ``node[003-005,9],gpu1`` -> ``node003``."""
+    """First host of a SLURM node list: ``node[003-005,9],gpu1`` -> ``node003``,
+    ``node[1-2]-ib`` -> ``node1-ib``."""
     nodelist = nodelist.strip()
-    m = re.match(r"^([^\[,]+)(?:\[([^\]]+)\])?", nodelist)
+    m = re.match(r"^([^\[,]+)(?:\[([^\]]+)\]([^,\[]*))?", nodelist)
     if not m:
         return nodelist
-    prefix, ranges = m.group(1), m.group(2)
+    prefix, ranges, suffix = m.group(1), m.group(2), m.group(3) or ""
     if not ranges:
         return prefix
     first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    return prefix + first + suffix
 
 
 def launch_env(environ: Optional[dict] = None) -> dict[str, str]:
@@ -84,9 +86,12 @@ def launch_env(environ: Optional[dict] = None) -> dict[str, str]:
         put("RANK", env["SLURM_PROCID"])
         put("WORLD_SIZE", env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")))
         put("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
-        if "SLURM_JOB_NODELIST" in env or "SLURM_NODELIST" in env:
-            put("MASTER_ADDR", _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", ""))))
-        put("MASTER_PORT", 29500)
+        host = _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
+        if host:
+            put("MASTER_ADDR", host)
+        if env["WORLD_SIZE"] != "1":  # one task: a free port below, like a plain process
+            job = env.get("SLURM_JOB_ID", "")
+            put("MASTER_PORT", 29500 + int(job) % 10000 if job.isdigit() else 29500)
     put("RANK", 0)
     put("WORLD_SIZE", 1)
     put("LOCAL_RANK", 0)
@@ -122,6 +127,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
+        if world > 1 and rank == 0:  # a wrong WORLD_SIZE (e.g. srun forgotten) waits here, so say where
+            print(f"rank 0 of {world}: waiting for the other ranks at {os.environ['MASTER_ADDR']}:"
+                  f"{os.environ['MASTER_PORT']} ({backend})", flush=True)
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend)
 
