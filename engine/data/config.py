@@ -2,7 +2,7 @@
 
 Defaults are the MaskFeat K400 pre-training recipe: 16 frames at stride 4, RandomResizedCrop
 scale [0.5, 1] ratio [3/4, 4/3] to 224, horizontal flip, mean 0.45 / std 0.225. Fine-tuning and
-test fields follow the official MViTv2-S fine-tuning recipe (RandAugment m7 mstd0.5, random
+test fields follow the official MViTv2-S fine-tuning recipe (timm RandAugment m7 mstd0.5 inc1, random
 erasing 0.25, repeated augmentation x2, RandomResizedCrop [0.08, 1], 10 clips x 1 crop at test).
 """
 from __future__ import annotations
@@ -73,11 +73,14 @@ class DataConfig:
     finetune_scale: tuple[float, float] = (0.08, 1.0)
     """RandomResizedCrop area range in fine-tuning."""
     rand_augment: bool = True
-    """RandAugment (DALI ``auto_aug.rand_augment``, one op draw per clip, same for all frames)."""
+    """RandAugment as timm's ``rand-m{m}-n{n}-mstd{mstd}-inc1`` (``engine/data/randaug.py``; each
+    drawn op applies with probability 0.5; one draw per clip, the same for all its frames)."""
     rand_augment_n: int = 2
-    """RandAugment: operations per sample."""
-    rand_augment_m: int = 7
-    """RandAugment magnitude on timm's 0..10 scale (mapped to DALI's 31 bins: 7 -> bin 21)."""
+    """RandAugment: operations per sample (drawn with replacement from the 15 ops of timm's inc1 list)."""
+    rand_augment_m: float = 7.0
+    """RandAugment magnitude on timm's 0..10 scale (each op's level ~ clamp(N(m, mstd), 0, 10))."""
+    rand_augment_mstd: float = 0.5
+    """RandAugment magnitude noise std (timm's ``mstd``; 0 = a fixed magnitude)."""
     random_erasing: float = 0.25
     """Random erasing probability (timm "pixel" mode, one box shared by all frames)."""
     repeated_aug: int = 2
@@ -120,6 +123,8 @@ class DataConfig:
             raise ValueError(f"data.test_crop_fraction must be in (0, 1], got {self.test_crop_fraction}")
         if self.target_fps < 0:
             raise ValueError(f"data.target_fps must be >= 0 (0: the file's own frames), got {self.target_fps}")
+        if self.rand_augment_mstd < 0:
+            raise ValueError(f"data.rand_augment_mstd must be >= 0, got {self.rand_augment_mstd}")
         if not 0 <= self.rand_augment_m <= 10:
             raise ValueError(f"data.rand_augment_m must be in [0, 10], got {self.rand_augment_m}")
 

@@ -13,7 +13,7 @@ enumerate fixed sequences with their own shuffling buffer, so they can neither d
 window per video per epoch (SlowFast semantics) nor resume mid-epoch exactly; the decoders take
 per-sample frame indices from the feeder (``sampler.py``), which keeps both exact. Measured here
 (DALI 2.4 CPU): ``fn.decoders.video`` with ``frames=`` per-sample argument input works on CPU for
-VP9/MJPEG; ``fn.resize`` with per-sample relative ROI, ``fn.flip``, ``rand_augment`` and
+VP9/MJPEG; ``fn.resize`` with per-sample relative ROI, ``fn.flip``, the RandAugment ops and
 ``fn.crop_mirror_normalize`` to ``CFHW`` accept (F, H, W, C) sequences and apply the same
 parameters to every frame of a sample. Also measured: DALI's CPU decoder is 2-3x slower than PyAV
 on the same VP9 clips (bench/results/data_cpu_*.md; ``fn.experimental.readers.video`` is as slow),
@@ -22,7 +22,8 @@ machine (the GPU validation machine has no DALI).
 
 Augmentation graph (same after every decoder): ``fn.resize`` of the relative ROI to
 ``crop_size``^2 (antialiased linear; this is short-side scaling + RandomResizedCrop in one
-resampling), ``fn.flip(horizontal=...)``, optional RandAugment, ``fn.crop_mirror_normalize`` to
+resampling), ``fn.flip(horizontal=...)``, optional timm RandAugment (``randaug.py``: timm's
+``rand-m7-mstd0.5-inc1``, one draw per clip), ``fn.crop_mirror_normalize`` to
 float32 ``(C, T, H, W)`` with mean/std x 255. Random erasing runs afterwards in torch (loader).
 """
 from __future__ import annotations
@@ -37,8 +38,6 @@ import av
 import numpy as np
 
 from .sampler import ClipSpec
-
-DALI_RAND_AUGMENT_BINS = 31
 
 
 def _decode_pass(path: str, wanted: set[int], first_wanted: int, short_side: int,
@@ -163,8 +162,9 @@ OUTPUTS = ("video", "label", "index", "view", "valid")
 
 def build_pipeline(feeder: Callable, *, decode: str, batch_size: int, num_threads: int,
                    device_id: int | None, crop_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                   rand_augment: tuple[int, int] | None, seed: int, prefetch: int):
-    """The DALI pipeline (outputs: :data:`OUTPUTS`); ``rand_augment`` = (n, m on timm's 0..10 scale) or None."""
+                   rand_augment: tuple[int, float, float] | None, seed: int, prefetch: int):
+    """The DALI pipeline (outputs: :data:`OUTPUTS`); ``rand_augment`` = (n, m, mstd) on timm's 0..10
+    scale, or None."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
@@ -187,13 +187,10 @@ def build_pipeline(feeder: Callable, *, decode: str, batch_size: int, num_thread
                           roi_relative=True, antialias=True, interp_type=types.INTERP_LINEAR)
         video = fn.flip(video, horizontal=flip)
         if rand_augment is not None:
-            from nvidia.dali.auto_aug import rand_augment as ra
+            from .randaug import timm_rand_augment
 
-            n, m = rand_augment
-            # timm magnitude m on 0..10 -> DALI bin on 0..30 (same relative strength)
-            video = ra.rand_augment(video, n=n, m=int(round(m / 10 * (DALI_RAND_AUGMENT_BINS - 1))),
-                                    num_magnitude_bins=DALI_RAND_AUGMENT_BINS, shape=(crop_size, crop_size),
-                                    max_translate_rel=100 / 224)  # relative shifts (timm: 0.45 of the size)
+            n, m, mstd = rand_augment
+            video = timm_rand_augment(video, n=n, m=m, mstd=mstd, shape=(crop_size, crop_size))
         video = fn.crop_mirror_normalize(video, dtype=types.FLOAT, output_layout="CFHW",
                                          mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
         return video, label, index, view, valid
