@@ -12,10 +12,16 @@ Every training command takes ``--config FILE.yaml`` and any number of dotted ove
 
 Launch the same command under ``torchrun``, the ``deepspeed`` launcher (``--module engine``; the
 ``--local_rank`` it appends is accepted and ignored, ``LOCAL_RANK`` is read from the environment)
-or ``srun`` for more processes (``python -m engine`` is the module form). Exit codes: 0 done, 2 bad config/usage,
-3 stopped on purpose by ``train.stop_after_steps``, 4 too many non-finite losses, 5 data error
-(dataset list or root missing, bad files under ``data.on_bad_file=error``), 6 out of GPU memory
-(with what to change).
+or ``srun`` for more processes (``python -m engine`` is the module form).
+
+Errors the user can fix end in one paragraph on stderr, ``maskfeat COMMAND: ...``, without a
+traceback, and an exit code (also in ``--help``); :data:`EXIT_CODES` lists them. A data error is
+:class:`engine.data.errors.DataError` (an empty root, a non-integer label, a label without a class
+name, a val class that train lacks: ``datasets.ClassListError``), a BadDatasetError (bad files
+under ``data.on_bad_file=error``) or a FileNotFoundError; any other exception is a programming
+error and keeps its traceback.
+``maskfeat data prepare`` has its own exit codes (``maskfeat data prepare --help``; 5 is a data
+error there too).
 """
 from __future__ import annotations
 
@@ -24,7 +30,29 @@ import os
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "is_data_error", "EXIT_CODES"]
+
+EXIT_CODES = {0: "done", 1: "data prepare: some files failed to encode or are bad", 2: "bad config or usage",
+              3: "stopped on purpose by train.stop_after_steps", 4: "too many non-finite losses",
+              5: "data error (dataset root or list missing, empty or inconsistent; bad files under "
+                 "data.on_bad_file=error)",
+              6: "out of GPU memory (the message says what to change)"}
+"""Exit status -> meaning, for every command (printed by ``maskfeat --help``)."""
+EXIT_DATA_ERROR = 5
+
+
+def is_data_error(error: BaseException) -> bool:
+    """True when ``error`` is about the user's data (module docstring) rather than a bug."""
+    from engine.data.errors import DataError
+    from engine.data.probe import BadDatasetError
+
+    return isinstance(error, (DataError, BadDatasetError, FileNotFoundError))
+
+
+def _epilog() -> str:
+    examples = __doc__.split("::")[1].split("Launch")[0].rstrip()
+    codes = "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items())
+    return f"examples:{examples}\n\nexit status:\n{codes}\n"
 
 
 def _split_overrides(extra: list[str]) -> tuple[list[str], list[str]]:
@@ -41,7 +69,7 @@ def _split_overrides(extra: list[str]) -> tuple[list[str], list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maskfeat", description="MaskFeat pre-training and fine-tuning engine",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("::")[1].split("Launch")[0])
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_epilog())
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("pretrain", "MaskFeat pre-training"), ("finetune", "fine-tune a classifier"),
                         ("eval", "multi-view evaluation of a fine-tuned model")):
@@ -59,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
     e.add_argument("--out", default=None, help="output file (default: <run_dir>/backbone.safetensors)")
     e.add_argument("--keep-head", action="store_true", help="keep mask_token and pred_head.* (pre-training only)")
-    d = sub.add_parser("data", help="data tools (maskfeat data prepare --help)")
+    d = sub.add_parser("data", help="data tools: maskfeat data prepare SRC DST (re-encode; --check validates "
+                                    "only; see maskfeat data prepare --help)")
     d.add_argument("data_args", nargs=argparse.REMAINDER)
     return p
 
@@ -84,12 +113,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = _drop_local_rank(list(sys.argv[1:] if argv is None else argv))
     if argv[:1] == ["data"]:
         rest = argv[1:]
+        usage = "usage: maskfeat data prepare SRC [DST] [...]  (see maskfeat data prepare --help)"
+        if rest[:1] in (["-h"], ["--help"]):
+            print(usage)
+            return 0
         if rest[:1] != ["prepare"]:
-            print("usage: maskfeat data prepare [...]  (see maskfeat data prepare --help)", file=sys.stderr)
+            print(usage, file=sys.stderr)
             return 2
-        from engine.data import prepare_main
+        from engine.data.prepare import prepare_main
 
-        return int(prepare_main(rest[1:]) or 0)
+        try:
+            return int(prepare_main(rest[1:]) or 0)
+        except (FileNotFoundError, ValueError) as e:  # prepare_main reports its DataErrors itself
+            if not is_data_error(e):
+                raise
+            print(f"maskfeat data prepare: data error: {e}", file=sys.stderr)
+            return EXIT_DATA_ERROR
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     overrides, unknown = _split_overrides(extra)
@@ -141,10 +180,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"maskfeat {args.command}: config error: {e}", file=sys.stderr)
         return 2
-    except (BadDatasetError, FileNotFoundError) as e:
-        # a dataset that is missing or holds bad files: a user error, reported without a traceback
+    except (BadDatasetError, FileNotFoundError, ValueError) as e:
+        # a dataset that is missing, empty, inconsistent or holds bad files: a user error, reported
+        # without a traceback; any other ValueError is a bug and keeps its traceback
+        if not is_data_error(e):
+            raise
         print(f"maskfeat {args.command}: data error: {e}", file=sys.stderr)
-        return 5
+        return EXIT_DATA_ERROR
     except StopRequested as e:
         print(f"maskfeat {args.command}: {e}", file=sys.stderr)
         return 3

@@ -16,19 +16,33 @@
   ``valid=False`` are padding repeats and are skipped), divided by the number of views, and
   top-1/top-5 are computed over videos (top-k with k capped at the number of classes). During
   fine-tuning the best top-1 is kept as the ``best`` checkpoint.
+- Classes: the TRAIN split defines them (``engine/data/datasets.py``). Fine-tuning writes
+  ``<train.output_dir>/classes.json`` (names and classifier width K; rank 0, atomic) at start; on
+  resume an existing file must match the train split (else :class:`ClassListError`). The eval
+  split is listed through that list, by name. ``finetune.num_classes`` (0 = the number of
+  training classes) must exceed every label, checked when the loaders are built (ConfigError).
+- ``maskfeat eval`` (:func:`run_eval`): the checkpoint is resolved by :func:`resolve_checkpoint`;
+  K comes from the checkpoint (its head's weight), the class names from the evaluated run's
+  ``classes.json`` (a weights file: a ``classes.json`` beside it, if any; without one the eval
+  split's own classes are used, with a warning); a ``finetune.num_classes`` that disagrees with
+  the checkpoint is a ConfigError. The result goes to ``<run>/eval.json`` (a weights file:
+  ``<file without extension>.eval.json``), whose path is printed.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import Config
+from engine.config import Config, ConfigError
+from engine.data.datasets import ClassListError, read_class_index, write_class_index
 from engine.distributed import DistInfo, init_distributed
 from engine.pretrain import create_model, model_overrides
 from engine.runner import Run, print0, report_paths, setup_run, train_loop
@@ -41,7 +55,15 @@ __all__ = [
     "build_classifier",
     "run_finetune",
     "run_eval",
+    "check_labels",
+    "sync_class_index",
+    "EvalTarget",
+    "resolve_checkpoint",
 ]
+
+log = logging.getLogger(__name__)
+CLASS_INDEX = "classes.json"
+HEAD_WEIGHT = "head.projection.weight"  # models.classifier.TransformerHead: (K, D)
 
 
 def one_hot_smoothed(label: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -152,6 +174,10 @@ def build_classifier(cfg: Config, num_classes: int) -> nn.Module:
     model = create_model(cfg.model.name, task="classify", num_classes=num_classes, **model_overrides(cfg, "classify"))
     if cfg.finetune.pretrained:
         from engine.checkpoint import load_pretrained
+
+        if not os.path.exists(cfg.finetune.pretrained):
+            raise ConfigError(f"finetune.pretrained={cfg.finetune.pretrained} not found (a .safetensors/.pt/.pyth "
+                              "file; `maskfeat export RUN` writes RUN/backbone.safetensors)")
         from models.checkpoint import load_backbone_into_classifier
 
         report = load_backbone_into_classifier(model, load_pretrained(cfg.finetune.pretrained))
@@ -159,18 +185,65 @@ def build_classifier(cfg: Config, num_classes: int) -> nn.Module:
     return model
 
 
+def check_labels(loader, num_classes: int, what: str, *, error: type[Exception] = ConfigError,
+                 hint: str = "Set finetune.num_classes=0 (= the training classes) or a larger value") -> None:
+    """Every label of ``loader.dataset`` must be below the classifier width ``num_classes``;
+    ``what`` says where K came from (for the message). Raises ``error`` (with ``hint``) otherwise."""
+    ds = loader.dataset
+    if not len(ds):
+        return
+    top = max(ds.labels)
+    if top >= num_classes:
+        name = ds.class_names[top] if top < len(ds.class_names) else str(top)
+        raise error(
+            f"{what} is {num_classes}, but {ds.source} has label {top} (class {name!r}; "
+            f"{max(len(ds.class_names), top + 1)} classes): the classifier needs at least {top + 1} outputs. {hint}")
+
+
 def _num_classes(cfg: Config, loader) -> int:
+    """K: ``finetune.num_classes`` or the number of training classes; checked against the labels."""
     k = cfg.finetune.num_classes or int(getattr(loader, "num_classes", 0))
     if k < 1:
         raise ValueError("the number of classes is unknown: set finetune.num_classes")
+    what = "finetune.num_classes" if cfg.finetune.num_classes else "the number of training classes"
+    check_labels(loader, k, what)
     return k
 
 
-def _eval_loader(cfg: Config, dist: DistInfo):
+def _diff(old: Sequence[str], new: Sequence[str]) -> str:
+    gone = [n for n in old if n not in new]
+    added = [n for n in new if n not in old]
+    parts = ([f"missing now: {gone[:10]}"] if gone else []) + ([f"new: {added[:10]}"] if added else [])
+    return "; ".join(parts) or "same names in another order"
+
+
+def sync_class_index(output_dir: str, class_names: Sequence[str], num_classes: int, *, resuming: bool,
+                     write: bool) -> str:
+    """Record the run's classes in ``<output_dir>/classes.json`` (module docstring).
+
+    When ``resuming`` and the file exists, the training classes and K must equal the stored
+    ones (ClassListError otherwise: the head's outputs would change meaning). ``write``: this
+    process writes the file (global rank 0). Returns the path."""
+    path = os.path.join(output_dir, CLASS_INDEX)
+    names = [str(n) for n in class_names]
+    if resuming and os.path.isfile(path):
+        old, old_k = read_class_index(path)
+        if old != names or old_k != num_classes:
+            raise ClassListError(
+                f"resuming a run whose classes changed: {path} lists {len(old)} classes (K={old_k}), the "
+                f"train split now has {len(names)} (K={num_classes}) ({_diff(old, names)}). Restore the "
+                "dataset, or fine-tune into a new train.output_dir")
+        return path
+    if write:
+        write_class_index(path, names, num_classes)
+    return path
+
+
+def _eval_loader(cfg: Config, dist: DistInfo, classes: Optional[Sequence[str]]):
     from engine.data import build_loader
 
     return build_loader(cfg.data, cfg.finetune.eval_split, rank=dist.rank, world_size=dist.world_size,
-                        device=dist.device, mode="test")
+                        device=dist.device, mode="test", classes=classes)
 
 
 def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
@@ -182,16 +255,26 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
                             device=dist.device, mode="finetune")
 
     state: dict = {}
+    if resume == "auto":
+        from engine.checkpoint import find_latest
+
+        resuming = find_latest(cfg.train.output_dir) is not None
+    else:
+        resuming = bool(resume)
 
     def build(train_loader) -> nn.Module:
         state["K"] = _num_classes(cfg, train_loader)
+        state["classes"] = list(train_loader.class_names)
+        sync_class_index(cfg.train.output_dir, state["classes"], state["K"], resuming=resuming,
+                         write=getattr(train_loader, "rank", 0) == 0)
         return build_classifier(cfg, state["K"])
 
     run = setup_run(cfg, build_model=build, build_loader=loader,
                     clips_per_rank=lambda l: cfg.data.batch_size * cfg.data.repeated_aug,
                     resume=resume, desc="finetune")
     K = state["K"]
-    eval_loader = _eval_loader(cfg, run.dist)
+    eval_loader = _eval_loader(cfg, run.dist, state["classes"])
+    check_labels(eval_loader, K, "finetune.num_classes" if cfg.finetune.num_classes else "the number of training classes")
     ft = cfg.finetune
 
     def step(batch: dict) -> torch.Tensor:
@@ -245,37 +328,118 @@ def _reopen(run: Run):
                      tensorboard=c.log.tensorboard, jsonl=c.log.jsonl)
 
 
-def run_eval(cfg: Config, checkpoint: str) -> dict:
-    """Evaluate a fine-tuned model: ``checkpoint`` is a run directory (its ``best``, else its
-    latest checkpoint), a ``checkpoints/<tag>`` directory, or a weights file (.safetensors/.pt)."""
-    from engine.checkpoint import checkpoint_dir, consolidated_state_dict, find_latest, load_pretrained
+@dataclass
+class EvalTarget:
+    """What ``maskfeat eval --checkpoint PATH`` evaluates (:func:`resolve_checkpoint`)."""
 
-    dist = init_distributed(cfg.train.device)
-    loader = _eval_loader(cfg, dist)
-    K = _num_classes(cfg, loader)
-    model = create_model(cfg.model.name, task="classify", num_classes=K, **model_overrides(cfg, "classify"))
-    if os.path.isfile(checkpoint):
-        sd = load_pretrained(checkpoint)
-        where = checkpoint
+    where: str
+    """The checkpoint tag directory or the weights file (for messages and eval.json)."""
+    weights: Optional[str]
+    """A weights file (.safetensors/.pt/.pyth), or None for a DeepSpeed checkpoint."""
+    ckpt_dir: Optional[str]
+    tag: Optional[str]
+    run_dir: Optional[str]
+    """The run directory of a DeepSpeed checkpoint (parent of ``checkpoints/``); None for a file."""
+    class_index: Optional[str]
+    """``classes.json`` of the run (or beside the weights file) when it exists."""
+    eval_json: str
+    """Where the result is written."""
+
+
+def _is_tag_dir(path: str) -> bool:
+    import glob
+
+    return bool(glob.glob(os.path.join(path, "mp_rank_*_model_states.pt"))
+                or glob.glob(os.path.join(path, "engine_state_r*.pt")) or glob.glob(os.path.join(path, "zero_pp_rank_*")))
+
+
+def _is_ckpt_dir(path: str) -> bool:
+    from engine.checkpoint import latest_tag
+
+    return (os.path.basename(os.path.normpath(path)) == "checkpoints" or os.path.isfile(os.path.join(path, "latest"))
+            or os.path.isdir(os.path.join(path, "best")) or latest_tag(path) is not None)
+
+
+def resolve_checkpoint(path: str) -> EvalTarget:
+    """Resolve ``--checkpoint``: a run directory or its ``checkpoints/`` directory (``best``, else the
+    latest complete checkpoint), the ``checkpoints/latest`` file (the tag it names), a
+    ``checkpoints/<tag>`` directory, or a weights file. A missing or unrecognised path raises
+    FileNotFoundError."""
+    from engine.checkpoint import checkpoint_dir, latest_tag
+
+    p = os.path.abspath(path)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    if os.path.isfile(p) and os.path.basename(p) == "latest" and _is_ckpt_dir(os.path.dirname(p)):
+        ck = os.path.dirname(p)
+        tag = latest_tag(ck)
+        if tag is None:
+            raise FileNotFoundError(f"checkpoint {path}: the tag it names is not a complete checkpoint under {ck}")
+    elif os.path.isfile(p):
+        stem = os.path.splitext(p)[0]
+        ci = os.path.join(os.path.dirname(p), CLASS_INDEX)
+        return EvalTarget(where=p, weights=p, ckpt_dir=None, tag=None, run_dir=None,
+                          class_index=ci if os.path.isfile(ci) else None, eval_json=stem + ".eval.json")
+    elif os.path.isdir(checkpoint_dir(p)) or _is_ckpt_dir(p) and not _is_tag_dir(p):
+        ck = checkpoint_dir(p) if os.path.isdir(checkpoint_dir(p)) else p
+        tag = "best" if os.path.isdir(os.path.join(ck, "best")) else latest_tag(ck)
+        if tag is None:
+            raise FileNotFoundError(f"checkpoint {path}: no complete checkpoint under {ck}")
+    elif _is_tag_dir(p):
+        ck, tag = os.path.dirname(p), os.path.basename(p)
     else:
-        if os.path.isdir(checkpoint_dir(checkpoint)):
-            ck = checkpoint_dir(checkpoint)
-            tag = "best" if os.path.isdir(os.path.join(ck, "best")) else find_latest(checkpoint)
-            if tag is None:
-                raise FileNotFoundError(f"no complete checkpoint under {ck}")
-        else:
-            ck, tag = os.path.dirname(os.path.abspath(checkpoint)), os.path.basename(os.path.abspath(checkpoint))
-        sd = consolidated_state_dict(ck, tag)
-        where = os.path.join(ck, tag)
+        raise FileNotFoundError(f"checkpoint {path} not found: not a run directory (with checkpoints/), a "
+                                "checkpoints/ directory, a checkpoints/<tag> directory or a weights file")
+    run_dir = os.path.dirname(ck)
+    ci = os.path.join(run_dir, CLASS_INDEX)
+    return EvalTarget(where=os.path.join(ck, tag), weights=None, ckpt_dir=ck, tag=tag, run_dir=run_dir,
+                      class_index=ci if os.path.isfile(ci) else None, eval_json=os.path.join(run_dir, "eval.json"))
+
+
+def run_eval(cfg: Config, checkpoint: str) -> dict:
+    """Evaluate a fine-tuned model (module docstring): ``checkpoint`` is anything
+    :func:`resolve_checkpoint` takes. K comes from the checkpoint, the class names from the run's
+    ``classes.json``; the result is written to the evaluated run's ``eval.json``."""
+    from engine.checkpoint import consolidated_state_dict, load_pretrained
+
+    target = resolve_checkpoint(checkpoint)
+    dist = init_distributed(cfg.train.device)
+    sd = load_pretrained(target.weights) if target.weights else consolidated_state_dict(target.ckpt_dir, target.tag)
+    if HEAD_WEIGHT not in sd:
+        raise ConfigError(f"--checkpoint {target.where}: no {HEAD_WEIGHT} (not a fine-tuned classifier; a "
+                          "pre-trained backbone is fine-tuned with maskfeat finetune first)")
+    K = int(sd[HEAD_WEIGHT].shape[0])
+    names: Optional[list[str]] = None
+    if target.class_index:
+        names, k_json = read_class_index(target.class_index)
+        if k_json != K:
+            raise ClassListError(f"{target.class_index} says the classifier has {k_json} classes, but the head of "
+                                 f"{target.where} has {K} outputs: they are not from the same run")
+    if cfg.finetune.num_classes and cfg.finetune.num_classes != K:
+        raise ConfigError(f"finetune.num_classes={cfg.finetune.num_classes}, but the checkpoint {target.where} "
+                          f"has {K} classes; leave finetune.num_classes=0 for eval (K is read from the checkpoint)")
+    if names is None:
+        msg = (f"{target.where}: no {CLASS_INDEX} of its run; the classes of split {cfg.finetune.eval_split!r} are "
+               f"numbered on their own (class folders sorted by name, list labels as written), which matches "
+               f"training only when both splits hold the same classes")
+        log.warning(msg)
+    loader = _eval_loader(cfg, dist, names)
+    check_labels(loader, K, f"the number of classes of {target.where}", error=ClassListError,
+                 hint=f"Split {cfg.finetune.eval_split!r} holds classes the model was not trained on")
+    model = create_model(cfg.model.name, task="classify", num_classes=K, **model_overrides(cfg, "classify"))
     model.load_state_dict(sd, strict=True)
     model.to(dist.device).eval()
-    print0(f"evaluating {where} on {cfg.data.dataset}/{cfg.finetune.eval_split} "
-           f"({cfg.data.num_clips} clips x {cfg.data.num_crops} crops per video)")
+    print0(f"evaluating {target.where} on {cfg.data.dataset}/{cfg.finetune.eval_split} "
+           f"({cfg.data.num_clips} clips x {cfg.data.num_crops} crops per video, {K} classes)")
     res = evaluate(model, loader)
-    res["checkpoint"] = where
+    res["checkpoint"] = target.where
     if dist.rank == 0:
         print(json.dumps(res), flush=True)
-        os.makedirs(cfg.train.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.train.output_dir, "eval.json"), "w") as f:
+        os.makedirs(os.path.dirname(target.eval_json), exist_ok=True)
+        tmp = f"{target.eval_json}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump(res, f, indent=1)
+        os.replace(tmp, target.eval_json)
+        print(f"eval results written to {target.eval_json}", flush=True)
+    res["eval_json"] = target.eval_json
     return res

@@ -9,18 +9,20 @@ like the video path) -> normalise to float32 ``(C, H, W)``. Evaluation: resize t
 ``state_dict`` are those of the video loader (``sampler.py``). Known limits: images are checked
 for existence and non-zero size only (no decode probe); the crop box comes from DALI's seeded
 generator, so a resumed run repeats sample order exactly but not the crop boxes; no RandAugment
-or random erasing for images yet.
+or random erasing for images yet. Classes: ``classes`` maps an evaluation split's class folders
+by name through the run's list (``datasets.py``); ``drop_last`` never applies in ``test`` mode.
 """
 from __future__ import annotations
 
 import os
 import warnings
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from .config import DataConfig
-from .datasets import load_dataset
+from .datasets import load_dataset, warn_empty_classes
 from .probe import BadDatasetError, BadFile, ValidationReport, VideoInfo
 from .sampler import ClipSpec, epoch_order, shard_positions
 from .transfer import to_device
@@ -30,12 +32,12 @@ class ImageLoader:
     """Iterable of image batches for one rank; same epoch/state API as VideoLoader."""
 
     def __init__(self, cfg: DataConfig, split: str, *, rank: int, world_size: int, device: torch.device,
-                 mode: str):
+                 mode: str, classes: Optional[Sequence[str]] = None):
         from .loader import resolve_root
 
         self.cfg, self.split, self.mode = cfg, split, mode
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
-        ds = load_dataset("image_folder", resolve_root(cfg), split, cfg.extensions)
+        ds = load_dataset("image_folder", resolve_root(cfg), split, cfg.extensions, classes)
         report = ValidationReport()
         for p in ds.paths:
             try:
@@ -51,6 +53,8 @@ class ImageLoader:
             raise BadDatasetError(report)
         self.report = report
         self.dataset = ds.subset([i for i, p in enumerate(ds.paths) if p in report.good])
+        if classes is None and rank == 0:
+            warn_empty_classes(self.dataset)
         self.class_names: list[str] = list(ds.class_names)
         self.num_classes: int = len(self.class_names)
         self.reader = "dali_image"
@@ -64,7 +68,7 @@ class ImageLoader:
 
     def _positions(self) -> list[list[tuple[int, bool]]]:
         return shard_positions(self._epoch_length(), self.rank, self.world_size, self.cfg.batch_size,
-                               self.cfg.drop_last)
+                               self.cfg.drop_last and self.mode != "test")  # every test view is evaluated
 
     def plan(self, epoch: int) -> list[list[ClipSpec]]:
         order = epoch_order(len(self.dataset), epoch, self.cfg.seed, length=self._epoch_length(), shuffle=self.train)

@@ -11,6 +11,13 @@ Modes: ``pretrain`` (split train: random window, RandomResizedCrop ``train_scale
 erasing, ``repeated_aug`` clips per video in the same batch, so a batch holds
 ``batch_size * repeated_aug`` clips), ``test`` (``num_clips x num_crops`` deterministic views per
 video). Any mode on split val/test without ``test`` gives one centre clip, centre crop per video.
+``data.drop_last`` drops the incomplete last batch in the training modes only: in ``test`` mode
+every view is evaluated (the last batch is padded with ``valid=False`` repeats instead).
+
+Classes: ``build_loader(..., classes=None)`` lists the split's own classes (use it for the
+training split, which defines the run's classes; classes without any usable file are kept and
+named in a warning). Evaluation loaders pass ``classes=<training class names>`` so that the
+split's class folders are numbered by name through that list (``datasets.py``).
 
 Epochs: ``set_epoch(e)`` picks the seeded order; iterating a loader to its end advances the epoch
 by one. ``state_dict()`` is ``{"epoch", "batches_consumed", ...}``; after ``load_state_dict``
@@ -23,13 +30,14 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .config import DataConfig
-from .datasets import Dataset, load_dataset
+from .datasets import Dataset, load_dataset, warn_empty_classes
+from .errors import DataError
 from .probe import BadDatasetError, ValidationReport, VideoInfo, reader_problem, validate_files
 from .sampler import ClipSpec, PlanSettings, epoch_order, make_clip, shard_positions
 from .transfer import to_device
@@ -80,7 +88,7 @@ def resolve_root(cfg: DataConfig) -> str:
 
         return demo_dataset(os.path.join(default_cache_dir(cfg), "demo"))
     if not cfg.root:
-        raise ValueError(f"data.root is empty for dataset={cfg.dataset!r}")
+        raise DataError(f"data.root is empty for dataset={cfg.dataset!r}")
     return cfg.root
 
 
@@ -95,16 +103,18 @@ class DatasetCheck:
 
 
 def validate_dataset(cfg: DataConfig, split: str = "train", *, device: torch.device | str = "cpu",
-                     progress: bool = False) -> DatasetCheck:
+                     progress: bool = False, classes: Optional[Sequence[str]] = None) -> DatasetCheck:
     """The validation pass: list the split, probe every file with PyAV (parallel, cached by
     size+mtime), choose the reader, and check each file against it (codec, length, frame rate).
 
     Bad files are logged by name and reason; with ``on_bad_file='error'`` a BadDatasetError lists
-    them all, with ``'skip'`` they are left out of the returned dataset.
+    them all, with ``'skip'`` they are left out of the returned dataset. ``classes``: the run's
+    class list, through which the split's classes are mapped (``datasets.load_dataset``); without
+    it the split defines the classes and those left without files are named in a warning.
     """
     device = torch.device(device)
     root = resolve_root(cfg)
-    ds = load_dataset(cfg.dataset, root, split, cfg.extensions)
+    ds = load_dataset(cfg.dataset, root, split, cfg.extensions, classes)
     workers = cfg.validation_workers or cfg.num_threads
     cache = probe_cache_path(cfg, root)
     # first pass with the codec-agnostic reader to learn codecs, then check for the chosen reader
@@ -122,6 +132,8 @@ def validate_dataset(cfg: DataConfig, split: str = "train", *, device: torch.dev
     if not keep:
         raise BadDatasetError(report)
     good = ds.subset(keep)
+    if classes is None:
+        warn_empty_classes(good)
     return DatasetCheck(good, [report.good[p] for p in good.paths], report, reader)
 
 
@@ -167,8 +179,9 @@ class VideoLoader:
         return self.cfg.clips_per_epoch if (self.shuffle and self.cfg.clips_per_epoch) else n
 
     def _positions(self) -> list[list[tuple[int, bool]]]:
+        # test mode evaluates every view: never drop, pad the last batch (valid=False) instead
         return shard_positions(self._epoch_length(), self.rank, self.world_size, self.cfg.batch_size,
-                               self.cfg.drop_last)
+                               self.cfg.drop_last and not self.test_views)
 
     def plan(self, epoch: int) -> list[list[ClipSpec]]:
         """All batches of ``epoch`` for this rank, as ClipSpecs (deterministic)."""
@@ -281,8 +294,10 @@ class VideoLoader:
 
 
 def build_loader(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", mode: str = "pretrain"):
-    """Validate the split's files and return the loader for this rank (module docstring)."""
+                 device: torch.device | str = "cpu", mode: str = "pretrain",
+                 classes: Optional[Sequence[str]] = None):
+    """Validate the split's files and return the loader for this rank (module docstring).
+    ``classes``: the run's class list for an evaluation split (None: the split's own classes)."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     if mode not in MODES:
@@ -291,8 +306,8 @@ def build_loader(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int 
     if cfg.dataset == "image_folder":
         from .images import ImageLoader
 
-        return ImageLoader(cfg, split, rank=rank, world_size=world_size, device=device, mode=mode)
-    check = validate_dataset(cfg, split, device=device)
+        return ImageLoader(cfg, split, rank=rank, world_size=world_size, device=device, mode=mode, classes=classes)
+    check = validate_dataset(cfg, split, device=device, classes=classes)
     if rank == 0:
         log.info("data %s/%s: %d videos, %d classes, reader=%s; %s", cfg.dataset, split, len(check.dataset),
                  check.dataset.num_classes, check.reader, check.report.summary().splitlines()[0])

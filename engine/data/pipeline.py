@@ -196,7 +196,6 @@ def build_pipeline(feeder: Callable, *, decode: str, batch_size: int, num_thread
         return video, label, index, view, valid
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # DALI's auto_aug uses deprecated aliases
         warnings.filterwarnings("ignore", message=".*is not used.*")  # frame indices unused by pyav
         pipe = graph()
         pipe.build()

@@ -1,49 +1,112 @@
 """``maskfeat data prepare SRC DST``: re-encode a video dataset into a DALI-friendly form (issue 5).
 
 Each video is decoded with PyAV and re-encoded with a short side of at most ``--short-side`` (no
-upscaling; even sizes), a constant frame rate (``--fps``; 0 keeps the source's average rate; frames
-are picked by presentation time, so variable-rate input becomes constant), a short GOP
+upscaling; even sizes; limited-range yuv420p, full-range input such as MJPEG converted), a
+constant frame rate (``--fps``; 0 keeps the source's average rate; frames are picked by
+presentation time, so variable-rate input becomes constant), a short GOP
 (``--gop``, key frame every N frames, for fast seeking) and VP9 (``.webm``, decodable by DALI's CPU
-and GPU decoders) or H.264 (``.mp4``, GPU/NVDEC or PyAV). Work runs in a process pool with a tqdm
-bar; outputs are written under a temporary name and renamed, and existing outputs are skipped, so
-an interrupted run resumes. SRC is a Kinetics-style root (``train.csv``/``val.csv``/``test.csv``)
-or a folder of class sub-folders; DST gets the mirrored files, list files with ``path label`` lines
-(class folders: ``train.csv`` with every file) and ``classes.json``. ``--check`` only runs the
-validation pass over SRC and prints each bad file with its reason (exit status 1 if any).
-Files that fail to encode are reported and left out of the lists (exit status 1).
+and GPU decoders) or H.264 (``.mp4``, GPU/NVDEC or PyAV). A frame whose timestamp is missing or not
+after the previous frame's is placed one source frame interval after it, so a file whose
+timestamps never increase (all 0) is timed by frame count (frame i at i/rate) instead of being
+collapsed to one frame. Without ``--fps`` the output must have the source's number of frames
+(within 5 %, at least 2 frames); a file that does not is reported as failed.
+
+SRC layouts (the same as the loader's, engine/data/datasets.py):
+- Kinetics-style lists ``SRC/{train,val,test}.csv`` (``path label`` lines): each list is
+  re-written under DST with the new names; ``classes.json``/``classnames.json`` as in SRC.
+- Split folders ``SRC/{train,val,test}/<class>/<video>`` (the README's fine-tuning layout): one
+  list per split present (``DST/train.csv``, ``DST/val.csv``, ...) with ONE class index, the
+  sorted class folders of ``train`` (of the first split present if there is no ``train``). A
+  class folder of val/test that train lacks is a data error, raised before anything is encoded.
+  SRC may hold nothing but split folders next to each other.
+- Class folders ``SRC/<class>/<video>``: ``DST/train.csv`` with every file.
+
+DST gets the files at their relative paths (``external/...`` for listed files outside SRC), the
+lists with paths relative to DST and ``classes.json`` (:func:`datasets.write_class_index`).
+Whitespace in an output name is replaced by ``_`` (list files cannot hold it; the source files
+keep their names) and reported; two sources that would get the same output name (``a b.mp4``
+and ``a_b.mp4``, or ``v.mp4`` and ``v.avi``) are a data error. Work runs in a process pool with a
+tqdm bar; outputs are written under a temporary name and renamed (no temporary file is left on
+failure), and existing outputs are skipped, so an interrupted run resumes. ``--check`` only
+runs the layout checks and the validation pass over SRC's listing and prints each bad file
+with its reason.
+
+Exit status of ``prepare_main``: 0 done, 1 some files failed to encode (they are left out of the
+lists) or are bad (``--check``), 2 usage, 5 data error (SRC missing, empty or inconsistent).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import re
 import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 import av
 
-from .datasets import Dataset, read_list_file, scan_class_folders, write_list_file
+from .datasets import Dataset, read_list_file, scan_class_folders, write_class_index, write_list_file
+from .errors import DataError
 from .probe import validate_files
 
 CODECS = {"vp9": ("libvpx-vp9", "webm", ".webm"), "h264": ("libx264", "mp4", ".mp4")}
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
+SPLITS = ("train", "val", "test")
+FRAME_COUNT_TOLERANCE = 0.05
+"""Without ``--fps``, output and source frame counts may differ by this fraction (at least 2 frames)."""
+EXIT_FAILED, EXIT_DATA_ERROR = 1, 5  # argparse exits 2 on a usage error
+EPS = 1e-6
+"""Seconds: timestamps this close count as equal (float pts vs. output frame times)."""
 
 
 def _even(x: float) -> int:
     return max(2, int(round(x / 2)) * 2)
 
 
+def _count_packets(path: str) -> int:
+    """Frames stored in a file we wrote (one packet per frame for VP9/webm and H.264/mp4)."""
+    with av.open(path) as c:
+        return sum(1 for p in c.demux(c.streams.video[0]) if p.size)
+
+
 def encode_video(src: str, dst: str, *, codec: str = "vp9", short_side: int = 320, fps: float = 0.0,
                  gop: int = 16, crf: int = 32) -> int:
-    """Re-encode ``src`` to ``dst`` (see module docstring); returns frames written. Atomic."""
+    """Re-encode ``src`` to ``dst`` (see module docstring); returns frames written. Atomic: ``dst``
+    appears only when complete and the temporary file is removed on any failure.
+
+    Raises RuntimeError when nothing decodes, when the written file does not hold every encoded
+    frame, or (``fps`` 0) when the frame count differs from the source's beyond
+    :data:`FRAME_COUNT_TOLERANCE`.
+    """
     if codec not in CODECS:
         raise ValueError(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
     encoder, fmt, _ = CODECS[codec]
     os.makedirs(os.path.dirname(os.path.abspath(dst)) or ".", exist_ok=True)
     tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.part{os.getpid()}")
-    written = 0
+    try:
+        written, decoded = _encode(src, tmp, encoder, fmt, codec, short_side, fps, gop, crf)
+        if written == 0:
+            raise RuntimeError(f"{src}: no frames decoded")
+        stored = _count_packets(tmp)
+        if stored != written:
+            raise RuntimeError(f"{src}: the encoder stored {stored} of {written} frames")
+        if fps <= 0 and abs(written - decoded) > max(2, FRAME_COUNT_TOLERANCE * decoded):
+            raise RuntimeError(f"{src}: wrote {written} frames for {decoded} source frames (timestamps "
+                               f"inconsistent with the average frame rate; pass --fps to resample)")
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return written
+
+
+def _encode(src: str, tmp: str, encoder: str, fmt: str, codec: str, short_side: int, fps: float, gop: int,
+            crf: int) -> tuple[int, int]:
+    """Encode ``src`` into ``tmp``; returns (frames written, frames decoded)."""
+    written = decoded = 0
     with av.open(src) as inp:
         sin = inp.streams.video[0]
         sin.thread_type = "AUTO"
@@ -52,6 +115,7 @@ def encode_video(src: str, dst: str, *, codec: str = "vp9", short_side: int = 32
         w, h = _even(w0 * s), _even(h0 * s)
         src_rate = sin.average_rate or sin.guessed_rate or Fraction(25)
         rate = Fraction(fps).limit_denominator(1001) if fps > 0 else Fraction(src_rate).limit_denominator(1001)
+        step = 1.0 / float(src_rate)  # one source frame interval: the time of a frame without a usable pts
         out = av.open(tmp, "w", format=fmt)
         try:
             so = out.add_stream(encoder, rate=rate)
@@ -59,38 +123,42 @@ def encode_video(src: str, dst: str, *, codec: str = "vp9", short_side: int = 32
             so.codec_context.gop_size = gop
             so.options = ({"deadline": "realtime", "cpu-used": "8", "row-mt": "1", "crf": str(crf), "b": "0"}
                           if codec == "vp9" else {"preset": "veryfast", "crf": "23"})
-            t0 = None
+            t0 = 0.0
             prev = None
             last_t = 0.0
 
             def emit(frame: av.VideoFrame) -> None:
                 nonlocal written
-                img = frame.reformat(width=w, height=h, format="yuv420p")
+                # full-range input (MJPEG's yuvj420p) is converted to the limited range that yuv420p
+                # streams are decoded as; without the ranges swscale copies the levels unchanged
+                img = frame.reformat(width=w, height=h, format="yuv420p", src_color_range=frame.color_range or None,
+                                     dst_color_range="MPEG")
                 img.pts, img.time_base = written, 1 / rate  # constant frame rate in output time
                 for packet in so.encode(img):
                     out.mux(packet)
                 written += 1
 
             for frame in inp.decode(sin):
-                t = float(frame.time) if frame.time is not None else written / float(rate)
-                t0 = t if t0 is None else t0
-                t -= t0
-                while prev is not None and written / float(rate) < t:  # output times shown by prev
+                decoded += 1
+                raw = float(frame.time) if frame.time is not None else None
+                if prev is None:  # times are relative to the first frame
+                    t0, t = (raw or 0.0), 0.0
+                elif raw is None or raw - t0 <= last_t:  # missing or not increasing: count frames
+                    t = last_t + step
+                else:
+                    t = raw - t0
+                while prev is not None and written / float(rate) < t - EPS:  # output times shown by prev
                     emit(prev)
                 prev, last_t = frame, t
             if prev is not None:
-                end = last_t + 1.0 / float(src_rate)
-                while written / float(rate) < end - 1e-9 or written == 0:
+                end = last_t + step
+                while written / float(rate) < end - EPS or written == 0:
                     emit(prev)
             for packet in so.encode():
                 out.mux(packet)
         finally:
             out.close()
-    if written == 0:
-        os.remove(tmp)
-        raise RuntimeError(f"{src}: no frames decoded")
-    os.replace(tmp, dst)
-    return written
+    return written, decoded
 
 
 def _job(args: tuple[str, str, str, int, float, int]) -> tuple[str, str]:
@@ -102,28 +170,112 @@ def _job(args: tuple[str, str, str, int, float, int]) -> tuple[str, str]:
         return src, f"{type(e).__name__}: {e}"
 
 
+def _subfolders(path: str) -> list[str]:
+    return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
+
+
+def _split_folder_listings(src: str, splits: list[str]) -> dict[str, Dataset]:
+    """``SRC/<split>/<class>/<video>``: one listing per split, labelled by the reference split's classes."""
+    found = {s: scan_class_folders(os.path.join(src, s), VIDEO_EXTENSIONS) for s in splits}
+    ref = "train" if "train" in found else splits[0]
+    names = found[ref].class_names
+    index = {n: i for i, n in enumerate(names)}
+    for s, ds in found.items():
+        unknown = [c for c in ds.class_names if c not in index]
+        if unknown:
+            raise DataError(f"{os.path.join(src, s)}: class folder(s) {', '.join(unknown)} not in "
+                            f"{os.path.join(src, ref)} (the class index is {ref}'s class folders: {names})")
+        found[s] = Dataset(paths=ds.paths, labels=[index[ds.class_names[l]] for l in ds.labels],
+                           class_names=list(names), source=ds.source)
+    return found
+
+
 def _listings(src: str) -> dict[str, Dataset]:
-    """Split name -> listing of SRC (Kinetics lists if present, else class folders as ``train``)."""
-    lists = {s: os.path.join(src, f"{s}.csv") for s in ("train", "val", "test")}
-    found = {s: read_list_file(p, src) for s, p in lists.items() if os.path.isfile(p)}
-    return found or {"train": scan_class_folders(src, VIDEO_EXTENSIONS)}
+    """Split name -> listing of SRC (layouts in the module docstring). Raises DataError."""
+    if not os.path.isdir(src):
+        raise DataError(f"source folder {src} not found")
+    try:
+        lists = {s: os.path.join(src, f"{s}.csv") for s in SPLITS}
+        found = {s: read_list_file(p, src) for s, p in lists.items() if os.path.isfile(p)}
+        if found:
+            return found
+        sub = _subfolders(src)
+        splits = [s for s in SPLITS if s in sub]
+        if not splits:
+            return {"train": scan_class_folders(src, VIDEO_EXTENSIONS)}
+        others = [d for d in sub if d not in SPLITS]
+        if others:
+            raise DataError(f"{src} mixes split folders ({', '.join(splits)}) with other folders "
+                            f"({', '.join(others)}): expected SRC/<split>/<class>/<video> or SRC/<class>/<video>")
+        return _split_folder_listings(src, splits)
+    except OSError as e:  # an unreadable folder (datasets.py raises DataError for bad lists, empty folders)
+        raise DataError(str(e)) from e
 
 
-def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int = 320, fps: float = 0.0,
-                    gop: int = 16, workers: int = 2, progress: bool = True) -> dict[str, str]:
-    """Re-encode every listed file of ``src`` into ``dst`` and write the lists; returns failures {src: error}."""
-    ext = CODECS[codec][2]
-    splits = _listings(src)
+_WHITESPACE = re.compile(r"\s")
+
+
+def _output_names(src: str, splits: dict[str, Dataset], ext: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Source path -> output path relative to DST, and the subset whose name had whitespace replaced.
+    Raises DataError when two sources get the same output name."""
     mapping: dict[str, str] = {}
+    renamed: dict[str, str] = {}
+    owner: dict[str, str] = {}
     for ds in splits.values():
         for p in ds.paths:
+            if p in mapping:
+                continue
             rel = os.path.relpath(p, src)
             if rel.startswith(".."):  # listed outside SRC: keep it inside DST
                 rel = os.path.join("external", rel.replace("..", "up").lstrip(os.sep))
-            mapping[p] = os.path.splitext(rel)[0] + ext
+            out = os.path.splitext(rel)[0] + ext
+            clean = _WHITESPACE.sub("_", out)
+            if clean in owner:
+                raise DataError(f"{owner[clean]} and {p} would both be prepared as {clean}; rename one of them")
+            owner[clean] = p
+            mapping[p] = clean
+            if clean != out:
+                renamed[p] = clean
+    return mapping, renamed
+
+
+def _write_list(path: str, entries: list[tuple[str, int]]) -> None:
+    """:func:`datasets.write_list_file`, leaving no temporary file behind when it fails."""
+    try:
+        write_list_file(path, entries)
+    except BaseException:
+        tmp = f"{path}.tmp{os.getpid()}"  # write_list_file's temporary name
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+@dataclass
+class PrepareResult:
+    """What :func:`prepare_dataset` did."""
+
+    failures: dict[str, str] = field(default_factory=dict)
+    """Source path -> error, for files that could not be encoded (left out of the lists)."""
+    renamed: dict[str, str] = field(default_factory=dict)
+    """Source path -> output path relative to DST, for names whose whitespace was replaced by ``_``."""
+    lists: dict[str, int] = field(default_factory=dict)
+    """Split -> number of entries written to ``DST/<split>.csv``."""
+    class_names: list[str] = field(default_factory=list)
+
+
+def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int = 320, fps: float = 0.0,
+                    gop: int = 16, workers: int = 2, progress: bool = True) -> PrepareResult:
+    """Re-encode every listed file of ``src`` into ``dst`` and write the lists (module docstring).
+
+    Layout problems raise :class:`DataError` before anything is encoded or written."""
+    if codec not in CODECS:
+        raise ValueError(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
+    splits = _listings(src)
+    mapping, renamed = _output_names(src, splits, CODECS[codec][2])
     todo = [(p, os.path.join(dst, rel), codec, short_side, fps, gop) for p, rel in mapping.items()
             if not os.path.isfile(os.path.join(dst, rel))]
-    failures: dict[str, str] = {}
+    names = max((ds.class_names for ds in splits.values()), key=len)  # lists without names: label numbers
+    result = PrepareResult(renamed=renamed, class_names=list(names))
     if todo:
         from tqdm import tqdm
 
@@ -132,44 +284,76 @@ def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int =
             for fut in as_completed([ex.submit(_job, t) for t in todo]):
                 s, err = fut.result()
                 if err:
-                    failures[s] = err
+                    result.failures[s] = err
                 bar.update(1)
-    names = next(iter(splits.values())).class_names
+    os.makedirs(dst, exist_ok=True)
     for split, ds in splits.items():
-        write_list_file(os.path.join(dst, f"{split}.csv"),
-                        [(mapping[p], l) for p, l in zip(ds.paths, ds.labels) if p not in failures])
+        entries = [(mapping[p], l) for p, l in zip(ds.paths, ds.labels) if p not in result.failures]
+        _write_list(os.path.join(dst, f"{split}.csv"), entries)
+        result.lists[split] = len(entries)
     for extra in ("classnames.json",):
         if os.path.isfile(os.path.join(src, extra)):
             shutil.copyfile(os.path.join(src, extra), os.path.join(dst, extra))
-    with open(os.path.join(dst, "classes.json"), "w") as f:
-        json.dump(names, f)
-    return failures
+    write_class_index(os.path.join(dst, "classes.json"), result.class_names)
+    return result
+
+
+def build_prepare_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``maskfeat data prepare``."""
+    ap = argparse.ArgumentParser(
+        prog="maskfeat data prepare", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Re-encode a video dataset (VP9 or H.264, short side <= --short-side, constant frame rate,\n"
+                    "short GOP) so that DALI decodes it fast; --check only validates SRC.",
+        epilog="SRC layouts: SRC/{train,val,test}.csv (Kinetics lists); SRC/{train,val,test}/<class>/<video>\n"
+               "(one DST/<split>.csv per split, one class index: train's class folders); SRC/<class>/<video>\n"
+               "(DST/train.csv). DST mirrors SRC and gets classes.json; whitespace in output names becomes '_'.\n"
+               "Without --fps a file whose output frame count differs from its source's is reported as failed.\n"
+               "Exit status: 0 done, 1 some files failed (left out of the lists) or are bad (--check), 2 usage,\n"
+               "5 data error (SRC missing, empty or inconsistent; nothing is encoded).")
+    ap.add_argument("src", help="Kinetics-style root (train/val/test.csv), folder of split folders "
+                                "(train/val/test/<class>/) or folder of class sub-folders")
+    ap.add_argument("dst", nargs="?", default="", help="output root (not needed with --check)")
+    ap.add_argument("--codec", choices=sorted(CODECS), default="vp9",
+                    help="vp9 (.webm; DALI CPU and GPU) or h264 (.mp4; GPU/NVDEC or PyAV)")
+    ap.add_argument("--short-side", type=int, default=320, help="at most this many pixels (no upscaling)")
+    ap.add_argument("--fps", type=float, default=0.0, help="constant output rate; 0 keeps the source rate")
+    ap.add_argument("--gop", type=int, default=16, help="key frame interval in frames")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
+    ap.add_argument("--min-frames", type=int, default=1, help="--check: frames one clip needs")
+    ap.add_argument("--check", action="store_true", help="only validate SRC; print bad files")
+    return ap
 
 
 def prepare_main(argv: list[str]) -> int:
-    """Command line of ``maskfeat data prepare`` (module docstring)."""
-    ap = argparse.ArgumentParser(prog="maskfeat data prepare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("src", help="Kinetics-style root (train/val/test.csv) or folder of class sub-folders")
-    ap.add_argument("dst", nargs="?", default="", help="output root (not needed with --check)")
-    ap.add_argument("--codec", choices=sorted(CODECS), default="vp9")
-    ap.add_argument("--short-side", type=int, default=320)
-    ap.add_argument("--fps", type=float, default=0.0, help="constant output rate; 0 keeps the source rate")
-    ap.add_argument("--gop", type=int, default=16, help="key frame interval in frames")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--min-frames", type=int, default=1, help="--check: frames one clip needs")
-    ap.add_argument("--check", action="store_true", help="only validate SRC; print bad files")
+    """Command line of ``maskfeat data prepare`` (module docstring); returns the exit status."""
+    ap = build_prepare_parser()
     args = ap.parse_args(argv)
-    if args.check:
-        paths = [p for ds in _listings(args.src).values() for p in ds.paths]
-        report = validate_files(paths, reader="pyav", min_frames=args.min_frames, workers=args.workers,
-                                progress=True)
-        print(report.summary())
-        return 1 if report.bad else 0
-    if not args.dst:
+    for name in ("short_side", "gop", "workers", "min_frames"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.fps < 0:
+        ap.error(f"--fps must be 0 (keep the source rate) or positive, got {args.fps}")
+    if not args.check and not args.dst:
         ap.error("DST is required unless --check")
-    failures = prepare_dataset(args.src, args.dst, codec=args.codec, short_side=args.short_side, fps=args.fps,
-                               gop=args.gop, workers=args.workers)
-    for s, err in sorted(failures.items()):
+    try:
+        if args.check:
+            splits = _listings(args.src)
+            _output_names(args.src, splits, CODECS[args.codec][2])  # a name collision is reported here too
+            paths = list(dict.fromkeys(p for ds in splits.values() for p in ds.paths))
+            report = validate_files(paths, reader="pyav", min_frames=args.min_frames, workers=args.workers,
+                                    progress=True)
+            print(report.summary())
+            return EXIT_FAILED if report.bad else 0
+        res = prepare_dataset(args.src, args.dst, codec=args.codec, short_side=args.short_side, fps=args.fps,
+                              gop=args.gop, workers=args.workers)
+    except DataError as e:
+        print(f"maskfeat data prepare: data error: {e}", file=sys.stderr)
+        return EXIT_DATA_ERROR
+    for s, err in sorted(res.failures.items()):
         print(f"failed: {s}: {err}", file=sys.stderr)
-    print(f"prepared into {args.dst} ({len(failures)} failures)")
-    return 1 if failures else 0
+    if res.renamed:
+        first = next(iter(res.renamed.items()))
+        print(f"{len(res.renamed)} output names had whitespace replaced by '_' (e.g. {first[0]} -> {first[1]})")
+    lists = ", ".join(f"{s}.csv {n}" for s, n in res.lists.items())
+    print(f"prepared into {args.dst}: {lists}; {len(res.class_names)} classes ({len(res.failures)} failures)")
+    return EXIT_FAILED if res.failures else 0

@@ -1,0 +1,329 @@
+"""Class numbering across splits, runs and ``maskfeat eval`` (audit defects 1-7).
+
+The training split defines a run's classes; fine-tuning stores them in ``<run>/classes.json``;
+evaluation splits are mapped through that list by name; ``maskfeat eval`` takes K from the
+checkpoint, resolves every spelling of a checkpoint path, and writes ``eval.json`` into the
+evaluated run. Listing-only tests use empty files (listing never opens them); the others use tiny
+H.264 clips written with PyAV and an ``mvitv2_tiny`` classifier at 4 frames of 32x32, saved as a
+fake ZeRO-0 DeepSpeed checkpoint (``mp_rank_00_model_states.pt`` holding ``{"module": ...}``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from engine.config import ConfigError, load_config
+from engine.data import DataConfig, build_loader, load_dataset, validate_dataset
+from engine.data.datasets import ClassListError, read_class_index, write_class_index
+from engine.distributed import DistInfo
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(REPO, "tests", "engine", "tiny.yaml")
+EXT = (".mp4",)
+
+
+def touch_tree(root, tree: dict) -> str:
+    """``{"train": {"cat": 2}}`` -> root/train/cat/{0,1}.mp4 (empty files: listing only)."""
+    for split, classes in tree.items():
+        for cls, n in classes.items():
+            d = os.path.join(root, split, cls) if split else os.path.join(root, cls)
+            os.makedirs(d, exist_ok=True)
+            for j in range(n):
+                open(os.path.join(d, f"{j}.mp4"), "w").close()
+    return str(root)
+
+
+def write_clip(path: str, n: int = 12, w: int = 64, h: int = 48, shade: int = 0) -> str:
+    c = av.open(path, "w")
+    s = c.add_stream("libx264", rate=25)
+    s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+    for i in range(n):
+        img = np.full((h, w, 3), (shade + 9 * i) % 256, np.uint8)
+        for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    return path
+
+
+def clip_tree(root, tree: dict) -> str:
+    for split, classes in tree.items():
+        for cls, n in classes.items():
+            d = os.path.join(root, split, cls)
+            os.makedirs(d, exist_ok=True)
+            for j in range(n):
+                write_clip(os.path.join(d, f"{j}.mp4"), shade=40 * j)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """train: apple, bunny, carphone; val lacks bunny (defect 1's case); val2 has an unknown dog."""
+    root = tmp_path_factory.mktemp("videos")
+    clip_tree(root, {"train": {"apple": 1, "bunny": 1, "carphone": 1}, "val": {"apple": 1, "carphone": 1}})
+    other = tmp_path_factory.mktemp("videos_dog")
+    clip_tree(other, {"train": {"apple": 1}, "val": {"apple": 1, "dog": 1}})
+    return {"root": root, "dog": other}
+
+
+def data_cfg(root, **kw) -> DataConfig:
+    base = dict(root=str(root), dataset="folder", num_frames=4, sampling_rate=1, crop_size=32, batch_size=2,
+                num_threads=1, cache_dir=os.path.join(str(root), ".cache"))
+    base.update(kw)
+    return DataConfig(**base)
+
+
+# ---- listings (defects 1, 2) -------------------------------------------------------------------
+def test_eval_split_folders_are_mapped_through_the_train_classes(tmp_path):
+    root = touch_tree(tmp_path, {"train": {"apple": 1, "bunny": 1, "carphone": 1}, "val": {"apple": 1, "carphone": 2}})
+    train = load_dataset("folder", root, "train", EXT)
+    assert train.class_names == ["apple", "bunny", "carphone"]
+    val = load_dataset("folder", root, "val", EXT, classes=train.class_names)
+    assert val.class_names == train.class_names
+    by_class = {os.path.basename(os.path.dirname(p)): lab for p, lab in zip(val.paths, val.labels)}
+    assert by_class == {"apple": 0, "carphone": 2}  # carphone is the model's class 2, not 1
+    touch_tree(tmp_path, {"val": {"dog": 1}})
+    with pytest.raises(ClassListError, match=r"\['dog'\] are not classes of the training split"):
+        load_dataset("folder", root, "val", EXT, classes=train.class_names)
+
+
+def test_list_labels_out_of_range_name_file_and_line(tmp_path):
+    (tmp_path / "train.csv").write_text("a.mp4 0\nb.mp4 1\n")
+    (tmp_path / "val.csv").write_text("a.mp4 0\n\nc.mp4 2\n")
+    train = load_dataset("kinetics", str(tmp_path), "train", EXT)
+    assert train.class_names == ["0", "1"]
+    with pytest.raises(ClassListError, match=r"val\.csv:3: label 2 is out of range.*number 2"):
+        load_dataset("kinetics", str(tmp_path), "val", EXT, classes=train.class_names)
+    assert load_dataset("kinetics", str(tmp_path), "val", EXT, classes=["x", "y", "z"]).labels == [0, 2]
+
+
+def test_missing_split_folder_is_an_error_unless_no_split_folders_exist(tmp_path):
+    root = touch_tree(tmp_path / "a", {"train": {"cat": 1, "dog": 1}})
+    with pytest.raises(FileNotFoundError, match=r"a/val not found; the split folders present are \['train'\]"):
+        load_dataset("folder", root, "val", EXT)
+    flat = touch_tree(tmp_path / "b", {"": {"cat": 1, "dog": 1}})  # root/<class>: every split
+    for split in ("train", "val"):
+        assert load_dataset("folder", flat, split, EXT).class_names == ["cat", "dog"]
+
+
+def test_class_index_round_trip(tmp_path):
+    p = str(tmp_path / "run" / "classes.json")
+    write_class_index(p, ["a", "b"], num_classes=5)
+    assert read_class_index(p) == (["a", "b"], 5)
+    assert json.loads(open(p).read())["index"] == {"a": 0, "b": 1}
+    with pytest.raises(ValueError, match="smaller than the 2 class names"):
+        write_class_index(p, ["a", "b"], num_classes=1)
+    assert not [f for f in os.listdir(tmp_path / "run") if ".tmp" in f]
+
+
+# ---- loaders (defects 1, 4, 7) -----------------------------------------------------------------
+def test_eval_loader_numbers_classes_by_the_train_list(videos):
+    cfg = data_cfg(videos["root"])
+    train = build_loader(cfg, "train", mode="finetune")
+    val = build_loader(cfg, "val", mode="test", classes=train.class_names)
+    assert val.num_classes == 3 and val.class_names == ["apple", "bunny", "carphone"]
+    assert sorted(zip((os.path.basename(os.path.dirname(p)) for p in val.dataset.paths), val.dataset.labels)) == [
+        ("apple", 0), ("carphone", 2)]
+
+
+def test_empty_and_all_bad_class_folders_are_kept_with_a_warning(tmp_path, caplog):
+    root = clip_tree(tmp_path, {"train": {"a": 1, "d": 1}})
+    os.makedirs(tmp_path / "train" / "b")  # empty
+    os.makedirs(tmp_path / "train" / "c")
+    (tmp_path / "train" / "c" / "bad.mp4").write_text("not a video")  # all files bad
+    with caplog.at_level(logging.WARNING):
+        check = validate_dataset(data_cfg(root, on_bad_file="skip"), "train")
+    assert check.dataset.class_names == ["a", "b", "c", "d"] and sorted(check.dataset.labels) == [0, 3]
+    warned = [r.getMessage() for r in caplog.records if "no usable files" in r.getMessage()]
+    assert len(warned) == 1 and "b, c" in warned[0]
+
+
+def test_num_classes_below_the_labels_is_a_config_error(videos):
+    from engine.finetune import _num_classes
+
+    train = build_loader(data_cfg(videos["root"]), "train", mode="finetune")
+    cfg = load_config(TINY, ["finetune.num_classes=2"])
+    with pytest.raises(ConfigError, match=r"finetune.num_classes is 2, but .* has label 2 \(class 'carphone'"):
+        _num_classes(cfg, train)
+    assert _num_classes(load_config(TINY, ["finetune.num_classes=5"]), train) == 5
+    assert _num_classes(load_config(TINY, []), train) == 3
+
+
+def test_drop_last_never_drops_test_views(videos):
+    cfg = data_cfg(videos["root"], drop_last=True, batch_size=2, num_clips=3)
+    test = build_loader(cfg, "train", mode="test")  # 3 videos x 3 views = 9: the last batch is padded
+    specs = [s for b in test.plan(0) for s in b]
+    assert sorted((s.index, s.view) for s in specs if s.valid) == [(i, v) for i in range(3) for v in range(3)]
+    train = build_loader(cfg, "train", mode="pretrain")  # training still drops the incomplete batch
+    assert len(train) == 1 and all(s.valid for b in train.plan(0) for s in b)
+
+
+# ---- resume (defect 1) -------------------------------------------------------------------------
+def test_class_index_written_then_checked_on_resume(tmp_path):
+    from engine.finetune import sync_class_index
+
+    out = str(tmp_path / "run")
+    p = sync_class_index(out, ["a", "b"], 2, resuming=False, write=True)
+    assert read_class_index(p) == (["a", "b"], 2)
+    assert sync_class_index(out, ["a", "b"], 2, resuming=True, write=True) == p  # same classes: fine
+    with pytest.raises(ClassListError, match=r"classes changed.*new: \['c'\]"):
+        sync_class_index(out, ["a", "b", "c"], 3, resuming=True, write=True)
+    sync_class_index(out, ["x"], 1, resuming=False, write=True)  # a fresh run overwrites
+    assert read_class_index(p) == (["x"], 1)
+
+
+# ---- maskfeat eval (defects 3, 5, 6) -----------------------------------------------------------
+def _eval_cfg(root, out, *extra):
+    return load_config(TINY, [f"data.root={root}", "data.dataset=folder", "data.num_frames=4",
+                              "data.sampling_rate=1", "data.crop_size=32", "data.num_clips=1",
+                              f"data.cache_dir={os.path.join(str(root), '.cache')}", f"train.output_dir={out}",
+                              "train.device=cpu", *extra])
+
+
+def _classifier(K: int, always: int) -> dict:
+    """A state dict of the eval model whose prediction is always class ``always``."""
+    from models.variants import create_model
+
+    torch.manual_seed(0)
+    m = create_model("mvitv2_tiny", task="classify", num_classes=K, num_frames=4, img_size=32)
+    sd = m.state_dict()
+    sd["head.projection.weight"] = torch.zeros_like(sd["head.projection.weight"])
+    sd["head.projection.bias"] = torch.nn.functional.one_hot(torch.tensor(always), K).float() * 10
+    return sd
+
+
+def _fake_run(run, sd, classes, tags=("step00000001",)) -> str:
+    ck = os.path.join(run, "checkpoints")
+    for tag in tags:
+        os.makedirs(os.path.join(ck, tag))
+        torch.save({"module": sd}, os.path.join(ck, tag, "mp_rank_00_model_states.pt"))
+    with open(os.path.join(ck, "latest"), "w") as f:
+        f.write([t for t in tags if t != "best"][-1])
+    if classes is not None:
+        write_class_index(os.path.join(run, "classes.json"), classes, int(sd["head.projection.weight"].shape[0]))
+    return run
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    import engine.finetune
+
+    monkeypatch.setattr(engine.finetune, "init_distributed",
+                        lambda device="auto": DistInfo(0, 1, 0, torch.device("cpu"), "gloo"))
+
+
+def test_eval_maps_classes_by_name_and_writes_into_the_run(videos, tmp_path, one_process, capsys):
+    from engine.finetune import run_eval
+
+    run = _fake_run(str(tmp_path / "ft"), _classifier(3, always=2), ["apple", "bunny", "carphone"])
+    cfg = _eval_cfg(videos["root"], tmp_path / "elsewhere")
+    res = run_eval(cfg, run)
+    # val = {apple, carphone}; the model always says carphone (2): right on 1 of 2 videos only when
+    # val's carphone is the model's class 2 (numbering val on its own made it 1: 0 %)
+    assert res["videos"] == 2 and res["top1"] == pytest.approx(50.0)
+    assert res["checkpoint"] == os.path.join(run, "checkpoints", "step00000001")
+    written = os.path.join(run, "eval.json")
+    assert json.load(open(written))["top1"] == pytest.approx(50.0)
+    assert not os.path.exists(tmp_path / "elsewhere" / "eval.json")
+    assert f"eval results written to {written}" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"finetune.num_classes=5, but the checkpoint .* has 3 classes"):
+        run_eval(_eval_cfg(videos["root"], tmp_path / "x", "finetune.num_classes=5"), run)
+    assert run_eval(_eval_cfg(videos["root"], tmp_path / "x", "finetune.num_classes=3"), run)["top1"] == 50.0
+
+
+def test_eval_rejects_an_eval_class_unseen_in_training(videos, tmp_path, one_process):
+    from engine.finetune import run_eval
+
+    run = _fake_run(str(tmp_path / "ft"), _classifier(1, always=0), ["apple"])
+    with pytest.raises(ClassListError, match=r"\['dog'\] are not classes of the training split"):
+        run_eval(_eval_cfg(videos["dog"], tmp_path / "x"), run)
+
+
+def test_eval_of_a_weights_file_takes_k_from_the_head(videos, tmp_path, one_process):
+    """A head of 5 outputs (fine-tuned with finetune.num_classes=5) evaluates without repeating the
+    override; without a classes.json the eval split's own classes are used."""
+    from safetensors.torch import save_file
+
+    from engine.finetune import run_eval
+
+    path = str(tmp_path / "w" / "model.safetensors")
+    os.makedirs(os.path.dirname(path))
+    save_file(_classifier(5, always=1), path)
+    res = run_eval(_eval_cfg(videos["root"], tmp_path / "x"), path)
+    assert res["top1"] == pytest.approx(50.0)  # val's own numbering: apple 0, carphone 1
+    assert res["eval_json"] == str(tmp_path / "w" / "model.eval.json") and os.path.isfile(res["eval_json"])
+    save_file(_classifier(1, always=0), path)  # a head too narrow for the eval split's labels
+    with pytest.raises(ClassListError, match=r"has label 1 \(class 'carphone'.*not trained on"):
+        run_eval(_eval_cfg(videos["root"], tmp_path / "x"), path)
+
+
+def test_checkpoint_paths_resolve_like_the_run_dir(tmp_path):
+    from engine.finetune import resolve_checkpoint
+
+    sd = {"head.projection.weight": torch.zeros(2, 1)}
+    run = _fake_run(str(tmp_path / "r"), sd, ["a", "b"], tags=("step00000001", "step00000002"))
+    ck = os.path.join(run, "checkpoints")
+    want = os.path.join(ck, "step00000002")
+    for p in (run, ck, os.path.join(ck, "latest"), want, want + "/"):
+        t = resolve_checkpoint(p)
+        assert (t.where, t.run_dir, t.eval_json) == (want, run, os.path.join(run, "eval.json")), p
+        assert t.class_index == os.path.join(run, "classes.json")
+    assert resolve_checkpoint(os.path.join(ck, "step00000001")).where == os.path.join(ck, "step00000001")
+    os.makedirs(os.path.join(ck, "best"))
+    torch.save({"module": sd}, os.path.join(ck, "best", "mp_rank_00_model_states.pt"))
+    assert resolve_checkpoint(run).tag == resolve_checkpoint(ck).tag == "best"  # best, else latest
+    assert resolve_checkpoint(os.path.join(ck, "latest")).tag == "step00000002"  # the tag `latest` names
+    with pytest.raises(FileNotFoundError, match=r"checkpoint .*nope not found"):
+        resolve_checkpoint(str(tmp_path / "nope"))
+    os.makedirs(tmp_path / "empty_dir")
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        resolve_checkpoint(str(tmp_path / "empty_dir"))
+
+
+# ---- end to end: maskfeat finetune writes classes.json; maskfeat eval reads it ----------------------
+@pytest.mark.slow
+def test_cli_finetune_resume_and_eval_with_a_class_missing_from_val(videos, tmp_path):
+    root = str(tmp_path / "data")
+    shutil.copytree(videos["root"], root, ignore=shutil.ignore_patterns(".*"))
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    out, other = str(tmp_path / "ft"), str(tmp_path / "other")
+    common = ["-c", TINY, f"data.root={root}", "data.dataset=folder", "data.num_frames=4", "data.sampling_rate=1",
+              "data.crop_size=32", "data.num_clips=1", "data.clips_per_epoch=2", f"data.cache_dir={tmp_path / 'c'}",
+              f"train.output_dir={out}", "train.device=cpu", "schedule.epochs=2", "train.checkpoint_every_epochs=1"]
+
+    def engine(*args):
+        return subprocess.run([sys.executable, "-m", "engine", *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    p = engine("finetune", *common, "schedule.max_steps=1")
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert read_class_index(os.path.join(out, "classes.json")) == (["apple", "bunny", "carphone"], 3)
+    p = engine("finetune", *common, "schedule.max_steps=2", "--resume", "auto")  # same classes: resumes
+    assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-4000:]
+    p = engine("eval", *common, f"train.output_dir={other}", "--checkpoint", os.path.join(out, "checkpoints", "latest"))
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.load(open(os.path.join(out, "eval.json")))
+    assert res["videos"] == 2 and res["checkpoint"] == os.path.join(out, "checkpoints", "step00000002")
+    assert not os.path.exists(os.path.join(other, "eval.json"))
+    clip_tree(root, {"train": {"dog": 1}})  # the train split changed: resuming would relabel the head
+    p = engine("finetune", *common, "schedule.max_steps=3", "--resume", "auto")
+    assert p.returncode == 5 and "data error: resuming a run whose classes changed" in p.stderr, p.stderr[-3000:]
+    assert "new: ['dog']" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_missing_pretrained_weights_are_a_config_error(tmp_path):
+    from engine.finetune import build_classifier
+
+    cfg = load_config(TINY, [f"finetune.pretrained={tmp_path / 'nope.safetensors'}"])
+    with pytest.raises(ConfigError, match="finetune.pretrained=.*not found"):
+        build_classifier(cfg, 3)

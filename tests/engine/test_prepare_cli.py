@@ -1,0 +1,230 @@
+"""``maskfeat data prepare`` on every source layout, and the command line's data errors.
+
+Source clips are tiny MJPEG files in Matroska written with PyAV, whose frame timestamps the tests
+choose (Matroska accepts repeated timestamps): frame ``i`` has red channel ``20*i``, so the order
+and number of frames that come out of the re-encoding can be read back from the pixels.
+Covered: split folders ``SRC/{train,val}/<class>/`` give one list per split with train's class
+index; a val class that train lacks, a mixed layout and colliding output names are data errors
+before anything is encoded; whitespace in names becomes ``_``; no temporary file is ever left;
+a source whose timestamps never increase keeps every frame; a frame count that does not match is
+a per-file failure; ``maskfeat`` turns dataset listing errors into "data error" + exit 5 but keeps
+the traceback of a genuine bug.
+"""
+from __future__ import annotations
+
+import json
+import os
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from engine import cli
+from engine.data.datasets import load_dataset, read_list_file
+from engine.data.errors import DataError
+from engine.data.prepare import encode_video, prepare_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(REPO, "tests", "engine", "tiny.yaml")
+W, H = 48, 32
+
+
+def make_clip(path: str, n: int = 6, pts_ms: list[int] | None = None) -> str:
+    """An MJPEG/Matroska clip of ``n`` frames at a declared 25 fps; ``pts_ms`` overrides the
+    timestamps (milliseconds) of the stored frames."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pts_ms = [40 * i for i in range(n)] if pts_ms is None else pts_ms
+    c = av.open(path, "w", format="matroska")
+    s = c.add_stream("mjpeg", rate=25)
+    s.width, s.height, s.pix_fmt = W, H, "yuvj420p"
+    for i, t in enumerate(pts_ms):
+        img = np.zeros((H, W, 3), np.uint8)
+        img[..., 0] = 20 * i
+        for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):  # MJPEG: one packet per frame
+            p.pts = p.dts = t
+            p.time_base = Fraction(1, 1000)
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    return path
+
+
+def red_levels(path: str) -> list[int]:
+    """Mean red channel of each decoded frame."""
+    with av.open(path) as c:
+        return [int(round(f.to_ndarray(format="rgb24")[..., 0].mean())) for f in c.decode(c.streams.video[0])]
+
+
+def all_files(root) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+FAST = ["--short-side", "16", "--workers", "2", "--gop", "4"]
+
+
+def test_split_folders_give_one_list_per_split_with_trains_class_index(tmp_path, capsys):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for cls in ("cat", "ant", "bee"):
+        make_clip(str(src / "train" / cls / "t.mkv"))
+    for cls in ("bee", "cat"):  # val lacks "ant": its labels must still be train's
+        make_clip(str(src / "val" / cls / "v.mkv"))
+    assert prepare_main([str(src), "--check"]) == 0
+    assert "validated 5 files: 5 good" in capsys.readouterr().out  # train and val
+    assert prepare_main([str(src), str(dst), *FAST]) == 0
+    assert "train.csv 3, val.csv 2; 3 classes" in capsys.readouterr().out
+    assert (dst / "train.csv").read_text().splitlines() == [
+        "train/ant/t.webm 0", "train/bee/t.webm 1", "train/cat/t.webm 2"]
+    assert (dst / "val.csv").read_text().splitlines() == ["val/bee/v.webm 1", "val/cat/v.webm 2"]
+    assert not (dst / "test.csv").exists()
+    assert json.loads((dst / "classes.json").read_text())["classes"] == ["ant", "bee", "cat"]
+    val = load_dataset("kinetics", str(dst), "val", ())
+    assert val.class_names == ["ant", "bee", "cat"] and val.labels == [1, 2]
+    assert val.paths == [str(dst / "val" / "bee" / "v.webm"), str(dst / "val" / "cat" / "v.webm")]
+    assert len(red_levels(val.paths[0])) == 6
+    # plain class folders keep their behaviour: every file in train.csv
+    flat = tmp_path / "flat"
+    for cls in ("b", "a"):
+        make_clip(str(flat / cls / "x.mkv"))
+    assert prepare_main([str(flat), str(tmp_path / "flat_out"), *FAST]) == 0
+    assert (tmp_path / "flat_out" / "train.csv").read_text().splitlines() == ["a/x.webm 0", "b/x.webm 1"]
+    assert not (tmp_path / "flat_out" / "val.csv").exists()
+
+
+@pytest.mark.parametrize("case", ["val_class_not_in_train", "mixed_layout", "name_collision"])
+def test_inconsistent_sources_are_data_errors_before_encoding(tmp_path, capsys, case):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_clip(str(src / "train" / "cat" / "a b.mkv"))
+    if case == "val_class_not_in_train":
+        make_clip(str(src / "val" / "zebra" / "v.mkv"))
+        expect = "zebra"
+    elif case == "mixed_layout":
+        make_clip(str(src / "dog" / "v.mkv"))
+        expect = "dog"
+    else:
+        make_clip(str(src / "train" / "cat" / "a_b.mkv"))
+        expect = "a_b.webm"
+    for argv in ([str(src), str(dst), *FAST], [str(src), "--check"]):
+        assert prepare_main(argv) == 5
+        err = capsys.readouterr().err
+        assert "data error" in err and expect in err and "Traceback" not in err
+    assert not dst.exists()  # nothing encoded or written
+
+
+def test_whitespace_in_names_becomes_underscore_and_lists_read_back(tmp_path, capsys):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_clip(str(src / "my class" / "clip one.mkv"))
+    make_clip(str(src / "other" / "two\tthree.mkv"))
+    assert prepare_main([str(src), str(dst), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "2 output names had whitespace replaced by '_'" in out
+    assert all_files(dst) == ["classes.json", "my_class/clip_one.webm", "other/two_three.webm", "train.csv"]
+    ds = read_list_file(str(dst / "train.csv"), str(dst))
+    assert ds.class_names == ["my class", "other"] and ds.labels == [0, 1]  # class names keep their spaces
+    assert all(os.path.isfile(p) for p in ds.paths)
+    assert os.path.isfile(src / "my class" / "clip one.mkv")  # sources keep their names
+
+
+def test_source_without_increasing_timestamps_keeps_every_frame(tmp_path):
+    n = 7
+    src = make_clip(str(tmp_path / "zero.mkv"), pts_ms=[0] * n)
+    with av.open(src) as c:  # the source really has no usable timestamps
+        assert {f.pts for f in c.decode(c.streams.video[0])} == {0}
+    want = red_levels(src)  # about 20 * i (JPEG rounding)
+    for codec, ext in (("vp9", ".webm"), ("h264", ".mp4")):
+        out = str(tmp_path / f"zero{ext}")
+        assert encode_video(src, out, codec=codec, short_side=16) == n
+        levels = red_levels(out)  # every frame once, in order, at its level (MJPEG's full range converted)
+        assert len(levels) == n and np.all(np.abs(np.array(levels) - want) <= 4), (levels, want)
+    # a repeated timestamp in the middle: that frame is placed one frame interval after the previous one
+    src = make_clip(str(tmp_path / "dup.mkv"), pts_ms=[0, 40, 80, 80, 120])
+    assert encode_video(src, str(tmp_path / "dup.webm"), short_side=16) == 5
+    levels = red_levels(str(tmp_path / "dup.webm"))
+    assert np.all(np.abs(np.array(levels) - red_levels(src)) <= 4), levels
+
+
+def test_frame_count_mismatch_is_a_failure_and_leaves_no_temporary_file(tmp_path, capsys):
+    """A clip stamped at 12.5 fps in a stream declared 25 fps: without --fps its re-encoding would
+    hold about twice the source's frames, so it fails (and is left out of the list); with --fps it
+    is resampled."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    bad = make_clip(str(src / "c" / "slow.mkv"), pts_ms=[80 * i for i in range(8)])
+    make_clip(str(src / "c" / "ok.mkv"))
+    with pytest.raises(RuntimeError, match="for 8 source frames"):
+        encode_video(bad, str(tmp_path / "slow.webm"), short_side=16)
+    assert all_files(tmp_path) == ["src/c/ok.mkv", "src/c/slow.mkv"]
+    assert prepare_main([str(src), str(dst), *FAST]) == 1
+    captured = capsys.readouterr()
+    assert f"failed: {bad}: RuntimeError" in captured.err and "(1 failures)" in captured.out
+    assert (dst / "train.csv").read_text().splitlines() == ["c/ok.webm 0"]
+    assert all_files(dst) == ["c/ok.webm", "classes.json", "train.csv"]
+    assert encode_video(bad, str(tmp_path / "slow.webm"), short_side=16, fps=12.5) == 8
+
+
+def test_prepare_usage_and_missing_or_empty_sources(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for src in (tmp_path / "missing", tmp_path / "empty"):
+        assert cli.main(["data", "prepare", str(src), "--check"]) == 5
+        err = capsys.readouterr().err
+        assert err.startswith("maskfeat data prepare: data error:") and str(src) in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:
+        prepare_main([str(tmp_path), "--fps", "-1"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        prepare_main(["--help"])
+    assert e.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "SRC/{train,val,test}/<class>/<video>" in help_text and "5 data error" in help_text
+
+
+def test_cli_help_lists_the_exit_codes(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "exit status:" in out and "  5  data error" in out and "  6  out of GPU memory" in out
+
+
+@pytest.mark.parametrize("case", ["empty_root", "label_not_integer", "label_without_class_name", "corrupt_classes"])
+def test_cli_dataset_listing_errors_exit_5(tmp_path, capsys, case):
+    """Through the real finetune path (distributed set-up, then the loader): one paragraph, exit 5."""
+    root = tmp_path / "root"
+    root.mkdir()
+    kind = "kinetics"
+    if case == "empty_root":
+        kind, expect = "folder", "no class sub-folders"
+    elif case == "label_not_integer":
+        (root / "train.csv").write_text("a.mkv x\n")
+        expect = "not an integer"
+    elif case == "label_without_class_name":
+        (root / "train.csv").write_text("a.mkv 7\n")
+        (root / "classes.json").write_text('["a", "b"]')
+        expect = "7"
+    else:
+        (root / "train.csv").write_text("a.mkv 0\n")
+        (root / "classes.json").write_text('["a", ')
+        expect = ""  # json's message (the wording is json's, not ours)
+    code = cli.main(["finetune", "-c", TINY, f"data.dataset={kind}", f"data.root={root}", "finetune.pretrained=",
+                     f"train.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 5, err
+    assert "maskfeat finetune: data error:" in err and expect in err and "Traceback" not in err
+
+
+def test_is_data_error_keeps_programming_errors(monkeypatch, tmp_path):
+    with pytest.raises(ValueError) as e:
+        load_dataset("folder", str(tmp_path), "train", (".mkv",))  # empty root: raised in scan_class_folders
+    assert cli.is_data_error(e.value)
+    assert cli.is_data_error(DataError("x"))
+    assert not cli.is_data_error(ValueError("a bug elsewhere"))
+    assert not cli.is_data_error(TypeError("a bug"))
+
+    import engine.finetune
+
+    def bug(cfg, resume=None):
+        raise ValueError("some bug")
+
+    monkeypatch.setattr(engine.finetune, "run_finetune", bug)
+    with pytest.raises(ValueError, match="some bug"):
+        cli.main(["finetune", "-c", TINY, f"train.output_dir={tmp_path}"])
