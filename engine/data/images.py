@@ -112,7 +112,8 @@ class ImageLoader:
                       seed=cfg.seed * 1000003 + self.epoch * 1009 + self.batches_consumed + self.rank * 7919,
                       prefetch_queue_depth=cfg.prefetch)
         def graph():
-            data, _, _, _, flip, label, index, _, valid = fn.external_source(source=feeder, num_outputs=9, batch=True)
+            data, _, _, _, flip, label, index, _, valid, _ = fn.external_source(source=feeder, num_outputs=10,
+                                                                               batch=True)
             img = fn.decoders.image(data, device="cpu", output_type=types.RGB)
             if train:
                 img = fn.random_resized_crop(img, size=[cfg.crop_size, cfg.crop_size], random_area=list(scale),

@@ -165,9 +165,10 @@ class VideoLoader:
             ratio=cfg.train_ratio, flip=cfg.flip, erase_prob=cfg.random_erasing if finetune else 0.0,
             num_clips=cfg.num_clips if self.test_views else 1,
             num_crops=cfg.num_crops if self.test_views else 1, target_fps=cfg.target_fps,
-            test_crop_fraction=cfg.test_crop_fraction)
-        self.rand_augment = ((cfg.rand_augment_n, cfg.rand_augment_m, cfg.rand_augment_mstd)
-                             if finetune and cfg.rand_augment else None)
+            test_crop_fraction=cfg.test_crop_fraction,
+            rand_augment=((cfg.rand_augment_n, cfg.rand_augment_m, cfg.rand_augment_mstd)
+                          if finetune and cfg.rand_augment else None))
+        self.rand_augment = self.settings.rand_augment
         self.shuffle = train
         self.epoch = 0
         self.batches_consumed = 0

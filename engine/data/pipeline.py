@@ -101,6 +101,9 @@ def read_bytes(path: str) -> np.ndarray:
     return np.fromfile(path, dtype=np.uint8)
 
 
+_NO_DRAWS = np.zeros((0, 4), np.float32)  # a clip without RandAugment
+
+
 class Feeder:
     """Batch callback of ``fn.external_source``: turns planned batches of ClipSpecs into arrays.
 
@@ -151,6 +154,7 @@ class Feeder:
             [np.array(s.index, np.int64) for s in specs],
             [np.array(s.view, np.int64) for s in specs],
             [np.array(s.valid, np.uint8) for s in specs],
+            [s.rand_aug if s.rand_aug is not None else _NO_DRAWS for s in specs],
         )
 
     def close(self) -> None:
@@ -174,9 +178,9 @@ def build_pipeline(feeder: Callable, *, decode: str, batch_size: int, num_thread
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                   prefetch_queue_depth=prefetch, enable_conditionals=rand_augment is not None)
     def graph():
-        data, frames, roi_start, roi_end, flip, label, index, view, valid = fn.external_source(
-            source=feeder, num_outputs=9, batch=True,
-            layout=["FHWC" if decode == "pyav" else "", "", "", "", "", "", "", "", ""])
+        data, frames, roi_start, roi_end, flip, label, index, view, valid, draws = fn.external_source(
+            source=feeder, num_outputs=10, batch=True,
+            layout=["FHWC" if decode == "pyav" else "", "", "", "", "", "", "", "", "", ""])
         if decode == "pyav":
             video = data.gpu() if on_gpu else data
         else:
@@ -190,7 +194,9 @@ def build_pipeline(feeder: Callable, *, decode: str, batch_size: int, num_thread
             from .randaug import timm_rand_augment
 
             n, m, mstd = rand_augment
-            video = timm_rand_augment(video, n=n, m=m, mstd=mstd, shape=(crop_size, crop_size))
+            # the draws come from the sampler (keyed by seed, epoch, position, repeat), so a resumed
+            # epoch augments exactly as an uninterrupted one
+            video = timm_rand_augment(video, n=n, m=m, mstd=mstd, shape=(crop_size, crop_size), draws=draws)
         video = fn.crop_mirror_normalize(video, dtype=types.FLOAT, output_layout="CFHW",
                                          mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
         return video, label, index, view, valid

@@ -332,17 +332,41 @@ def _select(ops: Sequence[Callable], idx, lo: int, hi: int, data, level, sign, c
     return out
 
 
+def _dali_draws(num_ops: int, m: float, mstd: float, prob: float):
+    """One layer's (op index, applied, level, sign) from DALI's seeded generators; all drawn before
+    the op split, so every sample draws the same streams whatever it picks."""
+    fn, dmath, types = _dali()
+    idx = fn.random.uniform(values=list(range(num_ops)), dtype=types.INT32)
+    apply = fn.random.coin_flip(probability=prob, dtype=types.BOOL)
+    sign = 1.0 - 2.0 * fn.cast(fn.random.coin_flip(probability=0.5), dtype=types.FLOAT)
+    if mstd > 0:
+        level = dmath.clamp(fn.random.normal(mean=m, stddev=mstd), 0.0, MAX_LEVEL)
+    else:
+        level = fn.random.uniform(values=[m])  # a per-sample constant
+    return idx, apply, level, sign
+
+
+def _given_draws(draws, i: int):
+    """Layer ``i``'s (op index, applied, level, sign) from the (n, 4) float32 ``draws`` of each sample."""
+    fn, _, types = _dali()
+    return (fn.cast(draws[i, 0], dtype=types.INT32), fn.cast(draws[i, 1], dtype=types.BOOL),
+            draws[i, 2], draws[i, 3])
+
+
 def timm_rand_augment(video, *, n: int, m: float, mstd: float, shape: tuple[int, int], prob: float = 0.5,
-                      ops: Sequence[str] = INC1_OPS, fill_value: int = FILL_VALUE, interp_type=None):
+                      ops: Sequence[str] = INC1_OPS, fill_value: int = FILL_VALUE, interp_type=None,
+                      draws=None):
     """timm ``rand-m{m}-n{n}-mstd{mstd}-inc1`` RandAugment of a batch of uint8 clips (see module doc).
 
     Call inside a DALI pipeline definition built with ``enable_conditionals=True``. ``video``: uint8
     DataNode of (T, H, W, C) clips (or (H, W, C) images), CPU or GPU; ``shape`` = (H, W) of every
     sample. Per sample and layer: op index ~ U{0..len(ops)-1}, applied with probability ``prob``,
     level ~ clamp(N(m, mstd), 0, 10), sign ~ +-1; all frames of a sample share the draws.
-    Random draws use the pipeline seed.
+    Random draws use the pipeline seed, unless ``draws`` gives them: a float32 CPU DataNode of
+    (n, 4) per sample (op index, applied 0/1, level, sign per layer; ``sampler.rand_augment_draws``),
+    which makes the augmentation a function of the sample alone (an exact mid-epoch resume).
     """
-    fn, dmath, types = _dali()
+    _dali()  # a clear error without DALI, before any argument check
     if not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
     if not 0.0 <= float(m) <= MAX_LEVEL:
@@ -356,15 +380,11 @@ def timm_rand_augment(video, *, n: int, m: float, mstd: float, shape: tuple[int,
         raise ValueError(f"ops must be a non-empty subset of {tuple(OPS)}, got unknown {unknown}")
     ctx = _make_ctx(shape, fill_value, interp_type)
     fns = [OPS[o] for o in ops]
-    for _ in range(int(n)):
-        # all draws before the split so every sample draws the same streams whatever it picks
-        idx = fn.random.uniform(values=list(range(len(fns))), dtype=types.INT32)
-        apply = fn.random.coin_flip(probability=float(prob), dtype=types.BOOL)
-        sign = 1.0 - 2.0 * fn.cast(fn.random.coin_flip(probability=0.5), dtype=types.FLOAT)
-        if float(mstd) > 0:
-            level = dmath.clamp(fn.random.normal(mean=float(m), stddev=float(mstd)), 0.0, MAX_LEVEL)
+    for i in range(int(n)):
+        if draws is None:
+            idx, apply, level, sign = _dali_draws(len(fns), float(m), float(mstd), float(prob))
         else:
-            level = fn.random.uniform(values=[float(m)])  # a per-sample constant
+            idx, apply, level, sign = _given_draws(draws, i)
         if apply:
             video = _select(fns, idx, 0, len(fns) - 1, video, level, sign, ctx)
         else:

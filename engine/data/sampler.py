@@ -5,7 +5,8 @@ Everything random about a sample is drawn here, in Python, from generators keyed
 random-erasing box. DALI then applies them through argument inputs (``fn.resize`` ROI,
 ``fn.flip(horizontal=...)``). So an epoch is reproducible from the seed alone, a resumed loader
 produces exactly the batches an uninterrupted one would have, and the crop statistics are testable.
-(RandAugment is the exception: it runs on DALI's own seeded generator.)
+RandAugment's choices (op, applied, level, sign per layer) are drawn here too, keyed like the
+crop, and DALI only applies them.
 
 Sharding policy: the epoch order (a seeded permutation, or several concatenated when
 ``clips_per_epoch`` exceeds the dataset) is padded at the end with its own first entries to a
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -63,6 +65,8 @@ class ClipSpec:
     """Test view number ``clip * num_crops + crop`` (0 outside test mode)."""
     valid: bool
     """False for padding repeats (see module docstring)."""
+    rand_aug: Optional[np.ndarray] = None
+    """RandAugment draws (n, 4) float32: op index, applied (0/1), level, sign per layer; or None."""
 
 
 def epoch_order(n: int, epoch: int, seed: int, *, length: int = 0, shuffle: bool = True) -> np.ndarray:
@@ -183,6 +187,8 @@ class PlanSettings:
     """Frame rate ``sampling_rate`` counts at; 0 = the file's own frames (module docstring)."""
     test_crop_fraction: float = 0.875
     """1-crop test views: the centre square's side over the short side."""
+    rand_augment: Optional[tuple[int, float, float]] = None
+    """Training: (n, m, mstd) of timm's RandAugment, whose draws are made here (None: off)."""
 
 
 _EPS = 1e-9  # keeps floor() of exact products (15 * 3.333... = 50) from falling one frame short
@@ -207,11 +213,24 @@ def clip_frames(num_frames_file: int, start: float, step: float, num_frames: int
     return np.minimum(idx, max(num_frames_file - 1, 0)).astype(np.int32)
 
 
+def rand_augment_draws(rng: np.random.Generator, n: int, m: float, mstd: float, num_ops: int,
+                       prob: float = 0.5) -> np.ndarray:
+    """timm RandAugment's random choices for one clip, (n, 4) float32: per layer the op index
+    ``U{0..num_ops-1}`` (with replacement), applied ``~ Bernoulli(prob)``, level
+    ``clamp(N(m, mstd), 0, 10)`` and sign ``+-1`` (``engine/data/randaug.py`` applies them)."""
+    op = rng.integers(0, num_ops, size=n)
+    applied = rng.random(n) < prob
+    level = np.clip(rng.normal(m, mstd, size=n), 0.0, 10.0) if mstd > 0 else np.full(n, float(m))
+    sign = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+    return np.stack([op, applied, level, sign], axis=1).astype(np.float32)
+
+
 def make_clip(s: PlanSettings, index: int, label: int, info: VideoInfo, *, seed: int, epoch: int,
               position: int, repeat: int, view: int, valid: bool) -> ClipSpec:
     """The ClipSpec of one sample: the window keyed by (seed, epoch, position), shared by the
     repeats; crop, flip and erasing keyed by (seed, epoch, position, repeat)."""
     step = frame_step(s.sampling_rate, info.fps, s.target_fps)
+    rand_aug = None
     delta = max(info.num_frames - clip_extent(s.num_frames, s.sampling_rate, info.fps, s.target_fps), 0)
     if s.train:
         start = float(np.random.default_rng([seed, epoch, position, 0x7135]).uniform(0, delta))
@@ -219,10 +238,16 @@ def make_clip(s: PlanSettings, index: int, label: int, info: VideoInfo, *, seed:
         roi = random_resized_crop(rng, info.height, info.width, s.scale, s.ratio)
         flip = bool(s.flip and rng.random() < 0.5)
         erase = random_erasing_box(rng, s.crop_size, s.erase_prob)
+        if s.rand_augment is not None:
+            from .randaug import INC1_OPS
+
+            n, m, mstd = s.rand_augment
+            rand_aug = rand_augment_draws(np.random.default_rng([seed, epoch, position, repeat, 0x4A46]),
+                                          n, m, mstd, len(INC1_OPS))
     else:
         clip, crop = divmod(view, s.num_crops)
         start = float(clip * (delta // (s.num_clips - 1)) if s.num_clips > 1 else delta // 2)
         roi = square_crop(info.height, info.width, crop, s.num_crops, s.test_crop_fraction)
         flip, erase = False, None
     return ClipSpec(index=index, label=label, frames=clip_frames(info.num_frames, start, step, s.num_frames),
-                    roi=roi, flip=flip, erase=erase, view=view, valid=valid)
+                    roi=roi, flip=flip, erase=erase, view=view, valid=valid, rand_aug=rand_aug)

@@ -313,6 +313,26 @@ def test_resume_mid_epoch_gives_the_remaining_batches(clips):
     assert other.state_dict()["batches_consumed"] == 0 and other.state_dict()["epoch"] == 3
 
 
+def test_finetune_resume_mid_epoch_is_exact_with_rand_augment(clips):
+    """RandAugment's choices come from the sampler (seed, epoch, position, repeat), not DALI's
+    stream, so the batches after a mid-epoch resume equal the uninterrupted ones bit for bit."""
+    cfg = cfg_for(clips["folder_vp9"], batch_size=2, random_erasing=0.5, clips_per_epoch=6)
+    assert cfg.rand_augment
+    ref = list(build_loader(cfg, "train", mode="finetune"))
+    part = build_loader(cfg, "train", mode="finetune")
+    it = iter(part)
+    next(it), next(it)
+    it.close()
+    resumed = build_loader(cfg, "train", mode="finetune")
+    resumed.load_state_dict(part.state_dict())
+    rest = list(resumed)
+    assert len(ref) == 3 and len(rest) == 1
+    assert torch.equal(rest[0]["video"], ref[2]["video"])
+    specs = part.plan(0)[2]
+    draws = np.stack([s.rand_aug for s in specs])  # (B, n, 4): op, applied, level, sign
+    assert draws.shape == (4, 2, 4) and set(np.unique(draws[..., 3])) <= {-1.0, 1.0}
+
+
 # ---- fine-tuning and test modes ----------------------------------------------------------------
 def test_finetune_repeated_aug_randaugment_erasing(clips):
     cfg = cfg_for(clips["folder_vp9"], batch_size=3, random_erasing=1.0)
