@@ -452,10 +452,17 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    data = apply_overrides(data, list(overrides or []))
+    merged = apply_overrides(data, list(overrides or []))
     try:
-        return config_from_dict(data)
+        return config_from_dict(merged)
     except ConfigError as e:
+        if path and overrides:  # blame the file only when the file alone fails too
+            try:
+                config_from_dict(data)
+            except ConfigError:
+                pass
+            else:
+                raise ConfigError(f"{path} with the command-line overrides: {e}") from None
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
@@ -538,7 +545,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.activation_checkpointing must be true, false or a number of blocks >= 0, got {ac}")
     if cfg.train.max_nonfinite < 1:
         raise ConfigError(f"train.max_nonfinite must be >= 1, got {cfg.train.max_nonfinite}")
+    b1, b2 = o.betas
+    if not (0 <= b1 < 1 and 0 <= b2 < 1) or o.eps <= 0 or o.weight_decay < 0:
+        raise ConfigError(f"optim.betas must be in [0, 1), optim.eps > 0 and optim.weight_decay >= 0; got "
+                          f"{o.betas}, {o.eps}, {o.weight_decay}")
+    if s.warmup_start_lr < 0 or s.end_lr < 0 or s.max_steps < 0:
+        raise ConfigError(f"schedule.warmup_start_lr and end_lr must be >= 0 and max_steps >= 0; got "
+                          f"{s.warmup_start_lr}, {s.end_lr}, {s.max_steps}")
+    if cfg.log.every_steps < 1:
+        raise ConfigError(f"log.every_steps must be >= 1, got {cfg.log.every_steps}")
+    for name in ("checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints", "stop_after_steps",
+                 "eval_every_epochs"):
+        if getattr(cfg.train, name) < 0:
+            raise ConfigError(f"train.{name} must be >= 0, got {getattr(cfg.train, name)}")
+    if cfg.deepspeed.gradient_clipping < 0:
+        raise ConfigError(f"deepspeed.gradient_clipping must be >= 0 (0: off), got {cfg.deepspeed.gradient_clipping}")
     ft = cfg.finetune
+    if ft.num_classes < 0:
+        raise ConfigError(f"finetune.num_classes must be >= 0 (0: the training classes), got {ft.num_classes}")
     for name in ("mixup_alpha", "cutmix_alpha"):
         if getattr(ft, name) < 0:
             raise ConfigError(f"finetune.{name} must be >= 0, got {getattr(ft, name)}")

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from engine.config import Config
+from engine.config import Config, ConfigError
 from engine.distributed import DistInfo
 from engine.runner import Run, report_paths, setup_run, train_loop
 
@@ -31,7 +31,12 @@ def create_model(name: str, task: str, num_classes: Optional[int] = None, **over
         from models import create_model as _create
     except ImportError:  # models/__init__.py not filled yet
         from models.variants import create_model as _create
-    return _create(name, task=task, num_classes=num_classes, **overrides)
+    try:
+        return _create(name, task=task, num_classes=num_classes, **overrides)
+    except ValueError as e:
+        if str(e).startswith(("unknown override", "unknown model variant")):  # the user's model.* keys
+            raise ConfigError(f"model: {e}") from None
+        raise
 
 
 def model_overrides(cfg: Config, task: str) -> dict:

@@ -70,6 +70,13 @@ def test_unknown_key_names_the_closest_valid_key(override, expected):
     ("model.activation_checkpointing=some", "does not match"),
     ("optim.lr", "must look like section.field=value"),
     ("optim.lr.x=1", "not a section"),
+    ("log.every_steps=0", "every_steps must be >= 1"),
+    ("optim.betas=[1.5, 0.9]", r"optim.betas must be in \[0, 1\)"),
+    ("schedule.end_lr=-1", "end_lr must be >= 0"),
+    ("schedule.warmup_start_lr=-1e-6", "warmup_start_lr and end_lr must be >= 0"),
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints must be >= 0"),
+    ("deepspeed.gradient_clipping=-1", "gradient_clipping must be >= 0"),
+    ("finetune.num_classes=-3", "num_classes must be >= 0"),
 ])
 def test_bad_values_are_clear(override, expected):
     with pytest.raises(ConfigError, match=expected):
@@ -86,6 +93,16 @@ def test_yaml_file_is_strict(tmp_path):
         load_config(str(p))
     with pytest.raises(ConfigError, match="not found"):
         load_config(str(tmp_path / "missing.yaml"))
+    p.write_text("optim:\n  lr: 1.0e-3\n")  # a good file: a bad override is blamed on the command line
+    with pytest.raises(ConfigError, match="bad.yaml with the command-line overrides: optim.lr: expected a number"):
+        load_config(str(p), ["optim.lr=abc"])
+
+
+def test_unknown_model_override_is_a_config_error():
+    from engine.pretrain import create_model
+
+    with pytest.raises(ConfigError, match="model: unknown override 'embed_dimm'.*did you mean embed_dim"):
+        create_model("mvitv2_tiny", "pretrain", embed_dimm=32)
 
 
 def test_yaml_round_trip_and_overrides_win(tmp_path):
