@@ -301,3 +301,35 @@ def test_bad_arguments(kwargs):
     args = dict(n=2, m=7, mstd=0.5, shape=(H, W)) | kwargs
     with pytest.raises(ValueError):
         timm_rand_augment(None, **args)
+
+
+@pytest.mark.gpu
+def test_gpu_ops_match_the_cpu_ops():
+    """Every op on DALI's GPU backend against the CPU one, with the same per-sample draws (the
+    loader's path: CPU draws from the sampler, clips on the GPU). Run by bench/gpu_check."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (run by bench/gpu_check)")
+    n_ops = len(INC1_OPS)
+    x = clips(n_ops, seed=3)  # (B, T, H, W, 3): sample b gets op b
+    draws = np.zeros((n_ops, 2, 4), np.float32)
+    draws[:, 0] = np.stack([np.arange(n_ops), np.ones(n_ops), np.full(n_ops, 7.3), np.tile([1.0, -1.0], 8)[:n_ops]], 1)
+    draws[:, 1, 3] = 1.0  # the second layer is drawn but not applied
+    outs = {}
+    for device_id in (None, 0):
+        @pipeline_def(batch_size=n_ops, num_threads=1, device_id=device_id, seed=0, enable_conditionals=True)
+        def pipe():
+            v = fn.external_source(source=feeder(x), batch=True, layout="FHWC")
+            d = fn.external_source(source=feeder(draws), batch=True)
+            if device_id is not None:
+                v = v.gpu()
+            return timm_rand_augment(v, n=2, m=7.0, mstd=0.5, shape=(H, W), draws=d)
+
+        p = pipe()
+        p.build()
+        out = p.run()[0]
+        out = out.as_cpu() if device_id is not None else out
+        outs[device_id] = np.stack([np.asarray(out[i]) for i in range(n_ops)])
+    diff = np.abs(outs[None].astype(np.int16) - outs[0].astype(np.int16)).reshape(n_ops, -1).max(1)
+    assert (diff <= 1).all(), dict(zip(INC1_OPS, diff.tolist()))
