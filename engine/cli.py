@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from typing import Optional, Sequence
 
 __all__ = ["main", "build_parser", "is_data_error", "EXIT_CODES"]
@@ -36,7 +38,9 @@ EXIT_CODES = {0: "done", 1: "data prepare: some files failed to encode or are ba
               3: "stopped on purpose by train.stop_after_steps", 4: "too many non-finite losses",
               5: "data error (dataset root or list missing, empty or inconsistent; bad files under "
                  "data.on_bad_file=error)",
-              6: "out of GPU memory (the message says what to change)"}
+              6: "out of GPU memory (the message says what to change)",
+              130: "interrupted (Ctrl-C); the message names the checkpoint --resume auto continues from",
+              143: "terminated (SIGTERM, e.g. a scheduler's preemption); as 130"}
 """Exit status -> meaning, for every command (printed by ``maskfeat --help``)."""
 EXIT_DATA_ERROR = 5
 
@@ -162,6 +166,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from engine.data.probe import BadDatasetError
     from engine.runner import NonFiniteLossError, StopRequested
 
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main else None
     try:
         if args.command == "pretrain":
             from engine.pretrain import run_pretrain
@@ -198,9 +204,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"maskfeat {args.command}: {out_of_memory_hint(cfg, args.command, e)}", file=sys.stderr)
         return 6
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (a scheduler's preemption) turned into one below
+        print(f"maskfeat {args.command}: {interrupted_hint(cfg, args.command, e)}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
         _shutdown()
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so that it ends like Ctrl-C: the message says where
+    the last complete checkpoint is (a save in progress is never picked up half-written)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def interrupted_hint(cfg, command: str, error: BaseException) -> str:
+    """One line for an interrupted run: why, and the checkpoint ``--resume auto`` continues from."""
+    from engine.checkpoint import find_latest
+
+    why = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted"
+    if command == "eval":
+        return why
+    latest = find_latest(cfg.train.output_dir)
+    return (f"{why}; the last complete checkpoint is {latest} (rerun with --resume auto to continue from it)"
+            if latest else f"{why} before the first checkpoint of {cfg.train.output_dir}")
 
 
 def out_of_memory_hint(cfg, command: str, error: BaseException) -> str:

@@ -228,3 +228,25 @@ def test_is_data_error_keeps_programming_errors(monkeypatch, tmp_path):
     monkeypatch.setattr(engine.finetune, "run_finetune", bug)
     with pytest.raises(ValueError, match="some bug"):
         cli.main(["finetune", "-c", TINY, f"train.output_dir={tmp_path}"])
+
+
+@pytest.mark.parametrize("how, code, why", [("ctrl-c", 130, "interrupted"), ("sigterm", 143, "terminated (SIGTERM)")])
+def test_interrupted_run_names_the_checkpoint_to_resume_from(monkeypatch, tmp_path, capsys, how, code, why):
+    import signal
+
+    import engine.pretrain
+
+    monkeypatch.setattr("engine.checkpoint.find_latest", lambda out: "step00000004")
+
+    def run(cfg, resume=None):
+        if how == "ctrl-c":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler cli.main installs raises in this thread
+
+    monkeypatch.setattr(engine.pretrain, "run_pretrain", run)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["pretrain", "-c", TINY, f"train.output_dir={tmp_path / 'run'}"]) == code
+    err = capsys.readouterr().err
+    assert f"maskfeat pretrain: {why}; the last complete checkpoint is step00000004" in err
+    assert "--resume auto" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is before  # restored
