@@ -15,6 +15,14 @@ interrupted save never becomes ``latest`` and ``--resume auto`` never sees half 
 With a non-shared filesystem (each node writes its own shards) the rename happens on the first
 local rank of every node.
 
+Resume compatibility (checked before DeepSpeed is called, :func:`check_resume_compatible`): ZeRO-1/2/3
+partition the optimiser state (stage 3 also the weights) over the data-parallel ranks, and
+DeepSpeed cannot load such a checkpoint into another world size; stage 3 cannot load a stage 1/2
+checkpoint nor the reverse, and stage 0 has no partitions at all. So a ZeRO-1/2/3 checkpoint
+resumes with its own world size, a stage change is allowed only between 1 and 2 (one format),
+and only a ZeRO-0 checkpoint resumes with another world size. Anything else is a ConfigError
+naming saved and current values (not a DeepSpeed traceback).
+
 Export (``maskfeat export``): the fp32 weights are consolidated with DeepSpeed's
 ``zero_to_fp32`` utilities (ZeRO-1/2/3; for stage 0 the full module state is read directly),
 the ``backbone.`` sub-tree is kept (the pre-training head and mask token are dropped only when
@@ -30,6 +38,7 @@ from typing import Any, Optional
 
 import torch
 
+from engine.config import ConfigError
 from engine.distributed import barrier
 
 __all__ = [
@@ -38,6 +47,8 @@ __all__ = [
     "find_latest",
     "latest_tag",
     "load_checkpoint",
+    "available_tags",
+    "check_resume_compatible",
     "consolidated_state_dict",
     "export_backbone",
     "load_pretrained",
@@ -154,28 +165,87 @@ def latest_tag(ckpt_dir: str) -> Optional[str]:
     return steps[-1] if steps else None
 
 
-def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: bool = True) -> dict:
+def available_tags(ckpt_dir: str) -> list[str]:
+    """Complete checkpoints under ``ckpt_dir`` (``step*`` in order, then the others, e.g. ``best``)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    tags = [t for t in os.listdir(ckpt_dir) if not t.startswith(".") and not t.endswith(".old")
+            and glob.glob(os.path.join(ckpt_dir, t, "engine_state_r*.pt"))]
+    return sorted(t for t in tags if _STEP_RE.match(t)) + sorted(t for t in tags if not _STEP_RE.match(t))
+
+
+def _saved_zero_stage(path: str) -> Optional[int]:
+    """``deepspeed.zero_stage`` from the checkpoint's ``config.yaml`` (None when unreadable)."""
+    import yaml
+
+    try:
+        with open(os.path.join(path, "config.yaml")) as f:
+            return int(yaml.safe_load(f)["deepspeed"]["zero_stage"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None
+
+
+def check_resume_compatible(path: str, *, saved_world: int, saved_stage: Optional[int], world_size: int,
+                            zero_stage: int, output_dir: str = "<output_dir>") -> None:
+    """Raise ConfigError when DeepSpeed cannot load the checkpoint at ``path`` (saved by
+    ``saved_world`` ranks with ZeRO ``saved_stage``) into a run of ``world_size`` ranks with
+    ``zero_stage`` (module docstring); ``saved_stage`` None skips the stage check."""
+    tag = os.path.basename(os.path.normpath(path))
+    restart = (f"To continue on other settings, start a new run from its weights instead: `maskfeat export "
+               f"{output_dir} --tag {tag} --out backbone.safetensors`, then fine-tune with "
+               "finetune.pretrained=backbone.safetensors (the optimiser state and the schedule position are not "
+               "carried over; pre-training has no option to start from exported weights).")
+    if saved_stage is not None and saved_stage != zero_stage and {saved_stage, zero_stage} != {1, 2}:
+        raise ConfigError(
+            f"checkpoint {path} was saved with deepspeed.zero_stage={saved_stage}, this run has "
+            f"deepspeed.zero_stage={zero_stage}: DeepSpeed cannot convert the checkpoint between these stages. "
+            f"Resume with deepspeed.zero_stage={saved_stage} (stages 1 and 2 load each other's checkpoints). "
+            + restart)
+    stage = zero_stage if saved_stage is None else saved_stage
+    if saved_world != world_size and stage != 0:
+        raise ConfigError(
+            f"checkpoint {path} was saved by {saved_world} rank(s) with deepspeed.zero_stage={stage}, this run has "
+            f"{world_size}: ZeRO-{stage} partitions the optimiser state over the ranks, and DeepSpeed loads it only "
+            f"into the same number of ranks. Resume with {saved_world} rank(s) (e.g. torchrun --nproc_per_node "
+            f"... with {saved_world} processes in total); only ZeRO-0 checkpoints resume with another world size. "
+            + restart)
+
+
+def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: bool = True,
+                    zero_stage: Optional[int] = None) -> dict:
     """Restore ``engine`` from ``tag`` and return this rank's saved state dict.
 
-    When the world size changed, rank ``r`` reads the state of saved rank ``r mod saved_world``
-    (its RNG streams then repeat another rank's; the model and optimiser are exact).
+    Before DeepSpeed is called, a missing tag (the error lists the available ones) and a world size
+    or ZeRO stage DeepSpeed cannot load (:func:`check_resume_compatible`) raise ConfigError.
+    ``zero_stage`` is this run's stage (default: the engine's). A ZeRO-0 checkpoint loads into any
+    world size: rank ``r`` then reads the state of saved rank ``r mod saved_world`` (its RNG
+    streams repeat another rank's; the data position is mapped by ``engine.runner``).
     """
-    rank, _, _ = _dist()
+    rank, world, _ = _dist()
     ckpt_dir = checkpoint_dir(output_dir)
     path = os.path.join(ckpt_dir, tag)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"no checkpoint {tag!r} under {ckpt_dir}")
+        tags = available_tags(ckpt_dir)
+        raise ConfigError(f"--resume {tag}: no checkpoint {tag!r} under {ckpt_dir}; available: "
+                          + (", ".join(tags) + " (or --resume auto for the latest)" if tags else "none"))
+    files = sorted(glob.glob(os.path.join(path, "engine_state_r*.pt")))
+    if not files:
+        raise ConfigError(f"--resume {tag}: {path} has no engine_state_r*.pt: not a complete checkpoint of this "
+                          f"engine; available: {', '.join(available_tags(ckpt_dir)) or 'none'}")
+    mine = os.path.join(path, f"engine_state_r{rank:05d}.pt")
+    if not os.path.isfile(mine):
+        mine = files[rank % len(files)]
+    state = torch.load(mine, map_location="cpu", weights_only=False)
+    # the loader state holds the world size (each node of a non-shared filesystem sees only its files)
+    saved_world = int(state.get("loader", {}).get("world_size", len(files)))
+    stage = int(engine.zero_optimization_stage() if zero_stage is None else zero_stage)
+    check_resume_compatible(path, saved_world=saved_world, saved_stage=_saved_zero_stage(path), world_size=world,
+                            zero_stage=stage, output_dir=output_dir)
     load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=load_optimizer,
                                           load_lr_scheduler_states=False, load_module_strict=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
-    files = sorted(glob.glob(os.path.join(path, "engine_state_r*.pt")))
-    if not files:
-        raise FileNotFoundError(f"{path} has no engine_state_r*.pt: not a checkpoint of this engine")
-    mine = os.path.join(path, f"engine_state_r{rank:05d}.pt")
-    if not os.path.isfile(mine):
-        mine = files[rank % len(files)]
-    return torch.load(mine, map_location="cpu", weights_only=False)
+    return state
 
 
 # ----------------------------------------------------------------------------------------------

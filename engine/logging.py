@@ -2,8 +2,22 @@
 
 Only rank 0 writes. TensorBoard goes through ``torch.utils.tensorboard`` into
 ``<output_dir>/tb``; metrics go to ``<output_dir>/metrics.jsonl``, one object per logged step
-(``{"step": …, "epoch": …, "time": …, "loss": …, …}``), appended so a resumed run continues the
-same file. Memory is the peak CUDA allocation on GPU and the process's peak RSS on CPU.
+(``{"step": …, "split": "train"|"val", "time": …, "loss": …, …}``), appended so a resumed run
+continues the same file. Memory is the peak CUDA allocation on GPU and the process's peak RSS on CPU.
+
+Training scalars (``engine.runner.train_loop``): ``loss`` is the mean over the global batch (the
+ranks' batch-mean losses averaged over ranks, by the same all-reduce that checks for non-finite
+losses; ``"nan"`` for a skipped step); ``lr`` the peak-group LR; ``grad_norm`` the global gradient
+norm before clipping; ``clips_per_s`` over all ranks; ``memory_gb`` rank 0's peak; ``epoch`` the
+fraction of training in epochs (``step / steps_per_epoch``); ``nonfinite_total`` skipped steps.
+
+Resume (``resume_step``): records with ``step`` greater than the resumed step come from the
+stretch between the checkpoint and the interruption, which is trained again; they are dropped
+from ``metrics.jsonl`` (the file is rewritten atomically at start; a torn last line is dropped
+too), and TensorBoard is opened with ``purge_step = resume_step + 1``, which makes TensorBoard
+hide the older events from that step on (they stay in the old event files). A resume with another
+world size or per-rank batch rescales the step count (``engine.runner``): the steps before and
+after are then in different units, while ``epoch`` stays comparable across the change.
 """
 from __future__ import annotations
 
@@ -13,10 +27,11 @@ import os
 import resource
 import sys
 import time
+from typing import Optional
 
 import torch
 
-__all__ = ["RunLogger", "peak_memory_gb"]
+__all__ = ["RunLogger", "peak_memory_gb", "truncate_metrics"]
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -25,6 +40,34 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return kb / 2**20
+
+
+def truncate_metrics(path: str, after_step: int) -> int:
+    """Drop the records of ``path`` (JSON lines) whose ``step`` exceeds ``after_step``; lines that
+    do not parse (a write cut short by a kill) go too. The file is replaced atomically; returns the
+    number of lines dropped (0 and no rewrite when there is nothing to drop or no file)."""
+    if not os.path.isfile(path):
+        return 0
+    keep, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                ok = line.endswith("\n") and int(rec["step"]) <= after_step
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if ok:
+                keep.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped
 
 
 class RunLogger:
@@ -41,7 +84,10 @@ class RunLogger:
         tensorboard: bool = True,
         jsonl: bool = True,
         desc: str = "train",
+        resume_step: Optional[int] = None,
     ) -> None:
+        """``resume_step``: the step a resumed run continues after (module docstring); None for a
+        fresh run (nothing is dropped)."""
         self.enabled = enabled
         self.output_dir = output_dir
         self.tb = None
@@ -55,8 +101,13 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(self.tb_dir)
+            self.tb = SummaryWriter(self.tb_dir, purge_step=None if resume_step is None else resume_step + 1)
         if jsonl:
+            if resume_step is not None:
+                n = truncate_metrics(self.jsonl_path, resume_step)
+                if n:
+                    print(f"metrics.jsonl: dropped {n} records after step {resume_step} (logged before the "
+                          "interruption; those steps run again)", file=sys.stderr, flush=True)
             self.jsonl = open(self.jsonl_path, "a", buffering=1)
         if progress_bar:
             from tqdm import tqdm

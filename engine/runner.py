@@ -8,8 +8,23 @@ backward/step, grad norm, logging, checkpoints) lives here once.
 
 Determinism and resume (tested: losses after ``--resume auto`` equal an uninterrupted run
 bit-for-bit on CPU fp32): the model/optimiser come from the DeepSpeed checkpoint; each rank also
-saves its own state (step, epoch, batches consumed in the epoch, the numpy mask/mixup Generator,
-torch/CUDA/python RNG), and the loader restarts at the next batch of the same seeded epoch plan.
+saves its own state (step, epoch, batches consumed in the epoch, the data layout, the numpy
+mask/mixup Generator, torch/CUDA/python RNG), and the loader restarts at the next batch of the
+same seeded epoch plan.
+
+Resume with another world size or per-rank batch (:func:`map_data_position`): the epoch order
+does not depend on either (``sampler.epoch_order``; rank ``r`` of ``W`` takes positions
+``r, r+W, ...`` in batches of ``b``), so ``k`` batches of ``(W, b)`` consumed the first ``k·W·b``
+positions of the epoch. The run continues at batch ``⌊k·W·b / (W'·b')⌋`` of the same epoch
+(at most ``W'·b' - 1`` clips are seen twice, none is skipped; one line says so), and the step
+count is rescaled to ``epoch · steps_per_epoch' + batch`` so that the per-step LR schedule
+continues at the same fraction of training (AdamW's own step count, used for bias correction,
+stays the number of updates actually made). A layout that cannot be mapped (another seed,
+dataset or ``data.clips_per_epoch``) restarts the epoch with a warning. The model and optimiser
+state can only follow a world-size change with ZeRO-0 (``checkpoint.load_checkpoint``).
+
+Logged loss: the mean of the ranks' losses (each the mean over its own batch), i.e. the mean over
+the global batch; it shares the all-reduce of the non-finite flag, so it costs no extra host sync.
 
 Non-finite losses: the finite flag is summed over ranks so all ranks skip together (no
 backward, no optimiser step; ZeRO collectives stay matched); the count is logged; after
@@ -41,7 +56,8 @@ from engine.distributed import (
 from engine.logging import RunLogger, peak_memory_gb
 from engine.optim import build_optimizer, lr_at_step, param_groups, set_lr
 
-__all__ = ["NonFiniteLossError", "StopRequested", "TrainState", "Run", "setup_run", "train_loop", "print0"]
+__all__ = ["NonFiniteLossError", "StopRequested", "TrainState", "Run", "setup_run", "train_loop", "print0",
+           "DataLayout", "DataPosition", "data_layout", "map_data_position"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -73,6 +89,101 @@ class TrainState:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DataLayout:
+    """How a training loader cuts an epoch into batches (saved with every checkpoint)."""
+
+    world_size: int
+    """Data-parallel ranks."""
+    batch_size: int
+    """Epoch-order positions per rank per batch (``data.batch_size``; ``repeated_aug`` copies of a
+    position travel in the same batch, so they do not count here)."""
+    epoch_length: int
+    """Positions in one epoch (``data.clips_per_epoch`` or the dataset size)."""
+    dataset_len: int
+    """Videos (or images) in the dataset the epoch order permutes."""
+    seed: int
+    """``data.seed`` of the epoch order."""
+    num_batches: int
+    """Batches per epoch on each rank (the loader's length)."""
+
+    def same_order(self, other: "DataLayout") -> bool:
+        """Whether both layouts cut the same epoch order (only then do positions map)."""
+        return (self.epoch_length, self.dataset_len, self.seed) == (other.epoch_length, other.dataset_len, other.seed)
+
+
+def data_layout(loader: Any) -> DataLayout:
+    """The :class:`DataLayout` of a training loader (``VideoLoader`` or ``ImageLoader``)."""
+    return DataLayout(world_size=int(loader.world_size), batch_size=int(loader.cfg.batch_size),
+                      epoch_length=int(loader.epoch_length()), dataset_len=len(loader.dataset),
+                      seed=int(loader.cfg.seed), num_batches=len(loader))
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where a resumed run continues: ``batches`` batches of ``epoch`` count as consumed."""
+
+    epoch: int
+    batches: int
+    mapped: bool
+    """The layout changed and the position was converted (the step count must follow)."""
+    message: Optional[str] = None
+    """One line for the user, or None when nothing changed."""
+    warning: bool = False
+    """``message`` is a warning (the position could not be mapped: the epoch restarts)."""
+
+
+def map_data_position(saved: DataLayout, epoch: int, consumed: int, now: DataLayout) -> DataPosition:
+    """Convert "``consumed`` batches of ``epoch`` under ``saved``" to a position under ``now``
+    (module docstring): the first ``consumed·W·b`` positions of the epoch order were handed out, so
+    the run continues at batch ``⌊consumed·W·b / (W'·b')⌋`` (repeating fewer than ``W'·b'`` clips,
+    skipping none); a complete epoch moves on to the next one. Different epoch orders (seed,
+    dataset, epoch length) cannot be mapped: the epoch restarts at batch 0 with a warning."""
+    if consumed < 0 or consumed > saved.num_batches:
+        raise ValueError(f"batches consumed {consumed} outside [0, {saved.num_batches}]")
+    if consumed >= saved.num_batches:  # the epoch was complete: the next one starts afresh
+        return DataPosition(epoch + 1, 0, mapped=saved != now)
+    if saved == now:
+        return DataPosition(epoch, consumed, mapped=False)
+    if not saved.same_order(now):
+        def order(x: DataLayout) -> str:
+            n = x.epoch_length if x.epoch_length >= 0 else "an unknown number of"
+            return f"seed {x.seed}, {x.dataset_len} videos, {n} clips per epoch"
+
+        return DataPosition(epoch, 0, mapped=True, warning=True, message=(
+            f"resume: the checkpoint's epoch order ({order(saved)}) differs from this run's ({order(now)}): "
+            f"restarting epoch {epoch} at batch 0"))
+    clips = consumed * saved.world_size * saved.batch_size  # the first `clips` positions of the order
+    per_batch = now.world_size * now.batch_size
+    k = clips // per_batch
+    if k >= now.num_batches:  # the rest of the epoch does not fill a batch of the new layout
+        return DataPosition(epoch + 1, 0, mapped=True, message=(
+            f"resume: {clips} of {saved.epoch_length} clips of epoch {epoch} consumed with {saved.world_size} "
+            f"rank(s) x {saved.batch_size}; with {now.world_size} x {now.batch_size} the epoch is complete: "
+            f"continuing with epoch {epoch + 1}"))
+    return DataPosition(epoch, k, mapped=True, message=(
+        f"resume: {clips} of {saved.epoch_length} clips of epoch {epoch} consumed with {saved.world_size} rank(s) x "
+        f"{saved.batch_size} per batch ({consumed} batches); with {now.world_size} x {now.batch_size} continuing at "
+        f"batch {k} of {now.num_batches} ({clips - k * per_batch} clips seen again)"))
+
+
+def _saved_layout(saved: dict, now: DataLayout, drop_last: bool) -> DataLayout:
+    """The layout a rank state was saved with. States written before layouts were saved hold only
+    world size, seed and batch count: the rest is taken as unchanged when the batch count agrees
+    (``shard_positions`` with ``drop_last``), else the layout is marked unknown (it maps to
+    nothing, so the epoch restarts with a warning)."""
+    if saved.get("data_layout"):
+        return DataLayout(**saved["data_layout"])
+    from engine.data.sampler import shard_positions
+
+    ls = saved["loader"]
+    world = int(ls.get("world_size", now.world_size))
+    batches = int(ls.get("num_batches", now.num_batches))
+    known = batches == len(shard_positions(now.epoch_length, 0, world, now.batch_size, drop_last))
+    return DataLayout(world_size=world, batch_size=now.batch_size, epoch_length=now.epoch_length if known else -1,
+                      dataset_len=now.dataset_len, seed=int(ls.get("seed", now.seed)), num_batches=batches)
+
+
 @dataclass
 class Run:
     """Everything a loop needs; built by :func:`setup_run`."""
@@ -102,6 +213,7 @@ class Run:
         return {
             "train_state": self.state.__dict__.copy(),
             "loader": loader_state,
+            "data_layout": data_layout(self.loader).__dict__.copy(),
             "numpy_rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -109,18 +221,31 @@ class Run:
         }
 
     def restore_rank_state(self, saved: dict) -> None:
+        """Restore counters, RNGs and the data position from a rank state; a changed world size or
+        per-rank batch is mapped by :func:`map_data_position` and the step count follows it."""
         self.state = TrainState(**saved["train_state"])
         self.rng.bit_generator.state = saved["numpy_rng"]
         torch.set_rng_state(saved["torch_rng"])
         if saved.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
         random.setstate(saved["python_rng"])
-        loader_state = dict(saved["loader"])
-        if loader_state["batches_consumed"] >= len(self.loader):  # the epoch was complete
-            loader_state["epoch"] = loader_state["epoch"] + 1
-            loader_state["batches_consumed"] = 0
-            self.state.epoch += 1
-            self.state.batch_in_epoch = 0
+        now = data_layout(self.loader)
+        before = _saved_layout(saved, now, bool(self.loader.cfg.drop_last))
+        pos = map_data_position(before, int(saved["loader"]["epoch"]), int(saved["loader"]["batches_consumed"]), now)
+        line = pos.message
+        if pos.mapped:  # the same fraction of training, in steps of the new global batch
+            old = self.state.step
+            self.state.step = pos.epoch * now.num_batches + pos.batches
+            if self.state.step != old:
+                note = (f"step {old} -> {self.state.step} (global batch {before.world_size * before.batch_size} -> "
+                        f"{now.world_size * now.batch_size}; the LR schedule continues at epoch "
+                        f"{self.state.step / now.num_batches:.4g})")
+                line = f"{line}; {note}" if line else f"resume: {note}"
+        if line:
+            print0(("warning: " if pos.warning else "") + line, file=sys.stderr if pos.warning else sys.stdout)
+        self.state.epoch, self.state.batch_in_epoch = pos.epoch, pos.batches
+        loader_state = self.loader.state_dict()  # this run's world size and seed: nothing to reset
+        loader_state.update(epoch=pos.epoch, batches_consumed=pos.batches)
         self.loader.load_state_dict(loader_state)
 
     def save(self, tag: Optional[str] = None, *, update_latest: bool = True, keep: Optional[int] = None) -> str:
@@ -191,13 +316,19 @@ def setup_run(
     run = Run(cfg=cfg, dist=dist, model=engine.module, engine=engine, loader=loader, derived=derived,
               logger=RunLogger(cfg.train.output_dir, enabled=False, total_steps=0), dtype=DTYPES[cfg.deepspeed.precision],
               rng=rng, state=TrainState(), param_group_names=[g["names"] for g in groups])
+    metrics_after: Optional[int] = None  # on resume: the step after which earlier logs are dropped
     if resume:
         tag = find_latest(cfg.train.output_dir) if resume == "auto" else resume
+        metrics_after = 0
         if tag is None:
-            print0(f"--resume auto: no complete checkpoint under {checkpoint_dir(cfg.train.output_dir)}; starting fresh")
+            print0(f"--resume auto: no complete checkpoint under {checkpoint_dir(cfg.train.output_dir)}; "
+                   "starting fresh")
         else:
-            saved = load_checkpoint(engine, cfg.train.output_dir, tag)
+            saved = load_checkpoint(engine, cfg.train.output_dir, tag, zero_stage=cfg.deepspeed.zero_stage)
             run.restore_rank_state(saved)
+            # logs past the checkpoint came from the interrupted stretch (and, after a step rescale,
+            # past the new step they would break the order of steps)
+            metrics_after = min(int(saved["train_state"]["step"]), run.state.step)
             run.resumed_from = os.path.join(checkpoint_dir(cfg.train.output_dir), tag)
             print0(f"resumed from {run.resumed_from} at step {run.state.step} (epoch {run.state.epoch}, "
                    f"batch {run.state.batch_in_epoch})")
@@ -207,7 +338,8 @@ def setup_run(
             f.write(config_to_yaml(cfg))
     run.logger = RunLogger(cfg.train.output_dir, enabled=dist.rank == 0, total_steps=derived.run_steps,
                            initial_step=run.state.step, progress_bar=cfg.log.progress_bar,
-                           tensorboard=cfg.log.tensorboard, jsonl=cfg.log.jsonl, desc=desc)
+                           tensorboard=cfg.log.tensorboard, jsonl=cfg.log.jsonl, desc=desc,
+                           resume_step=metrics_after)
     return run
 
 
@@ -274,10 +406,13 @@ def train_loop(
                             end_lr=sched.end_lr, cosine_after_warmup=sched.cosine_after_warmup)
             set_lr(engine.optimizer.param_groups, lr)
             loss = step_fn(batch)
-            # computed where the loss is: one host sync (the .item()) instead of two, no host-to-device copy
-            bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
-            all_reduce_sum(bad)  # every rank skips together
-            n_bad = int(bad.item())  # waits for this step's forward, so for the previous step too
+            # computed where the loss is: one host sync (the .item()) instead of two, no host-to-device
+            # copy; the same all-reduce sums the losses for the logged global-batch mean
+            flat = loss.detach().float().reshape(())
+            stats = torch.stack([(~torch.isfinite(flat)).to(torch.float32), flat])  # (2,): non-finite flag, loss
+            all_reduce_sum(stats)  # every rank skips together
+            n_bad = int(stats[0].item())  # waits for this step's forward, so for the previous step too
+            mean_loss = stats[1] / run.dist.world_size  # stays on the device until _ReadBack copies it
             will_log = (st.step + 1) % cfg.log.every_steps == 0 or st.step + 1 == d.run_steps
             if pending is not None:  # the previous step's scalars have landed: no wait
                 last_loss, grad_norm = pending.value()
@@ -289,7 +424,9 @@ def train_loop(
                     fallback = _grad_norm_fallback(engine.module)  # stage-0 fp32 does not record it
                 engine.step()
                 gn = engine.get_global_grad_norm()  # a tensor, a float, or None (stage-0 fp32: the fallback)
-                pending = _ReadBack(loss, gn if gn is not None else (fallback if fallback is not None else float("nan")))
+                if gn is None:
+                    gn = fallback if fallback is not None else float("nan")
+                pending = _ReadBack(mean_loss, gn)
                 st.nonfinite_streak = 0
             else:
                 st.nonfinite_total += 1

@@ -63,15 +63,15 @@ class ImageLoader:
         self.batches_consumed = 0
         self._length = len(self._positions())
 
-    def _epoch_length(self) -> int:
+    def epoch_length(self) -> int:
         return self.cfg.clips_per_epoch if (self.train and self.cfg.clips_per_epoch) else len(self.dataset)
 
     def _positions(self) -> list[list[tuple[int, bool]]]:
-        return shard_positions(self._epoch_length(), self.rank, self.world_size, self.cfg.batch_size,
+        return shard_positions(self.epoch_length(), self.rank, self.world_size, self.cfg.batch_size,
                                self.cfg.drop_last and self.mode != "test")  # every test view is evaluated
 
     def plan(self, epoch: int) -> list[list[ClipSpec]]:
-        order = epoch_order(len(self.dataset), epoch, self.cfg.seed, length=self._epoch_length(), shuffle=self.train)
+        order = epoch_order(len(self.dataset), epoch, self.cfg.seed, length=self.epoch_length(), shuffle=self.train)
         out = []
         for chunk in self._positions():
             specs = []

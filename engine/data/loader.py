@@ -175,13 +175,13 @@ class VideoLoader:
         self._length = len(self._positions())
 
     # ---- plan -------------------------------------------------------------------------------
-    def _epoch_length(self) -> int:
+    def epoch_length(self) -> int:
         n = len(self.dataset) * self.views
         return self.cfg.clips_per_epoch if (self.shuffle and self.cfg.clips_per_epoch) else n
 
     def _positions(self) -> list[list[tuple[int, bool]]]:
         # test mode evaluates every view: never drop, pad the last batch (valid=False) instead
-        return shard_positions(self._epoch_length(), self.rank, self.world_size, self.cfg.batch_size,
+        return shard_positions(self.epoch_length(), self.rank, self.world_size, self.cfg.batch_size,
                                self.cfg.drop_last and not self.test_views)
 
     def plan(self, epoch: int) -> list[list[ClipSpec]]:
@@ -190,7 +190,7 @@ class VideoLoader:
         if self.test_views:
             order = np.arange(n * self.views, dtype=np.int64)
         else:
-            order = epoch_order(n, epoch, self.cfg.seed, length=self._epoch_length(), shuffle=self.shuffle)
+            order = epoch_order(n, epoch, self.cfg.seed, length=self.epoch_length(), shuffle=self.shuffle)
         batches = []
         for chunk in self._positions():
             specs = []
