@@ -64,6 +64,7 @@ class ImageLoader:
         self._length = len(self._positions())
 
     def epoch_length(self) -> int:
+        """Positions in one epoch: ``data.clips_per_epoch`` in training when set, else the dataset size."""
         return self.cfg.clips_per_epoch if (self.train and self.cfg.clips_per_epoch) else len(self.dataset)
 
     def _positions(self) -> list[list[tuple[int, bool]]]:

@@ -176,6 +176,8 @@ class VideoLoader:
 
     # ---- plan -------------------------------------------------------------------------------
     def epoch_length(self) -> int:
+        """Positions in one epoch: ``data.clips_per_epoch`` in training when set, else the dataset size
+        (times the views per video in test mode)."""
         n = len(self.dataset) * self.views
         return self.cfg.clips_per_epoch if (self.shuffle and self.cfg.clips_per_epoch) else n
 
