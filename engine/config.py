@@ -69,8 +69,8 @@ class ModelConfig:
     """Which network to build (``models.create_model``) and how the engine wraps it."""
 
     name: str = "mvitv2_tiny"
-    """Architecture variant name from ``models/variants.py`` (e.g. ``mvitv2_s``, ``mvitv2_l``,
-    ``vit_b``, ``mvitv2_tiny`` for CPU demos)."""
+    """Architecture variant name from ``models/variants.py`` (``mvitv2_s_16x4``, ``mvitv2_l_16x4``,
+    ``vit_b_16``, ``mvitv2_tiny`` for CPU demos; ``python -m models.variants`` lists them all)."""
     drop_path: Optional[float] = None
     """Stochastic depth rate; null = the variant's recipe value (fine-tuning 0.1 for MViTv2-S,
     0.2 for L; pre-training 0)."""

@@ -22,7 +22,7 @@ from engine.config import Config, ConfigError
 from engine.distributed import DistInfo
 from engine.runner import Run, report_paths, setup_run, train_loop
 
-__all__ = ["create_model", "model_overrides", "build_pretrain_model", "pretrain_step", "run_pretrain"]
+__all__ = ["create_model", "check_model_config", "model_overrides", "build_pretrain_model", "pretrain_step", "run_pretrain"]
 
 
 def create_model(name: str, task: str, num_classes: Optional[int] = None, **overrides) -> nn.Module:
@@ -31,12 +31,19 @@ def create_model(name: str, task: str, num_classes: Optional[int] = None, **over
         from models import create_model as _create
     except ImportError:  # models/__init__.py not filled yet
         from models.variants import create_model as _create
+    check_model_config(name, overrides)
+    return _create(name, task=task, num_classes=num_classes, **overrides)
+
+
+def check_model_config(name: str, overrides: dict) -> None:
+    """Raise ConfigError when ``model.name`` is unknown or ``model.overrides`` name an unknown field
+    or give a value the variant rejects (``models.variants.Variant`` checks its fields)."""
+    from models.variants import resolve_variant
+
     try:
-        return _create(name, task=task, num_classes=num_classes, **overrides)
-    except ValueError as e:
-        if str(e).startswith(("unknown override", "unknown model variant")):  # the user's model.* keys
-            raise ConfigError(f"model: {e}") from None
-        raise
+        resolve_variant(name, **overrides)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from None
 
 
 def model_overrides(cfg: Config, task: str) -> dict:
@@ -44,6 +51,7 @@ def model_overrides(cfg: Config, task: str) -> dict:
     ``data`` (clip length and crop size), so the relative-position tables fit the clips."""
     from models.variants import get_variant
 
+    check_model_config(cfg.model.name, cfg.model.overrides)
     v = get_variant(cfg.model.name)
     kw = dict(cfg.model.overrides)
     if cfg.model.drop_path is not None:
@@ -94,8 +102,10 @@ def run_pretrain(cfg: Config, resume: Optional[str] = None) -> dict:
     """Pre-train according to ``cfg``; returns the loop summary (see ``train_loop``)."""
     from engine.data import build_loader
 
-    if cfg.mask.kind == "image_block" and cfg.data.dataset != "image_folder":
-        raise ValueError("mask.kind=image_block is for image datasets (data.dataset=image_folder)")
+    if (cfg.mask.kind == "image_block") != (cfg.data.dataset == "image_folder"):
+        raise ConfigError(f"mask.kind={cfg.mask.kind} does not fit data.dataset={cfg.data.dataset}: images "
+                          "(data.dataset=image_folder) are masked with mask.kind=image_block, videos with cube, "
+                          "tube or frame")
 
     def loader(dist: DistInfo):
         return build_loader(cfg.data, "train", rank=dist.rank, world_size=dist.world_size,

@@ -205,9 +205,10 @@ class MaskFeat(MViT):
         """Targets (B, N, D) for every output token, without gradient."""
         p = self.feat_stride[1]
         with torch.no_grad():
-            if self.target == "pixel":
-                return pixel_targets(video.detach(), p, self.temporal_stride)
-            src = frames if frames is not None else video.detach()  # uint8/fp16/bf16/fp32 accepted
+            src = frames if frames is not None else video.detach()
+            if self.target == "pixel":  # frames: normalised like video (per-patch normalisation follows)
+                return pixel_targets(src.float(), p, self.temporal_stride)
+            # HOG: uint8/fp16/bf16/fp32 accepted
             import kernels.hog as hog  # lazy: only the HOG target needs it
 
             if self.patch_2d:

@@ -40,7 +40,7 @@ from .classifier import Classifier
 from .maskfeat import TARGETS, MaskFeat
 from .vit import vit_kwargs
 
-__all__ = ["Variant", "VARIANTS", "TASKS", "create_model", "backbone_kwargs", "count_parameters", "get_variant"]
+__all__ = ["Variant", "VARIANTS", "TASKS", "create_model", "backbone_kwargs", "count_parameters", "get_variant", "resolve_variant"]
 
 TASKS = ("pretrain", "classify")
 ARCHS = ("mvit", "vit")
@@ -192,13 +192,9 @@ def backbone_kwargs(v: Variant, task: str) -> dict[str, Any]:
     return kw
 
 
-def create_model(name: str, task: str = "pretrain", num_classes: Optional[int] = None, **overrides: Any) -> nn.Module:
-    """Build variant ``name`` for ``task`` ("pretrain" -> MaskFeat, "classify" -> Classifier).
-
-    ``overrides`` replace :class:`Variant` fields (e.g. ``attn_backend="reference"``,
-    ``img_size=112``, ``drop_path_rate=0.0``, ``target="pixel"``); an unknown field is a
-    ValueError naming the closest valid fields. ``num_classes`` defaults to the variant's.
-    """
+def resolve_variant(name: str, **overrides: Any) -> Variant:
+    """Variant ``name`` with ``overrides`` applied; a ValueError names an unknown variant, an unknown
+    field (with the closest valid ones) or a value the variant rejects."""
     v = get_variant(name)
     fields = [f.name for f in dataclasses.fields(Variant) if f.name not in ("name", "notes")]
     for key in overrides:
@@ -206,8 +202,17 @@ def create_model(name: str, task: str = "pretrain", num_classes: Optional[int] =
             close = difflib.get_close_matches(key, fields, n=3, cutoff=0.3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ValueError(f"unknown override {key!r} for {name}{hint} (valid: {', '.join(fields)})")
-    if overrides:
-        v = dataclasses.replace(v, **overrides)
+    return dataclasses.replace(v, **overrides) if overrides else v
+
+
+def create_model(name: str, task: str = "pretrain", num_classes: Optional[int] = None, **overrides: Any) -> nn.Module:
+    """Build variant ``name`` for ``task`` ("pretrain" -> MaskFeat, "classify" -> Classifier).
+
+    ``overrides`` replace :class:`Variant` fields (e.g. ``attn_backend="reference"``,
+    ``img_size=112``, ``drop_path_rate=0.0``, ``target="pixel"``); an unknown field is a
+    ValueError naming the closest valid fields. ``num_classes`` defaults to the variant's.
+    """
+    v = resolve_variant(name, **overrides)
     kw = backbone_kwargs(v, task)
     if task == "pretrain":
         if num_classes is not None:

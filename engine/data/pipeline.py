@@ -202,7 +202,8 @@ def build_pipeline(feeder: Callable, *, decode: str, batch_size: int, num_thread
         return video, label, index, view, valid
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is not used.*")  # frame indices unused by pyav
+        # frame indices (unused by pyav) and RandAugment draws (unused without it) are fed anyway
+        warnings.filterwarnings("ignore", message=".*(is|are) not used.*")
         pipe = graph()
         pipe.build()
     return pipe

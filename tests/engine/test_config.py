@@ -98,11 +98,19 @@ def test_yaml_file_is_strict(tmp_path):
         load_config(str(p), ["optim.lr=abc"])
 
 
-def test_unknown_model_override_is_a_config_error():
-    from engine.pretrain import create_model
+def test_bad_model_settings_are_config_errors(tmp_path):
+    from engine.pretrain import create_model, run_pretrain
 
     with pytest.raises(ConfigError, match="model: unknown override 'embed_dimm'.*did you mean embed_dim"):
         create_model("mvitv2_tiny", "pretrain", embed_dimm=32)
+    with pytest.raises(ConfigError, match="model: unknown model variant 'mvitv2_s'.*did you mean mvitv2_s_16x4"):
+        create_model("mvitv2_s", "pretrain")
+    with pytest.raises(ConfigError, match="model: mvitv2_tiny: hog_norm must be one of"):
+        create_model("mvitv2_tiny", "pretrain", hog_norm="nonee")
+    for kind, dataset in (("image_block", "demo"), ("cube", "image_folder")):  # before any model or loader
+        cfg = load_config(None, [f"mask.kind={kind}", f"data.dataset={dataset}", f"train.output_dir={tmp_path}"])
+        with pytest.raises(ConfigError, match=f"mask.kind={kind} does not fit data.dataset={dataset}"):
+            run_pretrain(cfg)
 
 
 def test_yaml_round_trip_and_overrides_win(tmp_path):

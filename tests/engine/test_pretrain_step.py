@@ -50,6 +50,15 @@ def test_bf16_step_takes_hog_targets_from_the_fp32_clip():
     assert not torch.equal(out.target, rounded)  # the rounding is visible in the targets
 
 
+def test_bf16_pixel_targets_come_from_the_fp32_clip_too():
+    clip = torch.randn(2, 3, 16, 64, 64, generator=torch.Generator().manual_seed(3))
+    model = create_model("mvitv2_tiny", task="pretrain", target="pixel").to(torch.bfloat16)
+    exact = model.compute_targets(clip.to(torch.bfloat16), clip)
+    assert exact.dtype == torch.float32
+    assert torch.equal(exact, model.compute_targets(clip, None).float())
+    assert not torch.equal(exact, model.compute_targets(clip.to(torch.bfloat16), None))
+
+
 def test_fp32_step_passes_no_separate_frames():
     clip = torch.randn(1, 3, 16, 64, 64, generator=torch.Generator().manual_seed(2))
     run = _run(torch.float32)
