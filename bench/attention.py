@@ -577,6 +577,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     skipped = [dict(provider=n, shape=None, reason=r, **{"pass": "all"}) for n, r in missing.items()]
     for n, r in missing.items():
         print(f"provider {n} skipped: {r}", flush=True)
+    if args.batch is not None and args.batch < 1:
+        raise SystemExit(f"--batch must be >= 1, got {args.batch}")
     shapes = stage_shapes(models, device, args.batch)
     results: list[dict] = []
     t_start = time.perf_counter()

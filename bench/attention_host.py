@@ -330,6 +330,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                     help="compiled kernels: kernels.launch's cached path (fast), every launch through the JIT (jit), or both")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.batch is not None and args.batch < 1:
+        raise SystemExit(f"--batch must be >= 1, got {args.batch}")
     batch = args.batch or (4 if device.type == "cuda" else 1)
     if args.calls < 1 or args.reps < 1 or batch < 1:
         raise SystemExit("--calls, --reps and --batch must be ≥ 1")

@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -38,7 +37,7 @@ import torch
 
 from bench.attention import Shape, device_info_cache, make_inputs, stage_shapes
 from bench.attention_host import make_call
-from bench.common import cuda_kernels, results_slug
+from bench.common import command_line, cuda_kernels, require_interpreter_on_cpu, results_slug
 
 # changes to the default RelPosAttnConfig (attention kernels) and RelTritonConfig (rel-term
 # kernels), per kernel; "default" is the table the code uses on CUDA
@@ -361,6 +360,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--part", default="profile,sweep")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    require_interpreter_on_cpu(device, "bench.attention_tune")
     parts = set(args.part.split(","))
     if not parts <= {"profile", "sweep"}:
         raise SystemExit(f"--part takes profile and/or sweep, got {args.part!r}")
@@ -374,7 +374,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     info = device_info_cache(device)
     stem = f"attention_tune_{results_slug(device, info['name'])}_{datetime.date.today():%Y%m%d}"
     meta = dict(date=f"{datetime.date.today():%Y%m%d}", device_info=info,
-                command="python -m bench.attention_tune " + " ".join(sys.argv[1:] if argv is None else argv))
+                command=command_line("bench.attention_tune", argv))
     stages = []
     for s in shapes:
         print(s.label, flush=True)

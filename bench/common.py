@@ -2,10 +2,25 @@
 kernels of one call, by name and by what they do."""
 from __future__ import annotations
 
+import os
 import re
+import sys
 from typing import Callable, Optional
 
 import torch
+
+
+def command_line(module: str, argv: Optional[list] = None) -> str:
+    """The command that reproduces this run, with ``TRITON_INTERPRET=1`` in front when it is set."""
+    env = "TRITON_INTERPRET=1 " if os.environ.get("TRITON_INTERPRET") == "1" else ""
+    return f"{env}python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+def require_interpreter_on_cpu(device: torch.device, what: str) -> None:
+    """Exit with one line when ``what`` needs the Triton kernels on a CPU outside the interpreter."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit(f"{what} runs the Triton kernels, which run on a CPU only in Triton's interpreter: "
+                         "rerun with TRITON_INTERPRET=1 in the environment")
 
 
 def results_slug(device: torch.device, name: str) -> str:

@@ -55,7 +55,6 @@ import contextlib
 import datetime
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -65,7 +64,7 @@ import torch
 
 from bench.attention import device_info
 from bench.attention_host import _sleep_cycles_per_ms, host_us_cuda
-from bench.common import by_category, cuda_kernels, results_slug
+from bench.common import by_category, command_line, cuda_kernels, require_interpreter_on_cpu, results_slug
 
 
 def build(model_name: str, backend: str, batch: int, device: torch.device, dtype: torch.dtype,
@@ -361,7 +360,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA device is visible")
+    if args.count_only:
+        require_interpreter_on_cpu(device, "--count-only")
     model_name = args.model or ("mvitv2_l_16x4" if device.type == "cuda" else "mvitv2_tiny")
+    if args.batch is not None and args.batch < 1:
+        raise SystemExit(f"--batch must be >= 1, got {args.batch}")
     batch = args.batch or (4 if device.type == "cuda" else 2)
     spec = args.backends or ("auto,auto+ckpt,sdpa" if device.type == "cuda" else "auto,sdpa")
     backends = [b for b in spec.split(",") if b]
@@ -385,7 +388,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     today = datetime.date.today().strftime("%Y%m%d")
     stem = f"model_step_{results_slug(device, info['name'])}_{today}"
     tag = f"_{args.tag}" if args.tag else ""
-    meta = dict(date=today, command="python -m bench.model_step " + " ".join(sys.argv[1:] if argv is None else argv),
+    meta = dict(date=today, command=command_line("bench.model_step", argv),
                 device_info=info, model=model_name, batch=batch, steps=args.steps,
                 input="x".join(map(str, input_size)))
     if args.count_only:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -86,11 +87,16 @@ def check_inputs(
     """Raise a ValueError naming the first inconsistency between tensors, grids and tables."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, nh, N, hd); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if len(q_thw) != 3 or len(k_thw) != 3:
-        raise ValueError(f"q_thw and k_thw must be (T, H, W); got {tuple(q_thw)} and {tuple(k_thw)}")
+    if (len(q_thw) != 3 or len(k_thw) != 3
+            or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in (*q_thw, *k_thw))):
+        raise ValueError(f"q_thw and k_thw must be (T, H, W) of ints; got {tuple(q_thw)} and {tuple(k_thw)}")
+    if min(q_thw) < 1 or min(k_thw) < 1:
+        raise ValueError(f"grid sizes must be positive; got q_thw={tuple(q_thw)}, k_thw={tuple(k_thw)}")
     B, nh, Nq, hd = q.shape
-    if k.shape[:2] != (B, nh) or v.shape[:2] != (B, nh) or k.shape[-1] != hd or k.shape[2] != v.shape[2]:
-        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if (k.shape[:2] != (B, nh) or v.shape[:2] != (B, nh) or k.shape[-1] != hd or v.shape[-1] != hd
+            or k.shape[2] != v.shape[2]):
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: "
+                         "q, k, v must be (B, nh, N, hd) with one B, nh and hd, and k, v one N")
     extra = 1 if has_cls else 0
     if Nq != math.prod(q_thw) + extra:
         raise ValueError(f"q has {Nq} tokens but q_thw={tuple(q_thw)} (+{extra} cls) gives {math.prod(q_thw) + extra}")
@@ -98,12 +104,20 @@ def check_inputs(
         raise ValueError(f"k has {k.shape[2]} tokens but k_thw={tuple(k_thw)} (+{extra} cls) gives {math.prod(k_thw) + extra}")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must be floating point; got {q.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     for name, table, axis in (("rel_pos_t", rel_pos_t, 0), ("rel_pos_h", rel_pos_h, 1), ("rel_pos_w", rel_pos_w, 2)):
         if table is None:
             if axis == 0 and q_thw[0] == 1 and k_thw[0] == 1:
                 continue
             raise ValueError(f"{name} is required for q_thw={tuple(q_thw)}, k_thw={tuple(k_thw)}")
         want = rel_table_len(q_thw[axis], k_thw[axis])
+        if not table.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor; got {table.dtype}")
+        if table.device != q.device:
+            raise ValueError(f"{name} is on {table.device} but q is on {q.device}")
         if table.dim() != 2 or table.shape != (want, hd):
             raise ValueError(
                 f"{name} must be ({want}, {hd}) for Q={q_thw[axis]}, K={k_thw[axis]}; got {tuple(table.shape)} "
@@ -133,12 +147,13 @@ def rel_terms(
     r_q = r_q.reshape(B, nh, Tq, Hq, Wq, hd)  # (B, nh, Tq, Hq, Wq, hd)
     Rh = rel_pos_h[rel_pos_index(Hq, Hk, q.device)]  # (Hq, Hk, hd)
     Rw = rel_pos_w[rel_pos_index(Wq, Wk, q.device)]  # (Wq, Wk, hd)
-    rel_h = torch.einsum("bnthwc,hkc->bnthwk", r_q, Rh).reshape(B, nh, -1, Hk)
-    rel_w = torch.einsum("bnthwc,wkc->bnthwk", r_q, Rw).reshape(B, nh, -1, Wk)
+    Nq = Tq * Hq * Wq  # explicit (not -1): an empty batch has no size to infer
+    rel_h = torch.einsum("bnthwc,hkc->bnthwk", r_q, Rh).reshape(B, nh, Nq, Hk)
+    rel_w = torch.einsum("bnthwc,wkc->bnthwk", r_q, Rw).reshape(B, nh, Nq, Wk)
     rel_t = None
     if rel_pos_t is not None:
         Rt = rel_pos_t[rel_pos_index(Tq, Tk, q.device)]  # (Tq, Tk, hd)
-        rel_t = torch.einsum("bnthwc,tkc->bnthwk", r_q, Rt).reshape(B, nh, -1, Tk)
+        rel_t = torch.einsum("bnthwc,tkc->bnthwk", r_q, Rt).reshape(B, nh, Nq, Tk)
     return rel_t, rel_h, rel_w
 
 

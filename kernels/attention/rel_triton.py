@@ -807,7 +807,6 @@ def _check(
         raise ValueError(f"q must be a (B, nh, N, hd) tensor; got {getattr(q, 'shape', type(q))}")
     if len(q_thw) != 3 or len(k_thw) != 3:
         raise ValueError(f"q_thw and k_thw must be (T, H, W); got {tuple(q_thw)} and {tuple(k_thw)}")
-    _check_grids(q_thw, k_thw)  # (before check_inputs, whose token counts a zero grid would fail first)
     B, nh, _, hd = q.shape
     kv = q.new_empty(()).expand(B, nh, math.prod(k_thw) + int(has_cls), hd)  # no memory
     check_inputs(q, kv, kv, q_thw, k_thw, *tables, has_cls)
@@ -815,25 +814,7 @@ def _check(
         raise ValueError(f"rel_matrix_triton supports float16, bfloat16 and float32; got {q.dtype}")
     if hd > 256:
         raise ValueError(f"head dim {hd} > 256 is not supported by rel_matrix_triton")
-    _check_tables(q, tables)
     _check_device(q)
-
-
-def _check_grids(q_thw: Sequence[int], k_thw: Sequence[int]) -> None:
-    """What ``reference.check_inputs`` leaves out (1/2): positive grids."""
-    if min(q_thw) < 1 or min(k_thw) < 1:
-        raise ValueError(f"grid sizes must be positive; got q_thw={tuple(q_thw)}, k_thw={tuple(k_thw)}")
-
-
-def _check_tables(q: torch.Tensor, tables: Sequence[Optional[torch.Tensor]]) -> None:
-    """What ``reference.check_inputs`` leaves out (2/2): float tables on q's device."""
-    for name, table in zip(("rel_pos_t", "rel_pos_h", "rel_pos_w"), tables):
-        if table is None:
-            continue
-        if not table.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor; got {table.dtype}")
-        if table.device != q.device:
-            raise ValueError(f"{name} is on {table.device} but q is on {q.device}")
 
 
 def rel_matrix_triton(
@@ -862,14 +843,10 @@ def rel_setup(
     checked: bool = False,
 ) -> tuple:
     """Check the inputs (ValueError; ``checked``: the caller has already run ``check_inputs`` on
-    them, with its k and v, and the dtype, head-dim and device checks of the Triton attention, so
-    only :func:`_check_grids` and :func:`_check_tables` are left) and return the
-    call's geometry and launch table, for :func:`rel_forward` / :func:`rel_backward` (used by the
-    fused attention kernel's autograd)."""
-    if checked:
-        _check_grids(q_thw, k_thw)
-        _check_tables(q, tables)
-    else:
+    them, with its k and v, and the dtype, head-dim and device checks of the Triton attention) and
+    return the call's geometry and launch table, for :func:`rel_forward` / :func:`rel_backward`
+    (used by the fused attention kernel's autograd)."""
+    if not checked:
         _check(q, q_thw, k_thw, tables, has_cls)
     g = _Geom(tuple(int(x) for x in q_thw), tuple(int(x) for x in k_thw), tables[0] is not None, bool(has_cls))
     return g, _config(q.device, q.dtype)

@@ -191,9 +191,11 @@ def hog_targets_reference(
     norm: str = "cell_l2",
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Per-token targets of the reference: frames (N, 3, H, W) -> (N, L, D) in dtype."""
+    """Per-token targets of the reference: frames (N, 3, H, W) -> (N, L, D) in dtype, without gradient
+    (targets, like the Triton kernel's)."""
     check_hog_args(tuple(frames.shape), token_stride, cell, nbins, gaussian_window, norm)
-    hist = hog_reference(
-        frames, cell=cell, nbins=nbins, gaussian_window=gaussian_window, signed=signed, norm=norm, dtype=dtype
-    )
-    return cells_to_tokens(hist, token_stride, cell)
+    with torch.no_grad():
+        hist = hog_reference(
+            frames, cell=cell, nbins=nbins, gaussian_window=gaussian_window, signed=signed, norm=norm, dtype=dtype
+        )
+        return cells_to_tokens(hist, token_stride, cell)

@@ -321,6 +321,17 @@ def test_bad_inputs_raise_value_error():
         relpos_attention_sdpa(q, k.double(), v, q_thw, k_thw, t, h, w)
     with pytest.raises(ValueError, match="unknown attention backend"):
         relpos_attention(q, k, v, q_thw, k_thw, t, h, w, backend="flash")
+    for backend in ("reference", "sdpa"):
+        with pytest.raises(ValueError, match="incompatible shapes"):  # v's head dim differs from q's and k's
+            relpos_attention(q, k, v[..., :-8], q_thw, k_thw, t, h, w, backend=backend)
+        with pytest.raises(ValueError, match="must be floating point"):
+            relpos_attention(q.long(), k.long(), v.long(), q_thw, k_thw, t, h, w, backend=backend)
+        with pytest.raises(ValueError, match="of ints"):
+            relpos_attention(q, k, v, (2.0, 4.0, 4.0), k_thw, t, h, w, backend=backend)
+        with pytest.raises(ValueError, match="rel_pos_h must be a floating-point tensor"):
+            relpos_attention(q, k, v, q_thw, k_thw, t, h.long(), w, backend=backend)
+        empty = relpos_attention(q[:0], k[:0], v[:0], q_thw, k_thw, t, h, w, backend=backend)  # an empty batch
+        assert empty.shape == (0,) + tuple(q.shape[1:])
 
 
 # ---------------------------------------------------------------- xformers

@@ -407,6 +407,8 @@ def test_auto_backend_on_cpu_is_reference_and_shapes():
     clip = torch.randint(0, 256, (2, 3, 4, 16, 16), dtype=torch.uint8)
     assert video_hog_targets(clip).shape == (2, 2 * 1, 108)
     assert video_hog_targets(clip, temporal_stride=1, token_stride=8, nbins=6).shape == (2, 4 * 4, 3 * 6)
+    y = x.float().requires_grad_()
+    assert not hog_targets(y, backend="reference").requires_grad  # targets, as the Triton kernel's
 
 
 @pytest.mark.parametrize(

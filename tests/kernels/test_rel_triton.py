@@ -307,7 +307,7 @@ def _args(**over):
     (dict(rel_pos_w=torch.zeros(7, 23)), "rel_pos_w must be"),  # wrong head dim
     (dict(rel_pos_t=None), "rel_pos_t is required"),
     (dict(q=torch.zeros(1, 2, 25, 24, dtype=torch.float64)), "float16, bfloat16 and float32"),
-    (dict(q=torch.zeros(1, 2, 25, 24, dtype=torch.int32)), "float16, bfloat16 and float32"),
+    (dict(q=torch.zeros(1, 2, 25, 24, dtype=torch.int32)), "must be floating point"),
     (dict(rel_pos_h=torch.zeros(5, 24, dtype=torch.int64)), "floating-point"),
     (dict(q=torch.zeros(1, 2, 25, 24, dtype=torch.float32), k_thw=(2, 2, 0)), "positive"),
 ])
