@@ -13,7 +13,35 @@ A save goes to a hidden temporary tag (``.tmp-step…``); only when every rank h
 shards is it renamed to its final name and ``latest`` replaced (``os.replace``), so an
 interrupted save never becomes ``latest`` and ``--resume auto`` never sees half a checkpoint.
 With a non-shared filesystem (each node writes its own shards) the rename happens on the first
-local rank of every node.
+local rank of every node. Re-saving an existing tag (``best`` on every improvement) moves the old
+one to ``<tag>.old`` first; a kill between the two renames leaves ``<tag>.old`` alone, which
+:func:`recover_checkpoint_dir` (called at the start of every run) puts back, and it removes stale
+``.tmp-*`` and ``*.old`` folders. ``train.keep_checkpoints`` prunes only ``step*`` tags with a
+step *below* the one just saved (never the new one, never newer ones).
+
+Complete checkpoint: a tag folder with ``engine_state_r*.pt`` (ours) and ``*model_states.pt``
+(DeepSpeed's). Folders set aside (``*.old``, ``*.superseded*``, hidden ``.tmp-*``) are never a tag:
+:func:`find_latest`, :func:`latest_tag` and :func:`available_tags` skip them. :func:`latest_tag`
+trusts ``latest`` when the tag it names holds weights, else takes the newest ``step*`` tag that
+does (steps compared as numbers).
+
+``--resume`` (:func:`resolve_resume`): ``auto``, a tag name under ``train.output_dir``, or a path —
+a run folder or its ``checkpoints/`` folder (the latest complete tag), the ``checkpoints/latest``
+file (the tag it names), or a tag folder (:func:`locate_checkpoint`, shared with ``maskfeat eval``);
+anything else is a ConfigError listing the available tags. Going back in time (resuming a tag
+older than the newest step tag of the run's own folder) renames the newer tags, and a ``best``
+saved after the resumed step, to ``<tag>.superseded`` (:func:`set_aside_newer`) instead of letting
+pruning delete the new checkpoints later.
+
+Config changes on resume (:func:`check_resume_config`, against the tag's ``config.yaml``): what
+fixes parameter shapes — ``model.name``, ``model.overrides`` (other than the run-time options in
+:data:`NON_SHAPE_OVERRIDES`), and the input geometry ``data.num_frames`` (video variants) and
+``data.crop_size`` (relative-position tables and the positional grid depend on both) — is a
+ConfigError listing ``key: saved -> now``; every other difference (optimiser, schedule, batch,
+ZeRO stage, …) is returned as one warning line and the run continues with the new values.
+``data.sampling_rate`` changes only which frames are read, not shapes. Keys that cannot matter to
+the result (:data:`IGNORED_ON_RESUME`: ``log.*``, ``train.output_dir``, loader threads…) are ignored.
+Limits: a run folder is assumed to be written by one run at a time.
 
 Resume compatibility (checked before DeepSpeed is called, :func:`check_resume_compatible`): ZeRO-1/2/3
 partition the optimiser state (stage 3 also the weights) over the data-parallel ranks, and
@@ -34,7 +62,7 @@ import glob
 import os
 import re
 import shutil
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
@@ -48,6 +76,15 @@ __all__ = [
     "latest_tag",
     "load_checkpoint",
     "available_tags",
+    "stored_tags",
+    "step_of",
+    "is_complete",
+    "locate_checkpoint",
+    "resolve_resume",
+    "check_resume_config",
+    "recover_checkpoint_dir",
+    "set_aside_newer",
+    "on_first_local_ranks",
     "check_resume_compatible",
     "consolidated_state_dict",
     "export_backbone",
@@ -55,10 +92,68 @@ __all__ = [
 ]
 
 _STEP_RE = re.compile(r"^step(\d{8,})$")
+T = TypeVar("T")
 
 
 def checkpoint_dir(output_dir: str) -> str:
+    """``<output_dir>/checkpoints``."""
     return os.path.join(output_dir, "checkpoints")
+
+
+def step_of(tag: str) -> Optional[int]:
+    """The step of a ``step00000120`` tag (None for other tags, e.g. ``best``)."""
+    m = _STEP_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def _set_aside(name: str) -> bool:
+    """A folder that is not a tag: temporary (``.tmp-*``), a replaced one (``*.old``) or superseded."""
+    return name.startswith(".") or name.endswith(".old") or ".superseded" in name
+
+
+def _has_weights(path: str) -> bool:
+    return bool(glob.glob(os.path.join(path, "*model_states.pt")))
+
+
+def _has_state(path: str) -> bool:
+    return bool(glob.glob(os.path.join(path, "engine_state_r*.pt")))
+
+
+def is_complete(path: str) -> bool:
+    """A tag folder a run can resume from: our rank states and DeepSpeed's model states."""
+    return _has_state(path) and _has_weights(path)
+
+
+def _step_tags(ckpt_dir: str, ok: Callable[[str], bool] = os.path.isdir) -> list[str]:
+    """``step*`` tags under ``ckpt_dir`` for which ``ok(path)`` holds, oldest first (by step number)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    tags = [t for t in os.listdir(ckpt_dir) if _STEP_RE.match(t) and ok(os.path.join(ckpt_dir, t))]
+    return sorted(tags, key=lambda t: int(_STEP_RE.match(t).group(1)))
+
+
+def stored_tags(ckpt_dir: str) -> list[str]:
+    """Every tag folder under ``ckpt_dir`` holding any checkpoint file (ours or DeepSpeed's), set-aside
+    folders excluded: what a new run in that folder would mix with."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    tags = [t for t in os.listdir(ckpt_dir) if not _set_aside(t) and os.path.isdir(os.path.join(ckpt_dir, t))
+            and (_has_state(os.path.join(ckpt_dir, t)) or _has_weights(os.path.join(ckpt_dir, t)))]
+    steps = sorted((t for t in tags if _STEP_RE.match(t)), key=step_of)
+    return steps + sorted(t for t in tags if not _STEP_RE.match(t))
+
+
+def on_first_local_ranks(fn: Callable[[], T]) -> Optional[T]:
+    """Run ``fn`` on global rank 0, then (after a barrier) on the first local rank of every other node
+    (a non-shared filesystem: each node holds its own copy), then a barrier; returns ``fn()``'s result
+    where it ran, else None. Every rank must call this."""
+    rank, _, local_rank = _dist()
+    out = fn() if rank == 0 else None
+    barrier()
+    if rank != 0 and local_rank == 0:
+        out = fn()
+    barrier()
+    return out
 
 
 def _dist() -> tuple[int, int, int]:
@@ -76,8 +171,10 @@ def _write_text_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _promote(ckpt_dir: str, tmp_tag: str, tag: str, rank: int, local_rank: int) -> None:
-    """Rename ``tmp_tag`` to ``tag`` (replacing an older ``tag``) on every node's first rank."""
+def _promote(ckpt_dir: str, tmp_tag: str, tag: str) -> None:
+    """Rename ``tmp_tag`` to ``tag`` (replacing an older ``tag``) on every node's first rank. Replacing
+    takes two renames (``tag`` -> ``tag.old``, then ``tmp_tag`` -> ``tag``); a kill in between is
+    repaired by :func:`recover_checkpoint_dir` at the next start."""
     src, dst = os.path.join(ckpt_dir, tmp_tag), os.path.join(ckpt_dir, tag)
 
     def move() -> None:
@@ -92,12 +189,7 @@ def _promote(ckpt_dir: str, tmp_tag: str, tag: str, rank: int, local_rank: int) 
         else:
             os.replace(src, dst)
 
-    if rank == 0:
-        move()
-    barrier()
-    if rank != 0 and local_rank == 0:
-        move()
-    barrier()
+    on_first_local_ranks(move)
 
 
 def save_checkpoint(
@@ -114,7 +206,8 @@ def save_checkpoint(
     """Save ``engine`` (a DeepSpeed engine) under ``tag`` atomically; returns the final path.
 
     ``rank_state`` is this rank's own state (step, loader, RNG…); every rank must call this.
-    ``keep`` > 0 deletes all but the newest ``keep`` ``step*`` tags afterwards.
+    ``keep`` > 0 then keeps ``keep`` ``step*`` tags: the one just saved and the newest ``keep - 1``
+    with a smaller step (:func:`prune_candidates`); tags with a larger step are never touched.
     ``param_group_names`` (the parameter names of each optimiser group, in order) is stored with
     the DeepSpeed client state so that export can read the fp32 master weights of a ZeRO-0
     bf16/fp16 run, which DeepSpeed saves by group position only.
@@ -133,22 +226,35 @@ def save_checkpoint(
     if local_rank == 0:
         _write_text_atomic(os.path.join(tmp_path, "config.yaml"), config_yaml)
     barrier()
-    _promote(ckpt_dir, tmp_tag, tag, rank, local_rank)
+    _promote(ckpt_dir, tmp_tag, tag)
     if update_latest and local_rank == 0:
         _write_text_atomic(os.path.join(ckpt_dir, "latest"), tag)
     if keep > 0 and local_rank == 0:
-        steps = sorted(t for t in os.listdir(ckpt_dir) if _STEP_RE.match(t))
-        for old in steps[:-keep]:
+        for old in prune_candidates(ckpt_dir, tag, keep):
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     barrier()
     return os.path.join(ckpt_dir, tag)
 
 
+def prune_candidates(ckpt_dir: str, tag: str, keep: int) -> list[str]:
+    """The ``step*`` tags :func:`save_checkpoint` deletes after saving ``tag`` with ``keep`` > 0: of
+    the step tags with a step below ``tag``'s (all of them when ``tag`` is not a step tag, e.g.
+    ``best``), all but the newest ``keep - 1`` (``keep`` for a non-step tag). ``tag`` itself and
+    step tags above it are never candidates."""
+    if keep <= 0:
+        return []
+    s = step_of(tag)
+    older = [t for t in _step_tags(ckpt_dir) if t != tag and (s is None or step_of(t) < s)]
+    n_keep = keep if s is None else keep - 1
+    return older[:max(len(older) - n_keep, 0)]
+
+
 def find_latest(output_dir: str) -> Optional[str]:
     """Tag of the newest complete checkpoint under ``output_dir`` (``None`` when there is none).
 
-    Reads ``latest``; when it is missing or points at a deleted tag, the newest ``step*``
-    directory is used (temporary ``.tmp-*`` directories are never considered)."""
+    Reads ``latest``; when it is missing or names a tag that is gone (or holds no weights), the
+    newest ``step*`` tag with weights is used (by step number; set-aside and temporary folders are
+    never considered)."""
     return latest_tag(checkpoint_dir(output_dir))
 
 
@@ -156,22 +262,291 @@ def latest_tag(ckpt_dir: str) -> Optional[str]:
     """:func:`find_latest` for a ``checkpoints`` directory itself."""
     latest = os.path.join(ckpt_dir, "latest")
     if os.path.isfile(latest):
-        tag = open(latest).read().strip()
-        if tag and os.path.isdir(os.path.join(ckpt_dir, tag)):
+        with open(latest) as f:
+            tag = f.read().strip()
+        if tag and not _set_aside(tag) and os.sep not in tag and _has_weights(os.path.join(ckpt_dir, tag)):
             return tag
-    if not os.path.isdir(ckpt_dir):
-        return None
-    steps = sorted(t for t in os.listdir(ckpt_dir) if _STEP_RE.match(t))
+    steps = _step_tags(ckpt_dir, _has_weights)
     return steps[-1] if steps else None
 
 
 def available_tags(ckpt_dir: str) -> list[str]:
-    """Complete checkpoints under ``ckpt_dir`` (``step*`` in order, then the others, e.g. ``best``)."""
+    """Complete checkpoints under ``ckpt_dir`` (``step*`` by step, then the others, e.g. ``best``);
+    set-aside folders (``*.old``, ``*.superseded``, ``.tmp-*``) are skipped."""
     if not os.path.isdir(ckpt_dir):
         return []
-    tags = [t for t in os.listdir(ckpt_dir) if not t.startswith(".") and not t.endswith(".old")
-            and glob.glob(os.path.join(ckpt_dir, t, "engine_state_r*.pt"))]
-    return sorted(t for t in tags if _STEP_RE.match(t)) + sorted(t for t in tags if not _STEP_RE.match(t))
+    tags = [t for t in os.listdir(ckpt_dir) if not _set_aside(t) and _has_state(os.path.join(ckpt_dir, t))]
+    steps = sorted((t for t in tags if _STEP_RE.match(t)), key=step_of)
+    return steps + sorted(t for t in tags if not _STEP_RE.match(t))
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding a checkpoint from a path (--resume PATH, maskfeat eval --checkpoint PATH)
+# ----------------------------------------------------------------------------------------------
+def _is_tag_dir(path: str) -> bool:
+    return bool(_has_weights(path) or _has_state(path) or glob.glob(os.path.join(path, "zero_pp_rank_*")))
+
+
+def _is_ckpt_dir(path: str) -> bool:
+    return (os.path.basename(os.path.normpath(path)) == "checkpoints" or os.path.isfile(os.path.join(path, "latest"))
+            or os.path.isdir(os.path.join(path, "best")) or latest_tag(path) is not None)
+
+
+def locate_checkpoint(path: str, *, prefer_best: bool = False) -> Optional[tuple[str, str]]:
+    """``(checkpoints directory, tag)`` that ``path`` names: a run directory or its ``checkpoints/``
+    directory (``best`` when ``prefer_best`` and present, else the latest complete tag), the
+    ``checkpoints/latest`` file (the tag it names, :func:`latest_tag`), or a tag directory. Returns
+    None for any other file (a weights file: the caller decides). Raises FileNotFoundError when
+    ``path`` does not exist or names no checkpoint."""
+    p = os.path.abspath(path)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    if os.path.isfile(p):
+        if os.path.basename(p) != "latest" or not _is_ckpt_dir(os.path.dirname(p)):
+            return None
+        ck = os.path.dirname(p)
+        tag = latest_tag(ck)
+        if tag is None:
+            raise FileNotFoundError(f"checkpoint {path}: the tag it names is not a complete checkpoint under {ck}")
+        return ck, tag
+    if os.path.isdir(checkpoint_dir(p)) or _is_ckpt_dir(p) and not _is_tag_dir(p):
+        ck = checkpoint_dir(p) if os.path.isdir(checkpoint_dir(p)) else p
+        tag = "best" if prefer_best and os.path.isdir(os.path.join(ck, "best")) else latest_tag(ck)
+        if tag is None:
+            raise FileNotFoundError(f"checkpoint {path}: no complete checkpoint under {ck}")
+        return ck, tag
+    if _is_tag_dir(p):
+        return os.path.dirname(p), os.path.basename(p)
+    raise FileNotFoundError(f"checkpoint {path}: not a run directory (with checkpoints/), a "
+                            "checkpoints/ directory, a checkpoints/<tag> directory or a weights file")
+
+
+def _available(ckpt_dir: str) -> str:
+    tags = available_tags(ckpt_dir)
+    return (f"available under {ckpt_dir}: " + ", ".join(tags) + " (or --resume auto for the latest)" if tags
+            else f"no complete checkpoint under {ckpt_dir}")
+
+
+def resolve_resume(resume: str, output_dir: str) -> Optional[tuple[str, str]]:
+    """``(checkpoints directory, tag)`` of ``--resume`` (module docstring); None for ``auto`` when the
+    run has no checkpoint yet. Raises ConfigError, listing the available tags, when ``resume``
+    names nothing or a checkpoint that is not complete (checked before DeepSpeed is called)."""
+    ck = checkpoint_dir(output_dir)
+    if resume == "auto":
+        tag = latest_tag(ck)
+        if tag is None:
+            return None
+        target = (ck, tag)
+    elif os.sep not in resume and not _set_aside(resume) and os.path.isdir(os.path.join(ck, resume)):
+        target = (ck, resume)  # a tag name (checked before paths relative to the working directory)
+    elif os.path.exists(resume):
+        try:
+            found = locate_checkpoint(resume)
+        except FileNotFoundError as e:
+            # (eval's wording; resume takes no weights file)
+            why = str(e).replace(", a checkpoints/<tag> directory or a weights file",
+                                 " or a checkpoints/<tag> directory")
+            raise ConfigError(f"--resume {resume}: {why}; {_available(ck)}") from None
+        if found is None:
+            raise ConfigError(f"--resume {resume}: a file, not a checkpoint (a run folder, its checkpoints/ folder, "
+                              f"checkpoints/latest, a tag folder or a tag name); weights files start fine-tuning "
+                              f"through finetune.pretrained; {_available(ck)}")
+        target = found
+    elif os.sep in resume:
+        raise ConfigError(f"--resume {resume}: no such path; " + _available(ck))
+    else:
+        raise ConfigError(f"--resume {resume}: no checkpoint tag {resume!r} under {ck} (and no such path); "
+                          + _available(ck))
+    path = os.path.join(*target)
+    if not is_complete(path):
+        missing = " and ".join(w for w, ok in (("engine_state_r*.pt", _has_state(path)),
+                                                ("*model_states.pt", _has_weights(path))) if not ok)
+        raise ConfigError(f"--resume {resume}: {path} is not a complete checkpoint of this engine (no {missing}); "
+                          + _available(target[0]))
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Housekeeping at the start of a run
+# ----------------------------------------------------------------------------------------------
+def recover_checkpoint_dir(ckpt_dir: str) -> Optional[str]:
+    """Repair what an interrupted save left under ``ckpt_dir`` (module docstring): a tag that is missing
+    while ``<tag>.old`` exists (killed between the two renames of a re-save) is put back; stale
+    ``.tmp-*`` folders, ``*.old`` folders whose tag exists and ``latest.tmp*`` files are removed.
+    Call before this run saves anything (nothing here is then in use). Returns one line saying what
+    was done, or None."""
+    if not os.path.isdir(ckpt_dir):
+        return None
+    restored, removed = [], []
+    for name in sorted(os.listdir(ckpt_dir)):
+        path = os.path.join(ckpt_dir, name)
+        if name.endswith(".old") and os.path.isdir(path):
+            tag = os.path.join(ckpt_dir, name[:-len(".old")])
+            if not os.path.exists(tag):
+                os.replace(path, tag)
+                restored.append(name[:-len(".old")])
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(name)
+        elif name.startswith(".tmp-") and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+        elif name.startswith("latest.tmp") and os.path.isfile(path):
+            os.remove(path)
+            removed.append(name)
+    parts = ([f"restored {', '.join(restored)} from {', '.join(t + '.old' for t in restored)} (a re-save was "
+              "interrupted between its two renames)"] if restored else [])
+    if removed:
+        parts.append(f"removed {len(removed)} stale folder(s)/file(s) of interrupted saves ({', '.join(removed)})")
+    return f"checkpoints {ckpt_dir}: " + "; ".join(parts) if parts else None
+
+
+def _saved_step(path: str) -> Optional[int]:
+    """``train_state.step`` of a tag's first rank state (None when unreadable)."""
+    files = sorted(glob.glob(os.path.join(path, "engine_state_r*.pt")))
+    if not files:
+        return None
+    try:
+        return int(torch.load(files[0], map_location="cpu", weights_only=False)["train_state"]["step"])
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, EOFError):
+        return None
+
+
+def set_aside_newer(ckpt_dir: str, step: int, resumed_tag: Optional[str]) -> list[tuple[str, str]]:
+    """Going back in time: rename the ``step*`` tags with a step above ``step`` — and ``best`` when it
+    was saved after ``step`` — to ``<tag>.superseded`` (``.superseded-2``, … when taken), so that
+    neither ``--resume auto`` nor pruning sees them; ``latest`` then names ``resumed_tag`` (when it
+    is a tag of ``ckpt_dir``; else the file is removed when it named a renamed tag). Returns the
+    renames (old name, new name)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    newer = [t for t in _step_tags(ckpt_dir) if step_of(t) > step and t != resumed_tag]
+    best = os.path.join(ckpt_dir, "best")
+    if resumed_tag != "best" and os.path.isdir(best):
+        s = _saved_step(best)
+        if s is not None and s > step:
+            newer.append("best")
+    moved = []
+    for t in newer:
+        dst, n = f"{t}.superseded", 1
+        while os.path.exists(os.path.join(ckpt_dir, dst)):
+            n += 1
+            dst = f"{t}.superseded-{n}"
+        os.replace(os.path.join(ckpt_dir, t), os.path.join(ckpt_dir, dst))
+        moved.append((t, dst))
+    latest = os.path.join(ckpt_dir, "latest")
+    if moved:
+        if resumed_tag and os.path.isdir(os.path.join(ckpt_dir, resumed_tag)):
+            _write_text_atomic(latest, resumed_tag)
+        elif os.path.isfile(latest):
+            with open(latest) as f:
+                named = f.read().strip()
+            if named in {a for a, _ in moved}:
+                os.remove(latest)
+    return moved
+
+
+# ----------------------------------------------------------------------------------------------
+# Config changes on resume
+# ----------------------------------------------------------------------------------------------
+NON_SHAPE_OVERRIDES = frozenset({"attn_backend", "drop_path_rate", "pretrain_drop_path_rate", "head_dropout",
+                                 "head_init_scale", "hog_norm", "hog_signed", "hog_gaussian_window"})
+"""``model.overrides`` keys that leave every parameter shape as it is (run-time options, regularisation,
+initialisation, HOG variants with the same number of bins)."""
+IGNORED_ON_RESUME = ("log.", "train.output_dir", "train.stop_after_steps", "train.overwrite", "data.num_threads",
+                     "data.prefetch", "data.cache_dir", "data.validation_workers")
+"""Config keys (or prefixes ending in ``.``) whose change on resume is not reported: they cannot
+change what is trained."""
+_FREE_FORM = ("model.overrides.", "deepspeed.extra.")  # user dicts: a key on one side only is a change
+_UNSET = object()
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _shape_keys(saved: dict[str, Any], now: dict[str, Any]) -> set[str]:
+    """The flattened keys whose change alters parameter shapes (module docstring)."""
+    keys = {"model.name"}
+    for k in set(saved) | set(now):
+        if k.startswith("model.overrides.") and k.split(".")[2] not in NON_SHAPE_OVERRIDES:
+            keys.add(k)
+
+    def both(name: str) -> bool:
+        return f"model.overrides.{name}" in saved and f"model.overrides.{name}" in now
+
+    if not both("img_size"):  # (given in model.overrides on both sides, data.crop_size does not reach the model)
+        keys.add("data.crop_size")
+    image = False
+    try:
+        from models.variants import get_variant
+
+        image = bool(now.get("model.overrides.image", get_variant(str(now.get("model.name"))).image))
+    except Exception:  # an unknown variant is reported when the model is built
+        pass
+    if not image and not both("num_frames"):
+        keys.add("data.num_frames")
+    return keys
+
+
+def _fmt(v: Any) -> str:
+    return "<unset>" if v is _UNSET else str(v)
+
+
+def config_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
+    """Differences between a checkpoint's config and this run's (nested dicts as in config.yaml):
+    ``(shape changes, other changes)``, each item ``"key: saved -> now"``, in config order; ignored
+    keys (:data:`IGNORED_ON_RESUME`) and keys on one side only (a field added or removed between
+    versions; not so inside ``model.overrides``/``deepspeed.extra``) are skipped."""
+    a, b = _flatten(saved), _flatten(now)
+    shape = _shape_keys(a, b)
+    order = list(b) + [k for k in a if k not in b]
+    fatal, other = [], []
+    for k in order:
+        if k.startswith(IGNORED_ON_RESUME):
+            continue
+        free = k.startswith(_FREE_FORM)
+        if not free and (k not in a or k not in b):
+            continue
+        old, new = a.get(k, _UNSET), b.get(k, _UNSET)
+        if old == new:
+            continue
+        (fatal if k in shape else other).append(f"{k}: {_fmt(old)} -> {_fmt(new)}")
+    return fatal, other
+
+
+def check_resume_config(path: str, now: dict) -> Optional[str]:
+    """Compare this run's config (``now``, ``config_to_dict``) with the ``config.yaml`` of the tag at
+    ``path`` before anything is loaded. A change of parameter shapes raises ConfigError listing
+    ``key: saved -> now``; other changes come back as one warning line (None when nothing changed or
+    the checkpoint has no readable ``config.yaml``)."""
+    import yaml
+
+    try:
+        with open(os.path.join(path, "config.yaml")) as f:
+            saved = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+    fatal, other = config_changes(saved, now)
+    if fatal:
+        raise ConfigError(
+            f"checkpoint {path} holds another model than this config builds (its parameter shapes differ): "
+            + ", ".join(fatal) + f". Resume with the saved values ({os.path.join(path, 'config.yaml')}), or start a "
+            "new run in another train.output_dir (fine-tuning starts from a checkpoint's weights through `maskfeat "
+            "export` and finetune.pretrained, which adapts the input geometry)")
+    if other:
+        return (f"warning: resume: the config differs from the checkpoint's ({os.path.join(path, 'config.yaml')}): "
+                + ", ".join(other) + "; continuing with the new values")
+    return None
 
 
 def _saved_zero_stage(path: str) -> Optional[int]:
@@ -212,7 +587,7 @@ def check_resume_compatible(path: str, *, saved_world: int, saved_stage: Optiona
 
 
 def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: bool = True,
-                    zero_stage: Optional[int] = None) -> dict:
+                    zero_stage: Optional[int] = None, ckpt_dir: Optional[str] = None) -> dict:
     """Restore ``engine`` from ``tag`` and return this rank's saved state dict.
 
     Before DeepSpeed is called, a missing tag (the error lists the available ones) and a world size
@@ -220,9 +595,10 @@ def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: b
     ``zero_stage`` is this run's stage (default: the engine's). A ZeRO-0 checkpoint loads into any
     world size: rank ``r`` then reads the state of saved rank ``r mod saved_world`` (its RNG
     streams repeat another rank's; the data position is mapped by ``engine.runner``).
+    ``ckpt_dir`` (default ``<output_dir>/checkpoints``) loads a tag of another run's folder.
     """
     rank, world, _ = _dist()
-    ckpt_dir = checkpoint_dir(output_dir)
+    ckpt_dir = checkpoint_dir(output_dir) if ckpt_dir is None else ckpt_dir
     path = os.path.join(ckpt_dir, tag)
     if not os.path.isdir(path):
         tags = available_tags(ckpt_dir)

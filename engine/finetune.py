@@ -21,6 +21,8 @@
   resume an existing file must match the train split (else :class:`ClassListError`). The eval
   split is listed through that list, by name. ``finetune.num_classes`` (0 = the number of
   training classes) must exceed every label, checked when the loaders are built (ConfigError).
+- ``--resume`` of a run that already reached its last step trains, saves and evaluates nothing
+  (``engine.runner.train_loop`` returns ``already_complete``); the best top-1 is printed.
 - ``maskfeat eval`` (:func:`run_eval`): the checkpoint is resolved by :func:`resolve_checkpoint`;
   K comes from the checkpoint (its head's weight), the class names from the evaluated run's
   ``classes.json`` (a weights file: a ``classes.json`` beside it, if any; without one the eval
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -305,7 +308,7 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
             state["last_eval"] = do_eval(r)
 
     summary = train_loop(run, step, on_epoch_end=on_epoch_end)
-    if state.get("eval_step") != run.state.step:
+    if not summary.get("already_complete") and state.get("eval_step") != run.state.step:
         # the run ended mid-epoch (schedule.max_steps): evaluate the final weights too
         run.logger = _reopen(run)
         state["last_eval"] = do_eval(run)
@@ -313,6 +316,9 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
     summary["eval"] = state.get("last_eval")
     summary["best_top1"] = run.state.best_metric
     report_paths(run, summary)
+    if run.main and summary.get("already_complete") and math.isfinite(run.state.best_metric):
+        print(f"best top-1 {run.state.best_metric:.2f} (checkpoint "
+              f"{os.path.join(os.path.abspath(cfg.train.output_dir), 'checkpoints', 'best')})", flush=True)
     if run.main and summary["eval"] is not None:
         print(f"final val top-1 {summary['eval']['top1']:.2f}  top-5 {summary['eval']['top5']:.2f}; "
               f"best top-1 {run.state.best_metric:.2f} (checkpoint "
@@ -346,50 +352,21 @@ class EvalTarget:
     """Where the result is written."""
 
 
-def _is_tag_dir(path: str) -> bool:
-    import glob
-
-    return bool(glob.glob(os.path.join(path, "mp_rank_*_model_states.pt"))
-                or glob.glob(os.path.join(path, "engine_state_r*.pt")) or glob.glob(os.path.join(path, "zero_pp_rank_*")))
-
-
-def _is_ckpt_dir(path: str) -> bool:
-    from engine.checkpoint import latest_tag
-
-    return (os.path.basename(os.path.normpath(path)) == "checkpoints" or os.path.isfile(os.path.join(path, "latest"))
-            or os.path.isdir(os.path.join(path, "best")) or latest_tag(path) is not None)
-
-
 def resolve_checkpoint(path: str) -> EvalTarget:
     """Resolve ``--checkpoint``: a run directory or its ``checkpoints/`` directory (``best``, else the
     latest complete checkpoint), the ``checkpoints/latest`` file (the tag it names), a
-    ``checkpoints/<tag>`` directory, or a weights file. A missing or unrecognised path raises
-    FileNotFoundError."""
-    from engine.checkpoint import checkpoint_dir, latest_tag
+    ``checkpoints/<tag>`` directory (``engine.checkpoint.locate_checkpoint``, shared with
+    ``--resume PATH``), or a weights file. A missing or unrecognised path raises FileNotFoundError."""
+    from engine.checkpoint import locate_checkpoint
 
     p = os.path.abspath(path)
-    if not os.path.exists(p):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    if os.path.isfile(p) and os.path.basename(p) == "latest" and _is_ckpt_dir(os.path.dirname(p)):
-        ck = os.path.dirname(p)
-        tag = latest_tag(ck)
-        if tag is None:
-            raise FileNotFoundError(f"checkpoint {path}: the tag it names is not a complete checkpoint under {ck}")
-    elif os.path.isfile(p):
+    found = locate_checkpoint(path, prefer_best=True)
+    if found is None:  # a file other than checkpoints/latest: weights
         stem = os.path.splitext(p)[0]
         ci = os.path.join(os.path.dirname(p), CLASS_INDEX)
         return EvalTarget(where=p, weights=p, ckpt_dir=None, tag=None, run_dir=None,
                           class_index=ci if os.path.isfile(ci) else None, eval_json=stem + ".eval.json")
-    elif os.path.isdir(checkpoint_dir(p)) or _is_ckpt_dir(p) and not _is_tag_dir(p):
-        ck = checkpoint_dir(p) if os.path.isdir(checkpoint_dir(p)) else p
-        tag = "best" if os.path.isdir(os.path.join(ck, "best")) else latest_tag(ck)
-        if tag is None:
-            raise FileNotFoundError(f"checkpoint {path}: no complete checkpoint under {ck}")
-    elif _is_tag_dir(p):
-        ck, tag = os.path.dirname(p), os.path.basename(p)
-    else:
-        raise FileNotFoundError(f"checkpoint {path} not found: not a run directory (with checkpoints/), a "
-                                "checkpoints/ directory, a checkpoints/<tag> directory or a weights file")
+    ck, tag = found
     run_dir = os.path.dirname(ck)
     ci = os.path.join(run_dir, CLASS_INDEX)
     return EvalTarget(where=os.path.join(ck, tag), weights=None, ckpt_dir=ck, tag=tag, run_dir=run_dir,

@@ -15,9 +15,11 @@ Resume (``resume_step``): records with ``step`` greater than the resumed step co
 stretch between the checkpoint and the interruption, which is trained again; they are dropped
 from ``metrics.jsonl`` (the file is rewritten atomically at start; a torn last line is dropped
 too), and TensorBoard is opened with ``purge_step = resume_step + 1``, which makes TensorBoard
-hide the older events from that step on (they stay in the old event files). A resume with another
-world size or per-rank batch rescales the step count (``engine.runner``): the steps before and
-after are then in different units, while ``epoch`` stays comparable across the change.
+hide the older events from that step on (they stay in the old event files). A fresh start passes
+``resume_step=0`` (``engine.runner``): what a run that died before its first checkpoint logged is
+dropped, so that the file holds one run. A resume with another world size or per-rank batch
+rescales the step count (``engine.runner``): the steps before and after are then in different
+units, while ``epoch`` stays comparable across the change.
 """
 from __future__ import annotations
 

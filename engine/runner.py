@@ -26,6 +26,17 @@ state can only follow a world-size change with ZeRO-0 (``checkpoint.load_checkpo
 Logged loss: the mean of the ranks' losses (each the mean over its own batch), i.e. the mean over
 the global batch; it shares the all-reduce of the non-finite flag, so it costs no extra host sync.
 
+Output folder (:func:`prepare_output_dir`, before the loader and the model are built): interrupted
+saves are repaired (``checkpoint.recover_checkpoint_dir``); ``--resume`` is resolved and checked
+(``checkpoint.resolve_resume``, ``checkpoint.check_resume_config``: a changed model is a
+ConfigError, other changes one warning line printed once the checkpoint has loaded). A start
+without ``--resume`` (or from another run's checkpoint) in a ``train.output_dir`` that already holds
+checkpoints is a ConfigError, unless ``train.overwrite=true``, which first removes the previous
+run's :data:`RUN_OUTPUTS`. Resuming an older tag of the run's own folder sets the newer tags aside
+(``checkpoint.set_aside_newer``). A resumed run that already reached its last step trains, saves and
+evaluates nothing (:func:`train_loop` returns ``already_complete``). A fresh start drops a stale
+``metrics.jsonl`` of a run that died before its first checkpoint.
+
 Non-finite losses: the finite flag is summed over ranks so all ranks skip together (no
 backward, no optimiser step; ZeRO collectives stay matched); the count is logged; after
 ``train.max_nonfinite`` in a row the run stops with a diagnostic (:class:`NonFiniteLossError`).
@@ -35,6 +46,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,12 +56,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.checkpoint import checkpoint_dir, find_latest, load_checkpoint, save_checkpoint
-from engine.config import Config, ConfigError, Derived, config_to_yaml, derive
+from engine.checkpoint import (
+    check_resume_config,
+    checkpoint_dir,
+    find_latest,
+    load_checkpoint,
+    on_first_local_ranks,
+    recover_checkpoint_dir,
+    resolve_resume,
+    save_checkpoint,
+    set_aside_newer,
+    stored_tags,
+)
+from engine.config import Config, ConfigError, Derived, config_to_dict, config_to_yaml, derive
 from engine.distributed import (
     DistInfo,
     all_reduce_sum,
     apply_activation_checkpointing,
+    barrier,
     deepspeed_config,
     init_distributed,
 )
@@ -57,7 +81,8 @@ from engine.logging import RunLogger, peak_memory_gb
 from engine.optim import build_optimizer, lr_at_step, param_groups, set_lr
 
 __all__ = ["NonFiniteLossError", "StopRequested", "TrainState", "Run", "setup_run", "train_loop", "print0",
-           "DataLayout", "DataPosition", "data_layout", "map_data_position"]
+           "DataLayout", "DataPosition", "data_layout", "map_data_position", "ResumePlan", "prepare_output_dir",
+           "clear_run_outputs", "RUN_OUTPUTS"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -259,6 +284,79 @@ class Run:
         return path
 
 
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "classes.json", "tb")
+"""What ``train.overwrite=true`` removes from ``train.output_dir`` before a new run starts there."""
+
+
+def clear_run_outputs(output_dir: str) -> list[str]:
+    """Remove the :data:`RUN_OUTPUTS` of a previous run from ``output_dir``; returns the names removed."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name + ("/" if name in ("checkpoints", "tb") else ""))
+    return removed
+
+
+@dataclass
+class ResumePlan:
+    """What :func:`prepare_output_dir` decided: where to resume from, and what to say once loaded."""
+
+    ckpt_dir: Optional[str] = None
+    """The ``checkpoints`` folder of the tag to resume from (None: a fresh start)."""
+    tag: Optional[str] = None
+    own: bool = True
+    """The tag is in this run's own ``train.output_dir`` (else it continues another run's checkpoint)."""
+    config_warning: Optional[str] = None
+    """One line listing the config changes since the checkpoint (printed after it has loaded)."""
+
+    @property
+    def path(self) -> Optional[str]:
+        return None if self.tag is None else os.path.join(self.ckpt_dir, self.tag)
+
+
+def prepare_output_dir(cfg: Config, resume: Optional[str]) -> ResumePlan:
+    """Check and tidy ``train.output_dir`` before a run builds anything (module docstring); every rank
+    calls this (file changes happen on the first local rank of each node). Raises ConfigError for a
+    ``--resume`` that names no complete checkpoint, a model change since the checkpoint, and a new
+    run in a folder that holds one already (without ``train.overwrite``)."""
+    out = cfg.train.output_dir
+    ckpt = checkpoint_dir(out)
+    note = on_first_local_ranks(lambda: recover_checkpoint_dir(ckpt))
+    if note:
+        print0(note)
+    plan = ResumePlan()
+    if resume:
+        target = resolve_resume(resume, out)
+        if target is None:
+            print0(f"--resume auto: no complete checkpoint under {ckpt}; starting fresh")
+        else:
+            plan.ckpt_dir, plan.tag = target
+            plan.own = os.path.realpath(plan.ckpt_dir) == os.path.realpath(ckpt)
+            plan.config_warning = check_resume_config(plan.path, config_to_dict(cfg))
+    if not plan.own or plan.tag is None:
+        there = stored_tags(ckpt)
+        barrier()  # every rank has looked before the first local rank may clear the folder
+        if there:
+            if not cfg.train.overwrite:
+                what = "continue it with --resume auto, " if plan.tag is None else ""
+                raise ConfigError(
+                    f"train.output_dir={out} already holds a run (checkpoints {', '.join(there)}; latest "
+                    f"{find_latest(out)}): {what}choose another train.output_dir, or set train.overwrite=true to "
+                    f"delete its {', '.join(RUN_OUTPUTS)} and start afresh there")
+            removed = on_first_local_ranks(lambda: clear_run_outputs(out))
+            print0(f"train.overwrite=true: removed the previous run's {', '.join(removed or [])} from {out}")
+    if plan.tag is not None and not plan.own:
+        print0(f"resume: continuing checkpoint {plan.path} of another run in train.output_dir={out} (new "
+               "checkpoints and logs go there; the source folder is not changed)")
+    return plan
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -274,11 +372,13 @@ def setup_run(
     resume: Optional[str],
     desc: str,
 ) -> Run:
-    """Ordered set-up of a run (module docstring). ``resume`` is ``None``, ``"auto"`` or a tag;
-    ``build_model(loader)`` may read the dataset (e.g. its number of classes)."""
+    """Ordered set-up of a run (module docstring). ``resume`` is ``None``, ``"auto"``, a tag or a path
+    (``checkpoint.resolve_resume``); ``build_model(loader)`` may read the dataset (e.g. its number
+    of classes)."""
     import deepspeed
 
     dist = init_distributed(cfg.train.device)
+    plan = prepare_output_dir(cfg, resume)
     if dist.rank == 0:
         print("config:\n" + config_to_yaml(cfg), flush=True)
     loader = build_loader(dist)
@@ -316,22 +416,26 @@ def setup_run(
     run = Run(cfg=cfg, dist=dist, model=engine.module, engine=engine, loader=loader, derived=derived,
               logger=RunLogger(cfg.train.output_dir, enabled=False, total_steps=0), dtype=DTYPES[cfg.deepspeed.precision],
               rng=rng, state=TrainState(), param_group_names=[g["names"] for g in groups])
-    metrics_after: Optional[int] = None  # on resume: the step after which earlier logs are dropped
-    if resume:
-        tag = find_latest(cfg.train.output_dir) if resume == "auto" else resume
-        metrics_after = 0
-        if tag is None:
-            print0(f"--resume auto: no complete checkpoint under {checkpoint_dir(cfg.train.output_dir)}; "
-                   "starting fresh")
-        else:
-            saved = load_checkpoint(engine, cfg.train.output_dir, tag, zero_stage=cfg.deepspeed.zero_stage)
-            run.restore_rank_state(saved)
-            # logs past the checkpoint came from the interrupted stretch (and, after a step rescale,
-            # past the new step they would break the order of steps)
-            metrics_after = min(int(saved["train_state"]["step"]), run.state.step)
-            run.resumed_from = os.path.join(checkpoint_dir(cfg.train.output_dir), tag)
-            print0(f"resumed from {run.resumed_from} at step {run.state.step} (epoch {run.state.epoch}, "
-                   f"batch {run.state.batch_in_epoch})")
+    # logs past this step are dropped: on resume, those of the interrupted stretch; on a fresh start, a
+    # stale metrics.jsonl of a run that died before its first checkpoint
+    metrics_after = 0
+    if plan.tag is not None:
+        saved = load_checkpoint(engine, cfg.train.output_dir, plan.tag, zero_stage=cfg.deepspeed.zero_stage,
+                                ckpt_dir=plan.ckpt_dir)
+        run.restore_rank_state(saved)
+        if plan.config_warning:
+            print0(plan.config_warning, file=sys.stderr)
+        saved_step = int(saved["train_state"]["step"])
+        if plan.own:  # going back in time: newer tags would be picked by --resume auto or pruned later
+            moved = on_first_local_ranks(lambda: set_aside_newer(plan.ckpt_dir, saved_step, plan.tag))
+            if moved:
+                print0(f"resume: {plan.tag} is older than {', '.join(a for a, _ in moved)}; set aside as "
+                       f"{', '.join(b for _, b in moved)} in {plan.ckpt_dir} (delete them once not needed)")
+        # (and, after a step rescale, logs past the new step would break the order of steps)
+        metrics_after = min(saved_step, run.state.step)
+        run.resumed_from = plan.path
+        print0(f"resumed from {run.resumed_from} at step {run.state.step} (epoch {run.state.epoch}, "
+               f"batch {run.state.batch_in_epoch})")
     if dist.rank == 0:
         os.makedirs(cfg.train.output_dir, exist_ok=True)
         with open(os.path.join(cfg.train.output_dir, "config.yaml"), "w") as f:
@@ -387,7 +491,8 @@ def train_loop(
     *,
     on_epoch_end: Optional[Callable[[Run], None]] = None,
 ) -> dict:
-    """Run until ``derived.run_steps``; returns a summary (last loss, steps, skipped, time)."""
+    """Run until ``derived.run_steps``; returns a summary (last loss, steps, skipped, time, final
+    checkpoint). A resumed run already at its last step returns at once with ``already_complete``."""
     cfg, engine, st, d = run.cfg, run.engine, run.state, run.derived
     sched = cfg.schedule
     device = run.dist.device
@@ -397,6 +502,13 @@ def train_loop(
     grad_norm = float("nan")
     pending: Optional[_ReadBack] = None  # the last step's loss and grad norm, on their way to the host
     pending_save = False
+    if run.resumed_from is not None and st.step >= d.run_steps:  # nothing left: no training, save or eval
+        end = "" if st.step == d.run_steps else f"; this config ends at step {d.run_steps}"
+        print0(f"already complete at step {st.step} (checkpoint {run.resumed_from}){end}; nothing to train "
+               "(raise schedule.max_steps or schedule.epochs to train further)")
+        run.logger.close()
+        return {"steps": st.step, "last_loss": float("nan"), "nonfinite_total": st.nonfinite_total,
+                "seconds": 0.0, "checkpoint": run.resumed_from, "already_complete": True}
     engine.train()
     while st.step < d.run_steps:
         run.loader.set_epoch(st.epoch)
@@ -490,9 +602,10 @@ def report_paths(run: Run, summary: dict, stream=sys.stdout) -> None:
     if not run.main:
         return
     out = os.path.abspath(run.cfg.train.output_dir)
-    lines = [
+    lines = [] if summary.get("already_complete") else [  # (train_loop said so already)
         f"done: {summary['steps']} steps in {summary['seconds']:.1f} s, last loss {summary['last_loss']:.4g}, "
-        f"{summary['nonfinite_total']} non-finite losses skipped",
+        f"{summary['nonfinite_total']} non-finite losses skipped"]
+    lines += [
         f"checkpoint   {os.path.abspath(summary['checkpoint'])}",
         f"config       {os.path.join(out, 'config.yaml')}",
     ]

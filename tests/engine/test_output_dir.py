@@ -1,0 +1,307 @@
+"""One run per output folder: what a start does with what ``train.output_dir`` already holds
+(``engine.runner.prepare_output_dir``, ``engine.checkpoint``).
+
+- a new run (no ``--resume``) in a folder with checkpoints is a config error naming what is there,
+  unless ``train.overwrite=true``, which removes the previous run's outputs first; pruning never
+  deletes the tag just saved nor tags with a larger step (the audit: a new run's step5/step6 were
+  deleted right after saving, beside an old finished run's step20/step24);
+- ``--resume PATH`` takes a run folder, its ``checkpoints/`` folder, ``checkpoints/latest``, a tag
+  folder or a tag name; anything else is a config error listing the available tags;
+- resuming with a changed model or input geometry is a config error (``key: saved -> now``), other
+  changes one warning line;
+- an interrupted re-save (``best`` moved to ``best.old``, killed before the new one was renamed in)
+  is repaired at the next start, stale temporary folders are removed, and ``latest`` naming a
+  missing tag falls back to the newest complete step tag;
+- resuming an older tag sets the newer ones aside (``*.superseded``), which no look-up then sees;
+- end to end (``python -m engine``): the refusal (exit 2), ``--resume auto`` of a finished run (no
+  training, save or evaluation), going back to an older tag, and a finished fine-tuning run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from tests.engine.test_train import TINY, _run, env  # noqa: F401 (env: a fixture)
+
+from engine.config import ConfigError, config_to_yaml, load_config
+
+
+def _tag(out: str, tag: str, step: int, config_yaml: str = "", weights: bool = True, state: bool = True) -> str:
+    """A checkpoint tag as save_checkpoint leaves it (tiny files in DeepSpeed's and our names)."""
+    path = os.path.join(out, "checkpoints", tag)
+    os.makedirs(path, exist_ok=True)
+    if state:
+        torch.save({"train_state": {"step": step}, "loader": {"world_size": 1}},
+                   os.path.join(path, "engine_state_r00000.pt"))
+    if weights:
+        torch.save({"module": {}}, os.path.join(path, "mp_rank_00_model_states.pt"))
+    if config_yaml:
+        with open(os.path.join(path, "config.yaml"), "w") as f:
+            f.write(config_yaml)
+    return path
+
+
+def _latest(out: str, tag: str) -> None:
+    with open(os.path.join(out, "checkpoints", "latest"), "w") as f:
+        f.write(tag)
+
+
+class _SavingEngine:
+    """What save_checkpoint needs of a DeepSpeed engine: it writes its model file into the tag."""
+
+    def save_checkpoint(self, ckpt_dir, tag, client_state, save_latest):
+        os.makedirs(os.path.join(ckpt_dir, tag), exist_ok=True)
+        torch.save({"module": {}}, os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"))
+
+
+def _save(out: str, step: int, keep: int, tag: str = "") -> None:
+    from engine.checkpoint import save_checkpoint
+
+    save_checkpoint(_SavingEngine(), out, tag or f"step{step:08d}", rank_state={"train_state": {"step": step}},
+                    config_yaml="x: 1\n", keep=keep, update_latest=not tag)
+
+
+def _cfg(out, *overrides):
+    return load_config(TINY, [f"train.output_dir={out}", *overrides])
+
+
+def _ls(out: str) -> list[str]:
+    return sorted(os.listdir(os.path.join(out, "checkpoints")))
+
+
+# ---- pruning and a new run in a used folder ---------------------------------------------------------
+def test_pruning_keeps_the_new_tag_and_never_touches_newer_ones(tmp_path):
+    from engine.checkpoint import find_latest
+
+    out = str(tmp_path)
+    _tag(out, "step00000020", 20)
+    _tag(out, "step00000024", 24)
+    _latest(out, "step00000024")
+    for step in (5, 6):  # the audit: these were deleted right after saving (tags sorted by name)
+        _save(out, step, keep=2)
+        assert os.path.isdir(os.path.join(out, "checkpoints", f"step{step:08d}"))
+        assert find_latest(out) == f"step{step:08d}"
+    _save(out, 7, keep=2)  # the usual pruning: the newest `keep` up to the one just saved
+    assert _ls(out) == ["latest", "step00000006", "step00000007", "step00000020", "step00000024"]
+    _save(out, 0, keep=1, tag="best")  # a non-step tag prunes nothing with keep=0 (Run.save), all but 1 here
+    assert _ls(out) == ["best", "latest", "step00000024"]
+    # steps compare as numbers, not names (9 digits after 99999999)
+    _tag(out, "step99999999", 99999999)
+    _save(out, 100000000, keep=2)
+    assert _ls(out) == ["best", "latest", "step100000000", "step99999999"]
+
+
+def test_a_new_run_in_a_used_folder_stops_unless_overwrite(tmp_path, capsys):
+    from engine.runner import prepare_output_dir
+
+    out = str(tmp_path / "run")
+    _tag(out, "step00000020", 20)
+    _tag(out, "step00000024", 24)
+    _latest(out, "step00000024")
+    for name in ("metrics.jsonl", "classes.json", "backbone.safetensors"):
+        (tmp_path / "run" / name).write_text("{}\n")
+    os.makedirs(tmp_path / "run" / "tb")
+    with pytest.raises(ConfigError, match=r"train.output_dir=.*run already holds a run \(checkpoints step00000020, "
+                                          r"step00000024; latest step00000024\): continue it with --resume auto, "
+                                          r"choose another train.output_dir, or set train.overwrite=true"):
+        prepare_output_dir(_cfg(out), None)
+    assert _ls(out) == ["latest", "step00000020", "step00000024"]  # nothing touched
+    # continuing another run's checkpoint into this folder would mix them just the same
+    other = str(tmp_path / "other")
+    _tag(other, "step00000003", 3)
+    with pytest.raises(ConfigError, match="already holds a run .*: choose another train.output_dir"):
+        prepare_output_dir(_cfg(out), other)
+    capsys.readouterr()
+    plan = prepare_output_dir(_cfg(out, "train.overwrite=true"), None)
+    assert plan.tag is None
+    assert "train.overwrite=true: removed the previous run's checkpoints/, metrics.jsonl, classes.json, tb/" \
+           in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["backbone.safetensors"]
+    # --resume auto in a folder without checkpoints starts fresh; so does a folder that never existed
+    assert prepare_output_dir(_cfg(out), "auto").tag is None
+    assert prepare_output_dir(_cfg(str(tmp_path / "new")), None).tag is None
+
+
+# ---- --resume PATH ------------------------------------------------------------------------------------
+def test_resume_paths_resolve_to_a_complete_tag(tmp_path, capsys):
+    from engine.checkpoint import resolve_resume
+    from engine.runner import prepare_output_dir
+
+    run = str(tmp_path / "run")
+    ck = os.path.join(run, "checkpoints")
+    _tag(run, "step00000003", 3)
+    _tag(run, "step00000006", 6)
+    _tag(run, "best", 3)
+    _latest(run, "step00000006")
+    want = (ck, "step00000006")
+    for p in ("auto", run, run + "/", ck, os.path.join(ck, "latest"), os.path.join(ck, "step00000006"),
+              os.path.join(ck, "step00000006") + "/", "step00000006"):
+        assert resolve_resume(p, run) == want, p
+    assert resolve_resume("best", run) == (ck, "best")
+    assert resolve_resume(os.path.join(ck, "step00000003"), str(tmp_path / "elsewhere")) == (ck, "step00000003")
+    available = r"available under .*run/checkpoints: step00000003, step00000006, best \(or --resume auto"
+    for bad, why in ((str(tmp_path / "nope"), "no such path"), ("step00000009", "no checkpoint tag 'step00000009'"),
+                     (str(tmp_path), "not a run directory")):
+        with pytest.raises(ConfigError, match=f"--resume {bad}: .*{why}.*{available}"):
+            resolve_resume(bad, run)
+    (tmp_path / "weights.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="a file, not a checkpoint"):
+        resolve_resume(str(tmp_path / "weights.pt"), run)
+    _tag(run, "step00000009", 9, weights=False)  # our state without DeepSpeed's files: not loadable
+    with pytest.raises(ConfigError, match=r"step00000009 is not a complete checkpoint of this engine \(no "
+                                          r"\*model_states.pt\)"):
+        resolve_resume("step00000009", run)
+    # another run's checkpoint into a new folder: allowed, and said
+    plan = prepare_output_dir(_cfg(str(tmp_path / "new")), run)
+    assert (plan.ckpt_dir, plan.tag, plan.own) == (ck, "step00000006", False)
+    assert f"resume: continuing checkpoint {ck}/step00000006 of another run" in capsys.readouterr().out
+
+
+# ---- config changes on resume ---------------------------------------------------------------------------
+@pytest.mark.parametrize("change, key", [
+    ("model.overrides.embed_dim=48", "model.overrides.embed_dim: <unset> -> 48"),
+    ("data.crop_size=96", "data.crop_size: 64 -> 96"),
+    ("data.num_frames=4", "data.num_frames: 8 -> 4"),
+    ("model.name=vit_tiny", "model.name: mvitv2_tiny -> vit_tiny"),
+])
+def test_a_changed_model_on_resume_is_a_config_error(tmp_path, change, key):
+    from engine.runner import prepare_output_dir
+
+    out = str(tmp_path)
+    _tag(out, "step00000003", 3, config_yaml=config_to_yaml(_cfg(out)))
+    with pytest.raises(ConfigError, match=rf"step00000003 holds another model .*: {key}\. Resume with the saved"):
+        prepare_output_dir(_cfg(out, change, "optim.lr=2e-3"), "auto")
+
+
+def test_other_config_changes_on_resume_are_one_warning(tmp_path):
+    from engine.checkpoint import check_resume_config
+    from engine.config import config_to_dict
+
+    out = str(tmp_path)
+    path = _tag(out, "step00000003", 3, config_yaml=config_to_yaml(_cfg(out)))
+    now = _cfg(str(tmp_path / "x"), "optim.lr=2e-3", "data.batch_size=4", "data.sampling_rate=2", "log.every_steps=5",
+               "train.stop_after_steps=9", "model.overrides.attn_backend=reference", "model.drop_path=0.1")
+    line = check_resume_config(path, config_to_dict(now))
+    assert line.startswith(f"warning: resume: the config differs from the checkpoint's ({path}/config.yaml): ")
+    assert line.endswith("; continuing with the new values")
+    changes = line.split("): ", 1)[1].split("; continuing")[0].split(", ")
+    assert sorted(changes) == sorted(["model.drop_path: None -> 0.1", "model.overrides.attn_backend: <unset> -> "
+                                      "reference", "data.sampling_rate: 4 -> 2", "data.batch_size: 2 -> 4",
+                                      "optim.lr: 0.001 -> 0.002"])  # output_dir, log.*, stop_after_steps: ignored
+    assert check_resume_config(path, config_to_dict(_cfg(str(tmp_path / "y"), "log.jsonl=false"))) is None
+    # an image variant has no frames: its data.num_frames does not reach the model
+    img = str(tmp_path / "img")
+    path = _tag(img, "step00000003", 3, config_yaml=config_to_yaml(_cfg(img, "model.name=mvitv2_tiny_image")))
+    line = check_resume_config(path, config_to_dict(_cfg(img, "model.name=mvitv2_tiny_image", "data.num_frames=4")))
+    assert "data.num_frames: 8 -> 4" in line
+
+
+# ---- interrupted saves ----------------------------------------------------------------------------------
+def test_an_interrupted_resave_is_repaired_at_start(tmp_path, capsys):
+    from engine.checkpoint import find_latest
+    from engine.runner import prepare_output_dir
+
+    out = str(tmp_path)
+    ck = os.path.join(out, "checkpoints")
+    _tag(out, "step00000003", 3)
+    _tag(out, "step00000003.old", 3)  # a finished re-save's leftover
+    _tag(out, "step00000006.old", 6)  # killed between the two renames of a re-save of step 6
+    _tag(out, "best.old", 6)
+    os.makedirs(os.path.join(ck, ".tmp-step00000009"))
+    _latest(out, "step00000006")
+    (tmp_path / "checkpoints" / "latest.tmp123").write_text("step0000")
+    assert find_latest(out) == "step00000003"  # `latest` names a missing tag: the newest complete one
+    plan = prepare_output_dir(_cfg(out), "auto")
+    assert plan.tag == "step00000006"
+    msg = capsys.readouterr().out
+    assert f"checkpoints {ck}: restored best, step00000006 from best.old, step00000006.old" in msg
+    assert "removed 3 stale folder(s)/file(s) of interrupted saves (.tmp-step00000009, latest.tmp123, " \
+           "step00000003.old)" in msg
+    assert _ls(out) == ["best", "latest", "step00000003", "step00000006"]
+
+
+def test_latest_falls_back_to_the_newest_complete_step_tag(tmp_path):
+    from engine.checkpoint import available_tags, find_latest
+
+    out = str(tmp_path)
+    _tag(out, "step00000009", 9)
+    _tag(out, "step00000010", 10)
+    _tag(out, "step00000011", 11, weights=False)  # no DeepSpeed files: never `latest`
+    _tag(out, "step00000012.superseded", 12)
+    _tag(out, "step00000013.old", 13)
+    assert find_latest(out) == "step00000010"
+    _latest(out, "step00000011")
+    assert find_latest(out) == "step00000010"
+    _latest(out, "step00000009")
+    assert find_latest(out) == "step00000009"  # `latest` is trusted while its tag holds weights
+    assert available_tags(os.path.join(out, "checkpoints")) == ["step00000009", "step00000010", "step00000011"]
+
+
+# ---- going back in time ---------------------------------------------------------------------------------
+def test_resuming_an_older_tag_sets_the_newer_ones_aside(tmp_path):
+    from engine.checkpoint import available_tags, find_latest, resolve_resume, set_aside_newer
+
+    out = str(tmp_path)
+    ck = os.path.join(out, "checkpoints")
+    for s in (2, 4, 6):
+        _tag(out, f"step{s:08d}", s)
+    _tag(out, "best", 6)  # saved after step 4 too
+    _latest(out, "step00000006")
+    assert set_aside_newer(ck, 4, "step00000004") == [("step00000006", "step00000006.superseded"),
+                                                       ("best", "best.superseded")]
+    assert find_latest(out) == "step00000004" and resolve_resume("auto", out) == (ck, "step00000004")
+    assert available_tags(ck) == ["step00000002", "step00000004"]
+    _tag(out, "step00000006", 6)  # trained again, then back once more: the earlier copy is kept too
+    assert set_aside_newer(ck, 2, "step00000002") == [("step00000004", "step00000004.superseded"),
+                                                       ("step00000006", "step00000006.superseded-2")]
+    assert find_latest(out) == "step00000002"
+    _tag(out, "best", 1)
+    assert set_aside_newer(ck, 2, "step00000002") == []  # an older best stays
+
+
+# ---- end to end -------------------------------------------------------------------------------------------
+def _mtimes(path: str) -> dict[str, int]:
+    return {os.path.relpath(os.path.join(d, f), path): os.stat(os.path.join(d, f)).st_mtime_ns
+            for d, _, files in os.walk(path) for f in files}
+
+
+def test_cli_used_folder_finished_run_and_going_back(env, tmp_path):
+    out = str(tmp_path / "run")
+    common = [sys.executable, "-m", "engine", "pretrain", "-c", TINY, f"train.output_dir={out}",
+              "train.checkpoint_every_steps=1", "schedule.max_steps=3"]
+    _run(common, env)
+    assert _ls(out) == ["latest", "step00000002", "step00000003"]
+    p = _run(common, env, ok=(2,))  # a new run in the same folder
+    assert "config error: train.output_dir=" in p.stderr and "--resume auto" in p.stderr
+    assert "Traceback" not in p.stderr
+    before = _mtimes(out)
+    p = _run(common + ["--resume", "auto"], env)  # finished: nothing is trained, saved or logged
+    assert f"already complete at step 3 (checkpoint {out}/checkpoints/step00000003)" in p.stdout
+    assert "done:" not in p.stdout
+    after = _mtimes(out)
+    assert {k: v for k, v in after.items() if k != "config.yaml"} == {k: v for k, v in before.items()
+                                                                        if k != "config.yaml"}
+    p = _run(common + ["--resume", "step00000002", "optim.lr=2e-3"], env)  # back to step 2
+    assert "optim.lr: 0.001 -> 0.002; continuing with the new values" in p.stderr
+    assert "resume: step00000002 is older than step00000003; set aside as step00000003.superseded" in p.stdout
+    assert _ls(out) == ["latest", "step00000002", "step00000003", "step00000003.superseded"]
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+
+
+def test_cli_finished_finetune_is_not_evaluated_again(env, tmp_path):
+    out = str(tmp_path / "ft")
+    common = [sys.executable, "-m", "engine", "finetune", "-c", TINY, f"train.output_dir={out}", "data.num_clips=1",
+              "schedule.max_steps=1"]
+    _run(common, env)
+    before = _mtimes(out)
+    assert sum(json.loads(line)["split"] == "val" for line in open(os.path.join(out, "metrics.jsonl"))) == 1
+    p = _run(common + ["--resume", os.path.join(out, "checkpoints", "latest")], env)
+    assert "already complete at step 1" in p.stdout and "val top-1" not in p.stdout + p.stderr
+    after = _mtimes(out)
+    assert {k: v for k, v in after.items() if k != "config.yaml"} == {k: v for k, v in before.items()
+                                                                        if k != "config.yaml"}
