@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--help-config", action="store_true", help="print every config field with its doc and exit")
         if name != "eval":
             s.add_argument("--resume", default=None,
-                           help="'auto' (newest complete checkpoint in train.output_dir) or a checkpoint tag")
+                           help="'auto' (newest complete checkpoint in train.output_dir), a tag, a tag folder, "
+                                "a run folder or its checkpoints/ (its newest), or checkpoints/latest")
         else:
             s.add_argument("--checkpoint", required=False, default=None,
                            help="run directory (uses best, else latest), checkpoints/<tag> directory, or weights file")

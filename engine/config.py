@@ -155,7 +155,8 @@ class TrainConfig:
     checkpoint_every_epochs: int = 1
     """Save a checkpoint every this many epochs (0 = never at epoch ends; the final one is always saved)."""
     keep_checkpoints: int = 2
-    """How many step checkpoints to keep (the newest; ``best`` is kept apart); 0 = keep all."""
+    """How many step checkpoints to keep: the one just saved and the newest below it (``best`` is
+    kept apart); 0 = keep all."""
     max_nonfinite: int = 5
     """Stop with a diagnostic after this many non-finite losses in a row (each one is skipped:
     no backward, no optimiser step, and counted in the metrics)."""
