@@ -693,7 +693,16 @@ def export_backbone(output_dir_or_ckpt: str, out_path: str, tag: Optional[str] =
     if os.path.isfile(cfg_path):
         meta["config"] = open(cfg_path).read()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    save_file(backbone, out_path, metadata=meta)
+    tmp = f"{out_path}.tmp{os.getpid()}"
+    try:
+        save_file(backbone, tmp, metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a backbone is shared like the run's other files
+        os.replace(tmp, out_path)  # never a half-written export under the final name
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     n = sum(v.numel() for v in backbone.values())
     return {"tag": tag, "tensors": len(backbone), "parameters": n, "path": out_path}
 

@@ -295,7 +295,8 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         state["eval_step"] = r.state.step
         r.logger.scalars(r.state.step, res, prefix="val")
         r.logger.write(f"epoch {r.state.epoch} step {r.state.step}: val top-1 {res['top1']:.2f} "
-                       f"top-5 {res['top5']:.2f} ({res['videos']} videos, {res['views']} views)")
+                       f"top-5 {res['top5']:.2f} ({res['videos']} {'images' if 'image' in cfg.data.dataset else 'videos'}, "
+                       f"{res['views']} views)")
         if res["top1"] > r.state.best_metric:
             r.state.best_metric = res["top1"]
             r.save("best", update_latest=False, keep=0)

@@ -44,7 +44,7 @@ reason wherever it does not really run.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.engine.test_train import REPO, TINY, TORCHRUN, _free_port, _losses, _run, env  # noqa: F401 (env: a fixture)
+from tests.engine.test_train import TINY, TORCHRUN, _free_port, _losses, _run, env  # noqa: F401 (env: a fixture)
 
 from engine.config import ConfigError
 from engine.data.sampler import epoch_order, shard_positions

@@ -161,6 +161,10 @@ def test_export_of_a_bf16_run_without_zero_uses_the_fp32_masters(env, tmp_path):
     w = sd["blocks.0.mlp.fc1.weight"]
     assert w.dtype == torch.float32
     assert not torch.equal(w.bfloat16().float(), w)  # real fp32 values, not bf16 ones widened
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(f"{out}/b.safetensors").st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
 def test_deepspeed_launcher_runs_the_module(env, tmp_path):
