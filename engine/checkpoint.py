@@ -162,7 +162,8 @@ def _dist() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def _write_text_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, synced, then renamed over it."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -224,11 +225,11 @@ def save_checkpoint(
     os.makedirs(tmp_path, exist_ok=True)
     torch.save(rank_state, os.path.join(tmp_path, f"engine_state_r{rank:05d}.pt"))
     if local_rank == 0:
-        _write_text_atomic(os.path.join(tmp_path, "config.yaml"), config_yaml)
+        write_text_atomic(os.path.join(tmp_path, "config.yaml"), config_yaml)
     barrier()
     _promote(ckpt_dir, tmp_tag, tag)
     if update_latest and local_rank == 0:
-        _write_text_atomic(os.path.join(ckpt_dir, "latest"), tag)
+        write_text_atomic(os.path.join(ckpt_dir, "latest"), tag)
     if keep > 0 and local_rank == 0:
         for old in prune_candidates(ckpt_dir, tag, keep):
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
@@ -437,7 +438,7 @@ def set_aside_newer(ckpt_dir: str, step: int, resumed_tag: Optional[str]) -> lis
     latest = os.path.join(ckpt_dir, "latest")
     if moved:
         if resumed_tag and os.path.isdir(os.path.join(ckpt_dir, resumed_tag)):
-            _write_text_atomic(latest, resumed_tag)
+            write_text_atomic(latest, resumed_tag)
         elif os.path.isfile(latest):
             with open(latest) as f:
                 named = f.read().strip()

@@ -63,12 +63,9 @@ def truncate_metrics(path: str, after_step: int) -> int:
             else:
                 dropped += 1
     if dropped:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        from engine.checkpoint import write_text_atomic
+
+        write_text_atomic(path, "".join(keep))
     return dropped
 
 
