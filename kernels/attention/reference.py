@@ -88,7 +88,8 @@ def check_inputs(
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, nh, N, hd); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if (len(q_thw) != 3 or len(k_thw) != 3
-            or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in (*q_thw, *k_thw))):
+            or not all(type(n) is int or isinstance(n, numbers.Integral) and not isinstance(n, bool)
+                       for n in (*q_thw, *k_thw))):
         raise ValueError(f"q_thw and k_thw must be (T, H, W) of ints; got {tuple(q_thw)} and {tuple(k_thw)}")
     if min(q_thw) < 1 or min(k_thw) < 1:
         raise ValueError(f"grid sizes must be positive; got q_thw={tuple(q_thw)}, k_thw={tuple(k_thw)}")
@@ -106,7 +107,8 @@ def check_inputs(
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.dtype.is_floating_point:
         raise ValueError(f"q, k, v must be floating point; got {q.dtype}")
-    if k.device != q.device or v.device != q.device:
+    dev = q.get_device()  # an int (-1: CPU): cheaper than comparing torch.device objects, per call
+    if k.get_device() != dev or v.get_device() != dev:
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     for name, table, axis in (("rel_pos_t", rel_pos_t, 0), ("rel_pos_h", rel_pos_h, 1), ("rel_pos_w", rel_pos_w, 2)):
         if table is None:
@@ -116,7 +118,7 @@ def check_inputs(
         want = rel_table_len(q_thw[axis], k_thw[axis])
         if not table.dtype.is_floating_point:
             raise ValueError(f"{name} must be a floating-point tensor; got {table.dtype}")
-        if table.device != q.device:
+        if table.get_device() != dev:
             raise ValueError(f"{name} is on {table.device} but q is on {q.device}")
         if table.dim() != 2 or table.shape != (want, hd):
             raise ValueError(
