@@ -178,9 +178,7 @@ def build_classifier(cfg: Config, num_classes: int) -> nn.Module:
     if cfg.finetune.pretrained:
         from engine.checkpoint import load_pretrained
 
-        if not os.path.exists(cfg.finetune.pretrained):
-            raise ConfigError(f"finetune.pretrained={cfg.finetune.pretrained} not found (a .safetensors/.pt/.pyth "
-                              "file; `maskfeat export RUN` writes RUN/backbone.safetensors)")
+        _check_pretrained(cfg)
         from models.checkpoint import load_backbone_into_classifier
 
         report = load_backbone_into_classifier(model, load_pretrained(cfg.finetune.pretrained))
@@ -201,6 +199,12 @@ def check_labels(loader, num_classes: int, what: str, *, error: type[Exception] 
         raise error(
             f"{what} is {num_classes}, but {ds.source} has label {top} (class {name!r}; "
             f"{max(len(ds.class_names), top + 1)} classes): the classifier needs at least {top + 1} outputs. {hint}")
+
+
+def _check_pretrained(cfg: Config) -> None:
+    if cfg.finetune.pretrained and not os.path.exists(cfg.finetune.pretrained):
+        raise ConfigError(f"finetune.pretrained={cfg.finetune.pretrained} not found (a .safetensors/.pt/.pyth "
+                          "file; `maskfeat export RUN` writes RUN/backbone.safetensors)")
 
 
 def _num_classes(cfg: Config, loader) -> int:
@@ -257,19 +261,27 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         return build_loader(cfg.data, "train", rank=dist.rank, world_size=dist.world_size,
                             device=dist.device, mode="finetune")
 
-    state: dict = {}
-    if resume == "auto":
-        from engine.checkpoint import find_latest
+    from engine.checkpoint import resolve_resume
+    from engine.pretrain import check_model_config
 
-        resuming = find_latest(cfg.train.output_dir) is not None
-    else:
-        resuming = bool(resume)
+    # what needs no data is checked first (train.overwrite may clear the folder before the build)
+    check_model_config(cfg.model.name, cfg.model.overrides)
+    _check_pretrained(cfg)
+    state: dict = {}
+    source = resolve_resume(resume, cfg.train.output_dir) if resume else None  # (checkpoints dir, tag)
+    source_run = os.path.dirname(source[0]) if source else None
 
     def build(train_loader) -> nn.Module:
         state["K"] = _num_classes(cfg, train_loader)
         state["classes"] = list(train_loader.class_names)
-        sync_class_index(cfg.train.output_dir, state["classes"], state["K"], resuming=resuming,
-                         write=getattr(train_loader, "rank", 0) == 0)
+        write = getattr(train_loader, "rank", 0) == 0
+        if source_run and os.path.realpath(source_run) != os.path.realpath(cfg.train.output_dir):
+            # continuing another run's checkpoint: its classes must be these (the head's outputs)
+            sync_class_index(source_run, state["classes"], state["K"], resuming=True, write=False)
+            sync_class_index(cfg.train.output_dir, state["classes"], state["K"], resuming=False, write=write)
+        else:
+            sync_class_index(cfg.train.output_dir, state["classes"], state["K"], resuming=source is not None,
+                             write=write)
         return build_classifier(cfg, state["K"])
 
     run = setup_run(cfg, build_model=build, build_loader=loader,

@@ -102,6 +102,8 @@ def run_pretrain(cfg: Config, resume: Optional[str] = None) -> dict:
     """Pre-train according to ``cfg``; returns the loop summary (see ``train_loop``)."""
     from engine.data import build_loader
 
+    # what needs no data is checked first (train.overwrite may clear the folder before the build)
+    check_model_config(cfg.model.name, cfg.model.overrides)
     if (cfg.mask.kind == "image_block") != (cfg.data.dataset == "image_folder"):
         raise ConfigError(f"mask.kind={cfg.mask.kind} does not fit data.dataset={cfg.data.dataset}: images "
                           "(data.dataset=image_folder) are masked with mask.kind=image_block, videos with cube, "

@@ -73,7 +73,6 @@ from engine.distributed import (
     DistInfo,
     all_reduce_sum,
     apply_activation_checkpointing,
-    barrier,
     deepspeed_config,
     init_distributed,
 )
@@ -284,7 +283,7 @@ class Run:
         return path
 
 
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "classes.json", "tb")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "classes.json", "tb", "eval.json", "backbone.safetensors")
 """What ``train.overwrite=true`` removes from ``train.output_dir`` before a new run starts there."""
 
 
@@ -320,6 +319,24 @@ class ResumePlan:
         return None if self.tag is None else os.path.join(self.ckpt_dir, self.tag)
 
 
+def _on_rank0(fn: Callable[[], Any]) -> Any:
+    """``fn()`` computed on global rank 0 and broadcast to every rank; a ConfigError it raises is
+    raised on every rank (so no rank waits in a collective the others left)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return fn()
+    box: list = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except ConfigError as e:
+            box[0] = ("error", str(e))
+    torch.distributed.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise ConfigError(value)
+    return value
+
+
 def prepare_output_dir(cfg: Config, resume: Optional[str]) -> ResumePlan:
     """Check and tidy ``train.output_dir`` before a run builds anything (module docstring); every rank
     calls this (file changes happen on the first local rank of each node). Raises ConfigError for a
@@ -330,27 +347,32 @@ def prepare_output_dir(cfg: Config, resume: Optional[str]) -> ResumePlan:
     note = on_first_local_ranks(lambda: recover_checkpoint_dir(ckpt))
     if note:
         print0(note)
-    plan = ResumePlan()
-    if resume:
-        target = resolve_resume(resume, out)
-        if target is None:
-            print0(f"--resume auto: no complete checkpoint under {ckpt}; starting fresh")
-        else:
-            plan.ckpt_dir, plan.tag = target
-            plan.own = os.path.realpath(plan.ckpt_dir) == os.path.realpath(ckpt)
-            plan.config_warning = check_resume_config(plan.path, config_to_dict(cfg))
-    if not plan.own or plan.tag is None:
-        there = stored_tags(ckpt)
-        barrier()  # every rank has looked before the first local rank may clear the folder
-        if there:
-            if not cfg.train.overwrite:
-                what = "continue it with --resume auto, " if plan.tag is None else ""
-                raise ConfigError(
-                    f"train.output_dir={out} already holds a run (checkpoints {', '.join(there)}; latest "
-                    f"{find_latest(out)}): {what}choose another train.output_dir, or set train.overwrite=true to "
-                    f"delete its {', '.join(RUN_OUTPUTS)} and start afresh there")
-            removed = on_first_local_ranks(lambda: clear_run_outputs(out))
-            print0(f"train.overwrite=true: removed the previous run's {', '.join(removed or [])} from {out}")
+
+    def decide() -> tuple[ResumePlan, bool]:
+        plan = ResumePlan()
+        if resume:
+            target = resolve_resume(resume, out)
+            if target is None:
+                print(f"--resume auto: no complete checkpoint under {ckpt}; starting fresh", flush=True)
+            else:
+                plan.ckpt_dir, plan.tag = target
+                plan.own = os.path.realpath(plan.ckpt_dir) == os.path.realpath(ckpt)
+                plan.config_warning = check_resume_config(plan.path, config_to_dict(cfg))
+        there = stored_tags(ckpt) if not plan.own or plan.tag is None else []
+        if there and not cfg.train.overwrite:
+            what = "continue it with --resume auto, " if plan.tag is None else ""
+            raise ConfigError(
+                f"train.output_dir={out} already holds a run (checkpoints {', '.join(there)}; latest "
+                f"{find_latest(out)}): {what}choose another train.output_dir, or set train.overwrite=true to "
+                f"delete its {', '.join(RUN_OUTPUTS)} and start afresh there")
+        return plan, bool(there)
+
+    # rank 0 decides and every rank follows: on a node-local filesystem the other nodes' views of
+    # the folder differ (DeepSpeed writes the module states on rank 0 only)
+    plan, clear = _on_rank0(decide)
+    if clear:
+        removed = on_first_local_ranks(lambda: clear_run_outputs(out))
+        print0(f"train.overwrite=true: removed the previous run's {', '.join(removed or [])} from {out}")
     if plan.tag is not None and not plan.own:
         print0(f"resume: continuing checkpoint {plan.path} of another run in train.output_dir={out} (new "
                "checkpoints and logs go there; the source folder is not changed)")
