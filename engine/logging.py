@@ -18,8 +18,9 @@ too), and TensorBoard is opened with ``purge_step = resume_step + 1``, which mak
 hide the older events from that step on (they stay in the old event files). A fresh start passes
 ``resume_step=0`` (``engine.runner``): what a run that died before its first checkpoint logged is
 dropped, so that the file holds one run. A resume with another world size or per-rank batch
-rescales the step count (``engine.runner``): the steps before and after are then in different
-units, while ``epoch`` stays comparable across the change.
+rescales the step count (``engine.runner``): the records up to the checkpoint are kept, and the
+steps before and after are in different units (the numbers may even repeat), while ``epoch``
+stays comparable across the change.
 """
 from __future__ import annotations
 

@@ -453,8 +453,9 @@ def setup_run(
             if moved:
                 print0(f"resume: {plan.tag} is older than {', '.join(a for a, _ in moved)}; set aside as "
                        f"{', '.join(b for _, b in moved)} in {plan.ckpt_dir} (delete them once not needed)")
-        # (and, after a step rescale, logs past the new step would break the order of steps)
-        metrics_after = min(saved_step, run.state.step)
+        # records up to the checkpoint's step were trained before it and stay, also after a step
+        # rescale (then the step numbers change unit: metrics.jsonl's ``epoch`` stays comparable)
+        metrics_after = saved_step
         run.resumed_from = plan.path
         print0(f"resumed from {run.resumed_from} at step {run.state.step} (epoch {run.state.epoch}, "
                f"batch {run.state.batch_in_epoch})")
@@ -546,10 +547,11 @@ def train_loop(
             stats = torch.stack([(~torch.isfinite(flat)).to(torch.float32), flat])  # (2,): non-finite flag, loss
             all_reduce_sum(stats)  # every rank skips together
             n_bad = int(stats[0].item())  # waits for this step's forward, so for the previous step too
-            mean_loss = stats[1] / run.dist.world_size  # stays on the device until _ReadBack copies it
+            loss_sum = stats[1]  # a view: stays on the device until _ReadBack copies it, divided on the host
             will_log = (st.step + 1) % cfg.log.every_steps == 0 or st.step + 1 == d.run_steps
             if pending is not None:  # the previous step's scalars have landed: no wait
                 last_loss, grad_norm = pending.value()
+                last_loss /= run.dist.world_size  # the global-batch mean
                 pending = None
             if n_bad == 0:
                 engine.backward(loss)
@@ -560,7 +562,7 @@ def train_loop(
                 gn = engine.get_global_grad_norm()  # a tensor, a float, or None (stage-0 fp32: the fallback)
                 if gn is None:
                     gn = fallback if fallback is not None else float("nan")
-                pending = _ReadBack(mean_loss, gn)
+                pending = _ReadBack(loss_sum, gn)
                 st.nonfinite_streak = 0
             else:
                 st.nonfinite_total += 1
@@ -580,6 +582,7 @@ def train_loop(
                 # the bar shows the newest loss that has landed (a step behind while the GPU is busy);
                 # the logged scalars and the summary wait for this step's
                 last_loss, grad_norm = pending.value()
+                last_loss /= run.dist.world_size  # the global-batch mean
                 pending = None
             steps_since_log += 1
             clips_since_log += d.global_batch

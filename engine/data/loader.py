@@ -26,11 +26,13 @@ epoch keeps the position; another epoch restarts at batch 0).
 """
 from __future__ import annotations
 
+import collections
+import collections.abc
 import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -137,6 +139,31 @@ def validate_dataset(cfg: DataConfig, split: str = "train", *, device: torch.dev
     return DatasetCheck(good, [report.good[p] for p in good.paths], report, reader)
 
 
+class EpochPlan(collections.abc.Sequence):
+    """An epoch's batches of ClipSpecs, each planned when first read: planning a whole Kinetics
+    epoch up front (tens of µs per clip) held up the start of every epoch for seconds; now the
+    feeder plans a batch as it queues its decoding. A slice is a plan of the same kind. The last
+    ``keep`` batches planned are kept (the loader reads a batch again when DALI hands it out)."""
+
+    def __init__(self, make: Callable[[list[tuple[int, bool]]], list[ClipSpec]],
+                 chunks: list[list[tuple[int, bool]]], keep: int = 64):
+        self._make, self._chunks, self._keep = make, chunks, keep
+        self._recent: collections.OrderedDict[int, list[ClipSpec]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return EpochPlan(self._make, self._chunks[k], self._keep)
+        k = range(len(self._chunks))[k]  # negative indices, and IndexError past the end
+        if k not in self._recent:
+            self._recent[k] = self._make(self._chunks[k])
+            if len(self._recent) > self._keep:
+                self._recent.popitem(last=False)
+        return self._recent[k]
+
+
 class VideoLoader:
     """Iterable of batches for one rank (module docstring gives the contract)."""
 
@@ -186,25 +213,26 @@ class VideoLoader:
         return shard_positions(self.epoch_length(), self.rank, self.world_size, self.cfg.batch_size,
                                self.cfg.drop_last and not self.test_views)
 
-    def plan(self, epoch: int) -> list[list[ClipSpec]]:
-        """All batches of ``epoch`` for this rank, as ClipSpecs (deterministic)."""
+    def plan(self, epoch: int) -> "EpochPlan":
+        """All batches of ``epoch`` for this rank, as ClipSpecs (deterministic; each batch is planned
+        when first read)."""
         n = len(self.dataset)
         if self.test_views:
             order = np.arange(n * self.views, dtype=np.int64)
         else:
             order = epoch_order(n, epoch, self.cfg.seed, length=self.epoch_length(), shuffle=self.shuffle)
-        batches = []
-        for chunk in self._positions():
+
+        def batch(chunk: list[tuple[int, bool]]) -> list[ClipSpec]:
             specs = []
             for pos, valid in chunk:
-                item = int(order[pos])
-                index, view = divmod(item, self.views)
+                index, view = divmod(int(order[pos]), self.views)
                 for r in range(self.repeats):
                     specs.append(make_clip(self.settings, index, self.dataset.labels[index], self.infos[index],
                                            seed=self.cfg.seed, epoch=epoch, position=pos, repeat=r,
                                            view=view, valid=valid))
-            batches.append(specs)
-        return batches
+            return specs
+
+        return EpochPlan(batch, self._positions())
 
     # ---- public API ---------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -55,8 +55,10 @@ Remaining differences from timm/SlowFast (known limits):
 - Float32 parameter arithmetic: ``int(...)`` thresholds and blend truncation may land on the other
   side of an integer where PIL's float64 (level maps) or float32 (blend) rounding differs; the
   Sharpness filter result is rounded to nearest before blending.
-- Random streams are DALI's (seeded by the pipeline seed), not Python's ``random``: the same
-  distribution, not the same draws. ``m`` may be fractional (timm parses an int); newer timm's
+- Random streams: the loader passes ``draws`` made by ``sampler.rand_augment_draws`` from numpy
+  generators keyed by (seed, epoch, position, repeat), so a resumed epoch augments exactly as an
+  uninterrupted one; without ``draws`` they come from DALI's generators (the pipeline seed). Either
+  way not Python's ``random``: the same distribution, not the same draws. ``m`` may be fractional (timm parses an int); newer timm's
   ``mstd > 100`` (uniform magnitude) is not in SlowFast's copy and not implemented.
 - Tested on CPU only (tests/engine/test_randaug.py); the GPU path uses the same DALI patterns as
   DALI's own ``auto_aug`` (per-sample tables as device constants indexed by CPU ints, CPU per-sample

@@ -38,6 +38,7 @@ T)``, i.e. 59/15 = 3.93 frames apart at 30 fps; here the step is exactly ``sampl
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -45,6 +46,7 @@ from typing import Optional
 import numpy as np
 
 from .probe import VideoInfo
+from .randaug import INC1_OPS
 
 
 @dataclass
@@ -218,11 +220,17 @@ def rand_augment_draws(rng: np.random.Generator, n: int, m: float, mstd: float, 
     """timm RandAugment's random choices for one clip, (n, 4) float32: per layer the op index
     ``U{0..num_ops-1}`` (with replacement), applied ``~ Bernoulli(prob)``, level
     ``clamp(N(m, mstd), 0, 10)`` and sign ``+-1`` (``engine/data/randaug.py`` applies them)."""
-    op = rng.integers(0, num_ops, size=n)
-    applied = rng.random(n) < prob
-    level = np.clip(rng.normal(m, mstd, size=n), 0.0, 10.0) if mstd > 0 else np.full(n, float(m))
-    sign = np.where(rng.random(n) < 0.5, -1.0, 1.0)
-    return np.stack([op, applied, level, sign], axis=1).astype(np.float32)
+    u = rng.random(3 * n).tolist()  # op index, applied, sign (Python floats: small-array numpy costs more)
+    g = rng.normal(m, mstd, size=n).tolist() if mstd > 0 else [float(m)] * n
+    return np.array([(min(int(u[3 * i] * num_ops), num_ops - 1), float(u[3 * i + 1] < prob),
+                      min(max(g[i], 0.0), 10.0), -1.0 if u[3 * i + 2] < 0.5 else 1.0) for i in range(n)], np.float32)
+
+
+@functools.lru_cache(maxsize=256)
+def _window_start(seed: int, epoch: int, position: int, delta: int) -> float:
+    """The clip's start frame, ``U(0, delta)`` keyed by (seed, epoch, position): the repeats of
+    repeated augmentation share it, and the cache builds its generator once for them."""
+    return float(np.random.default_rng([seed, epoch, position, 0x7135]).uniform(0, delta))
 
 
 def make_clip(s: PlanSettings, index: int, label: int, info: VideoInfo, *, seed: int, epoch: int,
@@ -233,17 +241,14 @@ def make_clip(s: PlanSettings, index: int, label: int, info: VideoInfo, *, seed:
     rand_aug = None
     delta = max(info.num_frames - clip_extent(s.num_frames, s.sampling_rate, info.fps, s.target_fps), 0)
     if s.train:
-        start = float(np.random.default_rng([seed, epoch, position, 0x7135]).uniform(0, delta))
-        rng = np.random.default_rng([seed, epoch, position, repeat, 0xC11B])
+        start = _window_start(seed, epoch, position, delta)
+        rng = np.random.default_rng([seed, epoch, position, repeat, 0xC11B])  # one generator per clip
         roi = random_resized_crop(rng, info.height, info.width, s.scale, s.ratio)
         flip = bool(s.flip and rng.random() < 0.5)
         erase = random_erasing_box(rng, s.crop_size, s.erase_prob)
         if s.rand_augment is not None:
-            from .randaug import INC1_OPS
-
             n, m, mstd = s.rand_augment
-            rand_aug = rand_augment_draws(np.random.default_rng([seed, epoch, position, repeat, 0x4A46]),
-                                          n, m, mstd, len(INC1_OPS))
+            rand_aug = rand_augment_draws(rng, n, m, mstd, len(INC1_OPS))
     else:
         clip, crop = divmod(view, s.num_crops)
         start = float(clip * (delta // (s.num_clips - 1)) if s.num_clips > 1 else delta // 2)

@@ -313,6 +313,23 @@ def test_resume_mid_epoch_gives_the_remaining_batches(clips):
     assert other.state_dict()["batches_consumed"] == 0 and other.state_dict()["epoch"] == 3
 
 
+def test_epoch_plan_is_made_batch_by_batch(clips, monkeypatch):
+    """Planning a whole Kinetics epoch up front held up every epoch's start: batches are planned when read."""
+    import engine.data.loader as L
+
+    loader = build_loader(cfg_for(clips["folder_vp9"], batch_size=2), "train", mode="finetune")
+    made = []
+    real = L.make_clip
+    monkeypatch.setattr(L, "make_clip", lambda *a, **k: made.append(k["position"]) or real(*a, **k))
+    plan = loader.plan(0)
+    assert len(plan) == 5 and made == []
+    first = plan[1]
+    assert len(made) == 4 and plan[1] is first and len(made) == 4  # 2 videos x 2 repeats, planned once
+    rest = plan[3:]
+    assert len(rest) == 2 and len(made) == 4
+    assert [s.index for s in rest[-1]] == [s.index for s in plan[4]]
+
+
 def test_finetune_resume_mid_epoch_is_exact_with_rand_augment(clips):
     """RandAugment's choices come from the sampler (seed, epoch, position, repeat), not DALI's
     stream, so the batches after a mid-epoch resume equal the uninterrupted ones bit for bit."""
