@@ -2,10 +2,16 @@
 
 Formats (issue 5):
 - Kinetics lists as in SlowFast: ``train.csv`` / ``val.csv`` / ``test.csv`` under the root, one
-  ``path label`` per line (space-, tab- or comma-separated; the label is the last field, an integer
-  class index), paths relative to the root unless absolute. Class names come from an optional
-  ``classes.json`` (a list of names, or :func:`write_class_index`'s object) or ``classnames.json``
-  ({name: index}, SlowFast) next to the lists, else they are the label numbers.
+  ``path label`` per line, paths relative to the root unless absolute. The label (an integer class
+  index) is the field after the last run of commas and/or whitespace; the path is the rest, so
+  ``a.mp4 3``, ``a.mp4\t3``, ``a.mp4,3``, ``a.mp4, 3`` and ``my clip.mp4,3`` all work. UTF-8 (a
+  byte-order mark is dropped; other encodings are a :class:`DataError` naming the line), any
+  line ends, ``#`` comments, blank lines and a first header line (``path,label``) are skipped. A
+  path listed twice is used once (warning); twice with different labels is a DataError. Official
+  Kinetics CSVs (``label,youtube_id,time_start,time_end,split``: class names, YouTube ids) are not
+  read: a DataError says how to convert them (:data:`KINETICS_CSV_HELP`). Class names come from
+  an optional ``classes.json`` (a list of names, or :func:`write_class_index`'s object) or
+  ``classnames.json`` ({name: index}, SlowFast) next to the lists, else they are the label numbers.
 - A folder of class sub-folders: ``root/<split>/<class>/<video>``, or ``root/<class>/<video>``
   used for every split when the root has none of ``train/``, ``val/``, ``test/``. A root that has
   some split folders but not the requested one is an error (a missing ``val/`` must not turn
@@ -15,16 +21,19 @@ Formats (issue 5):
 Class numbering (one list per run): the TRAIN split defines the classes. Every other split is
 listed with ``load_dataset(..., classes=<train class names>)``: class folders are mapped through
 that list BY NAME (a split may lack some classes; a folder that is not a training class is a
-:class:`ClassListError`), and list-file labels must be ``< len(classes)`` (else a
+:class:`ClassListError`). List-file labels are renumbered by name into ``classes`` when the lists'
+folder has its own class names that differ (a name the run lacks is a :class:`ClassListError`;
+the renumbering is logged); otherwise they must be ``< len(classes)`` (else a
 :class:`ClassListError` naming the file and line). Fine-tuning stores the list as
 ``<output_dir>/classes.json`` (:func:`write_class_index`, read back by :func:`read_class_index`).
-Known limit: list-file labels are integers and are only range-checked, never re-mapped.
+Known limit: without class names beside the lists, list-file labels are only range-checked.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -65,64 +74,210 @@ class Dataset:
                        list(self.class_names), self.source)
 
 
-def _class_names_for_lists(root: str, labels: list[int]) -> list[str]:
+_UTF8_BOM = b"\xef\xbb\xbf"
+_SEPARATORS = re.compile(r"[\s,]+")
+_HEADER_LABELS = frozenset({"label", "labels", "label_id", "class", "class_id", "class_index", "classid",
+                            "target", "category"})
+_KINETICS_COLUMNS = frozenset({"youtube_id", "time_start", "time_end"})
+KINETICS_CSV_HELP = (
+    "The engine reads 'path label' lines (space, tab or comma separated) with an INTEGER class index as "
+    "the label, and the class names in classes.json beside the list (a JSON list; name i is label i). "
+    "Convert each official CSV once: number the sorted class names of the train CSV 0..K-1, write "
+    "'<path relative to the root> <index>' per row, where the file of a row is "
+    "<label>/<youtube_id>_<time_start:06d>_<time_end:06d>.mp4 (or wherever your download stored it), and "
+    "json.dump the sorted names to classes.json; number val/test with train's names (see the README, "
+    "'Official Kinetics CSVs')")
+
+
+def _read_lines(list_path: str) -> list[str]:
+    """The decoded lines of a list file: UTF-8 (a leading byte-order mark is dropped), any of
+    ``\\n``, ``\\r\\n``, ``\\r`` line ends. Bytes that are not UTF-8 are a :class:`DataError` naming
+    the line."""
+    with open(list_path, "rb") as f:
+        data = f.read()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{list_path}: the list is UTF-16 (it starts with a UTF-16 byte-order mark); "
+                        f"save the list as UTF-8")
+    if data.startswith(_UTF8_BOM):
+        data = data[len(_UTF8_BOM):]
+    lines = []
+    for lineno, raw in enumerate(data.splitlines(), 1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{list_path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                            f"save the list as UTF-8") from None
+    return lines
+
+
+def _split_line(line: str) -> Optional[tuple[str, str]]:
+    """``(path, label field)`` of a stripped list line: the label is the field after the LAST run of
+    commas and/or whitespace, the path is everything before that run (so a path may hold spaces
+    or commas: ``my clip.mp4,3`` and ``my clip.mp4\\t3`` are ``('my clip.mp4', '3')``). Trailing
+    separators are ignored. ``None`` when the line has no separator."""
+    line = line.rstrip(" \t,")
+    runs = list(_SEPARATORS.finditer(line))
+    if not runs or runs[-1].start() == 0:
+        return None
+    last = runs[-1]
+    return line[:last.start()], line[last.end():]
+
+
+def _is_header(label_field: str) -> bool:
+    """Whether the first line of a list, whose last field is ``label_field``, is a column header
+    (``path,label``, ``video label``, ``file,class`` ...)."""
+    return label_field.strip().lower() in _HEADER_LABELS
+
+
+def _is_kinetics_csv_header(line: str) -> bool:
+    """Whether ``line`` is the header of an official Kinetics CSV
+    (``label,youtube_id,time_start,time_end,split``)."""
+    return _KINETICS_COLUMNS <= {f.strip().lower() for f in line.split(",")}
+
+
+def _load_names_file(p: str) -> object:
+    try:
+        with open(p, encoding="utf-8-sig") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}: not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{p}: not UTF-8; save it as UTF-8") from None
+
+
+def _class_names_beside(folder: str) -> Optional[tuple[list[str], str]]:
+    """``(names, file)`` from ``classes.json`` (a list of names, or :func:`write_class_index`'s
+    object) or ``classnames.json`` (SlowFast's ``{name: index}``) in ``folder``; ``None`` when
+    neither exists. Index gaps of a ``{name: index}`` file are empty names."""
     for name in ("classes.json", "classnames.json"):
-        p = os.path.join(root, name)
+        p = os.path.join(folder, name)
         if not os.path.isfile(p):
             continue
-        try:
-            with open(p) as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}: not valid JSON ({e})") from None
+        data = _load_names_file(p)
         if isinstance(data, dict) and isinstance(data.get("classes"), list):  # write_class_index format
             data = data["classes"]
         if isinstance(data, list):
-            return [str(x) for x in data]
+            return [str(x) for x in data], p
         if isinstance(data, dict):  # SlowFast classnames.json: {name: index}
-            names = [""] * (max(int(v) for v in data.values()) + 1)
-            for k, v in data.items():
-                names[int(v)] = str(k)
-            return names
+            try:
+                index = {str(k): int(v) for k, v in data.items()}
+            except (TypeError, ValueError):
+                raise DataError(f"{p}: expected a {{name: index}} object with integer indices") from None
+            if any(v < 0 for v in index.values()):
+                raise DataError(f"{p}: negative class index")
+            names = [""] * (max(index.values(), default=-1) + 1)
+            for k, v in index.items():
+                names[v] = k
+            return names, p
         raise DataError(f"{p}: expected a list of class names or a {{name: index}} object")
+    return None
+
+
+def _class_names_for_lists(root: str, labels: list[int]) -> list[str]:
+    """The class names of the lists in ``root``: from ``classes.json`` / ``classnames.json`` there
+    (:func:`_class_names_beside`), else the label numbers ``'0'..str(max(labels))``."""
+    found = _class_names_beside(root)
+    if found is not None:
+        return found[0]
     n = max(labels) + 1 if labels else 0
     return [str(i) for i in range(n)]
+
+
+def _remap_to_run_classes(list_path: str, labels: list[int], linenos: list[int], own: list[str], own_file: str,
+                          run: list[str]) -> list[int]:
+    """``labels`` (numbered by ``own``, the names beside the list in ``own_file``) renumbered by
+    name into ``run`` (the run's class list). A label without a name in ``own``, or whose name is
+    not in ``run``, is a :class:`ClassListError`."""
+    for label, lineno in zip(labels, linenos):
+        if label >= len(own) or not own[label]:
+            raise ClassListError(f"{list_path}:{lineno}: label {label} has no class name in {own_file} "
+                                 f"({len(own)} names)")
+    used = sorted(set(labels))
+    unknown = [own[i] for i in used if own[i] not in run]
+    if unknown:
+        raise ClassListError(
+            f"{list_path}: its classes ({own_file}) differ from the run's classes (from the training split), and "
+            f"{_short(unknown, 20)} ({len(unknown)} name(s)) are not classes of the run; the model has no output "
+            f"for them. Remove those lines, or evaluate a model trained on them")
+    index: dict[str, int] = {}
+    for i, n in enumerate(run):
+        index.setdefault(n, i)
+    mapping = {i: index[own[i]] for i in used}
+    moved = sum(1 for i in used if mapping[i] != i)
+    if moved:
+        log.info("%s: the class numbering of %s differs from the run's classes; %d of its %d class(es) "
+                 "renumbered by name into the run's numbering", list_path, own_file, moved, len(used))
+    return [mapping[label] for label in labels]
 
 
 def read_list_file(list_path: str, root: str, classes: Optional[Sequence[str]] = None) -> Dataset:
     """Read a SlowFast/Kinetics list file: ``path label`` per line (see module docstring).
 
-    ``classes``: the run's class list (from the training split); every label must be below its
-    length. Without it the class names come from the list's folder (``classes.json`` /
-    ``classnames.json``) or are the label numbers."""
+    Lines: UTF-8 (a byte-order mark is dropped), ``#`` comments and blank lines skipped, an
+    optional first header line (``path,label``) skipped; the label is the last field after the last
+    run of commas/whitespace (:func:`_split_line`). A path listed twice with the same label is
+    kept once (warning); with different labels it is a :class:`DataError` naming both lines. An
+    official Kinetics CSV (``label,youtube_id,...`` header) is a :class:`DataError` saying how
+    to convert it.
+
+    ``classes``: the run's class list (from the training split). When the list's folder has its
+    own ``classes.json``/``classnames.json`` that differs, the labels are renumbered by name into
+    ``classes`` (a name not in ``classes`` is a :class:`ClassListError`); otherwise every label
+    must be below ``len(classes)``. Without ``classes`` the class names come from the list's
+    folder or are the label numbers."""
     if not os.path.isfile(list_path):
         raise FileNotFoundError(f"list file {list_path} not found (expected SlowFast-style "
                                 f"train.csv/val.csv/test.csv with 'path label' per line)")
     paths: list[str] = []
     labels: list[int] = []
     linenos: list[int] = []
-    with open(list_path) as f:
-        for lineno, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            sep = "," if "," in line and " " not in line and "\t" not in line else None
-            parts = line.rsplit(sep, 1)
-            if len(parts) != 2:
-                raise DataError(f"{list_path}:{lineno}: expected 'path label', got {line!r}")
-            try:
-                label = int(parts[1])
-            except ValueError:
-                raise DataError(f"{list_path}:{lineno}: label {parts[1]!r} is not an integer") from None
-            if label < 0:
-                raise DataError(f"{list_path}:{lineno}: negative label {label}")
-            p = parts[0].strip()
-            paths.append(p if os.path.isabs(p) else os.path.join(root, p))
-            labels.append(label)
-            linenos.append(lineno)
+    first: dict[str, tuple[int, int]] = {}  # normalised path -> (line, label) of its first listing
+    repeats = 0
+    seen_content = False
+    for lineno, raw in enumerate(_read_lines(list_path), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        is_first, seen_content = not seen_content, True
+        if is_first and _is_kinetics_csv_header(line):
+            raise DataError(f"{list_path}:{lineno}: this is an official Kinetics CSV (header {line!r}: class "
+                            f"names and YouTube ids), not a list of files. {KINETICS_CSV_HELP}")
+        parts = _split_line(line)
+        if parts is None:
+            raise DataError(f"{list_path}:{lineno}: expected 'path label', got {line!r}")
+        p, field_ = parts
+        if is_first and _is_header(field_):
+            log.info("%s:%d: skipped the header line %r", list_path, lineno, line)
+            continue
+        try:
+            label = int(field_)
+        except ValueError:
+            raise DataError(f"{list_path}:{lineno}: label {field_!r} is not an integer (labels are class "
+                            f"indices 0..K-1; the class names go in classes.json beside the list)") from None
+        if label < 0:
+            raise DataError(f"{list_path}:{lineno}: negative label {label}")
+        full = p if os.path.isabs(p) else os.path.join(root, p)
+        key = os.path.normpath(full)
+        if key in first:
+            line0, label0 = first[key]
+            if label0 != label:
+                raise DataError(f"{list_path}: {p!r} is listed with two labels: {label0} on line {line0} and "
+                                f"{label} on line {lineno}; keep the right one")
+            repeats += 1
+            continue
+        first[key] = (lineno, label)
+        paths.append(full)
+        labels.append(label)
+        linenos.append(lineno)
+    if repeats:
+        log.warning("%s: %d repeated line(s) (same path, same label) ignored; each file is used once",
+                    list_path, repeats)
     if classes is not None:
         names = [str(c) for c in classes]
         where = "the run's classes (from the training split)"
+        beside = _class_names_beside(os.path.dirname(list_path))
+        if beside is not None and beside[0] != names:
+            labels = _remap_to_run_classes(list_path, labels, linenos, beside[0], beside[1], names)
     else:
         names = _class_names_for_lists(os.path.dirname(list_path), labels)
         where = "the class names beside the list"
