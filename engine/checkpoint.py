@@ -710,19 +710,43 @@ def export_backbone(output_dir_or_ckpt: str, out_path: str, tag: Optional[str] =
 
 def load_pretrained(path: str) -> dict[str, torch.Tensor]:
     """Backbone weights from a ``.safetensors`` export or an official SlowFast ``.pyth``/``.pt``
-    (``torch.load(...)["model_state"]``, or a plain state dict)."""
+    (``torch.load(...)["model_state"]``, a DeepSpeed ``{"module": ...}`` file, or a plain state
+    dict).
+
+    Raises FileNotFoundError for a missing file and ``ValueError`` naming the file and the cause
+    (one line) for one that cannot be read (empty, truncated, not a checkpoint) or that holds no
+    state dict of tensors; the callers turn these into ConfigError."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pre-trained weights not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes), not a weights file")
+    kind = "safetensors" if path.endswith(".safetensors") else "torch.save (.pyth/.pt)"
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(path)
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+            obj: Any = load_file(path)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+    except MemoryError:
+        raise
+    except Exception as e:  # unpickling/zip/safetensors errors of every kind: the file is the problem
+        cause = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: cannot be read as a {kind} file ({size} bytes; {type(e).__name__}: {cause}); "
+                         f"is it truncated, or not a weights file?") from e
+    state = obj
     if isinstance(obj, dict) and "model_state" in obj:
-        return obj["model_state"]
-    if isinstance(obj, dict) and "module" in obj:
-        return obj["module"]
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    raise ValueError(f"{path}: expected safetensors, a SlowFast checkpoint with 'model_state', or a state dict")
-
+        state = obj["model_state"]
+    elif isinstance(obj, dict) and "module" in obj:
+        state = obj["module"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict (expected safetensors, a "
+                         "SlowFast checkpoint with 'model_state', or a state dict)")
+    if not state:
+        raise ValueError(f"{path}: the state dict is empty")
+    for k, v in state.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor (expected safetensors, "
+                             "a SlowFast checkpoint with 'model_state', or a state dict of tensors)")
+    return state

@@ -3,7 +3,9 @@
 - Start: ``models.create_model(name, task="classify")``; a pre-trained backbone
   (``finetune.pretrained``: our ``.safetensors`` export or an official ``.pyth``) is loaded by
   ``models.checkpoint.load_backbone_into_classifier`` (relative-position tables interpolated,
-  the last stage's query pooling restored; missing/unexpected keys printed).
+  the last stage's query pooling fresh, a head of another class count dropped; any other missing
+  or unexpected key, a shape of another model size or an unreadable file is a ConfigError naming
+  the file and the first keys).
 - Mixup / CutMix (timm ``Mixup`` batch mode): with probability ``mixup_prob`` a batch is mixed;
   when both are on, CutMix is chosen with ``switch_prob``; λ ~ Beta(α, α); the CutMix box is
   the same on every frame and λ is corrected to the box's true area; the partner of clip i is
@@ -181,7 +183,11 @@ def build_classifier(cfg: Config, num_classes: int) -> nn.Module:
         _check_pretrained(cfg)
         from models.checkpoint import load_backbone_into_classifier
 
-        report = load_backbone_into_classifier(model, load_pretrained(cfg.finetune.pretrained))
+        try:
+            report = load_backbone_into_classifier(model, load_pretrained(cfg.finetune.pretrained))
+        except (OSError, ValueError, TypeError) as e:  # unreadable file / weights of another model: exit 2
+            raise ConfigError(f"finetune.pretrained={cfg.finetune.pretrained} (model.name={cfg.model.name}): "
+                              f"{e}") from e
         print0(f"pre-trained backbone {cfg.finetune.pretrained}: {report}")
     return model
 
@@ -394,7 +400,12 @@ def run_eval(cfg: Config, checkpoint: str) -> dict:
 
     target = resolve_checkpoint(checkpoint)
     dist = init_distributed(cfg.train.device)
-    sd = load_pretrained(target.weights) if target.weights else consolidated_state_dict(target.ckpt_dir, target.tag)
+    try:
+        sd = load_pretrained(target.weights) if target.weights else consolidated_state_dict(target.ckpt_dir, target.tag)
+    except (OSError, ValueError, TypeError) as e:  # an unreadable weights file: exit 2, one line
+        if not target.weights:
+            raise
+        raise ConfigError(f"--checkpoint {e}") from e
     if HEAD_WEIGHT not in sd:
         raise ConfigError(f"--checkpoint {target.where}: no {HEAD_WEIGHT} (not a fine-tuned classifier; a "
                           "pre-trained backbone is fine-tuned with maskfeat finetune first)")
@@ -417,7 +428,12 @@ def run_eval(cfg: Config, checkpoint: str) -> dict:
     check_labels(loader, K, f"the number of classes of {target.where}", error=ClassListError,
                  hint=f"Split {cfg.finetune.eval_split!r} holds classes the model was not trained on")
     model = create_model(cfg.model.name, task="classify", num_classes=K, **model_overrides(cfg, "classify"))
-    model.load_state_dict(sd, strict=True)
+    from models.checkpoint import load_classifier_state
+
+    try:
+        load_classifier_state(model, sd)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"--checkpoint {target.where} (model.name={cfg.model.name}): {e}") from e
     model.to(dist.device).eval()
     print0(f"evaluating {target.where} on {cfg.data.dataset}/{cfg.finetune.eval_split} "
            f"({cfg.data.num_clips} clips x {cfg.data.num_crops} crops per video, {K} classes)")

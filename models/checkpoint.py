@@ -13,17 +13,27 @@ Our modules use the official attribute names, so ``state_dict()`` keys *are* the
   interpolated (official ``get_rel_pos``; :func:`models.mvit.resize_rel_pos`) and a ViT's
   absolute position embedding trilinearly (official ``_get_pos_embed``) (:func:`adapt_state_dict`);
 - loading a pre-training backbone into a classifier (:func:`load_backbone_into_classifier`):
-  pre-training-only keys (``mask_token``, ``pred_head.*``) are dropped, tables resized, and the
+  wrapper prefixes (``module.``, ``backbone.``, ``model.``) are stripped when that makes keys
+  match, pre-training-only keys (``mask_token``, ``pred_head.*``, the official ``hogs.*`` HOG
+  filter buffers) are dropped, tables resized, a head for another number of classes dropped (as
+  SlowFast's fine-tuning start from a K400-fine-tuned checkpoint on another dataset), and the
   classifier's ``norm``/``head`` (and any query-pooling conv absent from the checkpoint) keep
   their fresh initialisation, as the official fine-tuning start does. The official PT configs keep
   the 3x3x3 query-pooling conv of the last stage (stride 1), so it *is* in the checkpoint and loads.
+  Anything else missing or left over is an error by default (a checkpoint of another model would
+  otherwise leave blocks random and train from scratch silently); shape mismatches are reported
+  in one line with a hint (embed dim / number of blocks).
+
+Errors are plain ``ValueError``/``TypeError`` (models never import the engine; the engine turns
+them into its ConfigError).
 """
 from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -39,26 +49,45 @@ __all__ = [
     "resize_pos_embed",
     "load_state_dict_official",
     "load_backbone_into_classifier",
+    "KNOWN_PREFIXES",
+    "CLASSIFIER_NEW_PREFIXES",
+    "strip_known_prefixes",
+    "architecture_hint",
+    "load_classifier_state",
 ]
 
-PRETRAIN_ONLY_PREFIXES = ("mask_token", "pred_head.")
+# pre-training-only state: our MaskFeat's and the official MaskMViT's (whose HOGLayerC keeps its
+# filters as persistent buffers, ``hogs.0.{weight_x,weight_y,gkern}``)
+PRETRAIN_ONLY_PREFIXES = ("mask_token", "pred_head.", "hogs.")
+# wrappers around a backbone's keys: DDP, a model holding the backbone as ``backbone``/``model``
+KNOWN_PREFIXES = ("module.", "backbone.", "model.")
+# what a classifier adds to the backbone by design: the final norm and the classification head
+CLASSIFIER_NEW_PREFIXES = ("norm.", "head.")
+# a query-pooling conv (and its norm) a pre-training model without that pooling lacks: fresh init
+_FRESH_POOL_Q = re.compile(r"^blocks\.\d+\.attn\.(pool_q|norm_q)\.")
+_LIST_KEYS = 5
 _REL_POS_SUFFIXES = ("attn.rel_pos_t", "attn.rel_pos_h", "attn.rel_pos_w")
 
 
 @dataclass
 class LoadReport:
     """What a load did: keys the model has but the checkpoint lacked (left at their init), keys
-    the checkpoint had but the model does not (ignored), and tensors that were resized."""
+    the checkpoint had but the model does not (ignored), tensors that were resized, and checkpoint
+    tensors deliberately not loaded (a classification head for another number of classes)."""
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        return (
+        s = (
             f"loaded with {len(self.missing)} missing {self.missing}, {len(self.unexpected)} unexpected "
             f"{self.unexpected}, {len(self.resized)} resized tensors"
         )
+        if self.dropped:
+            s += f"; dropped the checkpoint's classification head {self.dropped} (another number of classes)"
+        return s
 
 
 def extract_model_state(obj: Union[str, os.PathLike, Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -131,20 +160,140 @@ def load_state_dict_official(model: nn.Module, state: Union[str, os.PathLike, Ma
     return LoadReport(list(res.missing_keys), list(res.unexpected_keys), resized)
 
 
-def load_backbone_into_classifier(classifier: nn.Module, state: Union[str, os.PathLike, Mapping[str, Any]]) -> LoadReport:
-    """Initialise a :class:`models.classifier.Classifier` from a MaskFeat pre-training checkpoint.
+def strip_known_prefixes(state: Mapping[str, torch.Tensor], own_keys: Iterable[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Remove a wrapper prefix (:data:`KNOWN_PREFIXES`: ``module.``, ``backbone.``, ``model.``)
+    from the keys of ``state`` when that makes more of them match ``own_keys`` (a model's
+    ``state_dict()`` keys); repeated for nested wrappers (``module.backbone.``). Keys without the
+    prefix are kept as they are; a prefix whose removal would collide with an existing key is
+    left alone. Returns the new dict and the prefixes removed, in order."""
+    own = set(own_keys)
+    out = dict(state)
+    removed: list[str] = []
+    changed = True
+    while changed:
+        changed = False
+        for p in KNOWN_PREFIXES:
+            if not any(k.startswith(p) for k in out):
+                continue
+            new = {(k[len(p):] if k.startswith(p) else k): v for k, v in out.items()}
+            if len(new) < len(out):  # "x" and "p.x" both present: not a plain wrapper
+                continue
+            if sum(k in own for k in new) > sum(k in own for k in out):
+                out, changed = new, True
+                removed.append(p)
+    return out, removed
 
-    Drops ``mask_token`` and ``pred_head.*``, resizes relative-position tables (the pre-training
-    model has no last-stage query stride, so its last-stage tables are longer) and ``pos_embed``,
-    loads the rest non-strictly and returns the report. ``norm.*`` and ``head.*`` are expected to
-    be missing; anything else missing (e.g. query-pooling convs a checkpoint lacks) keeps its
-    fresh initialisation and is listed. Raises if a shared key has an incompatible shape.
-    """
-    sd = {k: v for k, v in extract_model_state(state).items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
-    sd, resized = adapt_state_dict(classifier, sd)
-    own = classifier.state_dict()
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape]
+
+def _first(keys: Sequence[str], n: int = _LIST_KEYS) -> str:
+    """``a, b, c`` (the first ``n``) and ``(+K more)`` when there are more."""
+    keys = sorted(keys)
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _num_blocks(keys: Iterable[str]) -> int:
+    """1 + the largest ``N`` of the ``blocks.N.*`` keys (0 without blocks)."""
+    ids = [int(k.split(".")[1]) for k in keys if k.startswith("blocks.") and k.split(".")[1].isdigit()]
+    return max(ids) + 1 if ids else 0
+
+
+def architecture_hint(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str:
+    """Why a checkpoint may not fit a model: a different embedding width (``patch_embed.proj``'s
+    output channels) or number of blocks, as a phrase (empty when neither differs)."""
+    hints = []
+    k = "patch_embed.proj.weight"
+    if k in state and k in own and state[k].shape[0] != own[k].shape[0]:
+        hints.append(f"checkpoint embed dim {state[k].shape[0]}, the model expects {own[k].shape[0]}")
+    nb_ck, nb_own = _num_blocks(state), _num_blocks(own)
+    if nb_ck and nb_own and nb_ck != nb_own:
+        hints.append(f"checkpoint has {nb_ck} blocks, the model {nb_own}")
+    return "; ".join(hints)
+
+
+def _with_hint(msg: str, hint: str) -> str:
+    return f"{msg} ({hint}: weights of another model size?)" if hint else msg
+
+
+def _drop_other_head(sd: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> list[str]:
+    """Remove ``head.*`` tensors whose shapes differ from the model's only in the number of
+    classes (first dimension): a classifier fine-tuned on another dataset. Returns the keys."""
+    head = [k for k in sd if k.startswith("head.")]
+    if not head or not all(k in own for k in head):
+        return []
+    differ = [k for k in head if sd[k].shape != own[k].shape]
+    if not differ or not all(sd[k].dim() == own[k].dim() and sd[k].shape[1:] == own[k].shape[1:] for k in differ):
+        return []
+    for k in head:
+        del sd[k]
+    return sorted(head)
+
+
+def _check_fit(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], what: str, strict: bool,
+               may_miss: Callable[[str], bool]) -> tuple[list[str], list[str]]:
+    """Raise a one-line ``ValueError`` (with :func:`architecture_hint`) when a shared tensor of
+    ``sd`` has another shape than ``own``'s, or — with ``strict`` — when a key of ``own`` not
+    allowed by ``may_miss`` is absent or ``sd`` holds keys ``own`` lacks. Returns (missing,
+    unexpected)."""
+    hint = architecture_hint(sd, own)
+    bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if bad:
-        raise ValueError("incompatible tensors between checkpoint and classifier:\n  " + "\n  ".join(bad))
+        first = ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(bad)[:3])
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ValueError(_with_hint(f"{len(bad)} tensors of the checkpoint do not fit the {what} "
+                                    f"(checkpoint vs model): {first}{more}", hint))
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if strict:
+        lost = [k for k in missing if not may_miss(k)]
+        problems = []
+        if lost:
+            problems.append(f"{len(lost)} {what} tensors missing from the checkpoint (they would stay "
+                            f"random): {_first(lost)}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} checkpoint tensors the {what} does not have: {_first(unexpected)}")
+        if problems:
+            matched = len(sd) - len(unexpected)
+            raise ValueError(_with_hint(f"the checkpoint does not fit the {what} ({matched} of {len(own)} "
+                                        f"tensors match): " + "; ".join(problems), hint))
+    return missing, unexpected
+
+
+def load_classifier_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> LoadReport:
+    """Load a fine-tuned classifier's full state (``maskfeat eval`` of a weights file) strictly:
+    wrapper prefixes stripped, every key present with the model's shape; otherwise a one-line
+    ``ValueError`` (see :func:`load_backbone_into_classifier`) instead of torch's per-key list."""
+    own = model.state_dict()
+    sd, _ = strip_known_prefixes(extract_model_state(state), own)
+    _check_fit(sd, own, "classifier", True, lambda k: False)
+    model.load_state_dict(sd, strict=True)
+    return LoadReport()
+
+
+def load_backbone_into_classifier(
+    classifier: nn.Module, state: Union[str, os.PathLike, Mapping[str, Any]], strict: bool = True
+) -> LoadReport:
+    """Initialise a :class:`models.classifier.Classifier` from a MaskFeat pre-training checkpoint
+    (or a fine-tuned one).
+
+    Strips wrapper prefixes (:func:`strip_known_prefixes`), drops pre-training-only keys
+    (:data:`PRETRAIN_ONLY_PREFIXES`), drops a classification head whose number of classes differs
+    from the classifier's (a checkpoint fine-tuned on another dataset; listed in ``dropped``, as
+    the official fine-tuning start does), resizes relative-position tables (the pre-training
+    model has no last-stage query stride, so its last-stage tables are longer) and ``pos_embed``,
+    and loads the rest. ``norm.*`` and ``head.*`` (:data:`CLASSIFIER_NEW_PREFIXES`) and a
+    query-pooling conv (``blocks.N.attn.{pool_q,norm_q}.*``) may be missing and keep their fresh
+    initialisation.
+
+    Raises ``ValueError`` (one line, before the classifier is touched) when a shared tensor has
+    an incompatible shape, and — with ``strict`` (default) — when any other key is missing (its
+    weights would stay random) or the checkpoint holds keys the classifier does not have; with
+    ``strict=False`` those are only listed in the report.
+    """
+    own = classifier.state_dict()
+    sd, _ = strip_known_prefixes(extract_model_state(state), own)
+    sd = {k: v for k, v in sd.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
+    dropped = _drop_other_head(sd, own)
+    sd, resized = adapt_state_dict(classifier, sd)
+    missing, unexpected = _check_fit(sd, own, "classifier", strict, lambda k: k.startswith(CLASSIFIER_NEW_PREFIXES) or bool(_FRESH_POOL_Q.match(k)))
     res = classifier.load_state_dict(sd, strict=False)
-    return LoadReport(list(res.missing_keys), list(res.unexpected_keys), resized)
+    return LoadReport(list(res.missing_keys), list(res.unexpected_keys), resized, dropped)

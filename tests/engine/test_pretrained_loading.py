@@ -1,0 +1,208 @@
+"""Loading pre-trained weights into a classifier (``finetune.pretrained``, ``maskfeat eval`` of a
+weights file): unreadable files and weights of another model are one-line ConfigErrors (exit 2),
+wrapper prefixes are stripped, a head for another number of classes is dropped, and a checkpoint
+that leaves backbone tensors random or holds foreign keys is refused unless ``strict=False``.
+Tiny models (``mvitv2_tiny``, 8x64x64) and tmp files only."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from engine.checkpoint import load_pretrained
+from engine.config import ConfigError, load_config
+from engine.finetune import build_classifier
+from models.checkpoint import (
+    load_backbone_into_classifier,
+    load_classifier_state,
+    strip_known_prefixes,
+)
+from models.variants import create_model
+
+TINY_YAML = os.path.join(os.path.dirname(__file__), "tiny.yaml")
+NEW_KEYS = ["head.projection.bias", "head.projection.weight", "norm.bias", "norm.weight"]
+
+
+def _tiny(task: str, seed: int = 0, **kw) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create_model("mvitv2_tiny", task, attn_backend="reference", num_frames=8, img_size=64, **kw)
+
+
+@pytest.fixture(scope="module")
+def pt_state() -> dict[str, torch.Tensor]:
+    """A tiny pre-training model's state, as our export writes it (no mask_token/pred_head)."""
+    sd = _tiny("pretrain", seed=1).state_dict()
+    return {k: v for k, v in sd.items() if not k.startswith(("mask_token", "pred_head."))}
+
+
+def _cfg(pretrained: str):
+    return load_config(TINY_YAML, [f"finetune.pretrained={pretrained}"])
+
+
+def _assert_loaded(clf: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    own = clf.state_dict()
+    for k, v in state.items():
+        assert torch.equal(own[k], v), k
+
+
+# ---------------------------------------------------------------------------------------------
+# unreadable / unsupported files
+# ---------------------------------------------------------------------------------------------
+def _random_bytes(path: str) -> None:
+    with open(path, "wb") as f:
+        f.write(os.urandom(256))
+
+
+def _truncated_safetensors(path: str) -> None:
+    save_file({"a": torch.zeros(64, 64)}, path)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+
+
+def _empty(path: str) -> None:
+    open(path, "wb").close()
+
+
+def _list(path: str) -> None:
+    torch.save([torch.zeros(2)], path)
+
+
+def _non_tensor_state(path: str) -> None:
+    torch.save({"model_state": {"a": 1}}, path)
+
+
+@pytest.mark.parametrize("name,write,cause", [
+    ("w.pyth", _random_bytes, "cannot be read"),
+    ("w.safetensors", _truncated_safetensors, "cannot be read"),
+    ("w.pyth", _empty, "empty"),
+    ("w.pt", _list, "list, not a state dict"),
+    ("w.pyth", _non_tensor_state, "entry 'a' is a int"),
+])
+def test_bad_pretrained_file_is_a_one_line_config_error(tmp_path, name, write, cause):
+    path = str(tmp_path / name)
+    write(path)
+    with pytest.raises(ValueError, match=cause) as e:
+        load_pretrained(path)
+    assert path in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=cause) as e:
+        build_classifier(_cfg(path), 3)
+    assert f"finetune.pretrained={path}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_weights_of_another_model_size_name_the_embed_dim(tmp_path):
+    with torch.device("meta"):
+        big = create_model("mvitv2_s_16x4", "pretrain").state_dict()
+    path = str(tmp_path / "s16x4.safetensors")
+    save_file({k: torch.zeros(v.shape) for k, v in big.items() if not k.startswith(("mask_token", "pred_head."))}, path)
+    with pytest.raises(ConfigError) as e:
+        build_classifier(_cfg(path), 3)
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 1000, msg
+    assert "model.name=mvitv2_tiny" in msg and "checkpoint embed dim 96, the model expects 32" in msg
+    assert "patch_embed.proj.weight" in msg or "blocks.0." in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# successful loads
+# ---------------------------------------------------------------------------------------------
+def test_export_loads_through_build_classifier(tmp_path, pt_state, capsys):
+    path = str(tmp_path / "backbone.safetensors")
+    save_file(pt_state, path)
+    clf = build_classifier(_cfg(path), 3)
+    _assert_loaded(clf, pt_state)
+    assert "4 missing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("prefix", ["backbone.", "model.", "module.", "module.backbone."])
+def test_wrapper_prefixes_are_stripped(pt_state, prefix):
+    clf = _tiny("classify", num_classes=3)
+    rep = load_backbone_into_classifier(clf, {"model_state": {prefix + k: v for k, v in pt_state.items()}})
+    assert sorted(rep.missing) == NEW_KEYS and rep.unexpected == []
+    _assert_loaded(clf, pt_state)
+
+
+def test_official_pretrain_state_with_hog_buffers_and_pred_head_loads():
+    pt = _tiny("pretrain", seed=2)
+    sd = dict(pt.state_dict())
+    sd["hogs.0.weight_x"] = torch.zeros(3, 1, 3, 3)  # official HOGLayerC keeps its filters as buffers
+    sd["hogs.0.gkern"] = torch.zeros(16, 16)
+    clf = _tiny("classify", num_classes=3)
+    rep = load_backbone_into_classifier(clf, {"epoch": 1, "model_state": sd, "cfg": ""})
+    assert sorted(rep.missing) == NEW_KEYS and rep.unexpected == []
+
+
+def test_head_for_another_number_of_classes_is_dropped_with_a_note(pt_state):
+    k400 = _tiny("classify", seed=3, num_classes=5).state_dict()  # "fine-tuned" on 5 classes
+    clf = _tiny("classify", num_classes=3)
+    head_before = clf.head.projection.weight.clone()
+    rep = load_backbone_into_classifier(clf, k400)
+    assert rep.dropped == ["head.projection.bias", "head.projection.weight"]
+    assert sorted(rep.missing) == ["head.projection.bias", "head.projection.weight"]
+    assert "dropped the checkpoint's classification head" in str(rep)
+    assert torch.equal(clf.head.projection.weight, head_before)
+    _assert_loaded(clf, {k: v for k, v in k400.items() if not k.startswith("head.")})
+    # the same number of classes: the head loads
+    same = _tiny("classify", seed=4, num_classes=5)
+    rep = load_backbone_into_classifier(same, k400)
+    assert rep.dropped == [] and rep.missing == []
+    _assert_loaded(same, k400)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints that do not fit: refused unless strict=False
+# ---------------------------------------------------------------------------------------------
+def test_missing_block_is_an_error_unless_not_strict(tmp_path, pt_state):
+    partial = {k: v for k, v in pt_state.items() if not k.startswith("blocks.1.")}
+    clf = _tiny("classify", num_classes=3)
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    with pytest.raises(ValueError, match=r"missing from the checkpoint.*blocks\.1\.") as e:
+        load_backbone_into_classifier(clf, partial)
+    assert "\n" not in str(e.value) and "more)" in str(e.value)  # up to 5 keys listed
+    for k, v in clf.state_dict().items():  # refused before anything was loaded
+        assert torch.equal(v, before[k]), k
+    rep = load_backbone_into_classifier(clf, partial, strict=False)
+    assert any(k.startswith("blocks.1.") for k in rep.missing)
+    path = str(tmp_path / "partial.safetensors")
+    save_file(partial, path)
+    with pytest.raises(ConfigError, match=r"blocks\.1\."):
+        build_classifier(_cfg(path), 3)
+
+
+def test_unexpected_keys_and_unrelated_checkpoints_are_errors(pt_state):
+    clf = _tiny("classify", num_classes=3)
+    extra = dict(pt_state, **{"blocks.0.attn.extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"1 checkpoint tensors the classifier does not have: blocks\.0\.attn\.extra"):
+        load_backbone_into_classifier(clf, extra)
+    rep = load_backbone_into_classifier(clf, extra, strict=False)
+    assert rep.unexpected == ["blocks.0.attn.extra"]
+    with pytest.raises(ValueError, match=r"\(0 of \d+ tensors match\)"):
+        load_backbone_into_classifier(clf, {f"encoder.layer{i}.weight": torch.zeros(2) for i in range(8)})
+
+
+def test_strip_known_prefixes_only_when_it_helps():
+    own = ["a.weight", "b.weight"]
+    t = torch.zeros(1)
+    sd, removed = strip_known_prefixes({"model.a.weight": t, "model.b.weight": t}, own)
+    assert sorted(sd) == own and removed == ["model."]
+    sd, removed = strip_known_prefixes({"model.c.weight": t}, own)  # stripping matches nothing
+    assert list(sd) == ["model.c.weight"] and removed == []
+    sd, removed = strip_known_prefixes({"backbone.a.weight": t, "a.weight": t}, own)  # would collide
+    assert sorted(sd) == ["a.weight", "backbone.a.weight"] and removed == []
+
+
+def test_eval_weights_file_checks_fit_in_one_line(tmp_path):
+    ft = _tiny("classify", seed=5, num_classes=3).state_dict()
+    clf = _tiny("classify", num_classes=3)
+    load_classifier_state(clf, {"module." + k: v for k, v in ft.items()})
+    _assert_loaded(clf, ft)
+    with torch.device("meta"):
+        big = create_model("mvitv2_s_16x4", "classify", num_classes=3).state_dict()
+    with pytest.raises(ValueError, match="checkpoint embed dim 96, the model expects 32") as e:
+        load_classifier_state(clf, {k: torch.zeros(v.shape) for k, v in big.items()})
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"2 classifier tensors missing from the checkpoint .*: norm\.bias, norm\.weight"):
+        load_classifier_state(clf, {k: v for k, v in ft.items() if not k.startswith("norm.")})
