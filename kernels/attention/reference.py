@@ -107,8 +107,9 @@ def check_inputs(
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.dtype.is_floating_point:
         raise ValueError(f"q, k, v must be floating point; got {q.dtype}")
-    dev = q.get_device()  # an int (-1: CPU): cheaper than comparing torch.device objects, per call
-    if k.get_device() != dev or v.get_device() != dev:
+    dev = q.get_device()  # a CUDA index is cheaper to compare than torch.device objects, per call;
+    # -1 (CPU, meta, ...) is compared in full
+    if k.get_device() != dev or v.get_device() != dev or dev < 0 and not (k.device == v.device == q.device):
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     for name, table, axis in (("rel_pos_t", rel_pos_t, 0), ("rel_pos_h", rel_pos_h, 1), ("rel_pos_w", rel_pos_w, 2)):
         if table is None:
@@ -118,7 +119,7 @@ def check_inputs(
         want = rel_table_len(q_thw[axis], k_thw[axis])
         if not table.dtype.is_floating_point:
             raise ValueError(f"{name} must be a floating-point tensor; got {table.dtype}")
-        if table.get_device() != dev:
+        if table.get_device() != dev or dev < 0 and table.device != q.device:
             raise ValueError(f"{name} is on {table.device} but q is on {q.device}")
         if table.dim() != 2 or table.shape != (want, hd):
             raise ValueError(
