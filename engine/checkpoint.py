@@ -523,11 +523,8 @@ def config_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     return fatal, other
 
 
-def check_resume_config(path: str, now: dict) -> Optional[str]:
-    """Compare this run's config (``now``, ``config_to_dict``) with the ``config.yaml`` of the tag at
-    ``path`` before anything is loaded. A change of parameter shapes raises ConfigError listing
-    ``key: saved -> now``; other changes come back as one warning line (None when nothing changed or
-    the checkpoint has no readable ``config.yaml``)."""
+def _saved_config(path: str) -> Optional[dict]:
+    """The ``config.yaml`` a tag folder was saved with, as a dict (None when missing or unreadable)."""
     import yaml
 
     try:
@@ -535,7 +532,16 @@ def check_resume_config(path: str, now: dict) -> Optional[str]:
             saved = yaml.safe_load(f)
     except (OSError, yaml.YAMLError):
         return None
-    if not isinstance(saved, dict):
+    return saved if isinstance(saved, dict) else None
+
+
+def check_resume_config(path: str, now: dict) -> Optional[str]:
+    """Compare this run's config (``now``, ``config_to_dict``) with the ``config.yaml`` of the tag at
+    ``path`` before anything is loaded. A change of parameter shapes raises ConfigError listing
+    ``key: saved -> now``; other changes come back as one warning line (None when nothing changed or
+    the checkpoint has no readable ``config.yaml``)."""
+    saved = _saved_config(path)
+    if saved is None:
         return None
     fatal, other = config_changes(saved, now)
     if fatal:
@@ -552,12 +558,9 @@ def check_resume_config(path: str, now: dict) -> Optional[str]:
 
 def _saved_zero_stage(path: str) -> Optional[int]:
     """``deepspeed.zero_stage`` from the checkpoint's ``config.yaml`` (None when unreadable)."""
-    import yaml
-
     try:
-        with open(os.path.join(path, "config.yaml")) as f:
-            return int(yaml.safe_load(f)["deepspeed"]["zero_stage"])
-    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return int(_saved_config(path)["deepspeed"]["zero_stage"])
+    except (KeyError, TypeError, ValueError):
         return None
 
 

@@ -396,7 +396,7 @@ def run_eval(cfg: Config, checkpoint: str) -> dict:
     """Evaluate a fine-tuned model (module docstring): ``checkpoint`` is anything
     :func:`resolve_checkpoint` takes. K comes from the checkpoint, the class names from the run's
     ``classes.json``; the result is written to the evaluated run's ``eval.json``."""
-    from engine.checkpoint import consolidated_state_dict, load_pretrained
+    from engine.checkpoint import consolidated_state_dict, load_pretrained, write_text_atomic
 
     target = resolve_checkpoint(checkpoint)
     dist = init_distributed(cfg.train.device)
@@ -442,10 +442,7 @@ def run_eval(cfg: Config, checkpoint: str) -> dict:
     if dist.rank == 0:
         print(json.dumps(res), flush=True)
         os.makedirs(os.path.dirname(target.eval_json), exist_ok=True)
-        tmp = f"{target.eval_json}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, target.eval_json)
+        write_text_atomic(target.eval_json, json.dumps(res, indent=1))
         print(f"eval results written to {target.eval_json}", flush=True)
     res["eval_json"] = target.eval_json
     return res

@@ -299,6 +299,11 @@ def write_list_file(path: str, entries: list[tuple[str, int]]) -> None:
     os.replace(tmp, path)
 
 
+def subfolders(path: str) -> list[str]:
+    """The sub-folders of ``path`` (hidden ones left out), sorted by name."""
+    return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
+
+
 def scan_class_folders(root: str, extensions: tuple[str, ...],
                        classes: Optional[Sequence[str]] = None) -> Dataset:
     """List ``root/<class>/**/<file>`` with a recognised extension.
@@ -309,8 +314,7 @@ def scan_class_folders(root: str, extensions: tuple[str, ...],
     is a :class:`ClassListError`, and classes without a folder here simply have no files."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset folder {root} not found")
-    folders = sorted(d for d in os.listdir(root)
-                     if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    folders = subfolders(root)
     if not folders:
         raise DataError(f"{root}: no class sub-folders (expected root/<class>/<file>)")
     if classes is None:
@@ -378,11 +382,7 @@ def write_class_index(path: str, class_names: Sequence[str], num_classes: Option
 def read_class_index(path: str) -> tuple[list[str], int]:
     """``(class names, classifier width)`` from a :func:`write_class_index` file (a plain JSON list
     of names is also accepted; its width is its length)."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ClassListError(f"{path}: not valid JSON ({e})") from None
+    data = _load_names_file(path)
     if isinstance(data, list):
         names = [str(x) for x in data]
         return names, len(names)

@@ -47,7 +47,7 @@ from fractions import Fraction
 
 import av
 
-from .datasets import Dataset, read_list_file, scan_class_folders, write_class_index, write_list_file
+from .datasets import Dataset, read_list_file, scan_class_folders, subfolders, write_class_index, write_list_file
 from .errors import DataError
 from .probe import validate_files
 
@@ -170,24 +170,16 @@ def _job(args: tuple[str, str, str, int, float, int]) -> tuple[str, str]:
         return src, f"{type(e).__name__}: {e}"
 
 
-def _subfolders(path: str) -> list[str]:
-    return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
-
-
 def _split_folder_listings(src: str, splits: list[str]) -> dict[str, Dataset]:
-    """``SRC/<split>/<class>/<video>``: one listing per split, labelled by the reference split's classes."""
-    found = {s: scan_class_folders(os.path.join(src, s), VIDEO_EXTENSIONS) for s in splits}
-    ref = "train" if "train" in found else splits[0]
+    """``SRC/<split>/<class>/<video>``: one listing per split, numbered by the reference split's
+    (train's) class folders; a class folder the reference split lacks is a ClassListError."""
+    ref = "train" if "train" in splits else splits[0]
+    found = {ref: scan_class_folders(os.path.join(src, ref), VIDEO_EXTENSIONS)}
     names = found[ref].class_names
-    index = {n: i for i, n in enumerate(names)}
-    for s, ds in found.items():
-        unknown = [c for c in ds.class_names if c not in index]
-        if unknown:
-            raise DataError(f"{os.path.join(src, s)}: class folder(s) {', '.join(unknown)} not in "
-                            f"{os.path.join(src, ref)} (the class index is {ref}'s class folders: {names})")
-        found[s] = Dataset(paths=ds.paths, labels=[index[ds.class_names[l]] for l in ds.labels],
-                           class_names=list(names), source=ds.source)
-    return found
+    for s in splits:
+        if s != ref:
+            found[s] = scan_class_folders(os.path.join(src, s), VIDEO_EXTENSIONS, classes=names)
+    return {s: found[s] for s in splits}
 
 
 def _listings(src: str) -> dict[str, Dataset]:
@@ -199,7 +191,7 @@ def _listings(src: str) -> dict[str, Dataset]:
         found = {s: read_list_file(p, src) for s, p in lists.items() if os.path.isfile(p)}
         if found:
             return found
-        sub = _subfolders(src)
+        sub = subfolders(src)
         splits = [s for s in SPLITS if s in sub]
         if not splits:
             return {"train": scan_class_folders(src, VIDEO_EXTENSIONS)}
