@@ -1,7 +1,10 @@
 """Triton kernels of the MaskFeat engine (HOG targets, relative-position attention) and their references."""
 from __future__ import annotations
 
+import contextlib
 import os
+
+import torch
 
 
 def cdiv(a: int, b: int) -> int:
@@ -37,3 +40,20 @@ def launchable_on(device) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and (interpreting() or compiling_offline())
+
+
+_SAME_DEVICE = contextlib.nullcontext()  # reentrant; one instance for every call
+
+
+def tensor_device(t: torch.Tensor):
+    """Context that makes ``t``'s CUDA device the current one while our kernels launch.
+
+    Triton launches on the *current* device, with its current stream, whatever device the
+    arguments live on (triton-lang/triton#2441): a tensor on ``cuda:1`` while ``cuda:0`` is current
+    would run on the wrong GPU and stream, or fault. Training sets each rank's device, so this is a
+    no-op there (two attribute reads, ~1 µs); a notebook or benchmark that uses ``cuda:1`` without
+    ``torch.cuda.set_device`` gets the right device. Backward needs nothing: autograd runs the
+    backward of CUDA tensors on a per-device thread whose current device is theirs."""
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _SAME_DEVICE

@@ -97,7 +97,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import cdiv, compiling_offline, launchable_on, next_pow2
+from kernels import cdiv, compiling_offline, launchable_on, next_pow2, tensor_device
 from kernels.launch import launch
 
 from .reference import check_inputs, rel_pos_index, rel_table_len
@@ -835,7 +835,8 @@ def rel_matrix_triton(
     and the tables (gradients in the tables' dtypes); backward is deterministic.
     """
     g, cfg = rel_setup(q, q_thw, k_thw, (rel_pos_t, rel_pos_h, rel_pos_w), has_cls)
-    return _RelMatrixFn.apply(q, rel_pos_t, rel_pos_h, rel_pos_w, g, cfg)
+    with tensor_device(q):  # Triton launches on the current device
+        return _RelMatrixFn.apply(q, rel_pos_t, rel_pos_h, rel_pos_w, g, cfg)
 
 
 def rel_setup(

@@ -116,7 +116,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import cdiv, launchable_on, next_pow2
+from kernels import cdiv, launchable_on, next_pow2, tensor_device
 from kernels.launch import launch
 
 from .reference import check_inputs, key_onehot, rel_matrix, rel_width, resolve_rel_impl
@@ -954,8 +954,9 @@ def relpos_attention_triton(
     if (cfg.fuse_rel_fwd or cfg.fuse_rel_dq) and resolve_rel_impl(rel_impl, q.device) != "triton":
         raise ValueError("fuse_rel_fwd / fuse_rel_dq run the Triton rel-term code inside the attention kernels: "
                          f"they need rel_impl='triton' (got {rel_impl!r} on {q.device})")
-    if resolve_rel_impl(rel_impl, q.device) == "triton":
-        g, rel_cfg = rel_setup(q, q_thw, k_thw, (rel_pos_t, rel_pos_h, rel_pos_w), has_cls, checked=True)
-        return _RelPosAttnFusedFn.apply(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, g, rel_cfg, k_thw, kt, has_cls, scale, cfg)
-    r = rel_matrix(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)  # (B, nh, Nq', KR), autograd-tracked
-    return _RelPosAttnFn.apply(q, k, v, r, k_thw, kt, has_cls, scale, cfg)
+    with tensor_device(q):  # Triton launches on the current device
+        if resolve_rel_impl(rel_impl, q.device) == "triton":
+            g, rel_cfg = rel_setup(q, q_thw, k_thw, (rel_pos_t, rel_pos_h, rel_pos_w), has_cls, checked=True)
+            return _RelPosAttnFusedFn.apply(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, g, rel_cfg, k_thw, kt, has_cls, scale, cfg)
+        r = rel_matrix(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)  # (B, nh, Nq', KR), autograd-tracked
+        return _RelPosAttnFn.apply(q, k, v, r, k_thw, kt, has_cls, scale, cfg)

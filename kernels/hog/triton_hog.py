@@ -81,7 +81,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import cdiv, compiling_offline, interpreting, next_pow2
+from kernels import cdiv, compiling_offline, interpreting, next_pow2, tensor_device
 from kernels.hog.reference import block_l2hys, cells_to_tokens, check_hog_args, gaussian_window_1d, tokens_to_cells
 
 INTERPRETED = interpreting()  # decided when @triton.jit runs below
@@ -510,29 +510,30 @@ def hog_targets_triton(
     if variant == "cells-ptx" and (INTERPRETED or signed):
         raise ValueError("variant 'cells-ptx' (inline PTX) needs a CUDA device, not the interpreter, and signed=False")
     common = dict(SIGNED=bool(signed), NORM_L2=(norm == "cell_l2"), WIN=gaussian_window)
-    if variant in ("cells", "cells-ptx"):
-        if variant == "cells-ptx":
-            common["BIN_ASM"], common["BIN_CONSTRAINTS"] = _bin_ptx(nbins)
-            common["BIN_PTX"] = True
-        num_warps = num_warps or (8 if INTERPRETED else 1)  # the interpreter pays per op: wide programs
-        cw = 32 * num_warps  # one cell per thread
-        cos, sin = _boundary_constants(nbins, bool(signed))
-        _hog_cells_kernel[(cdiv(n * hc * wc, cw),)](
-            frames, out, win,
-            n * hc * wc, t, h, hc, wc, wt, l,
-            *frames.stride(),
-            CELL=cell, NBINS=nbins, S=s, CW=cw, COS=cos, SIN=sin, **common, num_warps=num_warps,
-        )  # fmt: skip
-    else:
-        ch, cw = choose_tile(hc, wc, cell, block_px, max_ch)
-        tiles_h, tiles_w = cdiv(hc, ch), cdiv(wc, cw)
-        _hog_tokens_kernel[(n * tiles_h * tiles_w,)](
-            frames, out, win, dirs,
-            t, h, w, hc, wc, tiles_w, tiles_h, wt, l,
-            *frames.stride(),
-            CELL=cell, NBINS=nbins, NBP=next_pow2(nbins), S=s, CH=ch, CW=cw, **common,
-            num_warps=num_warps or min(8, max(1, ch * cw * cell * cell // 256)),  # about 8 px per thread
-        )  # fmt: skip
+    with tensor_device(frames):  # Triton launches on the current device
+        if variant in ("cells", "cells-ptx"):
+            if variant == "cells-ptx":
+                common["BIN_ASM"], common["BIN_CONSTRAINTS"] = _bin_ptx(nbins)
+                common["BIN_PTX"] = True
+            num_warps = num_warps or (8 if INTERPRETED else 1)  # the interpreter pays per op: wide programs
+            cw = 32 * num_warps  # one cell per thread
+            cos, sin = _boundary_constants(nbins, bool(signed))
+            _hog_cells_kernel[(cdiv(n * hc * wc, cw),)](
+                frames, out, win,
+                n * hc * wc, t, h, hc, wc, wt, l,
+                *frames.stride(),
+                CELL=cell, NBINS=nbins, S=s, CW=cw, COS=cos, SIN=sin, **common, num_warps=num_warps,
+            )  # fmt: skip
+        else:
+            ch, cw = choose_tile(hc, wc, cell, block_px, max_ch)
+            tiles_h, tiles_w = cdiv(hc, ch), cdiv(wc, cw)
+            _hog_tokens_kernel[(n * tiles_h * tiles_w,)](
+                frames, out, win, dirs,
+                t, h, w, hc, wc, tiles_w, tiles_h, wt, l,
+                *frames.stride(),
+                CELL=cell, NBINS=nbins, NBP=next_pow2(nbins), S=s, CH=ch, CW=cw, **common,
+                num_warps=num_warps or min(8, max(1, ch * cw * cell * cell // 256)),  # about 8 px per thread
+            )  # fmt: skip
     if norm == "block_l2hys":  # the one unfused step: needs neighbouring cells (see module docstring)
         cells = tokens_to_cells(out, (ht, wt), nbins, s)  # (N, 3, nbins, Hc, Wc)
         out.copy_(cells_to_tokens(block_l2hys(cells), token_stride, cell))

@@ -590,6 +590,27 @@ def test_gpu_cuda_graph_capture(q_thw, nh):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+def test_gpu_tensors_on_another_device(backend):
+    """Inputs on cuda:1 while cuda:0 is current: the Triton kernels (the fused attention; the rel
+    terms of the SDPA hybrid) launch on the tensors' device (Triton itself uses the current one,
+    triton-lang/triton#2441) and give what they give with cuda:1 current, bit for bit."""
+    q_thw, k_thw = (8, 14, 14), (8, 7, 7)
+    inputs = make_inputs(2, 8, q_thw, k_thw, 72, True, torch.bfloat16, device="cuda:1", table_dtype=torch.float32)
+    grad_out = torch.randn_like(inputs[0])
+
+    def attn(*x):
+        return relpos_attention(*x[:3], q_thw, k_thw, *x[3:], backend=backend, rel_impl="triton")
+
+    with torch.cuda.device(0):
+        got = _run(attn, inputs, grad_out)
+    with torch.cuda.device(1):
+        want = _run(attn, inputs, grad_out)
+    assert all(a.device == torch.device("cuda:1") and torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("q_thw,nh", MVIT_L_STAGES[2:])
 def test_gpu_fast_launch_matches_jit_launch(q_thw, nh):
     """``kernels.launch``'s cached path (the default) and Triton's JIT launch give the same

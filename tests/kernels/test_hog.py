@@ -500,6 +500,20 @@ def test_gpu_options_and_odd_sizes(opts):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("variant", ["auto", "tile"])
+def test_gpu_frames_on_another_device(variant):
+    """Frames on cuda:1 while cuda:0 is current: the kernel launches on cuda:1 (Triton uses the
+    current device, triton-lang/triton#2441) and matches the oracle."""
+    x = rand_frames(4, 96, 160, torch.bfloat16, seed=5).to("cuda:1")
+    want = hog_targets_reference(x, 16, dtype=torch.float64)
+    with torch.cuda.device(0):
+        got = hog_targets_triton(x.unsqueeze(1), 16, variant=variant)
+    assert got.device == x.device
+    assert_targets_close(got, want)
+
+
+@pytest.mark.gpu
 def test_gpu_video_clip_strided_and_poisoned():
     g = torch.Generator().manual_seed(15)
     clip = torch.randint(0, 256, (8, 3, 16, 224, 224), generator=g).to(torch.uint8).cuda()
