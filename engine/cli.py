@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             s.add_argument("--checkpoint", required=False, default=None,
                            help="run directory (uses best, else latest), checkpoints/<tag> directory, or weights file")
+            s.add_argument("--save-predictions", action="store_true",
+                           help="also write the view-averaged class probabilities per video to "
+                                "<eval.json without .json>.predictions.npz")
     e = sub.add_parser("export", help="consolidated fp32 backbone (safetensors) from a DeepSpeed checkpoint")
     e.add_argument("run_dir", help="run output directory (or its checkpoints/ directory)")
     e.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
@@ -183,7 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             if not args.checkpoint:
                 parser.error("maskfeat eval needs --checkpoint")
-            run_eval(cfg, args.checkpoint)
+            run_eval(cfg, args.checkpoint, save_predictions=args.save_predictions)
     except ConfigError as e:
         print(f"maskfeat {args.command}: config error: {e}", file=sys.stderr)
         return 2

@@ -126,9 +126,11 @@ class ScheduleConfig:
     warmup_epochs: float = 10.0
     """Linear warm-up length in epochs (fractional allowed)."""
     warmup_start_lr: float = 1e-6
-    """LR at step 0 of the warm-up (absolute; not scaled by the batch)."""
+    """LR at step 0 of the warm-up, per ``optim.lr_reference_batch`` clips: scaled by the global
+    batch like ``optim.lr`` (SlowFast scales WARMUP_START_LR with BASE_LR)."""
     end_lr: float = 1e-6
-    """LR at the end of the cosine (absolute; not scaled by the batch)."""
+    """LR at the end of the cosine, per ``optim.lr_reference_batch`` clips: scaled by the global
+    batch like ``optim.lr`` (SlowFast scales COSINE_END_LR with BASE_LR)."""
     cosine_after_warmup: bool = True
     """The cosine starts at the end of warm-up (official ``COSINE_AFTER_WARMUP``); False = the
     cosine spans the whole run and warm-up blends into it."""
@@ -486,6 +488,10 @@ class Derived:
     """Clips per optimiser step over all ranks."""
     lr: float
     """Absolute peak LR = ``optim.lr × global_batch / optim.lr_reference_batch``."""
+    warmup_start_lr: float
+    """Absolute LR at step 0 = ``schedule.warmup_start_lr`` scaled like ``lr``."""
+    end_lr: float
+    """Absolute LR at the end of the cosine = ``schedule.end_lr`` scaled like ``lr``."""
     steps_per_epoch: int
     """Optimiser steps per epoch (loader length)."""
     total_steps: int
@@ -501,7 +507,8 @@ class Derived:
             f"batch per rank      {self.batch_per_rank}",
             f"global batch        {self.global_batch}",
             f"LR scaling          {cfg.optim.lr:g} per {cfg.optim.lr_reference_batch} clips x "
-            f"{self.global_batch}/{cfg.optim.lr_reference_batch} = {self.lr:.6g} (absolute peak LR)",
+            f"{self.global_batch}/{cfg.optim.lr_reference_batch} = {self.lr:.6g} (absolute peak LR; "
+            f"warm-up start {self.warmup_start_lr:.3g}, end {self.end_lr:.3g}, scaled alike)",
             f"steps per epoch     {self.steps_per_epoch}",
             f"warm-up steps       {self.warmup_steps}",
             f"schedule steps      {self.total_steps} ({cfg.schedule.epochs} epochs)",
@@ -520,11 +527,14 @@ def derive(cfg: Config, world_size: int, steps_per_epoch: int, clips_per_rank: O
     gb = b * world_size
     total = cfg.schedule.epochs * steps_per_epoch
     run = min(total, cfg.schedule.max_steps) if cfg.schedule.max_steps > 0 else total
+    scale = gb / cfg.optim.lr_reference_batch  # SlowFast: BASE_LR, WARMUP_START_LR, COSINE_END_LR x NUM_SHARDS
     return Derived(
         world_size=world_size,
         batch_per_rank=b,
         global_batch=gb,
-        lr=cfg.optim.lr * gb / cfg.optim.lr_reference_batch,
+        lr=cfg.optim.lr * scale,
+        warmup_start_lr=cfg.schedule.warmup_start_lr * scale,
+        end_lr=cfg.schedule.end_lr * scale,
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         run_steps=run,

@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -131,24 +132,32 @@ def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tor
 
 
 @torch.no_grad()
-def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader, dtype: torch.dtype = torch.float32) -> dict:
-    """Multi-view accuracy: average softmax over the views of each video, top-1/top-5 (%)."""
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader, dtype: torch.dtype = torch.float32,
+             predictions: bool = False) -> dict:
+    """Multi-view accuracy: average softmax over the views of each video, top-1/top-5 (%).
+
+    ``nonfinite_views`` counts views whose logits were not finite (a warning is logged: their videos
+    score as garbage). ``predictions``: the result also holds ``"predictions"``, a dict of numpy
+    arrays ``video`` (V,) dataset indices, ``label`` (V,) and ``probs`` (V, K) view-averaged."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
     labels: dict[int, int] = {}
+    nonfinite = 0
     for batch in loader:
         x = batch["video"] if "video" in batch else batch["image"]
         probs = F.softmax(forward(x.to(dtype)).float(), dim=-1).cpu()  # (B, K)
         vids = batch.get("video_id", batch["index"]).cpu().tolist()
         valid = batch.get("valid")
         valid = valid.cpu().tolist() if valid is not None else [True] * len(vids)
+        finite = torch.isfinite(probs).all(dim=1).tolist()
         for i, (v, ok) in enumerate(zip(vids, valid)):
             if not ok:
                 continue
+            nonfinite += not finite[i]
             sums[v] = sums[v] + probs[i] if v in sums else probs[i].clone()
             counts[v] = counts.get(v, 0) + 1
             labels[v] = int(batch["label"][i])
-    local = (sums, counts, labels)
+    local = (sums, counts, labels, nonfinite)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         parts: list = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(parts, local)
@@ -157,7 +166,8 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader, dtype: tor
     S: dict[int, torch.Tensor] = {}
     N: dict[int, int] = {}
     Y: dict[int, int] = {}
-    for s, c, y in parts:
+    bad = sum(p[3] for p in parts)
+    for s, c, y, _ in parts:
         for v in s:
             S[v] = S[v] + s[v] if v in S else s[v]
             N[v] = N.get(v, 0) + c[v]
@@ -171,7 +181,13 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader, dtype: tor
     top = avg.topk(k5, dim=1).indices  # (V, k5)
     top1 = (top[:, 0] == y).float().mean().item() * 100
     top5 = (top == y[:, None]).any(dim=1).float().mean().item() * 100
-    return {"top1": top1, "top5": top5, "videos": len(ids), "views": int(sum(N.values()))}
+    if bad:
+        log.warning("evaluation: %d of %d views had non-finite logits (NaN/inf); their videos' scores are "
+                    "meaningless (a diverged model, or fp16 overflow: evaluate in fp32)", bad, int(sum(N.values())))
+    res = {"top1": top1, "top5": top5, "videos": len(ids), "views": int(sum(N.values())), "nonfinite_views": bad}
+    if predictions:
+        res["predictions"] = {"video": np.asarray(ids), "label": y.numpy(), "probs": avg.numpy()}
+    return res
 
 
 def build_classifier(cfg: Config, num_classes: int) -> nn.Module:
@@ -273,6 +289,11 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
     # what needs no data is checked first (train.overwrite may clear the folder before the build)
     check_model_config(cfg.model.name, cfg.model.overrides)
     _check_pretrained(cfg)
+    ft = cfg.finetune
+    if cfg.data.batch_size == 1 and ft.mixup_prob > 0 and (ft.mixup_alpha > 0 or ft.cutmix_alpha > 0):
+        log.warning("mixup/cutmix pair each clip with the batch flipped: with data.batch_size=1 (one video per "
+                    "GPU) a clip is mixed with itself or its own repeat, so nothing is mixed (as in SlowFast); "
+                    "raise data.batch_size or set finetune.mixup_prob=0")
     state: dict = {}
     source = resolve_resume(resume, cfg.train.output_dir) if resume else None  # (checkpoints dir, tag)
     source_run = os.path.dirname(source[0]) if source else None
@@ -296,7 +317,6 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
     K = state["K"]
     eval_loader = _eval_loader(cfg, run.dist, state["classes"])
     check_labels(eval_loader, K, "finetune.num_classes" if cfg.finetune.num_classes else "the number of training classes")
-    ft = cfg.finetune
 
     def step(batch: dict) -> torch.Tensor:
         x = batch["video"] if "video" in batch else batch["image"]
@@ -326,12 +346,13 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         if (every > 0 and r.state.epoch % every == 0) or last:
             state["last_eval"] = do_eval(r)
 
-    summary = train_loop(run, step, on_epoch_end=on_epoch_end)
-    if not summary.get("already_complete") and state.get("eval_step") != run.state.step:
-        # the run ended mid-epoch (schedule.max_steps): evaluate the final weights too
-        run.logger = _reopen(run)
-        state["last_eval"] = do_eval(run)
-        run.logger.close()
+    def on_finish(r: Run) -> None:
+        if state.get("eval_step") != r.state.step:
+            # the run ended mid-epoch (schedule.max_steps): evaluate the final weights too, before the
+            # final checkpoint, which so records the best top-1 (a resume compares against it)
+            state["last_eval"] = do_eval(r)
+
+    summary = train_loop(run, step, on_epoch_end=on_epoch_end, on_finish=on_finish)
     summary["eval"] = state.get("last_eval")
     summary["best_top1"] = run.state.best_metric
     report_paths(run, summary)
@@ -343,14 +364,6 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
               f"best top-1 {run.state.best_metric:.2f} (checkpoint "
               f"{os.path.join(os.path.abspath(cfg.train.output_dir), 'checkpoints', 'best')})", flush=True)
     return summary
-
-
-def _reopen(run: Run):
-    from engine.logging import RunLogger
-
-    c = run.cfg
-    return RunLogger(c.train.output_dir, enabled=run.main, total_steps=0, progress_bar=False,
-                     tensorboard=c.log.tensorboard, jsonl=c.log.jsonl)
 
 
 @dataclass
@@ -392,10 +405,23 @@ def resolve_checkpoint(path: str) -> EvalTarget:
                       class_index=ci if os.path.isfile(ci) else None, eval_json=os.path.join(run_dir, "eval.json"))
 
 
-def run_eval(cfg: Config, checkpoint: str) -> dict:
+def _selected_on(target: EvalTarget) -> Optional[str]:
+    """The split whose top-1 picked the ``best`` checkpoint being evaluated (None for other tags)."""
+    from engine.checkpoint import _saved_config
+
+    if target.tag != "best" or target.ckpt_dir is None:
+        return None
+    saved = _saved_config(os.path.join(target.ckpt_dir, target.tag)) or {}
+    return (saved.get("finetune") or {}).get("eval_split", "val")
+
+
+def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> dict:
     """Evaluate a fine-tuned model (module docstring): ``checkpoint`` is anything
     :func:`resolve_checkpoint` takes. K comes from the checkpoint, the class names from the run's
-    ``classes.json``; the result is written to the evaluated run's ``eval.json``."""
+    ``classes.json``; the result, with what was evaluated (split, views, files left out), is written
+    to the evaluated run's ``eval.json`` and appended to ``evals.jsonl`` beside it (earlier
+    evaluations are kept there). ``save_predictions``: the view-averaged probabilities per video go
+    to ``<eval.json without .json>.predictions.npz`` (``video``, ``path``, ``label``, ``probs``)."""
     from engine.checkpoint import consolidated_state_dict, load_pretrained, write_text_atomic
 
     target = resolve_checkpoint(checkpoint)
@@ -437,12 +463,34 @@ def run_eval(cfg: Config, checkpoint: str) -> dict:
     model.to(dist.device).eval()
     print0(f"evaluating {target.where} on {cfg.data.dataset}/{cfg.finetune.eval_split} "
            f"({cfg.data.num_clips} clips x {cfg.data.num_crops} crops per video, {K} classes)")
-    res = evaluate(model, loader)
-    res["checkpoint"] = target.where
+    selected_on = _selected_on(target)
+    if selected_on == cfg.finetune.eval_split:
+        log.warning("%s was selected by its top-1 on split %r, the split evaluated now: an optimistic number "
+                    "(SlowFast reports the final checkpoint: --checkpoint %s)", target.where, selected_on,
+                    os.path.join(target.ckpt_dir, "latest"))
+    res = evaluate(model, loader, predictions=save_predictions)
+    preds = res.pop("predictions", None)
+    res.update(checkpoint=target.where, selected_on=selected_on, split=cfg.finetune.eval_split,
+               dataset=cfg.data.dataset, root=cfg.data.root, clips=cfg.data.num_clips, crops=cfg.data.num_crops,
+               precision="fp32", time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+               left_out=[{"path": b.path, "reason": b.reason} for b in loader.report.bad])
+    if res["left_out"]:
+        log.warning("%d %s files of split %r were left out by data.on_bad_file=skip (listed in eval.json)",
+                    len(res["left_out"]), cfg.data.dataset, cfg.finetune.eval_split)
     if dist.rank == 0:
-        print(json.dumps(res), flush=True)
+        print(json.dumps({k: v for k, v in res.items() if k != "left_out"}), flush=True)
         os.makedirs(os.path.dirname(target.eval_json), exist_ok=True)
         write_text_atomic(target.eval_json, json.dumps(res, indent=1))
+        with open(os.path.join(os.path.dirname(target.eval_json), "evals.jsonl"), "a") as f:
+            f.write(json.dumps(res) + "\n")
         print(f"eval results written to {target.eval_json}", flush=True)
+        if preds is not None:
+            path = os.path.splitext(target.eval_json)[0] + ".predictions.npz"
+            paths = np.asarray([loader.dataset.paths[i] for i in preds["video"]])
+            tmp = path + ".tmp.npz"
+            np.savez_compressed(tmp, path=paths, **preds)
+            os.replace(tmp, path)
+            res["predictions"] = path
+            print(f"per-video predictions written to {path}", flush=True)
     res["eval_json"] = target.eval_json
     return res

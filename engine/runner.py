@@ -424,8 +424,8 @@ def setup_run(
            f"(lr scale, weight decay): " + ", ".join(f"({g['lr_scale']:.3g}, {g['weight_decay']:g})"
                                                    for g in groups[:8]) + (" ..." if len(groups) > 8 else ""))
     lr0 = lr_at_step(0, derived.steps_per_epoch, peak_lr=derived.lr, epochs=cfg.schedule.epochs,
-                     warmup_epochs=cfg.schedule.warmup_epochs, warmup_start_lr=cfg.schedule.warmup_start_lr,
-                     end_lr=cfg.schedule.end_lr, cosine_after_warmup=cfg.schedule.cosine_after_warmup)
+                     warmup_epochs=cfg.schedule.warmup_epochs, warmup_start_lr=derived.warmup_start_lr,
+                     end_lr=derived.end_lr, cosine_after_warmup=cfg.schedule.cosine_after_warmup)
     # torch's AdamW (fused on CUDA) for every ZeRO stage: DeepSpeed's own Adam ops compile C++/CUDA
     # on first use (~30 s on CPU, DESIGN §4) and bring nothing the fused torch kernel lacks here.
     optimizer = build_optimizer(groups, lr0, cfg.optim.betas, cfg.optim.eps, fused=dist.device.type == "cuda")
@@ -513,9 +513,13 @@ def train_loop(
     step_fn: Callable[[dict], torch.Tensor],
     *,
     on_epoch_end: Optional[Callable[[Run], None]] = None,
+    on_finish: Optional[Callable[[Run], None]] = None,
 ) -> dict:
     """Run until ``derived.run_steps``; returns a summary (last loss, steps, skipped, time, final
-    checkpoint). A resumed run already at its last step returns at once with ``already_complete``."""
+    checkpoint). ``on_epoch_end`` runs after each complete epoch, before its checkpoint;
+    ``on_finish`` after the last step, before the final checkpoint (so what it changes in
+    ``run.state``, e.g. the best metric of a last evaluation, is saved). A resumed run already at
+    its last step returns at once with ``already_complete``."""
     cfg, engine, st, d = run.cfg, run.engine, run.state, run.derived
     sched = cfg.schedule
     device = run.dist.device
@@ -537,8 +541,8 @@ def train_loop(
         run.loader.set_epoch(st.epoch)
         for batch in run.loader:
             lr = lr_at_step(st.step, d.steps_per_epoch, peak_lr=d.lr, epochs=sched.epochs,
-                            warmup_epochs=sched.warmup_epochs, warmup_start_lr=sched.warmup_start_lr,
-                            end_lr=sched.end_lr, cosine_after_warmup=sched.cosine_after_warmup)
+                            warmup_epochs=sched.warmup_epochs, warmup_start_lr=d.warmup_start_lr,
+                            end_lr=d.end_lr, cosine_after_warmup=sched.cosine_after_warmup)
             set_lr(engine.optimizer.param_groups, lr)
             loss = step_fn(batch)
             # computed where the loss is: one host sync (the .item()) instead of two, no host-to-device
@@ -616,6 +620,8 @@ def train_loop(
             if (pending_save or (ce > 0 and st.epoch % ce == 0)) and st.step < d.run_steps:
                 run.save()
             pending_save = False
+    if on_finish is not None:
+        on_finish(run)
     final = run.save()
     run.logger.close()
     return {"steps": st.step, "last_loss": last_loss, "nonfinite_total": st.nonfinite_total,

@@ -241,6 +241,40 @@ def test_eval_maps_classes_by_name_and_writes_into_the_run(videos, tmp_path, one
     assert run_eval(_eval_cfg(videos["root"], tmp_path / "x", "finetune.num_classes=3"), run)["top1"] == 50.0
 
 
+def test_eval_json_says_what_was_evaluated_and_keeps_the_history(videos, tmp_path, one_process, caplog):
+    """eval.json records the split, views, precision and the selection split of ``best`` (a warning
+    when it is the split evaluated); every evaluation is appended to evals.jsonl; --save-predictions
+    writes the per-video probabilities; non-finite logits are counted and warned about."""
+    import numpy as np
+
+    from engine.finetune import run_eval
+
+    sd = _classifier(3, always=2)
+    run = _fake_run(str(tmp_path / "ft"), sd, ["apple", "bunny", "carphone"], tags=("step00000001", "best"))
+    with open(os.path.join(run, "checkpoints", "best", "config.yaml"), "w") as f:
+        f.write("finetune:\n  eval_split: val\n")
+    with caplog.at_level(logging.WARNING):
+        res = run_eval(_eval_cfg(videos["root"], tmp_path / "x"), run, save_predictions=True)
+    assert "selected by its top-1 on split 'val', the split evaluated now" in caplog.text
+    saved = json.load(open(os.path.join(run, "eval.json")))
+    assert {k: saved[k] for k in ("split", "clips", "crops", "precision", "selected_on", "nonfinite_views",
+                                  "left_out")} == {"split": "val", "clips": 1, "crops": 1, "precision": "fp32",
+                                                   "selected_on": "val", "nonfinite_views": 0, "left_out": []}
+    pred = np.load(os.path.join(run, "eval.predictions.npz"))
+    assert pred["probs"].shape == (2, 3) and list(pred["label"]) == [0, 2]  # apple, carphone by the train list
+    assert [os.path.basename(os.path.dirname(p)) for p in pred["path"]] == ["apple", "carphone"]
+    top1 = (pred["probs"].argmax(1) == pred["label"]).mean() * 100
+    assert top1 == pytest.approx(res["top1"])  # the file re-computes the reported number
+    sd["head.projection.bias"] = torch.full((3,), float("nan"))
+    torch.save({"module": sd}, os.path.join(run, "checkpoints", "step00000001", "mp_rank_00_model_states.pt"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        res = run_eval(_eval_cfg(videos["root"], tmp_path / "x"), os.path.join(run, "checkpoints", "latest"))
+    assert res["nonfinite_views"] == res["views"] == 2 and "2 of 2 views had non-finite logits" in caplog.text
+    history = [json.loads(line) for line in open(os.path.join(run, "evals.jsonl"))]
+    assert [h["checkpoint"].rsplit(os.sep, 1)[1] for h in history] == ["best", "step00000001"]
+
+
 def test_eval_rejects_an_eval_class_unseen_in_training(videos, tmp_path, one_process):
     from engine.finetune import run_eval
 
@@ -319,6 +353,25 @@ def test_cli_finetune_resume_and_eval_with_a_class_missing_from_val(videos, tmp_
     p = engine("finetune", *common, "schedule.max_steps=3", "--resume", "auto")
     assert p.returncode == 5 and "data error: resuming a run whose classes changed" in p.stderr, p.stderr[-3000:]
     assert "new: ['dog']" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_a_run_ending_mid_epoch_saves_its_final_evaluation_as_best(videos, tmp_path):
+    """schedule.max_steps inside an epoch: the last evaluation runs before the final checkpoint, which
+    so records the best top-1 (it saved -inf before, and a resumed run let any score replace ``best``)."""
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    out = str(tmp_path / "ft")
+    p = subprocess.run([sys.executable, "-m", "engine", "finetune", "-c", TINY, f"data.root={videos['root']}",
+                        "data.dataset=folder", "data.num_frames=4", "data.sampling_rate=1", "data.crop_size=32",
+                        "data.num_clips=1", "data.clips_per_epoch=4", f"data.cache_dir={tmp_path / 'c'}",
+                        f"train.output_dir={out}", "train.device=cpu", "schedule.max_steps=1"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    evals = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["split"] == "val"]
+    assert len(evals) == 1  # the one evaluation: of the final weights, mid-epoch
+    state = torch.load(os.path.join(out, "checkpoints", "step00000001", "engine_state_r00000.pt"), weights_only=False)
+    assert state["train_state"]["best_metric"] == pytest.approx(evals[0]["top1"])
+    assert os.path.isdir(os.path.join(out, "checkpoints", "best"))
 
 
 def test_missing_pretrained_weights_are_a_config_error(tmp_path):

@@ -144,11 +144,16 @@ def test_every_engine_field_has_a_docstring():
 
 def test_derived_values_scale_the_lr_by_the_global_batch():
     cfg = load_config(None, ["optim.lr=8e-4", "optim.lr_reference_batch=256", "data.batch_size=4",
-                             "schedule.epochs=300", "schedule.warmup_epochs=10"])
+                             "schedule.epochs=300", "schedule.warmup_epochs=10", "schedule.warmup_start_lr=8e-6",
+                             "schedule.end_lr=4e-6"])
     d = derive(cfg, world_size=64, steps_per_epoch=937)
     assert d.global_batch == 256 and d.lr == pytest.approx(8e-4)
+    assert (d.warmup_start_lr, d.end_lr) == (pytest.approx(8e-6), pytest.approx(4e-6))
     d = derive(cfg, world_size=8, steps_per_epoch=100)
     assert d.global_batch == 32 and d.lr == pytest.approx(1e-4)  # the official 8-GPU recipe
+    # SlowFast multiplies WARMUP_START_LR and COSINE_END_LR by NUM_SHARDS with BASE_LR: the official
+    # 1e-6 per 32 clips (one node) is 8e-6 per 256
+    assert (d.warmup_start_lr, d.end_lr) == (pytest.approx(1e-6), pytest.approx(5e-7))
     assert d.total_steps == 30000 and d.warmup_steps == 1000 and d.run_steps == 30000
     text = d.describe(cfg)
     assert "0.0008 per 256 clips x 32/256 = 0.0001" in text

@@ -314,7 +314,7 @@ def test_two_ranks_resumed_on_one_rank_continue_the_epoch(env, two_rank_run, tmp
     # same fraction of training, in steps of the new global batch (8 per epoch, peak LR for 2 clips)
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in recs] == [1, 2, 3, 7, 8]
-    sched = dict(epochs=2, warmup_epochs=0.5, warmup_start_lr=1e-6, end_lr=1e-6)
+    sched = dict(epochs=2, warmup_epochs=0.5, warmup_start_lr=1e-6 * 2 / 4, end_lr=1e-6 * 2 / 4)  # scaled like the LR
     for r in recs[3:]:
         assert math.isclose(r["lr"], lr_at_step(r["step"] - 1, 8, peak_lr=1e-3 * 2 / 4, **sched), rel_tol=1e-9)
         assert math.isclose(r["epoch"], r["step"] / 8)
