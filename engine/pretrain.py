@@ -98,6 +98,35 @@ def pretrain_step(run: Run, batch: dict) -> torch.Tensor:
     return out.loss
 
 
+def check_input_geometry(cfg: Config) -> None:
+    """ConfigError, before any set-up, for a clip geometry the model accepts but its targets or
+    masks do not: a crop that is not a multiple of the output-token stride (the HOG/pixel targets
+    are per stride x stride patch), a frame count that is not a multiple of the temporal stride, or
+    a token grid ``mask.kind`` cannot mask (cube/tube need an even H' and W' of at least 4). The
+    model is built on the meta device (no memory, no init cost)."""
+    import numpy as np
+
+    from models.masking import make_masks
+
+    with torch.device("meta"):
+        model = build_pretrain_model(cfg)
+    crop, frames = cfg.data.crop_size, cfg.data.num_frames
+    image = cfg.data.dataset == "image_folder"
+    p, ts = model.feat_stride[1], model.temporal_stride
+    fix = f"(e.g. data.crop_size={max(32, round(crop / 32) * 32)}; the recipes use 224)"
+    if crop % p:
+        raise ConfigError(f"data.crop_size={crop} is not a multiple of {cfg.model.name}'s output-token stride {p}: "
+                          f"the {'HOG' if model.target == 'hog' else model.target} targets cover {p}x{p} patches {fix}")
+    if not image and frames % ts:
+        raise ConfigError(f"data.num_frames={frames} is not a multiple of the temporal stride {ts} of "
+                          f"{cfg.model.name}")
+    grid = model.mask_grid(*((crop, crop) if image else (frames, crop, crop)))
+    try:
+        make_masks(cfg.mask.kind, 1, tuple(grid), cfg.mask.ratio, np.random.default_rng(0))
+    except ValueError as e:
+        raise ConfigError(f"data.crop_size={crop}, data.num_frames={frames}: {e} {fix}") from None
+
+
 def run_pretrain(cfg: Config, resume: Optional[str] = None) -> dict:
     """Pre-train according to ``cfg``; returns the loop summary (see ``train_loop``)."""
     from engine.data import build_loader
@@ -108,6 +137,7 @@ def run_pretrain(cfg: Config, resume: Optional[str] = None) -> dict:
         raise ConfigError(f"mask.kind={cfg.mask.kind} does not fit data.dataset={cfg.data.dataset}: images "
                           "(data.dataset=image_folder) are masked with mask.kind=image_block, videos with cube, "
                           "tube or frame")
+    check_input_geometry(cfg)
 
     def loader(dist: DistInfo):
         return build_loader(cfg.data, "train", rank=dist.rank, world_size=dist.world_size,

@@ -433,6 +433,7 @@ def setup_run(
                               zero_stage=cfg.deepspeed.zero_stage, precision=cfg.deepspeed.precision,
                               gradient_clipping=cfg.deepspeed.gradient_clipping, extra=cfg.deepspeed.extra)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+    forget_initial_step(engine.optimizer, optimizer)
     rng = np.random.default_rng([cfg.train.seed, dist.rank])
     torch.manual_seed(cfg.train.seed * 1000 + dist.rank + 1)  # drop path etc. differ per rank
     run = Run(cfg=cfg, dist=dist, model=engine.module, engine=engine, loader=loader, derived=derived,
@@ -506,6 +507,16 @@ class _ReadBack:
             self._event.synchronize()
         vals = self._host.tolist()
         return vals[0], (vals[1] if self._grad_norm is None else self._grad_norm)
+
+
+def forget_initial_step(ds_optimizer: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Undo the zero-gradient step DeepSpeed's ``FP16_UnfusedOptimizer`` (ZeRO stage 0 with bf16 or
+    fp16) takes at ``initialize`` to create the optimizer's state: AdamW's step count would start at
+    1, so the first real update would use step 2's bias correction (0.74 × the LR at β (0.9, 0.999)).
+    The state is dropped and re-created by the first real step, as on every other path. (That step
+    also decayed the weights once, by ``lr0 × weight_decay``: ~5e-8 at the recipes' warm-up start.)"""
+    if type(ds_optimizer).__name__ == "FP16_UnfusedOptimizer":
+        optimizer.state.clear()
 
 
 def train_loop(

@@ -208,3 +208,47 @@ def test_activation_checkpointing_of_the_first_blocks_only(pretrainer):
     mask = make_masks("frame", 2, b.mask_grid(4, 32, 32), 0.5, np.random.default_rng(0))
     b(x, mask).loss.backward()
     assert sorted(calls) == sorted(list(range(len(b.blocks))) + [0])  # only block 0 ran again in backward
+
+
+_FIRST_STEP = r"""
+import json, os, sys, socket
+import torch
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed
+from engine.distributed import deepspeed_config
+from engine.optim import build_optimizer, param_groups
+from engine.runner import forget_initial_step
+out = {}
+for stage, prec in ((0, "bf16"), (1, "bf16"), (0, "fp32")):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.LayerNorm(4))
+    opt = build_optimizer(param_groups(m, 0.05, 1.0), 1e-3)
+    eng, _, _, _ = deepspeed.initialize(model=m, optimizer=opt, config=deepspeed_config(
+        micro_batch=2, world_size=1, zero_stage=stage, precision=prec, gradient_clipping=0.0))
+    if sys.argv[1] == "fixed":
+        forget_initial_step(eng.optimizer, opt)
+    eng.backward(eng(torch.ones(2, 8, dtype=next(eng.parameters()).dtype)).float().sum())
+    eng.step()
+    out[f"{stage}-{prec}"] = sorted({int(st["step"]) for st in opt.state.values() if "step" in st})
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("mode", ["fixed", "as_deepspeed_leaves_it"])
+def test_adamw_starts_at_step_1_on_every_zero_stage(mode):
+    """DeepSpeed's ZeRO-0 bf16 wrapper takes a zero-gradient optimizer step at initialize: without
+    ``forget_initial_step`` AdamW's first real update is its step 2 (0.74 x the LR)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.run([sys.executable, "-c", _FIRST_STEP, "fixed" if mode == "fixed" else "raw"], cwd=repo,
+                       env=dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    steps = json.loads(p.stdout.strip().splitlines()[-1])
+    want = [1] if mode == "fixed" else [2]
+    assert steps == {"0-bf16": want, "1-bf16": [1], "0-fp32": [1]}

@@ -65,3 +65,25 @@ def test_fp32_step_passes_no_separate_frames():
     pretrain_step(run, {"video": clip})
     (x, kw, _), = run.engine.calls
     assert x is clip and kw["frames"] is None
+
+
+def test_input_geometry_the_targets_or_masks_cannot_take_is_a_config_error_before_set_up(tmp_path):
+    """A crop that is not a multiple of the output stride (HOG per 16x16 patch), or whose token grid
+    cube masking cannot cut into 2x2 units, stops before the loader, the model and DeepSpeed are set
+    up (it failed with a traceback at the first step)."""
+    import os
+
+    import pytest
+
+    from engine.config import ConfigError, load_config
+    from engine.pretrain import check_input_geometry, run_pretrain
+
+    demo = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo_pretrain.yaml")
+    for crop in (64, 96):
+        check_input_geometry(load_config(demo, [f"data.crop_size={crop}"]))
+    with pytest.raises(ConfigError, match=r"crop_size=72 is not a multiple of .* output-token stride 16"):
+        check_input_geometry(load_config(demo, ["data.crop_size=72"]))
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"crop_size=80.*divisible by 2.*grid \(4, 5, 5\).*crop_size=64"):
+        run_pretrain(load_config(demo, ["data.crop_size=80", f"train.output_dir={out}"]))
+    assert not out.exists()  # nothing was set up
