@@ -179,8 +179,8 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader, dtype: tor
     y = torch.tensor([Y[v] for v in ids])
     k5 = min(5, avg.shape[1])
     top = avg.topk(k5, dim=1).indices  # (V, k5)
-    top1 = (top[:, 0] == y).float().mean().item() * 100
-    top5 = (top == y[:, None]).any(dim=1).float().mean().item() * 100
+    top1 = round((top[:, 0] == y).double().mean().item() * 100, 4)
+    top5 = round((top == y[:, None]).any(dim=1).double().mean().item() * 100, 4)
     if bad:
         log.warning("evaluation: %d of %d views had non-finite logits (NaN/inf); their videos' scores are "
                     "meaningless (a diverged model, or fp16 overflow: evaluate in fp32)", bad, int(sum(N.values())))
@@ -484,8 +484,10 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
         with open(os.path.join(os.path.dirname(target.eval_json), "evals.jsonl"), "a") as f:
             f.write(json.dumps(res) + "\n")
         print(f"eval results written to {target.eval_json}", flush=True)
+        path = os.path.splitext(target.eval_json)[0] + ".predictions.npz"
+        if preds is None and os.path.exists(path):  # an earlier evaluation's: it would not match eval.json
+            os.remove(path)
         if preds is not None:
-            path = os.path.splitext(target.eval_json)[0] + ".predictions.npz"
             paths = np.asarray([loader.dataset.paths[i] for i in preds["video"]])
             tmp = path + ".tmp.npz"
             np.savez_compressed(tmp, path=paths, **preds)

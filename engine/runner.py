@@ -283,7 +283,8 @@ class Run:
         return path
 
 
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "classes.json", "tb", "eval.json", "backbone.safetensors")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "classes.json", "tb", "eval.json", "evals.jsonl",
+               "eval.predictions.npz", "backbone.safetensors")
 """What ``train.overwrite=true`` removes from ``train.output_dir`` before a new run starts there."""
 
 

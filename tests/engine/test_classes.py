@@ -271,6 +271,7 @@ def test_eval_json_says_what_was_evaluated_and_keeps_the_history(videos, tmp_pat
     with caplog.at_level(logging.WARNING):
         res = run_eval(_eval_cfg(videos["root"], tmp_path / "x"), os.path.join(run, "checkpoints", "latest"))
     assert res["nonfinite_views"] == res["views"] == 2 and "2 of 2 views had non-finite logits" in caplog.text
+    assert not os.path.exists(os.path.join(run, "eval.predictions.npz"))  # it belonged to the earlier eval.json
     history = [json.loads(line) for line in open(os.path.join(run, "evals.jsonl"))]
     assert [h["checkpoint"].rsplit(os.sep, 1)[1] for h in history] == ["best", "step00000001"]
 
