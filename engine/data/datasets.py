@@ -6,7 +6,8 @@ Formats (issue 5):
   index) is the field after the last run of commas and/or whitespace; the path is the rest, so
   ``a.mp4 3``, ``a.mp4\t3``, ``a.mp4,3``, ``a.mp4, 3`` and ``my clip.mp4,3`` all work. UTF-8 (a
   byte-order mark is dropped; other encodings are a :class:`DataError` naming the line), any
-  line ends, ``#`` comments, blank lines and a first header line (``path,label``) are skipped. A
+  line ends, ``#`` comments, blank lines and a first header line (``path,label``) are skipped (a path
+  starting with ``#`` is written ``./#...``; a comment naming an existing file is warned about). A
   path listed twice is used once (warning); twice with different labels is a DataError. Official
   Kinetics CSVs (``label,youtube_id,time_start,time_end,split``: class names, YouTube ids) are not
   read: a DataError says how to convert them (:data:`KINETICS_CSV_HELP`). Class names come from
@@ -15,7 +16,10 @@ Formats (issue 5):
 - A folder of class sub-folders: ``root/<split>/<class>/<video>``, or ``root/<class>/<video>``
   used for every split when the root has none of ``train/``, ``val/``, ``test/``. A root that has
   some split folders but not the requested one is an error (a missing ``val/`` must not turn
-  ``train/`` into a class). Classes are sorted by name.
+  ``train/`` into a class). Classes are sorted by name. Files are found at any depth: hidden files
+  and folders are left out, symlinked sub-folders are followed (each real folder once); files
+  with a video extension (:data:`KNOWN_VIDEO_EXTENSIONS`) that ``extensions`` lacks are counted
+  per extension in one warning.
 - ImageNet layout (``root/<split>/<class>/<image>``) for the image recipes.
 
 Class numbering (one list per run): the TRAIN split defines the classes. Every other split is
@@ -30,6 +34,7 @@ Known limit: without class names beside the lists, list-file labels are only ran
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -43,6 +48,11 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+KNOWN_VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mts", ".m2ts", ".ts", ".3gp", ".3g2",
+                          ".mpg", ".mpeg", ".m2v", ".vob", ".wmv", ".asf", ".flv", ".f4v", ".ogv", ".mxf", ".dv",
+                          ".y4m")
+"""Extensions of video files FFmpeg (PyAV) reads; a folder dataset's files with one of these that
+``data.extensions`` leaves out are counted in a warning (:func:`scan_class_folders`)."""
 
 
 class ClassListError(DataError):
@@ -60,6 +70,8 @@ class Dataset:
     class_names: list[str] = field(default_factory=list)
     source: str = ""
     """Where the listing came from (list file or folder), for messages."""
+    left_out: dict[str, int] = field(default_factory=dict)
+    """Folder datasets: video files not listed because of their extension, counted per extension."""
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -71,7 +83,7 @@ class Dataset:
     def subset(self, keep: list[int]) -> "Dataset":
         """The listing restricted to the indices ``keep`` (order kept)."""
         return Dataset([self.paths[i] for i in keep], [self.labels[i] for i in keep],
-                       list(self.class_names), self.source)
+                       list(self.class_names), self.source, dict(self.left_out))
 
 
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -234,9 +246,15 @@ def read_list_file(list_path: str, root: str, classes: Optional[Sequence[str]] =
     first: dict[str, tuple[int, int]] = {}  # normalised path -> (line, label) of its first listing
     repeats = 0
     seen_content = False
+    listing_comments: list[int] = []  # '#' lines that name an existing file: probably not comments
     for lineno, raw in enumerate(_read_lines(list_path), 1):
         line = raw.strip()
-        if not line or line.startswith("#"):
+        if not line:
+            continue
+        if line.startswith("#"):
+            parts = _split_line(line)
+            if parts is not None and parts[1].isdigit() and os.path.isfile(os.path.join(root, parts[0])):
+                listing_comments.append(lineno)
             continue
         is_first, seen_content = not seen_content, True
         if is_first and _is_kinetics_csv_header(line):
@@ -246,6 +264,8 @@ def read_list_file(list_path: str, root: str, classes: Optional[Sequence[str]] =
         if parts is None:
             raise DataError(f"{list_path}:{lineno}: expected 'path label', got {line!r}")
         p, field_ = parts
+        if p.startswith("./"):  # write_list_file's form of a path that starts with '#'
+            p = p[2:]
         if is_first and _is_header(field_):
             log.info("%s:%d: skipped the header line %r", list_path, lineno, line)
             continue
@@ -272,6 +292,10 @@ def read_list_file(list_path: str, root: str, classes: Optional[Sequence[str]] =
     if repeats:
         log.warning("%s: %d repeated line(s) (same path, same label) ignored; each file is used once",
                     list_path, repeats)
+    if listing_comments:
+        log.warning("%s: %d line(s) starting with '#' are comments, although they name existing files (first: line "
+                    "%d); write such a path as ./#name to list it", list_path, len(listing_comments),
+                    listing_comments[0])
     if classes is not None:
         names = [str(c) for c in classes]
         where = "the run's classes (from the training split)"
@@ -289,12 +313,16 @@ def read_list_file(list_path: str, root: str, classes: Optional[Sequence[str]] =
 
 
 def write_list_file(path: str, entries: list[tuple[str, int]]) -> None:
-    """Write ``path label`` lines (atomically: temp name then rename)."""
+    """Write ``path label`` lines (atomically: temp name then rename). A relative path that starts
+    with ``#`` (a class folder named ``#tag``) is written ``./#tag/...``: :func:`read_list_file`
+    reads a line starting with ``#`` as a comment."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         for p, label in entries:
             if " " in p:
                 raise ValueError(f"paths in list files cannot contain spaces: {p!r}")
+            if p.startswith("#"):
+                p = "./" + p
             f.write(f"{p} {label}\n")
     os.replace(tmp, path)
 
@@ -302,6 +330,25 @@ def write_list_file(path: str, entries: list[tuple[str, int]]) -> None:
 def subfolders(path: str) -> list[str]:
     """The sub-folders of ``path`` (hidden ones left out), sorted by name."""
     return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
+
+
+def _walk_files(folder: str) -> list[str]:
+    """The non-hidden files under ``folder``, sorted per directory; symlinked sub-folders are
+    followed, each real directory once (a link loop or a second link to the same folder is not
+    walked again); hidden sub-folders (``.AppleDouble``, ``.git``, ...) are left out."""
+    seen = {os.path.realpath(folder)}
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if d.startswith(".") or real in seen:
+                continue
+            seen.add(real)
+            keep.append(d)
+        dirnames[:] = keep
+        out += [os.path.join(dirpath, fn) for fn in sorted(filenames) if not fn.startswith(".")]
+    return out
 
 
 def scan_class_folders(root: str, extensions: tuple[str, ...],
@@ -331,17 +378,25 @@ def scan_class_folders(root: str, extensions: tuple[str, ...],
     exts = tuple(e.lower() for e in extensions)
     paths: list[str] = []
     labels: list[int] = []
+    left_out: collections.Counter[str] = collections.Counter()  # video extension -> files not listed
     for cls in folders:
         label = index[cls]
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls)):
-            dirnames.sort()
-            for fn in sorted(filenames):
-                if fn.lower().endswith(exts) and not fn.startswith("."):
-                    paths.append(os.path.join(dirpath, fn))
-                    labels.append(label)
+        for f in _walk_files(os.path.join(root, cls)):
+            low = f.lower()
+            if low.endswith(exts):
+                paths.append(f)
+                labels.append(label)
+            elif low.endswith(KNOWN_VIDEO_EXTENSIONS):
+                left_out[os.path.splitext(f)[1]] += 1
+    if left_out:
+        log.warning("%s: %d video file(s) left out for their extension (%s): add them to data.extensions (`maskfeat "
+                    "data prepare --extensions`) to use them", root, sum(left_out.values()),
+                    ", ".join(f"{e} {n}" for e, n in sorted(left_out.items())))
     if not paths:
-        raise DataError(f"{root}: no files with extensions {list(exts)} under the class folders")
-    return Dataset(paths, labels, list(names), source=root)
+        raise DataError(f"{root}: no files with extensions {list(exts)} under the class folders"
+                        + (f" ({sum(left_out.values())} video file(s) with other extensions: "
+                           f"{', '.join(sorted(left_out))}; see data.extensions)" if left_out else ""))
+    return Dataset(paths, labels, list(names), source=root, left_out=dict(left_out))
 
 
 def _short(names: Sequence[str], n: int = 8) -> str:

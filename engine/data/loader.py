@@ -23,6 +23,19 @@ Epochs: ``set_epoch(e)`` picks the seeded order; iterating a loader to its end a
 by one. ``state_dict()`` is ``{"epoch", "batches_consumed", ...}``; after ``load_state_dict``
 the next iteration yields exactly the remaining batches of that epoch (``set_epoch`` with the same
 epoch keeps the position; another epoch restarts at batch 0).
+
+Files left out (``data.on_bad_file=skip``): ``loader.report.bad`` lists the files the validation
+pass rejected (``probe.BadFile``: path, reason, detail; ``loader.skipped_files`` gives them as
+dicts for a JSON record). A file that passed validation but fails to decode mid-epoch (corrupt
+further in) raises :class:`~engine.data.errors.VideoDecodeError` under ``error``; under ``skip``
+its clip is replaced by a clip of another video drawn from ``(seed, epoch, the failed clip,
+attempt)`` (so the batches, their number and a resumed epoch are the same on every run and every
+rank keeps in step) and marked ``valid=False`` (evaluation leaves it out); the file is named in one
+warning and listed in ``loader.decode_failures`` (paths, in order of first failure).
+A rank whose clip fails under ``error`` raises there; the other ranks are not told (they stop when
+the launcher ends the job, or at their next collective's timeout).
+
+Rotated videos (``VideoInfo.rotation``) are planned with their displayed sizes and decoded upright.
 """
 from __future__ import annotations
 
@@ -31,6 +44,8 @@ import collections.abc
 import hashlib
 import logging
 import os
+import threading
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -39,7 +54,7 @@ import torch
 
 from .config import DataConfig
 from .datasets import Dataset, load_dataset, warn_empty_classes
-from .errors import DataError
+from .errors import DataError, VideoDecodeError
 from .probe import BadDatasetError, ValidationReport, VideoInfo, reader_problem, validate_files
 from .sampler import ClipSpec, PlanSettings, epoch_order, make_clip, shard_positions
 from .transfer import to_device
@@ -54,12 +69,22 @@ def default_cache_dir(cfg: DataConfig) -> str:
         os.path.expanduser("~"), ".cache", "maskfeat")
 
 
+ROOT_PROBE_CACHE = ".maskfeat_probe.json"
+
+
 def probe_cache_path(cfg: DataConfig, root: str) -> str:
-    """The probe cache: ``<root>/.maskfeat_probe.json`` when the root is writable, else in the cache dir."""
-    if os.access(root, os.W_OK):
-        return os.path.join(root, ".maskfeat_probe.json")
+    """The probe cache: ``<cache dir>/probe_<hash of root>.json`` when ``data.cache_dir`` or
+    ``$MASKFEAT_CACHE`` is set or the root is read-only, else ``<root>/.maskfeat_probe.json``."""
+    if not (cfg.cache_dir or os.environ.get("MASKFEAT_CACHE")) and os.access(root, os.W_OK):
+        return os.path.join(root, ROOT_PROBE_CACHE)
     tag = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:12]
     return os.path.join(default_cache_dir(cfg), f"probe_{tag}.json")
+
+
+def older_probe_caches(cfg: DataConfig, root: str) -> list[str]:
+    """Probe caches at the other location (the root's, when the cache dir is used): read, never written."""
+    old = os.path.join(root, ROOT_PROBE_CACHE)
+    return [old] if old != probe_cache_path(cfg, root) and os.path.isfile(old) else []
 
 
 def choose_reader(requested: str, infos: list[VideoInfo], device: torch.device) -> str:
@@ -121,7 +146,7 @@ def validate_dataset(cfg: DataConfig, split: str = "train", *, device: torch.dev
     cache = probe_cache_path(cfg, root)
     # first pass with the codec-agnostic reader to learn codecs, then check for the chosen reader
     base = validate_files(ds.paths, reader="pyav", min_frames=lambda info: cfg.clip_extent(info.fps), workers=workers,
-                          cache_path=cache, progress=progress)
+                          cache_path=cache, progress=progress, cache_read_also=older_probe_caches(cfg, root))
     reader = choose_reader(cfg.reader, list(base.good.values()), device)
     report = base if reader == "pyav" else validate_files(
         ds.paths, reader=reader, min_frames=lambda info: cfg.clip_extent(info.fps), workers=workers, cache_path=cache)
@@ -132,7 +157,7 @@ def validate_dataset(cfg: DataConfig, split: str = "train", *, device: torch.dev
         raise BadDatasetError(report)
     keep = [i for i, p in enumerate(ds.paths) if p in report.good]
     if not keep:
-        raise BadDatasetError(report)
+        raise BadDatasetError(report, skipping=True)
     good = ds.subset(keep)
     if classes is None:
         warn_empty_classes(good)
@@ -174,7 +199,11 @@ class VideoLoader:
         self.cfg = cfg
         self.dataset = check.dataset
         self.infos = check.infos
+        self._shown = [i.displayed() for i in check.infos]  # sizes as displayed: crops are planned on them
         self.report = check.report
+        self.decode_failures: list[str] = []
+        """Files that failed to decode while loading (after validation), in order of first failure."""
+        self._failure_lock = threading.Lock()
         self.reader = check.reader
         self.split, self.mode = split, mode
         self.rank, self.world_size = rank, world_size
@@ -227,12 +256,74 @@ class VideoLoader:
             for pos, valid in chunk:
                 index, view = divmod(int(order[pos]), self.views)
                 for r in range(self.repeats):
-                    specs.append(make_clip(self.settings, index, self.dataset.labels[index], self.infos[index],
+                    specs.append(make_clip(self.settings, index, self.dataset.labels[index], self._shown[index],
                                            seed=self.cfg.seed, epoch=epoch, position=pos, repeat=r,
                                            view=view, valid=valid))
             return specs
 
         return EpochPlan(batch, self._positions())
+
+    def replacement(self, epoch: int) -> Callable[[ClipSpec, int], ClipSpec]:
+        """``replace(spec, attempt)``: the clip loaded instead of ``spec`` when it fails to decode
+        (``data.on_bad_file=skip``): a clip of video ``U(0, n)`` drawn from (seed, epoch, the failed
+        clip's index, view, frames, crop and flip, attempt), so the same on every run; ``valid=False``."""
+        n = len(self.dataset)
+
+        def replace(spec: ClipSpec, attempt: int) -> ClipSpec:
+            key = zlib.crc32(np.asarray(spec.frames, np.int64).tobytes() + np.asarray(spec.roi, np.float64).tobytes()
+                             + bytes([bool(spec.flip)]))
+            rng = np.random.default_rng([self.cfg.seed, epoch, spec.index, spec.view, key, attempt, 0x5B5])
+            index = int(rng.integers(n))
+            position = int(rng.integers(1 << 40))
+            return make_clip(self.settings, index, self.dataset.labels[index], self._shown[index],
+                             seed=self.cfg.seed, epoch=epoch, position=position, repeat=0, view=spec.view,
+                             valid=False)
+
+        return replace
+
+    def _decode_failed(self, path: str, error: str) -> None:
+        """Record a file that failed to decode; warn once per file (called from loader threads)."""
+        with self._failure_lock:
+            if path in self.decode_failures:
+                return
+            self.decode_failures.append(path)
+        if self.cfg.on_bad_file == "skip":
+            log.warning("%s fails to decode (%s) although it passed validation: data.on_bad_file=skip: its clips are "
+                        "replaced by clips of other videos (valid=False); reported once", path, error)
+
+    def _dali_decode_error(self, in_flight: Sequence[list[ClipSpec]], rerun: str, error: Exception) -> Exception:
+        """DALI's decoder (``cpu``/``gpu``) failed on one of the ``in_flight`` batches: find the file by
+        decoding those clips with PyAV and return a VideoDecodeError naming it (else ``error``).
+        ``on_bad_file=skip`` cannot replace a clip inside DALI: the message says to use reader=pyav."""
+        from .pipeline import decode_clip_pyav
+
+        culprits: dict[str, str] = {}
+        for spec in (s for batch in in_flight for s in batch):
+            path = self.dataset.paths[spec.index]
+            if path in culprits:
+                continue
+            try:
+                decode_clip_pyav(path, spec.frames, self.cfg.short_side)
+            except Exception as e:  # FFmpeg raises many error types for corrupt data
+                culprits[path] = f"{type(e).__name__}: {e}"
+        if not culprits:
+            return error
+        for path, err in culprits.items():
+            self._decode_failed(path, err)
+        lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "Failed to" in ln or "Assert on" in ln), lines[0] if lines else "")
+        named = "; ".join(f"{p} ({err})" for p, err in culprits.items())
+        return VideoDecodeError(
+            f"DALI's {self.reader} video decoder failed ({why[:300]}); PyAV fails on the same frames of "
+            f"{named}, although it passed validation (which decodes the first frame only): it is corrupt further in. "
+            f"Remove it, then {rerun}. data.on_bad_file=skip cannot replace clips inside DALI's decoder; "
+            f"data.reader=pyav replaces them. `maskfeat data prepare --check --full DATA_ROOT` finds any others",
+            path=next(iter(culprits)), error=culprits[next(iter(culprits))])
+
+    @property
+    def skipped_files(self) -> list[dict]:
+        """The files the validation pass left out, as ``{"path", "reason", "detail"}`` dicts."""
+        return [{"path": b.path, "reason": b.reason, "detail": b.detail} for b in self.report.bad]
 
     # ---- public API ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -275,8 +366,14 @@ class VideoLoader:
         if not batches:
             return
         decode = self.reader
+        train = self.shuffle
         feeder = Feeder(batches, self.dataset.paths, decode, self.cfg.short_side,
-                        workers=self.cfg.num_threads, depth=self.cfg.prefetch)
+                        workers=self.cfg.num_threads, depth=self.cfg.prefetch,
+                        rotations=[i.rotation for i in self.infos],
+                        replace=self.replacement(self.epoch) if self.cfg.on_bad_file == "skip" else None,
+                        on_failure=self._decode_failed,
+                        rerun=("resume from the last checkpoint with --resume auto" if train else
+                               "run again (a training run: --resume auto continues from its last checkpoint)"))
         on_gpu = self.device.type == "cuda" and decode == "gpu"
         pipe = build_pipeline(
             feeder, decode=decode, batch_size=len(batches[0]), num_threads=self.cfg.num_threads,
@@ -286,11 +383,17 @@ class VideoLoader:
             prefetch=self.cfg.prefetch)
         it = DALIGenericIterator(pipe, list(OUTPUTS), last_batch_policy=LastBatchPolicy.PARTIAL,
                                  auto_reset=False, prepare_first_batch=False)
+        done = 0
         try:
             for k, out in enumerate(it):
                 batch = self._to_batch(out[0], batches[k])
                 self.batches_consumed += 1  # counted when handed out: a checkpoint after this step resumes after it
+                done = k + 1
                 yield batch
+        except RuntimeError as e:
+            if decode == "pyav" or isinstance(e, DataError) or "decoders.video" not in str(e):
+                raise
+            raise self._dali_decode_error(batches[done:feeder.next_batch], feeder.rerun, e) from e
         finally:
             feeder.close()
             del it, pipe

@@ -25,6 +25,18 @@ Augmentation graph (same after every decoder): ``fn.resize`` of the relative ROI
 resampling), ``fn.flip(horizontal=...)``, optional timm RandAugment (``randaug.py``: timm's
 ``rand-m7-mstd0.5-inc1``, one draw per clip), ``fn.crop_mirror_normalize`` to
 float32 ``(C, T, H, W)`` with mean/std x 255. Random erasing runs afterwards in torch (loader).
+
+Display rotation (phone videos stored sideways with a rotation tag, ``VideoInfo.rotation``): the
+``pyav`` path turns the decoded frames upright (``np.rot90``) before they enter DALI. The DALI
+decoders ignore it, so the validation pass refuses rotated files for ``cpu``/``gpu``
+(``probe.reader_problem``, reason ``rotated``; ``reader=auto`` then takes PyAV).
+
+Files that fail to decode mid-epoch (they passed validation, which decodes the first frame only):
+:class:`Feeder` raises :class:`~engine.data.errors.VideoDecodeError` naming the file (exit 5 from
+``maskfeat``), or, with a ``replace`` function (``data.on_bad_file=skip``), loads the replacement
+clip it returns instead (deterministic, so batches, their count and a resumed epoch are unchanged)
+and reports the file through ``on_failure``. Known limit: for ``cpu``/``gpu`` the decoding happens
+inside DALI, where a failure cannot be replaced; the feeder only reads bytes there.
 """
 from __future__ import annotations
 
@@ -37,11 +49,16 @@ from typing import Callable
 import av
 import numpy as np
 
+from .errors import VideoDecodeError
+from .probe import rotate_frame
 from .sampler import ClipSpec
+
+MAX_REPLACEMENTS = 8
+"""``on_bad_file=skip``: replacement clips tried for a clip that fails to decode, before giving up."""
 
 
 def _decode_pass(path: str, wanted: set[int], first_wanted: int, short_side: int,
-                 seek: bool) -> dict[int, np.ndarray] | None:
+                 seek: bool, rotation: int = 0) -> dict[int, np.ndarray] | None:
     """One decoding pass; returns None when a seek landed after ``first_wanted``."""
     got: dict[int, np.ndarray] = {}
     container = av.open(path)
@@ -68,7 +85,7 @@ def _decode_pass(path: str, wanted: set[int], first_wanted: int, short_side: int
             else:
                 idx += 1
             if idx in wanted and idx not in got:
-                got[idx] = frame.to_ndarray(format="rgb24", width=w, height=h)  # (H, W, 3)
+                got[idx] = rotate_frame(frame.to_ndarray(format="rgb24", width=w, height=h), rotation)  # (H, W, 3)
                 if len(got) == len(wanted):
                     break
         return got
@@ -76,24 +93,25 @@ def _decode_pass(path: str, wanted: set[int], first_wanted: int, short_side: int
         container.close()
 
 
-def decode_clip_pyav(path: str, frames: np.ndarray, short_side: int) -> np.ndarray:
+def decode_clip_pyav(path: str, frames: np.ndarray, short_side: int, rotation: int = 0) -> np.ndarray:
     """Decode the frames ``frames`` (any order, repeats allowed) of ``path`` with PyAV.
 
     Seeks to the key frame before the first wanted frame when it is past the start (frame numbers
     from presentation times), else decodes from the start counting frames; frames whose short side
-    exceeds ``short_side`` are scaled down to it. Returns uint8 (T, H, W, 3).
+    exceeds ``short_side`` are scaled down to it, then turned upright by ``rotation`` (degrees
+    counter-clockwise, ``VideoInfo.rotation``). Returns uint8 (T, H, W, 3), H x W as displayed.
     """
     wanted = set(int(f) for f in frames)
     first = min(wanted)
-    got = _decode_pass(path, wanted, first, short_side, seek=True) if first > 0 else None
+    got = _decode_pass(path, wanted, first, short_side, seek=True, rotation=rotation) if first > 0 else None
     if got is None or len(got) < len(wanted):
-        got = _decode_pass(path, wanted, first, short_side, seek=False)
+        got = _decode_pass(path, wanted, first, short_side, seek=False, rotation=rotation)
     if not got:
         raise RuntimeError(f"{path}: no frame decoded")
     last = max(got)
     for m in wanted - set(got):  # packet count exceeded decodable frames: repeat the last one
         got[m] = got[last]
-    return np.stack([got[int(f)] for f in frames])  # (T, H, W, 3)
+    return np.ascontiguousarray(np.stack([got[int(f)] for f in frames]))  # (T, H, W, 3); stack keeps rot90's strides
 
 
 def read_bytes(path: str) -> np.ndarray:
@@ -109,27 +127,71 @@ class Feeder:
 
     Clips are loaded in a thread pool, ``depth`` batches ahead of DALI's request. Raises
     StopIteration after the last planned batch (the end of the epoch for DALI).
+
+    A clip that fails to load: ``on_failure(path, error)`` is called (from a worker thread); then
+    without ``replace`` a :class:`VideoDecodeError` is raised (``rerun`` ends its message: what to
+    run after removing the file), with ``replace`` the clip ``replace(spec, attempt)`` is loaded
+    in its place (attempts 0, 1, ... up to :data:`MAX_REPLACEMENTS`) and its spec is what the batch
+    reports (label, index, view, valid).
     """
 
     def __init__(self, batches: list[list[ClipSpec]], paths: list[str], decode: str,
-                 short_side: int, workers: int, depth: int):
+                 short_side: int, workers: int, depth: int, *, rotations: list[int] | None = None,
+                 replace: Callable[[ClipSpec, int], ClipSpec] | None = None,
+                 on_failure: Callable[[str, str], None] | None = None,
+                 rerun: str = "resume from the last checkpoint with --resume auto"):
         self.batches = batches
         self.paths = paths
         self.decode = decode
         self.short_side = short_side
+        self.rotations = rotations
+        self.replace = replace
+        self.on_failure = on_failure
+        self.rerun = rerun
         self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="maskfeat-data")
         self.depth = max(1, depth)
         self.queue: deque[tuple[list[ClipSpec], list[Future]]] = deque()
         self.next_batch = 0
 
-    def _load(self, spec: ClipSpec) -> np.ndarray:
+    def _read(self, spec: ClipSpec) -> np.ndarray:
         path = self.paths[spec.index]
+        if self.decode == "pyav":
+            rotation = self.rotations[spec.index] if self.rotations is not None else 0
+            return decode_clip_pyav(path, spec.frames, self.short_side, rotation)
+        return read_bytes(path)
+
+    def _failed(self, spec: ClipSpec, e: Exception) -> str:
+        path, err = self.paths[spec.index], f"{type(e).__name__}: {e}"
+        if self.on_failure is not None:
+            self.on_failure(path, err)
+        return err
+
+    def _load(self, spec: ClipSpec) -> tuple[ClipSpec, np.ndarray]:
         try:
-            if self.decode == "pyav":
-                return decode_clip_pyav(path, spec.frames, self.short_side)
-            return read_bytes(path)
+            return spec, self._read(spec)
         except Exception as e:
-            raise RuntimeError(f"loading {path} failed after validation: {type(e).__name__}: {e}") from e
+            err = self._failed(spec, e)
+            if self.replace is None:
+                path = self.paths[spec.index]
+                raise VideoDecodeError(
+                    f"{path}: decoding frames {int(np.min(spec.frames))}..{int(np.max(spec.frames))} failed ({err}), "
+                    f"although the file passed validation (which decodes its first frame only): it is corrupt "
+                    f"further in. Remove the file (or set data.on_bad_file=skip: its clips are then replaced by "
+                    f"other videos' clips and the file is reported), then {self.rerun}. `maskfeat data prepare "
+                    f"--check --full DATA_ROOT` decodes every frame of every file to find any others",
+                    path=path, error=err) from e
+        tried = [self.paths[spec.index]]
+        for attempt in range(MAX_REPLACEMENTS):
+            sub = self.replace(spec, attempt)
+            try:
+                return sub, self._read(sub)
+            except Exception as e:
+                self._failed(sub, e)
+                tried.append(self.paths[sub.index])
+        raise VideoDecodeError(f"{tried[0]} failed to decode, and so did the {MAX_REPLACEMENTS} replacement clips "
+                               f"tried ({', '.join(dict.fromkeys(tried[1:]))}); too many files are corrupt: check them "
+                               f"with `maskfeat data prepare --check --full DATA_ROOT`, remove them, then {self.rerun}",
+                               path=tried[0])
 
     def _fill(self) -> None:
         while len(self.queue) < self.depth and self.next_batch < len(self.batches):
@@ -141,8 +203,10 @@ class Feeder:
         self._fill()
         if not self.queue:
             raise StopIteration
-        specs, futures = self.queue.popleft()
-        data = [f.result() for f in futures]
+        _, futures = self.queue.popleft()
+        loaded = [f.result() for f in futures]
+        specs = [spec for spec, _ in loaded]  # a replaced clip reports its replacement's spec
+        data = [arr for _, arr in loaded]
         self._fill()
         return (
             data,

@@ -4,7 +4,8 @@ Each video is decoded with PyAV and re-encoded with a short side of at most ``--
 upscaling; even sizes; limited-range yuv420p, full-range input such as MJPEG converted), a
 constant frame rate (``--fps``; 0 keeps the source's average rate; frames are picked by
 presentation time, so variable-rate input becomes constant), a short GOP
-(``--gop``, key frame every N frames, for fast seeking) and VP9 (``.webm``, decodable by DALI's CPU
+(``--gop``, key frame every N frames, for fast seeking), turned upright when the source has a display
+rotation (phone videos; the output has none), and VP9 (``.webm``, decodable by DALI's CPU
 and GPU decoders) or H.264 (``.mp4``, GPU/NVDEC or PyAV). A frame whose timestamp is missing or not
 after the previous frame's is placed one source frame interval after it, so a file whose
 timestamps never increase (all 0) is timed by frame count (frame i at i/rate) instead of being
@@ -29,7 +30,12 @@ and ``a_b.mp4``, or ``v.mp4`` and ``v.avi``) are a data error. Work runs in a pr
 tqdm bar; outputs are written under a temporary name and renamed (no temporary file is left on
 failure), and existing outputs are skipped, so an interrupted run resumes. ``--check`` only
 runs the layout checks and the validation pass over SRC's listing and prints each bad file
-with its reason.
+with its reason; ``--check --full`` also decodes every frame of every file on the CPU (a file
+corrupt in the middle passes the plain check, which decodes the first frame only). Files are
+listed by extension (``--extensions``, default :data:`datasets.KNOWN_VIDEO_EXTENSIONS`, case
+ignored); video files of other extensions are counted in a warning, and class folders without
+files are named in a warning. A file without a video stream, or that is not a regular file (a
+FIFO is never opened), is reported as failed with that reason.
 
 Exit status of ``prepare_main``: 0 done, 1 some files failed to encode (they are left out of the
 lists) or are bad (``--check``), 2 usage, 5 data error (SRC missing, empty or inconsistent).
@@ -37,6 +43,7 @@ lists) or are bad (``--check``), 2 usage, 5 data error (SRC missing, empty or in
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import shutil
@@ -47,12 +54,16 @@ from fractions import Fraction
 
 import av
 
-from .datasets import Dataset, read_list_file, scan_class_folders, subfolders, write_class_index, write_list_file
+import numpy as np
+
+from .datasets import (KNOWN_VIDEO_EXTENSIONS, Dataset, empty_classes, read_list_file, scan_class_folders, subfolders,
+                       write_class_index, write_list_file)
 from .errors import DataError
-from .probe import validate_files
+from .probe import frame_rotation, not_regular_file, validate_files
 
 CODECS = {"vp9": ("libvpx-vp9", "webm", ".webm"), "h264": ("libx264", "mp4", ".mp4")}
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
+VIDEO_EXTENSIONS = KNOWN_VIDEO_EXTENSIONS
+"""Default of ``--extensions``: every video extension FFmpeg reads (the output is VP9/H.264 anyway)."""
 SPLITS = ("train", "val", "test")
 FRAME_COUNT_TOLERANCE = 0.05
 """Without ``--fps``, output and source frame counts may differ by this fraction (at least 2 frames)."""
@@ -61,8 +72,28 @@ EPS = 1e-6
 """Seconds: timestamps this close count as equal (float pts vs. output frame times)."""
 
 
+class EncodeError(RuntimeError):
+    """A source file that cannot be re-encoded, for a reason stated in full by the message."""
+
+
 def _even(x: float) -> int:
     return max(2, int(round(x / 2)) * 2)
+
+
+def _rotate_yuv420p(img: av.VideoFrame, rotation: int) -> av.VideoFrame:
+    """A yuv420p frame (even sizes) turned by ``rotation`` degrees counter-clockwise, plane by plane."""
+    k = (rotation // 90) % 4
+    if k == 0:
+        return img
+    h, w = img.height, img.width
+    flat = img.to_ndarray().reshape(-1)  # Y (h*w), then U and V (h/2*w/2 each)
+    ny, nc = h * w, (h // 2) * (w // 2)
+    y = np.rot90(flat[:ny].reshape(h, w), k)
+    u = np.rot90(flat[ny:ny + nc].reshape(h // 2, w // 2), k)
+    v = np.rot90(flat[ny + nc:ny + 2 * nc].reshape(h // 2, w // 2), k)
+    out_w = y.shape[1]
+    packed = np.concatenate([y.reshape(-1), u.reshape(-1), v.reshape(-1)]).reshape(-1, out_w)  # (H' * 3/2, W')
+    return av.VideoFrame.from_ndarray(np.ascontiguousarray(packed), format="yuv420p")
 
 
 def _count_packets(path: str) -> int:
@@ -108,18 +139,26 @@ def _encode(src: str, tmp: str, encoder: str, fmt: str, codec: str, short_side: 
     """Encode ``src`` into ``tmp``; returns (frames written, frames decoded)."""
     written = decoded = 0
     with av.open(src) as inp:
+        if not inp.streams.video:
+            kinds = sorted({st.type for st in inp.streams})
+            raise EncodeError(f"{src}: no video stream" + (f" (only {', '.join(kinds)})" if kinds else ""))
         sin = inp.streams.video[0]
         sin.thread_type = "AUTO"
         w0, h0 = sin.codec_context.width, sin.codec_context.height
         s = min(1.0, short_side / min(w0, h0))
-        w, h = _even(w0 * s), _even(h0 * s)
+        w, h = _even(w0 * s), _even(h0 * s)  # scaled size as stored; the output is turned upright
+        source = inp.decode(sin)
+        head = next(source, None)
+        rotation = frame_rotation(head) if head is not None else 0
+        frames = itertools.chain([head], source) if head is not None else iter(())
         src_rate = sin.average_rate or sin.guessed_rate or Fraction(25)
         rate = Fraction(fps).limit_denominator(1001) if fps > 0 else Fraction(src_rate).limit_denominator(1001)
         step = 1.0 / float(src_rate)  # one source frame interval: the time of a frame without a usable pts
         out = av.open(tmp, "w", format=fmt)
         try:
             so = out.add_stream(encoder, rate=rate)
-            so.width, so.height, so.pix_fmt = w, h, "yuv420p"
+            so.width, so.height = (h, w) if rotation % 180 else (w, h)
+            so.pix_fmt = "yuv420p"
             so.codec_context.gop_size = gop
             so.options = ({"deadline": "realtime", "cpu-used": "8", "row-mt": "1", "crf": str(crf), "b": "0"}
                           if codec == "vp9" else {"preset": "veryfast", "crf": "23"})
@@ -133,12 +172,13 @@ def _encode(src: str, tmp: str, encoder: str, fmt: str, codec: str, short_side: 
                 # streams are decoded as; without the ranges swscale copies the levels unchanged
                 img = frame.reformat(width=w, height=h, format="yuv420p", src_color_range=frame.color_range or None,
                                      dst_color_range="MPEG")
+                img = _rotate_yuv420p(img, rotation)
                 img.pts, img.time_base = written, 1 / rate  # constant frame rate in output time
                 for packet in so.encode(img):
                     out.mux(packet)
                 written += 1
 
-            for frame in inp.decode(sin):
+            for frame in frames:
                 decoded += 1
                 raw = float(frame.time) if frame.time is not None else None
                 if prev is None:  # times are relative to the first frame
@@ -163,26 +203,35 @@ def _encode(src: str, tmp: str, encoder: str, fmt: str, codec: str, short_side: 
 
 def _job(args: tuple[str, str, str, int, float, int]) -> tuple[str, str]:
     src, dst, codec, short_side, fps, gop = args
+    if not os.path.exists(src):
+        return src, "no such file"
+    irregular = not_regular_file(src)
+    if irregular:  # a FIFO would block the open forever
+        return src, irregular
+    if os.path.getsize(src) == 0:
+        return src, "empty (zero-length file)"
     try:
         encode_video(src, dst, codec=codec, short_side=short_side, fps=fps, gop=gop)
         return src, ""
+    except EncodeError as e:
+        return src, str(e).removeprefix(f"{src}: ")
     except Exception as e:  # reported per file by the caller
         return src, f"{type(e).__name__}: {e}"
 
 
-def _split_folder_listings(src: str, splits: list[str]) -> dict[str, Dataset]:
+def _split_folder_listings(src: str, splits: list[str], extensions: tuple[str, ...]) -> dict[str, Dataset]:
     """``SRC/<split>/<class>/<video>``: one listing per split, numbered by the reference split's
     (train's) class folders; a class folder the reference split lacks is a ClassListError."""
     ref = "train" if "train" in splits else splits[0]
-    found = {ref: scan_class_folders(os.path.join(src, ref), VIDEO_EXTENSIONS)}
+    found = {ref: scan_class_folders(os.path.join(src, ref), extensions)}
     names = found[ref].class_names
     for s in splits:
         if s != ref:
-            found[s] = scan_class_folders(os.path.join(src, s), VIDEO_EXTENSIONS, classes=names)
+            found[s] = scan_class_folders(os.path.join(src, s), extensions, classes=names)
     return {s: found[s] for s in splits}
 
 
-def _listings(src: str) -> dict[str, Dataset]:
+def _listings(src: str, extensions: tuple[str, ...] = VIDEO_EXTENSIONS) -> dict[str, Dataset]:
     """Split name -> listing of SRC (layouts in the module docstring). Raises DataError."""
     if not os.path.isdir(src):
         raise DataError(f"source folder {src} not found")
@@ -194,12 +243,12 @@ def _listings(src: str) -> dict[str, Dataset]:
         sub = subfolders(src)
         splits = [s for s in SPLITS if s in sub]
         if not splits:
-            return {"train": scan_class_folders(src, VIDEO_EXTENSIONS)}
+            return {"train": scan_class_folders(src, extensions)}
         others = [d for d in sub if d not in SPLITS]
         if others:
             raise DataError(f"{src} mixes split folders ({', '.join(splits)}) with other folders "
                             f"({', '.join(others)}): expected SRC/<split>/<class>/<video> or SRC/<class>/<video>")
-        return _split_folder_listings(src, splits)
+        return _split_folder_listings(src, splits, extensions)
     except OSError as e:  # an unreadable folder (datasets.py raises DataError for bad lists, empty folders)
         raise DataError(str(e)) from e
 
@@ -256,13 +305,15 @@ class PrepareResult:
 
 
 def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int = 320, fps: float = 0.0,
-                    gop: int = 16, workers: int = 2, progress: bool = True) -> PrepareResult:
+                    gop: int = 16, workers: int = 2, progress: bool = True,
+                    extensions: tuple[str, ...] = VIDEO_EXTENSIONS) -> PrepareResult:
     """Re-encode every listed file of ``src`` into ``dst`` and write the lists (module docstring).
 
     Layout problems raise :class:`DataError` before anything is encoded or written."""
     if codec not in CODECS:
         raise ValueError(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
-    splits = _listings(src)
+    splits = _listings(src, extensions)
+    _warn_empty_classes(splits)
     mapping, renamed = _output_names(src, splits, CODECS[codec][2])
     todo = [(p, os.path.join(dst, rel), codec, short_side, fps, gop) for p, rel in mapping.items()
             if not os.path.isfile(os.path.join(dst, rel))]
@@ -300,6 +351,8 @@ def build_prepare_parser() -> argparse.ArgumentParser:
                "(one DST/<split>.csv per split, one class index: train's class folders); SRC/<class>/<video>\n"
                "(DST/train.csv). DST mirrors SRC and gets classes.json; whitespace in output names becomes '_'.\n"
                "Without --fps a file whose output frame count differs from its source's is reported as failed.\n"
+               "--check decodes the first frame of each file; --check --full decodes every frame (slower).\n"
+               "Rotated phone videos are written upright.\n"
                "Exit status: 0 done, 1 some files failed (left out of the lists) or are bad (--check), 2 usage,\n"
                "5 data error (SRC missing, empty or inconsistent; nothing is encoded).")
     ap.add_argument("src", help="Kinetics-style root (train/val/test.csv), folder of split folders "
@@ -312,8 +365,31 @@ def build_prepare_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gop", type=int, default=16, help="key frame interval in frames")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
     ap.add_argument("--min-frames", type=int, default=1, help="--check: frames one clip needs")
-    ap.add_argument("--check", action="store_true", help="only validate SRC; print bad files")
+    ap.add_argument("--check", action="store_true", help="only validate SRC (first frame of each file); print bad files")
+    ap.add_argument("--full", action="store_true",
+                    help="with --check: decode every frame of every file on the CPU (slower; finds files corrupt "
+                         "in the middle)")
+    ap.add_argument("--extensions", default=",".join(VIDEO_EXTENSIONS),
+                    help="comma-separated file extensions listed in class folders, case ignored (default: %(default)s)")
     return ap
+
+
+def parse_extensions(text: str) -> tuple[str, ...]:
+    """``"mp4,.MTS, 3gp"`` -> ``(".mp4", ".mts", ".3gp")``; raises ValueError when empty."""
+    exts = tuple(dict.fromkeys("." + e.strip().lstrip(".").lower() for e in text.split(",") if e.strip().lstrip(".")))
+    if not exts:
+        raise ValueError(f"no extension in {text!r}")
+    return exts
+
+
+def _warn_empty_classes(splits: dict[str, Dataset]) -> None:
+    """Print a warning naming the class folders of each split listing that hold no video file (a
+    class another split has but this split lacks a folder for is not named)."""
+    for split, ds in splits.items():
+        empty = [n for n in empty_classes(ds) if os.path.isdir(os.path.join(ds.source, n))]
+        if empty:
+            print(f"warning: {ds.source or split}: {len(empty)} class(es) without video files: "
+                  f"{', '.join(empty[:20])}{' ...' if len(empty) > 20 else ''}", file=sys.stderr)
 
 
 def prepare_main(argv: list[str]) -> int:
@@ -327,17 +403,26 @@ def prepare_main(argv: list[str]) -> int:
         ap.error(f"--fps must be 0 (keep the source rate) or positive, got {args.fps}")
     if not args.check and not args.dst:
         ap.error("DST is required unless --check")
+    if args.full and not args.check:
+        ap.error("--full goes with --check (prepare itself decodes every frame)")
+    try:
+        extensions = parse_extensions(args.extensions)
+    except ValueError as e:
+        ap.error(f"--extensions: {e}")
     try:
         if args.check:
-            splits = _listings(args.src)
+            splits = _listings(args.src, extensions)
+            _warn_empty_classes(splits)
             _output_names(args.src, splits, CODECS[args.codec][2])  # a name collision is reported here too
             paths = list(dict.fromkeys(p for ds in splits.values() for p in ds.paths))
             report = validate_files(paths, reader="pyav", min_frames=args.min_frames, workers=args.workers,
-                                    progress=True)
+                                    progress=True, full=args.full)
             print(report.summary())
+            if not args.full:
+                print("(the first frame of each file was decoded; --full decodes every frame)")
             return EXIT_FAILED if report.bad else 0
         res = prepare_dataset(args.src, args.dst, codec=args.codec, short_side=args.short_side, fps=args.fps,
-                              gop=args.gop, workers=args.workers)
+                              gop=args.gop, workers=args.workers, extensions=extensions)
     except DataError as e:
         print(f"maskfeat data prepare: data error: {e}", file=sys.stderr)
         return EXIT_DATA_ERROR

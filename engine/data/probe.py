@@ -6,20 +6,30 @@ PyAV (FFmpeg) first, and each bad file is reported by name and reason; ``on_bad_
 whether that is an error or the file is skipped. Nothing is dropped silently.
 
 The probe demuxes every packet of the video stream (no decoding, cheap) to count frames and test
-for a constant frame rate, and decodes the first frame to catch corrupt streams. Results are cached
-in a JSON file keyed by absolute path + size + mtime, so a second pass over an unchanged dataset
-only stats the files. Reasons (``BadFile.reason``): ``missing``, ``unreadable``, ``empty``,
-``not_video``, ``decode_error``, ``codec`` (the chosen reader cannot decode it), ``too_short``
-(fewer frames than one clip spans), ``vfr`` (variable frame rate where the reader needs constant),
-``too_small`` (below NVDEC's minimum frame size, GPU reader only).
+for a constant frame rate, and decodes the first frame to catch corrupt streams and to read the
+display rotation (``VideoInfo.rotation``, from the frame's display matrix: phone videos are
+stored sideways with a "rotate" tag). Results are cached in a JSON file keyed by absolute path +
+size + mtime, so a second pass over an unchanged dataset only stats the files. Reasons
+(``BadFile.reason``): ``missing``, ``unreadable`` (including anything that is not a regular file,
+such as a FIFO, which is never opened), ``empty``, ``not_video``, ``decode_error``, ``codec`` (the
+chosen reader cannot decode it), ``too_short`` (fewer frames than one clip spans), ``vfr``
+(variable frame rate where the reader needs constant), ``too_small`` (below NVDEC's minimum frame
+size, GPU reader only), ``rotated`` (a display rotation, which DALI's decoders ignore: DALI
+readers only; PyAV applies it).
+
+``validate_files(..., full=True)`` (``maskfeat data prepare --check --full``) also decodes every
+frame of each good file (:func:`decode_all_frames`): a file corrupt in the middle passes the
+default probe (first frame only) and fails there.
 
 Known limits: frame counts come from packets (one packet = one frame for the codecs we meet;
-B-frame reordering does not change the count); the VFR test allows 1% jitter of frame durations.
+B-frame reordering does not change the count); the VFR test allows 1% jitter of frame durations;
+only the rotation part of a display matrix is used (a mirrored matrix is read as its rotation).
 """
 from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -37,7 +47,8 @@ NVDEC_MIN_SIZE = {"vp9": (128, 128), "av1": (128, 128), "hevc": (144, 144)}
 64x48 with "supported: 128x128", bench/results/gpu_check_*_2_engine_dali.log; H.264 at 64x48 decoded there).
 AV1 and HEVC: NVIDIA's decoder caps for Turing and later, not measured here."""
 NVDEC_MIN_DEFAULT = (48, 16)
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+"""2: ``VideoInfo.rotation`` added (version-1 entries are probed again)."""
 
 
 @dataclass
@@ -54,6 +65,30 @@ class VideoInfo:
     """Average frame rate of the stream."""
     cfr: bool
     """True when every frame duration is within 1% of the median (constant frame rate)."""
+    rotation: int = 0
+    """Display rotation, degrees counter-clockwise (0, 90, 180 or 270): the stored frames are turned
+    by ``np.rot90(frame, rotation // 90)`` for display. ``width``/``height`` are the stored
+    (coded) sizes; :meth:`displayed` gives the sizes as shown."""
+
+    def displayed(self) -> "VideoInfo":
+        """This info with ``width``/``height`` as displayed (swapped for 90 and 270 degrees)."""
+        if self.rotation % 180 == 0:
+            return self
+        return VideoInfo(self.codec, self.height, self.width, self.num_frames, self.fps, self.cfr, self.rotation)
+
+
+def frame_rotation(frame) -> int:
+    """The display rotation of a decoded PyAV frame in counter-clockwise degrees, one of 0, 90, 180,
+    270 (``VideoFrame.rotation``: FFmpeg's ``av_display_rotation_get`` of the display matrix; a
+    "rotate=90" tag, i.e. turn clockwise to show, reads -90 there and 270 here)."""
+    rot = getattr(frame, "rotation", 0) or 0
+    return int(round(float(rot) / 90.0)) % 4 * 90
+
+
+def rotate_frame(img: np.ndarray, rotation: int) -> np.ndarray:
+    """``img`` (H, W, ...) turned for display by ``rotation`` degrees counter-clockwise (a view)."""
+    k = (rotation // 90) % 4
+    return np.rot90(img, k) if k else img
 
 
 @dataclass
@@ -95,11 +130,15 @@ class ValidationReport:
 
 
 class BadDatasetError(RuntimeError):
-    """Raised when ``on_bad_file='error'`` and the validation pass found bad files."""
+    """Raised when ``on_bad_file='error'`` and the validation pass found bad files, or when no good
+    file is left (``skipping=True``: ``on_bad_file='skip'`` already, so the hint is not to set it)."""
 
-    def __init__(self, report: ValidationReport):
+    def __init__(self, report: ValidationReport, skipping: bool = False):
         self.report = report
-        super().__init__(report.summary() + "\n(set data.on_bad_file=skip to train without them)")
+        hint = ("(no usable file is left: data.on_bad_file=skip already leaves the bad ones out; fix or replace them)"
+                if skipping or not report.good else
+                "(set data.on_bad_file=skip to leave them out and go on with the others)")
+        super().__init__(report.summary() + "\n" + hint)
 
 
 def _frame_durations_cfr(pts: np.ndarray) -> bool:
@@ -118,6 +157,9 @@ def probe_video(path: str) -> ProbeResult:
     """Probe one file with PyAV: open, demux all packets of the first video stream, decode one frame."""
     if not os.path.lexists(path) or not os.path.exists(path):
         return ProbeResult(path, reason="missing", detail="no such file")
+    irregular = not_regular_file(path)
+    if irregular:
+        return ProbeResult(path, reason="unreadable", detail=irregular)
     try:
         with open(path, "rb") as f:
             head = f.read(1)
@@ -155,10 +197,48 @@ def probe_video(path: str) -> ProbeResult:
             span = (max(pts) - min(pts)) * stream.time_base
             fps = float((len(pts) - 1) / span) if span else 0.0
         info = VideoInfo(codec=codec, width=int(width), height=int(height), num_frames=len(pts),
-                         fps=fps, cfr=_frame_durations_cfr(np.asarray(pts, dtype=np.int64)))
+                         fps=fps, cfr=_frame_durations_cfr(np.asarray(pts, dtype=np.int64)),
+                         rotation=frame_rotation(first))
         return ProbeResult(path, info=info)
     finally:
         container.close()
+
+
+def not_regular_file(path: str) -> str:
+    """Why ``path`` (after symlinks) is not a regular file (a FIFO would block the open forever), or
+    ``""`` when it is one (or cannot be stat'ed: the open reports that)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    if stat.S_ISREG(mode):
+        return ""
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+            "not a regular file")
+    return f"{kind}, not a regular file; not opened"
+
+
+def decode_all_frames(path: str) -> tuple[int, str]:
+    """Decode every frame of the first video stream with PyAV (CPU). Returns ``(frames decoded,
+    error)``, ``error`` being ``""`` when the whole stream decoded."""
+    irregular = not_regular_file(path)
+    if irregular:
+        return 0, irregular
+    n = 0
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                return 0, "no video stream"
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for _ in container.decode(stream):
+                n += 1
+    except Exception as e:  # FFmpeg raises many error types for corrupt data
+        return n, f"frame {n + 1} does not decode: {type(e).__name__}: {e}"
+    if n == 0:
+        return 0, "no frame decodes"
+    return n, ""
 
 
 def reader_problem(info: VideoInfo, reader: str, min_frames: int) -> tuple[str, str] | None:
@@ -181,24 +261,36 @@ def reader_problem(info: VideoInfo, reader: str, min_frames: int) -> tuple[str, 
         return "too_short", f"{info.num_frames} frames, one clip needs {min_frames}"
     if reader == "gpu" and not info.cfr:
         return "vfr", "variable frame rate; the GPU reader needs constant (re-encode with `maskfeat data prepare`)"
+    if reader in ("cpu", "gpu") and info.rotation:
+        return "rotated", (f"display rotation {info.rotation} degrees, which DALI's decoders ignore (the clip would be "
+                           f"sideways); use reader=pyav (auto does) or re-encode upright with `maskfeat data prepare`")
     return None
 
 
 class ProbeCache:
     """JSON cache of probe results keyed by absolute path, valid while size and mtime match."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, read_also: Sequence[str] = ()):
+        """``read_also``: older cache files whose entries are used where ``path`` has none (a cache
+        that moved); only ``path`` is written."""
         self.path = path
         self._lock = threading.Lock()
         self._entries: dict[str, dict] = {}
-        if path and os.path.isfile(path):
-            try:
-                with open(path) as f:
-                    data = json.load(f)
-                if data.get("version") == CACHE_VERSION:
-                    self._entries = data.get("entries", {})
-            except (OSError, ValueError):
-                self._entries = {}  # a corrupt cache is rebuilt, never trusted
+        for p in reversed([q for q in (path, *read_also) if q]):
+            self._entries.update(self._read(p))
+
+    @staticmethod
+    def _read(path: str) -> dict[str, dict]:
+        if not os.path.isfile(path):
+            return {}
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            if isinstance(data, dict) and data.get("version") == CACHE_VERSION:
+                return dict(data.get("entries", {}))
+        except (OSError, ValueError):
+            pass  # a corrupt cache is rebuilt, never trusted
+        return {}
 
     @staticmethod
     def _key(path: str) -> tuple[int, int] | None:
@@ -240,11 +332,14 @@ class ProbeCache:
 def validate_files(paths: Sequence[str], *, reader: str = "pyav",
                    min_frames: int | Callable[[VideoInfo], int] = 1,
                    workers: int = 2, cache_path: str | None = None,
-                   progress: bool = False) -> ValidationReport:
+                   progress: bool = False, full: bool = False,
+                   cache_read_also: Sequence[str] = ()) -> ValidationReport:
     """Probe ``paths`` in parallel (threads; PyAV releases the GIL while demuxing/decoding) and
     sort them into good and bad for the concrete ``reader`` (see :func:`reader_problem`);
-    ``min_frames`` may depend on the file (a clip covers more frames of a faster file)."""
-    cache = ProbeCache(cache_path)
+    ``min_frames`` may depend on the file (a clip covers more frames of a faster file).
+    ``full``: also decode every frame of each good file (:func:`decode_all_frames`, not cached); a
+    file that fails is bad with reason ``decode_error``. ``cache_read_also``: see :class:`ProbeCache`."""
+    cache = ProbeCache(cache_path, cache_read_also)
     report = ValidationReport()
     results: dict[str, ProbeResult] = {}
     todo: list[str] = []
@@ -281,4 +376,28 @@ def validate_files(paths: Sequence[str], *, reader: str = "pyav",
             report.bad.append(BadFile(p, *problem))
         else:
             report.good[p] = res.info
+    if full and report.good:
+        _full_decode(report, workers, progress)
     return report
+
+
+def _full_decode(report: ValidationReport, workers: int, progress: bool) -> None:
+    """Decode every frame of ``report.good``'s files; move those that fail to ``report.bad``."""
+    todo = list(report.good)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), desc="decode", unit="file")
+    failed: dict[str, str] = {}
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        for p, (n, err) in zip(todo, ex.map(decode_all_frames, todo)):
+            if err:
+                failed[p] = f"{err} ({n} of {report.good[p].num_frames} frames decoded; a full decode fails)"
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    for p in todo:
+        if p in failed:
+            del report.good[p]
+            report.bad.append(BadFile(p, "decode_error", failed[p]))

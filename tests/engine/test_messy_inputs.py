@@ -1,0 +1,368 @@
+"""engine/data on a messy user collection: a video corrupt in the middle (error / skip with
+deterministic replacements), ``data prepare --check --full``, extensions left out, display rotation,
+class folders named ``#...``, symlinked and hidden sub-folders, FIFOs, messages for all-bad data,
+audio-only files and empty classes, and the probe cache under ``data.cache_dir``.
+
+Videos are tiny (32x16 or 32x32, 24 frames, MJPEG: every frame a key frame, so one corrupt packet
+breaks exactly the frames that need it)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from engine.data import BadDatasetError, DataConfig, DataError, build_loader, prepare_main, validate_dataset
+from engine.data.datasets import read_list_file, scan_class_folders, write_list_file
+from engine.data.errors import VideoDecodeError
+from engine.data.pipeline import decode_clip_pyav
+from engine.data.probe import probe_video, reader_problem, validate_files
+
+N = 24
+
+
+def write_video(path: str, n: int = N, w: int = 32, h: int = 32, rotate: int | None = None) -> str:
+    """An MJPEG .avi/.mp4/.mov: red = 10*i, a green block in the top-left quarter (rows < h/2, cols < w/4)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    c = av.open(path, "w")
+    s = c.add_stream("mjpeg", rate=24)
+    s.width, s.height, s.pix_fmt = w, h, "yuvj420p"
+    if rotate is not None:  # a phone's "rotate=90" tag (turn clockwise to show) reads back as -90 counter-clockwise
+        s.set_display_rotation(-rotate)
+    for i in range(n):
+        a = np.zeros((h, w, 3), np.uint8)
+        a[..., 0] = 10 * i
+        a[: h // 2, : w // 4, 1] = 255
+        for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    return path
+
+
+def corrupt_after_first(path: str) -> str:
+    """Overwrite every packet but the first with random bytes: the probe (first frame) passes, any
+    clip that needs a later frame fails with FFmpeg's InvalidDataError."""
+    with av.open(path) as c:
+        packets = [(p.pos, p.size) for p in c.demux(c.streams.video[0]) if p.size]
+    data = bytearray(open(path, "rb").read())
+    rng = np.random.default_rng(0)
+    for pos, size in packets[1:]:
+        data[pos:pos + size] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    open(path, "wb").write(bytes(data))
+    return path
+
+
+def cfg_for(root: str, **kw) -> DataConfig:
+    base = dict(root=root, dataset="folder", num_frames=4, sampling_rate=1, target_fps=0, crop_size=16,
+                short_side=32, batch_size=2, num_threads=1, prefetch=1, reader="pyav",
+                cache_dir=os.path.join(root, ".cache"))
+    base.update(kw)
+    return DataConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def corrupt_root(tmp_path_factory) -> tuple[str, str]:
+    """Two classes, five good videos and one corrupt in the middle; returns (root, bad path)."""
+    root = tmp_path_factory.mktemp("corrupt")
+    for cls, names in (("a", ("v0", "v1", "v2")), ("b", ("v3", "v4", "bad"))):
+        for name in names:
+            write_video(str(root / cls / f"{name}.avi"))
+    bad = corrupt_after_first(str(root / "b" / "bad.avi"))
+    return str(root), bad
+
+
+# ---- 1: a video corrupt in the middle -------------------------------------------------------------
+
+def test_mid_file_corruption_is_a_data_error_naming_the_file(corrupt_root):
+    root, bad = corrupt_root
+    loader = build_loader(cfg_for(root), "train")
+    assert bad in loader.dataset.paths  # the probe decodes the first frame only: it passes
+    with pytest.raises(VideoDecodeError) as e:
+        for _ in loader:
+            pass
+    msg = str(e.value)
+    assert isinstance(e.value, DataError) and e.value.path == bad
+    assert bad in msg and "InvalidDataError" in msg
+    assert "data.on_bad_file=skip" in msg and "--resume auto" in msg and "Remove the file" in msg
+    from engine.cli import is_data_error
+    assert is_data_error(e.value)  # maskfeat exits 5 with one paragraph
+
+
+def _batches(loader) -> list[dict]:
+    return [{k: v.clone() for k, v in b.items()} for b in loader]
+
+
+def test_mid_file_corruption_skip_replaces_clips_deterministically(corrupt_root, caplog):
+    root, bad = corrupt_root
+    cfg = cfg_for(root, on_bad_file="skip", clips_per_epoch=12)
+    loader = build_loader(cfg, "train")
+    bad_index = loader.dataset.paths.index(bad)
+    with caplog.at_level(logging.WARNING, logger="engine.data.loader"):
+        ref = _batches(loader)  # epoch 0
+        again = _batches(loader)  # epoch 1: the bad file is met again, not warned again
+    assert len(ref) == len(again) == len(loader) == 6  # the number of batches never changes
+    assert loader.decode_failures == [bad]
+    assert sum(bad in r.getMessage() for r in caplog.records) == 1
+    planned = [int(i) for b in loader.plan(0) for i in [s.index for s in b]]
+    assert planned.count(bad_index) == 2  # the plan drew the bad file twice in epoch 0 ...
+    got = torch.cat([b["index"] for b in ref]).tolist()
+    valid = torch.cat([b["valid"] for b in ref]).tolist()
+    assert bad_index not in got  # ... and each of its clips was replaced by another video's clip
+    assert valid.count(False) == 2 and all(i != bad_index for i, ok in zip(got, valid) if not ok)
+    # the same epoch from a fresh loader, and resumed mid-epoch, gives the same batches
+    fresh = build_loader(cfg, "train")
+    for a, b in zip(ref, _batches(fresh)):
+        assert torch.equal(a["video"], b["video"]) and torch.equal(a["index"], b["index"])
+    resumed = build_loader(cfg, "train")
+    resumed.load_state_dict({"epoch": 0, "batches_consumed": 3, "seed": cfg.seed, "world_size": 1})
+    for a, b in zip(ref[3:], _batches(resumed)):
+        assert torch.equal(a["video"], b["video"]) and torch.equal(a["label"], b["label"])
+
+
+def test_skip_in_test_mode_marks_replacements_invalid(corrupt_root):
+    root, bad = corrupt_root
+    loader = build_loader(cfg_for(root, on_bad_file="skip", num_clips=2), "val", mode="test")
+    bad_index = loader.dataset.paths.index(bad)
+    batches = _batches(loader)
+    ids = torch.cat([b["video_id"] for b in batches])
+    valid = torch.cat([b["valid"] for b in batches])
+    assert len(ids) == 2 * len(loader.dataset) and bad_index not in ids[valid].tolist()
+    assert int((~valid).sum()) == 2 and loader.decode_failures == [bad]
+
+
+def test_mid_file_corruption_in_dalis_cpu_decoder_names_the_file(tmp_path):
+    root = tmp_path / "vp9"
+    for cls in ("a", "b"):
+        for j in range(2):
+            path = str(root / cls / f"v{j}.webm")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            c = av.open(path, "w")
+            s = c.add_stream("libvpx-vp9", rate=24)
+            s.width = s.height = 32
+            s.pix_fmt, s.codec_context.gop_size = "yuv420p", 4
+            for i in range(12):
+                for p in s.encode(av.VideoFrame.from_ndarray(np.full((32, 32, 3), 10 * i, np.uint8), format="rgb24")):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+            c.close()
+    bad = str(root / "b" / "v1.webm")
+    with av.open(bad) as c:
+        packets = [(p.pos, p.size) for p in c.demux(c.streams.video[0]) if p.size]
+    data = bytearray(open(bad, "rb").read())
+    for pos, size in packets[1:]:  # the second half of each packet: the container stays readable
+        data[pos + size - size // 2:pos + size] = np.random.default_rng(pos).integers(
+            0, 256, size // 2, dtype=np.uint8).tobytes()
+    open(bad, "wb").write(bytes(data))
+    loader = build_loader(cfg_for(str(root), reader="cpu", on_bad_file="skip"), "train")
+    assert loader.reader == "cpu" and bad in loader.dataset.paths
+    with pytest.raises(VideoDecodeError) as e:
+        for _ in loader:
+            pass
+    assert e.value.path == bad and "data.reader=pyav" in str(e.value) and "--resume auto" in str(e.value)
+    assert loader.decode_failures == [bad]
+
+
+# ---- 2: data prepare --check --full -------------------------------------------------------------
+
+def test_full_check_decodes_every_frame(corrupt_root, capsys):
+    root, bad = corrupt_root
+    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".avi"))
+    assert not validate_files(paths).bad
+    report = validate_files(paths, full=True)
+    assert [(b.path, b.reason) for b in report.bad] == [(bad, "decode_error")]
+    assert "frame 2 does not decode" in report.bad[0].detail and len(report.good) == 5
+    assert prepare_main([root, "--check"]) == 0
+    assert "--full decodes every frame" in capsys.readouterr().out
+    assert prepare_main([root, "--check", "--full"]) == 1
+    out = capsys.readouterr().out
+    assert f"bad: {bad}: decode_error" in out
+
+
+# ---- 3: extensions left out ---------------------------------------------------------------------
+
+def test_other_video_extensions_are_counted_and_prepare_takes_extensions(tmp_path, caplog, capsys):
+    root = tmp_path / "src"
+    write_video(str(root / "a" / "x.mp4"))
+    for name in ("cam.MTS", "cam2.mts", "phone.3gp", "old.mpg"):
+        write_video(str(tmp_path / "tmp.avi"))
+        os.makedirs(root / "a", exist_ok=True)
+        os.replace(tmp_path / "tmp.avi", root / "a" / name)
+    (root / "a" / "notes.txt").write_text("not a video")
+    with caplog.at_level(logging.WARNING, logger="engine.data.datasets"):
+        ds = scan_class_folders(str(root), (".mp4",))
+    assert [os.path.basename(p) for p in ds.paths] == ["x.mp4"]
+    assert ds.left_out == {".MTS": 1, ".mts": 1, ".3gp": 1, ".mpg": 1}
+    msg = [r.getMessage() for r in caplog.records if "left out for their extension" in r.getMessage()]
+    assert len(msg) == 1 and ".3gp 1" in msg[0] and "data.extensions" in msg[0] and "--extensions" in msg[0]
+    assert prepare_main([str(root), "--check", "--extensions", "mp4,.MTS"]) == 0
+    assert "3 files: 3 good" in capsys.readouterr().out  # x.mp4, cam.MTS, cam2.mts
+    assert prepare_main([str(root), "--check"]) == 0  # the default takes every video extension
+    assert "5 files: 5 good" in capsys.readouterr().out
+
+
+# ---- 4: display rotation ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def rotated(tmp_path_factory) -> str:
+    """32 wide x 16 tall as stored, tagged rotate=90 (turn clockwise to show: 16 wide x 32 tall)."""
+    return write_video(str(tmp_path_factory.mktemp("rot") / "c" / "phone.mov"), w=32, h=16, rotate=90)
+
+
+def test_rotation_is_probed_and_applied_when_decoding(rotated):
+    info = probe_video(rotated).info
+    assert info.rotation == 270 and (info.width, info.height) == (32, 16)
+    assert (info.displayed().width, info.displayed().height) == (16, 32)
+    clip = decode_clip_pyav(rotated, np.array([0, 5]), 32, info.rotation)
+    assert clip.shape == (2, 32, 16, 3)
+    # the green block (stored top-left, 8 wide x 8 tall) shows top-right after a clockwise turn
+    green = clip[0, ..., 1] > 128
+    assert green[:8, 8:].mean() > 0.9 and green[:, :8].mean() < 0.1 and green[8:].mean() < 0.1
+    for reader in ("cpu", "gpu"):
+        info_vp9 = type(info)(**{**info.__dict__, "codec": "vp9", "width": 320, "height": 160})
+        assert reader_problem(info_vp9, reader, 1)[0] == "rotated"
+    assert reader_problem(info, "pyav", 1) is None
+
+
+def test_loader_plans_on_displayed_sizes(rotated):
+    loader = build_loader(cfg_for(os.path.dirname(os.path.dirname(rotated)), num_clips=1, batch_size=1), "val", mode="test")
+    (spec,), = list(loader.plan(0))
+    # 1 crop: the centre square of 0.875 x the short side (16 displayed wide) on a 16 x 32 frame
+    y0, x0, y1, x1 = spec.roi
+    assert (x1 - x0) * 16 == pytest.approx(14) and (y1 - y0) * 32 == pytest.approx(14)
+    assert next(iter(loader))["video"].shape == (1, 3, 4, 16, 16)
+
+
+def test_prepare_writes_rotated_videos_upright(rotated, tmp_path):
+    from engine.data.prepare import encode_video
+
+    out = str(tmp_path / "up.webm")
+    encode_video(rotated, out, codec="vp9", short_side=32)
+    info = probe_video(out).info
+    assert (info.width, info.height, info.rotation, info.num_frames) == (16, 32, 0, N)
+    frame = decode_clip_pyav(out, np.array([0]), 32)[0]
+    green = frame[..., 1] > 128
+    assert green[:8, 8:].mean() > 0.8 and green[8:].mean() < 0.1
+
+
+# ---- 5: class folders named '#...' ---------------------------------------------------------------
+
+def test_hash_class_folder_round_trips_through_lists(tmp_path, caplog):
+    root = tmp_path / "src"
+    for cls in ("#tag", "plain"):
+        write_video(str(root / cls / "v.avi"), n=6)
+    write_list_file(str(root / "train.csv"), [("#tag/v.avi", 0), ("plain/v.avi", 1)])
+    assert (root / "train.csv").read_text().startswith("./#tag/v.avi 0\n")
+    ds = read_list_file(str(root / "train.csv"), str(root))
+    assert [os.path.relpath(p, root) for p in ds.paths] == ["#tag/v.avi", "plain/v.avi"] and ds.labels == [0, 1]
+    # a hand-written '#tag/...' line stays a comment, with a warning that it names a file
+    (root / "train.csv").write_text("#tag/v.avi 0\nplain/v.avi 1\n")
+    with caplog.at_level(logging.WARNING, logger="engine.data.datasets"):
+        assert len(read_list_file(str(root / "train.csv"), str(root))) == 1
+    assert any("./#name" in r.getMessage() for r in caplog.records)
+
+
+def test_prepare_keeps_hash_class_videos(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for cls in ("#tag", "plain"):
+        write_video(str(src / cls / "v.avi"), n=6)
+    assert prepare_main([str(src), str(dst), "--short-side", "16", "--workers", "1"]) == 0
+    ds = read_list_file(str(dst / "train.csv"), str(dst))
+    assert ds.class_names == ["#tag", "plain"] and sorted(ds.labels) == [0, 1]
+
+
+# ---- 6: symlinked and hidden sub-folders ------------------------------------------------------
+
+def test_symlinked_subfolders_followed_once_hidden_ones_pruned(tmp_path):
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    write_video(str(root / "a" / "v.avi"), n=2)
+    write_video(str(elsewhere / "w.avi"), n=2)
+    os.symlink(elsewhere, root / "a" / "linked")
+    os.symlink(elsewhere, root / "a" / "linked_again")  # the same real folder: walked once
+    os.symlink(root / "a", root / "a" / "loop")  # a loop: not followed
+    write_video(str(root / "a" / ".AppleDouble" / "x.avi"), n=2)
+    ds = scan_class_folders(str(root), (".avi",))
+    assert [os.path.relpath(p, root) for p in ds.paths] == ["a/v.avi", "a/linked/w.avi"]
+
+
+# ---- 7: a FIFO named *.mp4 -----------------------------------------------------------------------
+
+def test_fifo_is_reported_without_opening_it(tmp_path):
+    fifo = str(tmp_path / "pipe.mp4")
+    os.mkfifo(fifo)
+    done: dict = {}
+    t = threading.Thread(target=lambda: done.update(r=probe_video(fifo)), daemon=True)
+    t.start()
+    t.join(20)
+    if t.is_alive():  # the open blocks until a writer comes: unblock it so the test ends
+        with open(fifo, "wb"):
+            pass
+        t.join(5)
+        pytest.fail("probe_video opened the FIFO (it blocked)")
+    assert done["r"].reason == "unreadable" and "FIFO" in done["r"].detail
+
+
+# ---- 8: messages ---------------------------------------------------------------------------------
+
+def test_all_bad_with_skip_does_not_say_set_skip(tmp_path):
+    root = tmp_path / "allbad"
+    os.makedirs(root / "a")
+    (root / "a" / "x.mp4").write_text("not a video")
+    with pytest.raises(BadDatasetError) as e:
+        validate_dataset(cfg_for(str(root), on_bad_file="skip"), "val")
+    assert "set data.on_bad_file=skip" not in str(e.value) and "no usable file" in str(e.value)
+    assert "train" not in str(e.value).splitlines()[-1]
+    write_video(str(root / "a" / "ok.avi"), n=6)
+    with pytest.raises(BadDatasetError) as e:
+        validate_dataset(cfg_for(str(root)), "val")
+    assert str(e.value).splitlines()[-1] == "(set data.on_bad_file=skip to leave them out and go on with the others)"
+
+
+def test_prepare_reports_audio_only_and_empty_classes(tmp_path, capsys):
+    src = tmp_path / "src"
+    write_video(str(src / "a" / "v.avi"), n=6)
+    os.makedirs(src / "empty")
+    c = av.open(str(src / "a" / "sound.mp4"), "w")
+    s = c.add_stream("aac", rate=44100)
+    for i in range(5):
+        f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        f.sample_rate, f.pts = 44100, i * 1024
+        for p in s.encode(f):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    assert prepare_main([str(src), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert "1 class(es) without video files: empty" in err
+    assert prepare_main([str(src), str(tmp_path / "dst"), "--short-side", "16", "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"failed: {src / 'a' / 'sound.mp4'}: no video stream (only audio)" in err
+    assert "IndexError" not in err and "without video files: empty" in err
+
+
+# ---- 9: probe cache location, skipped files -------------------------------------------------------
+
+def test_probe_cache_lives_in_cache_dir_and_reads_the_old_one(tmp_path):
+    root, cache_dir = tmp_path / "data", tmp_path / "cache"
+    write_video(str(root / "a" / "v.avi"), n=6)
+    (root / "a" / "bad.mp4").write_text("nope")
+    cfg = cfg_for(str(root), cache_dir=str(cache_dir), on_bad_file="skip")
+    check = validate_dataset(cfg, "val")
+    assert not (root / ".maskfeat_probe.json").exists()
+    (cache,) = os.listdir(cache_dir)
+    assert check.report.probed == 2
+    # an older cache in the root is still read
+    os.replace(cache_dir / cache, root / ".maskfeat_probe.json")
+    assert validate_dataset(cfg, "val").report.cached == 2
+    loader = build_loader(cfg, "val", mode="test")
+    assert loader.skipped_files == [{"path": str(root / "a" / "bad.mp4"), "reason": "not_video",
+                                     "detail": loader.report.bad[0].detail}]
+    json.dumps(loader.skipped_files)
