@@ -473,10 +473,12 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
     res.update(checkpoint=target.where, selected_on=selected_on, split=cfg.finetune.eval_split,
                dataset=cfg.data.dataset, root=cfg.data.root, clips=cfg.data.num_clips, crops=cfg.data.num_crops,
                precision="fp32", time=time.strftime("%Y-%m-%dT%H:%M:%S"),
-               left_out=[{"path": b.path, "reason": b.reason} for b in loader.report.bad])
-    if res["left_out"]:
-        log.warning("%d %s files of split %r were left out by data.on_bad_file=skip (listed in eval.json)",
-                    len(res["left_out"]), cfg.data.dataset, cfg.finetune.eval_split)
+               left_out=[{"path": b.path, "reason": b.reason, "detail": b.detail} for b in loader.report.bad],
+               decode_failures=list(getattr(loader, "decode_failures", [])))
+    if res["left_out"] or res["decode_failures"]:
+        log.warning("%d files of split %r were left out by data.on_bad_file=skip, %d more failed to decode and "
+                    "their clips were replaced (listed in eval.json)", len(res["left_out"]),
+                    cfg.finetune.eval_split, len(res["decode_failures"]))
     if dist.rank == 0:
         print(json.dumps({k: v for k, v in res.items() if k != "left_out"}), flush=True)
         os.makedirs(os.path.dirname(target.eval_json), exist_ok=True)

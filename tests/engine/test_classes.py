@@ -258,8 +258,9 @@ def test_eval_json_says_what_was_evaluated_and_keeps_the_history(videos, tmp_pat
     assert "selected by its top-1 on split 'val', the split evaluated now" in caplog.text
     saved = json.load(open(os.path.join(run, "eval.json")))
     assert {k: saved[k] for k in ("split", "clips", "crops", "precision", "selected_on", "nonfinite_views",
-                                  "left_out")} == {"split": "val", "clips": 1, "crops": 1, "precision": "fp32",
-                                                   "selected_on": "val", "nonfinite_views": 0, "left_out": []}
+                                  "left_out", "decode_failures")} == {
+        "split": "val", "clips": 1, "crops": 1, "precision": "fp32", "selected_on": "val", "nonfinite_views": 0,
+        "left_out": [], "decode_failures": []}
     pred = np.load(os.path.join(run, "eval.predictions.npz"))
     assert pred["probs"].shape == (2, 3) and list(pred["label"]) == [0, 2]  # apple, carphone by the train list
     assert [os.path.basename(os.path.dirname(p)) for p in pred["path"]] == ["apple", "carphone"]
