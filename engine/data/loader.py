@@ -55,7 +55,7 @@ import torch
 from .config import DataConfig
 from .datasets import Dataset, load_dataset, warn_empty_classes
 from .errors import DataError, VideoDecodeError
-from .probe import BadDatasetError, ValidationReport, VideoInfo, reader_problem, validate_files
+from .probe import BadDatasetError, BadFile, ValidationReport, VideoInfo, reader_problem, validate_files
 from .sampler import ClipSpec, PlanSettings, epoch_order, make_clip, shard_positions
 from .transfer import to_device
 
@@ -130,7 +130,8 @@ class DatasetCheck:
 
 
 def validate_dataset(cfg: DataConfig, split: str = "train", *, device: torch.device | str = "cpu",
-                     progress: bool = False, classes: Optional[Sequence[str]] = None) -> DatasetCheck:
+                     progress: bool = False, classes: Optional[Sequence[str]] = None, mode: str = "pretrain",
+                     agree: Optional[Callable[[list[BadFile]], list[BadFile]]] = None) -> DatasetCheck:
     """The validation pass: list the split, probe every file with PyAV (parallel, cached by
     size+mtime), choose the reader, and check each file against it (codec, length, frame rate).
 
@@ -138,19 +139,30 @@ def validate_dataset(cfg: DataConfig, split: str = "train", *, device: torch.dev
     them all, with ``'skip'`` they are left out of the returned dataset. ``classes``: the run's
     class list, through which the split's classes are mapped (``datasets.load_dataset``); without
     it the split defines the classes and those left without files are named in a warning.
+    ``mode``: in ``test`` a file shorter than one clip is kept (its clips repeat the last frame, as
+    SlowFast evaluates such videos); in training it is ``too_short``. ``agree``: maps this rank's bad
+    files to those of every rank (:func:`agree_across_ranks`), so that all ranks keep the same files.
     """
     device = torch.device(device)
     root = resolve_root(cfg)
     ds = load_dataset(cfg.dataset, root, split, cfg.extensions, classes)
     workers = cfg.validation_workers or cfg.num_threads
     cache = probe_cache_path(cfg, root)
+
+    def min_frames(info: VideoInfo) -> int:
+        return 1 if mode == "test" else cfg.clip_extent(info.fps)
+
     # first pass with the codec-agnostic reader to learn codecs, then check for the chosen reader
-    base = validate_files(ds.paths, reader="pyav", min_frames=lambda info: cfg.clip_extent(info.fps), workers=workers,
+    base = validate_files(ds.paths, reader="pyav", min_frames=min_frames, workers=workers,
                           cache_path=cache, progress=progress, cache_read_also=older_probe_caches(cfg, root))
     reader = choose_reader(cfg.reader, list(base.good.values()), device)
     report = base if reader == "pyav" else validate_files(
-        ds.paths, reader=reader, min_frames=lambda info: cfg.clip_extent(info.fps), workers=workers, cache_path=cache)
+        ds.paths, reader=reader, min_frames=min_frames, workers=workers, cache_path=cache)
     report.probed, report.cached = base.probed, base.cached
+    if agree is not None:
+        report.bad = agree(report.bad)
+        for b in report.bad:
+            report.good.pop(b.path, None)
     for b in report.bad:
         log.warning("bad file %s", b)
     if report.bad and cfg.on_bad_file == "error":
@@ -427,6 +439,24 @@ class VideoLoader:
                 (C, T, h, w), generator=gen, device=video.device, dtype=video.dtype)
 
 
+def agree_across_ranks(bad: list[BadFile]) -> list[BadFile]:
+    """The bad files of every rank (all ranks call this; a no-op without a process group of more
+    than one rank). Each rank validates on its own; a file one node cannot read (a node-local copy,
+    a transient error) would otherwise leave the ranks with different datasets: different epoch
+    lengths and shards, collectives out of step, or one rank exiting while the others wait."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return bad
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, [(b.path, b.reason, b.detail) for b in bad])
+    out = {b.path: b for b in bad}  # this rank's own findings first, then the others' in rank order
+    for r, part in enumerate(parts):
+        for path, reason, detail in part:
+            if path not in out:
+                out[path] = BadFile(path, reason, f"{detail} (on rank {r})")
+    return list(out.values())
+
+
 def build_loader(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", mode: str = "pretrain",
                  classes: Optional[Sequence[str]] = None):
@@ -441,7 +471,7 @@ def build_loader(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int 
         from .images import ImageLoader
 
         return ImageLoader(cfg, split, rank=rank, world_size=world_size, device=device, mode=mode, classes=classes)
-    check = validate_dataset(cfg, split, device=device, classes=classes)
+    check = validate_dataset(cfg, split, device=device, classes=classes, mode=mode, agree=agree_across_ranks)
     if rank == 0:
         log.info("data %s/%s: %d videos, %d classes, reader=%s; %s", cfg.dataset, split, len(check.dataset),
                  check.dataset.num_classes, check.reader, check.report.summary().splitlines()[0])

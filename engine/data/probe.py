@@ -12,7 +12,7 @@ stored sideways with a "rotate" tag). Results are cached in a JSON file keyed by
 size + mtime, so a second pass over an unchanged dataset only stats the files. Reasons
 (``BadFile.reason``): ``missing``, ``unreadable`` (including anything that is not a regular file,
 such as a FIFO, which is never opened), ``empty``, ``not_video``, ``decode_error``, ``codec`` (the
-chosen reader cannot decode it), ``too_short`` (fewer frames than one clip spans), ``vfr``
+chosen reader cannot decode it), ``too_short`` (fewer frames than one clip spans; training only: evaluation repeats the last frame), ``vfr``
 (variable frame rate where the reader needs constant), ``too_small`` (below NVDEC's minimum frame
 size, GPU reader only), ``rotated`` (a display rotation, which DALI's decoders ignore: DALI
 readers only; PyAV applies it).

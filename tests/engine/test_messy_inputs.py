@@ -366,3 +366,71 @@ def test_probe_cache_lives_in_cache_dir_and_reads_the_old_one(tmp_path):
     assert loader.skipped_files == [{"path": str(root / "a" / "bad.mp4"), "reason": "not_video",
                                      "detail": loader.report.bad[0].detail}]
     json.dumps(loader.skipped_files)
+
+
+# ---- short videos in evaluation; agreement of ranks on the bad files ------------------------------
+@pytest.mark.parametrize("reader", ["pyav", "cpu"])
+def test_a_video_shorter_than_a_clip_is_evaluated_but_not_trained_on(tmp_path, reader):
+    """SlowFast evaluates a video shorter than one clip with its last frame repeated (Kinetics val has
+    such videos); training leaves it out as too_short (data.on_bad_file decides how)."""
+    root = tmp_path / "short"
+    for cls in ("a", "b"):
+        write_video(str(root / "val" / cls / "long.avi"))
+    short = write_video(str(root / "val" / "b" / "short.avi"), n=3)
+    cfg = cfg_for(str(root), num_frames=8, sampling_rate=1, num_clips=2, num_crops=1, reader=reader)
+    with pytest.raises(BadDatasetError, match="short.avi.*too_short"):
+        validate_dataset(cfg, "val")
+    check = validate_dataset(cfg, "val", mode="test")
+    assert short in check.dataset.paths and not check.report.bad
+    loader = build_loader(cfg, "val", mode="test")
+    assert loader.reader == reader
+    seen = {}
+    for batch in loader:
+        for i, v in enumerate(batch["video_id"].tolist()):
+            if loader.dataset.paths[v] == short:
+                seen.setdefault(v, []).append(batch["video"][i])
+    (clips,) = seen.values()
+    assert len(clips) == 2  # both temporal views, each 8 frames from a 3-frame file
+    assert all(torch.equal(c[:, -1], c[:, -2]) for c in clips)  # the last frame repeated
+
+
+def _agree_worker(rank: int, init: str, bad: dict, out: str) -> None:
+    from engine.data.loader import agree_across_ranks
+    from engine.data.probe import BadFile
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        got = agree_across_ranks([BadFile(p, "unreadable", f"seen by {rank}") for p in bad[rank]])
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump([[b.path, b.detail] for b in got], f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_agree_on_the_bad_files(tmp_path):
+    """A file only rank 1 cannot read is left out on rank 0 too (or stops both under ``error``):
+    every rank keeps the same dataset, so shards, epoch lengths and collectives stay in step."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "agree")
+    bad = {0: ["x.mp4"], 1: ["y.mp4", "x.mp4"]}
+    mp.spawn(_agree_worker, args=(f"file://{tmp_path / 'store'}", bad, out), nprocs=2, join=True)
+    r0, r1 = (json.load(open(f"{out}.{r}")) for r in (0, 1))
+    assert r0 == [["x.mp4", "seen by 0"], ["y.mp4", "seen by 1 (on rank 1)"]]
+    assert r1 == [["y.mp4", "seen by 1"], ["x.mp4", "seen by 1"]]  # the same set (order does not matter)
+
+
+def test_validation_applies_the_agreed_bad_files(corrupt_root):
+    """validate_dataset drops (skip) or reports (error) a file another rank found bad."""
+    from engine.data.probe import BadFile
+
+    root, _ = corrupt_root
+    other = os.path.join(root, "a", "v1.avi")
+
+    def agree(bad):
+        return bad + [BadFile(other, "unreadable", "Errno 5 (on rank 1)")]
+
+    check = validate_dataset(cfg_for(root, on_bad_file="skip"), "train", agree=agree)
+    assert other not in check.dataset.paths and len(check.dataset) == 5
+    with pytest.raises(BadDatasetError, match=r"v1.avi.*on rank 1"):
+        validate_dataset(cfg_for(root), "train", agree=agree)
