@@ -2,21 +2,25 @@
 
 ``root/<split>/<class>/<image>``; classes sorted. Training (pretrain/finetune): DALI's
 ``fn.decoders.image`` -> ``fn.random_resized_crop`` (scale ``train_scale`` or ``finetune_scale``,
-ratio ``train_ratio``, bicubic as in the official ImageNet MaskFeat recipe) -> flip (drawn in Python,
-like the video path) -> normalise to float32 ``(C, H, W)``. Evaluation: resize the short side to
+ratio ``train_ratio``, bicubic as in the official ImageNet MaskFeat recipe) -> flip -> normalise to
+float32 ``(C, H, W)``. The crop box and the flip are drawn in Python from (seed, epoch, position),
+the box once the image's size is known (read from its header with Pillow, EXIF orientation
+applied as DALI's decoder does), and cut by ``fn.resize`` on the relative box, so a resumed epoch
+crops exactly as an uninterrupted one. Evaluation: resize the short side to
 ``crop_size / 0.875`` and take the centre ``crop_size`` square. Batches:
 ``{"image": (B, C, H, W), "label", "index", "valid"}``; sharding, shuffling, epochs and
 ``state_dict`` are those of the video loader (``sampler.py``). Known limits: images are checked
-for existence and non-zero size only (no decode probe); the crop box comes from DALI's seeded
-generator, so a resumed run repeats sample order exactly but not the crop boxes; no RandAugment
+for existence and non-zero size only (no decode probe); no RandAugment
 or random erasing for images yet. Classes: ``classes`` maps an evaluation split's class folders
 by name through the run's list (``datasets.py``); ``drop_last`` never applies in ``test`` mode.
 """
 from __future__ import annotations
 
+import dataclasses
+import io
 import os
 import warnings
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,8 +28,19 @@ import torch
 from .config import DataConfig
 from .datasets import load_dataset, warn_empty_classes
 from .probe import BadDatasetError, BadFile, ValidationReport, VideoInfo
-from .sampler import ClipSpec, epoch_order, shard_positions
+from .sampler import ClipSpec, epoch_order, random_resized_crop, shard_positions
 from .transfer import to_device
+
+
+def image_size(data: np.ndarray) -> tuple[int, int]:
+    """(height, width) of an encoded image as DALI's decoder outputs it: read from the header with
+    Pillow (no decode), swapped for the EXIF orientations that turn it by 90 degrees."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data.tobytes())) as im:
+        width, height = im.size
+        orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
 class ImageLoader:
@@ -81,7 +96,7 @@ class ImageLoader:
                 rng = np.random.default_rng([self.cfg.seed, epoch, pos, 0x1A6E])
                 flip = bool(self.train and self.cfg.flip and rng.random() < 0.5)
                 specs.append(ClipSpec(i, self.dataset.labels[i], np.zeros(1, np.int32), (0.0, 0.0, 1.0, 1.0),
-                                      flip, None, 0, valid))
+                                      flip, None, 0, valid, position=pos))
             out.append(specs)
         return out
 
@@ -101,25 +116,36 @@ class ImageLoader:
         if int(state.get("world_size", self.world_size)) != self.world_size or state.get("seed", self.cfg.seed) != self.cfg.seed:
             self.batches_consumed = 0  # positions do not map across world sizes/seeds: restart the epoch
 
+    def _crop_box(self, epoch: int) -> Callable[[ClipSpec, np.ndarray], ClipSpec]:
+        """``finish(spec, data)`` for the feeder: the training crop box of the encoded image ``data``,
+        torchvision's RandomResizedCrop drawn from (seed, epoch, position) on the image's displayed size."""
+        cfg = self.cfg
+        scale = cfg.finetune_scale if self.mode == "finetune" else cfg.train_scale
+
+        def finish(spec: ClipSpec, data: np.ndarray) -> ClipSpec:
+            height, width = image_size(data)
+            rng = np.random.default_rng([cfg.seed, epoch, spec.position, 0xC409])
+            roi = random_resized_crop(rng, height, width, tuple(scale), tuple(cfg.train_ratio))
+            return dataclasses.replace(spec, roi=roi)
+
+        return finish
+
     def _pipeline(self, feeder, batch_size: int):
         import nvidia.dali.fn as fn
         import nvidia.dali.types as types
         from nvidia.dali import pipeline_def
 
         cfg, train = self.cfg, self.train
-        scale = cfg.finetune_scale if self.mode == "finetune" else cfg.train_scale
 
-        @pipeline_def(batch_size=batch_size, num_threads=cfg.num_threads, device_id=None,
-                      seed=cfg.seed * 1000003 + self.epoch * 1009 + self.batches_consumed + self.rank * 7919,
+        @pipeline_def(batch_size=batch_size, num_threads=cfg.num_threads, device_id=None, seed=cfg.seed,
                       prefetch_queue_depth=cfg.prefetch)
         def graph():
-            data, _, _, _, flip, label, index, _, valid, _ = fn.external_source(source=feeder, num_outputs=10,
-                                                                               batch=True)
+            data, _, roi_start, roi_end, flip, label, index, _, valid, _ = fn.external_source(
+                source=feeder, num_outputs=10, batch=True)
             img = fn.decoders.image(data, device="cpu", output_type=types.RGB)
             if train:
-                img = fn.random_resized_crop(img, size=[cfg.crop_size, cfg.crop_size], random_area=list(scale),
-                                             random_aspect_ratio=list(cfg.train_ratio),
-                                             interp_type=types.INTERP_CUBIC, antialias=True)
+                img = fn.resize(img, size=[cfg.crop_size, cfg.crop_size], roi_start=roi_start, roi_end=roi_end,
+                                roi_relative=True, interp_type=types.INTERP_CUBIC, antialias=True)
                 img = fn.flip(img, horizontal=flip)
                 crop = None
             else:
@@ -147,7 +173,7 @@ class ImageLoader:
         if not batches:
             return
         feeder = Feeder(batches, self.dataset.paths, "bytes", 0, workers=self.cfg.num_threads,
-                        depth=self.cfg.prefetch)
+                        depth=self.cfg.prefetch, finish=self._crop_box(self.epoch) if self.train else None)
         pipe = self._pipeline(feeder, len(batches[0]))
         it = DALIGenericIterator(pipe, ["image", "label", "index", "valid"],
                                  last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False,

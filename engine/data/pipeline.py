@@ -128,7 +128,9 @@ class Feeder:
     Clips are loaded in a thread pool, ``depth`` batches ahead of DALI's request. Raises
     StopIteration after the last planned batch (the end of the epoch for DALI).
 
-    A clip that fails to load: ``on_failure(path, error)`` is called (from a worker thread); then
+    ``finish(spec, data)``: the spec to report for a loaded sample, when part of it can only be
+    drawn from the data (an image's crop box needs its size). A clip that fails to load (or to
+    finish): ``on_failure(path, error)`` is called (from a worker thread); then
     without ``replace`` a :class:`VideoDecodeError` is raised (``rerun`` ends its message: what to
     run after removing the file), with ``replace`` the clip ``replace(spec, attempt)`` is loaded
     in its place (attempts 0, 1, ... up to :data:`MAX_REPLACEMENTS`) and its spec is what the batch
@@ -139,7 +141,8 @@ class Feeder:
                  short_side: int, workers: int, depth: int, *, rotations: list[int] | None = None,
                  replace: Callable[[ClipSpec, int], ClipSpec] | None = None,
                  on_failure: Callable[[str, str], None] | None = None,
-                 rerun: str = "resume from the last checkpoint with --resume auto"):
+                 rerun: str = "resume from the last checkpoint with --resume auto",
+                 finish: Callable[[ClipSpec, np.ndarray], ClipSpec] | None = None):
         self.batches = batches
         self.paths = paths
         self.decode = decode
@@ -148,17 +151,20 @@ class Feeder:
         self.replace = replace
         self.on_failure = on_failure
         self.rerun = rerun
+        self.finish = finish
         self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="maskfeat-data")
         self.depth = max(1, depth)
         self.queue: deque[tuple[list[ClipSpec], list[Future]]] = deque()
         self.next_batch = 0
 
-    def _read(self, spec: ClipSpec) -> np.ndarray:
+    def _read(self, spec: ClipSpec) -> tuple[ClipSpec, np.ndarray]:
         path = self.paths[spec.index]
         if self.decode == "pyav":
             rotation = self.rotations[spec.index] if self.rotations is not None else 0
-            return decode_clip_pyav(path, spec.frames, self.short_side, rotation)
-        return read_bytes(path)
+            data = decode_clip_pyav(path, spec.frames, self.short_side, rotation)
+        else:
+            data = read_bytes(path)
+        return (spec, data) if self.finish is None else (self.finish(spec, data), data)
 
     def _failed(self, spec: ClipSpec, e: Exception) -> str:
         path, err = self.paths[spec.index], f"{type(e).__name__}: {e}"
@@ -168,7 +174,7 @@ class Feeder:
 
     def _load(self, spec: ClipSpec) -> tuple[ClipSpec, np.ndarray]:
         try:
-            return spec, self._read(spec)
+            return self._read(spec)
         except Exception as e:
             err = self._failed(spec, e)
             if self.replace is None:
@@ -184,7 +190,7 @@ class Feeder:
         for attempt in range(MAX_REPLACEMENTS):
             sub = self.replace(spec, attempt)
             try:
-                return sub, self._read(sub)
+                return self._read(sub)
             except Exception as e:
                 self._failed(sub, e)
                 tried.append(self.paths[sub.index])

@@ -69,6 +69,8 @@ class ClipSpec:
     """False for padding repeats (see module docstring)."""
     rand_aug: Optional[np.ndarray] = None
     """RandAugment draws (n, 4) float32: op index, applied (0/1), level, sign per layer; or None."""
+    position: int = -1
+    """Epoch-order position, where a draw needs it after loading (an image's crop box needs its size)."""
 
 
 def epoch_order(n: int, epoch: int, seed: int, *, length: int = 0, shuffle: bool = True) -> np.ndarray:

@@ -468,6 +468,38 @@ def test_image_folder_loader(tmp_path):
         assert sorted(got) == list(range(6))
 
 
+def test_image_crops_resume_exactly(tmp_path):
+    """Image training crops are drawn from (seed, epoch, position) on the image's size, so a loader
+    restored mid-epoch yields the batches an uninterrupted one does, bit for bit (DALI's own
+    random_resized_crop drew them from its generator: a resume repeated the order, not the crops).
+    An EXIF-rotated JPEG's box is drawn on its displayed size, as DALI decodes it upright."""
+    from PIL import Image
+
+    from engine.data.images import image_size
+
+    rng = np.random.default_rng(1)
+    for cls in ("a", "b"):
+        os.makedirs(tmp_path / "train" / cls)
+        for j in range(4):
+            Image.fromarray(rng.integers(0, 255, (30 + 7 * j, 60 - 5 * j, 3), dtype=np.uint8)).save(
+                tmp_path / "train" / cls / f"{j}.jpg")
+    cfg = DataConfig(root=str(tmp_path), dataset="image_folder", crop_size=16, batch_size=2,
+                     cache_dir=str(tmp_path / ".c"))
+    loader = build_loader(cfg, "train", mode="pretrain")
+    full = [b["image"].clone() for b in loader]
+    assert len(full) == 4 and not torch.equal(full[0][0], full[0][1])
+    again = build_loader(cfg, "train", mode="pretrain")
+    again.load_state_dict({**loader.state_dict(), "epoch": 0, "batches_consumed": 2})
+    rest = [b["image"] for b in again]
+    assert len(rest) == 2 and all(torch.equal(a, b) for a, b in zip(rest, full[2:]))
+    img = Image.fromarray(np.zeros((20, 50, 3), np.uint8))
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    raw = np.fromfile(tmp_path / "rot.jpg", np.uint8)
+    assert image_size(raw) == (50, 20)
+
+
 # ---- GPU (bench/gpu_check): DALI's NVDEC path ---------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("codec", ["h264", "vp9"])
