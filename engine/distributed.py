@@ -1,16 +1,42 @@
 """Process-group set-up, the DeepSpeed config and ``deepspeed.initialize``, activation checkpointing.
 
 Launchers (issue 6): ``torchrun`` and the ``deepspeed`` launcher set ``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` themselves; under SLURM (``srun``) they are
-derived from ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID`` and the first host of
-``SLURM_JOB_NODELIST`` (port ``MASTER_PORT``, else ``29500 + SLURM_JOB_ID % 10000`` so that two
-jobs sharing a node do not collide, and a free port for a one-task job); a plain single process gets
-``127.0.0.1``, a free port and rank 0 of 1 (DESIGN §4: DeepSpeed needs these variables even
-alone). The backend is NCCL on CUDA and gloo on CPU.
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` themselves (both RANK and WORLD_SIZE, or
+neither: one without the other is a stale export and a ConfigError). Under SLURM they are derived
+only inside an ``srun`` job step, i.e. when ``SLURM_STEP_ID`` is a normal step id (Slurm's
+``slurm.h``: ids from ``SLURM_MAX_NORMAL_STEP_ID`` = 0xfffffff0 up are the batch, extern and
+interactive steps; srun exports ``SLURM_STEP_ID``, ``SLURM_STEP_NUM_TASKS`` and
+``SLURM_STEP_NODELIST`` for its step): rank ``SLURM_PROCID``, world ``SLURM_STEP_NUM_TASKS`` (else
+``SLURM_NTASKS``), local rank ``SLURM_LOCALID``, address the first host of ``SLURM_STEP_NODELIST``
+(else ``SLURM_JOB_NODELIST`` / ``SLURM_NODELIST``), port ``MASTER_PORT``, else
+``29500 + 8 * (SLURM_JOB_ID % 4500) + SLURM_STEP_ID % 8`` (in 29500..65499, identical on every task
+of a step; jobs with nearby ids and the first 8 concurrent steps of one job differ). A process of an
+``sbatch`` script without ``srun`` (the batch step) runs alone, with a one-line note. A plain single
+process gets ``127.0.0.1``, a free port and rank 0 of 1 (DESIGN §4: DeepSpeed needs these variables
+even alone). ``0 <= RANK < WORLD_SIZE`` and ``LOCAL_RANK >= 0`` are checked before connecting.
+
+Devices: the backend is NCCL on CUDA and gloo on CPU. :func:`select_accelerator` sets
+``DS_ACCELERATOR`` to the engine's choice and must run before ``deepspeed`` is first imported
+(DeepSpeed picks and caches its accelerator on import). A rank uses CUDA device ``LOCAL_RANK`` when
+that many devices are visible, device 0 when exactly one is (``srun --gpus-per-task=1``: each task
+sees only its own GPU) and the launcher did not start several processes on the node
+(``LOCAL_WORLD_SIZE`` / ``LOCAL_SIZE``); anything else is a ConfigError. ``LOCAL_RANK`` itself is
+never changed (the first-local-rank logic of ``engine.checkpoint`` reads it); DeepSpeed is told the
+device through ``deepspeed.initialize(args=deepspeed_args(dist, zero_stage))``. Known limit: ZeRO-3
+reads ``LOCAL_RANK`` as a device index inside DeepSpeed (``partition_parameters.py``), so ZeRO-3
+with one GPU per task and ``LOCAL_RANK`` > 0 is refused with a ConfigError.
+
+Rendezvous: :func:`init_distributed` creates the default process group itself (so that the device
+and the timeout are ours; DeepSpeed then wraps it). Every rank of a multi-process job prints one
+line to stderr before connecting; a rendezvous that times out (``DEEPSPEED_TIMEOUT`` minutes,
+default 10, as DeepSpeed) is a :class:`LaunchError` naming the expected world size, the address,
+the port and where each came from.
 
 DeepSpeed facts (DESIGN §4, measured with 0.19.8): on CPU a ``torch.optim.AdamW`` is passed to
 ``deepspeed.initialize`` (DeepSpeed's CPU Adam compiles an op for ~30 s); gradients are clipped by
-DeepSpeed's ``gradient_clipping``; parameter groups are few (see ``engine/optim.py``).
+DeepSpeed's ``gradient_clipping``; parameter groups are few (see ``engine/optim.py``). Keys of the
+DeepSpeed config that the engine owns (batch sizes, accumulation, clipping, precision, ZeRO stage,
+optimizer, scheduler) are refused in ``deepspeed.extra`` (:func:`check_deepspeed_extra`).
 
 Activation checkpointing is applied here, from outside the model (STYLE habit 7): each block's
 ``forward`` is replaced on the instance by a ``torch.utils.checkpoint`` (non-reentrant) call of
@@ -22,33 +48,54 @@ import functools
 import os
 import re
 import socket
+import sys
+import types
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from datetime import timedelta
+from typing import Any, MutableMapping, Optional, Union
 
 import torch
 from torch import nn
 
+from engine.config import ConfigError
+
 __all__ = [
     "DistInfo",
+    "LaunchError",
     "launch_env",
+    "select_accelerator",
+    "cuda_device_index",
     "init_distributed",
+    "deepspeed_args",
     "deepspeed_config",
+    "check_deepspeed_extra",
     "apply_activation_checkpointing",
     "barrier",
     "all_reduce_sum",
     "is_main",
 ]
 
+SLURM_MAX_NORMAL_STEP_ID = 0xFFFFFFF0
+"""Slurm's ``slurm.h``: step ids from here up are special (batch 0xfffffffb, extern 0xfffffffc,
+interactive 0xfffffffa; the batch step was 0xfffffffe before Slurm 20.11)."""
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class LaunchError(ConfigError):
+    """The launch itself is inconsistent (rendezvous variables, devices): exit 2 like a config error."""
+
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits in the job."""
+    """Where this process sits in the job. ``device_index`` is the CUDA ordinal this rank uses (it
+    differs from ``local_rank`` when each task sees only its own GPU); 0 on CPU."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
     backend: str
+    device_index: int = 0
 
 
 def _free_port() -> int:
@@ -71,54 +118,186 @@ def _first_slurm_host(nodelist: str) -> str:
     return prefix + first + suffix
 
 
-def launch_env(environ: Optional[dict] = None) -> dict[str, str]:
-    """Fill the rendezvous variables in ``environ`` (default ``os.environ``) and return what was
-    set. Variables already present (torchrun, the deepspeed launcher) are never changed."""
-    env = os.environ if environ is None else environ
-    set_: dict[str, str] = {}
+def _srun_step_id(env: MutableMapping[str, str]) -> Optional[int]:
+    """The id of the srun job step this process belongs to, or None outside one (no SLURM, or the
+    batch / interactive / extern step of an allocation)."""
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "")).strip()
+    if not step.isdigit() or int(step) >= SLURM_MAX_NORMAL_STEP_ID or "SLURM_PROCID" not in env:
+        return None
+    return int(step)
 
-    def put(key: str, value: Any) -> None:
+
+def _slurm_port(env: MutableMapping[str, str], step: int) -> tuple[int, str]:
+    job = env.get("SLURM_JOB_ID", env.get("SLURM_JOBID", "")).strip()
+    j = int(job) if job.isdigit() else 0
+    return 29500 + 8 * (j % 4500) + step % 8, "SLURM_JOB_ID and SLURM_STEP_ID"
+
+
+def _int_var(env: MutableMapping[str, str], key: str, origins: dict[str, str]) -> int:
+    raw = env[key]
+    try:
+        return int(raw)
+    except ValueError:
+        raise LaunchError(f"{key}={raw!r} (from {origins[key]}) is not an integer") from None
+
+
+def _fill_launch_env(env: MutableMapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """:func:`launch_env`, also returning where each of :data:`LAUNCH_VARS` came from."""
+    set_: dict[str, str] = {}
+    origins = {k: "the environment" for k in LAUNCH_VARS if k in env}
+
+    def put(key: str, value: Any, origin: str) -> None:
         if key not in env:
             env[key] = str(value)
             set_[key] = str(value)
+            origins[key] = origin
 
-    if "RANK" not in env and "SLURM_PROCID" in env:
-        put("RANK", env["SLURM_PROCID"])
-        put("WORLD_SIZE", env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")))
-        put("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
-        host = _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
-        if host:
-            put("MASTER_ADDR", host)
-        if env["WORLD_SIZE"] != "1":  # one task: a free port below, like a plain process
-            job = env.get("SLURM_JOB_ID", "")
-            put("MASTER_PORT", 29500 + int(job) % 10000 if job.isdigit() else 29500)
-    put("RANK", 0)
-    put("WORLD_SIZE", 1)
-    put("LOCAL_RANK", 0)
-    put("MASTER_ADDR", "127.0.0.1")
+    if ("RANK" in env) != ("WORLD_SIZE" in env):
+        have, missing = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
+        raise LaunchError(f"{have}={env[have]} is set in the environment but {missing} is not (a stale export?): "
+                          f"launchers set both; unset {have} for a single process, or start the job with "
+                          "torchrun / srun / the deepspeed launcher")
+    step = _srun_step_id(env)
+    if "RANK" not in env and step is not None:
+        put("RANK", env["SLURM_PROCID"], "SLURM_PROCID")
+        world_key = next((k for k in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS") if k in env), None)
+        put("WORLD_SIZE", env[world_key] if world_key else 1, world_key or "default (no SLURM_STEP_NUM_TASKS)")
+        put("LOCAL_RANK", env.get("SLURM_LOCALID", "0"), "SLURM_LOCALID" if "SLURM_LOCALID" in env else "default")
+        if env["WORLD_SIZE"] != "1":  # one task: the loopback address and a free port below
+            nl_key = next((k for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+                           if env.get(k, "").strip()), None)
+            if nl_key:
+                put("MASTER_ADDR", _first_slurm_host(env[nl_key]), f"the first host of {nl_key}")
+            port, why = _slurm_port(env, step)
+            put("MASTER_PORT", port, why)
+    elif "RANK" not in env and "SLURM_JOB_ID" in env:
+        n = env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1"))
+        if n.isdigit() and int(n) > 1:
+            print(f"note: SLURM job {env['SLURM_JOB_ID']} has {n} tasks but this process is not in an srun step "
+                  f"(SLURM_STEP_ID={env.get('SLURM_STEP_ID', 'unset')}): it runs as a single process; start it "
+                  "with srun to use every task", file=sys.stderr, flush=True)
+    put("RANK", 0, "default")
+    put("WORLD_SIZE", 1, "default")
+    put("LOCAL_RANK", 0, "default")
+    put("MASTER_ADDR", "127.0.0.1", "default")
     if "MASTER_PORT" not in env:
-        put("MASTER_PORT", _free_port() if env["WORLD_SIZE"] == "1" else 29500)
-    return set_
+        if env["WORLD_SIZE"] == "1":
+            put("MASTER_PORT", _free_port(), "a free local port")
+        else:
+            put("MASTER_PORT", 29500, "default")
+    rank, world, local = (_int_var(env, k, origins) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    port = _int_var(env, "MASTER_PORT", origins)
+    where = {k: f"{k}={env[k]} (from {origins[k]})" for k in LAUNCH_VARS}
+    if world < 1:
+        raise LaunchError(f"{where['WORLD_SIZE']} must be at least 1")
+    if not 0 <= rank < world:
+        raise LaunchError(f"{where['RANK']} must be in 0..WORLD_SIZE-1, but {where['WORLD_SIZE']}")
+    if local < 0:
+        raise LaunchError(f"{where['LOCAL_RANK']} must not be negative")
+    if not 0 < port < 65536:
+        raise LaunchError(f"{where['MASTER_PORT']} is not a TCP port (1..65535)")
+    return set_, origins
+
+
+def launch_env(environ: Optional[MutableMapping[str, str]] = None) -> dict[str, str]:
+    """Fill the rendezvous variables in ``environ`` (default ``os.environ``) as the module docstring
+    says and return what was set. Variables already present (torchrun, the deepspeed launcher) are
+    never changed. Raises :class:`LaunchError` for inconsistent values."""
+    return _fill_launch_env(os.environ if environ is None else environ)[0]
+
+
+def select_accelerator(device: str = "auto") -> str:
+    """Resolve ``train.device`` (``auto``, ``cpu`` or ``cuda``) to ``"cuda"`` or ``"cpu"`` and set
+    ``DS_ACCELERATOR`` to it. Must run before ``deepspeed`` is first imported: a DeepSpeed that was
+    imported earlier and cached another accelerator is a RuntimeError (a bug of the caller).
+    ``cuda`` without a visible GPU is a :class:`LaunchError`."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"train.device={device!r} is not one of auto, cpu, cuda")
+    available = torch.cuda.is_available()
+    if device == "cuda" and not available:
+        raise LaunchError("train.device=cuda but no CUDA device is visible (CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): request GPUs from the scheduler "
+                          "(e.g. srun --gpus / --gpus-per-task) or use train.device=cpu")
+    kind = "cuda" if device == "cuda" or (device == "auto" and available) else "cpu"
+    real = sys.modules.get("deepspeed.accelerator.real_accelerator")
+    cached = getattr(real, "ds_accelerator", None)
+    if cached is not None and cached.device_name() != kind:
+        raise RuntimeError(f"deepspeed was imported before select_accelerator({device!r}) and chose the "
+                           f"{cached.device_name()} accelerator; call select_accelerator before importing deepspeed")
+    os.environ["DS_ACCELERATOR"] = kind
+    return kind
+
+
+def cuda_device_index(local_rank: int, device_count: int,
+                      environ: Optional[MutableMapping[str, str]] = None) -> int:
+    """The CUDA ordinal of a rank: ``local_rank`` when that many devices are visible; 0 when exactly
+    one is and the launcher did not start several processes on this node (each task sees only its
+    own GPU); otherwise a :class:`LaunchError` naming LOCAL_RANK, the count and CUDA_VISIBLE_DEVICES."""
+    env = os.environ if environ is None else environ
+    visible = env.get("CUDA_VISIBLE_DEVICES", "unset")
+    per_node_key = next((k for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if env.get(k, "").strip().isdigit()), None)
+    per_node = int(env[per_node_key]) if per_node_key else None
+    if per_node is not None and per_node > device_count:
+        raise LaunchError(f"{per_node_key}={per_node} processes on this node but {device_count} CUDA device(s) are "
+                          f"visible (CUDA_VISIBLE_DEVICES={visible}, LOCAL_RANK={local_rank}): start at most one "
+                          "process per GPU (torchrun --nproc_per_node / deepspeed --num_gpus)")
+    if 0 <= local_rank < device_count:
+        return local_rank
+    if device_count == 1:
+        return 0
+    raise LaunchError(f"LOCAL_RANK={local_rank} but {device_count} CUDA device(s) are visible (CUDA_VISIBLE_DEVICES="
+                      f"{visible}): start at most one process per visible GPU, or let each task see exactly one GPU "
+                      "(srun --gpus-per-task=1)")
+
+
+def _rendezvous_timeout() -> timedelta:
+    """DeepSpeed's process-group timeout: ``DEEPSPEED_TIMEOUT`` minutes, default 10."""
+    raw = os.environ.get("DEEPSPEED_TIMEOUT", "10")
+    try:
+        return timedelta(minutes=int(raw))
+    except ValueError:
+        raise LaunchError(f"DEEPSPEED_TIMEOUT={raw!r} is not a whole number of minutes") from None
+
+
+def _rendezvous(backend: str, rank: int, world: int, device: Optional[torch.device], origins: dict[str, str],
+                timeout: timedelta) -> None:
+    """``torch.distributed.init_process_group`` from the environment; a timeout or an unreachable
+    address becomes one :class:`LaunchError` line."""
+    addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    if world > 1:
+        what = "waiting for the other ranks at" if rank == 0 else "connecting to"
+        print(f"rank {rank} of {world}: {what} {addr}:{port} ({backend})", file=sys.stderr, flush=True)
+    kwargs: dict[str, Any] = {"timeout": timeout}
+    if device is not None and device.type == "cuda" and world > 1:
+        kwargs["device_id"] = device  # as DeepSpeed does, but with our ordinal rather than LOCAL_RANK
+    try:
+        torch.distributed.init_process_group(backend, init_method="env://", rank=rank, world_size=world, **kwargs)
+    except torch.distributed.DistError as e:
+        first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
+        raise LaunchError(
+            f"rank {rank} of {world}: rendezvous at {addr}:{port} failed (timeout {timeout.total_seconds():g} s; "
+            f"expected WORLD_SIZE={world} from {origins.get('WORLD_SIZE', 'the environment')}, MASTER_ADDR={addr} "
+            f"from {origins.get('MASTER_ADDR', 'the environment')}, MASTER_PORT={port} from "
+            f"{origins.get('MASTER_PORT', 'the environment')}): check that all {world} ranks were started and can "
+            f"reach that address (DEEPSPEED_TIMEOUT minutes to wait longer); torch: {first}") from None
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Initialise the default process group through DeepSpeed (NCCL on CUDA, gloo on CPU)."""
-    launch_env()
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible")
-    if not use_cuda:
-        # DeepSpeed picks its accelerator from the environment; force CPU when asked.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    """Fill and check the launch variables, pick the device and create the default process group
+    (NCCL on CUDA, gloo on CPU) that DeepSpeed then uses. Imports ``deepspeed`` after
+    :func:`select_accelerator`."""
+    _, origins = _fill_launch_env(os.environ)
+    kind = select_accelerator(device)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if kind == "cuda":
+        index = cuda_device_index(local, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
+    else:
+        index, dev = 0, torch.device("cpu")
+    backend = "nccl" if kind == "cuda" else "gloo"
     import deepspeed
 
-    backend = "nccl" if use_cuda else "gloo"
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if use_cuda:
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    else:
-        dev = torch.device("cpu")
     if backend == "gloo":
         # DeepSpeed builds its shared-memory comm op (~20 s of C++ compile on first use) for
         # every CPU process group, but only uses it in ``inference_all_reduce``; training never
@@ -127,11 +306,51 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
-        if world > 1 and rank == 0:  # a wrong WORLD_SIZE (e.g. srun forgotten) waits here, so say where
-            print(f"rank 0 of {world}: waiting for the other ranks at {os.environ['MASTER_ADDR']}:"
-                  f"{os.environ['MASTER_PORT']} ({backend})", flush=True)
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend)
+        _rendezvous(backend, rank, world, dev, origins, _rendezvous_timeout())
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)  # wraps the group created above
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend, device_index=index)
+
+
+def deepspeed_args(dist: DistInfo, zero_stage: int) -> types.SimpleNamespace:
+    """The ``args`` of ``deepspeed.initialize``: ``device_rank`` makes DeepSpeed use this rank's
+    device (``DeepSpeedEngine._set_distributed_vars``) instead of ``LOCAL_RANK``. ZeRO-3 reads
+    ``LOCAL_RANK`` as a device index itself, so it is refused when the two differ."""
+    if zero_stage == 3 and dist.device.type == "cuda" and dist.device_index != dist.local_rank:
+        raise LaunchError(f"deepspeed.zero_stage=3 needs CUDA device LOCAL_RANK={dist.local_rank} to be visible, but "
+                          f"this task sees {torch.cuda.device_count()} device(s) (CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): let every task see all GPUs of its "
+                          "node (e.g. srun --gpus-per-node=N without --gpus-per-task / --gpu-bind=single:1), or use "
+                          "ZeRO stage 0-2")
+    return types.SimpleNamespace(device_rank=dist.device_index)
+
+
+ENGINE_OWNED_KEYS = {
+    "train_batch_size": "data.batch_size (per GPU; the global batch is data.batch_size x the number of GPUs)",
+    "train_micro_batch_size_per_gpu": "data.batch_size (per GPU)",
+    "gradient_accumulation_steps": "data.batch_size or more GPUs (the engine steps once per batch; its LR "
+                                   "schedule and step counts assume no accumulation)",
+    "gradient_clipping": "deepspeed.gradient_clipping",
+    "bf16": "deepspeed.precision",
+    "fp16": "deepspeed.precision",
+    "amp": "deepspeed.precision",
+    "optimizer": "optim.* (the engine passes its own AdamW)",
+    "scheduler": "schedule.* (the engine sets the LR every step)",
+}
+"""Top-level DeepSpeed config keys that ``deepspeed.extra`` may not set -> the engine field to use."""
+
+
+def check_deepspeed_extra(extra: Optional[dict]) -> None:
+    """Refuse in ``deepspeed.extra`` the keys the engine sets or owns (:data:`ENGINE_OWNED_KEYS` and
+    ``zero_optimization.stage``); other ``zero_optimization`` sub-keys are allowed."""
+    for key, value in (extra or {}).items():
+        if key in ENGINE_OWNED_KEYS:
+            raise ConfigError(f"deepspeed.extra.{key}: the engine sets this; use {ENGINE_OWNED_KEYS[key]} instead")
+        if key == "zero_optimization":
+            if not isinstance(value, dict):
+                raise ConfigError(f"deepspeed.extra.zero_optimization must be a mapping of ZeRO options, got {value!r}")
+            if "stage" in value:
+                raise ConfigError("deepspeed.extra.zero_optimization.stage: the engine sets this; use "
+                                  "deepspeed.zero_stage instead")
 
 
 def deepspeed_config(
@@ -143,7 +362,9 @@ def deepspeed_config(
     gradient_clipping: float,
     extra: Optional[dict] = None,
 ) -> dict:
-    """The DeepSpeed JSON config the engine uses (the optimiser is passed as an object)."""
+    """The DeepSpeed JSON config the engine uses (the optimiser is passed as an object); ``extra`` is
+    merged last, after :func:`check_deepspeed_extra`."""
+    check_deepspeed_extra(extra)
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": int(micro_batch),
         "gradient_accumulation_steps": 1,
