@@ -73,6 +73,8 @@ from engine.distributed import (
     DistInfo,
     all_reduce_sum,
     apply_activation_checkpointing,
+    check_deepspeed_extra,
+    deepspeed_args,
     deepspeed_config,
     init_distributed,
 )
@@ -398,9 +400,10 @@ def setup_run(
     """Ordered set-up of a run (module docstring). ``resume`` is ``None``, ``"auto"``, a tag or a path
     (``checkpoint.resolve_resume``); ``build_model(loader)`` may read the dataset (e.g. its number
     of classes)."""
+    check_deepspeed_extra(cfg.deepspeed.extra)  # a key the engine owns: ConfigError before any work
+    dist = init_distributed(cfg.train.device)  # sets DS_ACCELERATOR before deepspeed is first imported
     import deepspeed
 
-    dist = init_distributed(cfg.train.device)
     plan = prepare_output_dir(cfg, resume)
     if dist.rank == 0:
         print("config:\n" + config_to_yaml(cfg), flush=True)
@@ -433,7 +436,8 @@ def setup_run(
     ds_cfg = deepspeed_config(micro_batch=derived.batch_per_rank, world_size=dist.world_size,
                               zero_stage=cfg.deepspeed.zero_stage, precision=cfg.deepspeed.precision,
                               gradient_clipping=cfg.deepspeed.gradient_clipping, extra=cfg.deepspeed.extra)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
+                                           args=deepspeed_args(dist, cfg.deepspeed.zero_stage))
     forget_initial_step(engine.optimizer, optimizer)
     rng = np.random.default_rng([cfg.train.seed, dist.rank])
     torch.manual_seed(cfg.train.seed * 1000 + dist.rank + 1)  # drop path etc. differ per rank

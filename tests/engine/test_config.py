@@ -178,21 +178,23 @@ def test_launch_env_single_process_defaults():
 
 def test_launch_env_keeps_launcher_values_and_reads_slurm():
     env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234",
-           "SLURM_PROCID": "7"}
+           "SLURM_PROCID": "7", "SLURM_STEP_ID": "0"}
     assert launch_env(env) == {} and env["RANK"] == "3"
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
            "SLURM_JOB_NODELIST": "gpu[012-015,020],login1"}
     launch_env(env)
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("5", "16", "1")
     assert env["MASTER_ADDR"] == "gpu012" and env["MASTER_PORT"] == "29500"
     assert _first_slurm_host("node7") == "node7"
     assert _first_slurm_host("node[1-2]-ib,other") == "node1-ib"
-    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1234567", "SLURM_JOB_NODELIST": "a[3-4]"}
-    launch_env(env)  # two jobs on one node get different ports
-    assert env["MASTER_ADDR"] == "a3" and env["MASTER_PORT"] == str(29500 + 4567)
-    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "99", "SLURM_JOB_NODELIST": ""}
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1234567", "SLURM_STEP_ID": "2",
+           "SLURM_JOB_NODELIST": "a[3-4]"}
+    launch_env(env)  # two jobs on one node (and two steps of one job) get different ports
+    assert env["MASTER_ADDR"] == "a3" and env["MASTER_PORT"] == str(29500 + 8 * (1234567 % 4500) + 2)
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "99", "SLURM_STEP_ID": "0",
+           "SLURM_JOB_NODELIST": "n1"}
     launch_env(env)  # one task: a free port, the loopback address
-    assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"] != str(29500 + 99)
+    assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"] != str(29500 + 8 * 99)
 
 
 def test_deepspeed_config():
