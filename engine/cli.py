@@ -22,17 +22,23 @@ under ``data.on_bad_file=error``) or a FileNotFoundError; any other exception is
 error and keeps its traceback.
 ``maskfeat data prepare`` has its own exit codes (``maskfeat data prepare --help``; 5 is a data
 error there too).
+
+Python logging (the engine's ``log.info`` / ``log.warning``) is configured by :func:`setup_logging`
+at the start of :func:`main`: to stderr, ``2026-11-28 14:03:11 [rank0] WARNING engine.data.loader:
+msg``, INFO and up on rank 0, WARNING and up on the other ranks (the rank from ``RANK`` or
+``SLURM_PROCID``). A program that configured logging itself (root handlers present) keeps its own.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
 import threading
 from typing import Optional, Sequence
 
-__all__ = ["main", "build_parser", "is_data_error", "EXIT_CODES"]
+__all__ = ["main", "build_parser", "is_data_error", "setup_logging", "EXIT_CODES"]
 
 EXIT_CODES = {0: "done", 1: "data prepare: some files failed to encode or are bad", 2: "bad config or usage",
               3: "stopped on purpose by train.stop_after_steps", 4: "too many non-finite losses",
@@ -117,7 +123,43 @@ def _drop_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+def _launch_rank() -> int:
+    """This process's global rank as the launcher set it (``RANK``, else ``SLURM_PROCID``; 0)."""
+    for name in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            try:
+                return int(value)
+            except ValueError:
+                continue
+    return 0
+
+
+LOG_FORMAT = "%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
+"""Format of the engine's log records (``{rank}`` is filled in once, at :func:`setup_logging`)."""
+
+
+def setup_logging(rank: Optional[int] = None, stream=None) -> bool:
+    """Send Python logging to ``stream`` (stderr) as ``LOG_FORMAT``: INFO and up from the engine on
+    rank 0, WARNING and up elsewhere (other libraries: WARNING and up). ``rank`` defaults to
+    :func:`_launch_rank`. Does nothing and returns False when the root logger has handlers already
+    (the engine used as a library, or under pytest)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return False
+    rank = _launch_rank() if rank is None else rank
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT.format(rank=rank), datefmt="%Y-%m-%d %H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    level = logging.INFO if rank == 0 else logging.WARNING
+    for name in ("engine", "models"):
+        logging.getLogger(name).setLevel(level)
+    return True
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    setup_logging()
     argv = _drop_local_rank(list(sys.argv[1:] if argv is None else argv))
     if argv[:1] == ["data"]:
         rest = argv[1:]
@@ -142,6 +184,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     overrides, unknown = _split_overrides(extra)
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)} (overrides look like section.field=value)")
+    for name in ("config", "resume", "checkpoint", "run_dir", "out"):  # --resume=~/run: no shell expands it
+        if isinstance(getattr(args, name, None), str):
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
 
     if args.command == "export":
         from engine.checkpoint import export_backbone
@@ -164,7 +209,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"maskfeat {args.command}: config error: {e}", file=sys.stderr)
         return 2
     if args.help_config:
-        print(describe(cfg))
+        try:
+            print(describe(cfg), flush=True)
+        except BrokenPipeError:  # `--help-config | head`: the reader is gone; no traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
     from engine.data.probe import BadDatasetError

@@ -7,10 +7,15 @@ literal under it); :func:`describe` prints them, so ``maskfeat pretrain --help-c
 reference of every knob.
 
 Loading is strict (STYLE habit 5): an unknown key in a YAML file or an override is an error that
-names the closest valid key (``difflib``), and every value is checked against the field's type
-(``int``, ``float``, ``bool``, ``str``, ``Optional``, ``Literal``, tuples, lists, dicts, nested
-sections). Overrides are ``section.field=value`` with the value parsed as YAML and then typed by
-the field (``optim.lr=8e-4``, ``data.root=/k400``, ``data.train_scale=[0.5,1.0]``).
+names the closest valid key when one is close (``difflib``; a key without a section is looked up
+by field name: ``epochs`` -> ``schedule.epochs``), a key repeated in one YAML mapping is an error,
+and every value is checked against the field's type (``int``, ``float``, ``bool``, ``str``,
+``Optional``, ``Literal`` by exact type, tuples, lists, dicts, nested sections). Floats must be
+finite; ints accept integral floats (``1e3``). Overrides are ``section.field=value`` with the
+value parsed as YAML and then typed by the field (``optim.lr=8e-4``, ``data.root=/k400``,
+``data.train_scale=[0.5,1.0]``). YAML files and overrides read numbers as YAML 1.2 does (``1e3``
+is a float, not YAML 1.1's string). Path fields (``metadata={"path": True}``: ``train.output_dir``,
+``data.root``, ``data.cache_dir``, ``finetune.pretrained``) expand a leading ``~``.
 
 Derived quantities are computed in one place (:func:`derive`) and printed at start (STYLE habit
 6): world size, global batch, the absolute LR from the per-256-clip LR of the recipes
@@ -23,6 +28,9 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
+import os
+import re
 import textwrap
 import types
 import typing
@@ -143,8 +151,9 @@ class ScheduleConfig:
 class TrainConfig:
     """Loop control, checkpoints and robustness."""
 
-    output_dir: str = "runs/maskfeat"
-    """Directory for checkpoints, the metrics file, TensorBoard events and the saved config."""
+    output_dir: str = field(default="runs/maskfeat", metadata={"path": True})
+    """Directory for checkpoints, the metrics file, TensorBoard events and the saved config (a
+    leading ``~`` is expanded, as in every path field)."""
     overwrite: bool = False
     """A run started without ``--resume`` in an ``output_dir`` that holds checkpoints stops with a
     config error (``--resume auto`` continues it); true: that folder's ``checkpoints/``,
@@ -175,9 +184,9 @@ class TrainConfig:
 class FinetuneConfig:
     """Fine-tuning and evaluation specifics (DESIGN §3.6)."""
 
-    pretrained: str = ""
-    """Pre-trained backbone to start from: a ``.safetensors`` file from ``maskfeat export`` or
-    an official SlowFast ``.pyth`` (its ``model_state``); "" = from scratch."""
+    pretrained: str = field(default="", metadata={"path": True})
+    """Pre-trained backbone to start from (a leading ``~`` is expanded): a ``.safetensors`` file from
+    ``maskfeat export`` or an official SlowFast ``.pyth`` (its ``model_state``); "" = from scratch."""
     num_classes: int = 0
     """Classifier width; 0 = take it from the dataset (``loader.num_classes``)."""
     mixup_alpha: float = 0.8
@@ -214,9 +223,11 @@ class LogConfig:
     """Progress bar, TensorBoard and JSON-lines metrics."""
 
     every_steps: int = 10
-    """Write scalars (loss, LR, grad norm, clips/s, memory) every this many steps."""
+    """Write scalars (loss, LR, grad norm, clips/s, memory) every this many steps; without a
+    progress bar, also one plain line on stderr (step, epoch, loss, LR, clips/s, ETA, memory)."""
     progress_bar: bool = True
-    """tqdm progress bar on rank 0 with clips/s and ETA."""
+    """tqdm progress bar on rank 0 with clips/s and ETA, drawn only when stderr is a terminal; when
+    it is not (a log file, SLURM) or with false, one plain line every ``every_steps`` steps instead."""
     tensorboard: bool = True
     """Write TensorBoard event files under ``<output_dir>/tb``."""
     jsonl: bool = True
@@ -250,19 +261,102 @@ class Config:
 # ----------------------------------------------------------------------------------------------
 # Strict typed construction
 # ----------------------------------------------------------------------------------------------
+_HINT_CUTOFF = 0.6
+"""``difflib`` similarity below which no "did you mean" is offered (a far-off guess misleads)."""
+
+
 def _closest(key: str, valid: list[str]) -> str:
-    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=_HINT_CUTOFF)
     return match[0] if match else ""
+
+
+def _all_fields() -> dict[str, list[str]]:
+    """Field name -> the ``section.field`` keys that have it (``seed`` is in ``data`` and ``train``)."""
+    out: dict[str, list[str]] = {}
+    for sec in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[sec.name]
+        for f in dataclasses.fields(cls):
+            out.setdefault(f.name, []).append(f"{sec.name}.{f.name}")
+    return out
+
+
+def _suggest(path: str, key: str, valid: list[str]) -> list[str]:
+    """Full keys to suggest for the unknown ``key`` under ``path`` ("" = top level), best first:
+
+    * at the top level, a field of that exact name in any section (``epochs`` ->
+      ``schedule.epochs``, ``seed`` -> ``data.seed`` and ``train.seed``), else a close section
+      name (``datta`` -> ``data``), else a close field name (``epoch`` -> ``schedule.epochs``);
+    * in a section, a close name there (``optim.lrr`` -> ``optim.lr``), else a field of that exact
+      name in another section (``train.lr`` -> ``optim.lr``);
+    * nothing when nothing is close (a far-off guess misleads more than it helps)."""
+    sections = [f.name for f in dataclasses.fields(Config)]
+    by_name = _all_fields()
+    if not path:
+        if key in by_name:
+            return by_name[key]
+        near = _closest(key, valid)
+        if near:
+            return [near]
+        names = difflib.get_close_matches(key, list(by_name), n=1, cutoff=_HINT_CUTOFF)
+        return by_name[names[0]] if names else []
+    near = _closest(key, valid)
+    if near:
+        return [f"{path}.{near}"]
+    if path in sections and key in by_name:
+        return by_name[key]
+    return []
 
 
 def _unknown_key(path: str, key: str, valid: list[str]) -> ConfigError:
     where = f"{path}.{key}" if path else key
-    near = _closest(key, valid)
-    near_full = f"{path}.{near}" if path else near
+    near = _suggest(path, key, valid)
+    hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
     return ConfigError(
-        f"unknown config key {where!r}; did you mean {near_full!r}? "
+        f"unknown config key {where!r}{hint} "
         f"(valid keys{' of ' + path if path else ''}: {', '.join(valid)})"
     )
+
+
+# YAML: the 1.2 float spelling and no duplicate keys ------------------------------------------
+_FLOAT_12 = re.compile(r"""^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+
+   |[-+]?\.[0-9_]+[eE][-+]?[0-9]+)$""", re.X)
+"""Floats with an exponent that YAML 1.1 misses (it wants a dot and a signed exponent:
+``1.0e+3``); YAML 1.1's own float resolver covers the rest (``0.5``, ``.inf``, ``.nan``)."""
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that reads ``1e3``, ``5e8``, ``1e-1`` as floats (YAML 1.2; YAML 1.1 wants
+    a dot, ``1.0e3``) and rejects a key repeated in one mapping (YAML 1.1 keeps the last silently,
+    so a second ``optim:`` section would drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key; the base class reports it
+                continue
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise ConfigError(f"duplicate key {key!r} at line {line} (first at line {first}); "
+                                  "YAML would keep only the last one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+
+
+def _yaml_load(text: Any) -> Any:
+    """Parse YAML text or a stream with :class:`_Loader`."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+_NULLS = ("null", "Null", "NULL", "~", "None", "none")
+"""Override spellings of null (``None``/``none`` too: ``--help-config`` used to print ``None``)."""
 
 
 def _type_name(tp: Any) -> str:
@@ -294,12 +388,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{path}: {value!r} does not match {_type_name(tp)} ({'; '.join(errors)})")
-    if origin is Literal:
-        if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
+    if origin is Literal:  # the exact type: 2.0 and True are not the choice 2 or 1
+        if any(type(value) is type(a) and value == a for a in args):
             return value
         choices = ", ".join(repr(a) for a in args)
         hint = _closest(str(value), [str(a) for a in args])
-        raise ConfigError(f"{path}: {value!r} is not one of {choices}; did you mean {hint!r}?")
+        raise ConfigError(f"{path}: {value!r} is not one of {choices}" + (f"; did you mean {hint!r}?" if hint else ""))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -307,21 +401,28 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, float) and value.is_integer():  # 1e3 -> 1000; 2.5, nan, inf stay errors
             return int(value)
         raise ConfigError(f"{path}: expected an integer, got {value!r}")
     if tp is float:
+        number: Optional[float] = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # a quoted number, or a mapping built in Python
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: expected a finite number, got {number!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
+        if value is None:
+            raise ConfigError(f"{path}: expected a string, got null ('' is the empty string)")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. data.root=123
         raise ConfigError(f"{path}: expected a string, got {value!r}")
@@ -344,14 +445,23 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported field type {_type_name(tp)}")  # pragma: no cover
 
 
+def _is_path(f: dataclasses.Field) -> bool:
+    """A field whose value is a file or folder (``metadata={"path": True}``): ``~`` is expanded."""
+    return bool(f.metadata.get("path"))
+
+
 def _build(cls: type, data: dict, path: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         if key not in names:
             raise _unknown_key(path, str(key), names)
-        kwargs[key] = _coerce(value, hints[key], f"{path}.{key}" if path else key)
+        value = _coerce(value, hints[key], f"{path}.{key}" if path else key)
+        if _is_path(fields[key]) and isinstance(value, str):
+            value = os.path.expanduser(value)  # train.output_dir=~/runs, data.root: ~/k400
+        kwargs[key] = value
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -401,11 +511,45 @@ def _parse_override(item: str) -> tuple[list[str], str]:
     return key.split("."), raw
 
 
+def _override_value(item: str, key: str, tp: Any, raw: str) -> Any:
+    """The value of the override ``item`` (``key=raw``) for a field of type ``tp``."""
+    union = typing.get_origin(tp) in (Union, types.UnionType)
+    optional = union and type(None) in typing.get_args(tp)
+    stringy = tp is str or (union and str in typing.get_args(tp))
+    text = raw.strip()
+    if tp is not Any and text in _NULLS and not (text == "~" and stringy):  # on a str field ~ is home
+        if optional:
+            return None
+        if tp is str:
+            raise ConfigError(f"override {item!r}: {key} is a string and cannot be null (write {key}= for an "
+                              f"empty one, {key}='{text}' for the word)")
+    if stringy:
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # a quoted string: '', "null"
+            try:
+                quoted = _yaml_load(text)
+            except yaml.YAMLError:
+                quoted = None
+            if isinstance(quoted, str):
+                return quoted
+        return raw
+    if raw == "":
+        return ""
+    try:
+        return _yaml_load(raw)
+    except ConfigError as e:
+        raise ConfigError(f"override {item!r}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b=value`` overrides to a nested mapping (checked later by the typed build).
 
-    Values are parsed as YAML (``true``, ``3``, ``[0.5, 1.0]``, ``{target: pixel}``); a field of
-    type ``str`` keeps the raw text, so ``data.root=007`` stays ``"007"``.
+    Values are parsed as YAML with YAML 1.2 numbers (``1e3`` is a float): ``true``, ``3``,
+    ``[0.5, 1.0]``, ``{target: pixel}``. A field of type ``str`` keeps the raw text, so
+    ``data.root=007`` stays ``"007"``, unless it is quoted (``finetune.pretrained=''`` is empty,
+    ``data.root='null'`` the word); an unquoted ``null``/``None`` there is an error. ``null``,
+    ``None`` and ``none`` set an ``Optional`` field to null.
     """
     data = _plain(dict(data or {}))
     for item in overrides:
@@ -424,14 +568,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             else:  # inside a free-form dict field (e.g. model.overrides.target=pixel)
                 tp = Any
             if is_last:
-                if tp is str or (typing.get_origin(tp) in (Union, types.UnionType)
-                                 and str in typing.get_args(tp) and raw.lower() not in ("null", "none", "~")):
-                    node[k] = raw
-                else:
-                    try:
-                        node[k] = yaml.safe_load(raw) if raw != "" else ""
-                    except yaml.YAMLError as e:
-                        raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
+                node[k] = _override_value(item, ".".join(keys), tp, raw)
             else:
                 if not (dataclasses.is_dataclass(tp) or tp is Any or typing.get_origin(tp) is dict):
                     raise ConfigError(f"override {item!r}: {'.'.join(keys[:depth + 1])} is a value, not a section")
@@ -450,11 +587,14 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     """Read a YAML recipe (optional), apply dotted overrides, build and check the :class:`Config`."""
     data: dict = {}
     if path:
+        path = os.path.expanduser(path)  # --config=~/x.yaml: no shell expands it
         try:
             with open(path) as f:
-                data = yaml.safe_load(f) or {}
+                data = _yaml_load(f) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except ConfigError as e:  # a duplicate key
+            raise ConfigError(f"{path}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(data, dict):
@@ -542,14 +682,30 @@ def derive(cfg: Config, world_size: int, steps_per_epoch: int, clips_per_rank: O
     )
 
 
+def _check_finite(cfg: Config) -> None:
+    """Every float of every section (tuples too) is finite: the typed build rejects nan/inf
+    already, this catches a :class:`Config` built or changed in Python. Free-form mappings
+    (``model.overrides``, ``deepspeed.extra``) are checked by what reads them."""
+    for sec in dataclasses.fields(cfg):
+        obj = getattr(cfg, sec.name)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            items = value if isinstance(value, (tuple, list)) else (value,)
+            for v in items:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{sec.name}.{f.name} must be finite, got {value!r}")
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks the typed build cannot express."""
+    """Cross-field checks the typed build cannot express. Comparisons are written so that NaN
+    fails them (``not x > 0`` rather than ``x <= 0``)."""
+    _check_finite(cfg)
     s, o = cfg.schedule, cfg.optim
     if s.epochs < 1:
         raise ConfigError(f"schedule.epochs must be >= 1, got {s.epochs}")
     if not 0 <= s.warmup_epochs <= s.epochs:
         raise ConfigError(f"schedule.warmup_epochs must be in [0, epochs={s.epochs}], got {s.warmup_epochs}")
-    if o.lr <= 0 or o.lr_reference_batch < 1:
+    if not o.lr > 0 or o.lr_reference_batch < 1:
         raise ConfigError(f"optim.lr must be > 0 and optim.lr_reference_batch >= 1, got {o.lr}, {o.lr_reference_batch}")
     if not 0 < o.layer_decay <= 1:
         raise ConfigError(f"optim.layer_decay must be in (0, 1], got {o.layer_decay}")
@@ -558,28 +714,33 @@ def validate(cfg: Config) -> None:
     ac = cfg.model.activation_checkpointing
     if not isinstance(ac, bool) and ac < 0:
         raise ConfigError(f"model.activation_checkpointing must be true, false or a number of blocks >= 0, got {ac}")
+    dp = cfg.model.drop_path
+    if dp is not None and not 0 <= dp < 1:
+        raise ConfigError(f"model.drop_path must be in [0, 1) or null, got {dp}")
     if cfg.train.max_nonfinite < 1:
         raise ConfigError(f"train.max_nonfinite must be >= 1, got {cfg.train.max_nonfinite}")
+    if not cfg.train.output_dir.strip():
+        raise ConfigError("train.output_dir must not be empty (checkpoints, metrics and the config are written there)")
     b1, b2 = o.betas
-    if not (0 <= b1 < 1 and 0 <= b2 < 1) or o.eps <= 0 or o.weight_decay < 0:
+    if not (0 <= b1 < 1 and 0 <= b2 < 1) or not o.eps > 0 or not o.weight_decay >= 0:
         raise ConfigError(f"optim.betas must be in [0, 1), optim.eps > 0 and optim.weight_decay >= 0; got "
                           f"{o.betas}, {o.eps}, {o.weight_decay}")
-    if s.warmup_start_lr < 0 or s.end_lr < 0 or s.max_steps < 0:
+    if not s.warmup_start_lr >= 0 or not s.end_lr >= 0 or s.max_steps < 0:
         raise ConfigError(f"schedule.warmup_start_lr and end_lr must be >= 0 and max_steps >= 0; got "
                           f"{s.warmup_start_lr}, {s.end_lr}, {s.max_steps}")
     if cfg.log.every_steps < 1:
         raise ConfigError(f"log.every_steps must be >= 1, got {cfg.log.every_steps}")
     for name in ("checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints", "stop_after_steps",
-                 "eval_every_epochs"):
+                 "eval_every_epochs", "seed"):
         if getattr(cfg.train, name) < 0:
             raise ConfigError(f"train.{name} must be >= 0, got {getattr(cfg.train, name)}")
-    if cfg.deepspeed.gradient_clipping < 0:
+    if not cfg.deepspeed.gradient_clipping >= 0:
         raise ConfigError(f"deepspeed.gradient_clipping must be >= 0 (0: off), got {cfg.deepspeed.gradient_clipping}")
     ft = cfg.finetune
     if ft.num_classes < 0:
         raise ConfigError(f"finetune.num_classes must be >= 0 (0: the training classes), got {ft.num_classes}")
     for name in ("mixup_alpha", "cutmix_alpha"):
-        if getattr(ft, name) < 0:
+        if not getattr(ft, name) >= 0:
             raise ConfigError(f"finetune.{name} must be >= 0, got {getattr(ft, name)}")
     for name in ("mixup_prob", "switch_prob", "label_smoothing"):
         if not 0 <= getattr(ft, name) <= 1:
@@ -605,8 +766,16 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _yaml_value(value: Any) -> str:
+    """``value`` spelled as it is typed in YAML and in an override (``null``, ``true``, ``[0.5, 1.0]``,
+    ``''`` for the empty string)."""
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, width=float("inf"), sort_keys=False)
+    return text.strip().removesuffix("\n...").removesuffix("...").strip()
+
+
 def describe(cfg: Optional[Config] = None) -> str:
-    """Every field with its current value and docstring, section by section."""
+    """Every field with its current value (as YAML: ``null``, ``true``) and docstring, section by
+    section."""
     cfg = cfg or Config()
     lines = []
     for sec in dataclasses.fields(Config):
@@ -614,7 +783,7 @@ def describe(cfg: Optional[Config] = None) -> str:
         lines.append(f"[{sec.name}]")
         docs = field_docs(type(obj))
         for f in dataclasses.fields(obj):
-            lines.append(f"  {sec.name}.{f.name} = {_plain(getattr(obj, f.name))!r}")
+            lines.append(f"  {sec.name}.{f.name} = {_yaml_value(getattr(obj, f.name))}")
             if docs.get(f.name):
                 lines.append(textwrap.fill(docs[f.name], 100, initial_indent="      ",
                                            subsequent_indent="      "))

@@ -1,9 +1,20 @@
-"""Run output: a tqdm progress bar (clips/s, ETA), TensorBoard scalars and a JSON-lines file.
+"""Run output: a tqdm progress bar (clips/s, ETA) or plain progress lines, TensorBoard scalars and
+a JSON-lines file.
 
-Only rank 0 writes. TensorBoard goes through ``torch.utils.tensorboard`` into
-``<output_dir>/tb``; metrics go to ``<output_dir>/metrics.jsonl``, one object per logged step
-(``{"step": …, "split": "train"|"val", "time": …, "loss": …, …}``), appended so a resumed run
-continues the same file. Memory is the peak CUDA allocation on GPU and the process's peak RSS on CPU.
+Only rank 0 writes. The tqdm bar is drawn only when stderr is a terminal: to a file (a redirect,
+SLURM's log) its ``\\r`` updates would pile up into one line of megabytes. Otherwise, and with
+``log.progress_bar=false``, each logged training step (every ``log.every_steps``, the
+:meth:`RunLogger.scalars` calls with ``prefix="train"``) prints one line to stderr::
+
+    2026-11-28 14:03:11 step 120/3000 epoch 1.20 loss 0.5123 lr 0.00032 clips/s 85.3 ETA 1:02:03 mem 12.3 GB
+
+ETA = remaining steps at the mean rate since the first logged step of this process (start-up and
+compilation are left out once a step has been logged; the first line counts from the start).
+
+TensorBoard goes through ``torch.utils.tensorboard`` into ``<output_dir>/tb``; metrics go to
+``<output_dir>/metrics.jsonl``, one object per logged step (``{"step": …, "split": "train"|"val",
+"time": …, "loss": …, …}``), appended so a resumed run continues the same file. Memory is the
+peak CUDA allocation on GPU and the process's peak RSS on CPU.
 
 Training scalars (``engine.runner.train_loop``): ``loss`` is the mean over the global batch (the
 ranks' batch-mean losses averaged over ranks, by the same all-reduce that checks for non-finite
@@ -70,6 +81,20 @@ def truncate_metrics(path: str, after_step: int) -> int:
     return dropped
 
 
+def _is_terminal(stream) -> bool:
+    """True when ``stream`` is an interactive terminal (a progress bar can redraw in place)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _hms(seconds: float) -> str:
+    """``H:MM:SS`` (days folded into hours)."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 class RunLogger:
     """Progress bar + TensorBoard + JSON lines for one run (no-op on ranks other than 0)."""
 
@@ -95,6 +120,10 @@ class RunLogger:
         self.bar = None
         self.tb_dir = os.path.join(output_dir, "tb")
         self.jsonl_path = os.path.join(output_dir, "metrics.jsonl")
+        self.total_steps = total_steps
+        self._t_ref, self._step_ref, self._first_logged = time.time(), initial_step, False
+        self.plain = not (progress_bar and _is_terminal(sys.stderr))
+        """One line per logged step instead of the bar (module docstring)."""
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
@@ -109,7 +138,7 @@ class RunLogger:
                     print(f"metrics.jsonl: dropped {n} records after step {resume_step} (logged before the "
                           "interruption; those steps run again)", file=sys.stderr, flush=True)
             self.jsonl = open(self.jsonl_path, "a", buffering=1)
-        if progress_bar:
+        if not self.plain:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, unit="step",
@@ -136,6 +165,32 @@ class RunLogger:
             rec.update({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
                         for k, v in values.items()})
             self.jsonl.write(json.dumps(rec) + "\n")
+        if self.plain and prefix == "train":
+            print(self.progress_line(step, values), file=sys.stderr, flush=True)
+
+    def progress_line(self, step: int, values: dict, now: Optional[float] = None) -> str:
+        """The plain progress line of training step ``step`` (module docstring) from the scalars
+        ``values`` (``loss``, ``lr``, ``clips_per_s``, ``memory_gb``, ``epoch``, ``nonfinite_total``;
+        absent ones are left out). Advances the ETA's reference point after the first call."""
+        now = time.time() if now is None else now
+        parts = [time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)), f"step {step}/{self.total_steps}"]
+        fmt = {"epoch": ("epoch", "{:.2f}"), "loss": ("loss", "{:.4g}"), "lr": ("lr", "{:.3g}"),
+               "clips_per_s": ("clips/s", "{:.1f}")}
+        for key, (label, spec) in fmt.items():
+            v = values.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                parts.append(f"{label} {spec.format(v)}")
+        done, left = step - self._step_ref, self.total_steps - step
+        if done > 0 and now > self._t_ref and left >= 0:
+            parts.append(f"ETA {_hms(left * (now - self._t_ref) / done)}")
+        mem = values.get("memory_gb")
+        if isinstance(mem, (int, float)) and not isinstance(mem, bool):
+            parts.append(f"mem {mem:.1f} GB")
+        if values.get("nonfinite_total"):
+            parts.append(f"skipped {values['nonfinite_total']}")
+        if not self._first_logged:  # rate from here on: start-up and compilation left out
+            self._t_ref, self._step_ref, self._first_logged = now, step, True
+        return " ".join(parts)
 
     def write(self, msg: str) -> None:
         """Print a line without breaking the progress bar."""

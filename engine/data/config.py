@@ -7,7 +7,9 @@ erasing 0.25, repeated augmentation x2, RandomResizedCrop [0.08, 1], 10 clips x 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import os
+from dataclasses import dataclass, field, fields
 
 DATASETS = ("demo", "kinetics", "folder", "image_folder")
 READERS = ("auto", "gpu", "cpu", "pyav")
@@ -18,8 +20,9 @@ BAD_FILE_POLICIES = ("error", "skip")
 class DataConfig:
     """Data pipeline settings; every field has a typed default (see module docstring)."""
 
-    root: str = ""
-    """Dataset root. With ``dataset="demo"`` and an empty root the packaged clips are used."""
+    root: str = field(default="", metadata={"path": True})
+    """Dataset root (a leading ``~`` is expanded). With ``dataset="demo"`` and an empty root the
+    packaged clips are used."""
     dataset: str = "demo"
     """``demo`` | ``kinetics`` (SlowFast lists ``train.csv``/``val.csv``/``test.csv`` with
     ``path label`` per line, paths relative to root) | ``folder`` (one sub-folder per class; a
@@ -60,8 +63,9 @@ class DataConfig:
     (drop it, and report it by name and reason)."""
     validation_workers: int = 0
     """Threads for the validation pass; 0 means ``num_threads``."""
-    cache_dir: str = ""
-    """Where the probe cache (and the demo clips) live; "" = ``~/.cache/maskfeat``."""
+    cache_dir: str = field(default="", metadata={"path": True})
+    """Where the probe cache (and the demo clips) live (a leading ``~`` is expanded);
+    "" = ``~/.cache/maskfeat``."""
     prefetch: int = 2
     """Batches decoded ahead of the consumer (PyAV path) and DALI prefetch queue depth."""
     drop_last: bool = False
@@ -99,8 +103,16 @@ class DataConfig:
     """File extensions recognised as videos in folder datasets."""
 
     def __post_init__(self) -> None:
+        """Checks of each field; comparisons are written so that NaN fails them."""
         for name in ("train_scale", "train_ratio", "finetune_scale", "mean", "std", "extensions"):
             setattr(self, name, tuple(getattr(self, name)))  # YAML gives lists
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("path") and isinstance(value, str):
+                setattr(self, f.name, os.path.expanduser(value))
+            for v in value if isinstance(value, tuple) else (value,):
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError(f"data.{f.name} must be finite, got {value!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"data.dataset={self.dataset!r}: expected one of {DATASETS}")
         if self.reader not in READERS:
@@ -121,10 +133,15 @@ class DataConfig:
             raise ValueError(f"data.random_erasing must be in [0, 1], got {self.random_erasing}")
         if not 0.0 < self.test_crop_fraction <= 1.0:
             raise ValueError(f"data.test_crop_fraction must be in (0, 1], got {self.test_crop_fraction}")
-        if self.target_fps < 0:
+        if not self.target_fps >= 0:
             raise ValueError(f"data.target_fps must be >= 0 (0: the file's own frames), got {self.target_fps}")
-        if self.rand_augment_mstd < 0:
+        if not self.rand_augment_mstd >= 0:
             raise ValueError(f"data.rand_augment_mstd must be >= 0, got {self.rand_augment_mstd}")
+        if not all(s > 0 for s in self.std):
+            raise ValueError(f"data.std must be > 0 in every channel (pixels are divided by it), got {self.std}")
+        for name in ("clips_per_epoch", "rand_augment_n", "validation_workers", "seed"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.rand_augment_m <= 10:
             raise ValueError(f"data.rand_augment_m must be in [0, 10], got {self.rand_augment_m}")
 
