@@ -157,7 +157,9 @@ class TrainConfig:
     overwrite: bool = False
     """A run started without ``--resume`` in an ``output_dir`` that holds checkpoints stops with a
     config error (``--resume auto`` continues it); true: that folder's ``checkpoints/``,
-    ``metrics.jsonl``, ``classes.json`` and ``tb/`` are removed first and the run starts afresh."""
+    ``metrics.jsonl``, ``classes.json``, ``tb/``, ``eval.json``, ``evals.jsonl``,
+    ``eval.predictions.npz`` and ``backbone.safetensors`` are removed first and the run starts
+    afresh."""
     seed: int = 0
     """Seed of model init, masks (one numpy Generator per rank, seeded by seed and rank) and
     drop path."""

@@ -11,6 +11,8 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
+from .datasets import KNOWN_VIDEO_EXTENSIONS
+
 DATASETS = ("demo", "kinetics", "folder", "image_folder")
 READERS = ("auto", "gpu", "cpu", "pyav")
 BAD_FILE_POLICIES = ("error", "skip")
@@ -64,8 +66,9 @@ class DataConfig:
     validation_workers: int = 0
     """Threads for the validation pass; 0 means ``num_threads``."""
     cache_dir: str = field(default="", metadata={"path": True})
-    """Where the probe cache (and the demo clips) live (a leading ``~`` is expanded);
-    "" = ``~/.cache/maskfeat``."""
+    """Where the probe cache and the demo clips live (a leading ``~`` is expanded). "" =
+    ``$MASKFEAT_CACHE``, else ``~/.cache/maskfeat`` for the demo clips and
+    ``<root>/.maskfeat_probe.json`` for the probe cache (the cache dir when the root is read-only)."""
     prefetch: int = 2
     """Batches decoded ahead of the consumer (PyAV path) and DALI prefetch queue depth."""
     drop_last: bool = False
@@ -99,8 +102,9 @@ class DataConfig:
     the short side to 256 and crops 224: 0.875). 3 crops always take the whole short side."""
     seed: int = 0
     """Seed of shuffling, clip windows and augmentation parameters."""
-    extensions: tuple[str, ...] = field(default=(".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v"))
-    """File extensions recognised as videos in folder datasets."""
+    extensions: tuple[str, ...] = field(default=KNOWN_VIDEO_EXTENSIONS)
+    """File extensions recognised as videos in folder datasets (case ignored): every container
+    FFmpeg reads, e.g. .mp4 .mkv .mov .MTS .3gp .mpg .wmv (each file is probed anyway)."""
 
     def __post_init__(self) -> None:
         """Checks of each field; comparisons are written so that NaN fails them."""

@@ -323,7 +323,7 @@ def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int =
         from tqdm import tqdm
 
         with ProcessPoolExecutor(max(1, workers)) as ex, tqdm(total=len(todo), desc="prepare", unit="video",
-                                                               disable=not progress) as bar:
+                                                               disable=not progress or not sys.stderr.isatty()) as bar:
             for fut in as_completed([ex.submit(_job, t) for t in todo]):
                 s, err = fut.result()
                 if err:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -354,7 +355,7 @@ def validate_files(paths: Sequence[str], *, reader: str = "pyav",
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=len(todo), desc="probe", unit="file")
+            bar = tqdm(total=len(todo), desc="probe", unit="file", disable=not sys.stderr.isatty())
         with ThreadPoolExecutor(max(1, workers)) as ex:
             for res in ex.map(probe_video, todo):
                 results[res.path] = res
@@ -387,7 +388,7 @@ def _full_decode(report: ValidationReport, workers: int, progress: bool) -> None
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(todo), desc="decode", unit="file")
+        bar = tqdm(total=len(todo), desc="decode", unit="file", disable=not sys.stderr.isatty())
     failed: dict[str, str] = {}
     with ThreadPoolExecutor(max(1, workers)) as ex:
         for p, (n, err) in zip(todo, ex.map(decode_all_frames, todo)):
