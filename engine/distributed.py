@@ -311,11 +311,30 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend, device_index=index)
 
 
+def _tasks_per_node(env: MutableMapping[str, str]) -> Optional[int]:
+    """Processes the launcher started on this node (torchrun, the deepspeed launcher, srun), if it says."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        m = re.match(r"\s*(\d+)", env.get(key, ""))  # SLURM_TASKS_PER_NODE reads e.g. "8(x4)"
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _one_gpu_per_task(device_count: int, environ: Optional[MutableMapping[str, str]] = None) -> bool:
+    """Each of several tasks on this node sees its own single GPU (``srun --gpus-per-task=1``): a fact
+    of the node, the same on every rank of it, so a refusal based on it is made by all of them."""
+    n = _tasks_per_node(os.environ if environ is None else environ)
+    return device_count == 1 and n is not None and n > 1
+
+
 def deepspeed_args(dist: DistInfo, zero_stage: int) -> types.SimpleNamespace:
     """The ``args`` of ``deepspeed.initialize``: ``device_rank`` makes DeepSpeed use this rank's
     device (``DeepSpeedEngine._set_distributed_vars``) instead of ``LOCAL_RANK``. ZeRO-3 reads
-    ``LOCAL_RANK`` as a device index itself, so it is refused when the two differ."""
-    if zero_stage == 3 and dist.device.type == "cuda" and dist.device_index != dist.local_rank:
+    ``LOCAL_RANK`` as a device index itself, so it is refused when the two differ, or when the node
+    runs one GPU per task (then on every rank, also those of LOCAL_RANK 0, which would otherwise go
+    on and wait for the others in DeepSpeed's first collective until the timeout)."""
+    if zero_stage == 3 and dist.device.type == "cuda" and (dist.device_index != dist.local_rank
+                                                            or _one_gpu_per_task(torch.cuda.device_count())):
         raise LaunchError(f"deepspeed.zero_stage=3 needs CUDA device LOCAL_RANK={dist.local_rank} to be visible, but "
                           f"this task sees {torch.cuda.device_count()} device(s) (CUDA_VISIBLE_DEVICES="
                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): let every task see all GPUs of its "
@@ -330,8 +349,6 @@ ENGINE_OWNED_KEYS = {
     "gradient_accumulation_steps": "data.batch_size or more GPUs (the engine steps once per batch; its LR "
                                    "schedule and step counts assume no accumulation)",
     "gradient_clipping": "deepspeed.gradient_clipping",
-    "bf16": "deepspeed.precision",
-    "fp16": "deepspeed.precision",
     "amp": "deepspeed.precision",
     "optimizer": "optim.* (the engine passes its own AdamW)",
     "scheduler": "schedule.* (the engine sets the LR every step)",
@@ -339,18 +356,25 @@ ENGINE_OWNED_KEYS = {
 """Top-level DeepSpeed config keys that ``deepspeed.extra`` may not set -> the engine field to use."""
 
 
+_OWNED_SUBKEYS = {"zero_optimization": ("stage", "deepspeed.zero_stage"),
+                  "fp16": ("enabled", "deepspeed.precision"), "bf16": ("enabled", "deepspeed.precision")}
+"""Sections ``deepspeed.extra`` may tune, except for the one sub-key the engine sets."""
+
+
 def check_deepspeed_extra(extra: Optional[dict]) -> None:
-    """Refuse in ``deepspeed.extra`` the keys the engine sets or owns (:data:`ENGINE_OWNED_KEYS` and
-    ``zero_optimization.stage``); other ``zero_optimization`` sub-keys are allowed."""
+    """Refuse in ``deepspeed.extra`` the keys the engine sets or owns (:data:`ENGINE_OWNED_KEYS`,
+    ``zero_optimization.stage``, ``fp16.enabled``, ``bf16.enabled``); the other sub-keys of those
+    sections (ZeRO buckets, the fp16 loss scaler...) are allowed."""
     for key, value in (extra or {}).items():
         if key in ENGINE_OWNED_KEYS:
             raise ConfigError(f"deepspeed.extra.{key}: the engine sets this; use {ENGINE_OWNED_KEYS[key]} instead")
-        if key == "zero_optimization":
+        owned = _OWNED_SUBKEYS.get(key)
+        if owned is not None:
+            sub, field_ = owned
             if not isinstance(value, dict):
-                raise ConfigError(f"deepspeed.extra.zero_optimization must be a mapping of ZeRO options, got {value!r}")
-            if "stage" in value:
-                raise ConfigError("deepspeed.extra.zero_optimization.stage: the engine sets this; use "
-                                  "deepspeed.zero_stage instead")
+                raise ConfigError(f"deepspeed.extra.{key} must be a mapping of options, got {value!r}")
+            if sub in value:
+                raise ConfigError(f"deepspeed.extra.{key}.{sub}: the engine sets this; use {field_} instead")
 
 
 def deepspeed_config(
@@ -365,6 +389,9 @@ def deepspeed_config(
     """The DeepSpeed JSON config the engine uses (the optimiser is passed as an object); ``extra`` is
     merged last, after :func:`check_deepspeed_extra`."""
     check_deepspeed_extra(extra)
+    for section in ("fp16", "bf16"):
+        if section in (extra or {}) and precision != section:
+            raise ConfigError(f"deepspeed.extra.{section} tunes {section} training, but deepspeed.precision={precision}")
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": int(micro_batch),
         "gradient_accumulation_steps": 1,

@@ -287,7 +287,7 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
     from engine.pretrain import check_model_config
 
     # what needs no data is checked first (train.overwrite may clear the folder before the build)
-    check_model_config(cfg.model.name, cfg.model.overrides)
+    check_model_config(cfg.model.name, cfg.model.overrides, cfg.data.dataset)
     _check_pretrained(cfg)
     ft = cfg.finetune
     if cfg.data.batch_size == 1 and ft.mixup_prob > 0 and (ft.mixup_alpha > 0 or ft.cutmix_alpha > 0):
@@ -312,9 +312,12 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         return build_classifier(cfg, state["K"])
 
     run = setup_run(cfg, build_model=build, build_loader=loader,
-                    clips_per_rank=lambda l: cfg.data.batch_size * cfg.data.repeated_aug,
+                    clips_per_rank=lambda l: cfg.data.batch_size * getattr(l, "repeats", 1),  # images: none
                     resume=resume, desc="finetune")
     K = state["K"]
+    # a resumed run keeps the best top-1 of its `best` tag, which may be newer than the checkpoint it
+    # resumed from (an evaluation after the final save, or a crash between the two saves)
+    run.state.best_metric = max(run.state.best_metric, saved_best_metric(cfg.train.output_dir, run.dist.rank))
     eval_loader = _eval_loader(cfg, run.dist, state["classes"])
     check_labels(eval_loader, K, "finetune.num_classes" if cfg.finetune.num_classes else "the number of training classes")
 
@@ -348,8 +351,8 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
 
     def on_finish(r: Run) -> None:
         if state.get("eval_step") != r.state.step:
-            # the run ended mid-epoch (schedule.max_steps): evaluate the final weights too, before the
-            # final checkpoint, which so records the best top-1 (a resume compares against it)
+            # the run ended mid-epoch (schedule.max_steps): evaluate the final weights too (after the
+            # final checkpoint; a better score saves `best`, whose state a resume reads back)
             state["last_eval"] = do_eval(r)
 
     summary = train_loop(run, step, on_epoch_end=on_epoch_end, on_finish=on_finish)
@@ -405,6 +408,30 @@ def resolve_checkpoint(path: str) -> EvalTarget:
                       class_index=ci if os.path.isfile(ci) else None, eval_json=os.path.join(run_dir, "eval.json"))
 
 
+def saved_best_metric(output_dir: str, rank: int = 0) -> float:
+    """The best top-1 recorded in ``<output_dir>/checkpoints/best`` (this rank's engine state, else
+    rank 0's), or -inf without one."""
+    tag = os.path.join(output_dir, "checkpoints", "best")
+    for r in (rank, 0):
+        path = os.path.join(tag, f"engine_state_r{r:05d}.pt")
+        if os.path.isfile(path):
+            try:
+                return float(torch.load(path, map_location="cpu", weights_only=False)["train_state"]["best_metric"])
+            except (OSError, KeyError, TypeError, ValueError, RuntimeError):
+                return -math.inf
+    return -math.inf
+
+
+def _gathered(items: list) -> list:
+    """``items`` of every rank, in rank order, without repeats (every rank calls this)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return list(items)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return list(dict.fromkeys(x for part in parts for x in part))
+
+
 def _selected_on(target: EvalTarget) -> Optional[str]:
     """The split whose top-1 picked the ``best`` checkpoint being evaluated (None for other tags)."""
     from engine.checkpoint import _saved_config
@@ -424,6 +451,9 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
     to ``<eval.json without .json>.predictions.npz`` (``video``, ``path``, ``label``, ``probs``)."""
     from engine.checkpoint import consolidated_state_dict, load_pretrained, write_text_atomic
 
+    from engine.pretrain import check_model_config
+
+    check_model_config(cfg.model.name, cfg.model.overrides, cfg.data.dataset)
     target = resolve_checkpoint(checkpoint)
     dist = init_distributed(cfg.train.device)
     try:
@@ -461,8 +491,10 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
     except (ValueError, TypeError) as e:
         raise ConfigError(f"--checkpoint {target.where} (model.name={cfg.model.name}): {e}") from e
     model.to(dist.device).eval()
-    print0(f"evaluating {target.where} on {cfg.data.dataset}/{cfg.finetune.eval_split} "
-           f"({cfg.data.num_clips} clips x {cfg.data.num_crops} crops per video, {K} classes)")
+    image = cfg.data.dataset == "image_folder"
+    clips, crops = (1, 1) if image else (cfg.data.num_clips, cfg.data.num_crops)  # an image: one centre view
+    print0(f"evaluating {target.where} on {cfg.data.dataset}/{cfg.finetune.eval_split} ("
+           + ("one centre crop per image" if image else f"{clips} clips x {crops} crops per video") + f", {K} classes)")
     selected_on = _selected_on(target)
     if selected_on == cfg.finetune.eval_split:
         log.warning("%s was selected by its top-1 on split %r, the split evaluated now: an optimistic number "
@@ -471,11 +503,10 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
     res = evaluate(model, loader, predictions=save_predictions)
     preds = res.pop("predictions", None)
     res.update(checkpoint=target.where, selected_on=selected_on, split=cfg.finetune.eval_split,
-               dataset=cfg.data.dataset, root=cfg.data.root, clips=cfg.data.num_clips, crops=cfg.data.num_crops,
+               dataset=cfg.data.dataset, root=cfg.data.root, clips=clips, crops=crops,
                precision="fp32", time=time.strftime("%Y-%m-%dT%H:%M:%S"),
-               left_out=[{"path": b.path, "reason": b.reason, "detail": b.detail} for b in loader.report.bad],
-               decode_failures=list(getattr(loader, "decode_failures", [])))
-    if res["left_out"] or res["decode_failures"]:
+               left_out=loader.report.records(), decode_failures=_gathered(getattr(loader, "decode_failures", [])))
+    if dist.rank == 0 and (res["left_out"] or res["decode_failures"]):
         log.warning("%d files of split %r were left out by data.on_bad_file=skip, %d more failed to decode and "
                     "their clips were replaced (listed in eval.json)", len(res["left_out"]),
                     cfg.finetune.eval_split, len(res["decode_failures"]))

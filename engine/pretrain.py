@@ -13,6 +13,7 @@ module in that dtype); the HOG target is computed by the model from the same inp
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -35,15 +36,20 @@ def create_model(name: str, task: str, num_classes: Optional[int] = None, **over
     return _create(name, task=task, num_classes=num_classes, **overrides)
 
 
-def check_model_config(name: str, overrides: dict) -> None:
+def check_model_config(name: str, overrides: dict, dataset: Optional[str] = None) -> None:
     """Raise ConfigError when ``model.name`` is unknown or ``model.overrides`` name an unknown field
-    or give a value the variant rejects (``models.variants.Variant`` checks its fields)."""
+    or give a value the variant rejects (``models.variants.Variant`` checks its fields), or, given
+    ``data.dataset``, when an image model meets videos or a video model images."""
     from models.variants import resolve_variant
 
     try:
-        resolve_variant(name, **overrides)
+        v = resolve_variant(name, **overrides)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model: {e}") from None
+    if dataset is not None and v.image != (dataset == "image_folder"):
+        raise ConfigError(f"model.name={name} is {'an image' if v.image else 'a video'} model, but data.dataset="
+                          f"{dataset} holds {'videos' if v.image else 'images'}: use "
+                          + ("a video model (e.g. mvitv2_s_16x4)" if v.image else "an image model (e.g. vit_b_16)"))
 
 
 def model_overrides(cfg: Config, task: str) -> dict:
@@ -98,11 +104,29 @@ def pretrain_step(run: Run, batch: dict) -> torch.Tensor:
     return out.loss
 
 
+def _image_min_block() -> int:
+    """``models.masking.image_block_mask``'s default ``min_block`` (BEiT's ``min_num_patches``)."""
+    import inspect
+
+    from models.masking import image_block_mask
+
+    return int(inspect.signature(image_block_mask).parameters["min_block"].default)
+
+
+def _min_image_crop(ratio: float, stride: int, min_block: int) -> int:
+    """The smallest square crop whose patch grid masks at least one minimum block at ``ratio``."""
+    g = 1
+    while round(ratio * g * g) < min_block:
+        g += 1
+    return g * stride
+
+
 def check_input_geometry(cfg: Config) -> None:
     """ConfigError, before any set-up, for a clip geometry the model accepts but its targets or
     masks do not: a crop that is not a multiple of the output-token stride (the HOG/pixel targets
     are per stride x stride patch), a frame count that is not a multiple of the temporal stride, or
-    a token grid ``mask.kind`` cannot mask (cube/tube need an even H' and W' of at least 4). The
+    a token grid ``mask.kind`` cannot mask (cube/tube need an even H' and W' of at least 4;
+    image_block at least one 16-patch block at ``mask.ratio``, a 7x7 grid at 0.4). The
     model is built on the meta device (no memory, no init cost)."""
     import numpy as np
 
@@ -125,6 +149,12 @@ def check_input_geometry(cfg: Config) -> None:
         make_masks(cfg.mask.kind, 1, tuple(grid), cfg.mask.ratio, np.random.default_rng(0))
     except ValueError as e:
         raise ConfigError(f"data.crop_size={crop}, data.num_frames={frames}: {e} {fix}") from None
+    if cfg.mask.kind == "image_block":
+        n, least = round(cfg.mask.ratio * math.prod(grid)), _image_min_block()
+        if n < least:  # BEiT's generator places no block smaller than this: most masks stay empty
+            raise ConfigError(f"data.crop_size={crop}: mask.kind=image_block at ratio {cfg.mask.ratio} masks {n} of the "
+                              f"{tuple(grid)} patches, fewer than one block of {least} (BEiT's minimum), so most "
+                              f"masks would be empty; use data.crop_size >= {_min_image_crop(cfg.mask.ratio, p, least)}")
 
 
 def run_pretrain(cfg: Config, resume: Optional[str] = None) -> dict:
@@ -132,7 +162,7 @@ def run_pretrain(cfg: Config, resume: Optional[str] = None) -> dict:
     from engine.data import build_loader
 
     # what needs no data is checked first (train.overwrite may clear the folder before the build)
-    check_model_config(cfg.model.name, cfg.model.overrides)
+    check_model_config(cfg.model.name, cfg.model.overrides, cfg.data.dataset)
     if (cfg.mask.kind == "image_block") != (cfg.data.dataset == "image_folder"):
         raise ConfigError(f"mask.kind={cfg.mask.kind} does not fit data.dataset={cfg.data.dataset}: images "
                           "(data.dataset=image_folder) are masked with mask.kind=image_block, videos with cube, "

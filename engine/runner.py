@@ -533,9 +533,9 @@ def train_loop(
 ) -> dict:
     """Run until ``derived.run_steps``; returns a summary (last loss, steps, skipped, time, final
     checkpoint). ``on_epoch_end`` runs after each complete epoch, before its checkpoint;
-    ``on_finish`` after the last step, before the final checkpoint (so what it changes in
-    ``run.state``, e.g. the best metric of a last evaluation, is saved). A resumed run already at
-    its last step returns at once with ``already_complete``."""
+    ``on_finish`` after the final checkpoint (what it changes in ``run.state`` is not in that
+    checkpoint: fine-tuning's ``best`` tag keeps its own best metric). A resumed run already at its
+    last step returns at once with ``already_complete``."""
     cfg, engine, st, d = run.cfg, run.engine, run.state, run.derived
     sched = cfg.schedule
     device = run.dist.device
@@ -636,9 +636,9 @@ def train_loop(
             if (pending_save or (ce > 0 and st.epoch % ce == 0)) and st.step < d.run_steps:
                 run.save()
             pending_save = False
-    if on_finish is not None:
-        on_finish(run)
     final = run.save()
+    if on_finish is not None:  # after the save: a failure in it loses no training
+        on_finish(run)
     run.logger.close()
     return {"steps": st.step, "last_loss": last_loss, "nonfinite_total": st.nonfinite_total,
             "seconds": time.time() - t_start, "checkpoint": final}

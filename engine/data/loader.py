@@ -25,7 +25,7 @@ the next iteration yields exactly the remaining batches of that epoch (``set_epo
 epoch keeps the position; another epoch restarts at batch 0).
 
 Files left out (``data.on_bad_file=skip``): ``loader.report.bad`` lists the files the validation
-pass rejected (``probe.BadFile``: path, reason, detail; ``loader.skipped_files`` gives them as
+pass rejected (``probe.BadFile``: path, reason, detail; ``loader.report.records()`` gives them as
 dicts for a JSON record). A file that passed validation but fails to decode mid-epoch (corrupt
 further in) raises :class:`~engine.data.errors.VideoDecodeError` under ``error``; under ``skip``
 its clip is replaced by a clip of another video drawn from ``(seed, epoch, the failed clip,
@@ -163,8 +163,10 @@ def validate_dataset(cfg: DataConfig, split: str = "train", *, device: torch.dev
         report.bad = agree(report.bad)
         for b in report.bad:
             report.good.pop(b.path, None)
-    for b in report.bad:
-        log.warning("bad file %s", b)
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:  # the same list on every rank
+        for b in report.bad:
+            log.warning("bad file %s", b)
     if report.bad and cfg.on_bad_file == "error":
         raise BadDatasetError(report)
     keep = [i for i, p in enumerate(ds.paths) if p in report.good]
@@ -331,11 +333,6 @@ class VideoLoader:
             f"Remove it, then {rerun}. data.on_bad_file=skip cannot replace clips inside DALI's decoder; "
             f"data.reader=pyav replaces them. `maskfeat data prepare --check --full DATA_ROOT` finds any others",
             path=next(iter(culprits)), error=culprits[next(iter(culprits))])
-
-    @property
-    def skipped_files(self) -> list[dict]:
-        """The files the validation pass left out, as ``{"path", "reason", "detail"}`` dicts."""
-        return [{"path": b.path, "reason": b.reason, "detail": b.detail} for b in self.report.bad]
 
     # ---- public API ---------------------------------------------------------------------------
     def __len__(self) -> int:

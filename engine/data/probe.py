@@ -123,6 +123,10 @@ class ValidationReport:
     cached: int = 0
     probed: int = 0
 
+    def records(self) -> list[dict]:
+        """The bad files as ``{"path", "reason", "detail"}`` dicts (for JSON records such as eval.json)."""
+        return [{"path": b.path, "reason": b.reason, "detail": b.detail} for b in self.bad]
+
     def summary(self) -> str:
         lines = [f"validated {len(self.good) + len(self.bad)} files: {len(self.good)} good, "
                  f"{len(self.bad)} bad ({self.probed} probed, {self.cached} from cache)"]

@@ -107,8 +107,9 @@ def test_bad_model_settings_are_config_errors(tmp_path):
         create_model("mvitv2_s", "pretrain")
     with pytest.raises(ConfigError, match="model: mvitv2_tiny: hog_norm must be one of"):
         create_model("mvitv2_tiny", "pretrain", hog_norm="nonee")
-    for kind, dataset in (("image_block", "demo"), ("cube", "image_folder")):  # before any model or loader
-        cfg = load_config(None, [f"mask.kind={kind}", f"data.dataset={dataset}", f"train.output_dir={tmp_path}"])
+    for kind, dataset, model in (("image_block", "demo", "mvitv2_tiny"), ("cube", "image_folder", "vit_tiny")):
+        cfg = load_config(None, [f"mask.kind={kind}", f"data.dataset={dataset}", f"model.name={model}",
+                                 f"train.output_dir={tmp_path}"])  # refused before any model or loader
         with pytest.raises(ConfigError, match=f"mask.kind={kind} does not fit data.dataset={dataset}"):
             run_pretrain(cfg)
 

@@ -266,6 +266,7 @@ def test_stale_rank_exits_2_without_traceback(clean_env, tmp_path):
     ({"gradient_clipping": 1.0}, "deepspeed.gradient_clipping"),
     ({"bf16": {"enabled": True}}, "deepspeed.precision"),
     ({"fp16": {"enabled": True}}, "deepspeed.precision"),
+    ({"fp16": True}, "mapping"),
     ({"amp": {"enabled": True}}, "deepspeed.precision"),
     ({"zero_optimization": {"stage": 3}}, "deepspeed.zero_stage"),
     ({"zero_optimization": 3}, "mapping"),
@@ -286,3 +287,31 @@ def test_deepspeed_extra_other_zero_keys_are_merged():
                          extra=extra)
     assert c["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 5e7}
     assert c["wall_clock_breakdown"] is True and c["train_batch_size"] == 4 and c["bf16"] == {"enabled": True}
+
+
+def test_deepspeed_extra_tunes_the_loss_scaler_of_the_chosen_precision():
+    """fp16/bf16 sections may tune everything but ``enabled`` (the loss scaler worked before the
+    owned-keys check and has no engine field), and only for the precision the run uses."""
+    c = deepspeed_config(micro_batch=2, world_size=1, zero_stage=2, precision="fp16", gradient_clipping=0.02,
+                         extra={"fp16": {"loss_scale_window": 500, "initial_scale_power": 12}})
+    assert c["fp16"] == {"enabled": True, "initial_scale_power": 12, "loss_scale_window": 500}
+    with pytest.raises(ConfigError, match=r"deepspeed.extra.fp16 tunes fp16 training, but deepspeed.precision=bf16"):
+        deepspeed_config(micro_batch=2, world_size=1, zero_stage=2, precision="bf16", gradient_clipping=0.02,
+                         extra={"fp16": {"loss_scale_window": 500}})
+
+
+@pytest.mark.parametrize("local_rank", [0, 3])
+def test_zero3_with_one_gpu_per_task_is_refused_on_every_rank(monkeypatch, local_rank):
+    """srun --gpus-per-task=1: ZeRO-3 needs LOCAL_RANK as a device index; the rank of LOCAL_RANK 0 must
+    refuse too (it went on into DeepSpeed and waited for the others until the timeout)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "8(x4)")
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(key, raising=False)
+    dist = DistInfo(local_rank, 32, local_rank, torch.device("cuda", 0), "nccl", device_index=0)
+    with pytest.raises(LaunchError, match="zero_stage=3"):
+        deepspeed_args(dist, zero_stage=3)
+    assert deepspeed_args(dist, zero_stage=2).device_rank == 0
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "1(x32)")  # one task per node: its one GPU, ZeRO-3 is fine
+    if local_rank == 0:
+        assert deepspeed_args(dist, zero_stage=3).device_rank == 0

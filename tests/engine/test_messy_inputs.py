@@ -363,9 +363,9 @@ def test_probe_cache_lives_in_cache_dir_and_reads_the_old_one(tmp_path):
     os.replace(cache_dir / cache, root / ".maskfeat_probe.json")
     assert validate_dataset(cfg, "val").report.cached == 2
     loader = build_loader(cfg, "val", mode="test")
-    assert loader.skipped_files == [{"path": str(root / "a" / "bad.mp4"), "reason": "not_video",
+    assert loader.report.records() == [{"path": str(root / "a" / "bad.mp4"), "reason": "not_video",
                                      "detail": loader.report.bad[0].detail}]
-    json.dumps(loader.skipped_files)
+    json.dumps(loader.report.records())
 
 
 # ---- short videos in evaluation; agreement of ranks on the bad files ------------------------------
@@ -434,3 +434,27 @@ def test_validation_applies_the_agreed_bad_files(corrupt_root):
     assert other not in check.dataset.paths and len(check.dataset) == 5
     with pytest.raises(BadDatasetError, match=r"v1.avi.*on rank 1"):
         validate_dataset(cfg_for(root), "train", agree=agree)
+
+
+def test_a_failing_final_evaluation_keeps_the_final_checkpoint(tmp_path):
+    """A fine-tuning run that ends mid-epoch evaluates after its final checkpoint: a val file corrupt
+    past its first frame stops the run (exit 5) without losing the training steps."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            write_video(str(root / split / cls / "v.avi"))
+    corrupt_after_first(str(root / "val" / "b" / "v.avi"))
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "engine", "finetune", "-c", os.path.join(repo, "tests", "engine", "tiny.yaml"),
+                        f"data.root={root}", "data.dataset=folder", "data.num_frames=4", "data.sampling_rate=1",
+                        "data.target_fps=0", "data.crop_size=32", "data.num_clips=1", "data.clips_per_epoch=4",
+                        "data.reader=pyav", f"data.cache_dir={tmp_path / 'c'}", f"train.output_dir={out}",
+                        "train.device=cpu", "schedule.max_steps=1"],
+                       cwd=repo, env=dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1", TRITON_INTERPRET="1"),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 5 and "v.avi" in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert os.path.isdir(out / "checkpoints" / "step00000001")

@@ -87,3 +87,32 @@ def test_input_geometry_the_targets_or_masks_cannot_take_is_a_config_error_befor
     with pytest.raises(ConfigError, match=r"crop_size=80.*divisible by 2.*grid \(4, 5, 5\).*crop_size=64"):
         run_pretrain(load_config(demo, ["data.crop_size=80", f"train.output_dir={out}"]))
     assert not out.exists()  # nothing was set up
+
+
+def test_model_kind_must_fit_the_data_and_image_masks_need_a_block(tmp_path):
+    """An image model on videos (or a video model on images) is a config error before set-up (it was
+    a traceback at the first step); image_block masking on a grid too small for one 16-patch block
+    (most masks empty, the loss 0) is one too."""
+    import os
+
+    import pytest
+
+    from engine.config import ConfigError, load_config
+    from engine.finetune import run_eval, run_finetune
+    from engine.pretrain import check_input_geometry, run_pretrain
+
+    configs = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+    demo, vit = os.path.join(configs, "demo_pretrain.yaml"), os.path.join(configs, "pretrain_vit_b_in1k.yaml")
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"model.name=vit_tiny is an image model, but data.dataset=demo holds videos"):
+        run_pretrain(load_config(demo, ["model.name=vit_tiny", f"train.output_dir={out}"]))
+    img = ["model.name=mvitv2_tiny", "data.root=/nowhere", f"train.output_dir={out}"]
+    with pytest.raises(ConfigError, match=r"mvitv2_tiny is a video model, but data.dataset=image_folder holds images"):
+        run_finetune(load_config(vit, img))
+    with pytest.raises(ConfigError, match=r"is a video model"):
+        run_eval(load_config(vit, img), str(tmp_path / "nowhere"))
+    assert not out.exists()
+    small = ["model.name=vit_tiny", "data.crop_size=96"]  # 6x6 patches: 14 masked at 0.4 < 16
+    with pytest.raises(ConfigError, match=r"masks 14 of the \(6, 6\) patches.*data.crop_size >= 112"):
+        check_input_geometry(load_config(vit, small))
+    check_input_geometry(load_config(vit, ["model.name=vit_tiny", "data.crop_size=112"]))
