@@ -9,7 +9,7 @@ sharding/shuffling policy.
 from .config import DataConfig
 from .datasets import Dataset, load_dataset, write_class_index
 from .demo import demo_dataset
-from .errors import DataError, VideoDecodeError
+from .errors import DataError, ImageDecodeError, VideoDecodeError
 from .loader import DatasetCheck, VideoLoader, build_loader, validate_dataset
 from .prepare import prepare_main
 from .probe import BadDatasetError, BadFile, ValidationReport, VideoInfo, probe_video, validate_files
@@ -17,5 +17,5 @@ from .probe import BadDatasetError, BadFile, ValidationReport, VideoInfo, probe_
 __all__ = [
     "BadDatasetError", "BadFile", "DataConfig", "DataError", "Dataset", "DatasetCheck", "ValidationReport", "VideoInfo",
     "VideoLoader", "build_loader", "demo_dataset", "load_dataset", "prepare_main", "probe_video",
-    "validate_dataset", "validate_files", "VideoDecodeError", "write_class_index",
+    "validate_dataset", "validate_files", "ImageDecodeError", "VideoDecodeError", "write_class_index",
 ]

@@ -1,5 +1,5 @@
-"""The exceptions for problems with the user's data (not with the code): :class:`DataError` and
-:class:`VideoDecodeError`.
+"""The exceptions for problems with the user's data (not with the code): :class:`DataError`,
+:class:`VideoDecodeError` and :class:`ImageDecodeError`.
 
 A dataset root or list that is missing, empty or inconsistent (no class folders, a label that is
 not an integer or has no class name, a val class that train lacks, two source files that would be
@@ -9,14 +9,16 @@ paragraph, ``data error: ...``, with exit status 5 (engine/cli.py), without a tr
 A file that passed validation (its first frame decodes) but fails to decode later, in the middle
 of an epoch (corrupt in the middle), raises :class:`VideoDecodeError` under
 ``data.on_bad_file=error`` (``pipeline.Feeder``); the message names the file, the decoder's error
-and what to do (remove it or set ``data.on_bad_file=skip``, then ``--resume auto``).
+and what to do (remove it or set ``data.on_bad_file=skip``, then ``--resume auto``). An image
+(``dataset=image_folder``) that cannot be decoded raises :class:`ImageDecodeError` likewise
+(``images.py``).
 
 It subclasses ValueError so that code catching the ValueErrors that engine/data raised before
 this class existed keeps working.
 """
 from __future__ import annotations
 
-__all__ = ["DataError", "VideoDecodeError"]
+__all__ = ["DataError", "ImageDecodeError", "VideoDecodeError"]
 
 
 class DataError(ValueError):
@@ -26,6 +28,16 @@ class DataError(ValueError):
 class VideoDecodeError(DataError):
     """A validated video failed to decode while loading a clip (``path``: the file, ``error``: the
     decoder's message)."""
+
+    def __init__(self, message: str, path: str = "", error: str = ""):
+        super().__init__(message)
+        self.path = path
+        self.error = error
+
+
+class ImageDecodeError(DataError):
+    """An image failed to decode while loading a batch (``path``: the file, ``error``: the decoder's
+    message)."""
 
     def __init__(self, message: str, path: str = "", error: str = ""):
         super().__init__(message)

@@ -36,7 +36,8 @@ Files that fail to decode mid-epoch (they passed validation, which decodes the f
 ``maskfeat``), or, with a ``replace`` function (``data.on_bad_file=skip``), loads the replacement
 clip it returns instead (deterministic, so batches, their count and a resumed epoch are unchanged)
 and reports the file through ``on_failure``. Known limit: for ``cpu``/``gpu`` the decoding happens
-inside DALI, where a failure cannot be replaced; the feeder only reads bytes there.
+inside DALI, where a failure cannot be replaced; the feeder only reads bytes there. The image
+loader (``images.py``) reuses :class:`Feeder` with ``decode="bytes"`` and ``media="image"``.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ from typing import Callable
 import av
 import numpy as np
 
-from .errors import VideoDecodeError
+from .errors import ImageDecodeError, VideoDecodeError
 from .probe import rotate_frame
 from .sampler import ClipSpec
 
@@ -135,6 +136,11 @@ class Feeder:
     run after removing the file), with ``replace`` the clip ``replace(spec, attempt)`` is loaded
     in its place (attempts 0, 1, ... up to :data:`MAX_REPLACEMENTS`) and its spec is what the batch
     reports (label, index, view, valid).
+
+    ``media``: ``"video"`` (clips of videos) or ``"image"`` (``images.py``, ``decode="bytes"``: one
+    encoded image per sample): words the failure messages (an image has no frames, and its
+    validation checks less) and picks the exception (:class:`ImageDecodeError` for images). A
+    message suggests ``data.on_bad_file=skip`` only without ``replace`` (skip not set).
     """
 
     def __init__(self, batches: list[list[ClipSpec]], paths: list[str], decode: str,
@@ -142,7 +148,10 @@ class Feeder:
                  replace: Callable[[ClipSpec, int], ClipSpec] | None = None,
                  on_failure: Callable[[str, str], None] | None = None,
                  rerun: str = "resume from the last checkpoint with --resume auto",
-                 finish: Callable[[ClipSpec, np.ndarray], ClipSpec] | None = None):
+                 finish: Callable[[ClipSpec, np.ndarray], ClipSpec] | None = None, media: str = "video"):
+        if media not in ("video", "image"):
+            raise ValueError(f"media must be 'video' or 'image', got {media!r}")
+        self.media = media
         self.batches = batches
         self.paths = paths
         self.decode = decode
@@ -179,6 +188,12 @@ class Feeder:
             err = self._failed(spec, e)
             if self.replace is None:
                 path = self.paths[spec.index]
+                if self.media == "image":
+                    raise ImageDecodeError(
+                        f"{path}: the image cannot be decoded ({err}), although it passed validation (which checks "
+                        f"only that the file exists and is not empty). Remove the file (or set "
+                        f"data.on_bad_file=skip: it is then replaced by other images and reported), then {self.rerun}",
+                        path=path, error=err) from e
                 raise VideoDecodeError(
                     f"{path}: decoding frames {int(np.min(spec.frames))}..{int(np.max(spec.frames))} failed ({err}), "
                     f"although the file passed validation (which decodes its first frame only): it is corrupt "
@@ -194,6 +209,10 @@ class Feeder:
             except Exception as e:
                 self._failed(sub, e)
                 tried.append(self.paths[sub.index])
+        if self.media == "image":
+            raise ImageDecodeError(f"{tried[0]} failed to decode, and so did the {MAX_REPLACEMENTS} replacement images "
+                                   f"tried ({', '.join(dict.fromkeys(tried[1:]))}); too many files are corrupt: "
+                                   f"remove them, then {self.rerun}", path=tried[0])
         raise VideoDecodeError(f"{tried[0]} failed to decode, and so did the {MAX_REPLACEMENTS} replacement clips "
                                f"tried ({', '.join(dict.fromkeys(tried[1:]))}); too many files are corrupt: check them "
                                f"with `maskfeat data prepare --check --full DATA_ROOT`, remove them, then {self.rerun}",

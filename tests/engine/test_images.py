@@ -1,0 +1,299 @@
+"""engine/data/images.py on messy image folders: files that only DALI's decoder refuses (truncated
+JPEG, GIF or text named .jpg, a PNG whose compressed data is corrupt), under on_bad_file=error
+(ImageDecodeError naming the file, a data error: exit 5) and skip (deterministic replacements,
+reported once); the feeder's image wording; validation failures warned and agreed across ranks;
+augmentation settings not applied to images; the evaluation resize + centre crop against
+torchvision's arithmetic; PNG EXIF orientation read without a decode. Images are tiny (40x30)."""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import struct
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+Image = pytest.importorskip("PIL.Image")
+
+from engine.data import DataConfig, DataError, build_loader  # noqa: E402
+from engine.data.errors import ImageDecodeError  # noqa: E402
+from engine.data.images import centre_crop_box, image_size  # noqa: E402
+from engine.data.pipeline import Feeder  # noqa: E402
+from engine.data.sampler import ClipSpec  # noqa: E402
+
+
+def _jpeg(rng: np.random.Generator, w: int = 40, h: int = 30) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(b, "JPEG", quality=90)
+    return b.getvalue()
+
+
+def _bad_png_data(rng: np.random.Generator) -> bytes:
+    """A PNG whose chunks (lengths, CRCs, IEND) are intact but whose zlib stream is corrupt: it
+    passes the worker's cheap check and fails in DALI's decoder."""
+    b = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(b, "PNG")
+    d, i = bytearray(b.getvalue()), 8
+    while True:
+        n = struct.unpack(">I", d[i:i + 4])[0]
+        if d[i + 4:i + 8] == b"IDAT":
+            d[i + 8 + n // 2:i + 8 + n // 2 + 64] = bytes(64)
+            d[i + 8 + n:i + 12 + n] = struct.pack(">I", zlib.crc32(bytes(d[i + 4:i + 8 + n])))
+            return bytes(d)
+        i += 12 + n
+
+
+def _bad_data(kind: str, rng: np.random.Generator) -> bytes:
+    if kind == "truncated":  # cut in the image data, after the headers
+        data = _jpeg(rng)
+        return data[: len(data) * 2 // 3]
+    if kind == "gif":
+        b = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(b, "GIF")
+        return b.getvalue()
+    if kind == "text":
+        return b"this is not an image\n" * 10
+    if kind == "png_idat":
+        return _bad_png_data(rng)
+    raise ValueError(kind)
+
+
+def make_folder(root, bad: str | None = None, n: int = 3) -> str | None:
+    """root/train/{a,b}/{0..n-1}.jpg (40x30 noise, seeded: the same for every root) and, with ``bad``,
+    root/train/a/bad.jpg of that kind; returns the bad file's path."""
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        os.makedirs(root / "train" / cls, exist_ok=True)
+        for j in range(n):
+            (root / "train" / cls / f"{j}.jpg").write_bytes(_jpeg(rng))
+    if bad is None:
+        return None
+    path = root / "train" / "a" / "bad.jpg"
+    path.write_bytes(_bad_data(bad, np.random.default_rng(1)))
+    return str(path)
+
+
+def cfg_for(root, **kw) -> DataConfig:
+    base = dict(root=str(root), dataset="image_folder", crop_size=16, batch_size=2, num_threads=1, prefetch=1,
+                cache_dir=str(root / ".c"), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    return DataConfig(**{**base, **kw})
+
+
+def _batches(loader) -> list[dict]:
+    return [{k: v.clone() for k, v in b.items()} for b in loader]
+
+
+# ---- 1: files only DALI's decoder refuses ---------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["truncated", "gif", "text", "png_idat"])
+def test_undecodable_image_is_a_data_error_naming_it(tmp_path, kind):
+    """Training and evaluation; png_idat passes the worker's check and fails inside DALI."""
+    from engine.cli import is_data_error
+
+    bad = make_folder(tmp_path, kind)
+    for mode in ("pretrain", "test"):
+        loader = build_loader(cfg_for(tmp_path), "train", mode=mode)
+        assert bad in loader.dataset.paths  # validation checks existence and size only
+        with pytest.raises(ImageDecodeError) as e:
+            for _ in loader:
+                pass
+        msg = str(e.value)
+        assert e.value.path == bad and bad in msg and isinstance(e.value, DataError) and is_data_error(e.value)
+        assert "data.on_bad_file=skip" in msg and "Remove" in msg
+        assert "frames" not in msg and "prepare" not in msg and "clip" not in msg  # image wording
+        assert loader.decode_failures == [bad]
+
+
+@pytest.mark.parametrize("kind", ["truncated", "png_idat"])
+def test_undecodable_image_skip_replaces_it_deterministically(tmp_path, caplog, kind):
+    """Under skip the bad image is replaced by one drawn from (seed, epoch, position, attempt),
+    valid=False, the number of batches unchanged, reported once; a fresh or resumed loader gives the
+    same batches, and a file only DALI refuses (png_idat) is replaced exactly as one the worker's check
+    catches (truncated)."""
+    bad = make_folder(tmp_path, kind)
+    cfg = cfg_for(tmp_path, on_bad_file="skip", clips_per_epoch=14)
+    loader = build_loader(cfg, "train", mode="pretrain")
+    bad_index = loader.dataset.paths.index(bad)
+    with caplog.at_level(logging.WARNING, logger="engine.data.images"), warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ref = _batches(loader)  # epoch 0
+        again = _batches(loader)  # epoch 1: the bad file is met again, not reported again
+    assert not [x for x in w if "not used" in str(x.message)]  # DALI's unused-outputs warning is silenced
+    assert len(ref) == len(again) == len(loader) == 7
+    assert loader.decode_failures == [bad]
+    assert sum(bad in r.getMessage() for r in caplog.records) == 1
+    planned = [s.index for b in loader.plan(0) for s in b]
+    assert planned.count(bad_index) >= 1
+    got = torch.cat([b["index"] for b in ref]).tolist()
+    valid = torch.cat([b["valid"] for b in ref]).tolist()
+    assert bad_index not in got and valid.count(False) == planned.count(bad_index)
+    fresh = build_loader(cfg, "train", mode="pretrain")
+    resumed = build_loader(cfg, "train", mode="pretrain")
+    resumed.load_state_dict({"epoch": 0, "batches_consumed": 3, "seed": cfg.seed, "world_size": 1})
+    for a, b in zip(ref, _batches(fresh)):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["index"], b["index"])
+    for a, b in zip(ref[3:], _batches(resumed)):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["valid"], b["valid"])
+    if kind == "png_idat":  # the same folder with a file the worker's check catches instead
+        other = tmp_path / "other"
+        make_folder(other, "truncated")
+        caught = _batches(build_loader(cfg_for(other, on_bad_file="skip", clips_per_epoch=14), "train"))
+        for a, b in zip(ref, caught):
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["valid"], b["valid"])
+
+
+def test_feeder_image_wording(tmp_path):
+    """media="image": ImageDecodeError without frames or the prepare hint; with replace (skip set)
+    the give-up message does not suggest setting skip; the video default is unchanged."""
+    p = tmp_path / "x.jpg"
+    p.write_bytes(b"junk")
+    spec = ClipSpec(0, 0, np.zeros(1, np.int32), (0.0, 0.0, 1.0, 1.0), False, None, 0, True, position=0)
+
+    def fail(s, data):
+        raise ValueError("bad image")
+
+    f = Feeder([[spec]], [str(p)], "bytes", 0, 1, 1, finish=fail, media="image")
+    with pytest.raises(ImageDecodeError) as e:
+        f()
+    f.close()
+    assert "frames" not in str(e.value) and "prepare" not in str(e.value) and "data.on_bad_file=skip" in str(e.value)
+    f = Feeder([[spec]], [str(p)], "bytes", 0, 1, 1, finish=fail, media="image", replace=lambda s, a: s)
+    with pytest.raises(ImageDecodeError) as e:
+        f()
+    f.close()
+    assert "replacement images" in str(e.value) and "on_bad_file" not in str(e.value)
+    f = Feeder([[spec]], [str(p)], "bytes", 0, 1, 1, finish=fail)
+    with pytest.raises(DataError) as e:
+        f()
+    f.close()
+    assert not isinstance(e.value, ImageDecodeError) and "decoding frames 0..0 failed" in str(e.value)
+    with pytest.raises(ValueError):
+        Feeder([], [], "bytes", 0, 1, 1, media="audio")
+
+
+# ---- 3, 4: validation and ignored settings -----------------------------------------------------------
+
+def test_validation_skip_warns_and_applies_other_ranks_bad_files(tmp_path, caplog, monkeypatch):
+    import engine.data.loader as loader_mod
+    from engine.data.probe import BadDatasetError, BadFile
+
+    make_folder(tmp_path)
+    (tmp_path / "train" / "a" / "zero.jpg").write_bytes(b"")
+    other = str(tmp_path / "train" / "b" / "1.jpg")  # unreadable on "another rank"
+    calls = []
+
+    def agree(bad):
+        calls.append(list(bad))
+        return bad + [BadFile(other, "unreadable", "no such file (on rank 1)")]
+
+    monkeypatch.setattr(loader_mod, "agree_across_ranks", agree)
+    with caplog.at_level(logging.WARNING, logger="engine.data.images"):
+        loader = build_loader(cfg_for(tmp_path, on_bad_file="skip"), "train")
+    assert len(calls) == 1 and [b.reason for b in calls[0]] == ["empty"]
+    assert other not in loader.dataset.paths and len(loader.dataset) == 5
+    msgs = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(msgs) == 1 and "zero.jpg" in msgs[0] and other in msgs[0]
+    with pytest.raises(BadDatasetError):
+        build_loader(cfg_for(tmp_path), "train")
+
+
+def test_augmentations_not_applied_to_images_are_named(tmp_path, caplog):
+    make_folder(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="engine.data.images"):
+        build_loader(cfg_for(tmp_path), "train", mode="pretrain")  # pre-training applies none of them anyway
+        assert not [r for r in caplog.records if "does not apply" in r.getMessage()]
+        build_loader(cfg_for(tmp_path), "train", mode="finetune")
+        msgs = [r.getMessage() for r in caplog.records if "does not apply" in r.getMessage()]
+        assert len(msgs) == 1
+        assert all(k in msgs[0] for k in ("data.rand_augment", "data.random_erasing", "data.repeated_aug"))
+        caplog.clear()
+        build_loader(cfg_for(tmp_path, rand_augment=False, random_erasing=0.0, repeated_aug=1), "train",
+                     mode="finetune")
+        assert not [r for r in caplog.records if "does not apply" in r.getMessage()]
+
+
+# ---- 5: evaluation resize + centre crop ---------------------------------------------------------------
+
+def _torchvision_resize_crop(h: int, w: int, size: int, crop: int) -> tuple[int, int, int, int]:
+    """torchvision's Resize(size) output (h, w) and CenterCrop(crop) corner (top, left), as its
+    functional code computes them (_compute_resized_output_size, center_crop)."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    nw, nh = (new_short, new_long) if w <= h else (new_long, new_short)
+    return nh, nw, int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
+
+
+def test_eval_crop_matches_torchvision_resize_and_centre_crop(tmp_path):
+    """A 400x300 image, crop 224: the short side is int(224 * 256 / 224) = 256 at fraction 0.875 and
+    int(224 / 0.8) = 280 at 0.8; the long side 341 / 373 leaves a .5 margin that torchvision rounds
+    half to even (58, 74) and DALI's own centre crop rounded up. Compared with PIL's bicubic resize
+    and torchvision's crop window, and against the window one pixel to the right."""
+    H, W, crop = 300, 400, 224
+    yy, xx = np.mgrid[0:H, 0:W]
+    a = np.stack([127 + 100 * np.sin(xx / 3.0), 127 + 100 * np.sin(yy / 3.0),
+                  127 + 100 * np.sin((xx + yy) / 5.0)], -1).astype(np.uint8)
+    os.makedirs(tmp_path / "val" / "a")
+    Image.fromarray(a).save(tmp_path / "val" / "a" / "x.png")
+    assert math.floor(384 / 0.875) == int(384 * 256 / 224) == 438  # the official size at crop 384
+    for fraction, margin in ((0.875, 58), (0.8, 74)):
+        size = int(crop * 256 / 224) if fraction == 0.875 else int(crop / fraction)
+        nh, nw, top, left = _torchvision_resize_crop(H, W, size, crop)
+        assert left == margin and (nw - crop) % 2 == 1
+        box = centre_crop_box(H, W, crop, fraction)
+        assert box == (top / nh, left / nw, (top + crop) / nh, (left + crop) / nw)
+        cfg = cfg_for(tmp_path, crop_size=crop, batch_size=1, test_crop_fraction=fraction,
+                      mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))
+        out = next(iter(build_loader(cfg, "val", mode="test")))["image"][0].permute(1, 2, 0).numpy()  # (H, W, C)
+        ref = np.asarray(Image.fromarray(a).resize((nw, nh), Image.BICUBIC), np.float32)
+        err = np.abs(out - ref[top:top + crop, left:left + crop]).mean()
+        shifted = np.abs(out - ref[top:top + crop, left + 1:left + 1 + crop]).mean()
+        assert err < 1.0 and shifted > 5.0, (fraction, err, shifted)
+
+
+# ---- 7: EXIF orientation without a decode -------------------------------------------------------------
+
+def test_png_exif_orientation_without_decoding(tmp_path, monkeypatch):
+    """An eXIf chunk after the image data (Pillow's header parse does not see it; its getexif then
+    decoded the whole PNG): DALI turns the image, image_size reads it by walking the chunks."""
+    from PIL import ImageFile
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 50, 3), dtype=np.uint8))
+    exif = img.getexif()
+    exif[0x0112] = 6
+    b = io.BytesIO()
+    img.save(b, "PNG", exif=exif.tobytes())
+    d, chunks, i = b.getvalue(), [], 8
+    while i < len(d):
+        n = struct.unpack(">I", d[i:i + 4])[0]
+        chunks.append(d[i:i + 12 + n])
+        i += 12 + n
+    ex = [c for c in chunks if c[4:8] == b"eXIf"]
+    rest = [c for c in chunks if c[4:8] != b"eXIf"]
+    assert len(ex) == 1 and rest[-1][4:8] == b"IEND"
+    late = np.frombuffer(d[:8] + b"".join(rest[:-1]) + ex[0] + rest[-1], np.uint8)
+
+    def no_decode(self):
+        raise AssertionError("image_size decoded the image")
+
+    with monkeypatch.context() as m:
+        m.setattr(ImageFile.ImageFile, "load", no_decode)
+        assert image_size(late) == (50, 20) == image_size(late, check=True)
+        assert image_size(np.frombuffer(d, np.uint8)) == (50, 20)
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def graph():
+        return fn.decoders.image(fn.external_source(source=lambda: [late], batch=True), device="cpu",
+                                 output_type=types.RGB)
+
+    pipe = graph()
+    pipe.build()
+    assert pipe.run()[0].as_array().shape == (1, 50, 20, 3)  # DALI applies the late eXIf orientation too
