@@ -311,13 +311,29 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend, device_index=index)
 
 
+def _slurm_tasks_on_node(spec: str, node: int) -> Optional[int]:
+    """This node's entry of ``SLURM_TASKS_PER_NODE`` (e.g. ``"8(x3),4"``: 8 on nodes 0-2, 4 on node 3)."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            return None
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts[node] if 0 <= node < len(counts) else None
+
+
 def _tasks_per_node(env: MutableMapping[str, str]) -> Optional[int]:
-    """Processes the launcher started on this node (torchrun, the deepspeed launcher, srun), if it says."""
-    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
-        m = re.match(r"\s*(\d+)", env.get(key, ""))  # SLURM_TASKS_PER_NODE reads e.g. "8(x4)"
-        if m:
-            return int(m.group(1))
-    return None
+    """Processes the launcher started on this node (torchrun, the deepspeed launcher, an srun step), if
+    it says; SLURM's counts only inside an srun step (a batch-script process runs alone)."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if env.get(key, "").strip().isdigit():
+            return int(env[key])
+    if _srun_step_id(env) is None:
+        return None
+    if env.get("SLURM_NTASKS_PER_NODE", "").strip().isdigit():
+        return int(env["SLURM_NTASKS_PER_NODE"])
+    node = env.get("SLURM_NODEID", "0").strip()
+    return _slurm_tasks_on_node(env.get("SLURM_TASKS_PER_NODE", ""), int(node) if node.isdigit() else 0)
 
 
 def _one_gpu_per_task(device_count: int, environ: Optional[MutableMapping[str, str]] = None) -> bool:
@@ -333,8 +349,8 @@ def deepspeed_args(dist: DistInfo, zero_stage: int) -> types.SimpleNamespace:
     ``LOCAL_RANK`` as a device index itself, so it is refused when the two differ, or when the node
     runs one GPU per task (then on every rank, also those of LOCAL_RANK 0, which would otherwise go
     on and wait for the others in DeepSpeed's first collective until the timeout)."""
-    if zero_stage == 3 and dist.device.type == "cuda" and (dist.device_index != dist.local_rank
-                                                            or _one_gpu_per_task(torch.cuda.device_count())):
+    if zero_stage == 3 and dist.device.type == "cuda" and (dist.device_index != dist.local_rank or (
+            dist.world_size > 1 and _one_gpu_per_task(torch.cuda.device_count()))):
         raise LaunchError(f"deepspeed.zero_stage=3 needs CUDA device LOCAL_RANK={dist.local_rank} to be visible, but "
                           f"this task sees {torch.cuda.device_count()} device(s) (CUDA_VISIBLE_DEVICES="
                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): let every task see all GPUs of its "

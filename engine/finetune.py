@@ -23,8 +23,11 @@
   resume an existing file must match the train split (else :class:`ClassListError`). The eval
   split is listed through that list, by name. ``finetune.num_classes`` (0 = the number of
   training classes) must exceed every label, checked when the loaders are built (ConfigError).
-- ``--resume`` of a run that already reached its last step trains, saves and evaluates nothing
-  (``engine.runner.train_loop`` returns ``already_complete``); the best top-1 is printed.
+- ``--resume`` of a run that already reached its last step trains and saves nothing
+  (``engine.runner.train_loop`` returns ``already_complete``); it evaluates the final weights only
+  when ``metrics.jsonl`` has no validation at that step (an evaluation after the final save that
+  failed); the best top-1 is printed. A resumed run keeps the best top-1 of its ``best`` tag; one
+  continued from another run's checkpoint starts its own.
 - ``maskfeat eval`` (:func:`run_eval`): the checkpoint is resolved by :func:`resolve_checkpoint`;
   K comes from the checkpoint (its head's weight), the class names from the evaluated run's
   ``classes.json`` (a weights file: a ``classes.json`` beside it, if any; without one the eval
@@ -51,7 +54,7 @@ from engine.config import Config, ConfigError
 from engine.data.datasets import ClassListError, read_class_index, write_class_index
 from engine.distributed import DistInfo, init_distributed
 from engine.pretrain import create_model, model_overrides
-from engine.runner import Run, print0, report_paths, setup_run, train_loop
+from engine.runner import Run, on_rank0, print0, report_paths, setup_run, train_loop
 
 __all__ = [
     "one_hot_smoothed",
@@ -316,8 +319,12 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
                     resume=resume, desc="finetune")
     K = state["K"]
     # a resumed run keeps the best top-1 of its `best` tag, which may be newer than the checkpoint it
-    # resumed from (an evaluation after the final save, or a crash between the two saves)
-    run.state.best_metric = max(run.state.best_metric, saved_best_metric(cfg.train.output_dir, run.dist.rank))
+    # resumed from (an evaluation after the final save, or a crash between the two saves); a run
+    # continued from another run's checkpoint starts its own `best` (the other run's is not here).
+    # Read on rank 0: `best` is saved by every rank, so all must agree on the comparison
+    if source_run and os.path.realpath(source_run) != os.path.realpath(cfg.train.output_dir):
+        run.state.best_metric = -math.inf
+    run.state.best_metric = max(run.state.best_metric, on_rank0(lambda: saved_best_metric(cfg.train.output_dir)))
     eval_loader = _eval_loader(cfg, run.dist, state["classes"])
     check_labels(eval_loader, K, "finetune.num_classes" if cfg.finetune.num_classes else "the number of training classes")
 
@@ -350,9 +357,10 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
             state["last_eval"] = do_eval(r)
 
     def on_finish(r: Run) -> None:
-        if state.get("eval_step") != r.state.step:
-            # the run ended mid-epoch (schedule.max_steps): evaluate the final weights too (after the
-            # final checkpoint; a better score saves `best`, whose state a resume reads back)
+        # the run ended mid-epoch (schedule.max_steps), or an already-complete resume whose final
+        # evaluation did not happen (it failed after the final save): evaluate the final weights (a
+        # better score saves `best`, whose state a resume reads back)
+        if state.get("eval_step") != r.state.step and not on_rank0(lambda: evaluated_at(cfg, r.state.step)):
             state["last_eval"] = do_eval(r)
 
     summary = train_loop(run, step, on_epoch_end=on_epoch_end, on_finish=on_finish)
@@ -408,18 +416,34 @@ def resolve_checkpoint(path: str) -> EvalTarget:
                       class_index=ci if os.path.isfile(ci) else None, eval_json=os.path.join(run_dir, "eval.json"))
 
 
-def saved_best_metric(output_dir: str, rank: int = 0) -> float:
-    """The best top-1 recorded in ``<output_dir>/checkpoints/best`` (this rank's engine state, else
-    rank 0's), or -inf without one."""
-    tag = os.path.join(output_dir, "checkpoints", "best")
-    for r in (rank, 0):
-        path = os.path.join(tag, f"engine_state_r{r:05d}.pt")
-        if os.path.isfile(path):
-            try:
-                return float(torch.load(path, map_location="cpu", weights_only=False)["train_state"]["best_metric"])
-            except (OSError, KeyError, TypeError, ValueError, RuntimeError):
-                return -math.inf
-    return -math.inf
+def evaluated_at(cfg: Config, step: int) -> bool:
+    """Whether ``metrics.jsonl`` of the run records a validation at ``step`` (False without one, or
+    with ``log.jsonl`` off: then the caller evaluates again)."""
+    path = os.path.join(cfg.train.output_dir, "metrics.jsonl")
+    if not cfg.log.jsonl or not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        for line in f:
+            if '"val"' in line:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("split") == "val" and rec.get("step") == step:
+                    return True
+    return False
+
+
+def saved_best_metric(output_dir: str) -> float:
+    """The best top-1 recorded in ``<output_dir>/checkpoints/best`` (rank 0's engine state), or -inf
+    without a readable one."""
+    path = os.path.join(output_dir, "checkpoints", "best", "engine_state_r00000.pt")
+    if not os.path.isfile(path):
+        return -math.inf
+    try:
+        return float(torch.load(path, map_location="cpu", weights_only=False)["train_state"]["best_metric"])
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError):
+        return -math.inf
 
 
 def _gathered(items: list) -> list:

@@ -83,7 +83,7 @@ from engine.optim import build_optimizer, lr_at_step, param_groups, set_lr
 
 __all__ = ["NonFiniteLossError", "StopRequested", "TrainState", "Run", "setup_run", "train_loop", "print0",
            "DataLayout", "DataPosition", "data_layout", "map_data_position", "ResumePlan", "prepare_output_dir",
-           "clear_run_outputs", "RUN_OUTPUTS"]
+           "clear_run_outputs", "RUN_OUTPUTS", "on_rank0"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -322,7 +322,7 @@ class ResumePlan:
         return None if self.tag is None else os.path.join(self.ckpt_dir, self.tag)
 
 
-def _on_rank0(fn: Callable[[], Any]) -> Any:
+def on_rank0(fn: Callable[[], Any]) -> Any:
     """``fn()`` computed on global rank 0 and broadcast to every rank; a ConfigError it raises is
     raised on every rank (so no rank waits in a collective the others left)."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
@@ -372,7 +372,7 @@ def prepare_output_dir(cfg: Config, resume: Optional[str]) -> ResumePlan:
 
     # rank 0 decides and every rank follows: on a node-local filesystem the other nodes' views of
     # the folder differ (DeepSpeed writes the module states on rank 0 only)
-    plan, clear = _on_rank0(decide)
+    plan, clear = on_rank0(decide)
     if clear:
         removed = on_first_local_ranks(lambda: clear_run_outputs(out))
         print0(f"train.overwrite=true: removed the previous run's {', '.join(removed or [])} from {out}")
@@ -535,7 +535,8 @@ def train_loop(
     checkpoint). ``on_epoch_end`` runs after each complete epoch, before its checkpoint;
     ``on_finish`` after the final checkpoint (what it changes in ``run.state`` is not in that
     checkpoint: fine-tuning's ``best`` tag keeps its own best metric). A resumed run already at its
-    last step returns at once with ``already_complete``."""
+    last step trains and saves nothing, runs ``on_finish`` (which decides whether anything is left to
+    do) and returns with ``already_complete``."""
     cfg, engine, st, d = run.cfg, run.engine, run.state, run.derived
     sched = cfg.schedule
     device = run.dist.device
@@ -545,10 +546,12 @@ def train_loop(
     grad_norm = float("nan")
     pending: Optional[_ReadBack] = None  # the last step's loss and grad norm, on their way to the host
     pending_save = False
-    if run.resumed_from is not None and st.step >= d.run_steps:  # nothing left: no training, save or eval
+    if run.resumed_from is not None and st.step >= d.run_steps:  # nothing left to train or save
         end = "" if st.step == d.run_steps else f"; this config ends at step {d.run_steps}"
         print0(f"already complete at step {st.step} (checkpoint {run.resumed_from}){end}; nothing to train "
                "(raise schedule.max_steps or schedule.epochs to train further)")
+        if on_finish is not None:  # e.g. an evaluation of the final weights that failed last time
+            on_finish(run)
         run.logger.close()
         return {"steps": st.step, "last_loss": float("nan"), "nonfinite_total": st.nonfinite_total,
                 "seconds": 0.0, "checkpoint": run.resumed_from, "already_complete": True}

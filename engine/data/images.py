@@ -39,7 +39,8 @@ one image at a time) and raises ImageDecodeError naming it, or under ``skip`` re
 remaining batches with it marked bad, so it is replaced exactly as if the check had caught it.
 
 Known limits: no RandAugment, random erasing or repeated augmentation for images (finetuning warns
-when they are set); Pillow's XMP orientation fallback is not applied (DALI reads EXIF only).
+when they are set). Orientation comes from the EXIF block only, as DALI reads it (Pillow's XMP
+fallback is not used).
 """
 from __future__ import annotations
 
@@ -73,10 +74,29 @@ _ORIENTATION = 0x0112
 _TURNED = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHECKED = (b"IHDR", b"PLTE", b"IDAT")  # chunks whose CRC DALI's decoder (libpng) enforces
+
+
+def _exif_orientation(raw: Optional[bytes]) -> int:
+    """The Orientation tag of an EXIF block (1 without one, or when it does not parse)."""
+    if not raw:
+        return 1
+    from PIL import Image
+
+    ex = Image.Exif()
+    try:
+        ex.load(raw)
+    except Exception:  # a broken EXIF block: DALI ignores it too
+        return 1
+    return int(ex.get(_ORIENTATION, 1) or 1)
+
+
 def _png_exif(buf: bytes, check: bool) -> Optional[bytes]:
     """The eXIf chunk's payload of a PNG, wherever it lies (DALI applies one after the image data
-    too; Pillow's header parse stops at the first IDAT). Walks chunk headers only, plus the CRCs
-    when ``check``: raises ValueError for a truncated file, a bad CRC or a missing IEND."""
+    too; Pillow's header parse stops at the first IDAT). Walks chunk headers only, plus the CRCs of
+    the critical chunks when ``check`` (libpng only warns about the others): raises ValueError for a
+    truncated file, a bad critical CRC or a missing IEND."""
     exif, i, n = None, 8, len(buf)
     while True:
         if i + 8 > n:
@@ -86,7 +106,7 @@ def _png_exif(buf: bytes, check: bool) -> Optional[bytes]:
         end = i + 12 + length
         if end > n:
             raise ValueError(f"truncated PNG: {kind.decode('latin-1')} chunk at byte {i} ends past the end ({n} bytes)")
-        if check and zlib.crc32(buf[i + 4:i + 8 + length]) != int.from_bytes(buf[end - 4:end], "big"):
+        if check and kind in _PNG_CHECKED and zlib.crc32(buf[i + 4:i + 8 + length]) != int.from_bytes(buf[end - 4:end], "big"):
             raise ValueError(f"corrupt PNG: bad CRC in the {kind.decode('latin-1')} chunk at byte {i}")
         if kind == b"eXIf" and exif is None:
             exif = buf[i + 8:i + 8 + length]
@@ -130,7 +150,14 @@ def image_size(data: np.ndarray, check: bool = False) -> tuple[int, int]:
     as far as cheap checks tell (module docstring)."""
     from PIL import Image
 
+    Image.MAX_IMAGE_PIXELS = None  # only the header is read; DALI has no such limit
     buf = data.tobytes()
+    if buf.startswith(_PNG_SIGNATURE):  # read here, not by Pillow, which refuses a bad ancillary CRC libpng accepts
+        if len(buf) < 24 or buf[12:16] != b"IHDR":
+            raise ValueError("corrupt PNG: no IHDR chunk after the signature")
+        width, height = int.from_bytes(buf[16:20], "big"), int.from_bytes(buf[20:24], "big")
+        orientation = _exif_orientation(_png_exif(buf, check))
+        return (width, height) if orientation in _TURNED else (height, width)
     try:
         im = Image.open(io.BytesIO(buf))
     except Image.UnidentifiedImageError:
@@ -140,16 +167,9 @@ def image_size(data: np.ndarray, check: bool = False) -> tuple[int, int]:
         fmt = im.format
         if check and fmt not in DALI_IMAGE_FORMATS:
             raise ValueError(f"{fmt} image: DALI's image decoder reads only {', '.join(sorted(DALI_IMAGE_FORMATS))}")
-        if fmt == "PNG":
-            raw = _png_exif(buf, check)
-            orientation = 1
-            if raw:
-                ex = Image.Exif()
-                ex.load(raw)
-                orientation = ex.get(_ORIENTATION, 1)
-        elif fmt in ("JPEG", "MPO", "TIFF", "WEBP"):
-            orientation = im.getexif().get(_ORIENTATION, 1)
-        else:
+        if fmt in ("JPEG", "MPO", "WEBP"):  # the EXIF block only: DALI ignores Pillow's XMP fallback
+            orientation = _exif_orientation(im.info.get("exif"))
+        else:  # TIFF: Pillow already reports the size with the orientation applied, as DALI outputs it
             orientation = 1
         if check:
             if fmt in ("JPEG", "MPO"):
@@ -158,7 +178,7 @@ def image_size(data: np.ndarray, check: bool = False) -> tuple[int, int]:
                 riff = int.from_bytes(buf[4:8], "little") + 8
                 if len(buf) < riff:
                     raise ValueError(f"truncated WebP: {len(buf)} bytes, its header says {riff}")
-            elif fmt != "PNG":
+            else:
                 im.load()  # no cheap completeness check for these formats
     return (width, height) if orientation in _TURNED else (height, width)
 
@@ -215,8 +235,12 @@ def dali_problem(path: str) -> Optional[str]:
 
 
 def _dali_reason(error: Exception) -> str:
-    """The informative line of a DALI pipeline error."""
+    """The informative line of a DALI pipeline error: the first after "encountered:" (e.g.
+    "nvImageCodec failure: '#17'"), else one naming a failure, else the first."""
     lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    after = next((i + 1 for i, ln in enumerate(lines) if ln.endswith("encountered:")), None)
+    if after is not None and after < len(lines):
+        return lines[after][:300]
     return next((ln for ln in lines if "Failed to" in ln or "Assert on" in ln), lines[0] if lines else "")[:300]
 
 

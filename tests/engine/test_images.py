@@ -297,3 +297,73 @@ def test_png_exif_orientation_without_decoding(tmp_path, monkeypatch):
     pipe = graph()
     pipe.build()
     assert pipe.run()[0].as_array().shape == (1, 50, 20, 3)  # DALI applies the late eXIf orientation too
+
+
+def _dali_shape(data: bytes):
+    """(H, W) DALI's CPU image decoder gives for ``data``, or None where it fails."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    arr = np.frombuffer(data, np.uint8)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def graph():
+        return fn.decoders.image(fn.external_source(source=lambda: [arr], batch=True), device="cpu",
+                                 output_type=types.RGB)
+
+    try:
+        pipe = graph()
+        pipe.build()
+        return tuple(np.asarray(pipe.run()[0][0]).shape[:2])
+    except RuntimeError:
+        return None
+
+
+def _ours(data: bytes):
+    try:
+        return image_size(np.frombuffer(data, np.uint8), check=True)
+    except (ValueError, OSError):
+        return None
+
+
+def test_orientation_and_png_checks_agree_with_dali():
+    """Cases where the cheap checks disagreed with DALI's decoder: an XMP-only orientation (DALI
+    reads EXIF only; Pillow's getexif fell back to XMP), a TIFF with orientation 6 (Pillow already
+    reports it turned: it was turned twice), and PNG ancillary chunks with a bad CRC (libpng warns
+    and decodes; the check refused them, Pillow's header parse too). A bad IDAT CRC stays refused."""
+    from PIL import Image
+
+    img = Image.fromarray(np.zeros((30, 40, 3), np.uint8))
+    buf = io.BytesIO()
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    img.save(buf, "JPEG", xmp=xmp)
+    tif = io.BytesIO()
+    img.save(tif, "TIFF", tiffinfo={0x0112: 6})
+    plain = io.BytesIO()
+    img.save(plain, "PNG")
+    png = plain.getvalue()
+
+    def chunk(kind: bytes, body: bytes, crc: int | None = None) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) if crc is None else crc)
+
+    ihdr_end = 8 + 25
+    iend = png.rindex(b"IEND") - 4
+    bad_before = png[:ihdr_end] + chunk(b"tEXt", b"a\x00bcd", crc=0) + png[ihdr_end:]
+    bad_after = png[:iend] + chunk(b"tEXt", b"a\x00bcd", crc=0) + png[iend:]
+    idat = png.index(b"IDAT") - 4
+    bad_idat = png[:idat + 8 + int.from_bytes(png[idat:idat + 4], "big")] + b"\0\0\0\0" + png[idat + 12 + int.from_bytes(png[idat:idat + 4], "big"):]
+    for name, data in (("xmp.jpg", buf.getvalue()), ("orient6.tif", tif.getvalue()), ("bad_before.png", bad_before),
+                       ("bad_after.png", bad_after), ("bad_idat.png", bad_idat)):
+        assert _ours(data) == _dali_shape(data), name
+    assert _ours(bad_idat) is None and _ours(bad_before) == (30, 40)
+
+
+def test_dali_reason_names_the_decoder_failure():
+    from engine.data.images import _dali_reason
+
+    err = RuntimeError("Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image`,\n"
+                       "which was used in the pipeline definition with the following traceback:\n\n  File x\n\n"
+                       "encountered:\n\nnvImageCodec failure: '#17'\nC++ context: [...]")
+    assert _dali_reason(err) == "nvImageCodec failure: '#17'"

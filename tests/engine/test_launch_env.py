@@ -305,13 +305,19 @@ def test_zero3_with_one_gpu_per_task_is_refused_on_every_rank(monkeypatch, local
     """srun --gpus-per-task=1: ZeRO-3 needs LOCAL_RANK as a device index; the rank of LOCAL_RANK 0 must
     refuse too (it went on into DeepSpeed and waited for the others until the timeout)."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "8(x4)")
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "8(x3),1")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_PROCID", str(local_rank))
+    monkeypatch.setenv("SLURM_NODEID", "0")
     for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
         monkeypatch.delenv(key, raising=False)
-    dist = DistInfo(local_rank, 32, local_rank, torch.device("cuda", 0), "nccl", device_index=0)
+    dist = DistInfo(local_rank, 25, local_rank, torch.device("cuda", 0), "nccl", device_index=0)
     with pytest.raises(LaunchError, match="zero_stage=3"):
         deepspeed_args(dist, zero_stage=3)
     assert deepspeed_args(dist, zero_stage=2).device_rank == 0
-    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "1(x32)")  # one task per node: its one GPU, ZeRO-3 is fine
     if local_rank == 0:
+        monkeypatch.setenv("SLURM_NODEID", "3")  # the last node runs one task: its one GPU, ZeRO-3 is fine
         assert deepspeed_args(dist, zero_stage=3).device_rank == 0
+        monkeypatch.setenv("SLURM_NODEID", "0")
+        monkeypatch.delenv("SLURM_STEP_ID")  # a batch-script process, alone: not an srun step
+        assert deepspeed_args(DistInfo(0, 1, 0, torch.device("cuda", 0), "nccl"), zero_stage=3).device_rank == 0

@@ -436,9 +436,11 @@ def test_validation_applies_the_agreed_bad_files(corrupt_root):
         validate_dataset(cfg_for(root), "train", agree=agree)
 
 
-def test_a_failing_final_evaluation_keeps_the_final_checkpoint(tmp_path):
+def test_a_failing_final_evaluation_keeps_the_final_checkpoint_and_is_redone(tmp_path):
     """A fine-tuning run that ends mid-epoch evaluates after its final checkpoint: a val file corrupt
-    past its first frame stops the run (exit 5) without losing the training steps."""
+    past its first frame stops the run (exit 5) without losing the training steps, and a resume
+    once the file is repaired evaluates the final weights (once). A run continued from that
+    checkpoint in another folder keeps its own best."""
     import subprocess
     import sys
 
@@ -449,12 +451,26 @@ def test_a_failing_final_evaluation_keeps_the_final_checkpoint(tmp_path):
             write_video(str(root / split / cls / "v.avi"))
     corrupt_after_first(str(root / "val" / "b" / "v.avi"))
     out = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "engine", "finetune", "-c", os.path.join(repo, "tests", "engine", "tiny.yaml"),
-                        f"data.root={root}", "data.dataset=folder", "data.num_frames=4", "data.sampling_rate=1",
-                        "data.target_fps=0", "data.crop_size=32", "data.num_clips=1", "data.clips_per_epoch=4",
-                        "data.reader=pyav", f"data.cache_dir={tmp_path / 'c'}", f"train.output_dir={out}",
-                        "train.device=cpu", "schedule.max_steps=1"],
-                       cwd=repo, env=dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1", TRITON_INTERPRET="1"),
-                       capture_output=True, text=True, timeout=300)
+
+    def finetune(*extra):
+        return subprocess.run([sys.executable, "-m", "engine", "finetune", "-c",
+                               os.path.join(repo, "tests", "engine", "tiny.yaml"), f"data.root={root}",
+                               "data.dataset=folder", "data.num_frames=4", "data.sampling_rate=1", "data.target_fps=0",
+                               "data.crop_size=32", "data.num_clips=1", "data.clips_per_epoch=4", "data.reader=pyav",
+                               f"data.cache_dir={tmp_path / 'c'}", "train.device=cpu", "schedule.max_steps=1", *extra],
+                              cwd=repo, env=dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1", TRITON_INTERPRET="1"),
+                              capture_output=True, text=True, timeout=300)
+
+    p = finetune(f"train.output_dir={out}")
     assert p.returncode == 5 and "v.avi" in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert os.path.isdir(out / "checkpoints" / "step00000001")
+    write_video(str(root / "val" / "b" / "v.avi"))  # the file repaired: the resume evaluates what it missed
+    p = finetune(f"train.output_dir={out}", "--resume", "auto")
+    assert p.returncode == 0 and "already complete at step 1" in p.stdout and "final val top-1" in p.stdout, p.stderr[-3000:]
+    assert os.path.isdir(out / "checkpoints" / "best")
+    p = finetune(f"train.output_dir={out}", "--resume", "auto")  # evaluated now: nothing left to do
+    assert p.returncode == 0 and "final val top-1" not in p.stdout, p.stdout[-2000:]
+    # continued from this run's checkpoint in another folder: that run's best is not here, so it starts its own
+    other = tmp_path / "other"
+    p = finetune(f"train.output_dir={other}", "schedule.max_steps=2", "--resume", str(out / "checkpoints" / "step00000001"))
+    assert p.returncode == 0 and os.path.isdir(other / "checkpoints" / "best"), p.stderr[-3000:]
