@@ -352,14 +352,14 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
 
     def on_epoch_end(r: Run) -> None:
         every = cfg.train.eval_every_epochs
-        last = r.state.step >= r.derived.run_steps
-        if (every > 0 and r.state.epoch % every == 0) or last:
+        last = r.state.step >= r.derived.run_steps  # evaluated by on_finish, after the final checkpoint
+        if every > 0 and r.state.epoch % every == 0 and not last:
             state["last_eval"] = do_eval(r)
 
     def on_finish(r: Run) -> None:
-        # the run ended mid-epoch (schedule.max_steps), or an already-complete resume whose final
-        # evaluation did not happen (it failed after the final save): evaluate the final weights (a
-        # better score saves `best`, whose state a resume reads back)
+        # the final weights, after the final checkpoint (an error here loses no training); also on
+        # an already-complete resume whose final evaluation did not happen (it failed after the final
+        # save). A better score saves `best`, whose state a resume reads back
         if state.get("eval_step") != r.state.step and not on_rank0(lambda: evaluated_at(cfg, r.state.step)):
             state["last_eval"] = do_eval(r)
 
