@@ -49,7 +49,6 @@ import io
 import logging
 import math
 import os
-import threading
 import warnings
 import zlib
 from typing import Callable, Optional, Sequence
@@ -60,6 +59,7 @@ import torch
 from .config import DataConfig
 from .datasets import load_dataset, warn_empty_classes
 from .errors import DataError, ImageDecodeError
+from .pipeline import FailureLog
 from .probe import BadDatasetError, BadFile, ValidationReport, VideoInfo
 from .sampler import ClipSpec, epoch_order, random_resized_crop, shard_positions
 from .transfer import to_device
@@ -283,9 +283,11 @@ class ImageLoader:
         self.num_classes: int = len(self.class_names)
         self.reader = "dali_image"
         self.train = split == "train" and mode != "test"
-        self.decode_failures: list[str] = []
+        self._decode_failed = FailureLog(
+            "%s cannot be decoded (%s): data.on_bad_file=skip: it is replaced by other images (valid=False); "
+            "reported once" if cfg.on_bad_file == "skip" else None)
+        self.decode_failures: list[str] = self._decode_failed.paths
         """Files that failed to decode while loading (after validation), in order of first failure."""
-        self._failure_lock = threading.Lock()
         self._dali_bad: dict[str, str] = {}  # files only DALI's decoder refuses: replaced from then on (skip)
         self.epoch = 0
         self.batches_consumed = 0
@@ -352,16 +354,6 @@ class ImageLoader:
         self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
         if int(state.get("world_size", self.world_size)) != self.world_size or state.get("seed", self.cfg.seed) != self.cfg.seed:
             self.batches_consumed = 0  # positions do not map across world sizes/seeds: restart the epoch
-
-    def _decode_failed(self, path: str, error: str) -> None:
-        """Record a file that failed to decode; warn once per file under skip (called from feeder threads)."""
-        with self._failure_lock:
-            if path in self.decode_failures:
-                return
-            self.decode_failures.append(path)
-        if self.cfg.on_bad_file == "skip":
-            log.warning("%s cannot be decoded (%s): data.on_bad_file=skip: it is replaced by other images "
-                        "(valid=False); reported once", path, error)
 
     def _finish(self, epoch: int, loaded: dict[int, str]) -> Callable[[ClipSpec, np.ndarray], ClipSpec]:
         """``finish(spec, data)`` for the feeder (runs in its workers): checks the encoded image

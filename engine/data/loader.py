@@ -44,7 +44,6 @@ import collections.abc
 import hashlib
 import logging
 import os
-import threading
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -55,6 +54,7 @@ import torch
 from .config import DataConfig
 from .datasets import Dataset, load_dataset, warn_empty_classes
 from .errors import DataError, VideoDecodeError
+from .pipeline import FailureLog
 from .probe import BadDatasetError, BadFile, ValidationReport, VideoInfo, reader_problem, validate_files
 from .sampler import ClipSpec, PlanSettings, epoch_order, make_clip, shard_positions
 from .transfer import to_device
@@ -215,9 +215,11 @@ class VideoLoader:
         self.infos = check.infos
         self._shown = [i.displayed() for i in check.infos]  # sizes as displayed: crops are planned on them
         self.report = check.report
-        self.decode_failures: list[str] = []
+        self._decode_failed = FailureLog(
+            "%s fails to decode (%s) although it passed validation: data.on_bad_file=skip: its clips are replaced "
+            "by clips of other videos (valid=False); reported once" if cfg.on_bad_file == "skip" else None)
+        self.decode_failures: list[str] = self._decode_failed.paths
         """Files that failed to decode while loading (after validation), in order of first failure."""
-        self._failure_lock = threading.Lock()
         self.reader = check.reader
         self.split, self.mode = split, mode
         self.rank, self.world_size = rank, world_size
@@ -294,16 +296,6 @@ class VideoLoader:
                              valid=False)
 
         return replace
-
-    def _decode_failed(self, path: str, error: str) -> None:
-        """Record a file that failed to decode; warn once per file (called from loader threads)."""
-        with self._failure_lock:
-            if path in self.decode_failures:
-                return
-            self.decode_failures.append(path)
-        if self.cfg.on_bad_file == "skip":
-            log.warning("%s fails to decode (%s) although it passed validation: data.on_bad_file=skip: its clips are "
-                        "replaced by clips of other videos (valid=False); reported once", path, error)
 
     def _dali_decode_error(self, in_flight: Sequence[list[ClipSpec]], rerun: str, error: Exception) -> Exception:
         """DALI's decoder (``cpu``/``gpu``) failed on one of the ``in_flight`` batches: find the file by

@@ -41,7 +41,9 @@ loader (``images.py``) reuses :class:`Feeder` with ``decode="bytes"`` and ``medi
 """
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,6 +58,27 @@ from .sampler import ClipSpec
 
 MAX_REPLACEMENTS = 8
 """``on_bad_file=skip``: replacement clips tried for a clip that fails to decode, before giving up."""
+
+log = logging.getLogger(__name__)
+
+
+class FailureLog:
+    """A loader's record of the files that failed to decode after validation (a Feeder's
+    ``on_failure``; called from its worker threads): ``paths`` in order of first failure, each file
+    once; ``warning`` (a %-format taking the path and the error; None: silent) is logged once per file."""
+
+    def __init__(self, warning: str | None):
+        self.paths: list[str] = []
+        self._warning = warning
+        self._lock = threading.Lock()
+
+    def __call__(self, path: str, error: str) -> None:
+        with self._lock:
+            if path in self.paths:
+                return
+            self.paths.append(path)
+        if self._warning is not None:
+            log.warning(self._warning, path, error)
 
 
 def _decode_pass(path: str, wanted: set[int], first_wanted: int, short_side: int,
