@@ -6,7 +6,7 @@ Layout under ``<output_dir>/checkpoints``::
     step00000120/               # a DeepSpeed tag (model/optimizer shards of every rank)
         config.yaml             # the resolved config of the run
         engine_state_r00000.pt  # per rank: step, epoch, loader state, RNG states, counters
-        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...
+        mp_rank_00_model_states.pt, [bf16_]zero_pp_rank_*_optim_states.pt, ...
     best/                       # fine-tuning: the checkpoint with the best validation top-1
 
 A save goes to a hidden temporary tag (``.tmp-step…``); only when every rank has written its
@@ -284,8 +284,12 @@ def available_tags(ckpt_dir: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # Finding a checkpoint from a path (--resume PATH, maskfeat eval --checkpoint PATH)
 # ----------------------------------------------------------------------------------------------
+ZERO_SHARDS = "*zero_pp_rank_*"
+"""DeepSpeed's ZeRO-1/2/3 shard files: ``zero_pp_rank_*`` (fp32), ``bf16_zero_pp_rank_*`` (bf16 ZeRO-1/2)."""
+
+
 def _is_tag_dir(path: str) -> bool:
-    return bool(_has_weights(path) or _has_state(path) or glob.glob(os.path.join(path, "zero_pp_rank_*")))
+    return bool(_has_weights(path) or _has_state(path) or glob.glob(os.path.join(path, ZERO_SHARDS)))
 
 
 def _is_ckpt_dir(path: str) -> bool:
@@ -636,7 +640,7 @@ def consolidated_state_dict(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
     path = os.path.join(ckpt_dir, tag)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint {tag!r} under {ckpt_dir}")
-    if glob.glob(os.path.join(path, "*optim_states.pt")) and glob.glob(os.path.join(path, "zero_pp_rank_*")):
+    if glob.glob(os.path.join(path, "*optim_states.pt")) and glob.glob(os.path.join(path, ZERO_SHARDS)):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
@@ -724,9 +728,12 @@ def load_pretrained(path: str) -> dict[str, torch.Tensor]:
     size = os.path.getsize(path)
     if size == 0:
         raise ValueError(f"{path}: the file is empty (0 bytes), not a weights file")
-    kind = "safetensors" if path.endswith(".safetensors") else "torch.save (.pyth/.pt)"
+    with open(path, "rb") as f:  # by content, not by name: an export may be named anything
+        head = f.read(9)
+    safetensors = path.endswith(".safetensors") or (len(head) == 9 and head[8:9] == b"{")  # u64 header size, JSON
+    kind = "safetensors" if safetensors else "torch.save (.pyth/.pt)"
     try:
-        if path.endswith(".safetensors"):
+        if safetensors:
             from safetensors.torch import load_file
 
             obj: Any = load_file(path)

@@ -486,10 +486,15 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
         if not target.weights:
             raise
         raise ConfigError(f"--checkpoint {e}") from e
-    if HEAD_WEIGHT not in sd:
+    from models.checkpoint import KNOWN_PREFIXES
+
+    # the head under a wrapper prefix too (an official .pyth saved from DDP: module.head...)
+    head = next((k for k in (HEAD_WEIGHT, *(p + HEAD_WEIGHT for p in KNOWN_PREFIXES),
+                             *(p + q + HEAD_WEIGHT for p in KNOWN_PREFIXES for q in KNOWN_PREFIXES)) if k in sd), None)
+    if head is None:
         raise ConfigError(f"--checkpoint {target.where}: no {HEAD_WEIGHT} (not a fine-tuned classifier; a "
                           "pre-trained backbone is fine-tuned with maskfeat finetune first)")
-    K = int(sd[HEAD_WEIGHT].shape[0])
+    K = int(sd[head].shape[0])
     names: Optional[list[str]] = None
     if target.class_index:
         names, k_json = read_class_index(target.class_index)

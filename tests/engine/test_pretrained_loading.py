@@ -206,3 +206,34 @@ def test_eval_weights_file_checks_fit_in_one_line(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"2 classifier tensors missing from the checkpoint .*: norm\.bias, norm\.weight"):
         load_classifier_state(clf, {k: v for k, v in ft.items() if not k.startswith("norm.")})
+
+
+def test_an_export_under_another_name_loads_as_safetensors(tmp_path, pt_state):
+    """The format comes from the file's content: `maskfeat export --out x.st` writes safetensors that
+    were read as a torch.save file ("is it truncated, or not a weights file?")."""
+    path = str(tmp_path / "backbone.st")
+    save_file(pt_state, path)
+    got = load_pretrained(path)
+    assert got.keys() == pt_state.keys() and all(torch.equal(got[k], pt_state[k]) for k in got)
+
+
+def test_eval_of_a_ddp_prefixed_official_classifier(tmp_path, monkeypatch):
+    """An official fine-tuned .pyth saved from DDP has module.head.projection.weight: eval reads K from
+    it (it refused the file as 'not a fine-tuned classifier')."""
+    import engine.finetune
+    from engine.config import load_config
+    from engine.distributed import DistInfo
+
+    ft = _tiny("classify", seed=5, num_classes=3).state_dict()
+    path = str(tmp_path / "ft.pyth")
+    torch.save({"model_state": {"module." + k: v for k, v in ft.items()}}, path)
+    monkeypatch.setattr(engine.finetune, "init_distributed", lambda device="auto": DistInfo(0, 1, 0, torch.device("cpu"), "gloo"))
+    class ReachedTheLoader(Exception):
+        pass
+
+    def stop(cfg, dist, names):
+        raise ReachedTheLoader
+
+    monkeypatch.setattr(engine.finetune, "_eval_loader", stop)
+    with pytest.raises(ReachedTheLoader):  # past the head check (K read from module.head...) to the data
+        engine.finetune.run_eval(load_config(None, ["model.name=mvitv2_tiny", "train.device=cpu"]), path)

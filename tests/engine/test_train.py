@@ -167,6 +167,23 @@ def test_export_of_a_bf16_run_without_zero_uses_the_fp32_masters(env, tmp_path):
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
+def test_export_of_a_bf16_zero1_run_uses_the_fp32_masters(env, tmp_path):
+    """Regression: bf16 ZeRO-1/2 shards are named bf16_zero_pp_rank_*; export took them for a ZeRO-0
+    checkpoint and wrote the module's bf16-rounded weights instead of DeepSpeed's fp32 masters."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "bf16z1")
+    _run([sys.executable, "-m", "engine", "pretrain", "-c", TINY, f"train.output_dir={out}",
+          "deepspeed.precision=bf16", "deepspeed.zero_stage=1", "schedule.max_steps=2"], env)
+    assert any(f.startswith("bf16_zero_pp_rank_") for f in os.listdir(f"{out}/checkpoints/step00000002"))
+    _run([sys.executable, "-m", "engine", "export", out, "--out", f"{out}/b.safetensors"], env)
+    sd = load_file(f"{out}/b.safetensors")
+    want = get_fp32_state_dict_from_zero_checkpoint(f"{out}/checkpoints", tag="step00000002")
+    assert sd.keys() <= want.keys() and all(torch.equal(sd[k], want[k].float()) for k in sd)
+    assert not torch.equal(sd["blocks.0.mlp.fc1.weight"].bfloat16().float(), sd["blocks.0.mlp.fc1.weight"])
+
+
 def test_deepspeed_launcher_runs_the_module(env, tmp_path):
     """``deepspeed --module engine ...`` (it inserts ``--local_rank=N`` before our arguments)."""
     out = str(tmp_path / "dsl")
