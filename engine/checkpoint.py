@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pickle
 import re
 import shutil
 from typing import Any, Callable, Optional, TypeVar
@@ -69,7 +70,12 @@ import torch
 from engine.config import ConfigError
 from engine.distributed import barrier
 
+
+class CheckpointError(ConfigError):
+    """A checkpoint that exists but cannot be read (incomplete, damaged): exit 2 like a config error."""
+
 __all__ = [
+    "CheckpointError",
     "checkpoint_dir",
     "save_checkpoint",
     "find_latest",
@@ -120,8 +126,19 @@ def _has_state(path: str) -> bool:
 
 
 def is_complete(path: str) -> bool:
-    """A tag folder a run can resume from: our rank states and DeepSpeed's model states."""
-    return _has_state(path) and _has_weights(path)
+    """A tag folder a run can resume from: our rank states and DeepSpeed's model states, and, for
+    ZeRO 1-3, one optimiser shard per rank (a missing shard made ``--resume auto`` pick the tag
+    and fail on one rank)."""
+    return _has_state(path) and _has_weights(path) and not _missing_shards(path)
+
+
+def _missing_shards(path: str) -> bool:
+    """A tag saved with ZeRO 1-3 (its config.yaml) holding fewer optimiser shards than rank states."""
+    stage = ((_saved_config(path) or {}).get("deepspeed") or {}).get("zero_stage", 0)
+    if not isinstance(stage, int) or stage < 1:
+        return False
+    ranks = len(glob.glob(os.path.join(path, "engine_state_r*.pt")))
+    return len(glob.glob(os.path.join(path, ZERO_SHARDS + "optim_states.pt"))) < max(ranks, 1)
 
 
 def _step_tags(ckpt_dir: str, ok: Callable[[str], bool] = os.path.isdir) -> list[str]:
@@ -686,11 +703,29 @@ def export_backbone(output_dir_or_ckpt: str, out_path: str, tag: Optional[str] =
 
     root = output_dir_or_ckpt
     ckpt_dir = checkpoint_dir(root) if os.path.isdir(checkpoint_dir(root)) else root
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{output_dir_or_ckpt}: not found (a run folder or its checkpoints/ directory)")
     if tag is None:
         tag = latest_tag(ckpt_dir)
         if tag is None:
             raise FileNotFoundError(f"no complete checkpoint under {ckpt_dir}")
-    sd = consolidated_state_dict(ckpt_dir, tag)
+    elif not os.path.isdir(os.path.join(ckpt_dir, tag)):
+        raise FileNotFoundError(f"no checkpoint {tag!r} under {ckpt_dir}; available: "
+                                f"{', '.join(stored_tags(ckpt_dir)) or 'none'}")
+    others = lambda: [t for t in stored_tags(ckpt_dir) if t != tag and is_complete(os.path.join(ckpt_dir, t))]  # noqa: E731
+    if _missing_shards(os.path.join(ckpt_dir, tag)):
+        raise CheckpointError(f"checkpoint {os.path.join(ckpt_dir, tag)} lacks ZeRO optimiser shards: incomplete "
+                              f"or damaged; complete tags: {', '.join(others()) or 'none'} (--tag)")
+    try:
+        sd = consolidated_state_dict(ckpt_dir, tag)
+    except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError) as e:
+        if isinstance(e, FileNotFoundError) and not os.path.isdir(os.path.join(ckpt_dir, tag)):
+            raise
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(f"checkpoint {os.path.join(ckpt_dir, tag)} cannot be read ({type(e).__name__}: {cause}): "
+                              f"incomplete or damaged; complete tags: {', '.join(others()) or 'none'} (--tag)") from e
+    if os.path.isdir(out_path):
+        out_path = os.path.join(out_path, "backbone.safetensors")
     backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     if not backbone:  # the module is the backbone (models.MaskFeat / Classifier)
         backbone = sd

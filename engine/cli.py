@@ -45,6 +45,8 @@ EXIT_CODES = {0: "done", 1: "data prepare: some files failed to encode or are ba
               5: "data error (dataset root or list missing, empty or inconsistent; bad files under "
                  "data.on_bad_file=error)",
               6: "out of GPU memory (the message says what to change)",
+              7: "a checkpoint could not be written (disk full, read-only folder); the message names the last "
+                 "complete one",
               130: "interrupted (Ctrl-C); the message names the checkpoint --resume auto continues from",
               143: "terminated (SIGTERM, e.g. a scheduler's preemption); as 130"}
 """Exit status -> meaning, for every command (printed by ``maskfeat --help``)."""
@@ -192,10 +194,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from engine.checkpoint import export_backbone
 
         out = args.out or os.path.join(args.run_dir, "backbone.safetensors")
+        from engine.config import ConfigError
+
         try:
             res = export_backbone(args.run_dir, out, tag=args.tag, keep_pretrain_head=args.keep_head)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ConfigError) as e:  # missing, or incomplete/damaged (CheckpointError)
             print(f"maskfeat export: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # writing the export: a full disk, a read-only folder, a file in the way
+            print(f"maskfeat export: cannot write {out}: {e}", file=sys.stderr)
             return 2
         print(f"exported {res['tensors']} tensors ({res['parameters'] / 1e6:.2f} M parameters) "
               f"from {res['tag']} to {os.path.abspath(res['path'])}")
@@ -216,7 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     from engine.data.probe import BadDatasetError
-    from engine.runner import NonFiniteLossError, StopRequested
+    from engine.runner import NonFiniteLossError, SaveError, StopRequested
 
     on_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main else None
@@ -251,6 +258,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NonFiniteLossError as e:
         print(f"maskfeat {args.command}: {e}", file=sys.stderr)
         return 4
+    except SaveError as e:
+        print(f"maskfeat {args.command}: {e}", file=sys.stderr)
+        return 7
     except Exception as e:
         if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
             raise

@@ -81,7 +81,7 @@ from engine.distributed import (
 from engine.logging import RunLogger, peak_memory_gb
 from engine.optim import build_optimizer, lr_at_step, param_groups, set_lr
 
-__all__ = ["NonFiniteLossError", "StopRequested", "TrainState", "Run", "setup_run", "train_loop", "print0",
+__all__ = ["NonFiniteLossError", "SaveError", "StopRequested", "TrainState", "Run", "setup_run", "train_loop", "print0",
            "DataLayout", "DataPosition", "data_layout", "map_data_position", "ResumePlan", "prepare_output_dir",
            "clear_run_outputs", "RUN_OUTPUTS", "on_rank0"]
 
@@ -90,6 +90,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row."""
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (the earlier ones and ``latest`` are intact)."""
 
 
 class StopRequested(Exception):
@@ -277,10 +281,16 @@ class Run:
     def save(self, tag: Optional[str] = None, *, update_latest: bool = True, keep: Optional[int] = None) -> str:
         tag = tag or f"step{self.state.step:08d}"
         t0 = time.time()
-        path = save_checkpoint(self.engine, self.cfg.train.output_dir, tag, rank_state=self.rank_state(),
-                               config_yaml=config_to_yaml(self.cfg), update_latest=update_latest,
-                               keep=self.cfg.train.keep_checkpoints if keep is None else keep,
-                               param_group_names=self.param_group_names)
+        try:
+            path = save_checkpoint(self.engine, self.cfg.train.output_dir, tag, rank_state=self.rank_state(),
+                                   config_yaml=config_to_yaml(self.cfg), update_latest=update_latest,
+                                   keep=self.cfg.train.keep_checkpoints if keep is None else keep,
+                                   param_group_names=self.param_group_names)
+        except OSError as e:  # a full disk, a quota, a read-only or vanished folder
+            raise SaveError(f"saving checkpoint {tag} in {self.cfg.train.output_dir} failed ({type(e).__name__}: {e}); "
+                            f"nothing was lost before it: the last complete checkpoint is "
+                            f"{find_latest(self.cfg.train.output_dir) or 'none yet'} (free space or fix the folder, "
+                            "then --resume auto)") from e
         self.logger.write(f"saved checkpoint {path} ({time.time() - t0:.1f} s)")
         return path
 
@@ -401,6 +411,9 @@ def setup_run(
     (``checkpoint.resolve_resume``); ``build_model(loader)`` may read the dataset (e.g. its number
     of classes)."""
     check_deepspeed_extra(cfg.deepspeed.extra)  # a key the engine owns: ConfigError before any work
+    if cfg.deepspeed.precision == "fp16" and (cfg.train.device == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError("deepspeed.precision=fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no fp16); "
+                          "use bf16 or fp32 on the CPU")
     dist = init_distributed(cfg.train.device)  # sets DS_ACCELERATOR before deepspeed is first imported
     import deepspeed
 
@@ -455,7 +468,11 @@ def setup_run(
             print0(plan.config_warning, file=sys.stderr)
         saved_step = int(saved["train_state"]["step"])
         if plan.own:  # going back in time: newer tags would be picked by --resume auto or pruned later
-            moved = on_first_local_ranks(lambda: set_aside_newer(plan.ckpt_dir, saved_step, plan.tag))
+            # after a step rescale (another global batch) the new steps count in other units: every
+            # step tag above the new step would be overwritten by this run's saves, the resumed one too
+            rescaled = run.state.step != saved_step
+            limit, keep = (min(saved_step, run.state.step), None) if rescaled else (saved_step, plan.tag)
+            moved = on_first_local_ranks(lambda: set_aside_newer(plan.ckpt_dir, limit, keep))
             if moved:
                 print0(f"resume: {plan.tag} is older than {', '.join(a for a, _ in moved)}; set aside as "
                        f"{', '.join(b for _, b in moved)} in {plan.ckpt_dir} (delete them once not needed)")

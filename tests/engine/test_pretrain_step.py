@@ -116,3 +116,18 @@ def test_model_kind_must_fit_the_data_and_image_masks_need_a_block(tmp_path):
     with pytest.raises(ConfigError, match=r"masks 14 of the \(6, 6\) patches.*data.crop_size >= 112"):
         check_input_geometry(load_config(vit, small))
     check_input_geometry(load_config(vit, ["model.name=vit_tiny", "data.crop_size=112"]))
+
+
+def test_fp16_on_the_cpu_is_a_config_error(tmp_path):
+    """DeepSpeed's CPU accelerator has no fp16: a config error before set-up (a ValueError traceback)."""
+    import os
+
+    import pytest
+
+    from engine.config import ConfigError, load_config
+    from engine.pretrain import run_pretrain
+
+    demo = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo_pretrain.yaml")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        run_pretrain(load_config(demo, ["deepspeed.precision=fp16", "train.device=cpu",
+                                        f"train.output_dir={tmp_path / 'run'}"]))

@@ -329,3 +329,22 @@ def test_resume_with_another_zero_stage_exits_2_naming_both(env, two_rank_run, t
               f"train.output_dir={out}", "--resume", "auto"], env, ok=(2,))
     assert "config error" in p.stderr and "Traceback" not in p.stderr
     assert "saved with deepspeed.zero_stage=0, this run has deepspeed.zero_stage=3" in p.stderr
+
+
+def test_resume_with_a_larger_batch_sets_aside_the_tags_its_steps_would_overwrite(env, tmp_path):
+    """Going back to step 3 of batch 2 with batch 4 continues at step 1 of the new unit: its saves at
+    steps 2, 3, ... used to overwrite the old tags of those numbers, the resumed one included."""
+    out = str(tmp_path / "run")
+    common = ["-c", TINY, f"train.output_dir={out}", "train.checkpoint_every_steps=1", "train.keep_checkpoints=0"]
+    _run([sys.executable, "-m", "engine", "pretrain", *common, "schedule.max_steps=4"], env)
+    p = _run([sys.executable, "-m", "engine", "pretrain", *common, "data.batch_size=4", "schedule.max_steps=3",
+              "--resume", "step00000003"], env)
+    assert "resumed from" in p.stdout and "at step 1 " in p.stdout, p.stdout[-2000:]
+    ck = os.path.join(out, "checkpoints")
+
+    def batch(tag):
+        st = torch.load(os.path.join(ck, tag, "engine_state_r00000.pt"), weights_only=False)
+        return st["data_layout"]["batch_size"]
+
+    assert [batch(t) for t in ("step00000002", "step00000003")] == [4, 4]  # this run's
+    assert [batch(t) for t in ("step00000002.superseded", "step00000003.superseded", "step00000004.superseded")] == [2, 2, 2]

@@ -321,3 +321,63 @@ def test_cli_checkpointing_more_blocks_than_the_model_has_exits_2(env, tmp_path)
     p = _run([sys.executable, "-m", "engine", "pretrain", "-c", TINY, "model.activation_checkpointing=99",
               f"train.output_dir={tmp_path}"], env, ok=(2,))
     assert "model.activation_checkpointing=99" in p.stderr and "the model has" in p.stderr
+
+
+def test_export_of_a_damaged_or_missing_checkpoint_is_one_line(env, tmp_path):
+    """A checkpoint with a ZeRO shard missing is not complete (--resume auto skips it), and export of it,
+    of a truncated one, of a missing tag or path is one line with exit 2 (tracebacks before); an --out
+    folder gets backbone.safetensors inside."""
+    import glob as _glob
+
+    from engine.checkpoint import is_complete
+
+    out = str(tmp_path / "z1")
+    _run([sys.executable, "-m", "engine", "pretrain", "-c", TINY, f"train.output_dir={out}",
+          "deepspeed.zero_stage=1", "schedule.max_steps=2", "train.checkpoint_every_steps=1"], env)
+    ck = os.path.join(out, "checkpoints")
+    good, bad = os.path.join(ck, "step00000001"), os.path.join(ck, "step00000002")
+    os.remove(_glob.glob(os.path.join(bad, "*zero_pp_rank_0_*optim_states.pt"))[0])
+    assert is_complete(good) and not is_complete(bad)
+    p = _run([sys.executable, "-m", "engine", "export", out, "--tag", "step00000002"], env, ok=(2,))
+    assert "lacks ZeRO optimiser shards: incomplete or damaged; complete tags: step00000001" in p.stderr
+    model = os.path.join(good, "mp_rank_00_model_states.pt")
+    with open(model, "r+b") as f:
+        f.truncate(os.path.getsize(model) // 2)
+    p = _run([sys.executable, "-m", "engine", "export", out, "--tag", "step00000001"], env, ok=(2,))
+    assert "cannot be read" in p.stderr and "incomplete or damaged" in p.stderr and "Traceback" not in p.stderr
+    p = _run([sys.executable, "-m", "engine", "export", out, "--tag", "step9"], env, ok=(2,))
+    assert "no checkpoint 'step9'" in p.stderr and "available: step00000001, step00000002" in p.stderr
+    p = _run([sys.executable, "-m", "engine", "export", str(tmp_path / "nowhere")], env, ok=(2,))
+    assert "not found" in p.stderr and "Traceback" not in p.stderr
+    os.makedirs(tmp_path / "exports")
+    _run([sys.executable, "-m", "engine", "pretrain", "-c", TINY, f"train.output_dir={tmp_path / 'ok'}",
+          "schedule.max_steps=1"], env)
+    _run([sys.executable, "-m", "engine", "export", str(tmp_path / "ok"), "--out", str(tmp_path / "exports")], env)
+    assert os.path.isfile(tmp_path / "exports" / "backbone.safetensors")
+
+
+_FULL_DISK = r"""
+import errno, sys
+import engine.runner as R
+orig = R.save_checkpoint
+
+def save(engine, output_dir, tag, **kw):
+    if tag == "step00000003":
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return orig(engine, output_dir, tag, **kw)
+
+R.save_checkpoint = save
+from engine.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_exits_7_naming_the_last_complete_one(env, tmp_path):
+    out = str(tmp_path / "run")
+    p = _run([sys.executable, "-c", _FULL_DISK, "pretrain", "-c", TINY, f"train.output_dir={out}",
+              "train.checkpoint_every_steps=1", "schedule.max_steps=4"], env, ok=(7,))
+    assert "saving checkpoint step00000003" in p.stderr and "No space left on device" in p.stderr
+    assert "the last complete checkpoint is" in p.stderr and "step00000002" in p.stderr and "Traceback" not in p.stderr
+    p = _run([sys.executable, "-m", "engine", "pretrain", "-c", TINY, f"train.output_dir={out}",
+              "train.checkpoint_every_steps=1", "schedule.max_steps=4", "--resume", "auto"], env)
+    assert "resumed from" in p.stdout and "step00000002" in p.stdout
