@@ -179,6 +179,17 @@ def _dist() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def _failed_anywhere(failed: bool) -> bool:
+    """Whether any rank passes ``failed`` (every rank calls this; a no-op alone)."""
+    dist = torch.distributed
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return failed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([float(failed)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file, synced, then renamed over it."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -189,15 +200,29 @@ def write_text_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _free_name(ckpt_dir: str, name: str) -> str:
+    """``ckpt_dir/name``, or ``name-2``, ``name-3``, ... when taken."""
+    dst, n = os.path.join(ckpt_dir, name), 1
+    while os.path.exists(dst):
+        n += 1
+        dst = os.path.join(ckpt_dir, f"{name}-{n}")
+    return dst
+
+
 def _promote(ckpt_dir: str, tmp_tag: str, tag: str) -> None:
-    """Rename ``tmp_tag`` to ``tag`` (replacing an older ``tag``) on every node's first rank. Replacing
-    takes two renames (``tag`` -> ``tag.old``, then ``tmp_tag`` -> ``tag``); a kill in between is
+    """Rename ``tmp_tag`` to ``tag`` on every node's first rank. An existing ``best`` (or other
+    non-step tag) is replaced; an existing step tag, which a run saves again only after a resume with
+    another global batch (the steps count in other units), is set aside as ``<tag>.superseded``.
+    Replacing takes two renames (``tag`` -> ``tag.old``, then ``tmp_tag`` -> ``tag``); a kill in between is
     repaired by :func:`recover_checkpoint_dir` at the next start."""
     src, dst = os.path.join(ckpt_dir, tmp_tag), os.path.join(ckpt_dir, tag)
 
     def move() -> None:
         if not os.path.isdir(src):
             return  # shared filesystem: already moved by global rank 0
+        if os.path.isdir(dst) and _STEP_RE.match(tag):
+            # a step tag of another step unit (a resume with another global batch): set aside, never overwritten
+            os.replace(dst, _free_name(ckpt_dir, f"{tag}.superseded"))
         if os.path.isdir(dst):
             old = dst + ".old"
             shutil.rmtree(old, ignore_errors=True)
@@ -239,10 +264,16 @@ def save_checkpoint(
     barrier()
     engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state={"tag": tag, "param_group_names": param_group_names}, save_latest=False)
     tmp_path = os.path.join(ckpt_dir, tmp_tag)
-    os.makedirs(tmp_path, exist_ok=True)
-    torch.save(rank_state, os.path.join(tmp_path, f"engine_state_r{rank:05d}.pt"))
-    if local_rank == 0:
-        write_text_atomic(os.path.join(tmp_path, "config.yaml"), config_yaml)
+    failed: Optional[Exception] = None
+    try:  # a full node-local disk fails one rank: all must learn it, or the others wait in the barrier
+        os.makedirs(tmp_path, exist_ok=True)
+        torch.save(rank_state, os.path.join(tmp_path, f"engine_state_r{rank:05d}.pt"))
+        if local_rank == 0:
+            write_text_atomic(os.path.join(tmp_path, "config.yaml"), config_yaml)
+    except (OSError, RuntimeError) as e:
+        failed = e
+    if _failed_anywhere(failed is not None):
+        raise failed or OSError(f"another rank could not write its part of checkpoint {tag} (see its error)")
     barrier()
     _promote(ckpt_dir, tmp_tag, tag)
     if update_latest and local_rank == 0:
@@ -282,10 +313,15 @@ def latest_tag(ckpt_dir: str) -> Optional[str]:
     if os.path.isfile(latest):
         with open(latest) as f:
             tag = f.read().strip()
-        if tag and not _set_aside(tag) and os.sep not in tag and _has_weights(os.path.join(ckpt_dir, tag)):
+        if tag and not _set_aside(tag) and os.sep not in tag and _usable(os.path.join(ckpt_dir, tag)):
             return tag
-    steps = _step_tags(ckpt_dir, _has_weights)
+    steps = _step_tags(ckpt_dir, _usable)
     return steps[-1] if steps else None
+
+
+def _usable(path: str) -> bool:
+    """DeepSpeed's model states there, and no ZeRO optimiser shard missing."""
+    return _has_weights(path) and not _missing_shards(path)
 
 
 def available_tags(ckpt_dir: str) -> list[str]:
@@ -293,7 +329,8 @@ def available_tags(ckpt_dir: str) -> list[str]:
     set-aside folders (``*.old``, ``*.superseded``, ``.tmp-*``) are skipped."""
     if not os.path.isdir(ckpt_dir):
         return []
-    tags = [t for t in os.listdir(ckpt_dir) if not _set_aside(t) and _has_state(os.path.join(ckpt_dir, t))]
+    tags = [t for t in os.listdir(ckpt_dir) if not _set_aside(t) and _has_state(os.path.join(ckpt_dir, t))
+            and not _missing_shards(os.path.join(ckpt_dir, t))]
     steps = sorted((t for t in tags if _STEP_RE.match(t)), key=step_of)
     return steps + sorted(t for t in tags if not _STEP_RE.match(t))
 
@@ -382,7 +419,8 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[tuple[str, str]]:
     path = os.path.join(*target)
     if not is_complete(path):
         missing = " and ".join(w for w, ok in (("engine_state_r*.pt", _has_state(path)),
-                                                ("*model_states.pt", _has_weights(path))) if not ok)
+                                                ("*model_states.pt", _has_weights(path)),
+                                                ("all ZeRO optimiser shards", not _missing_shards(path))) if not ok)
         raise ConfigError(f"--resume {resume}: {path} is not a complete checkpoint of this engine (no {missing}); "
                           + _available(target[0]))
     return target
@@ -450,12 +488,9 @@ def set_aside_newer(ckpt_dir: str, step: int, resumed_tag: Optional[str]) -> lis
             newer.append("best")
     moved = []
     for t in newer:
-        dst, n = f"{t}.superseded", 1
-        while os.path.exists(os.path.join(ckpt_dir, dst)):
-            n += 1
-            dst = f"{t}.superseded-{n}"
-        os.replace(os.path.join(ckpt_dir, t), os.path.join(ckpt_dir, dst))
-        moved.append((t, dst))
+        dst = _free_name(ckpt_dir, f"{t}.superseded")
+        os.replace(os.path.join(ckpt_dir, t), dst)
+        moved.append((t, os.path.basename(dst)))
     latest = os.path.join(ckpt_dir, "latest")
     if moved:
         if resumed_tag and os.path.isdir(os.path.join(ckpt_dir, resumed_tag)):

@@ -329,6 +329,7 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
     check_labels(eval_loader, K, "finetune.num_classes" if cfg.finetune.num_classes else "the number of training classes")
 
     def step(batch: dict) -> torch.Tensor:
+        state["trained"] = True
         x = batch["video"] if "video" in batch else batch["image"]
         x, target, _ = mix_batch(x, batch["label"], K, run.rng, mixup_alpha=ft.mixup_alpha,
                                  cutmix_alpha=ft.cutmix_alpha, mixup_prob=ft.mixup_prob,
@@ -360,7 +361,11 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         # the final weights, after the final checkpoint (an error here loses no training); also on
         # an already-complete resume whose final evaluation did not happen (it failed after the final
         # save). A better score saves `best`, whose state a resume reads back
-        if state.get("eval_step") != r.state.step and not on_rank0(lambda: evaluated_at(cfg, r.state.step)):
+        if state.get("eval_step") == r.state.step:
+            return
+        # metrics.jsonl is consulted only when this run trained nothing (its records before a step
+        # rescale count in other units); every rank takes the same branch
+        if state.get("trained") or not on_rank0(lambda: evaluated_at(cfg, r.state.step)):
             state["last_eval"] = do_eval(r)
 
     summary = train_loop(run, step, on_epoch_end=on_epoch_end, on_finish=on_finish)

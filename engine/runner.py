@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -94,6 +95,10 @@ class NonFiniteLossError(RuntimeError):
 
 class SaveError(RuntimeError):
     """A checkpoint could not be written (the earlier ones and ``latest`` are intact)."""
+
+
+_WRITE_FAILED = re.compile(r"PytorchStreamWriter|inline_container|file write failed|No space left|Disk quota")
+"""How torch.save reports a failed write (a RuntimeError, e.g. on a full disk), besides OSError."""
 
 
 class StopRequested(Exception):
@@ -286,8 +291,11 @@ class Run:
                                    config_yaml=config_to_yaml(self.cfg), update_latest=update_latest,
                                    keep=self.cfg.train.keep_checkpoints if keep is None else keep,
                                    param_group_names=self.param_group_names)
-        except OSError as e:  # a full disk, a quota, a read-only or vanished folder
-            raise SaveError(f"saving checkpoint {tag} in {self.cfg.train.output_dir} failed ({type(e).__name__}: {e}); "
+        except (OSError, RuntimeError) as e:  # a full disk, a quota, a read-only or vanished folder
+            if isinstance(e, RuntimeError) and not _WRITE_FAILED.search(str(e)):
+                raise  # not a write failure: a bug, with its traceback
+            raise SaveError(f"saving checkpoint {tag} in {self.cfg.train.output_dir} failed on rank {self.dist.rank} "
+                            f"({type(e).__name__}: {e}); "
                             f"nothing was lost before it: the last complete checkpoint is "
                             f"{find_latest(self.cfg.train.output_dir) or 'none yet'} (free space or fix the folder, "
                             "then --resume auto)") from e
@@ -468,11 +476,10 @@ def setup_run(
             print0(plan.config_warning, file=sys.stderr)
         saved_step = int(saved["train_state"]["step"])
         if plan.own:  # going back in time: newer tags would be picked by --resume auto or pruned later
-            # after a step rescale (another global batch) the new steps count in other units: every
-            # step tag above the new step would be overwritten by this run's saves, the resumed one too
-            rescaled = run.state.step != saved_step
-            limit, keep = (min(saved_step, run.state.step), None) if rescaled else (saved_step, plan.tag)
-            moved = on_first_local_ranks(lambda: set_aside_newer(plan.ckpt_dir, limit, keep))
+            # (after a step rescale, another global batch, this run's saves may reach the numbers of older
+            # tags in the old unit: each is set aside when that happens, not before, so that a crash
+            # before the first save still resumes from the tag it resumed from)
+            moved = on_first_local_ranks(lambda: set_aside_newer(plan.ckpt_dir, saved_step, plan.tag))
             if moved:
                 print0(f"resume: {plan.tag} is older than {', '.join(a for a, _ in moved)}; set aside as "
                        f"{', '.join(b for _, b in moved)} in {plan.ckpt_dir} (delete them once not needed)")

@@ -409,3 +409,25 @@ def test_image_fine_tuning_counts_the_images_it_trains_on(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "global batch        2" in p.stdout and "x 2/2 = " in p.stdout, p.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_a_fine_tuning_resumed_with_another_batch_evaluates_its_final_weights(videos, tmp_path):
+    """After a step rescale, metrics.jsonl holds the first run's validation at the same step number in
+    the old unit: that must not count as the new run's final evaluation (no eval, no best before)."""
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    out = str(tmp_path / "ft")
+    common = ["finetune", "-c", TINY, f"data.root={videos['root']}", "data.dataset=folder", "data.num_frames=4",
+              "data.sampling_rate=1", "data.crop_size=32", "data.num_clips=1", "data.clips_per_epoch=8",
+              f"data.cache_dir={tmp_path / 'c'}", f"train.output_dir={out}", "train.device=cpu",
+              "schedule.max_steps=0", "train.checkpoint_every_epochs=1"]
+
+    def engine(*args):
+        return subprocess.run([sys.executable, "-m", "engine", *common, *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    p = engine("train.stop_after_steps=5")  # 4 steps per epoch: evaluated and saved at step 4
+    assert p.returncode == 3, p.stderr[-3000:]
+    p = engine("data.batch_size=4", "--resume", "step00000004")  # 2 steps per epoch: on at step 2, ends at 4
+    assert p.returncode == 0 and "final val top-1" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    assert os.path.isdir(os.path.join(out, "checkpoints", "best"))

@@ -337,10 +337,14 @@ def test_resume_with_a_larger_batch_sets_aside_the_tags_its_steps_would_overwrit
     out = str(tmp_path / "run")
     common = ["-c", TINY, f"train.output_dir={out}", "train.checkpoint_every_steps=1", "train.keep_checkpoints=0"]
     _run([sys.executable, "-m", "engine", "pretrain", *common, "schedule.max_steps=4"], env)
-    p = _run([sys.executable, "-m", "engine", "pretrain", *common, "data.batch_size=4", "schedule.max_steps=3",
-              "--resume", "step00000003"], env)
-    assert "resumed from" in p.stdout and "at step 1 " in p.stdout, p.stdout[-2000:]
     ck = os.path.join(out, "checkpoints")
+    # killed before its first save: the tag it resumed from is still where --resume auto finds it
+    _run([sys.executable, "-m", "engine", "pretrain", *common, "data.batch_size=4", "train.checkpoint_every_steps=0",
+          "train.stop_after_steps=2", "--resume", "step00000003"], env, ok=(3,))
+    assert open(os.path.join(ck, "latest")).read().strip() == "step00000003"
+    p = _run([sys.executable, "-m", "engine", "pretrain", *common, "data.batch_size=4", "schedule.max_steps=3",
+              "--resume", "auto"], env)
+    assert "resumed from" in p.stdout and "step00000003 at step 1 " in p.stdout, p.stdout[-2000:]
 
     def batch(tag):
         st = torch.load(os.path.join(ck, tag, "engine_state_r00000.pt"), weights_only=False)

@@ -329,7 +329,7 @@ def test_export_of_a_damaged_or_missing_checkpoint_is_one_line(env, tmp_path):
     folder gets backbone.safetensors inside."""
     import glob as _glob
 
-    from engine.checkpoint import is_complete
+    from engine.checkpoint import available_tags, is_complete, latest_tag
 
     out = str(tmp_path / "z1")
     _run([sys.executable, "-m", "engine", "pretrain", "-c", TINY, f"train.output_dir={out}",
@@ -338,6 +338,7 @@ def test_export_of_a_damaged_or_missing_checkpoint_is_one_line(env, tmp_path):
     good, bad = os.path.join(ck, "step00000001"), os.path.join(ck, "step00000002")
     os.remove(_glob.glob(os.path.join(bad, "*zero_pp_rank_0_*optim_states.pt"))[0])
     assert is_complete(good) and not is_complete(bad)
+    assert latest_tag(ck) == "step00000001" and available_tags(ck) == ["step00000001"]  # what --resume auto takes
     p = _run([sys.executable, "-m", "engine", "export", out, "--tag", "step00000002"], env, ok=(2,))
     assert "lacks ZeRO optimiser shards: incomplete or damaged; complete tags: step00000001" in p.stderr
     model = os.path.join(good, "mp_rank_00_model_states.pt")
@@ -357,13 +358,14 @@ def test_export_of_a_damaged_or_missing_checkpoint_is_one_line(env, tmp_path):
 
 
 _FULL_DISK = r"""
-import errno, sys
+import sys
+import torch
 import engine.runner as R
 orig = R.save_checkpoint
 
 def save(engine, output_dir, tag, **kw):
-    if tag == "step00000003":
-        raise OSError(errno.ENOSPC, "No space left on device")
+    if tag == "step00000003":  # a full disk as torch.save meets it: a RuntimeError, not an OSError
+        torch.save({"x": torch.zeros(4096)}, "/dev/full")
     return orig(engine, output_dir, tag, **kw)
 
 R.save_checkpoint = save
@@ -376,8 +378,39 @@ def test_a_checkpoint_that_cannot_be_written_exits_7_naming_the_last_complete_on
     out = str(tmp_path / "run")
     p = _run([sys.executable, "-c", _FULL_DISK, "pretrain", "-c", TINY, f"train.output_dir={out}",
               "train.checkpoint_every_steps=1", "schedule.max_steps=4"], env, ok=(7,))
-    assert "saving checkpoint step00000003" in p.stderr and "No space left on device" in p.stderr
+    assert "saving checkpoint step00000003" in p.stderr and "inline_container" in p.stderr
     assert "the last complete checkpoint is" in p.stderr and "step00000002" in p.stderr and "Traceback" not in p.stderr
     p = _run([sys.executable, "-m", "engine", "pretrain", "-c", TINY, f"train.output_dir={out}",
               "train.checkpoint_every_steps=1", "schedule.max_steps=4", "--resume", "auto"], env)
     assert "resumed from" in p.stdout and "step00000002" in p.stdout
+
+
+_ONE_RANK_FULL = r"""
+import errno, os, sys
+import torch
+real = torch.save
+
+def save(obj, f, *a, **k):
+    if isinstance(f, str) and "engine_state_r00001" in f and ".tmp-step00000002" in f:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(obj, f, *a, **k)
+
+torch.save = save
+from engine.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_save_failing_on_one_rank_stops_every_rank(env, tmp_path):
+    """A node-local disk full on one rank: every rank learns it before the checkpoint's barrier and
+    exits 7 (the others waited in the barrier until the timeout)."""
+    wrapper = tmp_path / "w.py"
+    wrapper.write_text(_ONE_RANK_FULL)
+    out = str(tmp_path / "run")
+    p = _run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(wrapper), "pretrain", "-c",
+              TINY, f"train.output_dir={out}", "train.checkpoint_every_steps=1", "schedule.max_steps=3"],
+             env, timeout=240, ok=(1,))  # torchrun: 1 when its children fail
+    assert p.stderr.count("saving checkpoint step00000002") == 2, p.stderr[-3000:]
+    assert "failed on rank 1 (OSError: [Errno 28] No space left on device" in p.stderr
+    assert "another rank could not write its part of checkpoint step00000002" in p.stderr
+    assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step00000001"
