@@ -71,6 +71,7 @@ __all__ = [
     "check_deepspeed_extra",
     "apply_activation_checkpointing",
     "barrier",
+    "gather_objects",
     "all_reduce_sum",
     "is_main",
 ]
@@ -473,6 +474,16 @@ def is_main() -> bool:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def gather_objects(obj: Any) -> list:
+    """``obj`` of every rank, in rank order (every rank calls this; ``[obj]`` alone)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return [obj]
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,7 @@ from torch import nn
 
 from engine.config import Config, ConfigError
 from engine.data.datasets import ClassListError, read_class_index, write_class_index
-from engine.distributed import DistInfo, init_distributed
+from engine.distributed import DistInfo, gather_objects, init_distributed
 from engine.pretrain import create_model, model_overrides
 from engine.runner import Run, on_rank0, print0, report_paths, setup_run, train_loop
 
@@ -160,12 +160,7 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader, dtype: tor
             sums[v] = sums[v] + probs[i] if v in sums else probs[i].clone()
             counts[v] = counts.get(v, 0) + 1
             labels[v] = int(batch["label"][i])
-    local = (sums, counts, labels, nonfinite)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        parts: list = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, local)
-    else:
-        parts = [local]
+    parts = gather_objects((sums, counts, labels, nonfinite))
     S: dict[int, torch.Tensor] = {}
     N: dict[int, int] = {}
     Y: dict[int, int] = {}
@@ -453,12 +448,7 @@ def saved_best_metric(output_dir: str) -> float:
 
 def _gathered(items: list) -> list:
     """``items`` of every rank, in rank order, without repeats (every rank calls this)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return list(items)
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, list(items))
-    return list(dict.fromkeys(x for part in parts for x in part))
+    return list(dict.fromkeys(x for part in gather_objects(list(items)) for x in part))
 
 
 def _selected_on(target: EvalTarget) -> Optional[str]:

@@ -210,27 +210,29 @@ def pillow_problem(path: str) -> Optional[str]:
     return None
 
 
-def dali_problem(path: str) -> Optional[str]:
-    """Why DALI's CPU image decoder fails on ``path`` alone (a one-image pipeline); None if it decodes."""
+def dali_decode_size(data: np.ndarray) -> tuple[int, int]:
+    """(H, W) of the encoded image ``data`` as DALI's CPU image decoder outputs it, decoded alone
+    (a one-image pipeline); its RuntimeError when it fails."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
-
-    data = np.fromfile(path, dtype=np.uint8)
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=None)
     def graph():
         return fn.decoders.image(fn.external_source(source=lambda: [data], batch=True), device="cpu",
                                  output_type=types.RGB)
 
+    pipe = graph()
+    pipe.build()
+    return tuple(np.asarray(pipe.run()[0][0]).shape[:2])
+
+
+def dali_problem(path: str) -> Optional[str]:
+    """Why DALI's CPU image decoder fails on ``path`` alone; None if it decodes."""
     try:
-        pipe = graph()
-        pipe.build()
-        pipe.run()
+        dali_decode_size(np.fromfile(path, dtype=np.uint8))
     except RuntimeError as e:
         return f"DALI: {_dali_reason(e)}"
-    finally:
-        pipe = None
     return None
 
 

@@ -301,21 +301,10 @@ def test_png_exif_orientation_without_decoding(tmp_path, monkeypatch):
 
 def _dali_shape(data: bytes):
     """(H, W) DALI's CPU image decoder gives for ``data``, or None where it fails."""
-    import nvidia.dali.fn as fn
-    import nvidia.dali.types as types
-    from nvidia.dali import pipeline_def
-
-    arr = np.frombuffer(data, np.uint8)
-
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
-    def graph():
-        return fn.decoders.image(fn.external_source(source=lambda: [arr], batch=True), device="cpu",
-                                 output_type=types.RGB)
+    from engine.data.images import dali_decode_size
 
     try:
-        pipe = graph()
-        pipe.build()
-        return tuple(np.asarray(pipe.run()[0][0]).shape[:2])
+        return dali_decode_size(np.frombuffer(data, np.uint8))
     except RuntimeError:
         return None
 
