@@ -167,7 +167,14 @@ def attention_pool(
     T, H, W = thw
     if L != T * H * W:
         raise ValueError(f"{L} tokens do not fit the grid {tuple(thw)}")
-    x = x.reshape(B * nh, T, H, W, C).permute(0, 4, 1, 2, 3)  # (B·nh, C, T, H, W)
+    # (B·nh, C, T, H, W) contiguous, as the official code's .contiguous() after its permute. Not a
+    # channels-last view of (B·nh, T, H, W, C): torch sends a channels-last depthwise conv to cuDNN,
+    # whose bf16 3-D depthwise weight gradient took 93% of an MViTv2-L step's GPU time on an H200
+    # (bench/results/model_step_nvidia-h200_20261128_before.md); a contiguous 5-D depthwise conv
+    # runs torch's own depthwise-3D kernels (bench/pool_conv.py). One copy either way (where the
+    # reshape is a view, at B 1 or nh 1, .contiguous() makes it: torch takes a view whose channels
+    # are its fastest axis for channels-last, dense or not).
+    x = x.transpose(2, 3).reshape(B * nh, C, T, H, W).contiguous()
     x = pool(x)
     new_thw = (x.shape[2], x.shape[3], x.shape[4])
     x = x.reshape(B, nh, C, -1).transpose(2, 3)  # (B, nh, L', C)

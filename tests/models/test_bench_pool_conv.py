@@ -1,0 +1,53 @@
+"""``bench.pool_conv`` (MViTv2's pooling convolutions per input layout) runs end to end on the CPU
+with the tiny variant, finds every pooling of the model, and its layouts compute one function."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from bench import pool_conv
+from models import create_model
+from models.mvit import MultiScaleAttention
+
+
+def test_pool_conv_bench_runs_on_cpu(tmp_path):
+    pool_conv.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
+    report = json.loads(next(tmp_path.glob("pool_conv_cpu_*.json")).read_text())
+    assert report["model"] == "mvitv2_tiny" and report["batch"] == 1
+    convs = report["convs"]
+    # every pooling of every block is counted once, under its (shape, kernel, stride) entry
+    attns = [m for m in create_model("mvitv2_tiny", task="pretrain").modules() if isinstance(m, MultiScaleAttention)]
+    pools = sum((a.pool_q is not None) + (a.pool_k is not None) + (a.pool_v is not None) for a in attns)
+    assert sum(c["count"] for c in convs) == pools
+    assert len({(tuple(c["shape"]), tuple(c["kernel"]), tuple(c["stride"])) for c in convs}) == len(convs)
+    for c in convs:
+        assert [r["layout"] for r in c["results"]] == list(pool_conv.LAYOUTS)
+        for r in c["results"]:  # fp32 on CPU against fp32: the same function up to summation order
+            assert r["ms"] > 0 and max(r["err_out"], r["err_dx"], r["err_dw"]) < 1e-5, r
+    assert set(report["per_step_ms"]) == set(pool_conv.LAYOUTS)
+    assert "| contiguous |" in next(tmp_path.glob("pool_conv_cpu_*.md")).read_text()
+
+
+def test_layouts_differ_only_in_memory():
+    """The channels-last case hands the convolution a channels-last view, the contiguous case a
+    contiguous NCDHW tensor (what the model now pools), and both see the same values."""
+    conv = dict(shape=(4, 8, 2, 4, 4), kernel=(3, 3, 3), stride=(1, 2, 2), padding=(1, 1, 1), count=1, first="x")
+    seen = {}
+
+    def spy(x, *args):
+        seen[layout] = x
+        return real(x, *args)
+
+    real = torch.nn.functional.conv3d
+    for layout in ("channels_last", "contiguous"):
+        run, _ = pool_conv.make_case(conv, 2, layout, torch.device("cpu"), torch.float32)  # B 2, nh 2
+        torch.nn.functional.conv3d = spy
+        try:
+            run()
+        finally:
+            torch.nn.functional.conv3d = real
+    assert seen["channels_last"].is_contiguous(memory_format=torch.channels_last_3d)
+    assert not seen["channels_last"].is_contiguous()
+    assert seen["contiguous"].is_contiguous()
+    assert torch.equal(seen["channels_last"], seen["contiguous"])
