@@ -138,19 +138,21 @@ def count_work(step: Callable[[], None], stub: bool = False) -> tuple[list[str],
 @contextlib.contextmanager
 def _cuda_issue_path() -> Iterator[None]:
     """Within, on a CPU: the attention's relative-position terms and the HOG targets take the Triton
-    kernels, as they do on CUDA (their ``"auto"`` resolves to ``"triton"``). With the model's backend
+    kernels, as they do on CUDA (their ``"auto"`` resolves to ``"triton"``), the rel terms inside the
+    attention kernels where CUDA runs them so (``triton_attn.call_config``). With the model's backend
     ``triton`` and the launches stubbed, one step then issues what ``auto`` issues on CUDA, though it
     computes nothing meaningful: for counting only."""
     import kernels.hog as hog
     from kernels.attention import triton_attn
 
-    rel, hog_backend = triton_attn.resolve_rel_impl, hog._resolve_backend
+    rel, hog_backend, fuse = triton_attn.resolve_rel_impl, hog._resolve_backend, triton_attn.fuse_rel_on
     triton_attn.resolve_rel_impl = lambda impl, device: "triton" if impl == "auto" else rel(impl, device)
     hog._resolve_backend = lambda backend, x: "triton" if backend == "auto" else hog_backend(backend, x)
+    triton_attn.fuse_rel_on = lambda device: True  # the rel terms inside the kernels where CUDA has them
     try:
         yield
     finally:
-        triton_attn.resolve_rel_impl, hog._resolve_backend = rel, hog_backend
+        triton_attn.resolve_rel_impl, hog._resolve_backend, triton_attn.fuse_rel_on = rel, hog_backend, fuse
 
 
 def saved_gib(model_name: str, backend: str, batch: int) -> Optional[float]:

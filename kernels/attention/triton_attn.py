@@ -24,7 +24,8 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
   MViTv2-L stage 4, Nq = Nk, the packed rows would cost as much as q): :func:`_pack_k`. One dot
   ``q''·k'ᵀ`` gives the log2-domain logits *with the bias included*; no (Nq, Nk) tensor ever
   exists.
-* ``fuse_rel_fwd``, ``fuse_rel_dq`` (off by default; :func:`fused_rel_config` sets both): the
+* ``fuse_rel_fwd``, ``fuse_rel_dq`` (:func:`fused_rel_config` sets both; without ``config``, on
+  only where k' is not packed: :func:`call_config`): the
   rel-term forward and q-gradient run *inside* the attention kernels instead of as two separate
   kernels (``rel_triton``'s row code, :func:`rel_triton._rel_fwd_rows` /
   :func:`rel_triton._rel_dq_rows`). The forward kernel first writes R's rows of its query tile
@@ -36,8 +37,7 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
   Uncapped, the dq kernel takes 186 registers at MViTv2-L stage 1 (2 programs per SM instead of
   3), the forward 162 there but 186 at stage 4, so ``fused_rel_config`` caps them at 168
   (:func:`regs_for`): no spills in any loop on sm_90 offline (the dq kernel spills 64 bytes
-  outside its loop). Not yet timed on a GPU: the tune's ``fwd_rel``/``dq_rel`` rows and the
-  ``triton+rel-inside`` provider decide the default.
+  outside its loop). Timed on an H200 (``triton+rel-inside``): faster only at stage 4.
 * Rows are *split into two power-of-two column blocks* where that beats padding to one
   (:func:`_widths`, ``split=True``): q''/k' rows of hd + KR = 72 + 22 = 94 columns are 64 + 32
   (not 128), v/dO/o rows of hd 72 are 64 + 16. Each product runs as two dots (the second K or N
@@ -589,6 +589,28 @@ def _default_config(hd: int, kr: int, dtype: torch.dtype, cuda: bool) -> RelPosA
     return _configs(_Dims.of(hd, kr, True).wa, dtype, torch.device("cuda" if cuda else "cpu"))
 
 
+def fuse_rel_on(device: torch.device) -> bool:
+    """Whether :func:`call_config` may put the rel terms inside the kernels on ``device``: CUDA,
+    where it was timed (``bench.model_step --count-only`` counts CUDA's path on a CPU through it)."""
+    return device.type == "cuda"
+
+
+def call_config(hd: int, kr: int, dtype: torch.dtype, device: torch.device, nq: int, nk: int,
+                rel_on_triton: bool) -> RelPosAttnConfig:
+    """The table a call of Nq queries and Nk keys runs without ``config``: :func:`default_config`,
+    with the rel terms inside the forward and dq kernels (:func:`fused_rel_config`) on CUDA in
+    fp16/bf16 where k' is not packed (Nq < 2·Nk: MViTv2-L stage 4) and the rel terms run in Triton.
+    Measured on an H200, MViTv2-L at B 32, bf16 forward+backward (bench/results/
+    attention_nvidia-h200_20261128_relinside.md): fused at stage 4, 1.433 → 1.051 ms (the separate
+    kernels took 1.253 ms in the session's other run: 1.19-1.36×); at stages 1-3, where k' is
+    packed, fused is 5 % slower (5.52 → 5.82, 2.72 → 2.88, 1.42 → 1.49 ms), so there it stays off.
+    At B 4 both are within the host's noise (the host sets the pace there)."""
+    cfg = default_config(hd, kr, dtype, device)
+    if fuse_rel_on(device) and dtype != torch.float32 and rel_on_triton and not _pack_k(cfg, nq, nk):
+        return _fused_rel_config_cached(cfg)
+    return cfg
+
+
 def regs_for(programs_per_sm: int, warps: int) -> int:
     """The most registers per thread that still let ``programs_per_sm`` programs of ``warps`` warps
     share one SM's 64 K registers (allocated in steps of 8 per thread, at most 255): 168 for 3 of 4 warps."""
@@ -603,6 +625,9 @@ def fused_rel_config(cfg: RelPosAttnConfig) -> RelPosAttnConfig:
     nothing and the dq kernel 64 bytes, outside its loop (sm_90 offline, ``bench.sass``)."""
     return dataclasses.replace(cfg, fuse_rel_fwd=True, fuse_rel_dq=True, fwd_maxnreg=regs_for(3, cfg.fwd_warps),
                                dq_maxnreg=regs_for(3, cfg.dq_warps))
+
+
+_fused_rel_config_cached = functools.lru_cache(maxsize=None)(fused_rel_config)  # one object per table
 
 
 def _widths(width: int, split: bool) -> tuple[int, int]:
@@ -949,13 +974,14 @@ def relpos_attention_triton(
     kr = rel_width(k_thw, rel_pos_t is not None)  # width of the factored bias terms R = [rel_t, rel_h, rel_w]
     if hd + kr > 512:
         raise ValueError(f"head dim {hd} + rel width {kr} > 512 is not supported by the Triton kernel")
-    cfg = config if config is not None else default_config(hd, kr, q.dtype, q.device)
+    rel_on_triton = resolve_rel_impl(rel_impl, q.device) == "triton"
+    cfg = config if config is not None else call_config(hd, kr, q.dtype, q.device, Nq, k.shape[2], rel_on_triton)
     _check_config(cfg, q.device)
-    if (cfg.fuse_rel_fwd or cfg.fuse_rel_dq) and resolve_rel_impl(rel_impl, q.device) != "triton":
+    if (cfg.fuse_rel_fwd or cfg.fuse_rel_dq) and not rel_on_triton:
         raise ValueError("fuse_rel_fwd / fuse_rel_dq run the Triton rel-term code inside the attention kernels: "
                          f"they need rel_impl='triton' (got {rel_impl!r} on {q.device})")
     with tensor_device(q):  # Triton launches on the current device
-        if resolve_rel_impl(rel_impl, q.device) == "triton":
+        if rel_on_triton:
             g, rel_cfg = rel_setup(q, q_thw, k_thw, (rel_pos_t, rel_pos_h, rel_pos_w), has_cls, checked=True)
             return _RelPosAttnFusedFn.apply(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, g, rel_cfg, k_thw, kt, has_cls, scale, cfg)
         r = rel_matrix(q, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)  # (B, nh, Nq', KR), autograd-tracked

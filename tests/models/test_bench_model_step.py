@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench import model_step
 
@@ -25,27 +26,44 @@ def test_model_step_bench_runs_on_cpu(tmp_path):
 
 def test_model_step_counts_auto_as_issued_on_cuda(tmp_path):
     """``--count-only`` on a CPU counts ``auto`` on CUDA's path: per block the 8 attention launches of
-    the default fused path, plus one HOG launch per step, with the launches stubbed."""
-    from models import create_model
-    from models.mvit import MultiScaleBlock
+    the default fused path (6 where Nq < 2·Nk: the rel terms inside the attention kernels, as
+    ``call_config`` chooses on CUDA), plus one HOG launch per step, with the launches stubbed."""
+    import models.mvit
 
     model_step.main(["--device", "cpu", "--count-only", "--backends", "auto,sdpa,auto+ckpt,auto+ckpt1", "--out",
                      str(tmp_path)])
     report = json.loads(next(tmp_path.glob("model_step_cpu_*_counts.json")).read_text())
     auto, sdpa, ckpt, ckpt1 = report["results"]
-    blocks = sum(isinstance(m, MultiScaleBlock) for m in create_model("mvitv2_tiny", task="pretrain").modules())
-    assert auto["triton_launches"] == 8 * blocks + 1 and sdpa["triton_launches"] == 0
+    sizes = []  # (Nq, Nk) per block, in order
+    real = models.mvit.relpos_attention
+
+    def spy(q, k, *args, **kw):
+        sizes.append((q.shape[2], k.shape[2]))
+        return real(q, k, *args, **kw)
+
+    models.mvit.relpos_attention = spy
+    try:
+        with torch.no_grad():
+            model, video, mask = model_step.build("mvitv2_tiny", "sdpa", 1, torch.device("cpu"), torch.float32)
+            model(video, mask)
+    finally:
+        models.mvit.relpos_attention = real
+    blocks, fused = len(sizes), sum(nq < 2 * nk for nq, nk in sizes)
+    assert 0 < fused < blocks  # the tiny variant has both kinds
+    first_fwd = 2 if sizes[0][0] < 2 * sizes[0][1] else 3  # tables, (rel terms,) attention
+    assert auto["triton_launches"] == 8 * blocks - 2 * fused + 1 and sdpa["triton_launches"] == 0
     assert auto["path"].startswith("as on CUDA") and sdpa["path"] == "cpu"
     top = dict(map(tuple, auto["top_ops"]))
     assert not {"select_backward", "slice_backward"} & set(top) and top["mm"] > 0
     assert 0 < auto["torch_ops"] < sdpa["torch_ops"]  # the augmented operands cost ops of their own
-    # recomputed blocks: each block's attention forward (tables, rel terms, attention: 3 launches)
-    # runs again in backward, the HOG targets do not
-    assert ckpt["triton_launches"] == auto["triton_launches"] + 3 * blocks and ckpt["torch_ops"] > auto["torch_ops"]
+    # recomputed blocks: each block's attention forward (tables, rel terms, attention: 3 launches;
+    # 2 with the rel terms inside) runs again in backward, the HOG targets do not
+    assert ckpt["triton_launches"] == auto["triton_launches"] + 3 * blocks - fused
+    assert ckpt["torch_ops"] > auto["torch_ops"]
     # what backward needs: the fused attention saves no (Nq, Nk) matrix; recomputed blocks keep their inputs only
     assert 0 < ckpt["saved_gib"] < auto["saved_gib"] < sdpa["saved_gib"]
-    # only the first block recomputed: its 3 forward launches again, and its activations no longer kept
-    assert ckpt1["triton_launches"] == auto["triton_launches"] + 3
+    # only the first block recomputed: its forward launches again, and its activations no longer kept
+    assert ckpt1["triton_launches"] == auto["triton_launches"] + first_fwd
     assert ckpt["saved_gib"] < ckpt1["saved_gib"] < auto["saved_gib"]
     assert "| auto | as on CUDA" in next(tmp_path.glob("model_step_cpu_*_counts.md")).read_text()
 
