@@ -12,8 +12,9 @@ it is timed (output and, for forward+backward, the six gradients):
 - ``xformers``: the augmented operands through ``memory_efficient_attention``, where it runs;
 - ``triton``: the fused kernel (``kernels.attention.triton_attn``) when present, CUDA only
   (on CPU it would run through the interpreter, which is not a benchmark); ``triton+rel-triton``
-  with the fused rel terms (what ``auto`` runs), ``triton+rel-inside`` with them inside the
-  attention kernels, and, only when named in ``--providers``, ``triton+rel-triton@jit``: the
+  with the fused rel terms in their own kernels, ``triton+rel-inside`` with them inside the
+  attention kernels (``auto`` runs the first, and the second for large calls where k' is not
+  packed), and, only when named in ``--providers``, ``triton+rel-triton@jit``: the
   default path with every launch through Triton's JIT instead of ``kernels.launch``'s cached path.
 
 Shapes: MViTv2-L 16×4 and MViTv2-S 16×4 stages at 16×224² input: q grids (8,56,56), (8,28,28),
@@ -183,9 +184,29 @@ def _sdpa_provider(name: str, rel_impl: str = "reference") -> Callable:
     return fn
 
 
+@functools.lru_cache(maxsize=None)
+def _separate_config(hd: int, kr: int, dtype: torch.dtype, device_type: str):
+    from kernels.attention.triton_attn import default_config
+
+    return default_config(hd, kr, dtype, torch.device(device_type))
+
+
+def rel_separate(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, **kw):
+    """The fused Triton kernel with the rel terms in their own Triton kernels at every shape (the
+    default table, pinned: ``auto`` itself moves them inside for large calls where k' is not
+    packed, ``triton_attn.call_config``), so that it and ``triton+rel-inside`` stay comparable."""
+    from kernels.attention.reference import rel_width
+    from kernels.attention.triton_attn import relpos_attention_triton
+
+    cfg = _separate_config(q.shape[-1], rel_width(k_thw, rel_pos_t is not None), q.dtype, q.device.type)
+    return relpos_attention_triton(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, rel_impl="triton",
+                                   config=cfg, **kw)
+
+
 def rel_inside(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, **kw):
     """The fused Triton kernel with the rel terms inside its forward and dq kernels
-    (``triton_attn.fused_rel_config`` of the default table): a candidate default, not yet timed."""
+    (``triton_attn.fused_rel_config`` of the default table) at every shape: on an H200 faster only
+    for large calls where k' is not packed, where ``auto`` uses it."""
     from kernels.attention.reference import rel_width
     from kernels.attention.triton_attn import relpos_attention_triton
 
@@ -203,9 +224,7 @@ class JitLaunch:
     jit_launch = True
 
     def __call__(self, *a, **kw):
-        from kernels.attention.triton_attn import relpos_attention_triton
-
-        return relpos_attention_triton(*a, rel_impl="triton", **kw)
+        return rel_separate(*a, **kw)
 
 
 @functools.lru_cache(maxsize=None)
@@ -258,7 +277,7 @@ def make_providers(device: torch.device, wanted: Optional[list[str]]) -> tuple[d
 
             # the kernel's own config table, rel terms by PyTorch einsums (autograd-tracked)
             providers["triton"] = lambda *a, **kw: relpos_attention_triton(*a, rel_impl="reference", **kw)
-            providers["triton+rel-triton"] = lambda *a, **kw: relpos_attention_triton(*a, rel_impl="triton", **kw)
+            providers["triton+rel-triton"] = rel_separate
             providers[OPT_IN] = JitLaunch()
             providers["triton+rel-inside"] = rel_inside
         except Exception as exc:

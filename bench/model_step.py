@@ -12,10 +12,12 @@ computes it. DeepSpeed and the optimiser are left out. Parameters and input are 
 DeepSpeed's bf16 mode, and cube masks are at ratio 0.4.
 
 - step ms: wall time of one step, synchronised, median over ``--steps``.
-- host ms: the CPU time to issue one step while a sleep kernel queued ahead keeps the GPU busy
-  (``bench.attention_host``'s method). A step that synchronises (``.item()``, a data-dependent
-  shape) cannot be measured this way, and is reported as such: on a host-bound step such a sync is
-  a bug worth knowing about.
+- host ms (CUDA): the wall time of the same step at ``--host-img-size`` px (default 64): the same
+  ops and launches (the table says where the counts differ) on ~1/12 of the GPU work, so the CPU
+  sets that step's pace. (Queuing the step behind a sleep kernel, ``bench.attention_host``'s
+  method for one attention call, fails for a whole step: its ~3000 launches overflow the launch
+  queue, and on an H200 it read 421 ms for a 209 ms step.) Where even the small step's GPU kernels
+  take over half its time, the host is at most that, and the note says so.
 - host / step: near 1 (or above), the CPU sets the pace, and faster kernels cannot show.
 - GPU kernels ms: the CUDA kernels of one step (``torch.profiler``, 2 steps); kernels / step well
   under 1 means the GPU idles for part of the step. The longest kernels are listed, and the GPU time
@@ -42,7 +44,8 @@ the activations one forward saves for backward at the variant's full input size 
 what activation checkpointing (``+ckpt``, ``+ckptN``) would save.
 
     python -m bench.model_step [--device cuda|cpu] [--model mvitv2_l_16x4] [--batch 4]
-                               [--backends auto,auto+ckpt,sdpa] [--steps 10] [--img-size PX] [--count-only]
+                               [--backends auto,auto+ckpt,sdpa] [--steps 10] [--img-size PX]
+                               [--host-img-size PX] [--count-only]
                                [--out DIR]
 
 writes ``model_step_<device-slug>_<yyyymmdd>[_counts][_TAG].{json,md}`` to --out (default bench/results).
@@ -63,7 +66,6 @@ import numpy as np
 import torch
 
 from bench.attention import device_info
-from bench.attention_host import _sleep_cycles_per_ms, host_us_cuda
 from bench.common import by_category, command_line, cuda_kernels, require_interpreter_on_cpu, results_slug
 
 
@@ -225,6 +227,23 @@ def make_step(model: torch.nn.Module, video: torch.Tensor, mask: torch.Tensor) -
     return step
 
 
+def host_row(small_step: Callable[[], None], device: torch.device, reps: int, px: int, ops: int,
+             launches: int) -> dict:
+    """host_ms and host_note from the same step at ``px`` px (see the module docstring)."""
+    small_step()  # warm-up: compiles for the small shapes, cuDNN plans
+    small_step()
+    walls = step_ms(small_step, device, reps)
+    host = statistics.median(walls)
+    small_ops, small_launched = count_work(small_step)
+    kernels_ms = sum(k["us_per_call"] for k in cuda_kernels(small_step, reps=2)) / 1e3 if device.type == "cuda" else 0.0
+    notes = []
+    if kernels_ms > 0.5 * host:
+        notes.append(f"at {px} px the GPU kernels took {kernels_ms:.0f} of {host:.0f} ms: host ≤ this")
+    if (len(small_ops), len(small_launched)) != (ops, launches):
+        notes.append(f"at {px} px: {len(small_ops)} torch ops, {len(small_launched)} Triton launches")
+    return dict(host_ms=host, host_px=px, host_kernels_ms=kernels_ms, host_note="; ".join(notes))
+
+
 def step_ms(step: Callable[[], None], device: torch.device, reps: int) -> list[float]:
     """Wall ms of ``reps`` synchronised steps."""
     times = []
@@ -240,8 +259,9 @@ def step_ms(step: Callable[[], None], device: torch.device, reps: int) -> list[f
 
 
 def measure(name: str, step: Callable[[], None], device: torch.device, reps: int,
-            cycles: Optional[float]) -> dict:
-    """One row: step ms, host ms (CUDA: queued behind a sleep kernel) and their ratio."""
+            small_step: Optional[Callable[[], None]] = None, small_px: Optional[int] = None) -> dict:
+    """One row: step ms, host ms (CUDA: the wall time of ``small_step``, the same step at
+    ``small_px`` px, where the CPU sets the pace) and their ratio."""
     step()  # warm-up: Triton compiles, cuDNN plans, the caching allocator fills
     step()
     if device.type == "cuda":
@@ -253,13 +273,8 @@ def measure(name: str, step: Callable[[], None], device: torch.device, reps: int
                kernels_ms=None, top_kernels=[], torch_ops=len(ops), triton_launches=len(launched))
     if device.type == "cuda":
         row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-        first = walls[0]
-        try:  # the sleep must outlast the step's host side: start at 3× a whole step
-            host, retries = host_us_cuda(step, 1, max(3, reps // 2), cycles, sleep_ms=3 * first)
-            row["host_ms"] = statistics.median(host) / 1e3
-            row["host_retries"] = retries
-        except RuntimeError as exc:  # the step synchronises: the host waited for the sleep
-            row["host_note"] = f"not measurable: {exc}"
+        if small_step is not None:
+            row.update(host_row(small_step, device, reps, small_px, len(ops), len(launched)))
         kernels = cuda_kernels(step, reps=2)  # last: the profiler's hooks touch nothing timed above
         row["kernels_ms"] = sum(k["us_per_call"] for k in kernels) / 1e3
         row["top_kernels"] = kernels[:8]
@@ -293,8 +308,9 @@ def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> tupl
     lines += [
         f"- {meta['tflop_per_step']:.3g} TFLOP per forward+backward step (torch.utils.flop_counter on the meta device); "
         "TFLOP/s = that / step ms",
-        f"- step ms: median of {meta['steps']} synchronised steps (min beside it); host ms: CPU time to issue one "
-        "step queued behind a sleep kernel (CUDA; on CPU = step); host/step near 1 or above: the CPU sets the pace",
+        f"- step ms: median of {meta['steps']} synchronised steps (min beside it); host ms: wall time of the same "
+        f"step at {meta.get('host_img_size', 64)} px, the same ops on a fraction of the GPU work (CUDA; on CPU = step); "
+        "host/step near 1: the CPU sets the pace",
         "- torch ops: aten ops with device work in one step (views and allocations left out); Triton launches: the "
         "same for our kernels (HOG, attention). Each costs the host a few µs on a GPU machine.",
         "",
@@ -354,6 +370,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per backend")
     ap.add_argument("--img-size", type=int, default=None, help="input side in px instead of the variant's (e.g. 64: "
                     "MViTv2-L's op and launch counts on a CPU, which do not depend on the size)")
+    ap.add_argument("--host-img-size", type=int, default=64, help="CUDA: the input side of the step whose wall time "
+                    "is the host ms (the same ops on a fraction of the GPU work)")
     ap.add_argument("--count-only", action="store_true", help="only count what one step issues (no timing); on a "
                     "CPU, auto is counted as on CUDA: Triton backend and rel terms, the launches stubbed")
     ap.add_argument("--out", default="bench/results", help="output folder")
@@ -378,8 +396,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(f"--backends: {exc}") from None
     if bad or not backends:
         raise SystemExit(f"--backends: comma list of {BACKENDS}, each optionally with {CKPT} or {CKPT}N, got {spec!r}")
-    if args.steps < 1 or batch < 1 or (args.img_size is not None and args.img_size < 1):
-        raise SystemExit("--steps, --batch and --img-size must be ≥ 1")
+    if args.steps < 1 or batch < 1 or (args.img_size is not None and args.img_size < 1) or args.host_img_size < 1:
+        raise SystemExit("--steps, --batch, --img-size and --host-img-size must be ≥ 1")
     try:
         input_size = _input_size(model_name, args.img_size)
     except ValueError as exc:  # an unknown variant: the message names the close ones
@@ -391,7 +409,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     stem = f"model_step_{results_slug(device, info['name'])}_{today}"
     tag = f"_{args.tag}" if args.tag else ""
     meta = dict(date=today, command=command_line("bench.model_step", argv),
-                device_info=info, model=model_name, batch=batch, steps=args.steps,
+                device_info=info, model=model_name, batch=batch, steps=args.steps, host_img_size=args.host_img_size,
                 input="x".join(map(str, input_size)))
     if args.count_only:
         meta["count_only"] = True
@@ -404,7 +422,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"\nwrote {jpath} and {mpath}")
         return
     meta["tflop_per_step"] = step_tflop(model_name, batch, args.img_size)
-    cycles = _sleep_cycles_per_ms() if device.type == "cuda" else None
     rows: list[dict] = []
     for backend in backends:
         variants = [(backend, True)] + ([(f"{backend}@jit", False)] if backend == "auto" and device.type == "cuda" else [])
@@ -413,10 +430,14 @@ def main(argv: Optional[list[str]] = None) -> None:
             model, video, mask = build(model_name, attn, batch, device, torch.bfloat16, args.img_size,
                                        checkpointing=ckpt)
             step = make_step(model, video, mask)
+            small_step = None
+            if device.type == "cuda":
+                small_step = make_step(*build(model_name, attn, batch, device, torch.bfloat16, args.host_img_size,
+                                              checkpointing=ckpt))
             for name, fast in variants:
                 launch.enabled = fast
                 try:
-                    rows.append(measure(name, step, device, args.steps, cycles))
+                    rows.append(measure(name, step, device, args.steps, small_step, args.host_img_size))
                 finally:
                     launch.enabled = True
                 r = rows[-1]
@@ -427,7 +448,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             rows.append(dict(backend=backend, step_ms=float("nan"), step_ms_min=float("nan"), host_ms=None,
                              peak_mib=None, host_note=f"out of memory: {str(exc).splitlines()[0][:120]}"))
             print(f"{backend:12s} {rows[-1]['host_note']}", flush=True)
-        model = video = mask = step = None
+        model = video = mask = step = small_step = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     jpath, mpath = write_report(Path(args.out), stem + tag, meta, rows)

@@ -528,7 +528,7 @@ def _rel_inside_markdown(rows: list[dict], arch: int) -> str:
             "",
             f"Command: `python -m bench.sass --arch {arch}`; triton {triton.__version__}; bf16, H100 tile table,",
             "MViTv2-L stages 1–4 at B 32 (Nk 393). separate = the rel-term forward and dq kernels beside the",
-            "attention's forward and dq kernels (the default); inside = `fused_rel_config` (RelPosAttnConfig.fuse_rel_fwd/_dq",
+            "attention's forward and dq kernels (the default table; `auto` moves them inside for large calls where k' is not packed); inside = `fused_rel_config` (RelPosAttnConfig.fuse_rel_fwd/_dq",
             "with 168-register caps); key tail = `fwd_tail`/`dq_tail` (the last keys in one 16-key tile after the loop).",
             f"{_FLOOR}.",
         ],

@@ -169,8 +169,9 @@ def attention_pool(
         raise ValueError(f"{L} tokens do not fit the grid {tuple(thw)}")
     # (B·nh, C, T, H, W) contiguous, as the official code's .contiguous() after its permute. Not a
     # channels-last view of (B·nh, T, H, W, C): torch sends a channels-last depthwise conv to cuDNN,
-    # whose bf16 3-D depthwise weight gradient took 93% of an MViTv2-L step's GPU time on an H200
-    # (bench/results/model_step_nvidia-h200_20261128_before.md); a contiguous 5-D depthwise conv
+    # where these convolutions took 279 ms of a 416 ms MViTv2-L step on an H200, mostly its bf16 3-D
+    # depthwise weight gradient (bench/results/pool_conv_nvidia-h200_20261128.md, model_step_…_before.md);
+    # a contiguous 5-D depthwise conv
     # runs torch's own depthwise-3D kernels (bench/pool_conv.py). One copy either way (where the
     # reshape is a view, at B 1 or nh 1, .contiguous() makes it: torch takes a view whose channels
     # are its fastest axis for channels-last, dense or not).

@@ -69,7 +69,7 @@ def test_gpu_wheels_install_reassembles_and_verifies_parts(tmp_path):
     ("first", {"gpu_tests", "bench_attention_b4", "engine_tests", "bench_model_step"}),
     ("kernels", {"gpu_tests", "bench_hog", "bench_attention", "bench_attention_b4", "bench_attention_host",
                  "bench_attention_tune"}),
-    ("engine", {"engine_tests", "bench_data", "bench_model_step"}),
+    ("engine", {"engine_tests", "bench_data", "bench_pool_conv", "bench_model_step"}),
 ])
 def test_gpu_check_parts_run_their_steps(tmp_path, part, want):
     """Each part of bench/gpu_check runs its own steps (every step's limit is 1 s here, so each is
@@ -80,7 +80,7 @@ def test_gpu_check_parts_run_their_steps(tmp_path, part, want):
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "gpu_check").write_bytes((ROOT / "bench" / "gpu_check").read_bytes())
     (tmp_path / "bench" / "gpu_check").chmod(0o755)
-    limits = {f"T_{n}": "1" for n in ("TESTS", "HOG", "ATTN", "ATTN_B4", "ATTN_HOST", "TUNE", "DATA", "ENGINE", "MODEL")}
+    limits = {f"T_{n}": "1" for n in ("TESTS", "HOG", "ATTN", "ATTN_B4", "ATTN_HOST", "TUNE", "DATA", "ENGINE", "POOL", "MODEL")}
     env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, **limits)
     proc = subprocess.run([str(tmp_path / "bench" / "gpu_check"), part], capture_output=True, text=True,
                           cwd=tmp_path, env=env, timeout=120)

@@ -25,7 +25,7 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
   ``q''·k'ᵀ`` gives the log2-domain logits *with the bias included*; no (Nq, Nk) tensor ever
   exists.
 * ``fuse_rel_fwd``, ``fuse_rel_dq`` (:func:`fused_rel_config` sets both; without ``config``, on
-  only where k' is not packed: :func:`call_config`): the
+  only for large calls where k' is not packed: :func:`call_config`): the
   rel-term forward and q-gradient run *inside* the attention kernels instead of as two separate
   kernels (``rel_triton``'s row code, :func:`rel_triton._rel_fwd_rows` /
   :func:`rel_triton._rel_dq_rows`). The forward kernel first writes R's rows of its query tile
@@ -37,7 +37,8 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
   Uncapped, the dq kernel takes 186 registers at MViTv2-L stage 1 (2 programs per SM instead of
   3), the forward 162 there but 186 at stage 4, so ``fused_rel_config`` caps them at 168
   (:func:`regs_for`): no spills in any loop on sm_90 offline (the dq kernel spills 64 bytes
-  outside its loop). Timed on an H200 (``triton+rel-inside``): faster only at stage 4.
+  outside its loop). Timed on an H200 (``triton+rel-inside``): faster only where k' is not packed
+  and the GPU, not the host, sets the pace.
 * Rows are *split into two power-of-two column blocks* where that beats padding to one
   (:func:`_widths`, ``split=True``): q''/k' rows of hd + KR = 72 + 22 = 94 columns are 64 + 32
   (not 128), v/dO/o rows of hd 72 are 64 + 16. Each product runs as two dots (the second K or N
@@ -555,7 +556,8 @@ class RelPosAttnConfig:
     # with rel_impl "triton": compute R inside the forward kernel (each query tile writes its rows,
     # kept for the backward) / add q's rel-path gradient inside the dq kernel, instead of in the
     # separate rel-term kernels (rel_triton's forward and dq: a third of the kernel time at
-    # MViTv2-L stage 1 on an H100). Same values bit for bit; not yet timed on a GPU
+    # MViTv2-L stage 1 on an H100). Same values bit for bit (on an H200); faster there only for
+    # large calls where k' is not packed, where call_config turns it on
     fuse_rel_fwd: bool = False
     fuse_rel_dq: bool = False
     fwd_maxnreg: Optional[int] = None  # register cap per thread of the forward kernel (None: ptxas decides)
@@ -595,18 +597,27 @@ def fuse_rel_on(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def call_config(hd: int, kr: int, dtype: torch.dtype, device: torch.device, nq: int, nk: int,
+FUSE_REL_MIN_ROWS = 1 << 17  # B·nh·Nq from which call_config puts the rel terms inside the kernels
+
+
+def call_config(hd: int, kr: int, dtype: torch.dtype, device: torch.device, nq: int, nk: int, bh: int,
                 rel_on_triton: bool) -> RelPosAttnConfig:
-    """The table a call of Nq queries and Nk keys runs without ``config``: :func:`default_config`,
-    with the rel terms inside the forward and dq kernels (:func:`fused_rel_config`) on CUDA in
-    fp16/bf16 where k' is not packed (Nq < 2·Nk: MViTv2-L stage 4) and the rel terms run in Triton.
-    Measured on an H200, MViTv2-L at B 32, bf16 forward+backward (bench/results/
-    attention_nvidia-h200_20261128_relinside.md): fused at stage 4, 1.433 → 1.051 ms (the separate
-    kernels took 1.253 ms in the session's other run: 1.19-1.36×); at stages 1-3, where k' is
-    packed, fused is 5 % slower (5.52 → 5.82, 2.72 → 2.88, 1.42 → 1.49 ms), so there it stays off.
-    At B 4 both are within the host's noise (the host sets the pace there)."""
+    """The table a call of ``bh`` = B·nh heads of Nq queries and Nk keys runs without ``config``:
+    :func:`default_config`, with the rel terms inside the forward and dq kernels
+    (:func:`fused_rel_config`) on CUDA in fp16/bf16 where the rel terms run in Triton, k' is not
+    packed (Nq < 2·Nk) and the call has at least ``FUSE_REL_MIN_ROWS`` query rows (B·nh·Nq).
+
+    Two measured points decide it, on an H200, MViTv2-L's Nq = Nk = 393, nh 16, bf16 fwd+bwd
+    (bench/results/attention_nvidia-h200_20261128_relinside.md and the B 4 table of
+    gpu_check_nvidia-h200_20261128_first.log): at B 32 (201 k rows, the GPU sets the pace) fused
+    took 1.05 ms against 1.43 (1.25 in another run); at B 4 (25 k rows, the host sets the pace)
+    1.18 against 0.99 ms. Where k' is packed (Nq ≥ 2·Nk) fused was 5 % slower at B 32 (5.52 →
+    5.82, 2.72 → 2.88, 1.42 → 1.49 ms at stages 1-3). Other shapes with Nq < 2·Nk (fine-tuning's
+    stage transitions, MViTv2-S, the 40×3 variant) are untimed; the threshold puts them on the
+    side their size suggests."""
     cfg = default_config(hd, kr, dtype, device)
-    if fuse_rel_on(device) and dtype != torch.float32 and rel_on_triton and not _pack_k(cfg, nq, nk):
+    if (fuse_rel_on(device) and dtype != torch.float32 and rel_on_triton and bh * nq >= FUSE_REL_MIN_ROWS
+            and not _pack_k(cfg, nq, nk)):
         return _fused_rel_config_cached(cfg)
     return cfg
 
@@ -975,7 +986,7 @@ def relpos_attention_triton(
     if hd + kr > 512:
         raise ValueError(f"head dim {hd} + rel width {kr} > 512 is not supported by the Triton kernel")
     rel_on_triton = resolve_rel_impl(rel_impl, q.device) == "triton"
-    cfg = config if config is not None else call_config(hd, kr, q.dtype, q.device, Nq, k.shape[2], rel_on_triton)
+    cfg = config if config is not None else call_config(hd, kr, q.dtype, q.device, Nq, k.shape[2], B * nh, rel_on_triton)
     _check_config(cfg, q.device)
     if (cfg.fuse_rel_fwd or cfg.fuse_rel_dq) and not rel_on_triton:
         raise ValueError("fuse_rel_fwd / fuse_rel_dq run the Triton rel-term code inside the attention kernels: "

@@ -172,7 +172,8 @@ def test_fused_rel_terms(q_thw, k_thw, has_cls, dtype):
 
 def _same_as_separate_rel_kernels(inputs, q_thw, k_thw, has_cls, cfg, variants):
     """Each of ``variants`` (changes to ``cfg`` that move rel terms inside the attention kernels)
-    gives the output and all six gradients bit for bit as the separate rel-term kernels do."""
+    gives the output and all six gradients as the separate rel-term kernels do (bit for bit on a GPU;
+    :func:`same_arithmetic`)."""
     grad_out = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(2)).to(inputs[0])
 
     def run(config):
@@ -183,7 +184,21 @@ def _same_as_separate_rel_kernels(inputs, q_thw, k_thw, has_cls, cfg, variants):
     want = run(cfg)
     for variant in variants:
         for name, a, b in zip(["out", "dq", "dk", "dv", "d_rel"], run(dataclasses.replace(cfg, **variant)), want):
-            assert torch.equal(a, b), f"{variant} {name}: max |Δ| {_err(a, b):.3g}"
+            assert same_arithmetic(a, b), f"{variant} {name}: max |Δ| {_err(a, b):.3g}"
+
+
+# In Triton's interpreter tl.dot is numpy's matmul, whose summation order depends on the operand
+# shapes and on the CPU's OpenBLAS kernels (DYNAMIC_ARCH): with AVX-512 (SkylakeX) kernels the fused
+# and separate rel-term kernels agree bit for bit, with Zen or Haswell kernels (AMD EPYC) to a few
+# ulps. Compiled on a GPU they agree bit for bit (test_gpu_rel_terms_inside_*, run on an H200).
+INTERP_ULPS = 8
+
+
+def same_arithmetic(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal on a GPU; in the interpreter within INTERP_ULPS ulps of b's largest entry."""
+    if a.is_cuda:
+        return torch.equal(a, b)
+    return a.shape == b.shape and _err(a, b) <= INTERP_ULPS * torch.finfo(b.dtype).eps * float(b.abs().max())
 
 
 def _fused_rel_changes(cfg: RelPosAttnConfig) -> dict:
@@ -203,7 +218,7 @@ def _fused_rel_changes(cfg: RelPosAttnConfig) -> dict:
 def test_rel_terms_inside_the_attention_kernels(q_thw, k_thw, has_cls, dtype, hd):
     """``fuse_rel_fwd``: the forward kernel writes R's rows of its query tile and reads them back;
     ``fuse_rel_dq``: the dq kernel adds q's rel-path gradient to the rows it stored. Each alone and
-    both: bit for bit the separate kernels, and within the oracle's bounds. With a cls token the
+    both: the separate kernels' values (:func:`same_arithmetic`), and within the oracle's bounds. With a cls token the
     fused forward moves the cls row to the end so that its tiles are the rel forward's blocks of
     non-cls rows, with the same table windows (the third geometry fails with tiles that start at
     the cls row: a block spans three h rows there); the cls row shares the last tile (third and
@@ -215,12 +230,37 @@ def test_rel_terms_inside_the_attention_kernels(q_thw, k_thw, has_cls, dtype, hd
     check_against_oracle(inputs, q_thw, k_thw, has_cls, config=triton_attn.fused_rel_config(cfg), rel_impl="triton")
 
 
+def test_call_config_fuses_the_rel_terms_only_where_timed_faster():
+    """Without ``config``: the rel terms inside the kernels on CUDA in fp16/bf16 with Triton rel
+    terms, for calls of ≥ FUSE_REL_MIN_ROWS query rows where k' is not packed (an H200 timed it
+    faster at MViTv2-L Nq = Nk = 393, B 32, and not at B 4 or where k' is packed); the plain table
+    otherwise. Pure arithmetic on device objects: no GPU needed."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    plain = triton_attn.default_config(72, 22, torch.bfloat16, cuda)
+    fused = triton_attn.call_config(72, 22, torch.bfloat16, cuda, 393, 393, 32 * 16, True)
+    assert fused == triton_attn.fused_rel_config(plain) and fused.fuse_rel_fwd and fused.fuse_rel_dq
+    assert triton_attn.call_config(72, 22, torch.bfloat16, cuda, 393, 393, 32 * 16, True) is fused  # cached
+    assert triton_attn.call_config(72, 22, torch.float16, cuda, 393, 393, 32 * 16, True).fuse_rel_fwd
+    for args in [
+        (torch.bfloat16, cuda, 393, 393, 4 * 16, True),  # B 4: the host sets the pace
+        (torch.bfloat16, cuda, 1569, 393, 32 * 8, True),  # k' packed (stage 3)
+        (torch.float32, cuda, 393, 393, 32 * 16, True),  # fp32: untimed
+        (torch.bfloat16, cuda, 393, 393, 32 * 16, False),  # rel terms in torch
+        (torch.bfloat16, cpu, 393, 393, 32 * 16, True),  # the interpreter
+    ]:
+        dtype, device = args[:2]
+        assert triton_attn.call_config(72, 22, *args) == triton_attn.default_config(72, 22, dtype, device), args
+    limit = triton_attn.FUSE_REL_MIN_ROWS
+    assert triton_attn.call_config(72, 22, torch.bfloat16, cuda, 393, 393, -(-limit // 393), True).fuse_rel_fwd
+    assert not triton_attn.call_config(72, 22, torch.bfloat16, cuda, 393, 393, limit // 393 - 1, True).fuse_rel_fwd
+
+
 def test_register_caps():
     assert triton_attn.regs_for(3, 4) == 168 and triton_attn.regs_for(2, 4) == 255 and triton_attn.regs_for(2, 8) == 128
     cfg = triton_attn.fused_rel_config(RelPosAttnConfig())
     assert cfg.fuse_rel_fwd and cfg.fuse_rel_dq and (cfg.fwd_maxnreg, cfg.dq_maxnreg) == (168, 168)
     default = RelPosAttnConfig()
-    assert not (default.fuse_rel_fwd or default.fuse_rel_dq)  # not the default until timed on a GPU (bench/NOTES.md)
+    assert not (default.fuse_rel_fwd or default.fuse_rel_dq)  # the table's default; call_config decides per call
 
 
 @pytest.mark.parametrize("chunks,pack_k", [(1, False), (3, True)])
@@ -230,7 +270,8 @@ def test_memory_is_the_outputs_and_named_transients(chunks, pack_k):
     lse and delta, plus — only with several query chunks — the fp32 dk/dv partials, only with
     ``pack_k`` the packed k' rows, and at most table-sized copies: no fp32 dk/dv with one chunk,
     no fp32 sum tensor with several. (Nq 513: the table-gradient partials, allocated after the q''
-    rows are freed, stay below them, as at the MViTv2 shapes.)"""
+    rows are freed, stay below them here; at the MViTv2-L shapes on an H200 they did not, and the
+    GPU test counts them.)"""
     from bench.common import cpu_peak_mib
 
     B, nh, hd, q_thw, k_thw = 1, 2, 72, (2, 16, 16), (2, 4, 4)
@@ -250,13 +291,14 @@ def test_memory_is_the_outputs_and_named_transients(chunks, pack_k):
     assert 0.97 * budget <= peak <= budget + slack, (peak, budget, slack)
 
 
-def _memory_budget(q, k, q_thw, k_thw, tables, cfg, n_sms) -> tuple[int, int]:
+def _memory_budget(q, k, q_thw, k_thw, tables, cfg, n_sms, partials_at_peak=False) -> tuple[int, int]:
     """(bytes, slack) one fused forward+backward may allocate beyond its inputs: the output and
     q/k/v gradients, R and dR, the packed q'' rows, lse and delta, the fp32 dk/dv partials when
     the query axis is chunked, the packed k' rows when packed; slack: table-sized copies (the
-    tables in q's dtype, their fp32 gradients) and the fp32 table-gradient partials (whether these
-    overlap the peak depends on the order of frees: on an H200 at MViTv2-L stages 2-4, B 32, they
-    did, 0.1-2.6 MiB past the rest)."""
+    tables in q's dtype, their fp32 gradients) and, with ``partials_at_peak``, the fp32
+    table-gradient partials: on the CPU test's shape they are allocated after the q'' rows are
+    freed and stay below the peak, but on an H200 at MViTv2-L stages 2-4, B 32, they were alive at
+    it (0.2-2.6 MiB past the rest)."""
     B, nh, Nq, hd = q.shape
     Nk, kr, elt = k.shape[2], sum(k_thw), q.element_size()
     wa = triton_attn._Dims.of(hd, kr, cfg.split).wa
@@ -272,7 +314,7 @@ def _memory_budget(q, k, q_thw, k_thw, tables, cfg, n_sms) -> tuple[int, int]:
     g = rel_triton._Geom(tuple(q_thw), tuple(k_thw), tables[0] is not None, True)
     rel_cfg = rel_triton._config(q.device, q.dtype)
     plan = rel_triton._dtab_plan(g, rel_cfg, B, nh, hd, q.dtype == torch.float32, rel_triton._q_vec(q))
-    partials = sum(4 * math.prod(s) for s in plan.part_shapes if s is not None)
+    partials = sum(4 * math.prod(s) for s in plan.part_shapes if s is not None) if partials_at_peak else 0
     return B * nh * per_bh, 2 * sum(4 * t.numel() for t in tables if t is not None) + partials
 
 
@@ -526,7 +568,8 @@ def test_gpu_memory_budget(q_thw, nh):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     cfg = triton_attn.default_config(72, sum(k_thw), q.dtype, q.device)
-    budget, slack = _memory_budget(q, k, q_thw, k_thw, tables, cfg, torch.cuda.get_device_properties(0).multi_processor_count)
+    budget, slack = _memory_budget(q, k, q_thw, k_thw, tables, cfg, torch.cuda.get_device_properties(0).multi_processor_count,
+                                   partials_at_peak=True)
     assert peak <= budget + slack + 64 * 1024, (peak / 2**20, budget / 2**20)
 
 
@@ -673,8 +716,9 @@ def test_tune_script_runs_in_the_interpreter(tmp_path):
                         ("dq_rel", attention_tune.REL_INSIDE_DQ)):
         assert [row["variant"] for row in sweep[part]] == list(table)
         assert all(row["ok"] for row in sweep[part]), (part, [row for row in sweep[part] if not row["ok"]])
-    for part in ("fwd_rel", "dq_rel"):  # the rel terms inside the attention kernels: the same values, bit for bit
-        assert all(row["err"] == 0 for row in sweep[part]), sweep[part]
+    for part in ("fwd_rel", "dq_rel"):  # the rel terms inside the attention kernels: the same arithmetic
+        # (bit for bit on a GPU; in the interpreter to a few ulps, see same_arithmetic)
+        assert all(row["err"] <= INTERP_ULPS * torch.finfo(torch.float32).eps for row in sweep[part]), sweep[part]
     assert {row["provider"] for row in sweep["fwdbwd"]} == {
         "triton+rel-triton (default)", "triton+rel-triton (best)",
         "triton+rel-triton (rel inside, r168)", "triton+rel-triton (best, rel inside, r168)"}

@@ -24,11 +24,16 @@ def test_model_step_bench_runs_on_cpu(tmp_path):
     assert "| auto |" in next(tmp_path.glob("model_step_cpu_*.md")).read_text()
 
 
-def test_model_step_counts_auto_as_issued_on_cuda(tmp_path):
+def test_model_step_counts_auto_as_issued_on_cuda(tmp_path, monkeypatch):
     """``--count-only`` on a CPU counts ``auto`` on CUDA's path: per block the 8 attention launches of
     the default fused path (6 where Nq < 2·Nk: the rel terms inside the attention kernels, as
-    ``call_config`` chooses on CUDA), plus one HOG launch per step, with the launches stubbed."""
+    ``call_config`` chooses on CUDA for calls of at least ``FUSE_REL_MIN_ROWS`` query rows, here
+    lowered to 0 so that the tiny variant has both kinds), plus one HOG launch per step, with the
+    launches stubbed."""
     import models.mvit
+    from kernels.attention import triton_attn
+
+    monkeypatch.setattr(triton_attn, "FUSE_REL_MIN_ROWS", 0)
 
     model_step.main(["--device", "cpu", "--count-only", "--backends", "auto,sdpa,auto+ckpt,auto+ckpt1", "--out",
                      str(tmp_path)])
@@ -122,3 +127,17 @@ def test_kernel_categories_and_the_report_table(tmp_path):
 def test_model_step_tag_names_the_files(tmp_path):
     model_step.main(["--device", "cpu", "--count-only", "--backends", "sdpa", "--tag", "before", "--out", str(tmp_path)])
     assert [p.name.endswith("_counts_before.json") for p in tmp_path.glob("*.json")] == [True]
+
+
+def test_host_row_times_the_small_step_and_says_where_counts_differ():
+    """The host column (CUDA) is the wall time of the same step at a small input; where that step
+    issues other counts than the full one, the note says so (here on the CPU, where the GPU part
+    is skipped)."""
+    model, video, mask = model_step.build("mvitv2_tiny", "sdpa", 1, torch.device("cpu"), torch.float32, 64)
+    small = model_step.make_step(model, video, mask)
+    small()  # the first step fills the model's caches (index tables, masks)
+    ops, launched = model_step.count_work(small)
+    same = model_step.host_row(small, torch.device("cpu"), 2, 64, len(ops), len(launched))
+    assert same["host_ms"] > 0 and same["host_px"] == 64 and same["host_note"] == ""
+    other = model_step.host_row(small, torch.device("cpu"), 2, 64, len(ops) + 1, len(launched))
+    assert other["host_note"] == f"at 64 px: {len(ops)} torch ops, {len(launched)} Triton launches"

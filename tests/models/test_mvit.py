@@ -255,8 +255,8 @@ def test_official_init_values():
 def test_pooling_convolutions_get_contiguous_ncdhw_inputs():
     """Every q/k/v pooling conv receives a contiguous (B·nh, hd, T, H, W) tensor, as the official
     code's ``.contiguous()`` gives it, never a channels-last view: torch sends a channels-last
-    depthwise conv to cuDNN, whose bf16 3-D depthwise weight gradient took 93 % of an MViTv2-L
-    step's GPU time on an H200 (bench/results/model_step_nvidia-h200_20261128_before.md)."""
+    depthwise conv to cuDNN, where these convolutions took 279 ms of a 416 ms MViTv2-L step on an
+    H200 (bench/results/pool_conv_nvidia-h200_20261128.md), against 75 ms contiguous."""
     from models import create_model
     from models.variants import get_variant
 
