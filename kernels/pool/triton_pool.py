@@ -82,40 +82,46 @@ def _split_out(o, Ho, Wo):
 @triton.jit
 def _pool_fwd_kernel(
     x_ptr, w_ptr, y_ptr,
-    C, T, H, W, To, Ho, Wo, n_chunks,
+    NC, C, T, H, W, To, Ho, Wo, n_chunks,
     sxn, sxc, sxt, sxh, sxw,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # x (N, C, T, H, W) strided, w (C, KT·KH·KW) contiguous, y (N, C, To, Ho, Wo) contiguous
+    # x (N, C, T, H, W) strided, w (C, KT·KH·KW) contiguous, y (N, C, To, Ho, Wo) contiguous;
+    # one program: BC planes (n·C + c) × BLOCK output positions (flattened (to, ho, wo))
+    NTAP: tl.constexpr = KT * KH * KW
     pid = tl.program_id(0)
-    plane = pid // n_chunks
-    chunk = pid - plane * n_chunks
+    pb = pid // n_chunks
+    chunk = pid - pb * n_chunks
+    plane = pb * BC + tl.arange(0, BC)
+    p_ok = plane < NC
     n = plane // C
     c = plane - n * C
     P = To * Ho * Wo
     o = chunk * BLOCK + tl.arange(0, BLOCK)
     ok = o < P
     ot, oh, ow = _split_out(o, Ho, Wo)
-    x_base = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
-    w_row = w_ptr + c * (KT * KH * KW)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    x_base = x_ptr + (n.to(tl.int64) * sxn + c.to(tl.int64) * sxc)[:, None]  # (BC, 1)
+    w_row = w_ptr + c * NTAP  # (BC,)
+    acc = tl.zeros((BC, BLOCK), dtype=tl.float32)
     for kt in tl.static_range(KT):
         it = ot * ST + (kt - PT)
         m_t = ok & (it >= 0) & (it < T)
         for kh in tl.static_range(KH):
             ih = oh * SH + (kh - PH)
             m_th = m_t & (ih >= 0) & (ih < H)
-            row = x_base + it * sxt + ih * sxh
+            row = it * sxt + ih * sxh
             for kw in tl.static_range(KW):
                 iw = ow * SW + (kw - PW)
                 m = m_th & (iw >= 0) & (iw < W)
-                wv = tl.load(w_row + ((kt * KH + kh) * KW + kw)).to(tl.float32)
-                xv = tl.load(row + iw * sxw, mask=m, other=0.0).to(tl.float32)
-                acc += xv * wv
-    tl.store(y_ptr + plane.to(tl.int64) * P + o, acc.to(y_ptr.dtype.element_ty), mask=ok)
+                wv = tl.load(w_row + ((kt * KH + kh) * KW + kw), mask=p_ok, other=0.0).to(tl.float32)
+                xv = tl.load(x_base + (row + iw * sxw)[None, :], mask=p_ok[:, None] & m[None, :],
+                             other=0.0).to(tl.float32)
+                acc += xv * wv[:, None]
+    dst = y_ptr + (plane.to(tl.int64) * P)[:, None] + o[None, :]
+    tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & ok[None, :])
 
 
 @triton.jit
@@ -135,17 +141,21 @@ def _tap_index(i, n_out, K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr):
 @triton.jit
 def _pool_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr,
-    C, T, H, W, To, Ho, Wo, n_chunks,
+    NC, C, T, H, W, To, Ho, Wo, n_chunks,
     sdn, sdc, sdt, sdh, sdw,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # dy (N, C, To, Ho, Wo) strided, w (C, KT·KH·KW) contiguous, dx (N, C, T, H, W) contiguous
+    # dy (N, C, To, Ho, Wo) strided, w (C, KT·KH·KW) contiguous, dx (N, C, T, H, W) contiguous;
+    # one program: BC planes × BLOCK input positions (flattened (t, h, w))
+    NTAP: tl.constexpr = KT * KH * KW
     pid = tl.program_id(0)
-    plane = pid // n_chunks
-    chunk = pid - plane * n_chunks
+    pb = pid // n_chunks
+    chunk = pid - pb * n_chunks
+    plane = pb * BC + tl.arange(0, BC)
+    p_ok = plane < NC
     n = plane // C
     c = plane - n * C
     P_in = T * H * W
@@ -155,23 +165,25 @@ def _pool_dgrad_kernel(
     r = i // W
     ih = r % H
     it = r // H
-    dy_base = dy_ptr + n.to(tl.int64) * sdn + c.to(tl.int64) * sdc
-    w_row = w_ptr + c * (KT * KH * KW)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    dy_base = dy_ptr + (n.to(tl.int64) * sdn + c.to(tl.int64) * sdc)[:, None]  # (BC, 1)
+    w_row = w_ptr + c * NTAP
+    acc = tl.zeros((BC, BLOCK), dtype=tl.float32)
     for kt in tl.static_range(KT):
         ot, v_t = _tap_index(it, To, kt, ST, PT)
         m_t = ok & v_t
         for kh in tl.static_range(KH):
             oh, v_h = _tap_index(ih, Ho, kh, SH, PH)
             m_th = m_t & v_h
-            row = dy_base + ot * sdt + oh * sdh
+            row = ot * sdt + oh * sdh
             for kw in tl.static_range(KW):
                 ow, v_w = _tap_index(iw, Wo, kw, SW, PW)
                 m = m_th & v_w
-                wv = tl.load(w_row + ((kt * KH + kh) * KW + kw)).to(tl.float32)
-                g = tl.load(row + ow * sdw, mask=m, other=0.0).to(tl.float32)
-                acc += g * wv
-    tl.store(dx_ptr + plane.to(tl.int64) * P_in + i, acc.to(dx_ptr.dtype.element_ty), mask=ok)
+                wv = tl.load(w_row + ((kt * KH + kh) * KW + kw), mask=p_ok, other=0.0).to(tl.float32)
+                g = tl.load(dy_base + (row + ow * sdw)[None, :], mask=p_ok[:, None] & m[None, :],
+                            other=0.0).to(tl.float32)
+                acc += g * wv[:, None]
+    dst = dx_ptr + (plane.to(tl.int64) * P_in)[:, None] + i[None, :]
+    tl.store(dst, acc.to(dx_ptr.dtype.element_ty), mask=p_ok[:, None] & ok[None, :])
 
 
 @triton.jit
@@ -183,18 +195,20 @@ def _pool_wgrad_kernel(
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    BC: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):
     # part (C, n_chunks, KT·KH·KW) fp32: chunk g of channel c sums, per tap, x_window · dy over the
-    # (plane n, block b) pairs q = n·n_blocks + b in [g·ITERS, (g+1)·ITERS)
+    # (plane n, block b) pairs q = n·n_blocks + b in [g·ITERS, (g+1)·ITERS); one program: BC channels
     NTAP: tl.constexpr = KT * KH * KW
     pid = tl.program_id(0)
-    c = pid // n_chunks
-    g = pid - c * n_chunks
+    cb = pid // n_chunks
+    g = pid - cb * n_chunks
+    chan = cb * BC + tl.arange(0, BC)
+    c_ok = (chan < C)[:, None]  # (BC, 1)
     P = To * Ho * Wo
     acc = ()
     for j in tl.static_range(NTAP):
-        acc = acc + (tl.zeros((BLOCK,), dtype=tl.float32),)
+        acc = acc + (tl.zeros((BC, BLOCK), dtype=tl.float32),)
     for step in tl.static_range(ITERS):
         q = g * ITERS + step
         n = q // n_blocks
@@ -202,9 +216,10 @@ def _pool_wgrad_kernel(
         o = b * BLOCK + tl.arange(0, BLOCK)
         ok = (o < P) & (n < N)
         ot, oh, ow = _split_out(o, Ho, Wo)
-        x_base = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
-        dy = tl.load(dy_ptr + n.to(tl.int64) * sdn + c.to(tl.int64) * sdc + ot * sdt + oh * sdh + ow * sdw,
-                     mask=ok, other=0.0).to(tl.float32)
+        x_base = x_ptr + (n.to(tl.int64) * sxn + chan.to(tl.int64) * sxc)[:, None]  # (BC, 1)
+        dy_base = dy_ptr + (n.to(tl.int64) * sdn + chan.to(tl.int64) * sdc)[:, None]
+        dy = tl.load(dy_base + (ot * sdt + oh * sdh + ow * sdw)[None, :], mask=c_ok & ok[None, :],
+                     other=0.0).to(tl.float32)
         new = ()
         for kt in tl.static_range(KT):
             it = ot * ST + (kt - PT)
@@ -212,16 +227,16 @@ def _pool_wgrad_kernel(
             for kh in tl.static_range(KH):
                 ih = oh * SH + (kh - PH)
                 m_th = m_t & (ih >= 0) & (ih < H)
-                row = x_base + it * sxt + ih * sxh
+                row = it * sxt + ih * sxh
                 for kw in tl.static_range(KW):
                     iw = ow * SW + (kw - PW)
                     m = m_th & (iw >= 0) & (iw < W)
-                    xv = tl.load(row + iw * sxw, mask=m, other=0.0).to(tl.float32)
+                    xv = tl.load(x_base + (row + iw * sxw)[None, :], mask=c_ok & m[None, :], other=0.0).to(tl.float32)
                     new = new + (acc[(kt * KH + kh) * KW + kw] + xv * dy,)
         acc = new
-    out = part_ptr + pid.to(tl.int64) * NTAP
+    out = part_ptr + (chan.to(tl.int64) * n_chunks + g) * NTAP  # (BC,)
     for j in tl.static_range(NTAP):
-        tl.store(out + j, tl.sum(acc[j], axis=0))
+        tl.store(out + j, tl.sum(acc[j], axis=1), mask=chan < C)
 
 
 @triton.jit
@@ -274,30 +289,37 @@ def _block(size: int, gpu: bool, choices=(128, 256, 512, 1024)) -> int:
     return min(choices, key=lambda b: (cdiv(size, b) * (b + 64), -b))
 
 
+def _planes(count: int, block: int, gpu: bool, elems: int = 1 << 16) -> int:
+    """Planes (or channels) per program: one on a GPU; in the interpreter, which pays per operation
+    and not per element, as many as fit ``elems`` elements per tile."""
+    return 1 if gpu else max(1, min(next_pow2(count), elems // block))
+
+
 class _Plan(NamedTuple):
     """What one call launches (read-only), per shape."""
 
-    fwd: tuple  # (BLOCK, chunks per plane, num_warps)
-    dgrad: tuple  # (BLOCK, chunks per plane, num_warps)
-    wgrad: tuple  # (BLOCK, blocks per plane, ITERS, chunks per channel, num_warps)
+    fwd: tuple  # (BC, BLOCK, programs, chunks per plane block, num_warps)
+    dgrad: tuple  # (BC, BLOCK, programs, chunks per plane block, num_warps)
+    wgrad: tuple  # (BC, BLOCK, blocks per plane, ITERS, chunks per channel, programs, num_warps)
     finish: tuple  # (TP, BG, G_ITERS)
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(in_thw: tuple, out_thw: tuple, N: int, ntap: int, gpu: bool) -> _Plan:
+def _plan(in_thw: tuple, out_thw: tuple, N: int, C: int, ntap: int, gpu: bool) -> _Plan:
     p_in, p_out = in_thw[0] * in_thw[1] * in_thw[2], out_thw[0] * out_thw[1] * out_thw[2]
-    bf = _block(p_out, gpu)
-    bd = _block(p_in, gpu)
-    # wgrad: 2 positions per thread on a GPU (27 fp32 accumulators each), 4 blocks per program
+    bf, bd = _block(p_out, gpu), _block(p_in, gpu)
+    cf, cd = _planes(N * C, bf, gpu), _planes(N * C, bd, gpu)
+    # wgrad: on a GPU 2 positions per thread (27 fp32 accumulators each) and 4 blocks per program
     bw = _block(p_out, gpu, (64, 128, 256))
+    cw = _planes(C, bw, gpu, 1 << 15)
     nb = cdiv(p_out, bw)
-    iters = min(4 if gpu else 2, N * nb)
+    iters = min(4 if gpu else 8, N * nb)
     n_chunks = cdiv(N * nb, iters)
     bg = min(64, next_pow2(n_chunks))
     return _Plan(
-        fwd=(bf, cdiv(p_out, bf), 4),
-        dgrad=(bd, cdiv(p_in, bd), 4),
-        wgrad=(bw, nb, iters, n_chunks, max(1, bw // 64)),
+        fwd=(cf, bf, cdiv(N * C, cf) * cdiv(p_out, bf), cdiv(p_out, bf), 4),
+        dgrad=(cd, bd, cdiv(N * C, cd) * cdiv(p_in, bd), cdiv(p_in, bd), 4),
+        wgrad=(cw, bw, nb, iters, n_chunks, cdiv(C, cw) * n_chunks, max(1, bw // 64)),
         finish=(next_pow2(ntap, 2), bg, cdiv(n_chunks, bg)),
     )
 
@@ -328,10 +350,9 @@ def _forward(x: torch.Tensor, w2: torch.Tensor, g: _Geom) -> torch.Tensor:
     y = _empty(N, C, To, Ho, Wo, dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    plan = _plan((T, H, W), (To, Ho, Wo), N, w2.shape[1], _gpu(x.device))
-    block, chunks, warps = plan.fwd
-    launch(_pool_fwd_kernel, (N * C * chunks,), x, w2, y, C, T, H, W, To, Ho, Wo, chunks, *x.stride(),
-           **g.constexprs(), BLOCK=block, num_warps=warps)
+    bc, block, programs, chunks, warps = _plan((T, H, W), (To, Ho, Wo), N, C, w2.shape[1], _gpu(x.device)).fwd
+    launch(_pool_fwd_kernel, (programs,), x, w2, y, N * C, C, T, H, W, To, Ho, Wo, chunks, *x.stride(),
+           **g.constexprs(), BC=bc, BLOCK=block, num_warps=warps)
     return y
 
 
@@ -342,10 +363,9 @@ def _dgrad(dy: torch.Tensor, w2: torch.Tensor, g: _Geom, in_thw: tuple) -> torch
     dx = _empty(N, C, T, H, W, dtype=dy.dtype, device=dy.device)
     if dx.numel() == 0:
         return dx
-    plan = _plan(tuple(in_thw), (To, Ho, Wo), N, w2.shape[1], _gpu(dy.device))
-    block, chunks, warps = plan.dgrad
-    launch(_pool_dgrad_kernel, (N * C * chunks,), dy, w2, dx, C, T, H, W, To, Ho, Wo, chunks, *dy.stride(),
-           **g.constexprs(), BLOCK=block, num_warps=warps)
+    bc, block, programs, chunks, warps = _plan(tuple(in_thw), (To, Ho, Wo), N, C, w2.shape[1], _gpu(dy.device)).dgrad
+    launch(_pool_dgrad_kernel, (programs,), dy, w2, dx, N * C, C, T, H, W, To, Ho, Wo, chunks, *dy.stride(),
+           **g.constexprs(), BC=bc, BLOCK=block, num_warps=warps)
     return dx
 
 
@@ -358,11 +378,11 @@ def _wgrad(x: torch.Tensor, dy: torch.Tensor, g: _Geom, w_dtype: torch.dtype) ->
     dw = _empty(C, 1, *g.kernel, dtype=w_dtype, device=x.device)
     if N == 0:
         return dw.zero_()
-    plan = _plan((T, H, W), (To, Ho, Wo), N, ntap, _gpu(x.device))
-    block, nb, iters, chunks, warps = plan.wgrad
+    plan = _plan((T, H, W), (To, Ho, Wo), N, C, ntap, _gpu(x.device))
+    bc, block, nb, iters, chunks, programs, warps = plan.wgrad
     parts = _empty(C, chunks, ntap, dtype=torch.float32, device=x.device)
-    launch(_pool_wgrad_kernel, (C * chunks,), x, dy, parts, N, C, T, H, W, To, Ho, Wo, nb, chunks,
-           *x.stride(), *dy.stride(), **g.constexprs(), BLOCK=block, ITERS=iters, num_warps=warps)
+    launch(_pool_wgrad_kernel, (programs,), x, dy, parts, N, C, T, H, W, To, Ho, Wo, nb, chunks,
+           *x.stride(), *dy.stride(), **g.constexprs(), BC=bc, BLOCK=block, ITERS=iters, num_warps=warps)
     tp, bg, g_iters = plan.finish
     launch(_pool_wgrad_finish_kernel, (C,), parts, dw, chunks, NTAP=ntap, TP=tp, BG=bg, G_ITERS=g_iters,
            num_warps=4)
