@@ -19,9 +19,10 @@ plane are int32 (the launcher refuses planes whose span reaches 2³¹ elements).
   scalar weight, accumulated in fp32; one store in x's dtype.
 * ``_pool_dgrad_kernel``: the input gradient as a gather, no atomics: one program per (plane,
   block of input positions). For input index i along an axis and tap k the output index is
-  ``(i + p − k) / s``, used where that is an integer in [0, out). With kernel 3 and stride 8 at
-  most one tap per axis is valid; the others are masked loads that move no bytes. fp32
-  accumulation, stored in x's dtype (contiguous).
+  ``(i + p − k) / s``, an integer only for k ≡ i + p (mod s): the kernel visits just those taps,
+  k = (i + p) mod s + j·s for j < ⌈K / s⌉ (:func:`_tap`), with the tap's weight gathered per
+  position (a per-program scalar at stride 1). At MViTv2's (1, 4, 4) and (1, 8, 8) strides that
+  is 3 taps instead of 27, at (1, 2, 2) 12. fp32 accumulation, stored in x's dtype (contiguous).
 * Weight gradient, deterministic and without atomics, in two stages.
   ``_pool_wgrad_kernel`` (stage 1): per channel c the reduction runs over N × (To·Ho·Wo); its
   (plane, block) pairs are cut into chunks of ITERS consecutive pairs; one program per
@@ -125,17 +126,18 @@ def _pool_fwd_kernel(
 
 
 @triton.jit
-def _tap_index(i, n_out, K: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr):
-    """Output index ``(i + PAD − K) / S`` that input index ``i`` meets through tap K, and whether
-    it is an integer in [0, n_out) (negative values are clamped before dividing: no reliance on
-    the sign convention of integer division)."""
-    num = i + (PAD - K)
-    pos = tl.where(num >= 0, num, 0)
+def _tap(num, n_out, j: tl.constexpr, K: tl.constexpr, S: tl.constexpr):
+    """The j-th tap that input index i (``num = i + pad``, ≥ 0) meets along one axis: its kernel
+    index k, output index o = (num − k) / S, and whether k < K and o ∈ [0, n_out). With stride S
+    only taps k ≡ num (mod S) give an integer o: k = num mod S + j·S, j < ⌈K / S⌉ (one tap per
+    axis for S ≥ K instead of K masked ones). For S = 1, k = j is a compile-time constant."""
     if S == 1:
-        return pos, (num >= 0) & (pos < n_out)
+        o = num - j
+        return j, o, (o >= 0) & (o < n_out)
     else:
-        q = pos // S
-        return q, (num >= 0) & (pos - q * S == 0) & (q < n_out)
+        k = num % S + j * S
+        o = num // S - j
+        return k, o, (k < K) & (o >= 0) & (o < n_out)
 
 
 @triton.jit
@@ -151,6 +153,9 @@ def _pool_dgrad_kernel(
     # dy (N, C, To, Ho, Wo) strided, w (C, KT·KH·KW) contiguous, dx (N, C, T, H, W) contiguous;
     # one program: BC planes × BLOCK input positions (flattened (t, h, w))
     NTAP: tl.constexpr = KT * KH * KW
+    JT: tl.constexpr = (KT + ST - 1) // ST
+    JH: tl.constexpr = (KH + SH - 1) // SH
+    JW: tl.constexpr = (KW + SW - 1) // SW
     pid = tl.program_id(0)
     pb = pid // n_chunks
     chunk = pid - pb * n_chunks
@@ -166,22 +171,25 @@ def _pool_dgrad_kernel(
     ih = r % H
     it = r // H
     dy_base = dy_ptr + (n.to(tl.int64) * sdn + c.to(tl.int64) * sdc)[:, None]  # (BC, 1)
-    w_row = w_ptr + c * NTAP
+    w_row = (w_ptr + c * NTAP)[:, None]  # (BC, 1)
     acc = tl.zeros((BC, BLOCK), dtype=tl.float32)
-    for kt in tl.static_range(KT):
-        ot, v_t = _tap_index(it, To, kt, ST, PT)
+    for jt in tl.static_range(JT):
+        kt, ot, v_t = _tap(it + PT, To, jt, KT, ST)
         m_t = ok & v_t
-        for kh in tl.static_range(KH):
-            oh, v_h = _tap_index(ih, Ho, kh, SH, PH)
+        for jh in tl.static_range(JH):
+            kh, oh, v_h = _tap(ih + PH, Ho, jh, KH, SH)
             m_th = m_t & v_h
             row = ot * sdt + oh * sdh
-            for kw in tl.static_range(KW):
-                ow, v_w = _tap_index(iw, Wo, kw, SW, PW)
-                m = m_th & v_w
-                wv = tl.load(w_row + ((kt * KH + kh) * KW + kw), mask=p_ok, other=0.0).to(tl.float32)
-                g = tl.load(dy_base + (row + ow * sdw)[None, :], mask=p_ok[:, None] & m[None, :],
-                            other=0.0).to(tl.float32)
-                acc += g * wv[:, None]
+            for jw in tl.static_range(JW):
+                kw, ow, v_w = _tap(iw + PW, Wo, jw, KW, SW)
+                m = (p_ok[:, None] & (m_th & v_w)[None, :])  # (BC, BLOCK)
+                # the tap's weight: a per-program scalar at stride 1, else gathered per position (L1)
+                if ST * SH * SW == 1:
+                    wv = tl.load(w_row + ((kt * KH + kh) * KW + kw), mask=p_ok[:, None], other=0.0).to(tl.float32)
+                else:
+                    wv = tl.load(w_row + ((kt * KH + kh) * KW + kw), mask=m, other=0.0).to(tl.float32)
+                g = tl.load(dy_base + (row + ow * sdw)[None, :], mask=m, other=0.0).to(tl.float32)
+                acc += g * wv
     dst = dx_ptr + (plane.to(tl.int64) * P_in)[:, None] + i[None, :]
     tl.store(dst, acc.to(dx_ptr.dtype.element_ty), mask=p_ok[:, None] & ok[None, :])
 
