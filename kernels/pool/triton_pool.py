@@ -36,7 +36,14 @@ Bytes (the floor): forward reads x and writes y, dgrad reads dy and writes dx, w
 dy (the partials are ≤ 3 MB at MViTv2-L's shapes); the re-reads of x's halo come from L1/L2.
 Per convolution fwd+bwd: 3·|x| + 3·|y| element reads/writes. MViTv2-L, B 4, bf16, block 0's
 q-pooling (8, 72, 8, 56, 56) stride 1: |x| = |y| = 28.9 MB, 173 MB, 40 µs at ~4.3 TB/s; its
-k/v-pooling (stride (1, 8, 8), y 64×): 3·28.9 + 3·0.45 = 88 MB, 20 µs.
+k/v-pooling (stride (1, 8, 8), y 64×): 3·28.9 + 3·0.45 = 88 MB, 20 µs. Over all of MViTv2-L's
+poolings in one pre-training step (B 4): ~1.4 ms at 4.8 TB/s.
+
+Offline for sm_90 (``bench.sass``, triton 3.6, bf16, B 4; no spills, ≤ 255 registers): the kernels
+are bound by instruction issue, not bytes: ~12–15 warp instructions per (tap, position) (masked
+loads, 64-bit addresses, conversions). Issue floor over one step's poolings 21.3 ms (warp
+instructions / (132 SMs · 4 schedulers · 1.755 GHz)), against the 64 ms torch's kernels took on an
+H200; block 0's stride-1 q-pooling: fwd 203, dgrad 215, wgrad 227 µs.
 
 Launch parameters are a fixed table (:func:`_plan`, lru-cached per shape): on a GPU blocks of
 128–1024 positions chosen to waste the fewest lanes on a plane's tail (4 warps; wgrad 256
