@@ -12,8 +12,12 @@ layout decides which convolution code torch runs:
   profile column names the kernels that ran).
 - ``channels_last+bench``: the first with ``torch.backends.cudnn.benchmark`` on (cuDNN times its
   algorithms once per shape and keeps the fastest).
+- ``triton``: the contiguous input of ``contiguous``, convolved by our Triton kernels
+  (``kernels.pool.depthwise_conv3d(..., backend="triton")``: forward, input gradient and a
+  deterministic weight gradient; what ``pool_backend="triton"`` runs in the model). On a CPU it
+  needs ``TRITON_INTERPRET=1`` (the tests set it); without it the layout is left out, with a note.
 
-Both layouts cost one copy of the view. Timed per distinct convolution of the model (found with
+Every layout costs one copy of the view. Timed per distinct convolution of the model (found with
 forward hooks on the meta device), the copy included: the pooling from the (B, nh, L, hd) view to
 the pooled (B·nh, hd, T', H', W') output, then its backward (the view's and the weight's
 gradients); ``triton.testing.do_bench``'s median. ``err``: max|Δ|/max|ref| of the output, the
@@ -43,7 +47,7 @@ import torch
 from bench.attention import device_info
 from bench.common import command_line, cuda_kernels, results_slug
 
-LAYOUTS = ("channels_last", "contiguous", "channels_last+bench")
+LAYOUTS = ("channels_last", "contiguous", "channels_last+bench", "triton")
 
 
 def pool_convs(model_name: str, batch: int) -> list[dict]:
@@ -93,6 +97,10 @@ def make_case(conv: dict, batch: int, layout: str, device: torch.device, dtype: 
             x = x.reshape(N, T, H, W, C).permute(0, 4, 1, 2, 3)
         else:
             x = x.transpose(2, 3).reshape(N, C, T, H, W).contiguous()
+        if layout == "triton":
+            from kernels.pool import depthwise_conv3d
+
+            return depthwise_conv3d(x, weight, conv["stride"], conv["padding"], backend="triton")
         return torch.nn.functional.conv3d(x, weight, None, conv["stride"], conv["padding"], 1, C)
     return run, (qkv, weight)
 
@@ -191,6 +199,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     layouts = [x for x in args.layouts.split(",") if x]
     if unknown := sorted(set(layouts) - set(LAYOUTS)):
         ap.error(f"unknown layouts {unknown}; choose from {', '.join(LAYOUTS)}")
+    from kernels import launchable_on
+
+    if "triton" in layouts and not launchable_on(device):
+        print("note: layout 'triton' left out: the kernels need CUDA, or TRITON_INTERPRET=1 on a CPU", flush=True)
+        layouts.remove("triton")
     dtype = torch.bfloat16 if cuda else torch.float32
     convs = pool_convs(model, batch)
     per_step = {k: 0.0 for k in layouts}

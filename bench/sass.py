@@ -565,7 +565,7 @@ def _attention_markdown(rows: list[dict], arch: int) -> str:
 def check(arch: int = 90) -> list[str]:
     """Problems of our default kernels on sm_<arch>: a failed lowering, shared memory over the limit,
     register spills (HOG cells and cells-ptx kernels; bf16 attention forward and backward, with
-    the fused rel terms too; kernels launched with a register cap may spill outside their loops
+    the fused rel terms too; the pooling convolution's four kernels; kernels launched with a register cap may spill outside their loops
     only), cross-lane traffic in the HOG kernels, or a non-coherent global load in the kernels with
     the rel terms inside (they read back rows they stored). Empty when all is well."""
     import torch
@@ -602,6 +602,20 @@ def check(arch: int = 90) -> list[str]:
             if st.loop_local if launch.maxnreg is not None else st.local_bytes:
                 problems.append(f"{launch.name} ({path}, bf16) spills {st.local_bytes} B per thread "
                                 f"({st.loop_local} spill ops in loops) on sm_{arch}")
+    from kernels.pool.triton_pool import depthwise_conv3d_triton
+
+    for stride in ((1, 1, 1), (1, 2, 2)):  # MViTv2-L block 0 / 2 pooling, B 4, bf16: fwd, dgrad, wgrad, finish
+        x = torch.zeros((8, 72, 8, 56, 56), dtype=torch.bfloat16, requires_grad=True)
+        w = torch.zeros((72, 1, 3, 3, 3), dtype=torch.bfloat16, requires_grad=True)
+        with capture_launches(arch) as launches:
+            y = depthwise_conv3d_triton(x, w, stride, 1)
+            y.backward(torch.zeros_like(y))
+        for launch in launches:
+            st = compile_launch(launch, arch)
+            print(f"pool {stride} {launch.name}: regs {st.registers} spill {st.local_bytes} shared {st.shared_bytes}",
+                  flush=True)
+            if st.local_bytes:
+                problems.append(f"{launch.name} (pool stride {stride}, bf16) spills {st.local_bytes} B per thread on sm_{arch}")
     return problems
 
 

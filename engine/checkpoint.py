@@ -506,8 +506,8 @@ def set_aside_newer(ckpt_dir: str, step: int, resumed_tag: Optional[str]) -> lis
 # ----------------------------------------------------------------------------------------------
 # Config changes on resume
 # ----------------------------------------------------------------------------------------------
-NON_SHAPE_OVERRIDES = frozenset({"attn_backend", "drop_path_rate", "pretrain_drop_path_rate", "head_dropout",
-                                 "head_init_scale", "hog_norm", "hog_signed", "hog_gaussian_window"})
+NON_SHAPE_OVERRIDES = frozenset({"attn_backend", "pool_backend", "drop_path_rate", "pretrain_drop_path_rate",
+                                 "head_dropout", "head_init_scale", "hog_norm", "hog_signed", "hog_gaussian_window"})
 """``model.overrides`` keys that leave every parameter shape as it is (run-time options, regularisation,
 initialisation, HOG variants with the same number of bins)."""
 IGNORED_ON_RESUME = ("log.", "train.output_dir", "train.stop_after_steps", "train.overwrite", "data.num_threads",

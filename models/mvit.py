@@ -14,6 +14,8 @@ Semantics follow facebookresearch/SlowFast ``slowfast/models/video_model_builder
 - Pooling attention: one qkv Linear (bias), Q/K/V pooled with depthwise Conv3d(hd, hd, kernel,
   stride, kernel//2, groups=hd, bias=False) shared across heads, cls split off before and
   re-attached before LayerNorm(hd); residual pooling adds pooled q to the non-cls outputs.
+  ``pool_backend="triton"`` (opt-in) runs those convolutions through ``kernels.pool``'s Triton
+  kernels with the same ``nn.Conv3d`` weights (same state_dict keys).
 - Pooling schedule: per-block Q strides (official ``POOL_Q_STRIDE``), kernel ``POOL_KVQ_KERNEL``
   (else ``s+1 if s>1 else s``), KV strides adaptive from ``POOL_KV_STRIDE_ADAPTIVE`` divided by
   each Q stride; skip connection pooled by MaxPool3d(s+1 if s>1 else s, s, k//2) where the Q
@@ -46,6 +48,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.attention import relpos_attention
+from kernels.pool import depthwise_conv3d
+
+POOL_BACKENDS = ("torch", "triton")
 
 __all__ = [
     "MViT",
@@ -60,6 +65,7 @@ __all__ = [
     "pooling_schedule",
     "conv_out_size",
     "init_weights",
+    "POOL_BACKENDS",
 ]
 
 Thw = tuple[int, int, int]
@@ -146,11 +152,14 @@ def attention_pool(
     thw: Thw,
     has_cls: bool = True,
     norm: Optional[nn.Module] = None,
+    pool_backend: str = "torch",
 ) -> tuple[torch.Tensor, Thw]:
     """Pool tokens on their (T, H, W) grid, cls split off before and re-attached before ``norm``.
 
     x (B, nh, N, hd) or (B, N, C); returns the pooled tensor of the same rank and its new grid.
-    Matches the official ``attention_pool`` (the norm also sees the cls token).
+    Matches the official ``attention_pool`` (the norm also sees the cls token). ``pool_backend``
+    "triton" runs a depthwise Conv3d ``pool`` through ``kernels.pool.depthwise_conv3d`` with the
+    module's own weight (:func:`_pool_forward`); other pools (the skip MaxPool3d) always run as torch modules.
     """
     if pool is None:
         return x, thw
@@ -176,7 +185,7 @@ def attention_pool(
     # reshape is a view, at B 1 or nh 1, .contiguous() makes it: torch takes a view whose channels
     # are its fastest axis for channels-last, dense or not).
     x = x.transpose(2, 3).reshape(B * nh, C, T, H, W).contiguous()
-    x = pool(x)
+    x = _pool_forward(pool, x, pool_backend)
     new_thw = (x.shape[2], x.shape[3], x.shape[4])
     x = x.reshape(B, nh, C, -1).transpose(2, 3)  # (B, nh, L', C)
     if has_cls:
@@ -186,6 +195,26 @@ def attention_pool(
     if squeeze:
         x = x.squeeze(1)
     return x, new_thw
+
+
+def _pool_forward(pool: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """``pool(x)``, or with ``backend == "triton"`` and a depthwise bias-free ``nn.Conv3d`` the same
+    convolution through the Triton kernels (``kernels.pool``), the module's weight as the parameter
+    (state_dict unchanged). Under autocast both are cast as ``F.conv3d`` would cast them."""
+    if backend == "torch" or not isinstance(pool, nn.Conv3d):
+        return pool(x)
+    if backend != "triton":
+        raise ValueError(f"pool_backend must be one of {POOL_BACKENDS}, got {backend!r}")
+    c = pool.in_channels
+    if (pool.groups != c or pool.out_channels != c or pool.bias is not None or pool.padding_mode != "zeros"
+            or tuple(pool.dilation) != (1, 1, 1) or isinstance(pool.padding, str)):
+        raise ValueError(f"pool_backend='triton' runs depthwise, bias-free, zero-padded, undilated Conv3d "
+                         f"pooling only; got {pool}")
+    weight = pool.weight
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dt), weight.to(dt)
+    return depthwise_conv3d(x, weight, tuple(pool.stride), tuple(pool.padding), backend="triton")
 
 
 def _rows_after_first(like: torch.Tensor) -> torch.Tensor:
@@ -315,6 +344,7 @@ class MultiScaleAttention(nn.Module):
         rel_pos_zero_init: bool = False,
         residual_pooling: bool = True,
         attn_backend: str = "auto",
+        pool_backend: str = "torch",
     ):
         super().__init__()
         if dim_out % num_heads:
@@ -326,6 +356,9 @@ class MultiScaleAttention(nn.Module):
         self.has_cls = has_cls
         self.residual_pooling = residual_pooling
         self.attn_backend = attn_backend
+        if pool_backend not in POOL_BACKENDS:
+            raise ValueError(f"pool_backend must be one of {POOL_BACKENDS}, got {pool_backend!r}")
+        self.pool_backend = pool_backend  # "triton": the q/k/v pooling convolutions run kernels.pool's kernels
         self.qkv = nn.Linear(dim, dim_out * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim_out, dim_out)
         self.proj_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
@@ -406,9 +439,9 @@ class MultiScaleAttention(nn.Module):
         # gradient's layout, where three selects cost three zero-filled copies, two adds and a clone
         q, k, v = (t.transpose(1, 2) for t in self.qkv(x).reshape(B, N, 3, self.num_heads, -1).unbind(2))
         # q, k, v: (B, nh, N, hd)
-        q, q_thw = attention_pool(q, self.pool_q, thw, self.has_cls, self.norm_q)
-        k, k_thw = attention_pool(k, self.pool_k, thw, self.has_cls, self.norm_k)
-        v, _ = attention_pool(v, self.pool_v, thw, self.has_cls, self.norm_v)
+        q, q_thw = attention_pool(q, self.pool_q, thw, self.has_cls, self.norm_q, self.pool_backend)
+        k, k_thw = attention_pool(k, self.pool_k, thw, self.has_cls, self.norm_k, self.pool_backend)
+        v, _ = attention_pool(v, self.pool_v, thw, self.has_cls, self.norm_v, self.pool_backend)
 
         tables = self._tables(q_thw, k_thw, q)
         if tables is not None:
@@ -461,6 +494,7 @@ class MultiScaleBlock(nn.Module):
         residual_pooling: bool = True,
         dim_mul_in_att: bool = False,
         attn_backend: str = "auto",
+        pool_backend: str = "torch",
     ):
         super().__init__()
         self.dim = dim
@@ -474,6 +508,7 @@ class MultiScaleBlock(nn.Module):
             kernel_q=kernel_q, kernel_kv=kernel_kv, stride_q=stride_q, stride_kv=stride_kv,
             has_cls=has_cls, rel_pos_spatial=rel_pos_spatial, rel_pos_temporal=rel_pos_temporal,
             rel_pos_zero_init=rel_pos_zero_init, residual_pooling=residual_pooling, attn_backend=attn_backend,
+            pool_backend=pool_backend,
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = _layer_norm(att_dim)
@@ -521,6 +556,8 @@ class MViT(nn.Module):
         rel_pos_spatial, rel_pos_temporal, residual_pooling, dim_mul_in_att: MViTv2 options.
         drop_path_rate: stochastic depth of the last block (linear from 0).
         attn_backend: ``kernels.attention`` backend ("auto", "reference", "sdpa", "triton").
+        pool_backend: the q/k/v pooling convolutions: "torch" (``nn.Conv3d``) or "triton"
+            (``kernels.pool``, same parameters; never timed on a GPU yet).
     """
 
     def __init__(
@@ -553,6 +590,7 @@ class MViT(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         attn_backend: str = "auto",
+        pool_backend: str = "torch",
     ):
         super().__init__()
         input_size = tuple(int(s) for s in input_size)
@@ -606,7 +644,7 @@ class MViT(nn.Module):
                     stride_q=stride_q[i], stride_kv=stride_kv[i], has_cls=cls_embed,
                     rel_pos_spatial=rel_pos_spatial, rel_pos_temporal=rel_pos_temporal,
                     rel_pos_zero_init=rel_pos_zero_init, residual_pooling=residual_pooling,
-                    dim_mul_in_att=dim_mul_in_att, attn_backend=attn_backend,
+                    dim_mul_in_att=dim_mul_in_att, attn_backend=attn_backend, pool_backend=pool_backend,
                 )
             )
             if len(stride_q[i]) > 0:
@@ -636,6 +674,13 @@ class MViT(nn.Module):
         """Switch the attention backend of every block."""
         for blk in self.blocks:
             _unwrap(blk).attn.attn_backend = backend
+
+    def set_pool_backend(self, backend: str) -> None:
+        """Switch the pooling-convolution backend ("torch" or "triton") of every block."""
+        if backend not in POOL_BACKENDS:
+            raise ValueError(f"pool_backend must be one of {POOL_BACKENDS}, got {backend!r}")
+        for blk in self.blocks:
+            _unwrap(blk).attn.pool_backend = backend
 
     def embed_grid(self, input_thw: Sequence[int]) -> Thw:
         """Patch-embedding token grid (T, H, W) for an input of (T, H, W) frames/pixels."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -45,6 +45,7 @@ __all__ = ["Variant", "VARIANTS", "TASKS", "create_model", "backbone_kwargs", "c
 TASKS = ("pretrain", "classify")
 ARCHS = ("mvit", "vit")
 _BACKENDS = ("auto", "reference", "sdpa", "xformers", "triton")
+_POOL_BACKENDS = ("torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class Variant:
     hog_signed: bool = False  # signed orientations (0-360 deg) instead of the official unsigned
     hog_gaussian_window: int = 0  # Gaussian window on magnitudes (0 = off, official)
     attn_backend: str = "auto"  # kernels.attention backend
+    pool_backend: Literal["torch", "triton"] = "torch"  # MViT q/k/v pooling convs: torch, or kernels.pool (opt-in, untimed on GPU)
     notes: str = field(default="", compare=False)  # provenance
 
     def __post_init__(self) -> None:
@@ -108,6 +110,8 @@ class Variant:
             raise ValueError(f"{self.name}: hog_gaussian_window must be >= 0, got {self.hog_gaussian_window}")
         if self.attn_backend not in _BACKENDS:
             raise ValueError(f"{self.name}: attn_backend must be one of {_BACKENDS}, got {self.attn_backend!r}")
+        if self.pool_backend not in _POOL_BACKENDS:
+            raise ValueError(f"{self.name}: pool_backend must be one of {_POOL_BACKENDS}, got {self.pool_backend!r}")
 
     @property
     def input_size(self) -> tuple[int, int, int]:
@@ -185,6 +189,7 @@ def backbone_kwargs(v: Variant, task: str) -> dict[str, Any]:
         pool_kvq_kernel=(3, 3, 3), pool_kv_stride_adaptive=(1, 8, 8),
         cls_embed=True, use_abs_pos=False, rel_pos_spatial=True, rel_pos_temporal=True,
         residual_pooling=True, dim_mul_in_att=v.dim_mul_in_att, drop_path_rate=dpr, attn_backend=v.attn_backend,
+        pool_backend=v.pool_backend,
     )
     if v.image:
         kw.update(patch_kernel=(7, 7), patch_stride=(4, 4), patch_padding=(3, 3), patch_2d=True,
@@ -208,7 +213,7 @@ def resolve_variant(name: str, **overrides: Any) -> Variant:
 def create_model(name: str, task: str = "pretrain", num_classes: Optional[int] = None, **overrides: Any) -> nn.Module:
     """Build variant ``name`` for ``task`` ("pretrain" -> MaskFeat, "classify" -> Classifier).
 
-    ``overrides`` replace :class:`Variant` fields (e.g. ``attn_backend="reference"``,
+    ``overrides`` replace :class:`Variant` fields (e.g. ``attn_backend="reference"``, ``pool_backend="triton"``,
     ``img_size=112``, ``drop_path_rate=0.0``, ``target="pixel"``); an unknown field is a
     ValueError naming the closest valid fields. ``num_classes`` defaults to the variant's.
     """

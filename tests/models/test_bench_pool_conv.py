@@ -1,5 +1,6 @@
 """``bench.pool_conv`` (MViTv2's pooling convolutions per input layout) runs end to end on the CPU
-with the tiny variant, finds every pooling of the model, and its layouts compute one function."""
+with the tiny variant (the ``triton`` layout in the interpreter, tests/conftest.py), finds every
+pooling of the model, and its layouts compute one function."""
 from __future__ import annotations
 
 import json
@@ -23,10 +24,34 @@ def test_pool_conv_bench_runs_on_cpu(tmp_path):
     assert len({(tuple(c["shape"]), tuple(c["kernel"]), tuple(c["stride"])) for c in convs}) == len(convs)
     for c in convs:
         assert [r["layout"] for r in c["results"]] == list(pool_conv.LAYOUTS)
+        assert pool_conv.LAYOUTS[-1] == "triton"
         for r in c["results"]:  # fp32 on CPU against fp32: the same function up to summation order
             assert r["ms"] > 0 and max(r["err_out"], r["err_dx"], r["err_dw"]) < 1e-5, r
     assert set(report["per_step_ms"]) == set(pool_conv.LAYOUTS)
-    assert "| contiguous |" in next(tmp_path.glob("pool_conv_cpu_*.md")).read_text()
+    md = next(tmp_path.glob("pool_conv_cpu_*.md")).read_text()
+    assert "| contiguous |" in md and "| triton |" in md
+
+
+def test_triton_layout_runs_the_kernels(monkeypatch):
+    """The ``triton`` case hands the contiguous input to kernels.pool's Triton path, nothing to F.conv3d."""
+    from kernels import pool
+
+    seen = []
+    real = pool.depthwise_conv3d
+
+    def spy(x, weight, stride, padding, backend="auto"):
+        seen.append((x.is_contiguous(), backend))
+        return real(x, weight, stride, padding, backend=backend)
+
+    def no_conv3d(*a, **k):
+        raise AssertionError("the triton layout called F.conv3d")
+
+    monkeypatch.setattr(pool, "depthwise_conv3d", spy)
+    monkeypatch.setattr(torch.nn.functional, "conv3d", no_conv3d)
+    conv = dict(shape=(4, 8, 2, 4, 4), kernel=(3, 3, 3), stride=(1, 2, 2), padding=(1, 1, 1), count=1, first="x")
+    run, _ = pool_conv.make_case(conv, 2, "triton", torch.device("cpu"), torch.float32)
+    assert run().shape == (4, 8, 2, 2, 2)
+    assert seen == [(True, "triton")]
 
 
 def test_layouts_differ_only_in_memory():
