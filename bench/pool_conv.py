@@ -204,6 +204,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if "triton" in layouts and not launchable_on(device):
         print("note: layout 'triton' left out: the kernels need CUDA, or TRITON_INTERPRET=1 on a CPU", flush=True)
         layouts.remove("triton")
+    if not layouts:
+        ap.error("no layout left to time")
     dtype = torch.bfloat16 if cuda else torch.float32
     convs = pool_convs(model, batch)
     per_step = {k: 0.0 for k in layouts}

@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import launchable_on
 from kernels.attention import relpos_attention
 from kernels.pool import depthwise_conv3d
 
@@ -152,14 +153,11 @@ def attention_pool(
     thw: Thw,
     has_cls: bool = True,
     norm: Optional[nn.Module] = None,
-    pool_backend: str = "torch",
 ) -> tuple[torch.Tensor, Thw]:
     """Pool tokens on their (T, H, W) grid, cls split off before and re-attached before ``norm``.
 
     x (B, nh, N, hd) or (B, N, C); returns the pooled tensor of the same rank and its new grid.
-    Matches the official ``attention_pool`` (the norm also sees the cls token). ``pool_backend``
-    "triton" runs a depthwise Conv3d ``pool`` through ``kernels.pool.depthwise_conv3d`` with the
-    module's own weight (:func:`_pool_forward`); other pools (the skip MaxPool3d) always run as torch modules.
+    Matches the official ``attention_pool`` (the norm also sees the cls token).
     """
     if pool is None:
         return x, thw
@@ -185,7 +183,7 @@ def attention_pool(
     # reshape is a view, at B 1 or nh 1, .contiguous() makes it: torch takes a view whose channels
     # are its fastest axis for channels-last, dense or not).
     x = x.transpose(2, 3).reshape(B * nh, C, T, H, W).contiguous()
-    x = _pool_forward(pool, x, pool_backend)
+    x = pool(x)  # a module call either way: its hooks run (DeepSpeed ZeRO-3 gathers the weight in one)
     new_thw = (x.shape[2], x.shape[3], x.shape[4])
     x = x.reshape(B, nh, C, -1).transpose(2, 3)  # (B, nh, L', C)
     if has_cls:
@@ -197,24 +195,32 @@ def attention_pool(
     return x, new_thw
 
 
-def _pool_forward(pool: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
-    """``pool(x)``, or with ``backend == "triton"`` and a depthwise bias-free ``nn.Conv3d`` the same
-    convolution through the Triton kernels (``kernels.pool``), the module's weight as the parameter
-    (state_dict unchanged). Under autocast both are cast as ``F.conv3d`` would cast them."""
-    if backend == "torch" or not isinstance(pool, nn.Conv3d):
-        return pool(x)
-    if backend != "triton":
-        raise ValueError(f"pool_backend must be one of {POOL_BACKENDS}, got {backend!r}")
-    c = pool.in_channels
-    if (pool.groups != c or pool.out_channels != c or pool.bias is not None or pool.padding_mode != "zeros"
-            or tuple(pool.dilation) != (1, 1, 1) or isinstance(pool.padding, str)):
-        raise ValueError(f"pool_backend='triton' runs depthwise, bias-free, zero-padded, undilated Conv3d "
-                         f"pooling only; got {pool}")
-    weight = pool.weight
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dt), weight.to(dt)
-    return depthwise_conv3d(x, weight, tuple(pool.stride), tuple(pool.padding), backend="triton")
+class PoolConv3d(nn.Conv3d):
+    """A q/k/v pooling: depthwise, bias-free ``nn.Conv3d`` (the same parameters and state_dict keys)
+    whose forward runs torch's convolution, or with ``backend == "triton"`` the same convolution
+    through ``kernels.pool``'s Triton kernels, the module's weight as the parameter. It stays a
+    module call either way, so module hooks run (DeepSpeed ZeRO-3 gathers the weight in one).
+    Under autocast both are cast as ``F.conv3d`` would cast them."""
+
+    backend: str = "torch"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "torch":
+            return super().forward(x)
+        if self.backend != "triton":
+            raise ValueError(f"pool_backend must be one of {POOL_BACKENDS}, got {self.backend!r}")
+        if not launchable_on(x.device):
+            raise ValueError("pool_backend='triton' runs Triton kernels: on CUDA, or on a CPU only in Triton's "
+                             "interpreter (TRITON_INTERPRET=1); set model.overrides.pool_backend=torch")
+        if self.bias is not None or self.padding_mode != "zeros" or tuple(self.dilation) != (1, 1, 1) \
+                or isinstance(self.padding, str) or self.groups != self.in_channels or self.out_channels != self.in_channels:
+            raise ValueError(f"pool_backend='triton' runs depthwise, bias-free, zero-padded, undilated Conv3d "
+                             f"pooling only; got {self}")
+        weight = self.weight
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dt), weight.to(dt)
+        return depthwise_conv3d(x, weight, tuple(self.stride), tuple(self.padding), backend="triton")
 
 
 def _rows_after_first(like: torch.Tensor) -> torch.Tensor:
@@ -356,9 +362,6 @@ class MultiScaleAttention(nn.Module):
         self.has_cls = has_cls
         self.residual_pooling = residual_pooling
         self.attn_backend = attn_backend
-        if pool_backend not in POOL_BACKENDS:
-            raise ValueError(f"pool_backend must be one of {POOL_BACKENDS}, got {pool_backend!r}")
-        self.pool_backend = pool_backend  # "triton": the q/k/v pooling convolutions run kernels.pool's kernels
         self.qkv = nn.Linear(dim, dim_out * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim_out, dim_out)
         self.proj_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
@@ -369,10 +372,10 @@ class MultiScaleAttention(nn.Module):
         if math.prod(kernel_kv) == 1 and math.prod(stride_kv) == 1:
             kernel_kv = ()
 
-        def pool(kernel: Sequence[int], stride: Sequence[int]) -> Optional[nn.Conv3d]:
+        def pool(kernel: Sequence[int], stride: Sequence[int]) -> Optional[PoolConv3d]:
             if len(kernel) == 0:
                 return None
-            return nn.Conv3d(
+            return PoolConv3d(
                 head_dim, head_dim, tuple(kernel), stride=tuple(stride),
                 padding=tuple(k // 2 for k in kernel), groups=head_dim, bias=False,
             )
@@ -383,6 +386,7 @@ class MultiScaleAttention(nn.Module):
         self.norm_k = _layer_norm(head_dim) if self.pool_k is not None else None
         self.pool_v = pool(kernel_kv, stride_kv)
         self.norm_v = _layer_norm(head_dim) if self.pool_v is not None else None
+        self.pool_backend = pool_backend  # "triton": the q/k/v poolings run kernels.pool's kernels
 
         self.rel_pos_spatial = rel_pos_spatial
         self.rel_pos_temporal = rel_pos_temporal
@@ -433,15 +437,29 @@ class MultiScaleAttention(nn.Module):
             rt = like.new_zeros(lt, like.shape[-1])
         return rt, rh, rw
 
+    @property
+    def pool_backend(self) -> str:
+        """The q/k/v pooling convolutions' backend, "torch" or "triton" (:class:`PoolConv3d`)."""
+        return self._pool_backend
+
+    @pool_backend.setter
+    def pool_backend(self, backend: str) -> None:
+        if backend not in POOL_BACKENDS:
+            raise ValueError(f"pool_backend must be one of {POOL_BACKENDS}, got {backend!r}")
+        self._pool_backend = backend
+        for pool in (self.pool_q, self.pool_k, self.pool_v):
+            if pool is not None:
+                pool.backend = backend
+
     def forward(self, x: torch.Tensor, thw: Thw) -> tuple[torch.Tensor, Thw]:
         B, N, _ = x.shape
         # unbind on the (B, N, 3, nh, hd) layout: its backward is one stack straight into the qkv
         # gradient's layout, where three selects cost three zero-filled copies, two adds and a clone
         q, k, v = (t.transpose(1, 2) for t in self.qkv(x).reshape(B, N, 3, self.num_heads, -1).unbind(2))
         # q, k, v: (B, nh, N, hd)
-        q, q_thw = attention_pool(q, self.pool_q, thw, self.has_cls, self.norm_q, self.pool_backend)
-        k, k_thw = attention_pool(k, self.pool_k, thw, self.has_cls, self.norm_k, self.pool_backend)
-        v, _ = attention_pool(v, self.pool_v, thw, self.has_cls, self.norm_v, self.pool_backend)
+        q, q_thw = attention_pool(q, self.pool_q, thw, self.has_cls, self.norm_q)
+        k, k_thw = attention_pool(k, self.pool_k, thw, self.has_cls, self.norm_k)
+        v, _ = attention_pool(v, self.pool_v, thw, self.has_cls, self.norm_v)
 
         tables = self._tables(q_thw, k_thw, q)
         if tables is not None:

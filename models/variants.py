@@ -112,6 +112,8 @@ class Variant:
             raise ValueError(f"{self.name}: attn_backend must be one of {_BACKENDS}, got {self.attn_backend!r}")
         if self.pool_backend not in _POOL_BACKENDS:
             raise ValueError(f"{self.name}: pool_backend must be one of {_POOL_BACKENDS}, got {self.pool_backend!r}")
+        if self.arch == "vit" and self.pool_backend != "torch":
+            raise ValueError(f"{self.name}: pool_backend={self.pool_backend!r} does nothing: a ViT has no pooling")
 
     @property
     def input_size(self) -> tuple[int, int, int]:

@@ -9,8 +9,8 @@ x (N, C, T, H, W) and weight (C, 1, kt, kh, kw), with a ``backend=`` choice:
   a deterministic, atomic-free weight gradient, fp32 accumulation); on CPU only under
   ``TRITON_INTERPRET=1`` (tests);
 - ``auto``: ``torch`` everywhere, for now. The Triton kernels have never run on a GPU: on an H200
-  torch's depthwise kernels took 64 ms of a 159 ms MViTv2-L step (~35× their byte floor,
-  bench/NOTES.md), but ``auto`` switches only once ``python -m bench.pool_conv`` has timed the
+  torch's depthwise kernels took 64 ms of the 159 ms of GPU kernels in one MViTv2-L step (~46×
+  their 1.4 ms byte floor, bench/NOTES.md), but ``auto`` switches only once ``python -m bench.pool_conv`` has timed the
   ``triton`` layout against ``contiguous`` on a GPU.
 """
 from __future__ import annotations

@@ -30,14 +30,16 @@ plane are int32 (the launcher refuses planes whose span reaches 2³¹ elements).
   sums each once at the end and writes the chunk's KT·KH·KW partials to an fp32 buffer
   (C, chunks, taps). ``_pool_wgrad_finish_kernel`` (stage 2): one program per channel sums the
   partials over the chunks in a fixed order and stores the row in the weight's dtype. The chunking
-  depends on the shape only, so every bit of the result is the same on every run and device.
+  depends on the shape and the device type only (the interpreter's plan differs from a GPU's), so
+  every bit of the result is the same on every run.
 
 Bytes (the floor): forward reads x and writes y, dgrad reads dy and writes dx, wgrad reads x and
-dy (the partials are ≤ 3 MB at MViTv2-L's shapes); the re-reads of x's halo come from L1/L2.
+dy (the partials are ≤ 1.5 MB at MViTv2-L's shapes); the re-reads of x's halo come from L1/L2.
 Per convolution fwd+bwd: 3·|x| + 3·|y| element reads/writes. MViTv2-L, B 4, bf16, block 0's
 q-pooling (8, 72, 8, 56, 56) stride 1: |x| = |y| = 28.9 MB, 173 MB, 40 µs at ~4.3 TB/s; its
 k/v-pooling (stride (1, 8, 8), y 64×): 3·28.9 + 3·0.45 = 88 MB, 20 µs. Over all of MViTv2-L's
-poolings in one pre-training step (B 4): ~1.4 ms at 4.8 TB/s.
+poolings in one pre-training step (B 4): 6.7 GB, ~1.4 ms at 4.8 TB/s (1.56 ms at the 4.3 TB/s a
+device-to-device copy reaches).
 
 Offline for sm_90 (``bench.sass``, triton 3.6, bf16, B 4; no spills, ≤ 255 registers): the kernels
 are bound by instruction issue, not bytes: ~12–15 warp instructions per (tap, position) (masked
@@ -46,8 +48,9 @@ instructions / (132 SMs · 4 schedulers · 1.755 GHz)), against the 64 ms torch'
 H200; block 0's stride-1 q-pooling: fwd 203, dgrad 215, wgrad 227 µs.
 
 Launch parameters are a fixed table (:func:`_plan`, lru-cached per shape): on a GPU blocks of
-128–1024 positions chosen to waste the fewest lanes on a plane's tail (4 warps; wgrad 256
-positions, 2 per thread, so that 27 accumulators fit in registers, 4 blocks per program); in the
+128–1024 positions chosen to waste the fewest lanes on a plane's tail (4 warps; wgrad 64–256
+positions with 1–4 warps, 2 positions per thread, so that 27 accumulators fit in registers, 4
+blocks per program); in the
 interpreter, which pays per operation and not per element, blocks of up to 4096 positions.
 
 Never timed on a GPU (2026-11-28): ``backend="auto"`` of :func:`kernels.pool.depthwise_conv3d`
@@ -310,6 +313,9 @@ def _planes(count: int, block: int, gpu: bool, elems: int = 1 << 16) -> int:
     return 1 if gpu else max(1, min(next_pow2(count), elems // block))
 
 
+_FINISH_BLOCK = 64  # chunks the finish kernel sums per step of its loop (G_ITERS steps cover them all)
+
+
 class _Plan(NamedTuple):
     """What one call launches (read-only), per shape."""
 
@@ -330,7 +336,7 @@ def _plan(in_thw: tuple, out_thw: tuple, N: int, C: int, ntap: int, gpu: bool) -
     nb = cdiv(p_out, bw)
     iters = min(4 if gpu else 8, N * nb)
     n_chunks = cdiv(N * nb, iters)
-    bg = min(64, next_pow2(n_chunks))
+    bg = min(_FINISH_BLOCK, next_pow2(n_chunks))
     return _Plan(
         fwd=(cf, bf, cdiv(N * C, cf) * cdiv(p_out, bf), cdiv(p_out, bf), 4),
         dgrad=(cd, bd, cdiv(N * C, cd) * cdiv(p_in, bd), cdiv(p_in, bd), 4),

@@ -91,14 +91,18 @@ def test_half_precision_against_oracle(case, dtype, device):
 
 def test_gpu_tiling_in_the_interpreter(monkeypatch):
     """The launch plan a GPU gets (one plane per program, blocks of 64-1024 positions, 4 blocks per
-    weight-gradient program, several chunks summed by the finish kernel), run in the interpreter."""
+    weight-gradient program, several chunks summed by the finish kernel), run in the interpreter;
+    the finish kernel's block of chunks cut to 2 so that its loop takes several steps, as at
+    MViTv2-L's shapes on a GPU (G_ITERS 4 at block 0, B 4)."""
     if not interpreting():
         pytest.skip("the interpreter's own plan is what differs from the GPU's")
     monkeypatch.setattr(triton_pool, "_gpu", lambda device: True)
+    monkeypatch.setattr(triton_pool, "_FINISH_BLOCK", 2)
     triton_pool._plan.cache_clear()
     try:
         plan = triton_pool._plan((4, 9, 21), (4, 9, 21), 3, 2, 27, True)
-        assert plan.wgrad[4] > 1 and plan.fwd[0] == 1  # several chunks; one plane per program
+        assert plan.wgrad[4] > 2 and plan.fwd[0] == 1  # several chunks; one plane per program
+        assert plan.finish[2] > 1  # the finish kernel's loop runs more than once
         check_against_oracle((3, 2, 4, 9, 21), (3, 3, 3), (1, 1, 1), (1, 1, 1), torch.float32)
         check_against_oracle((2, 3, 3, 33, 17), (3, 3, 3), (1, 2, 2), (1, 1, 1), torch.float32)
     finally:
@@ -265,6 +269,8 @@ def test_model_pool_backend_is_validated():
 
     with pytest.raises(ValueError, match="pool_backend"):
         create_model("mvitv2_tiny", "pretrain", pool_backend="cudnn")
+    with pytest.raises(ValueError, match="no pooling"):
+        create_model("vit_tiny", "pretrain", pool_backend="triton")
     with pytest.raises(ValueError, match="pool_backend"):
         MultiScaleAttention(32, 32, (2, 4, 4), 1, kernel_q=(3, 3, 3), stride_q=(1, 2, 2), pool_backend="cuda")
     with torch.device("meta"):
@@ -277,12 +283,47 @@ def test_model_pool_backend_is_validated():
         m.backbone.set_pool_backend("auto")
 
 
-def test_model_pool_triton_refuses_a_non_depthwise_conv():
-    from models.mvit import attention_pool
+@pytest.mark.parametrize("kw", [dict(groups=2, bias=False), dict(groups=4, bias=True), dict(groups=4, bias=False, dilation=2)])
+def test_model_pool_triton_refuses_what_it_does_not_compute(kw):
+    """A grouped (not depthwise), biased or dilated conv would be computed wrongly (the kernels have
+    no bias and no dilation): refused, not approximated."""
+    from models.mvit import PoolConv3d, attention_pool
 
-    conv = torch.nn.Conv3d(4, 4, 3, padding=1, groups=2, bias=False)
+    conv = PoolConv3d(4, 4, 3, padding=1, **kw)
+    conv.backend = "triton"
     with pytest.raises(ValueError, match="depthwise"):
-        attention_pool(torch.zeros(1, 1, 1 + 8, 4), conv, (2, 2, 2), True, None, "triton")
+        attention_pool(torch.zeros(1, 1, 1 + 8, 4), conv, (2, 2, 2), True, None)
+
+
+def test_model_pool_triton_keeps_module_hooks():
+    """With pool_backend='triton' the poolings are still module calls, so forward pre-hooks run on
+    them: DeepSpeed ZeRO-3 gathers a module's partitioned weight in one (a direct read of the
+    weight would see its empty placeholder)."""
+    from models import create_model
+    from models.mvit import PoolConv3d
+    from models.variants import get_variant
+
+    m = create_model("mvitv2_tiny", "classify", attn_backend="sdpa", pool_backend="triton")
+    pools = [mod for mod in m.modules() if isinstance(mod, PoolConv3d)]
+    fired = []
+    for p in pools:
+        p.register_forward_pre_hook(lambda mod, args: fired.append(mod))
+    with torch.no_grad():
+        m(torch.randn(1, 3, *get_variant("mvitv2_tiny").input_size))
+    assert pools and len(fired) == len(pools)
+
+
+def test_model_pool_triton_off_the_interpreter_names_the_setting(monkeypatch):
+    from models.mvit import PoolConv3d
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import kernels
+
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    conv = PoolConv3d(4, 4, 3, padding=1, groups=4, bias=False)
+    conv.backend = "triton"
+    with pytest.raises(ValueError, match="model.overrides.pool_backend=torch"):
+        conv(torch.zeros(1, 4, 2, 4, 4))
 
 
 # ----------------------------------------------------------------------------------------------
