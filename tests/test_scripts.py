@@ -66,7 +66,7 @@ def test_gpu_wheels_install_reassembles_and_verifies_parts(tmp_path):
 
 
 @pytest.mark.parametrize("part,want", [
-    ("first", {"gpu_tests", "bench_attention_b4", "engine_tests", "bench_model_step"}),
+    ("first", {"gpu_tests", "bench_attention_b4", "engine_tests", "bench_pool_conv", "bench_model_step"}),
     ("kernels", {"gpu_tests", "bench_hog", "bench_attention", "bench_attention_b4", "bench_attention_host",
                  "bench_attention_tune"}),
     ("engine", {"engine_tests", "bench_data", "bench_pool_conv", "bench_model_step"}),
