@@ -124,21 +124,27 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-def measure(conv: dict, batch: int, layout: str, device: torch.device, dtype: torch.dtype, quick: bool) -> dict:
+def reference(conv: dict, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """One convolution's fp32 output and gradients (contiguous layout), and the output gradient in
+    ``dtype`` that every layout's backward gets: computed once, shared by the layouts."""
+    run, (qkv, weight) = make_case(conv, batch, "contiguous", device, torch.float32)
+    out = run()
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    out.backward(grad_out.float())
+    return dict(grad_out=grad_out, out=out.detach(), dx=qkv.grad, dw=weight.grad)
+
+
+def measure(conv: dict, batch: int, layout: str, device: torch.device, dtype: torch.dtype, quick: bool,
+            ref: dict) -> dict:
     run, leaves = make_case(conv, batch, layout, device, dtype)
-    ref_run, ref_leaves = make_case(conv, batch, "contiguous", device, torch.float32)
-    with torch.no_grad():
-        shape = ref_run().shape
-    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    grad_out = ref["grad_out"]
     with _backend_flags(layout):
         call = fwd_bwd(run, leaves, grad_out)
         out = run()
         out.backward(grad_out)
-        ref = ref_run()
-        ref.backward(grad_out.float())
-        errs = dict(err_out=rel_err(out, ref), err_dx=rel_err(leaves[0].grad, ref_leaves[0].grad),
-                    err_dw=rel_err(leaves[1].grad, ref_leaves[1].grad))
-        del out, ref, ref_leaves, ref_run
+        errs = dict(err_out=rel_err(out, ref["out"]), err_dx=rel_err(leaves[0].grad, ref["dx"]),
+                    err_dw=rel_err(leaves[1].grad, ref["dw"]))
+        del out
         if device.type == "cuda":
             import triton.testing
 
@@ -211,8 +217,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     per_step = {k: 0.0 for k in layouts}
     for c in convs:
         c["results"] = []
+        ref = reference(c, batch, device, dtype)
         for layout in layouts:
-            r = measure(c, batch, layout, device, dtype, args.quick)
+            r = measure(c, batch, layout, device, dtype, args.quick, ref)
             c["results"].append(r)
             per_step[layout] += c["count"] * r["ms"]
             print(f"{c['first']:<24} {str(tuple(c['shape'])):<28} s{tuple(c['stride'])} ×{c['count']:<3} {layout:<20} "

@@ -19,6 +19,12 @@ def next_pow2(n: int, least: int = 1) -> int:
     return max(least, 1 if n <= 1 else 1 << (n - 1).bit_length())
 
 
+def empty_buffer(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocation of every kernel-written buffer (uninitialised). Each kernel module binds it as its
+    ``_empty``, which tests replace to poison the buffers with NaN."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
 def compiling_offline() -> bool:
     """True while ``bench.sass.capture_launches`` is active: Triton's JIT sees a stand-in driver for
     a GPU this machine lacks, launches are recorded and compiled for it, never run. Launchers then

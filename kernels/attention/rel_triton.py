@@ -97,7 +97,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import cdiv, compiling_offline, launchable_on, next_pow2, tensor_device
+from kernels import cdiv, compiling_offline, empty_buffer, launchable_on, next_pow2, tensor_device
 from kernels.launch import launch
 
 from .reference import check_inputs, rel_pos_index, rel_table_len
@@ -464,9 +464,7 @@ def _config_table(gpu: bool, fp32: bool) -> RelTritonConfig:
     return RelTritonConfig()
 
 
-def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocation of every kernel-written buffer (uninitialised; tests poison it with NaN)."""
-    return torch.empty(*shape, dtype=dtype, device=device)
+_empty = empty_buffer  # every kernel-written buffer (tests poison it with NaN)
 
 
 def _check_device(q: torch.Tensor) -> None:

@@ -117,7 +117,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import cdiv, launchable_on, next_pow2, tensor_device
+from kernels import cdiv, empty_buffer, launchable_on, next_pow2, tensor_device
 from kernels.launch import launch
 
 from .reference import check_inputs, key_onehot, rel_matrix, rel_width, resolve_rel_impl
@@ -520,9 +520,7 @@ def _sum_chunks_kernel(part_ptr, out_ptr, n, CHUNKS: tl.constexpr, BLOCK: tl.con
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocation of every kernel-written buffer (uninitialised; tests poison it with NaN)."""
-    return torch.empty(*shape, dtype=dtype, device=device)
+_empty = empty_buffer  # every kernel-written buffer (tests poison it with NaN)
 
 
 @dataclass(frozen=True)

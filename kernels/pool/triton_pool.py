@@ -68,7 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import cdiv, compiling_offline, interpreting, launchable_on, next_pow2, tensor_device
+from kernels import cdiv, compiling_offline, empty_buffer, interpreting, launchable_on, next_pow2, tensor_device
 from kernels.launch import launch
 
 from .reference import IntOr3, check_inputs
@@ -91,6 +91,18 @@ def _split_out(o, Ho, Wo):
 
 
 @triton.jit
+def _tile(n_chunks, NC, C, BC: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tile of the fwd / dgrad grid (plane blocks × chunks, chunk fastest): its BC
+    planes (n·C + c) with their validity, n and c, and its BLOCK flattened positions."""
+    pid = tl.program_id(0)
+    pb = pid // n_chunks
+    chunk = pid - pb * n_chunks
+    plane = pb * BC + tl.arange(0, BC)
+    n = plane // C
+    return plane, plane < NC, n, plane - n * C, chunk * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
 def _pool_fwd_kernel(
     x_ptr, w_ptr, y_ptr,
     NC, C, T, H, W, To, Ho, Wo, n_chunks,
@@ -103,15 +115,8 @@ def _pool_fwd_kernel(
     # x (N, C, T, H, W) strided, w (C, KT·KH·KW) contiguous, y (N, C, To, Ho, Wo) contiguous;
     # one program: BC planes (n·C + c) × BLOCK output positions (flattened (to, ho, wo))
     NTAP: tl.constexpr = KT * KH * KW
-    pid = tl.program_id(0)
-    pb = pid // n_chunks
-    chunk = pid - pb * n_chunks
-    plane = pb * BC + tl.arange(0, BC)
-    p_ok = plane < NC
-    n = plane // C
-    c = plane - n * C
+    plane, p_ok, n, c, o = _tile(n_chunks, NC, C, BC, BLOCK)
     P = To * Ho * Wo
-    o = chunk * BLOCK + tl.arange(0, BLOCK)
     ok = o < P
     ot, oh, ow = _split_out(o, Ho, Wo)
     x_base = x_ptr + (n.to(tl.int64) * sxn + c.to(tl.int64) * sxc)[:, None]  # (BC, 1)
@@ -166,15 +171,8 @@ def _pool_dgrad_kernel(
     JT: tl.constexpr = (KT + ST - 1) // ST
     JH: tl.constexpr = (KH + SH - 1) // SH
     JW: tl.constexpr = (KW + SW - 1) // SW
-    pid = tl.program_id(0)
-    pb = pid // n_chunks
-    chunk = pid - pb * n_chunks
-    plane = pb * BC + tl.arange(0, BC)
-    p_ok = plane < NC
-    n = plane // C
-    c = plane - n * C
+    plane, p_ok, n, c, i = _tile(n_chunks, NC, C, BC, BLOCK)
     P_in = T * H * W
-    i = chunk * BLOCK + tl.arange(0, BLOCK)
     ok = i < P_in
     iw = i % W
     r = i // W
@@ -345,9 +343,7 @@ def _plan(in_thw: tuple, out_thw: tuple, N: int, C: int, ntap: int, gpu: bool) -
     )
 
 
-def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocation of every kernel-written buffer (uninitialised; tests poison it with NaN)."""
-    return torch.empty(*shape, dtype=dtype, device=device)
+_empty = empty_buffer  # every kernel-written buffer (tests poison it with NaN)
 
 
 def _span(t: torch.Tensor, dims=(2, 3, 4)) -> int:
