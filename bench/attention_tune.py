@@ -53,6 +53,7 @@ FWD: dict[str, dict] = {
     "asmk": dict(pack_k=False),
     "r168": dict(fwd_maxnreg=168),  # 3 programs per SM where the kernel takes more (k' assembled: 185)
     "tail": dict(fwd_tail=True),  # the last keys in a 16-key tile after the loop (Nk 393: 6·64 + 16)
+    "m128 tail": dict(fwd_block_m=128, fwd_tail=True),
 }
 DQ: dict[str, dict] = {
     "default": {},
@@ -61,6 +62,7 @@ DQ: dict[str, dict] = {
     "n16": dict(dq_block_n=16),
     "m32": dict(dq_block_m=32),
     "m128w8": dict(dq_block_m=128, dq_warps=8),
+    "m128w4": dict(dq_block_m=128),
     "w8": dict(dq_warps=8),
     "s2": dict(dq_stages=2),
     "s4": dict(dq_stages=4),
