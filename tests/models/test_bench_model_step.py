@@ -35,10 +35,10 @@ def test_model_step_counts_auto_as_issued_on_cuda(tmp_path, monkeypatch):
 
     monkeypatch.setattr(triton_attn, "FUSE_REL_MIN_ROWS", 0)
 
-    model_step.main(["--device", "cpu", "--count-only", "--backends", "auto,sdpa,auto+ckpt,auto+ckpt1", "--out",
-                     str(tmp_path)])
+    model_step.main(["--device", "cpu", "--count-only", "--backends", "auto,sdpa,auto+ckpt,auto+ckpt1,auto+tpool",
+                     "--out", str(tmp_path)])
     report = json.loads(next(tmp_path.glob("model_step_cpu_*_counts.json")).read_text())
-    auto, sdpa, ckpt, ckpt1 = report["results"]
+    auto, sdpa, ckpt, ckpt1, tpool = report["results"]
     sizes = []  # (Nq, Nk) per block, in order
     real = models.mvit.relpos_attention
 
@@ -71,6 +71,17 @@ def test_model_step_counts_auto_as_issued_on_cuda(tmp_path, monkeypatch):
     assert ckpt1["triton_launches"] == auto["triton_launches"] + first_fwd
     assert ckpt["saved_gib"] < ckpt1["saved_gib"] < auto["saved_gib"]
     assert "| auto | as on CUDA" in next(tmp_path.glob("model_step_cpu_*_counts.md")).read_text()
+    # Triton poolings: each q/k/v pooling convolution is Triton launches instead of torch ops
+    assert tpool["triton_launches"] > auto["triton_launches"] and tpool["torch_ops"] < auto["torch_ops"]
+
+
+def test_backend_suffixes():
+    assert model_step.split_backend("auto+ckpt8+tpool") == ("auto", 8)
+    assert model_step.split_pool("auto+ckpt8+tpool") == ("auto+ckpt8", "triton")
+    assert model_step.split_pool("sdpa+ckpt") == ("sdpa+ckpt", "torch")
+    assert model_step.split_backend("sdpa+tpool") == ("sdpa", False)
+    with pytest.raises(ValueError, match="goes last"):
+        model_step.split_pool("auto+tpool+ckpt")
 
 
 def test_model_step_bench_refuses_bad_arguments(tmp_path):
