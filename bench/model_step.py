@@ -29,8 +29,9 @@ DeepSpeed's bf16 mode, and cube masks are at ratio 0.4.
   backward (``engine.distributed.apply_activation_checkpointing``; ``+ckptN``: the first N blocks,
   ``model.activation_checkpointing=N``). Against the plain row it says what the recompute costs in
   time and saves in peak memory, i.e. whether a batch needs it on this GPU.
-- ``BACKEND+tpool`` (last, e.g. ``auto+ckpt+tpool``): the q/k/v pooling convolutions through
-  ``kernels.pool``'s Triton kernels (``pool_backend="triton"``) instead of torch's.
+- ``BACKEND+tpool`` / ``BACKEND+torchpool`` (last, e.g. ``auto+ckpt+tpool``): every q/k/v pooling
+  convolution through ``kernels.pool``'s Triton kernels (``pool_backend="triton"``) / through
+  torch's (``"torch"``), instead of the default ``auto`` (Triton for the large ones on CUDA).
 - peak MiB: ``torch.cuda.max_memory_allocated`` over the steps, parameters and input included.
 
 - torch ops / Triton launches: what one step issues (counted in one extra step); with a few µs of
@@ -46,7 +47,7 @@ the activations one forward saves for backward at the variant's full input size 
 what activation checkpointing (``+ckpt``, ``+ckptN``) would save.
 
     python -m bench.model_step [--device cuda|cpu] [--model mvitv2_l_16x4] [--batch 4]
-                               [--backends auto,auto+ckpt,sdpa,auto+tpool] [--steps 10] [--img-size PX]
+                               [--backends auto,auto+ckpt,sdpa,auto+tpool,auto+torchpool] [--steps 10] [--img-size PX]
                                [--host-img-size PX] [--count-only]
                                [--out DIR]
 
@@ -73,7 +74,7 @@ from bench.common import by_category, command_line, cuda_kernels, require_interp
 
 def build(model_name: str, backend: str, batch: int, device: torch.device, dtype: torch.dtype,
           img_size: Optional[int] = None, checkpointing: Union[bool, int] = False,
-          pool_backend: str = "torch") -> tuple:
+          pool_backend: str = "auto") -> tuple:
     """(model, video, mask) for one step of ``model_name`` with attention ``backend`` and pooling
     convolutions ``pool_backend`` (at ``img_size`` px instead of the variant's, when given), its
     blocks recomputed in backward when ``checkpointing`` (true: all of them; N: the first N). On the
@@ -82,7 +83,7 @@ def build(model_name: str, backend: str, batch: int, device: torch.device, dtype
     from models.masking import make_masks
 
     extra = {} if img_size is None else dict(img_size=img_size)
-    if pool_backend != "torch":
+    if pool_backend != "auto":
         extra["pool_backend"] = pool_backend
     T, H, W = _input_size(model_name, img_size)
     meta = device.type == "meta"
@@ -101,22 +102,24 @@ def build(model_name: str, backend: str, batch: int, device: torch.device, dtype
 
 
 CKPT = "+ckpt"  # a --backends suffix: the model's blocks (+ckptN: the first N) recomputed in backward
-TPOOL = "+tpool"  # a --backends suffix: the q/k/v pooling convolutions through kernels.pool's Triton kernels
+POOL_SUFFIXES = {"+tpool": "triton", "+torchpool": "torch"}  # --backends suffixes: who runs the q/k/v poolings
 
 
 def split_pool(spec: str) -> tuple[str, str]:
-    """``auto+tpool`` -> (``auto``, ``triton``); ``auto+ckpt`` -> (``auto+ckpt``, ``torch``): the
-    pooling backend (``models`` ``pool_backend``) a --backends entry asks for, and the rest."""
-    if spec.endswith(TPOOL):
-        return spec[: -len(TPOOL)], "triton"
-    if TPOOL in spec:
-        raise ValueError(f"{spec!r}: {TPOOL} goes last, e.g. auto+ckpt{TPOOL}")
-    return spec, "torch"
+    """``auto+tpool`` -> (``auto``, ``triton``); ``auto+ckpt+torchpool`` -> (``auto+ckpt``, ``torch``);
+    ``auto`` -> (``auto``, ``auto``): the pooling backend (``models`` ``pool_backend``) a --backends
+    entry asks for, and the rest."""
+    for suffix, pool in POOL_SUFFIXES.items():
+        if spec.endswith(suffix):
+            return spec[: -len(suffix)], pool
+        if suffix in spec:
+            raise ValueError(f"{spec!r}: {suffix} goes last, e.g. auto+ckpt{suffix}")
+    return spec, "auto"
 
 
 def split_backend(spec: str) -> tuple[str, Union[bool, int]]:
     """``auto`` -> (``auto``, False); ``auto+ckpt`` -> (``auto``, True); ``auto+ckpt8`` -> (``auto``, 8);
-    a trailing ``+tpool`` (:func:`split_pool`) is left out."""
+    a trailing pooling suffix (:func:`split_pool`) is left out."""
     base = split_pool(spec)[0]
     attn, sep, n = base.partition(CKPT)
     if not sep:
@@ -384,8 +387,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--batch", type=int, default=None, help="clips (default 4 on CUDA, the recipe's clips per GPU; 2 on CPU)")
     ap.add_argument("--backends", default=None, help="comma list of attention backends (models: auto, reference, "
                     "sdpa, xformers, triton), each optionally with +ckpt (every block recomputed in backward) or "
-                    "+ckptN (the first N), then +tpool (Triton pooling convolutions); default auto,auto+ckpt,sdpa "
-                    "on CUDA, auto,sdpa on CPU")
+                    "+ckptN (the first N), then +tpool / +torchpool (all pooling convolutions through Triton / "
+                    "torch); default auto,auto+ckpt,sdpa on CUDA, auto,sdpa on CPU")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per backend")
     ap.add_argument("--img-size", type=int, default=None, help="input side in px instead of the variant's (e.g. 64: "
                     "MViTv2-L's op and launch counts on a CPU, which do not depend on the size)")
@@ -415,7 +418,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(f"--backends: {exc}") from None
     if bad or not backends:
         raise SystemExit(f"--backends: comma list of {BACKENDS}, each optionally with {CKPT} or {CKPT}N, "
-                         f"then {TPOOL}, got {spec!r}")
+                         f"then one of {tuple(POOL_SUFFIXES)}, got {spec!r}")
     if args.steps < 1 or batch < 1 or (args.img_size is not None and args.img_size < 1) or args.host_img_size < 1:
         raise SystemExit("--steps, --batch, --img-size and --host-img-size must be ≥ 1")
     try:

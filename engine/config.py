@@ -84,8 +84,9 @@ class ModelConfig:
     0.2 for L; pre-training 0)."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Extra ``models.create_model`` overrides of the variant's fields (e.g. the pre-training
-    target ``{target: pixel}``, ``{attn_backend: reference}``, ``{pool_backend: triton}``: MViT's
-    pooling convolutions through the Triton kernels, opt-in, not yet timed on a GPU). The input geometry
+    target ``{target: pixel}``, ``{attn_backend: reference}``, ``{pool_backend: torch}``: MViT's
+    pooling convolutions all through torch, where the default ``auto`` runs the large ones through
+    ``kernels.pool``'s Triton kernels on CUDA; ``triton`` runs all of them there). The input geometry
     (``num_frames``, ``img_size``) is taken from ``data`` unless given here."""
     activation_checkpointing: Union[bool, int] = False
     """Recompute transformer blocks in backward instead of keeping their activations

@@ -14,8 +14,10 @@ Semantics follow facebookresearch/SlowFast ``slowfast/models/video_model_builder
 - Pooling attention: one qkv Linear (bias), Q/K/V pooled with depthwise Conv3d(hd, hd, kernel,
   stride, kernel//2, groups=hd, bias=False) shared across heads, cls split off before and
   re-attached before LayerNorm(hd); residual pooling adds pooled q to the non-cls outputs.
-  ``pool_backend="triton"`` (opt-in) runs those convolutions through ``kernels.pool``'s Triton
-  kernels with the same ``nn.Conv3d`` weights (same state_dict keys).
+  ``pool_backend`` picks who runs those convolutions, with the same ``nn.Conv3d`` weights (same
+  state_dict keys): "auto" (default) ``kernels.pool``'s Triton kernels for the large ones on CUDA
+  (``kernels.pool.auto_backend``) and torch's for the rest, "triton" Triton's for all, "torch"
+  torch's for all.
 - Pooling schedule: per-block Q strides (official ``POOL_Q_STRIDE``), kernel ``POOL_KVQ_KERNEL``
   (else ``s+1 if s>1 else s``), KV strides adaptive from ``POOL_KV_STRIDE_ADAPTIVE`` divided by
   each Q stride; skip connection pooled by MaxPool3d(s+1 if s>1 else s, s, k//2) where the Q
@@ -49,9 +51,9 @@ import torch.nn.functional as F
 
 from kernels import launchable_on
 from kernels.attention import relpos_attention
-from kernels.pool import depthwise_conv3d
+from kernels.pool import auto_backend, depthwise_conv3d
 
-POOL_BACKENDS = ("torch", "triton")
+POOL_BACKENDS = ("auto", "torch", "triton")
 
 __all__ = [
     "MViT",
@@ -197,30 +199,46 @@ def attention_pool(
 
 class PoolConv3d(nn.Conv3d):
     """A q/k/v pooling: depthwise, bias-free ``nn.Conv3d`` (the same parameters and state_dict keys)
-    whose forward runs torch's convolution, or with ``backend == "triton"`` the same convolution
-    through ``kernels.pool``'s Triton kernels, the module's weight as the parameter. It stays a
-    module call either way, so module hooks run (DeepSpeed ZeRO-3 gathers the weight in one).
-    Under autocast both are cast as ``F.conv3d`` would cast them."""
+    whose forward runs torch's convolution, or the same convolution through ``kernels.pool``'s
+    Triton kernels, the module's weight as the parameter: with ``backend == "triton"`` always,
+    with "auto" where ``kernels.pool.auto_backend`` picks Triton (large bf16/fp16 inputs on CUDA).
+    It stays a module call either way, so module hooks run (DeepSpeed ZeRO-3 gathers the weight in
+    one). Under autocast both are cast as ``F.conv3d`` would cast them."""
 
-    backend: str = "torch"
+    backend: str = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "torch":
+        backend = self.backend
+        if backend == "torch":
             return super().forward(x)
-        if self.backend != "triton":
-            raise ValueError(f"pool_backend must be one of {POOL_BACKENDS}, got {self.backend!r}")
-        if not launchable_on(x.device):
+        if backend not in POOL_BACKENDS:
+            raise ValueError(f"pool_backend must be one of {POOL_BACKENDS}, got {backend!r}")
+        cast = _autocast_dtype(x)
+        if backend == "auto":
+            if auto_backend(x, cast) == "torch" or not self._triton_shape():
+                return super().forward(x)
+        elif not launchable_on(x.device):
             raise ValueError("pool_backend='triton' runs Triton kernels: on CUDA, or on a CPU only in Triton's "
                              "interpreter (TRITON_INTERPRET=1); set model.overrides.pool_backend=torch")
-        if self.bias is not None or self.padding_mode != "zeros" or tuple(self.dilation) != (1, 1, 1) \
-                or isinstance(self.padding, str) or self.groups != self.in_channels or self.out_channels != self.in_channels:
+        elif not self._triton_shape():
             raise ValueError(f"pool_backend='triton' runs depthwise, bias-free, zero-padded, undilated Conv3d "
                              f"pooling only; got {self}")
         weight = self.weight
-        if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dt), weight.to(dt)
+        if cast is not None:
+            x, weight = x.to(cast), weight.to(cast)
         return depthwise_conv3d(x, weight, tuple(self.stride), tuple(self.padding), backend="triton")
+
+    def _triton_shape(self) -> bool:
+        """Whether this convolution is one ``kernels.pool`` computes (MViT's poolings all are)."""
+        return (self.bias is None and self.padding_mode == "zeros" and tuple(self.dilation) == (1, 1, 1)
+                and not isinstance(self.padding, str) and self.groups == self.in_channels == self.out_channels)
+
+
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would run a convolution of ``x`` in, None outside autocast (and on devices
+    autocast does not know, such as meta)."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) else None
 
 
 def _rows_after_first(like: torch.Tensor) -> torch.Tensor:
@@ -350,7 +368,7 @@ class MultiScaleAttention(nn.Module):
         rel_pos_zero_init: bool = False,
         residual_pooling: bool = True,
         attn_backend: str = "auto",
-        pool_backend: str = "torch",
+        pool_backend: str = "auto",
     ):
         super().__init__()
         if dim_out % num_heads:
@@ -386,7 +404,7 @@ class MultiScaleAttention(nn.Module):
         self.norm_k = _layer_norm(head_dim) if self.pool_k is not None else None
         self.pool_v = pool(kernel_kv, stride_kv)
         self.norm_v = _layer_norm(head_dim) if self.pool_v is not None else None
-        self.pool_backend = pool_backend  # "triton": the q/k/v poolings run kernels.pool's kernels
+        self.pool_backend = pool_backend  # who runs the q/k/v poolings (PoolConv3d)
 
         self.rel_pos_spatial = rel_pos_spatial
         self.rel_pos_temporal = rel_pos_temporal
@@ -439,7 +457,7 @@ class MultiScaleAttention(nn.Module):
 
     @property
     def pool_backend(self) -> str:
-        """The q/k/v pooling convolutions' backend, "torch" or "triton" (:class:`PoolConv3d`)."""
+        """The q/k/v pooling convolutions' backend, "auto", "torch" or "triton" (:class:`PoolConv3d`)."""
         return self._pool_backend
 
     @pool_backend.setter
@@ -512,7 +530,7 @@ class MultiScaleBlock(nn.Module):
         residual_pooling: bool = True,
         dim_mul_in_att: bool = False,
         attn_backend: str = "auto",
-        pool_backend: str = "torch",
+        pool_backend: str = "auto",
     ):
         super().__init__()
         self.dim = dim
@@ -574,8 +592,9 @@ class MViT(nn.Module):
         rel_pos_spatial, rel_pos_temporal, residual_pooling, dim_mul_in_att: MViTv2 options.
         drop_path_rate: stochastic depth of the last block (linear from 0).
         attn_backend: ``kernels.attention`` backend ("auto", "reference", "sdpa", "triton").
-        pool_backend: the q/k/v pooling convolutions: "torch" (``nn.Conv3d``) or "triton"
-            (``kernels.pool``, same parameters; never timed on a GPU yet).
+        pool_backend: the q/k/v pooling convolutions: "auto" (``kernels.pool``'s Triton kernels
+            for large bf16/fp16 inputs on CUDA, torch's otherwise), "torch" (``nn.Conv3d``) or
+            "triton" (``kernels.pool`` for all; same parameters either way).
     """
 
     def __init__(
@@ -608,7 +627,7 @@ class MViT(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         attn_backend: str = "auto",
-        pool_backend: str = "torch",
+        pool_backend: str = "auto",
     ):
         super().__init__()
         input_size = tuple(int(s) for s in input_size)
@@ -694,7 +713,7 @@ class MViT(nn.Module):
             _unwrap(blk).attn.attn_backend = backend
 
     def set_pool_backend(self, backend: str) -> None:
-        """Switch the pooling-convolution backend ("torch" or "triton") of every block."""
+        """Switch the pooling-convolution backend ("auto", "torch" or "triton") of every block."""
         if backend not in POOL_BACKENDS:
             raise ValueError(f"pool_backend must be one of {POOL_BACKENDS}, got {backend!r}")
         for blk in self.blocks:

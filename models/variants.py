@@ -38,6 +38,7 @@ from kernels.hog.reference import NORMS as HOG_NORMS
 
 from .classifier import Classifier
 from .maskfeat import TARGETS, MaskFeat
+from .mvit import POOL_BACKENDS
 from .vit import vit_kwargs
 
 __all__ = ["Variant", "VARIANTS", "TASKS", "create_model", "backbone_kwargs", "count_parameters", "get_variant", "resolve_variant"]
@@ -45,7 +46,6 @@ __all__ = ["Variant", "VARIANTS", "TASKS", "create_model", "backbone_kwargs", "c
 TASKS = ("pretrain", "classify")
 ARCHS = ("mvit", "vit")
 _BACKENDS = ("auto", "reference", "sdpa", "xformers", "triton")
-_POOL_BACKENDS = ("torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class Variant:
     hog_signed: bool = False  # signed orientations (0-360 deg) instead of the official unsigned
     hog_gaussian_window: int = 0  # Gaussian window on magnitudes (0 = off, official)
     attn_backend: str = "auto"  # kernels.attention backend
-    pool_backend: Literal["torch", "triton"] = "torch"  # MViT q/k/v pooling convs: torch, or kernels.pool (opt-in, untimed on GPU)
+    pool_backend: Literal["auto", "torch", "triton"] = "auto"  # MViT q/k/v pooling convs (models.mvit.PoolConv3d)
     notes: str = field(default="", compare=False)  # provenance
 
     def __post_init__(self) -> None:
@@ -110,9 +110,9 @@ class Variant:
             raise ValueError(f"{self.name}: hog_gaussian_window must be >= 0, got {self.hog_gaussian_window}")
         if self.attn_backend not in _BACKENDS:
             raise ValueError(f"{self.name}: attn_backend must be one of {_BACKENDS}, got {self.attn_backend!r}")
-        if self.pool_backend not in _POOL_BACKENDS:
-            raise ValueError(f"{self.name}: pool_backend must be one of {_POOL_BACKENDS}, got {self.pool_backend!r}")
-        if self.arch == "vit" and self.pool_backend != "torch":
+        if self.pool_backend not in POOL_BACKENDS:
+            raise ValueError(f"{self.name}: pool_backend must be one of {POOL_BACKENDS}, got {self.pool_backend!r}")
+        if self.arch == "vit" and self.pool_backend == "triton":
             raise ValueError(f"{self.name}: pool_backend={self.pool_backend!r} does nothing: a ViT has no pooling")
 
     @property

@@ -8,20 +8,42 @@ x (N, C, T, H, W) and weight (C, 1, kt, kh, kw), with a ``backend=`` choice:
 - ``triton``: the Triton kernels of :mod:`kernels.pool.triton_pool` (forward, input gradient and
   a deterministic, atomic-free weight gradient, fp32 accumulation); on CPU only under
   ``TRITON_INTERPRET=1`` (tests);
-- ``auto``: ``torch`` everywhere, for now. The Triton kernels have never run on a GPU: on an H200
-  torch's depthwise kernels took 64 ms of the 159 ms of GPU kernels in one MViTv2-L step (~46×
-  their 1.4 ms byte floor, bench/NOTES.md), but ``auto`` switches only once ``python -m bench.pool_conv`` has timed the
-  ``triton`` layout against ``contiguous`` on a GPU.
+- ``auto``: ``triton`` for a CUDA input in bf16 or fp16 of at least ``AUTO_TRITON_MIN_NUMEL``
+  (2²³) elements, ``torch`` otherwise (:func:`auto_backend`). Timed on an H200 (bf16, fwd+bwd
+  per call, host included, ``bench/results/pool_conv_nvidia-h200_20261128_triton.md``): each
+  MViTv2-L pooling of ≥ 14.4 M input elements at B 4 ran 1.3–2.7× faster through Triton (the
+  poolings of stage 1 and of the first blocks of stages 2 and 3, 12 per step: 16.4 → 8.8 ms of
+  a step's 82.6); the 3.6 M ones (stage 3's other 105 per step) 1.5–1.8× slower, where a call's
+  time is its host time: ~0.5 ms on that machine for the Triton path's four launches against
+  torch's two ops. At 7.2 M two were faster, one even and one 2× slower, so the threshold sits
+  above them. The step with *every* pooling on Triton (``bench.model_step --backends
+  auto+tpool``): GPU kernels 159.6 → 131.0 ms, but the host then set the pace (191.4 against
+  197.5 ms). With this rule only the 12 large poolings move: predicted ~−7 ms per step, where the
+  host has ~45 ms to spare; the step with the rule is not yet timed.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from .reference import IntOr3, check_inputs, depthwise_conv3d_reference
 
 BACKENDS = ("auto", "torch", "triton")
+AUTO_TRITON_MIN_NUMEL = 1 << 23  # auto: the Triton kernels from this many input elements (module docstring)
+_AUTO_DTYPES = (torch.bfloat16, torch.float16)  # what auto sends to Triton (bf16 timed; fp16: the same bytes)
 
-__all__ = ["BACKENDS", "depthwise_conv3d", "depthwise_conv3d_reference", "check_inputs"]
+__all__ = ["AUTO_TRITON_MIN_NUMEL", "BACKENDS", "auto_backend", "depthwise_conv3d", "depthwise_conv3d_reference",
+           "check_inputs"]
+
+
+def auto_backend(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> str:
+    """The backend ``auto`` runs for input ``x`` convolved in ``dtype`` (default x's; under autocast
+    the autocast dtype): "triton" for a CUDA tensor in bf16/fp16 with at least
+    ``AUTO_TRITON_MIN_NUMEL`` elements, else "torch" (the module docstring has the measurements)."""
+    if x.device.type == "cuda" and (dtype or x.dtype) in _AUTO_DTYPES and x.numel() >= AUTO_TRITON_MIN_NUMEL:
+        return "triton"
+    return "torch"
 
 
 def depthwise_conv3d(
@@ -31,10 +53,11 @@ def depthwise_conv3d(
 
     Same result shape as ``F.conv3d(x, weight, None, stride, padding, 1, C)``; ``stride`` and
     ``padding`` are ints or (t, h, w) triples. Bad shapes, dtypes, devices or backends raise a
-    ValueError. ``backend``: see the module docstring (``auto`` = ``torch`` until the Triton
-    kernels have been timed on a GPU)."""
+    ValueError. ``backend``: see the module docstring (``auto``: :func:`auto_backend`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = auto_backend(x)
     if backend == "triton":
         from .triton_pool import depthwise_conv3d_triton  # imports triton only when asked for
 

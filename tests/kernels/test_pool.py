@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels.pool
 from kernels import interpreting
 from kernels.pool import depthwise_conv3d
 from kernels.pool import triton_pool
@@ -169,16 +170,46 @@ def test_empty_batch(device):
     assert w.grad is not None and torch.equal(w.grad, torch.zeros_like(w))
 
 
-def test_auto_is_torch(monkeypatch):
-    """``auto`` (and ``torch``) is the torch call, bit for bit, and never reaches the kernels."""
+def test_auto_off_cuda_is_torch(monkeypatch):
+    """``auto`` (and ``torch``) off CUDA is the torch call, bit for bit, and never reaches the kernels,
+    whatever the size."""
     def boom(*a, **k):
         raise AssertionError("auto reached the Triton kernels")
 
     monkeypatch.setattr(triton_pool, "depthwise_conv3d_triton", boom)
+    monkeypatch.setattr(kernels.pool, "AUTO_TRITON_MIN_NUMEL", 1)
     x, w = make_inputs((2, 3, 3, 6, 6), (3, 3, 3), torch.float32)
     for backend in ("auto", "torch"):
         assert torch.equal(depthwise_conv3d(x, w, (1, 2, 2), (1, 1, 1), backend=backend),
                            F.conv3d(x, w, None, (1, 2, 2), (1, 1, 1), 1, 3))
+    for dtype in (torch.bfloat16, torch.float16):
+        assert kernels.pool.auto_backend(x.to(dtype)) == "torch"
+
+
+class _Like:
+    """What auto_backend reads of a tensor (a CUDA tensor needs a GPU)."""
+
+    def __init__(self, device: str, dtype: torch.dtype, numel: int):
+        self.device, self.dtype, self._numel = torch.device(device), dtype, numel
+
+    def numel(self) -> int:
+        return self._numel
+
+
+def test_auto_backend_rule():
+    """Triton for CUDA inputs of ≥ 2²³ elements in bf16/fp16 (the convolution's dtype: under
+    autocast the autocast dtype), torch for everything else."""
+    big, small = kernels.pool.AUTO_TRITON_MIN_NUMEL, kernels.pool.AUTO_TRITON_MIN_NUMEL - 1
+    assert big == 1 << 23
+    auto = kernels.pool.auto_backend
+    assert auto(_Like("cuda", torch.bfloat16, big)) == "triton"
+    assert auto(_Like("cuda", torch.float16, big)) == "triton"
+    assert auto(_Like("cuda", torch.bfloat16, small)) == "torch"
+    assert auto(_Like("cuda", torch.float32, big)) == "torch"
+    assert auto(_Like("cuda", torch.float32, big), torch.bfloat16) == "triton"  # fp32 input under bf16 autocast
+    assert auto(_Like("cuda", torch.bfloat16, big), torch.float32) == "torch"
+    assert auto(_Like("cpu", torch.bfloat16, big)) == "torch"
+    assert auto(_Like("meta", torch.bfloat16, big)) == "torch"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +311,42 @@ def test_model_pool_backend_is_validated():
     m.backbone.set_pool_backend("torch")
     assert all(a.pool_backend == "torch" for a in attns)
     with pytest.raises(ValueError, match="pool_backend"):
-        m.backbone.set_pool_backend("auto")
+        m.backbone.set_pool_backend("cudnn")
+    with torch.device("meta"):
+        assert create_model("mvitv2_tiny", "pretrain").backbone.blocks[0].attn.pool_backend == "auto"  # the default
+        create_model("vit_tiny", "pretrain")  # auto on a ViT: nothing to pool, no error
+
+
+def test_model_pool_auto_follows_auto_backend(monkeypatch):
+    """With ``pool_backend="auto"`` each pooling runs where ``auto_backend`` says (here: Triton from
+    500 input elements, in the interpreter), the module's weight as the parameter, and gives the
+    torch convolution's values and gradients."""
+    import models.mvit
+    from models.mvit import PoolConv3d
+
+    calls = []
+    real = models.mvit.depthwise_conv3d
+
+    def spy(x, weight, stride, padding, backend):
+        calls.append((x.numel(), backend))
+        return real(x, weight, stride, padding, backend=backend)
+
+    monkeypatch.setattr(models.mvit, "depthwise_conv3d", spy)
+    monkeypatch.setattr(models.mvit, "auto_backend", lambda x, dtype=None: "triton" if x.numel() >= 500 else "torch")
+    conv = PoolConv3d(4, 4, 3, stride=(1, 2, 2), padding=1, groups=4, bias=False)
+    assert conv.backend == "auto"
+    for shape, want in (((1, 4, 2, 8, 8), [(512, "triton")]), ((1, 4, 2, 4, 4), [])):
+        calls.clear()
+        x = torch.randn(shape, requires_grad=True)
+        y = conv(x)
+        gy = torch.randn_like(y)
+        dx, dw = torch.autograd.grad(y, (x, conv.weight), gy)
+        x2 = x.detach().requires_grad_()
+        y2 = F.conv3d(x2, conv.weight, None, (1, 2, 2), 1, 1, 4)
+        dx2, dw2 = torch.autograd.grad(y2, (x2, conv.weight), gy)
+        assert calls == want
+        for got, ref in ((y, y2), (dx, dx2), (dw, dw2)):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kw", [dict(groups=2, bias=False), dict(groups=4, bias=True), dict(groups=4, bias=False, dilation=2)])
@@ -344,6 +410,27 @@ L_SHAPES = [
 @pytest.mark.parametrize("shape,stride", L_SHAPES)
 def test_gpu_mvit_l_bf16(shape, stride):
     check_against_oracle(shape, (3, 3, 3), stride, (1, 1, 1), torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_model_pool_auto_picks_by_size():
+    """On CUDA in bf16 a pooling of ≥ 2²³ input elements runs the Triton kernels, a smaller one torch's."""
+    import models.mvit
+    from models.mvit import PoolConv3d
+
+    seen = []
+    real = models.mvit.depthwise_conv3d
+    models.mvit.depthwise_conv3d = lambda *a, **k: seen.append(k["backend"]) or real(*a, **k)
+    try:
+        conv = PoolConv3d(72, 72, 3, stride=(1, 2, 2), padding=1, groups=72, bias=False).cuda().bfloat16()
+        for n, want in ((8, ["triton"]), (2, [])):  # 14.4 M and 3.6 M elements
+            seen.clear()
+            x = torch.randn(n, 72, 8, 56, 56, device="cuda", dtype=torch.bfloat16)
+            y = conv(x)
+            assert seen == want
+            torch.testing.assert_close(y, F.conv3d(x, conv.weight, None, (1, 2, 2), 1, 1, 72), rtol=2e-2, atol=2e-2)
+    finally:
+        models.mvit.depthwise_conv3d = real
 
 
 @pytest.mark.gpu

@@ -78,10 +78,12 @@ def test_model_step_counts_auto_as_issued_on_cuda(tmp_path, monkeypatch):
 def test_backend_suffixes():
     assert model_step.split_backend("auto+ckpt8+tpool") == ("auto", 8)
     assert model_step.split_pool("auto+ckpt8+tpool") == ("auto+ckpt8", "triton")
-    assert model_step.split_pool("sdpa+ckpt") == ("sdpa+ckpt", "torch")
+    assert model_step.split_pool("auto+torchpool") == ("auto", "torch")
+    assert model_step.split_pool("sdpa+ckpt") == ("sdpa+ckpt", "auto")
     assert model_step.split_backend("sdpa+tpool") == ("sdpa", False)
-    with pytest.raises(ValueError, match="goes last"):
-        model_step.split_pool("auto+tpool+ckpt")
+    for bad in ("auto+tpool+ckpt", "auto+torchpool+ckpt"):
+        with pytest.raises(ValueError, match="goes last"):
+            model_step.split_pool(bad)
 
 
 def test_model_step_bench_refuses_bad_arguments(tmp_path):
