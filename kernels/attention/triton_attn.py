@@ -86,7 +86,9 @@ timed every variant on an H100): bf16/fp16 with rows ≤ 128 wide: forward 64×6
 chunks sized for 8 programs per SM (16 on the H100 run below; 8 makes MViTv2-L stage 3 one
 chunk, like stage 4, where one chunk was 1.5× faster than two: ``attention_tune_…_2.md``; not
 yet timed on a GPU). 8 warps were 1.5–2.2× slower for dq and dk/dv. fp32 or rows wider than 128:
-smaller tiles. The interpreter uses 32×32 tiles.
+smaller tiles. The interpreter uses 32×32 tiles. On an H200 the same sweep at MViTv2-L stages 1–2
+found no variant or combination faster than this table by more than the noise
+(``bench/results/attention_tune_nvidia-h200_20261128_s1.md``, ``_s2.md``).
 
 Measured (one H100, torch 2.11, triton 3.6, bf16, B = 32, hd 72, Nk 393, MViTv2-L stages 1–4,
 forward + backward, ``bench/results/attention_nvidia-h100-80gb-hbm3_20261127_final.md``; that
