@@ -132,7 +132,8 @@ _CATEGORIES = (
 
 def kernel_category(name: str) -> str:
     """What part of a training step a CUDA kernel named ``name`` (the profiler's key) does:
-    our Triton kernels by their function names (``attention (ours)``, ``HOG (ours)``), library
+    our Triton kernels by their function names (``attention (ours)``, ``HOG (ours)``,
+    ``pooling (ours)``), library
     kernels by fragments of theirs (:data:`_CATEGORIES`), else ``other``. A step's GPU time per
     category says which part a kernel of our own would have to replace (``bench.model_step``)."""
     ours = _our_kernels().get(name)
@@ -153,10 +154,13 @@ def _our_kernels() -> dict[str, str]:
 
         from kernels.attention import rel_triton, triton_attn
         from kernels.hog import triton_hog
+        from kernels.pool import triton_pool
 
+        groups = (("attention (ours)", (triton_attn, rel_triton)), ("HOG (ours)", (triton_hog,)),
+                  ("pooling (ours)", (triton_pool,)))
         _OURS = {
             name: category
-            for category, modules in (("attention (ours)", (triton_attn, rel_triton)), ("HOG (ours)", (triton_hog,)))
+            for category, modules in groups
             for module in modules
             for name, obj in vars(module).items()
             if isinstance(obj, KernelInterface) and name.endswith("_kernel")

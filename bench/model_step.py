@@ -14,7 +14,8 @@ DeepSpeed's bf16 mode, and cube masks are at ratio 0.4.
 - step ms: wall time of one step, synchronised, median over ``--steps``.
 - host ms (CUDA): the wall time of the same step at ``--host-img-size`` px (default 64): the same
   ops and launches (the table says where the counts differ) on ~1/12 of the GPU work, so the CPU
-  sets that step's pace. (Queuing the step behind a sleep kernel, ``bench.attention_host``'s
+  sets that step's pace. The poolings' ``auto`` rule, which depends on the input's size, decides
+  there as in the full-size step (:func:`pool_rule_at`). (Queuing the step behind a sleep kernel, ``bench.attention_host``'s
   method for one attention call, fails for a whole step: its ~3000 launches overflow the launch
   queue, and on an H200 it read 421 ms for a 209 ms step.) Where even the small step's GPU kernels
   take over half its time, the host is at most that, and the note says so.
@@ -38,8 +39,9 @@ DeepSpeed's bf16 mode, and cube masks are at ratio 0.4.
   host per op on a GPU machine, the op count alone says how much host time a step needs.
 
 On CPU a tiny variant runs by default (``mvitv2_tiny``), and host = step: there is no asynchronous
-device; its times check the code path. The op and launch counts do not depend on the input size,
-so ``--model mvitv2_l_16x4 --img-size 64`` on a CPU gives MViTv2-L's.
+device; its times check the code path. The op and launch counts do not depend on the input size
+(the poolings' size rule is applied as at the variant's own size, :func:`pool_rule_at`), so
+``--model mvitv2_l_16x4 --img-size 64`` on a CPU gives MViTv2-L's.
 
 ``--count-only`` counts what one step issues and times nothing; on a CPU it counts ``auto`` on
 CUDA's path (the Triton backend with Triton rel terms and HOG, the launches stubbed). It also counts
@@ -109,12 +111,14 @@ def split_pool(spec: str) -> tuple[str, str]:
     """``auto+tpool`` -> (``auto``, ``triton``); ``auto+ckpt+torchpool`` -> (``auto+ckpt``, ``torch``);
     ``auto`` -> (``auto``, ``auto``): the pooling backend (``models`` ``pool_backend``) a --backends
     entry asks for, and the rest."""
-    for suffix, pool in POOL_SUFFIXES.items():
-        if spec.endswith(suffix):
-            return spec[: -len(suffix)], pool
-        if suffix in spec:
-            raise ValueError(f"{spec!r}: {suffix} goes last, e.g. auto+ckpt{suffix}")
-    return spec, "auto"
+    found = [suffix for suffix in POOL_SUFFIXES if suffix in spec]
+    if not found:
+        return spec, "auto"
+    if len(found) > 1 or spec.count(found[0]) > 1:
+        raise ValueError(f"{spec!r}: at most one of {tuple(POOL_SUFFIXES)}")
+    if not spec.endswith(found[0]):
+        raise ValueError(f"{spec!r}: {found[0]} goes last, e.g. auto+ckpt{found[0]}")
+    return spec[: -len(found[0])], POOL_SUFFIXES[found[0]]
 
 
 def split_backend(spec: str) -> tuple[str, Union[bool, int]]:
@@ -146,6 +150,33 @@ def step_tflop(model_name: str, batch: int, img_size: Optional[int]) -> float:
     with counter:
         model(video, mask).loss.backward()
     return counter.get_total_flops() / 1e12
+
+
+@contextlib.contextmanager
+def pool_rule_at(px: int, full_px: int, as_cuda: bool = False) -> Iterator[None]:
+    """Within: the models' ``auto`` poolings decide as they would in the same step at ``full_px``
+    (``kernels.pool.auto_backend`` with its threshold scaled by (px / full_px)², exact: every token
+    grid of the model scales with the input's area), on CUDA's rule if ``as_cuda`` (counting on a
+    CPU). A step at a small size then issues what the full-size step issues."""
+    import models.mvit
+    from kernels import pool
+
+    real = models.mvit.auto_backend
+    least = -(-pool.AUTO_TRITON_MIN_NUMEL * px * px // (full_px * full_px))  # ceil
+    kind = "cuda" if as_cuda else None
+    models.mvit.auto_backend = lambda x, dtype=None: real(x, dtype, min_numel=least, device_type=kind)
+    try:
+        yield
+    finally:
+        models.mvit.auto_backend = real
+
+
+def _with(ctx: Callable[[], contextlib.AbstractContextManager], step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` run inside a fresh ``ctx()`` each call."""
+    def run() -> None:
+        with ctx():
+            step()
+    return run
 
 
 def count_work(step: Callable[[], None], stub: bool = False) -> tuple[list[str], list[str]]:
@@ -228,7 +259,8 @@ def count_row(model_name: str, backend: str, batch: int, device: torch.device, i
     emulate = device.type == "cpu" and attn == "auto"
     model, video, mask = build(model_name, "triton" if emulate else attn, batch, device, torch.bfloat16, img_size,
                                checkpointing=ckpt, pool_backend=split_pool(backend)[1])
-    step = make_step(model, video, mask)
+    full_px, px = _input_size(model_name)[1], _input_size(model_name, img_size)[1]
+    step = _with(lambda: pool_rule_at(px, full_px, as_cuda=emulate), make_step(model, video, mask))
     with _cuda_issue_path() if emulate else contextlib.nullcontext():
         count_work(step, stub=emulate)  # first step: cached index tables, compiles
         ops, names = count_work(step, stub=emulate)
@@ -456,8 +488,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             step = make_step(model, video, mask)
             small_step = None
             if device.type == "cuda":
-                small_step = make_step(*build(model_name, attn, batch, device, torch.bfloat16, args.host_img_size,
-                                              checkpointing=ckpt, pool_backend=pool))
+                full_px = _input_size(model_name, args.img_size)[1]
+                small_step = _with(lambda: pool_rule_at(args.host_img_size, full_px),  # the big step's poolings
+                                   make_step(*build(model_name, attn, batch, device, torch.bfloat16,
+                                                    args.host_img_size, checkpointing=ckpt, pool_backend=pool)))
             for name, fast in variants:
                 launch.enabled = fast
                 try:

@@ -48,9 +48,10 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
 * Forward (``_fwd_kernel``): one program per (query tile, batch·head), online softmax over all
   key tiles (FlashAttention-2 style, exp2, fp32 statistics and accumulator). Saves ``out`` and
   the log2-domain log-sum-exp ``lse2`` (B, nh, Nq) only. With ``fwd_tail`` / ``dq_tail``
-  (opt-in, not yet run on a GPU) the forward and dq key loops end with one narrower tile where
-  the last keys fit one (:func:`_key_tiles`: MViTv2's Nk 393 as six 64-key tiles and 16 keys,
-  not a seventh 64-key tile holding 9).
+  (opt-in; exact on an H200, ``test_gpu_key_tail``, and no faster there beyond the noise: forward
+  0.94 → 0.92 ms, dq 1.37 → 1.39 ms at MViTv2-L stage 1) the forward and dq key loops end with one
+  narrower tile where the last keys fit one (:func:`_key_tiles`: MViTv2's Nk 393 as six 64-key
+  tiles and 16 keys, not a seventh 64-key tile holding 9).
 * Backward: ``_dq_kernel`` per query tile loops over key tiles and accumulates ``A = dS @ k'``:
   its first hd columns are ``dq/scale`` and the next KR columns are exactly
   ``dR[i, c] = Σ_j dS[i, j]·onehot_c(j)`` — the rel gradients fall out of the same matmul,
@@ -564,8 +565,8 @@ class RelPosAttnConfig:
     dq_maxnreg: Optional[int] = None  # the same for the dq kernel
     # the forward's last keys in one narrower tile after the loop (16 of 64 at Nk 393, where a
     # full last tile holds 9 valid keys: 448 → 400 key columns, −11 % of the key loop's work;
-    # _key_tiles). Off until a GPU has run it: dots outside a pipelined loop at 4 warps are the
-    # pattern of known sm_90 miscompiles (bench/NOTES.md)
+    # _key_tiles). Off: exact on an H200 (test_gpu_key_tail) but no faster there beyond the noise
+    # (bench/results/attention_tune_nvidia-h200_20261128_s1.md, _s2.md)
     fwd_tail: bool = False
     dq_tail: bool = False  # the same for the dq kernel's 32-key tiles (416 → 400 key columns)
 

@@ -37,13 +37,25 @@ __all__ = ["AUTO_TRITON_MIN_NUMEL", "BACKENDS", "auto_backend", "depthwise_conv3
            "check_inputs"]
 
 
-def auto_backend(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> str:
-    """The backend ``auto`` runs for input ``x`` convolved in ``dtype`` (default x's; under autocast
-    the autocast dtype): "triton" for a CUDA tensor in bf16/fp16 with at least
-    ``AUTO_TRITON_MIN_NUMEL`` elements, else "torch" (the module docstring has the measurements)."""
-    if x.device.type == "cuda" and (dtype or x.dtype) in _AUTO_DTYPES and x.numel() >= AUTO_TRITON_MIN_NUMEL:
-        return "triton"
-    return "torch"
+def auto_backend(x: torch.Tensor, dtype: Optional[torch.dtype] = None, *, min_numel: Optional[int] = None,
+                 device_type: Optional[str] = None) -> str:
+    """The backend ``auto`` runs for input ``x``: "triton" for a 5-D CUDA tensor (not ROCm: untimed
+    there) convolved in bf16/fp16 with at least ``AUTO_TRITON_MIN_NUMEL`` elements whose planes the
+    kernels can address, else "torch" (the module docstring has the measurements).
+
+    ``dtype``: the dtype the convolution runs in, default x's (``models.mvit.PoolConv3d`` passes the
+    autocast dtype, which it casts to; this function's own ``auto`` does not cast, and sends an fp32
+    input to torch, which autocasts it). ``min_numel`` / ``device_type``: the threshold and the
+    device type to decide with instead of the real ones (``bench.model_step`` takes a small step's
+    decisions as the full-size step's, and counts CUDA's path on a CPU)."""
+    if (device_type or x.device.type) != "cuda" or torch.version.hip is not None:
+        return "torch"
+    least = AUTO_TRITON_MIN_NUMEL if min_numel is None else min_numel
+    if (dtype or x.dtype) not in _AUTO_DTYPES or x.numel() < least:
+        return "torch"
+    from .triton_pool import plane_fits  # imports triton only here
+
+    return "triton" if x.dim() == 5 and plane_fits(x) else "torch"
 
 
 def depthwise_conv3d(

@@ -53,8 +53,9 @@ positions with 1–4 warps, 2 positions per thread, so that 27 accumulators fit 
 blocks per program); in the
 interpreter, which pays per operation and not per element, blocks of up to 4096 positions.
 
-Never timed on a GPU (2026-11-28): ``backend="auto"`` of :func:`kernels.pool.depthwise_conv3d`
-keeps torch until ``bench/pool_conv.py``'s ``triton`` layout has been measured. Plain pointer
+Timed on an H200 (fifteenth session, ``bench/results/pool_conv_nvidia-h200_20261128_triton.md``):
+``backend="auto"`` of :func:`kernels.pool.depthwise_conv3d` runs these kernels for the large
+inputs only (:func:`kernels.pool.auto_backend`). Plain pointer
 arithmetic, no block pointers, no autotune, no atomics; every loop trip count is constexpr
 (triton 3.6 – 3.9, ``TRITON_INTERPRET=1`` on CPU, where fp32→bf16 conversion truncates instead of
 rounding to nearest: bf16 results there are up to one ulp off, DESIGN §4).
@@ -351,8 +352,13 @@ def _span(t: torch.Tensor, dims=(2, 3, 4)) -> int:
     return sum((t.shape[d] - 1) * t.stride(d) for d in dims)
 
 
+def plane_fits(t: torch.Tensor) -> bool:
+    """Whether every (n, c) plane of the 5-D ``t`` is addressable with the kernels' int32 offsets."""
+    return t.shape[2] * t.shape[3] * t.shape[4] < _I32 and _span(t) < _I32
+
+
 def _check_plane(t: torch.Tensor, name: str) -> None:
-    if t.shape[2] * t.shape[3] * t.shape[4] >= _I32 or _span(t) >= _I32:
+    if not plane_fits(t):
         raise ValueError(f"depthwise_conv3d_triton: one (T, H, W) plane of {name} {tuple(t.shape)} with strides "
                          f"{t.stride()} spans 2^31 elements or more (plane offsets are int32)")
 

@@ -588,7 +588,7 @@ def test_gpu_rel_terms_inside_the_attention_kernels(q_thw, nh, hd):
 @pytest.mark.parametrize("q_thw,nh", MVIT_L_STAGES)
 @pytest.mark.parametrize("fused", [False, True])
 def test_gpu_key_tail(q_thw, nh, fused):
-    """``fwd_tail`` / ``dq_tail`` (opt-in until this runs): the forward's and dq's last keys in a
+    """``fwd_tail`` / ``dq_tail`` (opt-in: not faster in the H200 sweeps): the forward's and dq's last keys in a
     16-key tile after the pipelined loop, at the MViTv2-L stage shapes in bf16 (B 2), alone and
     with the rel terms inside: within the oracle's bounds (no illegal access, no NaN)."""
     inputs = make_inputs(2, nh, q_thw, (8, 7, 7), 72, True, torch.bfloat16, device="cuda", table_dtype=torch.float32)

@@ -186,30 +186,27 @@ def test_auto_off_cuda_is_torch(monkeypatch):
         assert kernels.pool.auto_backend(x.to(dtype)) == "torch"
 
 
-class _Like:
-    """What auto_backend reads of a tensor (a CUDA tensor needs a GPU)."""
-
-    def __init__(self, device: str, dtype: torch.dtype, numel: int):
-        self.device, self.dtype, self._numel = torch.device(device), dtype, numel
-
-    def numel(self) -> int:
-        return self._numel
-
-
 def test_auto_backend_rule():
-    """Triton for CUDA inputs of ≥ 2²³ elements in bf16/fp16 (the convolution's dtype: under
-    autocast the autocast dtype), torch for everything else."""
-    big, small = kernels.pool.AUTO_TRITON_MIN_NUMEL, kernels.pool.AUTO_TRITON_MIN_NUMEL - 1
+    """Triton for 5-D CUDA inputs of ≥ 2²³ elements convolved in bf16/fp16 (under autocast: the
+    autocast dtype) whose planes fit int32 offsets, torch for everything else. Meta tensors stand
+    in for CUDA ones (``device_type``), which need a GPU."""
+    auto, big = kernels.pool.auto_backend, kernels.pool.AUTO_TRITON_MIN_NUMEL
     assert big == 1 << 23
-    auto = kernels.pool.auto_backend
-    assert auto(_Like("cuda", torch.bfloat16, big)) == "triton"
-    assert auto(_Like("cuda", torch.float16, big)) == "triton"
-    assert auto(_Like("cuda", torch.bfloat16, small)) == "torch"
-    assert auto(_Like("cuda", torch.float32, big)) == "torch"
-    assert auto(_Like("cuda", torch.float32, big), torch.bfloat16) == "triton"  # fp32 input under bf16 autocast
-    assert auto(_Like("cuda", torch.bfloat16, big), torch.float32) == "torch"
-    assert auto(_Like("cpu", torch.bfloat16, big)) == "torch"
-    assert auto(_Like("meta", torch.bfloat16, big)) == "torch"
+
+    def like(numel, dtype=torch.bfloat16, shape=None):
+        return torch.empty(shape or (numel // 8, 8, 1, 1, 1), dtype=dtype, device="meta")
+
+    cuda = dict(device_type="cuda")
+    assert auto(like(big), **cuda) == "triton"
+    assert auto(like(big, torch.float16), **cuda) == "triton"
+    assert auto(like(big - 8), **cuda) == "torch"
+    assert auto(like(big, torch.float32), **cuda) == "torch"
+    assert auto(like(big, torch.float32), torch.bfloat16, **cuda) == "triton"  # fp32 input under bf16 autocast
+    assert auto(like(big), torch.float32, **cuda) == "torch"
+    assert auto(like(big)) == "torch"  # the meta device itself, like the CPU: torch
+    assert auto(like(1000), min_numel=1000, **cuda) == "triton"  # bench.model_step's scaled threshold
+    assert auto(like(big, shape=(big // 1024, 1024)), **cuda) == "torch"  # not 5-D: torch (which raises)
+    assert auto(like(2**31, shape=(1, 1, 1, 2**16, 2**15)), **cuda) == "torch"  # one plane of 2³¹: int32 offsets overflow
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,8 +328,14 @@ def test_model_pool_auto_follows_auto_backend(monkeypatch):
         calls.append((x.numel(), backend))
         return real(x, weight, stride, padding, backend=backend)
 
+    asked = []
+
+    def rule(x, dtype=None):
+        asked.append(dtype)
+        return "triton" if x.numel() >= 500 else "torch"
+
     monkeypatch.setattr(models.mvit, "depthwise_conv3d", spy)
-    monkeypatch.setattr(models.mvit, "auto_backend", lambda x, dtype=None: "triton" if x.numel() >= 500 else "torch")
+    monkeypatch.setattr(models.mvit, "auto_backend", rule)
     conv = PoolConv3d(4, 4, 3, stride=(1, 2, 2), padding=1, groups=4, bias=False)
     assert conv.backend == "auto"
     for shape, want in (((1, 4, 2, 8, 8), [(512, "triton")]), ((1, 4, 2, 4, 4), [])):
@@ -347,6 +350,11 @@ def test_model_pool_auto_follows_auto_backend(monkeypatch):
         assert calls == want
         for got, ref in ((y, y2), (dx, dx2), (dw, dw2)):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert asked == [None, None]
+    # under autocast the rule is asked about the autocast dtype, and Triton gets the cast tensors
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(torch.randn(1, 4, 2, 8, 8))
+    assert asked[-1] == torch.bfloat16 and y.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("kw", [dict(groups=2, bias=False), dict(groups=4, bias=True), dict(groups=4, bias=False, dilation=2)])
@@ -425,10 +433,18 @@ def test_gpu_model_pool_auto_picks_by_size():
         conv = PoolConv3d(72, 72, 3, stride=(1, 2, 2), padding=1, groups=72, bias=False).cuda().bfloat16()
         for n, want in ((8, ["triton"]), (2, [])):  # 14.4 M and 3.6 M elements
             seen.clear()
-            x = torch.randn(n, 72, 8, 56, 56, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(n, 72, 8, 56, 56, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             y = conv(x)
+            gy = torch.randn_like(y)
+            dx, dw = torch.autograd.grad(y, (x, conv.weight), gy)
             assert seen == want
-            torch.testing.assert_close(y, F.conv3d(x, conv.weight, None, (1, 2, 2), 1, 1, 72), rtol=2e-2, atol=2e-2)
+            x2 = x.detach().requires_grad_()
+            y2 = F.conv3d(x2, conv.weight, None, (1, 2, 2), 1, 1, 72)
+            dx2, dw2 = torch.autograd.grad(y2, (x2, conv.weight), gy)
+            for got, ref in ((y, y2), (dx, dx2)):
+                torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+            # dw sums 8·8·28·28 products per tap: compare relative to its size
+            assert (dw.float() - dw2.float()).abs().max() <= 2e-2 * dw2.float().abs().max()
     finally:
         models.mvit.depthwise_conv3d = real
 

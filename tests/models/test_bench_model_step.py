@@ -75,6 +75,26 @@ def test_model_step_counts_auto_as_issued_on_cuda(tmp_path, monkeypatch):
     assert tpool["triton_launches"] > auto["triton_launches"] and tpool["torch_ops"] < auto["torch_ops"]
 
 
+def test_pool_rule_at_a_smaller_size():
+    """A step at 64 px (the host column's, ``--count-only --img-size 64``) sends to Triton exactly the
+    poolings the 224 px step sends: the threshold scales with the area, rounded up."""
+    import models.mvit
+    from kernels import pool
+
+    def pooled(numel, dtype=torch.bfloat16):
+        return models.mvit.auto_backend(torch.empty(numel // 8, 8, 1, 1, 1, dtype=dtype, device="meta"))
+
+    small = -(-pool.AUTO_TRITON_MIN_NUMEL * 64 * 64 // (224 * 224))
+    real = models.mvit.auto_backend
+    with model_step.pool_rule_at(64, 224, as_cuda=True):
+        assert pooled(small + 7 & ~7) == "triton" and pooled(small - 8) == "torch"
+        assert pooled(small + 8, torch.float32) == "torch"
+    assert models.mvit.auto_backend is real and pooled(pool.AUTO_TRITON_MIN_NUMEL) == "torch"  # meta, not CUDA
+    # the full-size block 0 of MViTv2-L at B 4 (8·72·8·56·56 elements) and its 64 px image
+    assert 8 * 72 * 8 * 56 * 56 >= pool.AUTO_TRITON_MIN_NUMEL and 8 * 72 * 8 * 16 * 16 >= small
+    assert 4 * 72 * 8 * 56 * 56 < pool.AUTO_TRITON_MIN_NUMEL and 4 * 72 * 8 * 16 * 16 < small
+
+
 def test_backend_suffixes():
     assert model_step.split_backend("auto+ckpt8+tpool") == ("auto", 8)
     assert model_step.split_pool("auto+ckpt8+tpool") == ("auto+ckpt8", "triton")
@@ -83,6 +103,9 @@ def test_backend_suffixes():
     assert model_step.split_backend("sdpa+tpool") == ("sdpa", False)
     for bad in ("auto+tpool+ckpt", "auto+torchpool+ckpt"):
         with pytest.raises(ValueError, match="goes last"):
+            model_step.split_pool(bad)
+    for bad in ("auto+tpool+torchpool", "auto+tpool+tpool"):
+        with pytest.raises(ValueError, match="at most one"):
             model_step.split_pool(bad)
 
 
@@ -119,6 +142,8 @@ def test_kernel_categories_and_the_report_table(tmp_path):
         "some_new_kernel": "other",
     }
     assert {n: kernel_category(n) for n in names} == names
+    for name in ("_pool_fwd_kernel", "_pool_dgrad_kernel", "_pool_wgrad_kernel", "_pool_wgrad_finish_kernel"):
+        assert kernel_category(name) == "pooling (ours)"  # not "other" (no library fragment) nor "convolution"
     kernels = [dict(kernel=n[:90], category=c, us_per_call=100.0 * (i + 1), launches_per_call=2.0)
                for i, (n, c) in enumerate(names.items())]
     cats = by_category(kernels)
