@@ -20,9 +20,13 @@ layout decides which convolution code torch runs:
 Every layout costs one copy of the view. Timed per distinct convolution of the model (found with
 forward hooks on the meta device), the copy included: the pooling from the (B, nh, L, hd) view to
 the pooled (B·nh, hd, T', H', W') output, then its backward (the view's and the weight's
-gradients); ``triton.testing.do_bench``'s median. ``err``: max|Δ|/max|ref| of the output, the
-input's and the weight's gradient against the same computation in fp32. ``per step``: Σ count ×
-ms over the model's convolutions, what one training step spends in them.
+gradients); ``triton.testing.do_bench``'s median. ``host µs`` (CUDA): the CPU time of one such
+call, from batches queued behind a sleep kernel (``bench.attention_host.host_us_cuda``): where it
+is near ``ms``, the call's time is the host's. ``err``: max|Δ|/max|ref| of the output, the input's
+and the weight's gradient against the same computation in fp32. ``per step``: Σ count × ms over the
+model's convolutions, what one training step spends in them; ``auto (derived)``: the same sum over
+the layout ``kernels.pool.auto_backend`` picks for each convolution (``triton`` or ``contiguous``),
+from those two layouts' rows, not timed as one.
 
     python -m bench.pool_conv [--model mvitv2_l_16x4] [--batch 4] [--out bench/results]
 
@@ -36,6 +40,7 @@ import argparse
 import collections
 import contextlib
 import datetime
+import functools
 import json
 import statistics
 import time
@@ -148,18 +153,41 @@ def measure(conv: dict, batch: int, layout: str, device: torch.device, dtype: to
         if device.type == "cuda":
             import triton.testing
 
+            from bench.attention_host import host_us_cuda
+
             ms = triton.testing.do_bench(call, warmup=10 if quick else 25, rep=40 if quick else 100,
                                          return_mode="median")
             kernels = [f"{k['kernel'][:60]} ({k['us_per_call']:.0f} µs ×{k['launches_per_call']:.0f})"
                        for k in cuda_kernels(call, reps=2)[:3]]
+            try:
+                host_us = statistics.median(host_us_cuda(call, calls=5, reps=5, cycles_per_ms=_sleep_cycles())[0])
+            except RuntimeError as exc:  # the call synchronises: no host time to separate
+                print(f"note: {layout}: no host time ({exc})", flush=True)
+                host_us = None
         else:
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()
                 call()
                 times.append((time.perf_counter() - t0) * 1e3)
-            ms, kernels = statistics.median(times), []
-    return dict(layout=layout, ms=ms, kernels=kernels, **errs)
+            ms, kernels, host_us = statistics.median(times), [], None
+    return dict(layout=layout, ms=ms, host_us=host_us, kernels=kernels, **errs)
+
+
+@functools.lru_cache(maxsize=None)
+def _sleep_cycles() -> float:
+    from bench.attention_host import _sleep_cycles_per_ms
+
+    return _sleep_cycles_per_ms()
+
+
+def auto_layout(conv: dict, device: torch.device, dtype: torch.dtype) -> str:
+    """The layout ``kernels.pool``'s ``auto`` amounts to for this convolution: ``triton`` where
+    :func:`kernels.pool.auto_backend` picks the Triton kernels, else ``contiguous`` (torch's)."""
+    from kernels.pool import auto_backend
+
+    x = torch.empty(conv["shape"], dtype=dtype, device="meta")
+    return "triton" if auto_backend(x, device_type=device.type) == "triton" else "contiguous"
 
 
 def write_report(out_dir: Path, stem: str, meta: dict, convs: list[dict]) -> tuple[Path, Path]:
@@ -174,14 +202,16 @@ def write_report(out_dir: Path, stem: str, meta: dict, convs: list[dict]) -> tup
         f"- torch {dev['torch']}, triton {dev['triton']}, python {dev['python']}; model {meta['model']}, B {meta['batch']}, "
         f"{meta['dtype']}; layouts and columns: `bench/pool_conv.py`'s docstring",
         "",
-        "| first use | input (B·nh, hd, T, H, W) | kernel / stride | count | layout | ms | err out / dx / dw | kernels |",
-        "|---|---|---|---|---|---|---|---|",
+        "| first use | input (B·nh, hd, T, H, W) | kernel / stride | count | layout | ms | host µs | err out / dx / dw "
+        "| kernels |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in convs:
         for r in c["results"]:
+            host = "-" if r.get("host_us") is None else f"{r['host_us']:.0f}"
             lines.append(f"| {c['first']} | {tuple(c['shape'])} | {tuple(c['kernel'])} / {tuple(c['stride'])} | {c['count']} "
-                         f"| {r['layout']} | {r['ms']:.3f} | {r['err_out']:.1e} / {r['err_dx']:.1e} / {r['err_dw']:.1e} "
-                         f"| {'; '.join(r['kernels'])} |")
+                         f"| {r['layout']} | {r['ms']:.3f} | {host} "
+                         f"| {r['err_out']:.1e} / {r['err_dx']:.1e} / {r['err_dw']:.1e} | {'; '.join(r['kernels'])} |")
     lines += ["", "| layout | per step ms (Σ count × ms) |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in meta["per_step_ms"].items()]
     mpath.write_text("\n".join(lines) + "\n")
@@ -222,9 +252,15 @@ def main(argv: Optional[list[str]] = None) -> None:
             r = measure(c, batch, layout, device, dtype, args.quick, ref)
             c["results"].append(r)
             per_step[layout] += c["count"] * r["ms"]
+            host = "" if r["host_us"] is None else f"  host {r['host_us']:.0f} µs"
             print(f"{c['first']:<24} {str(tuple(c['shape'])):<28} s{tuple(c['stride'])} ×{c['count']:<3} {layout:<20} "
-                  f"{r['ms']:8.3f} ms  err {r['err_out']:.1e}/{r['err_dx']:.1e}/{r['err_dw']:.1e}  "
+                  f"{r['ms']:8.3f} ms{host}  err {r['err_out']:.1e}/{r['err_dx']:.1e}/{r['err_dw']:.1e}  "
                   f"{r['kernels'][0] if r['kernels'] else ''}", flush=True)
+    if {"contiguous", "triton"} <= set(layouts):
+        for c in convs:
+            c["auto"] = auto_layout(c, device, dtype)
+        per_step["auto (derived)"] = sum(c["count"] * next(r["ms"] for r in c["results"] if r["layout"] == c["auto"])
+                                         for c in convs)
     meta = dict(date=datetime.date.today().strftime("%Y%m%d"), command=command_line("bench.pool_conv", argv),
                 device_info=device_info(device), model=model, batch=batch, dtype=str(dtype).replace("torch.", ""),
                 per_step_ms=per_step)

@@ -27,9 +27,24 @@ def test_pool_conv_bench_runs_on_cpu(tmp_path):
         assert pool_conv.LAYOUTS[-1] == "triton"
         for r in c["results"]:  # fp32 on CPU against fp32: the same function up to summation order
             assert r["ms"] > 0 and max(r["err_out"], r["err_dx"], r["err_dw"]) < 1e-5, r
-    assert set(report["per_step_ms"]) == set(pool_conv.LAYOUTS)
+        assert all(r["host_us"] is None for r in c["results"])  # CUDA only
+        assert c["auto"] == "contiguous"  # auto is torch's convolution off CUDA
+    per_step = report["per_step_ms"]
+    assert set(per_step) == {*pool_conv.LAYOUTS, "auto (derived)"}
+    assert per_step["auto (derived)"] == per_step["contiguous"]
     md = next(tmp_path.glob("pool_conv_cpu_*.md")).read_text()
-    assert "| contiguous |" in md and "| triton |" in md
+    assert "| contiguous |" in md and "| triton |" in md and "| auto (derived) |" in md
+
+
+def test_auto_layout_follows_the_rule():
+    """On CUDA the derived ``auto`` row takes the Triton rows for ≥ 2²³-element bf16 inputs."""
+    big = dict(shape=(8, 72, 8, 56, 56))
+    small = dict(shape=(2, 72, 8, 56, 56))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert pool_conv.auto_layout(big, cuda, torch.bfloat16) == "triton"
+    assert pool_conv.auto_layout(small, cuda, torch.bfloat16) == "contiguous"
+    assert pool_conv.auto_layout(big, cuda, torch.float32) == "contiguous"
+    assert pool_conv.auto_layout(big, cpu, torch.bfloat16) == "contiguous"
 
 
 def test_triton_layout_runs_the_kernels(monkeypatch):
