@@ -30,9 +30,13 @@ DeepSpeed's bf16 mode, and cube masks are at ratio 0.4.
   backward (``engine.distributed.apply_activation_checkpointing``; ``+ckptN``: the first N blocks,
   ``model.activation_checkpointing=N``). Against the plain row it says what the recompute costs in
   time and saves in peak memory, i.e. whether a batch needs it on this GPU.
-- ``BACKEND+tpool`` / ``BACKEND+torchpool`` (last, e.g. ``auto+ckpt+tpool``): every q/k/v pooling
-  convolution through ``kernels.pool``'s Triton kernels (``pool_backend="triton"``) / through
-  torch's (``"torch"``), instead of the default ``auto`` (Triton for the large ones on CUDA).
+- ``BACKEND+tpool`` / ``BACKEND+torchpool``: every q/k/v pooling convolution through
+  ``kernels.pool``'s Triton kernels (``pool_backend="triton"``) / through torch's (``"torch"``),
+  instead of the default ``auto`` (Triton for the large ones on CUDA).
+- ``BACKEND+graph`` (CUDA): the step captured once in a CUDA graph and timed as replays, so the
+  host issues nothing per step: how fast the step would be if the host never set the pace (no host
+  column; a capture that fails says why in the note). Suffixes combine in any order, e.g.
+  ``auto+ckpt8+tpool+graph``.
 - peak MiB: ``torch.cuda.max_memory_allocated`` over the steps, parameters and input included.
 
 - torch ops / Triton launches: what one step issues (counted in one extra step); with a few µs of
@@ -49,7 +53,7 @@ the activations one forward saves for backward at the variant's full input size 
 what activation checkpointing (``+ckpt``, ``+ckptN``) would save.
 
     python -m bench.model_step [--device cuda|cpu] [--model mvitv2_l_16x4] [--batch 4]
-                               [--backends auto,auto+ckpt,sdpa,auto+tpool,auto+torchpool] [--steps 10] [--img-size PX]
+                               [--backends auto,auto+ckpt,sdpa,auto+torchpool,auto+graph] [--steps 10] [--img-size PX]
                                [--host-img-size PX] [--count-only]
                                [--out DIR]
 
@@ -65,7 +69,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -103,34 +107,43 @@ def build(model_name: str, backend: str, batch: int, device: torch.device, dtype
     return model, video, mask
 
 
-CKPT = "+ckpt"  # a --backends suffix: the model's blocks (+ckptN: the first N) recomputed in backward
-POOL_SUFFIXES = {"+tpool": "triton", "+torchpool": "torch"}  # --backends suffixes: who runs the q/k/v poolings
+class StepSpec(NamedTuple):
+    """One --backends entry: ``ATTN[+ckpt|+ckptN][+tpool|+torchpool][+graph]`` (suffixes in any order)."""
+
+    attn: str  # the models' attention backend
+    ckpt: Union[bool, int] = False  # blocks recomputed in backward: all (True), the first N, or none
+    pool: str = "auto"  # the models' pool_backend: +tpool "triton", +torchpool "torch"
+    graph: bool = False  # +graph: the step captured once in a CUDA graph and replayed
 
 
-def split_pool(spec: str) -> tuple[str, str]:
-    """``auto+tpool`` -> (``auto``, ``triton``); ``auto+ckpt+torchpool`` -> (``auto+ckpt``, ``torch``);
-    ``auto`` -> (``auto``, ``auto``): the pooling backend (``models`` ``pool_backend``) a --backends
-    entry asks for, and the rest."""
-    found = [suffix for suffix in POOL_SUFFIXES if suffix in spec]
-    if not found:
-        return spec, "auto"
-    if len(found) > 1 or spec.count(found[0]) > 1:
-        raise ValueError(f"{spec!r}: at most one of {tuple(POOL_SUFFIXES)}")
-    if not spec.endswith(found[0]):
-        raise ValueError(f"{spec!r}: {found[0]} goes last, e.g. auto+ckpt{found[0]}")
-    return spec[: -len(found[0])], POOL_SUFFIXES[found[0]]
+CKPT = "+ckpt"  # the model's blocks (+ckptN: the first N) recomputed in backward
+POOL_SUFFIXES = {"+tpool": "triton", "+torchpool": "torch"}  # who runs the q/k/v poolings
+GRAPH = "+graph"
+SUFFIXES = f"{CKPT}, {CKPT}N, {', '.join(POOL_SUFFIXES)}, {GRAPH}"
 
 
-def split_backend(spec: str) -> tuple[str, Union[bool, int]]:
-    """``auto`` -> (``auto``, False); ``auto+ckpt`` -> (``auto``, True); ``auto+ckpt8`` -> (``auto``, 8);
-    a trailing pooling suffix (:func:`split_pool`) is left out."""
-    base = split_pool(spec)[0]
-    attn, sep, n = base.partition(CKPT)
-    if not sep:
-        return base, False
-    if n and not n.isdigit():
-        raise ValueError(f"{spec!r}: {CKPT} takes a block count, e.g. {attn}{CKPT}8")
-    return attn, int(n) if n else True
+def parse_spec(spec: str) -> StepSpec:
+    """``auto+ckpt8+tpool`` -> StepSpec("auto", 8, "triton"); each kind of suffix at most once;
+    ValueError otherwise (the attention backend's name is checked by the caller)."""
+    attn, *suffixes = spec.split("+")
+    out, seen = StepSpec(attn), set()
+    for token in suffixes:
+        suffix = "+" + token
+        if suffix in POOL_SUFFIXES:
+            kind, out = "pool", out._replace(pool=POOL_SUFFIXES[suffix])
+        elif suffix == GRAPH:
+            kind, out = "graph", out._replace(graph=True)
+        elif suffix.startswith(CKPT):
+            n = suffix[len(CKPT):]
+            if n and not n.isdigit():
+                raise ValueError(f"{spec!r}: {CKPT} takes a block count, e.g. {attn}{CKPT}8")
+            kind, out = "ckpt", out._replace(ckpt=int(n) if n else True)
+        else:
+            raise ValueError(f"{spec!r}: unknown suffix {suffix!r} (suffixes: {SUFFIXES})")
+        if kind in seen:
+            raise ValueError(f"{spec!r}: more than one {kind} suffix")
+        seen.add(kind)
+    return out
 
 
 def _input_size(model_name: str, img_size: Optional[int] = None) -> tuple[int, int, int]:
@@ -223,12 +236,12 @@ def saved_gib(model_name: str, backend: str, batch: int) -> Optional[float]:
     from kernels import interpreting
     from kernels.attention import rel_triton, triton_attn
 
-    attn, ckpt = split_backend(backend)
-    emulate = attn == "auto"
+    spec = parse_spec(backend)
+    attn, emulate = spec.attn, spec.attn == "auto"
     if attn in ("auto", "triton") and not interpreting():
         return None
     model, video, mask = build(model_name, "triton" if emulate else attn, batch, torch.device("meta"),
-                               torch.bfloat16, checkpointing=ckpt)
+                               torch.bfloat16, checkpointing=spec.ckpt)
     params = {id(p) for p in model.parameters()}
     kept: dict[int, torch.Tensor] = {}  # id -> base, held so that no id is reused while counting
 
@@ -255,10 +268,10 @@ def count_row(model_name: str, backend: str, batch: int, device: torch.device, i
     """What one step issues, without timing it (``--count-only``). On a CPU, ``auto`` is counted on
     CUDA's path: the Triton backend with its Triton rel terms, the launches stubbed. Also the
     activations it saves at the variant's full input size (:func:`saved_gib`)."""
-    attn, ckpt = split_backend(backend)
-    emulate = device.type == "cpu" and attn == "auto"
-    model, video, mask = build(model_name, "triton" if emulate else attn, batch, device, torch.bfloat16, img_size,
-                               checkpointing=ckpt, pool_backend=split_pool(backend)[1])
+    spec = parse_spec(backend)
+    emulate = device.type == "cpu" and spec.attn == "auto"
+    model, video, mask = build(model_name, "triton" if emulate else spec.attn, batch, device, torch.bfloat16,
+                               img_size, checkpointing=spec.ckpt, pool_backend=spec.pool)
     full_px, px = _input_size(model_name)[1], _input_size(model_name, img_size)[1]
     step = _with(lambda: pool_rule_at(px, full_px, as_cuda=emulate), make_step(model, video, mask))
     with _cuda_issue_path() if emulate else contextlib.nullcontext():
@@ -278,6 +291,53 @@ def make_step(model: torch.nn.Module, video: torch.Tensor, mask: torch.Tensor) -
             p.grad = None
         model(video, mask).loss.backward()
     return step
+
+
+def capture(step: Callable[[], None], model: torch.nn.Module) -> Callable[[], None]:
+    """``step`` (one forward+backward, gradients set to None first) captured once in a CUDA graph,
+    after three warm-up steps on a side stream (Triton compiles, cached index tables, the caching
+    allocator); returns the graph's ``replay``. The gradients then live in the graph's memory pool,
+    rewritten by every replay (PyTorch's whole-network capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for p in model.parameters():
+        p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def graph_row(name: str, step: Callable[[], None], model: torch.nn.Module, device: torch.device, reps: int) -> dict:
+    """One ``+graph`` row: the eager step's op counts, then the step captured in a CUDA graph
+    (:func:`capture`) and timed as replays: what the step takes with no host cost per step. A
+    capture that fails (an op that synchronises or copies from the host inside the step) is
+    reported in the note, not raised."""
+    ops, launched = count_work(step)
+    row = dict(backend=name, step_ms=float("nan"), step_ms_min=float("nan"), host_ms=None, kernels_ms=None,
+               top_kernels=[], torch_ops=len(ops), triton_launches=len(launched), peak_mib=None,
+               host_note="CUDA graph: one replay per step, the host issues nothing else")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        replay = capture(step, model)
+    except RuntimeError as exc:
+        row["host_note"] = f"capture failed: {str(exc).splitlines()[0][:160]}"
+        torch.cuda.synchronize()
+        return row
+    replay()
+    walls = step_ms(replay, device, reps)
+    row.update(step_ms=statistics.median(walls), step_ms_min=min(walls),
+               peak_mib=torch.cuda.max_memory_allocated(device) / 2**20)
+    kernels = cuda_kernels(replay, reps=2)
+    row["kernels_ms"] = sum(k["us_per_call"] for k in kernels) / 1e3
+    row["top_kernels"] = kernels[:8]
+    row["by_category"] = by_category(kernels)
+    return row
 
 
 def host_row(small_step: Callable[[], None], device: torch.device, reps: int, px: int, ops: int,
@@ -419,8 +479,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--batch", type=int, default=None, help="clips (default 4 on CUDA, the recipe's clips per GPU; 2 on CPU)")
     ap.add_argument("--backends", default=None, help="comma list of attention backends (models: auto, reference, "
                     "sdpa, xformers, triton), each optionally with +ckpt (every block recomputed in backward) or "
-                    "+ckptN (the first N), then +tpool / +torchpool (all pooling convolutions through Triton / "
-                    "torch); default auto,auto+ckpt,sdpa on CUDA, auto,sdpa on CPU")
+                    "+ckptN (the first N), +tpool / +torchpool (all pooling convolutions through Triton / torch), "
+                    "+graph (CUDA: the step replayed from a CUDA graph); default auto,auto+ckpt,sdpa on CUDA, "
+                    "auto,sdpa on CPU")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per backend")
     ap.add_argument("--img-size", type=int, default=None, help="input side in px instead of the variant's (e.g. 64: "
                     "MViTv2-L's op and launch counts on a CPU, which do not depend on the size)")
@@ -445,12 +506,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     from kernels.attention import BACKENDS
 
     try:
-        bad = [b for b in backends if split_backend(b)[0] not in BACKENDS]
+        specs = {b: parse_spec(b) for b in backends}
     except ValueError as exc:
         raise SystemExit(f"--backends: {exc}") from None
-    if bad or not backends:
-        raise SystemExit(f"--backends: comma list of {BACKENDS}, each optionally with {CKPT} or {CKPT}N, "
-                         f"then one of {tuple(POOL_SUFFIXES)}, got {spec!r}")
+    if not backends or any(p.attn not in BACKENDS for p in specs.values()):
+        raise SystemExit(f"--backends: comma list of {BACKENDS}, each optionally with suffixes ({SUFFIXES}), "
+                         f"got {spec!r}")
+    if device.type != "cuda" and any(p.graph for p in specs.values()):
+        raise SystemExit(f"--backends: {GRAPH} captures the step in a CUDA graph: it needs --device cuda")
+    if args.count_only and any(p.graph for p in specs.values()):
+        raise SystemExit(f"--backends: {GRAPH} has nothing to count: a replay issues no op")
     if args.steps < 1 or batch < 1 or (args.img_size is not None and args.img_size < 1) or args.host_img_size < 1:
         raise SystemExit("--steps, --batch, --img-size and --host-img-size must be ≥ 1")
     try:
@@ -479,23 +544,25 @@ def main(argv: Optional[list[str]] = None) -> None:
     meta["tflop_per_step"] = step_tflop(model_name, batch, args.img_size)
     rows: list[dict] = []
     for backend in backends:
-        variants = [(backend, True)] + ([(f"{backend}@jit", False)] if backend == "auto" and device.type == "cuda" else [])
+        p = specs[backend]
+        jit = backend == "auto" and device.type == "cuda"  # auto also with every Triton launch through the JIT
         try:
-            attn, ckpt = split_backend(backend)
-            pool = split_pool(backend)[1]
-            model, video, mask = build(model_name, attn, batch, device, torch.bfloat16, args.img_size,
-                                       checkpointing=ckpt, pool_backend=pool)
+            model, video, mask = build(model_name, p.attn, batch, device, torch.bfloat16, args.img_size,
+                                       checkpointing=p.ckpt, pool_backend=p.pool)
             step = make_step(model, video, mask)
             small_step = None
-            if device.type == "cuda":
+            if device.type == "cuda" and not p.graph:
                 full_px = _input_size(model_name, args.img_size)[1]
                 small_step = _with(lambda: pool_rule_at(args.host_img_size, full_px),  # the big step's poolings
-                                   make_step(*build(model_name, attn, batch, device, torch.bfloat16,
-                                                    args.host_img_size, checkpointing=ckpt, pool_backend=pool)))
-            for name, fast in variants:
+                                   make_step(*build(model_name, p.attn, batch, device, torch.bfloat16,
+                                                    args.host_img_size, checkpointing=p.ckpt, pool_backend=p.pool)))
+            for name, fast in [(backend, True)] + ([(f"{backend}@jit", False)] if jit else []):
                 launch.enabled = fast
                 try:
-                    rows.append(measure(name, step, device, args.steps, small_step, args.host_img_size))
+                    if p.graph:
+                        rows.append(graph_row(name, step, model, device, args.steps))
+                    else:
+                        rows.append(measure(name, step, device, args.steps, small_step, args.host_img_size))
                 finally:
                     launch.enabled = True
                 r = rows[-1]

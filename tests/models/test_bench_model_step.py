@@ -96,17 +96,15 @@ def test_pool_rule_at_a_smaller_size():
 
 
 def test_backend_suffixes():
-    assert model_step.split_backend("auto+ckpt8+tpool") == ("auto", 8)
-    assert model_step.split_pool("auto+ckpt8+tpool") == ("auto+ckpt8", "triton")
-    assert model_step.split_pool("auto+torchpool") == ("auto", "torch")
-    assert model_step.split_pool("sdpa+ckpt") == ("sdpa+ckpt", "auto")
-    assert model_step.split_backend("sdpa+tpool") == ("sdpa", False)
-    for bad in ("auto+tpool+ckpt", "auto+torchpool+ckpt"):
-        with pytest.raises(ValueError, match="goes last"):
-            model_step.split_pool(bad)
-    for bad in ("auto+tpool+torchpool", "auto+tpool+tpool"):
-        with pytest.raises(ValueError, match="at most one"):
-            model_step.split_pool(bad)
+    parse, Spec = model_step.parse_spec, model_step.StepSpec
+    assert parse("auto") == Spec("auto", False, "auto", False)
+    assert parse("auto+ckpt8+tpool") == Spec("auto", 8, "triton", False)
+    assert parse("sdpa+torchpool+ckpt+graph") == Spec("sdpa", True, "torch", True)  # any order
+    assert parse("auto+graph+tpool") == Spec("auto", False, "triton", True)
+    for bad, match in (("auto+tpool+torchpool", "more than one pool"), ("auto+ckpt+ckpt2", "more than one ckpt"),
+                       ("auto+ckptx", "block count"), ("auto+fast", "unknown suffix")):
+        with pytest.raises(ValueError, match=match):
+            parse(bad)
 
 
 def test_model_step_bench_refuses_bad_arguments(tmp_path):
@@ -114,6 +112,8 @@ def test_model_step_bench_refuses_bad_arguments(tmp_path):
         model_step.main(["--device", "cpu", "--backends", "flash", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--backends"):
         model_step.main(["--device", "cpu", "--backends", "sdpa+ckp", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="needs --device cuda"):
+        model_step.main(["--device", "cpu", "--backends", "auto+graph", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="takes a block count"):
         model_step.main(["--device", "cpu", "--backends", "sdpa+ckptx", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--steps"):
