@@ -15,9 +15,9 @@ DeepSpeed's bf16 mode, and cube masks are at ratio 0.4.
 - host ms (CUDA): the wall time of the same step at ``--host-img-size`` px (default 64): the same
   ops and launches (the table says where the counts differ) on ~1/12 of the GPU work, so the CPU
   sets that step's pace. The poolings' ``auto`` rule, which depends on the input's size, decides
-  there as in the full-size step (:func:`pool_rule_at`). (Queuing the step behind a sleep kernel, ``bench.attention_host``'s
-  method for one attention call, fails for a whole step: its ~3000 launches overflow the launch
-  queue, and on an H200 it read 421 ms for a 209 ms step.) Where even the small step's GPU kernels
+  there as in the full-size step (:func:`pool_rule_at`). (Queuing the step behind a sleep kernel,
+  ``bench.attention_host``'s method for one attention call, fails for a whole step: its ~3000
+  launches overflow the launch queue, and on an H200 it read 421 ms for a 209 ms step.) Where even the small step's GPU kernels
   take over half its time, the host is at most that, and the note says so.
 - host / step: near 1 (or above), the CPU sets the pace, and faster kernels cannot show.
 - GPU kernels ms: the CUDA kernels of one step (``torch.profiler``, 2 steps); kernels / step well
@@ -53,7 +53,8 @@ the activations one forward saves for backward at the variant's full input size 
 what activation checkpointing (``+ckpt``, ``+ckptN``) would save.
 
     python -m bench.model_step [--device cuda|cpu] [--model mvitv2_l_16x4] [--batch 4]
-                               [--backends auto,auto+ckpt,sdpa,auto+torchpool,auto+graph] [--steps 10] [--img-size PX]
+                               [--backends auto,auto+ckpt,sdpa,auto+torchpool,auto+graph]
+                               [--steps 10] [--img-size PX]
                                [--host-img-size PX] [--count-only]
                                [--out DIR]
 
