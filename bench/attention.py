@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import math
 import os
 import platform
@@ -55,7 +54,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from bench.common import peak_mib, results_slug
+from bench.common import peak_mib, results_slug, write_files
 from kernels.attention import relpos_attention
 from kernels.attention.reference import check_inputs, rel_table_len, rel_terms, relpos_attention_reference
 from kernels.attention.sdpa import relpos_attention_sdpa, relpos_attention_xformers, xformers_available
@@ -454,9 +453,6 @@ def _fmt(x, spec: str) -> str:
 
 def write_report(out_dir: Path, stem: str, meta: dict, results: list[dict], skipped: list[dict]) -> tuple[Path, Path]:
     add_ratios(results)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    jpath.write_text(json.dumps({**meta, "results": results, "skipped": skipped}, indent=1))
     dev = meta["device_info"]
     lines = [
         f"# Attention benchmark — {dev['name']}{' (CPU)' if dev['device'] == 'cpu' else ''}",
@@ -498,8 +494,7 @@ def write_report(out_dir: Path, stem: str, meta: dict, results: list[dict], skip
             shapes_txt = "all shapes" if None in where else (where[0] if len(where) == 1 else f"{len(where)} shapes")
             lines.append(f"- {prov} ({pass_}, {shapes_txt}): {reason}")
         lines.append("")
-    mpath.write_text("\n".join(lines))
-    return jpath, mpath
+    return write_files(out_dir, stem, {**meta, "results": results, "skipped": skipped}, lines)
 
 
 # ---------------------------------------------------------------- main

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -56,7 +55,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.attention import K_GRID, MODELS, Q_GRIDS, Shape, device_info, make_bench_fn, make_inputs, rel_inside
-from bench.common import results_slug
+from bench.common import results_slug, write_files
 
 # aten ops that launch no device work: views, metadata and allocations
 _NO_WORK = {
@@ -261,9 +260,6 @@ def shapes(batch: int, stages: list[int]) -> list[Shape]:
 
 
 def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    jpath.write_text(json.dumps({**meta, "results": rows}, indent=1))
     dev = meta["device_info"]
     cpu = dev["device"] == "cpu"
     mode = meta.get("launcher", "stub" if cpu else "cuda")
@@ -307,8 +303,7 @@ def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> tupl
             f"| {r['host_us_p20']:.0f}–{r['host_us_p80']:.0f} | {r['torch_ops_us']:.0f} | {r['host_us'] - r['torch_ops_us']:.0f} "
             f"| {r['triton_launches']} | {r['torch_ops']} | {ops} |" + ("" if cpu else f" {r['retries']} |")
         )
-    mpath.write_text("\n".join(lines) + "\n")
-    return jpath, mpath
+    return write_files(out_dir, stem, {**meta, "results": rows}, lines)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -2,9 +2,11 @@
 kernels of one call, by name and by what they do."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -179,3 +181,13 @@ def by_category(kernels: list[dict]) -> list[dict]:
         row["us_per_call"] += k["us_per_call"]
         row["launches_per_call"] += k["launches_per_call"]
     return sorted(out.values(), key=lambda r: -r["us_per_call"])
+
+
+def write_files(out_dir: Path, stem: str, payload: dict, lines: list[str]) -> tuple[Path, Path]:
+    """Every bench's result pair: ``stem``.json (``payload``) and ``stem``.md (``lines``) in
+    ``out_dir``, made if missing. Returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    jpath.write_text(json.dumps(payload, indent=1))
+    mpath.write_text("\n".join(lines) + "\n")
+    return jpath, mpath

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -51,7 +50,7 @@ from typing import Callable, Optional
 
 import torch
 
-from bench.common import peak_mib, results_slug
+from bench.common import peak_mib, results_slug, write_files
 
 N_FRAMES, H, W, TOKEN_STRIDE = 64, 224, 224, 16
 # --sweep times kernels.hog.triton_hog.SWEEP_CONFIGS (each is checked against the oracle by the GPU
@@ -120,9 +119,6 @@ def device_info(device: torch.device) -> dict:
 
 
 def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict], notes: list[str]) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    jpath.write_text(json.dumps({**meta, "results": rows, "notes": notes}, indent=1))
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     lines = [
         f"# HOG targets benchmark — {meta['device_info']['name']}",
@@ -145,8 +141,7 @@ def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict], notes: 
         )
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
-    mpath.write_text("\n".join(lines) + "\n")
-    return jpath, mpath
+    return write_files(out_dir, stem, {**meta, "results": rows, "notes": notes}, lines)
 
 
 def bench_shape(

@@ -66,7 +66,6 @@ import argparse
 import collections
 import contextlib
 import datetime
-import json
 import statistics
 import time
 from pathlib import Path
@@ -76,7 +75,7 @@ import numpy as np
 import torch
 
 from bench.attention import device_info
-from bench.common import by_category, command_line, cuda_kernels, require_interpreter_on_cpu, results_slug
+from bench.common import by_category, command_line, cuda_kernels, require_interpreter_on_cpu, results_slug, write_files
 
 
 def build(model_name: str, backend: str, batch: int, device: torch.device, dtype: torch.dtype,
@@ -233,9 +232,9 @@ def saved_gib(model_name: str, backend: str, batch: int) -> Optional[float]:
     trades for a second forward; a GPU's peak adds the parameters, the optimiser state and
     backward's transients (``bench.model_step`` on CUDA: peak MiB). None for a Triton path outside
     the interpreter, whose launches cannot be stubbed for meta tensors."""
+    import kernels
     from bench.attention_host import triton_launches
     from kernels import interpreting
-    from kernels.attention import rel_triton, triton_attn
 
     spec = parse_spec(backend)
     attn, emulate = spec.attn, spec.attn == "auto"
@@ -252,16 +251,14 @@ def saved_gib(model_name: str, backend: str, batch: int) -> Optional[float]:
             kept.setdefault(id(base), base)
         return t
 
-    checks = [(m, m.launchable_on) for m in (triton_attn, rel_triton)]
-    for m, _ in checks:  # the stubbed launches take meta tensors
-        m.launchable_on = lambda device: True
+    check = kernels.launchable_on  # what kernels.require_launchable asks: the stubbed launches take meta tensors
+    kernels.launchable_on = lambda device: True
     try:
         with _cuda_issue_path() if emulate else contextlib.nullcontext(), triton_launches(stub=True):
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 model(video, mask)
     finally:
-        for m, check in checks:
-            m.launchable_on = check
+        kernels.launchable_on = check
     return sum(t.numel() * t.element_size() for t in kept.values()) / 2**30
 
 
@@ -402,9 +399,6 @@ def measure(name: str, step: Callable[[], None], device: torch.device, reps: int
 
 
 def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    jpath.write_text(json.dumps({**meta, "results": rows}, indent=1))
     dev = meta["device_info"]
     lines = [
         f"# One MaskFeat pre-training step (forward + backward) — {dev['name']}",
@@ -417,8 +411,7 @@ def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> tupl
     ]
     if meta.get("count_only"):
         lines += _count_lines(rows)
-        mpath.write_text("\n".join(lines) + "\n")
-        return jpath, mpath
+        return write_files(out_dir, stem, {**meta, "results": rows}, lines)
     lines += [
         f"- {meta['tflop_per_step']:.3g} TFLOP per forward+backward step (torch.utils.flop_counter on the meta device); "
         "TFLOP/s = that / step ms",
@@ -450,8 +443,7 @@ def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> tupl
         if r.get("top_kernels"):
             lines += ["", f"{r['backend']}: longest kernels per step (µs, launches)", ""]
             lines += [f"- {k['us_per_call']:.0f} µs ×{k['launches_per_call']:.0f} `{k['kernel']}`" for k in r["top_kernels"]]
-    mpath.write_text("\n".join(lines) + "\n")
-    return jpath, mpath
+    return write_files(out_dir, stem, {**meta, "results": rows}, lines)
 
 
 def _count_lines(rows: list[dict]) -> list[str]:

@@ -41,7 +41,6 @@ import collections
 import contextlib
 import datetime
 import functools
-import json
 import statistics
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ from typing import Callable, Optional
 import torch
 
 from bench.attention import device_info
-from bench.common import command_line, cuda_kernels, results_slug
+from bench.common import command_line, cuda_kernels, results_slug, write_files
 
 LAYOUTS = ("channels_last", "contiguous", "channels_last+bench", "triton")
 
@@ -191,9 +190,6 @@ def auto_layout(conv: dict, device: torch.device, dtype: torch.dtype) -> str:
 
 
 def write_report(out_dir: Path, stem: str, meta: dict, convs: list[dict]) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    jpath.write_text(json.dumps({**meta, "convs": convs}, indent=1))
     dev = meta["device_info"]
     lines = [
         f"# MViTv2 pooling convolutions, forward + backward, per input layout — {dev['name']}",
@@ -214,8 +210,7 @@ def write_report(out_dir: Path, stem: str, meta: dict, convs: list[dict]) -> tup
                          f"| {r['err_out']:.1e} / {r['err_dx']:.1e} / {r['err_dw']:.1e} | {'; '.join(r['kernels'])} |")
     lines += ["", "| layout | per step ms (Σ count × ms) |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in meta["per_step_ms"].items()]
-    mpath.write_text("\n".join(lines) + "\n")
-    return jpath, mpath
+    return write_files(out_dir, stem, {**meta, "convs": convs}, lines)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -48,6 +48,14 @@ def launchable_on(device) -> bool:
     return device.type == "cpu" and (interpreting() or compiling_offline())
 
 
+def require_launchable(t: torch.Tensor, what: str, instead: str, error: type = ValueError) -> None:
+    """Raise ``error`` naming ``what`` (the Triton entry point) and ``instead`` (what to use without
+    Triton) unless our kernels can launch on ``t``'s device (:func:`launchable_on`)."""
+    if not launchable_on(t.device):
+        raise error(f"{what} needs a CUDA tensor (got {t.device}); on CPU set TRITON_INTERPRET=1 "
+                    f"before importing the kernels (tests do) or use {instead}")
+
+
 _SAME_DEVICE = contextlib.nullcontext()  # reentrant; one instance for every call
 
 

@@ -97,7 +97,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import cdiv, compiling_offline, empty_buffer, launchable_on, next_pow2, tensor_device
+from kernels import cdiv, compiling_offline, empty_buffer, next_pow2, require_launchable, tensor_device
 from kernels.launch import launch
 
 from .reference import check_inputs, rel_pos_index, rel_table_len
@@ -467,15 +467,6 @@ def _config_table(gpu: bool, fp32: bool) -> RelTritonConfig:
 _empty = empty_buffer  # every kernel-written buffer (tests poison it with NaN)
 
 
-def _check_device(q: torch.Tensor) -> None:
-    if launchable_on(q.device):
-        return
-    raise ValueError(
-        f"rel_matrix_triton needs a CUDA tensor (got {q.device}); on CPU set TRITON_INTERPRET=1 "
-        "before importing the kernels (tests do) or use reference.rel_matrix"
-    )
-
-
 @functools.lru_cache(maxsize=256)
 def _dist_i32(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     """(Q, K) int32 ``rel_pos_index`` for the kernels (cached, read-only)."""
@@ -812,7 +803,7 @@ def _check(
         raise ValueError(f"rel_matrix_triton supports float16, bfloat16 and float32; got {q.dtype}")
     if hd > 256:
         raise ValueError(f"head dim {hd} > 256 is not supported by rel_matrix_triton")
-    _check_device(q)
+    require_launchable(q, "rel_matrix_triton", "reference.rel_matrix")
 
 
 def rel_matrix_triton(

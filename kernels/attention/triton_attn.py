@@ -120,7 +120,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import cdiv, empty_buffer, launchable_on, next_pow2, tensor_device
+from kernels import cdiv, empty_buffer, next_pow2, require_launchable, tensor_device
 from kernels.launch import launch
 
 from .reference import check_inputs, key_onehot, rel_matrix, rel_width, resolve_rel_impl
@@ -722,15 +722,6 @@ def _check_config(cfg: RelPosAttnConfig, device: torch.device) -> None:
         )
 
 
-def _check_device(q: torch.Tensor) -> None:
-    if launchable_on(q.device):
-        return
-    raise RuntimeError(
-        f"relpos_attention_triton needs a CUDA tensor (got {q.device}); on CPU set TRITON_INTERPRET=1 "
-        "before importing the kernels (tests do) or use backend='sdpa'"
-    )
-
-
 def _launch(warps: int, stages: int, maxnreg: Optional[int]) -> dict:
     """Launch options: warps, pipeline stages and, when given, a register cap per thread (ptxas
     spills above it; Triton ignores it in the interpreter)."""
@@ -974,7 +965,7 @@ def relpos_attention_triton(
     computed (``reference.rel_matrix_impl``: PyTorch einsums or the fused Triton kernel).
     """
     check_inputs(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
-    _check_device(q)
+    require_launchable(q, "relpos_attention_triton", "backend='sdpa'", RuntimeError)
     if q.dtype not in _DOT_DTYPES:
         raise ValueError(f"relpos_attention_triton supports float16, bfloat16 and float32; got {q.dtype}")
     B, nh, Nq, hd = q.shape

@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import cdiv, compiling_offline, empty_buffer, interpreting, launchable_on, next_pow2, tensor_device
+from kernels import cdiv, compiling_offline, empty_buffer, next_pow2, require_launchable, tensor_device
 from kernels.launch import launch
 
 from .reference import IntOr3, check_inputs
@@ -446,15 +446,6 @@ class _DepthwiseConv3dFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------
-def _check_device(x: torch.Tensor) -> None:
-    if launchable_on(x.device):
-        return
-    raise ValueError(
-        f"depthwise_conv3d_triton needs a CUDA tensor (got {x.device}); on CPU set TRITON_INTERPRET=1 "
-        "before importing the kernels (tests do) or use backend='torch'"
-    )
-
-
 def depthwise_conv3d_triton(x: torch.Tensor, weight: torch.Tensor, stride: IntOr3 = 1, padding: IntOr3 = 0) -> torch.Tensor:
     """``F.conv3d(x, weight, None, stride, padding, 1, C)`` with the Triton kernels (module docstring).
 
@@ -464,7 +455,7 @@ def depthwise_conv3d_triton(x: torch.Tensor, weight: torch.Tensor, stride: IntOr
     kernel, st, pad = check_inputs(x, weight, stride, padding)
     if x.dtype not in DTYPES:
         raise ValueError(f"depthwise_conv3d_triton supports float16, bfloat16 and float32; got {x.dtype}")
-    _check_device(x)
+    require_launchable(x, "depthwise_conv3d_triton", "backend='torch'")
     _check_plane(x, "x")
     g = _Geom(kernel, st, pad)
     with tensor_device(x):  # Triton launches on the current device
