@@ -65,7 +65,11 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
   small and Nq large (MViTv2: Nk 393, Nq up to 25089); it is used only where the key tiles alone
   give fewer than 8 programs per SM (:func:`dkdv_split`), because the partials cost memory
   (chunks × B·nh·Nk·hd × 8 bytes) and masked tiles. Every reduction has a fixed order: backward is
-  bitwise deterministic.
+  bitwise deterministic. The two kernels recompute S and dP each (7 products where cuDNN's
+  one-pass backward does 5). A one-pass form, with dq summed over the key tiles in their order,
+  was prototyped. On sm_90 offline it took more instructions per tile pair than the two kernels
+  together (1401–1678 against 1322) and +B·nh·Nq·(A1+A2)·4 bytes, so it was not kept
+  (bench/NOTES.md, sixteenth session).
 * Dot operands are loaded in the input dtype and fed to ``tl.dot`` unchanged (an fp32 round
   trip after the load defeated the pipelining: 2× slower backward on an H100); everything
   elementwise is fp32. bf16 is therefore *not* checkable in the interpreter (DESIGN §4): bf16 is
