@@ -19,7 +19,7 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
   zeros on the cls row), assembled in registers from two masked loads, and
   ``k'_j = [k_j, onehot_t(j), onehot_h(j), onehot_w(j)]`` (zeros for cls), from k and one small
   (Nk, ·) one-hot table shared by every batch·head (cached per geometry, :func:`_key_table`):
-  packed into a (B, nh, Nk, ·) tensor by torch where Nq ≥ 2·Nk (pure loads in the key loops;
+  packed into a (B, nh, Nk, ·) tensor where Nq ≥ 2·Nk (:func:`pack_k_rows`; pure loads in the key loops;
   little memory next to q), assembled in the kernels' registers otherwise (no k' in memory; at
   MViTv2-L stage 4, Nq = Nk, the packed rows would cost as much as q): :func:`_pack_k`. One dot
   ``q''·k'ᵀ`` gives the log2-domain logits *with the bias included*; no (Nq, Nk) tensor ever
@@ -60,8 +60,10 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
   kernel: −0.4 ms at stage 1). ``_dkdv_kernel`` per (key tile, query chunk, batch·head) loads
   those packed rows straight into its dots (software-pipelined) and accumulates dk, dv over the
   query tiles of its chunk. With one chunk it writes the final dk, dv in the input dtype; with
-  several it writes fp32 partials that ``_sum_chunks_kernel`` adds in chunk order straight into
-  the input dtype (no fp32 sum tensor). Chunking the query axis keeps the GPU busy when Nk is
+  several it writes fp32 partials, and the last of a key tile's chunk programs to finish (an int32
+  count per key tile that the dq kernel zeroed) adds them in chunk order straight into the input
+  dtype: no fp32 sum tensor and no separate launch (a sum kernel took 12.5 / 17 µs at MViTv2-L
+  stages 1 / 2 on an H200). Chunking the query axis keeps the GPU busy when Nk is
   small and Nq large (MViTv2: Nk 393, Nq up to 25089); it is used only where the key tiles alone
   give fewer than 8 programs per SM (:func:`dkdv_split`), because the partials cost memory
   (chunks × B·nh·Nk·hd × 8 bytes) and masked tiles. Every reduction has a fixed order: backward is
@@ -362,7 +364,7 @@ def _dq_keys(
 @triton.jit
 def _dq_kernel(
     q_ptr, r_ptr, k_ptr, e_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dr_ptr, qa_ptr,
-    tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr,
+    tt_ptr, th_ptr, tw_ptr, dt_ptr, dh_ptr, dw_ptr, cnt_ptr,
     Nq, Nk, c_q, scale,
     HD: tl.constexpr, KR: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     KW: tl.constexpr, HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
@@ -371,10 +373,11 @@ def _dq_kernel(
     R_HD: tl.constexpr = 1, R_D1: tl.constexpr = 1, R_REM: tl.constexpr = 0, R_D2: tl.constexpr = 1,
     R_HQ: tl.constexpr = 1, R_WQ: tl.constexpr = 1, R_NQR: tl.constexpr = 1, R_KT: tl.constexpr = 1,
     R_KH: tl.constexpr = 1, R_KW: tl.constexpr = 1, R_E: tl.constexpr = 1, R_HAS_T: tl.constexpr = 1,
-    R_HAS_CLS: tl.constexpr = 1,
+    R_HAS_CLS: tl.constexpr = 1, N_CNT: tl.constexpr = 0, CNT_P: tl.constexpr = 1,
 ):
     # A = dS @ k' (BM, A1+A2): dq = scale·A[:, :HD], dR = A[:, HD:HD+KR]. Also writes, for the dk/dv
-    # kernel, delta = rowsum(dO·O) (BH, Nq) and the packed q'' rows (BH, Nq, A1+A2) it builds anyway.
+    # kernel, delta = rowsum(dO·O) (BH, Nq) and the packed q'' rows (BH, Nq, A1+A2) it builds anyway,
+    # and (N_CNT > 0, first query tile) zeros its N_CNT int32 counts per BH at cnt_ptr (CNT_P ≥ N_CNT).
     # o and dO: (B, nh, Nq, HD) in the layouts O_NH and DO_NH name (_heads_base).
     # FUSE_REL: then adds q's rel-path gradient to the dq rows it stored (rel_triton._rel_dq_rows
     # from the dR rows it stored; fp32 tables tt/th/tw, distance tables dt/dh/dw; R_*: dq_rows_args)
@@ -396,6 +399,10 @@ def _dq_kernel(
     qa_ptr += bh * Nq * WA
     dt = k_ptr.dtype.element_ty
 
+    if N_CNT > 0:
+        if pid_m == 0:  # the dk/dv kernel's per-key-tile counts of this batch·head start at 0
+            offs_c = tl.arange(0, CNT_P)
+            tl.store(cnt_ptr + bh * N_CNT + offs_c, tl.zeros([CNT_P], dtype=tl.int32), mask=offs_c < N_CNT)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Nq
     qa1 = _q_aug(q_ptr, r_ptr, offs_m, 0, A1, Nq, c_q, HD, KR, HAS_CLS).to(dt)  # (BM, A1)
@@ -434,16 +441,19 @@ def _dq_kernel(
 
 @triton.jit
 def _dkdv_kernel(
-    qa_ptr, k_ptr, e_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    qa_ptr, k_ptr, e_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cnt_ptr, dk_out_ptr, dv_out_ptr,
     Nq, Nk, inv_log2e, n_bh,
     HD: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, KW: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES_PER_CHUNK: tl.constexpr, DO_NH: tl.constexpr = 1,
+    CHUNKS: tl.constexpr = 1,
 ):
     # dk, dv (chunk, BH, Nk, HD) for key tile pid_n over the query tiles of one chunk: the final
-    # gradients in the input dtype when there is one chunk, else fp32 partials (summed by
-    # _sum_chunks_kernel); qa_ptr: the packed q'' rows (BH, Nq, A1+A2) written by _dq_kernel,
-    # loaded straight into the dots; dO (B, nh, Nq, HD) in the layout DO_NH names (_heads_base)
+    # gradients in the input dtype when there is one chunk (CHUNKS = 1), else fp32 partials; then
+    # the last of a key tile's CHUNKS programs to finish (an int32 count per (BH, key tile) at
+    # cnt_ptr, zeroed by _dq_kernel) sums them in chunk order into dk_out, dv_out (BH, Nk, HD) in
+    # the input dtype (_sum_partials). qa_ptr: the packed q'' rows (BH, Nq, A1+A2) written by
+    # _dq_kernel, loaded straight into the dots; dO (B, nh, Nq, HD) in the layout DO_NH names (_heads_base)
     WA: tl.constexpr = A1 + A2
     E: tl.constexpr = WA - HD
     pid_n = tl.program_id(0)
@@ -455,6 +465,8 @@ def _dkdv_kernel(
     do_ptr += _heads_base(bh, Nq, HD, DO_NH)
     lse_ptr += bh * Nq
     delta_ptr += bh * Nq
+    dk_part = dk_ptr  # chunk 0's partials (CHUNKS > 1: read back below)
+    dv_part = dv_ptr
     out_off = (chunk.to(tl.int64) * n_bh + bh) * Nk * HD
     dk_ptr += out_off
     dv_ptr += out_off
@@ -507,21 +519,54 @@ def _dkdv_kernel(
     if D2 > 0:
         _store_cols(dk_ptr, dk2 * inv_log2e, offs_n, n_ok, D1, D2, HD, HD)
         _store_cols(dv_ptr, dv2, offs_n, n_ok, D1, D2, HD, HD)
+    if CHUNKS > 1:
+        # after the loop (a barrier or atomic inside it stops Triton from pipelining it): every
+        # thread's partial stores, then the count (one thread, gpu scope); the last program to
+        # arrive reads the other programs' partials (through L2: .cg) after its own barrier
+        tl.debug_barrier()
+        tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)  # (BH, key tile), from the ids again
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == CHUNKS - 1:
+            tl.debug_barrier()
+            first = tl.program_id(2).to(tl.int64) * Nk * HD  # this batch·head's rows in chunk 0's partials and in out
+            stride = n_bh * Nk * HD  # from one chunk's partials to the next
+            _sum_partials(dk_part + first, stride, dk_out_ptr + first, offs_n, n_ok, 0, D1, HD, CHUNKS)
+            _sum_partials(dv_part + first, stride, dv_out_ptr + first, offs_n, n_ok, 0, D1, HD, CHUNKS)
+            if D2 > 0:
+                _sum_partials(dk_part + first, stride, dk_out_ptr + first, offs_n, n_ok, D1, D2, HD, CHUNKS)
+                _sum_partials(dv_part + first, stride, dv_out_ptr + first, offs_n, n_ok, D1, D2, HD, CHUNKS)
 
 
 @triton.jit
-def _sum_chunks_kernel(part_ptr, out_ptr, n, CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
-    # out[g, i] = Σ_c part[g, c, i] in chunk order (deterministic), fp32, stored in out's dtype;
-    # part (2, CHUNKS, n): the dk and dv partials of _dkdv_kernel
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < n
-    g = tl.program_id(1).to(tl.int64)
-    part_ptr += g * CHUNKS * n
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for _ in range(CHUNKS):
-        acc += tl.load(part_ptr + offs, mask=ok, other=0.0)
-        part_ptr += n  # 64-bit pointer arithmetic: no int32 overflow of c·n
-    tl.store(out_ptr + g * n + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+def _sum_partials(part_ptr, stride, out_ptr, offs_n, n_ok, C0: tl.constexpr, NC: tl.constexpr, HD: tl.constexpr,
+                  CHUNKS: tl.constexpr):
+    """Columns C0 … C0+NC of rows ``offs_n`` of out (·, HD) = Σ_c part_c in chunk order, fp32 (from
+    0, as the old separate sum kernel did), stored in out's dtype: the CHUNKS fp32 partials (·, HD)
+    ``stride`` elements apart from ``part_ptr``. Read with .cg (L2, not this SM's L1: other programs
+    wrote them)."""
+    offs_c = C0 + tl.arange(0, NC)
+    off = offs_n[:, None] * HD + offs_c[None, :]
+    ok = n_ok[:, None] & (offs_c[None, :] < HD)
+    acc = tl.zeros([offs_n.shape[0], NC], dtype=tl.float32)
+    for c in tl.static_range(CHUNKS):
+        acc += tl.load(part_ptr + c * stride + off, mask=ok, other=0.0, cache_modifier=".cg")
+    tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _pack_k_kernel(k_ptr, e_ptr, out_ptr, Nk, HD: tl.constexpr, WA: tl.constexpr, BW: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    # out (BH, Nk, WA) = the packed k' rows [k_j, e_j]: k (BH, Nk, HD), e (Nk, WA − HD) shared by
+    # every batch·head; one program per BLOCK rows of one batch·head, each row one BW-wide load pair
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, BW)
+    ok = (rows < Nk)[:, None]
+    in_k = (cols < HD)[None, :]
+    in_row = (cols < WA)[None, :]
+    x = tl.load(k_ptr + bh * Nk * HD + rows[:, None] * HD + cols[None, :], mask=ok & in_k, other=0.0)
+    x += tl.load(e_ptr + rows[:, None] * (WA - HD) + (cols - HD)[None, :], mask=ok & in_row & ~in_k, other=0.0)
+    tl.store(out_ptr + bh * Nk * WA + rows[:, None] * WA + cols[None, :], x, mask=ok & in_row)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -689,6 +734,19 @@ def _pack_k(cfg: RelPosAttnConfig, nq: int, nk: int) -> bool:
     return cfg.pack_k if cfg.pack_k is not None else nq >= 2 * nk
 
 
+def pack_k_rows(k: torch.Tensor, e: torch.Tensor, dims: _Dims) -> torch.Tensor:
+    """The packed k' rows (B, nh, Nk, A1+A2) = ``torch.cat([k, e.expand(B, nh, Nk, ·)], -1)`` for a
+    contiguous k (B, nh, Nk, hd) and the keys' one-hot table e (Nk, A1+A2 − hd), bit for bit, in one
+    Triton launch. torch's cat of the broadcast e took 14 / 26 µs at MViTv2-L stages 1 / 2 on an
+    H200 (a non-vectorised copy, ``attention_tune_…_s1.md``, ``_s2.md``) for 8.5 / 17 MB moved."""
+    B, nh, Nk, hd = k.shape
+    out = _empty(B, nh, Nk, dims.wa, dtype=k.dtype, device=k.device)
+    block = 32
+    launch(_pack_k_kernel, (cdiv(Nk, block), B * nh), k, e, out, Nk, HD=hd, WA=dims.wa, BW=next_pow2(dims.wa, 16),
+           BLOCK=block, num_warps=4)
+    return out
+
+
 def _key_table(k: torch.Tensor, k_thw: tuple, kt: int, dims: _Dims, has_cls: bool) -> torch.Tensor:
     """e (Nk, A1+A2 − hd) in k's dtype: per key its one-hot t (when kt > 0), h and w coordinate,
     then zeros; the cls row all zeros; cached per geometry and shared by every batch·head. The
@@ -780,11 +838,12 @@ def _kernel_kw(kernel: str, dims: _Dims, cfg: RelPosAttnConfig, kw: int, has_cls
                 **_launch(warps, stages, maxnreg))
 
 
-def _bwd_dq(q, r, k, e, v, o, do, do_nh, lse, dims: _Dims, has_cls, scale, cfg, rel=None):
+def _bwd_dq(q, r, k, e, v, o, do, do_nh, lse, dims: _Dims, has_cls, scale, cfg, rel=None, counts=None):
     """dq (B, nh, Nq, hd), dR (B, nh, Nq', KR) in the input dtypes, and what the dk/dv kernel
     reads: delta (B, nh, Nq) fp32 and the packed q'' rows (B, nh, Nq, A1+A2). o is :func:`_fwd`'s
     (token-major), dO in the layout ``do_nh`` (:func:`_heads_layout`). With ``rel`` =
-    (``RelTables``, rel geometry) dq includes q's rel-path gradient."""
+    (``RelTables``, rel geometry) dq includes q's rel-path gradient. ``counts``: the dk/dv kernel's
+    int32 counts (B·nh, key tiles) when it runs query chunks, zeroed here (:func:`_bwd_dkdv`)."""
     B, nh, Nq, _ = q.shape
     Nk = k.shape[2]
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
@@ -792,11 +851,13 @@ def _bwd_dq(q, r, k, e, v, o, do, do_nh, lse, dims: _Dims, has_cls, scale, cfg, 
     delta = _empty(B, nh, Nq, dtype=torch.float32, device=q.device)
     qa = _empty(B, nh, Nq, dims.wa, dtype=q.dtype, device=q.device)
     tabs, rel_consts = _rel_args(q, rel, dq_rows_args)
+    n_cnt = 0 if counts is None else counts.shape[1]
     launch(
         _dq_kernel, (cdiv(Nq, cfg.dq_block_m), B * nh),
-        q, r, k, e, v, o, do, lse, delta, dq, dr, qa, *tabs, Nq, Nk, scale * LOG2E, scale,
+        q, r, k, e, v, o, do, lse, delta, dq, dr, qa, *tabs, delta if counts is None else counts,
+        Nq, Nk, scale * LOG2E, scale,
         **_kernel_kw("dq", dims, cfg, k.shape[-1], has_cls, q.dtype == torch.float32, Nk, q.device.type, nh, do_nh),
-        **rel_consts,
+        **rel_consts, **({} if n_cnt == 0 else dict(N_CNT=n_cnt, CNT_P=next_pow2(n_cnt))),
     )
     return dq, dr, delta, qa
 
@@ -825,24 +886,34 @@ def _n_sms(device: torch.device) -> Optional[int]:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
-def _bwd_dkdv(qa, k, e, v, do, do_nh, lse, delta, dims: _Dims, cfg):
+def _bwd_dkdv(qa, k, e, v, do, do_nh, lse, delta, dims: _Dims, cfg, counts=None):
     """dk, dv (B, nh, Nk, hd) in the input dtype: written by the kernel when there is one query
-    chunk, else fp32 partials per chunk summed in a fixed order (deterministic). dO in the layout
-    ``do_nh`` (:func:`_heads_layout`)."""
+    chunk, else fp32 partials per chunk that the last program of each key tile to finish sums in
+    chunk order (deterministic) in the same launch. dO in the layout ``do_nh``
+    (:func:`_heads_layout`). ``counts``: zeroed int32 (B·nh, key tiles) for the chunked case, as
+    :func:`_dkdv_counts` makes them and the dq kernel zeros them; None: zeroed here (a torch fill)."""
     B, nh, Nq, _ = qa.shape
     Nk = k.shape[2]
     chunks, kw = _dkdv_kw(dims, cfg, k.shape[-1], qa.dtype == torch.float32, Nq, Nk, B * nh, _n_sms(qa.device), do_nh)
-    n = B * nh * Nk * dims.hd
     out = _empty(2, B, nh, Nk, dims.hd, dtype=qa.dtype, device=qa.device)  # dk, dv
-    part = out if chunks == 1 else _empty(2, chunks, n, dtype=torch.float32, device=qa.device)
+    if chunks == 1:
+        part, counts = out, lse  # lse: a stand-in, never read
+    else:
+        part = _empty(2, chunks, B * nh * Nk * dims.hd, dtype=torch.float32, device=qa.device)
+        if counts is None:
+            counts = _dkdv_counts(B * nh, Nk, cfg, qa.device)
+            counts.zero_()
     launch(
         _dkdv_kernel, (cdiv(Nk, cfg.dkdv_block_n), chunks, B * nh),
-        qa, k, e, v, do, lse, delta, part[0], part[1], Nq, Nk, 1.0 / LOG2E, B * nh, **kw,
+        qa, k, e, v, do, lse, delta, part[0], part[1], counts, out[0], out[1], Nq, Nk, 1.0 / LOG2E, B * nh, **kw,
     )
-    if chunks > 1:
-        block = 1024
-        launch(_sum_chunks_kernel, (cdiv(n, block), 2), part, out, n, CHUNKS=chunks, BLOCK=block, num_warps=4)
     return out[0], out[1]
+
+
+def _dkdv_counts(n_bh: int, nk: int, cfg: RelPosAttnConfig, device: torch.device) -> torch.Tensor:
+    """The dk/dv kernel's int32 count per (batch·head, key tile), uninitialised: how many of the
+    key tile's query-chunk programs have stored their partials."""
+    return _empty(n_bh, cdiv(nk, cfg.dkdv_block_n), dtype=torch.int32, device=device)
 
 
 @functools.lru_cache(maxsize=256)
@@ -852,7 +923,7 @@ def _dkdv_kw(dims: _Dims, cfg: RelPosAttnConfig, kw: int, ieee: bool, nq: int, n
     and config (:func:`dkdv_split`). The dict is read-only: callers unpack it."""
     chunks, tiles_per_chunk = dkdv_split(cfg, nq, nk, n_bh, n_sms)
     return chunks, dict(**dims.constexprs(), KW=kw, IEEE=ieee, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
-                        TILES_PER_CHUNK=tiles_per_chunk, DO_NH=do_nh, num_warps=cfg.dkdv_warps,
+                        TILES_PER_CHUNK=tiles_per_chunk, DO_NH=do_nh, CHUNKS=chunks, num_warps=cfg.dkdv_warps,
                         num_stages=cfg.dkdv_stages)
 
 
@@ -864,8 +935,12 @@ def _bwd(do, q, r, k, v, o, lse, dims: _Dims, k_thw, kt, has_cls, scale, cfg, re
     if do_nh == 0:  # neither layout the kernels read
         do, do_nh = do.contiguous(), 1
     e = _key_table(k, k_thw, kt, dims, has_cls)
-    dq, dr, delta, qa = _bwd_dq(q, r, k, e, v, o, do, do_nh, lse, dims, has_cls, scale, cfg, rel)
-    dk, dv = _bwd_dkdv(qa, k, e, v, do, do_nh, lse, delta, dims, cfg)
+    B, nh, Nq, _ = q.shape
+    chunks, _ = _dkdv_kw(dims, cfg, k.shape[-1], q.dtype == torch.float32, Nq, k.shape[2], B * nh, _n_sms(q.device),
+                         do_nh)
+    counts = _dkdv_counts(B * nh, k.shape[2], cfg, q.device) if chunks > 1 else None  # zeroed by the dq kernel
+    dq, dr, delta, qa = _bwd_dq(q, r, k, e, v, o, do, do_nh, lse, dims, has_cls, scale, cfg, rel, counts)
+    dk, dv = _bwd_dkdv(qa, k, e, v, do, do_nh, lse, delta, dims, cfg, counts)
     return dq, dk, dv, dr
 
 
@@ -887,8 +962,7 @@ def _attn_forward(q, k, v, r, k_thw, kt, has_cls, scale, cfg, rel=None) -> tuple
     dims = _Dims.of(q.shape[-1], r.shape[-1], cfg.split)
     e = _key_table(k, k_thw, kt, dims, has_cls)
     if _pack_k(cfg, q.shape[2], k.shape[2]):
-        B, nh, Nk, _ = k.shape
-        k = torch.cat([k, e.expand(B, nh, Nk, e.shape[-1])], dim=-1)  # (B, nh, Nk, A1+A2)
+        k = pack_k_rows(k, e, dims)  # (B, nh, Nk, A1+A2)
     o, lse = _fwd(q, r, k, e, v, dims, has_cls, scale, cfg, rel)
     return o, (q, r, k, v, o, lse), (dims, k_thw, kt, has_cls, scale, cfg)
 

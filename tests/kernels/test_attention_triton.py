@@ -141,7 +141,7 @@ def test_head_dims(hd, dtype):
 
 def test_default_config_and_query_chunks():
     """Interpreter default tiles, the split of the dk/dv query loop into 3 chunks (fp32 partials
-    summed by ``_sum_chunks_kernel``), rows padded to one power of two instead of split into two
+    summed in chunk order by the last of each key tile's programs), rows padded to one power of two instead of split into two
     (hd 40: v/dO rows 32 + 16 instead of 64, q''/k' rows 40 + 8 = 48 as 32 + 16), and k' rows packed
     in memory instead of assembled in the kernels give the oracle's gradients."""
     q_thw, k_thw = (2, 6, 6), (2, 3, 3)
@@ -318,6 +318,21 @@ def _memory_budget(q, k, q_thw, k_thw, tables, cfg, n_sms, partials_at_peak=Fals
     return B * nh * per_bh, 2 * sum(4 * t.numel() for t in tables if t is not None) + partials
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,nh,Nk,hd,kr", [(2, 3, 33, 24, 7), (1, 2, 393, 72, 22), (1, 1, 5, 16, 3)])
+def test_pack_k_rows_is_the_cat(monkeypatch, B, nh, Nk, hd, kr, dtype):
+    """The packed k' rows (one Triton launch) are ``torch.cat([k, e.expand(...)], -1)`` bit for bit,
+    every element written (the buffer starts as NaN), for MViTv2-L's Nk 393 and rows of 94 → 96
+    columns, awkward row counts and narrow rows."""
+    monkeypatch.setattr(triton_attn, "_empty", lambda *shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                          device=device))
+    g = torch.Generator().manual_seed(0)
+    dims = triton_attn._Dims.of(hd, kr, True)
+    k = torch.randn(B, nh, Nk, hd, generator=g).to(dtype)
+    e = torch.randn(Nk, dims.wa - hd, generator=g).to(dtype)
+    assert torch.equal(triton_attn.pack_k_rows(k, e, dims), torch.cat([k, e.expand(B, nh, Nk, dims.wa - hd)], -1))
+
+
 def test_launch_choices_at_the_mvitv2_stages():
     """Query chunks of the dk/dv kernel: for 8 programs per SM on an H100 (132 SMs), MViTv2-L at
     B = 32 chunks only its two largest stages; the query tiles shared out evenly (fewer masked tiles
@@ -398,10 +413,11 @@ def test_mixed_precision_tables():
 
 
 def test_poisoned_buffers(monkeypatch):
-    """Every buffer the kernels write is allocated NaN-filled: no NaN may survive."""
+    """Every buffer the kernels write is allocated NaN-filled (integer ones, the dk/dv kernel's
+    counts, with garbage that the dq kernel must zero): no NaN may survive."""
 
     def nan_empty(*shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else 12345, dtype=dtype, device=device)
 
     monkeypatch.setattr(triton_attn, "_empty", nan_empty)
     q_thw, k_thw = (2, 3, 5), (2, 3, 3)
@@ -737,17 +753,18 @@ def test_memory_bench_runs_in_the_interpreter(tmp_path):
 
 
 # the launches of one forward+backward with rel_impl="triton" (forward, then backward)
-_ISSUED_SEPARATE = ["_prepare_tables_kernel", "_rel_fwd_kernel", "_fwd_kernel", "_dq_kernel", "_dkdv_kernel",
-                    "_sum_chunks_kernel", "_rel_dq_kernel", "_rel_dtab_kernel", "_rel_dtab_finish_kernel"]
+_ISSUED_SEPARATE = ["_prepare_tables_kernel", "_rel_fwd_kernel", "_pack_k_kernel", "_fwd_kernel", "_dq_kernel",
+                    "_dkdv_kernel", "_rel_dq_kernel", "_rel_dtab_kernel", "_rel_dtab_finish_kernel"]
 _ISSUED_INSIDE = [n for n in _ISSUED_SEPARATE if n not in ("_rel_fwd_kernel", "_rel_dq_kernel")]
 
 
 @pytest.mark.parametrize("fused,expected", [(False, _ISSUED_SEPARATE), (True, _ISSUED_INSIDE)])
 def test_work_issued_per_call(fused, expected):
-    """What one forward+backward issues: exactly these Triton launches, and no torch op with
-    device work but the packed k' rows (``cat``, as Nq ≥ 2·Nk here). At MViTv2-L stages 3-4 every
-    small launch costs the host more than its GPU work (``bench/attention_host.py``); casts, sums
-    and a one-hot matmul around the kernels were 21 of them. New ones must not creep back in."""
+    """What one forward+backward issues: exactly these Triton launches (the packed k' rows, as
+    Nq ≥ 2·Nk here, and dk/dv in two query chunks summed inside their kernel), and no torch op with
+    device work. At MViTv2-L stages 3-4 every small launch costs the host more than its GPU work
+    (``bench/attention_host.py``); casts, sums and a one-hot matmul around the kernels were 21 of
+    them. New ones must not creep back in."""
     from bench.attention_host import count_issued
 
     q_thw, k_thw = (2, 4, 4), (2, 2, 2)
@@ -764,7 +781,7 @@ def test_work_issued_per_call(fused, expected):
     call()  # first call per geometry: cached tables (distances, key one-hots, pairs) are built
     launched, ops, _ = count_issued(call, stub=False, reps=1)
     assert launched == expected
-    assert ops == ["cat"]
+    assert ops == []
     assert all(x.grad is not None for x in _leaves(inputs))  # the counted call really ran backward
 
 

@@ -146,8 +146,8 @@ def test_fast_launch_passes_what_the_jit_passes(offline):
     and the fast path's second call never enters the JIT."""
     jit, fast = offline["jit"], offline["fast"]
     names = [r["name"] for r in jit["launches"]]
-    assert names == ["_prepare_tables_kernel", "_rel_fwd_kernel", "_fwd_kernel", "_dq_kernel", "_dkdv_kernel",
-                     "_rel_dq_kernel", "_rel_dtab_kernel", "_rel_dtab_finish_kernel"]
+    assert names == ["_prepare_tables_kernel", "_rel_fwd_kernel", "_pack_k_kernel", "_fwd_kernel", "_dq_kernel",
+                     "_dkdv_kernel", "_rel_dq_kernel", "_rel_dtab_kernel", "_rel_dtab_finish_kernel"]
     assert fast["launches"] == jit["launches"]
     assert jit["jit_runs"] == len(names) and fast["jit_runs"] == 0
 
