@@ -3,16 +3,21 @@
 #   make test   -- the same install, then the whole test suite
 #
 # Install order matters (see DESIGN §4): torch goes in first. When the interpreter already has a
-# torch (for example a user's CUDA build, visible through --system-site-packages), it is kept;
-# only when none is importable do we install the pinned CPU-friendly build below. The install is
-# re-run only when pyproject.toml, constraints.txt or this Makefile change.
+# torch (for example a user's CUDA build, visible through --system-site-packages), it is kept
+# (it must be >= 2.10, the first paired with triton 3.6); only when none is importable do we
+# install the pinned torch below, on its own: torch from PyPI brings its own triton (2.13.0
+# needs exactly 3.7.1), so triton is installed only when no triton 3.6-3.9 came with it. The
+# project is then installed with the torch found pinned, so pip fails instead of replacing it.
+# The install is re-run only when pyproject.toml, constraints.txt or this Makefile change.
 
 PYTHON      ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
+TORCH_MIN   := 2.10
 STAMP       := $(VENV)/.maskfeat-installed
+TORCH_PIN   := $(VENV)/.maskfeat-torch-pin.txt
 PYTEST_ARGS ?=
 
 .PHONY: install test demo bench-hog clean-venv
@@ -24,11 +29,23 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml constraints.txt Makefile
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 		echo "keeping installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+		$(PY) -c "import sys, torch; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); \
+			sys.exit(0 if v >= tuple(int(x) for x in '$(TORCH_MIN)'.split('.')) else \
+			f'torch {torch.__version__} is installed; this project needs torch >= $(TORCH_MIN) (triton 3.6-3.9). ' \
+			'Upgrade it, or rm -r $(VENV) and run make with PYTHON= an interpreter that lacks it.')"; \
 	else \
-		echo "installing $(TORCH_SPEC) $(TRITON_SPEC)"; \
-		$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"; \
+		echo "installing $(TORCH_SPEC)"; \
+		$(PY) -m pip install -q "$(TORCH_SPEC)"; \
 	fi
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	@if $(PY) -c "import sys, triton; v = tuple(int(x) for x in triton.__version__.split('.')[:2]); \
+			sys.exit(0 if (3, 6) <= v < (3, 10) else 1)" 2>/dev/null; then \
+		echo "keeping installed triton $$($(PY) -c 'import triton; print(triton.__version__)')"; \
+	else \
+		echo "installing $(TRITON_SPEC)"; \
+		$(PY) -m pip install -q "$(TRITON_SPEC)"; \
+	fi
+	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(TORCH_PIN)
+	$(PY) -m pip install -q -c constraints.txt -c $(TORCH_PIN) -e ".[dev]"
 	@touch $(STAMP)
 
 install: $(STAMP)
