@@ -56,6 +56,15 @@ def require_launchable(t: torch.Tensor, what: str, instead: str, error: type = V
                     f"before importing the kernels (tests do) or use {instead}")
 
 
+def autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device.type, enabled=False)``: code that must run in the dtypes it chose
+    (the fp32 HOG and pixel targets) under an enclosing autocast; a no-op for device types without
+    autocast (meta)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 _SAME_DEVICE = contextlib.nullcontext()  # reentrant; one instance for every call
 
 

@@ -8,7 +8,8 @@ Our modules use the official attribute names, so ``state_dict()`` keys *are* the
 ``norm.*``, ``head.projection.*``). What remains is:
 
 - reading a ``.pyth`` file (``torch.save({"epoch", "model_state", "optimizer_state", "cfg"})``)
-  and stripping a DDP ``module.`` prefix (:func:`extract_model_state`);
+  and stripping a DDP ``module.`` prefix (:func:`extract_model_state`); both loaders drop the
+  official MaskMViT's ``hogs.*`` HOG filter buffers;
 - adapting tensors whose size depends on the resolution: relative-position tables are linearly
   interpolated (official ``get_rel_pos``; :func:`models.mvit.resize_rel_pos`) and a ViT's
   absolute position embedding trilinearly (official ``_get_pos_embed``) (:func:`adapt_state_dict`);
@@ -58,7 +59,8 @@ __all__ = [
 
 # pre-training-only state: our MaskFeat's and the official MaskMViT's (whose HOGLayerC keeps its
 # filters as persistent buffers, ``hogs.0.{weight_x,weight_y,gkern}``)
-PRETRAIN_ONLY_PREFIXES = ("mask_token", "pred_head.", "hogs.")
+_OFFICIAL_HOG_PREFIX = "hogs."
+PRETRAIN_ONLY_PREFIXES = ("mask_token", "pred_head.", _OFFICIAL_HOG_PREFIX)
 # wrappers around a backbone's keys: DDP, a model holding the backbone as ``backbone``/``model``
 KNOWN_PREFIXES = ("module.", "backbone.", "model.")
 # what a classifier adds to the backbone by design: the final norm and the classification head
@@ -154,8 +156,11 @@ def adapt_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tup
 
 def load_state_dict_official(model: nn.Module, state: Union[str, os.PathLike, Mapping[str, Any]], strict: bool = True) -> LoadReport:
     """Load an official-format state dict (or ``.pyth``) into a model of the same task, resizing
-    relative-position tables / position embedding to the model's resolution."""
-    sd, resized = adapt_state_dict(model, extract_model_state(state))
+    relative-position tables / position embedding to the model's resolution. The official
+    MaskMViT's HOG filter buffers (``hogs.*``: fixed Sobel/Gaussian filters, which our HOG
+    computes itself) are dropped."""
+    sd = {k: v for k, v in extract_model_state(state).items() if not k.startswith(_OFFICIAL_HOG_PREFIX)}
+    sd, resized = adapt_state_dict(model, sd)
     res = model.load_state_dict(sd, strict=strict)
     return LoadReport(list(res.missing_keys), list(res.unexpected_keys), resized)
 

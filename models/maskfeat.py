@@ -20,9 +20,10 @@ Semantics follow facebookresearch/SlowFast ``slowfast/models/masked.py`` (``Mask
   visualisation); the loss only scores masked ones.
 - Targets: HOG (``kernels.hog``; 3 channels x 9 bins x 2x2 cells = 108 per 16-px token, video on
   frames 0, 2, 4, ... — the temporal stride of the patch embedding) or the pixel ablation
-  (per-patch normalised RGB, ``(x − mean)/sqrt(var + 1e-6)`` with the unbiased variance, 768 =
-  16·16·3 values per token; video uses the same strided frames, values ordered (py, px, c), images
-  ordered (c, py, px), as the official ``_get_pixel_label_3d``/``_get_pixel_label_2d``).
+  (per-patch normalised RGB of the normalised input, ``(x − mean)/sqrt(var + 1e-6)`` with the
+  unbiased variance, 768 = 16·16·3 values per token; video uses the same strided frames, values
+  ordered (py, px, c), images ordered (c, py, px), as the official
+  ``_get_pixel_label_3d``/``_get_pixel_label_2d``).
 - Loss: MSE averaged over all elements of the masked tokens' targets (official ``multi_mse``).
   Computed as a masked sum over the mask count (no boolean indexing, so no host sync); with an
   empty mask the loss is 0 instead of the official NaN.
@@ -36,6 +37,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from kernels import autocast_disabled
 
 from .mvit import MViT, _unwrap
 
@@ -202,13 +205,22 @@ class MaskFeat(MViT):
         return x * (1 - m) + self.mask_token.to(x.dtype) * m
 
     def compute_targets(self, video: torch.Tensor, frames: Optional[torch.Tensor]) -> torch.Tensor:
-        """Targets (B, N, D) for every output token, without gradient."""
+        """Targets (B, N, D) fp32 for every output token, without gradient, computed with autocast
+        disabled (an enclosing ``torch.autocast`` does not lower their precision).
+
+        The pixel target uses the normalised input (official ``_get_pixel_label``: its per-patch
+        normalisation spans the three channels, so it is not invariant to per-channel mean/std):
+        ``frames`` only when it is that input at a higher precision (``frames`` rounds exactly to
+        ``video``, as the fp32 clip of a bf16 run does), else ``video``; raw frames never feed it."""
         p = self.feat_stride[1]
-        with torch.no_grad():
-            src = frames if frames is not None else video.detach()
-            if self.target == "pixel":  # frames: normalised like video (per-patch normalisation follows)
-                return pixel_targets(src.float(), p, self.temporal_stride)
-            # HOG: uint8/fp16/bf16/fp32 accepted
+        with torch.no_grad(), autocast_disabled(video.device):
+            if self.target == "pixel":
+                x = video.detach().float()
+                if frames is not None and frames.is_floating_point():
+                    same = (frames.to(video.dtype) == video).all()  # a device-side flag: no host sync
+                    x = torch.where(same, frames.float(), x)
+                return pixel_targets(x, p, self.temporal_stride)
+            src = frames if frames is not None else video.detach()  # HOG: uint8/fp16/bf16/fp32 accepted
             import kernels.hog as hog  # lazy: only the HOG target needs it
 
             if self.patch_2d:
@@ -225,8 +237,10 @@ class MaskFeat(MViT):
         self, video: torch.Tensor, mask: torch.Tensor, frames: Optional[torch.Tensor] = None
     ) -> MaskFeatOutput:
         """video (B, C, T, H, W) normalised (images: (B, C, H, W)); mask (B, T', H', W') bool at the
-        output grid (images: (B, H', W')); frames: optional raw frames of the same geometry for the
-        HOG target (uint8 allowed; HOG ignores the per-channel affine normalisation)."""
+        output grid (images: (B, H', W')); frames: optional frames of the same geometry for the
+        targets: raw (uint8 allowed; HOG ignores the per-channel affine normalisation) or the
+        normalised clip at a higher precision than ``video``. The pixel target uses ``frames`` only
+        in the latter case (see :meth:`compute_targets`), else ``video``."""
         want = 4 if self.patch_2d else 5
         if video.dim() != want:
             raise ValueError(f"expected a {want}-D input for this model; got {tuple(video.shape)}")

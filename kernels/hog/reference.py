@@ -41,6 +41,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kernels import autocast_disabled
+
 NORMS = ("none", "cell_l2", "block_l2hys")
 L2_EPS = 1e-12  # F.normalize's eps, as in the official code
 L2HYS_CLIP = 0.2
@@ -136,8 +138,18 @@ def hog_reference(
     """Official HOGLayerC cell histograms. frames (N, 3, H, W) any dtype -> (N, 3, nbins, H/cell, W/cell) in dtype.
 
     ``dtype=torch.float32`` is the official computation; ``torch.float64`` is the test oracle.
+    Runs with autocast disabled, so an enclosing ``torch.autocast`` does not turn the Sobel
+    convolution into bf16/fp16 (the target is computed in ``dtype`` regardless).
     """
     check_hog_args(tuple(frames.shape), None, cell, nbins, gaussian_window, norm)
+    with autocast_disabled(frames.device):
+        return _hog_reference(frames, cell, nbins, gaussian_window, signed, norm, dtype)
+
+
+def _hog_reference(
+    frames: torch.Tensor, cell: int, nbins: int, gaussian_window: int, signed: bool, norm: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """Body of :func:`hog_reference` (arguments already checked; called with autocast off)."""
     x = frames.to(dtype)
     wx = torch.tensor([[1, 0, -1], [2, 0, -2], [1, 0, -1]], dtype=dtype, device=x.device)
     wx = wx.view(1, 1, 3, 3).repeat(3, 1, 1, 1)  # (3, 1, 3, 3)

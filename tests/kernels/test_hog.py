@@ -411,6 +411,23 @@ def test_auto_backend_on_cpu_is_reference_and_shapes():
     assert not hog_targets(y, backend="reference").requires_grad  # targets, as the Triton kernel's
 
 
+def test_reference_under_cpu_autocast_is_fp32_and_unchanged():
+    """Regression: under torch.autocast F.conv2d ran in bf16 although the reference converts
+    frames to fp32, so scatter_add_ of bf16 magnitudes into the fp32 histogram raised
+    "scatter(): Expected self.dtype to be equal to src.dtype" (and the Sobel would have been
+    bf16). The reference now runs with autocast disabled: same fp32 targets as without it."""
+    x = rand_frames(2, 32, 48, seed=13)
+    clip = torch.randint(0, 256, (1, 3, 4, 32, 32), dtype=torch.uint8)
+    opts = dict(norm="block_l2hys", signed=True, gaussian_window=16)
+    want = [hog_targets(x), hog_targets(x.float()), hog_targets(x, **opts), video_hog_targets(clip)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = [hog_targets(x), hog_targets(x.float()), hog_targets(x, **opts), video_hog_targets(clip)]
+        assert torch.is_autocast_enabled("cpu")  # restored after the reference
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "shape,kwargs,match",
     [

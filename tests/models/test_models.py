@@ -239,6 +239,46 @@ def test_hog_ablation_options_reach_the_targets(opts):
         create_model("mvitv2_tiny", "pretrain", hog_norm="l1")
 
 
+@pytest.mark.parametrize("name", ["mvitv2_tiny", "vit_tiny"])
+@pytest.mark.parametrize("target", ["hog", "pixel"])
+def test_targets_under_cpu_autocast_are_fp32_and_unchanged(name, target):
+    """Regression: under torch.autocast the reference HOG's Sobel conv ran in bf16 and its
+    scatter_add_ into the fp32 histogram raised a dtype error on every MaskFeat forward. Targets
+    are computed in fp32 with autocast off, so they equal the targets without autocast."""
+    torch.manual_seed(0)
+    m = create_model(name, "pretrain", attn_backend="reference", target=target)
+    x = _input(m, batch=1)
+    mask = _mask(m, x)
+    want = m(x, mask).target
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x, mask)
+    assert out.target.dtype == torch.float32
+    torch.testing.assert_close(out.target, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["mvitv2_tiny", "vit_tiny"])
+def test_pixel_target_uses_normalised_video_not_raw_frames(name):
+    """Regression: ``frames`` (raw pixels for the HOG target) also fed the pixel target, whose
+    per-patch normalisation spans the three channels and so is not invariant to per-channel
+    mean/std; the official pixel label uses the normalised input, whatever ``frames`` holds."""
+    torch.manual_seed(0)
+    m = create_model(name, "pretrain", attn_backend="reference", target="pixel")
+    shape = (1, 3, *m.input_size) if not m.patch_2d else (1, 3, *m.input_size[1:])
+    frames = torch.randint(0, 256, shape, dtype=torch.uint8)
+    ch = (1, 3) + (1,) * (len(shape) - 2)
+    video = (frames.float() - torch.tensor([0.485, 0.456, 0.406]).view(ch) * 255) / (
+        torch.tensor([0.229, 0.224, 0.225]).view(ch) * 255
+    )
+    mask = _mask(m, video)
+    want = m(video, mask).target
+    for raw in (frames, frames.float(), frames.float() / 255):
+        torch.testing.assert_close(m(video, mask, frames=raw).target, want, rtol=0, atol=0)
+    torch.testing.assert_close(want, pixel_targets(video, 16, m.temporal_stride))
+    # the normalised clip at a higher precision than the (bf16) model input is used as it is
+    exact = m.compute_targets(video.to(torch.bfloat16), video)
+    torch.testing.assert_close(exact, want, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- backends, reproducibility
 
 
@@ -349,6 +389,24 @@ def test_state_dict_keys_are_official_and_load_strictly(task):
     bad["blocks.0.attn.extra"] = torch.zeros(1)
     with pytest.raises(RuntimeError, match="Unexpected"):
         load_state_dict_official(m, bad, strict=True)
+
+
+def test_load_state_dict_official_accepts_official_pretrain_pyth_with_hog_buffers(tmp_path):
+    """Regression: the official MaskMViT keeps its HOGLayerC filters as persistent buffers
+    (``hogs.0.weight_x``, ``hogs.0.weight_y``); strict loading of its .pyth raised "Unexpected
+    key(s)". They hold fixed Sobel filters our HOG computes itself, so they are dropped."""
+    torch.manual_seed(0)
+    m = create_model("mvitv2_tiny", "pretrain", attn_backend="reference")
+    torch.manual_seed(1)
+    src = create_model("mvitv2_tiny", "pretrain", attn_backend="reference")
+    wx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]]).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
+    state = dict(src.state_dict(), **{"hogs.0.weight_x": wx, "hogs.0.weight_y": wx.transpose(2, 3)})
+    path = tmp_path / "checkpoint_epoch_00300.pyth"
+    torch.save({"epoch": 300, "model_state": state, "optimizer_state": {}, "cfg": ""}, path)
+    rep = load_state_dict_official(m, path, strict=True)
+    assert rep.missing == [] and rep.unexpected == [] and rep.resized == []
+    for k, v in src.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
 
 
 def test_official_shapes_of_s16x4_pretrain_keys():
