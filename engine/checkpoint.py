@@ -38,7 +38,12 @@ fixes parameter shapes — ``model.name``, ``model.overrides`` (other than the r
 :data:`NON_SHAPE_OVERRIDES`), and the input geometry ``data.num_frames`` (video variants) and
 ``data.crop_size`` (relative-position tables and the positional grid depend on both) — is a
 ConfigError listing ``key: saved -> now``; every other difference (optimiser, schedule, batch,
-ZeRO stage, …) is returned as one warning line and the run continues with the new values.
+ZeRO stage, …) is returned as one warning line and the run continues with the new values (the
+engine writes this run's AdamW settings and gradient clipping back over the ones DeepSpeed loads:
+``engine.runner.reapply_optimizer_settings``). A change that alters the AdamW parameter groups
+(``optim.layer_decay`` on or off, ``optim.weight_decay`` to or from 0: the optimiser state is stored
+per group) is a ConfigError naming the key (:func:`check_param_groups`, against the group names
+saved in the checkpoint).
 ``data.sampling_rate`` changes only which frames are read, not shapes. Keys that cannot matter to
 the result (:data:`IGNORED_ON_RESUME`: ``log.*``, ``train.output_dir``, loader threads…) are ignored.
 Limits: a run folder is assumed to be written by one run at a time.
@@ -48,8 +53,10 @@ partition the optimiser state (stage 3 also the weights) over the data-parallel 
 DeepSpeed cannot load such a checkpoint into another world size; stage 3 cannot load a stage 1/2
 checkpoint nor the reverse, and stage 0 has no partitions at all. So a ZeRO-1/2/3 checkpoint
 resumes with its own world size, a stage change is allowed only between 1 and 2 (one format),
-and only a ZeRO-0 checkpoint resumes with another world size. Anything else is a ConfigError
-naming saved and current values (not a DeepSpeed traceback).
+and only a ZeRO-0 checkpoint resumes with another world size. ``deepspeed.precision`` must match:
+the optimiser state is stored in another form per precision (bf16 ZeRO-1/2 shards have other
+names, a ZeRO-0 bf16/fp16 state holds the loss scale and fp32 masters). Anything else is a
+ConfigError naming saved and current values (not a DeepSpeed traceback).
 
 Export (``maskfeat export``): the fp32 weights are consolidated with DeepSpeed's
 ``zero_to_fp32`` utilities (ZeRO-1/2/3; for stage 0 the full module state is read directly),
@@ -92,6 +99,7 @@ __all__ = [
     "set_aside_newer",
     "on_first_local_ranks",
     "check_resume_compatible",
+    "check_param_groups",
     "consolidated_state_dict",
     "export_backbone",
     "load_pretrained",
@@ -607,8 +615,10 @@ def check_resume_config(path: str, now: dict) -> Optional[str]:
             "new run in another train.output_dir (fine-tuning starts from a checkpoint's weights through `maskfeat "
             "export` and finetune.pretrained, which adapts the input geometry)")
     if other:
+        seeds = " (train.seed seeds a fresh start only: the random streams continue from the checkpoint)" \
+            if any(c.startswith("train.seed:") for c in other) else ""
         return (f"warning: resume: the config differs from the checkpoint's ({os.path.join(path, 'config.yaml')}): "
-                + ", ".join(other) + "; continuing with the new values")
+                + ", ".join(other) + "; continuing with the new values" + seeds)
     return None
 
 
@@ -620,16 +630,36 @@ def _saved_zero_stage(path: str) -> Optional[int]:
         return None
 
 
-def check_resume_compatible(path: str, *, saved_world: int, saved_stage: Optional[int], world_size: int,
-                            zero_stage: int, output_dir: str = "<output_dir>") -> None:
-    """Raise ConfigError when DeepSpeed cannot load the checkpoint at ``path`` (saved by
-    ``saved_world`` ranks with ZeRO ``saved_stage``) into a run of ``world_size`` ranks with
-    ``zero_stage`` (module docstring); ``saved_stage`` None skips the stage check."""
+def _saved_precision(path: str) -> Optional[str]:
+    """``deepspeed.precision`` from the checkpoint's ``config.yaml`` (None when unreadable)."""
+    try:
+        value = _saved_config(path)["deepspeed"]["precision"]
+    except (KeyError, TypeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _restart_hint(path: str, output_dir: str) -> str:
     tag = os.path.basename(os.path.normpath(path))
-    restart = (f"To continue on other settings, start a new run from its weights instead: `maskfeat export "
-               f"{output_dir} --tag {tag} --out backbone.safetensors`, then fine-tune with "
-               "finetune.pretrained=backbone.safetensors (the optimiser state and the schedule position are not "
-               "carried over; pre-training has no option to start from exported weights).")
+    return (f"To continue on other settings, start a new run from its weights instead: `maskfeat export "
+            f"{output_dir} --tag {tag} --out backbone.safetensors`, then fine-tune with "
+            "finetune.pretrained=backbone.safetensors (the optimiser state and the schedule position are not "
+            "carried over; pre-training has no option to start from exported weights).")
+
+
+def check_resume_compatible(path: str, *, saved_world: int, saved_stage: Optional[int], world_size: int,
+                            zero_stage: int, output_dir: str = "<output_dir>", saved_precision: Optional[str] = None,
+                            precision: Optional[str] = None) -> None:
+    """Raise ConfigError when DeepSpeed cannot load the checkpoint at ``path`` (saved by
+    ``saved_world`` ranks with ZeRO ``saved_stage`` in ``saved_precision``) into a run of
+    ``world_size`` ranks with ``zero_stage`` in ``precision`` (module docstring); ``saved_stage``
+    None skips the stage check, a ``saved_precision`` or ``precision`` of None the precision check."""
+    restart = _restart_hint(path, output_dir)
+    if saved_precision is not None and precision is not None and saved_precision != precision:
+        raise ConfigError(
+            f"checkpoint {path} was saved with deepspeed.precision={saved_precision}, this run has "
+            f"deepspeed.precision={precision}: DeepSpeed stores the optimiser state in another form per precision "
+            f"and cannot load it into another one. Resume with deepspeed.precision={saved_precision}. " + restart)
     if saved_stage is not None and saved_stage != zero_stage and {saved_stage, zero_stage} != {1, 2}:
         raise ConfigError(
             f"checkpoint {path} was saved with deepspeed.zero_stage={saved_stage}, this run has "
@@ -646,13 +676,63 @@ def check_resume_compatible(path: str, *, saved_world: int, saved_stage: Optiona
             + restart)
 
 
+GROUPING_KEYS = {"optim.weight_decay": lambda v: v == 0, "optim.layer_decay": lambda v: v >= 1}
+"""The config keys that decide how parameters are split into AdamW groups (``engine.optim.param_groups``):
+key -> the property of its value that does (weight decay 0 merges the decayed and the not decayed
+parameters; a layer decay below 1 makes groups per layer)."""
+
+
+def saved_param_group_names(path: str) -> Optional[list[list[str]]]:
+    """The parameter names of each AdamW group the checkpoint at ``path`` was saved with (the client
+    state of DeepSpeed's model states file, read memory-mapped: the weights are not read), or None
+    when the checkpoint holds none or cannot be read."""
+    files = sorted(glob.glob(os.path.join(path, "*model_states.pt")))
+    if not files:
+        return None
+    try:
+        names = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True).get("param_group_names")
+    except Exception:  # unreadable here: DeepSpeed reports it when it loads the checkpoint
+        return None
+    return [list(g) for g in names] if isinstance(names, (list, tuple)) else None
+
+
+def check_param_groups(path: str, names: list[list[str]], now: dict, output_dir: str = "<output_dir>") -> None:
+    """Raise ConfigError when the AdamW groups this run builds (``names``: the parameter names of each
+    group, in order) are not those the checkpoint at ``path`` was saved with: the optimiser state is
+    stored per group (DeepSpeed would fail inside ``load_state_dict``, or with a ZeRO layout error).
+    The message names the keys of :data:`GROUPING_KEYS` that changed (``now``: ``config_to_dict``).
+    Nothing is checked when the checkpoint holds no group names."""
+    saved = saved_param_group_names(path)
+    if saved is None or saved == [list(g) for g in names]:
+        return
+    a, b = _flatten(_saved_config(path) or {}), _flatten(now)
+
+    def regroups(k: str) -> bool:
+        try:
+            return GROUPING_KEYS[k](a[k]) != GROUPING_KEYS[k](b[k])
+        except (KeyError, TypeError):
+            return False
+
+    changed = [k for k in GROUPING_KEYS if regroups(k)]
+    what = ", ".join(f"{k}: {_fmt(a[k])} -> {_fmt(b[k])}" for k in changed)
+    keep = (", ".join(f"{k}={_fmt(a[k])}" for k in changed) if changed
+            else f"the saved optim settings ({os.path.join(path, 'config.yaml')})")
+    raise ConfigError(
+        f"checkpoint {path} holds the optimiser state of {len(saved)} AdamW parameter groups, this config builds "
+        f"{len(names)}" + (f" ({what})" if what else "") + ": the state cannot be carried over to "
+        "another grouping (optim.weight_decay=0 merges the decayed and the not decayed parameters, "
+        f"optim.layer_decay < 1 makes groups per layer). Resume with {keep}. " + _restart_hint(path, output_dir))
+
+
 def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: bool = True,
-                    zero_stage: Optional[int] = None, ckpt_dir: Optional[str] = None) -> dict:
+                    zero_stage: Optional[int] = None, ckpt_dir: Optional[str] = None,
+                    precision: Optional[str] = None) -> dict:
     """Restore ``engine`` from ``tag`` and return this rank's saved state dict.
 
-    Before DeepSpeed is called, a missing tag (the error lists the available ones) and a world size
-    or ZeRO stage DeepSpeed cannot load (:func:`check_resume_compatible`) raise ConfigError.
-    ``zero_stage`` is this run's stage (default: the engine's). A ZeRO-0 checkpoint loads into any
+    Before DeepSpeed is called, a missing tag (the error lists the available ones) and a world size,
+    ZeRO stage or precision DeepSpeed cannot load (:func:`check_resume_compatible`) raise ConfigError.
+    ``zero_stage`` is this run's stage (default: the engine's); ``precision`` this run's
+    ``deepspeed.precision`` (None: not checked). A ZeRO-0 checkpoint loads into any
     world size: rank ``r`` then reads the state of saved rank ``r mod saved_world`` (its RNG
     streams repeat another rank's; the data position is mapped by ``engine.runner``).
     ``ckpt_dir`` (default ``<output_dir>/checkpoints``) loads a tag of another run's folder.
@@ -676,7 +756,8 @@ def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: b
     saved_world = int(state.get("loader", {}).get("world_size", len(files)))
     stage = int(engine.zero_optimization_stage() if zero_stage is None else zero_stage)
     check_resume_compatible(path, saved_world=saved_world, saved_stage=_saved_zero_stage(path), world_size=world,
-                            zero_stage=stage, output_dir=output_dir)
+                            zero_stage=stage, output_dir=output_dir, saved_precision=_saved_precision(path),
+                            precision=precision)
     load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=load_optimizer,
                                           load_lr_scheduler_states=False, load_module_strict=True)
     if load_path is None:

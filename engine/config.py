@@ -184,6 +184,10 @@ class TrainConfig:
     """``auto`` = CUDA when available (NCCL), otherwise CPU (gloo)."""
 
 
+EVAL_SPLITS = ("train", "val", "test")
+"""The splits ``finetune.eval_split`` may name (those ``engine.data.build_loader`` reads)."""
+
+
 @dataclass
 class FinetuneConfig:
     """Fine-tuning and evaluation specifics (DESIGN §3.6)."""
@@ -204,7 +208,7 @@ class FinetuneConfig:
     label_smoothing: float = 0.1
     """Label smoothing of the soft targets (soft-target cross-entropy)."""
     eval_split: str = "val"
-    """Split used for evaluation during and after fine-tuning."""
+    """Split used for evaluation during and after fine-tuning: train, val or test."""
 
 
 @dataclass
@@ -601,6 +605,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             raise ConfigError(f"{path}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, a binary file
+            why = "not UTF-8 text (a binary file?)" if isinstance(e, UnicodeDecodeError) else (e.strerror or str(e))
+            raise ConfigError(f"cannot read config file {path}: {why} (--config takes a YAML file)") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     merged = apply_overrides(data, list(overrides or []))
@@ -749,6 +756,10 @@ def validate(cfg: Config) -> None:
     for name in ("mixup_prob", "switch_prob", "label_smoothing"):
         if not 0 <= getattr(ft, name) <= 1:
             raise ConfigError(f"finetune.{name} must be in [0, 1], got {getattr(ft, name)}")
+    if ft.eval_split not in EVAL_SPLITS:
+        hint = _closest(ft.eval_split, list(EVAL_SPLITS))
+        raise ConfigError(f"finetune.eval_split must be one of {', '.join(EVAL_SPLITS)}, got {ft.eval_split!r}"
+                          + (f"; did you mean {hint!r}?" if hint else ""))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -399,11 +399,15 @@ def resolve_checkpoint(path: str) -> EvalTarget:
     """Resolve ``--checkpoint``: a run directory or its ``checkpoints/`` directory (``best``, else the
     latest complete checkpoint), the ``checkpoints/latest`` file (the tag it names), a
     ``checkpoints/<tag>`` directory (``engine.checkpoint.locate_checkpoint``, shared with
-    ``--resume PATH``), or a weights file. A missing or unrecognised path raises FileNotFoundError."""
+    ``--resume PATH``), or a weights file. A missing or unrecognised path raises ConfigError (exit 2,
+    as a missing ``--resume``: the path is a command-line argument, not the dataset)."""
     from engine.checkpoint import locate_checkpoint
 
     p = os.path.abspath(path)
-    found = locate_checkpoint(path, prefer_best=True)
+    try:
+        found = locate_checkpoint(path, prefer_best=True)
+    except FileNotFoundError as e:
+        raise ConfigError(f"--{e}") from None  # "--checkpoint PATH not found", "--checkpoint PATH: not a run ..."
     if found is None:  # a file other than checkpoints/latest: weights
         stem = os.path.splitext(p)[0]
         ci = os.path.join(os.path.dirname(p), CLASS_INDEX)
@@ -479,6 +483,10 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
         sd = load_pretrained(target.weights) if target.weights else consolidated_state_dict(target.ckpt_dir, target.tag)
     except (OSError, ValueError, TypeError) as e:  # an unreadable weights file: exit 2, one line
         if not target.weights:
+            if isinstance(e, FileNotFoundError):  # a tag folder without DeepSpeed's model states
+                from engine.checkpoint import CheckpointError
+
+                raise CheckpointError(f"--checkpoint {target.where}: {e} (an incomplete or damaged checkpoint)") from e
             raise
         raise ConfigError(f"--checkpoint {e}") from e
     from models.checkpoint import KNOWN_PREFIXES

@@ -29,7 +29,9 @@ the global batch; it shares the all-reduce of the non-finite flag, so it costs n
 Output folder (:func:`prepare_output_dir`, before the loader and the model are built): interrupted
 saves are repaired (``checkpoint.recover_checkpoint_dir``); ``--resume`` is resolved and checked
 (``checkpoint.resolve_resume``, ``checkpoint.check_resume_config``: a changed model is a
-ConfigError, other changes one warning line printed once the checkpoint has loaded). A start
+ConfigError, other changes one warning line printed once the checkpoint has loaded; this config's
+AdamW settings and gradient clipping replace the loaded ones, :func:`reapply_optimizer_settings`;
+a changed AdamW grouping is a ConfigError, ``checkpoint.check_param_groups``). A start
 without ``--resume`` (or from another run's checkpoint) in a ``train.output_dir`` that already holds
 checkpoints is a ConfigError, unless ``train.overwrite=true``, which first removes the previous
 run's :data:`RUN_OUTPUTS`. Resuming an older tag of the run's own folder sets the newer tags aside
@@ -58,6 +60,8 @@ import torch
 from torch import nn
 
 from engine.checkpoint import (
+    available_tags,
+    check_param_groups,
     check_resume_config,
     checkpoint_dir,
     find_latest,
@@ -373,19 +377,26 @@ def prepare_output_dir(cfg: Config, resume: Optional[str]) -> ResumePlan:
         plan = ResumePlan()
         if resume:
             target = resolve_resume(resume, out)
-            if target is None:
-                print(f"--resume auto: no complete checkpoint under {ckpt}; starting fresh", flush=True)
-            else:
+            if target is not None:
                 plan.ckpt_dir, plan.tag = target
                 plan.own = os.path.realpath(plan.ckpt_dir) == os.path.realpath(ckpt)
                 plan.config_warning = check_resume_config(plan.path, config_to_dict(cfg))
         there = stored_tags(ckpt) if not plan.own or plan.tag is None else []
         if there and not cfg.train.overwrite:
-            what = "continue it with --resume auto, " if plan.tag is None else ""
+            what, latest = "", find_latest(out)
+            if plan.tag is None and latest:  # (no --resume: --resume auto would have taken it)
+                what = "continue it with --resume auto, "
+            elif plan.tag is None and available_tags(ckpt):
+                # --resume auto takes the newest step tag only: a fine-tuning run stopped before its first
+                # step checkpoint holds nothing but `best`, continued by naming it
+                what = (f"continue it with {' or '.join('--resume ' + t for t in available_tags(ckpt))} "
+                        "(--resume auto takes the newest step checkpoint only, and there is none), ")
             raise ConfigError(
-                f"train.output_dir={out} already holds a run (checkpoints {', '.join(there)}; latest "
-                f"{find_latest(out)}): {what}choose another train.output_dir, or set train.overwrite=true to "
-                f"delete its {', '.join(RUN_OUTPUTS)} and start afresh there")
+                f"train.output_dir={out} already holds a run (checkpoints {', '.join(there)}"
+                f"{f'; latest {latest}' if latest else ''}): {what}choose another train.output_dir, or set "
+                f"train.overwrite=true to delete its {', '.join(RUN_OUTPUTS)} and start afresh there")
+        if resume and plan.tag is None:
+            print(f"--resume auto: no step checkpoint under {ckpt}; starting fresh", flush=True)
         return plan, bool(there)
 
     # rank 0 decides and every rank follows: on a node-local filesystem the other nodes' views of
@@ -469,8 +480,13 @@ def setup_run(
     # stale metrics.jsonl of a run that died before its first checkpoint
     metrics_after = 0
     if plan.tag is not None:
+        # rank 0 reads DeepSpeed's model states (on a node-local filesystem only its node holds them)
+        on_rank0(lambda: check_param_groups(plan.path, run.param_group_names, config_to_dict(cfg),
+                                            output_dir=cfg.train.output_dir))
         saved = load_checkpoint(engine, cfg.train.output_dir, plan.tag, zero_stage=cfg.deepspeed.zero_stage,
-                                ckpt_dir=plan.ckpt_dir)
+                                ckpt_dir=plan.ckpt_dir, precision=cfg.deepspeed.precision)
+        reapply_optimizer_settings(engine.optimizer, groups, cfg.optim.betas, cfg.optim.eps,
+                                   cfg.deepspeed.gradient_clipping)
         run.restore_rank_state(saved)
         if plan.config_warning:
             print0(plan.config_warning, file=sys.stderr)
@@ -536,6 +552,23 @@ class _ReadBack:
             self._event.synchronize()
         vals = self._host.tolist()
         return vals[0], (vals[1] if self._grad_norm is None else self._grad_norm)
+
+
+def reapply_optimizer_settings(ds_optimizer: Any, groups: list[dict], betas: Any, eps: float,
+                               gradient_clipping: float) -> None:
+    """After a resume, put this run's AdamW settings back: torch's ``Optimizer.load_state_dict`` copies
+    the saved groups' ``weight_decay``, ``betas``, ``eps`` and ``lr_scale`` (which ``set_lr`` reads),
+    and ZeRO-1/2 (and DeepSpeed's bf16 optimiser) restore the saved gradient clipping, so a changed
+    config would not take effect. ``groups`` are the groups this run built (``optim.param_groups``),
+    in the optimiser's order; ``checkpoint.check_param_groups`` made sure the grouping is the saved
+    one before loading."""
+    loaded = ds_optimizer.param_groups
+    if len(loaded) != len(groups):  # (not reached: checked before loading)
+        raise RuntimeError(f"{len(loaded)} optimiser groups after loading the checkpoint, {len(groups)} built")
+    for pg, g in zip(loaded, groups):
+        pg.update(lr_scale=g["lr_scale"], weight_decay=g["weight_decay"], betas=tuple(betas), eps=eps)
+    if hasattr(ds_optimizer, "clip_grad"):  # (stage 0 fp32 clips in the engine, from the config)
+        ds_optimizer.clip_grad = float(gradient_clipping)
 
 
 def forget_initial_step(ds_optimizer: Any, optimizer: torch.optim.Optimizer) -> None:

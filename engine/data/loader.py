@@ -416,9 +416,12 @@ class VideoLoader:
         return batch
 
     def _erase(self, video: torch.Tensor, specs: list[ClipSpec]) -> None:
-        """timm RandomErasing, pixel mode: N(0, 1) noise in the box, same box on every frame."""
+        """timm RandomErasing, pixel mode: N(0, 1) noise in the box, same box on every frame. The noise
+        is keyed by (seed, epoch, batch, rank): reproducible on resume, and different on every rank
+        (without the rank, each rank's box of the same batch got the same noise)."""
         gen = torch.Generator(device=video.device)
-        gen.manual_seed(self.cfg.seed * 7 + self.epoch * 100003 + self.batches_consumed)
+        key = np.random.SeedSequence([self.cfg.seed, self.epoch, self.batches_consumed, self.rank, 0xE4A5E])
+        gen.manual_seed(int(key.generate_state(1, np.uint64)[0]))
         for b, s in enumerate(specs):
             if s.erase is None:
                 continue

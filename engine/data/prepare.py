@@ -312,6 +312,9 @@ def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int =
     Layout problems raise :class:`DataError` before anything is encoded or written."""
     if codec not in CODECS:
         raise ValueError(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
+    overlap = dst_inside_src(src, dst)
+    if overlap:
+        raise ValueError(overlap)
     splits = _listings(src, extensions)
     _warn_empty_classes(splits)
     mapping, renamed = _output_names(src, splits, CODECS[codec][2])
@@ -339,6 +342,19 @@ def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int =
             shutil.copyfile(os.path.join(src, extra), os.path.join(dst, extra))
     write_class_index(os.path.join(dst, "classes.json"), result.class_names)
     return result
+
+
+def dst_inside_src(src: str, dst: str) -> str:
+    """Why ``dst`` cannot be the output root of ``src`` (the same folder or one inside it, after
+    resolving links), or "" when it can. Outputs written there would land beside the sources (VP9:
+    ``.webm`` next to each ``.mp4``, the lists into SRC) or be taken for done (H.264: ``.mp4`` outputs
+    at the sources' own paths, so nothing is encoded)."""
+    s, d = os.path.realpath(src), os.path.realpath(dst)
+    if d == s:
+        return f"DST {dst} is SRC {src}: choose an output folder outside SRC"
+    if os.path.commonpath([s, d]) == s:
+        return f"DST {dst} is inside SRC {src}: choose an output folder outside SRC"
+    return ""
 
 
 def build_prepare_parser() -> argparse.ArgumentParser:
@@ -403,6 +419,8 @@ def prepare_main(argv: list[str]) -> int:
         ap.error(f"--fps must be 0 (keep the source rate) or positive, got {args.fps}")
     if not args.check and not args.dst:
         ap.error("DST is required unless --check")
+    if not args.check and dst_inside_src(args.src, args.dst):
+        ap.error(dst_inside_src(args.src, args.dst))
     if args.full and not args.check:
         ap.error("--full goes with --check (prepare itself decodes every frame)")
     try:

@@ -319,10 +319,11 @@ def test_checkpoint_paths_resolve_like_the_run_dir(tmp_path):
     torch.save({"module": sd}, os.path.join(ck, "best", "mp_rank_00_model_states.pt"))
     assert resolve_checkpoint(run).tag == resolve_checkpoint(ck).tag == "best"  # best, else latest
     assert resolve_checkpoint(os.path.join(ck, "latest")).tag == "step00000002"  # the tag `latest` names
-    with pytest.raises(FileNotFoundError, match=r"checkpoint .*nope not found"):
+    # a missing or unrecognised --checkpoint is a config error (exit 2, as --resume), not a data error
+    with pytest.raises(ConfigError, match=r"^--checkpoint .*nope not found"):
         resolve_checkpoint(str(tmp_path / "nope"))
     os.makedirs(tmp_path / "empty_dir")
-    with pytest.raises(FileNotFoundError, match="not a run directory"):
+    with pytest.raises(ConfigError, match="not a run directory"):
         resolve_checkpoint(str(tmp_path / "empty_dir"))
 
 

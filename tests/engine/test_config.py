@@ -77,6 +77,9 @@ def test_unknown_key_names_the_closest_valid_key(override, expected):
     ("train.keep_checkpoints=-1", "train.keep_checkpoints must be >= 0"),
     ("deepspeed.gradient_clipping=-1", "gradient_clipping must be >= 0"),
     ("finetune.num_classes=-3", "num_classes must be >= 0"),
+    # regression: a typo failed only when the eval loader was built, after files were written
+    ("finetune.eval_split=vall", r"eval_split must be one of train, val, test, got 'vall'; did you mean 'val'"),
+    ("finetune.eval_split=holdout", r"got 'holdout'$"),
 ])
 def test_bad_values_are_clear(override, expected):
     with pytest.raises(ConfigError, match=expected):
@@ -93,6 +96,12 @@ def test_yaml_file_is_strict(tmp_path):
         load_config(str(p))
     with pytest.raises(ConfigError, match="not found"):
         load_config(str(tmp_path / "missing.yaml"))
+    # regression: a folder or a binary file was a traceback (exit 1), not a config error (exit 2)
+    with pytest.raises(ConfigError, match=r"cannot read config file .*: Is a directory"):
+        load_config(str(tmp_path))
+    (tmp_path / "weights.pt").write_bytes(b"PK\x03\x04\x14\x00\x80\xff\xfe\x00")
+    with pytest.raises(ConfigError, match=r"cannot read config file .*weights.pt: not UTF-8 text"):
+        load_config(str(tmp_path / "weights.pt"))
     p.write_text("optim:\n  lr: 1.0e-3\n")  # a good file: a bad override is blamed on the command line
     with pytest.raises(ConfigError, match="bad.yaml with the command-line overrides: optim.lr: expected a number"):
         load_config(str(p), ["optim.lr=abc"])

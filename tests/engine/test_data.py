@@ -368,6 +368,26 @@ def test_finetune_repeated_aug_randaugment_erasing(clips):
     assert box.min() < (0 - 0.45) / 0.225 - 0.1 or box.max() > (1 - 0.45) / 0.225 + 0.1  # N(0,1) noise
 
 
+def test_erasing_noise_differs_between_ranks_and_repeats_on_each():
+    """Regression: the noise in the random-erasing box was seeded by (seed, epoch, batch) only, so
+    every rank filled its boxes with the same numbers."""
+    from types import SimpleNamespace
+
+    from engine.data.loader import VideoLoader
+
+    specs = [SimpleNamespace(erase=(2, 3, 8, 5)), SimpleNamespace(erase=None)]
+
+    def erased(rank: int) -> torch.Tensor:
+        video = torch.zeros(2, 3, 4, 16, 16)  # (B, C, T, H, W)
+        me = SimpleNamespace(cfg=SimpleNamespace(seed=0), epoch=1, batches_consumed=2, rank=rank)
+        VideoLoader._erase(me, video, specs)
+        assert not video[1].any() and not video[0, :, :, :2].any()  # only the box of the erased clip
+        return video[0, :, :, 2:10, 3:8]
+
+    assert torch.equal(erased(0), erased(0)) and torch.equal(erased(1), erased(1))  # reproducible per rank
+    assert not torch.allclose(erased(0), erased(1))
+
+
 def test_multiview_counts_and_ids(clips):
     cfg = cfg_for(clips["folder_vp9"], num_clips=3, num_crops=3, batch_size=6)
     loader = build_loader(cfg, "test", mode="test")

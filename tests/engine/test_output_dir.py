@@ -126,6 +126,23 @@ def test_a_new_run_in_a_used_folder_stops_unless_overwrite(tmp_path, capsys):
     assert prepare_output_dir(_cfg(str(tmp_path / "new")), None).tag is None
 
 
+def test_resume_auto_with_only_best_names_the_tag_to_resume(tmp_path, capsys):
+    """Regression: fine-tuning that stopped before its first step checkpoint leaves only ``best``;
+    ``--resume auto`` (which takes step tags only) printed "no complete checkpoint ...; starting
+    fresh", then a config error telling the user to continue with ``--resume auto``."""
+    from engine.runner import prepare_output_dir
+
+    out = str(tmp_path / "run")
+    _tag(out, "best", 6)
+    for resume in ("auto", None):
+        with pytest.raises(ConfigError) as e:
+            prepare_output_dir(_cfg(out), resume)
+        assert "continue it with --resume best (--resume auto takes the newest step checkpoint only" in str(e.value)
+        assert "--resume auto," not in str(e.value)
+    assert "starting fresh" not in capsys.readouterr().out
+    assert prepare_output_dir(_cfg(out), "best").tag == "best"
+
+
 # ---- --resume PATH ------------------------------------------------------------------------------------
 def test_resume_paths_resolve_to_a_complete_tag(tmp_path, capsys):
     from engine.checkpoint import resolve_resume
@@ -193,6 +210,9 @@ def test_other_config_changes_on_resume_are_one_warning(tmp_path):
                                       "reference", "data.sampling_rate: 4 -> 2", "data.batch_size: 2 -> 4",
                                       "optim.lr: 0.001 -> 0.002"])  # output_dir, log.*, stop_after_steps: ignored
     assert check_resume_config(path, config_to_dict(_cfg(str(tmp_path / "y"), "log.jsonl=false"))) is None
+    # the random streams are restored from the checkpoint: a new train.seed does not take effect
+    line = check_resume_config(path, config_to_dict(_cfg(str(tmp_path / "z"), "train.seed=5")))
+    assert "train.seed: 0 -> 5; continuing with the new values (train.seed seeds a fresh start only" in line
     # an image variant has no frames: its data.num_frames does not reach the model
     img = str(tmp_path / "img")
     path = _tag(img, "step00000003", 3, config_yaml=config_to_yaml(_cfg(img, "model.name=mvitv2_tiny_image")))

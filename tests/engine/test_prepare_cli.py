@@ -7,8 +7,9 @@ Covered: split folders ``SRC/{train,val}/<class>/`` give one list per split with
 index; a val class that train lacks, a mixed layout and colliding output names are data errors
 before anything is encoded; whitespace in names becomes ``_``; no temporary file is ever left;
 a source whose timestamps never increase keeps every frame; a frame count that does not match is
-a per-file failure; ``maskfeat`` turns dataset listing errors into "data error" + exit 5 but keeps
-the traceback of a genuine bug.
+a per-file failure; DST equal to SRC or inside it is a usage error (exit 2); ``maskfeat`` turns
+dataset listing errors into "data error" + exit 5 but keeps the traceback of a genuine bug, and an
+unreadable --config or a missing --checkpoint into a config error (exit 2).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import pytest
 from engine import cli
 from engine.data.datasets import load_dataset, read_list_file
 from engine.data.errors import DataError
-from engine.data.prepare import encode_video, prepare_main
+from engine.data.prepare import encode_video, prepare_dataset, prepare_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "tests", "engine", "tiny.yaml")
@@ -176,6 +177,44 @@ def test_prepare_usage_and_missing_or_empty_sources(tmp_path, capsys):
     assert e.value.code == 0
     help_text = capsys.readouterr().out
     assert "SRC/{train,val,test}/<class>/<video>" in help_text and "5 data error" in help_text
+
+
+@pytest.mark.parametrize("codec", ["vp9", "h264"])
+def test_prepare_into_src_or_a_folder_inside_it_is_a_usage_error(tmp_path, capsys, codec):
+    """Regression: DST equal to SRC (vp9: a .webm beside each source, the lists in SRC; h264: the
+    sources taken for done outputs, "prepared" with nothing encoded) or inside it was accepted."""
+    src = tmp_path / "src"
+    make_clip(str(src / "c" / "a.mkv"))
+    before = all_files(src)
+    os.symlink(src, tmp_path / "link")
+    for dst in (str(src), str(src) + os.sep, str(src / "prepared"), str(tmp_path / "link")):
+        with pytest.raises(SystemExit) as e:
+            prepare_main([str(src), dst, "--codec", codec, "--workers", "1"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "SRC" in err and "choose an output folder outside SRC" in err, err
+    assert all_files(src) == before  # nothing written
+    with pytest.raises(ValueError, match="inside SRC"):  # the library function checks too
+        prepare_dataset(str(src), str(src / "out"), codec=codec, progress=False)
+
+
+def test_cli_unreadable_config_and_missing_checkpoint_exit_2(tmp_path, capsys):
+    """Regression: --config naming a folder or a binary file was a traceback (exit 1); a missing
+    ``maskfeat eval --checkpoint`` was a "data error" (exit 5) while a missing --resume is exit 2."""
+    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04\x80\xff\xfe\x00")
+    for config in (tmp_path, tmp_path / "model.pt"):
+        assert cli.main(["pretrain", "-c", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"maskfeat pretrain: config error: cannot read config file {config}"), err
+        assert "Traceback" not in err
+    assert cli.main(["eval", "-c", TINY, "--checkpoint", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"maskfeat eval: config error: --checkpoint {tmp_path / 'nope'} not found"), err
+    os.makedirs(tmp_path / "run" / "checkpoints" / "step00000001")  # a tag folder with our state, no weights
+    open(tmp_path / "run" / "checkpoints" / "step00000001" / "engine_state_r00000.pt", "w").close()
+    assert cli.main(["eval", "-c", TINY, "--checkpoint", str(tmp_path / "run" / "checkpoints" / "step00000001")]) == 2
+    err = capsys.readouterr().err
+    assert "config error: --checkpoint" in err and "incomplete or damaged" in err and "data error" not in err, err
 
 
 def test_cli_help_lists_the_exit_codes(capsys):
