@@ -25,8 +25,9 @@ def test_model_step_bench_runs_on_cpu(tmp_path):
 
 
 def test_model_step_counts_auto_as_issued_on_cuda(tmp_path, monkeypatch):
-    """``--count-only`` on a CPU counts ``auto`` on CUDA's path: per block the 8 attention launches of
-    the default fused path (6 where Nq < 2·Nk: the rel terms inside the attention kernels, as
+    """``--count-only`` on a CPU counts ``auto`` on CUDA's path: per block the 9 attention launches of
+    the default fused path, the packed k' rows included (6 where Nq < 2·Nk: k' assembled in the
+    kernels and the rel terms inside them, as
     ``call_config`` chooses on CUDA for calls of at least ``FUSE_REL_MIN_ROWS`` query rows, here
     lowered to 0 so that the tiny variant has both kinds), plus one HOG launch per step, with the
     launches stubbed."""
