@@ -736,8 +736,9 @@ def test_tune_script_runs_in_the_interpreter(tmp_path):
         # (bit for bit on a GPU; in the interpreter to a few ulps, see same_arithmetic)
         assert all(row["err"] <= INTERP_ULPS * torch.finfo(torch.float32).eps for row in sweep[part]), sweep[part]
     assert {row["provider"] for row in sweep["fwdbwd"]} == {
-        "triton+rel-triton (default)", "triton+rel-triton (best)",
-        "triton+rel-triton (rel inside, r168)", "triton+rel-triton (best, rel inside, r168)"}
+        "triton+rel-triton (default)", "triton+rel-triton (best)", "triton+rel-triton (best tiles, rel terms separate)",
+        "triton+rel-triton (best tiles alone)", "triton+rel-triton (rel inside, r168)",
+        "triton+rel-triton (best, rel inside, r168)"}
 
 
 def test_memory_bench_runs_in_the_interpreter(tmp_path):
