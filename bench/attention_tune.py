@@ -313,6 +313,10 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
             ("triton+rel-triton (best tiles alone)", fused(separate_cfg), rbase),
             ("triton+rel-triton (rel inside, r168)", fused(ta.fused_rel_config(base)), rbase),
             ("triton+rel-triton (best, rel inside, r168)", fused(ta.fused_rel_config(best_cfg)), best_rel)]
+    if ta.call_config(hd, kr, q.dtype, device, s.Nq, s.Nk, q.shape[0] * q.shape[1], True) != base:
+        # "(default)" is call_config's choice, the rel terms inside at MViTv2-L stage 4 at B 32: the
+        # default table with them separate is what "best tiles alone" changes
+        ends.insert(1, ("triton+rel-triton (default table, rel terms separate)", fused(base), rbase))
     if device.type == "cuda":
         ends += [("sdpa-cudnn+rel-triton", _providers()["sdpa-cudnn+rel-triton"], rbase),
                  ("sdpa-cudnn+rel-triton (best rel)", _providers()["sdpa-cudnn+rel-triton"], best_rel)]

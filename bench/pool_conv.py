@@ -196,7 +196,8 @@ def write_report(out_dir: Path, stem: str, meta: dict, convs: list[dict]) -> tup
         "",
         f"- date {meta['date']}; command `{meta['command']}`",
         f"- torch {dev['torch']}, triton {dev['triton']}, python {dev['python']}; model {meta['model']}, B {meta['batch']}, "
-        f"{meta['dtype']}; layouts and columns: `bench/pool_conv.py`'s docstring",
+        f"{meta['dtype']}; layouts and columns: `bench/pool_conv.py`'s docstring; convolutions measured: "
+        f"{meta.get('convolutions_measured', 'all')} (per-step sums cover those)",
         "",
         "| first use | input (B·nh, hd, T, H, W) | kernel / stride | count | layout | ms | host µs | err out / dx / dw "
         "| kernels |",
@@ -239,8 +240,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         ap.error("no layout left to time")
     dtype = torch.bfloat16 if cuda else torch.float32
     convs = pool_convs(model, batch)
-    per_step = {k: 0.0 for k in layouts}
-    for c in convs:
+    derive = {"contiguous", "triton"} <= set(layouts)  # the size rule's choice per convolution
+    per_step = {k: 0.0 for k in layouts + (["auto (derived)"] if derive else [])}
+    meta = dict(date=datetime.date.today().strftime("%Y%m%d"), command=command_line("bench.pool_conv", argv),
+                device_info=device_info(device), model=model, batch=batch, dtype=str(dtype).replace("torch.", ""),
+                per_step_ms=per_step)
+    stem = f"pool_conv_{results_slug(device, meta['device_info']['name'])}_{meta['date']}" + (f"_{args.tag}" if args.tag else "")
+    for i, c in enumerate(convs):
         c["results"] = []
         ref = reference(c, batch, device, dtype)
         for layout in layouts:
@@ -251,20 +257,15 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"{c['first']:<24} {str(tuple(c['shape'])):<28} s{tuple(c['stride'])} ×{c['count']:<3} {layout:<20} "
                   f"{r['ms']:8.3f} ms{host}  err {r['err_out']:.1e}/{r['err_dx']:.1e}/{r['err_dw']:.1e}  "
                   f"{r['kernels'][0] if r['kernels'] else ''}", flush=True)
-    if {"contiguous", "triton"} <= set(layouts):
-        for c in convs:
+        if derive:
             c["auto"] = auto_layout(c, device, dtype)
-        per_step["auto (derived)"] = sum(c["count"] * next(r["ms"] for r in c["results"] if r["layout"] == c["auto"])
-                                         for c in convs)
-    meta = dict(date=datetime.date.today().strftime("%Y%m%d"), command=command_line("bench.pool_conv", argv),
-                device_info=device_info(device), model=model, batch=batch, dtype=str(dtype).replace("torch.", ""),
-                per_step_ms=per_step)
-    stem = f"pool_conv_{results_slug(device, meta['device_info']['name'])}_{meta['date']}" + (f"_{args.tag}" if args.tag else "")
-    paths = write_report(Path(args.out), stem, meta, convs)
+            per_step["auto (derived)"] += c["count"] * next(r["ms"] for r in c["results"] if r["layout"] == c["auto"])
+        # written after every convolution: a run cut by its time limit (bench/gpu_check) keeps what it measured
+        meta["convolutions_measured"] = f"{i + 1} of {len(convs)}"
+        paths = write_report(Path(args.out), stem, meta, convs[: i + 1])
     for k, v in per_step.items():
         print(f"per step  {k:<20} {v:8.2f} ms")
     print("wrote", *paths)
-
 
 if __name__ == "__main__":
     main()

@@ -87,3 +87,46 @@ def test_gpu_check_parts_run_their_steps(tmp_path, part, want):
     summary = proc.stdout.split("=== summary ===")[1].splitlines()
     ran = {line.split()[0] for line in summary if line.strip() and " rc=" in line}
     assert ran == want, proc.stdout[-3000:]
+
+
+def _gpu_check_copy(tmp_path, python_body: str) -> tuple:
+    """A scratch copy of bench/gpu_check and a PYTHON stand-in (a bash script: ``python_body``,
+    then this interpreter for everything else)."""
+    import sys
+
+    (tmp_path / "bench").mkdir()
+    script = tmp_path / "bench" / "gpu_check"
+    script.write_bytes((ROOT / "bench" / "gpu_check").read_bytes())
+    script.chmod(0o755)
+    py = tmp_path / "py"
+    py.write_text(f"#!/bin/bash\n{python_body}\nexec {sys.executable} \"$@\"\n")
+    py.chmod(0o755)
+    return script, py
+
+
+def test_gpu_check_first_runs_the_engine_tests_only_with_dali(tmp_path):
+    """Every engine GPU test needs DALI, which takes four earlier calls to carry: without it the
+    one-call selection leaves the step out instead of spending its time on skips."""
+    script, py = _gpu_check_copy(tmp_path, 'case "$*" in *"import nvidia.dali"*) exit 1 ;; esac')
+    limits = {f"T_{n}": "1" for n in ("TESTS", "ATTN_B4", "ENGINE", "POOL", "MODEL")}
+    proc = subprocess.run([str(script), "first"], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env=dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(py), **limits))
+    summary = proc.stdout.split("=== summary ===")[1]
+    assert "engine_tests     not run" in summary and "bench_model_step rc=" in summary, proc.stdout[-3000:]
+
+
+def test_gpu_check_steps_stop_at_the_deadline(tmp_path):
+    """Each step's limit is cut to what is left of DEADLINE from the start, and a step with less
+    than 15 s left is skipped and said so (the device tool stops a call at 600 s, and the summary
+    would be lost with it)."""
+    import re
+
+    script, py = _gpu_check_copy(tmp_path, 'case "$*" in *pytest*) sleep 100 ;; esac')  # the tests hang
+    proc = subprocess.run([str(script), "first"], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env=dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(py), DEADLINE="25"))
+    limit = re.search(r"=== gpu_tests \(limit (\d+)s\)", proc.stdout)
+    assert limit and 15 <= int(limit.group(1)) <= 25, proc.stdout[-3000:]  # not first's 150 s
+    summary = proc.stdout.split("=== summary ===")[1]
+    assert "gpu_tests        rc=124" in summary, summary  # cut at the deadline
+    for name in ("bench_attention_b4", "bench_pool_conv", "bench_model_step"):
+        assert re.search(rf"{name} +skipped \(deadline\)", summary), summary

@@ -34,6 +34,28 @@ def test_pool_conv_bench_runs_on_cpu(tmp_path):
     assert per_step["auto (derived)"] == per_step["contiguous"]
     md = next(tmp_path.glob("pool_conv_cpu_*.md")).read_text()
     assert "| contiguous |" in md and "| triton |" in md and "| auto (derived) |" in md
+    assert report["convolutions_measured"] == f"{len(convs)} of {len(convs)}"
+
+
+def test_pool_conv_bench_keeps_what_it_measured_when_cut(tmp_path, monkeypatch):
+    """The files are written after every convolution: a run stopped by its time limit
+    (bench/gpu_check) keeps the rows it measured, and says how many."""
+    real, calls = pool_conv.measure, []
+
+    def measure(c, *args, **kw):
+        calls.append(c["first"])
+        if len(set(calls)) > 1:  # the second convolution: as if the time limit struck
+            raise KeyboardInterrupt
+        return real(c, *args, **kw)
+
+    monkeypatch.setattr(pool_conv, "measure", measure)
+    try:
+        pool_conv.main(["--device", "cpu", "--quick", "--layouts", "contiguous", "--out", str(tmp_path)])
+    except KeyboardInterrupt:
+        pass
+    report = json.loads(next(tmp_path.glob("pool_conv_cpu_*.json")).read_text())
+    assert len(report["convs"]) == 1 and report["convolutions_measured"].startswith("1 of ")
+    assert report["per_step_ms"]["contiguous"] == report["convs"][0]["count"] * report["convs"][0]["results"][0]["ms"]
 
 
 def test_auto_layout_follows_the_rule():
