@@ -141,11 +141,13 @@ def test_mixup_and_cutmix():
 
 
 def test_multi_view_evaluation_averages_softmax_per_video():
-    # 3 videos x 2 views; logits chosen so that a single view alone would be wrong for video 1
-    K = 6
+    """3 videos x 2 views, the views of a video in separate batches and out of order, plus a padding
+    repeat (valid False): each video's probabilities are the mean of its views' softmaxes. Video 1
+    is right only through the mean (each view alone, first or last, picks another class), so a
+    "last view wins" or "first view wins" evaluation fails it."""
     logits = {  # (video_id, view) -> logits
         (0, 0): [5, 0, 0, 0, 0, 0], (0, 1): [4, 0, 0, 0, 0, 0],
-        (1, 0): [0, 3, 0, 0, 0, 0], (1, 1): [0, 0, 2, 0, 0, 0],  # averaged: class 1 wins
+        (1, 0): [0, 2, 2.5, 0, 0, 0], (1, 1): [0, 2, 0, 2.5, 0, 0],  # alone: class 2, class 3; mean: class 1
         (2, 0): [0, 0, 0, 1, 2, 3], (2, 1): [0, 0, 0, 1, 2, 3],  # label 3: top-1 wrong, top-5 right
     }
     labels = {0: 0, 1: 1, 2: 3}
@@ -160,10 +162,18 @@ def test_multi_view_evaluation_averages_softmax_per_video():
             "index": torch.tensor([c[0] for c in chunk]),
             "valid": torch.tensor([i + j < 6 for j in range(len(chunk))]),
         })
-    res = evaluate(lambda v: v, batches)
+    for (v, _), x in logits.items():  # the fixture: video 1 needs the mean
+        assert (torch.tensor(x).argmax().item() == labels[v]) == (v != 1 and v != 2)
+    res = evaluate(lambda v: v, batches, predictions=True)
     assert res["videos"] == 3 and res["views"] == 6
     assert res["top1"] == pytest.approx(200 / 3) and res["top5"] == pytest.approx(100.0)
-    assert K == 6
+    def softmax(view):
+        return torch.tensor(logits[view], dtype=torch.float32).softmax(0)
+
+    want = torch.stack([(softmax((v, 0)) + softmax((v, 1))) / 2 for v in range(3)])
+    pred = res["predictions"]
+    assert list(pred["video"]) == [0, 1, 2] and list(pred["label"]) == [0, 1, 3]
+    torch.testing.assert_close(torch.as_tensor(pred["probs"]), want)
 
 
 def test_activation_checkpointing_keeps_values_gradients_and_names(pretrainer):

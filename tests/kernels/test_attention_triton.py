@@ -365,15 +365,18 @@ def test_forward_key_tiles():
     assert triton_attn._key_tiles(9, 32, True, cpu) == (1, 0)
 
 
-@pytest.mark.parametrize("fwd_tail", [True, False])
-def test_forward_tail_tile(fwd_tail):
-    """Nk = 41 with 32-key tiles: one full tile and a 16-key tail (or, switched off, a second
-    32-key tile with 9 valid keys): outputs and gradients within the oracle's bounds."""
+@pytest.mark.parametrize("fwd_tail,dq_tail", [(True, False), (False, True), (False, False)])
+def test_key_tail_tile(fwd_tail, dq_tail):
+    """Nk = 41 with 32-key tiles: one full tile and a 16-key tail in the forward or the dq kernel
+    (or, switched off, a second 32-key tile with 9 valid keys): outputs and gradients within the
+    oracle's bounds (a dq kernel that skipped its tail missed dq by 5.8 against a 6e-5 bound)."""
     q_thw, k_thw = (2, 4, 5), (1, 5, 8)  # Nk = 1 + 40
     inputs = make_inputs(1, 2, q_thw, k_thw, 40, True, torch.float32)
     cfg = dataclasses.replace(triton_attn.default_config(40, sum(k_thw), torch.float32, torch.device("cpu")),
-                              fwd_tail=fwd_tail)
-    assert triton_attn._key_tiles(41, cfg.fwd_block_n, fwd_tail, torch.device("cpu")) == ((1, 16) if fwd_tail else (2, 0))
+                              fwd_tail=fwd_tail, dq_tail=dq_tail)
+    cpu = torch.device("cpu")
+    assert triton_attn._key_tiles(41, cfg.fwd_block_n, fwd_tail, cpu) == ((1, 16) if fwd_tail else (2, 0))
+    assert triton_attn._key_tiles(41, cfg.dq_block_n, dq_tail, cpu) == ((1, 16) if dq_tail else (2, 0))
     check_against_oracle(inputs, q_thw, k_thw, True, config=cfg)
 
 

@@ -260,10 +260,13 @@ def _loss_and_grads(m, x, mask):
 
 @pytest.mark.parametrize("name,geometry", [("mvitv2_tiny", dict(num_frames=8, img_size=48)),
                                            ("mvitv2_tiny_image", dict(img_size=48))])
-def test_model_pool_backend_triton_matches_torch(name, geometry, device):
+def test_model_pool_backend_triton_matches_torch(name, geometry, device, monkeypatch):
     """MaskFeat pre-training loss and every parameter gradient with ``pool_backend="triton"`` are no
     further from a float64 oracle than 2× the torch pooling's own fp32 error (plus 1e-6 of the
-    largest gradient); the state_dict keys are the same."""
+    largest gradient); the state_dict keys are the same; every pooling of the Triton model really
+    went through ``depthwise_conv3d(backend="triton")`` (a silent fallback to torch would pass the
+    error bound)."""
+    import models.mvit
     from models import create_model
 
     if device.type == "cuda":
@@ -281,10 +284,19 @@ def test_model_pool_backend_triton_matches_torch(name, geometry, device):
     mask.view(2, -1)[:, 0] = True
     oracle, g_oracle = _loss_and_grads(oracle_model, x.double(), mask)
     ref, g_ref = _loss_and_grads(ref_model, x, mask)
+    backends, real = [], models.mvit.depthwise_conv3d
+
+    def spy(*args, backend, **kw):
+        backends.append(backend)
+        return real(*args, backend=backend, **kw)
+
+    monkeypatch.setattr(models.mvit, "depthwise_conv3d", spy)
     got, g_got = _loss_and_grads(tri_model, x, mask)
+    monkeypatch.undo()
     assert (got - oracle).abs() <= 2 * (ref - oracle).abs() + 1e-6 * oracle.abs(), (got, ref, oracle)
     floor = 1e-6 * max(t.abs().max() for t in g_oracle.values())
     pools = [n for n in g_oracle if ".pool_" in n]
+    assert backends == ["triton"] * len(pools), backends  # one call per pooling convolution, each on Triton
     assert pools and set(g_got) == set(g_oracle)
     for n, t in g_oracle.items():
         err, ref_err = (g_got[n] - t).abs().max(), (g_ref[n] - t).abs().max()

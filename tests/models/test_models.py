@@ -1,5 +1,6 @@
 """End-to-end model tests: exact official parameter counts, MaskFeat pre-training, the classifier,
 official key names and checkpoint loading, backends, reproducibility (DESIGN §3.2–§3.5)."""
+import contextlib
 import math
 
 import pytest
@@ -282,8 +283,25 @@ def test_pixel_target_uses_normalised_video_not_raw_frames(name):
 # ----------------------------------------------------------------------------- backends, reproducibility
 
 
+@contextlib.contextmanager
+def _attention_backends(monkeypatch):
+    """The ``backend=`` of every ``relpos_attention`` call the model makes inside the block (so a
+    backend switch that did not reach the blocks cannot pass as agreement)."""
+    import models.mvit
+
+    seen, real = [], models.mvit.relpos_attention
+
+    def spy(*args, backend, **kw):
+        seen.append(backend)
+        return real(*args, backend=backend, **kw)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(models.mvit, "relpos_attention", spy)
+        yield seen
+
+
 @pytest.mark.parametrize("task", TASKS)
-def test_reference_and_sdpa_backends_agree(task):
+def test_reference_and_sdpa_backends_agree(task, monkeypatch):
     pytest.importorskip("kernels.attention.sdpa")
     torch.manual_seed(0)
     m = create_model("mvitv2_tiny", task, attn_backend="reference", target="pixel").double()
@@ -296,9 +314,11 @@ def test_reference_and_sdpa_backends_agree(task):
         out.backward()
         return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
 
-    ref, gref = run()
-    m.set_attn_backend("sdpa")
-    got, ggot = run()
+    with _attention_backends(monkeypatch) as seen:
+        ref, gref = run()
+        m.set_attn_backend("sdpa")
+        got, ggot = run()
+    assert seen and set(seen[: len(seen) // 2]) == {"reference"} and set(seen[len(seen) // 2:]) == {"sdpa"}, seen
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     for n in gref:
         torch.testing.assert_close(ggot[n], gref[n], rtol=1e-9, atol=1e-12, msg=n)
@@ -321,7 +341,7 @@ def test_seeded_construction_and_forward_are_reproducible():
     assert not torch.equal(c.state_dict()["blocks.0.attn.qkv.weight"], sa["blocks.0.attn.qkv.weight"])
 
 
-def test_blocks_can_be_checkpointed_from_outside():
+def test_blocks_can_be_checkpointed_from_outside(monkeypatch):
     """The engine wraps ``blocks[i]``; ``block(x, thw) -> (x, thw)`` is a pure function."""
 
     class Ckpt(nn.Module):
@@ -346,7 +366,10 @@ def test_blocks_can_be_checkpointed_from_outside():
     torch.testing.assert_close(out, ref)
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.grad, gref[n.replace(".module.", ".")], msg=n)
-    m.set_attn_backend("reference")  # reaches through the wrappers
+    m.set_attn_backend("sdpa")  # reaches through the wrappers
+    with _attention_backends(monkeypatch) as seen, torch.no_grad():
+        m(x)
+    assert seen and set(seen) == {"sdpa"}, seen
     assert m.token_grid(m.input_size) == (8, 2, 2)
 
 
@@ -567,7 +590,7 @@ def _loss_and_grads(m, x, mask, task):
     return out.detach().double(), {n: p.grad.double().clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
-def _check_triton_backend_in_the_model(task, device):
+def _check_triton_backend_in_the_model(task, device, monkeypatch):
     """The fused attention kernel inside MViTv2 (pooled, non-contiguous q/k/v, cls token, every
     block's geometry): the loss and every parameter gradient are no further from a
     higher-precision oracle than 2x the reference attention's own error in the same dtype, plus
@@ -588,8 +611,11 @@ def _check_triton_backend_in_the_model(task, device):
     mask = _mask(m, x.cpu()).to(device) if task == "pretrain" else None
     oracle, g_oracle = _loss_and_grads(oracle_model, x.to(high), mask, task)
     ref, g_ref = _loss_and_grads(m, x, mask, task)
-    m.set_attn_backend("auto" if device.type == "cuda" else "triton")
-    got, g_got = _loss_and_grads(m, x, mask, task)
+    backend = "auto" if device.type == "cuda" else "triton"
+    m.set_attn_backend(backend)
+    with _attention_backends(monkeypatch) as seen:
+        got, g_got = _loss_and_grads(m, x, mask, task)
+    assert seen and set(seen) == {backend}, seen  # the switch reached every block
     assert (got - oracle).abs() <= 2 * (ref - oracle).abs() + 1e-6 * oracle.abs(), (got, ref, oracle)
     scale = max(g.abs().max() for g in g_oracle.values())
     for n, g in g_oracle.items():
@@ -599,13 +625,13 @@ def _check_triton_backend_in_the_model(task, device):
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_triton_backend_agrees_with_reference_in_the_model(task, device):
+def test_triton_backend_agrees_with_reference_in_the_model(task, device, monkeypatch):
     if device.type == "cuda":
         pytest.skip("on a CUDA machine the kernels are compiled, not interpreted: see the GPU test below")
-    _check_triton_backend_in_the_model(task, device)
+    _check_triton_backend_in_the_model(task, device, monkeypatch)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("task", TASKS)
-def test_gpu_auto_backend_agrees_with_reference_in_the_model_bf16(task):
-    _check_triton_backend_in_the_model(task, torch.device("cuda"))
+def test_gpu_auto_backend_agrees_with_reference_in_the_model_bf16(task, monkeypatch):
+    _check_triton_backend_in_the_model(task, torch.device("cuda"), monkeypatch)
