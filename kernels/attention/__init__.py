@@ -94,7 +94,12 @@ def relpos_attention(
         raise ValueError(f"unknown rel_impl {rel_impl!r}; choose one of {REL_IMPLS}")
     auto = backend == "auto"
     if auto:
-        backend = pick_backend(q, rel_width=rel_width(k_thw, rel_pos_t is not None))
+        try:
+            width = rel_width(k_thw, rel_pos_t is not None)
+        except (TypeError, IndexError, ValueError):  # a malformed k_thw: the backends' check says what is wrong
+            check_inputs(q, k, v, q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
+            raise
+        backend = pick_backend(q, rel_width=width)
     args = (q, k, v, tuple(q_thw), tuple(k_thw), rel_pos_t, rel_pos_h, rel_pos_w)
     if backend == "reference":
         return relpos_attention_reference(*args, has_cls=has_cls, scale=scale)

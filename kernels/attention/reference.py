@@ -9,8 +9,10 @@ dot products of the *unscaled* query with the three relative-position tables gat
 
 for each axis (t, h, w) with query length Q and key length K. The cls row and column get no bias.
 
-This module is the oracle every other backend is checked against: it materialises the full
-(B, nh, Nq, Nk) logits exactly like the official code. It also holds the small helpers that the
+(``rel_pos_index`` computes it with the official code's float32 arithmetic, which for
+non-integer ratios differs from the exact floor at a few indices.) This module is the oracle every
+other backend is checked against: it materialises the full (B, nh, Nq, Nk) logits exactly like
+the official code. It also holds the small helpers that the
 fast backends share (distance indices, the factored ``rel_t/rel_h/rel_w`` terms, input checks).
 """
 from __future__ import annotations
@@ -28,7 +30,13 @@ Grid = Sequence[int]  # (T, H, W) of the non-cls tokens
 
 @functools.lru_cache(maxsize=256)
 def rel_pos_index(q_len: int, k_len: int, device=None) -> torch.Tensor:
-    """(Q, K) int64 table index ``dist`` of DESIGN §3.5 for one axis (official float then floor).
+    """(Q, K) int64 table index ``dist`` of DESIGN §3.5 for one axis, with the official code's
+    arithmetic (``cal_rel_pos_spatial``/``_temporal``: float32 products and sum on the CPU, then
+    ``.long()``). For the integer ratios of every MViTv2 recipe (56/7, 28/7, 14/7, 88/11, …) that
+    is exactly ``floor(i·q_ratio − j·k_ratio + (K−1)·k_ratio)``; for other ratios (another input
+    size: e.g. Q 78 against K 10 at 312 px) float32 rounding moves some indices by one, as in the
+    official code, whose checkpoints were trained with them (a float64 floor missed 103 of 780
+    there). Non-increasing in j and within [0, 2·max(Q, K) − 1) (rel_triton relies on both).
 
     Cached per (Q, K, device) — read-only — and built outside inference mode so that autograd
     may save it when a table is gathered with it."""
@@ -36,11 +44,11 @@ def rel_pos_index(q_len: int, k_len: int, device=None) -> torch.Tensor:
     k_ratio = max(q_len / k_len, 1.0)
     with torch.inference_mode(False):
         dist = (
-            torch.arange(q_len, device=device, dtype=torch.float64)[:, None] * q_ratio
-            - torch.arange(k_len, device=device, dtype=torch.float64)[None, :] * k_ratio
+            torch.arange(q_len, dtype=torch.float32)[:, None] * q_ratio
+            - torch.arange(k_len, dtype=torch.float32)[None, :] * k_ratio
         )
-        dist = dist + (k_len - 1) * k_ratio
-        return dist.floor().long()
+        dist += (k_len - 1) * k_ratio
+        return dist.long().to(device)
 
 
 @functools.lru_cache(maxsize=256)

@@ -158,7 +158,7 @@ def _xformers_probe(device: torch.device) -> Optional[str]:
             if not err < 1e-2:
                 reason = f"xformers ran but disagrees with SDPA (max abs err {err:.3g})"
         except Exception as exc:  # ImportError, missing C++ ops, ABI mismatch with this torch
-            reason = f"xformers does not run here: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+            reason = f"xformers does not run here: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
     _XFORMERS_REASON[key] = reason
     return reason
 

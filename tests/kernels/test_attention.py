@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.attention import relpos_attention, rel_table_len
+from kernels.attention import rel_pos_index, relpos_attention, rel_table_len
 from kernels.attention.reference import relpos_attention_reference
 from kernels.attention.sdpa import (
     augment_operands,
@@ -299,6 +299,35 @@ def test_sdpa_low_precision_cpu(dtype):
     assert_close_to_oracle(got, ref, oracle, atol=1e-3)
 
 
+# ---------------------------------------------------------------- distance indices
+
+
+def _official_dist(q_len: int, k_len: int) -> torch.Tensor:
+    """SlowFast's ``cal_rel_pos_spatial`` index, transliterated (its default-dtype arithmetic)."""
+    q_ratio, k_ratio = max(k_len / q_len, 1.0), max(q_len / k_len, 1.0)
+    dist = torch.arange(q_len)[:, None] * q_ratio - torch.arange(k_len)[None, :] * k_ratio
+    dist += (k_len - 1) * k_ratio
+    return dist.long()
+
+
+def test_rel_pos_index_is_the_official_one():
+    """The official index for every (Q, K) up to 64 (a float64 floor differed at 349 pairs, e.g.
+    103 of Q 78 × K 10, the 312 px test size's grid): the official checkpoints were trained with
+    it. For the integer ratios of the recipes it is the exact floor of DESIGN §3.5; and it stays
+    within the table and non-increasing along the keys, which rel_triton's windows rely on."""
+    from fractions import Fraction
+
+    for q_len, k_len in [(q, k) for q in range(1, 65) for k in range(1, 65)] + [(78, 10), (39, 10), (88, 11)]:
+        dist = rel_pos_index(q_len, k_len)
+        assert torch.equal(dist, _official_dist(q_len, k_len)), (q_len, k_len)
+        assert 0 <= dist.min() and dist.max() < rel_table_len(q_len, k_len), (q_len, k_len)
+        assert (dist[:, 1:] <= dist[:, :-1]).all(), (q_len, k_len)
+    for q_len, k_len in ((56, 7), (28, 7), (14, 7), (7, 7), (8, 8), (88, 11), (44, 11), (22, 11)):
+        qr, kr = max(Fraction(k_len, q_len), 1), max(Fraction(q_len, k_len), 1)
+        exact = [[int(i * qr - j * kr + (k_len - 1) * kr) for j in range(k_len)] for i in range(q_len)]
+        assert rel_pos_index(q_len, k_len).tolist() == exact, (q_len, k_len)
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -321,6 +350,9 @@ def test_bad_inputs_raise_value_error():
         relpos_attention_sdpa(q, k.double(), v, q_thw, k_thw, t, h, w)
     with pytest.raises(ValueError, match="unknown attention backend"):
         relpos_attention(q, k, v, q_thw, k_thw, t, h, w, backend="flash")
+    for backend in ("reference", "sdpa", "auto"):  # auto: checked before it picks (a short k_thw raised IndexError)
+        with pytest.raises(ValueError, match="of ints"):
+            relpos_attention(q, k, v, q_thw, k_thw[:2], t, h, w, backend=backend)
     for backend in ("reference", "sdpa"):
         with pytest.raises(ValueError, match="incompatible shapes"):  # v's head dim differs from q's and k's
             relpos_attention(q, k, v[..., :-8], q_thw, k_thw, t, h, w, backend=backend)
@@ -345,6 +377,27 @@ def test_xformers_raises_clearly_where_it_cannot_run():
         relpos_attention_xformers(q, k, v, q_thw, k_thw, t, h, w)
     with pytest.raises(RuntimeError, match="xformers"):
         relpos_attention(q, k, v, q_thw, k_thw, t, h, w, backend="xformers")
+
+
+def test_xformers_probe_reports_an_exception_without_a_message(monkeypatch):
+    """A bare ``assert`` failing inside xformers (an exception with an empty message) is reported
+    as the reason, not an IndexError from reading the message's first line."""
+    import sys
+
+    from kernels.attention import sdpa
+
+    class Refuse:  # a meta-path finder: importing xformers fails with AssertionError()
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "xformers":
+                raise AssertionError()
+            return None
+
+    for name in [n for n in sys.modules if n.split(".")[0] == "xformers"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [Refuse(), *sys.meta_path])
+    monkeypatch.setattr(sdpa, "_XFORMERS_REASON", {})
+    reason = sdpa._xformers_probe(torch.device("cuda"))
+    assert reason == "xformers does not run here: AssertionError: ", reason
 
 
 # ---------------------------------------------------------------- the benchmark's flex provider

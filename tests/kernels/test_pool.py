@@ -248,6 +248,12 @@ def test_torch_backend_checks_too():
         depthwise_conv3d(torch.zeros(1, 4, 3, 5, 5), torch.zeros(3, 1, 3, 3, 3), backend="torch")
 
 
+def test_auto_backend_checks_before_it_picks():
+    """``auto`` with an x that is not a tensor says what is wrong (it raised AttributeError)."""
+    with pytest.raises(ValueError, match="x must be a"):
+        depthwise_conv3d([1.0], torch.zeros(4, 1, 3, 3, 3))
+
+
 # ----------------------------------------------------------------------------------------------
 # the model
 # ----------------------------------------------------------------------------------------------
