@@ -83,7 +83,11 @@ class FailureLog:
 
 def _decode_pass(path: str, wanted: set[int], first_wanted: int, short_side: int,
                  seek: bool, rotation: int = 0) -> dict[int, np.ndarray] | None:
-    """One decoding pass; returns None when a seek landed after ``first_wanted``."""
+    """One decoding pass; returns None when a seek landed after ``first_wanted``, or when the
+    frame numbers it reads from presentation times do not step by one from frame to frame (a
+    variable frame rate, or an average rate that is not the frame spacing, e.g. a long last
+    frame): times then do not give the frames' positions in the stream, which the sampler's
+    indices are, and the caller counts frames from the start instead."""
     got: dict[int, np.ndarray] = {}
     container = av.open(path)
     try:
@@ -103,9 +107,10 @@ def _decode_pass(path: str, wanted: set[int], first_wanted: int, short_side: int
             if by_pts:
                 if frame.pts is None:
                     return None
-                idx = int(round(float((frame.pts - t0) * tb * rate)))
-                if not got and idx > first_wanted:
+                at = int(round(float((frame.pts - t0) * tb * rate)))
+                if (idx < 0 and at > first_wanted) or (idx >= 0 and at != idx + 1):
                     return None
+                idx = at
             else:
                 idx += 1
             if idx in wanted and idx not in got:
@@ -121,7 +126,8 @@ def decode_clip_pyav(path: str, frames: np.ndarray, short_side: int, rotation: i
     """Decode the frames ``frames`` (any order, repeats allowed) of ``path`` with PyAV.
 
     Seeks to the key frame before the first wanted frame when it is past the start (frame numbers
-    from presentation times), else decodes from the start counting frames; frames whose short side
+    from presentation times, while they step by one from frame to frame), else decodes from the
+    start counting frames (the sampler's indices are positions in the stream); frames whose short side
     exceeds ``short_side`` are scaled down to it, then turned upright by ``rotation`` (degrees
     counter-clockwise, ``VideoInfo.rotation``). Returns uint8 (T, H, W, 3), H x W as displayed.
     """

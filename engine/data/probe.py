@@ -31,6 +31,7 @@ import json
 import os
 import stat
 import sys
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -325,13 +326,25 @@ class ProbeCache:
                                  "reason": res.reason, "detail": res.detail}
 
     def save(self) -> None:
+        """Write the cache through a temporary file of a unique name beside it, then rename: every
+        rank of a job saves, on a shared filesystem into the same place, and in containers the
+        ranks of different nodes can have the same pid (a pid-named temporary file was renamed away
+        under another rank, which then died). A save that fails is only a warning: the cache is
+        a speed-up, and the next run probes again."""
         if not self.path:
             return
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)) or ".", exist_ok=True)
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        with self._lock, open(tmp, "w") as f:
-            json.dump({"version": CACHE_VERSION, "entries": self._entries}, f)
-        os.replace(tmp, self.path)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        tmp = None
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=os.path.basename(self.path) + ".", suffix=".tmp", dir=folder)
+            with self._lock, os.fdopen(fd, "w") as f:
+                json.dump({"version": CACHE_VERSION, "entries": self._entries}, f)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            print(f"warning: could not save the probe cache {self.path}: {e}", file=sys.stderr, flush=True)
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def validate_files(paths: Sequence[str], *, reader: str = "pyav",

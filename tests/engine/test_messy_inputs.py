@@ -474,3 +474,97 @@ def test_a_failing_final_evaluation_keeps_the_final_checkpoint_and_is_redone(tmp
     other = tmp_path / "other"
     p = finetune(f"train.output_dir={other}", "schedule.max_steps=2", "--resume", str(out / "checkpoints" / "step00000001"))
     assert p.returncode == 0 and os.path.isdir(other / "checkpoints" / "best"), p.stderr[-3000:]
+
+
+def _numbered_video(path: str, n: int, pts_ms=None, last_duration_s: float = 0.0) -> str:
+    """An H.264 clip of ``n`` frames, frame i marked by a bar 2i + 1 pixels wide; presentation times
+    ``pts_ms`` (default 30 fps), and the last packet lasting ``last_duration_s`` when given (a file
+    whose average rate, frames over duration, is not its frame spacing)."""
+    from fractions import Fraction
+
+    out = av.open(path, "w")
+    stream = out.add_stream("libx264", rate=30)
+    stream.width, stream.height, stream.pix_fmt = 160, 32, "yuv420p"
+    stream.codec_context.time_base = Fraction(1, 1000)
+    stream.options = {"bf": "0"}
+    packets = []
+    for i in range(n):
+        img = np.zeros((32, 160, 3), np.uint8)
+        img[:, : 2 * i + 1, 1] = 255
+        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+        frame.pts, frame.time_base = (round(i * 1000 / 30) if pts_ms is None else pts_ms[i]), Fraction(1, 1000)
+        packets += stream.encode(frame)
+    packets += stream.encode()
+    for k, packet in enumerate(packets):
+        if last_duration_s and k == len(packets) - 1:
+            packet.duration = int(last_duration_s / packet.time_base)
+        out.mux(packet)
+    out.close()
+    return path
+
+
+def _frame_numbers(clip: np.ndarray) -> list[int]:
+    return [int(((f[16, :, 1] > 128).sum() - 1) // 2) for f in clip]
+
+
+def test_pyav_decodes_the_planned_frames_of_irregular_timelines(tmp_path):
+    """The sampler's frame indices are positions in the stream. A seek reads frame numbers from
+    presentation times, which gives other frames when times are not evenly spaced at the average
+    rate: a 1 s freeze (variable frame rate) decoded [1, 5, 9, 13] as [1, 7, 13, 19], and a long
+    last frame (average rate 12.6 for 30 fps frames) [7, …, 22] as [13, 15, …, 43]. Such clips
+    now come from counting frames."""
+    vfr = _numbered_video(str(tmp_path / "vfr.mp4"), 60,
+                          pts_ms=[round(i * 1000 / 30) + (1000 if i >= 20 else 0) for i in range(60)])
+    long_last = _numbered_video(str(tmp_path / "long_last.mp4"), 50, last_duration_s=2.0)
+    assert not probe_video(vfr).info.cfr and probe_video(long_last).info.fps < 20
+    for path, starts in ((vfr, (0, 1, 10, 30, 40)), (long_last, (0, 7, 21, 33))):
+        for start in starts:
+            frames = np.arange(start, start + 16, 4)
+            assert _frame_numbers(decode_clip_pyav(path, frames, 1000)) == frames.tolist(), (path, start)
+    regular = _numbered_video(str(tmp_path / "regular.mp4"), 50)
+    frames = np.array([33, 35, 40, 49])
+    assert _frame_numbers(decode_clip_pyav(regular, frames, 1000)) == frames.tolist()
+    from engine.data.pipeline import _decode_pass
+
+    # an evenly spaced file keeps the seek (no decoding from the start); the irregular ones give it up
+    assert sorted(_decode_pass(regular, set(frames.tolist()), 33, 1000, seek=True)) == frames.tolist()
+    assert _decode_pass(vfr, {30, 34}, 30, 1000, seek=True) is None
+
+
+def test_probe_cache_saves_of_ranks_with_one_pid_do_not_collide(tmp_path, monkeypatch, capsys):
+    """Every rank saves the probe cache, on a shared filesystem into one place, and in containers
+    ranks on different nodes can share a pid: a pid-named temporary file was renamed away under
+    one of them (FileNotFoundError, the rank died). Each save now writes a temporary file of its
+    own; a save that fails anyway is a warning, not an error."""
+    from engine.data.probe import ProbeCache
+
+    monkeypatch.setattr(os, "getpid", lambda: 41)
+    video = write_video(str(tmp_path / "v.mp4"))
+    path = str(tmp_path / "probe.json")
+    caches = [ProbeCache(path) for _ in range(8)]
+    for c in caches:
+        c.put(probe_video(video))
+    errors = []
+
+    def save(c):
+        try:
+            for _ in range(20):
+                c.save()
+        except Exception as e:  # what a rank would die of
+            errors.append(e)
+
+    threads = [threading.Thread(target=save, args=(c,)) for c in caches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert ProbeCache(path).get(video) is not None  # a complete cache file won
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        ProbeCache(str(tmp_path / "ro" / "probe.json")).save()  # unwritable: a warning
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+    assert "could not save the probe cache" in capsys.readouterr().err or os.geteuid() == 0
