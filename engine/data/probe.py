@@ -273,6 +273,10 @@ def reader_problem(info: VideoInfo, reader: str, min_frames: int) -> tuple[str, 
     return None
 
 
+_UMASK = os.umask(0o022)  # read once at import (setting it is the only way to read it), then put back
+os.umask(_UMASK)
+
+
 class ProbeCache:
     """JSON cache of probe results keyed by absolute path, valid while size and mtime match."""
 
@@ -338,11 +342,14 @@ class ProbeCache:
         try:
             os.makedirs(folder, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=os.path.basename(self.path) + ".", suffix=".tmp", dir=folder)
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600: the cache in a shared root is for everyone
             with self._lock, os.fdopen(fd, "w") as f:
                 json.dump({"version": CACHE_VERSION, "entries": self._entries}, f)
             os.replace(tmp, self.path)
+            tmp = None
         except OSError as e:
             print(f"warning: could not save the probe cache {self.path}: {e}", file=sys.stderr, flush=True)
+        finally:
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
 

@@ -560,6 +560,9 @@ def test_probe_cache_saves_of_ranks_with_one_pid_do_not_collide(tmp_path, monkey
         t.join()
     assert errors == []
     assert ProbeCache(path).get(video) is not None  # a complete cache file won
+    from engine.data import probe
+
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~probe._UMASK  # readable by others, as open() made it
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     (tmp_path / "ro").mkdir()
     (tmp_path / "ro").chmod(0o500)
