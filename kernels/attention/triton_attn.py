@@ -564,10 +564,11 @@ def _pack_k_kernel(k_ptr, e_ptr, out_ptr, Nk, HD: tl.constexpr, WA: tl.constexpr
     ok = (rows < Nk)[:, None]
     in_k = (cols < HD)[None, :]
     in_row = (cols < WA)[None, :]
-    x = tl.load(k_ptr + bh * Nk * HD + rows[:, None] * HD + cols[None, :], mask=ok & in_k, other=0.0)
-    y = tl.load(e_ptr + rows[:, None] * (WA - HD) + (cols - HD)[None, :], mask=ok & in_row & ~in_k, other=0.0)
-    # a select, not a sum: k's −0.0 stays −0.0 (bit for bit the cat)
-    tl.store(out_ptr + bh * Nk * WA + rows[:, None] * WA + cols[None, :], tl.where(in_k, x, y), mask=ok & in_row)
+    out = out_ptr + bh * Nk * WA + rows[:, None] * WA + cols[None, :]
+    # two masked copies, no arithmetic: k's −0.0 stays −0.0 (bit for bit the cat)
+    tl.store(out, tl.load(k_ptr + bh * Nk * HD + rows[:, None] * HD + cols[None, :], mask=ok & in_k), mask=ok & in_k)
+    e_ok = ok & in_row & ~in_k
+    tl.store(out, tl.load(e_ptr + rows[:, None] * (WA - HD) + (cols - HD)[None, :], mask=e_ok), mask=e_ok)
 
 
 # ----------------------------------------------------------------------------------------------
