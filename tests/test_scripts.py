@@ -75,15 +75,10 @@ def test_gpu_check_parts_run_their_steps(tmp_path, part, want):
     """Each part of bench/gpu_check runs its own steps (every step's limit is 1 s here, so each is
     cut short at once; the summary still says which ran). In a scratch copy of the script, so no
     wheels folder of this tree is installed."""
-    import sys
-
-    (tmp_path / "bench").mkdir()
-    (tmp_path / "bench" / "gpu_check").write_bytes((ROOT / "bench" / "gpu_check").read_bytes())
-    (tmp_path / "bench" / "gpu_check").chmod(0o755)
+    script, py = _gpu_check_copy(tmp_path, "")
     limits = {f"T_{n}": "1" for n in ("TESTS", "HOG", "ATTN", "ATTN_B4", "ATTN_HOST", "TUNE", "DATA", "ENGINE", "POOL", "MODEL")}
-    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, **limits)
-    proc = subprocess.run([str(tmp_path / "bench" / "gpu_check"), part], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=120)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(py), **limits)
+    proc = subprocess.run([str(script), part], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     summary = proc.stdout.split("=== summary ===")[1].splitlines()
     ran = {line.split()[0] for line in summary if line.strip() and " rc=" in line}
     assert ran == want, proc.stdout[-3000:]

@@ -540,8 +540,8 @@ def _dkdv_kernel(
 @triton.jit
 def _sum_partials(part_ptr, stride, out_ptr, offs_n, n_ok, C0: tl.constexpr, NC: tl.constexpr, HD: tl.constexpr,
                   CHUNKS: tl.constexpr):
-    """Columns C0 … C0+NC of rows ``offs_n`` of out (·, HD) = Σ_c part_c in chunk order, fp32 (from
-    0, as the old separate sum kernel did), stored in out's dtype: the CHUNKS fp32 partials (·, HD)
+    """Columns C0 … C0+NC of rows ``offs_n`` of out (·, HD) = Σ_c part_c in chunk order, fp32 from
+    0.0, stored in out's dtype: the CHUNKS fp32 partials (·, HD)
     ``stride`` elements apart from ``part_ptr``. Read with .cg (L2, not this SM's L1: other programs
     wrote them)."""
     offs_c = C0 + tl.arange(0, NC)
@@ -888,15 +888,16 @@ def _n_sms(device: torch.device) -> Optional[int]:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
-def _bwd_dkdv(qa, k, e, v, do, do_nh, lse, delta, dims: _Dims, cfg, counts=None):
+def _bwd_dkdv(qa, k, e, v, do, do_nh, lse, delta, dims: _Dims, cfg, counts=None, plan=None):
     """dk, dv (B, nh, Nk, hd) in the input dtype: written by the kernel when there is one query
     chunk, else fp32 partials per chunk that the last program of each key tile to finish sums in
     chunk order (deterministic) in the same launch. dO in the layout ``do_nh``
     (:func:`_heads_layout`). ``counts``: zeroed int32 (B·nh, key tiles) for the chunked case, as
-    :func:`_dkdv_counts` makes them and the dq kernel zeros them; None: zeroed here (a torch fill)."""
+    :func:`_dkdv_counts` makes them and the dq kernel zeros them; None: zeroed here (a torch fill).
+    ``plan``: :func:`_dkdv_plan`'s result when the caller has it already."""
     B, nh, Nq, _ = qa.shape
     Nk = k.shape[2]
-    chunks, kw = _dkdv_kw(dims, cfg, k.shape[-1], qa.dtype == torch.float32, Nq, Nk, B * nh, _n_sms(qa.device), do_nh)
+    chunks, kw = plan if plan is not None else _dkdv_plan(qa, k, dims, cfg, do_nh)
     out = _empty(2, B, nh, Nk, dims.hd, dtype=qa.dtype, device=qa.device)  # dk, dv
     if chunks == 1:
         part, counts = out, lse  # lse: a stand-in, never read
@@ -918,6 +919,12 @@ def _dkdv_counts(n_bh: int, nk: int, cfg: RelPosAttnConfig, device: torch.device
     return _empty(n_bh, cdiv(nk, cfg.dkdv_block_n), dtype=torch.int32, device=device)
 
 
+def _dkdv_plan(q: torch.Tensor, k: torch.Tensor, dims: _Dims, cfg: RelPosAttnConfig, do_nh: int) -> tuple[int, dict]:
+    """:func:`_dkdv_kw` for q (or the packed q'' rows) (B, nh, Nq, ·) and k (B, nh, Nk, ·) on q's device."""
+    B, nh, Nq, _ = q.shape
+    return _dkdv_kw(dims, cfg, k.shape[-1], q.dtype == torch.float32, Nq, k.shape[2], B * nh, _n_sms(q.device), do_nh)
+
+
 @functools.lru_cache(maxsize=256)
 def _dkdv_kw(dims: _Dims, cfg: RelPosAttnConfig, kw: int, ieee: bool, nq: int, nk: int, n_bh: int,
              n_sms: Optional[int], do_nh: int) -> tuple[int, dict]:
@@ -937,12 +944,10 @@ def _bwd(do, q, r, k, v, o, lse, dims: _Dims, k_thw, kt, has_cls, scale, cfg, re
     if do_nh == 0:  # neither layout the kernels read
         do, do_nh = do.contiguous(), 1
     e = _key_table(k, k_thw, kt, dims, has_cls)
-    B, nh, Nq, _ = q.shape
-    chunks, _ = _dkdv_kw(dims, cfg, k.shape[-1], q.dtype == torch.float32, Nq, k.shape[2], B * nh, _n_sms(q.device),
-                         do_nh)
-    counts = _dkdv_counts(B * nh, k.shape[2], cfg, q.device) if chunks > 1 else None  # zeroed by the dq kernel
+    plan = _dkdv_plan(q, k, dims, cfg, do_nh)  # once per backward: the dq kernel zeros the counts it needs
+    counts = _dkdv_counts(q.shape[0] * q.shape[1], k.shape[2], cfg, q.device) if plan[0] > 1 else None
     dq, dr, delta, qa = _bwd_dq(q, r, k, e, v, o, do, do_nh, lse, dims, has_cls, scale, cfg, rel, counts)
-    dk, dv = _bwd_dkdv(qa, k, e, v, do, do_nh, lse, delta, dims, cfg, counts)
+    dk, dv = _bwd_dkdv(qa, k, e, v, do, do_nh, lse, delta, dims, cfg, counts, plan)
     return dq, dk, dv, dr
 
 
