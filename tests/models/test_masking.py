@@ -170,7 +170,7 @@ def test_vectorised_acceptance_matches_sequential_oracle(kind):
             else:
                 shape = (1, 14, 14)
                 target = round(ratio * 196)
-                args = (shape, target, 16, target, 10, True)
+                args = (shape, target, target // 5, target, 10, True)
                 got = image_block_mask((14, 14), target, np.random.default_rng(seed)).numpy()[None]
             want = _sequential_same_draws(*args, np.random.default_rng(seed))
             np.testing.assert_array_equal(got, want)
@@ -195,7 +195,7 @@ def test_statistics_match_official_python_random_loop(kind, ratio, n):
         ours = [tube_unit_mask(GRID, ratio, np.random.default_rng(10_000 + i)).count for i in range(n)]
     else:
         target = round(ratio * 196)
-        args = ((1, 14, 14), target, 16, target, 10, True)
+        args = ((1, 14, 14), target, target // 5, target, 10, True)
         ours = [int(image_block_mask((14, 14), target, np.random.default_rng(10_000 + i)).sum())
                 for i in range(n)]
     r = random.Random(0)
@@ -264,8 +264,23 @@ def test_image_block_mask_counts_and_blocks():
     assert (counts == 78).mean() >= 0.5  # measured ~69 % exact (official BEiT: no top-up)
     # Block constraints through the shared core with BEiT's parameters.
     for _ in range(50):
-        res = sample_block_mask((1, 14, 14), 78, 16, 78, 10, True, rng)
+        res = sample_block_mask((1, 14, 14), 78, 78 // 5, 78, 10, True, rng)
         np.testing.assert_array_equal(_replay_blocks(res, (1, 14, 14)), res.mask)
+        assert all(h * w >= 1 for _, _, _, _, h, w in res.blocks)
+
+
+def test_image_block_min_block_is_the_official_rule():
+    """SlowFast's MaskFeat image masks use min_num_patches = num_mask // 5 (15 of 78; DESIGN §3.2),
+    not BEiT's 16: the default must draw exactly what min_block=15 draws, and differ from 16."""
+    differ = 0
+    for seed in range(40):
+        default = image_block_mask((14, 14), 78, np.random.default_rng(seed))
+        assert torch.equal(default, image_block_mask((14, 14), 78, np.random.default_rng(seed), min_block=15))
+        differ += not torch.equal(default, image_block_mask((14, 14), 78, np.random.default_rng(seed), min_block=16))
+    assert differ > 0  # these seeds tell 15 from 16 (10 of 40 do)
+    # a small grid whose count is below BEiT's 16 still gets blocks (6x6 at 0.4: 14, min block 2)
+    counts = [int(image_block_mask((6, 6), 14, np.random.default_rng(s)).sum()) for s in range(50)]
+    assert min(counts) > 0 and np.mean(counts) > 12
 
 
 def test_image_block_aspect_and_min_block_are_used():
