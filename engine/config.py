@@ -739,6 +739,9 @@ def validate(cfg: Config) -> None:
     if not s.warmup_start_lr >= 0 or not s.end_lr >= 0 or s.max_steps < 0:
         raise ConfigError(f"schedule.warmup_start_lr and end_lr must be >= 0 and max_steps >= 0; got "
                           f"{s.warmup_start_lr}, {s.end_lr}, {s.max_steps}")
+    if not s.end_lr < o.lr:  # SlowFast's lr_func_cosine asserts COSINE_END_LR < BASE_LR
+        raise ConfigError(f"schedule.end_lr={s.end_lr} must be below optim.lr={o.lr} (the cosine decays to it; "
+                          "both are per optim.lr_reference_batch clips)")
     if cfg.log.every_steps < 1:
         raise ConfigError(f"log.every_steps must be >= 1, got {cfg.log.every_steps}")
     for name in ("checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints", "stop_after_steps",

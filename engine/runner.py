@@ -239,6 +239,11 @@ class Run:
     state: TrainState
     param_group_names: list = field(default_factory=list)
     resumed_from: Optional[str] = None
+    resumed_step: Optional[int] = None
+    """The step of the checkpoint resumed from, in its own unit (``metrics.jsonl``'s records up to it
+    are kept), or None."""
+    resumed_own: bool = False
+    """Whether that checkpoint is this run's own (its ``metrics.jsonl`` is this run's)."""
 
     @property
     def main(self) -> bool:
@@ -502,7 +507,7 @@ def setup_run(
         # records up to the checkpoint's step were trained before it and stay, also after a step
         # rescale (then the step numbers change unit: metrics.jsonl's ``epoch`` stays comparable)
         metrics_after = saved_step
-        run.resumed_from = plan.path
+        run.resumed_from, run.resumed_step, run.resumed_own = plan.path, saved_step, bool(plan.own)
         print0(f"resumed from {run.resumed_from} at step {run.state.step} (epoch {run.state.epoch}, "
                f"batch {run.state.batch_in_epoch})")
     if dist.rank == 0:
@@ -589,9 +594,10 @@ def train_loop(
     on_finish: Optional[Callable[[Run], None]] = None,
 ) -> dict:
     """Run until ``derived.run_steps``; returns a summary (last loss, steps, skipped, time, final
-    checkpoint). ``on_epoch_end`` runs after each complete epoch, before its checkpoint;
-    ``on_finish`` after the final checkpoint (what it changes in ``run.state`` is not in that
-    checkpoint: fine-tuning's ``best`` tag keeps its own best metric). A resumed run already at its
+    checkpoint). ``on_epoch_end`` runs after each complete epoch, after its checkpoint (as SlowFast's
+    ``train_net`` saves, then evaluates); ``on_finish`` after the final checkpoint. What either
+    changes in ``run.state`` is not in that checkpoint: fine-tuning's ``best`` tag keeps its own best
+    metric. A resumed run already at its
     last step trains and saves nothing, runs ``on_finish`` (which decides whether anything is left to
     do) and returns with ``already_complete``."""
     cfg, engine, st, d = run.cfg, run.engine, run.state, run.derived
@@ -690,12 +696,12 @@ def train_loop(
         if st.batch_in_epoch >= d.steps_per_epoch:  # the epoch is complete
             st.epoch += 1
             st.batch_in_epoch = 0
-            if on_epoch_end is not None:
-                on_epoch_end(run)
             ce = cfg.train.checkpoint_every_epochs
             if (pending_save or (ce > 0 and st.epoch % ce == 0)) and st.step < d.run_steps:
                 run.save()
             pending_save = False
+            if on_epoch_end is not None:  # after the epoch's checkpoint: a failure in it loses no training
+                on_epoch_end(run)
     final = run.save()
     if on_finish is not None:  # after the save: a failure in it loses no training
         on_finish(run)

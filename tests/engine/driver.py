@@ -7,6 +7,9 @@
   writes ``OUT_DIR/result_r<rank>.json`` with the pre-training losses and the eval result.
 - ``nonfinite``: pre-training whose loss is replaced by NaN on the steps listed in
   ``NAN_STEPS`` (comma-separated) to exercise the skip/stop logic; writes the outcome.
+- ``evalfail``: fine-tuning whose evaluations listed in ``FAIL_EVALS`` (1-based, comma-separated)
+  raise; ``--resume auto`` as the last override resumes. Writes ``OUT_DIR/result.json``: the error,
+  if any, and the step of every evaluation that ran.
 - ``syncs`` (CUDA): bf16 ZeRO-2 pre-training with torch's sync debug mode on from the third step
   to the last; writes every call that made the CPU wait for the GPU, with the innermost frame of
   ours (engine/, models/, kernels/) or else the innermost frame, and the step it came in.
@@ -83,6 +86,33 @@ def nonfinite(out_dir: str, overrides: list[str]) -> None:
             json.dump(res, f)
 
 
+def evalfail(out_dir: str, overrides: list[str]) -> None:
+    from engine import finetune as F
+
+    fail = {int(s) for s in os.environ.get("FAIL_EVALS", "").split(",") if s}
+    resume = None
+    if overrides[-2:] == ["--resume", "auto"]:
+        overrides, resume = overrides[:-2], "auto"
+    cfg = load_config("tests/engine/tiny.yaml", [f"train.output_dir={out_dir}"] + overrides)
+    orig, seen = F.evaluate, []
+
+    def failing(*args, **kwargs):
+        seen.append(len(seen) + 1)
+        if seen[-1] in fail:
+            raise RuntimeError(f"evaluation {seen[-1]} failed (FAIL_EVALS)")
+        return orig(*args, **kwargs)
+
+    F.evaluate = failing
+    try:
+        F.run_finetune(cfg, resume=resume)
+        res = {"error": None}
+    except RuntimeError as e:
+        res = {"error": str(e)}
+    res["evaluations"] = len(seen)
+    with open(os.path.join(out_dir, "result.json"), "w") as f:
+        json.dump(res, f)
+
+
 def syncs(out_dir: str, overrides: list[str]) -> None:
     import traceback
     import warnings
@@ -131,4 +161,4 @@ def syncs(out_dir: str, overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
-    {"zero": zero, "nonfinite": nonfinite, "syncs": syncs}[mode](out, sys.argv[3:])
+    {"zero": zero, "nonfinite": nonfinite, "evalfail": evalfail, "syncs": syncs}[mode](out, sys.argv[3:])

@@ -74,6 +74,7 @@ def test_unknown_key_names_the_closest_valid_key(override, expected):
     ("optim.betas=[1.5, 0.9]", r"optim.betas must be in \[0, 1\)"),
     ("schedule.end_lr=-1", "end_lr must be >= 0"),
     ("schedule.warmup_start_lr=-1e-6", "warmup_start_lr and end_lr must be >= 0"),
+    ("schedule.end_lr=1e-2", r"end_lr=0.01 must be below optim.lr="),  # a cosine that rose 100x
     ("train.keep_checkpoints=-1", "train.keep_checkpoints must be >= 0"),
     ("deepspeed.gradient_clipping=-1", "gradient_clipping must be >= 0"),
     ("finetune.num_classes=-3", "num_classes must be >= 0"),

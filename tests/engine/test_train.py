@@ -212,6 +212,25 @@ def test_nonfinite_losses_are_skipped_then_stop(env, tmp_path):
     assert [r["loss"] == "nan" for r in recs] == [False, True, False, True, True]
 
 
+def test_a_failing_epoch_evaluation_loses_no_training(env, tmp_path):
+    """The epoch's checkpoint is written before its evaluation (SlowFast's order): an evaluation that
+    raises loses no training, and ``--resume auto`` runs the missed evaluation before training on."""
+    out = str(tmp_path / "ft")
+    args = [sys.executable, DRIVER, "evalfail", out, "data.clips_per_epoch=4", "schedule.max_steps=0",
+            "train.checkpoint_every_epochs=1", "train.eval_every_epochs=1"]
+    _run(args, dict(env, FAIL_EVALS="1"))
+    res = json.loads(open(os.path.join(out, "result.json")).read())
+    assert res == {"error": "evaluation 1 failed (FAIL_EVALS)", "evaluations": 1}
+    assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step00000002"  # epoch 1's
+    p = _run(args + ["--resume", "auto"], env)
+    res = json.loads(open(os.path.join(out, "result.json")).read())
+    assert res == {"error": None, "evaluations": 2}
+    assert "resumed from" in p.stdout and "evaluating first" in p.stdout
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in recs if r["split"] == "val"] == [2, 4]  # the missed one, then the final
+    assert [r["step"] for r in recs if r["split"] == "train"] == [1, 2, 3, 4]
+
+
 def test_fixed_batch_is_overfit(env):
     """The pre-training objective can be driven down: 30 AdamW steps on one real batch, one mask."""
     from engine.data import DataConfig, build_loader
