@@ -82,32 +82,32 @@ class FailureLog:
 
 
 def _decode_pass(path: str, wanted: set[int], first_wanted: int, short_side: int,
-                 seek: bool, rotation: int = 0) -> dict[int, np.ndarray] | None:
-    """One decoding pass; returns None when a seek landed after ``first_wanted``, or when the
-    frame numbers it reads from presentation times do not step by one from frame to frame (a
-    variable frame rate, or an average rate that is not the frame spacing, e.g. a long last
-    frame): times then do not give the frames' positions in the stream, which the sampler's
-    indices are, and the caller counts frames from the start instead."""
+                 timeline: tuple[int, float] | None, rotation: int = 0) -> dict[int, np.ndarray] | None:
+    """One decoding pass. Without ``timeline`` it decodes from the start, counting frames (the
+    sampler's indices are positions in the stream). With ``timeline = (pts_start, pts_step)``
+    (``VideoInfo``: the probe found the stream's times evenly spaced, no gap) it seeks to the key
+    frame before ``first_wanted`` and numbers frames ``round((pts - pts_start) / pts_step)``;
+    it returns None when the seek landed after ``first_wanted`` or the numbers do not step by one
+    (the caller then counts from the start)."""
     got: dict[int, np.ndarray] = {}
     container = av.open(path)
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        rate = stream.average_rate or stream.guessed_rate
-        tb = stream.time_base
-        t0 = stream.start_time or 0
         h0, w0 = stream.codec_context.height, stream.codec_context.width
         scale = short_side / min(h0, w0)
         w, h = (w0, h0) if scale >= 1 else (max(2, round(w0 * scale)), max(2, round(h0 * scale)))
-        by_pts = bool(seek and rate and tb)
-        if by_pts:
-            container.seek(t0 + int(first_wanted / rate / tb), stream=stream, backward=True, any_frame=False)
+        if timeline is not None:
+            t0, step = timeline
+            # half a step early: the wanted frame's time is within half a step of t0 + i * step
+            container.seek(t0 + max(0, int((first_wanted - 0.5) * step)), stream=stream, backward=True,
+                           any_frame=False)
         idx = -1
         for frame in container.decode(stream):
-            if by_pts:
+            if timeline is not None:
                 if frame.pts is None:
                     return None
-                at = int(round(float((frame.pts - t0) * tb * rate)))
+                at = int(round((frame.pts - t0) / step))
                 if (idx < 0 and at > first_wanted) or (idx >= 0 and at != idx + 1):
                     return None
                 idx = at
@@ -122,20 +122,26 @@ def _decode_pass(path: str, wanted: set[int], first_wanted: int, short_side: int
         container.close()
 
 
-def decode_clip_pyav(path: str, frames: np.ndarray, short_side: int, rotation: int = 0) -> np.ndarray:
+def decode_clip_pyav(path: str, frames: np.ndarray, short_side: int, rotation: int = 0,
+                     timeline: tuple[int, float] | None = None) -> np.ndarray:
     """Decode the frames ``frames`` (any order, repeats allowed) of ``path`` with PyAV.
 
-    Seeks to the key frame before the first wanted frame when it is past the start (frame numbers
-    from presentation times, while they step by one from frame to frame), else decodes from the
-    start counting frames (the sampler's indices are positions in the stream); frames whose short side
-    exceeds ``short_side`` are scaled down to it, then turned upright by ``rotation`` (degrees
-    counter-clockwise, ``VideoInfo.rotation``). Returns uint8 (T, H, W, 3), H x W as displayed.
+    With ``timeline`` (``(info.pts_start, info.pts_step)`` of a probed file whose ``pts_step`` is
+    set) it seeks to the key frame before the first wanted frame when that is past the start, else
+    (or when the times after the seek do not number frames one by one) it decodes from the start
+    counting frames: the sampler's indices are positions in the stream, which times give only when
+    evenly spaced with no gap (a dropped frame's missing time shifted every later frame of a seek
+    by one). Frames whose short side exceeds ``short_side`` are scaled down to it, then turned
+    upright by ``rotation`` (degrees counter-clockwise, ``VideoInfo.rotation``). Returns uint8
+    (T, H, W, 3), H x W as displayed.
     """
     wanted = set(int(f) for f in frames)
     first = min(wanted)
-    got = _decode_pass(path, wanted, first, short_side, seek=True, rotation=rotation) if first > 0 else None
+    if timeline is not None and not timeline[1] > 0:
+        timeline = None
+    got = _decode_pass(path, wanted, first, short_side, timeline, rotation) if first > 0 and timeline else None
     if got is None or len(got) < len(wanted):
-        got = _decode_pass(path, wanted, first, short_side, seek=False, rotation=rotation)
+        got = _decode_pass(path, wanted, first, short_side, None, rotation)
     if not got:
         raise RuntimeError(f"{path}: no frame decoded")
     last = max(got)
@@ -174,6 +180,7 @@ class Feeder:
 
     def __init__(self, batches: list[list[ClipSpec]], paths: list[str], decode: str,
                  short_side: int, workers: int, depth: int, *, rotations: list[int] | None = None,
+                 timelines: list[tuple[int, float] | None] | None = None,
                  replace: Callable[[ClipSpec, int], ClipSpec] | None = None,
                  on_failure: Callable[[str, str], None] | None = None,
                  rerun: str = "resume from the last checkpoint with --resume auto",
@@ -186,6 +193,7 @@ class Feeder:
         self.decode = decode
         self.short_side = short_side
         self.rotations = rotations
+        self.timelines = timelines
         self.replace = replace
         self.on_failure = on_failure
         self.rerun = rerun
@@ -199,7 +207,8 @@ class Feeder:
         path = self.paths[spec.index]
         if self.decode == "pyav":
             rotation = self.rotations[spec.index] if self.rotations is not None else 0
-            data = decode_clip_pyav(path, spec.frames, self.short_side, rotation)
+            timeline = self.timelines[spec.index] if self.timelines is not None else None
+            data = decode_clip_pyav(path, spec.frames, self.short_side, rotation, timeline)
         else:
             data = read_bytes(path)
         return (spec, data) if self.finish is None else (self.finish(spec, data), data)

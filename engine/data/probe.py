@@ -27,6 +27,7 @@ only the rotation part of a display matrix is used (a mirrored matrix is read as
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -49,8 +50,8 @@ NVDEC_MIN_SIZE = {"vp9": (128, 128), "av1": (128, 128), "hevc": (144, 144)}
 64x48 with "supported: 128x128", bench/results/gpu_check_*_2_engine_dali.log; H.264 at 64x48 decoded there).
 AV1 and HEVC: NVIDIA's decoder caps for Turing and later, not measured here."""
 NVDEC_MIN_DEFAULT = (48, 16)
-CACHE_VERSION = 2
-"""2: ``VideoInfo.rotation`` added (version-1 entries are probed again)."""
+CACHE_VERSION = 3
+"""2: ``VideoInfo.rotation`` added; 3: ``pts_start``/``pts_step`` (older entries are probed again)."""
 
 
 @dataclass
@@ -71,12 +72,19 @@ class VideoInfo:
     """Display rotation, degrees counter-clockwise (0, 90, 180 or 270): the stored frames are turned
     by ``np.rot90(frame, rotation // 90)`` for display. ``width``/``height`` are the stored
     (coded) sizes; :meth:`displayed` gives the sizes as shown."""
+    pts_start: int = 0
+    """The smallest presentation time of the stream's packets (stream time-base units)."""
+    pts_step: float = 0.0
+    """The frames' mean spacing in time-base units, (last - first) / (frames - 1), when frame ``i``
+    of the stream (in time order) is within a quarter step of ``pts_start + i * pts_step`` for every
+    ``i`` (times rounded to their time base pass; a gap or a freeze does not); else 0. The PyAV
+    reader seeks only when it is set; otherwise it decodes from the start, counting frames."""
 
     def displayed(self) -> "VideoInfo":
         """This info with ``width``/``height`` as displayed (swapped for 90 and 270 degrees)."""
         if self.rotation % 180 == 0:
             return self
-        return VideoInfo(self.codec, self.height, self.width, self.num_frames, self.fps, self.cfr, self.rotation)
+        return dataclasses.replace(self, width=self.height, height=self.width)
 
 
 def frame_rotation(frame) -> int:
@@ -159,6 +167,18 @@ def _frame_durations_cfr(pts: np.ndarray) -> bool:
     return bool(np.all(np.abs(d - med) <= max(0.01 * med, 1.0)))
 
 
+def _even_step(pts: np.ndarray) -> float:
+    """The mean spacing of the presentation times when frame ``i`` (in time order) lies within a
+    quarter step of ``first + i * step`` for every ``i`` (times rounded to their time base pass: 33
+    and 34 ms at 29.97 fps; a missing or frozen frame's full step does not), else 0."""
+    t = np.sort(pts)
+    if len(t) < 2 or t[-1] == t[0]:
+        return 0.0
+    step = float(t[-1] - t[0]) / (len(t) - 1)
+    off = np.abs((t - t[0]) - np.arange(len(t)) * step)
+    return step if float(off.max()) <= 0.25 * step else 0.0
+
+
 def probe_video(path: str) -> ProbeResult:
     """Probe one file with PyAV: open, demux all packets of the first video stream, decode one frame."""
     if not os.path.lexists(path) or not os.path.exists(path):
@@ -202,9 +222,10 @@ def probe_video(path: str) -> ProbeResult:
         if fps <= 0 and len(pts) > 1 and stream.time_base:
             span = (max(pts) - min(pts)) * stream.time_base
             fps = float((len(pts) - 1) / span) if span else 0.0
-        info = VideoInfo(codec=codec, width=int(width), height=int(height), num_frames=len(pts),
-                         fps=fps, cfr=_frame_durations_cfr(np.asarray(pts, dtype=np.int64)),
-                         rotation=frame_rotation(first))
+        times = np.asarray(pts, dtype=np.int64)
+        info = VideoInfo(codec=codec, width=int(width), height=int(height), num_frames=len(pts), fps=fps,
+                         cfr=_frame_durations_cfr(times), rotation=frame_rotation(first),
+                         pts_start=int(times.min()), pts_step=_even_step(times))
         return ProbeResult(path, info=info)
     finally:
         container.close()

@@ -158,7 +158,12 @@ def test_list_dataset_bad_files_error_or_skip(clips, tmp_path):
 
 
 # ---- loader: pre-training ----------------------------------------------------------------------
-def test_folder_dataset_pretrain_end_to_end(clips, tmp_path):
+def test_folder_dataset_pretrain_end_to_end(clips, tmp_path, monkeypatch):
+    import engine.data.pipeline as P
+
+    timelines = []
+    real = P.decode_clip_pyav
+    monkeypatch.setattr(P, "decode_clip_pyav", lambda *a, **k: timelines.append(a[4]) or real(*a, **k))
     cfg = cfg_for(clips["folder_h264"])
     loader = build_loader(cfg, "train")
     assert loader.reader == "pyav"  # H.264 on CPU
@@ -177,6 +182,9 @@ def test_folder_dataset_pretrain_end_to_end(clips, tmp_path):
             if ok:
                 seen.append(i)
     assert sorted(seen) == list(range(9))
+    # the probe's timelines reach the PyAV reader: evenly spaced files are seeked, not decoded from 0
+    want = {(i.pts_start, i.pts_step) for i in loader.infos}
+    assert timelines and set(timelines) == want and all(t[1] > 0 for t in want), (timelines, want)
     write_class_index(str(tmp_path / "run" / "classes.json"), loader.class_names)
     data = json.loads((tmp_path / "run" / "classes.json").read_text())
     assert data["classes"] == ["apple", "bird", "cat"] and data["index"]["cat"] == 2

@@ -476,17 +476,18 @@ def test_a_failing_final_evaluation_keeps_the_final_checkpoint_and_is_redone(tmp
     assert p.returncode == 0 and os.path.isdir(other / "checkpoints" / "best"), p.stderr[-3000:]
 
 
-def _numbered_video(path: str, n: int, pts_ms=None, last_duration_s: float = 0.0) -> str:
-    """An H.264 clip of ``n`` frames, frame i marked by a bar 2i + 1 pixels wide; presentation times
-    ``pts_ms`` (default 30 fps), and the last packet lasting ``last_duration_s`` when given (a file
-    whose average rate, frames over duration, is not its frame spacing)."""
+def _numbered_video(path: str, n: int, pts_ms=None, last_duration_s: float = 0.0, gop: int = 0) -> str:
+    """An H.264 clip of ``n`` frames, frame i marked by a bar 2i + 1 pixels wide (up to i = 79);
+    presentation times ``pts_ms`` (default 30 fps), the last packet lasting ``last_duration_s`` when
+    given (a file whose average rate, frames over duration, is not its frame spacing), a key frame
+    every ``gop`` frames when given (x264's default is 250: every seek lands on frame 0)."""
     from fractions import Fraction
 
     out = av.open(path, "w")
     stream = out.add_stream("libx264", rate=30)
     stream.width, stream.height, stream.pix_fmt = 160, 32, "yuv420p"
     stream.codec_context.time_base = Fraction(1, 1000)
-    stream.options = {"bf": "0"}
+    stream.options = {"bf": "0"} if not gop else {"bf": "0", "g": str(gop), "keyint_min": str(gop)}
     packets = []
     for i in range(n):
         img = np.zeros((32, 160, 3), np.uint8)
@@ -507,28 +508,53 @@ def _frame_numbers(clip: np.ndarray) -> list[int]:
     return [int(((f[16, :, 1] > 128).sum() - 1) // 2) for f in clip]
 
 
+def _timeline(path: str):
+    info = probe_video(path).info
+    return (info.pts_start, info.pts_step) if info.pts_step > 0 else None
+
+
+def _step_ms(path: str) -> float:
+    with av.open(path) as c:
+        return _timeline(path)[1] * float(c.streams.video[0].time_base) * 1000
+
+
 def test_pyav_decodes_the_planned_frames_of_irregular_timelines(tmp_path):
-    """The sampler's frame indices are positions in the stream. A seek reads frame numbers from
-    presentation times, which gives other frames when times are not evenly spaced at the average
-    rate: a 1 s freeze (variable frame rate) decoded [1, 5, 9, 13] as [1, 7, 13, 19], and a long
-    last frame (average rate 12.6 for 30 fps frames) [7, …, 22] as [13, 15, …, 43]. Such clips
-    now come from counting frames."""
-    vfr = _numbered_video(str(tmp_path / "vfr.mp4"), 60,
+    """The sampler's frame indices are positions in the stream. A seek that read frame numbers from
+    presentation times at the average rate gave other frames: a 1 s freeze (variable frame rate)
+    decoded [1, 5, 9, 13] as [1, 7, 13, 19], a long last frame (average rate 12.6 for 30 fps frames)
+    [7, …, 22] as [13, 15, …, 43], and one dropped frame before the key frame a seek lands on
+    [21, 25, 29, 33] as [20, 24, 28, 32]. Now a seek numbers frames from the probe's first time and
+    mean spacing, and only for files whose times are evenly spaced with no gap; the others are
+    decoded counting frames. Key frames every 10 frames, so seeks land past the irregularity."""
+    vfr = _numbered_video(str(tmp_path / "vfr.mp4"), 60, gop=10,
                           pts_ms=[round(i * 1000 / 30) + (1000 if i >= 20 else 0) for i in range(60)])
-    long_last = _numbered_video(str(tmp_path / "long_last.mp4"), 50, last_duration_s=2.0)
+    long_last = _numbered_video(str(tmp_path / "long_last.mp4"), 50, last_duration_s=2.0, gop=10)
+    dropped = _numbered_video(str(tmp_path / "dropped.mkv"), 60, gop=10,
+                              pts_ms=[round((i + (i >= 10)) * 1000 / 30) for i in range(60)])
+    ntsc = _numbered_video(str(tmp_path / "ntsc.mp4"), 80, gop=10,  # 29.97 fps in ms: steps of 33 and 34
+                           pts_ms=[round(i * 1001 / 30) for i in range(80)])
     assert not probe_video(vfr).info.cfr and probe_video(long_last).info.fps < 20
-    for path, starts in ((vfr, (0, 1, 10, 30, 40)), (long_last, (0, 7, 21, 33))):
+    assert _timeline(vfr) is None and _timeline(dropped) is None  # decoded counting frames
+    assert _step_ms(long_last) == pytest.approx(1000 / 30, abs=0.01)  # packet times: even, whatever the rate
+    assert _step_ms(ntsc) == pytest.approx(1001 / 30, abs=0.01)  # the mean step, not the median (33 ms)
+    cases = ((vfr, (0, 1, 10, 30, 40)), (long_last, (0, 7, 21, 33)), (dropped, (0, 21, 28, 40)), (ntsc, (0, 31, 63)))
+    for path, starts in cases:
         for start in starts:
             frames = np.arange(start, start + 16, 4)
-            assert _frame_numbers(decode_clip_pyav(path, frames, 1000)) == frames.tolist(), (path, start)
-    regular = _numbered_video(str(tmp_path / "regular.mp4"), 50)
-    frames = np.array([33, 35, 40, 49])
-    assert _frame_numbers(decode_clip_pyav(regular, frames, 1000)) == frames.tolist()
+            got = decode_clip_pyav(path, frames, 1000, timeline=_timeline(path))
+            assert _frame_numbers(got) == frames.tolist(), (path, start)
     from engine.data.pipeline import _decode_pass
 
-    # an evenly spaced file keeps the seek (no decoding from the start); the irregular ones give it up
-    assert sorted(_decode_pass(regular, set(frames.tolist()), 33, 1000, seek=True)) == frames.tolist()
-    assert _decode_pass(vfr, {30, 34}, 30, 1000, seek=True) is None
+    # evenly spaced files keep the seek (no decoding from the start): the pass with the timeline
+    # returns the frames instead of None, and lands past frame 0 (it never decodes frames 0-59)
+    for path, frames in ((ntsc, [63, 67, 71, 75]), (long_last, [33, 37, 41, 45])):
+        got = _decode_pass(path, set(frames), frames[0], 1000, _timeline(path))
+        assert got is not None and sorted(got) == frames, path
+        assert _frame_numbers(np.stack([got[f] for f in frames])) == frames
+    regular = _numbered_video(str(tmp_path / "regular.mp4"), 50)
+    frames = np.array([33, 35, 40, 49])
+    assert _frame_numbers(decode_clip_pyav(regular, frames, 1000, timeline=_timeline(regular))) == frames.tolist()
+    assert _frame_numbers(decode_clip_pyav(regular, frames, 1000)) == frames.tolist()  # no timeline: counted
 
 
 def test_probe_cache_saves_of_ranks_with_one_pid_do_not_collide(tmp_path, monkeypatch, capsys):
