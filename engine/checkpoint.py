@@ -208,6 +208,33 @@ def write_text_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _sync_tree(path: str) -> None:
+    """fsync every file under ``path`` and the folders themselves, so that a tag renamed into place
+    (and ``latest``, synced when written) never names files that a node crash left empty."""
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for root, _, _ in os.walk(path, topdown=False):
+        _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory
+    finally:
+        os.close(fd)
+
+
 def _free_name(ckpt_dir: str, name: str) -> str:
     """``ckpt_dir/name``, or ``name-2``, ``name-3``, ... when taken."""
     dst, n = os.path.join(ckpt_dir, name), 1
@@ -270,20 +297,36 @@ def save_checkpoint(
         os.makedirs(ckpt_dir, exist_ok=True)
         shutil.rmtree(os.path.join(ckpt_dir, tmp_tag), ignore_errors=True)  # a dead earlier try
     barrier()
-    engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state={"tag": tag, "param_group_names": param_group_names}, save_latest=False)
-    tmp_path = os.path.join(ckpt_dir, tmp_tag)
     failed: Optional[Exception] = None
     try:  # a full node-local disk fails one rank: all must learn it, or the others wait in the barrier
-        os.makedirs(tmp_path, exist_ok=True)
-        torch.save(rank_state, os.path.join(tmp_path, f"engine_state_r{rank:05d}.pt"))
-        if local_rank == 0:
-            write_text_atomic(os.path.join(tmp_path, "config.yaml"), config_yaml)
+        engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state={"tag": tag, "param_group_names": param_group_names},
+                               save_latest=False)
+    except (OSError, RuntimeError) as e:
+        failed = e
+        # DeepSpeed's save ends in a barrier, where the other ranks now wait; its collectives (tag
+        # check, ZeRO-3 gathers) all come before its writes, so a failed write has only that one left
+        barrier()
+    tmp_path = os.path.join(ckpt_dir, tmp_tag)
+    try:
+        if failed is None:
+            os.makedirs(tmp_path, exist_ok=True)
+            torch.save(rank_state, os.path.join(tmp_path, f"engine_state_r{rank:05d}.pt"))
+            if local_rank == 0:
+                write_text_atomic(os.path.join(tmp_path, "config.yaml"), config_yaml)
     except (OSError, RuntimeError) as e:
         failed = e
     if _failed_anywhere(failed is not None):
         raise failed or OSError(f"another rank could not write its part of checkpoint {tag} (see its error)")
-    barrier()
+    try:  # every part is written: each node's first rank syncs them before the tag is renamed into place
+        if local_rank == 0:
+            _sync_tree(tmp_path)
+    except OSError as e:
+        failed = e
+    if _failed_anywhere(failed is not None):
+        raise failed or OSError(f"another node could not sync checkpoint {tag} to disk (see its error)")
     _promote(ckpt_dir, tmp_tag, tag)
+    if local_rank == 0:
+        _fsync_dir(ckpt_dir)  # the rename itself
     if update_latest and local_rank == 0:
         write_text_atomic(os.path.join(ckpt_dir, "latest"), tag)
     if keep > 0 and local_rank == 0:
@@ -751,18 +794,57 @@ def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: b
     mine = os.path.join(path, f"engine_state_r{rank:05d}.pt")
     if not os.path.isfile(mine):
         mine = files[rank % len(files)]
-    state = torch.load(mine, map_location="cpu", weights_only=False)
+    state, error = None, None
+    try:
+        state = torch.load(mine, map_location="cpu", weights_only=False)
+    except _UNREADABLE as e:
+        if not _unreadable(e):
+            raise
+        error = e
+    if _failed_anywhere(error is not None):  # every rank stops, not only the one whose file is damaged
+        raise _damaged(ckpt_dir, tag, mine if error is not None else None, error)
     # the loader state holds the world size (each node of a non-shared filesystem sees only its files)
     saved_world = int(state.get("loader", {}).get("world_size", len(files)))
     stage = int(engine.zero_optimization_stage() if zero_stage is None else zero_stage)
     check_resume_compatible(path, saved_world=saved_world, saved_stage=_saved_zero_stage(path), world_size=world,
                             zero_stage=stage, output_dir=output_dir, saved_precision=_saved_precision(path),
                             precision=precision)
-    load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=load_optimizer,
-                                          load_lr_scheduler_states=False, load_module_strict=True)
+    try:
+        load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=load_optimizer,
+                                              load_lr_scheduler_states=False, load_module_strict=True)
+    except _UNREADABLE as e:  # a damaged DeepSpeed file (the other ranks stop at their next collective)
+        if not _unreadable(e):
+            raise
+        raise _damaged(ckpt_dir, tag, None, e) from e
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
     return state
+
+
+_UNREADABLE = (EOFError, pickle.UnpicklingError, RuntimeError, OSError, ValueError)
+"""What ``torch.load`` raises for an empty, cut-short or corrupt file (:func:`_unreadable`)."""
+
+
+def _unreadable(e: Exception) -> bool:
+    """Whether ``e`` says a file does not read, not that its contents do not fit (a RuntimeError of
+    ``load_state_dict`` is a model mismatch, reported as such)."""
+    if not isinstance(e, (RuntimeError, ValueError)):
+        return True
+    text = str(e)
+    return any(m in text for m in ("PytorchStreamReader", "zip archive", "Ran out of input", "unexpected EOF",
+                                   "failed reading", "invalid load key", "truncated"))
+
+
+def _damaged(ckpt_dir: str, tag: str, file: Optional[str], error: Optional[Exception]) -> CheckpointError:
+    """The error for a checkpoint whose files do not load (a node crash before they reached the
+    disk, a full disk, a copy cut short): it names the other complete checkpoints to resume instead."""
+    what = f"{os.path.basename(file)}: {type(error).__name__}: {error}" if file else (
+        f"{type(error).__name__}: {error}" if error is not None else "a file of another rank does not load")
+    s = step_of(tag)
+    older = [t for t in available_tags(ckpt_dir) if step_of(t) is not None and t != tag and (s is None or step_of(t) < s)]
+    hint = (f"resume an older one, e.g. --resume {older[-1]} (newer tags are then set aside); complete checkpoints: "
+            f"{', '.join(older)}" if older else "no other complete checkpoint to resume from")
+    return CheckpointError(f"checkpoint {os.path.join(ckpt_dir, tag)} is damaged ({what[:300]}); {hint}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -805,29 +887,46 @@ def consolidated_state_dict(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
 PRETRAIN_HEAD_PREFIXES = ("mask_token", "pred_head.")
 
 
-def export_backbone(output_dir_or_ckpt: str, out_path: str, tag: Optional[str] = None,
+def export_source(output_dir_or_ckpt: str, tag: Optional[str] = None) -> tuple[str, str]:
+    """``(checkpoints directory, tag)`` of what :func:`export_backbone` reads: a run's output
+    directory, its ``checkpoints/`` directory, ``checkpoints/latest`` or a ``checkpoints/<tag>``
+    directory (:func:`locate_checkpoint`, as ``--resume`` and ``eval --checkpoint``); ``tag``, when
+    given, is looked up in the checkpoints directory of the first two. FileNotFoundError otherwise."""
+    root = output_dir_or_ckpt
+    if tag is None:
+        try:
+            found = locate_checkpoint(root)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(str(e)[len("checkpoint "):] if str(e).startswith("checkpoint ") else str(e)) from None
+        if found is None:
+            raise FileNotFoundError(f"{root}: a file, not a checkpoint (a run folder, its checkpoints/ directory, "
+                                    "checkpoints/latest or a checkpoints/<tag> directory)")
+        return found
+    ckpt_dir = checkpoint_dir(root) if os.path.isdir(checkpoint_dir(root)) else root
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{output_dir_or_ckpt}: not found (a run folder or its checkpoints/ directory)")
+    if not os.path.isdir(os.path.join(ckpt_dir, tag)):
+        raise FileNotFoundError(f"no checkpoint {tag!r} under {ckpt_dir}; available: "
+                                f"{', '.join(stored_tags(ckpt_dir)) or 'none'}")
+    return ckpt_dir, tag
+
+
+def export_backbone(output_dir_or_ckpt: str, out_path: Optional[str] = None, tag: Optional[str] = None,
                     keep_pretrain_head: bool = False) -> dict:
     """Write the consolidated fp32 backbone of a checkpoint as safetensors.
 
-    ``output_dir_or_ckpt`` is a run's output directory (its ``checkpoints/`` is used) or a
-    ``checkpoints`` directory itself; ``tag`` defaults to the latest complete one. The MaskFeat
+    ``output_dir_or_ckpt`` names the checkpoint as for :func:`export_source`; ``tag`` defaults to
+    the latest complete one. ``out_path`` (a file, or a folder to hold ``backbone.safetensors``)
+    defaults to ``<run folder>/backbone.safetensors``. The MaskFeat
     model *is* its backbone (official key names), so everything but the pre-training-only
     ``mask_token`` and ``pred_head.*`` is kept (all of it with ``keep_pretrain_head``); a
     wrapped ``backbone.*`` sub-tree is unwrapped. A fine-tuned classifier exports whole.
     Returns a summary (tag, number of tensors, parameters, path)."""
     from safetensors.torch import save_file
 
-    root = output_dir_or_ckpt
-    ckpt_dir = checkpoint_dir(root) if os.path.isdir(checkpoint_dir(root)) else root
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"{output_dir_or_ckpt}: not found (a run folder or its checkpoints/ directory)")
-    if tag is None:
-        tag = latest_tag(ckpt_dir)
-        if tag is None:
-            raise FileNotFoundError(f"no complete checkpoint under {ckpt_dir}")
-    elif not os.path.isdir(os.path.join(ckpt_dir, tag)):
-        raise FileNotFoundError(f"no checkpoint {tag!r} under {ckpt_dir}; available: "
-                                f"{', '.join(stored_tags(ckpt_dir)) or 'none'}")
+    ckpt_dir, tag = export_source(output_dir_or_ckpt, tag)
+    if out_path is None:
+        out_path = os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "backbone.safetensors")
     others = lambda: [t for t in stored_tags(ckpt_dir) if t != tag and is_complete(os.path.join(ckpt_dir, t))]  # noqa: E731
     if _missing_shards(os.path.join(ckpt_dir, tag)):
         raise CheckpointError(f"checkpoint {os.path.join(ckpt_dir, tag)} lacks ZeRO optimiser shards: incomplete "

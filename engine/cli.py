@@ -99,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also write the view-averaged class probabilities per video to "
                                 "<eval.json without .json>.predictions.npz")
     e = sub.add_parser("export", help="consolidated fp32 backbone (safetensors) from a DeepSpeed checkpoint")
-    e.add_argument("run_dir", help="run output directory (or its checkpoints/ directory)")
+    e.add_argument("run_dir", help="run output directory, its checkpoints/ directory, checkpoints/latest or a "
+                                   "checkpoints/<tag> directory")
     e.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
-    e.add_argument("--out", default=None, help="output file (default: <run_dir>/backbone.safetensors)")
+    e.add_argument("--out", default=None, help="output file (default: <run folder>/backbone.safetensors)")
     e.add_argument("--keep-head", action="store_true", help="keep mask_token and pred_head.* (pre-training only)")
     d = sub.add_parser("data", help="data tools: maskfeat data prepare SRC DST (re-encode; --check validates "
                                     "only; see maskfeat data prepare --help)")
@@ -191,12 +192,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             setattr(args, name, os.path.expanduser(getattr(args, name)))
 
     if args.command == "export":
-        from engine.checkpoint import export_backbone
-
-        out = args.out or os.path.join(args.run_dir, "backbone.safetensors")
+        from engine.checkpoint import export_backbone, export_source
         from engine.config import ConfigError
 
+        out = args.out
         try:
+            ckpt_dir, _ = export_source(args.run_dir, args.tag)
+            out = args.out or os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "backbone.safetensors")
             res = export_backbone(args.run_dir, out, tag=args.tag, keep_pretrain_head=args.keep_head)
         except (FileNotFoundError, ConfigError) as e:  # missing, or incomplete/damaged (CheckpointError)
             print(f"maskfeat export: {e}", file=sys.stderr)

@@ -378,10 +378,46 @@ _OWNED_SUBKEYS = {"zero_optimization": ("stage", "deepspeed.zero_stage"),
 """Sections ``deepspeed.extra`` may tune, except for the one sub-key the engine sets."""
 
 
+DEEPSPEED_TOP_KEYS = frozenset((
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
+    "fp16", "bf16", "amp", "torch_autocast", "gradient_clipping", "prescale_gradients", "gradient_predivide_factor",
+    "sparse_gradients", "communication_data_type", "seq_parallel_communication_data_type", "zero_optimization",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "aio", "steps_per_print", "wall_clock_breakdown",
+    "dump_state", "memory_breakdown", "flops_profiler", "activation_checkpointing", "sparse_attention",
+    "data_efficiency", "curriculum_learning", "tensorboard", "wandb", "csv_monitor", "comet", "elasticity",
+    "compression_training", "checkpoint", "data_types", "autotuning", "comms_logger", "compile", "pipeline", "nebula",
+    "hybrid_engine", "eigenvalue", "progressive_layer_drop", "quantize_training", "dataloader_drop_last",
+    "disable_allgather", "use_data_before_expert_parallelism", "use_node_local_storage", "load_universal",
+    "graph_harvesting", "timers", "weight_quantization", "zenflow"))
+"""Top-level keys of DeepSpeed's JSON config (its documentation's list, DeepSpeed 0.16-0.19). DeepSpeed
+ignores a top-level key it does not know, so a misspelt section would silently do nothing."""
+
+
+_WARNED_EXTRA: set = set()
+
+
 def check_deepspeed_extra(extra: Optional[dict]) -> None:
     """Refuse in ``deepspeed.extra`` the keys the engine sets or owns (:data:`ENGINE_OWNED_KEYS`,
     ``zero_optimization.stage``, ``fp16.enabled``, ``bf16.enabled``); the other sub-keys of those
-    sections (ZeRO buckets, the fp16 loss scaler...) are allowed."""
+    sections (ZeRO buckets, the fp16 loss scaler...) are allowed. A top-level key close to one of
+    :data:`DEEPSPEED_TOP_KEYS` but not one (``zero_optimisation``) is a ConfigError naming it; another
+    unknown key is passed on with a warning (a newer DeepSpeed's option). DeepSpeed itself checks the
+    keys inside its sections."""
+    import difflib
+    import logging
+
+    for key in extra or {}:
+        if key in DEEPSPEED_TOP_KEYS:
+            continue
+        close = difflib.get_close_matches(key, sorted(DEEPSPEED_TOP_KEYS), n=1, cutoff=0.8)
+        if close:
+            raise ConfigError(f"deepspeed.extra.{key}: not a DeepSpeed option (DeepSpeed would ignore it); "
+                              f"did you mean {close[0]!r}?")
+        if key not in _WARNED_EXTRA:  # (checked before set-up, and again when the config is built)
+            _WARNED_EXTRA.add(key)
+            logging.getLogger(__name__).warning(
+                "deepspeed.extra.%s is not a DeepSpeed option this engine knows; passed on as it is (DeepSpeed "
+                "ignores top-level keys it does not know)", key)
     for key, value in (extra or {}).items():
         if key in ENGINE_OWNED_KEYS:
             raise ConfigError(f"deepspeed.extra.{key}: the engine sets this; use {ENGINE_OWNED_KEYS[key]} instead")

@@ -608,7 +608,7 @@ def train_loop(
     t_start = time.time()
     grad_norm = float("nan")
     pending: Optional[_ReadBack] = None  # the last step's loss and grad norm, on their way to the host
-    pending_save = False
+    pending_save = stop = False
     if run.resumed_from is not None and st.step >= d.run_steps:  # nothing left to train or save
         end = "" if st.step == d.run_steps else f"; this config ends at step {d.run_steps}"
         print0(f"already complete at step {st.step} (checkpoint {run.resumed_from}){end}; nothing to train "
@@ -688,10 +688,8 @@ def train_loop(
                     pending_save = True  # saved after the epoch bookkeeping below
                 else:
                     run.save()
-            if cfg.train.stop_after_steps and st.step >= cfg.train.stop_after_steps:
-                run.logger.close()
-                raise StopRequested(f"stopped after step {st.step} (train.stop_after_steps)")
-            if st.step >= d.run_steps:
+            stop = bool(cfg.train.stop_after_steps and st.step >= cfg.train.stop_after_steps)
+            if stop or st.step >= d.run_steps:
                 break
         if st.batch_in_epoch >= d.steps_per_epoch:  # the epoch is complete
             st.epoch += 1
@@ -700,8 +698,11 @@ def train_loop(
             if (pending_save or (ce > 0 and st.epoch % ce == 0)) and st.step < d.run_steps:
                 run.save()
             pending_save = False
-            if on_epoch_end is not None:  # after the epoch's checkpoint: a failure in it loses no training
+            if on_epoch_end is not None and not stop:  # after the epoch's checkpoint: a failure in it loses no training
                 on_epoch_end(run)
+        if stop:  # after the step's checkpoints, also one held for the end of its epoch (as a kill there)
+            run.logger.close()
+            raise StopRequested(f"stopped after step {st.step} (train.stop_after_steps)")
     final = run.save()
     if on_finish is not None:  # after the save: a failure in it loses no training
         on_finish(run)

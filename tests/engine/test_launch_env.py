@@ -289,6 +289,18 @@ def test_deepspeed_extra_other_zero_keys_are_merged():
     assert c["wall_clock_breakdown"] is True and c["train_batch_size"] == 4 and c["bf16"] == {"enabled": True}
 
 
+def test_deepspeed_extra_misspelt_sections_are_refused(caplog):
+    """DeepSpeed ignores a top-level key it does not know: a misspelt section did nothing, silently."""
+    for key, want in (("zero_optimisation", "zero_optimization"), ("tensorbord", "tensorboard"), ("bf_16", "bf16")):
+        with pytest.raises(ConfigError, match=rf"deepspeed.extra.{key}: not a DeepSpeed option .*did you mean '{want}'"):
+            check_deepspeed_extra({key: {"enabled": True}})
+    extra = {"some_new_option": 1, "wall_clock_breakdown": True, "comms_logger": {"enabled": True}}
+    with caplog.at_level("WARNING"):
+        check_deepspeed_extra(extra)
+        check_deepspeed_extra(extra)  # once per key, not per check
+    assert [r.getMessage().split(" is ")[0] for r in caplog.records] == ["deepspeed.extra.some_new_option"]
+
+
 def test_deepspeed_extra_tunes_the_loss_scaler_of_the_chosen_precision():
     """fp16/bf16 sections may tune everything but ``enabled`` (the loss scaler worked before the
     owned-keys check and has no engine field), and only for the precision the run uses."""

@@ -313,6 +313,34 @@ def test_cli_used_folder_finished_run_and_going_back(env, tmp_path):
     assert [r["step"] for r in recs] == [1, 2, 3]
 
 
+def test_cli_resume_of_a_damaged_checkpoint_names_the_older_ones(env, tmp_path):
+    """A node crash before a checkpoint reached the disk leaves empty or cut-short files: --resume
+    auto was a traceback (EOFError / PytorchStreamReader) on every try; now a config error naming the
+    older complete checkpoints, which resumes as it says."""
+    out = str(tmp_path / "run")
+    common = [sys.executable, "-m", "engine", "pretrain", "-c", TINY, f"train.output_dir={out}",
+              "train.checkpoint_every_steps=1", "schedule.max_steps=3"]
+    _run(common, env)
+    ck = os.path.join(out, "checkpoints")
+    state = os.path.join(ck, "step00000003", "engine_state_r00000.pt")
+    weights = os.path.join(ck, "step00000003", "mp_rank_00_model_states.pt")
+    for damage in ("empty state", "cut weights"):
+        if damage == "empty state":
+            good = open(state, "rb").read()
+            open(state, "wb").close()
+        else:
+            open(state, "wb").write(good)
+            data = open(weights, "rb").read()
+            open(weights, "wb").write(data[: len(data) // 2])
+        p = _run(common + ["--resume", "auto"], env, ok=(2,))
+        assert f"checkpoint {ck}/step00000003 is damaged (" in p.stderr, p.stderr[-2000:]
+        assert "--resume step00000002 (newer tags are then set aside); complete checkpoints: step00000002" in p.stderr
+        assert "Traceback" not in p.stderr
+    p = _run(common + ["--resume", "step00000002"], env)
+    assert "set aside as step00000003.superseded" in p.stdout
+    assert _ls(out) == ["latest", "step00000002", "step00000003", "step00000003.superseded"]
+
+
 def test_cli_finished_finetune_is_not_evaluated_again(env, tmp_path):
     out = str(tmp_path / "ft")
     common = [sys.executable, "-m", "engine", "finetune", "-c", TINY, f"train.output_dir={out}", "data.num_clips=1",

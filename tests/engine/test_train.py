@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -78,8 +79,8 @@ def test_resume_auto_reproduces_an_uninterrupted_run_exactly(env, tmp_path):
     assert "stopped after step 4" in p.stderr
     ck = os.path.join(b, "checkpoints")
     assert sorted(t for t in os.listdir(ck) if not t.endswith(".py")) == ["latest", "step00000003"]
-    # a save that died half-way (a temporary tag) must never be resumed from
-    os.makedirs(os.path.join(ck, ".tmp-step00000005"))
+    # a save that died half-way (a temporary tag, here with every file of a tag) must never be resumed from
+    shutil.copytree(os.path.join(ck, "step00000003"), os.path.join(ck, ".tmp-step00000005"))
     p = _run(common + [f"train.output_dir={b}", "--resume", "auto"], env)
     assert "resumed from" in p.stdout and "step00000003 at step 3 (epoch 0, batch 3)" in p.stdout
     la, lb = _losses(a), _losses(b)
@@ -91,6 +92,19 @@ def test_resume_auto_reproduces_an_uninterrupted_run_exactly(env, tmp_path):
     assert len({l for _, l in la}) == 6  # the losses really change from step to step
     assert open(os.path.join(ck, "latest")).read().strip() == "step00000006"
     assert os.path.isfile(os.path.join(ck, "step00000006", "config.yaml"))
+
+
+def test_a_stop_at_the_end_of_an_epoch_keeps_the_checkpoint_due_there(env, tmp_path):
+    """A step checkpoint that falls on an epoch's last step is saved after the epoch's bookkeeping;
+    train.stop_after_steps at that step stopped before it (no tag at all), unlike a kill there."""
+    out = str(tmp_path / "run")
+    common = [sys.executable, "-m", "engine", "pretrain", "-c", TINY, f"train.output_dir={out}", "schedule.max_steps=8",
+              "train.checkpoint_every_steps=4"]  # 4 steps per epoch
+    p = _run(common + ["train.stop_after_steps=4"], env, ok=(3,))
+    assert "stopped after step 4" in p.stderr
+    assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step00000004"
+    p = _run(common + ["--resume", "auto"], env)
+    assert "step00000004 at step 4 (epoch 1, batch 0)" in p.stdout, p.stdout[-2000:]
 
 
 def test_two_ranks_zero_1_2_3_pretrain_export_finetune(env, tmp_path):
@@ -165,6 +179,13 @@ def test_export_of_a_bf16_run_without_zero_uses_the_fp32_masters(env, tmp_path):
     os.umask(umask)
     assert os.stat(f"{out}/b.safetensors").st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600
     assert not [f for f in os.listdir(out) if ".tmp" in f]
+    # the paths --resume and eval --checkpoint take ("checkpoints/latest: not found" before); the default
+    # output goes to the run folder, not into checkpoints/
+    for src in (f"{out}/checkpoints/latest", f"{out}/checkpoints/step00000002", f"{out}/checkpoints"):
+        p = _run([sys.executable, "-m", "engine", "export", src], env)
+        assert f"from step00000002 to {out}/backbone.safetensors" in p.stdout, (src, p.stdout[-500:])
+        assert torch.equal(load_file(f"{out}/backbone.safetensors")["blocks.0.mlp.fc1.weight"], w)
+        os.remove(f"{out}/backbone.safetensors")
 
 
 def test_export_of_a_bf16_zero1_run_uses_the_fp32_masters(env, tmp_path):
@@ -413,7 +434,7 @@ import torch
 real = torch.save
 
 def save(obj, f, *a, **k):
-    if isinstance(f, str) and "engine_state_r00001" in f and ".tmp-step00000002" in f:
+    if isinstance(f, str) and os.environ["FAIL_FILE"] in f and ".tmp-step00000002" in f:
         raise OSError(errno.ENOSPC, "No space left on device")
     return real(obj, f, *a, **k)
 
@@ -423,16 +444,21 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_save_failing_on_one_rank_stops_every_rank(env, tmp_path):
+@pytest.mark.parametrize("file,rank", [("engine_state_r00001", 1), ("mp_rank_00_model_states", 0)])
+def test_a_save_failing_on_one_rank_stops_every_rank(env, tmp_path, file, rank):
     """A node-local disk full on one rank: every rank learns it before the checkpoint's barrier and
-    exits 7 (the others waited in the barrier until the timeout)."""
+    exits 7 (the others waited in the barrier until the timeout). Also when DeepSpeed's own write
+    fails (rank 0's model states): the other rank died in a collective with a gloo traceback."""
     wrapper = tmp_path / "w.py"
     wrapper.write_text(_ONE_RANK_FULL)
     out = str(tmp_path / "run")
     p = _run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(wrapper), "pretrain", "-c",
               TINY, f"train.output_dir={out}", "train.checkpoint_every_steps=1", "schedule.max_steps=3"],
-             env, timeout=240, ok=(1,))  # torchrun: 1 when its children fail
+             dict(env, FAIL_FILE=file), timeout=240, ok=(1,))  # torchrun: 1 when its children fail
     assert p.stderr.count("saving checkpoint step00000002") == 2, p.stderr[-3000:]
-    assert "failed on rank 1 (OSError: [Errno 28] No space left on device" in p.stderr
+    assert f"failed on rank {rank} (OSError: [Errno 28] No space left on device" in p.stderr
+    assert p.stderr.count(f"maskfeat pretrain: saving checkpoint step00000002 in {out} failed on rank") == 2, \
+        (p.stderr.count(f"maskfeat pretrain: saving checkpoint step00000002 in {out} failed on rank"), p.stderr[-3000:])  # each rank's own clean message, none dies in a collective
+    assert "Connection closed" not in p.stderr, p.stderr[-3000:]
     assert "another rank could not write its part of checkpoint step00000002" in p.stderr
     assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step00000001"
