@@ -38,9 +38,15 @@ DALI's decoder: the loader finds it among the in-flight images (Pillow full deco
 one image at a time) and raises ImageDecodeError naming it, or under ``skip`` restarts the epoch's
 remaining batches with it marked bad, so it is replaced exactly as if the check had caught it.
 
-Known limits: no RandAugment, random erasing or repeated augmentation for images (finetuning warns
-when they are set). Orientation comes from the EXIF block only, as DALI reads it (Pillow's XMP
-fallback is not used).
+Fine-tuning augments as timm's ``transforms_imagenet_train`` (the official ImageNet recipes):
+RandomResizedCrop, flip, then RandAugment (``randaug.py``, the videos' implementation on (H, W, C)
+images; its draws made with the flip, keyed by (seed, epoch, position)), normalisation, then random
+erasing in pixel mode (``loader.random_erase``, box drawn with the flip, noise keyed by (seed, epoch,
+batch, rank)). Known limits: RandAugment's geometric ops fill with grey 128 and resample
+bilinearly, where timm fills with the mean colour (124, 116, 104) and uses bicubic (DALI's
+``warp_affine`` has one fill value and no cubic); no repeated augmentation for images (warned when
+set). Orientation comes from the EXIF block only, as DALI reads it (Pillow's XMP fallback is not
+used).
 """
 from __future__ import annotations
 
@@ -61,7 +67,8 @@ from .datasets import load_dataset, warn_empty_classes
 from .errors import DataError, ImageDecodeError
 from .pipeline import FailureLog
 from .probe import BadDatasetError, BadFile, ValidationReport, VideoInfo
-from .sampler import ClipSpec, epoch_order, random_resized_crop, shard_positions
+from .randaug import INC1_OPS
+from .sampler import ClipSpec, epoch_order, rand_augment_draws, random_erasing_box, random_resized_crop, shard_positions
 from .transfer import to_device
 
 log = logging.getLogger(__name__)
@@ -294,22 +301,14 @@ class ImageLoader:
         self.epoch = 0
         self.batches_consumed = 0
         self._length = len(self._positions())
-        if rank == 0:
-            self._warn_ignored()
-
-    def _warn_ignored(self) -> None:
-        """Name the augmentation settings that are set but not applied to images (finetuning only:
-        no mode applies them in pre-training). A warning, not an error: they are on by default."""
-        cfg = self.cfg
-        if not (self.train and self.mode == "finetune"):
-            return
-        ignored = ([f"data.rand_augment={cfg.rand_augment}"] if cfg.rand_augment else []) + \
-                  ([f"data.random_erasing={cfg.random_erasing}"] if cfg.random_erasing > 0 else []) + \
-                  ([f"data.repeated_aug={cfg.repeated_aug}"] if cfg.repeated_aug > 1 else [])
-        if ignored:
-            log.warning("dataset=image_folder does not apply %s: images get RandomResizedCrop and flip only (set "
-                        "data.rand_augment=false, data.random_erasing=0, data.repeated_aug=1 to silence this)",
-                        ", ".join(ignored))
+        finetune = self.train and mode == "finetune"
+        self.rand_augment: Optional[tuple[int, float, float]] = (
+            (cfg.rand_augment_n, cfg.rand_augment_m, cfg.rand_augment_mstd) if finetune and cfg.rand_augment else None)
+        """(n, m, mstd) of timm's RandAugment in fine-tuning (None: off), as for videos."""
+        self.erase_prob = cfg.random_erasing if finetune else 0.0
+        if rank == 0 and finetune and cfg.repeated_aug > 1:
+            log.warning("dataset=image_folder does not apply data.repeated_aug=%d (the official ImageNet recipes use "
+                        "none; set data.repeated_aug=1 to silence this)", cfg.repeated_aug)
 
     def epoch_length(self) -> int:
         """Positions in one epoch: ``data.clips_per_epoch`` in training when set, else the dataset size."""
@@ -322,8 +321,10 @@ class ImageLoader:
     def _spec(self, i: int, epoch: int, pos: int, valid: bool, key: Sequence[int] = ()) -> ClipSpec:
         rng = np.random.default_rng([self.cfg.seed, epoch, pos, *key, 0x1A6E])
         flip = bool(self.train and self.cfg.flip and rng.random() < 0.5)
-        return ClipSpec(i, self.dataset.labels[i], np.zeros(1, np.int32), (0.0, 0.0, 1.0, 1.0), flip, None, 0,
-                        valid, position=pos)
+        rand_aug = rand_augment_draws(rng, *self.rand_augment, len(INC1_OPS)) if self.rand_augment else None
+        erase = random_erasing_box(rng, self.cfg.crop_size, self.erase_prob) if self.erase_prob > 0 else None
+        return ClipSpec(i, self.dataset.labels[i], np.zeros(1, np.int32), (0.0, 0.0, 1.0, 1.0), flip, erase, 0,
+                        valid, rand_aug=rand_aug, position=pos)
 
     def plan(self, epoch: int) -> list[list[ClipSpec]]:
         order = epoch_order(len(self.dataset), epoch, self.cfg.seed, length=self.epoch_length(), shuffle=self.train)
@@ -388,22 +389,29 @@ class ImageLoader:
 
         cfg = self.cfg
 
+        ra = self.rand_augment
+
         @pipeline_def(batch_size=batch_size, num_threads=cfg.num_threads, device_id=None, seed=cfg.seed,
-                      prefetch_queue_depth=cfg.prefetch)
+                      prefetch_queue_depth=cfg.prefetch, enable_conditionals=ra is not None)
         def graph():
-            data, _, roi_start, roi_end, flip, label, index, _, valid, _ = fn.external_source(
+            data, _, roi_start, roi_end, flip, label, index, _, valid, draws = fn.external_source(
                 source=feeder, num_outputs=10, batch=True)
             img = fn.decoders.image(data, device="cpu", output_type=types.RGB)
             img = fn.resize(img, size=[cfg.crop_size, cfg.crop_size], roi_start=roi_start, roi_end=roi_end,
                             roi_relative=True, interp_type=types.INTERP_CUBIC, antialias=True)
             img = fn.flip(img, horizontal=flip)
+            if ra is not None:  # after the crop and flip, as timm's transforms_imagenet_train
+                from .randaug import timm_rand_augment
+
+                img = timm_rand_augment(img, n=ra[0], m=ra[1], mstd=ra[2], shape=(cfg.crop_size, cfg.crop_size),
+                                        draws=draws)
             img = fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW",
                                            mean=[255.0 * m for m in cfg.mean], std=[255.0 * s for s in cfg.std])
             return img, label, index, valid
 
         with warnings.catch_warnings():
-            # the feeder's frame indices, views and RandAugment draws are unused for images (DALI
-            # warns while building: "the outputs at the indices 1, 7, 9 are not used")
+            # the feeder's frame indices and views (and the RandAugment draws without it) are unused
+            # for images (DALI warns while building: "the outputs at the indices 1, 7, 9 are not used")
             warnings.filterwarnings("ignore", message=".*(is|are) not used.*")
             pipe = graph()
             pipe.build()
@@ -437,6 +445,7 @@ class ImageLoader:
     def __iter__(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+        from .loader import random_erase
         from .pipeline import Feeder
 
         if self.batches_consumed >= len(self):
@@ -461,7 +470,10 @@ class ImageLoader:
             try:
                 for k, out in enumerate(it):
                     o = out[0]
-                    batch = {"image": o["image"].to(self.device, non_blocking=True),  # (B, C, H, W)
+                    image = o["image"].to(self.device, non_blocking=True)  # (B, C, H, W)
+                    if self.erase_prob > 0:
+                        random_erase(image, batches[k], (self.cfg.seed, self.epoch, self.batches_consumed, self.rank))
+                    batch = {"image": image,
                              "label": to_device(o["label"].reshape(-1), self.device, torch.int64),
                              "index": to_device(o["index"].reshape(-1), self.device, torch.int64),
                              "valid": to_device(o["valid"].reshape(-1), self.device, torch.bool)}

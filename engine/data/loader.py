@@ -419,19 +419,24 @@ class VideoLoader:
         return batch
 
     def _erase(self, video: torch.Tensor, specs: list[ClipSpec]) -> None:
-        """timm RandomErasing, pixel mode: N(0, 1) noise in the box, same box on every frame. The noise
-        is keyed by (seed, epoch, batch, rank): reproducible on resume, and different on every rank
-        (without the rank, each rank's box of the same batch got the same noise)."""
-        gen = torch.Generator(device=video.device)
-        key = np.random.SeedSequence([self.cfg.seed, self.epoch, self.batches_consumed, self.rank, 0xE4A5E])
-        gen.manual_seed(int(key.generate_state(1, np.uint64)[0]))
-        for b, s in enumerate(specs):
-            if s.erase is None:
-                continue
-            top, left, h, w = s.erase
-            C, T = video.shape[1], video.shape[2]
-            video[b, :, :, top:top + h, left:left + w] = torch.randn(
-                (C, T, h, w), generator=gen, device=video.device, dtype=video.dtype)
+        random_erase(video, specs, (self.cfg.seed, self.epoch, self.batches_consumed, self.rank))
+
+
+def random_erase(x: torch.Tensor, specs: Sequence[ClipSpec], key: Sequence[int]) -> None:
+    """timm RandomErasing, pixel mode, in place: N(0, 1) noise in each sample's ``spec.erase`` box
+    (top, left, h, w) of the last two dimensions of ``x`` ((B, C, T, H, W) clips: the same box on
+    every frame; (B, C, H, W) images). The noise is keyed by ``key`` = (seed, epoch, batch, rank):
+    reproducible on resume, and different on every rank (without the rank, each rank's box of the
+    same batch got the same noise)."""
+    gen = torch.Generator(device=x.device)
+    seq = np.random.SeedSequence([*(int(k) for k in key), 0xE4A5E])
+    gen.manual_seed(int(seq.generate_state(1, np.uint64)[0]))
+    for b, s in enumerate(specs):
+        if s.erase is None:
+            continue
+        top, left, h, w = s.erase
+        box = x[b, ..., top:top + h, left:left + w]
+        box.copy_(torch.randn(box.shape, generator=gen, device=x.device, dtype=x.dtype))
 
 
 def agree_across_ranks(bad: list[BadFile]) -> list[BadFile]:

@@ -203,19 +203,48 @@ def test_validation_skip_warns_and_applies_other_ranks_bad_files(tmp_path, caplo
         build_loader(cfg_for(tmp_path), "train")
 
 
-def test_augmentations_not_applied_to_images_are_named(tmp_path, caplog):
-    make_folder(tmp_path)
+def test_fine_tuning_applies_rand_augment_and_random_erasing_to_images(tmp_path, caplog):
+    """timm's ImageNet training transform: crop, flip, RandAugment, normalise, random erasing (the
+    official in1k recipes set rand-m9-mstd0.5-inc1 and erasing 0.25). Images used to get crop and
+    flip only. Checked per sample against the same loader with each augmentation off: an image
+    changes exactly when its draws apply an op, and erasing changes exactly its box, with N(0, 1)
+    noise; the batches repeat for the same seed. Only repeated augmentation is still not applied."""
+    make_folder(tmp_path, n=8)
+    common = dict(crop_size=32, batch_size=4)
+
+    def run(**kw):
+        loader = build_loader(cfg_for(tmp_path, **{**common, **kw}), "train", mode="finetune")
+        return loader, _batches(loader), [s for chunk in loader.plan(0) for s in chunk]
+
     with caplog.at_level(logging.WARNING, logger="engine.data.images"):
-        build_loader(cfg_for(tmp_path), "train", mode="pretrain")  # pre-training applies none of them anyway
+        _, plain, plain_specs = run(rand_augment=False, random_erasing=0.0, repeated_aug=1)
         assert not [r for r in caplog.records if "does not apply" in r.getMessage()]
-        build_loader(cfg_for(tmp_path), "train", mode="finetune")
+        _, ra, ra_specs = run(rand_augment=True, rand_augment_m=9.0, random_erasing=0.0, repeated_aug=2)
         msgs = [r.getMessage() for r in caplog.records if "does not apply" in r.getMessage()]
-        assert len(msgs) == 1
-        assert all(k in msgs[0] for k in ("data.rand_augment", "data.random_erasing", "data.repeated_aug"))
-        caplog.clear()
-        build_loader(cfg_for(tmp_path, rand_augment=False, random_erasing=0.0, repeated_aug=1), "train",
-                     mode="finetune")
-        assert not [r for r in caplog.records if "does not apply" in r.getMessage()]
+        assert len(msgs) == 1 and "data.repeated_aug=2" in msgs[0]
+    _, er, er_specs = run(rand_augment=False, random_erasing=1.0, repeated_aug=1)
+    _, ra_again, _ = run(rand_augment=True, rand_augment_m=9.0, random_erasing=0.0, repeated_aug=1)
+    assert all(s.rand_aug is None and s.erase is None for s in plain_specs)
+    x0 = torch.cat([b["image"] for b in plain])
+    x_ra = torch.cat([b["image"] for b in ra])
+    x_er = torch.cat([b["image"] for b in er])
+    assert torch.equal(x_ra, torch.cat([b["image"] for b in ra_again]))  # a function of (seed, epoch, position)
+    assert [s.flip for s in ra_specs] == [s.flip for s in plain_specs] == [s.flip for s in er_specs]
+    applied = [bool(s.rand_aug[:, 1].any()) for s in ra_specs]
+    changed = [not torch.equal(a, b) for a, b in zip(x_ra, x0)]
+    assert any(applied) and not all(applied), applied  # 16 images: both kinds occur
+    assert changed == applied
+    for img, ref, s in zip(x_er, x0, er_specs):  # erasing at probability 1: every image has a box
+        top, left, h, w = s.erase
+        inside = torch.zeros_like(img, dtype=torch.bool)
+        inside[:, top:top + h, left:left + w] = True
+        assert torch.equal(img[~inside], ref[~inside])
+        assert not torch.equal(img[inside], ref[inside])
+    noise = torch.cat([img[:, s.erase[0]:s.erase[0] + s.erase[2], s.erase[1]:s.erase[1] + s.erase[3]].flatten()
+                       for img, s in zip(x_er, er_specs)])
+    assert abs(noise.mean()) < 0.15 and abs(noise.std() - 1) < 0.15, (noise.mean(), noise.std())
+    pre = build_loader(cfg_for(tmp_path, **common), "train", mode="pretrain")
+    assert all(s.rand_aug is None and s.erase is None for c in pre.plan(0) for s in c)  # pre-training: neither
 
 
 # ---- 5: evaluation resize + centre crop ---------------------------------------------------------------
