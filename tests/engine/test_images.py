@@ -203,6 +203,28 @@ def test_validation_skip_warns_and_applies_other_ranks_bad_files(tmp_path, caplo
         build_loader(cfg_for(tmp_path), "train")
 
 
+def test_every_format_dali_decodes_is_listed_and_loads(tmp_path):
+    """TIFF and PNM images were left out of an image folder silently (the listing knew only JPEG,
+    PNG, BMP and WebP, although the loader's checks accept them)."""
+    a = np.random.default_rng(3).integers(0, 255, (24, 20, 3), dtype=np.uint8)
+    os.makedirs(tmp_path / "train" / "a")
+    names = ["x.jpg", "y.tif", "z.TIFF", "w.ppm", "v.png"]
+    for n in names:
+        Image.fromarray(a).save(tmp_path / "train" / "a" / n)
+    Image.fromarray(a[..., 0]).save(tmp_path / "train" / "a" / "g.pgm")
+    loader = build_loader(cfg_for(tmp_path, batch_size=6, mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255)),
+                          "train", mode="test")
+    assert sorted(os.path.basename(p) for p in loader.dataset.paths) == sorted(names + ["g.pgm"])
+    out = next(iter(loader))["image"]
+    assert out.shape == (6, 3, 16, 16)
+    colour = [i for i, p in enumerate(loader.dataset.paths) if not p.endswith((".jpg", ".pgm"))]
+    assert len(colour) == 4
+    for i in colour:  # the lossless colour files decode to the same pixels
+        assert torch.allclose(out[i], out[colour[0]], atol=1.0), loader.dataset.paths[i]
+    grey = out[[p.endswith(".pgm") for p in loader.dataset.paths].index(True)]
+    assert torch.equal(grey[0], grey[1]) and torch.allclose(grey[0], out[colour[0]][0], atol=1.0)
+
+
 def test_fine_tuning_applies_rand_augment_and_random_erasing_to_images(tmp_path, caplog):
     """timm's ImageNet training transform: crop, flip, RandAugment, normalise, random erasing (the
     official in1k recipes set rand-m9-mstd0.5-inc1 and erasing 0.25). Images used to get crop and

@@ -590,10 +590,11 @@ def test_probe_cache_saves_of_ranks_with_one_pid_do_not_collide(tmp_path, monkey
 
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~probe._UMASK  # readable by others, as open() made it
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
-    (tmp_path / "ro").mkdir()
-    (tmp_path / "ro").chmod(0o500)
-    try:
-        ProbeCache(str(tmp_path / "ro" / "probe.json")).save()  # unwritable: a warning
-    finally:
-        (tmp_path / "ro").chmod(0o700)
-    assert "could not save the probe cache" in capsys.readouterr().err or os.geteuid() == 0
+    def unwritable(*a, **k):  # (a read-only folder does not stop root, who runs these tests in CI)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(probe.tempfile, "mkstemp", unwritable)
+    capsys.readouterr()
+    ProbeCache(str(tmp_path / "probe2.json")).save()  # unwritable: a warning, not an error
+    assert "could not save the probe cache" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "probe2.json")

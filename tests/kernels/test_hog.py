@@ -399,7 +399,13 @@ def test_mean_std_normalisation_does_not_change_targets():
 # --------------------------------------------------------------------------------------------
 
 
-def test_auto_backend_on_cpu_is_reference_and_shapes():
+def test_auto_backend_on_cpu_is_reference_and_shapes(monkeypatch):
+    import kernels.hog as H
+
+    def no_triton(*a, **k):
+        raise AssertionError("backend='auto' on a CPU tensor took the Triton kernel")
+
+    monkeypatch.setattr(H, "hog_targets_triton", no_triton)  # (the values alone would match the interpreter's)
     x = rand_frames(2, 32, 48, seed=12)
     got = hog_targets(x)
     assert got.shape == (2, 6, 108) and got.dtype == torch.float32
