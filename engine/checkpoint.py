@@ -797,11 +797,11 @@ def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: b
     state, error = None, None
     try:
         state = torch.load(mine, map_location="cpu", weights_only=False)
-    except _UNREADABLE as e:
-        if not _unreadable(e):
-            raise
+    except Exception as e:  # agreed below, so that every rank stops, not only the one that failed
         error = e
-    if _failed_anywhere(error is not None):  # every rank stops, not only the one whose file is damaged
+    if _failed_anywhere(error is not None):
+        if error is not None and not _unreadable(error):
+            raise error
         raise _damaged(ckpt_dir, tag, mine if error is not None else None, error)
     # the loader state holds the world size (each node of a non-shared filesystem sees only its files)
     saved_world = int(state.get("loader", {}).get("world_size", len(files)))
@@ -821,18 +821,21 @@ def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: b
     return state
 
 
-_UNREADABLE = (EOFError, pickle.UnpicklingError, RuntimeError, OSError, ValueError)
-"""What ``torch.load`` raises for an empty, cut-short or corrupt file (:func:`_unreadable`)."""
+_UNREADABLE = (EOFError, pickle.UnpicklingError, RuntimeError, OSError, ValueError, KeyError)
+"""What ``torch.load`` raises for an empty, cut-short, zero-filled or corrupt file (:func:`_unreadable`)."""
 
 
 def _unreadable(e: Exception) -> bool:
     """Whether ``e`` says a file does not read, not that its contents do not fit (a RuntimeError of
-    ``load_state_dict`` is a model mismatch, reported as such)."""
-    if not isinstance(e, (RuntimeError, ValueError)):
+    ``load_state_dict`` is a model mismatch, reported as such). A zero-filled file (its size on
+    disk, its blocks lost in a crash) raises KeyError "filename 'storages' not found"."""
+    if isinstance(e, (EOFError, pickle.UnpicklingError, OSError)):
         return True
+    if not isinstance(e, _UNREADABLE):
+        return False
     text = str(e)
     return any(m in text for m in ("PytorchStreamReader", "zip archive", "Ran out of input", "unexpected EOF",
-                                   "failed reading", "invalid load key", "truncated"))
+                                   "failed reading", "invalid load key", "truncated", "filename '"))
 
 
 def _damaged(ckpt_dir: str, tag: str, file: Optional[str], error: Optional[Exception]) -> CheckpointError:

@@ -17,7 +17,10 @@
 - Evaluation: every view's softmax is summed per ``video_id`` over all ranks (views marked
   ``valid=False`` are padding repeats and are skipped), divided by the number of views, and
   top-1/top-5 are computed over videos (top-k with k capped at the number of classes). During
-  fine-tuning the best top-1 is kept as the ``best`` checkpoint.
+  fine-tuning the best top-1 is kept as the ``best`` checkpoint. An epoch's evaluation runs after
+  the epoch's checkpoint (SlowFast's order), so a failing evaluation loses no training; a resume
+  of this run from that checkpoint evaluates first when ``metrics.jsonl`` has no validation at its
+  step (also after ``train.stop_after_steps`` at an epoch's end, which stops before evaluating).
 - Classes: the TRAIN split defines them (``engine/data/datasets.py``). Fine-tuning writes
   ``<train.output_dir>/classes.json`` (names and classifier width K; rank 0, atomic) at start; on
   resume an existing file must match the train split (else :class:`ClassListError`). The eval
@@ -41,6 +44,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -363,6 +367,13 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         if state.get("trained") or not on_rank0(lambda: evaluated_at(cfg, r.state.step)):
             state["last_eval"] = do_eval(r)
 
+    st, every = run.state, cfg.train.eval_every_epochs
+    if (run.resumed_own and every > 0 and st.epoch > 0 and st.batch_in_epoch == 0 and st.epoch % every == 0
+            and st.step < run.derived.run_steps and not on_rank0(lambda: evaluated_at(cfg, run.resumed_step))):
+        # the epoch-end evaluation runs after the epoch's checkpoint: it failed, or the run stopped,
+        # after that save. Done now, before training on (every rank takes the same branch)
+        print0(f"resume: the evaluation due at the end of epoch {st.epoch} is not in metrics.jsonl; evaluating first")
+        state["last_eval"] = do_eval(run)
     summary = train_loop(run, step, on_epoch_end=on_epoch_end, on_finish=on_finish)
     summary["eval"] = state.get("last_eval")
     summary["best_top1"] = run.state.best_metric
@@ -446,8 +457,8 @@ def saved_best_metric(output_dir: str) -> float:
         return -math.inf
     try:
         return float(torch.load(path, map_location="cpu", weights_only=False)["train_state"]["best_metric"])
-    except (OSError, KeyError, TypeError, ValueError, RuntimeError):
-        return -math.inf
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError):
+        return -math.inf  # a damaged `best` is replaced by the next evaluation
 
 
 def _gathered(items: list) -> list:

@@ -378,6 +378,10 @@ def test_a_run_ending_mid_epoch_keeps_its_final_evaluation_as_best(videos, tmp_p
     assert os.path.isdir(os.path.join(out, "checkpoints", "step00000001"))
     assert saved_best_metric(out) == pytest.approx(evals[0]["top1"])  # what a resume starts from
     assert saved_best_metric(str(tmp_path / "nowhere")) == float("-inf")
+    damaged = tmp_path / "damaged" / "checkpoints" / "best"
+    os.makedirs(damaged)
+    (damaged / "engine_state_r00000.pt").write_bytes(b"")  # an EOFError: was a traceback on rank 0 at resume
+    assert saved_best_metric(str(tmp_path / "damaged")) == float("-inf")
 
 
 def test_missing_pretrained_weights_are_a_config_error(tmp_path):
