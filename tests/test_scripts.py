@@ -110,6 +110,23 @@ def test_gpu_check_first_runs_the_engine_tests_only_with_dali(tmp_path):
     assert "engine_tests     not run" in summary and "bench_model_step rc=" in summary, proc.stdout[-3000:]
 
 
+@pytest.mark.parametrize("part", ["first", "tune"])
+def test_gpu_check_exit_status_says_whether_a_step_failed(tmp_path, part):
+    """The exit status was the last summary loop's test: 1 after a perfect `tune` (no model_step
+    table), 0 after failed tests when a model_step table existed. Now 1 exactly when a step that ran
+    failed. The wheels are installed only for the parts whose steps use them (not `tune`, nor
+    `first` without DALI's parts): their install counted against the deadline for nothing."""
+    script, py = _gpu_check_copy(tmp_path, 'case "$*" in *"import nvidia.dali"*) exit 1 ;; '
+                                 '*"-m pytest"*) exit "${FAIL_TESTS:-0}" ;; *bench.*) exit 0 ;; esac')
+    (tmp_path / ".whl").mkdir()  # an install would fail here (no bench/gpu_wheels in the copy): it must not run
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(py), TUNE_STAGES="1")
+    ok = subprocess.run([str(script), part], capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
+    assert ok.returncode == 0 and "gpu_wheels install failed" not in ok.stderr, (ok.stdout[-2000:], ok.stderr[-2000:])
+    bad = subprocess.run([str(script), part], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                         env=dict(env, FAIL_TESTS="1"))
+    assert bad.returncode == 1 and "failed steps:" in bad.stdout, bad.stdout[-2000:]
+
+
 def test_gpu_check_steps_stop_at_the_deadline(tmp_path):
     """Each step's limit is cut to what is left of DEADLINE from the start, and a step with less
     than 15 s left is skipped and said so (the device tool stops a call at 600 s, and the summary
