@@ -197,8 +197,11 @@ def _best(rows: list[dict], table: dict[str, dict], keep: Callable[[dict], bool]
     return min(ok, key=lambda row: row["ms"])["variant"] if ok else "default"
 
 
-def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> dict:
-    """Per-kernel times of every variant, then the best combination end to end."""
+def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device,
+          save: Optional[Callable[[dict], None]] = None) -> dict:
+    """Per-kernel times of every variant, then the best combination end to end. ``save(partial)``
+    is called with what is done after each kernel's variants and each end-to-end row, so a run cut
+    short by its time limit keeps its files."""
     from kernels.attention import rel_triton as rt
     from kernels.attention import triton_attn as ta
 
@@ -282,7 +285,11 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
     parts = dict(fwd=(FWD, fwd), dq=(DQ, dq), dkdv=(DKDV, dkdv),
                  rel_fwd=(REL_FWD, rel_fwd), rel_dq=(REL_DQ, rel_dq), rel_dtab=(REL_DTAB, rel_dtab),
                  fwd_rel=(REL_INSIDE_FWD, fwd_rel), dq_rel=(REL_INSIDE_DQ, dq_rel))
-    out: dict = {part: _variants(part, table, make, device) for part, (table, make) in parts.items()}
+    out: dict = {}
+    for part, (table, make) in parts.items():
+        out[part] = _variants(part, table, make, device)
+        if save is not None:
+            save(out)
 
     # best of each kernel; the attention kernels share one row layout (split): the best dk/dv's
     best = {"dkdv": _best(out["dkdv"], DKDV)}
@@ -328,6 +335,8 @@ def sweep(s: Shape, inputs: list, dout: torch.Tensor, device: torch.device) -> d
             call = make_call(fn, s, inputs, dout, "fwdbwd")
             out["fwdbwd"].append(dict(provider=name, ms=_time(call, device)))
             print(f"  fwd+bwd {name}: {out['fwdbwd'][-1]['ms']:.3f} ms", flush=True)
+            if save is not None:
+                save(out)
     finally:
         rt._config = config_of
     return out
@@ -348,18 +357,21 @@ def write(out_dir: Path, stem: str, meta: dict, stages: list[dict]) -> None:
             lines += [f"| {k['us_per_call']:.1f} | {k['launches_per_call']:.0f} | `{k['kernel']}` |" for k in prof["kernels"][:15]]
             lines.append("")
         sw = st.get("sweep")
-        if sw:
+        if sw:  # (possibly partial: a run cut short by its time limit)
             for part in ("fwd", "dq", "dkdv", "rel_fwd", "rel_dq", "rel_dtab", "fwd_rel", "dq_rel"):
+                if part not in sw:
+                    continue
                 lines += [f"### {part}", "", "| variant | ms | err | ok |", "|---|---|---|---|"]
                 for row in sw[part]:
                     ms = f"{row['ms']:.3f}" if row["ms"] is not None else row.get("error", "")
                     err = f"{row['err']:.1e}" if row["err"] is not None else ""
                     lines.append(f"| {row['variant']} | {ms} | {err} | {'yes' if row['ok'] else 'no'} |")
                 lines.append("")
-            lines += [f"best: {', '.join(f'{k} {v}' for k, v in sw['best'].items() if 'config' not in k)}", "",
-                      "| fwd+bwd | ms |", "|---|---|"]
-            lines += [f"| {row['provider']} | {row['ms']:.3f} |" for row in sw["fwdbwd"]]
-            lines.append("")
+            if "best" in sw:
+                lines += [f"best: {', '.join(f'{k} {v}' for k, v in sw['best'].items() if 'config' not in k)}", "",
+                          "| fwd+bwd | ms |", "|---|---|"]
+                lines += [f"| {row['provider']} | {row['ms']:.3f} |" for row in sw.get("fwdbwd", [])]
+                lines.append("")
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -391,10 +403,17 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(s.label, flush=True)
         inputs, dout = make_inputs(s, dtype, device)
         row: dict = dict(shape=s.label)
+
+        def save(partial: Optional[dict] = None, _row=row) -> None:  # files after every part of the stage
+            if partial is not None:
+                _row["sweep"] = partial
+            write(Path(args.out), stem, meta, stages + [_row])
+
         if "profile" in parts and device.type == "cuda":
             row["profile"] = profile(s, inputs, dout, device)
+            save()
         if "sweep" in parts:
-            row["sweep"] = sweep(s, inputs, dout, device)
+            row["sweep"] = sweep(s, inputs, dout, device, save)
         stages.append(row)
         write(Path(args.out), stem, meta, stages)
     print(f"wrote {Path(args.out) / stem}.{{json,md}}")

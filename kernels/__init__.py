@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -80,3 +81,49 @@ def tensor_device(t: torch.Tensor):
     if t.is_cuda and t.get_device() != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return _SAME_DEVICE
+
+
+class _SecondDerivative(torch.autograd.Function):
+    """The gradients a kernel's backward made, returned as they are, on a node whose own backward
+    raises; its inputs are the backward's incoming gradients, so the node lies on every path from
+    those gradients back to the forward's inputs."""
+
+    @staticmethod
+    def forward(ctx, name: str, n_in: int, *tensors: torch.Tensor):
+        ctx.name = name
+        out = tensors[n_in:]
+        return out if len(out) != 1 else out[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ctx.name}: the Triton kernels have no second derivative (a gradient of a gradient, "
+                           "e.g. a gradient penalty); use the reference backend for that")
+
+
+def first_order_only(name: str):
+    """Decorator of an ``autograd.Function.backward`` whose gradients come from kernels (no graph).
+    Under ``create_graph=True`` the gradients it returns are tied to the incoming gradients' graph
+    through a node that raises when differentiated. torch's ``once_differentiable`` ties them to
+    fresh leaves instead, so ``torch.autograd.grad(g, inputs)`` never met its error node and
+    returned a second derivative without this function's part, silently."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def backward(ctx, *grad_outputs):
+            with torch.no_grad():
+                grads = fn(ctx, *grad_outputs)
+            incoming = [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.requires_grad]
+            if not torch.is_grad_enabled() or not incoming:
+                return grads
+            single = not isinstance(grads, tuple)
+            seq = list((grads,) if single else grads)
+            at = [i for i, g in enumerate(seq) if isinstance(g, torch.Tensor)]
+            if at:
+                tied = _SecondDerivative.apply(name, len(incoming), *incoming, *(seq[i] for i in at))
+                for i, t in zip(at, tied if len(at) > 1 else (tied,)):
+                    seq[i] = t
+            return seq[0] if single else tuple(seq)
+
+        return backward
+
+    return wrap

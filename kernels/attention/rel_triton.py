@@ -97,7 +97,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import cdiv, compiling_offline, empty_buffer, next_pow2, require_launchable, tensor_device
+from kernels import cdiv, compiling_offline, empty_buffer, first_order_only, next_pow2, require_launchable, tensor_device
 from kernels.launch import launch
 
 from .reference import check_inputs, rel_pos_index, rel_table_len
@@ -774,6 +774,7 @@ class _RelMatrixFn(torch.autograd.Function):
         return r
 
     @staticmethod
+    @first_order_only("relpos_attention (rel terms in Triton)")
     def backward(ctx, dr):
         q, *tables = ctx.saved_tensors
         g, cfg = ctx.meta

@@ -126,7 +126,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import cdiv, empty_buffer, next_pow2, require_launchable, tensor_device
+from kernels import cdiv, empty_buffer, first_order_only, next_pow2, require_launchable, tensor_device
 from kernels.launch import launch
 
 from .reference import check_inputs, key_onehot, rel_matrix, rel_width, resolve_rel_impl
@@ -873,7 +873,7 @@ def dkdv_split(cfg: RelPosAttnConfig, nq: int, nk: int, n_bh: int, n_sms: Option
     per tiles-per-chunk value, i.e. per MViTv2 stage. Pure: ``bench.attention_memory`` asks it what
     an H100 would run."""
     n_q_tiles = cdiv(nq, cfg.dkdv_block_m)
-    n_kv_programs = cdiv(nk, cfg.dkdv_block_n) * n_bh
+    n_kv_programs = max(1, cdiv(nk, cfg.dkdv_block_n) * n_bh)  # (an empty batch launches nothing)
     if cfg.dkdv_chunks is not None:
         chunks = max(1, min(cfg.dkdv_chunks, n_q_tiles))
     elif n_sms is None:
@@ -985,6 +985,7 @@ class _RelPosAttnFn(torch.autograd.Function):
         return o
 
     @staticmethod
+    @first_order_only("relpos_attention (backend triton)")
     def backward(ctx, do):
         dq, dk, dv, dr = _bwd(do, *ctx.saved_tensors, *ctx.meta)
         return dq, dk, dv, dr, None, None, None, None, None
@@ -1012,6 +1013,7 @@ class _RelPosAttnFusedFn(torch.autograd.Function):
         return o
 
     @staticmethod
+    @first_order_only("relpos_attention (backend triton)")
     def backward(ctx, do):
         *saved, rel_pos_t, rel_pos_h, rel_pos_w = ctx.saved_tensors
         (g, rel_cfg, f32), fused = ctx.rel, ctx.meta[-1].fuse_rel_dq

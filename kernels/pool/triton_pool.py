@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import cdiv, compiling_offline, empty_buffer, next_pow2, require_launchable, tensor_device
+from kernels import cdiv, compiling_offline, empty_buffer, first_order_only, next_pow2, require_launchable, tensor_device
 from kernels.launch import launch
 
 from .reference import IntOr3, check_inputs
@@ -427,7 +427,7 @@ class _DepthwiseConv3dFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("depthwise_conv3d (backend triton)")
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         g = ctx.g

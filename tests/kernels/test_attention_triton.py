@@ -436,6 +436,35 @@ def test_poisoned_buffers(monkeypatch):
         check_against_oracle(inputs, q_thw, k_thw, has_cls, config=triton_attn.fused_rel_config(cfg), rel_impl="triton")
 
 
+@pytest.mark.parametrize("rel_impl,fused", [("reference", False), ("triton", False), ("triton", True)])
+def test_second_derivatives_are_refused(rel_impl, fused):
+    """The kernels' gradients carry no graph: grad(create_graph=True) then grad again gave a
+    second-order result without the attention's term (the einsum rel terms or another loss term
+    still differentiated), silently. Now every Triton backward is once_differentiable."""
+    q_thw, k_thw = (1, 4, 4), (1, 2, 2)
+    inputs = make_inputs(1, 2, q_thw, k_thw, 16, True, torch.float32)
+    cfg = triton_attn.fused_rel_config(SMALL) if fused else SMALL
+    o = relpos_attention_triton(*inputs[:3], q_thw, k_thw, *inputs[3:], config=cfg, rel_impl=rel_impl)
+    q = inputs[0]
+    gq, = torch.autograd.grad(o.pow(2).sum() + q.pow(3).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="have no second derivative"):
+        torch.autograd.grad(gq.sum(), q, retain_graph=True)  # (torch's once_differentiable let this through)
+    with pytest.raises(RuntimeError, match="have no second derivative"):
+        gq.pow(2).sum().backward()
+    # first derivatives under create_graph are the plain ones
+    o2 = relpos_attention_triton(*inputs[:3], q_thw, k_thw, *inputs[3:], config=cfg, rel_impl=rel_impl)
+    plain = torch.autograd.grad(o2.pow(2).sum(), inputs[:3], retain_graph=True)
+    graphed = torch.autograd.grad(o2.pow(2).sum(), inputs[:3], create_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, graphed))
+
+
+def test_empty_batch_plans_on_a_gpu():
+    """B = 0: the dk/dv plan divided by the number of key programs (0) on a GPU (ZeroDivisionError);
+    the interpreter's plan (no SM count) never got there."""
+    assert triton_attn.dkdv_split(RelPosAttnConfig(), 3137, 393, 0, 132) == triton_attn.dkdv_split(
+        RelPosAttnConfig(), 3137, 393, 1, 10 ** 6)  # as for a GPU with every SM free: the most chunks
+
+
 def test_non_contiguous_and_no_grad():
     q_thw, k_thw = (2, 4, 4), (2, 2, 2)
     q, k, v, rt, rh, rw = make_inputs(2, 3, q_thw, k_thw, 16, True, torch.float32)
@@ -729,7 +758,19 @@ def test_tune_script_runs_in_the_interpreter(tmp_path):
     runs end to end on a tiny shape: every variant of every kernel agrees with its default."""
     from bench import attention_tune
 
-    attention_tune.main(["--out", str(tmp_path)])
+    written = []  # the files are rewritten after each part: a run its time limit cuts keeps what it did
+    real_write = attention_tune.write
+
+    def write(out_dir, stem, meta, stages):
+        real_write(out_dir, stem, meta, stages)
+        written.append(sorted(stages[-1].get("sweep", {})))
+
+    attention_tune.write = write
+    try:
+        attention_tune.main(["--out", str(tmp_path)])
+    finally:
+        attention_tune.write = real_write
+    assert written[0] == ["fwd"] and written[1] == ["dq", "fwd"] and len(written) >= 8 + 6
     report = json.loads(next(tmp_path.glob("attention_tune_cpu_*.json")).read_text())
     sweep = report["stages"][0]["sweep"]
     for part, table in (("fwd", attention_tune.FWD), ("dq", attention_tune.DQ), ("dkdv", attention_tune.DKDV),

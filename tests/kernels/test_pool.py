@@ -160,6 +160,18 @@ def test_only_the_needed_gradients(device):
     torch.testing.assert_close(dw, ref.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_second_derivatives_are_refused(device):
+    """A gradient of the kernel's gradient (a gradient penalty) is an error, also through
+    torch.autograd.grad(..., inputs), where torch's once_differentiable returned one without the
+    pooling's part, silently."""
+    x, w = make_inputs((1, 3, 3, 5, 5), (3, 3, 3), torch.float32, device)
+    x.requires_grad_()
+    y = depthwise_conv3d(x, w, 1, 1, backend="triton")
+    gx, = torch.autograd.grad(y.pow(2).sum() + x.pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="depthwise_conv3d .* have no second derivative"):
+        torch.autograd.grad(gx.sum(), x)
+
+
 def test_empty_batch(device):
     x, w = make_inputs((1, 3, 3, 5, 5), (3, 3, 3), torch.float32, device)
     x = x[:0].requires_grad_()
