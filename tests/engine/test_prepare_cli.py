@@ -209,6 +209,37 @@ def test_a_worker_killed_mid_encode_is_named_and_the_rest_is_done(tmp_path, caps
     assert [f for f in all_files(dst) if ".part" in f] == []
 
 
+def test_a_worker_killed_while_jobs_are_submitted(tmp_path, monkeypatch):
+    """Submitting many jobs takes a while (a second at Kinetics scale): a worker that dies meanwhile
+    breaks ``submit`` itself, and that BrokenProcessPool escaped as a traceback. Every job is
+    accounted for: ended, or handed back for the next pool. (The break is made to happen at the
+    fifth submit: a real one depends on timing.)"""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from engine.data import prepare as P
+
+    class BreaksAtTheFifth(P.ProcessPoolExecutor):
+        calls = 0
+
+        def submit(self, *a, **k):
+            BreaksAtTheFifth.calls += 1
+            if BreaksAtTheFifth.calls == 5:
+                raise BrokenProcessPool("a child process terminated abruptly")
+            return super().submit(*a, **k)
+
+    monkeypatch.setattr(P, "ProcessPoolExecutor", BreaksAtTheFifth)
+    todo = [(str(tmp_path / f"missing{i}.mkv"), str(tmp_path / "out" / f"{i}.webm"), "vp9", 16, 0.0, 4)
+            for i in range(20)]
+
+    class Bar:
+        def update(self, k):
+            pass
+
+    failures: dict = {}
+    ended, pending = P._run_jobs(todo, 2, failures, Bar())
+    assert (ended, pending) == (4, todo[4:]) and len(failures) == 4  # "no such file" for the first four
+
+
 def test_ctrl_c_stops_the_queue(tmp_path, capsys, monkeypatch):
     """Ctrl-C used to wait for every queued video to be encoded (the pool's exit waits for its
     jobs), then print a traceback; now the jobs not started are cancelled and the message says

@@ -451,6 +451,11 @@ def test_second_derivatives_are_refused(rel_impl, fused):
         torch.autograd.grad(gq.sum(), q, retain_graph=True)  # (torch's once_differentiable let this through)
     with pytest.raises(RuntimeError, match="have no second derivative"):
         gq.pow(2).sum().backward()
+    # a loss linear in the output: the incoming gradient is a constant, the gradients still depend on q
+    o1 = relpos_attention_triton(*inputs[:3], q_thw, k_thw, *inputs[3:], config=cfg, rel_impl=rel_impl)
+    gq1, = torch.autograd.grad(o1.sum() + q.pow(3).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="have no second derivative"):
+        torch.autograd.grad(gq1.sum(), q)
     # first derivatives under create_graph are the plain ones
     o2 = relpos_attention_triton(*inputs[:3], q_thw, k_thw, *inputs[3:], config=cfg, rel_impl=rel_impl)
     plain = torch.autograd.grad(o2.pow(2).sum(), inputs[:3], retain_graph=True)

@@ -170,6 +170,11 @@ def test_second_derivatives_are_refused(device):
     gx, = torch.autograd.grad(y.pow(2).sum() + x.pow(3).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="depthwise_conv3d .* have no second derivative"):
         torch.autograd.grad(gx.sum(), x)
+    w.requires_grad_()  # linear in y: the incoming gradient is a constant, dx still depends on w
+    gx, = torch.autograd.grad(depthwise_conv3d(x, w, 1, 1, backend="triton").sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="have no second derivative"):
+        torch.autograd.grad(gx.sum(), w)
+    gx.mul_(2)  # in place, as a gradient hook may (a view of an input returned as is could not be)
 
 
 def test_empty_batch(device):
