@@ -401,15 +401,27 @@ def _run_alone(job: tuple, failures: dict[str, str]) -> None:
 _PART = re.compile(r"^\..+\.part(\d+)$")
 
 
+STALE_PART_S = 600
+"""A temporary file not written to for this long, whose process is gone, is a leftover."""
+
+
 def remove_stale_parts(dst: str) -> int:
     """Remove the temporary files (``.<name>.part<pid>``) that an encoding process killed by a
-    signal left in ``dst`` (its own cleanup never ran), unless that process still runs (another
-    ``prepare`` into the same folder). Returns how many were removed."""
-    removed = 0
+    signal left in ``dst`` (its own cleanup never ran): those whose process is not running here
+    and that nothing wrote to for :data:`STALE_PART_S` (a ``prepare`` on another host sharing DST,
+    or in another pid namespace, writes its own continuously). Returns how many were removed."""
+    import time
+
+    removed, now = 0, time.time()
     for folder, _, files in os.walk(dst):
         for name in files:
             m = _PART.match(name)
             if m is None:
+                continue
+            try:
+                if now - os.stat(os.path.join(folder, name)).st_mtime < STALE_PART_S:
+                    continue
+            except OSError:
                 continue
             try:
                 os.kill(int(m.group(1)), 0)
