@@ -13,7 +13,10 @@ interactive steps; srun exports ``SLURM_STEP_ID``, ``SLURM_STEP_NUM_TASKS`` and
 of a step; jobs with nearby ids and the first 8 concurrent steps of one job differ). A process of an
 ``sbatch`` script without ``srun`` (the batch step) runs alone, with a one-line note. A plain single
 process gets ``127.0.0.1``, a free port and rank 0 of 1 (DESIGN §4: DeepSpeed needs these variables
-even alone). ``0 <= RANK < WORLD_SIZE`` and ``LOCAL_RANK >= 0`` are checked before connecting.
+even alone). RANK and WORLD_SIZE exported without LOCAL_RANK (an MPI wrapper) take it from
+``OMPI_COMM_WORLD_LOCAL_RANK`` / ``MPI_LOCALRANKID``; without any, several ranks that each see several
+GPUs are a ConfigError (they would all take GPU 0). ``0 <= RANK < WORLD_SIZE`` and
+``LOCAL_RANK >= 0`` are checked before connecting.
 
 Devices: the backend is NCCL on CUDA and gloo on CPU. :func:`select_accelerator` sets
 ``DS_ACCELERATOR`` to the engine's choice and must run before ``deepspeed`` is first imported
@@ -69,6 +72,7 @@ __all__ = [
     "deepspeed_args",
     "deepspeed_config",
     "check_deepspeed_extra",
+    "check_local_rank_given",
     "apply_activation_checkpointing",
     "barrier",
     "gather_objects",
@@ -177,6 +181,11 @@ def _fill_launch_env(env: MutableMapping[str, str]) -> tuple[dict[str, str], dic
             print(f"note: SLURM job {env['SLURM_JOB_ID']} has {n} tasks but this process is not in an srun step "
                   f"(SLURM_STEP_ID={env.get('SLURM_STEP_ID', 'unset')}): it runs as a single process; start it "
                   "with srun to use every task", file=sys.stderr, flush=True)
+    if "RANK" in env and "LOCAL_RANK" not in env:  # RANK/WORLD_SIZE exported under mpirun: its local rank
+        mpi = next((k for k in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK")
+                    if env.get(k, "").strip()), None)
+        if mpi is not None:
+            put("LOCAL_RANK", env[mpi], mpi)
     put("RANK", 0, "default")
     put("WORLD_SIZE", 1, "default")
     put("LOCAL_RANK", 0, "default")
@@ -251,6 +260,17 @@ def cuda_device_index(local_rank: int, device_count: int,
                       "(srun --gpus-per-task=1)")
 
 
+def check_local_rank_given(origins: dict[str, str], world: int, device_count: int) -> None:
+    """A LaunchError when several ranks would all take GPU 0 because nothing set LOCAL_RANK (RANK and
+    WORLD_SIZE exported by hand or by an MPI wrapper, several GPUs visible to each process): NCCL
+    then failed with "Duplicate GPU detected", or the ranks shared one GPU."""
+    if world > 1 and device_count > 1 and origins.get("LOCAL_RANK", "the environment").startswith("default"):
+        raise LaunchError(f"LOCAL_RANK is not set (RANK and WORLD_SIZE={world} are), and {device_count} CUDA devices "
+                          "are visible: every process would take GPU 0. Set LOCAL_RANK to the process's index on its "
+                          "node (torchrun and the deepspeed launcher do; under mpirun it is read from "
+                          "OMPI_COMM_WORLD_LOCAL_RANK or MPI_LOCALRANKID), or let each process see one GPU")
+
+
 def _rendezvous_timeout() -> timedelta:
     """DeepSpeed's process-group timeout: ``DEEPSPEED_TIMEOUT`` minutes, default 10."""
     raw = os.environ.get("DEEPSPEED_TIMEOUT", "10")
@@ -291,6 +311,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     kind = select_accelerator(device)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if kind == "cuda":
+        check_local_rank_given(origins, world, torch.cuda.device_count())
         index = cuda_device_index(local, torch.cuda.device_count())
         torch.cuda.set_device(index)
         dev = torch.device("cuda", index)

@@ -117,6 +117,26 @@ def test_inconsistent_launcher_variables_are_a_config_error(env, words):
         assert w in str(e.value)
 
 
+def test_mpi_wrappers_give_the_local_rank_and_without_one_several_gpus_are_refused():
+    """RANK and WORLD_SIZE exported by hand or an MPI wrapper, no LOCAL_RANK: every rank took GPU 0
+    (LOCAL_RANK defaulted to 0); NCCL then failed with "Duplicate GPU detected"."""
+    from engine.distributed import _fill_launch_env, check_local_rank_given
+
+    env = {"RANK": "5", "WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1", "MASTER_ADDR": "n0"}
+    _, origins = _fill_launch_env(env)
+    assert env["LOCAL_RANK"] == "1" and origins["LOCAL_RANK"] == "OMPI_COMM_WORLD_LOCAL_RANK"
+    check_local_rank_given(origins, 8, 4)
+    env = {"RANK": "5", "WORLD_SIZE": "8", "MPI_LOCALRANKID": "3"}
+    assert _fill_launch_env(env)[0]["LOCAL_RANK"] == "3"  # MPICH / Intel MPI
+    env = {"RANK": "5", "WORLD_SIZE": "8"}
+    _, origins = _fill_launch_env(env)
+    with pytest.raises(LaunchError, match=r"LOCAL_RANK is not set .*WORLD_SIZE=8.* 4 CUDA devices"):
+        check_local_rank_given(origins, 8, 4)
+    check_local_rank_given(origins, 8, 1)  # one GPU per process: device 0 is right
+    check_local_rank_given({"LOCAL_RANK": "the environment"}, 8, 4)  # torchrun's
+    check_local_rank_given(_fill_launch_env({})[1], 1, 8)  # a single process
+
+
 # -- devices ----------------------------------------------------------------------------------------
 
 def test_cuda_device_index():
