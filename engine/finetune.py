@@ -341,7 +341,7 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         res = evaluate(lambda x: r.engine(x), eval_loader, r.dtype)
         r.engine.train()
         state["eval_step"] = r.state.step
-        r.logger.scalars(r.state.step, res, prefix="val")
+        r.logger.scalars(r.state.step, {**res, "epoch": r.state.step / r.derived.steps_per_epoch}, prefix="val")
         r.logger.write(f"epoch {r.state.epoch} step {r.state.step}: val top-1 {res['top1']:.2f} "
                        f"top-5 {res['top5']:.2f} ({res['videos']} {'images' if 'image' in cfg.data.dataset else 'videos'}, "
                        f"{res['views']} views)")
@@ -364,12 +364,14 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
             return
         # metrics.jsonl is consulted only when this run trained nothing (its records before a step
         # rescale count in other units); every rank takes the same branch
-        if state.get("trained") or not on_rank0(lambda: evaluated_at(cfg, r.state.step)):
+        if state.get("trained") or not on_rank0(
+                lambda: evaluated_at(cfg, r.state.step, r.state.step / r.derived.steps_per_epoch)):
             state["last_eval"] = do_eval(r)
 
     st, every = run.state, cfg.train.eval_every_epochs
     if (run.resumed_own and every > 0 and st.epoch > 0 and st.batch_in_epoch == 0 and st.epoch % every == 0
-            and st.step < run.derived.run_steps and not on_rank0(lambda: evaluated_at(cfg, run.resumed_step))):
+            and st.step < run.derived.run_steps
+            and not on_rank0(lambda: evaluated_at(cfg, run.resumed_step, run.resumed_epoch))):
         # the epoch-end evaluation runs after the epoch's checkpoint: it failed, or the run stopped,
         # after that save. Done now, before training on (every rank takes the same branch)
         print0(f"resume: the evaluation due at the end of epoch {st.epoch} is not in metrics.jsonl; evaluating first")
@@ -431,9 +433,11 @@ def resolve_checkpoint(path: str) -> EvalTarget:
                       class_index=ci if os.path.isfile(ci) else None, eval_json=os.path.join(run_dir, "eval.json"))
 
 
-def evaluated_at(cfg: Config, step: int) -> bool:
+def evaluated_at(cfg: Config, step: int, epoch: Optional[float] = None) -> bool:
     """Whether ``metrics.jsonl`` of the run records a validation at ``step`` (False without one, or
-    with ``log.jsonl`` off: then the caller evaluates again)."""
+    with ``log.jsonl`` off: then the caller evaluates again). With ``epoch``, a record that has an
+    ``epoch`` matches by it: step numbers change unit when a resume changes the global batch, and an
+    old-unit validation at the same step number is another point of training."""
     path = os.path.join(cfg.train.output_dir, "metrics.jsonl")
     if not cfg.log.jsonl or not os.path.isfile(path):
         return False
@@ -444,7 +448,12 @@ def evaluated_at(cfg: Config, step: int) -> bool:
                     rec = json.loads(line)
                 except ValueError:
                     continue
-                if rec.get("split") == "val" and rec.get("step") == step:
+                if rec.get("split") != "val":
+                    continue
+                if epoch is not None and isinstance(rec.get("epoch"), (int, float)):
+                    if abs(float(rec["epoch"]) - epoch) < 1e-9:
+                        return True
+                elif rec.get("step") == step:
                     return True
     return False
 

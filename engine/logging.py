@@ -56,10 +56,14 @@ def peak_memory_gb(device: torch.device) -> float:
     return kb / 2**20
 
 
-def truncate_metrics(path: str, after_step: int) -> int:
-    """Drop the records of ``path`` (JSON lines) whose ``step`` exceeds ``after_step``; lines that
-    do not parse (a write cut short by a kill) go too. The file is replaced atomically; returns the
-    number of lines dropped (0 and no rewrite when there is nothing to drop or no file)."""
+def truncate_metrics(path: str, after_step: int, after_epoch: Optional[float] = None) -> int:
+    """Drop the records of ``path`` (JSON lines) logged after the checkpoint a run resumes from:
+    with ``after_epoch`` (the checkpoint's position in epochs), those whose ``epoch`` exceeds it;
+    records without an ``epoch``, or without ``after_epoch``, by ``step`` > ``after_step``. Epochs
+    stay comparable across a step rescale (another global batch), step numbers do not: by step, a
+    second resume dropped records of the old unit that were trained before its checkpoint. Lines
+    that do not parse (a write cut short by a kill) go too. The file is replaced atomically; returns
+    the number of lines dropped (0 and no rewrite when there is nothing to drop or no file)."""
     if not os.path.isfile(path):
         return 0
     keep, dropped = [], 0
@@ -67,7 +71,11 @@ def truncate_metrics(path: str, after_step: int) -> int:
         for line in f:
             try:
                 rec = json.loads(line)
-                ok = line.endswith("\n") and int(rec["step"]) <= after_step
+                if after_epoch is not None and isinstance(rec.get("epoch"), (int, float)):
+                    ok = float(rec["epoch"]) <= after_epoch + 1e-9
+                else:
+                    ok = int(rec["step"]) <= after_step
+                ok = ok and line.endswith("\n")
             except (ValueError, KeyError, TypeError):
                 ok = False
             if ok:
@@ -110,9 +118,11 @@ class RunLogger:
         jsonl: bool = True,
         desc: str = "train",
         resume_step: Optional[int] = None,
+        resume_epoch: Optional[float] = None,
     ) -> None:
         """``resume_step``: the step a resumed run continues after (module docstring); None for a
-        fresh run (nothing is dropped)."""
+        fresh run (nothing is dropped). ``resume_epoch``: that checkpoint's position in epochs
+        (:func:`truncate_metrics`)."""
         self.enabled = enabled
         self.output_dir = output_dir
         self.tb = None
@@ -133,10 +143,11 @@ class RunLogger:
             self.tb = SummaryWriter(self.tb_dir, purge_step=None if resume_step is None else resume_step + 1)
         if jsonl:
             if resume_step is not None:
-                n = truncate_metrics(self.jsonl_path, resume_step)
+                n = truncate_metrics(self.jsonl_path, resume_step, resume_epoch)
                 if n:
-                    print(f"metrics.jsonl: dropped {n} records after step {resume_step} (logged before the "
-                          "interruption; those steps run again)", file=sys.stderr, flush=True)
+                    at = f"step {resume_step}" + ("" if resume_epoch is None else f", epoch {resume_epoch:.4g}")
+                    print(f"metrics.jsonl: dropped {n} records after {at} (logged before the interruption; those "
+                          "steps run again)", file=sys.stderr, flush=True)
             self.jsonl = open(self.jsonl_path, "a", buffering=1)
         if not self.plain:
             from tqdm import tqdm

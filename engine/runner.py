@@ -244,6 +244,9 @@ class Run:
     are kept), or None."""
     resumed_own: bool = False
     """Whether that checkpoint is this run's own (its ``metrics.jsonl`` is this run's)."""
+    resumed_epoch: Optional[float] = None
+    """That checkpoint's position in epochs (comparable across a step rescale, as ``metrics.jsonl``'s
+    ``epoch``), or None."""
 
     @property
     def main(self) -> bool:
@@ -483,7 +486,7 @@ def setup_run(
               rng=rng, state=TrainState(), param_group_names=[g["names"] for g in groups])
     # logs past this step are dropped: on resume, those of the interrupted stretch; on a fresh start, a
     # stale metrics.jsonl of a run that died before its first checkpoint
-    metrics_after = 0
+    metrics_after, metrics_after_epoch = 0, None
     if plan.tag is not None:
         # rank 0 reads DeepSpeed's model states (on a node-local filesystem only its node holds them)
         on_rank0(lambda: check_param_groups(plan.path, run.param_group_names, config_to_dict(cfg),
@@ -507,7 +510,10 @@ def setup_run(
         # records up to the checkpoint's step were trained before it and stay, also after a step
         # rescale (then the step numbers change unit: metrics.jsonl's ``epoch`` stays comparable)
         metrics_after = saved_step
+        saved_batches = _saved_layout(saved, data_layout(loader), bool(loader.cfg.drop_last)).num_batches
+        metrics_after_epoch = saved_step / saved_batches if saved_batches > 0 else None
         run.resumed_from, run.resumed_step, run.resumed_own = plan.path, saved_step, bool(plan.own)
+        run.resumed_epoch = metrics_after_epoch
         print0(f"resumed from {run.resumed_from} at step {run.state.step} (epoch {run.state.epoch}, "
                f"batch {run.state.batch_in_epoch})")
     if dist.rank == 0:
@@ -517,7 +523,7 @@ def setup_run(
     run.logger = RunLogger(cfg.train.output_dir, enabled=dist.rank == 0, total_steps=derived.run_steps,
                            initial_step=run.state.step, progress_bar=cfg.log.progress_bar,
                            tensorboard=cfg.log.tensorboard, jsonl=cfg.log.jsonl, desc=desc,
-                           resume_step=metrics_after)
+                           resume_step=metrics_after, resume_epoch=metrics_after_epoch)
     return run
 
 

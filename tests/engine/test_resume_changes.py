@@ -249,6 +249,29 @@ def test_resume_drops_the_logs_of_the_interrupted_stretch(tmp_path, capsys):
     assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
 
 
+def test_logs_are_dropped_by_epoch_across_a_step_rescale(tmp_path):
+    """After a resume with another global batch the step numbers change unit: records of the old
+    unit numbered above a later checkpoint's step were trained before it. Dropping by step lost them
+    (epochs 2.5-3.0 here); by epoch, only the interrupted stretch goes. The final evaluation's check
+    matched an old-unit validation at the same step number (another point of training)."""
+    from engine.config import load_config
+    from engine.finetune import evaluated_at
+    from engine.logging import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    old = [(s, s / 4) for s in range(1, 13)]  # batch 2: 4 steps per epoch, checkpoint at step 12 (epoch 3)
+    new = [(s, s / 2) for s in range(7, 11)]  # batch 4: 2 per epoch, step 12 -> 6, then steps 7..10
+    lines = [{"step": s, "split": "train", "epoch": e} for s, e in old + new]
+    lines.insert(8, {"step": 8, "split": "val", "epoch": 2.0, "top1": 10.0})  # old unit's epoch-2 evaluation
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    # resumed from new-unit step 8 (epoch 4.0): steps 9, 10 of the new unit ran after it
+    assert truncate_metrics(str(path), 8, 4.0) == 2
+    kept = [(r["step"], r["epoch"]) for r in map(json.loads, path.read_text().splitlines()) if r["split"] == "train"]
+    assert kept == old + [(7, 3.5), (8, 4.0)]
+    cfg = load_config(TINY, [f"train.output_dir={tmp_path}"])
+    assert not evaluated_at(cfg, 8, 4.0) and evaluated_at(cfg, 8, 2.0) and evaluated_at(cfg, 8)  # (by step: old)
+
+
 # ---- end to end: 2 ranks -> 1 rank, ZeRO-0 ------------------------------------------------------
 SETTINGS = ["-c", TINY, "data.clips_per_epoch=16", "schedule.max_steps=8", "deepspeed.zero_stage=0"]
 
