@@ -263,7 +263,9 @@ class Run:
             "data_layout": data_layout(self.loader).__dict__.copy(),
             "numpy_rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            # this rank's own GPU only: a list of every visible GPU's state failed to restore on a node
+            # that sees fewer GPUs, and restored another device's state where the layout changed
+            "cuda_rng": torch.cuda.get_rng_state(self.dist.device) if self.dist.device.type == "cuda" else None,
             "python_rng": random.getstate(),
         }
 
@@ -273,8 +275,12 @@ class Run:
         self.state = TrainState(**saved["train_state"])
         self.rng.bit_generator.state = saved["numpy_rng"]
         torch.set_rng_state(saved["torch_rng"])
-        if saved.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        cuda_rng = saved.get("cuda_rng")
+        if isinstance(cuda_rng, (list, tuple)):  # older checkpoints: every visible GPU's state
+            index = self.dist.device.index or 0
+            cuda_rng = cuda_rng[index] if index < len(cuda_rng) else None
+        if cuda_rng is not None and self.dist.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng, self.dist.device)
         random.setstate(saved["python_rng"])
         now = data_layout(self.loader)
         before = _saved_layout(saved, now, bool(self.loader.cfg.drop_last))

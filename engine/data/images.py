@@ -354,7 +354,10 @@ class ImageLoader:
                 "rank": self.rank, "world_size": self.world_size, "num_batches": len(self)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
+        consumed = int(state["batches_consumed"])
+        if not 0 <= consumed <= len(self):  # as the video loader (a negative count replayed the epoch's end)
+            raise ValueError(f"batches_consumed={consumed} outside [0, {len(self)}]")
+        self.epoch, self.batches_consumed = int(state["epoch"]), consumed
         if int(state.get("world_size", self.world_size)) != self.world_size or state.get("seed", self.cfg.seed) != self.cfg.seed:
             self.batches_consumed = 0  # positions do not map across world sizes/seeds: restart the epoch
 

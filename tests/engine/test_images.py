@@ -225,6 +225,18 @@ def test_every_format_dali_decodes_is_listed_and_loads(tmp_path):
     assert torch.equal(grey[0], grey[1]) and torch.allclose(grey[0], out[colour[0]][0], atol=1.0)
 
 
+def test_a_state_outside_the_epoch_is_refused(tmp_path):
+    """As the video loader: 99 moved silently to the next epoch, -3 gave the epoch's last 3 batches
+    and then replayed it from batch 0."""
+    make_folder(tmp_path)
+    loader = build_loader(cfg_for(tmp_path), "train")
+    state = loader.state_dict()
+    for bad in (99, -3):
+        with pytest.raises(ValueError, match=rf"batches_consumed={bad} outside \[0, {len(loader)}\]"):
+            loader.load_state_dict({**state, "batches_consumed": bad})
+    loader.load_state_dict({**state, "batches_consumed": len(loader)})  # a finished epoch is a position
+
+
 def test_fine_tuning_applies_rand_augment_and_random_erasing_to_images(tmp_path, caplog):
     """timm's ImageNet training transform: crop, flip, RandAugment, normalise, random erasing (the
     official in1k recipes set rand-m9-mstd0.5-inc1 and erasing 0.25). Images used to get crop and
