@@ -663,7 +663,8 @@ class Derived:
             f"steps per epoch     {self.steps_per_epoch}",
             f"warm-up steps       {self.warmup_steps}",
             f"schedule steps      {self.total_steps} ({cfg.schedule.epochs} epochs)",
-            f"steps in this run   {self.run_steps}",
+            f"last step           {self.run_steps}" + ("" if self.run_steps == self.total_steps else
+                                                        " (schedule.max_steps)"),
         ])
 
 

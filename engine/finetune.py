@@ -282,8 +282,11 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
     from engine.data import build_loader
 
     def loader(dist: DistInfo):
-        return build_loader(cfg.data, "train", rank=dist.rank, world_size=dist.world_size,
-                            device=dist.device, mode="finetune")
+        train = build_loader(cfg.data, "train", rank=dist.rank, world_size=dist.world_size,
+                             device=dist.device, mode="finetune")
+        # the evaluation split too validates before train.overwrite clears the folder (setup_run)
+        state["eval_loader"] = _eval_loader(cfg, dist, list(train.class_names))
+        return train
 
     from engine.checkpoint import resolve_resume
     from engine.pretrain import check_model_config
@@ -324,7 +327,7 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
     if source_run and os.path.realpath(source_run) != os.path.realpath(cfg.train.output_dir):
         run.state.best_metric = -math.inf
     run.state.best_metric = max(run.state.best_metric, on_rank0(lambda: saved_best_metric(cfg.train.output_dir)))
-    eval_loader = _eval_loader(cfg, run.dist, state["classes"])
+    eval_loader = state["eval_loader"]
     check_labels(eval_loader, K, "finetune.num_classes" if cfg.finetune.num_classes else "the number of training classes")
 
     def step(batch: dict) -> torch.Tensor:

@@ -33,8 +33,8 @@ ConfigError, other changes one warning line printed once the checkpoint has load
 AdamW settings and gradient clipping replace the loaded ones, :func:`reapply_optimizer_settings`;
 a changed AdamW grouping is a ConfigError, ``checkpoint.check_param_groups``). A start
 without ``--resume`` (or from another run's checkpoint) in a ``train.output_dir`` that already holds
-checkpoints is a ConfigError, unless ``train.overwrite=true``, which first removes the previous
-run's :data:`RUN_OUTPUTS`. Resuming an older tag of the run's own folder sets the newer tags aside
+checkpoints is a ConfigError, unless ``train.overwrite=true``, which removes the previous run's
+:data:`RUN_OUTPUTS` once the data has validated (a data error leaves them). Resuming an older tag of the run's own folder sets the newer tags aside
 (``checkpoint.set_aside_newer``). A resumed run that already reached its last step trains, saves and
 evaluates nothing (:func:`train_loop` returns ``already_complete``). A fresh start drops a stale
 ``metrics.jsonl`` of a run that died before its first checkpoint.
@@ -352,6 +352,8 @@ class ResumePlan:
     """The tag is in this run's own ``train.output_dir`` (else it continues another run's checkpoint)."""
     config_warning: Optional[str] = None
     """One line listing the config changes since the checkpoint (printed after it has loaded)."""
+    clear: bool = False
+    """``train.overwrite`` is to remove the previous run's outputs (:func:`clear_previous_run`)."""
 
     @property
     def path(self) -> Optional[str]:
@@ -376,11 +378,13 @@ def on_rank0(fn: Callable[[], Any]) -> Any:
     return value
 
 
-def prepare_output_dir(cfg: Config, resume: Optional[str]) -> ResumePlan:
+def prepare_output_dir(cfg: Config, resume: Optional[str], *, defer_clear: bool = False) -> ResumePlan:
     """Check and tidy ``train.output_dir`` before a run builds anything (module docstring); every rank
     calls this (file changes happen on the first local rank of each node). Raises ConfigError for a
     ``--resume`` that names no complete checkpoint, a model change since the checkpoint, and a new
-    run in a folder that holds one already (without ``train.overwrite``)."""
+    run in a folder that holds one already (without ``train.overwrite``). ``defer_clear``: leave
+    ``train.overwrite``'s removal to :func:`clear_previous_run` (``plan.clear``), which the run calls
+    once its data has validated: a mistyped ``data.root`` must not cost the previous run."""
     out = cfg.train.output_dir
     ckpt = checkpoint_dir(out)
     note = on_first_local_ranks(lambda: recover_checkpoint_dir(ckpt))
@@ -415,14 +419,23 @@ def prepare_output_dir(cfg: Config, resume: Optional[str]) -> ResumePlan:
 
     # rank 0 decides and every rank follows: on a node-local filesystem the other nodes' views of
     # the folder differ (DeepSpeed writes the module states on rank 0 only)
-    plan, clear = on_rank0(decide)
-    if clear:
-        removed = on_first_local_ranks(lambda: clear_run_outputs(out))
-        print0(f"train.overwrite=true: removed the previous run's {', '.join(removed or [])} from {out}")
+    plan, plan.clear = on_rank0(decide)
+    if not defer_clear:
+        clear_previous_run(cfg, plan)
     if plan.tag is not None and not plan.own:
         print0(f"resume: continuing checkpoint {plan.path} of another run in train.output_dir={out} (new "
                "checkpoints and logs go there; the source folder is not changed)")
     return plan
+
+
+def clear_previous_run(cfg: Config, plan: ResumePlan) -> None:
+    """``train.overwrite=true``: remove the previous run's :data:`RUN_OUTPUTS` when
+    :func:`prepare_output_dir` decided so (every rank calls this)."""
+    if plan.clear:
+        out = cfg.train.output_dir
+        removed = on_first_local_ranks(lambda: clear_run_outputs(out))
+        print0(f"train.overwrite=true: removed the previous run's {', '.join(removed or [])} from {out}")
+        plan.clear = False
 
 
 def _seed_all(seed: int) -> None:
@@ -450,10 +463,11 @@ def setup_run(
     dist = init_distributed(cfg.train.device)  # sets DS_ACCELERATOR before deepspeed is first imported
     import deepspeed
 
-    plan = prepare_output_dir(cfg, resume)
+    plan = prepare_output_dir(cfg, resume, defer_clear=True)
     if dist.rank == 0:
         print("config:\n" + config_to_yaml(cfg), flush=True)
     loader = build_loader(dist)
+    clear_previous_run(cfg, plan)  # after the data validated (before anything writes to the folder)
     _seed_all(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(loader)
     ac = cfg.model.activation_checkpointing
@@ -617,7 +631,7 @@ def train_loop(
     device = run.dist.device
     last_loss = float("nan")
     t_log, steps_since_log, clips_since_log = time.time(), 0, 0
-    t_start = time.time()
+    t_start, first_step = time.time(), st.step
     grad_norm = float("nan")
     pending: Optional[_ReadBack] = None  # the last step's loss and grad norm, on their way to the host
     pending_save = stop = False
@@ -719,8 +733,8 @@ def train_loop(
     if on_finish is not None:  # after the save: a failure in it loses no training
         on_finish(run)
     run.logger.close()
-    return {"steps": st.step, "last_loss": last_loss, "nonfinite_total": st.nonfinite_total,
-            "seconds": time.time() - t_start, "checkpoint": final}
+    return {"steps": st.step, "trained": st.step - first_step, "last_loss": last_loss,
+            "nonfinite_total": st.nonfinite_total, "seconds": time.time() - t_start, "checkpoint": final}
 
 
 def report_paths(run: Run, summary: dict, stream=sys.stdout) -> None:
@@ -728,8 +742,10 @@ def report_paths(run: Run, summary: dict, stream=sys.stdout) -> None:
     if not run.main:
         return
     out = os.path.abspath(run.cfg.train.output_dir)
+    steps, trained = summary["steps"], summary.get("trained", summary["steps"])
+    done = f"done: {steps} steps" if trained == steps else f"done: step {steps} ({trained} trained in this run)"
     lines = [] if summary.get("already_complete") else [  # (train_loop said so already)
-        f"done: {summary['steps']} steps in {summary['seconds']:.1f} s, last loss {summary['last_loss']:.4g}, "
+        f"{done} in {summary['seconds']:.1f} s, last loss {summary['last_loss']:.4g}, "
         f"{summary['nonfinite_total']} non-finite losses skipped"]
     lines += [
         f"checkpoint   {os.path.abspath(summary['checkpoint'])}",

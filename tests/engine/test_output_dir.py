@@ -313,6 +313,23 @@ def test_cli_used_folder_finished_run_and_going_back(env, tmp_path):
     assert [r["step"] for r in recs] == [1, 2, 3]
 
 
+def test_overwrite_keeps_the_previous_run_when_the_data_does_not_validate(env, tmp_path):
+    """train.overwrite=true removed the previous run's checkpoints and logs, then a mistyped
+    data.root stopped the run with a data error: the previous run was lost for nothing. The removal
+    now waits for the data (the train and evaluation splits) to validate."""
+    out = str(tmp_path / "run")
+    common = [sys.executable, "-m", "engine", "pretrain", "-c", TINY, f"train.output_dir={out}",
+              "train.checkpoint_every_steps=1", "schedule.max_steps=2"]
+    _run(common, env)
+    before = _ls(out)
+    p = _run(common + ["train.overwrite=true", "data.dataset=folder", f"data.root={tmp_path / 'my_vidoes'}"], env,
+             ok=(5,))
+    assert "data error" in p.stderr and "removed the previous run" not in p.stdout, p.stderr[-2000:]
+    assert _ls(out) == before and os.path.isfile(os.path.join(out, "metrics.jsonl"))
+    p = _run(common + ["train.overwrite=true"], env)  # with good data it is removed, as before
+    assert "train.overwrite=true: removed the previous run's" in p.stdout
+
+
 def test_cli_resume_of_a_damaged_checkpoint_names_the_older_ones(env, tmp_path):
     """A node crash before a checkpoint reached the disk leaves empty or cut-short files: --resume
     auto was a traceback (EOFError / PytorchStreamReader) on every try; now a config error naming the

@@ -83,6 +83,7 @@ def test_resume_auto_reproduces_an_uninterrupted_run_exactly(env, tmp_path):
     shutil.copytree(os.path.join(ck, "step00000003"), os.path.join(ck, ".tmp-step00000005"))
     p = _run(common + [f"train.output_dir={b}", "--resume", "auto"], env)
     assert "resumed from" in p.stdout and "step00000003 at step 3 (epoch 0, batch 3)" in p.stdout
+    assert "done: step 6 (3 trained in this run) in " in p.stdout  # (it said "6 steps" for the 3 it ran)
     la, lb = _losses(a), _losses(b)
     assert [s for s, _ in la] == [1, 2, 3, 4, 5, 6]
     assert [s for s, _ in lb] == [1, 2, 3, 4, 5, 6]  # step 4, logged before the kill, is dropped on resume
