@@ -160,8 +160,9 @@ class TrainConfig:
     """A run started without ``--resume`` in an ``output_dir`` that holds checkpoints stops with a
     config error (``--resume auto`` continues it); true: that folder's ``checkpoints/``,
     ``metrics.jsonl``, ``classes.json``, ``tb/``, ``eval.json``, ``evals.jsonl``,
-    ``eval.predictions.npz`` and ``backbone.safetensors`` are removed first and the run starts
-    afresh."""
+    ``eval.predictions.npz`` and ``backbone.safetensors`` are removed, once the new run's data has
+    validated and its model has been built (a mistake found by then leaves them), and the run
+    starts afresh."""
     seed: int = 0
     """Seed of model init, masks (one numpy Generator per rank, seeded by seed and rank) and
     drop path."""

@@ -14,8 +14,8 @@ of a step; jobs with nearby ids and the first 8 concurrent steps of one job diff
 ``sbatch`` script without ``srun`` (the batch step) runs alone, with a one-line note. A plain single
 process gets ``127.0.0.1``, a free port and rank 0 of 1 (DESIGN §4: DeepSpeed needs these variables
 even alone). RANK and WORLD_SIZE exported without LOCAL_RANK (an MPI wrapper) take it from
-``OMPI_COMM_WORLD_LOCAL_RANK`` / ``MPI_LOCALRANKID``; without any, several ranks that each see several
-GPUs are a ConfigError (they would all take GPU 0). ``0 <= RANK < WORLD_SIZE`` and
+``OMPI_COMM_WORLD_LOCAL_RANK`` / ``MPI_LOCALRANKID`` (``SLURM_LOCALID`` in an srun step); without
+any, ranks that each see several GPUs take GPU 0 with a warning (right for one process per node). ``0 <= RANK < WORLD_SIZE`` and
 ``LOCAL_RANK >= 0`` are checked before connecting.
 
 Devices: the backend is NCCL on CUDA and gloo on CPU. :func:`select_accelerator` sets
@@ -181,11 +181,13 @@ def _fill_launch_env(env: MutableMapping[str, str]) -> tuple[dict[str, str], dic
             print(f"note: SLURM job {env['SLURM_JOB_ID']} has {n} tasks but this process is not in an srun step "
                   f"(SLURM_STEP_ID={env.get('SLURM_STEP_ID', 'unset')}): it runs as a single process; start it "
                   "with srun to use every task", file=sys.stderr, flush=True)
-    if "RANK" in env and "LOCAL_RANK" not in env:  # RANK/WORLD_SIZE exported under mpirun: its local rank
-        mpi = next((k for k in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK")
-                    if env.get(k, "").strip()), None)
-        if mpi is not None:
-            put("LOCAL_RANK", env[mpi], mpi)
+    if "RANK" in env and "LOCAL_RANK" not in env:  # RANK/WORLD_SIZE exported by a wrapper: the launcher's local rank
+        local = next((k for k in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK")
+                      if env.get(k, "").strip()), None)
+        if local is None and step is not None and env.get("SLURM_LOCALID", "").strip():
+            local = "SLURM_LOCALID"
+        if local is not None:
+            put("LOCAL_RANK", env[local], local)
     put("RANK", 0, "default")
     put("WORLD_SIZE", 1, "default")
     put("LOCAL_RANK", 0, "default")
@@ -260,15 +262,22 @@ def cuda_device_index(local_rank: int, device_count: int,
                       "(srun --gpus-per-task=1)")
 
 
-def check_local_rank_given(origins: dict[str, str], world: int, device_count: int) -> None:
-    """A LaunchError when several ranks would all take GPU 0 because nothing set LOCAL_RANK (RANK and
-    WORLD_SIZE exported by hand or by an MPI wrapper, several GPUs visible to each process): NCCL
-    then failed with "Duplicate GPU detected", or the ranks shared one GPU."""
-    if world > 1 and device_count > 1 and origins.get("LOCAL_RANK", "the environment").startswith("default"):
-        raise LaunchError(f"LOCAL_RANK is not set (RANK and WORLD_SIZE={world} are), and {device_count} CUDA devices "
-                          "are visible: every process would take GPU 0. Set LOCAL_RANK to the process's index on its "
-                          "node (torchrun and the deepspeed launcher do; under mpirun it is read from "
-                          "OMPI_COMM_WORLD_LOCAL_RANK or MPI_LOCALRANKID), or let each process see one GPU")
+def check_local_rank_given(origins: dict[str, str], world: int, device_count: int,
+                           environ: Optional[MutableMapping[str, str]] = None) -> Optional[str]:
+    """The warning line (also printed, on stderr) when nothing set LOCAL_RANK although several ranks
+    each see several GPUs: every rank takes GPU 0, which is right with one process per node but
+    makes NCCL fail ("Duplicate GPU detected") when processes share a node. None when LOCAL_RANK
+    was given, one GPU is visible, or ``LOCAL_WORLD_SIZE`` / ``LOCAL_SIZE`` is 1."""
+    env = os.environ if environ is None else environ
+    per_node = next((env[k].strip() for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if env.get(k, "").strip()), None)
+    if world <= 1 or device_count <= 1 or per_node == "1" or \
+            not origins.get("LOCAL_RANK", "the environment").startswith("default"):
+        return None
+    line = (f"warning: LOCAL_RANK is not set (WORLD_SIZE={world}) and {device_count} CUDA devices are visible: this "
+            "rank takes GPU 0. With several processes per node set LOCAL_RANK (torchrun and the deepspeed launcher do; "
+            "it is read from OMPI_COMM_WORLD_LOCAL_RANK, MPI_LOCALRANKID or SLURM_LOCALID when set)")
+    print(line, file=sys.stderr, flush=True)
+    return line
 
 
 def _rendezvous_timeout() -> timedelta:

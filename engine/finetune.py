@@ -20,7 +20,7 @@
   fine-tuning the best top-1 is kept as the ``best`` checkpoint. An epoch's evaluation runs after
   the epoch's checkpoint (SlowFast's order), so a failing evaluation loses no training; a resume
   of this run from that checkpoint evaluates first when ``metrics.jsonl`` has no validation at its
-  step (also after ``train.stop_after_steps`` at an epoch's end, which stops before evaluating).
+  epoch (also after ``train.stop_after_steps`` at an epoch's end, which stops before evaluating).
 - Classes: the TRAIN split defines them (``engine/data/datasets.py``). Fine-tuning writes
   ``<train.output_dir>/classes.json`` (names and classifier width K; rank 0, atomic) at start; on
   resume an existing file must match the train split (else :class:`ClassListError`). The eval
@@ -28,8 +28,9 @@
   training classes) must exceed every label, checked when the loaders are built (ConfigError).
 - ``--resume`` of a run that already reached its last step trains and saves nothing
   (``engine.runner.train_loop`` returns ``already_complete``); it evaluates the final weights only
-  when ``metrics.jsonl`` has no validation at that step (an evaluation after the final save that
-  failed); the best top-1 is printed. A resumed run keeps the best top-1 of its ``best`` tag; one
+  when ``metrics.jsonl`` has no validation at that point (matched by epoch, which a change of
+  global batch keeps comparable; an evaluation after the final save that failed); the best top-1
+  is printed. A resumed run keeps the best top-1 of its ``best`` tag; one
   continued from another run's checkpoint starts its own.
 - ``maskfeat eval`` (:func:`run_eval`): the checkpoint is resolved by :func:`resolve_checkpoint`;
   K comes from the checkpoint (its head's weight), the class names from the evaluated run's
@@ -235,7 +236,7 @@ def _num_classes(cfg: Config, loader) -> int:
     """K: ``finetune.num_classes`` or the number of training classes; checked against the labels."""
     k = cfg.finetune.num_classes or int(getattr(loader, "num_classes", 0))
     if k < 1:
-        raise ValueError("the number of classes is unknown: set finetune.num_classes")
+        raise ConfigError("the number of classes is unknown: set finetune.num_classes")
     what = "finetune.num_classes" if cfg.finetune.num_classes else "the number of training classes"
     check_labels(loader, k, what)
     return k
@@ -304,22 +305,26 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
     source_run = os.path.dirname(source[0]) if source else None
 
     def build(train_loader) -> nn.Module:
+        # checks only: train.overwrite clears the folder after the build (setup_run), so classes.json
+        # is written after setup_run returns
         state["K"] = _num_classes(cfg, train_loader)
         state["classes"] = list(train_loader.class_names)
-        write = getattr(train_loader, "rank", 0) == 0
+        state["write"] = getattr(train_loader, "rank", 0) == 0
         if source_run and os.path.realpath(source_run) != os.path.realpath(cfg.train.output_dir):
             # continuing another run's checkpoint: its classes must be these (the head's outputs)
             sync_class_index(source_run, state["classes"], state["K"], resuming=True, write=False)
-            sync_class_index(cfg.train.output_dir, state["classes"], state["K"], resuming=False, write=write)
         else:
             sync_class_index(cfg.train.output_dir, state["classes"], state["K"], resuming=source is not None,
-                             write=write)
+                             write=False)
+        check_labels(state["eval_loader"], state["K"],
+                     "finetune.num_classes" if cfg.finetune.num_classes else "the number of training classes")
         return build_classifier(cfg, state["K"])
 
     run = setup_run(cfg, build_model=build, build_loader=loader,
                     clips_per_rank=lambda l: cfg.data.batch_size * getattr(l, "repeats", 1),  # images: none
                     resume=resume, desc="finetune")
     K = state["K"]
+    sync_class_index(cfg.train.output_dir, state["classes"], K, resuming=False, write=state["write"])
     # a resumed run keeps the best top-1 of its `best` tag, which may be newer than the checkpoint it
     # resumed from (an evaluation after the final save, or a crash between the two saves); a run
     # continued from another run's checkpoint starts its own `best` (the other run's is not here).
@@ -328,7 +333,6 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         run.state.best_metric = -math.inf
     run.state.best_metric = max(run.state.best_metric, on_rank0(lambda: saved_best_metric(cfg.train.output_dir)))
     eval_loader = state["eval_loader"]
-    check_labels(eval_loader, K, "finetune.num_classes" if cfg.finetune.num_classes else "the number of training classes")
 
     def step(batch: dict) -> torch.Tensor:
         state["trained"] = True

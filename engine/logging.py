@@ -22,16 +22,19 @@ losses; ``"nan"`` for a skipped step); ``lr`` the peak-group LR; ``grad_norm`` t
 norm before clipping; ``clips_per_s`` over all ranks; ``memory_gb`` rank 0's peak; ``epoch`` the
 fraction of training in epochs (``step / steps_per_epoch``); ``nonfinite_total`` skipped steps.
 
-Resume (``resume_step``): records with ``step`` greater than the resumed step come from the
-stretch between the checkpoint and the interruption, which is trained again; they are dropped
-from ``metrics.jsonl`` (the file is rewritten atomically at start; a torn last line is dropped
-too), and TensorBoard is opened with ``purge_step = resume_step + 1``, which makes TensorBoard
-hide the older events from that step on (they stay in the old event files). A fresh start passes
-``resume_step=0`` (``engine.runner``): what a run that died before its first checkpoint logged is
-dropped, so that the file holds one run. A resume with another world size or per-rank batch
-rescales the step count (``engine.runner``): the records up to the checkpoint are kept, and the
-steps before and after are in different units (the numbers may even repeat), while ``epoch``
-stays comparable across the change.
+Resume (``resume_step``, ``resume_epoch``): records logged after the checkpoint come from the
+stretch between it and the interruption, which is trained again; they are dropped from
+``metrics.jsonl`` (the file is rewritten atomically at start; a torn last line is dropped too):
+those whose ``epoch`` exceeds the checkpoint's (training and validation records carry it), and
+records without one by ``step`` > ``resume_step``. TensorBoard is opened with ``purge_step =
+resume_step + 1``, which makes TensorBoard hide the older events from that step on (they stay in
+the old event files). A fresh start passes ``resume_step=0`` (``engine.runner``): what a run that
+died before its first checkpoint logged is dropped, so that the file holds one run. A resume with
+another world size or per-rank batch rescales the step count (``engine.runner``): the records up
+to the checkpoint are kept (by epoch: old-unit step numbers above the new checkpoint's were
+trained before it), the steps before and after are in different units (the numbers may even
+repeat), while ``epoch`` stays comparable across the change. TensorBoard's purge stays by step
+(it has no other), so it may hide old-unit events there.
 """
 from __future__ import annotations
 

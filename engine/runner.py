@@ -252,6 +252,11 @@ class Run:
     def main(self) -> bool:
         return self.dist.rank == 0
 
+    @property
+    def _device(self) -> torch.device:
+        """This rank's device (CPU for a Run assembled without a process group, as tests do)."""
+        return self.dist.device if self.dist is not None else torch.device("cpu")
+
     def rank_state(self) -> dict:
         """This rank's resumable state (saved beside the DeepSpeed shards)."""
         loader_state = self.loader.state_dict()
@@ -265,7 +270,7 @@ class Run:
             "torch_rng": torch.get_rng_state(),
             # this rank's own GPU only: a list of every visible GPU's state failed to restore on a node
             # that sees fewer GPUs, and restored another device's state where the layout changed
-            "cuda_rng": torch.cuda.get_rng_state(self.dist.device) if self.dist.device.type == "cuda" else None,
+            "cuda_rng": torch.cuda.get_rng_state(self._device) if self._device.type == "cuda" else None,
             "python_rng": random.getstate(),
         }
 
@@ -275,12 +280,12 @@ class Run:
         self.state = TrainState(**saved["train_state"])
         self.rng.bit_generator.state = saved["numpy_rng"]
         torch.set_rng_state(saved["torch_rng"])
-        cuda_rng = saved.get("cuda_rng")
+        cuda_rng, device = saved.get("cuda_rng"), self._device
         if isinstance(cuda_rng, (list, tuple)):  # older checkpoints: every visible GPU's state
-            index = self.dist.device.index or 0
+            index = device.index or 0
             cuda_rng = cuda_rng[index] if index < len(cuda_rng) else None
-        if cuda_rng is not None and self.dist.device.type == "cuda":
-            torch.cuda.set_rng_state(cuda_rng, self.dist.device)
+        if cuda_rng is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng, device)
         random.setstate(saved["python_rng"])
         now = data_layout(self.loader)
         before = _saved_layout(saved, now, bool(self.loader.cfg.drop_last))
@@ -455,7 +460,8 @@ def setup_run(
 ) -> Run:
     """Ordered set-up of a run (module docstring). ``resume`` is ``None``, ``"auto"``, a tag or a path
     (``checkpoint.resolve_resume``); ``build_model(loader)`` may read the dataset (e.g. its number
-    of classes)."""
+    of classes), and must not write into ``train.output_dir``: ``train.overwrite`` clears it after
+    the build."""
     check_deepspeed_extra(cfg.deepspeed.extra)  # a key the engine owns: ConfigError before any work
     if cfg.deepspeed.precision == "fp16" and (cfg.train.device == "cpu" or not torch.cuda.is_available()):
         raise ConfigError("deepspeed.precision=fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no fp16); "
@@ -467,7 +473,6 @@ def setup_run(
     if dist.rank == 0:
         print("config:\n" + config_to_yaml(cfg), flush=True)
     loader = build_loader(dist)
-    clear_previous_run(cfg, plan)  # after the data validated (before anything writes to the folder)
     _seed_all(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(loader)
     ac = cfg.model.activation_checkpointing
@@ -479,6 +484,9 @@ def setup_run(
         print0(f"activation checkpointing: {n} blocks")
     model.to(dist.device)
     derived = derive(cfg, dist.world_size, len(loader), clips_per_rank(loader))
+    # the data validated and the model built (its checks, e.g. the classes and pretrained weights),
+    # and nothing written to the folder yet: a mistake found before here costs no previous run
+    clear_previous_run(cfg, plan)
     print0("derived:\n" + derived.describe(cfg) + f"\ndevice              {dist.device} ({dist.backend}), "
            f"data reader {loader.reader}")
 

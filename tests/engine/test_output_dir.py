@@ -328,6 +328,18 @@ def test_overwrite_keeps_the_previous_run_when_the_data_does_not_validate(env, t
     assert _ls(out) == before and os.path.isfile(os.path.join(out, "metrics.jsonl"))
     p = _run(common + ["train.overwrite=true"], env)  # with good data it is removed, as before
     assert "train.overwrite=true: removed the previous run's" in p.stdout
+    # fine-tuning: a head too narrow for the labels (a check of the model's build) keeps it too, and a
+    # run that goes through writes its own classes.json after the removal
+    ft = str(tmp_path / "ft")
+    common = [sys.executable, "-m", "engine", "finetune", "-c", TINY, f"train.output_dir={ft}", "data.num_clips=1",
+              "schedule.max_steps=1"]
+    _run(common, env)
+    before = _ls(ft)
+    p = _run(common + ["train.overwrite=true", "finetune.num_classes=2"], env, ok=(2,))
+    assert "finetune.num_classes is 2" in p.stderr and "removed the previous run" not in p.stdout, p.stderr[-2000:]
+    assert _ls(ft) == before and os.path.isfile(os.path.join(ft, "classes.json"))
+    _run(common + ["train.overwrite=true"], env)
+    assert json.load(open(os.path.join(ft, "classes.json")))["classes"] == ["bigbuckbunny", "bikes", "carphone_pristine"]
 
 
 def test_cli_resume_of_a_damaged_checkpoint_names_the_older_ones(env, tmp_path):
