@@ -512,14 +512,33 @@ def recover_checkpoint_dir(ckpt_dir: str) -> Optional[str]:
     return f"checkpoints {ckpt_dir}: " + "; ".join(parts) if parts else None
 
 
-def _saved_step(path: str) -> Optional[int]:
-    """``train_state.step`` of a tag's first rank state (None when unreadable)."""
+def _first_rank_state(path: str) -> Optional[dict]:
     files = sorted(glob.glob(os.path.join(path, "engine_state_r*.pt")))
     if not files:
         return None
     try:
-        return int(torch.load(files[0], map_location="cpu", weights_only=False)["train_state"]["step"])
-    except (OSError, KeyError, TypeError, ValueError, RuntimeError, EOFError):
+        state = torch.load(files[0], map_location="cpu", weights_only=False)
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _saved_step(path: str) -> Optional[int]:
+    """``train_state.step`` of a tag's first rank state (None when unreadable)."""
+    try:
+        return int(_first_rank_state(path)["train_state"]["step"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _saved_position(path: str) -> Optional[float]:
+    """Where a tag stands in epochs (its step over the batches per epoch it was saved with):
+    comparable across a change of global batch, which step numbers are not. None without a layout."""
+    try:
+        state = _first_rank_state(path)
+        batches = int(state["data_layout"]["num_batches"])
+        return int(state["train_state"]["step"]) / batches if batches > 0 else None
+    except (KeyError, TypeError, ValueError):
         return None
 
 
@@ -528,15 +547,24 @@ def set_aside_newer(ckpt_dir: str, step: int, resumed_tag: Optional[str]) -> lis
     was saved after ``step`` — to ``<tag>.superseded`` (``.superseded-2``, … when taken), so that
     neither ``--resume auto`` nor pruning sees them; ``latest`` then names ``resumed_tag`` (when it
     is a tag of ``ckpt_dir``; else the file is removed when it named a renamed tag). Returns the
-    renames (old name, new name)."""
+    renames (old name, new name). "Newer" compares positions in epochs where the tags record their
+    layout: after a resume with another global batch the step numbers of the two units overlap, and
+    by number alone the older tags of the old unit (``best`` among them) were set aside."""
     if not os.path.isdir(ckpt_dir):
         return []
-    newer = [t for t in _step_tags(ckpt_dir) if step_of(t) > step and t != resumed_tag]
+    here = _saved_position(os.path.join(ckpt_dir, resumed_tag)) if resumed_tag else None
+
+    def is_newer(tag: str, tag_step: Optional[int]) -> bool:
+        if here is not None:
+            there = _saved_position(os.path.join(ckpt_dir, tag))
+            if there is not None:
+                return there > here + 1e-9
+        return tag_step is not None and tag_step > step
+
+    newer = [t for t in _step_tags(ckpt_dir) if t != resumed_tag and is_newer(t, step_of(t))]
     best = os.path.join(ckpt_dir, "best")
-    if resumed_tag != "best" and os.path.isdir(best):
-        s = _saved_step(best)
-        if s is not None and s > step:
-            newer.append("best")
+    if resumed_tag != "best" and os.path.isdir(best) and is_newer("best", _saved_step(best)):
+        newer.append("best")
     moved = []
     for t in newer:
         dst = _free_name(ckpt_dir, f"{t}.superseded")

@@ -324,7 +324,8 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
                     clips_per_rank=lambda l: cfg.data.batch_size * getattr(l, "repeats", 1),  # images: none
                     resume=resume, desc="finetune")
     K = state["K"]
-    sync_class_index(cfg.train.output_dir, state["classes"], K, resuming=False, write=state["write"])
+    own_resume = source is not None and os.path.realpath(source_run) == os.path.realpath(cfg.train.output_dir)
+    sync_class_index(cfg.train.output_dir, state["classes"], K, resuming=own_resume, write=state["write"])
     # a resumed run keeps the best top-1 of its `best` tag, which may be newer than the checkpoint it
     # resumed from (an evaluation after the final save, or a crash between the two saves); a run
     # continued from another run's checkpoint starts its own `best` (the other run's is not here).

@@ -30,13 +30,17 @@ from tests.engine.test_train import TINY, _run, env  # noqa: F401 (env: a fixtur
 from engine.config import ConfigError, config_to_yaml, load_config
 
 
-def _tag(out: str, tag: str, step: int, config_yaml: str = "", weights: bool = True, state: bool = True) -> str:
-    """A checkpoint tag as save_checkpoint leaves it (tiny files in DeepSpeed's and our names)."""
+def _tag(out: str, tag: str, step: int, config_yaml: str = "", weights: bool = True, state: bool = True,
+         batches: int = 0) -> str:
+    """A checkpoint tag as save_checkpoint leaves it (tiny files in DeepSpeed's and our names);
+    ``batches``: the batches per epoch of its data layout (0: a state without one, as older runs')."""
     path = os.path.join(out, "checkpoints", tag)
     os.makedirs(path, exist_ok=True)
     if state:
-        torch.save({"train_state": {"step": step}, "loader": {"world_size": 1}},
-                   os.path.join(path, "engine_state_r00000.pt"))
+        rank_state = {"train_state": {"step": step}, "loader": {"world_size": 1}}
+        if batches:
+            rank_state["data_layout"] = {"num_batches": batches}
+        torch.save(rank_state, os.path.join(path, "engine_state_r00000.pt"))
     if weights:
         torch.save({"module": {}}, os.path.join(path, "mp_rank_00_model_states.pt"))
     if config_yaml:
@@ -281,6 +285,26 @@ def test_resuming_an_older_tag_sets_the_newer_ones_aside(tmp_path):
     assert find_latest(out) == "step00000002"
     _tag(out, "best", 1)
     assert set_aside_newer(ck, 2, "step00000002") == []  # an older best stays
+
+
+def test_going_back_after_a_batch_change_compares_epochs_not_step_numbers(tmp_path):
+    """Batch 2 (4 steps per epoch) saved steps 4 and 6 and best at step 4; a resume with batch 4 (2 per
+    epoch) went on from step 6 -> 3 and saved step 3 (epoch 1.5). Resuming that tag set aside step 4
+    and best (epoch 1.0: older) because 4 > 3, and kept nothing newer out of the way."""
+    from engine.checkpoint import set_aside_newer
+
+    out = str(tmp_path)
+    ck = os.path.join(out, "checkpoints")
+    _tag(out, "step00000004", 4, batches=4)  # epoch 1.0
+    _tag(out, "best", 4, batches=4)
+    _tag(out, "step00000006", 6, batches=4)  # epoch 1.5, the tag the batch-4 run resumed
+    _tag(out, "step00000003", 3, batches=2)  # epoch 1.5 of the batch-4 run
+    _tag(out, "step00000005", 5, batches=2)  # epoch 2.5
+    assert set_aside_newer(ck, 3, "step00000003") == [("step00000005", "step00000005.superseded")]
+    _tag(out, "step00000005", 5, batches=2)
+    assert set_aside_newer(ck, 4, "step00000004") == [("step00000003", "step00000003.superseded"),
+                                                       ("step00000005", "step00000005.superseded-2"),
+                                                       ("step00000006", "step00000006.superseded")]
 
 
 # ---- end to end -------------------------------------------------------------------------------------------
