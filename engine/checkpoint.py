@@ -512,34 +512,21 @@ def recover_checkpoint_dir(ckpt_dir: str) -> Optional[str]:
     return f"checkpoints {ckpt_dir}: " + "; ".join(parts) if parts else None
 
 
-def _first_rank_state(path: str) -> Optional[dict]:
+def _saved_step_and_position(path: str) -> tuple[Optional[int], Optional[float]]:
+    """``train_state.step`` of a tag's first rank state, and where the tag stands in epochs (that
+    step over the batches per epoch it was saved with: comparable across a change of global batch,
+    which step numbers are not); None for what is unreadable or, for the position, not recorded."""
     files = sorted(glob.glob(os.path.join(path, "engine_state_r*.pt")))
-    if not files:
-        return None
     try:
         state = torch.load(files[0], map_location="cpu", weights_only=False)
-    except (OSError, KeyError, TypeError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
-def _saved_step(path: str) -> Optional[int]:
-    """``train_state.step`` of a tag's first rank state (None when unreadable)."""
+        step = int(state["train_state"]["step"])
+    except (*_UNREADABLE, IndexError, TypeError):
+        return None, None
     try:
-        return int(_first_rank_state(path)["train_state"]["step"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _saved_position(path: str) -> Optional[float]:
-    """Where a tag stands in epochs (its step over the batches per epoch it was saved with):
-    comparable across a change of global batch, which step numbers are not. None without a layout."""
-    try:
-        state = _first_rank_state(path)
         batches = int(state["data_layout"]["num_batches"])
-        return int(state["train_state"]["step"]) / batches if batches > 0 else None
     except (KeyError, TypeError, ValueError):
-        return None
+        return step, None
+    return step, (step / batches if batches > 0 else None)
 
 
 def set_aside_newer(ckpt_dir: str, step: int, resumed_tag: Optional[str]) -> list[tuple[str, str]]:
@@ -552,18 +539,17 @@ def set_aside_newer(ckpt_dir: str, step: int, resumed_tag: Optional[str]) -> lis
     by number alone the older tags of the old unit (``best`` among them) were set aside."""
     if not os.path.isdir(ckpt_dir):
         return []
-    here = _saved_position(os.path.join(ckpt_dir, resumed_tag)) if resumed_tag else None
+    here = _saved_step_and_position(os.path.join(ckpt_dir, resumed_tag))[1] if resumed_tag else None
 
-    def is_newer(tag: str, tag_step: Optional[int]) -> bool:
-        if here is not None:
-            there = _saved_position(os.path.join(ckpt_dir, tag))
-            if there is not None:
-                return there > here + 1e-9
+    def is_newer(tag: str) -> bool:  # one read of the tag's rank state
+        tag_step, there = _saved_step_and_position(os.path.join(ckpt_dir, tag))
+        if here is not None and there is not None:
+            return there > here + 1e-9
+        tag_step = step_of(tag) if step_of(tag) is not None else tag_step  # a step tag: its name
         return tag_step is not None and tag_step > step
 
-    newer = [t for t in _step_tags(ckpt_dir) if t != resumed_tag and is_newer(t, step_of(t))]
-    best = os.path.join(ckpt_dir, "best")
-    if resumed_tag != "best" and os.path.isdir(best) and is_newer("best", _saved_step(best)):
+    newer = [t for t in _step_tags(ckpt_dir) if t != resumed_tag and is_newer(t)]
+    if resumed_tag != "best" and os.path.isdir(os.path.join(ckpt_dir, "best")) and is_newer("best"):
         newer.append("best")
     moved = []
     for t in newer:
@@ -964,7 +950,7 @@ def export_backbone(output_dir_or_ckpt: str, out_path: Optional[str] = None, tag
                               f"or damaged; complete tags: {', '.join(others()) or 'none'} (--tag)")
     try:
         sd = consolidated_state_dict(ckpt_dir, tag)
-    except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError) as e:
+    except _UNREADABLE as e:
         if isinstance(e, FileNotFoundError) and not os.path.isdir(os.path.join(ckpt_dir, tag)):
             raise
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

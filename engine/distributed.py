@@ -267,10 +267,10 @@ def check_local_rank_given(origins: dict[str, str], world: int, device_count: in
     """The warning line (also printed, on stderr) when nothing set LOCAL_RANK although several ranks
     each see several GPUs: every rank takes GPU 0, which is right with one process per node but
     makes NCCL fail ("Duplicate GPU detected") when processes share a node. None when LOCAL_RANK
-    was given, one GPU is visible, or ``LOCAL_WORLD_SIZE`` / ``LOCAL_SIZE`` is 1."""
+    was given, one GPU is visible, or the launcher started one process on this node
+    (:func:`_tasks_per_node`)."""
     env = os.environ if environ is None else environ
-    per_node = next((env[k].strip() for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if env.get(k, "").strip()), None)
-    if world <= 1 or device_count <= 1 or per_node == "1" or \
+    if world <= 1 or device_count <= 1 or _tasks_per_node(env) == 1 or \
             not origins.get("LOCAL_RANK", "the environment").startswith("default"):
         return None
     line = (f"warning: LOCAL_RANK is not set (WORLD_SIZE={world}) and {device_count} CUDA devices are visible: this "

@@ -303,6 +303,8 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
     state: dict = {}
     source = resolve_resume(resume, cfg.train.output_dir) if resume else None  # (checkpoints dir, tag)
     source_run = os.path.dirname(source[0]) if source else None
+    # continuing another run's checkpoint in this train.output_dir (its classes and best are not here)
+    other_run = bool(source_run) and os.path.realpath(source_run) != os.path.realpath(cfg.train.output_dir)
 
     def build(train_loader) -> nn.Module:
         # checks only: train.overwrite clears the folder after the build (setup_run), so classes.json
@@ -310,8 +312,7 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         state["K"] = _num_classes(cfg, train_loader)
         state["classes"] = list(train_loader.class_names)
         state["write"] = getattr(train_loader, "rank", 0) == 0
-        if source_run and os.path.realpath(source_run) != os.path.realpath(cfg.train.output_dir):
-            # continuing another run's checkpoint: its classes must be these (the head's outputs)
+        if other_run:  # its classes must be these (the head's outputs)
             sync_class_index(source_run, state["classes"], state["K"], resuming=True, write=False)
         else:
             sync_class_index(cfg.train.output_dir, state["classes"], state["K"], resuming=source is not None,
@@ -324,13 +325,12 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
                     clips_per_rank=lambda l: cfg.data.batch_size * getattr(l, "repeats", 1),  # images: none
                     resume=resume, desc="finetune")
     K = state["K"]
-    own_resume = source is not None and os.path.realpath(source_run) == os.path.realpath(cfg.train.output_dir)
-    sync_class_index(cfg.train.output_dir, state["classes"], K, resuming=own_resume, write=state["write"])
+    sync_class_index(cfg.train.output_dir, state["classes"], K, resuming=run.resumed_own, write=state["write"])
     # a resumed run keeps the best top-1 of its `best` tag, which may be newer than the checkpoint it
     # resumed from (an evaluation after the final save, or a crash between the two saves); a run
     # continued from another run's checkpoint starts its own `best` (the other run's is not here).
     # Read on rank 0: `best` is saved by every rank, so all must agree on the comparison
-    if source_run and os.path.realpath(source_run) != os.path.realpath(cfg.train.output_dir):
+    if other_run:
         run.state.best_metric = -math.inf
     run.state.best_metric = max(run.state.best_metric, on_rank0(lambda: saved_best_metric(cfg.train.output_dir)))
     eval_loader = state["eval_loader"]

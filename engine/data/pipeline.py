@@ -126,9 +126,9 @@ def decode_clip_pyav(path: str, frames: np.ndarray, short_side: int, rotation: i
                      timeline: tuple[int, float] | None = None) -> np.ndarray:
     """Decode the frames ``frames`` (any order, repeats allowed) of ``path`` with PyAV.
 
-    With ``timeline`` (``(info.pts_start, info.pts_step)`` of a probed file whose ``pts_step`` is
-    set) it seeks to the key frame before the first wanted frame when that is past the start, else
-    (or when the times after the seek do not number frames one by one) it decodes from the start
+    With ``timeline`` (``VideoInfo.timeline`` of a probed file whose times are evenly spaced) it
+    seeks to the key frame before the first wanted frame when that is past the start, else (or
+    when the times after the seek do not number frames one by one) it decodes from the start
     counting frames: the sampler's indices are positions in the stream, which times give only when
     evenly spaced with no gap (a dropped frame's missing time shifted every later frame of a seek
     by one). Frames whose short side exceeds ``short_side`` are scaled down to it, then turned
@@ -137,8 +137,6 @@ def decode_clip_pyav(path: str, frames: np.ndarray, short_side: int, rotation: i
     """
     wanted = set(int(f) for f in frames)
     first = min(wanted)
-    if timeline is not None and not timeline[1] > 0:
-        timeline = None
     got = _decode_pass(path, wanted, first, short_side, timeline, rotation) if first > 0 and timeline else None
     if got is None or len(got) < len(wanted):
         got = _decode_pass(path, wanted, first, short_side, None, rotation)

@@ -328,7 +328,9 @@ def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int =
             if not os.path.isfile(os.path.join(dst, rel))]
     names = max((ds.class_names for ds in splits.values()), key=len)  # lists without names: label numbers
     result = PrepareResult(renamed=renamed, class_names=list(names))
-    writable_folder(dst)
+    problem = folder_write_problem(dst)  # (every file used to be tried, then the lists' write failed)
+    if problem:
+        raise DataError(f"DST {dst} cannot be written ({problem}): choose a writable output folder")
     remove_stale_parts(dst)
     if todo:
         from tqdm import tqdm
@@ -438,15 +440,16 @@ def remove_stale_parts(dst: str) -> int:
     return removed
 
 
-def writable_folder(path: str) -> None:
-    """Create ``path`` and check that a file can be written there: DataError (naming DST) otherwise,
-    before any encoding (every file used to be tried, then the lists' write failed with a traceback)."""
+def folder_write_problem(path: str) -> str:
+    """Create ``path`` and write a file there (a unique name: ranks may share a pid); why that fails,
+    or "" when it works. Checked before any work that ends by writing there."""
     try:
         os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path, prefix=".write-test"):  # a unique name
+        with tempfile.TemporaryFile(dir=path, prefix=".write-test"):
             pass
     except OSError as e:
-        raise DataError(f"DST {path} cannot be written ({e.strerror or e}): choose a writable output folder") from None
+        return str(e.strerror or e)
+    return ""
 
 
 def dst_inside_src(src: str, dst: str) -> str:

@@ -80,6 +80,12 @@ class VideoInfo:
     ``i`` (times rounded to their time base pass; a gap or a freeze does not); else 0. The PyAV
     reader seeks only when it is set; otherwise it decodes from the start, counting frames."""
 
+    @property
+    def timeline(self) -> tuple[int, float] | None:
+        """``(pts_start, pts_step)`` for the PyAV reader's seek (``pipeline.decode_clip_pyav``), or
+        None when the times are not evenly spaced (it then decodes from the start)."""
+        return (self.pts_start, self.pts_step) if self.pts_step > 0 else None
+
     def displayed(self) -> "VideoInfo":
         """This info with ``width``/``height`` as displayed (swapped for 90 and 270 degrees)."""
         if self.rotation % 180 == 0:

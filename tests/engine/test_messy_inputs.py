@@ -509,8 +509,7 @@ def _frame_numbers(clip: np.ndarray) -> list[int]:
 
 
 def _timeline(path: str):
-    info = probe_video(path).info
-    return (info.pts_start, info.pts_step) if info.pts_step > 0 else None
+    return probe_video(path).info.timeline
 
 
 def _step_ms(path: str) -> float:
