@@ -43,6 +43,7 @@ from triton.runtime.driver import driver as _driver
 from kernels import interpreting
 
 _MAX_KEYS = 64  # call keys kept per kernel: a few per MViTv2 stage and dtype; cleared when full
+MAX_GRID_YZ = 65535  # CUDA's limit on a grid's axes 1 and 2 (axis 0: 2**31 - 1)
 _INTERPRET = interpreting()  # the kernels are interpreter functions for the life of the process
 
 
@@ -86,7 +87,12 @@ def _tail(kernel: Any, args: tuple, kw: dict) -> Any:
 
 
 def launch(kernel: Any, grid: tuple, *args: Any, **kw: Any) -> None:
-    """``kernel[grid](*args, **kw)``, with the JIT's per-call work skipped on a repeated call key."""
+    """``kernel[grid](*args, **kw)``, with the JIT's per-call work skipped on a repeated call key.
+    A grid over CUDA's limits is a ValueError here (the interpreter has none; CUDA's error would
+    name no kernel): callers split their batch with :func:`batch_step`."""
+    if len(grid) > 1 and max(grid[1:]) > MAX_GRID_YZ:
+        raise ValueError(f"{getattr(kernel, '__name__', kernel)}: grid {tuple(grid)} exceeds CUDA's {MAX_GRID_YZ} "
+                         "on axis 1 or 2")
     if _INTERPRET or not enabled:
         kernel[grid](*args, **kw)
         return
@@ -112,6 +118,15 @@ def launch(kernel: Any, grid: tuple, *args: Any, **kw: Any) -> None:
     k.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, k.function,
           k.packed_metadata, k.launch_metadata(grid, stream, *full), knobs.runtime.launch_enter_hook,
           knobs.runtime.launch_exit_hook, *full)
+
+
+def batch_step(B: int, per_item: int) -> int:
+    """How many of B batch items one call may take when its grids put ``per_item`` programs per
+    item on axis 1 or 2 (the attention kernels' B·nh): B itself when that fits in
+    :data:`MAX_GRID_YZ`, else the largest count that does."""
+    if per_item > MAX_GRID_YZ:
+        raise ValueError(f"{per_item} heads per batch item exceed the kernels' grid limit {MAX_GRID_YZ}")
+    return B if B * per_item <= MAX_GRID_YZ else MAX_GRID_YZ // per_item
 
 
 def _fill(kernel: Any, grid: tuple, key: tuple, cache: Optional[dict], args: tuple, kw: dict) -> None:

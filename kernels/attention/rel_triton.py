@@ -98,7 +98,7 @@ import triton
 import triton.language as tl
 
 from kernels import cdiv, compiling_offline, empty_buffer, first_order_only, next_pow2, require_launchable, tensor_device
-from kernels.launch import launch
+from kernels.launch import batch_step, launch
 
 from .reference import check_inputs, rel_pos_index, rel_table_len
 
@@ -825,6 +825,11 @@ def rel_matrix_triton(
     and the tables (gradients in the tables' dtypes); backward is deterministic.
     """
     g, cfg = rel_setup(q, q_thw, k_thw, (rel_pos_t, rel_pos_h, rel_pos_w), has_cls)
+    B, nh = q.shape[:2]
+    step = batch_step(B, nh)
+    if step < B:  # more programs than a CUDA grid axis takes: the batch in parts (its items are independent)
+        return torch.cat([rel_matrix_triton(q[i:i + step], q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
+                          for i in range(0, B, step)])
     with tensor_device(q):  # Triton launches on the current device
         return _RelMatrixFn.apply(q, rel_pos_t, rel_pos_h, rel_pos_w, g, cfg)
 

@@ -127,7 +127,7 @@ import triton
 import triton.language as tl
 
 from kernels import cdiv, empty_buffer, first_order_only, next_pow2, require_launchable, tensor_device
-from kernels.launch import launch
+from kernels.launch import batch_step, launch
 
 from .reference import check_inputs, key_onehot, rel_matrix, rel_width, resolve_rel_impl
 from .rel_triton import (
@@ -1064,6 +1064,13 @@ def relpos_attention_triton(
     kr = rel_width(k_thw, rel_pos_t is not None)  # width of the factored bias terms R = [rel_t, rel_h, rel_w]
     if hd + kr > 512:
         raise ValueError(f"head dim {hd} + rel width {kr} > 512 is not supported by the Triton kernel")
+    step = batch_step(B, nh)
+    if step < B:  # more programs than a CUDA grid axis takes: the batch in parts (its items are independent)
+        return torch.cat([
+            relpos_attention_triton(q[i:i + step], k[i:i + step], v[i:i + step], q_thw, k_thw, rel_pos_t, rel_pos_h,
+                                    rel_pos_w, has_cls=has_cls, scale=scale, config=config, rel_impl=rel_impl)
+            for i in range(0, B, step)
+        ])
     rel_on_triton = resolve_rel_impl(rel_impl, q.device) == "triton"
     cfg = config if config is not None else call_config(hd, kr, q.dtype, q.device, Nq, k.shape[2], B * nh, rel_on_triton)
     _check_config(cfg, q.device)

@@ -470,6 +470,40 @@ def test_empty_batch_plans_on_a_gpu():
         RelPosAttnConfig(), 3137, 393, 1, 10 ** 6)  # as for a GPU with every SM free: the most chunks
 
 
+@pytest.mark.parametrize("fused,rel_impl", [(False, "reference"), (False, "triton"), (True, "triton")])
+def test_batch_split_at_the_grid_limit(monkeypatch, fused, rel_impl):
+    """B·nh programs on grid axis 1 or 2 over CUDA's 65535 (B > 4095 at 16 heads): the call takes
+    the batch in parts, with the same output and gradients. Lowered here to 5, so that B = 3,
+    nh = 2 runs as 2 + 1 items; ``launch`` refuses any grid over the limit, as CUDA would."""
+    from kernels import launch
+
+    q_thw, k_thw = (2, 4, 4), (2, 2, 2)
+    inputs = make_inputs(3, 2, q_thw, k_thw, 16, True, torch.float32)
+    grad_out = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1))
+    cfg = triton_attn.fused_rel_config(SMALL) if fused else SMALL
+
+    def fn(*x):
+        return relpos_attention_triton(*x[:3], q_thw, k_thw, *x[3:], config=cfg, rel_impl=rel_impl)
+
+    whole = _run(fn, inputs, grad_out)
+    grids = []
+    real_launch = launch.launch
+    monkeypatch.setattr(launch, "MAX_GRID_YZ", 5)
+    for mod in (triton_attn, rel_triton):
+        monkeypatch.setattr(mod, "launch", lambda kernel, grid, *a, **kw: (grids.append(grid),
+                                                                            real_launch(kernel, grid, *a, **kw)))
+    parts = _run(fn, inputs, grad_out)
+    assert grids and max(max(g[1:], default=1) for g in grids) <= 5
+    for a, b in zip(whole[:4], parts[:4]):  # output, dq, dk, dv: per item, bit for bit
+        assert torch.equal(a, b)
+    for a, b in zip(whole[4:], parts[4:]):  # the tables' gradients sum over the items in another grouping
+        assert _err(a, b) < 1e-5
+    with pytest.raises(ValueError, match="exceeds CUDA's 5"):
+        real_launch(triton_attn._fwd_kernel, (1, 6), None)
+    with pytest.raises(ValueError, match="grid limit"):
+        launch.batch_step(1, 6)
+
+
 def test_non_contiguous_and_no_grad():
     q_thw, k_thw = (2, 4, 4), (2, 2, 2)
     q, k, v, rt, rh, rw = make_inputs(2, 3, q_thw, k_thw, 16, True, torch.float32)

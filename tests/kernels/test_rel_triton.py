@@ -287,6 +287,25 @@ def test_backward_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def test_batch_split_at_the_grid_limit(monkeypatch):
+    """B·nh over CUDA's grid limit (lowered to 5 here: B = 3, nh = 2 runs as 2 + 1 items): the same
+    R and gradients, and no launch over the limit (``launch`` refuses one)."""
+    from kernels import launch
+
+    q_thw, k_thw = (2, 3, 4), (2, 2, 2)
+    inputs = make_inputs(3, 2, q_thw, k_thw, 16, True, torch.float32, seed=3)
+    grad_out = torch.randn(3, 2, math.prod(q_thw), 6, generator=torch.Generator().manual_seed(4))  # E = 2 + 2 + 2
+
+    def fn(*x):
+        return rel_matrix_triton(x[0], q_thw, k_thw, *x[1:], True)
+
+    whole = _run(fn, inputs, grad_out)
+    monkeypatch.setattr(launch, "MAX_GRID_YZ", 5)
+    parts = _run(fn, inputs, grad_out)
+    assert torch.equal(whole[0], parts[0]) and torch.equal(whole[1], parts[1])  # R and dq: per item
+    assert all(_err(a, b) < 1e-5 for a, b in zip(whole[2:], parts[2:]))  # the tables' gradients: summed in parts
+
+
 # ---------------------------------------------------------------------------------------------
 # errors
 # ---------------------------------------------------------------------------------------------
