@@ -48,7 +48,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["RunLogger", "peak_memory_gb", "truncate_metrics"]
+__all__ = ["RunLogger", "peak_memory_gb", "truncate_metrics", "work_progress"]
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -104,6 +104,56 @@ def _hms(seconds: float) -> str:
     """``H:MM:SS`` (days folded into hours)."""
     s = int(round(seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class _ProgressLines:
+    """:func:`work_progress` away from a terminal: a line at most every ``every_s`` seconds and one
+    at the end, ``<desc>: 1200/240000 videos (0.5%) 12.3/s ETA 5:24:00``."""
+
+    def __init__(self, total: int, desc: str, unit: str, every_s: float, stream) -> None:
+        self.total, self.desc, self.unit, self.every_s, self.stream = total, desc, unit, every_s, stream
+        self.n = 0
+        self.t0 = self.t_last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.stream is None:
+            return
+        now = time.monotonic()
+        if now - self.t_last >= self.every_s:
+            self.t_last = now
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        rate = self.n / (now - self.t0) if now > self.t0 else 0.0
+        pct = f" ({100 * self.n / self.total:.1f}%)" if self.total else ""
+        eta = f" ETA {_hms((self.total - self.n) / rate)}" if rate > 0 and self.n < self.total else ""
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {self.desc}: {self.n}/{self.total} {self.unit}s{pct} "
+              f"{rate:.3g}/s{eta}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.n and self.stream is not None and self.t_last != -1.0:
+            self._line(time.monotonic())
+        self.t_last = -1.0  # closed: one final line only
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def work_progress(total: int, desc: str, unit: str, enabled: bool = True, every_s: float = 60.0):
+    """Progress of a long job of ``total`` items (``update(n)``, ``close()``, a context manager):
+    a tqdm bar on stderr when it is a terminal, else a plain line at most every ``every_s`` seconds
+    and one at the end (SLURM logs and redirects: a bar's ``\\r`` updates pile up into one line
+    there, and nothing at all for hours of ``data prepare`` tells nobody anything). ``enabled``
+    False: nothing is printed."""
+    if enabled and _is_terminal(sys.stderr):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+    return _ProgressLines(total, desc, unit, every_s, sys.stderr if enabled else None)
 
 
 class RunLogger:

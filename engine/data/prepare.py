@@ -27,7 +27,7 @@ lists with paths relative to DST and ``classes.json`` (:func:`datasets.write_cla
 Whitespace in an output name is replaced by ``_`` (list files cannot hold it; the source files
 keep their names) and reported; two sources that would get the same output name (``a b.mp4``
 and ``a_b.mp4``, or ``v.mp4`` and ``v.avi``) are a data error. Work runs in a process pool with a
-tqdm bar; outputs are written under a temporary name and renamed (no temporary file is left on
+tqdm bar on a terminal, a progress line a minute elsewhere (a SLURM log); outputs are written under a temporary name and renamed (no temporary file is left on
 failure; those of a process killed by a signal are removed at the next run), and existing
 outputs are skipped, so an interrupted run resumes. Ctrl-C cancels the videos not started (exit
 130). A worker process that dies (the OOM killer, a crash in FFmpeg) does not stop the run: the
@@ -333,10 +333,10 @@ def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int =
         raise DataError(f"DST {dst} cannot be written ({problem}): choose a writable output folder")
     remove_stale_parts(dst)
     if todo:
-        from tqdm import tqdm
+        from engine.logging import work_progress
 
         workers = max(1, workers)
-        with tqdm(total=len(todo), desc="prepare", unit="video", disable=not progress or not sys.stderr.isatty()) as bar:
+        with work_progress(len(todo), "prepare", "video", enabled=progress) as bar:
             pending = todo
             while pending:  # a worker process that dies (killed: out of memory?) breaks the pool: start a new one
                 ended, pending = _run_jobs(pending, workers, result.failures, bar)

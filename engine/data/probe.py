@@ -403,18 +403,13 @@ def validate_files(paths: Sequence[str], *, reader: str = "pyav",
         else:
             todo.append(p)
     if todo:
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(todo), desc="probe", unit="file", disable=not sys.stderr.isatty())
-        with ThreadPoolExecutor(max(1, workers)) as ex:
+        from engine.logging import work_progress
+
+        with ThreadPoolExecutor(max(1, workers)) as ex, work_progress(len(todo), "probe", "file", progress) as bar:
             for res in ex.map(probe_video, todo):
                 results[res.path] = res
                 cache.put(res)
-                if bar is not None:
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
+                bar.update(1)
         report.probed = len(todo)
         cache.save()
     for p in dict.fromkeys(paths):
@@ -436,19 +431,14 @@ def validate_files(paths: Sequence[str], *, reader: str = "pyav",
 def _full_decode(report: ValidationReport, workers: int, progress: bool) -> None:
     """Decode every frame of ``report.good``'s files; move those that fail to ``report.bad``."""
     todo = list(report.good)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(todo), desc="decode", unit="file", disable=not sys.stderr.isatty())
+    from engine.logging import work_progress
+
     failed: dict[str, str] = {}
-    with ThreadPoolExecutor(max(1, workers)) as ex:
+    with ThreadPoolExecutor(max(1, workers)) as ex, work_progress(len(todo), "decode", "file", progress) as bar:
         for p, (n, err) in zip(todo, ex.map(decode_all_frames, todo)):
             if err:
                 failed[p] = f"{err} ({n} of {report.good[p].num_frames} frames decoded; a full decode fails)"
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.update(1)
     for p in todo:
         if p in failed:
             del report.good[p]

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from engine.cli import setup_logging
-from engine.logging import RunLogger
+from engine.logging import RunLogger, work_progress
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = {"loss": 0.51234, "lr": 3.2e-4, "grad_norm": 1.5, "clips_per_s": 85.27, "memory_gb": 12.34,
@@ -76,6 +76,31 @@ def test_eta_uses_the_rate_since_the_first_logged_step(tmp_path):
     assert "skipped 2" in log.progress_line(140, dict(TRAIN, nonfinite_total=2), now=t0 + 50)
     bare = log.progress_line(150, {"loss": float("nan")}, now=t0 + 55)
     assert "loss nan" in bare and "mem" not in bare and "lr" not in bare
+
+
+def test_long_work_prints_plain_lines_without_a_terminal(monkeypatch, capsys):
+    """``data prepare``'s and the probe's progress away from a terminal: timed lines and one at the
+    end (they printed nothing for the hours of a Kinetics prepare under SLURM)."""
+    with work_progress(5, "prepare", "video", every_s=0.0) as bar:
+        for _ in range(5):
+            bar.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 6  # one per update (every_s 0) and the final one
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d prepare: 2/5 videos \(40\.0%\) \S+/s ETA \d+:\d\d:\d\d",
+                        lines[1]), lines[1]
+    assert "prepare: 5/5 videos (100.0%)" in lines[-1] and "ETA" not in lines[-1]
+
+    with work_progress(5, "probe", "file") as bar:  # every 60 s: only the final line
+        bar.update(3)
+    assert capsys.readouterr().err.count("probe: 3/5 files") == 1
+    with work_progress(5, "probe", "file", enabled=False, every_s=0.0) as bar:
+        bar.update(3)
+    assert capsys.readouterr().err == ""
+
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    with work_progress(5, "probe", "file") as bar:
+        assert type(bar).__name__ == "tqdm"
+        bar.update(5)
 
 
 def test_setup_logging_leaves_a_configured_root_alone():

@@ -256,7 +256,7 @@ def test_ctrl_c_stops_the_queue(tmp_path, capsys, monkeypatch):
     for i in range(10):
         make_clip(str(src / "cls" / f"v{i}.mkv"))
 
-    class Interrupted:  # the tqdm bar: Ctrl-C arrives as the first video ends
+    class Interrupted:  # the progress bar: Ctrl-C arrives as the first video ends
         def __init__(self, *a, **k):
             pass
 
@@ -269,9 +269,9 @@ def test_ctrl_c_stops_the_queue(tmp_path, capsys, monkeypatch):
         def update(self, n):
             raise KeyboardInterrupt
 
-    import tqdm
+    import engine.logging
 
-    monkeypatch.setattr(tqdm, "tqdm", Interrupted)
+    monkeypatch.setattr(engine.logging, "work_progress", Interrupted)
     assert prepare_main([str(src), str(dst), "--short-side", "16", "--workers", "1", "--gop", "4"]) == 130
     assert "interrupted; the videos written so far are kept" in capsys.readouterr().err
     done = [f for f in all_files(dst) if f.endswith(".webm")]
