@@ -469,7 +469,8 @@ def build_loader(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int 
         from .images import ImageLoader
 
         return ImageLoader(cfg, split, rank=rank, world_size=world_size, device=device, mode=mode, classes=classes)
-    check = validate_dataset(cfg, split, device=device, classes=classes, mode=mode, agree=agree_across_ranks)
+    check = validate_dataset(cfg, split, device=device, classes=classes, mode=mode, agree=agree_across_ranks,
+                             progress=rank == 0)  # a first probe of Kinetics takes minutes: rank 0 shows it
     if rank == 0:
         log.info("data %s/%s: %d videos, %d classes, reader=%s; %s", cfg.dataset, split, len(check.dataset),
                  check.dataset.num_classes, check.reader, check.report.summary().splitlines()[0])
