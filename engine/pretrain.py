@@ -108,7 +108,8 @@ def check_input_geometry(cfg: Config) -> None:
     masks do not: a crop that is not a multiple of the output-token stride (the HOG/pixel targets
     are per stride x stride patch), a frame count that is not a multiple of the temporal stride, or
     a token grid ``mask.kind`` cannot mask (cube/tube need an even H' and W' of at least 4;
-    image_block at least 2x2 and one masked patch at ``mask.ratio``). The
+    image_block at least 2x2 and one masked patch at ``mask.ratio``), or HOG options the frame does
+    not fit (``hog_gaussian_window`` must divide the crop). The
     model is built on the meta device (no memory, no init cost)."""
     import numpy as np
 
@@ -126,6 +127,14 @@ def check_input_geometry(cfg: Config) -> None:
     if not image and frames % ts:
         raise ConfigError(f"data.num_frames={frames} is not a multiple of the temporal stride {ts} of "
                           f"{cfg.model.name}")
+    if model.target == "hog":  # the window must tile the frame (a ValueError at the first step, after overwrite)
+        from kernels.hog.reference import check_hog_args
+
+        o = model.hog_options
+        try:
+            check_hog_args((1, 3, crop, crop), p, o["cell"], o["nbins"], o["gaussian_window"], o["norm"])
+        except ValueError as e:
+            raise ConfigError(f"data.crop_size={crop} with the HOG options of model.overrides: {e}") from None
     grid = model.mask_grid(*((crop, crop) if image else (frames, crop, crop)))
     try:
         make_masks(cfg.mask.kind, 1, tuple(grid), cfg.mask.ratio, np.random.default_rng(0))

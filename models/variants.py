@@ -106,8 +106,8 @@ class Variant:
             raise ValueError(f"{self.name}: target must be one of {TARGETS}, got {self.target!r}")
         if self.hog_norm not in HOG_NORMS:
             raise ValueError(f"{self.name}: hog_norm must be one of {HOG_NORMS}, got {self.hog_norm!r}")
-        if self.hog_gaussian_window < 0:
-            raise ValueError(f"{self.name}: hog_gaussian_window must be >= 0, got {self.hog_gaussian_window}")
+        if self.hog_gaussian_window < 0 or self.hog_gaussian_window == 1:
+            raise ValueError(f"{self.name}: hog_gaussian_window must be 0 (off) or >= 2, got {self.hog_gaussian_window}")
         if self.attn_backend not in _BACKENDS:
             raise ValueError(f"{self.name}: attn_backend must be one of {_BACKENDS}, got {self.attn_backend!r}")
         if self.pool_backend not in POOL_BACKENDS:

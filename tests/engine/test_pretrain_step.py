@@ -86,6 +86,13 @@ def test_input_geometry_the_targets_or_masks_cannot_take_is_a_config_error_befor
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"crop_size=80.*divisible by 2.*grid \(4, 5, 5\).*crop_size=64"):
         run_pretrain(load_config(demo, ["data.crop_size=80", f"train.output_dir={out}"]))
+    # a HOG window that does not tile the crop (raised in the first step's targets, after
+    # train.overwrite had cleared the previous run), and a window of 1 (no Gaussian at all)
+    with pytest.raises(ConfigError, match=r"crop_size=64 .*multiples of gaussian_window=48"):
+        run_pretrain(load_config(demo, ["model.overrides.hog_gaussian_window=48", f"train.output_dir={out}"]))
+    check_input_geometry(load_config(demo, ["model.overrides.hog_gaussian_window=16"]))
+    with pytest.raises(ConfigError, match=r"hog_gaussian_window must be 0 \(off\) or >= 2, got 1"):
+        run_pretrain(load_config(demo, ["model.overrides.hog_gaussian_window=1", f"train.output_dir={out}"]))
     assert not out.exists()  # nothing was set up
 
 
