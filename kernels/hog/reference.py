@@ -25,6 +25,14 @@ s x s cells under a token (s = token_stride / cell) are flattened with index
 ``((c * nbins + bin) * s + cy) * s + cx``: D = 3 * nbins * s^2 (108 for the defaults), tokens in
 raster order.
 
+The Sobel sums are formed as ``(left column) - (right column)`` (``top - bottom`` for gy), as the
+Triton kernels form them, where the official code calls ``F.conv2d``. In exact arithmetic the two
+are the same; in float32 they differ by rounding, except on flat regions: there the convolution
+leaves a rounding residue for many grey levels of a mean/std-normalised frame (144 of 256 levels
+on the CPU), which the per-cell L2 turns into a unit vector in an arbitrary bin, where this form
+gives exactly 0, as the kernels do. A letterboxed or flat background is thus a zero target here
+on every backend, not rounding noise the model is asked to predict.
+
 ``dtype=torch.float64`` turns the reference into the oracle used by the tests: on integer-valued
 inputs the gradients are exact and float64 ``atan2`` bins every integer gradient pair exactly
 (checked exhaustively for |gx|, |gy| <= 1020 and many ``nbins``). In float32 (the official dtype)
@@ -146,17 +154,27 @@ def hog_reference(
         return _hog_reference(frames, cell, nbins, gaussian_window, signed, norm, dtype)
 
 
+def sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gx, gy) of the reflect-padded frames ``x`` (N, 3, H + 2, W + 2): the official cross-correlation
+    with ``wx = [[1,0,-1],[2,0,-2],[1,0,-1]]`` and ``wy = wx.T``, summed as the kernels sum it,
+    ``(left column) - (right column)`` and ``(top row) - (bottom row)``: on a flat region both sides
+    are the same sum, so the gradient is exactly 0 (see the module docstring)."""
+    h, w = x.shape[-2] - 2, x.shape[-1] - 2
+
+    def at(dy: int, dx: int) -> torch.Tensor:
+        return x[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+
+    gx = (at(-1, -1) + 2.0 * at(0, -1) + at(1, -1)) - (at(-1, 1) + 2.0 * at(0, 1) + at(1, 1))
+    gy = (at(-1, -1) + 2.0 * at(-1, 0) + at(-1, 1)) - (at(1, -1) + 2.0 * at(1, 0) + at(1, 1))
+    return gx, gy
+
+
 def _hog_reference(
     frames: torch.Tensor, cell: int, nbins: int, gaussian_window: int, signed: bool, norm: str, dtype: torch.dtype
 ) -> torch.Tensor:
     """Body of :func:`hog_reference` (arguments already checked; called with autocast off)."""
-    x = frames.to(dtype)
-    wx = torch.tensor([[1, 0, -1], [2, 0, -2], [1, 0, -1]], dtype=dtype, device=x.device)
-    wx = wx.view(1, 1, 3, 3).repeat(3, 1, 1, 1)  # (3, 1, 3, 3)
-    wy = wx.transpose(2, 3)
-    x = F.pad(x, pad=(1, 1, 1, 1), mode="reflect")
-    gx = F.conv2d(x, wx, groups=3)  # (N, 3, H, W)
-    gy = F.conv2d(x, wy, groups=3)
+    x = F.pad(frames.to(dtype), pad=(1, 1, 1, 1), mode="reflect")
+    gx, gy = sobel(x)  # (N, 3, H, W)
     mag = torch.stack([gx, gy], dim=-1).norm(dim=-1)
     period = 2 * math.pi if signed else math.pi
     phase = torch.atan2(gx, gy) / period * nbins

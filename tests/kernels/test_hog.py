@@ -368,6 +368,33 @@ def test_natural_images_statistically():
     assert err.max() < 0.5
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_flat_regions_are_zero_targets_on_every_backend(variant):
+    """A flat region (letterbox bars, a plain background) has no gradient: its target is 0 in the
+    fp32 reference as in the kernels. The official ``F.conv2d`` Sobel left a rounding residue on
+    flat normalised frames for 144 of the 256 grey levels (this CPU), which the cell L2 made a unit
+    vector in an arbitrary bin: CPU and GPU training had different targets there."""
+    from kernels.hog.reference import sobel
+
+    levels = torch.arange(256, dtype=torch.uint8).view(256, 1, 1, 1).expand(256, 3, 16, 16)
+    flat = normalise(levels)
+    assert hog_targets_reference(flat, 16).abs().max() == 0
+    assert run_triton(flat, 16, variant).abs().max() == 0
+    # and a letterboxed natural frame: its bars' cells are 0, the picture's are not
+    nat = natural_frames(96, 128)[:1].clone()
+    nat[..., :32, :] = 16
+    x = normalise(nat)
+    for got in (hog_targets_reference(x, 16), run_triton(x, 16, variant)):
+        rows = got.view(1, 6, 8, -1)
+        assert rows[:, :1].abs().max() == 0 and (rows[:, 3:].norm(dim=-1) > 0.5).all()
+    # the sums are the official convolution's, in exact arithmetic
+    p = torch.nn.functional.pad(rand_frames(2, 16, 24, torch.float64, seed=5), (1, 1, 1, 1), mode="reflect")
+    wx = torch.tensor([[1.0, 0, -1], [2, 0, -2], [1, 0, -1]], dtype=torch.float64).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
+    gx, gy = sobel(p)
+    assert torch.equal(gx, torch.nn.functional.conv2d(p, wx, groups=3))
+    assert torch.equal(gy, torch.nn.functional.conv2d(p, wx.transpose(2, 3), groups=3))
+
+
 def test_mean_std_normalisation_does_not_change_targets():
     x = rand_frames(2, 32, 48, torch.float64, seed=11)
     base = hog_targets_reference(x, 16, dtype=torch.float64)
