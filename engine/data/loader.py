@@ -178,6 +178,22 @@ def validate_dataset(cfg: DataConfig, split: str = "train", *, device: torch.dev
     return DatasetCheck(good, [report.good[p] for p in good.paths], report, reader)
 
 
+def restore_position(loader, state: dict) -> None:
+    """``load_state_dict`` of the video and image loaders: resume at ``state["epoch"]`` after
+    ``state["batches_consumed"]`` batches (a ValueError outside the epoch). A state saved with
+    another world size or seed cannot map to the same positions: the epoch restarts at batch 0,
+    with a warning."""
+    consumed = int(state["batches_consumed"])
+    if not 0 <= consumed <= len(loader):  # (a negative count replayed the epoch's end)
+        raise ValueError(f"batches_consumed={consumed} outside [0, {len(loader)}]")
+    loader.epoch, loader.batches_consumed = int(state["epoch"]), consumed
+    if state.get("world_size", loader.world_size) != loader.world_size or state.get("seed", loader.cfg.seed) != loader.cfg.seed:
+        log.warning("loader state from world_size=%s seed=%s, now world_size=%d seed=%d: restarting epoch %d "
+                    "at batch 0", state.get("world_size"), state.get("seed"), loader.world_size, loader.cfg.seed,
+                    loader.epoch)
+        loader.batches_consumed = 0
+
+
 class EpochPlan(collections.abc.Sequence):
     """An epoch's batches of ClipSpecs, each planned when first read: planning a whole Kinetics
     epoch up front (tens of µs per clip) held up the start of every epoch for seconds; now the
@@ -341,19 +357,7 @@ class VideoLoader:
                 "rank": self.rank, "world_size": self.world_size, "num_batches": len(self)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at ``state["epoch"]`` after ``state["batches_consumed"]`` batches. A state saved
-        with another world size or seed cannot map to the same positions: the epoch restarts at
-        batch 0 (with a warning)."""
-        consumed = int(state["batches_consumed"])
-        if not 0 <= consumed <= len(self):
-            raise ValueError(f"batches_consumed={consumed} outside [0, {len(self)}]")
-        self.epoch = int(state["epoch"])
-        self.batches_consumed = consumed
-        if state.get("world_size", self.world_size) != self.world_size or state.get("seed", self.cfg.seed) != self.cfg.seed:
-            log.warning("loader state from world_size=%s seed=%s, now world_size=%d seed=%d: restarting epoch %d "
-                        "at batch 0", state.get("world_size"), state.get("seed"), self.world_size, self.cfg.seed,
-                        self.epoch)
-            self.batches_consumed = 0
+        restore_position(self, state)
 
     def __iter__(self) -> Iterator[dict]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy

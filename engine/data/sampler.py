@@ -32,9 +32,10 @@ the short side to the crop size); 1 crop takes the centre square of ``test_crop_
 short side (SlowFast scales the short side to TRAIN_JITTER_SCALES[0] = 256 and crops 224 at the
 centre: 0.875).
 
-Not reproduced: SlowFast's decoder spans ``linspace(start, start + ceil(rate·(T-1)·fps/30) - 1,
-T)``, i.e. 59/15 = 3.93 frames apart at 30 fps; here the step is exactly ``sampling_rate`` at
-``target_fps``, as the paper states.
+Not reproduced: SlowFast's decoder (``decoder.py``: ``get_start_end_idx`` over a clip of
+``rate·T·fps/30`` frames, then ``temporal_sampling``) takes ``linspace(start, start + 63, 16)`` at
+30 fps, i.e. 63/15 = 4.2 frames apart over 64 frames; here the step is exactly ``sampling_rate`` at
+``target_fps``, as the paper states (61 frames).
 """
 from __future__ import annotations
 

@@ -237,6 +237,28 @@ def test_a_state_outside_the_epoch_is_refused(tmp_path):
     loader.load_state_dict({**state, "batches_consumed": len(loader)})  # a finished epoch is a position
 
 
+def test_another_world_size_restarts_the_epoch_with_a_warning_and_plans_lazily(tmp_path, caplog, monkeypatch):
+    """A state of another world size restarts the epoch, now with the video loader's warning (it was
+    silent); the epoch's batches are planned when read, not all up front (3 s per epoch start at
+    ImageNet scale)."""
+    from engine.data import images
+
+    make_folder(tmp_path)
+    loader = build_loader(cfg_for(tmp_path), "train", mode="finetune")
+    state = {**loader.state_dict(), "epoch": 2, "batches_consumed": 1}
+    with caplog.at_level(logging.WARNING, logger="engine.data.loader"):
+        loader.load_state_dict({**state, "world_size": 4})
+    assert (loader.epoch, loader.batches_consumed) == (2, 0)
+    assert "restarting epoch 2 at batch 0" in caplog.text
+    calls = []
+    spec = images.ImageLoader._spec
+    monkeypatch.setattr(images.ImageLoader, "_spec", lambda self, *a, **k: (calls.append(a), spec(self, *a, **k))[1])
+    plan = loader.plan(0)
+    assert len(plan) == len(loader) > 1 and not calls
+    first = plan[1]
+    assert len(calls) == len(first) and [s.position for s in first] == [s.position for s in loader.plan(0)[1]]
+
+
 def test_fine_tuning_applies_rand_augment_and_random_erasing_to_images(tmp_path, caplog):
     """timm's ImageNet training transform: crop, flip, RandAugment, normalise, random erasing (the
     official in1k recipes set rand-m9-mstd0.5-inc1 and erasing 0.25). Images used to get crop and
