@@ -114,7 +114,8 @@ class OptimConfig:
     lr: float = 8e-4
     """Base LR per ``lr_reference_batch`` clips; the absolute LR is scaled by the global batch."""
     lr_reference_batch: int = 256
-    """Global batch size at which ``lr`` is given (256 in our recipes)."""
+    """Global batch size at which ``lr`` and the schedule's LRs are given (256 in the pre-training
+    recipes and the default; each fine-tuning recipe states its own: 32, 16 or 512)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     eps: float = 1e-8
@@ -135,12 +136,14 @@ class ScheduleConfig:
     """Training length in epochs (the schedule's end)."""
     warmup_epochs: float = 10.0
     """Linear warm-up length in epochs (fractional allowed)."""
-    warmup_start_lr: float = 1e-6
+    warmup_start_lr: float = 8e-6
     """LR at step 0 of the warm-up, per ``optim.lr_reference_batch`` clips: scaled by the global
-    batch like ``optim.lr`` (SlowFast scales WARMUP_START_LR with BASE_LR)."""
-    end_lr: float = 1e-6
+    batch like ``optim.lr`` (SlowFast scales WARMUP_START_LR with BASE_LR). The default is the K400
+    pre-training value that goes with the default ``optim.lr`` (official 1e-6 per 32 clips)."""
+    end_lr: float = 8e-6
     """LR at the end of the cosine, per ``optim.lr_reference_batch`` clips: scaled by the global
-    batch like ``optim.lr`` (SlowFast scales COSINE_END_LR with BASE_LR)."""
+    batch like ``optim.lr`` (SlowFast scales COSINE_END_LR with BASE_LR); default as for
+    ``warmup_start_lr`` (official 1e-6 per 32 clips: 1/100 of the peak)."""
     cosine_after_warmup: bool = True
     """The cosine starts at the end of warm-up (official ``COSINE_AFTER_WARMUP``); False = the
     cosine spans the whole run and warm-up blends into it."""

@@ -166,6 +166,9 @@ def test_derived_values_scale_the_lr_by_the_global_batch():
     # 1e-6 per 32 clips (one node) is 8e-6 per 256
     assert (d.warmup_start_lr, d.end_lr) == (pytest.approx(1e-6), pytest.approx(5e-7))
     assert d.total_steps == 30000 and d.warmup_steps == 1000 and d.run_steps == 30000
+    # the defaults are that recipe's too (the schedule's were 1e-6 per 256: 8x below official)
+    d = derive(load_config(None, ["data.batch_size=4"]), world_size=8, steps_per_epoch=100)
+    assert (d.lr, d.warmup_start_lr, d.end_lr) == (pytest.approx(1e-4), pytest.approx(1e-6), pytest.approx(1e-6))
     text = d.describe(cfg)
     assert "0.0008 per 256 clips x 32/256 = 0.0001" in text
     with pytest.raises(ConfigError, match="0 batches per epoch"):
