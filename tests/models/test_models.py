@@ -108,6 +108,50 @@ def test_tiny_classify_forward_backward(name):
         assert p.grad.abs().sum() > 0, n
 
 
+@pytest.mark.parametrize("name,size", [("mvitv2_tiny", (16, 64, 96)), ("vit_tiny", (64, 96)),
+                                       ("mvitv2_tiny_image", (64, 96))])
+def test_predictions_targets_and_mask_line_up(name, size):
+    """The official ``_maskfeat_forward`` restated from the model's parts with the official tensor
+    operations, on a non-square clip and an asymmetric mask: the mask ``F.interpolate``d to the
+    embedding grid, the mask-token mix before cls and the position embedding, the head's LayerNorm,
+    cls dropped, the masked rows selected, then the Linear; HOG labels unfolded per token as
+    ``_get_hog_label_2d/3d`` do (cells of ``hog_reference`` on the frames ``::2``). The model's
+    loss, masked predictions and masked targets must be these: a transposed loss mask, a head that
+    drops the wrong token, or the mask token after the position embedding all passed every other
+    test."""
+    from kernels.hog.reference import hog_reference
+
+    torch.manual_seed(0)
+    m = create_model(name, "pretrain", attn_backend="reference").eval()
+    B = 2
+    x = torch.randn(B, 3, *size, generator=torch.Generator().manual_seed(5))
+    grid = m.mask_grid(*size)
+    mask = torch.rand(B, *grid, generator=torch.Generator().manual_seed(3)) < 0.4
+    with torch.no_grad():
+        out = m(x, mask)
+        fm = mask.float() if not m.patch_2d else mask.float().unsqueeze(1)  # (B, T', H', W')
+        hw = grid[-2:]
+        sel = F.interpolate(fm, size=hw).flatten(1).bool()  # the official label mask (B, N')
+        frames = x if m.patch_2d else x[:, :, ::2].transpose(1, 2).flatten(0, 1)  # (B·T', 3, H, W)
+        cells = hog_reference(frames).flatten(1, 2)  # (B·T', 27, Hc, Wc)
+        u = cells.shape[-1] // hw[1]
+        labels = cells.permute(0, 2, 3, 1).unfold(1, u, u).unfold(2, u, u).flatten(3)
+        labels = labels.reshape(B, -1, labels.shape[-1])[sel]
+        xe, thw = m.patch_embed(x)
+        f = F.interpolate(fm, size=tuple(thw)[-2:]).flatten(1).unsqueeze(-1)  # T' is the embedding's T
+        xe = xe * (1 - f) + m.mask_token.expand(B, xe.shape[1], -1) * f
+        xe = torch.cat((m.cls_token.expand(B, -1, -1), xe), 1)
+        if m.use_abs_pos:
+            xe = xe + m._pos_embed_for(thw)
+        for blk in m.blocks:
+            xe, thw = blk(xe, thw)
+        pred = m.pred_head.projections[0](m.pred_head.transforms[0](xe)[:, 1:][sel])
+    assert torch.equal(out.mask, mask.flatten(1)) and torch.equal(sel, out.mask)
+    torch.testing.assert_close(out.pred[out.mask], pred, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.target[out.mask], labels, rtol=0, atol=0)
+    torch.testing.assert_close(out.loss, F.mse_loss(pred, labels), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("target", ["pixel", "hog"])
 def test_tiny_pretrain_forward_backward_and_mask_token_grad(name, target):
