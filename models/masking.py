@@ -164,7 +164,8 @@ def sample_block_mask(
     ``max_area`` (3-D generator); log-uniform aspect in ``aspect``; h = round(√(area·ar)),
     w = round(√(area/ar)); t ~ randint(1, T) inclusive; a uniformly placed block that fits.
     Candidates with h >= H or w >= W are skipped; the first candidate that adds > 0 and
-    <= remaining cells is accepted and ends the round. Stops at the target or after a round
+    <= bound cells (2-D; 3-D: <= remaining, as the official generators) is accepted and ends the
+    round. Stops at the target or after a round
     with no acceptance (no top-up, like the official code).
     """
     T, H, W = shape_thw
@@ -200,7 +201,7 @@ def sample_block_mask(
             + S[f0, t0, l1] + S[f0, t1, l0] + S[f1, t0, l0] - S[f0, t0, l0]
         )
         new = t * h * w - inside
-        accept = ok & (new > 0) & (new <= remaining)
+        accept = ok & (new > 0) & (new <= (hi_area if cap_area_by_remaining else remaining))
         idx = np.flatnonzero(accept)
         if idx.size == 0:
             break

@@ -148,7 +148,9 @@ VARIANTS: dict[str, Variant] = {
         _mvit("mvitv2_l_40x3", 144, 48, 2, (2, 8, 44), num_frames=40, img_size=352, pretrain_depth=47,
               drop_path_rate=0.2, notes="MaskFeat L at 40x3, 352 px"),
         _mvit("mvitv2_s_image", 96, 16, 1, (1, 3, 14), num_frames=1, image=True, num_classes=1000,
-              pretrain_depth=15, drop_path_rate=0.1, notes="MViTv2-S on images (Conv2d 7x7/4 stem, 1x3x3 pooling)"),
+              pretrain_depth=15, drop_path_rate=0.1, notes="MaskFeat's MViTv2-S at T = 1 (Conv2d 7x7/4 stem, 1x3x3 pooling; KV stride 8, cls on, "
+                    "dim_mul_in_att off): not the mvit repo's ImageNet MViTv2-S (KV stride 4, no cls, "
+                    "dim_mul_in_att on), whose checkpoints do not load into it"),
         _vit("vit_b_16", 768, 12, 12, pretrain_depth=11, drop_path_rate=0.1, notes="in1k_VIT_B_MaskFeat_{PT,FT}.yaml"),
         _vit("vit_l_16", 1024, 24, 16, pretrain_depth=23, drop_path_rate=0.1, notes="in1k_VIT_L_MaskFeat_{PT,FT}.yaml"),
         # tiny CPU variants (same code paths, small sizes)
