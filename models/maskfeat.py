@@ -238,7 +238,8 @@ class MaskFeat(MViT):
     ) -> MaskFeatOutput:
         """video (B, C, T, H, W) normalised (images: (B, C, H, W)); mask (B, T', H', W') bool at the
         output grid (images: (B, H', W')); frames: optional frames of the same geometry for the
-        targets: raw (uint8 allowed; HOG ignores the per-channel affine normalisation) or the
+        targets: raw (uint8 allowed; HOG's per-cell norms ignore the per-channel affine
+        normalisation, up to rounding; ``hog_norm="none"`` does not: its raw sums scale with it) or the
         normalised clip at a higher precision than ``video``. The pixel target uses ``frames`` only
         in the latter case (see :meth:`compute_targets`), else ``video``."""
         want = 4 if self.patch_2d else 5
