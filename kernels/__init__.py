@@ -57,6 +57,29 @@ def require_launchable(t: torch.Tensor, what: str, instead: str, error: type = V
                     f"before importing the kernels (tests do) or use {instead}")
 
 
+TUNED_CUDA_MAJOR = 9
+"""Compute capability major of the GPUs our Triton kernels' tile tables were tuned and timed on
+(sm_90: H100, H200)."""
+
+
+def tuned_for(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU of the architecture the attention, rel-term and pooling kernels
+    were tuned and timed on (:data:`TUNED_CUDA_MAJOR`): where their ``auto`` backends choose them.
+    Elsewhere ``auto`` keeps PyTorch's kernels: the tables were never timed there, and they do not
+    all fit, e.g. the attention dk/dv kernel's 109 KiB of shared memory at head dim 96 is over the
+    99 KiB a block may use on sm_86/sm_89 (A10, A40, L4, L40S, RTX 30/40: Triton's OutOfResources
+    at the first backward), found by compiling it offline (``bench.sass``)."""
+    if device.type != "cuda":
+        return False
+    return _cuda_major(device.index) == TUNED_CUDA_MAJOR
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_major(index) -> int:
+    """Compute capability major of CUDA device ``index`` (None: the current one), once per index."""
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
     """``torch.autocast(device.type, enabled=False)``: code that must run in the dtypes it chose
     (the fp32 HOG and pixel targets) under an enclosing autocast; a no-op for device types without

@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from kernels import tuned_for
+
 from .reference import REL_IMPLS, check_inputs, rel_pos_index, rel_table_len, rel_terms, rel_width, relpos_attention_reference
 
 BACKENDS = ("auto", "reference", "sdpa", "xformers", "triton")
@@ -44,12 +46,14 @@ def pick_backend(q: torch.Tensor, rel_width: int = 0) -> str:
     took 5.35 / 2.85 / 2.02 / 1.68 ms against 6.87 / 3.49 / 2.14 / 2.10 ms for SDPA-cuDNN with the
     same fused rel terms (the previous ``auto``), 11.9 / 6.7 / 4.2 / 3.3 ms for SDPA-cuDNN alone
     and 45.3 / 23.5 / 12.6 / 8.0 ms for the reference, with the least memory of the three at every
-    stage. Elsewhere (CPU; fp32, whose Triton dots run in exact fp32; head dims over 256 or
+    stage. Elsewhere (CPU; GPUs of other architectures than the one it was tuned and timed on,
+    :func:`kernels.tuned_for`; fp32, whose Triton dots run in exact fp32; head dims over 256 or
     ``hd + rel_width`` over 512, which the kernel refuses) ``sdpa``: on CUDA with cuDNN first
     (:func:`_cuda_sdpa_priority`), on CPU it avoids materialising the (Nq, Nk) bias.
     """
     hd = q.shape[-1]
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and hd <= 256 and hd + rel_width <= 512:
+    if (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and hd <= 256 and hd + rel_width <= 512
+            and tuned_for(q.device)):
         return "triton"
     return "sdpa"
 

@@ -25,6 +25,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from kernels import tuned_for
+
 Grid = Sequence[int]  # (T, H, W) of the non-cls tokens
 
 
@@ -205,8 +207,8 @@ def resolve_rel_impl(impl: str, device: torch.device) -> str:
     """The implementation ``rel_impl=impl`` runs on ``device``: ``"reference"`` or ``"triton"``."""
     if impl not in REL_IMPLS:
         raise ValueError(f"rel_impl must be one of {REL_IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if device.type == "cuda" else "reference"
+    if impl == "auto":  # the fused kernel where it was timed (kernels.tuned_for), else the einsums
+        return "triton" if tuned_for(device) else "reference"
     return impl
 
 

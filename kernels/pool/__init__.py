@@ -27,6 +27,8 @@ from typing import Optional
 
 import torch
 
+from kernels import tuned_for
+
 from .reference import IntOr3, check_inputs, depthwise_conv3d_reference
 
 BACKENDS = ("auto", "torch", "triton")
@@ -39,8 +41,8 @@ __all__ = ["AUTO_TRITON_MIN_NUMEL", "BACKENDS", "auto_backend", "depthwise_conv3
 
 def auto_backend(x: torch.Tensor, dtype: Optional[torch.dtype] = None, *, min_numel: Optional[int] = None,
                  device_type: Optional[str] = None) -> str:
-    """The backend ``auto`` runs for input ``x``: "triton" for a 5-D CUDA tensor (not ROCm: untimed
-    there) convolved in bf16/fp16 with at least ``AUTO_TRITON_MIN_NUMEL`` elements whose planes the
+    """The backend ``auto`` runs for input ``x``: "triton" for a 5-D CUDA tensor (not ROCm, nor a GPU
+    of another architecture than sm_90 (:func:`kernels.tuned_for`): untimed there) convolved in bf16/fp16 with at least ``AUTO_TRITON_MIN_NUMEL`` elements whose planes the
     kernels can address, else "torch" (the module docstring has the measurements).
 
     ``dtype``: the dtype the convolution runs in, default x's (``models.mvit.PoolConv3d`` passes the
@@ -49,6 +51,8 @@ def auto_backend(x: torch.Tensor, dtype: Optional[torch.dtype] = None, *, min_nu
     device type to decide with instead of the real ones (``bench.model_step`` takes a small step's
     decisions as the full-size step's, and counts CUDA's path on a CPU)."""
     if (device_type or x.device.type) != "cuda" or torch.version.hip is not None:
+        return "torch"
+    if x.device.type == "cuda" and not tuned_for(x.device):  # timed on sm_90 only (kernels.tuned_for)
         return "torch"
     least = AUTO_TRITON_MIN_NUMEL if min_numel is None else min_numel
     if (dtype or x.dtype) not in _AUTO_DTYPES or x.numel() < least:

@@ -217,14 +217,25 @@ def test_rel_impl_triton_through_the_public_entry_point(backend, q_thw, k_thw):
         relpos_attention(*inputs32[:3], q_thw, k_thw, *inputs32[3:6], rel_impl="cuda")
 
 
-def test_auto_backend_choice():
-    """auto: the fused Triton kernel for fp16/bf16 on CUDA within its limits, SDPA otherwise."""
+def test_auto_backend_choice(monkeypatch):
+    """auto: the fused Triton kernel for fp16/bf16 on an sm_90 GPU within its limits, SDPA
+    otherwise: on other GPUs (sm_86/89: its dk/dv kernel needs more shared memory than a block
+    may have there, an OutOfResources at the first backward) and on the CPU."""
+    import kernels
     from kernels.attention import pick_backend
 
     def fake(device, dtype, hd=72):
         x = torch.empty(1, 1, 1, hd, dtype=dtype)
-        return type("Q", (), {"is_cuda": device == "cuda", "dtype": x.dtype, "shape": x.shape})()
+        return type("Q", (), {"is_cuda": device == "cuda", "dtype": x.dtype, "shape": x.shape,
+                              "device": torch.device(device, 0) if device == "cuda" else torch.device(device)})()
 
+    majors = []
+    monkeypatch.setattr(kernels, "_cuda_major", lambda index: (majors.append(index), arch)[1])
+    for arch in (7, 8, 10, 12):
+        assert pick_backend(fake("cuda", torch.bfloat16), 22) == "sdpa", arch
+        assert pick_backend(fake("cuda", torch.float16), 22) == "sdpa", arch
+    assert majors and set(majors) == {0}
+    arch = 9
     assert pick_backend(fake("cuda", torch.bfloat16), 22) == "triton"
     assert pick_backend(fake("cuda", torch.float16), 22) == "triton"
     assert pick_backend(fake("cuda", torch.float32), 22) == "sdpa"
@@ -233,11 +244,15 @@ def test_auto_backend_choice():
     assert pick_backend(fake("cuda", torch.bfloat16, hd=256), 300) == "sdpa"
 
 
-def test_rel_impl_auto_is_triton_on_cuda_only():
+def test_rel_impl_auto_is_triton_on_sm90_only(monkeypatch):
+    import kernels
     from kernels.attention import _cuda_sdpa_priority
     from kernels.attention.reference import rel_matrix, rel_matrix_impl
     from kernels.attention.rel_triton import rel_matrix_triton
 
+    monkeypatch.setattr(kernels, "_cuda_major", lambda index: 8)
+    assert rel_matrix_impl("auto", torch.device("cuda")) is rel_matrix
+    monkeypatch.setattr(kernels, "_cuda_major", lambda index: 9)
     assert rel_matrix_impl("auto", torch.device("cpu")) is rel_matrix
     assert rel_matrix_impl("auto", torch.device("cuda")) is rel_matrix_triton
     assert rel_matrix_impl("reference", torch.device("cuda")) is rel_matrix

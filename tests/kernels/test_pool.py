@@ -226,6 +226,19 @@ def test_auto_backend_rule():
     assert auto(like(2**31, shape=(1, 1, 1, 2**16, 2**15)), **cuda) == "torch"  # one plane of 2³¹: int32 offsets overflow
 
 
+def test_auto_backend_keeps_torch_on_untimed_gpus(monkeypatch):
+    """A real CUDA input on a GPU other than sm_90 (where the rule was timed) stays on torch."""
+    import kernels
+
+    monkeypatch.setattr(kernels, "_cuda_major", lambda index: 8)
+    x = type("X", (), {"device": torch.device("cuda", 0), "dtype": torch.bfloat16, "numel": lambda self: 1 << 30,
+                       "dim": lambda self: 5})()
+    assert kernels.pool.auto_backend(x) == "torch"
+    assert not kernels.tuned_for(torch.device("cuda", 0)) and not kernels.tuned_for(torch.device("cpu"))
+    monkeypatch.setattr(kernels, "_cuda_major", lambda index: 9)
+    assert kernels.tuned_for(torch.device("cuda", 0)) and not kernels.tuned_for(torch.device("meta"))
+
+
 # ----------------------------------------------------------------------------------------------
 # bad inputs
 # ----------------------------------------------------------------------------------------------
