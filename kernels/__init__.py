@@ -57,6 +57,26 @@ def require_launchable(t: torch.Tensor, what: str, instead: str, error: type = V
                     f"before importing the kernels (tests do) or use {instead}")
 
 
+def tensor_cache(maxsize: int):
+    """``functools.lru_cache`` for functions that build constant tensors from their hashable
+    arguments (index tables), bypassed while a ``FakeTensorMode`` is active: a fake tensor made by a
+    tracer or a fake-mode estimate, once cached, failed every later real call of that geometry."""
+
+    def wrap(fn):
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+                return fn(*args, **kwargs)
+            return cached(*args, **kwargs)
+
+        call.cache_clear, call.cache_info = cached.cache_clear, cached.cache_info
+        return call
+
+    return wrap
+
+
 TUNED_CUDA_MAJOR = 9
 """Compute capability major of the GPUs our Triton kernels' tile tables were tuned and timed on
 (sm_90: H100, H200)."""

@@ -17,7 +17,6 @@ fast backends share (distance indices, the factored ``rel_t/rel_h/rel_w`` terms,
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from typing import Optional, Sequence
@@ -25,12 +24,12 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from kernels import tuned_for
+from kernels import tensor_cache, tuned_for
 
 Grid = Sequence[int]  # (T, H, W) of the non-cls tokens
 
 
-@functools.lru_cache(maxsize=256)
+@tensor_cache(maxsize=256)
 def rel_pos_index(q_len: int, k_len: int, device=None) -> torch.Tensor:
     """(Q, K) int64 table index ``dist`` of DESIGN §3.5 for one axis, with the official code's
     arithmetic (``cal_rel_pos_spatial``/``_temporal``: float32 products and sum on the CPU, then
@@ -53,7 +52,7 @@ def rel_pos_index(q_len: int, k_len: int, device=None) -> torch.Tensor:
         return dist.long().to(device)
 
 
-@functools.lru_cache(maxsize=256)
+@tensor_cache(maxsize=256)
 def key_onehot(k_thw: tuple, has_t: bool, has_cls: bool, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(Nk, width) key side of the augmented operands of DESIGN §3.5, cached per geometry.
 

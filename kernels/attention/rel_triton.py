@@ -804,7 +804,7 @@ def _check(
         raise ValueError(f"rel_matrix_triton supports float16, bfloat16 and float32; got {q.dtype}")
     if hd > 256:
         raise ValueError(f"head dim {hd} > 256 is not supported by rel_matrix_triton")
-    require_launchable(q, "rel_matrix_triton", "reference.rel_matrix")
+    require_launchable(q, "rel_matrix_triton", "rel_impl='reference' (reference.rel_matrix)")
 
 
 def rel_matrix_triton(

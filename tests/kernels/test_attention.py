@@ -263,6 +263,25 @@ def test_rel_impl_auto_is_triton_on_sm90_only(monkeypatch):
     assert torch.equal(got, relpos_attention_sdpa(q, k, v, q_thw, k_thw, t, h, w))
 
 
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_cached_constants_survive_a_fake_tensor_mode(backend):
+    """Regression: a first call under FakeTensorMode (a fake-mode FLOP or memory estimate) cached
+    fake index tables, and every later real call of that geometry failed ("Please convert all
+    Tensors to FakeTensors first")."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q_thw, k_thw = (2, 5, 3), (1, 5, 3)  # a geometry no other test uses, so the cache is cold
+    q, k, v, t, h, w, _ = make_inputs(q_thw, k_thw, dtype=torch.float32, seed=9)
+    args = [x.detach() for x in (q, k, v, t, h, w)]
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(x) for x in args]
+        out = relpos_attention(*fake[:3], q_thw, k_thw, *fake[3:], backend=backend)
+        assert out.shape == q.shape
+    got = relpos_attention(*args[:3], q_thw, k_thw, *args[3:], backend=backend)
+    want = relpos_attention_reference(*(x.double() for x in args[:3]), q_thw, k_thw, *(x.double() for x in args[3:]))
+    assert type(got) is torch.Tensor and (got.double() - want).abs().max() < 1e-5
+
+
 def test_cached_constants_survive_inference_mode():
     """Regression: the cached distance indices / one-hot key suffix were first built under
     torch.inference_mode and then could not be saved for backward in a later training step."""
