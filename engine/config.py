@@ -177,8 +177,9 @@ class TrainConfig:
     """How many step checkpoints to keep: the one just saved and the newest below it (``best`` is
     kept apart); 0 = keep all."""
     max_nonfinite: int = 5
-    """Stop with a diagnostic after this many non-finite losses in a row (each one is skipped:
-    no backward, no optimiser step, and counted in the metrics)."""
+    """Stop with a diagnostic after this many steps in a row without an update: non-finite losses
+    (no backward, no optimiser step) or non-finite gradients of a finite loss (no optimiser step);
+    each is counted in the metrics (``nonfinite_total``)."""
     stop_after_steps: int = 0
     """Exit (code 3, no final checkpoint) right after this global step, as if killed; used to
     test ``--resume auto``. 0 = off."""

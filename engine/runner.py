@@ -41,8 +41,13 @@ evaluates nothing (:func:`train_loop` returns ``already_complete``). A fresh sta
 ``metrics.jsonl`` of a run that died before its first checkpoint.
 
 Non-finite losses: the finite flag is summed over ranks so all ranks skip together (no
-backward, no optimiser step; ZeRO collectives stay matched); the count is logged; after
-``train.max_nonfinite`` in a row the run stops with a diagnostic (:class:`NonFiniteLossError`).
+backward, no optimiser step; ZeRO collectives stay matched). Non-finite gradients of a finite
+loss: the update is skipped too, by DeepSpeed where it checks for overflow (ZeRO, bf16;
+``was_step_applied``), by :func:`_step` at stage-0 fp32, where DeepSpeed would apply them (the
+gradient norm is then computed every step: one more host sync); fp16's overflows are its loss
+scaler's routine and are not counted, its scaler giving up is. Each skipped update is counted and
+logged (``grad_norm`` NaN); after ``train.max_nonfinite`` in a row the run stops with a diagnostic
+(:class:`NonFiniteLossError`).
 """
 from __future__ import annotations
 
@@ -559,6 +564,38 @@ def _grad_norm_fallback(model: nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else float("nan")
 
 
+_MIN_SCALE = "loss scale already at minimum"  # DeepSpeed's fp16 DynamicLossScaler gives up (a plain Exception)
+
+
+def _step(engine, skip: bool, fp16: bool) -> bool:
+    """``engine.step()``; returns whether it updated the parameters. ``skip``: the optimizer's own
+    step is left out while DeepSpeed's bookkeeping runs as usual (clipping, zero_grad, its step
+    counters), for a non-finite gradient that stage-0 fp32 would apply. Otherwise DeepSpeed's
+    ``was_step_applied``: False where it skipped an update for an overflow (ZeRO, bf16: a
+    non-finite gradient). With fp16 an overflow is the loss scaler's routine search for its
+    scale and counts as applied; the scaler giving up at its minimum is a NonFiniteLossError."""
+    if skip:
+        opt = engine.optimizer
+        own = opt.__dict__.get("step")
+        opt.step = lambda *a, **k: None
+        try:
+            engine.step()
+        finally:
+            if own is None:
+                del opt.step
+            else:
+                opt.step = own
+        return False
+    try:
+        engine.step()
+    except Exception as e:  # noqa: BLE001 - DeepSpeed raises a bare Exception
+        if _MIN_SCALE in str(e):
+            raise NonFiniteLossError(f"fp16: DeepSpeed's loss scale is at its minimum and the gradients still overflow "
+                                     "(non-finite); use bf16 or fp32, or lower optim.lr") from e
+        raise
+    return fp16 or engine.was_step_applied()
+
+
 class _ReadBack:
     """A step's loss and grad norm copied to the host without waiting for the GPU: the copy is
     queued on the stream after the step that made them. ``ready()`` says whether it has landed;
@@ -650,6 +687,30 @@ def train_loop(
         run.logger.close()
         return {"steps": st.step, "last_loss": float("nan"), "nonfinite_total": st.nonfinite_total,
                 "seconds": 0.0, "checkpoint": run.resumed_from, "already_complete": True}
+    plain_fp32 = cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32"
+
+    def skipped(what: str) -> None:
+        """Count a step without an update (a non-finite loss or gradient); stop after
+        ``train.max_nonfinite`` in a row."""
+        st.nonfinite_total += 1
+        st.nonfinite_streak += 1
+        run.logger.write(f"step {st.step + 1}: {what} ({st.nonfinite_streak} in a row, {st.nonfinite_total} in total)")
+        if st.nonfinite_streak >= cfg.train.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{st.nonfinite_streak} steps in a row without an update (non-finite losses or gradients) at "
+                f"step {st.step + 1} (lr {lr:.3g}, precision {cfg.deepspeed.precision}); the last finite grad norm "
+                f"was {last_finite_norm:.4g}. Lower optim.lr, raise deepspeed.gradient_clipping strictness, or use "
+                f"bf16/fp32; the last complete checkpoint is {find_latest(cfg.train.output_dir)}")
+
+    def land(p: _ReadBack) -> None:
+        """Take a step's loss (the global-batch mean) and grad norm from its read-back."""
+        nonlocal last_loss, grad_norm, last_finite_norm
+        last_loss, grad_norm = p.value()
+        last_loss /= run.dist.world_size
+        if math.isfinite(grad_norm):
+            last_finite_norm = grad_norm
+
+    last_finite_norm = float("nan")
     engine.train()
     while st.step < d.run_steps:
         run.loader.set_epoch(st.epoch)
@@ -668,39 +729,33 @@ def train_loop(
             loss_sum = stats[1]  # a view: stays on the device until _ReadBack copies it, divided on the host
             will_log = (st.step + 1) % cfg.log.every_steps == 0 or st.step + 1 == d.run_steps
             if pending is not None:  # the previous step's scalars have landed: no wait
-                last_loss, grad_norm = pending.value()
-                last_loss /= run.dist.world_size  # the global-batch mean
+                land(pending)
                 pending = None
             if n_bad == 0:
                 engine.backward(loss)
                 fallback = None
-                if will_log and cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32":
-                    fallback = _grad_norm_fallback(engine.module)  # stage-0 fp32 does not record it
-                engine.step()
+                if plain_fp32:  # stage-0 fp32 neither records the norm nor checks it: DeepSpeed would apply a NaN
+                    fallback = _grad_norm_fallback(engine.module)  # (all-reduced gradients: every rank agrees)
+                applied = _step(engine, fallback is not None and not math.isfinite(fallback),
+                                cfg.deepspeed.precision == "fp16")
                 gn = engine.get_global_grad_norm()  # a tensor, a float, or None (stage-0 fp32: the fallback)
                 if gn is None:
                     gn = fallback if fallback is not None else float("nan")
-                pending = _ReadBack(loss_sum, gn)
-                st.nonfinite_streak = 0
+                pending = _ReadBack(loss_sum, gn if applied else float("nan"))
+                if applied:
+                    st.nonfinite_streak = 0
+                else:  # a finite loss whose gradient is not: DeepSpeed skipped the update (or we did, above)
+                    skipped(f"non-finite gradient (norm {float(gn) if fallback is None else fallback:.4g}); "
+                            "the update was skipped")
             else:
-                st.nonfinite_total += 1
-                st.nonfinite_streak += 1
-                last_loss = float("nan")
-                run.logger.write(f"step {st.step + 1}: non-finite loss on {n_bad} rank(s); skipped "
-                                 f"({st.nonfinite_streak} in a row, {st.nonfinite_total} in total)")
-                if st.nonfinite_streak >= cfg.train.max_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{st.nonfinite_streak} non-finite losses in a row at step {st.step + 1} (lr {lr:.3g}, "
-                        f"precision {cfg.deepspeed.precision}); the last finite grad norm was {grad_norm:.4g}. "
-                        "Lower optim.lr, raise deepspeed.gradient_clipping strictness, or use bf16/fp32; "
-                        f"the last complete checkpoint is {find_latest(cfg.train.output_dir)}")
+                last_loss = grad_norm = float("nan")
+                skipped(f"non-finite loss on {n_bad} rank(s); skipped")
             st.step += 1
             st.batch_in_epoch += 1
             if pending is not None and (will_log or pending.ready()):
                 # the bar shows the newest loss that has landed (a step behind while the GPU is busy);
                 # the logged scalars and the summary wait for this step's
-                last_loss, grad_norm = pending.value()
-                last_loss /= run.dist.world_size  # the global-batch mean
+                land(pending)
                 pending = None
             steps_since_log += 1
             clips_since_log += d.global_batch

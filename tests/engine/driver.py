@@ -6,7 +6,9 @@
   through ``engine.checkpoint.export_backbone``), fine-tune from it a few steps with evaluation;
   writes ``OUT_DIR/result_r<rank>.json`` with the pre-training losses and the eval result.
 - ``nonfinite``: pre-training whose loss is replaced by NaN on the steps listed in
-  ``NAN_STEPS`` (comma-separated) to exercise the skip/stop logic; writes the outcome.
+  ``NAN_STEPS`` (comma-separated), and whose gradient is made NaN with a finite loss on those in
+  ``NAN_GRAD_STEPS``, to exercise the skip/stop logic; writes the outcome and whether the final
+  weights are finite.
 - ``evalfail``: fine-tuning whose evaluations listed in ``FAIL_EVALS`` (1-based, comma-separated)
   raise; ``--resume auto`` as the last override resumes. Writes ``OUT_DIR/result.json``: the error,
   if any, and the step of every evaluation that ran.
@@ -66,13 +68,18 @@ def nonfinite(out_dir: str, overrides: list[str]) -> None:
     from engine.runner import NonFiniteLossError
 
     nan_steps = {int(s) for s in os.environ.get("NAN_STEPS", "").split(",") if s}
+    grad_steps = {int(s) for s in os.environ.get("NAN_GRAD_STEPS", "").split(",") if s}
     cfg = load_config("tests/engine/tiny.yaml", [f"train.output_dir={out_dir}"] + overrides)
     orig = P.pretrain_step
     calls = {"n": 0}
 
     def poisoned(run, batch):
+        calls["run"] = run
         loss = orig(run, batch)
         calls["n"] += 1
+        if calls["n"] in grad_steps:  # the value stays finite (0·√0), its gradient is 0·∞ = NaN
+            p = next(run.engine.module.parameters())
+            return loss + 0 * torch.sqrt((p - p.detach()).sum())
         return loss * float("nan") if calls["n"] in nan_steps else loss
 
     P.pretrain_step = poisoned
@@ -81,6 +88,7 @@ def nonfinite(out_dir: str, overrides: list[str]) -> None:
         res = {"ok": True, "nonfinite_total": summary["nonfinite_total"], "steps": summary["steps"]}
     except NonFiniteLossError as e:
         res = {"ok": False, "error": str(e)}
+    res["weights_finite"] = all(bool(torch.isfinite(p).all()) for p in calls["run"].engine.module.parameters())
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump(res, f)

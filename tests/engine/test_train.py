@@ -226,12 +226,36 @@ def test_nonfinite_losses_are_skipped_then_stop(env, tmp_path):
     with open(os.path.join(out, "result.json")) as f:
         res = json.load(f)
     assert res["ok"] is False
-    assert "3 non-finite losses in a row at step 6" in res["error"]
+    assert "3 steps in a row without an update (non-finite losses or gradients) at step 6" in res["error"]
     recs = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     # steps 1-5 logged (the 6th raised): 2 skipped, 3 fine (streak reset), 4 and 5 skipped
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
     assert [r["nonfinite_total"] for r in recs] == [0, 1, 1, 2, 3]
     assert [r["loss"] == "nan" for r in recs] == [False, True, False, True, True]
+    assert [r["grad_norm"] == "nan" for r in recs] == [False, True, False, True, True]  # (was the step before's)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_nonfinite_gradients_of_a_finite_loss_are_skipped_then_stop(env, tmp_path, stage):
+    """A finite loss whose gradient is NaN: stage-0 fp32 applied it (every weight NaN from then on,
+    and a checkpoint of NaN weights named as the last good one); ZeRO skipped the update silently
+    (counted as trained, nonfinite_total 0). Now both skip it, count it and stop after
+    train.max_nonfinite in a row."""
+    out = str(tmp_path / f"nangrad{stage}")
+    e = dict(env, NAN_GRAD_STEPS="2")
+    _run([sys.executable, DRIVER, "nonfinite", out, "schedule.max_steps=4", f"deepspeed.zero_stage={stage}"], e)
+    res = json.load(open(os.path.join(out, "result.json")))
+    assert res["ok"] and res["nonfinite_total"] == 1 and res["weights_finite"], res
+    recs = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["nonfinite_total"] for r in recs] == [0, 1, 1, 1]
+    assert [r["grad_norm"] == "nan" for r in recs] == [False, True, False, False]
+    assert all(r["loss"] != "nan" for r in recs)  # the loss itself was finite
+    out = str(tmp_path / f"nangrad{stage}_stop")
+    e = dict(env, NAN_GRAD_STEPS="2,3,4")
+    _run([sys.executable, DRIVER, "nonfinite", out, "schedule.max_steps=6", "train.max_nonfinite=3",
+          f"deepspeed.zero_stage={stage}"], e)
+    res = json.load(open(os.path.join(out, "result.json")))
+    assert not res["ok"] and "3 steps in a row without an update" in res["error"] and res["weights_finite"], res
 
 
 def test_a_failing_epoch_evaluation_loses_no_training(env, tmp_path):
