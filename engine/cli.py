@@ -41,7 +41,7 @@ from typing import Optional, Sequence
 __all__ = ["main", "build_parser", "is_data_error", "setup_logging", "EXIT_CODES"]
 
 EXIT_CODES = {0: "done", 1: "data prepare: some files failed to encode or are bad", 2: "bad config or usage",
-              3: "stopped on purpose by train.stop_after_steps", 4: "too many non-finite losses",
+              3: "stopped on purpose by train.stop_after_steps", 4: "too many non-finite losses or gradients in a row",
               5: "data error (dataset root or list missing, empty or inconsistent; bad files under "
                  "data.on_bad_file=error)",
               6: "out of GPU memory (the message says what to change)",

@@ -100,7 +100,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many non-finite losses in a row."""
+    """Too many steps in a row without an update (non-finite losses or gradients)."""
 
 
 class SaveError(RuntimeError):
@@ -807,7 +807,7 @@ def report_paths(run: Run, summary: dict, stream=sys.stdout) -> None:
     done = f"done: {steps} steps" if trained == steps else f"done: step {steps} ({trained} trained in this run)"
     lines = [] if summary.get("already_complete") else [  # (train_loop said so already)
         f"{done} in {summary['seconds']:.1f} s, last loss {summary['last_loss']:.4g}, "
-        f"{summary['nonfinite_total']} non-finite losses skipped"]
+        f"{summary['nonfinite_total']} steps skipped (non-finite loss or gradient)"]
     lines += [
         f"checkpoint   {os.path.abspath(summary['checkpoint'])}",
         f"config       {os.path.join(out, 'config.yaml')}",
