@@ -982,14 +982,34 @@ def export_backbone(output_dir_or_ckpt: str, out_path: Optional[str] = None, tag
     return {"tag": tag, "tensors": len(backbone), "parameters": n, "path": out_path}
 
 
+def _check_deepspeed_module(path: str, state: dict) -> None:
+    """A DeepSpeed ``*model_states.pt`` passed as weights: usable only when it holds the exact fp32
+    weights (ZeRO-0/1/2 fp32); a ZeRO-3 file holds this rank's empty placeholders, a bf16/fp16 run's
+    the module's rounded copy (the fp32 masters are in the optimizer shards). ValueError naming
+    the export that gives the real weights."""
+    tensors = [v for v in state.values() if isinstance(v, torch.Tensor)]
+    if any(v.numel() == 0 for v in tensors):
+        what = "of a ZeRO-3 checkpoint: its tensors are one rank's empty placeholders"
+    else:
+        low = {v.dtype for v in tensors if v.dtype in (torch.bfloat16, torch.float16)}
+        if not low:
+            return
+        what = (f"holding the module's {'/'.join(sorted(str(d)[6:] for d in low))} copy: the fp32 master weights are "
+                "in the optimizer's shards")
+    raise ValueError(f"{path}: a DeepSpeed model-states file {what}; export the checkpoint's fp32 weights and use "
+                     f"that file: maskfeat export {os.path.dirname(os.path.abspath(path))}")
+
+
 def load_pretrained(path: str) -> dict[str, torch.Tensor]:
     """Backbone weights from a ``.safetensors`` export or an official SlowFast ``.pyth``/``.pt``
     (``torch.load(...)["model_state"]``, a DeepSpeed ``{"module": ...}`` file, or a plain state
     dict).
 
     Raises FileNotFoundError for a missing file and ``ValueError`` naming the file and the cause
-    (one line) for one that cannot be read (empty, truncated, not a checkpoint) or that holds no
-    state dict of tensors; the callers turn these into ConfigError."""
+    (one line) for one that cannot be read (empty, truncated, not a checkpoint), that holds no
+    state dict of tensors, or that is a DeepSpeed model-states file without the real fp32 weights
+    (ZeRO-3's placeholders, a bf16/fp16 run's rounded copy: ``maskfeat export`` gives them); the
+    callers turn these into ConfigError."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pre-trained weights not found: {path}")
     size = os.path.getsize(path)
@@ -1017,6 +1037,8 @@ def load_pretrained(path: str) -> dict[str, torch.Tensor]:
         state = obj["model_state"]
     elif isinstance(obj, dict) and "module" in obj:
         state = obj["module"]
+        if "ds_version" in obj and isinstance(state, dict):  # one file of a DeepSpeed checkpoint tag
+            _check_deepspeed_module(path, state)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict (expected safetensors, a "
                          "SlowFast checkpoint with 'model_state', or a state dict)")

@@ -75,7 +75,18 @@ def _non_tensor_state(path: str) -> None:
     torch.save({"model_state": {"a": 1}}, path)
 
 
+def _zero3_states(path: str) -> None:  # what a ZeRO-3 zero_pp_rank_*_model_states.pt holds
+    torch.save({"module": {"w": torch.empty(0), "b": torch.empty(0)}, "ds_version": "0.19.8"}, path)
+
+
+def _bf16_states(path: str) -> None:  # a bf16 run's mp_rank_00_model_states.pt
+    torch.save({"module": {"w": torch.zeros(2, 2, dtype=torch.bfloat16)}, "ds_version": "0.19.8"}, path)
+
+
 @pytest.mark.parametrize("name,write,cause", [
+    ("zero_pp_rank_0_mp_rank_00_model_states.pt", _zero3_states, "ZeRO-3 checkpoint: its tensors are one rank's "
+                                                                 "empty placeholders; export .*maskfeat export "),
+    ("mp_rank_00_model_states.pt", _bf16_states, "module's bfloat16 copy: the fp32 master weights"),
     ("w.pyth", _random_bytes, "cannot be read"),
     ("w.safetensors", _truncated_safetensors, "cannot be read"),
     ("w.pyth", _empty, "empty"),

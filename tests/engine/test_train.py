@@ -204,6 +204,11 @@ def test_export_of_a_bf16_zero1_run_uses_the_fp32_masters(env, tmp_path):
     want = get_fp32_state_dict_from_zero_checkpoint(f"{out}/checkpoints", tag="step00000002")
     assert sd.keys() <= want.keys() and all(torch.equal(sd[k], want[k].float()) for k in sd)
     assert not torch.equal(sd["blocks.0.mlp.fc1.weight"].bfloat16().float(), sd["blocks.0.mlp.fc1.weight"])
+    # the tag's model-states file as finetune.pretrained: its bf16 copy was used silently
+    from engine.checkpoint import load_pretrained
+
+    with pytest.raises(ValueError, match=r"bfloat16 copy.*maskfeat export .*step00000002"):
+        load_pretrained(f"{out}/checkpoints/step00000002/mp_rank_00_model_states.pt")
 
 
 def test_deepspeed_launcher_runs_the_module(env, tmp_path):
