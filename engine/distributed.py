@@ -417,10 +417,20 @@ DEEPSPEED_TOP_KEYS = frozenset((
     "data_efficiency", "curriculum_learning", "tensorboard", "wandb", "csv_monitor", "comet", "elasticity",
     "compression_training", "checkpoint", "data_types", "autotuning", "comms_logger", "compile", "pipeline", "nebula",
     "hybrid_engine", "eigenvalue", "progressive_layer_drop", "quantize_training", "dataloader_drop_last",
-    "disable_allgather", "use_data_before_expert_parallelism", "use_node_local_storage", "load_universal",
-    "graph_harvesting", "timers", "weight_quantization", "zenflow"))
+    "disable_allgather", "use_data_before_expert_parallelism", "graph_harvesting", "timers", "weight_quantization"))
 """Top-level keys of DeepSpeed's JSON config (its documentation's list, DeepSpeed 0.16-0.19). DeepSpeed
 ignores a top-level key it does not know, so a misspelt section would silently do nothing."""
+
+NESTED_KEYS = {
+    **dict.fromkeys(("use_node_local_storage", "load_universal", "tag_validation", "parallel_write"), "checkpoint"),
+    **dict.fromkeys(("offload_optimizer", "offload_param", "overlap_comm", "contiguous_gradients", "reduce_bucket_size",
+                     "allgather_bucket_size", "reduce_scatter", "allgather_partitions", "round_robin_gradients",
+                     "stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_prefetch_bucket_size",
+                     "stage3_param_persistence_threshold", "stage3_gather_16bit_weights_on_model_save",
+                     "sub_group_size", "zenflow"), "zero_optimization"),
+    **dict.fromkeys(("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale"), "fp16"),
+}
+"""Options of a DeepSpeed section that DeepSpeed ignores at the top level -> their section."""
 
 
 _WARNED_EXTRA: set = set()
@@ -432,13 +442,18 @@ def check_deepspeed_extra(extra: Optional[dict]) -> None:
     sections (ZeRO buckets, the fp16 loss scaler...) are allowed. A top-level key close to one of
     :data:`DEEPSPEED_TOP_KEYS` but not one (``zero_optimisation``) is a ConfigError naming it; another
     unknown key is passed on with a warning (a newer DeepSpeed's option). DeepSpeed itself checks the
-    keys inside its sections."""
+    keys inside its sections, but ignores a section's option written at the top level
+    (:data:`NESTED_KEYS`: a ConfigError naming the section). ZeRO-Offload needs
+    ``zero_force_ds_cpu_optimizer: false`` beside it (a ConfigError saying so)."""
     import difflib
     import logging
 
     for key in extra or {}:
         if key in DEEPSPEED_TOP_KEYS:
             continue
+        if key in NESTED_KEYS:
+            raise ConfigError(f"deepspeed.extra.{key}: DeepSpeed reads it inside its {NESTED_KEYS[key]!r} section and "
+                              f"ignores it here; write deepspeed.extra.{NESTED_KEYS[key]}.{key}")
         close = difflib.get_close_matches(key, sorted(DEEPSPEED_TOP_KEYS), n=1, cutoff=0.8)
         if close:
             raise ConfigError(f"deepspeed.extra.{key}: not a DeepSpeed option (DeepSpeed would ignore it); "
@@ -458,6 +473,13 @@ def check_deepspeed_extra(extra: Optional[dict]) -> None:
                 raise ConfigError(f"deepspeed.extra.{key} must be a mapping of options, got {value!r}")
             if sub in value:
                 raise ConfigError(f"deepspeed.extra.{key}.{sub}: the engine sets this; use {field_} instead")
+    zero = (extra or {}).get("zero_optimization") or {}
+    offload = [k for k in ("offload_optimizer", "offload_param") if zero.get(k)]
+    if offload and (extra or {}).get("zero_force_ds_cpu_optimizer", True) is not False:
+        raise ConfigError(
+            f"deepspeed.extra.zero_optimization.{offload[0]}: ZeRO-Offload with the engine's torch AdamW needs "
+            "deepspeed.extra.zero_force_ds_cpu_optimizer=false (DeepSpeed refuses a client optimizer otherwise, "
+            "and the engine owns the optimizer); torch's AdamW then steps on the CPU, slower than DeepSpeedCPUAdam")
 
 
 def deepspeed_config(

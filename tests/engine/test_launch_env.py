@@ -326,6 +326,34 @@ def test_deepspeed_extra_misspelt_sections_are_refused(caplog):
     assert [r.getMessage().split(" is ")[0] for r in caplog.records] == ["deepspeed.extra.some_new_option"]
 
 
+def test_deepspeed_extra_section_options_at_the_top_level_are_refused():
+    """use_node_local_storage, load_universal (checkpoint section), zenflow and the ZeRO buckets
+    (zero_optimization), the loss scaler's options (fp16): DeepSpeed ignores them at the top level.
+    Three of them were listed as top-level keys, so they passed without a word."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    for key, section in (("use_node_local_storage", "checkpoint"), ("load_universal", "checkpoint"),
+                         ("zenflow", "zero_optimization"), ("overlap_comm", "zero_optimization"),
+                         ("initial_scale_power", "fp16")):
+        with pytest.raises(ConfigError, match=rf"deepspeed.extra.{key}: .*'{section}' section .*"
+                                              rf"deepspeed.extra.{section}.{key}$"):
+            check_deepspeed_extra({key: True})
+    # what DeepSpeed itself reads: nested, not at the top level
+    base = dict(train_batch_size=1, train_micro_batch_size_per_gpu=1)
+    assert DeepSpeedConfig({**base, "checkpoint": {"use_node_local_storage": True}}).use_node_local_storage
+    assert not DeepSpeedConfig({**base, "use_node_local_storage": True}).use_node_local_storage
+    check_deepspeed_extra({"checkpoint": {"use_node_local_storage": True}})
+
+
+def test_zero_offload_needs_the_client_optimizer_switch():
+    """ZeRO-Offload with the engine's AdamW: DeepSpeed refused it at set-up, advising an optimizer
+    section the engine does not allow."""
+    off = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
+    with pytest.raises(ConfigError, match=r"offload_optimizer: .*zero_force_ds_cpu_optimizer=false"):
+        check_deepspeed_extra(off)
+    check_deepspeed_extra({**off, "zero_force_ds_cpu_optimizer": False})
+
+
 def test_deepspeed_extra_tunes_the_loss_scaler_of_the_chosen_precision():
     """fp16/bf16 sections may tune everything but ``enabled`` (the loss scaler worked before the
     owned-keys check and has no engine field), and only for the precision the run uses."""
