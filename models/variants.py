@@ -239,7 +239,8 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _main() -> None:  # pragma: no cover - listing for humans
+def print_variants() -> None:
+    """The table of every variant's parameter count and output grid (``python -m models``)."""
     print(f"{'variant':20s} {'task':9s} {'classes':>7s} {'params':>13s}  output grid")
     for name, v in VARIANTS.items():
         for task in TASKS:
@@ -249,6 +250,3 @@ def _main() -> None:  # pragma: no cover - listing for humans
             classes = getattr(m, "num_classes", "-")
             print(f"{name:20s} {task:9s} {classes!s:>7s} {count_parameters(m):>13,d}  {grid}")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    _main()

@@ -66,6 +66,20 @@ def test_parameter_counts_match_official_and_print_all():
         assert counts[key] == want, f"{key}: {counts[key]:,} != official {want:,}"
 
 
+def test_python_m_models_prints_the_table_without_a_warning():
+    """The README's listing command (``python -m models.variants`` warned that the module was
+    imported by its package before it ran)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "models"], capture_output=True,
+                          text=True, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{OFFICIAL_COUNTS[('mvitv2_l_16x4', 'classify')]:,}" in proc.stdout and "Warning" not in proc.stderr
+
+
 def test_big_variants_output_grids_and_meta_forward():
     """Big variants: geometry on the meta device (no memory, no compute)."""
     grids = {
