@@ -516,7 +516,7 @@ def setup_run(
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
                                            args=deepspeed_args(dist, cfg.deepspeed.zero_stage))
     forget_initial_step(engine.optimizer, optimizer)
-    rng = np.random.default_rng([cfg.train.seed, dist.rank])
+    rng = rank_rng(cfg.train.seed, dist.rank)
     torch.manual_seed(cfg.train.seed * 1000 + dist.rank + 1)  # drop path etc. differ per rank
     run = Run(cfg=cfg, dist=dist, model=engine.module, engine=engine, loader=loader, derived=derived,
               logger=RunLogger(cfg.train.output_dir, enabled=False, total_steps=0), dtype=DTYPES[cfg.deepspeed.precision],
@@ -643,6 +643,12 @@ def reapply_optimizer_settings(ds_optimizer: Any, groups: list[dict], betas: Any
         pg.update(lr_scale=g["lr_scale"], weight_decay=g["weight_decay"], betas=tuple(betas), eps=eps)
     if hasattr(ds_optimizer, "clip_grad"):  # (stage 0 fp32 clips in the engine, from the config)
         ds_optimizer.clip_grad = float(gradient_clipping)
+
+
+def rank_rng(seed: int, rank: int) -> np.random.Generator:
+    """The rank's Generator of masks (pre-training) and mixup/cutmix draws (fine-tuning): seeded by
+    ``train.seed`` and the rank, so that ranks draw different masks for their different clips."""
+    return np.random.default_rng([seed, rank])
 
 
 def forget_initial_step(ds_optimizer: Any, optimizer: torch.optim.Optimizer) -> None:

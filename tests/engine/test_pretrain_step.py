@@ -28,12 +28,32 @@ class _Recorder(torch.nn.Module):
         return out
 
 
-def _run(dtype: torch.dtype) -> SimpleNamespace:
+def _run(dtype: torch.dtype, ratio: float = 0.4, rng=None) -> SimpleNamespace:
     model = create_model("mvitv2_tiny", task="pretrain").to(dtype)
     return SimpleNamespace(dtype=dtype, model=model, engine=_Recorder(model),
-                           cfg=SimpleNamespace(mask=SimpleNamespace(kind="cube", ratio=0.4)),
-                           rng=np.random.default_rng(0), state=SimpleNamespace(extra={}),
+                           cfg=SimpleNamespace(mask=SimpleNamespace(kind="cube", ratio=ratio)),
+                           rng=np.random.default_rng(0) if rng is None else rng, state=SimpleNamespace(extra={}),
                            logger=SimpleNamespace(write=print))
+
+
+def test_the_step_masks_at_mask_ratio_with_the_ranks_own_draws():
+    """mask.ratio reaches the step's masks, and each rank draws its own (``runner.rank_rng``: seeded
+    by train.seed and the rank); nothing tested either."""
+    from engine.runner import rank_rng
+
+    clip = torch.randn(4, 3, 16, 64, 64, generator=torch.Generator().manual_seed(4))
+    masks = {}
+    for ratio in (0.4, 0.8):
+        for rank in (0, 1):
+            run = _run(torch.float32, ratio, rank_rng(7, rank))
+            pretrain_step(run, {"video": clip})
+            masks[ratio, rank] = run.engine.calls[0][2].mask
+    for rank in (0, 1):
+        assert 0.3 < masks[0.4, rank].float().mean() < 0.45 and 0.7 < masks[0.8, rank].float().mean() < 0.85
+    assert not torch.equal(masks[0.4, 0], masks[0.4, 1])  # ranks draw different masks
+    run = _run(torch.float32, 0.4, rank_rng(7, 1))
+    pretrain_step(run, {"video": clip})
+    assert torch.equal(run.engine.calls[0][2].mask, masks[0.4, 1])  # and the same ones again from the same seed
 
 
 def test_bf16_step_takes_hog_targets_from_the_fp32_clip():
