@@ -108,7 +108,7 @@ def _hms(seconds: float) -> str:
 
 class _ProgressLines:
     """:func:`work_progress` away from a terminal: a line at most every ``every_s`` seconds and one
-    at the end, ``<desc>: 1200/240000 videos (0.5%) 12.3/s ETA 5:24:00``."""
+    at the end (not after a few seconds' work), ``<desc>: 1200/240000 videos (0.5%) 12.3/s ETA 5:24:00``."""
 
     def __init__(self, total: int, desc: str, unit: str, every_s: float, stream) -> None:
         self.total, self.desc, self.unit, self.every_s, self.stream = total, desc, unit, every_s, stream
@@ -132,8 +132,11 @@ class _ProgressLines:
               f"{rate:.3g}/s{eta}", file=self.stream, flush=True)
 
     def close(self) -> None:
-        if self.n and self.stream is not None and self.t_last != -1.0:
-            self._line(time.monotonic())
+        """The final line, unless the work was short (under ``min(10 s, every_s)``) and said nothing before."""
+        now = time.monotonic()
+        said = self.t_last != self.t0
+        if self.n and self.stream is not None and self.t_last != -1.0 and (said or now - self.t0 >= min(10.0, self.every_s)):
+            self._line(now)
         self.t_last = -1.0  # closed: one final line only
 
     def __enter__(self):
@@ -146,7 +149,7 @@ class _ProgressLines:
 def work_progress(total: int, desc: str, unit: str, enabled: bool = True, every_s: float = 60.0):
     """Progress of a long job of ``total`` items (``update(n)``, ``close()``, a context manager):
     a tqdm bar on stderr when it is a terminal, else a plain line at most every ``every_s`` seconds
-    and one at the end (SLURM logs and redirects: a bar's ``\\r`` updates pile up into one line
+    and one at the end when the work took 10 s or more (SLURM logs and redirects: a bar's ``\\r`` updates pile up into one line
     there, and nothing at all for hours of ``data prepare`` tells nobody anything). ``enabled``
     False: nothing is printed."""
     if enabled and _is_terminal(sys.stderr):

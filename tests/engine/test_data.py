@@ -214,6 +214,50 @@ def test_cpu_decoder_and_pyav_paths_agree(clips):
     assert (red_cpu - red_pyav).abs().max() < 0.05  # same frames (one frame step = 0.1 here)
 
 
+def _ramp_clips(folder: str, n: int = 12) -> None:
+    """One class of 2 VP9 clips whose red rises along x and green along y (0 to 255 across the frame)."""
+    x, y = np.meshgrid(np.arange(W), np.arange(H))
+    img = np.stack([255 * (x + 0.5) / W, 255 * (y + 0.5) / H, np.full_like(x, 128.0)], -1).round().astype(np.uint8)
+    os.makedirs(os.path.join(folder, "ramp"))
+    for j in range(2):
+        c = av.open(os.path.join(folder, "ramp", f"r{j}.webm"), "w")
+        s = c.add_stream("libvpx-vp9", rate=25, options={"lossless": "1"})
+        (s.width, s.height), s.pix_fmt = (W, H), "yuv444p"
+        for _ in range(n):
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+        c.close()
+
+
+@pytest.mark.parametrize("reader", ["pyav", "cpu"])
+def test_the_crop_box_takes_the_planned_part_of_the_frame(tmp_path, reader):
+    """The plans' (y0, x0, y1, x1) boxes reach DALI's resize on the right axes: on ramp clips the
+    output's edge columns show the box's x range in red and its edge rows its y range in green, for
+    the centred test view and for off-centre training boxes (only the boxes' numbers were checked;
+    x and y swapped passed every test)."""
+    _ramp_clips(str(tmp_path))
+    for mode, split in (("test", "val"), ("pretrain", "train")):
+        cfg = cfg_for(str(tmp_path), reader=reader, num_clips=1, batch_size=2, crop_size=32, flip=False,
+                      train_scale=(0.2, 0.3))
+        loader = build_loader(cfg, split, mode=mode)
+        specs = loader.plan(loader.epoch)[0]
+        video = next(iter(loader))["video"][:, :, 0]  # (B, C, H, W), normalised
+        pixels = (video * torch.tensor(cfg.std).view(1, 3, 1, 1) + torch.tensor(cfg.mean).view(1, 3, 1, 1)) * 255
+        for s, px in zip(specs, pixels):
+            y0, x0, y1, x1 = s.roi
+            half_x, half_y = (x1 - x0) / 64, (y1 - y0) / 64  # output pixel centres lie half a pixel inside
+            want_red = 255 * torch.tensor([x0 + half_x, x1 - half_x])
+            want_green = 255 * torch.tensor([y0 + half_y, y1 - half_y])
+            got_red = torch.stack([px[0, :, 0].mean(), px[0, :, -1].mean()])
+            got_green = torch.stack([px[1, 0, :].mean(), px[1, -1, :].mean()])
+            assert (got_red - want_red).abs().max() < 4 and (got_green - want_green).abs().max() < 4, (
+                mode, s.roi, got_red, want_red, got_green, want_green)
+        if mode == "pretrain":
+            assert any(max(abs(s.roi[0] + s.roi[2] - 1), abs(s.roi[1] + s.roi[3] - 1)) > 0.2 for s in specs)  # off-centre
+
+
 def test_crop_scale_ratio_and_flip_statistics():
     info = VideoInfo("vp9", 320, 240, 100, 25.0, True)
     s = PlanSettings(num_frames=16, sampling_rate=4, crop_size=224, train=True, scale=(0.5, 1.0),

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -90,8 +91,14 @@ def test_long_work_prints_plain_lines_without_a_terminal(monkeypatch, capsys):
                         lines[1]), lines[1]
     assert "prepare: 5/5 videos (100.0%)" in lines[-1] and "ETA" not in lines[-1]
 
-    with work_progress(5, "probe", "file") as bar:  # every 60 s: only the final line
+    with work_progress(5, "probe", "file") as bar:  # every 60 s, and a second's work: nothing at all
         bar.update(3)
+    assert capsys.readouterr().err == ""
+    clock = iter([0.0, 0.0, 12.0])  # start, the update, the end: 12 s without a line -> the final one
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    with work_progress(5, "probe", "file") as bar:
+        bar.update(3)
+    monkeypatch.undo()
     assert capsys.readouterr().err.count("probe: 3/5 files") == 1
     with work_progress(5, "probe", "file", enabled=False, every_s=0.0) as bar:
         bar.update(3)
