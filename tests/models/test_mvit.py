@@ -269,3 +269,67 @@ def test_pooling_convolutions_get_contiguous_ncdhw_inputs():
     mask = torch.zeros(2, *model.mask_grid(*x.shape[2:]), dtype=torch.bool)
     model(x, mask)
     assert seen and all(seen), seen
+
+
+def _plain_block(blk, x, thw):
+    """The official ``MultiScaleBlock.forward`` in plain ops (the block's own attention module, which
+    ``test_attention_matches_the_official_formulation_bitwise`` covers): LayerNorm eps 1e-6, exact
+    GELU, DropPath ``x / keep · floor(keep + U)`` drawn once before the attention branch's add and once
+    before the MLP's, the max-pooled skip on the non-cls tokens, ``proj`` on norm1 or norm2."""
+    import torch.nn.functional as F
+
+    def drop(t):
+        if not blk.training or not isinstance(blk.drop_path, nn.Module) or not hasattr(blk.drop_path, "drop_prob"):
+            return t
+        keep = 1.0 - blk.drop_path.drop_prob
+        return t / keep * torch.floor(keep + torch.rand((t.shape[0], 1, 1), dtype=t.dtype))
+
+    dim, dim_out = blk.dim, blk.dim_out
+    n1 = F.layer_norm(x, (dim,), blk.norm1.weight, blk.norm1.bias, 1e-6)
+    xb, thw_new = blk.attn(n1, thw)
+    res = F.linear(n1, blk.proj.weight, blk.proj.bias) if blk.dim_mul_in_att and dim != dim_out else x
+    if blk.pool_skip is not None:
+        cls, tok = res[:, :1], res[:, 1:]
+        B, C = tok.shape[0], tok.shape[-1]
+        grid = tok.reshape(B, *thw, C).permute(0, 4, 1, 2, 3)
+        p = blk.pool_skip
+        pooled = F.max_pool3d(grid, p.kernel_size, p.stride, p.padding)
+        res = torch.cat([cls, pooled.flatten(2).transpose(1, 2)], dim=1)
+    x = res + drop(xb)
+    n2 = F.layer_norm(x, (x.shape[-1],), blk.norm2.weight, blk.norm2.bias, 1e-6)
+    m = F.linear(F.gelu(F.linear(n2, blk.mlp.fc1.weight, blk.mlp.fc1.bias)), blk.mlp.fc2.weight, blk.mlp.fc2.bias)
+    if not blk.dim_mul_in_att and dim != dim_out:
+        x = F.linear(n2, blk.proj.weight, blk.proj.bias)
+    return x + drop(m), thw_new
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_blocks_and_the_mean_pooling_head_against_plain_ops(train):
+    """Every block of a classifier (skip pooling, width changes, drop path 0.5 in training) and the
+    MaskFeat fine-tuning head (mean of the non-cls tokens, then LayerNorm, then the projection)
+    against the official forward written in plain ops: a LayerNorm eps of 1e-5, a tanh GELU, DropPath
+    without its 1/keep, or the norm before the mean passed every other test."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    m = create_model("mvitv2_tiny", "classify", num_classes=5, attn_backend="reference", drop_path_rate=0.5)
+    m.train(train)
+    x0 = torch.randn(2, 3, 8, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        x, thw = m.patch_embed(x0)
+        x = torch.cat([m.cls_token.expand(2, -1, -1), x], dim=1)
+        assert any(b.pool_skip is not None for b in m.blocks) and any(b.dim != b.dim_out for b in m.blocks)
+        for blk in m.blocks:
+            state = torch.get_rng_state()
+            want, want_thw = _plain_block(blk, x, thw)
+            torch.set_rng_state(state)  # the block draws its drop-path masks from the same stream
+            got, got_thw = blk(x, thw)
+            assert got_thw == want_thw
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            x, thw = got, got_thw
+        feats, _ = m.forward_features(x0) if not train else (x, None)
+        pooled = F.layer_norm(feats[:, 1:].mean(1), (feats.shape[-1],), m.norm.weight, m.norm.bias, 1e-6)
+        want = F.linear(pooled, m.head.projection.weight, m.head.projection.bias)
+        torch.testing.assert_close(m.head(m.pool(feats)), want, rtol=1e-5, atol=1e-6)
+        if not train:
+            torch.testing.assert_close(m(x0), want, rtol=1e-5, atol=1e-6)
