@@ -554,6 +554,9 @@ def test_public_backend_and_scale():
 
 
 def test_backward_deterministic():
+    """Two backward passes give bitwise equal gradients. In the interpreter the programs run one
+    after another in a fixed order, so on the CPU this checks repeatability only; whether the
+    result is independent of the programs' order is what test_gpu_backward_deterministic checks."""
     q_thw, k_thw = (2, 6, 6), (2, 3, 3)
     inputs = make_inputs(1, 2, q_thw, k_thw, 16, True, torch.float32)
     grad_out = torch.randn(inputs[0].shape)

@@ -141,7 +141,9 @@ def test_strided_inputs_give_the_same_bits(device):
 
 
 def test_backward_is_deterministic(device):
-    """Two backward passes give bitwise equal gradients (several weight-gradient chunks)."""
+    """Two backward passes give bitwise equal gradients (several weight-gradient chunks). In the
+    interpreter the programs run one after another in a fixed order: on the CPU this checks
+    repeatability only, the CUDA parametrisation order independence."""
     x, w = make_inputs((5, 3, 4, 9, 11), (3, 3, 3), torch.float32, device)
     gy = torch.randn(5, 3, 4, 5, 6, device=device)
     fn = lambda a, b: depthwise_conv3d(a, b, (1, 2, 2), 1, backend="triton")  # noqa: E731

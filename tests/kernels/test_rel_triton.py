@@ -276,6 +276,9 @@ def test_only_tables_or_only_q_require_grad():
 
 
 def test_backward_deterministic():
+    """Two backward passes give bitwise equal gradients. In the interpreter the programs run one
+    after another in a fixed order, so on the CPU this checks repeatability only; whether the
+    result is independent of the programs' order is what test_gpu_backward_deterministic checks."""
     q_thw, k_thw = (3, 5, 7), (3, 3, 4)
     inputs = make_inputs(2, 2, q_thw, k_thw, 40, True, torch.float32, seed=7)
     grad_out = torch.randn(2, 2, math.prod(q_thw), 10, generator=torch.Generator().manual_seed(8))
