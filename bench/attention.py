@@ -19,8 +19,8 @@ it is timed (output and, for forward+backward, the six gradients):
 
 Shapes: MViTv2-L 16×4 and MViTv2-S 16×4 stages at 16×224² input: q grids (8,56,56), (8,28,28),
 (8,14,14), (8,7,7) (Nq 25089, 6273, 1569, 393 with cls), key grid (8,7,7) (Nk 393), hd 72 (L, heads
-2/4/8/16) and 96 (S, heads 1/2/4/8), bf16, B=4 on CUDA. On CPU only the two smallest stages, B=1,
-fp32 (results labelled CPU).
+2/4/8/16) and 96 (S, heads 1/2/4/8), bf16, B=32 on CUDA (``--batch`` overrides it). On CPU only the
+two smallest stages, B=1, fp32 (results labelled CPU).
 
 FLOP count (written out; the bias additions and softmax are not counted):
     forward  = 4·B·nh·Nq·Nk·hd            (q·kᵀ and p·v, 2 FLOP per multiply-add)
@@ -45,7 +45,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from bench.common import peak_mib, results_slug, write_files
+from bench.common import command_line, peak_mib, results_slug, write_files
 from kernels.attention import relpos_attention
 from kernels.attention.reference import check_inputs, rel_table_len, rel_terms, relpos_attention_reference
 from kernels.attention.sdpa import relpos_attention_sdpa, relpos_attention_xformers, xformers_available
@@ -360,13 +359,25 @@ def make_bench_fn(fn: Callable, s: Shape, inputs: Inputs, dout: torch.Tensor, pa
     return jit_call, leaves
 
 
+MIN_SAMPLES = {True: 10, False: 20}
+"""Timed calls per provider and shape on CUDA at least (``--quick`` or not)."""
+
+
 def time_ms(call: Callable, leaves: list, device: torch.device, quick: bool) -> tuple[float, float, float]:
-    """(median, 20 % quantile, 80 % quantile) in milliseconds."""
+    """(median, 20 % quantile, 80 % quantile) in milliseconds. On CUDA ``do_bench``'s time budget
+    is raised to :data:`MIN_SAMPLES` calls: it times ``rep / estimate`` calls, one for a 44 ms
+    reference call within the 30 ms of ``--quick`` (its quantiles were that one call)."""
     if device.type == "cuda":
         import triton.testing
 
+        call()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        estimate_ms = (time.perf_counter() - t0) * 1e3
         q50, q20, q80 = triton.testing.do_bench(
-            call, warmup=10 if quick else 25, rep=30 if quick else 50,
+            call, warmup=10 if quick else 25, rep=max(30 if quick else 50, MIN_SAMPLES[quick] * estimate_ms),
             grad_to_none=leaves or None, quantiles=[0.5, 0.2, 0.8],
         )
         return q50, q20, q80
@@ -581,9 +592,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     today = datetime.date.today().strftime("%Y%m%d")
     stem = f"attention_{slug}_{today}"
     meta = dict(
-        date=today, command="python -m bench.attention " + " ".join(sys.argv[1:] if argv is None else argv),
+        date=today, command=command_line("bench.attention", argv),
         device_info=info, dtype=str(dtype).replace("torch.", ""), quick=args.quick,
-        timing=("triton.testing.do_bench median (rep 30 ms quick / 50 ms)" if device.type == "cuda"
+        timing=("triton.testing.do_bench median (rep 30 ms quick / 50 ms, and at least 10 / 20 calls)"
+                if device.type == "cuda"
                 else "median of perf_counter repeats (≥3 and ~0.3 s with --quick, else ≥5 and ~1 s)"),
         flop_formula="fwd = 4·B·nh·Nq·Nk·hd + 2·B·nh·(Nq−1)·(Tk+Hk+Wk)·hd; fwd+bwd = 3.5·fwd",
     )

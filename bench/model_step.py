@@ -66,6 +66,7 @@ import argparse
 import collections
 import contextlib
 import datetime
+import math
 import statistics
 import time
 from pathlib import Path
@@ -153,13 +154,27 @@ def _input_size(model_name: str, img_size: Optional[int] = None) -> tuple[int, i
     return (T, H, W) if img_size is None else (T, img_size, img_size)
 
 
+def conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                       _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``aten.convolution_backward`` with groups: each gradient (input, weight) costs what
+    the forward does, 2 · |output| · (C_in / groups) · |kernel|, i.e. ``2 · prod(grad_out) ·
+    prod(w[1:])``. torch's own formula ignores ``groups`` for the weight gradient, which counts a
+    depthwise pooling's C times over (3.56 GFLOP for a 0.05 GFLOP gradient at 72 channels)."""
+    if transposed:
+        raise NotImplementedError("transposed convolutions are not counted here")
+    fwd = 2 * math.prod(grad_out_shape) * math.prod(w_shape[1:])
+    return fwd * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
 def step_tflop(model_name: str, batch: int, img_size: Optional[int]) -> float:
-    """TFLOP of one forward+backward step (``torch.utils.flop_counter`` on the meta device, with the
-    sdpa backend: the same products as every backend, plus the few of its augmented head dims)."""
+    """TFLOP of one forward+backward step (``torch.utils.flop_counter`` on the meta device, the
+    convolutions' backward by :func:`conv_backward_flop`), with the reference attention backend:
+    the products every backend computes (the sdpa backend's augmented head dims add 0.46 TFLOP of
+    their own at MViTv2-L B 4)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model, video, mask = build(model_name, "sdpa", batch, torch.device("meta"), torch.bfloat16, img_size)
-    counter = FlopCounterMode(display=False)
+    model, video, mask = build(model_name, "reference", batch, torch.device("meta"), torch.bfloat16, img_size)
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flop})
     with counter:
         model(video, mask).loss.backward()
     return counter.get_total_flops() / 1e12
@@ -370,9 +385,11 @@ def step_ms(step: Callable[[], None], device: torch.device, reps: int) -> list[f
 
 
 def measure(name: str, step: Callable[[], None], device: torch.device, reps: int,
-            small_step: Optional[Callable[[], None]] = None, small_px: Optional[int] = None) -> dict:
-    """One row: step ms, host ms (CUDA: the wall time of ``small_step``, the same step at
-    ``small_px`` px, where the CPU sets the pace) and their ratio."""
+            make_small_step: Optional[Callable[[], Callable[[], None]]] = None, small_px: Optional[int] = None) -> dict:
+    """One row: step ms, peak memory, host ms (CUDA: the wall time of the same step at ``small_px``
+    px, where the CPU sets the pace, built by ``make_small_step`` once the peak has been read: a
+    small-step model alive during the timed steps added its parameters and gradients to the peak,
+    +0.4–0.9 GB at MViTv2-L) and their ratio."""
     step()  # warm-up: Triton compiles, cuDNN plans, the caching allocator fills
     step()
     if device.type == "cuda":
@@ -384,8 +401,8 @@ def measure(name: str, step: Callable[[], None], device: torch.device, reps: int
                kernels_ms=None, top_kernels=[], torch_ops=len(ops), triton_launches=len(launched))
     if device.type == "cuda":
         row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-        if small_step is not None:
-            row.update(host_row(small_step, device, reps, small_px, len(ops), len(launched)))
+        if make_small_step is not None:
+            row.update(host_row(make_small_step(), device, reps, small_px, len(ops), len(launched)))
         kernels = cuda_kernels(step, reps=2)  # last: the profiler's hooks touch nothing timed above
         row["kernels_ms"] = sum(k["us_per_call"] for k in kernels) / 1e3
         row["top_kernels"] = kernels[:8]
@@ -543,19 +560,21 @@ def main(argv: Optional[list[str]] = None) -> None:
             model, video, mask = build(model_name, p.attn, batch, device, torch.bfloat16, args.img_size,
                                        checkpointing=p.ckpt, pool_backend=p.pool)
             step = make_step(model, video, mask)
-            small_step = None
+            make_small = None
             if device.type == "cuda" and not p.graph:
                 full_px = _input_size(model_name, args.img_size)[1]
-                small_step = _with(lambda: pool_rule_at(args.host_img_size, full_px),  # the big step's poolings
-                                   make_step(*build(model_name, p.attn, batch, device, torch.bfloat16,
-                                                    args.host_img_size, checkpointing=p.ckpt, pool_backend=p.pool)))
+
+                def make_small(p=p, full_px=full_px):  # built per row after its peak is read, freed with the row
+                    return _with(lambda: pool_rule_at(args.host_img_size, full_px),  # the big step's poolings
+                                 make_step(*build(model_name, p.attn, batch, device, torch.bfloat16,
+                                                  args.host_img_size, checkpointing=p.ckpt, pool_backend=p.pool)))
             for name, fast in [(backend, True)] + ([(f"{backend}@jit", False)] if jit else []):
                 launch.enabled = fast
                 try:
                     if p.graph:
                         rows.append(graph_row(name, step, model, device, args.steps))
                     else:
-                        rows.append(measure(name, step, device, args.steps, small_step, args.host_img_size))
+                        rows.append(measure(name, step, device, args.steps, make_small, args.host_img_size))
                 finally:
                     launch.enabled = True
                 r = rows[-1]
@@ -566,7 +585,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             rows.append(dict(backend=backend, step_ms=float("nan"), step_ms_min=float("nan"), host_ms=None,
                              peak_mib=None, host_note=f"out of memory: {str(exc).splitlines()[0][:120]}"))
             print(f"{backend:12s} {rows[-1]['host_note']}", flush=True)
-        model = video = mask = step = small_step = None
+        model = video = mask = step = make_small = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     jpath, mpath = write_report(Path(args.out), stem + tag, meta, rows)

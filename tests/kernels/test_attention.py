@@ -437,6 +437,18 @@ def test_xformers_probe_reports_an_exception_without_a_message(monkeypatch):
 # ---------------------------------------------------------------- the benchmark's flex provider
 
 
+def test_bench_flop_count_by_hand():
+    """bench.attention's FLOPs for MViTv2-L stage 1 at B 32 (every TFLOP/s of its tables): q·kᵀ and
+    p·v 2·2·B·nh·Nq·Nk·hd, the rel terms 2·B·nh·(Nq−1)·(Tk+Hk+Wk)·hd, backward 2.5× forward."""
+    from bench.attention import Shape, flops
+
+    s = Shape("mvitv2_l_16x4", 1, 32, 2, 72, (8, 56, 56), (8, 7, 7))
+    assert (s.Nq, s.Nk) == (25089, 393)
+    fwd = 4 * 32 * 2 * 25089 * 393 * 72 + 2 * 32 * 2 * 25088 * (8 + 7 + 7) * 72
+    assert flops(s, "fwd") == fwd == 181_739_096_064 + 5_086_642_176
+    assert flops(s, "fwd+bwd") == 3.5 * fwd
+
+
 @pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
 @pytest.mark.parametrize("q_thw,k_thw", [((2, 4, 4), (2, 2, 2)), ((2, 2, 2), (2, 4, 3)), ((1, 5, 3), (1, 3, 2))])
 def test_bench_flex_provider_matches_reference(q_thw, k_thw, has_cls):

@@ -181,3 +181,24 @@ def test_host_row_times_the_small_step_and_says_where_counts_differ():
     assert same["host_ms"] > 0 and same["host_px"] == 64 and same["host_note"] == ""
     other = model_step.host_row(small, torch.device("cpu"), 2, 64, len(ops) + 1, len(launched))
     assert other["host_note"] == f"at 64 px: {len(ops)} torch ops, {len(launched)} Triton launches"
+
+
+def test_step_flops_count_grouped_convolution_gradients_once():
+    """torch's flop counter ignores groups in the convolution backward: a depthwise pooling's weight
+    gradient counted 72 times over at 72 channels, 1.29 of the 12.5 TFLOP quoted for an MViTv2-L
+    step (10.8 now). Each gradient costs what the forward does."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.model_step import conv_backward_flop
+
+    x = torch.randn(2, 8, 4, 6, 6, requires_grad=True)
+    w = torch.randn(8, 1, 3, 3, 3, requires_grad=True)
+    fwd = 2 * (2 * 8 * 4 * 6 * 6) * 27  # 2 · |output| · (C_in / groups) · |kernel|
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flop}) as c:
+        torch.nn.functional.conv3d(x, w, None, 1, 1, 1, 8).sum().backward()
+    counts = {str(k): v for k, v in c.get_flop_counts()["Global"].items()}
+    assert counts["aten.convolution"] == fwd and counts["aten.convolution_backward"] == 2 * fwd
+    x.grad = w.grad = None
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flop}) as c:
+        torch.nn.functional.conv3d(x.detach(), w, None, 1, 1, 1, 8).sum().backward()  # weight gradient only
+    assert {str(k): v for k, v in c.get_flop_counts()["Global"].items()}["aten.convolution_backward"] == fwd
