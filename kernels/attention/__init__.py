@@ -43,10 +43,12 @@ def pick_backend(q: torch.Tensor, rel_width: int = 0) -> str:
     CUDA, fp16/bf16: the fused Triton kernel (with its fused rel terms). On an H100 (bf16,
     forward+backward, MViTv2-L stages 1-4, B = 32,
     ``bench/results/attention_nvidia-h100-80gb-hbm3_20261127_final.md`` and ``…_split.md``) it
-    took 5.35 / 2.85 / 2.02 / 1.68 ms against 6.87 / 3.49 / 2.14 / 2.10 ms for SDPA-cuDNN with the
-    same fused rel terms (the previous ``auto``), 11.9 / 6.7 / 4.2 / 3.3 ms for SDPA-cuDNN alone
-    and 45.3 / 23.5 / 12.6 / 8.0 ms for the reference, with the least memory of the three at every
-    stage. Elsewhere (CPU; GPUs of other architectures than the one it was tuned and timed on,
+    took 5.35 / 2.85 / 2.02 / 1.68 ms (5.45 / 2.89 / 2.12 / 2.08 ms in the same file's ``auto``
+    row, the same kernels: stages 3-4 vary that much from run to run, stage 4's 20-80 % range
+    was 1.53-2.02 ms) against 6.87 / 3.49 / 2.14 / 2.10 ms for SDPA-cuDNN with the same fused rel
+    terms (the previous ``auto``), 11.9 / 6.7 / 4.2 / 3.3 ms for SDPA-cuDNN alone and
+    45.3 / 23.5 / 12.6 / 8.0 ms for the reference, with the least memory of the three at every
+    stage. The lead is clear at stages 1-2 and within the noise at stage 4. Elsewhere (CPU; GPUs of other architectures than the one it was tuned and timed on,
     :func:`kernels.tuned_for`; fp32, whose Triton dots run in exact fp32; head dims over 256 or
     ``hd + rel_width`` over 512, which the kernel refuses) ``sdpa``: on CUDA with cuDNN first
     (:func:`_cuda_sdpa_priority`), on CPU it avoids materialising the (Nq, Nk) bias.

@@ -13,13 +13,15 @@ x (N, C, T, H, W) and weight (C, 1, kt, kh, kw), with a ``backend=`` choice:
   per call, host included, ``bench/results/pool_conv_nvidia-h200_20261128_triton.md``): each
   MViTv2-L pooling of ≥ 14.4 M input elements at B 4 ran 1.3–2.7× faster through Triton (the
   poolings of stage 1 and of the first blocks of stages 2 and 3, 12 per step: 16.4 → 8.8 ms of
-  a step's 82.6); the 3.6 M ones (stage 3's other 105 per step) 1.5–1.8× slower, where a call's
-  time is its host time: ~0.5 ms on that machine for the Triton path's four launches against
-  torch's two ops. At 7.2 M two were faster, one even and one 2× slower, so the threshold sits
-  above them. The step with *every* pooling on Triton (``bench.model_step --backends
-  auto+tpool``): GPU kernels 159.6 → 131.0 ms, but the host then set the pace (191.4 against
-  197.5 ms). With this rule only the 12 large poolings move: predicted ~−7 ms per step, where the
-  host has ~45 ms to spare; the step with the rule is not yet timed.
+  a step's 82.6); the 3.6 M ones (stage 3's other 105 per step) 1.5–2.0× slower, presumably
+  because a call's time is then its host time (~0.5 ms for the Triton path's four launches
+  against torch's two ops: that file has no host column, so this is not measured). At 7.2 M
+  two were faster, one even and one 2× slower, so the threshold sits above them. The step with
+  *every* pooling on Triton (``bench.model_step --backends auto+tpool``): GPU kernels 159.6 →
+  131.0 ms, but the host then set the pace (191.4 against 197.5 ms). With this rule only the 12
+  large poolings move: predicted ~−7 ms per step, where the ``auto`` step's host (152.6 ms) and
+  GPU kernels (159.6 ms) both fall short of its 197.5 ms (the gap is not explained); the step
+  with the rule is not yet timed.
 """
 from __future__ import annotations
 
