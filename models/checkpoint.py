@@ -18,7 +18,7 @@ Our modules use the official attribute names, so ``state_dict()`` keys *are* the
   match, pre-training-only keys (``mask_token``, ``pred_head.*``, the official ``hogs.*`` HOG
   filter buffers) are dropped, tables resized, a head for another number of classes dropped (as
   SlowFast's fine-tuning start from a K400-fine-tuned checkpoint on another dataset), and the
-  classifier's ``norm``/``head`` (and any query-pooling conv absent from the checkpoint) keep
+  classifier's ``norm``/``head`` (and a stage transition's query-pooling conv absent from the checkpoint) keep
   their fresh initialisation, as the official fine-tuning start does. The official PT configs keep
   the 3x3x3 query-pooling conv of the last stage (stride 1), so it *is* in the checkpoint and loads.
   Anything else missing or left over is an error by default (a checkpoint of another model would
@@ -65,8 +65,9 @@ PRETRAIN_ONLY_PREFIXES = ("mask_token", "pred_head.", _OFFICIAL_HOG_PREFIX)
 KNOWN_PREFIXES = ("module.", "backbone.", "model.")
 # what a classifier adds to the backbone by design: the final norm and the classification head
 CLASSIFIER_NEW_PREFIXES = ("norm.", "head.")
-# a query-pooling conv (and its norm) a pre-training model without that pooling lacks: fresh init
-_FRESH_POOL_Q = re.compile(r"^blocks\.\d+\.attn\.(pool_q|norm_q)\.")
+# a query-pooling conv (and its norm) a pre-training model without that pooling lacks: fresh init,
+# in the classifier's stage transitions only (_query_strided_blocks)
+_FRESH_POOL_Q = re.compile(r"^blocks\.(\d+)\.attn\.(pool_q|norm_q)\.")
 _LIST_KEYS = 5
 _REL_POS_SUFFIXES = ("attn.rel_pos_t", "attn.rel_pos_h", "attn.rel_pos_w")
 
@@ -81,12 +82,18 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    pretrain_only: list[str] = field(default_factory=list)
+    """The checkpoint's pre-training-only tensors (mask token, prediction head, HOG filters), not
+    loaded: a classifier has none."""
 
     def __str__(self) -> str:
         s = (
             f"loaded with {len(self.missing)} missing {self.missing}, {len(self.unexpected)} unexpected "
             f"{self.unexpected}, {len(self.resized)} resized tensors"
         )
+        if self.pretrain_only:
+            s += (f"; left out the pre-training head, mask token and HOG filters ({len(self.pretrain_only)} "
+                  "tensors)")
         if self.dropped:
             s += f"; dropped the checkpoint's classification head {self.dropped} (another number of classes)"
         return s
@@ -286,7 +293,8 @@ def load_backbone_into_classifier(
     the official fine-tuning start does), resizes relative-position tables (the pre-training
     model has no last-stage query stride, so its last-stage tables are longer) and ``pos_embed``,
     and loads the rest. ``norm.*`` and ``head.*`` (:data:`CLASSIFIER_NEW_PREFIXES`) and a
-    query-pooling conv (``blocks.N.attn.{pool_q,norm_q}.*``) may be missing and keep their fresh
+    query-pooling conv of a stage transition (``blocks.N.attn.{pool_q,norm_q}.*`` where the classifier
+    pools q with a stride) may be missing and keep their fresh
     initialisation.
 
     Raises ``ValueError`` (one line, before the classifier is touched) when a shared tensor has
@@ -296,9 +304,30 @@ def load_backbone_into_classifier(
     """
     own = classifier.state_dict()
     sd, _ = strip_known_prefixes(extract_model_state(state), own)
+    pretrain_only = sorted(k for k in sd if k.startswith(PRETRAIN_ONLY_PREFIXES))
     sd = {k: v for k, v in sd.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
     dropped = _drop_other_head(sd, own)
     sd, resized = adapt_state_dict(classifier, sd)
-    missing, unexpected = _check_fit(sd, own, "classifier", strict, lambda k: k.startswith(CLASSIFIER_NEW_PREFIXES) or bool(_FRESH_POOL_Q.match(k)))
+    strided = _query_strided_blocks(classifier)
+
+    def may_miss(k: str) -> bool:
+        m = _FRESH_POOL_Q.match(k)
+        return k.startswith(CLASSIFIER_NEW_PREFIXES) or (m is not None and int(m.group(1)) in strided)
+
+    missing, unexpected = _check_fit(sd, own, "classifier", strict, may_miss)
     res = classifier.load_state_dict(sd, strict=False)
-    return LoadReport(list(res.missing_keys), list(res.unexpected_keys), resized, dropped)
+    return LoadReport(list(res.missing_keys), list(res.unexpected_keys), resized, dropped, pretrain_only)
+
+
+def _query_strided_blocks(model: nn.Module) -> set[int]:
+    """Indices of the blocks whose query pooling has a stride (the stage transitions): the only
+    ones whose ``pool_q``/``norm_q`` a pre-training model may lack (its last transition without the
+    stride, and then without the pooling); a block pooling q at stride 1 in the classifier pooled it
+    in pre-training too."""
+    out = set()
+    for i, blk in enumerate(getattr(model, "blocks", ())):
+        pool = getattr(getattr(blk, "attn", None), "pool_q", None)
+        stride = getattr(pool, "stride", None)
+        if stride is not None and math.prod(stride if isinstance(stride, tuple) else (stride,)) > 1:
+            out.add(i)
+    return out

@@ -144,6 +144,26 @@ def test_official_pretrain_state_with_hog_buffers_and_pred_head_loads():
     clf = _tiny("classify", num_classes=3)
     rep = load_backbone_into_classifier(clf, {"epoch": 1, "model_state": sd, "cfg": ""})
     assert sorted(rep.missing) == NEW_KEYS and rep.unexpected == []
+    # the 7 pre-training-only tensors are named in the report (they were left out without a word)
+    assert len(rep.pretrain_only) == 7 and "left out the pre-training head, mask token and HOG filters (7" in str(rep)
+
+
+def test_missing_query_pooling_is_allowed_at_stage_transitions_only(pt_state):
+    """A pre-training model without a stride at a stage transition may lack that block's q pooling;
+    a checkpoint without every block's (another architecture) left 12 tensors random under strict."""
+    from models.checkpoint import _query_strided_blocks
+
+    clf = _tiny("classify", num_classes=3)
+    strided = _query_strided_blocks(clf)
+    assert strided and strided != set(range(len(clf.blocks)))
+    pool_q = [k for k in pt_state if ".attn.pool_q." in k or ".attn.norm_q." in k]
+    at_transitions = [k for k in pool_q if int(k.split(".")[1]) in strided]
+    assert at_transitions and len(at_transitions) < len(pool_q)
+    rep = load_backbone_into_classifier(clf, {k: v for k, v in pt_state.items() if k not in at_transitions})
+    assert sorted(rep.missing) == sorted(NEW_KEYS + at_transitions)
+    with pytest.raises(ValueError, match=r"missing from the checkpoint .*pool_q"):
+        load_backbone_into_classifier(_tiny("classify", num_classes=3),
+                                      {k: v for k, v in pt_state.items() if k not in pool_q})
 
 
 def test_head_for_another_number_of_classes_is_dropped_with_a_note(pt_state):
