@@ -1002,14 +1002,17 @@ def _check_deepspeed_module(path: str, state: dict) -> None:
 
 def load_pretrained(path: str) -> dict[str, torch.Tensor]:
     """Backbone weights from a ``.safetensors`` export or an official SlowFast ``.pyth``/``.pt``
-    (``torch.load(...)["model_state"]``, a DeepSpeed ``{"module": ...}`` file, or a plain state
-    dict).
+    (``torch.load(...)["model_state"]``, a DeepSpeed ``{"module": ...}`` file, an mmaction2-style
+    ``{"state_dict": ...}`` or MAE-style ``{"model": ...}`` container, or a plain state dict).
 
     Raises FileNotFoundError for a missing file and ``ValueError`` naming the file and the cause
     (one line) for one that cannot be read (empty, truncated, not a checkpoint), that holds no
     state dict of tensors, or that is a DeepSpeed model-states file without the real fp32 weights
     (ZeRO-3's placeholders, a bf16/fp16 run's rounded copy: ``maskfeat export`` gives them); the
     callers turn these into ConfigError."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a folder, not a weights file; for a run or checkpoint folder, export its backbone "
+                         f"first (maskfeat export {path}) and use the backbone.safetensors it writes")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pre-trained weights not found: {path}")
     size = os.path.getsize(path)
@@ -1039,6 +1042,10 @@ def load_pretrained(path: str) -> dict[str, torch.Tensor]:
         state = obj["module"]
         if "ds_version" in obj and isinstance(state, dict):  # one file of a DeepSpeed checkpoint tag
             _check_deepspeed_module(path, state)
+    elif isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in ("state_dict", "model")):
+        # mmaction2/mmpretrain ({"meta", "state_dict"}), MAE/VideoMAE ({"model": ...}): the key names
+        # inside are then compared with ours (and named when they differ)
+        state = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj["model"]
     if not isinstance(state, dict):
         raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict (expected safetensors, a "
                          "SlowFast checkpoint with 'model_state', or a state dict)")

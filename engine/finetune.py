@@ -193,10 +193,11 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader, dtype: tor
     return res
 
 
-def build_classifier(cfg: Config, num_classes: int) -> nn.Module:
-    """Classifier of ``cfg.model``, initialised from ``finetune.pretrained`` when given."""
+def build_classifier(cfg: Config, num_classes: int, pretrained: bool = True) -> nn.Module:
+    """Classifier of ``cfg.model``, initialised from ``finetune.pretrained`` when given and
+    ``pretrained`` (False: a resume, whose checkpoint holds every weight)."""
     model = create_model(cfg.model.name, task="classify", num_classes=num_classes, **model_overrides(cfg, "classify"))
-    if cfg.finetune.pretrained:
+    if cfg.finetune.pretrained and pretrained:
         from engine.checkpoint import load_pretrained
 
         _check_pretrained(cfg)
@@ -227,9 +228,13 @@ def check_labels(loader, num_classes: int, what: str, *, error: type[Exception] 
 
 
 def _check_pretrained(cfg: Config) -> None:
-    if cfg.finetune.pretrained and not os.path.exists(cfg.finetune.pretrained):
-        raise ConfigError(f"finetune.pretrained={cfg.finetune.pretrained} not found (a .safetensors/.pt/.pyth "
+    path = cfg.finetune.pretrained
+    if path and not os.path.exists(path):
+        raise ConfigError(f"finetune.pretrained={path} not found (a .safetensors/.pt/.pyth "
                           "file; `maskfeat export RUN` writes RUN/backbone.safetensors)")
+    if path and os.path.isdir(path):
+        raise ConfigError(f"finetune.pretrained={path}: a folder, not a weights file; for a run or checkpoint "
+                          f"folder, `maskfeat export {path}` writes the backbone.safetensors to use")
 
 
 def _num_classes(cfg: Config, loader) -> int:
@@ -294,7 +299,6 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
 
     # what needs no data is checked first (train.overwrite may clear the folder before the build)
     check_model_config(cfg.model.name, cfg.model.overrides, cfg.data.dataset)
-    _check_pretrained(cfg)
     ft = cfg.finetune
     if cfg.data.batch_size == 1 and ft.mixup_prob > 0 and (ft.mixup_alpha > 0 or ft.cutmix_alpha > 0):
         log.warning("mixup/cutmix pair each clip with the batch flipped: with data.batch_size=1 (one video per "
@@ -302,6 +306,11 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
                     "raise data.batch_size or set finetune.mixup_prob=0")
     state: dict = {}
     source = resolve_resume(resume, cfg.train.output_dir) if resume else None  # (checkpoints dir, tag)
+    if source is None:
+        _check_pretrained(cfg)
+    elif cfg.finetune.pretrained:  # as SlowFast's auto-resume: the checkpoint holds every weight
+        print0(f"resuming {source[1]}: finetune.pretrained={cfg.finetune.pretrained} is not read (the checkpoint "
+               "holds the weights)")
     source_run = os.path.dirname(source[0]) if source else None
     # continuing another run's checkpoint in this train.output_dir (its classes and best are not here)
     other_run = bool(source_run) and os.path.realpath(source_run) != os.path.realpath(cfg.train.output_dir)
@@ -319,7 +328,7 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
                              write=False)
         check_labels(state["eval_loader"], state["K"],
                      "finetune.num_classes" if cfg.finetune.num_classes else "the number of training classes")
-        return build_classifier(cfg, state["K"])
+        return build_classifier(cfg, state["K"], pretrained=source is None)
 
     run = setup_run(cfg, build_model=build, build_loader=loader,
                     clips_per_rank=lambda l: cfg.data.batch_size * getattr(l, "repeats", 1),  # images: none

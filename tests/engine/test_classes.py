@@ -342,11 +342,19 @@ def test_cli_finetune_resume_and_eval_with_a_class_missing_from_val(videos, tmp_
         return subprocess.run([sys.executable, "-m", "engine", *args], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=300)
 
-    p = engine("finetune", *common, "schedule.max_steps=1")
-    assert p.returncode == 0, p.stderr[-4000:]
+    from safetensors.torch import save_file
+
+    from models.variants import create_model
+
+    pretrained = str(tmp_path / "backbone.safetensors")
+    save_file(create_model("mvitv2_tiny", "pretrain").state_dict(), pretrained)
+    p = engine("finetune", *common, "schedule.max_steps=1", f"finetune.pretrained={pretrained}")
+    assert p.returncode == 0 and "pre-trained backbone" in p.stdout, p.stderr[-4000:]
     assert read_class_index(os.path.join(out, "classes.json")) == (["apple", "bunny", "carphone"], 3)
-    p = engine("finetune", *common, "schedule.max_steps=2", "--resume", "auto")  # same classes: resumes
-    assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-4000:]
+    os.remove(pretrained)  # a resume reads its checkpoint, not the pre-trained file (it needed it, as a start)
+    p = engine("finetune", *common, "schedule.max_steps=2", f"finetune.pretrained={pretrained}", "--resume", "auto")
+    assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-4000:]  # same classes: resumes
+    assert "is not read (the checkpoint holds the weights)" in p.stdout
     p = engine("eval", *common, f"train.output_dir={other}", "--checkpoint", os.path.join(out, "checkpoints", "latest"))
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.load(open(os.path.join(out, "eval.json")))

@@ -239,6 +239,28 @@ def test_eval_weights_file_checks_fit_in_one_line(tmp_path):
         load_classifier_state(clf, {k: v for k, v in ft.items() if not k.startswith("norm.")})
 
 
+@pytest.mark.parametrize("container", ["state_dict", "model"])
+def test_mmaction_and_mae_containers_are_opened(tmp_path, pt_state, container):
+    """{"meta", "state_dict"} (mmaction2) and {"model": ...} (MAE/VideoMAE): the weights inside are
+    read (they were refused as "entry 'meta' is a dict, not a tensor" whatever their keys)."""
+    path = str(tmp_path / "w.pth")
+    torch.save({"meta": {"epoch": 3}, container: dict(pt_state)}, path)
+    got = load_pretrained(path)
+    assert got.keys() == pt_state.keys()
+    torch.save({"meta": {}, container: {"backbone.patch_embed.projection.weight": torch.zeros(1)}}, path)
+    with pytest.raises(ConfigError, match=r"does not fit the classifier|do not fit"):
+        build_classifier(_cfg(path), 3)  # another model's names: the fit check names them
+
+
+def test_a_run_folder_as_pretrained_says_to_export_it(tmp_path):
+    run = tmp_path / "run"
+    os.makedirs(run / "checkpoints")
+    with pytest.raises(ValueError, match=r"a folder, not a weights file.*maskfeat export "):
+        load_pretrained(str(run))
+    with pytest.raises(ConfigError, match=r"a folder, not a weights file.*maskfeat export "):
+        build_classifier(_cfg(str(run)), 3)
+
+
 def test_an_export_under_another_name_loads_as_safetensors(tmp_path, pt_state):
     """The format comes from the file's content: `maskfeat export --out x.st` writes safetensors that
     were read as a torch.save file ("is it truncated, or not a weights file?")."""
