@@ -201,7 +201,7 @@ def _failed_anywhere(failed: bool) -> bool:
 def write_text_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file, synced, then renamed over it."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -645,13 +645,14 @@ def config_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
 
 
 def _saved_config(path: str) -> Optional[dict]:
-    """The ``config.yaml`` a tag folder was saved with, as a dict (None when missing or unreadable)."""
-    import yaml
+    """The ``config.yaml`` a tag folder was saved with, as a dict (None when missing or unreadable),
+    read as the config files are (``config._yaml_load``: its YAML 1.2 numbers)."""
+    from engine.config import ConfigError, _yaml_load
 
     try:
-        with open(os.path.join(path, "config.yaml")) as f:
-            saved = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
+        with open(os.path.join(path, "config.yaml"), encoding="utf-8") as f:
+            saved = _yaml_load(f)
+    except (OSError, UnicodeDecodeError, ConfigError):
         return None
     return saved if isinstance(saved, dict) else None
 
@@ -966,7 +967,7 @@ def export_backbone(output_dir_or_ckpt: str, out_path: Optional[str] = None, tag
     cfg_path = os.path.join(ckpt_dir, tag, "config.yaml")
     meta = {"format": "maskfeat-backbone", "source": os.path.join(ckpt_dir, tag)}
     if os.path.isfile(cfg_path):
-        meta["config"] = open(cfg_path).read()
+        meta["config"] = open(cfg_path, encoding="utf-8").read()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = f"{out_path}.tmp{os.getpid()}"
     try:

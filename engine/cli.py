@@ -80,6 +80,19 @@ def _split_overrides(extra: list[str]) -> tuple[list[str], list[str]]:
     return overrides, unknown
 
 
+class _Once(argparse.Action):
+    """An option that may be given once, and not empty: a second ``-c`` replaced the first silently
+    (nothing of the first recipe was used), an empty one (``-c "$UNSET"``) started a default run."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)!r}, then {values!r}); one "
+                         "recipe per run: put the changes of the second in section.field=value overrides")
+        if values == "":
+            parser.error(f"{option_string} is empty (an unset variable?)")
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maskfeat", description="MaskFeat pre-training and fine-tuning engine",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_epilog())
@@ -87,10 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("pretrain", "MaskFeat pre-training"), ("finetune", "fine-tune a classifier"),
                         ("eval", "multi-view evaluation of a fine-tuned model")):
         s = sub.add_parser(name, help=help_, description=f"{help_}; trailing section.field=value items override the config")
-        s.add_argument("--config", "-c", default=None, help="YAML recipe (configs/*.yaml)")
+        s.add_argument("--config", "-c", default=None, action=_Once, help="YAML recipe (configs/*.yaml)")
         s.add_argument("--help-config", action="store_true", help="print every config field with its doc and exit")
         if name != "eval":
-            s.add_argument("--resume", default=None,
+            s.add_argument("--resume", default=None, action=_Once,
                            help="'auto' (newest complete checkpoint in train.output_dir), a tag, a tag folder, "
                                 "a run folder or its checkpoints/ (its newest), or checkpoints/latest")
         else:
@@ -195,6 +208,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "export":
         from engine.checkpoint import export_backbone, export_source
         from engine.config import ConfigError
+
+        if overrides:  # (they were accepted and ignored)
+            parser.error(f"export takes no section.field=value overrides (got {' '.join(overrides)})")
 
         out = args.out
         try:

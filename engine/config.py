@@ -360,12 +360,51 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_INT_TAG, _TIMESTAMP_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:timestamp"
+_INT_12 = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+"""YAML 1.2 core integers: YAML 1.1 reads ``010`` as 8 (octal) and ``1:30`` as 90 (base 60)."""
+# YAML 1.1's int and timestamp rules out (``output_dir: 2024-06-01`` is a name, not a date), 1.2's in
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in rules if tag not in (_INT_TAG, _TIMESTAMP_TAG)]
+    for first, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+_Loader.add_implicit_resolver(_INT_TAG, _INT_12, list("-+0123456789"))
+
+
+def _construct_int_12(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    try:
+        return int(text, 10)  # leading zeros are decimal
+    except ValueError:
+        raise ConfigError(f"line {node.start_mark.line + 1}: {text!r} is not an integer") from None
+
+
+_Loader.add_constructor(_INT_TAG, _construct_int_12)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes what :class:`_Loader` reads back the same: a string it would take for a number
+    (``1e3``, ``0o17``) is quoted (YAML 1.1's rules left ``root: 1e3`` bare, read back as 1000.0)."""
+
+
+_Dumper.yaml_implicit_resolvers = _Loader.yaml_implicit_resolvers
 
 
 def _yaml_load(text: Any) -> Any:
-    """Parse YAML text or a stream with :class:`_Loader`."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    """Parse YAML text or a stream with :class:`_Loader`; a syntax error is a one-line ConfigError
+    (``line L, column C: problem``), an alias that contains itself one too."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"not valid YAML: {where}{e.problem or e.context or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:  # (PyYAML builds such aliases; deep nesting ends here)
+        raise ConfigError("not valid YAML: nested too deeply") from None
 
 
 _NULLS = ("null", "Null", "NULL", "~", "None", "none")
@@ -386,6 +425,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if value is None:  # a section whose fields are all commented out
+            value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping (section {tp.__name__}), got {value!r}")
         return _build(tp, value, path)
@@ -436,8 +477,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         if value is None:
             raise ConfigError(f"{path}: expected a string, got null ('' is the empty string)")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. data.root=123
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # YAML read a number: its text is lost
+            raise ConfigError(f"{path}: expected a string, got the number {value!r} (YAML reads 1.10 as 1.1, 1e3 as "
+                              f"1000.0): quote it, e.g. '{value}'")
         raise ConfigError(f"{path}: expected a string, got {value!r}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -511,7 +553,7 @@ def config_to_dict(cfg: Config) -> dict:
 
 def config_to_yaml(cfg: Config) -> str:
     """The resolved config as YAML (printed at start and saved in every checkpoint)."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=None)
 
 
 def _parse_override(item: str) -> tuple[list[str], str]:
@@ -530,6 +572,8 @@ def _override_value(item: str, key: str, tp: Any, raw: str) -> Any:
     optional = union and type(None) in typing.get_args(tp)
     stringy = tp is str or (union and str in typing.get_args(tp))
     text = raw.strip()
+    if tp is Any and text in _NULLS:  # a free-form mapping's value (model.overrides.x=None): null too
+        return None
     if tp is not Any and text in _NULLS and not (text == "~" and stringy):  # on a str field ~ is home
         if optional:
             return None
@@ -540,7 +584,7 @@ def _override_value(item: str, key: str, tp: Any, raw: str) -> Any:
         if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # a quoted string: '', "null"
             try:
                 quoted = _yaml_load(text)
-            except yaml.YAMLError:
+            except ConfigError:
                 quoted = None
             if isinstance(quoted, str):
                 return quoted
@@ -551,8 +595,6 @@ def _override_value(item: str, key: str, tp: Any, raw: str) -> Any:
         return _yaml_load(raw)
     except ConfigError as e:
         raise ConfigError(f"override {item!r}: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -602,20 +644,21 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     if path:
         path = os.path.expanduser(path)  # --config=~/x.yaml: no shell expands it
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:  # not the locale's: a C locale refused UTF-8 paths
                 data = _yaml_load(f) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
-        except ConfigError as e:  # a duplicate key
+        except ConfigError as e:  # a duplicate key, a syntax error
             raise ConfigError(f"{path}: {e}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
         except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, a binary file
             why = "not UTF-8 text (a binary file?)" if isinstance(e, UnicodeDecodeError) else (e.strerror or str(e))
             raise ConfigError(f"cannot read config file {path}: {why} (--config takes a YAML file)") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    merged = apply_overrides(data, list(overrides or []))
+    try:
+        merged = apply_overrides(data, list(overrides or []))
+    except RecursionError:  # a YAML alias inside its own anchor (&x {self: *x})
+        raise ConfigError(f"{path}: not valid here: an alias (*name) that contains itself") from None
     try:
         return config_from_dict(merged)
     except ConfigError as e:

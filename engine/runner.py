@@ -546,7 +546,7 @@ def setup_run(
                f"batch {run.state.batch_in_epoch})")
     if dist.rank == 0:
         os.makedirs(cfg.train.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.train.output_dir, "config.yaml"), "w") as f:
+        with open(os.path.join(cfg.train.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(config_to_yaml(cfg))
     # logs after the checkpoint are dropped (by epoch, which a step rescale keeps comparable): on
     # resume, those of the interrupted stretch; on a fresh start (step 0), a stale metrics.jsonl of a
