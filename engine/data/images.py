@@ -258,11 +258,12 @@ class ImageLoader:
 
     def __init__(self, cfg: DataConfig, split: str, *, rank: int, world_size: int, device: torch.device,
                  mode: str, classes: Optional[Sequence[str]] = None):
-        from .loader import agree_across_ranks, resolve_root
+        from .loader import agree_across_ranks, check_same_listing, resolve_root
 
         self.cfg, self.split, self.mode = cfg, split, mode
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         ds = load_dataset("image_folder", resolve_root(cfg), split, cfg.extensions, classes)
+        check_same_listing(ds, split)  # every rank calls it
         report = ValidationReport()
         for p in ds.paths:
             try:

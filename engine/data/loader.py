@@ -146,6 +146,8 @@ def validate_dataset(cfg: DataConfig, split: str = "train", *, device: torch.dev
     device = torch.device(device)
     root = resolve_root(cfg)
     ds = load_dataset(cfg.dataset, root, split, cfg.extensions, classes)
+    if agree is not None:
+        check_same_listing(ds, split)
     workers = cfg.validation_workers or cfg.num_threads
     cache = probe_cache_path(cfg, root)
 
@@ -439,6 +441,27 @@ def random_erase(x: torch.Tensor, specs: Sequence[ClipSpec], key: Sequence[int])
         top, left, h, w = s.erase
         box = x[b, ..., top:top + h, left:left + w]
         box.copy_(torch.randn(box.shape, generator=gen, device=x.device, dtype=x.dtype))
+
+
+def check_same_listing(ds: Dataset, split: str) -> None:
+    """DataError on every rank unless all ranks listed the same files, labels and classes (all ranks
+    call this; a no-op without a process group of more than one rank). Each rank lists the split
+    itself: a file or class folder missing from one node's copy was never a bad file there, so
+    the ranks ran with different datasets (another video at the same index, overlapping shards,
+    or another epoch length and collectives out of step). One digest per rank is exchanged."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    h = hashlib.sha256()
+    for path, label in zip(ds.paths, ds.labels):
+        h.update(f"{path}\t{label}\n".encode())
+    h.update("\n".join(ds.class_names).encode())
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (h.hexdigest(), len(ds.paths), len(ds.class_names)))
+    if len({digest for digest, _, _ in parts}) > 1:
+        per_rank = "; ".join(f"rank {r}: {n} files, {k} classes" for r, (_, n, k) in enumerate(parts))
+        raise DataError(f"the ranks list different {split} files or classes ({per_rank}): every node must see "
+                        "the same dataset (a node-local copy that differs, or a list file edited meanwhile?)")
 
 
 def agree_across_ranks(bad: list[BadFile]) -> list[BadFile]:

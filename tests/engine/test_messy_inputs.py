@@ -420,6 +420,45 @@ def test_ranks_agree_on_the_bad_files(tmp_path):
     assert r1 == [["y.mp4", "seen by 1"], ["x.mp4", "seen by 1"]]  # the same set (order does not matter)
 
 
+def _listing_worker(rank: int, init: str, listings: dict, out: str) -> None:
+    from engine.data.datasets import Dataset
+    from engine.data.errors import DataError
+    from engine.data.loader import check_same_listing
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        paths, classes = listings[rank]
+        try:
+            check_same_listing(Dataset(paths, [0] * len(paths), classes), "train")
+            res = "same"
+        except DataError as e:
+            res = str(e)
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(res)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", ["same", "a file missing on one node", "a class missing on one node"])
+def test_ranks_must_list_the_same_files(tmp_path, case):
+    """A file missing from one node's copy was never a bad file there: the ranks ran with different
+    datasets (another video at an index, overlapping shards, another epoch length). Now every rank
+    stops with a data error naming each rank's counts."""
+    import torch.multiprocessing as mp
+
+    full = (["/d/a.mp4", "/d/b.mp4", "/d/c.mp4"], ["x", "y"])
+    other = {"same": full, "a file missing on one node": (full[0][:2], full[1]),
+             "a class missing on one node": (full[0], ["x"])}[case]
+    out = str(tmp_path / "listing")
+    mp.spawn(_listing_worker, args=(f"file://{tmp_path / 'store'}", {0: full, 1: other}, out), nprocs=2, join=True)
+    r0, r1 = (open(f"{out}.{r}").read() for r in (0, 1))
+    assert r0 == r1
+    if case == "same":
+        assert r0 == "same"
+    else:
+        assert r0.startswith("the ranks list different train files or classes (rank 0: 3 files, 2 classes; rank 1:")
+
+
 def test_validation_applies_the_agreed_bad_files(corrupt_root):
     """validate_dataset drops (skip) or reports (error) a file another rank found bad."""
     from engine.data.probe import BadFile
