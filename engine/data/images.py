@@ -425,13 +425,17 @@ class ImageLoader:
         return pipe
 
     def _dali_failure(self, paths: Sequence[str], error: Exception, rerun: str) -> dict[str, str]:
-        """DALI's decoder failed on one of ``paths`` (the images in flight): the culprits, found by a
-        full Pillow decode, else by DALI decoding each alone. Under ``error`` raises
-        ImageDecodeError naming them; under ``skip`` returns them (at least one new) for a restart."""
+        """DALI's decoder failed on one of ``paths`` (the images in flight): the culprits are those DALI
+        fails on alone, tried first for the files a full Pillow decode rejects (Pillow is stricter
+        than DALI in places, e.g. a PNG's bad ancillary-chunk CRC: such a file DALI decodes is no
+        culprit; it was named and, under ``skip``, excluded), then for the rest. Under ``error``
+        raises ImageDecodeError naming them; under ``skip`` returns them (at least one new) for a
+        restart."""
         paths = list(dict.fromkeys(paths))
-        culprits = {p: why for p in paths if (why := pillow_problem(p)) is not None}
+        suspects = {p: why for p in paths if (why := pillow_problem(p)) is not None}
+        culprits = {p: why for p, why in suspects.items() if dali_problem(p) is not None}
         if not culprits:
-            culprits = {p: why for p in paths if (why := dali_problem(p)) is not None}
+            culprits = {p: why for p in paths if p not in suspects and (why := dali_problem(p)) is not None}
         culprits = {p: why for p, why in culprits.items() if p not in self._dali_bad}
         why = _dali_reason(error)
         if not culprits:

@@ -441,3 +441,36 @@ def test_dali_reason_names_the_decoder_failure():
                        "which was used in the pipeline definition with the following traceback:\n\n  File x\n\n"
                        "encountered:\n\nnvImageCodec failure: '#17'\nC++ context: [...]")
     assert _dali_reason(err) == "nvImageCodec failure: '#17'"
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_a_file_only_pillow_rejects_is_not_blamed_for_dalis_failure(tmp_path, mode):
+    """Pillow is stricter than DALI in places (a PNG text chunk with a bad CRC: libpng warns and
+    decodes). When another image in flight failed in DALI, the Pillow-rejected one was named first
+    (``error``) or excluded as undecodable (``skip``); only files DALI fails on alone are culprits."""
+    from engine.data.images import dali_problem, pillow_problem
+
+    rng = np.random.default_rng(0)
+    for c in "ab":
+        os.makedirs(tmp_path / "train" / c)
+    b = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(b, "PNG")
+    body = b"tEXt" + b"Comment\x00hello"
+    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", (zlib.crc32(body) ^ 1) & 0xFFFFFFFF)
+    strict = tmp_path / "train" / "a" / "0_strict.png"
+    strict.write_bytes(b.getvalue()[:33] + chunk + b.getvalue()[33:])  # after IHDR
+    broken = tmp_path / "train" / "b" / "0_broken.png"
+    broken.write_bytes(_bad_png_data(rng))
+    for c in "ab":
+        (tmp_path / "train" / c / "1.jpg").write_bytes(_jpeg(rng))
+    assert pillow_problem(str(strict)) is not None and dali_problem(str(strict)) is None
+    assert dali_problem(str(broken)) is not None
+    loader = build_loader(cfg_for(tmp_path, batch_size=4, on_bad_file=mode), "train", mode="test")
+    if mode == "error":
+        with pytest.raises(ImageDecodeError) as e:
+            _batches(loader)
+        assert e.value.path == str(broken) and str(strict) not in str(e.value).split(" cannot be decoded")[0]
+    else:
+        batches = _batches(loader)
+        assert loader.decode_failures == [str(broken)]
+        assert sum(bool(v) for b in batches for v in b["valid"]) == 3  # the strict PNG is kept
