@@ -283,7 +283,12 @@ class Feeder:
         )
 
     def close(self) -> None:
+        """Cancel the decodes not started and drop the queued clips now: DALI's graph keeps this
+        feeder alive in reference cycles until the garbage collector runs, and with it depth ×
+        batch decoded clips after a loop that broke off (``max_steps``, a stop) went on to save."""
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.queue.clear()
+        self.batches = []
 
 
 OUTPUTS = ("video", "label", "index", "view", "valid")
