@@ -144,8 +144,9 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader, dtype: tor
              predictions: bool = False) -> dict:
     """Multi-view accuracy: average softmax over the views of each video, top-1/top-5 (%).
 
-    ``nonfinite_views`` counts views whose logits were not finite (a warning is logged: their videos
-    score as garbage). ``predictions``: the result also holds ``"predictions"``, a dict of numpy
+    ``nonfinite_views`` counts views whose logits were not finite, ``nonfinite_videos`` their videos,
+    which count as wrong (a warning is logged; ``topk`` of a NaN row is arbitrary and scored some of
+    them right). ``predictions``: the result also holds ``"predictions"``, a dict of numpy
     arrays ``video`` (V,) dataset indices, ``label`` (V,) and ``probs`` (V, K) view-averaged."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
@@ -182,12 +183,15 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader, dtype: tor
     y = torch.tensor([Y[v] for v in ids])
     k5 = min(5, avg.shape[1])
     top = avg.topk(k5, dim=1).indices  # (V, k5)
-    top1 = round((top[:, 0] == y).double().mean().item() * 100, 4)
-    top5 = round((top == y[:, None]).any(dim=1).double().mean().item() * 100, 4)
+    finite = torch.isfinite(avg).all(dim=1)  # a video with a non-finite view is wrong (topk of NaN is arbitrary)
+    top1 = round(((top[:, 0] == y) & finite).double().mean().item() * 100, 4)
+    top5 = round(((top == y[:, None]).any(dim=1) & finite).double().mean().item() * 100, 4)
+    bad_videos = int((~finite).sum())
     if bad:
-        log.warning("evaluation: %d of %d views had non-finite logits (NaN/inf); their videos' scores are "
-                    "meaningless (a diverged model, or fp16 overflow: evaluate in fp32)", bad, int(sum(N.values())))
-    res = {"top1": top1, "top5": top5, "videos": len(ids), "views": int(sum(N.values())), "nonfinite_views": bad}
+        log.warning("evaluation: %d of %d views had non-finite logits (NaN/inf); their %d videos count as wrong "
+                    "(a diverged model, or fp16 overflow: evaluate in fp32)", bad, int(sum(N.values())), bad_videos)
+    res = {"top1": top1, "top5": top5, "videos": len(ids), "views": int(sum(N.values())), "nonfinite_views": bad,
+           "nonfinite_videos": bad_videos}
     if predictions:
         res["predictions"] = {"video": np.asarray(ids), "label": y.numpy(), "probs": avg.numpy()}
     return res
@@ -362,7 +366,10 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         r.logger.write(f"epoch {r.state.epoch} step {r.state.step}: val top-1 {res['top1']:.2f} "
                        f"top-5 {res['top5']:.2f} ({res['videos']} {'images' if 'image' in cfg.data.dataset else 'videos'}, "
                        f"{res['views']} views)")
-        if res["top1"] > r.state.best_metric:
+        if res["nonfinite_views"]:  # a diverging model's score is not one to keep as `best`
+            r.logger.write(f"step {r.state.step}: not a candidate for `best` ({res['nonfinite_views']} views with "
+                           "non-finite logits)")
+        elif res["top1"] > r.state.best_metric:
             r.state.best_metric = res["top1"]
             r.save("best", update_latest=False, keep=0)
         return res
@@ -438,16 +445,40 @@ def resolve_checkpoint(path: str) -> EvalTarget:
         found = locate_checkpoint(path, prefer_best=True)
     except FileNotFoundError as e:
         raise ConfigError(f"--{e}") from None  # "--checkpoint PATH not found", "--checkpoint PATH: not a run ..."
+    if found is None and os.path.basename(p).endswith("model_states.pt"):  # one file of a DeepSpeed tag: the tag
+        try:
+            found = locate_checkpoint(os.path.dirname(p))
+        except FileNotFoundError:
+            found = None
     if found is None:  # a file other than checkpoints/latest: weights
         stem = os.path.splitext(p)[0]
         ci = os.path.join(os.path.dirname(p), CLASS_INDEX)
-        return EvalTarget(where=p, weights=p, ckpt_dir=None, tag=None, run_dir=None,
-                          class_index=ci if os.path.isfile(ci) else None, eval_json=stem + ".eval.json")
+        ci = ci if os.path.isfile(ci) else _export_class_index(p)
+        return EvalTarget(where=p, weights=p, ckpt_dir=None, tag=None, run_dir=None, class_index=ci,
+                          eval_json=stem + ".eval.json")
     ck, tag = found
     run_dir = os.path.dirname(ck)
     ci = os.path.join(run_dir, CLASS_INDEX)
     return EvalTarget(where=os.path.join(ck, tag), weights=None, ckpt_dir=ck, tag=tag, run_dir=run_dir,
                       class_index=ci if os.path.isfile(ci) else None, eval_json=os.path.join(run_dir, "eval.json"))
+
+
+def _export_class_index(path: str) -> Optional[str]:
+    """``classes.json`` of the run a ``maskfeat export`` file came from (its metadata's ``source``
+    tag folder), when that run is still there: an export written elsewhere (``--out``) has none
+    beside it, and its eval split was numbered on its own (a split lacking a training class
+    shifted the labels: top-1 0 for a model right half of the time)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            source = (f.metadata() or {}).get("source")
+    except Exception:  # noqa: BLE001 - not a safetensors file (a .pyth, a .pt): nothing to read
+        return None
+    if not source:
+        return None
+    ci = os.path.join(os.path.dirname(os.path.dirname(source)), CLASS_INDEX)
+    return ci if os.path.isfile(ci) else None
 
 
 def evaluated_at(cfg: Config, step: int, epoch: Optional[float] = None) -> bool:

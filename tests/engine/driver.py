@@ -10,7 +10,7 @@
   ``NAN_GRAD_STEPS``, to exercise the skip/stop logic; writes the outcome and whether the final
   weights are finite.
 - ``evalfail``: fine-tuning whose evaluations listed in ``FAIL_EVALS`` (1-based, comma-separated)
-  raise; ``--resume auto`` as the last override resumes. Writes ``OUT_DIR/result.json``: the error,
+  raise, and those in ``NAN_EVALS`` report a non-finite view with a top-1 of 100; ``--resume auto`` as the last override resumes. Writes ``OUT_DIR/result.json``: the error,
   if any, and the step of every evaluation that ran.
 - ``syncs`` (CUDA): bf16 ZeRO-2 pre-training with torch's sync debug mode on from the third step
   to the last; writes every call that made the CPU wait for the GPU, with the innermost frame of
@@ -98,6 +98,7 @@ def evalfail(out_dir: str, overrides: list[str]) -> None:
     from engine import finetune as F
 
     fail = {int(s) for s in os.environ.get("FAIL_EVALS", "").split(",") if s}
+    nan = {int(s) for s in os.environ.get("NAN_EVALS", "").split(",") if s}  # these report non-finite views
     resume = None
     if overrides[-2:] == ["--resume", "auto"]:
         overrides, resume = overrides[:-2], "auto"
@@ -108,7 +109,10 @@ def evalfail(out_dir: str, overrides: list[str]) -> None:
         seen.append(len(seen) + 1)
         if seen[-1] in fail:
             raise RuntimeError(f"evaluation {seen[-1]} failed (FAIL_EVALS)")
-        return orig(*args, **kwargs)
+        res = orig(*args, **kwargs)
+        if seen[-1] in nan:  # a diverged model whose arbitrary top-k scored well
+            res.update(top1=100.0, nonfinite_views=1, nonfinite_videos=1)
+        return res
 
     F.evaluate = failing
     try:

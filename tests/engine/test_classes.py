@@ -272,6 +272,7 @@ def test_eval_json_says_what_was_evaluated_and_keeps_the_history(videos, tmp_pat
     with caplog.at_level(logging.WARNING):
         res = run_eval(_eval_cfg(videos["root"], tmp_path / "x"), os.path.join(run, "checkpoints", "latest"))
     assert res["nonfinite_views"] == res["views"] == 2 and "2 of 2 views had non-finite logits" in caplog.text
+    assert res["nonfinite_videos"] == 2 and res["top1"] == res["top5"] == 0  # NaN rows' topk scored some right
     assert not os.path.exists(os.path.join(run, "eval.predictions.npz"))  # it belonged to the earlier eval.json
     history = [json.loads(line) for line in open(os.path.join(run, "evals.jsonl"))]
     assert [h["checkpoint"].rsplit(os.sep, 1)[1] for h in history] == ["best", "step00000001"]
@@ -319,6 +320,18 @@ def test_checkpoint_paths_resolve_like_the_run_dir(tmp_path):
     torch.save({"module": sd}, os.path.join(ck, "best", "mp_rank_00_model_states.pt"))
     assert resolve_checkpoint(run).tag == resolve_checkpoint(ck).tag == "best"  # best, else latest
     assert resolve_checkpoint(os.path.join(ck, "latest")).tag == "step00000002"  # the tag `latest` names
+    # a tag's model-states file is that tag (it was a bare weights file: no classes.json, labels shifted)
+    t = resolve_checkpoint(os.path.join(ck, "step00000001", "mp_rank_00_model_states.pt"))
+    assert (t.tag, t.class_index) == ("step00000001", os.path.join(run, "classes.json"))
+    # an export written elsewhere finds its run's classes.json through its metadata's source
+    from safetensors.torch import save_file
+
+    os.makedirs(tmp_path / "elsewhere")
+    exported = str(tmp_path / "elsewhere" / "ft.safetensors")
+    save_file({k: v.contiguous() for k, v in sd.items()}, exported, metadata={"source": os.path.join(ck, "step00000002")})
+    assert resolve_checkpoint(exported).class_index == os.path.join(run, "classes.json")
+    save_file({k: v.contiguous() for k, v in sd.items()}, exported, metadata={"source": "/gone/checkpoints/x"})
+    assert resolve_checkpoint(exported).class_index is None
     # a missing or unrecognised --checkpoint is a config error (exit 2, as --resume), not a data error
     with pytest.raises(ConfigError, match=r"^--checkpoint .*nope not found"):
         resolve_checkpoint(str(tmp_path / "nope"))

@@ -282,6 +282,19 @@ def test_a_failing_epoch_evaluation_loses_no_training(env, tmp_path):
     assert [r["step"] for r in recs if r["split"] == "train"] == [1, 2, 3, 4]
 
 
+def test_an_evaluation_with_non_finite_views_is_not_kept_as_best(env, tmp_path):
+    """A diverged model's evaluation (non-finite logits) is no candidate for ``best``, whatever its
+    top-1 (which maskfeat eval RUN then evaluates by default)."""
+    from engine.finetune import saved_best_metric
+
+    out = str(tmp_path / "ft")
+    _run([sys.executable, DRIVER, "evalfail", out, "data.clips_per_epoch=4", "schedule.max_steps=0",
+          "train.checkpoint_every_epochs=1", "train.eval_every_epochs=1"], dict(env, NAN_EVALS="2"))
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"val"' in line]
+    assert [r["top1"] for r in recs][1] == 100.0 and recs[1]["nonfinite_views"] == 1
+    assert saved_best_metric(out) == recs[0]["top1"] < 100.0  # the first, finite evaluation stays best
+
+
 def test_fixed_batch_is_overfit(env):
     """The pre-training objective can be driven down: 30 AdamW steps on one real batch, one mask."""
     from engine.data import DataConfig, build_loader
