@@ -2,8 +2,9 @@
 
 Each video is decoded with PyAV and re-encoded with a short side of at most ``--short-side`` (no
 upscaling; even sizes; limited-range yuv420p, full-range input such as MJPEG converted), a
-constant frame rate (``--fps``; 0 keeps the source's average rate; frames are picked by
-presentation time, so variable-rate input becomes constant), a short GOP
+constant frame rate (``--fps``; 0 keeps the source's average rate; each output frame is the
+source frame nearest to its time, so variable-rate input becomes constant and timestamps rounded
+to milliseconds or jittered keep every frame), a short GOP
 (``--gop``, key frame every N frames, for fast seeking), turned upright when the source has a display
 rotation (phone videos; the output has none), and VP9 (``.webm``, decodable by DALI's CPU
 and GPU decoders) or H.264 (``.mp4``, GPU/NVDEC or PyAV). A frame whose timestamp is missing or not
@@ -193,12 +194,15 @@ def _encode(src: str, tmp: str, encoder: str, fmt: str, codec: str, short_side: 
                     t = last_t + step
                 else:
                     t = raw - t0
-                while prev is not None and written / float(rate) < t - EPS:  # output times shown by prev
+                # each output time shows the source frame nearest to it: prev up to the midpoint between
+                # prev and this frame (up to this frame's time, a frame whose timestamp was rounded up
+                # -- Matroska's milliseconds, a phone's jitter -- lost its slot to a repeat of prev)
+                while prev is not None and written / float(rate) < (last_t + t) / 2 - EPS:
                     emit(prev)
                 prev, last_t = frame, t
-            if prev is not None:
-                end = last_t + step
-                while written / float(rate) < end - EPS or written == 0:
+            if prev is not None:  # the last frame: to the midpoint with a next one a source interval later
+                end = last_t + step / 2  # (a tie there is the last frame's: 30 -> 60 fps gives 2n frames)
+                while written / float(rate) < end + EPS or written == 0:
                     emit(prev)
             for packet in so.encode():
                 out.mux(packet)

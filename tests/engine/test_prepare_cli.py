@@ -31,13 +31,13 @@ TINY = os.path.join(REPO, "tests", "engine", "tiny.yaml")
 W, H = 48, 32
 
 
-def make_clip(path: str, n: int = 6, pts_ms: list[int] | None = None) -> str:
-    """An MJPEG/Matroska clip of ``n`` frames at a declared 25 fps; ``pts_ms`` overrides the
+def make_clip(path: str, n: int = 6, pts_ms: list[int] | None = None, rate: int = 25) -> str:
+    """An MJPEG/Matroska clip of ``n`` frames at a declared ``rate`` fps; ``pts_ms`` overrides the
     timestamps (milliseconds) of the stored frames."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pts_ms = [40 * i for i in range(n)] if pts_ms is None else pts_ms
     c = av.open(path, "w", format="matroska")
-    s = c.add_stream("mjpeg", rate=25)
+    s = c.add_stream("mjpeg", rate=rate)
     s.width, s.height, s.pix_fmt = W, H, "yuvj420p"
     for i, t in enumerate(pts_ms):
         img = np.zeros((H, W, 3), np.uint8)
@@ -143,6 +143,25 @@ def test_source_without_increasing_timestamps_keeps_every_frame(tmp_path):
     assert encode_video(src, str(tmp_path / "dup.webm"), short_side=16) == 5
     levels = red_levels(str(tmp_path / "dup.webm"))
     assert np.all(np.abs(np.array(levels) - red_levels(src)) <= 4), levels
+
+
+@pytest.mark.parametrize("jitter", [False, True])
+def test_rounded_or_jittered_timestamps_keep_every_frame(tmp_path, jitter):
+    """30 fps in Matroska's milliseconds (0, 33, 67, 100, ...) or with a phone's ±1 ms jitter: each
+    output slot shows the source frame nearest to it. It showed the latest frame at or before it,
+    so a frame rounded up lost its slot to a repeat of the previous one: 22 of 61 frames of a
+    29.97 fps WebM were repeats, their neighbours gone, and the frame count still passed."""
+    n = 12
+    pts = [round(1000 * i / 30) + ((1 if i % 2 else -1) if jitter and i else 0) for i in range(n)]
+    src = make_clip(str(tmp_path / "r.mkv"), n=n, pts_ms=pts, rate=30)
+    want = np.array(red_levels(src))  # about 20 * i
+    assert len(want) == n and np.all(np.diff(want) > 10)
+    out = str(tmp_path / "r.webm")
+    assert encode_video(src, out, short_side=16, fps=30) == n
+    assert np.all(np.abs(np.array(red_levels(out)) - want) <= 4), (red_levels(out), want)
+    half = str(tmp_path / "half.webm")  # 15 fps: every other frame, the ones at the output times
+    assert encode_video(src, half, short_side=16, fps=15) == n // 2
+    assert np.all(np.abs(np.array(red_levels(half)) - want[::2]) <= 4), (red_levels(half), want[::2])
 
 
 def test_frame_count_mismatch_is_a_failure_and_leaves_no_temporary_file(tmp_path, capsys):
