@@ -167,6 +167,7 @@ def _encode(src: str, tmp: str, encoder: str, fmt: str, codec: str, short_side: 
             so.width, so.height = (h, w) if rotation % 180 else (w, h)
             so.pix_fmt = "yuv420p"
             so.codec_context.gop_size = gop
+            so.codec_context.colorspace, so.codec_context.color_range = 5, 1  # BT.601 (BT470BG), limited range
             so.options = ({"deadline": "realtime", "cpu-used": "8", "row-mt": "1", "crf": str(crf), "b": "0"}
                           if codec == "vp9" else {"preset": "veryfast", "crf": "23"})
             t0 = 0.0
@@ -176,9 +177,11 @@ def _encode(src: str, tmp: str, encoder: str, fmt: str, codec: str, short_side: 
             def emit(frame: av.VideoFrame) -> None:
                 nonlocal written
                 # full-range input (MJPEG's yuvj420p) is converted to the limited range that yuv420p
-                # streams are decoded as; without the ranges swscale copies the levels unchanged
+                # streams are decoded as; without the ranges swscale copies the levels unchanged. BT.709
+                # input (HD video) is converted to BT.601, which the output is tagged with: its YUV was
+                # copied and the untagged output decoded as BT.601, shifting the colours (red 200 -> 185)
                 img = frame.reformat(width=w, height=h, format="yuv420p", src_color_range=frame.color_range or None,
-                                     dst_color_range="MPEG")
+                                     dst_color_range="MPEG", dst_colorspace="ITU601")
                 img = _rotate_yuv420p(img, rotation)
                 img.pts, img.time_base = written, 1 / rate  # constant frame rate in output time
                 for packet in so.encode(img):

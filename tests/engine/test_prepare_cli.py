@@ -164,6 +164,39 @@ def test_rounded_or_jittered_timestamps_keep_every_frame(tmp_path, jitter):
     assert np.all(np.abs(np.array(red_levels(half)) - want[::2]) <= 4), (red_levels(half), want[::2])
 
 
+@pytest.mark.parametrize("colorspace,color_range", [(1, 1), (1, 2), (5, 1)])  # BT.709, full-range 709, BT.601
+def test_colours_are_kept_whatever_the_source_colorspace(tmp_path, colorspace, color_range):
+    """HD video is BT.709: its YUV was copied into an untagged output that decoders read as BT.601
+    (red 200 came back as 185). Now converted to BT.601 and tagged so."""
+    src = str(tmp_path / "c.mp4")
+    w, h = 96, 64
+    with av.open(src, "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s.codec_context.colorspace = s.codec_context.color_primaries = s.codec_context.color_trc = colorspace
+        s.codec_context.color_range = color_range
+        img = np.zeros((h, w, 3), np.uint8)
+        img[:, : w // 2], img[:, w // 2:] = (200, 30, 30), (30, 60, 200)
+        for i in range(4):
+            f = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(
+                format="yuv420p", dst_colorspace=colorspace, dst_color_range=color_range)
+            f.pts = i
+            for pk in s.encode(f):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+
+    def colours(path):
+        with av.open(path) as c:
+            a = next(c.decode(c.streams.video[0])).to_ndarray(format="rgb24").astype(float)
+        q = a.shape[1] // 4
+        return np.concatenate([a[:, :q].reshape(-1, 3).mean(0), a[:, -q:].reshape(-1, 3).mean(0)])
+
+    out = str(tmp_path / "c.webm")
+    assert encode_video(src, out, short_side=64) == 4
+    assert np.abs(colours(out) - colours(src)).max() <= 4, (colours(out), colours(src))
+
+
 def test_frame_count_mismatch_is_a_failure_and_leaves_no_temporary_file(tmp_path, capsys):
     """A clip stamped at 12.5 fps in a stream declared 25 fps: without --fps its re-encoding would
     hold about twice the source's frames, so it fails (and is left out of the list); with --fps it
