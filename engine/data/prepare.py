@@ -1,7 +1,8 @@
 """``maskfeat data prepare SRC DST``: re-encode a video dataset into a DALI-friendly form (issue 5).
 
 Each video is decoded with PyAV and re-encoded with a short side of at most ``--short-side`` (no
-upscaling; even sizes; limited-range yuv420p, full-range input such as MJPEG converted), a
+upscaling, except VP9 below NVDEC's 128x128, scaled up to it when ``--short-side`` is at least
+that; even sizes; limited-range yuv420p, full-range input such as MJPEG converted), a
 constant frame rate (``--fps``; 0 keeps the source's average rate; each output frame is the
 source frame nearest to its time, so variable-rate input becomes constant and timestamps rounded
 to milliseconds or jittered keep every frame), a short GOP
@@ -66,7 +67,7 @@ import numpy as np
 from .datasets import (KNOWN_VIDEO_EXTENSIONS, Dataset, empty_classes, read_list_file, scan_class_folders, subfolders,
                        write_class_index, write_list_file)
 from .errors import DataError
-from .probe import frame_rotation, not_regular_file, validate_files
+from .probe import NVDEC_MIN_SIZE, frame_rotation, not_regular_file, validate_files
 
 CODECS = {"vp9": ("libvpx-vp9", "webm", ".webm"), "h264": ("libx264", "mp4", ".mp4")}
 VIDEO_EXTENSIONS = KNOWN_VIDEO_EXTENSIONS
@@ -153,6 +154,11 @@ def _encode(src: str, tmp: str, encoder: str, fmt: str, codec: str, short_side: 
         sin.thread_type = "AUTO"
         w0, h0 = sin.codec_context.width, sin.codec_context.height
         s = min(1.0, short_side / min(w0, h0))
+        # NVDEC refuses VP9 under 128x128, and one such file takes a dataset's `auto` reader off the
+        # GPU: a smaller source is scaled up to it (unless --short-side itself asks for less)
+        floor = max(NVDEC_MIN_SIZE.get(codec, (0, 0)))
+        if short_side >= floor > min(w0, h0) * s:
+            s = floor / min(w0, h0)
         w, h = _even(w0 * s), _even(h0 * s)  # scaled size as stored; the output is turned upright
         source = inp.decode(sin)
         head = next(source, None)

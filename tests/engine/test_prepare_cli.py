@@ -197,6 +197,23 @@ def test_colours_are_kept_whatever_the_source_colorspace(tmp_path, colorspace, c
     assert np.abs(colours(out) - colours(src)).max() <= 4, (colours(out), colours(src))
 
 
+def test_small_vp9_is_scaled_up_to_what_nvdec_decodes(tmp_path):
+    """A 48x32 source became 48x32 VP9, which NVDEC refuses (128x128): one such file moved the whole
+    dataset's ``auto`` reader to PyAV. H.264 and an explicitly small --short-side are left alone."""
+    from engine.data.probe import probe_video, reader_problem
+
+    src = make_clip(str(tmp_path / "small.mkv"), n=4)  # 48 x 32
+    sizes = {}
+    for name, codec, short in (("v.webm", "vp9", 320), ("h.mp4", "h264", 320), ("s.webm", "vp9", 16)):
+        out = str(tmp_path / name)
+        encode_video(src, out, codec=codec, short_side=short)
+        info = probe_video(out).info
+        sizes[name] = (info.width, info.height)
+        if name == "v.webm":
+            assert reader_problem(info, "gpu", 1) is None
+    assert sizes == {"v.webm": (192, 128), "h.mp4": (48, 32), "s.webm": (24, 16)}
+
+
 def test_frame_count_mismatch_is_a_failure_and_leaves_no_temporary_file(tmp_path, capsys):
     """A clip stamped at 12.5 fps in a stream declared 25 fps: without --fps its re-encoding would
     hold about twice the source's frames, so it fails (and is left out of the list); with --fps it
