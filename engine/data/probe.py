@@ -50,8 +50,9 @@ NVDEC_MIN_SIZE = {"vp9": (128, 128), "av1": (128, 128), "hevc": (144, 144)}
 64x48 with "supported: 128x128", bench/results/gpu_check_*_2_engine_dali.log; H.264 at 64x48 decoded there).
 AV1 and HEVC: NVIDIA's decoder caps for Turing and later, not measured here."""
 NVDEC_MIN_DEFAULT = (48, 16)
-CACHE_VERSION = 3
-"""2: ``VideoInfo.rotation`` added; 3: ``pts_start``/``pts_step`` (older entries are probed again)."""
+CACHE_VERSION = 4
+"""2: ``VideoInfo.rotation`` added; 3: ``pts_start``/``pts_step``; 4: ``cfr`` without the one-tick
+allowance at a frame-interval time base (older entries are probed again)."""
 
 
 @dataclass
@@ -162,7 +163,10 @@ class BadDatasetError(RuntimeError):
 
 
 def _frame_durations_cfr(pts: np.ndarray) -> bool:
-    """True when sorted presentation timestamps advance by a constant step (1% tolerance)."""
+    """True when sorted presentation timestamps advance by a constant step: within 1 %, or one tick
+    of the time base (33/34 ms at 29.97 fps), but never a quarter step (a time base of one frame
+    interval, where a tick is a frame: the tick allowance took 1, 1, 2, 1 -- a dropped frame -- for
+    constant)."""
     if len(pts) < 3:
         return True
     d = np.diff(np.sort(pts))
@@ -170,7 +174,7 @@ def _frame_durations_cfr(pts: np.ndarray) -> bool:
     if len(d) == 0:
         return False
     med = float(np.median(d))
-    return bool(np.all(np.abs(d - med) <= max(0.01 * med, 1.0)))
+    return bool(np.all(np.abs(d - med) <= max(0.01 * med, min(1.0, 0.25 * med))))
 
 
 def _even_step(pts: np.ndarray) -> float:

@@ -638,3 +638,15 @@ def test_gpu_pretrain_batches_cover_each_video_once(clips):
         assert v.min() >= lo - 1e-4 and v.max() <= hi + 1e-4 and v.std() > 0.1
         seen += [i for i, ok in zip(b["index"].tolist(), b["valid"].tolist()) if ok]
     assert sorted(seen) == list(range(9))
+
+
+def test_constant_rate_check_with_a_time_base_of_one_frame():
+    """Timestamps counted in frames (time base 1/30): a one-tick allowance let a dropped frame (a
+    step of 2) pass as constant, so the GPU reader, which counts frames, took the file."""
+    from engine.data.probe import _frame_durations_cfr
+
+    assert _frame_durations_cfr(np.arange(10))
+    assert not _frame_durations_cfr(np.array([0, 1, 2, 4, 5, 6, 7]))
+    ms = np.round(np.arange(30) * 1000 / 29.97)  # milliseconds at 29.97 fps: 33 and 34 ms steps
+    assert _frame_durations_cfr(ms)
+    assert not _frame_durations_cfr(np.concatenate([ms[:10], ms[11:]]))  # one frame missing
