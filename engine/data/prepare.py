@@ -59,6 +59,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Optional
 
 import av
 
@@ -75,6 +76,7 @@ VIDEO_EXTENSIONS = KNOWN_VIDEO_EXTENSIONS
 SPLITS = ("train", "val", "test")
 FRAME_COUNT_TOLERANCE = 0.05
 """Without ``--fps``, output and source frame counts may differ by this fraction (at least 2 frames)."""
+DEFAULT_CRF = {"vp9": 32, "h264": 23}
 EXIT_FAILED, EXIT_DATA_ERROR = 1, 5  # argparse exits 2 on a usage error
 EPS = 1e-6
 """Seconds: timestamps this close count as equal (float pts vs. output frame times)."""
@@ -111,9 +113,11 @@ def _count_packets(path: str) -> int:
 
 
 def encode_video(src: str, dst: str, *, codec: str = "vp9", short_side: int = 320, fps: float = 0.0,
-                 gop: int = 16, crf: int = 32) -> int:
+                 gop: int = 16, crf: Optional[int] = None) -> int:
     """Re-encode ``src`` to ``dst`` (see module docstring); returns frames written. Atomic: ``dst``
-    appears only when complete and the temporary file is removed on any failure.
+    appears only when complete and the temporary file is removed on any failure. ``crf``: the
+    encoder's quality (lower is better), default 32 for VP9 and 23 for H.264 (it was ignored for
+    H.264).
 
     Raises RuntimeError when nothing decodes, when the written file does not hold every encoded
     frame, or (``fps`` 0) when the frame count differs from the source's beyond
@@ -125,7 +129,8 @@ def encode_video(src: str, dst: str, *, codec: str = "vp9", short_side: int = 32
     os.makedirs(os.path.dirname(os.path.abspath(dst)) or ".", exist_ok=True)
     tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.part{os.getpid()}")
     try:
-        written, decoded = _encode(src, tmp, encoder, fmt, codec, short_side, fps, gop, crf)
+        written, decoded = _encode(src, tmp, encoder, fmt, codec, short_side, fps, gop,
+                                   crf if crf is not None else DEFAULT_CRF[codec])
         if written == 0:
             raise RuntimeError(f"{src}: no frames decoded")
         stored = _count_packets(tmp)
@@ -175,7 +180,7 @@ def _encode(src: str, tmp: str, encoder: str, fmt: str, codec: str, short_side: 
             so.codec_context.gop_size = gop
             so.codec_context.colorspace, so.codec_context.color_range = 5, 1  # BT.601 (BT470BG), limited range
             so.options = ({"deadline": "realtime", "cpu-used": "8", "row-mt": "1", "crf": str(crf), "b": "0"}
-                          if codec == "vp9" else {"preset": "veryfast", "crf": "23"})
+                          if codec == "vp9" else {"preset": "veryfast", "crf": str(crf)})
             t0 = 0.0
             prev = None
             last_t = 0.0

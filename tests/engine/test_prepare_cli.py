@@ -483,3 +483,25 @@ def test_interrupted_run_names_the_checkpoint_to_resume_from(monkeypatch, tmp_pa
     assert f"maskfeat pretrain: {why}; the last complete checkpoint is step00000004" in err
     assert "--resume auto" in err and "Traceback" not in err
     assert signal.getsignal(signal.SIGTERM) is before  # restored
+
+
+def test_crf_reaches_both_encoders(tmp_path):
+    """encode_video's crf was ignored for H.264 (23 hard-coded): a higher crf makes a smaller file."""
+    src = str(tmp_path / "noise.mkv")
+    with av.open(src, "w", format="matroska") as c:
+        s = c.add_stream("mjpeg", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 64, "yuvj420p"
+        rng = np.random.default_rng(0)
+        for i in range(4):
+            f = av.VideoFrame.from_ndarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), format="rgb24")
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    for codec, ext in (("h264", ".mp4"), ("vp9", ".webm")):
+        sizes = []
+        for crf in (10, 45):
+            out = str(tmp_path / f"{codec}{crf}{ext}")
+            encode_video(src, out, codec=codec, short_side=64, crf=crf)
+            sizes.append(os.path.getsize(out))
+        assert sizes[0] > 1.5 * sizes[1], (codec, sizes)
