@@ -8,7 +8,10 @@
 # install the pinned torch below, on its own: torch from PyPI brings its own triton (2.13.0
 # needs exactly 3.7.1), so triton is installed only when no triton 3.6-3.9 came with it. The
 # project is then installed with the torch found pinned, so pip fails instead of replacing it.
-# The install is re-run only when pyproject.toml, constraints.txt or this Makefile change.
+# A torch or triton this Makefile installed is recorded in the venv; when its pin here changes,
+# the next install replaces it (it used to keep any importable one, so a pin bump reached only
+# fresh clones). The install is re-run only when pyproject.toml, constraints.txt or this Makefile
+# change.
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -18,6 +21,8 @@ TRITON_SPEC ?= triton==3.6.0
 TORCH_MIN   := 2.10
 STAMP       := $(VENV)/.maskfeat-installed
 TORCH_PIN   := $(VENV)/.maskfeat-torch-pin.txt
+TORCH_MARK  := $(VENV)/.maskfeat-torch-spec
+TRITON_MARK := $(VENV)/.maskfeat-triton-spec
 PYTEST_ARGS ?=
 
 .PHONY: install test demo bench-hog clean-venv
@@ -27,7 +32,10 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): $(PY) pyproject.toml constraints.txt Makefile
-	@if $(PY) -c "import torch" 2>/dev/null; then \
+	@if [ -f $(TORCH_MARK) ] && [ "$$(cat $(TORCH_MARK))" != "$(TORCH_SPEC)" ]; then \
+		echo "pin changed: $$(cat $(TORCH_MARK)) -> $(TORCH_SPEC)"; \
+		$(PY) -m pip install -q "$(TORCH_SPEC)" && echo "$(TORCH_SPEC)" > $(TORCH_MARK); \
+	elif $(PY) -c "import torch" 2>/dev/null; then \
 		echo "keeping installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 		$(PY) -c "import sys, torch; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); \
 			sys.exit(0 if v >= tuple(int(x) for x in '$(TORCH_MIN)'.split('.')) else \
@@ -35,14 +43,17 @@ $(STAMP): $(PY) pyproject.toml constraints.txt Makefile
 			'Upgrade it, or rm -r $(VENV) and run make with PYTHON= an interpreter that lacks it.')"; \
 	else \
 		echo "installing $(TORCH_SPEC)"; \
-		$(PY) -m pip install -q "$(TORCH_SPEC)"; \
+		$(PY) -m pip install -q "$(TORCH_SPEC)" && echo "$(TORCH_SPEC)" > $(TORCH_MARK); \
 	fi
-	@if $(PY) -c "import sys, triton; v = tuple(int(x) for x in triton.__version__.split('.')[:2]); \
+	@if [ -f $(TRITON_MARK) ] && [ "$$(cat $(TRITON_MARK))" != "$(TRITON_SPEC)" ]; then \
+		echo "pin changed: $$(cat $(TRITON_MARK)) -> $(TRITON_SPEC)"; \
+		$(PY) -m pip install -q "$(TRITON_SPEC)" && echo "$(TRITON_SPEC)" > $(TRITON_MARK); \
+	elif $(PY) -c "import sys, triton; v = tuple(int(x) for x in triton.__version__.split('.')[:2]); \
 			sys.exit(0 if (3, 6) <= v < (3, 10) else 1)" 2>/dev/null; then \
 		echo "keeping installed triton $$($(PY) -c 'import triton; print(triton.__version__)')"; \
 	else \
 		echo "installing $(TRITON_SPEC)"; \
-		$(PY) -m pip install -q "$(TRITON_SPEC)"; \
+		$(PY) -m pip install -q "$(TRITON_SPEC)" && echo "$(TRITON_SPEC)" > $(TRITON_MARK); \
 	fi
 	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(TORCH_PIN)
 	$(PY) -m pip install -q -c constraints.txt -c $(TORCH_PIN) -e ".[dev]"
