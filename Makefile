@@ -18,6 +18,7 @@ VENV        ?= .venv
 PY          := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
+TORCH_PIP_ARGS ?=  # e.g. --index-url https://download.pytorch.org/whl/cpu where no CPU wheel is local
 TORCH_MIN   := 2.10
 STAMP       := $(VENV)/.maskfeat-installed
 TORCH_PIN   := $(VENV)/.maskfeat-torch-pin.txt
@@ -34,7 +35,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml constraints.txt Makefile
 	@if [ -f $(TORCH_MARK) ] && [ "$$(cat $(TORCH_MARK))" != "$(TORCH_SPEC)" ]; then \
 		echo "pin changed: $$(cat $(TORCH_MARK)) -> $(TORCH_SPEC)"; \
-		$(PY) -m pip install -q "$(TORCH_SPEC)" && echo "$(TORCH_SPEC)" > $(TORCH_MARK); \
+		$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)" && echo "$(TORCH_SPEC)" > $(TORCH_MARK); \
 	elif $(PY) -c "import torch" 2>/dev/null; then \
 		echo "keeping installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 		$(PY) -c "import sys, torch; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); \
@@ -43,7 +44,7 @@ $(STAMP): $(PY) pyproject.toml constraints.txt Makefile
 			'Upgrade it, or rm -r $(VENV) and run make with PYTHON= an interpreter that lacks it.')"; \
 	else \
 		echo "installing $(TORCH_SPEC)"; \
-		$(PY) -m pip install -q "$(TORCH_SPEC)" && echo "$(TORCH_SPEC)" > $(TORCH_MARK); \
+		$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)" && echo "$(TORCH_SPEC)" > $(TORCH_MARK); \
 	fi
 	@if [ -f $(TRITON_MARK) ] && [ "$$(cat $(TRITON_MARK))" != "$(TRITON_SPEC)" ]; then \
 		echo "pin changed: $$(cat $(TRITON_MARK)) -> $(TRITON_SPEC)"; \
