@@ -160,8 +160,11 @@ def conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddin
     the forward does, 2 · |output| · (C_in / groups) · |kernel|, i.e. ``2 · prod(grad_out) ·
     prod(w[1:])``. torch's own formula ignores ``groups`` for the weight gradient, which counts a
     depthwise pooling's C times over (3.56 GFLOP for a 0.05 GFLOP gradient at 72 channels)."""
-    if transposed:
-        raise NotImplementedError("transposed convolutions are not counted here")
+    if transposed:  # (no model has one): torch's own formula
+        from torch.utils.flop_counter import conv_backward_flop as torch_formula
+
+        return torch_formula(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                             _output_padding, _groups, output_mask, out_shape, **kwargs)
     fwd = 2 * math.prod(grad_out_shape) * math.prod(w_shape[1:])
     return fwd * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 

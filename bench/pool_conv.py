@@ -183,9 +183,12 @@ def _sleep_cycles() -> float:
 def auto_layout(conv: dict, device: torch.device, dtype: torch.dtype) -> str:
     """The layout ``kernels.pool``'s ``auto`` amounts to for this convolution: ``triton`` where
     :func:`kernels.pool.auto_backend` picks the Triton kernels, else ``contiguous`` (torch's)."""
+    from kernels import tuned_for
     from kernels.pool import auto_backend
 
     x = torch.empty(conv["shape"], dtype=dtype, device="meta")
+    if device.type == "cuda" and not tuned_for(device):  # (the meta stand-in cannot ask the real GPU)
+        return "contiguous"
     return "triton" if auto_backend(x, device_type=device.type) == "triton" else "contiguous"
 
 

@@ -397,6 +397,11 @@ def _is_tag_dir(path: str) -> bool:
     return bool(_has_weights(path) or _has_state(path) or glob.glob(os.path.join(path, ZERO_SHARDS)))
 
 
+def is_tag_of_a_run(path: str) -> bool:
+    """Whether ``path`` is a checkpoint tag folder inside a run's ``checkpoints/`` folder."""
+    return os.path.isdir(path) and _is_tag_dir(path) and _is_ckpt_dir(os.path.dirname(os.path.abspath(path)))
+
+
 def _is_ckpt_dir(path: str) -> bool:
     return (os.path.basename(os.path.normpath(path)) == "checkpoints" or os.path.isfile(os.path.join(path, "latest"))
             or os.path.isdir(os.path.join(path, "best")) or latest_tag(path) is not None)
@@ -965,7 +970,8 @@ def export_backbone(output_dir_or_ckpt: str, out_path: Optional[str] = None, tag
     if not keep_pretrain_head:
         backbone = {k: v for k, v in backbone.items() if not k.startswith(PRETRAIN_HEAD_PREFIXES)}
     cfg_path = os.path.join(ckpt_dir, tag, "config.yaml")
-    meta = {"format": "maskfeat-backbone", "source": os.path.join(ckpt_dir, tag)}
+    meta = {"format": "maskfeat-backbone", "source": os.path.abspath(os.path.join(ckpt_dir, tag))}  # (eval finds
+    # the run's classes.json through it, from any working directory)
     if os.path.isfile(cfg_path):
         meta["config"] = open(cfg_path, encoding="utf-8").read()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)

@@ -78,7 +78,7 @@ class ModelConfig:
 
     name: str = "mvitv2_tiny"
     """Architecture variant name from ``models/variants.py`` (``mvitv2_s_16x4``, ``mvitv2_l_16x4``,
-    ``vit_b_16``, ``mvitv2_tiny`` for CPU demos; ``python -m models.variants`` lists them all)."""
+    ``vit_b_16``, ``mvitv2_tiny`` for CPU demos; ``python -m models`` lists them all)."""
     drop_path: Optional[float] = None
     """Stochastic depth rate; null = the variant's recipe value (fine-tuning 0.1 for MViTv2-S,
     0.2 for L; pre-training 0)."""
@@ -361,8 +361,9 @@ class _Loader(yaml.SafeLoader):
 
 
 _INT_TAG, _TIMESTAMP_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:timestamp"
-_INT_12 = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
-"""YAML 1.2 core integers: YAML 1.1 reads ``010`` as 8 (octal) and ``1:30`` as 90 (base 60)."""
+_INT_12 = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$")
+"""YAML 1.2 core integers (and ``1_000``): YAML 1.1 reads ``010`` as 8 (octal) and ``1:30`` as 90
+(base 60)."""
 # YAML 1.1's int and timestamp rules out (``output_dir: 2024-06-01`` is a name, not a date), 1.2's in
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in rules if tag not in (_INT_TAG, _TIMESTAMP_TAG)]
@@ -376,7 +377,7 @@ def _construct_int_12(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     if text.startswith(("0o", "0x")):
         return int(text[2:], 8 if text[1] == "o" else 16)
     try:
-        return int(text, 10)  # leading zeros are decimal
+        return int(text.replace("_", ""), 10)  # leading zeros are decimal
     except ValueError:
         raise ConfigError(f"line {node.start_mark.line + 1}: {text!r} is not an integer") from None
 
@@ -385,11 +386,14 @@ _Loader.add_constructor(_INT_TAG, _construct_int_12)
 
 
 class _Dumper(yaml.SafeDumper):
-    """Writes what :class:`_Loader` reads back the same: a string it would take for a number
-    (``1e3``, ``0o17``) is quoted (YAML 1.1's rules left ``root: 1e3`` bare, read back as 1000.0)."""
+    """Writes what :class:`_Loader` reads back the same, and what a YAML 1.1 reader reads the same
+    too: a string either would take for something else (``1e3``, ``0o17``; ``2024-06-01``, ``010``)
+    is quoted (``root: 1e3`` was written bare and read back as 1000.0)."""
 
 
-_Dumper.yaml_implicit_resolvers = _Loader.yaml_implicit_resolvers
+_Dumper.yaml_implicit_resolvers = {
+    first: list(yaml.SafeDumper.yaml_implicit_resolvers.get(first, [])) + list(_Loader.yaml_implicit_resolvers.get(first, []))
+    for first in set(yaml.SafeDumper.yaml_implicit_resolvers) | set(_Loader.yaml_implicit_resolvers)}
 
 
 def _yaml_load(text: Any) -> Any:
@@ -478,8 +482,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if value is None:
             raise ConfigError(f"{path}: expected a string, got null ('' is the empty string)")
         if isinstance(value, (int, float)) and not isinstance(value, bool):  # YAML read a number: its text is lost
-            raise ConfigError(f"{path}: expected a string, got the number {value!r} (YAML reads 1.10 as 1.1, 1e3 as "
-                              f"1000.0): quote it, e.g. '{value}'")
+            raise ConfigError(f"{path}: expected a string, got the number {value!r} (YAML reads 1.10 as 1.1, 007 as 7, "
+                              "1e3 as 1000.0): quote the value as you wrote it")
         raise ConfigError(f"{path}: expected a string, got {value!r}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -572,8 +576,8 @@ def _override_value(item: str, key: str, tp: Any, raw: str) -> Any:
     optional = union and type(None) in typing.get_args(tp)
     stringy = tp is str or (union and str in typing.get_args(tp))
     text = raw.strip()
-    if tp is Any and text in _NULLS:  # a free-form mapping's value (model.overrides.x=None): null too
-        return None
+    if tp is Any and text == "None":  # a free-form mapping's value (model.overrides.x=None): null too ('none'
+        return None                   # stays a word: hog_norm=none, an offload device none)
     if tp is not Any and text in _NULLS and not (text == "~" and stringy):  # on a str field ~ is home
         if optional:
             return None

@@ -474,10 +474,11 @@ def check_deepspeed_extra(extra: Optional[dict]) -> None:
             if sub in value:
                 raise ConfigError(f"deepspeed.extra.{key}.{sub}: the engine sets this; use {field_} instead")
     zero = (extra or {}).get("zero_optimization") or {}
-    offload = [k for k in ("offload_optimizer", "offload_param") if zero.get(k)]
-    if offload and (extra or {}).get("zero_force_ds_cpu_optimizer", True) is not False:
-        raise ConfigError(
-            f"deepspeed.extra.zero_optimization.{offload[0]}: ZeRO-Offload with the engine's torch AdamW needs "
+    offload = zero.get("offload_optimizer") if isinstance(zero, dict) else None
+    device = offload.get("device") if isinstance(offload, dict) else None
+    if device in ("cpu", "nvme") and (extra or {}).get("zero_force_ds_cpu_optimizer", True) is not False:
+        raise ConfigError(  # (what DeepSpeed checks: zero_use_cpu_optimizer; offload_param alone is fine)
+            f"deepspeed.extra.zero_optimization.offload_optimizer.device={device}: ZeRO-Offload with the engine's torch AdamW needs "
             "deepspeed.extra.zero_force_ds_cpu_optimizer=false (DeepSpeed refuses a client optimizer otherwise, "
             "and the engine owns the optimizer); torch's AdamW then steps on the CPU, slower than DeepSpeedCPUAdam")
 

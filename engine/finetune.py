@@ -438,18 +438,16 @@ def resolve_checkpoint(path: str) -> EvalTarget:
     ``checkpoints/<tag>`` directory (``engine.checkpoint.locate_checkpoint``, shared with
     ``--resume PATH``), or a weights file. A missing or unrecognised path raises ConfigError (exit 2,
     as a missing ``--resume``: the path is a command-line argument, not the dataset)."""
-    from engine.checkpoint import locate_checkpoint
+    from engine.checkpoint import is_tag_of_a_run, locate_checkpoint
 
     p = os.path.abspath(path)
     try:
         found = locate_checkpoint(path, prefer_best=True)
     except FileNotFoundError as e:
         raise ConfigError(f"--{e}") from None  # "--checkpoint PATH not found", "--checkpoint PATH: not a run ..."
-    if found is None and os.path.basename(p).endswith("model_states.pt"):  # one file of a DeepSpeed tag: the tag
-        try:
-            found = locate_checkpoint(os.path.dirname(p))
-        except FileNotFoundError:
-            found = None
+    tag_dir = os.path.dirname(p)
+    if found is None and os.path.basename(p).endswith("model_states.pt") and is_tag_of_a_run(tag_dir):
+        found = (os.path.dirname(tag_dir), os.path.basename(tag_dir))  # one file of a DeepSpeed tag: the tag
     if found is None:  # a file other than checkpoints/latest: weights
         stem = os.path.splitext(p)[0]
         ci = os.path.join(os.path.dirname(p), CLASS_INDEX)

@@ -112,7 +112,7 @@ class _ProgressLines:
 
     def __init__(self, total: int, desc: str, unit: str, every_s: float, stream) -> None:
         self.total, self.desc, self.unit, self.every_s, self.stream = total, desc, unit, every_s, stream
-        self.n = 0
+        self.n = self.shown = 0
         self.t0 = self.t_last = time.monotonic()
 
     def update(self, n: int = 1) -> None:
@@ -125,6 +125,7 @@ class _ProgressLines:
             self._line(now)
 
     def _line(self, now: float) -> None:
+        self.shown = self.n
         rate = self.n / (now - self.t0) if now > self.t0 else 0.0
         pct = f" ({100 * self.n / self.total:.1f}%)" if self.total else ""
         eta = f" ETA {_hms((self.total - self.n) / rate)}" if rate > 0 and self.n < self.total else ""
@@ -135,7 +136,8 @@ class _ProgressLines:
         """The final line, unless the work was short (under ``min(10 s, every_s)``) and said nothing before."""
         now = time.monotonic()
         said = self.t_last != self.t0
-        if self.n and self.stream is not None and self.t_last != -1.0 and (said or now - self.t0 >= min(10.0, self.every_s)):
+        if (self.n and self.stream is not None and self.t_last != -1.0 and self.shown != self.n
+                and (said or now - self.t0 >= min(10.0, self.every_s))):
             self._line(now)
         self.t_last = -1.0  # closed: one final line only
 

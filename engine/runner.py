@@ -572,8 +572,9 @@ def _step(engine, skip: bool, fp16: bool) -> bool:
     step is left out while DeepSpeed's bookkeeping runs as usual (clipping, zero_grad, its step
     counters), for a non-finite gradient that stage-0 fp32 would apply. Otherwise DeepSpeed's
     ``was_step_applied``: False where it skipped an update for an overflow (ZeRO, bf16: a
-    non-finite gradient). With fp16 an overflow is the loss scaler's routine search for its
-    scale and counts as applied; the scaler giving up at its minimum is a NonFiniteLossError."""
+    non-finite gradient). With fp16 an overflow while the loss scaler lowers its scale is routine
+    and counts as applied (:func:`_scale_search`); at its minimum it counts as skipped, and ZeRO's
+    scaler giving up there is a NonFiniteLossError."""
     if skip:
         opt = engine.optimizer
         own = opt.__dict__.get("step")
@@ -593,7 +594,21 @@ def _step(engine, skip: bool, fp16: bool) -> bool:
             raise NonFiniteLossError(f"fp16: DeepSpeed's loss scale is at its minimum and the gradients still overflow "
                                      "(non-finite); use bf16 or fp32, or lower optim.lr") from e
         raise
-    return fp16 or engine.was_step_applied()
+    return engine.was_step_applied() or (fp16 and _scale_search(engine.optimizer))
+
+
+def _scale_search(opt: Any) -> bool:
+    """Whether an fp16 update skipped for an overflow is the dynamic loss scaler's search for its
+    scale (routine), not non-finite gradients at its minimum scale or under a static one. ZeRO's
+    scaler raises at its minimum; stage 0's ``FP16_UnfusedOptimizer`` clamps there and would skip
+    every update for ever without a word."""
+    cfg = getattr(opt, "loss_scale_config", None)  # FP16_UnfusedOptimizer (stage 0)
+    if cfg is not None:
+        return bool(cfg.dynamic_loss_scale) and cfg.cur_scale > cfg.min_loss_scale
+    scaler = getattr(opt, "loss_scaler", None)  # ZeRO's (Dynamic)LossScaler
+    if scaler is not None:
+        return bool(getattr(scaler, "dynamic", False)) and scaler.cur_scale > getattr(scaler, "min_scale", 0)
+    return True  # another optimizer: its skips are not ours to count
 
 
 class _ReadBack:

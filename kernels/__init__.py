@@ -84,19 +84,21 @@ TUNED_CUDA_MAJOR = 9
 
 def tuned_for(device: torch.device) -> bool:
     """Whether ``device`` is a GPU of the architecture the attention, rel-term and pooling kernels
-    were tuned and timed on (:data:`TUNED_CUDA_MAJOR`): where their ``auto`` backends choose them.
+    were tuned and timed on (:data:`TUNED_CUDA_MAJOR`, NVIDIA; not ROCm, whose MI200-MI350 also
+    report 9.x): where their ``auto`` backends choose them.
     Elsewhere ``auto`` keeps PyTorch's kernels: the tables were never timed there, and they do not
     all fit, e.g. the attention dk/dv kernel's 109 KiB of shared memory at head dim 96 is over the
     99 KiB a block may use on sm_86/sm_89 (A10, A40, L4, L40S, RTX 30/40: Triton's OutOfResources
     at the first backward), found by compiling it offline (``bench.sass``)."""
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.version.hip is not None:  # ROCm reports 9.x for MI200-MI350
         return False
-    return _cuda_major(device.index) == TUNED_CUDA_MAJOR
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_major(index) == TUNED_CUDA_MAJOR
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_major(index) -> int:
-    """Compute capability major of CUDA device ``index`` (None: the current one), once per index."""
+def _cuda_major(index: int) -> int:
+    """Compute capability major of CUDA device ``index``, once per index."""
     return torch.cuda.get_device_capability(index)[0]
 
 

@@ -2,7 +2,7 @@
 classifier, the variant table and official-checkpoint helpers (DESIGN §3.2–§3.5).
 
 Models never import the engine, DeepSpeed or DALI. ``create_model(name, task)`` is the entry
-point; see ``python -m models.variants`` for every variant and its exact parameter count.
+point; see ``python -m models`` for every variant and its exact parameter count.
 """
 from .checkpoint import (
     LoadReport,

@@ -92,8 +92,10 @@ class LoadReport:
             f"{self.unexpected}, {len(self.resized)} resized tensors"
         )
         if self.pretrain_only:
-            s += (f"; left out the pre-training head, mask token and HOG filters ({len(self.pretrain_only)} "
-                  "tensors)")
+            kinds = [name for prefix, name in (("pred_head.", "prediction head"), ("mask_token", "mask token"),
+                                               (_OFFICIAL_HOG_PREFIX, "HOG filters"))
+                     if any(k.startswith(prefix) for k in self.pretrain_only)]
+            s += f"; left out the pre-training {', '.join(kinds)} ({len(self.pretrain_only)} tensors)"
         if self.dropped:
             s += f"; dropped the checkpoint's classification head {self.dropped} (another number of classes)"
         return s

@@ -15,7 +15,7 @@ Semantics follow facebookresearch/SlowFast ``slowfast/models/video_model_builder
   stride, kernel//2, groups=hd, bias=False) shared across heads, cls split off before and
   re-attached before LayerNorm(hd); residual pooling adds pooled q to the non-cls outputs.
   ``pool_backend`` picks who runs those convolutions, with the same ``nn.Conv3d`` weights (same
-  state_dict keys): "auto" (default) ``kernels.pool``'s Triton kernels for the large ones on CUDA
+  state_dict keys): "auto" (default) ``kernels.pool``'s Triton kernels for the large ones on an sm_90 GPU
   (``kernels.pool.auto_backend``) and torch's for the rest, "triton" Triton's for all, "torch"
   torch's for all.
 - Pooling schedule: per-block Q strides (official ``POOL_Q_STRIDE``), kernel ``POOL_KVQ_KERNEL``
@@ -201,7 +201,7 @@ class PoolConv3d(nn.Conv3d):
     """A q/k/v pooling: depthwise, bias-free ``nn.Conv3d`` (the same parameters and state_dict keys)
     whose forward runs torch's convolution, or the same convolution through ``kernels.pool``'s
     Triton kernels, the module's weight as the parameter: with ``backend == "triton"`` always,
-    with "auto" where ``kernels.pool.auto_backend`` picks Triton (large bf16/fp16 inputs on CUDA).
+    with "auto" where ``kernels.pool.auto_backend`` picks Triton (large bf16/fp16 inputs on an sm_90 GPU).
     It stays a module call either way, so module hooks run (DeepSpeed ZeRO-3 gathers the weight in
     one). Under autocast both are cast as ``F.conv3d`` would cast them."""
 

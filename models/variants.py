@@ -14,7 +14,7 @@ Each :class:`Variant` is one row of the official recipes (facebookresearch/SlowF
 MViTv2 rows list a Q-stride entry for *every* block (official configs do), so every block has
 Q, K and V pooling convolutions (stride 1 where the stage does not change).
 
-Exact parameter counts (``python -m models.variants``; the issue's numbers, from the official
+Exact parameter counts (``python -m models``; the issue's numbers, from the official
 code): MaskFeat PT MViTv2-S 16x4 36,253,356, L 16x4 217,247,580; FT (K400) S 36,475,120,
 L 217,578,064; ViT-B/16 PT 85,882,476, FT (IN-1K) 86,567,656.
 

@@ -262,8 +262,9 @@ class ImageLoader:
 
         self.cfg, self.split, self.mode = cfg, split, mode
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
-        ds = load_dataset("image_folder", resolve_root(cfg), split, cfg.extensions, classes)
-        check_same_listing(ds, split)  # every rank calls it
+        root = resolve_root(cfg)
+        ds = load_dataset("image_folder", root, split, cfg.extensions, classes)
+        check_same_listing(ds, split, root)  # every rank calls it
         report = ValidationReport()
         for p in ds.paths:
             try:
@@ -440,8 +441,8 @@ class ImageLoader:
         why = _dali_reason(error)
         if not culprits:
             raise ImageDecodeError(
-                f"DALI's image decoder failed ({why}) on one of the images in flight, but neither Pillow nor DALI "
-                f"alone fails on any of them: {', '.join(paths)}") from error
+                f"DALI's image decoder failed ({why}) on one of the images in flight, but it decodes each of them "
+                f"alone: {', '.join(paths)}") from error
         for path, err in culprits.items():
             self._decode_failed(path, err)
         if self.cfg.on_bad_file == "skip":

@@ -147,7 +147,7 @@ def validate_dataset(cfg: DataConfig, split: str = "train", *, device: torch.dev
     root = resolve_root(cfg)
     ds = load_dataset(cfg.dataset, root, split, cfg.extensions, classes)
     if agree is not None:
-        check_same_listing(ds, split)
+        check_same_listing(ds, split, root)
     workers = cfg.validation_workers or cfg.num_threads
     cache = probe_cache_path(cfg, root)
 
@@ -443,18 +443,20 @@ def random_erase(x: torch.Tensor, specs: Sequence[ClipSpec], key: Sequence[int])
         box.copy_(torch.randn(box.shape, generator=gen, device=x.device, dtype=x.dtype))
 
 
-def check_same_listing(ds: Dataset, split: str) -> None:
+def check_same_listing(ds: Dataset, split: str, root: str) -> None:
     """DataError on every rank unless all ranks listed the same files, labels and classes (all ranks
     call this; a no-op without a process group of more than one rank). Each rank lists the split
     itself: a file or class folder missing from one node's copy was never a bad file there, so
     the ranks ran with different datasets (another video at the same index, overlapping shards,
-    or another epoch length and collectives out of step). One digest per rank is exchanged."""
+    or another epoch length and collectives out of step). One digest per rank is exchanged, of the
+    paths relative to ``root`` (the same dataset mounted at another path on another node is the
+    same)."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return
     h = hashlib.sha256()
     for path, label in zip(ds.paths, ds.labels):
-        h.update(f"{path}\t{label}\n".encode())
+        h.update(f"{os.path.relpath(path, root)}\t{label}\n".encode())
     h.update("\n".join(ds.class_names).encode())
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, (h.hexdigest(), len(ds.paths), len(ds.class_names)))

@@ -209,13 +209,14 @@ def _encode(src: str, tmp: str, encoder: str, fmt: str, codec: str, short_side: 
                 else:
                     t = raw - t0
                 # each output time shows the source frame nearest to it: prev up to the midpoint between
-                # prev and this frame (up to this frame's time, a frame whose timestamp was rounded up
-                # -- Matroska's milliseconds, a phone's jitter -- lost its slot to a repeat of prev)
-                while prev is not None and written / float(rate) < (last_t + t) / 2 - EPS:
+                # prev and this frame, a tie included (so 2x gives 0 0 1 1 ...). Up to this frame's time,
+                # a frame whose timestamp was rounded up -- Matroska's milliseconds, a phone's jitter --
+                # lost its slot to a repeat of prev
+                while prev is not None and written / float(rate) < (last_t + t) / 2 + EPS:
                     emit(prev)
                 prev, last_t = frame, t
             if prev is not None:  # the last frame: to the midpoint with a next one a source interval later
-                end = last_t + step / 2  # (a tie there is the last frame's: 30 -> 60 fps gives 2n frames)
+                end = last_t + step / 2  # (a tie there is the last frame's too: 30 -> 60 fps gives 2n frames)
                 while written / float(rate) < end + EPS or written == 0:
                     emit(prev)
             for packet in so.encode():
@@ -503,7 +504,7 @@ def build_prepare_parser() -> argparse.ArgumentParser:
     ap.add_argument("dst", nargs="?", default="", help="output root (not needed with --check)")
     ap.add_argument("--codec", choices=sorted(CODECS), default="vp9",
                     help="vp9 (.webm; DALI CPU and GPU) or h264 (.mp4; GPU/NVDEC or PyAV)")
-    ap.add_argument("--short-side", type=int, default=320, help="at most this many pixels (no upscaling)")
+    ap.add_argument("--short-side", type=int, default=320, help="at most this many pixels (no upscaling, except VP9 under NVDEC's 128x128 when this is at least 128)")
     ap.add_argument("--fps", type=float, default=0.0, help="constant output rate; 0 keeps the source rate")
     ap.add_argument("--gop", type=int, default=16, help="key frame interval in frames")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")

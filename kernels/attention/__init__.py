@@ -89,8 +89,8 @@ def relpos_attention(
     q (B, nh, Nq, hd), k and v (B, nh, Nk, hd), cls at index 0 when ``has_cls``; ``q_thw`` and
     ``k_thw`` the (T, H, W) grids of the non-cls tokens; tables ``(2·max(Q,K)−1, hd)`` per axis
     (``rel_pos_t`` may be None when both T are 1). ``scale`` defaults to hd^-0.5.
-    ``rel_impl`` (``sdpa`` and ``triton`` backends): ``"auto"`` (the Triton kernel on CUDA, else the
-    einsums), ``"reference"`` (PyTorch einsums) or ``"triton"`` (the fused kernel of
+    ``rel_impl`` (``sdpa`` and ``triton`` backends): ``"auto"`` (the Triton kernel on an sm_90 GPU,
+    :func:`kernels.tuned_for`, else the einsums), ``"reference"`` (PyTorch einsums) or ``"triton"`` (the fused kernel of
     :mod:`kernels.attention.rel_triton`).
     Returns (B, nh, Nq, hd).
     """

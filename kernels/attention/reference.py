@@ -192,7 +192,7 @@ REL_IMPLS = ("auto", "reference", "triton")  # implementations of rel_matrix (th
 def rel_matrix_impl(impl: str, device: torch.device):
     """``rel_matrix`` (``"reference"``, PyTorch einsums) or its fused Triton version
     (``"triton"``, :mod:`kernels.attention.rel_triton`; same signature and semantics). ``"auto"``:
-    the Triton version on CUDA (measured faster on an H100: bf16 fwd+bwd at the MViTv2-L stages,
+    the Triton version on an sm_90 GPU (:func:`kernels.tuned_for`; measured faster on an H100: bf16 fwd+bwd at the MViTv2-L stages,
     SDPA-cuDNN 11.9 -> 6.8 ms at stage 1, bench/results/attention_nvidia-h100-80gb-hbm3_20261127.md),
     the einsums elsewhere (on CPU Triton runs only in the interpreter)."""
     if resolve_rel_impl(impl, device) == "reference":

@@ -827,7 +827,9 @@ def rel_matrix_triton(
     g, cfg = rel_setup(q, q_thw, k_thw, (rel_pos_t, rel_pos_h, rel_pos_w), has_cls)
     B, nh = q.shape[:2]
     step = batch_step(B, nh)
-    if step < B:  # more programs than a CUDA grid axis takes: the batch in parts (its items are independent)
+    if step < B:  # more programs than a CUDA grid axis takes: the batch in parts (its items are independent;
+        # the tables' gradients are then summed over the parts in the tables' dtype: bf16/fp16 tables
+        # round once per part, fp32 ones as the whole batch up to summation order)
         return torch.cat([rel_matrix_triton(q[i:i + step], q_thw, k_thw, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
                           for i in range(0, B, step)])
     with tensor_device(q):  # Triton launches on the current device

@@ -1065,7 +1065,9 @@ def relpos_attention_triton(
     if hd + kr > 512:
         raise ValueError(f"head dim {hd} + rel width {kr} > 512 is not supported by the Triton kernel")
     step = batch_step(B, nh)
-    if step < B:  # more programs than a CUDA grid axis takes: the batch in parts (its items are independent)
+    if step < B:  # more programs than a CUDA grid axis takes: the batch in parts (its items are independent;
+        # the tables' gradients are then summed over the parts in the tables' dtype: bf16/fp16 tables
+        # round once per part, fp32 ones as the whole batch up to summation order)
         return torch.cat([
             relpos_attention_triton(q[i:i + step], k[i:i + step], v[i:i + step], q_thw, k_thw, rel_pos_t, rel_pos_h,
                                     rel_pos_w, has_cls=has_cls, scale=scale, config=config, rel_impl=rel_impl)

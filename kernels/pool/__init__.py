@@ -8,8 +8,8 @@ x (N, C, T, H, W) and weight (C, 1, kt, kh, kw), with a ``backend=`` choice:
 - ``triton``: the Triton kernels of :mod:`kernels.pool.triton_pool` (forward, input gradient and
   a deterministic, atomic-free weight gradient, fp32 accumulation); on CPU only under
   ``TRITON_INTERPRET=1`` (tests);
-- ``auto``: ``triton`` for a CUDA input in bf16 or fp16 of at least ``AUTO_TRITON_MIN_NUMEL``
-  (2²³) elements, ``torch`` otherwise (:func:`auto_backend`). Timed on an H200 (bf16, fwd+bwd
+- ``auto``: ``triton`` for an input on an sm_90 GPU (:func:`kernels.tuned_for`) in bf16 or fp16 of
+  at least ``AUTO_TRITON_MIN_NUMEL`` (2²³) elements, ``torch`` otherwise (:func:`auto_backend`). Timed on an H200 (bf16, fwd+bwd
   per call, host included, ``bench/results/pool_conv_nvidia-h200_20261128_triton.md``): each
   MViTv2-L pooling of ≥ 14.4 M input elements at B 4 ran 1.3–2.7× faster through Triton (the
   poolings of stage 1 and of the first blocks of stages 2 and 3, 12 per step: 16.4 → 8.8 ms of
@@ -54,7 +54,7 @@ def auto_backend(x: torch.Tensor, dtype: Optional[torch.dtype] = None, *, min_nu
     decisions as the full-size step's, and counts CUDA's path on a CPU)."""
     if (device_type or x.device.type) != "cuda" or torch.version.hip is not None:
         return "torch"
-    if x.device.type == "cuda" and not tuned_for(x.device):  # timed on sm_90 only (kernels.tuned_for)
+    if x.device.type == "cuda" and not tuned_for(x.device):  # timed on NVIDIA sm_90 only (kernels.tuned_for)
         return "torch"
     least = AUTO_TRITON_MIN_NUMEL if min_numel is None else min_numel
     if (dtype or x.dtype) not in _AUTO_DTYPES or x.numel() < least:

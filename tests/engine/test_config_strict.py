@@ -204,13 +204,13 @@ def test_yaml_files_read_yaml_1_2_numbers_and_no_dates(tmp_path):
     assert (c.train.seed, c.train.output_dir, c.optim.lr, c.data.batch_size) == (10, "2024-06-01", 1e-3, 16)
     with pytest.raises(ConfigError, match=r"schedule.epochs: expected an integer, got '1:30'"):
         load("schedule: {epochs: 1:30}\n")
-    with pytest.raises(ConfigError, match=r"data.root: expected a string, got the number 1.1 .*quote it"):
+    with pytest.raises(ConfigError, match=r"data.root: expected a string, got the number 1.1 .*quote the value"):
         load("data: {root: 1.10}\n")
     assert load("data: {root: '1.10'}\n").data.root == "1.10"
     assert load("data: {batch_size: 3}\nmodel:\n  # name: x\n").model == Config().model  # a section left empty
 
 
-@pytest.mark.parametrize("override", ["data.root=1e3", "train.output_dir=0o17", "data.root=010",
+@pytest.mark.parametrize("override", ["data.root=1e3", "train.output_dir=0o17", "data.root=010", "data.root=2024-06-01",
                                       "model.overrides={a: '1e3'}", "train.output_dir=1:30"])
 def test_the_saved_config_reads_back_the_same(override):
     """config.yaml is written so that it loads to the same config: a string the loader takes for a
@@ -219,6 +219,7 @@ def test_the_saved_config_reads_back_the_same(override):
 
     c = load_config(None, [override])
     assert config_from_dict(_yaml_load(config_to_yaml(c))) == c
+    assert config_from_dict(yaml.safe_load(config_to_yaml(c))) == c  # and a YAML 1.1 reader too
 
 
 def test_yaml_mistakes_are_one_line_config_errors(tmp_path):
@@ -235,8 +236,11 @@ def test_yaml_mistakes_are_one_line_config_errors(tmp_path):
         load_config(str(bad))
 
 
-def test_none_in_a_free_form_mapping_is_null():
+def test_none_in_a_free_form_mapping_is_null_but_the_word_none_stays():
     assert load_config(None, ["model.overrides.hog_norm=None"]).model.overrides == {"hog_norm": None}
+    # 'none' is a value: the no-normalisation ablation, an offload device
+    assert load_config(None, ["model.overrides.hog_norm=none"]).model.overrides == {"hog_norm": "none"}
+    assert load_config(None, ["train.seed=1_000"]).train.seed == 1000
 
 
 @pytest.mark.parametrize("argv,message", [

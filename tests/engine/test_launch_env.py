@@ -349,9 +349,11 @@ def test_zero_offload_needs_the_client_optimizer_switch():
     """ZeRO-Offload with the engine's AdamW: DeepSpeed refused it at set-up, advising an optimizer
     section the engine does not allow."""
     off = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
-    with pytest.raises(ConfigError, match=r"offload_optimizer: .*zero_force_ds_cpu_optimizer=false"):
+    with pytest.raises(ConfigError, match=r"offload_optimizer.device=cpu: .*zero_force_ds_cpu_optimizer=false"):
         check_deepspeed_extra(off)
     check_deepspeed_extra({**off, "zero_force_ds_cpu_optimizer": False})
+    check_deepspeed_extra({"zero_optimization": {"offload_optimizer": {"device": "none"}}})  # DeepSpeed takes these
+    check_deepspeed_extra({"zero_optimization": {"offload_param": {"device": "cpu"}}})
 
 
 def test_deepspeed_extra_tunes_the_loss_scaler_of_the_chosen_precision():

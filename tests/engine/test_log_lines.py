@@ -86,7 +86,7 @@ def test_long_work_prints_plain_lines_without_a_terminal(monkeypatch, capsys):
         for _ in range(5):
             bar.update(1)
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 6  # one per update (every_s 0) and the final one
+    assert len(lines) == 5  # one per update (every_s 0); the last was the final count (not printed twice)
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d prepare: 2/5 videos \(40\.0%\) \S+/s ETA \d+:\d\d:\d\d",
                         lines[1]), lines[1]
     assert "prepare: 5/5 videos (100.0%)" in lines[-1] and "ETA" not in lines[-1]

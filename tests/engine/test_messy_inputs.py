@@ -427,9 +427,9 @@ def _listing_worker(rank: int, init: str, listings: dict, out: str) -> None:
 
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
-        paths, classes = listings[rank]
+        root, paths, labels, classes = listings[rank]
         try:
-            check_same_listing(Dataset(paths, [0] * len(paths), classes), "train")
+            check_same_listing(Dataset(paths, labels, classes), "train", root)
             res = "same"
         except DataError as e:
             res = str(e)
@@ -439,24 +439,49 @@ def _listing_worker(rank: int, init: str, listings: dict, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("case", ["same", "a file missing on one node", "a class missing on one node"])
+@pytest.mark.parametrize("case", ["same", "same under another mount", "a file missing on one node",
+                                  "a class missing on one node", "another label"])
 def test_ranks_must_list_the_same_files(tmp_path, case):
     """A file missing from one node's copy was never a bad file there: the ranks ran with different
     datasets (another video at an index, overlapping shards, another epoch length). Now every rank
-    stops with a data error naming each rank's counts."""
+    stops with a data error naming each rank's counts; the same files under another root are the
+    same dataset."""
     import torch.multiprocessing as mp
 
-    full = (["/d/a.mp4", "/d/b.mp4", "/d/c.mp4"], ["x", "y"])
-    other = {"same": full, "a file missing on one node": (full[0][:2], full[1]),
-             "a class missing on one node": (full[0], ["x"])}[case]
+    full = ("/d", ["/d/a.mp4", "/d/b.mp4", "/d/c.mp4"], [0, 1, 1], ["x", "y"])
+    other = {"same": full, "same under another mount": ("/e", ["/e/a.mp4", "/e/b.mp4", "/e/c.mp4"], [0, 1, 1], ["x", "y"]),
+             "a file missing on one node": ("/d", full[1][:2], [0, 1], full[3]),
+             "a class missing on one node": ("/d", full[1], full[2], ["x"]),
+             "another label": ("/d", full[1], [0, 1, 0], full[3])}[case]
     out = str(tmp_path / "listing")
     mp.spawn(_listing_worker, args=(f"file://{tmp_path / 'store'}", {0: full, 1: other}, out), nprocs=2, join=True)
     r0, r1 = (open(f"{out}.{r}").read() for r in (0, 1))
     assert r0 == r1
-    if case == "same":
+    if case.startswith("same"):
         assert r0 == "same"
     else:
         assert r0.startswith("the ranks list different train files or classes (rank 0: 3 files, 2 classes; rank 1:")
+
+
+def test_both_loaders_compare_their_listing_across_ranks(tmp_path, monkeypatch):
+    """The video and the image loader call check_same_listing (every rank does, before validating)."""
+    from PIL import Image
+
+    import engine.data.loader as L
+    from engine.data import DataConfig, build_loader
+
+    seen = []
+    real = L.check_same_listing
+    monkeypatch.setattr(L, "check_same_listing", lambda ds, split, root: (seen.append((split, root)),
+                                                                           real(ds, split, root))[1])
+    build_loader(DataConfig(num_frames=4, crop_size=32, batch_size=2, clips_per_epoch=2, num_threads=1,
+                            cache_dir=str(tmp_path / "c")), "train")
+    for cls in ("a", "b"):
+        os.makedirs(tmp_path / "img" / "train" / cls)
+        Image.new("RGB", (40, 30)).save(tmp_path / "img" / "train" / cls / "0.jpg")
+    build_loader(DataConfig(root=str(tmp_path / "img"), dataset="image_folder", crop_size=16, batch_size=2,
+                            num_threads=1, cache_dir=str(tmp_path / "c")), "train")
+    assert [s for s, _ in seen] == ["train", "train"] and seen[1][1] == str(tmp_path / "img")
 
 
 def test_validation_applies_the_agreed_bad_files(corrupt_root):

@@ -195,6 +195,20 @@ def test_colours_are_kept_whatever_the_source_colorspace(tmp_path, colorspace, c
     out = str(tmp_path / "c.webm")
     assert encode_video(src, out, short_side=64) == 4
     assert np.abs(colours(out) - colours(src)).max() <= 4, (colours(out), colours(src))
+    with av.open(out) as c:  # tagged, so that a decoder that defaults otherwise reads it right too
+        f = next(c.decode(c.streams.video[0]))
+        assert (int(f.colorspace), int(f.color_range)) == (5, 1)
+
+
+def test_doubling_the_rate_shows_each_frame_twice_in_place(tmp_path):
+    """25 -> 50 fps: every other output time is a midpoint between two source frames; it goes to
+    the earlier one, and the last frame fills the end: 0 0 1 1 ... 7 7 (ties to the later frame
+    gave 0 1 1 2 ... 7 7 7, every frame half a source frame early)."""
+    src = make_clip(str(tmp_path / "x.mkv"), n=8)  # 40 ms apart, exactly
+    want = np.repeat(np.array(red_levels(src)), 2)
+    out = str(tmp_path / "x50.webm")
+    assert encode_video(src, out, short_side=16, fps=50) == 16
+    assert np.all(np.abs(np.array(red_levels(out)) - want) <= 4), (red_levels(out), want)
 
 
 def test_small_vp9_is_scaled_up_to_what_nvdec_decodes(tmp_path):

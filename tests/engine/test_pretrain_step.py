@@ -37,8 +37,8 @@ def _run(dtype: torch.dtype, ratio: float = 0.4, rng=None) -> SimpleNamespace:
 
 
 def test_the_step_masks_at_mask_ratio_with_the_ranks_own_draws():
-    """mask.ratio reaches the step's masks, and each rank draws its own (``runner.rank_rng``: seeded
-    by train.seed and the rank); nothing tested either."""
+    """mask.ratio reaches the step's masks, and ranks draw different masks from ``runner.rank_rng``
+    (the Generator setup_run seeds with train.seed and the rank); nothing tested either."""
     from engine.runner import rank_rng
 
     clip = torch.randn(4, 3, 16, 64, 64, generator=torch.Generator().manual_seed(4))

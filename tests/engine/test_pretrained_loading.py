@@ -145,7 +145,7 @@ def test_official_pretrain_state_with_hog_buffers_and_pred_head_loads():
     rep = load_backbone_into_classifier(clf, {"epoch": 1, "model_state": sd, "cfg": ""})
     assert sorted(rep.missing) == NEW_KEYS and rep.unexpected == []
     # the 7 pre-training-only tensors are named in the report (they were left out without a word)
-    assert len(rep.pretrain_only) == 7 and "left out the pre-training head, mask token and HOG filters (7" in str(rep)
+    assert len(rep.pretrain_only) == 7 and "left out the pre-training prediction head, mask token, HOG filters (7" in str(rep)
 
 
 def test_missing_query_pooling_is_allowed_at_stage_transitions_only(pt_state):

@@ -505,3 +505,23 @@ def test_a_save_failing_on_one_rank_stops_every_rank(env, tmp_path, file, rank):
     assert "Connection closed" not in p.stderr, p.stderr[-3000:]
     assert "another rank could not write its part of checkpoint step00000002" in p.stderr
     assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step00000001"
+
+
+def test_fp16_overflow_skips_count_only_at_the_minimum_or_a_static_scale():
+    """fp16 at stage 0 (FP16_UnfusedOptimizer) clamps its loss scale at the minimum and never raises:
+    a run whose gradients stay non-finite skipped every update for ever, uncounted. The scaler's
+    search above its minimum stays routine (not counted); ZeRO's scaler has the same rule."""
+    from types import SimpleNamespace as NS
+
+    from engine.runner import _scale_search
+
+    unfused = NS(loss_scale_config=NS(dynamic_loss_scale=True, cur_scale=2.0 ** 12, min_loss_scale=1.0))
+    assert _scale_search(unfused)
+    unfused.loss_scale_config.cur_scale = 1.0
+    assert not _scale_search(unfused)
+    assert not _scale_search(NS(loss_scale_config=NS(dynamic_loss_scale=False, cur_scale=128.0, min_loss_scale=1.0)))
+    zero = NS(loss_scaler=NS(dynamic=True, cur_scale=2.0 ** 10, min_scale=1.0))
+    assert _scale_search(zero)
+    zero.loss_scaler.cur_scale = 1.0
+    assert not _scale_search(zero)
+    assert not _scale_search(NS(loss_scaler=NS(dynamic=False, cur_scale=1024.0)))

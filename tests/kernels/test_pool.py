@@ -232,13 +232,19 @@ def test_auto_backend_keeps_torch_on_untimed_gpus(monkeypatch):
     """A real CUDA input on a GPU other than sm_90 (where the rule was timed) stays on torch."""
     import kernels
 
-    monkeypatch.setattr(kernels, "_cuda_major", lambda index: 8)
+    from kernels.pool import triton_pool
+
+    monkeypatch.setattr(triton_pool, "plane_fits", lambda x: True)
     x = type("X", (), {"device": torch.device("cuda", 0), "dtype": torch.bfloat16, "numel": lambda self: 1 << 30,
                        "dim": lambda self: 5})()
+    monkeypatch.setattr(kernels, "_cuda_major", lambda index: 8)
     assert kernels.pool.auto_backend(x) == "torch"
     assert not kernels.tuned_for(torch.device("cuda", 0)) and not kernels.tuned_for(torch.device("cpu"))
     monkeypatch.setattr(kernels, "_cuda_major", lambda index: 9)
+    assert kernels.pool.auto_backend(x) == "triton"  # the same input on an sm_90 GPU
     assert kernels.tuned_for(torch.device("cuda", 0)) and not kernels.tuned_for(torch.device("meta"))
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm's MI300 reports 9.4
+    assert not kernels.tuned_for(torch.device("cuda", 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,9 +478,14 @@ def test_gpu_mvit_l_bf16(shape, stride):
 
 @pytest.mark.gpu
 def test_gpu_model_pool_auto_picks_by_size():
-    """On CUDA in bf16 a pooling of ≥ 2²³ input elements runs the Triton kernels, a smaller one torch's."""
+    """On an sm_90 GPU in bf16 a pooling of ≥ 2²³ input elements runs the Triton kernels, a smaller
+    one torch's (elsewhere auto keeps torch's: kernels.tuned_for)."""
     import models.mvit
+    from kernels import tuned_for
     from models.mvit import PoolConv3d
+
+    if not tuned_for(torch.device("cuda", torch.cuda.current_device())):
+        pytest.skip("auto picks the Triton poolings on sm_90 GPUs only")
 
     seen = []
     real = models.mvit.depthwise_conv3d
