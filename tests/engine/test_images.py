@@ -474,3 +474,18 @@ def test_a_file_only_pillow_rejects_is_not_blamed_for_dalis_failure(tmp_path, mo
         batches = _batches(loader)
         assert loader.decode_failures == [str(broken)]
         assert sum(bool(v) for b in batches for v in b["valid"]) == 3  # the strict PNG is kept
+
+
+def test_feeder_close_drops_its_queued_work(tmp_path):
+    """close() empties the queue and the plan at once: DALI's graph keeps a feeder alive until the
+    collector runs, and with it depth x batch decoded images; a call after close ends the data."""
+    p = tmp_path / "x.jpg"
+    p.write_bytes(_jpeg(np.random.default_rng(0)))
+    spec = ClipSpec(0, 0, np.zeros(1, np.int32), (0.0, 0.0, 1.0, 1.0), False, None, 0, True, position=0)
+    f = Feeder([[spec]] * 5, [str(p)], "bytes", 0, 1, 3, media="image")
+    f._fill()
+    assert len(f.queue) == 3
+    f.close()
+    assert not f.queue and not f.batches
+    with pytest.raises(StopIteration):
+        f()
