@@ -187,7 +187,8 @@ def auto_layout(conv: dict, device: torch.device, dtype: torch.dtype) -> str:
     from kernels.pool import auto_backend
 
     x = torch.empty(conv["shape"], dtype=dtype, device="meta")
-    if device.type == "cuda" and not tuned_for(device):  # (the meta stand-in cannot ask the real GPU)
+    if device.type == "cuda" and torch.cuda.is_available() and not tuned_for(device):  # (the meta stand-in
+        # cannot ask the real GPU; counting CUDA's path on a CPU assumes the GPU it was tuned on)
         return "contiguous"
     return "triton" if auto_backend(x, device_type=device.type) == "triton" else "contiguous"
 

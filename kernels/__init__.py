@@ -92,7 +92,7 @@ def tuned_for(device: torch.device) -> bool:
     at the first backward), found by compiling it offline (``bench.sass``)."""
     if device.type != "cuda" or torch.version.hip is not None:  # ROCm reports 9.x for MI200-MI350
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device.index if device.index is not None else (torch.cuda.current_device() if torch.cuda.is_available() else 0)
     return _cuda_major(index) == TUNED_CUDA_MAJOR
 
 
