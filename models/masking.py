@@ -45,7 +45,7 @@ Faithfulness and known limits:
   the sequential rule (the round's mask does not change before its first acceptance).
 - Tube: the official branch tiles over a hard-coded 8 frames and needs a 2-D mask window
   ((7, 7) -> 20 units at 0.4); here the 2-D mask is repeated over the given T'.
-- Speed (``python -m models.masking``, one thread, CPU time, 2-core CI box under load):
+- Speed (``python -m bench.masking``, one thread, CPU time, 2-core CI box under load):
   about 2,700 cube masks/s for (8,14,14) in batches of 32 (``make_masks("cube", 32,
   (8, 14, 14))``; ~1,100/s wall-clock while the box ran other jobs at load 7), ~3,700/s for
   image blocks, ~14,000/s for frames.
@@ -364,33 +364,3 @@ def upsample_mask(mask: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
         if s != g:
             out = out.repeat_interleave(s // g, dim=d + 1)
     return out
-
-
-def _measure(n: int = 10000, seed: int = 0) -> None:  # pragma: no cover - manual measurement
-    """Shortfall rates and speed; run ``python -m models.masking``."""
-    import time
-
-    rng = np.random.default_rng(seed)
-    for name, fn in (("cube (8,14,14)", cube_unit_mask), ("tube (8,14,14)", tube_unit_mask)):
-        for ratio in (0.2, 0.4, 0.6, 0.8):
-            short = np.array([r.target - r.count for r in (fn((8, 14, 14), ratio, rng) for _ in range(n))])
-            print(f"{name} ratio {ratio}: short in {(short > 0).mean():.2%} of {n}, "
-                  f"mean shortfall {short.mean():.2f}, max {short.max()}")
-    for k in (78,):
-        short = np.array([k - int(image_block_mask((14, 14), k, rng).sum()) for _ in range(n)])
-        print(f"image 14x14 {k}: short in {(short > 0).mean():.2%} of {n}, "
-              f"mean shortfall {short.mean():.2f}, max {short.max()}")
-    for kind, grid in (("cube", (8, 14, 14)), ("tube", (8, 14, 14)), ("frame", (8, 14, 14)),
-                       ("image_block", (14, 14))):
-        make_masks(kind, 32, grid, rng=rng)
-        reps = 30
-        t0 = time.process_time()  # CPU time of this process: robust to other load on the box
-        for _ in range(reps):
-            make_masks(kind, 32, grid, rng=rng)
-        dt = time.process_time() - t0
-        print(f"{kind} {grid}: {reps * 32 / dt:,.0f} masks/s (batches of 32, one thread, CPU time)")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    torch.set_num_threads(1)
-    _measure()

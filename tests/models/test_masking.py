@@ -399,3 +399,13 @@ def test_other_errors():
         image_block_mask((14, 14), 0)
     with pytest.raises(TypeError):
         upsample_mask(np.zeros((1, 2, 2), dtype=bool), (4, 4))
+
+
+def test_bench_masking_runs(capsys):
+    """``python -m bench.masking`` (moved out of models/masking.py, whose ``-m`` run warned that its
+    package had imported it first) prints every kind's shortfall and speed."""
+    from bench.masking import measure
+
+    measure(n=5)
+    out = capsys.readouterr().out
+    assert all(k in out for k in ("cube (8,14,14) ratio 0.4", "image 14x14 78", "frame (8, 14, 14)", "masks/s"))
