@@ -546,11 +546,14 @@ def main(argv: Optional[list[str]] = None) -> None:
                 input="x".join(map(str, input_size)))
     if args.count_only:
         meta["count_only"] = True
-        rows = [count_row(model_name, b, batch, device, args.img_size) for b in backends]
-        for r in rows:
+        rows = []
+        for b in backends:  # minutes per backend for MViTv2-L on a CPU: say what is going on
+            print(f"{b:12s} counting one step of {model_name} at B {batch} ...", flush=True)
+            r = count_row(model_name, b, batch, device, args.img_size)
+            rows.append(r)
             saved = "n/a" if r["saved_gib"] is None else f"{r['saved_gib']:.2f}"
             print(f"{r['backend']:12s} {r['torch_ops']} torch ops, {r['triton_launches']} Triton launches ({r['path']}), "
-                  f"{saved} GiB of saved activations at {'x'.join(map(str, _input_size(model_name)))}")
+                  f"{saved} GiB of saved activations at {'x'.join(map(str, _input_size(model_name)))}", flush=True)
         jpath, mpath = write_report(Path(args.out), stem + "_counts" + tag, meta, rows)
         print(f"\nwrote {jpath} and {mpath}")
         return

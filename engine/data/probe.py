@@ -156,9 +156,14 @@ class BadDatasetError(RuntimeError):
 
     def __init__(self, report: ValidationReport, skipping: bool = False):
         self.report = report
-        hint = ("(no usable file is left: data.on_bad_file=skip already leaves the bad ones out; fix or replace them)"
-                if skipping or not report.good else
-                "(set data.on_bad_file=skip to leave them out and go on with the others)")
+        if skipping or not report.good:  # (with on_bad_file=error too: skip would leave nothing either)
+            reasons = sorted({b.reason for b in report.bad})
+            hint = (f"(no usable file is left: every file is bad ({', '.join(reasons)}); data.on_bad_file=skip "
+                    "would leave nothing either: fix or replace them"
+                    + ("; too_short: each file is shorter than one clip, num_frames x sampling_rate at target_fps"
+                       if "too_short" in reasons else "") + ")")
+        else:
+            hint = "(set data.on_bad_file=skip to leave them out and go on with the others)"
         super().__init__(report.summary() + "\n" + hint)
 
 

@@ -650,3 +650,14 @@ def test_constant_rate_check_with_a_time_base_of_one_frame():
     ms = np.round(np.arange(30) * 1000 / 29.97)  # milliseconds at 29.97 fps: 33 and 34 ms steps
     assert _frame_durations_cfr(ms)
     assert not _frame_durations_cfr(np.concatenate([ms[:10], ms[11:]]))  # one frame missing
+
+
+def test_a_dataset_of_only_short_files_says_why():
+    """Every file shorter than one clip: the message said "data.on_bad_file=skip already leaves the
+    bad ones out" under on_bad_file=error, with the reason only in the warnings above it."""
+    from engine.data.probe import BadDatasetError, BadFile, ValidationReport
+
+    report = ValidationReport()
+    report.bad = [BadFile("/d/a.mp4", "too_short", "48 frames, a clip needs 61")]
+    msg = str(BadDatasetError(report)).splitlines()[-1]
+    assert "every file is bad (too_short)" in msg and "shorter than one clip" in msg and "already" not in msg
