@@ -44,8 +44,9 @@ Non-finite losses: the finite flag is summed over ranks so all ranks skip togeth
 backward, no optimiser step; ZeRO collectives stay matched). Non-finite gradients of a finite
 loss: the update is skipped too, by DeepSpeed where it checks for overflow (ZeRO, bf16;
 ``was_step_applied``), by :func:`_step` at stage-0 fp32, where DeepSpeed would apply them (the
-gradient norm is then computed every step: one more host sync); fp16's overflows are its loss
-scaler's routine and are not counted, its scaler giving up is. Each skipped update is counted and
+gradient norm is then computed every step: one more host sync); fp16's overflows while its loss
+scaler lowers the scale are routine and not counted, those at its minimum scale or under a static
+one are (:func:`_scale_search`). Each skipped update is counted and
 logged (``grad_norm`` NaN); after ``train.max_nonfinite`` in a row the run stops with a diagnostic
 (:class:`NonFiniteLossError`).
 """
