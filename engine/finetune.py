@@ -312,6 +312,9 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
     source = resolve_resume(resume, cfg.train.output_dir) if resume else None  # (checkpoints dir, tag)
     if source is None:
         _check_pretrained(cfg)
+        if not cfg.finetune.pretrained:  # (a real recipe ships with it empty: say so, once)
+            print0("finetune.pretrained is empty: the classifier starts from random weights (set it to a "
+                   "`maskfeat export` .safetensors or an official .pyth to fine-tune a pre-trained backbone)")
     elif cfg.finetune.pretrained:  # as SlowFast's auto-resume: the checkpoint holds every weight
         print0(f"resuming {source[1]}: finetune.pretrained={cfg.finetune.pretrained} is not read (the checkpoint "
                "holds the weights)")

@@ -811,7 +811,10 @@ def train_loop(
                 on_epoch_end(run)
         if stop:  # after the step's checkpoints, also one held for the end of its epoch (as a kill there)
             run.logger.close()
-            raise StopRequested(f"stopped after step {st.step} (train.stop_after_steps)")
+            latest = find_latest(cfg.train.output_dir)  # (as Ctrl-C's message says it)
+            raise StopRequested(f"stopped after step {st.step} (train.stop_after_steps); " + (
+                f"the last complete checkpoint is {latest} (rerun with --resume auto to continue from it)" if latest
+                else f"no checkpoint of {cfg.train.output_dir} yet"))
     final = run.save()
     if on_finish is not None:  # after the save: a failure in it loses no training
         on_finish(run)

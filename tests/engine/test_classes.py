@@ -394,6 +394,7 @@ def test_a_run_ending_mid_epoch_keeps_its_final_evaluation_as_best(videos, tmp_p
                         f"train.output_dir={out}", "train.device=cpu", "schedule.max_steps=1"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
+    assert "finetune.pretrained is empty: the classifier starts from random weights" in p.stdout  # (it was silent)
     evals = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["split"] == "val"]
     assert len(evals) == 1  # the one evaluation: of the final weights, mid-epoch
     assert os.path.isdir(os.path.join(out, "checkpoints", "step00000001"))

@@ -78,6 +78,7 @@ def test_resume_auto_reproduces_an_uninterrupted_run_exactly(env, tmp_path):
     p = _run(common + [f"train.output_dir={b}", "train.stop_after_steps=4"], env, ok=(3,))
     assert "stopped after step 4" in p.stderr
     ck = os.path.join(b, "checkpoints")
+    assert "the last complete checkpoint is step00000003 (rerun with --resume auto" in p.stderr  # as Ctrl-C says
     assert sorted(t for t in os.listdir(ck) if not t.endswith(".py")) == ["latest", "step00000003"]
     # a save that died half-way (a temporary tag, here with every file of a tag) must never be resumed from
     shutil.copytree(os.path.join(ck, "step00000003"), os.path.join(ck, ".tmp-step00000005"))
