@@ -989,6 +989,11 @@ def export_backbone(output_dir_or_ckpt: str, out_path: Optional[str] = None, tag
     return {"tag": tag, "tensors": len(backbone), "parameters": n, "path": out_path}
 
 
+FOLDER_AS_WEIGHTS = ("a folder, not a weights file; for a run or checkpoint folder, export its backbone first "
+                     "(maskfeat export {path}) and use the backbone.safetensors it writes")
+"""What a folder given as weights is told (``load_pretrained`` and fine-tuning's early check)."""
+
+
 def _check_deepspeed_module(path: str, state: dict) -> None:
     """A DeepSpeed ``*model_states.pt`` passed as weights: usable only when it holds the exact fp32
     weights (ZeRO-0/1/2 fp32); a ZeRO-3 file holds this rank's empty placeholders, a bf16/fp16 run's
@@ -1018,8 +1023,7 @@ def load_pretrained(path: str) -> dict[str, torch.Tensor]:
     (ZeRO-3's placeholders, a bf16/fp16 run's rounded copy: ``maskfeat export`` gives them); the
     callers turn these into ConfigError."""
     if os.path.isdir(path):
-        raise ValueError(f"{path}: a folder, not a weights file; for a run or checkpoint folder, export its backbone "
-                         f"first (maskfeat export {path}) and use the backbone.safetensors it writes")
+        raise ValueError(f"{path}: {FOLDER_AS_WEIGHTS.format(path=path)}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pre-trained weights not found: {path}")
     size = os.path.getsize(path)

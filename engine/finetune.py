@@ -237,8 +237,9 @@ def _check_pretrained(cfg: Config) -> None:
         raise ConfigError(f"finetune.pretrained={path} not found (a .safetensors/.pt/.pyth "
                           "file; `maskfeat export RUN` writes RUN/backbone.safetensors)")
     if path and os.path.isdir(path):
-        raise ConfigError(f"finetune.pretrained={path}: a folder, not a weights file; for a run or checkpoint "
-                          f"folder, `maskfeat export {path}` writes the backbone.safetensors to use")
+        from engine.checkpoint import FOLDER_AS_WEIGHTS
+
+        raise ConfigError(f"finetune.pretrained={path}: {FOLDER_AS_WEIGHTS.format(path=path)}")
 
 
 def _num_classes(cfg: Config, loader) -> int:
