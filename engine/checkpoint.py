@@ -702,22 +702,22 @@ def _saved_precision(path: str) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-def _restart_hint(path: str, output_dir: str) -> str:
-    tag = os.path.basename(os.path.normpath(path))
+def _restart_hint(path: str) -> str:
+    # the tag folder itself: a checkpoint resumed from another run is not under this run's output_dir
     return (f"To continue on other settings, start a new run from its weights instead: `maskfeat export "
-            f"{output_dir} --tag {tag} --out backbone.safetensors`, then fine-tune with "
+            f"{path} --out backbone.safetensors`, then fine-tune with "
             "finetune.pretrained=backbone.safetensors (the optimiser state and the schedule position are not "
             "carried over; pre-training has no option to start from exported weights).")
 
 
 def check_resume_compatible(path: str, *, saved_world: int, saved_stage: Optional[int], world_size: int,
-                            zero_stage: int, output_dir: str = "<output_dir>", saved_precision: Optional[str] = None,
+                            zero_stage: int, saved_precision: Optional[str] = None,
                             precision: Optional[str] = None) -> None:
     """Raise ConfigError when DeepSpeed cannot load the checkpoint at ``path`` (saved by
     ``saved_world`` ranks with ZeRO ``saved_stage`` in ``saved_precision``) into a run of
     ``world_size`` ranks with ``zero_stage`` in ``precision`` (module docstring); ``saved_stage``
     None skips the stage check, a ``saved_precision`` or ``precision`` of None the precision check."""
-    restart = _restart_hint(path, output_dir)
+    restart = _restart_hint(path)
     if saved_precision is not None and precision is not None and saved_precision != precision:
         raise ConfigError(
             f"checkpoint {path} was saved with deepspeed.precision={saved_precision}, this run has "
@@ -759,7 +759,7 @@ def saved_param_group_names(path: str) -> Optional[list[list[str]]]:
     return [list(g) for g in names] if isinstance(names, (list, tuple)) else None
 
 
-def check_param_groups(path: str, names: list[list[str]], now: dict, output_dir: str = "<output_dir>") -> None:
+def check_param_groups(path: str, names: list[list[str]], now: dict) -> None:
     """Raise ConfigError when the AdamW groups this run builds (``names``: the parameter names of each
     group, in order) are not those the checkpoint at ``path`` was saved with: the optimiser state is
     stored per group (DeepSpeed would fail inside ``load_state_dict``, or with a ZeRO layout error).
@@ -784,7 +784,7 @@ def check_param_groups(path: str, names: list[list[str]], now: dict, output_dir:
         f"checkpoint {path} holds the optimiser state of {len(saved)} AdamW parameter groups, this config builds "
         f"{len(names)}" + (f" ({what})" if what else "") + ": the state cannot be carried over to "
         "another grouping (optim.weight_decay=0 merges the decayed and the not decayed parameters, "
-        f"optim.layer_decay < 1 makes groups per layer). Resume with {keep}. " + _restart_hint(path, output_dir))
+        f"optim.layer_decay < 1 makes groups per layer). Resume with {keep}. " + _restart_hint(path))
 
 
 def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: bool = True,
@@ -827,7 +827,7 @@ def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: b
     saved_world = int(state.get("loader", {}).get("world_size", len(files)))
     stage = int(engine.zero_optimization_stage() if zero_stage is None else zero_stage)
     check_resume_compatible(path, saved_world=saved_world, saved_stage=_saved_zero_stage(path), world_size=world,
-                            zero_stage=stage, output_dir=output_dir, saved_precision=_saved_precision(path),
+                            zero_stage=stage, saved_precision=_saved_precision(path),
                             precision=precision)
     try:
         load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=load_optimizer,

@@ -366,16 +366,18 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         res = evaluate(lambda x: r.engine(x), eval_loader, r.dtype)
         r.engine.train()
         state["eval_step"] = r.state.step
-        r.logger.scalars(r.state.step, {**res, "epoch": r.state.step / r.derived.steps_per_epoch}, prefix="val")
-        r.logger.write(f"epoch {r.state.epoch} step {r.state.step}: val top-1 {res['top1']:.2f} "
-                       f"top-5 {res['top5']:.2f} ({res['videos']} {'images' if 'image' in cfg.data.dataset else 'videos'}, "
-                       f"{res['views']} views)")
+        # `best` is saved before the record is written: a resume evaluates again when metrics.jsonl lacks
+        # it, so a save that fails (disk full) or is killed cannot leave a recorded score that no `best` holds
         if res["nonfinite_views"]:  # a diverging model's score is not one to keep as `best`
             r.logger.write(f"step {r.state.step}: not a candidate for `best` ({res['nonfinite_views']} views with "
                            "non-finite logits)")
         elif res["top1"] > r.state.best_metric:
             r.state.best_metric = res["top1"]
             r.save("best", update_latest=False, keep=0)
+        r.logger.scalars(r.state.step, {**res, "epoch": r.state.step / r.derived.steps_per_epoch}, prefix="val")
+        r.logger.write(f"epoch {r.state.epoch} step {r.state.step}: val top-1 {res['top1']:.2f} "
+                       f"top-5 {res['top5']:.2f} ({res['videos']} {'images' if 'image' in cfg.data.dataset else 'videos'}, "
+                       f"{res['views']} views)")
         return res
 
     def on_epoch_end(r: Run) -> None:
@@ -397,8 +399,11 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
             state["last_eval"] = do_eval(r)
 
     st, every = run.state, cfg.train.eval_every_epochs
+    # the checkpoint itself at that epoch's end: another global batch can map a position inside the epoch
+    # back to its start (map_data_position), and those weights trained past the evaluation point
+    at_epoch_end = run.resumed_epoch is None or abs(run.resumed_epoch - st.epoch) < 1e-9
     if (run.resumed_own and every > 0 and st.epoch > 0 and st.batch_in_epoch == 0 and st.epoch % every == 0
-            and st.step < run.derived.run_steps
+            and at_epoch_end and st.step < run.derived.run_steps
             and not on_rank0(lambda: evaluated_at(cfg, run.resumed_step, run.resumed_epoch))):
         # the epoch-end evaluation runs after the epoch's checkpoint: it failed, or the run stopped,
         # after that save. Done now, before training on (every rank takes the same branch)

@@ -524,8 +524,7 @@ def setup_run(
               rng=rng, state=TrainState(), param_group_names=[g["names"] for g in groups])
     if plan.tag is not None:
         # rank 0 reads DeepSpeed's model states (on a node-local filesystem only its node holds them)
-        on_rank0(lambda: check_param_groups(plan.path, run.param_group_names, config_to_dict(cfg),
-                                            output_dir=cfg.train.output_dir))
+        on_rank0(lambda: check_param_groups(plan.path, run.param_group_names, config_to_dict(cfg)))
         saved = load_checkpoint(engine, cfg.train.output_dir, plan.tag, zero_stage=cfg.deepspeed.zero_stage,
                                 ckpt_dir=plan.ckpt_dir, precision=cfg.deepspeed.precision)
         reapply_optimizer_settings(engine.optimizer, groups, cfg.optim.betas, cfg.optim.eps,

@@ -156,8 +156,16 @@ def _encode(src: str, tmp: str, encoder: str, fmt: str, codec: str, short_side: 
             kinds = sorted({st.type for st in inp.streams})
             raise EncodeError(f"{src}: no video stream" + (f" (only {', '.join(kinds)})" if kinds else ""))
         sin = inp.streams.video[0]
+        if sin.codec_context is None:  # PyAV: no decoder in this FFmpeg (an unknown FourCC)
+            raise EncodeError(f"{src}: FFmpeg has no decoder for its video stream")
         sin.thread_type = "AUTO"
         w0, h0 = sin.codec_context.width, sin.codec_context.height
+        # non-square pixels (anamorphic DV, DVD, AVCHD 1440x1080 shown at 16:9): the output has square
+        # ones, at the shape the file is shown at (the loader and DALI crop stored pixels, and an
+        # output of the stored size with no aspect tag would show squeezed)
+        sar = sin.codec_context.sample_aspect_ratio
+        if sar is not None and sar > 0 and sar != 1:
+            w0 = w0 * float(sar)
         s = min(1.0, short_side / min(w0, h0))
         # NVDEC refuses VP9 under 128x128, and one such file takes a dataset's `auto` reader off the
         # GPU: a smaller source is scaled up to it (unless --short-side itself asks for less)

@@ -11,8 +11,10 @@ display rotation (``VideoInfo.rotation``, from the frame's display matrix: phone
 stored sideways with a "rotate" tag). Results are cached in a JSON file keyed by absolute path +
 size + mtime, so a second pass over an unchanged dataset only stats the files. Reasons
 (``BadFile.reason``): ``missing``, ``unreadable`` (including anything that is not a regular file,
-such as a FIFO, which is never opened), ``empty``, ``not_video``, ``decode_error``, ``codec`` (the
-chosen reader cannot decode it), ``too_short`` (fewer frames than one clip spans; training only: evaluation repeats the last frame), ``vfr``
+such as a FIFO, which is never opened, and an I/O error while FFmpeg reads it: neither is cached, so
+a file a network filesystem failed to serve once is not left out of later runs), ``empty``,
+``not_video``, ``decode_error``, ``codec`` (the chosen reader cannot decode it, or FFmpeg itself has
+no decoder for it), ``too_short`` (fewer frames than one clip spans; training only: evaluation repeats the last frame), ``vfr``
 (variable frame rate where the reader needs constant), ``too_small`` (below NVDEC's minimum frame
 size, GPU reader only), ``rotated`` (a display rotation, which DALI's decoders ignore: DALI
 readers only; PyAV applies it).
@@ -210,12 +212,16 @@ def probe_video(path: str) -> ProbeResult:
         return ProbeResult(path, reason="empty", detail="zero-length file")
     try:
         container = av.open(path)
+    except OSError as e:  # an I/O error (EIO, ESTALE on a network filesystem): re-checked, never cached
+        return ProbeResult(path, reason="unreadable", detail=f"{type(e).__name__}: {e}")
     except Exception as e:  # FFmpeg raises many error types for non-media input
         return ProbeResult(path, reason="not_video", detail=f"FFmpeg cannot open it: {e}")
     try:
         if not container.streams.video:
             return ProbeResult(path, reason="not_video", detail="no video stream")
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # PyAV: a codec this FFmpeg has no decoder for (an unknown FourCC)
+            return ProbeResult(path, reason="codec", detail="FFmpeg has no decoder for its video stream")
         codec = stream.codec_context.name
         width, height = stream.codec_context.width, stream.codec_context.height
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
@@ -225,6 +231,9 @@ def probe_video(path: str) -> ProbeResult:
             for packet in container.demux(stream):
                 if packet.size and packet.pts is not None:
                     pts.append(int(packet.pts))
+        except OSError as e:  # an I/O error while reading, not the file's content
+            return ProbeResult(path, reason="unreadable", detail=f"read failed after {len(pts)} packets: "
+                                                                 f"{type(e).__name__}: {e}")
         except Exception as e:
             return ProbeResult(path, reason="decode_error", detail=f"demux failed after {len(pts)} packets: {e}")
         try:
@@ -339,6 +348,11 @@ class ProbeCache:
         return {}
 
     @staticmethod
+    def key(path: str) -> tuple[int, int] | None:
+        """(size, mtime in ns) of ``path``, what an entry is valid for; None when it cannot be stat'ed."""
+        return ProbeCache._key(os.path.abspath(path))
+
+    @staticmethod
     def _key(path: str) -> tuple[int, int] | None:
         try:
             st = os.stat(path)
@@ -355,10 +369,12 @@ class ProbeCache:
         info = VideoInfo(**e["info"]) if e.get("info") else None
         return ProbeResult(path, info=info, reason=e.get("reason", ""), detail=e.get("detail", ""))
 
-    def put(self, res: ProbeResult) -> None:
+    def put(self, res: ProbeResult, before: tuple[int, int] | None = None) -> None:
+        """Remember ``res``; ``before``: the file's key (:meth:`key`) taken before it was probed, when
+        the result is kept only if the file did not change meanwhile (a copy still being written)."""
         ap = os.path.abspath(res.path)
         key = self._key(ap)
-        if key is None or res.reason in ("missing", "unreadable"):
+        if key is None or res.reason in ("missing", "unreadable") or (before is not None and before != key):
             return  # transient conditions are re-checked every time
         with self._lock:
             self._entries[ap] = {"size": key[0], "mtime_ns": key[1],
@@ -414,13 +430,19 @@ def validate_files(paths: Sequence[str], *, reader: str = "pyav",
     if todo:
         from engine.logging import work_progress
 
-        with ThreadPoolExecutor(max(1, workers)) as ex, work_progress(len(todo), "probe", "file", progress) as bar:
-            for res in ex.map(probe_video, todo):
-                results[res.path] = res
-                cache.put(res)
-                bar.update(1)
+        def probe(path: str) -> tuple[ProbeResult, tuple[int, int] | None]:
+            before = cache.key(path)  # a file that changes while it is probed is not cached
+            return probe_video(path), before
+
+        try:  # what was probed is kept when the pass stops (Ctrl-C, an error): a retry does not redo it
+            with ThreadPoolExecutor(max(1, workers)) as ex, work_progress(len(todo), "probe", "file", progress) as bar:
+                for res, before in ex.map(probe, todo):
+                    results[res.path] = res
+                    cache.put(res, before)
+                    bar.update(1)
+        finally:
+            cache.save()
         report.probed = len(todo)
-        cache.save()
     for p in dict.fromkeys(paths):
         res = results[p]
         if res.info is None:

@@ -10,8 +10,10 @@
   ``NAN_GRAD_STEPS``, to exercise the skip/stop logic; writes the outcome and whether the final
   weights are finite.
 - ``evalfail``: fine-tuning whose evaluations listed in ``FAIL_EVALS`` (1-based, comma-separated)
-  raise, and those in ``NAN_EVALS`` report a non-finite view with a top-1 of 100; ``--resume auto`` as the last override resumes. Writes ``OUT_DIR/result.json``: the error,
-  if any, and the step of every evaluation that ran.
+  raise, those in ``NAN_EVALS`` report a non-finite view with a top-1 of 100, the k-th reports the
+  k-th top-1 of ``TOP1_EVALS`` when given, and the saves of ``best`` listed in ``FAIL_BEST_SAVES``
+  raise a write failure (a full disk); ``--resume auto`` as the last override resumes. Writes
+  ``OUT_DIR/result.json``: the error, if any, and the step of every evaluation that ran.
 - ``syncs`` (CUDA): bf16 ZeRO-2 pre-training with torch's sync debug mode on from the third step
   to the last; writes every call that made the CPU wait for the GPU, with the innermost frame of
   ours (engine/, models/, kernels/) or else the innermost frame, and the step it came in.
@@ -97,8 +99,12 @@ def nonfinite(out_dir: str, overrides: list[str]) -> None:
 def evalfail(out_dir: str, overrides: list[str]) -> None:
     from engine import finetune as F
 
+    from engine import runner as R
+
     fail = {int(s) for s in os.environ.get("FAIL_EVALS", "").split(",") if s}
     nan = {int(s) for s in os.environ.get("NAN_EVALS", "").split(",") if s}  # these report non-finite views
+    top1 = [float(s) for s in os.environ.get("TOP1_EVALS", "").split(",") if s]
+    fail_best = {int(s) for s in os.environ.get("FAIL_BEST_SAVES", "").split(",") if s}
     resume = None
     if overrides[-2:] == ["--resume", "auto"]:
         overrides, resume = overrides[:-2], "auto"
@@ -112,9 +118,20 @@ def evalfail(out_dir: str, overrides: list[str]) -> None:
         res = orig(*args, **kwargs)
         if seen[-1] in nan:  # a diverged model whose arbitrary top-k scored well
             res.update(top1=100.0, nonfinite_views=1, nonfinite_videos=1)
+        if seen[-1] <= len(top1):
+            res.update(top1=top1[seen[-1] - 1])
         return res
 
-    F.evaluate = failing
+    save, best_saves = R.Run.save, []
+
+    def failing_save(self, tag=None, **kwargs):
+        if tag == "best":
+            best_saves.append(self.state.step)
+            if len(best_saves) in fail_best:
+                raise R.SaveError(f"best save {len(best_saves)} failed (FAIL_BEST_SAVES)")
+        return save(self, tag, **kwargs)
+
+    F.evaluate, R.Run.save = failing, failing_save
     try:
         F.run_finetune(cfg, resume=resume)
         res = {"error": None}

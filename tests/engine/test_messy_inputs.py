@@ -661,3 +661,132 @@ def test_probe_cache_saves_of_ranks_with_one_pid_do_not_collide(tmp_path, monkey
     ProbeCache(str(tmp_path / "probe2.json")).save()  # unwritable: a warning, not an error
     assert "could not save the probe cache" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "probe2.json")
+
+
+# ---- codecs FFmpeg cannot decode; I/O errors; non-square pixels ------------------------------------
+
+def test_a_codec_without_a_decoder_is_a_bad_file_not_a_crash(tmp_path):
+    """PyAV leaves ``codec_context`` None for a stream FFmpeg has no decoder for (an unknown FourCC):
+    the probe raised AttributeError, which stopped validation under `skip` too and lost the probe
+    cache of every file probed before it."""
+    from engine.data.prepare import EncodeError, encode_video
+
+    good = write_video(str(tmp_path / "a" / "good.avi"), n=6)
+    data = open(good, "rb").read()
+    assert data.count(b"MJPG") >= 1
+    unknown = str(tmp_path / "a" / "unknown.avi")
+    open(unknown, "wb").write(data.replace(b"MJPG", b"ZZZZ"))
+    res = probe_video(unknown)
+    assert (res.info, res.reason) == (None, "codec") and "no decoder" in res.detail
+    cache = str(tmp_path / "cache.json")
+    report = validate_files([good, unknown], cache_path=cache)
+    assert list(report.good) == [good] and [(b.path, b.reason) for b in report.bad] == [(unknown, "codec")]
+    assert validate_files([good, unknown], cache_path=cache).cached == 2
+    with pytest.raises(EncodeError, match="no decoder"):
+        encode_video(unknown, str(tmp_path / "out.webm"), short_side=32)
+
+
+def test_io_errors_are_unreadable_and_not_cached(tmp_path, monkeypatch):
+    """An I/O error while FFmpeg opens or reads a file (EIO, ESTALE on a network filesystem) was
+    cached as not_video / decode_error under the file's unchanged size and mtime: the file stayed
+    bad in every later run (skipped from training, or refusing to start under `error`)."""
+    import errno
+
+    import engine.data.probe as probe
+
+    path = write_video(str(tmp_path / "v.avi"), n=6)
+    cache = str(tmp_path / "cache.json")
+    real_open = av.open
+
+    def failing_open(*args, **kwargs):
+        raise av.error.OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(probe.av, "open", failing_open)
+    report = validate_files([path], cache_path=cache)
+    assert [(b.reason, "Input/output error" in b.detail) for b in report.bad] == [("unreadable", True)]
+    monkeypatch.setattr(probe.av, "open", real_open)
+    report = validate_files([path], cache_path=cache)
+    assert (list(report.good), report.cached) == ([path], 0)
+
+    class FailingDemux:  # the open succeeds, a read fails half-way
+        def __init__(self, container):
+            self._c = container
+
+        def __getattr__(self, name):
+            return getattr(self._c, name)
+
+        def demux(self, *args, **kwargs):
+            raise av.error.OSError(errno.ESTALE, "Stale file handle")
+
+    monkeypatch.setattr(probe.av, "open", lambda *a, **k: FailingDemux(real_open(*a, **k)))
+    res = probe_video(path)
+    assert res.reason == "unreadable" and "Stale file handle" in res.detail
+
+
+def test_a_file_that_changes_while_probed_is_not_cached(tmp_path, monkeypatch):
+    """The cache key was taken after the probe: a copy finishing during it stored the truncated
+    copy's result under the complete file's size and mtime. A probe that stops the pass keeps
+    what was probed before it."""
+    import engine.data.probe as probe
+
+    a, b = write_video(str(tmp_path / "a.avi"), n=6), write_video(str(tmp_path / "b.avi"), n=6)
+    cache = str(tmp_path / "cache.json")
+    real = probe.probe_video
+
+    def growing(path):
+        res = real(path)
+        if path == b:
+            with open(path, "ab") as f:
+                f.write(b"\0" * 16)
+        return res
+
+    monkeypatch.setattr(probe, "probe_video", growing)
+    validate_files([a, b], cache_path=cache, workers=1)
+    assert sorted(json.load(open(cache))["entries"]) == [os.path.abspath(a)]
+
+    def stopping(path):
+        if path == b:
+            raise KeyboardInterrupt
+        return real(path)
+
+    os.remove(cache)
+    monkeypatch.setattr(probe, "probe_video", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        validate_files([a, b], cache_path=cache, workers=1)
+    assert sorted(json.load(open(cache))["entries"]) == [os.path.abspath(a)]
+
+
+def test_prepare_writes_square_pixels(tmp_path):
+    """An anamorphic file (1440x1080 AVCHD, DV, DVD: pixels shown wider than stored) was re-encoded
+    at its stored shape with square pixels, so the prepared clip showed squeezed (16:9 as 4:3)."""
+    from fractions import Fraction
+
+    from engine.data.prepare import encode_video
+
+    src = str(tmp_path / "sar.mp4")
+    W, H = 48, 36  # shown at 64x36 (16:9) with pixels 4:3 wide
+    c = av.open(src, "w")
+    s = c.add_stream("mjpeg", rate=24)
+    s.width, s.height, s.pix_fmt = W, H, "yuvj420p"
+    s.codec_context.sample_aspect_ratio = Fraction(4, 3)
+    yy, xx = np.mgrid[0:H, 0:W]
+    a = np.zeros((H, W, 3), np.uint8)
+    a[(xx * 4 / 3 - 32) ** 2 + (yy - 18) ** 2 < 14 ** 2] = 255  # a disc where shown, an ellipse where stored
+    for _ in range(6):
+        for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    with av.open(src) as c:
+        assert c.streams.video[0].codec_context.sample_aspect_ratio == Fraction(4, 3)
+    out = str(tmp_path / "out.webm")
+    encode_video(src, out, codec="vp9", short_side=36)
+    info = probe_video(out).info
+    assert (info.width, info.height) == (64, 36)
+    with av.open(out) as c:
+        assert c.streams.video[0].codec_context.sample_aspect_ratio in (None, 0, 1)
+    disc = decode_clip_pyav(out, np.array([0]), 36)[0].mean(-1) > 128
+    rows, cols = np.nonzero(disc)
+    width, height = cols.max() - cols.min() + 1, rows.max() - rows.min() + 1
+    assert abs(width - height) <= 2, (width, height)  # round again

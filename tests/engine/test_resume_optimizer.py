@@ -94,8 +94,10 @@ def test_another_precision_on_resume_exits_2_naming_both(env, runs, tmp_path, st
 def test_precision_check_runs_before_deepspeed(tmp_path):
     from engine.checkpoint import check_resume_compatible
 
+    # the export hint names the tag folder itself (it named this run's train.output_dir, where a checkpoint
+    # continued from another run is not)
     with pytest.raises(ConfigError, match=r"deepspeed.precision=bf16, this run has deepspeed.precision=fp32.*maskfeat "
-                                          r"export"):
+                                          r"export x/step1 --out backbone.safetensors`"):
         check_resume_compatible("x/step1", saved_world=1, saved_stage=0, world_size=1, zero_stage=0,
                                 saved_precision="bf16", precision="fp32")
     check_resume_compatible("x/step1", saved_world=1, saved_stage=0, world_size=1, zero_stage=0,

@@ -283,6 +283,26 @@ def test_a_failing_epoch_evaluation_loses_no_training(env, tmp_path):
     assert [r["step"] for r in recs if r["split"] == "train"] == [1, 2, 3, 4]
 
 
+def test_a_failed_best_save_is_evaluated_again_on_resume(env, tmp_path):
+    """The evaluation's record was written before its `best` save: a save that failed (a full disk)
+    or was killed left a recorded score no `best` held, the resume took that evaluation as done, and
+    a later, worse epoch became `best`. The record now follows the save."""
+    from engine.finetune import saved_best_metric
+
+    out = str(tmp_path / "ft")
+    args = [sys.executable, DRIVER, "evalfail", out, "data.clips_per_epoch=4", "schedule.max_steps=0",
+            "schedule.epochs=3", "train.checkpoint_every_epochs=1", "train.eval_every_epochs=1"]
+    _run(args, dict(env, TOP1_EVALS="50,80", FAIL_BEST_SAVES="2"))
+    res = json.loads(open(os.path.join(out, "result.json")).read())
+    assert res == {"error": "best save 2 failed (FAIL_BEST_SAVES)", "evaluations": 2}
+    p = _run(args + ["--resume", "auto"], dict(env, TOP1_EVALS="80,60"))
+    assert "evaluating first" in p.stdout
+    assert json.loads(open(os.path.join(out, "result.json")).read()) == {"error": None, "evaluations": 2}
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"val"' in line]
+    assert [(r["step"], r["top1"]) for r in recs] == [(2, 50.0), (4, 80.0), (6, 60.0)]
+    assert saved_best_metric(out) == 80.0
+
+
 def test_an_evaluation_with_non_finite_views_is_not_kept_as_best(env, tmp_path):
     """A diverged model's evaluation (non-finite logits) is no candidate for ``best``, whatever its
     top-1 (which maskfeat eval RUN then evaluates by default)."""
