@@ -135,7 +135,7 @@ def evalfail(out_dir: str, overrides: list[str]) -> None:
     try:
         F.run_finetune(cfg, resume=resume)
         res = {"error": None}
-    except RuntimeError as e:
+    except (RuntimeError, R.StopRequested) as e:  # (train.stop_after_steps: a simulated kill)
         res = {"error": str(e)}
     res["evaluations"] = len(seen)
     with open(os.path.join(out_dir, "result.json"), "w") as f:

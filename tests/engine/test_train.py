@@ -303,6 +303,23 @@ def test_a_failed_best_save_is_evaluated_again_on_resume(env, tmp_path):
     assert saved_best_metric(out) == 80.0
 
 
+def test_a_resume_mapped_back_to_an_epoch_start_does_not_evaluate_again(env, tmp_path):
+    """A checkpoint inside epoch 2 (step 5, 4 steps per epoch) resumed with a larger global batch maps
+    back to batch 0 of that epoch: the "evaluation due at the end of epoch 1" was run again, on weights
+    trained past that point, and recorded as a second evaluation of epoch 1."""
+    out = str(tmp_path / "ft")
+    args = [sys.executable, DRIVER, "evalfail", out, "schedule.max_steps=0", "train.checkpoint_every_steps=5",
+            "train.eval_every_epochs=1"]
+    _run(args + ["train.stop_after_steps=5"], env)
+    res = json.loads(open(os.path.join(out, "result.json")).read())
+    assert res["evaluations"] == 1 and res["error"].startswith("stopped after step 5"), res
+    p = _run(args + ["data.batch_size=4", "--resume", "auto"], env)
+    assert "continuing at batch 0" in p.stdout + p.stderr and "evaluating first" not in p.stdout
+    assert json.loads(open(os.path.join(out, "result.json")).read()) == {"error": None, "evaluations": 1}
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"val"' in line]
+    assert [r["epoch"] for r in recs] == [1.0, 2.0]
+
+
 def test_an_evaluation_with_non_finite_views_is_not_kept_as_best(env, tmp_path):
     """A diverged model's evaluation (non-finite logits) is no candidate for ``best``, whatever its
     top-1 (which maskfeat eval RUN then evaluates by default)."""
