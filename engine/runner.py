@@ -34,8 +34,8 @@ AdamW settings and gradient clipping replace the loaded ones, :func:`reapply_opt
 a changed AdamW grouping is a ConfigError, ``checkpoint.check_param_groups``). A start
 without ``--resume`` (or from another run's checkpoint) in a ``train.output_dir`` that already holds
 checkpoints is a ConfigError, unless ``train.overwrite=true``, which removes the previous run's
-:data:`RUN_OUTPUTS` once the data has validated and the model is built (a mistake found by then
-leaves them). Resuming an older tag of the run's own folder sets the newer tags aside
+:data:`RUN_OUTPUTS` once the data has validated, the model is built, DeepSpeed is set up and a
+checkpoint to continue is loaded (a mistake found by then leaves them). Resuming an older tag of the run's own folder sets the newer tags aside
 (``checkpoint.set_aside_newer``). A resumed run that already reached its last step trains, saves and
 evaluates nothing (:func:`train_loop` returns ``already_complete``). A fresh start drops a stale
 ``metrics.jsonl`` of a run that died before its first checkpoint.
@@ -398,8 +398,8 @@ def prepare_output_dir(cfg: Config, resume: Optional[str], *, defer_clear: bool 
     ``--resume`` that names no complete checkpoint, a model change since the checkpoint, and a new
     run in a folder that holds one already (without ``train.overwrite``). ``defer_clear``: leave
     ``train.overwrite``'s removal to :func:`clear_previous_run` (``plan.clear``), which the run calls
-    once its data has validated and its model is built: a mistyped ``data.root`` must not cost the
-    previous run."""
+    once its data has validated, its model is built, DeepSpeed is set up and a checkpoint to continue
+    is loaded: a mistyped ``data.root`` or ``deepspeed.extra`` must not cost the previous run."""
     out = cfg.train.output_dir
     ckpt = checkpoint_dir(out)
     note = on_first_local_ranks(lambda: recover_checkpoint_dir(ckpt))
@@ -494,9 +494,6 @@ def setup_run(
         print0(f"activation checkpointing: {n} blocks")
     model.to(dist.device)
     derived = derive(cfg, dist.world_size, len(loader), clips_per_rank(loader))
-    # the data validated and the model built (its checks, e.g. the classes and pretrained weights),
-    # and nothing written to the folder yet: a mistake found before here costs no previous run
-    clear_previous_run(cfg, plan)
     print0("derived:\n" + derived.describe(cfg) + f"\ndevice              {dist.device} ({dist.backend}), "
            f"data reader {loader.reader}")
 
@@ -514,8 +511,14 @@ def setup_run(
     ds_cfg = deepspeed_config(micro_batch=derived.batch_per_rank, world_size=dist.world_size,
                               zero_stage=cfg.deepspeed.zero_stage, precision=cfg.deepspeed.precision,
                               gradient_clipping=cfg.deepspeed.gradient_clipping, extra=cfg.deepspeed.extra)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
-                                           args=deepspeed_args(dist, cfg.deepspeed.zero_stage))
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
+                                               args=deepspeed_args(dist, cfg.deepspeed.zero_stage))
+    except ValueError as e:  # pydantic's ValidationError: a key or value of deepspeed.extra DeepSpeed refuses
+        if type(e).__name__ != "ValidationError":
+            raise
+        raise ConfigError("deepspeed.extra: DeepSpeed refuses the config it makes: "
+                          + "; ".join(line.strip() for line in str(e).splitlines()[:3])) from None
     forget_initial_step(engine.optimizer, optimizer)
     rng = rank_rng(cfg.train.seed, dist.rank)
     torch.manual_seed(cfg.train.seed * 1000 + dist.rank + 1)  # drop path etc. differ per rank
@@ -544,17 +547,24 @@ def setup_run(
         run.resumed_from, run.resumed_step, run.resumed_own = plan.path, saved_step, bool(plan.own)
         print0(f"resumed from {run.resumed_from} at step {run.state.step} (epoch {run.state.epoch}, "
                f"batch {run.state.batch_in_epoch})")
+    # the data validated, the model built (its checks: the classes, the pretrained weights), DeepSpeed
+    # set up (its config, the launch) and a checkpoint of another run loaded, and nothing written to the
+    # folder yet: a mistake found before here costs no previous run
+    clear_previous_run(cfg, plan)
     if dist.rank == 0:
         os.makedirs(cfg.train.output_dir, exist_ok=True)
         with open(os.path.join(cfg.train.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(config_to_yaml(cfg))
     # logs after the checkpoint are dropped (by epoch, which a step rescale keeps comparable): on
-    # resume, those of the interrupted stretch; on a fresh start (step 0), a stale metrics.jsonl of a
-    # run that died before its first checkpoint
+    # resume, those of the interrupted stretch; on a fresh start (step 0), or continuing another run's
+    # checkpoint (the folder's records are not of that run), a stale metrics.jsonl of a run that died
+    # before its first checkpoint
+    own = run.resumed_own
     run.logger = RunLogger(cfg.train.output_dir, enabled=dist.rank == 0, total_steps=derived.run_steps,
                            initial_step=run.state.step, progress_bar=cfg.log.progress_bar,
                            tensorboard=cfg.log.tensorboard, jsonl=cfg.log.jsonl, desc=desc,
-                           resume_step=run.resumed_step or 0, resume_epoch=run.resumed_epoch)
+                           resume_step=(run.resumed_step or 0) if own else 0,
+                           resume_epoch=run.resumed_epoch if own else None)
     return run
 
 

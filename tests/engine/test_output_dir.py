@@ -350,6 +350,14 @@ def test_overwrite_keeps_the_previous_run_when_the_data_does_not_validate(env, t
              ok=(5,))
     assert "data error" in p.stderr and "removed the previous run" not in p.stdout, p.stderr[-2000:]
     assert _ls(out) == before and os.path.isfile(os.path.join(out, "metrics.jsonl"))
+    # DeepSpeed's config (a key its section does not have; a section for another precision) is checked
+    # before the removal too; the misspelt key was a pydantic traceback (exit 1), now a config error
+    for extra, says in (("{zero_optimization: {overlap_com: true}}", "DeepSpeed refuses the config it makes: "
+                         "1 validation error for DeepSpeedZeroConfig; overlap_com; Extra inputs are not permitted"),
+                        ("{bf16: {immediate_grad_update: true}}", "deepspeed.precision=fp32")):
+        p = _run(common + ["train.overwrite=true", f"deepspeed.extra={extra}"], env, ok=(2,))
+        assert says in p.stderr and "removed the previous run" not in p.stdout, p.stderr[-2000:]
+        assert _ls(out) == before and os.path.isfile(os.path.join(out, "metrics.jsonl"))
     p = _run(common + ["train.overwrite=true"], env)  # with good data it is removed, as before
     assert "train.overwrite=true: removed the previous run's" in p.stdout
     # fine-tuning: a head too narrow for the labels (a check of the model's build) keeps it too, and a
@@ -364,6 +372,22 @@ def test_overwrite_keeps_the_previous_run_when_the_data_does_not_validate(env, t
     assert _ls(ft) == before and os.path.isfile(os.path.join(ft, "classes.json"))
     _run(common + ["train.overwrite=true"], env)
     assert json.load(open(os.path.join(ft, "classes.json")))["classes"] == ["bigbuckbunny", "bikes", "carphone_pristine"]
+
+
+def test_continuing_another_runs_checkpoint_drops_a_dead_runs_records(env, tmp_path):
+    """A folder whose run died before its first checkpoint holds its metrics.jsonl; a fresh start there
+    dropped it, but continuing another run's step-6 checkpoint kept its records up to step 6 (those
+    of the dead run), mixed into the new run's."""
+    a, y = str(tmp_path / "a"), str(tmp_path / "y")
+    common = [sys.executable, "-m", "engine", "pretrain", "-c", TINY, "train.checkpoint_every_steps=3",
+              "schedule.epochs=4", "log.every_steps=1"]
+    _run(common + [f"train.output_dir={a}", "schedule.max_steps=6"], env)
+    _run(common + [f"train.output_dir={y}", "train.stop_after_steps=2"], env, ok=(3,))
+    assert [json.loads(line)["step"] for line in open(os.path.join(y, "metrics.jsonl"))] == [1, 2]
+    assert not os.path.isdir(os.path.join(y, "checkpoints", "step00000002"))
+    _run(common + [f"train.output_dir={y}", "schedule.max_steps=8", "--resume",
+                   os.path.join(a, "checkpoints", "step00000006")], env)
+    assert [json.loads(line)["step"] for line in open(os.path.join(y, "metrics.jsonl"))] == [7, 8]
 
 
 def test_cli_resume_of_a_damaged_checkpoint_names_the_older_ones(env, tmp_path):
