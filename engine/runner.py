@@ -621,6 +621,16 @@ def _scale_search(opt: Any) -> bool:
     return True  # another optimizer: its skips are not ours to count
 
 
+def _norm_scale(opt: Any) -> float:
+    """The factor in the grad norm DeepSpeed records for ``opt``: stage 0's fp16 ``FP16_UnfusedOptimizer``
+    records the norm of the loss-scaled gradients (its comment: "norm is in fact norm*scale"; 65536×
+    the true norm at the initial scale), the fused fp16 optimizer and ZeRO the true norm. Read it
+    before the step: an overflow lowers the scale."""
+    if type(opt).__name__ == "FP16_UnfusedOptimizer":
+        return float(opt.loss_scale_config.cur_scale)
+    return 1.0
+
+
 class _ReadBack:
     """A step's loss and grad norm copied to the host without waiting for the GPU: the copy is
     queued on the stream after the step that made them. ``ready()`` says whether it has landed;
@@ -767,11 +777,14 @@ def train_loop(
                 fallback = None
                 if plain_fp32:  # stage-0 fp32 neither records the norm nor checks it: DeepSpeed would apply a NaN
                     fallback = _grad_norm_fallback(engine.module)  # (all-reduced gradients: every rank agrees)
+                scale = _norm_scale(engine.optimizer)
                 applied = _step(engine, fallback is not None and not math.isfinite(fallback),
                                 cfg.deepspeed.precision == "fp16")
                 gn = engine.get_global_grad_norm()  # a tensor, a float, or None (stage-0 fp32: the fallback)
                 if gn is None:
                     gn = fallback if fallback is not None else float("nan")
+                elif scale != 1.0:
+                    gn = gn / scale
                 pending = _ReadBack(loss_sum, gn if applied else float("nan"))
                 if applied:
                     st.nonfinite_streak = 0

@@ -563,3 +563,38 @@ def test_fp16_overflow_skips_count_only_at_the_minimum_or_a_static_scale():
     zero.loss_scaler.cur_scale = 1.0
     assert not _scale_search(zero)
     assert not _scale_search(NS(loss_scaler=NS(dynamic=False, cur_scale=1024.0)))
+
+
+_UNFUSED_NORM = """
+import os, torch
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+from engine.distributed import init_distributed
+from engine.runner import _norm_scale
+init_distributed("cpu")
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+torch.manual_seed(0)
+m = torch.nn.Linear(8, 4).half()
+adamw = torch.optim.AdamW(m.parameters(), lr=1e-3)
+assert _norm_scale(adamw) == 1.0
+o = FP16_UnfusedOptimizer(adamw, dynamic_loss_scale=True, clip_grad=1.0,
+                          dynamic_loss_args={"init_scale": 2 ** 16, "scale_window": 1000, "min_scale": 1, "delayed_shift": 2})
+o.backward(m(torch.randn(16, 8).half()).float().pow(2).mean())
+scale = _norm_scale(o)
+true = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in m.parameters()]))) / scale
+o.step()
+print(scale, true, o._global_grad_norm / scale)
+"""
+
+
+def test_the_unfused_fp16_grad_norm_is_unscaled(env):
+    """Stage-0 fp16 (DeepSpeed's FP16_UnfusedOptimizer) records the norm of the loss-scaled gradients:
+    the logged grad_norm (and the skip message) read 65536x the true norm at the initial scale. The
+    engine divides by the scale it read before the step; DeepSpeed's real optimizer, on the CPU."""
+    import random
+    import subprocess
+
+    p = subprocess.run([sys.executable, "-c", _UNFUSED_NORM], env=dict(env, PORT=str(random.randint(20000, 40000))),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    scale, true, logged = (float(x) for x in p.stdout.split()[-3:])
+    assert scale == 2.0 ** 16 and logged == pytest.approx(true, rel=1e-3) and 0 < true < 10
