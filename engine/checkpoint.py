@@ -759,6 +759,15 @@ def saved_param_group_names(path: str) -> Optional[list[list[str]]]:
     return [list(g) for g in names] if isinstance(names, (list, tuple)) else None
 
 
+def _model_kind(groups: list[list[str]]) -> Optional[str]:
+    """``"pre-training"`` or ``"fine-tuning"`` by a model's parameter names (the MaskFeat head, or a
+    classification head), None for neither."""
+    names = [n for g in groups for n in g]
+    if any(n.startswith(PRETRAIN_HEAD_PREFIXES) for n in names):
+        return "pre-training"
+    return "fine-tuning" if any(n.startswith("head.") for n in names) else None
+
+
 def check_param_groups(path: str, names: list[list[str]], now: dict) -> None:
     """Raise ConfigError when the AdamW groups this run builds (``names``: the parameter names of each
     group, in order) are not those the checkpoint at ``path`` was saved with: the optimiser state is
@@ -768,6 +777,13 @@ def check_param_groups(path: str, names: list[list[str]], now: dict) -> None:
     saved = saved_param_group_names(path)
     if saved is None or saved == [list(g) for g in names]:
         return
+    was, builds = _model_kind(saved), _model_kind(names)
+    if was != builds and None not in (was, builds):
+        hint = (f"Fine-tune from its weights instead: `maskfeat export {path} --out backbone.safetensors`, then "
+                "finetune.pretrained=backbone.safetensors" if was == "pre-training" else
+                "A fine-tuned classifier does not continue as a pre-training run; start one in a new train.output_dir")
+        raise ConfigError(f"checkpoint {path} is a {was} checkpoint, and this run trains a {builds} model: "
+                          f"it cannot be resumed here. {hint}")
     a, b = _flatten(_saved_config(path) or {}), _flatten(now)
 
     def regroups(k: str) -> bool:

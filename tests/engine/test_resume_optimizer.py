@@ -104,3 +104,15 @@ def test_precision_check_runs_before_deepspeed(tmp_path):
                             saved_precision="bf16", precision="bf16")
     check_resume_compatible("x/step1", saved_world=1, saved_stage=0, world_size=1, zero_stage=0,
                             saved_precision=None, precision="bf16")  # an unreadable config.yaml: not checked
+
+
+def test_finetune_resuming_a_pretraining_checkpoint_says_to_export_it(env, runs, tmp_path):
+    """``maskfeat finetune --resume <a pre-training run>`` was refused as a change of AdamW grouping, with
+    the advice to resume "with the saved optim settings", which were the ones given: the checkpoint
+    is of another kind of model. Said so, with the export that fine-tunes from it."""
+    p = _run([sys.executable, "-m", "engine", "finetune", "-c", TINY, f"train.output_dir={tmp_path / 'ft'}",
+              "--resume", runs[0]], env, ok=(2,))
+    tag = os.path.join(runs[0], "checkpoints", "step00000002")
+    assert (f"checkpoint {tag} is a pre-training checkpoint, and this run trains a fine-tuning model" in p.stderr
+            and f"maskfeat export {tag} --out backbone.safetensors" in p.stderr), p.stderr[-2000:]
+    assert "AdamW parameter groups" not in p.stderr
