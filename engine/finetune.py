@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import Config, ConfigError
+from engine.config import Config, ConfigError, config_to_dict
 from engine.data.datasets import ClassListError, read_class_index, write_class_index
 from engine.distributed import DistInfo, gather_objects, init_distributed
 from engine.pretrain import create_model, model_overrides
@@ -470,18 +470,70 @@ def resolve_checkpoint(path: str) -> EvalTarget:
                       class_index=ci if os.path.isfile(ci) else None, eval_json=os.path.join(run_dir, "eval.json"))
 
 
+def _export_metadata(path: str) -> dict:
+    """The metadata of a ``maskfeat export`` safetensors file (``source``, ``config``); empty for
+    another file (a .pyth, a .pt) or one without."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - not a safetensors file: nothing to read
+        return {}
+
+
+def _trained_config(target: EvalTarget) -> Optional[dict]:
+    """The config the evaluated model was trained with: its tag's ``config.yaml``, or the one a
+    ``maskfeat export`` file carries; None without one (an official .pyth, a plain .pt)."""
+    from engine.checkpoint import _saved_config
+
+    if target.ckpt_dir is not None:
+        return _saved_config(os.path.join(target.ckpt_dir, target.tag))
+    text = _export_metadata(target.weights).get("config") if target.weights else None
+    if not text:
+        return None
+    from engine.config import _yaml_load
+
+    try:
+        saved = _yaml_load(text)
+    except ConfigError:
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def check_eval_model(target: EvalTarget, cfg: Config) -> None:
+    """ConfigError when this config builds the evaluated model otherwise than it was trained: another
+    ``model.name`` or a ``model.overrides`` entry that changes what the model computes (the
+    run-time and training-only ones of ``checkpoint.NON_SHAPE_OVERRIDES`` may differ). One that
+    leaves the shapes as they are (``use_mean_pooling``: the same weights, pooled otherwise) loaded
+    cleanly and was evaluated as another model."""
+    from engine.checkpoint import NON_SHAPE_OVERRIDES, _flatten
+
+    saved = _trained_config(target)
+    if saved is None or not isinstance(saved.get("model"), dict):
+        return
+    a, b = _flatten({"model": saved["model"]}), _flatten({"model": config_to_dict(cfg)["model"]})
+
+    def counts(k: str) -> bool:
+        if k.startswith("model.overrides."):  # (a free-form dict: an entry on one side only is a change)
+            return k.split(".")[2] not in NON_SHAPE_OVERRIDES
+        return k == "model.name" and k in a
+
+    unset = "<unset>"
+    diff = [f"{k}: {a.get(k, unset)} -> {b.get(k, unset)}" for k in dict.fromkeys([*b, *a])
+            if counts(k) and a.get(k, unset) != b.get(k, unset)]
+    if diff:
+        raise ConfigError(f"--checkpoint {target.where} was trained with another model than this config builds: "
+                          + ", ".join(diff) + " (trained -> now). Evaluate with the model settings it was trained "
+                          "with (its run's config.yaml)")
+
+
 def _export_class_index(path: str) -> Optional[str]:
     """``classes.json`` of the run a ``maskfeat export`` file came from (its metadata's ``source``
     tag folder), when that run is still there: an export written elsewhere (``--out``) has none
     beside it, and its eval split was numbered on its own (a split lacking a training class
     shifted the labels: top-1 0 for a model right half of the time)."""
-    try:
-        from safetensors import safe_open
-
-        with safe_open(path, "pt") as f:
-            source = (f.metadata() or {}).get("source")
-    except Exception:  # noqa: BLE001 - not a safetensors file (a .pyth, a .pt): nothing to read
-        return None
+    source = _export_metadata(path).get("source")
     if not source:
         return None
     ci = os.path.join(os.path.dirname(os.path.dirname(source)), CLASS_INDEX)
@@ -553,6 +605,7 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
 
     check_model_config(cfg.model.name, cfg.model.overrides, cfg.data.dataset)
     target = resolve_checkpoint(checkpoint)
+    check_eval_model(target, cfg)
     dist = init_distributed(cfg.train.device)
     try:
         sd = load_pretrained(target.weights) if target.weights else consolidated_state_dict(target.ckpt_dir, target.tag)

@@ -278,6 +278,33 @@ def test_eval_json_says_what_was_evaluated_and_keeps_the_history(videos, tmp_pat
     assert [h["checkpoint"].rsplit(os.sep, 1)[1] for h in history] == ["best", "step00000001"]
 
 
+def test_eval_refuses_a_model_built_otherwise_than_trained(videos, tmp_path, one_process):
+    """``model.overrides.use_mean_pooling`` leaves every shape as it is: a classifier fine-tuned with the
+    cls-token head loaded cleanly into a mean-pooling one and was evaluated as that other model. The
+    trained config (the tag's config.yaml, an export's metadata) is compared; run-time options are
+    free to differ."""
+    from safetensors.torch import save_file
+
+    from engine.config import config_to_yaml
+    from engine.finetune import run_eval
+
+    run = _fake_run(str(tmp_path / "ft"), _classifier(3, always=2), ["apple", "bunny", "carphone"])
+    trained = _eval_cfg(videos["root"], tmp_path / "ft", "model.overrides.use_mean_pooling=false",
+                        "model.overrides.attn_backend=reference")
+    with open(os.path.join(run, "checkpoints", "step00000001", "config.yaml"), "w") as f:
+        f.write(config_to_yaml(trained))
+    with pytest.raises(ConfigError, match=r"trained with another model than this config builds: "
+                                          r"model.overrides.use_mean_pooling: False -> <unset> \(trained -> now\)"):
+        run_eval(_eval_cfg(videos["root"], tmp_path / "x"), run)
+    ok = _eval_cfg(videos["root"], tmp_path / "x", "model.overrides.use_mean_pooling=false")  # attn_backend: free
+    assert run_eval(ok, run)["top1"] == pytest.approx(50.0)
+    path = str(tmp_path / "w" / "model.safetensors")  # an export carries its config in its metadata
+    os.makedirs(os.path.dirname(path))
+    save_file(_classifier(3, always=2), path, metadata={"config": config_to_yaml(trained)})
+    with pytest.raises(ConfigError, match=r"model.overrides.use_mean_pooling: False -> <unset>"):
+        run_eval(_eval_cfg(videos["root"], tmp_path / "x"), path)
+
+
 def test_eval_rejects_an_eval_class_unseen_in_training(videos, tmp_path, one_process):
     from engine.finetune import run_eval
 
