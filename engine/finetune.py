@@ -2,7 +2,8 @@
 
 - Start: ``models.create_model(name, task="classify")``; a pre-trained backbone
   (``finetune.pretrained``: our ``.safetensors`` export or an official ``.pyth``) is loaded by
-  ``models.checkpoint.load_backbone_into_classifier`` (relative-position tables interpolated,
+  ``models.checkpoint.load_backbone_into_classifier`` (relative-position tables resized: the last
+  stage's to the rows of the classifier's offsets, then interpolated to another resolution;
   the last stage's query pooling fresh, a head of another class count dropped; any other missing
   or unexpected key, a shape of another model size or an unreadable file is a ConfigError naming
   the file and the first keys).

@@ -16,7 +16,9 @@ Our modules use the official attribute names, so ``state_dict()`` keys *are* the
 - loading a pre-training backbone into a classifier (:func:`load_backbone_into_classifier`):
   wrapper prefixes (``module.``, ``backbone.``, ``model.``) are stripped when that makes keys
   match, pre-training-only keys (``mask_token``, ``pred_head.*``, the official ``hogs.*`` HOG
-  filter buffers) are dropped, tables resized, a head for another number of classes dropped (as
+  filter buffers) are dropped, tables resized (the last stage's, which pre-training computes on a
+  grid twice as fine, first keep the rows of the classifier's offsets:
+  :func:`strided_tables_to_classifier`), a head for another number of classes dropped (as
   SlowFast's fine-tuning start from a K400-fine-tuned checkpoint on another dataset), and the
   classifier's ``norm``/``head`` (and a stage transition's query-pooling conv absent from the checkpoint) keep
   their fresh initialisation, as the official fine-tuning start does. The official PT configs keep
@@ -283,6 +285,44 @@ def load_classifier_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -
     return LoadReport()
 
 
+def strided_tables_to_classifier(classifier: nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
+    """In place, for a MaskFeat pre-training checkpoint ``sd`` (MViTv2): the relative-position tables of
+    the blocks after the classifier's last stage transition keep the rows of the offsets the
+    classifier's grid has. Returns the keys changed.
+
+    Pre-training keeps the last stage at the previous stage's resolution (no query stride at its
+    transition, :func:`models.variants.mvit_kwargs`), so there the queries are ``f`` times finer than
+    the keys (``f`` the transition's query stride on that axis; 14 queries, 7 keys in MViTv2-L): a
+    table of ``2·f·K − 1`` rows indexed by ``i − f·j + f·(K−1)``, offset 0 at row ``f·(K−1)`` and its
+    last row never used. The classifier's is indexed ``i − j + K − 1``, so its row ``r`` is the
+    pre-training row ``f·r``. A linear resize of the whole table (27 to 13 rows) put the +1 offset
+    where 0 belongs and blended the unused row into the last (the official fine-tuning keeps such
+    tables at their fresh initialisation: a shape mismatch is not loaded). A remaining resolution
+    change is left to :func:`adapt_state_dict`. The transition block itself has tables of the same
+    length on both sides and loads them as they are, as the official code does."""
+    strided = sorted(_query_strided_blocks(classifier))
+    if not strided:
+        return []
+    blocks = list(getattr(classifier, "blocks", ()))
+    own = classifier.state_dict()
+    last = strided[-1]
+    stride = blocks[last].attn.pool_q.stride
+    stride = tuple(stride) if isinstance(stride, (tuple, list)) else (stride,) * 3
+    changed: list[str] = []
+    for b in range(last + 1, len(blocks)):
+        for suffix, f in zip(_REL_POS_SUFFIXES, stride[-3:]):
+            k = f"blocks.{b}.{suffix}"
+            if f <= 1 or k not in sd or k not in own or sd[k].dim() != 2 or sd[k].shape[0] == own[k].shape[0]:
+                continue
+            rows = sd[k].shape[0]
+            if (rows + 1) % (2 * f):
+                continue  # not a table of f-times finer queries: left to the resize
+            keys = (rows + 1) // (2 * f)
+            sd[k] = sd[k][0: 2 * f * (keys - 1) + 1: f].clone()  # the 2K - 1 rows of offsets f·m
+            changed.append(k)
+    return changed
+
+
 def load_backbone_into_classifier(
     classifier: nn.Module, state: Union[str, os.PathLike, Mapping[str, Any]], strict: bool = True
 ) -> LoadReport:
@@ -293,8 +333,9 @@ def load_backbone_into_classifier(
     (:data:`PRETRAIN_ONLY_PREFIXES`), drops a classification head whose number of classes differs
     from the classifier's (a checkpoint fine-tuned on another dataset; listed in ``dropped``, as
     the official fine-tuning start does), resizes relative-position tables (the pre-training
-    model has no last-stage query stride, so its last-stage tables are longer) and ``pos_embed``,
-    and loads the rest. ``norm.*`` and ``head.*`` (:data:`CLASSIFIER_NEW_PREFIXES`) and a
+    model has no last-stage query stride, so its last-stage tables are longer: the rows of the
+    classifier's offsets are taken, :func:`strided_tables_to_classifier`; a resolution change is
+    interpolated) and ``pos_embed``, and loads the rest. ``norm.*`` and ``head.*`` (:data:`CLASSIFIER_NEW_PREFIXES`) and a
     query-pooling conv of a stage transition (``blocks.N.attn.{pool_q,norm_q}.*`` where the classifier
     pools q with a stride) may be missing and keep their fresh
     initialisation.
@@ -308,8 +349,12 @@ def load_backbone_into_classifier(
     sd, _ = strip_known_prefixes(extract_model_state(state), own)
     pretrain_only = sorted(k for k in sd if k.startswith(PRETRAIN_ONLY_PREFIXES))
     sd = {k: v for k, v in sd.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
+    # a pre-training backbone: no classification head (an export drops mask_token and pred_head too)
+    from_pretraining = bool(pretrain_only) or not any(k.startswith("head.") for k in sd)
     dropped = _drop_other_head(sd, own)
+    regridded = strided_tables_to_classifier(classifier, sd) if from_pretraining else []
     sd, resized = adapt_state_dict(classifier, sd)
+    resized = list(dict.fromkeys(regridded + resized))
     strided = _query_strided_blocks(classifier)
 
     def may_miss(k: str) -> bool:

@@ -513,19 +513,56 @@ def test_pretrain_depth_truncates_blocks():
     assert m(x, _mask(m, x)).pred.shape == (2, 8 * 4 * 4, 768)
 
 
-def test_classifier_loads_pretrain_backbone_with_resized_tables():
-    """depth 5: block 4 follows the last stage, so its tables differ between PT (q 4x4, kv 2x2:
-    7 rows) and FT (q 2x2, kv 2x2: 3 rows) and are linearly interpolated."""
+def _offset_rows(q_len: int, k_len: int) -> torch.Tensor:
+    """Each row of a table for a (q_len, k_len) axis: its offset ``i − j`` in units of the finer grid
+    (the table index of DESIGN §3.5, through the reference's ``rel_pos_index``; unused rows NaN)."""
+    from kernels.attention.reference import rel_pos_index
+
+    fine = max(q_len, k_len)
+    idx = rel_pos_index(q_len, k_len)
+    out = torch.full((2 * fine - 1,), float("nan"))
+    for i in range(q_len):
+        for j in range(k_len):  # positions in fine units: q i·(fine/Q), k j·(fine/K)
+            out[idx[i, j]] = i * (fine // q_len) - j * (fine // k_len)
+    return out
+
+
+@pytest.mark.parametrize("name", ["mvitv2_tiny", "mvitv2_tiny_image"])
+def test_classifier_loads_pretrain_backbone_with_the_offsets_of_its_grid(name):
+    """depth 5: block 4 follows the last stage, so its tables differ between PT (q 4x4, kv 2x2: 7 rows)
+    and FT (q 2x2, kv 2x2: 3 rows). A linear resize of the table (what an earlier version of this test
+    compared with: the loader against itself) put PT's +1 offset at FT's offset 0. Each PT row now
+    holds its offset, and each FT row must hold its own, counted in PT's finer units."""
     torch.manual_seed(0)
-    pt = create_model("mvitv2_tiny", "pretrain", attn_backend="reference", depth=5)
-    ft = create_model("mvitv2_tiny", "classify", attn_backend="reference", depth=5)
+    pt = create_model(name, "pretrain", attn_backend="reference", depth=5)
+    ft = create_model(name, "classify", attn_backend="reference", depth=5)
+    axes = ["h", "w"] + ([] if "image" in name else ["t"])
+    with torch.no_grad():
+        for a in axes:
+            table = getattr(pt.blocks[4].attn, f"rel_pos_{a}")
+            q = 4 if a != "t" else table.shape[0] // 2 + 1  # (t: the same length on both sides)
+            rows = _offset_rows(q, 2) if a != "t" else torch.arange(table.shape[0], dtype=torch.float32)
+            table.copy_(rows.nan_to_num(99.0)[:, None].expand_as(table))
     head_before = ft.head.projection.weight.clone()
     rep = load_backbone_into_classifier(ft, {"model_state": pt.state_dict()})
     assert sorted(rep.missing) == ["head.projection.bias", "head.projection.weight", "norm.bias", "norm.weight"]
     assert rep.unexpected == []
     assert sorted(rep.resized) == ["blocks.4.attn.rel_pos_h", "blocks.4.attn.rel_pos_w"]
     assert pt.blocks[4].attn.rel_pos_h.shape[0] == 7 and ft.blocks[4].attn.rel_pos_h.shape[0] == 3
-    torch.testing.assert_close(ft.blocks[4].attn.rel_pos_h, resize_rel_pos(pt.blocks[4].attn.rel_pos_h, 3))
+    for a in ("h", "w"):
+        got = getattr(ft.blocks[4].attn, f"rel_pos_{a}")
+        assert torch.equal(got, got[:, :1].expand_as(got))
+        assert got[:, 0].tolist() == (2 * _offset_rows(2, 2)).tolist() == [-2.0, 0.0, 2.0]
+    # an export of the backbone has no mask_token or pred_head: still a pre-training checkpoint
+    ft2 = create_model(name, "classify", attn_backend="reference", depth=5)
+    export = {k: v for k, v in pt.state_dict().items() if not k.startswith(("mask_token", "pred_head."))}
+    load_backbone_into_classifier(ft2, export)
+    assert torch.equal(ft2.blocks[4].attn.rel_pos_h, ft.blocks[4].attn.rel_pos_h)
+    # another resolution on top: the grid's rows first, then the linear resize of the rest
+    ft3 = create_model(name, "classify", attn_backend="reference", depth=5, img_size=96)  # 5 rows
+    load_backbone_into_classifier(ft3, export)
+    torch.testing.assert_close(ft3.blocks[4].attn.rel_pos_h,
+                               resize_rel_pos(ft.blocks[4].attn.rel_pos_h, ft3.blocks[4].attn.rel_pos_h.shape[0]))
     psd, fsd = pt.state_dict(), ft.state_dict()
     for k in fsd:
         if k in psd and k not in rep.resized:
