@@ -6,8 +6,9 @@
 
 Semantics: DESIGN §3.1 and :mod:`kernels.hog.reference` (official ``HOGLayerC``). The Triton path
 is :mod:`kernels.hog.triton_hog` (its default: "cells-ptx" on CUDA for unsigned orientation, else
-"cells"; ``hog_targets_triton`` also offers the other variants, an ``out=`` tensor and launch parameters). ``backend="auto"`` uses Triton for CUDA tensors and the
-reference otherwise; ``"triton"`` on CPU works only under ``TRITON_INTERPRET=1`` (tests).
+"cells"; ``hog_targets_triton`` also offers the other variants, an ``out=`` tensor and launch parameters). ``backend="auto"`` uses Triton for
+NVIDIA CUDA tensors of the dtypes it reads (uint8, fp16, bf16, fp32) and the reference otherwise (the CPU,
+ROCm, other dtypes); ``"triton"`` on CPU works only under ``TRITON_INTERPRET=1`` (tests).
 Targets carry no gradient.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from kernels.hog.reference import (
     hog_targets_reference,
     tokens_to_cells,
 )
-from kernels.hog.triton_hog import hog_targets_triton
+from kernels.hog.triton_hog import SUPPORTED_DTYPES, hog_targets_triton
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -42,10 +43,14 @@ __all__ = [
 
 
 def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """``auto``: the Triton kernel for an NVIDIA CUDA tensor of a dtype it reads, else the reference
+    (a ROCm GPU, whose build of the kernel was never run or measured; float64 or integer frames,
+    which the reference takes on the GPU as on the CPU)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if x.is_cuda else "reference"
+        nvidia = x.is_cuda and torch.version.hip is None
+        return "triton" if nvidia and x.dtype in SUPPORTED_DTYPES else "reference"
     return backend
 
 

@@ -504,11 +504,14 @@ def hog_targets_triton(
     if max_ch is None:  # on GPU one cell row per tile keeps a cell's rows in one thread's registers
         max_ch = 32 if INTERPRETED else 1
     if variant == "auto":
-        variant = "cells-ptx" if frames.is_cuda and not INTERPRETED and not signed else "cells"
+        # (inline PTX is NVIDIA's: on ROCm, LLVM aborts the process compiling it)
+        nvidia = frames.is_cuda and torch.version.hip is None
+        variant = "cells-ptx" if nvidia and not INTERPRETED and not signed else "cells"
     if variant not in VARIANTS + GPU_ONLY_VARIANTS:
         raise ValueError(f"variant must be 'auto' or one of {VARIANTS + GPU_ONLY_VARIANTS}, got {variant!r}")
-    if variant == "cells-ptx" and (INTERPRETED or signed):
-        raise ValueError("variant 'cells-ptx' (inline PTX) needs a CUDA device, not the interpreter, and signed=False")
+    if variant == "cells-ptx" and (INTERPRETED or signed or torch.version.hip is not None):
+        raise ValueError("variant 'cells-ptx' (inline PTX) needs an NVIDIA CUDA device, not the interpreter or ROCm, "
+                         "and signed=False")
     common = dict(SIGNED=bool(signed), NORM_L2=(norm == "cell_l2"), WIN=gaussian_window)
     with tensor_device(frames):  # Triton launches on the current device
         if variant in ("cells", "cells-ptx"):

@@ -598,3 +598,24 @@ def test_gpu_tile_configs(variant, block_px, max_ch, num_warps):
     x = rand_frames(8, 224, 224, seed=16).cuda()
     want = hog_targets_reference(x, 16, dtype=torch.float64)
     assert_targets_close(hog_targets_triton(x.unsqueeze(1), 16, **cfg), want)
+
+
+def test_auto_dispatch_by_vendor_and_dtype(monkeypatch):
+    """``auto`` sent every CUDA tensor to Triton: on ROCm its default variant (inline NVIDIA PTX) made
+    LLVM abort the process, and float64 or integer frames, which the reference takes on the CPU,
+    were refused on the GPU. A stand-in tensor: only ``is_cuda`` and ``dtype`` decide."""
+    from types import SimpleNamespace as NS
+
+    from kernels.hog import _resolve_backend
+
+    for dtype in (torch.uint8, torch.float16, torch.bfloat16, torch.float32):
+        assert _resolve_backend("auto", NS(is_cuda=True, dtype=dtype)) == "triton"
+    for dtype in (torch.float64, torch.int16, torch.int32):
+        assert _resolve_backend("auto", NS(is_cuda=True, dtype=dtype)) == "reference"
+    assert _resolve_backend("auto", NS(is_cuda=False, dtype=torch.float32)) == "reference"
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert _resolve_backend("auto", NS(is_cuda=True, dtype=torch.float32)) == "reference"
+    assert _resolve_backend("triton", NS(is_cuda=True, dtype=torch.float32)) == "triton"  # still forced
+    frames = torch.zeros(1, 1, 3, 16, 16)
+    with pytest.raises(ValueError, match="needs an NVIDIA CUDA device"):
+        hog_targets_triton(frames, 16, variant="cells-ptx")
