@@ -250,6 +250,11 @@ def _num_classes(cfg: Config, loader) -> int:
         raise ConfigError("the number of classes is unknown: set finetune.num_classes")
     what = "finetune.num_classes" if cfg.finetune.num_classes else "the number of training classes"
     check_labels(loader, k, what)
+    names = len(getattr(loader, "class_names", ()) or ())
+    if k < names:  # every label fits, but classes.json holds an output per name (it raised a bare ValueError)
+        raise ConfigError(f"finetune.num_classes={k} is smaller than the {names} classes the training split names "
+                          f"(its classes.json or class folders, the last without videos): the head needs an "
+                          f"output per class; set finetune.num_classes >= {names}, or 0 for exactly {names}")
     return k
 
 

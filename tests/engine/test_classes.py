@@ -159,6 +159,19 @@ def test_num_classes_below_the_labels_is_a_config_error(videos):
     assert _num_classes(load_config(TINY, []), train) == 3
 
 
+def test_num_classes_below_the_class_names_is_a_config_error(tmp_path):
+    """Every label fits finetune.num_classes, but the last class folder holds no video: classes.json
+    (an output per name) raised a bare ValueError after the set-up, a traceback."""
+    from engine.finetune import _num_classes
+
+    root = clip_tree(tmp_path, {"train": {"a": 1, "b": 1}})
+    os.makedirs(tmp_path / "train" / "c")  # empty: the names are a, b, c, the labels 0 and 1
+    train = build_loader(data_cfg(root), "train", mode="finetune")
+    with pytest.raises(ConfigError, match=r"finetune.num_classes=2 is smaller than the 3 classes"):
+        _num_classes(load_config(TINY, ["finetune.num_classes=2"]), train)
+    assert _num_classes(load_config(TINY, ["finetune.num_classes=3"]), train) == 3
+
+
 def test_drop_last_never_drops_test_views(videos):
     cfg = data_cfg(videos["root"], drop_last=True, batch_size=2, num_clips=3)
     test = build_loader(cfg, "train", mode="test")  # 3 videos x 3 views = 9: the last batch is padded
