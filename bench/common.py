@@ -7,7 +7,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -28,6 +28,39 @@ def require_interpreter_on_cpu(device: torch.device, what: str) -> None:
 def results_slug(device: torch.device, name: str) -> str:
     """The device part of a result file's name: ``cpu``, or the GPU name in lower-case-dashes."""
     return "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+MIN_SAMPLES = {True: 10, False: 20}
+"""Timed calls per measurement on CUDA at least (``--quick`` or not)."""
+
+
+def do_bench_min(call: Callable[[], object], *, quick: bool, leaves: Sequence[torch.Tensor] = (),
+                 base_rep_ms: Optional[float] = None, quantiles: Sequence[float] = (0.5, 0.2, 0.8)) -> list[float]:
+    """``triton.testing.do_bench`` quantiles (ms) over at least :data:`MIN_SAMPLES` calls. It times
+    ``int(rep / its own estimate)`` calls: one for a 44 ms call in a 30 ms budget, so a median could
+    be a single call. ``leaves``: tensors whose ``.grad`` is cleared before each call.
+    ``base_rep_ms``: the budget short calls get (default 30 ms quick, 50 ms otherwise)."""
+    import math
+    import time
+
+    import triton.testing
+
+    estimate_ms = math.inf
+    for _ in range(2):  # as the timed calls: gradients cleared first
+        for x in leaves:
+            x.grad = None
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        estimate_ms = min(estimate_ms, (time.perf_counter() - t0) * 1e3)
+    # do_bench adds an L2 flush per call to its estimate: a margin keeps the count at MIN_SAMPLES
+    # (exactly MIN x our estimate gave 9 of 10 for a 44 ms call)
+    base = base_rep_ms if base_rep_ms is not None else (30 if quick else 50)
+    rep = max(base, 1.25 * MIN_SAMPLES[quick] * estimate_ms + 1)
+    out = triton.testing.do_bench(call, warmup=10 if quick else 25, rep=rep, grad_to_none=list(leaves) or None,
+                                  quantiles=list(quantiles))
+    return [float(x) for x in (out if isinstance(out, (list, tuple)) else [out])]
 
 
 def peak_mib(call: Callable[[], object], device: torch.device) -> Optional[float]:

@@ -33,7 +33,16 @@ def measure(n: int = 10000, seed: int = 0) -> None:
         print(f"{kind} {grid}: {reps * 32 / dt:,.0f} masks/s (batches of 32, one thread, CPU time)")
 
 
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-n", type=int, default=10000, help="masks drawn per shortfall measurement")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    measure(args.n, args.seed)
+
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    measure()
+    main()

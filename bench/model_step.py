@@ -226,7 +226,10 @@ def _cuda_issue_path() -> Iterator[None]:
     kernels, as they do on CUDA (their ``"auto"`` resolves to ``"triton"``), the rel terms inside the
     attention kernels where CUDA runs them so (``triton_attn.call_config``). With the model's backend
     ``triton`` and the launches stubbed, one step then issues what ``auto`` issues on CUDA, though it
-    computes nothing meaningful: for counting only."""
+    computes nothing meaningful: for counting only. One launch per attention call is missing: the
+    interpreter's dk/dv pass takes one query chunk, so the launch summing a GPU's chunk partials
+    never comes (385 counted where the H200 issued 433 at 224 px; a GPU's chunk count depends on the
+    grid, so pinning its SM count at the counting's 64 px gave 480, which matches nothing)."""
     import kernels.hog as hog
     from kernels.attention import triton_attn
 

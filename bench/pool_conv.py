@@ -150,12 +150,10 @@ def measure(conv: dict, batch: int, layout: str, device: torch.device, dtype: to
                     err_dw=rel_err(leaves[1].grad, ref["dw"]))
         del out
         if device.type == "cuda":
-            import triton.testing
-
             from bench.attention_host import host_us_cuda
+            from bench.common import do_bench_min
 
-            ms = triton.testing.do_bench(call, warmup=10 if quick else 25, rep=40 if quick else 100,
-                                         return_mode="median")
+            ms = do_bench_min(call, quick=quick, base_rep_ms=40 if quick else 100, quantiles=(0.5,))[0]
             kernels = [f"{k['kernel'][:60]} ({k['us_per_call']:.0f} µs ×{k['launches_per_call']:.0f})"
                        for k in cuda_kernels(call, reps=2)[:3]]
             try:

@@ -449,6 +449,21 @@ def test_bench_flop_count_by_hand():
     assert flops(s, "fwd+bwd") == 3.5 * fwd
 
 
+def test_bench_best_ratio_compares_with_the_alternatives_only():
+    """×best compared each provider with the fastest *other* one, ours included: ``auto`` read 1.00
+    against ``triton+rel-triton`` (the same kernels) in every H200 table, and a row that failed its
+    check could be the "best". Now: the fastest correct row that is neither the reference nor ours."""
+    from bench.attention import add_ratios
+
+    ms = {"reference": 40.0, "sdpa-cudnn+rel-triton": 6.0, "flex": 2.0, "triton+rel-triton": 5.0, "auto": 5.0}
+    rows = [dict(shape="s1", provider=p, ms=t, ok=p != "flex", **{"pass": "fwdbwd"}) for p, t in ms.items()]
+    add_ratios(rows)
+    got = {r["provider"]: (r["x_vs_reference"], r["x_vs_best_other"]) for r in rows}
+    assert got["auto"] == got["triton+rel-triton"] == (8.0, 1.2)  # vs cuDNN's 6.0; flex failed its check
+    assert got["reference"] == (1.0, 6.0 / 40.0)
+    assert got["sdpa-cudnn+rel-triton"][1] is None  # no other correct alternative
+
+
 @pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
 @pytest.mark.parametrize("q_thw,k_thw", [((2, 4, 4), (2, 2, 2)), ((2, 2, 2), (2, 4, 3)), ((1, 5, 3), (1, 3, 2))])
 def test_bench_flex_provider_matches_reference(q_thw, k_thw, has_cls):

@@ -155,8 +155,11 @@ def test_predictions_targets_and_mask_line_up(name, size):
         f = F.interpolate(fm, size=tuple(thw)[-2:]).flatten(1).unsqueeze(-1)  # T' is the embedding's T
         xe = xe * (1 - f) + m.mask_token.expand(B, xe.shape[1], -1) * f
         xe = torch.cat((m.cls_token.expand(B, -1, -1), xe), 1)
-        if m.use_abs_pos:
-            xe = xe + m._pos_embed_for(thw)
+        if m.use_abs_pos:  # the official _get_pos_embed: the grid part trilinearly resized to thw
+            s = int(m.cls_embed)
+            grid = m.pos_embed[:, s:].reshape(1, *m.patch_dims, -1).permute(0, 4, 1, 2, 3)
+            grid = F.interpolate(grid, size=tuple(thw), mode="trilinear").flatten(2).transpose(1, 2)
+            xe = xe + torch.cat((m.pos_embed[:, :s], grid), 1)
         for blk in m.blocks:
             xe, thw = blk(xe, thw)
         pred = m.pred_head.projections[0](m.pred_head.transforms[0](xe)[:, 1:][sel])
@@ -575,9 +578,18 @@ def test_vit_classifier_loads_pos_embed_at_new_resolution():
     torch.manual_seed(0)
     pt = create_model("vit_tiny", "pretrain", attn_backend="reference")
     ft = create_model("vit_tiny", "classify", attn_backend="reference", img_size=96)
+    with torch.no_grad():  # rows and columns told apart: channel 0 the row, channel 1 the column
+        grid = torch.stack(torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1).reshape(16, 2)
+        pt.pos_embed[0, 1:, :2] = grid
     rep = load_backbone_into_classifier(ft, pt.state_dict())
     assert rep.resized == ["pos_embed"] and ft.pos_embed.shape == (1, 1 + 36, 64)
     torch.testing.assert_close(ft.pos_embed[:, 0], pt.pos_embed[:, 0])
+    want = F.interpolate(pt.pos_embed[:, 1:].reshape(1, 1, 4, 4, 64).permute(0, 4, 1, 2, 3), size=(1, 6, 6),
+                         mode="trilinear").flatten(2).transpose(1, 2)
+    torch.testing.assert_close(ft.pos_embed[:, 1:], want)
+    rows, cols = ft.pos_embed[0, 1:, 0].reshape(6, 6), ft.pos_embed[0, 1:, 1].reshape(6, 6)
+    assert (rows.diff(dim=0) > 0).all() and rows.diff(dim=1).abs().max() < 1e-5  # rows stay rows
+    torch.testing.assert_close(cols, rows.t())
     assert ft(torch.randn(1, 3, 96, 96)).shape == (1, 10)
 
 
