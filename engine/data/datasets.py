@@ -47,8 +47,12 @@ from .errors import DataError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".jp2")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+                    ".pbm", ".pnm", ".jp2")
 """Extensions of the image formats DALI's decoder reads (``images.DALI_IMAGE_FORMATS``; not GIF)."""
+OTHER_IMAGE_EXTENSIONS = (".gif", ".avif", ".heic", ".heif", ".jxl", ".svg", ".ico", ".tga", ".psd", ".dng", ".raw")
+"""Image files DALI's decoder does not read: an image folder's files with one of these are counted in
+a warning (they were left out without a word)."""
 KNOWN_VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mts", ".m2ts", ".ts", ".3gp", ".3g2",
                           ".mpg", ".mpeg", ".m2v", ".vob", ".wmv", ".asf", ".flv", ".f4v", ".ogv", ".mxf", ".dv",
                           ".y4m")
@@ -353,8 +357,10 @@ def _walk_files(folder: str) -> list[str]:
 
 
 def scan_class_folders(root: str, extensions: tuple[str, ...],
-                       classes: Optional[Sequence[str]] = None) -> Dataset:
-    """List ``root/<class>/**/<file>`` with a recognised extension.
+                       classes: Optional[Sequence[str]] = None, *, images: bool = False) -> Dataset:
+    """List ``root/<class>/**/<file>`` with a recognised extension (``images``: an image folder, whose
+    files of formats DALI does not read are counted in the warning, as video files of other
+    extensions are for a video folder).
 
     Without ``classes`` the folders are the classes, sorted by name (a folder without files stays
     a class: see :func:`empty_classes`). With ``classes`` (the run's list, from the training
@@ -379,7 +385,8 @@ def scan_class_folders(root: str, extensions: tuple[str, ...],
     exts = tuple(e.lower() for e in extensions)
     paths: list[str] = []
     labels: list[int] = []
-    left_out: collections.Counter[str] = collections.Counter()  # video extension -> files not listed
+    left_out: collections.Counter[str] = collections.Counter()  # extension -> files not listed
+    others = OTHER_IMAGE_EXTENSIONS if images else KNOWN_VIDEO_EXTENSIONS
     for cls in folders:
         label = index[cls]
         for f in _walk_files(os.path.join(root, cls)):
@@ -387,16 +394,19 @@ def scan_class_folders(root: str, extensions: tuple[str, ...],
             if low.endswith(exts):
                 paths.append(f)
                 labels.append(label)
-            elif low.endswith(KNOWN_VIDEO_EXTENSIONS):
+            elif low.endswith(others):
                 left_out[os.path.splitext(f)[1]] += 1
+    kind, hint = (("image", "DALI's image decoder does not read them: convert them (e.g. to PNG) to use them")
+                  if images else ("video", "add them to data.extensions (`maskfeat data prepare --extensions`) "
+                                           "to use them"))
     if left_out:
-        log.warning("%s: %d video file(s) left out for their extension (%s): add them to data.extensions (`maskfeat "
-                    "data prepare --extensions`) to use them", root, sum(left_out.values()),
-                    ", ".join(f"{e} {n}" for e, n in sorted(left_out.items())))
+        log.warning("%s: %d %s file(s) left out for their extension (%s): %s", root, sum(left_out.values()), kind,
+                    ", ".join(f"{e} {n}" for e, n in sorted(left_out.items())), hint)
     if not paths:
         raise DataError(f"{root}: no files with extensions {list(exts)} under the class folders"
-                        + (f" ({sum(left_out.values())} video file(s) with other extensions: "
-                           f"{', '.join(sorted(left_out))}; see data.extensions)" if left_out else ""))
+                        + (f" ({sum(left_out.values())} {kind} file(s) with other extensions: "
+                           f"{', '.join(sorted(left_out))}; " + ("see data.extensions)" if not images else
+                                                                  "formats DALI does not read)") if left_out else ""))
     return Dataset(paths, labels, list(names), source=root, left_out=dict(left_out))
 
 
@@ -482,5 +492,5 @@ def load_dataset(dataset: str, root: str, split: str, extensions: tuple[str, ...
         sub = os.path.join(root, split)
         if not os.path.isdir(sub):
             raise FileNotFoundError(f"ImageNet-layout split folder {sub} not found")
-        return scan_class_folders(sub, IMAGE_EXTENSIONS, classes)
+        return scan_class_folders(sub, IMAGE_EXTENSIONS, classes, images=True)
     raise ValueError(f"unknown dataset kind {dataset!r}")

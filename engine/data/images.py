@@ -96,14 +96,29 @@ def _exif_orientation(raw: Optional[bytes]) -> int:
         ex.load(raw)
     except Exception:  # a broken EXIF block: DALI ignores it too
         return 1
-    return int(ex.get(_ORIENTATION, 1) or 1)
+    value = ex.get(_ORIENTATION, 1)
+    # as DALI reads the tag (measured with DALI 2.4): a BYTE/UNDEFINED one by its first byte (Pillow
+    # gives bytes), an ASCII one not at all (DALI leaves the image as stored; Pillow gives a str,
+    # and int() of "a" refused a file DALI decodes)
+    if isinstance(value, (bytes, bytearray)):
+        value = value[0] if value else 1
+    elif isinstance(value, tuple):
+        value = value[0] if value else 1
+    elif isinstance(value, str):
+        return 1
+    try:
+        return int(value or 1)
+    except (TypeError, ValueError):
+        return 1
 
 
 def _png_exif(buf: bytes, check: bool) -> Optional[bytes]:
     """The eXIf chunk's payload of a PNG, wherever it lies (DALI applies one after the image data
-    too; Pillow's header parse stops at the first IDAT). Walks chunk headers only, plus the CRCs of
-    the critical chunks when ``check`` (libpng only warns about the others): raises ValueError for a
-    truncated file, a bad critical CRC or a missing IEND."""
+    too; Pillow's header parse stops at the first IDAT); of several, the last, which DALI applies.
+    Walks chunk headers only, plus the CRCs of the critical chunks when ``check`` (libpng only warns
+    about the others): raises ValueError for a truncated file, a bad critical CRC, a missing IEND or
+    a second eXIf chunk (DALI's CPU decoder segfaults on one that undoes a turning first one: the
+    whole process, every rank, under either ``on_bad_file``)."""
     exif, i, n = None, 8, len(buf)
     while True:
         if i + 8 > n:
@@ -115,11 +130,36 @@ def _png_exif(buf: bytes, check: bool) -> Optional[bytes]:
             raise ValueError(f"truncated PNG: {kind.decode('latin-1')} chunk at byte {i} ends past the end ({n} bytes)")
         if check and kind in _PNG_CHECKED and zlib.crc32(buf[i + 4:i + 8 + length]) != int.from_bytes(buf[end - 4:end], "big"):
             raise ValueError(f"corrupt PNG: bad CRC in the {kind.decode('latin-1')} chunk at byte {i}")
-        if kind == b"eXIf" and exif is None:
+        if kind == b"eXIf":
+            if check and exif is not None:
+                raise ValueError(f"PNG with two eXIf chunks (the second at byte {i}): DALI's decoder crashes on "
+                                 "such files")
             exif = buf[i + 8:i + 8 + length]
         if kind == b"IEND":
             return exif
         i = end
+
+
+def _jpeg_last_exif(buf: bytes) -> Optional[bytes]:
+    """The payload of the last EXIF APP1 segment before a JPEG's first scan (``Exif\\0\\0`` and the
+    TIFF block), or None. A file with two (an editor's added block) is turned by DALI as the last
+    says; Pillow's ``info["exif"]`` is the first."""
+    exif, i, n = None, 2, len(buf)
+    while i + 4 <= n and buf[i] == 0xFF:
+        marker = buf[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if marker == 0xDA:  # start of scan: no more header segments
+            break
+        length = int.from_bytes(buf[i + 2:i + 4], "big")
+        if marker == 0xE1 and buf[i + 4:i + 10] == b"Exif\0\0":
+            exif = buf[i + 4:i + 2 + length]
+        i += 2 + length
+    return exif
 
 
 def _jpeg_check(buf: bytes) -> None:
@@ -174,7 +214,9 @@ def image_size(data: np.ndarray, check: bool = False) -> tuple[int, int]:
         fmt = im.format
         if check and fmt not in DALI_IMAGE_FORMATS:
             raise ValueError(f"{fmt} image: DALI's image decoder reads only {', '.join(sorted(DALI_IMAGE_FORMATS))}")
-        if fmt in ("JPEG", "MPO", "WEBP"):  # the EXIF block only: DALI ignores Pillow's XMP fallback
+        if fmt in ("JPEG", "MPO"):  # the last EXIF APP1 segment, which DALI applies (Pillow keeps the first)
+            orientation = _exif_orientation(_jpeg_last_exif(buf))
+        elif fmt == "WEBP":  # the EXIF block only: DALI ignores Pillow's XMP fallback
             orientation = _exif_orientation(im.info.get("exif"))
         else:  # TIFF: Pillow already reports the size with the orientation applied, as DALI outputs it
             orientation = 1

@@ -434,6 +434,87 @@ def test_orientation_and_png_checks_agree_with_dali():
     assert _ours(bad_idat) is None and _ours(bad_before) == (30, 40)
 
 
+def _exif(kind: int, count: int, value: bytes) -> bytes:
+    """An EXIF block (``Exif\\0\\0`` + little-endian TIFF) holding only an Orientation tag of TIFF type
+    ``kind`` (1 BYTE, 2 ASCII, 3 SHORT, 7 UNDEFINED)."""
+    tiff = (b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHI", 0x0112, kind, count) + value.ljust(4, b"\0")
+            + struct.pack("<I", 0))
+    return b"Exif\x00\x00" + tiff
+
+
+def test_exif_orientation_is_read_as_dali_reads_it():
+    """The Orientation tag as DALI reads it: a BYTE/UNDEFINED tag (Pillow gives bytes) made int()
+    refuse a file DALI decodes turned; an ASCII "6" turned the planned crop of an image DALI leaves as
+    stored (a portrait box on a landscape image), an ASCII "a" refused it; of two EXIF blocks in a
+    JPEG, DALI applies the last, the plan took Pillow's first."""
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8))
+
+    def jpeg(exif: bytes = b"") -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", **({"exif": exif} if exif else {}))
+        return buf.getvalue()
+
+    cases = {"byte 6": (jpeg(_exif(1, 1, b"\x06")), (50, 30)), "undefined 6": (jpeg(_exif(7, 1, b"\x06")), (50, 30)),
+             "short 6": (jpeg(_exif(3, 1, b"\x06\x00")), (50, 30)), "ascii 6": (jpeg(_exif(2, 2, b"6\0")), (30, 50)),
+             "ascii a": (jpeg(_exif(2, 2, b"a\0")), (30, 50))}
+    plain = jpeg()
+
+    def app1(orientation: int) -> bytes:
+        payload = _exif(3, 1, struct.pack("<H", orientation))
+        return b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+
+    cases["two blocks 1, 6"] = (plain[:2] + app1(1) + app1(6) + plain[2:], (50, 30))
+    cases["two blocks 6, 1"] = (plain[:2] + app1(6) + app1(1) + plain[2:], (30, 50))
+    for name, (data, want) in cases.items():
+        assert _ours(data) == want, name
+        assert _dali_shape(data) == want, name  # what DALI's decoder does, measured here
+
+
+def test_a_png_with_two_exif_chunks_is_refused():
+    """DALI's CPU decoder segfaults on a PNG whose second eXIf chunk undoes a turning first one: the
+    whole process died under either on_bad_file, no file named. The check refuses any second eXIf
+    (DALI itself is not asked here: it would crash the test run)."""
+    from PIL import Image
+
+    from engine.data.images import _png_exif
+
+    plain = io.BytesIO()
+    Image.fromarray(np.zeros((30, 50, 3), np.uint8)).save(plain, "PNG")
+    png = plain.getvalue()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    def exif_chunk(orientation: int) -> bytes:
+        return chunk(b"eXIf", _exif(3, 1, struct.pack("<H", orientation))[6:])
+
+    one = png[:33] + exif_chunk(6) + png[33:]
+    assert _ours(one) == (50, 30)
+    two = png[:33] + exif_chunk(6) + exif_chunk(1) + png[33:]
+    with pytest.raises(ValueError, match="two eXIf chunks"):
+        image_size(np.frombuffer(two, np.uint8), check=True)
+    assert _png_exif(two, check=False) == _exif(3, 1, struct.pack("<H", 1))[6:]  # the last, as DALI applies
+
+
+def test_image_folders_list_jfif_and_count_formats_dali_cannot_read(tmp_path, caplog):
+    """.jfif/.jpe JPEGs were left out of an image folder, and GIF/HEIC/AVIF files too, without a word."""
+    from PIL import Image
+
+    from engine.data.datasets import load_dataset
+
+    for cls, name in (("a", "x.jfif"), ("a", "y.jpe"), ("a", "z.png"), ("b", "w.jpg")):
+        os.makedirs(tmp_path / "train" / cls, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / cls / name, "JPEG" if "j" in name else "PNG")
+    for name in ("v.gif", "u.heic"):
+        (tmp_path / "train" / "b" / name).write_bytes(b"\0")
+    with caplog.at_level(logging.WARNING):
+        ds = load_dataset("image_folder", str(tmp_path), "train", ())
+    assert sorted(os.path.basename(p) for p in ds.paths) == ["w.jpg", "x.jfif", "y.jpe", "z.png"]
+    assert "2 image file(s) left out for their extension (.gif 1, .heic 1): DALI's image decoder" in caplog.text
+
+
 def test_dali_reason_names_the_decoder_failure():
     from engine.data.images import _dali_reason
 
