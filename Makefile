@@ -66,7 +66,7 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
-	$(PY) -m engine pretrain --config configs/demo_pretrain.yaml
+	$(PY) -m engine pretrain --config configs/demo_pretrain.yaml train.overwrite=true
 
 bench-hog: install
 	$(PY) -m bench.hog

@@ -8,6 +8,7 @@ Every training command takes ``--config FILE.yaml`` and any number of dotted ove
     maskfeat export runs/demo_pretrain --out runs/demo_pretrain/backbone.safetensors
     maskfeat finetune --config configs/demo_finetune.yaml finetune.pretrained=runs/demo_pretrain/backbone.safetensors
     maskfeat eval --config configs/demo_finetune.yaml --checkpoint runs/demo_finetune
+    maskfeat eval --checkpoint runs/demo_finetune   # without --config: the config it was trained with
     maskfeat pretrain --help-config        # every config field with its documentation
 
 Launch the same command under ``torchrun``, the ``deepspeed`` launcher (``--module engine``; the
@@ -100,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("pretrain", "MaskFeat pre-training"), ("finetune", "fine-tune a classifier"),
                         ("eval", "multi-view evaluation of a fine-tuned model")):
         s = sub.add_parser(name, help=help_, description=f"{help_}; trailing section.field=value items override the config")
-        s.add_argument("--config", "-c", default=None, action=_Once, help="YAML recipe (configs/*.yaml)")
+        s.add_argument("--config", "-c", default=None, action=_Once,
+                       help="YAML recipe (configs/*.yaml)" + (" (default: the config the checkpoint was trained "
+                                                              "with, when it has one)" if name == "eval" else ""))
         s.add_argument("--help-config", action="store_true", help="print every config field with its doc and exit")
         if name != "eval":
             s.add_argument("--resume", default=None, action=_Once,
@@ -229,8 +232,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from engine.config import ConfigError, describe, load_config
 
+    base = None
+    if args.command == "eval" and args.config is None and getattr(args, "checkpoint", None):
+        # no recipe given: the one the checkpoint was trained with (the defaults are the demo's data
+        # and model, which evaluated another dataset than the run's, or refused it)
+        from engine.finetune import resolve_checkpoint, trained_config
+
+        try:
+            base = trained_config(resolve_checkpoint(args.checkpoint))
+        except (ConfigError, OSError, ValueError):  # reported by run_eval, with its own message
+            base = None
+        if base is not None:
+            print(f"maskfeat eval: no --config: using the config {args.checkpoint} was trained with", flush=True)
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, base=base)
     except ConfigError as e:
         print(f"maskfeat {args.command}: config error: {e}", file=sys.stderr)
         return 2

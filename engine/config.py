@@ -642,9 +642,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Read a YAML recipe (optional), apply dotted overrides, build and check the :class:`Config`."""
-    data: dict = {}
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, *,
+                base: Optional[dict] = None) -> Config:
+    """Read a YAML recipe (optional), apply dotted overrides, build and check the :class:`Config`.
+    ``base``: the sections to start from without a ``path`` (a checkpoint's saved config)."""
+    data: dict = dict(base or {})
     if path:
         path = os.path.expanduser(path)  # --config=~/x.yaml: no shell expands it
         try:

@@ -488,7 +488,7 @@ def _export_metadata(path: str) -> dict:
         return {}
 
 
-def _trained_config(target: EvalTarget) -> Optional[dict]:
+def trained_config(target: EvalTarget) -> Optional[dict]:
     """The config the evaluated model was trained with: its tag's ``config.yaml``, or the one a
     ``maskfeat export`` file carries; None without one (an official .pyth, a plain .pt)."""
     from engine.checkpoint import _saved_config
@@ -515,7 +515,7 @@ def check_eval_model(target: EvalTarget, cfg: Config) -> None:
     cleanly and was evaluated as another model."""
     from engine.checkpoint import NON_SHAPE_OVERRIDES, _flatten
 
-    saved = _trained_config(target)
+    saved = trained_config(target)
     if saved is None or not isinstance(saved.get("model"), dict):
         return
     a, b = _flatten({"model": saved["model"]}), _flatten({"model": config_to_dict(cfg)["model"]})

@@ -413,6 +413,10 @@ def test_cli_finetune_resume_and_eval_with_a_class_missing_from_val(videos, tmp_
     res = json.load(open(os.path.join(out, "eval.json")))
     assert res["videos"] == 2 and res["checkpoint"] == os.path.join(out, "checkpoints", "step00000002")
     assert not os.path.exists(os.path.join(other, "eval.json"))
+    # without --config: the run's own config (the defaults' demo dataset and model were evaluated, or refused)
+    p = engine("eval", "--checkpoint", out)
+    assert p.returncode == 0 and f"no --config: using the config {out} was trained with" in p.stdout, p.stderr[-4000:]
+    assert json.load(open(os.path.join(out, "eval.json")))["root"] == root
     clip_tree(root, {"train": {"dog": 1}})  # the train split changed: resuming would relabel the head
     p = engine("finetune", *common, "schedule.max_steps=3", "--resume", "auto")
     assert p.returncode == 5 and "data error: resuming a run whose classes changed" in p.stderr, p.stderr[-3000:]
