@@ -1010,6 +1010,18 @@ FOLDER_AS_WEIGHTS = ("a folder, not a weights file; for a run or checkpoint fold
 """What a folder given as weights is told (``load_pretrained`` and fine-tuning's early check)."""
 
 
+def not_weights(path: str) -> Optional[str]:
+    """Why ``path``, given as weights, is none though it names a checkpoint: a folder
+    (:data:`FOLDER_AS_WEIGHTS`) or a run's ``checkpoints/latest`` file (it failed to unpickle its
+    12 bytes of tag name, "is it truncated?"); None for anything else."""
+    if os.path.isdir(path):
+        return FOLDER_AS_WEIGHTS.format(path=path)
+    if os.path.basename(path) == "latest" and os.path.isfile(path) and _is_ckpt_dir(os.path.dirname(path) or "."):
+        return (f"a run's checkpoints/latest file (the name of its newest tag), not a weights file; export that "
+                f"checkpoint's backbone first (maskfeat export {path}) and use the backbone.safetensors it writes")
+    return None
+
+
 def _check_deepspeed_module(path: str, state: dict) -> None:
     """A DeepSpeed ``*model_states.pt`` passed as weights: usable only when it holds the exact fp32
     weights (ZeRO-0/1/2 fp32); a ZeRO-3 file holds this rank's empty placeholders, a bf16/fp16 run's
@@ -1038,8 +1050,9 @@ def load_pretrained(path: str) -> dict[str, torch.Tensor]:
     state dict of tensors, or that is a DeepSpeed model-states file without the real fp32 weights
     (ZeRO-3's placeholders, a bf16/fp16 run's rounded copy: ``maskfeat export`` gives them); the
     callers turn these into ConfigError."""
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: {FOLDER_AS_WEIGHTS.format(path=path)}")
+    why = not_weights(path)
+    if why:
+        raise ValueError(f"{path}: {why}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pre-trained weights not found: {path}")
     size = os.path.getsize(path)

@@ -188,7 +188,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(usage)
             return 0
         if rest[:1] != ["prepare"]:
-            print(usage, file=sys.stderr)
+            import difflib
+
+            what = (f"unknown data command {rest[0]!r}" + (" (did you mean 'prepare'?)" if difflib.get_close_matches(
+                rest[0], ["prepare"], cutoff=0.6) else "") if rest else "no data command given")
+            print(f"{usage}\nmaskfeat data: error: {what}; the one data command is 'prepare'", file=sys.stderr)
             return 2
         from engine.data.prepare import prepare_main
 

@@ -237,10 +237,11 @@ def _check_pretrained(cfg: Config) -> None:
     if path and not os.path.exists(path):
         raise ConfigError(f"finetune.pretrained={path} not found (a .safetensors/.pt/.pyth "
                           "file; `maskfeat export RUN` writes RUN/backbone.safetensors)")
-    if path and os.path.isdir(path):
-        from engine.checkpoint import FOLDER_AS_WEIGHTS
+    from engine.checkpoint import not_weights
 
-        raise ConfigError(f"finetune.pretrained={path}: {FOLDER_AS_WEIGHTS.format(path=path)}")
+    why = not_weights(path) if path else None
+    if why:
+        raise ConfigError(f"finetune.pretrained={path}: {why}")
 
 
 def _num_classes(cfg: Config, loader) -> int:
@@ -673,9 +674,10 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
                precision="fp32", time=time.strftime("%Y-%m-%dT%H:%M:%S"),
                left_out=loader.report.records(), decode_failures=_gathered(getattr(loader, "decode_failures", [])))
     if dist.rank == 0 and (res["left_out"] or res["decode_failures"]):
-        log.warning("%d files of split %r were left out by data.on_bad_file=skip, %d more failed to decode and "
-                    "their clips were replaced (listed in eval.json)", len(res["left_out"]),
-                    cfg.finetune.eval_split, len(res["decode_failures"]))
+        log.warning("%d files of split %r were left out by data.on_bad_file=skip, %d more failed to decode: their "
+                    "views are not scored, and a video with none left is not counted (%d videos scored; all listed "
+                    "in eval.json)", len(res["left_out"]), cfg.finetune.eval_split, len(res["decode_failures"]),
+                    res["videos"])
     if dist.rank == 0:
         print(json.dumps({k: v for k, v in res.items() if k != "left_out"}), flush=True)
         os.makedirs(os.path.dirname(target.eval_json), exist_ok=True)

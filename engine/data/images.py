@@ -500,12 +500,12 @@ class ImageLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         from .loader import random_erase
-        from .pipeline import Feeder
+        from .pipeline import TRAIN_RERUN, Feeder
 
         if self.batches_consumed >= len(self):
             self.epoch, self.batches_consumed = self.epoch + 1, 0
         plan = self.plan(self.epoch)
-        rerun = ("resume from the last checkpoint with --resume auto" if self.train else
+        rerun = (TRAIN_RERUN if self.train else
                  "run again (a training run: --resume auto continues from its last checkpoint)")
         while True:  # one pass, or more when DALI's decoder refuses a file under skip (then restarted)
             batches = plan[self.batches_consumed:]

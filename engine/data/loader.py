@@ -54,7 +54,7 @@ import torch
 from .config import DataConfig
 from .datasets import Dataset, load_dataset, warn_empty_classes
 from .errors import DataError, VideoDecodeError
-from .pipeline import FailureLog
+from .pipeline import TRAIN_RERUN, FailureLog
 from .probe import BadDatasetError, BadFile, ValidationReport, VideoInfo, reader_problem, validate_files
 from .sampler import ClipSpec, PlanSettings, epoch_order, make_clip, shard_positions
 from .transfer import to_device
@@ -380,7 +380,7 @@ class VideoLoader:
                         timelines=[i.timeline for i in self.infos],
                         replace=self.replacement(self.epoch) if self.cfg.on_bad_file == "skip" else None,
                         on_failure=self._decode_failed,
-                        rerun=("resume from the last checkpoint with --resume auto" if train else
+                        rerun=(TRAIN_RERUN if train else
                                "run again (a training run: --resume auto continues from its last checkpoint)"))
         on_gpu = self.device.type == "cuda" and decode == "gpu"
         pipe = build_pipeline(

@@ -156,6 +156,10 @@ def read_bytes(path: str) -> np.ndarray:
 _NO_DRAWS = np.zeros((0, 4), np.float32)  # a clip without RandAugment
 
 
+TRAIN_RERUN = "rerun with --resume auto (it continues from the last checkpoint; before the first one it starts afresh)"
+"""How a training run that stopped on a bad file goes on (the end of the decode error's message)."""
+
+
 class Feeder:
     """Batch callback of ``fn.external_source``: turns planned batches of ClipSpecs into arrays.
 
@@ -181,7 +185,7 @@ class Feeder:
                  timelines: list[tuple[int, float] | None] | None = None,
                  replace: Callable[[ClipSpec, int], ClipSpec] | None = None,
                  on_failure: Callable[[str, str], None] | None = None,
-                 rerun: str = "resume from the last checkpoint with --resume auto",
+                 rerun: str = TRAIN_RERUN,
                  finish: Callable[[ClipSpec, np.ndarray], ClipSpec] | None = None, media: str = "video"):
         if media not in ("video", "image"):
             raise ValueError(f"media must be 'video' or 'image', got {media!r}")

@@ -256,3 +256,14 @@ def test_cli_refuses_what_it_would_ignore(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["data", "prepar", "raw", "--check"], "unknown data command 'prepar' (did you mean 'prepare'?)"),
+    (["data"], "no data command given"),
+])
+def test_cli_names_an_unknown_data_command(argv, message, capsys):
+    """`maskfeat data prepar ...` printed the usage line alone (exit 2), not what was wrong."""
+    from engine.cli import main
+
+    assert main(argv) == 2 and message in capsys.readouterr().err

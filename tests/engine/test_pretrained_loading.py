@@ -259,6 +259,19 @@ def test_a_run_folder_as_pretrained_says_to_export_it(tmp_path):
         load_pretrained(str(run))
     with pytest.raises(ConfigError, match=r"a folder, not a weights file.*maskfeat export "):
         build_classifier(_cfg(str(run)), 3)
+    # the checkpoints/latest file, which --resume takes: "cannot be read as a torch.save file (12 bytes;
+    # UnpicklingError ...); is it truncated?" before
+    os.makedirs(run / "checkpoints" / "step00000002")
+    latest = run / "checkpoints" / "latest"
+    latest.write_text("step00000002")
+    with pytest.raises(ValueError, match=r"checkpoints/latest file .*not a weights file.*maskfeat export .*latest\)"):
+        load_pretrained(str(latest))
+    with pytest.raises(ConfigError, match=r"finetune.pretrained=.*latest: a run's checkpoints/latest file"):
+        build_classifier(_cfg(str(latest)), 3)
+    from engine.finetune import _check_pretrained
+
+    with pytest.raises(ConfigError, match=r"checkpoints/latest file"):
+        _check_pretrained(_cfg(str(latest)))
 
 
 def test_an_export_under_another_name_loads_as_safetensors(tmp_path, pt_state):
