@@ -370,7 +370,8 @@ def scan_class_folders(root: str, extensions: tuple[str, ...],
         raise FileNotFoundError(f"dataset folder {root} not found")
     folders = subfolders(root)
     if not folders:
-        raise DataError(f"{root}: no class sub-folders (expected root/<class>/<file>)")
+        raise DataError(f"{root}: no class sub-folders (expected root/<class>/<file>; unlabelled videos for "
+                        f"pre-training go in one folder, e.g. root/all/<file>)")
     if classes is None:
         names = folders
     else:

@@ -59,7 +59,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Optional
+from typing import Any, Optional
 
 import av
 
@@ -516,7 +516,12 @@ def build_prepare_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fps", type=float, default=0.0, help="constant output rate; 0 keeps the source rate")
     ap.add_argument("--gop", type=int, default=16, help="key frame interval in frames")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
-    ap.add_argument("--min-frames", type=int, default=1, help="--check: frames one clip needs")
+    ap.add_argument("--min-frames", type=int, default=1,
+                    help="--check: frames one clip needs, whatever the file's frame rate (see --config)")
+    ap.add_argument("--config", default=None,
+                    help="--check: a training recipe (YAML): files shorter than one of its clips are bad, by the "
+                         "file's own frame rate as training counts them (data.num_frames x data.sampling_rate at "
+                         "data.target_fps: 61 frames at 30 fps, 121 at 60 fps for 16x4)")
     ap.add_argument("--check", action="store_true", help="only validate SRC (first frame of each file); print bad files")
     ap.add_argument("--full", action="store_true",
                     help="with --check: decode every frame of every file on the CPU (slower; finds files corrupt "
@@ -559,6 +564,19 @@ def prepare_main(argv: list[str]) -> int:
         ap.error(dst_inside_src(args.src, args.dst))
     if args.full and not args.check:
         ap.error("--full goes with --check (prepare itself decodes every frame)")
+    min_frames: Any = args.min_frames
+    if args.config:
+        if not args.check:
+            ap.error("--config goes with --check")
+        if args.min_frames != 1:
+            ap.error("--config and --min-frames both say how long a clip is: give one")
+        from engine.config import ConfigError, load_config
+
+        try:
+            data_cfg = load_config(args.config).data
+        except ConfigError as e:
+            ap.error(f"--config: {e}")
+        min_frames = lambda info: data_cfg.clip_extent(info.fps)  # noqa: E731
     try:
         extensions = parse_extensions(args.extensions)
     except ValueError as e:
@@ -569,7 +587,7 @@ def prepare_main(argv: list[str]) -> int:
             _warn_empty_classes(splits)
             _output_names(args.src, splits, CODECS[args.codec][2])  # a name collision is reported here too
             paths = list(dict.fromkeys(p for ds in splits.values() for p in ds.paths))
-            report = validate_files(paths, reader="pyav", min_frames=args.min_frames, workers=args.workers,
+            report = validate_files(paths, reader="pyav", min_frames=min_frames, workers=args.workers,
                                     progress=True, full=args.full)
             print(report.summary())
             if not args.full:

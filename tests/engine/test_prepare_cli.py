@@ -519,3 +519,22 @@ def test_crf_reaches_both_encoders(tmp_path):
             encode_video(src, out, codec=codec, short_side=64, crf=crf)
             sizes.append(os.path.getsize(out))
         assert sizes[0] > 1.5 * sizes[1], (codec, sizes)
+
+
+def test_check_with_a_recipe_counts_clip_frames_by_each_files_rate(tmp_path, capsys):
+    """`--min-frames` counts raw frames: 61 flagged a 12 fps file training accepts and passed a 60 fps
+    one training refuses (a 16x4 clip at 30 fps spans 121 frames of it). `--config` takes the
+    recipe's clip and the file's own rate, as training does."""
+    slow = make_clip(str(tmp_path / "src" / "a" / "slow.mkv"), n=6, pts_ms=[100 * i for i in range(6)], rate=10)
+    fast = make_clip(str(tmp_path / "src" / "b" / "fast.mkv"), n=6, pts_ms=[round(i * 1000 / 60) for i in range(6)],
+                     rate=60)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("data:\n  num_frames: 4\n  sampling_rate: 2\n  target_fps: 30\n")  # 3 of 10 fps, 13 of 60
+    assert prepare_main([str(tmp_path / "src"), "--check", "--min-frames", "7"]) == 1
+    out = capsys.readouterr().out
+    assert f"{slow}: too_short" in out and f"{fast}: too_short" in out
+    assert prepare_main([str(tmp_path / "src"), "--check", "--config", str(recipe)]) == 1
+    out = capsys.readouterr().out
+    assert f"{fast}: too_short (6 frames, one clip needs 13)" in out and slow not in out
+    with pytest.raises(SystemExit):
+        prepare_main([str(tmp_path / "src"), "--check", "--config", str(recipe), "--min-frames", "7"])
