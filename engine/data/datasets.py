@@ -252,6 +252,7 @@ def read_list_file(list_path: str, root: str, classes: Optional[Sequence[str]] =
     repeats = 0
     seen_content = False
     listing_comments: list[int] = []  # '#' lines that name an existing file: probably not comments
+    listed: list[str] = []  # each kept line's path as written
     for lineno, raw in enumerate(_read_lines(list_path), 1):
         line = raw.strip()
         if not line:
@@ -294,6 +295,7 @@ def read_list_file(list_path: str, root: str, classes: Optional[Sequence[str]] =
         paths.append(full)
         labels.append(label)
         linenos.append(lineno)
+        listed.append(p)
     if repeats:
         log.warning("%s: %d repeated line(s) (same path, same label) ignored; each file is used once",
                     list_path, repeats)
@@ -305,16 +307,39 @@ def read_list_file(list_path: str, root: str, classes: Optional[Sequence[str]] =
         names = [str(c) for c in classes]
         where = "the run's classes (from the training split)"
         beside = _class_names_beside(os.path.dirname(list_path))
+        _check_folders_agree(list_path, listed, labels, linenos, beside[0] if beside is not None else names)
         if beside is not None and beside[0] != names:
             labels = _remap_to_run_classes(list_path, labels, linenos, beside[0], beside[1], names)
     else:
         names = _class_names_for_lists(os.path.dirname(list_path), labels)
         where = "the class names beside the list"
+        _check_folders_agree(list_path, listed, labels, linenos, names)
     for label, lineno in zip(labels, linenos):
         if label >= len(names):
             raise ClassListError(f"{list_path}:{lineno}: label {label} is out of range: {where} number "
                                  f"{len(names)} (labels 0..{len(names) - 1})")
     return Dataset(paths, labels, names, source=list_path)
+
+
+def _check_folders_agree(list_path: str, listed: Sequence[str], labels: Sequence[int], linenos: Sequence[int],
+                         names: Sequence[str]) -> None:
+    """ClassListError when every listed path lies in a folder named after a class (``class/file``, as
+    ``data prepare`` and the Kinetics conversion write them) and some label is not that class's
+    number: a ``classes.json`` in another order than the labels (it named the bird videos "cat", with
+    no error). Lists of any other layout are not checked."""
+    index = {str(n): i for i, n in enumerate(names)}
+    folders = [p.replace("\\", "/").split("/", 1)[0] if "/" in p.replace("\\", "/") else None for p in listed]
+    if not folders or any(f not in index for f in folders):
+        return
+    bad = [(ln, p, lab, f) for ln, p, lab, f in zip(linenos, listed, labels, folders) if index[f] != lab]
+    if bad:
+        ln, p, lab, f = bad[0]
+        named = f" ({names[lab]!r})" if lab < len(names) else ""
+        raise ClassListError(
+            f"{list_path}: {len(bad)} of {len(listed)} line(s) are labelled otherwise than their class folder: line "
+            f"{ln}, {p!r}, has label {lab}{named}, but its folder {f!r} is class {index[f]} of the class names "
+            f"({', '.join(map(repr, names[:5]))}{', ...' if len(names) > 5 else ''}). The class names and the "
+            "labels disagree: fix classes.json (beside the list, or the run's) or the labels")
 
 
 def write_list_file(path: str, entries: list[tuple[str, int]]) -> None:

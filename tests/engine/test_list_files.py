@@ -197,3 +197,22 @@ def test_classes_json_with_bom_is_read(tmp_path):
     p = write_list(tmp_path, "a.mp4 1\n", name="val.csv")
     (tmp_path / "classes.json").write_bytes(json.dumps(["dog", "cat"]).encode("utf-8-sig"))
     assert read_list_file(p, str(tmp_path)).class_names == ["dog", "cat"]
+
+
+def test_labels_that_disagree_with_their_class_folders_are_an_error(tmp_path):
+    """A classes.json in another order than the labels ("cat", "bird" where every bird/ line has label
+    0) named the bird videos "cat" in the run's classes.json, silently. When every path lies in a
+    folder named after a class, each label must be that class's number."""
+    text = "bird/a.mp4 0\nbird/b.mp4 0\ncat/c.mp4 1\ndog/d.mp4 2\n"
+    with pytest.raises(ClassListError, match=r"3 of 4 line\(s\) are labelled otherwise than their class folder: "
+                                             r"line 1, 'bird/a.mp4', has label 0 \('cat'\), but its folder 'bird' is "
+                                             r"class 1"):
+        read_list_file(write_list(tmp_path, text, classes=["cat", "bird", "dog"]), str(tmp_path))
+    ok = read_list_file(write_list(tmp_path, text, classes=["bird", "cat", "dog"]), str(tmp_path))
+    assert ok.labels == [0, 0, 1, 2]
+    os.remove(tmp_path / "classes.json")  # no names beside the list: the run's classes number it
+    with pytest.raises(ClassListError, match="labelled otherwise than their class folder"):
+        read_list_file(write_list(tmp_path, text), str(tmp_path), classes=["cat", "bird", "dog"])
+    # another layout (a folder that is no class name) is not checked
+    other = read_list_file(write_list(tmp_path, "clips/a.mp4 0\nclips/b.mp4 1\n", classes=["x", "y"]), str(tmp_path))
+    assert other.labels == [0, 1]
