@@ -173,7 +173,7 @@ def test_feeder_image_wording(tmp_path):
         f()
     f.close()
     assert not isinstance(e.value, ImageDecodeError) and "decoding frames 0..0 failed" in str(e.value)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="media must be 'video' or 'image'"):
         Feeder([], [], "bytes", 0, 1, 1, media="audio")
 
 

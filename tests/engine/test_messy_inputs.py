@@ -391,7 +391,10 @@ def test_a_video_shorter_than_a_clip_is_evaluated_but_not_trained_on(tmp_path, r
                 seen.setdefault(v, []).append(batch["video"][i])
     (clips,) = seen.values()
     assert len(clips) == 2  # both temporal views, each 8 frames from a 3-frame file
-    assert all(torch.equal(c[:, -1], c[:, -2]) for c in clips)  # the last frame repeated
+    for c in clips:  # frames 0, 1, 2, then the last one, 2, repeated (red level 10·i: rising, not wrapped to 0)
+        assert all(torch.equal(c[:, t], c[:, 2]) for t in range(3, 8))
+        red = c[0].mean(dim=(1, 2))
+        assert red[0] < red[1] < red[2], red
 
 
 def _agree_worker(rank: int, init: str, bad: dict, out: str) -> None:

@@ -117,13 +117,29 @@ def test_label_smoothing_and_soft_target_ce():
 
 
 def test_mixup_and_cutmix():
-    rng = np.random.default_rng(0)
+    """Every draw replayed as timm's ``Mixup`` makes it (``_params_per_batch``: the mix_prob draw, the
+    switch draw, then Beta(cutmix_alpha) for CutMix or Beta(mixup_alpha) for Mixup; ``rand_bbox`` and
+    the area-corrected lam): the checks used the lam mix_batch returned, so a lam of 1 (nothing mixed)
+    or the two alphas swapped passed."""
+    rng, replay = np.random.default_rng(0), np.random.default_rng(0)
     x = torch.randn(4, 3, 2, 16, 16)
     y = torch.tensor([0, 1, 2, 3])
     seen = set()
     for _ in range(20):
         xm, t, info = mix_batch(x, y, 5, rng, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, smoothing=0.1)
         lam = info["lam"]
+        assert replay.random() < 1.0  # mix_prob 1
+        use_cutmix = bool(replay.random() < 0.5)
+        drawn = replay.beta(1.0, 1.0) if use_cutmix else replay.beta(0.8, 0.8)
+        assert info["cutmix"] == use_cutmix
+        if use_cutmix:
+            side = int(16 * np.sqrt(1 - drawn))
+            cy, cx = int(replay.integers(0, 16)), int(replay.integers(0, 16))
+            h = min(16, cy + side // 2) - max(0, cy - side // 2)
+            w = min(16, cx + side // 2) - max(0, cx - side // 2)
+            assert lam == 1 - h * w / 256
+        else:
+            assert lam == drawn and 0 < lam < 1
         seen.add(info["cutmix"])
         assert torch.allclose(t.sum(1), torch.ones(4), atol=1e-6)
         exp = one_hot_smoothed(y, 5, 0.1) * lam + one_hot_smoothed(y.flip(0), 5, 0.1) * (1 - lam)

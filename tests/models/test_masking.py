@@ -357,7 +357,7 @@ def test_upsample_mask_nearest():
 @pytest.mark.parametrize("size", [(8, 57, 56), (8, 7, 14), (4, 14, 14), (8, 56), (16, 56, 56, 1)])
 def test_upsample_mask_rejects_bad_sizes(size):
     m = torch.zeros(2, *GRID, dtype=torch.bool)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"size must have len\(grid\) entries|needs integer factors >= 1"):
         upsample_mask(m, size)
 
 

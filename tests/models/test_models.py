@@ -201,7 +201,7 @@ def test_bad_mask_and_input_shapes_raise():
         m(x, torch.zeros(2, 8, 8, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="output grid"):
         m(x, torch.zeros(2, 8, 4, 4))  # not bool
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expected a 5-D input"):
         m(x[:, :, 0], torch.zeros(2, 4, 4, dtype=torch.bool))
 
 

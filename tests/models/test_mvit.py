@@ -101,7 +101,7 @@ def test_resize_rel_pos_matches_linear_interpolation():
     assert resize_rel_pos(table, 3) is table
     down = resize_rel_pos(torch.randn(27, 8), 13)
     assert down.shape == (13, 8)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"must be \(L, hd\)"):
         resize_rel_pos(torch.randn(3), 5)
 
 
