@@ -177,6 +177,12 @@ def test_export_of_a_bf16_run_without_zero_uses_the_fp32_masters(env, tmp_path):
     w = sd["blocks.0.mlp.fc1.weight"]
     assert w.dtype == torch.float32
     assert not torch.equal(w.bfloat16().float(), w)  # real fp32 values, not bf16 ones widened
+    # every master at its own key: each rounds to the module's bf16 copy of that tensor (masters written
+    # to the wrong keys of the same shape passed the check above)
+    module = torch.load(f"{out}/checkpoints/step00000002/mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)["module"]
+    floats = [k for k in sd if module[k].dtype == torch.bfloat16]
+    assert len(floats) > 20 and all(torch.equal(sd[k].bfloat16(), module[k]) for k in floats)
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(f"{out}/b.safetensors").st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600
