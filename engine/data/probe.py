@@ -212,16 +212,17 @@ def probe_video(path: str) -> ProbeResult:
         return ProbeResult(path, reason="empty", detail="zero-length file")
     try:
         container = av.open(path)
-    except OSError as e:  # an I/O error (EIO, ESTALE on a network filesystem): re-checked, never cached
-        return ProbeResult(path, reason="unreadable", detail=f"{type(e).__name__}: {e}")
     except Exception as e:  # FFmpeg raises many error types for non-media input
+        if isinstance(e, OSError) and _read_fails(path):  # EIO, ESTALE on a network filesystem: never cached
+            return ProbeResult(path, reason="unreadable", detail=f"{type(e).__name__}: {e}")
         return ProbeResult(path, reason="not_video", detail=f"FFmpeg cannot open it: {e}")
     try:
         if not container.streams.video:
             return ProbeResult(path, reason="not_video", detail="no video stream")
         stream = container.streams.video[0]
         if stream.codec_context is None:  # PyAV: a codec this FFmpeg has no decoder for (an unknown FourCC)
-            return ProbeResult(path, reason="codec", detail="FFmpeg has no decoder for its video stream")
+            return ProbeResult(path, reason="codec", detail="FFmpeg found no decoder for its video stream (an "
+                                                            "unknown codec, or a file cut short)")
         codec = stream.codec_context.name
         width, height = stream.codec_context.width, stream.codec_context.height
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
@@ -231,10 +232,10 @@ def probe_video(path: str) -> ProbeResult:
             for packet in container.demux(stream):
                 if packet.size and packet.pts is not None:
                     pts.append(int(packet.pts))
-        except OSError as e:  # an I/O error while reading, not the file's content
-            return ProbeResult(path, reason="unreadable", detail=f"read failed after {len(pts)} packets: "
-                                                                 f"{type(e).__name__}: {e}")
         except Exception as e:
+            if isinstance(e, OSError) and _read_fails(path):  # an I/O error while reading, not the content
+                return ProbeResult(path, reason="unreadable", detail=f"read failed after {len(pts)} packets: "
+                                                                     f"{type(e).__name__}: {e}")
             return ProbeResult(path, reason="decode_error", detail=f"demux failed after {len(pts)} packets: {e}")
         try:
             container.seek(0, stream=stream, backward=True, any_frame=False)
@@ -253,6 +254,19 @@ def probe_video(path: str) -> ProbeResult:
         return ProbeResult(path, info=info)
     finally:
         container.close()
+
+
+def _read_fails(path: str) -> bool:
+    """Whether reading ``path`` to its end with plain Python fails: FFmpeg reports a cut-short
+    Matroska/WebM file as EIO too, and that is the file's content, bad on every run (cached), where a
+    read that fails here is the storage (a network filesystem's EIO/ESTALE: checked again next run)."""
+    try:
+        with open(path, "rb") as f:
+            while f.read(1 << 23):
+                pass
+    except OSError:
+        return True
+    return False
 
 
 def not_regular_file(path: str) -> str:

@@ -692,7 +692,10 @@ def test_a_codec_without_a_decoder_is_a_bad_file_not_a_crash(tmp_path):
 def test_io_errors_are_unreadable_and_not_cached(tmp_path, monkeypatch):
     """An I/O error while FFmpeg opens or reads a file (EIO, ESTALE on a network filesystem) was
     cached as not_video / decode_error under the file's unchanged size and mtime: the file stayed
-    bad in every later run (skipped from training, or refusing to start under `error`)."""
+    bad in every later run (skipped from training, or refusing to start under `error`). It is the
+    storage when a plain read fails too (faked here); FFmpeg's EIO for a cut-short Matroska file,
+    which reads fine, stays a cached content error."""
+    import builtins
     import errno
 
     import engine.data.probe as probe
@@ -701,13 +704,30 @@ def test_io_errors_are_unreadable_and_not_cached(tmp_path, monkeypatch):
     cache = str(tmp_path / "cache.json")
     real_open = av.open
 
+    class Flaky:  # the storage: the first byte reads, the rest fails
+        def __init__(self, *args, **kwargs):
+            self._f = builtins.open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+        def read(self, n=-1):
+            if self._f.tell() > 0 or n != 1:
+                raise OSError(errno.EIO, "Input/output error")
+            return self._f.read(n)
+
     def failing_open(*args, **kwargs):
         raise av.error.OSError(errno.EIO, "Input/output error")
 
+    monkeypatch.setattr(probe, "open", Flaky, raising=False)
     monkeypatch.setattr(probe.av, "open", failing_open)
     report = validate_files([path], cache_path=cache)
     assert [(b.reason, "Input/output error" in b.detail) for b in report.bad] == [("unreadable", True)]
     monkeypatch.setattr(probe.av, "open", real_open)
+    monkeypatch.delattr(probe, "open")
     report = validate_files([path], cache_path=cache)
     assert (list(report.good), report.cached) == ([path], 0)
 
@@ -722,8 +742,32 @@ def test_io_errors_are_unreadable_and_not_cached(tmp_path, monkeypatch):
             raise av.error.OSError(errno.ESTALE, "Stale file handle")
 
     monkeypatch.setattr(probe.av, "open", lambda *a, **k: FailingDemux(real_open(*a, **k)))
+    monkeypatch.setattr(probe, "open", Flaky, raising=False)
     res = probe_video(path)
     assert res.reason == "unreadable" and "Stale file handle" in res.detail
+    monkeypatch.setattr(probe.av, "open", real_open)
+    monkeypatch.delattr(probe, "open")
+    # a Matroska file cut short: FFmpeg says EIO, a plain read is fine: the content, cached
+    mkv = str(tmp_path / "cut.mkv")
+    c = av.open(mkv, "w", format="matroska")
+    s = c.add_stream("mjpeg", rate=24)
+    s.width, s.height, s.pix_fmt = 32, 32, "yuvj420p"
+    for i in range(12):
+        for pkt in s.encode(av.VideoFrame.from_ndarray(np.full((32, 32, 3), 10 * i, np.uint8), format="rgb24")):
+            c.mux(pkt)
+    for pkt in s.encode():
+        c.mux(pkt)
+    c.close()
+    data = open(mkv, "rb").read()
+    reasons = set()
+    for cut in (40, 80, 120, 160):
+        open(mkv, "wb").write(data[:cut])
+        res = probe_video(mkv)
+        reasons.add(res.reason)
+        assert res.reason != "unreadable", (cut, res)
+    validate_files([mkv], cache_path=cache)
+    assert validate_files([mkv], cache_path=cache).cached == 1
+    assert reasons - {"not_video", "decode_error", "codec"} == set()
 
 
 def test_a_file_that_changes_while_probed_is_not_cached(tmp_path, monkeypatch):
