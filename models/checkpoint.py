@@ -36,13 +36,13 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .mvit import resize_rel_pos
+from .mvit import conv_out_size, resize_rel_pos
 
 __all__ = [
     "LoadReport",
@@ -285,40 +285,70 @@ def load_classifier_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -
     return LoadReport()
 
 
+def _pool_axes(pool: Optional[nn.Module], what: str) -> tuple[int, ...]:
+    """A pooling module's ``kernel_size``/``stride``/``padding`` per (t, h, w) axis (1/1/0 without one)."""
+    if pool is None:
+        return (0,) * 3 if what == "padding" else (1,) * 3
+    v = getattr(pool, what)
+    v = tuple(v) if isinstance(v, (tuple, list)) else (v,) * 3
+    return (((0,) if what == "padding" else (1,)) * 3 + v)[-3:]
+
+
 def strided_tables_to_classifier(classifier: nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
-    """In place, for a MaskFeat pre-training checkpoint ``sd`` (MViTv2): the relative-position tables of
-    the blocks after the classifier's last stage transition keep the rows of the offsets the
-    classifier's grid has. Returns the keys changed.
+    """In place: when ``sd`` has MaskFeat pre-training's geometry, the relative-position tables of the
+    blocks after the classifier's last stage transition are mapped offset by offset onto the
+    classifier's grid. Returns the keys changed.
 
     Pre-training keeps the last stage at the previous stage's resolution (no query stride at its
-    transition, :func:`models.variants.mvit_kwargs`), so there the queries are ``f`` times finer than
-    the keys (``f`` the transition's query stride on that axis; 14 queries, 7 keys in MViTv2-L): a
-    table of ``2·f·K − 1`` rows indexed by ``i − f·j + f·(K−1)``, offset 0 at row ``f·(K−1)`` and its
-    last row never used. The classifier's is indexed ``i − j + K − 1``, so its row ``r`` is the
-    pre-training row ``f·r``. A linear resize of the whole table (27 to 13 rows) put the +1 offset
-    where 0 belongs and blended the unused row into the last (the official fine-tuning keeps such
-    tables at their fresh initialisation: a shape mismatch is not loaded). A remaining resolution
-    change is left to :func:`adapt_state_dict`. The transition block itself has tables of the same
-    length on both sides and loads them as they are, as the official code does."""
-    strided = sorted(_query_strided_blocks(classifier))
-    if not strided:
-        return []
+    transition, :func:`models.variants.mvit_kwargs`, and the key stride not divided by it). So in
+    MViTv2 its last-stage queries are twice as fine as the keys (14 against 7): a table of 27 rows
+    indexed ``i − 2j + 12`` (offset 0 at row 12, the last row never read), where the classifier's 13
+    rows are indexed ``i − j + 6`` on a grid twice as coarse: its row ``r`` is pre-training's row
+    ``2r``. A linear resize of the whole table put the +1 offset at offset 0 and blended the unused
+    row into the last (the official fine-tuning keeps such tables at their fresh initialisation: a
+    shape mismatch is not loaded). In general each classifier row takes the pre-training row of the
+    same offset (in the pre-training grid's units; linear between rows where it falls between), at
+    the checkpoint's resolution; another resolution is then left to :func:`adapt_state_dict`.
+
+    The geometry is read from the checkpoint, not from its keys (an export has no pre-training
+    head; a headless classifier has no ``head.*``): pre-training's table after the transition is as
+    long as the transition block's (both on the unstrided grid), a classifier's is shorter. The
+    transition block itself has the same table length on both sides and loads as it is, as in the
+    official code."""
     blocks = list(getattr(classifier, "blocks", ()))
-    own = classifier.state_dict()
+    strided = sorted(_query_strided_blocks(classifier))
+    if not strided or strided[-1] + 1 >= len(blocks):
+        return []
     last = strided[-1]
-    stride = blocks[last].attn.pool_q.stride
-    stride = tuple(stride) if isinstance(stride, (tuple, list)) else (stride,) * 3
+    own = classifier.state_dict()
+    q_kernel, f_axes, q_pad = (_pool_axes(blocks[last].attn.pool_q, w) for w in ("kernel_size", "stride", "padding"))
+    kv_before = _pool_axes(blocks[last - 1].attn.pool_k, "stride") if last > 0 else (1, 1, 1)
     changed: list[str] = []
-    for b in range(last + 1, len(blocks)):
-        for suffix, f in zip(_REL_POS_SUFFIXES, stride[-3:]):
+    for axis, (suffix, f) in enumerate(zip(_REL_POS_SUFFIXES, f_axes)):
+        at = sd.get(f"blocks.{last}.{suffix}")
+        if f <= 1 or at is None or at.dim() != 2 or at.shape[0] % 2 == 0:
+            continue
+        n = (at.shape[0] + 1) // 2  # the unstrided grid of the transition's input, at the checkpoint's size
+        for b in range(last + 1, len(blocks)):
             k = f"blocks.{b}.{suffix}"
-            if f <= 1 or k not in sd or k not in own or sd[k].dim() != 2 or sd[k].shape[0] == own[k].shape[0]:
-                continue
-            rows = sd[k].shape[0]
-            if (rows + 1) % (2 * f):
-                continue  # not a table of f-times finer queries: left to the resize
-            keys = (rows + 1) // (2 * f)
-            sd[k] = sd[k][0: 2 * f * (keys - 1) + 1: f].clone()  # the 2K - 1 rows of offsets f·m
+            table = sd.get(k)
+            if table is None or k not in own or table.dim() != 2 or table.shape[0] != at.shape[0]:
+                continue  # a classifier's geometry (a shorter table): left to the resize
+            pool_k = blocks[b].attn.pool_k
+            kk, kvf, kp = (_pool_axes(pool_k, w)[axis] for w in ("kernel_size", "stride", "padding"))
+            q_s, k_s = n, conv_out_size(n, kk, kv_before[axis], kp)  # pre-training: keys by the undivided stride
+            q_d = conv_out_size(n, q_kernel[axis], f, q_pad[axis])
+            k_d = conv_out_size(q_d, kk, kvf, kp)
+            c_s = (k_s - 1) * max(q_s / k_s, 1.0)  # the row of offset 0 (DESIGN §3.5's index at i = j = 0)
+            c_d = (k_d - 1) * max(q_d / k_d, 1.0)
+            unit = max(q_s, k_s) / max(q_d, k_d)  # the classifier's step in pre-training rows
+            pos = (c_s + (torch.arange(2 * max(q_d, k_d) - 1, dtype=torch.float64) - c_d) * unit)
+            pos = pos.clamp(0, table.shape[0] - 1)
+            lo = pos.floor().long()
+            hi = (lo + 1).clamp(max=table.shape[0] - 1)
+            w = (pos - lo.double()).to(torch.float32)[:, None]
+            t = table.float()
+            sd[k] = (t[lo] * (1 - w) + t[hi] * w).to(table.dtype)
             changed.append(k)
     return changed
 
@@ -349,10 +379,8 @@ def load_backbone_into_classifier(
     sd, _ = strip_known_prefixes(extract_model_state(state), own)
     pretrain_only = sorted(k for k in sd if k.startswith(PRETRAIN_ONLY_PREFIXES))
     sd = {k: v for k, v in sd.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
-    # a pre-training backbone: no classification head (an export drops mask_token and pred_head too)
-    from_pretraining = bool(pretrain_only) or not any(k.startswith("head.") for k in sd)
     dropped = _drop_other_head(sd, own)
-    regridded = strided_tables_to_classifier(classifier, sd) if from_pretraining else []
+    regridded = strided_tables_to_classifier(classifier, sd)
     sd, resized = adapt_state_dict(classifier, sd)
     resized = list(dict.fromkeys(regridded + resized))
     strided = _query_strided_blocks(classifier)

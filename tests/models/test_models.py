@@ -561,11 +561,19 @@ def test_classifier_loads_pretrain_backbone_with_the_offsets_of_its_grid(name):
     export = {k: v for k, v in pt.state_dict().items() if not k.startswith(("mask_token", "pred_head."))}
     load_backbone_into_classifier(ft2, export)
     assert torch.equal(ft2.blocks[4].attn.rel_pos_h, ft.blocks[4].attn.rel_pos_h)
-    # another resolution on top: the grid's rows first, then the linear resize of the rest
-    ft3 = create_model(name, "classify", attn_backend="reference", depth=5, img_size=96)  # 5 rows
-    load_backbone_into_classifier(ft3, export)
-    torch.testing.assert_close(ft3.blocks[4].attn.rel_pos_h,
-                               resize_rel_pos(ft.blocks[4].attn.rel_pos_h, ft3.blocks[4].attn.rel_pos_h.shape[0]))
+    # another resolution on top: the grid's rows first, then the linear resize of the rest; also at twice
+    # the resolution, where the classifier's table is as long as pre-training's (it was loaded as it was)
+    for size in (96, 128):
+        ft3 = create_model(name, "classify", attn_backend="reference", depth=5, img_size=size)  # 5, 7 rows
+        load_backbone_into_classifier(ft3, export)
+        torch.testing.assert_close(ft3.blocks[4].attn.rel_pos_h,
+                                   resize_rel_pos(ft.blocks[4].attn.rel_pos_h, ft3.blocks[4].attn.rel_pos_h.shape[0]))
+    # a classifier's checkpoint without its head (its geometry, not its keys, says it is no pre-training's)
+    big = create_model(name, "classify", attn_backend="reference", depth=5, img_size=128)
+    headless = {k: v for k, v in big.state_dict().items() if not k.startswith("head.")}
+    ft4 = create_model(name, "classify", attn_backend="reference", depth=5)
+    load_backbone_into_classifier(ft4, headless)
+    torch.testing.assert_close(ft4.blocks[4].attn.rel_pos_h, resize_rel_pos(big.blocks[4].attn.rel_pos_h, 3))
     psd, fsd = pt.state_dict(), ft.state_dict()
     for k in fsd:
         if k in psd and k not in rep.resized:
