@@ -327,8 +327,16 @@ def _check_folders_agree(list_path: str, listed: Sequence[str], labels: Sequence
     ``data prepare`` and the Kinetics conversion write them) and some label is not that class's
     number: a ``classes.json`` in another order than the labels (it named the bird videos "cat", with
     no error). Lists of any other layout are not checked."""
-    index = {str(n): i for i, n in enumerate(names)}
-    folders = [p.replace("\\", "/").split("/", 1)[0] if "/" in p.replace("\\", "/") else None for p in listed]
+    if [str(n) for n in names] == [str(i) for i in range(len(names))]:
+        return  # no class names, only the label numbers: numbered folders need not be classes
+    index: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if str(n):
+            index.setdefault(str(n), i)  # a repeated name: its first number, as the renumbering takes it
+    folders = []
+    for p in listed:
+        q = p.replace("\\", "/")
+        folders.append(q.split("/", 1)[0] if "/" in q and not os.path.isabs(p) and not q.startswith("/") else None)
     if not folders or any(f not in index for f in folders):
         return
     bad = [(ln, p, lab, f) for ln, p, lab, f in zip(linenos, listed, labels, folders) if index[f] != lab]

@@ -87,29 +87,33 @@ _PNG_CHECKED = (b"IHDR", b"PLTE", b"IDAT")  # chunks whose CRC DALI's decoder (l
 
 def _exif_orientation(raw: Optional[bytes]) -> int:
     """The Orientation tag of an EXIF block (1 without one, or when it does not parse)."""
+    found = _exif_orientation_tag(raw)
+    return 1 if found is None else found
+
+
+def _exif_orientation_tag(raw: Optional[bytes]) -> Optional[int]:
+    """The Orientation tag of an EXIF block as DALI reads it (measured with DALI 2.4), or None
+    without one: a broken block, no tag, or an ASCII tag (DALI leaves the image as stored; Pillow
+    gives a str, and int() of "a" refused a file DALI decodes). A BYTE/UNDEFINED tag counts by its
+    first byte (Pillow gives bytes)."""
     if not raw:
-        return 1
+        return None
     from PIL import Image
 
     ex = Image.Exif()
     try:
         ex.load(raw)
     except Exception:  # a broken EXIF block: DALI ignores it too
-        return 1
-    value = ex.get(_ORIENTATION, 1)
-    # as DALI reads the tag (measured with DALI 2.4): a BYTE/UNDEFINED one by its first byte (Pillow
-    # gives bytes), an ASCII one not at all (DALI leaves the image as stored; Pillow gives a str,
-    # and int() of "a" refused a file DALI decodes)
-    if isinstance(value, (bytes, bytearray)):
-        value = value[0] if value else 1
-    elif isinstance(value, tuple):
-        value = value[0] if value else 1
-    elif isinstance(value, str):
-        return 1
+        return None
+    value = ex.get(_ORIENTATION)
+    if isinstance(value, (bytes, bytearray, tuple)):
+        value = value[0] if value else None
+    if value is None or isinstance(value, str):
+        return None
     try:
-        return int(value or 1)
+        return int(value)
     except (TypeError, ValueError):
-        return 1
+        return None
 
 
 def _png_exif(buf: bytes, check: bool) -> Optional[bytes]:
@@ -140,11 +144,22 @@ def _png_exif(buf: bytes, check: bool) -> Optional[bytes]:
         i = end
 
 
-def _jpeg_last_exif(buf: bytes) -> Optional[bytes]:
-    """The payload of the last EXIF APP1 segment before a JPEG's first scan (``Exif\\0\\0`` and the
-    TIFF block), or None. A file with two (an editor's added block) is turned by DALI as the last
-    says; Pillow's ``info["exif"]`` is the first."""
-    exif, i, n = None, 2, len(buf)
+def _jpeg_orientation(buf: bytes) -> int:
+    """A JPEG's EXIF orientation as DALI applies it: that of the last EXIF APP1 block before the first
+    scan whose Orientation tag it reads (a later block without one, or broken, does not reset it);
+    Pillow's ``info["exif"]`` is the first block only, so a file with two (an editor's added block)
+    was planned otherwise than DALI turned it."""
+    for raw in reversed(_jpeg_exif_blocks(buf)):
+        found = _exif_orientation_tag(raw)
+        if found is not None:
+            return found
+    return 1
+
+
+def _jpeg_exif_blocks(buf: bytes) -> list[bytes]:
+    """The payloads of a JPEG's EXIF APP1 segments before its first scan (``Exif\\0\\0`` and the
+    TIFF block), in order."""
+    exif, i, n = [], 2, len(buf)
     while i + 4 <= n and buf[i] == 0xFF:
         marker = buf[i + 1]
         if marker == 0xFF:  # fill byte
@@ -157,7 +172,7 @@ def _jpeg_last_exif(buf: bytes) -> Optional[bytes]:
             break
         length = int.from_bytes(buf[i + 2:i + 4], "big")
         if marker == 0xE1 and buf[i + 4:i + 10] == b"Exif\0\0":
-            exif = buf[i + 4:i + 2 + length]
+            exif.append(buf[i + 4:i + 2 + length])
         i += 2 + length
     return exif
 
@@ -215,7 +230,7 @@ def image_size(data: np.ndarray, check: bool = False) -> tuple[int, int]:
         if check and fmt not in DALI_IMAGE_FORMATS:
             raise ValueError(f"{fmt} image: DALI's image decoder reads only {', '.join(sorted(DALI_IMAGE_FORMATS))}")
         if fmt in ("JPEG", "MPO"):  # the last EXIF APP1 segment, which DALI applies (Pillow keeps the first)
-            orientation = _exif_orientation(_jpeg_last_exif(buf))
+            orientation = _jpeg_orientation(buf)
         elif fmt == "WEBP":  # the EXIF block only: DALI ignores Pillow's XMP fallback
             orientation = _exif_orientation(im.info.get("exif"))
         else:  # TIFF: Pillow already reports the size with the orientation applied, as DALI outputs it

@@ -156,7 +156,7 @@ def read_bytes(path: str) -> np.ndarray:
 _NO_DRAWS = np.zeros((0, 4), np.float32)  # a clip without RandAugment
 
 
-TRAIN_RERUN = "rerun with --resume auto (it continues from the last checkpoint; before the first one it starts afresh)"
+TRAIN_RERUN = "rerun with --resume auto (it continues from the last checkpoint, or, with none yet, starts afresh)"
 """How a training run that stopped on a bad file goes on (the end of the decode error's message)."""
 
 

@@ -163,7 +163,9 @@ def _encode(src: str, tmp: str, encoder: str, fmt: str, codec: str, short_side: 
         # non-square pixels (anamorphic DV, DVD, AVCHD 1440x1080 shown at 16:9): the output has square
         # ones, at the shape the file is shown at (the loader and DALI crop stored pixels, and an
         # output of the stored size with no aspect tag would show squeezed)
-        sar = sin.codec_context.sample_aspect_ratio
+        # FFmpeg's rule (av_guess_sample_aspect_ratio): the container's ratio (an MP4 pasp box, Matroska's
+        # display size) first, which VP9 and AV1 have only there; else the bitstream's
+        sar = sin.sample_aspect_ratio or sin.codec_context.sample_aspect_ratio
         if sar is not None and sar > 0 and sar != 1:
             w0 = w0 * float(sar)
         s = min(1.0, short_side / min(w0, h0))

@@ -467,6 +467,11 @@ def test_exif_orientation_is_read_as_dali_reads_it():
 
     cases["two blocks 1, 6"] = (plain[:2] + app1(1) + app1(6) + plain[2:], (50, 30))
     cases["two blocks 6, 1"] = (plain[:2] + app1(6) + app1(1) + plain[2:], (30, 50))
+    # a later block without the tag, or broken, does not reset the orientation
+    make_only = b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHI", 0x010F, 2, 4) + b"abc\0" + b"\0" * 4
+    for name, later in (("no tag", make_only), ("broken", b"Exif\x00\x00garbage!!")):
+        block = b"\xff\xe1" + struct.pack(">H", len(later) + 2) + later
+        cases[f"6, then a block with {name}"] = (plain[:2] + app1(6) + block + plain[2:], (50, 30))
     for name, (data, want) in cases.items():
         assert _ours(data) == want, name
         assert _dali_shape(data) == want, name  # what DALI's decoder does, measured here

@@ -213,6 +213,13 @@ def test_labels_that_disagree_with_their_class_folders_are_an_error(tmp_path):
     os.remove(tmp_path / "classes.json")  # no names beside the list: the run's classes number it
     with pytest.raises(ClassListError, match="labelled otherwise than their class folder"):
         read_list_file(write_list(tmp_path, text), str(tmp_path), classes=["cat", "bird", "dog"])
-    # another layout (a folder that is no class name) is not checked
+    # another layout (a folder that is no class name) is not checked; nor absolute paths (an empty first
+    # component, which a classnames.json gap made a class name), nor folders named by label numbers alone
     other = read_list_file(write_list(tmp_path, "clips/a.mp4 0\nclips/b.mp4 1\n", classes=["x", "y"]), str(tmp_path))
     assert other.labels == [0, 1]
+    (tmp_path / "classes.json").write_text(json.dumps({"cat": 0, "": 1}))
+    absolute = read_list_file(write_list(tmp_path, f"{tmp_path}/cat/a.mp4 0\n{tmp_path}/cat/b.mp4 1\n"), str(tmp_path))
+    assert absolute.labels == [0, 1]
+    os.remove(tmp_path / "classes.json")
+    numbered = read_list_file(write_list(tmp_path, "1/a.mp4 0\n0/b.mp4 1\n"), str(tmp_path))  # shard folders
+    assert numbered.labels == [0, 1]

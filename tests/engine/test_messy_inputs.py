@@ -837,3 +837,19 @@ def test_prepare_writes_square_pixels(tmp_path):
     rows, cols = np.nonzero(disc)
     width, height = cols.max() - cols.min() + 1, rows.max() - rows.min() + 1
     assert abs(width - height) <= 2, (width, height)  # round again
+    # VP9 has no aspect ratio in its bitstream: an MP4's pasp box holds it (the container's, read first)
+    vp9 = str(tmp_path / "pasp.mp4")
+    c = av.open(vp9, "w")
+    s = c.add_stream("libvpx-vp9", rate=24)
+    s.width, s.height = W, H
+    s.codec_context.sample_aspect_ratio = Fraction(4, 3)
+    for _ in range(6):
+        for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    with av.open(vp9) as c:
+        assert c.streams.video[0].codec_context.sample_aspect_ratio in (None, 0, 1)  # only the container's
+    encode_video(vp9, out, codec="vp9", short_side=36)
+    assert (probe_video(out).info.width, probe_video(out).info.height) == (64, 36)
