@@ -514,21 +514,14 @@ def check_eval_model(target: EvalTarget, cfg: Config) -> None:
     run-time and training-only ones of ``checkpoint.NON_SHAPE_OVERRIDES`` may differ). One that
     leaves the shapes as they are (``use_mean_pooling``: the same weights, pooled otherwise) loaded
     cleanly and was evaluated as another model."""
-    from engine.checkpoint import NON_SHAPE_OVERRIDES, _flatten
+    from engine.checkpoint import config_changes
 
     saved = trained_config(target)
     if saved is None or not isinstance(saved.get("model"), dict):
         return
-    a, b = _flatten({"model": saved["model"]}), _flatten({"model": config_to_dict(cfg)["model"]})
-
-    def counts(k: str) -> bool:
-        if k.startswith("model.overrides."):  # (a free-form dict: an entry on one side only is a change)
-            return k.split(".")[2] not in NON_SHAPE_OVERRIDES
-        return k == "model.name" and k in a
-
-    unset = "<unset>"
-    diff = [f"{k}: {a.get(k, unset)} -> {b.get(k, unset)}" for k in dict.fromkeys([*b, *a])
-            if counts(k) and a.get(k, unset) != b.get(k, unset)]
+    # the resume check's rule (checkpoint.config_changes): model.name, and the model.overrides entries
+    # outside checkpoint.NON_SHAPE_OVERRIDES (a free-form dict: an entry on one side only is a change)
+    diff, _ = config_changes({"model": saved["model"]}, {"model": config_to_dict(cfg)["model"]})
     if diff:
         raise ConfigError(f"--checkpoint {target.where} was trained with another model than this config builds: "
                           + ", ".join(diff) + " (trained -> now). Evaluate with the model settings it was trained "

@@ -631,6 +631,16 @@ def _norm_scale(opt: Any) -> float:
     return 1.0
 
 
+def _step_grad_norm(engine: Any, scale: float, fallback: Optional[float]) -> Any:
+    """The step's global grad norm as DeepSpeed recorded it (a tensor or a float), divided by the loss
+    scale it carries (:func:`_norm_scale`, read before the step); ``fallback`` (or NaN) where DeepSpeed
+    records none (stage-0 fp32)."""
+    gn = engine.get_global_grad_norm()
+    if gn is None:
+        return fallback if fallback is not None else float("nan")
+    return gn / scale if scale != 1.0 else gn
+
+
 class _ReadBack:
     """A step's loss and grad norm copied to the host without waiting for the GPU: the copy is
     queued on the stream after the step that made them. ``ready()`` says whether it has landed;
@@ -780,11 +790,7 @@ def train_loop(
                 scale = _norm_scale(engine.optimizer)
                 applied = _step(engine, fallback is not None and not math.isfinite(fallback),
                                 cfg.deepspeed.precision == "fp16")
-                gn = engine.get_global_grad_norm()  # a tensor, a float, or None (stage-0 fp32: the fallback)
-                if gn is None:
-                    gn = fallback if fallback is not None else float("nan")
-                elif scale != 1.0:
-                    gn = gn / scale
+                gn = _step_grad_norm(engine, scale, fallback)
                 pending = _ReadBack(loss_sum, gn if applied else float("nan"))
                 if applied:
                     st.nonfinite_streak = 0

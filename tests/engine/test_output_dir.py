@@ -358,6 +358,14 @@ def test_overwrite_keeps_the_previous_run_when_the_data_does_not_validate(env, t
         p = _run(common + ["train.overwrite=true", f"deepspeed.extra={extra}"], env, ok=(2,))
         assert says in p.stderr and "removed the previous run" not in p.stdout, p.stderr[-2000:]
         assert _ls(out) == before and os.path.isfile(os.path.join(out, "metrics.jsonl"))
+    # another run's checkpoint that cannot be continued so (a ZeRO-0 one at stage 1: refused inside its load)
+    other = str(tmp_path / "other")
+    _run([sys.executable, "-m", "engine", "pretrain", "-c", TINY, f"train.output_dir={other}", "schedule.max_steps=2"],
+         env)
+    p = _run(common + ["train.overwrite=true", "deepspeed.zero_stage=1", "schedule.max_steps=4", "--resume",
+                       os.path.join(other, "checkpoints", "step00000002")], env, ok=(2,))
+    assert "saved with deepspeed.zero_stage=0, this run has deepspeed.zero_stage=1" in p.stderr, p.stderr[-2000:]
+    assert "removed the previous run" not in p.stdout and _ls(out) == before
     p = _run(common + ["train.overwrite=true"], env)  # with good data it is removed, as before
     assert "train.overwrite=true: removed the previous run's" in p.stdout
     # fine-tuning: a head too narrow for the labels (a check of the model's build) keeps it too, and a

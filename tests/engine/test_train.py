@@ -574,8 +574,9 @@ def test_fp16_overflow_skips_count_only_at_the_minimum_or_a_static_scale():
 _UNFUSED_NORM = """
 import os, torch
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+from types import SimpleNamespace
 from engine.distributed import init_distributed
-from engine.runner import _norm_scale
+from engine.runner import _norm_scale, _step_grad_norm
 init_distributed("cpu")
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 torch.manual_seed(0)
@@ -588,7 +589,7 @@ o.backward(m(torch.randn(16, 8).half()).float().pow(2).mean())
 scale = _norm_scale(o)
 true = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in m.parameters()]))) / scale
 o.step()
-print(scale, true, o._global_grad_norm / scale)
+print(scale, true, _step_grad_norm(SimpleNamespace(get_global_grad_norm=lambda: o._global_grad_norm), scale, None))
 """
 
 
