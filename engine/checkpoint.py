@@ -199,13 +199,26 @@ def _failed_anywhere(failed: bool) -> bool:
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, synced, then renamed over it."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` through a temporary file of a unique name beside it, synced, then
+    renamed over it. Unique, not pid-named: the first local rank of every node writes ``latest`` and
+    the tag's ``config.yaml`` at once on a shared filesystem, and in containers the nodes' processes
+    can have the same pid (one node's rename then found its temporary file gone: a failed save)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp", dir=os.path.dirname(path) or ".")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; these files are the run's, shared like it
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _sync_tree(path: str) -> None:

@@ -11,12 +11,18 @@ interactive steps; srun exports ``SLURM_STEP_ID``, ``SLURM_STEP_NUM_TASKS`` and
 (else ``SLURM_JOB_NODELIST`` / ``SLURM_NODELIST``), port ``MASTER_PORT``, else
 ``29500 + 8 * (SLURM_JOB_ID % 4500) + SLURM_STEP_ID % 8`` (in 29500..65499, identical on every task
 of a step; jobs with nearby ids and the first 8 concurrent steps of one job differ). A process of an
-``sbatch`` script without ``srun`` (the batch step) runs alone, with a one-line note. A plain single
+``sbatch`` script without ``srun`` (the batch step) runs alone, with a one-line note; a ``WORLD_SIZE``
+the script exported before ``srun`` is taken when it equals the step's task count (the rank is then
+``SLURM_PROCID``). An MPI launch (``mpirun``; :data:`MPI_VARS`: Open MPI, MPICH / Intel MPI,
+MVAPICH) gives the rank, world size and local rank, and needs ``MASTER_ADDR``/``MASTER_PORT``
+exported (each process ran alone before, into the same folder). A plain single
 process gets ``127.0.0.1``, a free port and rank 0 of 1 (DESIGN §4: DeepSpeed needs these variables
 even alone). RANK and WORLD_SIZE exported without LOCAL_RANK (an MPI wrapper) take it from
 ``OMPI_COMM_WORLD_LOCAL_RANK`` / ``MPI_LOCALRANKID`` (``SLURM_LOCALID`` in an srun step); without
 any, ranks that each see several GPUs take GPU 0 with a warning (right for one process per node). ``0 <= RANK < WORLD_SIZE`` and
-``LOCAL_RANK >= 0`` are checked before connecting.
+``LOCAL_RANK >= 0`` are checked before connecting, and that rank 0 is its node's local rank 0 (the
+per-node checkpoint files are written there; one process on another GPU takes
+``CUDA_VISIBLE_DEVICES``).
 
 Devices: the backend is NCCL on CUDA and gloo on CPU. :func:`select_accelerator` sets
 ``DS_ACCELERATOR`` to the engine's choice and must run before ``deepspeed`` is first imported
@@ -146,6 +152,12 @@ def _int_var(env: MutableMapping[str, str], key: str, origins: dict[str, str]) -
         raise LaunchError(f"{key}={raw!r} (from {origins[key]}) is not an integer") from None
 
 
+MPI_VARS = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+            ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+            ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK"))
+"""(rank, world size, local rank) variables of Open MPI, MPICH / Intel MPI and MVAPICH launches."""
+
+
 def _fill_launch_env(env: MutableMapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """:func:`launch_env`, also returning where each of :data:`LAUNCH_VARS` came from."""
     set_: dict[str, str] = {}
@@ -157,12 +169,33 @@ def _fill_launch_env(env: MutableMapping[str, str]) -> tuple[dict[str, str], dic
             set_[key] = str(value)
             origins[key] = origin
 
+    step = _srun_step_id(env)
+    step_tasks = next((env[k] for k in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS") if k in env), None)
+    if "WORLD_SIZE" in env and "RANK" not in env and step is not None:
+        # a SLURM script exporting WORLD_SIZE (and MASTER_*) before srun, as many DDP templates do: srun's
+        # task id is the rank when the sizes agree
+        if env["WORLD_SIZE"].strip() != (step_tasks or "1").strip():
+            raise LaunchError(f"WORLD_SIZE={env['WORLD_SIZE']} is exported, but this srun step has {step_tasks or 1} "
+                              "task(s): unset WORLD_SIZE (srun's variables give the ranks) or launch as many tasks")
+        put("RANK", env["SLURM_PROCID"], "SLURM_PROCID")
     if ("RANK" in env) != ("WORLD_SIZE" in env):
         have, missing = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
         raise LaunchError(f"{have}={env[have]} is set in the environment but {missing} is not (a stale export?): "
                           f"launchers set both; unset {have} for a single process, or start the job with "
                           "torchrun / srun / the deepspeed launcher")
-    step = _srun_step_id(env)
+    mpi = next((keys for keys in MPI_VARS if env.get(keys[0], "").strip() and env.get(keys[1], "").strip()), None)
+    if "RANK" not in env and step is None and mpi is not None:
+        # mpirun (or the deepspeed launcher's openmpi/mpich/mvapich modes): each process a single run
+        # otherwise, writing into the same folder (DeepSpeed's own MPI discovery comes after our group)
+        put("RANK", env[mpi[0]], mpi[0])
+        put("WORLD_SIZE", env[mpi[1]], mpi[1])
+        if env.get(mpi[2], "").strip():
+            put("LOCAL_RANK", env[mpi[2]], mpi[2])
+        if env["WORLD_SIZE"] != "1" and "MASTER_ADDR" not in env:
+            raise LaunchError(f"an MPI launch gives the ranks ({mpi[0]}, {mpi[1]}) but no rendezvous address: export "
+                              "MASTER_ADDR (the first node's address) and MASTER_PORT to every process (mpirun -x "
+                              "MASTER_ADDR=node001 -x MASTER_PORT=29500), or launch with torchrun / srun / the "
+                              "deepspeed launcher")
     if "RANK" not in env and step is not None:
         put("RANK", env["SLURM_PROCID"], "SLURM_PROCID")
         world_key = next((k for k in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS") if k in env), None)
@@ -206,6 +239,11 @@ def _fill_launch_env(env: MutableMapping[str, str]) -> tuple[dict[str, str], dic
         raise LaunchError(f"{where['RANK']} must be in 0..WORLD_SIZE-1, but {where['WORLD_SIZE']}")
     if local < 0:
         raise LaunchError(f"{where['LOCAL_RANK']} must not be negative")
+    if rank == 0 and local != 0:  # every launcher starts a node's processes at local rank 0
+        raise LaunchError(f"{where['LOCAL_RANK']}, but {where['RANK']}: the first process is its node's LOCAL_RANK 0 "
+                          "(the node's checkpoint files, `latest` and pruning are written there: with none, a run "
+                          "kept every tag and no `latest`). To run one process on another GPU, set "
+                          "CUDA_VISIBLE_DEVICES instead")
     if not 0 < port < 65536:
         raise LaunchError(f"{where['MASTER_PORT']} is not a TCP port (1..65535)")
     return set_, origins

@@ -388,3 +388,48 @@ def test_zero3_with_one_gpu_per_task_is_refused_on_every_rank(monkeypatch, local
         monkeypatch.setenv("SLURM_NODEID", "0")
         monkeypatch.delenv("SLURM_STEP_ID")  # a batch-script process, alone: not an srun step
         assert deepspeed_args(DistInfo(0, 1, 0, torch.device("cuda", 0), "nccl"), zero_stage=3).device_rank == 0
+
+
+def test_mpirun_gives_the_ranks():
+    """`mpirun -np 2 python -m engine ...` (or the deepspeed launcher's openmpi mode) set only the MPI
+    variables: each process ran as rank 0 of 1 into the same folder (the second then crashed inside
+    DeepSpeed on LOCAL_RANK). Without an address to meet at, it says what to export."""
+    from engine.distributed import LaunchError, _fill_launch_env
+
+    env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "MASTER_ADDR": "n0", "MASTER_PORT": "29500"}
+    _, origins = _fill_launch_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("3", "4", "1")
+    assert origins["RANK"] == "OMPI_COMM_WORLD_RANK"
+    env = {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MASTER_ADDR": "n0"}  # MPICH / Intel MPI
+    _fill_launch_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("1", "2", "1")
+    with pytest.raises(LaunchError, match=r"an MPI launch gives the ranks .* export MASTER_ADDR"):
+        _fill_launch_env({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"})
+    one = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1"}  # a singleton mpirun: as a plain process
+    _fill_launch_env(one)
+    assert (one["RANK"], one["WORLD_SIZE"], one["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+
+
+def test_srun_with_an_exported_world_size_takes_the_task_id():
+    """SLURM templates that export WORLD_SIZE (and MASTER_*) before srun were told to "start the job with
+    srun" from inside srun; srun's task id is the rank when the sizes agree."""
+    from engine.distributed import LaunchError
+
+    env = _step(2, WORLD_SIZE="4", MASTER_ADDR="gpu003", MASTER_PORT="1234")
+    launch_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_PORT"]) == ("2", "4", "1234")
+    with pytest.raises(LaunchError, match=r"WORLD_SIZE=8 is exported, but this srun step has 4 task\(s\)"):
+        launch_env(_step(2, WORLD_SIZE="8"))
+
+
+def test_rank_0_must_be_its_nodes_local_rank_0():
+    """A single process with LOCAL_RANK=1 (to pick a GPU) skipped the per-node checkpoint work: every
+    tag kept, no `latest`, no config.yaml in the tags (a later shape change then failed with a raw
+    traceback)."""
+    from engine.distributed import LaunchError
+
+    with pytest.raises(LaunchError, match=r"LOCAL_RANK=1 .* RANK=0 .* first process is its node's LOCAL_RANK 0.*"
+                                          r"CUDA_VISIBLE_DEVICES"):
+        launch_env({"LOCAL_RANK": "1"})
+    launch_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "n0"})  # a second process: fine

@@ -440,3 +440,33 @@ def test_cli_finished_finetune_is_not_evaluated_again(env, tmp_path):
     after = _mtimes(out)
     assert {k: v for k, v in after.items() if k != "config.yaml"} == {k: v for k, v in before.items()
                                                                         if k != "config.yaml"}
+
+
+def test_latest_writes_of_nodes_with_one_pid_do_not_collide(tmp_path, monkeypatch):
+    """The first local rank of every node writes `latest` (and the tag's config.yaml) at once on a
+    shared filesystem; in containers those processes can share a pid, and the pid-named temporary
+    file was renamed away under one of them (FileNotFoundError: the save failed on that node)."""
+    import threading
+
+    from engine.checkpoint import write_text_atomic
+
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    path = str(tmp_path / "latest")
+    errors = []
+
+    def write(i):
+        try:
+            for _ in range(50):
+                write_text_atomic(path, f"step{i:08d}")
+        except Exception as e:  # what the save would fail on
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and open(path).read().startswith("step") and os.listdir(tmp_path) == ["latest"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
