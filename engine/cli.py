@@ -246,11 +246,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             base = trained_config(resolve_checkpoint(args.checkpoint))
         except (ConfigError, OSError, ValueError):  # reported by run_eval, with its own message
             base = None
-        if base is not None:
+        if base is not None and os.environ.get("RANK", "0") == "0":
             print(f"maskfeat eval: no --config: using the config {args.checkpoint} was trained with", flush=True)
     try:
         cfg = load_config(args.config, overrides, base=base)
     except ConfigError as e:
+        if base is not None:  # (a field since removed from the engine, say)
+            e = ConfigError(f"the config {args.checkpoint} was trained with does not load here ({e}); give the "
+                            "recipe with --config")
         print(f"maskfeat {args.command}: config error: {e}", file=sys.stderr)
         return 2
     if args.help_config:

@@ -226,16 +226,38 @@ class RunLogger:
         if not self.enabled:
             return
         if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+            try:
+                for k, v in values.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                        self.tb.add_scalar(f"{prefix}/{k}", v, step)
+            except OSError as e:
+                self._stop_writing("tb", e)
         if self.jsonl is not None:
             rec = {"step": step, "split": prefix, "time": time.time()}
             rec.update({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
                         for k, v in values.items()})
-            self.jsonl.write(json.dumps(rec) + "\n")
+            try:
+                self.jsonl.write(json.dumps(rec) + "\n")
+            except OSError as e:
+                self._stop_writing("jsonl", e)
         if self.plain and prefix == "train":
             print(self.progress_line(step, values), file=sys.stderr, flush=True)
+
+    def _stop_writing(self, which: str, error: OSError) -> None:
+        """A metrics file that cannot be written (a full disk, a quota): said once, then left off. Only
+        rank 0 writes, so raising here stopped it alone, with a traceback, while the other ranks waited
+        in the step's collective; the next checkpoint save then fails on every rank (exit 7, naming the
+        last complete checkpoint)."""
+        name = "TensorBoard (tb/)" if which == "tb" else "metrics.jsonl"
+        print(f"warning: writing {name} in {self.output_dir} failed ({type(error).__name__}: {error}); it is "
+              "not written from here on (free space, then --resume auto from the last checkpoint)",
+              file=sys.stderr, flush=True)
+        handle = getattr(self, which)
+        setattr(self, which, None)
+        try:
+            handle.close()
+        except OSError:  # its buffer cannot be written either
+            pass
 
     def progress_line(self, step: int, values: dict, now: Optional[float] = None) -> str:
         """The plain progress line of training step ``step`` (module docstring) from the scalars

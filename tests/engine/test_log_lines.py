@@ -139,3 +139,18 @@ def test_cli_logs_info_on_rank_0_and_warnings_elsewhere_with_rank_and_time():
     assert "4 videos" not in err
     assert re.search(rf"^{stamp} \[rank3\] WARNING engine.data.loader: careful$", err, re.M), err
     assert "[rank1] WARNING" in _run_cli({"RANK": "1", "SLURM_PROCID": "3"})  # the launcher's RANK first
+
+
+def test_a_full_disk_under_metrics_is_a_warning_not_a_crash_of_rank_0(tmp_path, capsys):
+    """Only rank 0 writes metrics.jsonl: a full disk there raised on rank 0 alone (a traceback, exit 1)
+    while the other ranks waited in the step's all-reduce. It is said once and the file left off; the
+    next checkpoint save then fails on every rank, as designed."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    os.symlink("/dev/full", tmp_path / "metrics.jsonl")
+    log = RunLogger(str(tmp_path), enabled=True, total_steps=10, tensorboard=False, jsonl=True, progress_bar=False)
+    log.scalars(1, {"loss": 1.0})
+    log.scalars(2, {"loss": 0.5})
+    err = capsys.readouterr().err
+    assert err.count("warning: writing metrics.jsonl") == 1 and "No space left on device" in err
+    assert log.jsonl is None and "step 2/10" in err  # the plain progress lines go on
