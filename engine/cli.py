@@ -3,7 +3,7 @@
 Every training command takes ``--config FILE.yaml`` and any number of dotted overrides
 (``data.root=/k400 optim.lr=8e-4``; also accepted as ``--data.root=/k400``). Examples::
 
-    maskfeat pretrain --config configs/demo_pretrain.yaml
+    maskfeat pretrain --config configs/demo_pretrain.yaml train.overwrite=true   # as `make demo`
     maskfeat pretrain --config configs/pretrain_mvitv2_l_16x4_k400.yaml data.root=/k400 --resume auto
     maskfeat export runs/demo_pretrain --out runs/demo_pretrain/backbone.safetensors
     maskfeat finetune --config configs/demo_finetune.yaml finetune.pretrained=runs/demo_pretrain/backbone.safetensors
