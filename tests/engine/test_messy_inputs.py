@@ -748,16 +748,7 @@ def test_io_errors_are_unreadable_and_not_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(probe.av, "open", real_open)
     monkeypatch.delattr(probe, "open")
     # a Matroska file cut short: FFmpeg says EIO, a plain read is fine: the content, cached
-    mkv = str(tmp_path / "cut.mkv")
-    c = av.open(mkv, "w", format="matroska")
-    s = c.add_stream("mjpeg", rate=24)
-    s.width, s.height, s.pix_fmt = 32, 32, "yuvj420p"
-    for i in range(12):
-        for pkt in s.encode(av.VideoFrame.from_ndarray(np.full((32, 32, 3), 10 * i, np.uint8), format="rgb24")):
-            c.mux(pkt)
-    for pkt in s.encode():
-        c.mux(pkt)
-    c.close()
+    mkv = write_video(str(tmp_path / "cut.mkv"), n=12)
     data = open(mkv, "rb").read()
     reasons = set()
     for cut in (40, 80, 120, 160):
@@ -810,21 +801,27 @@ def test_prepare_writes_square_pixels(tmp_path):
 
     from engine.data.prepare import encode_video
 
-    src = str(tmp_path / "sar.mp4")
     W, H = 48, 36  # shown at 64x36 (16:9) with pixels 4:3 wide
-    c = av.open(src, "w")
-    s = c.add_stream("mjpeg", rate=24)
-    s.width, s.height, s.pix_fmt = W, H, "yuvj420p"
-    s.codec_context.sample_aspect_ratio = Fraction(4, 3)
     yy, xx = np.mgrid[0:H, 0:W]
     a = np.zeros((H, W, 3), np.uint8)
     a[(xx * 4 / 3 - 32) ** 2 + (yy - 18) ** 2 < 14 ** 2] = 255  # a disc where shown, an ellipse where stored
-    for _ in range(6):
-        for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+
+    def anamorphic(path: str, codec: str, **opts) -> str:
+        c = av.open(path, "w")
+        s = c.add_stream(codec, rate=24)
+        s.width, s.height = W, H
+        for k, v in opts.items():
+            setattr(s, k, v)
+        s.codec_context.sample_aspect_ratio = Fraction(4, 3)
+        for _ in range(6):
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
             c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
+        c.close()
+        return path
+
+    src = anamorphic(str(tmp_path / "sar.mp4"), "mjpeg", pix_fmt="yuvj420p")
     with av.open(src) as c:
         assert c.streams.video[0].codec_context.sample_aspect_ratio == Fraction(4, 3)
     out = str(tmp_path / "out.webm")
@@ -838,17 +835,7 @@ def test_prepare_writes_square_pixels(tmp_path):
     width, height = cols.max() - cols.min() + 1, rows.max() - rows.min() + 1
     assert abs(width - height) <= 2, (width, height)  # round again
     # VP9 has no aspect ratio in its bitstream: an MP4's pasp box holds it (the container's, read first)
-    vp9 = str(tmp_path / "pasp.mp4")
-    c = av.open(vp9, "w")
-    s = c.add_stream("libvpx-vp9", rate=24)
-    s.width, s.height = W, H
-    s.codec_context.sample_aspect_ratio = Fraction(4, 3)
-    for _ in range(6):
-        for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
-            c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
+    vp9 = anamorphic(str(tmp_path / "pasp.mp4"), "libvpx-vp9")
     with av.open(vp9) as c:
         assert c.streams.video[0].codec_context.sample_aspect_ratio in (None, 0, 1)  # only the container's
     encode_video(vp9, out, codec="vp9", short_side=36)
