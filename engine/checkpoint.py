@@ -203,13 +203,17 @@ def write_text_atomic(path: str, text: str) -> None:
     renamed over it. Unique, not pid-named: the first local rank of every node writes ``latest`` and
     the tag's ``config.yaml`` at once on a shared filesystem, and in containers the nodes' processes
     can have the same pid (one node's rename then found its temporary file gone: a failed save)."""
-    import tempfile
+    import secrets
 
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp", dir=os.path.dirname(path) or ".")
+    while True:  # a random name, created exclusively, with the umask's mode (mkstemp's 0600 and a chmod
+        # would fail on filesystems that refuse chmod, and the umask is process-wide)
+        tmp = f"{path}.tmp{secrets.token_hex(8)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; these files are the run's, shared like it
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

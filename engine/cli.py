@@ -144,8 +144,9 @@ def _drop_local_rank(argv: list[str]) -> list[str]:
 
 
 def _launch_rank() -> int:
-    """This process's global rank as the launcher set it (``RANK``, else ``SLURM_PROCID``; 0)."""
-    for name in ("RANK", "SLURM_PROCID"):
+    """This process's global rank as the launcher set it (``RANK``, else an MPI launch's, else
+    ``SLURM_PROCID``; 0)."""
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
         value = os.environ.get(name, "").strip()
         if value:
             try:
@@ -246,7 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             base = trained_config(resolve_checkpoint(args.checkpoint))
         except (ConfigError, OSError, ValueError):  # reported by run_eval, with its own message
             base = None
-        if base is not None and os.environ.get("RANK", "0") == "0":
+        if base is not None and _launch_rank() == 0:
             print(f"maskfeat eval: no --config: using the config {args.checkpoint} was trained with", flush=True)
     try:
         cfg = load_config(args.config, overrides, base=base)

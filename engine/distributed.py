@@ -13,9 +13,11 @@ interactive steps; srun exports ``SLURM_STEP_ID``, ``SLURM_STEP_NUM_TASKS`` and
 of a step; jobs with nearby ids and the first 8 concurrent steps of one job differ). A process of an
 ``sbatch`` script without ``srun`` (the batch step) runs alone, with a one-line note; a ``WORLD_SIZE``
 the script exported before ``srun`` is taken when it equals the step's task count (the rank is then
-``SLURM_PROCID``). An MPI launch (``mpirun``; :data:`MPI_VARS`: Open MPI, MPICH / Intel MPI,
-MVAPICH) gives the rank, world size and local rank, and needs ``MASTER_ADDR``/``MASTER_PORT``
-exported (each process ran alone before, into the same folder). A plain single
+``SLURM_PROCID``). An MPI launch (``mpirun``; :data:`MPI_VARS`: Open MPI, MVAPICH, MPICH / Intel
+MPI) gives the rank, world size and local rank (each process ran alone before, into the same
+folder), also inside a SLURM allocation, where mpirun's daemons leave their srun step's variables
+(``PMI_*`` equal to srun's own are srun's); the address is ``127.0.0.1`` when every process is on one
+node, else the first host of the allocation, else ``MASTER_ADDR`` must be exported. A plain single
 process gets ``127.0.0.1``, a free port and rank 0 of 1 (DESIGN §4: DeepSpeed needs these variables
 even alone). RANK and WORLD_SIZE exported without LOCAL_RANK (an MPI wrapper) take it from
 ``OMPI_COMM_WORLD_LOCAL_RANK`` / ``MPI_LOCALRANKID`` (``SLURM_LOCALID`` in an srun step); without
@@ -152,10 +154,10 @@ def _int_var(env: MutableMapping[str, str], key: str, origins: dict[str, str]) -
         raise LaunchError(f"{key}={raw!r} (from {origins[key]}) is not an integer") from None
 
 
-MPI_VARS = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-            ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-            ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK"))
-"""(rank, world size, local rank) variables of Open MPI, MPICH / Intel MPI and MVAPICH launches."""
+MPI_VARS = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+            ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_SIZE"),
+            ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"))
+"""(rank, world size, local rank, local size) variables of Open MPI, MVAPICH and MPICH / Intel MPI launches."""
 
 
 def _fill_launch_env(env: MutableMapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -184,18 +186,30 @@ def _fill_launch_env(env: MutableMapping[str, str]) -> tuple[dict[str, str], dic
                           f"launchers set both; unset {have} for a single process, or start the job with "
                           "torchrun / srun / the deepspeed launcher")
     mpi = next((keys for keys in MPI_VARS if env.get(keys[0], "").strip() and env.get(keys[1], "").strip()), None)
-    if "RANK" not in env and step is None and mpi is not None:
-        # mpirun (or the deepspeed launcher's openmpi/mpich/mvapich modes): each process a single run
+    # inside an allocation mpirun starts its node daemons with srun, whose step variables the processes
+    # inherit (SLURM_PROCID is the node's index): Open MPI's and MVAPICH's ranks win there; srun itself
+    # sets PMI_* (--mpi=pmi2) equal to its own, so those count only where they differ
+    if mpi is not None and step is not None and mpi[0] == "PMI_RANK" and env[mpi[1]].strip() == (step_tasks or ""):
+        mpi = None
+    if "RANK" not in env and mpi is not None:
+        # mpirun (or the deepspeed launcher's openmpi/mvapich modes): each process a single run
         # otherwise, writing into the same folder (DeepSpeed's own MPI discovery comes after our group)
         put("RANK", env[mpi[0]], mpi[0])
         put("WORLD_SIZE", env[mpi[1]], mpi[1])
         if env.get(mpi[2], "").strip():
             put("LOCAL_RANK", env[mpi[2]], mpi[2])
         if env["WORLD_SIZE"] != "1" and "MASTER_ADDR" not in env:
-            raise LaunchError(f"an MPI launch gives the ranks ({mpi[0]}, {mpi[1]}) but no rendezvous address: export "
-                              "MASTER_ADDR (the first node's address) and MASTER_PORT to every process (mpirun -x "
-                              "MASTER_ADDR=node001 -x MASTER_PORT=29500), or launch with torchrun / srun / the "
-                              "deepspeed launcher")
+            nl_key = next((k for k in ("SLURM_JOB_NODELIST", "SLURM_NODELIST") if env.get(k, "").strip()), None)
+            if env.get(mpi[3], "").strip() == env["WORLD_SIZE"]:  # every process on this node
+                put("MASTER_ADDR", "127.0.0.1", f"{mpi[3]} = {mpi[1]}: one node")
+            elif nl_key:
+                put("MASTER_ADDR", _first_slurm_host(env[nl_key]), f"the first host of {nl_key}")
+            else:
+                raise LaunchError(f"an MPI launch over several nodes gives the ranks ({mpi[0]}, {mpi[1]}) but no "
+                                  "rendezvous address: export MASTER_ADDR (the first node's address) and MASTER_PORT "
+                                  "to every process (mpirun -x MASTER_ADDR=node001 -x MASTER_PORT=29500; the deepspeed "
+                                  "launcher's MPI modes do not export it), or launch with torchrun / srun / the "
+                                  "deepspeed launcher's default mode")
     if "RANK" not in env and step is not None:
         put("RANK", env["SLURM_PROCID"], "SLURM_PROCID")
         world_key = next((k for k in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS") if k in env), None)

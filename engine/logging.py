@@ -256,7 +256,7 @@ class RunLogger:
         setattr(self, which, None)
         try:
             handle.close()
-        except OSError:  # its buffer cannot be written either
+        except OSError:  # its buffer cannot be written either (the handle goes with the process)
             pass
 
     def progress_line(self, step: int, values: dict, now: Optional[float] = None) -> str:
@@ -297,10 +297,16 @@ class RunLogger:
             self.bar.close()
             self.bar = None
         if self.tb is not None:
-            self.tb.flush()
-            self.tb.close()
-            self.tb = None
+            try:  # TensorBoard's writer thread raises a full disk here, at its flush
+                self.tb.flush()
+                self.tb.close()
+                self.tb = None
+            except OSError as e:
+                self._stop_writing("tb", e)
         if self.jsonl is not None:
-            self.jsonl.close()
-            self.jsonl = None
+            try:
+                self.jsonl.close()
+                self.jsonl = None
+            except OSError as e:
+                self._stop_writing("jsonl", e)
 

@@ -339,7 +339,8 @@ def _check_folders_agree(list_path: str, listed: Sequence[str], labels: Sequence
         folders.append(q.split("/", 1)[0] if "/" in q and not os.path.isabs(p) and not q.startswith("/") else None)
     if not folders or any(f not in index for f in folders):
         return
-    bad = [(ln, p, lab, f) for ln, p, lab, f in zip(linenos, listed, labels, folders) if index[f] != lab]
+    bad = [(ln, p, lab, f) for ln, p, lab, f in zip(linenos, listed, labels, folders)
+           if lab >= len(names) or str(names[lab]) != f]  # (a repeated name: either of its numbers)
     if bad:
         ln, p, lab, f = bad[0]
         named = f" ({names[lab]!r})" if lab < len(names) else ""

@@ -93,9 +93,9 @@ def _exif_orientation(raw: Optional[bytes]) -> int:
 
 def _exif_orientation_tag(raw: Optional[bytes]) -> Optional[int]:
     """The Orientation tag of an EXIF block as DALI reads it (measured with DALI 2.4), or None
-    without one: a broken block, no tag, or an ASCII tag (DALI leaves the image as stored; Pillow
-    gives a str, and int() of "a" refused a file DALI decodes). A BYTE/UNDEFINED tag counts by its
-    first byte (Pillow gives bytes)."""
+    without one (a broken block, no tag: DALI keeps an earlier block's). A tag it cannot use counts
+    as 1, the image as stored: an ASCII one (Pillow gives a str, and int() of "a" refused a file DALI
+    decodes), an empty one. A BYTE/UNDEFINED tag counts by its first byte (Pillow gives bytes)."""
     if not raw:
         return None
     from PIL import Image
@@ -105,15 +105,17 @@ def _exif_orientation_tag(raw: Optional[bytes]) -> Optional[int]:
         ex.load(raw)
     except Exception:  # a broken EXIF block: DALI ignores it too
         return None
+    if _ORIENTATION not in ex:
+        return None
     value = ex.get(_ORIENTATION)
     if isinstance(value, (bytes, bytearray, tuple)):
-        value = value[0] if value else None
-    if value is None or isinstance(value, str):
-        return None
+        value = value[0] if value else 1
+    if isinstance(value, str):
+        return 1
     try:
         return int(value)
     except (TypeError, ValueError):
-        return None
+        return 1
 
 
 def _png_exif(buf: bytes, check: bool) -> Optional[bytes]:

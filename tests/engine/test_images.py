@@ -472,6 +472,9 @@ def test_exif_orientation_is_read_as_dali_reads_it():
     for name, later in (("no tag", make_only), ("broken", b"Exif\x00\x00garbage!!")):
         block = b"\xff\xe1" + struct.pack(">H", len(later) + 2) + later
         cases[f"6, then a block with {name}"] = (plain[:2] + app1(6) + block + plain[2:], (50, 30))
+    ascii_one = _exif(2, 2, b"1\0")  # a tag DALI cannot use: the image as stored, whatever came before
+    cases["6, then an ASCII tag"] = (plain[:2] + app1(6) + b"\xff\xe1" + struct.pack(">H", len(ascii_one) + 2)
+                                     + ascii_one + plain[2:], (30, 50))
     for name, (data, want) in cases.items():
         assert _ours(data) == want, name
         assert _dali_shape(data) == want, name  # what DALI's decoder does, measured here

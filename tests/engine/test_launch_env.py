@@ -404,11 +404,24 @@ def test_mpirun_gives_the_ranks():
     env = {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MASTER_ADDR": "n0"}  # MPICH / Intel MPI
     _fill_launch_env(env)
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("1", "2", "1")
-    with pytest.raises(LaunchError, match=r"an MPI launch gives the ranks .* export MASTER_ADDR"):
-        _fill_launch_env({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"})
+    with pytest.raises(LaunchError, match=r"an MPI launch over several nodes gives the ranks .* export MASTER_ADDR"):
+        _fill_launch_env({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_SIZE": "1"})
     one = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1"}  # a singleton mpirun: as a plain process
     _fill_launch_env(one)
     assert (one["RANK"], one["WORLD_SIZE"], one["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+    node = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}  # `mpirun -np 8` on one host (the deepspeed launcher's too)
+    _fill_launch_env(node)
+    assert (node["RANK"], node["MASTER_ADDR"]) == ("1", "127.0.0.1")
+    # mpirun inside a SLURM allocation: its daemons' srun step leaves SLURM_PROCID = the node's index
+    inside = _step(1, ntasks=2, OMPI_COMM_WORLD_RANK="5", OMPI_COMM_WORLD_SIZE="16", OMPI_COMM_WORLD_LOCAL_RANK="5",
+                   OMPI_COMM_WORLD_LOCAL_SIZE="8")
+    _fill_launch_env(inside)
+    assert (inside["RANK"], inside["WORLD_SIZE"], inside["LOCAL_RANK"]) == ("5", "16", "5")
+    assert inside["MASTER_ADDR"] == "gpu001"  # the allocation's first host
+    pmi = _step(3, PMI_RANK="3", PMI_SIZE="4")  # srun --mpi=pmi2 sets PMI_* equal to its own: srun's branch
+    _fill_launch_env(pmi)
+    assert (pmi["RANK"], pmi["WORLD_SIZE"], pmi["MASTER_ADDR"]) == ("3", "4", "gpu003")
 
 
 def test_srun_with_an_exported_world_size_takes_the_task_id():

@@ -223,3 +223,6 @@ def test_labels_that_disagree_with_their_class_folders_are_an_error(tmp_path):
     os.remove(tmp_path / "classes.json")
     numbered = read_list_file(write_list(tmp_path, "1/a.mp4 0\n0/b.mp4 1\n"), str(tmp_path))  # shard folders
     assert numbered.labels == [0, 1]
+    repeated = read_list_file(write_list(tmp_path, "cat/a.mp4 0\ncat/b.mp4 1\ndog/c.mp4 2\n", classes=["cat", "cat", "dog"]),
+                              str(tmp_path))  # a name listed twice: either number is its folder's
+    assert repeated.labels == [0, 1, 2]

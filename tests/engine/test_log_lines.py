@@ -154,3 +154,23 @@ def test_a_full_disk_under_metrics_is_a_warning_not_a_crash_of_rank_0(tmp_path, 
     err = capsys.readouterr().err
     assert err.count("warning: writing metrics.jsonl") == 1 and "No space left on device" in err
     assert log.jsonl is None and "step 2/10" in err  # the plain progress lines go on
+
+
+def test_a_full_disk_at_tensorboards_flush_is_a_warning_too(tmp_path, capsys, monkeypatch):
+    """TensorBoard's writer thread keeps a write error until a flush: at the run's end RunLogger.close()
+    raised it on rank 0 alone, after the final checkpoint."""
+    import errno
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    log = RunLogger(str(tmp_path), enabled=True, total_steps=10, tensorboard=True, jsonl=True, progress_bar=False)
+    log.scalars(1, {"loss": 1.0})
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(SummaryWriter, "flush", full)
+    log.close()  # no raise
+    err = capsys.readouterr().err
+    assert "warning: writing TensorBoard (tb/)" in err and "No space left on device" in err
+    assert log.tb is None and log.jsonl is None
