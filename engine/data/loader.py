@@ -183,17 +183,24 @@ def validate_dataset(cfg: DataConfig, split: str = "train", *, device: torch.dev
 def restore_position(loader, state: dict) -> None:
     """``load_state_dict`` of the video and image loaders: resume at ``state["epoch"]`` after
     ``state["batches_consumed"]`` batches (a ValueError outside the epoch). A state saved with
-    another world size or seed cannot map to the same positions: the epoch restarts at batch 0,
-    with a warning."""
+    another layout (world size, seed, or another number of batches per epoch: a per-rank batch,
+    ``drop_last``, ``clips_per_epoch`` or dataset length of its own) cannot map to the same positions:
+    the epoch restarts at batch 0, with a warning (``engine.runner`` maps such a position itself,
+    ``map_data_position``, before it calls this). The layout is compared before the range: a count
+    from a smaller world size was a ValueError, one from a larger per-rank batch skipped samples."""
     consumed = int(state["batches_consumed"])
+    loader.epoch = int(state["epoch"])
+    now = {"world_size": loader.world_size, "seed": loader.cfg.seed, "num_batches": len(loader)}
+    other = {k: state[k] for k in now if k in state and state[k] != now[k]}
+    if other:
+        log.warning("loader state from another layout (%s; now %s): restarting epoch %d at batch 0",
+                    ", ".join(f"{k}={v}" for k, v in other.items()),
+                    ", ".join(f"{k}={now[k]}" for k in other), loader.epoch)
+        loader.batches_consumed = 0
+        return
     if not 0 <= consumed <= len(loader):  # (a negative count replayed the epoch's end)
         raise ValueError(f"batches_consumed={consumed} outside [0, {len(loader)}]")
-    loader.epoch, loader.batches_consumed = int(state["epoch"]), consumed
-    if state.get("world_size", loader.world_size) != loader.world_size or state.get("seed", loader.cfg.seed) != loader.cfg.seed:
-        log.warning("loader state from world_size=%s seed=%s, now world_size=%d seed=%d: restarting epoch %d "
-                    "at batch 0", state.get("world_size"), state.get("seed"), loader.world_size, loader.cfg.seed,
-                    loader.epoch)
-        loader.batches_consumed = 0
+    loader.batches_consumed = consumed
 
 
 class EpochPlan(collections.abc.Sequence):

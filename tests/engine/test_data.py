@@ -363,6 +363,14 @@ def test_resume_mid_epoch_gives_the_remaining_batches(clips):
     other = build_loader(cfg, "train")
     other.load_state_dict({**state, "world_size": 2})  # positions do not map: the epoch restarts
     assert other.state_dict()["batches_consumed"] == 0 and other.state_dict()["epoch"] == 3
+    # a smaller world's count past this epoch's end restarted with a ValueError; the same world with
+    # another number of batches per epoch (another per-rank batch) kept a count that means another
+    # place, silently skipping samples: both restart the epoch now
+    n = len(other)
+    for foreign in ({"world_size": 1, "num_batches": 4 * n, "batches_consumed": 3 * n},
+                    {"num_batches": n + 3, "batches_consumed": 2}):
+        other.load_state_dict({**state, **foreign})
+        assert (other.epoch, other.batches_consumed) == (3, 0), foreign
 
 
 def test_epoch_plan_is_made_batch_by_batch(clips, monkeypatch):
