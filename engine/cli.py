@@ -12,8 +12,8 @@ Every training command takes ``--config FILE.yaml`` and any number of dotted ove
     maskfeat pretrain --help-config        # every config field with its documentation
 
 Launch the same command under ``torchrun``, the ``deepspeed`` launcher (``--module engine``; the
-``--local_rank`` it appends is accepted and ignored, ``LOCAL_RANK`` is read from the environment)
-or ``srun`` for more processes (``python -m engine`` is the module form).
+``--local_rank`` it appends is accepted and ignored, ``LOCAL_RANK`` is read from the environment),
+``srun`` or ``mpirun`` for more processes (``python -m engine`` is the module form).
 
 Errors the user can fix end in one paragraph on stderr, ``maskfeat COMMAND: ...``, without a
 traceback, and an exit code (also in ``--help``); :data:`EXIT_CODES` lists them. A data error is

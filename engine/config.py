@@ -164,8 +164,8 @@ class TrainConfig:
     config error (``--resume auto`` continues it); true: that folder's ``checkpoints/``,
     ``metrics.jsonl``, ``classes.json``, ``tb/``, ``eval.json``, ``evals.jsonl``,
     ``eval.predictions.npz`` and ``backbone.safetensors`` are removed, once the new run's data has
-    validated and its model has been built (a mistake found by then leaves them), and the run
-    starts afresh."""
+    validated, its model has been built, DeepSpeed has accepted its config and a checkpoint it
+    continues has loaded (a mistake found by then leaves them), and the run starts afresh."""
     seed: int = 0
     """Seed of model init, masks (one numpy Generator per rank, seeded by seed and rank) and
     drop path."""

@@ -868,5 +868,7 @@ def report_paths(run: Run, summary: dict, stream=sys.stdout) -> None:
     if run.cfg.log.jsonl:
         lines.append(f"metrics      {os.path.join(out, 'metrics.jsonl')}")
     if run.cfg.log.tensorboard:
-        lines.append(f"tensorboard  {os.path.join(out, 'tb')}   (tensorboard --logdir {os.path.join(out, 'tb')})")
+        tb_exe = os.path.join(os.path.dirname(sys.executable), "tensorboard")  # (the venv's: often not on PATH)
+        tb_exe = tb_exe if os.path.isfile(tb_exe) else "tensorboard"
+        lines.append(f"tensorboard  {os.path.join(out, 'tb')}   ({tb_exe} --logdir {os.path.join(out, 'tb')})")
     print("\n".join(lines), file=stream, flush=True)
