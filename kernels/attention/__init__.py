@@ -50,14 +50,23 @@ def pick_backend(q: torch.Tensor, rel_width: int = 0) -> str:
     45.3 / 23.5 / 12.6 / 8.0 ms for the reference, with the least memory of the three at every
     stage. The lead is clear at stages 1-2 and within the noise at stage 4. Elsewhere (CPU; GPUs of other architectures than the one it was tuned and timed on,
     :func:`kernels.tuned_for`; fp32, whose Triton dots run in exact fp32; head dims over 256 or
-    ``hd + rel_width`` over 512, which the kernel refuses) ``sdpa``: on CUDA with cuDNN first
-    (:func:`_cuda_sdpa_priority`), on CPU it avoids materialising the (Nq, Nk) bias.
+    ``hd + rel_width`` over 512, which the kernel refuses) ``sdpa``: with cuDNN first where that was
+    measured (:func:`_sdpa_order`: sm_90), in PyTorch's own order on other GPUs; on CPU it avoids
+    materialising the (Nq, Nk) bias.
     """
     hd = q.shape[-1]
     if (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and hd <= 256 and hd + rel_width <= 512
             and tuned_for(q.device)):
         return "triton"
     return "sdpa"
+
+
+def _sdpa_order(q: torch.Tensor):
+    """The SDPA backend order ``auto`` runs ``sdpa`` in: cuDNN first on the GPUs it was timed on
+    (:func:`kernels.tuned_for`), else PyTorch's own order. PyTorch itself prefers cuDNN only on
+    sm_90/sm_100 with a recent cuDNN (older ones had silent errors at sequence lengths not divisible
+    by 128, as every MViTv2 length here is), and forcing it first on an A100 or an L4 overrode that."""
+    return _cuda_sdpa_priority() if q.is_cuda and tuned_for(q.device) else contextlib.nullcontext()
 
 
 def _cuda_sdpa_priority():
@@ -112,7 +121,7 @@ def relpos_attention(
     if backend == "sdpa":
         from .sdpa import relpos_attention_sdpa
 
-        with _cuda_sdpa_priority() if auto and q.is_cuda else contextlib.nullcontext():
+        with _sdpa_order(q) if auto else contextlib.nullcontext():
             return relpos_attention_sdpa(*args, has_cls=has_cls, scale=scale, rel_impl=rel_impl)
     if backend == "xformers":
         from .sdpa import relpos_attention_xformers

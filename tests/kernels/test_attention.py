@@ -235,7 +235,15 @@ def test_auto_backend_choice(monkeypatch):
         assert pick_backend(fake("cuda", torch.bfloat16), 22) == "sdpa", arch
         assert pick_backend(fake("cuda", torch.float16), 22) == "sdpa", arch
     assert majors and set(majors) == {0}
+    from contextlib import nullcontext
+
+    from kernels.attention import _sdpa_order
+
+    # SDPA's order under auto: PyTorch's own off sm_90 (cuDNN first was forced on GPUs never timed)
+    assert isinstance(_sdpa_order(fake("cuda", torch.float32)), nullcontext)
+    assert isinstance(_sdpa_order(fake("cpu", torch.float32)), nullcontext)
     arch = 9
+    assert not isinstance(_sdpa_order(fake("cuda", torch.float32)), nullcontext)
     assert pick_backend(fake("cuda", torch.bfloat16), 22) == "triton"
     assert pick_backend(fake("cuda", torch.float16), 22) == "triton"
     assert pick_backend(fake("cuda", torch.float32), 22) == "sdpa"
