@@ -3,9 +3,11 @@ kernels of one call, by name and by what they do."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -40,9 +42,6 @@ def do_bench_min(call: Callable[[], object], *, quick: bool, leaves: Sequence[to
     ``int(rep / its own estimate)`` calls: one for a 44 ms call in a 30 ms budget, so a median could
     be a single call. ``leaves``: tensors whose ``.grad`` is cleared before each call.
     ``base_rep_ms``: the budget short calls get (default 30 ms quick, 50 ms otherwise)."""
-    import math
-    import time
-
     import triton.testing
 
     estimate_ms = math.inf

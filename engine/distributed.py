@@ -172,7 +172,8 @@ def _fill_launch_env(env: MutableMapping[str, str]) -> tuple[dict[str, str], dic
             origins[key] = origin
 
     step = _srun_step_id(env)
-    step_tasks = next((env[k] for k in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS") if k in env), None)
+    world_key = next((k for k in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS") if k in env), None)
+    step_tasks = env[world_key] if world_key else None
     if "WORLD_SIZE" in env and "RANK" not in env and step is not None:
         # a SLURM script exporting WORLD_SIZE (and MASTER_*) before srun, as many DDP templates do: srun's
         # task id is the rank when the sizes agree
@@ -212,8 +213,7 @@ def _fill_launch_env(env: MutableMapping[str, str]) -> tuple[dict[str, str], dic
                                   "deepspeed launcher's default mode")
     if "RANK" not in env and step is not None:
         put("RANK", env["SLURM_PROCID"], "SLURM_PROCID")
-        world_key = next((k for k in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS") if k in env), None)
-        put("WORLD_SIZE", env[world_key] if world_key else 1, world_key or "default (no SLURM_STEP_NUM_TASKS)")
+        put("WORLD_SIZE", step_tasks or 1, world_key or "default (no SLURM_STEP_NUM_TASKS)")
         put("LOCAL_RANK", env.get("SLURM_LOCALID", "0"), "SLURM_LOCALID" if "SLURM_LOCALID" in env else "default")
         if env["WORLD_SIZE"] != "1":  # one task: the loopback address and a free port below
             nl_key = next((k for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
