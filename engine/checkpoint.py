@@ -829,8 +829,9 @@ def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: b
     ZeRO stage or precision DeepSpeed cannot load (:func:`check_resume_compatible`) raise ConfigError.
     ``zero_stage`` is this run's stage (default: the engine's); ``precision`` this run's
     ``deepspeed.precision`` (None: not checked). A ZeRO-0 checkpoint loads into any
-    world size: rank ``r`` then reads the state of saved rank ``r mod saved_world`` (its RNG
-    streams repeat another rank's; the data position is mapped by ``engine.runner``).
+    world size: rank ``r`` then reads the state of saved rank ``r mod saved_world`` (the returned
+    state's ``rank`` says whose: ``engine.runner`` forks the RNG streams of a rank that read another's
+    and maps the data position).
     ``ckpt_dir`` (default ``<output_dir>/checkpoints``) loads a tag of another run's folder.
     """
     rank, world, _ = _dist()
@@ -856,6 +857,7 @@ def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: b
         if error is not None and not _unreadable(error):
             raise error
         raise _damaged(ckpt_dir, tag, mine if error is not None else None, error)
+    state["rank"] = _file_rank(mine)  # whose state this is (another rank's after a world size change)
     # the loader state holds the world size (each node of a non-shared filesystem sees only its files)
     saved_world = int(state.get("loader", {}).get("world_size", len(files)))
     stage = int(engine.zero_optimization_stage() if zero_stage is None else zero_stage)
@@ -872,6 +874,11 @@ def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: b
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
     return state
+
+
+def _file_rank(file: str) -> int:
+    """The rank that saved ``engine_state_r<rank>.pt``."""
+    return int(re.search(r"engine_state_r(\d+)\.pt$", file).group(1))
 
 
 _UNREADABLE = (EOFError, pickle.UnpicklingError, RuntimeError, OSError, ValueError, KeyError)

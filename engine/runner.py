@@ -260,6 +260,10 @@ class Run:
         return self.dist.rank == 0
 
     @property
+    def _rank(self) -> int:
+        return self.dist.rank if self.dist is not None else 0
+
+    @property
     def _device(self) -> torch.device:
         """This rank's device (CPU for a Run assembled without a process group, as tests do)."""
         return self.dist.device if self.dist is not None else torch.device("cpu")
@@ -270,6 +274,7 @@ class Run:
         loader_state["epoch"] = self.state.epoch
         loader_state["batches_consumed"] = self.state.batch_in_epoch
         return {
+            "rank": self._rank,
             "train_state": self.state.__dict__.copy(),
             "loader": loader_state,
             "data_layout": data_layout(self.loader).__dict__.copy(),
@@ -294,6 +299,8 @@ class Run:
         if cuda_rng is not None and device.type == "cuda":
             torch.cuda.set_rng_state(cuda_rng, device)
         random.setstate(saved["python_rng"])
+        if int(saved.get("rank", self._rank)) != self._rank:
+            self._fork_rngs()
         now = data_layout(self.loader)
         before = _saved_layout(saved, now, bool(self.loader.cfg.drop_last))
         if before.num_batches > 0:  # the checkpoint's position in epochs (its own step unit)
@@ -315,6 +322,16 @@ class Run:
         loader_state.update(epoch=pos.epoch, batches_consumed=pos.batches)
         self.loader.load_state_dict(loader_state)
 
+
+    def _fork_rngs(self) -> None:
+        """Give this rank streams of its own after it restored another rank's state (a ZeRO-0
+        checkpoint resumed on more ranks: rank ``r`` reads saved rank ``r mod saved_world``). Each
+        stream is seeded by a draw of the restored one and this rank, so that ranks sharing a saved
+        state draw different masks, mixup and drop-path decisions, and a rerun draws the same."""
+        base = int(self.rng.integers(2 ** 62))
+        self.rng.bit_generator.state = np.random.default_rng([base, self._rank]).bit_generator.state
+        torch.manual_seed(int(np.random.default_rng([base, self._rank, 1]).integers(2 ** 62)))
+        random.seed(int(np.random.default_rng([base, self._rank, 2]).integers(2 ** 62)))
     def save(self, tag: Optional[str] = None, *, update_latest: bool = True, keep: Optional[int] = None) -> str:
         tag = tag or f"step{self.state.step:08d}"
         t0 = time.time()

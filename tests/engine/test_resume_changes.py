@@ -126,13 +126,45 @@ def _loader(env, world_size: int, batch_size: int, rank: int = 0):
     return build_loader(cfg, "train", rank=rank, world_size=world_size)
 
 
-def _run_with(loader, step: int, epoch: int, batch: int):
+def _run_with(loader, step: int, epoch: int, batch: int, rank: int = 0):
+    from types import SimpleNamespace
+
     from engine.runner import Run, TrainState
 
     loader.epoch, loader.batches_consumed = epoch, batch
-    return Run(cfg=None, dist=None, model=None, engine=None, loader=loader, derived=None, logger=None,
-               dtype=torch.float32, rng=np.random.default_rng(0),
+    dist = SimpleNamespace(rank=rank, device=torch.device("cpu"))
+    return Run(cfg=None, dist=dist, model=None, engine=None, loader=loader, derived=None, logger=None,
+               dtype=torch.float32, rng=np.random.default_rng([0, rank]),
                state=TrainState(step=step, epoch=epoch, batch_in_epoch=batch))
+
+
+def _draws(run) -> tuple:
+    import random
+
+    return (tuple(run.rng.integers(0, 2 ** 30, 4)), tuple(torch.randint(0, 2 ** 30, (4,)).tolist()),
+            tuple(random.getrandbits(30) for _ in range(4)))
+
+
+def test_ranks_that_restore_another_ranks_state_draw_their_own_masks(env):
+    # a ZeRO-0 checkpoint of 1 rank resumed on 3: ranks 1 and 2 read rank 0's state. Each must draw
+    # its own masks, mixup and drop path (the audit: all three repeated rank 0's streams)
+    saved = _run_with(_loader(env, 1, 2), step=5, epoch=0, batch=5).rank_state()
+    assert saved["rank"] == 0
+    draws = []
+    for rank in (0, 1, 2, 1):
+        run = _run_with(_loader(env, 3, 2, rank % 3), 0, 0, 0, rank=rank)
+        run.restore_rank_state(saved)
+        draws.append(_draws(run))
+    for kind in range(3):
+        assert len({d[kind] for d in draws[:3]}) == 3, kind  # numpy, torch and Python streams all differ
+    assert draws[3] == draws[1]  # and a rerun of rank 1 draws what it drew
+    # rank 0 continues its own streams exactly, as without the world size change
+    expect = _run_with(_loader(env, 1, 2), 0, 0, 0)
+    expect.restore_rank_state(saved)
+    assert _draws(expect) == draws[0]
+    g = np.random.default_rng()
+    g.bit_generator.state = saved["numpy_rng"]
+    assert draws[0][0] == tuple(g.integers(0, 2 ** 30, 4))
 
 
 def test_restore_rank_state_maps_world_size_and_batch_changes(env, capsys):
