@@ -100,8 +100,11 @@ def _decode_pass(path: str, wanted: set[int], first_wanted: int, short_side: int
         if timeline is not None:
             t0, step = timeline
             # half a step early: the wanted frame's time is within half a step of t0 + i * step
-            container.seek(t0 + max(0, int((first_wanted - 0.5) * step)), stream=stream, backward=True,
-                           any_frame=False)
+            try:
+                container.seek(t0 + max(0, int((first_wanted - 0.5) * step)), stream=stream, backward=True,
+                               any_frame=False)
+            except av.error.FFmpegError:  # a stream that does not start on a key frame: count instead
+                return None
         idx = -1
         for frame in container.decode(stream):
             if timeline is not None:

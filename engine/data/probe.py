@@ -52,9 +52,10 @@ NVDEC_MIN_SIZE = {"vp9": (128, 128), "av1": (128, 128), "hevc": (144, 144)}
 64x48 with "supported: 128x128", bench/results/gpu_check_*_2_engine_dali.log; H.264 at 64x48 decoded there).
 AV1 and HEVC: NVIDIA's decoder caps for Turing and later, not measured here."""
 NVDEC_MIN_DEFAULT = (48, 16)
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 """2: ``VideoInfo.rotation`` added; 3: ``pts_start``/``pts_step``; 4: ``cfr`` without the one-tick
-allowance at a frame-interval time base (older entries are probed again)."""
+allowance at a frame-interval time base; 5: discard-flagged packets and those before the first decoded
+frame not counted, a variable rate's ``fps`` from its times (older entries are probed again)."""
 
 
 @dataclass
@@ -230,7 +231,8 @@ def probe_video(path: str) -> ProbeResult:
         pts: list[int] = []
         try:
             for packet in container.demux(stream):
-                if packet.size and packet.pts is not None:
+                # a discard-flagged packet (the pre-roll of a cut made without re-encoding) decodes to no frame
+                if packet.size and packet.pts is not None and not packet.is_discard:
                     pts.append(int(packet.pts))
         except Exception as e:
             if isinstance(e, OSError) and _read_fails(path):  # an I/O error while reading, not the content
@@ -244,12 +246,17 @@ def probe_video(path: str) -> ProbeResult:
             return ProbeResult(path, reason="decode_error", detail=f"first frame does not decode: {e}")
         if first is None or width <= 0 or height <= 0 or not pts:
             return ProbeResult(path, reason="decode_error", detail="no decodable frame")
-        if fps <= 0 and len(pts) > 1 and stream.time_base:
-            span = (max(pts) - min(pts)) * stream.time_base
-            fps = float((len(pts) - 1) / span) if span else 0.0
+        if first.pts is not None:  # frames before the first that decodes (a stream cut before its
+            # first key frame) are dropped by the decoder: frame 0 is the first decoded one on both paths
+            pts = [p for p in pts if p >= first.pts] or pts
         times = np.asarray(pts, dtype=np.int64)
+        cfr = _frame_durations_cfr(times)
+        if (fps <= 0 or not cfr) and len(pts) > 1 and stream.time_base:
+            # a variable rate: the mean of the times (Matroska's declared rate is its default duration's)
+            span = (max(pts) - min(pts)) * stream.time_base
+            fps = float((len(pts) - 1) / span) if span else fps
         info = VideoInfo(codec=codec, width=int(width), height=int(height), num_frames=len(pts), fps=fps,
-                         cfr=_frame_durations_cfr(times), rotation=frame_rotation(first),
+                         cfr=cfr, rotation=frame_rotation(first),
                          pts_start=int(times.min()), pts_step=_even_step(times))
         return ProbeResult(path, info=info)
     finally:

@@ -21,7 +21,7 @@ from engine.data import BadDatasetError, DataConfig, DataError, build_loader, pr
 from engine.data.datasets import read_list_file, scan_class_folders, write_list_file
 from engine.data.errors import VideoDecodeError
 from engine.data.pipeline import decode_clip_pyav
-from engine.data.probe import probe_video, reader_problem, validate_files
+from engine.data.probe import decode_all_frames, probe_video, reader_problem, validate_files
 
 N = 24
 
@@ -599,7 +599,10 @@ def test_pyav_decodes_the_planned_frames_of_irregular_timelines(tmp_path):
                               pts_ms=[round((i + (i >= 10)) * 1000 / 30) for i in range(60)])
     ntsc = _numbered_video(str(tmp_path / "ntsc.mp4"), 80, gop=10,  # 29.97 fps in ms: steps of 33 and 34
                            pts_ms=[round(i * 1001 / 30) for i in range(80)])
-    assert not probe_video(vfr).info.cfr and probe_video(long_last).info.fps < 20
+    assert not probe_video(vfr).info.cfr
+    with av.open(long_last) as c:  # the container's average rate is 12.6; the frames are 30 fps apart
+        assert c.streams.video[0].average_rate < 20
+    assert probe_video(long_last).info.fps == pytest.approx(30, rel=0.01)  # a variable rate's: from its times
     assert _timeline(vfr) is None and _timeline(dropped) is None  # decoded counting frames
     assert _step_ms(long_last) == pytest.approx(1000 / 30, abs=0.01)  # packet times: even, whatever the rate
     assert _step_ms(ntsc) == pytest.approx(1001 / 30, abs=0.01)  # the mean step, not the median (33 ms)
@@ -621,6 +624,52 @@ def test_pyav_decodes_the_planned_frames_of_irregular_timelines(tmp_path):
     frames = np.array([33, 35, 40, 49])
     assert _frame_numbers(decode_clip_pyav(regular, frames, 1000, timeline=_timeline(regular))) == frames.tolist()
     assert _frame_numbers(decode_clip_pyav(regular, frames, 1000)) == frames.tolist()  # no timeline: counted
+
+
+def _remux(src: str, dst: str, skip: int = 0, shift: int = 0) -> str:
+    """Copy ``src``'s packets to ``dst`` without re-encoding: the first ``skip`` dropped (a stream
+    cut before its key frame), every time moved ``shift`` ticks earlier (negative times: pre-roll)."""
+    with av.open(src) as i, av.open(dst, "w") as o:
+        s = i.streams.video[0]
+        out = o.add_stream_from_template(s)
+        for k, packet in enumerate(p for p in i.demux(s) if p.dts is not None):
+            if k >= skip:
+                packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, out
+                o.mux(packet)
+    return dst
+
+
+def test_cut_streams_number_frames_from_the_first_that_decodes(tmp_path):
+    """A cut made without re-encoding (`ffmpeg -ss T -c copy`) starts with pre-roll packets the MP4
+    muxer flags to discard, or (Matroska, MP4) with frames before the first key frame, which do not
+    decode. The probe counted them: 90 frames where 85 decode, and the seek (numbering frames by
+    time from the first packet's) and the count from the start (numbering decoded frames) gave
+    different frames, 20 -> 20 against 25. Such an MP4's seek also raised (EPERM), reported as a
+    corrupt file. Frame 0 is now the first decoded one on both paths, and a failed seek counts."""
+    src = _numbered_video(str(tmp_path / "src.mp4"), 60, gop=10)
+    with av.open(src) as c:
+        step = int(c.streams.video[0].time_base.denominator / 30)  # ticks per frame (1 ms time base: 33)
+    preroll = _remux(src, str(tmp_path / "preroll.mp4"), shift=5 * step)  # frames 0-4 at negative times
+    with av.open(preroll) as c:
+        assert [p.is_discard for p in c.demux(c.streams.video[0]) if p.size][:6] == [True] * 5 + [False]
+    cases = [(preroll, 5, 55)]
+    for ext in ("mp4", "mkv"):
+        cases.append((_remux(src, str(tmp_path / f"cut.{ext}"), skip=3), 10, 50))  # key frames at 0, 10, ...
+    for path, first, n in cases:
+        info = probe_video(path).info
+        assert info.num_frames == n and decode_all_frames(path) == (n, ""), path
+        for start in (0, 1, 20, n - 13):
+            frames = np.arange(start, start + 13, 4)
+            want = (frames + first).tolist()
+            assert _frame_numbers(decode_clip_pyav(path, frames, 1000, timeline=info.timeline)) == want, (path, start)
+            assert _frame_numbers(decode_clip_pyav(path, frames, 1000)) == want, (path, start)
+    # a seek before the cut MP4's first key frame raises (EPERM): it decodes counting instead
+    path, first, _ = cases[1]
+    with av.open(path) as c:
+        t0 = min(p.pts for p in c.demux(c.streams.video[0]) if p.size)
+    frames = np.arange(4, 17, 4)
+    step = probe_video(path).info.timeline[1]
+    assert _frame_numbers(decode_clip_pyav(path, frames, 1000, timeline=(t0, step))) == (frames + first).tolist()
 
 
 def test_probe_cache_saves_of_ranks_with_one_pid_do_not_collide(tmp_path, monkeypatch, capsys):
