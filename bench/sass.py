@@ -564,7 +564,7 @@ def _attention_markdown(rows: list[dict], arch: int) -> str:
 
 def check(arch: int = 90) -> list[str]:
     """Problems of our default kernels on sm_<arch>: a failed lowering, shared memory over the limit,
-    register spills (HOG cells and cells-ptx kernels; bf16 attention forward and backward, with
+    register spills (HOG cells and cells-ptx kernels, and cells-ptx with 64-bit frame offsets; bf16 attention forward and backward, with
     the fused rel terms too; the pooling convolution's four kernels; kernels launched with a register cap may spill outside their loops
     only), cross-lane traffic in the HOG kernels, or a non-coherent global load in the kernels with
     the rel terms inside (they read back rows they stored). Empty when all is well."""
@@ -574,16 +574,20 @@ def check(arch: int = 90) -> list[str]:
 
     problems = []
     limit = SHARED_LIMIT.get(arch, 0)
-    for variant in ("cells", "cells-ptx"):
-        for dtype in (torch.uint8, torch.bfloat16):
-            with capture_launches(arch) as launches:
-                triton_hog.hog_targets_triton(torch.zeros((2, 1, 3, 224, 224), dtype=dtype), 16, variant=variant)
-            st = compile_launch(launches[0], arch)
-            print(f"hog {variant} {dtype}: {st.summary()}", flush=True)
-            for what, value in (("spill bytes", st.local_bytes), ("shuffles", st.count("shuffle")),
-                                ("barriers", st.count("barrier"))):  # fmt: skip
-                if value:
-                    problems.append(f"HOG {variant} kernel ({dtype}) has {value} {what} on sm_{arch}")
+    # a frame whose offsets pass 2**31 (64-bit offsets, triton_hog.wide_offsets): a 2 GiB buffer, never touched
+    sxc = 2**30 + 256
+    wide = torch.empty(2 * sxc + 224 * 224, dtype=torch.uint8).as_strided((1, 1, 3, 224, 224), (3 * sxc, 3 * sxc, sxc, 224, 1))
+    cases = [(v, d, torch.zeros((2, 1, 3, 224, 224), dtype=d)) for v in ("cells", "cells-ptx")
+             for d in (torch.uint8, torch.bfloat16)] + [("cells-ptx wide", torch.uint8, wide)]
+    for name, dtype, frames in cases:
+        with capture_launches(arch) as launches:
+            triton_hog.hog_targets_triton(frames, 16, variant=name.split()[0])
+        st = compile_launch(launches[0], arch)
+        print(f"hog {name} {dtype}: {st.summary()}", flush=True)
+        for what, value in (("spill bytes", st.local_bytes), ("shuffles", st.count("shuffle")),
+                            ("barriers", st.count("barrier"))):  # fmt: skip
+            if value:
+                problems.append(f"HOG {name} kernel ({dtype}) has {value} {what} on sm_{arch}")
     for path in ("default (split rows)", "k' assembled in the kernels", "fused rel terms",
                  "rel terms inside the attention kernels", "narrower last key tile"):
         for launch in attention_launches(arch, "L", **ATTENTION_PATHS[path]):

@@ -305,8 +305,9 @@ def strided_tables_to_classifier(classifier: nn.Module, sd: dict[str, torch.Tens
     indexed ``i − 2j + 12`` (offset 0 at row 12, the last row never read), where the classifier's 13
     rows are indexed ``i − j + 6`` on a grid twice as coarse: its row ``r`` is pre-training's row
     ``2r``. A linear resize of the whole table put the +1 offset at offset 0 and blended the unused
-    row into the last (the official fine-tuning keeps such tables at their fresh initialisation: a
-    shape mismatch is not loaded). In general each classifier row takes the pre-training row of the
+    row into the last: that is what later SlowFast loaders and mmaction2's MaskFeat loader do to every
+    ``attn.rel_pos`` table of another length; SlowFast's ``load_checkpoint`` as stored here (058922e)
+    loads only tensors of the same shape, leaving such tables at their fresh initialisation. In general each classifier row takes the pre-training row of the
     same offset (in the pre-training grid's units; linear between rows where it falls between), at
     the checkpoint's resolution; another resolution is then left to :func:`adapt_state_dict`.
 

@@ -71,11 +71,17 @@ def _sdpa_order(q: torch.Tensor):
 
 def _cuda_sdpa_priority():
     """Context in which SDPA tries cuDNN, then flash, efficient and math (each only where it
-    accepts the inputs). cuDNN beat flash by 1.1-1.3x in fwd+bwd at every MViTv2-L stage on the H100."""
+    accepts the inputs). cuDNN beat flash by 1.1-1.3x in fwd+bwd at every MViTv2-L stage on the H100.
+    Only the backends the caller left enabled are tried: an enclosing ``sdpa_kernel(MATH)`` (for
+    reproducible runs) stays in force (``sdpa_kernel`` enables every backend it is given)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    return sdpa_kernel(order, set_priority=True)
+    cuda = torch.backends.cuda
+    order = [b for b, on in ((SDPBackend.CUDNN_ATTENTION, cuda.cudnn_sdp_enabled()),
+                             (SDPBackend.FLASH_ATTENTION, cuda.flash_sdp_enabled()),
+                             (SDPBackend.EFFICIENT_ATTENTION, cuda.mem_efficient_sdp_enabled()),
+                             (SDPBackend.MATH, cuda.math_sdp_enabled())) if on]
+    return sdpa_kernel(order, set_priority=True) if order else contextlib.nullcontext()
 
 
 def relpos_attention(

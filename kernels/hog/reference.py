@@ -26,8 +26,12 @@ s x s cells under a token (s = token_stride / cell) are flattened with index
 raster order.
 
 The Sobel sums are formed as ``(left column) - (right column)`` (``top - bottom`` for gy), as the
-Triton kernels form them, where the official code calls ``F.conv2d``. In exact arithmetic the two
-are the same; in float32 they differ by rounding, except on flat regions: there the convolution
+tile kernel forms them, where the official code calls ``F.conv2d`` (the default cells kernel sums
+row differences instead, ``(l0 - r0) + 2 (l1 - r1) + (l2 - r2)``: another float32 rounding,
+closer to the float64 oracle (mean error 6e-5 against the reference's 1.5e-3 on three mean/std
+normalised natural-image crops), so reference and cells targets differ by rounding there, up to a
+bin flip, as DESIGN §3.1 allows). In exact arithmetic all are the
+same; in float32 they differ by rounding, except on flat regions: there the convolution
 leaves a rounding residue for many grey levels of a mean/std-normalised frame (144 of 256 levels
 on the CPU), which the per-cell L2 turns into a unit vector in an arbitrary bin, where this form
 gives exactly 0, as the kernels do. A letterboxed or flat background is thus a zero target here

@@ -150,6 +150,7 @@ def _hog_tokens_kernel(
     SIGNED: tl.constexpr,
     NORM_L2: tl.constexpr,
     WIN: tl.constexpr,
+    WIDE: tl.constexpr = False,  # offsets inside a frame reach 2**31: 64-bit arithmetic (wide_offsets)
 ):
     D = 3 * NBINS * S * S
     pid = tl.program_id(0)
@@ -173,6 +174,9 @@ def _hog_tokens_kernel(
     yp = tl.where(ys + 1 >= H, 2 * H - 3 - ys, ys + 1)
     xm = tl.abs(xs - 1)
     xp = tl.where(xs + 1 >= W, 2 * W - 3 - xs, xs + 1)
+    if WIDE:
+        ym, ys, yp = ym.to(tl.int64), ys.to(tl.int64), yp.to(tl.int64)
+        xm, xs, xp = xm.to(tl.int64), xs.to(tl.int64), xp.to(tl.int64)
     rm = (ym * sxh)[:, :, None, None]  # (CH, CELL, 1, 1)
     r0 = (ys * sxh)[:, :, None, None]
     rp = (yp * sxh)[:, :, None, None]
@@ -192,7 +196,10 @@ def _hog_tokens_kernel(
     st_mask = (bins < NBINS) & (y_ok[:, None] & x_ok[None, :])[None, :, :]  # (NBP, CH, CW)
 
     for c in tl.static_range(3):
-        cb = x_base + c * sxc
+        if WIDE:
+            cb = x_base + tl.full((), c, tl.int64) * sxc
+        else:
+            cb = x_base + c * sxc
         p_mm = tl.load(cb + rm + cm).to(tl.float32)  # (CH, CELL, CW, CELL)
         p_m0 = tl.load(cb + rm + c0).to(tl.float32)
         p_mp = tl.load(cb + rm + cp).to(tl.float32)
@@ -252,6 +259,7 @@ def _hog_cells_kernel(
     SIGNED: tl.constexpr,
     NORM_L2: tl.constexpr,
     WIN: tl.constexpr,
+    WIDE: tl.constexpr = False,  # offsets inside a frame reach 2**31: 64-bit arithmetic (wide_offsets)
     BIN_PTX: tl.constexpr = False,  # variant "cells-ptx": the binning as inline PTX (_bin_ptx)
     BIN_ASM: tl.constexpr = "",
     BIN_CONSTRAINTS: tl.constexpr = "",
@@ -280,6 +288,8 @@ def _hog_cells_kernel(
 
     r = tl.arange(0, CELL)[None, :]  # (1, CELL) column in the cell: a per-register constant
     xs = cx[:, None] * CELL + r  # (CW, CELL) pixel columns, contiguous (W is a multiple of CELL)
+    if WIDE:
+        xs = xs.to(tl.int64)
     # reflect padding by 1 (-1 -> 1, W -> W - 2), written per (cell, column in cell) so that the
     # compiler folds it away for all but a cell's first and last column and the loads keep plain
     # offsets from one base
@@ -295,13 +305,18 @@ def _hog_cells_kernel(
     out_base = out_ptr + n.to(tl.int64) * L * D + tok * D + sub  # (CW,)
 
     for c in range(3):  # a runtime loop: the body (rows x bins, ~5k instructions) is compiled once
-        cb = x_base + c * sxc
+        if WIDE:
+            cb = x_base + tl.full((), c, tl.int64) * sxc
+        else:
+            cb = x_base + c * sxc
         acc = ()
         for k in tl.static_range(NBINS):
             acc = acc + (tl.zeros((CW, CELL), dtype=tl.float32),)
         for rr in tl.static_range(CELL + 2):
             yy = tl.abs(cy * CELL - 1 + rr)  # (CW,) pixel row, reflect padding by 1
             yy = tl.where(yy >= H, 2 * H - 2 - yy, yy)
+            if WIDE:
+                yy = yy.to(tl.int64)
             row = (cb + yy * sxh)[:, None]  # (CW, 1)
             left = tl.load(row + cm).to(tl.float32)  # (CW, CELL)
             mid = tl.load(row + c0).to(tl.float32)
@@ -448,6 +463,15 @@ def _device_tables(
     return dirs, win
 
 
+def wide_offsets(frames: torch.Tensor) -> bool:
+    """Whether an element's offset inside one frame (B, T, 3, H, W)[b, t] can reach 2**31, past
+    32-bit arithmetic (a channel-first clip of over 2**30 pixels per channel, viewed as frames):
+    the kernels then compute those offsets in 64 bits (batch and time offsets always are)."""
+    _, _, c, h, w = frames.shape
+    _, _, sxc, sxh, sxw = frames.stride()
+    return (c - 1) * sxc + (h + 1) * sxh + (w + 1) * sxw >= 2**31
+
+
 def hog_targets_triton(
     frames: torch.Tensor,
     token_stride: int = 16,
@@ -512,7 +536,8 @@ def hog_targets_triton(
     if variant == "cells-ptx" and (INTERPRETED or signed or torch.version.hip is not None):
         raise ValueError("variant 'cells-ptx' (inline PTX) needs an NVIDIA CUDA device, not the interpreter or ROCm, "
                          "and signed=False")
-    common = dict(SIGNED=bool(signed), NORM_L2=(norm == "cell_l2"), WIN=gaussian_window)
+    common = dict(SIGNED=bool(signed), NORM_L2=(norm == "cell_l2"), WIN=gaussian_window,
+                  WIDE=wide_offsets(frames))
     with tensor_device(frames):  # Triton launches on the current device
         if variant in ("cells", "cells-ptx"):
             if variant == "cells-ptx":

@@ -271,6 +271,30 @@ def test_rel_impl_auto_is_triton_on_sm90_only(monkeypatch):
     assert torch.equal(got, relpos_attention_sdpa(q, k, v, q_thw, k_thw, t, h, w))
 
 
+def test_auto_sdpa_order_keeps_the_callers_backend_choice():
+    """``auto``'s cuDNN-first order wrapped SDPA in ``sdpa_kernel`` of all four backends, which
+    enables each it is given: a caller's ``sdpa_kernel(MATH)`` (reproducible runs) was undone inside."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kernels.attention import _cuda_sdpa_priority
+
+    cuda = torch.backends.cuda
+
+    def enabled():
+        return (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+                cuda.math_sdp_enabled())
+
+    with _cuda_sdpa_priority():
+        assert enabled() == (True, True, True, True)
+    with sdpa_kernel(SDPBackend.MATH):
+        with _cuda_sdpa_priority():
+            assert enabled() == (False, False, False, True)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        with _cuda_sdpa_priority():
+            assert enabled() == (True, True, False, False)
+    assert enabled() == (True, True, True, True)
+
+
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])
 def test_cached_constants_survive_a_fake_tensor_mode(backend):
     """Regression: a first call under FakeTensorMode (a fake-mode FLOP or memory estimate) cached

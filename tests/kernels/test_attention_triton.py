@@ -69,7 +69,7 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def check_against_oracle(inputs, q_thw, k_thw, has_cls, config=None, atol_mult=1.0, rel_impl="auto"):
+def check_against_oracle(inputs, q_thw, k_thw, has_cls, config=None, atol_mult=1.0, rel_impl="auto", scale=None):
     """Assert kernel error ≤ 2·(same-dtype reference error) + atol for output and all grads."""
     q = inputs[0]
     dtype = q.dtype
@@ -77,13 +77,14 @@ def check_against_oracle(inputs, q_thw, k_thw, has_cls, config=None, atol_mult=1
     grad_out = torch.randn(q.shape, generator=g).to(device=q.device, dtype=dtype)
 
     def kern(*x):
-        return relpos_attention_triton(*x[:3], q_thw, k_thw, *x[3:], has_cls=has_cls, config=config, rel_impl=rel_impl)
+        return relpos_attention_triton(*x[:3], q_thw, k_thw, *x[3:], has_cls=has_cls, config=config, rel_impl=rel_impl,
+                                       scale=scale)
 
     def ref(*x):
-        return relpos_attention_reference(*x[:3], q_thw, k_thw, *x[3:], has_cls=has_cls)
+        return relpos_attention_reference(*x[:3], q_thw, k_thw, *x[3:], has_cls=has_cls, scale=scale)
 
     def oracle(*x):
-        return relpos_attention_reference(*x[:3], q_thw, k_thw, *x[3:], has_cls=has_cls, upcast=True)
+        return relpos_attention_reference(*x[:3], q_thw, k_thw, *x[3:], has_cls=has_cls, upcast=True, scale=scale)
 
     got, same, exact = _run(kern, inputs, grad_out), _run(ref, inputs, grad_out), None
     # the oracle needs float64 gradients: run it on float64 copies of the leaves
@@ -515,6 +516,10 @@ def test_non_contiguous_and_no_grad():
         ref = relpos_attention_reference(qn.double(), kn.double(), vn.double(), q_thw, k_thw,
                                          rt.double(), rh.double(), rw.double())
     assert _err(out, ref) < 1e-5
+    # with gradients: q, k, v as the model passes them, strided views (leaves here)
+    leaves = [x.requires_grad_() for x in (qn, kn, vn)] + [x.detach().requires_grad_() for x in (rt, rh, rw)]
+    for rel_impl in ("reference", "triton"):
+        check_against_oracle(leaves, q_thw, k_thw, True, config=SMALL, rel_impl=rel_impl)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -551,6 +556,15 @@ def test_public_backend_and_scale():
         out = relpos_attention(*inputs[:3], q_thw, k_thw, *inputs[3:], has_cls=False, scale=0.3, backend="triton")
         ref = relpos_attention_reference(*inputs[:3], q_thw, k_thw, *inputs[3:], has_cls=False, scale=0.3, upcast=True)
     assert _err(out, ref) < 1e-5
+    # dq and dk carry the scale (the rel terms use unscaled q): every gradient at a non-default scale
+    check_against_oracle(make_inputs(1, 2, q_thw, k_thw, 16, True, torch.float32), q_thw, k_thw, True,
+                         config=SMALL, scale=0.3)
+    # B = 0: empty output and gradients
+    e = [None if x is None else x[:0].detach().requires_grad_() if i < 3 else x for i, x in enumerate(inputs)]
+    out = relpos_attention(*e[:3], q_thw, k_thw, *e[3:], has_cls=False, backend="triton")
+    assert out.shape == (0, 2, 12, 16)
+    out.sum().backward()
+    assert e[0].grad.shape == e[0].shape and e[4].grad is not None and not e[4].grad.any()
 
 
 def test_backward_deterministic():

@@ -316,6 +316,27 @@ def test_triton_strided_inputs_without_copy():
         assert_targets_close(run_triton(crop, 16, variant), want)
 
 
+def test_triton_offsets_inside_a_frame_past_2_31():
+    """A channel-first clip of over 2**30 pixels per channel (518 frames of 1080p) viewed as frames:
+    the channel offset 2 * stride_c passed 2**31 in 32-bit arithmetic and the kernels read out of
+    bounds (the interpreter crashed; a GPU reads wrong pixels or faults). Offsets inside a frame are
+    now 64-bit when they can reach 2**31 (``wide_offsets``). The 2 GiB buffer is never written but
+    for the 3 x 16 x 16 pixels read, so only those pages are ever allocated."""
+    from kernels.hog.triton_hog import wide_offsets
+
+    h = w = 16
+    sxc = 2**30 + 256
+    store = torch.empty(2 * sxc + h * w, dtype=torch.uint8)
+    x = rand_frames(1, h, w, seed=9)
+    for c in range(3):
+        store[c * sxc : c * sxc + h * w] = x[0, c].flatten()
+    frames = store.as_strided((1, 1, 3, h, w), (3 * sxc, 3 * sxc, sxc, w, 1))
+    assert wide_offsets(frames) and not wide_offsets(x.unsqueeze(1))
+    want = hog_targets_reference(x, 16, dtype=torch.float64)
+    for variant in VARIANTS:
+        assert_targets_close(hog_targets_triton(frames, 16, variant=variant), want)
+
+
 def test_triton_poisoned_output_is_fully_written():
     """NaN-filled out: every element must be overwritten, and nothing past the valid cells (29x29
     cells pad the last tiles; 2 x 5 x 29 = 290 cells end inside a 32-cell program)."""

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_default_kernels_lower_for_sm90():
-    """HOG cells and cells-ptx kernels (uint8, bf16): no spills, shuffles or barriers; bf16 attention forward and
+    """HOG cells and cells-ptx kernels (uint8, bf16; cells-ptx with 64-bit frame offsets too): no spills, shuffles or barriers; bf16 attention forward and
     backward (both dk/dv paths, and with the fused rel terms): no spills, shared memory within the
     sm_90 limit; the pooling convolution's kernels (kernels/pool): no spills. In a subprocess, because this session's kernels were imported for the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -29,6 +29,7 @@ def test_default_kernels_lower_for_sm90():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "triton_attn._dkdv_kernel" in proc.stdout and "rel_triton._rel_dtab_kernel" in proc.stdout
     assert "hog cells torch.uint8" in proc.stdout and "hog cells-ptx torch.bfloat16" in proc.stdout
+    assert "hog cells-ptx wide torch.uint8" in proc.stdout
     assert "triton_pool._pool_wgrad_kernel" in proc.stdout and "triton_pool._pool_dgrad_kernel" in proc.stdout
 
 
