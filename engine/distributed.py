@@ -562,6 +562,10 @@ def deepspeed_config(
     }
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
+        # gradients averaged over the ranks in fp32, as the official fp32 DDP (and PyTorch DDP under
+        # autocast) does: DeepSpeed's default for bf16 is bf16, a rounding at every add of the
+        # reduction, growing with the number of ranks; `deepspeed.extra` may set bf16 for less traffic
+        cfg["communication_data_type"] = "fp32"
     elif precision == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000}
     elif precision != "fp32":

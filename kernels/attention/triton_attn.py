@@ -67,7 +67,9 @@ Design (layered: kernels → launchers → ``autograd.Function`` → public func
   small and Nq large (MViTv2: Nk 393, Nq up to 25089); it is used only where the key tiles alone
   give fewer than 8 programs per SM (:func:`dkdv_split`), because the partials cost memory
   (chunks × B·nh·Nk·hd × 8 bytes) and masked tiles. Every reduction has a fixed order: backward is
-  bitwise deterministic. The two kernels recompute S and dP each (7 products where cuDNN's
+  bitwise deterministic for a given shape on a given GPU model (the chunk count, and so dk/dv's
+  summation grouping, follows the SM count and B·nh: another batch size or GPU model may differ in
+  the last bits; the tables' gradients do not, :func:`rel_triton._dtab_bh`). The two kernels recompute S and dP each (7 products where cuDNN's
   one-pass backward does 5). A one-pass form, with dq summed over the key tiles in their order,
   was prototyped. On sm_90 offline it took more instructions per tile pair than the two kernels
   together (1401–1678 against 1322) and +B·nh·Nq·(A1+A2)·4 bytes, so it was not kept
@@ -1047,7 +1049,8 @@ def relpos_attention_triton(
     q (B, nh, Nq, hd), k and v (B, nh, Nk, hd) in fp16/bf16/fp32, cls at index 0 when
     ``has_cls``; grids (T, H, W) of the non-cls tokens; tables ``(2·max(Q, K) − 1, hd)``
     (``rel_pos_t`` None when both T are 1). Returns (B, nh, Nq, hd) in q's dtype. Differentiable
-    in q, k, v and the three tables; backward is deterministic. ``config`` overrides the tile
+    in q, k, v and the three tables; backward is deterministic (for a shape on a GPU model: module
+    docstring). ``config`` overrides the tile
     table (tests use it to force query chunking). ``rel_impl``: how the factored bias terms R are
     computed (``reference.rel_matrix_impl``: PyTorch einsums or the fused Triton kernel).
     """

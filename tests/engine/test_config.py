@@ -6,6 +6,7 @@ import glob
 import os
 
 import pytest
+import torch
 import yaml
 
 from engine.config import (
@@ -216,6 +217,13 @@ def test_deepspeed_config():
                          extra={"zero_optimization": {"overlap_comm": True}})
     assert c["train_batch_size"] == 32 and c["gradient_clipping"] == 0.02 and c["bf16"] == {"enabled": True}
     assert c["zero_optimization"]["stage"] == 3 and c["zero_optimization"]["overlap_comm"] is True
+    # bf16 gradients are averaged over the ranks in fp32 (DeepSpeed's own default is bf16), unless extra says
+    from deepspeed.runtime.config import get_communication_data_type
+
+    assert get_communication_data_type(c) == torch.float32
+    c = deepspeed_config(micro_batch=1, world_size=2, zero_stage=2, precision="bf16", gradient_clipping=0.0,
+                         extra={"communication_data_type": "bf16"})
+    assert get_communication_data_type(c) == torch.bfloat16
     assert "fp16" not in deepspeed_config(micro_batch=1, world_size=1, zero_stage=0, precision="fp32",
                                           gradient_clipping=0.0)
     with pytest.raises(ValueError, match="precision"):
