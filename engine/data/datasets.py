@@ -356,7 +356,7 @@ def write_list_file(path: str, entries: list[tuple[str, int]]) -> None:
     with ``#`` (a class folder named ``#tag``) is written ``./#tag/...``: :func:`read_list_file`
     reads a line starting with ``#`` as a comment."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:  # as read_list_file reads it, whatever the locale
         for p, label in entries:
             if " " in p:
                 raise ValueError(f"paths in list files cannot contain spaces: {p!r}")

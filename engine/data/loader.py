@@ -89,7 +89,7 @@ def older_probe_caches(cfg: DataConfig, root: str) -> list[str]:
 
 def choose_reader(requested: str, infos: list[VideoInfo], device: torch.device) -> str:
     """The concrete decode path: ``gpu`` | ``cpu`` | ``pyav`` (see ``pipeline.py``). ``auto`` takes NVDEC on
-    CUDA only when every file suits it (codec, frame size, constant frame rate), else PyAV."""
+    CUDA only when every file suits it (codec, frame size, 8-bit 4:2:0, constant frame rate), else PyAV."""
     from .pipeline import cuda_dali_usable
 
     if requested != "auto":
@@ -177,7 +177,25 @@ def validate_dataset(cfg: DataConfig, split: str = "train", *, device: torch.dev
     good = ds.subset(keep)
     if classes is None:
         warn_empty_classes(good)
-    return DatasetCheck(good, [report.good[p] for p in good.paths], report, reader)
+    infos = [report.good[p] for p in good.paths]
+    if reader == "pyav" and (not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0):
+        warn_decoded_from_start(good.paths, infos)
+    return DatasetCheck(good, infos, report, reader)
+
+
+LONG_UNEVEN_FRAMES = 300
+"""Frames (10 s at 30 fps) past which a file PyAV cannot seek in is worth re-encoding."""
+
+
+def warn_decoded_from_start(paths: list[str], infos: list[VideoInfo]) -> None:
+    """Warn about long files whose frame times are uneven (variable frame rate, a gap): PyAV decodes
+    each of their clips from the first frame (``VideoInfo.timeline``), a cost that grows with the
+    video's length; ``maskfeat data prepare`` re-encodes them at a constant rate."""
+    slow = [(p, i) for p, i in zip(paths, infos) if i.timeline is None and i.num_frames > LONG_UNEVEN_FRAMES]
+    if slow:
+        log.warning("%d of %d files (first: %s, %d frames) have uneven frame times: every clip of theirs is decoded "
+                    "from the first frame (no seek), slower the longer they are; `maskfeat data prepare` re-encodes "
+                    "them at a constant rate", len(slow), len(paths), slow[0][0], slow[0][1].num_frames)
 
 
 def restore_position(loader, state: dict) -> None:

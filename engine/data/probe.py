@@ -16,8 +16,8 @@ a file a network filesystem failed to serve once is not left out of later runs),
 ``not_video``, ``decode_error``, ``codec`` (the chosen reader cannot decode it, or FFmpeg itself has
 no decoder for it), ``too_short`` (fewer frames than one clip spans; training only: evaluation repeats the last frame), ``vfr``
 (variable frame rate where the reader needs constant), ``too_small`` (below NVDEC's minimum frame
-size, GPU reader only), ``rotated`` (a display rotation, which DALI's decoders ignore: DALI
-readers only; PyAV applies it).
+size, GPU reader only), ``pix_fmt`` (not 8-bit 4:2:0, GPU reader only), ``rotated`` (a display
+rotation, which DALI's decoders ignore: DALI readers only; PyAV applies it).
 
 ``validate_files(..., full=True)`` (``maskfeat data prepare --check --full``) also decodes every
 frame of each good file (:func:`decode_all_frames`): a file corrupt in the middle passes the
@@ -36,6 +36,7 @@ import stat
 import sys
 import tempfile
 import threading
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -52,10 +53,14 @@ NVDEC_MIN_SIZE = {"vp9": (128, 128), "av1": (128, 128), "hevc": (144, 144)}
 64x48 with "supported: 128x128", bench/results/gpu_check_*_2_engine_dali.log; H.264 at 64x48 decoded there).
 AV1 and HEVC: NVIDIA's decoder caps for Turing and later, not measured here."""
 NVDEC_MIN_DEFAULT = (48, 16)
+NVDEC_PIX_FMTS = frozenset({"yuv420p", "yuvj420p", "nv12"})
+"""Pixel formats the GPU reader is given: 8-bit 4:2:0, what every NVDEC decodes for every codec of
+:data:`NVDEC_CODECS` (H.264 High 10, 4:2:2 and 4:4:4 are not decoded by NVDEC before Blackwell, per
+NVIDIA's decoder support matrix; other depths of HEVC/VP9/AV1 are left to PyAV too, not measured)."""
 CACHE_VERSION = 5
 """2: ``VideoInfo.rotation`` added; 3: ``pts_start``/``pts_step``; 4: ``cfr`` without the one-tick
 allowance at a frame-interval time base; 5: discard-flagged packets and those before the first decoded
-frame not counted, a variable rate's ``fps`` from its times (older entries are probed again)."""
+frame not counted, a variable rate's ``fps`` from its times, ``pix_fmt`` (older entries are probed again)."""
 
 
 @dataclass
@@ -83,6 +88,8 @@ class VideoInfo:
     of the stream (in time order) is within a quarter step of ``pts_start + i * pts_step`` for every
     ``i`` (times rounded to their time base pass; a gap or a freeze does not); else 0. The PyAV
     reader seeks only when it is set; otherwise it decodes from the start, counting frames."""
+    pix_fmt: str = ""
+    """FFmpeg's pixel format of the decoded frames (``yuv420p``, ``yuv420p10le``, ...)."""
 
     @property
     def timeline(self) -> tuple[int, float] | None:
@@ -159,7 +166,10 @@ class BadDatasetError(RuntimeError):
 
     def __init__(self, report: ValidationReport, skipping: bool = False):
         self.report = report
-        if skipping or not report.good:  # (with on_bad_file=error too: skip would leave nothing either)
+        if not report.good and not report.bad:
+            hint = ("(no file to read: the listing is empty, a list file with no entries or only a header and "
+                    "comments, or folders with no video in them)")
+        elif skipping or not report.good:  # (with on_bad_file=error too: skip would leave nothing either)
             reasons = sorted({b.reason for b in report.bad})
             hint = (f"(no usable file is left: every file is bad ({', '.join(reasons)}); data.on_bad_file=skip "
                     "would leave nothing either: fix or replace them"
@@ -200,7 +210,7 @@ def _even_step(pts: np.ndarray) -> float:
 def probe_video(path: str) -> ProbeResult:
     """Probe one file with PyAV: open, demux all packets of the first video stream, decode one frame."""
     if not os.path.lexists(path) or not os.path.exists(path):
-        return ProbeResult(path, reason="missing", detail="no such file")
+        return ProbeResult(path, reason="missing", detail="no such file" + _spelt_otherwise(path))
     irregular = not_regular_file(path)
     if irregular:
         return ProbeResult(path, reason="unreadable", detail=irregular)
@@ -256,11 +266,24 @@ def probe_video(path: str) -> ProbeResult:
             span = (max(pts) - min(pts)) * stream.time_base
             fps = float((len(pts) - 1) / span) if span else fps
         info = VideoInfo(codec=codec, width=int(width), height=int(height), num_frames=len(pts), fps=fps,
-                         cfr=cfr, rotation=frame_rotation(first),
+                         cfr=cfr, rotation=frame_rotation(first), pix_fmt=first.format.name,
                          pts_start=int(times.min()), pts_step=_even_step(times))
         return ProbeResult(path, info=info)
     finally:
         container.close()
+
+
+def _spelt_otherwise(path: str) -> str:
+    """A hint when ``path`` exists spelt another way: Windows separators, or the name's other Unicode
+    normal form (macOS writes names decomposed, NFD; a list typed or made elsewhere has them NFC)."""
+    if "\\" in path and os.path.exists(path.replace("\\", "/")):
+        return "; with / for \\ it exists: write the list's paths with /"
+    for form in ("NFC", "NFD"):
+        other = unicodedata.normalize(form, path)
+        if other != path and os.path.exists(other):
+            return (f"; its Unicode {form} spelling exists (names copied from macOS are NFD): write the list's "
+                    f"paths as the files are named")
+    return ""
 
 
 def _read_fails(path: str) -> bool:
@@ -329,6 +352,10 @@ def reader_problem(info: VideoInfo, reader: str, min_frames: int) -> tuple[str, 
         if info.width < min_w or info.height < min_h:
             return "too_small", (f"{info.width}x{info.height} is below NVDEC's minimum {min_w}x{min_h} for "
                                  f"{info.codec}; use reader=pyav (auto does)")
+        if info.pix_fmt and info.pix_fmt not in NVDEC_PIX_FMTS:
+            return "pix_fmt", (f"pixel format {info.pix_fmt}: the GPU reader takes 8-bit 4:2:0 only "
+                               f"({', '.join(sorted(NVDEC_PIX_FMTS))}); use reader=pyav (auto does) or re-encode "
+                               f"with `maskfeat data prepare`")
     if info.num_frames < min_frames:
         return "too_short", f"{info.num_frames} frames, one clip needs {min_frames}"
     if reader == "gpu" and not info.cfr:

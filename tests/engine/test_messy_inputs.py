@@ -226,9 +226,41 @@ def test_rotation_is_probed_and_applied_when_decoding(rotated):
     green = clip[0, ..., 1] > 128
     assert green[:8, 8:].mean() > 0.9 and green[:, :8].mean() < 0.1 and green[8:].mean() < 0.1
     for reader in ("cpu", "gpu"):
-        info_vp9 = type(info)(**{**info.__dict__, "codec": "vp9", "width": 320, "height": 160})
+        info_vp9 = type(info)(**{**info.__dict__, "codec": "vp9", "width": 320, "height": 160, "pix_fmt": "yuv420p"})
         assert reader_problem(info_vp9, reader, 1)[0] == "rotated"
     assert reader_problem(info, "pyav", 1) is None
+
+
+def test_gpu_reader_takes_8_bit_420_only(tmp_path, monkeypatch):
+    """H.264 High 10, 4:2:2 and 4:4:4 passed every check of the GPU reader (codec, size, rate,
+    rotation), so ``reader=auto`` gave them to NVDEC, which does not decode them on GPUs before
+    Blackwell: the run would fail inside DALI, where ``on_bad_file=skip`` cannot replace a file."""
+    import engine.data.pipeline as pipeline
+    from engine.data.loader import choose_reader
+
+    infos = {}
+    for pix in ("yuv420p", "yuv420p10le", "yuv422p", "yuv444p"):
+        path = str(tmp_path / f"{pix}.mp4")
+        out = av.open(path, "w")
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 160, 128, pix
+        for i in range(4):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.full((128, 160, 3), 40 * i, np.uint8), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+        out.close()
+        infos[pix] = probe_video(path).info
+        assert infos[pix].pix_fmt == pix
+        problem = reader_problem(infos[pix], "gpu", 1)
+        assert (problem is None) == (pix == "yuv420p"), (pix, problem)
+        if problem:
+            assert problem[0] == "pix_fmt" and "reader=pyav" in problem[1]
+        assert reader_problem(infos[pix], "pyav", 1) is None
+    monkeypatch.setattr(pipeline, "cuda_dali_usable", lambda: True)
+    cuda = torch.device("cuda", 0)
+    assert choose_reader("auto", [infos["yuv420p"]], cuda) == "gpu"
+    assert choose_reader("auto", list(infos.values()), cuda) == "pyav"
 
 
 def test_loader_plans_on_displayed_sizes(rotated):
@@ -267,6 +299,30 @@ def test_hash_class_folder_round_trips_through_lists(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="engine.data.datasets"):
         assert len(read_list_file(str(root / "train.csv"), str(root))) == 1
     assert any("./#name" in r.getMessage() for r in caplog.records)
+
+
+def test_list_paths_spelt_otherwise_and_empty_lists_say_so(tmp_path):
+    """A list naming 'café/v.avi' in NFC for a folder copied from macOS (NFD), or with Windows
+    separators, reported the files as 'missing (no such file)' with no hint; a list with no entries
+    said 'every file is bad ()'."""
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "café")
+    write_video(str(tmp_path / nfd / "v.avi"), n=6)
+    write_video(str(tmp_path / "plain" / "w.avi"), n=6)
+    (tmp_path / "train.csv").write_text(f"{unicodedata.normalize('NFC', 'café')}/v.avi 0\nplain\\w.avi 1\n",
+                                        encoding="utf-8")
+    with pytest.raises(BadDatasetError) as e:
+        validate_dataset(cfg_for(str(tmp_path), dataset="kinetics"), "train")
+    text = str(e.value)
+    assert "its Unicode NFD spelling exists" in text and "with / for \\ it exists" in text
+    for body in ("", "path label\n", "# nothing yet\n"):
+        (tmp_path / "train.csv").write_text(body)
+        with pytest.raises(BadDatasetError, match="the listing is empty"):
+            validate_dataset(cfg_for(str(tmp_path), dataset="kinetics"), "train")
+    # the list writer writes UTF-8 whatever the locale (the reader requires it)
+    write_list_file(str(tmp_path / "w.csv"), [(f"{nfd}/v.avi", 0)])
+    assert (tmp_path / "w.csv").read_bytes() == f"{nfd}/v.avi 0\n".encode("utf-8")
 
 
 def test_prepare_keeps_hash_class_videos(tmp_path):
@@ -624,6 +680,24 @@ def test_pyav_decodes_the_planned_frames_of_irregular_timelines(tmp_path):
     frames = np.array([33, 35, 40, 49])
     assert _frame_numbers(decode_clip_pyav(regular, frames, 1000, timeline=_timeline(regular))) == frames.tolist()
     assert _frame_numbers(decode_clip_pyav(regular, frames, 1000)) == frames.tolist()  # no timeline: counted
+
+
+def test_long_files_without_seeks_are_named(tmp_path, caplog):
+    """Files with uneven frame times (variable rate) are decoded from the first frame for every clip:
+    a long one costs that every time, silently. The check names them and says what re-encodes them."""
+    from engine.data.loader import LONG_UNEVEN_FRAMES
+
+    n = LONG_UNEVEN_FRAMES + 1
+    for d in ("a", "b"):
+        os.makedirs(tmp_path / d)
+    _numbered_video(str(tmp_path / "a" / "vfr.mp4"), n, pts_ms=[i * 33 + (500 if i >= 10 else 0) for i in range(n)])
+    _numbered_video(str(tmp_path / "a" / "short_vfr.mp4"), 40, pts_ms=[i * 33 + (500 if i >= 10 else 0) for i in range(40)])
+    _numbered_video(str(tmp_path / "b" / "even.mp4"), n)
+    with caplog.at_level(logging.WARNING, logger="engine.data.loader"):
+        validate_dataset(cfg_for(str(tmp_path)), "train")
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert f"1 of 3 files (first: {tmp_path / 'a' / 'vfr.mp4'}, {n} frames) have uneven frame times" in text
+    assert "maskfeat data prepare" in text
 
 
 def _remux(src: str, dst: str, skip: int = 0, shift: int = 0) -> str:
