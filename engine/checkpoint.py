@@ -12,6 +12,8 @@ Layout under ``<output_dir>/checkpoints``::
 A save goes to a hidden temporary tag (``.tmp-step…``); only when every rank has written its
 shards is it renamed to its final name and ``latest`` replaced (``os.replace``), so an
 interrupted save never becomes ``latest`` and ``--resume auto`` never sees half a checkpoint.
+``latest.next`` names the tag just before its rename and goes once ``latest`` names it: a stop
+between the two leaves it naming a complete tag, which :func:`latest_tag` then takes.
 With a non-shared filesystem (each node writes its own shards) the rename happens on the first
 local rank of every node. Re-saving an existing tag (``best`` on every improvement) moves the old
 one to ``<tag>.old`` first; a kill between the two renames leaves ``<tag>.old`` alone, which
@@ -23,7 +25,7 @@ Complete checkpoint: a tag folder with ``engine_state_r*.pt`` (ours) and ``*mode
 (DeepSpeed's). Folders set aside (``*.old``, ``*.superseded*``, hidden ``.tmp-*``) are never a tag:
 :func:`find_latest`, :func:`latest_tag` and :func:`available_tags` skip them. :func:`latest_tag`
 trusts ``latest`` when the tag it names holds weights, else takes the newest ``step*`` tag that
-does (steps compared as numbers).
+does (steps compared as numbers); a complete tag ``latest.next`` names comes first.
 
 ``--resume`` (:func:`resolve_resume`): ``auto``, a tag name under ``train.output_dir``, or a path —
 a run folder or its ``checkpoints/`` folder (the latest complete tag), the ``checkpoints/latest``
@@ -341,11 +343,17 @@ def save_checkpoint(
         failed = e
     if _failed_anywhere(failed is not None):
         raise failed or OSError(f"another node could not sync checkpoint {tag} to disk (see its error)")
+    if update_latest and local_rank == 0:
+        # named before the rename: a stop between the rename and `latest` (two fsyncs, slow on a
+        # parallel filesystem) left `latest` on the previous tag, and --resume auto went back to it
+        # and set this complete one aside as newer (:func:`latest_tag` reads this name first)
+        write_text_atomic(os.path.join(ckpt_dir, LATEST_NEXT), tag)
     _promote(ckpt_dir, tmp_tag, tag)
     if local_rank == 0:
         _fsync_dir(ckpt_dir)  # the rename itself
     if update_latest and local_rank == 0:
         write_text_atomic(os.path.join(ckpt_dir, "latest"), tag)
+        _remove_file(os.path.join(ckpt_dir, LATEST_NEXT))
     if keep > 0 and local_rank == 0:
         for old in prune_candidates(ckpt_dir, tag, keep):
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
@@ -375,16 +383,39 @@ def find_latest(output_dir: str) -> Optional[str]:
     return latest_tag(checkpoint_dir(output_dir))
 
 
+LATEST_NEXT = "latest.next"
+"""The tag a save is about to rename into place, written before the rename and removed once
+``latest`` names it: when it names a complete tag, that tag is the newest (a stop came between)."""
+
+
 def latest_tag(ckpt_dir: str) -> Optional[str]:
-    """:func:`find_latest` for a ``checkpoints`` directory itself."""
-    latest = os.path.join(ckpt_dir, "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            tag = f.read().strip()
-        if tag and not _set_aside(tag) and os.sep not in tag and _usable(os.path.join(ckpt_dir, tag)):
+    """:func:`find_latest` for a ``checkpoints`` directory itself (a complete tag named by
+    :data:`LATEST_NEXT` first: a save stopped after its rename, before ``latest`` was written)."""
+    for name in (LATEST_NEXT, "latest"):
+        tag = _read_pointer(ckpt_dir, name)
+        if tag is not None:
             return tag
     steps = _step_tags(ckpt_dir, _usable)
     return steps[-1] if steps else None
+
+
+def _read_pointer(ckpt_dir: str, name: str) -> Optional[str]:
+    """The tag the file ``name`` names when that tag is there and complete, else None."""
+    try:
+        with open(os.path.join(ckpt_dir, name)) as f:
+            tag = f.read().strip()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    if tag and not _set_aside(tag) and os.sep not in tag and _usable(os.path.join(ckpt_dir, tag)):
+        return tag
+    return None
+
+
+def _remove_file(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _usable(path: str) -> bool:
@@ -504,8 +535,9 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[tuple[str, str]]:
 # ----------------------------------------------------------------------------------------------
 def recover_checkpoint_dir(ckpt_dir: str) -> Optional[str]:
     """Repair what an interrupted save left under ``ckpt_dir`` (module docstring): a tag that is missing
-    while ``<tag>.old`` exists (killed between the two renames of a re-save) is put back; stale
-    ``.tmp-*`` folders, ``*.old`` folders whose tag exists and ``latest.tmp*`` files are removed.
+    while ``<tag>.old`` exists (killed between the two renames of a re-save) is put back; ``latest``
+    is set to a complete tag :data:`LATEST_NEXT` names (killed after the rename, before ``latest``);
+    stale ``.tmp-*`` folders, ``*.old`` folders whose tag exists and pointer temporary files are removed.
     Call before this run saves anything (nothing here is then in use). Returns one line saying what
     was done, or None."""
     if not os.path.isdir(ckpt_dir):
@@ -524,11 +556,17 @@ def recover_checkpoint_dir(ckpt_dir: str) -> Optional[str]:
         elif name.startswith(".tmp-") and os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(name)
-        elif name.startswith("latest.tmp") and os.path.isfile(path):
+        elif name.startswith(("latest.tmp", LATEST_NEXT + ".tmp")) and os.path.isfile(path):
             os.remove(path)
             removed.append(name)
     parts = ([f"restored {', '.join(restored)} from {', '.join(t + '.old' for t in restored)} (a re-save was "
               "interrupted between its two renames)"] if restored else [])
+    if os.path.isfile(os.path.join(ckpt_dir, LATEST_NEXT)):
+        done = _read_pointer(ckpt_dir, LATEST_NEXT)
+        if done is not None and done != _read_pointer(ckpt_dir, "latest"):
+            write_text_atomic(os.path.join(ckpt_dir, "latest"), done)
+            parts.append(f"latest set to {done} (its save was complete, stopped before naming it latest)")
+        _remove_file(os.path.join(ckpt_dir, LATEST_NEXT))
     if removed:
         parts.append(f"removed {len(removed)} stale folder(s)/file(s) of interrupted saves ({', '.join(removed)})")
     return f"checkpoints {ckpt_dir}: " + "; ".join(parts) if parts else None

@@ -248,6 +248,44 @@ def test_an_interrupted_resave_is_repaired_at_start(tmp_path, capsys):
     assert _ls(out) == ["best", "latest", "step00000003", "step00000006"]
 
 
+def test_a_stop_between_the_rename_and_latest_keeps_the_new_tag(tmp_path, monkeypatch, capsys):
+    """The new tag was synced and renamed into place, then `latest` written: a stop in between (two
+    fsyncs, slow on a parallel filesystem) left `latest` on the previous tag, and --resume auto went
+    back to it and set the complete new tag aside as newer: a checkpoint interval lost. The save now
+    names the tag in `latest.next` before the rename; that name wins while its tag is complete."""
+    from engine import checkpoint
+    from engine.runner import prepare_output_dir
+
+    out = str(tmp_path)
+    ck = os.path.join(out, "checkpoints")
+    _save(out, 3, keep=0)
+    assert _ls(out) == ["latest", "step00000003"]  # (removed once `latest` names the tag)
+    write = checkpoint.write_text_atomic
+
+    def stopped(path, text):
+        if os.path.basename(path) == "latest":
+            raise KeyboardInterrupt  # the stop, after the rename
+        write(path, text)
+
+    monkeypatch.setattr(checkpoint, "write_text_atomic", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        _save(out, 6, keep=0)
+    monkeypatch.setattr(checkpoint, "write_text_atomic", write)
+    assert open(os.path.join(ck, "latest")).read() == "step00000003"
+    assert checkpoint.find_latest(out) == "step00000006"  # export, eval and --resume auto read it so
+    plan = prepare_output_dir(_cfg(out), "auto")
+    assert plan.tag == "step00000006" and "latest set to step00000006" in capsys.readouterr().out
+    assert _ls(out) == ["latest", "step00000003", "step00000006"]
+    assert open(os.path.join(ck, "latest")).read() == "step00000006"
+    # stopped before the rename: `latest.next` names a tag that is not there; the previous one stands
+    os.makedirs(os.path.join(ck, ".tmp-step00000009"))
+    with open(os.path.join(ck, "latest.next"), "w") as f:
+        f.write("step00000009")
+    assert checkpoint.find_latest(out) == "step00000006"
+    assert prepare_output_dir(_cfg(out), "auto").tag == "step00000006"
+    assert _ls(out) == ["latest", "step00000003", "step00000006"]
+
+
 def test_latest_falls_back_to_the_newest_complete_step_tag(tmp_path):
     from engine.checkpoint import available_tags, find_latest
 
