@@ -39,6 +39,8 @@ import sys
 import threading
 from typing import Optional, Sequence
 
+from engine import signals
+
 __all__ = ["main", "build_parser", "is_data_error", "setup_logging", "EXIT_CODES"]
 
 EXIT_CODES = {0: "done", 1: "data prepare: some files failed to encode or are bad", 2: "bad config or usage",
@@ -50,7 +52,9 @@ EXIT_CODES = {0: "done", 1: "data prepare: some files failed to encode or are ba
                  "complete one",
               130: "interrupted (Ctrl-C); training: the message names the checkpoint --resume auto continues "
                    "from; data prepare: the videos written are kept, the same command finishes",
-              143: "terminated (SIGTERM, e.g. a scheduler's preemption); as 130"}
+              138: "SIGUSR1 (e.g. SLURM's --signal=USR1@300 before the time limit); as 143",
+              143: "terminated (SIGTERM, e.g. a scheduler's preemption); training saves a checkpoint at the end "
+                   "of the step it is in first (a second signal stops at once); as 130"}
 """Exit status -> meaning, for every command (printed by ``maskfeat --help``)."""
 EXIT_DATA_ERROR = 5
 
@@ -268,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from engine.runner import NonFiniteLossError, SaveError, StopRequested
 
     on_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main else None
+    previous = {s: signal.signal(s, signals.handle) for s in signals.SIGNALS} if on_main else {}
     try:
         if args.command == "pretrain":
             from engine.pretrain import run_pretrain
@@ -295,7 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"maskfeat {args.command}: data error: {e}", file=sys.stderr)
         return EXIT_DATA_ERROR
     except StopRequested as e:
-        print(f"maskfeat {args.command}: {e}", file=sys.stderr)
+        print0(f"maskfeat {args.command}: {e}")
         return 3
     except NonFiniteLossError as e:
         print(f"maskfeat {args.command}: {e}", file=sys.stderr)
@@ -308,30 +312,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"maskfeat {args.command}: {out_of_memory_hint(cfg, args.command, e)}", file=sys.stderr)
         return 6
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (a scheduler's preemption) turned into one below
-        print(f"maskfeat {args.command}: {interrupted_hint(cfg, args.command, e)}", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or a scheduler's signal turned into one (engine.signals)
+        print0(f"maskfeat {args.command}: {interrupted_hint(cfg, args.command, e)}")
+        return e.exit_code if isinstance(e, signals.Terminated) else 130
     finally:
-        if on_main:
-            signal.signal(signal.SIGTERM, previous)
+        for s in previous:  # a signal while shutting down (the run is over) is not an error
+            signal.signal(s, signal.SIG_IGN)
         _shutdown()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the main thread is, so that it ends like Ctrl-C: the message says where
-    the last complete checkpoint is (a save in progress is never picked up half-written)."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+def print0(message: str) -> None:
+    """A message every rank would print alike (a stop, an interruption): on the first rank only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
 
 
 def interrupted_hint(cfg, command: str, error: BaseException) -> str:
     """One line for an interrupted run: why, and the checkpoint ``--resume auto`` continues from."""
     from engine.checkpoint import find_latest
 
-    why = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted"
+    why = f"terminated ({error.name})" if isinstance(error, signals.Terminated) else "interrupted"
+    if isinstance(error, signals.Terminated) and error.saved:
+        why += f" after saving {error.saved} at the end of the step it came in"
     if command == "eval":
         return why
     latest = find_latest(cfg.train.output_dir)

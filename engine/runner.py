@@ -57,6 +57,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -90,6 +91,7 @@ from engine.distributed import (
     deepspeed_config,
     init_distributed,
 )
+from engine import signals
 from engine.logging import RunLogger, peak_memory_gb
 from engine.optim import build_optimizer, lr_at_step, param_groups, set_lr
 
@@ -731,12 +733,20 @@ def train_loop(
     on_finish: Optional[Callable[[Run], None]] = None,
 ) -> dict:
     """Run until ``derived.run_steps``; returns a summary (last loss, steps, skipped, time, final
-    checkpoint). ``on_epoch_end`` runs after each complete epoch, after its checkpoint (as SlowFast's
+    checkpoint). A scheduler's signal (SIGTERM, SIGUSR1; :mod:`engine.signals`) saves the step it
+    comes in, on every rank together, then raises :class:`engine.signals.Terminated`.
+    ``on_epoch_end`` runs after each complete epoch, after its checkpoint (as SlowFast's
     ``train_net`` saves, then evaluates); ``on_finish`` after the final checkpoint. What either
     changes in ``run.state`` is not in that checkpoint: fine-tuning's ``best`` tag keeps its own best
     metric. A resumed run already at its
     last step trains and saves nothing, runs ``on_finish`` (which decides whether anything is left to
     do) and returns with ``already_complete``."""
+    with signals.save_on_signal():
+        return _train_loop(run, step_fn, on_epoch_end=on_epoch_end, on_finish=on_finish)
+
+
+def _train_loop(run: Run, step_fn: Callable[[dict], torch.Tensor], *, on_epoch_end: Optional[Callable[[Run], None]],
+                on_finish: Optional[Callable[[Run], None]]) -> dict:
     cfg, engine, st, d = run.cfg, run.engine, run.state, run.derived
     sched = cfg.schedule
     device = run.dist.device
@@ -746,12 +756,14 @@ def train_loop(
     grad_norm = float("nan")
     pending: Optional[_ReadBack] = None  # the last step's loss and grad norm, on their way to the host
     pending_save = stop = False
+    signalled, saved_at, saved_step = 0, None, -1  # a scheduler's signal to save and stop on (engine.signals)
     if run.resumed_from is not None and st.step >= d.run_steps:  # nothing left to train or save
         end = "" if st.step == d.run_steps else f"; this config ends at step {d.run_steps}"
         print0(f"already complete at step {st.step} (checkpoint {run.resumed_from}){end}; nothing to train "
                "(raise schedule.max_steps or schedule.epochs to train further)")
         if on_finish is not None:  # e.g. an evaluation of the final weights that failed last time
-            on_finish(run)
+            with signals.immediate():
+                on_finish(run)
         run.logger.close()
         return {"steps": st.step, "last_loss": float("nan"), "nonfinite_total": st.nonfinite_total,
                 "seconds": 0.0, "checkpoint": run.resumed_from, "already_complete": True}
@@ -791,10 +803,12 @@ def train_loop(
             # computed where the loss is: one host sync (the .item()) instead of two, no host-to-device
             # copy; the same all-reduce sums the losses for the logged global-batch mean
             flat = loss.detach().float().reshape(())
-            stats = torch.stack([(~torch.isfinite(flat)).to(torch.float32), flat])  # (2,): non-finite flag, loss
-            all_reduce_sum(stats)  # every rank skips together
-            n_bad = int(stats[0].item())  # waits for this step's forward, so for the previous step too
-            loss_sum = stats[1]  # a view: stays on the device until _ReadBack copies it, divided on the host
+            # (3,): non-finite flag, a scheduler's signal (engine.signals; a fill, no host-to-device copy), loss
+            stats = torch.stack([(~torch.isfinite(flat)).to(torch.float32),
+                                 torch.full_like(flat, float(bool(signals.requested()))), flat])
+            all_reduce_sum(stats)  # every rank skips together, and saves and stops together
+            n_bad, n_signalled = (int(x) for x in stats[:2].tolist())  # waits for this step's forward (and the last)
+            loss_sum = stats[2]  # a view: stays on the device until _ReadBack copies it, divided on the host
             will_log = (st.step + 1) % cfg.log.every_steps == 0 or st.step + 1 == d.run_steps
             if pending is not None:  # the previous step's scalars have landed: no wait
                 land(pending)
@@ -841,8 +855,11 @@ def train_loop(
                 if end_of_epoch:
                     pending_save = True  # saved after the epoch bookkeeping below
                 else:
-                    run.save()
-            stop = bool(cfg.train.stop_after_steps and st.step >= cfg.train.stop_after_steps)
+                    saved_at, saved_step = run.save(), st.step
+            if n_signalled and st.step < d.run_steps:  # (at the last step the final save follows anyway)
+                signalled = signals.requested() or signal.SIGTERM
+                pending_save = pending_save or end_of_epoch
+            stop = bool(signalled or (cfg.train.stop_after_steps and st.step >= cfg.train.stop_after_steps))
             if stop or st.step >= d.run_steps:
                 break
         if st.batch_in_epoch >= d.steps_per_epoch:  # the epoch is complete
@@ -850,10 +867,16 @@ def train_loop(
             st.batch_in_epoch = 0
             ce = cfg.train.checkpoint_every_epochs
             if (pending_save or (ce > 0 and st.epoch % ce == 0)) and st.step < d.run_steps:
-                run.save()
+                saved_at, saved_step = run.save(), st.step
             pending_save = False
             if on_epoch_end is not None and not stop:  # after the epoch's checkpoint: a failure in it loses no training
-                on_epoch_end(run)
+                with signals.immediate():  # (an evaluation: a signal stops it at once, the epoch is saved)
+                    on_epoch_end(run)
+        if signalled:  # this step saved (unless a scheduled save just did), then stop as the signal says
+            if saved_step != st.step:
+                saved_at = run.save()
+            run.logger.close()
+            raise signals.Terminated(signalled, saved=os.path.basename(saved_at))
         if stop:  # after the step's checkpoints, also one held for the end of its epoch (as a kill there)
             run.logger.close()
             latest = find_latest(cfg.train.output_dir)  # (as Ctrl-C's message says it)
@@ -862,7 +885,8 @@ def train_loop(
                 else f"no checkpoint of {cfg.train.output_dir} yet"))
     final = run.save()
     if on_finish is not None:  # after the save: a failure in it loses no training
-        on_finish(run)
+        with signals.immediate():
+            on_finish(run)
     run.logger.close()
     return {"steps": st.step, "trained": st.step - first_step, "last_loss": last_loss,
             "nonfinite_total": st.nonfinite_total, "seconds": time.time() - t_start, "checkpoint": final}

@@ -109,6 +109,61 @@ def test_a_stop_at_the_end_of_an_epoch_keeps_the_checkpoint_due_there(env, tmp_p
     assert "step00000004 at step 4 (epoch 1, batch 0)" in p.stdout, p.stdout[-2000:]
 
 
+def test_sigterm_saves_the_step_it_comes_in_then_stops(env, tmp_path):
+    """A scheduler's SIGTERM (preemption, the time limit) stopped at once: everything since the last
+    checkpoint was lost (up to train.checkpoint_every_steps steps on every GPU). It now ends the step
+    it comes in, saves it, exits 143 naming the tag, and --resume auto continues from there."""
+    import signal
+
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "engine", "pretrain", "-c", TINY, f"train.output_dir={out}", "schedule.epochs=100",
+           "schedule.max_steps=400"]  # no scheduled checkpoint before the end (tiny: checkpoint_every_epochs 0)
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in p.stdout:
+            lines.append(line)
+            if " step 3/400 " in line:
+                p.send_signal(signal.SIGTERM)
+                break
+        lines += p.stdout.readlines()
+        assert p.wait(timeout=120) == 143, "".join(lines[-40:])
+    finally:
+        p.kill()
+    text = "".join(lines)
+    assert "SIGTERM: saving a checkpoint after this step, then stopping" in text
+    latest = open(os.path.join(out, "checkpoints", "latest")).read().strip()
+    step = int(latest[len("step"):])
+    assert 3 <= step < 400 and f"terminated (SIGTERM) after saving {latest} at the end of the step it came in; " \
+        f"the last complete checkpoint is {latest}" in text
+    assert os.listdir(os.path.join(out, "checkpoints")) == ["latest", latest]
+    p = _run(cmd[:-1] + [f"schedule.max_steps={step + 2}", "--resume", "auto"], env)
+    assert f"{latest} at step {step}" in p.stdout, p.stdout[-2000:]
+
+
+def test_signal_handler_asks_inside_the_loop_and_stops_outside():
+    import signal
+
+    from engine import signals
+
+    with pytest.raises(signals.Terminated) as e:
+        signals.handle(signal.SIGTERM, None)  # outside a training loop: at once
+    assert e.value.exit_code == 143 and e.value.name == "SIGTERM"
+    with signals.save_on_signal():
+        assert signals.requested() == 0
+        signals.handle(signal.SIGUSR1, None)  # the first: a request
+        assert signals.requested() == signal.SIGUSR1
+        with pytest.raises(signals.Terminated) as e:
+            signals.handle(signal.SIGTERM, None)  # the second: at once
+        assert e.value.exit_code == 143
+    with signals.save_on_signal():
+        with signals.immediate(), pytest.raises(signals.Terminated):  # an evaluation between epochs
+            signals.handle(signal.SIGTERM, None)
+        signals.handle(signal.SIGTERM, None)
+        assert signals.requested() == signal.SIGTERM
+    assert signals.requested() == 0
+
+
 def test_two_ranks_zero_1_2_3_pretrain_export_finetune(env, tmp_path):
     from models.checkpoint import load_backbone_into_classifier
     from models.variants import create_model

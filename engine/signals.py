@@ -1,0 +1,84 @@
+"""Stopping on a scheduler's signal: SIGTERM (preemption, ``scancel``, the time limit) and SIGUSR1
+(SLURM's ``--signal=USR1@300``, a warning ahead of the limit).
+
+Outside a training loop the first signal stops at once (:class:`Terminated`, exit ``128 + signal``),
+as Ctrl-C does. Inside one (:func:`save_on_signal`), the first asks for a checkpoint: the loop ends
+the step it is in, every rank agrees through that step's all-reduce (a rank that got no signal
+follows the others), the step is saved, then the run stops with :class:`Terminated` naming the tag.
+A second signal stops at once: a save that would outlast the scheduler's grace period (SLURM's
+``KillWait``, 30 s by default) is cut short by its SIGKILL anyway, and the atomic save then leaves
+the previous checkpoint as the latest complete one.
+
+No torch here: the CLI installs the handler before anything heavy is imported.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from typing import Iterator, Optional
+
+__all__ = ["Terminated", "handle", "save_on_signal", "immediate", "requested", "SIGNALS"]
+
+SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+"""The signals :func:`handle` is installed for (SIGUSR1 where the platform has it)."""
+
+_state = {"armed": False, "signum": 0}
+
+
+class Terminated(KeyboardInterrupt):
+    """A scheduler's signal, raised where the main thread is, so that the run ends like Ctrl-C: the
+    message says where the last complete checkpoint is. ``saved``: the tag saved on the signal."""
+
+    def __init__(self, signum: int = signal.SIGTERM, saved: Optional[str] = None):
+        super().__init__(signum, saved)
+        self.signum, self.saved = int(signum), saved
+
+    @property
+    def name(self) -> str:
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def handle(signum, frame) -> None:
+    """The handler: a first signal inside a training loop asks it to save and stop; any other raises."""
+    if _state["armed"] and not _state["signum"]:
+        _state["signum"] = int(signum)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{Terminated(signum).name}: saving a checkpoint after this step, then stopping (send it again "
+                  "to stop at once)", file=sys.stderr, flush=True)
+        return
+    raise Terminated(signum)
+
+
+def requested() -> int:
+    """The signal a training loop was asked to stop on, or 0."""
+    return _state["signum"]
+
+
+@contextlib.contextmanager
+def save_on_signal() -> Iterator[None]:
+    """While the body runs, a first signal is a request (:func:`requested`) rather than a stop."""
+    _state["armed"], _state["signum"] = True, 0
+    try:
+        yield
+    finally:
+        _state["armed"], _state["signum"] = False, 0
+
+
+@contextlib.contextmanager
+def immediate() -> Iterator[None]:
+    """Inside :func:`save_on_signal`, a stretch where a signal stops at once (an evaluation between
+    epochs: the epoch is already saved, and it has no step boundary to stop at)."""
+    armed, _state["armed"] = _state["armed"], False
+    try:
+        yield
+    finally:
+        _state["armed"] = armed
