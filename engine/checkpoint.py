@@ -356,9 +356,23 @@ def save_checkpoint(
         _remove_file(os.path.join(ckpt_dir, LATEST_NEXT))
     if keep > 0 and local_rank == 0:
         for old in prune_candidates(ckpt_dir, tag, keep):
-            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+            remove_tag(os.path.join(ckpt_dir, old))
     barrier()
     return os.path.join(ckpt_dir, tag)
+
+
+def remove_tag(path: str) -> None:
+    """Delete a tag folder, its marker files first (our rank states, DeepSpeed's model states): a
+    stop half-way leaves a folder no longer taken for a complete checkpoint. (``rmtree`` in
+    directory order could delete ``config.yaml`` and the optimiser shards first; the tag then read
+    as a complete ZeRO-0 one, and ``--resume auto`` could pick it.)"""
+    for pattern in ("engine_state_r*.pt", "*model_states.pt"):
+        for f in glob.glob(os.path.join(path, pattern)):
+            try:
+                os.remove(f)
+            except FileNotFoundError:  # (another node's first rank, on a shared filesystem)
+                pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def prune_candidates(ckpt_dir: str, tag: str, keep: int) -> list[str]:
@@ -942,9 +956,10 @@ def _damaged(ckpt_dir: str, tag: str, file: Optional[str], error: Optional[Excep
     what = f"{os.path.basename(file)}: {type(error).__name__}: {error}" if file else (
         f"{type(error).__name__}: {error}" if error is not None else "a file of another rank does not load")
     s = step_of(tag)
-    older = [t for t in available_tags(ckpt_dir) if step_of(t) is not None and t != tag and (s is None or step_of(t) < s)]
-    hint = (f"resume an older one, e.g. --resume {older[-1]} (newer tags are then set aside); complete checkpoints: "
-            f"{', '.join(older)}" if older else "no other complete checkpoint to resume from")
+    others = [t for t in available_tags(ckpt_dir) if step_of(t) is not None and t != tag]
+    older = [t for t in others if s is None or step_of(t) < s]
+    hint = (f"resume an older one, e.g. --resume {older[-1]} (newer tags are then set aside); " if older else "") + (
+        f"complete checkpoints: {', '.join(others)}" if others else "no other complete checkpoint to resume from")
     return CheckpointError(f"checkpoint {os.path.join(ckpt_dir, tag)} is damaged ({what[:300]}); {hint}")
 
 

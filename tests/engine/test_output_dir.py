@@ -286,6 +286,31 @@ def test_a_stop_between_the_rename_and_latest_keeps_the_new_tag(tmp_path, monkey
     assert _ls(out) == ["latest", "step00000003", "step00000006"]
 
 
+def test_a_prune_stopped_half_way_leaves_no_complete_looking_tag(tmp_path, monkeypatch):
+    """``rmtree`` in directory order could delete a ZeRO-1 tag's config.yaml and optimiser shards
+    and stop (a kill) before its rank state and model states: the rest read as a complete ZeRO-0
+    tag. Pruning now deletes those marker files first."""
+    from engine import checkpoint
+
+    out = str(tmp_path)
+    path = _tag(out, "step00000002", 2, config_yaml=config_to_yaml(_cfg(out, "deepspeed.zero_stage=1")))
+    torch.save({}, os.path.join(path, "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    _tag(out, "step00000004", 4)
+    ck = os.path.join(out, "checkpoints")
+    assert checkpoint.available_tags(ck) == ["step00000002", "step00000004"]
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.remove_tag(path)
+    assert checkpoint.available_tags(ck) == ["step00000004"] and checkpoint.find_latest(out) == "step00000004"
+    # a damaged tag's error names every complete checkpoint, newer ones too
+    err = checkpoint._damaged(ck, "step00000002", None, None)
+    assert "complete checkpoints: step00000004" in str(err) and "resume an older one" not in str(err)
+
+
 def test_latest_falls_back_to_the_newest_complete_step_tag(tmp_path):
     from engine.checkpoint import available_tags, find_latest
 
