@@ -249,6 +249,12 @@ def _num_classes(cfg: Config, loader) -> int:
     k = cfg.finetune.num_classes or int(getattr(loader, "num_classes", 0))
     if k < 1:
         raise ConfigError("the number of classes is unknown: set finetune.num_classes")
+    if k == 1:  # a softmax over one output is 1 whatever the input: nothing to learn
+        names = list(getattr(loader, "class_names", ()) or ())
+        raise ConfigError(
+            f"the training split has one class ({names[0] if names else '?'}): a classifier needs at least 2. Check "
+            f"data.dataset={cfg.data.dataset} and data.root={cfg.data.root} (a folder dataset takes each sub-folder of "
+            "ROOT/train, or of ROOT when it has no split folders, as a class; a kinetics one reads ROOT/train.csv)")
     what = "finetune.num_classes" if cfg.finetune.num_classes else "the number of training classes"
     check_labels(loader, k, what)
     names = len(getattr(loader, "class_names", ()) or ())
@@ -381,8 +387,10 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         elif res["top1"] > r.state.best_metric:
             r.state.best_metric = res["top1"]
             r.save("best", update_latest=False, keep=0)
-        r.logger.scalars(r.state.step, {**res, "epoch": r.state.step / r.derived.steps_per_epoch}, prefix="val")
-        r.logger.write(f"epoch {r.state.epoch} step {r.state.step}: val top-1 {res['top1']:.2f} "
+        # (recorded as validation, "split": "val", whichever data split finetune.eval_split names)
+        r.logger.scalars(r.state.step, {**res, "epoch": r.state.step / r.derived.steps_per_epoch,
+                                        "data_split": cfg.finetune.eval_split}, prefix="val")
+        r.logger.write(f"epoch {r.state.epoch} step {r.state.step}: {cfg.finetune.eval_split} top-1 {res['top1']:.2f} "
                        f"top-5 {res['top5']:.2f} ({res['videos']} {'images' if 'image' in cfg.data.dataset else 'videos'}, "
                        f"{res['views']} views)")
         return res
@@ -424,7 +432,7 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         print(f"best top-1 {run.state.best_metric:.2f} (checkpoint "
               f"{os.path.join(os.path.abspath(cfg.train.output_dir), 'checkpoints', 'best')})", flush=True)
     if run.main and summary["eval"] is not None:
-        print(f"final val top-1 {summary['eval']['top1']:.2f}  top-5 {summary['eval']['top5']:.2f}; "
+        print(f"final {cfg.finetune.eval_split} top-1 {summary['eval']['top1']:.2f}  top-5 {summary['eval']['top5']:.2f}; "
               f"best top-1 {run.state.best_metric:.2f} (checkpoint "
               f"{os.path.join(os.path.abspath(cfg.train.output_dir), 'checkpoints', 'best')})", flush=True)
     return summary

@@ -508,7 +508,10 @@ def split_folder(root: str, split: str) -> str:
     present = [s for s in SPLITS if os.path.isdir(os.path.join(root, s))]
     if present:
         raise FileNotFoundError(f"{sub} not found; the split folders present are {present} "
-                                f"(set finetune.eval_split or add the folder)")
+                                f"(set finetune.eval_split={present[0]} or add the folder)")
+    if split != "train":
+        log.warning("%s has no train/val/test folders: the %s split reads the same class folders as training, so "
+                    "its accuracy is on training videos (add %s/%s, or a split's own folders)", root, split, root, split)
     return root
 
 

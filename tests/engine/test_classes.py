@@ -107,13 +107,34 @@ def test_list_labels_out_of_range_name_file_and_line(tmp_path):
     assert load_dataset("kinetics", str(tmp_path), "val", EXT, classes=["x", "y", "z"]).labels == [0, 2]
 
 
-def test_missing_split_folder_is_an_error_unless_no_split_folders_exist(tmp_path):
+def test_missing_split_folder_is_an_error_unless_no_split_folders_exist(tmp_path, caplog):
     root = touch_tree(tmp_path / "a", {"train": {"cat": 1, "dog": 1}})
     with pytest.raises(FileNotFoundError, match=r"a/val not found; the split folders present are \['train'\]"):
         load_dataset("folder", root, "val", EXT)
     flat = touch_tree(tmp_path / "b", {"": {"cat": 1, "dog": 1}})  # root/<class>: every split
     for split in ("train", "val"):
         assert load_dataset("folder", flat, split, EXT).class_names == ["cat", "dog"]
+    # ... which says so for the evaluation splits: their accuracy is on the training videos
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="engine.data.datasets"):
+        load_dataset("folder", flat, "train", EXT)
+        assert not caplog.records
+        load_dataset("folder", flat, "val", EXT)
+    assert "has no train/val/test folders: the val split reads the same class folders as training" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"set finetune.eval_split=train or add the folder"):
+        load_dataset("folder", root, "val", EXT)
+
+
+def test_one_training_class_is_a_config_error(tmp_path):
+    """A CSV-layout root run as dataset=folder (or a folder of one class) trained a one-output
+    classifier: its softmax is 1 whatever the input, and validation read 100 % top-1."""
+    from engine.finetune import _num_classes
+
+    root = clip_tree(tmp_path, {"train": {"clips": 2}})
+    train = build_loader(data_cfg(root), "train", mode="finetune")
+    with pytest.raises(ConfigError, match=r"the training split has one class \(clips\): a classifier needs at least 2"):
+        _num_classes(load_config(TINY, []), train)
+    assert _num_classes(load_config(TINY, ["finetune.num_classes=4"]), train) == 4  # a wider head is a choice
 
 
 def test_class_index_round_trip(tmp_path):
