@@ -98,6 +98,14 @@ class _Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The sub-parser of ``command`` (``parser`` itself when it has none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maskfeat", description="MaskFeat pre-training and fine-tuning engine",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_epilog())
@@ -210,6 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_DATA_ERROR
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    parser = _command_parser(parser, args.command)  # a usage error shows the command's usage, not the list
     overrides, unknown = _split_overrides(extra)
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)} (overrides look like section.field=value)")
@@ -239,7 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"from {res['tag']} to {os.path.abspath(res['path'])}")
         return 0
 
-    from engine.config import ConfigError, describe, load_config
+    from engine.config import ConfigError, absolute_paths, describe, load_config
 
     base = None
     if args.command == "eval" and args.config is None and getattr(args, "checkpoint", None):
@@ -254,7 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if base is not None and _launch_rank() == 0:
             print(f"maskfeat eval: no --config: using the config {args.checkpoint} was trained with", flush=True)
     try:
-        cfg = load_config(args.config, overrides, base=base)
+        cfg = absolute_paths(load_config(args.config, overrides, base=base))
     except ConfigError as e:
         if base is not None:  # (a field since removed from the engine, say)
             e = ConfigError(f"the config {args.checkpoint} was trained with does not load here ({e}); give the "
@@ -267,6 +276,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except BrokenPipeError:  # `--help-config | head`: the reader is gone; no traceback
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    if args.config is None and args.command in ("pretrain", "finetune") and _launch_rank() == 0:
+        print(f"maskfeat {args.command}: no --config: the built-in defaults ({cfg.model.name} on the "
+              f"{cfg.data.dataset} clips, {cfg.schedule.epochs} epochs, into {cfg.train.output_dir}); the recipes are "
+              "in configs/ (`--help-config` lists every setting)", flush=True)
 
     from engine.data.probe import BadDatasetError
     from engine.runner import NonFiniteLossError, SaveError, StopRequested
@@ -286,7 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from engine.finetune import run_eval
 
             if not args.checkpoint:
-                parser.error("maskfeat eval needs --checkpoint")
+                parser.error("--checkpoint is required (a run folder, a checkpoint tag folder or a weights file)")
             run_eval(cfg, args.checkpoint, save_predictions=args.save_predictions)
     except ConfigError as e:
         print(f"maskfeat {args.command}: config error: {e}", file=sys.stderr)

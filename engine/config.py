@@ -510,6 +510,22 @@ def _is_path(f: dataclasses.Field) -> bool:
     return bool(f.metadata.get("path"))
 
 
+def absolute_paths(obj: Any) -> Any:
+    """``obj`` (a config or a section) with its relative path fields made absolute against the
+    current folder: a run records where its data and weights are, so that ``maskfeat eval
+    --checkpoint RUN`` (which reads the run's saved config) works from any folder."""
+    changes = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if _is_path(f) and isinstance(value, str) and value and not os.path.isabs(value):
+            changes[f.name] = os.path.abspath(value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            new = absolute_paths(value)
+            if new is not value:
+                changes[f.name] = new
+    return dataclasses.replace(obj, **changes) if changes else obj
+
+
 def _build(cls: type, data: dict, path: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}

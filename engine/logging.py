@@ -204,8 +204,8 @@ class RunLogger:
                 n = truncate_metrics(self.jsonl_path, resume_step, resume_epoch)
                 if n:
                     at = f"step {resume_step}" + ("" if resume_epoch is None else f", epoch {resume_epoch:.4g}")
-                    print(f"metrics.jsonl: dropped {n} records after {at} (logged before the interruption; those "
-                          "steps run again)", file=sys.stderr, flush=True)
+                    print(f"metrics.jsonl: dropped {n} records after {at} (logged past the checkpoint resumed "
+                          "from; those steps run again)", file=sys.stderr, flush=True)
             self.jsonl = open(self.jsonl_path, "a", buffering=1)
         if not self.plain:
             from tqdm import tqdm

@@ -477,6 +477,31 @@ def test_is_data_error_keeps_programming_errors(monkeypatch, tmp_path):
         cli.main(["finetune", "-c", TINY, f"train.output_dir={tmp_path}"])
 
 
+def test_cli_paths_usage_and_defaults(monkeypatch, tmp_path, capsys):
+    """Relative paths were stored as given: `maskfeat eval --checkpoint RUN` (which reads the run's
+    saved config) failed from another folder ("dataset folder my_videos not found"). A usage error
+    of a command printed the list of commands; a bare `maskfeat pretrain` said nothing of the
+    defaults it started a 300-epoch run with."""
+    import engine.pretrain
+
+    seen = {}
+    monkeypatch.setattr(engine.pretrain, "run_pretrain", lambda cfg, resume=None: seen.update(cfg=cfg))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["pretrain", "-c", TINY, "data.root=my_videos", "train.output_dir=runs/x"]) == 0
+    cfg = seen["cfg"]
+    assert cfg.data.root == str(tmp_path / "my_videos") and cfg.train.output_dir == str(tmp_path / "runs" / "x")
+    assert "no --config" not in capsys.readouterr().out
+    assert cli.main(["pretrain", "train.output_dir=runs/y"]) == 0
+    assert "maskfeat pretrain: no --config: the built-in defaults (mvitv2_tiny on the demo clips" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["eval"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: maskfeat eval") and "--checkpoint is required" in err
+    with pytest.raises(SystemExit):
+        cli.main(["pretrain", "-c", TINY, "optim.lr"])
+    assert capsys.readouterr().err.startswith("usage: maskfeat pretrain")
+
+
 @pytest.mark.parametrize("how, code, why", [("ctrl-c", 130, "interrupted"), ("sigterm", 143, "terminated (SIGTERM)")])
 def test_interrupted_run_names_the_checkpoint_to_resume_from(monkeypatch, tmp_path, capsys, how, code, why):
     import signal
