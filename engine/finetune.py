@@ -604,7 +604,8 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
     """Evaluate a fine-tuned model (module docstring): ``checkpoint`` is anything
     :func:`resolve_checkpoint` takes. K comes from the checkpoint, the class names from the run's
     ``classes.json``; the result, with what was evaluated (split, views, files left out), is written
-    to the evaluated run's ``eval.json`` and appended to ``evals.jsonl`` beside it (earlier
+    to the evaluated run's ``eval.json`` and appended to ``evals.jsonl`` beside it (a weights file's:
+    ``<file>.eval.json``, ``<file>.evals.jsonl``) (earlier
     evaluations are kept there). ``save_predictions``: the view-averaged probabilities per video go
     to ``<eval.json without .json>.predictions.npz`` (``video``, ``path``, ``label``, ``probs``)."""
     from engine.checkpoint import consolidated_state_dict, load_pretrained, write_text_atomic
@@ -683,9 +684,11 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
         print(json.dumps({k: v for k, v in res.items() if k != "left_out"}), flush=True)
         os.makedirs(os.path.dirname(target.eval_json), exist_ok=True)
         write_text_atomic(target.eval_json, json.dumps(res, indent=1))
-        with open(os.path.join(os.path.dirname(target.eval_json), "evals.jsonl"), "a") as f:
+        # the run's evals.jsonl; a weights file's own <file>.evals.jsonl (not one shared by its folder)
+        history = target.eval_json[:-len("eval.json")] + "evals.jsonl"
+        with open(history, "a") as f:
             f.write(json.dumps(res) + "\n")
-        print(f"eval results written to {target.eval_json}", flush=True)
+        print(f"eval results written to {target.eval_json} (and appended to {history})", flush=True)
         path = os.path.splitext(target.eval_json)[0] + ".predictions.npz"
         if preds is None and os.path.exists(path):  # an earlier evaluation's: it would not match eval.json
             os.remove(path)

@@ -360,6 +360,8 @@ def test_eval_of_a_weights_file_takes_k_from_the_head(videos, tmp_path, one_proc
     res = run_eval(_eval_cfg(videos["root"], tmp_path / "x"), path)
     assert res["top1"] == pytest.approx(50.0)  # val's own numbering: apple 0, carphone 1
     assert res["eval_json"] == str(tmp_path / "w" / "model.eval.json") and os.path.isfile(res["eval_json"])
+    # its history is its own, not a file shared by every weights file of the folder
+    assert sorted(os.listdir(tmp_path / "w")) == ["model.eval.json", "model.evals.jsonl", "model.safetensors"]
     save_file(_classifier(1, always=0), path)  # a head too narrow for the eval split's labels
     with pytest.raises(ClassListError, match=r"has label 1 \(class 'carphone'.*not trained on"):
         run_eval(_eval_cfg(videos["root"], tmp_path / "x"), path)
