@@ -1068,6 +1068,7 @@ def export_backbone(output_dir_or_ckpt: str, out_path: Optional[str] = None, tag
     if os.path.isfile(cfg_path):
         meta["config"] = open(cfg_path, encoding="utf-8").read()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    replaced = os.path.exists(out_path)
     tmp = f"{out_path}.tmp{os.getpid()}"
     try:
         save_file(backbone, tmp, metadata=meta)
@@ -1079,7 +1080,8 @@ def export_backbone(output_dir_or_ckpt: str, out_path: Optional[str] = None, tag
         if os.path.exists(tmp):
             os.remove(tmp)
     n = sum(v.numel() for v in backbone.values())
-    return {"tag": tag, "tensors": len(backbone), "parameters": n, "path": out_path}
+    return {"tag": tag, "tensors": len(backbone), "parameters": n, "path": out_path, "replaced": replaced,
+            "classifier": any(k.startswith("head.") for k in backbone)}
 
 
 FOLDER_AS_WEIGHTS = ("a folder, not a weights file; for a run or checkpoint folder, export its backbone first "

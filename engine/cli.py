@@ -244,8 +244,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except OSError as e:  # writing the export: a full disk, a read-only folder, a file in the way
             print(f"maskfeat export: cannot write {out}: {e}", file=sys.stderr)
             return 2
+        notes = (["a fine-tuned classifier: exported whole, its head included"
+                  + ("; --keep-head concerns pre-training checkpoints only" if args.keep_head else "")]
+                 if res["classifier"] else []) + (["replaced the earlier file"] if res["replaced"] else [])
         print(f"exported {res['tensors']} tensors ({res['parameters'] / 1e6:.2f} M parameters) "
-              f"from {res['tag']} to {os.path.abspath(res['path'])}")
+              f"from {res['tag']} to {os.path.abspath(res['path'])}" + (f" ({'; '.join(notes)})" if notes else ""))
         return 0
 
     from engine.config import ConfigError, absolute_paths, describe, load_config

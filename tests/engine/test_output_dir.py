@@ -27,6 +27,7 @@ import torch
 
 from tests.engine.test_train import TINY, _run, env  # noqa: F401 (env: a fixture)
 
+from engine import cli
 from engine.config import ConfigError, config_to_yaml, load_config
 
 
@@ -309,6 +310,19 @@ def test_a_prune_stopped_half_way_leaves_no_complete_looking_tag(tmp_path, monke
     # a damaged tag's error names every complete checkpoint, newer ones too
     err = checkpoint._damaged(ck, "step00000002", None, None)
     assert "complete checkpoints: step00000004" in str(err) and "resume an older one" not in str(err)
+
+
+def test_export_says_what_it_wrote(tmp_path, capsys):
+    """A fine-tuned run exported as a 'backbone' kept its head, an earlier export was replaced, and
+    --keep-head (pre-training only) was taken: all silently."""
+    path = _tag(str(tmp_path), "step00000001", 1)
+    torch.save({"module": {"head.weight": torch.ones(2, 2), "blocks.0.w": torch.ones(3)}},
+               os.path.join(path, "mp_rank_00_model_states.pt"))
+    assert cli.main(["export", str(tmp_path), "--keep-head"]) == 0
+    out = capsys.readouterr().out
+    assert "(a fine-tuned classifier: exported whole, its head included; --keep-head concerns pre-training" in out
+    assert cli.main(["export", str(tmp_path)]) == 0
+    assert out.endswith("only)\n") and capsys.readouterr().out.endswith("its head included; replaced the earlier file)\n")
 
 
 def test_latest_falls_back_to_the_newest_complete_step_tag(tmp_path):

@@ -244,11 +244,12 @@ def test_export_of_a_bf16_run_without_zero_uses_the_fp32_masters(env, tmp_path):
     assert not [f for f in os.listdir(out) if ".tmp" in f]
     # the paths --resume and eval --checkpoint take ("checkpoints/latest: not found" before); the default
     # output goes to the run folder, not into checkpoints/
-    for src in (f"{out}/checkpoints/latest", f"{out}/checkpoints/step00000002", f"{out}/checkpoints"):
+    for i, src in enumerate((f"{out}/checkpoints/latest", f"{out}/checkpoints/step00000002", f"{out}/checkpoints")):
         p = _run([sys.executable, "-m", "engine", "export", src], env)
         assert f"from step00000002 to {out}/backbone.safetensors" in p.stdout, (src, p.stdout[-500:])
+        assert ("(replaced the earlier file)" in p.stdout) == (i > 0)  # (said, not silent)
         assert torch.equal(load_file(f"{out}/backbone.safetensors")["blocks.0.mlp.fc1.weight"], w)
-        os.remove(f"{out}/backbone.safetensors")
+    os.remove(f"{out}/backbone.safetensors")
 
 
 def test_export_of_a_bf16_zero1_run_uses_the_fp32_masters(env, tmp_path):
