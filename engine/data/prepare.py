@@ -594,6 +594,7 @@ def prepare_main(argv: list[str]) -> int:
             print(report.summary())
             if not args.full:
                 print("(the first frame of each file was decoded; --full decodes every frame)")
+            _note_missing_val(list(splits))
             return EXIT_FAILED if report.bad else 0
         res = prepare_dataset(args.src, args.dst, codec=args.codec, short_side=args.short_side, fps=args.fps,
                               gop=args.gop, workers=args.workers, extensions=extensions)
@@ -612,4 +613,13 @@ def prepare_main(argv: list[str]) -> int:
         print(f"{len(res.renamed)} output names had whitespace replaced by '_' (e.g. {first[0]} -> {first[1]})")
     lists = ", ".join(f"{s}.csv {n}" for s, n in res.lists.items())
     print(f"prepared into {args.dst}: {lists}; {len(res.class_names)} classes ({len(res.failures)} failures)")
+    _note_missing_val(list(res.lists))
     return EXIT_FAILED if res.failures else 0
+
+
+def _note_missing_val(splits: list[str]) -> None:
+    """Say what fine-tuning will miss when there is no val split (it evaluates finetune.eval_split,
+    val by default, and refuses to start without it)."""
+    if "val" not in splits:
+        print(f"note: no val split (only {', '.join(splits)}): fine-tuning evaluates finetune.eval_split, val by "
+              "default; add SRC/val (or val.csv), or set finetune.eval_split=train (accuracy on the training videos)")

@@ -561,5 +561,11 @@ def test_check_with_a_recipe_counts_clip_frames_by_each_files_rate(tmp_path, cap
     assert prepare_main([str(tmp_path / "src"), "--check", "--config", str(recipe)]) == 1
     out = capsys.readouterr().out
     assert f"{fast}: too_short (6 frames, one clip needs 13)" in out and slow not in out
+    # no val split: the check passed, then fine-tuning refused the same data; it says so now
+    assert "note: no val split (only train): fine-tuning evaluates finetune.eval_split" in out
+    make_clip(str(tmp_path / "split" / "train" / "a" / "x.mkv"), n=6)
+    make_clip(str(tmp_path / "split" / "val" / "a" / "y.mkv"), n=6)
+    assert prepare_main([str(tmp_path / "split"), "--check"]) == 0
+    assert "no val split" not in capsys.readouterr().out
     with pytest.raises(SystemExit):
         prepare_main([str(tmp_path / "src"), "--check", "--config", str(recipe), "--min-frames", "7"])
