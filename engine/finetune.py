@@ -663,7 +663,8 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
     image = cfg.data.dataset == "image_folder"
     clips, crops = (1, 1) if image else (cfg.data.num_clips, cfg.data.num_crops)  # an image: one centre view
     print0(f"evaluating {target.where} on {cfg.data.dataset}/{cfg.finetune.eval_split} ("
-           + ("one centre crop per image" if image else f"{clips} clips x {crops} crops per video") + f", {K} classes)")
+           + ("one centre crop per image" if image else f"{clips} clip{'s' * (clips != 1)} x {crops} "
+                                                         f"crop{'s' * (crops != 1)} per video") + f", {K} classes)")
     selected_on = _selected_on(target)
     if selected_on == cfg.finetune.eval_split:
         log.warning("%s was selected by its top-1 on split %r, the split evaluated now: an optimistic number "

@@ -526,6 +526,7 @@ def build_loader(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int 
     check = validate_dataset(cfg, split, device=device, classes=classes, mode=mode, agree=agree_across_ranks,
                              progress=rank == 0)  # a first probe of Kinetics takes minutes: rank 0 shows it
     if rank == 0:
-        log.info("data %s/%s: %d videos, %d classes, reader=%s; %s", cfg.dataset, split, len(check.dataset),
-                 check.dataset.num_classes, check.reader, check.report.summary().splitlines()[0])
+        n, k = len(check.dataset), check.dataset.num_classes
+        log.info("data %s/%s: %d video%s, %d class%s, reader=%s; %s", cfg.dataset, split, n, "" if n == 1 else "s",
+                 k, "" if k == 1 else "es", check.reader, check.report.summary().splitlines()[0])
     return VideoLoader(cfg, check, split=split, mode=mode, rank=rank, world_size=world_size, device=device)
