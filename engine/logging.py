@@ -216,10 +216,10 @@ class RunLogger:
     def step(self, n: int = 1, **postfix) -> None:
         """Advance the bar by ``n`` steps and show ``postfix`` (e.g. loss, clips/s)."""
         if self.bar is not None:
-            self.bar.update(n)
-            if postfix:
+            if postfix:  # before the update, whose refresh draws it (after it, the bar showed the last step's)
                 self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
                                       for k, v in postfix.items()}, refresh=False)
+            self.bar.update(n)
 
     def scalars(self, step: int, values: dict, prefix: str = "train") -> None:
         """Write scalars to TensorBoard (``prefix/name``) and one JSON line."""

@@ -56,6 +56,14 @@ def test_on_a_terminal_the_bar_is_kept(tmp_path, monkeypatch):
     log.scalars(1, TRAIN)
     log.close()
     assert "step 1/3000" not in term.getvalue()  # no plain line beside the bar
+    # each redraw shows the values of the step it advances to (it drew the previous step's: the
+    # bar's lr lagged the logged one by a log interval)
+    log = _logger(tmp_path, progress_bar=True)
+    log.bar.mininterval, log.bar.miniters, log.bar.dynamic_miniters = 0, 0, False  # redraw at every update
+    for i in range(3):
+        log.step(1, lr=float(i + 1))
+        assert term.getvalue().split("\r")[-1].endswith(f"lr={i + 1}]"), term.getvalue()[-300:]
+    log.close()
     assert _logger(tmp_path, progress_bar=False).bar is None  # switched off: lines, even on a terminal
 
 
