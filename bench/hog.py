@@ -29,6 +29,10 @@ before (inputs excluded); "n/a" on CPU.
 
     python -m bench.hog [--device cpu|cuda] [--out DIR] [--quick] [--sweep]
 
+Every provider's targets are checked against the float64 oracle on the first frames; the run exits
+3 (after writing its files) when one of ours is off. ``× best other``: the fastest provider that is
+not ours over ours (DESIGN §6's ratio to the best alternative).
+
 ``--sweep`` (CUDA) also times every launch configuration of ``kernels.hog.triton_hog.SWEEP_CONFIGS``
 on the uint8 shape and stores them in the JSON (and one line of the notes).
 
@@ -53,6 +57,9 @@ import torch
 from bench.common import peak_mib, results_slug, write_files
 
 N_FRAMES, H, W, TOKEN_STRIDE = 64, 224, 224, 16
+ORACLE_FRAMES, ORACLE_TOL = 4, 2e-5
+"""Frames checked against the float64 oracle, and the largest difference of ours (the tests' rtol 1e-5
+plus atol 2e-6 on targets of at most 1: integer-valued frames bin exactly, DESIGN §5)."""
 # --sweep times kernels.hog.triton_hog.SWEEP_CONFIGS (each is checked against the oracle by the GPU
 # test test_gpu_tile_configs in tests/kernels/test_hog.py).
 COPY_BYTES = 256 * 2**20
@@ -130,14 +137,23 @@ def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict], notes: 
         f"({meta['device_info']['cpu_threads']} torch threads; CPU timings on a shared machine are noisy)",
         "- bytes that must move = N*3*H*W*sizeof(input) + N*L*D*4 (input read once, fp32 targets written once)",
         "",
-        "| shape | input | provider | median ms | GB/s | % copy | × reference | peak MiB | max abs diff vs reference |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"- check: max abs diff against the float64 oracle on the first {ORACLE_FRAMES} frames (integer-valued "
+        f"frames: exact up to summation rounding); ours must be within {ORACLE_TOL:g} (the benchmark exits 3 "
+        "otherwise); the fp32 reference may flip a bin near an edge",
+        "- × best other: the fastest provider that is not ours (reference, reference+compile) over ours",
+        "",
+        "| shape | input | provider | median ms | GB/s | % copy | × reference | × best other | peak MiB "
+        "| max abs diff vs reference | vs oracle | ok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        ok = r.get("ok")
         lines.append(
             f"| {r['shape']} | {r['label']} | {r['provider']} | {r['ms']:.3f} | {fmt(r['gbs'], '.3g')} | "
-            f"{fmt(r['pct_copy'], '.3g')} | {fmt(r['speedup_vs_reference'], '.1f')} | {fmt(r['peak_mib'], '.1f')} | "
-            f"{fmt(r['max_abs_diff'], '.2e')} |"
+            f"{fmt(r['pct_copy'], '.3g')} | {fmt(r['speedup_vs_reference'], '.1f')} | "
+            f"{fmt(r.get('speedup_vs_best_other'), '.1f')} | {fmt(r['peak_mib'], '.1f')} | "
+            f"{fmt(r['max_abs_diff'], '.2e')} | {fmt(r.get('oracle_diff'), '.2e')} | "
+            f"{'n/a' if ok is None else 'yes' if ok else 'NO'} |"
         )
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
@@ -154,15 +170,20 @@ def bench_shape(
     notes: list[str],
 ) -> list[dict]:
     """Time every provider on one input; ratios relative to ``reference``."""
+    from kernels.hog import hog_targets_reference
+
     rows: list[dict] = []
     ref_out = providers["reference"](frames)
     out_shape = tuple(ref_out.shape)
     nbytes = moved_bytes(frames, out_shape)
+    k = min(ORACLE_FRAMES, frames.shape[0])
+    oracle = hog_targets_reference(frames[:k], TOKEN_STRIDE, dtype=torch.float64)
     ref_ms = None
     for name, fn in providers.items():
         try:
             out = fn(frames)
             diff = None if out is None else (out.float() - ref_out).abs().max().item()
+            oracle_diff = None if out is None else (out[:k].double() - oracle).abs().max().item()
             ms = time_ms(lambda: fn(frames), device, quick)
         except Exception as exc:  # a provider that cannot run here is reported, not fatal
             notes.append(f"{label} {name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
@@ -184,10 +205,31 @@ def bench_shape(
             "speedup_vs_reference": None if ref_ms is None else ref_ms / ms,
             "peak_mib": peak_mib(lambda: fn(frames), device),
             "max_abs_diff": diff,
+            "oracle_diff": oracle_diff,
+            "ok": None if oracle_diff is None else oracle_diff <= ORACLE_TOL,
         })  # fmt: skip
         r = rows[-1]
-        print(f"  {name:34s} {ms:9.3f} ms  {gbs or 0:8.1f} GB/s  x{r['speedup_vs_reference'] or 0:.1f}", flush=True)
+        print(f"  {name:34s} {ms:9.3f} ms  {gbs or 0:8.1f} GB/s  x{r['speedup_vs_reference'] or 0:.1f}  "
+              f"oracle diff {fmt_opt(oracle_diff)}{'' if r['ok'] is not False else '  MISMATCH'}", flush=True)
+    others = [r["ms"] for r in rows if not is_ours(r["provider"]) and r["bytes"] is not None]
+    for r in rows:
+        r["speedup_vs_best_other"] = min(others) / r["ms"] if others and is_ours(r["provider"]) else None
     return rows
+
+
+def is_ours(provider: str) -> bool:
+    """Our kernels' rows (``triton``, ``triton (cells variant)``, ``triton (interpreter)``)."""
+    return provider.startswith("triton")
+
+
+def fmt_opt(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.1e}"
+
+
+def failed_checks(rows: list[dict]) -> list[str]:
+    """Our rows whose targets differ from the float64 oracle beyond ORACLE_TOL."""
+    return [f"{r['label']} {r['provider']} (oracle diff {r['oracle_diff']:.2e})" for r in rows
+            if is_ours(r["provider"]) and r.get("ok") is False]
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -301,6 +343,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     meta["elapsed_s"] = time.perf_counter() - t_start
     jpath, mpath = write_report(out_dir, stem, meta, rows, notes)
     print(f"wrote {jpath} and {mpath} ({meta['elapsed_s']:.0f} s)")
+    failed = failed_checks(rows)
+    if failed:  # timed and written, but a wrong kernel must not pass as a benchmark run
+        print(f"MISMATCH against the oracle: {'; '.join(failed)}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ x (N, C, T, H, W) and weight (C, 1, kt, kh, kw), with a ``backend=`` choice:
   per call, host included, ``bench/results/pool_conv_nvidia-h200_20261128_triton.md``): each
   MViTv2-L pooling of ≥ 14.4 M input elements at B 4 ran 1.3–2.7× faster through Triton (the
   poolings of stage 1 and of the first blocks of stages 2 and 3, 12 per step: 16.4 → 8.8 ms of
-  a step's 82.6); the 3.6 M ones (stage 3's other 105 per step) 1.5–2.0× slower, presumably
+  a step's 82.6); the 3.6 M ones (stage 3's other 105 per step) 1.46–1.76× slower, presumably
   because a call's time is then its host time (~0.5 ms for the Triton path's four launches
   against torch's two ops: that file has no host column, so this is not measured). At 7.2 M
   two were faster, one even and one 2× slower, so the threshold sits above them. The step with
