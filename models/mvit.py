@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from kernels import launchable_on
 from kernels.attention import relpos_attention
-from kernels.pool import auto_backend, depthwise_conv3d
+from kernels.pool import auto_backend, autocast_dtype, depthwise_conv3d
 
 POOL_BACKENDS = ("auto", "torch", "triton")
 
@@ -213,7 +213,7 @@ class PoolConv3d(nn.Conv3d):
             return super().forward(x)
         if backend not in POOL_BACKENDS:
             raise ValueError(f"pool_backend must be one of {POOL_BACKENDS}, got {backend!r}")
-        cast = _autocast_dtype(x)
+        cast = autocast_dtype(x)
         if backend == "auto":
             if auto_backend(x, cast) == "torch" or not self._triton_shape():
                 return super().forward(x)
@@ -223,22 +223,13 @@ class PoolConv3d(nn.Conv3d):
         elif not self._triton_shape():
             raise ValueError(f"pool_backend='triton' runs depthwise, bias-free, zero-padded, undilated Conv3d "
                              f"pooling only; got {self}")
-        weight = self.weight
-        if cast is not None:
-            x, weight = x.to(cast), weight.to(cast)
-        return depthwise_conv3d(x, weight, tuple(self.stride), tuple(self.padding), backend="triton")
+        # (cast under autocast there, as F.conv3d casts: float64 is left alone)
+        return depthwise_conv3d(x, self.weight, tuple(self.stride), tuple(self.padding), backend="triton")
 
     def _triton_shape(self) -> bool:
         """Whether this convolution is one ``kernels.pool`` computes (MViT's poolings all are)."""
         return (self.bias is None and self.padding_mode == "zeros" and tuple(self.dilation) == (1, 1, 1)
                 and not isinstance(self.padding, str) and self.groups == self.in_channels == self.out_channels)
-
-
-def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    """The dtype autocast would run a convolution of ``x`` in, None outside autocast (and on devices
-    autocast does not know, such as meta)."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) else None
 
 
 def _rows_after_first(like: torch.Tensor) -> torch.Tensor:

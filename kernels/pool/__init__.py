@@ -37,8 +37,18 @@ BACKENDS = ("auto", "torch", "triton")
 AUTO_TRITON_MIN_NUMEL = 1 << 23  # auto: the Triton kernels from this many input elements (module docstring)
 _AUTO_DTYPES = (torch.bfloat16, torch.float16)  # what auto sends to Triton (bf16 timed; fp16: the same bytes)
 
-__all__ = ["AUTO_TRITON_MIN_NUMEL", "BACKENDS", "auto_backend", "depthwise_conv3d", "depthwise_conv3d_reference",
-           "check_inputs"]
+__all__ = ["AUTO_TRITON_MIN_NUMEL", "BACKENDS", "auto_backend", "autocast_dtype", "depthwise_conv3d",
+           "depthwise_conv3d_reference", "check_inputs"]
+
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast runs a convolution of ``x`` in (as ``F.conv3d`` under ``torch.autocast``),
+    None outside autocast, for float64 (which autocast leaves alone) and on devices it does not know
+    (meta)."""
+    dev = x.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev) or x.dtype == torch.float64:
+        return None
+    return torch.get_autocast_dtype(dev) if x.is_floating_point() else None
 
 
 def auto_backend(x: torch.Tensor, dtype: Optional[torch.dtype] = None, *, min_numel: Optional[int] = None,
@@ -67,7 +77,8 @@ def auto_backend(x: torch.Tensor, dtype: Optional[torch.dtype] = None, *, min_nu
 def depthwise_conv3d(
     x: torch.Tensor, weight: torch.Tensor, stride: IntOr3 = 1, padding: IntOr3 = 0, backend: str = "auto"
 ) -> torch.Tensor:
-    """Depthwise 3-D convolution without bias: (N, C, T, H, W) → (N, C, To, Ho, Wo) in x's dtype.
+    """Depthwise 3-D convolution without bias: (N, C, T, H, W) → (N, C, To, Ho, Wo) in x's dtype
+    (under ``torch.autocast``, in the autocast dtype, as ``F.conv3d``: :func:`autocast_dtype`).
 
     Same result shape as ``F.conv3d(x, weight, None, stride, padding, 1, C)``; ``stride`` and
     ``padding`` are ints or (t, h, w) triples. Bad shapes, dtypes, devices or backends raise a
@@ -79,5 +90,8 @@ def depthwise_conv3d(
     if backend == "triton":
         from .triton_pool import depthwise_conv3d_triton  # imports triton only when asked for
 
+        cast = autocast_dtype(x) if isinstance(x, torch.Tensor) else None
+        if cast is not None:  # as torch's convolution under autocast: every backend gives one dtype
+            x, weight = x.to(cast), weight.to(cast)
         return depthwise_conv3d_triton(x, weight, stride, padding)
     return depthwise_conv3d_reference(x, weight, stride, padding)

@@ -106,6 +106,9 @@ def test_gpu_tiling_in_the_interpreter(monkeypatch):
         assert plan.finish[2] > 1  # the finish kernel's loop runs more than once
         check_against_oracle((3, 2, 4, 9, 21), (3, 3, 3), (1, 1, 1), (1, 1, 1), torch.float32)
         check_against_oracle((2, 3, 3, 33, 17), (3, 3, 3), (1, 2, 2), (1, 1, 1), torch.float32)
+        # half precision: the chunks' fp32 partials are summed in fp32, then rounded once (rounding each
+        # partial to the input dtype first passed every other CPU test)
+        check_against_oracle((3, 2, 4, 9, 21), (3, 3, 3), (1, 1, 1), (1, 1, 1), torch.float16)
     finally:
         triton_pool._plan.cache_clear()
 
@@ -407,10 +410,38 @@ def test_model_pool_auto_follows_auto_backend(monkeypatch):
         for got, ref in ((y, y2), (dx, dx2), (dw, dw2)):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert asked == [None, None]
-    # under autocast the rule is asked about the autocast dtype, and Triton gets the cast tensors
+    # under autocast the rule is asked about the autocast dtype, and Triton gets the cast tensors:
+    # the values and gradients of torch's convolution under the same autocast
+    x = torch.randn(1, 4, 2, 8, 8, requires_grad=True)
+    calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = conv(torch.randn(1, 4, 2, 8, 8))
-    assert asked[-1] == torch.bfloat16 and y.dtype == torch.bfloat16
+        y = conv(x)
+        y2 = F.conv3d(x, conv.weight, None, (1, 2, 2), 1, 1, 4)
+    assert asked[-1] == torch.bfloat16 and y.dtype == y2.dtype == torch.bfloat16 and calls == [(512, "triton")]
+    gy = torch.randn_like(y)
+    got, ref = torch.autograd.grad(y, (x, conv.weight), gy), torch.autograd.grad(y2, (x, conv.weight), gy)
+    torch.testing.assert_close(y.float(), y2.float(), rtol=2e-2, atol=2e-2)
+    for g, r in zip(got, ref):
+        assert g.dtype == r.dtype == torch.float32
+        torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2)
+    # float64 is left alone by autocast (F.conv3d returns float64): the Triton path cast it to bf16
+    from kernels.pool import autocast_dtype
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_dtype(torch.ones(1, dtype=torch.float64)) is None
+        assert autocast_dtype(torch.ones(1)) == torch.bfloat16 and autocast_dtype(torch.ones(1, dtype=torch.int64)) is None
+    assert autocast_dtype(torch.ones(1)) is None
+
+
+def test_public_triton_conv_casts_under_autocast_as_torch():
+    """``depthwise_conv3d(backend="triton")`` under autocast returned fp32 for fp32 inputs where the
+    torch backend (F.conv3d) returns the autocast dtype: one function, two dtypes."""
+    x, w = make_inputs((2, 3, 4, 9, 9), (3, 3, 3), torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = depthwise_conv3d(x, w, (1, 2, 2), 1, backend="triton")
+        ref = depthwise_conv3d(x, w, (1, 2, 2), 1, backend="torch")
+    assert got.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("kw", [dict(groups=2, bias=False), dict(groups=4, bias=True), dict(groups=4, bias=False, dilation=2)])
