@@ -1055,7 +1055,7 @@ def export_backbone(output_dir_or_ckpt: str, out_path: Optional[str] = None, tag
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise CheckpointError(f"checkpoint {os.path.join(ckpt_dir, tag)} cannot be read ({type(e).__name__}: {cause}): "
                               f"incomplete or damaged; complete tags: {', '.join(others()) or 'none'} (--tag)") from e
-    if os.path.isdir(out_path):
+    if os.path.isdir(out_path) or out_path.endswith(("/", os.sep)):  # a folder, maybe still to make
         out_path = os.path.join(out_path, "backbone.safetensors")
     backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     if not backbone:  # the module is the backbone (models.MaskFeat / Classifier)
@@ -1071,7 +1071,12 @@ def export_backbone(output_dir_or_ckpt: str, out_path: Optional[str] = None, tag
     replaced = os.path.exists(out_path)
     tmp = f"{out_path}.tmp{os.getpid()}"
     try:
-        save_file(backbone, tmp, metadata=meta)
+        try:
+            save_file(backbone, tmp, metadata=meta)
+        except Exception as e:  # safetensors' own error for a full disk or a missing folder: an OSError
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise OSError(str(e)) from e
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a backbone is shared like the run's other files

@@ -47,6 +47,7 @@ import logging
 import math
 import os
 import pickle
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -474,11 +475,17 @@ def resolve_checkpoint(path: str) -> EvalTarget:
         found = (os.path.dirname(tag_dir), os.path.basename(tag_dir))  # one file of a DeepSpeed tag: the tag
     if found is None:  # a file other than checkpoints/latest: weights
         stem = os.path.splitext(p)[0]
-        ci = os.path.join(os.path.dirname(p), CLASS_INDEX)
-        ci = ci if os.path.isfile(ci) else _export_class_index(p)
+        # the classes of the run an export names first: a classes.json beside the file can be another run's
+        ci = _export_class_index(p)
+        if ci is None and os.path.isfile(os.path.join(os.path.dirname(p), CLASS_INDEX)):
+            ci = os.path.join(os.path.dirname(p), CLASS_INDEX)
         return EvalTarget(where=p, weights=p, ckpt_dir=None, tag=None, run_dir=None, class_index=ci,
                           eval_json=stem + ".eval.json")
     ck, tag = found
+    if os.path.basename(os.path.normpath(ck)) != "checkpoints":  # a tag folder copied out of its run:
+        # no run around it (a classes.json two folders up would be someone else's); results beside the tag
+        return EvalTarget(where=os.path.join(ck, tag), weights=None, ckpt_dir=ck, tag=tag, run_dir=None,
+                          class_index=None, eval_json=os.path.join(ck, f"{tag}.eval.json"))
     run_dir = os.path.dirname(ck)
     ci = os.path.join(run_dir, CLASS_INDEX)
     return EvalTarget(where=os.path.join(ck, tag), weights=None, ckpt_dir=ck, tag=tag, run_dir=run_dir,
@@ -683,22 +690,26 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
                     res["videos"])
     if dist.rank == 0:
         print(json.dumps({k: v for k, v in res.items() if k != "left_out"}), flush=True)
-        os.makedirs(os.path.dirname(target.eval_json), exist_ok=True)
-        write_text_atomic(target.eval_json, json.dumps(res, indent=1))
         # the run's evals.jsonl; a weights file's own <file>.evals.jsonl (not one shared by its folder)
         history = target.eval_json[:-len("eval.json")] + "evals.jsonl"
-        with open(history, "a") as f:
-            f.write(json.dumps(res) + "\n")
-        print(f"eval results written to {target.eval_json} (and appended to {history})", flush=True)
         path = os.path.splitext(target.eval_json)[0] + ".predictions.npz"
-        if preds is None and os.path.exists(path):  # an earlier evaluation's: it would not match eval.json
-            os.remove(path)
-        if preds is not None:
-            paths = np.asarray([loader.dataset.paths[i] for i in preds["video"]])
-            tmp = path + ".tmp.npz"
-            np.savez_compressed(tmp, path=paths, **preds)
-            os.replace(tmp, path)
-            res["predictions"] = path
-            print(f"per-video predictions written to {path}", flush=True)
+        try:
+            os.makedirs(os.path.dirname(target.eval_json), exist_ok=True)
+            write_text_atomic(target.eval_json, json.dumps(res, indent=1))
+            with open(history, "a") as f:
+                f.write(json.dumps(res) + "\n")
+            print(f"eval results written to {target.eval_json} (and appended to {history})", flush=True)
+            if preds is None and os.path.exists(path):  # an earlier evaluation's: it would not match eval.json
+                os.remove(path)
+            if preds is not None:
+                paths = np.asarray([loader.dataset.paths[i] for i in preds["video"]])
+                tmp = path + ".tmp.npz"
+                np.savez_compressed(tmp, path=paths, **preds)
+                os.replace(tmp, path)
+                res["predictions"] = path
+                print(f"per-video predictions written to {path}", flush=True)
+        except OSError as e:  # a read-only model zoo or someone else's run: the result above is the record
+            print(f"warning: eval results not written beside {target.where} ({type(e).__name__}: {e}); the JSON "
+                  "line above is the result", file=sys.stderr, flush=True)
     res["eval_json"] = target.eval_json
     return res

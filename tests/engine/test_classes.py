@@ -275,6 +275,47 @@ def test_eval_maps_classes_by_name_and_writes_into_the_run(videos, tmp_path, one
     assert run_eval(_eval_cfg(videos["root"], tmp_path / "x", "finetune.num_classes=3"), run)["top1"] == 50.0
 
 
+def test_eval_where_results_and_classes_come_from(videos, tmp_path, one_process, monkeypatch, capsys):
+    """A read-only folder crashed eval after the whole evaluation (the JSON line was its only record,
+    then a traceback); a tag folder copied out of its run read a classes.json two folders up and wrote
+    there; a classes.json beside an export beat the one of the run the export names."""
+    import shutil
+
+    import engine.checkpoint
+    from engine.finetune import resolve_checkpoint, run_eval
+
+    run = _fake_run(str(tmp_path / "ft"), _classifier(3, always=2), ["apple", "bunny", "carphone"])
+    real = engine.checkpoint.write_text_atomic
+
+    def read_only(path, text):
+        raise PermissionError(30, "Read-only file system", path)
+
+    monkeypatch.setattr(engine.checkpoint, "write_text_atomic", read_only)
+    res = run_eval(_eval_cfg(videos["root"], tmp_path / "x"), run)
+    out = capsys.readouterr()
+    assert res["top1"] == pytest.approx(50.0) and '"top1": 50.0' in out.out
+    assert "warning: eval results not written beside" in out.err and "Read-only file system" in out.err
+    monkeypatch.setattr(engine.checkpoint, "write_text_atomic", real)
+    # a tag copied out of its run: no run around it
+    copy = tmp_path / "copy"
+    shutil.copytree(os.path.join(run, "checkpoints", "step00000001"), copy / "x" / "step00000001")
+    write_class_index(str(copy / "classes.json"), ["other", "names"], 2)
+    t = resolve_checkpoint(str(copy / "x" / "step00000001"))
+    assert (t.run_dir, t.class_index, t.eval_json) == (None, None, str(copy / "x" / "step00000001.eval.json"))
+    t = resolve_checkpoint(os.path.join(run, "checkpoints", "step00000001"))
+    assert (t.run_dir, t.class_index) == (run, os.path.join(run, "classes.json"))
+    # an export's own run comes first
+    from safetensors.torch import save_file
+
+    exported = copy / "model.safetensors"
+    save_file(_classifier(3, always=2), str(exported),
+              metadata={"format": "maskfeat-backbone", "source": os.path.join(run, "checkpoints", "step00000001")})
+    shutil.copy(copy / "classes.json", copy / "x" / "classes.json")
+    assert resolve_checkpoint(str(exported)).class_index == os.path.join(run, "classes.json")
+    os.remove(os.path.join(run, "classes.json"))  # the run is gone: the file beside it
+    assert resolve_checkpoint(str(exported)).class_index == str(copy / "classes.json")
+
+
 def test_eval_json_says_what_was_evaluated_and_keeps_the_history(videos, tmp_path, one_process, caplog):
     """eval.json records the split, views, precision and the selection split of ``best`` (a warning
     when it is the split evaluated); every evaluation is appended to evals.jsonl; --save-predictions

@@ -312,7 +312,7 @@ def test_a_prune_stopped_half_way_leaves_no_complete_looking_tag(tmp_path, monke
     assert "complete checkpoints: step00000004" in str(err) and "resume an older one" not in str(err)
 
 
-def test_export_says_what_it_wrote(tmp_path, capsys):
+def test_export_says_what_it_wrote(tmp_path, capsys, monkeypatch):
     """A fine-tuned run exported as a 'backbone' kept its head, an earlier export was replaced, and
     --keep-head (pre-training only) was taken: all silently."""
     path = _tag(str(tmp_path), "step00000001", 1)
@@ -323,6 +323,23 @@ def test_export_says_what_it_wrote(tmp_path, capsys):
     assert "(a fine-tuned classifier: exported whole, its head included; --keep-head concerns pre-training" in out
     assert cli.main(["export", str(tmp_path)]) == 0
     assert out.endswith("only)\n") and capsys.readouterr().out.endswith("its head included; replaced the earlier file)\n")
+    # --out naming a folder not made yet (a traceback: safetensors' own error, not an OSError)
+    assert cli.main(["export", str(tmp_path), "--out", str(tmp_path / "new") + os.sep]) == 0
+    assert os.path.isfile(tmp_path / "new" / "backbone.safetensors")
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["export", str(tmp_path), "--out", str(tmp_path / "file" / "b.safetensors")]) == 2
+    assert "maskfeat export: cannot write" in capsys.readouterr().err
+    import safetensors.torch
+
+    class SafetensorError(Exception):  # what safetensors raises for a full disk
+        pass
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert cli.main(["export", str(tmp_path), "--out", str(tmp_path / "c.safetensors")]) == 2
+    assert "No space left on device" in capsys.readouterr().err and not os.path.exists(tmp_path / "c.safetensors")
 
 
 def test_latest_falls_back_to_the_newest_complete_step_tag(tmp_path):
