@@ -665,7 +665,11 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
     try:
         load_classifier_state(model, sd)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"--checkpoint {target.where} (model.name={cfg.model.name}): {e}") from e
+        size = ""
+        if "rel_pos" in str(e) or "pos_embed" in str(e):  # tables sized by the input: say which settings
+            size = (f" (position tables follow the input: data.crop_size={cfg.data.crop_size} and "
+                    f"data.num_frames={cfg.data.num_frames} here; give the values the model was trained with)")
+        raise ConfigError(f"--checkpoint {target.where} (model.name={cfg.model.name}): {e}{size}") from e
     model.to(dist.device).eval()
     image = cfg.data.dataset == "image_folder"
     clips, crops = (1, 1) if image else (cfg.data.num_clips, cfg.data.num_crops)  # an image: one centre view

@@ -68,7 +68,8 @@ KNOWN_PREFIXES = ("module.", "backbone.", "model.")
 # what a classifier adds to the backbone by design: the final norm and the classification head
 CLASSIFIER_NEW_PREFIXES = ("norm.", "head.")
 # a query-pooling conv (and its norm) a pre-training model without that pooling lacks: fresh init,
-# in the classifier's stage transitions only (_query_strided_blocks)
+# at the classifier's last stage transition only (_query_strided_blocks; pre-training keeps the
+# stride at every other one, so their pooling is there; lacking it there is another architecture)
 _FRESH_POOL_Q = re.compile(r"^blocks\.(\d+)\.attn\.(pool_q|norm_q)\.")
 _LIST_KEYS = 5
 _REL_POS_SUFFIXES = ("attn.rel_pos_t", "attn.rel_pos_h", "attn.rel_pos_w")
@@ -315,7 +316,8 @@ def strided_tables_to_classifier(classifier: nn.Module, sd: dict[str, torch.Tens
     head; a headless classifier has no ``head.*``): pre-training's table after the transition is as
     long as the transition block's (both on the unstrided grid), a classifier's is shorter. The
     transition block itself has the same table length on both sides and loads as it is, as in the
-    official code."""
+    official code (one row off: its offset 0 is pre-training's row 12 and the classifier's row 13
+    at MViTv2-S 224, its queries being the finer grid on one side and the keys on the other)."""
     blocks = list(getattr(classifier, "blocks", ()))
     strided = sorted(_query_strided_blocks(classifier))
     if not strided or strided[-1] + 1 >= len(blocks):
@@ -385,10 +387,11 @@ def load_backbone_into_classifier(
     sd, resized = adapt_state_dict(classifier, sd)
     resized = list(dict.fromkeys(regridded + resized))
     strided = _query_strided_blocks(classifier)
+    last = max(strided, default=None)  # pre-training drops the stride of the last transition only
 
     def may_miss(k: str) -> bool:
         m = _FRESH_POOL_Q.match(k)
-        return k.startswith(CLASSIFIER_NEW_PREFIXES) or (m is not None and int(m.group(1)) in strided)
+        return k.startswith(CLASSIFIER_NEW_PREFIXES) or (m is not None and int(m.group(1)) == last)
 
     missing, unexpected = _check_fit(sd, own, "classifier", strict, may_miss)
     res = classifier.load_state_dict(sd, strict=False)

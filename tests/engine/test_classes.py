@@ -378,6 +378,10 @@ def test_eval_refuses_a_model_built_otherwise_than_trained(videos, tmp_path, one
     save_file(_classifier(3, always=2), path, metadata={"config": config_to_yaml(trained)})
     with pytest.raises(ConfigError, match=r"model.overrides.use_mean_pooling: False -> <unset>"):
         run_eval(_eval_cfg(videos["root"], tmp_path / "x"), path)
+    # another input size: the position tables do not fit, and the message says which settings size them
+    with pytest.raises(ConfigError, match=r"rel_pos.*data.crop_size=64 and data.num_frames=4 here; give the values"):
+        run_eval(_eval_cfg(videos["root"], tmp_path / "x", "data.crop_size=64",
+                           "model.overrides.use_mean_pooling=false"), run)
 
 
 def test_eval_rejects_an_eval_class_unseen_in_training(videos, tmp_path, one_process):
