@@ -279,6 +279,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except BrokenPipeError:  # `--help-config | head`: the reader is gone; no traceback
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    if args.command == "eval" and args.config is None and base is None and _launch_rank() == 0:
+        print(f"maskfeat eval: no --config, and {args.checkpoint} carries no config (an official .pyth, a plain "
+              f".pt): the built-in defaults ({cfg.model.name} on the {cfg.data.dataset} clips); give the recipe with "
+              "--config", flush=True)
     if args.config is None and args.command in ("pretrain", "finetune") and _launch_rank() == 0:
         print(f"maskfeat {args.command}: no --config: the built-in defaults ({cfg.model.name} on the "
               f"{cfg.data.dataset} clips, {cfg.schedule.epochs} epochs, into {cfg.train.output_dir}); the recipes are "

@@ -493,6 +493,14 @@ def test_cli_paths_usage_and_defaults(monkeypatch, tmp_path, capsys):
     assert "no --config" not in capsys.readouterr().out
     assert cli.main(["pretrain", "train.output_dir=runs/y"]) == 0
     assert "maskfeat pretrain: no --config: the built-in defaults (mvitv2_tiny on the demo clips" in capsys.readouterr().out
+    import torch
+
+    import engine.finetune
+
+    monkeypatch.setattr(engine.finetune, "run_eval", lambda cfg, checkpoint, save_predictions=False: {})
+    torch.save({"model_state": {}}, str(tmp_path / "official.pyth"))
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "official.pyth")]) == 0
+    assert "carries no config (an official .pyth, a plain .pt): the built-in defaults" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["eval"])
     err = capsys.readouterr().err
