@@ -650,9 +650,12 @@ NON_SHAPE_OVERRIDES = frozenset({"attn_backend", "pool_backend", "drop_path_rate
 """``model.overrides`` keys that leave every parameter shape as it is (run-time options, regularisation,
 initialisation, HOG variants with the same number of bins)."""
 IGNORED_ON_RESUME = ("log.", "train.output_dir", "train.stop_after_steps", "train.overwrite", "data.num_threads",
-                     "data.prefetch", "data.cache_dir", "data.validation_workers")
+                     "data.prefetch", "data.cache_dir", "data.validation_workers", "finetune.pretrained")
 """Config keys (or prefixes ending in ``.``) whose change on resume is not reported: they cannot
-change what is trained."""
+change what is trained (``finetune.pretrained`` is read at a fresh start only)."""
+PATH_KEYS = ("data.root",)
+"""Path settings compared as absolute paths (the CLI makes them absolute; runs saved before kept
+them as given, relative to the folder they were started in)."""
 _FREE_FORM = ("model.overrides.", "deepspeed.extra.")  # user dicts: a key on one side only is a change
 _UNSET = object()
 
@@ -712,7 +715,8 @@ def config_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
         if not free and (k not in a or k not in b):
             continue
         old, new = a.get(k, _UNSET), b.get(k, _UNSET)
-        if old == new:
+        if old == new or (k in PATH_KEYS and isinstance(old, str) and isinstance(new, str) and old and new
+                          and os.path.abspath(old) == os.path.abspath(new)):
             continue
         (fatal if k in shape else other).append(f"{k}: {_fmt(old)} -> {_fmt(new)}")
     return fatal, other

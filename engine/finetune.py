@@ -482,11 +482,12 @@ def resolve_checkpoint(path: str) -> EvalTarget:
         return EvalTarget(where=p, weights=p, ckpt_dir=None, tag=None, run_dir=None, class_index=ci,
                           eval_json=stem + ".eval.json")
     ck, tag = found
-    if os.path.basename(os.path.normpath(ck)) != "checkpoints":  # a tag folder copied out of its run:
-        # no run around it (a classes.json two folders up would be someone else's); results beside the tag
+    real_ck = os.path.dirname(os.path.realpath(os.path.join(ck, tag)))  # (a link to a run's tag: that run)
+    if os.path.basename(real_ck) != "checkpoints":  # a tag folder copied out of its run: no run around it
+        # (a classes.json two folders up would be someone else's); results beside the tag
         return EvalTarget(where=os.path.join(ck, tag), weights=None, ckpt_dir=ck, tag=tag, run_dir=None,
                           class_index=None, eval_json=os.path.join(ck, f"{tag}.eval.json"))
-    run_dir = os.path.dirname(ck)
+    run_dir = os.path.dirname(real_ck)
     ci = os.path.join(run_dir, CLASS_INDEX)
     return EvalTarget(where=os.path.join(ck, tag), weights=None, ckpt_dir=ck, tag=tag, run_dir=run_dir,
                       class_index=ci if os.path.isfile(ci) else None, eval_json=os.path.join(run_dir, "eval.json"))
@@ -713,7 +714,7 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
                 res["predictions"] = path
                 print(f"per-video predictions written to {path}", flush=True)
         except OSError as e:  # a read-only model zoo or someone else's run: the result above is the record
-            print(f"warning: eval results not written beside {target.where} ({type(e).__name__}: {e}); the JSON "
-                  "line above is the result", file=sys.stderr, flush=True)
+            print(f"warning: eval results not all written beside {target.where} ({type(e).__name__}: {e}); the "
+                  "JSON line above is the result", file=sys.stderr, flush=True)
     res["eval_json"] = target.eval_json
     return res

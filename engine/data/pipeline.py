@@ -53,7 +53,7 @@ import av
 import numpy as np
 
 from .errors import ImageDecodeError, VideoDecodeError
-from .probe import rotate_frame
+from .probe import decoded_frames, rotate_frame
 from .sampler import ClipSpec
 
 MAX_REPLACEMENTS = 8
@@ -106,7 +106,7 @@ def _decode_pass(path: str, wanted: set[int], first_wanted: int, short_side: int
             except av.error.FFmpegError:  # a stream that does not start on a key frame: count instead
                 return None
         idx = -1
-        for frame in container.decode(stream):
+        for frame in decoded_frames(container, stream):
             if timeline is not None:
                 if frame.pts is None:
                     return None

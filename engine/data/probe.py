@@ -16,8 +16,9 @@ a file a network filesystem failed to serve once is not left out of later runs),
 ``not_video``, ``decode_error``, ``codec`` (the chosen reader cannot decode it, or FFmpeg itself has
 no decoder for it), ``too_short`` (fewer frames than one clip spans; training only: evaluation repeats the last frame), ``vfr``
 (variable frame rate where the reader needs constant), ``too_small`` (below NVDEC's minimum frame
-size, GPU reader only), ``pix_fmt`` (not 8-bit 4:2:0, GPU reader only), ``rotated`` (a display
-rotation, which DALI's decoders ignore: DALI readers only; PyAV applies it).
+size, GPU reader only), ``pix_fmt`` (not 8-bit 4:2:0, GPU reader only), ``key_start`` (a stream
+cut before its first key frame: DALI readers only), ``rotated`` (a display rotation, which DALI's
+decoders ignore: DALI readers only; PyAV applies it).
 
 ``validate_files(..., full=True)`` (``maskfeat data prepare --check --full``) also decodes every
 frame of each good file (:func:`decode_all_frames`): a file corrupt in the middle passes the
@@ -57,10 +58,12 @@ NVDEC_PIX_FMTS = frozenset({"yuv420p", "yuvj420p", "nv12"})
 """Pixel formats the GPU reader is given: 8-bit 4:2:0, what every NVDEC decodes for every codec of
 :data:`NVDEC_CODECS` (H.264 High 10, 4:2:2 and 4:4:4 are not decoded by NVDEC before Blackwell, per
 NVIDIA's decoder support matrix; other depths of HEVC/VP9/AV1 are left to PyAV too, not measured)."""
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 """2: ``VideoInfo.rotation`` added; 3: ``pts_start``/``pts_step``; 4: ``cfr`` without the one-tick
 allowance at a frame-interval time base; 5: discard-flagged packets and those before the first decoded
-frame not counted, a variable rate's ``fps`` from its times, ``pix_fmt`` (older entries are probed again)."""
+frame not counted, a variable rate's ``fps`` from its times, ``pix_fmt``; 6: the codec's name, not its
+decoder's (AV1), only the first group of pictures cut to the first decoded frame, ``fps`` from evenly
+spaced times (older entries are probed again)."""
 
 
 @dataclass
@@ -90,6 +93,8 @@ class VideoInfo:
     reader seeks only when it is set; otherwise it decodes from the start, counting frames."""
     pix_fmt: str = ""
     """FFmpeg's pixel format of the decoded frames (``yuv420p``, ``yuv420p10le``, ...)."""
+    key_start: bool = True
+    """Whether the stream's first packet is a key frame (False: cut without re-encoding, before one)."""
 
     @property
     def timeline(self) -> tuple[int, float] | None:
@@ -234,15 +239,19 @@ def probe_video(path: str) -> ProbeResult:
         if stream.codec_context is None:  # PyAV: a codec this FFmpeg has no decoder for (an unknown FourCC)
             return ProbeResult(path, reason="codec", detail="FFmpeg found no decoder for its video stream (an "
                                                             "unknown codec, or a file cut short)")
-        codec = stream.codec_context.name
+        # the codec's name, not its decoder's (AV1 decodes with libdav1d: "libdav1d" failed every codec check)
+        codec = getattr(stream.codec_context.codec, "canonical_name", None) or stream.codec_context.name
         width, height = stream.codec_context.width, stream.codec_context.height
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
         pts: list[int] = []
+        keys: list[int] = []  # positions in `pts` of key-frame packets
         try:
             for packet in container.demux(stream):
                 # a discard-flagged packet (the pre-roll of a cut made without re-encoding) decodes to no frame
                 if packet.size and packet.pts is not None and not packet.is_discard:
+                    if packet.is_keyframe:
+                        keys.append(len(pts))
                     pts.append(int(packet.pts))
         except Exception as e:
             if isinstance(e, OSError) and _read_fails(path):  # an I/O error while reading, not the content
@@ -256,21 +265,40 @@ def probe_video(path: str) -> ProbeResult:
             return ProbeResult(path, reason="decode_error", detail=f"first frame does not decode: {e}")
         if first is None or width <= 0 or height <= 0 or not pts:
             return ProbeResult(path, reason="decode_error", detail="no decodable frame")
-        if first.pts is not None:  # frames before the first that decodes (a stream cut before its
-            # first key frame) are dropped by the decoder: frame 0 is the first decoded one on both paths
-            pts = [p for p in pts if p >= first.pts] or pts
+        if first.pts is not None:  # frames of the first group of pictures (up to the second key frame)
+            # before the first that decodes (a stream cut before its key frame) are dropped by the decoder:
+            # frame 0 is the first decoded one on both paths (later times may restart: a concatenation)
+            head = keys[1] if len(keys) > 1 else len(pts)
+            pts = [p for i, p in enumerate(pts) if i >= head or p >= first.pts] or pts
         times = np.asarray(pts, dtype=np.int64)
-        cfr = _frame_durations_cfr(times)
-        if (fps <= 0 or not cfr) and len(pts) > 1 and stream.time_base:
-            # a variable rate: the mean of the times (Matroska's declared rate is its default duration's)
-            span = (max(pts) - min(pts)) * stream.time_base
-            fps = float((len(pts) - 1) / span) if span else fps
+        cfr, step = _frame_durations_cfr(times), _even_step(times)
+        fps = _rate_from_times(times, step, cfr, stream.time_base, fps)
         info = VideoInfo(codec=codec, width=int(width), height=int(height), num_frames=len(pts), fps=fps,
                          cfr=cfr, rotation=frame_rotation(first), pix_fmt=first.format.name,
-                         pts_start=int(times.min()), pts_step=_even_step(times))
+                         pts_start=int(times.min()), pts_step=step, key_start=bool(keys) and keys[0] == 0)
         return ProbeResult(path, info=info)
     finally:
         container.close()
+
+
+def _rate_from_times(times: np.ndarray, step: float, cfr: bool, time_base, declared: float) -> float:
+    """The frame rate the sampler counts frames with: the frames' spacing. The container's declared
+    rate when it agrees with evenly spaced times (within 0.1 %; exact, as a fraction); else the
+    times' own rate: a long last frame made an MP4's declared average 13.8 for 30 fps frames, and
+    Matroska declares its default duration's rate for a variable-rate file. A discontinuous stream
+    (a gap of over 10 frames: a timestamp reset of a concatenation, a freeze) keeps the declared one."""
+    if len(times) < 2 or not time_base:
+        return declared
+    if step > 0:
+        rate = float(1 / (step * time_base))
+        return declared if declared > 0 and abs(rate - declared) <= 1e-3 * rate else rate
+    if cfr:
+        return declared
+    d = np.diff(np.sort(times))
+    d = d[d > 0]
+    if not len(d) or d.max() > 10 * np.median(d):
+        return declared
+    return float((len(times) - 1) / ((times.max() - times.min()) * time_base))
 
 
 def _spelt_otherwise(path: str) -> str:
@@ -314,6 +342,24 @@ def not_regular_file(path: str) -> str:
     return f"{kind}, not a regular file; not opened"
 
 
+def decoded_frames(container, stream):
+    """``container.decode(stream)``, but packets that fail to decode before the first frame are
+    skipped: a stream cut before its first key frame (a copy without re-encoding) starts with frames
+    that reference missing ones, which H.264 drops and VP9 raises on; the probe numbers frames from
+    the first that decodes either way."""
+    started = False
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.error.InvalidDataError:
+            if started:
+                raise
+            continue
+        for frame in frames:
+            started = True
+            yield frame
+
+
 def decode_all_frames(path: str) -> tuple[int, str]:
     """Decode every frame of the first video stream with PyAV (CPU). Returns ``(frames decoded,
     error)``, ``error`` being ``""`` when the whole stream decoded."""
@@ -327,7 +373,7 @@ def decode_all_frames(path: str) -> tuple[int, str]:
                 return 0, "no video stream"
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            for _ in container.decode(stream):
+            for _ in decoded_frames(container, stream):
                 n += 1
     except Exception as e:  # FFmpeg raises many error types for corrupt data
         return n, f"frame {n + 1} does not decode: {type(e).__name__}: {e}"
@@ -360,6 +406,10 @@ def reader_problem(info: VideoInfo, reader: str, min_frames: int) -> tuple[str, 
         return "too_short", f"{info.num_frames} frames, one clip needs {min_frames}"
     if reader == "gpu" and not info.cfr:
         return "vfr", "variable frame rate; the GPU reader needs constant (re-encode with `maskfeat data prepare`)"
+    if reader in ("cpu", "gpu") and not info.key_start:
+        return "key_start", ("starts before its first key frame (a cut without re-encoding), which DALI's decoders "
+                             "fail on (VP9 on the CPU reader); use reader=pyav (auto does) or re-encode with "
+                             "`maskfeat data prepare`")
     if reader in ("cpu", "gpu") and info.rotation:
         return "rotated", (f"display rotation {info.rotation} degrees, which DALI's decoders ignore (the clip would be "
                            f"sideways); use reader=pyav (auto does) or re-encode upright with `maskfeat data prepare`")

@@ -294,7 +294,7 @@ def test_eval_where_results_and_classes_come_from(videos, tmp_path, one_process,
     res = run_eval(_eval_cfg(videos["root"], tmp_path / "x"), run)
     out = capsys.readouterr()
     assert res["top1"] == pytest.approx(50.0) and '"top1": 50.0' in out.out
-    assert "warning: eval results not written beside" in out.err and "Read-only file system" in out.err
+    assert "warning: eval results not all written beside" in out.err and "Read-only file system" in out.err
     monkeypatch.setattr(engine.checkpoint, "write_text_atomic", real)
     # a tag copied out of its run: no run around it
     copy = tmp_path / "copy"
@@ -304,6 +304,10 @@ def test_eval_where_results_and_classes_come_from(videos, tmp_path, one_process,
     assert (t.run_dir, t.class_index, t.eval_json) == (None, None, str(copy / "x" / "step00000001.eval.json"))
     t = resolve_checkpoint(os.path.join(run, "checkpoints", "step00000001"))
     assert (t.run_dir, t.class_index) == (run, os.path.join(run, "classes.json"))
+    os.symlink(os.path.join(run, "checkpoints", "step00000001"), copy / "linked")  # a link to a run's tag: that run
+    t = resolve_checkpoint(str(copy / "linked"))
+    assert (t.run_dir, t.class_index, t.eval_json) == (run, os.path.join(run, "classes.json"),
+                                                       os.path.join(run, "eval.json"))
     # an export's own run comes first
     from safetensors.torch import save_file
 

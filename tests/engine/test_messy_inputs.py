@@ -7,6 +7,7 @@ Videos are tiny (32x16 or 32x32, 24 frames, MJPEG: every frame a key frame, so o
 breaks exactly the frames that need it)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -599,22 +600,27 @@ def test_a_failing_final_evaluation_keeps_the_final_checkpoint_and_is_redone(tmp
     assert p.returncode == 0 and os.path.isdir(other / "checkpoints" / "best"), p.stderr[-3000:]
 
 
-def _numbered_video(path: str, n: int, pts_ms=None, last_duration_s: float = 0.0, gop: int = 0) -> str:
-    """An H.264 clip of ``n`` frames, frame i marked by a bar 2i + 1 pixels wide (up to i = 79);
-    presentation times ``pts_ms`` (default 30 fps), the last packet lasting ``last_duration_s`` when
-    given (a file whose average rate, frames over duration, is not its frame spacing), a key frame
-    every ``gop`` frames when given (x264's default is 250: every seek lands on frame 0)."""
+def _numbered_video(path: str, n: int, pts_ms=None, last_duration_s: float = 0.0, gop: int = 0, first: int = 0,
+                    codec: str = "libx264") -> str:
+    """An H.264 (or ``codec``) clip of ``n`` frames, frame i marked by a bar 2(first + i) + 1 pixels
+    wide (up to 79); presentation times ``pts_ms`` (default 30 fps), the last packet lasting
+    ``last_duration_s`` when given (a file whose average rate, frames over duration, is not its frame
+    spacing), a key frame every ``gop`` frames when given (x264's default is 250: every seek lands on
+    frame 0)."""
     from fractions import Fraction
 
     out = av.open(path, "w")
-    stream = out.add_stream("libx264", rate=30)
+    stream = out.add_stream(codec, rate=30)
     stream.width, stream.height, stream.pix_fmt = 160, 32, "yuv420p"
     stream.codec_context.time_base = Fraction(1, 1000)
-    stream.options = {"bf": "0"} if not gop else {"bf": "0", "g": str(gop), "keyint_min": str(gop)}
+    if codec == "libx264":
+        stream.options = {"bf": "0"} if not gop else {"bf": "0", "g": str(gop), "keyint_min": str(gop)}
+    elif gop:
+        stream.codec_context.gop_size = gop
     packets = []
     for i in range(n):
         img = np.zeros((32, 160, 3), np.uint8)
-        img[:, : 2 * i + 1, 1] = 255
+        img[:, : 2 * (first + i) + 1, 1] = 255
         frame = av.VideoFrame.from_ndarray(img, format="rgb24")
         frame.pts, frame.time_base = (round(i * 1000 / 30) if pts_ms is None else pts_ms[i]), Fraction(1, 1000)
         packets += stream.encode(frame)
@@ -729,10 +735,15 @@ def test_cut_streams_number_frames_from_the_first_that_decodes(tmp_path):
     cases = [(preroll, 5, 55)]
     for ext in ("mp4", "mkv"):
         cases.append((_remux(src, str(tmp_path / f"cut.{ext}"), skip=3), 10, 50))  # key frames at 0, 10, ...
+    # VP9 raises on the frames before its first key frame (H.264 drops them): the count from the start
+    # failed for every clip from frame 0, and so did `--check --full`; DALI's CPU decoder fails on it
+    vp9 = _numbered_video(str(tmp_path / "vp9.webm"), 40, gop=10, codec="libvpx-vp9")
+    cases.append((_remux(vp9, str(tmp_path / "cut.webm"), skip=3), 10, 30))
     for path, first, n in cases:
         info = probe_video(path).info
         assert info.num_frames == n and decode_all_frames(path) == (n, ""), path
-        for start in (0, 1, 20, n - 13):
+        assert not info.key_start and reader_problem(dataclasses.replace(info, codec="vp9"), "cpu", 1)[0] == "key_start"
+        for start in (0, 1, n // 2 - 6, n - 13):
             frames = np.arange(start, start + 13, 4)
             want = (frames + first).tolist()
             assert _frame_numbers(decode_clip_pyav(path, frames, 1000, timeline=info.timeline)) == want, (path, start)
@@ -744,6 +755,45 @@ def test_cut_streams_number_frames_from_the_first_that_decodes(tmp_path):
     frames = np.arange(4, 17, 4)
     step = probe_video(path).info.timeline[1]
     assert _frame_numbers(decode_clip_pyav(path, frames, 1000, timeline=(t0, step))) == (frames + first).tolist()
+    assert probe_video(src).info.key_start and reader_problem(probe_video(vp9).info, "cpu", 1) is None
+
+
+def test_a_timestamp_reset_keeps_every_frame(tmp_path):
+    """Two MPEG-TS files joined byte by byte (`cat a.ts b.ts`), the second's times starting before the
+    first's: frames before the first decoded frame's time were dropped from the count everywhere in
+    the file, so the second half could not be sampled (60 of 120 frames)."""
+    a = _numbered_video(str(tmp_path / "a.ts"), 30, gop=10, pts_ms=[10000 + round(i * 1000 / 30) for i in range(30)])
+    b = _numbered_video(str(tmp_path / "b.ts"), 30, gop=10, first=30, pts_ms=[70 + round(i * 1000 / 30) for i in range(30)])
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(open(a, "rb").read() + open(b, "rb").read())
+    info = probe_video(str(joined)).info
+    assert info.num_frames == 60 and info.timeline is None  # uneven times: counted from the start
+    assert info.fps == pytest.approx(30, rel=0.01)  # the declared rate: not the mean over a reset
+    frames = np.array([0, 20, 40, 59])
+    assert _frame_numbers(decode_clip_pyav(str(joined), frames, 1000)) == frames.tolist()
+
+
+def test_fps_follows_the_frames_not_a_long_last_frame(tmp_path):
+    """An MP4 of 30 fps frames whose last frame lasts 2 s declares an average rate of 13.8 (frames
+    over duration); its times are evenly spaced, so it passed as constant-rate with fps 13.8, and a
+    16x4 clip was sampled 1.83 frames apart instead of 4."""
+    path = str(tmp_path / "long_last.mp4")
+    out = av.open(path, "w")
+    stream = out.add_stream("libx264", rate=30)
+    stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+    packets = []
+    for i in range(50):
+        packets += stream.encode(av.VideoFrame.from_ndarray(np.full((32, 64, 3), i, np.uint8), format="rgb24"))
+    packets += stream.encode()
+    for k, p in enumerate(packets):
+        if k == len(packets) - 1:
+            p.duration = int(2.0 / p.time_base)
+        out.mux(p)
+    out.close()
+    with av.open(path) as c:
+        assert float(c.streams.video[0].average_rate) < 15
+    info = probe_video(path).info
+    assert info.cfr and info.fps == pytest.approx(30, rel=1e-3)
 
 
 def test_probe_cache_saves_of_ranks_with_one_pid_do_not_collide(tmp_path, monkeypatch, capsys):

@@ -215,6 +215,13 @@ def test_other_config_changes_on_resume_are_one_warning(tmp_path):
                                       "reference", "data.sampling_rate: 4 -> 2", "data.batch_size: 2 -> 4",
                                       "optim.lr: 0.001 -> 0.002"])  # output_dir, log.*, stop_after_steps: ignored
     assert check_resume_config(path, config_to_dict(_cfg(str(tmp_path / "y"), "log.jsonl=false"))) is None
+    # a run saved with a relative data.root, resumed from the same folder, where the CLI now makes it absolute
+    rel = str(tmp_path / "rel")
+    path = _tag(rel, "step00000003", 3, config_yaml=config_to_yaml(_cfg(rel, "data.root=data/k400",
+                                                                        "finetune.pretrained=w.safetensors")))
+    same = _cfg(rel, f"data.root={os.path.abspath('data/k400')}", "finetune.pretrained=/elsewhere/w.safetensors")
+    assert check_resume_config(path, config_to_dict(same)) is None
+    assert "data.root: data/k400 -> /other" in check_resume_config(path, config_to_dict(_cfg(rel, "data.root=/other")))
     # the random streams are restored from the checkpoint: a new train.seed does not take effect
     line = check_resume_config(path, config_to_dict(_cfg(str(tmp_path / "z"), "train.seed=5")))
     assert "train.seed: 0 -> 5; continuing with the new values (train.seed seeds a fresh start only" in line
