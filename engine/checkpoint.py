@@ -263,12 +263,14 @@ def _free_name(ckpt_dir: str, name: str) -> str:
     return dst
 
 
-def _promote(ckpt_dir: str, tmp_tag: str, tag: str) -> None:
+def _promote(ckpt_dir: str, tmp_tag: str, tag: str, before_rename: Optional[Callable[[], None]] = None) -> None:
     """Rename ``tmp_tag`` to ``tag`` on every node's first rank. An existing ``best`` (or other
     non-step tag) is replaced; an existing step tag, which a run saves again only after a resume with
     another global batch (the steps count in other units), is set aside as ``<tag>.superseded``.
     Replacing takes two renames (``tag`` -> ``tag.old``, then ``tmp_tag`` -> ``tag``); a kill in between is
-    repaired by :func:`recover_checkpoint_dir` at the next start."""
+    repaired by :func:`recover_checkpoint_dir` at the next start. ``before_rename`` runs right before
+    the final rename, once no earlier folder of that name is in the way (``latest.next``: it must
+    never name the tag being replaced)."""
     src, dst = os.path.join(ckpt_dir, tmp_tag), os.path.join(ckpt_dir, tag)
 
     def move() -> None:
@@ -277,14 +279,15 @@ def _promote(ckpt_dir: str, tmp_tag: str, tag: str) -> None:
         if os.path.isdir(dst) and _STEP_RE.match(tag):
             # a step tag of another step unit (a resume with another global batch): set aside, never overwritten
             os.replace(dst, _free_name(ckpt_dir, f"{tag}.superseded"))
-        if os.path.isdir(dst):
-            old = dst + ".old"
+        old = dst + ".old" if os.path.isdir(dst) else None
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
             os.replace(dst, old)
-            os.replace(src, dst)
+        if before_rename is not None:
+            before_rename()
+        os.replace(src, dst)
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(src, dst)
 
     on_first_local_ranks(move)
 
@@ -343,12 +346,12 @@ def save_checkpoint(
         failed = e
     if _failed_anywhere(failed is not None):
         raise failed or OSError(f"another node could not sync checkpoint {tag} to disk (see its error)")
-    if update_latest and local_rank == 0:
-        # named before the rename: a stop between the rename and `latest` (two fsyncs, slow on a
-        # parallel filesystem) left `latest` on the previous tag, and --resume auto went back to it
-        # and set this complete one aside as newer (:func:`latest_tag` reads this name first)
-        write_text_atomic(os.path.join(ckpt_dir, LATEST_NEXT), tag)
-    _promote(ckpt_dir, tmp_tag, tag)
+    # named right before the rename: a stop between the rename and `latest` (two fsyncs, slow on a
+    # parallel filesystem) left `latest` on the previous tag, and --resume auto went back to it and set
+    # this complete one aside as newer (:func:`latest_tag` reads this name first). Not earlier: a step
+    # tag saved again (another global batch) would be named while the old one still stood there
+    mark = (lambda: write_text_atomic(os.path.join(ckpt_dir, LATEST_NEXT), tag)) if update_latest else None
+    _promote(ckpt_dir, tmp_tag, tag, before_rename=mark)
     if local_rank == 0:
         _fsync_dir(ckpt_dir)  # the rename itself
     if update_latest and local_rank == 0:
@@ -366,7 +369,7 @@ def remove_tag(path: str) -> None:
     stop half-way leaves a folder no longer taken for a complete checkpoint. (``rmtree`` in
     directory order could delete ``config.yaml`` and the optimiser shards first; the tag then read
     as a complete ZeRO-0 one, and ``--resume auto`` could pick it.)"""
-    for pattern in ("engine_state_r*.pt", "*model_states.pt"):
+    for pattern in ("*model_states.pt", "engine_state_r*.pt"):  # (latest_tag checks the first)
         for f in glob.glob(os.path.join(path, pattern)):
             try:
                 os.remove(f)

@@ -870,8 +870,13 @@ def _train_loop(run: Run, step_fn: Callable[[dict], torch.Tensor], *, on_epoch_e
                 saved_at, saved_step = run.save(), st.step
             pending_save = False
             if on_epoch_end is not None and not stop:  # after the epoch's checkpoint: a failure in it loses no training
-                with signals.immediate():  # (an evaluation: a signal stops it at once, the epoch is saved)
-                    on_epoch_end(run)
+                # a signal that came during the epoch's save is taken before the evaluation (it would
+                # wait for its end), on every rank alike; during it, a signal stops at once
+                signalled = signalled_anywhere(device)
+                stop = bool(signalled)
+                if not stop:
+                    with signals.immediate():
+                        on_epoch_end(run)
         if signalled:  # this step saved (unless a scheduled save just did), then stop as the signal says
             if saved_step != st.step:
                 saved_at = run.save()
@@ -885,11 +890,23 @@ def _train_loop(run: Run, step_fn: Callable[[dict], torch.Tensor], *, on_epoch_e
                 else f"no checkpoint of {cfg.train.output_dir} yet"))
     final = run.save()
     if on_finish is not None:  # after the save: a failure in it loses no training
+        signalled = signalled_anywhere(device)
+        if signalled:  # came during the final save: stop before the evaluation (a resume runs it)
+            run.logger.close()
+            raise signals.Terminated(signalled, saved=os.path.basename(final))
         with signals.immediate():
             on_finish(run)
     run.logger.close()
     return {"steps": st.step, "trained": st.step - first_step, "last_loss": last_loss,
             "nonfinite_total": st.nonfinite_total, "seconds": time.time() - t_start, "checkpoint": final}
+
+
+def signalled_anywhere(device: torch.device) -> int:
+    """The scheduler's signal (:mod:`engine.signals`) when any rank got one, else 0: one all-reduce,
+    so that every rank takes the same branch."""
+    flag = torch.full((1,), float(bool(signals.requested())), device=device)
+    all_reduce_sum(flag)
+    return (signals.requested() or int(signal.SIGTERM)) if flag.item() > 0 else 0
 
 
 def report_paths(run: Run, summary: dict, stream=sys.stdout) -> None:

@@ -7,7 +7,9 @@ the step it is in, every rank agrees through that step's all-reduce (a rank that
 follows the others), the step is saved, then the run stops with :class:`Terminated` naming the tag.
 A second signal stops at once: a save that would outlast the scheduler's grace period (SLURM's
 ``KillWait``, 30 s by default) is cut short by its SIGKILL anyway, and the atomic save then leaves
-the previous checkpoint as the latest complete one.
+the previous checkpoint as the latest complete one. (A repeat of the first within ``REPEAT_S`` is
+the same request: SLURM signals every process of a step and torchrun forwards its own copy. torchrun
+forwards SIGUSR1 only when asked: ``--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1``.)
 
 No torch here: the CLI installs the handler before anything heavy is imported.
 """
@@ -17,6 +19,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from typing import Iterator, Optional
 
 __all__ = ["Terminated", "handle", "save_on_signal", "immediate", "requested", "SIGNALS"]
@@ -24,7 +27,10 @@ __all__ = ["Terminated", "handle", "save_on_signal", "immediate", "requested", "
 SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
 """The signals :func:`handle` is installed for (SIGUSR1 where the platform has it)."""
 
-_state = {"armed": False, "signum": 0}
+_state = {"armed": False, "signum": 0, "at": 0.0}
+REPEAT_S = 5.0
+"""A repeat of the first signal within this many seconds is the same request: SLURM signals every
+process of a step, and torchrun forwards what it gets to its workers, so each worker gets it twice."""
 
 
 class Terminated(KeyboardInterrupt):
@@ -48,13 +54,17 @@ class Terminated(KeyboardInterrupt):
 
 
 def handle(signum, frame) -> None:
-    """The handler: a first signal inside a training loop asks it to save and stop; any other raises."""
+    """The handler: a first signal inside a training loop asks it to save and stop (a repeat of it
+    within :data:`REPEAT_S` is the same request); any other raises."""
+    now = time.monotonic()
     if _state["armed"] and not _state["signum"]:
-        _state["signum"] = int(signum)
+        _state["signum"], _state["at"] = int(signum), now
         if os.environ.get("RANK", "0") == "0":
             print(f"{Terminated(signum).name}: saving a checkpoint after this step, then stopping (send it again "
-                  "to stop at once)", file=sys.stderr, flush=True)
+                  f"after {REPEAT_S:.0f} s to stop at once)", file=sys.stderr, flush=True)
         return
+    if _state["armed"] and int(signum) == _state["signum"] and now - _state["at"] < REPEAT_S:
+        return  # the launcher's copy of the same signal
     raise Terminated(signum)
 
 

@@ -14,6 +14,8 @@
   k-th top-1 of ``TOP1_EVALS`` when given, and the saves of ``best`` listed in ``FAIL_BEST_SAVES``
   raise a write failure (a full disk); ``--resume auto`` as the last override resumes. Writes
   ``OUT_DIR/result.json``: the error, if any, and the step of every evaluation that ran.
+- ``signal_in_save``: fine-tuning through the CLI, a SIGTERM sent during save number
+  ``SIGNAL_SAVE``; exits with the CLI's status.
 - ``syncs`` (CUDA): bf16 ZeRO-2 pre-training with torch's sync debug mode on from the third step
   to the last; writes every call that made the CPU wait for the GPU, with the innermost frame of
   ours (engine/, models/, kernels/) or else the innermost frame, and the step it came in.
@@ -188,6 +190,29 @@ def syncs(out_dir: str, overrides: list[str]) -> None:
         json.dump({"watched_steps": list(range(3, steps)), "syncs": found}, f, indent=1)
 
 
+def signal_in_save(out_dir: str, overrides: list[str]) -> None:
+    """Fine-tuning through the CLI whose save number ``SIGNAL_SAVE`` (1-based) gets a SIGTERM while
+    it runs (before DeepSpeed writes): a scheduler's signal during an epoch's (or the final)
+    checkpoint. Exits with the CLI's status."""
+    import signal
+
+    import engine.runner
+    from engine import cli
+
+    orig, calls, at = engine.runner.Run.save, {"n": 0}, int(os.environ["SIGNAL_SAVE"])
+
+    def save(self, tag=None, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return orig(self, tag, **kwargs)
+
+    engine.runner.Run.save = save
+    sys.exit(cli.main(["finetune", "-c", os.path.join(os.path.dirname(__file__), "tiny.yaml"),
+                       f"train.output_dir={out_dir}", *overrides]))
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
-    {"zero": zero, "nonfinite": nonfinite, "evalfail": evalfail, "syncs": syncs}[mode](out, sys.argv[3:])
+    {"zero": zero, "nonfinite": nonfinite, "evalfail": evalfail, "syncs": syncs,
+     "signal_in_save": signal_in_save}[mode](out, sys.argv[3:])

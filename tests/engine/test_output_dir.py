@@ -285,13 +285,29 @@ def test_a_stop_between_the_rename_and_latest_keeps_the_new_tag(tmp_path, monkey
     assert plan.tag == "step00000006" and "latest set to step00000006" in capsys.readouterr().out
     assert _ls(out) == ["latest", "step00000003", "step00000006"]
     assert open(os.path.join(ck, "latest")).read() == "step00000006"
+    # a step tag saved again (a resume with another global batch: the old one is set aside), stopped
+    # between `latest.next` and the rename: it must not name the old tag, which still stood there
+    # when `latest.next` was written before the set-aside (--resume auto went back to the old unit)
+    _tag(out, "step00000008", 8)  # the old unit's step 8
+
+    def marked(path, text):
+        write(path, text)
+        if os.path.basename(path) == "latest.next":
+            raise KeyboardInterrupt  # the stop, before the rename
+
+    monkeypatch.setattr(checkpoint, "write_text_atomic", marked)
+    with pytest.raises(KeyboardInterrupt):
+        _save(out, 8, keep=0)
+    monkeypatch.setattr(checkpoint, "write_text_atomic", write)
+    assert checkpoint.find_latest(out) == "step00000006"
+    assert prepare_output_dir(_cfg(out), "auto").tag == "step00000006"
     # stopped before the rename: `latest.next` names a tag that is not there; the previous one stands
     os.makedirs(os.path.join(ck, ".tmp-step00000009"))
     with open(os.path.join(ck, "latest.next"), "w") as f:
         f.write("step00000009")
     assert checkpoint.find_latest(out) == "step00000006"
     assert prepare_output_dir(_cfg(out), "auto").tag == "step00000006"
-    assert _ls(out) == ["latest", "step00000003", "step00000006"]
+    assert _ls(out) == ["latest", "step00000003", "step00000006", "step00000008.superseded"]
 
 
 def test_a_prune_stopped_half_way_leaves_no_complete_looking_tag(tmp_path, monkeypatch):

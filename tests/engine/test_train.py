@@ -141,6 +141,27 @@ def test_sigterm_saves_the_step_it_comes_in_then_stops(env, tmp_path):
     assert f"{latest} at step {step}" in p.stdout, p.stdout[-2000:]
 
 
+def test_a_signal_during_an_epoch_save_stops_before_the_evaluation(env, tmp_path):
+    """A SIGTERM that came while the epoch's checkpoint was written was taken only after that epoch's
+    evaluation (a Kinetics-size one outlasts the scheduler's grace period); during the final save,
+    the final evaluation ran first. Both now stop at once after the save; a resume evaluates."""
+    common = ["data.num_clips=1", "schedule.max_steps=8", "train.checkpoint_every_epochs=1",
+              "train.eval_every_epochs=1"]  # 4 steps per epoch: saves step 4, best (its evaluation), step 8 (final)
+    out = str(tmp_path / "s2")  # during the evaluation (its `best`): at once, the epoch being saved
+    p = _run([sys.executable, DRIVER, "signal_in_save", out, *common], {**env, "SIGNAL_SAVE": "2"}, ok=(143,))
+    assert "terminated (SIGTERM); the last complete checkpoint is step00000004" in p.stderr, p.stderr[-3000:]
+    for at, step in ((1, 4), (3, 8)):
+        out = str(tmp_path / f"s{at}")
+        p = _run([sys.executable, DRIVER, "signal_in_save", out, *common], {**env, "SIGNAL_SAVE": str(at)}, ok=(143,))
+        assert f"terminated (SIGTERM) after saving step{step:08d}" in p.stderr, p.stderr[-3000:]
+        vals = [r["step"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["split"] == "val"]
+        assert vals == [s for s in (4,) if s < step]  # the evaluation of the saved step did not begin
+        p = _run([sys.executable, "-m", "engine", "finetune", "-c", TINY, f"train.output_dir={out}", *common,
+                  "--resume", "auto"], env)
+        vals = [r["step"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["split"] == "val"]
+        assert vals == [4, 8], p.stdout[-2000:]  # the resume evaluates it first, then goes on
+
+
 def test_signal_handler_asks_inside_the_loop_and_stops_outside():
     import signal
 
@@ -153,9 +174,15 @@ def test_signal_handler_asks_inside_the_loop_and_stops_outside():
         assert signals.requested() == 0
         signals.handle(signal.SIGUSR1, None)  # the first: a request
         assert signals.requested() == signal.SIGUSR1
+        signals.handle(signal.SIGUSR1, None)  # its copy from the launcher (torchrun forwards it): the same
         with pytest.raises(signals.Terminated) as e:
-            signals.handle(signal.SIGTERM, None)  # the second: at once
+            signals.handle(signal.SIGTERM, None)  # another signal: at once
         assert e.value.exit_code == 143
+    with signals.save_on_signal():
+        signals.handle(signal.SIGTERM, None)
+        signals._state["at"] -= signals.REPEAT_S  # the same signal again, later: at once
+        with pytest.raises(signals.Terminated):
+            signals.handle(signal.SIGTERM, None)
     with signals.save_on_signal():
         with signals.immediate(), pytest.raises(signals.Terminated):  # an evaluation between epochs
             signals.handle(signal.SIGTERM, None)
