@@ -126,9 +126,14 @@ def triton_launches(stub: bool) -> Iterator[list]:
                 _IN_LAUNCH[0] -= 1
 
         InterpretedFunction.run = interpreted_run
+    from kernels.attention import triton_attn
+
+    refused = triton_attn.REFUSE_INTERPRETED_BF16
+    triton_attn.REFUSE_INTERPRETED_BF16 = refused and not stub  # stubbed: nothing is computed, so bf16 may pass
     try:
         yield names
     finally:
+        triton_attn.REFUSE_INTERPRETED_BF16 = refused
         for name, attr in saved.items():
             setattr(CompiledKernel, name, attr)
         if interp is not None:

@@ -140,7 +140,8 @@ def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict], notes: 
         f"- check: max abs diff against the float64 oracle on the first {ORACLE_FRAMES} frames (integer-valued "
         f"frames: exact up to summation rounding); ours must be within {ORACLE_TOL:g} (the benchmark exits 3 "
         "otherwise); the fp32 reference may flip a bin near an edge",
-        "- × best other: the fastest provider that is not ours (reference, reference+compile) over ours",
+        "- × best other: the fastest provider that is not ours (reference, reference+compile; whatever its "
+        "oracle check: the fp32 reference is the official computation) over ours",
         "",
         "| shape | input | provider | median ms | GB/s | % copy | × reference | × best other | peak MiB "
         "| max abs diff vs reference | vs oracle | ok |",
@@ -185,8 +186,10 @@ def bench_shape(
             diff = None if out is None else (out.float() - ref_out).abs().max().item()
             oracle_diff = None if out is None else (out[:k].double() - oracle).abs().max().item()
             ms = time_ms(lambda: fn(frames), device, quick)
-        except Exception as exc:  # a provider that cannot run here is reported, not fatal
+        except Exception as exc:  # a provider that cannot run here is reported, not fatal (but one of ours fails the run)
             notes.append(f"{label} {name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
+            if is_ours(name):
+                CRASHED.append(f"{label} {name} ({type(exc).__name__})")
             print(f"  {name:34s} skipped: {type(exc).__name__}", flush=True)
             continue
         if name == "reference":
@@ -226,10 +229,15 @@ def fmt_opt(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{v:.1e}"
 
 
+CRASHED: list[str] = []
+"""Our providers that raised instead of computing (this process's; they fail the run as a mismatch does)."""
+
+
 def failed_checks(rows: list[dict]) -> list[str]:
-    """Our rows whose targets differ from the float64 oracle beyond ORACLE_TOL."""
+    """Our rows whose targets differ from the float64 oracle beyond ORACLE_TOL, and our providers
+    that raised (:data:`CRASHED`)."""
     return [f"{r['label']} {r['provider']} (oracle diff {r['oracle_diff']:.2e})" for r in rows
-            if is_ours(r["provider"]) and r.get("ok") is False]
+            if is_ours(r["provider"]) and r.get("ok") is False] + [f"{c}: raised" for c in CRASHED]
 
 
 def main(argv: Optional[list[str]] = None) -> None:

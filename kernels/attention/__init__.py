@@ -77,10 +77,10 @@ def _cuda_sdpa_priority():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     cuda = torch.backends.cuda
-    order = [b for b, on in ((SDPBackend.CUDNN_ATTENTION, cuda.cudnn_sdp_enabled()),
-                             (SDPBackend.FLASH_ATTENTION, cuda.flash_sdp_enabled()),
-                             (SDPBackend.EFFICIENT_ATTENTION, cuda.mem_efficient_sdp_enabled()),
-                             (SDPBackend.MATH, cuda.math_sdp_enabled())) if on]
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if not torch.compiler.is_compiling():  # (dynamo cannot trace the flag reads: a compiled graph keeps all four)
+        order = [b for b, on in zip(order, (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(),
+                                            cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled())) if on]
     return sdpa_kernel(order, set_priority=True) if order else contextlib.nullcontext()
 
 

@@ -128,7 +128,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import cdiv, empty_buffer, first_order_only, next_pow2, require_launchable, tensor_device
+from kernels import cdiv, empty_buffer, first_order_only, interpreting, next_pow2, require_launchable, tensor_device
 from kernels.launch import batch_step, launch
 
 from .reference import check_inputs, key_onehot, rel_matrix, rel_width, resolve_rel_impl
@@ -1029,6 +1029,11 @@ class _RelPosAttnFusedFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------
+REFUSE_INTERPRETED_BF16 = True
+"""Refuse bf16 inputs in Triton's interpreter (it computes them wrongly); off only while launches
+are stubbed (``bench.attention_host.triton_launches``: counting what a CUDA step would issue)."""
+
+
 def relpos_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1058,6 +1063,9 @@ def relpos_attention_triton(
     require_launchable(q, "relpos_attention_triton", "backend='sdpa'", RuntimeError)
     if q.dtype not in _DOT_DTYPES:
         raise ValueError(f"relpos_attention_triton supports float16, bfloat16 and float32; got {q.dtype}")
+    if q.dtype == torch.bfloat16 and interpreting() and REFUSE_INTERPRETED_BF16:  # numpy has no bfloat16: garbage
+        raise ValueError("relpos_attention_triton in bfloat16 runs on a GPU only: Triton's interpreter computes it "
+                         "wrongly (outputs of 1e8 measured); use float16/float32 on the CPU, or backend='sdpa'")
     B, nh, Nq, hd = q.shape
     if hd > 256:
         raise ValueError(f"head dim {hd} > 256 is not supported by the Triton kernel")

@@ -294,6 +294,13 @@ def test_auto_sdpa_order_keeps_the_callers_backend_choice():
             assert enabled() == (True, True, False, False)
     assert enabled() == (True, True, True, True)
 
+    def f(x):  # dynamo cannot trace the flag reads: a compiled graph takes the whole order, unbroken
+        with _cuda_sdpa_priority():
+            return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+
+    x = torch.randn(1, 2, 8, 16)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x), f(x))
+
 
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])
 def test_cached_constants_survive_a_fake_tensor_mode(backend):

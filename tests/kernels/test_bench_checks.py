@@ -14,8 +14,10 @@ from bench import attention, hog
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 
 
-def test_hog_bench_checks_every_provider_against_the_oracle(tmp_path):
+def test_hog_bench_checks_every_provider_against_the_oracle(tmp_path, monkeypatch):
     from kernels.hog import hog_targets, hog_targets_reference
+
+    monkeypatch.setattr(hog, "CRASHED", [])
 
     frames = hog.make_frames(2, 32, 48, torch.uint8, torch.device("cpu"))
 
@@ -24,15 +26,19 @@ def test_hog_bench_checks_every_provider_against_the_oracle(tmp_path):
         out[0, 0, 0] += 0.01
         return out
 
+    def broken(x):
+        raise RuntimeError("no kernel image is available")
+
     providers = {"reference": lambda x: hog_targets_reference(x, hog.TOKEN_STRIDE),
                  "triton (interpreter)": lambda x: hog_targets(x, hog.TOKEN_STRIDE, backend="triton"),
-                 "triton (wrong)": wrong}
+                 "triton (wrong)": wrong, "triton (broken)": broken}
     notes: list[str] = []
     rows = hog.bench_shape("tiny", frames, providers, torch.device("cpu"), True, 1.0, notes)
     by = {r["provider"]: r for r in rows}
     assert by["triton (interpreter)"]["ok"] is True and by["triton (interpreter)"]["oracle_diff"] < hog.ORACLE_TOL
     assert by["triton (wrong)"]["ok"] is False
-    assert hog.failed_checks(rows) == [f"tiny triton (wrong) (oracle diff {by['triton (wrong)']['oracle_diff']:.2e})"]
+    assert hog.failed_checks(rows) == [f"tiny triton (wrong) (oracle diff {by['triton (wrong)']['oracle_diff']:.2e})",
+                                       "tiny triton (broken) (RuntimeError): raised"]
     ours = by["triton (interpreter)"]
     assert ours["speedup_vs_best_other"] == pytest.approx(by["reference"]["ms"] / ours["ms"])
     assert by["reference"]["speedup_vs_best_other"] is None  # the ratio is ours against the others
@@ -49,6 +55,11 @@ def test_attention_bench_fails_when_one_of_ours_fails_its_check():
     assert attention.failed_checks(rows) == ["auto fwdbwd s2"]  # exits 3
     assert attention.failed_checks(rows[:2]) == []  # an alternative's miss is a warning
     assert attention.failed_checks(rows, ours_only=False) == ["sdpa fwd s1", "auto fwdbwd s2"]
+    # ours raising at a shape fails the run too; a provider not made on this device (no shape) does not
+    skipped = [dict(provider="triton", shape="s3", reason="RuntimeError", **{"pass": "fwd"}),
+               dict(provider="triton", shape=None, reason="CUDA only", **{"pass": "all"}),
+               dict(provider="xformers", shape="s3", reason="ImportError", **{"pass": "fwd"})]
+    assert attention.failed_checks(rows[:2], skipped=skipped) == ["triton fwd s3: raised"]
 
 
 def _attention_runs() -> list[Path]:
