@@ -141,9 +141,9 @@ def test_gpu_check_steps_stop_at_the_deadline(tmp_path):
                                        GPU_CHECK_ELAPSED=str(elapsed)))
         return proc.stdout
 
-    out = run(560)  # 40 s left less the start-up: first's 150 s for the tests is cut to that
-    limit = re.search(r"=== gpu_tests \(limit (\d+)s\)", out)
-    assert limit and 25 <= int(limit.group(1)) <= 40, out[-3000:]
+    out = run(500)  # 100 s left less the start-up: first's 150 s for the tests is cut to that (a slow
+    limit = re.search(r"=== gpu_tests \(limit (\d+)s\)", out)  # start-up on a busy machine: up to 85 s)
+    assert limit and 15 <= int(limit.group(1)) <= 100, out[-3000:]
     assert "skipped" not in out.split("=== summary ===")[1], out[-3000:]
     summary = run(590).split("=== summary ===")[1]  # under 15 s left: every step is skipped
     for name in ("gpu_tests", "bench_attention_b4", "bench_pool_conv", "bench_model_step"):

@@ -446,3 +446,19 @@ def test_rank_0_must_be_its_nodes_local_rank_0():
                                           r"CUDA_VISIBLE_DEVICES"):
         launch_env({"LOCAL_RANK": "1"})
     launch_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "n0"})  # a second process: fine
+
+
+def test_tasks_per_node_reads_each_launchers_count():
+    """The node's process count, asserted directly: a None and a 1 both pass the ZeRO-3 refusal above,
+    so a parse of "4" or "8(x3),1" into None (an `or 0` for the repeat count) went unseen."""
+    from engine.distributed import _slurm_tasks_on_node, _tasks_per_node
+
+    assert [_slurm_tasks_on_node("8(x3),1", n) for n in range(5)] == [8, 8, 8, 1, None]
+    assert _slurm_tasks_on_node("4", 0) == 4 and _slurm_tasks_on_node("2(x2)", 1) == 2
+    assert _slurm_tasks_on_node("4,x", 0) is None  # not SLURM's syntax: unknown, not a guess
+    step = {"SLURM_STEP_ID": "0", "SLURM_JOB_ID": "1", "SLURM_PROCID": "0"}
+    assert _tasks_per_node({**step, "SLURM_TASKS_PER_NODE": "8(x3),1", "SLURM_NODEID": "3"}) == 1
+    assert _tasks_per_node({**step, "SLURM_TASKS_PER_NODE": "4"}) == 4
+    assert _tasks_per_node({**step, "SLURM_NTASKS_PER_NODE": "2", "SLURM_TASKS_PER_NODE": "4"}) == 2
+    assert _tasks_per_node({"LOCAL_WORLD_SIZE": "8", **step}) == 8 and _tasks_per_node({"LOCAL_SIZE": "3"}) == 3
+    assert _tasks_per_node({"SLURM_TASKS_PER_NODE": "4"}) is None  # a batch-script process: not an srun step

@@ -285,6 +285,27 @@ def test_prepare_writes_rotated_videos_upright(rotated, tmp_path):
     assert green[:8, 8:].mean() > 0.8 and green[8:].mean() < 0.1
 
 
+@pytest.mark.parametrize("rotate", [90, 180, 270])
+def test_every_rotation_is_shown_upright_by_the_reader_and_by_prepare(rotate, tmp_path):
+    """90 only was checked: ignoring 180 (or turning 270 the wrong way) in the reader or in
+    `data prepare` passed. The stored 32x16 frame's green block (top-left 8x8) must show where the
+    turned picture has it: 90 clockwise top-right, 180 bottom-right, 270 bottom-left."""
+    from engine.data.prepare import encode_video
+
+    src = write_video(str(tmp_path / "c" / f"r{rotate}.mov"), w=32, h=16, rotate=rotate)
+    shown = (16, 32) if rotate % 180 else (32, 16)  # displayed (width, height)
+    rows, cols = {90: (slice(0, 8), slice(8, 16)), 180: (slice(8, 16), slice(24, 32)),
+                  270: (slice(24, 32), slice(0, 8))}[rotate]
+    info = probe_video(src).info
+    out = str(tmp_path / f"up{rotate}.webm")
+    encode_video(src, out, codec="vp9", short_side=32)
+    assert (probe_video(out).info.width, probe_video(out).info.height, probe_video(out).info.rotation) == (*shown, 0)
+    for frame in (decode_clip_pyav(src, np.array([0]), 32, info.rotation)[0], decode_clip_pyav(out, np.array([0]), 32)[0]):
+        assert frame.shape[:2] == shown[::-1]
+        green = frame[..., 1] > 128
+        assert green[rows, cols].mean() > 0.8 and green.mean() < 0.2, rotate
+
+
 # ---- 5: class folders named '#...' ---------------------------------------------------------------
 
 def test_hash_class_folder_round_trips_through_lists(tmp_path, caplog):
@@ -598,6 +619,12 @@ def test_a_failing_final_evaluation_keeps_the_final_checkpoint_and_is_redone(tmp
     other = tmp_path / "other"
     p = finetune(f"train.output_dir={other}", "schedule.max_steps=2", "--resume", str(out / "checkpoints" / "step00000001"))
     assert p.returncode == 0 and os.path.isdir(other / "checkpoints" / "best"), p.stderr[-3000:]
+    # ending on an epoch's last step (2 steps of 2 clips), with an evaluation every epoch: the epoch's
+    # evaluation is the final one, after the final checkpoint (before it, a failure lost the steps)
+    corrupt_after_first(str(root / "val" / "b" / "v.avi"))
+    edge = tmp_path / "edge"
+    p = finetune(f"train.output_dir={edge}", "schedule.max_steps=2", "train.eval_every_epochs=1")
+    assert p.returncode == 5 and os.path.isdir(edge / "checkpoints" / "step00000002"), p.stderr[-3000:]
 
 
 def _numbered_video(path: str, n: int, pts_ms=None, last_duration_s: float = 0.0, gop: int = 0, first: int = 0,

@@ -122,7 +122,7 @@ def test_mixup_and_cutmix():
     the area-corrected lam): the checks used the lam mix_batch returned, so a lam of 1 (nothing mixed)
     or the two alphas swapped passed."""
     rng, replay = np.random.default_rng(0), np.random.default_rng(0)
-    x = torch.randn(4, 3, 2, 16, 16)
+    x = torch.randn(4, 3, 2, 16, 24)  # H != W: a box drawn with the two swapped is another box
     y = torch.tensor([0, 1, 2, 3])
     seen = set()
     for _ in range(20):
@@ -133,11 +133,14 @@ def test_mixup_and_cutmix():
         drawn = replay.beta(1.0, 1.0) if use_cutmix else replay.beta(0.8, 0.8)
         assert info["cutmix"] == use_cutmix
         if use_cutmix:
-            side = int(16 * np.sqrt(1 - drawn))
-            cy, cx = int(replay.integers(0, 16)), int(replay.integers(0, 16))
-            h = min(16, cy + side // 2) - max(0, cy - side // 2)
-            w = min(16, cx + side // 2) - max(0, cx - side // 2)
-            assert lam == 1 - h * w / 256
+            ch, cw = int(16 * np.sqrt(1 - drawn)), int(24 * np.sqrt(1 - drawn))
+            cy, cx = int(replay.integers(0, 16)), int(replay.integers(0, 24))
+            y0, y1 = max(0, cy - ch // 2), min(16, cy + ch // 2)
+            x0, x1 = max(0, cx - cw // 2), min(24, cx + cw // 2)
+            assert lam == 1 - (y1 - y0) * (x1 - x0) / (16 * 24)
+            box = torch.zeros(16, 24, dtype=torch.bool)
+            box[y0:y1, x0:x1] = True
+            assert torch.equal((xm[0, 0, 0] != x[0, 0, 0]), box & (x.flip(0)[0, 0, 0] != x[0, 0, 0]))
         else:
             assert lam == drawn and 0 < lam < 1
         seen.add(info["cutmix"])
