@@ -296,6 +296,13 @@ def test_a_worker_killed_mid_encode_is_named_and_the_rest_is_done(tmp_path, caps
     monkeypatch.setattr(P, "_job", P._real_job)
     assert prepare_main([str(src), str(dst), *FAST]) == 0  # the rerun encodes it and cleans the dead ones' files
     assert [f for f in all_files(dst) if ".part" in f] == []
+    # an old file of a process that is alive here (another prepare, stalled): not ours to remove
+    from engine.data.prepare import remove_stale_parts
+
+    alive = dst / "cls" / f".slow.webm.part{os.getpid()}"
+    alive.write_text("")
+    os.utime(alive, (0, 0))
+    assert remove_stale_parts(str(dst)) == 0 and alive.exists()
 
 
 def test_a_worker_killed_while_jobs_are_submitted(tmp_path, monkeypatch):

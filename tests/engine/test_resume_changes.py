@@ -302,6 +302,10 @@ def test_logs_are_dropped_by_epoch_across_a_step_rescale(tmp_path):
     assert kept == old + [(7, 3.5), (8, 4.0)]
     cfg = load_config(TINY, [f"train.output_dir={tmp_path}"])
     assert not evaluated_at(cfg, 8, 4.0) and evaluated_at(cfg, 8, 2.0) and evaluated_at(cfg, 8)  # (by step: old)
+    # a record cut before its newline parses, but the next append would join it: dropped, whatever its step
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": 1, "split": "train", "epoch": 0.25}))
+    assert truncate_metrics(str(path), 8, 4.0) == 1 and path.read_text().endswith("\n")
 
 
 # ---- end to end: 2 ranks -> 1 rank, ZeRO-0 ------------------------------------------------------
