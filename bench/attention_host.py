@@ -97,6 +97,8 @@ def triton_launches(stub: bool) -> Iterator[list]:
     stand-in driver, there is no GPU to launch on; Triton's Python side still runs)."""
     from triton.compiler.compiler import CompiledKernel
 
+    from kernels.attention import triton_attn
+
     names: list[str] = []
     saved = {name: CompiledKernel.__dict__[name] for name in ("run", "_init_handles")}
 
@@ -126,8 +128,6 @@ def triton_launches(stub: bool) -> Iterator[list]:
                 _IN_LAUNCH[0] -= 1
 
         InterpretedFunction.run = interpreted_run
-    from kernels.attention import triton_attn
-
     refused = triton_attn.REFUSE_INTERPRETED_BF16
     triton_attn.REFUSE_INTERPRETED_BF16 = refused and not stub  # stubbed: nothing is computed, so bf16 may pass
     try:

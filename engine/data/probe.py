@@ -58,6 +58,8 @@ NVDEC_PIX_FMTS = frozenset({"yuv420p", "yuvj420p", "nv12"})
 """Pixel formats the GPU reader is given: 8-bit 4:2:0, what every NVDEC decodes for every codec of
 :data:`NVDEC_CODECS` (H.264 High 10, 4:2:2 and 4:4:4 are not decoded by NVDEC before Blackwell, per
 NVIDIA's decoder support matrix; other depths of HEVC/VP9/AV1 are left to PyAV too, not measured)."""
+LEAD_PACKETS = 32
+"""Packets after the first key frame whose times may precede it (an open GOP's leading pictures)."""
 CACHE_VERSION = 6
 """2: ``VideoInfo.rotation`` added; 3: ``pts_start``/``pts_step``; 4: ``cfr`` without the one-tick
 allowance at a frame-interval time base; 5: discard-flagged packets and those before the first decoded
@@ -94,7 +96,8 @@ class VideoInfo:
     pix_fmt: str = ""
     """FFmpeg's pixel format of the decoded frames (``yuv420p``, ``yuv420p10le``, ...)."""
     key_start: bool = True
-    """Whether the stream's first packet is a key frame (False: cut without re-encoding, before one)."""
+    """Whether the stream's first packet is a key frame (False: cut without re-encoding, before one;
+    True too when the container flags no key frame at all: unknown)."""
 
     @property
     def timeline(self) -> tuple[int, float] | None:
@@ -265,17 +268,18 @@ def probe_video(path: str) -> ProbeResult:
             return ProbeResult(path, reason="decode_error", detail=f"first frame does not decode: {e}")
         if first is None or width <= 0 or height <= 0 or not pts:
             return ProbeResult(path, reason="decode_error", detail="no decodable frame")
-        if first.pts is not None:  # frames of the first group of pictures (up to the second key frame)
-            # before the first that decodes (a stream cut before its key frame) are dropped by the decoder:
-            # frame 0 is the first decoded one on both paths (later times may restart: a concatenation)
-            head = keys[1] if len(keys) > 1 else len(pts)
+        if first.pts is not None:  # frames at the start (before the first key frame and its leading
+            # pictures, up to the second key frame or LEAD_PACKETS after the first) with times before the
+            # first that decodes (a stream cut before its key frame) are dropped by the decoder: frame 0 is
+            # the first decoded one on both paths (later times may restart: a concatenation)
+            head = min(keys[1] if len(keys) > 1 else len(pts), (keys[0] if keys else 0) + LEAD_PACKETS)
             pts = [p for i, p in enumerate(pts) if i >= head or p >= first.pts] or pts
         times = np.asarray(pts, dtype=np.int64)
         cfr, step = _frame_durations_cfr(times), _even_step(times)
         fps = _rate_from_times(times, step, cfr, stream.time_base, fps)
         info = VideoInfo(codec=codec, width=int(width), height=int(height), num_frames=len(pts), fps=fps,
                          cfr=cfr, rotation=frame_rotation(first), pix_fmt=first.format.name,
-                         pts_start=int(times.min()), pts_step=step, key_start=bool(keys) and keys[0] == 0)
+                         pts_start=int(times.min()), pts_step=step, key_start=not keys or keys[0] == 0)
         return ProbeResult(path, info=info)
     finally:
         container.close()
@@ -283,15 +287,15 @@ def probe_video(path: str) -> ProbeResult:
 
 def _rate_from_times(times: np.ndarray, step: float, cfr: bool, time_base, declared: float) -> float:
     """The frame rate the sampler counts frames with: the frames' spacing. The container's declared
-    rate when it agrees with evenly spaced times (within 0.1 %; exact, as a fraction); else the
+    rate when it agrees with evenly spaced times (within 1 %; exact, as a fraction); else the
     times' own rate: a long last frame made an MP4's declared average 13.8 for 30 fps frames, and
     Matroska declares its default duration's rate for a variable-rate file. A discontinuous stream
     (a gap of over 10 frames: a timestamp reset of a concatenation, a freeze) keeps the declared one."""
     if len(times) < 2 or not time_base:
         return declared
-    if step > 0:
+    if step > 0:  # (1 %: a few frames' times rounded to milliseconds are off by ~0.2 % from 29.97)
         rate = float(1 / (step * time_base))
-        return declared if declared > 0 and abs(rate - declared) <= 1e-3 * rate else rate
+        return declared if declared > 0 and abs(rate - declared) <= 1e-2 * rate else rate
     if cfr:
         return declared
     d = np.diff(np.sort(times))
