@@ -126,7 +126,6 @@ def device_info(device: torch.device) -> dict:
 
 
 def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict], notes: list[str]) -> tuple[Path, Path]:
-    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     lines = [
         f"# HOG targets benchmark — {meta['device_info']['name']}",
         "",
@@ -213,7 +212,7 @@ def bench_shape(
         })  # fmt: skip
         r = rows[-1]
         print(f"  {name:34s} {ms:9.3f} ms  {gbs or 0:8.1f} GB/s  x{r['speedup_vs_reference'] or 0:.1f}  "
-              f"oracle diff {fmt_opt(oracle_diff)}{'' if r['ok'] is not False else '  MISMATCH'}", flush=True)
+              f"oracle diff {fmt(oracle_diff, '.1e')}{'' if r['ok'] is not False else '  MISMATCH'}", flush=True)
     others = [r["ms"] for r in rows if not is_ours(r["provider"]) and r["bytes"] is not None]
     for r in rows:
         r["speedup_vs_best_other"] = min(others) / r["ms"] if others and is_ours(r["provider"]) else None
@@ -225,8 +224,8 @@ def is_ours(provider: str) -> bool:
     return provider.startswith("triton")
 
 
-def fmt_opt(v: Optional[float]) -> str:
-    return "n/a" if v is None else f"{v:.1e}"
+def fmt(v: Optional[float], spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
 
 
 CRASHED: list[str] = []
@@ -255,6 +254,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from kernels.hog import hog_targets, hog_targets_reference
 
     t_start = time.perf_counter()
+    CRASHED.clear()  # (this run's)
     info = device_info(device)
     slug = results_slug(device, info["name"])
     today = datetime.date.today().strftime("%Y%m%d")

@@ -371,10 +371,7 @@ def remove_tag(path: str) -> None:
     as a complete ZeRO-0 one, and ``--resume auto`` could pick it.)"""
     for pattern in ("*model_states.pt", "engine_state_r*.pt"):  # (latest_tag checks the first)
         for f in glob.glob(os.path.join(path, pattern)):
-            try:
-                os.remove(f)
-            except FileNotFoundError:  # (another node's first rank, on a shared filesystem)
-                pass
+            _remove_file(f)  # (gone already: another node's first rank, on a shared filesystem)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -429,6 +426,7 @@ def _read_pointer(ckpt_dir: str, name: str) -> Optional[str]:
 
 
 def _remove_file(path: str) -> None:
+    """``os.remove``, a file already gone being fine."""
     try:
         os.remove(path)
     except FileNotFoundError:
@@ -656,9 +654,12 @@ IGNORED_ON_RESUME = ("log.", "train.output_dir", "train.stop_after_steps", "trai
                      "data.prefetch", "data.cache_dir", "data.validation_workers", "finetune.pretrained")
 """Config keys (or prefixes ending in ``.``) whose change on resume is not reported: they cannot
 change what is trained (``finetune.pretrained`` is read at a fresh start only)."""
-PATH_KEYS = ("data.root",)
-"""Path settings compared as absolute paths (the CLI makes them absolute; runs saved before kept
-them as given, relative to the folder they were started in)."""
+def _path_keys() -> tuple[str, ...]:
+    """The path settings (``config.path_keys``) a resume compares: as absolute paths (the CLI makes
+    them absolute; runs saved before kept them as given, relative to the folder they were started in)."""
+    from engine.config import path_keys
+
+    return tuple(k for k in path_keys() if not k.startswith(IGNORED_ON_RESUME))
 _FREE_FORM = ("model.overrides.", "deepspeed.extra.")  # user dicts: a key on one side only is a change
 _UNSET = object()
 
@@ -708,7 +709,7 @@ def config_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     keys (:data:`IGNORED_ON_RESUME`) and keys on one side only (a field added or removed between
     versions; not so inside ``model.overrides``/``deepspeed.extra``) are skipped."""
     a, b = _flatten(saved), _flatten(now)
-    shape = _shape_keys(a, b)
+    shape, paths = _shape_keys(a, b), _path_keys()
     order = list(b) + [k for k in a if k not in b]
     fatal, other = [], []
     for k in order:
@@ -718,7 +719,7 @@ def config_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
         if not free and (k not in a or k not in b):
             continue
         old, new = a.get(k, _UNSET), b.get(k, _UNSET)
-        if old == new or (k in PATH_KEYS and isinstance(old, str) and isinstance(new, str) and old and new
+        if old == new or (k in paths and isinstance(old, str) and isinstance(new, str) and old and new
                           and os.path.abspath(old) == os.path.abspath(new)):
             continue
         (fatal if k in shape else other).append(f"{k}: {_fmt(old)} -> {_fmt(new)}")

@@ -346,7 +346,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def print0(message: str) -> None:
     """A message every rank would print alike (a stop, an interruption): on the first rank only."""
-    if os.environ.get("RANK", "0") == "0":
+    if _launch_rank() == 0:
         print(message, file=sys.stderr)
 
 

@@ -510,6 +510,19 @@ def _is_path(f: dataclasses.Field) -> bool:
     return bool(f.metadata.get("path"))
 
 
+def path_keys(cls: type = None, prefix: str = "") -> list[str]:
+    """The dotted keys of every path field (``metadata={"path": True}``) of the config, e.g. ``data.root``."""
+    hints = typing.get_type_hints(Config if cls is None else cls)
+    keys = []
+    for f in dataclasses.fields(Config if cls is None else cls):
+        tp = hints[f.name]
+        if _is_path(f):
+            keys.append(prefix + f.name)
+        elif dataclasses.is_dataclass(tp):
+            keys += path_keys(tp, f"{prefix}{f.name}.")
+    return keys
+
+
 def absolute_paths(obj: Any) -> Any:
     """``obj`` (a config or a section) with its relative path fields made absolute against the
     current folder: a run records where its data and weights are, so that ``maskfeat eval

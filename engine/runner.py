@@ -324,7 +324,6 @@ class Run:
         loader_state.update(epoch=pos.epoch, batches_consumed=pos.batches)
         self.loader.load_state_dict(loader_state)
 
-
     def _fork_rngs(self) -> None:
         """Give this rank streams of its own after it restored another rank's state (a ZeRO-0
         checkpoint resumed on more ranks: rank ``r`` reads saved rank ``r mod saved_world``). Each
@@ -334,6 +333,7 @@ class Run:
         self.rng.bit_generator.state = np.random.default_rng([base, self._rank]).bit_generator.state
         torch.manual_seed(int(np.random.default_rng([base, self._rank, 1]).integers(2 ** 62)))
         random.seed(int(np.random.default_rng([base, self._rank, 2]).integers(2 ** 62)))
+
     def save(self, tag: Optional[str] = None, *, update_latest: bool = True, keep: Optional[int] = None) -> str:
         tag = tag or f"step{self.state.step:08d}"
         t0 = time.time()
@@ -857,7 +857,7 @@ def _train_loop(run: Run, step_fn: Callable[[dict], torch.Tensor], *, on_epoch_e
                 else:
                     saved_at, saved_step = run.save(), st.step
             if n_signalled and st.step < d.run_steps:  # (at the last step the final save follows anyway)
-                signalled = signals.requested() or signal.SIGTERM
+                signalled = signals.requested(default=signal.SIGTERM)
                 pending_save = pending_save or end_of_epoch
             stop = bool(signalled or (cfg.train.stop_after_steps and st.step >= cfg.train.stop_after_steps))
             if stop or st.step >= d.run_steps:
@@ -906,7 +906,7 @@ def signalled_anywhere(device: torch.device) -> int:
     so that every rank takes the same branch."""
     flag = torch.full((1,), float(bool(signals.requested())), device=device)
     all_reduce_sum(flag)
-    return (signals.requested() or int(signal.SIGTERM)) if flag.item() > 0 else 0
+    return signals.requested(default=signal.SIGTERM) if flag.item() > 0 else 0
 
 
 def report_paths(run: Run, summary: dict, stream=sys.stdout) -> None:

@@ -68,9 +68,10 @@ def handle(signum, frame) -> None:
     raise Terminated(signum)
 
 
-def requested() -> int:
-    """The signal a training loop was asked to stop on, or 0."""
-    return _state["signum"]
+def requested(default: int = 0) -> int:
+    """The signal a training loop was asked to stop on, or ``default`` (another rank's request: a
+    rank without one of its own stops on the all-reduced flag)."""
+    return _state["signum"] or int(default)
 
 
 @contextlib.contextmanager

@@ -213,9 +213,8 @@ class PoolConv3d(nn.Conv3d):
             return super().forward(x)
         if backend not in POOL_BACKENDS:
             raise ValueError(f"pool_backend must be one of {POOL_BACKENDS}, got {backend!r}")
-        cast = autocast_dtype(x)
         if backend == "auto":
-            if auto_backend(x, cast) == "torch" or not self._triton_shape():
+            if auto_backend(x, autocast_dtype(x)) == "torch" or not self._triton_shape():
                 return super().forward(x)
         elif not launchable_on(x.device):
             raise ValueError("pool_backend='triton' runs Triton kernels: on CUDA, or on a CPU only in Triton's "

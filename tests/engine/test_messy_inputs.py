@@ -27,12 +27,14 @@ from engine.data.probe import decode_all_frames, probe_video, reader_problem, va
 N = 24
 
 
-def write_video(path: str, n: int = N, w: int = 32, h: int = 32, rotate: int | None = None) -> str:
-    """An MJPEG .avi/.mp4/.mov: red = 10*i, a green block in the top-left quarter (rows < h/2, cols < w/4)."""
+def write_video(path: str, n: int = N, w: int = 32, h: int = 32, rotate: int | None = None, codec: str = "mjpeg",
+                pix_fmt: str = "yuvj420p") -> str:
+    """An MJPEG (or ``codec``) .avi/.mp4/.mov: red = 10*i, a green block in the top-left quarter
+    (rows < h/2, cols < w/4)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     c = av.open(path, "w")
-    s = c.add_stream("mjpeg", rate=24)
-    s.width, s.height, s.pix_fmt = w, h, "yuvj420p"
+    s = c.add_stream(codec, rate=24)
+    s.width, s.height, s.pix_fmt = w, h, pix_fmt
     if rotate is not None:  # a phone's "rotate=90" tag (turn clockwise to show) reads back as -90 counter-clockwise
         s.set_display_rotation(-rotate)
     for i in range(n):
@@ -241,16 +243,7 @@ def test_gpu_reader_takes_8_bit_420_only(tmp_path, monkeypatch):
 
     infos = {}
     for pix in ("yuv420p", "yuv420p10le", "yuv422p", "yuv444p"):
-        path = str(tmp_path / f"{pix}.mp4")
-        out = av.open(path, "w")
-        stream = out.add_stream("libx264", rate=30)
-        stream.width, stream.height, stream.pix_fmt = 160, 128, pix
-        for i in range(4):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.full((128, 160, 3), 40 * i, np.uint8), format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-        out.close()
+        path = write_video(str(tmp_path / f"{pix}.mp4"), n=4, w=160, h=128, codec="libx264", pix_fmt=pix)
         infos[pix] = probe_video(path).info
         assert infos[pix].pix_fmt == pix
         problem = reader_problem(infos[pix], "gpu", 1)
@@ -299,7 +292,8 @@ def test_every_rotation_is_shown_upright_by_the_reader_and_by_prepare(rotate, tm
     info = probe_video(src).info
     out = str(tmp_path / f"up{rotate}.webm")
     encode_video(src, out, codec="vp9", short_side=32)
-    assert (probe_video(out).info.width, probe_video(out).info.height, probe_video(out).info.rotation) == (*shown, 0)
+    up = probe_video(out).info
+    assert (up.width, up.height, up.rotation) == (*shown, 0)
     for frame in (decode_clip_pyav(src, np.array([0]), 32, info.rotation)[0], decode_clip_pyav(out, np.array([0]), 32)[0]):
         assert frame.shape[:2] == shown[::-1]
         green = frame[..., 1] > 128

@@ -64,6 +64,12 @@ def _losses(out_dir):
     return steps
 
 
+def _val_steps(out_dir):
+    """The steps of the validation records of a run's metrics.jsonl."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [r["step"] for r in map(json.loads, f) if r["split"] == "val"]
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -154,12 +160,10 @@ def test_a_signal_during_an_epoch_save_stops_before_the_evaluation(env, tmp_path
         out = str(tmp_path / f"s{at}")
         p = _run([sys.executable, DRIVER, "signal_in_save", out, *common], {**env, "SIGNAL_SAVE": str(at)}, ok=(143,))
         assert f"terminated (SIGTERM) after saving step{step:08d}" in p.stderr, p.stderr[-3000:]
-        vals = [r["step"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["split"] == "val"]
-        assert vals == [s for s in (4,) if s < step]  # the evaluation of the saved step did not begin
+        assert _val_steps(out) == [s for s in (4,) if s < step]  # the evaluation of the saved step did not begin
         p = _run([sys.executable, "-m", "engine", "finetune", "-c", TINY, f"train.output_dir={out}", *common,
                   "--resume", "auto"], env)
-        vals = [r["step"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["split"] == "val"]
-        assert vals == [4, 8], p.stdout[-2000:]  # the resume evaluates it first, then goes on
+        assert _val_steps(out) == [4, 8], p.stdout[-2000:]  # the resume evaluates it first, then goes on
 
 
 def test_signal_handler_asks_inside_the_loop_and_stops_outside():
