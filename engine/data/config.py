@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
 
 from .datasets import KNOWN_VIDEO_EXTENSIONS
 
 DATASETS = ("demo", "kinetics", "folder", "image_folder")
 READERS = ("auto", "gpu", "cpu", "pyav")
 BAD_FILE_POLICIES = ("error", "skip")
+SHORT_VIDEO_POLICIES = ("pad", "bad")
 
 
 @dataclass
@@ -63,6 +65,11 @@ class DataConfig:
     on_bad_file: str = "error"
     """What the validation pass does with a bad file: ``error`` (raise, listing all) | ``skip``
     (drop it, and report it by name and reason)."""
+    short_videos: str = "pad"
+    """Training on a video shorter than one clip (fewer frames than ``clip_extent`` at its rate):
+    ``pad`` repeats its last frame, as SlowFast does (its decoder clamps the clip's frame indices to
+    the last frame; the window starts at 0) | ``bad``: it is a bad file (``too_short``), which
+    ``on_bad_file`` refuses or leaves out. Evaluation always repeats the last frame."""
     validation_workers: int = 0
     """Threads for the validation pass; 0 means ``num_threads``."""
     cache_dir: str = field(default="", metadata={"path": True})
@@ -123,6 +130,8 @@ class DataConfig:
             raise ValueError(f"data.reader={self.reader!r}: expected one of {READERS}")
         if self.on_bad_file not in BAD_FILE_POLICIES:
             raise ValueError(f"data.on_bad_file={self.on_bad_file!r}: expected one of {BAD_FILE_POLICIES}")
+        if self.short_videos not in SHORT_VIDEO_POLICIES:
+            raise ValueError(f"data.short_videos={self.short_videos!r}: expected one of {SHORT_VIDEO_POLICIES}")
         for name in ("num_frames", "sampling_rate", "crop_size", "batch_size", "num_threads",
                      "repeated_aug", "num_clips", "prefetch", "short_side"):
             if int(getattr(self, name)) < 1:
@@ -154,3 +163,9 @@ class DataConfig:
         from .sampler import clip_extent
 
         return clip_extent(self.num_frames, self.sampling_rate, fps, self.target_fps)
+
+    def shorter_than_a_clip(self, infos: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+        """``(path, frames, frames one clip spans)`` of the files (path -> ``VideoInfo``) shorter than one
+        clip at their own rate."""
+        spans = {p: self.clip_extent(i.fps) for p, i in infos.items()}
+        return [(p, i.num_frames, spans[p]) for p, i in infos.items() if i.num_frames < spans[p]]

@@ -140,7 +140,8 @@ def validate_dataset(cfg: DataConfig, split: str = "train", *, device: torch.dev
     class list, through which the split's classes are mapped (``datasets.load_dataset``); without
     it the split defines the classes and those left without files are named in a warning.
     ``mode``: in ``test`` a file shorter than one clip is kept (its clips repeat the last frame, as
-    SlowFast evaluates such videos); in training it is ``too_short``. ``agree``: maps this rank's bad
+    SlowFast evaluates such videos); in training too under ``data.short_videos=pad`` (named in a
+    warning), else it is ``too_short``. ``agree``: maps this rank's bad
     files to those of every rank (:func:`agree_across_ranks`), so that all ranks keep the same files.
     """
     device = torch.device(device)
@@ -151,8 +152,10 @@ def validate_dataset(cfg: DataConfig, split: str = "train", *, device: torch.dev
     workers = cfg.validation_workers or cfg.num_threads
     cache = probe_cache_path(cfg, root)
 
+    pad = mode == "test" or cfg.short_videos == "pad"
+
     def min_frames(info: VideoInfo) -> int:
-        return 1 if mode == "test" else cfg.clip_extent(info.fps)
+        return 1 if pad else cfg.clip_extent(info.fps)
 
     # first pass with the codec-agnostic reader to learn codecs, then check for the chosen reader
     base = validate_files(ds.paths, reader="pyav", min_frames=min_frames, workers=workers,
@@ -178,9 +181,22 @@ def validate_dataset(cfg: DataConfig, split: str = "train", *, device: torch.dev
     if classes is None:
         warn_empty_classes(good)
     infos = [report.good[p] for p in good.paths]
-    if reader == "pyav" and (not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0):
-        warn_decoded_from_start(good.paths, infos)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        if reader == "pyav":
+            warn_decoded_from_start(good.paths, infos)
+        if mode != "test":
+            warn_padded(cfg, split, good.paths, infos)
     return DatasetCheck(good, infos, report, reader)
+
+
+def warn_padded(cfg: DataConfig, split: str, paths: Sequence[str], infos: Sequence[VideoInfo]) -> None:
+    """Name the training files shorter than one clip (kept under ``data.short_videos=pad``)."""
+    short = cfg.shorter_than_a_clip(dict(zip(paths, infos)))
+    if short:
+        path, n, need = short[0]
+        log.warning("%d of %d %s files are shorter than one clip (first: %s, %d frames, a clip spans %d): their "
+                    "clips repeat the last frame, as SlowFast's do; data.short_videos=bad leaves them out",
+                    len(short), len(paths), split, path, n, need)
 
 
 LONG_UNEVEN_FRAMES = 300

@@ -65,10 +65,11 @@ import av
 
 import numpy as np
 
+from .config import DataConfig
 from .datasets import (KNOWN_VIDEO_EXTENSIONS, Dataset, empty_classes, read_list_file, scan_class_folders, subfolders,
                        write_class_index, write_list_file)
 from .errors import DataError
-from .probe import NVDEC_MIN_SIZE, frame_rotation, not_regular_file, validate_files
+from .probe import NVDEC_MIN_SIZE, ValidationReport, frame_rotation, not_regular_file, validate_files
 
 CODECS = {"vp9": ("libvpx-vp9", "webm", ".webm"), "h264": ("libx264", "mp4", ".mp4")}
 VIDEO_EXTENSIONS = KNOWN_VIDEO_EXTENSIONS
@@ -521,9 +522,10 @@ def build_prepare_parser() -> argparse.ArgumentParser:
     ap.add_argument("--min-frames", type=int, default=1,
                     help="--check: frames one clip needs, whatever the file's frame rate (see --config)")
     ap.add_argument("--config", default=None,
-                    help="--check: a training recipe (YAML): files shorter than one of its clips are bad, by the "
-                         "file's own frame rate as training counts them (data.num_frames x data.sampling_rate at "
-                         "data.target_fps: 61 frames at 30 fps, 121 at 60 fps for 16x4)")
+                    help="--check: a training recipe (YAML): files shorter than one of its clips, by the file's "
+                         "own frame rate as training counts them (data.num_frames x data.sampling_rate at "
+                         "data.target_fps: 61 frames at 30 fps, 121 at 60 fps for 16x4), are named (their last "
+                         "frame repeats in training) or, under its data.short_videos=bad, bad")
     ap.add_argument("--check", action="store_true", help="only validate SRC (first frame of each file); print bad files")
     ap.add_argument("--full", action="store_true",
                     help="with --check: decode every frame of every file on the CPU (slower; finds files corrupt "
@@ -549,6 +551,16 @@ def _warn_empty_classes(splits: dict[str, Dataset]) -> None:
         if empty:
             print(f"warning: {ds.source or split}: {len(empty)} class(es) without video files: "
                   f"{', '.join(empty[:20])}{' ...' if len(empty) > 20 else ''}", file=sys.stderr)
+
+
+def _note_short(cfg: DataConfig, report: ValidationReport) -> None:
+    """``--check --config`` of a recipe that pads: name the good files shorter than one of its clips."""
+    short = cfg.shorter_than_a_clip(report.good)
+    for path, n, need in short[:20]:
+        print(f"  short: {path} ({n} frames, one clip spans {need})")
+    if short:
+        print(f"note: {len(short)} file(s) shorter than one clip of the recipe{' (20 named)' if len(short) > 20 else ''}: "
+              "training repeats their last frame, as SlowFast does (data.short_videos=bad refuses them)")
 
 
 def prepare_main(argv: list[str]) -> int:
@@ -578,7 +590,8 @@ def prepare_main(argv: list[str]) -> int:
             data_cfg = load_config(args.config).data
         except ConfigError as e:
             ap.error(f"--config: {e}")
-        min_frames = lambda info: data_cfg.clip_extent(info.fps)  # noqa: E731
+        if data_cfg.short_videos == "bad":
+            min_frames = lambda info: data_cfg.clip_extent(info.fps)  # noqa: E731
     try:
         extensions = parse_extensions(args.extensions)
     except ValueError as e:
@@ -592,6 +605,8 @@ def prepare_main(argv: list[str]) -> int:
             report = validate_files(paths, reader="pyav", min_frames=min_frames, workers=args.workers,
                                     progress=True, full=args.full)
             print(report.summary())
+            if args.config and min_frames == 1:
+                _note_short(data_cfg, report)
             if not args.full:
                 print("(the first frame of each file was decoded; --full decodes every frame)")
             _note_missing_val(list(splits))

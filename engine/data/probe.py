@@ -14,7 +14,7 @@ size + mtime, so a second pass over an unchanged dataset only stats the files. R
 such as a FIFO, which is never opened, and an I/O error while FFmpeg reads it: neither is cached, so
 a file a network filesystem failed to serve once is not left out of later runs), ``empty``,
 ``not_video``, ``decode_error``, ``codec`` (the chosen reader cannot decode it, or FFmpeg itself has
-no decoder for it), ``too_short`` (fewer frames than one clip spans; training only: evaluation repeats the last frame), ``vfr``
+no decoder for it), ``too_short`` (fewer frames than one clip spans; training under ``data.short_videos=bad`` only: otherwise the last frame repeats), ``vfr``
 (variable frame rate where the reader needs constant), ``too_small`` (below NVDEC's minimum frame
 size, GPU reader only), ``pix_fmt`` (not 8-bit 4:2:0, GPU reader only), ``key_start`` (a stream
 cut before its first key frame: DALI readers only), ``rotated`` (a display rotation, which DALI's
@@ -181,7 +181,8 @@ class BadDatasetError(RuntimeError):
             reasons = sorted({b.reason for b in report.bad})
             hint = (f"(no usable file is left: every file is bad ({', '.join(reasons)}); data.on_bad_file=skip "
                     "would leave nothing either: fix or replace them"
-                    + ("; too_short: each file is shorter than one clip, num_frames x sampling_rate at target_fps"
+                    + ("; too_short: each file is shorter than one clip, num_frames x sampling_rate at target_fps "
+                       "(data.short_videos=pad trains on such files with their last frame repeated)"
                        if "too_short" in reasons else "") + ")")
         else:
             hint = "(set data.on_bad_file=skip to leave them out and go on with the others)"

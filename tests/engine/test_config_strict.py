@@ -62,6 +62,7 @@ def test_non_finite_floats_are_rejected_naming_the_field(override):
     ("data.rand_augment_n=-1", r"data.rand_augment_n must be >= 0"),
     ("data.validation_workers=-2", r"data.validation_workers must be >= 0"),
     ("data.seed=-1", r"data.seed must be >= 0"),
+    ("data.short_videos=skip", r"data.short_videos='skip': expected one of \('pad', 'bad'\)"),
     ("train.seed=-1", r"train.seed must be >= 0"),
     ("model.drop_path=1.5", r"model.drop_path must be in \[0, 1\)"),
     ("train.output_dir=", r"train.output_dir must not be empty"),

@@ -442,27 +442,48 @@ def test_probe_cache_lives_in_cache_dir_and_reads_the_old_one(tmp_path):
 
 # ---- short videos in evaluation; agreement of ranks on the bad files ------------------------------
 @pytest.mark.parametrize("reader", ["pyav", "cpu"])
-def test_a_video_shorter_than_a_clip_is_evaluated_but_not_trained_on(tmp_path, reader):
-    """SlowFast evaluates a video shorter than one clip with its last frame repeated (Kinetics val has
-    such videos); training leaves it out as too_short (data.on_bad_file decides how)."""
+def test_a_video_shorter_than_a_clip_is_evaluated_and_trained_on_with_its_last_frame_repeated(tmp_path, reader,
+                                                                                               caplog):
+    """SlowFast evaluates and trains on a video shorter than one clip with its last frame repeated
+    (its decoder clamps the indices; Kinetics val has such videos); ``data.short_videos=bad`` leaves
+    it out of training as too_short (data.on_bad_file decides how)."""
     root = tmp_path / "short"
-    for cls in ("a", "b"):
-        write_video(str(root / "val" / cls / "long.avi"))
-    short = write_video(str(root / "val" / "b" / "short.avi"), n=3)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            write_video(str(root / split / cls / "long.avi"))
+        short = write_video(str(root / split / "b" / "short.avi"), n=3)
     cfg = cfg_for(str(root), num_frames=8, sampling_rate=1, num_clips=2, num_crops=1, reader=reader)
     with pytest.raises(BadDatasetError, match="short.avi.*too_short"):
-        validate_dataset(cfg, "val")
-    check = validate_dataset(cfg, "val", mode="test")
-    assert short in check.dataset.paths and not check.report.bad
+        validate_dataset(dataclasses.replace(cfg, short_videos="bad"), "train")
+    trained = validate_dataset(dataclasses.replace(cfg, short_videos="bad", on_bad_file="skip"), "train")
+    assert len(trained.dataset.paths) == 2 and "short.avi" not in str(trained.dataset.paths)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="engine.data.loader"):
+        check = validate_dataset(cfg, "train")
+    assert str(root / "train" / "b" / "short.avi") in check.dataset.paths and not check.report.bad
+    assert (f"1 of 3 train files are shorter than one clip (first: {root / 'train' / 'b' / 'short.avi'}, 3 frames, "
+            "a clip spans 8)") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="engine.data.loader"):
+        check = validate_dataset(cfg, "val", mode="test")
+    assert short in check.dataset.paths and not check.report.bad and "shorter than one clip" not in caplog.text
+
+    def clips_of_short(loader, key: str) -> list[torch.Tensor]:
+        seen = []
+        for batch in loader:
+            for i, v in enumerate(batch[key].tolist()):
+                if os.path.basename(loader.dataset.paths[v]) == "short.avi" and batch["valid"][i]:
+                    seen.append(batch["video"][i])
+        return seen
+
     loader = build_loader(cfg, "val", mode="test")
     assert loader.reader == reader
-    seen = {}
-    for batch in loader:
-        for i, v in enumerate(batch["video_id"].tolist()):
-            if loader.dataset.paths[v] == short:
-                seen.setdefault(v, []).append(batch["video"][i])
-    (clips,) = seen.values()
+    clips = clips_of_short(loader, "video_id")
     assert len(clips) == 2  # both temporal views, each 8 frames from a 3-frame file
+    train = build_loader(cfg, "train", mode="pretrain")
+    assert train.reader == reader
+    clips += clips_of_short(train, "index")
+    assert len(clips) == 3  # one training clip per video and epoch
     for c in clips:  # frames 0, 1, 2, then the last one, 2, repeated (red level 10·i: rising, not wrapped to 0)
         assert all(torch.equal(c[:, t], c[:, 2]) for t in range(3, 8))
         red = c[0].mean(dim=(1, 2))

@@ -569,13 +569,19 @@ def test_check_with_a_recipe_counts_clip_frames_by_each_files_rate(tmp_path, cap
     fast = make_clip(str(tmp_path / "src" / "b" / "fast.mkv"), n=6, pts_ms=[round(i * 1000 / 60) for i in range(6)],
                      rate=60)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("data:\n  num_frames: 4\n  sampling_rate: 2\n  target_fps: 30\n")  # 3 of 10 fps, 13 of 60
+    recipe.write_text("data:\n  num_frames: 4\n  sampling_rate: 2\n  target_fps: 30\n  short_videos: bad\n")
     assert prepare_main([str(tmp_path / "src"), "--check", "--min-frames", "7"]) == 1
     out = capsys.readouterr().out
     assert f"{slow}: too_short" in out and f"{fast}: too_short" in out
-    assert prepare_main([str(tmp_path / "src"), "--check", "--config", str(recipe)]) == 1
+    assert prepare_main([str(tmp_path / "src"), "--check", "--config", str(recipe)]) == 1  # 3 of 10 fps, 13 of 60
     out = capsys.readouterr().out
-    assert f"{fast}: too_short (6 frames, one clip needs 13)" in out and slow not in out
+    assert f"{fast}: too_short (6 frames, one clip needs 13)" in out and slow not in out and "short:" not in out
+    # a recipe that pads (the default, as SlowFast) trains on the short file: named, not bad
+    recipe.write_text("data:\n  num_frames: 4\n  sampling_rate: 2\n  target_fps: 30\n")
+    assert prepare_main([str(tmp_path / "src"), "--check", "--config", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "too_short" not in out and f"  short: {fast} (6 frames, one clip spans 13)" in out and slow not in out
+    assert "note: 1 file(s) shorter than one clip of the recipe: training repeats their last frame" in out
     # no val split: the check passed, then fine-tuning refused the same data; it says so now
     assert "note: no val split (only train): fine-tuning evaluates finetune.eval_split" in out
     make_clip(str(tmp_path / "split" / "train" / "a" / "x.mkv"), n=6)
