@@ -204,14 +204,16 @@ LONG_UNEVEN_FRAMES = 300
 
 
 def warn_decoded_from_start(paths: list[str], infos: list[VideoInfo]) -> None:
-    """Warn about long files whose frame times are uneven (variable frame rate, a gap): PyAV decodes
-    each of their clips from the first frame (``VideoInfo.timeline``), a cost that grows with the
-    video's length; ``maskfeat data prepare`` re-encodes them at a constant rate."""
+    """Warn about long files PyAV does not seek in (``VideoInfo.timeline`` is None: uneven frame
+    times, from a variable frame rate or a gap, or an MPEG program/transport stream,
+    ``probe.NO_SEEK_FORMATS``): each of their clips is decoded from the first frame, a cost that
+    grows with the video's length; ``maskfeat data prepare`` re-encodes them (WebM or MP4, constant rate)."""
     slow = [(p, i) for p, i in zip(paths, infos) if i.timeline is None and i.num_frames > LONG_UNEVEN_FRAMES]
     if slow:
-        log.warning("%d of %d files (first: %s, %d frames) have uneven frame times: every clip of theirs is decoded "
-                    "from the first frame (no seek), slower the longer they are; `maskfeat data prepare` re-encodes "
-                    "them at a constant rate", len(slow), len(paths), slow[0][0], slow[0][1].num_frames)
+        log.warning("%d of %d files (first: %s, %d frames) cannot be seeked in (uneven frame times, or an MPEG "
+                    "program/transport stream): every clip of theirs is decoded from the first frame, slower the "
+                    "longer they are; `maskfeat data prepare` re-encodes them (WebM or MP4, constant rate)",
+                    len(slow), len(paths), slow[0][0], slow[0][1].num_frames)
 
 
 def restore_position(loader, state: dict) -> None:

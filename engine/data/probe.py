@@ -60,12 +60,20 @@ NVDEC_PIX_FMTS = frozenset({"yuv420p", "yuvj420p", "nv12"})
 NVIDIA's decoder support matrix; other depths of HEVC/VP9/AV1 are left to PyAV too, not measured)."""
 LEAD_PACKETS = 32
 """Packets after the first key frame whose times may precede it (an open GOP's leading pictures)."""
-CACHE_VERSION = 6
+CACHE_VERSION = 7
 """2: ``VideoInfo.rotation`` added; 3: ``pts_start``/``pts_step``; 4: ``cfr`` without the one-tick
 allowance at a frame-interval time base; 5: discard-flagged packets and those before the first decoded
 frame not counted, a variable rate's ``fps`` from its times, ``pix_fmt``; 6: the codec's name, not its
 decoder's (AV1), only the first group of pictures cut to the first decoded frame, ``fps`` from evenly
-spaced times (older entries are probed again)."""
+spaced times; 7: no seek in MPEG program/transport/elementary streams (:data:`NO_SEEK_FORMATS`), a
+display matrix that is no rotation read as none (older entries are probed again)."""
+NO_SEEK_FORMATS = frozenset({"mpeg", "mpegts", "mpegvideo"})
+"""FFmpeg demuxers whose frame times after a seek do not number the frames: MPEG-1/2 program streams
+(.mpg, .vob) label the pictures after a seek 1-2 frames off while still stepping by one (measured: 31
+of 93 clips of an MPEG-1 file with B-frames came back with other frames, no error), and in MPEG
+transport streams (.ts, .m2ts, .mts) and MPEG video elementary streams (.m2v) the seek lands past the
+wanted frame, so every clip was decoded twice. Their ``VideoInfo.pts_step`` is 0: the PyAV reader
+decodes them from the start, counting frames."""
 
 
 @dataclass
@@ -115,9 +123,12 @@ class VideoInfo:
 def frame_rotation(frame) -> int:
     """The display rotation of a decoded PyAV frame in counter-clockwise degrees, one of 0, 90, 180,
     270 (``VideoFrame.rotation``: FFmpeg's ``av_display_rotation_get`` of the display matrix; a
-    "rotate=90" tag, i.e. turn clockwise to show, reads -90 there and 270 here)."""
-    rot = getattr(frame, "rotation", 0) or 0
-    return int(round(float(rot) / 90.0)) % 4 * 90
+    "rotate=90" tag, i.e. turn clockwise to show, reads -90 there and 270 here). A matrix that is no
+    rotation (all zeros, a zero scale: FFmpeg gives NaN, which PyAV hands over as INT_MIN) is 0."""
+    rot = float(getattr(frame, "rotation", 0) or 0)
+    if not abs(rot) <= 360:
+        return 0
+    return int(round(rot / 90.0)) % 4 * 90
 
 
 def rotate_frame(img: np.ndarray, rotation: int) -> np.ndarray:
@@ -278,9 +289,11 @@ def probe_video(path: str) -> ProbeResult:
         times = np.asarray(pts, dtype=np.int64)
         cfr, step = _frame_durations_cfr(times), _even_step(times)
         fps = _rate_from_times(times, step, cfr, stream.time_base, fps)
+        seekable = not NO_SEEK_FORMATS.intersection((container.format.name or "").split(","))
         info = VideoInfo(codec=codec, width=int(width), height=int(height), num_frames=len(pts), fps=fps,
                          cfr=cfr, rotation=frame_rotation(first), pix_fmt=first.format.name,
-                         pts_start=int(times.min()), pts_step=step, key_start=not keys or keys[0] == 0)
+                         pts_start=int(times.min()), pts_step=step if seekable else 0.0,
+                         key_start=not keys or keys[0] == 0)
         return ProbeResult(path, info=info)
     finally:
         container.close()
@@ -563,7 +576,9 @@ def validate_files(paths: Sequence[str], *, reader: str = "pyav",
 
 
 def _full_decode(report: ValidationReport, workers: int, progress: bool) -> None:
-    """Decode every frame of ``report.good``'s files; move those that fail to ``report.bad``."""
+    """Decode every frame of ``report.good``'s files; move those that fail, or that decode fewer frames
+    than their packets count (an MP4 cut short after its index: the threaded decoder ends early without
+    an error, and clips past the end failed in training), to ``report.bad``."""
     todo = list(report.good)
     from engine.logging import work_progress
 
@@ -572,6 +587,9 @@ def _full_decode(report: ValidationReport, workers: int, progress: bool) -> None
         for p, (n, err) in zip(todo, ex.map(decode_all_frames, todo)):
             if err:
                 failed[p] = f"{err} ({n} of {report.good[p].num_frames} frames decoded; a full decode fails)"
+            elif n < report.good[p].num_frames:
+                failed[p] = (f"{n} of {report.good[p].num_frames} frames decode: the stream ends early (a file cut "
+                             "short?)")
             bar.update(1)
     for p in todo:
         if p in failed:

@@ -189,6 +189,30 @@ def test_full_check_decodes_every_frame(corrupt_root, capsys):
     assert f"bad: {bad}: decode_error" in out
 
 
+def test_full_check_finds_a_download_cut_short(tmp_path):
+    """An MP4 with its index first (faststart), cut short: the probe counts the packets up to the cut
+    (the last one cut too), the threaded decoder stops before them without an error, so --check --full
+    passed it and clips at the end failed in training ("no frame decoded")."""
+    path = str(tmp_path / "cut.mp4")
+    out = av.open(path, "w", options={"movflags": "faststart"})
+    stream = out.add_stream("libx264", rate=30)
+    stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+    rng = np.random.default_rng(0)
+    for i in range(120):
+        img = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)  # noise: packets of similar size
+        for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            out.mux(packet)
+    for packet in stream.encode():
+        out.mux(packet)
+    out.close()
+    assert not validate_files([path], full=True).bad
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: int(len(data) * 0.6)])
+    n = probe_video(path).info.num_frames
+    (bad,) = validate_files([path], full=True).bad
+    assert bad.reason == "decode_error" and f"of {n} frames decode: the stream ends early" in bad.detail, bad
+
+
 # ---- 3: extensions left out ---------------------------------------------------------------------
 
 def test_other_video_extensions_are_counted_and_prepare_takes_extensions(tmp_path, caplog, capsys):
@@ -276,6 +300,26 @@ def test_prepare_writes_rotated_videos_upright(rotated, tmp_path):
     frame = decode_clip_pyav(out, np.array([0]), 32)[0]
     green = frame[..., 1] > 128
     assert green[:8, 8:].mean() > 0.8 and green[8:].mean() < 0.1
+
+
+def test_a_display_matrix_that_is_no_rotation_reads_as_none(tmp_path):
+    """An MP4 whose track matrix is all zeros (or has a zero scale) has no rotation; FFmpeg's angle is
+    NaN and PyAV's ``frame.rotation`` INT_MIN, which read as 270: such a file was turned sideways."""
+    import struct
+    from types import SimpleNamespace
+
+    from engine.data.probe import frame_rotation
+
+    assert [frame_rotation(SimpleNamespace(rotation=r)) for r in (-90, 90, -180, 0, None, -2147483648)] == \
+        [270, 90, 180, 0, 0, 0]
+    path = write_video(str(tmp_path / "m.mp4"), codec="mpeg4", pix_fmt="yuv420p")
+    data = bytearray(open(path, "rb").read())
+    at = data.index(b"tkhd") + 4  # version 0: flags, times, track id, reserved, duration, reserved, layer ... volume
+    struct.pack_into(">9i", data, at + 4 + 20 + 8 + 8, *(0,) * 9)  # the 3x3 matrix
+    open(path, "wb").write(bytes(data))
+    with av.open(path) as c:
+        assert next(c.decode(video=0)).rotation == -2147483648  # (the patch hit the matrix)
+    assert probe_video(path).info.rotation == 0
 
 
 @pytest.mark.parametrize("rotate", [90, 180, 270])
@@ -730,6 +774,34 @@ def test_pyav_decodes_the_planned_frames_of_irregular_timelines(tmp_path):
     assert _frame_numbers(decode_clip_pyav(regular, frames, 1000)) == frames.tolist()  # no timeline: counted
 
 
+@pytest.mark.parametrize("name, fmt, codec", [("ps.mpg", "mpeg", "mpeg1video"), ("ts.ts", "mpegts", "mpeg2video"),
+                                               ("es.m2v", "mpeg2video", "mpeg2video")])
+def test_mpeg_streams_are_decoded_counting_frames(tmp_path, name, fmt, codec):
+    """After a seek, an MPEG-1 program stream with B-frames labelled its pictures 1-2 frames off while
+    the numbers still stepped by one: a third of its clips came back with other frames, no error. In
+    transport and elementary streams the seek landed past the wanted frame (every clip decoded twice).
+    The probe gives them no timeline: the reader counts frames from the start."""
+    path = str(tmp_path / name)
+    out = av.open(path, "w", format=fmt)
+    stream = out.add_stream(codec, rate=25)
+    stream.width, stream.height, stream.pix_fmt = 160, 32, "yuv420p"
+    stream.codec_context.gop_size = 12
+    stream.options = {"bf": "2", "qscale": "2"}
+    for i in range(120):
+        img = np.zeros((32, 160, 3), np.uint8)
+        img[:, : 2 * (i % 40) + 1, 1] = 255  # the bar of _frame_numbers, modulo 40 (it is at most 79 wide)
+        for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            out.mux(packet)
+    for packet in stream.encode():
+        out.mux(packet)
+    out.close()
+    info = probe_video(path).info
+    assert info.num_frames == 120 and info.timeline is None
+    for start in range(1, 100, 7):
+        frames = np.arange(start, start + 16, 3)
+        assert _frame_numbers(decode_clip_pyav(path, frames, 1000, timeline=info.timeline)) == (frames % 40).tolist()
+
+
 def test_long_files_without_seeks_are_named(tmp_path, caplog):
     """Files with uneven frame times (variable rate) are decoded from the first frame for every clip:
     a long one costs that every time, silently. The check names them and says what re-encodes them."""
@@ -744,7 +816,7 @@ def test_long_files_without_seeks_are_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="engine.data.loader"):
         validate_dataset(cfg_for(str(tmp_path)), "train")
     text = " ".join(r.getMessage() for r in caplog.records)
-    assert f"1 of 3 files (first: {tmp_path / 'a' / 'vfr.mp4'}, {n} frames) have uneven frame times" in text
+    assert f"1 of 3 files (first: {tmp_path / 'a' / 'vfr.mp4'}, {n} frames) cannot be seeked in (uneven frame times" in text
     assert "maskfeat data prepare" in text
 
 
