@@ -3,7 +3,8 @@
 Each video is decoded with PyAV and re-encoded with a short side of at most ``--short-side`` (no
 upscaling, except VP9 below NVDEC's 128x128, scaled up to it when ``--short-side`` is at least
 that; even sizes; limited-range yuv420p, full-range input such as MJPEG converted), a
-constant frame rate (``--fps``; 0 keeps the source's average rate; each output frame is the
+constant frame rate (``--fps``; 0 keeps the source's rate as the probe measures it, the frames'
+spacing that training samples by (``VideoInfo.fps``), not the container's declared average; each output frame is the
 source frame nearest to its time, so variable-rate input becomes constant and timestamps rounded
 to milliseconds or jittered keep every frame), a short GOP
 (``--gop``, key frame every N frames, for fast seeking), turned upright when the source has a display
@@ -69,7 +70,8 @@ from .config import DataConfig
 from .datasets import (KNOWN_VIDEO_EXTENSIONS, Dataset, empty_classes, read_list_file, scan_class_folders, subfolders,
                        write_class_index, write_list_file)
 from .errors import DataError
-from .probe import NVDEC_MIN_SIZE, ValidationReport, frame_rotation, not_regular_file, validate_files
+from .probe import (NVDEC_MIN_SIZE, ValidationReport, decoded_frames, frame_rotation, not_regular_file, probe_video,
+                    validate_files)
 
 CODECS = {"vp9": ("libvpx-vp9", "webm", ".webm"), "h264": ("libx264", "mp4", ".mp4")}
 VIDEO_EXTENSIONS = KNOWN_VIDEO_EXTENSIONS
@@ -176,11 +178,18 @@ def _encode(src: str, tmp: str, encoder: str, fmt: str, codec: str, short_side: 
         if short_side >= floor > min(w0, h0) * s:
             s = floor / min(w0, h0)
         w, h = _even(w0 * s), _even(h0 * s)  # scaled size as stored; the output is turned upright
-        source = inp.decode(sin)
+        # (the frames before the first that decodes are left out, as the probe and the loader count: a
+        # VP9 stream cut before its first key frame raised on them)
+        source = decoded_frames(inp, sin)
         head = next(source, None)
         rotation = frame_rotation(head) if head is not None else 0
         frames = itertools.chain([head], source) if head is not None else iter(())
-        src_rate = sin.average_rate or sin.guessed_rate or Fraction(25)
+        # the probe's rate (the frames' spacing, as the loader samples them): the declared average of an
+        # MP4 whose last frame lasts 4 s was 13.7 for 30 fps frames, and Matroska declares 30 for a
+        # variable rate averaging 24 (both failed the frame-count check)
+        info = probe_video(src).info
+        src_rate = (Fraction(info.fps) if info is not None and info.fps > 0 else None) \
+            or sin.average_rate or sin.guessed_rate or Fraction(25)
         rate = Fraction(fps).limit_denominator(1001) if fps > 0 else Fraction(src_rate).limit_denominator(1001)
         step = 1.0 / float(src_rate)  # one source frame interval: the time of a frame without a usable pts
         out = av.open(tmp, "w", format=fmt)

@@ -853,9 +853,15 @@ def test_cut_streams_number_frames_from_the_first_that_decodes(tmp_path):
     # failed for every clip from frame 0, and so did `--check --full`; DALI's CPU decoder fails on it
     vp9 = _numbered_video(str(tmp_path / "vp9.webm"), 40, gop=10, codec="libvpx-vp9")
     cases.append((_remux(vp9, str(tmp_path / "cut.webm"), skip=3), 10, 30))
+    from engine.data.prepare import encode_video
+
     for path, first, n in cases:
         info = probe_video(path).info
         assert info.num_frames == n and decode_all_frames(path) == (n, ""), path
+        # `data prepare`, which reader_problem recommends for them, re-encodes them (VP9 raised)
+        fixed = encode_video(path, path + ".fixed.mp4", codec="h264", short_side=32)
+        assert fixed == n and _frame_numbers(decode_clip_pyav(path + ".fixed.mp4", np.array([0, n - 1]), 1000)) == \
+            [first, first + n - 1], path
         assert not info.key_start and reader_problem(dataclasses.replace(info, codec="vp9"), "cpu", 1)[0] == "key_start"
         for start in (0, 1, n // 2 - 6, n - 13):
             frames = np.arange(start, start + 13, 4)
@@ -908,6 +914,11 @@ def test_fps_follows_the_frames_not_a_long_last_frame(tmp_path):
         assert float(c.streams.video[0].average_rate) < 15
     info = probe_video(path).info
     assert info.cfr and info.fps == pytest.approx(30, rel=1e-3)
+    # `data prepare` (no --fps) keeps that rate: at the declared 13.8 it wrote 23 frames for 50 and failed
+    from engine.data.prepare import encode_video
+
+    assert encode_video(path, str(tmp_path / "out.webm"), short_side=32) == 50
+    assert probe_video(str(tmp_path / "out.webm")).info.fps == pytest.approx(30, rel=1e-3)
 
 
 def test_probe_cache_saves_of_ranks_with_one_pid_do_not_collide(tmp_path, monkeypatch, capsys):

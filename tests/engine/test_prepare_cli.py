@@ -25,6 +25,7 @@ from engine import cli
 from engine.data.datasets import load_dataset, read_list_file
 from engine.data.errors import DataError
 from engine.data.prepare import encode_video, prepare_dataset, prepare_main
+from engine.data.probe import probe_video
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "tests", "engine", "tiny.yaml")
@@ -214,7 +215,7 @@ def test_doubling_the_rate_shows_each_frame_twice_in_place(tmp_path):
 def test_small_vp9_is_scaled_up_to_what_nvdec_decodes(tmp_path):
     """A 48x32 source became 48x32 VP9, which NVDEC refuses (128x128): one such file moved the whole
     dataset's ``auto`` reader to PyAV. H.264 and an explicitly small --short-side are left alone."""
-    from engine.data.probe import probe_video, reader_problem
+    from engine.data.probe import reader_problem
 
     src = make_clip(str(tmp_path / "small.mkv"), n=4)  # 48 x 32
     sizes = {}
@@ -229,21 +230,25 @@ def test_small_vp9_is_scaled_up_to_what_nvdec_decodes(tmp_path):
 
 
 def test_frame_count_mismatch_is_a_failure_and_leaves_no_temporary_file(tmp_path, capsys):
-    """A clip stamped at 12.5 fps in a stream declared 25 fps: without --fps its re-encoding would
-    hold about twice the source's frames, so it fails (and is left out of the list); with --fps it
-    is resampled."""
+    """A clip of 8 frames at 25 fps whose last one comes 1.7 s late (a freeze: the probe keeps the
+    declared rate): without --fps its re-encoding would hold about 50 frames, so it fails (and is
+    left out of the list); with --fps it is resampled. A clip stamped at 12.5 fps in a stream declared
+    25 fps keeps its 8 frames: the rate is the probe's, from the frames' times (it failed too)."""
     src, dst = tmp_path / "src", tmp_path / "dst"
-    bad = make_clip(str(src / "c" / "slow.mkv"), pts_ms=[80 * i for i in range(8)])
+    bad = make_clip(str(src / "c" / "frozen.mkv"), pts_ms=[40 * i for i in range(7)] + [2000], n=8)
     make_clip(str(src / "c" / "ok.mkv"))
+    slow = make_clip(str(tmp_path / "slow.mkv"), pts_ms=[80 * i for i in range(8)], n=8)
+    assert encode_video(slow, str(tmp_path / "slow.webm"), short_side=16) == 8
+    assert probe_video(str(tmp_path / "slow.webm")).info.fps == pytest.approx(12.5)
     with pytest.raises(RuntimeError, match="for 8 source frames"):
-        encode_video(bad, str(tmp_path / "slow.webm"), short_side=16)
-    assert all_files(tmp_path) == ["src/c/ok.mkv", "src/c/slow.mkv"]
+        encode_video(bad, str(tmp_path / "frozen.webm"), short_side=16)
+    assert all_files(src) == ["c/frozen.mkv", "c/ok.mkv"]
     assert prepare_main([str(src), str(dst), *FAST]) == 1
     captured = capsys.readouterr()
     assert f"failed: {bad}: RuntimeError" in captured.err and "(1 failures)" in captured.out
     assert (dst / "train.csv").read_text().splitlines() == ["c/ok.webm 0"]
     assert all_files(dst) == ["c/ok.webm", "classes.json", "train.csv"]
-    assert encode_video(bad, str(tmp_path / "slow.webm"), short_side=16, fps=12.5) == 8
+    assert encode_video(bad, str(tmp_path / "frozen.webm"), short_side=16, fps=25) > 40
 
 
 def _job_that_kills_its_process(args):
