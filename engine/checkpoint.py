@@ -16,7 +16,8 @@ interrupted save never becomes ``latest`` and ``--resume auto`` never sees half 
 between the two leaves it naming a complete tag, which :func:`latest_tag` then takes.
 With a non-shared filesystem (each node writes its own shards) the rename happens on the first
 local rank of every node. Re-saving an existing tag (``best`` on every improvement) moves the old
-one to ``<tag>.old`` first; a kill between the two renames leaves ``<tag>.old`` alone, which
+one to ``<tag>.old`` first (a step tag, saved again after a resume with another global batch, then
+goes to ``<tag>.superseded``); a kill between the two renames leaves ``<tag>.old`` alone, which
 :func:`recover_checkpoint_dir` (called at the start of every run) puts back, and it removes stale
 ``.tmp-*`` and ``*.old`` folders. ``train.keep_checkpoints`` prunes only ``step*`` tags with a
 step *below* the one just saved (never the new one, never newer ones).
@@ -267,18 +268,18 @@ def _promote(ckpt_dir: str, tmp_tag: str, tag: str, before_rename: Optional[Call
     """Rename ``tmp_tag`` to ``tag`` on every node's first rank. An existing ``best`` (or other
     non-step tag) is replaced; an existing step tag, which a run saves again only after a resume with
     another global batch (the steps count in other units), is set aside as ``<tag>.superseded``.
-    Replacing takes two renames (``tag`` -> ``tag.old``, then ``tmp_tag`` -> ``tag``); a kill in between is
-    repaired by :func:`recover_checkpoint_dir` at the next start. ``before_rename`` runs right before
-    the final rename, once no earlier folder of that name is in the way (``latest.next``: it must
-    never name the tag being replaced)."""
+    Replacing takes two renames (``tag`` -> ``tag.old``, then ``tmp_tag`` -> ``tag``), and the old one
+    is then removed or, for a step tag, set aside; a kill in between is repaired by
+    :func:`recover_checkpoint_dir` at the next start (it puts ``tag.old`` back while ``tag`` is
+    missing: the step tag was set aside first, and a kill before the rename left ``latest`` naming a
+    missing tag, so ``--resume auto`` started afresh). ``before_rename`` runs right before the final
+    rename, once no earlier folder of that name is in the way (``latest.next``: it must never name the
+    tag being replaced)."""
     src, dst = os.path.join(ckpt_dir, tmp_tag), os.path.join(ckpt_dir, tag)
 
     def move() -> None:
         if not os.path.isdir(src):
             return  # shared filesystem: already moved by global rank 0
-        if os.path.isdir(dst) and _STEP_RE.match(tag):
-            # a step tag of another step unit (a resume with another global batch): set aside, never overwritten
-            os.replace(dst, _free_name(ckpt_dir, f"{tag}.superseded"))
         old = dst + ".old" if os.path.isdir(dst) else None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -287,9 +288,19 @@ def _promote(ckpt_dir: str, tmp_tag: str, tag: str, before_rename: Optional[Call
             before_rename()
         os.replace(src, dst)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _retire_old(ckpt_dir, tag)
 
     on_first_local_ranks(move)
+
+
+def _retire_old(ckpt_dir: str, tag: str) -> None:
+    """Once ``tag`` is in place: remove ``tag.old``, or set it aside as ``<tag>.superseded`` when it is a
+    step tag (one of another step unit, after a resume with another global batch: never overwritten)."""
+    old = os.path.join(ckpt_dir, tag + ".old")
+    if _STEP_RE.match(tag):
+        os.replace(old, _free_name(ckpt_dir, f"{tag}.superseded"))
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -550,21 +561,26 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[tuple[str, str]]:
 # ----------------------------------------------------------------------------------------------
 def recover_checkpoint_dir(ckpt_dir: str) -> Optional[str]:
     """Repair what an interrupted save left under ``ckpt_dir`` (module docstring): a tag that is missing
-    while ``<tag>.old`` exists (killed between the two renames of a re-save) is put back; ``latest``
-    is set to a complete tag :data:`LATEST_NEXT` names (killed after the rename, before ``latest``);
-    stale ``.tmp-*`` folders, ``*.old`` folders whose tag exists and pointer temporary files are removed.
+    while ``<tag>.old`` exists (killed between the two renames of a re-save) is put back, and a
+    :data:`LATEST_NEXT` naming it is dropped (it named the new save); ``latest`` is set to a complete
+    tag ``LATEST_NEXT`` names otherwise (killed after the rename, before ``latest``); a step tag's
+    ``.old`` beside its tag is set aside as ``<tag>.superseded`` (:func:`_promote`); stale ``.tmp-*``
+    folders, other ``*.old`` folders whose tag exists and pointer temporary files are removed.
     Call before this run saves anything (nothing here is then in use). Returns one line saying what
     was done, or None."""
     if not os.path.isdir(ckpt_dir):
         return None
-    restored, removed = [], []
+    restored, removed, aside = [], [], []
     for name in sorted(os.listdir(ckpt_dir)):
         path = os.path.join(ckpt_dir, name)
         if name.endswith(".old") and os.path.isdir(path):
-            tag = os.path.join(ckpt_dir, name[:-len(".old")])
-            if not os.path.exists(tag):
-                os.replace(path, tag)
-                restored.append(name[:-len(".old")])
+            tag = name[:-len(".old")]
+            if not os.path.exists(os.path.join(ckpt_dir, tag)):
+                os.replace(path, os.path.join(ckpt_dir, tag))
+                restored.append(tag)
+            elif _STEP_RE.match(tag):  # killed before the old step tag was set aside
+                _retire_old(ckpt_dir, tag)
+                aside.append(tag)
             else:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(name)
@@ -576,9 +592,11 @@ def recover_checkpoint_dir(ckpt_dir: str) -> Optional[str]:
             removed.append(name)
     parts = ([f"restored {', '.join(restored)} from {', '.join(t + '.old' for t in restored)} (a re-save was "
               "interrupted between its two renames)"] if restored else [])
+    parts += [f"set aside the earlier {t} as {t}.superseded (its re-save was complete)" for t in aside]
     if os.path.isfile(os.path.join(ckpt_dir, LATEST_NEXT)):
+        # (a tag just restored from .old is the earlier one: the save that named it never renamed its own)
         done = _read_pointer(ckpt_dir, LATEST_NEXT)
-        if done is not None and done != _read_pointer(ckpt_dir, "latest"):
+        if done is not None and done not in restored and done != _read_pointer(ckpt_dir, "latest"):
             write_text_atomic(os.path.join(ckpt_dir, "latest"), done)
             parts.append(f"latest set to {done} (its save was complete, stopped before naming it latest)")
         _remove_file(os.path.join(ckpt_dir, LATEST_NEXT))

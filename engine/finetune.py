@@ -269,7 +269,7 @@ def _diff(old: Sequence[str], new: Sequence[str]) -> str:
     gone = [n for n in old if n not in new]
     added = [n for n in new if n not in old]
     parts = ([f"missing now: {gone[:10]}"] if gone else []) + ([f"new: {added[:10]}"] if added else [])
-    return "; ".join(parts) or "same names in another order"
+    return "; ".join(parts) or ("same names in another order" if list(old) != list(new) else "the same names")
 
 
 def sync_class_index(output_dir: str, class_names: Sequence[str], num_classes: int, *, resuming: bool,
@@ -283,11 +283,16 @@ def sync_class_index(output_dir: str, class_names: Sequence[str], num_classes: i
     names = [str(n) for n in class_names]
     if resuming and os.path.isfile(path):
         old, old_k = read_class_index(path)
-        if old != names or old_k != num_classes:
+        if old != names:
             raise ClassListError(
                 f"resuming a run whose classes changed: {path} lists {len(old)} classes (K={old_k}), the "
                 f"train split now has {len(names)} (K={num_classes}) ({_diff(old, names)}). Restore the "
                 "dataset, or fine-tune into a new train.output_dir")
+        if old_k != num_classes:  # the same classes: finetune.num_classes changed
+            raise ClassListError(
+                f"resuming a run whose head had K={old_k} outputs ({path}; the same {len(names)} classes) with "
+                f"K={num_classes}: set finetune.num_classes={old_k} as the run was "
+                "started, or fine-tune into a new train.output_dir")
         return path
     if write:
         write_class_index(path, names, num_classes)

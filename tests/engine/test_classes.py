@@ -212,6 +212,12 @@ def test_class_index_written_then_checked_on_resume(tmp_path):
     assert sync_class_index(out, ["a", "b"], 2, resuming=True, write=True) == p  # same classes: fine
     with pytest.raises(ClassListError, match=r"classes changed.*new: \['c'\]"):
         sync_class_index(out, ["a", "b", "c"], 3, resuming=True, write=True)
+    with pytest.raises(ClassListError, match=r"classes changed.*same names in another order"):
+        sync_class_index(out, ["b", "a"], 2, resuming=True, write=True)
+    # the same classes with another finetune.num_classes: said so (it read "same names in another order")
+    with pytest.raises(ClassListError, match=r"head had K=2 outputs .*the same 2 classes\) with K=7: set "
+                                             r"finetune.num_classes=2"):
+        sync_class_index(out, ["a", "b"], 7, resuming=True, write=True)
     sync_class_index(out, ["x"], 1, resuming=False, write=True)  # a fresh run overwrites
     assert read_class_index(p) == (["x"], 1)
 

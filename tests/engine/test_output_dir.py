@@ -240,7 +240,7 @@ def test_an_interrupted_resave_is_repaired_at_start(tmp_path, capsys):
     out = str(tmp_path)
     ck = os.path.join(out, "checkpoints")
     _tag(out, "step00000003", 3)
-    _tag(out, "step00000003.old", 3)  # a finished re-save's leftover
+    _tag(out, "step00000003.old", 3)  # a finished re-save's earlier tag (another step unit), not yet set aside
     _tag(out, "step00000006.old", 6)  # killed between the two renames of a re-save of step 6
     _tag(out, "best.old", 6)
     os.makedirs(os.path.join(ck, ".tmp-step00000009"))
@@ -251,9 +251,9 @@ def test_an_interrupted_resave_is_repaired_at_start(tmp_path, capsys):
     assert plan.tag == "step00000006"
     msg = capsys.readouterr().out
     assert f"checkpoints {ck}: restored best, step00000006 from best.old, step00000006.old" in msg
-    assert "removed 3 stale folder(s)/file(s) of interrupted saves (.tmp-step00000009, latest.tmp123, " \
-           "step00000003.old)" in msg
-    assert _ls(out) == ["best", "latest", "step00000003", "step00000006"]
+    assert "set aside the earlier step00000003 as step00000003.superseded" in msg
+    assert "removed 2 stale folder(s)/file(s) of interrupted saves (.tmp-step00000009, latest.tmp123)" in msg
+    assert _ls(out) == ["best", "latest", "step00000003", "step00000003.superseded", "step00000006"]
 
 
 def test_a_stop_between_the_rename_and_latest_keeps_the_new_tag(tmp_path, monkeypatch, capsys):
@@ -307,7 +307,48 @@ def test_a_stop_between_the_rename_and_latest_keeps_the_new_tag(tmp_path, monkey
         f.write("step00000009")
     assert checkpoint.find_latest(out) == "step00000006"
     assert prepare_output_dir(_cfg(out), "auto").tag == "step00000006"
-    assert _ls(out) == ["latest", "step00000003", "step00000006", "step00000008.superseded"]
+    # the old unit's step 8, moved to .old for the re-save, is back where it was before the save
+    assert _ls(out) == ["latest", "step00000003", "step00000006", "step00000008"]
+
+
+def test_a_stop_while_resaving_the_resumed_step_tag_keeps_it(tmp_path, monkeypatch, capsys):
+    """After a resume with another global batch, the first save of a step number the old unit used (often
+    the tag resumed from, which `latest` names) set the old tag aside as ``.superseded`` first: a stop
+    before the rename left `latest` naming a missing tag, which nothing put back, and --resume auto
+    started afresh (exit 0, metrics dropped). The old tag now waits as ``.old`` until the new one is in
+    place, then is set aside."""
+    from engine import checkpoint
+    from engine.runner import prepare_output_dir
+
+    out = str(tmp_path)
+    _tag(out, "step00000004", 4, batches=10)  # the old unit's, resumed from
+    _latest(out, "step00000004")
+    write = checkpoint.write_text_atomic
+
+    def stopped(path, text):
+        if os.path.basename(path) == "latest.next":
+            raise KeyboardInterrupt  # the stop, before the new tag's rename
+        write(path, text)
+
+    monkeypatch.setattr(checkpoint, "write_text_atomic", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        _save(out, 4, keep=0)
+    monkeypatch.setattr(checkpoint, "write_text_atomic", write)
+    plan = prepare_output_dir(_cfg(out), "auto")
+    assert plan.tag == "step00000004" and "restored step00000004 from step00000004.old" in capsys.readouterr().out
+    assert _ls(out) == ["latest", "step00000004"]
+    assert torch.load(os.path.join(out, "checkpoints", "step00000004", "engine_state_r00000.pt"),
+                      weights_only=False)["data_layout"] == {"num_batches": 10}  # the old one
+    # a stop after the rename, before the old tag was set aside: the next start sets it aside
+    _save(out, 4, keep=0)
+    assert _ls(out) == ["latest", "step00000004", "step00000004.superseded"]
+    os.replace(os.path.join(out, "checkpoints", "step00000004.superseded"),
+               os.path.join(out, "checkpoints", "step00000004.old"))
+    prepare_output_dir(_cfg(out), "auto")
+    assert "set aside the earlier step00000004 as step00000004.superseded" in capsys.readouterr().out
+    assert _ls(out) == ["latest", "step00000004", "step00000004.superseded"]
+    assert "data_layout" not in torch.load(os.path.join(out, "checkpoints", "step00000004", "engine_state_r00000.pt"),
+                                           weights_only=False)  # the new one
 
 
 def test_a_prune_stopped_half_way_leaves_no_complete_looking_tag(tmp_path, monkeypatch):
