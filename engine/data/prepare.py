@@ -159,6 +159,8 @@ def _encode(src: str, tmp: str, encoder: str, fmt: str, codec: str, short_side: 
             kinds = sorted({st.type for st in inp.streams})
             raise EncodeError(f"{src}: no video stream" + (f" (only {', '.join(kinds)})" if kinds else ""))
         sin = inp.streams.video[0]
+        if int(sin.disposition) & int(av.stream.Disposition.attached_pic):
+            raise EncodeError(f"{src}: its first video stream is cover art (an attached picture, as audio files have)")
         if sin.codec_context is None:  # PyAV: no decoder in this FFmpeg (an unknown FourCC)
             raise EncodeError(f"{src}: FFmpeg has no decoder for its video stream")
         sin.thread_type = "AUTO"

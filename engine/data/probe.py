@@ -66,7 +66,7 @@ allowance at a frame-interval time base; 5: discard-flagged packets and those be
 frame not counted, a variable rate's ``fps`` from its times, ``pix_fmt``; 6: the codec's name, not its
 decoder's (AV1), only the first group of pictures cut to the first decoded frame, ``fps`` from evenly
 spaced times; 7: no seek in MPEG program/transport/elementary streams (:data:`NO_SEEK_FORMATS`), a
-display matrix that is no rotation read as none (older entries are probed again)."""
+display matrix that is no rotation read as none, cover art as ``not_video`` (older entries are probed again)."""
 NO_SEEK_FORMATS = frozenset({"mpeg", "mpegts", "mpegvideo"})
 """FFmpeg demuxers whose frame times after a seek do not number the frames: MPEG-1/2 program streams
 (.mpg, .vob) label the pictures after a seek 1-2 frames off while still stepping by one (measured: 31
@@ -251,6 +251,9 @@ def probe_video(path: str) -> ProbeResult:
         if not container.streams.video:
             return ProbeResult(path, reason="not_video", detail="no video stream")
         stream = container.streams.video[0]
+        if int(stream.disposition) & int(av.stream.Disposition.attached_pic):  # FFmpeg lists cover art as video
+            return ProbeResult(path, reason="not_video", detail="its first video stream is cover art (an "
+                                                                "attached picture, as audio files have)")
         if stream.codec_context is None:  # PyAV: a codec this FFmpeg has no decoder for (an unknown FourCC)
             return ProbeResult(path, reason="codec", detail="FFmpeg found no decoder for its video stream (an "
                                                             "unknown codec, or a file cut short)")

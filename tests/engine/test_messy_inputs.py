@@ -464,6 +464,35 @@ def test_prepare_reports_audio_only_and_empty_classes(tmp_path, capsys):
     assert "IndexError" not in err and "without video files: empty" in err
 
 
+def test_an_audio_file_with_cover_art_is_not_a_video(tmp_path, capsys):
+    """FFmpeg lists an audio file's cover art as a video stream: the probe reported it as a corrupt
+    video ("first frame does not decode: Operation not permitted"), and prepare wrote it as one."""
+    src = tmp_path / "src"
+    write_video(str(src / "a" / "v.avi"), n=6)
+    path = str(src / "a" / "song.mp4")
+    c = av.open(path, "w")
+    audio = c.add_stream("aac", rate=44100)
+    art = c.add_stream("mjpeg")
+    art.width, art.height, art.pix_fmt = 32, 32, "yuvj420p"
+    art.disposition = av.stream.Disposition.attached_pic
+    img = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 128, np.uint8), format="rgb24").reformat(format="yuvj420p")
+    for p in [*art.encode(img), *art.encode()]:
+        c.mux(p)
+    for i in range(20):
+        f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        f.sample_rate, f.pts = 44100, i * 1024
+        for p in audio.encode(f):
+            c.mux(p)
+    for p in audio.encode():
+        c.mux(p)
+    c.close()
+    res = probe_video(path)
+    assert (res.reason, res.detail) == ("not_video", "its first video stream is cover art (an attached picture, as "
+                                                     "audio files have)")
+    assert prepare_main([str(src), str(tmp_path / "dst"), "--short-side", "16", "--workers", "1"]) == 1
+    assert f"failed: {path}: its first video stream is cover art" in capsys.readouterr().err
+
+
 # ---- 9: probe cache location, skipped files -------------------------------------------------------
 
 def test_probe_cache_lives_in_cache_dir_and_reads_the_old_one(tmp_path):
