@@ -2,7 +2,8 @@
 (SLURM's ``--signal=USR1@300``, a warning ahead of the limit).
 
 Outside a training loop the first signal stops at once (:class:`Terminated`, exit ``128 + signal``),
-as Ctrl-C does. Inside one (:func:`save_on_signal`), the first asks for a checkpoint: the loop ends
+as Ctrl-C does (its copy within ``REPEAT_S`` is ignored while the run unwinds: a second
+``Terminated`` raised in the first one's handling ended the run with a traceback). Inside one (:func:`save_on_signal`), the first asks for a checkpoint: the loop ends
 the step it is in, every rank agrees through that step's all-reduce (a rank that got no signal
 follows the others), the step is saved, then the run stops with :class:`Terminated` naming the tag.
 A second signal stops at once: a save that would outlast the scheduler's grace period (SLURM's
@@ -27,7 +28,7 @@ __all__ = ["Terminated", "handle", "save_on_signal", "immediate", "requested", "
 SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
 """The signals :func:`handle` is installed for (SIGUSR1 where the platform has it)."""
 
-_state = {"armed": False, "signum": 0, "at": 0.0}
+_state = {"armed": False, "signum": 0, "at": 0.0, "raised": 0, "raised_at": 0.0}
 REPEAT_S = 5.0
 """A repeat of the first signal within this many seconds is the same request: SLURM signals every
 process of a step, and torchrun forwards what it gets to its workers, so each worker gets it twice."""
@@ -60,11 +61,17 @@ def handle(signum, frame) -> None:
     if _state["armed"] and not _state["signum"]:
         _state["signum"], _state["at"] = int(signum), now
         if os.environ.get("RANK", "0") == "0":
-            print(f"{Terminated(signum).name}: saving a checkpoint after this step, then stopping (send it again "
-                  f"after {REPEAT_S:.0f} s to stop at once)", file=sys.stderr, flush=True)
+            try:  # (a handler run inside a blocked write to stderr: "reentrant call", which must not end the step)
+                print(f"{Terminated(signum).name}: saving a checkpoint after this step, then stopping (send it "
+                      f"again after {REPEAT_S:.0f} s to stop at once)", file=sys.stderr, flush=True)
+            except (RuntimeError, OSError):
+                pass
         return
     if _state["armed"] and int(signum) == _state["signum"] and now - _state["at"] < REPEAT_S:
         return  # the launcher's copy of the same signal
+    if int(signum) == _state["raised"] and now - _state["raised_at"] < REPEAT_S:
+        return  # the copy of a signal that is already stopping the run (outside a loop: while it unwinds)
+    _state["raised"], _state["raised_at"] = int(signum), now
     raise Terminated(signum)
 
 
@@ -77,7 +84,7 @@ def requested(default: int = 0) -> int:
 @contextlib.contextmanager
 def save_on_signal() -> Iterator[None]:
     """While the body runs, a first signal is a request (:func:`requested`) rather than a stop."""
-    _state["armed"], _state["signum"] = True, 0
+    _state["armed"], _state["signum"], _state["raised"] = True, 0, 0
     try:
         yield
     finally:

@@ -174,6 +174,12 @@ def test_signal_handler_asks_inside_the_loop_and_stops_outside():
     with pytest.raises(signals.Terminated) as e:
         signals.handle(signal.SIGTERM, None)  # outside a training loop: at once
     assert e.value.exit_code == 143 and e.value.name == "SIGTERM"
+    signals.handle(signal.SIGTERM, None)  # its copy (the launcher's) while the run unwinds: ignored
+    with pytest.raises(signals.Terminated):
+        signals.handle(signal.SIGUSR1, None)  # another signal: at once
+    signals._state["raised_at"] -= signals.REPEAT_S
+    with pytest.raises(signals.Terminated):
+        signals.handle(signal.SIGUSR1, None)  # the same later: at once
     with signals.save_on_signal():
         assert signals.requested() == 0
         signals.handle(signal.SIGUSR1, None)  # the first: a request
