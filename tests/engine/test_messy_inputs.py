@@ -441,20 +441,33 @@ def test_all_bad_with_skip_does_not_say_set_skip(tmp_path):
     assert str(e.value).splitlines()[-1] == "(set data.on_bad_file=skip to leave them out and go on with the others)"
 
 
+def _write_audio(path: str, cover_art: bool = False) -> str:
+    """An AAC .mp4 of 5 silent frames; with ``cover_art`` an MJPEG picture stream flagged as attached."""
+    c = av.open(path, "w")
+    audio = c.add_stream("aac", rate=44100)
+    if cover_art:
+        art = c.add_stream("mjpeg")
+        art.width, art.height, art.pix_fmt = 32, 32, "yuvj420p"
+        art.disposition = av.stream.Disposition.attached_pic
+        img = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 128, np.uint8), format="rgb24")
+        for p in [*art.encode(img.reformat(format="yuvj420p")), *art.encode()]:
+            c.mux(p)
+    for i in range(5):
+        f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        f.sample_rate, f.pts = 44100, i * 1024
+        for p in audio.encode(f):
+            c.mux(p)
+    for p in audio.encode():
+        c.mux(p)
+    c.close()
+    return path
+
+
 def test_prepare_reports_audio_only_and_empty_classes(tmp_path, capsys):
     src = tmp_path / "src"
     write_video(str(src / "a" / "v.avi"), n=6)
     os.makedirs(src / "empty")
-    c = av.open(str(src / "a" / "sound.mp4"), "w")
-    s = c.add_stream("aac", rate=44100)
-    for i in range(5):
-        f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        f.sample_rate, f.pts = 44100, i * 1024
-        for p in s.encode(f):
-            c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
+    _write_audio(str(src / "a" / "sound.mp4"))
     assert prepare_main([str(src), "--check"]) == 1
     err = capsys.readouterr().err
     assert "1 class(es) without video files: empty" in err
@@ -469,23 +482,7 @@ def test_an_audio_file_with_cover_art_is_not_a_video(tmp_path, capsys):
     video ("first frame does not decode: Operation not permitted"), and prepare wrote it as one."""
     src = tmp_path / "src"
     write_video(str(src / "a" / "v.avi"), n=6)
-    path = str(src / "a" / "song.mp4")
-    c = av.open(path, "w")
-    audio = c.add_stream("aac", rate=44100)
-    art = c.add_stream("mjpeg")
-    art.width, art.height, art.pix_fmt = 32, 32, "yuvj420p"
-    art.disposition = av.stream.Disposition.attached_pic
-    img = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 128, np.uint8), format="rgb24").reformat(format="yuvj420p")
-    for p in [*art.encode(img), *art.encode()]:
-        c.mux(p)
-    for i in range(20):
-        f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        f.sample_rate, f.pts = 44100, i * 1024
-        for p in audio.encode(f):
-            c.mux(p)
-    for p in audio.encode():
-        c.mux(p)
-    c.close()
+    path = _write_audio(str(src / "a" / "song.mp4"), cover_art=True)
     res = probe_video(path)
     assert (res.reason, res.detail) == ("not_video", "its first video stream is cover art (an attached picture, as "
                                                      "audio files have)")
