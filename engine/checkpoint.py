@@ -1093,6 +1093,11 @@ def export_backbone(output_dir_or_ckpt: str, out_path: Optional[str] = None, tag
     # the run's classes.json through it, from any working directory)
     if os.path.isfile(cfg_path):
         meta["config"] = open(cfg_path, encoding="utf-8").read()
+    classes = os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "classes.json")  # (finetune.CLASS_INDEX)
+    if any(k.startswith("head.") for k in backbone) and os.path.isfile(classes):
+        # a classifier carries its classes: the run's classes.json, found through `source`, can be another
+        # run's by the time the export is evaluated (the folder reused with train.overwrite)
+        meta["classes"] = open(classes, encoding="utf-8").read()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     replaced = os.path.exists(out_path)
     tmp = f"{out_path}.tmp{os.getpid()}"

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import Config, ConfigError, config_to_dict
-from engine.data.datasets import ClassListError, read_class_index, write_class_index
+from engine.data.datasets import ClassListError, class_index_from, read_class_index, write_class_index
 from engine.distributed import DistInfo, gather_objects, init_distributed
 from engine.pretrain import create_model, model_overrides
 from engine.runner import Run, on_rank0, print0, report_paths, setup_run, train_loop
@@ -459,6 +459,9 @@ class EvalTarget:
     """``classes.json`` of the run (or beside the weights file) when it exists."""
     eval_json: str
     """Where the result is written."""
+    classes: Optional[str] = None
+    """The class index a ``maskfeat export`` classifier carries (its metadata's ``classes``, the JSON of
+    its run's ``classes.json`` when exported); it comes before ``class_index``."""
 
 
 def resolve_checkpoint(path: str) -> EvalTarget:
@@ -479,12 +482,14 @@ def resolve_checkpoint(path: str) -> EvalTarget:
         found = (os.path.dirname(tag_dir), os.path.basename(tag_dir))  # one file of a DeepSpeed tag: the tag
     if found is None:  # a file other than checkpoints/latest: weights
         stem = os.path.splitext(p)[0]
-        # the classes of the run an export names first: a classes.json beside the file can be another run's
-        ci = _export_class_index(p)
-        if ci is None and os.path.isfile(os.path.join(os.path.dirname(p), CLASS_INDEX)):
+        # the classes an export carries, else those of the run it names: a classes.json beside the file can be
+        # another run's
+        classes = _export_metadata(p).get("classes")
+        ci = None if classes else _export_class_index(p)
+        if not classes and ci is None and os.path.isfile(os.path.join(os.path.dirname(p), CLASS_INDEX)):
             ci = os.path.join(os.path.dirname(p), CLASS_INDEX)
         return EvalTarget(where=p, weights=p, ckpt_dir=None, tag=None, run_dir=None, class_index=ci,
-                          eval_json=stem + ".eval.json")
+                          eval_json=stem + ".eval.json", classes=classes)
     ck, tag = found
     real_ck = os.path.dirname(os.path.realpath(os.path.join(ck, tag)))  # (a link to a run's tag: that run)
     if os.path.basename(real_ck) != "checkpoints":  # a tag folder copied out of its run: no run around it
@@ -648,10 +653,18 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
                           "pre-trained backbone is fine-tuned with maskfeat finetune first)")
     K = int(sd[head].shape[0])
     names: Optional[list[str]] = None
-    if target.class_index:
-        names, k_json = read_class_index(target.class_index)
+    if target.classes or target.class_index:
+        if target.classes:
+            source = f"the classes {target.where} carries"
+            try:
+                names, k_json = class_index_from(json.loads(target.classes), source)
+            except ValueError as e:
+                raise ClassListError(f"{source} are not valid JSON ({e})") from None
+        else:
+            source = target.class_index
+            names, k_json = read_class_index(target.class_index)
         if k_json != K:
-            raise ClassListError(f"{target.class_index} says the classifier has {k_json} classes, but the head of "
+            raise ClassListError(f"{source} says the classifier has {k_json} classes, but the head of "
                                  f"{target.where} has {K} outputs: they are not from the same run")
     if cfg.finetune.num_classes and cfg.finetune.num_classes != K:
         raise ConfigError(f"finetune.num_classes={cfg.finetune.num_classes}, but the checkpoint {target.where} "

@@ -483,7 +483,11 @@ def write_class_index(path: str, class_names: Sequence[str], num_classes: Option
 def read_class_index(path: str) -> tuple[list[str], int]:
     """``(class names, classifier width)`` from a :func:`write_class_index` file (a plain JSON list
     of names is also accepted; its width is its length)."""
-    data = _load_names_file(path)
+    return class_index_from(_load_names_file(path), path)
+
+
+def class_index_from(data: object, where: str) -> tuple[list[str], int]:
+    """:func:`read_class_index` of the parsed JSON ``data`` (``where``: its source, for messages)."""
     if isinstance(data, list):
         names = [str(x) for x in data]
         return names, len(names)
@@ -491,9 +495,9 @@ def read_class_index(path: str) -> tuple[list[str], int]:
         names = [str(x) for x in data["classes"]]
         k = int(data.get("num_classes", len(names)))
         if k < len(names):
-            raise ClassListError(f"{path}: num_classes={k} is smaller than its {len(names)} class names")
+            raise ClassListError(f"{where}: num_classes={k} is smaller than its {len(names)} class names")
         return names, k
-    raise ClassListError(f"{path}: expected {{\"classes\": [...]}} or a list of class names")
+    raise ClassListError(f"{where}: expected {{\"classes\": [...]}} or a list of class names")
 
 
 def split_folder(root: str, split: str) -> str:

@@ -326,6 +326,28 @@ def test_eval_where_results_and_classes_come_from(videos, tmp_path, one_process,
     assert resolve_checkpoint(str(exported)).class_index == str(copy / "classes.json")
 
 
+def test_an_exported_classifier_carries_its_classes(videos, tmp_path, one_process):
+    """An export written outside its run found the class names through its metadata's source, the run's
+    classes.json: once the folder was reused (train.overwrite) for other classes of the same number, the
+    old export was scored through the new names (top-1 50 -> 0, no warning). It carries its own now."""
+    from safetensors import safe_open
+
+    from engine.checkpoint import export_backbone
+    from engine.finetune import run_eval
+
+    run = _fake_run(str(tmp_path / "ft"), _classifier(3, always=2), ["apple", "bunny", "carphone"])
+    exported = str(tmp_path / "elsewhere" / "ft.safetensors")
+    export_backbone(run, exported)
+    with safe_open(exported, "pt") as f:
+        assert json.loads(f.metadata()["classes"])["classes"] == ["apple", "bunny", "carphone"]
+    write_class_index(os.path.join(run, "classes.json"), ["apple", "carphone", "dog"], 3)  # the folder reused
+    assert run_eval(_eval_cfg(videos["root"], tmp_path / "x"), exported)["top1"] == pytest.approx(50.0)
+    backbone = str(tmp_path / "elsewhere" / "backbone.safetensors")  # no head: no classes
+    export_backbone(_fake_run(str(tmp_path / "pre"), {"blocks.0.x": torch.zeros(1)}, None), backbone)
+    with safe_open(backbone, "pt") as f:
+        assert "classes" not in f.metadata()
+
+
 def test_eval_json_says_what_was_evaluated_and_keeps_the_history(videos, tmp_path, one_process, caplog):
     """eval.json records the split, views, precision and the selection split of ``best`` (a warning
     when it is the split evaluated); every evaluation is appended to evals.jsonl; --save-predictions
