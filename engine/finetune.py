@@ -368,6 +368,11 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
     if other_run:
         run.state.best_metric = -math.inf
     run.state.best_metric = max(run.state.best_metric, on_rank0(lambda: saved_best_metric(cfg.train.output_dir)))
+    best_split = on_rank0(lambda: _split_of(os.path.join(cfg.train.output_dir, "checkpoints", "best")))
+    if best_split not in (None, cfg.finetune.eval_split):  # a top-1 of another split is no bar to pass
+        print0(f"resume: `best` was selected on split {best_split!r}, this run evaluates "
+               f"{cfg.finetune.eval_split!r} (finetune.eval_split): its next evaluation replaces `best`")
+        run.state.best_metric = -math.inf
     eval_loader = state["eval_loader"]
 
     def step(batch: dict) -> torch.Tensor:
@@ -609,12 +614,17 @@ def _gathered(items: list) -> list:
 
 def _selected_on(target: EvalTarget) -> Optional[str]:
     """The split whose top-1 picked the ``best`` checkpoint being evaluated (None for other tags)."""
-    from engine.checkpoint import _saved_config
-
     if target.tag != "best" or target.ckpt_dir is None:
         return None
-    saved = _saved_config(os.path.join(target.ckpt_dir, target.tag)) or {}
-    return (saved.get("finetune") or {}).get("eval_split", "val")
+    return _split_of(os.path.join(target.ckpt_dir, target.tag)) or "val"
+
+
+def _split_of(tag_path: str) -> Optional[str]:
+    """``finetune.eval_split`` of the config a tag was saved with (None without a readable one)."""
+    from engine.checkpoint import _saved_config
+
+    saved = _saved_config(tag_path)
+    return None if saved is None else (saved.get("finetune") or {}).get("eval_split", "val")
 
 
 def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> dict:

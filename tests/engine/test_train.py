@@ -419,6 +419,21 @@ def test_a_resume_mapped_back_to_an_epoch_start_does_not_evaluate_again(env, tmp
     assert [r["epoch"] for r in recs] == [1.0, 2.0]
 
 
+def test_a_resume_that_evaluates_another_split_replaces_best(env, tmp_path):
+    """`best` holds a top-1 of the split it was selected on: a resume with another finetune.eval_split
+    compared the new split's scores against it (a val score against train ones)."""
+    from engine.finetune import saved_best_metric
+
+    out = str(tmp_path / "ft")
+    args = [sys.executable, DRIVER, "evalfail", out, "data.clips_per_epoch=4", "schedule.max_steps=0",
+            "schedule.epochs=3", "train.checkpoint_every_epochs=1", "train.eval_every_epochs=1"]
+    _run(args + ["train.stop_after_steps=3"], dict(env, TOP1_EVALS="80"))
+    assert saved_best_metric(out) == 80.0
+    p = _run(args + ["finetune.eval_split=train", "--resume", "auto"], dict(env, TOP1_EVALS="60,50"))
+    assert "`best` was selected on split 'val', this run evaluates 'train'" in p.stdout, p.stdout[-2000:]
+    assert saved_best_metric(out) == 60.0
+
+
 def test_an_evaluation_with_non_finite_views_is_not_kept_as_best(env, tmp_path):
     """A diverged model's evaluation (non-finite logits) is no candidate for ``best``, whatever its
     top-1 (which maskfeat eval RUN then evaluates by default)."""
