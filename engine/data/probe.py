@@ -441,8 +441,15 @@ _UMASK = os.umask(0o022)  # read once at import (setting it is the only way to r
 os.umask(_UMASK)
 
 
+DECODER_BUILD = f"av {av.__version__}, FFmpeg {av.ffmpeg_version_info}"
+"""The PyAV and FFmpeg build a cached bad-file verdict was reached with (``ProbeCache``)."""
+
+
 class ProbeCache:
-    """JSON cache of probe results keyed by absolute path, valid while size and mtime match."""
+    """JSON cache of probe results keyed by absolute path, valid while size and mtime match; a bad
+    file's verdict (``codec``: no decoder, ``decode_error``, ...) only for the PyAV/FFmpeg build that
+    reached it (:data:`DECODER_BUILD`): another one may read the file, and a root's cache is shared by
+    every machine that trains on it."""
 
     def __init__(self, path: str | None, read_also: Sequence[str] = ()):
         """``read_also``: older cache files whose entries are used where ``path`` has none (a cache
@@ -485,6 +492,8 @@ class ProbeCache:
         e = self._entries.get(ap)
         if key is None or e is None or (e["size"], e["mtime_ns"]) != key:
             return None
+        if e.get("reason") and e.get("build") != DECODER_BUILD:
+            return None
         info = VideoInfo(**e["info"]) if e.get("info") else None
         return ProbeResult(path, info=info, reason=e.get("reason", ""), detail=e.get("detail", ""))
 
@@ -499,6 +508,8 @@ class ProbeCache:
             self._entries[ap] = {"size": key[0], "mtime_ns": key[1],
                                  "info": asdict(res.info) if res.info else None,
                                  "reason": res.reason, "detail": res.detail}
+            if res.reason:
+                self._entries[ap]["build"] = DECODER_BUILD
 
     def save(self) -> None:
         """Write the cache through a temporary file of a unique name beside it, then rename: every

@@ -123,7 +123,9 @@ def test_auto_reader_takes_nvdec_only_when_every_file_suits_it(clips, monkeypatc
     assert choose_reader("auto", [info["h264"]], torch.device("cpu")) == "pyav"
 
 
-def test_probe_cache_keyed_by_size_and_mtime(clips, tmp_path):
+def test_probe_cache_keyed_by_size_and_mtime(clips, tmp_path, monkeypatch):
+    from engine.data import probe
+
     cache = str(tmp_path / "probe.json")
     paths = [clips["vp9"], clips["mjpeg"], clips["not_video"]]
     first = validate_files(paths, cache_path=cache)
@@ -131,6 +133,10 @@ def test_probe_cache_keyed_by_size_and_mtime(clips, tmp_path):
     second = validate_files(paths, cache_path=cache)
     assert (second.probed, second.cached) == (0, 3)
     assert [b.reason for b in second.bad] == ["not_video"]
+    # a bad file's verdict holds for the PyAV/FFmpeg build that reached it (another may read the file)
+    monkeypatch.setattr(probe, "DECODER_BUILD", "av 99, FFmpeg 99")
+    assert (lambda r: (r.probed, r.cached))(validate_files(paths, cache_path=cache)) == (1, 2)
+    monkeypatch.undo()
     copy = str(tmp_path / "c.webm")
     make_clip_file(copy, "vp9")
     validate_files([copy], cache_path=cache)
