@@ -356,7 +356,7 @@ def interrupted_hint(cfg, command: str, error: BaseException) -> str:
 
     why = f"terminated ({error.name})" if isinstance(error, signals.Terminated) else "interrupted"
     if isinstance(error, signals.Terminated) and error.saved:
-        why += f" after saving {error.saved} at the end of the step it came in"
+        why += f" after saving {error.saved}, the step it came in (or the next, after that step's forward pass)"
     if command == "eval":
         return why
     latest = find_latest(cfg.train.output_dir)

@@ -3,9 +3,11 @@
 
 Outside a training loop the first signal stops at once (:class:`Terminated`, exit ``128 + signal``),
 as Ctrl-C does (its copy within ``REPEAT_S`` is ignored while the run unwinds: a second
-``Terminated`` raised in the first one's handling ended the run with a traceback). Inside one (:func:`save_on_signal`), the first asks for a checkpoint: the loop ends
-the step it is in, every rank agrees through that step's all-reduce (a rank that got no signal
-follows the others), the step is saved, then the run stops with :class:`Terminated` naming the tag.
+``Terminated`` raised in the first one's handling ended the run with a traceback). Inside one
+(:func:`save_on_signal`), the first asks for a checkpoint: the loop ends the step it is in, every
+rank agrees through that step's all-reduce (a rank that got no signal follows the others; a signal
+after that all-reduce, which follows the forward pass, counts at the next step's), the step is
+saved, then the run stops with :class:`Terminated` naming the tag.
 A second signal stops at once: a save that would outlast the scheduler's grace period (SLURM's
 ``KillWait``, 30 s by default) is cut short by its SIGKILL anyway, and the atomic save then leaves
 the previous checkpoint as the latest complete one. (A repeat of the first within ``REPEAT_S`` is
