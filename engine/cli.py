@@ -253,7 +253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from engine.config import ConfigError, absolute_paths, describe, load_config
 
-    base = None
+    base, unresolved = None, False
     if args.command == "eval" and args.config is None and getattr(args, "checkpoint", None):
         # no recipe given: the one the checkpoint was trained with (the defaults are the demo's data
         # and model, which evaluated another dataset than the run's, or refused it)
@@ -262,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             base = trained_config(resolve_checkpoint(args.checkpoint))
         except (ConfigError, OSError, ValueError):  # reported by run_eval, with its own message
-            base = None
+            base, unresolved = None, True
         if base is not None and _launch_rank() == 0:
             print(f"maskfeat eval: no --config: using the config {args.checkpoint} was trained with", flush=True)
     try:
@@ -279,7 +279,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except BrokenPipeError:  # `--help-config | head`: the reader is gone; no traceback
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    if args.command == "eval" and args.config is None and base is None and _launch_rank() == 0:
+    # (a --checkpoint that does not resolve, a mistyped path, is run_eval's error: not a missing config)
+    if args.command == "eval" and args.config is None and base is None and not unresolved and _launch_rank() == 0:
         print(f"maskfeat eval: no --config, and {args.checkpoint} carries no config (an official .pyth, a plain "
               f".pt): the built-in defaults ({cfg.model.name} on the {cfg.data.dataset} clips); give the recipe with "
               "--config", flush=True)

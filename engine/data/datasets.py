@@ -527,7 +527,14 @@ def load_dataset(dataset: str, root: str, split: str, extensions: tuple[str, ...
     if split not in SPLITS:
         raise ValueError(f"split must be train, val or test, got {split!r}")
     if dataset == "kinetics" or dataset == "demo":
-        return read_list_file(os.path.join(root, f"{split}.csv"), root, classes)
+        try:
+            return read_list_file(os.path.join(root, f"{split}.csv"), root, classes)
+        except FileNotFoundError as e:
+            if os.path.isdir(root) and not os.path.isfile(os.path.join(root, f"{split}.csv")) and subfolders(root):
+                # (the demo recipes set data.dataset=demo: a root of class folders given to one read lists)
+                raise FileNotFoundError(f"{e}; {root} holds folders: for train/<class>/ or <class>/ folders of "
+                                        "videos set data.dataset=folder (image_folder for images)") from None
+            raise
     if dataset == "folder":
         return scan_class_folders(split_folder(root, split), extensions, classes)
     if dataset == "image_folder":

@@ -226,3 +226,16 @@ def test_labels_that_disagree_with_their_class_folders_are_an_error(tmp_path):
     repeated = read_list_file(write_list(tmp_path, "cat/a.mp4 0\ncat/b.mp4 1\ndog/c.mp4 2\n", classes=["cat", "cat", "dog"]),
                               str(tmp_path))  # a name listed twice: either number is its folder's
     assert repeated.labels == [0, 1, 2]
+
+
+def test_a_root_of_folders_read_as_lists_says_to_set_folder(tmp_path):
+    """The demo recipes set data.dataset=demo, which reads list files: a data.root of class folders
+    given to one said only that train.csv was missing."""
+    from engine.data.datasets import KNOWN_VIDEO_EXTENSIONS, load_dataset
+
+    os.makedirs(tmp_path / "train" / "cat")
+    for kind in ("demo", "kinetics"):
+        with pytest.raises(FileNotFoundError, match=r"train.csv not found .*holds folders: .*set data.dataset=folder"):
+            load_dataset(kind, str(tmp_path), "train", KNOWN_VIDEO_EXTENSIONS)
+    with pytest.raises(FileNotFoundError, match=r"train.csv not found \(expected SlowFast-style [^;]*$"):
+        load_dataset("kinetics", str(tmp_path / "train" / "cat"), "train", KNOWN_VIDEO_EXTENSIONS)  # no folders

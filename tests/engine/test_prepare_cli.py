@@ -513,6 +513,8 @@ def test_cli_paths_usage_and_defaults(monkeypatch, tmp_path, capsys):
     torch.save({"model_state": {}}, str(tmp_path / "official.pyth"))
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "official.pyth")]) == 0
     assert "carries no config (an official .pyth, a plain .pt): the built-in defaults" in capsys.readouterr().out
+    cli.main(["eval", "--checkpoint", str(tmp_path / "nope")])  # a mistyped path: run_eval's error, no config notice
+    assert "carries no config" not in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["eval"])
     err = capsys.readouterr().err
