@@ -863,6 +863,21 @@ def _model_kind(groups: list[list[str]]) -> Optional[str]:
     return "fine-tuning" if any(n.startswith("head.") for n in names) else None
 
 
+def check_task(path: str, builds: Optional[str], saved: Optional[list[list[str]]] = None) -> None:
+    """Raise ConfigError when the checkpoint at ``path`` holds another kind of model (``"pre-training"``
+    or ``"fine-tuning"``, by its saved parameter names; ``saved``: those, when read already) than the
+    run ``builds``; called before anything is built too, so that a fine-tuning resume of a pre-training
+    run says so first (it printed its resume lines and built the model)."""
+    saved = saved_param_group_names(path) if saved is None else saved
+    was = _model_kind(saved) if saved else None
+    if was != builds and None not in (was, builds):
+        hint = (f"Fine-tune from its weights instead: `maskfeat export {path} --out backbone.safetensors`, then "
+                "finetune.pretrained=backbone.safetensors" if was == "pre-training" else
+                "A fine-tuned classifier does not continue as a pre-training run; start one in a new train.output_dir")
+        raise ConfigError(f"checkpoint {path} is a {was} checkpoint, and this run trains a {builds} model: "
+                          f"it cannot be resumed here. {hint}")
+
+
 def check_param_groups(path: str, names: list[list[str]], now: dict) -> None:
     """Raise ConfigError when the AdamW groups this run builds (``names``: the parameter names of each
     group, in order) are not those the checkpoint at ``path`` was saved with: the optimiser state is
@@ -872,13 +887,7 @@ def check_param_groups(path: str, names: list[list[str]], now: dict) -> None:
     saved = saved_param_group_names(path)
     if saved is None or saved == [list(g) for g in names]:
         return
-    was, builds = _model_kind(saved), _model_kind(names)
-    if was != builds and None not in (was, builds):
-        hint = (f"Fine-tune from its weights instead: `maskfeat export {path} --out backbone.safetensors`, then "
-                "finetune.pretrained=backbone.safetensors" if was == "pre-training" else
-                "A fine-tuned classifier does not continue as a pre-training run; start one in a new train.output_dir")
-        raise ConfigError(f"checkpoint {path} is a {was} checkpoint, and this run trains a {builds} model: "
-                          f"it cannot be resumed here. {hint}")
+    check_task(path, _model_kind(names), saved)
     a, b = _flatten(_saved_config(path) or {}), _flatten(now)
 
     def regroups(k: str) -> bool:

@@ -317,7 +317,7 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         state["eval_loader"] = _eval_loader(cfg, dist, list(train.class_names))
         return train
 
-    from engine.checkpoint import resolve_resume
+    from engine.checkpoint import check_task, resolve_resume
     from engine.pretrain import check_model_config
 
     # what needs no data is checked first (train.overwrite may clear the folder before the build)
@@ -329,6 +329,8 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
                     "raise data.batch_size or set finetune.mixup_prob=0")
     state: dict = {}
     source = resolve_resume(resume, cfg.train.output_dir) if resume else None  # (checkpoints dir, tag)
+    if source is not None:
+        check_task(os.path.join(*source), "fine-tuning")  # (before the lines below announce the resume)
     if source is None:
         _check_pretrained(cfg)
         if not cfg.finetune.pretrained:  # (a real recipe ships with it empty: say so, once)

@@ -71,6 +71,7 @@ from engine.checkpoint import (
     available_tags,
     check_param_groups,
     check_resume_config,
+    check_task,
     checkpoint_dir,
     find_latest,
     load_checkpoint,
@@ -411,14 +412,17 @@ def on_rank0(fn: Callable[[], Any]) -> Any:
     return value
 
 
-def prepare_output_dir(cfg: Config, resume: Optional[str], *, defer_clear: bool = False) -> ResumePlan:
+def prepare_output_dir(cfg: Config, resume: Optional[str], *, defer_clear: bool = False,
+                       task: Optional[str] = None) -> ResumePlan:
     """Check and tidy ``train.output_dir`` before a run builds anything (module docstring); every rank
     calls this (file changes happen on the first local rank of each node). Raises ConfigError for a
     ``--resume`` that names no complete checkpoint, a model change since the checkpoint, and a new
     run in a folder that holds one already (without ``train.overwrite``). ``defer_clear``: leave
     ``train.overwrite``'s removal to :func:`clear_previous_run` (``plan.clear``), which the run calls
     once its data has validated, its model is built, DeepSpeed is set up and a checkpoint to continue
-    is loaded: a mistyped ``data.root`` or ``deepspeed.extra`` must not cost the previous run."""
+    is loaded: a mistyped ``data.root`` or ``deepspeed.extra`` must not cost the previous run.
+    ``task``: ``"pre-training"`` | ``"fine-tuning"``, the model the run trains (``checkpoint.check_task``
+    refuses a checkpoint of the other kind here, before the resume is announced)."""
     out = cfg.train.output_dir
     ckpt = checkpoint_dir(out)
     note = on_first_local_ranks(lambda: recover_checkpoint_dir(ckpt))
@@ -433,6 +437,7 @@ def prepare_output_dir(cfg: Config, resume: Optional[str], *, defer_clear: bool 
                 plan.ckpt_dir, plan.tag = target
                 plan.own = os.path.realpath(plan.ckpt_dir) == os.path.realpath(ckpt)
                 plan.config_warning = check_resume_config(plan.path, config_to_dict(cfg))
+                check_task(plan.path, task)
         there = stored_tags(ckpt) if not plan.own or plan.tag is None else []
         if there and not cfg.train.overwrite:
             what, latest = "", find_latest(out)
@@ -498,7 +503,8 @@ def setup_run(
     dist = init_distributed(cfg.train.device)  # sets DS_ACCELERATOR before deepspeed is first imported
     import deepspeed
 
-    plan = prepare_output_dir(cfg, resume, defer_clear=True)
+    plan = prepare_output_dir(cfg, resume, defer_clear=True, task={"pretrain": "pre-training",
+                                                                    "finetune": "fine-tuning"}.get(desc))
     if dist.rank == 0:
         print("config:\n" + config_to_yaml(cfg), flush=True)
     loader = build_loader(dist)

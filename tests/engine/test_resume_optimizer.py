@@ -116,3 +116,6 @@ def test_finetune_resuming_a_pretraining_checkpoint_says_to_export_it(env, runs,
     assert (f"checkpoint {tag} is a pre-training checkpoint, and this run trains a fine-tuning model" in p.stderr
             and f"maskfeat export {tag} --out backbone.safetensors" in p.stderr), p.stderr[-2000:]
     assert "AdamW parameter groups" not in p.stderr
+    # said first: it printed "resuming ...: finetune.pretrained is not read" and "continuing checkpoint ... of
+    # another run", then built the model
+    assert "resum" not in p.stdout and "continuing checkpoint" not in p.stdout, p.stdout[-2000:]
