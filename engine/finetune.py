@@ -251,17 +251,18 @@ def _num_classes(cfg: Config, loader) -> int:
     names = list(getattr(loader, "class_names", ()) or ())
     if k < 1:
         raise ConfigError("the number of classes is unknown: set finetune.num_classes")
+    # (before the labels: a class folder without videos has no label, and the labels' minimum was the
+    # first said, then this one)
+    if k < len(names):  # classes.json holds an output per name (it raised a bare ValueError)
+        raise ConfigError(f"finetune.num_classes={k} is smaller than the {len(names)} classes the training split names "
+                          f"(its classes.json or class folders, the last without videos): the head needs an "
+                          f"output per class; set finetune.num_classes >= {len(names)}, or 0 for exactly {len(names)}")
     if k == 1:  # a softmax over one output is 1 whatever the input: nothing to learn
         raise ConfigError(
             f"the training split has one class ({names[0] if names else '?'}): a classifier needs at least 2. Check "
             f"data.dataset={cfg.data.dataset} and data.root={cfg.data.root} (a folder dataset takes each sub-folder of "
             "ROOT/train, or of ROOT when it has no split folders, as a class; a kinetics one reads ROOT/train.csv)")
-    what = "finetune.num_classes" if cfg.finetune.num_classes else "the number of training classes"
-    check_labels(loader, k, what)
-    if k < len(names):  # every label fits, but classes.json holds an output per name (it raised a bare ValueError)
-        raise ConfigError(f"finetune.num_classes={k} is smaller than the {len(names)} classes the training split names "
-                          f"(its classes.json or class folders, the last without videos): the head needs an "
-                          f"output per class; set finetune.num_classes >= {len(names)}, or 0 for exactly {len(names)}")
+    check_labels(loader, k, "finetune.num_classes" if cfg.finetune.num_classes else "the number of training classes")
     return k
 
 

@@ -174,7 +174,13 @@ def test_num_classes_below_the_labels_is_a_config_error(videos):
 
     train = build_loader(data_cfg(videos["root"]), "train", mode="finetune")
     cfg = load_config(TINY, ["finetune.num_classes=2"])
-    with pytest.raises(ConfigError, match=r"finetune.num_classes is 2, but .* has label 2 \(class 'carphone'"):
+    with pytest.raises(ConfigError, match=r"finetune.num_classes=2 is smaller than the 3 classes .* set "
+                                          r"finetune.num_classes >= 3"):
+        _num_classes(cfg, train)
+    with pytest.raises(ConfigError, match=r"finetune.num_classes=1 is smaller than the 3 classes"):  # not "one class"
+        _num_classes(load_config(TINY, ["finetune.num_classes=1"]), train)
+    train.dataset.class_names = train.class_names = ["apple", "bunny"]  # labels past the names (a list's numbers)
+    with pytest.raises(ConfigError, match=r"finetune.num_classes is 2, but .* has label 2 \(class '2'"):
         _num_classes(cfg, train)
     assert _num_classes(load_config(TINY, ["finetune.num_classes=5"]), train) == 5
     assert _num_classes(load_config(TINY, []), train) == 3
@@ -188,8 +194,9 @@ def test_num_classes_below_the_class_names_is_a_config_error(tmp_path):
     root = clip_tree(tmp_path, {"train": {"a": 1, "b": 1}})
     os.makedirs(tmp_path / "train" / "c")  # empty: the names are a, b, c, the labels 0 and 1
     train = build_loader(data_cfg(root), "train", mode="finetune")
-    with pytest.raises(ConfigError, match=r"finetune.num_classes=2 is smaller than the 3 classes"):
-        _num_classes(load_config(TINY, ["finetune.num_classes=2"]), train)
+    for k in (1, 2):  # (at 1 the labels' minimum, 2, came first; then this one asked for 3)
+        with pytest.raises(ConfigError, match=rf"finetune.num_classes={k} is smaller than the 3 classes"):
+            _num_classes(load_config(TINY, [f"finetune.num_classes={k}"]), train)
     assert _num_classes(load_config(TINY, ["finetune.num_classes=3"]), train) == 3
 
 
