@@ -687,7 +687,16 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
                f"numbered on their own (class folders sorted by name, list labels as written), which matches "
                f"training only when both splits hold the same classes")
         log.warning(msg)
-    loader = _eval_loader(cfg, dist, names)
+    try:
+        loader = _eval_loader(cfg, dist, names)
+    except ClassListError as e:  # another dataset than the model's (a --config without the run's data settings)
+        saved = (trained_config(target) or {}).get("data") or {}
+        now = config_to_dict(cfg)["data"]
+        other = [f"data.{k}={saved[k]}" for k in ("dataset", "root") if saved.get(k) not in (None, now.get(k))]
+        if not other:
+            raise
+        raise ClassListError(f"{e}. {target.where} was trained with {', '.join(other)}: this evaluation reads other "
+                             "data (without --config maskfeat eval takes the run's own config; or set them)") from None
     check_labels(loader, K, f"the number of classes of {target.where}", error=ClassListError,
                  hint=f"Split {cfg.finetune.eval_split!r} holds classes the model was not trained on")
     model = create_model(cfg.model.name, task="classify", num_classes=K, **model_overrides(cfg, "classify"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError, config_to_yaml, load_config
 from engine.data import DataConfig, build_loader, load_dataset, validate_dataset
 from engine.data.datasets import ClassListError, read_class_index, write_class_index
 from engine.distributed import DistInfo
@@ -399,7 +400,6 @@ def test_eval_refuses_a_model_built_otherwise_than_trained(videos, tmp_path, one
     free to differ."""
     from safetensors.torch import save_file
 
-    from engine.config import config_to_yaml
     from engine.finetune import run_eval
 
     run = _fake_run(str(tmp_path / "ft"), _classifier(3, always=2), ["apple", "bunny", "carphone"])
@@ -427,7 +427,13 @@ def test_eval_rejects_an_eval_class_unseen_in_training(videos, tmp_path, one_pro
     from engine.finetune import run_eval
 
     run = _fake_run(str(tmp_path / "ft"), _classifier(1, always=0), ["apple"])
-    with pytest.raises(ClassListError, match=r"\['dog'\] are not classes of the training split"):
+    with pytest.raises(ClassListError, match=r"\['dog'\] are not classes of the training split.*that has them$"):
+        run_eval(_eval_cfg(videos["dog"], tmp_path / "x"), run)
+    # a run trained on other data than this --config reads: said so
+    with open(os.path.join(run, "checkpoints", "step00000001", "config.yaml"), "w") as f:
+        f.write(config_to_yaml(_eval_cfg(videos["root"], tmp_path / "ft")))
+    with pytest.raises(ClassListError, match=rf"\['dog'\] are not classes .* was trained with data.root="
+                                             rf"{re.escape(str(videos['root']))}: this evaluation reads other data"):
         run_eval(_eval_cfg(videos["dog"], tmp_path / "x"), run)
 
 
