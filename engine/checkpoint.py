@@ -78,7 +78,7 @@ from typing import Any, Callable, Optional, TypeVar
 import torch
 
 from engine.config import ConfigError
-from engine.distributed import barrier
+from engine.distributed import barrier, gather_objects
 
 
 class CheckpointError(ConfigError):
@@ -945,6 +945,14 @@ def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: b
             raise error
         raise _damaged(ckpt_dir, tag, mine if error is not None else None, error)
     state["rank"] = _file_rank(mine)  # whose state this is (another rank's after a world size change)
+    # every rank must hold the same save: with node-local filesystems a re-save stopped between two nodes'
+    # renames leaves the new tag on one node and the earlier one, put back at the start, on another
+    marks = gather_objects((state.get("train_state", {}).get("step"), (state.get("data_layout") or {}).get("num_batches")))
+    if len(set(marks)) > 1:
+        raise CheckpointError(f"checkpoint {path} differs between ranks ((step, batches per epoch) by rank: {marks}): "
+                              "copies on node-local filesystems out of step after an interrupted save; resume a tag "
+                              "every node holds whole (--resume TAG; available here: "
+                              f"{', '.join(available_tags(ckpt_dir)) or 'none'})")
     # the loader state holds the world size (each node of a non-shared filesystem sees only its files)
     saved_world = int(state.get("loader", {}).get("world_size", len(files)))
     stage = int(engine.zero_optimization_stage() if zero_stage is None else zero_stage)

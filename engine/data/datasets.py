@@ -530,7 +530,8 @@ def load_dataset(dataset: str, root: str, split: str, extensions: tuple[str, ...
         try:
             return read_list_file(os.path.join(root, f"{split}.csv"), root, classes)
         except FileNotFoundError as e:
-            if os.path.isdir(root) and not os.path.isfile(os.path.join(root, f"{split}.csv")) and subfolders(root):
+            if (os.path.isdir(root) and subfolders(root)
+                    and not any(f.lower().endswith(".csv") for f in os.listdir(root))):  # (a Kinetics root lacking one split)
                 # (the demo recipes set data.dataset=demo: a root of class folders given to one read lists)
                 raise FileNotFoundError(f"{e}; {root} holds folders: for train/<class>/ or <class>/ folders of "
                                         "videos set data.dataset=folder (image_folder for images)") from None

@@ -195,7 +195,8 @@ def warn_padded(cfg: DataConfig, split: str, paths: Sequence[str], infos: Sequen
     if short:
         path, n, need = short[0]
         log.warning("%d of %d %s files are shorter than one clip (first: %s, %d frames, a clip spans %d): their "
-                    "clips repeat the last frame, as SlowFast's do; data.short_videos=bad leaves them out",
+                    "clips repeat the last frame, as SlowFast's do; data.short_videos=bad makes them bad files (refused, or "
+                    "left out under data.on_bad_file=skip)",
                     len(short), len(paths), split, path, n, need)
 
 
@@ -211,7 +212,7 @@ def warn_decoded_from_start(paths: list[str], infos: list[VideoInfo]) -> None:
     slow = [(p, i) for p, i in zip(paths, infos) if i.timeline is None and i.num_frames > LONG_UNEVEN_FRAMES]
     if slow:
         log.warning("%d of %d files (first: %s, %d frames) cannot be seeked in (uneven frame times, or an MPEG "
-                    "program/transport stream): every clip of theirs is decoded from the first frame, slower the "
+                    "program, transport or elementary stream): every clip of theirs is decoded from the first frame, slower the "
                     "longer they are; `maskfeat data prepare` re-encodes them (WebM or MP4, constant rate)",
                     len(slow), len(paths), slow[0][0], slow[0][1].num_frames)
 

@@ -70,8 +70,8 @@ from .config import DataConfig
 from .datasets import (KNOWN_VIDEO_EXTENSIONS, Dataset, empty_classes, read_list_file, scan_class_folders, subfolders,
                        write_class_index, write_list_file)
 from .errors import DataError
-from .probe import (NVDEC_MIN_SIZE, ValidationReport, decoded_frames, frame_rotation, not_regular_file, probe_video,
-                    validate_files)
+from .probe import (NVDEC_MIN_SIZE, ValidationReport, decoded_frames, frame_rotation, is_cover_art, not_regular_file,
+                    probe_video, validate_files)
 
 CODECS = {"vp9": ("libvpx-vp9", "webm", ".webm"), "h264": ("libx264", "mp4", ".mp4")}
 VIDEO_EXTENSIONS = KNOWN_VIDEO_EXTENSIONS
@@ -159,7 +159,7 @@ def _encode(src: str, tmp: str, encoder: str, fmt: str, codec: str, short_side: 
             kinds = sorted({st.type for st in inp.streams})
             raise EncodeError(f"{src}: no video stream" + (f" (only {', '.join(kinds)})" if kinds else ""))
         sin = inp.streams.video[0]
-        if int(sin.disposition) & int(av.stream.Disposition.attached_pic):
+        if is_cover_art(sin):
             raise EncodeError(f"{src}: its first video stream is cover art (an attached picture, as audio files have)")
         if sin.codec_context is None:  # PyAV: no decoder in this FFmpeg (an unknown FourCC)
             raise EncodeError(f"{src}: FFmpeg has no decoder for its video stream")
@@ -571,7 +571,7 @@ def _note_short(cfg: DataConfig, report: ValidationReport) -> None:
         print(f"  short: {path} ({n} frames, one clip spans {need})")
     if short:
         print(f"note: {len(short)} file(s) shorter than one clip of the recipe{' (20 named)' if len(short) > 20 else ''}: "
-              "training repeats their last frame, as SlowFast does (data.short_videos=bad refuses them)")
+              "training repeats their last frame, as SlowFast does (data.short_videos=bad makes them bad files)")
 
 
 def prepare_main(argv: list[str]) -> int:

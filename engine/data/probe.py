@@ -40,7 +40,7 @@ import threading
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import av
 import numpy as np
@@ -99,8 +99,9 @@ class VideoInfo:
     pts_step: float = 0.0
     """The frames' mean spacing in time-base units, (last - first) / (frames - 1), when frame ``i``
     of the stream (in time order) is within a quarter step of ``pts_start + i * pts_step`` for every
-    ``i`` (times rounded to their time base pass; a gap or a freeze does not); else 0. The PyAV
-    reader seeks only when it is set; otherwise it decodes from the start, counting frames."""
+    ``i`` (times rounded to their time base pass; a gap or a freeze does not); else 0, and 0 in the
+    containers of :data:`NO_SEEK_FORMATS` whatever the times. The PyAV reader seeks only when it is
+    set; otherwise it decodes from the start, counting frames."""
     pix_fmt: str = ""
     """FFmpeg's pixel format of the decoded frames (``yuv420p``, ``yuv420p10le``, ...)."""
     key_start: bool = True
@@ -110,7 +111,8 @@ class VideoInfo:
     @property
     def timeline(self) -> tuple[int, float] | None:
         """``(pts_start, pts_step)`` for the PyAV reader's seek (``pipeline.decode_clip_pyav``), or
-        None when the times are not evenly spaced (it then decodes from the start)."""
+        None when ``pts_step`` is 0 (uneven times, or a container it does not seek in: it then decodes
+        from the start)."""
         return (self.pts_start, self.pts_step) if self.pts_step > 0 else None
 
     def displayed(self) -> "VideoInfo":
@@ -129,6 +131,16 @@ def frame_rotation(frame) -> int:
     if not abs(rot) <= 360:
         return 0
     return int(round(rot / 90.0)) % 4 * 90
+
+
+def is_cover_art(stream) -> bool:
+    """Whether a PyAV video stream is an attached picture (an audio file's cover art). PyAV before 14.1
+    has no ``Disposition`` (False there), and before 18 a ``Flag`` that ``int()`` refuses."""
+    flag = getattr(getattr(av.stream, "Disposition", None), "attached_pic", None)
+    try:
+        return flag is not None and bool(stream.disposition & flag)
+    except (TypeError, AttributeError):
+        return False
 
 
 def rotate_frame(img: np.ndarray, rotation: int) -> np.ndarray:
@@ -251,7 +263,7 @@ def probe_video(path: str) -> ProbeResult:
         if not container.streams.video:
             return ProbeResult(path, reason="not_video", detail="no video stream")
         stream = container.streams.video[0]
-        if int(stream.disposition) & int(av.stream.Disposition.attached_pic):  # FFmpeg lists cover art as video
+        if is_cover_art(stream):  # FFmpeg lists cover art as video
             return ProbeResult(path, reason="not_video", detail="its first video stream is cover art (an "
                                                                 "attached picture, as audio files have)")
         if stream.codec_context is None:  # PyAV: a codec this FFmpeg has no decoder for (an unknown FourCC)
@@ -363,13 +375,16 @@ def not_regular_file(path: str) -> str:
     return f"{kind}, not a regular file; not opened"
 
 
-def decoded_frames(container, stream):
+def decoded_frames(container, stream, packets: Optional[dict] = None):
     """``container.decode(stream)``, but packets that fail to decode before the first frame are
     skipped: a stream cut before its first key frame (a copy without re-encoding) starts with frames
     that reference missing ones, which H.264 drops and VP9 raises on; the probe numbers frames from
-    the first that decodes either way."""
+    the first that decodes either way. ``packets``: a dict that gets ``"last_pts"``, the latest time
+    of the packets demuxed so far."""
     started = False
     for packet in container.demux(stream):
+        if packets is not None and packet.size and packet.pts is not None:
+            packets["last_pts"] = max(packets.get("last_pts", packet.pts), packet.pts)
         try:
             frames = packet.decode()
         except av.error.InvalidDataError:
@@ -387,19 +402,25 @@ def decode_all_frames(path: str) -> tuple[int, str]:
     irregular = not_regular_file(path)
     if irregular:
         return 0, irregular
-    n = 0
+    n, last, packets = 0, None, {}
     try:
         with av.open(path) as container:
             if not container.streams.video:
                 return 0, "no video stream"
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            for _ in decoded_frames(container, stream):
+            for frame in decoded_frames(container, stream, packets):
                 n += 1
+                last = frame.pts if last is None or frame.pts is None else max(last, frame.pts)
     except Exception as e:  # FFmpeg raises many error types for corrupt data
         return n, f"frame {n + 1} does not decode: {type(e).__name__}: {e}"
     if n == 0:
         return 0, "no frame decodes"
+    if last is not None and last < packets.get("last_pts", last):
+        # the latest packets gave no frame: an MP4 cut short after its index, whose cut packets the threaded
+        # decoder drops without an error (a packet that decodes to nothing inside the stream, as an MPEG-4
+        # "not coded" frame, is no error: the reader repeats the frame before it)
+        return n, "the last frames do not decode: the stream ends early (a file cut short?)"
     return n, ""
 
 
@@ -441,7 +462,7 @@ _UMASK = os.umask(0o022)  # read once at import (setting it is the only way to r
 os.umask(_UMASK)
 
 
-DECODER_BUILD = f"av {av.__version__}, FFmpeg {av.ffmpeg_version_info}"
+DECODER_BUILD = f"av {av.__version__}, libavcodec {av.library_versions.get('libavcodec')}"
 """The PyAV and FFmpeg build a cached bad-file verdict was reached with (``ProbeCache``)."""
 
 
@@ -590,9 +611,9 @@ def validate_files(paths: Sequence[str], *, reader: str = "pyav",
 
 
 def _full_decode(report: ValidationReport, workers: int, progress: bool) -> None:
-    """Decode every frame of ``report.good``'s files; move those that fail, or that decode fewer frames
-    than their packets count (an MP4 cut short after its index: the threaded decoder ends early without
-    an error, and clips past the end failed in training), to ``report.bad``."""
+    """Decode every frame of ``report.good``'s files; move those that fail, or whose last packets decode
+    to no frame (an MP4 cut short after its index: the threaded decoder ends early without an error, and
+    clips past the end failed in training), to ``report.bad``."""
     todo = list(report.good)
     from engine.logging import work_progress
 
@@ -601,9 +622,6 @@ def _full_decode(report: ValidationReport, workers: int, progress: bool) -> None
         for p, (n, err) in zip(todo, ex.map(decode_all_frames, todo)):
             if err:
                 failed[p] = f"{err} ({n} of {report.good[p].num_frames} frames decoded; a full decode fails)"
-            elif n < report.good[p].num_frames:
-                failed[p] = (f"{n} of {report.good[p].num_frames} frames decode: the stream ends early (a file cut "
-                             "short?)")
             bar.update(1)
     for p in todo:
         if p in failed:

@@ -239,3 +239,6 @@ def test_a_root_of_folders_read_as_lists_says_to_set_folder(tmp_path):
             load_dataset(kind, str(tmp_path), "train", KNOWN_VIDEO_EXTENSIONS)
     with pytest.raises(FileNotFoundError, match=r"train.csv not found \(expected SlowFast-style [^;]*$"):
         load_dataset("kinetics", str(tmp_path / "train" / "cat"), "train", KNOWN_VIDEO_EXTENSIONS)  # no folders
+    (tmp_path / "val.csv").write_text("")  # a Kinetics root with its videos in folders, lacking one list
+    with pytest.raises(FileNotFoundError, match=r"train.csv not found \(expected SlowFast-style [^;]*$"):
+        load_dataset("kinetics", str(tmp_path), "train", KNOWN_VIDEO_EXTENSIONS)
