@@ -19,7 +19,7 @@ local rank of every node. Re-saving an existing tag (``best`` on every improveme
 one to ``<tag>.old`` first (a step tag, saved again after a resume with another global batch, then
 goes to ``<tag>.superseded``); a kill between the two renames leaves ``<tag>.old`` alone, which
 :func:`recover_checkpoint_dir` (called at the start of every run) puts back, and it removes stale
-``.tmp-*`` and ``*.old`` folders. ``train.keep_checkpoints`` prunes only ``step*`` tags with a
+``.tmp-*`` folders and ``*.old`` ones whose tag is there (a step tag's: set aside as superseded). ``train.keep_checkpoints`` prunes only ``step*`` tags with a
 step *below* the one just saved (never the new one, never newer ones).
 
 Complete checkpoint: a tag folder with ``engine_state_r*.pt`` (ours) and ``*model_states.pt``
@@ -293,14 +293,17 @@ def _promote(ckpt_dir: str, tmp_tag: str, tag: str, before_rename: Optional[Call
     on_first_local_ranks(move)
 
 
-def _retire_old(ckpt_dir: str, tag: str) -> None:
-    """Once ``tag`` is in place: remove ``tag.old``, or set it aside as ``<tag>.superseded`` when it is a
-    step tag (one of another step unit, after a resume with another global batch: never overwritten)."""
+def _retire_old(ckpt_dir: str, tag: str) -> Optional[str]:
+    """Once ``tag`` is in place: remove ``tag.old``, or set it aside as ``<tag>.superseded`` (``-2``, ...
+    when taken) when it is a step tag (one of another step unit, after a resume with another global
+    batch: never overwritten); returns the name it was set aside as."""
     old = os.path.join(ckpt_dir, tag + ".old")
     if _STEP_RE.match(tag):
-        os.replace(old, _free_name(ckpt_dir, f"{tag}.superseded"))
-    else:
-        shutil.rmtree(old, ignore_errors=True)
+        dst = _free_name(ckpt_dir, f"{tag}.superseded")
+        os.replace(old, dst)
+        return os.path.basename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+    return None
 
 
 def save_checkpoint(
@@ -559,6 +562,16 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[tuple[str, str]]:
 # ----------------------------------------------------------------------------------------------
 # Housekeeping at the start of a run
 # ----------------------------------------------------------------------------------------------
+def restorable_step_tags(ckpt_dir: str) -> list[str]:
+    """The step tags :func:`recover_checkpoint_dir` will put back from ``<tag>.old`` (the tag missing: a
+    re-save stopped between its renames), for a look before the run's set-up repairs the folder."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return [n[:-len(".old")] for n in sorted(os.listdir(ckpt_dir))
+            if n.endswith(".old") and _STEP_RE.match(n[:-len(".old")]) and os.path.isdir(os.path.join(ckpt_dir, n))
+            and not os.path.exists(os.path.join(ckpt_dir, n[:-len(".old")]))]
+
+
 def recover_checkpoint_dir(ckpt_dir: str) -> Optional[str]:
     """Repair what an interrupted save left under ``ckpt_dir`` (module docstring): a tag that is missing
     while ``<tag>.old`` exists (killed between the two renames of a re-save) is put back, and a
@@ -579,8 +592,7 @@ def recover_checkpoint_dir(ckpt_dir: str) -> Optional[str]:
                 os.replace(path, os.path.join(ckpt_dir, tag))
                 restored.append(tag)
             elif _STEP_RE.match(tag):  # killed before the old step tag was set aside
-                _retire_old(ckpt_dir, tag)
-                aside.append(tag)
+                aside.append((tag, _retire_old(ckpt_dir, tag)))
             else:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(name)
@@ -592,7 +604,7 @@ def recover_checkpoint_dir(ckpt_dir: str) -> Optional[str]:
             removed.append(name)
     parts = ([f"restored {', '.join(restored)} from {', '.join(t + '.old' for t in restored)} (a re-save was "
               "interrupted between its two renames)"] if restored else [])
-    parts += [f"set aside the earlier {t} as {t}.superseded (its re-save was complete)" for t in aside]
+    parts += [f"set aside the earlier {t} as {name} (its re-save was complete)" for t, name in aside]
     if os.path.isfile(os.path.join(ckpt_dir, LATEST_NEXT)):
         # (a tag just restored from .old is the earlier one: the save that named it never renamed its own)
         done = _read_pointer(ckpt_dir, LATEST_NEXT)

@@ -293,6 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from engine.runner import NonFiniteLossError, SaveError, StopRequested
 
     on_main = threading.current_thread() is threading.main_thread()
+    signals.reset()
     previous = {s: signal.signal(s, signals.handle) for s in signals.SIGNALS} if on_main else {}
     try:
         if args.command == "pretrain":

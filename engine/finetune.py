@@ -255,7 +255,7 @@ def _num_classes(cfg: Config, loader) -> int:
     # first said, then this one)
     if k < len(names):  # classes.json holds an output per name (it raised a bare ValueError)
         raise ConfigError(f"finetune.num_classes={k} is smaller than the {len(names)} classes the training split names "
-                          f"(its classes.json or class folders, the last without videos): the head needs an "
+                          f"(its classes.json or class folders, with or without videos): the head needs an "
                           f"output per class; set finetune.num_classes >= {len(names)}, or 0 for exactly {len(names)}")
     if k == 1:  # a softmax over one output is 1 whatever the input: nothing to learn
         raise ConfigError(
@@ -318,7 +318,7 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         state["eval_loader"] = _eval_loader(cfg, dist, list(train.class_names))
         return train
 
-    from engine.checkpoint import check_task, resolve_resume
+    from engine.checkpoint import check_task, checkpoint_dir, resolve_resume, restorable_step_tags
     from engine.pretrain import check_model_config
 
     # what needs no data is checked first (train.overwrite may clear the folder before the build)
@@ -332,14 +332,17 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
     source = resolve_resume(resume, cfg.train.output_dir) if resume else None  # (checkpoints dir, tag)
     if source is not None:
         check_task(os.path.join(*source), "fine-tuning")  # (before the lines below announce the resume)
-    if source is None:
+    # --resume auto of a step tag that a stopped re-save left as <tag>.old: setup_run puts it back and resumes it
+    repairing = resume == "auto" and source is None and bool(restorable_step_tags(checkpoint_dir(cfg.train.output_dir)))
+    resuming = source is not None or repairing
+    if not resuming:
         _check_pretrained(cfg)
         if not cfg.finetune.pretrained:  # (a real recipe ships with it empty: say so, once)
             print0("finetune.pretrained is empty: the classifier starts from random weights (set it to a "
                    "`maskfeat export` .safetensors or an official .pyth to fine-tune a pre-trained backbone)")
     elif cfg.finetune.pretrained:  # as SlowFast's auto-resume: the checkpoint holds every weight
-        print0(f"resuming {source[1]}: finetune.pretrained={cfg.finetune.pretrained} is not read (the checkpoint "
-               "holds the weights)")
+        print0(f"resuming {source[1] if source else 'the latest checkpoint'}: finetune.pretrained="
+               f"{cfg.finetune.pretrained} is not read (the checkpoint holds the weights)")
     source_run = os.path.dirname(source[0]) if source else None
     # continuing another run's checkpoint in this train.output_dir (its classes and best are not here)
     other_run = bool(source_run) and os.path.realpath(source_run) != os.path.realpath(cfg.train.output_dir)
@@ -353,11 +356,10 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         if other_run:  # its classes must be these (the head's outputs)
             sync_class_index(source_run, state["classes"], state["K"], resuming=True, write=False)
         else:
-            sync_class_index(cfg.train.output_dir, state["classes"], state["K"], resuming=source is not None,
-                             write=False)
+            sync_class_index(cfg.train.output_dir, state["classes"], state["K"], resuming=resuming, write=False)
         check_labels(state["eval_loader"], state["K"],
                      "finetune.num_classes" if cfg.finetune.num_classes else "the number of training classes")
-        return build_classifier(cfg, state["K"], pretrained=source is None)
+        return build_classifier(cfg, state["K"], pretrained=not resuming)
 
     run = setup_run(cfg, build_model=build, build_loader=loader,
                     clips_per_rank=lambda l: cfg.data.batch_size * getattr(l, "repeats", 1),  # images: none
@@ -670,9 +672,10 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
         if target.classes:
             source = f"the classes {target.where} carries"
             try:
-                names, k_json = class_index_from(json.loads(target.classes), source)
+                data = json.loads(target.classes)
             except ValueError as e:
                 raise ClassListError(f"{source} are not valid JSON ({e})") from None
+            names, k_json = class_index_from(data, source)
         else:
             source = target.class_index
             names, k_json = read_class_index(target.class_index)

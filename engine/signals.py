@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Iterator, Optional
 
-__all__ = ["Terminated", "handle", "save_on_signal", "immediate", "requested", "SIGNALS"]
+__all__ = ["Terminated", "handle", "save_on_signal", "immediate", "requested", "reset", "SIGNALS"]
 
 SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
 """The signals :func:`handle` is installed for (SIGUSR1 where the platform has it)."""
@@ -83,13 +83,21 @@ def requested(default: int = 0) -> int:
     return _state["signum"] or int(default)
 
 
+def reset() -> None:
+    """Forget earlier signals (a run starting: the CLI installs :func:`handle`)."""
+    _state.update(armed=False, signum=0, at=0.0, raised=0, raised_at=0.0)
+
+
 @contextlib.contextmanager
 def save_on_signal() -> Iterator[None]:
-    """While the body runs, a first signal is a request (:func:`requested`) rather than a stop."""
+    """While the body runs, a first signal is a request (:func:`requested`) rather than a stop; once it
+    stops the loop, its copies within ``REPEAT_S`` are ignored while the run unwinds."""
     _state["armed"], _state["signum"], _state["raised"] = True, 0, 0
     try:
         yield
     finally:
+        if _state["signum"]:
+            _state["raised"], _state["raised_at"] = _state["signum"], _state["at"]
         _state["armed"], _state["signum"] = False, 0
 
 

@@ -199,6 +199,11 @@ def test_signal_handler_asks_inside_the_loop_and_stops_outside():
         signals.handle(signal.SIGTERM, None)
         assert signals.requested() == signal.SIGTERM
     assert signals.requested() == 0
+    signals.handle(signal.SIGTERM, None)  # the launcher's copy, after the loop stopped on the first: ignored
+    signals.reset()  # (a run starting afresh: cli.main; an in-process SIGTERM test after this one was swallowed)
+    with pytest.raises(signals.Terminated):
+        signals.handle(signal.SIGTERM, None)
+    signals.reset()
 
 
 def test_two_ranks_zero_1_2_3_pretrain_export_finetune(env, tmp_path):
@@ -432,6 +437,22 @@ def test_a_resume_that_evaluates_another_split_replaces_best(env, tmp_path):
     p = _run(args + ["finetune.eval_split=train", "--resume", "auto"], dict(env, TOP1_EVALS="60,50"))
     assert "`best` was selected on split 'val', this run evaluates 'train'" in p.stdout, p.stdout[-2000:]
     assert saved_best_metric(out) == 60.0
+
+
+def test_a_finetune_resume_of_a_tag_a_stopped_resave_left_aside(env, tmp_path):
+    """A re-save stopped between its renames leaves the step tag as ``<tag>.old``, which the set-up puts
+    back: fine-tuning looked for the checkpoint before that, found none, and took the run for a fresh
+    one (a missing finetune.pretrained refused the resume; an empty one printed "random weights")."""
+    out = str(tmp_path / "ft")
+    args = [sys.executable, DRIVER, "evalfail", out, "data.clips_per_epoch=4", "schedule.max_steps=0",
+            "schedule.epochs=2", "train.checkpoint_every_epochs=1", "train.eval_every_epochs=0"]
+    _run(args + ["train.stop_after_steps=3"], env)
+    ck = os.path.join(out, "checkpoints")
+    os.replace(os.path.join(ck, "step00000002"), os.path.join(ck, "step00000002.old"))
+    p = _run(args + [f"finetune.pretrained={tmp_path / 'gone.safetensors'}", "--resume", "auto"], env)
+    assert "restored step00000002 from step00000002.old" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "resuming the latest checkpoint: finetune.pretrained=" in p.stdout and "random weights" not in p.stdout
+    assert json.loads(open(os.path.join(out, "result.json")).read())["error"] is None
 
 
 def test_an_evaluation_with_non_finite_views_is_not_kept_as_best(env, tmp_path):
