@@ -691,6 +691,8 @@ def _path_keys() -> tuple[str, ...]:
 
     return tuple(k for k in path_keys() if not k.startswith(IGNORED_ON_RESUME))
 _FREE_FORM = ("model.overrides.", "deepspeed.extra.")  # user dicts: a key on one side only is a change
+_GEOMETRY_OVERRIDES = {"model.overrides.img_size": "data.crop_size", "model.overrides.num_frames": "data.num_frames"}
+"""Overrides a run derives from its data settings when not given (``engine.pretrain.model_overrides``)."""
 _UNSET = object()
 
 
@@ -749,6 +751,9 @@ def config_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
         if not free and (k not in a or k not in b):
             continue
         old, new = a.get(k, _UNSET), b.get(k, _UNSET)
+        if (k in _GEOMETRY_OVERRIDES and (old is _UNSET) != (new is _UNSET)
+                and (old if new is _UNSET else new) == (b if new is _UNSET else a).get(_GEOMETRY_OVERRIDES[k])):
+            continue  # given on one side only, as the other side's data setting makes it (pretrain.model_overrides)
         if old == new or (k in paths and isinstance(old, str) and isinstance(new, str) and old and new
                           and os.path.abspath(old) == os.path.abspath(new)):
             continue

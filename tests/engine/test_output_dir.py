@@ -233,6 +233,20 @@ def test_other_config_changes_on_resume_are_one_warning(tmp_path):
     assert "data.num_frames: 8 -> 4" in line
 
 
+def test_geometry_overrides_given_as_the_data_makes_them_are_no_change(tmp_path):
+    """model.overrides.img_size / num_frames given on one side only, equal to what the other side's
+    data.crop_size / data.num_frames makes them: the same model, which a resume refused as a shape change."""
+    from engine.checkpoint import config_changes
+    from engine.config import config_to_dict
+
+    saved = config_to_dict(_cfg(str(tmp_path), "data.crop_size=64", "data.num_frames=8"))
+    same = config_to_dict(_cfg(str(tmp_path), "data.crop_size=64", "data.num_frames=8", "model.overrides.img_size=64",
+                               "model.overrides.num_frames=8"))
+    assert config_changes(saved, same) == ([], []) and config_changes(same, saved) == ([], [])
+    other = config_to_dict(_cfg(str(tmp_path), "data.crop_size=64", "model.overrides.img_size=96"))
+    assert config_changes(saved, other)[0] == ["model.overrides.img_size: <unset> -> 96"]
+
+
 # ---- interrupted saves ----------------------------------------------------------------------------------
 def test_an_interrupted_resave_is_repaired_at_start(tmp_path, capsys):
     from engine.checkpoint import find_latest
