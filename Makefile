@@ -10,8 +10,8 @@
 # project is then installed with the torch found pinned, so pip fails instead of replacing it.
 # A torch or triton this Makefile installed is recorded in the venv; when its pin here changes,
 # the next install replaces it (it used to keep any importable one, so a pin bump reached only
-# fresh clones). The install is re-run only when pyproject.toml, constraints.txt or this Makefile
-# change.
+# fresh clones). The install is re-run only when pyproject.toml, constraints.txt, this Makefile or
+# TORCH_SPEC / TRITON_SPEC change.
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -24,15 +24,21 @@ STAMP       := $(VENV)/.maskfeat-installed
 TORCH_PIN   := $(VENV)/.maskfeat-torch-pin.txt
 TORCH_MARK  := $(VENV)/.maskfeat-torch-spec
 TRITON_MARK := $(VENV)/.maskfeat-triton-spec
+SPECS       := $(VENV)/.maskfeat-specs
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench-hog clean-venv
+.PHONY: install test demo bench-hog clean-venv FORCE
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml constraints.txt Makefile
+# the pins given on the command line (make install TORCH_SPEC=...), rewritten only when they change:
+# a new one re-runs the install (the stamp followed the files only, and ignored it)
+$(SPECS): FORCE | $(PY)
+	@echo "$(TORCH_SPEC) $(TRITON_SPEC)" | cmp -s - $@ || echo "$(TORCH_SPEC) $(TRITON_SPEC)" > $@
+
+$(STAMP): $(PY) $(SPECS) pyproject.toml constraints.txt Makefile
 	@if [ -f $(TORCH_MARK) ] && [ "$$(cat $(TORCH_MARK))" != "$(TORCH_SPEC)" ]; then \
 		echo "pin changed: $$(cat $(TORCH_MARK)) -> $(TORCH_SPEC)"; \
 		$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)" && echo "$(TORCH_SPEC)" > $(TORCH_MARK); \
