@@ -105,8 +105,9 @@ def _decode_pass(path: str, wanted: set[int], first_wanted: int, short_side: int
                                any_frame=False)
             except av.error.FFmpegError:  # a stream that does not start on a key frame: count instead
                 return None
-        idx = -1
+        idx, last = -1, None
         for frame in decoded_frames(container, stream):
+            last = frame
             if timeline is not None:
                 if frame.pts is None:
                     return None
@@ -120,6 +121,11 @@ def _decode_pass(path: str, wanted: set[int], first_wanted: int, short_side: int
                 got[idx] = rotate_frame(frame.to_ndarray(format="rgb24", width=w, height=h), rotation)  # (H, W, 3)
                 if len(got) == len(wanted):
                     break
+        else:  # the stream ended first (fewer frames decode than packets counted): the last frame repeats
+            past = [m for m in wanted if m > idx] if timeline is None and last is not None else []
+            if past:
+                img = rotate_frame(last.to_ndarray(format="rgb24", width=w, height=h), rotation)
+                got.update((m, img) for m in past)
         return got
     finally:
         container.close()
@@ -146,7 +152,7 @@ def decode_clip_pyav(path: str, frames: np.ndarray, short_side: int, rotation: i
     if not got:
         raise RuntimeError(f"{path}: no frame decoded")
     last = max(got)
-    for m in wanted - set(got):  # packet count exceeded decodable frames: repeat the last one
+    for m in wanted - set(got):  # (the counting pass fills the frames past the end with the stream's last)
         got[m] = got[last]
     return np.ascontiguousarray(np.stack([got[int(f)] for f in frames]))  # (T, H, W, 3); stack keeps rot90's strides
 

@@ -192,7 +192,7 @@ def test_full_check_decodes_every_frame(corrupt_root, capsys):
 def test_full_check_finds_a_download_cut_short(tmp_path):
     """An MP4 with its index first (faststart), cut short: the probe counts the packets up to the cut
     (the last one cut too), the threaded decoder stops before them without an error, so --check --full
-    passed it and clips at the end failed in training ("no frame decoded")."""
+    passed it (and clips past its end repeat its last decoded frame)."""
     path = str(tmp_path / "cut.mp4")
     out = av.open(path, "w", options={"movflags": "faststart"})
     stream = out.add_stream("libx264", rate=30)
@@ -840,6 +840,15 @@ def test_mpeg_streams_are_decoded_counting_frames(tmp_path, name, fmt, codec):
     for start in range(1, 100, 7):
         frames = np.arange(start, start + 16, 3)
         assert _frame_numbers(decode_clip_pyav(path, frames, 1000, timeline=info.timeline)) == (frames % 40).tolist()
+
+
+def test_frames_past_the_decodable_end_repeat_the_last_frame(tmp_path):
+    """When fewer frames decode than the probe counted (a file cut short), the reader repeated the last
+    *requested* frame that decoded (frames [0, 6, 7] of a 6-frame file gave frame 0 three times); it
+    repeats the stream's last frame, as SlowFast clamps to the frames it decoded."""
+    path = _numbered_video(str(tmp_path / "six.mkv"), 6)
+    assert _frame_numbers(decode_clip_pyav(path, np.array([0, 6, 7]), 1000)) == [0, 5, 5]
+    assert _frame_numbers(decode_clip_pyav(path, np.array([7, 8]), 1000)) == [5, 5]  # (it raised: nothing decoded)
 
 
 def test_long_files_without_seeks_are_named(tmp_path, caplog):
