@@ -41,6 +41,7 @@ loader (``images.py``) reuses :class:`Feeder` with ``decode="bytes"`` and ``medi
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -213,15 +214,39 @@ class Feeder:
         self.depth = max(1, depth)
         self.queue: deque[tuple[list[ClipSpec], list[Future]]] = deque()
         self.next_batch = 0
+        # clips of one batch with the same file and frames (the repeats of repeated augmentation share
+        # their window, as in SlowFast, which decodes once): decoded once, key -> [uses left, Future]
+        self._shared: dict[tuple[int, bytes], list] = {}
+        self._shared_lock = threading.Lock()
+
+    def _decode_pyav(self, spec: ClipSpec) -> np.ndarray:
+        path = self.paths[spec.index]
+        rotation = self.rotations[spec.index] if self.rotations is not None else 0
+        timeline = self.timelines[spec.index] if self.timelines is not None else None
+        key = (spec.index, np.asarray(spec.frames).tobytes())
+        with self._shared_lock:
+            entry = self._shared.get(key)
+            if entry is not None:
+                entry[0] -= 1
+                if entry[0] == 0:
+                    del self._shared[key]
+                owner = entry is not None and entry[1] is None
+                if owner:
+                    entry[1] = Future()
+        if entry is None:  # (a clip of its own, or a replacement)
+            return decode_clip_pyav(path, spec.frames, self.short_side, rotation, timeline)
+        if not owner:  # the first use is decoding it (in another thread, already running)
+            return entry[1].result()
+        try:
+            data = decode_clip_pyav(path, spec.frames, self.short_side, rotation, timeline)
+        except BaseException as e:
+            entry[1].set_exception(e)
+            raise
+        entry[1].set_result(data)
+        return data
 
     def _read(self, spec: ClipSpec) -> tuple[ClipSpec, np.ndarray]:
-        path = self.paths[spec.index]
-        if self.decode == "pyav":
-            rotation = self.rotations[spec.index] if self.rotations is not None else 0
-            timeline = self.timelines[spec.index] if self.timelines is not None else None
-            data = decode_clip_pyav(path, spec.frames, self.short_side, rotation, timeline)
-        else:
-            data = read_bytes(path)
+        data = self._decode_pyav(spec) if self.decode == "pyav" else read_bytes(self.paths[spec.index])
         return (spec, data) if self.finish is None else (self.finish(spec, data), data)
 
     def _failed(self, spec: ClipSpec, e: Exception) -> str:
@@ -270,6 +295,13 @@ class Feeder:
     def _fill(self) -> None:
         while len(self.queue) < self.depth and self.next_batch < len(self.batches):
             specs = self.batches[self.next_batch]
+            if self.decode == "pyav":
+                keys = collections.Counter((s.index, np.asarray(s.frames).tobytes()) for s in specs)
+                with self._shared_lock:
+                    for key, n in keys.items():
+                        if n > 1:
+                            entry = self._shared.setdefault(key, [0, None])
+                            entry[0] += n
             self.queue.append((specs, [self.pool.submit(self._load, s) for s in specs]))
             self.next_batch += 1
 
@@ -302,6 +334,8 @@ class Feeder:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.queue.clear()
         self.batches = []
+        with self._shared_lock:
+            self._shared.clear()
 
 
 OUTPUTS = ("video", "label", "index", "view", "valid")

@@ -434,6 +434,26 @@ def test_finetune_repeated_aug_randaugment_erasing(clips):
     assert box.min() < (0 - 0.45) / 0.225 - 0.1 or box.max() > (1 - 0.45) / 0.225 + 0.1  # N(0,1) noise
 
 
+def test_repeats_of_a_clip_are_decoded_once(clips, monkeypatch):
+    """The repeats of repeated augmentation share their window (SlowFast decodes once and copies): the
+    PyAV reader decoded each repeat again, twice the decoding of fine-tuning. Same batches, half the work."""
+    from engine.data import pipeline
+
+    cfg = cfg_for(clips["folder_vp9"], batch_size=3, reader="pyav")
+    calls = []
+    real = pipeline.decode_clip_pyav
+    monkeypatch.setattr(pipeline, "decode_clip_pyav", lambda path, frames, *a: calls.append(path) or real(path, frames, *a))
+    shared = [{k: v.clone() for k, v in b.items()} for b in build_loader(cfg, "train", mode="finetune")]
+    n = len(calls)
+    assert n == sum(len(set(b["index"].tolist())) for b in shared) and n < sum(len(b["index"]) for b in shared)
+    monkeypatch.setattr(pipeline.Feeder, "_decode_pyav", lambda self, spec: real(
+        self.paths[spec.index], spec.frames, self.short_side, 0, self.timelines[spec.index]))
+    alone = [{k: v.clone() for k, v in b.items()} for b in build_loader(cfg, "train", mode="finetune")]
+    assert len(calls) == n and len(alone) == len(shared)  # (the bypass calls the real decoder)
+    for a, b in zip(alone, shared):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_erasing_noise_differs_between_ranks_and_repeats_on_each():
     """Regression: the noise in the random-erasing box was seeded by (seed, epoch, batch) only, so
     every rank filled its boxes with the same numbers."""
