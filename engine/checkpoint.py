@@ -19,8 +19,9 @@ local rank of every node. Re-saving an existing tag (``best`` on every improveme
 one to ``<tag>.old`` first (a step tag, saved again after a resume with another global batch, then
 goes to ``<tag>.superseded``); a kill between the two renames leaves ``<tag>.old`` alone, which
 :func:`recover_checkpoint_dir` (called at the start of every run) puts back, and it removes stale
-``.tmp-*`` folders and ``*.old`` ones whose tag is there (a step tag's: set aside as superseded). ``train.keep_checkpoints`` prunes only ``step*`` tags with a
-step *below* the one just saved (never the new one, never newer ones).
+``.tmp-*`` folders and ``*.old`` ones whose tag is there (a step tag's: set aside as superseded).
+``train.keep_checkpoints`` prunes only ``step*`` tags with a step *below* the one just saved (never
+the new one, never newer ones).
 
 Complete checkpoint: a tag folder with ``engine_state_r*.pt`` (ours) and ``*model_states.pt``
 (DeepSpeed's). Folders set aside (``*.old``, ``*.superseded*``, hidden ``.tmp-*``) are never a tag:
@@ -964,7 +965,8 @@ def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: b
     state["rank"] = _file_rank(mine)  # whose state this is (another rank's after a world size change)
     # every rank must hold the same save: with node-local filesystems a re-save stopped between two nodes'
     # renames leaves the new tag on one node and the earlier one, put back at the start, on another
-    marks = gather_objects((state.get("train_state", {}).get("step"), (state.get("data_layout") or {}).get("num_batches")))
+    marks = gather_objects((state.get("train_state", {}).get("step"),
+                            (state.get("data_layout") or {}).get("num_batches")))
     if len(set(marks)) > 1:
         raise CheckpointError(f"checkpoint {path} differs between ranks ((step, batches per epoch) by rank: {marks}): "
                               "copies on node-local filesystems out of step after an interrupted save; resume a tag "
