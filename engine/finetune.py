@@ -318,7 +318,7 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         state["eval_loader"] = _eval_loader(cfg, dist, list(train.class_names))
         return train
 
-    from engine.checkpoint import check_task, checkpoint_dir, resolve_resume, restorable_step_tags
+    from engine.checkpoint import checkpoint_dir, resolve_resume, restorable_step_tags
     from engine.pretrain import check_model_config
 
     # what needs no data is checked first (train.overwrite may clear the folder before the build)
@@ -330,8 +330,6 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
                     "raise data.batch_size or set finetune.mixup_prob=0")
     state: dict = {}
     source = resolve_resume(resume, cfg.train.output_dir) if resume else None  # (checkpoints dir, tag)
-    if source is not None:
-        check_task(os.path.join(*source), "fine-tuning")  # (before the lines below announce the resume)
     # --resume auto of a step tag that a stopped re-save left as <tag>.old: setup_run puts it back and resumes it
     repairing = resume == "auto" and source is None and bool(restorable_step_tags(checkpoint_dir(cfg.train.output_dir)))
     resuming = source is not None or repairing
@@ -340,9 +338,6 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         if not cfg.finetune.pretrained:  # (a real recipe ships with it empty: say so, once)
             print0("finetune.pretrained is empty: the classifier starts from random weights (set it to a "
                    "`maskfeat export` .safetensors or an official .pyth to fine-tune a pre-trained backbone)")
-    elif cfg.finetune.pretrained:  # as SlowFast's auto-resume: the checkpoint holds every weight
-        print0(f"resuming {source[1] if source else 'the latest checkpoint'}: finetune.pretrained="
-               f"{cfg.finetune.pretrained} is not read (the checkpoint holds the weights)")
     source_run = os.path.dirname(source[0]) if source else None
     # continuing another run's checkpoint in this train.output_dir (its classes and best are not here)
     other_run = bool(source_run) and os.path.realpath(source_run) != os.path.realpath(cfg.train.output_dir)
@@ -350,6 +345,10 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
     def build(train_loader) -> nn.Module:
         # checks only: train.overwrite clears the folder after the build (setup_run), so classes.json
         # is written after setup_run returns
+        if resuming and cfg.finetune.pretrained:  # as SlowFast's auto-resume: the checkpoint holds every weight
+            # (said here, once setup_run has refused a checkpoint of the other kind: checkpoint.check_task)
+            print0(f"resuming {source[1] if source else 'the latest checkpoint'}: finetune.pretrained="
+                   f"{cfg.finetune.pretrained} is not read (the checkpoint holds the weights)")
         state["K"] = _num_classes(cfg, train_loader)
         state["classes"] = list(train_loader.class_names)
         state["write"] = getattr(train_loader, "rank", 0) == 0

@@ -150,11 +150,8 @@ def decode_clip_pyav(path: str, frames: np.ndarray, short_side: int, rotation: i
     got = _decode_pass(path, wanted, first, short_side, timeline, rotation) if first > 0 and timeline else None
     if got is None or len(got) < len(wanted):
         got = _decode_pass(path, wanted, first, short_side, None, rotation)
-    if not got:
+    if not got:  # (the counting pass gives every wanted frame: those past the end are the stream's last)
         raise RuntimeError(f"{path}: no frame decoded")
-    last = max(got)
-    for m in wanted - set(got):  # (the counting pass fills the frames past the end with the stream's last)
-        got[m] = got[last]
     return np.ascontiguousarray(np.stack([got[int(f)] for f in frames]))  # (T, H, W, 3); stack keeps rot90's strides
 
 
@@ -164,6 +161,11 @@ def read_bytes(path: str) -> np.ndarray:
 
 
 _NO_DRAWS = np.zeros((0, 4), np.float32)  # a clip without RandAugment
+
+
+def _clip_key(spec: ClipSpec) -> tuple[int, bytes]:
+    """What one PyAV decode of ``spec`` depends on: its file and frames (``Feeder``'s shared decodes)."""
+    return spec.index, np.asarray(spec.frames).tobytes()
 
 
 TRAIN_RERUN = "rerun with --resume auto (it continues from the last checkpoint, or, with none yet, starts afresh)"
@@ -223,7 +225,7 @@ class Feeder:
         path = self.paths[spec.index]
         rotation = self.rotations[spec.index] if self.rotations is not None else 0
         timeline = self.timelines[spec.index] if self.timelines is not None else None
-        key = (spec.index, np.asarray(spec.frames).tobytes())
+        key = _clip_key(spec)
         with self._shared_lock:
             entry = self._shared.get(key)
             if entry is not None:
@@ -296,7 +298,7 @@ class Feeder:
         while len(self.queue) < self.depth and self.next_batch < len(self.batches):
             specs = self.batches[self.next_batch]
             if self.decode == "pyav":
-                keys = collections.Counter((s.index, np.asarray(s.frames).tobytes()) for s in specs)
+                keys = collections.Counter(_clip_key(s) for s in specs)
                 with self._shared_lock:
                     for key, n in keys.items():
                         if n > 1:
