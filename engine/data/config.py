@@ -150,8 +150,15 @@ class DataConfig:
             raise ValueError(f"data.target_fps must be >= 0 (0: the file's own frames), got {self.target_fps}")
         if not self.rand_augment_mstd >= 0:
             raise ValueError(f"data.rand_augment_mstd must be >= 0, got {self.rand_augment_mstd}")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != 3:
+                raise ValueError(f"data.{name}: expected 3 values (R, G, B), got {getattr(self, name)}")
         if not all(s > 0 for s in self.std):
             raise ValueError(f"data.std must be > 0 in every channel (pixels are divided by it), got {self.std}")
+        if not (all(0 <= m <= 1 for m in self.mean) and all(s <= 1 for s in self.std)):
+            raise ValueError(f"data.mean={self.mean} / data.std={self.std}: these are statistics of pixels in [0, 1] "
+                             "(mean in [0, 1], std in (0, 1]); values in 0-255 units (mmaction2/mmpretrain style) "
+                             "must be divided by 255")
         for name in ("clips_per_epoch", "rand_augment_n", "validation_workers", "seed"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")

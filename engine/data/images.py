@@ -417,8 +417,9 @@ class ImageLoader:
             self.epoch, self.batches_consumed = int(epoch), 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "seed": self.cfg.seed,
-                "rank": self.rank, "world_size": self.world_size, "num_batches": len(self)}
+        from .loader import loader_state
+
+        return loader_state(self)
 
     def load_state_dict(self, state: dict) -> None:
         from .loader import restore_position

@@ -217,17 +217,32 @@ def warn_decoded_from_start(paths: list[str], infos: list[VideoInfo]) -> None:
                     len(slow), len(paths), slow[0][0], slow[0][1].num_frames)
 
 
+def loader_state(loader) -> dict:
+    """``state_dict`` of the video and image loaders: the position (epoch, batches consumed) and the
+    layout that gives it a meaning (:func:`restore_position` compares it)."""
+    return {"epoch": loader.epoch, "batches_consumed": loader.batches_consumed, "rank": loader.rank,
+            **_layout(loader)}
+
+
+def _layout(loader) -> dict:
+    return {"world_size": loader.world_size, "seed": loader.cfg.seed, "num_batches": len(loader),
+            "batch_size": loader.cfg.batch_size, "epoch_length": loader.epoch_length(),
+            "dataset_len": len(loader.dataset)}
+
+
 def restore_position(loader, state: dict) -> None:
     """``load_state_dict`` of the video and image loaders: resume at ``state["epoch"]`` after
     ``state["batches_consumed"]`` batches (a ValueError outside the epoch). A state saved with
-    another layout (world size, seed, or another number of batches per epoch: a per-rank batch,
-    ``drop_last``, ``clips_per_epoch`` or dataset length of its own) cannot map to the same positions:
-    the epoch restarts at batch 0, with a warning (``engine.runner`` maps such a position itself,
-    ``map_data_position``, before it calls this). The layout is compared before the range: a count
-    from a smaller world size was a ValueError, one from a larger per-rank batch skipped samples."""
+    another layout (world size, seed, per-rank batch, positions per epoch, dataset length, or number
+    of batches per epoch) cannot map to the same positions: the epoch restarts at batch 0, with a
+    warning (``engine.runner`` maps such a position itself, ``map_data_position``, before it calls
+    this). The layout is compared before the range: a count from a smaller world size was a
+    ValueError, one from a larger per-rank batch skipped samples, and so did one from another
+    per-rank batch with the same number of batches (states of before held no batch size; the keys a
+    state lacks are not compared)."""
     consumed = int(state["batches_consumed"])
     loader.epoch = int(state["epoch"])
-    now = {"world_size": loader.world_size, "seed": loader.cfg.seed, "num_batches": len(loader)}
+    now = _layout(loader)
     other = {k: state[k] for k in now if k in state and state[k] != now[k]}
     if other:
         log.warning("loader state from another layout (%s; now %s): restarting epoch %d at batch 0",
@@ -399,8 +414,7 @@ class VideoLoader:
             self.batches_consumed = 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "seed": self.cfg.seed,
-                "rank": self.rank, "world_size": self.world_size, "num_batches": len(self)}
+        return loader_state(self)
 
     def load_state_dict(self, state: dict) -> None:
         restore_position(self, state)

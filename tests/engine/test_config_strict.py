@@ -58,6 +58,10 @@ def test_non_finite_floats_are_rejected_naming_the_field(override):
 @pytest.mark.parametrize("override, message", [
     ("data.std=[0,0,0]", r"data.std must be > 0"),
     ("data.std=[0.2,-0.1,0.2]", r"data.std must be > 0"),
+    ("data.mean=[123.675,116.28,103.53]", r"statistics of pixels in \[0, 1\].*divided by 255"),
+    ("data.std=[58.395,57.12,57.375]", r"statistics of pixels in \[0, 1\].*divided by 255"),
+    ("data.mean=[0.45,0.45]", r"data.mean: expected 3 values"),
+    ("data.std=[0.225]", r"data.std: expected 3 values"),
     ("data.clips_per_epoch=-5", r"data.clips_per_epoch must be >= 0"),
     ("data.rand_augment_n=-1", r"data.rand_augment_n must be >= 0"),
     ("data.validation_workers=-2", r"data.validation_workers must be >= 0"),
@@ -80,6 +84,14 @@ def test_validate_catches_nan_in_a_config_built_in_python():
         validate(cfg)
     with pytest.raises(ValueError, match="data.target_fps must be finite"):
         DataConfig(target_fps=math.nan)
+
+
+def test_data_config_built_in_python_checks_the_pixel_statistics():
+    """The loader checks the count; a ``DataConfig`` built directly gets the same checks."""
+    with pytest.raises(ValueError, match=r"data.mean: expected 3 values"):
+        DataConfig(mean=(0.45, 0.45))
+    with pytest.raises(ValueError, match=r"divided by 255"):
+        DataConfig(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
 
 
 def test_data_errors_through_a_dict_name_the_field():

@@ -372,11 +372,17 @@ def test_resume_mid_epoch_gives_the_remaining_batches(clips):
     # a smaller world's count past this epoch's end restarted with a ValueError; the same world with
     # another number of batches per epoch (another per-rank batch) kept a count that means another
     # place, silently skipping samples: both restart the epoch now
+    # (another per-rank batch with the same number of batches, e.g. 10 vs 11 of 100 clips, resumed at
+    # the same batch: positions 50-54 were never handed out); another dataset or epoch length too
     n = len(other)
     for foreign in ({"world_size": 1, "num_batches": 4 * n, "batches_consumed": 3 * n},
-                    {"num_batches": n + 3, "batches_consumed": 2}):
+                    {"num_batches": n + 3, "batches_consumed": 2}, {"batch_size": 3}, {"epoch_length": 11},
+                    {"dataset_len": 7}):
         other.load_state_dict({**state, **foreign})
         assert (other.epoch, other.batches_consumed) == (3, 0), foreign
+    old = {k: state[k] for k in ("epoch", "batches_consumed", "seed", "rank", "world_size", "num_batches")}
+    other.load_state_dict(old)  # a state saved before the layout was: the keys it holds agree
+    assert (other.epoch, other.batches_consumed) == (3, 2)
 
 
 def test_epoch_plan_is_made_batch_by_batch(clips, monkeypatch):
