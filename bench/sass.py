@@ -563,7 +563,8 @@ def _attention_markdown(rows: list[dict], arch: int) -> str:
 
 
 def check(arch: int = 90) -> list[str]:
-    """Problems of our default kernels on sm_<arch>: a failed lowering, shared memory over the limit,
+    """Problems of our default kernels on sm_<arch>: a failed lowering (an exception; the attention
+    kernels at B·nh = 1 too), shared memory over the limit,
     register spills (HOG cells and cells-ptx kernels, and cells-ptx with 64-bit frame offsets; bf16 attention forward and backward, with
     the fused rel terms too; the pooling convolution's four kernels; kernels launched with a register cap may spill outside their loops
     only), cross-lane traffic in the HOG kernels, or a non-coherent global load in the kernels with
@@ -606,6 +607,11 @@ def check(arch: int = 90) -> list[str]:
             if st.loop_local if launch.maxnreg is not None else st.local_bytes:
                 problems.append(f"{launch.name} ({path}, bf16) spills {st.local_bytes} B per thread "
                                 f"({st.loop_local} spill ops in loops) on sm_{arch}")
+    # B·nh = 1 (MViTv2-S stage 1, one clip): Triton makes the count a constexpr, which once broke the
+    # dk/dv kernel's chunk sum (an int has no .to); the interpreter passes it as a tensor
+    for launch in attention_launches(arch, "S", batch=1, stage=1):
+        st = compile_launch(launch, arch)
+        print(f"attention (B·nh 1) {launch.name}: regs {st.registers} spill {st.local_bytes}", flush=True)
     from kernels.pool.triton_pool import depthwise_conv3d_triton
 
     for stride in ((1, 1, 1), (1, 2, 2)):  # MViTv2-L block 0 / 2 pooling, B 4, bf16: fwd, dgrad, wgrad, finish

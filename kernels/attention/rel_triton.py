@@ -97,7 +97,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import cdiv, compiling_offline, empty_buffer, first_order_only, next_pow2, require_launchable, tensor_device
+from kernels import (
+    cdiv, compiling_offline, empty_buffer, first_order_only, interpreting, next_pow2, require_launchable, tensor_device,
+)
 from kernels.launch import batch_step, launch
 
 from .reference import check_inputs, rel_pos_index, rel_table_len
@@ -805,6 +807,11 @@ def _check(
     if hd > 256:
         raise ValueError(f"head dim {hd} > 256 is not supported by rel_matrix_triton")
     require_launchable(q, "rel_matrix_triton", "rel_impl='reference' (reference.rel_matrix)")
+    from . import triton_attn  # (it imports this module) the one switch of the bench's stubbed launches
+
+    if q.dtype == torch.bfloat16 and interpreting() and triton_attn.REFUSE_INTERPRETED_BF16:
+        raise ValueError("rel_matrix_triton in bfloat16 runs on a GPU only: Triton's interpreter computes it wrongly "
+                         "(errors of 1e10 measured); use float16/float32 on the CPU, or rel_impl='reference'")
 
 
 def rel_matrix_triton(

@@ -531,7 +531,7 @@ def _dkdv_kernel(
         if arrived == CHUNKS - 1:
             tl.debug_barrier()
             first = tl.program_id(2).to(tl.int64) * Nk * HD  # this batch·head's rows in chunk 0's partials and in out
-            stride = n_bh.to(tl.int64) * Nk * HD  # from one chunk's partials to the next (64-bit: c·stride)
+            stride = tl.cast(n_bh, tl.int64) * Nk * HD  # (a constexpr when B·nh = 1: no .to) from one chunk's partials to the next (64-bit: c·stride)
             _sum_partials(dk_part + first, stride, dk_out_ptr + first, offs_n, n_ok, 0, D1, HD, CHUNKS)
             _sum_partials(dv_part + first, stride, dv_out_ptr + first, offs_n, n_ok, 0, D1, HD, CHUNKS)
             if D2 > 0:

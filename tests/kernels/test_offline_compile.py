@@ -30,6 +30,7 @@ def test_default_kernels_lower_for_sm90():
     assert "triton_attn._dkdv_kernel" in proc.stdout and "rel_triton._rel_dtab_kernel" in proc.stdout
     assert "hog cells torch.uint8" in proc.stdout and "hog cells-ptx torch.bfloat16" in proc.stdout
     assert "hog cells-ptx wide torch.uint8" in proc.stdout
+    assert "attention (B·nh 1) triton_attn._dkdv_kernel" in proc.stdout
     assert "triton_pool._pool_wgrad_kernel" in proc.stdout and "triton_pool._pool_dgrad_kernel" in proc.stdout
 
 

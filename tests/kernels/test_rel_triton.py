@@ -389,3 +389,22 @@ def test_gpu_backward_deterministic():
 
     first, second = _run(fn, inputs, grad_out), _run(fn, inputs, grad_out)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+
+def test_bf16_in_the_interpreter_is_refused():
+    """As relpos_attention_triton: the interpreter's bf16 rel terms were off by 4e10 (through
+    ``relpos_attention(backend="sdpa", rel_impl="triton")`` too: outputs off by 4), with no error."""
+    from kernels import interpreting
+    from kernels.attention import relpos_attention
+
+    if not interpreting():
+        pytest.skip("on a GPU bf16 is computed (test_gpu_* check it)")
+    q_thw, k_thw = (2, 4, 4), (2, 2, 2)
+    q, *tables = make_inputs(1, 2, q_thw, k_thw, 32, True, torch.bfloat16)
+    kv = torch.randn(1, 2, math.prod(k_thw) + 1, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16 runs on a GPU only"):
+        rel_matrix_triton(q, q_thw, k_thw, *tables, True)
+    with pytest.raises(ValueError, match="bfloat16 runs on a GPU only"):
+        relpos_attention(q, kv, kv, q_thw, k_thw, *tables, backend="sdpa", rel_impl="triton")
+    rel_matrix_triton(q.float(), q_thw, k_thw, *(t.float() for t in tables), True)  # fp32 is computed
