@@ -9,11 +9,12 @@ interactive steps; srun exports ``SLURM_STEP_ID``, ``SLURM_STEP_NUM_TASKS`` and
 ``SLURM_STEP_NODELIST`` for its step): rank ``SLURM_PROCID``, world ``SLURM_STEP_NUM_TASKS`` (else
 ``SLURM_NTASKS``), local rank ``SLURM_LOCALID``, address the first host of ``SLURM_STEP_NODELIST``
 (else ``SLURM_JOB_NODELIST`` / ``SLURM_NODELIST``), port ``MASTER_PORT``, else
-``29500 + 8 * (SLURM_JOB_ID % 4500) + SLURM_STEP_ID % 8`` (in 29500..65499, identical on every task
-of a step; jobs with nearby ids and the first 8 concurrent steps of one job differ). A process of an
+``12000 + 8 * (SLURM_JOB_ID % 2500) + SLURM_STEP_ID % 8`` (in 12000..31999, below Linux's ephemeral
+ports; identical on every task of a step; jobs with nearby ids and the first 8 concurrent steps of one
+job differ). A process of an
 ``sbatch`` script without ``srun`` (the batch step) runs alone, with a one-line note; a ``WORLD_SIZE``
 the script exported before ``srun`` is taken when it equals the step's task count (the rank is then
-``SLURM_PROCID``). An MPI launch (``mpirun``; :data:`MPI_VARS`: Open MPI, MVAPICH, MPICH / Intel
+``SLURM_PROCID``, and the address and port, unless exported too, those of the step). An MPI launch (``mpirun``; :data:`MPI_VARS`: Open MPI, MVAPICH, MPICH / Intel
 MPI) gives the rank, world size and local rank (each process ran alone before, into the same
 folder), also inside a SLURM allocation, where mpirun's daemons leave their srun step's variables
 (``PMI_*`` equal to srun's own are srun's); the address is ``127.0.0.1`` when every process is on one
@@ -63,7 +64,7 @@ import sys
 import types
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, MutableMapping, Optional, Union
+from typing import Any, Callable, MutableMapping, Optional, Union
 
 import torch
 from torch import nn
@@ -141,9 +142,29 @@ def _srun_step_id(env: MutableMapping[str, str]) -> Optional[int]:
 
 
 def _slurm_port(env: MutableMapping[str, str], step: int) -> tuple[int, str]:
+    """Below Linux's ephemeral ports (32768 up), which outgoing connections take at random (it was
+    29500..65499, three quarters of it inside them)."""
     job = env.get("SLURM_JOB_ID", env.get("SLURM_JOBID", "")).strip()
     j = int(job) if job.isdigit() else 0
-    return 29500 + 8 * (j % 4500) + step % 8, "SLURM_JOB_ID and SLURM_STEP_ID"
+    return SLURM_PORT_BASE + 8 * (j % SLURM_PORT_JOBS) + step % 8, "SLURM_JOB_ID and SLURM_STEP_ID"
+
+
+SLURM_PORT_BASE, SLURM_PORT_JOBS = 12000, 2500
+"""The derived port: ``12000 + 8 * (job % 2500) + step % 8``, in 12000..31999."""
+
+
+def slurm_rendezvous(env: MutableMapping[str, str], step: int, put: Callable[[str, Any, str], None]) -> None:
+    """Fill ``MASTER_ADDR`` (the first host of the step's nodes) and ``MASTER_PORT`` (:func:`_slurm_port`)
+    of an srun step of more than one task, where the environment does not set them (``put`` keeps
+    what is set); one task takes the loopback address and a free port (the defaults)."""
+    if env["WORLD_SIZE"] == "1":
+        return
+    nl_key = next((k for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+                   if env.get(k, "").strip()), None)
+    if nl_key:
+        put("MASTER_ADDR", _first_slurm_host(env[nl_key]), f"the first host of {nl_key}")
+    port, why = _slurm_port(env, step)
+    put("MASTER_PORT", port, why)
 
 
 def _int_var(env: MutableMapping[str, str], key: str, origins: dict[str, str]) -> int:
@@ -181,6 +202,7 @@ def _fill_launch_env(env: MutableMapping[str, str]) -> tuple[dict[str, str], dic
             raise LaunchError(f"WORLD_SIZE={env['WORLD_SIZE']} is exported, but this srun step has {step_tasks or 1} "
                               "task(s): unset WORLD_SIZE (srun's variables give the ranks) or launch as many tasks")
         put("RANK", env["SLURM_PROCID"], "SLURM_PROCID")
+        slurm_rendezvous(env, step, put)  # (only what the script left unset: it went to 127.0.0.1:29500)
     if ("RANK" in env) != ("WORLD_SIZE" in env):
         have, missing = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
         raise LaunchError(f"{have}={env[have]} is set in the environment but {missing} is not (a stale export?): "
@@ -215,13 +237,7 @@ def _fill_launch_env(env: MutableMapping[str, str]) -> tuple[dict[str, str], dic
         put("RANK", env["SLURM_PROCID"], "SLURM_PROCID")
         put("WORLD_SIZE", step_tasks or 1, world_key or "default (no SLURM_STEP_NUM_TASKS)")
         put("LOCAL_RANK", env.get("SLURM_LOCALID", "0"), "SLURM_LOCALID" if "SLURM_LOCALID" in env else "default")
-        if env["WORLD_SIZE"] != "1":  # one task: the loopback address and a free port below
-            nl_key = next((k for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
-                           if env.get(k, "").strip()), None)
-            if nl_key:
-                put("MASTER_ADDR", _first_slurm_host(env[nl_key]), f"the first host of {nl_key}")
-            port, why = _slurm_port(env, step)
-            put("MASTER_PORT", port, why)
+        slurm_rendezvous(env, step, put)
     elif "RANK" not in env and "SLURM_JOB_ID" in env:
         n = env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1"))
         if n.isdigit() and int(n) > 1:

@@ -42,15 +42,16 @@ __all__ = [
 ]
 
 
-def _resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """``auto``: the Triton kernel for an NVIDIA CUDA tensor of a dtype it reads, else the reference
-    (a ROCm GPU, whose build of the kernel was never run or measured; float64 or integer frames,
-    which the reference takes on the GPU as on the CPU)."""
+def _resolve_backend(backend: str, x: torch.Tensor, cell: int) -> str:
+    """``auto``: the Triton kernel for an NVIDIA CUDA tensor of a dtype it reads and a power-of-two
+    ``cell``, else the reference (a ROCm GPU, whose build of the kernel was never run or measured;
+    float64 or integer frames, which the reference takes on the GPU as on the CPU; a cell of 3, 6,
+    12..., which the kernel refuses)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         nvidia = x.is_cuda and torch.version.hip is None
-        return "triton" if nvidia and x.dtype in SUPPORTED_DTYPES else "reference"
+        return "triton" if nvidia and x.dtype in SUPPORTED_DTYPES and not cell & (cell - 1) else "reference"
     return backend
 
 
@@ -71,7 +72,7 @@ def hog_targets(
     with index ((c*nbins + bin)*s + cy)*s + cx, s = token_stride / cell.
     """
     check_hog_args(tuple(frames.shape), token_stride, cell, nbins, gaussian_window, norm)
-    if _resolve_backend(backend, frames) == "reference":
+    if _resolve_backend(backend, frames, cell) == "reference":
         return hog_targets_reference(
             frames, token_stride, cell=cell, nbins=nbins, gaussian_window=gaussian_window, signed=signed, norm=norm
         )
@@ -112,7 +113,7 @@ def video_hog_targets(
     check_hog_args(
         (bsz * tp, c, h, w), token_stride, opts["cell"], opts["nbins"], opts["gaussian_window"], opts["norm"]
     )
-    if _resolve_backend(kwargs.get("backend", "auto"), clip) == "reference":
+    if _resolve_backend(kwargs.get("backend", "auto"), clip, opts["cell"]) == "reference":
         out = hog_targets_reference(frames.reshape(bsz * tp, c, h, w), token_stride, **opts)
     else:
         out = hog_targets_triton(frames, token_stride, **opts)  # (B*T', L, D)

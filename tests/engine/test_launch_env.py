@@ -65,13 +65,13 @@ def test_srun_step_uses_its_own_nodes_tasks_and_a_step_specific_port():
     launch_env(b0)
     assert b0["MASTER_ADDR"] == "gpu001" and b0["MASTER_PORT"] != a0["MASTER_PORT"]
     ports = set()
-    for job in ("1", "2", "4499", "4501", "123456789"):
+    for job in ("1", "2", "2499", "2501", "123456788"):
         for step in range(8):
             e = _step(0, step=str(step), job=job)
             launch_env(e)
-            assert 29500 <= int(e["MASTER_PORT"]) <= 65535
+            assert 12000 <= int(e["MASTER_PORT"]) < 32768  # below the ephemeral ports
             ports.add((job, e["MASTER_PORT"]))
-    assert len({p for _, p in ports}) == 5 * 8 - 8  # jobs 1 and 4501 share ports (4500 apart); all else differ
+    assert len({p for _, p in ports}) == 5 * 8 - 8  # jobs 1 and 2501 share ports (2500 apart); all else differ
     old = _step(2, SLURM_STEP_NODELIST="")  # no step node list: the job's
     del old["SLURM_STEP_NUM_TASKS"]
     launch_env(old)
@@ -432,6 +432,11 @@ def test_srun_with_an_exported_world_size_takes_the_task_id():
     env = _step(2, WORLD_SIZE="4", MASTER_ADDR="gpu003", MASTER_PORT="1234")
     launch_env(env)
     assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_PORT"]) == ("2", "4", "1234")
+    # exporting WORLD_SIZE only: the address and port are the step's (they were 127.0.0.1:29500, so the
+    # ranks of the other nodes waited for a store on their own loopback until the timeout)
+    env, plain = _step(2, WORLD_SIZE="4", SLURM_STEP_NODELIST="gpu[007-008]"), _step(2, SLURM_STEP_NODELIST="gpu[007-008]")
+    launch_env(env), launch_env(plain)
+    assert env["MASTER_ADDR"] == "gpu007" and env["MASTER_PORT"] == plain["MASTER_PORT"] != "29500"
     with pytest.raises(LaunchError, match=r"WORLD_SIZE=8 is exported, but this srun step has 4 task\(s\)"):
         launch_env(_step(2, WORLD_SIZE="8"))
 

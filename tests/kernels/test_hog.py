@@ -630,13 +630,16 @@ def test_auto_dispatch_by_vendor_and_dtype(monkeypatch):
     from kernels.hog import _resolve_backend
 
     for dtype in (torch.uint8, torch.float16, torch.bfloat16, torch.float32):
-        assert _resolve_backend("auto", NS(is_cuda=True, dtype=dtype)) == "triton"
+        assert _resolve_backend("auto", NS(is_cuda=True, dtype=dtype), 8) == "triton"
     for dtype in (torch.float64, torch.int16, torch.int32):
-        assert _resolve_backend("auto", NS(is_cuda=True, dtype=dtype)) == "reference"
-    assert _resolve_backend("auto", NS(is_cuda=False, dtype=torch.float32)) == "reference"
+        assert _resolve_backend("auto", NS(is_cuda=True, dtype=dtype), 8) == "reference"
+    assert _resolve_backend("auto", NS(is_cuda=False, dtype=torch.float32), 8) == "reference"
+    for cell in (3, 6, 12):  # the kernel refuses a cell that is no power of two; the reference takes it
+        assert _resolve_backend("auto", NS(is_cuda=True, dtype=torch.float32), cell) == "reference"
+    assert _resolve_backend("auto", NS(is_cuda=True, dtype=torch.float32), 1) == "triton"
     monkeypatch.setattr(torch.version, "hip", "6.2")
-    assert _resolve_backend("auto", NS(is_cuda=True, dtype=torch.float32)) == "reference"
-    assert _resolve_backend("triton", NS(is_cuda=True, dtype=torch.float32)) == "triton"  # still forced
+    assert _resolve_backend("auto", NS(is_cuda=True, dtype=torch.float32), 8) == "reference"
+    assert _resolve_backend("triton", NS(is_cuda=True, dtype=torch.float32), 8) == "triton"  # still forced
     frames = torch.zeros(1, 1, 3, 16, 16)
     with pytest.raises(ValueError, match="needs an NVIDIA CUDA device"):
         hog_targets_triton(frames, 16, variant="cells-ptx")
