@@ -396,19 +396,28 @@ class ResumePlan:
 
 def on_rank0(fn: Callable[[], Any]) -> Any:
     """``fn()`` computed on global rank 0 and broadcast to every rank; a ConfigError it raises is
-    raised on every rank (so no rank waits in a collective the others left)."""
+    raised on every rank, another exception on rank 0 as itself and on the others as a RuntimeError
+    naming it (so no rank waits in a collective the others left: an unreadable output folder held
+    the other ranks until the timeout, where no launcher ends them)."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return fn()
     box: list = [None]
+    failed: Optional[Exception] = None
     if torch.distributed.get_rank() == 0:
         try:
             box[0] = ("ok", fn())
         except ConfigError as e:
             box[0] = ("error", str(e))
+        except Exception as e:
+            box[0], failed = ("failed", f"{type(e).__name__}: {e}"), e
     torch.distributed.broadcast_object_list(box, src=0)
     kind, value = box[0]
+    if failed is not None:
+        raise failed
     if kind == "error":
         raise ConfigError(value)
+    if kind == "failed":
+        raise RuntimeError(f"rank 0 failed ({value}); its log has the traceback")
     return value
 
 

@@ -8,6 +8,7 @@ breaks exactly the frames that need it)."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import os
@@ -1187,3 +1188,35 @@ def test_prepare_writes_square_pixels(tmp_path):
         assert c.streams.video[0].codec_context.sample_aspect_ratio in (None, 0, 1)  # only the container's
     encode_video(vp9, out, codec="vp9", short_side=36)
     assert (probe_video(out).info.width, probe_video(out).info.height) == (64, 36)
+
+
+def _on_rank0_worker(rank: int, init: str, out: str) -> None:
+    from engine.config import ConfigError
+    from engine.runner import on_rank0
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=60))
+    got = []
+    try:
+        for fn in (lambda: 7, lambda: (_ for _ in ()).throw(ConfigError("bad key")),
+                   lambda: open(os.path.join(out, "missing", "x"))):
+            try:
+                got.append(["ok", on_rank0(fn)])
+            except Exception as e:
+                got.append([type(e).__name__, str(e)])
+        with open(f"{out}/{rank}.json", "w") as f:
+            json.dump(got, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_on_rank0_hands_every_failure_to_every_rank(tmp_path):
+    """Rank 0's result, or its error, on every rank: an error other than a ConfigError (an OSError
+    reading the output folder) left the other ranks in the broadcast until the timeout."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_on_rank0_worker, args=(f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.load(open(tmp_path / f"{r}.json")) for r in (0, 1))
+    assert r0[:2] == r1[:2] == [["ok", 7], ["ConfigError", "bad key"]]
+    assert r0[2][0] == "FileNotFoundError" and r1[2][0] == "RuntimeError"
+    assert r1[2][1].startswith("rank 0 failed (FileNotFoundError: [Errno 2]")
