@@ -631,11 +631,21 @@ def _override_value(item: str, key: str, tp: Any, raw: str) -> Any:
         raise ConfigError(f"override {item!r}: {e}") from None
 
 
+def _merged(old: dict, new: dict) -> dict:
+    """``new`` merged into a copy of ``old``, mappings key by key (other values replaced)."""
+    out = dict(old)
+    for k, v in new.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b=value`` overrides to a nested mapping (checked later by the typed build).
 
     Values are parsed as YAML with YAML 1.2 numbers (``1e3`` is a float): ``true``, ``3``,
-    ``[0.5, 1.0]``, ``{target: pixel}``. A field of type ``str`` keeps the raw text, so
+    ``[0.5, 1.0]``, ``{target: pixel}``. A mapping given to a section or a mapping field merges
+    into what the recipe set (``optim={lr: 1e-3}`` is ``optim.lr=1e-3``: it replaced the whole
+    section, silently resetting the recipe's other fields to the defaults). A field of type ``str`` keeps the raw text, so
     ``data.root=007`` stays ``"007"``, unless it is quoted (``finetune.pretrained=''`` is empty,
     ``data.root='null'`` the word); an unquoted ``null``/``None`` there is an error. ``null``,
     ``None`` and ``none`` set an ``Optional`` field to null.
@@ -657,7 +667,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             else:  # inside a free-form dict field (e.g. model.overrides.target=pixel)
                 tp = Any
             if is_last:
-                node[k] = _override_value(item, ".".join(keys), tp, raw)
+                value = _override_value(item, ".".join(keys), tp, raw)
+                if isinstance(value, dict) and isinstance(node.get(k), dict):
+                    value = _merged(node[k], value)  # section={...}: the fields it names (it reset the others)
+                node[k] = value
             else:
                 if not (dataclasses.is_dataclass(tp) or tp is Any or typing.get_origin(tp) is dict):
                     raise ConfigError(f"override {item!r}: {'.'.join(keys[:depth + 1])} is a value, not a section")

@@ -21,6 +21,7 @@ from engine.config import (
     load_config,
 )
 from engine.distributed import _first_slurm_host, deepspeed_config, launch_env
+from engine.data.config import DataConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -134,6 +135,21 @@ def test_yaml_round_trip_and_overrides_win(tmp_path):
     assert load_config(str(p), ["mask.kind=frame"]).mask.kind == "frame"
 
 
+def test_a_mapping_override_merges_into_the_recipe():
+    """``optim={lr: 1e-3}`` replaced the recipe's whole section: its reference batch (16) and layer
+    decay (0.875) fell back to the defaults, a 16x smaller LR without layer decay, silently."""
+    recipe = os.path.join(REPO, "configs", "finetune_mvitv2_l_16x4_k400.yaml")
+    base = load_config(recipe)
+    cfg = load_config(recipe, ["optim={lr: 1.0e-3}", "schedule={epochs: 10}"])
+    assert cfg.optim == dataclasses.replace(base.optim, lr=1e-3)
+    assert cfg.schedule == dataclasses.replace(base.schedule, epochs=10)
+    assert base.optim.layer_decay == 0.875 and base.schedule.warmup_epochs == 5
+    ablation = os.path.join(REPO, "configs", "ablations", "pretrain_mvitv2_s_hog_no_norm.yaml")
+    over = load_config(ablation, ["model.overrides={target: pixel}"]).model.overrides
+    assert over == {**load_config(ablation).model.overrides, "target": "pixel"} and over["hog_norm"] == "none"
+    assert load_config(None, ["data={batch_size: 3}", "data.seed=4"]).data == DataConfig(batch_size=3, seed=4)
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)))
 def test_every_shipped_recipe_loads(path):
     cfg = load_config(path)
@@ -199,17 +215,17 @@ def test_launch_env_keeps_launcher_values_and_reads_slurm():
            "SLURM_JOB_NODELIST": "gpu[012-015,020],login1"}
     launch_env(env)
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("5", "16", "1")
-    assert env["MASTER_ADDR"] == "gpu012" and env["MASTER_PORT"] == "29500"
+    assert env["MASTER_ADDR"] == "gpu012" and env["MASTER_PORT"] == "12000"  # no job id: job 0
     assert _first_slurm_host("node7") == "node7"
     assert _first_slurm_host("node[1-2]-ib,other") == "node1-ib"
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1234567", "SLURM_STEP_ID": "2",
            "SLURM_JOB_NODELIST": "a[3-4]"}
     launch_env(env)  # two jobs on one node (and two steps of one job) get different ports
-    assert env["MASTER_ADDR"] == "a3" and env["MASTER_PORT"] == str(29500 + 8 * (1234567 % 4500) + 2)
+    assert env["MASTER_ADDR"] == "a3" and env["MASTER_PORT"] == str(12000 + 8 * (1234567 % 2500) + 2)
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "99", "SLURM_STEP_ID": "0",
            "SLURM_JOB_NODELIST": "n1"}
     launch_env(env)  # one task: a free port, the loopback address
-    assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"] != str(29500 + 8 * 99)
+    assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"] != str(12000 + 8 * 99)
 
 
 def test_deepspeed_config():
