@@ -253,6 +253,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from engine.config import ConfigError, absolute_paths, describe, load_config
 
+    if args.command == "eval" and not args.checkpoint and not args.help_config:  # (before a notice about it)
+        parser.error("--checkpoint is required (a run folder, a checkpoint tag folder or a weights file)")
     base, unresolved = None, False
     if args.command == "eval" and args.config is None and getattr(args, "checkpoint", None):
         # no recipe given: the one the checkpoint was trained with (the defaults are the demo's data
@@ -307,8 +309,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             from engine.finetune import run_eval
 
-            if not args.checkpoint:
-                parser.error("--checkpoint is required (a run folder, a checkpoint tag folder or a weights file)")
             run_eval(cfg, args.checkpoint, save_predictions=args.save_predictions)
     except ConfigError as e:
         print(f"maskfeat {args.command}: config error: {e}", file=sys.stderr)

@@ -85,8 +85,9 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     """Extra ``models.create_model`` overrides of the variant's fields (e.g. the pre-training
     target ``{target: pixel}``, ``{attn_backend: reference}``, ``{pool_backend: torch}``: MViT's
-    pooling convolutions all through torch, where the default ``auto`` runs the large ones through
-    ``kernels.pool``'s Triton kernels on CUDA; ``triton`` runs all of them there). The input geometry
+    pooling convolutions all through torch, where the default ``auto`` runs the large bf16/fp16 ones
+    through ``kernels.pool``'s Triton kernels on an sm_90 GPU (H100/H200); ``triton`` runs all of them
+    there). The input geometry
     (``num_frames``, ``img_size``) is taken from ``data`` unless given here."""
     activation_checkpointing: Union[bool, int] = False
     """Recompute transformer blocks in backward instead of keeping their activations
@@ -115,7 +116,7 @@ class OptimConfig:
     """Base LR per ``lr_reference_batch`` clips; the absolute LR is scaled by the global batch."""
     lr_reference_batch: int = 256
     """Global batch size at which ``lr`` and the schedule's LRs are given (256 in the pre-training
-    recipes and the default; each fine-tuning recipe states its own: 32, 16 or 512)."""
+    recipes and the default; each fine-tuning recipe states its own: 32, 16, 512 or 256)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     eps: float = 1e-8
@@ -226,7 +227,8 @@ class DeepSpeedConfig:
     """Training precision (the official recipes run fp32; bf16 recommended on A100/H100). bf16 averages
     gradients over the ranks in fp32 (``extra: {communication_data_type: bf16}`` for half the traffic)."""
     gradient_clipping: float = 0.02
-    """Global L2 gradient clip (0.02 in pre-training, 5.0 in fine-tuning); 0 = off."""
+    """Global L2 gradient clip (0.02 in pre-training, 5.0 in the video fine-tuning recipes, off in the
+    ImageNet ones as in the official configs); 0 = off."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Raw entries merged last into the generated DeepSpeed config (expert use, e.g.
     ``{zero_optimization: {overlap_comm: true}}``)."""
@@ -451,6 +453,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if any(type(value) is type(a) and value == a for a in args):
             return value
         choices = ", ".join(repr(a) for a in args)
+        same = next((a for a in args if str(a) == str(value)), None)  # '2' for 2, 2.0 for 2, 'True' for True
+        if same is not None:
+            how = "quoted" if isinstance(same, str) else "unquoted"
+            raise ConfigError(f"{path}: {value!r} is not one of {choices}; write it {how}: {same!r}")
         hint = _closest(str(value), [str(a) for a in args])
         raise ConfigError(f"{path}: {value!r} is not one of {choices}" + (f"; did you mean {hint!r}?" if hint else ""))
     if tp is bool:
@@ -846,6 +852,8 @@ def validate(cfg: Config) -> None:
                  "eval_every_epochs", "seed"):
         if getattr(cfg.train, name) < 0:
             raise ConfigError(f"train.{name} must be >= 0, got {getattr(cfg.train, name)}")
+    if cfg.train.seed >= 2**32:  # torch.manual_seed(seed * 1000 + rank + 1) overflowed past 2**64, after the data checks
+        raise ConfigError(f"train.seed must be below 2**32, got {cfg.train.seed}")
     if not cfg.deepspeed.gradient_clipping >= 0:
         raise ConfigError(f"deepspeed.gradient_clipping must be >= 0 (0: off), got {cfg.deepspeed.gradient_clipping}")
     ft = cfg.finetune

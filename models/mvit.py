@@ -583,7 +583,7 @@ class MViT(nn.Module):
         drop_path_rate: stochastic depth of the last block (linear from 0).
         attn_backend: ``kernels.attention`` backend ("auto", "reference", "sdpa", "triton").
         pool_backend: the q/k/v pooling convolutions: "auto" (``kernels.pool``'s Triton kernels
-            for large bf16/fp16 inputs on CUDA, torch's otherwise), "torch" (``nn.Conv3d``) or
+            for large bf16/fp16 inputs on an sm_90 GPU, torch's otherwise), "torch" (``nn.Conv3d``) or
             "triton" (``kernels.pool`` for all; same parameters either way).
     """
 
