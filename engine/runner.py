@@ -356,8 +356,11 @@ class Run:
 
 
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "classes.json", "tb", "eval.json", "evals.jsonl",
-               "eval.predictions.npz", "backbone.safetensors")
-"""What ``train.overwrite=true`` removes from ``train.output_dir`` before a new run starts there."""
+               "eval.predictions.npz", "backbone.safetensors", "backbone.eval.json", "backbone.evals.jsonl",
+               "backbone.eval.predictions.npz")
+"""What ``train.overwrite=true`` removes from ``train.output_dir`` before a new run starts there
+(``maskfeat export``'s default file and its evaluations too: they stayed, and the next export's
+evaluations were appended to the old model's history)."""
 
 
 def clear_run_outputs(output_dir: str) -> list[str]:

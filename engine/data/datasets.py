@@ -500,10 +500,28 @@ def class_index_from(data: object, where: str) -> tuple[list[str], int]:
     raise ClassListError(f"{where}: expected {{\"classes\": [...]}} or a list of class names")
 
 
+SPLIT_SPELLINGS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                   "test": "test", "testing": "test"}
+"""Folder names (case ignored) that name a split; only the lower-case train/val/test are read as one."""
+
+
+def check_no_split_lookalikes(root: str) -> None:
+    """A DataError when ``root`` (a folder with none of train/val/test) has folders spelt like
+    splits (``Train``, ``Validation``, ``testing``): read as class folders they trained a
+    "Train vs Val" classifier on the val videos too, silently."""
+    like = sorted(d for d in subfolders(root) if d.lower() in SPLIT_SPELLINGS)
+    if like:
+        names = ", ".join(f"{d} -> {SPLIT_SPELLINGS[d.lower()]}" for d in like)
+        raise DataError(f"{root} has folder(s) spelt like splits ({names}): only the lower-case names train, val "
+                        "and test are split folders, so these would be read as classes; rename them (or, if they "
+                        "really are classes, give them other names)")
+
+
 def split_folder(root: str, split: str) -> str:
     """The class-folder root of ``split`` in a ``folder`` dataset: ``root/<split>`` when it exists;
-    ``root`` itself when the root has none of train/val/test (one folder for every split); an
-    error when it has some of them but not ``split``."""
+    ``root`` itself when the root has none of train/val/test (one folder for every split) nor
+    folders spelt like them (:func:`check_no_split_lookalikes`); an error when it has some of them
+    but not ``split``, which names a held-out split to use (val or test; train only when alone)."""
     sub = os.path.join(root, split)
     if os.path.isdir(sub):
         return sub
@@ -511,8 +529,11 @@ def split_folder(root: str, split: str) -> str:
         raise FileNotFoundError(f"dataset folder {root} not found")
     present = [s for s in SPLITS if os.path.isdir(os.path.join(root, s))]
     if present:
-        raise FileNotFoundError(f"{sub} not found; the split folders present are {present} "
-                                f"(set finetune.eval_split={present[0]} or add the folder)")
+        held_out = [s for s in present if s != "train"]
+        use = (f"set finetune.eval_split={held_out[0]}" if held_out else
+               "set finetune.eval_split=train (accuracy on the training videos)")
+        raise FileNotFoundError(f"{sub} not found; the split folders present are {present} ({use} or add the folder)")
+    check_no_split_lookalikes(root)
     if split != "train":
         log.warning("%s has no train/val/test folders: the %s split reads the same class folders as training, so "
                     "its accuracy is on training videos (add %s/%s, or a split's own folders)", root, split, root, split)

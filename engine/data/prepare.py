@@ -67,8 +67,8 @@ import av
 import numpy as np
 
 from .config import DataConfig
-from .datasets import (KNOWN_VIDEO_EXTENSIONS, Dataset, empty_classes, read_list_file, scan_class_folders, subfolders,
-                       write_class_index, write_list_file)
+from .datasets import (KNOWN_VIDEO_EXTENSIONS, Dataset, check_no_split_lookalikes, empty_classes, read_list_file,
+                       scan_class_folders, subfolders, write_class_index, write_list_file)
 from .errors import DataError
 from .probe import (NVDEC_MIN_SIZE, ValidationReport, decoded_frames, frame_rotation, is_cover_art, not_regular_file,
                     probe_video, validate_files)
@@ -290,6 +290,7 @@ def _listings(src: str, extensions: tuple[str, ...] = VIDEO_EXTENSIONS) -> dict[
         sub = subfolders(src)
         splits = [s for s in SPLITS if s in sub]
         if not splits:
+            check_no_split_lookalikes(src)
             return {"train": scan_class_folders(src, extensions)}
         others = [d for d in sub if d not in SPLITS]
         if others:
@@ -647,5 +648,7 @@ def _note_missing_val(splits: list[str]) -> None:
     """Say what fine-tuning will miss when there is no val split (it evaluates finetune.eval_split,
     val by default, and refuses to start without it)."""
     if "val" not in splits:
+        use = ("finetune.eval_split=test" if "test" in splits else
+               "finetune.eval_split=train (accuracy on the training videos)")
         print(f"note: no val split (only {', '.join(splits)}): fine-tuning evaluates finetune.eval_split, val by "
-              "default; add SRC/val (or val.csv), or set finetune.eval_split=train (accuracy on the training videos)")
+              f"default; add SRC/val (or val.csv), or set {use}")

@@ -122,8 +122,30 @@ def test_missing_split_folder_is_an_error_unless_no_split_folders_exist(tmp_path
         assert not caplog.records
         load_dataset("folder", flat, "val", EXT)
     assert "has no train/val/test folders: the val split reads the same class folders as training" in caplog.text
-    with pytest.raises(FileNotFoundError, match=r"set finetune.eval_split=train or add the folder"):
+    with pytest.raises(FileNotFoundError, match=r"set finetune.eval_split=train \(accuracy on the training videos\) "
+                                                 r"or add the folder"):
         load_dataset("folder", root, "val", EXT)
+    # a held-out split is offered before train (which selected `best` on the training videos)
+    tt = touch_tree(tmp_path / "tt", {"train": {"cat": 1, "dog": 1}, "test": {"cat": 1, "dog": 1}})
+    with pytest.raises(FileNotFoundError, match=r"\['train', 'test'\] \(set finetune.eval_split=test or add"):
+        load_dataset("folder", tt, "val", EXT)
+
+
+@pytest.mark.parametrize("names", [("Train", "Val"), ("training", "validation"), ("train_", "Test")])
+def test_folders_spelt_like_splits_are_not_read_as_classes(tmp_path, names):
+    """Train/ and Val/ (or training/validation/) were read as two classes of one folder for every
+    split: a "Train vs Val" classifier, trained on the val videos too, with a generic warning only;
+    ``data prepare --check`` passed it."""
+    from engine.data.errors import DataError
+    from engine.data.prepare import _listings
+
+    root = touch_tree(tmp_path / "r", {n: {"cat": 1, "dog": 1} for n in names})
+    like = [n for n in names if n.lower() in ("train", "val", "test", "training", "validation")]
+    for split in ("train", "val"):
+        with pytest.raises(DataError, match=rf"folder\(s\) spelt like splits \({like[0]} -> "):
+            load_dataset("folder", root, split, EXT)
+    with pytest.raises(DataError, match="spelt like splits"):
+        _listings(root)
 
 
 def test_one_training_class_is_a_config_error(tmp_path):

@@ -108,7 +108,7 @@ def test_a_new_run_in_a_used_folder_stops_unless_overwrite(tmp_path, capsys):
     _tag(out, "step00000020", 20)
     _tag(out, "step00000024", 24)
     _latest(out, "step00000024")
-    for name in ("metrics.jsonl", "classes.json", "backbone.safetensors", "notes.txt"):
+    for name in ("metrics.jsonl", "classes.json", "backbone.safetensors", "backbone.evals.jsonl", "notes.txt"):
         (tmp_path / "run" / name).write_text("{}\n")
     os.makedirs(tmp_path / "run" / "tb")
     with pytest.raises(ConfigError, match=r"train.output_dir=.*run already holds a run \(checkpoints step00000020, "
@@ -125,7 +125,7 @@ def test_a_new_run_in_a_used_folder_stops_unless_overwrite(tmp_path, capsys):
     plan = prepare_output_dir(_cfg(out, "train.overwrite=true"), None)
     assert plan.tag is None
     assert ("train.overwrite=true: removed the previous run's checkpoints/, metrics.jsonl, classes.json, tb/, "
-            "backbone.safetensors") in capsys.readouterr().out
+            "backbone.safetensors, backbone.evals.jsonl") in capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["notes.txt"]  # the user's own files stay
     # --resume auto in a folder without checkpoints starts fresh; so does a folder that never existed
     assert prepare_output_dir(_cfg(out), "auto").tag is None
