@@ -300,6 +300,23 @@ def sync_class_index(output_dir: str, class_names: Sequence[str], num_classes: i
     return path
 
 
+def _train_folder_classes(cfg: Config, num_classes: int) -> Optional[list[str]]:
+    """The class names of a folder dataset's train split, as fine-tuning numbers them (its class
+    folders), when they are ``num_classes``; None for list datasets (their labels are numbers
+    already), for the train split itself, or when the train split cannot be listed. Weights without
+    a class list (an official .pyth) had the eval split numbered on its own: a val split lacking a
+    class shifted every later label (top-1 0 where the same weights with their list gave 50)."""
+    from engine.data.datasets import load_dataset
+
+    if cfg.data.dataset not in ("folder", "image_folder") or cfg.finetune.eval_split == "train":
+        return None
+    try:
+        names = load_dataset(cfg.data.dataset, cfg.data.root, "train", tuple(cfg.data.extensions)).class_names
+    except (OSError, ValueError):  # no train split here: the eval split's own numbering, with its warning
+        return None
+    return list(names) if len(names) == num_classes else None
+
+
 def _eval_loader(cfg: Config, dist: DistInfo, classes: Optional[Sequence[str]]):
     from engine.data import build_loader
 
@@ -684,6 +701,11 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
     if cfg.finetune.num_classes and cfg.finetune.num_classes != K:
         raise ConfigError(f"finetune.num_classes={cfg.finetune.num_classes}, but the checkpoint {target.where} "
                           f"has {K} classes; leave finetune.num_classes=0 for eval (K is read from the checkpoint)")
+    if names is None:
+        names = _train_folder_classes(cfg, K)
+        if names is not None:
+            print0(f"{target.where} carries no class list: classes numbered as fine-tuning numbers them, by the "
+                   f"train split's {len(names)} class folders")
     if names is None:
         msg = (f"{target.where}: no {CLASS_INDEX} of its run; the classes of split {cfg.finetune.eval_split!r} are "
                f"numbered on their own (class folders sorted by name, list labels as written), which matches "

@@ -311,6 +311,22 @@ def test_eval_maps_classes_by_name_and_writes_into_the_run(videos, tmp_path, one
     assert run_eval(_eval_cfg(videos["root"], tmp_path / "x", "finetune.num_classes=3"), run)["top1"] == 50.0
 
 
+def test_eval_of_weights_without_classes_numbers_by_the_train_folders(videos, tmp_path, one_process, capsys, caplog):
+    """Weights that carry no class list (an official .pyth, a run without classes.json) had the val
+    split numbered on its own: val lacks bunny, so carphone was 1 and the model's 2 was never right
+    (top-1 0 where the same weights with their list give 50). Fine-tuning numbers by train's folders."""
+    from engine.finetune import run_eval
+
+    run = _fake_run(str(tmp_path / "ft"), _classifier(3, always=2), None)
+    assert run_eval(_eval_cfg(videos["root"], tmp_path / "x"), run)["top1"] == pytest.approx(50.0)
+    assert "classes numbered as fine-tuning numbers them, by the train split's 3 class folders" in capsys.readouterr().out
+    # another number of train classes than the head's outputs: not the model's classes, so the old warning
+    two = _fake_run(str(tmp_path / "ft2"), _classifier(2, always=1), None)
+    with caplog.at_level(logging.WARNING, logger="engine.finetune"):
+        assert run_eval(_eval_cfg(videos["root"], tmp_path / "x"), two)["top1"] == pytest.approx(50.0)
+    assert "numbered on their own" in caplog.text
+
+
 def test_eval_where_results_and_classes_come_from(videos, tmp_path, one_process, monkeypatch, capsys):
     """A read-only folder crashed eval after the whole evaluation (the JSON line was its only record,
     then a traceback); a tag folder copied out of its run read a classes.json two folders up and wrote
