@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -398,25 +399,28 @@ def scan_class_folders(root: str, extensions: tuple[str, ...],
 
     Without ``classes`` the folders are the classes, sorted by name (a folder without files stays
     a class: see :func:`empty_classes`). With ``classes`` (the run's list, from the training
-    split) each folder takes the index of its name in that list; a folder that is not in the list
-    is a :class:`ClassListError`, and classes without a folder here simply have no files."""
+    split) each folder takes the index of its name in that list (compared in Unicode NFC: a name
+    spelt in decomposed form, as macOS copies write it, was "not a class"); a folder that is not in
+    the list is a :class:`ClassListError`, and classes without a folder here simply have no files."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset folder {root} not found")
     folders = subfolders(root)
     if not folders:
         raise DataError(f"{root}: no class sub-folders (expected root/<class>/<file>; unlabelled videos for "
                         f"pre-training go in one folder, e.g. root/all/<file>)")
-    if classes is None:
-        names = folders
-    else:
-        names = [str(c) for c in classes]
-        unknown = [d for d in folders if d not in names]
+    names = folders if classes is None else [str(c) for c in classes]
+    index = {n: i for i, n in enumerate(names)}
+    if classes is not None:
+        # a name spelt in another Unicode form (a split copied on macOS: NFD) is the same class
+        nfc = {unicodedata.normalize("NFC", n): i for i, n in enumerate(names)}
+        index.update({d: nfc[unicodedata.normalize("NFC", d)] for d in folders
+                      if d not in index and unicodedata.normalize("NFC", d) in nfc})
+        unknown = [d for d in folders if d not in index]
         if unknown:
             raise ClassListError(
                 f"{root}: class folder(s) {unknown} are not classes of the training split "
                 f"({len(names)} classes: {_short(names)}); the model has no output for them. Remove or "
                 f"rename them, or fine-tune on a training split that has them")
-    index = {n: i for i, n in enumerate(names)}
     exts = tuple(e.lower() for e in extensions)
     paths: list[str] = []
     labels: list[int] = []

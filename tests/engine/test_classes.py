@@ -131,6 +131,21 @@ def test_missing_split_folder_is_an_error_unless_no_split_folders_exist(tmp_path
         load_dataset("folder", tt, "val", EXT)
 
 
+def test_a_class_folder_in_another_unicode_form_is_the_same_class(tmp_path):
+    """val/vélo copied on macOS (decomposed, NFD) was "not a class of the training split (... vélo)"."""
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "vélo"), unicodedata.normalize("NFD", "vélo")
+    assert nfc != nfd
+    root = touch_tree(tmp_path / "u", {"train": {"auto": 1, nfc: 1}, "val": {nfd: 2, "auto": 1}})
+    train = load_dataset("folder", root, "train", EXT)
+    val = load_dataset("folder", root, "val", EXT, classes=train.class_names)
+    assert train.class_names == ["auto", nfc] and sorted(val.labels) == [0, 1, 1]
+    with pytest.raises(ClassListError, match=r"\['vel'\] are not classes"):  # another name still is an error
+        os.makedirs(os.path.join(root, "val", "vel"))
+        load_dataset("folder", root, "val", EXT, classes=train.class_names)
+
+
 @pytest.mark.parametrize("names", [("Train", "Val"), ("training", "validation"), ("train_", "Test")])
 def test_folders_spelt_like_splits_are_not_read_as_classes(tmp_path, names):
     """Train/ and Val/ (or training/validation/) were read as two classes of one folder for every
