@@ -283,10 +283,12 @@ def _listings(src: str, extensions: tuple[str, ...] = VIDEO_EXTENSIONS) -> dict[
     if not os.path.isdir(src):
         raise DataError(f"source folder {src} not found")
     try:
-        lists = {s: os.path.join(src, f"{s}.csv") for s in SPLITS}
-        found = {s: read_list_file(p, src) for s, p in lists.items() if os.path.isfile(p)}
-        if found:
-            return found
+        lists = {s: p for s in SPLITS if os.path.isfile(p := os.path.join(src, f"{s}.csv"))}
+        if lists:  # the other lists through train's classes, as fine-tuning reads them (a val label train
+            ref = "train" if "train" in lists else next(iter(lists))  # lacks passed here, then was refused there)
+            found = {ref: read_list_file(lists[ref], src)}
+            found.update({s: read_list_file(p, src, found[ref].class_names) for s, p in lists.items() if s != ref})
+            return {s: found[s] for s in lists}
         sub = subfolders(src)
         splits = [s for s in SPLITS if s in sub]
         if not splits:
@@ -368,7 +370,7 @@ def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int =
     mapping, renamed = _output_names(src, splits, CODECS[codec][2])
     todo = [(p, os.path.join(dst, rel), codec, short_side, fps, gop) for p, rel in mapping.items()
             if not os.path.isfile(os.path.join(dst, rel))]
-    names = max((ds.class_names for ds in splits.values()), key=len)  # lists without names: label numbers
+    names = next(iter(splits.values())).class_names  # train's (or the first split's): the others are read through them
     result = PrepareResult(renamed=renamed, class_names=list(names))
     problem = folder_write_problem(dst)  # (every file used to be tried, then the lists' write failed)
     if problem:

@@ -471,6 +471,21 @@ def test_cli_dataset_listing_errors_exit_5(tmp_path, capsys, case):
     assert "maskfeat finetune: data error:" in err and expect in err and "Traceback" not in err
 
 
+def test_prepare_reads_the_other_lists_through_trains_classes(tmp_path):
+    """train.csv labels {0, 1}, val.csv {0, 2}, no classes.json: fine-tuning refuses val's label 2;
+    ``data prepare --check`` passed, and ``prepare`` wrote 3 class names, after which fine-tuning took
+    the same data with a warning. Both read val through train's classes now."""
+    from engine.data.prepare import _listings
+
+    (tmp_path / "train.csv").write_text("a.mp4 0\nb.mp4 1\n")
+    (tmp_path / "val.csv").write_text("a.mp4 0\nc.mp4 2\n")
+    with pytest.raises(DataError, match=r"val\.csv:2: label 2 is out of range"):
+        _listings(str(tmp_path))
+    (tmp_path / "val.csv").write_text("a.mp4 0\nc.mp4 1\n")
+    got = _listings(str(tmp_path))
+    assert list(got) == ["train", "val"] and got["val"].class_names == got["train"].class_names == ["0", "1"]
+
+
 def test_is_data_error_keeps_programming_errors(monkeypatch, tmp_path):
     with pytest.raises(ValueError) as e:
         load_dataset("folder", str(tmp_path), "train", (".mkv",))  # empty root: raised in scan_class_folders
