@@ -199,9 +199,12 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader, dtype: tor
     return res
 
 
-def build_classifier(cfg: Config, num_classes: int, pretrained: bool = True) -> nn.Module:
+def build_classifier(cfg: Config, num_classes: int, pretrained: bool = True,
+                     classes: Optional[Sequence[str]] = None) -> nn.Module:
     """Classifier of ``cfg.model``, initialised from ``finetune.pretrained`` when given and
-    ``pretrained`` (False: a resume, whose checkpoint holds every weight)."""
+    ``pretrained`` (False: a resume, whose checkpoint holds every weight). ``classes``: this run's
+    class names; an exported classifier whose own list differs keeps its backbone, not its head
+    (a head of the same width loaded as it was: its class i's row initialised another class i)."""
     model = create_model(cfg.model.name, task="classify", num_classes=num_classes, **model_overrides(cfg, "classify"))
     if cfg.finetune.pretrained and pretrained:
         from engine.checkpoint import load_pretrained
@@ -210,12 +213,33 @@ def build_classifier(cfg: Config, num_classes: int, pretrained: bool = True) -> 
         from models.checkpoint import load_backbone_into_classifier
 
         try:
-            report = load_backbone_into_classifier(model, load_pretrained(cfg.finetune.pretrained))
+            sd = load_pretrained(cfg.finetune.pretrained)
+            note = _drop_head_of_other_classes(cfg.finetune.pretrained, sd, classes)
+            report = load_backbone_into_classifier(model, sd)
         except (OSError, ValueError, TypeError) as e:  # unreadable file / weights of another model: exit 2
             raise ConfigError(f"finetune.pretrained={cfg.finetune.pretrained} (model.name={cfg.model.name}): "
                               f"{e}") from e
-        print0(f"pre-trained backbone {cfg.finetune.pretrained}: {report}")
+        print0(f"pre-trained backbone {cfg.finetune.pretrained}: {report}" + (f" ({note})" if note else ""))
     return model
+
+
+def _drop_head_of_other_classes(path: str, sd: dict, classes: Optional[Sequence[str]]) -> Optional[str]:
+    """Remove the ``head.*`` tensors of an exported classifier whose class list (its metadata) is not
+    ``classes``; the note to print, or None when nothing was removed."""
+    carried = _export_metadata(path).get("classes")
+    head = [k for k in sd if k.startswith("head.")]
+    if classes is None or not carried or not head:
+        return None
+    try:
+        names, _ = class_index_from(json.loads(carried), f"the classes {path} carries")
+    except (ValueError, ClassListError):  # unreadable: as a file without a list (SlowFast keeps such a head)
+        return None
+    if list(names) == list(classes):
+        return None
+    for k in head:
+        del sd[k]
+    return (f"its head was fine-tuned on other classes ({len(names)}: {', '.join(names[:4])}"
+            f"{', ...' if len(names) > 4 else ''}): the head starts fresh")
 
 
 def check_labels(loader, num_classes: int, what: str, *, error: type[Exception] = ConfigError,
@@ -375,7 +399,7 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
             sync_class_index(cfg.train.output_dir, state["classes"], state["K"], resuming=resuming, write=False)
         check_labels(state["eval_loader"], state["K"],
                      "finetune.num_classes" if cfg.finetune.num_classes else "the number of training classes")
-        return build_classifier(cfg, state["K"], pretrained=not resuming)
+        return build_classifier(cfg, state["K"], pretrained=not resuming, classes=state["classes"])
 
     run = setup_run(cfg, build_model=build, build_loader=loader,
                     clips_per_rank=lambda l: cfg.data.batch_size * getattr(l, "repeats", 1),  # images: none

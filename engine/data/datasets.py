@@ -426,6 +426,7 @@ def scan_class_folders(root: str, extensions: tuple[str, ...],
     labels: list[int] = []
     left_out: collections.Counter[str] = collections.Counter()  # extension -> files not listed
     others = OTHER_IMAGE_EXTENSIONS if images else KNOWN_VIDEO_EXTENSIONS
+    pictures = 0  # image files in a video folder (a folder of images given as data.dataset=folder)
     for cls in folders:
         label = index[cls]
         for f in _walk_files(os.path.join(root, cls)):
@@ -435,6 +436,8 @@ def scan_class_folders(root: str, extensions: tuple[str, ...],
                 labels.append(label)
             elif low.endswith(others):
                 left_out[os.path.splitext(f)[1]] += 1
+            elif not images and low.endswith(IMAGE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS):
+                pictures += 1
     kind, hint = (("image", "DALI's image decoder does not read them: convert them (e.g. to PNG) to use them")
                   if images else ("video", "add them to data.extensions (`maskfeat data prepare --extensions`) "
                                            "to use them"))
@@ -445,7 +448,10 @@ def scan_class_folders(root: str, extensions: tuple[str, ...],
         raise DataError(f"{root}: no files with extensions {list(exts)} under the class folders"
                         + (f" ({sum(left_out.values())} {kind} file(s) with other extensions: "
                            f"{', '.join(sorted(left_out))}; " + ("see data.extensions)" if not images else
-                                                                  "formats DALI does not read)") if left_out else ""))
+                                                                  "formats DALI does not read)") if left_out else "")
+                        + (f"; it holds {pictures} image file(s): an image dataset is data.dataset=image_folder "
+                           "(root/train/<class>/, root/val/<class>/) with an image model (e.g. model.name=vit_b_16)"
+                           if pictures else ""))
     return Dataset(paths, labels, list(names), source=root, left_out=dict(left_out))
 
 

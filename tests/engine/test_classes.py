@@ -131,6 +131,18 @@ def test_missing_split_folder_is_an_error_unless_no_split_folders_exist(tmp_path
         load_dataset("folder", tt, "val", EXT)
 
 
+def test_a_folder_of_images_read_as_videos_points_to_image_folder(tmp_path):
+    from engine.data.errors import DataError
+
+    for cls in ("cat", "dog"):
+        os.makedirs(tmp_path / "train" / cls)
+        for j in range(2):
+            open(tmp_path / "train" / cls / f"{j}.JPG", "w").close()
+    with pytest.raises(DataError, match=r"no files with extensions .*; it holds 4 image file\(s\): an image dataset "
+                                        r"is data.dataset=image_folder"):
+        load_dataset("folder", str(tmp_path), "train", EXT)
+
+
 def test_a_class_folder_in_another_unicode_form_is_the_same_class(tmp_path):
     """val/vélo copied on macOS (decomposed, NFD) was "not a class of the training split (... vélo)"."""
     import unicodedata
@@ -340,6 +352,26 @@ def test_eval_of_weights_without_classes_numbers_by_the_train_folders(videos, tm
     with caplog.at_level(logging.WARNING, logger="engine.finetune"):
         assert run_eval(_eval_cfg(videos["root"], tmp_path / "x"), two)["top1"] == pytest.approx(50.0)
     assert "numbered on their own" in caplog.text
+
+
+def test_fine_tuning_from_a_classifier_of_other_classes_starts_a_fresh_head(videos, tmp_path, capsys):
+    """An exported classifier (apple, bunny, carphone) fine-tuned on 3 other classes loaded its head
+    whole: its row for carphone initialised the new class 2. Its metadata names its classes."""
+    from engine.checkpoint import export_backbone
+    from engine.finetune import build_classifier
+
+    exported = str(tmp_path / "cls.safetensors")
+    export_backbone(_fake_run(str(tmp_path / "ft"), _classifier(3, always=2), ["apple", "bunny", "carphone"]), exported)
+    cfg = _eval_cfg(videos["root"], tmp_path / "x", f"finetune.pretrained={exported}")
+    bias = torch.nn.functional.one_hot(torch.tensor(2), 3).float() * 10
+    same = build_classifier(cfg, 3, classes=["apple", "bunny", "carphone"])
+    assert torch.equal(same.state_dict()["head.projection.bias"], bias)
+    assert "head starts fresh" not in capsys.readouterr().out
+    other = build_classifier(cfg, 3, classes=["bikes", "bunny", "carphone"])
+    assert not torch.equal(other.state_dict()["head.projection.bias"], bias)
+    assert "its head was fine-tuned on other classes (3: apple, bunny, carphone): the head starts fresh" \
+        in capsys.readouterr().out
+    assert torch.equal(other.state_dict()["blocks.0.attn.qkv.weight"], same.state_dict()["blocks.0.attn.qkv.weight"])
 
 
 def test_eval_where_results_and_classes_come_from(videos, tmp_path, one_process, monkeypatch, capsys):
