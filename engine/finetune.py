@@ -330,12 +330,14 @@ def _train_folder_classes(cfg: Config, num_classes: int) -> Optional[list[str]]:
     already), for the train split itself, or when the train split cannot be listed. Weights without
     a class list (an official .pyth) had the eval split numbered on its own: a val split lacking a
     class shifted every later label (top-1 0 where the same weights with their list gave 50)."""
-    from engine.data.datasets import load_dataset
+    from engine.data.datasets import split_folder, subfolders
 
     if cfg.data.dataset not in ("folder", "image_folder") or cfg.finetune.eval_split == "train":
         return None
-    try:
-        names = load_dataset(cfg.data.dataset, cfg.data.root, "train", tuple(cfg.data.extensions)).class_names
+    try:  # the class folders only (scan_class_folders' names), not ImageNet's 1.3 M files
+        root = (split_folder(cfg.data.root, "train") if cfg.data.dataset == "folder"
+                else os.path.join(cfg.data.root, "train"))
+        names = subfolders(root)
     except (OSError, ValueError):  # no train split here: the eval split's own numbering, with its warning
         return None
     return list(names) if len(names) == num_classes else None
