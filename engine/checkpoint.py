@@ -70,6 +70,7 @@ asked), and the result is written as safetensors with the config in the metadata
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import pickle
 import re
@@ -80,6 +81,8 @@ import torch
 
 from engine.config import ConfigError
 from engine.distributed import barrier, gather_objects
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ConfigError):
@@ -330,11 +333,18 @@ def save_checkpoint(
     rank, _, local_rank = _dist()
     ckpt_dir = checkpoint_dir(output_dir)
     tmp_tag = f".tmp-{tag}"
-    if local_rank == 0:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        shutil.rmtree(os.path.join(ckpt_dir, tmp_tag), ignore_errors=True)  # a dead earlier try
-    barrier()
     failed: Optional[Exception] = None
+    if local_rank == 0:
+        try:  # the tag's folder made here: DeepSpeed logs and swallows its own makedirs error (a full disk,
+            # a read-only folder), and its torch.save then failed with "Parent directory ... does not exist"
+            os.makedirs(ckpt_dir, exist_ok=True)
+            shutil.rmtree(os.path.join(ckpt_dir, tmp_tag), ignore_errors=True)  # a dead earlier try
+            os.makedirs(os.path.join(ckpt_dir, tmp_tag))
+        except OSError as e:
+            failed = e
+    if _failed_anywhere(failed is not None):  # (all ranks: also the barrier before DeepSpeed's save)
+        raise failed or OSError(f"another node could not make the folder of checkpoint {tag} (see its error)")
+    barrier()
     try:  # a full node-local disk fails one rank: all must learn it, or the others wait in the barrier
         engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state={"tag": tag, "param_group_names": param_group_names},
                                save_latest=False)
@@ -369,12 +379,22 @@ def save_checkpoint(
     _promote(ckpt_dir, tmp_tag, tag, before_rename=mark)
     if local_rank == 0:
         _fsync_dir(ckpt_dir)  # the rename itself
+    # the tag is complete now: what is left is bookkeeping, whose failure (a full disk, an old tag that
+    # cannot be removed) stopped the run with exit 7 on this rank alone, the others left in the barrier
     if update_latest and local_rank == 0:
-        write_text_atomic(os.path.join(ckpt_dir, "latest"), tag)
-        _remove_file(os.path.join(ckpt_dir, LATEST_NEXT))
+        try:
+            write_text_atomic(os.path.join(ckpt_dir, "latest"), tag)
+            _remove_file(os.path.join(ckpt_dir, LATEST_NEXT))
+        except OSError as e:  # `latest.next` names the tag, and latest_tag reads it first
+            log.warning("checkpoint %s is saved, but `latest` could not be updated (%s: %s); %s names it, and "
+                        "--resume auto reads that first", tag, type(e).__name__, e, LATEST_NEXT)
     if keep > 0 and local_rank == 0:
         for old in prune_candidates(ckpt_dir, tag, keep):
-            remove_tag(os.path.join(ckpt_dir, old))
+            try:
+                remove_tag(os.path.join(ckpt_dir, old))
+            except OSError as e:
+                log.warning("checkpoint %s is saved, but the older %s could not be removed (%s: %s); remove it "
+                            "by hand", tag, old, type(e).__name__, e)
     barrier()
     return os.path.join(ckpt_dir, tag)
 

@@ -690,16 +690,26 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
     target = resolve_checkpoint(checkpoint)
     check_eval_model(target, cfg)
     dist = init_distributed(cfg.train.device)
-    try:
-        sd = load_pretrained(target.weights) if target.weights else consolidated_state_dict(target.ckpt_dir, target.tag)
-    except (OSError, ValueError, TypeError) as e:  # an unreadable weights file: exit 2, one line
-        if not target.weights:
-            if isinstance(e, FileNotFoundError):  # a tag folder without DeepSpeed's model states
-                from engine.checkpoint import CheckpointError
+    if target.weights:
+        try:
+            sd = load_pretrained(target.weights)
+        except (OSError, ValueError, TypeError) as e:  # an unreadable weights file: exit 2, one line
+            raise ConfigError(f"--checkpoint {e}") from e
+    else:
+        from engine.checkpoint import _UNREADABLE, CheckpointError, _unreadable, available_tags
 
-                raise CheckpointError(f"--checkpoint {target.where}: {e} (an incomplete or damaged checkpoint)") from e
-            raise
-        raise ConfigError(f"--checkpoint {e}") from e
+        try:
+            sd = consolidated_state_dict(target.ckpt_dir, target.tag)
+        except FileNotFoundError as e:  # a tag folder without DeepSpeed's model states
+            raise CheckpointError(f"--checkpoint {target.where}: {e} (an incomplete or damaged checkpoint)") from e
+        except _UNREADABLE as e:  # cut short or zero-filled (a traceback, exit 1): what resume and export say
+            if not _unreadable(e):
+                raise
+            others = [t for t in available_tags(target.ckpt_dir) if t != target.tag]
+            hint = (f"the run's other complete checkpoints: {', '.join(others)} (--checkpoint "
+                    f"{os.path.join(target.ckpt_dir, others[-1])})" if others else "no other complete checkpoint")
+            raise CheckpointError(f"--checkpoint {target.where}: checkpoint {os.path.join(target.ckpt_dir, target.tag)} "
+                                  f"is damaged ({type(e).__name__}: {str(e)[:200]}); {hint}") from e
     from models.checkpoint import KNOWN_PREFIXES
 
     # the head under a wrapper prefix too (an official .pyth saved from DDP: module.head...)

@@ -111,7 +111,8 @@ class SaveError(RuntimeError):
     """A checkpoint could not be written (the earlier ones and ``latest`` are intact)."""
 
 
-_WRITE_FAILED = re.compile(r"PytorchStreamWriter|inline_container|file write failed|No space left|Disk quota")
+_WRITE_FAILED = re.compile(r"PytorchStreamWriter|inline_container|file write failed|No space left|Disk quota|"
+                           r"Parent directory .* does not exist")
 """How torch.save reports a failed write (a RuntimeError, e.g. on a full disk), besides OSError."""
 
 

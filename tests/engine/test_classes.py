@@ -374,6 +374,21 @@ def test_fine_tuning_from_a_classifier_of_other_classes_starts_a_fresh_head(vide
     assert torch.equal(other.state_dict()["blocks.0.attn.qkv.weight"], same.state_dict()["blocks.0.attn.qkv.weight"])
 
 
+def test_eval_of_a_damaged_checkpoint_is_one_line(videos, tmp_path, one_process):
+    """A truncated or zero-filled model file of a tag folder ended eval in a traceback (exit 1): a
+    RuntimeError / KeyError from torch.load; resume and export said "damaged" with exit 2."""
+    from engine.checkpoint import CheckpointError
+    from engine.finetune import run_eval
+
+    run = _fake_run(str(tmp_path / "ft"), _classifier(3, always=2), ["apple", "bunny", "carphone"],
+                    tags=("step00000001", "best"))
+    model = os.path.join(run, "checkpoints", "best", "mp_rank_00_model_states.pt")
+    for damage in (lambda: os.truncate(model, 1000), lambda: open(model, "wb").write(bytes(4096))):
+        damage()
+        with pytest.raises(CheckpointError, match=r"checkpoint .*best is damaged \((RuntimeError|KeyError): "):
+            run_eval(_eval_cfg(videos["root"], tmp_path / "x"), run)
+
+
 def test_eval_where_results_and_classes_come_from(videos, tmp_path, one_process, monkeypatch, capsys):
     """A read-only folder crashed eval after the whole evaluation (the JSON line was its only record,
     then a traceback); a tag folder copied out of its run read a classes.json two folders up and wrote

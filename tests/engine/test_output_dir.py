@@ -394,6 +394,58 @@ def test_a_prune_stopped_half_way_leaves_no_complete_looking_tag(tmp_path, monke
     assert "complete checkpoints: step00000004" in str(err) and "resume an older one" not in str(err)
 
 
+def test_a_save_that_cannot_make_its_folder_is_a_write_failure(tmp_path, monkeypatch):
+    """DeepSpeed logs and swallows its own makedirs error; its torch.save then raised "Parent directory
+    ... does not exist", a RuntimeError the run took for a bug (a traceback, exit 1, where a full disk
+    or a read-only folder is exit 7). The folder is made first now: the OSError itself comes out."""
+    from engine import checkpoint
+
+    real = os.makedirs
+
+    def full(path, *a, **k):
+        if ".tmp-step" in str(path):
+            raise OSError(28, "No space left on device", path)
+        return real(path, *a, **k)
+
+    class Swallowing:  # as DeepSpeed's _create_checkpoint_file: the error logged, then torch.save
+        def save_checkpoint(self, ckpt_dir, tag, client_state, save_latest):
+            try:
+                os.makedirs(os.path.join(ckpt_dir, tag), exist_ok=True)
+            except OSError:
+                pass
+            torch.save({"module": {}}, os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"))
+
+    monkeypatch.setattr(checkpoint.os, "makedirs", full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_checkpoint(Swallowing(), str(tmp_path), "step00000002", rank_state={}, config_yaml="x: 1\n")
+    assert checkpoint.find_latest(str(tmp_path)) is None
+
+
+def test_bookkeeping_after_a_complete_save_warns_instead_of_stopping(tmp_path, monkeypatch, caplog):
+    """An old tag that cannot be removed (EACCES on a shared filesystem), or a `latest` that cannot be
+    written, stopped the run with exit 7 ("saving step10 failed ... the last complete checkpoint is
+    step10"), on local rank 0 alone while the other ranks waited in the barrier."""
+    import logging
+
+    from engine import checkpoint
+
+    out = str(tmp_path)
+    _save(out, 2, keep=1)
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(checkpoint, "remove_tag", refused)
+    real_write = checkpoint.write_text_atomic
+    monkeypatch.setattr(checkpoint, "write_text_atomic",
+                        lambda path, text: refused(path) if path.endswith(os.sep + "latest") else real_write(path, text))
+    with caplog.at_level(logging.WARNING, logger="engine.checkpoint"):
+        _save(out, 4, keep=1)
+    assert "the older step00000002 could not be removed" in caplog.text
+    assert "`latest` could not be updated" in caplog.text
+    assert checkpoint.find_latest(out) == "step00000004"  # latest.next names it
+
+
 def test_export_says_what_it_wrote(tmp_path, capsys, monkeypatch):
     """A fine-tuned run exported as a 'backbone' kept its head, an earlier export was replaced, and
     --keep-head (pre-training only) was taken: all silently."""
