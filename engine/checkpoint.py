@@ -26,8 +26,8 @@ the new one, never newer ones).
 Complete checkpoint: a tag folder with ``engine_state_r*.pt`` (ours) and ``*model_states.pt``
 (DeepSpeed's). Folders set aside (``*.old``, ``*.superseded*``, hidden ``.tmp-*``) are never a tag:
 :func:`find_latest`, :func:`latest_tag` and :func:`available_tags` skip them. :func:`latest_tag`
-trusts ``latest`` when the tag it names holds weights, else takes the newest ``step*`` tag that
-does (steps compared as numbers); a complete tag ``latest.next`` names comes first.
+trusts ``latest`` when the tag it names is complete (:func:`is_complete`), else takes the newest
+complete ``step*`` tag (steps compared as numbers); a complete tag ``latest.next`` names comes first.
 
 ``--resume`` (:func:`resolve_resume`): ``auto``, a tag name under ``train.output_dir``, or a path —
 a run folder or its ``checkpoints/`` folder (the latest complete tag), the ``checkpoints/latest``
@@ -437,25 +437,29 @@ LATEST_NEXT = "latest.next"
 ``latest`` names it: when it names a complete tag, that tag is the newest (a stop came between)."""
 
 
-def latest_tag(ckpt_dir: str) -> Optional[str]:
+def latest_tag(ckpt_dir: str, resumable: bool = False) -> Optional[str]:
     """:func:`find_latest` for a ``checkpoints`` directory itself (a complete tag named by
-    :data:`LATEST_NEXT` first: a save stopped after its rename, before ``latest`` was written)."""
+    :data:`LATEST_NEXT` first: a save stopped after its rename, before ``latest`` was written).
+    ``resumable``: tags a run can continue (:func:`is_complete`: ``--resume auto`` took the newest tag
+    with weights but without its rank state, then refused it), else tags with weights (evaluation)."""
+    ok = is_complete if resumable else _usable
     for name in (LATEST_NEXT, "latest"):
-        tag = _read_pointer(ckpt_dir, name)
+        tag = _read_pointer(ckpt_dir, name, ok)
         if tag is not None:
             return tag
-    steps = _step_tags(ckpt_dir, _usable)
+    steps = _step_tags(ckpt_dir, ok)
     return steps[-1] if steps else None
 
 
-def _read_pointer(ckpt_dir: str, name: str) -> Optional[str]:
-    """The tag the file ``name`` names when that tag is there and complete, else None."""
+def _read_pointer(ckpt_dir: str, name: str, ok: Optional[Callable[[str], bool]] = None) -> Optional[str]:
+    """The tag the file ``name`` names when that tag is there and ``ok`` (default :func:`_usable`), else None."""
+    ok = ok or _usable
     try:
         with open(os.path.join(ckpt_dir, name)) as f:
             tag = f.read().strip()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
-    if tag and not _set_aside(tag) and os.sep not in tag and _usable(os.path.join(ckpt_dir, tag)):
+    if tag and not _set_aside(tag) and os.sep not in tag and ok(os.path.join(ckpt_dir, tag)):
         return tag
     return None
 
@@ -469,17 +473,18 @@ def _remove_file(path: str) -> None:
 
 
 def _usable(path: str) -> bool:
-    """DeepSpeed's model states there, and no ZeRO optimiser shard missing."""
+    """DeepSpeed's model states there, and no ZeRO optimiser shard missing (what evaluation and
+    export need; a resume needs :func:`is_complete`)."""
     return _has_weights(path) and not _missing_shards(path)
 
 
 def available_tags(ckpt_dir: str) -> list[str]:
     """Complete checkpoints under ``ckpt_dir`` (``step*`` by step, then the others, e.g. ``best``);
-    set-aside folders (``*.old``, ``*.superseded``, ``.tmp-*``) are skipped."""
+    set-aside folders (``*.old``, ``*.superseded``, ``.tmp-*``) are skipped. Complete is
+    :func:`is_complete` (a tag a killed prune left without its weights was listed)."""
     if not os.path.isdir(ckpt_dir):
         return []
-    tags = [t for t in os.listdir(ckpt_dir) if not _set_aside(t) and _has_state(os.path.join(ckpt_dir, t))
-            and not _missing_shards(os.path.join(ckpt_dir, t))]
+    tags = [t for t in os.listdir(ckpt_dir) if not _set_aside(t) and is_complete(os.path.join(ckpt_dir, t))]
     steps = sorted((t for t in tags if _STEP_RE.match(t)), key=step_of)
     return steps + sorted(t for t in tags if not _STEP_RE.match(t))
 
@@ -546,7 +551,7 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[tuple[str, str]]:
     names nothing or a checkpoint that is not complete (checked before DeepSpeed is called)."""
     ck = checkpoint_dir(output_dir)
     if resume == "auto":
-        tag = latest_tag(ck)
+        tag = latest_tag(ck, resumable=True)
         if tag is None:
             return None
         target = (ck, tag)
@@ -1240,8 +1245,13 @@ def load_pretrained(path: str) -> dict[str, torch.Tensor]:
             obj: Any = load_file(path)
         else:
             obj = torch.load(path, map_location="cpu", weights_only=False)
-    except MemoryError:
-        raise
+    except MemoryError as e:
+        if size >= 2**30:  # a large file: the machine's memory may be what is short
+            raise
+        # a small file asking for more memory than there is: a length read from garbage (random bytes
+        # did so 1 time in 100, and the error escaped as a traceback)
+        raise ValueError(f"{path}: cannot be read as a {kind} file ({size} bytes; MemoryError: it asks for more "
+                         "memory than there is); is it damaged, or not a weights file?") from e
     except Exception as e:  # unpickling/zip/safetensors errors of every kind: the file is the problem
         cause = (str(e).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"{path}: cannot be read as a {kind} file ({size} bytes; {type(e).__name__}: {cause}); "

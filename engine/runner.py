@@ -425,6 +425,24 @@ def on_rank0(fn: Callable[[], Any]) -> Any:
     return value
 
 
+def check_writable(out: str) -> None:
+    """A ConfigError when ``out`` or its ``checkpoints/`` exists and a file cannot be made there (a
+    read-only folder): the run stopped with a traceback at its first write (config.yaml), after the
+    data had validated and the model was built."""
+    for folder in (out, checkpoint_dir(out)):
+        if not os.path.isdir(folder):
+            continue
+        probe = os.path.join(folder, f".maskfeat-write-test-{os.getpid()}")
+        try:
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            raise ConfigError(f"train.output_dir={out}: cannot write in {folder} ({type(e).__name__}: {e}); a run "
+                              "writes its checkpoints, config and logs there: make it writable or choose another "
+                              "train.output_dir") from None
+
+
 def prepare_output_dir(cfg: Config, resume: Optional[str], *, defer_clear: bool = False,
                        task: Optional[str] = None) -> ResumePlan:
     """Check and tidy ``train.output_dir`` before a run builds anything (module docstring); every rank
@@ -438,6 +456,7 @@ def prepare_output_dir(cfg: Config, resume: Optional[str], *, defer_clear: bool 
     refuses a checkpoint of the other kind here, before the resume is announced)."""
     out = cfg.train.output_dir
     ckpt = checkpoint_dir(out)
+    on_rank0(lambda: check_writable(out))
     note = on_first_local_ranks(lambda: recover_checkpoint_dir(ckpt))
     if note:
         print0(note)

@@ -446,6 +446,30 @@ def test_bookkeeping_after_a_complete_save_warns_instead_of_stopping(tmp_path, m
     assert checkpoint.find_latest(out) == "step00000004"  # latest.next names it
 
 
+def test_a_read_only_output_folder_is_a_config_error_before_any_work(tmp_path, monkeypatch):
+    """A read-only train.output_dir ended the run in a traceback at its first write (config.yaml), after
+    the data validated and the model was built. (Root ignores permissions: the write is refused here.)"""
+    import builtins
+
+    from engine.runner import prepare_output_dir
+
+    out = tmp_path / "run"
+    _tag(str(out), "step00000002", 2)
+    real = builtins.open
+
+    def read_only(path, *a, **k):
+        if ".maskfeat-write-test" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", read_only)
+    with pytest.raises(ConfigError, match=r"train.output_dir=.*run: cannot write in .*run \(PermissionError"):
+        prepare_output_dir(_cfg(str(out)), "auto")
+    monkeypatch.setattr(builtins, "open", real)
+    assert prepare_output_dir(_cfg(str(out)), "auto").tag == "step00000002"
+    assert not [f for f in os.listdir(out) if "write-test" in f]
+
+
 def test_export_says_what_it_wrote(tmp_path, capsys, monkeypatch):
     """A fine-tuned run exported as a 'backbone' kept its head, an earlier export was replaced, and
     --keep-head (pre-training only) was taken: all silently."""
@@ -477,7 +501,7 @@ def test_export_says_what_it_wrote(tmp_path, capsys, monkeypatch):
 
 
 def test_latest_falls_back_to_the_newest_complete_step_tag(tmp_path):
-    from engine.checkpoint import available_tags, find_latest
+    from engine.checkpoint import available_tags, find_latest, resolve_resume
 
     out = str(tmp_path)
     _tag(out, "step00000009", 9)
@@ -489,8 +513,14 @@ def test_latest_falls_back_to_the_newest_complete_step_tag(tmp_path):
     _latest(out, "step00000011")
     assert find_latest(out) == "step00000010"
     _latest(out, "step00000009")
-    assert find_latest(out) == "step00000009"  # `latest` is trusted while its tag holds weights
-    assert available_tags(os.path.join(out, "checkpoints")) == ["step00000009", "step00000010", "step00000011"]
+    assert find_latest(out) == "step00000009"  # `latest` is trusted while its tag is complete
+    # one test of completeness for both: a tag without its rank state (or a prune's half-deleted one,
+    # without its weights) was `latest` for one and listed complete by the other
+    _tag(out, "step00000014", 14, state=False)
+    _latest(out, "step00000014")
+    assert find_latest(out) == "step00000014"  # (weights: what eval and export read)
+    assert resolve_resume("auto", out) == (os.path.join(out, "checkpoints"), "step00000010")
+    assert available_tags(os.path.join(out, "checkpoints")) == ["step00000009", "step00000010"]
 
 
 # ---- going back in time ---------------------------------------------------------------------------------

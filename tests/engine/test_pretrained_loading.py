@@ -104,6 +104,20 @@ def test_bad_pretrained_file_is_a_one_line_config_error(tmp_path, name, write, c
     assert f"finetune.pretrained={path}" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_small_file_asking_for_too_much_memory_is_damaged(tmp_path, monkeypatch):
+    """Random bytes unpickle to a MemoryError 1 time in 100 (a length read from garbage), which escaped
+    as a traceback (and made the random-bytes case above flaky)."""
+    path = str(tmp_path / "w.pyth")
+    _random_bytes(path)
+
+    def huge(*a, **k):
+        raise MemoryError()
+
+    monkeypatch.setattr(torch, "load", huge)
+    with pytest.raises(ValueError, match=r"cannot be read as a torch.save .*MemoryError: it asks for more memory"):
+        load_pretrained(path)
+
+
 def test_weights_of_another_model_size_name_the_embed_dim(tmp_path):
     with torch.device("meta"):
         big = create_model("mvitv2_s_16x4", "pretrain").state_dict()

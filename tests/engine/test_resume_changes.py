@@ -221,6 +221,7 @@ def _fake_checkpoint(out: str, tag: str, world: int, stage: int) -> None:
         torch.save({"loader": {"world_size": world, "rank": r}}, os.path.join(path, f"engine_state_r{r:05d}.pt"))
         if stage > 0:  # DeepSpeed's optimiser shard of each rank (a tag lacking one is incomplete)
             open(os.path.join(path, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"), "w").close()
+    open(os.path.join(path, "mp_rank_00_model_states.pt"), "w").close()  # DeepSpeed's, every stage
     with open(os.path.join(path, "config.yaml"), "w") as f:
         f.write(f"deepspeed:\n  zero_stage: {stage}\n")
 
