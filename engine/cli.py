@@ -310,8 +310,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from engine.finetune import run_eval
 
             run_eval(cfg, args.checkpoint, save_predictions=args.save_predictions)
-    except ConfigError as e:
-        print(f"maskfeat {args.command}: config error: {e}", file=sys.stderr)
+    except ConfigError as e:  # (a damaged checkpoint too: engine.checkpoint.CheckpointError, not the config)
+        what = "checkpoint error" if type(e).__name__ == "CheckpointError" else "config error"
+        print(f"maskfeat {args.command}: {what}: {e}", file=sys.stderr)
         return 2
     except (BadDatasetError, FileNotFoundError, ValueError) as e:
         # a dataset that is missing, empty, inconsistent or holds bad files: a user error, reported

@@ -434,7 +434,7 @@ def test_cli_unreadable_config_and_missing_checkpoint_exit_2(tmp_path, capsys):
     open(tmp_path / "run" / "checkpoints" / "step00000001" / "engine_state_r00000.pt", "w").close()
     assert cli.main(["eval", "-c", TINY, "--checkpoint", str(tmp_path / "run" / "checkpoints" / "step00000001")]) == 2
     err = capsys.readouterr().err
-    assert "config error: --checkpoint" in err and "incomplete or damaged" in err and "data error" not in err, err
+    assert "checkpoint error: --checkpoint" in err and "incomplete or damaged" in err and "data error" not in err, err
 
 
 def test_cli_help_lists_the_exit_codes(capsys):
