@@ -894,6 +894,9 @@ def _train_loop(run: Run, step_fn: Callable[[dict], torch.Tensor], *, on_epoch_e
                     pending_save = True  # saved after the epoch bookkeeping below
                 else:
                     saved_at, saved_step = run.save(), st.step
+                    # a signal during the save (a large model's takes long): stop on it now, not after one
+                    # more step and a second save, which SLURM's KillWait may not leave time for
+                    n_signalled = n_signalled or int(bool(signalled_anywhere(device)))
             if n_signalled and st.step < d.run_steps:  # (at the last step the final save follows anyway)
                 signalled = signals.requested(default=signal.SIGTERM)
                 pending_save = pending_save or end_of_epoch

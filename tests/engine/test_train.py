@@ -166,6 +166,15 @@ def test_a_signal_during_an_epoch_save_stops_before_the_evaluation(env, tmp_path
         assert _val_steps(out) == [4, 8], p.stdout[-2000:]  # the resume evaluates it first, then goes on
 
 
+def test_a_signal_during_a_mid_epoch_save_stops_without_another_step(env, tmp_path):
+    """A SIGTERM during a train.checkpoint_every_steps save was seen at the next step: one more step and
+    a second save, which a large model's grace period (SLURM's KillWait) may not hold."""
+    out = str(tmp_path / "mid")
+    p = _run([sys.executable, DRIVER, "signal_in_save", out, "data.num_clips=1", "schedule.max_steps=8",
+              "train.checkpoint_every_steps=2"], {**env, "SIGNAL_SAVE": "1"}, ok=(143,))
+    assert "terminated (SIGTERM) after saving step00000002" in p.stderr, p.stderr[-3000:]
+
+
 def test_signal_handler_asks_inside_the_loop_and_stops_outside():
     import signal
 
