@@ -339,7 +339,7 @@ def save_checkpoint(
             # a read-only folder), and its torch.save then failed with "Parent directory ... does not exist"
             os.makedirs(ckpt_dir, exist_ok=True)
             shutil.rmtree(os.path.join(ckpt_dir, tmp_tag), ignore_errors=True)  # a dead earlier try
-            os.makedirs(os.path.join(ckpt_dir, tmp_tag))
+            os.makedirs(os.path.join(ckpt_dir, tmp_tag), exist_ok=True)  # (another node's, on a shared filesystem)
         except OSError as e:
             failed = e
     if _failed_anywhere(failed is not None):  # (all ranks: also the barrier before DeepSpeed's save)
@@ -384,10 +384,15 @@ def save_checkpoint(
     if update_latest and local_rank == 0:
         try:
             write_text_atomic(os.path.join(ckpt_dir, "latest"), tag)
-            _remove_file(os.path.join(ckpt_dir, LATEST_NEXT))
         except OSError as e:  # `latest.next` names the tag, and latest_tag reads it first
             log.warning("checkpoint %s is saved, but `latest` could not be updated (%s: %s); %s names it, and "
                         "--resume auto reads that first", tag, type(e).__name__, e, LATEST_NEXT)
+        else:
+            try:
+                _remove_file(os.path.join(ckpt_dir, LATEST_NEXT))
+            except OSError as e:  # (it names the tag `latest` names: harmless)
+                log.warning("checkpoint %s is saved, but %s could not be removed (%s: %s)", tag, LATEST_NEXT,
+                            type(e).__name__, e)
     if keep > 0 and local_rank == 0:
         for old in prune_candidates(ckpt_dir, tag, keep):
             try:
@@ -423,13 +428,13 @@ def prune_candidates(ckpt_dir: str, tag: str, keep: int) -> list[str]:
     return older[:max(len(older) - n_keep, 0)]
 
 
-def find_latest(output_dir: str) -> Optional[str]:
+def find_latest(output_dir: str, resumable: bool = False) -> Optional[str]:
     """Tag of the newest complete checkpoint under ``output_dir`` (``None`` when there is none).
 
     Reads ``latest``; when it is missing or names a tag that is gone (or holds no weights), the
     newest ``step*`` tag with weights is used (by step number; set-aside and temporary folders are
-    never considered)."""
-    return latest_tag(checkpoint_dir(output_dir))
+    never considered). ``resumable``: :func:`latest_tag`'s (what ``--resume auto`` takes)."""
+    return latest_tag(checkpoint_dir(output_dir), resumable)
 
 
 LATEST_NEXT = "latest.next"
@@ -510,12 +515,12 @@ def _is_ckpt_dir(path: str) -> bool:
             or os.path.isdir(os.path.join(path, "best")) or latest_tag(path) is not None)
 
 
-def locate_checkpoint(path: str, *, prefer_best: bool = False) -> Optional[tuple[str, str]]:
+def locate_checkpoint(path: str, *, prefer_best: bool = False, resumable: bool = False) -> Optional[tuple[str, str]]:
     """``(checkpoints directory, tag)`` that ``path`` names: a run directory or its ``checkpoints/``
     directory (``best`` when ``prefer_best`` and present, else the latest complete tag), the
     ``checkpoints/latest`` file (the tag it names, :func:`latest_tag`), or a tag directory. Returns
     None for any other file (a weights file: the caller decides). Raises FileNotFoundError when
-    ``path`` does not exist or names no checkpoint."""
+    ``path`` does not exist or names no checkpoint. ``resumable``: :func:`latest_tag`'s."""
     p = os.path.abspath(path)
     if not os.path.exists(p):
         raise FileNotFoundError(f"checkpoint {path} not found")
@@ -523,13 +528,13 @@ def locate_checkpoint(path: str, *, prefer_best: bool = False) -> Optional[tuple
         if os.path.basename(p) != "latest" or not _is_ckpt_dir(os.path.dirname(p)):
             return None
         ck = os.path.dirname(p)
-        tag = latest_tag(ck)
+        tag = latest_tag(ck, resumable)
         if tag is None:
             raise FileNotFoundError(f"checkpoint {path}: the tag it names is not a complete checkpoint under {ck}")
         return ck, tag
     if os.path.isdir(checkpoint_dir(p)) or _is_ckpt_dir(p) and not _is_tag_dir(p):
         ck = checkpoint_dir(p) if os.path.isdir(checkpoint_dir(p)) else p
-        tag = "best" if prefer_best and os.path.isdir(os.path.join(ck, "best")) else latest_tag(ck)
+        tag = "best" if prefer_best and os.path.isdir(os.path.join(ck, "best")) else latest_tag(ck, resumable)
         if tag is None:
             raise FileNotFoundError(f"checkpoint {path}: no complete checkpoint under {ck}")
         return ck, tag
@@ -559,7 +564,7 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[tuple[str, str]]:
         target = (ck, resume)  # a tag name (checked before paths relative to the working directory)
     elif os.path.exists(resume):
         try:
-            found = locate_checkpoint(resume)
+            found = locate_checkpoint(resume, resumable=True)
         except FileNotFoundError as e:
             # (eval's wording; resume takes no weights file)
             why = str(e).replace(", a checkpoints/<tag> directory or a weights file",

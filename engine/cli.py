@@ -362,7 +362,7 @@ def interrupted_hint(cfg, command: str, error: BaseException) -> str:
         why += f" after saving {error.saved}, the step it came in (or the next, after that step's forward pass)"
     if command == "eval":
         return why
-    latest = find_latest(cfg.train.output_dir)
+    latest = find_latest(cfg.train.output_dir, resumable=True)
     return (f"{why}; the last complete checkpoint is {latest} (rerun with --resume auto to continue from it)"
             if latest else f"{why} before the first checkpoint of {cfg.train.output_dir}")
 
@@ -384,7 +384,7 @@ def out_of_memory_hint(cfg, command: str, error: BaseException) -> str:
                   f"model.activation_checkpointing=N for the first N blocks (now {int(ac)}), =true for all "
                   "(`python -m bench.model_step --count-only --backends auto,auto+ckpt8,auto+ckpt` counts what each "
                   "keeps)"))
-    latest = find_latest(cfg.train.output_dir) if command != "eval" else None
+    latest = find_latest(cfg.train.output_dir, resumable=True) if command != "eval" else None
     return (f"out of GPU memory: {first}. To fit, {fix}."
             + (f" The last complete checkpoint is {latest} (--resume auto continues from it)." if latest else ""))
 

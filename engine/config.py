@@ -453,7 +453,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if any(type(value) is type(a) and value == a for a in args):
             return value
         choices = ", ".join(repr(a) for a in args)
-        same = next((a for a in args if str(a) == str(value)), None)  # '2' for 2, 2.0 for 2, 'True' for True
+        same = next((a for a in args if str(a) == str(value)), None)  # '2' for 2, 'True' for True
         if same is not None:
             how = "quoted" if isinstance(same, str) else "unquoted"
             raise ConfigError(f"{path}: {value!r} is not one of {choices}; write it {how}: {same!r}")
@@ -638,10 +638,11 @@ def _override_value(item: str, key: str, tp: Any, raw: str) -> Any:
 
 
 def _merged(old: dict, new: dict) -> dict:
-    """``new`` merged into a copy of ``old``, mappings key by key (other values replaced)."""
+    """``new`` merged into a copy of ``old``, non-empty mappings key by key (other values, and an empty
+    mapping, which clears, replaced)."""
     out = dict(old)
     for k, v in new.items():
-        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -651,7 +652,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     Values are parsed as YAML with YAML 1.2 numbers (``1e3`` is a float): ``true``, ``3``,
     ``[0.5, 1.0]``, ``{target: pixel}``. A mapping given to a section or a mapping field merges
     into what the recipe set (``optim={lr: 1e-3}`` is ``optim.lr=1e-3``: it replaced the whole
-    section, silently resetting the recipe's other fields to the defaults). A field of type ``str`` keeps the raw text, so
+    section, silently resetting the recipe's other fields to the defaults); an empty one
+    (``model.overrides={}``) clears a mapping field. A field of type ``str`` keeps the raw text, so
     ``data.root=007`` stays ``"007"``, unless it is quoted (``finetune.pretrained=''`` is empty,
     ``data.root='null'`` the word); an unquoted ``null``/``None`` there is an error. ``null``,
     ``None`` and ``none`` set an ``Optional`` field to null.
@@ -674,7 +676,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 tp = Any
             if is_last:
                 value = _override_value(item, ".".join(keys), tp, raw)
-                if isinstance(value, dict) and isinstance(node.get(k), dict):
+                if isinstance(value, dict) and value and isinstance(node.get(k), dict):
                     value = _merged(node[k], value)  # section={...}: the fields it names (it reset the others)
                 node[k] = value
             else:
@@ -811,6 +813,11 @@ def _check_finite(cfg: Config) -> None:
                     raise ConfigError(f"{sec.name}.{f.name} must be finite, got {value!r}")
 
 
+MAX_SEED = (2**64 - 2**20) // 1000
+"""The largest ``train.seed``: the rank's torch seed ``seed * 1000 + rank + 1`` fits 64 bits for a
+million ranks."""
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks the typed build cannot express. Comparisons are written so that NaN
     fails them (``not x > 0`` rather than ``x <= 0``)."""
@@ -852,8 +859,8 @@ def validate(cfg: Config) -> None:
                  "eval_every_epochs", "seed"):
         if getattr(cfg.train, name) < 0:
             raise ConfigError(f"train.{name} must be >= 0, got {getattr(cfg.train, name)}")
-    if cfg.train.seed >= 2**32:  # torch.manual_seed(seed * 1000 + rank + 1) overflowed past 2**64, after the data checks
-        raise ConfigError(f"train.seed must be below 2**32, got {cfg.train.seed}")
+    if cfg.train.seed > MAX_SEED:  # torch.manual_seed(seed * 1000 + rank + 1) overflowed 2**64, after the data checks
+        raise ConfigError(f"train.seed must be at most {MAX_SEED}, got {cfg.train.seed}")
     if not cfg.deepspeed.gradient_clipping >= 0:
         raise ConfigError(f"deepspeed.gradient_clipping must be >= 0 (0: off), got {cfg.deepspeed.gradient_clipping}")
     ft = cfg.finetune

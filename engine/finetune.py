@@ -49,6 +49,7 @@ import os
 import pickle
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -234,8 +235,8 @@ def _drop_head_of_other_classes(path: str, sd: dict, classes: Optional[Sequence[
         names, _ = class_index_from(json.loads(carried), f"the classes {path} carries")
     except (ValueError, ClassListError):  # unreadable: as a file without a list (SlowFast keeps such a head)
         return None
-    if list(names) == list(classes):
-        return None
+    if [unicodedata.normalize("NFC", n) for n in names] == [unicodedata.normalize("NFC", str(c)) for c in classes]:
+        return None  # (the same names, one list spelt in another Unicode form: a macOS copy of the folders)
     for k in head:
         del sd[k]
     return (f"its head was fine-tuned on other classes ({len(names)}: {', '.join(names[:4])}"
@@ -326,7 +327,7 @@ def sync_class_index(output_dir: str, class_names: Sequence[str], num_classes: i
 
 def _train_folder_classes(cfg: Config, num_classes: int) -> Optional[list[str]]:
     """The class names of a folder dataset's train split, as fine-tuning numbers them (its class
-    folders), when they are ``num_classes``; None for list datasets (their labels are numbers
+    folders), when there are at most ``num_classes``; None for list datasets (their labels are numbers
     already), for the train split itself, or when the train split cannot be listed. Weights without
     a class list (an official .pyth) had the eval split numbered on its own: a val split lacking a
     class shifted every later label (top-1 0 where the same weights with their list gave 50)."""
@@ -340,7 +341,7 @@ def _train_folder_classes(cfg: Config, num_classes: int) -> Optional[list[str]]:
         names = subfolders(root)
     except (OSError, ValueError):  # no train split here: the eval split's own numbering, with its warning
         return None
-    return list(names) if len(names) == num_classes else None
+    return list(names) if 0 < len(names) <= num_classes else None  # (a run may have set num_classes above them)
 
 
 def _eval_loader(cfg: Config, dist: DistInfo, classes: Optional[Sequence[str]]):

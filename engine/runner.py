@@ -350,7 +350,8 @@ class Run:
             raise SaveError(f"saving checkpoint {tag} in {self.cfg.train.output_dir} failed on rank {self.dist.rank} "
                             f"({type(e).__name__}: {e}); "
                             f"nothing was lost before it: the last complete checkpoint is "
-                            f"{find_latest(self.cfg.train.output_dir) or 'none yet'} (free space or fix the folder, "
+                            f"{find_latest(self.cfg.train.output_dir, resumable=True) or 'none yet'} "
+                            "(free space or fix the folder, "
                             "then --resume auto)") from e
         self.logger.write(f"saved checkpoint {path} ({time.time() - t0:.1f} s)")
         return path
@@ -472,9 +473,12 @@ def prepare_output_dir(cfg: Config, resume: Optional[str], *, defer_clear: bool 
                 check_task(plan.path, task)
         there = stored_tags(ckpt) if not plan.own or plan.tag is None else []
         if there and not cfg.train.overwrite:
-            what, latest = "", find_latest(out)
-            if plan.tag is None and latest:  # (no --resume: --resume auto would have taken it)
+            what, latest = "", find_latest(out, resumable=True)
+            if plan.tag is None and latest and resume != "auto":  # (--resume auto would have taken it)
                 what = "continue it with --resume auto, "
+            elif plan.tag is None and resume == "auto" and not available_tags(ckpt):
+                what = ("none of them is a complete checkpoint to continue (rank states, model states and ZeRO "
+                        "shards; a copy cut short?): ")
             elif plan.tag is None and available_tags(ckpt):
                 # --resume auto takes the newest step tag only: a fine-tuning run stopped before its first
                 # step checkpoint holds nothing but `best`, continued by naming it
@@ -814,11 +818,12 @@ def _train_loop(run: Run, step_fn: Callable[[dict], torch.Tensor], *, on_epoch_e
         st.nonfinite_streak += 1
         run.logger.write(f"step {st.step + 1}: {what} ({st.nonfinite_streak} in a row, {st.nonfinite_total} in total)")
         if st.nonfinite_streak >= cfg.train.max_nonfinite:
+            latest = find_latest(cfg.train.output_dir, resumable=True)
             raise NonFiniteLossError(
                 f"{st.nonfinite_streak} steps in a row without an update (non-finite losses or gradients) at "
                 f"step {st.step + 1} (lr {lr:.3g}, precision {cfg.deepspeed.precision}); the last finite grad norm "
                 f"was {last_finite_norm:.4g}. Lower optim.lr, raise deepspeed.gradient_clipping strictness, or use "
-                f"bf16/fp32; the last complete checkpoint is {find_latest(cfg.train.output_dir)}")
+                f"bf16/fp32; the last complete checkpoint is {latest}")
 
     def land(p: _ReadBack) -> None:
         """Take a step's loss (the global-batch mean) and grad norm from its read-back."""
@@ -925,7 +930,7 @@ def _train_loop(run: Run, step_fn: Callable[[dict], torch.Tensor], *, on_epoch_e
             raise signals.Terminated(signalled, saved=os.path.basename(saved_at))
         if stop:  # after the step's checkpoints, also one held for the end of its epoch (as a kill there)
             run.logger.close()
-            latest = find_latest(cfg.train.output_dir)  # (as Ctrl-C's message says it)
+            latest = find_latest(cfg.train.output_dir, resumable=True)  # (as Ctrl-C's message says it)
             raise StopRequested(f"stopped after step {st.step} (train.stop_after_steps); " + (
                 f"the last complete checkpoint is {latest} (rerun with --resume auto to continue from it)" if latest
                 else f"no checkpoint of {cfg.train.output_dir} yet"))

@@ -540,6 +540,9 @@ def split_folder(root: str, split: str) -> str:
     present = [s for s in SPLITS if os.path.isdir(os.path.join(root, s))]
     if present:
         held_out = [s for s in present if s != "train"]
+        if split == "train":  # (no eval_split replaces it: pre-training and fine-tuning read it)
+            raise FileNotFoundError(f"{sub} not found; the split folders present are {present}: training reads "
+                                    f"{sub}/<class>/ (or, without any split folder, {root}/<class>/)")
         use = (f"set finetune.eval_split={held_out[0]}" if held_out else
                "set finetune.eval_split=train (accuracy on the training videos)")
         raise FileNotFoundError(f"{sub} not found; the split folders present are {present} ({use} or add the folder)")

@@ -129,6 +129,10 @@ def test_missing_split_folder_is_an_error_unless_no_split_folders_exist(tmp_path
     tt = touch_tree(tmp_path / "tt", {"train": {"cat": 1, "dog": 1}, "test": {"cat": 1, "dog": 1}})
     with pytest.raises(FileNotFoundError, match=r"\['train', 'test'\] \(set finetune.eval_split=test or add"):
         load_dataset("folder", tt, "val", EXT)
+    vt = touch_tree(tmp_path / "vt", {"val": {"cat": 1}, "test": {"cat": 1}})  # no train: no eval_split helps
+    with pytest.raises(FileNotFoundError, match=r"vt/train not found; the split folders present are \['val', 'test'\]: "
+                                                r"training reads"):
+        load_dataset("folder", vt, "train", EXT)
 
 
 def test_a_folder_of_images_read_as_videos_points_to_image_folder(tmp_path):
@@ -352,6 +356,9 @@ def test_eval_of_weights_without_classes_numbers_by_the_train_folders(videos, tm
     with caplog.at_level(logging.WARNING, logger="engine.finetune"):
         assert run_eval(_eval_cfg(videos["root"], tmp_path / "x"), two)["top1"] == pytest.approx(50.0)
     assert "numbered on their own" in caplog.text
+    # a head wider than the train classes (finetune.num_classes above them): still train's numbering
+    wide = _fake_run(str(tmp_path / "ft5"), _classifier(5, always=2), None)
+    assert run_eval(_eval_cfg(videos["root"], tmp_path / "x"), wide)["top1"] == pytest.approx(50.0)
 
 
 def test_fine_tuning_from_a_classifier_of_other_classes_starts_a_fresh_head(videos, tmp_path, capsys):
@@ -387,6 +394,22 @@ def test_eval_of_a_damaged_checkpoint_is_one_line(videos, tmp_path, one_process)
         damage()
         with pytest.raises(CheckpointError, match=r"checkpoint .*best is damaged \((RuntimeError|KeyError): "):
             run_eval(_eval_cfg(videos["root"], tmp_path / "x"), run)
+
+
+def test_a_head_whose_classes_differ_only_in_unicode_form_is_kept(tmp_path):
+    import unicodedata
+
+    from safetensors.torch import save_file
+
+    from engine.finetune import _drop_head_of_other_classes
+
+    path = str(tmp_path / "cls.safetensors")
+    sd = {"head.projection.weight": torch.zeros(2, 4), "blocks.0.x": torch.zeros(1)}
+    save_file(sd, path, metadata={"classes": json.dumps({"classes": ["café", "tea"], "num_classes": 2})})
+    nfd = [unicodedata.normalize("NFD", "café"), "tea"]
+    assert _drop_head_of_other_classes(path, dict(sd), nfd) is None
+    other = dict(sd)
+    assert "starts fresh" in _drop_head_of_other_classes(path, other, ["cafe", "tea"]) and list(other) == ["blocks.0.x"]
 
 
 def test_eval_where_results_and_classes_come_from(videos, tmp_path, one_process, monkeypatch, capsys):

@@ -148,6 +148,12 @@ def test_a_mapping_override_merges_into_the_recipe():
     over = load_config(ablation, ["model.overrides={target: pixel}"]).model.overrides
     assert over == {**load_config(ablation).model.overrides, "target": "pixel"} and over["hog_norm"] == "none"
     assert load_config(None, ["data={batch_size: 3}", "data.seed=4"]).data == DataConfig(batch_size=3, seed=4)
+    # an empty mapping clears a mapping field (merging made `{}` a no-op: no key could be removed)
+    assert load_config(ablation, ["model.overrides={}"]).model.overrides == {}
+    extra = load_config(None, ["deepspeed.extra={zero_optimization: {overlap_comm: true}}",
+                               "deepspeed.extra={zero_optimization: {}}"]).deepspeed.extra
+    assert extra == {"zero_optimization": {}}
+    assert load_config(None, ["train.seed=1700000000000"]).train.seed == 1700000000000  # a millisecond timestamp
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)))

@@ -421,6 +421,18 @@ def test_a_save_that_cannot_make_its_folder_is_a_write_failure(tmp_path, monkeyp
     assert checkpoint.find_latest(str(tmp_path)) is None
 
 
+def test_a_tag_folder_another_node_made_is_fine(tmp_path, monkeypatch):
+    """Every node's first rank clears and makes the tag's temporary folder; on a shared filesystem one
+    node's mkdir can come between another's rmtree and mkdir (FileExistsError: exit 7, 59 of 200 saves
+    in a two-process race)."""
+    from engine import checkpoint
+
+    os.makedirs(tmp_path / "checkpoints" / ".tmp-step00000002")
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: None)  # the other node's folder stays
+    _save(str(tmp_path), 2, keep=0)
+    assert checkpoint.find_latest(str(tmp_path)) == "step00000002"
+
+
 def test_bookkeeping_after_a_complete_save_warns_instead_of_stopping(tmp_path, monkeypatch, caplog):
     """An old tag that cannot be removed (EACCES on a shared filesystem), or a `latest` that cannot be
     written, stopped the run with exit 7 ("saving step10 failed ... the last complete checkpoint is
@@ -444,6 +456,19 @@ def test_bookkeeping_after_a_complete_save_warns_instead_of_stopping(tmp_path, m
     assert "the older step00000002 could not be removed" in caplog.text
     assert "`latest` could not be updated" in caplog.text
     assert checkpoint.find_latest(out) == "step00000004"  # latest.next names it
+
+
+def test_resume_auto_over_incomplete_tags_only_says_so(tmp_path):
+    """With weights-only tags, --resume auto found nothing to continue and then said "continue it with
+    --resume auto"."""
+    from engine.runner import prepare_output_dir
+
+    out = str(tmp_path / "run")
+    _tag(out, "step00000004", 4, state=False)
+    with pytest.raises(ConfigError, match=r"already holds a run \(checkpoints step00000004\): none of them is a "
+                                          r"complete checkpoint to continue") as e:
+        prepare_output_dir(_cfg(out), "auto")
+    assert "--resume auto, " not in str(e.value)
 
 
 def test_a_read_only_output_folder_is_a_config_error_before_any_work(tmp_path, monkeypatch):
@@ -519,7 +544,11 @@ def test_latest_falls_back_to_the_newest_complete_step_tag(tmp_path):
     _tag(out, "step00000014", 14, state=False)
     _latest(out, "step00000014")
     assert find_latest(out) == "step00000014"  # (weights: what eval and export read)
-    assert resolve_resume("auto", out) == (os.path.join(out, "checkpoints"), "step00000010")
+    ck = os.path.join(out, "checkpoints")
+    for form in ("auto", out, ck, os.path.join(ck, "latest")):  # every form that means "the latest"
+        assert resolve_resume(form, out) == (ck, "step00000010"), form
+    with open(os.path.join(ck, "latest")) as f:
+        assert f.read() == "step00000014"
     assert available_tags(os.path.join(out, "checkpoints")) == ["step00000009", "step00000010"]
 
 
