@@ -546,7 +546,7 @@ def test_interrupted_run_names_the_checkpoint_to_resume_from(monkeypatch, tmp_pa
 
     import engine.pretrain
 
-    monkeypatch.setattr("engine.checkpoint.find_latest", lambda out: "step00000004")
+    monkeypatch.setattr("engine.checkpoint.find_latest", lambda out, resumable=False: "step00000004")
 
     def run(cfg, resume=None):
         if how == "ctrl-c":
