@@ -224,10 +224,28 @@ def architecture_hint(state: Mapping[str, torch.Tensor], own: Mapping[str, torch
     nb_ck, nb_own = _num_blocks(state), _num_blocks(own)
     if nb_ck and nb_own and nb_ck != nb_own:
         hints.append(f"checkpoint has {nb_ck} blocks, the model {nb_own}")
+    # MViTv2's channel doubling in the attention of the stage's first block (DIM_MUL_IN_ATT, the supervised
+    # configs) or in the MLP of the block before (MaskFeat's): the residual projections sit one block apart
+    proj_ck, proj_own = _residual_projections(state), _residual_projections(own)
+    if proj_ck and proj_own and proj_ck != proj_own and len(proj_ck) == len(proj_own):
+        if [b - 1 for b in proj_ck] == proj_own:
+            hints.append("the checkpoint doubles channels in attention (DIM_MUL_IN_ATT, as the supervised MViTv2 "
+                         "configs): set model.overrides.dim_mul_in_att=true")
+        elif [b + 1 for b in proj_ck] == proj_own:
+            hints.append("the checkpoint doubles channels in the MLP (MaskFeat's MViTv2): set "
+                         "model.overrides.dim_mul_in_att=false")
     return "; ".join(hints)
 
 
+def _residual_projections(state: Mapping[str, torch.Tensor]) -> list[int]:
+    """Indices of the blocks with a residual projection (``blocks.<i>.proj``: the channel doublings)."""
+    found = (re.fullmatch(r"blocks\.(\d+)\.proj\.weight", k) for k in state)
+    return sorted(int(m.group(1)) for m in found if m)
+
+
 def _with_hint(msg: str, hint: str) -> str:
+    if "dim_mul_in_att" in hint:
+        return f"{msg} ({hint})"
     return f"{msg} ({hint}: weights of another model size?)" if hint else msg
 
 

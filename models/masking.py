@@ -53,6 +53,7 @@ Faithfulness and known limits:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -111,9 +112,16 @@ def _check_rng(rng: Optional[np.random.Generator]) -> np.random.Generator:
 
 
 def _check_ratio(ratio: float) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+    """A real number in (0, 1): Python's, numpy's (np.float32 too) or a one-element tensor's."""
+    if isinstance(ratio, (bool, np.bool_)) or not isinstance(ratio, (numbers.Real, np.generic, torch.Tensor)):
         raise ValueError(f"mask ratio must be a number in (0, 1), got {ratio!r}")
-    return float(ratio)
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError, RuntimeError):  # (a tensor of several elements)
+        raise ValueError(f"mask ratio must be a number in (0, 1), got {ratio!r}") from None
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"mask ratio must be a number in (0, 1), got {ratio!r}")
+    return value
 
 
 def _check_grid(grid: Sequence[int], ndim: int, name: str) -> tuple[int, ...]:

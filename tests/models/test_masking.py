@@ -369,12 +369,21 @@ def test_unknown_kind_names_valid_ones():
         assert k in str(e.value)
 
 
-@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5, float("nan"), "0.4", True])
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5, float("nan"), "0.4", True, np.float32(1.5),
+                                   torch.tensor([0.4, 0.5]), np.bool_(True)])
 def test_bad_ratio(ratio):
     with pytest.raises(ValueError, match="ratio"):
         make_masks("cube", 2, GRID, ratio)
     with pytest.raises(ValueError, match="ratio"):
         frame_mask(GRID, ratio)
+
+
+@pytest.mark.parametrize("ratio", [np.float32(0.4), torch.tensor(0.4), 2 / 5])
+def test_numpy_and_tensor_ratios_are_numbers(ratio):
+    """np.float32(0.4) and a 0-d tensor were "not a number in (0, 1)" (np.float64 passed: a float)."""
+    a, b = make_masks("cube", 2, GRID, ratio, rng=np.random.default_rng(0)), make_masks(
+        "cube", 2, GRID, 0.4, rng=np.random.default_rng(0))
+    assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
 
 
 @pytest.mark.parametrize("kind", ["cube", "tube"])

@@ -754,3 +754,16 @@ def test_triton_backend_agrees_with_reference_in_the_model(task, device, monkeyp
 @pytest.mark.parametrize("task", TASKS)
 def test_gpu_auto_backend_agrees_with_reference_in_the_model_bf16(task, monkeypatch):
     _check_triton_backend_in_the_model(task, torch.device("cuda"), monkeypatch)
+
+
+def test_a_checkpoint_of_the_other_dim_mul_in_att_says_so():
+    """A supervised MViTv2 checkpoint (DIM_MUL_IN_ATT) into the MaskFeat layout listed 15 tensors of other
+    shapes, with no hint (the hint compared the embed dim and the block count only)."""
+    with torch.device("meta"):
+        states = {att: create_model("mvitv2_tiny", "classify", num_classes=5, dim_mul_in_att=att).state_dict()
+                  for att in (False, True)}
+    for att, want in ((False, "set model.overrides.dim_mul_in_att=true"), (True, "dim_mul_in_att=false")):
+        model = create_model("mvitv2_tiny", "classify", num_classes=5, dim_mul_in_att=att)
+        with pytest.raises(ValueError, match=want) as e:
+            load_backbone_into_classifier(model, {k: torch.zeros(v.shape) for k, v in states[not att].items()})
+        assert "another model size" not in str(e.value)
