@@ -18,7 +18,7 @@ VENV        ?= .venv
 PY          := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
-TORCH_PIP_ARGS ?=  # e.g. --index-url https://download.pytorch.org/whl/cpu where no CPU wheel is local (read when torch is installed: a fresh venv)
+TORCH_PIP_ARGS ?=  # e.g. --index-url https://download.pytorch.org/whl/cpu where no CPU wheel is local (read only when torch is installed here: none visible, or a new TORCH_SPEC)
 TORCH_MIN   := 2.10
 STAMP       := $(VENV)/.maskfeat-installed
 TORCH_PIN   := $(VENV)/.maskfeat-torch-pin.txt

@@ -179,9 +179,10 @@ def _variants(part: str, table: dict[str, dict], make: Callable, device: torch.d
     rows, ref = [], None
     for name, change in table.items():
         try:
-            got, call = make(change)
-            if ref is None and name != "default":  # (the next variant became the reference: err 0, ok)
+            if ref is None and name != "default":  # (the next variant became the reference: err 0, ok; and
+                # is not even built: its compile would spend the device call's time on a discarded row)
                 raise RuntimeError("no reference to check against: the default variant failed")
+            got, call = make(change)
             ref = ref if ref is not None else got
             err = max(_rel_err(a, b) for a, b in zip(got, ref) if a is not None)
             rows.append(dict(variant=name, ms=_time(call, device), err=err, ok=err <= TOL))

@@ -6,8 +6,8 @@ re-encoded by ``engine.data.prepare.encode_video`` to a short side of at most 32
 Paths: ``cpu`` = DALI CPU decoder (``fn.decoders.video``) on VP9, ``pyav`` = PyAV decoding through
 ``fn.external_source`` on H.264, ``gpu`` = NVDEC (``fn.decoders.video(device="mixed")``) on H.264
 when CUDA and DALI are both present. Each row runs the pre-training loader (16 frames, stride 4,
-RandomResizedCrop to 224, flip, normalise, batch 8) over ``--batches`` batches after one warm-up
-batch, and reports ``clips / wall seconds`` over the timed interval (a loader's rate is a
+RandomResizedCrop to 224, flip, normalise, batch 8) over ``--batches`` batches after
+``prefetch + 1`` warm-up batches (the first, and those decoded ahead while it was awaited), and reports ``clips / wall seconds`` over the timed interval (a loader's rate is a
 throughput). ``threads`` is DALI's ``num_threads`` and the number of PyAV clip workers; FFmpeg's
 own frame threading inside PyAV stays on (as in training). Exits cleanly (writing a "skipped" result) where DALI
 is missing. Usage: ``python -m bench.data --out bench/results``; ``--mode finetune`` times the
@@ -154,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['reader']:5s} {codec:5s} threads={threads}: {row['clips_per_s']:.1f} clips/s "
                   f"({row['clips']} clips in {row['seconds']} s)", flush=True)
             _write(base, meta, rows, command, date, args)  # after each row: a run cut short keeps what it timed
-    print(f"wrote {base}.json and {base}.md")
+    if rows:
+        print(f"wrote {base}.json and {base}.md")
+    else:
+        print(f"bench.data: no path to time among {args.readers!r} here (gpu needs CUDA): nothing written")
     return 0
 
 

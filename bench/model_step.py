@@ -235,7 +235,8 @@ def _cuda_issue_path() -> Iterator[None]:
 
     rel, hog_backend, fuse = triton_attn.resolve_rel_impl, hog._resolve_backend, triton_attn.fuse_rel_on
     triton_attn.resolve_rel_impl = lambda impl, device: "triton" if impl == "auto" else rel(impl, device)
-    hog._resolve_backend = lambda backend, x, cell: "triton" if backend == "auto" else hog_backend(backend, x, cell)
+    hog._resolve_backend = (lambda backend, x, cell: "triton" if backend == "auto" and not cell & (cell - 1)
+                            else hog_backend(backend, x, cell))
     triton_attn.fuse_rel_on = lambda device: True  # the rel terms inside the kernels where CUDA has them
     try:
         yield

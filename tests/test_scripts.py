@@ -63,6 +63,16 @@ def test_gpu_wheels_install_reassembles_and_verifies_parts(tmp_path):
     log.unlink()
     proc = subprocess.run([str(script), "install"], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0 and "DALI is installed already" in proc.stderr and not log.exists()
+    (tmp_path / ".whl").mkdir()  # the engine's wheels likewise, until one of them changes
+    (tmp_path / ".whl" / "b-1.0-py3-none-any.whl").write_bytes(b"b1")
+    for want in ("installed 1 wheels from .whl", "the 1 wheels of .whl are installed already"):
+        proc = subprocess.run([str(script), "install"], capture_output=True, text=True, cwd=tmp_path, env=env)
+        assert proc.returncode == 0 and want in proc.stderr, proc.stderr
+    (tmp_path / ".whl" / "b-1.0-py3-none-any.whl").write_bytes(b"b2")
+    proc = subprocess.run([str(script), "install"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert "installed 1 wheels from .whl" in proc.stderr
+    shutil.rmtree(tmp_path / ".whl")
+    log.unlink()
     # a stray part from an earlier fetch is not joined (it failed the tar check, and the script exited
     # before the export line, so the .whl packages were not importable either)
     shutil.rmtree(tmp_path / ".gpu-site")
@@ -87,9 +97,9 @@ def test_gpu_check_writes_a_step_to_out_as_it_runs(tmp_path):
     """A step's output went to /tmp and was copied into $OUT/steps.log when the step ended: a call the
     device tool stopped early (its limit below the deadline) came back with nothing of that step."""
     script, py = _gpu_check_copy(tmp_path, 'case "$*" in *pytest*) echo step-says-hello; sleep 30; exit 0 ;; esac')
-    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(py))
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(py), T_TESTS="10")  # (its own timeout then
     proc = subprocess.run(["timeout", "8", str(script), "first"], capture_output=True, text=True, cwd=tmp_path,
-                          env=env, timeout=60)
+                          env=env, timeout=60)  # ends the step's sleep 2 s later: in its own process group)
     assert proc.returncode == 124
     log = (tmp_path / "out" / "steps.log").read_text()
     assert "=== gpu_tests: " in log and "step-says-hello" in log, log[-2000:]
