@@ -60,7 +60,7 @@ from torch import nn
 
 from engine.config import Config, ConfigError, config_to_dict
 from engine.data.datasets import ClassListError, class_index_from, read_class_index, write_class_index
-from engine.distributed import DistInfo, gather_objects, init_distributed
+from engine.distributed import DistInfo, gather_objects, init_distributed, is_main
 from engine.pretrain import create_model, model_overrides
 from engine.runner import Run, on_rank0, print0, report_paths, setup_run, train_loop
 
@@ -190,7 +190,7 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader, dtype: tor
     top1 = round(((top[:, 0] == y) & finite).double().mean().item() * 100, 4)
     top5 = round(((top == y[:, None]).any(dim=1) & finite).double().mean().item() * 100, 4)
     bad_videos = int((~finite).sum())
-    if bad:
+    if bad and is_main():  # (every rank has the gathered numbers: said once)
         log.warning("evaluation: %d of %d views had non-finite logits (NaN/inf); their %d videos count as wrong "
                     "(a diverged model, or fp16 overflow: evaluate in fp32)", bad, int(sum(N.values())), bad_videos)
     res = {"top1": top1, "top5": top5, "videos": len(ids), "views": int(sum(N.values())), "nonfinite_views": bad,
@@ -368,10 +368,6 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
     # what needs no data is checked first (train.overwrite may clear the folder before the build)
     check_model_config(cfg.model.name, cfg.model.overrides, cfg.data.dataset)
     ft = cfg.finetune
-    if cfg.data.batch_size == 1 and ft.mixup_prob > 0 and (ft.mixup_alpha > 0 or ft.cutmix_alpha > 0):
-        log.warning("mixup/cutmix pair each clip with the batch flipped: with data.batch_size=1 (one video per "
-                    "GPU) a clip is mixed with itself or its own repeat, so nothing is mixed (as in SlowFast); "
-                    "raise data.batch_size or set finetune.mixup_prob=0")
     state: dict = {}
     source = resolve_resume(resume, cfg.train.output_dir) if resume else None  # (checkpoints dir, tag)
     # --resume auto of a step tag that a stopped re-save left as <tag>.old: setup_run puts it back and resumes it
@@ -396,6 +392,11 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         state["K"] = _num_classes(cfg, train_loader)
         state["classes"] = list(train_loader.class_names)
         state["write"] = getattr(train_loader, "rank", 0) == 0
+        mixing = ft.mixup_prob > 0 and (ft.mixup_alpha > 0 or ft.cutmix_alpha > 0)
+        if state["write"] and cfg.data.batch_size == 1 and mixing:
+            log.warning("mixup/cutmix pair each clip with the batch flipped: with data.batch_size=1 (one video per "
+                        "GPU) a clip is mixed with itself or its own repeat, so nothing is mixed (as in SlowFast); "
+                        "raise data.batch_size or set finetune.mixup_prob=0")  # (once: rank 0)
         if other_run:  # its classes must be these (the head's outputs)
             sync_class_index(source_run, state["classes"], state["K"], resuming=True, write=False)
         else:
@@ -490,9 +491,12 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         print(f"best top-1 {run.state.best_metric:.2f} (checkpoint "
               f"{os.path.join(os.path.abspath(cfg.train.output_dir), 'checkpoints', 'best')})", flush=True)
     if run.main and summary["eval"] is not None:
+        best = os.path.join(os.path.abspath(cfg.train.output_dir), "checkpoints", "best")
+        # (no evaluation qualified for `best` when each had non-finite logits: -inf, and no such folder)
+        kept = (f"best top-1 {run.state.best_metric:.2f} (checkpoint {best})"
+                if math.isfinite(run.state.best_metric) and os.path.isdir(best) else "no `best` checkpoint")
         print(f"final {cfg.finetune.eval_split} top-1 {summary['eval']['top1']:.2f}  top-5 {summary['eval']['top5']:.2f}; "
-              f"best top-1 {run.state.best_metric:.2f} (checkpoint "
-              f"{os.path.join(os.path.abspath(cfg.train.output_dir), 'checkpoints', 'best')})", flush=True)
+              f"{kept}", flush=True)
     return summary
 
 
@@ -709,8 +713,9 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
             others = [t for t in available_tags(target.ckpt_dir) if t != target.tag]
             hint = (f"the run's other complete checkpoints: {', '.join(others)} (--checkpoint "
                     f"{os.path.join(target.ckpt_dir, others[-1])})" if others else "no other complete checkpoint")
-            raise CheckpointError(f"--checkpoint {target.where}: checkpoint {os.path.join(target.ckpt_dir, target.tag)} "
-                                  f"is damaged ({type(e).__name__}: {str(e)[:200]}); {hint}") from e
+            path = os.path.join(target.ckpt_dir, target.tag)
+            raise CheckpointError(f"--checkpoint {target.where}: checkpoint {path} is damaged "
+                                  f"({type(e).__name__}: {str(e)[:200]}); {hint}") from e
     from models.checkpoint import KNOWN_PREFIXES
 
     # the head under a wrapper prefix too (an official .pyth saved from DDP: module.head...)
@@ -747,7 +752,8 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
         msg = (f"{target.where}: no {CLASS_INDEX} of its run; the classes of split {cfg.finetune.eval_split!r} are "
                f"numbered on their own (class folders sorted by name, list labels as written), which matches "
                f"training only when both splits hold the same classes")
-        log.warning(msg)
+        if dist.rank == 0:
+            log.warning(msg)
     try:
         loader = _eval_loader(cfg, dist, names)
     except ClassListError as e:  # another dataset than the model's (a --config without the run's data settings)
@@ -778,7 +784,7 @@ def run_eval(cfg: Config, checkpoint: str, save_predictions: bool = False) -> di
            + ("one centre crop per image" if image else f"{clips} clip{'s' * (clips != 1)} x {crops} "
                                                          f"crop{'s' * (crops != 1)} per video") + f", {K} classes)")
     selected_on = _selected_on(target)
-    if selected_on == cfg.finetune.eval_split:
+    if selected_on == cfg.finetune.eval_split and dist.rank == 0:
         log.warning("%s was selected by its top-1 on split %r, the split evaluated now: an optimistic number "
                     "(SlowFast reports the final checkpoint: --checkpoint %s)", target.where, selected_on,
                     os.path.join(target.ckpt_dir, "latest"))

@@ -365,6 +365,12 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "classes.json", "tb", "eval.json"
 evaluations were appended to the old model's history)."""
 
 
+FINISHED_RUN_OUTPUTS = ("backbone.safetensors", "eval.json", "evals.jsonl")
+"""What only a finished run leaves (its export, its evaluation): with them and no checkpoint, a folder
+still holds a run (a run that died before its first checkpoint leaves metrics, config and TensorBoard
+files only, and a fresh start there needs no train.overwrite)."""
+
+
 def clear_run_outputs(output_dir: str) -> list[str]:
     """Remove the :data:`RUN_OUTPUTS` of a previous run from ``output_dir``; returns the names removed."""
     removed = []
@@ -488,9 +494,18 @@ def prepare_output_dir(cfg: Config, resume: Optional[str], *, defer_clear: bool 
                 f"train.output_dir={out} already holds a run (checkpoints {', '.join(there)}"
                 f"{f'; latest {latest}' if latest else ''}): {what}choose another train.output_dir, or set "
                 f"train.overwrite=true to delete its {', '.join(RUN_OUTPUTS)} and start afresh there")
+        # a finished run whose checkpoints were deleted (to save space, once exported): a new run there
+        # dropped its metrics and hid its TensorBoard curves, silently
+        finished = ([n for n in FINISHED_RUN_OUTPUTS if os.path.exists(os.path.join(out, n))]
+                    if plan.tag is None or not plan.own else [])  # (not when it continues its own checkpoint)
+        if finished and not there and not cfg.train.overwrite:
+            raise ConfigError(
+                f"train.output_dir={out} holds a finished run's outputs ({', '.join(finished)}; no checkpoint to "
+                f"continue): choose another train.output_dir, or set train.overwrite=true to delete its "
+                f"{', '.join(RUN_OUTPUTS)} and start afresh there")
         if resume and plan.tag is None:
             print(f"--resume auto: no step checkpoint under {ckpt}; starting fresh", flush=True)
-        return plan, bool(there)
+        return plan, bool(there or finished)
 
     # rank 0 decides and every rank follows: on a node-local filesystem the other nodes' views of
     # the folder differ (DeepSpeed writes the module states on rank 0 only)
@@ -902,6 +917,7 @@ def _train_loop(run: Run, step_fn: Callable[[dict], torch.Tensor], *, on_epoch_e
                     # a signal during the save (a large model's takes long): stop on it now, not after one
                     # more step and a second save, which SLURM's KillWait may not leave time for
                     n_signalled = n_signalled or int(bool(signalled_anywhere(device)))
+                    t_log, clips_since_log = time.time(), 0  # (clips/s is training's: not the save's time)
             if n_signalled and st.step < d.run_steps:  # (at the last step the final save follows anyway)
                 signalled = signals.requested(default=signal.SIGTERM)
                 pending_save = pending_save or end_of_epoch
@@ -923,6 +939,8 @@ def _train_loop(run: Run, step_fn: Callable[[dict], torch.Tensor], *, on_epoch_e
                 if not stop:
                     with signals.immediate():
                         on_epoch_end(run)
+            # clips/s after an evaluation or a save counted their time (a K400 evaluation: a 10x "drop")
+            t_log, clips_since_log = time.time(), 0
         if signalled:  # this step saved (unless a scheduled save just did), then stop as the signal says
             if saved_step != st.step:
                 saved_at = run.save()

@@ -55,7 +55,6 @@ import io
 import logging
 import math
 import os
-import warnings
 import zlib
 from typing import Callable, Optional, Sequence
 
@@ -477,12 +476,8 @@ class ImageLoader:
                                            mean=[255.0 * m for m in cfg.mean], std=[255.0 * s for s in cfg.std])
             return img, label, index, valid
 
-        with warnings.catch_warnings():
-            # the feeder's frame indices and views (and the RandAugment draws without it) are unused
-            # for images (DALI warns while building: "the outputs at the indices 1, 7, 9 are not used")
-            warnings.filterwarnings("ignore", message=".*(is|are) not used.*")
-            pipe = graph()
-            pipe.build()
+        pipe = graph()  # (the feeder's frame indices and views are unused: pipeline.UNUSED_OUTPUTS_FILTER)
+        pipe.build()
         return pipe
 
     def _dali_failure(self, paths: Sequence[str], error: Exception, rerun: str) -> dict[str, str]:

@@ -57,6 +57,14 @@ from .errors import ImageDecodeError, VideoDecodeError
 from .probe import decoded_frames, rotate_frame
 from .sampler import ClipSpec
 
+UNUSED_OUTPUTS_FILTER = dict(action="ignore", message=r".*(is|are) not used.*", module=r"nvidia\.dali")
+"""DALI warns while building a pipeline that outputs of the feeder are not used (frame indices under
+pyav, RandAugment draws without it, indices and views for images): ignored, the filter installed once
+at import. Each build used to install it in a ``warnings.catch_warnings()``, whose exit resets Python's
+once-per-location memory, so every library warning (torch's deprecations, DeepSpeed's) came back
+every epoch on every rank."""
+warnings.filterwarnings(**UNUSED_OUTPUTS_FILTER)
+
 MAX_REPLACEMENTS = 8
 """``on_bad_file=skip``: replacement clips tried for a clip that fails to decode, before giving up."""
 
@@ -380,11 +388,8 @@ def build_pipeline(feeder: Callable, *, decode: str, batch_size: int, num_thread
                                          mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
         return video, label, index, view, valid
 
-    with warnings.catch_warnings():
-        # frame indices (unused by pyav) and RandAugment draws (unused without it) are fed anyway
-        warnings.filterwarnings("ignore", message=".*(is|are) not used.*")
-        pipe = graph()
-        pipe.build()
+    pipe = graph()  # (DALI's "not used" warnings: UNUSED_OUTPUTS_FILTER)
+    pipe.build()
     return pipe
 
 

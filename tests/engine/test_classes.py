@@ -562,16 +562,17 @@ def test_eval_rejects_an_eval_class_unseen_in_training(videos, tmp_path, one_pro
 
 def test_eval_of_a_weights_file_takes_k_from_the_head(videos, tmp_path, one_process):
     """A head of 5 outputs (fine-tuned with finetune.num_classes=5) evaluates without repeating the
-    override; without a classes.json the eval split's own classes are used."""
+    override; without a classes.json the classes are numbered as fine-tuning numbered them, by the
+    train split's 3 folders (the eval split's own numbering made carphone 1 where training had 2)."""
     from safetensors.torch import save_file
 
     from engine.finetune import run_eval
 
     path = str(tmp_path / "w" / "model.safetensors")
     os.makedirs(os.path.dirname(path))
-    save_file(_classifier(5, always=1), path)
+    save_file(_classifier(5, always=2), path)
     res = run_eval(_eval_cfg(videos["root"], tmp_path / "x"), path)
-    assert res["top1"] == pytest.approx(50.0)  # val's own numbering: apple 0, carphone 1
+    assert res["top1"] == pytest.approx(50.0)  # train's numbering: apple 0, bunny 1, carphone 2
     assert res["eval_json"] == str(tmp_path / "w" / "model.eval.json") and os.path.isfile(res["eval_json"])
     # its history is its own, not a file shared by every weights file of the folder
     assert sorted(os.listdir(tmp_path / "w")) == ["model.eval.json", "model.evals.jsonl", "model.safetensors"]

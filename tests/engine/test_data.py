@@ -385,6 +385,31 @@ def test_resume_mid_epoch_gives_the_remaining_batches(clips):
     assert (other.epoch, other.batches_consumed) == (3, 2)
 
 
+def test_library_warnings_are_shown_once_not_every_epoch(clips):
+    """Each pipeline build silenced DALI's "not used" warning inside a warnings.catch_warnings(), whose
+    exit resets Python's once-per-location memory: torch's and DeepSpeed's one-time warnings came back
+    every epoch on every rank. The filter is installed once now."""
+    import warnings
+
+    from engine.data.pipeline import UNUSED_OUTPUTS_FILTER
+
+    def once():
+        warnings.warn("a one-time library warning", FutureWarning)
+
+    loader = build_loader(cfg_for(clips["folder_h264"], batch_size=2, clips_per_epoch=4), "train")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")  # Python's default: once per location
+        warnings.filterwarnings(**UNUSED_OUTPUTS_FILTER)
+        for _ in range(2):
+            once()
+            for _ in loader:
+                pass
+        once()
+    texts = [str(w.message) for w in seen]
+    assert texts.count("a one-time library warning") == 1, texts
+    assert not any("not used" in t for t in texts), texts
+
+
 def test_epoch_plan_is_made_batch_by_batch(clips, monkeypatch):
     """Planning a whole Kinetics epoch up front held up every epoch's start: batches are planned when read."""
     import engine.data.loader as L

@@ -458,6 +458,26 @@ def test_bookkeeping_after_a_complete_save_warns_instead_of_stopping(tmp_path, m
     assert checkpoint.find_latest(out) == "step00000004"  # latest.next names it
 
 
+def test_a_finished_run_without_checkpoints_still_holds_the_folder(tmp_path, capsys):
+    """Checkpoints deleted after the export (to save space): a new run there silently dropped the old
+    metrics.jsonl and hid its TensorBoard curves. A run that died before its first checkpoint (metrics
+    and config only) still restarts there without train.overwrite."""
+    from engine.runner import prepare_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert prepare_output_dir(_cfg(str(out)), None).tag is None  # the dead run's case
+    (out / "backbone.safetensors").write_bytes(b"x")
+    for resume in (None, "auto"):
+        with pytest.raises(ConfigError, match=r"holds a finished run's outputs \(backbone.safetensors; no checkpoint"):
+            prepare_output_dir(_cfg(str(out)), resume)
+    capsys.readouterr()
+    prepare_output_dir(_cfg(str(out), "train.overwrite=true"), None)
+    assert "removed the previous run's metrics.jsonl, backbone.safetensors" in capsys.readouterr().out
+    assert os.listdir(out) == []
+
+
 def test_resume_auto_over_incomplete_tags_only_says_so(tmp_path):
     """With weights-only tags, --resume auto found nothing to continue and then said "continue it with
     --resume auto"."""
