@@ -799,7 +799,14 @@ def train_loop(
     last step trains and saves nothing, runs ``on_finish`` (which decides whether anything is left to
     do) and returns with ``already_complete``."""
     with signals.save_on_signal():
-        return _train_loop(run, step_fn, on_epoch_end=on_epoch_end, on_finish=on_finish)
+        try:
+            return _train_loop(run, step_fn, on_epoch_end=on_epoch_end, on_finish=on_finish)
+        except BaseException:  # (exits 4, 6, 7, 130: the CLI's paragraph was glued to the bar's last line)
+            try:
+                run.logger.close()
+            except Exception:  # noqa: BLE001 - the error being raised is the one to report
+                pass
+            raise
 
 
 def _train_loop(run: Run, step_fn: Callable[[dict], torch.Tensor], *, on_epoch_end: Optional[Callable[[Run], None]],
