@@ -456,9 +456,8 @@ def latest_tag(ckpt_dir: str, resumable: bool = False) -> Optional[str]:
     return steps[-1] if steps else None
 
 
-def _read_pointer(ckpt_dir: str, name: str, ok: Optional[Callable[[str], bool]] = None) -> Optional[str]:
-    """The tag the file ``name`` names when that tag is there and ``ok`` (default :func:`_usable`), else None."""
-    ok = ok or _usable
+def _read_pointer(ckpt_dir: str, name: str, ok: Callable[[str], bool]) -> Optional[str]:
+    """The tag the file ``name`` names when that tag is there and ``ok(path)``, else None."""
     try:
         with open(os.path.join(ckpt_dir, name)) as f:
             tag = f.read().strip()
@@ -638,8 +637,8 @@ def recover_checkpoint_dir(ckpt_dir: str) -> Optional[str]:
     parts += [f"set aside the earlier {t} as {name} (its re-save was complete)" for t, name in aside]
     if os.path.isfile(os.path.join(ckpt_dir, LATEST_NEXT)):
         # (a tag just restored from .old is the earlier one: the save that named it never renamed its own)
-        done = _read_pointer(ckpt_dir, LATEST_NEXT)
-        if done is not None and done not in restored and done != _read_pointer(ckpt_dir, "latest"):
+        done = _read_pointer(ckpt_dir, LATEST_NEXT, _usable)
+        if done is not None and done not in restored and done != _read_pointer(ckpt_dir, "latest", _usable):
             write_text_atomic(os.path.join(ckpt_dir, "latest"), done)
             parts.append(f"latest set to {done} (its save was complete, stopped before naming it latest)")
         _remove_file(os.path.join(ckpt_dir, LATEST_NEXT))

@@ -49,7 +49,6 @@ import os
 import pickle
 import sys
 import time
-import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -59,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import Config, ConfigError, config_to_dict
-from engine.data.datasets import ClassListError, class_index_from, read_class_index, write_class_index
+from engine.data.datasets import ClassListError, class_index_from, class_key, read_class_index, write_class_index
 from engine.distributed import DistInfo, gather_objects, init_distributed, is_main
 from engine.pretrain import create_model, model_overrides
 from engine.runner import Run, on_rank0, print0, report_paths, setup_run, train_loop
@@ -235,7 +234,7 @@ def _drop_head_of_other_classes(path: str, sd: dict, classes: Optional[Sequence[
         names, _ = class_index_from(json.loads(carried), f"the classes {path} carries")
     except (ValueError, ClassListError):  # unreadable: as a file without a list (SlowFast keeps such a head)
         return None
-    if [unicodedata.normalize("NFC", n) for n in names] == [unicodedata.normalize("NFC", str(c)) for c in classes]:
+    if [class_key(n) for n in names] == [class_key(c) for c in classes]:
         return None  # (the same names, one list spelt in another Unicode form: a macOS copy of the folders)
     for k in head:
         del sd[k]

@@ -391,6 +391,12 @@ def _walk_files(folder: str) -> list[str]:
     return out
 
 
+def class_key(name: str) -> str:
+    """A class name as compared (Unicode NFC): a name spelt in decomposed form, as macOS copies
+    write it, is the same class."""
+    return unicodedata.normalize("NFC", str(name))
+
+
 def scan_class_folders(root: str, extensions: tuple[str, ...],
                        classes: Optional[Sequence[str]] = None, *, images: bool = False) -> Dataset:
     """List ``root/<class>/**/<file>`` with a recognised extension (``images``: an image folder, whose
@@ -412,9 +418,8 @@ def scan_class_folders(root: str, extensions: tuple[str, ...],
     index = {n: i for i, n in enumerate(names)}
     if classes is not None:
         # a name spelt in another Unicode form (a split copied on macOS: NFD) is the same class
-        nfc = {unicodedata.normalize("NFC", n): i for i, n in enumerate(names)}
-        index.update({d: nfc[unicodedata.normalize("NFC", d)] for d in folders
-                      if d not in index and unicodedata.normalize("NFC", d) in nfc})
+        nfc = {class_key(n): i for i, n in enumerate(names)}
+        index.update({d: nfc[class_key(d)] for d in folders if d not in index and class_key(d) in nfc})
         unknown = [d for d in folders if d not in index]
         if unknown:
             raise ClassListError(
