@@ -116,14 +116,36 @@ def check_input_geometry(cfg: Config) -> None:
     from models.masking import make_masks
 
     with torch.device("meta"):
-        model = build_pretrain_model(cfg)
+        try:
+            model = build_pretrain_model(cfg)
+        except ValueError as e:  # MaskFeat's own checks: e.g. a pretrain_depth whose output stride misses the cell
+            raise ConfigError(f"model.name={cfg.model.name} with model.overrides: {e}") from None
     crop, frames = cfg.data.crop_size, cfg.data.num_frames
     image = cfg.data.dataset == "image_folder"
     p, ts = model.feat_stride[1], model.temporal_stride
-    fix = f"(e.g. data.crop_size={max(32, round(crop / 32) * 32)}; the recipes use 224)"
+
+    def mask_error(c: int) -> Optional[str]:
+        grid = model.mask_grid(*((c, c) if image else (frames, c, c)))
+        try:
+            make_masks(cfg.mask.kind, 1, tuple(grid), cfg.mask.ratio, np.random.default_rng(0))
+        except ValueError as e:
+            return str(e)
+        return None
+
+    def fix(err: str = "") -> str:
+        # the crop nearest to this one (a multiple of the stride; the smaller of two) whose token grid can be
+        # masked; a ratio that masks nothing can also be raised, and is the only fix when no crop up to 4x
+        # this one helps (frame masking: too few temporal slices for the ratio)
+        ratio = f"raise mask.ratio{'' if image or cfg.mask.kind != 'frame' else ' or data.num_frames'}"
+        ok = [c for c in range(p, max(4 * crop, 16 * p) + 1, p) if c != crop and mask_error(c) is None]
+        if not ok:
+            return f"({ratio})"
+        crop_fix = f"e.g. data.crop_size={min(ok, key=lambda c: (abs(c - crop), c))}; the recipes use 224"
+        return f"({ratio}, or {crop_fix})" if err.startswith("ratio") else f"({crop_fix})"
+
     if crop % p:
         raise ConfigError(f"data.crop_size={crop} is not a multiple of {cfg.model.name}'s output-token stride {p}: "
-                          f"the {'HOG' if model.target == 'hog' else model.target} targets cover {p}x{p} patches {fix}")
+                          f"the {'HOG' if model.target == 'hog' else model.target} targets cover {p}x{p} patches {fix()}")
     if not image and frames % ts:
         raise ConfigError(f"data.num_frames={frames} is not a multiple of the temporal stride {ts} of "
                           f"{cfg.model.name}")
@@ -135,12 +157,10 @@ def check_input_geometry(cfg: Config) -> None:
             check_hog_args((1, 3, crop, crop), p, o["cell"], o["nbins"], o["gaussian_window"], o["norm"])
         except ValueError as e:
             raise ConfigError(f"data.crop_size={crop} with the HOG options of model.overrides: {e}") from None
-    grid = model.mask_grid(*((crop, crop) if image else (frames, crop, crop)))
-    try:
-        make_masks(cfg.mask.kind, 1, tuple(grid), cfg.mask.ratio, np.random.default_rng(0))
-    except ValueError as e:
+    err = mask_error(crop)
+    if err:
         where = f"data.crop_size={crop}" + ("" if image else f", data.num_frames={frames}")
-        raise ConfigError(f"{where}: {e} {fix}") from None
+        raise ConfigError(f"{where}: {err} {fix(err)}")
 
 
 def run_pretrain(cfg: Config, resume: Optional[str] = None) -> dict:

@@ -106,6 +106,16 @@ def test_input_geometry_the_targets_or_masks_cannot_take_is_a_config_error_befor
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"crop_size=80.*divisible by 2.*grid \(4, 5, 5\).*crop_size=64"):
         run_pretrain(load_config(demo, ["data.crop_size=80", f"train.output_dir={out}"]))
+    # the hint names a crop that works (it named the failing 32, and 64 for a ratio the crop cannot fix)
+    with pytest.raises(ConfigError, match=r"crop_size=32, .*unit grid \(1, 1\).*\(e\.g\. data\.crop_size=64;"):
+        check_input_geometry(load_config(demo, ["data.crop_size=32"]))
+    with pytest.raises(ConfigError, match=r"masks nothing on 4 temporal slices .*\(raise mask.ratio or data.num_frames\)$"):
+        check_input_geometry(load_config(demo, ["mask.kind=frame", "mask.ratio=0.1"]))
+    with pytest.raises(ConfigError, match=r"ratio 0.1 masks nothing .*\(raise mask.ratio, or e\.g\. data\.crop_size=96;"):
+        check_input_geometry(load_config(demo, ["mask.kind=tube", "mask.ratio=0.1"]))
+    # MaskFeat's own refusal is a config error too (it was a ValueError traceback, exit 1)
+    with pytest.raises(ConfigError, match=r"model.overrides: output stride 4 is not a multiple of the HOG cell 8"):
+        run_pretrain(load_config(demo, ["model.overrides={pretrain_depth: 0}", f"train.output_dir={out}"]))
     # a HOG window that does not tile the crop (raised in the first step's targets, after
     # train.overwrite had cleared the previous run), and a window of 1 (no Gaussian at all)
     with pytest.raises(ConfigError, match=r"crop_size=64 .*multiples of gaussian_window=48"):
