@@ -18,6 +18,8 @@ DATASETS = ("demo", "kinetics", "folder", "image_folder")
 READERS = ("auto", "gpu", "cpu", "pyav")
 BAD_FILE_POLICIES = ("error", "skip")
 SHORT_VIDEO_POLICIES = ("pad", "bad")
+# the video loader seeds DALI (a signed 64-bit seed) with seed * 1000003 + epoch * 1009 + batch + rank * 7919
+MAX_DATA_SEED = (2**63 - 2**40) // 1000003
 
 
 @dataclass
@@ -44,7 +46,9 @@ class DataConfig:
     """Output spatial size (H = W)."""
     short_side: int = 320
     """Decode short side: PyAV frames larger than this are scaled down while decoding; the
-    crop window is relative, so the result equals scale-then-crop (one resize instead of two)."""
+    crop window is relative, so the result equals scale-then-crop (one resize instead of two).
+    Never below what the crops take (:meth:`decode_short_side`: 352 px crops decode at 403), so no
+    reader upsamples a frame the DALI readers (full resolution) would not."""
     train_scale: tuple[float, float] = (0.5, 1.0)
     """RandomResizedCrop area fraction range in pre-training."""
     train_ratio: tuple[float, float] = (0.75, 1.3333)
@@ -162,8 +166,16 @@ class DataConfig:
         for name in ("clips_per_epoch", "rand_augment_n", "validation_workers", "seed"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        if self.seed > MAX_DATA_SEED:  # DALI's seed is a signed 64-bit integer: seed * 1000003 + ... (loader)
+            raise ValueError(f"data.seed must be at most {MAX_DATA_SEED}, got {self.seed}")
         if not 0 <= self.rand_augment_m <= 10:
             raise ValueError(f"data.rand_augment_m must be in [0, 10], got {self.rand_augment_m}")
+
+    def decode_short_side(self) -> int:
+        """PyAV's decode short side: ``short_side``, raised to ``ceil(crop_size / test_crop_fraction)``
+        when smaller (the 1-crop test view and full-frame training crops would otherwise be
+        upsampled from frames decoded smaller than the crop)."""
+        return max(self.short_side, math.ceil(self.crop_size / self.test_crop_fraction - 1e-9))
 
     def clip_extent(self, fps: float) -> int:
         """Source frames one clip covers in a file at ``fps``: ``floor((T-1)*step) + 1``."""

@@ -386,7 +386,7 @@ class VideoLoader:
             if path in culprits:
                 continue
             try:
-                decode_clip_pyav(path, spec.frames, self.cfg.short_side, timeline=self.infos[spec.index].timeline)
+                decode_clip_pyav(path, spec.frames, self.cfg.decode_short_side(), timeline=self.infos[spec.index].timeline)
             except Exception as e:  # FFmpeg raises many error types for corrupt data
                 culprits[path] = f"{type(e).__name__}: {e}"
         if not culprits:
@@ -432,7 +432,7 @@ class VideoLoader:
             return
         decode = self.reader
         train = self.shuffle
-        feeder = Feeder(batches, self.dataset.paths, decode, self.cfg.short_side,
+        feeder = Feeder(batches, self.dataset.paths, decode, self.cfg.decode_short_side(),
                         workers=self.cfg.num_threads, depth=self.cfg.prefetch,
                         rotations=[i.rotation for i in self.infos],
                         timelines=[i.timeline for i in self.infos],

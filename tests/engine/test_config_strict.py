@@ -66,6 +66,7 @@ def test_non_finite_floats_are_rejected_naming_the_field(override):
     ("data.rand_augment_n=-1", r"data.rand_augment_n must be >= 0"),
     ("data.validation_workers=-2", r"data.validation_workers must be >= 0"),
     ("data.seed=-1", r"data.seed must be >= 0"),
+    ("data.seed=9300000000000", r"data.seed must be at most 9223\d+, got 9300000000000"),  # (DALI's int64 seed)
     ("data.short_videos=skip", r"data.short_videos='skip': expected one of \('pad', 'bad'\)"),
     ("train.seed=-1", r"train.seed must be >= 0"),
     ("train.seed=18446744073709551616", r"train.seed must be at most 18446744073708"),

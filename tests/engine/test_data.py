@@ -163,6 +163,22 @@ def test_list_dataset_bad_files_error_or_skip(clips, tmp_path):
     assert check.reader == "pyav"  # auto on CPU
 
 
+def test_pyav_decodes_no_smaller_than_the_crops_take(clips, monkeypatch):
+    """PyAV decodes at ``short_side``, raised to ``ceil(crop / test_crop_fraction)``: a 352 px crop with
+    the recipes' 320 used to upsample every full-frame crop and the 1-crop test view, while the DALI
+    readers (full resolution) did not."""
+    import engine.data.pipeline as P
+
+    assert DataConfig(crop_size=352, short_side=320).decode_short_side() == 403
+    assert DataConfig(crop_size=224, short_side=320).decode_short_side() == 320
+    assert DataConfig(crop_size=224, short_side=128, test_crop_fraction=0.875).decode_short_side() == 256
+    sides = []
+    real = P.decode_clip_pyav
+    monkeypatch.setattr(P, "decode_clip_pyav", lambda *a, **k: sides.append(a[2]) or real(*a, **k))
+    next(iter(build_loader(cfg_for(clips["folder_h264"], short_side=16, batch_size=2), "train")))
+    assert sides and set(sides) == {37}  # ceil(32 / 0.875)
+
+
 # ---- loader: pre-training ----------------------------------------------------------------------
 def test_folder_dataset_pretrain_end_to_end(clips, tmp_path, monkeypatch):
     import engine.data.pipeline as P
