@@ -22,6 +22,7 @@ from kernels.hog.reference import (
     check_hog_args,
     hog_reference,
     hog_targets_reference,
+    is_int,
     tokens_to_cells,
 )
 from kernels.hog.triton_hog import SUPPORTED_DTYPES, hog_targets_triton
@@ -71,7 +72,7 @@ def hog_targets(
     L = (H/token_stride) * (W/token_stride) tokens in raster order; D = 3 * nbins * (token_stride/cell)^2
     with index ((c*nbins + bin)*s + cy)*s + cx, s = token_stride / cell.
     """
-    check_hog_args(tuple(frames.shape), token_stride, cell, nbins, gaussian_window, norm)
+    check_hog_args(tuple(frames.shape), token_stride, cell, nbins, gaussian_window, norm, signed)
     if _resolve_backend(backend, frames, cell) == "reference":
         return hog_targets_reference(
             frames, token_stride, cell=cell, nbins=nbins, gaussian_window=gaussian_window, signed=signed, norm=norm
@@ -100,7 +101,10 @@ def video_hog_targets(
     """
     if clip.dim() != 5:
         raise ValueError(f"video_hog_targets expects a clip (B, C, T, H, W), got shape {tuple(clip.shape)}")
-    if not isinstance(temporal_stride, int) or temporal_stride < 1:
+    if clip.shape[1] != 3:  # (the frames' check named the (B*T', C, H, W) shape it builds, not this one)
+        hint = "; a (B, T, C, H, W) clip: pass clip.transpose(1, 2)" if clip.shape[2] == 3 else ""
+        raise ValueError(f"video_hog_targets expects a clip (B, 3, T, H, W), got shape {tuple(clip.shape)}{hint}")
+    if not is_int(temporal_stride) or temporal_stride < 1:
         raise ValueError(f"temporal_stride must be a positive int, got {temporal_stride!r}")
     unknown = set(kwargs) - {"cell", "nbins", "gaussian_window", "signed", "norm", "backend"}
     if unknown:
@@ -111,7 +115,8 @@ def video_hog_targets(
     opts = {"cell": 8, "nbins": 9, "gaussian_window": 0, "signed": False, "norm": "cell_l2"}
     opts.update({k: v for k, v in kwargs.items() if k != "backend"})
     check_hog_args(
-        (bsz * tp, c, h, w), token_stride, opts["cell"], opts["nbins"], opts["gaussian_window"], opts["norm"]
+        (bsz * tp, c, h, w), token_stride, opts["cell"], opts["nbins"], opts["gaussian_window"], opts["norm"],
+        opts["signed"],
     )
     if _resolve_backend(kwargs.get("backend", "auto"), clip, opts["cell"]) == "reference":
         out = hog_targets_reference(frames.reshape(bsz * tp, c, h, w), token_stride, **opts)

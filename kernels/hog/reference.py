@@ -60,6 +60,11 @@ L2_EPS = 1e-12  # F.normalize's eps, as in the official code
 L2HYS_CLIP = 0.2
 
 
+def is_int(v) -> bool:
+    """A Python int that is not a bool (``cell=True`` passed the checks and failed inside the kernels)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def check_hog_args(
     shape: tuple[int, ...],
     token_stride: int | None,
@@ -67,6 +72,7 @@ def check_hog_args(
     nbins: int,
     gaussian_window: int,
     norm: str,
+    signed: bool = False,
 ) -> None:
     """Raise a clear ValueError for unsupported (N, 3, H, W) shapes or options."""
     if len(shape) != 4:
@@ -74,20 +80,24 @@ def check_hog_args(
     n, c, h, w = shape
     if c != 3:
         raise ValueError(f"HOG expects 3 (RGB) channels in dim 1, got {c} (shape {tuple(shape)})")
-    if not isinstance(cell, int) or cell < 1:
+    if not is_int(cell) or cell < 1:
         raise ValueError(f"cell must be a positive int, got {cell!r}")
-    if not isinstance(nbins, int) or nbins < 2:
+    if not is_int(nbins) or nbins < 2:
         raise ValueError(f"nbins must be an int >= 2, got {nbins!r}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if not isinstance(signed, bool):  # ("no" is truthy: it computed signed HOG)
+        raise ValueError(f"signed must be True or False, got {signed!r}")
     if h % cell or w % cell or h == 0 or w == 0:
         raise ValueError(f"H and W must be positive multiples of cell={cell}, got H={h}, W={w}")
+    if h < 2 or w < 2:  # (cell 1: the reference failed inside torch's padding)
+        raise ValueError(f"HOG's reflect padding needs H, W >= 2, got H={h}, W={w}")
     if token_stride is not None:
-        if not isinstance(token_stride, int) or token_stride < cell or token_stride % cell:
+        if not is_int(token_stride) or token_stride < cell or token_stride % cell:
             raise ValueError(f"token_stride must be a positive multiple of cell={cell}, got {token_stride!r}")
         if h % token_stride or w % token_stride:
             raise ValueError(f"H and W must be multiples of token_stride={token_stride}, got H={h}, W={w}")
-    if not isinstance(gaussian_window, int) or gaussian_window < 0 or gaussian_window == 1:
+    if not is_int(gaussian_window) or gaussian_window < 0 or gaussian_window == 1:
         raise ValueError(f"gaussian_window must be 0 (off) or an int >= 2, got {gaussian_window!r}")
     if gaussian_window and (h % gaussian_window or w % gaussian_window):
         raise ValueError(f"H and W must be multiples of gaussian_window={gaussian_window}, got H={h}, W={w}")
@@ -153,7 +163,7 @@ def hog_reference(
     Runs with autocast disabled, so an enclosing ``torch.autocast`` does not turn the Sobel
     convolution into bf16/fp16 (the target is computed in ``dtype`` regardless).
     """
-    check_hog_args(tuple(frames.shape), None, cell, nbins, gaussian_window, norm)
+    check_hog_args(tuple(frames.shape), None, cell, nbins, gaussian_window, norm, signed)
     with autocast_disabled(frames.device):
         return _hog_reference(frames, cell, nbins, gaussian_window, signed, norm, dtype)
 
@@ -227,7 +237,7 @@ def hog_targets_reference(
 ) -> torch.Tensor:
     """Per-token targets of the reference: frames (N, 3, H, W) -> (N, L, D) in dtype, without gradient
     (targets, like the Triton kernel's)."""
-    check_hog_args(tuple(frames.shape), token_stride, cell, nbins, gaussian_window, norm)
+    check_hog_args(tuple(frames.shape), token_stride, cell, nbins, gaussian_window, norm, signed)
     with torch.no_grad():
         hist = hog_reference(
             frames, cell=cell, nbins=nbins, gaussian_window=gaussian_window, signed=signed, norm=norm, dtype=dtype

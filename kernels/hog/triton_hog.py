@@ -82,7 +82,14 @@ import triton
 import triton.language as tl
 
 from kernels import cdiv, compiling_offline, interpreting, next_pow2, tensor_device
-from kernels.hog.reference import block_l2hys, cells_to_tokens, check_hog_args, gaussian_window_1d, tokens_to_cells
+from kernels.hog.reference import (
+    block_l2hys,
+    cells_to_tokens,
+    check_hog_args,
+    gaussian_window_1d,
+    is_int,
+    tokens_to_cells,
+)
 
 INTERPRETED = interpreting()  # decided when @triton.jit runs below
 VARIANTS = ("cells", "tile")  # kernel variants of hog_targets_triton; "auto" picks "cells" here and "cells-ptx" on CUDA
@@ -499,13 +506,15 @@ def hog_targets_triton(
     if frames.dim() != 5:
         raise ValueError(f"hog_targets_triton expects frames (B, T, 3, H, W), got shape {tuple(frames.shape)}")
     bsz, t, c, h, w = frames.shape
-    check_hog_args((bsz * t, c, h, w), token_stride, cell, nbins, gaussian_window, norm)
+    check_hog_args((bsz * t, c, h, w), token_stride, cell, nbins, gaussian_window, norm, signed)
     if frames.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"triton HOG supports {SUPPORTED_DTYPES}, got {frames.dtype}")
     if cell & (cell - 1):
         raise ValueError(f"triton HOG needs a power-of-two cell, got {cell}")
-    if h < 2 or w < 2:
-        raise ValueError(f"reflect padding needs H, W >= 2, got {h}x{w}")
+    for name, v in (("num_warps", num_warps), ("block_px", block_px), ("max_ch", max_ch)):
+        # (num_warps=3 failed inside the kernel's compile, max_ch=0 with a TypeError in choose_tile)
+        if v is not None and (not is_int(v) or v < 1 or (name == "num_warps" and v & (v - 1))):
+            raise ValueError(f"{name} must be {'a power of two' if name == 'num_warps' else 'an int'} >= 1, got {v!r}")
     if not frames.is_cuda and not INTERPRETED and not compiling_offline():
         raise RuntimeError(
             "backend='triton' on a CPU tensor needs the Triton interpreter: set TRITON_INTERPRET=1 "

@@ -10,7 +10,8 @@ On float64 copies it is the oracle of the tests.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+import numbers
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,17 +21,26 @@ __all__ = ["check_inputs", "depthwise_conv3d_reference", "out_size", "triple"]
 IntOr3 = Union[int, Sequence[int]]
 
 
+def _integer(v) -> Optional[int]:
+    """``v`` as an int when it is an integer (numpy's and 0-d integer tensors too, as ``F.conv3d``
+    takes them), else None; never a bool."""
+    if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.dtype.is_floating_point and v.dtype != torch.bool:
+        return int(v)
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):  # (numpy's bool is not Integral)
+        return int(v)
+    return None
+
+
 def triple(v: IntOr3, name: str) -> tuple[int, int, int]:
     """``v`` as a (t, h, w) tuple of ints (an int stands for all three)."""
-    if isinstance(v, bool):
-        raise ValueError(f"{name} must be an int or 3 ints, got {v!r}")
-    if isinstance(v, int):
-        return (v, v, v)
+    one = _integer(v)
+    if one is not None:
+        return (one, one, one)
     try:
-        out = tuple(v)
+        out = tuple(_integer(e) for e in v)
     except TypeError:
         raise ValueError(f"{name} must be an int or 3 ints, got {v!r}") from None
-    if len(out) != 3 or not all(isinstance(e, int) and not isinstance(e, bool) for e in out):
+    if len(out) != 3 or any(e is None for e in out):
         raise ValueError(f"{name} must be an int or 3 ints, got {v!r}")
     return out  # type: ignore[return-value]
 

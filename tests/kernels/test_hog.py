@@ -496,6 +496,12 @@ def test_reference_under_cpu_autocast_is_fp32_and_unchanged():
         ((1, 3, 32, 32), {"gaussian_window": 1}, "gaussian_window must be"),
         ((1, 3, 32, 32), {"nbins": 1}, "nbins must be"),
         ((1, 3, 8, 8), {"token_stride": 8, "norm": "block_l2hys"}, "at least 2x2 cells"),
+        # a bool is not an int, and "no" is not False (they passed, then failed inside the kernels, or
+        # computed signed HOG); one-pixel frames fail alike in both backends (the reference in torch)
+        ((1, 3, 32, 32), {"cell": True, "token_stride": 2}, "cell must be a positive int"),
+        ((1, 3, 32, 32), {"token_stride": True}, "token_stride must be"),
+        ((1, 3, 32, 32), {"signed": "no"}, "signed must be True or False"),
+        ((1, 3, 1, 4), {"cell": 1, "token_stride": 1}, "reflect padding needs H, W >= 2"),
     ],
 )
 def test_errors(shape, kwargs, match):
@@ -526,6 +532,16 @@ def test_triton_specific_errors():
         video_hog_targets(x)
     with pytest.raises(TypeError, match="unexpected keyword"):
         video_hog_targets(x.unsqueeze(2), bins=9)
+    # a (B, T, C, H, W) clip is named as given (the message showed the (B*T', C, H, W) it built)
+    with pytest.raises(ValueError, match=r"\(B, 3, T, H, W\), got shape \(1, 16, 3, 32, 32\); .*transpose\(1, 2\)"):
+        video_hog_targets(torch.zeros(1, 16, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="temporal_stride must be a positive int, got True"):
+        video_hog_targets(x.unsqueeze(2), temporal_stride=True)
+    for opts, match in (({"num_warps": 3}, "num_warps must be a power of two >= 1"),
+                        ({"variant": "tile", "max_ch": 0}, "max_ch must be an int >= 1"),
+                        ({"variant": "tile", "block_px": 0}, "block_px must be an int >= 1")):
+        with pytest.raises(ValueError, match=match):  # (a compile error / a TypeError in choose_tile)
+            hog_targets_triton(x.unsqueeze(1), 8, **opts)
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):

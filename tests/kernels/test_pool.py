@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -282,6 +283,19 @@ def test_bad_inputs_raise_value_error(case):
     kw.setdefault("backend", "triton")
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
         depthwise_conv3d(**kw)
+
+
+def test_numpy_and_tensor_integers_are_strides_as_in_conv3d():
+    """``F.conv3d`` takes numpy and 0-d tensor integers as strides/padding; so do our backends (they
+    were refused as "not an int")."""
+    x, w = torch.randn(1, 4, 3, 6, 6), torch.randn(4, 1, 3, 3, 3)
+    want = F.conv3d(x, w, None, (1, 2, 2), 1, 1, 4)
+    for backend in ("torch", "triton"):
+        for stride, pad in ((torch.tensor([1, 2, 2]), np.int64(1)), ((1, np.int64(2), 2), torch.tensor(1))):
+            torch.testing.assert_close(depthwise_conv3d(x, w, stride, pad, backend=backend), want)
+    for bad in (True, np.bool_(True), 2.0):
+        with pytest.raises(ValueError, match="stride must be an int or 3 ints"):
+            depthwise_conv3d(x, w, bad, 1, backend="torch")
 
 
 def test_torch_backend_checks_too():

@@ -159,14 +159,23 @@ def test_tables_rounded_to_q_dtype_first():
         base = (torch.rand(rel_table_len(q_thw[a], k_thw[a]), 24, generator=g) + 0.5).to(torch.float16)
         ulp = torch.nextafter(base, torch.full_like(base, 2.0)).float() - base.float()
         tables.append(base.float() + 0.45 * ulp)  # fp32, rounds back to `base`
+    q.requires_grad_(True)
     got = rel_matrix_triton(q, q_thw, k_thw, *tables, True)
+    dr = torch.rand(got.shape, generator=g).to(torch.float16)  # positive: the table offsets add up in dq
+    (dq,) = torch.autograd.grad(got, q, dr)
 
     def exact(tabs):
-        return rel_matrix(q.double(), q_thw, k_thw, *[t.double() for t in tabs], True).to(torch.float16)
+        q64 = q.detach().double().requires_grad_(True)
+        r = rel_matrix(q64, q_thw, k_thw, *[t.double() for t in tabs], True)
+        (dq64,) = torch.autograd.grad(r, q64, dr.double())
+        return r.detach().to(torch.float16), dq64.to(torch.float16)
 
     rounded, unrounded = exact([t.to(torch.float16) for t in tables]), exact(tables)
-    assert (rounded != unrounded).float().mean() > 0.2  # the test can tell the two apart
-    assert (got == rounded).float().mean() > 0.97
+    # dq too: its fp32 copy of the tables must hold them rounded (a mutation storing them unrounded
+    # passed the fp16 gradient checks, whose tolerance is wider than one rounding)
+    for i, what in enumerate(("R", "dq")):
+        assert (rounded[i] != unrounded[i]).float().mean() > 0.2, what  # the test can tell the two apart
+        assert (got.detach() if i == 0 else dq).eq(rounded[i]).float().mean() > 0.97, what
 
 
 def test_temporal_table_with_single_frame():
