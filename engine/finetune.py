@@ -392,10 +392,13 @@ def run_finetune(cfg: Config, resume: Optional[str] = None) -> dict:
         state["classes"] = list(train_loader.class_names)
         state["write"] = getattr(train_loader, "rank", 0) == 0
         mixing = ft.mixup_prob > 0 and (ft.mixup_alpha > 0 or ft.cutmix_alpha > 0)
-        if state["write"] and cfg.data.batch_size == 1 and mixing:
-            log.warning("mixup/cutmix pair each clip with the batch flipped: with data.batch_size=1 (one video per "
-                        "GPU) a clip is mixed with itself or its own repeat, so nothing is mixed (as in SlowFast); "
-                        "raise data.batch_size or set finetune.mixup_prob=0")  # (once: rank 0)
+        b = cfg.data.batch_size
+        if state["write"] and b % 2 and mixing:  # (once: rank 0)
+            what = ("(one video per GPU) a clip is mixed with itself or its own repeat, so nothing is mixed" if b == 1
+                    else f"the middle video of each batch is mixed with itself or its own repeat: 1 in {b} is never "
+                         "mixed")
+            log.warning(f"mixup/cutmix pair each clip with the batch flipped: with data.batch_size={b} {what} (as in "
+                        f"SlowFast); use an even data.batch_size{'' if b > 1 else ' or set finetune.mixup_prob=0'}")
         if other_run:  # its classes must be these (the head's outputs)
             sync_class_index(source_run, state["classes"], state["K"], resuming=True, write=False)
         else:

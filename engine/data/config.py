@@ -111,6 +111,10 @@ class DataConfig:
     test_crop_fraction: float = 0.875
     """Test with 1 crop: the centre square's side as a fraction of the short side (SlowFast scales
     the short side to 256 and crops 224: 0.875). 3 crops always take the whole short side."""
+    eval_batch_size: int = 0
+    """Test: views (clips, or images) per batch per rank; 0 = ``batch_size``. Evaluation keeps no
+    activations for a backward, so it takes several times the training batch (SlowFast's
+    TEST.BATCH_SIZE 64 on 8 GPUs: 8 per GPU, where the S recipe trains 2 videos per GPU)."""
     seed: int = 0
     """Seed of shuffling, clip windows and augmentation parameters."""
     extensions: tuple[str, ...] = field(default=KNOWN_VIDEO_EXTENSIONS)
@@ -163,13 +167,17 @@ class DataConfig:
             raise ValueError(f"data.mean={self.mean} / data.std={self.std}: these are statistics of pixels in [0, 1] "
                              "(mean in [0, 1], std in (0, 1]); values in 0-255 units (mmaction2/mmpretrain style) "
                              "must be divided by 255")
-        for name in ("clips_per_epoch", "rand_augment_n", "validation_workers", "seed"):
+        for name in ("clips_per_epoch", "rand_augment_n", "validation_workers", "seed", "eval_batch_size"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.seed > MAX_DATA_SEED:  # DALI's seed is a signed 64-bit integer: seed * 1000003 + ... (loader)
             raise ValueError(f"data.seed must be at most {MAX_DATA_SEED}, got {self.seed}")
         if not 0 <= self.rand_augment_m <= 10:
             raise ValueError(f"data.rand_augment_m must be in [0, 10], got {self.rand_augment_m}")
+
+    def batch_for(self, mode: str) -> int:
+        """Positions per batch per rank in ``mode`` (``eval_batch_size`` in test mode when set)."""
+        return (self.eval_batch_size or self.batch_size) if mode == "test" else self.batch_size
 
     def decode_short_side(self) -> int:
         """PyAV's decode short side: ``short_side``, raised to ``ceil(crop_size / test_crop_fraction)``

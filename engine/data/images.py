@@ -375,7 +375,7 @@ class ImageLoader:
         return self.cfg.clips_per_epoch if (self.train and self.cfg.clips_per_epoch) else len(self.dataset)
 
     def _positions(self) -> list[list[tuple[int, bool]]]:
-        return shard_positions(self.epoch_length(), self.rank, self.world_size, self.cfg.batch_size,
+        return shard_positions(self.epoch_length(), self.rank, self.world_size, self.cfg.batch_for(self.mode),
                                self.cfg.drop_last and self.mode != "test")  # every test view is evaluated
 
     def _spec(self, i: int, epoch: int, pos: int, valid: bool, key: Sequence[int] = ()) -> ClipSpec:

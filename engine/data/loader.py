@@ -332,7 +332,8 @@ class VideoLoader:
 
     def _positions(self) -> list[list[tuple[int, bool]]]:
         # test mode evaluates every view: never drop, pad the last batch (valid=False) instead
-        return shard_positions(self.epoch_length(), self.rank, self.world_size, self.cfg.batch_size,
+        return shard_positions(self.epoch_length(), self.rank, self.world_size,
+                               self.cfg.batch_for("test" if self.test_views else "train"),
                                self.cfg.drop_last and not self.test_views)
 
     def plan(self, epoch: int) -> "EpochPlan":

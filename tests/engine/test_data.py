@@ -236,6 +236,23 @@ def test_cpu_decoder_and_pyav_paths_agree(clips):
     assert (red_cpu - red_pyav).abs().max() < 0.05  # same frames (one frame step = 0.1 here)
 
 
+def test_eval_batch_size_sets_the_test_batch_only(clips):
+    """``data.eval_batch_size``: the test views in batches of that size, the same views in the same order
+    (evaluation used the training batch: 2 videos per GPU in the S recipe); training keeps ``batch_size``."""
+    root = clips["folder_h264"]
+    base = build_loader(cfg_for(root, reader="pyav", num_clips=2), "val", mode="test")
+    big = build_loader(cfg_for(root, reader="pyav", num_clips=2, eval_batch_size=7), "val", mode="test")
+    assert (len(base), len(big)) == (5, 3)  # 9 videos x 2 views = 18: batches of 4, and of 7 (3 padded)
+    got = {}
+    for name, loader in (("base", base), ("big", big)):
+        bs = list(loader)
+        assert {len(b["index"]) for b in bs} == {loader.cfg.batch_for("test")}
+        ok = torch.cat([b["valid"] for b in bs])
+        got[name] = (torch.cat([b["video"] for b in bs])[ok], torch.cat([b["index"] for b in bs])[ok])
+    assert torch.equal(got["base"][1], got["big"][1]) and torch.equal(got["base"][0], got["big"][0])
+    assert len(build_loader(cfg_for(root, reader="pyav", eval_batch_size=7), "train")) == 3  # 9 / 4
+
+
 def _ramp_clips(folder: str, n: int = 12) -> None:
     """One class of 2 VP9 clips whose red rises along x and green along y (0 to 255 across the frame)."""
     x, y = np.meshgrid(np.arange(W), np.arange(H))

@@ -220,6 +220,7 @@ def test_every_format_dali_decodes_is_listed_and_loads(tmp_path):
     assert sorted(os.path.basename(p) for p in loader.dataset.paths) == sorted(names + ["g.pgm"])
     out = next(iter(loader))["image"]
     assert out.shape == (6, 3, 16, 16)
+    assert len(build_loader(cfg_for(tmp_path, batch_size=1, eval_batch_size=6), "train", mode="test")) == 1
     colour = [i for i, p in enumerate(loader.dataset.paths) if not p.endswith((".jpg", ".pgm"))]
     assert len(colour) == 4
     for i in colour:  # the lossless colour files decode to the same pixels
