@@ -231,6 +231,12 @@ def test_two_ranks_zero_1_2_3_pretrain_export_finetune(env, tmp_path):
         assert r["world"] == 2
         assert r["eval"]["videos"] == 3 and r["eval"]["views"] == 6  # 3 demo videos x 2 clips
         assert 0 <= r["eval"]["top1"] <= r["eval"]["top5"] <= 100
+        if stage == 1:  # the same weights evaluated in one process: the same per-video probabilities
+            _run([sys.executable, "-m", "engine", "eval", "-c", TINY, f"train.output_dir={out}/ft", "data.num_clips=2",
+                  "--checkpoint", f"{out}/ft", "--save-predictions"], env)
+            one, two = (np.load(os.path.join(out, f)) for f in ("ft/eval.predictions.npz", "predictions_2ranks.npz"))
+            assert np.array_equal(one["video"], two["video"]) and len(one["video"]) == 3
+            np.testing.assert_allclose(two["probs"], one["probs"], rtol=1e-5, atol=1e-6)
         assert os.path.isdir(os.path.join(out, "ft", "checkpoints", "best"))
         shards = os.listdir(os.path.join(out, "pre", "checkpoints", "step00000003"))
         assert any("zero_pp_rank_1" in s for s in shards), shards  # really partitioned over 2 ranks
