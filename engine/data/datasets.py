@@ -391,6 +391,21 @@ def _walk_files(folder: str) -> list[str]:
     return out
 
 
+def warn_loose_files(folder: str, extensions: tuple[str, ...], where: str) -> list[str]:
+    """Log a warning naming the files of ``extensions`` lying directly in ``folder`` (beside its class or
+    split folders, where no listing reads them: a mostly flat folder with one sub-folder trained on that
+    sub-folder alone, silently); returns them."""
+    try:
+        loose = sorted(f for f in os.listdir(folder) if not f.startswith(".") and f.lower().endswith(extensions)
+                       and os.path.isfile(os.path.join(folder, f)))
+    except OSError:
+        return []
+    if loose:
+        log.warning("%s: %d file(s) directly in it are not read (%s): only files under %s are; move them into one",
+                    folder, len(loose), _short(loose, 5), where)
+    return loose
+
+
 def class_key(name: str) -> str:
     """A class name as compared (Unicode NFC): a name spelt in decomposed form, as macOS copies
     write it, is the same class."""
@@ -427,6 +442,7 @@ def scan_class_folders(root: str, extensions: tuple[str, ...],
                 f"({len(names)} classes: {_short(names)}); the model has no output for them. Remove or "
                 f"rename them, or fine-tune on a training split that has them")
     exts = tuple(e.lower() for e in extensions)
+    warn_loose_files(root, exts, "its class folders")
     paths: list[str] = []
     labels: list[int] = []
     left_out: collections.Counter[str] = collections.Counter()  # extension -> files not listed
@@ -576,7 +592,10 @@ def load_dataset(dataset: str, root: str, split: str, extensions: tuple[str, ...
                                         "videos set data.dataset=folder (image_folder for images)") from None
             raise
     if dataset == "folder":
-        return scan_class_folders(split_folder(root, split), extensions, classes)
+        folder = split_folder(root, split)
+        if folder != root:
+            warn_loose_files(root, tuple(e.lower() for e in extensions), "its split folders")
+        return scan_class_folders(folder, extensions, classes)
     if dataset == "image_folder":
         sub = os.path.join(root, split)
         if not os.path.isdir(sub):

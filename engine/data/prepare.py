@@ -68,7 +68,7 @@ import numpy as np
 
 from .config import DataConfig
 from .datasets import (KNOWN_VIDEO_EXTENSIONS, Dataset, check_no_split_lookalikes, empty_classes, read_list_file,
-                       scan_class_folders, subfolders, write_class_index, write_list_file)
+                       scan_class_folders, subfolders, warn_loose_files, write_class_index, write_list_file)
 from .errors import DataError
 from .probe import (NVDEC_MIN_SIZE, ValidationReport, decoded_frames, frame_rotation, is_cover_art, not_regular_file,
                     probe_video, validate_files)
@@ -270,6 +270,7 @@ def _split_folder_listings(src: str, splits: list[str], extensions: tuple[str, .
     """``SRC/<split>/<class>/<video>``: one listing per split, numbered by the reference split's
     (train's) class folders; a class folder the reference split lacks is a ClassListError."""
     ref = "train" if "train" in splits else splits[0]
+    warn_loose_files(src, tuple(e.lower() for e in extensions), "its split folders")
     found = {ref: scan_class_folders(os.path.join(src, ref), extensions)}
     names = found[ref].class_names
     for s in splits:

@@ -108,6 +108,29 @@ def test_list_labels_out_of_range_name_file_and_line(tmp_path):
     assert load_dataset("kinetics", str(tmp_path), "val", EXT, classes=["x", "y", "z"]).labels == [0, 2]
 
 
+def test_videos_beside_the_class_or_split_folders_are_named_in_a_warning(tmp_path, caplog):
+    """Videos lying directly in the root (or in a split folder) beside the class folders are read by no
+    listing: a mostly flat folder with one class folder trained on that folder alone, without a word."""
+    flat = touch_tree(tmp_path / "f", {"": {"cats": 1}})
+    for name in ("loose1.mp4", "Loose2.MP4", "notes.txt"):
+        open(os.path.join(flat, name), "w").close()
+    split = touch_tree(tmp_path / "s", {"train": {"cats": 1}, "val": {"cats": 1}})
+    open(os.path.join(split, "top.mp4"), "w").close()
+    open(os.path.join(split, "train", "in_train.mp4"), "w").close()
+    with caplog.at_level(logging.WARNING, logger="engine.data.datasets"):
+        assert len(load_dataset("folder", flat, "train", EXT).paths) == 1
+        assert len(load_dataset("folder", split, "train", EXT).paths) == 1
+        before_val = len(caplog.records)
+        load_dataset("folder", split, "val", EXT)
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"{flat}: 2 file(s) directly in it are not read (Loose2.MP4, loose1.mp4): only files "
+                            "under its class folders are") for m in said), said
+    assert any(f"{split}: 1 file(s) directly in it are not read (top.mp4): only files under its split folders"
+               in m for m in said), said
+    assert any(f"train: 1 file(s) directly in it are not read (in_train.mp4)" in m for m in said), said
+    assert len(caplog.records) == before_val + 1  # val: only the root's (its own folder has none)
+
+
 def test_missing_split_folder_is_an_error_unless_no_split_folders_exist(tmp_path, caplog):
     root = touch_tree(tmp_path / "a", {"train": {"cat": 1, "dog": 1}})
     with pytest.raises(FileNotFoundError, match=r"a/val not found; the split folders present are \['train'\]"):
