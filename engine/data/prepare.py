@@ -32,7 +32,8 @@ keep their names) and reported; two sources that would get the same output name 
 and ``a_b.mp4``, or ``v.mp4`` and ``v.avi``) are a data error. Work runs in a process pool with a
 tqdm bar on a terminal, a progress line a minute elsewhere (a SLURM log); outputs are written under a temporary name and renamed (no temporary file is left on
 failure; those of a process killed by a signal are removed at the next run), and existing
-outputs are skipped, so an interrupted run resumes. Ctrl-C cancels the videos not started (exit
+outputs are skipped, so an interrupted run resumes (with the same settings: ``DST/.prepare.json``
+records them, and a run with others over existing outputs is a data error, not a mixed dataset). Ctrl-C cancels the videos not started (exit
 130). A worker process that dies (the OOM killer, a crash in FFmpeg) does not stop the run: the
 others go on in a new pool, and the file whose process dies again alone is reported as failed.
 DST must be writable (a data error before any encoding). ``--check`` only
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import logging
 import os
 import re
 import shutil
@@ -72,6 +74,8 @@ from .datasets import (KNOWN_VIDEO_EXTENSIONS, Dataset, check_no_split_lookalike
 from .errors import DataError
 from .probe import (NVDEC_MIN_SIZE, ValidationReport, decoded_frames, frame_rotation, is_cover_art, not_regular_file,
                     probe_video, validate_files)
+
+log = logging.getLogger(__name__)
 
 CODECS = {"vp9": ("libvpx-vp9", "webm", ".webm"), "h264": ("libx264", "mp4", ".mp4")}
 VIDEO_EXTENSIONS = KNOWN_VIDEO_EXTENSIONS
@@ -376,6 +380,8 @@ def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int =
     problem = folder_write_problem(dst)  # (every file used to be tried, then the lists' write failed)
     if problem:
         raise DataError(f"DST {dst} cannot be written ({problem}): choose a writable output folder")
+    check_settings(dst, {"codec": codec, "short_side": short_side, "fps": fps, "gop": gop},
+                   existing=len(mapping) - len(todo))
     remove_stale_parts(dst)
     if todo:
         from engine.logging import work_progress
@@ -399,6 +405,46 @@ def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int =
             shutil.copyfile(os.path.join(src, extra), os.path.join(dst, extra))
     write_class_index(os.path.join(dst, "classes.json"), result.class_names)
     return result
+
+
+SETTINGS_FILE = ".prepare.json"
+"""In DST: the encoding settings of its videos (codec, short side, fps, GOP), compared by each run."""
+
+
+def check_settings(dst: str, settings: dict[str, Any], existing: int) -> None:
+    """Record ``settings`` in ``DST/.prepare.json``, or compare them with those recorded there: a run
+    with other settings would skip the ``existing`` outputs (their names are taken) and mix two
+    encodings silently (a re-run at ``--short-side 403`` kept every 320 px video). DataError then. A
+    DST with outputs and no record (an older version's) is left unrecorded: its settings are unknown."""
+    import json
+
+    path = os.path.join(dst, SETTINGS_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        saved = None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is unreadable ({e}): delete it if DST's videos are to be kept as they are") from e
+    if saved is not None and not isinstance(saved, dict):
+        raise DataError(f"{path} is not a settings record: delete it if DST's videos are to be kept as they are")
+    if saved is not None:
+        other = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if not other:
+            return
+        if existing:
+            said = ", ".join(f"{k} {a} (now {b})" for k, (a, b) in sorted(other.items()))
+            raise DataError(f"DST {dst} holds videos prepared with other settings: {said}. Existing outputs are "
+                            "skipped, so the dataset would mix both: use a new DST, re-run with the recorded "
+                            f"settings, or delete DST's videos and {SETTINGS_FILE}")
+    elif existing:
+        log.warning("DST %s holds %d output(s) of an earlier prepare that recorded no settings: they are kept as "
+                    "they are, whatever their encoding", dst, existing)
+        return
+    from engine.checkpoint import write_text_atomic
+
+    os.makedirs(dst, exist_ok=True)
+    write_text_atomic(path, json.dumps(settings, sort_keys=True))
 
 
 def _run_jobs(todo: list, workers: int, failures: dict[str, str], bar) -> tuple[int, list]:

@@ -24,7 +24,7 @@ import pytest
 from engine import cli
 from engine.data.datasets import load_dataset, read_list_file
 from engine.data.errors import DataError
-from engine.data.prepare import encode_video, prepare_dataset, prepare_main
+from engine.data.prepare import SETTINGS_FILE, encode_video, prepare_dataset, prepare_main
 from engine.data.probe import probe_video
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,7 +60,9 @@ def red_levels(path: str) -> list[int]:
 
 
 def all_files(root) -> list[str]:
-    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+    """Files under ``root`` (relative), but prepare's settings record."""
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
+                  if f != SETTINGS_FILE)
 
 
 FAST = ["--short-side", "16", "--workers", "2", "--gop", "4"]
@@ -126,6 +128,24 @@ def test_whitespace_in_names_becomes_underscore_and_lists_read_back(tmp_path, ca
     assert ds.class_names == ["my class", "other"] and ds.labels == [0, 1]  # class names keep their spaces
     assert all(os.path.isfile(p) for p in ds.paths)
     assert os.path.isfile(src / "my class" / "clip one.mkv")  # sources keep their names
+
+
+def test_a_rerun_with_other_settings_over_existing_outputs_is_a_data_error(tmp_path, capsys):
+    """DST records its encoding settings; a re-run with others skipped the existing outputs (their names
+    were taken) and reported success: a re-run at --short-side 403 kept every 320 px video."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_clip(str(src / "a" / "v.mkv"))
+    assert prepare_main([str(src), str(dst), *FAST]) == 0
+    assert json.loads((dst / SETTINGS_FILE).read_text()) == {"codec": "vp9", "fps": 0.0, "gop": 4, "short_side": 16}
+    assert prepare_main([str(src), str(dst), *FAST]) == 0  # the same settings: a resume
+    capsys.readouterr()
+    assert prepare_main([str(src), str(dst), *FAST, "--short-side", "24", "--fps", "10"]) == 5
+    err = capsys.readouterr().err
+    assert "holds videos prepared with other settings: fps 0.0 (now 10.0), short_side 16 (now 24)" in err, err
+    os.remove(dst / "a" / "v.webm")  # no output left: the record is replaced
+    assert prepare_main([str(src), str(dst), *FAST, "--short-side", "24"]) == 0
+    assert json.loads((dst / SETTINGS_FILE).read_text())["short_side"] == 24
+    assert probe_video(str(dst / "a" / "v.webm")).info.height == 24
 
 
 def test_source_without_increasing_timestamps_keeps_every_frame(tmp_path):
