@@ -432,10 +432,37 @@ def on_rank0(fn: Callable[[], Any]) -> Any:
     return value
 
 
+def _uncreatable(out: str) -> Optional[str]:
+    """Why the folder ``out`` cannot be used or made, or None."""
+    path = os.path.abspath(out)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return "it exists and is not a folder"
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    if not os.path.isdir(path):
+        return f"{path} is a file, not a folder"
+    if path != os.path.abspath(out):  # a folder made and removed at once: what the run's makedirs will need
+        probe = os.path.join(path, f".maskfeat-write-test-{os.getpid()}")
+        try:
+            os.mkdir(probe)
+            os.rmdir(probe)
+        except OSError as e:
+            return f"a folder cannot be made in {path} ({type(e).__name__}: {e.strerror or e})"
+    return None
+
+
 def check_writable(out: str) -> None:
     """A ConfigError when ``out`` or its ``checkpoints/`` exists and a file cannot be made there (a
     read-only folder): the run stopped with a traceback at its first write (config.yaml), after the
-    data had validated and the model was built."""
+    data had validated and the model was built. A missing ``out`` needs its nearest existing parent to
+    be a folder it can be made in (a file in the way, or a read-only parent, was a traceback there)."""
+    why = _uncreatable(out)
+    if why:
+        raise ConfigError(f"train.output_dir={out}: {why}; a run writes its checkpoints, config and logs there: "
+                          "choose another train.output_dir")
     for folder in (out, checkpoint_dir(out)):
         if not os.path.isdir(folder):
             continue

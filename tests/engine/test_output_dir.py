@@ -515,6 +515,34 @@ def test_a_read_only_output_folder_is_a_config_error_before_any_work(tmp_path, m
     assert not [f for f in os.listdir(out) if "write-test" in f]
 
 
+def test_an_output_dir_that_cannot_be_made_is_a_config_error_before_set_up(tmp_path, monkeypatch):
+    """A train.output_dir that is a file, lies under a file, or whose parent refuses a new folder got past
+    the check (it tested existing folders only): a traceback at the run's makedirs, after the data, the
+    model and DeepSpeed were set up (other ranks waited in a collective)."""
+    from engine.runner import prepare_output_dir
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match=r"afile: it exists and is not a folder; .*choose another"):
+        prepare_output_dir(_cfg(str(afile)), None)
+    with pytest.raises(ConfigError, match=r"afile/sub: .*afile is a file, not a folder"):
+        prepare_output_dir(_cfg(str(afile / "sub")), None)
+    real = os.mkdir
+
+    def refused(path, *a, **k):
+        if ".maskfeat-write-test" in str(path):
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return real(path, *a, **k)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(os, "mkdir", refused)
+    with pytest.raises(ConfigError, match=r"new/run: a folder cannot be made in .*ro \(PermissionError: Operation"):
+        prepare_output_dir(_cfg(str(tmp_path / "ro" / "new" / "run")), None)
+    monkeypatch.setattr(os, "mkdir", real)
+    prepare_output_dir(_cfg(str(tmp_path / "ro" / "new" / "run")), None)
+    assert os.listdir(tmp_path / "ro") == []  # (the probe folder is gone; the run's folder is made later)
+
+
 def test_export_says_what_it_wrote(tmp_path, capsys, monkeypatch):
     """A fine-tuned run exported as a 'backbone' kept its head, an earlier export was replaced, and
     --keep-head (pre-training only) was taken: all silently."""
