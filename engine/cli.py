@@ -382,8 +382,8 @@ def out_of_memory_hint(cfg, command: str, error: BaseException) -> str:
                + ("" if ac is True else
                   f", or recompute {'more ' if ac else ''}blocks in backward instead of keeping their activations: "
                   f"model.activation_checkpointing=N for the first N blocks (now {int(ac)}), =true for all "
-                  "(`python -m bench.model_step --count-only --backends auto,auto+ckpt8,auto+ckpt` counts what each "
-                  "keeps)"))
+                  f"(`python -m bench.model_step --count-only --model {cfg.model.name} --batch {batch} --backends "
+                  "auto,auto+ckpt` counts what each keeps)"))
     latest = find_latest(cfg.train.output_dir, resumable=True) if command != "eval" else None
     return (f"out of GPU memory: {first}. To fit, {fix}."
             + (f" The last complete checkpoint is {latest} (--resume auto continues from it)." if latest else ""))

@@ -94,8 +94,9 @@ class ModelConfig:
     (``torch.utils.checkpoint``, applied by the engine around each block from outside the model):
     ``true`` every block, an integer N the first N blocks, ``false`` or 0 none. Each recomputed
     block costs about the same (one more forward of it); the first ones save the most memory
-    (MViTv2's first stage has the most tokens). ``python -m bench.model_step --count-only
-    --backends auto,auto+ckpt8,auto+ckpt`` counts what each choice keeps."""
+    (MViTv2's first stage has the most tokens). ``python -m bench.model_step --count-only --model
+    mvitv2_l_16x4 --batch 4 --backends auto,auto+ckpt8,auto+ckpt`` counts what each choice keeps
+    (on a CPU with ``TRITON_INTERPRET=1`` in front)."""
 
 
 @dataclass

@@ -581,6 +581,9 @@ def test_cli_out_of_memory_exits_6_with_what_to_change(monkeypatch, capsys, tmp_
     err = capsys.readouterr().err
     assert "Tried to allocate 2.00 GiB" in err and "model.activation_checkpointing=N for the first N blocks (now 0)" in err
     assert "data.batch_size (now" in err and "Traceback" not in err
+    # the counting command is of this run's model and batch (it counted MViTv2-L at batch 4, and
+    # +ckpt8 failed on a model of 4 blocks)
+    assert "bench.model_step --count-only --model mvitv2_tiny --batch 2 --backends auto,auto+ckpt`" in err, err
     assert cli.main(["pretrain", "-c", TINY, out, "model.activation_checkpointing=1"]) == 6
     assert "recompute more blocks" in capsys.readouterr().err
     assert cli.main(["pretrain", "-c", TINY, out, "model.activation_checkpointing=true"]) == 6
