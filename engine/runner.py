@@ -868,11 +868,17 @@ def _train_loop(run: Run, step_fn: Callable[[dict], torch.Tensor], *, on_epoch_e
         run.logger.write(f"step {st.step + 1}: {what} ({st.nonfinite_streak} in a row, {st.nonfinite_total} in total)")
         if st.nonfinite_streak >= cfg.train.max_nonfinite:
             latest = find_latest(cfg.train.output_dir, resumable=True)
+            clip = cfg.deepspeed.gradient_clipping
+            fixes = ["Lower optim.lr", f"clip gradients harder (a smaller deepspeed.gradient_clipping, now {clip:g})"
+                     if clip else "clip gradients (deepspeed.gradient_clipping, off now)"]
+            if cfg.deepspeed.precision == "fp16":
+                fixes.append("use bf16 or fp32 (fp16 overflows)")
             raise NonFiniteLossError(
                 f"{st.nonfinite_streak} steps in a row without an update (non-finite losses or gradients) at "
                 f"step {st.step + 1} (lr {lr:.3g}, precision {cfg.deepspeed.precision}); the last finite grad norm "
-                f"was {last_finite_norm:.4g}. Lower optim.lr, raise deepspeed.gradient_clipping strictness, or use "
-                f"bf16/fp32; the last complete checkpoint is {latest}")
+                f"was {last_finite_norm:.4g}. {', or '.join(fixes)}; " + (
+                    f"the last complete checkpoint is {latest} (--resume auto continues from it)" if latest
+                    else f"no checkpoint of {cfg.train.output_dir} yet"))
 
     def land(p: _ReadBack) -> None:
         """Take a step's loss (the global-batch mean) and grad norm from its read-back."""

@@ -352,6 +352,9 @@ def test_nonfinite_losses_are_skipped_then_stop(env, tmp_path):
         res = json.load(f)
     assert res["ok"] is False
     assert "3 steps in a row without an update (non-finite losses or gradients) at step 6" in res["error"]
+    # advice that fits the run, and no "checkpoint is None" (it said "or use bf16/fp32" in fp32)
+    assert ("Lower optim.lr, or clip gradients harder (a smaller deepspeed.gradient_clipping, now 0.02); no "
+            f"checkpoint of {out} yet") in res["error"], res["error"]
     recs = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     # steps 1-5 logged (the 6th raised): 2 skipped, 3 fine (streak reset), 4 and 5 skipped
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
