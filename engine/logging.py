@@ -93,11 +93,18 @@ def truncate_metrics(path: str, after_step: int, after_epoch: Optional[float] = 
 
 
 def _is_terminal(stream) -> bool:
-    """True when ``stream`` is an interactive terminal (a progress bar can redraw in place)."""
+    """True when ``stream`` is an interactive terminal of some width (a progress bar can redraw in
+    place); a terminal of 0 columns (``script``, ``docker run -t`` from CI, a Kubernetes tty) gets the
+    plain lines: tqdm drew nothing in it, and no line was written either."""
     try:
-        return bool(stream.isatty())
+        if not stream.isatty():
+            return False
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError):  # a terminal without a file descriptor or size: as it says
+        return True
 
 
 def _hms(seconds: float) -> str:

@@ -67,6 +67,27 @@ def test_on_a_terminal_the_bar_is_kept(tmp_path, monkeypatch):
     assert _logger(tmp_path, progress_bar=False).bar is None  # switched off: lines, even on a terminal
 
 
+def test_a_terminal_of_no_width_gets_the_plain_lines(tmp_path, monkeypatch):
+    """A terminal of 0 columns (``script``, ``docker run -t`` from CI, a Kubernetes tty): tqdm drew
+    nothing there, and no plain line was written either: the run showed no progress at all."""
+    class Sized(_Terminal):
+        def fileno(self) -> int:
+            return 2
+
+    term = Sized()
+    monkeypatch.setattr(sys, "stderr", term)
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd=1: os.terminal_size((0, 0)))
+    log = _logger(tmp_path, progress_bar=True)
+    assert log.bar is None
+    log.scalars(120, TRAIN)
+    log.close()
+    assert LINE.match(term.getvalue().splitlines()[0]), term.getvalue()
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd=1: os.terminal_size((120, 40)))
+    log = _logger(tmp_path, progress_bar=True)
+    assert log.bar is not None  # a terminal of some width keeps the bar
+    log.close()
+
+
 def test_other_ranks_print_nothing(tmp_path, capsys):
     log = _logger(tmp_path, enabled=False)
     log.scalars(120, TRAIN)
