@@ -147,13 +147,24 @@ def is_complete(path: str) -> bool:
     return _has_state(path) and _has_weights(path) and not _missing_shards(path)
 
 
+_SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_(optim|model)_states\.pt$")
+
+
+def _shard_ranks(path: str, kind: str) -> set[int]:
+    """The ranks of the ZeRO ``kind`` (``optim`` or ``model``) shards in the tag folder ``path``."""
+    found = (_SHARD_RE.search(os.path.basename(f)) for f in glob.glob(os.path.join(path, ZERO_SHARDS)))
+    return {int(m.group(1)) for m in found if m and m.group(2) == kind}
+
+
 def _missing_shards(path: str) -> bool:
-    """A tag saved with ZeRO 1-3 (its config.yaml) holding fewer optimiser shards than rank states."""
-    stage = ((_saved_config(path) or {}).get("deepspeed") or {}).get("zero_stage", 0)
-    if not isinstance(stage, int) or stage < 1:
+    """A tag saved with ZeRO 1-3 (its config.yaml) lacking the optimiser shard of a rank whose state it
+    holds, or (ZeRO-3) its model shard: every rank reads its own (a count of the shards passed a tag
+    without rank 1's ZeRO-3 model file, whose resume then failed on rank 1 alone)."""
+    stage = _saved_zero_stage(path) or 0
+    if stage < 1:
         return False
-    ranks = len(glob.glob(os.path.join(path, "engine_state_r*.pt")))
-    return len(glob.glob(os.path.join(path, ZERO_SHARDS + "optim_states.pt"))) < max(ranks, 1)
+    ranks = {_file_rank(f) for f in glob.glob(os.path.join(path, "engine_state_r*.pt"))} or {0}
+    return not ranks <= _shard_ranks(path, "optim") or (stage == 3 and not ranks <= _shard_ranks(path, "model"))
 
 
 def _step_tags(ckpt_dir: str, ok: Callable[[str], bool] = os.path.isdir) -> list[str]:
@@ -178,13 +189,20 @@ def stored_tags(ckpt_dir: str) -> list[str]:
 def on_first_local_ranks(fn: Callable[[], T]) -> Optional[T]:
     """Run ``fn`` on global rank 0, then (after a barrier) on the first local rank of every other node
     (a non-shared filesystem: each node holds its own copy), then a barrier; returns ``fn()``'s result
-    where it ran, else None. Every rank must call this."""
+    where it ran, else None. Every rank must call this. An error of ``fn`` stops every rank: where it
+    happened with that error, elsewhere with an OSError naming it another node's (it left the others
+    waiting in the barrier)."""
     rank, _, local_rank = _dist()
-    out = fn() if rank == 0 else None
-    barrier()
-    if rank != 0 and local_rank == 0:
-        out = fn()
-    barrier()
+    out = None
+    for turn in (rank == 0, rank != 0 and local_rank == 0):
+        failed: Optional[BaseException] = None
+        if turn:
+            try:
+                out = fn()
+            except Exception as e:  # agreed below (in place of a barrier)
+                failed = e
+        if _failed_anywhere(failed is not None):
+            raise failed or OSError("another node failed to update the checkpoint folder (see its error)")
     return out
 
 
@@ -1007,6 +1025,13 @@ def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: b
     check_resume_compatible(path, saved_world=saved_world, saved_stage=_saved_zero_stage(path), world_size=world,
                             zero_stage=stage, saved_precision=_saved_precision(path),
                             precision=precision)
+    # each rank's own files before DeepSpeed reads them: one rank failing inside its loader left the others
+    # in a collective (ZeRO-3's gather), where they waited for the timeout
+    lost = _own_files_problem(path, rank, own=mine.endswith(f"engine_state_r{rank:05d}.pt"),
+                              same_world=saved_world == world, stage=_saved_zero_stage(path) or 0,
+                              optimizer=load_optimizer)
+    if _failed_anywhere(lost is not None):
+        raise _damaged(ckpt_dir, tag, lost[0] if lost else None, lost[1] if lost else None)
     try:
         load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=load_optimizer,
                                               load_lr_scheduler_states=False, load_module_strict=True)
@@ -1017,6 +1042,34 @@ def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: b
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
     return state
+
+
+def _own_files_problem(path: str, rank: int, *, own: bool, same_world: bool, stage: int,
+                       optimizer: bool) -> Optional[tuple[str, Exception]]:
+    """``(file, error)`` for the first file this rank will read from the tag folder ``path`` that is
+    missing or not a whole archive (its end cut off, zero-filled), else None. Its own rank state is
+    needed when the world size is the saved one (another rank's was read in its place, silently)."""
+    import zipfile
+
+    if same_world and not own:
+        missing = os.path.join(path, f"engine_state_r{rank:05d}.pt")
+        return missing, FileNotFoundError("this rank's state is missing")
+    if stage == 3:
+        wanted = [f"*zero_pp_rank_{rank}_mp_rank_*_model_states.pt"]
+    else:
+        wanted = ["mp_rank_00_model_states.pt"]
+    if optimizer and stage >= 1 and same_world:
+        wanted.append(f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt")
+    for pattern in wanted:
+        files = glob.glob(os.path.join(path, pattern))
+        if not files:
+            return os.path.join(path, pattern), FileNotFoundError("no such file")
+        try:
+            with zipfile.ZipFile(files[0]):  # (torch.save's format: its directory sits at the end)
+                pass
+        except (OSError, zipfile.BadZipFile) as e:
+            return files[0], e
+    return None
 
 
 def _file_rank(file: str) -> int:

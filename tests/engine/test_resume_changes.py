@@ -220,10 +220,45 @@ def _fake_checkpoint(out: str, tag: str, world: int, stage: int) -> None:
     for r in range(world):
         torch.save({"loader": {"world_size": world, "rank": r}}, os.path.join(path, f"engine_state_r{r:05d}.pt"))
         if stage > 0:  # DeepSpeed's optimiser shard of each rank (a tag lacking one is incomplete)
-            open(os.path.join(path, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"), "w").close()
-    open(os.path.join(path, "mp_rank_00_model_states.pt"), "w").close()  # DeepSpeed's, every stage
+            torch.save({}, os.path.join(path, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
+        if stage == 3:  # and its model shard (each rank reads its own)
+            torch.save({}, os.path.join(path, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"))
+    if stage < 3:
+        torch.save({}, os.path.join(path, "mp_rank_00_model_states.pt"))  # DeepSpeed's, one for every rank
     with open(os.path.join(path, "config.yaml"), "w") as f:
         f.write(f"deepspeed:\n  zero_stage: {stage}\n")
+
+
+def test_a_rank_missing_its_own_files_makes_a_tag_incomplete_or_damaged(tmp_path):
+    """Each rank reads its own ZeRO shards: a ZeRO-3 tag without rank 1's model file counted as complete
+    (the shards were counted), and a resume failed on rank 1 alone, inside DeepSpeed's loader, while the
+    others waited in its gather. A rank's own files are now checked, on every rank, before DeepSpeed."""
+    from engine.checkpoint import CheckpointError, available_tags, is_complete, load_checkpoint
+
+    out = str(tmp_path)
+    _fake_checkpoint(out, "step00000004", world=2, stage=3)
+    _fake_checkpoint(out, "step00000008", world=2, stage=3)
+    path = os.path.join(out, "checkpoints", "step00000008")
+    assert is_complete(path)
+    os.remove(os.path.join(path, "zero_pp_rank_1_mp_rank_00_model_states.pt"))
+    assert not is_complete(path)  # (3 shards for 2 rank states passed the count)
+    assert available_tags(os.path.join(out, "checkpoints")) == ["step00000004"]
+    # in a world of 1 (this process): its own optimiser shard cut short, or its own state missing
+    _fake_checkpoint(out, "step00000010", world=1, stage=1)
+    shard = os.path.join(out, "checkpoints", "step00000010", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 30)  # (the zip directory at its end is gone)
+    eng = _FakeEngine(1)
+    with pytest.raises(CheckpointError, match=r"step00000010 is damaged \(zero_pp_rank_0_mp_rank_00_optim_states.pt: "
+                                              r"BadZipFile.*--resume step00000004"):
+        load_checkpoint(eng, out, "step00000010")
+    _fake_checkpoint(out, "step00000012", world=1, stage=0)
+    tag = os.path.join(out, "checkpoints", "step00000012")
+    os.replace(os.path.join(tag, "engine_state_r00000.pt"), os.path.join(tag, "engine_state_r00001.pt"))
+    with pytest.raises(CheckpointError, match=r"step00000012 is damaged \(engine_state_r00000.pt: FileNotFoundError: "
+                                              r"this rank's state is missing"):
+        load_checkpoint(_FakeEngine(0), out, "step00000012")  # (another rank's state was read in its place)
+    assert eng.loaded == []  # DeepSpeed was never asked
 
 
 def test_incompatible_or_missing_checkpoints_are_config_errors(tmp_path):
