@@ -614,6 +614,20 @@ def _warn_empty_classes(splits: dict[str, Dataset]) -> None:
                   f"{', '.join(empty[:20])}{' ...' if len(empty) > 20 else ''}", file=sys.stderr)
 
 
+def _short_training_files_are_bad(cfg: DataConfig, report: ValidationReport, splits: dict[str, Dataset]) -> None:
+    """``--check --config`` of a recipe with ``data.short_videos=bad``: the training split's good files
+    shorter than one clip become bad (``too_short``), as training's validation makes them; those of
+    val/test stay good (evaluation keeps them, padded: they were reported bad, and a user would have
+    deleted valid validation videos)."""
+    from .probe import BadFile
+
+    train = set(splits["train"].paths) if "train" in splits else set()
+    short = cfg.shorter_than_a_clip({p: i for p, i in report.good.items() if p in train})
+    for path, n, need in short:
+        del report.good[path]
+        report.bad.append(BadFile(path, "too_short", f"{n} frames, one clip needs {need}"))
+
+
 def _note_short(cfg: DataConfig, report: ValidationReport) -> None:
     """``--check --config`` of a recipe that pads: name the good files shorter than one of its clips."""
     short = cfg.shorter_than_a_clip(report.good)
@@ -639,7 +653,6 @@ def prepare_main(argv: list[str]) -> int:
         ap.error(dst_inside_src(args.src, args.dst))
     if args.full and not args.check:
         ap.error("--full goes with --check (prepare itself decodes every frame)")
-    min_frames: Any = args.min_frames
     if args.config:
         if not args.check:
             ap.error("--config goes with --check")
@@ -651,8 +664,6 @@ def prepare_main(argv: list[str]) -> int:
             data_cfg = load_config(args.config).data
         except ConfigError as e:
             ap.error(f"--config: {e}")
-        if data_cfg.short_videos == "bad":
-            min_frames = lambda info: data_cfg.clip_extent(info.fps)  # noqa: E731
     try:
         extensions = parse_extensions(args.extensions)
     except ValueError as e:
@@ -663,10 +674,12 @@ def prepare_main(argv: list[str]) -> int:
             _warn_empty_classes(splits)
             _output_names(args.src, splits, CODECS[args.codec][2])  # a name collision is reported here too
             paths = list(dict.fromkeys(p for ds in splits.values() for p in ds.paths))
-            report = validate_files(paths, reader="pyav", min_frames=min_frames, workers=args.workers,
+            report = validate_files(paths, reader="pyav", min_frames=args.min_frames, workers=args.workers,
                                     progress=True, full=args.full)
+            if args.config and data_cfg.short_videos == "bad":  # training's files only: evaluation keeps them
+                _short_training_files_are_bad(data_cfg, report, splits)
             print(report.summary())
-            if args.config and min_frames == 1:
+            if args.config and data_cfg.short_videos != "bad":
                 _note_short(data_cfg, report)
             if not args.full:
                 print("(the first frame of each file was decoded; --full decodes every frame)")

@@ -631,5 +631,11 @@ def test_check_with_a_recipe_counts_clip_frames_by_each_files_rate(tmp_path, cap
     make_clip(str(tmp_path / "split" / "val" / "a" / "y.mkv"), n=6)
     assert prepare_main([str(tmp_path / "split"), "--check"]) == 0
     assert "no val split" not in capsys.readouterr().out
+    # short_videos=bad makes training's short files bad, not val's (evaluation keeps them, padded)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  num_frames: 8\n  sampling_rate: 2\n  target_fps: 25\n  short_videos: bad\n")
+    assert prepare_main([str(tmp_path / "split"), "--check", "--config", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "x.mkv: too_short (6 frames, one clip needs 15)" in out and "y.mkv" not in out, out
     with pytest.raises(SystemExit):
         prepare_main([str(tmp_path / "src"), "--check", "--config", str(recipe), "--min-frames", "7"])
