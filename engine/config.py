@@ -282,7 +282,14 @@ _HINT_CUTOFF = 0.6
 """``difflib`` similarity below which no "did you mean" is offered (a far-off guess misleads)."""
 
 
+_SYNONYMS = {"gpu": "cuda", "validation": "val", "valid": "val", "training": "train", "testing": "test"}
+"""Words meant as a choice that difflib does not find (``train.device=gpu`` was offered 'cpu')."""
+
+
 def _closest(key: str, valid: list[str]) -> str:
+    meant = _SYNONYMS.get(key.strip().lower())
+    if meant in valid:
+        return meant
     match = difflib.get_close_matches(key, valid, n=1, cutoff=_HINT_CUTOFF)
     return match[0] if match else ""
 

@@ -373,7 +373,8 @@ def _rendezvous(backend: str, rank: int, world: int, device: Optional[torch.devi
     except torch.distributed.DistError as e:
         first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
         raise LaunchError(
-            f"rank {rank} of {world}: rendezvous at {addr}:{port} failed (timeout {timeout.total_seconds():g} s; "
+            f"rank {rank} of {world}: rendezvous at {addr}:{port} failed (timeout {timeout.total_seconds():g} s, "
+            "which torch may try twice; "
             f"expected WORLD_SIZE={world} from {origins.get('WORLD_SIZE', 'the environment')}, MASTER_ADDR={addr} "
             f"from {origins.get('MASTER_ADDR', 'the environment')}, MASTER_PORT={port} from "
             f"{origins.get('MASTER_PORT', 'the environment')}): check that all {world} ranks were started and can "

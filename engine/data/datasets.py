@@ -103,8 +103,8 @@ KINETICS_CSV_HELP = (
     "Convert each official CSV once: number the sorted class names of the train CSV 0..K-1, write "
     "'<path relative to the root> <index>' per row, where the file of a row is "
     "<label>/<youtube_id>_<time_start:06d>_<time_end:06d>.mp4 (or wherever your download stored it), and "
-    "json.dump the sorted names to classes.json; number val/test with train's names (see the README, "
-    "'Official Kinetics CSVs')")
+    "json.dump the sorted names to classes.json; number val/test with train's names (the README's section "
+    "'Pre-training MViTv2-L on Kinetics-400, multi-node' has the script)")
 
 
 def _read_lines(list_path: str) -> list[str]:

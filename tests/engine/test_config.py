@@ -64,6 +64,8 @@ def test_unknown_key_names_the_closest_valid_key(override, expected):
     ("log.tensorboard=maybe", "log.tensorboard: expected true/false"),
     ("deepspeed.zero_stage=4", "not one of 0, 1, 2, 3"),
     ("deepspeed.precision=bf61", "did you mean 'bf16'"),
+    ("train.device=gpu", "did you mean 'cuda'"),  # (difflib offered 'cpu')
+    ("finetune.eval_split=validation", "did you mean 'val'"),  # (no hint)
     ("data.train_scale=[0.5]", "expected 2 values"),
     ("data.batch_size=0", "batch_size must be >= 1"),
     ("mask.ratio=1.5", "mask.ratio must be in"),
