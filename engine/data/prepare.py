@@ -313,13 +313,21 @@ _WHITESPACE = re.compile(r"\s")
 
 def _output_names(src: str, splits: dict[str, Dataset], ext: str) -> tuple[dict[str, str], dict[str, str]]:
     """Source path -> output path relative to DST, and the subset whose name had whitespace replaced.
-    Raises DataError when two sources get the same output name."""
+    Raises DataError when two sources get the same output name, or two folders the same output folder
+    (``a b/`` and ``a_b/``: two classes merged into one folder of the lists). One file listed under two
+    spellings of its path (``../ext/v.mp4`` and ``/data/ext/v.mp4``) is one output."""
     mapping: dict[str, str] = {}
     renamed: dict[str, str] = {}
     owner: dict[str, str] = {}
+    folders: dict[str, str] = {}  # output folder -> the source folder it comes from
+    by_file: dict[str, str] = {}  # real path -> its output
     for ds in splits.values():
         for p in ds.paths:
             if p in mapping:
+                continue
+            real = os.path.realpath(p)
+            if real in by_file:
+                mapping[p] = by_file[real]
                 continue
             rel = os.path.relpath(p, src)
             if rel.startswith(".."):  # listed outside SRC: keep it inside DST
@@ -328,8 +336,15 @@ def _output_names(src: str, splits: dict[str, Dataset], ext: str) -> tuple[dict[
             clean = _WHITESPACE.sub("_", out)
             if clean in owner:
                 raise DataError(f"{owner[clean]} and {p} would both be prepared as {clean}; rename one of them")
+            folder = os.path.dirname(rel)
+            while folder:
+                out_folder = _WHITESPACE.sub("_", folder)
+                if folders.setdefault(out_folder, folder) != folder:
+                    raise DataError(f"the folders {folders[out_folder]!r} and {folder!r} of {src} would both be "
+                                    f"prepared as {out_folder!r} (whitespace becomes '_'); rename one of them")
+                folder = os.path.dirname(folder)
             owner[clean] = p
-            mapping[p] = clean
+            mapping[p] = by_file[real] = clean
             if clean != out:
                 renamed[p] = clean
     return mapping, renamed
@@ -373,7 +388,10 @@ def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int =
     splits = _listings(src, extensions)
     _warn_empty_classes(splits)
     mapping, renamed = _output_names(src, splits, CODECS[codec][2])
-    todo = [(p, os.path.join(dst, rel), codec, short_side, fps, gop) for p, rel in mapping.items()
+    source: dict[str, str] = {}  # output -> its source (the first spelling of a file listed twice)
+    for p, rel in mapping.items():
+        source.setdefault(rel, p)
+    todo = [(p, os.path.join(dst, rel), codec, short_side, fps, gop) for rel, p in source.items()
             if not os.path.isfile(os.path.join(dst, rel))]
     names = next(iter(splits.values())).class_names  # train's (or the first split's): the others are read through them
     result = PrepareResult(renamed=renamed, class_names=list(names))
@@ -381,7 +399,7 @@ def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int =
     if problem:
         raise DataError(f"DST {dst} cannot be written ({problem}): choose a writable output folder")
     check_settings(dst, {"codec": codec, "short_side": short_side, "fps": fps, "gop": gop},
-                   existing=len(mapping) - len(todo))
+                   existing=len(source) - len(todo))
     remove_stale_parts(dst)
     if todo:
         from engine.logging import work_progress
@@ -396,8 +414,9 @@ def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int =
                         _run_alone(t, result.failures)  # each in its own process: one that dies again is named
                         bar.update(1)
                     pending = pending[workers:]
+    failed = {mapping[f] for f in result.failures}  # (by output: a file listed under two spellings)
     for split, ds in splits.items():
-        entries = [(mapping[p], l) for p, l in zip(ds.paths, ds.labels) if p not in result.failures]
+        entries = [(mapping[p], l) for p, l in zip(ds.paths, ds.labels) if mapping[p] not in failed]
         _write_list(os.path.join(dst, f"{split}.csv"), entries)
         result.lists[split] = len(entries)
     for extra in ("classnames.json",):
@@ -672,7 +691,10 @@ def prepare_main(argv: list[str]) -> int:
         if args.check:
             splits = _listings(args.src, extensions)
             _warn_empty_classes(splits)
-            _output_names(args.src, splits, CODECS[args.codec][2])  # a name collision is reported here too
+            try:  # a name collision matters to prepare only (a folder dataset trains on SRC as it is): said, and
+                _output_names(args.src, splits, CODECS[args.codec][2])  # the check goes on (it stopped with exit 5)
+            except DataError as e:
+                print(f"note: `data prepare` of SRC would stop: {e}", file=sys.stderr)
             paths = list(dict.fromkeys(p for ds in splits.values() for p in ds.paths))
             report = validate_files(paths, reader="pyav", min_frames=args.min_frames, workers=args.workers,
                                     progress=True, full=args.full)

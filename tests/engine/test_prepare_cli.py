@@ -96,24 +96,47 @@ def test_split_folders_give_one_list_per_split_with_trains_class_index(tmp_path,
     assert not (tmp_path / "flat_out" / "val.csv").exists()
 
 
-@pytest.mark.parametrize("case", ["val_class_not_in_train", "mixed_layout", "name_collision"])
+@pytest.mark.parametrize("case", ["val_class_not_in_train", "mixed_layout", "name_collision", "folder_collision"])
 def test_inconsistent_sources_are_data_errors_before_encoding(tmp_path, capsys, case):
+    """A name collision (two files, or two class folders: ``a b/`` and ``a_b/`` were merged into one
+    folder of two labels) stops prepare; ``--check`` says it and goes on (a folder dataset trains on SRC
+    as it is: it stopped with exit 5 and validated nothing)."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     make_clip(str(src / "train" / "cat" / "a b.mkv"))
+    collision = case.endswith("collision")
     if case == "val_class_not_in_train":
         make_clip(str(src / "val" / "zebra" / "v.mkv"))
         expect = "zebra"
     elif case == "mixed_layout":
         make_clip(str(src / "dog" / "v.mkv"))
         expect = "dog"
-    else:
+    elif case == "name_collision":
         make_clip(str(src / "train" / "cat" / "a_b.mkv"))
         expect = "a_b.webm"
+    else:
+        make_clip(str(src / "train" / "c d" / "x.mkv"))
+        make_clip(str(src / "train" / "c_d" / "y.mkv"))
+        expect = "the folders 'train/c d' and 'train/c_d' of"
     for argv in ([str(src), str(dst), *FAST], [str(src), "--check"]):
-        assert prepare_main(argv) == 5
+        check = argv[-1] == "--check"
+        assert prepare_main(argv) == (0 if check and collision else 5)
         err = capsys.readouterr().err
-        assert "data error" in err and expect in err and "Traceback" not in err
+        assert expect in err and "Traceback" not in err, err
+        assert ("note: `data prepare` of SRC would stop" if check and collision else "data error") in err
     assert not dst.exists()  # nothing encoded or written
+
+
+def test_one_file_listed_under_two_spellings_is_one_output(tmp_path, capsys, monkeypatch):
+    """``../ext/v.mkv`` and its absolute path in the lists of a SRC given as a relative path: one file,
+    one output, two list lines (it was called a name collision of two files)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_clip(str(tmp_path / "ext" / "v.mkv"))
+    make_clip(str(src / "a" / "w.mkv"))
+    (src / "train.csv").write_text(f"../ext/v.mkv 0\n{tmp_path / 'ext' / 'v.mkv'} 0\na/w.mkv 1\n")
+    monkeypatch.chdir(tmp_path)
+    assert prepare_main(["src", str(dst), *FAST]) == 0, capsys.readouterr().err
+    lines = (dst / "train.csv").read_text().splitlines()
+    assert lines == ["external/up/ext/v.webm 0", "external/up/ext/v.webm 0", "a/w.webm 1"], lines
 
 
 def test_whitespace_in_names_becomes_underscore_and_lists_read_back(tmp_path, capsys):
