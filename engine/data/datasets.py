@@ -378,7 +378,8 @@ def _walk_files(folder: str) -> list[str]:
     walked again); hidden sub-folders (``.AppleDouble``, ``.git``, ...) are left out."""
     seen = {os.path.realpath(folder)}
     out: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    unread: list[OSError] = []  # a sub-folder without read permission (shared storage): its files were lost silently
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unread.append):
         keep = []
         for d in sorted(dirnames):
             real = os.path.realpath(os.path.join(dirpath, d))
@@ -388,6 +389,9 @@ def _walk_files(folder: str) -> list[str]:
             keep.append(d)
         dirnames[:] = keep
         out += [os.path.join(dirpath, fn) for fn in sorted(filenames) if not fn.startswith(".")]
+    if unread:
+        log.warning("%s: %d folder(s) under it cannot be read, their files are not listed: %s", folder, len(unread),
+                    "; ".join(f"{e.filename} ({e.strerror or e})" for e in unread[:5]))
     return out
 
 

@@ -598,7 +598,8 @@ def build_prepare_parser() -> argparse.ArgumentParser:
     ap.add_argument("--short-side", type=int, default=320, help="at most this many pixels (no upscaling, except VP9 under NVDEC's 128x128 when this is at least 128)")
     ap.add_argument("--fps", type=float, default=0.0, help="constant output rate; 0 keeps the source rate")
     ap.add_argument("--gop", type=int, default=16, help="key frame interval in frames")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
+    ap.add_argument("--workers", type=int, default=usable_cpus(),
+                    help="encoding processes (default: the CPUs this process may use, %(default)s here)")
     ap.add_argument("--min-frames", type=int, default=1,
                     help="--check: frames one clip needs, whatever the file's frame rate (see --config)")
     ap.add_argument("--config", default=None,
@@ -613,6 +614,15 @@ def build_prepare_parser() -> argparse.ArgumentParser:
     ap.add_argument("--extensions", default=",".join(VIDEO_EXTENSIONS),
                     help="comma-separated file extensions listed in class folders, case ignored (default: %(default)s)")
     return ap
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a SLURM or cgroup allocation; ``os.cpu_count`` counts the whole
+    node: 128 encoders on a node where 8 CPUs were given)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # (no affinity on macOS)
+        return os.cpu_count() or 1
 
 
 def parse_extensions(text: str) -> tuple[str, ...]:

@@ -131,6 +131,26 @@ def test_videos_beside_the_class_or_split_folders_are_named_in_a_warning(tmp_pat
     assert len(caplog.records) == before_val + 1  # val: only the root's (its own folder has none)
 
 
+def test_a_folder_that_cannot_be_read_is_named_in_a_warning(tmp_path, caplog, monkeypatch):
+    """A class's sub-folder without read permission (shared storage) lost its files without a word.
+    (Root reads anything: os.scandir is made to refuse the folder.)"""
+    root = touch_tree(tmp_path / "r", {"": {"cats": 1}})
+    os.makedirs(os.path.join(root, "cats", "locked"))
+    open(os.path.join(root, "cats", "locked", "x.mp4"), "w").close()
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.path.basename(str(path)) == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.WARNING, logger="engine.data.datasets"):
+        assert len(load_dataset("folder", root, "train", EXT).paths) == 1
+    assert "cats: 1 folder(s) under it cannot be read, their files are not listed: " in caplog.text
+    assert "locked (Permission denied)" in caplog.text
+
+
 def test_missing_split_folder_is_an_error_unless_no_split_folders_exist(tmp_path, caplog):
     root = touch_tree(tmp_path / "a", {"train": {"cat": 1, "dog": 1}})
     with pytest.raises(FileNotFoundError, match=r"a/val not found; the split folders present are \['train'\]"):

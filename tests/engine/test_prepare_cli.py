@@ -126,6 +126,15 @@ def test_inconsistent_sources_are_data_errors_before_encoding(tmp_path, capsys, 
     assert not dst.exists()  # nothing encoded or written
 
 
+def test_workers_default_to_the_cpus_this_process_may_use(monkeypatch):
+    """``--workers`` defaults to the CPU affinity (a SLURM/cgroup allocation), not the node's CPU count."""
+    from engine.data import prepare
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    assert prepare.build_prepare_parser().parse_args(["x"]).workers == 2
+
+
 def test_one_file_listed_under_two_spellings_is_one_output(tmp_path, capsys, monkeypatch):
     """``../ext/v.mkv`` and its absolute path in the lists of a SRC given as a relative path: one file,
     one output, two list lines (it was called a name collision of two files)."""
