@@ -119,6 +119,10 @@ def _count_packets(path: str) -> int:
         return sum(1 for p in c.demux(c.streams.video[0]) if p.size)
 
 
+NAME_MAX = 255
+"""Bytes in one file name (Linux filesystems)."""
+
+
 def encode_video(src: str, dst: str, *, codec: str = "vp9", short_side: int = 320, fps: float = 0.0,
                  gop: int = 16, crf: Optional[int] = None) -> int:
     """Re-encode ``src`` to ``dst`` (see module docstring); returns frames written. Atomic: ``dst``
@@ -133,8 +137,17 @@ def encode_video(src: str, dst: str, *, codec: str = "vp9", short_side: int = 32
     if codec not in CODECS:
         raise ValueError(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
     encoder, fmt, _ = CODECS[codec]
+    name = os.path.basename(dst)
+    if len(os.fsencode(name)) > NAME_MAX:
+        raise ValueError(f"the output name {name!r} is {len(os.fsencode(name))} bytes, over the filesystem's "
+                         f"{NAME_MAX}: shorten the source file's name")
     os.makedirs(os.path.dirname(os.path.abspath(dst)) or ".", exist_ok=True)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.part{os.getpid()}")
+    tmp_name = f".{name}.part{os.getpid()}"
+    if len(os.fsencode(tmp_name)) > NAME_MAX:  # a long (CJK, downloaded-title) name: a short temporary one
+        import hashlib
+
+        tmp_name = f".{hashlib.sha1(os.fsencode(name)).hexdigest()[:20]}.part{os.getpid()}"
+    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), tmp_name)
     try:
         written, decoded = _encode(src, tmp, encoder, fmt, codec, short_side, fps, gop,
                                    crf if crf is not None else DEFAULT_CRF[codec])
@@ -255,7 +268,8 @@ def _encode(src: str, tmp: str, encoder: str, fmt: str, codec: str, short_side: 
 def _job(args: tuple[str, str, str, int, float, int]) -> tuple[str, str]:
     src, dst, codec, short_side, fps, gop = args
     if not os.path.exists(src):
-        return src, "no such file"
+        return src, (f"a symbolic link to {os.readlink(src)}, which does not exist" if os.path.islink(src) else
+                     "no such file")
     irregular = not_regular_file(src)
     if irregular:  # a FIFO would block the open forever
         return src, irregular
@@ -476,6 +490,7 @@ def _run_jobs(todo: list, workers: int, failures: dict[str, str], bar) -> tuple[
     ex = ProcessPoolExecutor(workers)
     futures: dict = {}
     ended, lost, unsubmitted = 0, set(), []
+    pids: set[int] = set()  # the pool's processes (their temporary files are orphans once they ended)
     try:
         for i, t in enumerate(todo):  # (submitting 240k jobs takes a second: a worker can die meanwhile)
             try:
@@ -484,6 +499,7 @@ def _run_jobs(todo: list, workers: int, failures: dict[str, str], bar) -> tuple[
                 unsubmitted = todo[i:]
                 break
         for fut in as_completed(futures):
+            pids.update(getattr(ex, "_processes", None) or ())
             try:
                 s, err = fut.result()
             except BrokenProcessPool:
@@ -494,18 +510,41 @@ def _run_jobs(todo: list, workers: int, failures: dict[str, str], bar) -> tuple[
                 failures[s] = err
             bar.update(1)
     finally:
+        pids.update(getattr(ex, "_processes", None) or ())
         ex.shutdown(wait=True, cancel_futures=True)
+        # a worker killed by a signal (the OOM killer; SIGTERM from SLURM) never removed its temporary file,
+        # and the next run waited STALE_PART_S before it did; every process of this pool has ended now
+        _remove_parts_of({os.path.dirname(t[1]) for t in todo}, pids)
     return ended, [t for f, t in futures.items() if f in lost] + unsubmitted
+
+
+def _remove_parts_of(folders: set[str], pids: set[int]) -> None:
+    """Remove the temporary files of the (ended) processes ``pids`` in ``folders``."""
+    for folder in folders:
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            m = _PART.match(name)
+            if m is not None and int(m.group(1)) in pids:
+                try:
+                    os.remove(os.path.join(folder, name))
+                except OSError:
+                    pass
 
 
 def _run_alone(job: tuple, failures: dict[str, str]) -> None:
     from concurrent.futures.process import BrokenProcessPool
 
     with ProcessPoolExecutor(1) as ex:
+        fut = ex.submit(_job, job)
+        pids = set(getattr(ex, "_processes", None) or ())
         try:
-            s, err = ex.submit(_job, job).result()
+            s, err = fut.result()
         except BrokenProcessPool:
             s, err = job[0], "the process encoding it died (killed by a signal: out of memory?)"
+    _remove_parts_of({os.path.dirname(job[1])}, pids)
     if err:
         failures[s] = err
 
