@@ -715,12 +715,12 @@ def prepare_main(argv: list[str]) -> int:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.fps < 0:
         ap.error(f"--fps must be 0 (keep the source rate) or positive, got {args.fps}")
+    if args.full and not args.check:  # (before DST's check: `prepare SRC --full` was told DST is required)
+        ap.error("--full goes with --check (prepare itself decodes every frame)")
     if not args.check and not args.dst:
         ap.error("DST is required unless --check")
     if not args.check and dst_inside_src(args.src, args.dst):
         ap.error(dst_inside_src(args.src, args.dst))
-    if args.full and not args.check:
-        ap.error("--full goes with --check (prepare itself decodes every frame)")
     if args.config:
         if not args.check:
             ap.error("--config goes with --check")
