@@ -32,6 +32,7 @@ Known limits: one prediction depth (the official multi-depth list is not support
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -201,7 +202,7 @@ class MaskFeat(MViT):
         """
         B = x.shape[0]
         m = mask.reshape(B, 1, *mask.shape[-3:]).to(x.dtype)  # (B, 1, T', H', W')
-        m = F.interpolate(m, size=tuple(thw), mode="nearest").reshape(B, -1, 1)  # (B, N, 1)
+        m = F.interpolate(m, size=tuple(thw), mode="nearest").reshape(B, math.prod(thw), 1)  # (B, N, 1)
         return x * (1 - m) + self.mask_token.to(x.dtype) * m
 
     def compute_targets(self, video: torch.Tensor, frames: Optional[torch.Tensor]) -> torch.Tensor:
@@ -262,6 +263,6 @@ class MaskFeat(MViT):
         target = self.compute_targets(video, frames)  # (B, N', D)
         if target.shape != pred.shape:
             raise ValueError(f"targets {tuple(target.shape)} do not match predictions {tuple(pred.shape)}")
-        flat_mask = mask.reshape(mask.shape[0], -1)  # (B, N')
+        flat_mask = mask.reshape(mask.shape[0], math.prod(mask.shape[1:]))  # (B, N') (no -1: B may be 0)
         loss = self.forward_loss(pred, target, flat_mask)
         return MaskFeatOutput(loss=loss, pred=pred, target=target, mask=flat_mask)

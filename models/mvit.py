@@ -50,10 +50,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import launchable_on
+from kernels.attention import BACKENDS as ATTN_BACKENDS
 from kernels.attention import relpos_attention
 from kernels.pool import auto_backend, autocast_dtype, depthwise_conv3d
 
 POOL_BACKENDS = ("auto", "torch", "triton")
+PLAIN_ATTN_BACKENDS = ("auto", "reference", "sdpa")
+"""The attention backends of a block without relative positions (a ViT): ``auto`` is SDPA."""
 
 __all__ = [
     "MViT",
@@ -68,6 +71,7 @@ __all__ = [
     "pooling_schedule",
     "conv_out_size",
     "init_weights",
+    "PLAIN_ATTN_BACKENDS",
     "POOL_BACKENDS",
 ]
 
@@ -149,6 +153,23 @@ def pooling_schedule(
     return kernel_q, stride_q, kernel_kv, stride_kv
 
 
+def same_dtype(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v in one dtype. Under ``torch.autocast`` the pooled ones come out of their LayerNorm in
+    fp32 (CUDA autocast runs layer_norm in fp32) while an unpooled one stays in the autocast dtype:
+    the attention refused the mix (the official ``q @ k.T`` is autocast). Under autocast fp32 ones
+    take its dtype, as its matmuls would; otherwise the widest dtype."""
+    if all(t.dtype == ts[0].dtype for t in ts):
+        return ts
+    device = ts[0].device.type
+    if torch.is_autocast_enabled(device):
+        low = torch.get_autocast_dtype(device)
+        return tuple(t.to(low) if t.dtype == torch.float32 else t for t in ts)
+    wide = ts[0].dtype
+    for t in ts[1:]:
+        wide = torch.promote_types(wide, t.dtype)
+    return tuple(t.to(wide) for t in ts)
+
+
 def attention_pool(
     x: torch.Tensor,
     pool: Optional[nn.Module],
@@ -187,7 +208,7 @@ def attention_pool(
     x = x.transpose(2, 3).reshape(B * nh, C, T, H, W).contiguous()
     x = pool(x)  # a module call either way: its hooks run (DeepSpeed ZeRO-3 gathers the weight in one)
     new_thw = (x.shape[2], x.shape[3], x.shape[4])
-    x = x.reshape(B, nh, C, -1).transpose(2, 3)  # (B, nh, L', C)
+    x = x.reshape(B, nh, C, math.prod(new_thw)).transpose(2, 3)  # (B, nh, L', C) (no -1: B may be 0)
     if has_cls:
         x = torch.cat((cls_tok, x), dim=2)
     if norm is not None:
@@ -365,7 +386,7 @@ class MultiScaleAttention(nn.Module):
             raise ValueError(f"dim_out {dim_out} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.dim_out = dim_out
-        head_dim = dim_out // num_heads
+        self.head_dim = head_dim = dim_out // num_heads
         self.scale = head_dim**-0.5
         self.has_cls = has_cls
         self.residual_pooling = residual_pooling
@@ -463,11 +484,12 @@ class MultiScaleAttention(nn.Module):
         B, N, _ = x.shape
         # unbind on the (B, N, 3, nh, hd) layout: its backward is one stack straight into the qkv
         # gradient's layout, where three selects cost three zero-filled copies, two adds and a clone
-        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).reshape(B, N, 3, self.num_heads, -1).unbind(2))
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2))
         # q, k, v: (B, nh, N, hd)
         q, q_thw = attention_pool(q, self.pool_q, thw, self.has_cls, self.norm_q)
         k, k_thw = attention_pool(k, self.pool_k, thw, self.has_cls, self.norm_k)
         v, _ = attention_pool(v, self.pool_v, thw, self.has_cls, self.norm_v)
+        q, k, v = same_dtype(q, k, v)
 
         tables = self._tables(q_thw, k_thw, q)
         if tables is not None:
@@ -489,7 +511,7 @@ class MultiScaleAttention(nn.Module):
                 out = torch.addcmul(out, q, _rows_after_first(q))
             else:
                 out = out + q
-        out = out.transpose(1, 2).reshape(B, -1, self.dim_out)  # (B, Nq, C)
+        out = out.transpose(1, 2).reshape(B, out.shape[2], self.dim_out)  # (B, Nq, C)
         return self.proj_drop(self.proj(out)), q_thw
 
 
@@ -698,7 +720,14 @@ class MViT(nn.Module):
         return self.blocks[-1].dim_out if len(self.blocks) else self.embed_dim
 
     def set_attn_backend(self, backend: str) -> None:
-        """Switch the attention backend of every block."""
+        """Switch the attention backend of every block (a ViT's blocks, without relative positions,
+        take ``auto``, ``reference`` or ``sdpa``: the others ran SDPA, silently)."""
+        plain = not any(_unwrap(b).attn.rel_pos_spatial or _unwrap(b).attn.rel_pos_temporal for b in self.blocks)
+        valid = PLAIN_ATTN_BACKENDS if plain else ATTN_BACKENDS
+        if backend not in valid:
+            raise ValueError(f"attn_backend must be one of {valid}"
+                             + (" (no relative positions here)" if plain and backend in ATTN_BACKENDS else "")
+                             + f", got {backend!r}")
         for blk in self.blocks:
             _unwrap(blk).attn.attn_backend = backend
 

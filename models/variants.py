@@ -38,7 +38,7 @@ from kernels.hog.reference import NORMS as HOG_NORMS
 
 from .classifier import Classifier
 from .maskfeat import TARGETS, MaskFeat
-from .mvit import POOL_BACKENDS
+from .mvit import PLAIN_ATTN_BACKENDS, POOL_BACKENDS
 from .vit import vit_kwargs
 
 __all__ = ["Variant", "VARIANTS", "TASKS", "create_model", "backbone_kwargs", "count_parameters", "get_variant", "resolve_variant"]
@@ -114,6 +114,9 @@ class Variant:
             raise ValueError(f"{self.name}: pool_backend must be one of {POOL_BACKENDS}, got {self.pool_backend!r}")
         if self.arch == "vit" and self.pool_backend == "triton":
             raise ValueError(f"{self.name}: pool_backend={self.pool_backend!r} does nothing: a ViT has no pooling")
+        if self.arch == "vit" and self.attn_backend not in PLAIN_ATTN_BACKENDS:  # (it ran SDPA, silently)
+            raise ValueError(f"{self.name}: attn_backend={self.attn_backend!r} does nothing: a ViT has no relative "
+                             f"positions, its attention is {' or '.join(PLAIN_ATTN_BACKENDS[1:])}")
 
     @property
     def input_size(self) -> tuple[int, int, int]:

@@ -241,6 +241,9 @@ def test_strip_known_prefixes_only_when_it_helps():
     assert list(sd) == ["model.c.weight"] and removed == []
     sd, removed = strip_known_prefixes({"backbone.a.weight": t, "a.weight": t}, own)  # would collide
     assert sorted(sd) == ["a.weight", "backbone.a.weight"] and removed == []
+    # ... also where stripping would match more keys: one of the two a.weight would be lost silently
+    sd, removed = strip_known_prefixes({"module.a.weight": t, "module.b.weight": t, "a.weight": t}, own)
+    assert sorted(sd) == ["a.weight", "module.a.weight", "module.b.weight"] and removed == []
 
 
 def test_eval_weights_file_checks_fit_in_one_line(tmp_path):

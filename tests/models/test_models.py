@@ -767,3 +767,42 @@ def test_a_checkpoint_of_the_other_dim_mul_in_att_says_so():
         with pytest.raises(ValueError, match=want) as e:
             load_backbone_into_classifier(model, {k: torch.zeros(v.shape) for k, v in states[not att].items()})
         assert "another model size" not in str(e.value)
+
+
+def test_a_vit_refuses_attention_backends_it_cannot_use():
+    """A ViT has no relative positions: its attention is SDPA or the reference. ``triton`` or
+    ``xformers`` (or a misspelt name through ``set_attn_backend``) ran SDPA silently, so a backend
+    comparison on a ViT gave the same numbers; MViT refused the same request."""
+    with pytest.raises(ValueError, match=r"vit_tiny: attn_backend='triton' does nothing: a ViT has no relative"):
+        create_model("vit_tiny", "classify", num_classes=3, attn_backend="triton")
+    vit = create_model("vit_tiny", "classify", num_classes=3)
+    with pytest.raises(ValueError, match=r"\('auto', 'reference', 'sdpa'\) \(no relative positions here\), got 'xformers'"):
+        vit.set_attn_backend("xformers")
+    vit.set_attn_backend("reference")
+    mvit = create_model("mvitv2_tiny", "classify", num_classes=3)
+    with pytest.raises(ValueError, match=r"attn_backend must be one of .*'triton'\), got 'trition'"):
+        mvit.set_attn_backend("trition")
+
+
+@pytest.mark.parametrize("name,shape", [("mvitv2_tiny", (0, 3, 8, 64, 64)), ("vit_tiny", (0, 3, 64, 64)),
+                                        ("mvitv2_tiny_image", (0, 3, 64, 64))])
+def test_an_empty_batch_goes_through(name, shape):
+    """B = 0 (the kernels take it): the model's reshapes inferred a -1 from 0 elements and failed."""
+    clf = create_model(name, "classify", num_classes=4)
+    assert clf(torch.zeros(shape)).shape == (0, 4)
+    pre = create_model(name, "pretrain")
+    grid = pre.mask_grid(*shape[2:])
+    assert pre(torch.zeros(shape), torch.zeros((0, *grid), dtype=torch.bool)).loss.item() == 0.0
+
+
+def test_q_k_v_of_mixed_dtypes_are_brought_to_one():
+    """CUDA autocast runs the pooled q/k/v's LayerNorm in fp32 while an unpooled one stays bf16: the
+    attention refused the mix. Under autocast fp32 ones take its dtype; otherwise the widest."""
+    from models.mvit import same_dtype
+
+    a, b = torch.zeros(2), torch.zeros(2, dtype=torch.bfloat16)
+    assert [t.dtype for t in same_dtype(a, b, b)] == [torch.float32] * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert [t.dtype for t in same_dtype(a, b, a)] == [torch.bfloat16] * 3
+    same = same_dtype(a, a, a)
+    assert all(t is a for t in same)  # nothing to do: no copy

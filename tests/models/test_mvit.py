@@ -170,12 +170,13 @@ def _official_attention(attn, x, thw):
     return attn.proj(out.transpose(1, 2).reshape(B, -1, attn.dim_out))
 
 
-@pytest.mark.parametrize("thw", [(2, 8, 8), (2, 8, 6)], ids=["square", "wide"])
+@pytest.mark.parametrize("thw", [(2, 8, 8), (2, 8, 6), (1, 8, 8)], ids=["square", "wide", "one_frame"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_matches_the_official_formulation_bitwise(dtype, thw):
     """Output and every gradient equal the official formulation's bit for bit (the model avoids its
     zero-filled slice/select gradients, which the host pays for at every block); at the nominal
-    grid and at a narrower one, whose tables are interpolated at run time."""
+    grid, at a narrower one, whose tables are interpolated at run time, and at one frame (the official
+    code still adds q·Rt[0] to the non-cls keys: dropping that term passed the model tests)."""
     torch.manual_seed(0)
     attn = MultiScaleAttention(16, 32, (2, 8, 8), 2, kernel_q=(3, 3, 3), kernel_kv=(3, 3, 3), stride_q=(1, 2, 2),
                                stride_kv=(1, 2, 2), attn_backend="sdpa").to(dtype)
@@ -309,16 +310,20 @@ def _plain_block(blk, x, thw):
     return x + drop(m), thw_new
 
 
+@pytest.mark.parametrize("dim_mul_in_att", [False, True], ids=["maskfeat", "dim_mul_in_att"])
 @pytest.mark.parametrize("train", [False, True])
-def test_blocks_and_the_mean_pooling_head_against_plain_ops(train):
+def test_blocks_and_the_mean_pooling_head_against_plain_ops(train, dim_mul_in_att):
     """Every block of a classifier (skip pooling, width changes, drop path 0.5 in training) and the
     MaskFeat fine-tuning head (mean of the non-cls tokens, then LayerNorm, then the projection)
     against the official forward written in plain ops: a LayerNorm eps of 1e-5, a tanh GELU, DropPath
-    without its 1/keep, or the norm before the mean passed every other test."""
+    without its 1/keep, or the norm before the mean passed every other test. Also the supervised
+    layout (``dim_mul_in_att``: the shortcut projected from norm1; projecting x passed every test)."""
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    m = create_model("mvitv2_tiny", "classify", num_classes=5, attn_backend="reference", drop_path_rate=0.5)
+    m = create_model("mvitv2_tiny", "classify", num_classes=5, attn_backend="reference", drop_path_rate=0.5,
+                     dim_mul_in_att=dim_mul_in_att)
+    assert any(b.dim_mul_in_att for b in m.blocks) == dim_mul_in_att
     m.train(train)
     x0 = torch.randn(2, 3, 8, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
