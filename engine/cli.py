@@ -374,8 +374,9 @@ def out_of_memory_hint(cfg, command: str, error: BaseException) -> str:
 
     first = str(error).strip().splitlines()[0] if str(error).strip() else "CUDA out of memory"
     batch = cfg.data.batch_size
-    if command == "eval":
-        fix = f"lower data.batch_size (now {batch})"
+    ev = ("data.eval_batch_size", cfg.data.eval_batch_size) if cfg.data.eval_batch_size else ("data.batch_size", batch)
+    if command == "eval":  # (evaluation batches hold data.eval_batch_size views when it is set)
+        fix = f"lower {ev[0]} (now {ev[1]})"
     else:
         ac = cfg.model.activation_checkpointing
         fix = (f"lower data.batch_size (now {batch} per GPU; the LR follows the global batch)"
@@ -383,7 +384,9 @@ def out_of_memory_hint(cfg, command: str, error: BaseException) -> str:
                   f", or recompute {'more ' if ac else ''}blocks in backward instead of keeping their activations: "
                   f"model.activation_checkpointing=N for the first N blocks (now {int(ac)}), =true for all "
                   f"(`python -m bench.model_step --count-only --model {cfg.model.name} --batch {batch} --backends "
-                  "auto,auto+ckpt` counts what each keeps)"))
+                  "auto,auto+ckpt` counts what each keeps)")
+               + (f"; if it ran out in an evaluation, lower {ev[0]} (now {ev[1]})"
+                  if command == "finetune" and cfg.data.eval_batch_size else ""))
     latest = find_latest(cfg.train.output_dir, resumable=True) if command != "eval" else None
     return (f"out of GPU memory: {first}. To fit, {fix}."
             + (f" The last complete checkpoint is {latest} (--resume auto continues from it)." if latest else ""))

@@ -118,11 +118,28 @@ def check_input_geometry(cfg: Config) -> None:
     with torch.device("meta"):
         try:
             model = build_pretrain_model(cfg)
-        except ValueError as e:  # MaskFeat's own checks: e.g. a pretrain_depth whose output stride misses the cell
-            raise ConfigError(f"model.name={cfg.model.name} with model.overrides: {e}") from None
+        except ConfigError:  # (check_model_config's: they name their own setting)
+            raise
+        except (ValueError, RuntimeError) as e:  # MaskFeat's own checks (a pretrain_depth whose output stride
+            # misses the HOG cell), or a crop too small for the patch embedding (a negative size)
+            given = f" with model.overrides={cfg.model.overrides}" if cfg.model.overrides else ""
+            raise ConfigError(f"model.name={cfg.model.name} does not build for data.crop_size={cfg.data.crop_size}, "
+                              f"data.num_frames={cfg.data.num_frames}{given}: {e}") from None
     crop, frames = cfg.data.crop_size, cfg.data.num_frames
     image = cfg.data.dataset == "image_folder"
     p, ts = model.feat_stride[1], model.temporal_stride
+    o = model.hog_options
+
+    def hog_error(c: int) -> Optional[str]:  # the HOG window must tile the frame (a ValueError at the first step)
+        if model.target != "hog":
+            return None
+        from kernels.hog.reference import check_hog_args
+
+        try:
+            check_hog_args((1, 3, c, c), p, o["cell"], o["nbins"], o["gaussian_window"], o["norm"])
+        except ValueError as e:
+            return str(e)
+        return None
 
     def mask_error(c: int) -> Optional[str]:
         grid = model.mask_grid(*((c, c) if image else (frames, c, c)))
@@ -132,16 +149,17 @@ def check_input_geometry(cfg: Config) -> None:
             return str(e)
         return None
 
-    def fix(err: str = "") -> str:
-        # the crop nearest to this one (a multiple of the stride; the smaller of two) whose token grid can be
-        # masked; a ratio that masks nothing can also be raised, and is the only fix when no crop up to 4x
-        # this one helps (frame masking: too few temporal slices for the ratio)
+    def fix(ratio_too: bool = False) -> str:
+        # the crop nearest to this one (a multiple of the stride; the smaller of two) whose targets and token
+        # grid work; a ratio that masks nothing can also be raised, and is the only fix when no crop up to 4x
+        # this one masks anything (frame masking: too few temporal slices for the ratio)
         ratio = f"raise mask.ratio{'' if image or cfg.mask.kind != 'frame' else ' or data.num_frames'}"
-        ok = [c for c in range(p, max(4 * crop, 16 * p) + 1, p) if c != crop and mask_error(c) is None]
+        sizes = range(p, max(4 * crop, 16 * p) + 1, p)
+        ok = [c for c in sizes if c != crop and hog_error(c) is None and mask_error(c) is None]
         if not ok:
-            return f"({ratio})"
+            return f"({ratio})" if ratio_too else f"(e.g. data.crop_size={max(p, round(crop / p) * p)})"
         crop_fix = f"e.g. data.crop_size={min(ok, key=lambda c: (abs(c - crop), c))}; the recipes use 224"
-        return f"({ratio}, or {crop_fix})" if err.startswith("ratio") else f"({crop_fix})"
+        return f"({ratio}, or {crop_fix})" if ratio_too else f"({crop_fix})"
 
     if crop % p:
         raise ConfigError(f"data.crop_size={crop} is not a multiple of {cfg.model.name}'s output-token stride {p}: "
@@ -149,18 +167,13 @@ def check_input_geometry(cfg: Config) -> None:
     if not image and frames % ts:
         raise ConfigError(f"data.num_frames={frames} is not a multiple of the temporal stride {ts} of "
                           f"{cfg.model.name}")
-    if model.target == "hog":  # the window must tile the frame (a ValueError at the first step, after overwrite)
-        from kernels.hog.reference import check_hog_args
-
-        o = model.hog_options
-        try:
-            check_hog_args((1, 3, crop, crop), p, o["cell"], o["nbins"], o["gaussian_window"], o["norm"])
-        except ValueError as e:
-            raise ConfigError(f"data.crop_size={crop} with the HOG options of model.overrides: {e}") from None
+    err = hog_error(crop)
+    if err:
+        raise ConfigError(f"data.crop_size={crop} with the HOG options of model.overrides: {err} {fix()}")
     err = mask_error(crop)
     if err:
         where = f"data.crop_size={crop}" + ("" if image else f", data.num_frames={frames}")
-        raise ConfigError(f"{where}: {err} {fix(err)}")
+        raise ConfigError(f"{where}: {err} {fix(ratio_too=err.startswith('ratio'))}")
 
 
 def run_pretrain(cfg: Config, resume: Optional[str] = None) -> dict:

@@ -113,9 +113,18 @@ def test_input_geometry_the_targets_or_masks_cannot_take_is_a_config_error_befor
         check_input_geometry(load_config(demo, ["mask.kind=frame", "mask.ratio=0.1"]))
     with pytest.raises(ConfigError, match=r"ratio 0.1 masks nothing .*\(raise mask.ratio, or e\.g\. data\.crop_size=96;"):
         check_input_geometry(load_config(demo, ["mask.kind=tube", "mask.ratio=0.1"]))
-    # MaskFeat's own refusal is a config error too (it was a ValueError traceback, exit 1)
-    with pytest.raises(ConfigError, match=r"model.overrides: output stride 4 is not a multiple of the HOG cell 8"):
+    # the hint's crop fits the HOG window too (it named 64 for a window of 48)
+    with pytest.raises(ConfigError, match=r"crop_size=48, .*grid \(4, 3, 3\) \(e\.g\. data\.crop_size=96;"):
+        check_input_geometry(load_config(demo, ["model.overrides={hog_gaussian_window: 48}", "data.crop_size=48"]))
+    # MaskFeat's own refusal is a config error too (it was a ValueError traceback, exit 1), and so is a crop
+    # too small for the patch embedding (a RuntimeError traceback); the model's own checks keep their words
+    with pytest.raises(ConfigError, match=r"does not build for data.crop_size=64, data.num_frames=8 with "
+                                          r"model.overrides=\{'pretrain_depth': 0\}: output stride 4 is not a mul"):
         run_pretrain(load_config(demo, ["model.overrides={pretrain_depth: 0}", f"train.output_dir={out}"]))
+    with pytest.raises(ConfigError, match=r"mvitv2_tiny does not build for data.crop_size=8, data.num_frames=8: "):
+        check_input_geometry(load_config(demo, ["data.crop_size=8"]))
+    with pytest.raises(ConfigError, match=r"^model: mvitv2_tiny: the .* patch embedding needs an even num_frames"):
+        check_input_geometry(load_config(demo, ["data.num_frames=7"]))
     # a HOG window that does not tile the crop (raised in the first step's targets, after
     # train.overwrite had cleared the previous run), and a window of 1 (no Gaussian at all)
     with pytest.raises(ConfigError, match=r"crop_size=64 .*multiples of gaussian_window=48"):

@@ -616,6 +616,16 @@ def test_cli_out_of_memory_exits_6_with_what_to_change(monkeypatch, capsys, tmp_
     assert cli.main(["pretrain", "-c", TINY, out, "model.activation_checkpointing=true"]) == 6
     assert "activation_checkpointing" not in capsys.readouterr().err  # already on: only the batch is left
 
+    # evaluation batches hold data.eval_batch_size views when it is set: that is what to lower
+    from engine.config import load_config
+
+    cfg = load_config(TINY, ["data.eval_batch_size=8"])
+    oom = torch.OutOfMemoryError("CUDA out of memory.")
+    assert "To fit, lower data.eval_batch_size (now 8)." in cli.out_of_memory_hint(cfg, "eval", oom)
+    assert "if it ran out in an evaluation, lower data.eval_batch_size (now 8)" in cli.out_of_memory_hint(
+        cfg, "finetune", oom)
+    assert "To fit, lower data.batch_size (now 2)." in cli.out_of_memory_hint(load_config(TINY), "eval", oom)
+
     monkeypatch.setattr(engine.pretrain, "run_pretrain", lambda cfg, resume=None: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # anything else still raises
         cli.main(["pretrain", "-c", TINY, out])
