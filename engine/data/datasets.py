@@ -390,7 +390,7 @@ def _walk_files(folder: str) -> list[str]:
         dirnames[:] = keep
         out += [os.path.join(dirpath, fn) for fn in sorted(filenames) if not fn.startswith(".")]
     if unread:
-        log.warning("%s: %d folder(s) under it cannot be read, their files are not listed: %s", folder, len(unread),
+        log.warning("%s: %d folder(s) cannot be read, their files are not listed: %s", folder, len(unread),
                     "; ".join(f"{e.filename} ({e.strerror or e})" for e in unread[:5]))
     return out
 

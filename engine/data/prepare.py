@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import math
 import os
 import re
 import shutil
@@ -122,6 +123,10 @@ def _count_packets(path: str) -> int:
 NAME_MAX = 255
 """Bytes in one file name (Linux filesystems)."""
 
+RUN_TOKEN_ENV = "MASKFEAT_PREPARE_RUN"
+"""Environment variable (set by :func:`prepare_dataset` for its worker processes) naming the run in
+its temporary file names (``.<name>.<token>.part<pid>``)."""
+
 
 def encode_video(src: str, dst: str, *, codec: str = "vp9", short_side: int = 320, fps: float = 0.0,
                  gop: int = 16, crf: Optional[int] = None) -> int:
@@ -142,11 +147,15 @@ def encode_video(src: str, dst: str, *, codec: str = "vp9", short_side: int = 32
         raise ValueError(f"the output name {name!r} is {len(os.fsencode(name))} bytes, over the filesystem's "
                          f"{NAME_MAX}: shorten the source file's name")
     os.makedirs(os.path.dirname(os.path.abspath(dst)) or ".", exist_ok=True)
-    tmp_name = f".{name}.part{os.getpid()}"
+    # the run's token in the name: two runs in separate pid namespaces (containers) sharing DST have workers
+    # of the same pids, which wrote one temporary file together (and one run's cleanup removed the other's)
+    run = os.environ.get(RUN_TOKEN_ENV, "")
+    tag = f".{run}.part{os.getpid()}" if run else f".part{os.getpid()}"
+    tmp_name = f".{name}{tag}"
     if len(os.fsencode(tmp_name)) > NAME_MAX:  # a long (CJK, downloaded-title) name: a short temporary one
         import hashlib
 
-        tmp_name = f".{hashlib.sha1(os.fsencode(name)).hexdigest()[:20]}.part{os.getpid()}"
+        tmp_name = f".{hashlib.sha1(os.fsencode(name)).hexdigest()[:20]}{tag}"
     tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), tmp_name)
     try:
         written, decoded = _encode(src, tmp, encoder, fmt, codec, short_side, fps, gop,
@@ -412,22 +421,29 @@ def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int =
     problem = folder_write_problem(dst)  # (every file used to be tried, then the lists' write failed)
     if problem:
         raise DataError(f"DST {dst} cannot be written ({problem}): choose a writable output folder")
-    check_settings(dst, {"codec": codec, "short_side": short_side, "fps": fps, "gop": gop},
-                   existing=len(source) - len(todo))
+    check_settings(dst, codec, {"short_side": short_side, "fps": fps, "gop": gop}, existing=len(source) - len(todo))
     remove_stale_parts(dst)
     if todo:
         from engine.logging import work_progress
 
         workers = max(1, workers)
-        with work_progress(len(todo), "prepare", "video", enabled=progress) as bar:
-            pending = todo
-            while pending:  # a worker process that dies (killed: out of memory?) breaks the pool: start a new one
-                ended, pending = _run_jobs(pending, workers, result.failures, bar)
-                if pending and not ended:  # it died before any job ended: the culprit is among the first started
-                    for t in pending[:workers]:
-                        _run_alone(t, result.failures)  # each in its own process: one that dies again is named
-                        bar.update(1)
-                    pending = pending[workers:]
+        before = os.environ.get(RUN_TOKEN_ENV)
+        os.environ[RUN_TOKEN_ENV] = os.urandom(4).hex()  # (the workers inherit it, whatever the start method)
+        try:
+            with work_progress(len(todo), "prepare", "video", enabled=progress) as bar:
+                pending = todo
+                while pending:  # a worker process that dies (killed: out of memory?) breaks the pool: a new one
+                    ended, pending = _run_jobs(pending, workers, result.failures, bar)
+                    if pending and not ended:  # it died before any job ended: the culprit is among the first
+                        for t in pending[:workers]:
+                            _run_alone(t, result.failures)  # each in its own process: one that dies again is named
+                            bar.update(1)
+                        pending = pending[workers:]
+        finally:
+            if before is None:
+                os.environ.pop(RUN_TOKEN_ENV, None)
+            else:
+                os.environ[RUN_TOKEN_ENV] = before
     failed = {mapping[f] for f in result.failures}  # (by output: a file listed under two spellings)
     for split, ds in splits.items():
         entries = [(mapping[p], l) for p, l in zip(ds.paths, ds.labels) if mapping[p] not in failed]
@@ -444,40 +460,43 @@ SETTINGS_FILE = ".prepare.json"
 """In DST: the encoding settings of its videos (codec, short side, fps, GOP), compared by each run."""
 
 
-def check_settings(dst: str, settings: dict[str, Any], existing: int) -> None:
-    """Record ``settings`` in ``DST/.prepare.json``, or compare them with those recorded there: a run
-    with other settings would skip the ``existing`` outputs (their names are taken) and mix two
-    encodings silently (a re-run at ``--short-side 403`` kept every 320 px video). DataError then. A
-    DST with outputs and no record (an older version's) is left unrecorded: its settings are unknown."""
+def check_settings(dst: str, codec: str, settings: dict[str, Any], existing: int) -> None:
+    """Record ``settings`` (short side, fps, GOP) of ``codec``'s outputs in ``DST/.prepare.json`` (one
+    entry per codec: each has its own file names), or compare them with the entry there: a run with
+    other settings would skip the ``existing`` outputs (their names are taken) and mix two encodings
+    silently (a re-run at ``--short-side 403`` kept every 320 px video). DataError then. An entry with
+    no output of its codec left is replaced; a DST with outputs and no entry (an older version's) is
+    left unrecorded: their settings are unknown."""
     import json
 
     path = os.path.join(dst, SETTINGS_FILE)
     try:
         with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+            record = json.load(f)
     except FileNotFoundError:
-        saved = None
+        record = {}
     except (OSError, ValueError) as e:
         raise DataError(f"{path} is unreadable ({e}): delete it if DST's videos are to be kept as they are") from e
-    if saved is not None and not isinstance(saved, dict):
+    if not isinstance(record, dict) or not all(isinstance(v, dict) for v in record.values()):
         raise DataError(f"{path} is not a settings record: delete it if DST's videos are to be kept as they are")
+    saved = record.get(codec)
     if saved is not None:
         other = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
         if not other:
             return
         if existing:
             said = ", ".join(f"{k} {a} (now {b})" for k, (a, b) in sorted(other.items()))
-            raise DataError(f"DST {dst} holds videos prepared with other settings: {said}. Existing outputs are "
-                            "skipped, so the dataset would mix both: use a new DST, re-run with the recorded "
-                            f"settings, or delete DST's videos and {SETTINGS_FILE}")
+            raise DataError(f"DST {dst} holds {codec} videos prepared with other settings: {said}. Existing outputs "
+                            "are skipped, so the dataset would mix both: use a new DST, re-run with the recorded "
+                            f"settings, or delete DST's {codec} videos and {SETTINGS_FILE}")
     elif existing:
-        log.warning("DST %s holds %d output(s) of an earlier prepare that recorded no settings: they are kept as "
-                    "they are, whatever their encoding", dst, existing)
+        log.warning("DST %s holds %d %s output(s) of an earlier prepare that recorded no settings: they are kept "
+                    "as they are, whatever their encoding", dst, existing, codec)
         return
     from engine.checkpoint import write_text_atomic
 
     os.makedirs(dst, exist_ok=True)
-    write_text_atomic(path, json.dumps(settings, sort_keys=True))
+    write_text_atomic(path, json.dumps({**record, codec: settings}, sort_keys=True))
 
 
 def _run_jobs(todo: list, workers: int, failures: dict[str, str], bar) -> tuple[int, list]:
@@ -514,12 +533,13 @@ def _run_jobs(todo: list, workers: int, failures: dict[str, str], bar) -> tuple[
         ex.shutdown(wait=True, cancel_futures=True)
         # a worker killed by a signal (the OOM killer; SIGTERM from SLURM) never removed its temporary file,
         # and the next run waited STALE_PART_S before it did; every process of this pool has ended now
-        _remove_parts_of({os.path.dirname(t[1]) for t in todo}, pids)
+        _remove_parts_of({os.path.dirname(t[1]) for t in todo}, pids, os.environ.get(RUN_TOKEN_ENV, ""))
     return ended, [t for f, t in futures.items() if f in lost] + unsubmitted
 
 
-def _remove_parts_of(folders: set[str], pids: set[int]) -> None:
-    """Remove the temporary files of the (ended) processes ``pids`` in ``folders``."""
+def _remove_parts_of(folders: set[str], pids: set[int], run: str) -> None:
+    """Remove the temporary files of this run's (ended) processes ``pids`` in ``folders`` (``run``: its
+    token; a run in another pid namespace has processes of the same numbers)."""
     for folder in folders:
         try:
             names = os.listdir(folder)
@@ -527,7 +547,7 @@ def _remove_parts_of(folders: set[str], pids: set[int]) -> None:
             continue
         for name in names:
             m = _PART.match(name)
-            if m is not None and int(m.group(1)) in pids:
+            if m is not None and int(m.group(1)) in pids and (not run or f".{run}.part" in name):
                 try:
                     os.remove(os.path.join(folder, name))
                 except OSError:
@@ -544,7 +564,7 @@ def _run_alone(job: tuple, failures: dict[str, str]) -> None:
             s, err = fut.result()
         except BrokenProcessPool:
             s, err = job[0], "the process encoding it died (killed by a signal: out of memory?)"
-    _remove_parts_of({os.path.dirname(job[1])}, pids)
+    _remove_parts_of({os.path.dirname(job[1])}, pids, os.environ.get(RUN_TOKEN_ENV, ""))
     if err:
         failures[s] = err
 
@@ -656,8 +676,9 @@ def build_prepare_parser() -> argparse.ArgumentParser:
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on (a SLURM or cgroup allocation; ``os.cpu_count`` counts the whole
-    node: 128 encoders on a node where 8 CPUs were given)."""
+    """The CPUs this process may run on (its affinity: a SLURM or cpuset allocation; ``os.cpu_count``
+    counts the whole node: 128 encoders on a node where 8 CPUs were given). A CPU quota (``docker
+    --cpus``, a Kubernetes limit) does not show here: pass ``--workers`` there."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # (no affinity on macOS)
@@ -713,7 +734,7 @@ def prepare_main(argv: list[str]) -> int:
     for name in ("short_side", "gop", "workers", "min_frames"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.fps < 0:
+    if not math.isfinite(args.fps) or args.fps < 0:  # (nan passed: every run then differed from its record)
         ap.error(f"--fps must be 0 (keep the source rate) or positive, got {args.fps}")
     if args.full and not args.check:  # (before DST's check: `prepare SRC --full` was told DST is required)
         ap.error("--full goes with --check (prepare itself decodes every frame)")

@@ -147,7 +147,7 @@ def test_a_folder_that_cannot_be_read_is_named_in_a_warning(tmp_path, caplog, mo
     monkeypatch.setattr(os, "scandir", scandir)
     with caplog.at_level(logging.WARNING, logger="engine.data.datasets"):
         assert len(load_dataset("folder", root, "train", EXT).paths) == 1
-    assert "cats: 1 folder(s) under it cannot be read, their files are not listed: " in caplog.text
+    assert "cats: 1 folder(s) cannot be read, their files are not listed: " in caplog.text
     assert "locked (Permission denied)" in caplog.text
 
 

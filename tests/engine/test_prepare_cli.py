@@ -181,16 +181,22 @@ def test_a_rerun_with_other_settings_over_existing_outputs_is_a_data_error(tmp_p
     src, dst = tmp_path / "src", tmp_path / "dst"
     make_clip(str(src / "a" / "v.mkv"))
     assert prepare_main([str(src), str(dst), *FAST]) == 0
-    assert json.loads((dst / SETTINGS_FILE).read_text()) == {"codec": "vp9", "fps": 0.0, "gop": 4, "short_side": 16}
+    assert json.loads((dst / SETTINGS_FILE).read_text()) == {"vp9": {"fps": 0.0, "gop": 4, "short_side": 16}}
     assert prepare_main([str(src), str(dst), *FAST]) == 0  # the same settings: a resume
     capsys.readouterr()
     assert prepare_main([str(src), str(dst), *FAST, "--short-side", "24", "--fps", "10"]) == 5
     err = capsys.readouterr().err
-    assert "holds videos prepared with other settings: fps 0.0 (now 10.0), short_side 16 (now 24)" in err, err
-    os.remove(dst / "a" / "v.webm")  # no output left: the record is replaced
+    assert "holds vp9 videos prepared with other settings: fps 0.0 (now 10.0), short_side 16 (now 24)" in err, err
+    # each codec has its own entry (its own file names): h264 beside vp9, then vp9 again as recorded
+    assert prepare_main([str(src), str(dst), *FAST, "--short-side", "24", "--codec", "h264"]) == 0
+    assert prepare_main([str(src), str(dst), *FAST]) == 0
+    assert json.loads((dst / SETTINGS_FILE).read_text())["h264"]["short_side"] == 24
+    os.remove(dst / "a" / "v.webm")  # no vp9 output left: its entry is replaced
     assert prepare_main([str(src), str(dst), *FAST, "--short-side", "24"]) == 0
-    assert json.loads((dst / SETTINGS_FILE).read_text())["short_side"] == 24
+    assert json.loads((dst / SETTINGS_FILE).read_text())["vp9"]["short_side"] == 24
     assert probe_video(str(dst / "a" / "v.webm")).info.height == 24
+    with pytest.raises(SystemExit):  # nan: its record never matched itself
+        prepare_main([str(src), str(dst), *FAST, "--fps", "nan"])
 
 
 def test_source_without_increasing_timestamps_keeps_every_frame(tmp_path):
@@ -326,7 +332,9 @@ def _job_that_kills_its_process(args):
     if os.path.basename(args[0]).startswith("killer"):
         folder = os.path.dirname(args[1])
         os.makedirs(folder, exist_ok=True)
-        open(os.path.join(folder, f".{os.path.basename(args[1])}.part{os.getpid()}"), "w").close()
+        run = os.environ[P.RUN_TOKEN_ENV]  # (the run's token: another run's files of the same pid are not ours)
+        open(os.path.join(folder, f".{os.path.basename(args[1])}.{run}.part{os.getpid()}"), "w").close()
+        open(os.path.join(folder, f".{os.path.basename(args[1])}.0other00.part{os.getpid()}"), "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
     return P._real_job(args)
 
@@ -362,8 +370,12 @@ def test_a_worker_killed_mid_encode_is_named_and_the_rest_is_done(tmp_path, caps
     leftovers = [f for f in all_files(dst) if ".part" in f]
     # the killed workers' temporary files are removed once the pool ended (they stayed until a run 10
     # minutes later); the fresh one of another host is kept
-    assert not old.exists() and leftovers == ["cls/.new.webm.part999999998"], leftovers
-    os.utime(fresh, (0, 0))
+    # (and another run's file of a killed worker's pid: a container's run sharing DST)
+    other = [f for f in leftovers if ".0other00.part" in f]
+    assert not old.exists() and sorted(leftovers) == sorted(["cls/.new.webm.part999999998", *other]), leftovers
+    assert other and all(f.startswith("cls/.killer.webm.0other00.part") for f in other), other
+    for f in leftovers:
+        os.utime(dst / f, (0, 0))
     monkeypatch.setattr(P, "_job", P._real_job)
     assert prepare_main([str(src), str(dst), *FAST]) == 0  # the rerun encodes it and cleans the dead ones' files
     assert [f for f in all_files(dst) if ".part" in f] == []
