@@ -23,7 +23,9 @@ the pooled (B·nh, hd, T', H', W') output, then its backward (the view's and the
 gradients); ``triton.testing.do_bench``'s median. ``host µs`` (CUDA): the CPU time of one such
 call, from batches queued behind a sleep kernel (``bench.attention_host.host_us_cuda``): where it
 is near ``ms``, the call's time is the host's. ``err``: max|Δ|/max|ref| of the output, the input's
-and the weight's gradient against the same computation in fp32. ``per step``: Σ count × ms over the
+and the weight's gradient against the same computation in fp32; a ``triton`` row beyond
+:data:`ERR_TOL` (3x torch's own worst bf16 error on an H200) fails the run, exit 3, after the files are
+written (a wrong kernel passed with its timings). ``per step``: Σ count × ms over the
 model's convolutions, what one training step spends in them; ``auto (derived)``: the same sum over
 the layout ``kernels.pool.auto_backend`` picks for each convolution (``triton`` or ``contiguous``),
 from those two layouts' rows, not timed as one.
@@ -42,6 +44,7 @@ import contextlib
 import datetime
 import functools
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -107,6 +110,17 @@ def make_case(conv: dict, batch: int, layout: str, device: torch.device, dtype: 
             return depthwise_conv3d(x, weight, conv["stride"], conv["padding"], backend="triton")
         return torch.nn.functional.conv3d(x, weight, None, conv["stride"], conv["padding"], 1, C)
     return run, (qkv, weight)
+
+
+ERR_TOL = {torch.bfloat16: 2.5e-2, torch.float32: 1e-4}
+"""The largest ``err`` of our kernels' rows, by dtype (torch's layouts on an H200 in bf16: at most 1.1e-2)."""
+
+
+def failed_checks(convs: list[dict], dtype: torch.dtype) -> list[str]:
+    """Our (``triton``) rows whose output or gradients are off by more than :data:`ERR_TOL`."""
+    tol = ERR_TOL[dtype]
+    return [f"{c['first']} {r['layout']}: {k} {r[k]:.1e} > {tol:g}" for c in convs for r in c["results"]
+            if r["layout"] == "triton" for k in ("err_out", "err_dx", "err_dw") if not r[k] <= tol]
 
 
 def _backend_flags(layout: str):
@@ -268,6 +282,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     for k, v in per_step.items():
         print(f"per step  {k:<20} {v:8.2f} ms")
     print("wrote", *paths)
+    failed = failed_checks(convs, dtype)
+    if failed:  # timed and written, but a wrong kernel must not pass as a benchmark run (bench/gpu_check reads rc)
+        print(f"MISMATCH against fp32: {'; '.join(failed)}", file=sys.stderr)
+        sys.exit(3)
 
 if __name__ == "__main__":
     main()

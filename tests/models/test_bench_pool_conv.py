@@ -120,3 +120,20 @@ def test_layouts_differ_only_in_memory():
     assert not seen["channels_last"].is_contiguous()
     assert seen["contiguous"].is_contiguous()
     assert torch.equal(seen["channels_last"], seen["contiguous"])
+
+
+def test_a_wrong_triton_pooling_fails_the_run_after_writing_it(tmp_path, monkeypatch, capsys):
+    """bench/gpu_check reads exit codes only: a Triton pooling 50 % off passed with exit 0 and its
+    timings. It exits 3 now, once the files are written."""
+    import pytest
+
+    from kernels import pool
+
+    real = pool.depthwise_conv3d
+    monkeypatch.setattr(pool, "depthwise_conv3d",
+                        lambda x, w, stride, padding, backend="auto": real(x, w, stride, padding, backend=backend) * 1.5)
+    with pytest.raises(SystemExit) as e:
+        pool_conv.main(["--device", "cpu", "--quick", "--layouts", "contiguous,triton", "--out", str(tmp_path)])
+    assert e.value.code == 3
+    assert "MISMATCH against fp32:" in capsys.readouterr().err
+    assert next(tmp_path.glob("pool_conv_cpu_*.json"))  # written first
