@@ -137,7 +137,7 @@ def _has_weights(path: str) -> bool:
 
 
 def _has_state(path: str) -> bool:
-    return bool(glob.glob(os.path.join(path, "engine_state_r*.pt")))
+    return bool(_state_files(path))
 
 
 def is_complete(path: str) -> bool:
@@ -163,7 +163,7 @@ def _missing_shards(path: str) -> bool:
     stage = _saved_zero_stage(path) or 0
     if stage < 1:
         return False
-    ranks = {_file_rank(f) for f in glob.glob(os.path.join(path, "engine_state_r*.pt"))} or {0}
+    ranks = {_file_rank(f) for f in _state_files(path)} or {0}
     return not ranks <= _shard_ranks(path, "optim") or (stage == 3 and not ranks <= _shard_ranks(path, "model"))
 
 
@@ -669,7 +669,7 @@ def _saved_step_and_position(path: str) -> tuple[Optional[int], Optional[float]]
     """``train_state.step`` of a tag's first rank state, and where the tag stands in epochs (that
     step over the batches per epoch it was saved with: comparable across a change of global batch,
     which step numbers are not); None for what is unreadable or, for the position, not recorded."""
-    files = sorted(glob.glob(os.path.join(path, "engine_state_r*.pt")))
+    files = _state_files(path)
     try:
         state = torch.load(files[0], map_location="cpu", weights_only=False)
         step = int(state["train_state"]["step"])
@@ -993,7 +993,7 @@ def load_checkpoint(engine: Any, output_dir: str, tag: str, *, load_optimizer: b
         tags = available_tags(ckpt_dir)
         raise ConfigError(f"--resume {tag}: no checkpoint {tag!r} under {ckpt_dir}; available: "
                           + (", ".join(tags) + " (or --resume auto for the latest)" if tags else "none"))
-    files = sorted(glob.glob(os.path.join(path, "engine_state_r*.pt")))
+    files = _state_files(path)
     if not files:
         raise ConfigError(f"--resume {tag}: {path} has no engine_state_r*.pt: not a complete checkpoint of this "
                           f"engine; available: {', '.join(available_tags(ckpt_dir)) or 'none'}")
@@ -1072,9 +1072,18 @@ def _own_files_problem(path: str, rank: int, *, own: bool, same_world: bool, sta
     return None
 
 
+_STATE_RE = re.compile(r"engine_state_r(\d+)\.pt$")
+
+
 def _file_rank(file: str) -> int:
     """The rank that saved ``engine_state_r<rank>.pt``."""
-    return int(re.search(r"engine_state_r(\d+)\.pt$", file).group(1))
+    return int(_STATE_RE.search(file).group(1))
+
+
+def _state_files(path: str) -> list[str]:
+    """The rank-state files of the tag folder ``path``, sorted (a stray ``engine_state_r0 copy.pt``, a
+    desktop's duplicate, is none: it crashed every listing of the tags)."""
+    return sorted(f for f in glob.glob(os.path.join(path, "engine_state_r*.pt")) if _STATE_RE.search(f))
 
 
 _UNREADABLE = (EOFError, pickle.UnpicklingError, RuntimeError, OSError, ValueError, KeyError)

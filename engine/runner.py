@@ -445,12 +445,16 @@ def _uncreatable(out: str) -> Optional[str]:
     if not os.path.isdir(path):
         return f"{path} is a file, not a folder"
     if path != os.path.abspath(out):  # a folder made and removed at once: what the run's makedirs will need
-        probe = os.path.join(path, f".maskfeat-write-test-{os.getpid()}")
-        try:
-            os.mkdir(probe)
-            os.rmdir(probe)
+        import tempfile
+
+        try:  # (a unique name: two jobs of one pid, in two containers, share the parent)
+            probe = tempfile.mkdtemp(prefix=".maskfeat-write-test-", dir=path)
         except OSError as e:
             return f"a folder cannot be made in {path} ({type(e).__name__}: {e.strerror or e})"
+        try:
+            os.rmdir(probe)
+        except OSError:
+            pass  # (made: the folder can be; a leftover empty probe is harmless)
     return None
 
 

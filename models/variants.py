@@ -106,6 +106,8 @@ class Variant:
             raise ValueError(f"{self.name}: target must be one of {TARGETS}, got {self.target!r}")
         if self.hog_norm not in HOG_NORMS:
             raise ValueError(f"{self.name}: hog_norm must be one of {HOG_NORMS}, got {self.hog_norm!r}")
+        if not isinstance(self.hog_signed, bool):  # (1 or "yes" built, then the first step's targets refused it)
+            raise ValueError(f"{self.name}: hog_signed must be true or false, got {self.hog_signed!r}")
         if self.hog_gaussian_window < 0 or self.hog_gaussian_window == 1:
             raise ValueError(f"{self.name}: hog_gaussian_window must be 0 (off) or >= 2, got {self.hog_gaussian_window}")
         if self.attn_backend not in _BACKENDS:

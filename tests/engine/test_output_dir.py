@@ -541,6 +541,8 @@ def test_an_output_dir_that_cannot_be_made_is_a_config_error_before_set_up(tmp_p
     monkeypatch.setattr(os, "mkdir", real)
     prepare_output_dir(_cfg(str(tmp_path / "ro" / "new" / "run")), None)
     assert os.listdir(tmp_path / "ro") == []  # (the probe folder is gone; the run's folder is made later)
+    (tmp_path / "ro" / f".maskfeat-write-test-{os.getpid()}").mkdir()  # another job's of the same pid (a container)
+    prepare_output_dir(_cfg(str(tmp_path / "ro" / "new" / "run")), None)  # (a unique name: no false error)
 
 
 def test_export_says_what_it_wrote(tmp_path, capsys, monkeypatch):

@@ -243,6 +243,10 @@ def test_a_rank_missing_its_own_files_makes_a_tag_incomplete_or_damaged(tmp_path
     os.remove(os.path.join(path, "zero_pp_rank_1_mp_rank_00_model_states.pt"))
     assert not is_complete(path)  # (3 shards for 2 rank states passed the count)
     assert available_tags(os.path.join(out, "checkpoints")) == ["step00000004"]
+    stray = os.path.join(out, "checkpoints", "step00000004", "engine_state_r00000 copy.pt")  # a desktop's duplicate
+    torch.save({}, stray)
+    assert available_tags(os.path.join(out, "checkpoints")) == ["step00000004"]  # (an AttributeError)
+    os.remove(stray)
     # in a world of 1 (this process): its own optimiser shard cut short, or its own state missing
     _fake_checkpoint(out, "step00000010", world=1, stage=1)
     shard = os.path.join(out, "checkpoints", "step00000010", "zero_pp_rank_0_mp_rank_00_optim_states.pt")

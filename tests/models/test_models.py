@@ -806,3 +806,11 @@ def test_q_k_v_of_mixed_dtypes_are_brought_to_one():
         assert [t.dtype for t in same_dtype(a, b, a)] == [torch.bfloat16] * 3
     same = same_dtype(a, a, a)
     assert all(t is a for t in same)  # nothing to do: no copy
+
+
+def test_hog_signed_must_be_a_bool():
+    """``model.overrides.hog_signed=1`` (or ``yes``, a string in YAML 1.2) built, and the first
+    training step's targets refused it (a traceback on every rank after the set-up)."""
+    for bad in (1, "yes"):
+        with pytest.raises(ValueError, match=r"mvitv2_tiny: hog_signed must be true or false"):
+            create_model("mvitv2_tiny", "pretrain", hog_signed=bad)
