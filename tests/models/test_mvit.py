@@ -344,3 +344,19 @@ def test_blocks_and_the_mean_pooling_head_against_plain_ops(train, dim_mul_in_at
         torch.testing.assert_close(m.head(m.pool(feats)), want, rtol=1e-5, atol=1e-6)
         if not train:
             torch.testing.assert_close(m(x0), want, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_takes_q_k_v_of_mixed_dtypes(monkeypatch):
+    """CUDA autocast runs the pooled k/v's LayerNorm in fp32 while an unpooled q stays bf16: the
+    attention refused the mix ("dtypes differ"). The block brings them to one dtype first (here the
+    norms are made to return fp32 on the CPU, where autocast keeps them in bf16)."""
+    torch.manual_seed(0)
+    attn = MultiScaleAttention(16, 16, (2, 8, 8), 2, kernel_q=(1, 1, 1), kernel_kv=(3, 3, 3), stride_q=(1, 1, 1),
+                               stride_kv=(1, 2, 2), attn_backend="reference").to(torch.bfloat16)
+    assert attn.pool_q is None and attn.norm_k is not None  # q unpooled, k and v pooled and normed
+    for norm in (attn.norm_k, attn.norm_v):
+        real = norm.forward
+        monkeypatch.setattr(norm, "forward", lambda t, real=real: real(t).float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, thw = attn(torch.randn(2, 1 + 128, 16).to(torch.bfloat16), (2, 8, 8))
+    assert thw == (2, 8, 8) and out.shape == (2, 129, 16) and out.dtype == torch.bfloat16 and torch.isfinite(out).all()
