@@ -431,8 +431,9 @@ def scan_class_folders(root: str, extensions: tuple[str, ...],
         raise FileNotFoundError(f"dataset folder {root} not found")
     folders = subfolders(root)
     if not folders:
-        raise DataError(f"{root}: no class sub-folders (expected root/<class>/<file>; unlabelled videos for "
-                        f"pre-training go in one folder, e.g. root/all/<file>)")
+        kind = "images" if images else "videos"
+        raise DataError(f"{root}: no class sub-folders (expected {root}/<class>/<file>; unlabelled {kind} for "
+                        f"pre-training go in one folder, e.g. {root}/all/<file>)")
     names = folders if classes is None else [str(c) for c in classes]
     index = {n: i for i, n in enumerate(names)}
     if classes is not None:

@@ -244,8 +244,18 @@ def image_size(data: np.ndarray, check: bool = False) -> tuple[int, int]:
                 if len(buf) < riff:
                     raise ValueError(f"truncated WebP: {len(buf)} bytes, its header says {riff}")
             else:
+                if fmt == "TIFF" and im.mode in TIFF_MODES_MISREAD:  # (decoded wrong without an error, or refused)
+                    raise ValueError(f"TIFF of mode {im.mode} ({TIFF_MODES_MISREAD[im.mode]}): DALI's image decoder "
+                                     "misreads it; convert it (e.g. to PNG) to use it")
                 im.load()  # no cheap completeness check for these formats
     return (width, height) if orientation in _TURNED else (height, width)
+
+
+TIFF_MODES_MISREAD = {"LA": "grey and alpha", "PA": "palette and alpha", "F": "32-bit float", "I": "32-bit integer",
+                      "1": "1-bit"}
+"""Pillow modes of TIFF images DALI 2.4's CPU decoder gets wrong: grey+alpha comes out with the alpha
+as green and the next pixel's grey as blue, float as white, all without an error; 1-bit and 32-bit
+integer ones it refuses (a pipeline restart to find them)."""
 
 
 def centre_crop_box(height: int, width: int, crop: int, fraction: float) -> tuple[float, float, float, float]:

@@ -61,6 +61,10 @@ def _bad_data(kind: str, rng: np.random.Generator) -> bytes:
         return b"this is not an image\n" * 10
     if kind == "png_idat":
         return _bad_png_data(rng)
+    if kind == "tiff_la":  # grey + alpha: DALI decoded it wrong (alpha as green), without an error
+        b = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (30, 40, 2), dtype=np.uint8), "LA").save(b, "TIFF")
+        return b.getvalue()
     raise ValueError(kind)
 
 
@@ -91,9 +95,10 @@ def _batches(loader) -> list[dict]:
 
 # ---- 1: files only DALI's decoder refuses ---------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["truncated", "gif", "text", "png_idat"])
+@pytest.mark.parametrize("kind", ["truncated", "gif", "text", "png_idat", "tiff_la"])
 def test_undecodable_image_is_a_data_error_naming_it(tmp_path, kind):
-    """Training and evaluation; png_idat passes the worker's check and fails inside DALI."""
+    """Training and evaluation; png_idat passes the worker's check and fails inside DALI; a grey+alpha
+    TIFF, which DALI misreads without an error, is refused by the worker's check."""
     from engine.cli import is_data_error
 
     bad = make_folder(tmp_path, kind)
