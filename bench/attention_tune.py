@@ -390,7 +390,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parts = set(args.part.split(","))
     if not parts <= {"profile", "sweep"}:
         raise SystemExit(f"--part takes profile and/or sweep, got {args.part!r}")
-    wanted = {int(x) for x in args.stages.split(",")}
+    try:  # (a typo ran nothing, printed "wrote" and exited 0: gpu_check reported the stage as done)
+        wanted = {int(x) for x in args.stages.split(",") if x.strip()}
+    except ValueError:
+        raise SystemExit(f"--stages takes stage numbers 1-4, got {args.stages!r}") from None
+    if not wanted or not wanted <= {1, 2, 3, 4}:
+        raise SystemExit(f"--stages takes stage numbers 1-4, got {args.stages!r}")
     if device.type == "cuda":
         dtype = torch.bfloat16
         shapes = [s for s in stage_shapes(["L"], device, args.batch) if s.stage in wanted]
@@ -419,6 +424,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             row["sweep"] = sweep(s, inputs, dout, device, save)
         stages.append(row)
         write(Path(args.out), stem, meta, stages)
+    if not stages:
+        raise SystemExit("nothing to tune: no shape of the stages asked for")
     print(f"wrote {Path(args.out) / stem}.{{json,md}}")
 
 
