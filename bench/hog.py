@@ -244,7 +244,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--sweep", action="store_true", help="CUDA: also time every launch configuration of SWEEP_CONFIGS (uint8), each checked against the reference")
+    ap.add_argument("--sweep", action="store_true", help="CUDA: also time every launch configuration of SWEEP_CONFIGS (uint8), each with its largest difference from the reference recorded (correctness: the kernel tests)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

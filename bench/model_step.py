@@ -443,7 +443,7 @@ def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> tupl
         f"step at {meta.get('host_img_size', 64)} px, the same ops on a fraction of the GPU work (CUDA; on CPU = step); "
         "host/step near 1: the CPU sets the pace",
         "- torch ops: aten ops with device work in one step (views and allocations left out); Triton launches: the "
-        "same for our kernels (HOG, attention). Each costs the host a few µs on a GPU machine.",
+        "same for our kernels (HOG, attention, pooling). Each costs the host a few µs on a GPU machine.",
         "",
         "| backend | step ms | min | TFLOP/s | host ms | host / step | GPU kernels ms | kernels / step | torch ops "
         "| Triton launches | peak MiB | note |",
@@ -473,7 +473,7 @@ def write_report(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> tupl
 def _count_lines(rows: list[dict]) -> list[str]:
     lines = [
         "- counts only (`--count-only`), nothing timed: torch ops are aten ops with device work in one step (views and "
-        "allocations left out), Triton launches our kernels' (HOG, attention); each costs the host a few µs on a GPU "
+        "allocations left out), Triton launches our kernels' (HOG, attention, pooling); each costs the host a few µs on a GPU "
         "machine. Neither depends on the input size.",
         "- saved GiB: the activations one forward keeps for backward at the variant's full input size and this batch "
         "(`saved_gib`: every tensor autograd saves, once per storage, parameters left out; meta device, nothing "

@@ -83,3 +83,15 @@ def _copy(path: Path, to: Path) -> Path:
     dst = to / path.name
     dst.write_text(path.read_text())
     return dst
+
+
+@pytest.mark.parametrize("bench", ["hog", "attention"])
+def test_a_failed_check_makes_the_run_exit_3(bench, tmp_path, monkeypatch):
+    """bench/gpu_check reads exit codes only: each benchmark's main exits 3 when a check of ours failed
+    (deleting its sys.exit(3) passed every test). The measuring is stubbed: only main's ending runs."""
+    mod = {"hog": hog, "attention": attention}[bench]
+    monkeypatch.setattr(mod, "bench_shape", lambda *a, **k: [])
+    monkeypatch.setattr(mod, "failed_checks", lambda *a, **k: ["ours wrong"])
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
+    assert e.value.code == 3
