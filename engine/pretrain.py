@@ -150,16 +150,21 @@ def check_input_geometry(cfg: Config) -> None:
         return None
 
     def fix(ratio_too: bool = False) -> str:
-        # the crop nearest to this one (a multiple of the stride; the smaller of two) whose targets and token
-        # grid work; a ratio that masks nothing can also be raised, and is the only fix when no crop up to 4x
-        # this one masks anything (frame masking: too few temporal slices for the ratio)
+        # the crop nearest to this one (a multiple of the stride, never this one; the smaller of two) whose
+        # targets and token grid work; a ratio that masks nothing can also be raised, and is the only fix
+        # when no crop the targets fit masks anything (frame masking: too few temporal slices for the ratio)
         ratio = f"raise mask.ratio{'' if image or cfg.mask.kind != 'frame' else ' or data.num_frames'}"
-        sizes = range(p, max(4 * crop, 16 * p) + 1, p)
-        ok = [c for c in sizes if c != crop and hog_error(c) is None and mask_error(c) is None]
-        if not ok:
-            return f"({ratio})" if ratio_too else f"(e.g. data.crop_size={max(p, round(crop / p) * p)})"
-        crop_fix = f"e.g. data.crop_size={min(ok, key=lambda c: (abs(c - crop), c))}; the recipes use 224"
-        return f"({ratio}, or {crop_fix})" if ratio_too else f"({crop_fix})"
+        sizes = range(p, max(4 * crop, 16 * p, 4 * o["gaussian_window"]) + 1, p)
+        fits = [c for c in sizes if c != crop and hog_error(c) is None]
+        ok = [c for c in fits if mask_error(c) is None]
+        near = lambda cs: min(cs, key=lambda c: (abs(c - crop), c))  # noqa: E731
+        if ok:
+            recipes = "; the recipes use 224" if hog_error(224) is None and mask_error(224) is None else ""
+            crop_fix = f"e.g. data.crop_size={near(ok)}{recipes}"
+            return f"({ratio}, or {crop_fix})" if ratio_too else f"({crop_fix})"
+        if ratio_too or not fits:
+            return f"({ratio})" if ratio_too or mask_error(crop) else "(no crop near it fits these HOG options)"
+        return f"(e.g. data.crop_size={near(fits)}, and {ratio}: no crop masks anything at this ratio)"
 
     if crop % p:
         raise ConfigError(f"data.crop_size={crop} is not a multiple of {cfg.model.name}'s output-token stride {p}: "

@@ -244,7 +244,8 @@ def image_size(data: np.ndarray, check: bool = False) -> tuple[int, int]:
                 if len(buf) < riff:
                     raise ValueError(f"truncated WebP: {len(buf)} bytes, its header says {riff}")
             else:
-                if fmt == "TIFF" and im.mode in TIFF_MODES_MISREAD:  # (decoded wrong without an error, or refused)
+                if fmt == "TIFF" and im.mode in TIFF_MODES_MISREAD and (im.mode != "1" or
+                                                                      im.info.get("compression") == "raw"):
                     raise ValueError(f"TIFF of mode {im.mode} ({TIFF_MODES_MISREAD[im.mode]}): DALI's image decoder "
                                      "misreads it; convert it (e.g. to PNG) to use it")
                 im.load()  # no cheap completeness check for these formats
@@ -252,10 +253,11 @@ def image_size(data: np.ndarray, check: bool = False) -> tuple[int, int]:
 
 
 TIFF_MODES_MISREAD = {"LA": "grey and alpha", "PA": "palette and alpha", "F": "32-bit float", "I": "32-bit integer",
-                      "1": "1-bit"}
+                      "LAB": "CIELAB", "1": "1-bit, uncompressed"}
 """Pillow modes of TIFF images DALI 2.4's CPU decoder gets wrong: grey+alpha comes out with the alpha
-as green and the next pixel's grey as blue, float as white, all without an error; 1-bit and 32-bit
-integer ones it refuses (a pipeline restart to find them)."""
+as green and the next pixel's grey as blue, float as white, CIELAB in other colours, all without an
+error; 32-bit integer ones and uncompressed 1-bit ones it refuses (a pipeline restart to find them;
+1-bit ones compressed with Group 4, LZW, deflate or PackBits it reads right)."""
 
 
 def centre_crop_box(height: int, width: int, crop: int, fraction: float) -> tuple[float, float, float, float]:

@@ -428,7 +428,7 @@ def prepare_dataset(src: str, dst: str, *, codec: str = "vp9", short_side: int =
 
         workers = max(1, workers)
         before = os.environ.get(RUN_TOKEN_ENV)
-        os.environ[RUN_TOKEN_ENV] = os.urandom(4).hex()  # (the workers inherit it, whatever the start method)
+        os.environ[RUN_TOKEN_ENV] = os.urandom(4).hex()  # (each pool sets it in its workers: _pool)
         try:
             with work_progress(len(todo), "prepare", "video", enabled=progress) as bar:
                 pending = todo
@@ -506,7 +506,7 @@ def _run_jobs(todo: list, workers: int, failures: dict[str, str], bar) -> tuple[
     signal and remove their temporary files)."""
     from concurrent.futures.process import BrokenProcessPool
 
-    ex = ProcessPoolExecutor(workers)
+    ex = _pool(workers)
     futures: dict = {}
     ended, lost, unsubmitted = 0, set(), []
     pids: set[int] = set()  # the pool's processes (their temporary files are orphans once they ended)
@@ -537,6 +537,19 @@ def _run_jobs(todo: list, workers: int, failures: dict[str, str], bar) -> tuple[
     return ended, [t for f, t in futures.items() if f in lost] + unsubmitted
 
 
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool whose workers name their temporary files with this run's token (set in each
+    worker: a forkserver's workers keep the environment the server started with, another run's)."""
+    return ProcessPoolExecutor(workers, initializer=_set_run_token, initargs=(os.environ.get(RUN_TOKEN_ENV, ""),))
+
+
+def _set_run_token(token: str) -> None:
+    if token:
+        os.environ[RUN_TOKEN_ENV] = token
+    else:
+        os.environ.pop(RUN_TOKEN_ENV, None)
+
+
 def _remove_parts_of(folders: set[str], pids: set[int], run: str) -> None:
     """Remove the temporary files of this run's (ended) processes ``pids`` in ``folders`` (``run``: its
     token; a run in another pid namespace has processes of the same numbers)."""
@@ -557,7 +570,7 @@ def _remove_parts_of(folders: set[str], pids: set[int], run: str) -> None:
 def _run_alone(job: tuple, failures: dict[str, str]) -> None:
     from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(1) as ex:
+    with _pool(1) as ex:
         fut = ex.submit(_job, job)
         pids = set(getattr(ex, "_processes", None) or ())
         try:

@@ -588,3 +588,25 @@ def test_feeder_close_drops_its_queued_work(tmp_path):
     assert not f.queue and not f.batches
     with pytest.raises(StopIteration):
         f()
+
+
+def test_tiff_modes_dali_misreads_are_refused_and_only_those(tmp_path):
+    """Grey+alpha, float, CIELAB and uncompressed 1-bit TIFFs fail the worker's check (DALI misread the
+    first three without an error and refuses the last); a 1-bit TIFF compressed with Group 4, the usual
+    form, DALI reads right: it is kept (a first version of the check refused every 1-bit TIFF)."""
+    from engine.data.images import dali_problem, image_size
+
+    def tiff(mode: str, **kw) -> bytes:
+        b = io.BytesIO()
+        Image.new(mode, (16, 12)).save(b, format="TIFF", **kw)
+        return b.getvalue()
+
+    for mode, kw in (("LA", {}), ("F", {}), ("LAB", {}), ("1", {})):
+        with pytest.raises(ValueError, match=f"TIFF of mode {mode} .*DALI's image decoder misreads it"):
+            image_size(np.frombuffer(tiff(mode, **kw), np.uint8), check=True)
+    for mode, kw in (("1", {"compression": "group4"}), ("L", {}), ("RGB", {})):
+        data = tiff(mode, **kw)
+        assert image_size(np.frombuffer(data, np.uint8), check=True) == (12, 16)
+        path = tmp_path / f"{mode}.tif"
+        path.write_bytes(data)
+        assert dali_problem(str(path)) is None

@@ -114,8 +114,11 @@ def test_input_geometry_the_targets_or_masks_cannot_take_is_a_config_error_befor
     with pytest.raises(ConfigError, match=r"ratio 0.1 masks nothing .*\(raise mask.ratio, or e\.g\. data\.crop_size=96;"):
         check_input_geometry(load_config(demo, ["mask.kind=tube", "mask.ratio=0.1"]))
     # the hint's crop fits the HOG window too (it named 64 for a window of 48)
-    with pytest.raises(ConfigError, match=r"crop_size=48, .*grid \(4, 3, 3\) \(e\.g\. data\.crop_size=96;"):
+    with pytest.raises(ConfigError, match=r"crop_size=48, .*grid \(4, 3, 3\) \(e\.g\. data\.crop_size=96\)$"):
         check_input_geometry(load_config(demo, ["model.overrides={hog_gaussian_window: 48}", "data.crop_size=48"]))
+    # never the failing crop itself: a window no nearby crop fits names one that does (it named 64 again)
+    with pytest.raises(ConfigError, match=r"multiples of gaussian_window=512, .*\(e\.g\. data\.crop_size=512\)$"):
+        check_input_geometry(load_config(demo, ["model.overrides={hog_gaussian_window: 512}"]))
     # MaskFeat's own refusal is a config error too (it was a ValueError traceback, exit 1), and so is a crop
     # too small for the patch embedding (a RuntimeError traceback); the model's own checks keep their words
     with pytest.raises(ConfigError, match=r"does not build for data.crop_size=64, data.num_frames=8 with "
