@@ -24,8 +24,8 @@ gradients); ``triton.testing.do_bench``'s median. ``host µs`` (CUDA): the CPU t
 call, from batches queued behind a sleep kernel (``bench.attention_host.host_us_cuda``): where it
 is near ``ms``, the call's time is the host's. ``err``: max|Δ|/max|ref| of the output, the input's
 and the weight's gradient against the same computation in fp32; a ``triton`` row beyond
-:data:`ERR_TOL` (over twice torch's own worst bf16 error on an H200, 1.1e-2) fails the run, exit 3, after the files are
-written (a wrong kernel passed with its timings). ``per step``: Σ count × ms over the
+:data:`ERR_TOL` (over twice torch's own worst bf16 error on an H200, 1.1e-2) fails the run, exit 3,
+after the files are written (a wrong kernel passed with its timings). ``per step``: Σ count × ms over the
 model's convolutions, what one training step spends in them; ``auto (derived)``: the same sum over
 the layout ``kernels.pool.auto_backend`` picks for each convolution (``triton`` or ``contiguous``),
 from those two layouts' rows, not timed as one.
