@@ -165,9 +165,10 @@ class TrainConfig:
     """A run started without ``--resume`` in an ``output_dir`` that holds checkpoints stops with a
     config error (``--resume auto`` continues it); true: that folder's ``checkpoints/``,
     ``metrics.jsonl``, ``classes.json``, ``tb/``, ``eval.json``, ``evals.jsonl``,
-    ``eval.predictions.npz``, ``backbone.safetensors`` and its ``backbone.eval*`` files are removed, once the new run's data has
-    validated, its model has been built, DeepSpeed has accepted its config and a checkpoint it
-    continues has loaded (a mistake found by then leaves them), and the run starts afresh."""
+    ``eval.predictions.npz``, ``backbone.safetensors`` and its ``backbone.eval*`` files are removed,
+    once the new run's data has validated, its model has been built, DeepSpeed has accepted its config
+    and a checkpoint it continues has loaded (a mistake found by then leaves them), and the run starts
+    afresh."""
     seed: int = 0
     """Seed of model init, masks (one numpy Generator per rank, seeded by seed and rank) and
     drop path."""

@@ -29,12 +29,14 @@ DST gets the files at their relative paths (``external/...`` for listed files ou
 lists with paths relative to DST and ``classes.json`` (:func:`datasets.write_class_index`).
 Whitespace in an output name is replaced by ``_`` (list files cannot hold it; the source files
 keep their names) and reported; two sources that would get the same output name (``a b.mp4``
-and ``a_b.mp4``, or ``v.mp4`` and ``v.avi``) are a data error. Work runs in a process pool with a
-tqdm bar on a terminal, a progress line a minute elsewhere (a SLURM log); outputs are written under a temporary name and renamed (no temporary file is left on
-failure; those of a process killed by a signal are removed at the next run), and existing
-outputs are skipped, so an interrupted run resumes (with the same settings: ``DST/.prepare.json``
-records them, and a run with others over existing outputs is a data error, not a mixed dataset). Ctrl-C cancels the videos not started (exit
-130). A worker process that dies (the OOM killer, a crash in FFmpeg) does not stop the run: the
+and ``a_b.mp4``, or ``v.mp4`` and ``v.avi``), or two folders (``a b/`` and ``a_b/``), are a data
+error. Work runs in a process pool with a tqdm bar on a terminal, a progress line a minute elsewhere
+(a SLURM log); outputs are written under a temporary name (``.<name>.<run token>.part<pid>``) and
+renamed (no temporary file is left on failure; those of a process killed by a signal are removed
+when its pool has ended, or at the next run), and existing outputs are skipped, so an interrupted
+run resumes (with the same settings: ``DST/.prepare.json`` records them per codec, and a run with
+others over existing outputs is a data error, not a mixed dataset). Ctrl-C cancels the videos not
+started (exit 130). A worker process that dies (the OOM killer, a crash in FFmpeg) does not stop the run: the
 others go on in a new pool, and the file whose process dies again alone is reported as failed.
 DST must be writable (a data error before any encoding). ``--check`` only
 runs the layout checks and the validation pass over SRC's listing and prints each bad file
