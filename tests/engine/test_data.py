@@ -562,7 +562,8 @@ def test_prepare_tool_on_a_folder_and_check(clips, tmp_path, capsys):
     info = probe_video(str(dst / "cat" / "v0.webm")).info
     assert info.codec == "vp9" and min(info.width, info.height) == 32 and info.num_frames == N and info.cfr
     mtime = os.stat(dst / "cat" / "v0.webm").st_mtime_ns
-    assert prepare_main([clips["folder_h264"], str(dst)]) == 0  # resumable: done outputs skipped
+    same = ["--codec", "vp9", "--short-side", "32", "--gop", "4"]  # (other settings are refused: DST records them)
+    assert prepare_main([clips["folder_h264"], str(dst), *same]) == 0  # resumable: done outputs skipped
     assert os.stat(dst / "cat" / "v0.webm").st_mtime_ns == mtime
     loader = build_loader(cfg_for(str(dst), dataset="kinetics", crop_size=16, reader="cpu"), "train")
     assert loader.reader == "cpu" and loader.class_names == ["apple", "bird", "cat"]
