@@ -223,6 +223,23 @@ def _failed_anywhere(failed: bool) -> bool:
     return bool(flag.item())
 
 
+def write_problem(folder: str) -> Optional[OSError]:
+    """Why a file cannot be made in the existing ``folder`` (its error), or None when one can: a file of
+    a unique name (ranks, or jobs in two containers, may share a pid), made and removed at once."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".maskfeat-write-test-")
+    except OSError as e:
+        return e
+    os.close(fd)
+    try:
+        os.remove(probe)
+    except OSError:
+        pass  # (made: the folder takes files; a leftover empty probe is harmless)
+    return None
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file of a unique name beside it, synced, then
     renamed over it. Unique, not pid-named: the first local rank of every node writes ``latest`` and

@@ -81,6 +81,7 @@ from engine.checkpoint import (
     save_checkpoint,
     set_aside_newer,
     stored_tags,
+    write_problem,
 )
 from engine.config import Config, ConfigError, Derived, config_to_dict, config_to_yaml, derive
 from engine.distributed import (
@@ -444,18 +445,8 @@ def _uncreatable(out: str) -> Optional[str]:
         path = parent
     if not os.path.isdir(path):
         return f"{path} is a file, not a folder"
-    if path != os.path.abspath(out):  # a folder made and removed at once: what the run's makedirs will need
-        import tempfile
-
-        try:  # (a unique name: two jobs of one pid, in two containers, share the parent)
-            probe = tempfile.mkdtemp(prefix=".maskfeat-write-test-", dir=path)
-        except OSError as e:
-            return f"a folder cannot be made in {path} ({type(e).__name__}: {e.strerror or e})"
-        try:
-            os.rmdir(probe)
-        except OSError:
-            pass  # (made: the folder can be; a leftover empty probe is harmless)
-    return None
+    e = write_problem(path) if path != os.path.abspath(out) else None  # (what the run's makedirs will need)
+    return f"a folder cannot be made in {path} ({type(e).__name__}: {e.strerror or e})" if e else None
 
 
 def check_writable(out: str) -> None:
@@ -468,14 +459,8 @@ def check_writable(out: str) -> None:
         raise ConfigError(f"train.output_dir={out}: {why}; a run writes its checkpoints, config and logs there: "
                           "choose another train.output_dir")
     for folder in (out, checkpoint_dir(out)):
-        if not os.path.isdir(folder):
-            continue
-        probe = os.path.join(folder, f".maskfeat-write-test-{os.getpid()}")
-        try:
-            with open(probe, "w"):
-                pass
-            os.remove(probe)
-        except OSError as e:
+        e = write_problem(folder) if os.path.isdir(folder) else None
+        if e:
             raise ConfigError(f"train.output_dir={out}: cannot write in {folder} ({type(e).__name__}: {e}); a run "
                               "writes its checkpoints, config and logs there: make it writable or choose another "
                               "train.output_dir") from None

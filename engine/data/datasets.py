@@ -398,9 +398,10 @@ def _walk_files(folder: str) -> list[str]:
 def warn_loose_files(folder: str, extensions: tuple[str, ...], where: str) -> list[str]:
     """Log a warning naming the files of ``extensions`` lying directly in ``folder`` (beside its class or
     split folders, where no listing reads them: a mostly flat folder with one sub-folder trained on that
-    sub-folder alone, silently); returns them."""
+    sub-folder alone, silently); returns them. Extensions compare case-blind."""
+    exts = tuple(e.lower() for e in extensions)
     try:
-        loose = sorted(f for f in os.listdir(folder) if not f.startswith(".") and f.lower().endswith(extensions)
+        loose = sorted(f for f in os.listdir(folder) if not f.startswith(".") and f.lower().endswith(exts)
                        and os.path.isfile(os.path.join(folder, f)))
     except OSError:
         return []
@@ -599,7 +600,7 @@ def load_dataset(dataset: str, root: str, split: str, extensions: tuple[str, ...
     if dataset == "folder":
         folder = split_folder(root, split)
         if folder != root:
-            warn_loose_files(root, tuple(e.lower() for e in extensions), "its split folders")
+            warn_loose_files(root, extensions, "its split folders")
         return scan_class_folders(folder, extensions, classes)
     if dataset == "image_folder":
         sub = os.path.join(root, split)

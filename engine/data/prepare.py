@@ -61,7 +61,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -299,7 +298,7 @@ def _split_folder_listings(src: str, splits: list[str], extensions: tuple[str, .
     """``SRC/<split>/<class>/<video>``: one listing per split, numbered by the reference split's
     (train's) class folders; a class folder the reference split lacks is a ClassListError."""
     ref = "train" if "train" in splits else splits[0]
-    warn_loose_files(src, tuple(e.lower() for e in extensions), "its split folders")
+    warn_loose_files(src, extensions, "its split folders")
     found = {ref: scan_class_folders(os.path.join(src, ref), extensions)}
     names = found[ref].class_names
     for s in splits:
@@ -625,15 +624,16 @@ def remove_stale_parts(dst: str) -> int:
 
 
 def folder_write_problem(path: str) -> str:
-    """Create ``path`` and write a file there (a unique name: ranks may share a pid); why that fails,
+    """Create ``path`` and write a file there (:func:`engine.checkpoint.write_problem`); why that fails,
     or "" when it works. Checked before any work that ends by writing there."""
+    from engine.checkpoint import write_problem
+
     try:
         os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path, prefix=".write-test"):
-            pass
     except OSError as e:
         return str(e.strerror or e)
-    return ""
+    e = write_problem(path)
+    return str(e.strerror or e) if e else ""
 
 
 def dst_inside_src(src: str, dst: str) -> str:

@@ -494,23 +494,22 @@ def test_resume_auto_over_incomplete_tags_only_says_so(tmp_path):
 def test_a_read_only_output_folder_is_a_config_error_before_any_work(tmp_path, monkeypatch):
     """A read-only train.output_dir ended the run in a traceback at its first write (config.yaml), after
     the data validated and the model was built. (Root ignores permissions: the write is refused here.)"""
-    import builtins
 
     from engine.runner import prepare_output_dir
 
     out = tmp_path / "run"
     _tag(str(out), "step00000002", 2)
-    real = builtins.open
+    real = os.open
 
     def read_only(path, *a, **k):
         if ".maskfeat-write-test" in str(path):
             raise PermissionError(13, "Permission denied", str(path))
         return real(path, *a, **k)
 
-    monkeypatch.setattr(builtins, "open", read_only)
+    monkeypatch.setattr(os, "open", read_only)
     with pytest.raises(ConfigError, match=r"train.output_dir=.*run: cannot write in .*run \(PermissionError"):
         prepare_output_dir(_cfg(str(out)), "auto")
-    monkeypatch.setattr(builtins, "open", real)
+    monkeypatch.setattr(os, "open", real)
     assert prepare_output_dir(_cfg(str(out)), "auto").tag == "step00000002"
     assert not [f for f in os.listdir(out) if "write-test" in f]
 
@@ -527,7 +526,7 @@ def test_an_output_dir_that_cannot_be_made_is_a_config_error_before_set_up(tmp_p
         prepare_output_dir(_cfg(str(afile)), None)
     with pytest.raises(ConfigError, match=r"afile/sub: .*afile is a file, not a folder"):
         prepare_output_dir(_cfg(str(afile / "sub")), None)
-    real = os.mkdir
+    real = os.open
 
     def refused(path, *a, **k):
         if ".maskfeat-write-test" in str(path):
@@ -535,10 +534,10 @@ def test_an_output_dir_that_cannot_be_made_is_a_config_error_before_set_up(tmp_p
         return real(path, *a, **k)
 
     (tmp_path / "ro").mkdir()
-    monkeypatch.setattr(os, "mkdir", refused)
+    monkeypatch.setattr(os, "open", refused)
     with pytest.raises(ConfigError, match=r"new/run: a folder cannot be made in .*ro \(PermissionError: Operation"):
         prepare_output_dir(_cfg(str(tmp_path / "ro" / "new" / "run")), None)
-    monkeypatch.setattr(os, "mkdir", real)
+    monkeypatch.setattr(os, "open", real)
     prepare_output_dir(_cfg(str(tmp_path / "ro" / "new" / "run")), None)
     assert os.listdir(tmp_path / "ro") == []  # (the probe folder is gone; the run's folder is made later)
     (tmp_path / "ro" / f".maskfeat-write-test-{os.getpid()}").mkdir()  # another job's of the same pid (a container)
